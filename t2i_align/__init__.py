@@ -1,0 +1,3 @@
+"""t2i-align: preference fine-tuning of text-to-image diffusion models."""
+
+__version__ = "0.1.0"
