@@ -1,16 +1,68 @@
-"""Where the shipped toy-world assets live, and their integrity check."""
+"""Where the shipped toy-world weights live, and their integrity check (sha256 of every file)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
+from typing import Dict, Optional
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = "manifest.json"
+REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about 25 minutes on 2 CPU cores)."
 
 
-def pipeline_dir() -> Path:
+class ToyAssetError(RuntimeError):
+    """The toy assets are missing or damaged."""
+
+
+def pipeline_dir(root: Optional[Path] = None) -> Path:
     """The shipped tiny Stable Diffusion pipeline (genuine diffusers format)."""
-    return ASSETS_DIR / "pipeline"
+    return Path(root or ASSETS_DIR) / "pipeline"
 
 
-def clip_dir() -> Path:
-    """The shipped toy open_clip model (config JSON + safetensors weights)."""
-    return ASSETS_DIR / "toy_clip"
+def clip_dir(root: Optional[Path] = None) -> Path:
+    """The shipped toy open_clip model (open_clip_config.json + open_clip_model.safetensors)."""
+    return Path(root or ASSETS_DIR) / "toy_clip"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> Dict[str, str]:
+    """sha256 of every file under root except the manifest, keyed by POSIX relative path."""
+    return {p.relative_to(root).as_posix(): _sha256(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(root: Path, meta: dict) -> None:
+    manifest = dict(meta, files=file_hashes(root))
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: Optional[Path] = None) -> dict:
+    path = Path(root or ASSETS_DIR) / MANIFEST
+    if not path.is_file():
+        raise ToyAssetError(f"toy assets not found: {path} is missing. {REBUILD_HINT}")
+    return json.loads(path.read_text())
+
+
+def verify_assets(root: Optional[Path] = None) -> dict:
+    """Check every shipped file against the manifest; raise ToyAssetError naming the damaged files."""
+    root = Path(root or ASSETS_DIR)
+    expected = read_manifest(root)["files"]
+    actual = file_hashes(root)
+    missing = sorted(set(expected) - set(actual))
+    damaged = sorted(k for k in expected if k in actual and actual[k] != expected[k])
+    if missing or damaged:
+        parts = ([f"missing: {', '.join(missing)}"] if missing else []) + \
+                ([f"hash mismatch: {', '.join(damaged)}"] if damaged else [])
+        raise ToyAssetError(f"toy assets in {root} are damaged ({'; '.join(parts)}). {REBUILD_HINT}")
+    return expected

@@ -1,0 +1,164 @@
+"""Prompt encoding for SD1.5 and SDXL, and the extra UNet inputs SDXL needs.
+
+The family-specific functions here (`encode_clip_last_hidden`, `encode_clip_penultimate_pooled`,
+`no_added_cond`, `text_time_added_cond`) are referenced by the per-family `FamilySpec` in `t2i_align.models`;
+callers use `encode_prompts(components, prompts)` and `unet_added_cond_kwargs(spec, embeds, time_ids)` and never
+branch on the family themselves.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+
+if TYPE_CHECKING:  # models.py imports this module, so only import it for type checkers
+    from t2i_align.models import Components, FamilySpec
+
+SizeLike = Union[Sequence[int], torch.Tensor]
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for one batch of prompts."""
+
+    prompt_embeds: torch.Tensor
+    """[B, L, D] token embeddings fed to the UNet's cross-attention (`encoder_hidden_states`)."""
+    pooled_prompt_embeds: Optional[torch.Tensor] = None
+    """[B, D2] pooled text embedding (SDXL's `text_embeds`); None for SD1.5."""
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeds":
+        """Same as `Tensor.to` on every tensor (device and/or dtype)."""
+        pooled = self.pooled_prompt_embeds
+        pooled = None if pooled is None else pooled.to(*args, **kwargs)
+        return PromptEmbeds(self.prompt_embeds.to(*args, **kwargs), pooled)
+
+    def repeat(self, n: int) -> "PromptEmbeds":
+        """[e; e; ...] n times along the batch: DPO runs winners and losers as one [w; l] batch."""
+        pooled = self.pooled_prompt_embeds
+        return PromptEmbeds(self.prompt_embeds.repeat(n, 1, 1), None if pooled is None else pooled.repeat(n, 1))
+
+
+@dataclass
+class TruncationStats:
+    """Running count of prompts longer than the text encoder's context (77 tokens for CLIP).
+
+    CLIP silently drops everything past its context, which quietly ruins long-prompt experiments (the reason
+    LongAlign exists). We warn on the first truncation only, so a training loop does not print it every step, and
+    keep the totals so the loop can log them.
+    """
+
+    prompts_seen: int = 0
+    prompts_truncated: int = 0
+    tokens_dropped: int = 0
+    warned: bool = False
+
+    def record(self, lengths: Sequence[int], max_length: int) -> None:
+        dropped = [n - max_length for n in lengths if n > max_length]
+        self.prompts_seen += len(lengths)
+        self.prompts_truncated += len(dropped)
+        self.tokens_dropped += sum(dropped)
+        if dropped and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"{len(dropped)} of {len(lengths)} prompts are longer than the text encoder's {max_length}-token "
+                f"context; {sum(dropped)} tokens were dropped (up to {max(dropped)} from one prompt). Only the first "
+                f"{max_length} tokens condition the model. (Warned once; totals are in Components.truncation.)",
+                stacklevel=4,
+            )
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], stats: Optional[TruncationStats] = None) -> torch.Tensor:
+    """Token ids [B, model_max_length], padded and truncated as the diffusers pipelines do.
+
+    With `stats`, prompts are also tokenized untruncated to count what truncation drops.
+    """
+    prompts = list(prompts)
+    max_length = tokenizer.model_max_length
+    if stats is not None:
+        full = tokenizer(prompts, padding=False, truncation=False, verbose=False).input_ids
+        stats.record([len(ids) for ids in full], max_length)
+    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return batch.input_ids
+
+
+@torch.no_grad()
+def encode_clip_last_hidden(components: "Components", prompts: Sequence[str]) -> PromptEmbeds:
+    """SD1.5: the last hidden state of the single CLIP text encoder (no attention mask, as the pipeline does)."""
+    (tokenizer,), (encoder,) = components.tokenizers, components.text_encoders
+    ids = tokenize(tokenizer, prompts, components.truncation).to(encoder.device)
+    return PromptEmbeds(encoder(ids).last_hidden_state)
+
+
+@torch.no_grad()
+def encode_clip_penultimate_pooled(components: "Components", prompts: Sequence[str]) -> PromptEmbeds:
+    """SDXL: penultimate hidden states of both encoders concatenated on the feature dim (768 + 1280 = 2048 for
+    the real model), and the projected pooled output (`text_embeds`) of the last encoder, as
+    StableDiffusionXLPipeline.encode_prompt does."""
+    hidden = []
+    for i, (tokenizer, encoder) in enumerate(zip(components.tokenizers, components.text_encoders)):
+        # Both tokenizers share CLIP's vocabulary; count truncation once, not once per encoder.
+        ids = tokenize(tokenizer, prompts, components.truncation if i == 0 else None).to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return PromptEmbeds(torch.cat(hidden, dim=-1), out.text_embeds)  # last encoder: CLIPTextModelWithProjection
+
+
+def encode_prompts(components: "Components", prompts: Sequence[str]) -> PromptEmbeds:
+    """Encode prompts with the frozen text encoder(s) of `components`, whatever the family."""
+    return components.spec.encode_prompts(components, list(prompts))
+
+
+def _as_pairs(value: SizeLike) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1, 2)
+
+
+def sdxl_time_ids(
+    original_size: SizeLike, crop_top_left: SizeLike, target_size: SizeLike, batch_size: Optional[int] = None
+) -> torch.Tensor:
+    """SDXL micro-conditioning `add_time_ids` = original_size (h, w) + crop_top_left (y, x) + target_size (h, w).
+
+    Each argument is one (a, b) pair for the whole batch or a [B, 2] tensor/list with one pair per image (the
+    true size and crop, as in diffusers PR #6668). Returns float32 [B, 6]; B is the largest row count or
+    `batch_size`.
+    """
+    parts = [_as_pairs(original_size), _as_pairs(crop_top_left), _as_pairs(target_size)]
+    rows = batch_size or max(p.shape[0] for p in parts)
+    for part in parts:
+        if part.shape[0] not in (1, rows):
+            raise ValueError(f"time-id inputs have {part.shape[0]} rows but the batch has {rows}")
+    return torch.cat([p.expand(rows, 2) for p in parts], dim=1)
+
+
+def no_added_cond(embeds: PromptEmbeds, time_ids: Optional[torch.Tensor] = None) -> dict:
+    """SD1.5's UNet takes no added conditioning."""
+    return {}
+
+
+def text_time_added_cond(embeds: PromptEmbeds, time_ids: Optional[torch.Tensor] = None) -> dict:
+    """SDXL's UNet (`addition_embed_type="text_time"`) needs the pooled text embedding and the time ids."""
+    if embeds.pooled_prompt_embeds is None:
+        raise ValueError("SDXL needs pooled prompt embeddings; encode the prompts with the SDXL components")
+    if time_ids is None:
+        raise ValueError(
+            "SDXL needs time_ids: build them with sdxl_time_ids(original_size, crop_top_left, target_size)"
+        )
+    pooled = embeds.pooled_prompt_embeds
+    # float32 on purpose: sizes like 1023 are not exact in bf16, and the UNet's sinusoidal projection upcasts anyway.
+    time_ids = time_ids.to(device=pooled.device, dtype=torch.float32)
+    if time_ids.shape[0] == 1 and pooled.shape[0] > 1:
+        time_ids = time_ids.expand(pooled.shape[0], -1)
+    if time_ids.shape[0] != pooled.shape[0]:
+        raise ValueError(f"time_ids has {time_ids.shape[0]} rows but the prompt batch has {pooled.shape[0]}")
+    return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def unet_added_cond_kwargs(
+    spec: "FamilySpec", embeds: PromptEmbeds, time_ids: Optional[torch.Tensor] = None
+) -> dict:
+    """`added_cond_kwargs` for `unet(...)`: {} for SD1.5, {"text_embeds", "time_ids"} for SDXL."""
+    return spec.added_cond_kwargs(embeds, time_ids)

@@ -1,0 +1,362 @@
+"""Load SD1.5 / SDXL / toy components from a diffusers folder; LoRA; attention backend; reference model.
+
+Family differences (which tokenizers and encoders, how prompts are encoded, what extra UNet inputs exist,
+which pipeline samples) live in one `FamilySpec` per family, in the spirit of finetrainers' ModelSpecification,
+so that the loop and the objectives never ask "is this SDXL?".
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from t2i_align.conditioning import text
+from t2i_align.config import LoraConfig, ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded or configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything that differs between model families, in one place."""
+
+    name: str
+    pipeline_classes: Tuple[str, ...]
+    """`_class_name` values in model_index.json that mean this family."""
+    text_components: Tuple[Tuple[str, str], ...]
+    """(tokenizer, text encoder) subfolder pairs, in the order the family concatenates them."""
+    sampling_pipeline: str
+    """diffusers pipeline class used for sampling."""
+    encode_prompts: Callable[..., text.PromptEmbeds]
+    """(components, prompts) -> PromptEmbeds."""
+    added_cond_kwargs: Callable[..., dict]
+    """(PromptEmbeds, time_ids or None) -> the UNet's `added_cond_kwargs`."""
+    vae_fp32: bool
+    """Keep the VAE in fp32 whatever weight_dtype says (the SDXL VAE overflows to NaN in fp16)."""
+    default_resolution: int
+    pipeline_extra_kwargs: Tuple[Tuple[str, Any], ...] = ()
+    """Extra constructor arguments of the sampling pipeline (SD1.5: no safety checker)."""
+
+
+SD15 = FamilySpec(
+    name="sd15",
+    pipeline_classes=("StableDiffusionPipeline",),
+    text_components=(("tokenizer", "text_encoder"),),
+    sampling_pipeline="StableDiffusionPipeline",
+    encode_prompts=text.encode_clip_last_hidden,
+    added_cond_kwargs=text.no_added_cond,
+    vae_fp32=False,
+    default_resolution=512,
+    pipeline_extra_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
+)
+SDXL = FamilySpec(
+    name="sdxl",
+    pipeline_classes=("StableDiffusionXLPipeline",),
+    text_components=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    sampling_pipeline="StableDiffusionXLPipeline",
+    encode_prompts=text.encode_clip_penultimate_pooled,
+    added_cond_kwargs=text.text_time_added_cond,
+    vae_fp32=True,
+    default_resolution=1024,
+)
+FAMILIES: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SD15, SDXL)})
+
+_DTYPES = MappingProxyType({
+    "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+})
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _pass_local(key: str = "model.pretrained") -> str:
+    what = "diffusers pipeline folder (the one holding model_index.json)" if key == "model.pretrained" else "folder"
+    return f"pass a local {what}: {key}=/path/to/folder"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"fp32" / "fp16" / "bf16" (or the torch spelling) -> torch.dtype."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
+
+
+def _read_index(path: Path) -> dict:
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{path} has no model_index.json, so it is not a diffusers pipeline folder; {_pass_local()}"
+        )
+    return json.loads(index_file.read_text())
+
+
+def detect_family(path: Union[str, Path]) -> FamilySpec:
+    """The family whose pipeline class is model_index.json's `_class_name`."""
+    class_name = _read_index(Path(path)).get("_class_name")
+    for spec in FAMILIES.values():
+        if class_name in spec.pipeline_classes:
+            return spec
+    supported = ", ".join(f"{c} ({s.name})" for s in FAMILIES.values() for c in s.pipeline_classes)
+    raise ModelLoadError(
+        f"{path}/model_index.json names pipeline class {class_name!r}, which is not supported. Supported: "
+        f"{supported}. If it is one of these families under another name, set model.family explicitly."
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _download(repo_id: str, revision: Optional[str], variant: Optional[str], pipeline: bool, key: str) -> Path:
+    """Fetch a hub repo (or find it in the local cache when offline), failing with a how-to message."""
+    offline = _hub_offline()
+    try:
+        if pipeline:  # DiffusionPipeline.download skips files the pipeline does not need (other variants, .ckpt)
+            from diffusers import DiffusionPipeline
+
+            folder = DiffusionPipeline.download(repo_id, revision=revision, variant=variant, local_files_only=offline)
+            return Path(folder)
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors"]
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
+    except Exception as err:  # hub errors have many types (offline, HTTP, connection); all mean the same here
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached (or has no such repo)"
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local folder and looks like a Hugging Face Hub id, but it is not in the local "
+            f"cache and {why} ({type(err).__name__}: {str(err)[:200]}). Download it where a network exists (e.g. "
+            f"`huggingface-cli download {repo_id} --local-dir /path/to/folder`), copy the folder here and "
+            f"{_pass_local(key)}."
+        ) from err
+
+
+def resolve_pretrained(
+    pretrained: str,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    pipeline: bool = True,
+    key: str = "model.pretrained",
+) -> Path:
+    """Turn model.pretrained ("toy", a local folder or a hub id) into a local folder.
+
+    `pipeline=False` resolves a single-model folder (e.g. a separate VAE), which has no model_index.json;
+    `key` is the config field named in error messages.
+    """
+    if pretrained == "toy":
+        from t2i_align.toy.assets import pipeline_dir
+
+        path = pipeline_dir()
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"the toy pipeline is not built yet ({path}): run `python -m t2i_align.toy build`")
+        return path
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if pipeline:
+            _read_index(path)
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}")
+    if not _HUB_ID.match(pretrained):
+        raise ModelLoadError(f"{key}={pretrained!r}: no such folder; {_pass_local(key)}")
+    return _download(pretrained, revision, variant, pipeline, key)
+
+
+@dataclass
+class Components:
+    """The loaded parts of one model. Frozen parts (VAE, text encoders) are in eval mode without gradients."""
+
+    spec: FamilySpec
+    tokenizers: List[Any]
+    text_encoders: List[torch.nn.Module]
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: Any
+    """DDPMScheduler built from the folder's scheduler config (training noise schedule and prediction type)."""
+    path: Path
+    weight_dtype: torch.dtype
+    truncation: text.TruncationStats = field(default_factory=text.TruncationStats)
+
+
+def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """Load component `name` with the class model_index.json names for it, as DiffusionPipeline does.
+
+    diffusers models get `torch_dtype` at load time (casting afterwards with `.to` makes diffusers warn, and
+    an fp16 variant must come up as fp32 for the trained UNet); transformers models are cast by the caller.
+    """
+    entry = index.get(name)
+    if not entry or entry[0] is None:
+        raise ModelLoadError(f"{path}/model_index.json has no {name!r} component")
+    library, class_name = entry
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise ModelLoadError(f"{library} has no class {class_name!r} (needed for {name}); check the installed version")
+    kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
+    if dtype is not None and library == "diffusers":
+        kwargs["torch_dtype"] = dtype
+    return cls.from_pretrained(path, subfolder=name, **kwargs)
+
+
+def _freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return module.requires_grad_(False).eval().to(dtype=dtype)
+
+
+def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype: torch.dtype):
+    """The pipeline's VAE, or cfg.vae (a VAE folder, or a pipeline folder with vae/, or a hub id) instead."""
+    from diffusers import AutoencoderKL
+
+    vae_path, subfolder = path, "vae"
+    if cfg.vae:
+        vae_path = resolve_pretrained(cfg.vae, pipeline=False, key="model.vae")
+        subfolder = "vae" if (vae_path / "vae" / "config.json").is_file() else None
+    config = AutoencoderKL.load_config(vae_path, subfolder=subfolder)
+    # An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) says so with force_upcast=False.
+    if spec.vae_fp32 and config.get("force_upcast", True):
+        dtype = torch.float32
+    if cfg.vae:
+        vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, torch_dtype=dtype)
+    else:
+        vae = _load_part(path, index, "vae", variant=cfg.variant, dtype=dtype)
+    return vae.requires_grad_(False).eval()
+
+
+def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = None) -> Components:
+    """Load tokenizers, text encoders, VAE, UNet and a DDPM training scheduler as `cfg` says.
+
+    Frozen parts are cast to cfg.weight_dtype; the UNet stays fp32 because it is trained (accelerate's mixed
+    precision autocasts the forward) and gets the attention backend, checkpointing and memory format.
+    """
+    from diffusers import DDPMScheduler
+
+    path = resolve_pretrained(cfg.pretrained, cfg.revision, cfg.variant)
+    index = _read_index(path)
+    spec = detect_family(path) if cfg.family == "auto" else _explicit_family(cfg.family, path)
+    dtype = torch_dtype(cfg.weight_dtype)
+    tokenizers = [_load_part(path, index, tok) for tok, _ in spec.text_components]
+    encoders = [_freeze(_load_part(path, index, enc, variant=cfg.variant), dtype) for _, enc in spec.text_components]
+    vae = _load_vae(cfg, path, index, spec, dtype)
+    unet = _load_part(path, index, "unet", variant=cfg.variant, dtype=torch.float32)
+    set_attention_backend(unet, cfg.attention)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    if device is not None:
+        for module in (*encoders, vae, unet):
+            module.to(device)
+    return Components(spec, tokenizers, encoders, vae, unet, scheduler, path, dtype)
+
+
+def _explicit_family(name: str, path: Path) -> FamilySpec:
+    """model.family given by the user; reject it when model_index.json clearly names another family."""
+    if name not in FAMILIES:
+        raise ModelLoadError(f"unknown model.family={name!r}; use auto, " + ", ".join(FAMILIES))
+    try:
+        detected = detect_family(path)
+    except ModelLoadError:  # unknown pipeline class: trust the user
+        return FAMILIES[name]
+    if detected.name != name:
+        raise ModelLoadError(f"model.family={name} but {path}/model_index.json is a {detected.name} pipeline")
+    return detected
+
+
+def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
+    """"sdpa": PyTorch scaled_dot_product_attention (AttnProcessor2_0); "xformers": memory-efficient attention."""
+    if backend == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif backend == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise ModelLoadError(
+                "xformers was asked for (model.attention=xformers) but is not installed: "
+                "pip install 't2i-align[xformers]' or use model.attention=sdpa"
+            )
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ValueError, RuntimeError, ModuleNotFoundError, NotImplementedError) as err:
+            raise ModelLoadError(
+                f"xformers is installed but could not be enabled ({err}); use model.attention=sdpa"
+            ) from err
+    else:
+        raise ModelLoadError(f"unknown model.attention={backend!r}; use sdpa or xformers")
+
+
+def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]:
+    """Add a peft LoRA adapter to the UNet through diffusers' PEFT integration and freeze everything else.
+
+    Using `unet.add_adapter` (not peft.get_peft_model) keeps the UNet a diffusers model, so diffusers' LoRA
+    saving and `pipe.load_lora_weights` work on the result. Both inits leave B = 0: the output is unchanged.
+    Returns the trainable (LoRA) parameters.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    inits = {"gaussian": "gaussian", "default": True}
+    if cfg.init not in inits:
+        raise ValueError(f"unknown lora.init={cfg.init!r}; use one of {sorted(inits)}")
+    peft_config = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=cfg.dropout,
+        init_lora_weights=inits[cfg.init], target_modules=list(cfg.target_modules),
+    )
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(peft_config)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise ModelLoadError(f"lora.target_modules={list(cfg.target_modules)} did not fit the UNet: {err}") from err
+    trainable = [p for name, p in unet.named_parameters() if "lora_" in name]
+    for param in trainable:
+        param.requires_grad_(True)
+    return trainable
+
+
+def trainable_parameters(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]:
+    """LoRA parameters when cfg.enabled (adding the adapter), otherwise every UNet parameter (full fine-tune)."""
+    if cfg.enabled:
+        return add_lora(unet, cfg)
+    unet.requires_grad_(True)
+    return list(unet.parameters())
+
+
+def frozen_reference(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Full fine-tune reference: a frozen copy of the policy UNet in the weight dtype (never the policy itself)."""
+    return copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=dtype)
+
+
+@contextmanager
+def lora_reference(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """LoRA reference: the same UNet with adapters disabled and autograd off, for the duration of the block."""
+    unet.disable_adapters()
+    try:
+        with torch.no_grad():
+            yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def build_pipeline(components: Components, unet: Optional[torch.nn.Module] = None, scheduler: Any = None):
+    """The family's diffusers pipeline over these components (the folder's own sampling scheduler by default)."""
+    import diffusers
+
+    parts = {"vae": components.vae, "unet": unet if unet is not None else components.unet}
+    parts["scheduler"] = scheduler or _load_part(components.path, _read_index(components.path), "scheduler")
+    for (tok_name, enc_name), tok, enc in zip(
+        components.spec.text_components, components.tokenizers, components.text_encoders
+    ):
+        parts[tok_name], parts[enc_name] = tok, enc
+    pipeline_class = getattr(diffusers, components.spec.sampling_pipeline)
+    return pipeline_class(**parts, **dict(components.spec.pipeline_extra_kwargs))

@@ -1,0 +1,193 @@
+"""Config loading: every shipped YAML loads; overrides are typed; every mistake is a ConfigError that says where."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from t2i_align.config import Config, ConfigError, LoraConfig, ModelConfig, load_config, save_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ALL_YAMLS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_configs_folder_has_every_family():
+    families = {path.parent.name for path in ALL_YAMLS}
+    assert {"toy", "sd15", "sdxl"} <= families
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.lora, LoraConfig)
+
+
+def test_shipped_base_configs_say_what_they_are():
+    toy = load_config(REPO_ROOT / "configs/toy/base.yaml")
+    assert (toy.model.pretrained, toy.model.family, toy.model.weight_dtype) == ("toy", "auto", "fp32")
+    sd15 = load_config(REPO_ROOT / "configs/sd15/base.yaml")
+    assert (sd15.model.family, sd15.model.weight_dtype, sd15.lora.enabled, sd15.lora.rank) == ("sd15", "fp16", True, 8)
+    sdxl = load_config(REPO_ROOT / "configs/sdxl/base.yaml")
+    assert (sdxl.model.family, sdxl.model.weight_dtype, sdxl.lora.enabled) == ("sdxl", "fp16", True)
+
+
+def test_defaults_without_a_file():
+    assert load_config(None) == Config()
+
+
+def test_overrides_apply_with_declared_types():
+    cfg = load_config(
+        REPO_ROOT / "configs/toy/base.yaml",
+        ["model.pretrained=/x", "lora.rank=4", "lora.target_modules=[to_q,to_k]", "output_dir=runs/y",
+         "lora.alpha=16", "model.revision=1234", "lora.enabled=true"],
+    )
+    assert cfg.model.pretrained == "/x" and cfg.output_dir == "runs/y"
+    assert cfg.lora.rank == 4 and type(cfg.lora.rank) is int
+    assert cfg.lora.target_modules == ["to_q", "to_k"] and type(cfg.lora.target_modules) is list
+    assert cfg.lora.alpha == 16.0 and type(cfg.lora.alpha) is float
+    assert cfg.model.revision == "1234"  # str field: YAML's int is converted, not rejected
+    assert cfg.lora.enabled is True
+    assert cfg.model.family == "auto"  # untouched keys keep the file's values
+
+
+def test_later_override_wins():
+    assert load_config(None, ["seed=1", "seed=7"]).seed == 7
+
+
+def test_unknown_key_in_yaml_names_dotted_key_file_and_valid_keys(tmp_path):
+    path = write(tmp_path, "bad.yaml", "lora:\n  rnk: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "lora.rnk" in message and "bad.yaml" in message
+    assert "Did you mean 'lora.rank'" in message
+    assert "target_modules" in message  # lists the valid keys of the section
+
+
+def test_unknown_top_level_key_in_override_names_command_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["outputdir=runs/x"])
+    message = str(info.value)
+    assert "outputdir" in message and "command line" in message and "output_dir" in message
+
+
+def test_unknown_nested_key_in_override():
+    with pytest.raises(ConfigError, match=r"model\.pretrianed.*command line"):
+        load_config(None, ["model.pretrianed=/x"])
+
+
+def test_wrong_type_names_key_value_and_expected_type():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["lora.rank=abc"])
+    message = str(info.value)
+    assert "lora.rank" in message and "'abc'" in message and "expected int" in message
+    assert "command line" in message
+
+
+def test_wrong_type_in_yaml_names_file(tmp_path):
+    path = write(tmp_path, "typo.yaml", "lora:\n  alpha: lots\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "lora.alpha" in message and "typo.yaml" in message and "float or null" in message
+
+
+def test_scalar_where_a_section_belongs(tmp_path):
+    path = write(tmp_path, "flat.yaml", "model: /path/to/sd15\n")
+    with pytest.raises(ConfigError, match=r"model = '/path/to/sd15' in .*flat\.yaml: expected a section"):
+        load_config(path)
+
+
+def test_list_where_a_list_belongs_is_required():
+    with pytest.raises(ConfigError, match=r"lora\.target_modules.*list of str"):
+        load_config(None, ["lora.target_modules=to_q"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.weight_dtype=fp8", "model.weight_dtype"), ("model.family=sd3", "model.family"),
+     ("model.attention=flash", "model.attention"), ("lora.rank=0", "lora.rank"), ("lora.dropout=1.0", "lora.dropout"),
+     ("lora.init=pissa", "lora.init"), ("lora.target_modules=[]", "lora.target_modules"), ("seed=-1", "seed")],
+)
+def test_validation_failure_names_the_dotted_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert message.startswith(f"{key} = ") and "command line" in message and "expected" in message
+
+
+def test_validation_failure_from_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "dtype.yaml", "model:\n  weight_dtype: fp8\n")
+    with pytest.raises(ConfigError, match=r"model\.weight_dtype = 'fp8' in .*dtype\.yaml: expected one of fp32"):
+        load_config(path)
+
+
+def test_dataclasses_validate_when_built_in_python():
+    with pytest.raises(ConfigError, match="LoraConfig.dropout"):
+        LoraConfig(dropout=-0.1)
+    with pytest.raises(ConfigError, match="ModelConfig.weight_dtype = 'fp8'"):
+        ModelConfig(weight_dtype="fp8")
+    assert LoraConfig(init="default").init == "default"
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"not found: .*nope\.yaml"):
+        load_config(missing)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = write(tmp_path, "broken.yaml", "lora:\n  target_modules: [to_q\n")
+    with pytest.raises(ConfigError, match=r"Invalid YAML in .*broken\.yaml"):
+        load_config(path)
+
+
+def test_top_level_list_is_rejected(tmp_path):
+    path = write(tmp_path, "list.yaml", "- seed\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["lora.rank", "=4", "lora..rank=4", "--lora.rank=4", "lora.target_modules=[a"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError, match="Malformed override"):
+        load_config(None, [override])
+
+
+def test_base_file_is_merged_first(tmp_path):
+    write(tmp_path, "parent.yaml", "seed: 3\nlora:\n  enabled: true\n  rank: 2\n")
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path / "sub", "child.yaml", "base: ../parent.yaml\nlora:\n  rank: 16\n")
+    cfg = load_config(child, ["seed=5"])
+    assert (cfg.seed, cfg.lora.enabled, cfg.lora.rank) == (5, True, 16)
+
+
+def test_base_errors_name_the_right_file(tmp_path):
+    write(tmp_path, "parent.yaml", "lora:\n  rnk: 2\n")
+    child = write(tmp_path, "child.yaml", "base: parent.yaml\n")
+    with pytest.raises(ConfigError, match=r"lora\.rnk.*parent\.yaml"):
+        load_config(child)
+    loop = write(tmp_path, "loop.yaml", "base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="Circular"):
+        load_config(loop)
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = load_config(REPO_ROOT / "configs/sdxl/base.yaml", ["lora.rank=4", "lora.alpha=8"])
+    out = tmp_path / "run" / "config.yaml"
+    save_config(cfg, out)
+    assert load_config(out) == cfg
+    assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_unresolvable_interpolation_is_a_config_error():
+    assert load_config(None, ["seed=3", "output_dir=runs/${seed}"]).output_dir == "runs/3"
+    with pytest.raises(ConfigError, match=r"output_dir in command line.*oops"):
+        load_config(None, ["output_dir=${oops}"])

@@ -1,0 +1,208 @@
+"""Model loading, family detection, attention backend, LoRA and reference on tiny random pipelines."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+
+from t2i_align import models
+from t2i_align.conditioning.text import encode_prompts, sdxl_time_ids, unet_added_cond_kwargs
+from t2i_align.config import LoraConfig, ModelConfig
+from t2i_align.models import ModelLoadError
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+def _unet_out(components, prompts, time_ids=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(prompts), 4, 8, 8, generator=gen)
+    embeds = encode_prompts(components, prompts).to(components.unet.dtype)  # accelerate autocasts in training
+    added = unet_added_cond_kwargs(components.spec, embeds, time_ids)
+    timesteps = torch.tensor([10, 500][: len(prompts)])
+    with torch.no_grad():
+        return components.unet(latents, timesteps, embeds.prompt_embeds, added_cond_kwargs=added).sample
+
+
+def test_detect_family_reads_model_index(sd15_dir, sdxl_dir, tmp_path):
+    assert models.detect_family(sd15_dir) is models.SD15
+    assert models.detect_family(sdxl_dir) is models.SDXL
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    supported = "KandinskyV22Pipeline.*StableDiffusionPipeline.*StableDiffusionXLPipeline"
+    with pytest.raises(ModelLoadError, match=supported):
+        models.detect_family(tmp_path)
+
+
+def test_sd15_round_trip_and_unet_forward(sd15_dir):
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir), weight_dtype="bf16"))
+    assert comp.spec.name == "sd15" and len(comp.tokenizers) == len(comp.text_encoders) == 1
+    assert type(comp.scheduler).__name__ == "DDPMScheduler"
+    assert comp.text_encoders[0].dtype == torch.bfloat16 and comp.vae.dtype == torch.bfloat16
+    assert comp.unet.dtype == torch.float32
+    frozen = [*comp.text_encoders[0].parameters(), *comp.vae.parameters()]
+    assert not any(p.requires_grad for p in frozen) and not comp.vae.training
+    out = _unet_out(comp, ["a photo of a cat", "a dog"])
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_sdxl_round_trip_keeps_vae_fp32_and_uses_time_ids(sdxl_dir):
+    comp = models.load_components(ModelConfig(pretrained=str(sdxl_dir), weight_dtype="bf16"))
+    assert comp.spec is models.SDXL and len(comp.text_encoders) == 2
+    assert comp.vae.dtype == torch.float32, "the SDXL VAE must stay fp32 (fp16/bf16 NaN trap)"
+    assert all(enc.dtype == torch.bfloat16 for enc in comp.text_encoders)
+    prompts = ["a photo of a cat", "a dog"]
+    out = _unet_out(comp, prompts, sdxl_time_ids((16, 16), (0, 0), (16, 16)))
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    other = _unet_out(comp, prompts, sdxl_time_ids((64, 48), (8, 4), (16, 16)))
+    assert not torch.allclose(out, other), "time ids must reach the UNet"
+
+
+def test_separate_fp16_safe_vae_follows_weight_dtype(sdxl_dir, tmp_path):
+    """model.vae swaps in another VAE; one marked force_upcast=False (like sdxl-vae-fp16-fix) may be cast."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sdxl_dir, subfolder="vae")
+    AutoencoderKL.from_config(vae.config, force_upcast=False).save_pretrained(tmp_path / "vae-fix")
+    comp = models.load_components(
+        ModelConfig(pretrained=str(sdxl_dir), vae=str(tmp_path / "vae-fix"), weight_dtype="bf16")
+    )
+    assert comp.vae.dtype == torch.bfloat16 and comp.vae.config.force_upcast is False
+    with pytest.raises(ModelLoadError, match="model.vae=/path/to/folder"):
+        models.load_components(ModelConfig(pretrained=str(sdxl_dir), vae=str(tmp_path / "missing")))
+
+
+def test_explicit_family_mismatch_is_rejected(sd15_dir):
+    with pytest.raises(ModelLoadError, match="model.family=sdxl"):
+        models.load_components(ModelConfig(pretrained=str(sd15_dir), family="sdxl"))
+
+
+def test_missing_path_says_how_to_pass_a_local_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="model.pretrained=/path/to/folder"):
+        models.resolve_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="no model_index.json.*model.pretrained=/path/to/folder"):
+        models.resolve_pretrained(str(tmp_path))
+
+
+def test_hub_id_offline_fails_fast_with_local_folder_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*model.pretrained=/path/to/folder"):
+        models.resolve_pretrained("t2i-align-tests/not-a-cached-repo")
+    assert time.monotonic() - start < 10
+
+
+def test_toy_resolves_to_shipped_pipeline(monkeypatch, sd15_dir, tmp_path):
+    import t2i_align.toy.assets as assets
+
+    monkeypatch.setattr(assets, "pipeline_dir", lambda: sd15_dir)
+    assert models.resolve_pretrained("toy") == sd15_dir
+    monkeypatch.setattr(assets, "pipeline_dir", lambda: tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="t2i_align.toy build"):
+        models.resolve_pretrained("toy")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_absent_gives_install_hint(sd15_dir):
+    with pytest.raises(ModelLoadError, match=r"pip install 't2i-align\[xformers\]'.*model.attention=sdpa"):
+        models.load_components(ModelConfig(pretrained=str(sd15_dir), attention="xformers"))
+
+
+def test_sdpa_checkpointing_and_unknown_backend(sd15_dir):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    cfg = ModelConfig(pretrained=str(sd15_dir), gradient_checkpointing=True, channels_last=True)
+    comp = models.load_components(cfg, device="cpu")
+    assert all(isinstance(p, AttnProcessor2_0) for p in comp.unet.attn_processors.values())
+    assert comp.unet.is_gradient_checkpointing
+    assert comp.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ModelLoadError, match="unknown model.attention"):
+        models.set_attention_backend(comp.unet, "flash9")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.torch_dtype("fp8")
+
+
+def test_lora_starts_as_identity_and_trains_only_adapters(sd15_dir):
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    before = _unet_out(comp, ["a cat", "a dog"])
+    params = models.add_lora(comp.unet, LoraConfig(enabled=True, rank=4, alpha=8.0))
+    after = _unet_out(comp, ["a cat", "a dog"])
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    peft_config = comp.unet.peft_config["default"]
+    assert peft_config.r == 4 and peft_config.lora_alpha == 8.0
+    trainable = {n for n, p in comp.unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(params)
+    assert any("to_out.0" in n for n in trainable)
+    # Once B moves, the output changes, and the LoRA reference (adapters off) still gives the base output.
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05)
+    assert not torch.allclose(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-4)
+    with models.lora_reference(comp.unet):
+        torch.testing.assert_close(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-6, rtol=0)
+        assert not torch.is_grad_enabled()
+    assert not torch.allclose(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-4), "adapters back on after"
+
+
+def test_lora_defaults_and_errors(sd15_dir):
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    models.add_lora(comp.unet, LoraConfig(enabled=True, rank=2, init="default"))
+    assert comp.unet.peft_config["default"].lora_alpha == 2, "alpha None means alpha = rank"
+    fresh = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    with pytest.raises(ModelLoadError, match="target_modules"):
+        models.add_lora(fresh.unet, LoraConfig(enabled=True, target_modules=["no_such_layer"]))
+    bad_init = LoraConfig(enabled=True)
+    bad_init.init = "pissa_maybe"  # bypasses the config's own validation, as a hand-built config could
+    with pytest.raises(ValueError, match="lora.init"):
+        models.add_lora(fresh.unet, bad_init)
+    assert len(models.trainable_parameters(fresh.unet, LoraConfig(enabled=False))) == len(list(fresh.unet.parameters()))
+
+
+def test_lora_weights_round_trip_through_diffusers(sd15_dir, tmp_path):
+    """The adapter added by add_lora saves and loads with diffusers' own LoRA API."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    params = models.add_lora(comp.unet, LoraConfig(enabled=True, rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    tuned = _unet_out(comp, ["a cat", "a dog"])
+    pipe_class = type(models.build_pipeline(comp))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comp.unet))
+    pipe_class.save_lora_weights(tmp_path, unet_lora_layers=layers)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    fresh = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    models.build_pipeline(fresh).load_lora_weights(tmp_path)
+    torch.testing.assert_close(_unet_out(fresh, ["a cat", "a dog"]), tuned, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_reference_is_a_separate_frozen_copy(sd15_dir):
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    ref = models.frozen_reference(comp.unet, torch.bfloat16)
+    assert ref is not comp.unet and ref.dtype == torch.bfloat16 and comp.unet.dtype == torch.float32
+    assert not any(p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in comp.unet.parameters())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.parameters(), comp.unet.parameters()))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_build_pipeline_samples(family, sd15_dir, sdxl_dir):
+    folder = {"sd15": sd15_dir, "sdxl": sdxl_dir}[family]
+    pipe = models.build_pipeline(models.load_components(ModelConfig(pretrained=str(folder))))
+    assert type(pipe).__name__ == models.FAMILIES[family].sampling_pipeline
+    assert type(pipe.scheduler).__name__ != "DDPMScheduler", "sampling uses the folder's own scheduler"
+    images = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3)
