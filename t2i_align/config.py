@@ -98,6 +98,62 @@ class LoraConfig:
 
 
 @dataclass
+class DataConfig:
+    path: str = ""
+    """Pick-a-Pic-v2-format pairs: a local parquet file or a folder of parquet files (columns caption, jpg_0,
+    jpg_1, label_0 ...). `python -m t2i_align.toy pairs` writes such a file for the toy world."""
+    ties: str = "drop"
+    """Pairs with label_0 = 0.5: "drop" (as the official Diffusion-DPO code) or "first" (jpg_0 wins, as the
+    diffusers example does silently)."""
+    resolution: int = 512
+    """Images are resized (shorter side) and cropped to resolution x resolution."""
+    crop: str = "center"
+    """"center" or "random" crop after the resize."""
+    flip: str = "none"
+    """Horizontal flips: "none", "independent" (each image of a pair, as the official SD1.5 code) or "joint"."""
+    prompt_dropout: float = 0.0
+    """Probability of replacing a caption by "" (official Diffusion-DPO: 0.2), for classifier-free guidance."""
+    max_pairs: int = 0
+    """Use only the first N usable pairs (0: all)."""
+    cache: bool = False
+    """Precompute VAE latents and text embeddings once and reuse them (see t2i_align/data/cache.py)."""
+    cache_dir: Optional[str] = None
+    """Where caches live (default: <output_dir>/../cache)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "ties", ("drop", "first"))
+        _check(self, "resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a multiple of 8, >= 8")
+        _check_choice(self, "crop", ("center", "random"))
+        _check_choice(self, "flip", ("none", "independent", "joint"))
+        _check(self, "prompt_dropout", 0.0 <= self.prompt_dropout < 1.0, "a number in [0, 1)")
+        _check(self, "max_pairs", self.max_pairs >= 0, "an integer >= 0")
+        _check(self, "num_workers", self.num_workers >= 0, "an integer >= 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dpo"
+    """Training objective, a module in t2i_align/objectives/: "dpo" or "sft"."""
+    beta: float = 5000.0
+    """DPO β (official SD1.5/SDXL launchers: 5000; the paper's SD1.5 results: 2000). Tied to the per-sample
+    MSE being a mean over latent elements."""
+    beta_convention: str = "official"
+    """"official": logit = -½·β·(Δθ - Δref) (Salesforce code); "diffusers": logit = -β·(Δθ - Δref) (the diffusers
+    port, whose β = 2500 equals official β = 5000)."""
+    loss_type: str = "sigmoid"
+    """"sigmoid" (DPO, -log σ(logit)), "hinge" (SLiC-style, relu(1 - logit)) or "ipo" (Azar et al. 2023:
+    (margin - 1/(2β))², margin = Δref - Δθ)."""
+
+    def __post_init__(self) -> None:
+        _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
+        _check(self, "beta", self.beta > 0, "a number > 0")
+        _check_choice(self, "beta_convention", ("official", "diffusers"))
+        _check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     """Run directory: metrics.jsonl, checkpoints/, final/ and gallery/ are written here."""
@@ -107,6 +163,10 @@ class Config:
     """Which pretrained pipeline to load and how (dtype, attention backend, memory options)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters on the UNet; `enabled: false` means full fine-tuning."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Offline pair data (Pick-a-Pic format) and its transforms and cache."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The method: which loss, and its hyper-parameters."""
 
     def __post_init__(self) -> None:
         _check(self, "output_dir", bool(self.output_dir), "a non-empty path")

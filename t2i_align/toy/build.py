@@ -38,13 +38,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class BuildBudget:
     num_images: int = 16000
-    vae_steps: int = 800
+    vae_steps: int = 1000
     vae_batch: int = 32
-    unet_steps: int = 3000
+    unet_steps: int = 2000
     unet_batch: int = 64
-    clip_steps: int = 1200
+    clip_steps: int = 800
     clip_batch: int = 128
-    label_noise: float = 0.5
+    label_noise: float = 0.6
     """Probability that a training caption names a random value for each attribute except colour."""
     long_caption_prob: float = 0.2
     empty_caption_prob: float = 0.1
@@ -180,6 +180,8 @@ def _save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
                                    scheduler=arch.sample_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    # Keep the real SD1.5 tokenizer layout (vocab.json + merges.txt); tokenizer.json would add 3.6 MB.
+    (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
 
 
 def _save_clip(out: Path, model, cfg: dict) -> None:

@@ -1,0 +1,104 @@
+"""`python -m t2i_align.toy build | where | evaluate | pairs | demo`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _pipe(args):
+    from ..sampling import load_pipeline
+    from .assets import verify_assets
+
+    if args.model == "toy":
+        verify_assets()
+    return load_pipeline(args.model, lora=args.lora)
+
+
+def cmd_build(args) -> dict:
+    from .build import TINY_BUDGET, BuildBudget, build
+
+    budget = TINY_BUDGET if args.tiny else BuildBudget()
+    out = build(args.out, seed=args.seed, budget=budget, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return {"assets": str(out), "seed": args.seed, "tiny": args.tiny}
+
+
+def cmd_where(args) -> dict:
+    from .assets import ASSETS_DIR, clip_dir, pipeline_dir
+
+    return {"assets": str(ASSETS_DIR), "pipeline": str(pipeline_dir()), "toy_clip": str(clip_dir())}
+
+
+def cmd_evaluate(args) -> dict:
+    from .evaluate import evaluate, prompt_set
+
+    result = evaluate(_pipe(args), prompt_set(args.prompts), seeds_per_prompt=args.seeds, base_seed=args.seed)
+    return dict(result.summary, model=str(args.model), lora=args.lora, prompts=args.prompts)
+
+
+def cmd_pairs(args) -> dict:
+    from .evaluate import prompt_set
+    from .pairs import export_pairs
+
+    scenes = prompt_set(args.prompts)[: args.num_prompts or None]
+    return export_pairs(_pipe(args), scenes, args.out, images_per_prompt=args.k, base_seed=args.seed,
+                        model_name=args.model_name)
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), seeds_per_prompt=args.seeds)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m t2i_align.toy", description="The t2i-align toy world.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the toy models from scratch (about 25 min on 2 CPU cores)")
+    b.add_argument("--out", default=None, help="assets folder (default: the shipped one, replaced atomically)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--tiny", action="store_true", help="a few steps of each stage (tests the script only)")
+    sub.add_parser("where", help="print the paths of the shipped assets as JSON")
+    for name, helptext in (("evaluate", "judge a model on a prompt set at fixed seeds"),
+                           ("pairs", "sample, judge and write Pick-a-Pic-format pairs")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--model", default="toy", help="diffusers folder (default: the shipped toy pipeline)")
+        s.add_argument("--lora", default=None, help="LoRA weights (pytorch_lora_weights.safetensors or folder)")
+        s.add_argument("--prompts", default="heldout" if name == "evaluate" else "train",
+                       choices=("heldout", "train"))
+        s.add_argument("--seed", type=int, default=0, help="base seed of the fixed per-prompt seeds")
+    sub.choices["evaluate"].add_argument("--seeds", type=int, default=4, help="images per prompt")
+    pairs = sub.choices["pairs"]
+    pairs.add_argument("--out", required=True, help="output folder for pairs.parquet")
+    pairs.add_argument("--k", type=int, default=4, help="images per prompt (K // 2 pairs each)")
+    pairs.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
+    d = sub.add_parser("demo", help="sample the toy base model, judge it and write a gallery")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seeds", type=int, default=4)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ..models import ModelLoadError
+    from .assets import ToyAssetError
+
+    args = _parser().parse_args(argv)
+    if args.command == "build" and args.out is None:
+        from .assets import ASSETS_DIR
+        args.out = ASSETS_DIR
+    commands = {"build": cmd_build, "where": cmd_where, "evaluate": cmd_evaluate, "pairs": cmd_pairs,
+                "demo": cmd_demo}
+    try:
+        result = commands[args.command](args)
+    except (ToyAssetError, ModelLoadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

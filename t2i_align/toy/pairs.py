@@ -1,0 +1,92 @@
+"""Export judged toy pairs in the Pick-a-Pic v2 parquet format, so one loader serves real and toy data.
+
+K images per prompt are sampled at fixed seeds and judged; they are shuffled and split into K // 2 disjoint
+pairs, each labelled by the judge: label_0 = 1 if image 0 scores higher, 0 if lower, 0.5 for a tie (as in
+Pick-a-Pic, where 0.5 marks a tie). Disjoint random pairs keep the labels unbiased, ties included.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ..sampling import generate, seeds_for
+from .evaluate import TOY_GUIDANCE, TOY_STEPS
+from .judge import judge_batch, to_uint8
+from .scenes import Scene, short_caption
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "user_id", "are_different", "has_label",
+                    "model_0", "model_1", "ranking_id")
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _label(score_0: float, score_1: float) -> float:
+    return 1.0 if score_0 > score_1 else 0.0 if score_0 < score_1 else 0.5
+
+
+def _pair_rows(caption: str, images: List[np.ndarray], scores: List[float], rng: random.Random,
+               model: str, first_id: int) -> List[Dict]:
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    rows = []
+    for a, b in zip(order[0::2], order[1::2]):
+        label_0 = _label(scores[a], scores[b])
+        rows.append({"caption": caption, "jpg_0": jpeg_bytes(images[a]), "jpg_1": jpeg_bytes(images[b]),
+                     "label_0": label_0, "label_1": 1.0 - label_0, "user_id": 0,
+                     "are_different": bool(not np.array_equal(images[a], images[b])), "has_label": True,
+                     "model_0": model, "model_1": model, "ranking_id": first_id + len(rows)})
+    return rows
+
+
+def write_parquet(rows: Sequence[Dict], path: Path) -> None:
+    """Write rows with the Pick-a-Pic column types; temp file + rename so a reader never sees half a file."""
+    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                        ("label_0", pa.float64()), ("label_1", pa.float64()), ("user_id", pa.int64()),
+                        ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("model_0", pa.string()),
+                        ("model_1", pa.string()), ("ranking_id", pa.int64())])
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, images_per_prompt: int = 4,
+                 base_seed: int = 0, model_name: str = "toy-base", prompts_per_batch: int = 32) -> Dict:
+    """Sample, judge and pair; write out_dir/pairs.parquet and out_dir/pairs.json (counts). Returns the counts."""
+    if images_per_prompt < 2:
+        raise ValueError(f"images_per_prompt={images_per_prompt}: need at least 2 images per prompt to make pairs")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(base_seed)
+    seeds = seeds_for(len(scenes), images_per_prompt, base_seed)
+    rows: List[Dict] = []
+    for start in range(0, len(scenes), prompts_per_batch):
+        chunk = list(scenes[start:start + prompts_per_batch])
+        flat = [s for s in chunk for _ in range(images_per_prompt)]
+        flat_seeds = [x for row in seeds[start:start + len(chunk)] for x in row]
+        samples = generate(pipe, [short_caption(s) for s in flat], flat_seeds, num_inference_steps=TOY_STEPS,
+                           guidance_scale=TOY_GUIDANCE)
+        images = to_uint8(samples.images)
+        scores = [v.score for v in judge_batch(images, flat)]
+        for i, scene in enumerate(chunk):
+            sl = slice(i * images_per_prompt, (i + 1) * images_per_prompt)
+            rows += _pair_rows(short_caption(scene), images[sl], scores[sl], rng, model_name, len(rows))
+    write_parquet(rows, out / "pairs.parquet")
+    counts = {"pairs": len(rows), "ties": sum(r["label_0"] == 0.5 for r in rows), "prompts": len(scenes),
+              "images_per_prompt": images_per_prompt, "base_seed": base_seed,
+              "path": str(out / "pairs.parquet")}
+    (out / "pairs.json").write_text(json.dumps(counts, indent=2))
+    return counts

@@ -1,0 +1,96 @@
+"""t2i_align.gallery: files and sizes, escaping, whole replacement, and no half-written gallery on failure."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2i_align.gallery import save_grid, write_gallery
+
+PROMPT = "a <b>red</b> cube & a sphere"
+
+
+def _rows(color):
+    solid = lambda c: Image.new("RGB", (32, 24), c)  # noqa: E731
+    return [
+        {"prompt": PROMPT, "images": [solid(color), solid("blue")], "captions": ["base · 0.60", "judge 0.80"],
+         "meta": {"seed": 7}},
+        {"prompt": "two cats", "images": [np.zeros((24, 32, 3), np.uint8), solid(color)],
+         "captions": ["base · 0.10", "judge <0.9>"]},
+    ]
+
+
+def _siblings(out_dir):
+    return sorted(p.name for p in out_dir.parent.iterdir())
+
+
+def test_gallery_files_grid_size_and_escaped_html(tmp_path):
+    out = write_gallery(tmp_path / "gallery", _rows("red"), title="toy", columns=["base", "tuned"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * (32 + 2) + 2, 2 * (24 + 2) + 2)
+        assert grid.getpixel((2, 2)) == (255, 0, 0) and grid.getpixel((0, 0)) == (255, 255, 255)
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "a &lt;b&gt;red&lt;/b&gt; cube &amp; a sphere" in page and "<b>red" not in page
+    assert "base · 0.60" in page and "judge 0.80" in page and "judge &lt;0.9&gt;" in page
+    assert "<th>base</th><th>tuned</th>" in page and "seed: 7" in page
+    assert "image-rendering: pixelated" in page and "src='images/1_1.png'" in page
+    assert _siblings(out) == ["gallery"]
+
+
+def test_writing_over_a_gallery_replaces_it_whole(tmp_path):
+    out = write_gallery(tmp_path / "gallery", _rows("red"))
+    (out / "stale.txt").write_text("from the old gallery")
+    write_gallery(out, [{"prompt": "only one", "images": [Image.new("RGB", (8, 8), "green")]}])
+    assert not (out / "stale.txt").exists() and not (out / "images" / "1_0.png").exists()
+    assert "only one" in (out / "index.html").read_text(encoding="utf-8")
+    assert _siblings(out) == ["gallery"]
+
+
+def test_failure_midway_keeps_previous_gallery(tmp_path, monkeypatch):
+    out = write_gallery(tmp_path / "gallery", _rows("red"))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_save, calls = Image.Image.save, []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_gallery(out, _rows("green"))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and _siblings(out) == ["gallery"]
+
+
+def test_save_grid_default_layout_blank_cells_and_errors(tmp_path):
+    images = [Image.new("RGB", (10, 10), "red")] * 5
+    path = save_grid(images, tmp_path / "sub" / "g.png")  # ceil(sqrt 5) = 3 columns, 2 rows
+    with Image.open(path) as grid:
+        assert grid.size == (3 * 12 + 2, 2 * 12 + 2)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["g.png"]
+    with pytest.raises(ValueError, match="same size"):
+        save_grid([Image.new("RGB", (10, 10)), Image.new("RGB", (8, 10))], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="uint8"):
+        save_grid([np.zeros((4, 4, 3), np.float32)], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="captions"):
+        write_gallery(tmp_path / "g", [{"prompt": "p", "images": images[:2], "captions": ["one"]}])
+    assert not (tmp_path / "bad.png").exists() and not (tmp_path / "g").exists()
+
+
+def test_failure_during_the_swap_puts_the_old_gallery_back(tmp_path, monkeypatch):
+    import t2i_align.gallery as gallery
+
+    out = write_gallery(tmp_path / "gallery", _rows("red"))
+    before = (out / "index.html").read_text(encoding="utf-8")
+    real_replace = gallery.os.replace
+
+    def failing_replace(src, dst):
+        if str(src).startswith(str(tmp_path / ".gallery.tmp-")) and str(dst) == str(out):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(gallery.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        write_gallery(out, _rows("green"), title="new")
+    assert (out / "index.html").read_text(encoding="utf-8") == before and _siblings(out) == ["gallery"]

@@ -1,0 +1,99 @@
+"""Hand-computed checks of t2i_align.stats (reference values from printed tables / direct arithmetic)."""
+import math
+
+import pytest
+
+from t2i_align.stats import mean_ci, paired_diff, sign_test_p, t_quantile, t_two_sided_p, win_rate, wilson_interval
+
+
+def test_t_quantiles_match_tables():
+    assert t_quantile(0.975, 3) == pytest.approx(3.18245, abs=1e-5)
+    assert t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile(0.995, 10) == pytest.approx(3.16927, abs=1e-5)
+    assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)  # -> normal
+
+
+def test_t_tail_closed_forms():
+    # df=1 is Cauchy: P(|T|>=1) = 1/2; df=2: P(|T|>=t) = 1 - t/sqrt(t^2+2).
+    assert t_two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-12)
+    assert t_two_sided_p(3.0, 2) == pytest.approx(1 - 3 / math.sqrt(11), abs=1e-12)
+    assert t_two_sided_p(0.0, 7) == pytest.approx(1.0)
+
+
+def test_mean_ci_hand_computed():
+    # mean 2.5, s = sqrt(5/3) = 1.29099, half = 3.18245 * 1.29099 / 2 = 2.05426
+    ci = mean_ci([1, 2, 3, 4])
+    assert ci["mean"] == 2.5 and ci["n"] == 4
+    assert ci["std"] == pytest.approx(1.290994, abs=1e-6)
+    assert ci["low"] == pytest.approx(2.5 - 2.05426, abs=1e-4)
+    assert ci["high"] == pytest.approx(2.5 + 2.05426, abs=1e-4)
+
+
+def test_mean_ci_single_value_and_constant():
+    one = mean_ci([3.0])
+    assert one["mean"] == 3.0 and math.isnan(one["low"]) and math.isnan(one["std"])
+    const = mean_ci([2.0, 2.0, 2.0])
+    assert const["low"] == const["high"] == 2.0
+
+
+def test_sign_test_and_wilson():
+    assert sign_test_p(8, 2) == pytest.approx(0.109375)  # 2 * (1 + 10 + 45) / 1024
+    assert sign_test_p(2, 8) == pytest.approx(0.109375)
+    assert sign_test_p(5, 5) == 1.0 and sign_test_p(0, 0) == 1.0
+    low, high = wilson_interval(0.7, 10)
+    assert (low, high) == (pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4))
+
+
+def test_win_rate_counts_ties_as_half():
+    a = [1.0] * 7 + [0.0] * 2 + [0.5]
+    b = [0.0] * 7 + [1.0] * 2 + [0.5]
+    r = win_rate(a, b)
+    assert (r["wins"], r["losses"], r["ties"], r["n"]) == (7, 2, 1, 10)
+    assert r["win_rate"] == pytest.approx(0.75)
+    assert r["p_value"] == pytest.approx(2 * (1 + 9 + 36) / 512)  # sign test on 7 vs 2, tie dropped
+    assert r["low"] < 0.75 < r["high"]
+
+
+def test_win_rate_8_of_10():
+    r = win_rate([1] * 8 + [0] * 2, [0] * 8 + [1] * 2)
+    assert r["win_rate"] == 0.8 and r["p_value"] == pytest.approx(0.109375)
+
+
+def test_sample_against_itself_is_a_coin_flip():
+    x = [0.1, 0.5, 0.3, 0.9]
+    r = win_rate(x, x)
+    assert r["win_rate"] == 0.5 and r["ties"] == 4 and r["p_value"] == 1.0
+    assert r["low"] < 0.5 < r["high"]
+    d = paired_diff(x, x)
+    assert d["mean_diff"] == 0.0 and d["p_value"] == 1.0
+
+
+def test_paired_diff_hand_computed():
+    # d = [1, 0, 2, 3, 3]: mean 1.8, s = sqrt(1.7), t = 1.8 / (s / sqrt 5) = 3.08697, df 4 -> p = 0.03668
+    d = paired_diff([1, 2, 3, 4, 5], [0, 2, 1, 1, 2])
+    assert d["mean_diff"] == pytest.approx(1.8)
+    assert d["t"] == pytest.approx(3.086975, abs=1e-5)
+    assert d["p_value"] == pytest.approx(0.036682, abs=1e-5)
+    half = t_quantile(0.975, 4) * math.sqrt(1.7) / math.sqrt(5)  # 2.776445 * 0.583095 = 1.61893
+    assert d["low"] == pytest.approx(1.8 - half) and half == pytest.approx(1.61893, abs=1e-4)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: mean_ci([]),
+    lambda: win_rate([], []),
+    lambda: win_rate([1, 2], [1]),
+    lambda: paired_diff([1, 2, 3], [1, 2]),
+    lambda: paired_diff([1], [0]),
+    lambda: mean_ci([1.0, float("nan")]),
+    lambda: mean_ci([1, 2], level=95),
+])
+def test_bad_inputs_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_length_mismatch_message_is_clear():
+    with pytest.raises(ValueError, match=r"len\(a\)=2, len\(b\)=1"):
+        win_rate([1, 2], [1])
+    with pytest.raises(ValueError, match="empty"):
+        mean_ci([])
