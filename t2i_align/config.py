@@ -144,13 +144,87 @@ class ObjectiveConfig:
     port, whose β = 2500 equals official β = 5000)."""
     loss_type: str = "sigmoid"
     """"sigmoid" (DPO, -log σ(logit)), "hinge" (SLiC-style, relu(1 - logit)) or "ipo" (Azar et al. 2023:
-    (margin - 1/(2β))², margin = Δref - Δθ)."""
+    (margin - 1/(2s))², margin = Δref - Δθ, s = ½β official / β diffusers)."""
 
     def __post_init__(self) -> None:
         _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
         _check(self, "beta", self.beta > 0, "a number > 0")
         _check_choice(self, "beta_convention", ("official", "diffusers"))
         _check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    batch_size: int = 1
+    """Pairs (or images) per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (official DPO: 128 on 16 GPUs with batch 1 = 2048 pairs)."""
+    learning_rate: float = 1e-5
+    """Peak learning rate (before `scale_lr`)."""
+    scale_lr: bool = False
+    """Multiply the LR by batch_size × grad_accum × processes, as the official launchers (1e-8 → 2.048e-5)."""
+    optimizer: str = "adamw"
+    """"adamw", "adafactor" (the official SDXL recipe) or "adamw8bit" (needs the [8bit] extra)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant_with_warmup"
+    """Any diffusers schedule name: constant, constant_with_warmup, linear, cosine, ..."""
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: no clipping; the norm is still computed for the non-finite guard)."""
+    mixed_precision: str = "no"
+    """"no", "fp16" or "bf16" (passed to accelerate)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint (checkpoints/step-N) every N optimizer steps (0: never)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: Optional[str] = None
+    """"latest" (newest complete checkpoint in output_dir) or a checkpoint folder."""
+    log_every: int = 10
+    """Write metrics every N optimizer steps."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps skipped for a non-finite loss or gradient."""
+    offload_reference: bool = False
+    """Full fine-tuning: keep the frozen reference UNet on the CPU between uses (saves GPU memory, slower)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
+                     "max_nonfinite_steps"):
+            _check(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        _check(self, "learning_rate", self.learning_rate > 0, "a number > 0")
+        _check_choice(self, "optimizer", ("adamw", "adafactor", "adamw8bit"))
+        _check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
+        _check(self, "max_grad_norm", self.max_grad_norm >= 0, "a number >= 0")
+        _check(self, "checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0")
+        _check(self, "lr_warmup_steps", self.lr_warmup_steps >= 0, "an integer >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "auto"
+    """"auto" (online with WANDB_API_KEY, else offline; never prompts), "online", "offline" or "off"."""
+    project: str = "t2i-align"
+    run_name: Optional[str] = None
+    validate_every: int = 0
+    """Write a validation gallery every N optimizer steps (0: only at the end)."""
+    validation_prompts: List[str] = field(default_factory=list)
+    """Fixed gallery prompts (empty: the first captions of the data set)."""
+    validation_seeds: int = 2
+    """Images per prompt, at fixed seeds, for the policy and the base model alike."""
+    validation_reward: Optional[str] = None
+    """Reward shown under each gallery image (e.g. toy-judge); None: no score."""
+    sample_steps: int = 20
+    guidance_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "wandb", ("auto", "online", "offline", "off"))
+        _check(self, "validate_every", self.validate_every >= 0, "an integer >= 0")
+        _check(self, "validation_seeds", self.validation_seeds >= 1, "an integer >= 1")
+        _check(self, "sample_steps", self.sample_steps >= 1, "an integer >= 1")
 
 
 @dataclass
@@ -167,6 +241,10 @@ class Config:
     """Offline pair data (Pick-a-Pic format) and its transforms and cache."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """The method: which loss, and its hyper-parameters."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, precision, checkpoints and resume."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """metrics.jsonl, W&B and validation galleries."""
 
     def __post_init__(self) -> None:
         _check(self, "output_dir", bool(self.output_dir), "a non-empty path")

@@ -46,6 +46,8 @@ class FamilySpec:
     vae_fp32: bool
     """Keep the VAE in fp32 whatever weight_dtype says (the SDXL VAE overflows to NaN in fp16)."""
     default_resolution: int
+    uses_time_ids: bool = False
+    """SDXL micro-conditioning: the UNet takes (original size, crop top-left, target size) per image."""
     pipeline_extra_kwargs: Tuple[Tuple[str, Any], ...] = ()
     """Extra constructor arguments of the sampling pipeline (SD1.5: no safety checker)."""
 
@@ -70,6 +72,7 @@ SDXL = FamilySpec(
     added_cond_kwargs=text.text_time_added_cond,
     vae_fp32=True,
     default_resolution=1024,
+    uses_time_ids=True,
 )
 FAMILIES: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SD15, SDXL)})
 
@@ -190,6 +193,11 @@ class Components:
     path: Path
     weight_dtype: torch.dtype
     truncation: text.TruncationStats = field(default_factory=text.TruncationStats)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8 for SD1.5 / SDXL, 2 for the toy VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None, dtype: Optional[torch.dtype] = None):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from t2i_align.toy.judge import judge_batch, judge_image, read_attributes, to_uint8
 from t2i_align.toy.scenes import (ATTRIBUTES, VALUES, Scene, all_scenes, long_caption, noisy_scene, render,
-                                  short_caption, split_scenes)
+                                  scene_from_caption, short_caption, split_scenes)
 from t2i_align.toy.tokenizer import build_clip_tokenizer
 
 CHANCE = {a: 1 / len(VALUES[a]) for a in ATTRIBUTES}
@@ -114,3 +114,9 @@ def test_noisy_scene_keeps_colour_and_changes_the_rest_at_the_given_rate():
     # P(changed) = 0.6 * (1 - 1/|values|): shape 0.4, size 0.3
     assert np.mean([n.shape != scene.shape for n in noisy]) == pytest.approx(0.4, abs=0.03)
     assert np.mean([n.size != scene.size for n in noisy]) == pytest.approx(0.3, abs=0.03)
+
+
+def test_short_captions_parse_back_to_their_scene():
+    assert all(scene_from_caption(short_caption(s)) == s for s in all_scenes())
+    with pytest.raises(ValueError, match="not a toy short caption"):
+        scene_from_caption("a photo of a cat")

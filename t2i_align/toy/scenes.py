@@ -172,3 +172,14 @@ def partial_caption(scene: Scene, attrs: Sequence[str]) -> str:
     if "background" in attrs:
         words.append(f"on a {scene.background} background")
     return " ".join(words)
+
+
+def scene_from_caption(caption: str) -> Scene:
+    """Invert `short_caption`, so a judge-based reward can score (image, prompt) pairs from the prompt alone."""
+    words = caption.strip().split()
+    # "a {size} {color} {shape} at the {v} {h} on a {background} background"
+    if len(words) != 12 or words[0] != "a" or words[4:6] != ["at", "the"] or words[8:10] != ["on", "a"] \
+            or words[-1] != "background":
+        raise ValueError(f"not a toy short caption: {caption!r}")
+    return Scene.from_dict({"size": words[1], "color": words[2], "shape": words[3],
+                            "position": f"{words[6]} {words[7]}", "background": words[10]})

@@ -1,0 +1,101 @@
+"""Resumable checkpoints (accelerate's save_state) and the final diffusers-loadable export.
+
+Every checkpoint is written into a hidden temporary folder and renamed to `checkpoints/step-N` only once
+complete (a marker file is written last), so a kill at any moment leaves a complete checkpoint or none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+MARKER = "t2i_align_checkpoint.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> List[Tuple[int, Path]]:
+    """Complete checkpoints (named step-N and holding the marker), oldest first."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = _STEP_DIR.match(path.name)
+        if match and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Optional[Path]:
+    """None (fresh run), "latest" (newest complete checkpoint, or None if there is none) or a folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder (no {MARKER}); "
+                                f"use train.resume=latest or one of {checkpoints_dir(output_dir)}/step-N")
+    return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / MARKER).read_text())["step"])
+
+
+def all_finite(params) -> bool:
+    return all(torch.isfinite(p.detach()).all().item() for p in params)
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep: int, params) -> Optional[Path]:
+    """Collective: every process calls it. Returns the checkpoint path (None if weights were non-finite)."""
+    if not all_finite(params):
+        accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written")
+        return None
+    root = checkpoints_dir(output_dir)
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_final(pipeline, unet, lora: bool, output_dir: str | os.PathLike) -> Path:
+    """`final/`: pytorch_lora_weights.safetensors (LoRA, for `pipe.load_lora_weights`) or a full pipeline
+    folder with the tuned unet/ (full fine-tune, for `DiffusionPipeline.from_pretrained`). Atomic rename."""
+    out = Path(output_dir) / "final"
+    tmp = Path(output_dir) / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        type(pipeline).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+    else:
+        pipeline.save_pretrained(str(tmp), safe_serialization=True)
+    old = Path(output_dir) / ".final.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

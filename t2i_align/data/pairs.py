@@ -1,0 +1,295 @@
+"""Pick-a-Pic-v2-format preference pairs from local parquet files (real Pick-a-Pic or `t2i_align.toy pairs`).
+
+Labels and captions are read up front (small); image bytes are read lazily per item, one row group at a time
+(the last one is kept, so a sequential pass such as cache building reads each row group once). Shuffled
+uncached training over a huge file re-reads row groups: pre-encode with data.cache for large data.
+
+Ties (label_0 == 0.5) are dropped by default, as the official Diffusion-DPO code does; the diffusers examples
+silently keep them with jpg_0 as the winner ("first"). label_0 == 0 swaps the pair so the winner comes first.
+
+Every random choice of an item (prompt dropout, flips, random crops) comes from a generator seeded by
+(seed, epoch, row id), so data and augmentations are reproducible and resume-safe whatever the worker count.
+With DataLoader workers, call `set_epoch` before creating the epoch's iterator (no persistent_workers).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, Image.DecompressionBombError)
+"""What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors)."""
+_MAX_WARNINGS = 5
+
+
+@dataclass
+class PairStats:
+    """Row counts: `rows` read (reading stops once max_pairs usable pairs are found), `used` pairs."""
+
+    rows: int = 0
+    used: int = 0
+    ties_dropped: int = 0
+    ties_kept: int = 0
+    unlabelled: int = 0
+    corrupt: int = 0
+
+    def summary(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
+
+
+def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
+    """A parquet file, or the *.parquet files of a folder (not recursive), all resolving inside `root`.
+
+    `root` defaults to the folder (or the file's folder), so symlinks pointing elsewhere are rejected.
+    """
+    given = Path(path)
+    if not given.exists():
+        raise FileNotFoundError(f"pair data {given} does not exist")
+    base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
+    files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
+    if not files:
+        raise ValueError(f"no *.parquet files in folder {given}")
+    for f in files:
+        real = f.resolve()
+        if not real.is_relative_to(base):
+            raise ValueError(f"{f} resolves to {real}, outside the data root {base}")
+        if not real.is_file():
+            raise ValueError(f"{f} is not a file")
+    return [f.resolve() for f in files]
+
+
+def _check_columns(names: Sequence[str], path: Path) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}: expected Pick-a-Pic columns {list(REQUIRED_COLUMNS)}"
+                         f" (label_1 etc. optional), found {list(names)}")
+
+
+def _decide(label: Any, has_label: Any, ties: str, stats: PairStats) -> Optional[bool]:
+    """None: drop the row; else whether to swap so the winner is first."""
+    if has_label is False or label is None or label != label:  # label != label: NaN
+        stats.unlabelled += 1
+        return None
+    if label == 0.5:
+        if ties == "drop":
+            stats.ties_dropped += 1
+            return None
+        stats.ties_kept += 1
+        return False
+    return label < 0.5
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on white, 16-bit/int/float greys scaled to 8 bits."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def decode_rgb(data: Any) -> Image.Image:
+    if isinstance(data, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
+        data = data.get("bytes")
+    if not data:
+        raise ValueError("no image bytes")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def item_draws(seed: int, epoch: int, row_id: int) -> np.ndarray:
+    """7 uniforms: [dropout, flip_w, flip_l, crop_y_w, crop_x_w, crop_y_l, crop_x_l]. Always all seven, so
+    changing one setting (e.g. turning flips on) does not change the other draws."""
+    return np.random.default_rng([seed % 2**63, epoch, row_id]).random(7)
+
+
+def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, u_y: float, u_x: float
+                  ) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
+    """Resize the shorter side to `resolution` (bilinear; long side truncated as torchvision), flip, crop.
+
+    Returns pixels [3,R,R] in [-1,1], original_size (h, w) and crop_top_left (y, x) in the resized (flipped)
+    image, the SDXL micro-conditioning of diffusers' SDXL scripts (PR #6668)."""
+    w, h = image.size
+    short = min(w, h)
+    nw, nh = max(resolution, int(resolution * w / short)), max(resolution, int(resolution * h / short))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if crop == "center":
+        y, x = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
+    else:
+        y, x = min(int(u_y * (nh - resolution + 1)), nh - resolution), min(int(u_x * (nw - resolution + 1)),
+                                                                            nw - resolution)
+    image = image.crop((x, y, x + resolution, y + resolution))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, (h, w), (y, x)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Preference pairs; item = dict(pixels_w, pixels_l, caption, original_size_w/l, crop_top_left_w/l, index),
+    or None for a row whose image bytes do not decode (`collate_pairs` drops and counts it)."""
+
+    def __init__(self, path: str | Path, resolution: int = 512, crop: str = "center", flip: str = "none",
+                 ties: str = "drop", prompt_dropout: float = 0.0, max_pairs: int = 0, seed: int = 0,
+                 root: Optional[str | Path] = None) -> None:
+        if ties not in ("drop", "first") or crop not in ("center", "random") or flip not in (
+                "none", "independent", "joint"):
+            raise ValueError(f"bad ties={ties!r} / crop={crop!r} / flip={flip!r}")
+        self.files = find_parquet_files(path, root)
+        self.resolution, self.crop, self.flip, self.ties = resolution, crop, flip, ties
+        self.prompt_dropout, self.max_pairs, self.seed, self.epoch = prompt_dropout, max_pairs, seed, 0
+        self.stats = PairStats()
+        self._read_metadata()
+        if not len(self):
+            raise ValueError(f"no usable pairs in {path} ({self.stats.summary()})")
+        logger.info("pairs from %s: %s", path, self.stats.summary())
+        self._handles: Dict[int, pq.ParquetFile] = {}
+        self._group_key: Optional[Tuple[int, int]] = None
+        self._group: Any = None
+        self._warnings = 0
+
+    def _read_metadata(self) -> None:
+        loc: List[Tuple[int, int, int, bool, int]] = []  # file, row group, offset, swap, row id
+        captions: List[str] = []
+        for fi, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            _check_columns(names, path)
+            cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else [])
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g, columns=cols)
+                has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
+                rows = zip(table.column("caption").to_pylist(), table.column("label_0").to_pylist(), has)
+                for off, (caption, label, ok) in enumerate(rows):
+                    swap = _decide(label, ok, self.ties, self.stats)
+                    if swap is not None:
+                        loc.append((fi, g, off, swap, self.stats.rows))
+                        captions.append(caption or "")
+                    self.stats.rows += 1
+                    if self.max_pairs and len(captions) >= self.max_pairs:
+                        return self._set_rows(loc, captions)
+        self._set_rows(loc, captions)
+
+    def _set_rows(self, loc: List[Tuple[int, int, int, bool, int]], captions: List[str]) -> None:
+        arr = np.array(loc, dtype=np.int64).reshape(-1, 5)
+        self._file, self._groupidx, self._offset = arr[:, 0], arr[:, 1], arr[:, 2]
+        self._swap, self.row_ids, self.captions = arr[:, 3].astype(bool), arr[:, 4], list(captions)
+        self.stats.used = len(self.captions)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def caption(self, index: int) -> str:
+        """The caption without prompt dropout."""
+        return self.captions[index]
+
+    def identity(self) -> Dict[str, Any]:
+        """Everything that determines the pixels and pairs (cache key); the seed only if augmentation is random."""
+        files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+        random = self.crop == "random" or self.flip != "none"
+        return {"files": files, "resolution": self.resolution, "crop": self.crop, "flip": self.flip,
+                "ties": self.ties, "max_pairs": self.max_pairs, "seed": self.seed if random else None}
+
+    def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
+        return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}
+
+    def image_bytes(self, index: int) -> Tuple[Any, Any]:
+        """(winner, loser) raw bytes; keeps the last row group's image columns."""
+        fi, g = int(self._file[index]), int(self._groupidx[index])
+        if self._group_key != (fi, g):
+            if fi not in self._handles:
+                self._handles[fi] = pq.ParquetFile(self.files[fi])
+            table = self._handles[fi].read_row_group(g, columns=["jpg_0", "jpg_1"])
+            self._group, self._group_key = (table.column("jpg_0"), table.column("jpg_1")), (fi, g)
+        off = int(self._offset[index])
+        first, second = self._group[0][off].as_py(), self._group[1][off].as_py()
+        return (second, first) if self._swap[index] else (first, second)
+
+    def decode(self, index: int) -> Optional[Tuple[Image.Image, Image.Image]]:
+        try:
+            winner, loser = self.image_bytes(index)
+            return decode_rgb(winner), decode_rgb(loser)
+        except DECODE_ERRORS as err:  # one bad row must not end a run mid-epoch
+            self._warnings += 1
+            log = logger.warning if self._warnings <= _MAX_WARNINGS else logger.debug
+            log("pair %d (row %d): undecodable image, skipped: %s", index, int(self.row_ids[index]), err)
+            return None
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        images = self.decode(index)
+        if images is None:
+            return None
+        u = item_draws(self.seed, self.epoch, int(self.row_ids[index]))
+        flip_w = self.flip != "none" and u[1] < 0.5
+        flip_l = flip_w if self.flip == "joint" else self.flip == "independent" and u[2] < 0.5
+        pw, size_w, crop_w = prepare_image(images[0], self.resolution, self.crop, flip_w, u[3], u[4])
+        pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l, u[5], u[6])
+        caption = "" if u[0] < self.prompt_dropout else self.captions[index]
+        return {"pixels_w": pw, "pixels_l": pl, "caption": caption, "original_size_w": size_w,
+                "original_size_l": size_l, "crop_top_left_w": crop_w, "crop_top_left_l": crop_l, "index": index}
+
+    def drop(self, indices: Sequence[int]) -> None:
+        """Remove pairs (e.g. corrupt ones); row ids, hence augmentations, of the others are unchanged."""
+        keep = np.setdiff1d(np.arange(len(self)), np.asarray(indices, dtype=np.int64))
+        self._file, self._groupidx, self._offset = self._file[keep], self._groupidx[keep], self._offset[keep]
+        self._swap, self.row_ids = self._swap[keep], self.row_ids[keep]
+        self.captions = [self.captions[i] for i in keep]
+        self.stats.used = len(self.captions)
+        self._group_key = None
+
+
+def scan_corrupt(dataset: PairDataset) -> int:
+    """Decode every pair once and drop the undecodable ones (for small data sets). Returns how many."""
+    bad = [i for i in range(len(dataset)) if dataset.decode(i) is None]
+    dataset.drop(bad)
+    dataset.stats.corrupt += len(bad)
+    logger.info("scanned pairs: %s", dataset.stats.summary())
+    return len(bad)
+
+
+def collate_pairs(items: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+    """Stack items, dropping None (corrupt) ones; batch["skipped"] counts them. None if all were corrupt.
+
+    Tensors are stacked, strings listed, sizes/crops/indices become int64 tensors ([B, 2] / [B])."""
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return None
+    batch: Dict[str, Any] = {}
+    for key, value in kept[0].items():
+        values = [item[key] for item in kept]
+        if isinstance(value, torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(value, str):
+            batch[key] = values
+        else:
+            batch[key] = torch.tensor(values, dtype=torch.long)
+    batch["skipped"] = len(items) - len(kept)
+    return batch
+
+
+def load_pairs(cfg: Any, seed: int, root: Optional[str | Path] = None) -> PairDataset:
+    """PairDataset from a `DataConfig`."""
+    if not cfg.path:
+        raise ValueError("data.path is empty: give a Pick-a-Pic-format parquet file or folder")
+    return PairDataset(cfg.path, resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip, ties=cfg.ties,
+                       prompt_dropout=cfg.prompt_dropout, max_pairs=cfg.max_pairs, seed=seed, root=root)

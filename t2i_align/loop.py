@@ -1,0 +1,153 @@
+"""THE training loop: one loop for every objective (accelerate; one or many processes).
+
+Per optimizer step: `grad_accum` micro-batches -> objective.compute_loss -> backward (gradient sync only on the
+last micro-batch) -> gradient norm (clipped if asked) -> a non-finite norm skips the step -> optimizer and LR
+schedule step. Metrics go to metrics.jsonl / W&B every `log_every` steps, galleries every `validate_every`,
+checkpoints every `checkpoint_every`; `final/` is exported at the end. The loop never branches on the method.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .batches import BATCH_BUILDERS, make_denoiser, make_reference
+from .checkpoints import checkpoint_step, export_final, resolve_resume, save_checkpoint
+from .config import Config, config_to_dict, save_config
+from .data.sources import build_data_source
+from .models import build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
+from .objectives import get_objective
+from .optim import effective_lr, make_lr_scheduler, make_optimizer
+from .tracking import Tracker
+from .validation import Validator
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, float]:
+    """Average each metric over the logged micro-batches and over processes."""
+    keys = sorted({k for h in history for k in h})
+    local = torch.tensor([sum(h.get(k, 0.0) for h in history) / max(1, len(history)) for k in keys],
+                         device=accelerator.device, dtype=torch.float64)
+    return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
+
+
+def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int]):
+    """The next usable micro-batch; a batch whose rows were all corrupt is replaced by the following one, so
+    every process still runs the same number of forward/backward passes."""
+    while True:
+        raw = next(batches)
+        if raw is None:
+            counts["data_batches_skipped"] += 1
+            continue
+        counts["data_rows_skipped"] += int(raw.get("skipped", 0))
+        return builder(components, raw, device)
+
+
+def _optimizer_step(accelerator, unet, optimizer, lr_sched, params, max_grad_norm: float) -> float:
+    """Clip (or just measure) the gradient norm; step only when it is finite. Returns the norm."""
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm)
+    if math.isfinite(norm):
+        optimizer.step()
+        lr_sched.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def train(cfg: Config) -> Path:
+    """Train as `cfg` says; returns the `final/` export folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per process
+    out = Path(cfg.output_dir)
+    components = load_components(cfg.model, device=accelerator.device)
+    objective = get_objective(cfg.objective.name)
+    params = trainable_parameters(components.unet, cfg.lora)
+    frozen = None
+    if objective.needs_reference and not cfg.lora.enabled:
+        frozen = frozen_reference(components.unet, torch_dtype(cfg.model.weight_dtype))
+        if cfg.train.offload_reference:
+            frozen.to("cpu")
+    source = build_data_source(cfg, components, accelerator)
+    optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
+    lr_sched = make_lr_scheduler(optimizer, cfg.train)
+    unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
+    raw_unet = accelerator.unwrap_model(unet)
+    policy = make_denoiser(unet, components)
+    reference = make_reference(raw_unet, components, cfg.lora.enabled, frozen) if objective.needs_reference \
+        else None
+    tracker = Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg),
+                      enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    start = 0
+    resume = resolve_resume(out, cfg.train.resume)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        start = checkpoint_step(resume)
+        tracker.truncate_after(start)
+        accelerator.print(f"resumed from {resume} at step {start}")
+    validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4))
+    _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,
+         source.micro_batches(start * cfg.train.grad_accum), tracker, validator, start)
+    final = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = export_final(build_pipeline(components, unet=raw_unet), raw_unet, cfg.lora.enabled, out)
+        rows, step, columns = validator.gallery(cfg.train.max_steps)
+        if rows:
+            tracker.log_gallery(rows, step, columns, name="gallery")
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    return final or out / "final"
+
+
+def _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,
+         batches, tracker, validator, start: int) -> None:
+    tc = cfg.train
+    builder = BATCH_BUILDERS[objective.batch_kind]
+    counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0}
+    history: List[Dict[str, float]] = []
+    streak = 0
+    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps,
+               disable=not accelerator.is_main_process, desc="train")
+    for step in bar:
+        for micro in range(tc.grad_accum):
+            batch = _next_batch(batches, builder, components, accelerator.device, counts)
+            sync = micro == tc.grad_accum - 1
+            with (nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
+                loss, metrics = objective.compute_loss(policy, reference, batch, components.scheduler,
+                                                       cfg.objective, None)
+            accelerator.backward(loss / tc.grad_accum)
+            history.append(metrics)
+        norm = _optimizer_step(accelerator, unet, optimizer, lr_sched, params, tc.max_grad_norm)
+        streak = 0 if math.isfinite(norm) else streak + 1
+        counts["steps_skipped_nonfinite"] += int(not math.isfinite(norm))
+        if streak >= tc.max_nonfinite_steps:
+            raise NonFiniteError(f"{streak} consecutive steps had a non-finite loss or gradient (last at step "
+                                 f"{step + 1}); lower train.learning_rate, use mixed_precision=bf16/no, or check "
+                                 "the data. Checkpoints written so far are intact.")
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            logged = _mean_metrics(accelerator, history)
+            logged.update(counts, lr=lr_sched.get_last_lr()[0], grad_norm=norm,
+                          prompts_truncated=components.truncation.prompts_truncated)
+            tracker.log(logged, step=done)
+            bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+            history = []
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0:
+            save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params)
+        if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
+            rows, _, columns = validator.gallery(done)
+            if rows:
+                tracker.log_gallery(rows, done, columns, name="gallery")
+

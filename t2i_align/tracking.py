@@ -1,0 +1,103 @@
+"""Run tracking: metrics.jsonl (always), W&B (online / offline / off, never prompting) and local HTML galleries.
+
+Only the main process writes. W&B "auto" means online when WANDB_API_KEY is set and offline otherwise, so a
+run without credentials never stops at a login prompt; offline runs can be uploaded later with `wandb sync`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .gallery import write_gallery
+
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode not in WANDB_MODES:
+        raise ValueError(f"unknown tracking.wandb={mode!r}; use one of {', '.join(WANDB_MODES)}")
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf; keep them visible as strings
+    return value
+
+
+class Tracker:
+    """Appends one JSON object per logged step to `metrics.jsonl` and mirrors metrics and galleries to W&B."""
+
+    def __init__(self, output_dir: str | os.PathLike, wandb_mode: str = "auto", project: str = "t2i-align",
+                 run_name: Optional[str] = None, config: Optional[Dict] = None, enabled: bool = True):
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        mode = resolve_wandb_mode(wandb_mode)
+        if mode != "off":
+            import wandb
+
+            self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
+                                     dir=str(self.output_dir), reinit="finish_previous")
+
+    @property
+    def wandb_run_dir(self) -> Optional[Path]:
+        return Path(self._wandb.dir).parent if self._wandb is not None else None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop logged steps after the checkpoint, so metrics.jsonl reads as one uninterrupted run."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def log_gallery(self, rows: List[Dict], step: int, columns: Optional[Sequence[str]] = None,
+                    name: str = "gallery") -> Optional[Path]:
+        """Write `<output_dir>/<name>/index.html` (replacing the previous one whole) and log images + a table."""
+        if not self.enabled:
+            return None
+        path = write_gallery(self.output_dir / name, rows, title=f"{name} at step {step}", columns=columns)
+        if self._wandb is not None:
+            self._log_wandb_gallery(rows, step, columns, name)
+        return path
+
+    def _log_wandb_gallery(self, rows, step, columns, name) -> None:
+        import wandb
+
+        headers = list(columns) if columns else [f"image {i}" for i in range(len(rows[0]["images"]))]
+        table = wandb.Table(columns=["prompt"] + headers)
+        images = []
+        for row in rows:
+            captions = row.get("captions") or [""] * len(row["images"])
+            cells = [wandb.Image(im, caption=f"{row['prompt']} | {c}") for im, c in zip(row["images"], captions)]
+            table.add_data(row["prompt"], *cells)
+            images += cells
+        self._wandb.log({f"{name}/images": images, f"{name}/table": table}, step=step)
+
+    def finish(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
