@@ -221,6 +221,8 @@ class TrackingConfig:
     guidance_scale: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.wandb in ("False", "false", "disabled"):  # YAML reads a bare `off` as false
+            self.wandb = "off"
         _check_choice(self, "wandb", ("auto", "online", "offline", "off"))
         _check(self, "validate_every", self.validate_every >= 0, "an integer >= 0")
         _check(self, "validation_seeds", self.validation_seeds >= 1, "an integer >= 1")

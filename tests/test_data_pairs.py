@@ -1,0 +1,241 @@
+"""Pick-a-Pic-format pair loading: ties, swaps, decoding, SDXL sizes/crops, flips, seeding, corrupt rows, paths."""
+import io
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from t2i_align.config import DataConfig
+from t2i_align.data.pairs import (PairDataset, collate_pairs, decode_rgb, item_draws, load_pairs,
+                                  scan_corrupt)
+
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+
+
+def image_bytes(color=RED, size=(16, 16), mode="RGB", fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_pairs(path, rows, row_group_size=None):
+    """rows: dicts with caption, jpg_0, jpg_1, label_0 (+ any other column)."""
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def row(caption="a cat", jpg_0=None, jpg_1=None, label_0=1.0, **extra):
+    return {"caption": caption, "jpg_0": jpg_0 or image_bytes(RED), "jpg_1": jpg_1 or image_bytes(BLUE),
+            "label_0": label_0, **extra}
+
+
+def color_of(pixels: torch.Tensor):
+    return tuple(int(round(v)) for v in ((pixels.mean(dim=(1, 2)) + 1) * 127.5).tolist())
+
+
+def is_flipped(pixels: torch.Tensor) -> bool:
+    """For the left-red / right-blue test image."""
+    return bool(pixels[2, :, 0].mean() > pixels[0, :, 0].mean())
+
+
+def test_ties_dropped_and_counted_and_losers_swapped(tmp_path, caplog):
+    rows = [row(label_0=1.0, has_label=True),
+            row(jpg_0=image_bytes(BLUE), jpg_1=image_bytes(RED), label_0=0.0, has_label=True),
+            row(label_0=0.5, has_label=True), row(label_0=1.0, has_label=False)]
+    path = write_pairs(tmp_path / "p.parquet", rows)
+    with caplog.at_level(logging.INFO, logger="t2i_align.data.pairs"):
+        ds = PairDataset(path, resolution=8)
+    assert "ties dropped=1" in caplog.text
+    assert len(ds) == 2
+    assert (ds.stats.rows, ds.stats.used, ds.stats.ties_dropped, ds.stats.ties_kept, ds.stats.unlabelled) == (
+        4, 2, 1, 0, 1)
+    for i in range(2):
+        assert color_of(ds[i]["pixels_w"]) == RED and color_of(ds[i]["pixels_l"]) == BLUE
+
+
+def test_ties_first_keeps_jpg_0_as_winner(tmp_path):
+    rows = [row(label_0=1.0), row(jpg_0=image_bytes(GREEN), label_0=0.5)]
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8, ties="first")
+    assert len(ds) == 2 and ds.stats.ties_kept == 1 and ds.stats.ties_dropped == 0
+    assert color_of(ds[1]["pixels_w"]) == GREEN and color_of(ds[1]["pixels_l"]) == BLUE
+
+
+def test_row_groups_and_max_pairs(tmp_path):
+    rows = [row(caption=f"c{i}", jpg_0=image_bytes((10 * i, 0, 0)), label_0=1.0) for i in range(7)]
+    path = write_pairs(tmp_path / "p.parquet", rows, row_group_size=2)
+    assert pq.ParquetFile(path).num_row_groups == 4
+    ds = PairDataset(path, resolution=8)
+    for i in [6, 0, 3, 4, 1]:  # out of order, across row groups
+        item = ds[i]
+        assert item["caption"] == f"c{i}" and color_of(item["pixels_w"])[0] == 10 * i and item["index"] == i
+    limited = PairDataset(path, resolution=8, max_pairs=3)
+    assert len(limited) == 3 and limited.stats.used == 3 and limited.captions == ["c0", "c1", "c2"]
+
+
+def test_any_mode_decodes_to_rgb():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(buf, format="PNG")
+    cases = {
+        "cmyk": (image_bytes((0, 0, 0, 0), mode="CMYK", fmt="JPEG"), (255, 255, 255)),
+        "grey": (image_bytes(128, mode="L"), (128, 128, 128)),
+        "rgba transparent": (image_bytes((255, 0, 0, 0), mode="RGBA"), (255, 255, 255)),
+        "rgba opaque": (image_bytes((255, 0, 0, 255), mode="RGBA"), RED),
+        "16-bit": (buf.getvalue(), (255, 255, 255)),
+    }
+    palette = io.BytesIO()
+    Image.new("RGB", (8, 8), GREEN).convert("P").save(palette, format="PNG")
+    cases["palette"] = (palette.getvalue(), GREEN)
+    for name, (data, expected) in cases.items():
+        image = decode_rgb(data)
+        assert image.mode == "RGB", name
+        got = tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(0).round())
+        assert all(abs(a - b) <= 2 for a, b in zip(got, expected)), (name, got)
+
+
+def test_different_sizes_and_modes_give_equal_tensors_and_true_sdxl_sizes(tmp_path):
+    tall = image_bytes(RED, size=(32, 64))  # PIL size is (w, h): h=64, w=32
+    wide = image_bytes((0, 0, 255, 128), size=(64, 32), mode="RGBA")
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", [row(jpg_0=tall, jpg_1=wide)]), resolution=16)
+    item = ds[0]
+    assert item["pixels_w"].shape == item["pixels_l"].shape == (3, 16, 16)
+    assert item["pixels_w"].min() >= -1 and item["pixels_w"].max() <= 1
+    # tall: resized to h=32, w=16 -> center crop at y=(32-16)/2=8, x=0. wide: the transpose.
+    assert item["original_size_w"] == (64, 32) and item["crop_top_left_w"] == (8, 0)
+    assert item["original_size_l"] == (32, 64) and item["crop_top_left_l"] == (0, 8)
+
+
+def test_crop_content_and_random_crop_bounds(tmp_path):
+    arr = np.zeros((64, 32, 3), dtype=np.uint8)
+    arr[:8] = RED  # top eighth red: after the resize (h=32) rows 0..3 red, the center crop (y=8..23) has none
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", [row(jpg_0=buf.getvalue())] * 8), resolution=16)
+    assert color_of(ds[0]["pixels_w"]) == (0, 0, 0)
+    rand = PairDataset(tmp_path / "p.parquet", resolution=16, crop="random")
+    crops = {rand[i]["crop_top_left_w"] for i in range(8)}
+    assert all(0 <= y <= 16 and x == 0 for y, x in crops) and len(crops) > 1
+
+
+def asymmetric() -> bytes:
+    arr = np.zeros((16, 16, 3), dtype=np.uint8)
+    arr[:, :8] = RED
+    arr[:, 8:] = BLUE
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_joint_flip_same_for_both_independent_can_differ(tmp_path):
+    path = write_pairs(tmp_path / "p.parquet", [row(caption=str(i), jpg_0=asymmetric(), jpg_1=asymmetric())
+                                                for i in range(12)])
+    joint = PairDataset(path, resolution=16, flip="joint")
+    flips = [(is_flipped(it["pixels_w"]), is_flipped(it["pixels_l"])) for it in map(joint.__getitem__, range(12))]
+    assert all(w == l for w, l in flips) and {w for w, _ in flips} == {True, False}
+    independent = PairDataset(path, resolution=16, flip="independent")
+    flips = [(is_flipped(it["pixels_w"]), is_flipped(it["pixels_l"])) for it in map(independent.__getitem__,
+                                                                                       range(12))]
+    assert any(w != l for w, l in flips)
+    none = PairDataset(path, resolution=16)
+    assert not any(is_flipped(none[i]["pixels_w"]) for i in range(12))
+
+
+def test_items_reproducible_by_seed_epoch_index(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    path = write_pairs(tmp_path / "p.parquet", [row(caption=str(i), jpg_0=buf.getvalue()) for i in range(4)])
+    kwargs = dict(resolution=16, crop="random", flip="independent", seed=3)
+    a, b = PairDataset(path, **kwargs), PairDataset(path, **kwargs)
+    for i in range(4):
+        x, y = a[i], b[i]
+        assert torch.equal(x["pixels_w"], y["pixels_w"]) and x["crop_top_left_w"] == y["crop_top_left_w"]
+    before = [a[i]["crop_top_left_w"] for i in range(4)]
+    a.set_epoch(1)
+    assert [a[i]["crop_top_left_w"] for i in range(4)] != before
+    a.set_epoch(0)
+    assert [a[i]["crop_top_left_w"] for i in range(4)] == before
+
+
+def test_corrupt_rows_are_dropped_by_collate_and_counted(tmp_path):
+    truncated = image_bytes(RED, fmt="JPEG")[:40]
+    rows = [row(), row(jpg_1=b"not an image"), row(jpg_0=truncated), row()]
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8)
+    assert ds[1] is None and ds[2] is None
+    batch = collate_pairs([ds[0], ds[1], ds[3]])
+    assert batch["skipped"] == 1 and batch["pixels_w"].shape == (2, 3, 8, 8)
+    assert batch["caption"] == ["a cat", "a cat"] and batch["index"].tolist() == [0, 3]
+    assert batch["original_size_w"].shape == (2, 2) and batch["crop_top_left_l"].dtype == torch.long
+    assert collate_pairs([ds[1], ds[2]]) is None
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_pairs)
+    assert [b["skipped"] for b in loader] == [1, 1]
+    assert scan_corrupt(ds) == 2 and len(ds) == 2 and ds.stats.corrupt == 2 and ds.stats.used == 2
+    assert ds[1]["index"] == 1 and color_of(ds[1]["pixels_w"]) == RED
+
+
+def test_missing_column_lists_found_and_expected(tmp_path):
+    path = write_pairs(tmp_path / "p.parquet", [{"caption": "x", "jpg_0": b"", "jpg_1": b""}])
+    with pytest.raises(ValueError, match=r"label_0.*expected.*found \['caption', 'jpg_0', 'jpg_1'\]") as err:
+        PairDataset(path)
+    assert "p.parquet" in str(err.value)
+
+
+def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(ValueError, match="no \\*.parquet"):
+        PairDataset(data)
+    outside = write_pairs(tmp_path / "outside.parquet", [row()])
+    with pytest.raises(ValueError, match="outside the data root"):
+        PairDataset(data / ".." / "outside.parquet", root=data)
+    (data / "link.parquet").symlink_to(outside)
+    with pytest.raises(ValueError, match="outside the data root"):
+        PairDataset(data)
+    with pytest.raises(FileNotFoundError):
+        PairDataset(tmp_path / "missing.parquet")
+
+
+def test_folder_of_files_and_load_pairs(tmp_path):
+    for i in range(2):
+        write_pairs(tmp_path / f"part-{i}.parquet", [row(caption=f"f{i}r{j}") for j in range(2)])
+    cfg = DataConfig(path=str(tmp_path), resolution=8, max_pairs=3)
+    ds = load_pairs(cfg, seed=0)
+    assert ds.captions == ["f0r0", "f0r1", "f1r0"]
+    with pytest.raises(ValueError, match="data.path"):
+        load_pairs(DataConfig(), seed=0)
+
+
+def test_prompt_dropout_rate_and_reproducible(tmp_path):
+    tiny = image_bytes(RED, size=(8, 8))
+    path = write_pairs(tmp_path / "p.parquet", [row(caption=f"c{i}", jpg_0=tiny, jpg_1=tiny) for i in range(400)])
+    ds = PairDataset(path, resolution=8, prompt_dropout=0.2, seed=1)
+    captions = [ds[i]["caption"] for i in range(len(ds))]
+    assert 0.15 < captions.count("") / len(captions) < 0.25
+    assert captions == [PairDataset(path, resolution=8, prompt_dropout=0.2, seed=1)[i]["caption"]
+                        for i in range(len(ds))]
+    expected = ["" if item_draws(1, 0, i)[0] < 0.2 else f"c{i}" for i in range(400)]
+    assert captions == expected
+
+
+def test_empty_caption_allowed_and_toy_exporter_format(tmp_path):
+    from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    rows = [{"caption": "", "jpg_0": jpeg_bytes(img), "jpg_1": jpeg_bytes(img), "label_0": 0.0, "label_1": 1.0,
+             "user_id": 0, "are_different": False, "has_label": True, "model_0": "m", "model_1": "m",
+             "ranking_id": 0}]
+    write_parquet(rows, tmp_path / "pairs.parquet")
+    ds = PairDataset(tmp_path / "pairs.parquet", resolution=8)
+    assert len(ds) == 1 and ds[0]["caption"] == ""
+
+
+def test_dataset_pickles_for_spawned_workers(tmp_path):
+    import pickle
+
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", [row(), row(jpg_0=image_bytes(GREEN))]), resolution=8)
+    first = ds[1]  # opens the file and keeps a row group
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[1]["pixels_w"], first["pixels_w"]) and clone._handles

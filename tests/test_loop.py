@@ -1,0 +1,133 @@
+"""The shared training loop end to end on tiny random SD1.5 / SDXL pipelines and rendered toy pairs."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from t2i_align.config import load_config
+from t2i_align.loop import NonFiniteError, train
+from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+from t2i_align.toy.scenes import noisy_scene, render, short_caption, split_scenes
+
+
+def write_rendered_pairs(path, n=8, size=16, seed=0, tie_every=0):
+    """Winner = the captioned scene, loser = the scene with attributes changed (ground-truth preferences)."""
+    rng = random.Random(seed)
+    train_scenes, _ = split_scenes()
+    rows = []
+    for i in range(n):
+        scene = rng.choice(train_scenes)
+        wrong = noisy_scene(scene, rng, 1.0, keep=())
+        label = 0.5 if tie_every and i % tie_every == 0 else float(i % 2)
+        win, lose = jpeg_bytes(render(scene, rng, size)), jpeg_bytes(render(wrong, rng, size))
+        a, b = (win, lose) if label != 0.0 else (lose, win)
+        rows.append({"caption": short_caption(scene), "jpg_0": a, "jpg_1": b, "label_0": label,
+                     "label_1": 1 - label, "user_id": 0, "are_different": True, "has_label": True,
+                     "model_0": "render", "model_1": "render", "ranking_id": i})
+    write_parquet(rows, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+
+
+def _cfg(model, data, out, *extra):
+    return load_config(None, [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}",
+                              "data.resolution=16", "train.batch_size=2", "train.learning_rate=1e-3",
+                              "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
+                              *extra])
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_dpo_runs_logs_and_exports_loadable_lora(tiny_model, pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    final = train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=3",
+                       "train.log_every=1", "objective.beta=100"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert abs(records[0]["loss"] - np.log(2)) < 1e-4  # step 1 is computed before any update
+    for key in ("implicit_acc", "mse_w", "ref_mse_l", "grad_norm", "lr"):
+        assert key in records[0]
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    pipe.load_lora_weights(str(final))
+    assert (out / "gallery" / "index.html").is_file() and (out / "config.yaml").is_file()
+
+
+def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    final = train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=2"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(final))
+    before = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet.state_dict()
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "full fine-tune did not change the exported UNet"
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, pairs, tmp_path):
+    common = ("lora.enabled=true", "train.log_every=1", "train.checkpoint_every=2", "objective.beta=100")
+    full = tmp_path / "full"
+    train(_cfg(tiny_model, pairs, full, *common, "train.max_steps=4"))
+    part = tmp_path / "part"
+    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=2"))
+    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=4", "train.resume=latest"))
+    assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+    assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["step-2", "step-4"]
+
+
+def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, monkeypatch):
+    from t2i_align.objectives.sft import SFT
+
+    original = SFT.compute_loss
+
+    def nan_loss(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(SFT, "compute_loss", nan_loss)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+        train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=10",
+                   "train.max_nonfinite_steps=3", "train.checkpoint_every=1"))
+    # Skipped steps never touched the weights, so the checkpoints written meanwhile hold the initial UNet.
+    from safetensors.torch import load_file
+    from diffusers import UNet2DConditionModel
+
+    saved = load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
+    initial = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet").state_dict()
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+def test_checkpoint_is_refused_for_non_finite_weights(tmp_path):
+    from accelerate import Accelerator
+
+    from t2i_align.checkpoints import list_checkpoints, save_checkpoint
+
+    param = torch.nn.Parameter(torch.tensor([1.0, float("nan")]))
+    assert save_checkpoint(Accelerator(cpu=True), tmp_path, 5, keep=2, params=[param]) is None
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_sdxl_lora_dpo_step(tmp_path):
+    model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4)
+    out = tmp_path / "run"
+    train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.log_every=1",
+               "model.weight_dtype=fp32", "data.flip=joint"))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["loss"])
