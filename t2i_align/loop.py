@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -28,6 +29,14 @@ from .validation import Validator
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    final: Path
+    """The `final/` export (LoRA weights file folder or full pipeline folder)."""
+    unet: torch.nn.Module
+    """This process's trained UNet (unwrapped), for in-process use."""
 
 
 def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, float]:
@@ -61,8 +70,8 @@ def _optimizer_step(accelerator, unet, optimizer, lr_sched, params, max_grad_nor
     return norm
 
 
-def train(cfg: Config) -> Path:
-    """Train as `cfg` says; returns the `final/` export folder."""
+def train(cfg: Config) -> TrainResult:
+    """Train as `cfg` says; returns the `final/` export folder and the trained UNet."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -108,7 +117,7 @@ def train(cfg: Config) -> Path:
             tracker.log_gallery(rows, step, columns, name="gallery")
     tracker.finish()
     accelerator.wait_for_everyone()
-    return final or out / "final"
+    return TrainResult(final or out / "final", raw_unet)
 
 
 def _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,

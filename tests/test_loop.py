@@ -57,7 +57,7 @@ def test_lora_dpo_runs_logs_and_exports_loadable_lora(tiny_model, pairs, tmp_pat
 
     out = tmp_path / "run"
     final = train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=3",
-                       "train.log_every=1", "objective.beta=100"))
+                       "train.log_every=1", "objective.beta=100")).final
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert abs(records[0]["loss"] - np.log(2)) < 1e-4  # step 1 is computed before any update
@@ -72,7 +72,7 @@ def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    final = train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=2"))
+    final = train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=2")).final
     pipe = StableDiffusionPipeline.from_pretrained(str(final))
     before = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet.state_dict()
     changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])]

@@ -25,7 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print(f"final model: {train(cfg)}")
+    print(f"final model: {train(cfg).final}")
     return 0
 
 

@@ -1,0 +1,15 @@
+"""Run by tests/test_multiprocess.py under `accelerate launch --num_processes 2 --cpu`: train, then each rank
+writes a checksum of its trainable parameters so the test can check they are identical across ranks."""
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+
+from t2i_align.config import load_config
+from t2i_align.loop import train
+
+cfg = load_config(None, sys.argv[1:])
+result = train(cfg)
+params = [p for p in result.unet.parameters() if p.requires_grad]
+digest = [round(float(p.detach().double().sum()), 12) for p in params]
+Path(cfg.output_dir, f"rank{PartialState().process_index}.txt").write_text(repr(digest))

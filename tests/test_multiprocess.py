@@ -1,0 +1,34 @@
+"""Two CPU processes (gloo) under `accelerate launch`: metrics and checkpoints written once, identical weights."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import save_tiny_pipeline
+from test_loop import write_rendered_pairs
+
+
+
+def test_two_process_lora_dpo(tmp_path):
+    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
+    out = tmp_path / "run"
+    script = Path(__file__).with_name("multiprocess_train.py")
+    # accelerate's `--cpu --num_processes 2` only spawns several processes through mpirun; torchrun-style
+    # launching (`--multi_gpu`) with ACCELERATE_USE_CPU=1 gives two gloo processes on any machine.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
+           "lora.enabled=true", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
+           "train.checkpoint_every=1", "train.learning_rate=1e-2", "objective.beta=100", "tracking.wandb=off",
+           "tracking.sample_steps=2", "tracking.validation_seeds=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # written once, by the main process
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    rank0, rank1 = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
+    assert rank0 == rank1
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
