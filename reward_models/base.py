@@ -1,16 +1,27 @@
 """One reward interface: `reward(images, prompts) -> (scores, info)`, looked up by name (ddpo-pytorch style).
 
-Images are PIL images or a float tensor [B, 3, H, W] in [0, 1]; scores are a float tensor [B]; `info` holds
-per-image extras (e.g. per-attribute verdicts). Rewards whose image side carries gradients set
-`differentiable = True`.
+Images: PIL (any mode, any size), numpy HWC arrays, or a float tensor [B, 3, H, W] in [0, 1]. Scores: float32
+[B] on the reward's device. `info`: per-image extras as plain lists, or counts (`truncated`: prompts the text
+encoder had to cut). `differentiable = True` rewards keep the graph when the image tensor requires grad;
+everything else is scored under `torch.no_grad()`.
+
+Shared pieces: image preprocessing as torch ops (differentiable for tensors), batching, device / dtype
+options, and checkpoint loading that only unpickles with `weights_only=True` and lists key mismatches.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 RewardOutput = Tuple[torch.Tensor, Dict[str, Any]]
+PathLike = Union[str, Path]
 
 
 class Reward:
@@ -20,16 +31,25 @@ class Reward:
     differentiable: bool = False
 
     def __call__(self, images, prompts: Sequence[str]) -> RewardOutput:
-        n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = images.unsqueeze(0)
+        n = len(images)
         if n != len(prompts):
             raise ValueError(f"reward {self.name!r} got {n} images but {len(prompts)} prompts")
-        return self.score(images, list(prompts))
+        if any(not isinstance(p, str) for p in prompts):
+            raise TypeError(f"reward {self.name!r}: prompts must be strings, got {[type(p) for p in prompts]}")
+        if n == 0:
+            return torch.zeros(0), {}
+        grad = self.differentiable and isinstance(images, torch.Tensor) and images.requires_grad
+        with torch.set_grad_enabled(grad):
+            return self.score(images, list(prompts))
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         raise NotImplementedError
 
 
 _REGISTRY: Dict[str, Callable[..., Reward]] = {}
+_BUILTIN = ("toy", "clip", "decomposed_clip", "pickscore", "hpsv2", "aesthetic", "imagereward")
 
 
 def register(name: str):
@@ -54,4 +74,176 @@ def get_reward(name: str, **options) -> Reward:
 
 
 def _load_builtin() -> None:
-    from . import toy  # noqa: F401  (registers toy-judge)
+    """Import every built-in reward module that exists (each registers itself); import errors propagate."""
+    for module in _BUILTIN:
+        if importlib.util.find_spec(f"{__package__}.{module}") is not None:
+            importlib.import_module(f"{__package__}.{module}")
+
+
+# ---------------------------------------------------------------- device, dtype, batching
+def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """`None` means CUDA when available, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
+    """torch dtypes or their names ("fp32", "bf16", "float16", ...); `None` is float32."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return getattr(torch, name)
+
+
+def batched(n: int, batch_size: int) -> List[slice]:
+    """Consecutive slices covering range(n), each at most batch_size long."""
+    step = max(1, int(batch_size))
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+# ---------------------------------------------------------------- images
+def _pil_to_tensor(image) -> torch.Tensor:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit greyscale: to [0, 1] by its range
+        arr = np.asarray(image, dtype=np.float32)
+        peak = float(arr.max()) if arr.size else 0.0
+        arr = arr / (1.0 if image.mode == "F" and peak <= 1.0 else 65535.0 if peak > 255 else 255.0)
+        return torch.from_numpy(np.clip(arr, 0.0, 1.0)).expand(3, *arr.shape).contiguous()
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _as_chw(x: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] or [B, C, H, W] with C in {1, 3, 4} -> float RGB in [0, 1] (alpha dropped, grey repeated)."""
+    if x.shape[-3] not in (1, 3, 4):
+        raise ValueError(f"image tensors must be channels-first [B, 3, H, W]; got shape {tuple(x.shape)}")
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"empty image of shape {tuple(x.shape)}")
+    x = x.float() / 255.0 if not torch.is_floating_point(x) else x
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return x[..., :3, :, :]
+
+
+def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """A [B, 3, H, W] tensor stays one tensor; a list of PIL / numpy HWC / [C, H, W] tensors becomes a list."""
+    if isinstance(images, torch.Tensor):
+        return _as_chw(images.unsqueeze(0) if images.dim() == 3 else images)
+    out = []
+    for im in images:
+        if isinstance(im, torch.Tensor):
+            out.append(_as_chw(im))
+        elif isinstance(im, np.ndarray):
+            arr = im if im.ndim == 3 else im[..., None]
+            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+            out.append(_as_chw(t if arr.dtype == np.uint8 else t.float()))
+        elif hasattr(im, "convert"):
+            out.append(_pil_to_tensor(im))
+        else:
+            raise TypeError(f"unsupported image type {type(im).__name__}; use PIL images or tensors")
+    return out
+
+
+def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """torchvision's Resize(size) (shortest side) + CenterCrop(size) as differentiable ops on [B, C, H, W];
+    antialiased like PIL when shrinking, not clamped, so gradients reach every pixel."""
+    h, w = x.shape[-2:]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if (nh, nw) != (h, w):
+        aa = interpolation in ("bilinear", "bicubic")
+        x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=aa,
+                          **({"align_corners": False} if aa else {}))
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def preprocess_images(images, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                      dtype: torch.dtype = torch.float32, interpolation: str = "bicubic") -> torch.Tensor:
+    """PIL / tensor images -> resized, centre-cropped, normalised [B, 3, size, size] on `device` in `dtype`."""
+    x = to_image_tensors(images)
+    if isinstance(x, torch.Tensor):
+        x = resize_center_crop(x.to(device), size, interpolation)
+    else:
+        x = torch.cat([resize_center_crop(im.to(device)[None], size, interpolation) for im in x])
+    m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    return ((x.float() - m) / s).to(dtype)
+
+
+# ---------------------------------------------------------------- checkpoints
+class WeightsNotFoundError(FileNotFoundError):
+    """A reward's weights are not where they were said to be; the message names the file and its source."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the architecture it is loaded into; the message lists the keys."""
+
+
+def require_path(path: Optional[PathLike], what: str, source: str) -> Path:
+    """Return `path` as a Path if it exists, else raise naming the file expected and where it comes from."""
+    if path is None or not Path(path).exists():
+        where = "no path was given" if path is None else f"{path} does not exist"
+        raise WeightsNotFoundError(f"{what}: {where}. Expected: {source}")
+    return Path(path)
+
+
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
+                 "open_clip_pytorch_model.bin", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def find_weights_file(folder: Path) -> Optional[Path]:
+    return next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Tensors from .safetensors, or .pt/.pth/.bin via `torch.load(weights_only=True)`, or a shard index;
+    a `{"state_dict": ...}` wrapper (HPSv2, Lightning) is unwrapped and a DDP `module.` prefix removed."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_weights_file(path)
+        if found is None:
+            raise WeightsNotFoundError(f"no weights file in {path}; looked for {', '.join(_WEIGHT_FILES)}")
+        path = found
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return {k: v for s in shards for k, v in load_state_dict_file(path.parent / s).items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickled code objects, TorchScript archives, ...
+            raise CheckpointMismatchError(
+                f"{path} cannot be read as plain tensors with torch.load(weights_only=True): {e}. "
+                "Re-save it as a state_dict (or .safetensors) of tensors.") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _listing(title: str, items: List[str], limit: int = 12) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def load_checked(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """`module.load_state_dict(state)`, but a mismatch raises CheckpointMismatchError listing the keys."""
+    own = module.state_dict()
+    for key in ("logit_scale", "logit_bias"):  # scalar vs [1] differs between releases
+        if key in state and key in own and state[key].numel() == own[key].numel():
+            state[key] = state[key].reshape(own[key].shape)
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in own if k in state and state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(
+            f"checkpoint {source} does not fit {type(module).__name__} (wrong architecture?):"
+            + (_listing("missing keys", missing) if missing else "")
+            + (_listing("unexpected keys", unexpected) if unexpected else "")
+            + (_listing("shape mismatches (checkpoint vs model)", shapes) if shapes else ""))
+    module.load_state_dict(state, strict=True)

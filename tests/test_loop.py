@@ -1,6 +1,7 @@
 """The shared training loop end to end on tiny random SD1.5 / SDXL pipelines and rendered toy pairs."""
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,47 @@ def test_sdxl_lora_dpo_step(tmp_path):
                "model.weight_dtype=fp32", "data.flip=joint"))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(record["loss"])
+
+
+def test_a_kill_during_checkpoint_save_leaves_no_checkpoint(tiny_model, pairs, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from t2i_align.checkpoints import list_checkpoints, resolve_resume
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
+
+    def killed(self, output_dir, **kwargs):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half written")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(Accelerator, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2",
+                   "train.resume=latest"))
+    assert [step for step, _ in list_checkpoints(out)] == [2]
+    assert resolve_resume(out, "latest").name == "step-2"
+
+
+def test_corrupt_rows_are_skipped_and_counted(tiny_model, tmp_path):
+    import pyarrow.parquet as pq
+
+    from t2i_align.toy.pairs import write_parquet as write
+
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
+    rows = pq.read_table(data).to_pylist()
+    rows[1]["jpg_0"] = b"\xff\xd8 not a jpeg"
+    rows[5]["jpg_1"] = b""
+    write(rows, data)
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, data, out, "lora.enabled=true", "train.max_steps=4", "train.log_every=4"))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["data_rows_skipped"] >= 1 and np.isfinite(record["loss"])
+
+
+def test_wandb_offline_run_contains_the_gallery_images(tiny_model, pairs, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1", "tracking.wandb=offline"))
+    media = list((out / "wandb").glob("offline-run-*/files/media/images/gallery/*.png"))
+    assert media, sorted(str(p) for p in (out / "wandb").rglob("*"))[:20]

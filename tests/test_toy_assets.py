@@ -106,15 +106,21 @@ def test_where_prints_existing_paths():
     assert paths["toy_clip"] == str(clip_dir())
 
 
-def test_demo_writes_gallery_and_judge_json(tmp_path):
+def test_demo_runs_dpo_and_writes_gallery_and_judge_json(tmp_path):
+    from pathlib import Path
+
     from t2i_align.toy.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", seeds_per_prompt=1)
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "dpo.yaml"
+    result = run_demo(tmp_path / "demo", seeds_per_prompt=1, config=config, num_pair_prompts=8,
+                      train_overrides=["train.max_steps=2", "train.batch_size=2", "tracking.validation_seeds=1"])
     assert (tmp_path / "demo" / "gallery" / "index.html").is_file()
-    assert Image.open(tmp_path / "demo" / "gallery" / "grid.png").size[0] > 32
+    assert Image.open(tmp_path / "demo" / "gallery" / "grid.png").size[0] > 64
+    assert (tmp_path / "demo" / "dpo" / "final" / "pytorch_lora_weights.safetensors").is_file()
     saved = json.loads((tmp_path / "demo" / "judge.json").read_text())
-    assert saved["overall"]["mean"] == pytest.approx(result["overall"]["mean"])
-    assert saved["num_prompts"] == 60
+    assert saved["tuned"]["overall"]["mean"] == pytest.approx(result["tuned"]["overall"]["mean"])
+    assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 16
+    assert 0.0 <= saved["win_rate"]["win_rate"] <= 1.0
 
 
 def test_manifest_records_the_build_settings():

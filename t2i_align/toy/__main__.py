@@ -47,10 +47,27 @@ def cmd_pairs(args) -> dict:
                         model_name=args.model_name)
 
 
+def cmd_compare(args) -> dict:
+    """Base vs tuned on the same prompts and seeds: both means with 95 % CIs, the paired win rate, p-values."""
+    from ..sampling import load_pipeline
+    from ..stats import paired_diff, win_rate
+    from .evaluate import evaluate, judge_scores, prompt_set
+
+    scenes = prompt_set(args.prompts)
+    runs = {}
+    for name, model, lora in (("base", args.base, None), ("tuned", args.model, args.lora)):
+        args.model, args.lora = model, lora
+        runs[name] = evaluate(_pipe(args), scenes, seeds_per_prompt=args.seeds, base_seed=args.seed)
+    tuned, base = judge_scores(runs["tuned"]), judge_scores(runs["base"])
+    return {"prompts": args.prompts, "base": runs["base"].summary, "tuned": runs["tuned"].summary,
+            "win_rate": win_rate(tuned, base), "paired_diff": paired_diff(tuned, base)}
+
+
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), seeds_per_prompt=args.seeds)
+    return run_demo(Path(args.out), seeds_per_prompt=args.seeds, config=Path(args.config),
+                    train_overrides=args.overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,22 +79,27 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tiny", action="store_true", help="a few steps of each stage (tests the script only)")
     sub.add_parser("where", help="print the paths of the shipped assets as JSON")
     for name, helptext in (("evaluate", "judge a model on a prompt set at fixed seeds"),
-                           ("pairs", "sample, judge and write Pick-a-Pic-format pairs")):
+                           ("pairs", "sample, judge and write Pick-a-Pic-format pairs"),
+                           ("compare", "judge a tuned model against the base at the same seeds")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--model", default="toy", help="diffusers folder (default: the shipped toy pipeline)")
         s.add_argument("--lora", default=None, help="LoRA weights (pytorch_lora_weights.safetensors or folder)")
-        s.add_argument("--prompts", default="heldout" if name == "evaluate" else "train",
+        s.add_argument("--prompts", default="train" if name == "pairs" else "heldout",
                        choices=("heldout", "train"))
         s.add_argument("--seed", type=int, default=0, help="base seed of the fixed per-prompt seeds")
-    sub.choices["evaluate"].add_argument("--seeds", type=int, default=4, help="images per prompt")
+    for name in ("evaluate", "compare"):
+        sub.choices[name].add_argument("--seeds", type=int, default=4, help="images per prompt")
+    sub.choices["compare"].add_argument("--base", default="toy", help="the base model folder (default: toy)")
     pairs = sub.choices["pairs"]
     pairs.add_argument("--out", required=True, help="output folder for pairs.parquet")
     pairs.add_argument("--k", type=int, default=4, help="images per prompt (K // 2 pairs each)")
     pairs.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
-    d = sub.add_parser("demo", help="sample the toy base model, judge it and write a gallery")
+    d = sub.add_parser("demo", help="pairs from the base model, LoRA DPO, then base vs tuned judged + a gallery")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--seeds", type=int, default=4)
+    d.add_argument("--seeds", type=int, default=4, help="held-out images per prompt for the comparison")
+    d.add_argument("--config", default="configs/toy/dpo.yaml")
+    d.add_argument("overrides", nargs="*", help="dotted overrides of the DPO config, e.g. train.max_steps=50")
     return p
 
 
@@ -90,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .assets import ASSETS_DIR
         args.out = ASSETS_DIR
     commands = {"build": cmd_build, "where": cmd_where, "evaluate": cmd_evaluate, "pairs": cmd_pairs,
-                "demo": cmd_demo}
+                "compare": cmd_compare, "demo": cmd_demo}
     try:
         result = commands[args.command](args)
     except (ToyAssetError, ModelLoadError, ValueError) as err:

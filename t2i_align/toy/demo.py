@@ -1,35 +1,47 @@
-"""`make demo`: sample the shipped toy base model at fixed seeds, judge it, write a gallery and the judge JSON."""
+"""`make demo`: a LoRA Diffusion-DPO run in the toy world, from the shipped base model to a judged comparison.
+
+1. sample the base model on the training prompts, judge the samples and write them as Pick-a-Pic pairs;
+2. train LoRA DPO on those pairs with the shared loop (configs/toy/dpo.yaml);
+3. judge base and tuned on the held-out prompts at the same seeds (means, win rate, p-values) and write a
+   gallery with base and tuned side by side, the judge's verdict under each image.
+"""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Sequence
 
 from ..gallery import write_gallery
 from ..sampling import load_pipeline
+from ..stats import paired_diff, win_rate
 from .assets import verify_assets
-from .evaluate import Evaluation, evaluate, prompt_set
+from .evaluate import Evaluation, evaluate, judge_scores, prompt_set
 from .judge import to_uint8
+from .pairs import export_pairs
 
 GALLERY_PROMPTS = 12
 
 
-def _caption(verdict) -> str:
+def _caption(label: str, verdict) -> str:
     wrong = [a for a, ok in verdict.correct.items() if not ok]
-    return f"judge {verdict.score:.1f}" + (f" · wrong: {', '.join(wrong)}" if wrong else "")
+    return f"{label} · judge {verdict.score:.1f}" + (f" · wrong: {', '.join(wrong)}" if wrong else "")
 
 
-def gallery_rows(ev: Evaluation, num_prompts: int = GALLERY_PROMPTS):
-    """One gallery row per prompt: its seeds' images with the judge's verdict under each."""
-    k = ev.summary["seeds_per_prompt"]
-    images = to_uint8(ev.samples.images)
+def gallery_rows(evals: Dict[str, Evaluation], num_prompts: int = GALLERY_PROMPTS) -> List[Dict]:
+    """One row per prompt: each model's images at the same seeds, the judge's verdict under each."""
+    first = next(iter(evals.values()))
+    k = first.summary["seeds_per_prompt"]
+    images = {name: to_uint8(ev.samples.images) for name, ev in evals.items()}
     rows = []
-    for i in range(min(num_prompts, len(images) // k)):
+    for i in range(min(num_prompts, len(first.samples.prompts) // k)):
         sl = slice(i * k, (i + 1) * k)
-        rows.append({"prompt": ev.samples.prompts[i * k], "images": images[sl],
-                     "captions": [_caption(v) for v in ev.verdicts[sl]],
-                     "meta": {"seeds": ", ".join(map(str, ev.samples.seeds[sl]))}})
+        row_images, captions = [], []
+        for name, ev in evals.items():
+            row_images += images[name][sl]
+            captions += [_caption(name, v) for v in ev.verdicts[sl]]
+        rows.append({"prompt": first.samples.prompts[i * k], "images": row_images, "captions": captions,
+                     "meta": {"seeds": ", ".join(map(str, first.samples.seeds[sl]))}})
     return rows
 
 
@@ -39,14 +51,34 @@ def _write_json(data: Dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_demo(out: Path, seeds_per_prompt: int = 4) -> Dict:
+def _train_dpo(config: Path, pairs: Path, out: Path, overrides: Sequence[str]) -> Path:
+    from ..config import load_config
+    from ..loop import train
+
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: run the demo from the repository root (make demo)")
+    cfg = load_config(config, [f"data.path={pairs}", f"output_dir={out}", *overrides])
+    return train(cfg).final
+
+
+def run_demo(out: Path, seeds_per_prompt: int = 4, config: Path = Path("configs/toy/dpo.yaml"),
+             train_overrides: Sequence[str] = (), num_pair_prompts: int = 0) -> Dict:
     verify_assets()
-    pipe = load_pipeline("toy")
-    ev = evaluate(pipe, prompt_set("heldout"), seeds_per_prompt=seeds_per_prompt)
     out.mkdir(parents=True, exist_ok=True)
-    gallery = write_gallery(out / "gallery", gallery_rows(ev), title="t2i-align toy base model (held-out prompts)",
-                            columns=[f"seed {k}" for k in range(seeds_per_prompt)])
-    result = dict(ev.summary, model="toy", prompts="heldout", gallery=str(gallery / "index.html"),
-                  grid=str(gallery / "grid.png"))
+    base = load_pipeline("toy")
+    train_scenes = prompt_set("train")[: num_pair_prompts or None]
+    counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=4, base_seed=1)
+    final = _train_dpo(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
+    heldout = prompt_set("heldout")
+    evals = {"base": evaluate(base, heldout, seeds_per_prompt=seeds_per_prompt),
+             "tuned": evaluate(load_pipeline("toy", lora=final), heldout, seeds_per_prompt=seeds_per_prompt)}
+    columns = [f"{name} · seed {k}" for name in evals for k in range(seeds_per_prompt)]
+    gallery = write_gallery(out / "gallery", gallery_rows(evals), columns=columns,
+                            title="t2i-align toy world: base vs LoRA DPO (held-out prompts, same seeds)")
+    tuned, base_scores = judge_scores(evals["tuned"]), judge_scores(evals["base"])
+    result = {"pairs": counts, "lora": str(final), "base": evals["base"].summary,
+              "tuned": evals["tuned"].summary, "win_rate": win_rate(tuned, base_scores),
+              "paired_diff": paired_diff(tuned, base_scores), "gallery": str(gallery / "index.html"),
+              "grid": str(gallery / "grid.png")}
     _write_json(result, out / "judge.json")
     return result

@@ -1,0 +1,61 @@
+"""LAION aesthetic predictor v2 (Schuhmann, github.com/christophschuhmann/improved-aesthetic-predictor).
+
+CLIP ViT-L/14 (OpenAI) image embedding, L2-normalised, into a linear MLP with no activations,
+768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts 0.2 / 0.2 / 0.1 (inactive at eval); the head's official file
+`sac+logos+ava1-l14-linearMSE.pth` is a state_dict of `layers.*` keys (Linear layers at indices 0, 2, 4, 6, 7).
+Score: the MLP output, roughly 1-10. Prompts are ignored (only their count is checked). Differentiable.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .base import PathLike, Reward, RewardOutput, load_checked, load_state_dict_file, register, require_path
+from .clip import Arch, load_open_clip
+
+HEAD_SOURCE = ("sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/improved-aesthetic-"
+               "predictor (file in the repository root), passed as head=PATH")
+CLIP_SOURCE = ("OpenAI CLIP ViT-L/14 weights in open_clip layout, e.g. open_clip_model.safetensors from "
+               "https://huggingface.co/timm/vit_large_patch14_clip_224.openai (arch='ViT-L-14-quickgelu'), a "
+               "transformers folder of https://huggingface.co/openai/clip-vit-large-patch14, or checkpoint='openai'")
+
+
+class AestheticHead(nn.Module):
+    """`MLP.layers` of improved-aesthetic-predictor's simple_inference.py (the ReLUs are commented out there)."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@register("aesthetic")
+class Aesthetic(Reward):
+    """MLP(normalize(E_img(x))) with the LAION head. `checkpoint` is the CLIP image tower's weights."""
+
+    differentiable = True
+
+    def __init__(self, head: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
+                 arch: Arch = "ViT-L-14-quickgelu", device=None, dtype=None, batch_size: int = 32):
+        state = load_state_dict_file(require_path(head, "aesthetic head weights", HEAD_SOURCE))
+        if "layers.0.weight" not in state:
+            raise ValueError(f"{head} is not an aesthetic head: no layers.0.weight among {sorted(state)[:8]}")
+        self.encoder = load_open_clip(arch, checkpoint, "aesthetic CLIP weights", CLIP_SOURCE, device=device,
+                                      dtype=dtype, batch_size=batch_size)
+        self.head = AestheticHead(state["layers.0.weight"].shape[1])
+        load_checked(self.head, state, str(head))
+        embed_dim = self.encoder.encode_texts([""])[0].shape[-1]
+        if embed_dim != self.head.layers[0].in_features:
+            raise ValueError(f"aesthetic head {head} expects {self.head.layers[0].in_features}-d CLIP features but "
+                             f"the CLIP model gives {embed_dim}-d (the official head needs ViT-L-14)")
+        self.head = self.head.to(self.encoder.device).eval().requires_grad_(False)
+
+    def score(self, images, prompts: List[str]) -> RewardOutput:
+        features = self.encoder.encode_images(images)
+        return self.head(features).squeeze(-1), {}

@@ -1,0 +1,189 @@
+"""clip / toy-clip rewards and the shared base helpers, on tiny random open_clip models (no downloads)."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reward_models import available_rewards, get_reward
+from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, preprocess_images
+from reward_models.clip import OPENAI_MEAN, OPENAI_STD
+
+TINY = {"embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+PROMPTS = ["a red circle", "", "word " * 40]
+
+
+def tiny_clip(cfg=TINY, seed=0):
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    return CLIP(**cfg).eval()
+
+
+def direct_cosine(model, pixels01, prompts, context_length):
+    """The reference computation, straight from open_clip: no code of ours but the normalisation constants."""
+    import open_clip
+
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = model.encode_image((pixels01 - mean) / std, normalize=True)
+        txt = model.encode_text(open_clip.tokenize(prompts, context_length=context_length), normalize=True)
+    return (img * txt).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    model = tiny_clip()
+    path = tmp_path_factory.mktemp("clip") / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+def test_registry_lists_every_reward():
+    names = set(available_rewards())
+    assert {"clip", "toy-clip", "decomposed-clip", "pickscore", "hpsv2", "aesthetic", "toy-judge"} <= names
+
+
+def test_clip_score_matches_direct_computation_and_counts_truncation(tiny_ckpt):
+    model, path = tiny_ckpt
+    reward = get_reward("clip", arch=TINY, checkpoint=str(path), device="cpu")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    scores, info = reward(images, PROMPTS)
+    expected = 100 * direct_cosine(model, images, PROMPTS, 16)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    assert info["truncated"] == 1 and len(info["cosine"]) == 3
+    assert not scores.requires_grad
+
+
+def test_pt_checkpoint_with_state_dict_wrapper_and_module_prefix(tiny_ckpt, tmp_path):
+    model, _ = tiny_ckpt
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    images = torch.rand(2, 3, 32, 32)
+    scores, _ = get_reward("clip", arch=TINY, checkpoint=str(path), device="cpu")(images, PROMPTS[:2])
+    torch.testing.assert_close(scores, 100 * direct_cosine(model, images, PROMPTS[:2], 16), atol=1e-4, rtol=1e-4)
+
+
+def test_pickled_objects_are_refused_with_a_clear_message(tiny_ckpt, tmp_path):
+    model, _ = tiny_ckpt
+    path = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(CheckpointMismatchError, match="weights_only=True"):
+        get_reward("clip", arch=TINY, checkpoint=str(path), device="cpu")
+
+
+def test_missing_weights_name_the_file_and_its_source(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(WeightsNotFoundError) as err:
+        get_reward("clip", arch=TINY, checkpoint=str(missing), device="cpu")
+    assert str(missing) in str(err.value) and "huggingface.co" in str(err.value)
+    with pytest.raises(WeightsNotFoundError, match="no checkpoint was given"):
+        get_reward("clip", arch=TINY, device="cpu")
+
+
+def test_wrong_architecture_lists_the_key_mismatch(tiny_ckpt):
+    _, path = tiny_ckpt
+    deeper = json.loads(json.dumps(TINY))
+    deeper["text_cfg"]["layers"] = 3
+    deeper["vision_cfg"]["width"] = 48
+    with pytest.raises(CheckpointMismatchError) as err:
+        get_reward("clip", arch=deeper, checkpoint=str(path), device="cpu")
+    msg = str(err.value)
+    assert "missing keys" in msg and "transformer.resblocks.2" in msg
+    assert "shape mismatches" in msg and "visual.class_embedding" in msg
+
+
+def test_images_of_any_mode_and_size(tiny_ckpt):
+    _, path = tiny_ckpt
+    reward = get_reward("clip", arch=TINY, checkpoint=str(path), device="cpu")
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    images = [rgb, rgb.convert("L").resize((7, 50)), rgb.convert("RGBA").resize((90, 60)), rgb.convert("P"),
+              rgb.convert("CMYK"), rgb.convert("1"), Image.fromarray(rng.integers(0, 4000, (20, 30)).astype(np.uint16)),
+              rng.integers(0, 256, (40, 33, 3), dtype=np.uint8), torch.rand(4, 17, 64)]
+    scores, _ = reward(images, ["a shape"] * len(images))
+    assert scores.shape == (len(images),) and torch.isfinite(scores).all()
+    as_tensor = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]  # uint8 tensor == same PIL image
+    torch.testing.assert_close(reward(as_tensor, ["a shape"])[0], scores[:1])
+    with pytest.raises(ValueError, match="channels-first"):
+        reward(torch.rand(1, 32, 32, 3), ["x"])
+
+
+def test_tensor_preprocessing_matches_open_clip_transform():
+    import open_clip
+
+    yy, xx = np.mgrid[0:90, 0:130]
+    arr = np.stack([128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 7), (xx + yy) % 256], -1)
+    image = Image.fromarray(arr.astype(np.uint8))
+    official = open_clip.image_transform(32, is_train=False)(image)[None]
+    ours = preprocess_images([image], 32, OPENAI_MEAN, OPENAI_STD, torch.device("cpu"))
+    assert ours.shape == official.shape and (ours - official).abs().mean() < 0.01
+
+
+def test_bad_inputs_and_empty_batch(tiny_ckpt):
+    _, path = tiny_ckpt
+    reward = get_reward("clip", arch=TINY, checkpoint=str(path), device="cpu")
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        reward(torch.rand(2, 3, 32, 32), ["x"])
+    with pytest.raises(TypeError, match="strings"):
+        reward(torch.rand(1, 3, 32, 32), [3])
+    scores, _ = reward(torch.rand(0, 3, 32, 32), [])
+    assert scores.shape == (0,)
+
+
+def test_clip_is_differentiable_through_resize(tiny_ckpt):
+    _, path = tiny_ckpt
+    reward = get_reward("clip", arch=TINY, checkpoint=str(path), device="cpu")
+    assert reward.differentiable
+    images = torch.rand(2, 3, 48, 40, requires_grad=True)
+    scores, _ = reward(images, PROMPTS[:2])
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def _toy_clip_folder(tmp_path):
+    """The shipped toy CLIP when it has been built, else the same architecture with random weights, written in
+    the same layout (open_clip_config.json + open_clip_model.safetensors, as t2i_align/toy/build.py does)."""
+    from safetensors.torch import save_file
+
+    from t2i_align.toy.architectures import toy_clip_config
+    from t2i_align.toy.assets import clip_dir
+
+    if (clip_dir() / "open_clip_config.json").is_file():
+        return clip_dir(), None
+    cfg = toy_clip_config()
+    model = tiny_clip(cfg)
+    folder = tmp_path / "toy_clip"
+    folder.mkdir()
+    meta = {"model_cfg": cfg, "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
+    (folder / "open_clip_config.json").write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder, folder
+
+
+def test_toy_clip_matches_open_clip_local_dir_loader(tmp_path):
+    import open_clip
+
+    folder, override = _toy_clip_folder(tmp_path)
+    reward = get_reward("toy-clip", checkpoint=override, device="cpu")
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + str(folder))
+    ctx = model.context_length
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    prompts = ["a small red circle in the top left on a black background", "", "word " * 80]
+    scores, info = reward(images, prompts)
+    torch.testing.assert_close(scores, 100 * direct_cosine(model.eval(), images, prompts, ctx), atol=1e-4, rtol=1e-4)
+    assert info["truncated"] == 1
+
+
+def test_toy_clip_missing_assets_say_how_to_build(tmp_path, monkeypatch):
+    from t2i_align.toy import assets
+
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "absent")
+    with pytest.raises(WeightsNotFoundError, match="python -m t2i_align.toy build"):
+        get_reward("toy-clip", device="cpu")

@@ -1,0 +1,118 @@
+"""decomposed-clip (LongAlign, arXiv 2410.11817): the decomposition identity, ω, the direction, gradients."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reward_models import get_reward
+from reward_models.decomposed_clip import decompose, split_sentences
+
+TINY = {"embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+PROMPTS = ["A red circle. It is small! The background is blue; nothing else.", "a green square", "",
+           "One sentence only with many words " * 6]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny open_clip folder (config + weights), the layout of the shipped toy CLIP."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = CLIP(**TINY).eval()
+    folder = tmp_path_factory.mktemp("dclip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return model, folder
+
+
+def test_split_sentences():
+    assert split_sentences("A red circle. It is small! Blue? Yes; done.") == \
+        ["A red circle.", "It is small!", "Blue?", "Yes;", "done."]
+    assert split_sentences("costs 3.5 dollars") == ["costs 3.5 dollars"]
+    assert split_sentences("") == [""] and split_sentences("   ") == ["   "]
+
+
+def test_decomposition_identity_and_omega_one():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 16, generator=g)
+    v = F.normalize(torch.randn(16, generator=g), dim=0)
+    x = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    parts = decompose(t, v, x, omega=1.0)
+    torch.testing.assert_close(parts["relevant"] + parts["irrelevant"], parts["total"], atol=1e-14, rtol=0)
+    torch.testing.assert_close(parts["weighted"], parts["total"], atol=1e-14, rtol=0)
+    torch.testing.assert_close(parts["total"], (t.double() * x.double()).sum(-1), atol=1e-14, rtol=0)
+    p0 = decompose(t, v, x, omega=0.0)
+    assert torch.equal(p0["weighted"], p0["relevant"])
+    v64 = F.normalize(v.double(), dim=0)
+    t_perp = t.double() - parts["eta"][:, None] * v64
+    assert (t_perp @ v64).abs().max() < 1e-12  # t⊥ ⟂ v
+
+
+def _direct(model, images, prompts, split=True):
+    """t = mean of normalised sentence embeddings; x = normalised image embedding; computed with open_clip only."""
+    import open_clip
+    from reward_models.clip import OPENAI_MEAN, OPENAI_STD
+
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        x = model.encode_image((images - mean) / std, normalize=True)
+        t = torch.stack([model.encode_text(open_clip.tokenize(split_sentences(p) if split else [p], 16),
+                                           normalize=True).mean(0) for p in prompts])
+    return t, x
+
+
+def test_scores_follow_the_longalign_formula(tiny):
+    model, folder = tiny
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")
+    assert reward.omega == 0.3 and reward.differentiable
+    scores, info = reward(images, PROMPTS)
+    t, x = _direct(model, images, PROMPTS)
+    v = F.normalize(t.mean(0), dim=0)
+    eta = t @ v
+    relevant = ((t - eta[:, None] * v) * x).sum(-1)
+    irrelevant = eta * (x @ v)
+    torch.testing.assert_close(scores, relevant + 0.3 * irrelevant, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(info["total"]), (t * x).sum(-1), atol=1e-5, rtol=1e-4)
+    total, rel, irr = (torch.tensor(info[k], dtype=torch.float64) for k in ("total", "relevant", "irrelevant"))
+    torch.testing.assert_close(rel + irr, total, atol=1e-6, rtol=0)
+    assert info["truncated"] == 1 and info["direction"] == "batch"
+
+
+def test_omega_one_gives_the_plain_score(tiny):
+    model, folder = tiny
+    images = torch.rand(2, 3, 32, 32)
+    prompts = ["a red circle", "a blue square"]  # one sentence each: t is a unit vector, S is the CLIP cosine
+    scores, _ = get_reward("decomposed-clip", checkpoint=str(folder), omega=1.0, device="cpu")(images, prompts)
+    plain, _ = get_reward("clip", checkpoint=str(folder), scale=1.0, device="cpu")(images, prompts)
+    torch.testing.assert_close(scores, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_gradients_reach_the_images(tiny):
+    _, folder = tiny
+    images = torch.rand(3, 3, 40, 36, requires_grad=True)
+    scores, _ = get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")(images, PROMPTS[:3])
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+
+
+def test_fixed_direction_round_trip(tiny, tmp_path):
+    _, folder = tiny
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")
+    v = reward.fit_direction(PROMPTS + ["a yellow triangle. On black."])
+    assert torch.isclose(v.norm(), torch.tensor(1.0))
+    path = tmp_path / "direction.safetensors"
+    reward.save_direction(path)
+    loaded = get_reward("decomposed-clip", checkpoint=str(folder), direction=str(path), device="cpu")
+    torch.testing.assert_close(loaded.direction, v)
+    images = torch.rand(3, 3, 32, 32)
+    batch, info = loaded(images, PROMPTS[:3])
+    alone, _ = loaded(images[:1], PROMPTS[:1])  # a fixed v makes each score independent of the batch
+    torch.testing.assert_close(alone, batch[:1], atol=1e-6, rtol=1e-5)
+    assert info["direction"] == "fixed"
+    with pytest.raises(FileNotFoundError, match="save_direction"):
+        loaded.load_direction(tmp_path / "absent.safetensors")

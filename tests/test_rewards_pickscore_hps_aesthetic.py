@@ -1,0 +1,182 @@
+"""pickscore, hpsv2, aesthetic and the transformers-CLIP <-> open_clip converters, on tiny random models."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reward_models import get_reward
+from reward_models.aesthetic import AestheticHead
+from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, load_checked
+from reward_models.clip import OPENAI_MEAN, OPENAI_STD
+from reward_models.pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, open_clip_to_hf_clip
+
+TINY = {"embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+PROMPTS = ["a red circle", "", "word " * 90]
+MEAN, STD = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+
+
+def tiny_open_clip(cfg=TINY, seed=0):
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    return CLIP(**cfg).eval()
+
+
+def tiny_hf_clip(act="gelu"):
+    from transformers import CLIPConfig, CLIPModel
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act)
+    cfg = CLIPConfig(text_config=dict(common, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                      eos_token_id=49407, pad_token_id=49407),
+                     vision_config=dict(common, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    with torch.no_grad():  # spread the weights out so the embeddings are far from degenerate
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A transformers CLIPModel folder with tokenizer and processor config, the layout of PickScore_v1."""
+    from t2i_align.toy.tokenizer import build_clip_tokenizer
+
+    model = tiny_hf_clip()
+    folder = tmp_path_factory.mktemp("hfclip")
+    model.save_pretrained(str(folder), safe_serialization=True)
+    build_clip_tokenizer(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "resample": 3,
+         "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD)}))
+    return model, folder
+
+
+def _hf_direct(model, images, prompts, tokenizer):
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=(images - MEAN) / STD)
+        enc = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        txt = model.get_text_features(**enc)
+    img, txt = (o if isinstance(o, torch.Tensor) else o.pooler_output for o in (img, txt))
+    return (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+
+
+def test_pickscore_matches_logit_scale_times_cosine(hf_folder):
+    from transformers import AutoTokenizer
+
+    model, folder = hf_folder
+    reward = get_reward("pickscore", model_dir=str(folder), device="cpu")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    scores, info = reward(images, PROMPTS)
+    expected = model.logit_scale.exp() * _hf_direct(model, images, PROMPTS, AutoTokenizer.from_pretrained(folder))
+    torch.testing.assert_close(scores, expected.detach(), atol=1e-4, rtol=1e-4)
+    assert info["truncated"] == 1
+
+
+def test_pickscore_gradients_and_missing_folder(hf_folder, tmp_path):
+    _, folder = hf_folder
+    images = torch.rand(2, 3, 40, 40, requires_grad=True)
+    get_reward("pickscore", model_dir=str(folder), device="cpu")(images, PROMPTS[:2])[0].sum().backward()
+    assert images.grad.abs().sum() > 0
+    with pytest.raises(WeightsNotFoundError, match="yuvalkirstain/PickScore_v1") as err:
+        get_reward("pickscore", model_dir=str(tmp_path / "PickScore_v1"), device="cpu")
+    assert str(tmp_path / "PickScore_v1") in str(err.value)
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_hf_to_open_clip_conversion_gives_the_same_embeddings(act):
+    import open_clip
+
+    hf = tiny_hf_clip(act)
+    oc = open_clip.model.CLIP(**hf_config_to_open_clip(hf.config.to_dict())).eval()
+    load_checked(oc, hf_clip_to_open_clip(hf.state_dict()), "converted")
+    images = torch.randn(2, 3, 32, 32)
+    ids = open_clip.tokenize(["a red circle", "two blue squares on a green background"], context_length=77)
+    with torch.no_grad():
+        hf_img, hf_txt = hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=ids)
+        hf_img, hf_txt = (o if isinstance(o, torch.Tensor) else o.pooler_output for o in (hf_img, hf_txt))
+        torch.testing.assert_close(oc.encode_image(images), hf_img, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(oc.encode_text(ids), hf_txt, atol=1e-5, rtol=1e-5)
+    back = open_clip_to_hf_clip(oc.state_dict())  # and back: the exact original tensors
+    own = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    assert sorted(back) == sorted(own) and all(torch.equal(back[k], own[k]) for k in own)
+
+
+def test_clip_reward_loads_a_transformers_folder_through_the_converter(hf_folder):
+    model, folder = hf_folder
+    from transformers import AutoTokenizer
+
+    images = torch.rand(2, 3, 32, 32)
+    scores, _ = get_reward("decomposed-clip", checkpoint=str(folder), omega=1.0, device="cpu")(images, PROMPTS[:2])
+    expected = _hf_direct(model, images, PROMPTS[:2], AutoTokenizer.from_pretrained(folder))
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hps_ckpt(tmp_path_factory):
+    model = tiny_open_clip()
+    path = tmp_path_factory.mktemp("hps") / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)  # the official layout: {"state_dict": open_clip keys}
+    return model, path
+
+
+def test_hpsv2_is_the_raw_cosine(hps_ckpt):
+    import open_clip
+
+    model, path = hps_ckpt
+    reward = get_reward("hpsv2", checkpoint=str(path), arch=TINY, device="cpu")
+    images = torch.rand(3, 3, 32, 32)
+    scores, info = reward(images, PROMPTS)
+    with torch.no_grad():
+        expected = (model.encode_image((images - MEAN) / STD, normalize=True)
+                    * model.encode_text(open_clip.tokenize(PROMPTS, 16), normalize=True)).sum(-1)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    assert info["truncated"] == 1 and reward.differentiable
+
+
+def test_hpsv2_errors(hps_ckpt, tmp_path):
+    _, path = hps_ckpt
+    with pytest.raises(WeightsNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2"):
+        get_reward("hpsv2", arch=TINY, device="cpu")
+    with pytest.raises(WeightsNotFoundError, match=r"HPS_v2_compressed\.pt"):
+        get_reward("hpsv2", checkpoint=str(tmp_path / "x.pt"), arch=TINY, version="v2.0", device="cpu")
+    wrong = json.loads(json.dumps(TINY))
+    wrong["embed_dim"] = 24
+    with pytest.raises(CheckpointMismatchError, match="text_projection"):
+        get_reward("hpsv2", checkpoint=str(path), arch=wrong, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def aesthetic_files(tmp_path_factory, hps_ckpt):
+    model, clip_path = hps_ckpt
+    torch.manual_seed(3)
+    head = AestheticHead(16).eval()
+    path = tmp_path_factory.mktemp("aes") / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(head.state_dict(), path)
+    return model, clip_path, head, path
+
+
+def test_aesthetic_is_the_mlp_on_normalised_features(aesthetic_files):
+    model, clip_path, head, path = aesthetic_files
+    reward = get_reward("aesthetic", head=str(path), checkpoint=str(clip_path), arch=TINY, device="cpu")
+    images = torch.rand(2, 3, 32, 32)
+    scores, _ = reward(images, ["", "ignored"])
+    with torch.no_grad():
+        expected = head(model.encode_image((images - MEAN) / STD, normalize=True)).squeeze(-1)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    grad_images = torch.rand(2, 3, 48, 64, requires_grad=True)
+    reward(grad_images, ["", ""])[0].sum().backward()
+    assert grad_images.grad.abs().sum() > 0
+
+
+def test_aesthetic_errors(aesthetic_files, tmp_path):
+    _, clip_path, _, _ = aesthetic_files
+    with pytest.raises(WeightsNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+        get_reward("aesthetic", checkpoint=str(clip_path), arch=TINY, device="cpu")
+    wide = tmp_path / "head768.pth"
+    torch.save(AestheticHead(768).state_dict(), wide)
+    with pytest.raises(ValueError, match="expects 768-d"):
+        get_reward("aesthetic", head=str(wide), checkpoint=str(clip_path), arch=TINY, device="cpu")
