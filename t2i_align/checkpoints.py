@@ -85,10 +85,11 @@ def export_final(pipeline, unet, lora: bool, output_dir: str | os.PathLike) -> P
     tmp = Path(output_dir) / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # peft key names as they are: diffusers' convert_state_dict_to_diffusers rewrites only attention keys to
+        # the old lora.up/down names, and a file mixing both formats silently loses the attention adapters.
+        layers = get_peft_model_state_dict(unet)
         type(pipeline).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
     else:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)

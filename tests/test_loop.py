@@ -64,9 +64,24 @@ def test_lora_dpo_runs_logs_and_exports_loadable_lora(tiny_model, pairs, tmp_pat
     assert abs(records[0]["loss"] - np.log(2)) < 1e-4  # step 1 is computed before any update
     for key in ("implicit_acc", "mse_w", "ref_mse_l", "grad_norm", "lr"):
         assert key in records[0]
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
-    pipe.load_lora_weights(str(final))
     assert (out / "gallery" / "index.html").is_file() and (out / "config.yaml").is_file()
+
+
+def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_model, pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    targets = "lora.target_modules=[to_q,to_k,to_v,to_out.0,conv1,conv2,proj_in,proj_out]"
+    result = train(_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", targets, "train.max_steps=2",
+                        "objective.beta=100", "lora.init=default"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    pipe.load_lora_weights(str(result.final))
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        trained = result.unet(x, t, h).sample
+        loaded = pipe.unet(x, t, h).sample
+        base = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet(x, t, h).sample
+    assert not torch.allclose(trained, base, atol=1e-6)
+    assert torch.allclose(loaded, trained, atol=1e-6)
 
 
 def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):

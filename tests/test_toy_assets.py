@@ -119,7 +119,7 @@ def test_demo_runs_dpo_and_writes_gallery_and_judge_json(tmp_path):
     assert (tmp_path / "demo" / "dpo" / "final" / "pytorch_lora_weights.safetensors").is_file()
     saved = json.loads((tmp_path / "demo" / "judge.json").read_text())
     assert saved["tuned"]["overall"]["mean"] == pytest.approx(result["tuned"]["overall"]["mean"])
-    assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 16
+    assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 8  # best vs worst per prompt
     assert 0.0 <= saved["win_rate"]["win_rate"] <= 1.0
 
 

@@ -44,7 +44,7 @@ def cmd_pairs(args) -> dict:
 
     scenes = prompt_set(args.prompts)[: args.num_prompts or None]
     return export_pairs(_pipe(args), scenes, args.out, images_per_prompt=args.k, base_seed=args.seed,
-                        model_name=args.model_name)
+                        model_name=args.model_name, pairing=args.pairing)
 
 
 def cmd_compare(args) -> dict:
@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--k", type=int, default=4, help="images per prompt (K // 2 pairs each)")
     pairs.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
+    pairs.add_argument("--pairing", default="random", choices=("random", "best-worst"),
+                       help="K // 2 disjoint random pairs per prompt, or the best vs the worst image")
     d = sub.add_parser("demo", help="pairs from the base model, LoRA DPO, then base vs tuned judged + a gallery")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seeds", type=int, default=4, help="held-out images per prompt for the comparison")

@@ -67,7 +67,8 @@ def run_demo(out: Path, seeds_per_prompt: int = 4, config: Path = Path("configs/
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toy")
     train_scenes = prompt_set("train")[: num_pair_prompts or None]
-    counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=4, base_seed=1)
+    counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=4, base_seed=1,
+                          pairing="best-worst")
     final = _train_dpo(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
     heldout = prompt_set("heldout")
     evals = {"base": evaluate(base, heldout, seeds_per_prompt=seeds_per_prompt),

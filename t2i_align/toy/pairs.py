@@ -1,8 +1,10 @@
 """Export judged toy pairs in the Pick-a-Pic v2 parquet format, so one loader serves real and toy data.
 
-K images per prompt are sampled at fixed seeds and judged; they are shuffled and split into K // 2 disjoint
-pairs, each labelled by the judge: label_0 = 1 if image 0 scores higher, 0 if lower, 0.5 for a tie (as in
-Pick-a-Pic, where 0.5 marks a tie). Disjoint random pairs keep the labels unbiased, ties included.
+K images per prompt are sampled at fixed seeds and judged, then paired and labelled by the judge: label_0 = 1
+if image 0 scores higher, 0 if lower, 0.5 for a tie (as in Pick-a-Pic, where 0.5 marks a tie). Pairing:
+"random" shuffles the K images into K // 2 disjoint pairs (unbiased, ties included, like human-labelled data);
+"best-worst" keeps one pair per prompt, the judge's best and worst image (the widest margin, as RAFT-style
+online DPO builds its pairs).
 """
 from __future__ import annotations
 
@@ -37,12 +39,20 @@ def _label(score_0: float, score_1: float) -> float:
     return 1.0 if score_0 > score_1 else 0.0 if score_0 < score_1 else 0.5
 
 
+def _pairs(scores: List[float], rng: random.Random, pairing: str) -> List[tuple]:
+    order = list(range(len(scores)))
+    rng.shuffle(order)  # random image 0 / image 1 sides in both modes
+    if pairing == "random":
+        return list(zip(order[0::2], order[1::2]))
+    best = max(order, key=lambda i: scores[i])
+    worst = min(order, key=lambda i: scores[i])
+    return [(best, worst) if rng.random() < 0.5 else (worst, best)]
+
+
 def _pair_rows(caption: str, images: List[np.ndarray], scores: List[float], rng: random.Random,
-               model: str, first_id: int) -> List[Dict]:
-    order = list(range(len(images)))
-    rng.shuffle(order)
+               model: str, first_id: int, pairing: str = "random") -> List[Dict]:
     rows = []
-    for a, b in zip(order[0::2], order[1::2]):
+    for a, b in _pairs(scores, rng, pairing):
         label_0 = _label(scores[a], scores[b])
         rows.append({"caption": caption, "jpg_0": jpeg_bytes(images[a]), "jpg_1": jpeg_bytes(images[b]),
                      "label_0": label_0, "label_1": 1.0 - label_0, "user_id": 0,
@@ -64,8 +74,11 @@ def write_parquet(rows: Sequence[Dict], path: Path) -> None:
 
 
 def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, images_per_prompt: int = 4,
-                 base_seed: int = 0, model_name: str = "toy-base", prompts_per_batch: int = 32) -> Dict:
+                 base_seed: int = 0, model_name: str = "toy-base", prompts_per_batch: int = 32,
+                 pairing: str = "random") -> Dict:
     """Sample, judge and pair; write out_dir/pairs.parquet and out_dir/pairs.json (counts). Returns the counts."""
+    if pairing not in ("random", "best-worst"):
+        raise ValueError(f"pairing={pairing!r}: use random or best-worst")
     if images_per_prompt < 2:
         raise ValueError(f"images_per_prompt={images_per_prompt}: need at least 2 images per prompt to make pairs")
     out = Path(out_dir)
@@ -83,10 +96,10 @@ def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, imag
         scores = [v.score for v in judge_batch(images, flat)]
         for i, scene in enumerate(chunk):
             sl = slice(i * images_per_prompt, (i + 1) * images_per_prompt)
-            rows += _pair_rows(short_caption(scene), images[sl], scores[sl], rng, model_name, len(rows))
+            rows += _pair_rows(short_caption(scene), images[sl], scores[sl], rng, model_name, len(rows), pairing)
     write_parquet(rows, out / "pairs.parquet")
     counts = {"pairs": len(rows), "ties": sum(r["label_0"] == 0.5 for r in rows), "prompts": len(scenes),
-              "images_per_prompt": images_per_prompt, "base_seed": base_seed,
+              "images_per_prompt": images_per_prompt, "pairing": pairing, "base_seed": base_seed,
               "path": str(out / "pairs.parquet")}
     (out / "pairs.json").write_text(json.dumps(counts, indent=2))
     return counts

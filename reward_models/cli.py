@@ -1,0 +1,299 @@
+"""`t2i-score`: score images with rewards, decoded once per batch for every reward (`score_items`, also timed).
+
+FOLDER: image files (png/jpg/jpeg/webp/bmp, not recursive; all must resolve inside FOLDER) with prompts from
+  --prompts FILE.txt (one per line, empty = empty prompt, matched to the files in sorted name order: counts must
+  match; zero-pad numbers), --prompts FILE.jsonl|FILE.csv (`file` relative to FOLDER, `prompt`: those files are
+  scored), or without --prompts FOLDER/metadata.jsonl ({"file": ..., "prompt": ...} lines, as sample/generate.py).
+PARQUET (Pick-a-Pic; a file or a folder of *.parquet): jpg_0 and jpg_1 of each row with its `caption`, one output
+  row per image (parquet, row, side, label_0). --pairwise: each reward's preference accuracy vs label_0 with a 95%
+  Wilson interval; label ties (0.5), unlabelled pairs and pairs with an unscored side are excluded and counted;
+  equal reward scores count half.
+OUTPUT: .jsonl or .csv, written atomically. An unreadable image (or a prompt a reward rejects) gets null scores
+  and an `error`, the rest are scored. stdout: summary JSON (per reward mean, std, n, summed info counts such as
+  `truncated` prompts; `pairwise`). Progress on stderr (terminals only).
+--option NAME.KEY=VALUE (repeatable; int/float/true/false/none parsed), e.g. --option clip.arch=ViT-B-32
+  --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16 --option clip.batch_size=8
+  (a reward may split each batch further). --device goes to every reward that takes one.
+Exit code 2 and `error: ...` for user errors: unknown reward/option, bad syntax, missing weights (names the file
+  expected and its source), missing parquet columns, prompt count mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import inspect
+import itertools
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files
+from t2i_align.stats import wilson_interval
+
+from .base import _REGISTRY, CheckpointMismatchError, Reward, WeightsNotFoundError, available_rewards
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as `error: ...`, exit code 2."""
+
+
+class Item(NamedTuple):
+    """One image to score: `key` goes into its output row; `data` is a Path or encoded bytes."""
+    key: Dict[str, Any]
+    prompt: str
+    data: Any
+
+    def decode(self):
+        return decode_rgb(self.data.read_bytes() if isinstance(self.data, Path) else self.data)
+
+
+def parse_value(text: str) -> Any:
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return {"true": True, "false": False, "none": None, "null": None}.get(text.strip().lower(), text)
+
+
+def parse_options(specs: Iterable[str], names: List[str]) -> Dict[str, Dict[str, Any]]:
+    options: Dict[str, Dict[str, Any]] = {n: {} for n in names}
+    for spec in specs:
+        m = re.fullmatch(r"([^.=\s]+)\.([A-Za-z_]\w*)=(.*)", spec, re.S)
+        if m is None:
+            raise UsageError(f"bad --option {spec!r}: expected NAME.KEY=VALUE, e.g. clip.arch=ViT-B-32")
+        name, key, value = m.groups()
+        if name not in options:
+            raise UsageError(f"--option {spec!r} is for reward {name!r}, which is not in --reward {','.join(names)}")
+        options[name][key] = parse_value(value)
+    return options
+
+
+def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: Optional[str]) -> Dict[str, Reward]:
+    """Check names and option keys against the constructors, then build (WeightsNotFoundError may escape)."""
+    available = available_rewards()
+    if not names or len(set(names)) != len(names) or not set(names) <= set(available):
+        raise UsageError(f"bad --reward {','.join(names)!r} (unknown or repeated); available: {', '.join(available)}")
+    rewards = {}
+    for name in names:
+        params = inspect.signature(_REGISTRY[name]).parameters
+        any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        bad = [k for k in options[name] if k not in params and not any_key]
+        if bad:
+            raise UsageError(f"reward {name!r} has no option(s) {bad}; it takes: {', '.join(params) or 'none'}")
+        take_device = device is not None and ("device" in params or any_key)
+        opts = {**({"device": device} if take_device else {}), **options[name]}
+        try:
+            rewards[name] = _REGISTRY[name](**opts)
+        except ValueError as e:  # bad option values (unknown arch, dtype, version ...)
+            raise UsageError(f"reward {name!r}: {e}") from e
+    return rewards
+
+
+def _read_table(path: Path) -> List[Tuple[str, str]]:
+    """(file, prompt) rows from a .csv with a header or a .jsonl of objects."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+        rows: List[Any] = (list(csv.DictReader(lines)) if path.suffix.lower() == ".csv"
+                           else [json.loads(s) for s in lines if s.strip()])
+    except ValueError as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or r.get("file") is None or "prompt" not in r:
+            raise UsageError(f"{path} row {i + 1}: expected fields 'file' and 'prompt', found "
+                             f"{list(r) if isinstance(r, dict) else type(r).__name__}")
+    return [(str(r["file"]), "" if r["prompt"] is None else str(r["prompt"])) for r in rows]
+
+
+def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
+    prompts = folder / "metadata.jsonl" if prompts is None else prompts
+    if not prompts.is_file():
+        raise UsageError(f"no prompts: {prompts} does not exist (pass --prompts FILE or write FOLDER/metadata.jsonl)")
+    if prompts.suffix.lower() in (".jsonl", ".csv"):
+        table = _read_table(prompts)
+    else:
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        lines = prompts.read_text(encoding="utf-8-sig").splitlines()
+        if len(lines) != len(files):
+            raise UsageError(f"{prompts} has {len(lines)} prompt lines but {folder} has {len(files)} image files "
+                             f"({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
+        table = list(zip(files, lines))
+    root = folder.resolve()
+    outside = [n for n, _ in table if Path(n).is_absolute() or not (folder / n).resolve().is_relative_to(root)]
+    if outside:
+        raise UsageError(f"{outside[:3]} resolve outside the image folder {root}")
+    return [Item({"file": name}, p, folder / name) for name, p in table]
+
+
+def parquet_items(path: Path, pairwise: bool) -> Tuple[int, Iterator[Item]]:
+    """(image count, lazily read items): columns are checked now, image bytes read one record batch at a time."""
+    need, total = ["caption", "jpg_0", "jpg_1"] + (["label_0"] if pairwise else []), 0
+    try:
+        files = find_parquet_files(path)
+        for f in files:
+            meta = pq.ParquetFile(f)
+            found = meta.schema_arrow.names
+            if any(c not in found for c in need):
+                raise UsageError(f"{f} lacks column(s) {[c for c in need if c not in found]}: expected Pick-a-Pic "
+                                 f"columns {need}, found {found}")
+            total += 2 * meta.metadata.num_rows
+    except (ValueError, OSError) as e:  # not a parquet file (ArrowInvalid is a ValueError), outside the folder
+        raise UsageError(f"--images {path}: {e}") from e
+    return total, _parquet_rows(files)
+
+
+def _parquet_rows(files: List[Path]) -> Iterator[Item]:
+    for f in files:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "has_label") if c in pf.schema_arrow.names]
+        records = (r for batch in pf.iter_batches(batch_size=64, columns=cols) for r in batch.to_pylist())
+        for row, r in enumerate(records):
+            label = r.get("label_0")
+            label = None if r.get("has_label") is False or label is None or label != label else float(label)
+            for side in (0, 1):
+                yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label}, r["caption"] or "",
+                           r[f"jpg_{side}"])
+
+
+def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: int = 32, on_batch=lambda b: None):
+    """Decode and score `batch_size` items at a time with every reward -> (rows, summed info counts per reward)."""
+    rows, counts, it = [], {name: {} for name in rewards}, iter(items)
+    while batch := list(itertools.islice(it, max(1, batch_size))):
+        images, ok = [], []
+        for item in batch:
+            row = {**item.key, "prompt": item.prompt, **{name: None for name in rewards}}
+            try:
+                images.append(item.decode())
+                ok.append(row)
+            except DECODE_ERRORS as e:  # OSError covers a missing file
+                row["error"] = f"unreadable image: {type(e).__name__}: {e}"
+            rows.append(row)
+        for name, reward in rewards.items():
+            _apply(name, reward, images, [r["prompt"] for r in ok], ok, counts[name])
+        on_batch(batch)
+    return rows, counts
+
+
+def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: List[dict], counts: dict) -> None:
+    """Scores into `rows`; on a ValueError (toy-judge: not a toy caption) retry one by one and flag the culprits."""
+    try:
+        scores, info = reward(images, prompts)
+    except ValueError as e:
+        if len(images) == 1:
+            rows[0]["error"] = "; ".join(filter(None, [rows[0].get("error"), f"{name}: {e}"]))
+            return
+        for i in range(len(images)):
+            _apply(name, reward, images[i:i + 1], prompts[i:i + 1], rows[i:i + 1], counts)
+        return
+    # per-batch counts such as `truncated` are summed; per-image lists are not kept
+    counts.update({k: counts.get(k, 0) + v for k, v in info.items() if type(v) is int})
+    for row, s in zip(rows, scores.detach().float().cpu().tolist()):
+        row[name] = s if math.isfinite(s) else None
+
+
+def summarize(rows: List[dict], names: List[str], counts: Dict[str, dict]) -> Dict[str, Any]:
+    vals = {name: [r[name] for r in rows if r[name] is not None] for name in names}
+    return {"images": len(rows), "errors": sum("error" in r for r in rows), "rewards": {
+        name: {"mean": statistics.fmean(v) if v else None, "std": statistics.stdev(v) if len(v) > 1 else None,
+               "n": len(v), **counts.get(name, {})} for name, v in vals.items()}}
+
+
+def pairwise_accuracy(rows: List[dict], names: List[str]) -> Dict[str, Any]:
+    """Per reward: share of labelled, non-tied pairs where the reward prefers the labelled winner."""
+    pairs: Dict[Tuple[str, int], Dict[int, dict]] = {}
+    for r in rows:
+        pairs.setdefault((r["parquet"], r["row"]), {})[r["side"]] = r
+    labels = [p[0].get("label_0") for p in pairs.values()]
+    labelled = [p for p in pairs.values() if p[0].get("label_0") not in (None, 0.5)]
+    out: Dict[str, Any] = {"pairs": len(pairs), "label_ties_excluded": labels.count(0.5),
+                           "unlabelled_excluded": labels.count(None)}
+    for name in names:
+        scored = [(p[0][name], p[1][name], p[0]["label_0"]) for p in labelled
+                  if p[0][name] is not None and 1 in p and p[1][name] is not None]
+        ties = sum(s0 == s1 for s0, s1, _ in scored)
+        correct = ties / 2 + sum(s0 != s1 and (s0 > s1) == (label > 0.5) for s0, s1, label in scored)
+        n = len(scored)
+        low, high = wilson_interval(correct / n, n) if n else (None, None)
+        out[name] = {"accuracy": correct / n if n else None, "low": low, "high": high, "n": n,
+                     "reward_ties": ties, "unscored_excluded": len(labelled) - n}
+    return out
+
+
+def write_rows(rows: List[dict], path: Path) -> None:
+    """JSONL or CSV by extension; temp file + rename so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2i-score", description="Score images with rewards (see reward_models/).",
+                                epilog=(__doc__ or "").partition("\n\n")[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reward", required=True, help="comma-separated reward names, e.g. clip,toy-judge")
+    p.add_argument("--images", required=True, type=Path, help="image FOLDER or Pick-a-Pic PARQUET (see below)")
+    p.add_argument("--prompts", type=Path, help="FILE.txt / FILE.jsonl / FILE.csv (folders only; see below)")
+    p.add_argument("--out", required=True, type=Path, help="scores.jsonl or scores.csv")
+    p.add_argument("--batch-size", type=int, default=32, help="images decoded and scored per reward call (32)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: CUDA when available)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE", help="reward option")
+    p.add_argument("--pairwise", action="store_true", help="parquet only: preference accuracy vs label_0")
+    return p
+
+
+def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[int, Iterable[Item]]:
+    if not images.exists():
+        raise UsageError(f"--images {images} does not exist")
+    folder = images.is_dir() and (prompts is not None or (images / "metadata.jsonl").is_file()
+                                  or any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()))
+    if (folder and pairwise) or (not folder and prompts is not None):
+        raise UsageError("--pairwise is for Pick-a-Pic parquets; --prompts for image folders (a parquet has captions)")
+    if not folder:
+        return parquet_items(images, pairwise)
+    items = folder_items(images, prompts)
+    return len(items), items
+
+
+def _run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.reward.split(",") if n.strip()]
+    options = parse_options(args.option, names)
+    if args.out.suffix.lower() not in (".jsonl", ".csv") or args.batch_size < 1:
+        raise UsageError(f"need --out *.jsonl or *.csv and --batch-size >= 1, got {args.out}, {args.batch_size}")
+    total, items = open_source(args.images, args.prompts, args.pairwise)
+    rewards = load_rewards(names, options, args.device)
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:
+        rows, counts = score_items(rewards, items, args.batch_size, lambda batch: bar.update(len(batch)))
+    write_rows(rows, args.out)
+    summary = {**summarize(rows, names, counts), "out": str(args.out)}
+    summary.update({"pairwise": pairwise_accuracy(rows, names)} if args.pairwise else {})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (UsageError, WeightsNotFoundError, CheckpointMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`t2i-score` (reward_models/cli.py) on rendered toy images: folders, parquet pairs, errors, console script."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from reward_models.cli import main, parse_options, parse_value
+from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+from t2i_align.toy.scenes import all_scenes, render, short_caption
+
+SCENES = all_scenes()[::37][:5]
+
+
+def _folder(tmp_path: Path) -> Path:
+    """Five ground-truth renders (img_0..4.png), one corrupt file (img_9.png), prompts.txt one line each."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, scene in enumerate(SCENES):
+        Image.fromarray(render(scene)).save(folder / f"img_{i}.png")
+    (folder / "img_9.png").write_bytes(b"not a png at all")
+    prompts = [short_caption(s) for s in SCENES] + [short_caption(SCENES[0])]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return folder
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_folder_scores_every_image_and_flags_the_unreadable_one(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    out = tmp_path / "scores.jsonl"
+    code, summary, _ = _run(capsys, "--reward", "toy-clip,toy-judge", "--images", folder, "--prompts",
+                            tmp_path / "prompts.txt", "--out", out, "--batch-size", 4)
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in rows] == [f"img_{i}.png" for i in range(5)] + ["img_9.png"]
+    good, bad = rows[:5], rows[5]
+    assert all(r["toy-judge"] == 1.0 and isinstance(r["toy-clip"], float) and "error" not in r for r in good)
+    assert [r["prompt"] for r in good] == [short_caption(s) for s in SCENES]
+    assert bad["toy-judge"] is None and bad["toy-clip"] is None and "unreadable image" in bad["error"]
+    assert summary["images"] == 6 and summary["errors"] == 1
+    assert summary["rewards"]["toy-judge"] == {"mean": 1.0, "std": 0.0, "n": 5}
+    assert summary["rewards"]["toy-clip"]["n"] == 5 and summary["rewards"]["toy-clip"]["truncated"] == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_metadata_jsonl_csv_output_and_rejected_prompts(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    meta = [{"file": f"img_{i}.png", "prompt": short_caption(s)} for i, s in enumerate(SCENES[:3])]
+    meta.append({"file": "img_3.png", "prompt": "a photo of a cat"})  # not a toy caption: toy-judge rejects it
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    out = tmp_path / "sub" / "scores.csv"
+    code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out)
+    assert code == 0 and summary["rewards"]["toy-judge"]["n"] == 3
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["file", "prompt", "toy-judge", "error"]
+    assert [r["toy-judge"] for r in rows] == ["1.0", "1.0", "1.0", ""]
+    assert rows[3]["error"].startswith("toy-judge: not a toy short caption")
+
+    (folder / "metadata.jsonl").write_text(json.dumps({"file": "../prompts.txt", "prompt": ""}) + "\n")
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out)
+    assert code == 2 and "outside the image folder" in err
+
+
+def _pair_rows():
+    """Winner = the caption's render, loser = another scene; the winner's side alternates; one tie row."""
+    rows = []
+    for i, scene in enumerate(SCENES):
+        good, wrong = render(scene), render(SCENES[(i + 1) % len(SCENES)])
+        first, second, label = (good, wrong, 1.0) if i % 2 == 0 else (wrong, good, 0.0)
+        rows.append({"caption": short_caption(scene), "jpg_0": jpeg_bytes(first), "jpg_1": jpeg_bytes(second),
+                     "label_0": label, "label_1": 1.0 - label, "user_id": 0, "are_different": True,
+                     "has_label": True, "model_0": "toy", "model_1": "toy", "ranking_id": i})
+    rows.append({**rows[0], "label_0": 0.5, "label_1": 0.5, "ranking_id": len(rows)})
+    return rows
+
+
+def test_pairwise_accuracy_on_a_pickapic_parquet(tmp_path, capsys):
+    path = tmp_path / "pairs.parquet"
+    write_parquet(_pair_rows(), path)
+    out = tmp_path / "scores.jsonl"
+    code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", path, "--out", out, "--pairwise")
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and [(r["row"], r["side"]) for r in rows[:3]] == [(0, 0), (0, 1), (1, 0)]
+    assert rows[0]["prompt"] == short_caption(SCENES[0]) and rows[0]["parquet"] == "pairs.parquet"
+    pairwise = summary["pairwise"]
+    assert pairwise["pairs"] == 6 and pairwise["label_ties_excluded"] == 1
+    acc = pairwise["toy-judge"]
+    assert acc["accuracy"] == 1.0 and acc["n"] == 5 and acc["reward_ties"] == 0
+    assert 0.5 < acc["low"] < 1.0 and acc["high"] == 1.0
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"]}), bad)
+    out = tmp_path / "s.jsonl"
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", bad, "--out", out)
+    assert code == 2 and "['jpg_1']" in err and "found ['caption', 'jpg_0']" in err
+    code, _, err = _run(capsys, "--reward", "no-such-reward", "--images", folder, "--prompts",
+                        tmp_path / "prompts.txt", "--out", out)
+    assert code == 2 and err.startswith("error: bad --reward") and "toy-judge" in err
+    code, _, err = _run(capsys, "--reward", "toy-clip", "--option", "toy-clip:scale=2", "--images", folder,
+                        "--out", out)
+    assert code == 2 and "NAME.KEY=VALUE" in err
+    (tmp_path / "short.txt").write_text("one prompt\n")
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / "short.txt",
+                        "--out", out)
+    assert code == 2 and "1 prompt lines" in err and "6 image files" in err
+    assert not out.exists()
+
+
+def test_missing_weights_name_the_file_and_its_source(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    code, _, err = _run(capsys, "--reward", "hpsv2", "--option", "hpsv2.checkpoint=/nonexistent.pt", "--images",
+                        folder, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "s.jsonl")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "/nonexistent.pt" in err and "HPS_v2.1_compressed.pt" in err and "huggingface.co/xswu/HPSv2" in err
+
+
+def test_option_values_are_typed():
+    assert [parse_value(v) for v in ("3", "0.5", "true", "None", "ViT-B-32")] == [3, 0.5, True, None, "ViT-B-32"]
+    assert parse_options(["clip.arch=ViT-B-32", "clip.scale=2.5"], ["clip"]) == {"clip": {"arch": "ViT-B-32",
+                                                                                         "scale": 2.5}}
+
+
+def test_installed_console_script(tmp_path):
+    script = Path(sys.executable).parent / "t2i-score"
+    if not script.exists():
+        pytest.skip("t2i-score is not installed: pip install -e .")
+    folder = _folder(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([str(script), "--reward", "toy-judge", "--images", str(folder), "--prompts",
+                             str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "s.jsonl")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rewards"]["toy-judge"]["mean"] == 1.0
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 6
