@@ -49,7 +49,6 @@ def cmd_pairs(args) -> dict:
 
 def cmd_compare(args) -> dict:
     """Base vs tuned on the same prompts and seeds: both means with 95 % CIs, the paired win rate, p-values."""
-    from ..sampling import load_pipeline
     from ..stats import paired_diff, win_rate
     from .evaluate import evaluate, judge_scores, prompt_set
 
