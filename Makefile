@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.t2i-align-installed
 
-.PHONY: test test-slow demo install clean-venv
+.PHONY: test demo install clean-venv
 
 install: $(STAMP)
 
@@ -21,9 +21,6 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(BIN)/python -m t2i_align.toy demo --out runs/demo
