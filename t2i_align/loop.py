@@ -60,14 +60,26 @@ def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str
 
 
 def _optimizer_step(accelerator, unet, optimizer, lr_sched, params, max_grad_norm: float) -> float:
-    """Clip (or just measure) the gradient norm; step only when it is finite. Returns the norm."""
-    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    norm = float(norm)
-    if math.isfinite(norm):
+    """Clip (or just measure) the gradient norm and step; a non-finite norm skips the update. Returns the norm.
+
+    With fp16 a GradScaler is in play: it must see the overflowing step (it skips it itself and lowers its
+    scale), so `optimizer.step()` is still called then; otherwise the scale would never come down."""
+    norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    if math.isfinite(norm) or accelerator.scaler is not None:
         optimizer.step()
-        lr_sched.step()
+        if math.isfinite(norm):
+            lr_sched.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def _counts_as_failure(accelerator, norm: float, step_metrics: List[Dict[str, float]]) -> bool:
+    """A skipped step that should count towards stopping: always without fp16 loss scaling; with it, only when
+    the loss itself was non-finite (gradient overflows while the scaler calibrates are expected)."""
+    if math.isfinite(norm):
+        return False
+    loss_finite = all(math.isfinite(m.get("loss", 0.0)) for m in step_metrics)
+    return accelerator.scaler is None or not loss_finite
 
 
 def train(cfg: Config) -> TrainResult:
@@ -139,7 +151,7 @@ def _run(cfg, accelerator, components, objective, policy, reference, unet, optim
             accelerator.backward(loss / tc.grad_accum)
             history.append(metrics)
         norm = _optimizer_step(accelerator, unet, optimizer, lr_sched, params, tc.max_grad_norm)
-        streak = 0 if math.isfinite(norm) else streak + 1
+        streak = streak + 1 if _counts_as_failure(accelerator, norm, history[-tc.grad_accum:]) else 0
         counts["steps_skipped_nonfinite"] += int(not math.isfinite(norm))
         if streak >= tc.max_nonfinite_steps:
             raise NonFiniteError(f"{streak} consecutive steps had a non-finite loss or gradient (last at step "

@@ -189,3 +189,16 @@ def test_wandb_offline_run_contains_the_gallery_images(tiny_model, pairs, tmp_pa
     train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1", "tracking.wandb=offline"))
     media = list((out / "wandb").glob("offline-run-*/files/media/images/gallery/*.png"))
     assert media, sorted(str(p) for p in (out / "wandb").rglob("*"))[:20]
+
+
+def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():
+    from types import SimpleNamespace
+
+    from t2i_align.loop import _counts_as_failure
+
+    plain, scaled = SimpleNamespace(scaler=None), SimpleNamespace(scaler=object())
+    inf, finite_loss, nan_loss = float("inf"), [{"loss": 0.7}], [{"loss": float("nan")}]
+    assert _counts_as_failure(plain, inf, finite_loss)          # no loss scaling: any non-finite gradient
+    assert not _counts_as_failure(scaled, inf, finite_loss)     # GradScaler calibrating: expected, skipped
+    assert _counts_as_failure(scaled, inf, nan_loss)            # the loss itself is broken
+    assert not _counts_as_failure(plain, 1.5, finite_loss)
