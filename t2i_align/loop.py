@@ -99,6 +99,7 @@ def train(cfg: Config) -> TrainResult:
         if cfg.train.offload_reference:
             frozen.to("cpu")
     source = build_data_source(cfg, components, accelerator)
+    set_seed(cfg.seed, device_specific=True)  # same noise stream whether a cache was just built or reused
     optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
     lr_sched = make_lr_scheduler(optimizer, cfg.train)
     unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)

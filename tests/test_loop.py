@@ -202,3 +202,14 @@ def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():
     assert not _counts_as_failure(scaled, inf, finite_loss)     # GradScaler calibrating: expected, skipped
     assert _counts_as_failure(scaled, inf, nan_loss)            # the loss itself is broken
     assert not _counts_as_failure(plain, 1.5, finite_loss)
+
+
+def test_cached_runs_reuse_the_cache_and_are_reproducible(tiny_model, pairs, tmp_path):
+    cache = tmp_path / "cache"
+    common = ("lora.enabled=true", "train.max_steps=2", "train.log_every=1", f"data.cache_dir={cache}")
+    train(_cfg(tiny_model, pairs, tmp_path / "a", *common, "data.cache=true"))
+    built = sorted(p.name for p in cache.iterdir())
+    train(_cfg(tiny_model, pairs, tmp_path / "b", *common, "data.cache=true"))
+    assert sorted(p.name for p in cache.iterdir()) == built and len(built) == 1  # reused, not rebuilt
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-6)
+    assert abs(_losses(tmp_path / "a")[0] - np.log(2)) < 1e-4
