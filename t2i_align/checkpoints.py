@@ -14,6 +14,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .files import replace_dir
+
 MARKER = "t2i_align_checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -93,10 +95,4 @@ def export_final(pipeline, unet, lora: bool, output_dir: str | os.PathLike) -> P
         type(pipeline).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
     else:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
-    old = Path(output_dir) / ".final.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_dir(tmp, out)

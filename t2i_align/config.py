@@ -41,6 +41,11 @@ def _check(obj: Any, name: str, ok: bool, expected: str) -> None:
         raise FieldError(type(obj), name, getattr(obj, name), expected)
 
 
+def _check_at_least(obj: Any, names: Sequence[str], low: int) -> None:
+    for name in names:
+        _check(obj, name, getattr(obj, name) >= low, f"an integer >= {low}")
+
+
 def _check_choice(obj: Any, name: str, choices: Tuple[str, ...]) -> None:
     _check(obj, name, getattr(obj, name) in choices, "one of " + ", ".join(choices))
 
@@ -128,8 +133,7 @@ class DataConfig:
         _check_choice(self, "crop", ("center", "random"))
         _check_choice(self, "flip", ("none", "independent", "joint"))
         _check(self, "prompt_dropout", 0.0 <= self.prompt_dropout < 1.0, "a number in [0, 1)")
-        _check(self, "max_pairs", self.max_pairs >= 0, "an integer >= 0")
-        _check(self, "num_workers", self.num_workers >= 0, "an integer >= 0")
+        _check_at_least(self, ("max_pairs", "num_workers"), 0)
 
 
 @dataclass
@@ -192,15 +196,13 @@ class TrainConfig:
     """Full fine-tuning: keep the frozen reference UNet on the CPU between uses (saves GPU memory, slower)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
-                     "max_nonfinite_steps"):
-            _check(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        _check_at_least(self, ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
+                               "max_nonfinite_steps"), 1)
+        _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
         _check(self, "learning_rate", self.learning_rate > 0, "a number > 0")
         _check_choice(self, "optimizer", ("adamw", "adafactor", "adamw8bit"))
         _check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "a number >= 0")
-        _check(self, "checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0")
-        _check(self, "lr_warmup_steps", self.lr_warmup_steps >= 0, "an integer >= 0")
 
 
 @dataclass
@@ -224,9 +226,8 @@ class TrackingConfig:
         if self.wandb in ("False", "false", "disabled"):  # YAML reads a bare `off` as false
             self.wandb = "off"
         _check_choice(self, "wandb", ("auto", "online", "offline", "off"))
-        _check(self, "validate_every", self.validate_every >= 0, "an integer >= 0")
-        _check(self, "validation_seeds", self.validation_seeds >= 1, "an integer >= 1")
-        _check(self, "sample_steps", self.sample_steps >= 1, "an integer >= 1")
+        _check_at_least(self, ("validate_every",), 0)
+        _check_at_least(self, ("validation_seeds", "sample_steps"), 1)
 
 
 @dataclass

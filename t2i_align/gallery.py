@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .files import replace_dir
+
 ImageLike = Union[Image.Image, np.ndarray]
 
 _CSS = """body { font-family: sans-serif; }
@@ -119,7 +121,6 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
     width = _check_rows(rows, columns)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
     try:
         (tmp / "images").mkdir()
         files, sizes, cells = [], [], []
@@ -132,16 +133,7 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
             cells += pil + [None] * (width - len(pil))
         save_grid(cells, tmp / "grid.png", ncols=width, pad=pad)
         (tmp / "index.html").write_text(_html(rows, files, sizes, title, columns), encoding="utf-8")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old)  # rename onto the fresh empty folder
-        os.replace(tmp, out_dir)
+        return replace_dir(tmp, out_dir)
     except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous gallery back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir

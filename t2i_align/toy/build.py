@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import replace_dir
 from . import architectures as arch
 from .assets import ASSETS_DIR, write_manifest
 from .scenes import ATTRIBUTES, Scene, long_caption, noisy_scene, partial_caption, render, short_caption, split_scenes
@@ -216,18 +217,9 @@ def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildB
         _save_clip(tmp / "toy_clip", clip, clip_cfg)
         write_manifest(tmp, {"seed": seed, "budget": asdict(budget),
                              "build_seconds": round(time.time() - start, 1)})
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"toy assets written to {out_dir} in {time.time() - start:.0f} s")
     return out_dir
 
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp with renames only, so a kill leaves the old or the new assets, never a mix."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
