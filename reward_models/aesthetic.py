@@ -4,6 +4,8 @@ CLIP ViT-L/14 (OpenAI) image embedding, L2-normalised, into a linear MLP with no
 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts 0.2 / 0.2 / 0.1 (inactive at eval); the head's official file
 `sac+logos+ava1-l14-linearMSE.pth` is a state_dict of `layers.*` keys (Linear layers at indices 0, 2, 4, 6, 7).
 Score: the MLP output, roughly 1-10. Prompts are ignored (only their count is checked). Differentiable.
+The older linear head of LAION-AI/aesthetic-predictor (`sa_0_4_vit_l_14_linear.pth`, one `nn.Linear(768, 1)`
+with `weight` / `bias` keys, the scorer of the RAFT diffusion demo) loads too.
 """
 from __future__ import annotations
 
@@ -35,6 +37,17 @@ class AestheticHead(nn.Module):
         return self.layers(x)
 
 
+def _head_for(state, path) -> nn.Module:
+    """The MLP head (`layers.*` keys) or the linear head (`weight` [1, D], `bias`)."""
+    if "layers.0.weight" in state:
+        return AestheticHead(state["layers.0.weight"].shape[1])
+    weight = state.get("weight")
+    if weight is not None and weight.dim() == 2 and weight.shape[0] == 1:
+        return nn.Linear(weight.shape[1], 1)
+    raise ValueError(f"{path} is not an aesthetic head: expected layers.0.weight (MLP head) or a [1, D] weight "
+                     f"(linear head), found keys {sorted(state)[:8]}")
+
+
 @register("aesthetic")
 class Aesthetic(Reward):
     """MLP(normalize(E_img(x))) with the LAION head. `checkpoint` is the CLIP image tower's weights."""
@@ -44,15 +57,14 @@ class Aesthetic(Reward):
     def __init__(self, head: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
                  arch: Arch = "ViT-L-14-quickgelu", device=None, dtype=None, batch_size: int = 32):
         state = load_state_dict_file(require_path(head, "aesthetic head weights", HEAD_SOURCE))
-        if "layers.0.weight" not in state:
-            raise ValueError(f"{head} is not an aesthetic head: no layers.0.weight among {sorted(state)[:8]}")
+        self.head = _head_for(state, head)
+        load_checked(self.head, state, str(head))
         self.encoder = load_open_clip(arch, checkpoint, "aesthetic CLIP weights", CLIP_SOURCE, device=device,
                                       dtype=dtype, batch_size=batch_size)
-        self.head = AestheticHead(state["layers.0.weight"].shape[1])
-        load_checked(self.head, state, str(head))
         embed_dim = self.encoder.encode_texts([""])[0].shape[-1]
-        if embed_dim != self.head.layers[0].in_features:
-            raise ValueError(f"aesthetic head {head} expects {self.head.layers[0].in_features}-d CLIP features but "
+        wanted = next(self.head.parameters()).shape[1]
+        if embed_dim != wanted:
+            raise ValueError(f"aesthetic head {head} expects {wanted}-d CLIP features but "
                              f"the CLIP model gives {embed_dim}-d (the official head needs ViT-L-14)")
         self.head = self.head.to(self.encoder.device).eval().requires_grad_(False)
 

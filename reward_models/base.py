@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -71,6 +72,12 @@ def get_reward(name: str, **options) -> Reward:
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**options)
+
+
+def reward_accepts(name: str, option: str) -> bool:
+    """Whether reward `name` takes keyword `option` (e.g. "device", so a caller can place it per process)."""
+    _load_builtin()
+    return name in _REGISTRY and option in inspect.signature(_REGISTRY[name]).parameters
 
 
 def _load_builtin() -> None:

@@ -1,10 +1,12 @@
 """Writing user-visible folders so a reader (or a kill) sees the old version or the new one, never a mix."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> Path:
@@ -27,3 +29,22 @@ def replace_dir(tmp: Path, out_dir: Path) -> Path:
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a file via a temporary sibling and a rename, so readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str, **dump_kwargs) + "\n")

@@ -98,7 +98,7 @@ def train(cfg: Config) -> TrainResult:
         frozen = frozen_reference(components.unet, torch_dtype(cfg.model.weight_dtype))
         if cfg.train.offload_reference:
             frozen.to("cpu")
-    source = build_data_source(cfg, components, accelerator)
+    source = build_data_source(cfg, components, accelerator, objective.batch_kind)
     set_seed(cfg.seed, device_specific=True)  # same noise stream whether a cache was just built or reused
     optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
     lr_sched = make_lr_scheduler(optimizer, cfg.train)
@@ -120,7 +120,7 @@ def train(cfg: Config) -> TrainResult:
         accelerator.print(f"resumed from {resume} at step {start}")
     validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4))
     _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,
-         source.micro_batches(start * cfg.train.grad_accum), tracker, validator, start)
+         source, tracker, validator, start)
     final = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -134,8 +134,9 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,
-         batches, tracker, validator, start: int) -> None:
+         source, tracker, validator, start: int) -> None:
     tc = cfg.train
+    batches = source.micro_batches(start * tc.grad_accum)
     builder = BATCH_BUILDERS[objective.batch_kind]
     counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0}
     history: List[Dict[str, float]] = []
@@ -161,6 +162,7 @@ def _run(cfg, accelerator, components, objective, policy, reference, unet, optim
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:
             logged = _mean_metrics(accelerator, history)
+            logged.update(source.metrics())
             logged.update(counts, lr=lr_sched.get_last_lr()[0], grad_norm=norm,
                           prompts_truncated=components.truncation.prompts_truncated)
             tracker.log(logged, step=done)

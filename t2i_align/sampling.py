@@ -3,6 +3,7 @@
 Every image has its own seed (one `torch.Generator` each), so a base and a tuned model sampled with the same
 prompts and seeds start from identical noise, and an image does not depend on the batch it was generated in.
 Classifier-free guidance runs conditional and unconditional in one batch (diffusers' pipelines do this).
+A batch that runs out of accelerator memory is retried in halves.
 """
 from __future__ import annotations
 
@@ -23,7 +24,23 @@ class Samples:
     seeds: List[int]
 
 
-def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: str = "cpu"):
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
+
+
+def set_scheduler(pipe, name: Optional[str]):
+    """Swap the pipeline's sampler ("ddim", "dpm++", "euler"; None keeps the folder's), keeping its noise schedule."""
+    if name is None:
+        return pipe
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
+                  scheduler: Optional[str] = None):
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights."""
     from diffusers import DiffusionPipeline
 
@@ -38,10 +55,12 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
                                  "the folder holding it)")
         try:
             pipe.load_lora_weights(str(lora))
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: {err}") from err
+        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: {err!r}") from err
+        if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
+            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return set_scheduler(pipe, scheduler).to(device)
 
 
 def seeds_for(num_prompts: int, per_prompt: int, base_seed: int = 0) -> List[List[int]]:
@@ -64,15 +83,34 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
         raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
     if not prompts:
         raise ValueError("generate got no prompts")
-    device = pipe.unet.device
+    kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                  width=width, negative_prompt=negative_prompt)
     latents, images = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk_p = list(prompts[start:start + batch_size])
-        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-        out = pipe(chunk_p, generator=gens, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, output_type="latent", height=height, width=width,
-                   negative_prompt=[negative_prompt] * len(chunk_p) if negative_prompt else None)
-        lat = out.images.to(device)
-        latents.append(lat.cpu())
-        images.append(_decode(pipe, lat).cpu())
+    start = 0
+    while start < len(prompts):
+        chunk = slice(start, start + batch_size)
+        try:
+            lat, img = _generate_chunk(pipe, list(prompts[chunk]), list(seeds[chunk]), **kwargs)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            _empty_cache()
+            continue
+        latents.append(lat)
+        images.append(img)
+        start += len(lat)
     return Samples(torch.cat(latents), torch.cat(images), list(prompts), [int(s) for s in seeds])
+
+
+def _generate_chunk(pipe, prompts: List[str], seeds: List[int], negative_prompt: Optional[str], **kwargs):
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    out = pipe(prompts, generator=gens, output_type="latent",
+               negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None, **kwargs)
+    lat = out.images.to(pipe.unet.device)
+    return lat.cpu(), _decode(pipe, lat).cpu()
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

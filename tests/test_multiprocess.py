@@ -32,3 +32,27 @@ def test_two_process_lora_dpo(tmp_path):
     rank0, rank1 = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
     assert rank0 == rank1
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):
+    out = tmp_path / "raft"
+    script = Path(__file__).with_name("multiprocess_train.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           "model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
+           "raft.prompts=toy:train", "raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=1",
+           "raft.sample_steps=2", "raft.top_fraction=0.5", f"output_dir={out}", "train.batch_size=2",
+           "train.max_steps=2", "train.log_every=1", "tracking.wandb=off", "tracking.sample_steps=2",
+           "tracking.validation_seeds=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [json.loads(line) for line in (out / "raft_rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1]  # written once, by the main process
+    for r in rounds:  # each process generated 2 prompts; the pool and the choice cover all 4
+        assert len(r["prompts"]) == 4 and len(r["selected"]) == 2
+        best = [max(row) for row in r["scores"]]
+        chosen = {p for p, _ in r["selected"]}
+        assert all(r["scores"][p][k] == best[p] for p, k in r["selected"])  # best of K per prompt
+        assert min(best[p] for p in chosen) >= max(best[p] for p in range(4) if p not in chosen)  # global top
+    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()

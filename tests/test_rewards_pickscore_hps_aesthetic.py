@@ -172,6 +172,18 @@ def test_aesthetic_is_the_mlp_on_normalised_features(aesthetic_files):
     assert grad_images.grad.abs().sum() > 0
 
 
+def test_aesthetic_linear_head(aesthetic_files, tmp_path):
+    model, clip_path, _, _ = aesthetic_files
+    linear = torch.nn.Linear(model.visual.output_dim, 1)
+    path = tmp_path / "sa_0_4_linear.pth"
+    torch.save(linear.state_dict(), path)
+    reward = get_reward("aesthetic", head=str(path), checkpoint=str(clip_path), arch=TINY, device="cpu")
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = linear(model.encode_image((images - MEAN) / STD, normalize=True)).squeeze(-1)
+    torch.testing.assert_close(reward(images, ["", ""])[0], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_aesthetic_errors(aesthetic_files, tmp_path):
     _, clip_path, _, _ = aesthetic_files
     with pytest.raises(WeightsNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
@@ -180,3 +192,7 @@ def test_aesthetic_errors(aesthetic_files, tmp_path):
     torch.save(AestheticHead(768).state_dict(), wide)
     with pytest.raises(ValueError, match="expects 768-d"):
         get_reward("aesthetic", head=str(wide), checkpoint=str(clip_path), arch=TINY, device="cpu")
+    odd = tmp_path / "odd.pth"
+    torch.save({"fc.weight": torch.zeros(2, 3)}, odd)
+    with pytest.raises(ValueError, match="not an aesthetic head"):
+        get_reward("aesthetic", head=str(odd), checkpoint=str(clip_path), arch=TINY, device="cpu")

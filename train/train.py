@@ -17,15 +17,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
 
+    from reward_models.base import CheckpointMismatchError, WeightsNotFoundError
     from t2i_align.config import ConfigError, load_config
-    from t2i_align.loop import train
+    from t2i_align.loop import NonFiniteError, train
+    from t2i_align.models import ModelLoadError
+    from t2i_align.toy.assets import ToyAssetError
 
     try:
         cfg = load_config(args.config, args.overrides)
+        print(f"final model: {train(cfg).final}")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print(f"final model: {train(cfg).final}")
+    except (ModelLoadError, ToyAssetError, WeightsNotFoundError, CheckpointMismatchError, NonFiniteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..config import ConfigError
 from .cache import build_or_load_cache, collate_cached, model_identity
 from .pairs import collate_pairs, load_pairs
 
@@ -50,6 +51,10 @@ class OfflineSource:
         """The first n distinct non-empty captions (validation prompts when none are configured)."""
         return first_captions(self.dataset, n)
 
+    def metrics(self) -> Dict[str, float]:
+        """Source figures for the logs (online sources report their rounds; offline data has none)."""
+        return {}
+
 
 def first_captions(dataset, n: int) -> List[str]:
     seen: List[str] = []
@@ -76,10 +81,15 @@ def _cache_encoders(components, device):
     return images, prompts
 
 
-def build_data_source(cfg, components, accelerator) -> OfflineSource:
-    """Pairs from cfg.data (cached when cfg.data.cache); the main process builds a cache, the others wait."""
+def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
+    """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data (cached when cfg.data.cache, built by
+    the main process while the others wait)."""
+    if cfg.raft.enabled:
+        from .online import OnlineSource
+
+        return OnlineSource(cfg, components, accelerator, batch_kind)
     if not cfg.data.path:
-        raise ValueError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
+        raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
                          "(for the toy world: python -m t2i_align.toy pairs --out DIR)")
     dataset, collate = load_pairs(cfg.data, cfg.seed), collate_pairs
     if cfg.data.cache:

@@ -21,8 +21,9 @@ def cmd_build(args) -> dict:
     from .build import TINY_BUDGET, BuildBudget, build
 
     budget = TINY_BUDGET if args.tiny else BuildBudget()
-    out = build(args.out, seed=args.seed, budget=budget, log=lambda m: print(m, file=sys.stderr, flush=True))
-    return {"assets": str(out), "seed": args.seed, "tiny": args.tiny}
+    out = build(args.out, seed=args.seed, budget=budget, log=lambda m: print(m, file=sys.stderr, flush=True),
+                only_denoiser=args.only == "denoiser")
+    return {"assets": str(out), "seed": args.seed, "tiny": args.tiny, "only": args.only}
 
 
 def cmd_where(args) -> dict:
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="assets folder (default: the shipped one, replaced atomically)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--tiny", action="store_true", help="a few steps of each stage (tests the script only)")
+    b.add_argument("--only", choices=("denoiser",), default=None,
+                   help="retrain only the text encoder + UNet, keeping the VAE and toy CLIP in --out")
     sub.add_parser("where", help="print the paths of the shipped assets as JSON")
     for name, helptext in (("evaluate", "judge a model on a prompt set at fixed seeds"),
                            ("pairs", "sample, judge and write Pick-a-Pic-format pairs"),

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
+
+from ..files import write_json_atomic
 
 ASSETS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
@@ -41,10 +42,7 @@ def file_hashes(root: Path) -> Dict[str, str]:
 
 
 def write_manifest(root: Path, meta: dict) -> None:
-    manifest = dict(meta, files=file_hashes(root))
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
+    write_json_atomic(root / MANIFEST, dict(meta, files=file_hashes(root)), sort_keys=True)
 
 
 def read_manifest(root: Optional[Path] = None) -> dict:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..files import replace_dir
 from . import architectures as arch
-from .assets import ASSETS_DIR, write_manifest
+from .assets import ASSETS_DIR, read_manifest, write_manifest
 from .scenes import ATTRIBUTES, Scene, long_caption, noisy_scene, partial_caption, render, short_caption, split_scenes
 from .tokenizer import build_clip_tokenizer
 
@@ -41,11 +41,11 @@ class BuildBudget:
     num_images: int = 16000
     vae_steps: int = 1000
     vae_batch: int = 32
-    unet_steps: int = 2000
+    unet_steps: int = 3000
     unet_batch: int = 64
     clip_steps: int = 800
     clip_batch: int = 128
-    label_noise: float = 0.6
+    label_noise: float = 0.3
     """Probability that a training caption names a random value for each attribute except colour."""
     long_caption_prob: float = 0.2
     empty_caption_prob: float = 0.1
@@ -197,9 +197,32 @@ def _save_clip(out: Path, model, cfg: dict) -> None:
     save_file(state, str(out / "open_clip_model.safetensors"))
 
 
+STAGES = ("data", "vae", "denoiser", "clip")
+
+
+def _stage_random(seed: int, stage: str) -> Tuple[random.Random, torch.Generator]:
+    """Independent RNGs per stage, so one stage can be rebuilt alone and draw exactly as in a full build."""
+    stage_seed = seed * 100 + STAGES.index(stage)
+    return random.Random(stage_seed), torch.Generator().manual_seed(stage_seed)
+
+
+def _reuse(previous: Path, log: Callable):
+    """The VAE and toy CLIP of an existing assets folder, for `build --only denoiser`."""
+    from diffusers import AutoencoderKL
+
+    if not (previous / "manifest.json").is_file():
+        raise ValueError(f"--only denoiser needs existing assets in {previous} (no manifest.json there); "
+                         "run a full build first")
+    log(f"reusing the VAE and toy CLIP of {previous}")
+    return AutoencoderKL.from_pretrained(str(previous / "pipeline" / "vae")).eval().requires_grad_(False)
+
+
 def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildBudget = BuildBudget(),
-          log: Callable = print) -> Path:
-    """Train every toy model and write the assets folder (pipeline/, toy_clip/, manifest.json) atomically."""
+          log: Callable = print, only_denoiser: bool = False) -> Path:
+    """Train every toy model and write the assets folder (pipeline/, toy_clip/, manifest.json) atomically.
+
+    only_denoiser: retrain the text encoder + UNet and keep the VAE and toy CLIP already in out_dir.
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -207,16 +230,22 @@ def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildB
     start = time.time()
     try:
         torch.manual_seed(seed)
-        rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
         tokenizer = build_clip_tokenizer(tmp / "pipeline" / "tokenizer")
-        scenes, x = _render_dataset(budget.num_images, rng)
-        vae = train_vae(x, budget, gen, log)
-        text_encoder, unet = train_denoiser(vae, tokenizer, scenes, x, budget, rng, gen, log)
-        clip, clip_cfg = train_toy_clip(tokenizer, scenes, x, budget, rng, gen, log)
+        scenes, x = _render_dataset(budget.num_images, _stage_random(seed, "data")[0])
+        if only_denoiser:
+            vae = _reuse(out_dir, log)
+            shutil.copytree(out_dir / "toy_clip", tmp / "toy_clip")
+        else:
+            vae = train_vae(x, budget, _stage_random(seed, "vae")[1], log)
+            clip, clip_cfg = train_toy_clip(tokenizer, scenes, x, budget, *_stage_random(seed, "clip"), log)
+            _save_clip(tmp / "toy_clip", clip, clip_cfg)
+        text_encoder, unet = train_denoiser(vae, tokenizer, scenes, x, budget, *_stage_random(seed, "denoiser"),
+                                            log)
         _save_pipeline(tmp / "pipeline", vae, text_encoder, tokenizer, unet)
-        _save_clip(tmp / "toy_clip", clip, clip_cfg)
-        write_manifest(tmp, {"seed": seed, "budget": asdict(budget),
-                             "build_seconds": round(time.time() - start, 1)})
+        meta = {"seed": seed, "budget": asdict(budget), "build_seconds": round(time.time() - start, 1)}
+        if only_denoiser:
+            meta["reused"] = {"from": read_manifest(out_dir).get("budget"), "stages": ["vae", "clip"]}
+        write_manifest(tmp, meta)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,11 +7,10 @@
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from ..files import write_json_atomic
 from ..gallery import write_gallery
 from ..sampling import load_pipeline
 from ..stats import paired_diff, win_rate
@@ -45,12 +44,6 @@ def gallery_rows(evals: Dict[str, Evaluation], num_prompts: int = GALLERY_PROMPT
     return rows
 
 
-def _write_json(data: Dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _train_dpo(config: Path, pairs: Path, out: Path, overrides: Sequence[str]) -> Path:
     from ..config import load_config
     from ..loop import train
@@ -81,5 +74,5 @@ def run_demo(out: Path, seeds_per_prompt: int = 4, config: Path = Path("configs/
               "tuned": evals["tuned"].summary, "win_rate": win_rate(tuned, base_scores),
               "paired_diff": paired_diff(tuned, base_scores), "gallery": str(gallery / "index.html"),
               "grid": str(gallery / "grid.png")}
-    _write_json(result, out / "judge.json")
+    write_json_atomic(out / "judge.json", result)
     return result

@@ -1,27 +1,11 @@
-"""Typed configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+"""The config sections: one dataclass per concern, documented by attribute docstrings, checked in `__post_init__`.
 
-Sections are dataclasses documented by their attribute docstrings and checked in `__post_init__`. `load_config`
-merges defaults <- YAML (a top-level `base: other.yaml` is merged first) <- `key=value` overrides with OmegaConf
-structured configs, which convert and type-check values; every mistake is a `ConfigError` naming the dotted key,
-where it was set and what was expected. Adding a section = a dataclass plus a field of `Config`.
+Adding a section = a dataclass here plus a field of `Config`; `loader.py` reads YAML and overrides into them.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import os
-import re
-import tempfile
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-_OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 class ConfigError(ValueError):
@@ -231,6 +215,46 @@ class TrackingConfig:
 
 
 @dataclass
+class RaftConfig:
+    """Online batches from the current policy (RAFT, Dong et al. 2023, Sec. 3): every `round_steps` optimizer
+    steps, K images per prompt are generated, scored, and selected. With an "images" objective (sft) the
+    selected best-of-K samples are trained on (RAFT); with a "pairs" objective (dpo) the best vs the worst of each
+    prompt's K images form the pairs (online DPO)."""
+
+    enabled: bool = False
+    """Train on generated, reward-ranked samples instead of data.path."""
+    prompts: str = ""
+    """A text file with one prompt per line, or "toy:train" / "toy:heldout" for the toy world's captions."""
+    prompts_per_round: int = 10
+    """Prompts drawn (without replacement, cycling through the file) per round, over all processes."""
+    k: int = 10
+    """Images generated per prompt (RAFT demo: 10). Pairs need K >= 2."""
+    top_fraction: float = 0.8
+    """After best-of-K per prompt, keep this fraction of the prompts with the highest best score (RAFT demo: the
+    top 8 of 10 prompts). Online DPO ranks prompts by the best-worst reward gap instead."""
+    round_steps: int = 80
+    """Optimizer steps trained on each round's selection (RAFT demo: 80)."""
+    reward: str = "toy-judge"
+    """Reward model name (see `t2i-score --list`)."""
+    reward_options: Dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the reward, e.g. {weights: /path/to/checkpoint}."""
+    scheduler: str = "ddim"
+    """Sampler for generation: "ddim", "dpm++" (DPMSolverMultistep) or "euler"."""
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+    negative_prompt: Optional[str] = None
+    generation_batch_size: int = 32
+    """Images per pipeline call (halved automatically on an out-of-memory error)."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, ("prompts_per_round", "k", "round_steps", "sample_steps", "generation_batch_size"), 1)
+        _check(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "a number in (0, 1]")
+        _check_choice(self, "scheduler", ("ddim", "dpm++", "euler"))
+        _check(self, "prompts", bool(self.prompts) or not self.enabled,
+               'a prompts file or "toy:train" when raft.enabled is true')
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     """Run directory: metrics.jsonl, checkpoints/, final/ and gallery/ are written here."""
@@ -248,157 +272,9 @@ class Config:
     """Optimisation, precision, checkpoints and resume."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """metrics.jsonl, W&B and validation galleries."""
+    raft: RaftConfig = field(default_factory=RaftConfig)
+    """Online, reward-ranked batches (RAFT and online DPO) instead of offline pairs."""
 
     def __post_init__(self) -> None:
         _check(self, "output_dir", bool(self.output_dir), "a non-empty path")
         _check(self, "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)")
-
-
-def _fields(cls: type) -> Dict[str, Any]:
-    """Field name -> resolved type (annotations are strings because of `from __future__ import annotations`)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _describe_type(tp: Any) -> str:
-    """A type as a user reads it: "int", "float or null", "list of str", "section"."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
-    if origin in (list, tuple):
-        return f"list of {_describe_type(args[0])}" if args else "list"
-    if origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "section with keys " + ", ".join(_fields(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _field_type(dotted: str) -> Any:
-    """The declared type of a dotted key of `Config`, or None if there is no such key."""
-    tp: Any = Config
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(tp) or part not in _fields(tp):
-            return None
-        tp = _fields(tp)[part]
-    return tp
-
-
-def _section_prefix(owner: type, cls: type = Config, prefix: str = "") -> Optional[str]:
-    """The dotted prefix of the section whose dataclass is `owner` ("" for `Config`, "lora." for `LoraConfig`)."""
-    if cls is owner:
-        return prefix
-    for name, tp in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            found = _section_prefix(owner, tp, f"{prefix}{name}.")
-            if found is not None:
-                return found
-    return None
-
-
-def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> None:
-    """Unknown keys, and scalars where a section belongs, fail here with the valid keys and a suggestion."""
-    known = _fields(cls)
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            section = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(f"Unknown key '{dotted}' in {where}.{hint} Valid keys of {section}: "
-                              + ", ".join(known))
-        if dataclasses.is_dataclass(known[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted} = {value!r} in {where}: expected a {_describe_type(known[key])}")
-            _check_keys(value, known[key], dotted + ".", where)
-
-
-def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
-    """[(file name, contents)] in merge order: the `base:` chain first, then the file itself."""
-    if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
-    if path.resolve() in chain:
-        raise ConfigError(f"Circular 'base' chain: {' -> '.join(map(str, chain))} -> {path}")
-    try:
-        layer = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"Invalid YAML in {path}: {exc}") from None
-    if not isinstance(layer, DictConfig):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, not a list")
-    base = layer.pop("base", None)
-    if base is None:
-        return [(str(path), layer)]
-    if not isinstance(base, str):
-        raise ConfigError(f"base = {base!r} in {path}: expected a path to another YAML file")
-    return _read_yaml(path.parent / base, chain + (path.resolve(),)) + [(str(path), layer)]
-
-
-def _parse_override(item: str) -> Tuple[str, DictConfig]:
-    key, sep, _ = item.partition("=")
-    if not sep or not _OVERRIDE_KEY.fullmatch(key):
-        raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. lora.rank=4")
-    try:
-        return f"command line ({item})", OmegaConf.from_dotlist([item])
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"Malformed override {item!r} on the command line: {exc}") from None
-
-
-def _merge_error(exc: OmegaConfBaseException, where: str) -> ConfigError:
-    reason = str(getattr(exc, "msg", exc)).splitlines()[0]
-    key = getattr(exc, "full_key", None)
-    if not key:
-        return ConfigError(f"Invalid value in {where}: {reason}")
-    expected = _describe_type(_field_type(key))
-    return ConfigError(f"{key} = {getattr(exc, 'value', None)!r} in {where}: expected {expected} ({reason})")
-
-
-def _where_set(key: str, layers: List[Tuple[str, DictConfig]]) -> str:
-    """The last file or override that set `key` (for messages about values that fail only once merged)."""
-    for where, layer in reversed(layers):
-        node: Any = OmegaConf.to_container(layer, resolve=False)
-        for part in key.split("."):
-            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
-        if node is not KeyError:
-            return where
-    return "the defaults"
-
-
-def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file at `path` (and its `base:` chain; None = defaults only) <- `key=value` overrides."""
-    layers = _read_yaml(Path(path)) if path is not None else []
-    layers += [_parse_override(item) for item in overrides]
-    merged = OmegaConf.structured(Config)
-    for where, layer in layers:
-        _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", where)
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as exc:
-            raise _merge_error(exc, where) from None
-    try:
-        return OmegaConf.to_object(merged)
-    except FieldError as exc:
-        key = (_section_prefix(exc.owner) or "") + exc.name
-        raise ConfigError(f"{key} = {exc.value!r} in {_where_set(key, layers)}: expected {exc.expected}") from None
-    except OmegaConfBaseException as exc:  # e.g. an unresolvable ${...} interpolation
-        key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(f"{key} in {_where_set(key, layers)}: {str(exc.msg).splitlines()[0]}") from None
-
-
-def config_to_dict(cfg: Config) -> Dict[str, Any]:
-    """Plain nested dict of the resolved config (what `save_config` writes)."""
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
-    """Write `cfg` as YAML that `load_config` reads back; atomic (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,0 +1,75 @@
+"""Arguments and error handling shared by the sample/ scripts."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+
+def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}model", default="toy", help="diffusers folder, or toy (default)")
+    p.add_argument(f"--{prefix}lora", default=None, help="LoRA weights (file, or the folder holding it)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = False) -> None:
+    helptext = "text file with one prompt per line, or toy:heldout / toy:train (default toy:heldout)"
+    if several_prompt_sets:
+        p.add_argument("--prompts", action="append", help=helptext + "; repeat for several sets")
+    else:
+        p.add_argument("--prompts", default="toy:heldout", help=helptext)
+    p.add_argument("--seeds-per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i uses seed + 10000k + i")
+    p.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default=None,
+                   help="sampler (default: the model folder's own)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (halved on OOM)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def settings_from(args):
+    from t2i_align.evaluation import SampleSettings
+
+    from reward_models.cli import UsageError
+
+    if args.seeds_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--seeds-per-prompt, --steps and --batch-size must be >= 1")
+    return SampleSettings(seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, scheduler=args.scheduler,
+                          steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                          negative_prompt=args.negative_prompt, height=args.height, width=args.width)
+
+
+def load_reward_set(names: str, options, device: str):
+    """--reward a,b and --option NAME.KEY=VALUE, as in t2i-score."""
+    from reward_models.cli import load_rewards, parse_options
+
+    listed = [n.strip() for n in names.split(",") if n.strip()]
+    return load_rewards(listed, parse_options(options or [], listed), device)
+
+
+def add_reward_args(p: argparse.ArgumentParser, default: str = "toy-judge") -> None:
+    p.add_argument("--reward", default=default, help=f"comma-separated reward names (default {default})")
+    p.add_argument("--option", action="append", metavar="NAME.KEY=VALUE",
+                   help="reward option, e.g. clip.checkpoint=/w/clip.safetensors (repeatable)")
+
+
+def run_cli(main: Callable) -> int:
+    """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2."""
+    from reward_models.base import CheckpointMismatchError, WeightsNotFoundError
+    from reward_models.cli import UsageError
+    from t2i_align.config import ConfigError
+    from t2i_align.models import ModelLoadError
+    from t2i_align.toy.assets import ToyAssetError
+
+    try:
+        result = main()
+    except (ConfigError, UsageError, ModelLoadError, ToyAssetError, WeightsNotFoundError,
+            CheckpointMismatchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -1,0 +1,69 @@
+"""Base vs tuned side by side at identical seeds, a reward under each image: gallery/index.html (+ grid.png) in
+--out, and the same images and table in W&B (--wandb offline|online; off by default).
+
+    python sample/gallery.py --lora runs/toy-raft/final --prompts toy:heldout --max-prompts 12 --out runs/gal
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional
+
+from common import add_model_args, add_reward_args, add_sampling_args, load_reward_set, run_cli, settings_from
+
+
+def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
+                 k: int) -> List[Dict]:
+    """One row per prompt: the k images of each model in turn, each captioned with its rewards."""
+    from t2i_align.toy.judge import to_uint8
+
+    images = {name: to_uint8(s.images) for name, s in sets.items()}
+    rows = []
+    for i, prompt in enumerate(prompts):
+        cells, caps = [], []
+        for name in sets:
+            for j in range(i * k, (i + 1) * k):
+                cells.append(images[name][j])
+                caps.append(" · ".join(f"{r} {v[j]:.3g}" for r, v in scores[name].items()))
+        rows.append({"prompt": prompt, "images": cells, "captions": caps,
+                     "meta": {"seeds": ", ".join(str(s) for s in sets[name].seeds[i * k:(i + 1) * k])}})
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_model_args(p, prefix="base-")
+    add_sampling_args(p)
+    add_reward_args(p)
+    p.set_defaults(seeds_per_prompt=2)
+    p.add_argument("--no-base", action="store_true", help="show only --model (no base column)")
+    p.add_argument("--max-prompts", type=int, default=16, help="first N prompts of the set (default 16)")
+    p.add_argument("--out", required=True, help="run folder: gallery/ (and wandb/) go here")
+    p.add_argument("--wandb", default="off", choices=("off", "offline", "online", "auto"))
+    p.add_argument("--project", default="t2i-align")
+    args = p.parse_args(argv)
+    from t2i_align.evaluation import sample_model, score_samples
+    from t2i_align.prompts import read_prompts
+    from t2i_align.tracking import Tracker
+
+    prompts = read_prompts(args.prompts, "--prompts")[: max(1, args.max_prompts)]
+    settings = settings_from(args)
+    rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}
+    models = {"tuned": (args.model, args.lora)}
+    if not args.no_base:
+        models = {"base": (args.base_model or args.model, args.base_lora), **models}
+    sets = {name: sample_model(m, lora, prompts, settings, args.device) for name, (m, lora) in models.items()}
+    scores = {name: score_samples(s, rewards) for name, s in sets.items()}
+    k = settings.seeds_per_prompt
+    columns = [f"{name} · seed {j}" for name in sets for j in range(k)]
+    tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
+    path = tracker.log_gallery(gallery_rows(prompts, sets, scores, k), 0, columns, name="gallery")
+    wandb_dir = tracker.wandb_run_dir
+    tracker.finish()
+    return {"gallery": str(path / "index.html"), "wandb_run_dir": str(wandb_dir) if wandb_dir else None,
+            "prompts": len(prompts), "images_per_model": len(prompts) * k}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

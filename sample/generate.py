@@ -1,0 +1,62 @@
+"""Generate images for a prompts file at fixed seeds: PNGs plus metadata.jsonl (what `t2i-score FOLDER` reads).
+
+    python sample/generate.py --model toy --prompts toy:heldout --seeds-per-prompt 2 --out runs/samples
+    python sample/generate.py --model /data/sd15 --lora runs/sd15-dpo/final --prompts prompts.txt \
+        --scheduler dpm++ --steps 25 --guidance 7.5 --device cuda --out runs/sd15-samples
+
+The folder is written whole or not at all; an existing non-empty --out is kept unless --overwrite is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from common import add_model_args, add_sampling_args, run_cli, settings_from
+
+
+def _write(out: Path, samples, meta: dict) -> Path:
+    from t2i_align.files import replace_dir
+    from t2i_align.gallery import _to_pil
+    from t2i_align.toy.judge import to_uint8
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    lines = []
+    for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
+        name = f"{i:05d}.png"
+        _to_pil(image).save(tmp / name)
+        lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
+    (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return replace_dir(tmp, out)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--out", required=True, help="output folder (PNGs + metadata.jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    args = p.parse_args(argv)
+    from t2i_align.evaluation import sample_model
+    from t2i_align.prompts import read_prompts
+
+    from reward_models.cli import UsageError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    prompts = read_prompts(args.prompts, "--prompts")
+    settings = settings_from(args)
+    samples = sample_model(args.model, args.lora, prompts, settings, args.device)
+    meta = {"model": args.model, "lora": args.lora, **settings.as_dict()}
+    meta["base_seed"] = meta.pop("seed")
+    _write(out, samples, meta)
+    return {"out": str(out), "images": len(samples.prompts), "prompts": len(prompts)}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,160 @@
+"""Loading configs: defaults <- YAML (with `base:` inheritance) <- `key=value` overrides, with errors that name
+the dotted key, where it was set and what was expected; and saving the resolved config atomically."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..files import write_text_atomic
+from .sections import Config, ConfigError, FieldError
+
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _fields(cls: type) -> Dict[str, Any]:
+    """Field name -> resolved type (annotations are strings because of `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _describe_type(tp: Any) -> str:
+    """A type as a user reads it: "int", "float or null", "list of str", "section"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_describe_type(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section with keys " + ", ".join(_fields(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of a dotted key of `Config`, or None if there is no such key."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in _fields(tp):
+            return None
+        tp = _fields(tp)[part]
+    return tp
+
+
+def _section_prefix(owner: type, cls: type = Config, prefix: str = "") -> Optional[str]:
+    """The dotted prefix of the section whose dataclass is `owner` ("" for `Config`, "lora." for `LoraConfig`)."""
+    if cls is owner:
+        return prefix
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            found = _section_prefix(owner, tp, f"{prefix}{name}.")
+            if found is not None:
+                return found
+    return None
+
+
+def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> None:
+    """Unknown keys, and scalars where a section belongs, fail here with the valid keys and a suggestion."""
+    known = _fields(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            section = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise ConfigError(f"Unknown key '{dotted}' in {where}.{hint} Valid keys of {section}: "
+                              + ", ".join(known))
+        if dataclasses.is_dataclass(known[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} = {value!r} in {where}: expected a {_describe_type(known[key])}")
+            _check_keys(value, known[key], dotted + ".", where)
+
+
+def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
+    """[(file name, contents)] in merge order: the `base:` chain first, then the file itself."""
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"Circular 'base' chain: {' -> '.join(map(str, chain))} -> {path}")
+    try:
+        layer = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"Invalid YAML in {path}: {exc}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, not a list")
+    base = layer.pop("base", None)
+    if base is None:
+        return [(str(path), layer)]
+    if not isinstance(base, str):
+        raise ConfigError(f"base = {base!r} in {path}: expected a path to another YAML file")
+    return _read_yaml(path.parent / base, chain + (path.resolve(),)) + [(str(path), layer)]
+
+
+def _parse_override(item: str) -> Tuple[str, DictConfig]:
+    key, sep, _ = item.partition("=")
+    if not sep or not _OVERRIDE_KEY.fullmatch(key):
+        raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. lora.rank=4")
+    try:
+        return f"command line ({item})", OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"Malformed override {item!r} on the command line: {exc}") from None
+
+
+def _merge_error(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    reason = str(getattr(exc, "msg", exc)).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if not key:
+        return ConfigError(f"Invalid value in {where}: {reason}")
+    expected = _describe_type(_field_type(key))
+    return ConfigError(f"{key} = {getattr(exc, 'value', None)!r} in {where}: expected {expected} ({reason})")
+
+
+def _where_set(key: str, layers: List[Tuple[str, DictConfig]]) -> str:
+    """The last file or override that set `key` (for messages about values that fail only once merged)."""
+    for where, layer in reversed(layers):
+        node: Any = OmegaConf.to_container(layer, resolve=False)
+        for part in key.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError:
+            return where
+    return "the defaults"
+
+
+def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file at `path` (and its `base:` chain; None = defaults only) <- `key=value` overrides."""
+    layers = _read_yaml(Path(path)) if path is not None else []
+    layers += [_parse_override(item) for item in overrides]
+    merged = OmegaConf.structured(Config)
+    for where, layer in layers:
+        _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", where)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise _merge_error(exc, where) from None
+    try:
+        return OmegaConf.to_object(merged)
+    except FieldError as exc:
+        key = (_section_prefix(exc.owner) or "") + exc.name
+        raise ConfigError(f"{key} = {exc.value!r} in {_where_set(key, layers)}: expected {exc.expected}") from None
+    except OmegaConfBaseException as exc:  # e.g. an unresolvable ${...} interpolation
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{key} in {_where_set(key, layers)}: {str(exc.msg).splitlines()[0]}") from None
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain nested dict of the resolved config (what `save_config` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
+    """Write `cfg` as YAML that `load_config` reads back; atomic (temp file in the same folder, then rename)."""
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,173 @@
+"""Online batches for RAFT and online DPO: generate with the current policy, score, select, train on the choice.
+
+Round r (every `raft.round_steps` optimizer steps): `prompts_per_round` prompts are taken from a per-epoch
+shuffle of the prompt list and split across processes; each process generates K images per prompt with the
+live UNet (LoRA adapters on), scores them, and the scores and latents are gathered so that every process makes
+the same global selection (`t2i_align.ranking`). Micro-batches are then drawn from the selection, each process
+its own slice of every global batch. Selected samples keep their generated latents: nothing is re-encoded.
+
+A run resumed mid-round regenerates that round's pool with the resumed policy, so resume is exact only at
+round boundaries.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import torch
+
+from ..config import ConfigError
+from ..prompts import read_prompts
+from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
+from ..sampling import generate, set_scheduler
+
+
+def _reward(rc, device):
+    from reward_models import get_reward
+    from reward_models.base import reward_accepts
+
+    options = dict(rc.reward_options)
+    if reward_accepts(rc.reward, "device"):
+        options.setdefault("device", str(device))
+    return get_reward(rc.reward, **options)
+
+
+class OnlineSource:
+    def __init__(self, cfg, components, accelerator, batch_kind: str):
+        self.cfg, self.rc, self.components, self.acc = cfg, cfg.raft, components, accelerator
+        self.pairs = batch_kind == "pairs"
+        if self.pairs and self.rc.k < 2:
+            raise ConfigError(f"raft.k = {self.rc.k}: online DPO pairs the best and worst of K images, so it needs "
+                             "raft.k >= 2")
+        self.prompts = read_prompts(self.rc.prompts, "raft.prompts")
+        self.reward = _reward(self.rc, accelerator.device)
+        self.micro_per_round = self.rc.round_steps * cfg.train.grad_accum
+        self._metrics: Dict[str, float] = {}
+        self._nonfinite_total = 0
+
+    def sample_captions(self, n: int) -> List[str]:
+        return self.prompts[:n]
+
+    def metrics(self) -> Dict[str, float]:
+        """The latest round's figures (see `ranking.round_metrics`) and running totals."""
+        return dict(self._metrics, **{"raft/nonfinite_dropped_total": float(self._nonfinite_total)})
+
+    def micro_batches(self, start: int = 0) -> Iterator[Dict]:
+        rnd, skip = divmod(start, self.micro_per_round)
+        while True:
+            items = self._round(rnd)
+            order = self._order(rnd, len(items))
+            b, world, rank = self.cfg.train.batch_size, self.acc.num_processes, self.acc.process_index
+            for i in range(skip, self.micro_per_round):
+                first = (i * world + rank) * b
+                yield self._collate([items[j] for j in order[first:first + b]])
+            rnd, skip = rnd + 1, 0
+
+    # ------------------------------------------------------------------ one round
+    def _round_prompts(self, rnd: int) -> List[int]:
+        n, per = len(self.prompts), self.rc.prompts_per_round
+        out = []
+        for pos in range(rnd * per, (rnd + 1) * per):
+            epoch, i = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+            out.append(int(perm[i]))
+        return out
+
+    def _order(self, rnd: int, n: int) -> List[int]:
+        """Enough shuffled passes over the selection for the round's global micro-batches."""
+        need = self.micro_per_round * self.acc.num_processes * self.cfg.train.batch_size
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7_919 + rnd)
+        passes = [torch.randperm(n, generator=gen) for _ in range(-(-need // n))]
+        return torch.cat(passes)[:need].tolist()
+
+    def _round(self, rnd: int) -> List[Dict]:
+        from accelerate.utils import gather_object
+
+        began = time.time()
+        prompts = self._round_prompts(rnd)
+        mine = list(range(self.acc.process_index, len(prompts), self.acc.num_processes))
+        local = self._generate_and_score(rnd, [prompts[j] for j in mine], mine)
+        rows = sorted(gather_object(local), key=lambda row: row[0])
+        scores = torch.stack([row[2] for row in rows])
+        latents = torch.cat([row[3] for row in rows])
+        select = select_best_worst if self.pairs else select_best_of_k
+        selection = select(scores, self.rc.top_fraction)
+        self._nonfinite_total += selection.dropped_nonfinite
+        if not selection.picks:
+            raise RuntimeError(self._empty_message(rnd, scores, selection))
+        self._metrics = dict(round_metrics(scores, latents, selection), **{
+            "raft/round": float(rnd), "raft/generation_s": time.time() - began})
+        self._record(rnd, rows, selection)
+        return [self._item(rows[p], ks) for p, *ks in selection.picks]
+
+    def _record(self, rnd: int, rows, selection: Selection) -> None:
+        """Append the round's pool and choice to raft_rounds.jsonl (main process), to audit what was trained on.
+        A resumed run appends its regenerated round again; the last line of a round is the one trained on."""
+        if not self.acc.is_main_process:
+            return
+        record = {"round": rnd, "prompts": [row[1] for row in rows], "scores": [[x if math.isfinite(x) else None for x in row[2].tolist()] for row in rows],
+                  "selected": [list(p) for p in selection.picks], "nonfinite": selection.dropped_nonfinite}
+        path = Path(self.cfg.output_dir) / "raft_rounds.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def _generate_and_score(self, rnd: int, prompt_ids: List[int], slots: List[int]):
+        """[(slot, prompt, scores [K], latents [K, C, h, w])] for this process's prompts."""
+        if not prompt_ids:
+            return []
+        k = self.rc.k
+        texts = [self.prompts[i] for i in prompt_ids]
+        flat = [t for t in texts for _ in range(k)]
+        seeds = [self.cfg.seed + 1_000_003 * rnd + 10_000 * kk + slot for slot in slots for kk in range(k)]
+        samples = self._sample(flat, seeds)
+        scores = self.reward(samples.images, flat)[0].detach().float().cpu().reshape(len(texts), k)
+        lat = samples.latents.reshape(len(texts), k, *samples.latents.shape[1:])
+        return [(slot, texts[i], scores[i], lat[i]) for i, slot in enumerate(slots)]
+
+    def _sample(self, prompts: List[str], seeds: List[int]):
+        from ..models import build_pipeline
+
+        unet = self.components.unet
+        pipe = set_scheduler(build_pipeline(self.components, unet=unet), self.rc.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = unet.training
+        unet.eval()
+        try:
+            with self.acc.autocast():
+                return generate(pipe, prompts, seeds, num_inference_steps=self.rc.sample_steps,
+                                guidance_scale=self.rc.guidance_scale, batch_size=self.rc.generation_batch_size,
+                                negative_prompt=self.rc.negative_prompt)
+        finally:
+            unet.train(was_training)
+
+    def _item(self, row, ks) -> Dict:
+        _, prompt, _, lat = row
+        if self.pairs:
+            return {"caption": prompt, "latents_w": lat[ks[0]], "latents_l": lat[ks[1]]}
+        return {"caption": prompt, "latents": lat[ks[0]]}
+
+    def _collate(self, items: List[Dict]) -> Dict:
+        batch = {key: [it[key] for it in items] if key == "caption" else torch.stack([it[key] for it in items])
+                 for key in items[0]}
+        if self.components.spec.uses_time_ids:  # SDXL: generated at the target size, uncropped
+            h, w = (int(d * self.components.vae_scale_factor) for d in batch["latents_w" if self.pairs else
+                                                                             "latents"].shape[-2:])
+            if self.pairs:
+                for side in ("w", "l"):
+                    batch[f"original_size_{side}"] = [(h, w)] * len(items)
+                    batch[f"crop_top_left_{side}"] = [(0, 0)] * len(items)
+            else:
+                from ..conditioning.text import sdxl_time_ids
+                batch["time_ids"] = sdxl_time_ids((h, w), (0, 0), (h, w), batch_size=len(items))
+        return batch
+
+    def _empty_message(self, rnd: int, scores: torch.Tensor, selection: Selection) -> str:
+        what = "no pair with a reward gap > 0" if self.pairs else "no image with a finite score"
+        return (f"RAFT round {rnd}: {what} among {scores.shape[0]} prompts x {scores.shape[1]} images "
+                f"({selection.dropped_nonfinite} non-finite scores). Check the reward {self.rc.reward!r} on a few "
+                "generated images (t2i-score), or raise raft.k / raft.prompts_per_round.")

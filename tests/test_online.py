@@ -1,0 +1,99 @@
+"""RAFT and online DPO in the shared loop on the toy world: rounds, logs, audit file, bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import one_torch_thread  # noqa: F401
+from reward_models.base import Reward, register
+from t2i_align.config import ConfigError, load_config
+from t2i_align.loop import train
+
+FAST = ["raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=1", "raft.sample_steps=2", "train.max_steps=2",
+        "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=0", "tracking.sample_steps=2",
+        "tracking.validation_seeds=1"]
+
+
+@register("test-half-nan")
+class HalfNan(Reward):
+    """Judge-like score with every second image's score NaN (a reward that sometimes fails)."""
+
+    def score(self, images, prompts):
+        scores = images.float().mean(dim=(1, 2, 3))
+        scores[1::2] = float("nan")
+        return scores, {}
+
+
+@register("test-all-nan")
+class AllNan(Reward):
+    def score(self, images, prompts):
+        return torch.full((len(images),), float("nan")), {}
+
+
+def _run(config, out, *extra):
+    return train(load_config(config, [f"output_dir={out}", *FAST, *extra]))
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_toy_raft_generates_selects_and_trains(tmp_path):
+    result = _run("configs/toy/raft.yaml", tmp_path / "raft")
+    rows = _metrics(tmp_path / "raft")
+    assert [r["raft/round"] for r in rows] == [0, 1]  # one round per step here
+    for key in ("raft/pool_reward_mean", "raft/pool_reward_max", "raft/selected_reward_mean",
+                "raft/selected_diversity", "raft/pool_diversity"):
+        assert all(key in r for r in rows)
+    assert rows[0]["raft/selected"] == 3  # best-of-2 of 4 prompts, top 0.8 of them: round(3.2) = 3
+    assert rows[0]["raft/selected_reward_mean"] >= rows[0]["raft/pool_reward_mean"]
+    rounds = [json.loads(s) for s in (tmp_path / "raft" / "raft_rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1] and len(rounds[0]["scores"]) == 4
+    assert (result.final / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_toy_online_dpo_pairs_best_and_worst(tmp_path):
+    _run("configs/toy/online_dpo.yaml", tmp_path / "odpo")
+    rows = _metrics(tmp_path / "odpo")
+    assert rows[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # LoRA starts at the reference: ln 2
+    assert "raft/selected_loser_reward_mean" in rows[0]
+    rounds = [json.loads(s) for s in (tmp_path / "odpo" / "raft_rounds.jsonl").read_text().splitlines()]
+    for p, best, worst in rounds[0]["selected"]:
+        assert rounds[0]["scores"][p][best] > rounds[0]["scores"][p][worst]
+
+
+def test_non_finite_rewards_are_dropped_and_counted(tmp_path):
+    _run("configs/toy/raft.yaml", tmp_path / "r", "raft.reward=test-half-nan")
+    rows = _metrics(tmp_path / "r")
+    assert rows[0]["raft/nonfinite_dropped"] == 4  # one of the two images of each of 4 prompts
+    assert rows[-1]["raft/nonfinite_dropped_total"] == 8
+    with pytest.raises(RuntimeError, match="no image with a finite score"):
+        _run("configs/toy/raft.yaml", tmp_path / "n", "raft.reward=test-all-nan")
+
+
+def test_bad_raft_settings_fail_clearly(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        _run("configs/toy/raft.yaml", tmp_path / "a", f"raft.prompts={empty}")
+    with pytest.raises(ConfigError, match="not found"):
+        _run("configs/toy/raft.yaml", tmp_path / "b", f"raft.prompts={tmp_path / 'missing.txt'}")
+    with pytest.raises(ConfigError, match="raft.k >= 2"):
+        _run("configs/toy/online_dpo.yaml", tmp_path / "c", "raft.k=1")
+    with pytest.raises(ConfigError, match="raft.prompts"):
+        load_config(None, ["raft.enabled=true"])
+
+
+def test_prompts_over_the_token_limit_are_truncated_and_counted(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("a large red circle at the top left on a white background " + "very " * 120 + "\n")
+    _run("configs/toy/raft.yaml", tmp_path / "r", f"raft.prompts={long}", "raft.reward=toy-clip",
+         "tracking.validation_prompts=[]", "tracking.validation_reward=null")
+    assert _metrics(tmp_path / "r")[-1]["prompts_truncated"] > 0
+
+
+def test_wandb_offline_raft_run_holds_the_gallery(tmp_path):
+    _run("configs/toy/raft.yaml", tmp_path / "w", "tracking.wandb=offline", "train.max_steps=1")
+    media = list((tmp_path / "w" / "wandb").glob("offline-run-*/files/media/images/gallery/*.png"))
+    assert len(media) >= 3  # 3 prompts x 1 seed (W&B stores identical base/tuned images once)

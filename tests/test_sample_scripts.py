@@ -1,0 +1,84 @@
+"""sample/generate.py, sample/compare.py and sample/gallery.py on the toy model (few steps, few prompts)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import one_torch_thread  # noqa: F401
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample"
+FAST = ["--steps", "2", "--seeds-per-prompt", "2"]
+
+
+def _script(name):
+    sys.path.insert(0, str(SAMPLE))
+    spec = importlib.util.spec_from_file_location(f"sample_{name}", SAMPLE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a large red circle at the top left on a white background\n\n"
+                    "a small blue triangle at the bottom right on a black background\n"
+                    "a large yellow square at the top right on a gray background\n")
+    return path
+
+
+def test_generate_writes_images_and_metadata_that_t2i_score_reads(prompts, tmp_path, capsys):
+    out = tmp_path / "samples"
+    result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), *FAST])
+    assert result["images"] == 6 and result["prompts"] == 3
+    meta = [json.loads(s) for s in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [m["seed"] for m in meta[:2]] == [0, 10_000]  # image k of prompt i: seed + 10000k + i
+    assert all((out / m["file"]).is_file() for m in meta)
+    from reward_models.cli import main as score
+
+    assert score(["--reward", "toy-judge", "--images", str(out), "--out", str(tmp_path / "s.jsonl")]) == 0
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 6
+
+
+def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_path, capsys):
+    run = _script("common").run_cli
+    gen = _script("generate")
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"user data")
+    assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out), *FAST])) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "mine.png").read_bytes() == b"user data"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert run(lambda: gen.main(["--prompts", str(empty), "--out", str(tmp_path / "x")])) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    bad_lora = tmp_path / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"unet.nope.lora_A.weight": torch.zeros(2, 2)}, str(bad_lora))
+    assert run(lambda: gen.main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out",
+                                 str(tmp_path / "y"), *FAST])) == 2
+    assert "do not match" in capsys.readouterr().err
+
+
+def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
+    result = _script("compare").main(["--prompts", str(prompts), "--reward", "toy-judge,toy-clip", *FAST,
+                                      "--out", str(tmp_path / "cmp.json")])
+    block = result["sets"][str(prompts)]["rewards"]
+    for name in ("toy-judge", "toy-clip"):
+        wr = block[name]["win_rate"]
+        assert wr["low"] <= 0.5 <= wr["high"] and wr["ties"] == 6
+        assert block[name]["base"]["mean"] == block[name]["tuned"]["mean"]
+    assert json.loads((tmp_path / "cmp.json").read_text())["sets"][str(prompts)]["images_per_model"] == 6
+
+
+def test_gallery_writes_html_and_a_wandb_offline_run(prompts, tmp_path):
+    result = _script("gallery").main(["--prompts", str(prompts), "--out", str(tmp_path / "g"), "--wandb",
+                                      "offline", *FAST])
+    html = Path(result["gallery"]).read_text()
+    assert "base · seed 1" in html and "toy-judge" in html
+    media = list(Path(result["wandb_run_dir"]).glob("files/media/images/gallery/*.png"))
+    assert media
