@@ -5,7 +5,8 @@ from typing import List
 
 import torch
 
-from t2i_align.toy.judge import judge_batch, to_uint8
+from t2i_align.gallery import to_uint8
+from t2i_align.toy.judge import judge_batch
 from t2i_align.toy.scenes import scene_from_caption
 
 from .base import Reward, RewardOutput, register

@@ -15,7 +15,7 @@ from common import add_model_args, add_reward_args, add_sampling_args, load_rewa
 def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
                  k: int) -> List[Dict]:
     """One row per prompt: the k images of each model in turn, each captioned with its rewards."""
-    from t2i_align.toy.judge import to_uint8
+    from t2i_align.gallery import to_uint8
 
     images = {name: to_uint8(s.images) for name, s in sets.items()}
     rows = []

@@ -20,15 +20,14 @@ from common import add_model_args, add_sampling_args, run_cli, settings_from
 
 def _write(out: Path, samples, meta: dict) -> Path:
     from t2i_align.files import replace_dir
-    from t2i_align.gallery import _to_pil
-    from t2i_align.toy.judge import to_uint8
+    from t2i_align.gallery import to_pil, to_uint8
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     lines = []
     for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
         name = f"{i:05d}.png"
-        _to_pil(image).save(tmp / name)
+        to_pil(image).save(tmp / name)
         lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
     (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return replace_dir(tmp, out)

@@ -26,7 +26,7 @@ figure { margin: 0; text-align: center; } figcaption { font-size: 12px; }
 img.small { image-rendering: pixelated; width: 128px; } .meta { color: #666; font-size: 11px; }"""
 
 
-def _to_pil(image: ImageLike) -> Image.Image:
+def to_pil(image: ImageLike) -> Image.Image:
     """A PIL RGB image from a PIL image or a uint8 HWC / HW numpy array."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -37,12 +37,22 @@ def _to_pil(image: ImageLike) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_uint8(images) -> List[np.ndarray]:
+    """Accept PIL images, uint8 arrays, or a float tensor/array [B, 3, H, W] in [0, 1]; return uint8 HWC arrays."""
+    if hasattr(images, "detach"):
+        images = images.detach().float().cpu().numpy()
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
+        arr = np.clip(images.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return list(arr)
+    return [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
+
+
 def grid_image(images: Sequence[Optional[ImageLike]], ncols: Optional[int] = None, pad: int = 2) -> Image.Image:
     """Tile equal-size images row-major into one white-padded image of size (cols·(w+pad)+pad, rows·(h+pad)+pad).
 
     `ncols` defaults to ⌈√n⌉; a `None` entry leaves its cell blank (for rows of unequal length).
     """
-    pil = [None if im is None else _to_pil(im) for im in images]
+    pil = [None if im is None else to_pil(im) for im in images]
     sizes = {im.size for im in pil if im is not None}
     if not sizes:
         raise ValueError("save_grid needs at least one image")
@@ -125,7 +135,7 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
         (tmp / "images").mkdir()
         files, sizes, cells = [], [], []
         for r, row in enumerate(rows):
-            pil = [_to_pil(im) for im in row["images"]]
+            pil = [to_pil(im) for im in row["images"]]
             for c, im in enumerate(pil):
                 im.save(tmp / "images" / f"{r}_{c}.png")
             files.append([f"images/{r}_{c}.png" for c in range(len(pil))])

@@ -73,7 +73,7 @@ class Validator:
         return ([f"base · seed {i}" for i in range(k)] + cols) if self._base is not None else cols
 
     def _rows(self, policy: Samples) -> List[Dict]:
-        from .toy.judge import to_uint8
+        from .gallery import to_uint8
 
         k = self.cfg.tracking.validation_seeds
         sets = ([self._base] if self._base is not None else []) + [policy]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i_align.toy.judge import judge_batch, judge_image, read_attributes, to_uint8
+from t2i_align.gallery import to_uint8
+from t2i_align.toy.judge import judge_batch, judge_image, read_attributes
 from t2i_align.toy.scenes import (ATTRIBUTES, VALUES, Scene, all_scenes, long_caption, noisy_scene, render,
                                   scene_from_caption, short_caption, split_scenes)
 from t2i_align.toy.tokenizer import build_clip_tokenizer

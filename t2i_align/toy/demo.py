@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ..files import write_json_atomic
-from ..gallery import write_gallery
+from ..gallery import to_uint8, write_gallery
 from ..sampling import load_pipeline
 from ..stats import paired_diff, win_rate
 from .assets import verify_assets
 from .evaluate import Evaluation, evaluate, judge_scores, prompt_set
-from .judge import to_uint8
 from .pairs import export_pairs
 
 GALLERY_PROMPTS = 12

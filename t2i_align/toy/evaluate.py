@@ -6,9 +6,10 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from ..gallery import to_uint8
 from ..sampling import Samples, generate, seeds_for
 from ..stats import mean_ci
-from .judge import Verdict, judge_batch, to_uint8
+from .judge import Verdict, judge_batch
 from .scenes import ATTRIBUTES, Scene, short_caption, split_scenes
 
 # Sampling settings of every toy evaluation, so base and tuned models are always compared alike.

@@ -97,13 +97,3 @@ def judge_batch(images: Sequence[np.ndarray], scenes: Sequence[Scene]) -> List[V
     if len(images) != len(scenes):
         raise ValueError(f"judge got {len(images)} images but {len(scenes)} scenes")
     return [judge_image(im, sc) for im, sc in zip(images, scenes)]
-
-
-def to_uint8(images) -> List[np.ndarray]:
-    """Accept PIL images, uint8 arrays, or a float tensor/array [B, 3, H, W] in [0, 1]; return uint8 HWC arrays."""
-    if hasattr(images, "detach"):
-        images = images.detach().float().cpu().numpy()
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
-        arr = np.clip(images.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return list(arr)
-    return [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]

@@ -22,7 +22,8 @@ from PIL import Image
 
 from ..sampling import generate, seeds_for
 from .evaluate import TOY_GUIDANCE, TOY_STEPS
-from .judge import judge_batch, to_uint8
+from ..gallery import to_uint8
+from .judge import judge_batch
 from .scenes import Scene, short_caption
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "user_id", "are_different", "has_label",
