@@ -191,3 +191,10 @@ def test_unresolvable_interpolation_is_a_config_error():
     assert load_config(None, ["seed=3", "output_dir=runs/${seed}"]).output_dir == "runs/3"
     with pytest.raises(ConfigError, match=r"output_dir in command line.*oops"):
         load_config(None, ["output_dir=${oops}"])
+
+
+def test_bare_no_in_yaml_means_no_mixed_precision(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

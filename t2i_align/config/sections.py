@@ -180,6 +180,8 @@ class TrainConfig:
     """Full fine-tuning: keep the frozen reference UNet on the CPU between uses (saves GPU memory, slower)."""
 
     def __post_init__(self) -> None:
+        if self.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
         _check_at_least(self, ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
                                "max_nonfinite_steps"), 1)
         _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
@@ -245,11 +247,15 @@ class RaftConfig:
     negative_prompt: Optional[str] = None
     generation_batch_size: int = 32
     """Images per pipeline call (halved automatically on an out-of-memory error)."""
+    resolution: Optional[int] = None
+    """Generate at resolution x resolution (RAFT demo: 256 on SD1.5); None: the model's default size."""
 
     def __post_init__(self) -> None:
         _check_at_least(self, ("prompts_per_round", "k", "round_steps", "sample_steps", "generation_batch_size"), 1)
         _check(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "a number in (0, 1]")
         _check_choice(self, "scheduler", ("ddim", "dpm++", "euler"))
+        _check(self, "resolution", self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+               "null or a multiple of 8")
         _check(self, "prompts", bool(self.prompts) or not self.enabled,
                'a prompts file or "toy:train" when raft.enabled is true')
 

@@ -141,7 +141,8 @@ class OnlineSource:
             with self.acc.autocast():
                 return generate(pipe, prompts, seeds, num_inference_steps=self.rc.sample_steps,
                                 guidance_scale=self.rc.guidance_scale, batch_size=self.rc.generation_batch_size,
-                                negative_prompt=self.rc.negative_prompt)
+                                negative_prompt=self.rc.negative_prompt, height=self.rc.resolution,
+                                width=self.rc.resolution)
         finally:
             unet.train(was_training)
 
