@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import BATCH_BUILDERS, make_denoiser, make_reference
-from .checkpoints import checkpoint_step, export_final, resolve_resume, save_checkpoint
+from .checkpoints import export_final, load_checkpoint, resolve_resume, save_checkpoint, save_only_trainable
 from .config import Config, config_to_dict, save_config
 from .data.sources import build_data_source
 from .models import build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
@@ -112,10 +112,11 @@ def train(cfg: Config) -> TrainResult:
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     start = 0
+    if cfg.lora.enabled:
+        save_only_trainable(accelerator)
     resume = resolve_resume(out, cfg.train.resume)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        start = checkpoint_step(resume)
+        start = load_checkpoint(accelerator, resume, unet, cfg.lora.enabled)
         tracker.truncate_after(start)
         accelerator.print(f"resumed from {resume} at step {start}")
     validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4))

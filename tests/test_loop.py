@@ -102,6 +102,12 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, pairs,
     train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=4", "train.resume=latest"))
     assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
     assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["step-2", "step-4"]
+    from safetensors import safe_open
+
+    with safe_open(str(part / "checkpoints" / "step-2" / "model.safetensors"), framework="pt") as f:
+        assert f.keys() and all(".lora_" in k for k in f.keys())  # adapters only, not the frozen UNet
+    with pytest.raises(RuntimeError, match="other LoRA settings"):
+        train(_cfg(tiny_model, pairs, part, *common, "lora.rank=2", "train.max_steps=6", "train.resume=latest"))
 
 
 def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, monkeypatch):
