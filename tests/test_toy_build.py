@@ -38,3 +38,21 @@ def test_a_failed_build_leaves_previous_assets_untouched(tmp_path, monkeypatch):
         build(out, seed=1, budget=TINY_BUDGET, log=_quiet)
     assert file_hashes(out) == before
     assert not list(tmp_path.glob("*.building-*"))
+
+
+def test_pipeline_text_encoder_is_the_toy_clip_text_tower():
+    from open_clip.model import CLIP
+
+    from t2i_align.toy.architectures import text_encoder_from_clip, toy_clip_config
+
+    torch.manual_seed(0)
+    clip = CLIP(**toy_clip_config()).eval()
+    encoder = text_encoder_from_clip(clip.state_dict())
+    ids = torch.full((2, 77), 49407)  # padded with end-of-text, as the SD tokenizer pads
+    ids[:, 0] = 49406
+    ids[0, 1:4] = torch.tensor([320, 1125, 539])
+    ids[1, 1:6] = torch.tensor([320, 1449, 2368, 1125, 539])
+    with torch.no_grad():
+        hidden = encoder(ids).last_hidden_state
+        pooled = hidden[torch.arange(2), ids.argmax(-1)] @ clip.text_projection  # open_clip pools at the first EOT
+        torch.testing.assert_close(pooled, clip.encode_text(ids), atol=1e-5, rtol=1e-4)

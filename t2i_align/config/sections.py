@@ -237,7 +237,7 @@ class RaftConfig:
     round_steps: int = 80
     """Optimizer steps trained on each round's selection (RAFT demo: 80)."""
     reward: str = "toy-judge"
-    """Reward model name (see `t2i-score --list`)."""
+    """Reward model name, as in `t2i-score --reward` (reward_models.available_rewards())."""
     reward_options: Dict[str, Any] = field(default_factory=dict)
     """Keyword options of the reward, e.g. {weights: /path/to/checkpoint}."""
     scheduler: str = "ddim"

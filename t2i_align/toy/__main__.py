@@ -73,12 +73,12 @@ def cmd_demo(args) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m t2i_align.toy", description="The t2i-align toy world.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train the toy models from scratch (about 25 min on 2 CPU cores)")
+    b = sub.add_parser("build", help="train the toy models from scratch (about an hour on 2 CPU cores)")
     b.add_argument("--out", default=None, help="assets folder (default: the shipped one, replaced atomically)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--tiny", action="store_true", help="a few steps of each stage (tests the script only)")
     b.add_argument("--only", choices=("denoiser",), default=None,
-                   help="retrain only the text encoder + UNet, keeping the VAE and toy CLIP in --out")
+                   help="retrain only the UNet, keeping the VAE and toy CLIP in --out")
     sub.add_parser("where", help="print the paths of the shipped assets as JSON")
     for name, helptext in (("evaluate", "judge a model on a prompt set at fixed seeds"),
                            ("pairs", "sample, judge and write Pick-a-Pic-format pairs"),

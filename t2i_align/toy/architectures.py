@@ -1,7 +1,7 @@
 """Tiny architectures of the toy world: the real diffusers / transformers / open_clip classes at toy size.
 
-Images are 32x32 RGB; the VAE downsamples by 2 into 4x16x16 latents; the text encoder is a 2-layer CLIP text
-transformer with the full CLIP vocabulary (49,408 tokens) and a 77-token context, as in SD1.5.
+Images are 32x32 RGB; the VAE downsamples by 2 into 4x16x16 latents; the text encoder is the toy CLIP's 3-layer
+text transformer with the full CLIP vocabulary (49,408 tokens) and a 77-token context, as in SD1.5.
 """
 from __future__ import annotations
 
@@ -29,12 +29,29 @@ def toy_vae() -> AutoencoderKL:
 
 
 def toy_text_encoder() -> CLIPTextModel:
+    """The toy CLIP's text tower (`toy_clip_config`) as a transformers CLIPTextModel: SD1.5 conditions on OpenAI
+    CLIP's frozen text tower, and the toy pipeline does the same with the toy CLIP's (`text_encoder_from_clip`)."""
+    text = toy_clip_config()["text_cfg"]
     cfg = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=TEXT_DIM,
+        vocab_size=text["vocab_size"], hidden_size=text["width"], intermediate_size=4 * text["width"],
+        num_hidden_layers=text["layers"], num_attention_heads=text["heads"],
+        max_position_embeddings=text["context_length"], hidden_act="quick_gelu", bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407, projection_dim=toy_clip_config()["embed_dim"],
     )
     return CLIPTextModel(cfg)
+
+
+def text_encoder_from_clip(clip_state: dict) -> CLIPTextModel:
+    """The toy pipeline's text encoder with the weights of a toy open_clip model's text tower."""
+    from reward_models.pickscore import open_clip_to_hf_clip
+
+    encoder = toy_text_encoder()
+    # transformers 5 dropped the "text_model." level of CLIPTextModel's keys; older versions keep it.
+    keep_prefix = any(k.startswith("text_model.") for k in encoder.state_dict())
+    hf = {(k if keep_prefix else k[len("text_model."):]): v
+          for k, v in open_clip_to_hf_clip(clip_state).items() if k.startswith("text_model.")}
+    encoder.load_state_dict(hf, strict=True)
+    return encoder.eval().requires_grad_(False)
 
 
 def toy_unet() -> UNet2DConditionModel:

@@ -2,11 +2,13 @@
 
 Three stages, each a plain training loop on rendered scenes:
 1. the VAE (reconstruction + a small KL term, as SD's autoencoder without the GAN/LPIPS parts);
-2. the text encoder and UNet together, with the ε-prediction loss on VAE latents, SD1.5's noise schedule and
-   10 % empty captions (so classifier-free guidance works). Captions carry deliberate label noise: every
-   attribute but colour is replaced by a random value with probability `label_noise`. The base model therefore
-   learns colour well and the rest only partly, leaving room for preference tuning to show an effect;
-3. the toy CLIP (open_clip), contrastively, on clean captions and partial captions.
+2. the toy CLIP (open_clip), contrastively, on clean captions and partial captions;
+3. the UNet, with the ε-prediction loss on VAE latents, SD1.5's noise schedule and 10 % empty captions (so
+   classifier-free guidance works), conditioned on the toy CLIP's frozen text tower, as SD1.5 is on OpenAI
+   CLIP's. (A text encoder trained jointly from scratch encoded colour strongly and position hardly at all, and
+   the UNet never learned the other attributes.) Captions carry deliberate label noise: every attribute but
+   colour is replaced by a random value with probability `label_noise`. The base model therefore learns colour
+   well and the rest only partly, leaving room for preference tuning to show an effect.
 Everything is written to a temporary folder and moved into place at the end, so a failed build leaves the
 previous assets untouched.
 """
@@ -41,11 +43,11 @@ class BuildBudget:
     num_images: int = 16000
     vae_steps: int = 1000
     vae_batch: int = 32
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     unet_batch: int = 64
     clip_steps: int = 800
     clip_batch: int = 128
-    label_noise: float = 0.3
+    label_noise: float = 0.5
     """Probability that a training caption names a random value for each attribute except colour."""
     long_caption_prob: float = 0.2
     empty_caption_prob: float = 0.1
@@ -117,16 +119,16 @@ def _tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_denoiser(vae, tokenizer, scenes, x, b: BuildBudget, rng: random.Random, gen: torch.Generator,
-                   log: Callable):
-    """Joint text encoder + UNet training with the ε-prediction MSE (DDPM, Ho et al. 2020, Eq. 14)."""
+def train_denoiser(vae, text_encoder, tokenizer, scenes, x, b: BuildBudget, rng: random.Random,
+                   gen: torch.Generator, log: Callable):
+    """UNet training with the ε-prediction MSE (DDPM, Ho et al. 2020, Eq. 14); the text encoder stays frozen."""
     with torch.no_grad():
         dists = [vae.encode(x[i:i + 256]).latent_dist for i in range(0, len(x), 256)]
         mean = torch.cat([d.mean for d in dists])
         std = torch.cat([d.std for d in dists])
     scale = vae.config.scaling_factor
-    text_encoder, unet, sched = arch.toy_text_encoder(), arch.toy_unet(), arch.train_scheduler()
-    params = list(text_encoder.parameters()) + list(unet.parameters())
+    unet, sched = arch.toy_unet(), arch.train_scheduler()
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
     for step in range(b.unet_steps):
         idx = torch.randint(len(x), (b.unet_batch,), generator=gen)
@@ -134,13 +136,14 @@ def train_denoiser(vae, tokenizer, scenes, x, b: BuildBudget, rng: random.Random
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(sched.config.num_train_timesteps, (b.unet_batch,), generator=gen)
         ids = _tokenize(tokenizer, [_caption(scenes[i], b, rng) for i in idx.tolist()])
-        hidden = text_encoder(ids).last_hidden_state
+        with torch.no_grad():
+            hidden = text_encoder(ids).last_hidden_state
         pred = unet(sched.add_noise(latents, noise, t), t, hidden).sample
         loss = F.mse_loss(pred, noise)
         _step(opt, params, loss, step, b.unet_steps, 5e-4)
         if step % 100 == 0 or step == b.unet_steps - 1:
             log(f"unet step {step}/{b.unet_steps} loss {loss.item():.4f}")
-    return text_encoder.eval().requires_grad_(False), unet.eval().requires_grad_(False)
+    return unet.eval().requires_grad_(False)
 
 
 def _clip_caption(scene: Scene, rng: random.Random) -> str:
@@ -207,21 +210,27 @@ def _stage_random(seed: int, stage: str) -> Tuple[random.Random, torch.Generator
 
 
 def _reuse(previous: Path, log: Callable):
-    """The VAE and toy CLIP of an existing assets folder, for `build --only denoiser`."""
+    """The VAE and toy CLIP (model + config) of an existing assets folder, for `build --only denoiser`."""
     from diffusers import AutoencoderKL
+    from open_clip.model import CLIP
+    from safetensors.torch import load_file
 
     if not (previous / "manifest.json").is_file():
         raise ValueError(f"--only denoiser needs existing assets in {previous} (no manifest.json there); "
                          "run a full build first")
     log(f"reusing the VAE and toy CLIP of {previous}")
-    return AutoencoderKL.from_pretrained(str(previous / "pipeline" / "vae")).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(str(previous / "pipeline" / "vae")).eval().requires_grad_(False)
+    cfg = json.loads((previous / "toy_clip" / "open_clip_config.json").read_text())["model_cfg"]
+    clip = CLIP(**cfg)
+    clip.load_state_dict(load_file(str(previous / "toy_clip" / "open_clip_model.safetensors")))
+    return vae, clip.eval().requires_grad_(False), cfg
 
 
 def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildBudget = BuildBudget(),
           log: Callable = print, only_denoiser: bool = False) -> Path:
     """Train every toy model and write the assets folder (pipeline/, toy_clip/, manifest.json) atomically.
 
-    only_denoiser: retrain the text encoder + UNet and keep the VAE and toy CLIP already in out_dir.
+    only_denoiser: retrain the UNet and keep the VAE and toy CLIP already in out_dir.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".building-{os.getpid()}")
@@ -233,14 +242,14 @@ def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildB
         tokenizer = build_clip_tokenizer(tmp / "pipeline" / "tokenizer")
         scenes, x = _render_dataset(budget.num_images, _stage_random(seed, "data")[0])
         if only_denoiser:
-            vae = _reuse(out_dir, log)
-            shutil.copytree(out_dir / "toy_clip", tmp / "toy_clip")
+            vae, clip, clip_cfg = _reuse(out_dir, log)
         else:
             vae = train_vae(x, budget, _stage_random(seed, "vae")[1], log)
             clip, clip_cfg = train_toy_clip(tokenizer, scenes, x, budget, *_stage_random(seed, "clip"), log)
-            _save_clip(tmp / "toy_clip", clip, clip_cfg)
-        text_encoder, unet = train_denoiser(vae, tokenizer, scenes, x, budget, *_stage_random(seed, "denoiser"),
-                                            log)
+        _save_clip(tmp / "toy_clip", clip, clip_cfg)
+        text_encoder = arch.text_encoder_from_clip(clip.state_dict())
+        unet = train_denoiser(vae, text_encoder, tokenizer, scenes, x, budget, *_stage_random(seed, "denoiser"),
+                              log)
         _save_pipeline(tmp / "pipeline", vae, text_encoder, tokenizer, unet)
         meta = {"seed": seed, "budget": asdict(budget), "build_seconds": round(time.time() - start, 1)}
         if only_denoiser:
