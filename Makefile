@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.t2i-align-installed
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo toy-results install clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m t2i_align.toy demo --out runs/demo
+
+# The toy-world method results quoted in README: offline DPO (the demo), RAFT and online DPO, each judged
+# against the base on the 60 held-out prompts x 8 seeds. About 40 minutes on 2 CPU cores.
+toy-results: $(STAMP)
+	$(BIN)/python -m t2i_align.toy demo --out runs/demo --seeds 8
+	$(BIN)/python train/train.py --config configs/toy/raft.yaml
+	$(BIN)/python sample/compare.py --lora runs/toy-raft/final --seeds-per-prompt 8 --out runs/toy-raft/compare.json
+	$(BIN)/python train/train.py --config configs/toy/online_dpo.yaml
+	$(BIN)/python sample/compare.py --lora runs/toy-online-dpo/final --seeds-per-prompt 8 \
+		--out runs/toy-online-dpo/compare.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -97,3 +97,15 @@ def test_wandb_offline_raft_run_holds_the_gallery(tmp_path):
     _run("configs/toy/raft.yaml", tmp_path / "w", "tracking.wandb=offline", "train.max_steps=1")
     media = list((tmp_path / "w" / "wandb").glob("offline-run-*/files/media/images/gallery/*.png"))
     assert len(media) >= 3  # 3 prompts x 1 seed (W&B stores identical base/tuned images once)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_sdxl_raft_and_online_dpo_steps(objective, tmp_path):
+    from helpers import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    train(load_config(None, [f"model.pretrained={model}", f"output_dir={tmp_path / 'run'}", "lora.enabled=true",
+                             f"objective.name={objective}", "raft.enabled=true", "raft.prompts=toy:train",
+                             "raft.reward=toy-clip", *FAST, "train.max_steps=1", "tracking.wandb=off",
+                             "tracking.validation_reward=null"]))
+    assert "raft/selected" in _metrics(tmp_path / "run")[0]

@@ -68,12 +68,16 @@ class OnlineSource:
 
     # ------------------------------------------------------------------ one round
     def _round_prompts(self, rnd: int) -> List[int]:
+        """Positions rnd·P .. rnd·P + P - 1 of the concatenated per-epoch shuffles of the prompt list."""
         n, per = len(self.prompts), self.rc.prompts_per_round
+        perms: Dict[int, List[int]] = {}
         out = []
         for pos in range(rnd * per, (rnd + 1) * per):
             epoch, i = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
-            out.append(int(perm[i]))
+            if epoch not in perms:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+                perms[epoch] = torch.randperm(n, generator=gen).tolist()
+            out.append(perms[epoch][i])
         return out
 
     def _order(self, rnd: int, n: int) -> List[int]:
@@ -108,7 +112,8 @@ class OnlineSource:
         A resumed run appends its regenerated round again; the last line of a round is the one trained on."""
         if not self.acc.is_main_process:
             return
-        record = {"round": rnd, "prompts": [row[1] for row in rows], "scores": [[x if math.isfinite(x) else None for x in row[2].tolist()] for row in rows],
+        scores = [[x if math.isfinite(x) else None for x in row[2].tolist()] for row in rows]
+        record = {"round": rnd, "prompts": [row[1] for row in rows], "scores": scores,
                   "selected": [list(p) for p in selection.picks], "nonfinite": selection.dropped_nonfinite}
         path = Path(self.cfg.output_dir) / "raft_rounds.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
