@@ -25,15 +25,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m t2i_align.toy demo --out runs/demo
 
-# The toy-world method results quoted in README: offline DPO (the demo), RAFT and online DPO, each judged
-# against the base on the 60 held-out prompts x 8 seeds. About 40 minutes on 2 CPU cores.
+# The toy-world method results quoted in README: offline DPO on best-vs-worst-of-8 pairs, RAFT and online DPO,
+# each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py). About an hour on 2 cores.
 toy-results: $(STAMP)
-	$(BIN)/python -m t2i_align.toy demo --out runs/demo --seeds 8
+	$(BIN)/python -m t2i_align.toy pairs --out runs/toy-pairs-k8 --k 8 --seed 1 --pairing best-worst
+	$(BIN)/python train/train.py --config configs/toy/dpo.yaml data.path=runs/toy-pairs-k8/pairs.parquet \
+		train.max_steps=600 output_dir=runs/toy-dpo-k8-600
 	$(BIN)/python train/train.py --config configs/toy/raft.yaml
-	$(BIN)/python sample/compare.py --lora runs/toy-raft/final --seeds-per-prompt 8 --out runs/toy-raft/compare.json
 	$(BIN)/python train/train.py --config configs/toy/online_dpo.yaml
-	$(BIN)/python sample/compare.py --lora runs/toy-online-dpo/final --seeds-per-prompt 8 \
-		--out runs/toy-online-dpo/compare.json
+	for run in toy-dpo-k8-600 toy-raft toy-online-dpo; do \
+		$(BIN)/python sample/compare.py --lora runs/$$run/final --seeds-per-prompt 8 --out runs/$$run/compare.json \
+			|| exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

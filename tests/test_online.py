@@ -46,7 +46,7 @@ def test_toy_raft_generates_selects_and_trains(tmp_path):
     for key in ("raft/pool_reward_mean", "raft/pool_reward_max", "raft/selected_reward_mean",
                 "raft/selected_diversity", "raft/pool_diversity"):
         assert all(key in r for r in rows)
-    assert rows[0]["raft/selected"] == 3  # best-of-2 of 4 prompts, top 0.8 of them: round(3.2) = 3
+    assert rows[0]["raft/selected"] == 1  # best-of-2 of 4 prompts, top 0.3 of them: round(1.2) = 1
     assert rows[0]["raft/selected_reward_mean"] >= rows[0]["raft/pool_reward_mean"]
     rounds = [json.loads(s) for s in (tmp_path / "raft" / "raft_rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1] and len(rounds[0]["scores"]) == 4

@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="K // 2 disjoint random pairs per prompt, or the best vs the worst image")
     d = sub.add_parser("demo", help="pairs from the base model, LoRA DPO, then base vs tuned judged + a gallery")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--seeds", type=int, default=4, help="held-out images per prompt for the comparison")
+    d.add_argument("--seeds", type=int, default=8, help="held-out images per prompt for the comparison")
     d.add_argument("--config", default="configs/toy/dpo.yaml")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the DPO config, e.g. train.max_steps=50")
     return p

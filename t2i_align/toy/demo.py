@@ -53,7 +53,7 @@ def _train_dpo(config: Path, pairs: Path, out: Path, overrides: Sequence[str]) -
     return train(cfg).final
 
 
-def run_demo(out: Path, seeds_per_prompt: int = 4, config: Path = Path("configs/toy/dpo.yaml"),
+def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = Path("configs/toy/dpo.yaml"),
              train_overrides: Sequence[str] = (), num_pair_prompts: int = 0) -> Dict:
     verify_assets()
     out.mkdir(parents=True, exist_ok=True)
