@@ -2,7 +2,7 @@
 
     accelerate launch train/train.py --config configs/toy/dpo.yaml train.max_steps=200 output_dir=runs/x
 
-Everything after the options is a dotted `key=value` override of the config (see t2i_align/config.py).
+Everything after the options is a dotted `key=value` override of the config (see t2i_align/config/sections.py).
 """
 from __future__ import annotations
 
