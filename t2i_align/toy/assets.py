@@ -10,7 +10,7 @@ from ..files import write_json_atomic
 
 ASSETS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
-REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about an hour on 2 CPU cores)."
+REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about 40 minutes on 2 CPU cores)."
 
 
 class ToyAssetError(RuntimeError):
