@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import json
 import os
 import sys
 import tempfile
@@ -186,6 +185,78 @@ def print_row(row: dict, cols) -> None:
     print("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |", flush=True)
 
 
+class Recorder:
+    """Results so far, rewritten as JSON after every row (a cut-short run keeps its rows) and printed."""
+
+    def __init__(self, path: Path, meta: dict):
+        from t2i_align.files import write_json_atomic
+
+        self.path, self.results, self._write = path, {"meta": meta, "train": [], "generate": []}, write_json_atomic
+
+    def record(self, part: str, row: dict, cols) -> None:
+        self.results[part].append(row)
+        self.save()
+        print_row(row, cols)
+
+    def save(self) -> None:
+        self._write(self.path, self.results)
+
+
+def _device(smoke: bool) -> torch.device:
+    if smoke:
+        torch.set_num_threads(1)
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --smoke for the CPU check")
+    torch.cuda.init()  # reset_peak_memory_stats fails on a CUDA context not yet initialised
+    return torch.device("cuda")
+
+
+def _quiet_imports() -> tuple:
+    import diffusers
+    import transformers
+
+    for name in ("batches", "models", "objectives", "optim", "sampling", "toy.tokenizer"):
+        importlib.import_module(f"t2i_align.{name}")  # a missing package fails now, not inside every row
+    for lib in (diffusers, transformers):  # no progress bars or cast warnings between the table rows
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    return diffusers.__version__, transformers.__version__
+
+
+def train_part(folder: Path, dev, rec: Recorder, steps: int, warmup: int, smoke: bool) -> None:
+    # Checkpointing only where activations dominate (the largest batch); smoke keeps batch 1 for both.
+    grid = [(1, False), (1, True)] if smoke else [(1, False), (4, False), (8, False), (8, True)]
+    print_header(f"Diffusion-DPO step (bf16 autocast, cached latents, mean of {steps} steps after {warmup} "
+                 "warm-up)", TRAIN_COLS)
+    for lora in (True, False):
+        for pairs, ckpt in grid:
+            _fresh(dev)
+            row = {"method": "LoRA r8" if lora else "full", "pairs": pairs, "grad_ckpt": "on" if ckpt else "off"}
+            row.update(guarded(train_row, folder, dev, lora, pairs, ckpt, steps, warmup))
+            rec.record("train", row, TRAIN_COLS)
+    print()
+
+
+def gen_part(folder: Path, dev, rec: Recorder, smoke: bool) -> None:
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+
+    _fresh(dev)
+    gen_steps = 1 if smoke else 20
+    comp = load_components(ModelConfig(pretrained=str(folder), weight_dtype="bf16"), device=dev)
+    comp.unet.eval()
+    print_header(f"generate(): DDIM {gen_steps} steps, CFG 7.5, fp32 UNet + bf16 autocast, VAE decode included",
+                 GEN_COLS)
+    for px in ((64,) if smoke else (512, 256)):
+        for batch in ((1,) if smoke else (8, 16)):
+            _fresh(dev)
+            row = {"px": px, "batch": batch}
+            row.update(guarded(gen_row, comp, dev, batch, px, gen_steps))
+            rec.record("generate", row, GEN_COLS)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     out_dir = os.environ.get("OUT")
@@ -194,78 +265,26 @@ def main() -> None:
     parser.add_argument("--only", choices=("train", "gen"), default=None)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps, after 2 warm-up steps")
     args = parser.parse_args()
-    smoke = args.smoke
-    steps, warmup = (1, 1) if smoke else (args.steps, 2)
-    if smoke:
-        torch.set_num_threads(1)
-    elif not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --smoke for the CPU check")
-    else:
-        torch.cuda.init()  # reset_peak_memory_stats fails on a CUDA context not yet initialised
-    dev = torch.device("cpu" if smoke else "cuda")
-
-    import diffusers
-    import transformers
-
-    for name in ("batches", "models", "objectives", "optim", "sampling", "toy.tokenizer"):
-        importlib.import_module(f"t2i_align.{name}")  # a missing package fails now, not inside every row
-
-    for lib in (diffusers, transformers):  # no progress bars or cast warnings between the table rows
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
+    steps, warmup = (1, 1) if args.smoke else (args.steps, 2)
+    dev = _device(args.smoke)
+    diffusers_version, transformers_version = _quiet_imports()
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke)"
-    meta = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "smoke": smoke, "steps": steps, "warmup": warmup}
-    results = {"meta": meta, "train": [], "generate": []}
-    json_path = Path(args.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(part: str, row: dict, cols) -> None:
-        results[part].append(row)
-        json_path.write_text(json.dumps(results, indent=1))  # after every row: a cut-short run keeps its rows
-        print_row(row, cols)
-
+    meta = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers_version,
+            "transformers": transformers_version, "smoke": args.smoke, "steps": steps, "warmup": warmup}
+    rec = Recorder(Path(args.json), meta)
     print(f"# SD1.5 architecture, random weights | {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
-          f"diffusers {diffusers.__version__} | transformers {transformers.__version__}\n", flush=True)
+          f"diffusers {diffusers_version} | transformers {transformers_version}\n", flush=True)
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_folder(Path(tmp), smoke)
+        folder = build_folder(Path(tmp), args.smoke)
         print(f"built and saved the random pipeline in {time.perf_counter() - begin:.0f} s\n", flush=True)
-
         if args.only != "gen":
-            # Checkpointing only where activations dominate (the largest batch); smoke keeps batch 1 for both.
-            grid = [(1, False), (1, True)] if smoke else [(1, False), (4, False), (8, False), (8, True)]
-            print_header(f"Diffusion-DPO step (bf16 autocast, cached latents, mean of {steps} steps after "
-                         f"{warmup} warm-up)", TRAIN_COLS)
-            for lora in (True, False):
-                for pairs, ckpt in grid:
-                    _fresh(dev)
-                    row = {"method": "LoRA r8" if lora else "full", "pairs": pairs,
-                           "grad_ckpt": "on" if ckpt else "off"}
-                    row.update(guarded(train_row, folder, dev, lora, pairs, ckpt, steps, warmup))
-                    record("train", row, TRAIN_COLS)
-            print()
-
+            train_part(folder, dev, rec, steps, warmup, args.smoke)
         if args.only != "train":
-            from t2i_align.config import ModelConfig
-            from t2i_align.models import load_components
-
-            _fresh(dev)
-            gen_steps = 1 if smoke else 20
-            comp = load_components(ModelConfig(pretrained=str(folder), weight_dtype="bf16"), device=dev)
-            comp.unet.eval()
-            print_header(f"generate(): DDIM {gen_steps} steps, CFG 7.5, fp32 UNet + bf16 autocast, VAE decode "
-                         "included", GEN_COLS)
-            for px in ((64,) if smoke else (512, 256)):
-                for batch in ((1,) if smoke else (8, 16)):
-                    _fresh(dev)
-                    row = {"px": px, "batch": batch}
-                    row.update(guarded(gen_row, comp, dev, batch, px, gen_steps))
-                    record("generate", row, GEN_COLS)
-            print()
+            gen_part(folder, dev, rec, args.smoke)
     meta["total_s"] = round(time.perf_counter() - begin, 1)
-    json_path.write_text(json.dumps(results, indent=1))
-    print(f"total {meta['total_s']} s; JSON: {json_path}")
+    rec.save()
+    print(f"total {meta['total_s']} s; JSON: {rec.path}")
 
 
 if __name__ == "__main__":

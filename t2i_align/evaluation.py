@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .sampling import Samples, generate, load_pipeline, seeds_for
+from .sampling import Samples, generate, load_pipeline, prompt_major
 from .stats import mean_ci, paired_diff, win_rate
 
 
@@ -36,9 +36,7 @@ def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settin
                  device: str = "cpu") -> Samples:
     """`seeds_per_prompt` images of every prompt, prompt-major (prompt i's images are rows i·k .. i·k + k-1)."""
     pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler)
-    k = settings.seeds_per_prompt
-    seeds = [s for row in seeds_for(len(prompts), k, settings.seed) for s in row]
-    flat = [p for p in prompts for _ in range(k)]
+    flat, seeds = prompt_major(prompts, settings.seeds_per_prompt, settings.seed)
     return generate(pipe, flat, seeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                     batch_size=settings.batch_size, negative_prompt=settings.negative_prompt,
                     height=settings.height, width=settings.width)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,6 +66,13 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
 def seeds_for(num_prompts: int, per_prompt: int, base_seed: int = 0) -> List[List[int]]:
     """Seed k of prompt i is base_seed + 10_000·k + i: fixed per (prompt, k), independent of batching."""
     return [[base_seed + 10_000 * k + i for k in range(per_prompt)] for i in range(num_prompts)]
+
+
+def prompt_major(prompts: Sequence, per_prompt: int, base_seed: int = 0) -> Tuple[List, List[int]]:
+    """(each prompt repeated per_prompt times, the matching `seeds_for` seeds): prompt i's images are rows
+    i·per_prompt .. i·per_prompt + per_prompt - 1."""
+    flat = [p for p in prompts for _ in range(per_prompt)]
+    return flat, [s for row in seeds_for(len(prompts), per_prompt, base_seed) for s in row]
 
 
 def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:

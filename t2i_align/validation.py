@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .models import build_pipeline, lora_reference
-from .sampling import Samples, generate, seeds_for
+from .sampling import Samples, generate, prompt_major
 
 
 class Validator:
@@ -19,9 +19,7 @@ class Validator:
         self.cfg, self.components, self.unet, self.frozen = cfg, components, raw_unet, frozen
         self.accelerator = accelerator
         self.prompts = list(cfg.tracking.validation_prompts or prompts)
-        k = cfg.tracking.validation_seeds
-        self.seeds = [s for row in seeds_for(len(self.prompts), k, cfg.seed) for s in row]
-        self.flat_prompts = [p for p in self.prompts for _ in range(k)]
+        self.flat_prompts, self.seeds = prompt_major(self.prompts, cfg.tracking.validation_seeds, cfg.seed)
         self.reward = None
         if cfg.tracking.validation_reward:
             from reward_models import get_reward

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from ..gallery import to_uint8
-from ..sampling import Samples, generate, seeds_for
+from ..sampling import Samples, generate, prompt_major
 from ..stats import mean_ci
 from .judge import Verdict, judge_batch
 from .scenes import ATTRIBUTES, Scene, short_caption, split_scenes
@@ -43,9 +43,7 @@ def summarize(verdicts: Sequence[Verdict]) -> Dict:
 def evaluate(pipe, scenes: Sequence[Scene], seeds_per_prompt: int = 4, base_seed: int = 0,
              steps: int = TOY_STEPS, guidance: float = TOY_GUIDANCE, batch_size: int = 128) -> Evaluation:
     """Sample `seeds_per_prompt` images per scene's short caption at fixed seeds and judge them."""
-    seeds = seeds_for(len(scenes), seeds_per_prompt, base_seed)
-    flat_scenes = [s for s in scenes for _ in range(seeds_per_prompt)]
-    flat_seeds = [x for row in seeds for x in row]
+    flat_scenes, flat_seeds = prompt_major(scenes, seeds_per_prompt, base_seed)
     prompts = [short_caption(s) for s in flat_scenes]
     samples = generate(pipe, prompts, flat_seeds, num_inference_steps=steps, guidance_scale=guidance,
                        batch_size=batch_size)
