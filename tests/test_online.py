@@ -63,6 +63,23 @@ def test_toy_online_dpo_pairs_best_and_worst(tmp_path):
         assert rounds[0]["scores"][p][best] > rounds[0]["scores"][p][worst]
 
 
+def test_reencode_trains_on_vae_encodings_of_the_decoded_images(tmp_path, monkeypatch):
+    import t2i_align.batches as batches
+
+    seen = []
+
+    def recording_encode(components, pixels):
+        seen.append(pixels.clone())
+        return real_encode(components, pixels)
+
+    real_encode = batches.encode_images
+    monkeypatch.setattr(batches, "encode_images", recording_encode)
+    _run("configs/toy/raft.yaml", tmp_path / "r", "raft.reencode=true", "raft.generation_batch_size=3")
+    first_round = torch.cat(seen[:3])  # 4 prompts x 2 images in chunks of 3, 3, 2
+    assert [len(x) for x in seen[:3]] == [3, 3, 2] and first_round.shape[1:] == (3, 32, 32)
+    assert first_round.min() >= -1 and first_round.max() <= 1 and first_round.min() < 0  # [0, 1] images -> [-1, 1]
+
+
 def test_non_finite_rewards_are_dropped_and_counted(tmp_path):
     _run("configs/toy/raft.yaml", tmp_path / "r", "raft.reward=test-half-nan")
     rows = _metrics(tmp_path / "r")

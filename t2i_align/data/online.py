@@ -4,7 +4,8 @@ Round r (every `raft.round_steps` optimizer steps): `prompts_per_round` prompts 
 shuffle of the prompt list and split across processes; each process generates K images per prompt with the
 live UNet (LoRA adapters on), scores them, and the scores and latents are gathered so that every process makes
 the same global selection (`t2i_align.ranking`). Micro-batches are then drawn from the selection, each process
-its own slice of every global batch. Selected samples keep their generated latents: nothing is re-encoded.
+its own slice of every global batch. Selected samples keep their generated latents, or with `raft.reencode` the
+VAE encodings of their decoded images (as the official RAFT code, which trains on the saved images).
 
 A run resumed mid-round regenerates that round's pool with the resumed policy, so resume is exact only at
 round boundaries.
@@ -131,7 +132,8 @@ class OnlineSource:
         seeds = [self.cfg.seed + 1_000_003 * rnd + 10_000 * kk + slot for slot in slots for kk in range(k)]
         samples = self._sample(flat, seeds)
         scores = self.reward(samples.images, flat)[0].detach().float().cpu().reshape(len(texts), k)
-        lat = samples.latents.reshape(len(texts), k, *samples.latents.shape[1:])
+        latents = self._reencode(samples.images) if self.rc.reencode else samples.latents
+        lat = latents.reshape(len(texts), k, *latents.shape[1:])
         return [(slot, texts[i], scores[i], lat[i]) for i, slot in enumerate(slots)]
 
     def _sample(self, prompts: List[str], seeds: List[int]):
@@ -150,6 +152,14 @@ class OnlineSource:
                                 width=self.rc.resolution)
         finally:
             unet.train(was_training)
+
+    def _reencode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of the decoded images, as the data path encodes pixels (`batches.encode_images`)."""
+        from ..batches import encode_images
+
+        step = self.rc.generation_batch_size
+        return torch.cat([encode_images(self.components, images[i:i + step] * 2 - 1).cpu()
+                          for i in range(0, len(images), step)])
 
     def _item(self, row, ks) -> Dict:
         _, prompt, _, lat = row
