@@ -198,3 +198,15 @@ def test_bare_no_in_yaml_means_no_mixed_precision(tmp_path):
     path.write_text("train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_empty_mapping_clears_options_set_by_a_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("raft:\n  reward_options: {weights: /a, device: cpu}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\nraft:\n  reward_options: {weights: /b}\n")
+    assert load_config(tmp_path / "run.yaml").raft.reward_options == {"weights": "/b", "device": "cpu"}  # merged
+    assert load_config(tmp_path / "run.yaml", ["raft.reward_options={}"]).raft.reward_options == {}
+    (tmp_path / "clear.yaml").write_text("base: base.yaml\nraft:\n  reward_options: {}\n")
+    assert load_config(tmp_path / "clear.yaml").raft.reward_options == {}
+    (tmp_path / "empty_section.yaml").write_text("base: base.yaml\nlora: {rank: 2}\ntrain: {}\n")
+    cfg = load_config(tmp_path / "empty_section.yaml", ["lora={}"])
+    assert cfg.lora.rank == 2 and cfg.raft.reward_options == {"weights": "/a", "device": "cpu"}

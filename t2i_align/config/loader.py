@@ -129,6 +129,19 @@ def _where_set(key: str, layers: List[Tuple[str, DictConfig]]) -> str:
     return "the defaults"
 
 
+def _empty_mappings(data: Dict[Any, Any], prefix: str = "") -> List[str]:
+    """Mapping-typed keys set to {} in one layer: `raft.reward_options={}` empties what a base file set there
+    (an empty section such as `lora: {}` changes nothing, as before)."""
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            keys += _empty_mappings(value, dotted + ".")
+        elif value == {} and typing.get_origin(_field_type(dotted)) is dict:
+            keys.append(dotted)
+    return keys
+
+
 def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file at `path` (and its `base:` chain; None = defaults only) <- `key=value` overrides."""
     layers = _read_yaml(Path(path)) if path is not None else []
@@ -138,6 +151,8 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
         _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", where)
         try:
             merged = OmegaConf.merge(merged, layer)
+            for key in _empty_mappings(OmegaConf.to_container(layer, resolve=False)):
+                OmegaConf.update(merged, key, {}, merge=False)  # a merge would keep the old keys
         except OmegaConfBaseException as exc:
             raise _merge_error(exc, where) from None
     try:
