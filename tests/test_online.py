@@ -126,3 +126,19 @@ def test_sdxl_raft_and_online_dpo_steps(objective, tmp_path):
                              "raft.reward=toy-clip", *FAST, "train.max_steps=1", "tracking.wandb=off",
                              "tracking.validation_reward=null"]))
     assert "raft/selected" in _metrics(tmp_path / "run")[0]
+
+
+def test_prompt_dropout_blanks_generated_captions_reproducibly():
+    from types import SimpleNamespace
+
+    from t2i_align.data.online import OnlineSource
+
+    def drops(p):
+        src = SimpleNamespace(cfg=SimpleNamespace(seed=0, data=SimpleNamespace(prompt_dropout=p)))
+        item = {"caption": "a red circle", "latents": torch.zeros(1)}
+        out = [OnlineSource._drop_prompt(src, item, 3, pos)["caption"] == "" for pos in range(400)]
+        assert item["caption"] == "a red circle"  # the round's sample itself is not changed
+        return out
+
+    assert not any(drops(0.0))
+    assert drops(0.25) == drops(0.25) and 0.18 < sum(drops(0.25)) / 400 < 0.32

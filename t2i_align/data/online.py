@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
+import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -64,7 +65,7 @@ class OnlineSource:
             b, world, rank = self.cfg.train.batch_size, self.acc.num_processes, self.acc.process_index
             for i in range(skip, self.micro_per_round):
                 first = (i * world + rank) * b
-                yield self._collate([items[j] for j in order[first:first + b]])
+                yield self._collate([self._drop_prompt(items[order[pos]], rnd, pos) for pos in range(first, first + b)])
             rnd, skip = rnd + 1, 0
 
     # ------------------------------------------------------------------ one round
@@ -160,6 +161,14 @@ class OnlineSource:
         step = self.rc.generation_batch_size
         return torch.cat([encode_images(self.components, images[i:i + step] * 2 - 1).cpu()
                           for i in range(0, len(images), step)])
+
+    def _drop_prompt(self, item: Dict, rnd: int, position: int) -> Dict:
+        """`data.prompt_dropout` applies here too. Without it only the conditional branch learns from samples made
+        with classifier-free guidance, so the guidance gap compounds from round to round."""
+        p = self.cfg.data.prompt_dropout
+        if p and np.random.default_rng([self.cfg.seed % 2**63, rnd, position]).random() < p:
+            return dict(item, caption="")
+        return item
 
     def _item(self, row, ks) -> Dict:
         _, prompt, _, lat = row
