@@ -78,6 +78,9 @@ def test_reencode_trains_on_vae_encodings_of_the_decoded_images(tmp_path, monkey
     first_round = torch.cat(seen[:3])  # 4 prompts x 2 images in chunks of 3, 3, 2
     assert [len(x) for x in seen[:3]] == [3, 3, 2] and first_round.shape[1:] == (3, 32, 32)
     assert first_round.min() >= -1 and first_round.max() <= 1 and first_round.min() < 0  # [0, 1] images -> [-1, 1]
+    seen.clear()
+    _run("configs/toy/raft.yaml", tmp_path / "g", "raft.reencode=false")
+    assert not seen  # the generated latents are trained on as they are
 
 
 def test_non_finite_rewards_are_dropped_and_counted(tmp_path):

@@ -4,8 +4,8 @@ Round r (every `raft.round_steps` optimizer steps): `prompts_per_round` prompts 
 shuffle of the prompt list and split across processes; each process generates K images per prompt with the
 live UNet (LoRA adapters on), scores them, and the scores and latents are gathered so that every process makes
 the same global selection (`t2i_align.ranking`). Micro-batches are then drawn from the selection, each process
-its own slice of every global batch. Selected samples keep their generated latents, or with `raft.reencode` the
-VAE encodings of their decoded images (as the official RAFT code, which trains on the saved images).
+its own slice of every global batch. The training latents are the VAE encodings of the decoded images
+(`raft.reencode`, as the official RAFT code, which trains on the saved images) or the generated latents.
 
 A run resumed mid-round regenerates that round's pool with the resumed policy, so resume is exact only at
 round boundaries.
