@@ -9,9 +9,9 @@ failure keeps the others:
    weights, batch 2 x accumulation 2, 10 steps, a checkpoint every 5, no cache.
 2. The same in bf16 with data.cache=true (the latent cache is built on the fly).
 3. Full fine-tuning DPO (configs/sd15/dpo_full.yaml), bf16, batch 1, 5 steps, gradient checkpointing.
-4. RAFT (sft on best-of-K samples; defaults + overrides, as raft.yaml's reward_options cannot be cleared by an
-   override), LoRA, bf16, K=4 x 4 prompts per round, 3 steps per round, 6 steps, 10 DDIM steps at 512 px,
-   reward "e2e-brightness" (mean pixel value, registered here: needs no weights).
+4. RAFT (sft on best-of-K samples; defaults + overrides, so no reward weights are needed), LoRA, bf16, K=4 x 4
+   prompts per round, 3 steps per round, 6 steps, 10 DDIM steps at 512 px, reward "e2e-brightness" (mean pixel
+   value, registered here).
 5. Online DPO: run 4 with objective.name=dpo (best vs worst of K).
 
 Every run logs each step (log_every=1) and ends with the validation gallery (1 prompt x 1 seed x 10 steps);
