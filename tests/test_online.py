@@ -40,7 +40,7 @@ def _metrics(out):
 
 
 def test_toy_raft_generates_selects_and_trains(tmp_path):
-    result = _run("configs/toy/raft.yaml", tmp_path / "raft")
+    result = _run("configs/toy/raft.yaml", tmp_path / "raft", "raft.top_fraction=0.3")
     rows = _metrics(tmp_path / "raft")
     assert [r["raft/round"] for r in rows] == [0, 1]  # one round per step here
     for key in ("raft/pool_reward_mean", "raft/pool_reward_max", "raft/selected_reward_mean",
