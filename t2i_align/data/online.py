@@ -163,8 +163,8 @@ class OnlineSource:
                           for i in range(0, len(images), step)])
 
     def _drop_prompt(self, item: Dict, rnd: int, position: int) -> Dict:
-        """`data.prompt_dropout` applies here too. Without it only the conditional branch learns from samples made
-        with classifier-free guidance, so the guidance gap compounds from round to round."""
+        """`data.prompt_dropout` applies here as to a data set, so the unconditional branch (used by classifier-free
+        guidance) learns from the samples too."""
         p = self.cfg.data.prompt_dropout
         if p and np.random.default_rng([self.cfg.seed % 2**63, rnd, position]).random() < p:
             return dict(item, caption="")
