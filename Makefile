@@ -26,7 +26,8 @@ demo: $(STAMP)
 	$(BIN)/python -m t2i_align.toy demo --out runs/demo
 
 # The toy-world method results quoted in README: offline DPO on best-vs-worst-of-8 pairs, RAFT and online DPO,
-# each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py). About an hour on 2 cores.
+# each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py), RAFT also on fresh seeds.
+# About 70 minutes on 2 cores.
 toy-results: $(STAMP)
 	$(BIN)/python -m t2i_align.toy pairs --out runs/toy-pairs-k8 --k 8 --seed 1 --pairing best-worst
 	$(BIN)/python train/train.py --config configs/toy/dpo.yaml data.path=runs/toy-pairs-k8/pairs.parquet \
@@ -36,6 +37,8 @@ toy-results: $(STAMP)
 	for run in toy-dpo-k8-600 toy-raft toy-online-dpo; do \
 		$(BIN)/python sample/compare.py --lora runs/$$run/final --seeds-per-prompt 8 --out runs/$$run/compare.json \
 			|| exit 1; done
+	$(BIN)/python sample/compare.py --lora runs/toy-raft/final --seeds-per-prompt 8 --seed 100000 \
+		--out runs/toy-raft/compare_seed100000.json
 
 clean-venv:
 	rm -rf $(VENV)
