@@ -148,10 +148,11 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     layers += [_parse_override(item) for item in overrides]
     merged = OmegaConf.structured(Config)
     for where, layer in layers:
-        _check_keys(OmegaConf.to_container(layer, resolve=False), Config, "", where)
+        data = OmegaConf.to_container(layer, resolve=False)
+        _check_keys(data, Config, "", where)
         try:
             merged = OmegaConf.merge(merged, layer)
-            for key in _empty_mappings(OmegaConf.to_container(layer, resolve=False)):
+            for key in _empty_mappings(data):
                 OmegaConf.update(merged, key, {}, merge=False)  # a merge would keep the old keys
         except OmegaConfBaseException as exc:
             raise _merge_error(exc, where) from None
