@@ -47,9 +47,10 @@ def mid_size_pipeline(folder: Path) -> Path:
 
 
 def run_one(model: str, lora: bool, cache: bool, steps: int, batch: int) -> dict:
-    from t2i_align.batches import encode_images, make_denoiser, make_reference, to_pair_batch
+    from t2i_align.batches import encode_images, make_denoiser, to_pair_batch
     from t2i_align.config import LoraConfig, ModelConfig, ObjectiveConfig
     from t2i_align.conditioning.text import encode_prompts
+    from t2i_align.references import BaseReference
     from t2i_align.models import frozen_reference, load_components, trainable_parameters
     from t2i_align.objectives import get_objective
 
@@ -57,7 +58,7 @@ def run_one(model: str, lora: bool, cache: bool, steps: int, batch: int) -> dict
     comp = load_components(ModelConfig(pretrained=model))
     params = trainable_parameters(comp.unet, LoraConfig(enabled=lora, rank=8))
     frozen = None if lora else frozen_reference(comp.unet, torch.float32)
-    policy, reference = make_denoiser(comp.unet, comp), make_reference(comp.unet, comp, lora, frozen)
+    policy, reference = make_denoiser(comp.unet, comp), BaseReference(comp.unet, comp, lora, frozen).denoiser()
     res = comp.unet.config.sample_size * comp.vae_scale_factor
     raw = {"pixels_w": torch.rand(batch, 3, res, res) * 2 - 1, "pixels_l": torch.rand(batch, 3, res, res) * 2 - 1,
            "caption": ["a small red circle at the top left on a white background"] * batch}

@@ -4,7 +4,7 @@ Weights are RANDOM (built here from SD1.5's configs, nothing is downloaded): tim
 model, outputs are meaningless. The random pipeline is saved as a diffusers folder (fp16) and loaded back through
 the project's `load_components`, so the measured path is the training loop's:
 
-1. DPO training step (`get_objective("dpo")`, `make_denoiser` / `make_reference`, the project's AdamW, gradient
+1. DPO training step (`get_objective("dpo")`, `make_denoiser` / `BaseReference`, the project's AdamW, gradient
    clipping at 1.0) under bf16 autocast, fp32 trainable UNet, frozen parts and full-FT reference in bf16, cached
    inputs (4x64x64 latents + prompt embeddings): LoRA r8 and full fine-tuning, 1/4/8 pairs, gradient
    checkpointing off/on. s/step = mean of --steps (5) steps after 2 warm-up steps; peak = max_memory_allocated
@@ -90,9 +90,10 @@ def _peak(dev: torch.device):  # GiB; includes the resident weights, frozen text
 
 
 def train_row(folder: Path, dev: torch.device, lora: bool, pairs: int, ckpt: bool, steps: int, warmup: int) -> dict:
-    from t2i_align.batches import make_denoiser, make_reference, to_pair_batch
+    from t2i_align.batches import make_denoiser, to_pair_batch
     from t2i_align.conditioning.text import encode_prompts
     from t2i_align.config import LoraConfig, ModelConfig, ObjectiveConfig, TrainConfig
+    from t2i_align.references import BaseReference
     from t2i_align.models import frozen_reference, load_components, trainable_parameters
     from t2i_align.objectives import get_objective
     from t2i_align.optim import make_optimizer
@@ -103,7 +104,7 @@ def train_row(folder: Path, dev: torch.device, lora: bool, pairs: int, ckpt: boo
                            device=dev)
     params = trainable_parameters(comp.unet, LoraConfig(enabled=lora, rank=8))
     frozen = None if lora else frozen_reference(comp.unet, torch.bfloat16)
-    policy, reference = make_denoiser(comp.unet, comp), make_reference(comp.unet, comp, lora, frozen)
+    policy, reference = make_denoiser(comp.unet, comp), BaseReference(comp.unet, comp, lora, frozen).denoiser()
     optimizer = make_optimizer(params, TrainConfig(), 1e-5)  # AdamW over fp32 params (8 bytes of state each)
     size = comp.unet.config.sample_size
     # What the cache hands the loop: CPU fp32 latents and prompt embeddings (moved to the GPU every step).

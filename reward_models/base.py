@@ -21,8 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2i_align.errors import UserError
+
 RewardOutput = Tuple[torch.Tensor, Dict[str, Any]]
 PathLike = Union[str, Path]
+
+
+class PromptsRejected(UserError, ValueError):
+    """A reward cannot score some prompts at all (toy-judge reads only toy captions); from `check_prompts`."""
+
+
+class RewardSetupError(UserError, ValueError):
+    """A reward cannot be built as asked: an unknown name, a wrong option value (version, dtype, arch ...).
+    Still a ValueError, which `t2i-score` turns into a usage error naming the reward."""
 
 
 class Reward:
@@ -30,6 +41,11 @@ class Reward:
 
     name: str = ""
     differentiable: bool = False
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise PromptsRejected (saying which prompts and what the reward reads) if this reward cannot score
+        `prompts`. Callers with fixed prompts check them once at start-up, so a run stops in its first second,
+        not at its first scoring an hour in. Default: any string will do."""
 
     def __call__(self, images, prompts: Sequence[str]) -> RewardOutput:
         if isinstance(images, torch.Tensor) and images.dim() == 3:
@@ -67,10 +83,16 @@ def available_rewards() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def differentiable_rewards() -> List[str]:
+    """Names of the rewards whose scores keep the graph to tensor images (for reward-gradient fine-tuning)."""
+    _load_builtin()
+    return sorted(name for name, cls in _REGISTRY.items() if getattr(cls, "differentiable", False))
+
+
 def get_reward(name: str, **options) -> Reward:
     _load_builtin()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise RewardSetupError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**options)
 
 
@@ -99,7 +121,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
         return dtype or torch.float32
     name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
     if name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+        raise RewardSetupError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
     return getattr(torch, name)
 
 
@@ -164,25 +186,32 @@ def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic
     return x[..., top:top + size, left:left + size]
 
 
+Resize = Callable[[torch.Tensor, int, str], torch.Tensor]
+"""(images [B, C, H, W] in [0, 1], size, interpolation) -> [B, C, size, size], applied before normalisation."""
+
+
 def preprocess_images(images, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                      dtype: torch.dtype = torch.float32, interpolation: str = "bicubic") -> torch.Tensor:
-    """PIL / tensor images -> resized, centre-cropped, normalised [B, 3, size, size] on `device` in `dtype`."""
+                      dtype: torch.dtype = torch.float32, interpolation: str = "bicubic",
+                      resize: Resize = resize_center_crop) -> torch.Tensor:
+    """PIL / tensor images -> resized to size x size by `resize` (default: shortest side + centre crop),
+    normalised, [B, 3, size, size] on `device` in `dtype`."""
     x = to_image_tensors(images)
     if isinstance(x, torch.Tensor):
-        x = resize_center_crop(x.to(device), size, interpolation)
+        x = resize(x.to(device), size, interpolation)
     else:
-        x = torch.cat([resize_center_crop(im.to(device)[None], size, interpolation) for im in x])
+        x = torch.cat([resize(im.to(device)[None], size, interpolation) for im in x])
     m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
     return ((x.float() - m) / s).to(dtype)
 
 
 # ---------------------------------------------------------------- checkpoints
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """A reward's weights are not where they were said to be; the message names the file and its source."""
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the architecture it is loaded into; the message lists the keys."""
+class CheckpointMismatchError(UserError, RuntimeError):
+    """A checkpoint does not fit the architecture it is loaded into (a wrong file or `arch`); the message lists
+    the keys."""
 
 
 def require_path(path: Optional[PathLike], what: str, source: str) -> Path:

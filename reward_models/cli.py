@@ -37,15 +37,16 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files
+from t2i_align.errors import UserError, run_cli
 from t2i_align.stats import wilson_interval
 
-from .base import _REGISTRY, CheckpointMismatchError, Reward, WeightsNotFoundError, available_rewards
+from .base import _REGISTRY, Reward, available_rewards
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class UsageError(Exception):
-    """A user mistake: printed as `error: ...`, exit code 2."""
+class UsageError(UserError):
+    """A mistake in the command line: printed as `error: ...`, exit code 2 (see t2i_align/errors.py)."""
 
 
 class Item(NamedTuple):
@@ -288,11 +289,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (UsageError, WeightsNotFoundError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(args))
 
 
 if __name__ == "__main__":

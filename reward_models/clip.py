@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, batched, find_weights_file, load_checked,
-                   load_state_dict_file, preprocess_images, register, resolve_device, resolve_dtype)
+from .base import (PathLike, Resize, Reward, RewardOutput, WeightsNotFoundError, batched, find_weights_file,
+                   load_checked, load_state_dict_file, preprocess_images, register, resize_center_crop, resolve_device,
+                   resolve_dtype)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +35,9 @@ class ClipEncoder:
     """
 
     def __init__(self, model: torch.nn.Module, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD,
-                 interpolation: str = "bicubic", device=None, dtype=None, batch_size: int = 32):
+                 interpolation: str = "bicubic", device=None, dtype=None, batch_size: int = 32,
+                 resize: Resize = resize_center_crop):
+        self.resize = resize  # how images reach size x size (HPSv2 pads instead of cropping)
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
@@ -45,7 +48,7 @@ class ClipEncoder:
         feats = []
         for s in batched(len(images), self.batch_size):
             pixels = preprocess_images(images[s], self.image_size, self.mean, self.std,
-                                       self.device, self.dtype, self.interpolation)
+                                       self.device, self.dtype, self.interpolation, self.resize)
             feats.append(self._image_features(pixels).float())
         return F.normalize(torch.cat(feats), dim=-1)
 

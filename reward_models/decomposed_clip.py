@@ -7,18 +7,31 @@ the text context on its own), and t = mean_k t_k, *not* re-normalised. Image sid
 normalised image embedding. With v the unit common text direction and η = t·v:
 
     t = η v + t⊥,          S = t·x = t⊥·x + η (v·x)          (total = text-relevant + text-irrelevant)
-    S_ω = t⊥·x + ω η (v·x)                                    (ω = 0.3 in the paper; ω = 1 gives S)
+    S_ω = t⊥·x + ω η (v·x) = (t - (1-ω)(t·v) v)·x             (ω = 0.3 as in the code; ω = 1 gives S)
 
-v is, as in the released code, `normalize(mean over the batch of t)` (so with a batch of one prompt t⊥ = 0 and
-S_ω = ω S), or fixed: estimated once from a prompt set with `fit_direction` and saved / loaded as safetensors.
+ω, code and paper: the released code reweights the *score* as above (env `REWEIGHT`, default 0.3; the loss is
+0.5·(1 - S_ω) - 0.09·(1 - ω)). The paper calls this "gradient reweighting": since t and v do not depend on the
+image, ∇S_ω = ∇(t⊥·x) + ω ∇(η v·x), the text-irrelevant gradient scaled by ω, which is the same thing. Only the
+value differs from S, by -(1-ω)·η(v·x); the code's constant -0.09·(1-ω) shifts the logged loss back as if that
+part were 0.18 and has no gradient. We return S_ω and report S, both parts and η in `info`.
+
+The common direction v: the released code recomputes it every step as normalize(mean of t over the batch,
+all-gathered over GPUs), so a score depends on the batch it came in and on the number of processes. Here v is
+fitted once from a prompt set (`fit_prompts=` or `fit_direction`), saved with the run as safetensors
+(`save_direction`) and loaded on resume or by other processes (`direction=PATH`), so scores compare across
+batches, processes and resumes. `direction="batch"` keeps the code's per-call batch statistic (process-local:
+no all-gather), for parity experiments only. Without a direction and nothing to fit from the reward refuses to
+score, unless ω = 1 (S_1 = S whatever v is).
+
 Scores are the raw cosine-like values (no logit scale, as in the code), times `scale` (default 1; the paper's
 tables report 100·S). Any CLIP loadable by `clip.load_open_clip` serves as the backbone: Denscore
 (hf.co/luping-liu/Denscore, a transformers CLIPModel folder), PickScore, HPSv2, or "toy" for the toy CLIP.
 """
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +41,10 @@ from .clip import Arch, load_open_clip
 
 SOURCE = ("a CLIP backbone: a local copy of https://huggingface.co/luping-liu/Denscore (transformers CLIPModel "
           "folder, as in LongAlign), any folder or file `clip` accepts (with arch=...), or checkpoint='toy'")
+DIRECTION_SOURCE = "a file written by DecomposedClip.save_direction (the run folder keeps one)"
+NO_DIRECTION = ("decomposed-clip has no common direction v: pass direction=FILE (written by save_direction), "
+                "fit_prompts=[...] or a prompts file / toy:train to fit it once, or direction='batch' for the "
+                "released code's per-batch statistic (scores then depend on the batch)")
 
 
 def split_sentences(text: str) -> List[str]:
@@ -52,22 +69,73 @@ def decompose(t: torch.Tensor, v: torch.Tensor, x: torch.Tensor, omega: float) -
             "weighted": relevant + omega * irrelevant}
 
 
+def fit_common_direction(text_vectors: Callable[[List[str]], torch.Tensor], prompts: Sequence[str],
+                         chunk_size: int = 4096) -> torch.Tensor:
+    """v = normalize(mean over `prompts` of t(p)), unit float32 [D]; `text_vectors(prompts) -> [n, D]`.
+
+    Summed in float64 a chunk at a time, so a data set of millions of captions fits without holding every t.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("fitting the common direction needs at least one prompt")
+    total = None
+    for start in range(0, len(prompts), chunk_size):
+        part = text_vectors(prompts[start:start + chunk_size]).double().sum(0)
+        total = part if total is None else total + part
+    return F.normalize(total / len(prompts), dim=0).float()
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """sha256 of the prompt list (one per line), stored with a fitted direction to say what it was fitted on."""
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def save_direction(path: PathLike, direction: torch.Tensor, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path),
+              metadata={k: str(v) for k, v in metadata.items()})
+
+
+def load_direction(path: PathLike) -> Tuple[torch.Tensor, Dict[str, str]]:
+    """(unit direction float32 [D], the metadata it was saved with)."""
+    from safetensors import safe_open
+
+    with safe_open(str(require_path(path, "decomposed-clip common direction", DIRECTION_SOURCE)), "pt") as f:
+        return F.normalize(f.get_tensor("direction").float(), dim=0), dict(f.metadata() or {})
+
+
 @register("decomposed-clip")
 class DecomposedClip(Reward):
-    """S_ω = t⊥·x + ω η (v·x) (see the module docstring); `scores` are S_ω · scale, float32, differentiable."""
+    """S_ω = t⊥·x + ω η (v·x) (see the module docstring); `scores` are S_ω · scale, float32, differentiable.
+
+    `direction`: a file from `save_direction`, or "batch". `fit_prompts` (used when `direction` is None): a list
+    of prompts, or a prompts file / "toy:train" as `t2i_align.prompts.read_prompts` reads them.
+    """
 
     differentiable = True
 
     def __init__(self, checkpoint: Optional[PathLike] = None, arch: Optional[Arch] = None, omega: float = 0.3,
-                 direction: Optional[PathLike] = None, split: bool = True, scale: float = 1.0, device=None,
-                 dtype=None, batch_size: int = 32):
+                 direction: Optional[PathLike] = None, fit_prompts: Union[str, Sequence[str], None] = None,
+                 split: bool = True, scale: float = 1.0, device=None, dtype=None, batch_size: int = 32):
+        self.omega, self.split, self.scale = float(omega), bool(split), float(scale)
+        self.batch_direction = direction == "batch"
+        if direction is not None and fit_prompts is not None:
+            raise ValueError("decomposed-clip: give direction or fit_prompts, not both")
+        if direction is None and fit_prompts is None and self.omega != 1.0:
+            raise ValueError(NO_DIRECTION)  # before loading weights: fail fast
         self.encoder = load_open_clip(arch, checkpoint, "decomposed-clip weights", SOURCE, device=device,
                                       dtype=dtype, batch_size=batch_size)
-        self.omega, self.split, self.scale = float(omega), bool(split), float(scale)
         self.direction: Optional[torch.Tensor] = None
-        self._fitted_on: Optional[int] = None
-        if direction is not None:
+        self.direction_metadata: Dict[str, str] = {}
+        if direction is not None and not self.batch_direction:
             self.load_direction(direction)
+        elif fit_prompts is not None:
+            if isinstance(fit_prompts, str):
+                from t2i_align.prompts import read_prompts
+
+                fit_prompts = read_prompts(fit_prompts, "decomposed-clip fit_prompts")
+            self.fit_direction(fit_prompts)
 
     def text_vectors(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, List[bool]]:
         """t per prompt (mean of L2-normalised sentence embeddings) and whether any of its sentences was cut."""
@@ -82,39 +150,45 @@ class DecomposedClip(Reward):
         return sums / counts[:, None].to(sums.dtype), truncated
 
     def fit_direction(self, prompts: Sequence[str]) -> torch.Tensor:
-        """v = normalize(mean_p t(p)) over a prompt set; kept and used instead of the batch statistic."""
-        if not prompts:
-            raise ValueError("fit_direction needs at least one prompt")
-        t, _ = self.text_vectors(list(prompts))
-        self.direction = F.normalize(t.mean(0), dim=0)
-        self._fitted_on = len(prompts)
+        """Fit v once from a prompt set (see `fit_common_direction`), keep it and use it from now on."""
+        prompts = list(prompts)
+        self.direction = fit_common_direction(lambda ps: self.text_vectors(ps)[0], prompts)
+        self.direction_metadata = {"num_prompts": str(len(prompts)), "prompts_sha256": prompts_digest(prompts),
+                                   "split": str(self.split)}
         return self.direction
 
     def save_direction(self, path: PathLike) -> None:
-        from safetensors.torch import save_file
-
+        """Write v (and how it was fitted) as safetensors; save it with the run so resumes and other processes
+        load the very same vector."""
         if self.direction is None:
-            raise ValueError("no fixed direction to save: call fit_direction(prompts) first")
-        meta = {"omega": str(self.omega), "num_prompts": str(self._fitted_on or "")}
-        save_file({"direction": self.direction.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+            raise ValueError("no fixed direction to save: fit one first (fit_prompts= or fit_direction)")
+        save_direction(path, self.direction, self.direction_metadata)
 
     def load_direction(self, path: PathLike) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        what = "decomposed-clip common direction"
-        v = load_file(str(require_path(path, what, "a file written by DecomposedClip.save_direction")))["direction"]
+        v, meta = load_direction(path)
         dim = self.encoder.encode_texts([""])[0].shape[-1]
         if v.shape != (dim,):
-            raise ValueError(f"{what} in {path} has shape {tuple(v.shape)}, the model's embeddings are {dim}-d")
-        self.direction = F.normalize(v.float(), dim=0).to(self.encoder.device)
+            raise ValueError(f"common direction in {path} has shape {tuple(v.shape)}; this model's embeddings are "
+                             f"{dim}-d (was it fitted with another CLIP?)")
+        if meta.get("split", str(self.split)) != str(self.split):
+            raise ValueError(f"common direction in {path} was fitted with split={meta['split']}, this reward has "
+                             f"split={self.split}: the text vectors t differ; refit or change split")
+        self.direction, self.direction_metadata = v.to(self.encoder.device), meta
         return self.direction
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         t, truncated = self.text_vectors(prompts)
-        v = self.direction if self.direction is not None else F.normalize(t.mean(0), dim=0)
-        parts = decompose(t, v, self.encoder.encode_images(images), self.omega)
+        x = self.encoder.encode_images(images)
+        if self.direction is None and not self.batch_direction:
+            if self.omega != 1.0:
+                raise ValueError(NO_DIRECTION)
+            total = (t.double() * x.double()).sum(-1) * self.scale  # S_1 = S needs no direction
+            return total.float(), {"total": total.detach().float().tolist(), "truncated": sum(truncated),
+                                   "direction": "none", "omega": self.omega}
+        v = F.normalize(t.mean(0), dim=0) if self.batch_direction else self.direction
+        parts = decompose(t, v, x, self.omega)
         info = {k: (parts[k] * (1.0 if k == "eta" else self.scale)).detach().float().tolist()
-                for k in ("total", "relevant", "irrelevant", "eta")}
-        info.update(truncated=sum(truncated), direction="fixed" if self.direction is not None else "batch",
+                for k in ("total", "relevant", "irrelevant", "weighted", "eta")}
+        info.update(truncated=sum(truncated), direction="batch" if self.batch_direction else "fixed",
                     omega=self.omega)
         return (self.scale * parts["weighted"]).float(), info

@@ -1,7 +1,7 @@
 """Toy-world rewards: `toy-judge`, the programmatic ground truth (fraction of the five attributes right)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence
 
 import torch
 
@@ -9,12 +9,25 @@ from t2i_align.gallery import to_uint8
 from t2i_align.toy.judge import judge_batch
 from t2i_align.toy.scenes import scene_from_caption
 
-from .base import Reward, RewardOutput, register
+from .base import PromptsRejected, Reward, RewardOutput, register
 
 
 @register("toy-judge")
 class ToyJudge(Reward):
     """Scores an image against the scene its (toy short) caption describes. Not differentiable."""
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        bad = []
+        for prompt in prompts:
+            try:
+                scene_from_caption(prompt)
+            except ValueError:
+                bad.append(prompt)
+        if bad:
+            shown = ", ".join(repr(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise PromptsRejected(f"toy-judge scores only toy short captions such as 'a small red circle at the "
+                                  f"top left on a white background'; {len(bad)} of {len(prompts)} prompts are "
+                                  f"not: {shown}")
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         scenes = [scene_from_caption(p) for p in prompts]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Callable
 
 
 def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}model", default="toy", help="diffusers folder, or toy (default)")
     p.add_argument(f"--{prefix}lora", default=None, help="LoRA weights (file, or the folder holding it)")
+    p.add_argument(f"--{prefix}text-encoding", choices=("clip77", "segments"), default=None,
+                   help="prompt encoding (default: the one recorded with the weights, else clip77; LongAlign-tuned "
+                        "models record segments)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = False) -> None:
@@ -51,6 +53,28 @@ def load_reward_set(names: str, options, device: str):
     return load_rewards(listed, parse_options(options or [], listed), device)
 
 
+def add_user_args(p: argparse.ArgumentParser) -> None:
+    """Who a model with a PPD user branch samples for (user_branch.safetensors next to --lora or in --model)."""
+    p.add_argument("--user", action="append", default=None, metavar="ID",
+                   help="user id from the user table; twice with --alpha to interpolate between two users")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="interpolation weight: alpha * second user + (1 - alpha) * first user")
+    p.add_argument("--user-table", default=None,
+                   help="user table (default: user_table.safetensors next to the weights)")
+    p.add_argument("--user-shots", default=None,
+                   help="toy users: a Pick-a-Pic-format parquet of the user's labelled pairs, embedded by the toy "
+                        "encoder (as many usable pairs as the branch has tokens: 4)")
+    p.add_argument("--user-scale", type=float, default=None, help="user scale lambda of the branch (0: base)")
+
+
+def user_choice_from(args, user_id=None):
+    """A UserChoice from add_user_args' flags; `user_id` replaces --user (compare.py runs one user at a time)."""
+    from t2i_align.users.inference import UserChoice
+
+    ids = [user_id] if user_id is not None else list(args.user or [])
+    return UserChoice(ids=ids, alpha=args.alpha, table=args.user_table, shots=args.user_shots, scale=args.user_scale)
+
+
 def add_reward_args(p: argparse.ArgumentParser, default: str = "toy-judge") -> None:
     p.add_argument("--reward", default=default, help=f"comma-separated reward names (default {default})")
     p.add_argument("--option", action="append", metavar="NAME.KEY=VALUE",
@@ -58,18 +82,11 @@ def add_reward_args(p: argparse.ArgumentParser, default: str = "toy-judge") -> N
 
 
 def run_cli(main: Callable) -> int:
-    """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2."""
-    from reward_models.base import CheckpointMismatchError, WeightsNotFoundError
-    from reward_models.cli import UsageError
-    from t2i_align.config import ConfigError
-    from t2i_align.models import ModelLoadError
-    from t2i_align.toy.assets import ToyAssetError
+    """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2 (t2i_align/errors.py)."""
+    from t2i_align.errors import run_cli as run_reporting_user_errors
 
-    try:
-        result = main()
-    except (ConfigError, UsageError, ModelLoadError, ToyAssetError, WeightsNotFoundError,
-            CheckpointMismatchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    def run() -> int:
+        print(json.dumps(main(), indent=2, default=str))
+        return 0
+
+    return run_reporting_user_errors(run)

@@ -5,7 +5,10 @@ over base (ties half, Wilson 95 % interval, sign-test p) and the paired differen
     python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo/final \
         --prompts parti.txt --reward pickscore,hpsv2 --option pickscore.model_dir=/w/PickScore_v1 ... --device cuda
 
---prompts may be repeated: one block of results per prompt set.
+--prompts may be repeated: one block of results per prompt set. PPD: `--user ID` (repeatable) compares per user,
+one block per prompt set and user ("SET · user ID"); a side whose model has a user branch samples for that user.
+
+    python sample/compare.py --lora runs/toy-ppd/final --prompts users.txt --user 20 --user 21 --reward toy-judge
 """
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import add_model_args, add_reward_args, add_sampling_args, load_reward_set, run_cli, settings_from
+from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, load_reward_set, run_cli,
+                    settings_from, user_choice_from)
+
+
+def _has_branch(model, lora) -> bool:
+    from t2i_align.users.inference import branch_file
+
+    return any(branch_file(f) is not None for f in (lora, model) if f is not None and Path(f).exists())
 
 
 def compare_sets(args, rewards) -> dict:
@@ -23,16 +33,21 @@ def compare_sets(args, rewards) -> dict:
 
     settings = settings_from(args)
     results = {}
-    for spec in args.prompts:
+    for spec, user_id in [(s, u) for s in args.prompts for u in (args.user or [None])]:
         prompts = read_prompts(spec, "--prompts")
-        scores = {}
-        for side, model, lora in (("base", args.base, args.base_lora), ("tuned", args.model, args.lora)):
-            scores[side] = score_samples(sample_model(model, lora, prompts, settings, args.device), rewards)
-        results[spec] = {"prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
-                         "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name])
-                                     for name in rewards}}
-    return {"base": {"model": args.base, "lora": args.base_lora},
-            "tuned": {"model": args.model, "lora": args.lora}, "settings": settings.as_dict(), "sets": results}
+        scores, user = {}, user_choice_from(args, user_id)
+        for side, model, lora, encoding in (("base", args.base, args.base_lora, args.base_text_encoding),
+                                            ("tuned", args.model, args.lora, args.text_encoding)):
+            samples = sample_model(model, lora, prompts, settings, args.device, encoding,
+                                   user=user if _has_branch(model, lora) else None)
+            scores[side] = score_samples(samples, rewards)
+        key = spec if user_id is None else f"{spec} · user {user_id}"
+        results[key] = {"prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
+                        "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name])
+                                    for name in rewards}}
+    return {"base": {"model": args.base, "lora": args.base_lora, "text_encoding": args.base_text_encoding},
+            "tuned": {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding},
+            "settings": settings.as_dict(), "sets": results}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -41,6 +56,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     add_model_args(p, prefix="base-")
     add_sampling_args(p, several_prompt_sets=True)
     add_reward_args(p)
+    add_user_args(p)
     p.add_argument("--base", default=None, help="base model folder (default: the same as --model)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)

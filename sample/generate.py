@@ -3,6 +3,8 @@
     python sample/generate.py --model toy --prompts toy:heldout --seeds-per-prompt 2 --out runs/samples
     python sample/generate.py --model /data/sd15 --lora runs/sd15-dpo/final --prompts prompts.txt \
         --scheduler dpm++ --steps 25 --guidance 7.5 --device cuda --out runs/sd15-samples
+    python sample/generate.py --lora runs/toy-ppd/final --user 3 --out runs/user-3       # PPD: one user
+    python sample/generate.py --lora runs/toy-ppd/final --user 3 --user 5 --alpha 0.25 --out runs/mix
 
 The folder is written whole or not at all; an existing non-empty --out is kept unless --overwrite is given.
 """
@@ -15,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from common import add_model_args, add_sampling_args, run_cli, settings_from
+from common import add_model_args, add_sampling_args, add_user_args, run_cli, settings_from, user_choice_from
 
 
 def _write(out: Path, samples, meta: dict) -> Path:
@@ -37,6 +39,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
+    add_user_args(p)
     p.add_argument("--out", required=True, help="output folder (PNGs + metadata.jsonl)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
@@ -50,8 +53,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args)
-    samples = sample_model(args.model, args.lora, prompts, settings, args.device)
-    meta = {"model": args.model, "lora": args.lora, **settings.as_dict()}
+    user = user_choice_from(args)
+    samples = sample_model(args.model, args.lora, prompts, settings, args.device, args.text_encoding, user=user)
+    meta = {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding, **settings.as_dict()}
+    if user.given:
+        meta["user"] = {"ids": user.ids, "alpha": user.alpha, "table": user.table, "shots": user.shots,
+                        "scale": user.scale}
     meta["base_seed"] = meta.pop("seed")
     _write(out, samples, meta)
     return {"out": str(out), "images": len(samples.prompts), "prompts": len(prompts)}

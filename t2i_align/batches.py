@@ -10,8 +10,8 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .conditioning.text import PromptEmbeds, encode_prompts, sdxl_time_ids
-from .models import Components, lora_reference
-from .objectives.base import Denoiser, ImageBatch, PairBatch
+from .models import Components
+from .objectives.base import Denoiser, ImageBatch, PairBatch, PromptBatch
 
 
 @torch.no_grad()
@@ -25,13 +25,18 @@ def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
 def _time_ids(components: Components, raw: Dict, side: str, resolution: int) -> Optional[torch.Tensor]:
     if not components.spec.uses_time_ids:
         return None
-    return sdxl_time_ids(raw[f"original_size_{side}"], raw[f"crop_top_left_{side}"], (resolution, resolution))
+    suffix = f"_{side}" if side else ""  # pairs: _w / _l; image-caption data: none
+    return sdxl_time_ids(raw[f"original_size{suffix}"], raw[f"crop_top_left{suffix}"], (resolution, resolution))
 
 
 def _embeds(components: Components, raw: Dict, device) -> PromptEmbeds:
     if "prompt_embeds" in raw:
-        return PromptEmbeds(raw["prompt_embeds"], raw.get("pooled_prompt_embeds")).to(device)
-    return encode_prompts(components, list(raw["caption"])).to(device)
+        embeds = PromptEmbeds(raw["prompt_embeds"], raw.get("pooled_prompt_embeds")).to(device)
+    else:
+        embeds = encode_prompts(components, list(raw["caption"])).to(device)
+    if components.users is not None:  # PPD: each row's user tokens from the user table (with embedding dropout)
+        embeds.user_tokens = components.users.batch_tokens(raw, device)
+    return embeds
 
 
 def to_pair_batch(components: Components, raw: Dict, device) -> PairBatch:
@@ -47,7 +52,7 @@ def to_pair_batch(components: Components, raw: Dict, device) -> PairBatch:
 
 
 def to_image_batch(components: Components, raw: Dict, device) -> ImageBatch:
-    """The preferred image of each pair (SFT on pair data) or an image batch (RAFT)."""
+    """The preferred image of each pair (SFT on pair data) or an image batch (image-caption data, RAFT)."""
     side = "w" if "pixels_w" in raw or "latents_w" in raw else ""
     key = f"latents_{side}" if side else "latents"
     if key in raw:
@@ -55,51 +60,45 @@ def to_image_batch(components: Components, raw: Dict, device) -> ImageBatch:
     else:
         latents = encode_images(components, raw[f"pixels_{side}" if side else "pixels"])
     res = int(latents.shape[-1] * components.vae_scale_factor)
-    tids = _time_ids(components, raw, side or "w", res) if side else raw.get("time_ids")
+    tids = _time_ids(components, raw, side, res) if side or "original_size" in raw else raw.get("time_ids")
     return ImageBatch(latents=latents.to(device), embeds=_embeds(components, raw, device),
                       time_ids=None if tids is None else tids.to(device))
 
 
+def unet_kwargs(components: Components, embeds: PromptEmbeds, time_ids=None) -> Dict:
+    """The UNet's keyword inputs besides (sample, t): text states and the family's added conditioning, plus PPD's
+    user tokens as `image_embeds` when the embeds carry them (a UNet without a user branch ignores those)."""
+    added = dict(components.spec.added_cond_kwargs(embeds, time_ids) or {})
+    if embeds.user_tokens is not None:
+        from .conditioning.users import user_added_cond
+
+        added.update(user_added_cond(embeds.user_tokens))
+    return {"encoder_hidden_states": embeds.prompt_embeds, "added_cond_kwargs": added or None}
+
+
 def make_denoiser(unet: torch.nn.Module, components: Components) -> Denoiser:
     """The UNet as (noisy latents, t, embeds, time ids) -> prediction, with the family's extra inputs."""
-    added = components.spec.added_cond_kwargs
+    branch = getattr(getattr(unet, "module", unet), "encoder_hid_proj", None) is not None  # unwrap DDP
 
     def denoise(noisy, t, embeds: PromptEmbeds, time_ids=None):
-        kwargs = added(embeds, time_ids)
-        return unet(noisy, t, encoder_hidden_states=embeds.prompt_embeds,
-                    added_cond_kwargs=kwargs or None).sample
+        if branch and embeds.user_tokens is None:
+            raise ValueError("this UNet has a user branch (ppd.enabled) but the prompt embeddings carry no user "
+                             "tokens; every batch needs PromptEmbeds.user_tokens (a user_id per row)")
+        return unet(noisy, t, **unet_kwargs(components, embeds, time_ids)).sample
 
     return denoise
 
 
-def make_reference(policy_unet: torch.nn.Module, components: Components, lora: bool,
-                   frozen: Optional[torch.nn.Module]) -> Denoiser:
-    """LoRA: the policy UNet with adapters disabled, without gradients. Full: a frozen copy in weight dtype."""
-    if lora:
-        inner = make_denoiser(policy_unet, components)
-
-        def reference(noisy, t, embeds, time_ids=None):
-            with lora_reference(policy_unet):
-                return inner(noisy, t, embeds, time_ids)
-
-        return reference
-    if frozen is None or frozen is policy_unet:
-        raise ValueError("full fine-tuning needs a frozen reference copy that is not the policy UNet")
-    inner = make_denoiser(frozen, components)
-    dtype = next(frozen.parameters()).dtype
-
-    @torch.no_grad()
-    def reference(noisy, t, embeds, time_ids=None):
-        device = next(frozen.parameters()).device
-        if device != noisy.device:  # offloaded between uses
-            frozen.to(noisy.device)
-        out = inner(noisy.to(dtype), t, embeds.to(noisy.device, dtype), time_ids).float()
-        if device != noisy.device:
-            frozen.to(device)
-        return out
-
-    return reference
+def to_prompt_batch(components: Components, raw: Dict, device) -> PromptBatch:
+    """Captions and their embeddings only (reward-gradient methods generate their images); for SDXL the time ids
+    of an uncropped image at the training resolution (`raw["resolution"]`), as RAFT's samples get."""
+    captions = list(raw["caption"])
+    time_ids = None
+    if components.spec.uses_time_ids:
+        res = int(raw["resolution"])
+        time_ids = sdxl_time_ids((res, res), (0, 0), (res, res), batch_size=len(captions)).to(device)
+    return PromptBatch(captions, _embeds(components, raw, device), time_ids)
 
 
 BatchFn = Callable[[Components, Dict, torch.device], object]
-BATCH_BUILDERS: Dict[str, BatchFn] = {"pairs": to_pair_batch, "images": to_image_batch}
+BATCH_BUILDERS: Dict[str, BatchFn] = {"pairs": to_pair_batch, "images": to_image_batch, "prompts": to_prompt_batch}

@@ -10,14 +10,19 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .errors import UserError
 from .files import replace_dir
 
 MARKER = "t2i_align_checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """A checkpoint written by a run with other settings (LoRA targets or rank) than this one."""
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -49,8 +54,30 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Opti
     return path
 
 
+def read_marker(path: Path) -> dict:
+    """The checkpoint's marker: {"step": N, ...what the loop recorded, e.g. "raw_batches"}."""
+    return json.loads((Path(path) / MARKER).read_text())
+
+
 def checkpoint_step(path: Path) -> int:
-    return int(json.loads((path / MARKER).read_text())["step"])
+    return int(read_marker(path)["step"])
+
+
+def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Optional[Path]:
+    """Resuming from step N while checkpoints after N exist (an abandoned timeline): move those into
+    `checkpoints/abandoned-<time>/`, never deleting a user's files, so keep-last-K and `resume=latest` only ever
+    see this timeline. Returns the folder they went to (None if there were none)."""
+    newer = [path for s, path in list_checkpoints(output_dir) if s > step]
+    if not newer:
+        return None
+    import time
+
+    aside = checkpoints_dir(output_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}"
+    aside.mkdir(parents=True)
+    for path in newer:
+        path.rename(aside / path.name)
+    log(f"resumed at step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned run to {aside}")
+    return aside
 
 
 def save_only_trainable(accelerator) -> None:
@@ -75,7 +102,7 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         wrong = sorted(n for n, shape in wanted.items() if stored.get(n) != shape)
         if wrong:
-            raise RuntimeError(f"checkpoint {path} does not hold {len(wrong)} trainable weights of this run as "
+            raise CheckpointMismatch(f"checkpoint {path} does not hold {len(wrong)} trainable weights of this run as "
                                f"shaped here (e.g. {wrong[0]}): was it written with other LoRA settings? Resume "
                                "with the run's own config, or start fresh without train.resume")
         accelerator.load_state(str(path), strict=False)
@@ -88,8 +115,14 @@ def all_finite(params) -> bool:
     return all(torch.isfinite(p.detach()).all().item() for p in params)
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep: int, params) -> Optional[Path]:
-    """Collective: every process calls it. Returns the checkpoint path (None if weights were non-finite)."""
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep: int, params,
+                    marker: Optional[dict] = None, save_extra: Optional[Callable[[Path], None]] = None
+                    ) -> Optional[Path]:
+    """Collective: every process calls it. Returns the checkpoint path (None if weights were non-finite).
+
+    `marker` adds entries to the marker JSON (written last); `save_extra(folder)` writes more state (e.g. a
+    reference pool) into the folder on the main process before it is marked complete. Keep-last-K removes only
+    checkpoints older than this one."""
     if not all_finite(params):
         accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written")
         return None
@@ -102,28 +135,71 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        if save_extra is not None:
+            save_extra(tmp)
+        (tmp / MARKER).write_text(json.dumps({**(marker or {}), "step": step}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        older = [path for s, path in list_checkpoints(output_dir) if s < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def export_final(pipeline, unet, lora: bool, output_dir: str | os.PathLike) -> Path:
-    """`final/`: pytorch_lora_weights.safetensors (LoRA, for `pipe.load_lora_weights`) or a full pipeline
-    folder with the tuned unet/ (full fine-tune, for `DiffusionPipeline.from_pretrained`). Atomic rename."""
+def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, user_table=None) -> Path:
+    """`final/`, renamed into place when complete. Adapters (`adapters`): pytorch_lora_weights.safetensors when
+    LoRA trained (`pipe.load_lora_weights`) and user_branch.safetensors when PPD's user branch did (plain
+    diffusers: `pipe.load_ip_adapter(final, subfolder="", weight_name="user_branch.safetensors",
+    image_encoder_folder=None)`). Full fine-tune: a pipeline folder with the tuned unet/ (`from_pretrained`), a
+    user branch, if any, saved beside it rather than inside unet/. `user_table` (PPD) is copied to
+    final/user_table.safetensors, so the folder holds everything needed to sample for a user."""
     out = Path(output_dir) / "final"
     tmp = Path(output_dir) / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
+    if adapters:
+        _save_adapters(pipeline, unet, tmp)
+    else:
+        _save_full(pipeline, unet, tmp)
+    if user_table is not None:
+        from .users.table import USER_TABLE_NAME
+
+        user_table.save(tmp / USER_TABLE_NAME)
+    # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
+    from .conditioning.text import write_text_encoding
+    from .sampling import pipeline_components
+
+    encoding = pipeline_components(pipeline).text_encoding
+    write_text_encoding(tmp, encoding.kind, encoding.token_budget)
+    return replace_dir(tmp, out)
+
+
+def _save_adapters(pipeline, unet, folder: Path) -> None:
+    from .conditioning.users import has_user_branch, save_user_branch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(unet, "peft_config", None):
         from peft.utils import get_peft_model_state_dict
 
         # peft key names as they are: diffusers' convert_state_dict_to_diffusers rewrites only attention keys to
         # the old lora.up/down names, and a file mixing both formats silently loses the attention adapters.
         layers = get_peft_model_state_dict(unet)
-        type(pipeline).save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
-    else:
-        pipeline.save_pretrained(str(tmp), safe_serialization=True)
-    return replace_dir(tmp, out)
+        type(pipeline).save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    if has_user_branch(unet):
+        save_user_branch(folder, unet)
+
+
+def _save_full(pipeline, unet, folder: Path) -> None:
+    """save_pretrained; a user branch leaves the UNet for it (diffusers would write it into unet/ with an
+    ip_image_proj config that a plain load cannot rebuild) and comes back from its own file afterwards."""
+    from .conditioning.users import has_user_branch, load_user_branch, remove_user_branch, save_user_branch
+
+    if not has_user_branch(unet):
+        pipeline.save_pretrained(str(folder), safe_serialization=True)
+        return
+    branch = save_user_branch(folder, unet)
+    remove_user_branch(unet)
+    try:
+        pipeline.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        load_user_branch(unet, branch.parent, branch.name)

@@ -33,13 +33,18 @@ class SampleSettings:
 
 
 def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settings: SampleSettings,
-                 device: str = "cpu") -> Samples:
-    """`seeds_per_prompt` images of every prompt, prompt-major (prompt i's images are rows i·k .. i·k + k-1)."""
-    pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler)
+                 device: str = "cpu", text_encoding: Optional[str] = None, user=None) -> Samples:
+    """`seeds_per_prompt` images of every prompt, prompt-major (prompt i's images are rows i·k .. i·k + k-1).
+    `text_encoding` None: the one recorded with the weights, else clip77 (see `sampling.load_pipeline`).
+    `user` (a `t2i_align.users.inference.UserChoice`): who a model with a PPD user branch samples for."""
+    from .users.inference import UserChoice, user_tokens_for
+
+    pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler, text_encoding=text_encoding)
     flat, seeds = prompt_major(prompts, settings.seeds_per_prompt, settings.seed)
+    tokens = user_tokens_for(pipe, user or UserChoice(), len(flat), (lora, model))
     return generate(pipe, flat, seeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                     batch_size=settings.batch_size, negative_prompt=settings.negative_prompt,
-                    height=settings.height, width=settings.width)
+                    height=settings.height, width=settings.width, user_tokens=tokens)
 
 
 def score_samples(samples: Samples, rewards: Dict[str, object]) -> Dict[str, List[float]]:

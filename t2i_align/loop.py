@@ -16,18 +16,21 @@ from typing import Dict, Iterator, List
 import torch
 from tqdm.auto import tqdm
 
-from .batches import BATCH_BUILDERS, make_denoiser, make_reference
-from .checkpoints import export_final, load_checkpoint, resolve_resume, save_checkpoint, save_only_trainable
+from .batches import BATCH_BUILDERS, make_denoiser
+from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, save_checkpoint,
+                          save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
+from .errors import UserError
 from .data.sources import build_data_source
-from .models import build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
+from .models import add_lora, build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
 from .objectives import get_objective
+from .objectives.context import ObjectiveContext
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 from .tracking import Tracker
 from .validation import Validator
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -49,9 +52,11 @@ def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, flo
 
 def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int]):
     """The next usable micro-batch; a batch whose rows were all corrupt is replaced by the following one, so
-    every process still runs the same number of forward/backward passes."""
+    every process still runs the same number of forward/backward passes. `counts["raw_batches"]` counts every
+    raw batch read (usable or not): a resumed run skips exactly that many (the checkpoint records it)."""
     while True:
         raw = next(batches)
+        counts["raw_batches"] += 1
         if raw is None:
             counts["data_batches_skipped"] += 1
             continue
@@ -82,6 +87,40 @@ def _counts_as_failure(accelerator, norm: float, step_metrics: List[Dict[str, fl
     return accelerator.scaler is None or not loss_finite
 
 
+def _trainable(cfg: Config, components, needs_reference: bool):
+    """(trainable parameters, frozen reference copy or None). A full fine-tune trains every UNet weight against a
+    frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
+    added after the attention backend and before accelerate wraps the UNet) and the base is every adapter off."""
+    unet = components.unet
+    if cfg.full_finetune:
+        params, frozen = trainable_parameters(unet, cfg.lora), None
+        if needs_reference:
+            frozen = frozen_reference(unet, torch_dtype(cfg.model.weight_dtype))
+            if cfg.train.offload_reference:
+                frozen.to("cpu")
+        return params, frozen
+    if cfg.lora.enabled:
+        params = add_lora(unet, cfg.lora)  # freezes every other weight
+    else:
+        params = []
+        unet.requires_grad_(False)
+    if cfg.ppd.enabled:
+        from .users.training import add_ppd_branch
+
+        params += add_ppd_branch(components, cfg.ppd)
+    return params, None
+
+
+def _source(cfg: Config, components, accelerator, batch_kind: str):
+    """The batch source; with PPD, rows whose user is not in the user table are skipped and counted."""
+    source = build_data_source(cfg, components, accelerator, batch_kind)
+    if components.users is None:
+        return source
+    from .users.training import UserFilteredSource
+
+    return UserFilteredSource(source, components.users.table)
+
+
 def train(cfg: Config) -> TrainResult:
     """Train as `cfg` says; returns the `final/` export folder and the trained UNet."""
     from accelerate import Accelerator
@@ -92,40 +131,44 @@ def train(cfg: Config) -> TrainResult:
     out = Path(cfg.output_dir)
     components = load_components(cfg.model, device=accelerator.device)
     objective = get_objective(cfg.objective.name)
-    params = trainable_parameters(components.unet, cfg.lora)
-    frozen = None
-    if objective.needs_reference and not cfg.lora.enabled:
-        frozen = frozen_reference(components.unet, torch_dtype(cfg.model.weight_dtype))
-        if cfg.train.offload_reference:
-            frozen.to("cpu")
-    source = build_data_source(cfg, components, accelerator, objective.batch_kind)
+    params, frozen = _trainable(cfg, components, objective.needs_reference)
+    source = _source(cfg, components, accelerator, objective.batch_kind)
     set_seed(cfg.seed, device_specific=True)  # same noise stream whether a cache was just built or reused
     optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
-    lr_sched = make_lr_scheduler(optimizer, cfg.train)
+    lr_sched = make_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
     unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
     raw_unet = accelerator.unwrap_model(unet)
-    policy = make_denoiser(unet, components)
-    reference = make_reference(raw_unet, components, cfg.lora.enabled, frozen) if objective.needs_reference \
-        else None
+    raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off
+    ctx = ObjectiveContext(components, accelerator, cfg, raw_unet, not cfg.full_finetune, frozen)
+    objective.setup(ctx)
+    provider = objective.reference_provider(ctx)  # before a resume: its initial snapshot is the initial model
     tracker = Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg),
                       enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
-    start = 0
-    if cfg.lora.enabled:
+    if not cfg.full_finetune:
         save_only_trainable(accelerator)
+    # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
+    validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4),
+                          base=None if provider is None else provider.base_unet)
+    start, raw_start = 0, 0
     resume = resolve_resume(out, cfg.train.resume)
     if resume is not None:
-        start = load_checkpoint(accelerator, resume, unet, cfg.lora.enabled)
+        start = load_checkpoint(accelerator, resume, unet, not cfg.full_finetune)
+        raw_start = int(read_marker(resume).get("raw_batches", start * cfg.train.grad_accum))
+        if provider is not None:
+            provider.load(resume)
+        if accelerator.is_main_process:
+            set_aside_newer(out, start, accelerator.print)
         tracker.truncate_after(start)
         accelerator.print(f"resumed from {resume} at step {start}")
-    validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4))
-    _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,
-         source, tracker, validator, start)
+    state = _RunState(objective, provider, source, tracker, validator, start, raw_start)
+    _run(cfg, accelerator, components, state, unet, optimizer, lr_sched, params)
     final = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = export_final(build_pipeline(components, unet=raw_unet), raw_unet, cfg.lora.enabled, out)
+        final = export_final(build_pipeline(components, unet=raw_unet), raw_unet, not cfg.full_finetune, out,
+                             user_table=None if components.users is None else components.users.table)
         rows, step, columns = validator.gallery(cfg.train.max_steps)
         if rows:
             tracker.log_gallery(rows, step, columns, name="gallery")
@@ -134,23 +177,41 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(final or out / "final", raw_unet)
 
 
-def _run(cfg, accelerator, components, objective, policy, reference, unet, optimizer, lr_sched, params,
-         source, tracker, validator, start: int) -> None:
+@dataclass
+class _RunState:
+    """What `_run` needs beyond the accelerate-prepared objects."""
+
+    objective: object
+    provider: object
+    source: object
+    tracker: Tracker
+    validator: Validator
+    start: int
+    raw_start: int
+
+
+def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched, params) -> None:
     tc = cfg.train
-    batches = source.micro_batches(start * tc.grad_accum)
-    builder = BATCH_BUILDERS[objective.batch_kind]
-    counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0}
+    batches = st.source.micro_batches(st.raw_start)
+    builder = BATCH_BUILDERS[st.objective.batch_kind]
+    policy = make_denoiser(unet, components)
+    counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0,
+              "raw_batches": st.raw_start}
     history: List[Dict[str, float]] = []
     streak = 0
-    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps,
+    bar = tqdm(range(st.start, tc.max_steps), initial=st.start, total=tc.max_steps,
                disable=not accelerator.is_main_process, desc="train")
     for step in bar:
+        reference = None
+        if st.provider is not None:
+            st.provider.begin_step(step)
+            reference = st.provider.denoiser()
         for micro in range(tc.grad_accum):
             batch = _next_batch(batches, builder, components, accelerator.device, counts)
             sync = micro == tc.grad_accum - 1
             with (nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
-                loss, metrics = objective.compute_loss(policy, reference, batch, components.scheduler,
-                                                       cfg.objective, None)
+                loss, metrics = st.objective.compute_loss(policy, reference, batch, components.scheduler,
+                                                          cfg.objective, None)
             accelerator.backward(loss / tc.grad_accum)
             history.append(metrics)
         norm = _optimizer_step(accelerator, unet, optimizer, lr_sched, params, tc.max_grad_norm)
@@ -162,17 +223,26 @@ def _run(cfg, accelerator, components, objective, policy, reference, unet, optim
                                  "the data. Checkpoints written so far are intact.")
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:
-            logged = _mean_metrics(accelerator, history)
-            logged.update(source.metrics())
-            logged.update(counts, lr=lr_sched.get_last_lr()[0], grad_norm=norm,
-                          prompts_truncated=components.truncation.prompts_truncated)
-            tracker.log(logged, step=done)
-            bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+            _log(accelerator, st, history, counts, components, lr_sched, norm, done, bar)
             history = []
+        if st.provider is not None:
+            st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
-            save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params)
+            save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
+                            marker={"raw_batches": counts["raw_batches"]},
+                            save_extra=None if st.provider is None else st.provider.save)
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
-            rows, _, columns = validator.gallery(done)
+            rows, _, columns = st.validator.gallery(done)
             if rows:
-                tracker.log_gallery(rows, done, columns, name="gallery")
+                st.tracker.log_gallery(rows, done, columns, name="gallery")
 
+
+def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar) -> None:
+    logged = _mean_metrics(accelerator, history)
+    logged.update(st.source.metrics())
+    if st.provider is not None:
+        logged.update(st.provider.metrics())
+    logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr_sched.get_last_lr()[0],
+                  grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
+    st.tracker.log(logged, step=done)
+    bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")

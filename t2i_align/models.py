@@ -12,19 +12,21 @@ import importlib.util
 import json
 import os
 import re
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from t2i_align.conditioning import text
+from t2i_align.conditioning import segments, text
 from t2i_align.config import LoraConfig, ModelConfig
+from t2i_align.config.sections import TextEncodingConfig
+from t2i_align.errors import UserError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded or configured; the message says what to change."""
 
 
@@ -40,7 +42,9 @@ class FamilySpec:
     sampling_pipeline: str
     """diffusers pipeline class used for sampling."""
     encode_prompts: Callable[..., text.PromptEmbeds]
-    """(components, prompts) -> PromptEmbeds."""
+    """(components, prompts) -> PromptEmbeds: the family's own 77-token encoding ("clip77")."""
+    encode_segments: Callable[..., text.PromptEmbeds]
+    """(components, prompts) -> PromptEmbeds: LongAlign's segment encoding ("segments")."""
     added_cond_kwargs: Callable[..., dict]
     """(PromptEmbeds, time_ids or None) -> the UNet's `added_cond_kwargs`."""
     vae_fp32: bool
@@ -58,6 +62,7 @@ SD15 = FamilySpec(
     text_components=(("tokenizer", "text_encoder"),),
     sampling_pipeline="StableDiffusionPipeline",
     encode_prompts=text.encode_clip_last_hidden,
+    encode_segments=segments.encode_segments_last_hidden,
     added_cond_kwargs=text.no_added_cond,
     vae_fp32=False,
     default_resolution=512,
@@ -69,6 +74,7 @@ SDXL = FamilySpec(
     text_components=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
     sampling_pipeline="StableDiffusionXLPipeline",
     encode_prompts=text.encode_clip_penultimate_pooled,
+    encode_segments=segments.encode_segments_penultimate_pooled,
     added_cond_kwargs=text.text_time_added_cond,
     vae_fp32=True,
     default_resolution=1024,
@@ -193,6 +199,10 @@ class Components:
     path: Path
     weight_dtype: torch.dtype
     truncation: text.TruncationStats = field(default_factory=text.TruncationStats)
+    text_encoding: TextEncodingConfig = field(default_factory=TextEncodingConfig)
+    """How `encode_prompts` turns prompts into conditioning ("clip77" or "segments"), wherever text is encoded."""
+    users: Any = None
+    """PPD: the `t2i_align.users.training.UserLookup` giving batches their user tokens (set when ppd.enabled)."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -267,7 +277,8 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     if device is not None:
         for module in (*encoders, vae, unet):
             module.to(device)
-    return Components(spec, tokenizers, encoders, vae, unet, scheduler, path, dtype)
+    return Components(spec, tokenizers, encoders, vae, unet, scheduler, path, dtype,
+                      text_encoding=copy.copy(cfg.text_encoding))
 
 
 def _explicit_family(name: str, path: Path) -> FamilySpec:
@@ -346,14 +357,27 @@ def frozen_reference(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
 
 
 @contextmanager
-def lora_reference(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """LoRA reference: the same UNet with adapters disabled and autograd off, for the duration of the block."""
-    unet.disable_adapters()
+def adapters_off(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The base model for the block: the same UNet, EVERY adapter off (LoRA; PPD's user branch), autograd off."""
+    from t2i_align.conditioning.users import has_user_branch, user_branch_disabled
+
+    lora = bool(getattr(unet, "peft_config", None))  # disable_adapters() fails on a UNet without peft adapters
+    if lora:
+        unet.disable_adapters()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (user_branch_disabled(unet) if has_user_branch(unet) else nullcontext()):
             yield unet
     finally:
-        unet.enable_adapters()
+        if lora:
+            unet.enable_adapters()
+
+
+lora_reference = adapters_off  # the earlier name, from when LoRA was the only adapter
+
+
+PIPELINE_COMPONENTS = "t2i_align_components"
+"""Attribute of a diffusers pipeline holding the `Components` whose text parts and text encoding
+`sampling.generate` encodes its prompts with (set by `build_pipeline` and `sampling.load_pipeline`)."""
 
 
 def build_pipeline(components: Components, unet: Optional[torch.nn.Module] = None, scheduler: Any = None):
@@ -367,4 +391,9 @@ def build_pipeline(components: Components, unet: Optional[torch.nn.Module] = Non
     ):
         parts[tok_name], parts[enc_name] = tok, enc
     pipeline_class = getattr(diffusers, components.spec.sampling_pipeline)
-    return pipeline_class(**parts, **dict(components.spec.pipeline_extra_kwargs))
+    pipe = pipeline_class(**parts, **dict(components.spec.pipeline_extra_kwargs))
+    # `sampling.generate` encodes prompts with these components, so it samples in the run's text encoding; its
+    # own truncation count, so sampling does not add to the training prompts' count that the loop logs.
+    setattr(pipe, PIPELINE_COMPONENTS, replace(
+        components, unet=parts["unet"], scheduler=parts["scheduler"], truncation=text.TruncationStats()))
+    return pipe

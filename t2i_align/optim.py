@@ -5,7 +5,7 @@ from typing import List
 
 import torch
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
@@ -18,7 +18,7 @@ def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
 
 def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if not params:
-        raise ValueError("no trainable parameters: check lora.enabled / lora.target_modules")
+        raise ConfigError("no trainable parameters: check lora.enabled / lora.target_modules")
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
@@ -36,15 +36,20 @@ def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig, lr: float
                               "(GPU only), or use train.optimizer=adamw") from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                    weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-    raise ValueError(f"unknown train.optimizer={cfg.optimizer!r}; use adamw, adafactor or adamw8bit")
+    raise ConfigError(f"unknown train.optimizer={cfg.optimizer!r}; use adamw, adafactor or adamw8bit")
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    """A diffusers schedule stepped once per optimizer step (warmup and total in optimizer steps)."""
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, num_processes: int = 1):
+    """A diffusers schedule with warmup and total given in optimizer steps.
+
+    Built in the units accelerate steps it in: once `accelerator.prepare` wraps it, `AcceleratedScheduler.step()`
+    advances it `num_processes` times per optimizer step (split_batches=False), so warmup and total are
+    multiplied by `num_processes`, as diffusers' training scripts do. Unprepared, pass num_processes=1."""
     from diffusers.optimization import get_scheduler
 
     try:
-        return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                             num_training_steps=cfg.max_steps)
+        return get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                             num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                             num_training_steps=cfg.max_steps * num_processes)
     except ValueError as err:
-        raise ValueError(f"train.lr_scheduler={cfg.lr_scheduler!r}: {err}") from err
+        raise ConfigError(f"train.lr_scheduler={cfg.lr_scheduler!r}: {err}") from err

@@ -1,10 +1,24 @@
-"""Prompt lists: a text file with one prompt per line, or a toy-world prompt set ("toy:train", "toy:heldout")."""
+"""Prompt lists: a text file with one prompt per line, or a toy-world prompt set: "toy:train", "toy:heldout" (the
+one-sentence captions) or "toy:train-long", "toy:heldout-long" (the six-sentence captions whose background
+sentence lies beyond CLIP's 77 tokens, `toy_long_captions`)."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import List
 
 from .config import ConfigError
+
+TOY_SETS = ("toy:train", "toy:heldout", "toy:train-long", "toy:heldout-long")
+
+
+def toy_long_captions(name: str) -> List[str]:
+    """The long caption of every scene of prompt set `name` ("train" / "heldout"), scene i's filler sentences
+    shuffled by random.Random(i): fixed, and varied from prompt to prompt."""
+    from .toy.evaluate import prompt_set
+    from .toy.scenes import long_caption
+
+    return [long_caption(scene, random.Random(i)) for i, scene in enumerate(prompt_set(name))]
 
 
 def read_prompts(spec: str, what: str = "prompts") -> List[str]:
@@ -13,14 +27,17 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
         from .toy.evaluate import prompt_set
         from .toy.scenes import short_caption
 
+        name = spec[4:]
         try:
-            return [short_caption(s) for s in prompt_set(spec[4:])]
+            if name.endswith("-long"):
+                return toy_long_captions(name[:-len("-long")])
+            return [short_caption(s) for s in prompt_set(name)]
         except ValueError as err:
-            raise ConfigError(f"{what}: {err} (as toy:train or toy:heldout)") from None
+            raise ConfigError(f"{what}: {err} (as one of {', '.join(TOY_SETS)})") from None
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
-                          "(or toy:train / toy:heldout for the toy world)")
+                          "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"{what}: {path} holds no prompts; write one prompt per line")

@@ -4,14 +4,25 @@ Every image has its own seed (one `torch.Generator` each), so a base and a tuned
 prompts and seeds start from identical noise, and an image does not depend on the batch it was generated in.
 Classifier-free guidance runs conditional and unconditional in one batch (diffusers' pipelines do this).
 A batch that runs out of accelerator memory is retried in halves.
+
+Pipelines get prompt *embeddings*, never strings: a diffusers pipeline given strings truncates them at 77 tokens
+and knows nothing of the text encoding a model was tuned with. `generate` encodes with `encode_prompts` and the
+`Components` the pipeline carries (`pipeline_components`), so every sampler (validation, RAFT, sample/*, toy
+evaluate) conditions the UNet exactly as training did.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .conditioning.text import PromptEmbeds, encode_prompts, read_text_encoding
+from .config.sections import TextEncodingConfig
+
+if TYPE_CHECKING:
+    from .models import Components
 
 
 @dataclass
@@ -40,11 +51,19 @@ def set_scheduler(pipe, name: Optional[str]):
 
 
 def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
-                  scheduler: Optional[str] = None):
-    """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights."""
+                  scheduler: Optional[str] = None, text_encoding: Optional[str] = None):
+    """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
+    a PPD user branch (user_branch.safetensors in the LoRA folder or the model folder) is loaded as well.
+
+    It samples (`generate`) in the text encoding recorded with the weights (`read_text_encoding`: the LoRA's
+    folder first, then the model folder), else in `text_encoding` ("clip77" / "segments"), else in clip77. An
+    explicit `text_encoding` that contradicts the record is an error: a model tuned on one encoding has not
+    learned the other.
+    """
     from diffusers import DiffusionPipeline
 
     from .models import ModelLoadError, resolve_pretrained
+    from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path = resolve_pretrained(str(model))
     pipe = DiffusionPipeline.from_pretrained(str(path))
@@ -53,6 +72,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         if not lora.exists():
             raise ModelLoadError(f"LoRA weights not found: {lora} (expected pytorch_lora_weights.safetensors or "
                                  "the folder holding it)")
+    attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
+    if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError) as err:
@@ -60,7 +81,59 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
+    pipeline_components(pipe, recorded_text_encoding(path, lora, text_encoding))
     return set_scheduler(pipe, scheduler).to(device)
+
+
+def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None,
+                           requested: Optional[str] = None) -> TextEncodingConfig:
+    """The text encoding to sample a model with: the LoRA's record, else the model folder's, else `requested`,
+    else clip77. `requested` contradicting a record raises ModelLoadError."""
+    from .models import ModelLoadError
+
+    for where in [lora, model_dir] if lora is not None else [model_dir]:
+        recorded = read_text_encoding(where)
+        if recorded is None:
+            continue
+        if requested is not None and requested != recorded.kind:
+            raise ModelLoadError(
+                f"{where} was tuned with text encoding {recorded.kind!r} (recorded in its "
+                f"t2i_align_text_encoding.json) but {requested!r} was asked for; sample it with {recorded.kind!r} "
+                "(or leave the text encoding unset to use the recorded one)")
+        return recorded
+    return TextEncodingConfig(kind=requested or "clip77")
+
+
+def pipeline_components(pipe, text_encoding: Optional[TextEncodingConfig] = None) -> "Components":
+    """The `Components` whose text parts and text encoding `generate` encodes `pipe`'s prompts with.
+
+    A pipeline from `models.build_pipeline` or `load_pipeline` carries them; any other diffusers SD1.5 / SDXL
+    pipeline gets a view of its own tokenizers and text encoders (its `scheduler` is the pipeline's sampler), in
+    clip77, attached to it. A given `text_encoding` replaces the carried one.
+    """
+    from .models import FAMILIES, PIPELINE_COMPONENTS, Components, ModelLoadError
+
+    carried = getattr(pipe, PIPELINE_COMPONENTS, None)
+    if carried is not None:
+        if text_encoding is None:
+            return carried
+        view = replace(carried, text_encoding=text_encoding)
+    else:
+        name = type(pipe).__name__
+        spec = next((f for f in FAMILIES.values() if name in (f.sampling_pipeline, *f.pipeline_classes)), None)
+        if spec is None:
+            raise ModelLoadError(f"cannot sample with a {name}; use a StableDiffusionPipeline or "
+                                 "StableDiffusionXLPipeline")
+        tokenizers = [getattr(pipe, tok, None) for tok, _ in spec.text_components]
+        encoders = [getattr(pipe, enc, None) for _, enc in spec.text_components]
+        if any(part is None for part in tokenizers + encoders):
+            raise ModelLoadError(f"this {name} has no tokenizer or text encoder; t2i-align encodes the prompts "
+                                 "itself and needs them")
+        view = Components(spec, tokenizers, encoders, pipe.vae, pipe.unet, pipe.scheduler,
+                          Path(pipe.config.get("_name_or_path") or "."), encoders[0].dtype,
+                          text_encoding=text_encoding or TextEncodingConfig())
+    setattr(pipe, PIPELINE_COMPONENTS, view)
+    return view
 
 
 def seeds_for(num_prompts: int, per_prompt: int, base_seed: int = 0) -> List[List[int]]:
@@ -84,12 +157,24 @@ def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 20,
              guidance_scale: float = 3.0, batch_size: int = 64, negative_prompt: Optional[str] = None,
-             height: Optional[int] = None, width: Optional[int] = None) -> Samples:
-    """Sample one image per (prompt, seed) pair, `batch_size` images at a time."""
+             height: Optional[int] = None, width: Optional[int] = None,
+             progress: Optional[Callable[[int], object]] = None,
+             user_tokens: Optional[torch.Tensor] = None) -> Samples:
+    """Sample one image per (prompt, seed) pair, `batch_size` images at a time.
+
+    Prompts are encoded with `encode_prompts` in the pipeline's text encoding (`pipeline_components`) and handed
+    to the pipeline as embeddings; with clip77 the images are the ones the pipeline makes from the strings.
+    `progress`, if given, is called after each batch with the number of images it finished (a tqdm bar's
+    `update` fits), so long sampling runs can show a progress bar. `user_tokens` [N, T, D], one row per image:
+    PPD's user for a UNet with a user branch (both sides of guidance carry the same user: `pipeline_user_embeds`).
+    """
+    if user_tokens is not None and len(user_tokens) != len(prompts):
+        raise ValueError(f"generate got {len(user_tokens)} rows of user tokens for {len(prompts)} prompts")
     if len(prompts) != len(seeds):
         raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
     if not prompts:
         raise ValueError("generate got no prompts")
+    components = pipeline_components(pipe)
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, negative_prompt=negative_prompt)
     latents, images = [], []
@@ -97,7 +182,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     while start < len(prompts):
         chunk = slice(start, start + batch_size)
         try:
-            lat, img = _generate_chunk(pipe, list(prompts[chunk]), list(seeds[chunk]), **kwargs)
+            users = None if user_tokens is None else user_tokens[chunk]
+            lat, img = _generate_chunk(pipe, components, list(prompts[chunk]), list(seeds[chunk]), users=users,
+                                       **kwargs)
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -107,13 +194,45 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
         latents.append(lat)
         images.append(img)
         start += len(lat)
+        if progress is not None:
+            progress(len(lat))
     return Samples(torch.cat(latents), torch.cat(images), list(prompts), [int(s) for s in seeds])
 
 
-def _generate_chunk(pipe, prompts: List[str], seeds: List[int], negative_prompt: Optional[str], **kwargs):
+def prompt_embeds_kwargs(pipe, components: "Components", prompts: List[str],
+                         negative_prompt: Optional[str] = None) -> dict:
+    """`prompt_embeds`, `negative_prompt_embeds` (and SDXL's pooled pair) for a pipeline call on `prompts`.
+
+    The negative side is what the pipeline itself would use: the encoding of `negative_prompt`, or of "" when
+    there is none, except that a pipeline configured with `force_zeros_for_empty_prompt` (SDXL) uses zeros then.
+    Both sides have the same length, whatever the text encoding.
+    """
+    embeds = encode_prompts(components, prompts)
+    if not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+        pooled = embeds.pooled_prompt_embeds
+        negative = PromptEmbeds(torch.zeros_like(embeds.prompt_embeds),
+                                None if pooled is None else torch.zeros_like(pooled))
+    else:
+        # One row per prompt, as the pipeline encodes it: a batch of one, repeated, differs in the last bits.
+        negative = encode_prompts(components, [negative_prompt or ""] * len(prompts))
+    kwargs = {"prompt_embeds": embeds.prompt_embeds, "negative_prompt_embeds": negative.prompt_embeds}
+    if embeds.pooled_prompt_embeds is not None:
+        kwargs.update(pooled_prompt_embeds=embeds.pooled_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative.pooled_prompt_embeds)
+    return kwargs
+
+
+def _generate_chunk(pipe, components: "Components", prompts: List[str], seeds: List[int],
+                    negative_prompt: Optional[str], users: Optional[torch.Tensor] = None, **kwargs):
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    out = pipe(prompts, generator=gens, output_type="latent",
-               negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None, **kwargs)
+    embeds = prompt_embeds_kwargs(pipe, components, prompts, negative_prompt)
+    if users is not None:
+        from .conditioning.users import pipeline_user_embeds
+
+        guided = kwargs["guidance_scale"] > 1 and pipe.unet.config.get("time_cond_proj_dim") is None
+        embeds["ip_adapter_image_embeds"] = pipeline_user_embeds(users.to(pipe.unet.device, pipe.unet.dtype),
+                                                                 do_classifier_free_guidance=guided)
+    out = pipe(generator=gens, output_type="latent", **embeds, **kwargs)
     lat = out.images.to(pipe.unet.device)
     return lat.cpu(), _decode(pipe, lat).cpu()
 

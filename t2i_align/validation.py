@@ -1,41 +1,105 @@
 """Validation galleries: fixed prompts × fixed seeds, the policy beside the base model, a score under each.
 
-The base images are sampled once: with LoRA by disabling the adapters, with a full fine-tune from the frozen
-reference copy, or, without one, from the UNet before its first update.
+The base images are sampled once: with adapters (LoRA, PPD's user branch) by disabling them all, with a full
+fine-tune from the frozen reference copy (brought to the VAE's device for the purpose when it is offloaded), or,
+without one, from the UNet as it is when the Validator is built. That last case is why the loop must build the
+Validator BEFORE it resumes a checkpoint: afterwards the UNet holds the resumed weights, and "base" would show
+them instead of the original model.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .models import build_pipeline, lora_reference
+from .config import ConfigError
+from .models import adapters_off, build_pipeline
 from .sampling import Samples, generate, prompt_major
 
 
+@contextmanager
+def visiting(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """`module` moved to `device` for the block and back home afterwards (also on an error).
+
+    The offloaded reference (`train.offload_reference`) lives on the CPU between uses, but a diffusers pipeline
+    puts its latents on its accelerator device, where the VAE and text encoders are, so sampling from the
+    reference where it rests fails. Only the device changes: the copy is already in the weight dtype, the dtype
+    of the text encoders whose embeddings it receives.
+    """
+    home = next(module.parameters()).device
+    if home == torch.device(device):
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
 class Validator:
-    def __init__(self, cfg, components, raw_unet, frozen, accelerator, prompts: Sequence[str] = ()):
-        self.cfg, self.components, self.unet, self.frozen = cfg, components, raw_unet, frozen
+    """Galleries of the policy beside the base model. Build it before resuming a checkpoint (module docstring)."""
+
+    def __init__(self, cfg, components, raw_unet, frozen, accelerator, prompts: Sequence[str] = (), base=None):
+        """`base`: a context-manager factory yielding the base UNet (a reference provider's `base_unet`), for
+        when `frozen` does not hold the base for the whole run (SePPO loads its snapshots into it)."""
+        self.cfg, self.components, self.unet, self.frozen, self.base = cfg, components, raw_unet, frozen, base
         self.accelerator = accelerator
         self.prompts = list(cfg.tracking.validation_prompts or prompts)
         self.flat_prompts, self.seeds = prompt_major(self.prompts, cfg.tracking.validation_seeds, cfg.seed)
+        self.users, self.user_tokens = self._gallery_users()
         self.reward = None
         if cfg.tracking.validation_reward:
             from reward_models import get_reward
 
             self.reward = get_reward(cfg.tracking.validation_reward)
+            self._check_reward_reads_prompts()
         self._base: Optional[Samples] = None
-        if self.prompts and accelerator.is_main_process and frozen is None and not cfg.lora.enabled:
+        if self.prompts and accelerator.is_main_process and frozen is None and cfg.full_finetune:
             self._base = self._sample(self.unet)  # full fine-tune without a reference: before any update
+
+    def _gallery_users(self):
+        """PPD: prompt i is drawn for user i mod n of the table (the same user for base and tuned); else none."""
+        lookup = getattr(self.components, "users", None)
+        if lookup is None or not self.prompts:
+            return [None] * len(self.prompts), None
+        ids = lookup.table.ids
+        users = [ids[i % len(ids)] for i in range(len(self.prompts))]
+        k = self.cfg.tracking.validation_seeds
+        return users, lookup.table.tokens([u for u in users for _ in range(k)], dtype=torch.float32)
+
+    def _check_reward_reads_prompts(self) -> None:
+        """Fail at start-up, on every process alike, if the validation reward cannot score the prompts (toy-judge
+        reads only toy captions): a config error now, instead of a traceback at the first gallery."""
+        from reward_models.base import PromptsRejected
+
+        try:
+            self.reward.check_prompts(self.prompts)
+        except PromptsRejected as err:
+            given = "tracking.validation_prompts" if self.cfg.tracking.validation_prompts else \
+                "the first training captions (tracking.validation_prompts is empty)"
+            raise ConfigError(
+                f"tracking.validation_reward = {self.cfg.tracking.validation_reward!r} cannot score the validation "
+                f"prompts, {given}: {err}. Set tracking.validation_prompts to prompts it reads, or choose another "
+                "tracking.validation_reward (null: no score under the images)") from None
+
+    def _sampling_device(self) -> torch.device:
+        return self.components.vae.device
 
     @contextmanager
     def _base_unet(self):
-        if self.cfg.lora.enabled:
-            with lora_reference(self.unet):
+        if self.base is not None:
+            with self.base() as unet, visiting(unet, self._sampling_device()):
+                yield unet
+        elif not self.cfg.full_finetune:
+            with adapters_off(self.unet):
                 yield self.unet
+        elif self.frozen is None:
+            yield None
         else:
-            yield self.frozen
+            with visiting(self.frozen, self._sampling_device()):
+                yield self.frozen
 
     @torch.no_grad()
     def _sample(self, unet) -> Samples:
@@ -46,7 +110,7 @@ class Validator:
         unet.eval()
         try:
             return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
-                            guidance_scale=tc.guidance_scale, batch_size=32)
+                            guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens)
         finally:
             unet.train(was_training)
 
@@ -83,5 +147,6 @@ class Validator:
             row_images = [im for imgs in images for im in imgs[sl]]
             caps = [("" if sc is None else f"{self.cfg.tracking.validation_reward} {sc:.2f}")
                     for scs in scores for sc in scs[sl]]
-            rows.append({"prompt": prompt, "images": row_images, "captions": caps})
+            label = prompt if self.users[i] is None else f"{prompt} · user {self.users[i]}"
+            rows.append({"prompt": label, "images": row_images, "captions": caps})
         return rows

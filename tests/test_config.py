@@ -8,7 +8,8 @@ import pytest
 from t2i_align.config import Config, ConfigError, LoraConfig, ModelConfig, load_config, save_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_YAMLS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+# configs/accelerate/ holds `accelerate launch --config_file` files, checked in tests/test_accelerate_configs.py.
+ALL_YAMLS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -210,3 +211,19 @@ def test_empty_mapping_clears_options_set_by_a_base_file(tmp_path):
     (tmp_path / "empty_section.yaml").write_text("base: base.yaml\nlora: {rank: 2}\ntrain: {}\n")
     cfg = load_config(tmp_path / "empty_section.yaml", ["lora={}"])
     assert cfg.lora.rank == 2 and cfg.raft.reward_options == {"weights": "/a", "device": "cpu"}
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_frozen_weights_without_mixed_precision_are_refused_at_load(tmp_path, dtype):
+    """Issue 10, bug 3: this combination used to load and then die in F.linear on the first forward."""
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO_ROOT / "configs/toy/dpo.yaml", [f"model.weight_dtype={dtype}"])
+    message = str(info.value)
+    assert message.startswith(f"model.weight_dtype = '{dtype}' in command line")
+    assert f"train.mixed_precision={dtype}" in message and "model.weight_dtype=fp32" in message
+    path = write(tmp_path, "half.yaml", f"model:\n  weight_dtype: {dtype}\ntrain:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match=r"half\.yaml"):
+        load_config(path)
+    # with autocast the fp32 trained UNet and the half-precision frozen parts meet (diffusers' scripts' setup)
+    assert load_config(path, [f"train.mixed_precision={dtype}"]).model.weight_dtype == dtype
+    assert load_config(path, ["train.mixed_precision=bf16"]).model.weight_dtype == dtype

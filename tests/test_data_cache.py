@@ -152,3 +152,122 @@ def test_cached_dataset_pickles_for_spawned_workers(tmp_path, pairs_path):
     first = cached[5]
     clone = pickle.loads(pickle.dumps(cached))
     assert torch.equal(clone[5]["latents_w"], first["latents_w"]) and clone[5]["caption"] == first["caption"]
+
+
+def fake_model(folder, vae_weights="vae", vocab="a b c"):
+    """A diffusers-layout folder with the files the cache key reads (contents are stand-ins)."""
+    for sub, name, data in [("vae", "config.json", '{"scaling_factor": 0.18215}'),
+                            ("vae", "diffusion_pytorch_model.safetensors", vae_weights),
+                            ("text_encoder", "model.safetensors", "te"), ("tokenizer", "vocab.json", vocab),
+                            ("tokenizer", "merges.txt", "#version: 0.2")]:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / name).write_text(data)
+    return folder
+
+
+def fake_components(path, family="sd15", vae_dtype=torch.float32, text_dtype=torch.float32, text_encoding="clip77"):
+    from types import SimpleNamespace
+
+    from t2i_align.config.sections import TextEncodingConfig
+
+    def encode_prompts(components, prompts):
+        raise AssertionError("not called")
+
+    return SimpleNamespace(path=path, spec=SimpleNamespace(name=family, encode_prompts=encode_prompts),
+                           vae=torch.nn.Linear(1, 1).to(vae_dtype),
+                           text_encoders=[torch.nn.Linear(1, 1).to(text_dtype)],
+                           text_encoding=TextEncodingConfig(kind=text_encoding))
+
+
+def _same_size_same_mtime_edit(path, text):
+    import os
+
+    stat = path.stat()
+    assert len(text) == stat.st_size
+    path.write_text(text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+MODEL_CHANGES = {
+    "vae override": lambda t: {"model": {"vae": str(fake_model(t / "vae_a"))}},
+    "other vae override": lambda t: {"model": {"vae": str(fake_model(t / "vae_b", vae_weights="other"))},
+                                     "base_model": {"vae": str(fake_model(t / "vae_c"))}},
+    "variant": lambda t: {"model": {"variant": "fp16"}},
+    "revision": lambda t: {"model": {"revision": "abc123"}},
+    "tokenizer contents": lambda t: {"edit": ("tokenizer/vocab.json", "a b d")},
+    "vae config": lambda t: {"edit": ("vae/config.json", '{"scaling_factor": 0.13025}')},
+    "vae dtype": lambda t: {"components": {"vae_dtype": torch.float16}},
+    "text encoder dtype": lambda t: {"components": {"text_dtype": torch.bfloat16}},
+    "family": lambda t: {"components": {"family": "sdxl"}},
+    "encoding settings": lambda t: {"encoding": {"text_encoding": "segments"}},
+}
+
+
+@pytest.mark.parametrize("change", sorted(MODEL_CHANGES))
+def test_every_model_side_input_of_a_cached_tensor_changes_the_key(tmp_path, pairs_path, change):
+    """Regression (issue 10, bug 6): switching model.vae, variant or the tokenizer reused the other's latents."""
+    from t2i_align.config import ModelConfig
+    from t2i_align.data.cache_key import components_key_parts
+
+    model = fake_model(tmp_path / "model")
+    spec = MODEL_CHANGES[change](tmp_path)
+    base_cfg = ModelConfig(pretrained=str(model), **spec.get("base_model", {}))
+    clip77 = {"text_encoding": "clip77"}
+    enc, ds = FakeEncoders(), PairDataset(pairs_path, resolution=16)
+    first = build(ds, enc, tmp_path / "cache", **components_key_parts(base_cfg, fake_components(model), clip77))
+    again = build(ds, enc, tmp_path / "cache", **components_key_parts(base_cfg, fake_components(model), clip77))
+    assert again.folder == first.folder and enc.image_calls == 4  # unchanged inputs: reused
+    if "edit" in spec:
+        _same_size_same_mtime_edit(model / spec["edit"][0], spec["edit"][1])
+    cfg = ModelConfig(pretrained=str(model), **{**spec.get("base_model", {}), **spec.get("model", {})})
+    components = fake_components(model, **spec.get("components", {}))
+    again = build(ds, enc, tmp_path / "cache", **components_key_parts(cfg, components, spec.get("encoding", clip77)))
+    assert again.folder != first.folder and enc.image_calls == 8  # rebuilt
+
+
+@pytest.mark.parametrize("setting", [{"crop": "random"}, {"flip": "joint"}, {"resolution": 8}])
+def test_data_transforms_change_the_key(tmp_path, pairs_path, setting):
+    enc = FakeEncoders()
+    first = build(PairDataset(pairs_path, resolution=16), enc, tmp_path / "cache")
+    again = build(PairDataset(pairs_path, **{"resolution": 16, **setting}), enc, tmp_path / "cache")
+    assert again.folder != first.folder and enc.image_calls == 8
+
+
+def test_uncached_config_streams_and_cached_config_keys_the_vae_override_and_text_encoding(tmp_path, pairs_path,
+                                                                                          monkeypatch):
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import t2i_align.data.sources as sources
+    from t2i_align.config import load_config
+    from t2i_align.data.stream import StreamingPairSource
+
+    model, vae = fake_model(tmp_path / "model"), fake_model(tmp_path / "vae")
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, device="cpu", main_process_first=nullcontext)
+    common = [f"data.path={pairs_path}", "data.resolution=16", "train.batch_size=2", f"output_dir={tmp_path / 'run'}",
+              f"model.pretrained={model}"]
+    assert isinstance(sources.build_data_source(load_config(None, common), None, accelerator), StreamingPairSource)
+    monkeypatch.setattr(sources, "_cache_encoders", lambda components, device: (FakeEncoders().images,
+                                                                                FakeEncoders().prompts))
+    keys = [sources.build_data_source(load_config(None, [*common, "data.cache=true", *extra]),
+                                      fake_components(model, text_encoding=kind), accelerator).dataset.key
+            for extra, kind in [([], "clip77"), ([f"model.vae={vae}"], "clip77"), ([], "segments"), ([], "clip77")]]
+    assert len(set(keys[:3])) == 3 and keys[3] == keys[0]  # the override and the encoding each rebuild
+
+
+def test_shard_writer_holds_one_shard_buffer_not_the_batches_given(tmp_path):
+    """Regression (found by benchmarks/pair_reading.py): the writer kept every batch's tensors, views of whole
+    encoder outputs scattered between large pixel batches; glibc's heap grew ~2.5 MB per pair, 4 GB per shard."""
+    from safetensors.torch import load_file
+
+    from t2i_align.data.cache import _ShardWriter
+
+    writer = _ShardWriter(tmp_path, "x", shard_size=4)
+    for k in range(3):
+        encoder_output = torch.arange(1000.0).reshape(1000, 1) + 1000 * k  # 4,000 bytes
+        writer.add({"v": encoder_output[:3]})  # 3 rows: a view of it
+        assert sum(t.untyped_storage().nbytes() for t in writer.buffers.values()) <= 4 * 4  # 4 rows x 4 bytes
+    writer.flush()
+    assert writer.shards == [["x-00000.safetensors", 4], ["x-00001.safetensors", 4], ["x-00002.safetensors", 1]]
+    rows = torch.cat([load_file(str(tmp_path / name))["v"] for name, _ in writer.shards]).flatten().tolist()
+    assert rows == [0.0, 1.0, 2.0, 1000.0, 1001.0, 1002.0, 2000.0, 2001.0, 2002.0]

@@ -57,6 +57,24 @@ def test_ties_dropped_and_counted_and_losers_swapped(tmp_path, caplog):
         assert color_of(ds[i]["pixels_w"]) == RED and color_of(ds[i]["pixels_l"]) == BLUE
 
 
+def test_labels_outside_0_1_are_skipped_and_counted_like_nan(tmp_path, caplog):
+    """Regression (issue 10, bug 6): label_0 = 3.0 used to be taken as "image 0 wins"."""
+    bad = [3.0, -1.0, float("inf"), float("nan"), 1.5]
+    rows = [row(caption="good 1", label_0=1.0), row(caption="good 0", label_0=0.0)]
+    rows += [row(caption=f"bad {v}", label_0=v) for v in bad] + [row(caption="unlabelled", has_label=False)]
+    rows[0]["has_label"] = rows[1]["has_label"] = True
+    for r in rows[2:-1]:
+        r["has_label"] = True
+    with caplog.at_level(logging.INFO, logger="t2i_align.data.pairs"):
+        ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8)
+    assert ds.captions == ["good 1", "good 0"]
+    assert (ds.stats.rows, ds.stats.used, ds.stats.invalid_labels, ds.stats.unlabelled) == (8, 2, 5, 1)
+    assert "invalid labels=5" in caplog.text
+    everything_bad = [row(label_0=v) for v in bad]
+    with pytest.raises(ValueError, match="no usable pairs.*invalid labels=5"):
+        PairDataset(write_pairs(tmp_path / "bad.parquet", everything_bad), resolution=8)
+
+
 def test_ties_first_keeps_jpg_0_as_winner(tmp_path):
     rows = [row(label_0=1.0), row(jpg_0=image_bytes(GREEN), label_0=0.5)]
     ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8, ties="first")

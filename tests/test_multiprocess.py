@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import save_tiny_pipeline
 from test_loop import write_rendered_pairs
 
@@ -20,15 +22,19 @@ def test_two_process_lora_dpo(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
            f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
-           "lora.enabled=true", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
+           "lora.enabled=true", "train.batch_size=2", "train.max_steps=3", "train.log_every=1",
            "train.checkpoint_every=1", "train.learning_rate=1e-2", "objective.beta=100", "tracking.wandb=off",
-           "tracking.sample_steps=2", "tracking.validation_seeds=1"]
+           "tracking.sample_steps=2", "tracking.validation_seeds=1", "train.lr_scheduler=linear",
+           "train.lr_warmup_steps=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]  # written once, by the main process
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # written once, by the main process
+    # A one-process run's schedule: warmup 1, linear decay to 0 at step 3 -> 1e-2 · (1, ½, 0) after steps 1-3.
+    # accelerate steps a prepared scheduler once per process, so it must be built in those units.
+    assert [r["lr"] for r in records] == pytest.approx([1e-2, 5e-3, 0.0], abs=1e-12)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
     rank0, rank1 = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
     assert rank0 == rank1
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
@@ -55,4 +61,24 @@ def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):
         chosen = {p for p, _ in r["selected"]}
         assert all(r["scores"][p][k] == best[p] for p, k in r["selected"])  # best of K per prompt
         assert min(best[p] for p in chosen) >= max(best[p] for p in range(4) if p not in chosen)  # global top
+    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
+
+
+def test_two_process_seppo_draws_the_same_reference_everywhere(tmp_path):
+    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
+    out = tmp_path / "seppo"
+    script = Path(__file__).with_name("multiprocess_train.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
+           "lora.enabled=true", "objective.name=seppo", "objective.beta=100", "seppo.snapshot_every=1",
+           "seppo.pool_size=4", "seppo.sample_steps=2", "train.batch_size=2", "train.max_steps=4",
+           "train.log_every=1", "train.learning_rate=1e-2", "tracking.wandb=off", "tracking.sample_steps=2",
+           "tracking.validation_seeds=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    draws0, draws1 = (json.loads((out / f"draws{r}.json").read_text()) for r in (0, 1))
+    assert draws0 == draws1 and len(draws0) == 4 and draws0[0] == 0
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()

@@ -103,6 +103,11 @@ def test_bad_raft_settings_fail_clearly(tmp_path):
         _run("configs/toy/online_dpo.yaml", tmp_path / "c", "raft.k=1")
     with pytest.raises(ConfigError, match="raft.prompts"):
         load_config(None, ["raft.enabled=true"])
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("a photo of an astronaut riding a horse\n")
+    with pytest.raises(ConfigError, match="raft.reward = 'toy-judge' cannot score raft.prompts"):
+        _run("configs/toy/raft.yaml", tmp_path / "d", f"raft.prompts={foreign}")  # at start-up, not round 1
+    assert not (tmp_path / "d" / "metrics.jsonl").exists()
 
 
 def test_prompts_over_the_token_limit_are_truncated_and_counted(tmp_path):

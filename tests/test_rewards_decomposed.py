@@ -1,4 +1,5 @@
-"""decomposed-clip (LongAlign, arXiv 2410.11817): the decomposition identity, ω, the direction, gradients."""
+"""decomposed-clip (LongAlign, arXiv 2410.11817): the decomposition identity, ω, the fitted common direction
+(fit once, saved, loaded: independent of the batch), gradients."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from reward_models import get_reward
-from reward_models.decomposed_clip import decompose, split_sentences
+from reward_models.decomposed_clip import decompose, fit_common_direction, split_sentences
 
 TINY = {"embed_dim": 16, "quick_gelu": True,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
@@ -68,7 +69,7 @@ def _direct(model, images, prompts, split=True):
 def test_scores_follow_the_longalign_formula(tiny):
     model, folder = tiny
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    reward = get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", device="cpu")
     assert reward.omega == 0.3 and reward.differentiable
     scores, info = reward(images, PROMPTS)
     t, x = _direct(model, images, PROMPTS)
@@ -80,6 +81,7 @@ def test_scores_follow_the_longalign_formula(tiny):
     torch.testing.assert_close(torch.tensor(info["total"]), (t * x).sum(-1), atol=1e-5, rtol=1e-4)
     total, rel, irr = (torch.tensor(info[k], dtype=torch.float64) for k in ("total", "relevant", "irrelevant"))
     torch.testing.assert_close(rel + irr, total, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(info["weighted"]), scores, atol=1e-6, rtol=0)
     assert info["truncated"] == 1 and info["direction"] == "batch"
 
 
@@ -95,24 +97,81 @@ def test_omega_one_gives_the_plain_score(tiny):
 def test_gradients_reach_the_images(tiny):
     _, folder = tiny
     images = torch.rand(3, 3, 40, 36, requires_grad=True)
-    scores, _ = get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")(images, PROMPTS[:3])
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), fit_prompts=PROMPTS, device="cpu")
+    scores, _ = reward(images, PROMPTS[:3])
     scores.sum().backward()
     assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
 
 
+def test_fit_common_direction_by_hand():
+    vectors = {"a": [3.0, 0.0], "b": [0.0, 4.0], "c": [0.0, 0.0]}
+    fake = lambda ps: torch.tensor([vectors[p] for p in ps])  # noqa: E731
+    # mean of t = (1, 4/3) -> normalised (0.6, 0.8); chunking does not change the mean
+    for chunk in (1, 2, 4096):
+        torch.testing.assert_close(fit_common_direction(fake, ["a", "b", "c"], chunk), torch.tensor([0.6, 0.8]))
+    with pytest.raises(ValueError, match="at least one"):
+        fit_common_direction(fake, [])
+
+
 def test_fixed_direction_round_trip(tiny, tmp_path):
-    _, folder = tiny
-    reward = get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")
-    v = reward.fit_direction(PROMPTS + ["a yellow triangle. On black."])
-    assert torch.isclose(v.norm(), torch.tensor(1.0))
+    model, folder = tiny
+    fit_on = PROMPTS + ["a yellow triangle. On black."]
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), fit_prompts=fit_on, device="cpu")
+    t_fit, _ = _direct(model, torch.zeros(1, 3, 32, 32), fit_on)
+    v = reward.direction
+    torch.testing.assert_close(v, F.normalize(t_fit.mean(0), dim=0), atol=1e-6, rtol=1e-5)
     path = tmp_path / "direction.safetensors"
     reward.save_direction(path)
+    # a resumed run or another process: loads the very same vector and how it was fitted
     loaded = get_reward("decomposed-clip", checkpoint=str(folder), direction=str(path), device="cpu")
-    torch.testing.assert_close(loaded.direction, v)
-    images = torch.rand(3, 3, 32, 32)
+    assert torch.equal(loaded.direction, v)
+    assert loaded.direction_metadata["num_prompts"] == "5" and len(loaded.direction_metadata["prompts_sha256"]) == 64
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     batch, info = loaded(images, PROMPTS[:3])
     alone, _ = loaded(images[:1], PROMPTS[:1])  # a fixed v makes each score independent of the batch
     torch.testing.assert_close(alone, batch[:1], atol=1e-6, rtol=1e-5)
+    t, x = _direct(model, images, PROMPTS[:3])
+    eta = t @ v
+    relevant, irrelevant = ((t - eta[:, None] * v) * x).sum(-1), eta * (x @ v)
+    torch.testing.assert_close(batch, relevant + 0.3 * irrelevant, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(info["relevant"]), relevant, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(info["irrelevant"]), irrelevant, atol=1e-5, rtol=1e-4)
     assert info["direction"] == "fixed"
     with pytest.raises(FileNotFoundError, match="save_direction"):
         loaded.load_direction(tmp_path / "absent.safetensors")
+
+
+def test_fit_prompts_from_a_file(tiny, tmp_path):
+    _, folder = tiny
+    listed = get_reward("decomposed-clip", checkpoint=str(folder), fit_prompts=PROMPTS[:2], device="cpu")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n")  # blank lines are skipped
+    from_file = get_reward("decomposed-clip", checkpoint=str(folder), fit_prompts=str(tmp_path / "prompts.txt"),
+                           device="cpu")
+    torch.testing.assert_close(from_file.direction, listed.direction)
+
+
+def test_no_direction_is_an_error_unless_omega_is_one(tiny):
+    _, folder = tiny
+    with pytest.raises(ValueError, match="direction=FILE"):
+        get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", fit_prompts=PROMPTS, device="cpu")
+    images = torch.rand(2, 3, 32, 32)
+    plain = get_reward("decomposed-clip", checkpoint=str(folder), omega=1.0, device="cpu")
+    scores, info = plain(images, PROMPTS[:2])  # S_1 = t·x for every v: nothing to decompose or fit
+    batch, _ = get_reward("decomposed-clip", checkpoint=str(folder), omega=1.0, direction="batch",
+                          device="cpu")(images, PROMPTS[:2])
+    torch.testing.assert_close(scores, batch, atol=1e-6, rtol=1e-5)
+    assert info["direction"] == "none" and "relevant" not in info
+
+
+def test_loading_a_direction_that_does_not_fit_fails(tiny, tmp_path):
+    from reward_models.decomposed_clip import save_direction
+
+    _, folder = tiny
+    save_direction(tmp_path / "wide.safetensors", torch.ones(8), {"split": "True"})
+    with pytest.raises(ValueError, match="16-d"):
+        get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "wide.safetensors"))
+    save_direction(tmp_path / "unsplit.safetensors", torch.ones(16), {"split": "False"})
+    with pytest.raises(ValueError, match="split=False"):
+        get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "unsplit.safetensors"))

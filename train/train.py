@@ -3,6 +3,8 @@
     accelerate launch train/train.py --config configs/toy/dpo.yaml train.max_steps=200 output_dir=runs/x
 
 Everything after the options is a dotted `key=value` override of the config (see t2i_align/config/sections.py).
+A mistake in the config or its files ends as one line `error: ...` with exit code 2 (T2I_ALIGN_DEBUG=1 shows the
+traceback).
 """
 from __future__ import annotations
 
@@ -17,22 +19,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
 
-    from reward_models.base import CheckpointMismatchError, WeightsNotFoundError
-    from t2i_align.config import ConfigError, load_config
-    from t2i_align.loop import NonFiniteError, train
-    from t2i_align.models import ModelLoadError
-    from t2i_align.toy.assets import ToyAssetError
+    from t2i_align.errors import run_cli
 
-    try:
+    def run() -> int:
+        from t2i_align.config import load_config
+        from t2i_align.loop import train
+
         cfg = load_config(args.config, args.overrides)
         print(f"final model: {train(cfg).final}")
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except (ModelLoadError, ToyAssetError, WeightsNotFoundError, CheckpointMismatchError, NonFiniteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,23 @@
 The family-specific functions here (`encode_clip_last_hidden`, `encode_clip_penultimate_pooled`,
 `no_added_cond`, `text_time_added_cond`) are referenced by the per-family `FamilySpec` in `t2i_align.models`;
 callers use `encode_prompts(components, prompts)` and `unet_added_cond_kwargs(spec, embeds, time_ids)` and never
-branch on the family themselves.
+branch on the family themselves. `encode_prompts` also applies the run's text encoding (`components.text_encoding`:
+"clip77" or LongAlign's "segments", `t2i_align.conditioning.segments`), and `write_text_encoding` /
+`read_text_encoding` record that choice next to exported weights, so a tuned model is sampled as it was trained.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
+
+from t2i_align.config import ConfigError
+from t2i_align.config.sections import FieldError, TextEncodingConfig
+from t2i_align.files import write_json_atomic
 
 if TYPE_CHECKING:  # models.py imports this module, so only import it for type checkers
     from t2i_align.models import Components, FamilySpec
@@ -27,20 +35,25 @@ class PromptEmbeds:
     """[B, L, D] token embeddings fed to the UNet's cross-attention (`encoder_hidden_states`)."""
     pooled_prompt_embeds: Optional[torch.Tensor] = None
     """[B, D2] pooled text embedding (SDXL's `text_embeds`); None for SD1.5."""
+    user_tokens: Optional[torch.Tensor] = None
+    """[B, T, D_user] user tokens for PPD's user branch (t2i_align/conditioning/users.py), one user per row; None
+    without one. They travel with the prompt so denoiser closures keep their signature."""
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeds":
         """Same as `Tensor.to` on every tensor (device and/or dtype)."""
-        pooled = self.pooled_prompt_embeds
+        pooled, users = self.pooled_prompt_embeds, self.user_tokens
         pooled = None if pooled is None else pooled.to(*args, **kwargs)
-        return PromptEmbeds(self.prompt_embeds.to(*args, **kwargs), pooled)
+        users = None if users is None else users.to(*args, **kwargs)
+        return PromptEmbeds(self.prompt_embeds.to(*args, **kwargs), pooled, users)
 
     def repeat(self, n: int) -> "PromptEmbeds":
         """[e; e; ...] n times along the batch: DPO runs winners and losers as one [w; l] batch."""
-        pooled = self.pooled_prompt_embeds
-        return PromptEmbeds(self.prompt_embeds.repeat(n, 1, 1), None if pooled is None else pooled.repeat(n, 1))
+        pooled, users = self.pooled_prompt_embeds, self.user_tokens
+        return PromptEmbeds(self.prompt_embeds.repeat(n, 1, 1), None if pooled is None else pooled.repeat(n, 1),
+                            None if users is None else users.repeat(n, 1, 1))
 
 
 @dataclass
@@ -58,17 +71,26 @@ class TruncationStats:
     warned: bool = False
 
     def record(self, lengths: Sequence[int], max_length: int) -> None:
-        dropped = [n - max_length for n in lengths if n > max_length]
-        self.prompts_seen += len(lengths)
-        self.prompts_truncated += len(dropped)
-        self.tokens_dropped += sum(dropped)
-        if dropped and not self.warned:
+        """Count prompts of `lengths` tokens (with <sot>/<eot>) read through a `max_length`-token context."""
+        self.record_dropped(
+            [max(0, n - max_length) for n in lengths],
+            f"are longer than the text encoder's {max_length}-token context (only the first {max_length} tokens "
+            "condition the model)",
+        )
+
+    def record_dropped(self, dropped: Sequence[int], why: str) -> None:
+        """Count one entry per prompt: how many of its tokens the encoding dropped; `why` ends the warning's
+        "N of M prompts ..." clause."""
+        lost = [n for n in dropped if n > 0]
+        self.prompts_seen += len(dropped)
+        self.prompts_truncated += len(lost)
+        self.tokens_dropped += sum(lost)
+        if lost and not self.warned:
             self.warned = True
             warnings.warn(
-                f"{len(dropped)} of {len(lengths)} prompts are longer than the text encoder's {max_length}-token "
-                f"context; {sum(dropped)} tokens were dropped (up to {max(dropped)} from one prompt). Only the first "
-                f"{max_length} tokens condition the model. (Warned once; totals are in Components.truncation.)",
-                stacklevel=4,
+                f"{len(lost)} of {len(dropped)} prompts {why}; {sum(lost)} tokens were dropped (up to {max(lost)} "
+                "from one prompt). (Warned once; totals are in Components.truncation.)",
+                stacklevel=7,  # the caller of encode_prompts (the encoders are wrapped by torch.no_grad)
             )
 
 
@@ -109,8 +131,50 @@ def encode_clip_penultimate_pooled(components: "Components", prompts: Sequence[s
 
 
 def encode_prompts(components: "Components", prompts: Sequence[str]) -> PromptEmbeds:
-    """Encode prompts with the frozen text encoder(s) of `components`, whatever the family."""
-    return components.spec.encode_prompts(components, list(prompts))
+    """Encode prompts with the frozen text encoder(s) of `components`, whatever the family, in the run's text
+    encoding: `components.text_encoding.kind` "clip77" (the family's own 77-token encoding) or "segments"
+    (LongAlign's sentence-by-sentence encoding, always `token_budget` tokens long)."""
+    kind = components.text_encoding.kind
+    if kind == "clip77":
+        return components.spec.encode_prompts(components, list(prompts))
+    if kind == "segments":
+        return components.spec.encode_segments(components, list(prompts))
+    raise ValueError(f"unknown text encoding {kind!r}; use clip77 or segments")
+
+
+TEXT_ENCODING_FILE = "t2i_align_text_encoding.json"
+"""Written next to exported weights (a LoRA file or a full pipeline folder) by `write_text_encoding`."""
+
+
+def write_text_encoding(folder: Union[str, Path], kind: str, token_budget: int) -> Path:
+    """Record the text encoding a model was tuned with in `folder`/t2i_align_text_encoding.json (atomic write);
+    `sampling.load_pipeline` reads it back, so the model is sampled with the encoding it learned."""
+    record = TextEncodingConfig(kind=kind, token_budget=token_budget)  # validates both
+    return write_json_atomic(Path(folder) / TEXT_ENCODING_FILE,
+                             {"kind": record.kind, "token_budget": record.token_budget})
+
+
+def text_encoding_key(encoding: TextEncodingConfig) -> dict:
+    """Cache-key part for cached text embeddings: {} for clip77 (caches made before the choice existed keep
+    their key), the kind and the token budget for segments (the budget is the embeddings' length)."""
+    if encoding.kind == "clip77":
+        return {}
+    return {"text_encoding": encoding.kind, "token_budget": encoding.token_budget}
+
+
+def read_text_encoding(folder: Union[str, Path]) -> Optional[TextEncodingConfig]:
+    """The text encoding recorded in `folder` (or in the folder of a weights file), None when nothing is."""
+    folder = Path(folder)
+    path = (folder.parent if folder.is_file() else folder) / TEXT_ENCODING_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return TextEncodingConfig(kind=data["kind"], token_budget=int(data["token_budget"]))
+    except (ValueError, KeyError, TypeError) as err:  # bad JSON, a missing key, FieldError (a ValueError)
+        why = err.args[0] if isinstance(err, FieldError) else f"{type(err).__name__}: {err}"
+        raise ConfigError(f"{path} is not a valid text-encoding record ({why}); it should read "
+                          '{"kind": "clip77" or "segments", "token_budget": N}') from err
 
 
 def _as_pairs(value: SizeLike) -> torch.Tensor:

@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message says which key, where it was set and what was expected."""
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is wrong; the message says which key, where it was set and what was expected.
+    A user error (one line `error: ...`, exit 2 at the command line); still a ValueError for older callers."""
 
 
 class FieldError(ConfigError):
@@ -35,6 +38,20 @@ def _check_choice(obj: Any, name: str, choices: Tuple[str, ...]) -> None:
 
 
 @dataclass
+class TextEncodingConfig:
+    kind: str = "clip77"
+    """How prompts become UNet conditioning, everywhere text is encoded (training, cache, the empty prompt,
+    sampling): "clip77" (the family's own encoder, truncated at 77 tokens) or "segments" (LongAlign, Liu et al.
+    2024: each sentence encoded alone, concatenated; see t2i_align/conditioning/segments.py)."""
+    token_budget: int = 240
+    """"segments" only: the concatenated sequence is cut or padded to this many tokens (LongAlign: 240)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", ("clip77", "segments"))
+        _check(self, "token_budget", self.token_budget >= 1, "an integer >= 1")
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "toy"
     """Local diffusers folder (with model_index.json), "toy" for the shipped toy pipeline, or a hub id
@@ -55,6 +72,9 @@ class ModelConfig:
     """Trade compute for memory in the trained UNet."""
     channels_last: bool = False
     """Use channels_last memory format for the UNet (faster convolutions on recent GPUs)."""
+    text_encoding: TextEncodingConfig = field(default_factory=TextEncodingConfig)
+    """Text encoding choice (model.text_encoding.kind=clip77|segments, model.text_encoding.token_budget); a model
+    tuned with one must be sampled with it (recorded next to the exported weights)."""
 
     def __post_init__(self) -> None:
         _check(self, "pretrained", bool(self.pretrained), 'a diffusers folder, "toy" or a hub id')
@@ -88,6 +108,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    kind: str = "pairs"
+    """What data.path holds: "pairs" (below), "captions" (image-caption parquet: caption + jpg or path columns,
+    LongAlign stage 1, t2i_align/data/captions.py) or "prompts" (prompts file / toy:train-long, for objectives
+    that generate their images, e.g. reward_backprop)."""
     path: str = ""
     """Pick-a-Pic-v2-format pairs: a local parquet file or a folder of parquet files (columns caption, jpg_0,
     jpg_1, label_0 ...). `python -m t2i_align.toy pairs` writes such a file for the toy world."""
@@ -110,20 +134,25 @@ class DataConfig:
     """Where caches live (default: <output_dir>/../cache)."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    shuffle_window: int = 512
+    """Uncached pair data streams: row groups in a seeded order, rows shuffled within windows of this many rows
+    (at most one window of image bytes in memory; see t2i_align/data/stream.py)."""
 
     def __post_init__(self) -> None:
+        _check_choice(self, "kind", ("pairs", "captions", "prompts"))
         _check_choice(self, "ties", ("drop", "first"))
         _check(self, "resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a multiple of 8, >= 8")
         _check_choice(self, "crop", ("center", "random"))
         _check_choice(self, "flip", ("none", "independent", "joint"))
         _check(self, "prompt_dropout", 0.0 <= self.prompt_dropout < 1.0, "a number in [0, 1)")
         _check_at_least(self, ("max_pairs", "num_workers"), 0)
+        _check_at_least(self, ("shuffle_window",), 1)
 
 
 @dataclass
 class ObjectiveConfig:
     name: str = "dpo"
-    """Training objective, a module in t2i_align/objectives/: "dpo" or "sft"."""
+    """Training objective, a module in t2i_align/objectives/: "dpo", "sft", "seppo" or "reward_backprop"."""
     beta: float = 5000.0
     """DPO β (official SD1.5/SDXL launchers: 5000; the paper's SD1.5 results: 2000). Tied to the per-sample
     MSE being a mean over latent elements."""
@@ -266,6 +295,67 @@ class RaftConfig:
 
 
 @dataclass
+class SeppoConfig:
+    """SePPO (Zhang et al. 2024, arXiv 2410.05255; v2 "SSPO"): Diffusion-DPO on preferred images only, the loser's
+    slot taken by a sample of a reference drawn from past policy snapshots, its term signed by the anchor-based
+    flipper. Used by `objective.name: seppo` (β, its convention and the loss type come from `objective`)."""
+
+    reference: str = "random"
+    """Which snapshot plays the reference at each step: "random" (SePPO's ref ~ U(0, k-1), the initial model
+    included), "initial" (always the starting model, DITTO-like) or "latest" (SPIN-Diffusion-like)."""
+    snapshot_every: int = 30
+    """Snapshot the policy every N optimizer steps (paper, per a reviewer: every 30 updates)."""
+    pool_size: int = 7
+    """At most this many snapshots, the initial model included (paper, per a reviewer: K = 7). When full, the
+    oldest snapshot after the initial model leaves (our choice; the paper is silent)."""
+    flip: str = "sign"
+    """Anchor-based adaptive flipper: "sign" (s = +1 if the policy beats the reference on the preferred image,
+    else -1), "indicator" (s = 1 or 0, the paper's ablation), "off" (always DPO: the "w/o AAF" row)."""
+    sample_steps: int = 20
+    """DDIM steps for the reference samples (not reported by the paper)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the reference samples (not reported; 7.5 is the SePPO evaluation setting)."""
+    reencode: bool = True
+    """Train on VAE encodings of the decoded reference samples (generated latents lie off the encoder's
+    manifold: the toy RAFT collapsed on them); false: on the generated latents."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "reference", ("random", "initial", "latest"))
+        _check_choice(self, "flip", ("sign", "indicator", "off"))
+        _check_at_least(self, ("snapshot_every", "pool_size", "sample_steps"), 1)
+
+
+@dataclass
+class PpdConfig:
+    """PPD (Dang et al., CVPR 2025, arXiv 2501.06655): a user branch (IP-Adapter-style decoupled cross-attention,
+    Ye et al. 2023, arXiv 2308.06721) over per-user embeddings looked up by each pair's `user_id`; the reference
+    is the base model with every adapter off. The user width and token count come from the table."""
+
+    enabled: bool = False
+    """Add the user branch and train it (alone, or with LoRA when lora.enabled); pairs need a user_id column."""
+    table: str = ""
+    """The user table (safetensors written by t2i_align.users.UserTable.save): user id -> embedding [T, D]."""
+    layers: str = "all"
+    """Which rows of each embedding become tokens, for tables of per-layer VLM states [L, D]: "all", "last", or
+    a count k (the last k). PPD's own choice is unpublished."""
+    scale: float = 1.0
+    """User scale λ of the branch during training (IP-Adapter's `scale`)."""
+    dropout: float = 0.0
+    """Probability of zeroing a row's user tokens on the policy side (PPD's user-embedding dropout "for
+    regularization"; its rate is unpublished, the unofficial re-implementation uses 0.1)."""
+
+    def __post_init__(self) -> None:
+        _check(self, "table", bool(self.table) or not self.enabled, "a user-table file when ppd.enabled is true")
+        _check(self, "layers", self.layers in ("all", "last") or (str(self.layers).isdigit() and int(self.layers)
+                                                                   >= 1), '"all", "last" or a count >= 1')
+        _check(self, "scale", self.scale >= 0, "a number >= 0")
+        _check(self, "dropout", 0.0 <= self.dropout < 1.0, "a number in [0, 1)")
+
+
+from .reward_backprop import RewardBackpropConfig  # noqa: E402  (after the helpers it imports from here)
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     """Run directory: metrics.jsonl, checkpoints/, final/ and gallery/ are written here."""
@@ -285,7 +375,38 @@ class Config:
     """metrics.jsonl, W&B and validation galleries."""
     raft: RaftConfig = field(default_factory=RaftConfig)
     """Online, reward-ranked batches (RAFT and online DPO) instead of offline pairs."""
+    seppo: SeppoConfig = field(default_factory=SeppoConfig)
+    ppd: PpdConfig = field(default_factory=PpdConfig)
+    reward_backprop: RewardBackpropConfig = field(default_factory=RewardBackpropConfig)
+    """Reward fine-tuning through the sampling chain (objective.name: reward_backprop; LongAlign stage 2)."""
+    """PPD's user branch and user table (personalised preference fine-tuning)."""
+    """SePPO's reference pool, flipper and reference sampling (objective.name: seppo)."""
 
     def __post_init__(self) -> None:
         _check(self, "output_dir", bool(self.output_dir), "a non-empty path")
         _check(self, "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)")
+        self._check_precision()
+        if self.ppd.enabled and (self.raft.enabled or self.objective.name == "seppo"):
+            raise FieldError(Config, "ppd.enabled", True, "false with raft.enabled or objective seppo: PPD trains on "
+                             "offline pairs with user ids (dpo or sft); RAFT and SePPO generate without users")
+
+    @property
+    def full_finetune(self) -> bool:
+        """Every UNet weight trains (and the reference is a frozen copy): neither LoRA nor PPD's user branch.
+        Otherwise only adapters train and "base" is the same UNet with every adapter off."""
+        return not self.lora.enabled and not self.ppd.enabled
+
+    def _check_precision(self) -> None:
+        """Half-precision frozen weights need mixed precision, as in diffusers' training scripts.
+
+        There `weight_dtype` follows `mixed_precision`: the frozen parts (text encoders, VAE, reference UNet) are
+        cast to fp16/bf16 while the trained UNet stays fp32, and autocast makes the two meet. Without autocast
+        (`train.mixed_precision: no`) fp16/bf16 prompt embeddings reach the fp32 UNet's first linear layer and the
+        first forward fails with a dtype mismatch, so the combination is refused here, before anything loads.
+        """
+        if self.model.weight_dtype != "fp32" and self.train.mixed_precision == "no":
+            dtype = self.model.weight_dtype
+            raise FieldError(Config, "model.weight_dtype", dtype,
+                             f"fp32 while train.mixed_precision is 'no' (half-precision frozen weights need "
+                             f"autocast to meet the fp32 trained UNet): set train.mixed_precision={dtype} to train "
+                             f"with {dtype} frozen weights, or model.weight_dtype=fp32")

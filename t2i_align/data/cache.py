@@ -4,10 +4,13 @@ Why: the official DPO code VAE-encodes two images every step; encoding once make
 
 Layout: <cache_root>/<key>/ with pairs-NNNNN.safetensors (latents, sizes, crops, row ids, prompt index),
 prompts-NNNNN.safetensors (one embedding per unique caption: Pick-a-Pic has ~14 pairs per prompt),
-empty_prompt.safetensors, captions.json and complete.json (the key and counts). The key hashes the data set
+empty_prompt.safetensors, captions.json, users.json (each pair's user_id, when the data has one: PPD)
+and complete.json (the key and counts). The key hashes the data set
 identity (file paths, sizes, mtimes), resolution, crop, flip, ties, max_pairs (and the seed when augmentation is
-random) plus the caller's `key_parts` (model identity: see `model_identity`; add encoder dtypes if they vary).
-A different key is a different folder. The cache is written to a temporary folder and renamed into place only
+random) plus the caller's `key_parts`: everything on the model side that changes a tensor (`cache_key.py`:
+tokenizer, text encoder and VAE folders including a `model.vae` override, variant, revision, actual dtypes,
+family, prompt encoder, and an `encoding` dict for future encoding choices). A different key is a different
+folder. The cache is written to a temporary folder and renamed into place only
 when complete, so a run interrupted midway never leaves something that is later taken as a cache.
 
 Augmentations are FROZEN: with random crops or flips, each pair keeps the one augmentation drawn at caching time
@@ -18,7 +21,6 @@ Multi-process training: build on the main process first (accelerator.main_proces
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,12 +35,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .pairs import PairDataset, PairStats, collate_pairs, item_draws
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-"""Bump when the layout changes, so old caches get a different key."""
 SIZE_KEYS = ("original_size_w", "original_size_l", "crop_top_left_w", "crop_top_left_l")
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 PromptEncoder = Callable[[List[str]], Dict[str, torch.Tensor]]
@@ -47,45 +48,38 @@ collate_cached = collate_pairs
 """Cached items collate like pixel items (tensors stacked, captions listed, sizes as [B, 2] int64)."""
 
 
-def cache_key(parts: Mapping[str, Any]) -> str:
-    """A short stable hash of JSON-able key parts."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def model_identity(model_dir: str | Path, subfolders: Sequence[str] = ("vae", "text_encoder", "text_encoder_2")
-                   ) -> Dict[str, Any]:
-    """The model folder plus path, size and mtime of every file of its VAE and text encoders (hashing
-    gigabytes of weights on every start would be slow; a rewritten file changes its mtime)."""
-    folder = Path(model_dir).resolve()
-    files = sorted(p for sub in subfolders if (folder / sub).is_dir() for p in (folder / sub).rglob("*")
-                   if p.is_file())
-    return {"model": str(folder),
-            "files": [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-
-
 class _ShardWriter:
-    """Accumulates rows of named tensors and writes them `shard_size` rows per safetensors file."""
+    """Collects rows of named tensors and writes them `shard_size` rows per safetensors file.
+
+    Rows are copied into one buffer per tensor and shard, allocated when the shard starts (large, so outside the
+    malloc heap; untouched pages cost no memory). Keeping each batch's small tensors instead left them scattered
+    between the large transient pixel batches, and glibc's heap grew by ~2.5 MB per pair cached (a 1,024-pair
+    shard peaked at 4 GB RSS in benchmarks/pair_reading.py)."""
 
     def __init__(self, folder: Path, prefix: str, shard_size: int) -> None:
         self.folder, self.prefix, self.shard_size = folder, prefix, shard_size
-        self.pending: Dict[str, List[torch.Tensor]] = {}
+        self.buffers: Dict[str, torch.Tensor] = {}
         self.rows, self.shards = 0, []  # rows pending; [file name, rows] written
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for name, value in tensors.items():
-            self.pending.setdefault(name, []).append(value.detach().cpu())
-        self.rows += len(next(iter(tensors.values())))
-        if self.rows >= self.shard_size:
-            self.flush()
+        n, done = len(next(iter(tensors.values()))), 0
+        while done < n:
+            take = min(n - done, self.shard_size - self.rows)
+            for name, value in tensors.items():
+                if name not in self.buffers:
+                    self.buffers[name] = torch.empty((self.shard_size, *value.shape[1:]), dtype=value.dtype)
+                self.buffers[name][self.rows:self.rows + take] = value[done:done + take].detach()
+            self.rows, done = self.rows + take, done + take
+            if self.rows == self.shard_size:
+                self.flush()
 
     def flush(self) -> None:
         if not self.rows:
             return
         name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
-        save_file({k: torch.cat(v).contiguous() for k, v in self.pending.items()}, str(self.folder / name))
+        save_file({k: v[:self.rows] for k, v in self.buffers.items()}, str(self.folder / name))
         self.shards.append([name, self.rows])
-        self.pending, self.rows = {}, 0
+        self.buffers, self.rows = {}, 0
 
 
 def _is_complete(folder: Path, key: str) -> bool:
@@ -98,9 +92,10 @@ def _is_complete(folder: Path, key: str) -> bool:
 
 
 def _encode_pairs(dataset: PairDataset, encode_images: ImageEncoder, out: Path, batch_size: int,
-                  shard_size: int) -> tuple[_ShardWriter, List[str], int]:
-    """Pass 1: latents of epoch 0's augmentation for every decodable pair. Returns writer, captions, corrupt."""
-    writer, prompt_ids, corrupt = _ShardWriter(out, "pairs", shard_size), {}, 0
+                  shard_size: int) -> tuple[_ShardWriter, List[str], int, List[Any]]:
+    """Pass 1: latents of epoch 0's augmentation for every decodable pair. Returns writer, captions, corrupt and
+    the cached pairs' user ids (empty when the data has no user_id column)."""
+    writer, prompt_ids, corrupt, users = _ShardWriter(out, "pairs", shard_size), {}, 0, []
     epoch = dataset.epoch
     dataset.set_epoch(0)
     try:
@@ -118,11 +113,12 @@ def _encode_pairs(dataset: PairDataset, encode_images: ImageEncoder, out: Path, 
                     "prompt": torch.tensor([prompt_ids.setdefault(dataset.caption(i), len(prompt_ids))
                                             for i, _ in good])}
             rows.update({k: torch.tensor([item[k] for _, item in good]) for k in SIZE_KEYS})
+            users += [item["user_id"] for _, item in good if "user_id" in item]
             writer.add(rows)
         writer.flush()
     finally:
         dataset.set_epoch(epoch)
-    return writer, list(prompt_ids), corrupt
+    return writer, list(prompt_ids), corrupt, users
 
 
 def _encode_prompts(captions: List[str], encode_prompts: PromptEncoder, out: Path, batch_size: int,
@@ -139,7 +135,7 @@ def _encode_prompts(captions: List[str], encode_prompts: PromptEncoder, out: Pat
 
 def _write_cache(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder, out: Path,
                  key: str, parts: Mapping[str, Any], batch_size: int, shard_size: int) -> None:
-    pairs, captions, corrupt = _encode_pairs(dataset, encode_images, out, batch_size, shard_size)
+    pairs, captions, corrupt, users = _encode_pairs(dataset, encode_images, out, batch_size, shard_size)
     if not pairs.shards:
         raise ValueError(f"no decodable pairs to cache ({corrupt} corrupt)")
     prompts = _encode_prompts(captions, encode_prompts, out, batch_size, shard_size)
@@ -147,6 +143,8 @@ def _write_cache(dataset: PairDataset, encode_images: ImageEncoder, encode_promp
     stats.corrupt += corrupt
     stats.used -= corrupt
     (out / "captions.json").write_text(json.dumps(captions))
+    if getattr(dataset, "user_ids", None) is not None:  # PPD: one user id per cached pair, in cache order
+        (out / "users.json").write_text(json.dumps(users))
     marker = {"key": key, "parts": parts, "pairs": sum(n for _, n in pairs.shards), "pair_shards": pairs.shards,
               "prompt_shards": prompts.shards, "stats": asdict(stats)}
     (out / "complete.json").write_text(json.dumps(marker, indent=1))  # written last: its presence = complete
@@ -194,6 +192,8 @@ class CachedPairDataset(torch.utils.data.Dataset):
         self.key, self.stats = marker["key"], PairStats(**marker["stats"])
         self.seed, self.prompt_dropout, self.epoch = seed, prompt_dropout, 0
         self.captions: List[str] = json.loads((self.folder / "captions.json").read_text())
+        users = self.folder / "users.json"
+        self.user_ids: Optional[List[Any]] = json.loads(users.read_text()) if users.is_file() else None
         self._pair_shards, self._prompt_shards = marker["pair_shards"], marker["prompt_shards"]
         self._pair_ends = np.cumsum([n for _, n in self._pair_shards])
         self._prompt_ends = np.cumsum([n for _, n in self._prompt_shards])
@@ -231,4 +231,6 @@ class CachedPairDataset(torch.utils.data.Dataset):
                                 "caption": "" if dropped else self.captions[prompt_id]}
         item.update({k: tuple(int(v) for v in row[k]) for k in SIZE_KEYS})
         item["index"] = index
+        if self.user_ids is not None:
+            item["user_id"] = self.user_ids[index]
         return item

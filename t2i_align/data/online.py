@@ -46,9 +46,21 @@ class OnlineSource:
                              "raft.k >= 2")
         self.prompts = read_prompts(self.rc.prompts, "raft.prompts")
         self.reward = _reward(self.rc, accelerator.device)
+        self._check_reward_reads_prompts()
         self.micro_per_round = self.rc.round_steps * cfg.train.grad_accum
         self._metrics: Dict[str, float] = {}
         self._nonfinite_total = 0
+
+    def _check_reward_reads_prompts(self) -> None:
+        """A reward that cannot score the prompts (toy-judge reads only toy captions) is a config error at
+        start-up, not a traceback at the first round."""
+        from reward_models.base import PromptsRejected
+
+        try:
+            self.reward.check_prompts(self.prompts)
+        except PromptsRejected as err:
+            raise ConfigError(f"raft.reward = {self.rc.reward!r} cannot score raft.prompts ({self.rc.prompts}): "
+                              f"{err}. Choose a reward that reads these prompts (e.g. toy-clip, clip)") from None
 
     def sample_captions(self, n: int) -> List[str]:
         return self.prompts[:n]

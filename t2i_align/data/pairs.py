@@ -1,11 +1,14 @@
 """Pick-a-Pic-v2-format preference pairs from local parquet files (real Pick-a-Pic or `t2i_align.toy pairs`).
 
-Labels and captions are read up front (small); image bytes are read lazily per item, one row group at a time
-(the last one is kept, so a sequential pass such as cache building reads each row group once). Shuffled
-uncached training over a huge file re-reads row groups: pre-encode with data.cache for large data.
+Labels and captions are read up front (small). Image bytes are read two ways: `dataset[i]` reads row i's row
+group (the last one is kept, so a sequential pass such as cache building reads each row group once), and
+`item_from_raw` prepares an item from bytes a streaming reader already holds (`stream.py`: the shuffled
+uncached training path, which reads each row group about once per epoch instead of once per item).
 
 Ties (label_0 == 0.5) are dropped by default, as the official Diffusion-DPO code does; the diffusers examples
 silently keep them with jpg_0 as the winner ("first"). label_0 == 0 swaps the pair so the winner comes first.
+A label_0 that is not a number in [0, 1] (NaN, inf, 3.0, -1) is no preference: the row is skipped and counted
+in `invalid_labels`, as rows with has_label == False are in `unlabelled`.
 
 Every random choice of an item (prompt dropout, flips, random crops) comes from a generator seeded by
 (seed, epoch, row id), so data and augmentations are reproducible and resume-safe whatever the worker count.
@@ -24,6 +27,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
+from ..config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -41,6 +46,7 @@ class PairStats:
     ties_dropped: int = 0
     ties_kept: int = 0
     unlabelled: int = 0
+    invalid_labels: int = 0
     corrupt: int = 0
 
     def summary(self) -> str:
@@ -54,31 +60,46 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
     """
     given = Path(path)
     if not given.exists():
-        raise FileNotFoundError(f"pair data {given} does not exist")
+        raise FileNotFoundError(f"pair data {given} does not exist: set data.path to a Pick-a-Pic-format parquet file "
+                                "or folder (toy world: make it first with python -m t2i_align.toy pairs --out DIR "
+                                "--k 8 --pairing best-worst)")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
     files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
     if not files:
-        raise ValueError(f"no *.parquet files in folder {given}")
+        raise ConfigError(f"no *.parquet files in folder {given}")
     for f in files:
         real = f.resolve()
         if not real.is_relative_to(base):
-            raise ValueError(f"{f} resolves to {real}, outside the data root {base}")
+            raise ConfigError(f"{f} resolves to {real}, outside the data root {base}")
         if not real.is_file():
-            raise ValueError(f"{f} is not a file")
+            raise ConfigError(f"{f} is not a file")
     return [f.resolve() for f in files]
 
 
 def _check_columns(names: Sequence[str], path: Path) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}: expected Pick-a-Pic columns {list(REQUIRED_COLUMNS)}"
+        raise ConfigError(f"{path} lacks column(s) {missing}: expected Pick-a-Pic columns {list(REQUIRED_COLUMNS)}"
                          f" (label_1 etc. optional), found {list(names)}")
+
+
+def label_problem(label: Any, has_label: Any) -> Optional[str]:
+    """Why a row carries no usable preference ("unlabelled" / "invalid_labels"), or None if label_0 is usable.
+
+    label_0 is P(image 0 preferred): anything outside [0, 1] (3.0, -1, inf) is as meaningless as NaN, and
+    taking 3.0 as "image 0 wins" would train on a corrupt row."""
+    if has_label is False or label is None:
+        return "unlabelled"
+    if not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
+        return "invalid_labels"  # NaN fails both comparisons, so it lands here too
+    return None
 
 
 def _decide(label: Any, has_label: Any, ties: str, stats: PairStats) -> Optional[bool]:
     """None: drop the row; else whether to swap so the winner is first."""
-    if has_label is False or label is None or label != label:  # label != label: NaN
-        stats.unlabelled += 1
+    problem = label_problem(label, has_label)
+    if problem is not None:
+        setattr(stats, problem, getattr(stats, problem) + 1)
         return None
     if label == 0.5:
         if ties == "drop":
@@ -156,7 +177,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.stats = PairStats()
         self._read_metadata()
         if not len(self):
-            raise ValueError(f"no usable pairs in {path} ({self.stats.summary()})")
+            raise ConfigError(f"no usable pairs in {path} ({self.stats.summary()})")
+        self.user_ids = self._read_user_ids()
         logger.info("pairs from %s: %s", path, self.stats.summary())
         self._handles: Dict[int, pq.ParquetFile] = {}
         self._group_key: Optional[Tuple[int, int]] = None
@@ -185,6 +207,18 @@ class PairDataset(torch.utils.data.Dataset):
                         return self._set_rows(loc, captions)
         self._set_rows(loc, captions)
 
+    def _read_user_ids(self) -> Optional[List[Any]]:
+        """Each pair's `user_id` (Pick-a-Pic's rater; PPD conditions on it), or None if a file lacks the column."""
+        by_group: Dict[Tuple[int, int], List[Any]] = {}
+        for fi, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            if "user_id" not in pf.schema_arrow.names:
+                return None
+            for g in sorted(set(self._groupidx[self._file == fi].tolist())):
+                by_group[(fi, g)] = pf.read_row_group(g, columns=["user_id"]).column("user_id").to_pylist()
+        return [by_group[(f, g)][o] for f, g, o in zip(self._file.tolist(), self._groupidx.tolist(),
+                                                       self._offset.tolist())]
+
     def _set_rows(self, loc: List[Tuple[int, int, int, bool, int]], captions: List[str]) -> None:
         arr = np.array(loc, dtype=np.int64).reshape(-1, 5)
         self._file, self._groupidx, self._offset = arr[:, 0], arr[:, 1], arr[:, 2]
@@ -196,6 +230,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def locations(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pair, in file order: file number (into `files`), row group, and row offset within that group."""
+        return self._file, self._groupidx, self._offset
 
     def caption(self, index: int) -> str:
         """The caption without prompt dropout."""
@@ -220,12 +258,17 @@ class PairDataset(torch.utils.data.Dataset):
             table = self._handles[fi].read_row_group(g, columns=["jpg_0", "jpg_1"])
             self._group, self._group_key = (table.column("jpg_0"), table.column("jpg_1")), (fi, g)
         off = int(self._offset[index])
-        first, second = self._group[0][off].as_py(), self._group[1][off].as_py()
-        return (second, first) if self._swap[index] else (first, second)
+        return self.winner_loser(index, self._group[0][off].as_py(), self._group[1][off].as_py())
 
-    def decode(self, index: int) -> Optional[Tuple[Image.Image, Image.Image]]:
+    def winner_loser(self, index: int, jpg_0: Any, jpg_1: Any) -> Tuple[Any, Any]:
+        """Row `index`'s jpg_0 / jpg_1 ordered as (winner, loser)."""
+        return (jpg_1, jpg_0) if self._swap[index] else (jpg_0, jpg_1)
+
+    def decode(self, index: int, raw: Optional[Tuple[Any, Any]] = None
+               ) -> Optional[Tuple[Image.Image, Image.Image]]:
+        """(winner, loser) images of pair `index`, from `raw` = (jpg_0, jpg_1) if given, else read from the file."""
         try:
-            winner, loser = self.image_bytes(index)
+            winner, loser = self.image_bytes(index) if raw is None else self.winner_loser(index, *raw)
             return decode_rgb(winner), decode_rgb(loser)
         except DECODE_ERRORS as err:  # one bad row must not end a run mid-epoch
             self._warnings += 1
@@ -236,7 +279,15 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        images = self.decode(index)
+        return self._item(index, self.decode(index))
+
+    def item_from_raw(self, index: int, jpg_0: Any, jpg_1: Any) -> Optional[Dict[str, Any]]:
+        """The item `dataset[index]` would give, from the row's jpg_0 / jpg_1 bytes read by a streaming reader."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._item(index, self.decode(index, (jpg_0, jpg_1)))
+
+    def _item(self, index: int, images: Optional[Tuple[Image.Image, Image.Image]]) -> Optional[Dict[str, Any]]:
         if images is None:
             return None
         u = item_draws(self.seed, self.epoch, int(self.row_ids[index]))
@@ -245,8 +296,11 @@ class PairDataset(torch.utils.data.Dataset):
         pw, size_w, crop_w = prepare_image(images[0], self.resolution, self.crop, flip_w, u[3], u[4])
         pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l, u[5], u[6])
         caption = "" if u[0] < self.prompt_dropout else self.captions[index]
-        return {"pixels_w": pw, "pixels_l": pl, "caption": caption, "original_size_w": size_w,
+        item = {"pixels_w": pw, "pixels_l": pl, "caption": caption, "original_size_w": size_w,
                 "original_size_l": size_l, "crop_top_left_w": crop_w, "crop_top_left_l": crop_l, "index": index}
+        if self.user_ids is not None:
+            item["user_id"] = self.user_ids[index]
+        return item
 
     def drop(self, indices: Sequence[int]) -> None:
         """Remove pairs (e.g. corrupt ones); row ids, hence augmentations, of the others are unchanged."""
@@ -254,6 +308,8 @@ class PairDataset(torch.utils.data.Dataset):
         self._file, self._groupidx, self._offset = self._file[keep], self._groupidx[keep], self._offset[keep]
         self._swap, self.row_ids = self._swap[keep], self.row_ids[keep]
         self.captions = [self.captions[i] for i in keep]
+        if self.user_ids is not None:
+            self.user_ids = [self.user_ids[i] for i in keep]
         self.stats.used = len(self.captions)
         self._group_key = None
 
@@ -270,7 +326,7 @@ def scan_corrupt(dataset: PairDataset) -> int:
 def collate_pairs(items: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
     """Stack items, dropping None (corrupt) ones; batch["skipped"] counts them. None if all were corrupt.
 
-    Tensors are stacked, strings listed, sizes/crops/indices become int64 tensors ([B, 2] / [B])."""
+    Tensors are stacked, strings and user ids listed, sizes/crops/indices become int64 tensors ([B, 2] / [B])."""
     kept = [item for item in items if item is not None]
     if not kept:
         return None
@@ -279,7 +335,7 @@ def collate_pairs(items: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[st
         values = [item[key] for item in kept]
         if isinstance(value, torch.Tensor):
             batch[key] = torch.stack(values)
-        elif isinstance(value, str):
+        elif isinstance(value, str) or key == "user_id":  # ids as they are: ints, strings, or None (missing)
             batch[key] = values
         else:
             batch[key] = torch.tensor(values, dtype=torch.long)

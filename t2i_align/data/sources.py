@@ -1,20 +1,24 @@
 """Batch sources for the training loop: offline pair data (optionally cached), sharded across processes.
 
-The order is ours, not the DataLoader's: epoch e uses the permutation seeded by (seed, e), process r takes every
-world-th index of it, and a resumed run skips exactly the micro-batches already consumed. So a resumed run sees
-the same batches as an uninterrupted one, on any number of processes.
+The order is ours, not the DataLoader's, and a function of (seed, epoch, rank) only, so a resumed run skips
+exactly the micro-batches already consumed and sees the same batches as an uninterrupted one, on any number of
+processes. Uncached pairs stream (`stream.StreamingPairSource`: row groups in a seeded order, shuffled within
+a window; reads each row group about once per epoch). Cached pairs are memory-mapped rows, cheap to read in any
+order: `OfflineSource` takes the permutation seeded by (seed, e) and process r every world-th index of it.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..config import ConfigError
-from .cache import build_or_load_cache, collate_cached, model_identity
-from .pairs import collate_pairs, load_pairs
+from .cache import build_or_load_cache, collate_cached
+from .cache_key import components_key_parts
+from .pairs import load_pairs
+from .stream import StreamingPairSource
 
 
 class OfflineSource:
@@ -34,7 +38,7 @@ class OfflineSource:
         return perm[self.rank::self.world][: self.batches_per_epoch * self.batch_size].tolist()
 
     def micro_batches(self, start: int = 0) -> Iterator[Optional[Dict]]:
-        """Micro-batches forever, beginning after the first `start` ones."""
+        """Micro-batches forever, beginning after the first `start` ones (None: all of a batch's rows corrupt)."""
         epoch, skip = divmod(start, self.batches_per_epoch)
         while True:
             self.dataset.set_epoch(epoch)
@@ -81,25 +85,62 @@ def _cache_encoders(components, device):
     return images, prompts
 
 
+def encoding_settings(components) -> Dict[str, Any]:
+    """How text (and, later, images) are encoded beyond what the loaded weights show: the `encoding` part of the
+    cache key. Today the text-encoding choice (`text_encoding_key`: {} for clip77, kind and token budget for
+    segments); a future encoding option belongs here too."""
+    from ..conditioning.text import text_encoding_key
+
+    return text_encoding_key(components.text_encoding)
+
+
+DATA_KINDS_FOR = {"pairs": ("pairs",), "images": ("pairs", "captions"), "prompts": ("prompts",)}
+"""Objective batch kind -> the data.kind values that can feed it (SFT reads a pair's preferred image)."""
+
+
+def check_data_kind(cfg, batch_kind: str) -> None:
+    """ConfigError when data.kind (or RAFT) cannot feed an objective's batches, saying what to set."""
+    name = cfg.objective.name
+    if cfg.raft.enabled:
+        if batch_kind == "prompts":
+            raise ConfigError(f"objective {name} trains on prompts and generates its own images; RAFT's online "
+                              "samples cannot feed it: set raft.enabled=false and data.kind=prompts")
+        return
+    if cfg.data.kind not in DATA_KINDS_FOR[batch_kind]:
+        raise ConfigError(f"objective {name} trains on {batch_kind} batches, which data.kind={cfg.data.kind} "
+                          f"cannot give: set data.kind to {' or '.join(DATA_KINDS_FOR[batch_kind])} (and data.path "
+                          "to such data)")
+
+
 def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
-    """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data (cached when cfg.data.cache, built by
-    the main process while the others wait)."""
+    """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data: streamed when uncached, or cached
+    (built by the main process while the others wait)."""
+    check_data_kind(cfg, batch_kind)
     if cfg.raft.enabled:
         from .online import OnlineSource
 
         return OnlineSource(cfg, components, accelerator, batch_kind)
+    if cfg.data.kind == "prompts":
+        from .prompts_source import build_prompt_source
+
+        return build_prompt_source(cfg, accelerator)
+    if cfg.data.kind == "captions":
+        from .captions import build_caption_source
+
+        return build_caption_source(cfg, accelerator)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
                          "(for the toy world: python -m t2i_align.toy pairs --out DIR)")
-    dataset, collate = load_pairs(cfg.data, cfg.seed), collate_pairs
-    if cfg.data.cache:
-        root = Path(cfg.data.cache_dir or Path(cfg.output_dir).parent / "cache")
-        key = {"model": model_identity(components.path), "weight_dtype": cfg.model.weight_dtype,
-               "family": components.spec.name}
-        enc_images, enc_prompts = _cache_encoders(components, accelerator.device)
-        with accelerator.main_process_first():
-            dataset = build_or_load_cache(dataset, enc_images, enc_prompts, root, key)
-        dataset.prompt_dropout = cfg.data.prompt_dropout
-        collate = collate_cached
-    return OfflineSource(dataset, collate, cfg.train.batch_size, cfg.seed, accelerator.process_index,
-                         accelerator.num_processes, cfg.data.num_workers)
+    dataset = load_pairs(cfg.data, cfg.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not cfg.data.cache:
+        return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
+                                   window=cfg.data.shuffle_window)
+    root = Path(cfg.data.cache_dir or Path(cfg.output_dir).parent / "cache")
+    key = components_key_parts(cfg.model, components, encoding_settings(components))
+    enc_images, enc_prompts = _cache_encoders(components, accelerator.device)
+    with accelerator.main_process_first():
+        cached = build_or_load_cache(dataset, enc_images, enc_prompts, root, key)
+    cached.prompt_dropout = cfg.data.prompt_dropout
+    return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world,
+                         cfg.data.num_workers)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,13 +48,43 @@ class ImageBatch:
     """SDXL micro-conditioning [B, 6]; None for SD1.5."""
 
 
+@dataclass
+class PromptBatch:
+    """B prompts and nothing else (reward-gradient methods generate their own images: LongAlign stage 2)."""
+
+    captions: List[str]
+    """The prompts as text (rewards read them)."""
+    embeds: PromptEmbeds
+    """Their embeddings in the run's text encoding, B rows."""
+    time_ids: Optional[torch.Tensor] = None
+    """SDXL micro-conditioning [B, 6] for generating at the training resolution, uncropped; None for SD1.5."""
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
 class Objective(abc.ABC):
     """A training method: one loss over one kind of batch. The loop looks it up by name and never branches on it."""
 
     needs_reference: bool = False
     """Whether `compute_loss` needs the reference denoiser (the loop builds one only then)."""
     batch_kind: str = "images"
-    """"pairs" (PairBatch) or "images" (ImageBatch): which batches the loop must build."""
+    """"pairs" (PairBatch), "images" (ImageBatch) or "prompts" (PromptBatch): which batches the loop must build."""
+    ctx = None
+    """The ObjectiveContext handed over by `setup` (None until then)."""
+
+    def setup(self, ctx) -> None:
+        """Called once by the loop before training, with the `ObjectiveContext` (encoders, sampler, rewards)."""
+        self.ctx = ctx
+
+    def reference_provider(self, ctx):
+        """Who plays the reference over training (t2i_align.references): the base model by default, None when
+        the objective needs none. SePPO returns a snapshot pool."""
+        if not self.needs_reference:
+            return None
+        from t2i_align.references import BaseReference
+
+        return BaseReference(ctx.unet, ctx.components, ctx.lora, ctx.frozen)
 
     @abc.abstractmethod
     def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: object, scheduler: object,

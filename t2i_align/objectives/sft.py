@@ -10,7 +10,7 @@ from t2i_align.config import ObjectiveConfig
 from t2i_align.objectives.base import Denoiser, ImageBatch, Metrics, Objective, PairBatch, metrics_to_floats
 
 
-def _images(batch: Union[ImageBatch, PairBatch]) -> ImageBatch:
+def preferred_images(batch: Union[ImageBatch, PairBatch]) -> ImageBatch:
     """A PairBatch trains on its preferred images only (the official `--sft` flag), so DPO and SFT can be
     compared on the same pair data; the rejected images are ignored."""
     if isinstance(batch, PairBatch):
@@ -32,7 +32,7 @@ class SFT(Objective):
                      scheduler: object, cfg: ObjectiveConfig, generator: Optional[torch.Generator] = None
                      ) -> Tuple[torch.Tensor, Metrics]:
         self.check_reference(policy, reference)
-        images = _images(batch)
+        images = preferred_images(batch)
         latents = images.latents
         noise = diffusion.sample_noise(latents.shape, generator, latents.device, latents.dtype)
         timesteps = diffusion.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)

@@ -1,4 +1,4 @@
-"""`python -m t2i_align.toy build | where | evaluate | pairs | demo`."""
+"""`python -m t2i_align.toy build | where | evaluate | pairs | captions | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ def _pipe(args):
 
     if args.model == "toy":
         verify_assets()
-    return load_pipeline(args.model, lora=args.lora)
+    return load_pipeline(args.model, lora=args.lora, text_encoding=args.text_encoding)
 
 
 def cmd_build(args) -> dict:
@@ -36,7 +36,16 @@ def cmd_evaluate(args) -> dict:
     from .evaluate import evaluate, prompt_set
 
     result = evaluate(_pipe(args), prompt_set(args.prompts), seeds_per_prompt=args.seeds, base_seed=args.seed)
-    return dict(result.summary, model=str(args.model), lora=args.lora, prompts=args.prompts)
+    return dict(result.summary, model=str(args.model), lora=args.lora, prompts=args.prompts,
+                text_encoding=args.text_encoding)
+
+
+def cmd_captions(args) -> dict:
+    from .captions import export_captions
+    from .evaluate import prompt_set
+
+    return export_captions(args.out, prompt_set(args.prompts), per_scene=args.per_scene, caption=args.caption,
+                           seed=args.seed)
 
 
 def cmd_pairs(args) -> dict:
@@ -64,10 +73,13 @@ def cmd_compare(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from .demo import run_demo
+    from .demo import headline, run_demo
 
-    return run_demo(Path(args.out), seeds_per_prompt=args.seeds, config=Path(args.config),
-                    train_overrides=args.overrides)
+    result = run_demo(Path(args.out), seeds_per_prompt=args.seeds, config=Path(args.config),
+                      train_overrides=args.overrides, num_pair_prompts=args.num_pair_prompts,
+                      images_per_prompt=args.k)
+    print(headline(result), file=sys.stderr, flush=True)
+    return result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--prompts", default="train" if name == "pairs" else "heldout",
                        choices=("heldout", "train"))
         s.add_argument("--seed", type=int, default=0, help="base seed of the fixed per-prompt seeds")
+        s.add_argument("--text-encoding", choices=("clip77", "segments"), default=None,
+                       help="prompt encoding (default: the one recorded with the weights, else clip77)")
     for name in ("evaluate", "compare"):
         sub.choices[name].add_argument("--seeds", type=int, default=4, help="images per prompt")
     sub.choices["compare"].add_argument("--base", default="toy", help="the base model folder (default: toy)")
@@ -99,31 +113,38 @@ def _parser() -> argparse.ArgumentParser:
     pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
     pairs.add_argument("--pairing", default="random", choices=("random", "best-worst"),
                        help="K // 2 disjoint random pairs per prompt, or the best vs the worst image")
+    c = sub.add_parser("captions", help="ground-truth image-caption parquet (LongAlign stage 1 data)")
+    c.add_argument("--out", required=True, help="output folder for captions.parquet")
+    c.add_argument("--prompts", default="train", choices=("heldout", "train"))
+    c.add_argument("--per-scene", type=int, default=8, help="renders per scene (position jitter differs)")
+    c.add_argument("--caption", default="long", choices=("long", "short", "mixed"))
+    c.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="pairs from the base model, LoRA DPO, then base vs tuned judged + a gallery")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seeds", type=int, default=8, help="held-out images per prompt for the comparison")
-    d.add_argument("--config", default="configs/toy/dpo.yaml")
+    d.add_argument("--k", type=int, default=8, help="images per training prompt; the best vs the worst is a pair")
+    d.add_argument("--num-pair-prompts", type=int, default=0, help="use only the first N training prompts (0: all)")
+    d.add_argument("--config", default="configs/toy/demo.yaml")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the DPO config, e.g. train.max_steps=50")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..models import ModelLoadError
-    from .assets import ToyAssetError
+    from ..errors import run_cli
 
     args = _parser().parse_args(argv)
     if args.command == "build" and args.out is None:
         from .assets import ASSETS_DIR
         args.out = ASSETS_DIR
     commands = {"build": cmd_build, "where": cmd_where, "evaluate": cmd_evaluate, "pairs": cmd_pairs,
-                "compare": cmd_compare, "demo": cmd_demo}
-    try:
-        result = commands[args.command](args)
-    except (ToyAssetError, ModelLoadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+                "compare": cmd_compare, "demo": cmd_demo, "captions": cmd_captions}
+
+    def run() -> int:
+        print(json.dumps(commands[args.command](args), indent=2, default=str))
+        return 0
+
+    # ValueError too: toy/pairs.py and toy/build.py still raise it for bad --k / --only arguments.
+    return run_cli(run, also=(ValueError,))
 
 
 if __name__ == "__main__":

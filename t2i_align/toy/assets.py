@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..files import write_json_atomic
+from ..errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
 REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about 40 minutes on 2 CPU cores)."
 
 
-class ToyAssetError(RuntimeError):
+class ToyAssetError(UserError, RuntimeError):
     """The toy assets are missing or damaged."""
 
 

@@ -1,14 +1,20 @@
 """`make demo`: a LoRA Diffusion-DPO run in the toy world, from the shipped base model to a judged comparison.
 
-1. sample the base model on the training prompts, judge the samples and write them as Pick-a-Pic pairs;
-2. train LoRA DPO on those pairs with the shared loop (configs/toy/dpo.yaml);
+1. sample the base model on the training prompts (`images_per_prompt` each), judge the samples and write the best
+   vs the worst image of each prompt as a Pick-a-Pic pair;
+2. train LoRA DPO on those pairs with the shared loop (configs/toy/demo.yaml);
 3. judge base and tuned on the held-out prompts at the same seeds (means, win rate, p-values) and write a
    gallery with base and tuned side by side, the judge's verdict under each image.
+
+Each phase shows a tqdm bar on stderr (the loop has its own for training), so minutes of sampling never look hung.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
+
+from tqdm.auto import tqdm
 
 from ..files import write_json_atomic
 from ..gallery import to_uint8, write_gallery
@@ -19,6 +25,20 @@ from .evaluate import Evaluation, evaluate, judge_scores, prompt_set
 from .pairs import export_pairs
 
 GALLERY_PROMPTS = 12
+DEMO_CONFIG = Path("configs/toy/demo.yaml")
+
+
+def _bar(total: int, desc: str, show: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not show, dynamic_ncols=True)
+
+
+def headline(result: Dict) -> str:
+    """One line a newcomer can read: both judge scores, the win rate and the two p-values."""
+    wins, diff = result["win_rate"], result["paired_diff"]
+    return (f"held-out judge score: base {result['base']['overall']['mean']:.3f} -> tuned "
+            f"{result['tuned']['overall']['mean']:.3f}; tuned wins {wins['win_rate']:.3f} of "
+            f"{wins['n']} same-seed pairs (ties half); p = {wins['p_value']:.2g} (sign test), "
+            f"{diff['p_value']:.2g} (paired t-test)")
 
 
 def _caption(label: str, verdict) -> str:
@@ -53,18 +73,27 @@ def _train_dpo(config: Path, pairs: Path, out: Path, overrides: Sequence[str]) -
     return train(cfg).final
 
 
-def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = Path("configs/toy/dpo.yaml"),
-             train_overrides: Sequence[str] = (), num_pair_prompts: int = 0) -> Dict:
+def _judge(pipe, name: str, seeds_per_prompt: int, show_progress: bool) -> Evaluation:
+    heldout = prompt_set("heldout")
+    with _bar(len(heldout) * seeds_per_prompt, f"judge {name} on held-out prompts", show_progress) as bar:
+        return evaluate(pipe, heldout, seeds_per_prompt=seeds_per_prompt, progress=bar.update)
+
+
+def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
+             train_overrides: Sequence[str] = (), num_pair_prompts: int = 0, images_per_prompt: int = 8,
+             show_progress: bool = True) -> Dict:
+    """Pairs -> LoRA DPO -> judged comparison in `out`; returns (and writes to out/judge.json) the results."""
     verify_assets()
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toy")
     train_scenes = prompt_set("train")[: num_pair_prompts or None]
-    counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=4, base_seed=1,
-                          pairing="best-worst")
+    with _bar(len(train_scenes) * images_per_prompt, f"pairs: sample {len(train_scenes)} prompts x "
+              f"{images_per_prompt}", show_progress) as bar:
+        counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=images_per_prompt,
+                              base_seed=1, pairing="best-worst", progress=bar.update)
     final = _train_dpo(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
-    heldout = prompt_set("heldout")
-    evals = {"base": evaluate(base, heldout, seeds_per_prompt=seeds_per_prompt),
-             "tuned": evaluate(load_pipeline("toy", lora=final), heldout, seeds_per_prompt=seeds_per_prompt)}
+    evals = {"base": _judge(base, "base", seeds_per_prompt, show_progress),
+             "tuned": _judge(load_pipeline("toy", lora=final), "tuned", seeds_per_prompt, show_progress)}
     columns = [f"{name} · seed {k}" for name in evals for k in range(seeds_per_prompt)]
     gallery = write_gallery(out / "gallery", gallery_rows(evals), columns=columns,
                             title="t2i-align toy world: base vs LoRA DPO (held-out prompts, same seeds)")
@@ -72,6 +101,6 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = Path("configs/
     result = {"pairs": counts, "lora": str(final), "base": evals["base"].summary,
               "tuned": evals["tuned"].summary, "win_rate": win_rate(tuned, base_scores),
               "paired_diff": paired_diff(tuned, base_scores), "gallery": str(gallery / "index.html"),
-              "grid": str(gallery / "grid.png")}
+              "grid": str(gallery / "grid.png"), "config": str(config), "train_overrides": list(train_overrides)}
     write_json_atomic(out / "judge.json", result)
     return result

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -41,12 +41,15 @@ def summarize(verdicts: Sequence[Verdict]) -> Dict:
 
 
 def evaluate(pipe, scenes: Sequence[Scene], seeds_per_prompt: int = 4, base_seed: int = 0,
-             steps: int = TOY_STEPS, guidance: float = TOY_GUIDANCE, batch_size: int = 128) -> Evaluation:
-    """Sample `seeds_per_prompt` images per scene's short caption at fixed seeds and judge them."""
+             steps: int = TOY_STEPS, guidance: float = TOY_GUIDANCE, batch_size: int = 128,
+             progress: Optional[Callable[[int], object]] = None) -> Evaluation:
+    """Sample `seeds_per_prompt` images per scene's short caption at fixed seeds and judge them.
+
+    `progress` is passed to `generate`: called with the number of images finished after each batch."""
     flat_scenes, flat_seeds = prompt_major(scenes, seeds_per_prompt, base_seed)
     prompts = [short_caption(s) for s in flat_scenes]
     samples = generate(pipe, prompts, flat_seeds, num_inference_steps=steps, guidance_scale=guidance,
-                       batch_size=batch_size)
+                       batch_size=batch_size, progress=progress)
     verdicts = judge_batch(to_uint8(samples.images), flat_scenes)
     summary = summarize(verdicts)
     summary.update(num_prompts=len(scenes), seeds_per_prompt=seeds_per_prompt, base_seed=base_seed,

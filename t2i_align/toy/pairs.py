@@ -13,7 +13,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -76,8 +76,12 @@ def write_parquet(rows: Sequence[Dict], path: Path) -> None:
 
 def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, images_per_prompt: int = 4,
                  base_seed: int = 0, model_name: str = "toy-base", prompts_per_batch: int = 32,
-                 pairing: str = "random") -> Dict:
-    """Sample, judge and pair; write out_dir/pairs.parquet and out_dir/pairs.json (counts). Returns the counts."""
+                 pairing: str = "random", progress: Optional[Callable[[int], object]] = None) -> Dict:
+    """Sample, judge and pair; write out_dir/pairs.parquet and out_dir/pairs.json (counts). Returns the counts.
+
+    `progress`, if given, is called with the number of images sampled after each generation batch (they add up
+    to len(scenes) * images_per_prompt); pass a tqdm bar's `update` to show one.
+    """
     if pairing not in ("random", "best-worst"):
         raise ValueError(f"pairing={pairing!r}: use random or best-worst")
     if images_per_prompt < 2:
@@ -92,7 +96,7 @@ def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, imag
         flat = [s for s in chunk for _ in range(images_per_prompt)]
         flat_seeds = [x for row in seeds[start:start + len(chunk)] for x in row]
         samples = generate(pipe, [short_caption(s) for s in flat], flat_seeds, num_inference_steps=TOY_STEPS,
-                           guidance_scale=TOY_GUIDANCE)
+                           guidance_scale=TOY_GUIDANCE, progress=progress)
         images = to_uint8(samples.images)
         scores = [v.score for v in judge_batch(images, flat)]
         for i, scene in enumerate(chunk):

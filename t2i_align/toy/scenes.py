@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -174,12 +175,35 @@ def partial_caption(scene: Scene, attrs: Sequence[str]) -> str:
     return " ".join(words)
 
 
+_LONG_FACTS = (
+    re.compile(r"The picture shows a single (?P<color>\w+) (?P<shape>\w+)\."),
+    re.compile(r"The (?P<shape>\w+) is (?P<size>\w+) and it sits in the (?P<position>\w+ \w+) part of the frame\."),
+    re.compile(r"Behind the (?P<color>\w+) (?P<shape>\w+), the whole background is plain (?P<background>\w+)\."),
+)
+
+
+def scene_from_long_caption(caption: str) -> Scene:
+    """Invert `long_caption` (whatever the order of its filler sentences); ValueError if it is not one."""
+    found: Dict[str, str] = {}
+    for pattern in _LONG_FACTS:
+        match = pattern.search(caption)
+        if match is None:
+            raise ValueError(f"not a toy long caption: {caption!r}")
+        for key, value in match.groupdict().items():
+            if found.setdefault(key, value) != value:
+                raise ValueError(f"toy long caption names two {key}s: {caption!r}")
+    return Scene.from_dict(found)
+
+
 def scene_from_caption(caption: str) -> Scene:
-    """Invert `short_caption`, so a judge-based reward can score (image, prompt) pairs from the prompt alone."""
+    """Invert `short_caption` (or `long_caption`), so a judge-based reward can score (image, prompt) pairs from
+    the prompt alone."""
     words = caption.strip().split()
     # "a {size} {color} {shape} at the {v} {h} on a {background} background"
     if len(words) != 12 or words[0] != "a" or words[4:6] != ["at", "the"] or words[8:10] != ["on", "a"] \
             or words[-1] != "background":
-        raise ValueError(f"not a toy short caption: {caption!r}")
+        if caption.startswith("The picture shows"):
+            return scene_from_long_caption(caption)
+        raise ValueError(f"not a toy short caption (nor a long one): {caption!r}")
     return Scene.from_dict({"size": words[1], "color": words[2], "shape": words[3],
                             "position": f"{words[6]} {words[7]}", "background": words[10]})

@@ -1,0 +1,114 @@
+"""PPD on the toy world, end to end and seeded: data -> PPD and population-DPO training -> per-user judging.
+
+PPD (Dang et al., CVPR 2025, arXiv 2501.06655). Toy users (t2i_align/toy/users.py) have hidden tastes over the
+one attribute their captions leave free, the background; every training user labels the same base samples. On
+held-out users, embedded from 4 shots each and never trained on, we compare per user:
+
+- PPD (configs/toy/ppd.yaml: user branch, user-conditioned DPO),
+- population DPO (one LoRA model on the same pairs pooled, configs/toy/dpo.yaml),
+- PPD with shuffled user embeddings (each held-out user sampled with another held-out user's embedding),
+- the base model,
+
+on the share of images showing the user's favourite background and the mean utility (1 favourite, ½, 0), with a
+sign test and a paired t-test over users and over images; the named attributes (colour, shape, size, position)
+are judged too. Then interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
+
+    OMP_NUM_THREADS=1 python benchmarks/toy_ppd.py all --root runs/ppd-exp --seed 0
+    python benchmarks/toy_ppd.py data|train|eval --root runs/ppd-exp ...      # one stage at a time
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _captions(seed: int):
+    """All 120 user captions split into (training pairs, shots, evaluation): 80 / 20 / 20."""
+    from t2i_align.toy.scenes import all_scenes
+    from t2i_align.toy.users import user_caption
+
+    caps = sorted({user_caption(s) for s in all_scenes()})
+    random.Random(seed).shuffle(caps)
+    return caps[:80], caps[80:100], caps[100:]
+
+
+def stage_data(args) -> dict:
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.toy.ppd import Pool, sample_pool, write_ppd_data
+    from t2i_align.toy.users import ToyUserEncoder, make_toy_users
+
+    root = Path(args.root)
+    pairs_caps, shot_caps, _ = _captions(args.seed)
+    pools = {}
+    for name, caps, seed in (("pairs-pool", pairs_caps, 0), ("shot-pool", shot_caps, 500_000)):
+        folder = root / name
+        if not (folder / "pool.json").is_file():
+            sample_pool(load_pipeline("toy"), caps, args.k, seed + args.seed).save(folder)
+        pools[name] = Pool.load(folder)
+    users = make_toy_users(args.train_users + args.heldout_users, seed=args.seed)
+    counts = write_ppd_data(root / "data", pools["pairs-pool"], pools["shot-pool"], users[:args.train_users],
+                            users[args.train_users:], ToyUserEncoder.from_toy_clip(),
+                            embeddings_per_user=args.embeddings_per_user, seed=args.seed)
+    return counts
+
+
+def stage_train(args) -> dict:
+    from t2i_align.config import load_config
+    from t2i_align.loop import train
+
+    root, data = Path(args.root), Path(args.root) / "data"
+    common = [f"data.path={data / 'pairs.parquet'}", f"data.cache_dir={root / 'cache'}", f"seed={args.seed}",
+              "tracking.wandb=off"]
+    runs = {}
+    if "ppd" in args.models:
+        train(load_config(ROOT / "configs/toy/ppd.yaml", [*common, f"output_dir={root / 'ppd'}",
+                                                          f"ppd.table={data / 'user_table.safetensors'}",
+                                                          f"train.max_steps={args.steps}", *args.ppd_overrides]))
+        runs["ppd"] = str(root / "ppd" / "final")
+    if "dpo" in args.models:
+        train(load_config(ROOT / "configs/toy/dpo.yaml", [*common, f"output_dir={root / 'dpo'}", "data.cache=true",
+                                                          f"train.max_steps={args.steps}", *args.dpo_overrides]))
+        runs["dpo"] = str(root / "dpo" / "final")
+    return runs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("data", "train", "eval", "all"))
+    p.add_argument("--root", default="runs/ppd-exp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=8, help="base samples per caption in the pools")
+    p.add_argument("--train-users", type=int, default=24)
+    p.add_argument("--heldout-users", type=int, default=12)
+    p.add_argument("--embeddings-per-user", type=int, default=4)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--models", default="ppd,dpo")
+    p.add_argument("--ppd-overrides", nargs="*", default=[])
+    p.add_argument("--dpo-overrides", nargs="*", default=[])
+    p.add_argument("--eval-seeds", type=int, default=4)
+    args = p.parse_args(argv)
+    args.models = args.models.split(",")
+    import torch
+
+    torch.set_num_threads(1)
+    from toy_ppd_eval import stage_eval
+
+    stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval],
+              "all": [stage_data, stage_train, stage_eval]}[args.stage]
+    report = {}
+    for stage in stages:
+        report[stage.__name__] = stage(args)
+        print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
+    out = Path(args.root) / f"report-{args.stage}.json"
+    out.write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Judging stage of benchmarks/toy_ppd.py: held-out toy users, per-user and per-image statistics, interpolation.
+
+For every held-out user u (embedded from 4 shots, never trained on) and every evaluation caption × seed, one
+image per model at the same seed: base, population DPO (LoRA), PPD with u's embedding, and PPD with the
+embedding of another held-out user whose favourite differs ("shuffled"). The judge reads each image's background
+and the caption's four named attributes. Paired tests: per user (n = held-out users; each user's share of
+favourite backgrounds and mean utility) and per image (n = users × captions × seeds; utility).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+def _judge(samples, captions):
+    from t2i_align.gallery import to_uint8
+    from t2i_align.toy.ppd import judge_user_images
+
+    return judge_user_images(to_uint8(samples.images), captions)
+
+
+def _sample(pipe, captions, seeds, tokens=None):
+    from t2i_align.sampling import generate
+    from t2i_align.toy.evaluate import TOY_GUIDANCE, TOY_STEPS
+
+    return generate(pipe, captions, seeds, num_inference_steps=TOY_STEPS, guidance_scale=TOY_GUIDANCE,
+                    batch_size=128, user_tokens=tokens)
+
+
+def _per_user(user, backgrounds: List[Optional[str]], named: List[float]) -> Dict:
+    util = [user.utility(b) for b in backgrounds]
+    return {"favourite_share": float(np.mean([b == user.favourite for b in backgrounds])),
+            "utility": float(np.mean(util)), "named": float(np.mean(named)), "per_image_utility": util,
+            "per_image_named": named}
+
+
+def _tests(a: List[float], b: List[float]) -> Dict:
+    from t2i_align.stats import paired_diff, win_rate
+
+    w, d = win_rate(a, b), paired_diff(a, b)
+    return {"mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)), "wins": w["wins"], "losses": w["losses"],
+            "ties": w["ties"], "sign_p": w["p_value"], "mean_diff": d["mean_diff"], "diff_ci": [d["low"], d["high"]],
+            "t_p": d["p_value"], "n": d["n"]}
+
+
+def _shuffled(users) -> Dict[int, int]:
+    """Each held-out user -> the next held-out user (cyclically) whose favourite differs from theirs."""
+    out = {}
+    for i, u in enumerate(users):
+        for step in range(1, len(users)):
+            v = users[(i + step) % len(users)]
+            if v.favourite != u.favourite:
+                out[u.user_id] = v.user_id
+                break
+    return out
+
+
+def stage_eval(args) -> Dict:
+    from t2i_align.sampling import load_pipeline, prompt_major
+    from t2i_align.toy.users import ToyUser
+    from t2i_align.users import UserTable
+    from toy_ppd import _captions
+
+    root = Path(args.root)
+    meta = json.loads((root / "data" / "users.json").read_text())
+    users = [ToyUser(int(i), tuple(r)) for i, r in meta["heldout_users"].items()]
+    table = UserTable.load(root / "data" / "user_table.safetensors")
+    _, _, eval_caps = _captions(args.seed)
+    captions, seeds = prompt_major(eval_caps, args.eval_seeds, 900_000 + args.seed)
+    n = len(captions)
+    judged = {}
+    for name, lora in (("base", None), ("dpo", root / "dpo" / "final")):
+        if lora is None or lora.exists():
+            judged[name] = _judge(_sample(load_pipeline("toy", lora=lora), captions, seeds), captions)
+    ppd = load_pipeline("toy", lora=root / "ppd" / "final")
+    swap = _shuffled(users)
+    results: Dict[str, Dict] = {name: {} for name in ("base", "dpo", "ppd", "ppd_shuffled") if name in judged
+                                or name.startswith("ppd")}
+    for user in users:
+        for name in judged:
+            results[name][user.user_id] = _per_user(user, *judged[name])
+        for name, source in (("ppd", user.user_id), ("ppd_shuffled", swap[user.user_id])):
+            tokens = table.tokens([source] * n)
+            results[name][user.user_id] = _per_user(user, *_judge(_sample(ppd, captions, seeds, tokens), captions))
+    report = _report(results, users)
+    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds)
+    report["settings"] = {"heldout_users": len(users), "eval_captions": len(eval_caps),
+                          "seeds_per_caption": args.eval_seeds, "images_per_user_per_model": n}
+    return report
+
+
+def _report(results: Dict[str, Dict], users) -> Dict:
+    ids = [u.user_id for u in users]
+    out: Dict = {"per_model": {}, "tests": {}}
+    for name, per in results.items():
+        out["per_model"][name] = {k: float(np.mean([per[i][k] for i in ids]))
+                                  for k in ("favourite_share", "utility", "named")}
+        out["per_model"][name]["per_user_favourite_share"] = [per[i]["favourite_share"] for i in ids]
+    for other in ("dpo", "ppd_shuffled", "base"):
+        if other not in results:
+            continue
+        a, b = results["ppd"], results[other]
+        out["tests"][f"ppd_vs_{other}"] = {
+            "per_user_favourite_share": _tests([a[i]["favourite_share"] for i in ids],
+                                               [b[i]["favourite_share"] for i in ids]),
+            "per_user_utility": _tests([a[i]["utility"] for i in ids], [b[i]["utility"] for i in ids]),
+            "per_image_utility": _tests([x for i in ids for x in a[i]["per_image_utility"]],
+                                        [x for i in ids for x in b[i]["per_image_utility"]]),
+            "per_image_named": _tests([x for i in ids for x in a[i]["per_image_named"]],
+                                      [x for i in ids for x in b[i]["per_image_named"]]),
+        }
+    return out
+
+
+def _interpolation(pipe, table, users, captions, seeds) -> Dict:
+    """Users A and B (the first two held-out users with different favourites): share of B's favourite and of A's
+    favourite among the images sampled with α·e_B + (1−α)·e_A."""
+    a = users[0]
+    b = next(u for u in users[1:] if u.favourite != a.favourite)
+    rows = []
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+        tokens = table.interpolate(a.user_id, b.user_id, alpha)[None].repeat(len(captions), 1, 1)
+        backgrounds, _ = _judge(_sample(pipe, captions, seeds, tokens), captions)
+        rows.append({"alpha": alpha, "share_B_favourite": float(np.mean([x == b.favourite for x in backgrounds])),
+                     "share_A_favourite": float(np.mean([x == a.favourite for x in backgrounds]))})
+    return {"user_A": a.user_id, "A_favourite": a.favourite, "user_B": b.user_id, "B_favourite": b.favourite,
+            "rows": rows}

@@ -1,0 +1,157 @@
+"""LongAlign's segment-level text encoding: long prompts through CLIP's 77-token encoders.
+
+Liu et al. 2024, "Improving Long-Text Alignment for Text-to-Image Diffusion Models" (arXiv 2410.11817, Sec. 3),
+following the official code (github.com/luping-liu/LongAlign, `tools.py`: `collate_fn`, `caption2embed`):
+
+1. split the caption into sentences (`caption_segments`); each sentence is tokenized and encoded on its own,
+   so each is cut at 77 tokens (<sot> and <eot> included) instead of the whole caption;
+2. from every segment keep its <sot> and word tokens, drop its <eot> and padding (the paper's best variant:
+   keeping all <sot> tokens, removing <eot>, replacing <pad> by one fixed <pad*>), and concatenate;
+3. cut the concatenation at the token budget (official: 240) or right-pad it with <pad*> = the mean of the last
+   60 output positions of the empty prompt encoded at max_length 77 (fixed, not learned).
+
+The output is always [B, token_budget, D], so batches stack and the negative prompt has the prompt's length;
+SD1.5 / SDXL cross-attention takes any sequence length. `encode_segments_last_hidden` is SD1.5 (LongAlign's
+setting) and `encode_segments_penultimate_pooled` carries the recipe to SDXL (see its docstring).
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from .text import PromptEmbeds, TruncationStats, tokenize
+
+if TYPE_CHECKING:
+    from t2i_align.models import Components
+
+PAD_POSITIONS = 60
+"""<pad*> is the mean of the last 60 output positions (17..76) of "" encoded at 77 tokens, as the official code."""
+
+# The official pattern r'"!|\.|\?|;"' splits on "." and "?" only (plus the literal strings '"!' and ';"'): an
+# intended [.!?;] with misplaced quotes. We split on all four, but not on a "." between two digits ("3.5").
+_SENTENCE_END = re.compile(r"[!?;]|(?<!\d)\.|\.(?!\d)")
+
+
+def split_sentences(caption: str) -> List[str]:
+    """The sentences of `caption`, stripped, without their final mark; empty pieces are dropped.
+
+    Splits on ".", "!", "?" and ";" (the official regex means to but splits on "." and "?" only, see above), but
+    not on a decimal point between digits: "3.5 cm" stays whole (the official code splits it; we do not, so a
+    number is not torn into two segments). Abbreviations ("e.g.") do split, as in the official code. Pieces of
+    only whitespace are dropped too: the official code drops only empty ones, so the " " after a caption's last
+    "." became a stray " ." segment there.
+    """
+    pieces = (piece.strip() for piece in _SENTENCE_END.split(caption))
+    return [piece for piece in pieces if piece]
+
+
+def caption_segments(caption: str) -> List[str]:
+    """What is encoded, one string per segment: each sentence + "." (the official code appends "." to every piece,
+    so "!", "?" and ";" become "." too); a caption with no sentence in it (e.g. "" for classifier-free guidance,
+    or only punctuation) is one segment, itself, as in the official code ("" thus encodes to <sot> then <pad*>)."""
+    return [sentence + "." for sentence in split_sentences(caption)] or [caption]
+
+
+def _hidden(encoder: Any, ids: torch.Tensor, penultimate: bool) -> torch.Tensor:
+    out = encoder(ids.to(encoder.device), output_hidden_states=penultimate)
+    return out.hidden_states[-2] if penultimate else out.last_hidden_state
+
+
+def _tokenize_segments(tokenizer: Any, segments: List[str]) -> Tuple[torch.Tensor, List[int]]:
+    """(ids [S, 77], kept [S]): kept[j] = tokens of segment j before its <eot> (its <sot> and words).
+
+    The <eot> position comes from the attention mask (padding positions are 0), not from token ids: SDXL's
+    tokenizer_2 pads with "!" (id 0), so the official `ids != pad_token_id` would also drop every real "!" word
+    there. For SD1.5 both rules keep the same tokens (its pad is <|endoftext|> = <eot>, which never occurs inside).
+    """
+    batch = tokenizer(segments, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt")
+    kept = batch.attention_mask.sum(dim=1) - 1
+    eot = batch.input_ids.gather(1, kept[:, None]).squeeze(1)
+    if not bool((eot == tokenizer.eos_token_id).all()):
+        raise ValueError("segment encoding expects CLIP-style tokens: <sot> words <eot> then padding")
+    return batch.input_ids, kept.tolist()
+
+
+def _record_truncation(stats: TruncationStats, tokenizer: Any, per_prompt: List[List[str]], budget: int) -> None:
+    """Per prompt: tokens lost by cutting a sentence at 77 plus tokens beyond the budget."""
+    limit = tokenizer.model_max_length
+    dropped = []
+    for segments in per_prompt:
+        lengths = [len(ids) for ids in tokenizer(segments, padding=False, truncation=False, verbose=False).input_ids]
+        kept = sum(min(n, limit) - 1 for n in lengths)  # <sot> + words of each segment
+        dropped.append(sum(max(0, n - limit) for n in lengths) + max(0, kept - budget))
+    stats.record_dropped(dropped, f"exceed the segment encoding's limits ({limit} tokens per sentence, {budget} "
+                                  "in all; LongAlign)")
+
+
+def _concat(hidden: torch.Tensor, kept: List[int], counts: List[int], budget: int, pad: torch.Tensor) -> torch.Tensor:
+    """[B, budget, D]: prompt b's segments' first kept[j] states, concatenated, cut at budget, padded with `pad`."""
+    out = pad.to(hidden.dtype).expand(len(counts), budget, hidden.shape[-1]).clone()
+    start = 0
+    for b, n in enumerate(counts):
+        rows = torch.cat([hidden[j, :kept[j]] for j in range(start, start + n)])[:budget]
+        out[b, :len(rows)] = rows
+        start += n
+    return out
+
+
+@torch.no_grad()
+def encode_segments(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], prompts: Sequence[str],
+                    token_budget: int, *, penultimate: bool = False,
+                    stats: Optional[TruncationStats] = None) -> torch.Tensor:
+    """[B, token_budget, sum of the encoders' widths]: LongAlign's segment encoding with every (tokenizer,
+    encoder) pair, concatenated per token along the feature dim (as SDXL concatenates its two encoders).
+
+    `penultimate`: the penultimate hidden states (SDXL) instead of the last, final-layer-normed ones (SD1.5).
+    Segments are padded to 77 tokens rather than to the longest segment (the official `padding=True`): CLIP's
+    causal attention makes the kept positions the same either way, and a prompt's encoding then does not depend
+    on the other prompts of its batch. `stats` counts prompts that lost tokens (a sentence over 77 tokens, or
+    the concatenation over the budget).
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget={token_budget}: need at least 1 token")
+    per_prompt = [caption_segments(p) for p in prompts]
+    flat = [s for segments in per_prompt for s in segments]
+    counts = [len(segments) for segments in per_prompt]
+    if stats is not None:
+        _record_truncation(stats, tokenizers[0], per_prompt, token_budget)
+    features, first_kept = [], None
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids, kept = _tokenize_segments(tokenizer, flat + [""])  # the last row, "", gives <pad*>
+        if first_kept is not None and kept != first_kept:
+            raise ValueError("the tokenizers split the segments into different token counts; segment encoding "
+                             "needs tokenizers that share one vocabulary (as SDXL's two CLIP tokenizers do)")
+        first_kept = kept
+        hidden = _hidden(encoder, ids, penultimate)
+        pad = hidden[-1, -PAD_POSITIONS:].float().mean(dim=0)
+        features.append(_concat(hidden[:-1], kept[:-1], counts, token_budget, pad))
+    return torch.cat(features, dim=-1)
+
+
+def encode_segments_last_hidden(components: "Components", prompts: Sequence[str]) -> PromptEmbeds:
+    """SD1.5 (LongAlign's setting): segments through the CLIP text encoder's last hidden state."""
+    embeds = encode_segments(components.tokenizers, components.text_encoders, prompts,
+                             components.text_encoding.token_budget, stats=components.truncation)
+    return PromptEmbeds(embeds)
+
+
+def encode_segments_penultimate_pooled(components: "Components", prompts: Sequence[str]) -> PromptEmbeds:
+    """SDXL: segments through both encoders' penultimate hidden states, concatenated per token on the feature dim
+    (768 + 1280 = 2048), as SDXL's own 77-token encoding does; <pad*> is built per encoder from "" padded as that
+    encoder's tokenizer pads it (tokenizer_2 pads with "!").
+
+    The pooled embedding (`text_embeds`, one vector per prompt that SDXL adds to the time embedding) is the
+    77-token one: encoder 2's projected pooled output of the whole prompt's first 77 tokens, exactly as the
+    "clip77" encoding gives it. LongAlign has no SDXL recipe; we keep the global vector the base model was trained
+    on (a mean of per-sentence pooled vectors would be a new input it never saw), so short prompts condition as
+    before and the long-text information arrives through the token sequence, which is what LongAlign changes.
+    """
+    embeds = encode_segments(components.tokenizers, components.text_encoders, prompts,
+                             components.text_encoding.token_budget, penultimate=True, stats=components.truncation)
+    tokenizer, encoder = components.tokenizers[-1], components.text_encoders[-1]
+    with torch.no_grad():
+        pooled = encoder(tokenize(tokenizer, prompts).to(encoder.device)).text_embeds
+    return PromptEmbeds(embeds, pooled)

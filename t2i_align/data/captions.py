@@ -1,0 +1,173 @@
+"""Image-caption data from local parquet files: LongAlign's stage 1 (Liu et al. 2024, arXiv 2410.11817, Sec. 5.1;
+official code `unet_align_ct5.py`: the plain denoising loss on (image, long caption) pairs).
+
+Columns: `caption` and either `jpg` (image bytes, or the Hugging Face `Image` layout {"bytes": ..., "path": ...})
+or `path` (an image file relative to the image root, LongAlign's data layout: `path` + `caption`; the root
+defaults to the parquet file's folder). Bad rows never end a run: an undecodable image, a missing file or a path
+that leaves the image root (`../x.jpg`, an absolute path, a symlink pointing out) gives None, which
+`collate_pairs` drops and counts (`skipped` per batch, summed by the loop as `data_rows_skipped`); the first few
+are logged with the row. The parquet files themselves must resolve inside the data root (`find_parquet_files`).
+
+Items: pixels [3, R, R] in [-1, 1], caption ("" with probability `prompt_dropout`), SDXL's original_size and
+crop_top_left, index; resize, crop and flip as the pair loader (`pairs.prepare_image`), every random draw from
+(seed, epoch, row id), so a resumed run sees the same items.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from ..config import ConfigError
+from .pairs import DECODE_ERRORS, decode_rgb, find_parquet_files, item_draws, prepare_image, to_rgb
+
+logger = logging.getLogger(__name__)
+IMAGE_COLUMNS = ("jpg", "path")
+_MAX_WARNINGS = 5
+
+
+@dataclass
+class CaptionStats:
+    """`rows` read, `used` rows; `bad_images` found so far (undecodable, missing, or outside the image root)."""
+
+    rows: int = 0
+    used: int = 0
+    bad_images: int = 0
+
+    def summary(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """(image, caption) rows; item = dict(pixels, caption, original_size, crop_top_left, index) or None."""
+
+    def __init__(self, path: str | Path, resolution: int = 512, crop: str = "center", flip: str = "none",
+                 prompt_dropout: float = 0.0, max_items: int = 0, seed: int = 0, root: Optional[str | Path] = None,
+                 image_root: Optional[str | Path] = None) -> None:
+        self.files = find_parquet_files(path, root)
+        self.resolution, self.crop, self.flip = resolution, crop, flip
+        self.prompt_dropout, self.max_items, self.seed, self.epoch = prompt_dropout, max_items, seed, 0
+        self.image_root = Path(image_root).resolve() if image_root is not None else None
+        self.stats = CaptionStats()
+        self._read_metadata()
+        if not len(self):
+            raise ConfigError(f"no rows in {path}: expected parquet with a caption column and jpg or path")
+        self._handles: Dict[int, pq.ParquetFile] = {}
+        self._group_key: Optional[Tuple[int, int]] = None
+        self._group: Any = None
+        self._warnings = 0
+
+    def _read_metadata(self) -> None:
+        loc: List[Tuple[int, int, int]] = []
+        self.captions: List[str] = []
+        self.column: List[str] = []
+        for fi, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
+            if "caption" not in names or image_col is None:
+                raise ConfigError(f"{path} is not image-caption data: it needs a caption column and a jpg (image "
+                                  f"bytes) or path (image file) column; found {names}")
+            self.column.append(image_col)
+            for g in range(pf.num_row_groups):
+                captions = pf.read_row_group(g, columns=["caption"]).column("caption").to_pylist()
+                for off, caption in enumerate(captions):
+                    loc.append((fi, g, off))
+                    self.captions.append(caption or "")
+                    if self.max_items and len(loc) >= self.max_items:
+                        break
+                if self.max_items and len(loc) >= self.max_items:
+                    break
+        self._loc = np.array(loc, dtype=np.int64).reshape(-1, 3)
+        self.stats.rows = self.stats.used = len(self.captions)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
+    def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
+        return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}
+
+    def _raw(self, index: int) -> Any:
+        fi, g, off = (int(v) for v in self._loc[index])
+        if self._group_key != (fi, g):
+            if fi not in self._handles:
+                self._handles[fi] = pq.ParquetFile(self.files[fi])
+            self._group = self._handles[fi].read_row_group(g, columns=[self.column[fi]]).column(0)
+            self._group_key = (fi, g)
+        return self._group[off].as_py()
+
+    def _open_path(self, index: int, rel: Any) -> Image.Image:
+        """The image file `rel` of row `index`, which must resolve inside the image root."""
+        root = self.image_root or self.files[int(self._loc[index, 0])].parent
+        if not isinstance(rel, str) or not rel:
+            raise ValueError("no image path")
+        real = (root / rel).resolve()
+        if not real.is_relative_to(root):
+            raise ValueError(f"image path {rel!r} resolves to {real}, outside the image root {root}")
+        with Image.open(real) as image:
+            image.load()
+            return to_rgb(image)
+
+    def decode(self, index: int) -> Optional[Image.Image]:
+        """Row `index`'s image as RGB, or None (logged, counted in `stats.bad_images`) if it cannot be used."""
+        try:
+            raw = self._raw(index)
+            if self.column[int(self._loc[index, 0])] == "path":
+                return self._open_path(index, raw)
+            return decode_rgb(raw)
+        except DECODE_ERRORS as err:  # FileNotFoundError is an OSError
+            self.stats.bad_images += 1
+            self._warnings += 1
+            log = logger.warning if self._warnings <= _MAX_WARNINGS else logger.debug
+            log("caption row %d: unusable image, skipped: %s", index, err)
+            return None
+
+    def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        image = self.decode(index)
+        if image is None:
+            return None
+        u = item_draws(self.seed, self.epoch, index)
+        flip = self.flip != "none" and u[1] < 0.5
+        pixels, size, crop = prepare_image(image, self.resolution, self.crop, flip, u[3], u[4])
+        caption = "" if u[0] < self.prompt_dropout else self.captions[index]
+        return {"pixels": pixels, "caption": caption, "original_size": size, "crop_top_left": crop, "index": index}
+
+
+def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> CaptionDataset:
+    """CaptionDataset from a `DataConfig` (data.kind = captions)."""
+    if not cfg.path:
+        raise ConfigError("data.path is empty: with data.kind=captions give a parquet file or folder with caption "
+                          "and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out DIR)")
+    try:
+        return CaptionDataset(cfg.path, resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip,
+                              prompt_dropout=cfg.prompt_dropout, max_items=cfg.max_pairs, seed=seed, root=root)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path: {err}; give a parquet file or folder of image-caption data") from None
+
+
+def build_caption_source(cfg: Any, accelerator: Any):
+    """Image-caption micro-batches for an "images" objective (SFT: LongAlign stage 1), in `OfflineSource` order:
+    read uncached, each process its share, resumable by skipping micro-batches."""
+    from .pairs import collate_pairs
+    from .sources import OfflineSource
+
+    if cfg.data.cache:
+        raise ConfigError("data.cache=true is not supported for data.kind=captions yet: set data.cache=false "
+                          "(images are then VAE-encoded every step)")
+    dataset = load_captions(cfg.data, cfg.seed)
+    return OfflineSource(dataset, collate_pairs, cfg.train.batch_size, cfg.seed, accelerator.process_index,
+                         accelerator.num_processes, cfg.data.num_workers)

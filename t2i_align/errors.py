@@ -1,0 +1,58 @@
+"""User errors: a mistake the user can fix ends as ONE line `error: ...` and exit code 2; tracebacks are for our bugs.
+
+Raise `UserError` (or a subclass: `ConfigError` for settings, `reward_models.cli.UsageError` for arguments) with a
+message that says what to do. Every command-line entry point runs its body through `run_cli`, which prints such
+errors (and a missing file or folder, `FileNotFoundError`) as one line and returns 2. `T2I_ALIGN_DEBUG=1` re-raises
+them, traceback included, for developers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Tuple, Type
+
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "T2I_ALIGN_DEBUG"
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a missing file or folder, a wrong setting, an incompatible combination.
+
+    The message is shown alone, as `error: <message>`, so it must name the setting or file and say what to do.
+    """
+
+
+_DEFINED_ELSEWHERE: Tuple[Tuple[str, str], ...] = ()
+"""User errors whose classes predate `UserError` (module, class name); once they subclass it, drop them here.
+Looked up only in modules already imported: an exception of a class from a module never imported cannot occur,
+and importing diffusers just to name an exception would slow every command down."""
+
+
+def user_error_types(also: Tuple[Type[BaseException], ...] = ()) -> Tuple[Type[BaseException], ...]:
+    """The exception classes `run_cli` reports as user errors."""
+    found = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, *also]
+    for module, name in _DEFINED_ELSEWHERE:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def one_line(err: BaseException) -> str:
+    """The message on one line: multi-line messages (key listings) are joined; an OS error names its file."""
+    text = str(err)
+    if isinstance(err, OSError) and err.strerror and err.filename:  # "[Errno 2] ..." -> "No such file ...: path"
+        text = f"{err.strerror}: {err.filename}"
+    return " ".join(text.split()) or type(err).__name__
+
+
+def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = ()) -> int:
+    """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
+    stderr and gives 2. Anything else propagates with its traceback: that is a bug for us to fix."""
+    try:
+        return main()
+    except user_error_types(also) as err:  # evaluated when an exception arrives, after main's imports
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,145 @@
+"""Reward fine-tuning by back-propagation through the sampling chain: LongAlign's stage 2 (Liu et al. 2024,
+"Improving Long-Text Alignment for Text-to-Image Diffusion Models", arXiv 2410.11817; official code
+github.com/luping-liu/LongAlign, `unet_reward.py`), and with other settings DRaFT-K / AlignProp / ReFL-like runs.
+
+Prompts in; per prompt one image x_0 = D(rollout(x_T)) from the policy's DDIM chain (`t2i_align.rollout`: CFG
+against the empty prompt, gradients only on the chosen steps, their UNet input detached and checkpointed), then
+
+    loss = -loss_scale · mean_b r(x_0^b, p_b)
+
+with r any differentiable reward of the registry. LongAlign's reward is Denscore decomposed and reweighted,
+r = S_ω = t⊥·x + ω η (v·x) (`reward_models/decomposed_clip.py`), and its loss 0.5·(1 - mean S_ω) - 0.09·(1 - ω):
+the same gradient as loss_scale = 0.5 here (the constants only shift the logged value). We log -loss_scale ·
+mean r as `loss`, and r's parts: `reward` (what is optimised), `reward_total` (the raw S), `reward_relevant`
+(t⊥·x), `reward_irrelevant` (η v·x) and `reward_eta` for decomposed-clip, each reward's own info otherwise.
+
+Where we differ from the official code, on purpose:
+- the common direction v is fitted ONCE from a prompt set (default: the training prompts) and saved as
+  <output_dir>/reward_direction.safetensors, which every process and every resume loads; the code recomputes it
+  per step from the all-gathered batch, so a score there depends on the batch and on the number of GPUs;
+- the reward sees the whole decoded image, resized and centre-cropped (`reward_models`), not the code's
+  RandomCrop(504) ("for blocky blur"), an augmentation we leave out;
+- the gradient steps are drawn from the global RNG (restored on resume), per process.
+No reference model (needs_reference = False): the reward alone is the objective, as in LongAlign.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from t2i_align.config import ConfigError, ObjectiveConfig
+from t2i_align.objectives.base import Denoiser, Metrics, Objective, PromptBatch, metrics_to_floats
+
+DIRECTION_FILE = "reward_direction.safetensors"
+"""Where a run keeps the decomposed-clip common direction it fitted (in output_dir)."""
+
+
+def sampling_scheduler(scheduler, timestep_spacing: Optional[str]):
+    """A DDIMScheduler with the training scheduler's noise schedule and, if given, another timestep spacing
+    ("trailing": LongAlign's 999 … 19); `rollout` builds its chain from this one's config."""
+    from diffusers import DDIMScheduler
+
+    extra = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+    return DDIMScheduler.from_config(scheduler.config, **extra)
+
+
+def build_reward(ctx, rc, fit_spec: str):
+    """The run's reward, on this process's device; decomposed-clip with its common direction fixed for the run
+    (see the module docstring). ConfigError for a reward that is not differentiable."""
+    from reward_models.base import differentiable_rewards
+
+    if rc.reward not in differentiable_rewards():
+        raise ConfigError(f"reward_backprop.reward = {rc.reward!r} is not a differentiable reward (its score "
+                          "carries no gradient to the image); choose one of " + ", ".join(differentiable_rewards()))
+    options = dict(rc.reward_options)
+    if rc.reward != "decomposed-clip" or options.get("direction") is not None:
+        return ctx.reward(rc.reward, **options)
+    return _decomposed_with_run_direction(ctx, rc, options, fit_spec)
+
+
+def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
+    """Main process: fit v on the fit prompts and save it (unless the run folder has it: a resume); every process
+    then loads the file, so all score with the very same float32 vector."""
+    from reward_models.decomposed_clip import prompts_digest
+
+    from t2i_align.prompts import read_prompts
+
+    fit = options.pop("fit_prompts", None) or fit_spec
+    prompts = read_prompts(fit, "reward_backprop.reward_options.fit_prompts") if isinstance(fit, str) else list(fit)
+    path = Path(ctx.cfg.output_dir) / DIRECTION_FILE
+    acc = ctx.accelerator
+    if acc.is_main_process and not path.exists():
+        reward = ctx.reward(rc.reward, **options, fit_prompts=prompts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        reward.save_direction(tmp)
+        os.replace(tmp, path)  # complete or absent
+        acc.wait_for_everyone()
+        reward.load_direction(path)  # the file's vector, as the other processes and a resume have it
+    else:
+        acc.wait_for_everyone()
+        reward = ctx.reward(rc.reward, **options, direction=str(path))
+    if reward.direction_metadata.get("prompts_sha256") != prompts_digest(prompts):
+        raise ConfigError(f"{path} holds a common direction fitted on other prompts than {fit!r}; delete it to "
+                          "refit, or train into a new output_dir")
+    return reward
+
+
+class RewardBackprop(Objective):
+    """Prompts in (batch_kind "prompts"); the loss of the module docstring; no reference."""
+
+    needs_reference = False
+    batch_kind = "prompts"
+    reward = None
+    sampler = None
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        rc = ctx.cfg.reward_backprop
+        self.sampler = sampling_scheduler(ctx.components.scheduler, rc.timestep_spacing)
+        self.reward = build_reward(ctx, rc, ctx.cfg.data.path)
+
+    def generate(self, policy: Denoiser, batch: PromptBatch, generator: Optional[torch.Generator] = None,
+                 grad: bool = True) -> torch.Tensor:
+        """Decoded images in [0, 1] for the batch's prompts, with gradients through the chosen steps when `grad`
+        (with grad=False: the same chain and decode, nothing kept for backward)."""
+        from t2i_align.rollout import choose_grad_steps, initial_latents, rollout
+
+        ctx, rc = self.ctx, self.ctx.cfg.reward_backprop
+        device = batch.embeds.prompt_embeds.device
+        noise = initial_latents((len(batch), *ctx.latent_shape()), generator, self.sampler, device=device)
+        steps = choose_grad_steps(rc.grad_mode, rc.num_steps, rc.grad_k, generator) if grad else []
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            latents = rollout(policy, batch.embeds, ctx.empty_embeds(1), self.sampler, noise,
+                              num_steps=rc.num_steps, guidance_scale=rc.guidance_scale, grad_steps=steps,
+                              detach_input=rc.detach_input, checkpoint=rc.checkpoint, time_ids=batch.time_ids,
+                              eta=rc.eta, generator=generator, x0_prediction=rc.x0_prediction)
+            images = ctx.decode_latents(latents, grad=grad, checkpoint=rc.decode_checkpoint)
+        return images / 2 + 0.5
+
+    def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: PromptBatch,
+                     scheduler: object, cfg: ObjectiveConfig, generator: Optional[torch.Generator] = None
+                     ) -> Tuple[torch.Tensor, Metrics]:
+        self.check_reference(policy, reference)
+        if not isinstance(batch, PromptBatch):
+            raise TypeError(f"reward_backprop needs a PromptBatch (data.kind=prompts), got {type(batch).__name__}")
+        scores, info = self.reward(self.generate(policy, batch, generator), batch.captions)
+        loss = -self.ctx.cfg.reward_backprop.loss_scale * scores.float().mean()
+        values = {"loss": loss, "reward": scores.float().mean()}
+        values.update(reward_info_means(info, len(batch)))
+        return loss, metrics_to_floats(values)
+
+
+def reward_info_means(info: dict, n: int) -> dict:
+    """`reward_<key>`: the batch mean of every per-image number list of a reward's info (decomposed-clip: total,
+    relevant, irrelevant, weighted, eta), plus its `truncated` count (prompts its text encoder cut)."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, list) and len(value) == n and all(isinstance(v, (int, float)) for v in value):
+            out[f"reward_{key}"] = torch.tensor(value, dtype=torch.float64).mean()
+        elif key == "truncated" and isinstance(value, int):
+            out["reward_truncated"] = torch.tensor(float(value))
+    return out

@@ -1,0 +1,127 @@
+"""SePPO: preference optimisation from preferred images only (Zhang et al. 2024, arXiv 2410.05255, v1 Sec. 4;
+renamed SSPO in v2, where RCR = random checkpoint replay and SSR = the flipper below).
+
+No training code was ever published; this follows the reconstruction in shared/reference/seppo-ppd.md §1.4-1.6,
+every choice the paper leaves open being a `seppo.*` setting:
+
+- the reference θ_ref is drawn each step from past policy snapshots (`t2i_align.references.SnapshotPool`);
+- θ_ref samples one image x^r per prompt of the batch (the preferred image's caption), which takes the loser's
+  slot of Diffusion-DPO;
+- the anchor-based adaptive flipper (AAF) signs the reference sample's term per sample, from the policy's and the
+  reference's denoising errors on the preferred ("anchor") image x^w at the same ε and t (no gradient):
+
+      d = ‖ε - ε_ref(x^w_t)‖² - ‖ε - ε_θ(x^w_t)‖²          s = +1 if d > 0 (policy already better: x^r a loser)
+                                                            s = -1 otherwise (x^r treated as a winner)
+      L = -log σ(-½β [Δ_w - s·Δ_r]),   Δ_x = ‖ε - ε_θ(x_t)‖² - ‖ε - ε_ref(x_t)‖²
+
+  which is `dpo_loss` with the loser's errors multiplied by s. A tie counts as "not better": s = -1, both images
+  pulled towards lower error (SFT-like, v2's "switch from DPO to SFT"). When the drawn snapshot IS the policy
+  (step 0 with the initial model; a snapshot taken at this very step), d is only rounding noise (the policy runs
+  with autograd, the reference without, and kernels differ in the last bits), so the whole batch is a tie, by
+  the weights' identity rather than by a tolerance. `indicator` (s ∈ {1, 0}) is the paper's ablation; `off` is
+  always DPO.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from t2i_align import diffusion
+from t2i_align.config import ObjectiveConfig
+from t2i_align.objectives.base import Denoiser, ImageBatch, Metrics, Objective, PairBatch, metrics_to_floats
+from t2i_align.objectives.dpo import dpo_loss, implicit_accuracy
+from t2i_align.objectives.sft import preferred_images
+
+FLIPS = ("sign", "indicator", "off")
+
+
+def aaf_sign(policy_err_w: torch.Tensor, ref_err_w: torch.Tensor, flip: str, tie: bool = False) -> torch.Tensor:
+    """Per-sample s from the anchor errors [B]: see the module docstring (ties d = 0, or `tie` for the whole
+    batch, give -1 under "sign" and 0 under "indicator")."""
+    better = ((ref_err_w - policy_err_w) > 0) & (not tie)
+    if flip == "sign":
+        return torch.where(better, 1.0, -1.0).to(policy_err_w.dtype)
+    if flip == "indicator":
+        return better.to(policy_err_w.dtype)
+    if flip == "off":
+        return torch.ones_like(policy_err_w)
+    raise ValueError(f"unknown seppo.flip {flip!r}; use one of {FLIPS}")
+
+
+def seppo_loss(mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, ref_r: torch.Tensor, beta: float,
+               flip: str = "sign", beta_convention: str = "official", loss_type: str = "sigmoid",
+               tie: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sample losses, logits, s): Diffusion-DPO with the reference sample as loser, its term times s."""
+    s = aaf_sign(mse_w.detach(), ref_w.detach(), flip, tie)
+    losses, logits = dpo_loss(mse_w, s * mse_r, ref_w, s * ref_r, beta, beta_convention, loss_type)
+    return losses, logits, s
+
+
+class SePPO(Objective):
+    """Preferred images in (pair data: the winners, as SFT), reference samples generated here."""
+
+    needs_reference = True
+    batch_kind = "images"
+    pool = None
+
+    def reference_provider(self, ctx):
+        from t2i_align.references import SnapshotPool
+
+        sc = ctx.cfg.seppo
+        self.pool = SnapshotPool(ctx.unet, ctx.components, ctx.lora, ctx.frozen, snapshot_every=sc.snapshot_every,
+                            pool_size=sc.pool_size, draw=sc.reference, seed=ctx.cfg.seed,
+                            output_dir=ctx.cfg.output_dir, is_main=ctx.accelerator.is_main_process,
+                            barrier=ctx.accelerator.wait_for_everyone)
+        return self.pool
+
+    @torch.no_grad()
+    def reference_samples(self, reference: Denoiser, images: ImageBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One sample of the reference per row, at the preferred images' size; (latents, SDXL time ids)."""
+        ctx, sc = self.ctx, self.ctx.cfg.seppo
+        latents = images.latents
+        time_ids = None
+        if ctx.components.spec.uses_time_ids:  # generated at the training size, uncropped (as RAFT's samples)
+            from t2i_align.conditioning.text import sdxl_time_ids
+
+            size = tuple(int(d * ctx.components.vae_scale_factor) for d in latents.shape[-2:])
+            time_ids = sdxl_time_ids(size, (0, 0), size, batch_size=len(latents)).to(latents.device)
+        sample = ctx.sample(reference, images.embeds, steps=sc.sample_steps, guidance=sc.guidance_scale,
+                            time_ids=time_ids, latent_shape=tuple(latents.shape[1:]))
+        if sc.reencode:
+            sample = ctx.encode_images(ctx.decode_latents(sample).clamp(-1, 1))
+        return sample.to(latents.device, latents.dtype), time_ids
+
+    def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: Union[ImageBatch, PairBatch],
+                     scheduler: object, cfg: ObjectiveConfig, generator: Optional[torch.Generator] = None
+                     ) -> Tuple[torch.Tensor, Metrics]:
+        self.check_reference(policy, reference)
+        images = preferred_images(batch)
+        lw = images.latents
+        lr, tr = self.reference_samples(reference, images)
+        n = lw.shape[0]
+        latents = torch.cat([lw, lr])
+        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype).repeat(2, 1, 1, 1)
+        timesteps = diffusion.sample_timesteps(scheduler, n, generator, lw.device).repeat(2)
+        noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
+        target = diffusion.training_target(scheduler, latents, noise, timesteps)
+        embeds = images.embeds.repeat(2)
+        time_ids = None if images.time_ids is None else torch.cat([images.time_ids, tr])
+
+        model_mse = diffusion.per_sample_mse(policy(noisy, timesteps, embeds, time_ids), target)
+        with torch.no_grad():
+            ref_mse = diffusion.per_sample_mse(reference(noisy, timesteps, embeds, time_ids).detach(), target)
+        mse_w, mse_r = model_mse.chunk(2)
+        ref_w, ref_r = ref_mse.chunk(2)
+        tie = self.pool is not None and self.pool.reference_is_policy()
+        losses, logits, s = seppo_loss(mse_w, mse_r, ref_w, ref_r, cfg.beta, self.ctx.cfg.seppo.flip,
+                                       cfg.beta_convention, cfg.loss_type, tie)
+        loss = losses.mean()
+        metrics = metrics_to_floats({
+            "loss": loss, "implicit_acc": implicit_accuracy(logits), "logit_mean": logits.mean(),
+            # share of reference samples NOT treated as losers (s = -1 under sign, 0 under indicator)
+            "flip_rate": (s < 1).float().mean(),
+            "mse_w": mse_w.mean(), "mse_ref_sample": mse_r.mean(),
+            "ref_mse_w": ref_w.mean(), "ref_mse_ref_sample": ref_r.mean(),
+        })
+        return loss, metrics

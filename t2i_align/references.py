@@ -1,0 +1,294 @@
+"""Reference providers: who plays the reference denoiser over training.
+
+- `BaseReference` (Diffusion-DPO): the base model throughout. Adapters (LoRA, PPD's user branch): the policy UNet
+  with every adapter disabled, under no_grad; full fine-tune: a frozen copy in the weight dtype (optionally
+  offloaded to the CPU).
+- `SnapshotPool` (SePPO's random checkpoint replay, Zhang et al. 2024, arXiv 2410.05255, Alg. 1): past policy
+  snapshots, the initial model included; at every optimizer step one is drawn (`random` ~ U(0, k-1), `initial`,
+  `latest`) with a generator seeded by (seed, step), so every process and every resume draws the same one.
+  LoRA snapshots are the adapter tensors, evaluated with `torch.func.functional_call` so the live policy's
+  parameters (and the autograd graph built from them) are never touched; full fine-tune snapshots are
+  safetensors files under `output_dir/reference_pool/`, loaded into the one frozen copy when drawn.
+
+The loop calls `begin_step(step)` before a step's micro-batches, `after_step(done)` after the optimizer step,
+and saves `state()` / `save(folder)` with each checkpoint; the loop never knows which provider it holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from .batches import make_denoiser, unet_kwargs
+from .models import adapters_off
+from .objectives.base import Denoiser
+
+DRAWS = ("random", "initial", "latest")
+_STATE_FILE = "reference_pool.json"
+_TENSORS_FILE = "reference_pool.safetensors"
+
+
+class BaseReference:
+    """The base model as reference (fixed over training); also the interface every provider keeps."""
+
+    def __init__(self, unet: torch.nn.Module, components, adapters: bool, frozen: Optional[torch.nn.Module]):
+        """adapters: only adapters train (LoRA and/or PPD's user branch), so the base is the same UNet with every
+        adapter off; else a full fine-tune, whose base is `frozen`."""
+        self.unet, self.components, self.adapters, self.frozen = unet, components, adapters, frozen
+        if not adapters and (frozen is None or frozen is unet):
+            raise ValueError("full fine-tuning needs a frozen reference copy that is not the policy UNet")
+
+    def denoiser(self) -> Denoiser:
+        if self.adapters:
+            return _adapters_off(self.unet, self.components)
+        return _frozen_denoiser(self.frozen, self.components)
+
+    @contextmanager
+    def base_unet(self) -> Iterator[torch.nn.Module]:
+        """The base model's UNet for sampling (validation galleries): adapters off, or the frozen copy."""
+        if self.adapters:
+            with adapters_off(self.unet):
+                yield self.unet
+        else:
+            yield self.frozen
+
+    def begin_step(self, step: int) -> None:
+        """Called before the micro-batches of optimizer step `step` (0-based)."""
+
+    def after_step(self, done: int) -> None:
+        """Called after `done` optimizer steps have been taken."""
+
+    def metrics(self) -> Dict[str, float]:
+        return {}
+
+    def state(self) -> Dict:
+        return {}
+
+    def save(self, folder: Path) -> None:
+        """Write what a resumed run needs into the checkpoint folder (main process only)."""
+
+    def load(self, folder: Path) -> None:
+        """Restore from a checkpoint folder written by `save` (every process)."""
+
+
+def _adapters_off(unet, components) -> Denoiser:
+    inner = make_denoiser(unet, components)
+
+    def reference(noisy, t, embeds, time_ids=None):
+        with adapters_off(unet):
+            return inner(noisy, t, embeds, time_ids)
+
+    return reference
+
+
+def _frozen_denoiser(frozen, components) -> Denoiser:
+    """A frozen copy in its own dtype, moved to the latents' device for the call if it was offloaded."""
+    inner = make_denoiser(frozen, components)
+    dtype = next(frozen.parameters()).dtype
+
+    @torch.no_grad()
+    def reference(noisy, t, embeds, time_ids=None):
+        home = next(frozen.parameters()).device
+        if home != noisy.device:
+            frozen.to(noisy.device)
+        out = inner(noisy.to(dtype), t, embeds.to(noisy.device, dtype),
+                    None if time_ids is None else time_ids.to(noisy.device, dtype)).float()
+        if home != noisy.device:
+            frozen.to(home)
+        return out
+
+    return reference
+
+
+def draw_index(draw: str, pool_len: int, seed: int, step: int) -> int:
+    """Which snapshot plays the reference at `step`: identical on every process and on resume."""
+    if draw == "initial":
+        return 0
+    if draw == "latest":
+        return pool_len - 1
+    if draw == "random":  # SePPO's ref ~ U(0, k-1)
+        return int(np.random.default_rng([seed % 2**63, step]).integers(pool_len))
+    raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
+
+
+class SnapshotPool(BaseReference):
+    """SePPO's random checkpoint replay: a pool of at most `pool_size` snapshots taken every `snapshot_every`
+    optimizer steps. Our choice where the paper is silent: when full, the oldest snapshot after the initial model
+    leaves (the initial model always stays, as SePPO's U(0, k-1) includes it)."""
+
+    def __init__(self, unet, components, adapters: bool, frozen, *, snapshot_every: int, pool_size: int, draw: str,
+                 seed: int, output_dir: Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None):
+        super().__init__(unet, components, adapters, frozen)
+        if draw not in DRAWS:
+            raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
+        self.snapshot_every, self.pool_size, self.draw, self.seed = snapshot_every, pool_size, draw, seed
+        self.output_dir, self.is_main, self.barrier = Path(output_dir), is_main, barrier
+        self.pool_dir = self.output_dir / "reference_pool"
+        self.steps: List[int] = []          # the step each snapshot was taken at, oldest first
+        self.tensors: Dict[int, Dict[str, torch.Tensor]] = {}   # LoRA: step -> adapter tensors
+        self.current: Optional[int] = None  # the step of the snapshot drawn for this optimizer step
+        self.loaded: Optional[int] = None   # full fine-tune: the snapshot now in the frozen copy
+        self.step = 0                       # optimizer steps the policy has taken (set by begin_step)
+        self._take(0)
+
+    # -- pool upkeep ---------------------------------------------------------------------------------------
+    def _adapter_names(self) -> List[str]:
+        return [name for name, p in self.unet.named_parameters() if p.requires_grad]
+
+    def _take(self, step: int) -> None:
+        if self.adapters:
+            params = dict(self.unet.named_parameters())
+            self.tensors[step] = {n: params[n].detach().clone() for n in self._adapter_names()}
+        else:
+            self._write_full(step)
+        self.steps.append(step)
+        while len(self.steps) > self.pool_size:
+            gone = self.steps.pop(1)
+            self.tensors.pop(gone, None)
+        if not self.adapters:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Delete full-model snapshot files that neither the pool nor any saved checkpoint lists."""
+        if not self.is_main:
+            return
+        keep = set(self.steps)
+        for state in (self.output_dir / "checkpoints").glob("*/" + _STATE_FILE):
+            keep.update(int(s) for s in json.loads(state.read_text())["steps"])
+        for path in self.pool_dir.glob("step-*.safetensors"):
+            if int(path.stem.split("-")[1]) not in keep:
+                path.unlink()
+
+    def _file(self, step: int) -> Path:
+        return self.pool_dir / f"step-{step}.safetensors"
+
+    def _write_full(self, step: int) -> None:
+        """Full fine-tune snapshot to disk in the frozen copy's dtype (kept while a checkpoint lists it)."""
+        from safetensors.torch import save_file
+
+        if self.is_main and not self._file(step).is_file():
+            dtype = next(self.frozen.parameters()).dtype
+            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.unet.state_dict().items()}
+            self.pool_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._file(step).with_suffix(".tmp")
+            save_file(state, str(tmp))
+            os.replace(tmp, self._file(step))  # complete or absent
+        self.barrier()  # every process may draw it at the next step
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self.current = self.steps[draw_index(self.draw, len(self.steps), self.seed, step)]
+
+    def reference_is_policy(self) -> bool:
+        """Whether the drawn snapshot was taken after exactly the updates the policy has had: the same weights
+        (up to the snapshot's dtype), so any error difference between them is rounding, not preference."""
+        return self.current is not None and self.current == self.step
+
+    def after_step(self, done: int) -> None:
+        if self.snapshot_every and done % self.snapshot_every == 0 and done not in self.steps:
+            self._take(done)
+
+    # -- the reference denoiser ---------------------------------------------------------------------------
+    def denoiser(self) -> Denoiser:
+        if self.adapters:
+            return self._adapter_snapshot()
+        return self._full_snapshot()
+
+    def _adapter_snapshot(self) -> Denoiser:
+        unet, components = self.unet, self.components
+
+        @torch.no_grad()
+        def reference(noisy, t, embeds, time_ids=None):
+            kwargs = unet_kwargs(components, embeds, time_ids)
+            was_training = unet.training
+            unet.eval()  # no LoRA dropout in the reference
+            try:  # the snapshot's adapter tensors stand in for the live ones for this call only
+                return torch.func.functional_call(unet, self.tensors[self._drawn()], (noisy, t), kwargs,
+                                                  strict=False).sample
+            finally:
+                unet.train(was_training)
+
+        return reference
+
+    def _full_snapshot(self) -> Denoiser:
+        inner = _frozen_denoiser(self.frozen, self.components)
+
+        def reference(noisy, t, embeds, time_ids=None):
+            self._load_full(self._drawn())
+            return inner(noisy, t, embeds, time_ids)
+
+        return reference
+
+    def _load_full(self, step: int) -> None:
+        if self.loaded != step:
+            from safetensors.torch import load_file
+
+            self.frozen.load_state_dict(load_file(str(self._file(step))))
+            self.loaded = step
+
+    def _drawn(self) -> int:
+        if self.current is None:
+            raise RuntimeError("SnapshotPool.begin_step(step) must be called before the reference is used")
+        return self.current
+
+    @contextmanager
+    def base_unet(self) -> Iterator[torch.nn.Module]:
+        if self.adapters:
+            with adapters_off(self.unet):
+                yield self.unet
+            return
+        self._load_full(0)  # the initial weights, whichever snapshot the frozen copy held
+        yield self.frozen
+
+    # -- logging and checkpoints ----------------------------------------------------------------------------
+    def metrics(self) -> Dict[str, float]:
+        if self.current is None:
+            return {}
+        return {"reference_step": float(self.current), "reference_index": float(self.steps.index(self.current)),
+                "reference_pool_size": float(len(self.steps))}
+
+    def state(self) -> Dict:
+        return {"steps": list(self.steps)}
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        (folder / _STATE_FILE).write_text(json.dumps(self.state()))
+        if self.adapters:
+            flat = {f"{step}/{name}": t.detach().to("cpu").contiguous()
+                    for step, tensors in self.tensors.items() for name, t in tensors.items()}
+            save_file(flat, str(folder / _TENSORS_FILE))
+
+    def load(self, folder: Path) -> None:
+        folder = Path(folder)
+        path = folder / _STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no {_STATE_FILE}: it was not written by a run with a "
+                                    "snapshot reference pool; resume with the run's own config")
+        steps = [int(s) for s in json.loads(path.read_text())["steps"]]
+        if self.adapters:
+            self.tensors = _read_lora_pool(folder / _TENSORS_FILE, steps, self.unet)
+        else:
+            missing = [str(self._file(s)) for s in steps if not self._file(s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}")
+        self.steps, self.current, self.loaded = steps, None, None
+
+
+def _read_lora_pool(path: Path, steps: List[int], unet) -> Dict[int, Dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    device = next(unet.parameters()).device
+    flat = load_file(str(path))
+    pool: Dict[int, Dict[str, torch.Tensor]] = {s: {} for s in steps}
+    for key, value in flat.items():
+        step, name = key.split("/", 1)
+        if int(step) in pool:
+            pool[int(step)][name] = value.to(device)
+    return pool

@@ -1,0 +1,198 @@
+"""Toy PPD data: base samples labelled by many toy users, user embeddings from disjoint shots, and judging per user.
+
+PPD (Dang et al., CVPR 2025, arXiv 2501.06655) trains one model for many users: each pair carries its rater, and
+the rater's embedding (a VLM reading 4 of their labelled pairs) conditions the denoiser. The toy version:
+
+- a *pool* of base-model samples: k images per user caption (the caption names colour, shape, size and position
+  but not the background, so the images' backgrounds vary);
+- *pairs*: each caption's k images cut into k/2 fixed pairs; every training user labels the SAME pairs by their
+  hidden background taste (t2i_align/toy/users.py), so users disagree on identical pairs; ties are not written;
+- *shots*: 4 labelled pairs per embedding, from captions never used for training pairs, so no user's shots are
+  among their training pairs (checked: `check_shots_disjoint`); training users get several embeddings (PPD: up
+  to 20 per user, each from 4 other pairs) and each of their pairs is tagged with one of them;
+- *held-out users* get one embedding from 4 shots and no pairs at all.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..users.table import UserTable
+from ..users.training import check_shots_disjoint, pair_fingerprint
+from .users import FREE_ATTRIBUTE, NUM_SHOTS, Shot, ToyUser, ToyUserEncoder, named_attributes
+
+
+class NotEnoughShotsError(UserError, ValueError):
+    """A user has fewer labelled pairs than an embedding needs."""
+
+
+@dataclass
+class Pool:
+    """k base samples per caption: images [P, k, H, W, 3] uint8 and the judge's readout of each."""
+
+    captions: List[str]
+    images: np.ndarray
+    backgrounds: List[List[Optional[str]]]
+    named_score: np.ndarray
+    """[P, k] fraction of the caption's four named attributes the judge reads right."""
+
+    def save(self, folder: Path) -> None:
+        from safetensors.numpy import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"images": self.images, "named_score": self.named_score}, str(folder / "pool.safetensors"))
+        (folder / "pool.json").write_text(json.dumps({"captions": self.captions, "backgrounds": self.backgrounds}))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Pool":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(folder / "pool.safetensors"))
+        meta = json.loads((folder / "pool.json").read_text())
+        return cls(meta["captions"], arrays["images"], meta["backgrounds"], arrays["named_score"])
+
+
+def judge_user_images(images: Sequence[np.ndarray], captions: Sequence[str]) -> Tuple[List[Optional[str]], List[float]]:
+    """(background readout, fraction of the named attributes right) per image."""
+    from .judge import read_attributes
+
+    backgrounds, named = [], []
+    for image, caption in zip(images, captions):
+        read, want = read_attributes(image), named_attributes(caption)
+        backgrounds.append(read[FREE_ATTRIBUTE])
+        named.append(sum(read[a] == v for a, v in want.items()) / len(want))
+    return backgrounds, named
+
+
+def sample_pool(pipe, captions: Sequence[str], k: int, base_seed: int, batch_size: int = 128) -> Pool:
+    """k samples per caption at the toy evaluation settings and fixed seeds, judged."""
+    from ..gallery import to_uint8
+    from ..sampling import generate, prompt_major
+    from .evaluate import TOY_GUIDANCE, TOY_STEPS
+
+    flat, seeds = prompt_major(list(captions), k, base_seed)
+    samples = generate(pipe, flat, seeds, num_inference_steps=TOY_STEPS, guidance_scale=TOY_GUIDANCE,
+                       batch_size=batch_size)
+    images = to_uint8(samples.images)
+    backgrounds, named = judge_user_images(images, flat)
+    p = len(captions)
+    return Pool(list(captions), np.stack(images).reshape(p, k, *images[0].shape),
+                [backgrounds[i * k:(i + 1) * k] for i in range(p)], np.array(named, np.float32).reshape(p, k))
+
+
+def fixed_pairs(pool: Pool, seed: int) -> List[Tuple[int, int, int]]:
+    """(caption index, image a, image b): each caption's k images shuffled into k // 2 disjoint pairs."""
+    rng = random.Random(seed)
+    pairs = []
+    for p in range(len(pool.captions)):
+        order = list(range(pool.images.shape[1]))
+        rng.shuffle(order)
+        pairs += [(p, a, b) for a, b in zip(order[0::2], order[1::2])]
+    return pairs
+
+
+def _fingerprint(pool: Pool, p: int, a: int, b: int) -> str:
+    return pair_fingerprint(pool.captions[p], pool.images[p, a].tobytes(), pool.images[p, b].tobytes())
+
+
+def user_shots(user: ToyUser, pool: Pool, count: int, rng: random.Random) -> Tuple[List[Shot], List[str]]:
+    """`count` non-tied labelled pairs of `user` from `pool`, no pair twice; (shots, their fingerprints)."""
+    candidates = [(p, a, b) for p in range(len(pool.captions)) for a in range(pool.images.shape[1])
+                  for b in range(a + 1, pool.images.shape[1])
+                  if user.label(pool.backgrounds[p][a], pool.backgrounds[p][b]) != 0.5]
+    if len(candidates) < count:
+        raise NotEnoughShotsError(f"user {user.user_id} has {len(candidates)} usable (non-tied) pairs in the shot "
+                                  f"pool but {count} are needed ({NUM_SHOTS} per embedding)")
+    shots, prints = [], []
+    for p, a, b in rng.sample(candidates, count):
+        first = a if user.label(pool.backgrounds[p][a], pool.backgrounds[p][b]) == 1.0 else b
+        shots.append(Shot(pool.captions[p], pool.images[p, first], pool.images[p, a + b - first]))
+        prints.append(_fingerprint(pool, p, a, b))
+    return shots, prints
+
+
+def embed_users(encoder: ToyUserEncoder, shot_sets: Dict[int, Sequence[Shot]],
+                num_shots: int = NUM_SHOTS) -> Dict[int, torch.Tensor]:
+    """Embedding id -> [num_shots, D]; a set with fewer shots fails naming the id (more: the first num_shots)."""
+    short = {i: len(s) for i, s in shot_sets.items() if len(s) < num_shots}
+    if short:
+        raise NotEnoughShotsError(f"user embedding(s) {sorted(short)[:5]} have {sorted(set(short.values()))} shots; "
+                                  f"each needs {num_shots} labelled pairs (PPD's 4 shots)")
+    ids = list(shot_sets)
+    stacked = encoder.encode_many([list(shot_sets[i])[:num_shots] for i in ids])
+    return dict(zip(ids, stacked))
+
+
+def embedding_id(user_id: int, j: int) -> int:
+    """The table id of training user `user_id`'s j-th embedding (pairs carry it as their user_id)."""
+    return user_id * 100 + j
+
+
+def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Sequence[ToyUser],
+                   heldout_users: Sequence[ToyUser], encoder: ToyUserEncoder, embeddings_per_user: int = 4,
+                   seed: int = 0) -> Dict:
+    """pairs.parquet (every training user labels the same fixed pairs), user_table.safetensors (training users'
+    embeddings and the held-out users'), users.json (tastes, ids, shot fingerprints). Returns counts."""
+    from .pairs import jpeg_bytes, write_parquet
+
+    rng = random.Random(seed)
+    shot_sets, prints, owner = {}, {}, {}
+    for user in train_users:
+        shots, fps = user_shots(user, shot_pool, NUM_SHOTS * embeddings_per_user, rng)
+        for j in range(embeddings_per_user):  # non-overlapping chunks of 4, as PPD's stage 1
+            shot_sets[embedding_id(user.user_id, j)] = shots[j * NUM_SHOTS:(j + 1) * NUM_SHOTS]
+            owner[embedding_id(user.user_id, j)] = user.user_id
+        prints[user.user_id] = fps
+    for user in heldout_users:
+        shot_sets[user.user_id], prints[user.user_id] = user_shots(user, shot_pool, NUM_SHOTS, rng)
+        owner[user.user_id] = user.user_id
+    rows, trained = [], []
+    for p, a, b in fixed_pairs(pairs_pool, seed):
+        jpg = (jpeg_bytes(pairs_pool.images[p, a]), jpeg_bytes(pairs_pool.images[p, b]))
+        for user in train_users:
+            label = user.label(pairs_pool.backgrounds[p][a], pairs_pool.backgrounds[p][b])
+            if label == 0.5:
+                continue
+            emb = embedding_id(user.user_id, rng.randrange(embeddings_per_user))
+            rows.append({"caption": pairs_pool.captions[p], "jpg_0": jpg[0], "jpg_1": jpg[1], "label_0": label,
+                         "label_1": 1.0 - label, "user_id": emb, "are_different": True, "has_label": True,
+                         "model_0": "toy-base", "model_1": "toy-base", "ranking_id": len(rows)})
+            trained.append((user.user_id, _fingerprint(pairs_pool, p, a, b)))
+    check_shots_disjoint(prints, trained)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(rows, out / "pairs.parquet")
+    table = UserTable.from_dict(embed_users(encoder, shot_sets))
+    table.save(out / "user_table.safetensors")
+    meta = {"train_users": {u.user_id: list(u.ranking) for u in train_users},
+            "heldout_users": {u.user_id: list(u.ranking) for u in heldout_users},
+            "embedding_owner": owner, "shot_fingerprints": prints, "pairs": len(rows),
+            "pairs_per_user": len(rows) / max(1, len(train_users)), "embeddings_per_user": embeddings_per_user}
+    (out / "users.json").write_text(json.dumps(meta, indent=1))
+    return {k: v for k, v in meta.items() if k in ("pairs", "pairs_per_user", "embeddings_per_user")}
+
+
+def embed_shots_file(path, encoder: Optional[ToyUserEncoder] = None, num_shots: int = NUM_SHOTS) -> torch.Tensor:
+    """A toy user's embedding [num_shots, 64] from a Pick-a-Pic-format parquet of their labelled pairs (ties and
+    unreadable rows skipped; the first `num_shots` usable rows are used). For `sample/generate.py --user-shots`."""
+    from ..data.pairs import PairDataset
+
+    try:
+        data = PairDataset(path, resolution=32)
+    except ValueError as err:  # no usable rows, missing columns
+        raise NotEnoughShotsError(f"user shots {path}: {err}") from None
+    shots = []
+    for i in range(len(data)):
+        images = data.decode(i)
+        if images is not None:
+            shots.append(Shot(data.caption(i), *(np.asarray(im) for im in images)))
+        if len(shots) == num_shots:
+            break
+    encoder = encoder or ToyUserEncoder.from_toy_clip()
+    return embed_users(encoder, {0: shots}, num_shots)[0]

@@ -1,0 +1,153 @@
+"""Toy users for PPD: hidden tastes over the one attribute their prompts leave free.
+
+PPD (Dang et al., CVPR 2025, arXiv 2501.06655) personalises a diffusion model to users whose preferences differ
+where the prompt does not decide. The toy short caption names all five scene attributes, so toy users write
+*user captions* that omit the background ("a large red circle at the top left"): the background is then free, and
+each user has a hidden ranking of the three backgrounds. A user prefers the image whose background (as the
+judge reads it off the pixels) ranks higher; the same background is a tie (0.5, dropped like Pick-a-Pic ties).
+
+The user encoder needs no VLM: a shot is (preferred image, dispreferred image) of one prompt, and its token is
+toy-CLIP(preferred) − toy-CLIP(dispreferred) (L2-normalised image features): what the user moved towards. A user
+embedding is one token per shot, [num_shots, 64], 4 shots as in PPD. The user branch attends over the tokens
+without positions, so shot order does not matter.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .judge import read_attributes
+from .scenes import ATTRIBUTES, BACKGROUNDS, VALUES, Scene, noisy_scene, partial_caption, render
+
+FREE_ATTRIBUTE = "background"
+NAMED_ATTRIBUTES = tuple(a for a in ATTRIBUTES if a != FREE_ATTRIBUTE)
+"""What a user caption names: colour, shape, size and position."""
+NUM_SHOTS = 4
+"""Preference pairs per user embedding, as PPD's stage 1 (4 shots)."""
+
+
+def user_caption(scene: Scene) -> str:
+    """The scene's caption without its background, e.g. "a large red circle at the top left"."""
+    return partial_caption(scene, NAMED_ATTRIBUTES)
+
+
+def named_attributes(caption: str) -> Dict[str, str]:
+    """Invert `user_caption`: the four attributes it names (to judge prompt-following without the background)."""
+    words = caption.strip().split()
+    # "a {size} {color} {shape} at the {v} {h}"
+    if len(words) != 8 or words[0] != "a" or words[4:6] != ["at", "the"]:
+        raise ValueError(f"not a toy user caption: {caption!r}")
+    named = {"size": words[1], "color": words[2], "shape": words[3], "position": f"{words[6]} {words[7]}"}
+    for attr, value in named.items():
+        if value not in VALUES[attr]:
+            raise ValueError(f"not a toy user caption: {caption!r} (unknown {attr} {value!r})")
+    return named
+
+
+@dataclass(frozen=True)
+class ToyUser:
+    """A user whose taste is a ranking of the backgrounds, most liked first."""
+
+    user_id: int
+    ranking: Tuple[str, ...]
+
+    def __post_init__(self):
+        if sorted(self.ranking) != sorted(BACKGROUNDS):
+            raise ValueError(f"ranking {self.ranking} must order every background {tuple(BACKGROUNDS)} once")
+
+    @property
+    def favourite(self) -> str:
+        return self.ranking[0]
+
+    def utility(self, background: Optional[str]) -> float:
+        """1 for the favourite, 0 for the least liked, evenly between; an unreadable background (None) -1."""
+        if background is None:
+            return -1.0
+        return 1.0 - self.ranking.index(background) / (len(self.ranking) - 1)
+
+    def label(self, background_0: Optional[str], background_1: Optional[str]) -> float:
+        """Pick-a-Pic's label_0: 1.0 if image 0 is preferred, 0.0 if image 1, 0.5 for a tie."""
+        u0, u1 = self.utility(background_0), self.utility(background_1)
+        return 1.0 if u0 > u1 else 0.0 if u0 < u1 else 0.5
+
+    def label_images(self, image_0: np.ndarray, image_1: np.ndarray) -> float:
+        """`label` on the judge's background readout of two uint8 [H, W, 3] images of one prompt."""
+        return self.label(read_attributes(image_0)[FREE_ATTRIBUTE], read_attributes(image_1)[FREE_ATTRIBUTE])
+
+
+def make_toy_users(num_users: int = 6, seed: int = 0) -> List[ToyUser]:
+    """`num_users` users with ids 0..n-1. The 6 possible rankings are shuffled with `seed` and dealt in turn, so
+    the first six users all differ and later ones repeat a taste (real users share tastes too)."""
+    if num_users < 1:
+        raise ValueError(f"num_users={num_users} must be at least 1")
+    rankings = list(itertools.permutations(BACKGROUNDS))
+    random.Random(seed).shuffle(rankings)
+    return [ToyUser(i, tuple(rankings[i % len(rankings)])) for i in range(num_users)]
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One labelled pair of a user: the caption and the preferred and dispreferred images (uint8 HWC)."""
+
+    caption: str
+    preferred: np.ndarray
+    dispreferred: np.ndarray
+
+
+def rendered_shots(user: ToyUser, scenes: Sequence[Scene], num_shots: int, rng: random.Random,
+                   noise: float = 0.3) -> List[Shot]:
+    """Shots from rendered ground truth instead of model samples (fast, for tests and sanity checks).
+
+    Each shot takes a random scene; its two images are renderings of that scene with each named attribute but
+    colour changed with probability `noise` and the background drawn uniformly (the caption leaves it free), as
+    a base model's samples vary. Pairs the user ties on are redrawn, as PPD drops ties.
+    """
+    shots = []
+    while len(shots) < num_shots:
+        scene = scenes[rng.randrange(len(scenes))]
+        images, backgrounds = [], []
+        for _ in range(2):
+            varied = noisy_scene(scene, rng, noise).as_dict()
+            varied[FREE_ATTRIBUTE] = rng.choice(VALUES[FREE_ATTRIBUTE])
+            images.append(render(Scene(**varied), rng))
+            backgrounds.append(varied[FREE_ATTRIBUTE])
+        label = user.label(*backgrounds)
+        if label == 0.5:
+            continue
+        first = 0 if label == 1.0 else 1
+        shots.append(Shot(user_caption(scene), images[first], images[1 - first]))
+    return shots
+
+
+class ToyUserEncoder:
+    """Shots -> user tokens [num_shots, D]: image features of each preferred minus dispreferred image."""
+
+    def __init__(self, image_features: Callable[[List[np.ndarray]], torch.Tensor]):
+        self.image_features = image_features
+
+    @classmethod
+    def from_toy_clip(cls, device=None) -> "ToyUserEncoder":
+        """With the shipped toy CLIP's L2-normalised image features (D = 64), on CPU unless `device`."""
+        from reward_models.clip import ToyClip
+
+        return cls(ToyClip(device=device or "cpu").encoder.encode_images)
+
+    def encode(self, shots: Sequence[Shot]) -> torch.Tensor:
+        """One user's embedding [len(shots), D] (float32, CPU)."""
+        return self.encode_many([shots])[0]
+
+    def encode_many(self, shot_sets: Sequence[Sequence[Shot]]) -> torch.Tensor:
+        """Several embeddings [N, T, D] in one pass of the image encoder; every set needs the same T."""
+        counts = {len(s) for s in shot_sets}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(f"every shot set needs the same, non-zero number of shots; got sizes {sorted(counts)}")
+        flat = [shot for shots in shot_sets for shot in shots]
+        feats = self.image_features([s.preferred for s in flat] + [s.dispreferred for s in flat])
+        feats = feats.detach().float().cpu()
+        diffs = feats[: len(flat)] - feats[len(flat):]
+        return diffs.reshape(len(shot_sets), counts.pop(), -1)

@@ -1,0 +1,177 @@
+"""PPD in the training loop: the user table, the user branch, user tokens for batches, and rows without a user.
+
+PPD (Dang et al., CVPR 2025, arXiv 2501.06655) trains a user branch (IP-Adapter-style decoupled cross-attention,
+Ye et al. 2023, arXiv 2308.06721; `t2i_align/conditioning/users.py`) with user-conditioned Diffusion-DPO: each
+pair's `user_id` picks that user's embedding from the table, and the reference is the base model with every
+adapter off. The loop calls `add_ppd_branch` once (after the attention backend is set, before accelerate wraps
+the UNet) and wraps its data source in `UserFilteredSource`; batches get their tokens from `components.users`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import UserError
+from .table import UserTable, UserTableError, select_layers
+
+logger = logging.getLogger(__name__)
+
+
+class NoMatchingUsersError(UserError, ValueError):
+    """No pair of the data set belongs to a user of the table."""
+
+
+class ShotOverlapError(UserError, ValueError):
+    """A pair that built a user's embedding is also one of that user's training pairs."""
+
+
+def parse_layers(layers: Any):
+    """ppd.layers ("all", "last" or a count as text) as `select_layers` takes it."""
+    return layers if layers in ("all", "last") else int(layers)
+
+
+def load_training_table(path: str, layers: Any = "all") -> UserTable:
+    """The table at `path` with `layers` applied to every embedding (PPD's [L, D] VLM states -> [k, D] tokens)."""
+    table = UserTable.load(path)
+    layers = parse_layers(layers)
+    if layers == "all":
+        return table
+    return UserTable(table.ids, torch.stack([select_layers(e, layers) for e in table.embeddings]))
+
+
+def batch_user_ids(raw: Mapping[str, Any]) -> List[Any]:
+    """The batch's user ids as a list (a data loader may have made a tensor of them)."""
+    if "user_id" not in raw:
+        raise UserError("ppd.enabled but the pairs have no user_id column: PPD needs each pair's user "
+                        "(Pick-a-Pic's user_id); rebuild the data with one, or set ppd.enabled=false")
+    ids = raw["user_id"]
+    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+class UserLookup:
+    """Rows' user ids -> user tokens [B, T, D] from the table, with PPD's user-embedding dropout: each row's tokens
+    are zeroed with probability `dropout` (drawn from torch's global generator, so a resumed run, whose RNG state
+    accelerate restores, draws the same). Zeroed tokens are the learned "null user", not the base model: the
+    projection's biases and LayerNorm still produce tokens (the base is scale 0, `user_branch_disabled`)."""
+
+    def __init__(self, table: UserTable, dropout: float = 0.0):
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"user-embedding dropout {dropout} must be in [0, 1)")
+        self.table, self.dropout = table, dropout
+
+    def batch_tokens(self, raw: Mapping[str, Any], device=None) -> torch.Tensor:
+        tokens = self.table.tokens(batch_user_ids(raw), device=device, dtype=torch.float32)
+        if self.dropout > 0:
+            keep = (torch.rand(len(tokens)) >= self.dropout).to(tokens.device, tokens.dtype)
+            tokens = tokens * keep[:, None, None]
+        return tokens
+
+
+def add_ppd_branch(components, ppd) -> List[torch.nn.Parameter]:
+    """Load ppd.table, add a zero-initialised user branch of its width and token count to components.unet at
+    ppd.scale, and set components.users. Returns the branch's parameters (trainable)."""
+    from ..conditioning.users import add_user_branch
+
+    table = load_training_table(ppd.table, ppd.layers)
+    params = add_user_branch(components.unet, table.dim, table.num_tokens, scale=ppd.scale)
+    components.users = UserLookup(table, ppd.dropout)
+    logger.info("PPD user branch: %d users, %d tokens of width %d, %d parameters", len(table), table.num_tokens,
+                table.dim, sum(p.numel() for p in params))
+    return params
+
+
+def subset_batch(raw: Dict[str, Any], keep: Sequence[int]) -> Dict[str, Any]:
+    """Rows `keep` of a collated batch (tensors indexed along dim 0, lists filtered, other entries kept)."""
+    out: Dict[str, Any] = {}
+    index = torch.as_tensor(list(keep), dtype=torch.long)
+    for key, value in raw.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            out[key] = value.index_select(0, index.to(value.device))
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in keep]
+        else:
+            out[key] = value
+    return out
+
+
+def count_known(user_ids: Optional[Sequence[Any]], table: UserTable, what: str) -> Tuple[int, int]:
+    """(pairs whose user is in the table, pairs whose user is not); a clear error if none is or ids are absent."""
+    if user_ids is None:
+        raise UserError(f"ppd.enabled but {what} has no user ids (no user_id column, or a cache built before user "
+                        "ids were cached: delete that cache folder to rebuild it)")
+    known = sum(u in table for u in user_ids)
+    if known == 0:
+        seen = sorted({repr(u) for u in user_ids})[:5]
+        raise NoMatchingUsersError(f"none of the {len(user_ids)} pairs of {what} belongs to a user of the user "
+                                   f"table ({len(table)} users, e.g. {list(table.ids[:5])}); the pairs' users are "
+                                   f"e.g. {seen}. Use the table built for this data (ppd.table)")
+    return known, len(user_ids) - known
+
+
+class UserFilteredSource:
+    """A data source whose rows without a user in the table are skipped and counted, like corrupt rows: they
+    add to the batch's `skipped` (the loop's data_rows_skipped) and to `data_rows_unknown_user` in the logs."""
+
+    def __init__(self, source, table: UserTable):
+        self.source, self.table = source, table
+        dataset = source.dataset
+        known, unknown = count_known(getattr(dataset, "user_ids", None), table, "the training data")
+        self.unknown_rows = 0
+        if unknown:
+            logger.warning("PPD: %d of %d pairs belong to users missing from the user table; they are skipped",
+                           unknown, known + unknown)
+
+    def micro_batches(self, start: int = 0) -> Iterator[Optional[Dict]]:
+        for raw in self.source.micro_batches(start):
+            yield None if raw is None else self._filter(raw)
+
+    def _filter(self, raw: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        ids = batch_user_ids(raw)
+        keep = [i for i, u in enumerate(ids) if u in self.table]
+        if len(keep) == len(ids):
+            return raw
+        self.unknown_rows += len(ids) - len(keep)
+        if not keep:
+            return None
+        out = subset_batch(raw, keep)
+        out["skipped"] = int(raw.get("skipped", 0)) + len(ids) - len(keep)
+        return out
+
+    def sample_captions(self, n: int) -> List[str]:
+        return self.source.sample_captions(n)
+
+    def metrics(self) -> Dict[str, float]:
+        return {**self.source.metrics(), "data_rows_unknown_user": float(self.unknown_rows)}
+
+
+def pair_fingerprint(caption: str, image_a: bytes, image_b: bytes) -> str:
+    """One pair's identity, whichever image is listed first: the caption and the two images' bytes."""
+    a, b = sorted(hashlib.sha1(x).hexdigest() for x in (image_a, image_b))
+    return hashlib.sha1(f"{caption}\0{a}\0{b}".encode()).hexdigest()
+
+
+def check_shots_disjoint(shots: Mapping[Hashable, Iterable[str]], pairs: Iterable[Tuple[Hashable, str]]) -> int:
+    """Raise ShotOverlapError if a pair that built a user's embedding (`shots`: user -> pair fingerprints) is
+    also a training pair of that user (`pairs`: (user, fingerprint) per row); returns the rows checked.
+
+    A shot trained on would let the model learn the pair back from its own embedding: the "new user from 4
+    shots" evaluation would then measure memory, not generalisation (PPD keeps support and query pairs apart)."""
+    used = {user: set(prints) for user, prints in shots.items()}
+    overlaps, rows = [], 0
+    for user, fingerprint in pairs:
+        rows += 1
+        if fingerprint in used.get(user, ()):
+            overlaps.append((user, fingerprint[:12]))
+    if overlaps:
+        raise ShotOverlapError(f"{len(overlaps)} training pair(s) were also shots of the same user's embedding "
+                               f"(e.g. user {overlaps[0][0]!r}, pair {overlaps[0][1]}); take the shots from pairs "
+                               "that are not trained on")
+    return rows
+
+
+__all__ = ["NoMatchingUsersError", "ShotOverlapError", "UserFilteredSource", "UserLookup", "UserTableError",
+           "add_ppd_branch", "batch_user_ids", "check_shots_disjoint", "count_known", "load_training_table",
+           "pair_fingerprint", "parse_layers", "subset_batch"]

@@ -1,0 +1,177 @@
+"""LongAlign's data: the prompt source (sharding, order, resume), prompt batches, image-caption data (bad rows
+skipped and counted, paths kept inside their root), the toy caption export, the data.kind checks, and the cache
+key's dependence on the text encoding."""
+import io
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
+from t2i_align.config import ConfigError, DataConfig, ModelConfig, load_config
+from t2i_align.data.captions import CaptionDataset
+from t2i_align.data.pairs import collate_pairs
+from t2i_align.data.prompts_source import PromptSource
+from t2i_align.data.sources import check_data_kind
+from t2i_align.prompts import read_prompts
+from t2i_align.toy.evaluate import prompt_set
+from t2i_align.toy.scenes import scene_from_caption
+
+
+def prompts(n):
+    return [f"prompt {i}" for i in range(n)]
+
+
+def test_prompt_source_shards_disjoint_whole_batches_and_same_order_for_a_seed():
+    # 11 prompts, 2 processes, batch 2: 11 // 2 // 2 = 2 batches per process per epoch, 8 prompts used, 3 dropped.
+    ranks = [PromptSource(prompts(11), 2, seed=5, rank=r, world=2, resolution=32) for r in (0, 1)]
+    assert [s.batches_per_epoch for s in ranks] == [2, 2]
+    seen = [s.epoch_indices(0) for s in ranks]
+    assert [len(x) for x in seen] == [4, 4] and not set(seen[0]) & set(seen[1])
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(5 * 100_003)).tolist()
+    assert seen[0] == perm[0::2][:4] and seen[1] == perm[1::2][:4]  # process r: every 2nd, from r
+    again = PromptSource(prompts(11), 2, seed=5, rank=0, world=2, resolution=32)
+    assert again.epoch_indices(0) == seen[0] and again.epoch_indices(1) != seen[0]  # per (seed, epoch)
+    batch = next(ranks[1].micro_batches())
+    assert batch == {"caption": [f"prompt {i}" for i in seen[1][:2]], "index": seen[1][:2], "resolution": 32}
+
+
+def test_prompt_source_resume_skips_exactly_the_consumed_micro_batches():
+    source = PromptSource(prompts(10), 3, seed=0, rank=0, world=1, resolution=8)  # 3 per epoch, 1 prompt dropped
+    stream = source.micro_batches(0)
+    first = [next(stream)["caption"] for _ in range(8)]  # across two epoch boundaries
+    for start in (1, 3, 4, 7):
+        resumed = source.micro_batches(start)
+        assert [next(resumed)["caption"] for _ in range(8 - start)] == first[start:]
+    assert sorted(p for b in first[:3] for p in b) == sorted(prompts(10)[i] for i in source.epoch_indices(0))
+
+
+def test_prompt_source_refuses_too_few_prompts():
+    with pytest.raises(ConfigError, match="too few for train.batch_size=4 on 2"):
+        PromptSource(prompts(7), 4, seed=0, rank=0, world=2, resolution=8)
+
+
+def test_toy_long_prompt_sets_parse_back_to_their_scenes():
+    long = read_prompts("toy:heldout-long")
+    assert len(long) == 60 and len(read_prompts("toy:train-long")) == 300
+    assert [scene_from_caption(c) for c in long] == prompt_set("heldout")
+    assert all(c.split(". ")[-1].startswith("Behind the") for c in long)  # the background sentence is last
+    assert len({c.split(". ")[1] for c in long}) > 1  # fillers shuffled per prompt
+    with pytest.raises(ConfigError, match="toy:heldout-long"):
+        read_prompts("toy:test-long")
+
+
+def test_prompt_batch_has_sdxl_time_ids_at_the_training_resolution(tmp_path):
+    from t2i_align.batches import BATCH_BUILDERS
+    from t2i_align.models import load_components
+
+    raw = {"caption": ["a cat", "a photo of a cat"], "index": [0, 1], "resolution": 64}
+    for family in ("sd15", "sdxl"):
+        comps = load_components(ModelConfig(pretrained=str(save_tiny_pipeline(family, tmp_path / family))))
+        batch = BATCH_BUILDERS["prompts"](comps, raw, torch.device("cpu"))
+        assert batch.captions == ["a cat", "a photo of a cat"] and len(batch.embeds) == 2
+        if family == "sd15":
+            assert batch.time_ids is None
+        else:  # (original h, w, crop top, left, target h, w): an uncropped 64 x 64 image
+            assert batch.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+
+
+def png(color, size=(12, 8)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_caption_rows_with_unusable_images_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(data / "img" / "blue.png")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "outside.png")  # exists, but outside the root
+    pq.write_table(pa.Table.from_pylist([
+        {"caption": "red", "jpg": png((255, 0, 0))},
+        {"caption": "broken", "jpg": b"not an image"},
+    ]), data / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([  # Hugging Face `Image` layout, no caption
+        {"caption": None, "jpg": {"bytes": png((0, 0, 255)), "path": None}}]), data / "b.parquet")
+    pq.write_table(pa.Table.from_pylist([
+        {"caption": "blue file", "path": "img/blue.png"},
+        {"caption": "escapes", "path": "../outside.png"},
+        {"caption": "absolute", "path": str(tmp_path / "outside.png")},
+        {"caption": "missing", "path": "img/none.png"},
+    ]), data / "c.parquet")
+    ds = CaptionDataset(data, resolution=8)
+    assert len(ds) == 7 and ds.captions[2] == ""
+    items = [ds[i] for i in range(len(ds))]
+    assert [it is None for it in items] == [False, True, False, False, True, True, True]
+    assert ds.stats.bad_images == 4
+    red, blue = items[0]["pixels"], items[3]["pixels"]
+    assert red.shape == (3, 8, 8) and red[0].min() == 1.0 and red[2].max() == -1.0
+    assert blue[2].min() == 1.0 and items[0]["original_size"] == (8, 12)  # (h, w) after the resize to 8
+    batch = collate_pairs(items[:4])
+    assert batch["skipped"] == 1 and batch["caption"] == ["red", "", "blue file"]
+    assert batch["pixels"].shape == (3, 3, 8, 8) and batch["original_size"].shape == (3, 2)
+    assert collate_pairs(items[4:]) is None  # all bad: the loop reads the next batch
+
+
+def test_caption_data_without_image_column_is_a_config_error(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": png((1, 2, 3))}]), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError, match="needs a caption column and a jpg"):
+        CaptionDataset(tmp_path / "p.parquet")
+
+
+def test_toy_caption_export_is_ground_truth_and_reproducible(tmp_path):
+    from t2i_align.data.pairs import decode_rgb
+    from t2i_align.toy.captions import export_captions
+    from t2i_align.toy.judge import judge_image
+
+    scenes = prompt_set("heldout")[:6]
+    summary = export_captions(tmp_path / "a", scenes, per_scene=2, seed=3)
+    again = export_captions(tmp_path / "b", scenes, per_scene=2, seed=3)
+    assert summary["rows"] == 12
+    table = pq.read_table(summary["path"]).to_pylist()
+    assert table == pq.read_table(again["path"]).to_pylist()
+    for row in table:
+        scene = scene_from_caption(row["caption"])
+        assert scene.as_dict() == {k: row[k] for k in scene.as_dict()}
+        assert judge_image(np.asarray(decode_rgb(row["jpg"])), scene).score == 1.0
+
+
+def cfg_with(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_data_kind_must_feed_the_objective():
+    check_data_kind(cfg_with("objective.name=sft", "data.kind=captions"), "images")
+    check_data_kind(cfg_with("objective.name=sft"), "images")  # SFT on a pair's preferred image
+    check_data_kind(cfg_with("objective.name=reward_backprop", "data.kind=prompts"), "prompts")
+    with pytest.raises(ConfigError, match="dpo trains on pairs batches, which data.kind=captions cannot give"):
+        check_data_kind(cfg_with("data.kind=captions"), "pairs")
+    with pytest.raises(ConfigError, match="set data.kind to prompts"):
+        check_data_kind(cfg_with("objective.name=reward_backprop"), "prompts")
+    with pytest.raises(ConfigError, match="set raft.enabled=false and data.kind=prompts"):
+        check_data_kind(cfg_with("objective.name=reward_backprop", "raft.enabled=true", "raft.prompts=toy:train"),
+                        "prompts")
+    with pytest.raises(ConfigError, match="data.kind"):
+        cfg_with("data.kind=images")
+
+
+def test_cache_key_changes_with_the_text_encoding(tmp_path):
+    from t2i_align.config.sections import TextEncodingConfig
+    from t2i_align.data.cache_key import cache_key, components_key_parts
+    from t2i_align.data.sources import encoding_settings
+    from t2i_align.models import load_components
+
+    folder = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    keys = {}
+    for kind, budget in (("clip77", 240), ("segments", 240), ("segments", 120)):
+        mcfg = ModelConfig(pretrained=folder, text_encoding=TextEncodingConfig(kind, budget))
+        keys[kind, budget] = cache_key(components_key_parts(mcfg, load_components(mcfg),
+                                                            encoding_settings(load_components(mcfg))))
+    assert len(set(keys.values())) == 3
+    mcfg = ModelConfig(pretrained=folder)  # the same choice gives the same key
+    assert cache_key(components_key_parts(mcfg, load_components(mcfg), {})) == keys["clip77", 240]

@@ -1,0 +1,41 @@
+"""Merging a stage-1 LoRA into its base (LongAlign's `collapse_lora` before stage 2): the merged pipeline's UNet
+computes what base + LoRA computes, and it keeps the LoRA's text encoding."""
+import pytest
+import torch
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
+from t2i_align.config import load_config
+from t2i_align.models import ModelLoadError
+
+
+def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path):
+    from t2i_align.checkpoints import export_final
+    from t2i_align.merge import merge_lora
+    from t2i_align.models import add_lora, build_pipeline, load_components
+    from t2i_align.sampling import load_pipeline, pipeline_components
+
+    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    cfg = load_config(None, [f"model.pretrained={model}", "model.text_encoding.kind=segments", "lora.enabled=true",
+                             "lora.rank=4", "model.text_encoding.token_budget=100"])
+    comps = load_components(cfg.model)
+    add_lora(comps.unet, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    final = export_final(build_pipeline(comps, unet=comps.unet), comps.unet, True, tmp_path / "stage1")
+    merged = merge_lora(model, final, tmp_path / "merged")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    e = torch.randn(2, 100, 32)
+    outputs = {}
+    for name, pipe in (("lora", load_pipeline(model, lora=final)), ("merged", load_pipeline(merged)),
+                       ("base", load_pipeline(model))):
+        with torch.no_grad():
+            outputs[name] = pipe.unet(x, t, e).sample
+    assert torch.allclose(outputs["merged"], outputs["lora"], atol=1e-5)
+    assert not torch.allclose(outputs["base"], outputs["lora"], atol=1e-3)  # the LoRA did change the UNet
+    encoding = pipeline_components(load_pipeline(merged)).text_encoding
+    assert (encoding.kind, encoding.token_budget) == ("segments", 100)
+    with pytest.raises(ModelLoadError, match="exists and is not empty"):
+        merge_lora(model, final, merged)

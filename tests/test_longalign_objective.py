@@ -1,0 +1,172 @@
+"""reward_backprop (LongAlign stage 2) on the toy pipeline: the loss is -scale · mean reward of the images diffusers'
+own DDIM pipeline makes from the same noise; gradients reach the LoRA weights only through the chosen steps;
+the decomposed-clip direction is fitted once, saved with the run and reloaded on resume; wrong rewards and
+settings fail with messages."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import one_torch_thread  # noqa: F401  (fixture)
+from t2i_align.config import ConfigError, load_config
+from t2i_align.objectives.reward_backprop import DIRECTION_FILE, RewardBackprop
+
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toy" / "longalign_reward.yaml")
+PROMPTS = ["The picture shows a single red circle. Behind the red circle, the whole background is plain black.",
+           "The picture shows a single blue square. The square is small and it sits in the top left part of the "
+           "frame. Behind the blue square, the whole background is plain white."]
+
+
+def toy_cfg(out, *extra):
+    return load_config(CONFIG, ["model.pretrained=toy", f"output_dir={out}", "reward_backprop.num_steps=4",
+                                "reward_backprop.grad_mode=last", "reward_backprop.grad_k=2", "train.batch_size=2",
+                                "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
+                                *extra])
+
+
+def fake_accelerator():
+    return SimpleNamespace(device=torch.device("cpu"), is_main_process=True, process_index=0, num_processes=1,
+                           wait_for_everyone=lambda: None)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The objective on the toy pipeline with LoRA whose B matrices are random (so the adapters matter)."""
+    from t2i_align.batches import BATCH_BUILDERS, make_denoiser
+    from t2i_align.models import add_lora, load_components
+    from t2i_align.objectives.context import ObjectiveContext
+
+    cfg = toy_cfg(tmp_path_factory.mktemp("run"), "reward_backprop.x0_prediction=false")
+    comps = load_components(cfg.model)
+    params = add_lora(comps.unet, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    objective = RewardBackprop()
+    objective.setup(ObjectiveContext(comps, fake_accelerator(), cfg, comps.unet, lora=True))
+    batch = BATCH_BUILDERS["prompts"](comps, {"caption": PROMPTS, "resolution": 32}, torch.device("cpu"))
+    return SimpleNamespace(cfg=cfg, comps=comps, params=params, objective=objective, batch=batch,
+                           denoise=make_denoiser(comps.unet, comps))
+
+
+def test_loss_is_minus_scaled_mean_reward_of_diffusers_ddim_samples(setup):
+    from diffusers import DDIMScheduler
+
+    from t2i_align.models import build_pipeline
+    from t2i_align.rollout import initial_latents
+
+    loss, metrics = setup.objective.compute_loss(setup.denoise, None, setup.batch, setup.comps.scheduler,
+                                                 setup.cfg.objective, torch.Generator().manual_seed(7))
+    noise = initial_latents((2, 4, 16, 16), torch.Generator().manual_seed(7), setup.objective.sampler)
+    pipe = build_pipeline(setup.comps, unet=setup.comps.unet,
+                          scheduler=DDIMScheduler.from_config(setup.comps.scheduler.config))
+    empty = setup.objective.ctx.empty_embeds(2).prompt_embeds
+    with torch.no_grad():  # gradient-free, separately: diffusers' own loop, decode and postprocessing
+        images = pipe(prompt_embeds=setup.batch.embeds.prompt_embeds, negative_prompt_embeds=empty, latents=noise,
+                      num_inference_steps=4, guidance_scale=3.0, output_type="pt").images
+        scores, info = setup.objective.reward(images, PROMPTS)
+    assert loss.item() == pytest.approx(-0.5 * scores.mean().item(), rel=1e-4, abs=1e-6)
+    assert metrics["reward"] == pytest.approx(scores.mean().item(), rel=1e-4, abs=1e-6)
+    # The logged parts are LongAlign's decomposition: S = relevant + irrelevant, S_ω = relevant + 0.3·irrelevant.
+    assert metrics["reward_total"] == pytest.approx(metrics["reward_relevant"] + metrics["reward_irrelevant"],
+                                                    abs=1e-6)
+    assert metrics["reward"] == pytest.approx(metrics["reward_relevant"] + 0.3 * metrics["reward_irrelevant"],
+                                              abs=1e-6)
+    assert metrics["reward_total"] == pytest.approx(sum(info["total"]) / 2, rel=1e-4, abs=1e-6)
+
+
+def lora_grads(setup, steps, monkeypatch, calls=None):
+    import t2i_align.rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "choose_grad_steps", lambda *a, **k: list(steps))
+
+    def policy(x, t, embeds, time_ids=None):
+        if calls is not None:
+            calls.append(torch.is_grad_enabled())
+        return setup.denoise(x, t, embeds, time_ids)
+
+    for p in setup.params:
+        p.grad = None
+    loss, _ = setup.objective.compute_loss(policy, None, setup.batch, setup.comps.scheduler, setup.cfg.objective,
+                                           torch.Generator().manual_seed(3))
+    forward_calls = list(calls) if calls is not None else None
+    loss.backward()
+    return [p.grad.clone() for p in setup.params], forward_calls
+
+
+def test_gradients_reach_the_lora_weights_only_through_the_chosen_steps(setup, monkeypatch):
+    calls = []
+    both, _ = lora_grads(setup, [1, 3], monkeypatch, calls)
+    # Forward: the UNet ran with autograd on exactly at steps 1 and 3 of 4 (checkpointing reruns those two in
+    # backward, which is why only the calls before backward are counted).
+    assert calls[:4] == [False, True, False, True]
+    first, _ = lora_grads(setup, [1], monkeypatch)
+    last, _ = lora_grads(setup, [3], monkeypatch)
+    # With the UNet input detached, x_0 is linear in each step's ε (the DDIM updates) and every forward value is
+    # the same whichever steps carry gradients, so the gradient is the sum of the steps' own contributions.
+    for g, g1, g3 in zip(both, first, last):
+        assert torch.allclose(g, g1 + g3, rtol=1e-4, atol=1e-9)
+    assert sum(float(g.abs().sum()) for g in first) > 0  # an early step gets gradient through the updates
+    assert all(p.grad is None for n, p in setup.comps.unet.named_parameters() if "lora_" not in n)
+
+
+def test_toy_judge_is_refused_with_the_differentiable_choices(tmp_path):
+    from t2i_align.objectives.reward_backprop import build_reward
+
+    cfg = toy_cfg(tmp_path, "reward_backprop.reward=toy-judge")
+    with pytest.raises(ConfigError, match="'toy-judge' is not a differentiable reward.*decomposed-clip.*toy-clip"):
+        build_reward(SimpleNamespace(cfg=cfg), cfg.reward_backprop, "toy:train-long")
+
+
+@pytest.mark.parametrize("override, key", [("reward_backprop.grad_mode=random", "grad_mode"),
+                                           ("reward_backprop.grad_k=3", "grad_k"),
+                                           ("reward_backprop.timestep_spacing=even", "timestep_spacing"),
+                                           ("reward_backprop.loss_scale=0", "loss_scale")])
+def test_bad_settings_fail_at_config_load(override, key):
+    with pytest.raises(ConfigError, match=f"reward_backprop.{key}"):
+        load_config(None, ["reward_backprop.num_steps=20", override])
+
+
+def test_direction_fitted_once_saved_and_reloaded_on_resume(tmp_path, monkeypatch):
+    from reward_models.decomposed_clip import DecomposedClip, fit_common_direction, load_direction
+    from t2i_align.loop import train
+    from t2i_align.prompts import read_prompts
+
+    fits, seen = [], []
+    original_fit, original_setup = DecomposedClip.fit_direction, RewardBackprop.setup
+    monkeypatch.setattr(DecomposedClip, "fit_direction", lambda self, p: fits.append(len(p)) or original_fit(self, p))
+    monkeypatch.setattr(RewardBackprop, "setup", lambda self, ctx: original_setup(self, ctx) or seen.append(self))
+    common = ["reward_backprop.num_steps=2", "reward_backprop.grad_k=1", "train.log_every=1",
+              "train.checkpoint_every=1", "train.learning_rate=1e-3"]
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    train(toy_cfg(straight, *common, "train.max_steps=3"))
+    train(toy_cfg(out, *common, "train.max_steps=2"))
+    saved = (out / DIRECTION_FILE).read_bytes()
+    train(toy_cfg(out, *common, "train.max_steps=3", "train.resume=latest"))
+    assert fits == [300, 300]  # one fit per fresh run (on data.path's 300 training captions), none on resume
+    assert (out / DIRECTION_FILE).read_bytes() == saved
+    v, meta = load_direction(out / DIRECTION_FILE)
+    assert torch.equal(seen[-1].reward.direction, v) and meta["num_prompts"] == "300"
+    fitted = fit_common_direction(lambda ps: seen[-1].reward.text_vectors(ps)[0], read_prompts("toy:train-long"))
+    assert torch.allclose(v, fitted, atol=1e-6)  # the training prompts' mean, whatever the batches
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (straight, out)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # resumed = uninterrupted
+
+
+def test_a_direction_fitted_on_other_prompts_is_not_silently_reused(tmp_path):
+    from reward_models.decomposed_clip import save_direction
+    from t2i_align.objectives.reward_backprop import build_reward
+    from t2i_align.objectives.context import ObjectiveContext
+
+    cfg = toy_cfg(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0),
+                   {"prompts_sha256": "0" * 64, "split": "True"})
+    ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
+    with pytest.raises(ConfigError, match="fitted on other prompts.*delete it to refit"):
+        build_reward(ctx, cfg.reward_backprop, "toy:train-long")

@@ -1,0 +1,201 @@
+"""PPD data plumbing (t2i_align/users/training.py, data/pairs.py, data/cache.py, toy/ppd.py): user ids survive the
+pair loader and the cache, unknown users are skipped and counted, user tokens and their dropout, layer selection,
+shots never overlap trained pairs, and too few shots fail clearly."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import one_torch_thread  # noqa: F401
+from t2i_align.data.pairs import PairDataset, collate_pairs
+from t2i_align.users import UserTable, UserTableError
+from t2i_align.users.training import (ShotOverlapError, UserFilteredSource, UserLookup, check_shots_disjoint,
+                                      load_training_table, pair_fingerprint, subset_batch)
+from test_ppd_loop import write_user_pairs
+
+
+def test_pair_loader_keeps_each_rows_user_id_through_drops_and_collation(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = PairDataset(write_user_pairs(tmp_path / "p.parquet", users=[5, 6, 7], n=6), resolution=16)
+    assert data.user_ids == [5, 6, 7, 5, 6, 7]
+    assert data[1]["user_id"] == 6
+    data.drop([0, 2])
+    assert data.user_ids == [6, 5, 6, 7] and data[0]["user_id"] == 6
+    batch = collate_pairs([data[1], None, data[3]])
+    assert batch["user_id"] == [5, 7] and batch["skipped"] == 1  # a list, as the ids are: ints or strings
+    table = pq.read_table(tmp_path / "p.parquet")
+    named = table.set_column(table.schema.get_field_index("user_id"), "user_id",
+                             pa.array(["anna", "ben", None, "anna", "ben", "cy"]))
+    pq.write_table(named, tmp_path / "named.parquet")
+    data = PairDataset(tmp_path / "named.parquet", resolution=16)
+    assert data.user_ids == ["anna", "ben", None, "anna", "ben", "cy"]
+    assert collate_pairs([data[1], data[2]])["user_id"] == ["ben", None]  # a missing id stays None (unknown)
+
+
+def test_cache_stores_the_user_ids(tmp_path):
+    from t2i_align.data.cache import build_or_load_cache
+
+    data = PairDataset(write_user_pairs(tmp_path / "p.parquet", users=[3, 4], n=4), resolution=16)
+    cached = build_or_load_cache(data, lambda px: torch.zeros(len(px), 4, 2, 2),
+                                 lambda caps: {"prompt_embeds": torch.zeros(len(caps), 77, 8)}, tmp_path / "c", {})
+    assert cached.user_ids == [3, 4, 3, 4]
+    assert [cached[i]["user_id"] for i in range(4)] == [3, 4, 3, 4]
+
+
+class _Source:
+    def __init__(self, batches, user_ids):
+        self.batches, self.dataset = batches, type("D", (), {"user_ids": user_ids})()
+
+    def micro_batches(self, start=0):
+        yield from self.batches[start:]
+
+    def metrics(self):
+        return {"x": 1.0}
+
+
+def test_unknown_users_are_skipped_and_counted_like_bad_rows():
+    table = UserTable([1, 2], torch.zeros(2, 1, 3))
+    batches = [{"user_id": [1, 9, 2], "latents_w": torch.arange(3.0), "caption": ["a", "b", "c"], "skipped": 1},
+               {"user_id": [9, 9], "latents_w": torch.arange(2.0), "caption": ["d", "e"], "skipped": 0},
+               {"user_id": torch.tensor([2, 1]), "latents_w": torch.arange(2.0), "caption": ["f", "g"]}]
+    source = UserFilteredSource(_Source(batches, [1, 9, 2, 9, 9, 2, 1]), table)
+    out = list(source.micro_batches())
+    assert out[0]["user_id"] == [1, 2] and out[0]["caption"] == ["a", "c"]
+    assert torch.equal(out[0]["latents_w"], torch.tensor([0.0, 2.0])) and out[0]["skipped"] == 2  # 1 corrupt + 1
+    assert out[1] is None  # every row unknown: a skipped batch, as an all-corrupt one
+    assert out[2] is batches[2]
+    assert source.metrics() == {"x": 1.0, "data_rows_unknown_user": 3.0}
+    picked = subset_batch({"a": torch.tensor([[1], [2]]), "n": 5, "s": ["x", "y"]}, [1])
+    assert torch.equal(picked["a"], torch.tensor([[2]])) and picked["n"] == 5 and picked["s"] == ["y"]
+
+
+def test_user_tokens_and_embedding_dropout_by_hand():
+    emb = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3) + 1
+    lookup = UserLookup(UserTable(["a", "b"], emb), dropout=0.0)
+    tokens = lookup.batch_tokens({"user_id": ["b", "a", "b"]})
+    assert torch.equal(tokens, torch.stack([emb[1], emb[0], emb[1]]))
+    dropped = UserLookup(UserTable(["a", "b"], emb), dropout=0.5)
+    torch.manual_seed(0)
+    expected_keep = torch.rand(4) >= 0.5  # the draw batch_tokens makes
+    torch.manual_seed(0)
+    out = dropped.batch_tokens({"user_id": ["a", "b", "a", "b"]})
+    for row, keep in enumerate(expected_keep.tolist()):
+        assert torch.equal(out[row], emb[row % 2] if keep else torch.zeros(2, 3))
+    assert 0 < int(expected_keep.sum()) < 4  # this seed drops some rows and keeps others
+    with pytest.raises(Exception, match="no user_id column"):
+        lookup.batch_tokens({"caption": ["x"]})
+
+
+def test_layer_selection_of_a_table_of_vlm_states(tmp_path):
+    emb = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)  # 2 users, 5 "layers" of width 2
+    path = UserTable([10, 11], emb).save(tmp_path / "t.safetensors")
+    assert torch.equal(load_training_table(path, "all").embeddings, emb)
+    assert torch.equal(load_training_table(path, "last").embeddings, emb[:, 4:])
+    assert torch.equal(load_training_table(path, "2").embeddings, emb[:, 3:])
+    with pytest.raises(UserTableError, match="1..5"):
+        load_training_table(path, "6")
+
+
+def test_corrupt_table_and_mismatched_width_fail_clearly(tmp_path):
+    from t2i_align.errors import UserError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        load_training_table(bad)
+    table = UserTable([1], torch.zeros(1, 2, 3))
+    with pytest.raises(UserError, match="3 wide but the user branch expects 8"):
+        table.check_dim(8)
+
+
+def test_pair_fingerprints_and_the_shot_overlap_check():
+    a, b, c = b"img-a", b"img-b", b"img-c"
+    assert pair_fingerprint("cap", a, b) == pair_fingerprint("cap", b, a)
+    assert pair_fingerprint("cap", a, b) != pair_fingerprint("cap", a, c) != pair_fingerprint("other", a, c)
+    shots = {1: [pair_fingerprint("cap", a, b)], 2: [pair_fingerprint("cap", a, c)]}
+    # user 2 trains on (a, b), which only user 1 used as a shot: fine; three rows checked.
+    assert check_shots_disjoint(shots, [(2, pair_fingerprint("cap", b, a)), (1, pair_fingerprint("cap", b, c)),
+                                        (3, pair_fingerprint("cap", a, b))]) == 3
+    with pytest.raises(ShotOverlapError, match="1 training pair.*user 1"):
+        check_shots_disjoint(shots, [(1, pair_fingerprint("cap", b, a))])
+
+
+def _pool(captions, k=4, seed=0):
+    """A hand-made toy pool: rendered scenes with the caption's named attributes and random backgrounds."""
+    from t2i_align.toy.ppd import Pool
+    from t2i_align.toy.scenes import BACKGROUNDS, Scene, render
+
+    rng = random.Random(seed)
+    images, backgrounds = [], []
+    for cap in captions:
+        words = cap.split()
+        row_bg = [list(BACKGROUNDS)[rng.randrange(3)] for _ in range(k)]
+        images.append([render(Scene(words[2], words[3], words[1], " ".join(words[6:8]), bg), rng) for bg in row_bg])
+        backgrounds.append(row_bg)
+    return Pool(list(captions), np.array(images, dtype=np.uint8), backgrounds, np.ones((len(captions), k), np.float32))
+
+
+def _encoder():
+    from t2i_align.toy.users import ToyUserEncoder
+
+    return ToyUserEncoder(lambda ims: torch.tensor(np.array([im.mean(axis=(0, 1)) for im in ims]) / 255.0))
+
+
+CAPS = ["a large red circle at the top left", "a small blue square at the bottom right",
+        "a large green triangle at the top right", "a small yellow circle at the bottom left"]
+
+
+def test_toy_ppd_data_users_disagree_on_the_same_pairs_and_shots_stay_apart(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from t2i_align.toy.ppd import embedding_id, fixed_pairs, write_ppd_data
+    from t2i_align.toy.users import make_toy_users
+
+    users = make_toy_users(4, seed=0)
+    pairs_pool, shot_pool = _pool(CAPS, k=4, seed=1), _pool(CAPS[:2], k=6, seed=2)
+    counts = write_ppd_data(tmp_path, pairs_pool, shot_pool, users[:2], users[2:], _encoder(),
+                            embeddings_per_user=2, seed=0)
+    rows = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    fixed = fixed_pairs(pairs_pool, 0)
+    expected = sum(u.label(pairs_pool.backgrounds[p][a], pairs_pool.backgrounds[p][b]) != 0.5
+                   for p, a, b in fixed for u in users[:2])
+    assert counts["pairs"] == len(rows) == expected
+    assert {r["user_id"] for r in rows} <= {embedding_id(u.user_id, j) for u in users[:2] for j in (0, 1)}
+    by_pair = {}
+    for r in rows:
+        by_pair.setdefault((r["caption"], r["jpg_0"], r["jpg_1"]), set()).add(r["label_0"])
+    assert any(labels == {0.0, 1.0} for labels in by_pair.values())  # two users, opposite labels, same pair
+    table = UserTable.load(tmp_path / "user_table.safetensors")
+    assert len(table) == 2 * 2 + 2 and table.num_tokens == 4 and table.dim == 3
+    meta = json.loads((tmp_path / "users.json").read_text())
+    assert len(meta["shot_fingerprints"][str(users[0].user_id)]) == 8  # 2 embeddings x 4 shots
+    with pytest.raises(ShotOverlapError):  # shots from the very pairs trained on are refused
+        write_ppd_data(tmp_path / "bad", pairs_pool, pairs_pool, users[:2], users[2:], _encoder(),
+                       embeddings_per_user=1, seed=0)
+
+
+def test_too_few_shots_fail_with_a_clear_message(tmp_path):
+    from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+    from t2i_align.toy.ppd import NotEnoughShotsError, embed_shots_file, embed_users, user_shots
+    from t2i_align.toy.users import Shot, ToyUser
+
+    im = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(NotEnoughShotsError, match=r"embedding\(s\) \[7\] have \[3\] shots; each needs 4"):
+        embed_users(_encoder(), {7: [Shot("c", im, im)] * 3, 8: [Shot("c", im, im)] * 4})
+    one_bg = _pool(CAPS[:1], k=4)
+    one_bg.backgrounds = [["white"] * 4]  # every pair a tie for every user
+    with pytest.raises(NotEnoughShotsError, match="0 usable"):
+        user_shots(ToyUser(0, ("white", "gray", "black")), one_bg, 4, random.Random(0))
+    rows = [{"caption": CAPS[0], "jpg_0": jpeg_bytes(im), "jpg_1": jpeg_bytes(im + 200), "label_0": 1.0,
+             "label_1": 0.0, "user_id": 0, "are_different": True, "has_label": True, "model_0": "m", "model_1": "m",
+             "ranking_id": i} for i in range(3)]
+    write_parquet(rows, tmp_path / "shots.parquet")
+    with pytest.raises(NotEnoughShotsError, match="have \\[3\\] shots"):
+        embed_shots_file(tmp_path / "shots.parquet", encoder=_encoder())
+    write_parquet(rows + rows[:1], tmp_path / "four.parquet")
+    assert embed_shots_file(tmp_path / "four.parquet", encoder=_encoder()).shape == (4, 3)

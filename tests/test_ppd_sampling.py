@@ -1,0 +1,187 @@
+"""Sampling for a user (PPD): generate() passes user tokens to the pipeline, final/ exports (adapters, or a full
+model with the branch saved beside it), and sample/generate.py / compare.py pick users, interpolate and fail
+clearly."""
+import json
+
+import pytest
+import torch
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from t2i_align.conditioning import users as ub
+from t2i_align.users import UserTable
+from test_sample_scripts import _script
+
+DIM, TOKENS = 6, 3
+FAST = ["--steps", "2", "--seeds-per-prompt", "1", "--guidance", "3.0"]
+
+
+def _perturb(params, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("m") / "pipe")
+
+
+def _pipe(model):
+    from t2i_align.sampling import load_pipeline
+
+    return load_pipeline(model)
+
+
+@pytest.fixture(scope="module")
+def ppd_final(model, tmp_path_factory):
+    """final/ as a PPD run writes it: a trained (here: perturbed) branch and the user table, no LoRA."""
+    from t2i_align.checkpoints import export_final
+
+    pipe = _pipe(model)
+    _perturb(ub.add_user_branch(pipe.unet, DIM, TOKENS))
+    table = UserTable([1, 2, "zoe"], torch.randn(3, TOKENS, DIM, generator=torch.Generator().manual_seed(1)))
+    out = tmp_path_factory.mktemp("run")
+    return export_final(pipe, pipe.unet, True, out, user_table=table)
+
+
+def _generate(pipe, tokens=None, guidance=3.0):
+    from t2i_align.sampling import generate
+
+    return generate(pipe, ["a cat", "a photo"], [0, 1], num_inference_steps=2, guidance_scale=guidance,
+                    user_tokens=tokens).images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_generate_with_user_tokens_is_the_base_at_init_and_scale_zero(model, guidance):
+    pipe = _pipe(model)
+    base = _generate(pipe, guidance=guidance)
+    params = ub.add_user_branch(pipe.unet, DIM, TOKENS)
+    tokens = torch.randn(2, TOKENS, DIM)
+    assert torch.equal(_generate(pipe, tokens, guidance), base)
+    _perturb(params)
+    assert not torch.allclose(_generate(pipe, tokens, guidance), base, atol=1e-4)
+    ub.set_user_scale(pipe.unet, 0.0)
+    assert torch.equal(_generate(pipe, tokens, guidance), base)
+    with pytest.raises(ValueError, match="1 rows of user tokens for 2 prompts"):
+        _generate(pipe, tokens[:1])
+
+
+def test_full_fine_tune_export_keeps_the_branch_out_of_unet(model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_align.checkpoints import export_final
+
+    pipe = _pipe(model)
+    _perturb(ub.add_user_branch(pipe.unet, DIM, TOKENS))
+    x, t, h, tok = torch.randn(1, 4, 8, 8), torch.tensor([400]), torch.randn(1, 77, 32), torch.randn(1, TOKENS, DIM)
+    with torch.no_grad():
+        before = pipe.unet(x, t, h, added_cond_kwargs=ub.user_added_cond(tok)).sample
+    final = export_final(pipe, pipe.unet, False, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(x, t, h, added_cond_kwargs=ub.user_added_cond(tok)).sample, before)
+    plain = StableDiffusionPipeline.from_pretrained(str(final))  # loads: no ip_image_proj inside unet/
+    assert plain.unet.encoder_hid_proj is None and (final / ub.USER_WEIGHT_NAME).is_file()
+    plain.load_ip_adapter(str(final), subfolder="", weight_name=ub.USER_WEIGHT_NAME, image_encoder_folder=None)
+    with torch.no_grad():
+        again = plain.unet(x, t, h, added_cond_kwargs={"image_embeds": [tok[:, None]]}).sample
+    assert torch.allclose(again, before, atol=1e-6)
+
+
+def _gen_cli(model, final, out, *extra):
+    return _script("generate").main(["--model", str(model), "--lora", str(final), "--prompts",
+                                     str(out.parent / "p.txt"), "--out", str(out), *FAST, *extra])
+
+
+def _pngs(folder):
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]
+
+
+def test_generate_cli_samples_for_users_interpolates_and_scales(model, ppd_final, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\na photo\n")
+    one = _gen_cli(model, ppd_final, tmp_path / "u1", "--user", "1")
+    assert one["images"] == 2
+    meta = json.loads((tmp_path / "u1" / "metadata.jsonl").read_text().splitlines()[0])
+    assert meta["user"]["ids"] == ["1"]
+    _gen_cli(model, ppd_final, tmp_path / "zoe", "--user", "zoe")
+    _gen_cli(model, ppd_final, tmp_path / "mix0", "--user", "1", "--user", "zoe", "--alpha", "0")
+    _gen_cli(model, ppd_final, tmp_path / "mix1", "--user", "1", "--user", "zoe", "--alpha", "1")
+    _gen_cli(model, ppd_final, tmp_path / "off", "--user", "1", "--user-scale", "0")
+    _script("generate").main(["--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--out",
+                              str(tmp_path / "base"), *FAST])
+    u1, zoe, base = _pngs(tmp_path / "u1"), _pngs(tmp_path / "zoe"), _pngs(tmp_path / "base")
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "mix0"), u1))  # α = 0: the first user
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "mix1"), zoe))  # α = 1: the second
+    assert any((a != b).any() for a, b in zip(u1, zoe))
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "off"), base))  # scale 0: the base model
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "pass --user ID"),
+    (("--user", "42"), "user '42' is not in the user table (3 users: 1, 2, 'zoe')"),
+    (("--user", "1", "--user", "2"), "needs two --user ids and --alpha"),
+    (("--user", "1", "--user-table", "WIDE"), "shape (1, 3, 8); this UNet's user branch takes [batch, 3, 6]"),
+])
+def test_generate_cli_user_mistakes_are_one_line_errors(model, ppd_final, tmp_path, capsys, extra, message):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    wide = UserTable([1], torch.zeros(1, TOKENS, 8)).save(tmp_path / "wide.safetensors")
+    extra = [str(wide) if e == "WIDE" else e for e in extra]
+    run = _script("common").run_cli
+    assert run(lambda: _gen_cli(model, ppd_final, tmp_path / "x", *extra)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # above it: diffusers' loading progress bars
+    assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_a_user_for_a_model_without_a_branch_is_an_error(model, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    run = _script("common").run_cli
+    code = run(lambda: _script("generate").main(["--model", str(model), "--prompts", str(tmp_path / "p.txt"),
+                                                 "--out", str(tmp_path / "x"), "--user", "1", *FAST]))
+    assert code == 2 and "no user branch" in capsys.readouterr().err
+
+
+def test_compare_reports_per_user(model, ppd_final, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a large red circle at the top left on a white background\n")
+    result = _script("compare").main(["--model", str(model), "--lora", str(ppd_final), "--prompts", str(prompts),
+                                      "--user", "1", "--user", "zoe", "--reward", "toy-judge", "--steps", "2",
+                                      "--seeds-per-prompt", "2"])
+    assert sorted(result["sets"]) == [f"{prompts} · user 1", f"{prompts} · user zoe"]
+    for block in result["sets"].values():
+        assert block["images_per_model"] == 2 and "toy-judge" in block["rewards"]
+
+
+def test_generate_cli_embeds_a_toy_user_from_shots(tmp_path, capsys):
+    """--user-shots: 4 labelled pairs -> the toy encoder's [4, 64] tokens -> a toy UNet's branch; 3 pairs fail."""
+    import random
+
+    from t2i_align.checkpoints import export_final
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+    from t2i_align.toy.scenes import Scene, render
+
+    pipe = load_pipeline("toy")
+    _perturb(ub.add_user_branch(pipe.unet, 64, 4))
+    final = export_final(pipe, pipe.unet, True, tmp_path / "run")
+    rng = random.Random(0)
+    rows = [{"caption": "a large red circle at the top left",
+             "jpg_0": jpeg_bytes(render(Scene("red", "circle", "large", "top left", "white"), rng)),
+             "jpg_1": jpeg_bytes(render(Scene("red", "circle", "large", "top left", "black"), rng)),
+             "label_0": 1.0, "label_1": 0.0, "user_id": 0, "are_different": True, "has_label": True,
+             "model_0": "r", "model_1": "r", "ranking_id": i} for i in range(4)]
+    write_parquet(rows, tmp_path / "shots.parquet")
+    write_parquet(rows[:3], tmp_path / "three.parquet")
+    (tmp_path / "p.txt").write_text("a small blue square at the bottom right\n")
+    args = ["--model", "toy", "--lora", str(final), "--prompts", str(tmp_path / "p.txt"), *FAST]
+    gen = _script("generate")
+    result = gen.main([*args, "--out", str(tmp_path / "s"), "--user-shots", str(tmp_path / "shots.parquet")])
+    assert result["images"] == 1
+    assert json.loads((tmp_path / "s" / "metadata.jsonl").read_text())["user"]["shots"].endswith("shots.parquet")
+    code = _script("common").run_cli(lambda: gen.main([*args, "--out", str(tmp_path / "t"), "--user-shots",
+                                                       str(tmp_path / "three.parquet")]))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "have [3] shots; each needs 4" in last

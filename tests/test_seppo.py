@@ -1,0 +1,134 @@
+"""SePPO: the flipper's loss against hand-computed numbers, the snapshot pool (draws, resume, autograd), configs."""
+import json
+
+import pytest
+import torch
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from t2i_align.config import ConfigError, load_config
+from t2i_align.loop import train
+from t2i_align.objectives.seppo import aaf_sign, seppo_loss
+from t2i_align.references import draw_index
+from test_loop import _cfg, _losses, write_rendered_pairs
+
+# Two samples, β = 10 (official: z = 5·margin). Sample 0: the policy beats the reference on the anchor
+# (d = 0.6 - 0.5 = 0.1 > 0); sample 1 does not (d = 0.4 - 0.5 = -0.1).
+MSE_W, REF_W = torch.tensor([0.5, 0.5]), torch.tensor([0.6, 0.4])
+MSE_R, REF_R = torch.tensor([0.3, 0.3]), torch.tensor([0.2, 0.2])
+
+
+@pytest.mark.parametrize("flip, signs, losses", [
+    # s=+1: margin (0.6-0.2)-(0.5-0.3) = 0.2, z = 1, -log σ(1) = 0.3132617; s=-1: (0.4+0.2)-(0.5+0.3) = -0.2,
+    # z = -1, -log σ(-1) = 1.3132617; s=0: 0.4-0.5 = -0.1, z = -0.5, -log σ(-0.5) = 0.9740770;
+    # off, sample 1 with s=+1: (0.4-0.2)-(0.5-0.3) = 0, ln 2 = 0.6931472.
+    ("sign", [1.0, -1.0], [0.3132617, 1.3132617]),
+    ("indicator", [1.0, 0.0], [0.3132617, 0.9740770]),
+    ("off", [1.0, 1.0], [0.3132617, 0.6931472]),
+])
+def test_seppo_loss_by_hand(flip, signs, losses):
+    got, logits, s = seppo_loss(MSE_W, MSE_R, REF_W, REF_R, beta=10.0, flip=flip)
+    assert s.tolist() == signs
+    assert got.tolist() == pytest.approx(losses, abs=1e-6)
+    assert logits[0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_tie_means_the_reference_sample_is_not_a_loser():
+    same = torch.tensor([0.5, 0.5])
+    assert aaf_sign(same, same, "sign").tolist() == [-1.0, -1.0]  # d = 0 exactly: not better
+    assert aaf_sign(same, same, "indicator").tolist() == [0.0, 0.0]
+    # A whole-batch tie (the drawn snapshot is the policy) overrides rounding noise in d.
+    assert aaf_sign(MSE_W, REF_W, "sign", tie=True).tolist() == [-1.0, -1.0]
+    got, _, _ = seppo_loss(MSE_W, MSE_R, REF_W, REF_R, beta=10.0, flip="sign", tie=True)
+    assert got[0].item() == pytest.approx(0.6931472, abs=1e-6)  # (0.6+0.2)-(0.5+0.3) = 0
+
+
+def test_draws_depend_only_on_seed_and_step():
+    draws = [draw_index("random", 5, seed=3, step=s) for s in range(200)]
+    assert draws == [draw_index("random", 5, seed=3, step=s) for s in range(200)]
+    assert set(draws) == {0, 1, 2, 3, 4}  # uniform over the pool, the initial model (0) included
+    assert draw_index("initial", 5, 3, 7) == 0 and draw_index("latest", 5, 3, 7) == 4
+
+
+@pytest.mark.parametrize("override", ["seppo.pool_size=0", "seppo.reference=best", "seppo.flip=maybe",
+                                      "seppo.snapshot_every=0"])
+def test_bad_seppo_settings_fail_at_config_load(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
+        load_config(None, [override])
+
+
+def test_a_lora_snapshot_as_reference_leaves_the_policy_gradients_alone(tmp_path):
+    from t2i_align.batches import make_denoiser
+    from t2i_align.config import LoraConfig
+    from t2i_align.conditioning.text import PromptEmbeds
+    from t2i_align.models import load_components, trainable_parameters
+    from t2i_align.config import ModelConfig
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    params = trainable_parameters(comp.unet, LoraConfig(enabled=True, rank=2, init="default"))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    pool = SnapshotPool(comp.unet, comp, True, None, snapshot_every=1, pool_size=3, draw="latest", seed=0,
+                        output_dir=tmp_path / "run")
+    with torch.no_grad():  # the live adapters move on; the snapshot keeps the old values
+        for p in params:
+            p.mul_(1.5)
+    pool.begin_step(1)
+    policy, reference = make_denoiser(comp.unet, comp), pool.denoiser()
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), PromptEmbeds(torch.randn(2, 77, 32))
+
+    def grads(with_reference):
+        comp.unet.zero_grad()
+        out = policy(x, t, emb)
+        if with_reference:
+            ref_out = reference(x, t, emb)
+            assert not torch.allclose(ref_out, out.detach())  # the snapshot really is another model
+        out.square().mean().backward()
+        return [p.grad.clone() for p in params]
+
+    plain, mixed = grads(False), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
+    assert all(p.requires_grad for p in params) and comp.unet.training is False  # mode restored as found
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+
+
+SEPPO = ("objective.name=seppo", "objective.beta=100", "train.log_every=1", "train.checkpoint_every=2",
+         "seppo.snapshot_every=1", "seppo.pool_size=3", "seppo.sample_steps=2", "seppo.guidance_scale=2.0")
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, lora):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(tiny_model, pairs, full, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4"))
+    train(_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=2"))
+    assert json.loads((part / "checkpoints" / "step-2" / "reference_pool.json").read_text()) == {"steps": [0, 1, 2]}
+    train(_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4",
+               "train.resume=latest"))
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reference_step"] for r in resumed] == [r["reference_step"] for r in records]
+    assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+    assert records[0]["flip_rate"] == 1.0  # step 0: the reference is the policy, a tie for every sample
+    assert records[-1]["reference_pool_size"] == 3  # the initial model and the two newest snapshots
+
+
+def test_flipper_agreement_counts_by_hand():
+    import numpy as np
+
+    from t2i_align.toy.flipper import summarize
+
+    anchor, sample = np.array([1.0, 0.6, 0.8, 0.4]), np.array([0.6, 0.8, 0.8, 0.2])  # judge: loser T F F T
+    one, mean = np.array([True, True, False, False]), np.array([True, False, False, True])
+    got = summarize(anchor, sample, one, mean)
+    assert got["judge_says_loser"] == 0.5 and got["flipper_says_loser_one_draw"] == 0.5
+    assert got["agreement_one_draw"] == 0.5 and got["agreement_mean_draws"] == 1.0  # a tie (0.8, 0.8) is no loser

@@ -1,0 +1,52 @@
+"""`make demo`'s progress reporting: sampling, pair export and evaluation report how many images are done."""
+import json
+
+import pytest
+
+from t2i_align.sampling import generate, load_pipeline
+from t2i_align.toy.evaluate import evaluate, prompt_set
+from t2i_align.toy.pairs import export_pairs
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return load_pipeline("toy")
+
+
+def test_generate_reports_each_batch(toy_pipe):
+    done = []
+    samples = generate(toy_pipe, ["a red circle"] * 5, [0, 1, 2, 3, 4], num_inference_steps=2, batch_size=2,
+                       progress=done.append)
+    assert done == [2, 2, 1] and len(samples.images) == 5
+
+
+def test_pair_export_reports_every_image_it_samples(toy_pipe, tmp_path):
+    done = []
+    counts = export_pairs(toy_pipe, prompt_set("train")[:3], tmp_path, images_per_prompt=2, prompts_per_batch=2,
+                          pairing="best-worst", progress=done.append)
+    assert done == [4, 2]  # 2 prompts x 2 images, then the last prompt's 2
+    assert counts["pairs"] == 3
+
+
+def test_evaluate_reports_every_image_it_judges(toy_pipe):
+    done = []
+    result = evaluate(toy_pipe, prompt_set("heldout")[:5], seeds_per_prompt=2, steps=2, batch_size=4,
+                      progress=done.append)
+    assert done == [4, 4, 2] and len(result.verdicts) == 10
+
+
+def test_demo_shows_a_bar_per_phase_and_a_headline(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from t2i_align.toy.__main__ import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the default config path is relative to the repo
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "1", "--k", "2", "--num-pair-prompts", "2",
+                 "train.max_steps=2", "train.batch_size=2", "tracking.validation_seeds=1"]) == 0
+    out, err = capsys.readouterr()
+    for phase in ("pairs: sample 2 prompts x 2", "train", "judge base", "judge tuned"):
+        assert phase in err, phase
+    assert "4/4" in err and "60/60" in err  # the pair and evaluation bars reach their totals
+    assert "held-out judge score: base" in err and "(paired t-test)" in err
+    result = json.loads(out)
+    assert result["config"] == "configs/toy/demo.yaml" and result["pairs"]["images_per_prompt"] == 2

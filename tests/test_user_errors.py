@@ -1,0 +1,109 @@
+"""User mistakes end as ONE line `error: ...` with exit code 2; our bugs keep their tracebacks (issue 10, bug 11)."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from t2i_align.errors import DEBUG_ENV, UserError, one_line, run_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "train" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _raise(err):
+    def main():
+        raise err
+    return main
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    code = run_cli(_raise(UserError("checkpoint x does not fit:\n  missing keys (2): a, b")))
+    assert code == 2
+    assert capsys.readouterr().err == "error: checkpoint x does not fit: missing keys (2): a, b\n"
+
+
+def test_a_missing_file_names_the_file(capsys):
+    assert run_cli(_raise(FileNotFoundError(2, "No such file or directory", "runs/x.parquet"))) == 2
+    assert capsys.readouterr().err == "error: No such file or directory: runs/x.parquet\n"
+
+
+def test_our_bugs_keep_their_traceback_and_debug_re_raises_user_errors(monkeypatch):
+    with pytest.raises(KeyError):
+        run_cli(_raise(KeyError("a bug")))
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(UserError):
+        run_cli(_raise(UserError("shown with its traceback")))
+    assert run_cli(lambda: 0) == 0
+
+
+def test_errors_defined_before_user_error_are_reported_too(capsys):
+    from t2i_align.models import ModelLoadError
+
+    assert run_cli(_raise(ModelLoadError("model.pretrained: /nowhere does not exist"))) == 2
+    assert one_line(ValueError("")) == "ValueError"
+    assert capsys.readouterr().err.startswith("error: model.pretrained")
+
+
+def test_reward_setup_mistakes_are_user_errors_and_still_value_errors():
+    from reward_models import get_reward
+
+    for name, options in (("hpsv2", {"version": "v3"}), ("toy-jduge", {})):
+        with pytest.raises(UserError) as info:
+            get_reward(name, **options)
+        assert isinstance(info.value, ValueError)  # t2i-score and older callers catch ValueError
+
+
+def test_train_script_with_a_missing_data_path_prints_one_error_line(tmp_path):
+    """The shipped toy config before `python -m t2i_align.toy pairs`: used to end in a 30-line traceback."""
+    env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train" / "train.py"), "--config", str(REPO_ROOT / "configs/toy/dpo.yaml"),
+         f"data.path={tmp_path / 'no-pairs' / 'pairs.parquet'}", f"output_dir={tmp_path / 'run'}",
+         "tracking.wandb=off"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no-pairs" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_script_refuses_half_precision_weights_without_mixed_precision(capsys):
+    """Used to die in F.linear ("expected m1 and m2 to have the same dtype") on the first forward."""
+    code = _train_script().main(["--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), "model.weight_dtype=bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: model.weight_dtype = 'bf16'") and "train.mixed_precision=bf16" in err
+
+
+def test_a_validation_reward_that_cannot_read_the_prompts_stops_the_run_before_training(tmp_path):
+    """Used to fail with `not a toy short caption` in the final gallery, after the whole run."""
+    from test_loop import _cfg, write_rendered_pairs
+
+    from t2i_align.config import ConfigError
+    from t2i_align.loop import train
+
+    model = save_tiny_pipeline("sd15", tmp_path / "pipe")
+    data = write_rendered_pairs(tmp_path / "pairs.parquet")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="tracking.validation_reward = 'toy-judge' cannot score"):
+        train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=2", "tracking.validation_reward=toy-judge",
+                   "tracking.validation_prompts=[a photo of a cat]"))
+    assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
+
+
+def test_toy_cli_with_a_missing_model_folder_prints_one_error_line(tmp_path, capsys):
+    from t2i_align.toy.__main__ import main
+
+    code = main(["evaluate", "--model", str(tmp_path / "nowhere"), "--seeds", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,42 @@
+"""Merge a LoRA into its base model (LongAlign: stage 1's LoRA is merged before stage 2 trains a new one):
+
+    python train/merge_lora.py --model toy --lora runs/longalign-stage1/final --out runs/longalign-stage1/merged
+
+The output is a full diffusers pipeline folder, usable as `model.pretrained`; the LoRA's recorded text encoding
+(e.g. segments) is recorded in it too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toy", help="base diffusers folder (default: the toy pipeline)")
+    parser.add_argument("--lora", required=True, help="pytorch_lora_weights.safetensors or the folder holding it")
+    parser.add_argument("--out", required=True, help="output folder for the merged pipeline")
+    parser.add_argument("--text-encoding", choices=("clip77", "segments"), default=None,
+                        help="only if the LoRA folder records none (final/ folders record theirs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+
+    from t2i_align.errors import run_cli
+
+    def run() -> int:
+        from t2i_align.merge import merge_lora
+
+        out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite)
+        print(json.dumps({"merged": str(out), "model": args.model, "lora": args.lora}))
+        return 0
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
