@@ -4,6 +4,7 @@
         [--lora PATH] [--text-encoding clip77|segments] [--captions long|short] [--seeds 8] [--reward]
     python benchmarks/longalign_toy.py compare TUNED.json BASE.json     # tuned − base, image by image
     python benchmarks/longalign_toy.py retrieval                        # can the toy CLIP read backgrounds?
+    python benchmarks/longalign_toy.py export --run runs/x --step 1000   # a LoRA checkpoint -> runs/x/step-1000/
 
 `judge` writes every image's per-attribute verdict (t2i_align/toy/long_eval.py) and prints the summary;
 `--reward` also scores the images with decomposed-clip on the toy CLIP (ω = 0.3, direction fitted on
@@ -78,6 +79,27 @@ def cmd_retrieval(args) -> dict:
             "accuracy": {k: v / len(scenes) for k, v in hits.items()}}
 
 
+def cmd_export(args) -> dict:
+    """A LoRA run's checkpoint as a `final/`-style folder (LoRA file + text-encoding record), to judge it."""
+    from safetensors.torch import load_file
+
+    from t2i_align.checkpoints import export_final
+    from t2i_align.config import load_config
+    from t2i_align.models import add_lora, build_pipeline, load_components
+
+    run = Path(args.run)
+    cfg = load_config(run / "config.yaml", [])
+    comps = load_components(cfg.model)
+    add_lora(comps.unet, cfg.lora)
+    state = load_file(str(run / "checkpoints" / f"step-{args.step}" / "model.safetensors"))
+    missing = [n for n, p in comps.unet.named_parameters() if p.requires_grad and n not in state]
+    if missing:
+        raise SystemExit(f"checkpoint lacks {len(missing)} LoRA weights, e.g. {missing[0]}")
+    comps.unet.load_state_dict(state, strict=False)
+    folder = export_final(build_pipeline(comps, unet=comps.unet), comps.unet, True, run / f"step-{args.step}")
+    return {"lora": str(folder), "step": args.step}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,8 +118,11 @@ def main() -> int:
     c.add_argument("base")
     r = sub.add_parser("retrieval")
     r.add_argument("--prompts", default="heldout", choices=("heldout", "train"))
+    e = sub.add_parser("export")
+    e.add_argument("--run", required=True)
+    e.add_argument("--step", type=int, required=True)
     args = p.parse_args()
-    commands = {"judge": cmd_judge, "compare": cmd_compare, "retrieval": cmd_retrieval}
+    commands = {"judge": cmd_judge, "compare": cmd_compare, "retrieval": cmd_retrieval, "export": cmd_export}
     print(json.dumps(commands[args.command](args), indent=1, default=str))
     return 0
 

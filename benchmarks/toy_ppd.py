@@ -53,7 +53,7 @@ def stage_data(args) -> dict:
         pools[name] = Pool.load(folder)
     users = make_toy_users(args.train_users + args.heldout_users, seed=args.seed)
     counts = write_ppd_data(root / "data", pools["pairs-pool"], pools["shot-pool"], users[:args.train_users],
-                            users[args.train_users:], ToyUserEncoder.from_toy_clip(),
+                            users[args.train_users:], ToyUserEncoder.from_toy_clip(scale=args.token_scale),
                             embeddings_per_user=args.embeddings_per_user, seed=args.seed)
     return counts
 
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-users", type=int, default=24)
     p.add_argument("--heldout-users", type=int, default=12)
     p.add_argument("--embeddings-per-user", type=int, default=4)
+    p.add_argument("--token-scale", type=float, default=None, help="toy encoder token scale (default TOKEN_SCALE)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--models", default="ppd,dpo")
     p.add_argument("--ppd-overrides", nargs="*", default=[])
@@ -94,6 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seeds", type=int, default=4)
     args = p.parse_args(argv)
     args.models = args.models.split(",")
+    if args.token_scale is None:
+        from t2i_align.toy.users import TOKEN_SCALE
+
+        args.token_scale = TOKEN_SCALE
     import torch
 
     torch.set_num_threads(1)

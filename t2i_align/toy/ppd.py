@@ -26,7 +26,7 @@ import torch
 from ..errors import UserError
 from ..users.table import UserTable
 from ..users.training import check_shots_disjoint, pair_fingerprint
-from .users import FREE_ATTRIBUTE, NUM_SHOTS, Shot, ToyUser, ToyUserEncoder, named_attributes
+from .users import FREE_ATTRIBUTE, NUM_SHOTS, TOKEN_SCALE, Shot, ToyUser, ToyUserEncoder, named_attributes
 
 
 class NotEnoughShotsError(UserError, ValueError):
@@ -180,7 +180,8 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
 
 def embed_shots_file(path, encoder: Optional[ToyUserEncoder] = None, num_shots: int = NUM_SHOTS) -> torch.Tensor:
     """A toy user's embedding [num_shots, 64] from a Pick-a-Pic-format parquet of their labelled pairs (ties and
-    unreadable rows skipped; the first `num_shots` usable rows are used). For `sample/generate.py --user-shots`."""
+    unreadable rows skipped; the first `num_shots` usable rows are used), by default with the toy CLIP encoder at
+    TOKEN_SCALE, as `benchmarks/toy_ppd.py` builds its tables. For `sample/generate.py --user-shots`."""
     from ..data.pairs import PairDataset
 
     try:
@@ -194,5 +195,5 @@ def embed_shots_file(path, encoder: Optional[ToyUserEncoder] = None, num_shots: 
             shots.append(Shot(data.caption(i), *(np.asarray(im) for im in images)))
         if len(shots) == num_shots:
             break
-    encoder = encoder or ToyUserEncoder.from_toy_clip()
+    encoder = encoder or ToyUserEncoder.from_toy_clip(scale=TOKEN_SCALE)
     return embed_users(encoder, {0: shots}, num_shots)[0]

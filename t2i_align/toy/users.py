@@ -29,6 +29,8 @@ NAMED_ATTRIBUTES = tuple(a for a in ATTRIBUTES if a != FREE_ATTRIBUTE)
 """What a user caption names: colour, shape, size and position."""
 NUM_SHOTS = 4
 """Preference pairs per user embedding, as PPD's stage 1 (4 shots)."""
+TOKEN_SCALE = 10.0
+"""What toy PPD multiplies the encoder's tokens by (t2i_align/toy/ppd.py; see ToyUserEncoder)."""
 
 
 def user_caption(scene: Scene) -> str:
@@ -127,15 +129,18 @@ def rendered_shots(user: ToyUser, scenes: Sequence[Scene], num_shots: int, rng: 
 class ToyUserEncoder:
     """Shots -> user tokens [num_shots, D]: image features of each preferred minus dispreferred image."""
 
-    def __init__(self, image_features: Callable[[List[np.ndarray]], torch.Tensor]):
+    def __init__(self, image_features: Callable[[List[np.ndarray]], torch.Tensor], scale: float = 1.0):
+        """`scale` multiplies every token: toy-CLIP differences have components of ~0.1, far smaller than a VLM's
+        hidden states, and `TOKEN_SCALE` brings them to O(1) for the user branch's projection."""
+        self.scale = float(scale)
         self.image_features = image_features
 
     @classmethod
-    def from_toy_clip(cls, device=None) -> "ToyUserEncoder":
+    def from_toy_clip(cls, device=None, scale: float = 1.0) -> "ToyUserEncoder":
         """With the shipped toy CLIP's L2-normalised image features (D = 64), on CPU unless `device`."""
         from reward_models.clip import ToyClip
 
-        return cls(ToyClip(device=device or "cpu").encoder.encode_images)
+        return cls(ToyClip(device=device or "cpu").encoder.encode_images, scale=scale)
 
     def encode(self, shots: Sequence[Shot]) -> torch.Tensor:
         """One user's embedding [len(shots), D] (float32, CPU)."""
@@ -149,5 +154,5 @@ class ToyUserEncoder:
         flat = [shot for shots in shot_sets for shot in shots]
         feats = self.image_features([s.preferred for s in flat] + [s.dispreferred for s in flat])
         feats = feats.detach().float().cpu()
-        diffs = feats[: len(flat)] - feats[len(flat):]
+        diffs = (feats[: len(flat)] - feats[len(flat):]) * self.scale
         return diffs.reshape(len(shot_sets), counts.pop(), -1)
