@@ -112,7 +112,7 @@ def test_demo_runs_dpo_and_writes_gallery_and_judge_json(tmp_path):
     from t2i_align.toy.demo import run_demo
 
     config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "dpo.yaml"
-    result = run_demo(tmp_path / "demo", seeds_per_prompt=1, config=config, num_pair_prompts=8,
+    result = run_demo(tmp_path / "demo", seeds_per_prompt=1, config=config, num_pair_prompts=8, images_per_prompt=4,
                       train_overrides=["train.max_steps=2", "train.batch_size=2", "tracking.validation_seeds=1"])
     assert (tmp_path / "demo" / "gallery" / "index.html").is_file()
     assert Image.open(tmp_path / "demo" / "gallery" / "grid.png").size[0] > 64
