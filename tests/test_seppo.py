@@ -1,5 +1,6 @@
 """SePPO: the flipper's loss against hand-computed numbers, the snapshot pool (draws, resume, autograd), configs."""
 import json
+import math
 
 import pytest
 import torch
@@ -132,3 +133,13 @@ def test_flipper_agreement_counts_by_hand():
     got = summarize(anchor, sample, one, mean)
     assert got["judge_says_loser"] == 0.5 and got["flipper_says_loser_one_draw"] == 0.5
     assert got["agreement_one_draw"] == 0.5 and got["agreement_mean_draws"] == 1.0  # a tie (0.8, 0.8) is no loser
+
+
+def test_seppo_step_on_tiny_sdxl_with_generated_time_ids(tmp_path):
+    model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4)
+    out = tmp_path / "run"
+    train(_cfg(model, data, out, *SEPPO, "lora.enabled=true", "train.max_steps=2", "model.weight_dtype=fp32"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert records[1]["reference_pool_size"] == 2
