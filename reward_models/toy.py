@@ -14,7 +14,8 @@ from .base import PromptsRejected, Reward, RewardOutput, register
 
 @register("toy-judge")
 class ToyJudge(Reward):
-    """Scores an image against the scene its (toy short) caption describes. Not differentiable."""
+    """Scores an image against the scene its toy caption (short, or the six-sentence long one) describes. Not
+    differentiable."""
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         bad = []
@@ -25,9 +26,9 @@ class ToyJudge(Reward):
                 bad.append(prompt)
         if bad:
             shown = ", ".join(repr(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            raise PromptsRejected(f"toy-judge scores only toy short captions such as 'a small red circle at the "
-                                  f"top left on a white background'; {len(bad)} of {len(prompts)} prompts are "
-                                  f"not: {shown}")
+            raise PromptsRejected(f"toy-judge scores only toy captions such as 'a small red circle at the top left "
+                                  f"on a white background' (or their long form, toy:heldout-long); {len(bad)} of "
+                                  f"{len(prompts)} prompts are not: {shown}")
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         scenes = [scene_from_caption(p) for p in prompts]
