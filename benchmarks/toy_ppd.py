@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--ppd-overrides", nargs="*", default=[])
     p.add_argument("--dpo-overrides", nargs="*", default=[])
     p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--ppd-run", default="ppd", help="eval: the PPD run folder under --root (a variant's name)")
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     if args.token_scale is None:
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     for stage in stages:
         report[stage.__name__] = stage(args)
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
-    out = Path(args.root) / f"report-{args.stage}.json"
+    suffix = f"-{args.ppd_run}" if args.stage == "eval" and args.ppd_run != "ppd" else ""
+    out = Path(args.root) / f"report-{args.stage}{suffix}.json"
     out.write_text(json.dumps(report, indent=1, default=str))
     return 0
 

@@ -75,7 +75,7 @@ def stage_eval(args) -> Dict:
     for name, lora in (("base", None), ("dpo", root / "dpo" / "final")):
         if lora is None or lora.exists():
             judged[name] = _judge(_sample(load_pipeline("toy", lora=lora), captions, seeds), captions)
-    ppd = load_pipeline("toy", lora=root / "ppd" / "final")
+    ppd = load_pipeline("toy", lora=root / args.ppd_run / "final")
     swap = _shuffled(users)
     results: Dict[str, Dict] = {name: {} for name in ("base", "dpo", "ppd", "ppd_shuffled") if name in judged
                                 or name.startswith("ppd")}

@@ -32,9 +32,18 @@ def sample_timesteps(scheduler: Any, n: int, generator: Optional[torch.Generator
 
 
 def sample_noise(shape: Sequence[int], generator: Optional[torch.Generator] = None, device: Device = None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ε ~ N(0, I) of the given shape, drawn with `generator` (seeds are passed explicitly, never global)."""
-    eps = torch.randn(tuple(shape), generator=generator, device=_draw_device(generator, device))
+                 dtype: torch.dtype = torch.float32, offset: float = 0.0) -> torch.Tensor:
+    """ε ~ N(0, I) of the given shape, drawn with `generator` (seeds are passed explicitly, never global).
+
+    `offset` > 0 adds offset noise (Guttenberg 2023, "Diffusion with Offset Noise"; diffusers' `--noise_offset`):
+    ε + offset · z, z ~ N(0, 1) of shape [B, C, 1, ...], one constant per sample and channel, drawn after ε. A
+    model trained on zero-mean ε keeps the mean of its starting noise, so it cannot draw images much darker or
+    brighter than average; the offset teaches it to move the mean.
+    """
+    draw = _draw_device(generator, device)
+    eps = torch.randn(tuple(shape), generator=generator, device=draw)
+    if offset:
+        eps = eps + offset * torch.randn((*shape[:2], *([1] * (len(shape) - 2))), generator=generator, device=draw)
     return eps.to(device=device, dtype=dtype) if device is not None else eps.to(dtype)
 
 

@@ -83,3 +83,22 @@ def test_sample_noise_shape_dtype_and_seed():
     a = diffusion.sample_noise((2, 4, 3, 3), torch.Generator().manual_seed(3), dtype=torch.float16)
     b = diffusion.sample_noise((2, 4, 3, 3), torch.Generator().manual_seed(3), dtype=torch.float16)
     assert a.shape == (2, 4, 3, 3) and a.dtype == torch.float16 and torch.equal(a, b)
+
+
+def test_noise_offset_adds_one_draw_per_sample_and_channel_after_eps():
+    # eps is seed 7's first draw of shape [2, 2, 2, 2], z the same generator's next draw, of shape [2, 2, 1, 1].
+    gen = torch.Generator().manual_seed(7)
+    eps, z = torch.randn((2, 2, 2, 2), generator=gen), torch.randn((2, 2, 1, 1), generator=gen)
+    got = diffusion.sample_noise((2, 2, 2, 2), torch.Generator().manual_seed(7), offset=0.1)
+    assert torch.allclose(got, eps + 0.1 * z)
+    # Constant over each image's pixels: (got - eps) is 0.1·z everywhere in sample 1, channel 0.
+    assert torch.allclose(got[1, 0] - eps[1, 0], torch.full((2, 2), 0.1 * float(z[1, 0, 0, 0])))
+    plain = diffusion.sample_noise((2, 2, 2, 2), torch.Generator().manual_seed(7))
+    assert torch.equal(plain, eps)
+
+
+def test_noise_offset_out_of_range_is_a_config_error():
+    from t2i_align.config import ConfigError, ObjectiveConfig
+
+    with pytest.raises(ConfigError, match="noise_offset"):
+        ObjectiveConfig(noise_offset=-0.1)

@@ -162,10 +162,14 @@ class ObjectiveConfig:
     loss_type: str = "sigmoid"
     """"sigmoid" (DPO, -log σ(logit)), "hinge" (SLiC-style, relu(1 - logit)) or "ipo" (Azar et al. 2023:
     (margin - 1/(2s))², margin = Δref - Δθ, s = ½β official / β diffusers)."""
+    noise_offset: float = 0.0
+    """Offset noise for the denoising objectives (dpo, sft, seppo): ε + noise_offset · N(0, 1) per sample and
+    channel (diffusers' `--noise_offset`; 0.1 is its usual value); 0 is plain ε, as every paper's recipe."""
 
     def __post_init__(self) -> None:
         _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
         _check(self, "beta", self.beta > 0, "a number > 0")
+        _check(self, "noise_offset", 0 <= self.noise_offset < 1, "a number in [0, 1), e.g. 0.1")
         _check_choice(self, "beta_convention", ("official", "diffusers"))
         _check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
 

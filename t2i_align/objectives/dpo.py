@@ -82,7 +82,7 @@ class DPO(Objective):
         latents = torch.cat([lw, ll])
         # Shared per pair (official code: noise.chunk(2)[0].repeat(2)), so the MSE difference measures the
         # images, not the draws: the pair's noise variance cancels in mse_w - mse_l.
-        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype).repeat(2, 1, 1, 1)
+        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype, cfg.noise_offset).repeat(2, 1, 1, 1)
         timesteps = diffusion.sample_timesteps(scheduler, n, generator, lw.device).repeat(2)
         noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
         target = diffusion.training_target(scheduler, latents, noise, timesteps)

@@ -101,7 +101,7 @@ class SePPO(Objective):
         lr, tr = self.reference_samples(reference, images)
         n = lw.shape[0]
         latents = torch.cat([lw, lr])
-        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype).repeat(2, 1, 1, 1)
+        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype, cfg.noise_offset).repeat(2, 1, 1, 1)
         timesteps = diffusion.sample_timesteps(scheduler, n, generator, lw.device).repeat(2)
         noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
         target = diffusion.training_target(scheduler, latents, noise, timesteps)

@@ -34,7 +34,7 @@ class SFT(Objective):
         self.check_reference(policy, reference)
         images = preferred_images(batch)
         latents = images.latents
-        noise = diffusion.sample_noise(latents.shape, generator, latents.device, latents.dtype)
+        noise = diffusion.sample_noise(latents.shape, generator, latents.device, latents.dtype, cfg.noise_offset)
         timesteps = diffusion.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
         noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
         target = diffusion.training_target(scheduler, latents, noise, timesteps)
