@@ -227,3 +227,14 @@ def test_half_precision_frozen_weights_without_mixed_precision_are_refused_at_lo
     # with autocast the fp32 trained UNet and the half-precision frozen parts meet (diffusers' scripts' setup)
     assert load_config(path, [f"train.mixed_precision={dtype}"]).model.weight_dtype == dtype
     assert load_config(path, ["train.mixed_precision=bf16"]).model.weight_dtype == dtype
+
+
+def test_bare_off_in_yaml_or_an_override_is_the_word_off(tmp_path):
+    # YAML 1.1 reads `off` as false; seppo.flip's choice "off" must survive both a file and a command-line override.
+    path = tmp_path / "c.yaml"
+    path.write_text("objective:\n  name: seppo\nseppo:\n  flip: off\n")
+    assert load_config(path, []).seppo.flip == "off"
+    assert load_config(path, ["seppo.flip=sign"]).seppo.flip == "sign"
+    assert load_config(path, ["seppo.flip=indicator", "seppo.flip=off"]).seppo.flip == "off"
+    with pytest.raises(ConfigError, match="seppo.flip"):
+        load_config(path, ["seppo.flip=yes"])

@@ -33,8 +33,16 @@ def _check_at_least(obj: Any, names: Sequence[str], low: int) -> None:
         _check(obj, name, getattr(obj, name) >= low, f"an integer >= {low}")
 
 
+_YAML_BOOL_WORDS = {"false": ("off", "no"), "true": ("on", "yes")}
+
+
 def _check_choice(obj: Any, name: str, choices: Tuple[str, ...]) -> None:
-    _check(obj, name, getattr(obj, name) in choices, "one of " + ", ".join(choices))
+    value = getattr(obj, name)
+    if str(value) in ("False", "True", "false", "true") and value not in choices:
+        # YAML 1.1 reads a bare off / no / on / yes as a boolean (a str field then holds "False"): the word back
+        value = next((w for w in _YAML_BOOL_WORDS[str(value).lower()] if w in choices), value)
+        setattr(obj, name, value)
+    _check(obj, name, value in choices, "one of " + ", ".join(choices))
 
 
 @dataclass
