@@ -66,3 +66,7 @@ done
 
 # can the toy CLIP read the background sentence?  (segment-level retrieval accuracy)
 $PY benchmarks/longalign_toy.py retrieval > $E/retrieval.json
+
+# does the decomposed reward track the judge? (base, both encodings; stage 1 for stage 2)
+$PY benchmarks/longalign_reward_correlation.py $E/base_clip77_long.json $E/base_segments_long.json \
+  $E/s1_1200_long.json > $E/reward_correlation.json

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs behind README's SePPO toy table (seed 0 for training; judged on held-out seeds 0 and fresh seeds 100000).
 # All from the same best-vs-worst-of-8 toy pairs, LoRA r8, batch 16, LR 5e-4, 600 steps; SePPO reads only the
-# preferred images. About 1.5 h on one idle 2-core CPU (each SePPO run ~25 min with one thread).
+# preferred images. About 2 h on one idle 2-core CPU (each SePPO run ~25 min with one thread, two side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -18,8 +18,12 @@ train sft configs/toy/sft.yaml
 train dpo configs/toy/dpo.yaml
 train seppo configs/toy/seppo.yaml                      # random reference, sign flip
 train seppo-off configs/toy/seppo.yaml seppo.flip=off   # "w/o AAF": the reference sample is always the loser
+train seppo-indicator configs/toy/seppo.yaml seppo.flip=indicator   # s in {1, 0}: winners-by-flipper dropped
+train seppo-initial configs/toy/seppo.yaml seppo.reference=initial  # always the initial model (DITTO-like)
 
 for seed in 0 100000; do
-  $PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo=$R/seppo/final --model seppo-off=$R/seppo-off/final \
+  $PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo=$R/seppo/final \
+    --model seppo-off=$R/seppo-off/final \
+    --model seppo-indicator=$R/seppo-indicator/final --model seppo-initial=$R/seppo-initial/final \
     --model dpo=$R/dpo/final --baseline base --baseline sft --seed $seed --out $R/table-seed$seed.json
 done
