@@ -5,9 +5,9 @@ FOLDER: image files (png/jpg/jpeg/webp/bmp, not recursive; all must resolve insi
   match; zero-pad numbers), --prompts FILE.jsonl|FILE.csv (`file` relative to FOLDER, `prompt`: those files are
   scored), or without --prompts FOLDER/metadata.jsonl ({"file": ..., "prompt": ...} lines, as sample/generate.py).
 PARQUET (Pick-a-Pic; a file or a folder of *.parquet): jpg_0 and jpg_1 of each row with its `caption`, one output
-  row per image (parquet, row, side, label_0). --pairwise: each reward's preference accuracy vs label_0 with a 95%
-  Wilson interval; label ties (0.5), unlabelled pairs and pairs with an unscored side are excluded and counted;
-  equal reward scores count half.
+  row per image (parquet, row, side, label_0, label_problem). --pairwise: each reward's preference accuracy vs
+  label_0 with a 95% Wilson interval; label ties (0.5), unlabelled pairs, invalid labels (outside [0, 1], NaN: as
+  training skips them) and pairs with an unscored side are excluded and counted; equal reward scores count half.
 OUTPUT: .jsonl or .csv, written atomically. An unreadable image (or a prompt a reward rejects) gets null scores
   and an `error`, the rest are scored. stdout: summary JSON (per reward mean, std, n, summed info counts such as
   `truncated` prompts; `pairwise`). Progress on stderr (terminals only).
@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tu
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files
+from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files, label_problem
 from t2i_align.errors import UserError, run_cli
 from t2i_align.stats import wilson_interval
 
@@ -158,11 +158,11 @@ def _parquet_rows(files: List[Path]) -> Iterator[Item]:
         cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "has_label") if c in pf.schema_arrow.names]
         records = (r for batch in pf.iter_batches(batch_size=64, columns=cols) for r in batch.to_pylist())
         for row, r in enumerate(records):
-            label = r.get("label_0")
-            label = None if r.get("has_label") is False or label is None or label != label else float(label)
+            problem = label_problem(r.get("label_0"), r.get("has_label"))  # 3.0 or NaN: invalid, as in training
+            label = None if problem else float(r["label_0"])
             for side in (0, 1):
-                yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label}, r["caption"] or "",
-                           r[f"jpg_{side}"])
+                yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label, "label_problem": problem},
+                           r["caption"] or "", r[f"jpg_{side}"])
 
 
 def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: int = 32, on_batch=lambda b: None):
@@ -214,9 +214,11 @@ def pairwise_accuracy(rows: List[dict], names: List[str]) -> Dict[str, Any]:
     for r in rows:
         pairs.setdefault((r["parquet"], r["row"]), {})[r["side"]] = r
     labels = [p[0].get("label_0") for p in pairs.values()]
+    problems = [p[0].get("label_problem") for p in pairs.values()]
     labelled = [p for p in pairs.values() if p[0].get("label_0") not in (None, 0.5)]
     out: Dict[str, Any] = {"pairs": len(pairs), "label_ties_excluded": labels.count(0.5),
-                           "unlabelled_excluded": labels.count(None)}
+                           "unlabelled_excluded": problems.count("unlabelled"),
+                           "invalid_labels_excluded": problems.count("invalid_labels")}
     for name in names:
         scored = [(p[0][name], p[1][name], p[0]["label_0"]) for p in labelled
                   if p[0][name] is not None and 1 in p and p[1][name] is not None]

@@ -148,3 +148,20 @@ def test_installed_console_script(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rewards"]["toy-judge"]["mean"] == 1.0
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 6
+
+
+def test_pairwise_excludes_and_counts_invalid_labels(tmp_path, capsys):
+    rows = _pair_rows()
+    rows += [{**rows[0], "label_0": 3.0, "ranking_id": 90}, {**rows[0], "label_0": float("nan"), "ranking_id": 91},
+             {**rows[0], "has_label": False, "ranking_id": 92}]
+    path = tmp_path / "pairs.parquet"
+    write_parquet(rows, path)
+    out = tmp_path / "scores.jsonl"
+    code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", path, "--out", out, "--pairwise")
+    assert code == 0
+    pairwise = summary["pairwise"]
+    assert pairwise["pairs"] == 9 and pairwise["label_ties_excluded"] == 1
+    assert pairwise["invalid_labels_excluded"] == 2 and pairwise["unlabelled_excluded"] == 1
+    assert pairwise["toy-judge"]["n"] == 5  # 3.0 is not counted as "image 0 wins"
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["label_problem"] for r in scored[-6::2]] == ["invalid_labels", "invalid_labels", "unlabelled"]
