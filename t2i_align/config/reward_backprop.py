@@ -1,4 +1,4 @@
-"""The `reward_backprop` config section (its own module: sections.py is at its size limit; `Config` imports it).
+"""The `reward_backprop` config section (its own module, as methods.py; `Config` imports it).
 
 Reward fine-tuning through a differentiable sampling chain (`objective.name: reward_backprop`,
 t2i_align/objectives/reward_backprop.py). Defaults are LongAlign's stage 2 (Liu et al. 2024, arXiv 2410.11817;

@@ -5,7 +5,7 @@ Adding a section = a dataclass here plus a field of `Config`; `loader.py` reads 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 
@@ -257,113 +257,7 @@ class TrackingConfig:
         _check_at_least(self, ("validation_seeds", "sample_steps"), 1)
 
 
-@dataclass
-class RaftConfig:
-    """Online batches from the current policy (RAFT, Dong et al. 2023, Sec. 3): every `round_steps` optimizer
-    steps, K images per prompt are generated, scored, and selected. With an "images" objective (sft) the
-    selected best-of-K samples are trained on (RAFT); with a "pairs" objective (dpo) the best vs the worst of each
-    prompt's K images form the pairs (online DPO)."""
-
-    enabled: bool = False
-    """Train on generated, reward-ranked samples instead of data.path."""
-    prompts: str = ""
-    """A text file with one prompt per line, or "toy:train" / "toy:heldout" for the toy world's captions."""
-    prompts_per_round: int = 10
-    """Prompts drawn (without replacement, cycling through the file) per round, over all processes."""
-    k: int = 10
-    """Images generated per prompt (RAFT demo: 10). Pairs need K >= 2."""
-    top_fraction: float = 0.8
-    """After best-of-K per prompt, keep this fraction of the prompts with the highest best score (RAFT demo: the
-    top 8 of 10 prompts). Online DPO ranks prompts by the best-worst reward gap instead."""
-    round_steps: int = 80
-    """Optimizer steps trained on each round's selection (RAFT demo: 80)."""
-    reward: str = "toy-judge"
-    """Reward model name, as in `t2i-score --reward` (reward_models.available_rewards())."""
-    reward_options: Dict[str, Any] = field(default_factory=dict)
-    """Keyword options of the reward, e.g. {weights: /path/to/checkpoint}."""
-    scheduler: str = "ddim"
-    """Sampler for generation: "ddim", "dpm++" (DPMSolverMultistep) or "euler"."""
-    sample_steps: int = 20
-    guidance_scale: float = 3.0
-    negative_prompt: Optional[str] = None
-    generation_batch_size: int = 32
-    """Images per pipeline call (halved automatically on an out-of-memory error)."""
-    resolution: Optional[int] = None
-    """Generate at resolution x resolution (RAFT demo: 256 on SD1.5); None: the model's default size."""
-    reencode: bool = True
-    """Train on VAE encodings of the decoded images, as the official RAFT code does (it saves the chosen images
-    and fine-tunes on them as a data set); false: on the generated latents (no VAE encode). The issue that
-    specified this loop asked for the generated latents, but on the toy model they lie far off the encoder's
-    latents (benchmarks/toy_reencode_gap.py) and RAFT trained on them collapsed within five rounds (README)."""
-
-    def __post_init__(self) -> None:
-        _check_at_least(self, ("prompts_per_round", "k", "round_steps", "sample_steps", "generation_batch_size"), 1)
-        _check(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "a number in (0, 1]")
-        _check_choice(self, "scheduler", ("ddim", "dpm++", "euler"))
-        _check(self, "resolution", self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-               "null or a multiple of 8")
-        _check(self, "prompts", bool(self.prompts) or not self.enabled,
-               'a prompts file or "toy:train" when raft.enabled is true')
-
-
-@dataclass
-class SeppoConfig:
-    """SePPO (Zhang et al. 2024, arXiv 2410.05255; v2 "SSPO"): Diffusion-DPO on preferred images only, the loser's
-    slot taken by a sample of a reference drawn from past policy snapshots, its term signed by the anchor-based
-    flipper. Used by `objective.name: seppo` (β, its convention and the loss type come from `objective`)."""
-
-    reference: str = "random"
-    """Which snapshot plays the reference at each step: "random" (SePPO's ref ~ U(0, k-1), the initial model
-    included), "initial" (always the starting model, DITTO-like) or "latest" (SPIN-Diffusion-like)."""
-    snapshot_every: int = 30
-    """Snapshot the policy every N optimizer steps (paper, per a reviewer: every 30 updates)."""
-    pool_size: int = 7
-    """At most this many snapshots, the initial model included (paper, per a reviewer: K = 7). When full, the
-    oldest snapshot after the initial model leaves (our choice; the paper is silent)."""
-    flip: str = "sign"
-    """Anchor-based adaptive flipper: "sign" (s = +1 if the policy beats the reference on the preferred image,
-    else -1), "indicator" (s = 1 or 0, the paper's ablation), "off" (always DPO: the "w/o AAF" row)."""
-    sample_steps: int = 20
-    """DDIM steps for the reference samples (not reported by the paper)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the reference samples (not reported; 7.5 is the SePPO evaluation setting)."""
-    reencode: bool = True
-    """Train on VAE encodings of the decoded reference samples (generated latents lie off the encoder's
-    manifold: the toy RAFT collapsed on them); false: on the generated latents."""
-
-    def __post_init__(self) -> None:
-        _check_choice(self, "reference", ("random", "initial", "latest"))
-        _check_choice(self, "flip", ("sign", "indicator", "off"))
-        _check_at_least(self, ("snapshot_every", "pool_size", "sample_steps"), 1)
-
-
-@dataclass
-class PpdConfig:
-    """PPD (Dang et al., CVPR 2025, arXiv 2501.06655): a user branch (IP-Adapter-style decoupled cross-attention,
-    Ye et al. 2023, arXiv 2308.06721) over per-user embeddings looked up by each pair's `user_id`; the reference
-    is the base model with every adapter off. The user width and token count come from the table."""
-
-    enabled: bool = False
-    """Add the user branch and train it (alone, or with LoRA when lora.enabled); pairs need a user_id column."""
-    table: str = ""
-    """The user table (safetensors written by t2i_align.users.UserTable.save): user id -> embedding [T, D]."""
-    layers: str = "all"
-    """Which rows of each embedding become tokens, for tables of per-layer VLM states [L, D]: "all", "last", or
-    a count k (the last k). PPD's own choice is unpublished."""
-    scale: float = 1.0
-    """User scale λ of the branch during training (IP-Adapter's `scale`)."""
-    dropout: float = 0.0
-    """Probability of zeroing a row's user tokens on the policy side (PPD's user-embedding dropout "for
-    regularization"; its rate is unpublished, the unofficial re-implementation uses 0.1)."""
-
-    def __post_init__(self) -> None:
-        _check(self, "table", bool(self.table) or not self.enabled, "a user-table file when ppd.enabled is true")
-        _check(self, "layers", self.layers in ("all", "last") or (str(self.layers).isdigit() and int(self.layers)
-                                                                   >= 1), '"all", "last" or a count >= 1')
-        _check(self, "scale", self.scale >= 0, "a number >= 0")
-        _check(self, "dropout", 0.0 <= self.dropout < 1.0, "a number in [0, 1)")
-
-
+from .methods import PpdConfig, RaftConfig, SeppoConfig  # noqa: E402  (they import the helpers above)
 from .reward_backprop import RewardBackpropConfig  # noqa: E402  (after the helpers it imports from here)
 
 
