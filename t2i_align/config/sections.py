@@ -1,6 +1,7 @@
 """The config sections: one dataclass per concern, documented by attribute docstrings, checked in `__post_init__`.
 
-Adding a section = a dataclass here plus a field of `Config`; `loader.py` reads YAML and overrides into them.
+Adding a section = a dataclass here (a method's: in methods.py) plus a field of `Config`; `loader.py` reads YAML
+and overrides into them.
 """
 from __future__ import annotations
 
