@@ -33,7 +33,14 @@ def cmd_judge(args) -> dict:
         from reward_models import get_reward
 
         reward = get_reward("decomposed-clip", checkpoint="toy", omega=0.3, fit_prompts="toy:train-long")
-    record = judge_records(pipe, args.prompts, args.captions, args.seeds, args.seed, reward=reward)
+    from tqdm.auto import tqdm
+
+    from t2i_align.toy.evaluate import prompt_set
+
+    total = len(prompt_set(args.prompts)) * args.seeds
+    with tqdm(total=total, desc=f"judge ({args.captions} captions)", unit="img", file=sys.stderr) as bar:
+        record = judge_records(pipe, args.prompts, args.captions, args.seeds, args.seed, reward=reward,
+                               progress=bar.update)
     from t2i_align.sampling import pipeline_components
 
     record.update(model=args.model, lora=args.lora, text_encoding=pipeline_components(pipe).text_encoding.kind)

@@ -5,10 +5,11 @@ difference of every attribute's accuracy with its t-test p).
     python benchmarks/toy_table.py --model sft=runs/toy-sft-600/final --model seppo=runs/toy-seppo-600/final \
         --baseline base --baseline sft --seed 0 --out runs/seppo-table-seed0.json
 
-`base` is the shipped toy model (no LoRA). A model's per-image verdicts are cached under --cache (keyed by the
-LoRA file's content and the seed), so a baseline is sampled once for every table it appears in. Settings are the
-toy evaluation's (DDIM 20 steps, guidance 3, `t2i_align.toy.evaluate`); diversity is the RAFT metric per prompt
-(mean pairwise RMS distance of its 8 seeds' final latents), averaged over prompts.
+`base` is the shipped toy model (no LoRA). Each model is judged by `t2i_align.toy.long_eval.judge_records` on the
+short captions (the toy evaluation's DDIM 20 steps, guidance 3; diversity = the RAFT metric per prompt, mean
+pairwise RMS distance of its 8 seeds' final latents) and compared by its `compare_records`; a model's record is
+cached under --cache (keyed by the LoRA file's content and the seed), so a baseline is sampled once for every
+table it appears in.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
+from tqdm.auto import tqdm
 
 from t2i_align.files import write_json_atomic
-from t2i_align.ranking import diversity
 from t2i_align.sampling import load_pipeline
-from t2i_align.stats import mean_ci, paired_diff, win_rate
-from t2i_align.toy.evaluate import evaluate, prompt_set
+from t2i_align.stats import win_rate
+from t2i_align.toy.evaluate import prompt_set
+from t2i_align.toy.long_eval import compare_records, judge_records, summarize_record
 from t2i_align.toy.scenes import ATTRIBUTES
 
 SEEDS_PER_PROMPT = 8
@@ -38,41 +39,29 @@ def _lora_file(path: str) -> Path:
 
 def _cache_name(lora: str, seed: int) -> str:
     digest = "base" if lora == "base" else hashlib.sha256(_lora_file(lora).read_bytes()).hexdigest()[:16]
-    return f"{digest}-seed{seed}.npz"
+    return f"{digest}-seed{seed}.json"
 
 
-def judged(lora: str, seed: int, cache: Path) -> Dict[str, np.ndarray]:
-    """correct: [images, attributes] 0/1; score: [images]; diversity: [prompts]. Cached by LoRA content and seed."""
+def judged(lora: str, seed: int, cache: Path) -> Dict:
+    """The model's `judge_records` record on the held-out short captions; cached by LoRA content and seed."""
     path = cache / _cache_name(lora, seed)
     if path.exists():
-        return dict(np.load(path))
+        return json.loads(path.read_text())
     pipe = load_pipeline("toy", lora=None if lora == "base" else lora)
     if lora != "base":
         pipe.fuse_lora()  # same images to ~1e-5 as unfused adapters, faster on CPU
-    scenes = prompt_set("heldout")
-    ev = evaluate(pipe, scenes, seeds_per_prompt=SEEDS_PER_PROMPT, base_seed=seed)
-    k = SEEDS_PER_PROMPT
-    out = {"correct": np.array([[float(v.correct[a]) for a in ATTRIBUTES] for v in ev.verdicts]),
-           "score": np.array([v.score for v in ev.verdicts]),
-           "diversity": np.array([diversity(ev.samples.latents[i * k:(i + 1) * k]) for i in range(len(scenes))])}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(path)
-    return out
+    total = len(prompt_set("heldout")) * SEEDS_PER_PROMPT
+    with tqdm(total=total, desc=f"judge {lora} (seed {seed})", unit="img", file=sys.stderr) as bar:
+        record = judge_records(pipe, "heldout", "short", SEEDS_PER_PROMPT, seed, batch_size=128, progress=bar.update)
+    write_json_atomic(path, record)
+    return record
 
 
-def row(name: str, r: Dict[str, np.ndarray], baselines: Dict[str, Dict[str, np.ndarray]]) -> Dict:
-    out = {"model": name, "overall": mean_ci(r["score"]), "diversity": mean_ci(r["diversity"]),
-           "per_attribute": {a: mean_ci(r["correct"][:, i]) for i, a in enumerate(ATTRIBUTES)}, "vs": {}}
+def row(name: str, r: Dict, baselines: Dict[str, Dict]) -> Dict:
+    out = {"model": name, **summarize_record(r), "vs": {}}
     for bname, b in baselines.items():
-        if bname == name:
-            continue
-        out["vs"][bname] = {
-            "win_rate": win_rate(r["score"], b["score"]), "paired_diff": paired_diff(r["score"], b["score"]),
-            "diversity_diff": paired_diff(r["diversity"], b["diversity"]),
-            "per_attribute": {a: paired_diff(r["correct"][:, i], b["correct"][:, i])
-                              for i, a in enumerate(ATTRIBUTES)}}
+        if bname != name:
+            out["vs"][bname] = {"win_rate": win_rate(r["score"], b["score"]), **compare_records(r, b)}
     return out
 
 
@@ -87,9 +76,9 @@ def markdown(rows: List[Dict]) -> str:
         if not r["vs"]:
             lines.append(first + " | | | | |")
         for i, (bname, v) in enumerate(r["vs"].items()):
-            sig = [f"{a} {d['mean_diff']:+.3f}" for a, d in v["per_attribute"].items() if d["p_value"] < 0.01]
+            sig = [f"{a} {v[a]['mean_diff']:+.3f}" for a in ATTRIBUTES if v[a]["p_value"] < 0.01]
             cells = (f" {bname} | {v['win_rate']['win_rate']:.3f} | {v['win_rate']['p_value']:.2g} | "
-                     f"{v['paired_diff']['p_value']:.2g} | {', '.join(sig) or '—'} |")
+                     f"{v['overall']['p_value']:.2g} | {', '.join(sig) or '—'} |")
             lines.append((first if i == 0 else "| | | " + " | " * len(ATTRIBUTES) + " |") + cells)
     return "\n".join(lines)
 

@@ -222,8 +222,6 @@ class TrainConfig:
     """Full fine-tuning: keep the frozen reference UNet on the CPU between uses (saves GPU memory, slower)."""
 
     def __post_init__(self) -> None:
-        if self.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
-            self.mixed_precision = "no"
         _check_at_least(self, ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
                                "max_nonfinite_steps"), 1)
         _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
@@ -251,7 +249,7 @@ class TrackingConfig:
     guidance_scale: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.wandb in ("False", "false", "disabled"):  # YAML reads a bare `off` as false
+        if self.wandb == "disabled":  # W&B's own word for off (a bare YAML `off` is taken back by _check_choice)
             self.wandb = "off"
         _check_choice(self, "wandb", ("auto", "online", "offline", "off"))
         _check_at_least(self, ("validate_every",), 0)

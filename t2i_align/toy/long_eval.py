@@ -9,7 +9,7 @@ mean over prompts (falls if a model collapses onto one image per prompt).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..gallery import to_uint8
 from ..ranking import diversity
@@ -32,13 +32,14 @@ def captions_for(name: str, kind: str) -> List[str]:
 
 
 def judge_records(pipe, name: str = "heldout", kind: str = "long", seeds_per_prompt: int = 8, base_seed: int = 0,
-                  batch_size: int = 120, reward=None) -> Dict:
+                  batch_size: int = 120, reward=None, progress: Optional[Callable[[int], object]] = None) -> Dict:
     """Per image (prompt-major: prompt i's seeds are rows i·k .. i·k+k-1): 0/1 correctness per attribute and the
-    judge score; per prompt: diversity; with `reward` (a decomposed-clip) its per-image parts too."""
+    judge score; per prompt: diversity; with `reward` (a decomposed-clip) its per-image parts too. `progress` is
+    called with the number of images finished after each batch (e.g. a tqdm bar's update)."""
     scenes, captions = prompt_set(name), captions_for(name, kind)
     flat, seeds = prompt_major(list(range(len(scenes))), seeds_per_prompt, base_seed)
     samples = generate(pipe, [captions[i] for i in flat], seeds, num_inference_steps=TOY_STEPS,
-                       guidance_scale=TOY_GUIDANCE, batch_size=batch_size)
+                       guidance_scale=TOY_GUIDANCE, batch_size=batch_size, progress=progress)
     verdicts = judge_batch(to_uint8(samples.images), [scenes[i] for i in flat])
     k = seeds_per_prompt
     record = {"prompts": name, "captions": kind, "seeds_per_prompt": k, "base_seed": base_seed,
