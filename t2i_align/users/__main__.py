@@ -1,0 +1,58 @@
+"""python -m t2i_align.users embed | check-shots: PPD's stage 1 (user embeddings) and the shots-vs-training check.
+
+  accelerate launch -m t2i_align.users embed --model LLAVA_DIR --pairs PAIRS --out OUT [--num-shots 4]
+  python -m t2i_align.users check-shots --shots OUT/users.json --pairs TRAIN_PAIRS
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import UserError
+from .llava import NUM_SHOTS_SUPPORTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m t2i_align.users", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", help="embed every user of a pair set with LLaVA-OneVision (PPD stage 1)")
+    e.add_argument("--model", required=True, help="local LLaVA-OneVision folder in transformers' format")
+    e.add_argument("--pairs", required=True, help="Pick-a-Pic-format parquet file or folder with user_id")
+    e.add_argument("--out", required=True, help="output folder (parts/, user_table.safetensors, users.json)")
+    e.add_argument("--num-shots", type=int, default=4, choices=NUM_SHOTS_SUPPORTED)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=1024)
+    e.add_argument("--max-users", type=int, default=0, help="only the first N users (0: all)")
+    e.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    c = sub.add_parser("check-shots", help="fail if a user's shot is among that user's training pairs")
+    c.add_argument("--shots", required=True, help="users.json written by embed")
+    c.add_argument("--pairs", required=True, help="the training pairs")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import embed
+
+    try:
+        if args.command == "embed":
+            if not Path(args.model).is_dir():
+                raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
+                                        "checkpoint in transformers' format (nothing is downloaded)")
+            embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed, args.max_new_tokens,
+                            args.max_users, args.dtype)
+        else:
+            rows = embed.check_shots(args.shots, args.pairs)
+            print(json.dumps({"rows_of_embedded_users_checked": rows, "overlaps": 0}))
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

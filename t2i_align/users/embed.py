@@ -1,0 +1,182 @@
+"""`python -m t2i_align.users embed`: PPD's stage 1 over a Pick-a-Pic-format pair set, written as a user table.
+
+Per user (Dang et al., CVPR 2025, arXiv 2501.06655; official `pick_a_pick_user_emb.py`): the user's pairs without
+ties or identical images, shuffled (seeded per user, so the choice does not depend on sharding), the first
+`num_shots` that decode become the shots of one embedding (the official script cuts all of a user's pairs into
+chunks of 4 and embeds up to `per_user` of them; we make one embedding per user, what the table and the training
+loop look up by `user_id`). Users with fewer usable pairs are skipped and counted.
+
+Users are dealt over processes (`accelerate launch -m t2i_align.users embed ...`, as the official script shards
+users over 8 GPUs); each finished user is written at once to OUT/parts/ (one safetensors file, atomically), so a
+stopped run resumes where it was. When every process is done the main process merges the parts into
+OUT/user_table.safetensors (fp16, [L + 1, D] per user) and OUT/users.json (per user: the generated profile text
+and the fingerprints of the pairs used as shots). Before training, `python -m t2i_align.users check-shots
+--shots OUT/users.json --pairs TRAIN` verifies that no shot is among that user's training pairs: embed from pairs
+you do not train on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..data.pairs import DECODE_ERRORS, PairDataset, decode_rgb
+from .llava import LabelledPair
+from .table import UserTable
+from .training import check_shots_disjoint, pair_fingerprint
+
+PARTS = "parts"
+USERS_JSON = "users.json"
+
+
+def _by_user(dataset: PairDataset) -> Dict[Any, List[int]]:
+    if dataset.user_ids is None:
+        raise ValueError("the pairs have no user_id column; PPD embeds users from their own labelled pairs "
+                         "(Pick-a-Pic v2 has user_id)")
+    rows: Dict[Any, List[int]] = {}
+    for index, user in enumerate(dataset.user_ids):
+        rows.setdefault(user, []).append(index)
+    return rows
+
+
+def pick_shots(dataset: PairDataset, rows: Sequence[int], user: Any, num_shots: int, seed: int
+               ) -> Tuple[List[LabelledPair], List[str], int]:
+    """Up to `num_shots` decodable pairs with two different images from `rows`, in a seeded per-user order;
+    (shots, their fingerprints, rows skipped as identical or undecodable on the way)."""
+    order = list(rows)
+    random.Random(f"{seed}:{json.dumps(user)}").shuffle(order)
+    shots, prints, skipped = [], [], 0
+    for index in order:
+        winner, loser = dataset.image_bytes(index)
+        if winner == loser:  # PPD keeps are_different rows only
+            skipped += 1
+            continue
+        try:
+            images = decode_rgb(winner), decode_rgb(loser)
+        except DECODE_ERRORS:  # an undecodable row is skipped, the next pair taken
+            skipped += 1
+            continue
+        shots.append(LabelledPair(dataset.caption(index), *images))
+        prints.append(pair_fingerprint(dataset.caption(index), winner, loser))
+        if len(shots) == num_shots:
+            break
+    return shots, prints, skipped
+
+
+def part_path(out: Path, user: Any) -> Path:
+    return out / PARTS / f"user-{hashlib.sha1(json.dumps(user).encode()).hexdigest()[:20]}.safetensors"
+
+
+def write_part(path: Path, user: Any, embedding: torch.Tensor, text: str, prints: List[str]) -> None:
+    """One user's result, via a temporary file and a rename (complete or absent)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        meta = {"user_id": json.dumps(user), "text": text, "shots": json.dumps(prints)}
+        save_file({"embedding": embedding.to(torch.float16).contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_part(path: Path) -> Tuple[Any, torch.Tensor, Dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return json.loads(meta["user_id"]), f.get_tensor("embedding"), {"text": meta["text"],
+                                                                        "shots": json.loads(meta["shots"])}
+
+
+def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, seed: int = 0, rank: int = 0,
+                world: int = 1, max_users: int = 0, progress: bool = True) -> Dict[str, int]:
+    """This process's share of the users (every world-th of the sorted ids, from `rank`); finished users are
+    skipped. Returns counts: users embedded now, already done, skipped for too few usable pairs, and pair rows
+    skipped (identical images or undecodable)."""
+    from tqdm.auto import tqdm
+
+    by_user = _by_user(dataset)
+    users = sorted(by_user, key=json.dumps)
+    users = (users[:max_users] if max_users else users)[rank::world]
+    counts = {"embedded": 0, "already_done": 0, "too_few_pairs": 0, "rows_skipped": 0}
+    for user in tqdm(users, desc=f"embed users (process {rank})", disable=not progress):
+        path = part_path(out, user)
+        if path.is_file():
+            counts["already_done"] += 1
+            continue
+        shots, prints, skipped = pick_shots(dataset, by_user[user], user, num_shots, seed)
+        counts["rows_skipped"] += skipped
+        if len(shots) < num_shots:
+            counts["too_few_pairs"] += 1
+            continue
+        result = encoder.encode_with_text(shots)
+        write_part(path, user, result.embedding, result.text, prints)
+        counts["embedded"] += 1
+    return counts
+
+
+def merge_parts(out: Path) -> Dict[str, Any]:
+    """OUT/parts/* -> OUT/user_table.safetensors and OUT/users.json; returns the summary."""
+    parts = sorted((out / PARTS).glob("user-*.safetensors"))
+    if not parts:
+        raise ValueError(f"no embedded users under {out / PARTS}: every user had too few usable pairs?")
+    embeddings, info = {}, {}
+    for path in parts:
+        user, embedding, meta = read_part(path)
+        embeddings[user], info[json.dumps(user)] = embedding, meta
+    table = UserTable.from_dict(embeddings)
+    table.save(out / "user_table.safetensors")
+    tmp = out / f".{USERS_JSON}.tmp"
+    tmp.write_text(json.dumps({"users": info}, indent=1))
+    os.replace(tmp, out / USERS_JSON)
+    return {"users": len(table), "tokens": table.num_tokens, "width": table.dim}
+
+
+def load_shots(path: str) -> Dict[Any, List[str]]:
+    """users.json -> {user id: shot fingerprints}."""
+    users = json.loads(Path(path).read_text())["users"]
+    return {json.loads(key): value["shots"] for key, value in users.items()}
+
+
+def check_shots(shots_json: str, pairs: str) -> int:
+    """Raise ShotOverlapError if a training pair of `pairs` was one of its user's shots; returns rows checked."""
+    shots = load_shots(shots_json)
+    dataset = PairDataset(pairs, resolution=8)
+    if dataset.user_ids is None:
+        raise ValueError(f"{pairs} has no user_id column")
+    rows = ((user, pair_fingerprint(dataset.caption(i), *dataset.image_bytes(i)))
+            for i, user in enumerate(dataset.user_ids) if user in shots)
+    return check_shots_disjoint(shots, rows)
+
+
+def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 0, max_new_tokens: int = 1024,
+              max_users: int = 0, dtype: str = "fp16") -> Optional[Dict[str, Any]]:
+    """The command: shard users over accelerate's processes, embed, merge on the main process."""
+    from accelerate import PartialState
+
+    from .llava import LlavaUserEncoder
+
+    state = PartialState()
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    encoder = LlavaUserEncoder.from_pretrained(model, device=str(state.device), dtype=torch_dtype,
+                                               max_new_tokens=max_new_tokens)
+    dataset = PairDataset(pairs, resolution=8)
+    counts = embed_users(encoder, dataset, Path(out), num_shots, seed, state.process_index, state.num_processes,
+                         max_users, progress=True)
+    print(json.dumps({"process": state.process_index, **counts}))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    summary = merge_parts(Path(out))
+    print(json.dumps(summary))
+    return summary

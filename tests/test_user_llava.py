@@ -1,0 +1,173 @@
+"""PPD stage 1 (t2i_align/users/llava.py, embed.py, __main__.py) with a tiny random LLaVA-OneVision of the real
+transformers classes: the official prompt verbatim, the embedding = last decoding step's token from every layer,
+the sharded / resumable embed command, and the shots-vs-training-pairs check."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import one_torch_thread  # noqa: F401
+from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+from t2i_align.users import UserTable
+from t2i_align.users.__main__ import main as users_main
+from t2i_align.users.embed import embed_users, load_shots, merge_parts
+from t2i_align.data.pairs import PairDataset
+from t2i_align.users.llava import LabelledPair, LlavaUserEncoder, pad_to_square, ppd_question, qwen_chat
+
+PAD = " " * 24
+TWO_SHOT_QUESTION = (
+    "You will be shown a few examples of preferred and dispreferred images. \n\nHere is the 1st pair of images: "
+    "\n\nHere is the caption: a red cat \n\n<image> This is the preferred image. \n\n<image> This is the "
+    "dispreferred image. \n\nHere is the 2st pair of images: \n\nHere is the caption: two dogs \n\n<image> This is "
+    "the preferred image. \n\n<image> This is the dispreferred image. \n\nYou will be judging the images according "
+    "to their style, visual quality, and image aesthetics. Follow the instructions below to compare the images:\n"
+    f"{PAD}1. For each pair of images, describe the preferred image and the dispreferred image. \n"
+    f"{PAD}2. Explain the differences between the two images in terms of style, visual quality, and image "
+    "aesthetics.\n"
+    f"{PAD}3. After you have described all of the images, summarize the differences between the preferred and "
+    "dispreferred images into a user profile. \n\n"
+    f"{PAD}Format your response as follows for the two pairs of images:\n"
+    f"{PAD}Pair 1:\n{PAD}Preferred Image: [Description]\n{PAD}Dispreferred Image: [Description]\n"
+    f"{PAD}Differences: [Description]\n\n"
+    f"{PAD}Pair 2:\n{PAD}Preferred Image: [Description]\n{PAD}Dispreferred Image: [Description]\n"
+    f"{PAD}Differences: [Description]\n\n"
+    f"{PAD}User Profile: [Description]")
+
+
+def test_the_official_prompt_verbatim_with_its_quirks():
+    assert ppd_question(["a red cat", "two dogs"]) == TWO_SHOT_QUESTION
+    four = ppd_question(["a", "b", "c", "d"])
+    assert "Here is the 4st pair of images:" in four and "for the four pairs of images:" in four
+    assert four.count("<image>") == 8 and four.endswith("User Profile: [Description]")
+    assert "for the four pairs of images:" in ppd_question(["a", "b", "c"])  # sic, as the official prompt
+    with pytest.raises(ValueError, match="2, 3, 4, 5"):
+        ppd_question(["a"])
+    assert qwen_chat("Q") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ"
+                              "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_pad_to_square_centres_the_image_on_the_fill_colour():
+    image = np.zeros((1, 3, 3), dtype=np.uint8)  # 1 high, 3 wide, black
+    square = np.asarray(pad_to_square(image, (10, 20, 30)))
+    assert square.shape == (3, 3, 3)
+    assert (square[1] == 0).all() and (square[0] == [10, 20, 30]).all() and (square[2] == [10, 20, 30]).all()
+
+
+def _tiny_llava(folder):
+    """A random LLaVA-OneVision (SigLIP + Qwen2, 2 layers, width 32) with a word-level tokenizer, saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+                              PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig)
+
+    words = sorted(set(TWO_SHOT_QUESTION.replace("\n", " ").split()))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "[UNK]"]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"])
+    images = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                          image_grid_pinpoints=[[32, 32]])
+    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
+                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=16,
+                                        vision_feature_select_strategy="full")
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
+        text_config=Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1).to_dict(),
+        image_token_index=vocab["<image>"], image_grid_pinpoints=[[32, 32]], vision_feature_select_strategy="full",
+        vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    return _tiny_llava(tmp_path_factory.mktemp("llava"))
+
+
+def _shots(rng, n=2):
+    img = lambda: rng.integers(0, 255, (24, 16, 3), dtype=np.uint8)  # noqa: E731 (non-square: padded)
+    return [LabelledPair(f"caption {i}", img(), img()) for i in range(n)]
+
+
+def test_the_embedding_is_the_last_decoding_steps_token_from_every_layer(tiny_llava):
+    encoder = LlavaUserEncoder.from_pretrained(str(tiny_llava), device="cpu", dtype=torch.float32, max_new_tokens=4)
+    shots = _shots(np.random.default_rng(0))
+    result = encoder.encode_with_text(shots)
+    assert result.embedding.shape == (3, 32)  # embedding output + 2 layers (the last after the final norm)
+    assert isinstance(result.text, str)
+    assert torch.equal(encoder.encode(shots), result.embedding)  # greedy: deterministic
+
+    # The same states from one plain forward over prompt + generated tokens: the last step's input token is the
+    # second-to-last token of the output sequence.
+    inputs = encoder.inputs(shots)
+    sequences = encoder.model.generate(**inputs, do_sample=False, max_new_tokens=4)
+    assert sequences.shape[1] == inputs["input_ids"].shape[1] + 4
+    forward = dict(inputs, input_ids=sequences[:, :-1], attention_mask=torch.ones_like(sequences[:, :-1]))
+    with torch.no_grad():
+        states = encoder.model(**forward, output_hidden_states=True).hidden_states
+    expected = torch.cat([layer[:, -1] for layer in states])
+    torch.testing.assert_close(result.embedding, expected, atol=1e-4, rtol=1e-4)
+    other = encoder.encode(_shots(np.random.default_rng(1)))
+    assert not torch.allclose(other, result.embedding)  # the shots reach the embedding
+
+
+def _write_pairs(path, rows_per_user, bad=(), seed=0):
+    """Pick-a-Pic-format pairs: `rows_per_user` {user: n}; rows listed in `bad` ((user, k)) get broken bytes."""
+    rng, rows = np.random.default_rng(seed), []
+    for user, n in rows_per_user.items():
+        for k in range(n):
+            jpg = [jpeg_bytes(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
+            if (user, k) in bad:
+                jpg[0] = b"not a jpeg"
+            rows.append({"caption": f"user {user} prompt {k}", "jpg_0": jpg[0], "jpg_1": jpg[1], "label_0": 1.0,
+                         "label_1": 0.0, "user_id": user, "are_different": True, "has_label": True,
+                         "model_0": "m", "model_1": "m", "ranking_id": len(rows)})
+    write_parquet(rows, path)
+    return path
+
+
+def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_path, capsys):
+    pairs = _write_pairs(tmp_path / "shots.parquet", {7: 5, 8: 4, 9: 2}, bad={(8, 1)})
+    out = tmp_path / "users"
+    encoder = LlavaUserEncoder.from_pretrained(str(tiny_llava), device="cpu", dtype=torch.float32, max_new_tokens=2)
+    data = PairDataset(pairs, resolution=8)
+    # two "processes" share the users; user 8 has one undecodable row (3 usable pairs), user 9 only 2 pairs
+    first = embed_users(encoder, data, out, num_shots=4, rank=0, world=2, progress=False)
+    second = embed_users(encoder, data, out, num_shots=4, rank=1, world=2, progress=False)
+    assert first["embedded"] + second["embedded"] == 1  # user 7 only: 8 has 3 decodable pairs, 9 has 2
+    assert first["too_few_pairs"] + second["too_few_pairs"] == 2 and first["rows_skipped"] + second["rows_skipped"] == 1
+    again = embed_users(encoder, data, out, num_shots=4, rank=0, world=1, progress=False)
+    assert again["already_done"] == 1 and again["embedded"] == 0  # resumed: nothing redone
+    summary = merge_parts(out)
+    assert summary == {"users": 1, "tokens": 3, "width": 32}
+    table = UserTable.load(out / "user_table.safetensors")
+    assert table.ids == (7,) and table.embeddings.dtype == torch.float16
+    shots = load_shots(out / "users.json")
+    assert len(shots[7]) == 4 and len(set(shots[7])) == 4
+
+    # The CLI end to end (one process) gives the same table; then the training pairs are checked against the shots.
+    assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
+                       "--max-new-tokens", "2", "--dtype", "fp32"]) == 0
+    assert UserTable.load(tmp_path / "cli" / "user_table.safetensors").ids == (7,)
+    assert users_main(["check-shots", "--shots", str(out / "users.json"), "--pairs", str(pairs)]) == 2
+    assert "were also shots of the same user's embedding" in capsys.readouterr().err
+    other = _write_pairs(tmp_path / "train.parquet", {7: 3, 8: 3}, seed=1)  # other images: no shot among them
+    assert users_main(["check-shots", "--shots", str(out / "users.json"), "--pairs", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["overlaps"] == 0
+
+
+def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
+    assert users_main(["embed", "--model", str(tmp_path / "nope"), "--pairs", "x", "--out", str(tmp_path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        users_main(["embed", "--model", "m", "--pairs", "p", "--out", "o", "--num-shots", "6"])
