@@ -1,7 +1,8 @@
 """PPD on the toy world, end to end and seeded: data -> PPD and population-DPO training -> per-user judging.
 
 PPD (Dang et al., CVPR 2025, arXiv 2501.06655). Toy users (t2i_align/toy/users.py) have hidden tastes over the
-one attribute their captions leave free, the background; every training user labels the same base samples. On
+one attribute their captions leave free, the background (or, `--free color`, the object's colour); every training
+user labels the same base samples. On
 held-out users, embedded from 4 shots each and never trained on, we compare per user:
 
 - PPD (configs/toy/ppd.yaml: user branch, user-conditioned DPO),
@@ -9,9 +10,9 @@ held-out users, embedded from 4 shots each and never trained on, we compare per 
 - PPD with shuffled user embeddings (each held-out user sampled with another held-out user's embedding),
 - the base model,
 
-on the share of images showing the user's favourite background and the mean utility (1 favourite, ½, 0), with a
-sign test and a paired t-test over users and over images; the named attributes (colour, shape, size, position)
-are judged too. Then interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
+on the share of images showing the user's favourite value and the mean utility (1 favourite, 0 least liked), with
+a sign test and a paired t-test over users and over images; the four named attributes are judged too. Then
+interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
 
     OMP_NUM_THREADS=1 python benchmarks/toy_ppd.py all --root runs/ppd-exp --seed 0
     python benchmarks/toy_ppd.py data|train|eval --root runs/ppd-exp ...      # one stage at a time
@@ -28,14 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _captions(seed: int):
-    """All 120 user captions split into (training pairs, shots, evaluation): 80 / 20 / 20."""
+def _captions(seed: int, free: str = "background"):
+    """All user captions split into (training pairs, shots, evaluation), 4 : 1 : 1 (background free: 120 captions,
+    80 / 20 / 20; colour free: 72, 48 / 12 / 12)."""
     from t2i_align.toy.scenes import all_scenes
     from t2i_align.toy.users import user_caption
 
-    caps = sorted({user_caption(s) for s in all_scenes()})
+    caps = sorted({user_caption(s, free) for s in all_scenes()})
     random.Random(seed).shuffle(caps)
-    return caps[:80], caps[80:100], caps[100:]
+    a, b = len(caps) * 4 // 6, len(caps) * 5 // 6
+    return caps[:a], caps[a:b], caps[b:]
 
 
 def stage_data(args) -> dict:
@@ -44,14 +47,14 @@ def stage_data(args) -> dict:
     from t2i_align.toy.users import ToyUserEncoder, make_toy_users
 
     root = Path(args.root)
-    pairs_caps, shot_caps, _ = _captions(args.seed)
+    pairs_caps, shot_caps, _ = _captions(args.seed, args.free)
     pools = {}
     for name, caps, seed in (("pairs-pool", pairs_caps, 0), ("shot-pool", shot_caps, 500_000)):
         folder = root / name
         if not (folder / "pool.json").is_file():
-            sample_pool(load_pipeline("toy"), caps, args.k, seed + args.seed).save(folder)
+            sample_pool(load_pipeline("toy"), caps, args.k, seed + args.seed, free=args.free).save(folder)
         pools[name] = Pool.load(folder)
-    users = make_toy_users(args.train_users + args.heldout_users, seed=args.seed)
+    users = make_toy_users(args.train_users + args.heldout_users, seed=args.seed, attribute=args.free)
     counts = write_ppd_data(root / "data", pools["pairs-pool"], pools["shot-pool"], users[:args.train_users],
                             users[args.train_users:], ToyUserEncoder.from_toy_clip(scale=args.token_scale),
                             embeddings_per_user=args.embeddings_per_user, seed=args.seed)
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("stage", choices=("data", "train", "eval", "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--free", default="background", choices=("background", "color"),
+                   help="data: the attribute user captions leave free and users' tastes are about")
     p.add_argument("--k", type=int, default=8, help="base samples per caption in the pools")
     p.add_argument("--train-users", type=int, default=24)
     p.add_argument("--heldout-users", type=int, default=12)
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--ppd-overrides", nargs="*", default=[])
     p.add_argument("--dpo-overrides", nargs="*", default=[])
     p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--eval-base-seed", type=int, default=900_000,
+                   help="eval: first sampling seed (settings were chosen at 900000; a fresh check: 100000)")
     p.add_argument("--ppd-run", default="ppd", help="eval: the PPD run folder under --root (a variant's name)")
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
         report[stage.__name__] = stage(args)
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
     suffix = f"-{args.ppd_run}" if args.stage == "eval" and args.ppd_run != "ppd" else ""
+    if args.stage == "eval" and args.eval_base_seed != 900_000:
+        suffix += f"-seed{args.eval_base_seed}"
     out = Path(args.root) / f"report-{args.stage}{suffix}.json"
     out.write_text(json.dumps(report, indent=1, default=str))
     return 0

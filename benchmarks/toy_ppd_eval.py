@@ -2,9 +2,10 @@
 
 For every held-out user u (embedded from 4 shots, never trained on) and every evaluation caption × seed, one
 image per model at the same seed: base, population DPO (LoRA), PPD with u's embedding, and PPD with the
-embedding of another held-out user whose favourite differs ("shuffled"). The judge reads each image's background
-and the caption's four named attributes. Paired tests: per user (n = held-out users; each user's share of
-favourite backgrounds and mean utility) and per image (n = users × captions × seeds; utility).
+embedding of another held-out user whose favourite differs ("shuffled"). The judge reads each image's free
+attribute (the background, or the colour) and the caption's four named attributes. Paired tests: per user
+(n = held-out users; each user's share of favourite values and mean utility) and per image (n = users × captions
+× seeds; utility).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 
-def _judge(samples, captions):
+def _judge(samples, captions, free):
     from t2i_align.gallery import to_uint8
     from t2i_align.toy.ppd import judge_user_images
 
-    return judge_user_images(to_uint8(samples.images), captions)
+    return judge_user_images(to_uint8(samples.images), captions, free)
 
 
 def _sample(pipe, captions, seeds, tokens=None):
@@ -30,9 +31,9 @@ def _sample(pipe, captions, seeds, tokens=None):
                     batch_size=128, user_tokens=tokens)
 
 
-def _per_user(user, backgrounds: List[Optional[str]], named: List[float]) -> Dict:
-    util = [user.utility(b) for b in backgrounds]
-    return {"favourite_share": float(np.mean([b == user.favourite for b in backgrounds])),
+def _per_user(user, values: List[Optional[str]], named: List[float]) -> Dict:
+    util = [user.utility(v) for v in values]
+    return {"favourite_share": float(np.mean([v == user.favourite for v in values])),
             "utility": float(np.mean(util)), "named": float(np.mean(named)), "per_image_utility": util,
             "per_image_named": named}
 
@@ -66,15 +67,16 @@ def stage_eval(args) -> Dict:
 
     root = Path(args.root)
     meta = json.loads((root / "data" / "users.json").read_text())
-    users = [ToyUser(int(i), tuple(r)) for i, r in meta["heldout_users"].items()]
+    free = meta.get("attribute", "background")  # data written before the colour option: background
+    users = [ToyUser(int(i), tuple(r), free) for i, r in meta["heldout_users"].items()]
     table = UserTable.load(root / "data" / "user_table.safetensors")
-    _, _, eval_caps = _captions(args.seed)
-    captions, seeds = prompt_major(eval_caps, args.eval_seeds, 900_000 + args.seed)
+    _, _, eval_caps = _captions(args.seed, free)
+    captions, seeds = prompt_major(eval_caps, args.eval_seeds, args.eval_base_seed + args.seed)
     n = len(captions)
     judged = {}
     for name, lora in (("base", None), ("dpo", root / "dpo" / "final")):
         if lora is None or lora.exists():
-            judged[name] = _judge(_sample(load_pipeline("toy", lora=lora), captions, seeds), captions)
+            judged[name] = _judge(_sample(load_pipeline("toy", lora=lora), captions, seeds), captions, free)
     ppd = load_pipeline("toy", lora=root / args.ppd_run / "final")
     swap = _shuffled(users)
     results: Dict[str, Dict] = {name: {} for name in ("base", "dpo", "ppd", "ppd_shuffled") if name in judged
@@ -84,11 +86,15 @@ def stage_eval(args) -> Dict:
             results[name][user.user_id] = _per_user(user, *judged[name])
         for name, source in (("ppd", user.user_id), ("ppd_shuffled", swap[user.user_id])):
             tokens = table.tokens([source] * n)
-            results[name][user.user_id] = _per_user(user, *_judge(_sample(ppd, captions, seeds, tokens), captions))
+            results[name][user.user_id] = _per_user(user, *_judge(_sample(ppd, captions, seeds, tokens), captions,
+                                                                  free))
     report = _report(results, users)
-    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds)
+    suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
+    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds, free,
+                                             root / f"interpolation{suffix}-seed{args.eval_base_seed}.png")
     report["settings"] = {"heldout_users": len(users), "eval_captions": len(eval_caps),
-                          "seeds_per_caption": args.eval_seeds, "images_per_user_per_model": n}
+                          "seeds_per_caption": args.eval_seeds, "images_per_user_per_model": n,
+                          "eval_base_seed": args.eval_base_seed, "attribute": free}
     return report
 
 
@@ -115,16 +121,27 @@ def _report(results: Dict[str, Dict], users) -> Dict:
     return out
 
 
-def _interpolation(pipe, table, users, captions, seeds) -> Dict:
+def _interpolation(pipe, table, users, captions, seeds, free, picture: Optional[Path] = None,
+                   columns: int = 12) -> Dict:
     """Users A and B (the first two held-out users with different favourites): share of B's favourite and of A's
-    favourite among the images sampled with α·e_B + (1−α)·e_A."""
+    favourite among the images sampled with α·e_B + (1−α)·e_A. `picture`: a PNG with one row per α (top: α = 0,
+    user A) of the first `columns` images, drawn 3x larger."""
+    from PIL import Image
+
+    from t2i_align.gallery import save_grid, to_uint8
+
     a = users[0]
     b = next(u for u in users[1:] if u.favourite != a.favourite)
-    rows = []
+    rows, cells = [], []
     for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
         tokens = table.interpolate(a.user_id, b.user_id, alpha)[None].repeat(len(captions), 1, 1)
-        backgrounds, _ = _judge(_sample(pipe, captions, seeds, tokens), captions)
-        rows.append({"alpha": alpha, "share_B_favourite": float(np.mean([x == b.favourite for x in backgrounds])),
-                     "share_A_favourite": float(np.mean([x == a.favourite for x in backgrounds]))})
+        samples = _sample(pipe, captions, seeds, tokens)
+        values, _ = _judge(samples, captions, free)
+        rows.append({"alpha": alpha, "share_B_favourite": float(np.mean([x == b.favourite for x in values])),
+                     "share_A_favourite": float(np.mean([x == a.favourite for x in values]))})
+        cells += [Image.fromarray(im).resize((im.shape[1] * 3, im.shape[0] * 3), Image.NEAREST)
+                  for im in to_uint8(samples.images)[:columns]]
+    if picture is not None:
+        save_grid(cells, picture, ncols=columns)
     return {"user_A": a.user_id, "A_favourite": a.favourite, "user_B": b.user_id, "B_favourite": b.favourite,
-            "rows": rows}
+            "rows": rows, "picture": str(picture) if picture else None}

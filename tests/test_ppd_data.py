@@ -162,7 +162,7 @@ def test_toy_ppd_data_users_disagree_on_the_same_pairs_and_shots_stay_apart(tmp_
                             embeddings_per_user=2, seed=0)
     rows = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
     fixed = fixed_pairs(pairs_pool, 0)
-    expected = sum(u.label(pairs_pool.backgrounds[p][a], pairs_pool.backgrounds[p][b]) != 0.5
+    expected = sum(u.label(pairs_pool.free[p][a], pairs_pool.free[p][b]) != 0.5
                    for p, a, b in fixed for u in users[:2])
     assert counts["pairs"] == len(rows) == expected
     assert {r["user_id"] for r in rows} <= {embedding_id(u.user_id, j) for u in users[:2] for j in (0, 1)}
@@ -179,6 +179,24 @@ def test_toy_ppd_data_users_disagree_on_the_same_pairs_and_shots_stay_apart(tmp_
                        embeddings_per_user=1, seed=0)
 
 
+def test_pools_round_trip_and_read_the_older_background_layout(tmp_path):
+    import json
+
+    from t2i_align.toy.ppd import Pool, write_ppd_data
+    from t2i_align.toy.users import make_toy_users
+
+    pool = _pool(CAPS[:2], k=2)
+    pool.save(tmp_path / "p")
+    back = Pool.load(tmp_path / "p")
+    assert back.free == pool.free and back.attribute == "background" and np.array_equal(back.images, pool.images)
+    meta = json.loads((tmp_path / "p" / "pool.json").read_text())
+    (tmp_path / "p" / "pool.json").write_text(json.dumps({"captions": meta["captions"], "backgrounds": meta["free"]}))
+    assert Pool.load(tmp_path / "p").free == pool.free  # pools written before the colour option
+    colour_users = make_toy_users(2, seed=0, attribute="color")
+    with pytest.raises(ValueError, match="leave 'background' free"):
+        write_ppd_data(tmp_path / "x", pool, pool, colour_users[:1], colour_users[1:], _encoder())
+
+
 def test_too_few_shots_fail_with_a_clear_message(tmp_path):
     from t2i_align.toy.pairs import jpeg_bytes, write_parquet
     from t2i_align.toy.ppd import NotEnoughShotsError, embed_shots_file, embed_users, user_shots
@@ -188,7 +206,7 @@ def test_too_few_shots_fail_with_a_clear_message(tmp_path):
     with pytest.raises(NotEnoughShotsError, match=r"embedding\(s\) \[7\] have \[3\] shots; each needs 4"):
         embed_users(_encoder(), {7: [Shot("c", im, im)] * 3, 8: [Shot("c", im, im)] * 4})
     one_bg = _pool(CAPS[:1], k=4)
-    one_bg.backgrounds = [["white"] * 4]  # every pair a tie for every user
+    one_bg.free = [["white"] * 4]  # every pair a tie for every user
     with pytest.raises(NotEnoughShotsError, match="0 usable"):
         user_shots(ToyUser(0, ("white", "gray", "black")), one_bg, 4, random.Random(0))
     rows = [{"caption": CAPS[0], "jpg_0": jpeg_bytes(im), "jpg_1": jpeg_bytes(im + 200), "label_0": 1.0,

@@ -52,6 +52,32 @@ def test_user_captions_leave_the_background_free():
         named_attributes("a large red circle at the top left on a white background")
 
 
+def test_colour_as_the_free_attribute():
+    scene = Scene("red", "circle", "large", "top left", "white")
+    assert user_caption(scene, "color") == "a large circle at the top left on a white background"
+    for s in all_scenes():
+        named = named_attributes(user_caption(s, "color"), "color")
+        assert named == {k: v for k, v in s.as_dict().items() if k != "color"}
+    with pytest.raises(ValueError, match="not a toy user caption"):  # a background-free caption names the colour
+        named_attributes("a large red circle at the top left", "color")
+    with pytest.raises(ValueError, match="free attribute"):
+        user_caption(scene, "shape")
+    users = make_toy_users(30, seed=0, attribute="color")
+    assert len({u.ranking for u in users}) == 30 and all(u.attribute == "color" for u in users)
+    assert make_toy_users(6, seed=0) == make_toy_users(6, seed=0, attribute="background")  # the default unchanged
+    user = ToyUser(0, ("blue", "red", "green", "yellow", "purple"), "color")
+    assert [user.utility(c) for c in ("blue", "red", "purple")] == [1.0, 0.75, 0.0]
+    in_colour = lambda c: render(Scene(c, "circle", "large", "top left", "gray"))  # noqa: E731
+    assert user.label_images(in_colour("red"), in_colour("blue")) == 0.0
+    with pytest.raises(ValueError, match="every color"):
+        ToyUser(0, ("gray", "white", "black"), "color")
+    shots = rendered_shots(user, all_scenes(), 6, random.Random(0))
+    for shot in shots:
+        pref, dispref = (read_attributes(im)["color"] for im in (shot.preferred, shot.dispreferred))
+        assert user.ranking.index(pref) < user.ranking.index(dispref)
+        assert not any(c in shot.caption for c in user.ranking)
+
+
 def test_rendered_shots_follow_the_users_taste():
     user = make_toy_users(6, seed=0)[4]
     shots = rendered_shots(user, all_scenes(), 12, random.Random(0))

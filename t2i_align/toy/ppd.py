@@ -4,9 +4,10 @@ PPD (Dang et al., CVPR 2025, arXiv 2501.06655) trains one model for many users: 
 the rater's embedding (a VLM reading 4 of their labelled pairs) conditions the denoiser. The toy version:
 
 - a *pool* of base-model samples: k images per user caption (the caption names colour, shape, size and position
-  but not the background, so the images' backgrounds vary);
+  but not the background, so the images' backgrounds vary; or, with the colour as the free attribute, names the
+  background but not the colour);
 - *pairs*: each caption's k images cut into k/2 fixed pairs; every training user labels the SAME pairs by their
-  hidden background taste (t2i_align/toy/users.py), so users disagree on identical pairs; ties are not written;
+  hidden taste (t2i_align/toy/users.py), so users disagree on identical pairs; ties are not written;
 - *shots*: 4 labelled pairs per embedding, from captions never used for training pairs, so no user's shots are
   among their training pairs (checked: `check_shots_disjoint`); training users get several embeddings (PPD: up
   to 20 per user, each from 4 other pairs) and each of their pairs is tagged with one of them;
@@ -39,16 +40,19 @@ class Pool:
 
     captions: List[str]
     images: np.ndarray
-    backgrounds: List[List[Optional[str]]]
+    free: List[List[Optional[str]]]
+    """[P][k] the judge's readout of the attribute the captions leave free (`attribute`)."""
     named_score: np.ndarray
     """[P, k] fraction of the caption's four named attributes the judge reads right."""
+    attribute: str = FREE_ATTRIBUTE
 
     def save(self, folder: Path) -> None:
         from safetensors.numpy import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"images": self.images, "named_score": self.named_score}, str(folder / "pool.safetensors"))
-        (folder / "pool.json").write_text(json.dumps({"captions": self.captions, "backgrounds": self.backgrounds}))
+        (folder / "pool.json").write_text(json.dumps({"captions": self.captions, "free": self.free,
+                                                      "attribute": self.attribute}))
 
     @classmethod
     def load(cls, folder: Path) -> "Pool":
@@ -56,22 +60,26 @@ class Pool:
 
         arrays = load_file(str(folder / "pool.safetensors"))
         meta = json.loads((folder / "pool.json").read_text())
-        return cls(meta["captions"], arrays["images"], meta["backgrounds"], arrays["named_score"])
+        free = meta["free"] if "free" in meta else meta["backgrounds"]  # pools written before the colour option
+        return cls(meta["captions"], arrays["images"], free, arrays["named_score"],
+                   meta.get("attribute", FREE_ATTRIBUTE))
 
 
-def judge_user_images(images: Sequence[np.ndarray], captions: Sequence[str]) -> Tuple[List[Optional[str]], List[float]]:
-    """(background readout, fraction of the named attributes right) per image."""
+def judge_user_images(images: Sequence[np.ndarray], captions: Sequence[str], free: str = FREE_ATTRIBUTE
+                      ) -> Tuple[List[Optional[str]], List[float]]:
+    """(readout of the free attribute, fraction of the named attributes right) per image."""
     from .judge import read_attributes
 
-    backgrounds, named = [], []
+    values, named = [], []
     for image, caption in zip(images, captions):
-        read, want = read_attributes(image), named_attributes(caption)
-        backgrounds.append(read[FREE_ATTRIBUTE])
+        read, want = read_attributes(image), named_attributes(caption, free)
+        values.append(read[free])
         named.append(sum(read[a] == v for a, v in want.items()) / len(want))
-    return backgrounds, named
+    return values, named
 
 
-def sample_pool(pipe, captions: Sequence[str], k: int, base_seed: int, batch_size: int = 128) -> Pool:
+def sample_pool(pipe, captions: Sequence[str], k: int, base_seed: int, batch_size: int = 128,
+                free: str = FREE_ATTRIBUTE) -> Pool:
     """k samples per caption at the toy evaluation settings and fixed seeds, judged."""
     from ..gallery import to_uint8
     from ..sampling import generate, prompt_major
@@ -81,10 +89,10 @@ def sample_pool(pipe, captions: Sequence[str], k: int, base_seed: int, batch_siz
     samples = generate(pipe, flat, seeds, num_inference_steps=TOY_STEPS, guidance_scale=TOY_GUIDANCE,
                        batch_size=batch_size)
     images = to_uint8(samples.images)
-    backgrounds, named = judge_user_images(images, flat)
+    values, named = judge_user_images(images, flat, free)
     p = len(captions)
     return Pool(list(captions), np.stack(images).reshape(p, k, *images[0].shape),
-                [backgrounds[i * k:(i + 1) * k] for i in range(p)], np.array(named, np.float32).reshape(p, k))
+                [values[i * k:(i + 1) * k] for i in range(p)], np.array(named, np.float32).reshape(p, k), free)
 
 
 def fixed_pairs(pool: Pool, seed: int) -> List[Tuple[int, int, int]]:
@@ -106,13 +114,13 @@ def user_shots(user: ToyUser, pool: Pool, count: int, rng: random.Random) -> Tup
     """`count` non-tied labelled pairs of `user` from `pool`, no pair twice; (shots, their fingerprints)."""
     candidates = [(p, a, b) for p in range(len(pool.captions)) for a in range(pool.images.shape[1])
                   for b in range(a + 1, pool.images.shape[1])
-                  if user.label(pool.backgrounds[p][a], pool.backgrounds[p][b]) != 0.5]
+                  if user.label(pool.free[p][a], pool.free[p][b]) != 0.5]
     if len(candidates) < count:
         raise NotEnoughShotsError(f"user {user.user_id} has {len(candidates)} usable (non-tied) pairs in the shot "
                                   f"pool but {count} are needed ({NUM_SHOTS} per embedding)")
     shots, prints = [], []
     for p, a, b in rng.sample(candidates, count):
-        first = a if user.label(pool.backgrounds[p][a], pool.backgrounds[p][b]) == 1.0 else b
+        first = a if user.label(pool.free[p][a], pool.free[p][b]) == 1.0 else b
         shots.append(Shot(pool.captions[p], pool.images[p, first], pool.images[p, a + b - first]))
         prints.append(_fingerprint(pool, p, a, b))
     return shots, prints
@@ -142,6 +150,9 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     embeddings and the held-out users'), users.json (tastes, ids, shot fingerprints). Returns counts."""
     from .pairs import jpeg_bytes, write_parquet
 
+    if any(u.attribute != pairs_pool.attribute for u in [*train_users, *heldout_users]):
+        raise ValueError(f"the pools leave {pairs_pool.attribute!r} free but some users' tastes are about another "
+                         "attribute; make the users with make_toy_users(..., attribute=pool.attribute)")
     rng = random.Random(seed)
     shot_sets, prints, owner = {}, {}, {}
     for user in train_users:
@@ -157,7 +168,7 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     for p, a, b in fixed_pairs(pairs_pool, seed):
         jpg = (jpeg_bytes(pairs_pool.images[p, a]), jpeg_bytes(pairs_pool.images[p, b]))
         for user in train_users:
-            label = user.label(pairs_pool.backgrounds[p][a], pairs_pool.backgrounds[p][b])
+            label = user.label(pairs_pool.free[p][a], pairs_pool.free[p][b])
             if label == 0.5:
                 continue
             emb = embedding_id(user.user_id, rng.randrange(embeddings_per_user))
@@ -170,7 +181,7 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     write_parquet(rows, out / "pairs.parquet")
     table = UserTable.from_dict(embed_users(encoder, shot_sets))
     table.save(out / "user_table.safetensors")
-    meta = {"train_users": {u.user_id: list(u.ranking) for u in train_users},
+    meta = {"attribute": pairs_pool.attribute, "train_users": {u.user_id: list(u.ranking) for u in train_users},
             "heldout_users": {u.user_id: list(u.ranking) for u in heldout_users},
             "embedding_owner": owner, "shot_fingerprints": prints, "pairs": len(rows),
             "pairs_per_user": len(rows) / max(1, len(train_users)), "embeddings_per_user": embeddings_per_user}
