@@ -137,7 +137,7 @@ def _write_pairs(path, rows_per_user, bad=(), seed=0):
 
 
 def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_path, capsys):
-    pairs = _write_pairs(tmp_path / "shots.parquet", {7: 5, 8: 4, 9: 2}, bad={(8, 1)})
+    pairs = _write_pairs(tmp_path / "shots.parquet", {7: 5, 8: 4, 9: 2, None: 4}, bad={(8, 1)})  # None: no rater
     out = tmp_path / "users"
     encoder = LlavaUserEncoder.from_pretrained(str(tiny_llava), device="cpu", dtype=torch.float32, max_new_tokens=2)
     data = PairDataset(pairs, resolution=8)

@@ -41,7 +41,8 @@ def _by_user(dataset: PairDataset) -> Dict[Any, List[int]]:
                          "(Pick-a-Pic v2 has user_id)")
     rows: Dict[Any, List[int]] = {}
     for index, user in enumerate(dataset.user_ids):
-        rows.setdefault(user, []).append(index)
+        if user is not None:  # a row without its rater cannot describe anyone's taste
+            rows.setdefault(user, []).append(index)
     return rows
 
 
