@@ -112,10 +112,18 @@ class LlavaUserEncoder:
     @classmethod
     def from_pretrained(cls, path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float16,
                         max_new_tokens: int = 1024) -> "LlavaUserEncoder":
+        import transformers
+        from packaging.version import Version
+
+        version = Version(transformers.__version__)
+        if version < Version("4.45"):
+            raise ImportError(f"LLaVA-OneVision needs transformers >= 4.45 (installed: {version}); upgrade it")
         from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
         processor = LlavaOnevisionProcessor.from_pretrained(path, local_files_only=True)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        dtype_key = "dtype" if version >= Version("4.56") else "torch_dtype"  # renamed in 4.56
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, local_files_only=True,
+                                                                       **{dtype_key: dtype})
         return cls(model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor, max_new_tokens)
 
     def inputs(self, shots: Sequence[LabelledPair]) -> dict:
