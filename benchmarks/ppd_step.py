@@ -114,7 +114,7 @@ def main() -> None:
     for mode in ("lora", "ppd", "ppd+lora"):
         row = time_mode(mode, args.batch, args.steps, args.model)
         rows.append(row)
-        print(f"| {mode} | {row['trainable_params']:,} | {row['s_per_step']:.3f} | {row['pairs_per_s']:.1f} |",
+        print(f"| {mode} | {row['trainable_params']:,} | {row['s_per_step']:.3f} | {row['pairs_per_s']:.3g} |",
               flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"setting": header, "rows": rows}, indent=1))
