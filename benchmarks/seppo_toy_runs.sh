@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs behind README's SePPO toy table (seed 0 for training; judged on held-out seeds 0 and fresh seeds 100000).
 # All from the same best-vs-worst-of-8 toy pairs, LoRA r8, batch 16, LR 5e-4, 600 steps; SePPO reads only the
-# preferred images. About 2 h on one idle 2-core CPU (each SePPO run ~25 min with one thread, two side by side).
+# preferred images. About 3 h on one idle 2-core CPU (each SePPO run ~25 min with one thread, two side by side;
+# ~45 min with 20 sampling steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -20,10 +21,13 @@ train seppo configs/toy/seppo.yaml                      # random reference, sign
 train seppo-off configs/toy/seppo.yaml seppo.flip=off   # "w/o AAF": the reference sample is always the loser
 train seppo-indicator configs/toy/seppo.yaml seppo.flip=indicator   # s in {1, 0}: winners-by-flipper dropped
 train seppo-initial configs/toy/seppo.yaml seppo.reference=initial  # always the initial model (DITTO-like)
+train seppo-latest configs/toy/seppo.yaml seppo.reference=latest    # the newest snapshot (SPIN-like)
+train seppo-s20 configs/toy/seppo.yaml seppo.sample_steps=20        # reference samples with the eval's 20 steps
 
 for seed in 0 100000; do
   $PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo=$R/seppo/final \
     --model seppo-off=$R/seppo-off/final \
     --model seppo-indicator=$R/seppo-indicator/final --model seppo-initial=$R/seppo-initial/final \
+    --model seppo-latest=$R/seppo-latest/final --model seppo-s20=$R/seppo-s20/final \
     --model dpo=$R/dpo/final --baseline base --baseline sft --seed $seed --out $R/table-seed$seed.json
 done
