@@ -16,6 +16,7 @@ interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
 
     OMP_NUM_THREADS=1 python benchmarks/toy_ppd.py all --root runs/ppd-exp --seed 0
     python benchmarks/toy_ppd.py data|train|eval --root runs/ppd-exp ...      # one stage at a time
+    python benchmarks/toy_ppd.py interp --root runs/ppd-exp [--ppd-run NAME]  # only the interpolation + picture
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def stage_train(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("data", "train", "eval", "all"))
+    p.add_argument("stage", choices=("data", "train", "eval", "interp", "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--free", default="background", choices=("background", "color"),
@@ -110,16 +111,16 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from toy_ppd_eval import stage_eval
+    from toy_ppd_eval import stage_eval, stage_interp
 
-    stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval],
+    stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval], "interp": [stage_interp],
               "all": [stage_data, stage_train, stage_eval]}[args.stage]
     report = {}
     for stage in stages:
         report[stage.__name__] = stage(args)
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
-    suffix = f"-{args.ppd_run}" if args.stage == "eval" and args.ppd_run != "ppd" else ""
-    if args.stage == "eval" and args.eval_base_seed != 900_000:
+    suffix = f"-{args.ppd_run}" if args.stage in ("eval", "interp") and args.ppd_run != "ppd" else ""
+    if args.stage in ("eval", "interp") and args.eval_base_seed != 900_000:
         suffix += f"-seed{args.eval_base_seed}"
     out = Path(args.root) / f"report-{args.stage}{suffix}.json"
     out.write_text(json.dumps(report, indent=1, default=str))

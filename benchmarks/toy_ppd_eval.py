@@ -98,6 +98,24 @@ def stage_eval(args) -> Dict:
     return report
 
 
+def stage_interp(args) -> Dict:
+    """Only the interpolation (and its picture) of the PPD run `args.ppd_run`, at the evaluation seeds."""
+    from t2i_align.sampling import load_pipeline, prompt_major
+    from t2i_align.toy.users import ToyUser
+    from t2i_align.users import UserTable
+    from toy_ppd import _captions
+
+    root = Path(args.root)
+    meta = json.loads((root / "data" / "users.json").read_text())
+    free = meta.get("attribute", "background")
+    users = [ToyUser(int(i), tuple(r), free) for i, r in meta["heldout_users"].items()]
+    table = UserTable.load(root / "data" / "user_table.safetensors")
+    captions, seeds = prompt_major(_captions(args.seed, free)[2], args.eval_seeds, args.eval_base_seed + args.seed)
+    suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
+    return _interpolation(load_pipeline("toy", lora=root / args.ppd_run / "final"), table, users, captions, seeds,
+                          free, root / f"interpolation{suffix}-seed{args.eval_base_seed}.png")
+
+
 def _report(results: Dict[str, Dict], users) -> Dict:
     ids = [u.user_id for u in users]
     out: Dict = {"per_model": {}, "tests": {}}
