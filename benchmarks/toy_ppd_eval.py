@@ -59,8 +59,9 @@ def _shuffled(users) -> Dict[int, int]:
     return out
 
 
-def stage_eval(args) -> Dict:
-    from t2i_align.sampling import load_pipeline, prompt_major
+def _setting(args):
+    """(free attribute, held-out users, user table, evaluation captions, eval captions × seeds, their seeds)."""
+    from t2i_align.sampling import prompt_major
     from t2i_align.toy.users import ToyUser
     from t2i_align.users import UserTable
     from toy_ppd import _captions
@@ -72,6 +73,19 @@ def stage_eval(args) -> Dict:
     table = UserTable.load(root / "data" / "user_table.safetensors")
     _, _, eval_caps = _captions(args.seed, free)
     captions, seeds = prompt_major(eval_caps, args.eval_seeds, args.eval_base_seed + args.seed)
+    return free, users, table, eval_caps, captions, seeds
+
+
+def _picture(args) -> Path:
+    suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
+    return Path(args.root) / f"interpolation{suffix}-seed{args.eval_base_seed}.png"
+
+
+def stage_eval(args) -> Dict:
+    from t2i_align.sampling import load_pipeline
+
+    root = Path(args.root)
+    free, users, table, eval_caps, captions, seeds = _setting(args)
     n = len(captions)
     judged = {}
     for name, lora in (("base", None), ("dpo", root / "dpo" / "final")):
@@ -89,9 +103,7 @@ def stage_eval(args) -> Dict:
             results[name][user.user_id] = _per_user(user, *_judge(_sample(ppd, captions, seeds, tokens), captions,
                                                                   free))
     report = _report(results, users)
-    suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
-    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds, free,
-                                             root / f"interpolation{suffix}-seed{args.eval_base_seed}.png")
+    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds, free, _picture(args))
     report["settings"] = {"heldout_users": len(users), "eval_captions": len(eval_caps),
                           "seeds_per_caption": args.eval_seeds, "images_per_user_per_model": n,
                           "eval_base_seed": args.eval_base_seed, "attribute": free}
@@ -100,20 +112,11 @@ def stage_eval(args) -> Dict:
 
 def stage_interp(args) -> Dict:
     """Only the interpolation (and its picture) of the PPD run `args.ppd_run`, at the evaluation seeds."""
-    from t2i_align.sampling import load_pipeline, prompt_major
-    from t2i_align.toy.users import ToyUser
-    from t2i_align.users import UserTable
-    from toy_ppd import _captions
+    from t2i_align.sampling import load_pipeline
 
-    root = Path(args.root)
-    meta = json.loads((root / "data" / "users.json").read_text())
-    free = meta.get("attribute", "background")
-    users = [ToyUser(int(i), tuple(r), free) for i, r in meta["heldout_users"].items()]
-    table = UserTable.load(root / "data" / "user_table.safetensors")
-    captions, seeds = prompt_major(_captions(args.seed, free)[2], args.eval_seeds, args.eval_base_seed + args.seed)
-    suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
-    return _interpolation(load_pipeline("toy", lora=root / args.ppd_run / "final"), table, users, captions, seeds,
-                          free, root / f"interpolation{suffix}-seed{args.eval_base_seed}.png")
+    free, users, table, _, captions, seeds = _setting(args)
+    pipe = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
+    return _interpolation(pipe, table, users, captions, seeds, free, _picture(args))
 
 
 def _report(results: Dict[str, Dict], users) -> Dict:
