@@ -107,7 +107,7 @@ class LlavaUserEncoder:
     def __init__(self, model: Any, processor: Any, max_new_tokens: int = 1024):
         self.model, self.processor, self.max_new_tokens = model.eval(), processor, int(max_new_tokens)
         mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        self.fill = tuple(int(round(255 * m)) for m in mean)
+        self.fill = tuple(int(m * 255) for m in mean)  # as LLaVA's expand2square: truncated (0.5 -> 127)
 
     @classmethod
     def from_pretrained(cls, path: str, device: Optional[str] = None, dtype: torch.dtype = torch.float16,
