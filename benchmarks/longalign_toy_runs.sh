@@ -84,3 +84,14 @@ $PY benchmarks/longalign_toy.py retrieval > $E/retrieval.json
 # does the decomposed reward track the judge? (base, both encodings; stage 1 for stage 2)
 $PY benchmarks/longalign_reward_correlation.py $E/base_clip77_long.json $E/base_segments_long.json \
   $E/s1_1200_long.json > $E/reward_correlation.json
+
+# stage 2 from the 6000-step stage-1 model (omega 0.3, LR 3e-4, 300 steps)
+$PY train/merge_lora.py --lora runs/longalign-s1-segments/step-6000/final --out runs/longalign-s1-segments/merged-6000
+$PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/longalign-reward6000-w0.3-lr3e-4-300 \
+  model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.omega=0.3 \
+  train.learning_rate=3e-4 train.max_steps=300 train.log_every=5
+$PY benchmarks/longalign_toy.py judge --out $E/reward6000-w0.3-lr3e-4-300_long.json \
+  --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-reward6000-w0.3-lr3e-4-300/final --reward \
+  > $E/reward6000-w0.3-lr3e-4-300_long.summary.json
+$PY benchmarks/longalign_toy.py compare $E/reward6000-w0.3-lr3e-4-300_long.json $E/s1_segments_6000_long.json \
+  > $E/reward6000_vs_s1.json
