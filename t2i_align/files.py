@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> Path:
@@ -48,3 +48,20 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str, **dump_kwargs) + "\n")
+
+
+def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[str, str]) -> Path:
+    """`safetensors.torch.save_file` via a temporary sibling and a rename (the file is complete or absent)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

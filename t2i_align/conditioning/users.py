@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -259,7 +258,7 @@ def user_branch_state_dict(unet: nn.Module) -> Dict[str, torch.Tensor]:
 
 def save_user_branch(folder: Union[str, os.PathLike], unet: nn.Module, weight_name: str = USER_WEIGHT_NAME) -> Path:
     """Write folder/weight_name (safetensors, via a temporary file and a rename); returns its path."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors_atomic
 
     layers = _require_branch(unet)
     state = user_branch_state_dict(unet)
@@ -267,17 +266,8 @@ def save_user_branch(folder: Union[str, os.PathLike], unet: nn.Module, weight_na
             "num_tokens": int(layers[0][1].processor.num_tokens[0]),
             "cross_attention_dim": int(state["image_proj.proj.3.weight"].shape[0]), "layers": len(layers),
             "scale": get_user_scale(unet), "method": "PPD (arXiv 2501.06655), IP-Adapter layout (arXiv 2308.06721)"}
-    path = Path(folder) / weight_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", _METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors_atomic(Path(folder) / weight_name, state,
+                                   {"format": "pt", _METADATA_KEY: json.dumps(meta)})
 
 
 def read_user_branch(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], dict]:

@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             rows = embed.check_shots(args.shots, args.pairs)
             print(json.dumps({"rows_of_embedded_users_checked": rows, "overlaps": 0}))
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, OSError) as err:  # OSError: a missing file, a folder that is not LLaVA
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

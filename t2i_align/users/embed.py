@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..data.pairs import DECODE_ERRORS, PairDataset, decode_rgb
+from ..files import save_safetensors_atomic, write_json_atomic
 from .llava import LabelledPair
 from .table import UserTable
 from .training import check_shots_disjoint, pair_fingerprint
@@ -76,18 +75,8 @@ def part_path(out: Path, user: Any) -> Path:
 
 def write_part(path: Path, user: Any, embedding: torch.Tensor, text: str, prints: List[str]) -> None:
     """One user's result, via a temporary file and a rename (complete or absent)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        meta = {"user_id": json.dumps(user), "text": text, "shots": json.dumps(prints)}
-        save_file({"embedding": embedding.to(torch.float16).contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {"user_id": json.dumps(user), "text": text, "shots": json.dumps(prints)}
+    save_safetensors_atomic(path, {"embedding": embedding.to(torch.float16).contiguous()}, meta)
 
 
 def read_part(path: Path) -> Tuple[Any, torch.Tensor, Dict[str, Any]]:
@@ -137,9 +126,7 @@ def merge_parts(out: Path) -> Dict[str, Any]:
         embeddings[user], info[json.dumps(user)] = embedding, meta
     table = UserTable.from_dict(embeddings)
     table.save(out / "user_table.safetensors")
-    tmp = out / f".{USERS_JSON}.tmp"
-    tmp.write_text(json.dumps({"users": info}, indent=1))
-    os.replace(tmp, out / USERS_JSON)
+    write_json_atomic(out / USERS_JSON, {"users": info})
     return {"users": len(table), "tokens": table.num_tokens, "width": table.dim}
 
 
@@ -155,8 +142,10 @@ def check_shots(shots_json: str, pairs: str) -> int:
     dataset = PairDataset(pairs, resolution=8)
     if dataset.user_ids is None:
         raise ValueError(f"{pairs} has no user_id column")
-    rows = ((user, pair_fingerprint(dataset.caption(i), *dataset.image_bytes(i)))
-            for i, user in enumerate(dataset.user_ids) if user in shots)
+    from tqdm.auto import tqdm
+
+    ids = tqdm(enumerate(dataset.user_ids), total=len(dataset), desc="check shots against training pairs")
+    rows = ((user, pair_fingerprint(dataset.caption(i), *dataset.image_bytes(i))) for i, user in ids if user in shots)
     return check_shots_disjoint(shots, rows)
 
 

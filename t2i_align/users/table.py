@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -149,20 +148,11 @@ class UserTable:
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write safetensors via a temporary file and a rename; returns the path."""
-        from safetensors.torch import save_file
+        from ..files import save_safetensors_atomic
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({_TENSOR: self.embeddings}, tmp, metadata={"format": "pt", "t2i_align.format": _FORMAT,
-                                                                 _IDS_KEY: json.dumps(list(self.ids))})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_safetensors_atomic(Path(path), {_TENSOR: self.embeddings},
+                                       {"format": "pt", "t2i_align.format": _FORMAT,
+                                        _IDS_KEY: json.dumps(list(self.ids))})
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], dim: Optional[int] = None) -> "UserTable":
