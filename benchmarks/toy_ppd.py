@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,11 @@ def stage_data(args) -> dict:
     counts = write_ppd_data(root / "data", pools["pairs-pool"], pools["shot-pool"], users[:args.train_users],
                             users[args.train_users:], ToyUserEncoder.from_toy_clip(scale=args.token_scale),
                             embeddings_per_user=args.embeddings_per_user, seed=args.seed)
+    # how often the base draws each value of the free attribute unasked (can every user's favourite be preferred?)
+    drawn = Counter(v for row in pools["pairs-pool"].free for v in row)
+    total = sum(drawn.values())
+    counts["pairs_pool_free_share"] = {str(v): round(n / total, 3) for v, n in drawn.most_common()}
+    counts["pairs_pool_images"] = total
     return counts
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 def _judge(samples, captions, free):
@@ -95,7 +96,7 @@ def stage_eval(args) -> Dict:
     swap = _shuffled(users)
     results: Dict[str, Dict] = {name: {} for name in ("base", "dpo", "ppd", "ppd_shuffled") if name in judged
                                 or name.startswith("ppd")}
-    for user in users:
+    for user in tqdm(users, desc=f"judge held-out users ({args.ppd_run})"):
         for name in judged:
             results[name][user.user_id] = _per_user(user, *judged[name])
         for name, source in (("ppd", user.user_id), ("ppd_shuffled", swap[user.user_id])):
@@ -154,7 +155,7 @@ def _interpolation(pipe, table, users, captions, seeds, free, picture: Optional[
     a = users[0]
     b = next(u for u in users[1:] if u.favourite != a.favourite)
     rows, cells = [], []
-    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+    for alpha in tqdm((0.0, 0.25, 0.5, 0.75, 1.0), desc="interpolation"):
         tokens = table.interpolate(a.user_id, b.user_id, alpha)[None].repeat(len(captions), 1, 1)
         samples = _sample(pipe, captions, seeds, tokens)
         values, _ = _judge(samples, captions, free)
