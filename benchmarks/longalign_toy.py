@@ -2,16 +2,19 @@
 
     python benchmarks/longalign_toy.py judge --out runs/longalign-eval/base_clip77.json [--model DIR]
         [--lora PATH] [--text-encoding clip77|segments] [--captions long|short] [--seeds 8] [--reward]
+        [--reward-checkpoint toy|toy-denscore]
     python benchmarks/longalign_toy.py compare TUNED.json BASE.json     # tuned − base, image by image
-    python benchmarks/longalign_toy.py retrieval                        # can the toy CLIP read backgrounds?
+    python benchmarks/longalign_toy.py retrieval [--checkpoint toy-denscore]  # can the reward read each sentence?
     python benchmarks/longalign_toy.py export --run runs/x --step 1000   # a LoRA checkpoint -> runs/x/step-1000/
 
 `judge` writes every image's per-attribute verdict (t2i_align/toy/long_eval.py) and prints the summary;
-`--reward` also scores the images with decomposed-clip on the toy CLIP (ω = 0.3, direction fitted on
-toy:train-long, as the reward runs fit it). `compare` prints per-attribute paired differences with t-test and
-sign-test p-values. `retrieval`: for each held-out scene, the toy CLIP's cosine between a rendered image and each
-background sentence (and each whole long / short caption) of the scene's 3 background variants; accuracy =
-how often the true background scores highest (chance 1/3), the segment-level retrieval LongAlign's reward needs.
+`--reward` also scores the images with decomposed-clip on the toy CLIP (or `--reward-checkpoint toy-denscore`,
+the toy Denscore; ω = 0.3, direction fitted on toy:train-long, as the reward runs fit it). `compare` prints
+per-attribute paired differences with t-test and sign-test p-values. `retrieval`: for each held-out scene, the
+toy CLIP's cosine between a rendered image and each background sentence (and each whole long / short caption)
+of the scene's 3 background variants; accuracy = how often the true background scores highest (chance 1/3), the
+segment-level retrieval LongAlign's reward needs; and the image side (`t2i_align.toy.denscore.image_retrieval`), the choice the reward's gradient makes: per
+attribute, how often the scene's render outscores the renders with that attribute changed, on its long caption.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def cmd_judge(args) -> dict:
     if args.reward:
         from reward_models import get_reward
 
-        reward = get_reward("decomposed-clip", checkpoint="toy", omega=0.3, fit_prompts="toy:train-long")
+        reward = get_reward("decomposed-clip", checkpoint=args.reward_checkpoint, omega=0.3,
+                            fit_prompts="toy:train-long")
     from tqdm.auto import tqdm
 
     from t2i_align.toy.evaluate import prompt_set
@@ -43,7 +47,8 @@ def cmd_judge(args) -> dict:
                                progress=bar.update)
     from t2i_align.sampling import pipeline_components
 
-    record.update(model=args.model, lora=args.lora, text_encoding=pipeline_components(pipe).text_encoding.kind)
+    record.update(model=args.model, lora=args.lora, text_encoding=pipeline_components(pipe).text_encoding.kind,
+                  reward_checkpoint=args.reward_checkpoint if args.reward else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record))
     return {"out": args.out, "model": args.model, "lora": args.lora, "text_encoding": record["text_encoding"],
@@ -67,7 +72,10 @@ def cmd_retrieval(args) -> dict:
     from t2i_align.toy.scenes import BACKGROUNDS, long_caption, render, short_caption
     from t2i_align.conditioning.segments import caption_segments
 
-    clip = get_reward("toy-clip").encoder
+    from t2i_align.toy.denscore import image_retrieval
+
+    reward = get_reward("decomposed-clip", checkpoint=args.checkpoint, omega=1.0)
+    clip = reward.encoder
     scenes = prompt_set(args.prompts)
     rng = random.Random(0)
     hits = {"background_sentence": 0, "long_caption": 0, "short_caption": 0}
@@ -82,8 +90,9 @@ def cmd_retrieval(args) -> dict:
         for kind, options in texts.items():
             t, _ = clip.encode_texts(options)
             hits[kind] += int(int((t @ x).argmax()) == truth)
-    return {"prompts": args.prompts, "n": len(scenes), "chance": 1 / 3,
-            "accuracy": {k: v / len(scenes) for k, v in hits.items()}}
+    return {"prompts": args.prompts, "checkpoint": args.checkpoint, "n": len(scenes), "chance": 1 / 3,
+            "accuracy": {k: v / len(scenes) for k, v in hits.items()},
+            "image_side_long_caption": image_retrieval(reward, scenes)}
 
 
 def cmd_export(args) -> dict:
@@ -119,12 +128,14 @@ def main() -> int:
     j.add_argument("--captions", default="long", choices=("long", "short"))
     j.add_argument("--seeds", type=int, default=8)
     j.add_argument("--seed", type=int, default=0)
-    j.add_argument("--reward", action="store_true", help="also score with decomposed toy-CLIP (omega 0.3)")
+    j.add_argument("--reward", action="store_true", help="also score with decomposed-clip (omega 0.3)")
+    j.add_argument("--reward-checkpoint", default="toy", choices=("toy", "toy-denscore"))
     c = sub.add_parser("compare")
     c.add_argument("tuned")
     c.add_argument("base")
     r = sub.add_parser("retrieval")
     r.add_argument("--prompts", default="heldout", choices=("heldout", "train"))
+    r.add_argument("--checkpoint", default="toy", choices=("toy", "toy-denscore"))
     e = sub.add_parser("export")
     e.add_argument("--run", required=True)
     e.add_argument("--step", type=int, required=True)

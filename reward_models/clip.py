@@ -6,7 +6,8 @@ Score convention: `scale · cos(image, text)` with scale = 100 by default, i.e. 
 
 Weights (`checkpoint=`): a state_dict file in open_clip's layout (.safetensors / .pt / .bin) for `arch`; an
 open_clip folder (open_clip_config.json + weights, the layout of `local-dir:`); a transformers CLIPModel folder
-(converted with `pickscore.hf_clip_to_open_clip`); "toy" for the shipped toy CLIP; or an open_clip pretrained
+(converted with `pickscore.hf_clip_to_open_clip`); "toy" for the shipped toy CLIP ("toy-denscore": the toy
+Denscore, `t2i_align/toy/denscore.py`); or an open_clip pretrained
 tag such as "openai" (downloaded by open_clip, so online only).
 """
 from __future__ import annotations
@@ -162,9 +163,10 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
     """Build the architecture, load the checkpoint (see the module docstring for what it may be), wrap it."""
     import open_clip
 
-    if checkpoint == "toy":
-        from t2i_align.toy.assets import REBUILD_HINT, clip_dir
-        checkpoint, source = clip_dir(), f"the shipped toy CLIP. {REBUILD_HINT}"
+    if checkpoint in ("toy", "toy-denscore"):
+        from t2i_align.toy.assets import REBUILD_HINT, clip_dir, denscore_dir
+        checkpoint, source = ((clip_dir(), f"the shipped toy CLIP. {REBUILD_HINT}") if checkpoint == "toy" else
+                              (denscore_dir(), f"the shipped toy Denscore. {REBUILD_HINT}"))
     if checkpoint is not None and Path(checkpoint).exists():
         cfg, state, pre, name = _read_local(arch, Path(checkpoint), what, source)
         model = _model_from_cfg(cfg)

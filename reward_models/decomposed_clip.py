@@ -25,7 +25,9 @@ score, unless ω = 1 (S_1 = S whatever v is).
 
 Scores are the raw cosine-like values (no logit scale, as in the code), times `scale` (default 1; the paper's
 tables report 100·S). Any CLIP loadable by `clip.load_open_clip` serves as the backbone: Denscore
-(hf.co/luping-liu/Denscore, a transformers CLIPModel folder), PickScore, HPSv2, or "toy" for the toy CLIP.
+(hf.co/luping-liu/Denscore, a transformers CLIPModel folder), PickScore, HPSv2, "toy" for the toy CLIP, or
+"toy-denscore" for the toy Denscore (`t2i_align/toy/denscore.py`: the toy CLIP fine-tuned so that every sentence
+of a long caption counts).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from .base import PathLike, Reward, RewardOutput, register, require_path
 from .clip import Arch, load_open_clip
 
 SOURCE = ("a CLIP backbone: a local copy of https://huggingface.co/luping-liu/Denscore (transformers CLIPModel "
-          "folder, as in LongAlign), any folder or file `clip` accepts (with arch=...), or checkpoint='toy'")
+          "folder, as in LongAlign), any folder or file `clip` accepts (with arch=...), checkpoint='toy' or "
+          "'toy-denscore'")
 DIRECTION_SOURCE = "a file written by DecomposedClip.save_direction (the run folder keeps one)"
 NO_DIRECTION = ("decomposed-clip has no common direction v: pass direction=FILE (written by save_direction), "
                 "fit_prompts=[...] or a prompts file / toy:train to fit it once, or direction='batch' for the "

@@ -22,14 +22,15 @@ def cmd_build(args) -> dict:
 
     budget = TINY_BUDGET if args.tiny else BuildBudget()
     out = build(args.out, seed=args.seed, budget=budget, log=lambda m: print(m, file=sys.stderr, flush=True),
-                only_denoiser=args.only == "denoiser")
+                only=args.only)
     return {"assets": str(out), "seed": args.seed, "tiny": args.tiny, "only": args.only}
 
 
 def cmd_where(args) -> dict:
-    from .assets import ASSETS_DIR, clip_dir, pipeline_dir
+    from .assets import ASSETS_DIR, clip_dir, denscore_dir, pipeline_dir
 
-    return {"assets": str(ASSETS_DIR), "pipeline": str(pipeline_dir()), "toy_clip": str(clip_dir())}
+    return {"assets": str(ASSETS_DIR), "pipeline": str(pipeline_dir()), "toy_clip": str(clip_dir()),
+            "toy_denscore": str(denscore_dir())}
 
 
 def cmd_evaluate(args) -> dict:
@@ -89,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="assets folder (default: the shipped one, replaced atomically)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--tiny", action="store_true", help="a few steps of each stage (tests the script only)")
-    b.add_argument("--only", choices=("denoiser",), default=None,
-                   help="retrain only the UNet, keeping the VAE and toy CLIP in --out")
+    b.add_argument("--only", choices=("denoiser", "denscore"), default=None,
+                   help="denoiser: retrain only the UNet, keeping the other models in --out; denscore: train only "
+                        "the toy Denscore (LongAlign's long-text reward), keeping the rest")
     sub.add_parser("where", help="print the paths of the shipped assets as JSON")
     for name, helptext in (("evaluate", "judge a model on a prompt set at fixed seeds"),
                            ("pairs", "sample, judge and write Pick-a-Pic-format pairs"),

@@ -28,6 +28,11 @@ def clip_dir(root: Optional[Path] = None) -> Path:
     return Path(root or ASSETS_DIR) / "toy_clip"
 
 
+def denscore_dir(root: Optional[Path] = None) -> Path:
+    """The toy Denscore (toy/denscore.py): LongAlign's long-text reward for the toy world, same format."""
+    return Path(root or ASSETS_DIR) / "toy_denscore"
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

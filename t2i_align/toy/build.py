@@ -1,6 +1,6 @@
 """`python -m t2i_align.toy build`: train the toy world's models from scratch, on CPU, deterministically.
 
-Three stages, each a plain training loop on rendered scenes:
+Four stages, each a plain training loop on rendered scenes:
 1. the VAE (reconstruction + a small KL term, as SD's autoencoder without the GAN/LPIPS parts);
 2. the toy CLIP (open_clip), contrastively, on clean captions and partial captions;
 3. the UNet, with the ε-prediction loss on VAE latents, SD1.5's noise schedule and 10 % empty captions (so
@@ -9,6 +9,8 @@ Three stages, each a plain training loop on rendered scenes:
    the UNet never learned the other attributes.) Captions carry deliberate label noise: every attribute but
    colour is replaced by a random value with probability `label_noise`. The base model therefore learns colour
    well and the rest only partly, leaving room for preference tuning to show an effect.
+4. the toy Denscore (`denscore.py`), LongAlign's long-text reward: a copy of the toy CLIP fine-tuned so that every
+   sentence of a long caption moves its score. The UNet never reads it.
 Everything is written to a temporary folder and moved into place at the end, so a failed build leaves the
 previous assets untouched.
 """
@@ -22,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +49,9 @@ class BuildBudget:
     unet_batch: int = 64
     clip_steps: int = 800
     clip_batch: int = 128
+    denscore_steps: int = 600
+    denscore_batch: int = 32
+    denscore_lr: float = 1e-3
     label_noise: float = 0.5
     """Probability that a training caption names a random value for each attribute except colour."""
     long_caption_prob: float = 0.2
@@ -54,7 +59,7 @@ class BuildBudget:
 
 
 TINY_BUDGET = BuildBudget(num_images=64, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, clip_steps=2,
-                          clip_batch=8)
+                          clip_batch=8, denscore_steps=2, denscore_batch=2)
 
 
 def _render_dataset(n: int, rng: random.Random) -> Tuple[List[Scene], torch.Tensor]:
@@ -200,7 +205,7 @@ def _save_clip(out: Path, model, cfg: dict) -> None:
     save_file(state, str(out / "open_clip_model.safetensors"))
 
 
-STAGES = ("data", "vae", "denoiser", "clip")
+STAGES = ("data", "vae", "denoiser", "clip", "denscore")  # append only: a stage's seed is its index
 
 
 def _stage_random(seed: int, stage: str) -> Tuple[random.Random, torch.Generator]:
@@ -209,14 +214,17 @@ def _stage_random(seed: int, stage: str) -> Tuple[random.Random, torch.Generator
     return random.Random(stage_seed), torch.Generator().manual_seed(stage_seed)
 
 
-def _reuse(previous: Path, log: Callable):
-    """The VAE and toy CLIP (model + config) of an existing assets folder, for `build --only denoiser`."""
+ONLY = ("denoiser", "denscore")
+
+
+def _reuse(previous: Path, log: Callable, only: str):
+    """The VAE and toy CLIP (model + config) of an existing assets folder, for `build --only ...`."""
     from diffusers import AutoencoderKL
     from open_clip.model import CLIP
     from safetensors.torch import load_file
 
     if not (previous / "manifest.json").is_file():
-        raise ValueError(f"--only denoiser needs existing assets in {previous} (no manifest.json there); "
+        raise ValueError(f"--only {only} needs existing assets in {previous} (no manifest.json there); "
                          "run a full build first")
     log(f"reusing the VAE and toy CLIP of {previous}")
     vae = AutoencoderKL.from_pretrained(str(previous / "pipeline" / "vae")).eval().requires_grad_(False)
@@ -226,12 +234,43 @@ def _reuse(previous: Path, log: Callable):
     return vae, clip.eval().requires_grad_(False), cfg
 
 
-def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildBudget = BuildBudget(),
-          log: Callable = print, only_denoiser: bool = False) -> Path:
-    """Train every toy model and write the assets folder (pipeline/, toy_clip/, manifest.json) atomically.
+def _denscore(tmp: Path, out_dir: Path, only, clip, clip_cfg, vae, seed: int, b: BuildBudget, log) -> bool:
+    """Train the toy Denscore into tmp/toy_denscore, or keep out_dir's when only the UNet is rebuilt (the
+    Denscore depends on the VAE and toy CLIP alone); True if it was kept."""
+    from .denscore import train_toy_denscore
 
-    only_denoiser: retrain the UNet and keep the VAE and toy CLIP already in out_dir.
+    if only == "denoiser" and (out_dir / "toy_denscore").is_dir():
+        shutil.copytree(out_dir / "toy_denscore", tmp / "toy_denscore")
+        return True
+    model = train_toy_denscore(clip, clip_cfg, vae, b.denscore_steps, b.denscore_batch, b.denscore_lr,
+                               *_stage_random(seed, "denscore"), log, CLIP_MEAN, CLIP_STD)
+    _save_clip(tmp / "toy_denscore", model, clip_cfg)
+    return False
+
+
+def _meta(out_dir: Path, only, seed: int, budget: BuildBudget, seconds: float, kept_denscore: bool) -> dict:
+    """The manifest's record of how the assets were made (which stages were kept from which build)."""
+    meta = {"seed": seed, "budget": asdict(budget), "build_seconds": seconds}
+    if only == "denoiser":
+        meta["reused"] = {"from": read_manifest(out_dir).get("budget"),
+                          "stages": ["vae", "clip"] + (["denscore"] if kept_denscore else [])}
+    elif only == "denscore":  # everything else is the previous build's: keep its record, add the new stage's
+        meta = {k: v for k, v in read_manifest(out_dir).items() if k != "files"}
+        meta["budget"].update({k: v for k, v in asdict(budget).items() if k.startswith("denscore_")})
+        meta["denscore"] = {"seed": seed, "build_seconds": seconds}
+    return meta
+
+
+def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildBudget = BuildBudget(),
+          log: Callable = print, only: Optional[str] = None) -> Path:
+    """Train every toy model and write the assets folder (pipeline/, toy_clip/, toy_denscore/, manifest.json)
+    atomically.
+
+    only="denoiser": retrain the UNet and keep the VAE, toy CLIP and toy Denscore already in out_dir;
+    only="denscore": train the toy Denscore and keep everything else in out_dir.
     """
+    if only not in (None,) + ONLY:
+        raise ValueError(f"--only must be one of {ONLY}, got {only!r}")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -239,25 +278,26 @@ def build(out_dir: str | os.PathLike = ASSETS_DIR, seed: int = 0, budget: BuildB
     start = time.time()
     try:
         torch.manual_seed(seed)
-        tokenizer = build_clip_tokenizer(tmp / "pipeline" / "tokenizer")
-        scenes, x = _render_dataset(budget.num_images, _stage_random(seed, "data")[0])
-        if only_denoiser:
-            vae, clip, clip_cfg = _reuse(out_dir, log)
+        if only == "denscore":
+            vae, clip, clip_cfg = _reuse(out_dir, log, only)
+            shutil.copytree(out_dir / "pipeline", tmp / "pipeline")
         else:
-            vae = train_vae(x, budget, _stage_random(seed, "vae")[1], log)
-            clip, clip_cfg = train_toy_clip(tokenizer, scenes, x, budget, *_stage_random(seed, "clip"), log)
+            tokenizer = build_clip_tokenizer(tmp / "pipeline" / "tokenizer")
+            scenes, x = _render_dataset(budget.num_images, _stage_random(seed, "data")[0])
+            if only == "denoiser":
+                vae, clip, clip_cfg = _reuse(out_dir, log, only)
+            else:
+                vae = train_vae(x, budget, _stage_random(seed, "vae")[1], log)
+                clip, clip_cfg = train_toy_clip(tokenizer, scenes, x, budget, *_stage_random(seed, "clip"), log)
+            text_encoder = arch.text_encoder_from_clip(clip.state_dict())
+            unet = train_denoiser(vae, text_encoder, tokenizer, scenes, x, budget,
+                                  *_stage_random(seed, "denoiser"), log)
+            _save_pipeline(tmp / "pipeline", vae, text_encoder, tokenizer, unet)
         _save_clip(tmp / "toy_clip", clip, clip_cfg)
-        text_encoder = arch.text_encoder_from_clip(clip.state_dict())
-        unet = train_denoiser(vae, text_encoder, tokenizer, scenes, x, budget, *_stage_random(seed, "denoiser"),
-                              log)
-        _save_pipeline(tmp / "pipeline", vae, text_encoder, tokenizer, unet)
-        meta = {"seed": seed, "budget": asdict(budget), "build_seconds": round(time.time() - start, 1)}
-        if only_denoiser:
-            meta["reused"] = {"from": read_manifest(out_dir).get("budget"), "stages": ["vae", "clip"]}
-        write_manifest(tmp, meta)
+        kept = _denscore(tmp, out_dir, only, clip, clip_cfg, vae, seed, budget, log)
+        write_manifest(tmp, _meta(out_dir, only, seed, budget, round(time.time() - start, 1), kept))
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"toy assets written to {out_dir} in {time.time() - start:.0f} s")
     return out_dir
-

@@ -80,6 +80,7 @@ def compare_records(tuned: Dict, base: Dict, attributes: Optional[Sequence[str]]
         t, b = tuned["correct"][a], base["correct"][a]
         out[a] = {**paired_diff(t, b), "sign": _sign(t, b)}
     out["diversity"] = paired_diff(tuned["diversity"], base["diversity"])
-    if "reward" in tuned and "reward" in base:
+    if "reward" in tuned and "reward" in base and \
+            tuned.get("reward_checkpoint", "toy") == base.get("reward_checkpoint", "toy"):  # the same reward
         out["reward"] = {key: paired_diff(tuned["reward"][key], base["reward"][key]) for key in tuned["reward"]}
     return out

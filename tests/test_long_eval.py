@@ -1,0 +1,44 @@
+"""`compare_records` (t2i_align/toy/long_eval.py), the image-by-image comparison behind README's LongAlign table,
+on four hand-made images."""
+import pytest
+
+from t2i_align.toy.long_eval import compare_records
+from t2i_align.toy.scenes import ATTRIBUTES
+
+
+def _record(score, background, reward_total=None, checkpoint=None):
+    record = {"prompts": "heldout", "captions": "long", "seeds_per_prompt": 2, "base_seed": 0, "score": score,
+              "correct": {a: background if a == "background" else [1, 1, 1, 1] for a in ATTRIBUTES},
+              "diversity": [0.5, 0.5]}
+    if reward_total is not None:
+        record["reward"] = {"total": reward_total}
+        record["reward_checkpoint"] = checkpoint
+    return record
+
+
+def test_compare_records_by_hand():
+    tuned = _record([0.8, 0.6, 0.6, 1.0], [1, 1, 0, 1], [0.3, 0.2, 0.2, 0.5], "toy-denscore")
+    base = _record([0.6, 0.6, 0.8, 0.8], [0, 1, 1, 0], [0.1, 0.2, 0.1, 0.4], "toy-denscore")
+    out = compare_records(tuned, base)
+    # score differences 0.2, 0, -0.2, 0.2: mean 0.05; one tie, so the sign test sees 2 wins and 1 loss: p = 1
+    assert out["overall"]["mean_diff"] == pytest.approx(0.05)
+    assert out["overall"]["sign"] == {"wins": 2, "losses": 1, "p_value": 1.0}
+    # background +1, 0, -1, +1: mean 0.25; sd = √(2.75/3), t = 0.25 / (sd / 2) = 0.522
+    assert out["background"]["mean_diff"] == pytest.approx(0.25)
+    assert out["background"]["t"] == pytest.approx(0.25 / ((2.75 / 3) ** 0.5 / 2))
+    assert out["color"]["mean_diff"] == 0.0 and out["color"]["p_value"] == 1.0
+    assert out["reward"]["total"]["mean_diff"] == pytest.approx(0.1)  # 0.2, 0, 0.1, 0.1
+
+
+def test_rewards_of_different_models_are_not_compared():
+    tuned = _record([1, 1, 1, 1], [1, 1, 1, 1], [0.3, 0.2, 0.2, 0.5], "toy-denscore")
+    base = _record([1, 1, 1, 1], [1, 1, 1, 1], [0.1, 0.2, 0.1, 0.4], None)  # older records: the toy CLIP
+    base["reward_checkpoint"] = "toy"
+    assert "reward" not in compare_records(tuned, base)
+
+
+def test_records_judged_differently_refuse_to_compare():
+    tuned, base = _record([1, 1, 1, 1], [1, 1, 1, 1]), _record([1, 1, 1, 1], [1, 1, 1, 1])
+    base["base_seed"] = 100000
+    with pytest.raises(ValueError, match="records differ in base_seed"):
+        compare_records(tuned, base)
