@@ -95,6 +95,21 @@ def test_policy_denoising_winner_better_than_reference_has_positive_logits():
     assert loss.item() != pytest.approx(-torch.nn.functional.logsigmoid(z.mean()).item(), rel=1e-3)
 
 
+def test_sft_weight_adds_the_winners_error_to_the_dpo_loss():
+    def run(weight):
+        return DPO().compute_loss(Recorder(lambda noisy, t: 0.5 * noisy), Recorder(), pair_batch(b=3), DDPMScheduler(),
+                                  ObjectiveConfig(beta=10.0, sft_weight=weight), torch.Generator().manual_seed(0))
+
+    (plain, m0), (anchored, m2) = run(0.0), run(2.0)
+    assert m0["mse_w"] == m2["mse_w"] > 0 and m2["loss_dpo"] == pytest.approx(plain.item())
+    assert anchored.item() == pytest.approx(plain.item() + 2.0 * m0["mse_w"], rel=1e-6)  # RPO: L_DPO + λ·mse_w
+    from t2i_align.config.sections import FieldError
+    with pytest.raises(FieldError, match="sft_weight"):
+        ObjectiveConfig(name="sft", sft_weight=1.0)
+    with pytest.raises(FieldError, match="sft_weight"):
+        ObjectiveConfig(sft_weight=-1.0)
+
+
 def test_winner_and_loser_share_noise_and_timestep():
     batch = pair_batch(b=4, time_ids=True)
     batch.latents_l = batch.latents_w.clone()  # identical images: identical x_t iff ε and t are shared

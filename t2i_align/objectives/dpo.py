@@ -94,9 +94,9 @@ class DPO(Objective):
         mse_w, mse_l = model_mse.chunk(2)
         ref_w, ref_l = ref_mse.chunk(2)
         losses, logits = dpo_loss(mse_w, mse_l, ref_w, ref_l, cfg.beta, cfg.beta_convention, cfg.loss_type)
-        loss = losses.mean()
+        loss = losses.mean() + cfg.sft_weight * mse_w.mean()  # RPO-style anchor on the winners (config doc)
         metrics = metrics_to_floats({
-            "loss": loss, "implicit_acc": implicit_accuracy(logits),
+            "loss": loss, "loss_dpo": losses.mean(), "implicit_acc": implicit_accuracy(logits),
             "mse_w": mse_w.mean(), "mse_l": mse_l.mean(), "ref_mse_w": ref_w.mean(), "ref_mse_l": ref_l.mean(),
             "logit_mean": logits.mean(), "sigma_neg_logit_mean": torch.sigmoid(-logits).mean(),
             # Policy MSE drifting above ref MSE on both sides = the model degrades (official code's comment).
