@@ -166,7 +166,8 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
     if checkpoint in ("toy", "toy-denscore"):
         from t2i_align.toy.assets import REBUILD_HINT, clip_dir, denscore_dir
         checkpoint, source = ((clip_dir(), f"the shipped toy CLIP. {REBUILD_HINT}") if checkpoint == "toy" else
-                              (denscore_dir(), f"the shipped toy Denscore. {REBUILD_HINT}"))
+                              (denscore_dir(), "the shipped toy Denscore; build it alone with `python -m "
+                               "t2i_align.toy build --only denscore` (about 20 minutes on one core)"))
     if checkpoint is not None and Path(checkpoint).exists():
         cfg, state, pre, name = _read_local(arch, Path(checkpoint), what, source)
         model = _model_from_cfg(cfg)

@@ -72,3 +72,11 @@ def test_shipped_denscore_reads_the_sentences_the_toy_clip_misses():
     assert all(acc[a][1] >= 0.9 for a in ("color", "size", "background")) and acc["shape"][1] >= 0.7, acc
     # Known blind spot (README, LongAlign): both towers map left and right alike, top and bottom it tells apart.
     assert dense["position"]["top_bottom"] >= 0.9 and dense["position"]["accuracy"] > clip["position"]["accuracy"]
+
+
+def test_a_missing_denscore_says_how_to_build_it(tmp_path, monkeypatch):
+    from reward_models.base import WeightsNotFoundError
+
+    monkeypatch.setattr("t2i_align.toy.assets.ASSETS_DIR", tmp_path)
+    with pytest.raises(WeightsNotFoundError, match="build --only denscore"):
+        get_reward("decomposed-clip", checkpoint="toy-denscore", omega=1.0)
