@@ -92,7 +92,29 @@ def cmd_retrieval(args) -> dict:
             hits[kind] += int(int((t @ x).argmax()) == truth)
     return {"prompts": args.prompts, "checkpoint": args.checkpoint, "n": len(scenes), "chance": 1 / 3,
             "accuracy": {k: v / len(scenes) for k, v in hits.items()},
-            "image_side_long_caption": image_retrieval(reward, scenes)}
+            "image_side_long_caption": image_retrieval(reward, scenes),
+            "position_cosines": _position_cosines(clip, scenes)}
+
+
+def _position_cosines(clip, scenes) -> dict:
+    """Mean cosine between the embeddings of a scene moved to the other side (left <-> right) or the other half
+    (top <-> bottom): its position sentence and its render. Near 1: the model cannot tell them apart."""
+    import torch
+
+    from t2i_align.toy.denscore import _images
+
+    flips = {"left_right": {"left": "right", "right": "left"}, "top_bottom": {"top": "bottom", "bottom": "top"}}
+    out = {}
+    for key, swap in flips.items():
+        moved = [type(s)(**{**s.as_dict(), "position": " ".join(swap.get(w, w) for w in s.position.split())})
+                 for s in scenes]
+        sentence = "The {0.shape} is {0.size} and it sits in the {0.position} part of the frame."
+        t0, _ = clip.encode_texts([sentence.format(s) for s in scenes])
+        t1, _ = clip.encode_texts([sentence.format(s) for s in moved])
+        with torch.no_grad():
+            x0, x1 = clip.encode_images(_images(scenes, None)), clip.encode_images(_images(moved, None))
+        out[key] = {"sentence": float((t0 * t1).sum(-1).mean()), "image": float((x0 * x1).sum(-1).mean())}
+    return out
 
 
 def cmd_export(args) -> dict:

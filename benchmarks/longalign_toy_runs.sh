@@ -139,3 +139,6 @@ for w in 0.3 1.0; do
   $PY benchmarks/longalign_toy.py compare $E/${name}_step200_s0.json $E/s1_6000_dens_s0.json \
     > $E/${name}_step200_vs_s1_s0.json
 done
+# does the Denscore still track the judge on the stage-2 models' own samples?
+$PY benchmarks/longalign_reward_correlation.py $E/s1_6000_dens_s0.json $E/dens-w0.3-lr3e-4-300_s0.json \
+  $E/dens-w1.0-lr3e-4-300_s0.json > $E/reward_correlation_denscore_stage2.json

@@ -16,8 +16,8 @@ It starts from a copy of the toy CLIP (as Denscore from CLIP-H); the toy CLIP it
 images pass through the VAE and back, as generated images do, so the reward holds on decoded samples. Training
 scenes only: the held-out combinations judge it (`benchmarks/longalign_toy.py retrieval`).
 
-Known blind spot: left against right. The toy CLIP maps "top left" and "top right" sentences alike (cosine
-0.997) and a shape on the left and on the right alike, and fine-tuning does not separate them (top / bottom it
+Known blind spot: left against right. The toy CLIP maps a position sentence and its left/right mirror alike
+(cosine 0.998) and a render and its mirror alike (0.990), and fine-tuning does not separate them (top / bottom it
 learns at once): with both towers blind to a difference, the loss's gradient along it vanishes for both, a saddle
 that 600 steps do not leave. The reward therefore cannot see that half of the position sentence.
 """
