@@ -101,7 +101,7 @@ def _position_cosines(clip, scenes) -> dict:
     (top <-> bottom): its position sentence and its render. Near 1: the model cannot tell them apart."""
     import torch
 
-    from t2i_align.toy.denscore import _images
+    from t2i_align.toy.denscore import renders
 
     flips = {"left_right": {"left": "right", "right": "left"}, "top_bottom": {"top": "bottom", "bottom": "top"}}
     out = {}
@@ -112,7 +112,7 @@ def _position_cosines(clip, scenes) -> dict:
         t0, _ = clip.encode_texts([sentence.format(s) for s in scenes])
         t1, _ = clip.encode_texts([sentence.format(s) for s in moved])
         with torch.no_grad():
-            x0, x1 = clip.encode_images(_images(scenes, None)), clip.encode_images(_images(moved, None))
+            x0, x1 = clip.encode_images(renders(scenes, None)), clip.encode_images(renders(moved, None))
         out[key] = {"sentence": float((t0 * t1).sum(-1).mean()), "image": float((x0 * x1).sum(-1).mean())}
     return out
 

@@ -53,7 +53,8 @@ def dense_text(model, tokenizer, context_length: int, captions: Sequence[str]) -
     return sums / torch.bincount(owner, minlength=len(captions))[:, None]
 
 
-def _images(scenes: List[Scene], rng: Optional[random.Random]) -> torch.Tensor:
+def renders(scenes: List[Scene], rng: Optional[random.Random]) -> torch.Tensor:
+    """Scenes rendered as float images [N, 3, H, W] in [0, 1] (`rng` jitters the position; None: centred)."""
     pixels = np.stack([render(s, rng) for s in scenes])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
 
@@ -98,7 +99,7 @@ def train_toy_denscore(clip, cfg: dict, vae, steps: int, batch: int, lr: float, 
     for step in range(steps):
         scenes = [train_scenes[rng.randrange(len(train_scenes))] for _ in range(batch)]
         negatives = [counterfactual(sc, a, rng) for sc in scenes for a in ATTRIBUTES]
-        images = _images(scenes + negatives, rng)
+        images = renders(scenes + negatives, rng)
         # one VAE decision per scene, shared by its counterfactuals: blur alone must not tell them apart
         keep = torch.rand(batch, generator=gen) < 0.5
         keep = torch.cat([keep, keep.repeat_interleave(len(ATTRIBUTES))])
@@ -129,7 +130,7 @@ def image_retrieval(reward, scenes: Sequence[Scene]) -> dict:
             t = reward.text_vectors([long_caption(scene, random.Random(i))])[0][0]
             for a in ATTRIBUTES:
                 variants = [Scene(**{**scene.as_dict(), a: v}) for v in VALUES[a]]
-                scores = reward.encoder.encode_images(_images(variants, None)) @ t
+                scores = reward.encoder.encode_images(renders(variants, None)) @ t
                 truth = VALUES[a].index(getattr(scene, a))
                 best = int(scores.argmax())
                 hits[a].append(best == truth)
