@@ -11,10 +11,12 @@
 `--reward` also scores the images with decomposed-clip on the toy CLIP (or `--reward-checkpoint toy-denscore`,
 the toy Denscore; ω = 0.3, direction fitted on toy:train-long, as the reward runs fit it). `compare` prints
 per-attribute paired differences with t-test and sign-test p-values. `retrieval`: for each held-out scene, the
-toy CLIP's cosine between a rendered image and each background sentence (and each whole long / short caption)
-of the scene's 3 background variants; accuracy = how often the true background scores highest (chance 1/3), the
-segment-level retrieval LongAlign's reward needs; and the image side (`t2i_align.toy.denscore.image_retrieval`), the choice the reward's gradient makes: per
-attribute, how often the scene's render outscores the renders with that attribute changed, on its long caption.
+model's cosine (toy CLIP, or `--checkpoint toy-denscore`) between a rendered image and each background sentence
+(and each whole long / short caption) of the scene's 3 background variants; accuracy = how often the true
+background scores highest (chance 1/3), the segment-level retrieval LongAlign's reward needs; the image side
+(`t2i_align.toy.denscore.image_retrieval`), the choice the reward's gradient makes: per attribute, how often the
+scene's render outscores the renders with that attribute changed, on its long caption; and how alike the model
+finds a scene and its left/right or top/bottom mirror (`position_cosines`).
 """
 from __future__ import annotations
 
