@@ -74,6 +74,8 @@ def cmd_retrieval(args) -> dict:
     from t2i_align.toy.scenes import BACKGROUNDS, long_caption, render, short_caption
     from t2i_align.conditioning.segments import caption_segments
 
+    from tqdm.auto import tqdm
+
     from t2i_align.toy.denscore import image_retrieval
 
     reward = get_reward("decomposed-clip", checkpoint=args.checkpoint, omega=1.0)
@@ -94,8 +96,17 @@ def cmd_retrieval(args) -> dict:
             hits[kind] += int(int((t @ x).argmax()) == truth)
     return {"prompts": args.prompts, "checkpoint": args.checkpoint, "n": len(scenes), "chance": 1 / 3,
             "accuracy": {k: v / len(scenes) for k, v in hits.items()},
-            "image_side_long_caption": image_retrieval(reward, scenes),
+            "image_side_long_caption": image_retrieval(reward, scenes, progress=tqdm(
+                total=len(scenes), desc="image-side retrieval", unit="scene", file=sys.stderr).update),
             "position_cosines": _position_cosines(clip, scenes)}
+
+
+def _position_sentence(scene) -> str:
+    """The long caption's size-and-position sentence (its third)."""
+    from t2i_align.conditioning.segments import caption_segments
+    from t2i_align.toy.scenes import long_caption
+
+    return caption_segments(long_caption(scene))[2]
 
 
 def _position_cosines(clip, scenes) -> dict:
@@ -110,9 +121,8 @@ def _position_cosines(clip, scenes) -> dict:
     for key, swap in flips.items():
         moved = [type(s)(**{**s.as_dict(), "position": " ".join(swap.get(w, w) for w in s.position.split())})
                  for s in scenes]
-        sentence = "The {0.shape} is {0.size} and it sits in the {0.position} part of the frame."
-        t0, _ = clip.encode_texts([sentence.format(s) for s in scenes])
-        t1, _ = clip.encode_texts([sentence.format(s) for s in moved])
+        t0, _ = clip.encode_texts([_position_sentence(s) for s in scenes])
+        t1, _ = clip.encode_texts([_position_sentence(s) for s in moved])
         with torch.no_grad():
             x0, x1 = clip.encode_images(renders(scenes, None)), clip.encode_images(renders(moved, None))
         out[key] = {"sentence": float((t0 * t1).sum(-1).mean()), "image": float((x0 * x1).sum(-1).mean())}

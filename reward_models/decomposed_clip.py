@@ -57,6 +57,19 @@ def split_sentences(text: str) -> List[str]:
     return [p for p in parts if p] or [text]
 
 
+def mean_sentence_vectors(encode: Callable[[List[str]], torch.Tensor], prompts: Sequence[str], split: bool = True
+                          ) -> Tuple[torch.Tensor, List[int]]:
+    """t per prompt: the mean of its sentences' unit embeddings, not re-normalised (LongAlign's `dense_score`),
+    and each sentence's prompt index. `encode(sentences) -> [n, D]` unit vectors (with or without gradients)."""
+    segments = [split_sentences(p) if split else [p] for p in prompts]
+    owner = [i for i, segs in enumerate(segments) for _ in segs]
+    feats = encode([s for segs in segments for s in segs])
+    index = torch.tensor(owner, device=feats.device)
+    sums = torch.zeros(len(prompts), feats.shape[1], device=feats.device, dtype=feats.dtype).index_add(0, index, feats)
+    counts = torch.bincount(index, minlength=len(prompts)).clamp(min=1)
+    return sums / counts[:, None].to(sums.dtype), owner
+
+
 def decompose(t: torch.Tensor, v: torch.Tensor, x: torch.Tensor, omega: float) -> Dict[str, torch.Tensor]:
     """The LongAlign split of S = t·x for text vectors t [B, D], unit direction v [D], image embeddings x [B, D].
 
@@ -142,15 +155,18 @@ class DecomposedClip(Reward):
 
     def text_vectors(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, List[bool]]:
         """t per prompt (mean of L2-normalised sentence embeddings) and whether any of its sentences was cut."""
-        segments = [split_sentences(p) if self.split else [p] for p in prompts]
-        owner = torch.tensor([i for i, segs in enumerate(segments) for _ in segs], device=self.encoder.device)
-        feats, cut = self.encoder.encode_texts([s for segs in segments for s in segs])
-        sums = torch.zeros(len(prompts), feats.shape[1], device=feats.device).index_add_(0, owner, feats)
-        counts = torch.bincount(owner, minlength=len(prompts)).clamp(min=1)
+        cut: List[bool] = []
+
+        def encode(sentences: List[str]) -> torch.Tensor:
+            feats, flags = self.encoder.encode_texts(sentences)
+            cut.extend(flags)
+            return feats
+
+        t, owner = mean_sentence_vectors(encode, prompts, self.split)
         truncated = [False] * len(prompts)
-        for i, c in zip(owner.tolist(), cut):
+        for i, c in zip(owner, cut):
             truncated[i] = truncated[i] or c
-        return sums / counts[:, None].to(sums.dtype), truncated
+        return t, truncated
 
     def fit_direction(self, prompts: Sequence[str]) -> torch.Tensor:
         """Fit v once from a prompt set (see `fit_common_direction`), keep it and use it from now on."""

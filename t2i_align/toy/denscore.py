@@ -41,16 +41,13 @@ def counterfactual(scene: Scene, attribute: str, rng: random.Random) -> Scene:
 
 
 def dense_text(model, tokenizer, context_length: int, captions: Sequence[str]) -> torch.Tensor:
-    """t per caption: the mean of its L2-normalised sentence embeddings, not re-normalised (LongAlign's
-    dense_score; the same split as reward_models.decomposed_clip)."""
-    from reward_models.decomposed_clip import split_sentences
+    """t per caption as the reward computes it (`mean_sentence_vectors`), with gradients through `model`."""
+    from reward_models.decomposed_clip import mean_sentence_vectors
 
-    segments = [split_sentences(c) for c in captions]
-    owner = torch.tensor([i for i, segs in enumerate(segments) for _ in segs])
-    ids = tokenizer([s for segs in segments for s in segs], context_length=context_length)
-    feats = F.normalize(model.encode_text(ids), dim=-1)
-    sums = torch.zeros(len(captions), feats.shape[1]).index_add(0, owner, feats)
-    return sums / torch.bincount(owner, minlength=len(captions))[:, None]
+    def encode(sentences: List[str]) -> torch.Tensor:
+        return F.normalize(model.encode_text(tokenizer(sentences, context_length=context_length)), dim=-1)
+
+    return mean_sentence_vectors(encode, captions)[0]
 
 
 def renders(scenes: List[Scene], rng: Optional[random.Random]) -> torch.Tensor:
@@ -116,12 +113,12 @@ def train_toy_denscore(clip, cfg: dict, vae, steps: int, batch: int, lr: float, 
     return model.eval().requires_grad_(False)
 
 
-def image_retrieval(reward, scenes: Sequence[Scene]) -> dict:
+def image_retrieval(reward, scenes: Sequence[Scene], progress: Optional[Callable[[int], object]] = None) -> dict:
     """Segment-level retrieval, image side (the choice a reward's gradient makes): per attribute, how often a
     scene's render outscores every render of it with that attribute changed, on its long caption, and the mean
     margin S(true) − mean S(changed); for position also how often the best render has the right half (top /
     bottom) and the right side (left / right). `reward`: a decomposed-clip (S = t·x, its ω aside). Renders are
-    unjittered."""
+    unjittered. `progress` is called with 1 after each scene (e.g. a tqdm bar's update)."""
     hits = {a: [] for a in ATTRIBUTES}
     margins = {a: [] for a in ATTRIBUTES}
     halves = {"top_bottom": [], "left_right": []}
@@ -138,6 +135,8 @@ def image_retrieval(reward, scenes: Sequence[Scene]) -> dict:
                 if a == "position":
                     for j, key in enumerate(halves):  # "top left": word 0 is the half, word 1 the side
                         halves[key].append(VALUES[a][best].split()[j] == scene.position.split()[j])
+            if progress is not None:
+                progress(1)
     out = {a: {"accuracy": sum(hits[a]) / len(scenes), "margin": sum(margins[a]) / len(scenes),
                "chance": 1 / len(VALUES[a])} for a in ATTRIBUTES}
     out["position"].update({key: sum(v) / len(scenes) for key, v in halves.items()})
