@@ -142,3 +142,29 @@ done
 # does the Denscore still track the judge on the stage-2 models' own samples?
 $PY benchmarks/longalign_reward_correlation.py $E/s1_6000_dens_s0.json $E/dens-w0.3-lr3e-4-300_s0.json \
   $E/dens-w1.0-lr3e-4-300_s0.json > $E/reward_correlation_denscore_stage2.json
+
+# stage 2 with DPOK's KL anchor to stage 1 (reward_backprop.kl_weight), toy Denscore, same settings otherwise:
+# omega 0.3 at kl_weight 0.1 and 1, omega 1 at kl_weight 1; judged at seed 0 and at fresh seeds 100000
+for run in "0.3 0.1" "0.3 1" "1.0 1"; do
+  set -- $run
+  name=dens-w$1-kl$2
+  $PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/longalign-$name \
+    model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.checkpoint=toy-denscore \
+    reward_backprop.reward_options.omega=$1 reward_backprop.kl_weight=$2 train.learning_rate=3e-4 \
+    train.max_steps=300 train.log_every=5 'tracking.validation_prompts=[]'
+  for seed in 0 100000; do
+    $PY benchmarks/longalign_toy.py judge --seed $seed --out $E/${name}_s$seed.json \
+      --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-$name/final --reward \
+      --reward-checkpoint toy-denscore > $E/${name}_s$seed.summary.json
+    $PY benchmarks/longalign_toy.py compare $E/${name}_s$seed.json $E/s1_6000_dens_s$seed.json \
+      > $E/${name}_vs_s1_s$seed.json
+  done
+done
+for seed in 0 100000; do
+  $PY benchmarks/longalign_toy.py compare $E/dens-w0.3-kl1_s$seed.json $E/dens-w1.0-kl1_s$seed.json \
+    > $E/dens-w0.3-kl1_vs_w1-kl1_s$seed.json
+  $PY benchmarks/longalign_toy.py compare $E/dens-w0.3-kl1_s$seed.json $E/dens-w0.3-lr3e-4-300_s$seed.json \
+    > $E/dens-w0.3-kl1_vs_nokl_s$seed.json
+done
+$PY benchmarks/longalign_reward_correlation.py $E/s1_6000_dens_s0.json $E/dens-w0.3-kl1_s0.json \
+  > $E/reward_correlation_denscore_kl.json

@@ -16,7 +16,8 @@ interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
 
     OMP_NUM_THREADS=1 python benchmarks/toy_ppd.py all --root runs/ppd-exp --seed 0
     python benchmarks/toy_ppd.py data|train|eval --root runs/ppd-exp ...      # one stage at a time
-    python benchmarks/toy_ppd.py interp --root runs/ppd-exp [--ppd-run NAME]  # only the interpolation + picture
+    python benchmarks/toy_ppd.py interp --root runs/ppd-exp [--ppd-run NAME] [--interp-pairs 12]  # interpolation
+    python benchmarks/toy_ppd.py attributes --root runs/ppd-exp [--ppd-run NAME]  # what the branch costs, per attribute
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def stage_data(args) -> dict:
     users = make_toy_users(args.train_users + args.heldout_users, seed=args.seed, attribute=args.free)
     counts = write_ppd_data(root / "data", pools["pairs-pool"], pools["shot-pool"], users[:args.train_users],
                             users[args.train_users:], ToyUserEncoder.from_toy_clip(scale=args.token_scale),
-                            embeddings_per_user=args.embeddings_per_user, seed=args.seed)
+                            embeddings_per_user=args.embeddings_per_user, seed=args.seed,
+                            prompt_weight=args.prompt_weight)
     # how often the base draws each value of the free attribute unasked (can every user's favourite be preferred?)
     drawn = Counter(v for row in pools["pairs-pool"].free for v in row)
     total = sum(drawn.values())
@@ -90,7 +92,7 @@ def stage_train(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("data", "train", "eval", "interp", "all"))
+    p.add_argument("stage", choices=("data", "train", "eval", "interp", "attributes", "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--free", default="background", choices=("background", "color"),
@@ -99,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-users", type=int, default=24)
     p.add_argument("--heldout-users", type=int, default=12)
     p.add_argument("--embeddings-per-user", type=int, default=4)
+    p.add_argument("--prompt-weight", type=float, default=0.0,
+                   help="data: training users' utility is taste + this × the judge's named-attribute score; below "
+                        "0.5 prompt-following only breaks taste ties (t2i_align/toy/ppd.py pair_label)")
     p.add_argument("--token-scale", type=float, default=None, help="toy encoder token scale (default TOKEN_SCALE)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--models", default="ppd,dpo")
@@ -107,6 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seeds", type=int, default=4)
     p.add_argument("--eval-base-seed", type=int, default=900_000,
                    help="eval: first sampling seed (settings were chosen at 900000; a fresh check: 100000)")
+    p.add_argument("--interp-pairs", type=int, default=1,
+                   help="eval/interp: how many user pairs (A, B) to interpolate between; reports their mean curve")
+    p.add_argument("--attribute-users", type=int, default=6,
+                   help="attributes: how many held-out users (the first) to judge attribute by attribute")
     p.add_argument("--ppd-run", default="ppd", help="eval: the PPD run folder under --root (a variant's name)")
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -117,17 +126,21 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from toy_ppd_eval import stage_eval, stage_interp
+    from toy_ppd_eval import stage_attributes, stage_eval, stage_interp
 
     stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval], "interp": [stage_interp],
+              "attributes": [stage_attributes],
               "all": [stage_data, stage_train, stage_eval]}[args.stage]
     report = {}
     for stage in stages:
         report[stage.__name__] = stage(args)
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
-    suffix = f"-{args.ppd_run}" if args.stage in ("eval", "interp") and args.ppd_run != "ppd" else ""
-    if args.stage in ("eval", "interp") and args.eval_base_seed != 900_000:
+    per_run = args.stage in ("eval", "interp", "attributes")
+    suffix = f"-{args.ppd_run}" if per_run and args.ppd_run != "ppd" else ""
+    if per_run and args.eval_base_seed != 900_000:
         suffix += f"-seed{args.eval_base_seed}"
+    if args.stage in ("eval", "interp") and args.interp_pairs != 1:
+        suffix += f"-pairs{args.interp_pairs}"
     out = Path(args.root) / f"report-{args.stage}{suffix}.json"
     out.write_text(json.dumps(report, indent=1, default=str))
     return 0

@@ -104,7 +104,8 @@ def stage_eval(args) -> Dict:
             results[name][user.user_id] = _per_user(user, *_judge(_sample(ppd, captions, seeds, tokens), captions,
                                                                   free))
     report = _report(results, users)
-    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds, free, _picture(args))
+    report["interpolation"] = _interpolation(ppd, table, users, captions, seeds, free, _picture(args),
+                                             pairs=args.interp_pairs)
     report["settings"] = {"heldout_users": len(users), "eval_captions": len(eval_caps),
                           "seeds_per_caption": args.eval_seeds, "images_per_user_per_model": n,
                           "eval_base_seed": args.eval_base_seed, "attribute": free}
@@ -117,7 +118,37 @@ def stage_interp(args) -> Dict:
 
     free, users, table, _, captions, seeds = _setting(args)
     pipe = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
-    return _interpolation(pipe, table, users, captions, seeds, free, _picture(args))
+    return _interpolation(pipe, table, users, captions, seeds, free, _picture(args), pairs=args.interp_pairs)
+
+
+def stage_attributes(args) -> Dict:
+    """Which named attribute does the user branch cost? For the first `args.attribute_users` held-out users, at
+    the evaluation seeds: the judge's accuracy on each attribute the caption names and the favourite share, for
+    the base, PPD with the user's embedding and PPD with the shuffled one (means over those users)."""
+    from t2i_align.gallery import to_uint8
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.toy.judge import read_attributes
+    from t2i_align.toy.users import named_attributes
+
+    free, users, table, _, captions, seeds = _setting(args)
+    users, swap = users[:args.attribute_users], _shuffled(users)
+
+    def judged(images, favourite):
+        reads = [read_attributes(im) for im in images]
+        out = {a: float(np.mean([r[a] == named_attributes(c, free)[a] for r, c in zip(reads, captions)]))
+               for a in named_attributes(captions[0], free)}
+        return {**out, "favourite_share": float(np.mean([r[free] == favourite for r in reads]))}
+
+    base = to_uint8(_sample(load_pipeline("toy"), captions, seeds).images)
+    ppd = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
+    rows: Dict[str, List[Dict]] = {"base": [], "ppd": [], "ppd_shuffled": []}
+    for user in tqdm(users, desc=f"attributes ({args.ppd_run})"):
+        rows["base"].append(judged(base, user.favourite))
+        for name, source in (("ppd", user.user_id), ("ppd_shuffled", swap[user.user_id])):
+            images = to_uint8(_sample(ppd, captions, seeds, table.tokens([source] * len(captions))).images)
+            rows[name].append(judged(images, user.favourite))
+    return {name: {k: float(np.mean([r[k] for r in per])) for k in per[0]} for name, per in rows.items()} | {
+        "users": [u.user_id for u in users], "eval_base_seed": args.eval_base_seed}
 
 
 def _report(results: Dict[str, Dict], users) -> Dict:
@@ -144,18 +175,27 @@ def _report(results: Dict[str, Dict], users) -> Dict:
 
 
 def _interpolation(pipe, table, users, captions, seeds, free, picture: Optional[Path] = None,
-                   columns: int = 12) -> Dict:
-    """Users A and B (the first two held-out users with different favourites): share of B's favourite and of A's
-    favourite among the images sampled with α·e_B + (1−α)·e_A. `picture`: a PNG with one row per α (top: α = 0,
-    user A) of the first `columns` images, drawn 3x larger."""
+                   columns: int = 12, pairs: int = 1) -> Dict:
+    """Between user A and user B: the share of B's favourite and of A's favourite among the images sampled with
+    α·e_B + (1−α)·e_A, α = 0, .25, .5, .75, 1. The first `pairs` held-out users each play A once, with B the next
+    held-out user whose favourite differs (`_shuffled`; the first pair is the first two users with different
+    favourites); `mean_rows` averages the pairs' curves. `picture`: a PNG of the first pair, one row per α (top:
+    α = 0, user A), the first `columns` images, drawn 3x larger."""
+    swap = _shuffled(users)
+    out = [_interpolate_pair(pipe, table, a, next(u for u in users if u.user_id == swap[a.user_id]), captions,
+                             seeds, free, picture if i == 0 else None, columns) for i, a in enumerate(users[:pairs])]
+    mean = [{k: row[k] if k == "alpha" else float(np.mean([o["rows"][j][k] for o in out])) for k in row}
+            for j, row in enumerate(out[0]["rows"])]
+    return {"pairs": out, "mean_rows": mean, "picture": str(picture) if picture else None}
+
+
+def _interpolate_pair(pipe, table, a, b, captions, seeds, free, picture: Optional[Path], columns: int) -> Dict:
     from PIL import Image
 
     from t2i_align.gallery import save_grid, to_uint8
 
-    a = users[0]
-    b = next(u for u in users[1:] if u.favourite != a.favourite)
     rows, cells = [], []
-    for alpha in tqdm((0.0, 0.25, 0.5, 0.75, 1.0), desc="interpolation"):
+    for alpha in tqdm((0.0, 0.25, 0.5, 0.75, 1.0), desc=f"interpolation {a.user_id} -> {b.user_id}"):
         tokens = table.interpolate(a.user_id, b.user_id, alpha)[None].repeat(len(captions), 1, 1)
         samples = _sample(pipe, captions, seeds, tokens)
         values, _ = _judge(samples, captions, free)
@@ -166,4 +206,4 @@ def _interpolation(pipe, table, users, captions, seeds, free, picture: Optional[
     if picture is not None:
         save_grid(cells, picture, ncols=columns)
     return {"user_A": a.user_id, "A_favourite": a.favourite, "user_B": b.user_id, "B_favourite": b.favourite,
-            "rows": rows, "picture": str(picture) if picture else None}
+            "rows": rows}

@@ -130,7 +130,7 @@ def train(cfg: Config) -> TrainResult:
     set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per process
     out = Path(cfg.output_dir)
     components = load_components(cfg.model, device=accelerator.device)
-    objective = get_objective(cfg.objective.name)
+    objective = get_objective(cfg.objective.name).configure(cfg)
     params, frozen = _trainable(cfg, components, objective.needs_reference)
     source = _source(cfg, components, accelerator, objective.batch_kind)
     set_seed(cfg.seed, device_specific=True)  # same noise stream whether a cache was just built or reused

@@ -18,6 +18,7 @@ DDIMScheduler, step for step (`tests/test_rollout.py` checks this), so what is t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -156,7 +157,7 @@ def rollout(denoiser: Denoiser, embeds: PromptEmbeds, uncond_embeds: Optional[Pr
             latents: torch.Tensor, *, num_steps: int, guidance_scale: float, grad_steps: Sequence[int] = (),
             detach_input: bool = False, checkpoint: bool = False, time_ids: Optional[torch.Tensor] = None,
             eta: float = 0.0, generator: Optional[torch.Generator] = None,
-            x0_prediction: bool = False) -> torch.Tensor:
+            x0_prediction: bool = False, grad_step_hook: Optional[Callable] = None) -> torch.Tensor:
     """Run num_steps DDIM steps from x_T = `latents` and return the final latents (diffusers' output_type="latent"),
     or with `x0_prediction` the last step's prediction of x0 (what LongAlign's code decodes; the two differ by
     the last update's sqrt(1 - ᾱ_final)·eps term, ᾱ_final = ᾱ_0 for SD's set_alpha_to_one=False).
@@ -176,6 +177,8 @@ def rollout(denoiser: Denoiser, embeds: PromptEmbeds, uncond_embeds: Optional[Pr
     981 … 1 for 50 steps; LongAlign's 999 … 19 is `timestep_spacing="trailing"`, e.g. a scheduler made with
     `DDIMScheduler.from_config(config, timestep_spacing="trailing")`). `eta` > 0 adds DDIM noise drawn from
     `generator`.
+    `grad_step_hook(eps, predict)`: called on every gradient step with its prediction and `predict(other)`, which
+    gives another denoiser's prediction at the same input, timestep and conditioning (e.g. a KL anchor).
     """
     steps = _check_steps(grad_steps, num_steps)
     sampler = ddim_sampler(scheduler, num_steps, latents.device)
@@ -188,6 +191,10 @@ def rollout(denoiser: Denoiser, embeds: PromptEmbeds, uncond_embeds: Optional[Pr
         with torch.set_grad_enabled(with_grad):
             eps = _predict(denoiser, x_in, t, batch_embeds, batch_time_ids, guidance_scale, cfg,
                            checkpoint and with_grad)
+        if with_grad and grad_step_hook is not None:
+            grad_step_hook(eps, functools.partial(_predict, x=x_in.detach(), t=t, embeds=batch_embeds,
+                                                  time_ids=batch_time_ids, guidance_scale=guidance_scale, cfg=cfg,
+                                                  use_checkpoint=False))
         x, x0 = sampler.step(eps, t, x, eta=eta, generator=generator, return_dict=False)
     return x0 if x0_prediction else x
 

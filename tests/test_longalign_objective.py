@@ -114,6 +114,41 @@ def test_gradients_reach_the_lora_weights_only_through_the_chosen_steps(setup, m
     assert all(p.grad is None for n, p in setup.comps.unet.named_parameters() if "lora_" not in n)
 
 
+def test_kl_anchor_adds_the_weighted_mean_squared_gap_of_the_guided_predictions(setup, monkeypatch):
+    import t2i_align.rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "choose_grad_steps", lambda *a, **k: [1, 3])
+    monkeypatch.setattr(setup.cfg.reward_backprop, "kl_weight", 2.0)
+    calls = []
+
+    def reference(x, t, embeds, time_ids=None):  # every output shifted by 0.1: so is the guided prediction
+        calls.append(torch.is_grad_enabled())
+        return setup.denoise(x, t, embeds, time_ids) + 0.1
+
+    def run(ref):
+        return setup.objective.compute_loss(setup.denoise, ref, setup.batch, setup.comps.scheduler,
+                                            setup.cfg.objective, torch.Generator().manual_seed(3))
+
+    plain, plain_metrics = run(None)
+    loss, metrics = run(reference)
+    assert calls == [False, False]  # once per gradient step, without autograd
+    assert metrics["kl"] == pytest.approx(0.1 ** 2, rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * 0.01, rel=1e-4)
+    assert metrics["reward"] == plain_metrics["reward"] and "kl" not in plain_metrics
+
+
+def test_kl_weight_makes_the_loop_build_a_reference_that_starts_equal(tmp_path):
+    from t2i_align.loop import train
+
+    assert not RewardBackprop().configure(toy_cfg(tmp_path, "reward_backprop.kl_weight=0")).needs_reference
+    out = tmp_path / "kl"
+    train(toy_cfg(out, "reward_backprop.num_steps=2", "reward_backprop.grad_k=1", "train.log_every=1",
+                  "train.max_steps=2", "train.learning_rate=1e-2", "train.lr_warmup_steps=0",
+                  "reward_backprop.kl_weight=1", "tracking.validation_prompts=[]"))
+    kl = [json.loads(line)["kl"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kl[0] == 0.0 < kl[1]  # LoRA starts as a no-op: the base is the reference; one step later it is not
+
+
 def test_toy_judge_is_refused_with_the_differentiable_choices(tmp_path):
     from t2i_align.objectives.reward_backprop import build_reward
 
@@ -125,7 +160,8 @@ def test_toy_judge_is_refused_with_the_differentiable_choices(tmp_path):
 @pytest.mark.parametrize("override, key", [("reward_backprop.grad_mode=random", "grad_mode"),
                                            ("reward_backprop.grad_k=3", "grad_k"),
                                            ("reward_backprop.timestep_spacing=even", "timestep_spacing"),
-                                           ("reward_backprop.loss_scale=0", "loss_scale")])
+                                           ("reward_backprop.loss_scale=0", "loss_scale"),
+                                           ("reward_backprop.kl_weight=-1", "kl_weight")])
 def test_bad_settings_fail_at_config_load(override, key):
     with pytest.raises(ConfigError, match=f"reward_backprop.{key}"):
         load_config(None, ["reward_backprop.num_steps=20", override])

@@ -148,6 +148,20 @@ CAPS = ["a large red circle at the top left", "a small blue square at the bottom
         "a large green triangle at the top right", "a small yellow circle at the bottom left"]
 
 
+def test_pair_label_adds_prompt_following_by_hand():
+    from t2i_align.toy.ppd import Pool, pair_label
+    from t2i_align.toy.users import ToyUser
+
+    user = ToyUser(0, ("gray", "white", "black"))  # utilities 1, 0.5, 0
+    pool = Pool(["cap"], np.zeros((1, 4, 2, 2, 3), np.uint8), [["gray", "gray", "black", "white"]],
+                np.array([[1.0, 0.5, 1.0, 0.0]], np.float32))
+    assert pair_label(user, pool, 0, 0, 1) == 0.5  # same background: a tie by taste alone
+    assert pair_label(user, pool, 0, 0, 1, prompt_weight=0.4) == 1.0  # 1 + .4 vs 1 + .2
+    assert pair_label(user, pool, 0, 2, 3, prompt_weight=0.4) == 0.0  # 0 + .4 vs .5 + 0: taste decides
+    assert pair_label(user, pool, 0, 2, 3, prompt_weight=0.5) == 0.5  # .5 vs .5
+    assert pair_label(user, pool, 0, 2, 3, prompt_weight=1.0) == 1.0  # 1 vs .5: prompt-following outweighs
+
+
 def test_toy_ppd_data_users_disagree_on_the_same_pairs_and_shots_stay_apart(tmp_path):
     import json
 

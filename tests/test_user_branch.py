@@ -126,6 +126,30 @@ def test_gradients_reach_only_the_branch():
     assert {id(p) for p in unet.parameters() if p.requires_grad} == branch
 
 
+def test_branch_restricted_to_blocks_trains_only_there_and_the_rest_stays_a_no_op():
+    unet = _toy_unet()
+    unet.requires_grad_(False)
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        base = _run(unet, inputs, user=False)
+    ub.add_user_branch(unet, USER_DIM, NUM_TOKENS)
+    params = ub.restrict_user_branch(unet, ["up_blocks.1"])
+    layers = ub._cross_attention_layers(unet)
+    chosen = [attn for name, attn in layers if name.startswith("up_blocks.1")]
+    assert len(chosen) == 2 and len(layers) == 7  # the toy UNet: up_blocks.1 has 2 of its 7 cross-attentions
+    expected = list(unet.encoder_hid_proj.parameters()) + [p for a in chosen for p in a.processor.parameters()]
+    assert [id(p) for p in params] == [id(p) for p in expected]
+    assert {id(p) for p in unet.parameters() if p.requires_grad} == {id(p) for p in params}
+    _perturb(params)
+    with torch.no_grad():
+        assert not torch.allclose(_run(unet, inputs), base, atol=1e-4)
+        for attn in chosen:  # the other layers' to_v_ip is still zero: with these off too, it is the base
+            attn.processor.to_v_ip[0].weight.zero_()
+        assert torch.equal(_run(unet, inputs), base)
+    with pytest.raises(ub.UserBranchError, match=r"\['up_blocks.9'\] match no cross-attention layer.*mid_block"):
+        ub.restrict_user_branch(unet, ["up_blocks.9"])
+
+
 def _pipeline_latents(pipe, tokens, **kwargs):
     out = pipe(["a cat", "a photo of a cat"], num_inference_steps=2, guidance_scale=3.0, output_type="latent",
                generator=torch.Generator().manual_seed(0), height=16, width=16, **kwargs)

@@ -33,7 +33,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -154,6 +154,26 @@ def user_branch_parameters(unet: nn.Module) -> List[nn.Parameter]:
     params = list(unet.encoder_hid_proj.parameters())
     for _, attn in layers:
         params += list(attn.processor.parameters())
+    return params
+
+
+def restrict_user_branch(unet: nn.Module, prefixes: Sequence[str]) -> List[nn.Parameter]:
+    """Train the branch only in the cross-attention layers whose names start with one of `prefixes` (all when
+    empty): freeze the others' to_k_ip / to_v_ip (to_v_ip is zero there, so those layers stay exact no-ops) and
+    return the projection's and the chosen layers' parameters."""
+    layers = _require_branch(unet)
+    if not prefixes:
+        return user_branch_parameters(unet)
+    unmatched = [p for p in prefixes if not any(name.startswith(p) for name, _ in layers)]
+    if unmatched:
+        raise UserBranchError(f"ppd.blocks {unmatched} match no cross-attention layer; this UNet's are "
+                              f"{[name[: -len('.processor')] for name, _ in layers]}")
+    params = list(unet.encoder_hid_proj.parameters())
+    for name, attn in layers:
+        chosen = any(name.startswith(p) for p in prefixes)
+        attn.processor.requires_grad_(chosen)
+        if chosen:
+            params += list(attn.processor.parameters())
     return params
 
 

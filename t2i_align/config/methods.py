@@ -5,7 +5,7 @@ Their own module so sections.py stays small; `Config` in sections.py imports the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .sections import _check, _check_at_least, _check_choice
 
@@ -108,8 +108,17 @@ class PpdConfig:
     dropout: float = 0.0
     """Probability of zeroing a row's user tokens on the policy side (PPD's user-embedding dropout "for
     regularization"; its rate is unpublished, the unofficial re-implementation uses 0.1)."""
+    blocks: List[str] = field(default_factory=list)
+    """Which cross-attention layers train their branch, as name prefixes ("down_blocks", "mid_block",
+    "up_blocks", or finer, "up_blocks.1"); empty: all of them (PPD, IP-Adapter). The others stay zero, an exact
+    no-op, and frozen, so the export still loads in diffusers as a whole IP-Adapter. Ours, after InstantStyle
+    (Wang et al. 2024, arXiv 2404.02733), which injects a reference's style into chosen blocks only so its
+    content stays out."""
 
     def __post_init__(self) -> None:
+        _check(self, "blocks", all(str(b).split(".")[0] in ("down_blocks", "mid_block", "up_blocks")
+                                   for b in self.blocks), 'name prefixes starting "down_blocks", "mid_block" or '
+               '"up_blocks" (empty: every cross-attention layer)')
         _check(self, "table", bool(self.table) or not self.enabled, "a user-table file when ppd.enabled is true")
         _check(self, "layers", self.layers in ("all", "last") or (str(self.layers).isdigit() and int(self.layers)
                                                                    >= 1), '"all", "last" or a count >= 1')

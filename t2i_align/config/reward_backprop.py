@@ -51,6 +51,10 @@ class RewardBackpropConfig:
     timestep_spacing: Optional[str] = "trailing"
     """DDIM timestep spacing of the chain: "trailing" gives LongAlign's 999 … 19 for 50 steps; null keeps the
     model's scheduler config (SD1.5 and the toy: "leading", 981 … 1, what their samplers use)."""
+    kl_weight: float = 0.0
+    """> 0 adds kl_weight · mean over gradient steps of ‖ε_θ(x_t) − ε_ref(x_t)‖² (mean over elements; guided
+    predictions, the reference = the model the run started from, at the same x_t): DPOK's KL regulariser
+    (Fan et al. 2023, arXiv 2305.16381, §4.2). 0: none, as LongAlign (no reference is built)."""
 
     def __post_init__(self) -> None:
         _check(self, "reward", bool(self.reward), "a reward name, e.g. decomposed-clip")
@@ -63,5 +67,6 @@ class RewardBackpropConfig:
         _check(self, "grad_k", self.grad_mode != "strided" or self.num_steps % self.grad_k == 0,
                f"a divisor of num_steps ({self.num_steps}) with grad_mode strided (or use stratified)")
         _check(self, "eta", self.eta >= 0, "a number >= 0")
+        _check(self, "kl_weight", self.kl_weight >= 0, "a number >= 0 (0: no KL regulariser)")
         _check(self, "timestep_spacing", self.timestep_spacing is None or self.timestep_spacing in SPACINGS,
                "null or one of " + ", ".join(SPACINGS))

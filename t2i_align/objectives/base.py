@@ -73,6 +73,11 @@ class Objective(abc.ABC):
     ctx = None
     """The ObjectiveContext handed over by `setup` (None until then)."""
 
+    def configure(self, cfg) -> "Objective":
+        """Called by the loop before it builds anything, with the run's Config: settings that decide what it
+        builds (RewardBackprop needs a reference only with a KL weight). Returns self."""
+        return self
+
     def setup(self, ctx) -> None:
         """Called once by the loop before training, with the `ObjectiveContext` (encoders, sampler, rewards)."""
         self.ctx = ctx

@@ -20,10 +20,15 @@ Where we differ from the official code, on purpose:
 - the reward sees the whole decoded image, resized and centre-cropped (`reward_models`), not the code's
   RandomCrop(504) ("for blocky blur"), an augmentation we leave out;
 - the gradient steps are drawn from the global RNG (restored on resume), per process.
-No reference model (needs_reference = False): the reward alone is the objective, as in LongAlign.
+No reference model: the reward alone is the objective, as in LongAlign. Ours, optional (`kl_weight` > 0): DPOK's
+KL regulariser (Fan et al. 2023, arXiv 2305.16381, §4.2), whose per-step KL between two Gaussian step policies
+of equal variance is c_t‖ε_θ − ε_ref‖²; we add kl_weight · mean over the gradient steps of the mean squared
+difference of the guided predictions, with c_t = 1 and DDIM's η = 0 chain (deterministic: a proxy, not a KL),
+against the model the run started from, so the policy stays near stage 1 where the reward stops being right.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -89,12 +94,16 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
 
 
 class RewardBackprop(Objective):
-    """Prompts in (batch_kind "prompts"); the loss of the module docstring; no reference."""
+    """Prompts in (batch_kind "prompts"); the loss of the module docstring; a reference only with kl_weight."""
 
     needs_reference = False
     batch_kind = "prompts"
     reward = None
     sampler = None
+
+    def configure(self, cfg) -> "RewardBackprop":
+        self.needs_reference = cfg.reward_backprop.kl_weight > 0
+        return self
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
@@ -103,9 +112,9 @@ class RewardBackprop(Objective):
         self.reward = build_reward(ctx, rc, ctx.cfg.data.path)
 
     def generate(self, policy: Denoiser, batch: PromptBatch, generator: Optional[torch.Generator] = None,
-                 grad: bool = True) -> torch.Tensor:
+                 grad: bool = True, grad_step_hook=None) -> torch.Tensor:
         """Decoded images in [0, 1] for the batch's prompts, with gradients through the chosen steps when `grad`
-        (with grad=False: the same chain and decode, nothing kept for backward)."""
+        (with grad=False: the same chain and decode, nothing kept for backward); `grad_step_hook` as rollout's."""
         from t2i_align.rollout import choose_grad_steps, initial_latents, rollout
 
         ctx, rc = self.ctx, self.ctx.cfg.reward_backprop
@@ -116,7 +125,8 @@ class RewardBackprop(Objective):
             latents = rollout(policy, batch.embeds, ctx.empty_embeds(1), self.sampler, noise,
                               num_steps=rc.num_steps, guidance_scale=rc.guidance_scale, grad_steps=steps,
                               detach_input=rc.detach_input, checkpoint=rc.checkpoint, time_ids=batch.time_ids,
-                              eta=rc.eta, generator=generator, x0_prediction=rc.x0_prediction)
+                              eta=rc.eta, generator=generator, x0_prediction=rc.x0_prediction,
+                              grad_step_hook=grad_step_hook)
             images = ctx.decode_latents(latents, grad=grad, checkpoint=rc.decode_checkpoint)
         return images / 2 + 0.5
 
@@ -126,11 +136,25 @@ class RewardBackprop(Objective):
         self.check_reference(policy, reference)
         if not isinstance(batch, PromptBatch):
             raise TypeError(f"reward_backprop needs a PromptBatch (data.kind=prompts), got {type(batch).__name__}")
-        scores, info = self.reward(self.generate(policy, batch, generator), batch.captions)
-        loss = -self.ctx.cfg.reward_backprop.loss_scale * scores.float().mean()
-        values = {"loss": loss, "reward": scores.float().mean()}
+        rc = self.ctx.cfg.reward_backprop
+        kl: list = []
+        hook = None if reference is None else functools.partial(_kl_term, reference=reference, out=kl)
+        scores, info = self.reward(self.generate(policy, batch, generator, grad_step_hook=hook), batch.captions)
+        loss = -rc.loss_scale * scores.float().mean()
+        values = {"reward": scores.float().mean()}
+        if reference is not None and kl:
+            values["kl"] = torch.stack(kl).mean()
+            loss = loss + rc.kl_weight * values["kl"]
+        values["loss"] = loss
         values.update(reward_info_means(info, len(batch)))
         return loss, metrics_to_floats(values)
+
+
+def _kl_term(eps: torch.Tensor, predict, reference: Denoiser, out: list) -> None:
+    """Append ‖ε_θ − ε_ref‖² (mean over elements) at one gradient step; the reference under no_grad."""
+    with torch.no_grad():
+        ref = predict(reference)
+    out.append((eps.float() - ref.float()).pow(2).mean())
 
 
 def reward_info_means(info: dict, n: int) -> dict:

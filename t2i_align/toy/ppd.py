@@ -138,6 +138,15 @@ def embed_users(encoder: ToyUserEncoder, shot_sets: Dict[int, Sequence[Shot]],
     return dict(zip(ids, stacked))
 
 
+def pair_label(user: ToyUser, pool: Pool, p: int, a: int, b: int, prompt_weight: float = 0.0) -> float:
+    """label_0 of pool pair (p, a, b) by a training user whose utility is taste + prompt_weight · named score
+    (the judge's fraction of the caption's named attributes). 0 (default): taste alone. Below 0.5 (a step of a
+    three-value taste is 0.5) taste still decides every pair it can and prompt-following breaks its ties, so all
+    users agree on those pairs: users who, like Pick-a-Pic's raters, also want the prompt followed."""
+    u = [user.utility(pool.free[p][i]) + prompt_weight * float(pool.named_score[p, i]) for i in (a, b)]
+    return 1.0 if u[0] > u[1] else 0.0 if u[0] < u[1] else 0.5
+
+
 def embedding_id(user_id: int, j: int) -> int:
     """The table id of training user `user_id`'s j-th embedding (pairs carry it as their user_id)."""
     return user_id * 100 + j
@@ -145,9 +154,11 @@ def embedding_id(user_id: int, j: int) -> int:
 
 def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Sequence[ToyUser],
                    heldout_users: Sequence[ToyUser], encoder: ToyUserEncoder, embeddings_per_user: int = 4,
-                   seed: int = 0) -> Dict:
-    """pairs.parquet (every training user labels the same fixed pairs), user_table.safetensors (training users'
-    embeddings and the held-out users'), users.json (tastes, ids, shot fingerprints). Returns counts."""
+                   seed: int = 0, prompt_weight: float = 0.0) -> Dict:
+    """pairs.parquet (every training user labels the same fixed pairs, by `pair_label` with `prompt_weight`),
+    user_table.safetensors (training users' embeddings and the held-out users'), users.json (tastes, ids, shot
+    fingerprints). Returns counts. Shots are always pairs the user's taste decides: the embedding is what a user
+    shows of their taste, whatever else they reward."""
     from .pairs import jpeg_bytes, write_parquet
 
     if any(u.attribute != pairs_pool.attribute for u in [*train_users, *heldout_users]):
@@ -168,7 +179,7 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     for p, a, b in fixed_pairs(pairs_pool, seed):
         jpg = (jpeg_bytes(pairs_pool.images[p, a]), jpeg_bytes(pairs_pool.images[p, b]))
         for user in train_users:
-            label = user.label(pairs_pool.free[p][a], pairs_pool.free[p][b])
+            label = pair_label(user, pairs_pool, p, a, b, prompt_weight)
             if label == 0.5:
                 continue
             emb = embedding_id(user.user_id, rng.randrange(embeddings_per_user))
@@ -184,9 +195,11 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     meta = {"attribute": pairs_pool.attribute, "train_users": {u.user_id: list(u.ranking) for u in train_users},
             "heldout_users": {u.user_id: list(u.ranking) for u in heldout_users},
             "embedding_owner": owner, "shot_fingerprints": prints, "pairs": len(rows),
-            "pairs_per_user": len(rows) / max(1, len(train_users)), "embeddings_per_user": embeddings_per_user}
+            "pairs_per_user": len(rows) / max(1, len(train_users)), "embeddings_per_user": embeddings_per_user,
+            "prompt_weight": prompt_weight}
     (out / "users.json").write_text(json.dumps(meta, indent=1))
-    return {k: v for k, v in meta.items() if k in ("pairs", "pairs_per_user", "embeddings_per_user")}
+    return {k: v for k, v in meta.items() if k in ("pairs", "pairs_per_user", "embeddings_per_user",
+                                                    "prompt_weight")}
 
 
 def embed_shots_file(path, encoder: Optional[ToyUserEncoder] = None, num_shots: int = NUM_SHOTS) -> torch.Tensor:

@@ -72,11 +72,12 @@ class UserLookup:
 
 def add_ppd_branch(components, ppd) -> List[torch.nn.Parameter]:
     """Load ppd.table, add a zero-initialised user branch of its width and token count to components.unet at
-    ppd.scale, and set components.users. Returns the branch's parameters (trainable)."""
-    from ..conditioning.users import add_user_branch
+    ppd.scale, and set components.users. Returns the branch's trainable parameters (in ppd.blocks)."""
+    from ..conditioning.users import add_user_branch, restrict_user_branch
 
     table = load_training_table(ppd.table, ppd.layers)
-    params = add_user_branch(components.unet, table.dim, table.num_tokens, scale=ppd.scale)
+    add_user_branch(components.unet, table.dim, table.num_tokens, scale=ppd.scale)
+    params = restrict_user_branch(components.unet, ppd.blocks)
     components.users = UserLookup(table, ppd.dropout)
     logger.info("PPD user branch: %d users, %d tokens of width %d, %d parameters", len(table), table.num_tokens,
                 table.dim, sum(p.numel() for p in params))
