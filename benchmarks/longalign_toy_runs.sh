@@ -168,3 +168,16 @@ for seed in 0 100000; do
 done
 $PY benchmarks/longalign_reward_correlation.py $E/s1_6000_dens_s0.json $E/dens-w0.3-kl1_s0.json \
   > $E/reward_correlation_denscore_kl.json
+# the chosen setting (omega 0.3, kl_weight 1) again with training seed 1
+name=dens-w0.3-kl1-seed1
+$PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/longalign-$name seed=1 \
+  model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.checkpoint=toy-denscore \
+  reward_backprop.reward_options.omega=0.3 reward_backprop.kl_weight=1 train.learning_rate=3e-4 \
+  train.max_steps=300 train.log_every=5 'tracking.validation_prompts=[]'
+for seed in 0 100000; do
+  $PY benchmarks/longalign_toy.py judge --seed $seed --out $E/${name}_s$seed.json \
+    --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-$name/final --reward \
+    --reward-checkpoint toy-denscore > $E/${name}_s$seed.summary.json
+  $PY benchmarks/longalign_toy.py compare $E/${name}_s$seed.json $E/s1_6000_dens_s$seed.json \
+    > $E/${name}_vs_s1_s$seed.json
+done
