@@ -8,6 +8,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=${PY:-.venv/bin/python}
 E=runs/longalign-eval
 mkdir -p $E
+# stage-2 runs made before configs/toy/longalign_reward.yaml moved to the Denscore and the KL anchor (session 8)
+TOY_CLIP_NO_KL="reward_backprop.reward_options.checkpoint=toy reward_backprop.kl_weight=0"
 
 # data: ground-truth renders of the 300 training scenes x 8, long captions (and short ones, for the diagnostic)
 $PY -m t2i_align.toy captions --out runs/longalign-captions --per-scene 8
@@ -72,7 +74,7 @@ for spec in "0.3 1e-3 150" "0.3 1e-4 200" "1.0 1e-4 200" "0.3 3e-4 300"; do
   set -- $spec; name=reward-w$1-lr$2-$3
   $PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/longalign-$name \
     model.pretrained=runs/longalign-s1-1200/merged reward_backprop.reward_options.omega=$1 train.learning_rate=$2 \
-    train.max_steps=$3 train.log_every=5
+    train.max_steps=$3 train.log_every=5 $TOY_CLIP_NO_KL
   $PY benchmarks/longalign_toy.py judge --out $E/${name}_long.json --model runs/longalign-s1-1200/merged \
     --lora runs/longalign-$name/final --reward > $E/${name}_long.summary.json
   $PY benchmarks/longalign_toy.py compare $E/${name}_long.json $E/s1_1200_long.json > $E/${name}_vs_s1.json
@@ -89,7 +91,7 @@ $PY benchmarks/longalign_reward_correlation.py $E/base_clip77_long.json $E/base_
 $PY train/merge_lora.py --lora runs/longalign-s1-segments/step-6000/final --out runs/longalign-s1-segments/merged-6000
 $PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/longalign-reward6000-w0.3-lr3e-4-300 \
   model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.omega=0.3 \
-  train.learning_rate=3e-4 train.max_steps=300 train.log_every=5
+  train.learning_rate=3e-4 train.max_steps=300 train.log_every=5 $TOY_CLIP_NO_KL
 $PY benchmarks/longalign_toy.py judge --out $E/reward6000-w0.3-lr3e-4-300_long.json \
   --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-reward6000-w0.3-lr3e-4-300/final --reward \
   > $E/reward6000-w0.3-lr3e-4-300_long.summary.json
@@ -109,6 +111,17 @@ for seed in 0 100000; do
 done
 $PY benchmarks/longalign_reward_correlation.py $E/s1_6000_dens_s0.json > $E/reward_correlation_denscore.json
 
+# a stage-2 run (runs/longalign-NAME) from the 6000-step stage 1: judged with the Denscore's reward at seed 0 and at
+# fresh seeds 100000, each compared with stage 1 at the same seeds
+judge_stage2() {
+  for seed in 0 100000; do
+    $PY benchmarks/longalign_toy.py judge --seed $seed --out $E/${1}_s$seed.json \
+      --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-$1/final --reward \
+      --reward-checkpoint toy-denscore > $E/${1}_s$seed.summary.json
+    $PY benchmarks/longalign_toy.py compare $E/${1}_s$seed.json $E/s1_6000_dens_s$seed.json > $E/${1}_vs_s1_s$seed.json
+  done
+}
+
 # stage 2 with the toy Denscore from the 6000-step stage 1, omega 0.3 and 1 (side by side), judged at seed 0 and
 # at fresh seeds 100000
 for w in 0.3 1.0; do
@@ -116,14 +129,8 @@ for w in 0.3 1.0; do
   $PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/longalign-$name \
     model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.checkpoint=toy-denscore \
     reward_backprop.reward_options.omega=$w train.learning_rate=3e-4 train.max_steps=300 train.log_every=5 \
-    'tracking.validation_prompts=[]'
-  for seed in 0 100000; do
-    $PY benchmarks/longalign_toy.py judge --seed $seed --out $E/${name}_s$seed.json \
-      --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-$name/final --reward \
-      --reward-checkpoint toy-denscore > $E/${name}_s$seed.summary.json
-    $PY benchmarks/longalign_toy.py compare $E/${name}_s$seed.json $E/s1_6000_dens_s$seed.json \
-      > $E/${name}_vs_s1_s$seed.json
-  done
+    reward_backprop.kl_weight=0 'tracking.validation_prompts=[]'
+  judge_stage2 $name
 done
 for seed in 0 100000; do
   $PY benchmarks/longalign_toy.py compare $E/dens-w0.3-lr3e-4-300_s$seed.json $E/dens-w1.0-lr3e-4-300_s$seed.json \
@@ -152,13 +159,7 @@ for run in "0.3 0.1" "0.3 1" "1.0 1"; do
     model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.checkpoint=toy-denscore \
     reward_backprop.reward_options.omega=$1 reward_backprop.kl_weight=$2 train.learning_rate=3e-4 \
     train.max_steps=300 train.log_every=5 'tracking.validation_prompts=[]'
-  for seed in 0 100000; do
-    $PY benchmarks/longalign_toy.py judge --seed $seed --out $E/${name}_s$seed.json \
-      --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-$name/final --reward \
-      --reward-checkpoint toy-denscore > $E/${name}_s$seed.summary.json
-    $PY benchmarks/longalign_toy.py compare $E/${name}_s$seed.json $E/s1_6000_dens_s$seed.json \
-      > $E/${name}_vs_s1_s$seed.json
-  done
+  judge_stage2 $name
 done
 for seed in 0 100000; do
   $PY benchmarks/longalign_toy.py compare $E/dens-w0.3-kl1_s$seed.json $E/dens-w1.0-kl1_s$seed.json \
@@ -174,10 +175,4 @@ $PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=runs/lo
   model.pretrained=runs/longalign-s1-segments/merged-6000 reward_backprop.reward_options.checkpoint=toy-denscore \
   reward_backprop.reward_options.omega=0.3 reward_backprop.kl_weight=1 train.learning_rate=3e-4 \
   train.max_steps=300 train.log_every=5 'tracking.validation_prompts=[]'
-for seed in 0 100000; do
-  $PY benchmarks/longalign_toy.py judge --seed $seed --out $E/${name}_s$seed.json \
-    --model runs/longalign-s1-segments/merged-6000 --lora runs/longalign-$name/final --reward \
-    --reward-checkpoint toy-denscore > $E/${name}_s$seed.summary.json
-  $PY benchmarks/longalign_toy.py compare $E/${name}_s$seed.json $E/s1_6000_dens_s$seed.json \
-    > $E/${name}_vs_s1_s$seed.json
-done
+judge_stage2 $name
