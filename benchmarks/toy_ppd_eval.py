@@ -79,6 +79,7 @@ def _setting(args):
 
 def _picture(args) -> Path:
     suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
+    suffix += "" if args.user_scale == 1.0 else f"-scale{args.user_scale:g}"
     return Path(args.root) / f"interpolation{suffix}-seed{args.eval_base_seed}.png"
 
 
@@ -92,7 +93,10 @@ def stage_eval(args) -> Dict:
     for name, lora in (("base", None), ("dpo", root / "dpo" / "final")):
         if lora is None or lora.exists():
             judged[name] = _judge(_sample(load_pipeline("toy", lora=lora), captions, seeds), captions, free)
+    from t2i_align.conditioning.users import set_user_scale
+
     ppd = load_pipeline("toy", lora=root / args.ppd_run / "final")
+    set_user_scale(ppd.unet, args.user_scale)
     swap = _shuffled(users)
     results: Dict[str, Dict] = {name: {} for name in ("base", "dpo", "ppd", "ppd_shuffled") if name in judged
                                 or name.startswith("ppd")}
@@ -108,7 +112,7 @@ def stage_eval(args) -> Dict:
                                              pairs=args.interp_pairs)
     report["settings"] = {"heldout_users": len(users), "eval_captions": len(eval_caps),
                           "seeds_per_caption": args.eval_seeds, "images_per_user_per_model": n,
-                          "eval_base_seed": args.eval_base_seed, "attribute": free}
+                          "eval_base_seed": args.eval_base_seed, "attribute": free, "user_scale": args.user_scale}
     return report
 
 
@@ -124,7 +128,8 @@ def stage_interp(args) -> Dict:
 def stage_attributes(args) -> Dict:
     """Which named attribute does the user branch cost? For the first `args.attribute_users` held-out users, at
     the evaluation seeds: the judge's accuracy on each attribute the caption names and the favourite share, for
-    the base, PPD with the user's embedding and PPD with the shuffled one (means over those users)."""
+    the base, PPD with the user's embedding and PPD with the shuffled one (means over those users), the branch at
+    user scale `args.user_scale`."""
     from t2i_align.gallery import to_uint8
     from t2i_align.sampling import load_pipeline
     from t2i_align.toy.judge import read_attributes
@@ -139,8 +144,11 @@ def stage_attributes(args) -> Dict:
                for a in named_attributes(captions[0], free)}
         return {**out, "favourite_share": float(np.mean([r[free] == favourite for r in reads]))}
 
+    from t2i_align.conditioning.users import set_user_scale
+
     base = to_uint8(_sample(load_pipeline("toy"), captions, seeds).images)
     ppd = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
+    set_user_scale(ppd.unet, args.user_scale)
     rows: Dict[str, List[Dict]] = {"base": [], "ppd": [], "ppd_shuffled": []}
     for user in tqdm(users, desc=f"attributes ({args.ppd_run})"):
         rows["base"].append(judged(base, user.favourite))
@@ -148,7 +156,7 @@ def stage_attributes(args) -> Dict:
             images = to_uint8(_sample(ppd, captions, seeds, table.tokens([source] * len(captions))).images)
             rows[name].append(judged(images, user.favourite))
     return {name: {k: float(np.mean([r[k] for r in per])) for k in per[0]} for name, per in rows.items()} | {
-        "users": [u.user_id for u in users], "eval_base_seed": args.eval_base_seed}
+        "users": [u.user_id for u in users], "eval_base_seed": args.eval_base_seed, "user_scale": args.user_scale}
 
 
 def _report(results: Dict[str, Dict], users) -> Dict:
