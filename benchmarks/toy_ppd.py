@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                    help="eval/interp: how many user pairs (A, B) to interpolate between; reports their mean curve")
     p.add_argument("--attribute-users", type=int, default=6,
                    help="attributes: how many held-out users (the first) to judge attribute by attribute")
-    p.add_argument("--user-scale", type=float, default=1.0, help="eval/attributes: the user branch's scale")
+    p.add_argument("--user-scale", type=float, default=1.0, help="eval/interp/attributes: the user branch's scale")
     p.add_argument("--ppd-run", default="ppd", help="eval: the PPD run folder under --root (a variant's name)")
     args = p.parse_args(argv)
     args.models = args.models.split(",")
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
     per_run = args.stage in ("eval", "interp", "attributes")
     suffix = f"-{args.ppd_run}" if per_run and args.ppd_run != "ppd" else ""
-    if args.stage in ("eval", "attributes") and args.user_scale != 1.0:
+    if per_run and args.user_scale != 1.0:
         suffix += f"-scale{args.user_scale:g}"
     if per_run and args.eval_base_seed != 900_000:
         suffix += f"-seed{args.eval_base_seed}"

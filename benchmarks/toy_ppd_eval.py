@@ -77,6 +77,16 @@ def _setting(args):
     return free, users, table, eval_caps, captions, seeds
 
 
+def _ppd_pipeline(args):
+    """The PPD run `args.ppd_run` as a toy pipeline, its user branch at `args.user_scale`."""
+    from t2i_align.conditioning.users import set_user_scale
+    from t2i_align.sampling import load_pipeline
+
+    pipe = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
+    set_user_scale(pipe.unet, args.user_scale)
+    return pipe
+
+
 def _picture(args) -> Path:
     suffix = "" if args.ppd_run == "ppd" else f"-{args.ppd_run}"
     suffix += "" if args.user_scale == 1.0 else f"-scale{args.user_scale:g}"
@@ -93,10 +103,7 @@ def stage_eval(args) -> Dict:
     for name, lora in (("base", None), ("dpo", root / "dpo" / "final")):
         if lora is None or lora.exists():
             judged[name] = _judge(_sample(load_pipeline("toy", lora=lora), captions, seeds), captions, free)
-    from t2i_align.conditioning.users import set_user_scale
-
-    ppd = load_pipeline("toy", lora=root / args.ppd_run / "final")
-    set_user_scale(ppd.unet, args.user_scale)
+    ppd = _ppd_pipeline(args)
     swap = _shuffled(users)
     results: Dict[str, Dict] = {name: {} for name in ("base", "dpo", "ppd", "ppd_shuffled") if name in judged
                                 or name.startswith("ppd")}
@@ -118,11 +125,9 @@ def stage_eval(args) -> Dict:
 
 def stage_interp(args) -> Dict:
     """Only the interpolation (and its picture) of the PPD run `args.ppd_run`, at the evaluation seeds."""
-    from t2i_align.sampling import load_pipeline
-
     free, users, table, _, captions, seeds = _setting(args)
-    pipe = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
-    return _interpolation(pipe, table, users, captions, seeds, free, _picture(args), pairs=args.interp_pairs)
+    return _interpolation(_ppd_pipeline(args), table, users, captions, seeds, free, _picture(args),
+                          pairs=args.interp_pairs)
 
 
 def stage_attributes(args) -> Dict:
@@ -137,24 +142,23 @@ def stage_attributes(args) -> Dict:
 
     free, users, table, _, captions, seeds = _setting(args)
     users, swap = users[:args.attribute_users], _shuffled(users)
+    wanted = [named_attributes(c, free) for c in captions]
 
-    def judged(images, favourite):
-        reads = [read_attributes(im) for im in images]
-        out = {a: float(np.mean([r[a] == named_attributes(c, free)[a] for r, c in zip(reads, captions)]))
-               for a in named_attributes(captions[0], free)}
+    def reads_of(samples):
+        return [read_attributes(im) for im in to_uint8(samples.images)]
+
+    def judged(reads, favourite):
+        out = {a: float(np.mean([r[a] == w[a] for r, w in zip(reads, wanted)])) for a in wanted[0]}
         return {**out, "favourite_share": float(np.mean([r[free] == favourite for r in reads]))}
 
-    from t2i_align.conditioning.users import set_user_scale
-
-    base = to_uint8(_sample(load_pipeline("toy"), captions, seeds).images)
-    ppd = load_pipeline("toy", lora=Path(args.root) / args.ppd_run / "final")
-    set_user_scale(ppd.unet, args.user_scale)
+    base = reads_of(_sample(load_pipeline("toy"), captions, seeds))
+    ppd = _ppd_pipeline(args)
     rows: Dict[str, List[Dict]] = {"base": [], "ppd": [], "ppd_shuffled": []}
     for user in tqdm(users, desc=f"attributes ({args.ppd_run})"):
         rows["base"].append(judged(base, user.favourite))
         for name, source in (("ppd", user.user_id), ("ppd_shuffled", swap[user.user_id])):
-            images = to_uint8(_sample(ppd, captions, seeds, table.tokens([source] * len(captions))).images)
-            rows[name].append(judged(images, user.favourite))
+            rows[name].append(judged(reads_of(_sample(ppd, captions, seeds, table.tokens([source] * len(captions)))),
+                                     user.favourite))
     return {name: {k: float(np.mean([r[k] for r in per])) for k in per[0]} for name, per in rows.items()} | {
         "users": [u.user_id for u in users], "eval_base_seed": args.eval_base_seed, "user_scale": args.user_scale}
 
