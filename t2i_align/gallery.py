@@ -42,7 +42,7 @@ def to_uint8(images) -> List[np.ndarray]:
     if hasattr(images, "detach"):
         images = images.detach().float().cpu().numpy()
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:
-        arr = np.clip(images.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr = np.ascontiguousarray(np.clip(images.transpose(0, 2, 3, 1) * 255.0 + 0.5, 0, 255).astype(np.uint8))
         return list(arr)
     return [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in images]
 

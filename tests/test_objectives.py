@@ -106,6 +106,7 @@ def test_sft_weight_adds_the_winners_error_to_the_dpo_loss():
     from t2i_align.config.sections import FieldError
     with pytest.raises(FieldError, match="sft_weight"):
         ObjectiveConfig(name="sft", sft_weight=1.0)
+    ObjectiveConfig(name="seppo", sft_weight=1.0)  # allowed: the same anchor on the preferred images
     with pytest.raises(FieldError, match="sft_weight"):
         ObjectiveConfig(sft_weight=-1.0)
 

@@ -211,6 +211,24 @@ def test_pools_round_trip_and_read_the_older_background_layout(tmp_path):
         write_ppd_data(tmp_path / "x", pool, pool, colour_users[:1], colour_users[1:], _encoder())
 
 
+def test_a_pool_stacked_from_strided_images_round_trips_pixel_exact(tmp_path):
+    # The session-9 bug: np.stack of to_uint8's transposed views kept their strides, and safetensors.numpy wrote
+    # the raw buffer, so the stored pool was channel-major bytes read back as pixels (a 3×3 grid of dots).
+    from dataclasses import replace
+
+    from t2i_align.gallery import to_uint8
+    from t2i_align.toy.ppd import Pool
+
+    chw = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    assert all(im.flags["C_CONTIGUOUS"] for im in to_uint8(chw))
+    hwc = (chw * 255).astype(np.uint8).transpose(0, 2, 3, 1)  # a strided view, as the old stack gave
+    assert not hwc.flags["C_CONTIGUOUS"]
+    pool = replace(_pool(CAPS[:2], k=2), images=hwc.reshape(2, 2, 8, 8, 3))
+    pool.save(tmp_path / "p")
+    assert np.array_equal(Pool.load(tmp_path / "p").images, hwc.reshape(2, 2, 8, 8, 3))
+    assert not list((tmp_path / "p").glob(".*.tmp"))  # written atomically, no temporary left
+
+
 def test_too_few_shots_fail_with_a_clear_message(tmp_path):
     from t2i_align.toy.pairs import jpeg_bytes, write_parquet
     from t2i_align.toy.ppd import NotEnoughShotsError, embed_shots_file, embed_users, user_shots

@@ -31,6 +31,8 @@ def test_seppo_loss_by_hand(flip, signs, losses):
     assert s.tolist() == signs
     assert got.tolist() == pytest.approx(losses, abs=1e-6)
     assert logits[0].item() == pytest.approx(1.0, abs=1e-6)
+    anchored, _, _ = seppo_loss(MSE_W, MSE_R, REF_W, REF_R, beta=10.0, flip=flip, sft_weight=2.0)
+    assert anchored.tolist() == pytest.approx([x + 2.0 * 0.5 for x in losses], abs=1e-6)  # + λ·mse_w (0.5 each)
 
 
 def test_a_tie_means_the_reference_sample_is_not_a_loser():

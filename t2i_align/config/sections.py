@@ -175,15 +175,17 @@ class ObjectiveConfig:
     """Offset noise for the denoising objectives (dpo, sft, seppo): ε + noise_offset · N(0, 1) per sample and
     channel (diffusers' `--noise_offset`; 0.1 is its usual value); 0 is plain ε, as every paper's recipe."""
     sft_weight: float = 0.0
-    """dpo only: add sft_weight · (the policy's denoising MSE on the winners) to the DPO loss, the diffusion form
+    """dpo and seppo: add sft_weight · (the policy's denoising MSE on the winners) to the loss, the diffusion form
     of RPO's NLL term on the chosen response (Pang et al. 2024, arXiv 2404.19733, Eq. 3), against DPO raising
-    its error on the preferred images. 0: plain Diffusion-DPO."""
+    its error on the preferred images (seppo: on the preferred images it reads; ours, not in SePPO). 0: plain
+    Diffusion-DPO / SePPO."""
 
     def __post_init__(self) -> None:
         _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
         _check(self, "beta", self.beta > 0, "a number > 0")
         _check(self, "sft_weight", self.sft_weight >= 0, "a number >= 0 (0: plain DPO)")
-        _check(self, "sft_weight", self.sft_weight == 0 or self.name == "dpo", "0 unless objective.name is dpo")
+        _check(self, "sft_weight", self.sft_weight == 0 or self.name in ("dpo", "seppo"),
+               "0 unless objective.name is dpo or seppo")
         _check(self, "noise_offset", 0 <= self.noise_offset < 1, "a number in [0, 1), e.g. 0.1")
         _check_choice(self, "beta_convention", ("official", "diffusers"))
         _check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))

@@ -51,11 +51,12 @@ def aaf_sign(policy_err_w: torch.Tensor, ref_err_w: torch.Tensor, flip: str, tie
 
 def seppo_loss(mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, ref_r: torch.Tensor, beta: float,
                flip: str = "sign", beta_convention: str = "official", loss_type: str = "sigmoid",
-               tie: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sample losses, logits, s): Diffusion-DPO with the reference sample as loser, its term times s."""
+               tie: bool = False, sft_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sample losses, logits, s): Diffusion-DPO with the reference sample as loser, its term times s; plus
+    `sft_weight` · mse_w (ours: `objective.sft_weight`, the RPO-style anchor on the preferred image)."""
     s = aaf_sign(mse_w.detach(), ref_w.detach(), flip, tie)
     losses, logits = dpo_loss(mse_w, s * mse_r, ref_w, s * ref_r, beta, beta_convention, loss_type)
-    return losses, logits, s
+    return losses + sft_weight * mse_w, logits, s
 
 
 class SePPO(Objective):
@@ -115,7 +116,7 @@ class SePPO(Objective):
         ref_w, ref_r = ref_mse.chunk(2)
         tie = self.pool is not None and self.pool.reference_is_policy()
         losses, logits, s = seppo_loss(mse_w, mse_r, ref_w, ref_r, cfg.beta, self.ctx.cfg.seppo.flip,
-                                       cfg.beta_convention, cfg.loss_type, tie)
+                                       cfg.beta_convention, cfg.loss_type, tie, cfg.sft_weight)
         loss = losses.mean()
         metrics = metrics_to_floats({
             "loss": loss, "implicit_acc": implicit_accuracy(logits), "logit_mean": logits.mean(),

@@ -47,12 +47,15 @@ class Pool:
     attribute: str = FREE_ATTRIBUTE
 
     def save(self, folder: Path) -> None:
-        from safetensors.numpy import save_file
+        from ..files import save_safetensors_atomic, write_text_atomic
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"images": self.images, "named_score": self.named_score}, str(folder / "pool.safetensors"))
-        (folder / "pool.json").write_text(json.dumps({"captions": self.captions, "free": self.free,
-                                                      "attribute": self.attribute}))
+        # Contiguous copies: safetensors.numpy wrote a strided array's raw buffer, so pools stacked from
+        # to_uint8's transposed views were stored scrambled (channel-major bytes read back as pixels).
+        arrays = {"images": self.images, "named_score": self.named_score}
+        save_safetensors_atomic(folder / "pool.safetensors",
+                                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, {})
+        write_text_atomic(folder / "pool.json", json.dumps({"captions": self.captions, "free": self.free,
+                                                           "attribute": self.attribute}))
 
     @classmethod
     def load(cls, folder: Path) -> "Pool":
