@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
-from t2i_align.config import ConfigError, load_config
+from t2i_align.config import ConfigError, ObjectiveConfig, load_config
 from t2i_align.loop import train
 from t2i_align.objectives.seppo import aaf_sign, seppo_loss
 from t2i_align.references import draw_index
@@ -35,6 +35,51 @@ def test_seppo_loss_by_hand(flip, signs, losses):
     assert anchored.tolist() == pytest.approx([x + 2.0 * 0.5 for x in losses], abs=1e-6)  # + λ·mse_w (0.5 each)
 
 
+def test_the_flipper_reads_the_anchor_errors_when_given():
+    # Averaged anchor errors (anchor_draws > 1) reverse both verdicts: sample 0 now loses on the anchor
+    # (0.45 - 0.55 < 0), sample 1 wins (0.45 - 0.35 > 0); the loss terms still use this draw's errors.
+    anchor = (torch.tensor([0.55, 0.35]), torch.tensor([0.45, 0.45]))
+    got, _, s = seppo_loss(MSE_W, MSE_R, REF_W, REF_R, beta=10.0, flip="sign", anchor=anchor)
+    assert s.tolist() == [-1.0, 1.0]
+    # sample 0 with s=-1: (0.6+0.2)-(0.5+0.3) = 0, ln 2; sample 1 with s=+1: (0.4-0.2)-(0.5-0.3) = 0, ln 2
+    assert got.tolist() == pytest.approx([0.6931472, 0.6931472], abs=1e-6)
+
+
+def test_anchor_draws_average_the_flippers_errors_over_extra_no_grad_draws():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from t2i_align import diffusion
+    from t2i_align.objectives import ImageBatch
+    from t2i_align.objectives.seppo import SePPO
+
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    images, scheduler, calls = ImageBatch(latents, embeds=None), DDPMScheduler(), []
+
+    def zero_model(noisy, t, embeds, time_ids):  # predicts 0: its error is the mean squared ε
+        calls.append(torch.is_grad_enabled())
+        return torch.zeros_like(noisy)
+
+    def anchor(draws):
+        objective = SePPO()
+        objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=SimpleNamespace(anchor_draws=draws)))
+        return objective.anchor_errors(zero_model, zero_model, images, scheduler, ObjectiveConfig(),
+                                       torch.Generator().manual_seed(0), MSE_W, REF_W)
+
+    assert [a.tolist() for a in anchor(1)] == [MSE_W.tolist(), REF_W.tolist()] and calls == []
+    got_policy, got_ref = anchor(3)
+    assert calls == [False] * 4  # 2 extra draws × (policy, reference), no autograd
+    g = torch.Generator().manual_seed(0)
+    extra = []
+    for _ in range(2):  # the same ε draws, by hand: error of a zero prediction = mean ε² per sample
+        eps = diffusion.sample_noise(latents.shape, g, None, latents.dtype)
+        diffusion.sample_timesteps(scheduler, 2, g, None)
+        extra.append(eps.pow(2).mean(dim=(1, 2, 3)))
+    assert got_policy.tolist() == pytest.approx(((MSE_W + extra[0] + extra[1]) / 3).tolist(), abs=1e-6)
+    assert got_ref.tolist() == pytest.approx(((REF_W + extra[0] + extra[1]) / 3).tolist(), abs=1e-6)
+
+
 def test_a_tie_means_the_reference_sample_is_not_a_loser():
     same = torch.tensor([0.5, 0.5])
     assert aaf_sign(same, same, "sign").tolist() == [-1.0, -1.0]  # d = 0 exactly: not better
@@ -53,7 +98,7 @@ def test_draws_depend_only_on_seed_and_step():
 
 
 @pytest.mark.parametrize("override", ["seppo.pool_size=0", "seppo.reference=best", "seppo.flip=maybe",
-                                      "seppo.snapshot_every=0"])
+                                      "seppo.snapshot_every=0", "seppo.anchor_draws=0"])
 def test_bad_seppo_settings_fail_at_config_load(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
         load_config(None, [override])

@@ -51,10 +51,13 @@ def aaf_sign(policy_err_w: torch.Tensor, ref_err_w: torch.Tensor, flip: str, tie
 
 def seppo_loss(mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, ref_r: torch.Tensor, beta: float,
                flip: str = "sign", beta_convention: str = "official", loss_type: str = "sigmoid",
-               tie: bool = False, sft_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               tie: bool = False, sft_weight: float = 0.0,
+               anchor: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-sample losses, logits, s): Diffusion-DPO with the reference sample as loser, its term times s; plus
-    `sft_weight` · mse_w (ours: `objective.sft_weight`, the RPO-style anchor on the preferred image)."""
-    s = aaf_sign(mse_w.detach(), ref_w.detach(), flip, tie)
+    `sft_weight` · mse_w (ours: `objective.sft_weight`, the RPO-style anchor on the preferred image). `anchor`:
+    the (policy, reference) errors on the preferred image that decide s, if not this draw's (`anchor_draws`)."""
+    policy_anchor, ref_anchor = anchor if anchor is not None else (mse_w, ref_w)
+    s = aaf_sign(policy_anchor.detach(), ref_anchor.detach(), flip, tie)
     losses, logits = dpo_loss(mse_w, s * mse_r, ref_w, s * ref_r, beta, beta_convention, loss_type)
     return losses + sft_weight * mse_w, logits, s
 
@@ -93,6 +96,23 @@ class SePPO(Objective):
             sample = ctx.encode_images(ctx.decode_latents(sample).clamp(-1, 1))
         return sample.to(latents.device, latents.dtype), time_ids
 
+    @torch.no_grad()
+    def anchor_errors(self, policy: Denoiser, reference: Denoiser, images: ImageBatch, scheduler: object,
+                      cfg: ObjectiveConfig, generator: Optional[torch.Generator], mse_w: torch.Tensor,
+                      ref_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The flipper's (policy, reference) errors on the preferred images, averaged over `seppo.anchor_draws`
+        (ε, t) draws: this step's draw plus anchor_draws − 1 more, without gradients."""
+        policy_err, ref_err = [mse_w.detach()], [ref_w.detach()]
+        lw = images.latents
+        for _ in range(self.ctx.cfg.seppo.anchor_draws - 1):
+            noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype, cfg.noise_offset)
+            timesteps = diffusion.sample_timesteps(scheduler, len(lw), generator, lw.device)
+            noisy = diffusion.add_noise(scheduler, lw, noise, timesteps)
+            target = diffusion.training_target(scheduler, lw, noise, timesteps)
+            for model, errs in ((policy, policy_err), (reference, ref_err)):
+                errs.append(diffusion.per_sample_mse(model(noisy, timesteps, images.embeds, images.time_ids), target))
+        return torch.stack(policy_err).mean(0), torch.stack(ref_err).mean(0)
+
     def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: Union[ImageBatch, PairBatch],
                      scheduler: object, cfg: ObjectiveConfig, generator: Optional[torch.Generator] = None
                      ) -> Tuple[torch.Tensor, Metrics]:
@@ -115,8 +135,9 @@ class SePPO(Objective):
         mse_w, mse_r = model_mse.chunk(2)
         ref_w, ref_r = ref_mse.chunk(2)
         tie = self.pool is not None and self.pool.reference_is_policy()
+        anchor = self.anchor_errors(policy, reference, images, scheduler, cfg, generator, mse_w, ref_w)
         losses, logits, s = seppo_loss(mse_w, mse_r, ref_w, ref_r, cfg.beta, self.ctx.cfg.seppo.flip,
-                                       cfg.beta_convention, cfg.loss_type, tie, cfg.sft_weight)
+                                       cfg.beta_convention, cfg.loss_type, tie, cfg.sft_weight, anchor)
         loss = losses.mean()
         metrics = metrics_to_floats({
             "loss": loss, "implicit_acc": implicit_accuracy(logits), "logit_mean": logits.mean(),
