@@ -31,3 +31,12 @@ for seed in 0 100000; do
     --model seppo-latest=$R/seppo-latest/final --model seppo-s20=$R/seppo-s20/final \
     --model dpo=$R/dpo/final --baseline base --baseline sft --seed $seed --out $R/table-seed$seed.json
 done
+
+# Session 9: the flipper-less run anchored on the preferred images (judged at seed 0 only: it tied SFT there).
+train seppo-off-sft50 configs/toy/seppo.yaml seppo.flip=off objective.sft_weight=50
+$PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo-off-sft50=$R/seppo-off-sft50/final \
+  --baseline base --baseline sft --seed 0 --out $R/table-offsft50-seed0.json
+# Session 9: the flipper's d averaged over 4 (eps, t) draws (judged at seed 0 only: worse than SFT there).
+train seppo-draws4 configs/toy/seppo.yaml seppo.anchor_draws=4
+$PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo-draws4=$R/seppo-draws4/final \
+  --baseline base --baseline sft --seed 0 --out $R/table-draws4-seed0.json

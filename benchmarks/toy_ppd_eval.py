@@ -154,13 +154,40 @@ def stage_attributes(args) -> Dict:
     base = reads_of(_sample(load_pipeline("toy"), captions, seeds))
     ppd = _ppd_pipeline(args)
     rows: Dict[str, List[Dict]] = {"base": [], "ppd": [], "ppd_shuffled": []}
+    pooled: Dict[str, List[Dict]] = {"base": base * len(users), "ppd": [], "ppd_shuffled": []}
     for user in tqdm(users, desc=f"attributes ({args.ppd_run})"):
         rows["base"].append(judged(base, user.favourite))
         for name, source in (("ppd", user.user_id), ("ppd_shuffled", swap[user.user_id])):
-            rows[name].append(judged(reads_of(_sample(ppd, captions, seeds, table.tokens([source] * len(captions)))),
-                                     user.favourite))
-    return {name: {k: float(np.mean([r[k] for r in per])) for k in per[0]} for name, per in rows.items()} | {
-        "users": [u.user_id for u in users], "eval_base_seed": args.eval_base_seed, "user_scale": args.user_scale}
+            reads = reads_of(_sample(ppd, captions, seeds, table.tokens([source] * len(captions))))
+            rows[name].append(judged(reads, user.favourite))
+            pooled[name] += reads
+    out = {name: {k: float(np.mean([r[k] for r in per])) for k in per[0]} for name, per in rows.items()}
+    return out | {"by_free_value": _by_free_value(pooled, wanted * len(users), free),
+                  "users": [u.user_id for u in users], "eval_base_seed": args.eval_base_seed,
+                  "user_scale": args.user_scale}
+
+
+def _by_free_value(pooled: Dict[str, List[Dict]], wanted: List[Dict], free: str) -> Dict:
+    """Per model and value of the free attribute: its share of the images and the named attributes' accuracy on
+    them; plus `named_at_base_rates`, the named score the model would get if it drew its mix of free values with
+    the base's accuracy at each (how much of a fall the base's own weakness at some values explains)."""
+    def named(reads, idx):
+        return float(np.mean([np.mean([reads[i][a] == wanted[i][a] for a in wanted[i]]) for i in idx]))
+
+    def split(reads):
+        values = sorted({r[free] for r in reads}, key=str)
+        return {str(v): [i for i, r in enumerate(reads) if r[free] == v] for v in values}
+
+    base_idx = split(pooled["base"])
+    base_at = {v: named(pooled["base"], idx) for v, idx in base_idx.items()}
+    out = {}
+    for name, reads in pooled.items():
+        per = {v: {"share": len(idx) / len(reads), "named": named(reads, idx),
+                   "color": float(np.mean([reads[i]["color"] == wanted[i].get("color") for i in idx]))}
+               for v, idx in split(reads).items()}
+        at_base = sum(d["share"] * base_at.get(v, d["named"]) for v, d in per.items())
+        out[name] = {"per_value": per, "named": named(reads, range(len(reads))), "named_at_base_rates": at_base}
+    return out
 
 
 def _report(results: Dict[str, Dict], users) -> Dict:
