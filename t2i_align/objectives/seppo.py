@@ -19,7 +19,7 @@ every choice the paper leaves open being a `seppo.*` setting:
   (step 0 with the initial model; a snapshot taken at this very step), d is only rounding noise (the policy runs
   with autograd, the reference without, and kernels differ in the last bits), so the whole batch is a tie, by
   the weights' identity rather than by a tolerance. `indicator` (s ∈ {1, 0}) is the paper's ablation; `off` is
-  always DPO.
+  always DPO. `seppo.anchor_draws` > 1 (ours) averages d over more (ε, t) draws; the paper tests one.
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def aaf_sign(policy_err_w: torch.Tensor, ref_err_w: torch.Tensor, flip: str, tie
 
 def seppo_loss(mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, ref_r: torch.Tensor, beta: float,
                flip: str = "sign", beta_convention: str = "official", loss_type: str = "sigmoid",
-               tie: bool = False, sft_weight: float = 0.0,
-               anchor: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               tie: bool = False, sft_weight: float = 0.0, anchor: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-sample losses, logits, s): Diffusion-DPO with the reference sample as loser, its term times s; plus
     `sft_weight` · mse_w (ours: `objective.sft_weight`, the RPO-style anchor on the preferred image). `anchor`:
     the (policy, reference) errors on the preferred image that decide s, if not this draw's (`anchor_draws`)."""
