@@ -164,7 +164,7 @@ def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
             out.append(_as_chw(im))
         elif isinstance(im, np.ndarray):
             arr = im if im.ndim == 3 else im[..., None]
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+            t = torch.from_numpy(np.array(arr, order="C")).permute(2, 0, 1)  # a copy: inputs may be read-only
             out.append(_as_chw(t if arr.dtype == np.uint8 else t.float()))
         elif hasattr(im, "convert"):
             out.append(_pil_to_tensor(im))
