@@ -18,6 +18,7 @@ interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
     python benchmarks/toy_ppd.py data|train|eval --root runs/ppd-exp ...      # one stage at a time
     python benchmarks/toy_ppd.py interp --root runs/ppd-exp [--ppd-run NAME] [--interp-pairs 12]  # interpolation
     python benchmarks/toy_ppd.py attributes --root runs/ppd-exp [--ppd-run NAME]  # what the branch costs, per attribute
+    python benchmarks/toy_ppd.py shots --root runs/ppd-exp   # what each held-out user's shots show
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def stage_train(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("data", "train", "eval", "interp", "attributes", "all"))
+    p.add_argument("stage", choices=("data", "train", "eval", "interp", "attributes", "shots", "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--free", default="background", choices=("background", "color"),
@@ -127,10 +128,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from toy_ppd_eval import stage_attributes, stage_eval, stage_interp
+    from toy_ppd_eval import stage_attributes, stage_eval, stage_interp, stage_shots
 
     stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval], "interp": [stage_interp],
-              "attributes": [stage_attributes],
+              "attributes": [stage_attributes], "shots": [stage_shots],
               "all": [stage_data, stage_train, stage_eval]}[args.stage]
     report = {}
     for stage in stages:

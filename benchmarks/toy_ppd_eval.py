@@ -167,6 +167,26 @@ def stage_attributes(args) -> Dict:
                   "user_scale": args.user_scale}
 
 
+def stage_shots(args) -> Dict:
+    """What each held-out user's 4 shots show: "preferred>dispreferred" values of the free attribute per shot (the
+    shot pool is the base's samples, so a favourite the base rarely draws may never appear in them)."""
+    from t2i_align.toy.ppd import Pool, _fingerprint
+
+    root = Path(args.root)
+    meta = json.loads((root / "data" / "users.json").read_text())
+    free, users, *_ = _setting(args)
+    pool = Pool.load(root / "shot-pool")
+    k = pool.images.shape[1]
+    values = {_fingerprint(pool, p, a, b): (pool.free[p][a], pool.free[p][b])
+              for p in range(len(pool.captions)) for a in range(k) for b in range(a + 1, k)}
+    out = {}
+    for user in users:
+        shots = [values[f] for f in meta["shot_fingerprints"][str(user.user_id)]]
+        out[str(user.user_id)] = {"ranking": list(user.ranking), "shots": [
+            f"{a}>{b}" if user.label(a, b) == 1.0 else f"{b}>{a}" for a, b in shots]}
+    return out
+
+
 def _by_free_value(pooled: Dict[str, List[Dict]], wanted: List[Dict], free: str) -> Dict:
     """Per model and value of the free attribute: its share of the images and the named attributes' accuracy on
     them; plus `named_at_base_rates`, the named score the model would get if it drew its mix of free values with
