@@ -62,6 +62,24 @@ def seppo_loss(mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, re
     return losses + sft_weight * mse_w, logits, s
 
 
+@torch.no_grad()
+def anchor_error_draws(policy: Denoiser, reference: Denoiser, scheduler: object, latents: torch.Tensor, embeds,
+                       draws: int, generator: Optional[torch.Generator] = None,
+                       time_ids: Optional[torch.Tensor] = None, noise_offset: float = 0.0
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[draws, B] policy and reference denoising errors on `latents`, each draw with its own (ε, t) shared by both
+    models, without gradients (the flipper's test, repeated)."""
+    pol, ref = [], []
+    for _ in range(draws):
+        noise = diffusion.sample_noise(latents.shape, generator, latents.device, latents.dtype, noise_offset)
+        t = diffusion.sample_timesteps(scheduler, len(latents), generator, latents.device)
+        noisy = diffusion.add_noise(scheduler, latents, noise, t)
+        target = diffusion.training_target(scheduler, latents, noise, t)
+        pol.append(diffusion.per_sample_mse(policy(noisy, t, embeds, time_ids), target))
+        ref.append(diffusion.per_sample_mse(reference(noisy, t, embeds, time_ids), target))
+    return torch.stack(pol), torch.stack(ref)
+
+
 class SePPO(Objective):
     """Preferred images in (pair data: the winners, as SFT), reference samples generated here."""
 
@@ -96,22 +114,17 @@ class SePPO(Objective):
             sample = ctx.encode_images(ctx.decode_latents(sample).clamp(-1, 1))
         return sample.to(latents.device, latents.dtype), time_ids
 
-    @torch.no_grad()
     def anchor_errors(self, policy: Denoiser, reference: Denoiser, images: ImageBatch, scheduler: object,
                       cfg: ObjectiveConfig, generator: Optional[torch.Generator], mse_w: torch.Tensor,
                       ref_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The flipper's (policy, reference) errors on the preferred images, averaged over `seppo.anchor_draws`
         (ε, t) draws: this step's draw plus anchor_draws − 1 more, without gradients."""
-        policy_err, ref_err = [mse_w.detach()], [ref_w.detach()]
-        lw = images.latents
-        for _ in range(self.ctx.cfg.seppo.anchor_draws - 1):
-            noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype, cfg.noise_offset)
-            timesteps = diffusion.sample_timesteps(scheduler, len(lw), generator, lw.device)
-            noisy = diffusion.add_noise(scheduler, lw, noise, timesteps)
-            target = diffusion.training_target(scheduler, lw, noise, timesteps)
-            for model, errs in ((policy, policy_err), (reference, ref_err)):
-                errs.append(diffusion.per_sample_mse(model(noisy, timesteps, images.embeds, images.time_ids), target))
-        return torch.stack(policy_err).mean(0), torch.stack(ref_err).mean(0)
+        extra = self.ctx.cfg.seppo.anchor_draws - 1
+        if not extra:
+            return mse_w.detach(), ref_w.detach()
+        pol, ref = anchor_error_draws(policy, reference, scheduler, images.latents, images.embeds, extra, generator,
+                                      images.time_ids, cfg.noise_offset)
+        return torch.cat([mse_w.detach()[None], pol]).mean(0), torch.cat([ref_w.detach()[None], ref]).mean(0)
 
     def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: Union[ImageBatch, PairBatch],
                      scheduler: object, cfg: ObjectiveConfig, generator: Optional[torch.Generator] = None

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import diffusion
 from ..batches import encode_images, make_denoiser
 from ..conditioning.text import encode_prompts
 from ..gallery import to_uint8
 from ..models import lora_reference
+from ..objectives.seppo import anchor_error_draws
 from ..rollout import decode, initial_latents, rollout
 from ..sampling import load_pipeline, pipeline_components
 from .judge import judge_batch
@@ -45,20 +45,6 @@ def read_anchors(path: str, n: int) -> Dict[str, list]:
         if len(captions) == n:
             break
     return {"captions": captions, "images": images}
-
-
-def anchor_errors(policy, reference, scheduler, latents, embeds, draws: int, seed: int):
-    """[draws, B] policy and reference errors on the anchors, each draw with its own (ε, t) shared by both."""
-    gen = torch.Generator().manual_seed(seed)
-    pol, ref = [], []
-    for _ in range(draws):
-        noise = diffusion.sample_noise(latents.shape, gen)
-        t = diffusion.sample_timesteps(scheduler, len(latents), gen)
-        noisy = diffusion.add_noise(scheduler, latents, noise, t)
-        target = diffusion.training_target(scheduler, latents, noise, t)
-        pol.append(diffusion.per_sample_mse(policy(noisy, t, embeds), target))
-        ref.append(diffusion.per_sample_mse(reference(noisy, t, embeds), target))
-    return torch.stack(pol), torch.stack(ref)
 
 
 @torch.no_grad()
@@ -90,7 +76,8 @@ def check(lora: Optional[str], pairs: str, n: int = 256, steps: int = 10, guidan
         scenes = [scene_from_caption(c) for c in caps]
         judge_anchor += [v.score for v in judge_batch(to_uint8((pixels + 1) / 2), scenes)]
         judge_sample += [v.score for v in judge_batch(images, scenes)]
-        pol, ref = anchor_errors(policy, reference, comp.scheduler, lw, embeds, draws, seed + i)
+        pol, ref = anchor_error_draws(policy, reference, comp.scheduler, lw, embeds, draws,
+                                      torch.Generator().manual_seed(seed + i))
         one_draw += ((ref[0] - pol[0]) > 0).tolist()
         mean_draw += ((ref.mean(0) - pol.mean(0)) > 0).tolist()
     return summarize(np.array(judge_anchor), np.array(judge_sample), np.array(one_draw), np.array(mean_draw))
