@@ -44,6 +44,8 @@ $T attributes --root $N --ppd-run ppd-null
 # The final claim: the setting chosen at 900000 (user scale 0.5 at sampling), at fresh seeds, six interpolation pairs
 $T eval --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 100000 --interp-pairs 6
 $T shots --root $R                                  # what each held-out user's shots show
+$T attributes --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 100000 \
+  --attribute-users 12                              # per attribute, all 12 users, fresh seeds
 
 # screens at the chosen sampling scale, run after the final claim (6 users, seeds 900000): LoRA r8 beside the branch; twice the steps
 ppd ppd-lora lora.enabled=true
