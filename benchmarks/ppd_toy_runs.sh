@@ -52,3 +52,15 @@ ppd ppd-lora lora.enabled=true
 ppd ppd-1600 train.max_steps=1600
 $T attributes --root $R --ppd-run ppd-lora --user-scale 0.5
 $T attributes --root $R --ppd-run ppd-1600 --user-scale 0.5
+
+# Session 10, a confirmatory test planned before it ran (committed first): more held-out users, fresh seeds.
+# Why: with 12 held-out users a sign test needs 11 wins for p < 0.01, and even a perfect reader of the 4 shots
+# would serve only 10.0 of these 12 users' favourites on average (`shots`: shot_oracle_expected_right; user 31's
+# shots never show black, two more are coin flips), so the 12-user test could not pass for any encoder. 72 users
+# (12 per ranking): at the fresh-seed win rate against population DPO (8 of 11 untied) the sign test has about 90 %
+# power at p < 0.01. Nothing is retrained or re-chosen: the same PPD run at user scale 0.5, the same population DPO,
+# new users (ids 1000-1071, shots drawn with seed 1 from the same shot pool) and seeds 200000 that nothing has seen.
+# Success = per-user favourite share above both population DPO and shuffled embeddings at p < 0.01, sign and t test.
+$T heldout --root $R --heldout-set heldout-72 --heldout-users 72
+$T shots --root $R --heldout-set heldout-72
+$T eval --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 200000 --heldout-set heldout-72

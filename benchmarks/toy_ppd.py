@@ -19,6 +19,7 @@ interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
     python benchmarks/toy_ppd.py interp --root runs/ppd-exp [--ppd-run NAME] [--interp-pairs 12]  # interpolation
     python benchmarks/toy_ppd.py attributes --root runs/ppd-exp [--ppd-run NAME]  # what the branch costs, per attribute
     python benchmarks/toy_ppd.py shots --root runs/ppd-exp   # what each held-out user's shots show
+    python benchmarks/toy_ppd.py heldout --root runs/ppd-exp --heldout-set more --heldout-users 72  # more users
 """
 from __future__ import annotations
 
@@ -71,6 +72,22 @@ def stage_data(args) -> dict:
     return counts
 
 
+def stage_heldout(args) -> dict:
+    """More held-out users for an existing root, its training data untouched: `--heldout-users` users with ids from
+    1000 (every ranking dealt in turn, shuffled with seed + 1), one embedding each from 4 shots of the shot pool
+    drawn with seed + 1, written to `--heldout-set` (evaluate them with the same `--heldout-set`)."""
+    from t2i_align.toy.ppd import Pool, write_heldout_users
+    from t2i_align.toy.users import ToyUser, ToyUserEncoder, make_toy_users
+
+    if args.heldout_set == "data":
+        raise SystemExit("heldout: name a new folder with --heldout-set (data/ holds the training users)")
+    pool = Pool.load(Path(args.root) / "shot-pool")
+    users = [ToyUser(1000 + u.user_id, u.ranking, u.attribute)
+             for u in make_toy_users(args.heldout_users, seed=args.seed + 1, attribute=pool.attribute)]
+    return write_heldout_users(Path(args.root) / args.heldout_set, pool, users,
+                               ToyUserEncoder.from_toy_clip(scale=args.token_scale), seed=args.seed + 1)
+
+
 def stage_train(args) -> dict:
     from t2i_align.config import load_config
     from t2i_align.loop import train
@@ -93,7 +110,7 @@ def stage_train(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("data", "train", "eval", "interp", "attributes", "shots", "all"))
+    p.add_argument("stage", choices=("data", "heldout", "train", "eval", "interp", "attributes", "shots", "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--free", default="background", choices=("background", "color"),
@@ -101,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8, help="base samples per caption in the pools")
     p.add_argument("--train-users", type=int, default=24)
     p.add_argument("--heldout-users", type=int, default=12)
+    p.add_argument("--heldout-set", default="data",
+                   help="heldout: the folder under --root to write more held-out users to; eval/interp/attributes/"
+                        "shots: the folder whose held-out users to judge (default data/, the ones made with the data)")
     p.add_argument("--embeddings-per-user", type=int, default=4)
     p.add_argument("--prompt-weight", type=float, default=0.0,
                    help="data: training users' utility is taste + this × the judge's named-attribute score; below "
@@ -130,7 +150,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from toy_ppd_eval import stage_attributes, stage_eval, stage_interp, stage_shots
 
-    stages = {"data": [stage_data], "train": [stage_train], "eval": [stage_eval], "interp": [stage_interp],
+    stages = {"data": [stage_data], "heldout": [stage_heldout], "train": [stage_train], "eval": [stage_eval],
+              "interp": [stage_interp],
               "attributes": [stage_attributes], "shots": [stage_shots],
               "all": [stage_data, stage_train, stage_eval]}[args.stage]
     report = {}
@@ -143,6 +164,8 @@ def main(argv=None) -> int:
         suffix += f"-scale{args.user_scale:g}"
     if per_run and args.eval_base_seed != 900_000:
         suffix += f"-seed{args.eval_base_seed}"
+    if args.heldout_set != "data" and args.stage != "heldout":
+        suffix += f"-{args.heldout_set}"
     if args.stage in ("eval", "interp") and args.interp_pairs != 1:
         suffix += f"-pairs{args.interp_pairs}"
     out = Path(args.root) / f"report-{args.stage}{suffix}.json"

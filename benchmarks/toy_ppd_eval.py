@@ -68,10 +68,10 @@ def _setting(args):
     from toy_ppd import _captions
 
     root = Path(args.root)
-    meta = json.loads((root / "data" / "users.json").read_text())
+    meta = json.loads((root / args.heldout_set / "users.json").read_text())
     free = meta.get("attribute", "background")  # data written before the colour option: background
     users = [ToyUser(int(i), tuple(r), free) for i, r in meta["heldout_users"].items()]
-    table = UserTable.load(root / "data" / "user_table.safetensors")
+    table = UserTable.load(root / args.heldout_set / "user_table.safetensors")
     _, _, eval_caps = _captions(args.seed, free)
     captions, seeds = prompt_major(eval_caps, args.eval_seeds, args.eval_base_seed + args.seed)
     return free, users, table, eval_caps, captions, seeds
@@ -173,18 +173,36 @@ def stage_shots(args) -> Dict:
     from t2i_align.toy.ppd import Pool, _fingerprint
 
     root = Path(args.root)
-    meta = json.loads((root / "data" / "users.json").read_text())
+    meta = json.loads((root / args.heldout_set / "users.json").read_text())
     free, users, *_ = _setting(args)
     pool = Pool.load(root / "shot-pool")
     k = pool.images.shape[1]
     values = {_fingerprint(pool, p, a, b): (pool.free[p][a], pool.free[p][b])
               for p in range(len(pool.captions)) for a in range(k) for b in range(a + 1, k)}
-    out = {}
+    out, right = {}, []
     for user in users:
         shots = [values[f] for f in meta["shot_fingerprints"][str(user.user_id)]]
-        out[str(user.user_id)] = {"ranking": list(user.ranking), "shots": [
-            f"{a}>{b}" if user.label(a, b) == 1.0 else f"{b}>{a}" for a, b in shots]}
+        shown = [(a, b) if user.label(a, b) == 1.0 else (b, a) for a, b in shots]
+        right.append(_shot_oracle(user, shown))
+        out[str(user.user_id)] = {"ranking": list(user.ranking), "shots": [f"{a}>{b}" for a, b in shown],
+                                  "oracle_right": right[-1]}
+    # A perfect reader of the shots serves its most probable favourite: how many users could it serve at best?
+    out["shot_oracle_expected_right"] = {"users": len(users), "expected_right": float(sum(right))}
     return out
+
+
+def _shot_oracle(user, shown) -> float:
+    """Probability that the most probable favourite given the shots (uniform prior over the rankings consistent
+    with every "preferred > dispreferred" shot; ties between favourites split evenly) is the user's favourite."""
+    import itertools
+
+    consistent = [r for r in itertools.permutations(user.ranking)
+                  if all(r.index(a) < r.index(b) for a, b in shown)]
+    votes = {}
+    for r in consistent:
+        votes[r[0]] = votes.get(r[0], 0) + 1
+    top = [v for v, c in votes.items() if c == max(votes.values())]
+    return float(user.favourite in top) / len(top)
 
 
 def _by_free_value(pooled: Dict[str, List[Dict]], wanted: List[Dict], free: str) -> Dict:

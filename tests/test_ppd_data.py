@@ -193,6 +193,28 @@ def test_toy_ppd_data_users_disagree_on_the_same_pairs_and_shots_stay_apart(tmp_
                        embeddings_per_user=1, seed=0)
 
 
+def test_more_heldout_users_get_one_embedding_each_from_their_own_shots(tmp_path):
+    import json
+
+    from t2i_align.toy.ppd import write_heldout_users
+    from t2i_align.toy.users import ToyUser, make_toy_users
+
+    shot_pool = _pool(CAPS[:2], k=6, seed=2)
+    users = [ToyUser(1000 + u.user_id, u.ranking) for u in make_toy_users(3, seed=1)]
+    counts = write_heldout_users(tmp_path / "more", shot_pool, users, _encoder(), seed=1)
+    assert counts["heldout_users"] == 3 and sum(counts["rankings"].values()) == 3
+    table = UserTable.load(tmp_path / "more" / "user_table.safetensors")
+    assert sorted(table.ids) == [1000, 1001, 1002] and table.num_tokens == 4
+    meta = json.loads((tmp_path / "more" / "users.json").read_text())
+    assert meta["train_users"] == {} and list(meta["heldout_users"]["1000"]) == list(users[0].ranking)
+    prints = meta["shot_fingerprints"]["1001"]
+    assert len(prints) == 4 and len(set(prints)) == 4  # 4 distinct pairs per user
+    write_heldout_users(tmp_path / "again", shot_pool, users, _encoder(), seed=1)
+    assert (tmp_path / "again" / "users.json").read_text() == (tmp_path / "more" / "users.json").read_text()
+    with pytest.raises(ValueError, match="leaves 'background' free"):
+        write_heldout_users(tmp_path / "x", shot_pool, make_toy_users(1, attribute="color"), _encoder(), seed=1)
+
+
 def test_pools_round_trip_and_read_the_older_background_layout(tmp_path):
     import json
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -175,9 +176,7 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
             shot_sets[embedding_id(user.user_id, j)] = shots[j * NUM_SHOTS:(j + 1) * NUM_SHOTS]
             owner[embedding_id(user.user_id, j)] = user.user_id
         prints[user.user_id] = fps
-    for user in heldout_users:
-        shot_sets[user.user_id], prints[user.user_id] = user_shots(user, shot_pool, NUM_SHOTS, rng)
-        owner[user.user_id] = user.user_id
+    _heldout_shots(heldout_users, shot_pool, rng, shot_sets, prints, owner)
     rows, trained = [], []
     for p, a, b in fixed_pairs(pairs_pool, seed):
         jpg = (jpeg_bytes(pairs_pool.images[p, a]), jpeg_bytes(pairs_pool.images[p, b]))
@@ -203,6 +202,36 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     (out / "users.json").write_text(json.dumps(meta, indent=1))
     return {k: v for k, v in meta.items() if k in ("pairs", "pairs_per_user", "embeddings_per_user",
                                                     "prompt_weight")}
+
+
+def _heldout_shots(users: Sequence[ToyUser], shot_pool: Pool, rng: random.Random, shot_sets: Dict, prints: Dict,
+                   owner: Dict) -> None:
+    """One embedding of 4 shots per held-out user (no pairs), added to `shot_sets`, `prints` and `owner`."""
+    for user in users:
+        shot_sets[user.user_id], prints[user.user_id] = user_shots(user, shot_pool, NUM_SHOTS, rng)
+        owner[user.user_id] = user.user_id
+
+
+def write_heldout_users(out: Path, shot_pool: Pool, users: Sequence[ToyUser], encoder: ToyUserEncoder,
+                        seed: int) -> Dict:
+    """A further set of held-out users beside an existing PPD data folder, leaving its training data untouched:
+    users.json (tastes, shot fingerprints; no training users) and user_table.safetensors (their embeddings),
+    each from 4 shots of `shot_pool` drawn with `seed`. For evaluating more held-out users than `write_ppd_data`
+    made without re-drawing its pairs."""
+    if any(u.attribute != shot_pool.attribute for u in users):
+        raise ValueError(f"the shot pool leaves {shot_pool.attribute!r} free but some users' tastes are about "
+                         "another attribute")
+    shot_sets, prints, owner = {}, {}, {}
+    _heldout_shots(users, shot_pool, random.Random(seed), shot_sets, prints, owner)
+    out.mkdir(parents=True, exist_ok=True)
+    UserTable.from_dict(embed_users(encoder, shot_sets)).save(out / "user_table.safetensors")
+    meta = {"attribute": shot_pool.attribute, "train_users": {},
+            "heldout_users": {u.user_id: list(u.ranking) for u in users}, "embedding_owner": owner,
+            "shot_fingerprints": prints, "shots_seed": seed}
+    from ..files import write_text_atomic
+
+    write_text_atomic(out / "users.json", json.dumps(meta, indent=1))
+    return {"heldout_users": len(users), "rankings": dict(Counter(" > ".join(u.ranking) for u in users))}
 
 
 def embed_shots_file(path, encoder: Optional[ToyUserEncoder] = None, num_shots: int = NUM_SHOTS) -> torch.Tensor:
