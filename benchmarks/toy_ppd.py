@@ -95,15 +95,17 @@ def stage_train(args) -> dict:
     root, data = Path(args.root), Path(args.root) / "data"
     common = [f"data.path={data / 'pairs.parquet'}", f"data.cache_dir={root / 'cache'}", f"seed={args.seed}",
               "tracking.wandb=off"]
+    steps = [] if args.steps is None else [f"train.max_steps={args.steps}"]
     runs = {}
     if "ppd" in args.models:
         train(load_config(ROOT / "configs/toy/ppd.yaml", [*common, f"output_dir={root / 'ppd'}",
                                                           f"ppd.table={data / 'user_table.safetensors'}",
-                                                          f"train.max_steps={args.steps}", *args.ppd_overrides]))
+                                                          *steps, *args.ppd_overrides]))
         runs["ppd"] = str(root / "ppd" / "final")
     if "dpo" in args.models:
         train(load_config(ROOT / "configs/toy/dpo.yaml", [*common, f"output_dir={root / 'dpo'}", "data.cache=true",
-                                                          f"train.max_steps={args.steps}", *args.dpo_overrides]))
+                                                          f"train.max_steps={args.steps or 1000}",
+                                                          *args.dpo_overrides]))
         runs["dpo"] = str(root / "dpo" / "final")
     return runs
 
@@ -126,7 +128,9 @@ def main(argv=None) -> int:
                    help="data: training users' utility is taste + this × the judge's named-attribute score; below "
                         "0.5 prompt-following only breaks taste ties (t2i_align/toy/ppd.py pair_label)")
     p.add_argument("--token-scale", type=float, default=None, help="toy encoder token scale (default TOKEN_SCALE)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="train: optimizer steps for every model trained (default: PPD its config's 800, "
+                        "population DPO 1000, as README's table)")
     p.add_argument("--models", default="ppd,dpo")
     p.add_argument("--ppd-overrides", nargs="*", default=[])
     p.add_argument("--dpo-overrides", nargs="*", default=[])

@@ -171,6 +171,7 @@ def stage_shots(args) -> Dict:
     """What each held-out user's 4 shots show: "preferred>dispreferred" values of the free attribute per shot (the
     shot pool is the base's samples, so a favourite the base rarely draws may never appear in them)."""
     from t2i_align.toy.ppd import Pool, _fingerprint
+    from t2i_align.toy.users import favourite_read_right
 
     root = Path(args.root)
     meta = json.loads((root / args.heldout_set / "users.json").read_text())
@@ -183,26 +184,13 @@ def stage_shots(args) -> Dict:
     for user in users:
         shots = [values[f] for f in meta["shot_fingerprints"][str(user.user_id)]]
         shown = [(a, b) if user.label(a, b) == 1.0 else (b, a) for a, b in shots]
-        right.append(_shot_oracle(user, shown))
+        right.append(favourite_read_right(user, shown))
         out[str(user.user_id)] = {"ranking": list(user.ranking), "shots": [f"{a}>{b}" for a, b in shown],
                                   "oracle_right": right[-1]}
     # A perfect reader of the shots serves its most probable favourite: how many users could it serve at best?
     out["shot_oracle_expected_right"] = {"users": len(users), "expected_right": float(sum(right))}
     return out
 
-
-def _shot_oracle(user, shown) -> float:
-    """Probability that the most probable favourite given the shots (uniform prior over the rankings consistent
-    with every "preferred > dispreferred" shot; ties between favourites split evenly) is the user's favourite."""
-    import itertools
-
-    consistent = [r for r in itertools.permutations(user.ranking)
-                  if all(r.index(a) < r.index(b) for a, b in shown)]
-    votes = {}
-    for r in consistent:
-        votes[r[0]] = votes.get(r[0], 0) + 1
-    top = [v for v, c in votes.items() if c == max(votes.values())]
-    return float(user.favourite in top) / len(top)
 
 
 def _by_free_value(pooled: Dict[str, List[Dict]], wanted: List[Dict], free: str) -> Dict:

@@ -148,3 +148,17 @@ def test_toy_user_table_drives_the_toy_unets_user_branch(toy_encoder, tmp_path):
     assert tokens.shape == (2, NUM_SHOTS, 64)
     assert torch.equal(tokens[0], embeddings[2])
     assert torch.equal(out, base)  # untrained branch
+
+
+def test_a_perfect_shot_reader_names_the_favourite_only_when_the_shots_allow():
+    from t2i_align.toy.users import ToyUser, favourite_read_right
+
+    user = ToyUser(0, ("black", "white", "gray"))
+    # black > white: rankings BWG, BGW, GBW remain; black is the favourite in 2 of them -> named
+    assert favourite_read_right(user, [("black", "white")]) == 1.0
+    # white > gray (held-out user 31's four shots): WGB, WBG, BWG; white leads 2 to 1 -> black never named
+    assert favourite_read_right(user, [("white", "gray")] * 4) == 0.0
+    # white > gray and black > gray: WBG, BWG -> a coin flip between white and black
+    assert favourite_read_right(user, [("white", "gray"), ("black", "gray")]) == 0.5
+    assert favourite_read_right(user, []) == pytest.approx(1 / 3)  # no shots: three favourites tie
+    assert favourite_read_right(user, [("black", "white"), ("white", "gray")]) == 1.0  # only BWG is left

@@ -114,6 +114,18 @@ def make_toy_users(num_users: int = 6, seed: int = 0, attribute: str = FREE_ATTR
     return [ToyUser(i, tuple(rankings[i % len(rankings)]), attribute) for i in range(num_users)]
 
 
+def favourite_read_right(user: ToyUser, shown: Sequence[Tuple[str, str]]) -> float:
+    """The chance that a perfect reader of `shown` ("preferred", "dispreferred") pairs names `user`'s favourite:
+    it takes the favourite held by most rankings consistent with every pair (a uniform prior over rankings), ties
+    split evenly. The ceiling of any user encoder that sees only these shots."""
+    consistent = [r for r in itertools.permutations(user.ranking) if all(r.index(a) < r.index(b) for a, b in shown)]
+    votes: Dict[str, int] = {}
+    for r in consistent:
+        votes[r[0]] = votes.get(r[0], 0) + 1
+    top = [v for v, c in votes.items() if c == max(votes.values())]
+    return float(user.favourite in top) / len(top)
+
+
 @dataclass(frozen=True)
 class Shot:
     """One labelled pair of a user: the caption and the preferred and dispreferred images (uint8 HWC)."""
