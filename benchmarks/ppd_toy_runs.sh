@@ -60,7 +60,9 @@ $T attributes --root $R --ppd-run ppd-1600 --user-scale 0.5
 # (12 per ranking): at the fresh-seed win rate against population DPO (8 of 11 untied) the sign test has about 90 %
 # power at p < 0.01. Nothing is retrained or re-chosen: the same PPD run at user scale 0.5, the same population DPO,
 # new users (ids 1000-1071, shots drawn with seed 1 from the same shot pool) and seeds 200000 that nothing has seen.
-# Success = per-user favourite share above both population DPO and shuffled embeddings at p < 0.01, sign and t test.
+# Success = per-user favourite share above both population DPO and shuffled embeddings at p < 0.01, sign and t test;
+# and the named attributes not significantly below the base, tested over the 80 (caption, seed) slots (each slot's
+# PPD score averaged over users; the base draws the same image for every user, so per-image n would repeat it).
 $T heldout --root $R --heldout-set heldout-72 --heldout-users 72
 $T shots --root $R --heldout-set heldout-72
 $T eval --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 200000 --heldout-set heldout-72

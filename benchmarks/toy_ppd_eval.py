@@ -235,7 +235,12 @@ def _report(results: Dict[str, Dict], users) -> Dict:
                                         [x for i in ids for x in b[i]["per_image_utility"]]),
             "per_image_named": _tests([x for i in ids for x in a[i]["per_image_named"]],
                                       [x for i in ids for x in b[i]["per_image_named"]]),
+            # the base's and population DPO's images are the same for every user, so images repeat across users
+            # on that side: average each (caption, seed) slot over users and test over slots instead
+            "per_slot_named": _tests(*(np.mean([m[i]["per_image_named"] for i in ids], 0).tolist() for m in (a, b))),
         }
+    out["per_image"] = {name: {str(i): {k: per[i][k] for k in ("per_image_utility", "per_image_named")} for i in ids}
+                        for name, per in results.items()}  # to re-test without re-sampling
     return out
 
 
