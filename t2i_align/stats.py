@@ -95,7 +95,8 @@ def sign_test_p(wins: int, losses: int) -> float:
     m, k = wins + losses, min(wins, losses)
     if m == 0:
         return 1.0
-    return min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m)
+    # integer numerator and denominator: Python divides big ints exactly rounded; 2.0 ** m overflows past m = 1023
+    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
 
 
 def wilson_interval(p_hat: float, n: int, level: float = 0.95) -> Tuple[float, float]:
