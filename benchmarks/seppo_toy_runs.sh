@@ -40,3 +40,9 @@ $PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo-off-sft50=$R/
 train seppo-draws4 configs/toy/seppo.yaml seppo.anchor_draws=4
 $PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo-draws4=$R/seppo-draws4/final \
   --baseline base --baseline sft --seed 0 --out $R/table-draws4-seed0.json
+# Session 10: twice the steps (1200) for SFT and SePPO (random reference, sign flip), the next test session 9 named;
+# judged at seed 0 (a tie with SFT there, so nothing to confirm at fresh seeds). The later max_steps wins.
+train sft-1200 configs/toy/sft.yaml train.max_steps=1200
+train seppo-1200 configs/toy/seppo.yaml train.max_steps=1200
+$PY benchmarks/toy_table.py --model sft=$R/sft-1200/final --model seppo=$R/seppo-1200/final \
+  --model sft600=$R/sft/final --baseline base --baseline sft --seed 0 --out $R/table-1200-seed0.json
