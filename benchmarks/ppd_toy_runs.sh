@@ -66,3 +66,7 @@ $T attributes --root $R --ppd-run ppd-1600 --user-scale 0.5
 $T heldout --root $R --heldout-set heldout-72 --heldout-users 72
 $T shots --root $R --heldout-set heldout-72
 $T eval --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 200000 --heldout-set heldout-72
+$T attributes --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 200000 \
+  --heldout-set heldout-72 --attribute-users 72     # per attribute, the 72 users (means only)
+$T retest --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 200000 \
+  --heldout-set heldout-72                          # the same statistics from the saved reads, plus by favourite

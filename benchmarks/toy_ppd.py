@@ -20,6 +20,7 @@ interpolation between two held-out users at α ∈ {0, .25, .5, .75, 1}.
     python benchmarks/toy_ppd.py attributes --root runs/ppd-exp [--ppd-run NAME]  # what the branch costs, per attribute
     python benchmarks/toy_ppd.py shots --root runs/ppd-exp   # what each held-out user's shots show
     python benchmarks/toy_ppd.py heldout --root runs/ppd-exp --heldout-set more --heldout-users 72  # more users
+    python benchmarks/toy_ppd.py retest --root runs/ppd-exp [eval's options]  # eval's statistics from its saved reads
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def stage_train(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("data", "heldout", "train", "eval", "interp", "attributes", "shots", "all"))
+    p.add_argument("stage", choices=("data", "heldout", "train", "eval", "retest", "interp", "attributes", "shots",
+                                           "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--free", default="background", choices=("background", "color"),
@@ -152,29 +154,33 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from toy_ppd_eval import stage_attributes, stage_eval, stage_interp, stage_shots
+    from toy_ppd_eval import stage_attributes, stage_eval, stage_interp, stage_retest, stage_shots
 
     stages = {"data": [stage_data], "heldout": [stage_heldout], "train": [stage_train], "eval": [stage_eval],
               "interp": [stage_interp],
               "attributes": [stage_attributes], "shots": [stage_shots],
+              "retest": [stage_retest],
               "all": [stage_data, stage_train, stage_eval]}[args.stage]
     report = {}
     for stage in stages:
         report[stage.__name__] = stage(args)
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
-    per_run = args.stage in ("eval", "interp", "attributes")
+    _report_path(args, args.stage).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def _report_path(args, stage: str) -> Path:
+    per_run = stage in ("eval", "interp", "attributes", "retest")
     suffix = f"-{args.ppd_run}" if per_run and args.ppd_run != "ppd" else ""
     if per_run and args.user_scale != 1.0:
         suffix += f"-scale{args.user_scale:g}"
     if per_run and args.eval_base_seed != 900_000:
         suffix += f"-seed{args.eval_base_seed}"
-    if args.heldout_set != "data" and args.stage != "heldout":
+    if args.heldout_set != "data" and stage != "heldout":
         suffix += f"-{args.heldout_set}"
-    if args.stage in ("eval", "interp") and args.interp_pairs != 1:
+    if stage in ("eval", "interp", "retest") and args.interp_pairs != 1:
         suffix += f"-pairs{args.interp_pairs}"
-    out = Path(args.root) / f"report-{args.stage}{suffix}.json"
-    out.write_text(json.dumps(report, indent=1, default=str))
-    return 0
+    return Path(args.root) / f"report-{stage}{suffix}.json"
 
 
 if __name__ == "__main__":

@@ -239,9 +239,45 @@ def _report(results: Dict[str, Dict], users) -> Dict:
             # on that side: average each (caption, seed) slot over users and test over slots instead
             "per_slot_named": _tests(*(np.mean([m[i]["per_image_named"] for i in ids], 0).tolist() for m in (a, b))),
         }
+    out["by_favourite"] = _by_favourite(results, users)
     out["per_image"] = {name: {str(i): {k: per[i][k] for k in ("per_image_utility", "per_image_named")} for i in ids}
-                        for name, per in results.items()}  # to re-test without re-sampling
+                        for name, per in results.items()}  # to re-test without re-sampling (`retest`)
     return out
+
+
+def _by_favourite(results: Dict[str, Dict], users) -> Dict:
+    """Per favourite value: how many users, each model's mean favourite share, PPD's users won-lost-tied."""
+    out = {}
+    for fav in sorted({u.favourite for u in users}):
+        ids = [u.user_id for u in users if u.favourite == fav]
+        share = {name: [per[i]["favourite_share"] for i in ids] for name, per in results.items()}
+        out[fav] = {"users": len(ids), "favourite_share": {k: float(np.mean(v)) for k, v in share.items()}}
+        for other in ("dpo", "ppd_shuffled"):
+            if other in share:
+                pairs = list(zip(share["ppd"], share[other]))
+                out[fav][f"ppd_vs_{other}"] = "{}-{}-{}".format(sum(a > b for a, b in pairs),
+                                                                sum(a < b for a, b in pairs),
+                                                                sum(a == b for a, b in pairs))
+    return out
+
+
+def stage_retest(args) -> Dict:
+    """The statistics of the `eval` report of the same options again, from its saved per-image reads (no
+    re-sampling): for statistics added after a run."""
+    from toy_ppd import _report_path
+
+    _, users, *_ = _setting(args)
+    saved = json.loads(_report_path(args, "eval").read_text())["stage_eval"]["per_image"]
+    results = {name: {u.user_id: _from_reads(per[str(u.user_id)]) for u in users} for name, per in saved.items()}
+    report = _report(results, users)
+    report.pop("per_image")
+    return report
+
+
+def _from_reads(reads: Dict) -> Dict:
+    util, named = reads["per_image_utility"], reads["per_image_named"]
+    return {"favourite_share": float(np.mean([u == 1.0 for u in util])), "utility": float(np.mean(util)),
+            "named": float(np.mean(named)), "per_image_utility": util, "per_image_named": named}
 
 
 def _interpolation(pipe, table, users, captions, seeds, free, picture: Optional[Path] = None,
