@@ -113,8 +113,8 @@ def stage_train(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("data", "heldout", "train", "eval", "retest", "interp", "attributes", "shots",
-                                           "all"))
+    p.add_argument("stage", choices=("data", "heldout", "train", "eval", "retest", "interp", "attributes",
+                                     "shots", "all"))
     p.add_argument("--root", default="runs/ppd-exp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--free", default="background", choices=("background", "color"),
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-users", type=int, default=24)
     p.add_argument("--heldout-users", type=int, default=12)
     p.add_argument("--heldout-set", default="data",
-                   help="heldout: the folder under --root to write more held-out users to; eval/interp/attributes/"
-                        "shots: the folder whose held-out users to judge (default data/, the ones made with the data)")
+                   help="heldout: the folder under --root to write more held-out users to; eval/retest/interp/"
+                        "attributes/shots: the folder whose held-out users to judge (default data/, the ones made with the data)")
     p.add_argument("--embeddings-per-user", type=int, default=4)
     p.add_argument("--prompt-weight", type=float, default=0.0,
                    help="data: training users' utility is taste + this × the judge's named-attribute score; below "
@@ -157,10 +157,8 @@ def main(argv=None) -> int:
     from toy_ppd_eval import stage_attributes, stage_eval, stage_interp, stage_retest, stage_shots
 
     stages = {"data": [stage_data], "heldout": [stage_heldout], "train": [stage_train], "eval": [stage_eval],
-              "interp": [stage_interp],
-              "attributes": [stage_attributes], "shots": [stage_shots],
-              "retest": [stage_retest],
-              "all": [stage_data, stage_train, stage_eval]}[args.stage]
+              "retest": [stage_retest], "interp": [stage_interp], "attributes": [stage_attributes],
+              "shots": [stage_shots], "all": [stage_data, stage_train, stage_eval]}[args.stage]
     report = {}
     for stage in stages:
         report[stage.__name__] = stage(args)
