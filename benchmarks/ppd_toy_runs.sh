@@ -70,3 +70,6 @@ $T attributes --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-
   --heldout-set heldout-72 --attribute-users 72     # per attribute, the 72 users (means only)
 $T retest --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.5 --eval-base-seed 200000 \
   --heldout-set heldout-72                          # the same statistics from the saved reads, plus by favourite
+# Session 10, a screen after the claim (6 users, seeds 900000): lower user scales at sampling, taste against named
+$T attributes --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.35
+$T attributes --root $R --ppd-run ppd-sft10-b150-lr3e-4 --user-scale 0.25
