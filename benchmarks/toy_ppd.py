@@ -81,7 +81,7 @@ def stage_heldout(args) -> dict:
     from t2i_align.toy.users import ToyUser, ToyUserEncoder, make_toy_users
 
     if args.heldout_set == "data":
-        raise SystemExit("heldout: name a new folder with --heldout-set (data/ holds the training users)")
+        raise SystemExit("error: heldout needs a new folder name in --heldout-set (data/ holds the training users)")
     pool = Pool.load(Path(args.root) / "shot-pool")
     users = [ToyUser(1000 + u.user_id, u.ranking, u.attribute)
              for u in make_toy_users(args.heldout_users, seed=args.seed + 1, attribute=pool.attribute)]
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-users", type=int, default=12)
     p.add_argument("--heldout-set", default="data",
                    help="heldout: the folder under --root to write more held-out users to; eval/retest/interp/"
-                        "attributes/shots: the folder whose held-out users to judge (default data/, the ones made with the data)")
+                        "attributes/shots: the folder whose held-out users to judge (default data/, made by `data`)")
     p.add_argument("--embeddings-per-user", type=int, default=4)
     p.add_argument("--prompt-weight", type=float, default=0.0,
                    help="data: training users' utility is taste + this × the judge's named-attribute score; below "

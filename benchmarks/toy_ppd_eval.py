@@ -68,13 +68,21 @@ def _setting(args):
     from toy_ppd import _captions
 
     root = Path(args.root)
-    meta = json.loads((root / args.heldout_set / "users.json").read_text())
+    meta = _users_meta(args)
     free = meta.get("attribute", "background")  # data written before the colour option: background
     users = [ToyUser(int(i), tuple(r), free) for i, r in meta["heldout_users"].items()]
     table = UserTable.load(root / args.heldout_set / "user_table.safetensors")
     _, _, eval_caps = _captions(args.seed, free)
     captions, seeds = prompt_major(eval_caps, args.eval_seeds, args.eval_base_seed + args.seed)
     return free, users, table, eval_caps, captions, seeds
+
+
+def _users_meta(args) -> Dict:
+    path = Path(args.root) / args.heldout_set / "users.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; write it first with `toy_ppd.py data` (or `heldout "
+                         f"--heldout-set {args.heldout_set}`) under --root {args.root}")
+    return json.loads(path.read_text())
 
 
 def _ppd_pipeline(args):
@@ -174,7 +182,7 @@ def stage_shots(args) -> Dict:
     from t2i_align.toy.users import favourite_read_right
 
     root = Path(args.root)
-    meta = json.loads((root / args.heldout_set / "users.json").read_text())
+    meta = _users_meta(args)
     free, users, *_ = _setting(args)
     pool = Pool.load(root / "shot-pool")
     k = pool.images.shape[1]
@@ -190,7 +198,6 @@ def stage_shots(args) -> Dict:
     # A perfect reader of the shots serves its most probable favourite: how many users could it serve at best?
     out["shot_oracle_expected_right"] = {"users": len(users), "expected_right": float(sum(right))}
     return out
-
 
 
 def _by_free_value(pooled: Dict[str, List[Dict]], wanted: List[Dict], free: str) -> Dict:
@@ -267,7 +274,13 @@ def stage_retest(args) -> Dict:
     from toy_ppd import _report_path
 
     _, users, *_ = _setting(args)
-    saved = json.loads(_report_path(args, "eval").read_text())["stage_eval"]["per_image"]
+    path = _report_path(args, "eval")
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run `toy_ppd.py eval` with the same options first")
+    saved = json.loads(path.read_text())["stage_eval"]
+    if "per_image" not in saved:
+        raise SystemExit(f"error: {path} predates saved per-image reads; run `toy_ppd.py eval` again to retest it")
+    saved = saved["per_image"]
     results = {name: {u.user_id: _from_reads(per[str(u.user_id)]) for u in users} for name, per in saved.items()}
     report = _report(results, users)
     report.pop("per_image")
