@@ -16,9 +16,8 @@ failure keeps the others:
 
 Every run logs each step (log_every=1) and ends with the validation gallery (1 prompt x 1 seed x 10 steps);
 tracking.wandb=off and `import wandb` is blocked, as on a machine without wandb. Per run: ok or the error, steps,
-wall s (load, cache, generation, checkpoints, gallery and export included), s/step (median gap between
-consecutive metrics.jsonl lines after the first, seen by a thread polling the file as the loop has no callback;
-the median skips checkpoint and RAFT-generation steps), peak max_memory_allocated, final loss, and whether final/
+wall s (load, cache, generation, checkpoints, gallery and export included), s/step (median of the loop's
+logged sec_per_step after step 1; the median skips checkpoint and RAFT-generation steps), peak max_memory_allocated, final loss, and whether final/
 reloads in a plain StableDiffusionPipeline (LoRA: load_lora_weights) with the trained UNet's outputs.
 
     python benchmarks/gpu_loop_e2e.py [--json out.json]          # one CUDA GPU, about 3-5 minutes on an H200
@@ -37,7 +36,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -85,28 +83,11 @@ def write_pairs(path: Path, n: int, px: int) -> Path:
     return path
 
 
-class StepClock(threading.Thread):
-    """Polls metrics.jsonl (one line per optimizer step) and notes when each line appears."""
-
-    def __init__(self, path: Path):
-        super().__init__(daemon=True)
-        self.path, self.times, self.stop = path, [], threading.Event()
-
-    def run(self) -> None:
-        size = lines = 0
-        while not self.stop.wait(0.02):
-            try:
-                if self.path.stat().st_size != size:
-                    data = self.path.read_bytes()
-                    size, now = len(data), time.perf_counter()
-                    self.times += [now] * (data.count(b"\n") - lines)
-                    lines = data.count(b"\n")
-            except FileNotFoundError:
-                pass
-
-    def step_seconds(self):
-        gaps = np.diff(self.times[:]).tolist()  # from the end of step 1 on: the first step's warm-up is left out
-        return (round(statistics.median(gaps), 3), round(statistics.mean(gaps), 3)) if gaps else (None, None)
+def step_seconds(records):
+    """Median and mean of the loop's own sec_per_step after step 1 (whose warm-up is left out); the median skips
+    checkpoint and RAFT-generation steps."""
+    times = [r["sec_per_step"] for r in records[1:]]
+    return (round(statistics.median(times), 3), round(statistics.mean(times), 3)) if times else (None, None)
 
 
 def check_export(final: Path, folder: Path, unet, lora: bool, dev: torch.device) -> str:
@@ -155,14 +136,13 @@ def run_one(name: str, yaml, overrides, out: Path, folder: Path, dev: torch.devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     row = {"run": name, "ok": False}
-    clock = StepClock(out / "metrics.jsonl")
-    clock.start()
     begin = time.perf_counter()
     try:
         cfg = load_config(yaml and ROOT / "configs/sd15" / yaml, [f"output_dir={out}", *overrides])
         result = train(cfg)
         row["wall_s"], row["peak_gib"] = round(time.perf_counter() - begin, 1), peak(dev)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        row["s_per_step"], row["s_per_step_mean"] = step_seconds(records)
         row.update(ok=True, steps=records[-1]["step"], final_loss=records[-1].get("loss"),
                    checkpoints=sorted(p.name for p in (out / "checkpoints").glob("step-*")),
                    gallery=(out / "gallery" / "index.html").is_file(),
@@ -178,11 +158,8 @@ def run_one(name: str, yaml, overrides, out: Path, folder: Path, dev: torch.devi
         traceback.print_exc()
         row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     finally:
-        clock.stop.set()
-        clock.join()
         row.setdefault("wall_s", round(time.perf_counter() - begin, 1))
         row.setdefault("peak_gib", peak(dev))
-        row["s_per_step"], row["s_per_step_mean"] = clock.step_seconds()
         shutil.rmtree(out, ignore_errors=True)  # checkpoints of the full UNet are GBs each
     return row
 

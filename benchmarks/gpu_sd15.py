@@ -10,7 +10,8 @@ the project's `load_components`, so the measured path is the training loop's:
    checkpointing off/on. s/step = mean of --steps (5) steps after 2 warm-up steps; peak = max_memory_allocated
    since the row began (weights, frozen text encoder and VAE, optimizer state and activations).
 2. `sampling.generate()` as a RAFT round runs it (data/online.py: fp32 UNet under bf16 autocast, bf16 VAE and
-   text encoder): DDIM 20 steps, CFG 7.5, 512 and 256 px, batch 8 and 16, VAE decode included.
+   text encoder): DDIM 20 steps, CFG 7.5, 512 and 256 px, batch 8 and 16, VAE decode included; beside each, a
+   plain `StableDiffusionPipeline.__call__` of the same pipeline at the same settings (the sampler's overhead).
 
     python benchmarks/gpu_sd15.py [--json out.json] [--only train|gen]   # GPU, about 4-6 minutes
     OMP_NUM_THREADS=1 python benchmarks/gpu_sd15.py --smoke --json /tmp/smoke.json   # CPU, tiny sizes
@@ -132,7 +133,9 @@ def train_row(folder: Path, dev: torch.device, lora: bool, pairs: int, ckpt: boo
             "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2)}
 
 
-def gen_row(comp, dev: torch.device, batch: int, px: int, steps: int) -> dict:
+def gen_row(comp, dev: torch.device, batch: int, px: int, steps: int, caller: str) -> dict:
+    """`caller` "generate": the project's sampler as a RAFT round runs it; "pipeline": a plain diffusers call of
+    the same pipeline (same components, scheduler, batch, steps, guidance, autocast, per-image generators)."""
     from t2i_align.models import build_pipeline
     from t2i_align.sampling import generate, set_scheduler
 
@@ -141,8 +144,13 @@ def gen_row(comp, dev: torch.device, batch: int, px: int, steps: int) -> dict:
     prompts, seeds = [PROMPT] * batch, list(range(batch))
 
     def run(n_steps: int) -> None:
-        # generate() halves the batch on OOM instead of raising: a too-large batch shows as slower, not OOM.
         with torch.autocast(dev.type, dtype=torch.bfloat16):
+            if caller == "pipeline":
+                generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU ones, as generate()
+                pipe(prompts, num_inference_steps=n_steps, guidance_scale=7.5, height=px, width=px,
+                     generator=generators)
+                return
+            # generate() halves the batch on OOM instead of raising: a too-large batch shows as slower, not OOM.
             generate(pipe, prompts, seeds, num_inference_steps=n_steps, guidance_scale=7.5, batch_size=batch,
                      height=px, width=px)
 
@@ -170,8 +178,8 @@ def guarded(fn, *args) -> dict:
 
 TRAIN_COLS = [("method", "method"), ("pairs", "pairs"), ("grad ckpt", "grad_ckpt"), ("trainable (M)", "trainable_m"),
               ("s/step", "s_per_step"), ("pairs/s", "pairs_per_s"), ("peak GiB", "peak_gib")]
-GEN_COLS = [("px", "px"), ("batch", "batch"), ("s/batch", "s_per_batch"), ("images/s", "images_per_s"),
-            ("s per 1k images", "s_per_1k_images"), ("peak GiB", "peak_gib")]
+GEN_COLS = [("caller", "caller"), ("px", "px"), ("batch", "batch"), ("s/batch", "s_per_batch"),
+            ("images/s", "images_per_s"), ("s per 1k images", "s_per_1k_images"), ("peak GiB", "peak_gib")]
 
 
 def print_header(title: str, cols) -> None:
@@ -247,14 +255,15 @@ def gen_part(folder: Path, dev, rec: Recorder, smoke: bool) -> None:
     gen_steps = 1 if smoke else 20
     comp = load_components(ModelConfig(pretrained=str(folder), weight_dtype="bf16"), device=dev)
     comp.unet.eval()
-    print_header(f"generate(): DDIM {gen_steps} steps, CFG 7.5, fp32 UNet + bf16 autocast, VAE decode included",
-                 GEN_COLS)
+    print_header(f"generate() vs pipeline(): DDIM {gen_steps} steps, CFG 7.5, fp32 UNet + bf16 autocast, VAE "
+                 "decode included", GEN_COLS)
     for px in ((64,) if smoke else (512, 256)):
         for batch in ((1,) if smoke else (8, 16)):
-            _fresh(dev)
-            row = {"px": px, "batch": batch}
-            row.update(guarded(gen_row, comp, dev, batch, px, gen_steps))
-            rec.record("generate", row, GEN_COLS)
+            for caller in ("generate", "pipeline"):
+                _fresh(dev)
+                row = {"caller": caller, "px": px, "batch": batch}
+                row.update(guarded(gen_row, comp, dev, batch, px, gen_steps, caller))
+                rec.record("generate", row, GEN_COLS)
     print()
 
 

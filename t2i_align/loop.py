@@ -8,6 +8,7 @@ checkpoints every `checkpoint_every`; `final/` is exported at the end. The loop 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,9 @@ def train(cfg: Config) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    # dynamo_backend None: accelerate reads `accelerate launch --dynamo_backend` (off unless given there)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              dynamo_backend="inductor" if cfg.train.compile else None)
     set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per process
     out = Path(cfg.output_dir)
     components = load_components(cfg.model, device=accelerator.device)
@@ -137,7 +140,10 @@ def train(cfg: Config) -> TrainResult:
     optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
     lr_sched = make_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
     unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
+    # The module itself, not torch.compile's wrapper (`_orig_mod`; accelerate keeps it): exports and hooks then
+    # see the UNet's own parameter names.
     raw_unet = accelerator.unwrap_model(unet)
+    raw_unet = getattr(raw_unet, "_orig_mod", raw_unet)
     raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off
     ctx = ObjectiveContext(components, accelerator, cfg, raw_unet, not cfg.full_finetune, frozen)
     objective.setup(ctx)
@@ -199,6 +205,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
               "raw_batches": st.raw_start}
     history: List[Dict[str, float]] = []
     streak = 0
+    last_log = (time.perf_counter(), st.start)  # for sec_per_step: (when, step) of the previous log
     bar = tqdm(range(st.start, tc.max_steps), initial=st.start, total=tc.max_steps,
                disable=not accelerator.is_main_process, desc="train")
     for step in bar:
@@ -223,7 +230,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
                                  "the data. Checkpoints written so far are intact.")
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:
-            _log(accelerator, st, history, counts, components, lr_sched, norm, done, bar)
+            last_log = _log(accelerator, st, history, counts, components, lr_sched, norm, done, bar, last_log)
             history = []
         if st.provider is not None:
             st.provider.after_step(done)
@@ -237,8 +244,13 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
                 st.tracker.log_gallery(rows, done, columns, name="gallery")
 
 
-def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar) -> None:
+def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar, last_log):
+    """Write the metrics; returns (now, done) for the next sec_per_step. sec_per_step is wall time per optimizer
+    step since the previous log, checkpoints and galleries included, read after `_mean_metrics` has synchronised
+    with the device, so queued GPU work is counted where it ran."""
     logged = _mean_metrics(accelerator, history)
+    now = time.perf_counter()
+    logged["sec_per_step"] = (now - last_log[0]) / (done - last_log[1])
     logged.update(st.source.metrics())
     if st.provider is not None:
         logged.update(st.provider.metrics())
@@ -246,3 +258,4 @@ def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm
                   grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
     st.tracker.log(logged, step=done)
     bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+    return now, done

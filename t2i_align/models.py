@@ -295,11 +295,22 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
 
 
 def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
-    """"sdpa": PyTorch scaled_dot_product_attention (AttnProcessor2_0); "xformers": memory-efficient attention."""
+    """"sdpa": PyTorch scaled_dot_product_attention (AttnProcessor2_0); "sdpa-<kernel>": the same held to one
+    SDPA kernel (t2i_align/attention.py); "xformers": memory-efficient attention."""
     if backend == "sdpa":
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())
+    elif backend.startswith("sdpa-"):
+        try:
+            from .attention import KERNELS, PinnedSDPAProcessor
+        except ImportError as err:  # torch.nn.attention.sdpa_kernel is torch >= 2.3
+            raise ModelLoadError(f"model.attention={backend} needs torch >= 2.3 ({err}); use model.attention=sdpa") \
+                from err
+
+        if backend not in KERNELS:
+            raise ModelLoadError(f"unknown model.attention={backend!r}; use sdpa, " + ", ".join(KERNELS))
+        unet.set_attn_processor(PinnedSDPAProcessor(backend))
     elif backend == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ModelLoadError(
@@ -313,7 +324,8 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
                 f"xformers is installed but could not be enabled ({err}); use model.attention=sdpa"
             ) from err
     else:
-        raise ModelLoadError(f"unknown model.attention={backend!r}; use sdpa or xformers")
+        raise ModelLoadError(f"unknown model.attention={backend!r}; use sdpa, sdpa-flash, sdpa-efficient, "
+                             "sdpa-cudnn, sdpa-math or xformers")
 
 
 def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]:

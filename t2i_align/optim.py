@@ -19,9 +19,9 @@ def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
 def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if not params:
         raise ConfigError("no trainable parameters: check lora.enabled / lora.target_modules")
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    if cfg.optimizer in ("adamw", "adamw_fused"):
+        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                                 eps=cfg.adam_epsilon, fused=cfg.optimizer == "adamw_fused" or None)
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -36,7 +36,7 @@ def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig, lr: float
                               "(GPU only), or use train.optimizer=adamw") from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                    weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-    raise ConfigError(f"unknown train.optimizer={cfg.optimizer!r}; use adamw, adafactor or adamw8bit")
+    raise ConfigError(f"unknown train.optimizer={cfg.optimizer!r}; use adamw, adamw_fused, adafactor or adamw8bit")
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, num_processes: int = 1):

@@ -60,6 +60,9 @@ class TextEncodingConfig:
         _check(self, "token_budget", self.token_budget >= 1, "an integer >= 1")
 
 
+ATTENTION_CHOICES = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "xformers")
+
+
 @dataclass
 class ModelConfig:
     pretrained: str = "toy"
@@ -76,7 +79,9 @@ class ModelConfig:
     weight_dtype: str = "fp32"
     """dtype of frozen weights (VAE, text encoders, reference UNet): "fp32", "fp16" or "bf16"."""
     attention: str = "sdpa"
-    """Attention backend: "sdpa" (PyTorch scaled_dot_product_attention, default) or "xformers"."""
+    """UNet attention: "sdpa" (PyTorch scaled_dot_product_attention picks its kernel, default), "sdpa-flash",
+    "sdpa-efficient", "sdpa-cudnn" or "sdpa-math" (that SDPA kernel only, an error where it cannot run), or
+    "xformers" (the [xformers] extra, GPU only)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the trained UNet."""
     channels_last: bool = False
@@ -89,7 +94,7 @@ class ModelConfig:
         _check(self, "pretrained", bool(self.pretrained), 'a diffusers folder, "toy" or a hub id')
         _check_choice(self, "family", ("auto", "sd15", "sdxl"))
         _check_choice(self, "weight_dtype", ("fp32", "fp16", "bf16"))
-        _check_choice(self, "attention", ("sdpa", "xformers"))
+        _check_choice(self, "attention", ATTENTION_CHOICES)
 
 
 @dataclass
@@ -204,7 +209,8 @@ class TrainConfig:
     scale_lr: bool = False
     """Multiply the LR by batch_size × grad_accum × processes, as the official launchers (1e-8 → 2.048e-5)."""
     optimizer: str = "adamw"
-    """"adamw", "adafactor" (the official SDXL recipe) or "adamw8bit" (needs the [8bit] extra)."""
+    """"adamw", "adamw_fused" (the same update in one fused kernel per step: torch.optim.AdamW(fused=True)),
+    "adafactor" (the official SDXL recipe) or "adamw8bit" (needs the [8bit] extra)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
@@ -216,6 +222,9 @@ class TrainConfig:
     """Gradient clipping norm (0: no clipping; the norm is still computed for the non-finite guard)."""
     mixed_precision: str = "no"
     """"no", "fp16" or "bf16" (passed to accelerate)."""
+    compile: bool = False
+    """torch.compile the trained UNet with inductor, through accelerate (the same as `accelerate launch
+    --dynamo_backend inductor`, which also works): the first steps are slow while it compiles."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint (checkpoints/step-N) every N optimizer steps (0: never)."""
     keep_checkpoints: int = 2
@@ -234,7 +243,7 @@ class TrainConfig:
                                "max_nonfinite_steps"), 1)
         _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
         _check(self, "learning_rate", self.learning_rate > 0, "a number > 0")
-        _check_choice(self, "optimizer", ("adamw", "adafactor", "adamw8bit"))
+        _check_choice(self, "optimizer", ("adamw", "adamw_fused", "adafactor", "adamw8bit"))
         _check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "a number >= 0")
 
@@ -289,11 +298,11 @@ class Config:
     raft: RaftConfig = field(default_factory=RaftConfig)
     """Online, reward-ranked batches (RAFT and online DPO) instead of offline pairs."""
     seppo: SeppoConfig = field(default_factory=SeppoConfig)
+    """SePPO's reference pool, flipper and reference sampling (objective.name: seppo)."""
     ppd: PpdConfig = field(default_factory=PpdConfig)
+    """PPD's user branch and user table (personalised preference fine-tuning)."""
     reward_backprop: RewardBackpropConfig = field(default_factory=RewardBackpropConfig)
     """Reward fine-tuning through the sampling chain (objective.name: reward_backprop; LongAlign stage 2)."""
-    """PPD's user branch and user table (personalised preference fine-tuning)."""
-    """SePPO's reference pool, flipper and reference sampling (objective.name: seppo)."""
 
     def __post_init__(self) -> None:
         _check(self, "output_dir", bool(self.output_dir), "a non-empty path")
@@ -302,6 +311,10 @@ class Config:
         if self.ppd.enabled and (self.raft.enabled or self.objective.name == "seppo"):
             raise FieldError(Config, "ppd.enabled", True, "false with raft.enabled or objective seppo: PPD trains on "
                              "offline pairs with user ids (dpo or sft); RAFT and SePPO generate without users")
+        if self.ppd.enabled and self.model.attention.startswith("sdpa-"):
+            raise FieldError(Config, "model.attention", self.model.attention, "sdpa or xformers with ppd.enabled "
+                             "(the user branch replaces the cross-attention processors with diffusers' IP-Adapter "
+                             "ones, which do not hold a kernel)")
 
     @property
     def full_finetune(self) -> bool:

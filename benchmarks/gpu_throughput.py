@@ -1,0 +1,302 @@
+"""Training throughput of the real loop on one GPU, the speed levers one at a time, peak memory and MFU (issue 14).
+
+Weights are RANDOM (SD1.5's and SDXL's exact configs, nothing downloaded): timings, FLOPs and memory are the real
+models', losses are meaningless. Every row is one `t2i_align.loop.train` run in this process (configs/sd15/
+dpo_lora.yaml, dpo_full.yaml or configs/sdxl/dpo_lora.yaml plus overrides): Diffusion-DPO, bf16 autocast, frozen
+parts in bf16, cached latents (data.cache=true; built by the part's first row, outside the timed steps),
+gradient accumulation 1, a log line every step. The rows, in the order they run:
+
+  sd15-lora   512 px, LoRA r8: micro-batch 1, 4, 8, 16, 32
+  sd15-lever  512 px, LoRA r8, micro-batch --lever-batch (8): the baseline, then ONE change each: train.compile
+              (inductor), model.channels_last, train.optimizer=adamw_fused, frozen parts fp32, model.attention=
+              sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math, gradient checkpointing
+  sd15-full   512 px, full fine-tuning (bf16 reference copy): micro-batch 1, 4, 8
+  sdxl-lora   1024 px, LoRA r8, gradient checkpointing on (configs/sdxl/base.yaml) and off: micro-batch 1, 4, 8
+
+Per row: s/step = median of the loop's own `sec_per_step` (wall time per optimizer step, measured after the
+device has synchronised) over the --steps (8) steps after --warmup (3); pairs/s = micro-batch / s/step; peak =
+max_memory_allocated over the whole run (weights, frozen parts, optimizer state, activations). FLOPs: per part,
+torch.utils.flop_counter.FlopCounterMode around two loop runs at micro-batch 1, of 1 and of 2 steps: the
+difference is one optimizer step (loading, the gallery and the export cancel), times the micro-batch (every
+counted op - convolution, matmul, attention - runs once per sample). TFLOP/s = FLOPs per step / s/step; MFU =
+that / --peak-tflops (989.4: the H100/H200 SXM dense bf16 peak). `step_over_fwd` = step FLOPs / the FLOPs of one
+UNet forward on one latent: about 2 (reference) + 2 (policy) + 2-4 (backward) for DPO; a value near 4 would mean
+the backward was not counted.
+
+    python benchmarks/gpu_throughput.py [--parts sd15-lora,sd15-lever,sd15-full,sdxl-lora] [--budget-s 540]
+    OMP_NUM_THREADS=1 python benchmarks/gpu_throughput.py --smoke     # CPU: tiny models, every code path
+
+On an H200 the four parts are estimated (not yet measured) at 2-3, 4-5, 1-2 and 3-4 minutes. --budget-s stops
+before a row that would not finish in time (a row's estimate: the part's previous row); skipped rows are listed.
+JSON (default $OUT/gpu_throughput.json, else ./gpu_throughput.json) is rewritten after every row; one Markdown
+table per part is printed. --smoke maps bf16 to fp32 and the GPU-only kernels' rows end in their error text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+sys.modules["wandb"] = None  # `import wandb` raises ImportError here, as on a machine without it
+
+from gpu_loop_e2e import write_pairs  # noqa: E402  (this folder is sys.path[0] when run as a script)
+from gpu_sd15 import PROMPT, Recorder, _device, _fresh, _peak, _quiet_imports, build_folder, guarded, print_header, \
+    print_row  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_BF16_DENSE_TFLOPS = 989.4
+LEVERS = [("baseline", []), ("compile", ["train.compile=true"]), ("channels_last", ["model.channels_last=true"]),
+          ("adamw_fused", ["train.optimizer=adamw_fused"]), ("frozen fp32", ["model.weight_dtype=fp32"]),
+          ("sdpa-flash", ["model.attention=sdpa-flash"]), ("sdpa-efficient", ["model.attention=sdpa-efficient"]),
+          ("sdpa-cudnn", ["model.attention=sdpa-cudnn"]), ("sdpa-math", ["model.attention=sdpa-math"]),
+          ("grad ckpt", ["model.gradient_checkpointing=true"])]
+COLS = [("row", "row"), ("pairs", "pairs"), ("s/step", "s_per_step"), ("pairs/s", "pairs_per_s"),
+        ("peak GiB", "peak_gib"), ("TFLOP/s", "tflops"), ("MFU", "mfu"), ("wall s", "wall_s")]
+
+
+def build_sdxl_folder(root: Path, smoke: bool, dev: torch.device) -> Path:
+    """A StableDiffusionXLPipeline with SDXL base 1.0's configs (smoke: same layout, tiny widths), saved in fp16.
+    Built on `dev`: random init of 3.5 B parameters is minutes on CPU threads, seconds on a GPU."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from t2i_align.toy.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    dims = (64, 64) if smoke else (768, 1280)  # the two text encoders' widths (CLIP ViT-L, OpenCLIP bigG)
+
+    def text(width: int, layers: int, heads: int, act: str, cls):
+        return cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=width,
+                                  intermediate_size=4 * width, num_hidden_layers=2 if smoke else layers,
+                                  num_attention_heads=2 if smoke else heads, projection_dim=width, hidden_act=act))
+    with torch.device(dev):
+        unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+            sample_size=16 if smoke else 128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64, 64) if smoke else (320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 2) if smoke else (1, 2, 10),
+            attention_head_dim=(2, 4, 4) if smoke else (5, 10, 20), cross_attention_dim=sum(dims),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + dims[1], norm_num_groups=32)
+        vae = AutoencoderKL(  # vae/config.json (force_upcast: the loader keeps it fp32)
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=(32, 64, 64, 64) if smoke else (128, 256, 512, 512),
+            sample_size=128 if smoke else 1024, scaling_factor=0.13025, force_upcast=True,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        encoder = text(dims[0], 12, 12, "quick_gelu", CLIPTextModel)
+        encoder_2 = text(dims[1], 32, 20, "gelu", CLIPTextModelWithProjection)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    tokenizer = build_clip_tokenizer(root / "_tok")
+    tokenizer_2 = build_clip_tokenizer(root / "_tok2")
+    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!"
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.to(dtype=torch.float16)  # cast where it was built, then to the CPU: half the bytes to move and write
+    pipe.to("cpu")
+    pipe.save_pretrained(str(root / "sdxl"))
+    return root / "sdxl"
+
+
+def overrides(folder: Path, data: Path, cache: Path, px: int, pairs: int, steps: int, smoke: bool) -> list:
+    prec = ["train.mixed_precision='no'", "model.weight_dtype=fp32"] if smoke else \
+        ["train.mixed_precision=bf16", "model.weight_dtype=bf16"]
+    return [f"model.pretrained={folder}", f"data.path={data}", f"data.resolution={px}", "data.cache=true",
+            f"data.cache_dir={cache}", f"train.batch_size={pairs}", "train.grad_accum=1", f"train.max_steps={steps}",
+            "train.log_every=1", "train.checkpoint_every=0", "tracking.wandb=off", "tracking.validate_every=0",
+            f"tracking.validation_prompts=[{PROMPT}]", "tracking.validation_seeds=1", "tracking.sample_steps=1",
+            *prec]
+
+
+def run_loop(yaml: str, args: list, out: Path):
+    """One `train` run, after resetting accelerate's process-wide state (it refuses a second Accelerator with
+    other settings); the run's folder is deleted afterwards (a full fine-tune's export is GBs)."""
+    import shutil
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from t2i_align.config import load_config
+    from t2i_align.loop import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        train(load_config(ROOT / "configs" / yaml, [f"output_dir={out}", *args]))
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def timed_row(yaml: str, args: list, out: Path, dev, pairs: int, warmup: int, peak_tflops: float, flops) -> dict:
+    begin = time.perf_counter()
+    records = run_loop(yaml, args, out)
+    seconds = statistics.median(r["sec_per_step"] for r in records[warmup:])
+    row = {"pairs": pairs, "s_per_step": round(seconds, 4), "pairs_per_s": round(pairs / seconds, 2),
+           "peak_gib": _peak(dev), "wall_s": round(time.perf_counter() - begin, 1),
+           "final_loss": records[-1].get("loss")}
+    add_mfu(row, flops, peak_tflops)
+    return row
+
+
+def add_mfu(row: dict, flops, peak_tflops: float) -> None:
+    """TFLOP/s achieved and MFU, when the config's FLOPs were counted."""
+    if flops and "error" not in flops and "s_per_step" in row:
+        tflops = flops["step_flops_per_pair"] * row["pairs"] / row["s_per_step"] / 1e12
+        row.update(tflops=round(tflops, 1), mfu=f"{100 * tflops / peak_tflops:.1f}%")
+
+
+def unet_forward_flops(folder: Path, dev, px: int) -> int:
+    """FLOPs of one UNet forward on one latent (the unit for `step_over_fwd`), bf16 autocast as in training."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+
+    comp = load_components(ModelConfig(pretrained=str(folder)), device=dev)
+    unet, size = comp.unet.eval(), px // 8
+    dim = unet.config.cross_attention_dim
+    x, h, t = torch.randn(1, 4, size, size, device=dev), torch.randn(1, 77, dim, device=dev), torch.tensor([500])
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled, device=dev), "time_ids": torch.zeros(1, 6, device=dev)}
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"), counter:
+        unet(x, t.to(dev), h, added_cond_kwargs=added)
+    return counter.get_total_flops()
+
+
+def step_flops(yaml: str, args: list, out: Path, folder: Path, dev, px: int) -> dict:
+    """FLOPs of one optimizer step at micro-batch 1 through the loop: a 2-step run minus a 1-step run. Model
+    FLOPs: gradient checkpointing is off here, so its recomputed forward is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals = []
+    for steps in (1, 2):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run_loop(yaml, [*args, "train.batch_size=1", f"train.max_steps={steps}",
+                            "model.gradient_checkpointing=false"], out)
+        totals.append(counter.get_total_flops())
+    per_pair = totals[1] - totals[0]
+    fwd = unet_forward_flops(folder, dev, px)
+    return {"step_flops_per_pair": per_pair, "fwd_flops_per_latent": fwd, "step_over_fwd": round(per_pair / fwd, 2)}
+
+
+class Budget:
+    """Skip a row that would end past the deadline; its estimate is the part's previous row's wall time."""
+
+    def __init__(self, seconds: float):
+        self.deadline, self.last = time.perf_counter() + seconds, 0.0
+
+    def allows(self) -> bool:
+        return time.perf_counter() + self.last < self.deadline
+
+    def spent(self, seconds: float) -> None:
+        self.last = seconds
+
+
+def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
+    """plan: (row label, yaml, extra overrides, micro-batch) per row. FLOPs are counted once per config file,
+    after its first row (which built the cache), so the counting runs neither build it nor differ in whether
+    they did; every row of a config shares them (model FLOPs: the levers change time, not the model's math)."""
+    print_header(f"{name} ({ctx['px']} px, {ctx['steps']} timed steps after {ctx['warmup']})", COLS)
+    counted = rec.results.setdefault("flops", {})
+    budget.last = 0.0
+    for label, yaml, extra, pairs in plan:
+        flops = counted.get(yaml)
+        row = {"part": name, "row": label, "pairs": pairs}
+        if not budget.allows():
+            row["error"] = "skipped: over --budget-s"
+            rec.record("train", row, COLS)
+            continue
+        _fresh(ctx["dev"])
+        begin = time.perf_counter()
+        args = overrides(ctx["folder"], ctx["data"], ctx["cache"], ctx["px"], pairs,
+                         ctx["warmup"] + ctx["steps"], ctx["smoke"]) + extra
+        row.update(guarded(timed_row, yaml, args, ctx["out"], ctx["dev"], pairs, ctx["warmup"], ctx["peak"], flops))
+        rec.record("train", row, COLS)
+        budget.spent(time.perf_counter() - begin)
+        if flops is None and "error" not in row and budget.allows():
+            counted[yaml] = guarded(step_flops, yaml, args, ctx["out"], ctx["folder"], ctx["dev"], ctx["px"])
+            add_mfu(row, counted[yaml], ctx["peak"])  # this row ran before the count: filled in now
+            rec.save()
+            print(f"FLOPs ({yaml}): {counted[yaml]}; row above: TFLOP/s {row.get('tflops')}, MFU {row.get('mfu')}",
+                  flush=True)
+    print()
+
+
+def plans(lever_batch: int, smoke: bool) -> dict:
+    lora, full, xl = "sd15/dpo_lora.yaml", "sd15/dpo_full.yaml", "sdxl/dpo_lora.yaml"
+    batches = (1, 2) if smoke else (1, 4, 8, 16, 32)
+    small = (1, 2) if smoke else (1, 4, 8)
+    no_ckpt = ["model.gradient_checkpointing=false"]
+    return {
+        "sd15-lora": [(f"LoRA r8 x{b}", lora, [], b) for b in batches],
+        "sd15-lever": [(label, lora, extra, lever_batch) for label, extra in LEVERS],
+        "sd15-full": [(f"full x{b}", full, no_ckpt, b) for b in small],
+        "sdxl-lora": [(f"LoRA r8 ckpt x{b}", xl, [], b) for b in small]
+                     + [(f"LoRA r8 x{b}", xl, no_ckpt, b) for b in small],
+    }
+
+
+def main() -> None:
+    out_dir = os.environ.get("OUT")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=str(Path(out_dir or ".") / "gpu_throughput.json"))
+    parser.add_argument("--parts", default="sd15-lora,sd15-lever,sd15-full,sdxl-lora")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
+    parser.add_argument("--lever-batch", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=540.0, help="skip rows that would end after this")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the code paths only")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    all_plans = plans(2 if args.smoke else args.lever_batch, args.smoke)
+    unknown = [p for p in parts if p not in all_plans]
+    if unknown:
+        sys.exit(f"error: unknown --parts {unknown}; choose from {', '.join(all_plans)}")
+    dev = _device(args.smoke)
+    diffusers_version, transformers_version = _quiet_imports()
+    gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke)"
+    meta = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers_version,
+            "transformers": transformers_version, "smoke": args.smoke, "steps": args.steps, "warmup": args.warmup,
+            "peak_tflops": args.peak_tflops}
+    rec = Recorder(Path(args.json), meta)
+    print(f"# loop throughput, random weights | {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+          f"diffusers {diffusers_version}\n", flush=True)
+    budget, begin = Budget(args.budget_s), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for part in parts:
+            xl = part.startswith("sdxl")
+            px = (128 if xl else 64) if args.smoke else (1024 if xl else 512)
+            key = "sdxl" if xl else "sd15"
+            if key not in rec.results["meta"]:
+                start = time.perf_counter()
+                folder = build_sdxl_folder(tmp, args.smoke, dev) if xl else build_folder(tmp, args.smoke)
+                data = write_pairs(tmp / f"pairs-{px}.parquet", 8 if args.smoke else 64, px)
+                rec.results["meta"][key] = {"folder": str(folder), "data": str(data),
+                                            "setup_s": round(time.perf_counter() - start, 1)}
+            setup = rec.results["meta"][key]
+            ctx = {"dev": dev, "folder": Path(setup["folder"]), "data": Path(setup["data"]), "cache": tmp / "cache",
+                   "px": px, "out": tmp / "run", "smoke": args.smoke, "peak": args.peak_tflops,
+                   "steps": 2 if args.smoke else args.steps, "warmup": 1 if args.smoke else args.warmup}
+            run_part(part, all_plans[part], ctx, rec, budget)
+    meta["total_s"] = round(time.perf_counter() - begin, 1)
+    rec.save()
+    print(f"total {meta['total_s']} s; JSON: {rec.path}")
+
+
+if __name__ == "__main__":
+    main()
