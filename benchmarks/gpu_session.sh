@@ -19,8 +19,7 @@ cd "$(dirname "$0")/.."
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0)
 
 wheels() {
-  mkdir -p .whl
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  mkdir -p .whl  # git-ignored (.gitignore), so it travels to the device only when `carry` names it
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
 }

@@ -160,7 +160,7 @@ def train(cfg: Config) -> TrainResult:
     start, raw_start = 0, 0
     resume = resolve_resume(out, cfg.train.resume)
     if resume is not None:
-        start = load_checkpoint(accelerator, resume, unet, not cfg.full_finetune)
+        start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
         raw_start = int(read_marker(resume).get("raw_batches", start * cfg.train.grad_accum))
         if provider is not None:
             provider.load(resume)

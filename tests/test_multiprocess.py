@@ -38,6 +38,14 @@ def test_two_process_lora_dpo(tmp_path):
     rank0, rank1 = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
     assert rank0 == rank1
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # Resume under DDP: the check of the checkpoint's LoRA weights must see the UNet's names, not DDP's `module.`
+    more = [a.replace("train.max_steps=3", "train.max_steps=4") for a in cmd] + ["train.resume=latest"]
+    proc = subprocess.run(more, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
 
 
 def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):

@@ -75,11 +75,14 @@ def test_compiled_unet_exports_lora_under_its_own_names(sd15_dir, tmp_path, monk
 
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")  # dynamo tracing without inductor's compile time
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet")
-    result = train(_cfg(sd15_dir, pairs, tmp_path / "run", "train.max_steps=2", "lora.init=default",
-                        "train.optimizer=adamw_fused"))
-    with safe_open(str(result.final / "pytorch_lora_weights.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-    assert keys and not any("_orig_mod" in k for k in keys)
+    common = ("lora.init=default", "train.optimizer=adamw_fused", "train.checkpoint_every=1")
+    train(_cfg(sd15_dir, pairs, tmp_path / "run", "train.max_steps=1", *common))
+    result = train(_cfg(sd15_dir, pairs, tmp_path / "run", "train.max_steps=2", "train.resume=latest", *common))
+    for file in (result.final / "pytorch_lora_weights.safetensors",
+                 tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+        assert keys and all(".lora_" in k and "_orig_mod" not in k for k in keys), file
     pipe = StableDiffusionPipeline.from_pretrained(str(sd15_dir))
     pipe.load_lora_weights(str(result.final))
     assert torch.allclose(_forward(pipe.unet), _forward(result.unet), atol=1e-6)
