@@ -59,6 +59,19 @@ def read_marker(path: Path) -> dict:
     return json.loads((Path(path) / MARKER).read_text())
 
 
+def resume_raw_batches(marker: dict, index: int, processes: int, fallback: int) -> int:
+    """How many raw micro-batches this process skips on resume. The marker holds one count per process (each
+    process replaces its own all-corrupt batches, so the counts can differ); a checkpoint from before that holds
+    one number, used by every process. With another number of processes the shards differ and no position is
+    exact: each process skips its share of all the batches read before."""
+    raw = marker.get("raw_batches", fallback)
+    if not isinstance(raw, list):
+        return int(raw)
+    if len(raw) == processes:
+        return int(raw[index])
+    return round(sum(raw) / processes)
+
+
 def checkpoint_step(path: Path) -> int:
     return int(read_marker(path)["step"])
 

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import BATCH_BUILDERS, make_denoiser
-from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, save_checkpoint,
-                          save_only_trainable, set_aside_newer)
+from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
+                          save_checkpoint, save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
 from .errors import UserError
 from .data.sources import build_data_source
@@ -54,7 +54,8 @@ def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, flo
 def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int]):
     """The next usable micro-batch; a batch whose rows were all corrupt is replaced by the following one, so
     every process still runs the same number of forward/backward passes. `counts["raw_batches"]` counts every
-    raw batch read (usable or not): a resumed run skips exactly that many (the checkpoint records it)."""
+    raw batch read (usable or not): a resumed run skips exactly that many (the checkpoint records each
+    process's count: they differ when one process replaced a batch and another did not)."""
     while True:
         raw = next(batches)
         counts["raw_batches"] += 1
@@ -161,7 +162,8 @@ def train(cfg: Config) -> TrainResult:
     resume = resolve_resume(out, cfg.train.resume)
     if resume is not None:
         start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
-        raw_start = int(read_marker(resume).get("raw_batches", start * cfg.train.grad_accum))
+        raw_start = resume_raw_batches(read_marker(resume), accelerator.process_index, accelerator.num_processes,
+                                       fallback=start * cfg.train.grad_accum)
         if provider is not None:
             provider.load(resume)
         if accelerator.is_main_process:
@@ -236,12 +238,17 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker={"raw_batches": counts["raw_batches"]},
+                            marker={"raw_batches": _gathered(accelerator, counts["raw_batches"])},
                             save_extra=None if st.provider is None else st.provider.save)
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             rows, _, columns = st.validator.gallery(done)
             if rows:
                 st.tracker.log_gallery(rows, done, columns, name="gallery")
+
+
+def _gathered(accelerator, value: int) -> List[int]:
+    """Every process's `value`, in process order (collective: every process calls it)."""
+    return accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()
 
 
 def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar, last_log):

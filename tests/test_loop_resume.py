@@ -67,9 +67,22 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     full, part = tmp_path / "full", tmp_path / "part"
     train(_cfg(tiny_model, data, full, *common, "train.max_steps=4"))
     train(_cfg(tiny_model, data, part, *common, "train.max_steps=2"))
-    raw = read_marker(part / "checkpoints" / "step-2")["raw_batches"]
+    (raw,) = read_marker(part / "checkpoints" / "step-2")["raw_batches"]  # one count per process
     assert raw > 2, "this seed must put a corrupt batch among the first two, or the test tests nothing"
     train(_cfg(tiny_model, data, part, *common, "train.max_steps=4", "train.resume=latest"))
     assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
     last = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["data_batches_skipped"] >= 1
+
+
+def test_resume_position_per_process():
+    """Each process resumes at its own count; an old marker's single number serves all; with another number of
+    processes each skips its share of everything read."""
+    from t2i_align.checkpoints import resume_raw_batches
+
+    marker = {"step": 4, "raw_batches": [5, 4]}
+    assert [resume_raw_batches(marker, i, 2, fallback=4) for i in (0, 1)] == [5, 4]
+    assert resume_raw_batches({"step": 4, "raw_batches": 6}, 1, 2, fallback=4) == 6
+    assert resume_raw_batches({"step": 4}, 0, 1, fallback=4) == 4
+    assert resume_raw_batches(marker, 0, 1, fallback=4) == 9  # 2 processes -> 1: all 9 batches read before
+    assert resume_raw_batches({"step": 4, "raw_batches": [9]}, 3, 4, fallback=4) == 2  # 9 / 4 = 2.25 -> 2
