@@ -7,9 +7,10 @@ parts in bf16, cached latents (data.cache=true; built by the part's first row, o
 gradient accumulation 1, a log line every step. The rows, in the order they run:
 
   sd15-lora   512 px, LoRA r8: micro-batch 1, 4, 8, 16, 32
-  sd15-lever  512 px, LoRA r8, micro-batch --lever-batch (8): the baseline, then ONE change each: train.compile
-              (inductor), model.channels_last, train.optimizer=adamw_fused, frozen parts fp32, model.attention=
-              sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math, gradient checkpointing
+  sd15-lever  512 px, LoRA r8, micro-batch --lever-batch (8): the baseline, then ONE change each:
+              model.channels_last, train.optimizer=adamw_fused, frozen parts fp32, model.attention=sdpa-flash /
+              sdpa-efficient / sdpa-cudnn / sdpa-math, gradient checkpointing, train.compile (inductor; last, as
+              its first steps compile for minutes; --warmup must cover them, or the median shows compile time)
   sd15-full   512 px, full fine-tuning (bf16 reference copy): micro-batch 1, 4, 8
   sdxl-lora   1024 px, LoRA r8, gradient checkpointing on (configs/sdxl/base.yaml) and off: micro-batch 1, 4, 8
 
@@ -53,11 +54,11 @@ from gpu_sd15 import PROMPT, Recorder, _device, _fresh, _peak, _quiet_imports, b
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_TFLOPS = 989.4
-LEVERS = [("baseline", []), ("compile", ["train.compile=true"]), ("channels_last", ["model.channels_last=true"]),
+LEVERS = [("baseline", []), ("channels_last", ["model.channels_last=true"]),  # compile last: minutes to compile
           ("adamw_fused", ["train.optimizer=adamw_fused"]), ("frozen fp32", ["model.weight_dtype=fp32"]),
           ("sdpa-flash", ["model.attention=sdpa-flash"]), ("sdpa-efficient", ["model.attention=sdpa-efficient"]),
           ("sdpa-cudnn", ["model.attention=sdpa-cudnn"]), ("sdpa-math", ["model.attention=sdpa-math"]),
-          ("grad ckpt", ["model.gradient_checkpointing=true"])]
+          ("grad ckpt", ["model.gradient_checkpointing=true"]), ("compile", ["train.compile=true"])]
 COLS = [("row", "row"), ("pairs", "pairs"), ("s/step", "s_per_step"), ("pairs/s", "pairs_per_s"),
         ("peak GiB", "peak_gib"), ("TFLOP/s", "tflops"), ("MFU", "mfu"), ("wall s", "wall_s")]
 
