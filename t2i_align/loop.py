@@ -164,8 +164,9 @@ def train(cfg: Config) -> TrainResult:
         start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
         raw_start = resume_raw_batches(read_marker(resume), accelerator.process_index, accelerator.num_processes,
                                        fallback=start * cfg.train.grad_accum)
-        if provider is not None:
-            provider.load(resume)
+        for part in (provider, source):  # what they keep beyond weights and data position (SePPO's pool, RAFT's)
+            if hasattr(part, "load"):
+                part.load(resume)
         if accelerator.is_main_process:
             set_aside_newer(out, start, accelerator.print)
         tracker.truncate_after(start)
@@ -239,11 +240,17 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
                             marker={"raw_batches": _gathered(accelerator, counts["raw_batches"])},
-                            save_extra=None if st.provider is None else st.provider.save)
+                            save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             rows, _, columns = st.validator.gallery(done)
             if rows:
                 st.tracker.log_gallery(rows, done, columns, name="gallery")
+
+
+def _save_extras(st: _RunState, folder: Path) -> None:
+    for part in (st.provider, st.source):
+        if hasattr(part, "save"):
+            part.save(folder)
 
 
 def _gathered(accelerator, value: int) -> List[int]:

@@ -150,3 +150,20 @@ def test_prompt_dropout_blanks_generated_captions_reproducibly():
 
     assert not any(drops(0.0))
     assert drops(0.25) == drops(0.25) and 0.18 < sum(drops(0.25)) / 400 < 0.32
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_resume_inside_a_round_trains_on_the_saved_pool(tmp_path, objective):
+    """Stopped at step 3 of 5, inside round 1 (steps 3-4), the resumed run trains on the checkpoint's pool instead
+    of regenerating round 1 with other weights: the same losses as an uninterrupted run, one audit line a round."""
+    common = ["configs/toy/raft.yaml" if objective == "sft" else "configs/toy/online_dpo.yaml"]
+    extra = ("raft.round_steps=2", "train.checkpoint_every=1", "train.learning_rate=1e-3")
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run(*common, full, "train.max_steps=5", *extra)
+    _run(*common, part, "train.max_steps=3", *extra)
+    assert (part / "checkpoints" / "step-3" / "raft_pool.safetensors").is_file()
+    _run(*common, part, "train.max_steps=5", "train.resume=latest", *extra)
+    losses = {run: [r["loss"] for r in _metrics(run)] for run in (full, part)}
+    assert len(losses[full]) == 5 and losses[part] == pytest.approx(losses[full], abs=1e-6)
+    rounds = [json.loads(s)["round"] for s in (part / "raft_rounds.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]

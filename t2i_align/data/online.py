@@ -7,8 +7,9 @@ the same global selection (`t2i_align.ranking`). Micro-batches are then drawn fr
 its own slice of every global batch. The training latents are the VAE encodings of the decoded images
 (`raft.reencode`, as the official RAFT code, which trains on the saved images) or the generated latents.
 
-A run resumed mid-round regenerates that round's pool with the resumed policy, so resume is exact only at
-round boundaries.
+Every checkpoint holds the current round's selection (`raft_pool.safetensors`): a run resumed mid-round trains
+on it instead of regenerating the round with the resumed policy, so resume is exact anywhere. (A checkpoint
+written before pools were saved regenerates the round.)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from ..config import ConfigError
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
 from ..sampling import generate, set_scheduler
+
+POOL_FILE = "raft_pool.safetensors"
 
 
 def _reward(rc, device):
@@ -50,6 +53,8 @@ class OnlineSource:
         self.micro_per_round = self.rc.round_steps * cfg.train.grad_accum
         self._metrics: Dict[str, float] = {}
         self._nonfinite_total = 0
+        self._current: Optional[Tuple[int, List[Dict]]] = None  # (round, selection) being trained on
+        self._resumed: Optional[Tuple[int, List[Dict], Dict[str, float]]] = None  # from a checkpoint's pool
 
     def _check_reward_reads_prompts(self) -> None:
         """A reward that cannot score the prompts (toy-judge reads only toy captions) is a config error at
@@ -72,13 +77,51 @@ class OnlineSource:
     def micro_batches(self, start: int = 0) -> Iterator[Dict]:
         rnd, skip = divmod(start, self.micro_per_round)
         while True:
-            items = self._round(rnd)
+            items = (self._resumed_round(rnd) if skip else None) or self._round(rnd)
+            self._current = (rnd, items)
             order = self._order(rnd, len(items))
             b, world, rank = self.cfg.train.batch_size, self.acc.num_processes, self.acc.process_index
             for i in range(skip, self.micro_per_round):
                 first = (i * world + rank) * b
                 yield self._collate([self._drop_prompt(items[order[pos]], rnd, pos) for pos in range(first, first + b)])
             rnd, skip = rnd + 1, 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: Path) -> None:
+        """The round being trained on, into a checkpoint folder (main process; the selection is global, the
+        same on every process)."""
+        if self._current is None:
+            return
+        from safetensors.torch import save_file
+
+        rnd, items = self._current
+        tensors = {key: torch.stack([it[key] for it in items]).contiguous()
+                   for key in items[0] if key != "caption"}
+        meta = {"round": str(rnd), "captions": json.dumps([it["caption"] for it in items]),
+                "metrics": json.dumps(self._metrics)}
+        save_file(tensors, str(Path(folder) / POOL_FILE), metadata=meta)
+
+    def load(self, folder: Path) -> None:
+        """Read a checkpoint's pool (every process); `micro_batches` uses it if it resumes inside that round."""
+        path = Path(folder) / POOL_FILE
+        if not path.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+        if set(tensors) != ({"latents_w", "latents_l"} if self.pairs else {"latents"}):
+            return  # written by the other objective (sft vs dpo): regenerate
+        captions = json.loads(meta["captions"])
+        items = [{"caption": c, **{key: t[i] for key, t in tensors.items()}} for i, c in enumerate(captions)]
+        self._resumed = (int(meta["round"]), items, json.loads(meta["metrics"]))
+
+    def _resumed_round(self, rnd: int) -> Optional[List[Dict]]:
+        if self._resumed is None or self._resumed[0] != rnd:
+            return None
+        _, items, self._metrics = self._resumed
+        self._resumed = None
+        return items
 
     # ------------------------------------------------------------------ one round
     def _round_prompts(self, rnd: int) -> List[int]:
