@@ -14,8 +14,9 @@ import importlib
 import importlib.util
 import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -264,6 +265,20 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
 def _listing(title: str, items: List[str], limit: int = 12) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+@contextmanager
+def without_random_init() -> Iterator[None]:
+    """Build a model whose every weight is loaded right after (`load_checked` refuses a checkpoint that misses one)
+    without drawing its random initial weights: transformers' `no_init_weights`, which also stubs torch.nn.init.
+    It saved 11 s of building PickScore's 1 B parameters on one CPU core (6 s for open_clip's ViT-H-14). Buffers
+    computed in __init__ (attention masks, position ids) are not init calls and come out as usual."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4.x
+    with no_init_weights():
+        yield
 
 
 def load_checked(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .base import (PathLike, Resize, Reward, RewardOutput, WeightsNotFoundError, batched, find_weights_file,
                    load_checked, load_state_dict_file, preprocess_images, register, resize_center_crop, resolve_device,
-                   resolve_dtype)
+                   resolve_dtype, without_random_init)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -170,7 +170,8 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
                                "t2i_align.toy build --only denscore` (about 20 minutes on one core)"))
     if checkpoint is not None and Path(checkpoint).exists():
         cfg, state, pre, name = _read_local(arch, Path(checkpoint), what, source)
-        model = _model_from_cfg(cfg)
+        with without_random_init():
+            model = _model_from_cfg(cfg)
         load_checked(model, state, str(checkpoint))
     elif isinstance(arch, str) and checkpoint is not None and str(checkpoint) in \
             open_clip.list_pretrained_tags_by_model(arch):

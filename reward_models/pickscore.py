@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .base import PathLike, Reward, RewardOutput, WeightsNotFoundError, load_checked, load_state_dict_file, \
-    register, require_path
+    register, require_path, without_random_init
 from .clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 
 # transformers name -> open_clip name, inside one transformer block
@@ -156,7 +156,8 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
     if not (folder / "config.json").is_file():
         raise WeightsNotFoundError(f"{what}: {folder} has no config.json. Expected: {source}")
     config = CLIPConfig.from_pretrained(str(folder))
-    model = CLIPModel(config)
+    with without_random_init():
+        model = CLIPModel(config)
     load_checked(model, load_state_dict_file(folder), str(folder))
     proc = Path(processor_dir) if processor_dir is not None else folder
     try:

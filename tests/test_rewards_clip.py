@@ -61,6 +61,21 @@ def test_clip_score_matches_direct_computation_and_counts_truncation(tiny_ckpt):
     assert not scores.requires_grad
 
 
+def test_skipped_random_init_comes_back_after_the_block():
+    """The loaders build models inside `without_random_init` (their weights are all loaded after; the test above
+    checks the scores); torch's own initialisers must work again afterwards, also after an error."""
+    from reward_models.base import without_random_init
+
+    torch.manual_seed(0)
+    before = torch.nn.Linear(8, 8).weight.detach().clone()
+    with pytest.raises(RuntimeError, match="inside"):
+        with without_random_init():
+            torch.nn.Linear(8, 8)
+            raise RuntimeError("inside")
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Linear(8, 8).weight, before) and before.abs().sum() > 0
+
+
 def test_pt_checkpoint_with_state_dict_wrapper_and_module_prefix(tiny_ckpt, tmp_path):
     model, _ = tiny_ckpt
     path = tmp_path / "ckpt.pt"
