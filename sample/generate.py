@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,11 +20,11 @@ from common import add_model_args, add_sampling_args, add_user_args, run_cli, se
 
 
 def _write(out: Path, samples, meta: dict) -> Path:
-    from t2i_align.files import replace_dir
+    from t2i_align.files import replace_dir, temp_dir
     from t2i_align.gallery import to_pil, to_uint8
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     lines = []
     for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
         name = f"{i:05d}.png"

@@ -6,7 +6,28 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent`, to fill and then rename into place. mkdtemp makes it private (0700); it gets
+    what a plain mkdir gives (0777 minus the umask), so a finished gallery or cache is as readable as any folder."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+def temp_file(parent: Path, prefix: str) -> Tuple[int, str]:
+    """(fd, path) of a fresh file in `parent`, with a plain file's permissions (mkstemp's are 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> Path:
@@ -35,7 +56,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     """Write a file via a temporary sibling and a rename, so readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -56,10 +77,11 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, f".{path.name}.")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors (0.8) writes a new file, mode 0600, in its place
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

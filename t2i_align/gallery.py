@@ -9,14 +9,13 @@ from __future__ import annotations
 import html
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from .files import replace_dir
+from .files import replace_dir, temp_dir, temp_file
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -74,7 +73,7 @@ def save_grid(images: Sequence[Optional[ImageLike]], path: Union[str, Path], nco
     path = Path(path)
     grid = grid_image(images, ncols, pad)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             grid.save(f, format="PNG")
@@ -130,7 +129,7 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
     out_dir = Path(out_dir)
     width = _check_rows(rows, columns)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         (tmp / "images").mkdir()
         files, sizes, cells = [], [], []

@@ -7,12 +7,11 @@ trains a new LoRA on top (Liu et al. 2024, arXiv 2410.11817, Sec. 5.1). A merged
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .conditioning.text import write_text_encoding
-from .files import replace_dir
+from .files import replace_dir, temp_dir
 
 
 def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encoding: Optional[str] = None,
@@ -31,7 +30,7 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
     encoding = pipeline_components(pipe).text_encoding
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     pipe.save_pretrained(str(tmp))
     write_text_encoding(tmp, encoding.kind, encoding.token_budget)
     return replace_dir(tmp, out)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -35,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import temp_dir
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .pairs import PairDataset, PairStats, collate_pairs, item_draws
 
@@ -166,7 +166,7 @@ def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encod
         if folder.exists():  # only an unmarked folder can be here (e.g. hand-edited): never trust it
             shutil.rmtree(folder)
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+        tmp = temp_dir(root, f".tmp-{key}-")
         try:
             logger.info("building cache %s for %d pairs", folder, len(dataset))
             _write_cache(dataset, encode_images, encode_prompts, tmp, key, parts, batch_size, shard_size)
