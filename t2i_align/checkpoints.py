@@ -95,9 +95,11 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
 
 def save_only_trainable(accelerator) -> None:
     """LoRA runs: checkpoints keep only the trainable (adapter) weights; the frozen UNet is model.pretrained's.
-    (accelerate would store the whole UNet: ~3.4 GB per SD1.5 checkpoint instead of a few MB.)"""
+    (accelerate would store the whole UNet: ~3.4 GB per SD1.5 checkpoint instead of a few MB.) Under FSDP and
+    DeepSpeed accelerate saves the (sharded) model itself and hands this hook no state dicts: those checkpoints
+    keep every weight."""
     def keep_trainable(models, weights, output_dir):
-        for i, model in enumerate(models):
+        for i, model in enumerate(models[:len(weights)]):
             names = {name for name, p in model.named_parameters() if p.requires_grad}
             weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
@@ -106,8 +108,9 @@ def save_only_trainable(accelerator) -> None:
 
 def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_only: bool) -> int:
     """Restore a checkpoint; with `trainable_only` its weights must cover every trainable parameter (a LoRA
-    checkpoint with other targets or rank fails here, naming what is missing). Returns its step."""
-    if trainable_only:
+    checkpoint with other targets or rank fails here, naming what is missing; FSDP and DeepSpeed checkpoints,
+    which hold every weight in their engine's own files, are left to the engine's checks). Returns its step."""
+    if trainable_only and (path / "model.safetensors").is_file():
         from safetensors import safe_open
 
         wanted = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
@@ -118,9 +121,7 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
             raise CheckpointMismatch(f"checkpoint {path} does not hold {len(wrong)} trainable weights of this run as "
                                f"shaped here (e.g. {wrong[0]}): was it written with other LoRA settings? Resume "
                                "with the run's own config, or start fresh without train.resume")
-        accelerator.load_state(str(path), strict=False)
-    else:
-        accelerator.load_state(str(path))
+    accelerator.load_state(str(path), **({"strict": False} if trainable_only else {}))
     return checkpoint_step(path)
 
 

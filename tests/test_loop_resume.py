@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.checkpoints import list_checkpoints, read_marker, resolve_resume
@@ -86,3 +87,38 @@ def test_resume_position_per_process():
     assert resume_raw_batches({"step": 4}, 0, 1, fallback=4) == 4
     assert resume_raw_batches(marker, 0, 1, fallback=4) == 9  # 2 processes -> 1: all 9 batches read before
     assert resume_raw_batches({"step": 4, "raw_batches": [9]}, 3, 4, fallback=4) == 2  # 9 / 4 = 2.25 -> 2
+
+
+class _RecordingAccelerator:
+    """Stands in for accelerate's Accelerator where FSDP / DeepSpeed cannot run (no accelerator here)."""
+
+    def __init__(self):
+        self.hooks, self.loads = [], []
+
+    def register_save_state_pre_hook(self, hook):
+        self.hooks.append(hook)
+
+    def load_state(self, path, **kwargs):
+        self.loads.append((path, kwargs))
+
+
+def test_lora_checkpoint_hooks_under_engines_that_save_the_model_themselves(tmp_path):
+    """accelerate's save_state under FSDP / DeepSpeed passes the pre-hook no state dicts (the engine writes the
+    sharded model itself): the LoRA-only filter must leave that alone instead of failing, and a resume from such a
+    checkpoint (no model.safetensors) goes to the engine's loader without our LoRA key check."""
+    from t2i_align.checkpoints import MARKER, load_checkpoint, save_only_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    acc = _RecordingAccelerator()
+    save_only_trainable(acc)
+    weights = []
+    acc.hooks[0]([model], weights, str(tmp_path))  # FSDP / DeepSpeed: no state dicts handed over
+    assert weights == []
+    weights = [model.state_dict()]
+    acc.hooks[0]([model], weights, str(tmp_path))  # one process / DDP: only the trainable weights are kept
+    assert sorted(weights[0]) == ["1.bias", "1.weight"]
+    (tmp_path / "pytorch_model_fsdp_0").mkdir()
+    (tmp_path / MARKER).write_text(json.dumps({"step": 7}))
+    assert load_checkpoint(acc, tmp_path, model, trainable_only=True) == 7
+    assert acc.loads == [(str(tmp_path), {"strict": False})]
