@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .errors import UserError
-from .files import replace_dir
+from .files import plain_modes, replace_dir
 
 MARKER = "t2i_align_checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -151,6 +151,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     if accelerator.is_main_process:
         if save_extra is not None:
             save_extra(tmp)
+        plain_modes(tmp)
         (tmp / MARKER).write_text(json.dumps({**(marker or {}), "step": step}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -30,12 +30,23 @@ def temp_file(parent: Path, prefix: str) -> Tuple[int, str]:
     return fd, tmp
 
 
+def plain_modes(root: Path) -> None:
+    """Give `root` (a .safetensors file) or every .safetensors file under it a plain file's mode (0666 minus the
+    umask). safetensors 0.8 creates its files 0600 whatever the umask (safetensors/safetensors#782): exported
+    weights, checkpoints and caches would be unreadable to anyone else (a colleague, an inference server)."""
+    root, mode = Path(root), 0o666 & ~_umask()
+    for path in [root] if root.is_file() else root.rglob("*.safetensors"):
+        os.chmod(path, mode)
+
+
 def replace_dir(tmp: Path, out_dir: Path) -> Path:
-    """Move the finished folder `tmp` to `out_dir` by renames, replacing any old `out_dir` whole.
+    """Move the finished folder `tmp` to `out_dir` by renames, replacing any old `out_dir` whole (its .safetensors
+    files given plain modes first: `plain_modes`).
 
     Between the two renames `out_dir` is briefly absent (POSIX has no atomic swap of two folders); if the second
     rename fails, the old folder is put back."""
     tmp, out_dir = Path(tmp), Path(out_dir)
+    plain_modes(tmp)
     old = None
     try:
         if out_dir.exists():
@@ -81,7 +92,7 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors (0.8) writes a new file, mode 0600, in its place
+        plain_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

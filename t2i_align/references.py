@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .batches import make_denoiser, unet_kwargs
+from .files import plain_modes
 from .models import adapters_off
 from .objectives.base import Denoiser
 
@@ -177,6 +178,7 @@ class SnapshotPool(BaseReference):
             self.pool_dir.mkdir(parents=True, exist_ok=True)
             tmp = self._file(step).with_suffix(".tmp")
             save_file(state, str(tmp))
+            plain_modes(tmp)
             os.replace(tmp, self._file(step))  # complete or absent
         self.barrier()  # every process may draw it at the next step
 

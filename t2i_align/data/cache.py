@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..files import temp_dir
+from ..files import plain_modes, temp_dir
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .pairs import PairDataset, PairStats, collate_pairs, item_draws
 
@@ -170,6 +170,7 @@ def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encod
         try:
             logger.info("building cache %s for %d pairs", folder, len(dataset))
             _write_cache(dataset, encode_images, encode_prompts, tmp, key, parts, batch_size, shard_size)
+            plain_modes(tmp)
             try:
                 os.rename(tmp, folder)
             except OSError:  # another process published the same key first

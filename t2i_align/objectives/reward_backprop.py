@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from t2i_align.config import ConfigError, ObjectiveConfig
+from t2i_align.files import plain_modes
 from t2i_align.objectives.base import Denoiser, Metrics, Objective, PromptBatch, metrics_to_floats
 
 DIRECTION_FILE = "reward_direction.safetensors"
@@ -81,6 +82,7 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         reward.save_direction(tmp)
+        plain_modes(tmp)
         os.replace(tmp, path)  # complete or absent
         acc.wait_for_everyone()
         reward.load_direction(path)  # the file's vector, as the other processes and a resume have it
