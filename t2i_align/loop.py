@@ -89,6 +89,17 @@ def _counts_as_failure(accelerator, norm: float, step_metrics: List[Dict[str, fl
     return accelerator.scaler is None or not loss_finite
 
 
+def _refuse_fsdp(accelerator) -> None:
+    """FSDP is refused at start rather than failing hours in. The gallery, RAFT and SePPO sampling, the LoRA
+    reference and the export call the UNet outside accelerate's FSDP wrapper (`raw_unet`), where each process
+    holds only its shard of the weights (read in accelerate and torch; not run: FSDP needs GPUs)."""
+    if accelerator.distributed_type == "FSDP":  # accelerate's DistributedType is a str enum
+        raise UserError("accelerate's FSDP is not supported yet: the validation gallery, online sampling and the "
+                        "final export use the UNet outside its FSDP wrapper, where each process holds only a shard "
+                        "of it. Use configs/accelerate/ddp.yaml (for SDXL full fine-tuning with "
+                        "model.gradient_checkpointing=true and train.optimizer=adafactor or adamw8bit) instead")
+
+
 def _trainable(cfg: Config, components, needs_reference: bool):
     """(trainable parameters, frozen reference copy or None). A full fine-tune trains every UNet weight against a
     frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
@@ -131,6 +142,7 @@ def train(cfg: Config) -> TrainResult:
     # dynamo_backend None: accelerate reads `accelerate launch --dynamo_backend` (off unless given there)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               dynamo_backend="inductor" if cfg.train.compile else None)
+    _refuse_fsdp(accelerator)
     set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per process
     out = Path(cfg.output_dir)
     components = load_components(cfg.model, device=accelerator.device)

@@ -127,3 +127,4 @@ def test_speed_settings_are_read_and_checked():
         load_config(None, ["model.attention=sdpa-fast"])
     with pytest.raises(ConfigError, match=r"model\.attention = 'sdpa-math'.*sdpa or xformers with ppd\.enabled"):
         load_config(None, ["model.attention=sdpa-math", "ppd.enabled=true", "ppd.table=users.safetensors"])
+
