@@ -10,25 +10,29 @@ import pytest
 from helpers import save_tiny_pipeline
 from test_loop import write_rendered_pairs
 
+SCRIPT = Path(__file__).with_name("multiprocess_train.py")
+# accelerate's `--cpu --num_processes 2` only spawns several processes through mpirun; torchrun-style
+# launching (`--multi_gpu`) with ACCELERATE_USE_CPU=1 gives two gloo processes on any machine.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+          "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def launch(*overrides: str) -> None:
+    """multiprocess_train.py on two gloo processes with these config overrides; fails the test if it fails."""
+    proc = subprocess.run([*LAUNCH, *overrides], capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_two_process_lora_dpo(tmp_path):
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
     out = tmp_path / "run"
-    script = Path(__file__).with_name("multiprocess_train.py")
-    # accelerate's `--cpu --num_processes 2` only spawns several processes through mpirun; torchrun-style
-    # launching (`--multi_gpu`) with ACCELERATE_USE_CPU=1 gives two gloo processes on any machine.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-           f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
-           "lora.enabled=true", "train.batch_size=2", "train.max_steps=3", "train.log_every=1",
-           "train.checkpoint_every=1", "train.learning_rate=1e-2", "objective.beta=100", "tracking.wandb=off",
-           "tracking.sample_steps=2", "tracking.validation_seeds=1", "train.lr_scheduler=linear",
-           "train.lr_warmup_steps=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
+            "lora.enabled=true", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1",
+            "train.learning_rate=1e-2", "objective.beta=100", "tracking.wandb=off", "tracking.sample_steps=2",
+            "tracking.validation_seeds=1", "train.lr_scheduler=linear", "train.lr_warmup_steps=1"]
+    launch(*args, "train.max_steps=3")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # written once, by the main process
     # A one-process run's schedule: warmup 1, linear decay to 0 at step 3 -> 1e-2 · (1, ½, 0) after steps 1-3.
@@ -39,10 +43,7 @@ def test_two_process_lora_dpo(tmp_path):
     assert rank0 == rank1
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     # Resume under DDP: the check of the checkpoint's LoRA weights must see the UNet's names, not DDP's `module.`
-    more = [a.replace("train.max_steps=3", "train.max_steps=4") for a in cmd] + ["train.resume=latest"]
-    proc = subprocess.run(more, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(*args, "train.max_steps=4", "train.resume=latest")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
@@ -50,17 +51,11 @@ def test_two_process_lora_dpo(tmp_path):
 
 def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):
     out = tmp_path / "raft"
-    script = Path(__file__).with_name("multiprocess_train.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-           "model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
+    launch("model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
            "raft.prompts=toy:train", "raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=1",
            "raft.sample_steps=2", "raft.top_fraction=0.5", f"output_dir={out}", "train.batch_size=2",
            "train.max_steps=2", "train.log_every=1", "tracking.wandb=off", "tracking.sample_steps=2",
-           "tracking.validation_seeds=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+           "tracking.validation_seeds=1")
     rounds = [json.loads(line) for line in (out / "raft_rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]  # written once, by the main process
     for r in rounds:  # each process generated 2 prompts; the pool and the choice cover all 4
@@ -76,17 +71,11 @@ def test_two_process_seppo_draws_the_same_reference_everywhere(tmp_path):
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
     out = tmp_path / "seppo"
-    script = Path(__file__).with_name("multiprocess_train.py")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-           f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
+    launch(f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
            "lora.enabled=true", "objective.name=seppo", "objective.beta=100", "seppo.snapshot_every=1",
            "seppo.pool_size=4", "seppo.sample_steps=2", "train.batch_size=2", "train.max_steps=4",
            "train.log_every=1", "train.learning_rate=1e-2", "tracking.wandb=off", "tracking.sample_steps=2",
-           "tracking.validation_seeds=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+           "tracking.validation_seeds=1")
     draws0, draws1 = (json.loads((out / f"draws{r}.json").read_text()) for r in (0, 1))
     assert draws0 == draws1 and len(draws0) == 4 and draws0[0] == 0
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
@@ -111,19 +100,13 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     data = write_user_pairs(tmp_path / "pairs.parquet", users=[1, 2, 3, 99])
     table = write_table(tmp_path / "users.safetensors", [1, 2, 3])
-    script = Path(__file__).with_name("multiprocess_train.py")
-    base = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-            f"model.pretrained={model}", f"data.path={data}", f"ppd.table={table}", "data.resolution=16",
+    base = [f"model.pretrained={model}", f"data.path={data}", f"ppd.table={table}", "data.resolution=16",
             "objective.beta=100", "train.batch_size=2", "train.log_every=1", "train.learning_rate=1e-2",
             "train.checkpoint_every=1", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
             *RESUMED[method]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     for out, extra in (("full", ["train.max_steps=5"]), ("part", ["train.max_steps=3"]),
                        ("part", ["train.max_steps=5", "train.resume=latest"])):
-        proc = subprocess.run(base + [f"output_dir={tmp_path / out}", *extra], capture_output=True, text=True,
-                              timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        launch(*base, f"output_dir={tmp_path / out}", *extra)
 
     def losses(run):
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
