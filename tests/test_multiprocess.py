@@ -88,6 +88,10 @@ RESUMED = {
     # PPD: user 99 is not in the table, so one process meets a batch of only unknown users and reads one raw
     # batch more than the other; each must resume at its own position in the data.
     "ppd": ["ppd.enabled=true"],
+    # RAFT: stopped inside round 1 (steps 3-4); every process must train on the checkpoint's pool.
+    "raft": ["model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
+             "raft.prompts=toy:train", "raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=2",
+             "raft.sample_steps=2", "raft.top_fraction=0.5", "train.learning_rate=1e-3"],
 }
 
 
