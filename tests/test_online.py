@@ -167,3 +167,8 @@ def test_resume_inside_a_round_trains_on_the_saved_pool(tmp_path, objective):
     assert len(losses[full]) == 5 and losses[part] == pytest.approx(losses[full], abs=1e-6)
     rounds = [json.loads(s)["round"] for s in (part / "raft_rounds.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2]
+    # Resumed again from step 4 (a round boundary), as after a crash: round 2 is generated again and its audit
+    # line replaces the abandoned run's instead of following it.
+    _run(*common, part, "train.max_steps=5", f"train.resume={part / 'checkpoints' / 'step-4'}", *extra)
+    rounds = [json.loads(s)["round"] for s in (part / "raft_rounds.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2] and [r["loss"] for r in _metrics(part)] == pytest.approx(losses[full], abs=1e-6)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..files import write_text_atomic
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
 from ..sampling import generate, set_scheduler
@@ -76,8 +77,12 @@ class OnlineSource:
 
     def micro_batches(self, start: int = 0) -> Iterator[Dict]:
         rnd, skip = divmod(start, self.micro_per_round)
+        resumed = self._resumed_round(rnd) if skip else None
+        if start:  # a resume: rounds from the first one generated again belong to the abandoned run
+            self._forget_rounds_from(rnd + (resumed is not None))
         while True:
-            items = (self._resumed_round(rnd) if skip else None) or self._round(rnd)
+            items = resumed or self._round(rnd)
+            resumed = None
             self._current = (rnd, items)
             order = self._order(rnd, len(items))
             b, world, rank = self.cfg.train.batch_size, self.acc.num_processes, self.acc.process_index
@@ -165,17 +170,29 @@ class OnlineSource:
         return [self._item(rows[p], ks) for p, *ks in selection.picks]
 
     def _record(self, rnd: int, rows, selection: Selection) -> None:
-        """Append the round's pool and choice to raft_rounds.jsonl (main process), to audit what was trained on.
-        A resumed run appends its regenerated round again; the last line of a round is the one trained on."""
+        """Append the round's pool and choice to raft_rounds.jsonl (main process), to audit what was trained on."""
         if not self.acc.is_main_process:
             return
         scores = [[x if math.isfinite(x) else None for x in row[2].tolist()] for row in rows]
         record = {"round": rnd, "prompts": [row[1] for row in rows], "scores": scores,
                   "selected": [list(p) for p in selection.picks], "nonfinite": selection.dropped_nonfinite}
-        path = Path(self.cfg.output_dir) / "raft_rounds.jsonl"
+        path = self._rounds_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _rounds_file(self) -> Path:
+        return Path(self.cfg.output_dir) / "raft_rounds.jsonl"
+
+    def _forget_rounds_from(self, first: int) -> None:
+        """Drop the audit lines of rounds >= `first` (main process), as metrics.jsonl drops the steps after the
+        checkpoint: the file then reads as one uninterrupted run."""
+        path = self._rounds_file()
+        if not self.acc.is_main_process or not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["round"] < first]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     @torch.no_grad()
     def _generate_and_score(self, rnd: int, prompt_ids: List[int], slots: List[int]):
