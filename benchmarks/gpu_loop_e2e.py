@@ -17,8 +17,9 @@ failure keeps the others:
 Every run logs each step (log_every=1) and ends with the validation gallery (1 prompt x 1 seed x 10 steps);
 tracking.wandb=off and `import wandb` is blocked, as on a machine without wandb. Per run: ok or the error, steps,
 wall s (load, cache, generation, checkpoints, gallery and export included), s/step (median of the loop's
-logged sec_per_step after step 1; the median skips checkpoint and RAFT-generation steps), peak max_memory_allocated, final loss, and whether final/
-reloads in a plain StableDiffusionPipeline (LoRA: load_lora_weights) with the trained UNet's outputs.
+logged sec_per_step after step 1; the median skips checkpoint and RAFT-generation steps), peak
+max_memory_allocated, final loss, and whether final/ reloads in a plain StableDiffusionPipeline (LoRA:
+load_lora_weights) with the trained UNet's outputs.
 
     python benchmarks/gpu_loop_e2e.py [--json out.json]          # one CUDA GPU, about 3-5 minutes on an H200
     OMP_NUM_THREADS=1 python benchmarks/gpu_loop_e2e.py --smoke  # CPU: tiny pipeline, 64 px, 2 steps, fp32 only

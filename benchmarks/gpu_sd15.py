@@ -148,7 +148,7 @@ def gen_row(comp, dev: torch.device, batch: int, px: int, steps: int, caller: st
             if caller == "pipeline":
                 generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU ones, as generate()
                 pipe(prompts, num_inference_steps=n_steps, guidance_scale=7.5, height=px, width=px,
-                     generator=generators)
+                     generator=generators, output_type="pt")  # tensors, as generate() returns
                 return
             # generate() halves the batch on OOM instead of raising: a too-large batch shows as slower, not OOM.
             generate(pipe, prompts, seeds, num_inference_steps=n_steps, guidance_scale=7.5, batch_size=batch,

@@ -2,9 +2,9 @@
 # Issue 14's GPU measurements, prepared for a session that is lent the H200 (15 minutes of device time in all,
 # at most 10 per command). Results are JSON under $OUT (copy them to benchmarks/results/), logs beside them.
 #
-#   here, once:        benchmarks/gpu_session.sh wheels        # .whl/: what the device image lacks (diffusers,
-#                                                              # open_clip_torch, ftfy, wcwidth, omegaconf), git-ignored
-#   on the device:     run(command="bash benchmarks/gpu_session.sh run e2e sd15", carry=[".whl"], timeout_s=590)
+#   here, once:     benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
+#                                                        # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf
+#   on the device:  run(command="bash benchmarks/gpu_session.sh run sd15 gen", carry=[".whl"], timeout_s=600)
 #
 # Parts, in priority order, with ESTIMATED minutes on an H200 (none measured yet; the machine's start is extra):
 #   e2e        benchmarks/gpu_loop_e2e.py: every loop path on a GPU, exports reloaded in diffusers     3-5
@@ -12,8 +12,10 @@
 #   rest       gpu_throughput.py sd15-full + sdxl-lora                                                  4-6
 #   gen        gpu_sd15.py --only gen: generate() vs a plain pipeline() call                            1-2
 #   score      reward_throughput.py: t2i-score batched vs one at a time, fp32 then bf16                 2-4
-# Each part runs under `timeout` (PART_S seconds, default 540) and writes its JSON as it goes, so a part cut
-# short keeps its finished rows. Two parts fit one command only when their estimates add up to under ~9 min.
+# One deadline for the whole command (TOTAL_S seconds, default 560, under the tool's 600 s limit): each part
+# runs under `timeout` with what is left, the throughput parts skip rows that would end after it, and every
+# script writes its JSON as it goes, so a part cut short keeps its finished rows. Start with the part that
+# matters most; a later part gets only what the earlier ones left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0)
@@ -24,15 +26,19 @@ wheels() {
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
 }
 
-part() {  # part NAME COMMAND...: one measurement under a time limit, its log under $OUT
+left() { echo $(( DEADLINE - SECONDS )); }
+
+part() {  # part NAME COMMAND...: one measurement within the deadline; its log under $OUT, progress bars left out
   local name=$1; shift
-  echo "=== $name: $*"
-  PYTHONUNBUFFERED=1 timeout "${PART_S:-540}" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v 'it/s]$'
+  if [ "$(left)" -lt 30 ]; then echo "=== $name: skipped, deadline reached"; return; fi
+  echo "=== $name ($(left) s left): $*"
+  PYTHONUNBUFFERED=1 timeout "$(left)" "$@" 2>&1 | tee "$OUT/$name.log" | tr '\r' '\n' | grep -v -E '(it/s|s/it)'
   echo "=== $name: exit ${PIPESTATUS[0]}"
 }
 
 run() {
   : "${OUT:?run this on the device machine, where OUT is set}"
+  DEADLINE=$(( SECONDS + ${TOTAL_S:-560} ))
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || exit 1
@@ -45,9 +51,9 @@ torch.version.cuda, 'diffusers', diffusers.__version__, 'accelerate', accelerate
     case $name in
       e2e) part e2e python3 benchmarks/gpu_loop_e2e.py ;;
       sd15) part sd15 python3 benchmarks/gpu_throughput.py --parts sd15-lora,sd15-lever \
-              --json "$OUT/gpu_throughput_sd15.json" --budget-s $(( ${PART_S:-540} - 30 )) ;;
+              --json "$OUT/gpu_throughput_sd15.json" --budget-s $(( $(left) - 20 )) ;;
       rest) part rest python3 benchmarks/gpu_throughput.py --parts sd15-full,sdxl-lora \
-              --json "$OUT/gpu_throughput_rest.json" --budget-s $(( ${PART_S:-540} - 30 )) ;;
+              --json "$OUT/gpu_throughput_rest.json" --budget-s $(( $(left) - 20 )) ;;
       gen) part gen python3 benchmarks/gpu_sd15.py --only gen --json "$OUT/gpu_generate.json" ;;
       score) part score python3 benchmarks/reward_throughput.py --device cuda --models vit-h-14,pickscore,imagereward \
                --images 256 --batch-size 64 --json "$OUT/reward_throughput_fp32.json"

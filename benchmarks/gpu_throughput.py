@@ -159,11 +159,10 @@ def unet_forward_flops(folder: Path, dev, px: int) -> int:
     """FLOPs of one UNet forward on one latent (the unit for `step_over_fwd`), bf16 autocast as in training."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from t2i_align.config import ModelConfig
-    from t2i_align.models import load_components
+    from diffusers import UNet2DConditionModel
 
-    comp = load_components(ModelConfig(pretrained=str(folder)), device=dev)
-    unet, size = comp.unet.eval(), px // 8
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=torch.float32)
+    unet, size = unet.to(dev).eval(), px // 8
     dim = unet.config.cross_attention_dim
     x, h, t = torch.randn(1, 4, size, size, device=dev), torch.randn(1, 77, dim, device=dev), torch.tensor([500])
     added = None
@@ -176,19 +175,19 @@ def unet_forward_flops(folder: Path, dev, px: int) -> int:
     return counter.get_total_flops()
 
 
-def step_flops(yaml: str, args: list, out: Path, folder: Path, dev, px: int) -> dict:
-    """FLOPs of one optimizer step at micro-batch 1 through the loop: a 2-step run minus a 1-step run. Model
-    FLOPs: gradient checkpointing is off here, so its recomputed forward is not counted."""
+def step_flops(yaml: str, args: list, out: Path, folder: Path, dev, px: int, pairs: int = 1) -> dict:
+    """FLOPs of one optimizer step per pair through the loop (at micro-batch `pairs`): a 2-step run minus a 1-step
+    run. Model FLOPs: gradient checkpointing is off here, so its recomputed forward is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     totals = []
     for steps in (1, 2):
         counter = FlopCounterMode(display=False)
         with counter:
-            run_loop(yaml, [*args, "train.batch_size=1", f"train.max_steps={steps}",
+            run_loop(yaml, [*args, f"train.batch_size={pairs}", f"train.max_steps={steps}",
                             "model.gradient_checkpointing=false"], out)
         totals.append(counter.get_total_flops())
-    per_pair = totals[1] - totals[0]
+    per_pair = (totals[1] - totals[0]) / pairs
     fwd = unet_forward_flops(folder, dev, px)
     return {"step_flops_per_pair": per_pair, "fwd_flops_per_latent": fwd, "step_over_fwd": round(per_pair / fwd, 2)}
 
@@ -236,14 +235,22 @@ def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
     print()
 
 
-def plans(lever_batch: int, smoke: bool) -> dict:
+def skip_part(name: str, plan, rec: Recorder) -> None:
+    """Every row of a part the budget has no room for, before its setup (SDXL's takes a minute) is paid."""
+    print_header(f"{name}: skipped, over --budget-s", COLS)
+    for label, _, _, pairs in plan:
+        rec.record("train", {"part": name, "row": label, "pairs": pairs, "error": "skipped: over --budget-s"}, COLS)
+
+
+def plans(lever_batch: int, smoke: bool, compile_row: bool = True) -> dict:
     lora, full, xl = "sd15/dpo_lora.yaml", "sd15/dpo_full.yaml", "sdxl/dpo_lora.yaml"
     batches = (1, 2) if smoke else (1, 4, 8, 16, 32)
     small = (1, 2) if smoke else (1, 4, 8)
     no_ckpt = ["model.gradient_checkpointing=false"]
     return {
         "sd15-lora": [(f"LoRA r8 x{b}", lora, [], b) for b in batches],
-        "sd15-lever": [(label, lora, extra, lever_batch) for label, extra in LEVERS],
+        "sd15-lever": [(label, lora, extra, lever_batch) for label, extra in LEVERS
+                       if compile_row or label != "compile"],
         "sd15-full": [(f"full x{b}", full, no_ckpt, b) for b in small],
         "sdxl-lora": [(f"LoRA r8 ckpt x{b}", xl, [], b) for b in small]
                      + [(f"LoRA r8 x{b}", xl, no_ckpt, b) for b in small],
@@ -261,9 +268,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip rows that would end after this")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the code paths only")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compile lever (minutes on a CPU)")
     args = parser.parse_args()
     parts = args.parts.split(",")
-    all_plans = plans(2 if args.smoke else args.lever_batch, args.smoke)
+    all_plans = plans(2 if args.smoke else args.lever_batch, args.smoke, compile_row=not args.no_compile)
     unknown = [p for p in parts if p not in all_plans]
     if unknown:
         sys.exit(f"error: unknown --parts {unknown}; choose from {', '.join(all_plans)}")
@@ -283,6 +291,9 @@ def main() -> None:
             xl = part.startswith("sdxl")
             px = (128 if xl else 64) if args.smoke else (1024 if xl else 512)
             key = "sdxl" if xl else "sd15"
+            if not budget.allows():
+                skip_part(part, all_plans[part], rec)
+                continue
             if key not in rec.results["meta"]:
                 start = time.perf_counter()
                 folder = build_sdxl_folder(tmp, args.smoke, dev) if xl else build_folder(tmp, args.smoke)

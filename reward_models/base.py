@@ -270,9 +270,9 @@ def _listing(title: str, items: List[str], limit: int = 12) -> str:
 @contextmanager
 def without_random_init() -> Iterator[None]:
     """Build a model whose every weight is loaded right after (`load_checked` refuses a checkpoint that misses one)
-    without drawing its random initial weights: transformers' `no_init_weights`, which also stubs torch.nn.init.
-    It saved 11 s of building PickScore's 1 B parameters on one CPU core (6 s for open_clip's ViT-H-14). Buffers
-    computed in __init__ (attention masks, position ids) are not init calls and come out as usual."""
+    without drawing its random initial weights (seconds per billion parameters on a CPU): transformers'
+    `no_init_weights`, which also stubs torch.nn.init. Buffers computed in __init__ (attention masks, position
+    ids) are not init calls and come out as usual."""
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
     except ImportError:

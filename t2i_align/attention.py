@@ -38,5 +38,5 @@ class PinnedSDPAProcessor(AttnProcessor2_0):
                 raise AttentionKernelError(
                     f"model.attention={self.setting}: PyTorch's {self.kernel.name} kernel cannot run this "
                     "attention here (efficient and cudnn need CUDA; on a GPU flash and cudnn need fp16/bf16 inputs, "
-                    "i.e. train.mixed_precision=fp16 or bf16); use model.attention=sdpa to let "
-                    "PyTorch choose") from err
+                    "i.e. train.mixed_precision=fp16 or bf16, and each kernel supports only some head sizes); use "
+                    "model.attention=sdpa to let PyTorch choose") from err

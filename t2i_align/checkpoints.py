@@ -6,6 +6,7 @@ complete (a marker file is written last), so a kill at any moment leaves a compl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import torch
 from .errors import UserError
 from .files import plain_modes, replace_dir
 
+logger = logging.getLogger(__name__)
 MARKER = "t2i_align_checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -62,14 +64,16 @@ def read_marker(path: Path) -> dict:
 def resume_raw_batches(marker: dict, index: int, processes: int, fallback: int) -> int:
     """How many raw micro-batches this process skips on resume. The marker holds one count per process (each
     process replaces its own all-corrupt batches, so the counts can differ); a checkpoint from before that holds
-    one number, used by every process. With another number of processes the shards differ and no position is
-    exact: each process skips its share of all the batches read before."""
+    one number, used by every process. With another number of processes no position is exact (offline data is
+    sharded anew; online sources count per process): each skips `fallback` (the steps taken x grad_accum)."""
     raw = marker.get("raw_batches", fallback)
     if not isinstance(raw, list):
         return int(raw)
     if len(raw) == processes:
         return int(raw[index])
-    return round(sum(raw) / processes)
+    logger.warning("the checkpoint was written by %d processes and this run has %d: the data order cannot be "
+                   "resumed exactly; each process starts after %d micro-batches", len(raw), processes, fallback)
+    return fallback
 
 
 def checkpoint_step(path: Path) -> int:
@@ -110,7 +114,8 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
     """Restore a checkpoint; with `trainable_only` its weights must cover every trainable parameter (a LoRA
     checkpoint with other targets or rank fails here, naming what is missing; FSDP and DeepSpeed checkpoints,
     which hold every weight in their engine's own files, are left to the engine's checks). Returns its step."""
-    if trainable_only and (path / "model.safetensors").is_file():
+    adapters_file = trainable_only and (path / "model.safetensors").is_file()  # not an FSDP/DeepSpeed layout
+    if adapters_file:
         from safetensors import safe_open
 
         wanted = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
@@ -121,7 +126,8 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
             raise CheckpointMismatch(f"checkpoint {path} does not hold {len(wrong)} trainable weights of this run as "
                                f"shaped here (e.g. {wrong[0]}): was it written with other LoRA settings? Resume "
                                "with the run's own config, or start fresh without train.resume")
-    accelerator.load_state(str(path), **({"strict": False} if trainable_only else {}))
+    # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's loader takes none).
+    accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
     return checkpoint_step(path)
 
 

@@ -10,7 +10,15 @@ from typing import Any, Dict, Tuple
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    """The process umask, read without changing it (Linux); elsewhere set and put straight back, which briefly
+    leaves other threads' new files unmasked."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 

@@ -153,8 +153,8 @@ def train(cfg: Config) -> TrainResult:
     optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
     lr_sched = make_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
     unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
-    # The module itself, not torch.compile's wrapper (`_orig_mod`; accelerate keeps it): exports and hooks then
-    # see the UNet's own parameter names.
+    # The module itself, not torch.compile's wrapper (`_orig_mod`; accelerate keeps it, and only newer versions
+    # take keep_torch_compile=False): exports and the resume check then see the UNet's own parameter names.
     raw_unet = accelerator.unwrap_model(unet)
     raw_unet = getattr(raw_unet, "_orig_mod", raw_unet)
     raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off

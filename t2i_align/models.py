@@ -22,7 +22,7 @@ import torch
 
 from t2i_align.conditioning import segments, text
 from t2i_align.config import LoraConfig, ModelConfig
-from t2i_align.config.sections import TextEncodingConfig
+from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
 from t2i_align.errors import UserError
 
 
@@ -309,7 +309,7 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
                 from err
 
         if backend not in KERNELS:
-            raise ModelLoadError(f"unknown model.attention={backend!r}; use sdpa, " + ", ".join(KERNELS))
+            raise ModelLoadError(f"unknown model.attention={backend!r}; use one of " + ", ".join(ATTENTION_CHOICES))
         unet.set_attn_processor(PinnedSDPAProcessor(backend))
     elif backend == "xformers":
         if importlib.util.find_spec("xformers") is None:
@@ -324,8 +324,7 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
                 f"xformers is installed but could not be enabled ({err}); use model.attention=sdpa"
             ) from err
     else:
-        raise ModelLoadError(f"unknown model.attention={backend!r}; use sdpa, sdpa-flash, sdpa-efficient, "
-                             "sdpa-cudnn, sdpa-math or xformers")
+        raise ModelLoadError(f"unknown model.attention={backend!r}; use one of " + ", ".join(ATTENTION_CHOICES))
 
 
 def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]:

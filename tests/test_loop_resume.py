@@ -76,17 +76,18 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     assert last["data_batches_skipped"] >= 1
 
 
-def test_resume_position_per_process():
+def test_resume_position_per_process(caplog):
     """Each process resumes at its own count; an old marker's single number serves all; with another number of
-    processes each skips its share of everything read."""
+    processes no position is exact: each process starts after the steps taken (x grad_accum), with a warning."""
     from t2i_align.checkpoints import resume_raw_batches
 
     marker = {"step": 4, "raw_batches": [5, 4]}
     assert [resume_raw_batches(marker, i, 2, fallback=4) for i in (0, 1)] == [5, 4]
     assert resume_raw_batches({"step": 4, "raw_batches": 6}, 1, 2, fallback=4) == 6
     assert resume_raw_batches({"step": 4}, 0, 1, fallback=4) == 4
-    assert resume_raw_batches(marker, 0, 1, fallback=4) == 9  # 2 processes -> 1: all 9 batches read before
-    assert resume_raw_batches({"step": 4, "raw_batches": [9]}, 3, 4, fallback=4) == 2  # 9 / 4 = 2.25 -> 2
+    assert "cannot be resumed exactly" not in caplog.text
+    assert resume_raw_batches(marker, 0, 1, fallback=4) == 4  # 2 processes -> 1
+    assert "written by 2 processes and this run has 1" in caplog.text
 
 
 class _RecordingAccelerator:
@@ -121,4 +122,4 @@ def test_lora_checkpoint_hooks_under_engines_that_save_the_model_themselves(tmp_
     (tmp_path / "pytorch_model_fsdp_0").mkdir()
     (tmp_path / MARKER).write_text(json.dumps({"step": 7}))
     assert load_checkpoint(acc, tmp_path, model, trainable_only=True) == 7
-    assert acc.loads == [(str(tmp_path), {"strict": False})]
+    assert acc.loads == [(str(tmp_path), {})]  # no strict=: DeepSpeed's loader takes no such argument

@@ -117,6 +117,10 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
     assert losses("part") == pytest.approx(losses("full"), abs=1e-6) and len(losses("full")) == 5
     for rank in (0, 1):
         assert (tmp_path / "part" / f"rank{rank}.txt").read_text() == (tmp_path / "full" / "rank0.txt").read_text()
+    if method == "ppd":  # the case the per-process counts exist for: the processes had read different amounts
+        from t2i_align.checkpoints import read_marker
+
+        assert len(set(read_marker(tmp_path / "full" / "checkpoints" / "step-5")["raw_batches"])) == 2
     if method == "seppo":  # the resumed processes drew steps 4-5 only, as the uninterrupted run did
         full_draws = json.loads((tmp_path / "full" / "draws0.json").read_text())
         for rank in (0, 1):

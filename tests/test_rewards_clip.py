@@ -68,10 +68,13 @@ def test_skipped_random_init_comes_back_after_the_block():
 
     torch.manual_seed(0)
     before = torch.nn.Linear(8, 8).weight.detach().clone()
+    initialiser = torch.nn.init.kaiming_uniform_  # what nn.Linear draws its weights with
     with pytest.raises(RuntimeError, match="inside"):
         with without_random_init():
+            assert torch.nn.init.kaiming_uniform_ is not initialiser  # skipped in the block
             torch.nn.Linear(8, 8)
             raise RuntimeError("inside")
+    assert torch.nn.init.kaiming_uniform_ is initialiser
     torch.manual_seed(0)
     assert torch.equal(torch.nn.Linear(8, 8).weight, before) and before.abs().sum() > 0
 

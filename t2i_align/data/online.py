@@ -103,7 +103,7 @@ class OnlineSource:
         tensors = {key: torch.stack([it[key] for it in items]).contiguous()
                    for key in items[0] if key != "caption"}
         meta = {"round": str(rnd), "captions": json.dumps([it["caption"] for it in items]),
-                "metrics": json.dumps(self._metrics)}
+                "metrics": json.dumps(self._metrics), "nonfinite_total": str(self._nonfinite_total)}
         save_file(tensors, str(Path(folder) / POOL_FILE), metadata=meta)
 
     def load(self, folder: Path) -> None:
@@ -120,6 +120,7 @@ class OnlineSource:
         captions = json.loads(meta["captions"])
         items = [{"caption": c, **{key: t[i] for key, t in tensors.items()}} for i, c in enumerate(captions)]
         self._resumed = (int(meta["round"]), items, json.loads(meta["metrics"]))
+        self._nonfinite_total = int(meta.get("nonfinite_total", 0))
 
     def _resumed_round(self, rnd: int) -> Optional[List[Dict]]:
         if self._resumed is None or self._resumed[0] != rnd:
