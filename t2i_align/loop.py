@@ -170,19 +170,7 @@ def train(cfg: Config) -> TrainResult:
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
     validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4),
                           base=None if provider is None else provider.base_unet)
-    start, raw_start = 0, 0
-    resume = resolve_resume(out, cfg.train.resume)
-    if resume is not None:
-        start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
-        raw_start = resume_raw_batches(read_marker(resume), accelerator.process_index, accelerator.num_processes,
-                                       fallback=start * cfg.train.grad_accum)
-        for part in (provider, source):  # what they keep beyond weights and data position (SePPO's pool, RAFT's)
-            if hasattr(part, "load"):
-                part.load(resume)
-        if accelerator.is_main_process:
-            set_aside_newer(out, start, accelerator.print)
-        tracker.truncate_after(start)
-        accelerator.print(f"resumed from {resume} at step {start}")
+    start, raw_start = _resume(cfg, accelerator, raw_unet, (provider, source), tracker)
     state = _RunState(objective, provider, source, tracker, validator, start, raw_start)
     _run(cfg, accelerator, components, state, unet, optimizer, lr_sched, params)
     final = None
@@ -196,6 +184,26 @@ def train(cfg: Config) -> TrainResult:
     tracker.finish()
     accelerator.wait_for_everyone()
     return TrainResult(final or out / "final", raw_unet)
+
+
+def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:
+    """(step, raw micro-batches read) to start from: (0, 0), or what `train.resume` names restored. `parts` (the
+    reference provider, the data source) reload what they keep beyond weights and data position."""
+    out = Path(cfg.output_dir)
+    resume = resolve_resume(out, cfg.train.resume)
+    if resume is None:
+        return 0, 0
+    start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
+    raw_start = resume_raw_batches(read_marker(resume), accelerator.process_index, accelerator.num_processes,
+                                   fallback=start * cfg.train.grad_accum)
+    for part in parts:  # SePPO's snapshot pool, RAFT's round
+        if hasattr(part, "load"):
+            part.load(resume)
+    if accelerator.is_main_process:
+        set_aside_newer(out, start, accelerator.print)
+    tracker.truncate_after(start)
+    accelerator.print(f"resumed from {resume} at step {start}")
+    return start, raw_start
 
 
 @dataclass

@@ -301,15 +301,12 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())
-    elif backend.startswith("sdpa-"):
+    elif backend.startswith("sdpa-") and backend in ATTENTION_CHOICES:
         try:
-            from .attention import KERNELS, PinnedSDPAProcessor
+            from .attention import PinnedSDPAProcessor
         except ImportError as err:  # torch.nn.attention.sdpa_kernel is torch >= 2.3
             raise ModelLoadError(f"model.attention={backend} needs torch >= 2.3 ({err}); use model.attention=sdpa") \
                 from err
-
-        if backend not in KERNELS:
-            raise ModelLoadError(f"unknown model.attention={backend!r}; use one of " + ", ".join(ATTENTION_CHOICES))
         unet.set_attn_processor(PinnedSDPAProcessor(backend))
     elif backend == "xformers":
         if importlib.util.find_spec("xformers") is None:

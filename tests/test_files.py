@@ -39,17 +39,14 @@ def test_exports_and_checkpoints_are_readable_like_any_file(tmp_path, umask):
     """safetensors 0.8 writes its files 0600 whatever the umask (safetensors#782); a run's final/ export and
     checkpoints must still be readable by whoever may read the run's other files."""
     from helpers import save_tiny_pipeline
-    from t2i_align.config import load_config
     from t2i_align.loop import train
-    from test_loop import write_rendered_pairs
+    from test_loop import _cfg, write_rendered_pairs
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     data = write_rendered_pairs(tmp_path / "pairs.parquet")
     out = tmp_path / "run"
-    train(load_config(None, [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}",
-                             "data.resolution=16", "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1",
-                             "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
-                             "data.cache=true"]))
+    train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1",
+               "data.cache=true"))
     written = sorted(out.rglob("*.safetensors")) + sorted((tmp_path / "cache").rglob("*.safetensors"))
     assert {p.parent.name for p in written} >= {"final", "step-1"} and len(written) > 3
     assert {p.name: mode(p) for p in written} == {p.name: 0o666 & ~umask for p in written}

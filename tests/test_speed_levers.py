@@ -13,7 +13,7 @@ from t2i_align.attention import AttentionKernelError, PinnedSDPAProcessor
 from t2i_align.config import ModelConfig, TrainConfig, load_config
 from t2i_align.loop import train
 from t2i_align.optim import make_optimizer
-from test_loop import write_rendered_pairs
+from test_loop import _cfg as loop_cfg, write_rendered_pairs
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,9 @@ def test_fused_adamw_takes_the_same_step_as_adamw():
 
 
 def _cfg(model, data, out, *extra):
-    return load_config(None, [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}",
-                              "data.resolution=16", "train.batch_size=2", "train.learning_rate=1e-3",
-                              "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
-                              "lora.enabled=true", "lora.rank=4", "objective.beta=100", "train.log_every=1",
-                              *extra])
+    """test_loop's tiny run, as LoRA DPO logged every step."""
+    return loop_cfg(model, data, out, "lora.enabled=true", "lora.rank=4", "objective.beta=100", "train.log_every=1",
+                    *extra)
 
 
 def test_compiled_unet_exports_lora_under_its_own_names(sd15_dir, tmp_path, monkeypatch):
