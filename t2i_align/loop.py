@@ -21,6 +21,7 @@ from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
                           save_checkpoint, save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
+from .engines import check_engine, is_fsdp, whole_unet
 from .errors import UserError
 from .data.sources import build_data_source
 from .models import add_lora, build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
@@ -40,7 +41,7 @@ class TrainResult:
     final: Path
     """The `final/` export (LoRA weights file folder or full pipeline folder)."""
     unet: torch.nn.Module
-    """This process's trained UNet (unwrapped), for in-process use."""
+    """This process's trained UNet (unwrapped; under FSDP it holds this process's shards), for in-process use."""
 
 
 def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, float]:
@@ -89,17 +90,6 @@ def _counts_as_failure(accelerator, norm: float, step_metrics: List[Dict[str, fl
     return accelerator.scaler is None or not loss_finite
 
 
-def _refuse_fsdp(accelerator) -> None:
-    """FSDP is refused at start rather than failing hours in. The gallery, RAFT and SePPO sampling, the LoRA
-    reference and the export call the UNet outside accelerate's FSDP wrapper (`raw_unet`), where each process
-    holds only its shard of the weights (read in accelerate and torch; not run: FSDP needs GPUs)."""
-    if accelerator.distributed_type == "FSDP":  # accelerate's DistributedType is a str enum
-        raise UserError("accelerate's FSDP is not supported yet: the validation gallery, online sampling and the "
-                        "final export use the UNet outside its FSDP wrapper, where each process holds only a shard "
-                        "of it. Use configs/accelerate/ddp.yaml (for SDXL full fine-tuning with "
-                        "model.gradient_checkpointing=true and train.optimizer=adafactor or adamw8bit) instead")
-
-
 def _trainable(cfg: Config, components, needs_reference: bool):
     """(trainable parameters, frozen reference copy or None). A full fine-tune trains every UNet weight against a
     frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
@@ -142,14 +132,17 @@ def train(cfg: Config) -> TrainResult:
     # dynamo_backend None: accelerate reads `accelerate launch --dynamo_backend` (off unless given there)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               dynamo_backend="inductor" if cfg.train.compile else None)
-    _refuse_fsdp(accelerator)
-    set_seed(cfg.seed, device_specific=True)  # different noise per process, reproducible per process
+    objective = get_objective(cfg.objective.name).configure(cfg)
+    check_engine(accelerator, cfg, objective.samples_in_training)
+    # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
+    # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
+    set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     components = load_components(cfg.model, device=accelerator.device)
-    objective = get_objective(cfg.objective.name).configure(cfg)
     params, frozen = _trainable(cfg, components, objective.needs_reference)
     source = _source(cfg, components, accelerator, objective.batch_kind)
-    set_seed(cfg.seed, device_specific=True)  # same noise stream whether a cache was just built or reused
+    # Different noise per process, reproducible per process, and the same whether a cache was just built or reused
+    set_seed(cfg.seed, device_specific=True)
     optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
     lr_sched = make_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
     unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
@@ -158,6 +151,8 @@ def train(cfg: Config) -> TrainResult:
     raw_unet = accelerator.unwrap_model(unet)
     raw_unet = getattr(raw_unet, "_orig_mod", raw_unet)
     raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off
+    if is_fsdp(accelerator):  # fully_shard replaced each parameter by a sharded one (so did the
+        params = [p for p in raw_unet.parameters() if p.requires_grad]  # optimizer): clip and check those
     ctx = ObjectiveContext(components, accelerator, cfg, raw_unet, not cfg.full_finetune, frozen)
     objective.setup(ctx)
     provider = objective.reference_provider(ctx)  # before a resume: its initial snapshot is the initial model
@@ -175,12 +170,13 @@ def train(cfg: Config) -> TrainResult:
     _run(cfg, accelerator, components, state, unet, optimizer, lr_sched, params)
     final = None
     accelerator.wait_for_everyone()
+    whole = whole_unet(accelerator, raw_unet)  # collective under FSDP
     if accelerator.is_main_process:
-        final = export_final(build_pipeline(components, unet=raw_unet), raw_unet, not cfg.full_finetune, out,
+        final = export_final(build_pipeline(components, unet=whole), whole, not cfg.full_finetune, out,
                              user_table=None if components.users is None else components.users.table)
-        rows, step, columns = validator.gallery(cfg.train.max_steps)
-        if rows:
-            tracker.log_gallery(rows, step, columns, name="gallery")
+    rows, step, columns = validator.gallery(cfg.train.max_steps)  # collective under FSDP; rows on the main process
+    if rows:
+        tracker.log_gallery(rows, step, columns, name="gallery")
     tracker.finish()
     accelerator.wait_for_everyone()
     return TrainResult(final or out / "final", raw_unet)

@@ -16,6 +16,7 @@ import torch
 from .config import ConfigError
 from .models import adapters_off, build_pipeline
 from .sampling import Samples, generate, prompt_major
+from .engines import is_fsdp
 
 
 @contextmanager
@@ -55,8 +56,10 @@ class Validator:
 
             self.reward = get_reward(cfg.tracking.validation_reward)
             self._check_reward_reads_prompts()
+        # Under FSDP sampling is collective (each block gathers its weights from every process): all sample
+        self.samples_here = accelerator.is_main_process or is_fsdp(accelerator)
         self._base: Optional[Samples] = None
-        if self.prompts and accelerator.is_main_process and frozen is None and cfg.full_finetune:
+        if self.prompts and self.samples_here and frozen is None and cfg.full_finetune:
             self._base = self._sample(self.unet)  # full fine-tune without a reference: before any update
 
     def _gallery_users(self):
@@ -120,13 +123,16 @@ class Validator:
         return self.reward(samples.images, samples.prompts)[0].tolist()
 
     def gallery(self, step: int) -> Tuple[List[Dict], int, List[str]]:
-        """(rows, step, column names) on the main process; ([], step, []) elsewhere or without prompts."""
-        if not self.prompts or not self.accelerator.is_main_process:
+        """(rows, step, column names) on the main process; ([], step, []) elsewhere or without prompts.
+        Collective under FSDP (every process samples, the main process keeps the gallery)."""
+        if not self.prompts or not self.samples_here:
             return [], step, []
         if self._base is None:
             with self._base_unet() as base:
                 self._base = self._sample(base) if base is not None else None
         policy = self._sample(self.unet)
+        if not self.accelerator.is_main_process:
+            return [], step, []
         return self._rows(policy), step, self._columns()
 
     def _columns(self) -> List[str]:

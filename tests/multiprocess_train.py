@@ -1,6 +1,7 @@
 """Run by tests/test_multiprocess.py under `accelerate launch --num_processes 2 --cpu`: train, then each rank
 writes a checksum of its trainable parameters so the test can check they are identical across ranks."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,28 @@ from t2i_align.config import load_config
 from t2i_align.loop import train
 
 from t2i_align.references import SnapshotPool
+
+
+def allow_fsdp_on_cpu():
+    """accelerate enables FSDP only on GPU-type machines (AcceleratorState keeps MULTI_CPU and drops the plugin on
+    CPUs), although torch's FSDP2 runs on CPU over gloo. Lift that one gate so the loop runs accelerate's real FSDP2
+    preparation, sharded checkpoints and state-dict gathering on two CPU processes (tests/test_fsdp.py)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+if os.environ.get("T2I_TEST_FSDP_ON_CPU") == "1":
+    allow_fsdp_on_cpu()
 
 cfg = load_config(None, sys.argv[1:])
 draws = []

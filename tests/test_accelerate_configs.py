@@ -14,16 +14,23 @@ def test_accelerate_config_files_load(name, engine):
     cfg = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert cfg.distributed_type.name == engine
     assert cfg.mixed_precision == "bf16" and not cfg.use_cpu
-    if engine == "FSDP":  # the trained UNet is sharded whole, its state saved sharded (resumable)
-        assert cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    if engine == "FSDP":  # FSDP2 (the loop refuses 1), its state saved sharded (resumable)
+        assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_reshard_after_forward"]
         assert cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     if engine == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 2
 
 
-def test_fsdp_is_refused_at_start_with_what_to_use(tmp_path, monkeypatch):
-    """fsdp.yaml parses, but the loop refuses FSDP before loading anything (t2i_align.loop._refuse_fsdp says why).
-    FSDP needs GPUs, so this uses accelerate's own FSDP type on a stand-in accelerator."""
+@pytest.mark.parametrize("version, overrides, message", [
+    (1, [], "FSDP version 1 is not supported.*fsdp_version: 2"),
+    (2, ["objective.name=seppo"], "DPO and SFT only.*configs/accelerate/ddp.yaml"),
+    (2, ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train"], "DPO and SFT only"),
+    (2, ["ppd.enabled=true", "ppd.table=users.safetensors"], "DPO and SFT only"),
+])
+def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monkeypatch, version, overrides, message):
+    """FSDP1, and the methods not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.
+    A stand-in accelerator of accelerate's FSDP type: the model path does not exist, so reaching the loading fails
+    otherwise. (FSDP2 itself is run on two CPU processes in tests/test_fsdp.py.)"""
     import accelerate
     from accelerate.utils import DistributedType
 
@@ -35,8 +42,52 @@ def test_fsdp_is_refused_at_start_with_what_to_use(tmp_path, monkeypatch):
         distributed_type = DistributedType.FSDP
 
         def __init__(self, **kwargs):
-            pass
+            self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"fsdp_version": version})()})()
 
     monkeypatch.setattr(accelerate, "Accelerator", FsdpAccelerator)
-    with pytest.raises(UserError, match="FSDP is not supported yet.*configs/accelerate/ddp.yaml"):
-        train(load_config(None, [f"output_dir={tmp_path}", "tracking.wandb=off"]))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.wandb=off", f"model.pretrained={tmp_path}/none",
+                             *overrides])
+    with pytest.raises(UserError, match=message):
+        train(cfg)
+
+
+def _deepspeed_train(monkeypatch, ds: dict, args):
+    """train() under a stand-in accelerator of accelerate's DeepSpeed type with DeepSpeed config `ds`."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from t2i_align.config import load_config
+    from t2i_align.loop import train
+
+    class DeepSpeedAccelerator:
+        distributed_type = DistributedType.DEEPSPEED
+
+        def __init__(self, **kwargs):
+            self.state = type("State", (), {"deepspeed_plugin": type("Plugin", (), {"deepspeed_config": ds})()})()
+
+    monkeypatch.setattr(accelerate, "Accelerator", DeepSpeedAccelerator)
+    train(load_config(None, ["tracking.wandb=off", "model.pretrained=no/such/model", *args]))
+
+
+@pytest.mark.parametrize("ds, overrides, message", [
+    ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, ["train.grad_accum=2"], "one micro-batch per"),
+    ({"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}, [], "gradient_accumulation_steps 4"),
+    ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, ["train.max_grad_norm=0"], "set them equal"),
+])
+def test_deepspeed_refuses_accumulation_and_another_clipping(tmp_path, monkeypatch, ds, overrides, message):
+    """Under DeepSpeed (read, not run: t2i_align.engines) accumulation would step per micro-batch on a loss divided
+    twice, and the engine clips at its own threshold: both refused at start."""
+    from t2i_align.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", *overrides])
+
+
+def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch):
+    """deepspeed_zero2.yaml with the default train settings gets past the engine check (and then stops at the
+    stand-in accelerator, which has no device)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    ds = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
+    with pytest.raises(AttributeError, match="no attribute 'device'"):
+        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}"])

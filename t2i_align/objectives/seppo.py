@@ -85,6 +85,7 @@ class SePPO(Objective):
 
     needs_reference = True
     batch_kind = "images"
+    samples_in_training = True
     pool = None
 
     def reference_provider(self, ctx):

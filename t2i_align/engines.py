@@ -1,0 +1,89 @@
+"""accelerate's engines in the loop: what each supports (checked at start), and the UNet made whole under FSDP.
+
+FSDP (version 2: torch's `fully_shard`) shards the trained UNet in place: the module keeps its class, names and forward, each block gathering its
+weights for a forward and freeing them after. So the gallery, the LoRA reference (adapters off) and the frozen copy
+work unchanged, provided every process runs the same forwards (collectives): under FSDP every process samples the
+gallery and the main process keeps it. What cannot stay sharded is the export: `whole_unet` gathers the weights.
+FSDP version 1 wraps the UNet in a flat-parameter module that the loop's direct calls would bypass: refused.
+
+DeepSpeed was read in accelerate 1.15, not run (it needs CUDA). accelerate's backward runs the engine's optimizer
+step after every backward unless told that a micro-batch is not the last one, and the engine divides the loss by
+its own gradient_accumulation_steps on top of the loop's division by train.grad_accum. So only one micro-batch per
+step is right (`check_deepspeed`); the engine also clips by its own gradient_clipping, not train.max_grad_norm.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+
+def is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
+
+
+def check_engine(accelerator, cfg, samples_in_training: bool) -> None:
+    """Fail at start, before loading anything, on what the loop cannot run under the launched engine."""
+    check_fsdp(accelerator, cfg, samples_in_training)
+    check_deepspeed(accelerator, cfg)
+
+
+def check_fsdp(accelerator, cfg, samples_in_training: bool) -> None:
+    """Fail at start, before loading anything, on what the loop cannot run under FSDP (version 1; methods that
+    sample while training or carry PPD's user branch, untested under sharding), saying what to use instead."""
+    if not is_fsdp(accelerator):
+        return
+    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise UserError(f"accelerate's FSDP version {version} is not supported: the loop samples and exports through "
+                        "the UNet itself, which FSDP1's wrapper bypasses. Set fsdp_version: 2 in the accelerate "
+                        "config (as configs/accelerate/fsdp.yaml does)")
+    if samples_in_training or cfg.raft.enabled or cfg.ppd.enabled:
+        raise UserError("under FSDP the loop runs DPO and SFT only (full fine-tuning or LoRA): RAFT / online DPO, "
+                        "SePPO, reward fine-tuning and PPD are not tested sharded. Use configs/accelerate/ddp.yaml "
+                        "(with model.gradient_checkpointing=true and train.optimizer=adafactor or adamw8bit for "
+                        "memory) for them")
+
+
+def check_deepspeed(accelerator, cfg) -> None:
+    """Gradient accumulation and a clipping threshold other than DeepSpeed's own would silently train otherwise
+    than configured (module docstring): refused, saying what to set."""
+    if accelerator.distributed_type != "DEEPSPEED":
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    steps = ds.get("gradient_accumulation_steps", 1)
+    if cfg.train.grad_accum != 1 or steps not in (1, "auto"):
+        raise UserError(f"under DeepSpeed the loop takes one micro-batch per optimizer step (train.grad_accum is "
+                        f"{cfg.train.grad_accum}, DeepSpeed's gradient_accumulation_steps {steps}): accelerate would "
+                        "step the engine after every micro-batch. Set both to 1 and raise train.batch_size, or use "
+                        "configs/accelerate/ddp.yaml for accumulation")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, (int, float)) and float(clip) != cfg.train.max_grad_norm:
+        raise UserError(f"DeepSpeed clips gradients at its gradient_clipping ({clip}), not at train.max_grad_norm "
+                        f"({cfg.train.max_grad_norm}): set them equal (0 for no clipping)")
+
+
+def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The UNet with every weight in one piece, for the export. Without FSDP: `unet` itself. Under FSDP
+    (collective: every process calls it): its full state dict gathered onto the main process's CPU, loaded into a
+    plain copy of the same class (and LoRA adapter) there; None on the other processes."""
+    if not is_fsdp(accelerator):
+        return unet
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    from reward_models.base import without_random_init
+
+    # fully_shard made the class FSDP<Name>(FSDPModule, Name): the first base that is not FSDP's is the model's
+    plain = next(c for c in type(unet).__mro__[1:] if not issubclass(c, FSDPModule))
+    with without_random_init():
+        copy = plain.from_config(unet.config)
+    for name, config in (getattr(unet, "peft_config", None) or {}).items():
+        copy.add_adapter(config, adapter_name=name)
+    copy.load_state_dict(state, assign=True)  # strict; keeps each tensor's dtype (LoRA fp32 beside a bf16 base)
+    return copy.eval()
