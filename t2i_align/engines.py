@@ -1,9 +1,10 @@
 """accelerate's engines in the loop: what each supports (checked at start), and the UNet made whole under FSDP.
 
-FSDP (version 2: torch's `fully_shard`) shards the trained UNet in place: the module keeps its class, names and forward, each block gathering its
-weights for a forward and freeing them after. So the gallery, the LoRA reference (adapters off) and the frozen copy
-work unchanged, provided every process runs the same forwards (collectives): under FSDP every process samples the
-gallery and the main process keeps it. What cannot stay sharded is the export: `whole_unet` gathers the weights.
+FSDP (version 2: torch's `fully_shard`) shards the trained UNet in place: the module keeps its class, names and
+forward, each block gathering its weights for a forward and freeing them after. So the gallery, RAFT's and reward
+fine-tuning's sampling, the LoRA reference (adapters off) and the frozen copy work unchanged, provided every process
+runs the same forwards (they are collectives): under FSDP every process samples the gallery and the main process
+keeps it. What cannot stay sharded is the export: `whole_unet` gathers the weights.
 FSDP version 1 wraps the UNet in a flat-parameter module that the loop's direct calls would bypass: refused.
 
 DeepSpeed was read in accelerate 1.15, not run (it needs CUDA). accelerate's backward runs the engine's optimizer
@@ -24,15 +25,17 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
 
 
-def check_engine(accelerator, cfg, samples_in_training: bool) -> None:
+def check_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """Fail at start, before loading anything, on what the loop cannot run under the launched engine."""
-    check_fsdp(accelerator, cfg, samples_in_training)
+    check_fsdp(accelerator, cfg, objective_runs_sharded)
     check_deepspeed(accelerator, cfg)
 
 
-def check_fsdp(accelerator, cfg, samples_in_training: bool) -> None:
-    """Fail at start, before loading anything, on what the loop cannot run under FSDP (version 1; methods that
-    sample while training or carry PPD's user branch, untested under sharding), saying what to use instead."""
+def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
+    """Fail at start, before loading anything, on what the loop cannot run under FSDP, saying what to use instead:
+    version 1; SePPO (its snapshot references put weights into the live UNet with torch.func, which FSDP's own
+    gathering overrides); PPD (exporting the user branch from a sharded UNet is not built); RAFT / online DPO rounds
+    whose prompts do not split evenly over the processes (each process must run as many forwards as the others)."""
     if not is_fsdp(accelerator):
         return
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -40,11 +43,16 @@ def check_fsdp(accelerator, cfg, samples_in_training: bool) -> None:
         raise UserError(f"accelerate's FSDP version {version} is not supported: the loop samples and exports through "
                         "the UNet itself, which FSDP1's wrapper bypasses. Set fsdp_version: 2 in the accelerate "
                         "config (as configs/accelerate/fsdp.yaml does)")
-    if samples_in_training or cfg.raft.enabled or cfg.ppd.enabled:
-        raise UserError("under FSDP the loop runs DPO and SFT only (full fine-tuning or LoRA): RAFT / online DPO, "
-                        "SePPO, reward fine-tuning and PPD are not tested sharded. Use configs/accelerate/ddp.yaml "
-                        "(with model.gradient_checkpointing=true and train.optimizer=adafactor or adamw8bit for "
-                        "memory) for them")
+    if not objective_runs_sharded or cfg.ppd.enabled:
+        raise UserError(f"objective {cfg.objective.name!r}{' with ppd.enabled' if cfg.ppd.enabled else ''} does not "
+                        "run under FSDP (SePPO's snapshot references and PPD's user-branch export need the whole "
+                        "UNet). Use configs/accelerate/ddp.yaml (with model.gradient_checkpointing=true and "
+                        "train.optimizer=adafactor or adamw8bit for memory)")
+    processes = accelerator.num_processes
+    if cfg.raft.enabled and cfg.raft.prompts_per_round % processes:
+        raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "
+                        f"the {processes} processes: sampling is collective, so every process must generate as many "
+                        "images as the others")
 
 
 def check_deepspeed(accelerator, cfg) -> None:

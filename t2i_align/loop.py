@@ -133,7 +133,7 @@ def train(cfg: Config) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               dynamo_backend="inductor" if cfg.train.compile else None)
     objective = get_objective(cfg.objective.name).configure(cfg)
-    check_engine(accelerator, cfg, objective.samples_in_training)
+    check_engine(accelerator, cfg, objective.runs_sharded)
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)

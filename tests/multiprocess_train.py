@@ -27,6 +27,8 @@ def allow_fsdp_on_cpu():
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            if self._mixed_precision != "no":  # as accelerate's GPU branch does
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
 
     AcceleratorState.__init__ = init
 

@@ -23,12 +23,13 @@ def test_accelerate_config_files_load(name, engine):
 
 @pytest.mark.parametrize("version, overrides, message", [
     (1, [], "FSDP version 1 is not supported.*fsdp_version: 2"),
-    (2, ["objective.name=seppo"], "DPO and SFT only.*configs/accelerate/ddp.yaml"),
-    (2, ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train"], "DPO and SFT only"),
-    (2, ["ppd.enabled=true", "ppd.table=users.safetensors"], "DPO and SFT only"),
+    (2, ["objective.name=seppo"], "'seppo' does not run under FSDP.*configs/accelerate/ddp.yaml"),
+    (2, ["ppd.enabled=true", "ppd.table=users.safetensors"], "with ppd.enabled does not run under FSDP"),
+    (2, ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train", "raft.prompts_per_round=3"],
+     r"prompts_per_round \(3\) must divide evenly over the 2 processes"),
 ])
 def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monkeypatch, version, overrides, message):
-    """FSDP1, and the methods not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.
+    """FSDP1, and what does not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.
     A stand-in accelerator of accelerate's FSDP type: the model path does not exist, so reaching the loading fails
     otherwise. (FSDP2 itself is run on two CPU processes in tests/test_fsdp.py.)"""
     import accelerate
@@ -40,6 +41,7 @@ def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monke
 
     class FsdpAccelerator:
         distributed_type = DistributedType.FSDP
+        num_processes = 2
 
         def __init__(self, **kwargs):
             self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"fsdp_version": version})()})()

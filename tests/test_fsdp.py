@@ -2,6 +2,7 @@
 launched with the shipped configs/accelerate/fsdp.yaml. accelerate enables FSDP only on GPU machines; the training
 script lifts that one gate (multiprocess_train.allow_fsdp_on_cpu). Sharded training must take the steps DDP takes."""
 import json
+import math
 import subprocess
 import sys
 
@@ -24,12 +25,16 @@ def launch_fsdp(*overrides: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def tiny_run_args(tmp_path, *extra: str):
-    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
+def tiny_run_args(tmp_path, *extra: str, family: str = "sd15"):
+    model = save_tiny_pipeline(family, tmp_path / family)
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
     return [f"model.pretrained={model}", f"data.path={data}", "data.resolution=16", "train.batch_size=2",
             "train.log_every=1", "train.checkpoint_every=1", "objective.beta=100", "tracking.wandb=off",
             "tracking.sample_steps=2", "tracking.validation_seeds=1", *extra]
+
+
+FULL = ["lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=3"]
+UNET = "unet/diffusion_pytorch_model.safetensors"
 
 
 def metrics(run) -> list:
@@ -43,24 +48,37 @@ def relative_distance(a: dict, b: dict, origin: dict) -> float:
     return apart / moved
 
 
-def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_path, family):
     """Full fine-tuning sharded: the same losses and gradient norms as DDP, the exported unet/ whole and equal to
     DDP's (to float rounding: reduce-scatter and all-reduce sum in other orders), sharded checkpoints, and the
     gallery sampled through the sharded UNet (every process samples; the main process writes it)."""
-    args = tiny_run_args(tmp_path, "lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=3",
-                         "tracking.validate_every=2")
+    args = tiny_run_args(tmp_path, *FULL, "tracking.validate_every=2", family=family)
     launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
     launch(*args, f"output_dir={tmp_path / 'ddp'}")
     sharded, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], rel=1e-4)
-    weights = "unet/diffusion_pytorch_model.safetensors"
-    a, b = (load_file(tmp_path / run / "final" / weights) for run in ("fsdp", "ddp"))
-    assert a.keys() == b.keys() and all(not v.is_meta for v in a.values())
-    assert relative_distance(a, b, load_file(tmp_path / "sd15" / weights)) < 1e-2
+    a, b = (load_file(tmp_path / run / "final" / UNET) for run in ("fsdp", "ddp"))
+    assert a.keys() == b.keys()
+    assert relative_distance(a, b, load_file(tmp_path / family / UNET)) < 1e-2
     step3 = tmp_path / "fsdp" / "checkpoints" / "step-3"
     assert (step3 / "pytorch_model_fsdp_0").is_dir() and (step3 / "optimizer_0").is_dir()
     assert (tmp_path / "fsdp" / "gallery" / "index.html").is_file()
+
+
+def test_fsdp_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
+    """bf16 under FSDP2 is accelerate's MixedPrecisionPolicy (bf16 weights in the forward, bf16 gradient
+    reduction), under DDP autocast over fp32 weights: not the same arithmetic, so the two end apart. They must end
+    no further apart than bf16 DDP ends from fp32 DDP, i.e. by rounding, not by a wrong step."""
+    args = tiny_run_args(tmp_path, *FULL)
+    launch_fsdp(*args, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'fsdp16'}")
+    launch(*args, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'ddp16'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp32'}")
+    origin = load_file(tmp_path / "sd15" / UNET)
+    fsdp16, ddp16, ddp32 = (load_file(tmp_path / run / "final" / UNET) for run in ("fsdp16", "ddp16", "ddp32"))
+    assert relative_distance(fsdp16, ddp16, origin) < 1.5 * relative_distance(ddp16, ddp32, origin)
+    assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path / "fsdp16"))
 
 
 def test_fsdp_lora_resume_takes_the_ddp_steps(tmp_path):
@@ -80,3 +98,50 @@ def test_fsdp_lora_resume_takes_the_ddp_steps(tmp_path):
     a, b = (load_file(run / "final" / name) for run in (out, tmp_path / "ddp"))
     zero = {k: torch.zeros_like(v) for k, v in b.items()}
     assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+
+
+def test_fsdp_raft_resumed_inside_a_round_takes_the_ddp_steps(tmp_path):
+    """RAFT sharded: each process samples its half of the round's prompts through the sharded UNet (collective
+    forwards), the pool is gathered and ranked as under DDP; stopped inside round 1 and resumed from the sharded
+    checkpoint and the saved pool, it picks the images DDP picked and ends with DDP's adapter."""
+    args = ["model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
+            "raft.prompts=toy:train", "raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=2",
+            "raft.sample_steps=2", "raft.top_fraction=0.5", "train.batch_size=2", "train.log_every=1",
+            "train.checkpoint_every=1", "train.learning_rate=1e-2", "tracking.wandb=off", "tracking.sample_steps=2",
+            "tracking.validation_seeds=1"]
+    out = tmp_path / "fsdp"
+    launch_fsdp(*args, f"output_dir={out}", "train.max_steps=3")
+    launch_fsdp(*args, f"output_dir={out}", "train.max_steps=4", "train.resume=latest")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}", "train.max_steps=4")
+
+    def rounds(run):
+        return [json.loads(line) for line in (run / "raft_rounds.jsonl").read_text().splitlines()]
+    sharded, ddp = rounds(out), rounds(tmp_path / "ddp")
+    assert [r["round"] for r in sharded] == [0, 1]
+    assert [r["selected"] for r in sharded] == [r["selected"] for r in ddp]
+    for a, b in zip(sharded, ddp):
+        assert sum(a["scores"], []) == pytest.approx(sum(b["scores"], []), abs=1e-6)
+    assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(tmp_path / "ddp")], rel=1e-4)
+    name = "pytorch_lora_weights.safetensors"
+    a, b = (load_file(run / "final" / name) for run in (out, tmp_path / "ddp"))
+    zero = {k: torch.zeros_like(v) for k, v in b.items()}
+    assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+
+
+def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(tmp_path):
+    """LongAlign's reward fine-tuning sharded: gradient-carrying UNet forwards inside the sampler, checkpointed
+    (recomputed, so gathered again, inside backward), and the KL anchor through the same sharded UNet with its
+    adapters off: the same losses and gradient norms as DDP."""
+    args = ["model.pretrained=toy", "lora.enabled=true", "lora.rank=2", "objective.name=reward_backprop",
+            "data.kind=prompts", "data.path=toy:train-long", "data.resolution=32",
+            "reward_backprop.reward=decomposed-clip", "reward_backprop.reward_options={checkpoint: toy, omega: 0.3}",
+            "reward_backprop.num_steps=4", "reward_backprop.grad_mode=strided", "reward_backprop.grad_k=2",
+            "reward_backprop.checkpoint=true", "reward_backprop.decode_checkpoint=true", "reward_backprop.kl_weight=1",
+            "reward_backprop.guidance_scale=3.0", "train.batch_size=2", "train.max_steps=2", "train.log_every=1",
+            "train.learning_rate=1e-2", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1"]
+    launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}")
+    sharded, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
+    for key in ("loss", "kl", "grad_norm"):
+        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], rel=1e-4)
+    assert (tmp_path / "fsdp" / "final" / "pytorch_lora_weights.safetensors").is_file()

@@ -70,8 +70,8 @@ class Objective(abc.ABC):
     """Whether `compute_loss` needs the reference denoiser (the loop builds one only then)."""
     batch_kind: str = "images"
     """"pairs" (PairBatch), "images" (ImageBatch) or "prompts" (PromptBatch): which batches the loop must build."""
-    samples_in_training: bool = False
-    """Whether `compute_loss` generates images (SePPO, reward fine-tuning): not supported under FSDP."""
+    runs_sharded: bool = True
+    """Whether it runs under FSDP (t2i_align.engines.check_fsdp): SePPO's snapshot references do not."""
     ctx = None
     """The ObjectiveContext handed over by `setup` (None until then)."""
 

@@ -100,7 +100,6 @@ class RewardBackprop(Objective):
 
     needs_reference = False
     batch_kind = "prompts"
-    samples_in_training = True
     reward = None
     sampler = None
 

@@ -85,7 +85,7 @@ class SePPO(Objective):
 
     needs_reference = True
     batch_kind = "images"
-    samples_in_training = True
+    runs_sharded = False  # snapshots go into the live UNet by torch.func, which FSDP's gathering overrides
     pool = None
 
     def reference_provider(self, ctx):
