@@ -34,8 +34,8 @@ def check_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
 def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """Fail at start, before loading anything, on what the loop cannot run under FSDP, saying what to use instead:
     version 1; SePPO (its snapshot references put weights into the live UNet with torch.func, which FSDP's own
-    gathering overrides); PPD (exporting the user branch from a sharded UNet is not built); RAFT / online DPO rounds
-    whose prompts do not split evenly over the processes (each process must run as many forwards as the others)."""
+    gathering overrides); RAFT / online DPO rounds whose prompts do not split evenly over the processes (each
+    process must run as many forwards as the others)."""
     if not is_fsdp(accelerator):
         return
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -43,11 +43,10 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
         raise UserError(f"accelerate's FSDP version {version} is not supported: the loop samples and exports through "
                         "the UNet itself, which FSDP1's wrapper bypasses. Set fsdp_version: 2 in the accelerate "
                         "config (as configs/accelerate/fsdp.yaml does)")
-    if not objective_runs_sharded or cfg.ppd.enabled:
-        raise UserError(f"objective {cfg.objective.name!r}{' with ppd.enabled' if cfg.ppd.enabled else ''} does not "
-                        "run under FSDP (SePPO's snapshot references and PPD's user-branch export need the whole "
-                        "UNet). Use configs/accelerate/ddp.yaml (with model.gradient_checkpointing=true and "
-                        "train.optimizer=adafactor or adamw8bit for memory)")
+    if not objective_runs_sharded:
+        raise UserError(f"objective {cfg.objective.name!r} does not run under FSDP (SePPO's snapshot references need "
+                        "the whole UNet). Use configs/accelerate/ddp.yaml (with model.gradient_checkpointing=true "
+                        "and train.optimizer=adafactor or adamw8bit for memory)")
     processes = accelerator.num_processes
     if cfg.raft.enabled and cfg.raft.prompts_per_round % processes:
         raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "
@@ -76,7 +75,7 @@ def check_deepspeed(accelerator, cfg) -> None:
 def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The UNet with every weight in one piece, for the export. Without FSDP: `unet` itself. Under FSDP
     (collective: every process calls it): its full state dict gathered onto the main process's CPU, loaded into a
-    plain copy of the same class (and LoRA adapter) there; None on the other processes."""
+    plain copy of the same class and adapters (LoRA, PPD's user branch) there; None on the other processes."""
     if not is_fsdp(accelerator):
         return unet
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -87,11 +86,16 @@ def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
         return None
     from reward_models.base import without_random_init
 
+    from .conditioning.users import add_user_branch, has_user_branch, user_branch_layout
+
     # fully_shard made the class FSDP<Name>(FSDPModule, Name): the first base that is not FSDP's is the model's
     plain = next(c for c in type(unet).__mro__[1:] if not issubclass(c, FSDPModule))
-    with without_random_init():
-        copy = plain.from_config(unet.config)
-    for name, config in (getattr(unet, "peft_config", None) or {}).items():
-        copy.add_adapter(config, adapter_name=name)
+    branch = user_branch_layout(unet) if has_user_branch(unet) else None  # PPD
+    with without_random_init():  # the adapters as the loop added them: LoRA first, then the user branch
+        copy = plain.from_config({**unet.config, "encoder_hid_dim_type": None} if branch else unet.config)
+        for name, config in (getattr(unet, "peft_config", None) or {}).items():
+            copy.add_adapter(config, adapter_name=name)
+        if branch:
+            add_user_branch(copy, branch[0], branch[1], scale=branch[2])
     copy.load_state_dict(state, assign=True)  # strict; keeps each tensor's dtype (LoRA fp32 beside a bf16 base)
     return copy.eval()

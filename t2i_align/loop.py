@@ -151,8 +151,8 @@ def train(cfg: Config) -> TrainResult:
     raw_unet = accelerator.unwrap_model(unet)
     raw_unet = getattr(raw_unet, "_orig_mod", raw_unet)
     raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off
-    if is_fsdp(accelerator):  # fully_shard replaced each parameter by a sharded one (so did the
-        params = [p for p in raw_unet.parameters() if p.requires_grad]  # optimizer): clip and check those
+    if is_fsdp(accelerator):  # fully_shard swapped every parameter for a sharded one (in the optimizer too)
+        params = [p for p in raw_unet.parameters() if p.requires_grad]
     ctx = ObjectiveContext(components, accelerator, cfg, raw_unet, not cfg.full_finetune, frozen)
     objective.setup(ctx)
     provider = objective.reference_provider(ctx)  # before a resume: its initial snapshot is the initial model

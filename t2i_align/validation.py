@@ -14,9 +14,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .config import ConfigError
+from .engines import is_fsdp
 from .models import adapters_off, build_pipeline
 from .sampling import Samples, generate, prompt_major
-from .engines import is_fsdp
 
 
 @contextmanager

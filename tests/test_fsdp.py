@@ -145,3 +145,23 @@ def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(t
     for key in ("loss", "kl", "grad_norm"):
         assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], rel=1e-4)
     assert (tmp_path / "fsdp" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_fsdp_ppd_with_lora_takes_the_ddp_steps_and_exports_the_user_branch(tmp_path):
+    """PPD sharded (LoRA and the user branch, users as cross-attention tokens; rows of a user missing from the table
+    are skipped): the same losses as DDP, and an export whose user branch and LoRA equal DDP's."""
+    from test_ppd_loop import write_table, write_user_pairs
+
+    args = tiny_run_args(tmp_path, "lora.enabled=true", "ppd.enabled=true", "train.learning_rate=1e-2",
+                         "train.max_steps=3", "tracking.validate_every=2")
+    data = write_user_pairs(tmp_path / "users.parquet", users=[1, 2, 3, 99])
+    table = write_table(tmp_path / "users.safetensors", [1, 2, 3])
+    args += [f"data.path={data}", f"ppd.table={table}"]
+    launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}")
+    sharded, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
+    assert [m["loss"] for m in sharded] == pytest.approx([m["loss"] for m in ddp], rel=1e-4)
+    for name in ("user_branch.safetensors", "pytorch_lora_weights.safetensors"):
+        a, b = (load_file(tmp_path / run / "final" / name) for run in ("fsdp", "ddp"))
+        zero = {k: torch.zeros_like(v) for k, v in b.items()}
+        assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3

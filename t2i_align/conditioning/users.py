@@ -261,6 +261,14 @@ def pipeline_user_embeds(user_tokens: torch.Tensor, negative_user_tokens: Option
     return [torch.cat([negative, user_tokens]).unsqueeze(1)]
 
 
+def user_branch_layout(unet: nn.Module) -> Tuple[int, int, float]:
+    """(user_dim, num_tokens, scale) of the branch `unet` carries, read from its modules, not its weights (so
+    also from a sharded UNet): what `add_user_branch` needs to give another UNet the same branch."""
+    layers = _require_branch(unet)
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    return projection.ff.net[0].proj.in_features, int(layers[0][1].processor.num_tokens[0]), get_user_scale(unet)
+
+
 def user_branch_state_dict(unet: nn.Module) -> Dict[str, torch.Tensor]:
     """The branch in diffusers' single-file IP-Adapter layout: "image_proj.proj.{0,2,3}.*" (the projection) and
     "ip_adapter.{2i+1}.to_{k,v}_ip.weight" for the i-th cross-attention layer. Tensors are detached CPU copies."""
