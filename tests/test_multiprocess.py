@@ -125,3 +125,37 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
         full_draws = json.loads((tmp_path / "full" / "draws0.json").read_text())
         for rank in (0, 1):
             assert json.loads((tmp_path / "part" / f"draws{rank}.json").read_text()) == full_draws[3:]
+
+
+def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
+    """configs/accelerate/ddp_multinode.yaml as on two machines of one process each (both on this host, over
+    127.0.0.1, machine ranks 0 and 1 launched side by side): the same run as two processes on one machine. Only the
+    global main process writes (each machine has a local main process; on a shared file system both would)."""
+    import socket
+
+    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
+    args = [f"model.pretrained={model}", f"data.path={data}", "data.resolution=16", "lora.enabled=true",
+            "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1", "train.learning_rate=1e-2",
+            "objective.beta=100", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
+            "train.max_steps=3"]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = SCRIPT.parents[1] / "configs" / "accelerate" / "ddp_multinode.yaml"
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args, f"output_dir={tmp_path / 'two'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
+    for machine in machines:
+        _, err = machine.communicate(timeout=600)
+        assert machine.returncode == 0, err[-3000:]
+    launch(*args, f"output_dir={tmp_path / 'one'}")
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert losses("two") == losses("one") and len(losses("one")) == 3
+    assert (tmp_path / "two" / "rank0.txt").read_text() == (tmp_path / "one" / "rank0.txt").read_text()
+    assert (tmp_path / "two" / "rank1.txt").read_text() == (tmp_path / "one" / "rank0.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-3"]
