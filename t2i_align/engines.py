@@ -7,10 +7,10 @@ runs the same forwards (they are collectives): under FSDP every process samples 
 keeps it. What cannot stay sharded is the export: `whole_unet` gathers the weights.
 FSDP version 1 wraps the UNet in a flat-parameter module that the loop's direct calls would bypass: refused.
 
-DeepSpeed was read in accelerate 1.15, not run (it needs CUDA). accelerate's backward runs the engine's optimizer
-step after every backward unless told that a micro-batch is not the last one, and the engine divides the loss by
-its own gradient_accumulation_steps on top of the loop's division by train.grad_accum. So only one micro-batch per
-step is right (`check_deepspeed`); the engine also clips by its own gradient_clipping, not train.max_grad_norm.
+DeepSpeed (run on CPU processes by tests/test_deepspeed.py) steps its engine inside accelerate's backward, on the
+micro-batches accelerate marks as the last before a step (`accelerator.sync_gradients`, set by the loop), and
+divides the loss by its own gradient_accumulation_steps, where the loop already divides by train.grad_accum: so
+DeepSpeed's must stay 1. It also clips at its own gradient_clipping, not train.max_grad_norm (`check_deepspeed`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
 
 
-def check_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
-    """Fail at start, before loading anything, on what the loop cannot run under the launched engine."""
+def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
+    """At start, before loading anything: fail on what the loop cannot run under the launched engine, and give the
+    engine the settings it takes from the run's config."""
     check_fsdp(accelerator, cfg, objective_runs_sharded)
     check_deepspeed(accelerator, cfg)
 
@@ -55,21 +56,38 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
 
 
 def check_deepspeed(accelerator, cfg) -> None:
-    """Gradient accumulation and a clipping threshold other than DeepSpeed's own would silently train otherwise
-    than configured (module docstring): refused, saying what to set."""
+    """Refuse DeepSpeed settings that would silently train otherwise than configured (module docstring), saying what
+    to set; give DeepSpeed its micro-batch size, which accelerate would read from a prepared data loader."""
     if accelerator.distributed_type != "DEEPSPEED":
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     steps = ds.get("gradient_accumulation_steps", 1)
-    if cfg.train.grad_accum != 1 or steps not in (1, "auto"):
-        raise UserError(f"under DeepSpeed the loop takes one micro-batch per optimizer step (train.grad_accum is "
-                        f"{cfg.train.grad_accum}, DeepSpeed's gradient_accumulation_steps {steps}): accelerate would "
-                        "step the engine after every micro-batch. Set both to 1 and raise train.batch_size, or use "
-                        "configs/accelerate/ddp.yaml for accumulation")
+    if steps not in (1, "auto"):
+        raise UserError(f"DeepSpeed's gradient_accumulation_steps is {steps}: the loop accumulates itself "
+                        "(train.grad_accum) and the engine would divide the loss again. Set gradient_accumulation_steps "
+                        f"to 1 in the accelerate config and train.grad_accum={steps}")
     clip = ds.get("gradient_clipping", 0.0)
     if isinstance(clip, (int, float)) and float(clip) != cfg.train.max_grad_norm:
         raise UserError(f"DeepSpeed clips gradients at its gradient_clipping ({clip}), not at train.max_grad_norm "
                         f"({cfg.train.max_grad_norm}): set them equal (0 for no clipping)")
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+
+
+def autocast(accelerator):
+    """The context the UNet runs in: accelerate's autocast, except where the DeepSpeed engine holds the UNet in
+    fp16/bf16 (`half_precision_autocast`)."""
+    return half_precision_autocast(accelerator) or accelerator.autocast()
+
+
+def half_precision_autocast(accelerator):
+    """torch.autocast to the engine's dtype under DeepSpeed with fp16/bf16, else None. DeepSpeed casts the UNet's
+    weights to that dtype and accelerate autocasts nothing under it, so the fp32 latents and text states would meet
+    half-precision weights ("mat1 and mat2 must have the same dtype") in training, galleries and sampling."""
+    if accelerator.distributed_type != "DEEPSPEED" or accelerator.mixed_precision not in ("fp16", "bf16"):
+        return None
+    dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(accelerator.device.type, dtype=dtype)
 
 
 def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:

@@ -21,7 +21,7 @@ from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
                           save_checkpoint, save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
-from .engines import check_engine, is_fsdp, whole_unet
+from .engines import autocast, configure_engine, is_fsdp, whole_unet
 from .errors import UserError
 from .data.sources import build_data_source
 from .models import add_lora, build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
@@ -133,7 +133,7 @@ def train(cfg: Config) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               dynamo_backend="inductor" if cfg.train.compile else None)
     objective = get_objective(cfg.objective.name).configure(cfg)
-    check_engine(accelerator, cfg, objective.runs_sharded)
+    configure_engine(accelerator, cfg, objective.runs_sharded)
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
@@ -235,7 +235,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
         for micro in range(tc.grad_accum):
             batch = _next_batch(batches, builder, components, accelerator.device, counts)
             sync = micro == tc.grad_accum - 1
-            with (nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
+            accelerator.sync_gradients = sync  # DeepSpeed steps its engine inside backward, on the last one only
+            with (nullcontext() if sync else accelerator.no_sync(unet)), autocast(accelerator):
                 loss, metrics = st.objective.compute_loss(policy, reference, batch, components.scheduler,
                                                           cfg.objective, None)
             accelerator.backward(loss / tc.grad_accum)

@@ -8,13 +8,13 @@ them instead of the original model.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import ConfigError
-from .engines import is_fsdp
+from .engines import half_precision_autocast, is_fsdp
 from .models import adapters_off, build_pipeline
 from .sampling import Samples, generate, prompt_major
 
@@ -112,8 +112,9 @@ class Validator:
         was_training = unet.training
         unet.eval()
         try:
-            return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
-                            guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens)
+            with half_precision_autocast(self.accelerator) or nullcontext():
+                return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
+                                guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens)
         finally:
             unet.train(was_training)
 

@@ -33,8 +33,27 @@ def allow_fsdp_on_cpu():
     AcceleratorState.__init__ = init
 
 
+def allow_deepspeed_on_cpu():
+    """accelerate starts DeepSpeed only where its launcher found GPUs (with ACCELERATE_USE_CPU it ignores DeepSpeed;
+    without, it runs one process while DeepSpeed sees two). DeepSpeed's own CPU accelerator runs over gloo
+    (DS_ACCELERATOR=cpu): take accelerate's multi-CPU backend without its CPU flag, so its DeepSpeed branch runs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        if not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return original(self, cpu, sagemaker_dp, backend)
+
+    PartialState._prepare_backend = prepare_backend
+
+
 if os.environ.get("T2I_TEST_FSDP_ON_CPU") == "1":
     allow_fsdp_on_cpu()
+if os.environ.get("T2I_TEST_DEEPSPEED_ON_CPU") == "1":
+    allow_deepspeed_on_cpu()
 
 cfg = load_config(None, sys.argv[1:])
 draws = []

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..engines import autocast
 from ..files import write_text_atomic
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
@@ -219,7 +220,7 @@ class OnlineSource:
         was_training = unet.training
         unet.eval()
         try:
-            with self.acc.autocast():
+            with autocast(self.acc):
                 return generate(pipe, prompts, seeds, num_inference_steps=self.rc.sample_steps,
                                 guidance_scale=self.rc.guidance_scale, batch_size=self.rc.generation_batch_size,
                                 negative_prompt=self.rc.negative_prompt, height=self.rc.resolution,

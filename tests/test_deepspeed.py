@@ -1,0 +1,80 @@
+"""DeepSpeed ZeRO-2 on two CPU processes (DeepSpeed's CPU accelerator over gloo), launched with the shipped
+configs/accelerate/deepspeed_zero2.yaml: the real engine steps, clips, saves and resumes. accelerate starts DeepSpeed
+only where it finds GPUs; the training script lifts that one gate (multiprocess_train.allow_deepspeed_on_cpu)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_fsdp import metrics, relative_distance, tiny_run_args
+from test_multiprocess import ENV, SCRIPT, launch
+
+pytest.importorskip("deepspeed")  # the dev extra installs it
+
+CONFIG = SCRIPT.parents[1] / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+DS_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+             "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
+DS_ENV = {**{k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}, "DS_ACCELERATOR": "cpu",
+          "T2I_TEST_DEEPSPEED_ON_CPU": "1"}
+
+
+def launch_deepspeed(*overrides: str) -> None:
+    proc = subprocess.run([*DS_LAUNCH, *overrides], capture_output=True, text=True, timeout=600, env=DS_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_deepspeed_lora_with_accumulation_resumed_takes_the_ddp_steps(tmp_path):
+    """ZeRO-2 with LoRA and train.grad_accum=2, stopped after step 2 and resumed from the engine's checkpoint: the
+    same losses and gradient norms as DDP, and the same adapter. Before the loop marked the last micro-batch
+    (accelerator.sync_gradients), the engine stepped after every micro-batch: step 1 already differed."""
+    args = tiny_run_args(tmp_path, "lora.enabled=true", "train.learning_rate=1e-2", "train.grad_accum=2")
+    out = tmp_path / "ds"
+    launch_deepspeed(*args, f"output_dir={out}", "train.max_steps=2")
+    assert (out / "checkpoints" / "step-2" / "pytorch_model").is_dir()  # the engine's own checkpoint
+    launch_deepspeed(*args, f"output_dir={out}", "train.max_steps=3", "train.resume=latest")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}", "train.max_steps=3")
+    engine, ddp = metrics(out), metrics(tmp_path / "ddp")
+    assert [m["step"] for m in engine] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in engine] == pytest.approx([m[key] for m in ddp], rel=1e-4)
+    name = "pytorch_lora_weights.safetensors"
+    a, b = (load_file(run / "final" / name) for run in (out, tmp_path / "ddp"))
+    zero = {k: torch.zeros_like(v) for k, v in b.items()}
+    assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+
+
+def test_deepspeed_full_finetune_clips_and_exports_as_ddp(tmp_path):
+    """Full fine-tuning under ZeRO-2, gradient norms far above the clipping threshold (DeepSpeed clips at its
+    gradient_clipping, which must equal train.max_grad_norm): the same steps and export as DDP, and the gallery."""
+    args = tiny_run_args(tmp_path, "lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=2",
+                         "tracking.validate_every=1")
+    launch_deepspeed(*args, f"output_dir={tmp_path / 'ds'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}")
+    engine, ddp = metrics(tmp_path / "ds"), metrics(tmp_path / "ddp")
+    assert min(m["grad_norm"] for m in ddp) > 10  # clipped to 1.0 in both
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in engine] == pytest.approx([m[key] for m in ddp], rel=1e-4)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = (load_file(tmp_path / run / "final" / weights) for run in ("ds", "ddp"))
+    assert relative_distance(a, b, load_file(tmp_path / "sd15" / weights)) < 1e-2
+    assert (tmp_path / "ds" / "gallery" / "index.html").is_file()
+
+
+def test_deepspeed_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
+    """bf16 under DeepSpeed: the engine holds the UNet in bf16 (fp32 master weights in its optimizer) and the loop
+    autocasts the fp32 inputs to meet it (without, the first forward failed: "mat1 and mat2 must have the same
+    dtype"). It must end no further from bf16 DDP than bf16 DDP ends from fp32 DDP; its export is the engine's
+    bf16 weights."""
+    args = tiny_run_args(tmp_path, "lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=3",
+                         "tracking.validate_every=2")
+    launch_deepspeed(*args, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'ds16'}")
+    launch(*args, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'ddp16'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp32'}")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    origin = load_file(tmp_path / "sd15" / weights)
+    ds16, ddp16, ddp32 = (load_file(tmp_path / run / "final" / weights) for run in ("ds16", "ddp16", "ddp32"))
+    assert all(v.dtype == torch.bfloat16 for v in ds16.values())
+    assert relative_distance(ds16, ddp16, origin) < 1.5 * relative_distance(ddp16, ddp32, origin)
+    assert (tmp_path / "ds16" / "gallery" / "index.html").is_file()
