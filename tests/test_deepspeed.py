@@ -78,3 +78,38 @@ def test_deepspeed_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in ds16.values())
     assert relative_distance(ds16, ddp16, origin) < 1.5 * relative_distance(ddp16, ddp32, origin)
     assert (tmp_path / "ds16" / "gallery" / "index.html").is_file()
+
+
+METHODS = {  # each method's own state under the engine: SePPO's snapshot pool, PPD's user branch, RAFT's gathered
+    # pool, reward fine-tuning's gradient-carrying sampler with the KL anchor
+    "seppo": ["lora.enabled=true", "objective.name=seppo", "seppo.snapshot_every=1", "seppo.pool_size=4",
+              "seppo.sample_steps=2", "train.max_steps=3"],
+    "ppd": ["ppd.enabled=true", "train.max_steps=3"],
+    "raft": ["model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
+             "raft.prompts=toy:train", "raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=1",
+             "raft.sample_steps=2", "raft.top_fraction=0.5", "train.max_steps=2"],
+    "reward": ["model.pretrained=toy", "lora.enabled=true", "lora.rank=2", "objective.name=reward_backprop",
+               "data.kind=prompts", "data.path=toy:train-long", "data.resolution=32",
+               "reward_backprop.reward=decomposed-clip", "reward_backprop.reward_options={checkpoint: toy, omega: 0.3}",
+               "reward_backprop.num_steps=4", "reward_backprop.grad_mode=strided", "reward_backprop.grad_k=2",
+               "reward_backprop.checkpoint=true", "reward_backprop.kl_weight=1", "train.max_steps=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_deepspeed_methods_take_the_ddp_steps(tmp_path, method):
+    """SePPO, PPD, RAFT and reward fine-tuning under ZeRO-2: the same losses and gradient norms as DDP (slow: run
+    with -m slow)."""
+    from test_ppd_loop import write_table, write_user_pairs
+
+    args = tiny_run_args(tmp_path, "train.learning_rate=1e-2", "train.checkpoint_every=0", *METHODS[method])
+    if method == "ppd":
+        data = write_user_pairs(tmp_path / "users.parquet", users=[1, 2, 3, 99])
+        args += [f"data.path={data}", f"ppd.table={write_table(tmp_path / 'users.safetensors', [1, 2, 3])}"]
+    launch_deepspeed(*args, f"output_dir={tmp_path / 'ds'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}")
+    engine, ddp = metrics(tmp_path / "ds"), metrics(tmp_path / "ddp")
+    assert len(engine) == len(ddp) > 1
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in engine] == pytest.approx([m[key] for m in ddp], rel=1e-4)
