@@ -57,7 +57,8 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
 
 def check_deepspeed(accelerator, cfg) -> None:
     """Refuse DeepSpeed settings that would silently train otherwise than configured (module docstring), saying what
-    to set; give DeepSpeed its micro-batch size, which accelerate would read from a prepared data loader."""
+    to set; fill in those left "auto": the micro-batch size (accelerate reads it from a prepared data loader, and
+    the loop prepares none) and the clipping threshold (train.max_grad_norm)."""
     if accelerator.distributed_type != "DEEPSPEED":
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -66,8 +67,10 @@ def check_deepspeed(accelerator, cfg) -> None:
         raise UserError(f"DeepSpeed's gradient_accumulation_steps is {steps}: the loop accumulates itself "
                         "(train.grad_accum) and the engine would divide the loss again. Set gradient_accumulation_steps "
                         f"to 1 in the accelerate config and train.grad_accum={steps}")
-    clip = ds.get("gradient_clipping", 0.0)
-    if isinstance(clip, (int, float)) and float(clip) != cfg.train.max_grad_norm:
+    clip = ds.get("gradient_clipping", "auto")
+    if clip == "auto":  # accelerate would fill in 1.0 whatever train.max_grad_norm says
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+    elif float(clip) != cfg.train.max_grad_norm:
         raise UserError(f"DeepSpeed clips gradients at its gradient_clipping ({clip}), not at train.max_grad_norm "
                         f"({cfg.train.max_grad_norm}): set them equal (0 for no clipping)")
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":

@@ -84,6 +84,15 @@ def test_deepspeed_refuses_its_own_accumulation_and_another_clipping(tmp_path, m
         _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", *overrides])
 
 
+def test_deepspeed_auto_settings_are_filled_from_the_run(tmp_path, monkeypatch):
+    """"auto" micro-batch size and clipping threshold come from train.batch_size and train.max_grad_norm (accelerate
+    would stop for the first and fill in 1.0 for the second)."""
+    ds = {"gradient_accumulation_steps": 1, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    with pytest.raises(AttributeError, match="no attribute 'device'"):
+        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", "train.batch_size=3", "train.max_grad_norm=0"])
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0
+
+
 def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch):
     """deepspeed_zero2.yaml with the default train settings gets past the engine check (and then stops at the
     stand-in accelerator, which has no device)."""
