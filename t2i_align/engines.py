@@ -35,7 +35,8 @@ def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
 def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """Fail at start, before loading anything, on what the loop cannot run under FSDP, saying what to use instead:
     version 1; SePPO (its snapshot references put weights into the live UNet with torch.func, which FSDP's own
-    gathering overrides); RAFT / online DPO rounds whose prompts do not split evenly over the processes (each
+    gathering overrides); torch.compile (found by running it: the loop's direct UNet calls miss the compiled
+    root's gathering); RAFT / online DPO rounds whose prompts do not split evenly over the processes (each
     process must run as many forwards as the others)."""
     if not is_fsdp(accelerator):
         return
@@ -48,6 +49,10 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
         raise UserError(f"objective {cfg.objective.name!r} does not run under FSDP (SePPO's snapshot references need "
                         "the whole UNet). Use configs/accelerate/ddp.yaml (with model.gradient_checkpointing=true "
                         "and train.optimizer=adafactor or adamw8bit for memory)")
+    if getattr(accelerator.state.dynamo_plugin, "backend", "NO") != "NO":  # DynamoBackend is a str enum
+        raise UserError("torch.compile (train.compile or accelerate launch --dynamo_backend) is not supported under "
+                        "FSDP: accelerate shards the compiled wrapper, and the loop's direct calls of the UNet "
+                        "(reference, gallery, export) would bypass the root's weight gathering. Leave compile off")
     processes = accelerator.num_processes
     if cfg.raft.enabled and cfg.raft.prompts_per_round % processes:
         raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "

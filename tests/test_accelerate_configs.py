@@ -24,6 +24,7 @@ def test_accelerate_config_files_load(name, engine):
 @pytest.mark.parametrize("version, overrides, message", [
     (1, [], "FSDP version 1 is not supported.*fsdp_version: 2"),
     (2, ["objective.name=seppo"], "'seppo' does not run under FSDP.*configs/accelerate/ddp.yaml"),
+    (2, ["train.compile=true"], "torch.compile .* is not supported under FSDP"),
     (2, ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train", "raft.prompts_per_round=3"],
      r"prompts_per_round \(3\) must divide evenly over the 2 processes"),
 ])
@@ -42,8 +43,9 @@ def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monke
         distributed_type = DistributedType.FSDP
         num_processes = 2
 
-        def __init__(self, **kwargs):
-            self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"fsdp_version": version})()})()
+        def __init__(self, dynamo_backend=None, **kwargs):
+            self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"fsdp_version": version})(),
+                                            "dynamo_plugin": type("Dynamo", (), {"backend": dynamo_backend or "NO"})})()
 
     monkeypatch.setattr(accelerate, "Accelerator", FsdpAccelerator)
     cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.wandb=off", f"model.pretrained={tmp_path}/none",
