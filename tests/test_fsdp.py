@@ -48,6 +48,21 @@ def relative_distance(a: dict, b: dict, origin: dict) -> float:
     return apart / moved
 
 
+def assert_takes_the_ddp_steps(run, ddp, keys=("loss", "grad_norm")) -> None:
+    """The run logged DDP's values step for step (to 1e-4: the engines sum gradients in other orders)."""
+    engine, base = metrics(run), metrics(ddp)
+    assert len(engine) == len(base) > 1
+    for key in keys:
+        assert [m[key] for m in engine] == pytest.approx([m[key] for m in base], rel=1e-4)
+
+
+def assert_same_adapter(run, ddp, name: str = "pytorch_lora_weights.safetensors") -> None:
+    """The exported adapter file holds DDP's tensors, to 1e-3 of their size."""
+    a, b = (load_file(r / "final" / name) for r in (run, ddp))
+    zero = {k: torch.zeros_like(v) for k, v in b.items()}
+    assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+
+
 @pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_path, family):
     """Full fine-tuning sharded: the same losses and gradient norms as DDP, the exported unet/ whole and equal to
@@ -56,9 +71,7 @@ def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_pat
     args = tiny_run_args(tmp_path, *FULL, "tracking.validate_every=2", family=family)
     launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
     launch(*args, f"output_dir={tmp_path / 'ddp'}")
-    sharded, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
-    for key in ("loss", "grad_norm"):
-        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], rel=1e-4)
+    assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp")
     a, b = (load_file(tmp_path / run / "final" / UNET) for run in ("fsdp", "ddp"))
     assert a.keys() == b.keys()
     assert relative_distance(a, b, load_file(tmp_path / family / UNET)) < 1e-2
@@ -87,18 +100,17 @@ def test_fsdp_lora_resume_takes_the_ddp_steps(tmp_path):
     adapter equal a DDP run's. (This caught LoRA's random A drawn differently on each process: DDP hid it by
     broadcasting the main process's weights, FSDP kept each process's own shard.)"""
     args = tiny_run_args(tmp_path, "lora.enabled=true", "train.learning_rate=1e-2")
-    out = tmp_path / "fsdp"
-    launch_fsdp(*args, f"output_dir={out}", "train.max_steps=2")
-    launch_fsdp(*args, f"output_dir={out}", "train.max_steps=3", "train.resume=latest")
-    launch(*args, f"output_dir={tmp_path / 'ddp'}", "train.max_steps=3")
-    sharded, ddp = metrics(out), metrics(tmp_path / "ddp")
-    assert [m["step"] for m in sharded] == [1, 2, 3]
-    for key in ("loss", "grad_norm"):
-        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], rel=1e-4)
-    name = "pytorch_lora_weights.safetensors"
-    a, b = (load_file(run / "final" / name) for run in (out, tmp_path / "ddp"))
-    zero = {k: torch.zeros_like(v) for k, v in b.items()}
-    assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+    assert_resumed_run_takes_the_ddp_steps(launch_fsdp, args, tmp_path / "fsdp", tmp_path / "ddp")
+
+
+def assert_resumed_run_takes_the_ddp_steps(launch_engine, args, out, ddp) -> None:
+    """Under the engine: 2 steps, then resumed to 3; under DDP: 3 steps. The same steps and the same adapter."""
+    launch_engine(*args, f"output_dir={out}", "train.max_steps=2")
+    launch_engine(*args, f"output_dir={out}", "train.max_steps=3", "train.resume=latest")
+    launch(*args, f"output_dir={ddp}", "train.max_steps=3")
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert_takes_the_ddp_steps(out, ddp)
+    assert_same_adapter(out, ddp)
 
 
 def test_fsdp_raft_resumed_inside_a_round_takes_the_ddp_steps(tmp_path):
@@ -122,11 +134,8 @@ def test_fsdp_raft_resumed_inside_a_round_takes_the_ddp_steps(tmp_path):
     assert [r["selected"] for r in sharded] == [r["selected"] for r in ddp]
     for a, b in zip(sharded, ddp):
         assert sum(a["scores"], []) == pytest.approx(sum(b["scores"], []), abs=1e-6)
-    assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(tmp_path / "ddp")], rel=1e-4)
-    name = "pytorch_lora_weights.safetensors"
-    a, b = (load_file(run / "final" / name) for run in (out, tmp_path / "ddp"))
-    zero = {k: torch.zeros_like(v) for k, v in b.items()}
-    assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+    assert_takes_the_ddp_steps(out, tmp_path / "ddp", keys=("loss",))
+    assert_same_adapter(out, tmp_path / "ddp")
 
 
 def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(tmp_path):
@@ -142,9 +151,7 @@ def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(t
             "train.learning_rate=1e-2", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1"]
     launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
     launch(*args, f"output_dir={tmp_path / 'ddp'}")
-    sharded, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
-    for key in ("loss", "kl", "grad_norm"):
-        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in ddp], rel=1e-4)
+    assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp", keys=("loss", "kl", "grad_norm"))
     assert (tmp_path / "fsdp" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -160,9 +167,6 @@ def test_fsdp_ppd_with_lora_takes_the_ddp_steps_and_exports_the_user_branch(tmp_
     args += [f"data.path={data}", f"ppd.table={table}"]
     launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
     launch(*args, f"output_dir={tmp_path / 'ddp'}")
-    sharded, ddp = metrics(tmp_path / "fsdp"), metrics(tmp_path / "ddp")
-    assert [m["loss"] for m in sharded] == pytest.approx([m["loss"] for m in ddp], rel=1e-4)
+    assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp", keys=("loss",))
     for name in ("user_branch.safetensors", "pytorch_lora_weights.safetensors"):
-        a, b = (load_file(tmp_path / run / "final" / name) for run in ("fsdp", "ddp"))
-        zero = {k: torch.zeros_like(v) for k, v in b.items()}
-        assert a.keys() == b.keys() and relative_distance(a, b, zero) < 1e-3
+        assert_same_adapter(tmp_path / "fsdp", tmp_path / "ddp", name)
