@@ -21,6 +21,10 @@ import torch
 from .errors import UserError
 
 
+ENGINES_TESTED_WITH = "1.15"
+"""The accelerate release tests/test_fsdp.py and tests/test_deepspeed.py ran against."""
+
+
 def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
 
@@ -28,6 +32,14 @@ def is_fsdp(accelerator) -> bool:
 def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """At start, before loading anything: fail on what the loop cannot run under the launched engine, and give the
     engine the settings it takes from the run's config."""
+    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
+        import accelerate
+        from packaging.version import Version
+
+        if Version(accelerate.__version__) < Version(ENGINES_TESTED_WITH):
+            raise UserError(f"FSDP and DeepSpeed runs need accelerate >= {ENGINES_TESTED_WITH} (what they were tested "
+                            f"with; older ones lack FSDP2 or DeepSpeed's per-micro-batch stepping), this is "
+                            f"{accelerate.__version__}: pip install -U accelerate")
     check_fsdp(accelerator, cfg, objective_runs_sharded)
     check_deepspeed(accelerator, cfg)
 
@@ -42,9 +54,9 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
         return
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
     if version != 2:
-        raise UserError(f"accelerate's FSDP version {version} is not supported: the loop samples and exports through "
-                        "the UNet itself, which FSDP1's wrapper bypasses. Set fsdp_version: 2 in the accelerate "
-                        "config (as configs/accelerate/fsdp.yaml does)")
+        raise UserError(f"accelerate's FSDP version {version} is not supported: the loop samples and exports by "
+                        "calling the UNet directly, which bypasses FSDP1's wrapper. Set fsdp_version: 2 in the "
+                        "accelerate config (as configs/accelerate/fsdp.yaml does)")
     if not objective_runs_sharded:
         raise UserError(f"objective {cfg.objective.name!r} does not run under FSDP (SePPO's snapshot references need "
                         "the whole UNet). Use configs/accelerate/ddp.yaml (with model.gradient_checkpointing=true "
@@ -67,6 +79,13 @@ def check_deepspeed(accelerator, cfg) -> None:
     if accelerator.distributed_type != "DEEPSPEED":
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero = ds.get("zero_optimization") or {}
+    offload = (zero.get("offload_param") or {}).get("device", "none")
+    if zero.get("stage", 0) == 3 or offload not in ("none", None):
+        raise UserError(f"DeepSpeed ZeRO stage {zero.get('stage')} with parameter offload {offload!r} is not supported: "
+                        "it partitions the UNet's weights, and the loop's galleries, sampling, LoRA reference and "
+                        "export call the UNet directly. Use ZeRO-2 without offload_param "
+                        "(configs/accelerate/deepspeed_zero2.yaml) or FSDP (configs/accelerate/fsdp.yaml)")
     steps = ds.get("gradient_accumulation_steps", 1)
     if steps not in (1, "auto"):
         raise UserError(f"DeepSpeed's gradient_accumulation_steps is {steps}: the loop accumulates itself "
@@ -80,6 +99,13 @@ def check_deepspeed(accelerator, cfg) -> None:
                         f"({cfg.train.max_grad_norm}): set them equal (0 for no clipping)")
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+
+
+def loss_scaled(accelerator) -> bool:
+    """Whether fp16 loss scaling is in play, under which an overflowing step is skipped by design: accelerate's
+    GradScaler, or DeepSpeed's own fp16 scaler (accelerate has no scaler then; DeepSpeed fp16 is not run here)."""
+    return accelerator.scaler is not None or (accelerator.distributed_type == "DEEPSPEED"
+                                              and accelerator.mixed_precision == "fp16")
 
 
 def autocast(accelerator):
@@ -114,7 +140,8 @@ def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
 
     from .conditioning.users import add_user_branch, has_user_branch, user_branch_layout
 
-    # fully_shard made the class FSDP<Name>(FSDPModule, Name): the first base that is not FSDP's is the model's
+    # fully_shard made the class FSDP<Name>(FSDPModule, Name): the first base that is not FSDP's is the model's.
+    # With a user branch the config says "ip_image_proj", which from_config cannot build: add_user_branch does
     plain = next(c for c in type(unet).__mro__[1:] if not issubclass(c, FSDPModule))
     branch = user_branch_layout(unet) if has_user_branch(unet) else None  # PPD
     with without_random_init():  # the adapters as the loop added them: LoRA first, then the user branch

@@ -21,7 +21,7 @@ from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
                           save_checkpoint, save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
-from .engines import autocast, configure_engine, is_fsdp, whole_unet
+from .engines import autocast, configure_engine, is_fsdp, loss_scaled, whole_unet
 from .errors import UserError
 from .data.sources import build_data_source
 from .models import add_lora, build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
@@ -87,7 +87,7 @@ def _counts_as_failure(accelerator, norm: float, step_metrics: List[Dict[str, fl
     if math.isfinite(norm):
         return False
     loss_finite = all(math.isfinite(m.get("loss", 0.0)) for m in step_metrics)
-    return accelerator.scaler is None or not loss_finite
+    return not loss_scaled(accelerator) or not loss_finite
 
 
 def _trainable(cfg: Config, components, needs_reference: bool):
@@ -235,7 +235,9 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
         for micro in range(tc.grad_accum):
             batch = _next_batch(batches, builder, components, accelerator.device, counts)
             sync = micro == tc.grad_accum - 1
-            accelerator.sync_gradients = sync  # DeepSpeed steps its engine inside backward, on the last one only
+            # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
+            # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one
+            accelerator.sync_gradients = sync
             with (nullcontext() if sync else accelerator.no_sync(unet)), autocast(accelerator):
                 loss, metrics = st.objective.compute_loss(policy, reference, batch, components.scheduler,
                                                           cfg.objective, None)

@@ -76,10 +76,13 @@ def _deepspeed_train(monkeypatch, ds: dict, args):
     ({"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}, [], "gradient_accumulation_steps is 4.*"
      "train.grad_accum=4"),
     ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, ["train.max_grad_norm=0"], "set them equal"),
+    ({"zero_optimization": {"stage": 3}}, [], "ZeRO stage 3 .* is not supported"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, [], "parameter offload 'cpu'"),
 ])
 def test_deepspeed_refuses_its_own_accumulation_and_another_clipping(tmp_path, monkeypatch, ds, overrides, message):
-    """DeepSpeed's own accumulation would divide the loss a second time, and the engine clips at its own threshold
-    (t2i_align.engines): both refused at start. (tests/test_deepspeed.py runs the engine itself.)"""
+    """DeepSpeed's own accumulation would divide the loss a second time, the engine clips at its own threshold, and
+    ZeRO-3 / parameter offload partition the weights the loop calls directly (t2i_align.engines): all refused at
+    start. (tests/test_deepspeed.py runs the engine itself.)"""
     from t2i_align.errors import UserError
 
     with pytest.raises(UserError, match=message):

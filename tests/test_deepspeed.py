@@ -53,7 +53,7 @@ def test_deepspeed_full_finetune_clips_and_exports_as_ddp(tmp_path):
 def test_deepspeed_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
     """bf16 under DeepSpeed: the engine holds the UNet in bf16 (fp32 master weights in its optimizer) and the loop
     autocasts the fp32 inputs to meet it (without, the first forward failed: "mat1 and mat2 must have the same
-    dtype"). It must end no further from bf16 DDP than bf16 DDP ends from fp32 DDP; its export is the engine's
+    dtype"). It must end within 1.5× of how far bf16 DDP ends from fp32 DDP; its export is the engine's
     bf16 weights."""
     args = tiny_run_args(tmp_path, "lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=3",
                          "tracking.validate_every=2")

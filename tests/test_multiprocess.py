@@ -148,9 +148,13 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
          "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
          "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args, f"output_dir={tmp_path / 'two'}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
-    for machine in machines:
-        _, err = machine.communicate(timeout=600)
-        assert machine.returncode == 0, err[-3000:]
+    try:
+        for machine in machines:
+            _, err = machine.communicate(timeout=600)
+            assert machine.returncode == 0, err[-3000:]
+    finally:  # one machine failing leaves the other waiting for its peer
+        for machine in machines:
+            machine.kill()
     launch(*args, f"output_dir={tmp_path / 'one'}")
 
     def losses(run):
