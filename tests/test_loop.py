@@ -202,11 +202,14 @@ def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():
 
     from t2i_align.loop import _counts_as_failure
 
-    plain, scaled = SimpleNamespace(scaler=None), SimpleNamespace(scaler=object())
+    plain = SimpleNamespace(scaler=None, distributed_type="MULTI_GPU", mixed_precision="bf16")
+    scaled = SimpleNamespace(scaler=object(), distributed_type="NO", mixed_precision="fp16")
+    deepspeed_fp16 = SimpleNamespace(scaler=None, distributed_type="DEEPSPEED", mixed_precision="fp16")  # own scaler
     inf, finite_loss, nan_loss = float("inf"), [{"loss": 0.7}], [{"loss": float("nan")}]
     assert _counts_as_failure(plain, inf, finite_loss)          # no loss scaling: any non-finite gradient
-    assert not _counts_as_failure(scaled, inf, finite_loss)     # GradScaler calibrating: expected, skipped
-    assert _counts_as_failure(scaled, inf, nan_loss)            # the loss itself is broken
+    for accelerator in (scaled, deepspeed_fp16):
+        assert not _counts_as_failure(accelerator, inf, finite_loss)  # the scaler calibrating: expected, skipped
+        assert _counts_as_failure(accelerator, inf, nan_loss)         # the loss itself is broken
     assert not _counts_as_failure(plain, 1.5, finite_loss)
 
 
