@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_fsdp import (assert_resumed_run_takes_the_ddp_steps, assert_takes_the_ddp_steps, metrics,
-                       relative_distance, tiny_run_args)
+from test_fsdp import (assert_resumed_run_takes_the_ddp_steps, assert_same_gallery, assert_takes_the_ddp_steps,
+                       metrics, relative_distance, tiny_run_args)
 from test_multiprocess import ENV, SCRIPT, launch
 
 pytest.importorskip("deepspeed")  # the dev extra installs it
@@ -37,13 +37,16 @@ def test_deepspeed_lora_with_accumulation_resumed_takes_the_ddp_steps(tmp_path):
 
 def test_deepspeed_full_finetune_clips_and_exports_as_ddp(tmp_path):
     """Full fine-tuning under ZeRO-2, gradient norms far above the clipping threshold (DeepSpeed clips at its
-    gradient_clipping, which must equal train.max_grad_norm): the same steps and export as DDP, and the gallery."""
+    gradient_clipping, which must equal train.max_grad_norm), under a warmed-up linear schedule (accelerate steps
+    it, not the engine): the same steps, learning rates, export and gallery images as DDP."""
     args = tiny_run_args(tmp_path, "lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=2",
-                         "tracking.validate_every=1")
+                         "train.lr_scheduler=linear", "train.lr_warmup_steps=1", "tracking.validate_every=1")
     launch_deepspeed(*args, f"output_dir={tmp_path / 'ds'}")
     launch(*args, f"output_dir={tmp_path / 'ddp'}")
     assert min(m["grad_norm"] for m in metrics(tmp_path / "ddp")) > 10  # clipped to 1.0 in both
     assert_takes_the_ddp_steps(tmp_path / "ds", tmp_path / "ddp")
+    assert [m["lr"] for m in metrics(tmp_path / "ds")] == pytest.approx([1e-3, 0.0], abs=1e-12)
+    assert_same_gallery(tmp_path / "ds", tmp_path / "ddp")
     weights = "unet/diffusion_pytorch_model.safetensors"
     a, b = (load_file(tmp_path / run / "final" / weights) for run in ("ds", "ddp"))
     assert relative_distance(a, b, load_file(tmp_path / "sd15" / weights)) < 1e-2

@@ -6,8 +6,10 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import save_tiny_pipeline
@@ -48,12 +50,23 @@ def relative_distance(a: dict, b: dict, origin: dict) -> float:
     return apart / moved
 
 
-def assert_takes_the_ddp_steps(run, ddp, keys=("loss", "grad_norm")) -> None:
-    """The run logged DDP's values step for step (to 1e-4: the engines sum gradients in other orders)."""
+def assert_takes_the_ddp_steps(run, ddp, keys=("loss", "grad_norm", "lr")) -> None:
+    """The run logged DDP's values step for step (to 1e-4: the engines sum gradients in other orders), learning
+    rates included (accelerate steps a prepared schedule once per process, so each engine must too)."""
     engine, base = metrics(run), metrics(ddp)
     assert len(engine) == len(base) > 1
     for key in keys:
         assert [m[key] for m in engine] == pytest.approx([m[key] for m in base], rel=1e-4)
+
+
+def assert_same_gallery(run, ddp) -> None:
+    """The run's last gallery shows DDP's images, pixel for pixel up to a few 8-bit levels (the weights differ by
+    float rounding)."""
+    names = sorted(p.name for p in (ddp / "gallery" / "images").glob("*.png"))
+    assert names and names == sorted(p.name for p in (run / "gallery" / "images").glob("*.png"))
+    for name in names:
+        a, b = (np.asarray(Image.open(r / "gallery" / "images" / name), dtype=np.int16) for r in (run, ddp))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2, name
 
 
 def assert_same_adapter(run, ddp, name: str = "pytorch_lora_weights.safetensors") -> None:
@@ -65,13 +78,17 @@ def assert_same_adapter(run, ddp, name: str = "pytorch_lora_weights.safetensors"
 
 @pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_path, family):
-    """Full fine-tuning sharded: the same losses and gradient norms as DDP, the exported unet/ whole and equal to
-    DDP's (to float rounding: reduce-scatter and all-reduce sum in other orders), sharded checkpoints, and the
-    gallery sampled through the sharded UNet (every process samples; the main process writes it)."""
-    args = tiny_run_args(tmp_path, *FULL, "tracking.validate_every=2", family=family)
+    """Full fine-tuning sharded, under a warmed-up linear schedule: the same losses, gradient norms and learning
+    rates as DDP, the exported unet/ whole and equal to DDP's (to float rounding: reduce-scatter and all-reduce
+    sum in other orders), sharded checkpoints, and the gallery sampled through the sharded UNet (every process
+    samples; the main process writes it) showing DDP's images."""
+    args = tiny_run_args(tmp_path, *FULL, "train.lr_scheduler=linear", "train.lr_warmup_steps=1",
+                         "tracking.validate_every=2", family=family)
     launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
     launch(*args, f"output_dir={tmp_path / 'ddp'}")
     assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp")
+    assert [m["lr"] for m in metrics(tmp_path / "fsdp")] == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-12)
+    assert_same_gallery(tmp_path / "fsdp", tmp_path / "ddp")
     a, b = (load_file(tmp_path / run / "final" / UNET) for run in ("fsdp", "ddp"))
     assert a.keys() == b.keys()
     assert relative_distance(a, b, load_file(tmp_path / family / UNET)) < 1e-2
