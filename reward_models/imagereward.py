@@ -231,7 +231,8 @@ class VPScore(BlipPreferenceReward):
 
     Normalisation: the VisionPrefer release is used through ImageReward's loader (`ImageReward.load(path)`), whose
     class hard-codes ImageReward's mean/std, so those are the defaults here too; this is not verified against a
-    VP-Score-specific constant (see shared/reference/longalign-rewards.md, section 2) - pass `mean`/`std` to override.
+    VP-Score-specific constant (the VisionPrefer code could not be consulted here) - pass `mean`/`std`
+    to override.
     """
 
     release = ("the VP-Score checkpoint of the VisionPrefer release (github.com/yushuiwx/VisionPrefer; Wu et al. 2024,"

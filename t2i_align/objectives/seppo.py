@@ -1,8 +1,8 @@
 """SePPO: preference optimisation from preferred images only (Zhang et al. 2024, arXiv 2410.05255, v1 Sec. 4;
 renamed SSPO in v2, where RCR = random checkpoint replay and SSR = the flipper below).
 
-No training code was ever published; this follows the reconstruction in shared/reference/seppo-ppd.md §1.4-1.6,
-every choice the paper leaves open being a `seppo.*` setting:
+No training code was ever published; this is reconstructed from the paper's abstract and its public ICLR 2025
+reviews, every choice the paper leaves open being a `seppo.*` setting:
 
 - the reference θ_ref is drawn each step from past policy snapshots (`t2i_align.references.SnapshotPool`);
 - θ_ref samples one image x^r per prompt of the batch (the preferred image's caption), which takes the loser's
