@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .conditioning.text import PromptEmbeds, encode_prompts, sdxl_time_ids
-from .models import Components
+from .models import Components, vae_precision
 from .objectives.base import Denoiser, ImageBatch, PairBatch, PromptBatch
 
 
@@ -18,7 +18,8 @@ from .objectives.base import Denoiser, ImageBatch, PairBatch, PromptBatch
 def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latents (a sample of the posterior, as the official DPO code) scaled by the VAE's scaling factor."""
     vae = components.vae
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+    with vae_precision(vae):
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
     return (latents * vae.config.scaling_factor).float()
 
 

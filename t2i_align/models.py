@@ -252,6 +252,15 @@ def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype
     return vae.requires_grad_(False).eval()
 
 
+def vae_precision(vae):
+    """The context every VAE call runs in: outside any autocast when the VAE's weights are fp32. They are fp32 on
+    purpose (SDXL's VAE overflows in fp16, or model.weight_dtype says fp32), but an fp16 autocast around a training
+    step or sampler (RAFT, reward fine-tuning, SePPO's re-encoding) would run its convolutions in fp16 anyway."""
+    if vae.dtype == torch.float32:
+        return torch.autocast(vae.device.type, enabled=False)
+    return nullcontext()
+
+
 def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = None) -> Components:
     """Load tokenizers, text encoders, VAE, UNet and a DDPM training scheduler as `cfg` says.
 

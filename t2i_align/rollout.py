@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from t2i_align.conditioning.text import PromptEmbeds
+from t2i_align.models import vae_precision
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds, Optional[torch.Tensor]], torch.Tensor]
 """Same as `t2i_align.objectives.base.Denoiser` (not imported: the objectives package imports the config)."""
@@ -211,7 +212,8 @@ def decode(vae, latents: torch.Tensor, *, grad: bool, checkpoint: bool = False) 
     scaled = scaled.to(vae.dtype)
 
     def run(z):
-        return vae.decode(z).sample
+        with vae_precision(vae):
+            return vae.decode(z).sample
 
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         images = torch_checkpoint(run, scaled, use_reentrant=False) if grad and checkpoint else run(scaled)

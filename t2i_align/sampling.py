@@ -20,6 +20,7 @@ import torch
 
 from .conditioning.text import PromptEmbeds, encode_prompts, read_text_encoding
 from .config.sections import TextEncodingConfig
+from .models import vae_precision
 
 if TYPE_CHECKING:
     from .models import Components
@@ -150,7 +151,8 @@ def prompt_major(prompts: Sequence, per_prompt: int, base_seed: int = 0) -> Tupl
 
 def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    with vae_precision(vae):
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -79,6 +79,17 @@ def test_loss_is_minus_scaled_mean_reward_of_diffusers_ddim_samples(setup):
     assert metrics["reward_total"] == pytest.approx(sum(info["total"]) / 2, rel=1e-4, abs=1e-6)
 
 
+def test_reward_info_means_are_python_floats_of_the_per_image_lists():
+    """Batch means of the reward's per-image lists and its truncation count, as floats (tensors made here would sit
+    on the CPU beside the GPU metrics); other entries are left out."""
+    from t2i_align.objectives.reward_backprop import reward_info_means
+
+    info = {"total": [0.25, 0.75, 0.5], "eta": [1, 2, 3], "truncated": 2, "cosine": [0.1], "arch": "ViT"}
+    means = reward_info_means(info, 3)
+    assert means == {"reward_total": 0.5, "reward_eta": 2.0, "reward_truncated": 2.0}
+    assert all(type(v) is float for v in means.values())
+
+
 def lora_grads(setup, steps, monkeypatch, calls=None):
     import t2i_align.rollout as rollout_module
 

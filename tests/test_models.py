@@ -69,6 +69,31 @@ def test_sdxl_round_trip_keeps_vae_fp32_and_uses_time_ids(sdxl_dir):
     assert not torch.allclose(out, other), "time ids must reach the UNet"
 
 
+def test_an_fp32_vae_runs_in_fp32_inside_a_half_precision_autocast(sdxl_dir):
+    """The SDXL VAE is kept fp32 (it overflows in fp16), but RAFT's sampling, reward fine-tuning and SePPO's
+    re-encoding run inside the step's autocast: encode and both decodes must still compute in fp32, i.e. give
+    exactly what they give outside it (bf16 stands in for fp16, which CPU autocast does not cover well)."""
+    from types import SimpleNamespace
+
+    from t2i_align.batches import encode_images
+    from t2i_align.rollout import decode
+    from t2i_align.sampling import _decode
+
+    comp = models.load_components(ModelConfig(pretrained=str(sdxl_dir), weight_dtype="bf16"))
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        torch.manual_seed(2)  # encode draws a posterior sample
+        return (encode_images(comp, pixels), decode(comp.vae, latents, grad=False),
+                _decode(SimpleNamespace(vae=comp.vae), latents))
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run()
+    for a, b in zip(inside, plain):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_separate_fp16_safe_vae_follows_weight_dtype(sdxl_dir, tmp_path):
     """model.vae swaps in another VAE; one marked force_upcast=False (like sdxl-vae-fp16-fix) may be cast."""
     from diffusers import AutoencoderKL

@@ -29,9 +29,10 @@ against the model the run started from, so the policy stays near stage 1 where t
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -148,8 +149,7 @@ class RewardBackprop(Objective):
             values["kl"] = torch.stack(kl).mean()
             loss = loss + rc.kl_weight * values["kl"]
         values["loss"] = loss
-        values.update(reward_info_means(info, len(batch)))
-        return loss, metrics_to_floats(values)
+        return loss, {**metrics_to_floats(values), **reward_info_means(info, len(batch))}
 
 
 def _kl_term(eps: torch.Tensor, predict, reference: Denoiser, out: list) -> None:
@@ -159,13 +159,14 @@ def _kl_term(eps: torch.Tensor, predict, reference: Denoiser, out: list) -> None
     out.append((eps.float() - ref.float()).pow(2).mean())
 
 
-def reward_info_means(info: dict, n: int) -> dict:
+def reward_info_means(info: dict, n: int) -> Dict[str, float]:
     """`reward_<key>`: the batch mean of every per-image number list of a reward's info (decomposed-clip: total,
-    relevant, irrelevant, weighted, eta), plus its `truncated` count (prompts its text encoder cut)."""
+    relevant, irrelevant, weighted, eta), plus its `truncated` count (prompts its text encoder cut). Python
+    floats, not tensors: CPU tensors stacked with the metrics on a GPU would fail (found by reading)."""
     out = {}
     for key, value in info.items():
         if isinstance(value, list) and len(value) == n and all(isinstance(v, (int, float)) for v in value):
-            out[f"reward_{key}"] = torch.tensor(value, dtype=torch.float64).mean()
+            out[f"reward_{key}"] = math.fsum(value) / n
         elif key == "truncated" and isinstance(value, int):
-            out["reward_truncated"] = torch.tensor(float(value))
+            out["reward_truncated"] = float(value)
     return out
