@@ -14,6 +14,8 @@ DeepSpeed's must stay 1. It also clips at its own gradient_clipping, not train.m
 """
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -42,6 +44,32 @@ def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
                             f"{accelerate.__version__}: pip install -U accelerate")
     check_fsdp(accelerator, cfg, objective_runs_sharded)
     check_deepspeed(accelerator, cfg)
+
+
+def check_shared_output(accelerator, out: Path) -> None:
+    """Several processes: fail at start, on every process, unless each sees in `out` a file the main process just
+    wrote there. The main process alone writes checkpoints, the RAFT pool, SePPO's snapshots and the reward
+    direction, and every process reads them back: on machines without a shared file system a resumed run would
+    start from different steps on different machines, or miss those files (found by reading; tests run on one
+    host)."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
+    probe = out / f".shared-check-{token}"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    accelerator.wait_for_everyone()
+    blind = [i for i, seen in enumerate(gather_object([probe.is_file()])) if not seen]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    if blind:
+        raise UserError(f"output_dir {out} is not shared: processes {blind} do not see the files the main process "
+                        "writes there (checkpoints, the RAFT pool, SePPO snapshots). Put output_dir on a file system "
+                        "every machine mounts (NFS, Lustre, ...)")
 
 
 def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:

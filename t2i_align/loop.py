@@ -11,6 +11,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -21,7 +22,7 @@ from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
                           save_checkpoint, save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
-from .engines import autocast, configure_engine, is_fsdp, loss_scaled, whole_unet
+from .engines import autocast, check_shared_output, configure_engine, is_fsdp, loss_scaled, whole_unet
 from .errors import UserError
 from .data.sources import build_data_source
 from .models import add_lora, build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
@@ -84,10 +85,20 @@ def _optimizer_step(accelerator, unet, optimizer, lr_sched, params, max_grad_nor
 def _counts_as_failure(accelerator, norm: float, step_metrics: List[Dict[str, float]]) -> bool:
     """A skipped step that should count towards stopping: always without fp16 loss scaling; with it, only when
     the loss itself was non-finite (gradient overflows while the scaler calibrates are expected)."""
-    if math.isfinite(norm):
+    if math.isfinite(norm):  # the norm is global: every process takes the same branch
         return False
-    loss_finite = all(math.isfinite(m.get("loss", 0.0)) for m in step_metrics)
-    return not loss_scaled(accelerator) or not loss_finite
+    if not loss_scaled(accelerator):
+        return True
+    # Every process must agree, or one would stop alone while the others wait for it
+    return not _everywhere(accelerator, all(math.isfinite(m.get("loss", 0.0)) for m in step_metrics))
+
+
+def _everywhere(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on every process (collective when there are several)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return int(total.item()) == accelerator.num_processes
 
 
 def _trainable(cfg: Config, components, needs_reference: bool):
@@ -127,13 +138,15 @@ def _source(cfg: Config, components, accelerator, batch_kind: str):
 def train(cfg: Config) -> TrainResult:
     """Train as `cfg` says; returns the `final/` export folder and the trained UNet."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     # dynamo_backend None: accelerate reads `accelerate launch --dynamo_backend` (off unless given there)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              dynamo_backend="inductor" if cfg.train.compile else None)
+                              dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
+    check_shared_output(accelerator, Path(cfg.output_dir))
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
@@ -277,6 +290,18 @@ def _gathered(accelerator, value: int) -> List[int]:
     return accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()
 
 
+SUMMED = ("data_batches_skipped", "data_rows_skipped", "data_rows_unknown_user", "prompts_truncated")
+"""Logged counts that each process keeps of its own data: the run's figure is their sum."""
+
+
+def _summed(accelerator, counts: Dict[str, float]) -> Dict[str, float]:
+    """`counts` summed over processes (collective; the same keys on every process)."""
+    if accelerator.num_processes == 1 or not counts:
+        return counts
+    local = torch.tensor(list(counts.values()), device=accelerator.device, dtype=torch.float64)
+    return dict(zip(counts, accelerator.reduce(local, reduction="sum").tolist()))
+
+
 def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar, last_log):
     """Write the metrics; returns (now, done) for the next sec_per_step. sec_per_step is wall time per optimizer
     step since the previous log, checkpoints and galleries included, read after `_mean_metrics` has synchronised
@@ -289,6 +314,7 @@ def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm
         logged.update(st.provider.metrics())
     logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr_sched.get_last_lr()[0],
                   grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
+    logged.update(_summed(accelerator, {k: logged[k] for k in SUMMED if k in logged}))
     st.tracker.log(logged, step=done)
     bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
     return now, done

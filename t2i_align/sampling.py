@@ -161,7 +161,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
              guidance_scale: float = 3.0, batch_size: int = 64, negative_prompt: Optional[str] = None,
              height: Optional[int] = None, width: Optional[int] = None,
              progress: Optional[Callable[[int], object]] = None,
-             user_tokens: Optional[torch.Tensor] = None) -> Samples:
+             user_tokens: Optional[torch.Tensor] = None, retry_oom: bool = True) -> Samples:
     """Sample one image per (prompt, seed) pair, `batch_size` images at a time.
 
     Prompts are encoded with `encode_prompts` in the pipeline's text encoding (`pipeline_components`) and handed
@@ -169,6 +169,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     `progress`, if given, is called after each batch with the number of images it finished (a tqdm bar's
     `update` fits), so long sampling runs can show a progress bar. `user_tokens` [N, T, D], one row per image:
     PPD's user for a UNet with a user branch (both sides of guidance carry the same user: `pipeline_user_embeds`).
+    Out of GPU memory, a batch is retried at half the size, unless `retry_oom` is False: where sampling is
+    collective (FSDP), one process retrying alone would pair its weight gathers with other blocks' on the others.
     """
     if user_tokens is not None and len(user_tokens) != len(prompts):
         raise ValueError(f"generate got {len(user_tokens)} rows of user tokens for {len(prompts)} prompts")
@@ -188,7 +190,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
             lat, img = _generate_chunk(pipe, components, list(prompts[chunk]), list(seeds[chunk]), users=users,
                                        **kwargs)
         except torch.OutOfMemoryError:
-            if batch_size == 1:
+            if batch_size == 1 or not retry_oom:
                 raise
             batch_size //= 2
             _empty_cache()

@@ -114,7 +114,8 @@ class Validator:
         try:
             with half_precision_autocast(self.accelerator) or nullcontext():
                 return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
-                                guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens)
+                                guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens,
+                                retry_oom=not is_fsdp(self.accelerator))
         finally:
             unet.train(was_training)
 

@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 
 from t2i_align.config import load_config
@@ -72,3 +73,6 @@ if draws:
 params = [p for p in result.unet.parameters() if p.requires_grad]
 digest = [round(float(p.detach().double().sum()), 12) for p in params]
 Path(cfg.output_dir, f"rank{PartialState().process_index}.txt").write_text(repr(digest))
+# The collective timeout the run set (train.ddp_timeout), as the process group holds it
+backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+Path(cfg.output_dir, f"timeout{PartialState().process_index}.txt").write_text(str(backend.options._timeout.seconds))

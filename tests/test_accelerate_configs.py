@@ -54,6 +54,10 @@ def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monke
         train(cfg)
 
 
+class PastTheChecks(Exception):
+    """Raised by the stand-in accelerator once the run reaches loading."""
+
+
 def _deepspeed_train(monkeypatch, ds: dict, args):
     """train() under a stand-in accelerator of accelerate's DeepSpeed type with DeepSpeed config `ds`."""
     import accelerate
@@ -64,9 +68,14 @@ def _deepspeed_train(monkeypatch, ds: dict, args):
 
     class DeepSpeedAccelerator:
         distributed_type = DistributedType.DEEPSPEED
+        num_processes = 1
 
         def __init__(self, **kwargs):
             self.state = type("State", (), {"deepspeed_plugin": type("Plugin", (), {"deepspeed_config": ds})()})()
+
+        @property
+        def device(self):  # first read when loading starts, after every check
+            raise PastTheChecks
 
     monkeypatch.setattr(accelerate, "Accelerator", DeepSpeedAccelerator)
     train(load_config(None, ["tracking.wandb=off", "model.pretrained=no/such/model", *args]))
@@ -93,16 +102,38 @@ def test_deepspeed_auto_settings_are_filled_from_the_run(tmp_path, monkeypatch):
     """"auto" micro-batch size and clipping threshold come from train.batch_size and train.max_grad_norm (accelerate
     would stop for the first and fill in 1.0 for the second)."""
     ds = {"gradient_accumulation_steps": 1, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    with pytest.raises(AttributeError, match="no attribute 'device'"):
+    with pytest.raises(PastTheChecks):
         _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", "train.batch_size=3", "train.max_grad_norm=0"])
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0
 
 
 def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch):
     """deepspeed_zero2.yaml with the default train settings gets past the engine check (and then stops at the
-    stand-in accelerator, which has no device)."""
+    stand-in accelerator, once loading starts)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     ds = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
-    with pytest.raises(AttributeError, match="no attribute 'device'"):
+    with pytest.raises(PastTheChecks):
         _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_several_processes_need_an_output_dir_they_all_see(tmp_path, monkeypatch, shared):
+    """The main process writes a probe into output_dir and every process must see it; on machines without a shared
+    file system (here: process 1's view, gathered as "not seen") every process stops with a message, and the
+    probe is removed either way. (Two real processes pass the check in every multi-process test.)"""
+    import accelerate.utils
+
+    from t2i_align.engines import check_shared_output
+    from t2i_align.errors import UserError
+
+    main = type("Main", (), {"num_processes": 2, "is_main_process": True, "wait_for_everyone": lambda self: None})()
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda flags: flags + [shared])  # process 1's view
+    out = tmp_path / "run"
+    if shared:
+        check_shared_output(main, out)
+    else:
+        with pytest.raises(UserError, match=r"output_dir .*run is not shared: processes \[1\] do not see"):
+            check_shared_output(main, out)
+    assert out.is_dir() and not list(out.iterdir())

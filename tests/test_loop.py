@@ -202,15 +202,41 @@ def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():
 
     from t2i_align.loop import _counts_as_failure
 
-    plain = SimpleNamespace(scaler=None, distributed_type="MULTI_GPU", mixed_precision="bf16")
-    scaled = SimpleNamespace(scaler=object(), distributed_type="NO", mixed_precision="fp16")
-    deepspeed_fp16 = SimpleNamespace(scaler=None, distributed_type="DEEPSPEED", mixed_precision="fp16")  # own scaler
+    plain = SimpleNamespace(scaler=None, distributed_type="MULTI_GPU", mixed_precision="bf16", num_processes=1)
+    scaled = SimpleNamespace(scaler=object(), distributed_type="NO", mixed_precision="fp16", num_processes=1)
+    deepspeed_fp16 = SimpleNamespace(scaler=None, distributed_type="DEEPSPEED", mixed_precision="fp16",
+                                     num_processes=1)  # DeepSpeed's own scaler
     inf, finite_loss, nan_loss = float("inf"), [{"loss": 0.7}], [{"loss": float("nan")}]
     assert _counts_as_failure(plain, inf, finite_loss)          # no loss scaling: any non-finite gradient
     for accelerator in (scaled, deepspeed_fp16):
         assert not _counts_as_failure(accelerator, inf, finite_loss)  # the scaler calibrating: expected, skipped
         assert _counts_as_failure(accelerator, inf, nan_loss)         # the loss itself is broken
     assert not _counts_as_failure(plain, 1.5, finite_loss)
+    # Two processes, the other one's loss NaN (it adds 0 to the sum of "finite" flags): this one counts it too,
+    # or the other would stop alone while this one waits for it
+    pair = SimpleNamespace(scaler=object(), distributed_type="MULTI_GPU", mixed_precision="fp16", num_processes=2,
+                           device=torch.device("cpu"), reduce=lambda t, reduction: t + 0.0)
+    assert _counts_as_failure(pair, inf, finite_loss)
+    pair.reduce = lambda t, reduction: t * 2  # both finite
+    assert not _counts_as_failure(pair, inf, finite_loss)
+
+
+def test_logged_counts_of_each_processs_data_are_summed_over_processes():
+    from types import SimpleNamespace
+
+    from t2i_align.loop import _summed
+
+    seen = []
+
+    def reduce(t, reduction):
+        seen.append(reduction)
+        return t + torch.tensor([1.0, 4.0], dtype=t.dtype)  # the other process's counts
+
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
+    assert _summed(two, {"data_rows_skipped": 2.0, "prompts_truncated": 0.0}) == {"data_rows_skipped": 3.0,
+                                                                                    "prompts_truncated": 4.0}
+    assert seen == ["sum"]
+    assert _summed(SimpleNamespace(num_processes=1), {"data_rows_skipped": 2.0}) == {"data_rows_skipped": 2.0}
 
 
 def test_cached_runs_reuse_the_cache_and_are_reproducible(tiny_model, pairs, tmp_path):

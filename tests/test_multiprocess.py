@@ -32,9 +32,10 @@ def test_two_process_lora_dpo(tmp_path):
             "lora.enabled=true", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1",
             "train.learning_rate=1e-2", "objective.beta=100", "tracking.wandb=off", "tracking.sample_steps=2",
             "tracking.validation_seeds=1", "train.lr_scheduler=linear", "train.lr_warmup_steps=1"]
-    launch(*args, "train.max_steps=3")
+    launch(*args, "train.max_steps=3", "train.ddp_timeout=1234")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # written once, by the main process
+    assert (out / "timeout0.txt").read_text() == (out / "timeout1.txt").read_text() == "1234"
     # A one-process run's schedule: warmup 1, linear decay to 0 at step 3 -> 1e-2 · (1, ½, 0) after steps 1-3.
     # accelerate steps a prepared scheduler once per process, so it must be built in those units.
     assert [r["lr"] for r in records] == pytest.approx([1e-2, 5e-3, 0.0], abs=1e-12)

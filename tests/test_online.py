@@ -83,6 +83,25 @@ def test_reencode_trains_on_vae_encodings_of_the_decoded_images(tmp_path, monkey
     assert not seen  # the generated latents are trained on as they are
 
 
+def test_rows_sent_to_the_gather_hold_only_their_own_tensors(tmp_path, monkeypatch):
+    """Each process's rows are pickled by gather_object; a row holding a view of the round's latents would pickle
+    all of them (the round's size squared over the processes). Each row's tensors must own their storage."""
+    import accelerate.utils
+
+    sent, real = [], accelerate.utils.gather_object
+
+    def recording(rows):
+        sent.extend(rows)
+        return real(rows)
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", recording)
+    _run("configs/toy/raft.yaml", tmp_path / "r")
+    assert len(sent) == 8  # 4 prompts in each of 2 rounds
+    for _, _, scores, latents in sent:
+        for t in (scores, latents):
+            assert t.untyped_storage().nbytes() == t.nbytes
+
+
 def test_non_finite_rewards_are_dropped_and_counted(tmp_path):
     _run("configs/toy/raft.yaml", tmp_path / "r", "raft.reward=test-half-nan")
     rows = _metrics(tmp_path / "r")

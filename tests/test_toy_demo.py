@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from t2i_align.sampling import generate, load_pipeline
 from t2i_align.toy.evaluate import evaluate, prompt_set
@@ -18,6 +19,27 @@ def test_generate_reports_each_batch(toy_pipe):
     samples = generate(toy_pipe, ["a red circle"] * 5, [0, 1, 2, 3, 4], num_inference_steps=2, batch_size=2,
                        progress=done.append)
     assert done == [2, 2, 1] and len(samples.images) == 5
+
+
+def test_out_of_memory_halves_the_batch_unless_sampling_is_collective(toy_pipe, monkeypatch):
+    """Out of GPU memory a batch is retried at half the size; with retry_oom=False (FSDP, where every process
+    must run the same forwards) the error is raised instead."""
+    import t2i_align.sampling as sampling
+
+    real, sizes = sampling._generate_chunk, []
+
+    def chunk(pipe, components, prompts, seeds, **kwargs):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real(pipe, components, prompts, seeds, **kwargs)
+
+    monkeypatch.setattr(sampling, "_generate_chunk", chunk)
+    samples = generate(toy_pipe, ["a red circle"] * 5, list(range(5)), num_inference_steps=2, batch_size=4)
+    assert sizes == [4, 2, 2, 1] and len(samples.images) == 5
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(toy_pipe, ["a red circle"] * 5, list(range(5)), num_inference_steps=2, batch_size=4,
+                 retry_oom=False)
 
 
 def test_pair_export_reports_every_image_it_samples(toy_pipe, tmp_path):

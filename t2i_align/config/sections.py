@@ -237,10 +237,14 @@ class TrainConfig:
     """Stop after this many consecutive steps skipped for a non-finite loss or gradient."""
     offload_reference: bool = False
     """Full fine-tuning: keep the frozen reference UNet on the CPU between uses (saves GPU memory, slower)."""
+    ddp_timeout: int = 10800
+    """Seconds a process waits in a collective before the run is aborted (transformers' `ddp_timeout`). Several
+    processes wait while the main one alone builds the latent cache (data.cache) or writes a gallery or checkpoint;
+    accelerate's default under NCCL, 600 s, would abort a cache build of a large data set."""
 
     def __post_init__(self) -> None:
         _check_at_least(self, ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
-                               "max_nonfinite_steps"), 1)
+                               "max_nonfinite_steps", "ddp_timeout"), 1)
         _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
         _check(self, "learning_rate", self.learning_rate > 0, "a number > 0")
         _check_choice(self, "optimizer", ("adamw", "adamw_fused", "adafactor", "adamw8bit"))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..engines import autocast
+from ..engines import autocast, is_fsdp
 from ..files import write_text_atomic
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
@@ -209,7 +209,8 @@ class OnlineSource:
         scores = self.reward(samples.images, flat)[0].detach().float().cpu().reshape(len(texts), k)
         latents = self._reencode(samples.images) if self.rc.reencode else samples.latents
         lat = latents.reshape(len(texts), k, *latents.shape[1:])
-        return [(slot, texts[i], scores[i], lat[i]) for i, slot in enumerate(slots)]
+        # clones: gather_object pickles a view with its whole storage, every row the whole round's latents
+        return [(slot, texts[i], scores[i].clone(), lat[i].clone()) for i, slot in enumerate(slots)]
 
     def _sample(self, prompts: List[str], seeds: List[int]):
         from ..models import build_pipeline
@@ -224,7 +225,7 @@ class OnlineSource:
                 return generate(pipe, prompts, seeds, num_inference_steps=self.rc.sample_steps,
                                 guidance_scale=self.rc.guidance_scale, batch_size=self.rc.generation_batch_size,
                                 negative_prompt=self.rc.negative_prompt, height=self.rc.resolution,
-                                width=self.rc.resolution)
+                                width=self.rc.resolution, retry_oom=not is_fsdp(self.acc))
         finally:
             unet.train(was_training)
 
