@@ -10,6 +10,7 @@ from PIL import Image
 
 from helpers import one_torch_thread  # noqa: F401
 from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+from t2i_align.errors import UserError
 from t2i_align.users import UserTable
 from t2i_align.users.__main__ import main as users_main
 from t2i_align.users.embed import embed_users, load_shots, merge_parts
@@ -150,6 +151,10 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
     assert again["already_done"] == 1 and again["embedded"] == 0  # resumed: nothing redone
     summary = merge_parts(out)
     assert summary == {"users": 1, "tokens": 3, "width": 32}
+    # Processes on machines without a shared file system: they report users whose parts are not here
+    with pytest.raises(UserError, match="holds 1 user parts, but the processes embedded 2"):
+        merge_parts(out, handled=2)
+    assert merge_parts(out, handled=1) == summary
     table = UserTable.load(out / "user_table.safetensors")
     assert table.ids == (7,) and table.embeddings.dtype == torch.float16
     shots = load_shots(out / "users.json")

@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..data.pairs import DECODE_ERRORS, PairDataset, decode_rgb
+from ..errors import UserError
 from ..files import save_safetensors_atomic, write_json_atomic
 from .llava import LabelledPair
 from .table import UserTable
@@ -115,9 +117,14 @@ def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, se
     return counts
 
 
-def merge_parts(out: Path) -> Dict[str, Any]:
-    """OUT/parts/* -> OUT/user_table.safetensors and OUT/users.json; returns the summary."""
+def merge_parts(out: Path, handled: Optional[int] = None) -> Dict[str, Any]:
+    """OUT/parts/* -> OUT/user_table.safetensors and OUT/users.json; returns the summary. `handled`: the users all
+    processes report embedded or already done; fewer parts here means some were written where this process
+    cannot see them (machines without a shared file system), and the table would silently lack those users."""
     parts = sorted((out / PARTS).glob("user-*.safetensors"))
+    if handled is not None and len(parts) < handled:
+        raise UserError(f"{out / PARTS} holds {len(parts)} user parts, but the processes embedded {handled}: "
+                        "the others wrote theirs elsewhere. Put --out on a file system every machine mounts")
     if not parts:
         raise ValueError(f"no embedded users under {out / PARTS}: every user had too few usable pairs?")
     embeddings, info = {}, {}
@@ -149,14 +156,20 @@ def check_shots(shots_json: str, pairs: str) -> int:
     return check_shots_disjoint(shots, rows)
 
 
+SHARD_WAIT = timedelta(hours=24)
+"""How long processes that finished their users wait for the others (a resumed run's shards can be very uneven;
+NCCL's default, 10 minutes, would abort it)."""
+
+
 def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 0, max_new_tokens: int = 1024,
               max_users: int = 0, dtype: str = "fp16") -> Optional[Dict[str, Any]]:
     """The command: shard users over accelerate's processes, embed, merge on the main process."""
     from accelerate import PartialState
+    from accelerate.utils import gather_object
 
     from .llava import LlavaUserEncoder
 
-    state = PartialState()
+    state = PartialState(timeout=SHARD_WAIT)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     encoder = LlavaUserEncoder.from_pretrained(model, device=str(state.device), dtype=torch_dtype,
                                                max_new_tokens=max_new_tokens)
@@ -164,9 +177,9 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
     counts = embed_users(encoder, dataset, Path(out), num_shots, seed, state.process_index, state.num_processes,
                          max_users, progress=True)
     print(json.dumps({"process": state.process_index, **counts}))
-    state.wait_for_everyone()
+    everyone = gather_object([counts])  # also waits for the slowest shard (up to SHARD_WAIT)
     if not state.is_main_process:
         return None
-    summary = merge_parts(Path(out))
+    summary = merge_parts(Path(out), handled=sum(c["embedded"] + c["already_done"] for c in everyone))
     print(json.dumps(summary))
     return summary
