@@ -164,19 +164,22 @@ def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
     state = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
-    from reward_models.base import without_random_init
-
     from .conditioning.users import add_user_branch, has_user_branch, user_branch_layout
 
     # fully_shard made the class FSDP<Name>(FSDPModule, Name): the first base that is not FSDP's is the model's.
     # With a user branch the config says "ip_image_proj", which from_config cannot build: add_user_branch does
     plain = next(c for c in type(unet).__mro__[1:] if not issubclass(c, FSDPModule))
     branch = user_branch_layout(unet) if has_user_branch(unet) else None  # PPD
-    with without_random_init():  # the adapters as the loop added them: LoRA first, then the user branch
+    # Built on the meta device (no memory, no random init), then given the gathered tensors themselves: the host
+    # holds the weights once. The adapters as the loop added them: LoRA first, then the user branch.
+    with torch.device("meta"):
         copy = plain.from_config({**unet.config, "encoder_hid_dim_type": None} if branch else unet.config)
         for name, config in (getattr(unet, "peft_config", None) or {}).items():
             copy.add_adapter(config, adapter_name=name)
         if branch:
             add_user_branch(copy, branch[0], branch[1], scale=branch[2])
     copy.load_state_dict(state, assign=True)  # strict; keeps each tensor's dtype (LoRA fp32 beside a bf16 base)
+    left = [name for name, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer is in no state dict
+        raise RuntimeError(f"the FSDP export could not fill {left[:5]} of {plain.__name__} from the gathered weights")
     return copy.eval()
