@@ -3,7 +3,8 @@
 # in the toy world: does the anchor keep what plain DPO loses (colour, and its error on the preferred images rising
 # above the reference's)? Same best-vs-worst-of-8 pairs, LoRA r8, β 500, 600 steps, training seed 0 for all.
 # λ chosen on the held-out seeds 0 (50 or 200: the DPO term's pull on the winners' error is ~β/2·(1-σ), ~100 here),
-# the chosen one then judged once on fresh seeds 100000. About 25 min on one core per λ.
+# the chosen one then judged once on fresh seeds 100000 (run again with CHOSEN=rpo50: λ 50 was chosen, session 13).
+# About 10 min of training per λ on one core, 1-2 min of judging per model. README quotes both tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
