@@ -7,7 +7,8 @@ from typing import Callable
 
 
 def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}model", default="toy", help="diffusers folder, or toy (default)")
+    p.add_argument(f"--{prefix}model", default=None if prefix else "toy",
+                   help="diffusers folder, or toy" + (" (default: the same as --model)" if prefix else " (default)"))
     p.add_argument(f"--{prefix}lora", default=None, help="LoRA weights (file, or the folder holding it)")
     p.add_argument(f"--{prefix}text-encoding", choices=("clip77", "segments"), default=None,
                    help="prompt encoding (default: the one recorded with the weights, else clip77; LongAlign-tuned "

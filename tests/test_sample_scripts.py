@@ -75,6 +75,26 @@ def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
     assert json.loads((tmp_path / "cmp.json").read_text())["sets"][str(prompts)]["images_per_model"] == 6
 
 
+@pytest.mark.parametrize("script", ["compare", "gallery"])
+def test_the_base_model_defaults_to_the_tuned_models_folder(script, tmp_path, monkeypatch):
+    """--model /data/sd15 --lora X without --base-model compares with /data/sd15 itself, not the toy model (it
+    silently did: --base-model defaulted to toy)."""
+    import t2i_align.evaluation as evaluation
+
+    module, seen = _script(script), []
+
+    def sample_model(model, lora, *args, **kwargs):
+        seen.append(model)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(evaluation, "sample_model", sample_model)
+    monkeypatch.setattr(module, "load_reward_set", lambda *a, **k: {}, raising=False)
+    with pytest.raises(SystemExit):
+        module.main(["--model", str(tmp_path / "sd15"), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "o"),
+                     "--prompts", "toy:heldout"])
+    assert seen == [str(tmp_path / "sd15")]
+
+
 def test_gallery_writes_html_and_a_wandb_offline_run(prompts, tmp_path):
     result = _script("gallery").main(["--prompts", str(prompts), "--out", str(tmp_path / "g"), "--wandb",
                                       "offline", *FAST])
