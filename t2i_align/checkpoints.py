@@ -97,6 +97,30 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     return aside
 
 
+PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool")
+"""What a run leaves in output_dir besides its checkpoints that a later run there would read or append to."""
+
+
+def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional[Path]:
+    """A fresh start in an output_dir holding an earlier run's checkpoints or logs: move them into
+    `previous-<time>/`, never deleting them, so that `resume=latest` cannot pick up the earlier run's checkpoints,
+    SePPO does not take its snapshots, and metrics.jsonl holds one run (before, a rerun appended to it). final/,
+    gallery/ and config.yaml are replaced when this run writes its own, as diffusers' training scripts do."""
+    out = Path(output_dir)
+    old = [path for _, path in list_checkpoints(out)] + [out / name for name in PREVIOUS_RUN if (out / name).exists()]
+    if not old:
+        return None
+    import time
+
+    aside = out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True)
+    for path in old:
+        path.rename(aside / path.name)
+    log(f"a fresh start in {out}: moved the earlier run's {', '.join(p.name for p in old)} to {aside} "
+        "(to continue that run instead, use train.resume=latest)")
+    return aside
+
+
 def save_only_trainable(accelerator) -> None:
     """LoRA runs: checkpoints keep only the trainable (adapter) weights; the frozen UNet is model.pretrained's.
     (accelerate would store the whole UNet: ~3.4 GB per SD1.5 checkpoint instead of a few MB.) Under FSDP and

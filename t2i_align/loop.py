@@ -7,6 +7,7 @@ checkpoints every `checkpoint_every`; `final/` is exported at the end. The loop 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
-                          save_checkpoint, save_only_trainable, set_aside_newer)
+                          save_checkpoint, save_only_trainable, set_aside_newer, set_aside_previous_run)
 from .config import Config, config_to_dict, save_config
 from .engines import autocast, check_shared_output, configure_engine, is_fsdp, loss_scaled, whole_unet
 from .errors import UserError
@@ -53,12 +54,13 @@ def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, flo
     return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
 
 
-def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int]):
+def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int], epoch: int = 0):
     """The next usable micro-batch; a batch whose rows were all corrupt is replaced by the following one, so
     every process still runs the same number of forward/backward passes. `counts["raw_batches"]` counts every
     raw batch read (usable or not): a resumed run skips exactly that many (the checkpoint records each
-    process's count: they differ when one process replaced a batch and another did not)."""
-    while True:
+    process's count: they differ when one process replaced a batch and another did not). `epoch`: the source's
+    batches per epoch; a whole epoch of unusable batches in a row stops the run (it looped forever)."""
+    for _ in itertools.count(1) if epoch <= 0 else range(epoch + 1):
         raw = next(batches)
         counts["raw_batches"] += 1
         if raw is None:
@@ -66,6 +68,8 @@ def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str
             continue
         counts["data_rows_skipped"] += int(raw.get("skipped", 0))
         return builder(components, raw, device)
+    raise UserError(f"no usable row in {epoch + 1} batches in a row, a whole epoch of this process's data: every "
+                    "image failed to decode (or, with PPD, every user is missing from ppd.table). Check data.path")
 
 
 def _optimizer_step(accelerator, unet, optimizer, lr_sched, params, max_grad_norm: float) -> float:
@@ -147,6 +151,10 @@ def train(cfg: Config) -> TrainResult:
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
     check_shared_output(accelerator, Path(cfg.output_dir))
+    fresh = resolve_resume(cfg.output_dir, cfg.train.resume) is None  # on every process: a bad path fails on all
+    if fresh and accelerator.is_main_process:
+        set_aside_previous_run(cfg.output_dir, accelerator.print)  # before SePPO's pool looks for snapshots
+    accelerator.wait_for_everyone()
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
@@ -232,6 +240,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
     tc = cfg.train
     batches = st.source.micro_batches(st.raw_start)
     builder = BATCH_BUILDERS[st.objective.batch_kind]
+    inner = getattr(st.source, "source", st.source)  # PPD filters another source's batches
+    epoch = getattr(inner, "batches_per_epoch", 0)  # 0: sources that never yield unusable batches
     policy = make_denoiser(unet, components)
     counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0,
               "raw_batches": st.raw_start}
@@ -246,7 +256,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.begin_step(step)
             reference = st.provider.denoiser()
         for micro in range(tc.grad_accum):
-            batch = _next_batch(batches, builder, components, accelerator.device, counts)
+            batch = _next_batch(batches, builder, components, accelerator.device, counts, epoch)
             sync = micro == tc.grad_accum - 1
             # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one

@@ -68,7 +68,13 @@ def _deepspeed_train(monkeypatch, ds: dict, args):
 
     class DeepSpeedAccelerator:
         distributed_type = DistributedType.DEEPSPEED
-        num_processes = 1
+        num_processes, is_main_process = 1, True
+
+        def wait_for_everyone(self):
+            pass
+
+        def print(self, *args):
+            pass
 
         def __init__(self, **kwargs):
             self.state = type("State", (), {"deepspeed_plugin": type("Plugin", (), {"deepspeed_config": ds})()})()

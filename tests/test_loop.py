@@ -190,6 +190,23 @@ def test_corrupt_rows_are_skipped_and_counted(tiny_model, tmp_path):
     assert record["data_rows_skipped"] >= 1 and np.isfinite(record["loss"])
 
 
+def test_data_whose_every_image_is_corrupt_stops_with_a_message(tiny_model, tmp_path):
+    """Every row undecodable: each batch was replaced by the next for ever (the run hung); a whole epoch of
+    unusable batches in a row now stops it, saying what to check."""
+    import pyarrow.parquet as pq
+
+    from t2i_align.errors import UserError
+    from t2i_align.toy.pairs import write_parquet as write
+
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
+    rows = pq.read_table(data).to_pylist()
+    for row in rows:
+        row["jpg_0"] = b"not a jpeg"
+    write(rows, data)
+    with pytest.raises(UserError, match="no usable row in 5 batches in a row.*Check data.path"):
+        train(_cfg(tiny_model, data, tmp_path / "run", "lora.enabled=true", "train.max_steps=2"))
+
+
 def test_wandb_offline_run_contains_the_gallery_images(tiny_model, pairs, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1", "tracking.wandb=offline"))

@@ -51,6 +51,24 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_timeline_aside(tiny_mo
     assert resolve_resume(out, "latest") == out / "checkpoints" / "step-2"
 
 
+def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(tiny_model, pairs, tmp_path):
+    """Run again without train.resume: the earlier run's checkpoints and metrics move to previous-<time>/ (a rerun
+    appended to metrics.jsonl, and resume=latest could later pick an earlier run's newer checkpoint)."""
+    common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1", "train.log_every=1")
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3"))
+    first = (out / "metrics.jsonl").read_text()
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [s for s, _ in list_checkpoints(out)] == [1]
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == first
+    assert sorted(p.name for p in aside[0].iterdir()) == ["metrics.jsonl", "step-2", "step-3"]
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.resume=latest"))  # resumes this run
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 1
+
+
 def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_path):
     """batch_size 1 and undecodable images: a corrupt micro-batch is replaced by the next one, so the raw
     batches read exceed the steps taken; the checkpoint records how many, and the resumed run skips exactly those."""
