@@ -123,7 +123,10 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
         table = _read_table(prompts)
     else:
         files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-        lines = prompts.read_text(encoding="utf-8-sig").splitlines()
+        try:
+            lines = prompts.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{prompts} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         if len(lines) != len(files):
             raise UsageError(f"{prompts} has {len(lines)} prompt lines but {folder} has {len(files)} image files "
                              f"({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")

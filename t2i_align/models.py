@@ -108,7 +108,11 @@ def _read_index(path: Path) -> dict:
         raise ModelLoadError(
             f"{path} has no model_index.json, so it is not a diffusers pipeline folder; {_pass_local()}"
         )
-    return json.loads(index_file.read_text())
+    try:
+        return json.loads(index_file.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{index_file} is not valid JSON ({err}): the folder is damaged; download it again") \
+            from None
 
 
 def detect_family(path: Union[str, Path]) -> FamilySpec:

@@ -38,7 +38,10 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
     if not path.is_file():
         raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not prompts:
         raise ConfigError(f"{what}: {path} holds no prompts; write one prompt per line")
     return prompts

@@ -77,7 +77,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:
             pipe.load_lora_weights(str(lora))
-        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+        except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: {err!r}") from err
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")

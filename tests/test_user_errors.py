@@ -1,6 +1,7 @@
 """User mistakes end as ONE line `error: ...` with exit code 2; our bugs keep their tracebacks (issue 10, bug 11)."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,53 @@ def test_toy_cli_with_a_missing_model_folder_prints_one_error_line(tmp_path, cap
     code = main(["evaluate", "--model", str(tmp_path / "nowhere"), "--seeds", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def _bad_inputs(tmp_path):
+    """(overrides, message) of mistakes that used to end in a traceback (found by a CLI audit, session 13)."""
+    from test_loop import write_rendered_pairs
+
+    not_parquet = tmp_path / "pairs.yaml"
+    not_parquet.write_text("a: 1\n")
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    two_pairs = write_rendered_pairs(tmp_path / "two.parquet", n=2)
+    return [([f"data.path={not_parquet}"], "pairs.yaml is not a readable parquet file"),
+            ([f"data.path={two_pairs}", f"output_dir={a_file}"], "output_dir .*taken is a file"),
+            ([f"data.path={two_pairs}", f"model.pretrained={broken}"], "model_index.json is not valid JSON"),
+            ([f"data.path={two_pairs}", "train.batch_size=16"], "2 usable pairs are too few for batch_size=16")]
+
+
+def test_train_script_mistakes_found_by_the_cli_audit_print_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    for overrides, message in _bad_inputs(tmp_path):
+        code = _train_script().main(["--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), "tracking.wandb=off",
+                                     f"output_dir={tmp_path / 'run'}", *overrides])
+        err = capsys.readouterr().err  # model loading's progress bars come first
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("error: ") and "Traceback" not in err, (overrides, err[-1500:])
+        assert re.search(message, last), (message, last)
+
+
+def test_prompts_that_are_not_utf8_and_a_lora_that_is_not_safetensors_are_user_errors(tmp_path):
+    from reward_models.cli import UsageError, folder_items
+    from t2i_align.config import ConfigError
+    from t2i_align.models import ModelLoadError
+    from t2i_align.prompts import read_prompts
+    from t2i_align.sampling import load_pipeline
+
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("a caf\xe9 at night\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"prompts.txt is not UTF-8 text \(byte 5\)"):
+        read_prompts(str(latin), "--prompts")
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        folder_items(tmp_path, latin)
+    junk = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="do not match the model"):
+        load_pipeline("toy", lora=str(junk))

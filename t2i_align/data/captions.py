@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .pairs import DECODE_ERRORS, decode_rgb, find_parquet_files, item_draws, prepare_image, to_rgb
+from .pairs import (DECODE_ERRORS, decode_rgb, find_parquet_files, item_draws, open_parquet, prepare_image,
+                    to_rgb)
 
 logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg", "path")
@@ -68,7 +69,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.captions: List[str] = []
         self.column: List[str] = []
         for fi, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+            pf = open_parquet(path)
             names = pf.schema_arrow.names
             image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
             if "caption" not in names or image_col is None:

@@ -189,7 +189,7 @@ class PairDataset(torch.utils.data.Dataset):
         loc: List[Tuple[int, int, int, bool, int]] = []  # file, row group, offset, swap, row id
         captions: List[str] = []
         for fi, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+            pf = open_parquet(path)
             names = pf.schema_arrow.names
             _check_columns(names, path)
             cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else [])
@@ -341,6 +341,17 @@ def collate_pairs(items: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[st
             batch[key] = torch.tensor(values, dtype=torch.long)
     batch["skipped"] = len(items) - len(kept)
     return batch
+
+
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """The parquet file at `path`, or a ConfigError naming it when it is none (pyarrow's own error names no file)."""
+    import pyarrow
+
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowInvalid, OSError) as err:
+        raise ConfigError(f"{path} is not a readable parquet file ({err}); data.path takes Pick-a-Pic-format "
+                          "parquet files or a folder of them") from None
 
 
 def load_pairs(cfg: Any, seed: int, root: Optional[str | Path] = None) -> PairDataset:

@@ -30,7 +30,7 @@ class OfflineSource:
         self.per_rank = len(dataset) // world
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} usable pairs are too few for batch_size={batch_size} on {world} "
+            raise ConfigError(f"{len(dataset)} usable pairs are too few for batch_size={batch_size} on {world} "
                              "process(es); lower train.batch_size or add data")
 
     def _epoch_indices(self, epoch: int) -> List[int]:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import ConfigError
 from .pairs import PairDataset, collate_pairs
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class StreamingPairSource:
         self.per_rank = len(dataset) // world
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} usable pairs are too few for batch_size={batch_size} on {world} "
+            raise ConfigError(f"{len(dataset)} usable pairs are too few for batch_size={batch_size} on {world} "
                              "process(es); lower train.batch_size or add data")
         file, group, _ = dataset.locations()
         max_rows = max(1, math.ceil(self.per_rank / BLOCKS_PER_SHARE))
