@@ -158,3 +158,12 @@ def test_prompts_that_are_not_utf8_and_a_lora_that_is_not_safetensors_are_user_e
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="do not match the model"):
         load_pipeline("toy", lora=str(junk))
+
+
+def test_toy_pairs_refuses_a_negative_prompt_count(tmp_path, capsys):
+    """--num-prompts -1 silently meant "all but the last" (a slice)."""
+    from t2i_align.toy.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["pairs", "--out", str(tmp_path / "p"), "--num-prompts", "-1"])
+    assert info.value.code == 2 and "-1 is negative" in capsys.readouterr().err

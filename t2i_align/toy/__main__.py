@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     pairs = sub.choices["pairs"]
     pairs.add_argument("--out", required=True, help="output folder for pairs.parquet")
     pairs.add_argument("--k", type=int, default=4, help="images per prompt (K // 2 pairs each)")
-    pairs.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    pairs.add_argument("--num-prompts", type=_count, default=0, help="use only the first N prompts (0: all)")
     pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
     pairs.add_argument("--pairing", default="random", choices=("random", "best-worst"),
                        help="K // 2 disjoint random pairs per prompt, or the best vs the worst image")
@@ -125,10 +125,19 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seeds", type=int, default=8, help="held-out images per prompt for the comparison")
     d.add_argument("--k", type=int, default=8, help="images per training prompt; the best vs the worst is a pair")
-    d.add_argument("--num-pair-prompts", type=int, default=0, help="use only the first N training prompts (0: all)")
+    d.add_argument("--num-pair-prompts", type=_count, default=0,
+                   help="use only the first N training prompts (0: all)")
     d.add_argument("--config", default="configs/toy/demo.yaml")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the DPO config, e.g. train.max_steps=50")
     return p
+
+
+def _count(text: str) -> int:
+    """A number >= 0 (argparse type): -1 used to mean "all but the last" by slicing."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 (all) or a number of prompts")
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
