@@ -75,6 +75,17 @@ def test_labels_outside_0_1_are_skipped_and_counted_like_nan(tmp_path, caplog):
         PairDataset(write_pairs(tmp_path / "bad.parquet", everything_bad), resolution=8)
 
 
+def test_missing_captions_are_skipped_and_counted(tmp_path):
+    """A None caption was trained on as "" (unconditionally), silently; empty strings stay allowed (below)."""
+    rows = [row(caption="good"), row(caption=None), row(caption="also good")]
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8)
+    assert ds.captions == ["good", "also good"]
+    assert (ds.stats.rows, ds.stats.used, ds.stats.no_caption) == (3, 2, 1)
+    numbers = [row(caption=7)]  # a caption column of numbers is no caption either
+    with pytest.raises(ValueError, match="no usable pairs.*no caption=1"):
+        PairDataset(write_pairs(tmp_path / "n.parquet", numbers), resolution=8)
+
+
 def test_ties_first_keeps_jpg_0_as_winner(tmp_path):
     rows = [row(label_0=1.0), row(jpg_0=image_bytes(GREEN), label_0=0.5)]
     ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8, ties="first")

@@ -48,6 +48,7 @@ class PairStats:
     unlabelled: int = 0
     invalid_labels: int = 0
     corrupt: int = 0
+    no_caption: int = 0  # caption missing (None) or not text: skipped, not trained on unconditionally
 
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
@@ -198,10 +199,11 @@ class PairDataset(torch.utils.data.Dataset):
                 has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
                 rows = zip(table.column("caption").to_pylist(), table.column("label_0").to_pylist(), has)
                 for off, (caption, label, ok) in enumerate(rows):
-                    swap = _decide(label, ok, self.ties, self.stats)
+                    swap = None if not isinstance(caption, str) else _decide(label, ok, self.ties, self.stats)
+                    self.stats.no_caption += not isinstance(caption, str)
                     if swap is not None:
                         loc.append((fi, g, off, swap, self.stats.rows))
-                        captions.append(caption or "")
+                        captions.append(caption)
                     self.stats.rows += 1
                     if self.max_pairs and len(captions) >= self.max_pairs:
                         return self._set_rows(loc, captions)
