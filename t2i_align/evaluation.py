@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
+from .errors import UserError
 from .sampling import Samples, generate, load_pipeline, prompt_major
 from .stats import mean_ci, paired_diff, win_rate
 
@@ -56,13 +57,19 @@ def score_samples(samples: Samples, rewards: Dict[str, object]) -> Dict[str, Lis
     return out
 
 
+class TooFewScores(UserError, ValueError):
+    """Fewer than two image pairs with finite scores on both sides: nothing to compare."""
+
+
 def compare_scores(base: Sequence[float], tuned: Sequence[float]) -> Dict:
     """Paired comparison of tuned against base; pairs where either score is non-finite are dropped, counted."""
     if len(base) != len(tuned):
         raise ValueError(f"compare_scores needs paired scores, got {len(base)} base and {len(tuned)} tuned")
     keep = [i for i in range(len(base)) if math.isfinite(base[i]) and math.isfinite(tuned[i])]
     if len(keep) < 2:
-        raise ValueError(f"only {len(keep)} of {len(base)} image pairs have finite scores; need at least 2")
+        raise TooFewScores(f"only {len(keep)} of {len(base)} image pairs have finite scores; a comparison needs at "
+                           "least 2: sample more images (--seeds-per-prompt, more prompts) or use a reward that "
+                           "scores these prompts (toy-judge reads only toy captions)")
     b, t = [base[i] for i in keep], [tuned[i] for i in keep]
     return {"base": mean_ci(b), "tuned": mean_ci(t), "win_rate": win_rate(t, b), "paired_diff": paired_diff(t, b),
             "dropped_nonfinite": len(base) - len(keep)}

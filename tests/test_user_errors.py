@@ -167,3 +167,12 @@ def test_toy_pairs_refuses_a_negative_prompt_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["pairs", "--out", str(tmp_path / "p"), "--num-prompts", "-1"])
     assert info.value.code == 2 and "-1 is negative" in capsys.readouterr().err
+
+
+def test_a_comparison_with_fewer_than_two_scored_pairs_is_a_user_error():
+    """It ended in a ValueError traceback after all the sampling (e.g. one prompt at one seed)."""
+    from t2i_align.evaluation import compare_scores
+
+    with pytest.raises(UserError, match="only 1 of 2 image pairs have finite scores.*toy-judge reads only"):
+        compare_scores([0.5, float("nan")], [0.6, 0.7])
+    assert compare_scores([0.5, 0.4], [0.6, 0.7])["paired_diff"]["mean_diff"] == pytest.approx(0.2)
