@@ -268,6 +268,9 @@ def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[
         raise UsageError(f"--images {images} does not exist")
     folder = images.is_dir() and (prompts is not None or (images / "metadata.jsonl").is_file()
                                   or any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()))
+    if images.is_dir() and not folder and not any(images.glob("*.parquet")):
+        raise UsageError(f"--images {images} holds no images ({'/'.join(IMAGE_SUFFIXES)}), no metadata.jsonl and no "
+                         "*.parquet: give a folder of images or Pick-a-Pic parquet files")
     if (folder and pairwise) or (not folder and prompts is not None):
         raise UsageError("--pairwise is for Pick-a-Pic parquets; --prompts for image folders (a parquet has captions)")
     if not folder:

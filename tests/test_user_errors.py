@@ -176,3 +176,21 @@ def test_a_comparison_with_fewer_than_two_scored_pairs_is_a_user_error():
     with pytest.raises(UserError, match="only 1 of 2 image pairs have finite scores.*toy-judge reads only"):
         compare_scores([0.5, float("nan")], [0.6, 0.7])
     assert compare_scores([0.5, 0.4], [0.6, 0.7])["paired_diff"]["mean_diff"] == pytest.approx(0.2)
+
+
+def test_a_shots_file_that_is_not_a_users_json_names_the_file(tmp_path):
+    """A JSON list ended in "list indices must be integers"; invalid JSON in an error naming no file."""
+    from t2i_align.users.embed import load_shots
+
+    for text in ("[1, 2]", "{not json"):
+        (tmp_path / "users.json").write_text(text)
+        with pytest.raises(UserError, match="users.json is not a users.json written by"):
+            load_shots(tmp_path / "users.json")
+
+
+def test_t2i_score_on_an_empty_folder_says_it_holds_nothing_to_score(tmp_path):
+    """It said "no *.parquet files in folder", as if a parquet were expected."""
+    from reward_models.cli import UsageError, open_source
+
+    with pytest.raises(UsageError, match="holds no images .* no metadata.jsonl and no \\*.parquet"):
+        open_source(tmp_path, None, pairwise=False)

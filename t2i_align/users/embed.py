@@ -139,8 +139,11 @@ def merge_parts(out: Path, handled: Optional[int] = None) -> Dict[str, Any]:
 
 def load_shots(path: str) -> Dict[Any, List[str]]:
     """users.json -> {user id: shot fingerprints}."""
-    users = json.loads(Path(path).read_text())["users"]
-    return {json.loads(key): value["shots"] for key, value in users.items()}
+    try:
+        users = json.loads(Path(path).read_text())["users"]
+        return {json.loads(key): value["shots"] for key, value in users.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path} is not a users.json written by `python -m t2i_align.users embed` ({err!r})") from None
 
 
 def check_shots(shots_json: str, pairs: str) -> int:
