@@ -54,13 +54,13 @@ def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, flo
     return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
 
 
-def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int], epoch: int = 0):
+def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int], per_epoch: int = 0):
     """The next usable micro-batch; a batch whose rows were all corrupt is replaced by the following one, so
     every process still runs the same number of forward/backward passes. `counts["raw_batches"]` counts every
     raw batch read (usable or not): a resumed run skips exactly that many (the checkpoint records each
-    process's count: they differ when one process replaced a batch and another did not). `epoch`: the source's
-    batches per epoch; a whole epoch of unusable batches in a row stops the run (it looped forever)."""
-    for _ in itertools.count(1) if epoch <= 0 else range(epoch + 1):
+    process's count: they differ when one process replaced a batch and another did not). `per_epoch`: the
+    source's batches per epoch; a whole epoch of unusable batches in a row stops the run (it looped forever)."""
+    for _ in itertools.count(1) if per_epoch <= 0 else range(per_epoch + 1):
         raw = next(batches)
         counts["raw_batches"] += 1
         if raw is None:
@@ -68,7 +68,7 @@ def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str
             continue
         counts["data_rows_skipped"] += int(raw.get("skipped", 0))
         return builder(components, raw, device)
-    raise UserError(f"no usable row in {epoch + 1} batches in a row, a whole epoch of this process's data: every "
+    raise UserError(f"no usable row in {per_epoch + 1} batches in a row, a whole epoch of this process's data: every "
                     "image failed to decode (or, with PPD, every user is missing from ppd.table). Check data.path")
 
 
@@ -241,7 +241,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
     batches = st.source.micro_batches(st.raw_start)
     builder = BATCH_BUILDERS[st.objective.batch_kind]
     inner = getattr(st.source, "source", st.source)  # PPD filters another source's batches
-    epoch = getattr(inner, "batches_per_epoch", 0)  # 0: sources that never yield unusable batches
+    per_epoch = getattr(inner, "batches_per_epoch", 0)  # 0: sources that never yield unusable batches
     policy = make_denoiser(unet, components)
     counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0,
               "raw_batches": st.raw_start}
@@ -256,7 +256,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.begin_step(step)
             reference = st.provider.denoiser()
         for micro in range(tc.grad_accum):
-            batch = _next_batch(batches, builder, components, accelerator.device, counts, epoch)
+            batch = _next_batch(batches, builder, components, accelerator.device, counts, per_epoch)
             sync = micro == tc.grad_accum - 1
             # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one
