@@ -48,10 +48,10 @@ def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
 
 def check_shared_output(accelerator, out: Path) -> None:
     """`out` must be a folder (or not exist yet). Several processes: fail at start, on every process, unless each
-    sees in `out` a file the main process just wrote there. The main process alone writes checkpoints, the RAFT pool, SePPO's snapshots and the reward
-    direction, and every process reads them back: on machines without a shared file system a resumed run would
-    start from different steps on different machines, or miss those files (found by reading; tests run on one
-    host)."""
+    sees in `out` a file the main process just wrote there. The main process alone writes checkpoints, the RAFT
+    pool, SePPO's snapshots and the reward direction, and every process reads them back: on machines without a
+    shared file system a resumed run would start from different steps on different machines, or miss those files
+    (found by reading; tests run on one host)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: give a folder (it is created if missing)")
     if accelerator.num_processes == 1:
