@@ -51,7 +51,8 @@ def run_one(model: str, lora: bool, cache: bool, steps: int, batch: int) -> dict
     from t2i_align.config import LoraConfig, ModelConfig, ObjectiveConfig
     from t2i_align.conditioning.text import encode_prompts
     from t2i_align.references import BaseReference
-    from t2i_align.models import frozen_reference, load_components, trainable_parameters
+    from t2i_align.adapters import frozen_reference, trainable_parameters
+    from t2i_align.models import load_components
     from t2i_align.objectives import get_objective
 
     torch.manual_seed(0)

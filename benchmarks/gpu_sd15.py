@@ -95,7 +95,8 @@ def train_row(folder: Path, dev: torch.device, lora: bool, pairs: int, ckpt: boo
     from t2i_align.conditioning.text import encode_prompts
     from t2i_align.config import LoraConfig, ModelConfig, ObjectiveConfig, TrainConfig
     from t2i_align.references import BaseReference
-    from t2i_align.models import frozen_reference, load_components, trainable_parameters
+    from t2i_align.adapters import frozen_reference, trainable_parameters
+    from t2i_align.models import load_components
     from t2i_align.objectives import get_objective
     from t2i_align.optim import make_optimizer
 

@@ -135,7 +135,8 @@ def cmd_export(args) -> dict:
 
     from t2i_align.checkpoints import export_final
     from t2i_align.config import load_config
-    from t2i_align.models import add_lora, build_pipeline, load_components
+    from t2i_align.adapters import add_lora
+    from t2i_align.models import build_pipeline, load_components
 
     run = Path(args.run)
     cfg = load_config(run / "config.yaml", [])

@@ -53,7 +53,8 @@ def load_config_for(model: str):
 def setup(mode: str, batch: int, model: str = "toy"):
     from t2i_align.batches import make_denoiser
     from t2i_align.conditioning.text import encode_prompts
-    from t2i_align.models import add_lora, load_components
+    from t2i_align.adapters import add_lora
+    from t2i_align.models import load_components
     from t2i_align.objectives import PairBatch, get_objective
     from t2i_align.references import BaseReference
     from t2i_align.users import UserTable

@@ -12,7 +12,8 @@ import torch
 
 from t2i_align.batches import BATCH_BUILDERS, make_denoiser
 from t2i_align.config import load_config
-from t2i_align.models import add_lora, load_components
+from t2i_align.adapters import add_lora
+from t2i_align.models import load_components
 from t2i_align.objectives.context import ObjectiveContext
 from t2i_align.objectives.reward_backprop import RewardBackprop
 from t2i_align.prompts import read_prompts

@@ -21,7 +21,8 @@ def setup(batch: int, sample_steps: int):
 
     from t2i_align.batches import make_denoiser
     from t2i_align.config import load_config
-    from t2i_align.models import load_components, trainable_parameters
+    from t2i_align.adapters import trainable_parameters
+    from t2i_align.models import load_components
     from t2i_align.objectives import ImageBatch, PairBatch, get_objective
     from t2i_align.objectives.context import ObjectiveContext
     from t2i_align.conditioning.text import encode_prompts

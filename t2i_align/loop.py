@@ -26,7 +26,8 @@ from .config import Config, config_to_dict, save_config
 from .engines import autocast, check_shared_output, configure_engine, is_fsdp, loss_scaled, whole_unet
 from .errors import UserError
 from .data.sources import build_data_source
-from .models import add_lora, build_pipeline, frozen_reference, load_components, torch_dtype, trainable_parameters
+from .adapters import add_lora, frozen_reference, trainable_parameters
+from .models import build_pipeline, load_components, torch_dtype
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
@@ -150,11 +151,7 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
-    check_shared_output(accelerator, Path(cfg.output_dir))
-    fresh = resolve_resume(cfg.output_dir, cfg.train.resume) is None  # on every process: a bad path fails on all
-    if fresh and accelerator.is_main_process:
-        set_aside_previous_run(cfg.output_dir, accelerator.print)  # before SePPO's pool looks for snapshots
-    accelerator.wait_for_everyone()
+    _prepare_output(cfg, accelerator)
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
@@ -201,6 +198,16 @@ def train(cfg: Config) -> TrainResult:
     tracker.finish()
     accelerator.wait_for_everyone()
     return TrainResult(final or out / "final", raw_unet)
+
+
+def _prepare_output(cfg: Config, accelerator) -> None:
+    """output_dir a folder every process sees; on a fresh start, an earlier run's files there set aside (before
+    SePPO's pool looks for snapshots)."""
+    check_shared_output(accelerator, Path(cfg.output_dir))
+    fresh = resolve_resume(cfg.output_dir, cfg.train.resume) is None  # on every process: a bad path fails on all
+    if fresh and accelerator.is_main_process:
+        set_aside_previous_run(cfg.output_dir, accelerator.print)
+    accelerator.wait_for_everyone()
 
 
 def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:

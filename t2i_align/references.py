@@ -26,7 +26,7 @@ import torch
 
 from .batches import make_denoiser, unet_kwargs
 from .files import plain_modes
-from .models import adapters_off
+from .adapters import adapters_off
 from .objectives.base import Denoiser
 
 DRAWS = ("random", "initial", "latest")

@@ -15,7 +15,8 @@ import torch
 
 from .config import ConfigError
 from .engines import half_precision_autocast, is_fsdp
-from .models import adapters_off, build_pipeline
+from .adapters import adapters_off
+from .models import build_pipeline
 from .sampling import Samples, generate, prompt_major
 
 

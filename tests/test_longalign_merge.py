@@ -11,7 +11,8 @@ from t2i_align.models import ModelLoadError
 def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path):
     from t2i_align.checkpoints import export_final
     from t2i_align.merge import merge_lora
-    from t2i_align.models import add_lora, build_pipeline, load_components
+    from t2i_align.adapters import add_lora
+    from t2i_align.models import build_pipeline, load_components
     from t2i_align.sampling import load_pipeline, pipeline_components
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")

@@ -35,7 +35,8 @@ def fake_accelerator():
 def setup(tmp_path_factory):
     """The objective on the toy pipeline with LoRA whose B matrices are random (so the adapters matter)."""
     from t2i_align.batches import BATCH_BUILDERS, make_denoiser
-    from t2i_align.models import add_lora, load_components
+    from t2i_align.adapters import add_lora
+    from t2i_align.models import load_components
     from t2i_align.objectives.context import ObjectiveContext
 
     cfg = toy_cfg(tmp_path_factory.mktemp("run"), "reward_backprop.x0_prediction=false")

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from t2i_align import models
+from t2i_align import adapters, models
 from t2i_align.conditioning.text import encode_prompts, sdxl_time_ids, unet_added_cond_kwargs
 from t2i_align.config import LoraConfig, ModelConfig
 from t2i_align.models import ModelLoadError
@@ -161,7 +161,7 @@ def test_sdpa_checkpointing_and_unknown_backend(sd15_dir):
 def test_lora_starts_as_identity_and_trains_only_adapters(sd15_dir):
     comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
     before = _unet_out(comp, ["a cat", "a dog"])
-    params = models.add_lora(comp.unet, LoraConfig(enabled=True, rank=4, alpha=8.0))
+    params = adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=4, alpha=8.0))
     after = _unet_out(comp, ["a cat", "a dog"])
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
     peft_config = comp.unet.peft_config["default"]
@@ -174,7 +174,7 @@ def test_lora_starts_as_identity_and_trains_only_adapters(sd15_dir):
         for p in params:
             p.add_(0.05)
     assert not torch.allclose(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-4)
-    with models.lora_reference(comp.unet):
+    with adapters.adapters_off(comp.unet):
         torch.testing.assert_close(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-6, rtol=0)
         assert not torch.is_grad_enabled()
     assert not torch.allclose(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-4), "adapters back on after"
@@ -182,16 +182,16 @@ def test_lora_starts_as_identity_and_trains_only_adapters(sd15_dir):
 
 def test_lora_defaults_and_errors(sd15_dir):
     comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
-    models.add_lora(comp.unet, LoraConfig(enabled=True, rank=2, init="default"))
+    adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=2, init="default"))
     assert comp.unet.peft_config["default"].lora_alpha == 2, "alpha None means alpha = rank"
     fresh = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
     with pytest.raises(ModelLoadError, match="target_modules"):
-        models.add_lora(fresh.unet, LoraConfig(enabled=True, target_modules=["no_such_layer"]))
+        adapters.add_lora(fresh.unet, LoraConfig(enabled=True, target_modules=["no_such_layer"]))
     bad_init = LoraConfig(enabled=True)
     bad_init.init = "pissa_maybe"  # bypasses the config's own validation, as a hand-built config could
     with pytest.raises(ValueError, match="lora.init"):
-        models.add_lora(fresh.unet, bad_init)
-    assert len(models.trainable_parameters(fresh.unet, LoraConfig(enabled=False))) == len(list(fresh.unet.parameters()))
+        adapters.add_lora(fresh.unet, bad_init)
+    assert len(adapters.trainable_parameters(fresh.unet, LoraConfig(enabled=False))) == len(list(fresh.unet.parameters()))
 
 
 def test_lora_weights_round_trip_through_diffusers(sd15_dir, tmp_path):
@@ -200,7 +200,7 @@ def test_lora_weights_round_trip_through_diffusers(sd15_dir, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
-    params = models.add_lora(comp.unet, LoraConfig(enabled=True, rank=4))
+    params = adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=4))
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
@@ -216,7 +216,7 @@ def test_lora_weights_round_trip_through_diffusers(sd15_dir, tmp_path):
 
 def test_frozen_reference_is_a_separate_frozen_copy(sd15_dir):
     comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
-    ref = models.frozen_reference(comp.unet, torch.bfloat16)
+    ref = adapters.frozen_reference(comp.unet, torch.bfloat16)
     assert ref is not comp.unet and ref.dtype == torch.bfloat16 and comp.unet.dtype == torch.float32
     assert not any(p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in comp.unet.parameters())
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.parameters(), comp.unet.parameters()))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from t2i_align import models
+from t2i_align import adapters
 from t2i_align.conditioning.text import PromptEmbeds, text_time_added_cond
 from t2i_align.config import LoraConfig, ObjectiveConfig
 from t2i_align.objectives import DPO, SFT, ImageBatch, PairBatch, dpo_loss, get_objective
@@ -128,13 +128,13 @@ def test_winner_and_loser_share_noise_and_timestep():
 
 def test_dpo_starts_at_ln2_with_gradients_on_lora_b():
     unet = tiny_sd15_pipeline().unet
-    params = models.add_lora(unet, LoraConfig(enabled=True, rank=4, init="gaussian"))
+    params = adapters.add_lora(unet, LoraConfig(enabled=True, rank=4, init="gaussian"))
 
     def policy(noisy, t, embeds, time_ids=None):
         return unet(noisy, t, encoder_hidden_states=embeds.prompt_embeds).sample
 
     def reference(noisy, t, embeds, time_ids=None):
-        with models.lora_reference(unet):
+        with adapters.adapters_off(unet):
             return unet(noisy, t, encoder_hidden_states=embeds.prompt_embeds).sample
 
     loss, metrics = DPO().compute_loss(policy, reference, pair_batch(b=2, size=8), DDPMScheduler(),
@@ -149,7 +149,7 @@ def test_dpo_starts_at_ln2_with_gradients_on_lora_b():
 
 def test_dpo_runs_on_tiny_sdxl_unet_with_time_ids():
     unet = tiny_sdxl_pipeline().unet
-    frozen, seen = models.frozen_reference(unet, torch.float32), []
+    frozen, seen = adapters.frozen_reference(unet, torch.float32), []
 
     def denoiser(net):
         def denoise(noisy, t, embeds, time_ids=None):

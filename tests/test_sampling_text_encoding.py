@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from t2i_align import models
+from t2i_align import adapters, models
 from t2i_align.conditioning.text import TEXT_ENCODING_FILE, read_text_encoding, text_encoding_key, write_text_encoding
 from t2i_align.config import ConfigError, LoraConfig, ModelConfig
 from t2i_align.config.sections import TextEncodingConfig
@@ -122,7 +122,7 @@ def test_load_pipeline_applies_the_recorded_encoding_of_a_lora(tmp_path):
     comp = models.load_components(ModelConfig(pretrained=str(folder)))
     from peft.utils import get_peft_model_state_dict
 
-    models.add_lora(comp.unet, LoraConfig(enabled=True, rank=2))
+    adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=2))
     lora = tmp_path / "final"
     type(models.build_pipeline(comp)).save_lora_weights(str(lora), unet_lora_layers=get_peft_model_state_dict(
         comp.unet))

@@ -108,7 +108,8 @@ def test_a_lora_snapshot_as_reference_leaves_the_policy_gradients_alone(tmp_path
     from t2i_align.batches import make_denoiser
     from t2i_align.config import LoraConfig
     from t2i_align.conditioning.text import PromptEmbeds
-    from t2i_align.models import load_components, trainable_parameters
+    from t2i_align.adapters import trainable_parameters
+    from t2i_align.models import load_components
     from t2i_align.config import ModelConfig
     from t2i_align.references import SnapshotPool
 

@@ -199,8 +199,10 @@ class PairDataset(torch.utils.data.Dataset):
                 has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
                 rows = zip(table.column("caption").to_pylist(), table.column("label_0").to_pylist(), has)
                 for off, (caption, label, ok) in enumerate(rows):
-                    swap = None if not isinstance(caption, str) else _decide(label, ok, self.ties, self.stats)
-                    self.stats.no_caption += not isinstance(caption, str)
+                    if isinstance(caption, str):
+                        swap = _decide(label, ok, self.ties, self.stats)
+                    else:  # None or not text: no prompt to prefer an image for
+                        swap, self.stats.no_caption = None, self.stats.no_caption + 1
                     if swap is not None:
                         loc.append((fi, g, off, swap, self.stats.rows))
                         captions.append(caption)

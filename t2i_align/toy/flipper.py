@@ -22,7 +22,7 @@ from PIL import Image
 from ..batches import encode_images, make_denoiser
 from ..conditioning.text import encode_prompts
 from ..gallery import to_uint8
-from ..models import lora_reference
+from ..adapters import adapters_off
 from ..objectives.seppo import anchor_error_draws
 from ..rollout import decode, initial_latents, rollout
 from ..sampling import load_pipeline, pipeline_components
@@ -58,7 +58,7 @@ def check(lora: Optional[str], pairs: str, n: int = 256, steps: int = 10, guidan
     def reference(noisy, t, embeds, time_ids=None):
         if lora is None:  # the base against itself
             return policy(noisy, t, embeds, time_ids)
-        with lora_reference(unet):
+        with adapters_off(unet):
             return policy(noisy, t, embeds, time_ids)
 
     data = read_anchors(pairs, n)
