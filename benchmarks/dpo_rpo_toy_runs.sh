@@ -21,6 +21,12 @@ train() {  # name overrides...
 train dpo
 train rpo50 objective.sft_weight=50
 train rpo200 objective.sft_weight=200
+# The policy's and the reference's error on the preferred images over the last 100 steps (10 logged rows)
+for name in dpo rpo50 rpo200; do
+  $PY -c "import json, sys; rows = [json.loads(l) for l in open(sys.argv[1])][-10:]
+print(sys.argv[2], *(f'{k} {sum(r[k] for r in rows) / len(rows):.3f}' for k in ('mse_w', 'ref_mse_w', 'mse_l', 'ref_mse_l')))" \
+    $R/$name/metrics.jsonl $name
+done
 $PY benchmarks/toy_table.py --model dpo=$R/dpo/final --model rpo50=$R/rpo50/final --model rpo200=$R/rpo200/final \
   --baseline base --baseline dpo --seed 0 --out $R/table-seed0.json
 # Fresh seeds, for the λ the seed-0 table chose (CHOSEN=rpo50 or rpo200):
