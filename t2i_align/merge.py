@@ -23,6 +23,7 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     from .sampling import load_pipeline, pipeline_components
 
     out = Path(out)
+    _check_not_inputs(out, model, lora)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelLoadError(f"{out} exists and is not empty; pass overwrite (--overwrite) to replace it")
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding)
@@ -34,3 +35,15 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     pipe.save_pretrained(str(tmp))
     write_text_encoding(tmp, encoding.kind, encoding.token_budget)
     return replace_dir(tmp, out)
+
+
+def _check_not_inputs(out: Path, model: str | Path, lora: str | Path) -> None:
+    """Replacing `out` deletes it whole: refuse an `out` that is, or holds, the LoRA or the base model."""
+    from .models import ModelLoadError
+
+    lora_dir = Path(lora) if Path(lora).is_dir() else Path(lora).parent
+    inputs = {"--lora": lora_dir} if str(model) == "toy" else {"--lora": lora_dir, "--model": Path(model)}
+    for flag, path in inputs.items():
+        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+            raise ModelLoadError(f"--out {out} is or holds {flag} {path}: writing there would delete the input; "
+                                 "choose another --out folder")

@@ -15,6 +15,7 @@ import torch
 
 from .config import ConfigError
 from .engines import half_precision_autocast, is_fsdp
+from .errors import UserError
 from .adapters import adapters_off
 from .models import build_pipeline
 from .sampling import Samples, generate, prompt_major
@@ -51,12 +52,7 @@ class Validator:
         self.prompts = list(cfg.tracking.validation_prompts or prompts)
         self.flat_prompts, self.seeds = prompt_major(self.prompts, cfg.tracking.validation_seeds, cfg.seed)
         self.users, self.user_tokens = self._gallery_users()
-        self.reward = None
-        if cfg.tracking.validation_reward:
-            from reward_models import get_reward
-
-            self.reward = get_reward(cfg.tracking.validation_reward)
-            self._check_reward_reads_prompts()
+        self.reward = self._load_reward() if cfg.tracking.validation_reward else None
         # Under FSDP sampling is collective (each block gathers its weights from every process): all sample
         self.samples_here = accelerator.is_main_process or is_fsdp(accelerator)
         self._base: Optional[Samples] = None
@@ -73,13 +69,35 @@ class Validator:
         k = self.cfg.tracking.validation_seeds
         return users, lookup.table.tokens([u for u in users for _ in range(k)], dtype=torch.float32)
 
-    def _check_reward_reads_prompts(self) -> None:
-        """Fail at start-up, on every process alike, if the validation reward cannot score the prompts (toy-judge
-        reads only toy captions): a config error now, instead of a traceback at the first gallery."""
+    def _load_reward(self):
+        """The validation reward on the main process only, which alone scores galleries, and on its device (a
+        reward's default device, cuda, is GPU 0 for every process). Its setup errors stop every process alike."""
+        from reward_models import get_reward
+        from reward_models.base import reward_accepts
+
+        name, reward, error = self.cfg.tracking.validation_reward, None, None
+        if self.accelerator.is_main_process:
+            options = {"device": str(self.accelerator.device)} if reward_accepts(name, "device") else {}
+            try:
+                reward = get_reward(name, **options)
+                self._check_reward_reads_prompts(reward)
+            except UserError as err:
+                error = err
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise error
+        return reward
+
+    def _check_reward_reads_prompts(self, reward) -> None:
+        """Fail at start-up if the validation reward cannot score the prompts (toy-judge reads only toy captions):
+        a config error now, instead of a traceback at the first gallery."""
         from reward_models.base import PromptsRejected
 
         try:
-            self.reward.check_prompts(self.prompts)
+            reward.check_prompts(self.prompts)
         except PromptsRejected as err:
             given = "tracking.validation_prompts" if self.cfg.tracking.validation_prompts else \
                 "the first training captions (tracking.validation_prompts is empty)"

@@ -40,3 +40,8 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
     assert (encoding.kind, encoding.token_budget) == ("segments", 100)
     with pytest.raises(ModelLoadError, match="exists and is not empty"):
         merge_lora(model, final, merged)
+    lora_file = final / "pytorch_lora_weights.safetensors"
+    for out, flag in ((final, "--lora"), (tmp_path / "stage1", "--lora"), (tmp_path, "--lora"), (model, "--model")):
+        with pytest.raises(ModelLoadError, match=f"is or holds {flag}"):
+            merge_lora(model, lora_file, out, overwrite=True)
+    assert lora_file.is_file() and (model / "model_index.json").is_file()  # both inputs untouched

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) under `accelerate launch`: metrics and checkpoints written once, identical weights."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,22 +141,27 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
             "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1", "train.learning_rate=1e-2",
             "objective.beta=100", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
             "train.max_steps=3"]
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     config = SCRIPT.parents[1] / "configs" / "accelerate" / "ddp_multinode.yaml"
-    machines = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args, f"output_dir={tmp_path / 'two'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
-    try:
-        for machine in machines:
-            _, err = machine.communicate(timeout=600)
-            assert machine.returncode == 0, err[-3000:]
-    finally:  # one machine failing leaves the other waiting for its peer
-        for machine in machines:
-            machine.kill()
+    for attempt in range(3):  # the free port found may be taken before the rendezvous binds it: then a new one
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        machines = [subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+             "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args,
+             f"output_dir={tmp_path / 'two'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
+        try:
+            errs = [machine.communicate(timeout=600)[1] for machine in machines]
+        finally:  # one machine failing leaves the other waiting for its peer
+            for machine in machines:
+                machine.kill()
+        if not any("address already in use" in err.lower() for err in errs):
+            break
+    for machine, err in zip(machines, errs):
+        assert machine.returncode == 0, err[-3000:]
     launch(*args, f"output_dir={tmp_path / 'one'}")
 
     def losses(run):

@@ -11,12 +11,12 @@ from t2i_align.toy.scenes import short_caption, split_scenes
 from t2i_align.validation import Validator, visiting
 
 TOY_CAPTION = short_caption(split_scenes()[0][0])
-MAIN = SimpleNamespace(is_main_process=True)
+MAIN = SimpleNamespace(is_main_process=True, num_processes=1, device=torch.device("cpu"))
 
 
-def _validator(*overrides, frozen=None, components=None, prompts=()):
+def _validator(*overrides, frozen=None, components=None, prompts=(), accelerator=MAIN):
     cfg = load_config(None, ["tracking.wandb=off", "tracking.validation_seeds=1", *overrides])
-    return Validator(cfg, components, torch.nn.Linear(1, 1), frozen, MAIN, prompts)
+    return Validator(cfg, components, torch.nn.Linear(1, 1), frozen, accelerator, prompts)
 
 
 # ---------------------------------------------------------------- bug 8: the reward must read the prompts
@@ -46,6 +46,33 @@ def test_an_unknown_validation_reward_is_a_user_error():
 
     with pytest.raises(UserError, match="unknown reward 'toy-jduge'; available: .*toy-judge"):
         _validator("lora.enabled=true", "tracking.validation_reward=toy-jduge", prompts=[TOY_CAPTION])
+
+
+def test_the_validation_reward_lives_on_the_main_process_and_its_device(monkeypatch):
+    """Only the main process scores galleries: the others load no reward (a reward's default device, cuda, put one
+    copy per process on GPU 0); the main process's setup error stops every process alike."""
+    from reward_models import base
+
+    built = []
+
+    @base.register("test-device-reward")
+    class DeviceReward(base.Reward):
+        def __init__(self, device="cuda"):
+            built.append(device)
+    monkeypatch.setitem(base._REGISTRY, "test-device-reward", DeviceReward)  # removed again after the test
+    setting = "tracking.validation_reward=test-device-reward"
+    assert isinstance(_validator("lora.enabled=true", setting, prompts=["p"]).reward, DeviceReward)
+    assert built == ["cpu"]  # the accelerator's device, not the reward's default
+    other = SimpleNamespace(is_main_process=False, num_processes=2, device=torch.device("cpu"),
+                            distributed_type="MULTI_CPU")
+    sent = []
+    main_error = ConfigError("tracking.validation_reward ...: from the main process")
+    monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objs: sent.append(objs) or [main_error])
+    with pytest.raises(ConfigError, match="from the main process"):
+        _validator("lora.enabled=true", setting, prompts=["p"], accelerator=other)
+    assert sent == [[None]] and built == ["cpu"]  # nothing built on the other process, nothing sent from it
+    monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objs: [None])
+    assert _validator("lora.enabled=true", setting, prompts=["p"], accelerator=other).reward is None
 
 
 # ---------------------------------------------------------------- bug 4: offloaded reference on the VAE's device
