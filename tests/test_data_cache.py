@@ -142,7 +142,7 @@ def test_corrupt_rows_skipped_and_counted_at_caching(tmp_path):
     cached = build(ds, FakeEncoders(), tmp_path / "cache")
     assert len(cached) == 2 and cached.stats.corrupt == 1 and cached.stats.used == 2
     assert [cached[i]["caption"] for i in range(2)] == ["ok 0", "ok 1"]
-    assert cached.captions == ["ok 0", "ok 1"]  # no embedding computed for the corrupt row's caption
+    assert cached.captions == ["ok 0", "bad", "ok 1"]  # ids over all rows, so processes agree without talking
 
 
 def test_cached_dataset_pickles_for_spawned_workers(tmp_path, pairs_path):
@@ -260,7 +260,7 @@ def test_shard_writer_holds_one_shard_buffer_not_the_batches_given(tmp_path):
     encoder outputs scattered between large pixel batches; glibc's heap grew ~2.5 MB per pair, 4 GB per shard."""
     from safetensors.torch import load_file
 
-    from t2i_align.data.cache import _ShardWriter
+    from t2i_align.data.cache_build import _ShardWriter
 
     writer = _ShardWriter(tmp_path, "x", shard_size=4)
     for k in range(3):
@@ -271,3 +271,66 @@ def test_shard_writer_holds_one_shard_buffer_not_the_batches_given(tmp_path):
     assert writer.shards == [["x-00000.safetensors", 4], ["x-00001.safetensors", 4], ["x-00002.safetensors", 1]]
     rows = torch.cat([load_file(str(tmp_path / name))["v"] for name, _ in writer.shards]).flatten().tolist()
     assert rows == [0.0, 1.0, 2.0, 1000.0, 1001.0, 1002.0, 2000.0, 2001.0, 2002.0]
+
+
+# ---------------------------------------------------------------- a build split over processes (threads here)
+def _thread_team(world):
+    """Team members for `world` threads: a barrier, and `share` through one slot written by rank 0."""
+    import threading
+
+    from t2i_align.data.cache_build import Team
+
+    barrier, slot = threading.Barrier(world, timeout=60), [None]
+
+    def member(rank):
+        def share(value):
+            if rank == 0:
+                slot[0] = value
+            barrier.wait()
+            out = slot[0]
+            barrier.wait()  # nobody overwrites the slot before everyone has read it
+            return out
+        return Team(rank, world, barrier.wait, share)
+    return [member(rank) for rank in range(world)]
+
+
+def _build_together(pairs_path, root, encoders, world=2, shard_size=4):
+    """Each 'process' (a thread) with its own data set and encoders; returns {rank: cache or the error raised}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rank, team):
+        ds = PairDataset(pairs_path, resolution=16, crop="random", flip="joint", seed=2)
+        try:
+            return build_or_load_cache(ds, encoders[rank].images, encoders[rank].prompts, root, {"model": "fake"},
+                                       batch_size=3, shard_size=shard_size, team=team)
+        except Exception as err:
+            return err
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(one, range(world), _thread_team(world)))
+
+
+def test_two_processes_build_the_one_process_cache_each_encoding_half(tmp_path, pairs_path):
+    alone = build(PairDataset(pairs_path, resolution=16, crop="random", flip="joint", seed=2), FakeEncoders(),
+                  tmp_path / "alone")
+    encoders = [FakeEncoders(), FakeEncoders()]
+    together = _build_together(pairs_path, tmp_path / "together", encoders)
+    assert together[0].folder == together[1].folder and together[0].folder.name == alone.folder.name  # same key
+    assert [e.image_calls for e in encoders] == [2, 2]  # 5 pairs each, 3 per batch (alone: 4 calls for 10)
+    assert [e.prompt_calls for e in encoders] == [2, 1]  # 2 captions each + the empty prompt on the main process
+    marker = json.loads((together[0].folder / "complete.json").read_text())
+    assert marker["pairs_per_process"] == [5, 5] and marker["stats"] == json.loads(
+        (alone.folder / "complete.json").read_text())["stats"]
+    assert together[0].captions == alone.captions
+    for i in range(10):
+        a, b = alone[i], together[1][i]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    assert [p.name for p in (tmp_path / "together").iterdir()] == [alone.folder.name]  # no part folders left
+
+
+def test_a_process_failing_its_share_fails_every_process_and_leaves_nothing(tmp_path, pairs_path):
+    encoders = [FakeEncoders(), FakeEncoders(fail_on_image_call=2)]
+    main, other = _build_together(pairs_path, tmp_path / "cache", encoders)
+    assert isinstance(other, RuntimeError) and "simulated crash" in str(other)  # its own error
+    assert isinstance(main, RuntimeError) and "process 1 wrote no share of the cache" in str(main)
+    assert list((tmp_path / "cache").iterdir()) == []  # no cache, no temporary folder

@@ -32,8 +32,11 @@ def test_two_process_lora_dpo(tmp_path):
     args = [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
             "lora.enabled=true", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1",
             "train.learning_rate=1e-2", "objective.beta=100", "tracking.wandb=off", "tracking.sample_steps=2",
-            "tracking.validation_seeds=1", "train.lr_scheduler=linear", "train.lr_warmup_steps=1"]
+            "tracking.validation_seeds=1", "train.lr_scheduler=linear", "train.lr_warmup_steps=1",
+            "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}"]
     launch(*args, "train.max_steps=3", "train.ddp_timeout=1234")
+    (cache,) = (tmp_path / "cache").iterdir()  # built by both processes, 4 of the 8 pairs each; nothing else left
+    assert json.loads((cache / "complete.json").read_text())["pairs_per_process"] == [4, 4]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # written once, by the main process
     assert (out / "timeout0.txt").read_text() == (out / "timeout1.txt").read_text() == "1234"

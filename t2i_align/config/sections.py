@@ -238,9 +238,9 @@ class TrainConfig:
     offload_reference: bool = False
     """Full fine-tuning: keep the frozen reference UNet on the CPU between uses (saves GPU memory, slower)."""
     ddp_timeout: int = 10800
-    """Seconds a process waits in a collective before the run is aborted (transformers' `ddp_timeout`). Several
-    processes wait while the main one alone builds the latent cache (data.cache) or writes a gallery or checkpoint;
-    accelerate's default under NCCL, 600 s, would abort a cache build of a large data set."""
+    """Seconds a process waits in a collective before the run is aborted (transformers' `ddp_timeout`). Processes
+    wait for the slowest share of a latent cache build (data.cache) and while the main one writes a gallery or
+    checkpoint; accelerate's default under NCCL, 600 s, would abort a cache build of a large data set."""
 
     def __post_init__(self) -> None:
         _check_at_least(self, ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",

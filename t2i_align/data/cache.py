@@ -17,7 +17,7 @@ Augmentations are FROZEN: with random crops or flips, each pair keeps the one au
 (epoch 0). Users who want fresh augmentations every epoch must turn the cache off (data.cache=false).
 Prompt dropout still works: the embedding of "" is cached once and substituted at load time, with the same
 per-item seeded draw as the uncached PairDataset. Corrupt rows are skipped (and counted) at caching time.
-Multi-process training: build on the main process first (accelerator.main_process_first()).
+Multi-process training: every process encodes a share and the main process publishes (cache_build.py).
 """
 from __future__ import annotations
 
@@ -25,61 +25,22 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..files import plain_modes, temp_dir
+from .cache_build import SIZE_KEYS, ImageEncoder, PromptEncoder, Team, merge_parts, write_part
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .pairs import PairDataset, PairStats, collate_pairs, item_draws
 
 logger = logging.getLogger(__name__)
 
-SIZE_KEYS = ("original_size_w", "original_size_l", "crop_top_left_w", "crop_top_left_l")
-ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
-PromptEncoder = Callable[[List[str]], Dict[str, torch.Tensor]]
-
 collate_cached = collate_pairs
 """Cached items collate like pixel items (tensors stacked, captions listed, sizes as [B, 2] int64)."""
-
-
-class _ShardWriter:
-    """Collects rows of named tensors and writes them `shard_size` rows per safetensors file.
-
-    Rows are copied into one buffer per tensor and shard, allocated when the shard starts (large, so outside the
-    malloc heap; untouched pages cost no memory). Keeping each batch's small tensors instead left them scattered
-    between the large transient pixel batches, and glibc's heap grew by ~2.5 MB per pair cached (a 1,024-pair
-    shard peaked at 4 GB RSS in benchmarks/pair_reading.py)."""
-
-    def __init__(self, folder: Path, prefix: str, shard_size: int) -> None:
-        self.folder, self.prefix, self.shard_size = folder, prefix, shard_size
-        self.buffers: Dict[str, torch.Tensor] = {}
-        self.rows, self.shards = 0, []  # rows pending; [file name, rows] written
-
-    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        n, done = len(next(iter(tensors.values()))), 0
-        while done < n:
-            take = min(n - done, self.shard_size - self.rows)
-            for name, value in tensors.items():
-                if name not in self.buffers:
-                    self.buffers[name] = torch.empty((self.shard_size, *value.shape[1:]), dtype=value.dtype)
-                self.buffers[name][self.rows:self.rows + take] = value[done:done + take].detach()
-            self.rows, done = self.rows + take, done + take
-            if self.rows == self.shard_size:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
-        save_file({k: v[:self.rows] for k, v in self.buffers.items()}, str(self.folder / name))
-        self.shards.append([name, self.rows])
-        self.buffers, self.rows = {}, 0
 
 
 def _is_complete(folder: Path, key: str) -> bool:
@@ -91,96 +52,69 @@ def _is_complete(folder: Path, key: str) -> bool:
     return marker.get("key") == key and all((folder / name).is_file() for name, _ in shards)
 
 
-def _encode_pairs(dataset: PairDataset, encode_images: ImageEncoder, out: Path, batch_size: int,
-                  shard_size: int) -> tuple[_ShardWriter, List[str], int, List[Any]]:
-    """Pass 1: latents of epoch 0's augmentation for every decodable pair. Returns writer, captions, corrupt and
-    the cached pairs' user ids (empty when the data has no user_id column)."""
-    writer, prompt_ids, corrupt, users = _ShardWriter(out, "pairs", shard_size), {}, 0, []
-    epoch = dataset.epoch
-    dataset.set_epoch(0)
-    try:
-        for start in range(0, len(dataset), batch_size):
-            indices = range(start, min(start + batch_size, len(dataset)))
-            items = [(i, dataset[i]) for i in indices]
-            good = [(i, item) for i, item in items if item is not None]
-            corrupt += len(items) - len(good)
-            if not good:
-                continue
-            pixels = torch.cat([torch.stack([item[f"pixels_{s}"] for _, item in good]) for s in "wl"])
-            latents_w, latents_l = encode_images(pixels).chunk(2)
-            rows = {"latents_w": latents_w, "latents_l": latents_l,
-                    "row_id": torch.tensor([int(dataset.row_ids[i]) for i, _ in good]),
-                    "prompt": torch.tensor([prompt_ids.setdefault(dataset.caption(i), len(prompt_ids))
-                                            for i, _ in good])}
-            rows.update({k: torch.tensor([item[k] for _, item in good]) for k in SIZE_KEYS})
-            users += [item["user_id"] for _, item in good if "user_id" in item]
-            writer.add(rows)
-        writer.flush()
-    finally:
-        dataset.set_epoch(epoch)
-    return writer, list(prompt_ids), corrupt, users
-
-
-def _encode_prompts(captions: List[str], encode_prompts: PromptEncoder, out: Path, batch_size: int,
-                    shard_size: int) -> _ShardWriter:
-    """Pass 2: one embedding per unique caption, plus the empty prompt for dropout."""
-    writer = _ShardWriter(out, "prompts", shard_size)
-    for start in range(0, len(captions), batch_size):
-        writer.add({k: v for k, v in encode_prompts(captions[start:start + batch_size]).items() if v is not None})
-    writer.flush()
-    empty = {k: v[:1].detach().cpu().contiguous() for k, v in encode_prompts([""]).items() if v is not None}
-    save_file(empty, str(out / "empty_prompt.safetensors"))
-    return writer
-
-
-def _write_cache(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder, out: Path,
-                 key: str, parts: Mapping[str, Any], batch_size: int, shard_size: int) -> None:
-    pairs, captions, corrupt, users = _encode_pairs(dataset, encode_images, out, batch_size, shard_size)
-    if not pairs.shards:
-        raise ValueError(f"no decodable pairs to cache ({corrupt} corrupt)")
-    prompts = _encode_prompts(captions, encode_prompts, out, batch_size, shard_size)
-    stats = PairStats(**asdict(dataset.stats))
-    stats.corrupt += corrupt
-    stats.used -= corrupt
-    (out / "captions.json").write_text(json.dumps(captions))
-    if getattr(dataset, "user_ids", None) is not None:  # PPD: one user id per cached pair, in cache order
-        (out / "users.json").write_text(json.dumps(users))
-    marker = {"key": key, "parts": parts, "pairs": sum(n for _, n in pairs.shards), "pair_shards": pairs.shards,
-              "prompt_shards": prompts.shards, "stats": asdict(stats)}
-    (out / "complete.json").write_text(json.dumps(marker, indent=1))  # written last: its presence = complete
-
-
 def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder,
                         cache_root: str | Path, key_parts: Mapping[str, Any], batch_size: int = 8,
-                        shard_size: int = 1024) -> "CachedPairDataset":
+                        shard_size: int = 1024, team: Optional[Team] = None) -> "CachedPairDataset":
     """Load the cache for (dataset, key_parts) if a complete one exists, else encode everything and publish it.
+    Every process of `team` calls this: they split the encoding (cache_build.py), the main process publishes.
 
     encode_images: pixels [2B,3,R,R] in [-1,1] (winners then losers) -> latents [2B,...], scaled as the UNet
     expects. encode_prompts: captions -> {"prompt_embeds": [B,L,D], optional "pooled_prompt_embeds": [B,D]}.
     """
+    team = team or Team()
     parts = {"format": CACHE_FORMAT, "data": dataset.identity(), **key_parts}
     key = cache_key(parts)
-    root = Path(cache_root)
-    folder = root / key
-    if not _is_complete(folder, key):
-        if folder.exists():  # only an unmarked folder can be here (e.g. hand-edited): never trust it
-            shutil.rmtree(folder)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir(root, f".tmp-{key}-")
+    folder = Path(cache_root) / key
+    tmp = team.share(_start_build(folder, key) if team.rank == 0 else None)
+    if tmp is None:
+        logger.info("reusing cache %s", folder)
+    else:
+        logger.info("building cache %s for %d pairs on %d processes", folder, len(dataset), team.world)
+        _build(dataset, encode_images, encode_prompts, Path(tmp), folder, key, parts, team, batch_size, shard_size)
+    return CachedPairDataset(folder, seed=dataset.seed, prompt_dropout=dataset.prompt_dropout)
+
+
+def _start_build(folder: Path, key: str) -> Optional[str]:
+    """Main process: None when a complete cache is there, else a fresh temporary folder to build it in."""
+    if _is_complete(folder, key):
+        return None
+    if folder.exists():  # only an unmarked folder can be here (e.g. hand-edited): never trust it
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return str(temp_dir(folder.parent, f".tmp-{key}-"))
+
+
+def _build(dataset, encode_images, encode_prompts, tmp: Path, folder: Path, key: str, parts, team: Team,
+           batch_size: int, shard_size: int) -> None:
+    """Every process writes its part; the main process merges and renames the result into place. Each process
+    raises its own error, else the main process's: every process ends alike, and no temporary folder is left."""
+    own = failure = None
+    try:
+        write_part(dataset, encode_images, encode_prompts, tmp, team, batch_size, shard_size)
+    except Exception as err:  # raised below, after the others have finished theirs
+        own = err
+    team.wait()
+    if team.rank == 0:
         try:
-            logger.info("building cache %s for %d pairs", folder, len(dataset))
-            _write_cache(dataset, encode_images, encode_prompts, tmp, key, parts, batch_size, shard_size)
-            plain_modes(tmp)
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # another process published the same key first
-                if not _is_complete(folder, key):
-                    raise
+            if own is None:
+                merge_parts(dataset, encode_prompts, tmp, key, parts, team.world)
+                plain_modes(tmp)
+                _publish(tmp, folder, key)
+        except Exception as err:
+            failure = err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        logger.info("reusing cache %s", folder)
-    return CachedPairDataset(folder, seed=dataset.seed, prompt_dropout=dataset.prompt_dropout)
+    failure = team.share(failure)
+    if own is not None or failure is not None:
+        raise own or failure
+
+
+def _publish(tmp: Path, folder: Path, key: str) -> None:
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another run published the same key first
+        if not _is_complete(folder, key):
+            raise
 
 
 class CachedPairDataset(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..config import ConfigError
 from .cache import build_or_load_cache, collate_cached
+from .cache_build import Team
 from .cache_key import components_key_parts
 from .pairs import load_pairs
 from .stream import StreamingPairSource
@@ -85,6 +86,16 @@ def _cache_encoders(components, device):
     return images, prompts
 
 
+def _team(accelerator) -> Team:
+    """The run's processes, to split a cache build (cache_build.py)."""
+    if accelerator.num_processes == 1:
+        return Team()
+    from accelerate.utils import broadcast_object_list
+
+    return Team(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+                lambda value: broadcast_object_list([value])[0])
+
+
 def encoding_settings(components) -> Dict[str, Any]:
     """How text (and, later, images) are encoded beyond what the loaded weights show: the `encoding` part of the
     cache key. Today the text-encoding choice (`text_encoding_key`: {} for clip77, kind and token budget for
@@ -114,7 +125,7 @@ def check_data_kind(cfg, batch_kind: str) -> None:
 
 def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data: streamed when uncached, or cached
-    (built by the main process while the others wait)."""
+    (built by all processes together)."""
     check_data_kind(cfg, batch_kind)
     if cfg.raft.enabled:
         from .online import OnlineSource
@@ -139,8 +150,7 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     root = Path(cfg.data.cache_dir or Path(cfg.output_dir).parent / "cache")
     key = components_key_parts(cfg.model, components, encoding_settings(components))
     enc_images, enc_prompts = _cache_encoders(components, accelerator.device)
-    with accelerator.main_process_first():
-        cached = build_or_load_cache(dataset, enc_images, enc_prompts, root, key)
+    cached = build_or_load_cache(dataset, enc_images, enc_prompts, root, key, team=_team(accelerator))
     cached.prompt_dropout = cfg.data.prompt_dropout
     return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world,
                          cfg.data.num_workers)

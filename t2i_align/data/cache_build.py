@@ -1,0 +1,158 @@
+"""Building a latent cache (layout: cache.py), split over the processes of a run.
+
+Each process encodes a contiguous slice of the pairs and of the unique captions into its own part folder of the
+temporary cache folder; the main process then renames every part's shards into one sequence (rank order, so the
+rows keep the data set's order whatever the number of processes) and writes the marker files. Prompt ids are the
+order of first appearance over every row of the data set, so each process knows them without the others; the
+price is an embedding for the caption of a row that turns out corrupt (rare; that row itself is skipped).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import UserError
+from .pairs import PairDataset, PairStats
+
+SIZE_KEYS = ("original_size_w", "original_size_l", "crop_top_left_w", "crop_top_left_l")
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+PromptEncoder = Callable[[List[str]], Dict[str, torch.Tensor]]
+
+
+@dataclass
+class Team:
+    """The processes building one cache: this one's rank, their number, a barrier, and `share(value)`, which
+    returns the main process's `value` on every process. The default is one process alone."""
+    rank: int = 0
+    world: int = 1
+    wait: Callable[[], None] = lambda: None
+    share: Callable[[Any], Any] = lambda value: value
+
+    def slice(self, n: int) -> range:
+        """This process's contiguous share of n items (shares differ by at most one)."""
+        return range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+
+class _ShardWriter:
+    """Collects rows of named tensors and writes them `shard_size` rows per safetensors file.
+
+    Rows are copied into one buffer per tensor and shard, allocated when the shard starts (large, so outside the
+    malloc heap; untouched pages cost no memory). Keeping each batch's small tensors instead left them scattered
+    between the large transient pixel batches, and glibc's heap grew by ~2.5 MB per pair cached (a 1,024-pair
+    shard peaked at 4 GB RSS in benchmarks/pair_reading.py)."""
+
+    def __init__(self, folder: Path, prefix: str, shard_size: int) -> None:
+        self.folder, self.prefix, self.shard_size = folder, prefix, shard_size
+        self.buffers: Dict[str, torch.Tensor] = {}
+        self.rows, self.shards = 0, []  # rows pending; [file name, rows] written
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        n, done = len(next(iter(tensors.values()))), 0
+        while done < n:
+            take = min(n - done, self.shard_size - self.rows)
+            for name, value in tensors.items():
+                if name not in self.buffers:
+                    self.buffers[name] = torch.empty((self.shard_size, *value.shape[1:]), dtype=value.dtype)
+                self.buffers[name][self.rows:self.rows + take] = value[done:done + take].detach()
+            self.rows, done = self.rows + take, done + take
+            if self.rows == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
+        save_file({k: v[:self.rows] for k, v in self.buffers.items()}, str(self.folder / name))
+        self.shards.append([name, self.rows])
+        self.buffers, self.rows = {}, 0
+
+
+def _encode_pairs(dataset: PairDataset, rows: range, prompt_ids: Mapping[str, int], encode_images: ImageEncoder,
+                  writer: _ShardWriter, batch_size: int) -> tuple[int, List[Any]]:
+    """Pass 1: latents of epoch 0's augmentation for every decodable pair among `rows`. Returns the number of
+    corrupt rows and the cached pairs' user ids (empty when the data has no user_id column)."""
+    corrupt, users, epoch = 0, [], dataset.epoch
+    dataset.set_epoch(0)
+    try:
+        for start in range(rows.start, rows.stop, batch_size):
+            items = [(i, dataset[i]) for i in range(start, min(start + batch_size, rows.stop))]
+            good = [(i, item) for i, item in items if item is not None]
+            corrupt += len(items) - len(good)
+            if not good:
+                continue
+            pixels = torch.cat([torch.stack([item[f"pixels_{s}"] for _, item in good]) for s in "wl"])
+            latents_w, latents_l = encode_images(pixels).chunk(2)
+            batch = {"latents_w": latents_w, "latents_l": latents_l,
+                     "row_id": torch.tensor([int(dataset.row_ids[i]) for i, _ in good]),
+                     "prompt": torch.tensor([prompt_ids[dataset.caption(i)] for i, _ in good])}
+            batch.update({k: torch.tensor([item[k] for _, item in good]) for k in SIZE_KEYS})
+            users += [item["user_id"] for _, item in good if "user_id" in item]
+            writer.add(batch)
+        writer.flush()
+    finally:
+        dataset.set_epoch(epoch)
+    return corrupt, users
+
+
+def _encode_prompts(captions: List[str], encode_prompts: PromptEncoder, writer: _ShardWriter,
+                    batch_size: int) -> None:
+    """Pass 2: one embedding per caption."""
+    for start in range(0, len(captions), batch_size):
+        writer.add({k: v for k, v in encode_prompts(captions[start:start + batch_size]).items() if v is not None})
+    writer.flush()
+
+
+def write_part(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder, tmp: Path,
+               team: Team, batch_size: int, shard_size: int) -> None:
+    """This process's share of both passes, in tmp/part-<rank>/ with a part.json saying what it holds."""
+    if not tmp.is_dir():
+        raise UserError(f"the cache folder {tmp.parent} is not shared: process {team.rank} does not see the "
+                        f"folder the main process made there. Set data.cache_dir to a folder every machine mounts")
+    part = tmp / f"part-{team.rank}"
+    part.mkdir()
+    prompt_ids = {caption: i for i, caption in enumerate(dict.fromkeys(dataset.captions))}
+    pairs = _ShardWriter(part, "pairs", shard_size)
+    corrupt, users = _encode_pairs(dataset, team.slice(len(dataset)), prompt_ids, encode_images, pairs, batch_size)
+    prompts, share = _ShardWriter(part, "prompts", shard_size), team.slice(len(prompt_ids))
+    _encode_prompts(list(prompt_ids)[share.start:share.stop], encode_prompts, prompts, batch_size)
+    (part / "part.json").write_text(json.dumps({"pair_shards": pairs.shards, "prompt_shards": prompts.shards,
+                                                "corrupt": corrupt, "users": users}))
+
+
+def merge_parts(dataset: PairDataset, encode_prompts: PromptEncoder, tmp: Path, key: str,
+                parts: Mapping[str, Any], world: int) -> None:
+    """Main process, after every part is written: one sequence of shards in rank order, then the marker files."""
+    shards: Dict[str, List[List[Any]]] = {"pairs": [], "prompts": []}
+    corrupt, users, per_process = 0, [], []
+    for rank in range(world):
+        folder = tmp / f"part-{rank}"
+        if not (folder / "part.json").is_file():
+            raise RuntimeError(f"process {rank} wrote no share of the cache: it failed (see its error)")
+        part = json.loads((folder / "part.json").read_text())
+        for kind in shards:
+            for name, n in part[f"{kind[:-1]}_shards"]:
+                merged = f"{kind}-{len(shards[kind]):05d}.safetensors"
+                os.replace(folder / name, tmp / merged)
+                shards[kind].append([merged, n])
+        corrupt, users = corrupt + part["corrupt"], users + part["users"]
+        per_process.append(sum(n for _, n in part["pair_shards"]))
+        (folder / "part.json").unlink()
+        folder.rmdir()
+    if not shards["pairs"]:
+        raise ValueError(f"no decodable pairs to cache ({corrupt} corrupt)")
+    empty = {k: v[:1].detach().cpu().contiguous() for k, v in encode_prompts([""]).items() if v is not None}
+    save_file(empty, str(tmp / "empty_prompt.safetensors"))  # substituted for dropped prompts
+    stats = PairStats(**asdict(dataset.stats))
+    stats.corrupt, stats.used = stats.corrupt + corrupt, stats.used - corrupt
+    (tmp / "captions.json").write_text(json.dumps(list(dict.fromkeys(dataset.captions))))
+    if getattr(dataset, "user_ids", None) is not None:  # PPD: one user id per cached pair, in cache order
+        (tmp / "users.json").write_text(json.dumps(users))
+    marker = {"key": key, "parts": parts, "pairs": sum(per_process), "pair_shards": shards["pairs"],
+              "prompt_shards": shards["prompts"], "stats": asdict(stats), "pairs_per_process": per_process}
+    (tmp / "complete.json").write_text(json.dumps(marker, indent=1))  # written last: its presence = complete
