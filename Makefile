@@ -20,6 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check --quiet .
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -104,7 +104,8 @@ def main() -> None:
         if args.only == "mid":
             models.pop("toy")
         print(f"DPO step, batch {args.batch} pairs, mean of {args.steps} steps, torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads\n")
+              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+              f"{torch.get_num_threads()} threads\n")
         print("| model | LoRA / full | cache | pairs/s | s/step | peak RSS (MiB) |\n|---|---|---|---|---|---|")
         for name, path in models.items():
             for lora in (True, False):

@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.modules["wandb"] = None  # `import wandb` raises ImportError here, as on a machine without it
 
 from gpu_loop_e2e import write_pairs  # noqa: E402  (this folder is sys.path[0] when run as a script)
-from gpu_sd15 import PROMPT, Recorder, _device, _fresh, _peak, _quiet_imports, build_folder, guarded, print_header, \
-    print_row  # noqa: E402
+from gpu_sd15 import (PROMPT, Recorder, _device, _fresh, _peak, _quiet_imports, build_folder,  # noqa: E402
+                      guarded, print_header)
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_TFLOPS = 989.4

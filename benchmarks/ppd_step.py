@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    header = (f"{args.model} model, DPO, batch {args.batch} pairs, mean of {args.steps} steps, torch {torch.__version__}, "
+    header = (f"{args.model} model, DPO, batch {args.batch} pairs, mean of {args.steps} steps, "
+              f"torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), 1 thread")
     print(header + "\n\n| set-up | trainable params | s/step | pairs/s |\n|---|---:|---:|---:|")
     rows = []

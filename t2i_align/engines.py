@@ -112,15 +112,15 @@ def check_deepspeed(accelerator, cfg) -> None:
     zero = ds.get("zero_optimization") or {}
     offload = (zero.get("offload_param") or {}).get("device", "none")
     if zero.get("stage", 0) == 3 or offload not in ("none", None):
-        raise UserError(f"DeepSpeed ZeRO stage {zero.get('stage')} with parameter offload {offload!r} is not supported: "
-                        "it partitions the UNet's weights, and the loop's galleries, sampling, LoRA reference and "
-                        "export call the UNet directly. Use ZeRO-2 without offload_param "
+        raise UserError(f"DeepSpeed ZeRO stage {zero.get('stage')} with parameter offload {offload!r} is not "
+                        "supported: it partitions the UNet's weights, and the loop's galleries, sampling, LoRA "
+                        "reference and export call the UNet directly. Use ZeRO-2 without offload_param "
                         "(configs/accelerate/deepspeed_zero2.yaml) or FSDP (configs/accelerate/fsdp.yaml)")
     steps = ds.get("gradient_accumulation_steps", 1)
     if steps not in (1, "auto"):
         raise UserError(f"DeepSpeed's gradient_accumulation_steps is {steps}: the loop accumulates itself "
-                        "(train.grad_accum) and the engine would divide the loss again. Set gradient_accumulation_steps "
-                        f"to 1 in the accelerate config and train.grad_accum={steps}")
+                        "(train.grad_accum) and the engine would divide the loss again. Set "
+                        f"gradient_accumulation_steps to 1 in the accelerate config and train.grad_accum={steps}")
     clip = ds.get("gradient_clipping", "auto")
     if clip == "auto":  # accelerate would fill in 1.0 whatever train.max_grad_norm says
         ds["gradient_clipping"] = cfg.train.max_grad_norm

@@ -163,11 +163,11 @@ def test_joint_flip_same_for_both_independent_can_differ(tmp_path):
                                                 for i in range(12)])
     joint = PairDataset(path, resolution=16, flip="joint")
     flips = [(is_flipped(it["pixels_w"]), is_flipped(it["pixels_l"])) for it in map(joint.__getitem__, range(12))]
-    assert all(w == l for w, l in flips) and {w for w, _ in flips} == {True, False}
+    assert all(win == lose for win, lose in flips) and {w for w, _ in flips} == {True, False}
     independent = PairDataset(path, resolution=16, flip="independent")
     flips = [(is_flipped(it["pixels_w"]), is_flipped(it["pixels_l"])) for it in map(independent.__getitem__,
                                                                                        range(12))]
-    assert any(w != l for w, l in flips)
+    assert any(win != lose for win, lose in flips)
     none = PairDataset(path, resolution=16)
     assert not any(is_flipped(none[i]["pixels_w"]) for i in range(12))
 

@@ -2,8 +2,6 @@
 skipped and counted, paths kept inside their root), the toy caption export, the data.kind checks, and the cache
 key's dependence on the text encoding."""
 import io
-import random
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
-from t2i_align.config import ConfigError, DataConfig, ModelConfig, load_config
+from t2i_align.config import ConfigError, ModelConfig, load_config
 from t2i_align.data.captions import CaptionDataset
 from t2i_align.data.pairs import collate_pairs
 from t2i_align.data.prompts_source import PromptSource

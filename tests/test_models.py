@@ -191,7 +191,8 @@ def test_lora_defaults_and_errors(sd15_dir):
     bad_init.init = "pissa_maybe"  # bypasses the config's own validation, as a hand-built config could
     with pytest.raises(ValueError, match="lora.init"):
         adapters.add_lora(fresh.unet, bad_init)
-    assert len(adapters.trainable_parameters(fresh.unet, LoraConfig(enabled=False))) == len(list(fresh.unet.parameters()))
+    every = list(fresh.unet.parameters())
+    assert len(adapters.trainable_parameters(fresh.unet, LoraConfig(enabled=False))) == len(every)
 
 
 def test_lora_weights_round_trip_through_diffusers(sd15_dir, tmp_path):

@@ -211,5 +211,6 @@ def test_sft_on_pairs_uses_only_the_preferred_images():
 
 def test_get_objective_registry():
     assert isinstance(get_objective("dpo"), DPO) and isinstance(get_objective("sft"), SFT)
-    with pytest.raises(ValueError, match="objective.name = 'ppo' is not an objective; available: dpo, reward_backprop, seppo, sft"):
+    with pytest.raises(ValueError, match="objective.name = 'ppo' is not an objective; "
+                                         "available: dpo, reward_backprop, seppo, sft"):
         get_objective("ppo")

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers import one_torch_thread  # noqa: F401
 from t2i_align.toy.pairs import jpeg_bytes, write_parquet

@@ -60,7 +60,8 @@ def _shape_by_template(mask: np.ndarray) -> str:
 
 
 def read_attributes(image: np.ndarray) -> Dict[str, Optional[str]]:
-    """Predict each attribute from a uint8 [H, W, 3] image (any square size; judged at IMAGE_SIZE). None where there is no object."""
+    """Predict each attribute from a uint8 [H, W, 3] image (any square size; judged at IMAGE_SIZE). None where there
+    is no object."""
     if image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         image = np.asarray(Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX))
     img = image.astype(np.float32)
