@@ -165,7 +165,7 @@ def _parquet_rows(files: List[Path]) -> Iterator[Item]:
             label = None if problem else float(r["label_0"])
             for side in (0, 1):
                 yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label, "label_problem": problem},
-                           r["caption"] or "", r[f"jpg_{side}"])
+                           "" if r["caption"] is None else str(r["caption"]), r[f"jpg_{side}"])
 
 
 def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: int = 32, on_batch=lambda b: None):

@@ -41,6 +41,10 @@ def settings_from(args):
 
     if args.seeds_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--seeds-per-prompt, --steps and --batch-size must be >= 1")
+    for flag, size in (("--height", args.height), ("--width", args.width)):
+        if size is not None and (size < 8 or size % 8):  # diffusers' pipelines would round it down silently
+            raise UsageError(f"{flag} {size}: give a positive multiple of 8 (the VAE's scale), "
+                             f"e.g. {max(8, size // 8 * 8)}")
     return SampleSettings(seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, scheduler=args.scheduler,
                           steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                           negative_prompt=args.negative_prompt, height=args.height, width=args.width)

@@ -62,6 +62,9 @@ def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_pa
     assert run(lambda: gen.main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out",
                                  str(tmp_path / "y"), *FAST])) == 2
     assert "do not match" in capsys.readouterr().err
+    for flag in ("--height", "--width"):
+        assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), flag, "30"])) == 2
+        assert f"error: {flag} 30: give a positive multiple of 8 (the VAE's scale), e.g. 24" in capsys.readouterr().err
 
 
 def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):

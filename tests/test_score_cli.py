@@ -165,3 +165,16 @@ def test_pairwise_excludes_and_counts_invalid_labels(tmp_path, capsys):
     assert pairwise["toy-judge"]["n"] == 5  # 3.0 is not counted as "image 0 wins"
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["label_problem"] for r in scored[-6::2]] == ["invalid_labels", "invalid_labels", "unlabelled"]
+
+
+def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, capsys):
+    """A caption column of numbers (or a null caption) is read as text, as metadata.jsonl prompts are."""
+    image = jpeg_bytes(render(SCENES[0]))
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"caption": pa.array([7, None], pa.int64()), "jpg_0": [image, image],
+                             "jpg_1": [image, image]}), path)
+    out = tmp_path / "scores.jsonl"
+    code, summary, err = _run(capsys, "--reward", "toy-clip", "--images", path, "--out", out)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["7", "7", "", ""] and all(r["toy-clip"] is not None for r in rows)
