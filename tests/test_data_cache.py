@@ -334,3 +334,79 @@ def test_a_process_failing_its_share_fails_every_process_and_leaves_nothing(tmp_
     assert isinstance(other, RuntimeError) and "simulated crash" in str(other)  # its own error
     assert isinstance(main, RuntimeError) and "process 1 wrote no share of the cache" in str(main)
     assert list((tmp_path / "cache").iterdir()) == []  # no cache, no temporary folder
+
+
+def test_main_process_failing_its_share_stops_the_others_with_its_message(tmp_path, pairs_path):
+    main, other = _build_together(pairs_path, tmp_path / "cache", [FakeEncoders(fail_on_image_call=1),
+                                                                    FakeEncoders()])
+    assert isinstance(main, RuntimeError) and str(main) == "simulated crash"
+    assert isinstance(other, RuntimeError) and str(other) == (
+        "the main process could not build the cache: RuntimeError: simulated crash")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_every_process_uses_the_main_process_cache_and_an_unshared_folder_is_named(tmp_path, pairs_path):
+    """A data copy with other modification times has another key: the main process's folder is everyone's. A
+    process that cannot see the complete cache the main process found is told the folder is not shared."""
+    import shutil
+
+    from t2i_align.errors import UserError
+
+    copy = tmp_path / "copy" / "p.parquet"
+    copy.parent.mkdir()
+    shutil.copy(pairs_path, copy)
+    datasets = [PairDataset(pairs_path, resolution=16), PairDataset(copy, resolution=16)]
+    roots = [tmp_path / "cache", tmp_path / "cache"]
+
+    def run():
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(rank, team):
+            try:
+                return build_or_load_cache(datasets[rank], FakeEncoders().images, FakeEncoders().prompts, roots[rank],
+                                           {"model": "fake"}, batch_size=3, shard_size=4, team=team)
+            except Exception as err:
+                return err
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(one, range(2), _thread_team(2)))
+    built = run()
+    assert built[0].folder == built[1].folder and len(built[1]) == 10
+    roots[1] = tmp_path / "elsewhere"  # as if another machine mounted nothing there
+    reused, unshared = run()
+    assert reused.folder == built[0].folder
+    assert isinstance(unshared, UserError) and "is not shared: process 1 does not see the cache" in str(unshared)
+
+
+def test_image_caption_data_caches_its_latents_sizes_and_dropout_draws(tmp_path):
+    """LongAlign's stage-1 data (one image per row): cached items are the uncached items encoded, with the same
+    seeded prompt dropout, sizes and crops; an undecodable image is skipped and counted once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from t2i_align.data.captions import CaptionDataset
+
+    rows = [{"caption": f"caption {i % 5}", "jpg": image_bytes([RED, GREEN, BLUE][i % 3], size=(16 + 8 * (i % 2), 16))}
+            for i in range(12)]
+    rows[4]["jpg"] = b"not an image"
+    path = tmp_path / "captions.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+    def data():
+        return CaptionDataset(path, resolution=16, crop="random", flip="joint", prompt_dropout=0.3, seed=5)
+    cached = build(data(), FakeEncoders(), tmp_path / "cache")
+    assert len(cached) == 11 and (cached.stats.rows, cached.stats.used, cached.stats.bad_images) == (12, 11, 1)
+    plain = data()
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        items = [plain[i] for i in range(12) if i != 4]
+        for j, item in enumerate(items):
+            hit = cached[j]
+            assert hit["caption"] == item["caption"] and hit["index"] == j
+            assert torch.equal(hit["prompt_embeds"], FakeEncoders.embed(item["caption"])["prompt_embeds"])
+            if epoch == 0:  # augmentations are frozen at caching time (epoch 0)
+                assert torch.equal(hit["latents"], F.avg_pool2d(item["pixels"], 8))
+                assert (hit["original_size"], hit["crop_top_left"]) == (item["original_size"], item["crop_top_left"])
+    assert 0 < sum(cached[j]["caption"] == "" for j in range(11)) < 11
+    again = build(data(), FakeEncoders(), tmp_path / "cache")
+    assert again.folder == cached.folder and isinstance(again.stats, type(plain.stats))

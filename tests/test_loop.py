@@ -265,3 +265,26 @@ def test_cached_runs_reuse_the_cache_and_are_reproducible(tiny_model, pairs, tmp
     assert sorted(p.name for p in cache.iterdir()) == built and len(built) == 1  # reused, not rebuilt
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-6)
     assert abs(_losses(tmp_path / "a")[0] - np.log(2)) < 1e-4
+
+
+def test_image_caption_data_trains_read_every_step_or_cached(tiny_model, pairs, tmp_path):
+    """LongAlign stage 1's data (data.kind=captions: each pair's winner as an image-caption row) through the loop,
+    uncached and cached; a second cached run reuses the cache. The cache's latents are VAE posterior samples
+    drawn at caching time, so the cached losses differ from the uncached ones, not their scale."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pairs).to_pylist()
+    captions = tmp_path / "captions.parquet"
+    pq.write_table(pa.Table.from_pylist([{"caption": r["caption"], "jpg": r["jpg_0"]} for r in table]), captions)
+    common = ("objective.name=sft", "data.kind=captions", "lora.enabled=true", "train.max_steps=2",
+              "train.log_every=1", f"data.cache_dir={tmp_path / 'cache'}")
+    losses = {}
+    for run, cache in (("plain", "false"), ("cached", "true"), ("again", "true")):
+        train(_cfg(tiny_model, captions, tmp_path / run, *common, f"data.cache={cache}"))
+        losses[run] = _losses(tmp_path / run)
+    (folder,) = (tmp_path / "cache").iterdir()  # built once, then reused
+    marker = json.loads((folder / "complete.json").read_text())
+    assert marker["stats_kind"] == "CaptionStats" and marker["pairs"] == len(table)
+    assert losses["cached"] == pytest.approx(losses["again"], abs=1e-6) and len(losses["plain"]) == 2
+    assert abs(np.mean(losses["cached"]) - np.mean(losses["plain"])) < 0.5 * np.mean(losses["plain"])

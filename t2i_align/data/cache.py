@@ -1,8 +1,11 @@
-"""Precomputed VAE latents and text embeddings for offline pair training (safetensors only, never pickle).
+"""Precomputed VAE latents and text embeddings for offline pair training and image-caption data (LongAlign's
+stage 1) (safetensors only, never pickle).
 
-Why: the official DPO code VAE-encodes two images every step; encoding once makes training steps UNet-only.
+Why: the official DPO code VAE-encodes two images every step; encoding once makes training steps UNet-only (and
+spares LongAlign's segment encoding, several CLIP passes per long caption, at every step).
 
-Layout: <cache_root>/<key>/ with pairs-NNNNN.safetensors (latents, sizes, crops, row ids, prompt index),
+Layout: <cache_root>/<key>/ with pairs-NNNNN.safetensors (one row per pair or per image-caption row: latents,
+sizes, crops, row ids, prompt index),
 prompts-NNNNN.safetensors (one embedding per unique caption: Pick-a-Pic has ~14 pairs per prompt),
 empty_prompt.safetensors, captions.json, users.json (each pair's user_id, when the data has one: PPD)
 and complete.json (the key and counts). The key hashes the data set
@@ -13,28 +16,31 @@ family, prompt encoder, and an `encoding` dict for future encoding choices). A d
 folder. The cache is written to a temporary folder and renamed into place only
 when complete, so a run interrupted midway never leaves something that is later taken as a cache.
 
-Augmentations are FROZEN: with random crops or flips, each pair keeps the one augmentation drawn at caching time
+Augmentations are FROZEN: with random crops or flips, each row keeps the one augmentation drawn at caching time
 (epoch 0). Users who want fresh augmentations every epoch must turn the cache off (data.cache=false).
 Prompt dropout still works: the embedding of "" is cached once and substituted at load time, with the same
-per-item seeded draw as the uncached PairDataset. Corrupt rows are skipped (and counted) at caching time.
+per-item seeded draw as the uncached data set. Corrupt rows are skipped (and counted) at caching time.
 Multi-process training: every process encodes a share and the main process publishes (cache_build.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..errors import UserError
 from ..files import plain_modes, temp_dir
-from .cache_build import SIZE_KEYS, ImageEncoder, PromptEncoder, Team, merge_parts, write_part
+from .cache_build import SIZE_NAMES, ImageEncoder, PromptEncoder, Team, merge_parts, write_part
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
+from .captions import CaptionStats
 from .pairs import PairDataset, PairStats, collate_pairs, item_draws
 
 logger = logging.getLogger(__name__)
@@ -58,20 +64,46 @@ def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encod
     """Load the cache for (dataset, key_parts) if a complete one exists, else encode everything and publish it.
     Every process of `team` calls this: they split the encoding (cache_build.py), the main process publishes.
 
-    encode_images: pixels [2B,3,R,R] in [-1,1] (winners then losers) -> latents [2B,...], scaled as the UNet
-    expects. encode_prompts: captions -> {"prompt_embeds": [B,L,D], optional "pooled_prompt_embeds": [B,D]}.
+    `dataset`: a PairDataset or a CaptionDataset (LongAlign's image-caption data). encode_images: pixels
+    [2B,3,R,R] in [-1,1] (pairs: winners then losers) -> latents [2B,...], scaled as the UNet expects.
+    encode_prompts: captions -> {"prompt_embeds": [B,L,D], optional "pooled_prompt_embeds": [B,D]}.
     """
     team = team or Team()
     parts = {"format": CACHE_FORMAT, "data": dataset.identity(), **key_parts}
-    key = cache_key(parts)
-    folder = Path(cache_root) / key
-    tmp = team.share(_start_build(folder, key) if team.rank == 0 else None)
+    key, root = cache_key(parts), Path(cache_root)
+    main_key, tmp = _begin(root, key, team)
+    folder = root / main_key
     if tmp is None:
+        if not folder.is_dir():  # complete where the main process looks, absent here
+            raise UserError(f"the cache folder {root} is not shared: process {team.rank} does not see the cache "
+                            f"the main process found there. Set data.cache_dir to a folder every machine mounts")
         logger.info("reusing cache %s", folder)
     else:
-        logger.info("building cache %s for %d pairs on %d processes", folder, len(dataset), team.world)
-        _build(dataset, encode_images, encode_prompts, Path(tmp), folder, key, parts, team, batch_size, shard_size)
+        logger.info("building cache %s for %d rows on %d processes", folder, len(dataset), team.world)
+        _build(dataset, encode_images, encode_prompts, Path(tmp), folder, main_key, parts, team, batch_size,
+               shard_size)
     return CachedPairDataset(folder, seed=dataset.seed, prompt_dropout=dataset.prompt_dropout)
+
+
+def _begin(root: Path, key: str, team: Team) -> Tuple[str, Optional[str]]:
+    """(the main process's key, a fresh temporary folder to build in, or None when the cache is complete), on every
+    process. The main process's key is everyone's: a copy of the data on another machine has other modification
+    times, hence another key, but the same rows."""
+    began, error = None, None
+    if team.rank == 0:
+        try:
+            began = {"key": key, "tmp": _start_build(root / key, key)}
+        except Exception as err:  # told to the others before raising, so that none waits for it
+            began, error = {"error": f"{type(err).__name__}: {err}"}, err
+    began = team.share(began)
+    if error is not None:
+        raise error
+    if "error" in began:
+        raise RuntimeError(f"the main process could not start building the cache: {began['error']}")
+    if began["key"] != key:
+        logger.warning("process %d: its data identity (file paths, sizes, times) differs from the main process's; "
+                       "using the main process's cache %s", team.rank, began["key"])
+    return began["key"], began["tmp"]
 
 
 def _start_build(folder: Path, key: str) -> Optional[str]:
@@ -89,24 +121,29 @@ def _build(dataset, encode_images, encode_prompts, tmp: Path, folder: Path, key:
     """Every process writes its part; the main process merges and renames the result into place. Each process
     raises its own error, else the main process's: every process ends alike, and no temporary folder is left."""
     own = failure = None
+    stats = copy.deepcopy(dataset.stats)  # before caching: the encoding pass counts a caption row's bad images
     try:
         write_part(dataset, encode_images, encode_prompts, tmp, team, batch_size, shard_size)
     except Exception as err:  # raised below, after the others have finished theirs
         own = err
     team.wait()
     if team.rank == 0:
+        failure = own
         try:
             if own is None:
-                merge_parts(dataset, encode_prompts, tmp, key, parts, team.world)
+                merge_parts(dataset, stats, encode_prompts, tmp, key, parts, team.world)
                 plain_modes(tmp)
                 _publish(tmp, folder, key)
         except Exception as err:
             failure = err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    failure = team.share(failure)
+    # as text: any exception can be told (pickling an exception object may fail)
+    told = team.share(None if failure is None else f"{type(failure).__name__}: {failure}")
     if own is not None or failure is not None:
         raise own or failure
+    if told is not None:
+        raise RuntimeError(f"the main process could not build the cache: {told}")
 
 
 def _publish(tmp: Path, folder: Path, key: str) -> None:
@@ -119,12 +156,14 @@ def _publish(tmp: Path, folder: Path, key: str) -> None:
 
 class CachedPairDataset(torch.utils.data.Dataset):
     """Items: dict(latents_w, latents_l, prompt tensors (e.g. prompt_embeds, pooled_prompt_embeds), caption,
-    original_size_w/l, crop_top_left_w/l, index). Shards are memory-mapped and read one row at a time."""
+    original_size_w/l, crop_top_left_w/l, index); for cached image-caption data latents, original_size and
+    crop_top_left instead. Shards are memory-mapped and read one row at a time."""
 
     def __init__(self, folder: str | Path, seed: int = 0, prompt_dropout: float = 0.0) -> None:
         self.folder = Path(folder)
         marker = json.loads((self.folder / "complete.json").read_text())
-        self.key, self.stats = marker["key"], PairStats(**marker["stats"])
+        stats_kind = CaptionStats if marker.get("stats_kind") == "CaptionStats" else PairStats
+        self.key, self.stats = marker["key"], stats_kind(**marker["stats"])
         self.seed, self.prompt_dropout, self.epoch = seed, prompt_dropout, 0
         self.captions: List[str] = json.loads((self.folder / "captions.json").read_text())
         users = self.folder / "users.json"
@@ -162,9 +201,9 @@ class CachedPairDataset(torch.utils.data.Dataset):
         dropped = item_draws(self.seed, self.epoch, int(row["row_id"]))[0] < self.prompt_dropout
         prompt_id = int(row["prompt"])
         embeds = self._empty if dropped else self._row(self._prompt_shards, self._prompt_ends, prompt_id)
-        item: Dict[str, Any] = {"latents_w": row["latents_w"], "latents_l": row["latents_l"], **embeds,
-                                "caption": "" if dropped else self.captions[prompt_id]}
-        item.update({k: tuple(int(v) for v in row[k]) for k in SIZE_KEYS})
+        item: Dict[str, Any] = {k: v for k, v in row.items() if k.startswith("latents")}
+        item.update(embeds, caption="" if dropped else self.captions[prompt_id])
+        item.update({k: tuple(int(v) for v in value) for k, value in row.items() if k.startswith(SIZE_NAMES)})
         item["index"] = index
         if self.user_ids is not None:
             item["user_id"] = self.user_ids[index]

@@ -1,10 +1,11 @@
 """Building a latent cache (layout: cache.py), split over the processes of a run.
 
-Each process encodes a contiguous slice of the pairs and of the unique captions into its own part folder of the
-temporary cache folder; the main process then renames every part's shards into one sequence (rank order, so the
-rows keep the data set's order whatever the number of processes) and writes the marker files. Prompt ids are the
-order of first appearance over every row of the data set, so each process knows them without the others; the
-price is an embedding for the caption of a row that turns out corrupt (rare; that row itself is skipped).
+Each process encodes a contiguous slice of the rows (pairs, or image-caption rows) and of the unique captions into
+its own part folder of the temporary cache folder; the main process then renames every part's shards into one
+sequence (rank order, so the rows keep the data set's order whatever the number of processes) and writes the
+marker files. Prompt ids are the order of first appearance over every row of the data set, so each process knows
+them without the others; the price is an embedding for the caption of a row that turns out corrupt (rare; that row
+itself is skipped). The latents are VAE posterior samples: their noise depends on the split, as on the batch size.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .pairs import PairDataset, PairStats
+from .pairs import PairDataset
 
-SIZE_KEYS = ("original_size_w", "original_size_l", "crop_top_left_w", "crop_top_left_l")
+SIZE_NAMES = ("original_size", "crop_top_left")  # per image, with the image's side suffix (_w, _l or none)
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 PromptEncoder = Callable[[List[str]], Dict[str, torch.Tensor]]
 
@@ -73,11 +74,12 @@ class _ShardWriter:
         self.buffers, self.rows = {}, 0
 
 
-def _encode_pairs(dataset: PairDataset, rows: range, prompt_ids: Mapping[str, int], encode_images: ImageEncoder,
-                  writer: _ShardWriter, batch_size: int) -> tuple[int, List[Any]]:
-    """Pass 1: latents of epoch 0's augmentation for every decodable pair among `rows`. Returns the number of
-    corrupt rows and the cached pairs' user ids (empty when the data has no user_id column)."""
-    corrupt, users, epoch = 0, [], dataset.epoch
+def _encode_rows(dataset: PairDataset, rows: range, prompt_ids: Mapping[str, int], encode_images: ImageEncoder,
+                 writer: _ShardWriter, batch_size: int) -> tuple[int, List[Any]]:
+    """Pass 1: latents of epoch 0's augmentation for every decodable row among `rows` (a pair's two images, or
+    image-caption data's one: `dataset.SIDES`). Returns the number of corrupt rows and the cached rows' user ids
+    (empty when the data has no user_id column)."""
+    corrupt, users, epoch, sides = 0, [], dataset.epoch, dataset.SIDES
     dataset.set_epoch(0)
     try:
         for start in range(rows.start, rows.stop, batch_size):
@@ -86,12 +88,11 @@ def _encode_pairs(dataset: PairDataset, rows: range, prompt_ids: Mapping[str, in
             corrupt += len(items) - len(good)
             if not good:
                 continue
-            pixels = torch.cat([torch.stack([item[f"pixels_{s}"] for _, item in good]) for s in "wl"])
-            latents_w, latents_l = encode_images(pixels).chunk(2)
-            batch = {"latents_w": latents_w, "latents_l": latents_l,
-                     "row_id": torch.tensor([int(dataset.row_ids[i]) for i, _ in good]),
-                     "prompt": torch.tensor([prompt_ids[dataset.caption(i)] for i, _ in good])}
-            batch.update({k: torch.tensor([item[k] for _, item in good]) for k in SIZE_KEYS})
+            pixels = torch.cat([torch.stack([item[f"pixels{s}"] for _, item in good]) for s in sides])
+            batch = {f"latents{s}": z for s, z in zip(sides, encode_images(pixels).chunk(len(sides)))}
+            batch["row_id"] = torch.tensor([int(dataset.row_ids[i]) for i, _ in good])
+            batch["prompt"] = torch.tensor([prompt_ids[dataset.caption(i)] for i, _ in good])
+            batch.update({k + s: torch.tensor([item[k + s] for _, item in good]) for k in SIZE_NAMES for s in sides})
             users += [item["user_id"] for _, item in good if "user_id" in item]
             writer.add(batch)
         writer.flush()
@@ -118,16 +119,17 @@ def write_part(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts
     part.mkdir()
     prompt_ids = {caption: i for i, caption in enumerate(dict.fromkeys(dataset.captions))}
     pairs = _ShardWriter(part, "pairs", shard_size)
-    corrupt, users = _encode_pairs(dataset, team.slice(len(dataset)), prompt_ids, encode_images, pairs, batch_size)
+    corrupt, users = _encode_rows(dataset, team.slice(len(dataset)), prompt_ids, encode_images, pairs, batch_size)
     prompts, share = _ShardWriter(part, "prompts", shard_size), team.slice(len(prompt_ids))
     _encode_prompts(list(prompt_ids)[share.start:share.stop], encode_prompts, prompts, batch_size)
     (part / "part.json").write_text(json.dumps({"pair_shards": pairs.shards, "prompt_shards": prompts.shards,
                                                 "corrupt": corrupt, "users": users}))
 
 
-def merge_parts(dataset: PairDataset, encode_prompts: PromptEncoder, tmp: Path, key: str,
+def merge_parts(dataset: PairDataset, stats: Any, encode_prompts: PromptEncoder, tmp: Path, key: str,
                 parts: Mapping[str, Any], world: int) -> None:
-    """Main process, after every part is written: one sequence of shards in rank order, then the marker files."""
+    """Main process, after every part is written: one sequence of shards in rank order, then the marker files.
+    `stats`: the data set's row counts before caching (PairStats or CaptionStats)."""
     shards: Dict[str, List[List[Any]]] = {"pairs": [], "prompts": []}
     corrupt, users, per_process = 0, [], []
     for rank in range(world):
@@ -145,14 +147,14 @@ def merge_parts(dataset: PairDataset, encode_prompts: PromptEncoder, tmp: Path, 
         (folder / "part.json").unlink()
         folder.rmdir()
     if not shards["pairs"]:
-        raise ValueError(f"no decodable pairs to cache ({corrupt} corrupt)")
+        raise ValueError(f"no decodable rows to cache ({corrupt} corrupt)")
     empty = {k: v[:1].detach().cpu().contiguous() for k, v in encode_prompts([""]).items() if v is not None}
     save_file(empty, str(tmp / "empty_prompt.safetensors"))  # substituted for dropped prompts
-    stats = PairStats(**asdict(dataset.stats))
-    stats.corrupt, stats.used = stats.corrupt + corrupt, stats.used - corrupt
+    stats = stats.skipping(corrupt)
     (tmp / "captions.json").write_text(json.dumps(list(dict.fromkeys(dataset.captions))))
     if getattr(dataset, "user_ids", None) is not None:  # PPD: one user id per cached pair, in cache order
         (tmp / "users.json").write_text(json.dumps(users))
     marker = {"key": key, "parts": parts, "pairs": sum(per_process), "pair_shards": shards["pairs"],
-              "prompt_shards": shards["prompts"], "stats": asdict(stats), "pairs_per_process": per_process}
+              "prompt_shards": shards["prompts"], "stats": asdict(stats), "stats_kind": type(stats).__name__,
+              "pairs_per_process": per_process}
     (tmp / "complete.json").write_text(json.dumps(marker, indent=1))  # written last: its presence = complete

@@ -15,7 +15,7 @@ crop_top_left, index; resize, crop and flip as the pair loader (`pairs.prepare_i
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .pairs import (DECODE_ERRORS, decode_rgb, find_parquet_files, item_draws, open_parquet, prepare_image,
-                    to_rgb)
+from .pairs import (DECODE_ERRORS, decode_rgb, files_identity, find_parquet_files, item_draws, open_parquet,
+                    prepare_image, to_rgb)
 
 logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg", "path")
@@ -44,9 +44,16 @@ class CaptionStats:
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
 
+    def skipping(self, corrupt: int) -> "CaptionStats":
+        """A copy with `corrupt` more unusable images (found at caching time) and as many fewer rows used."""
+        return replace(self, bad_images=self.bad_images + corrupt, used=self.used - corrupt)
+
 
 class CaptionDataset(torch.utils.data.Dataset):
     """(image, caption) rows; item = dict(pixels, caption, original_size, crop_top_left, index) or None."""
+
+    SIDES = ("",)
+    """One image per item: pixels (and its size and crop), cached as latents."""
 
     def __init__(self, path: str | Path, resolution: int = 512, crop: str = "center", flip: str = "none",
                  prompt_dropout: float = 0.0, max_items: int = 0, seed: int = 0, root: Optional[str | Path] = None,
@@ -86,6 +93,7 @@ class CaptionDataset(torch.utils.data.Dataset):
                 if self.max_items and len(loc) >= self.max_items:
                     break
         self._loc = np.array(loc, dtype=np.int64).reshape(-1, 3)
+        self.row_ids = np.arange(len(loc))  # each row's random draws come from its index
         self.stats.rows = self.stats.used = len(self.captions)
 
     def __len__(self) -> int:
@@ -96,6 +104,15 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def caption(self, index: int) -> str:
         return self.captions[index]
+
+    def identity(self) -> Dict[str, Any]:
+        """Everything that determines the pixels (cache key); the seed only if augmentation is random. Image files
+        named by a `path` column are not in it: replacing one under the same name needs data.cache=false or a new
+        cache_dir."""
+        random = self.crop == "random" or self.flip != "none"
+        return {"kind": "captions", "files": files_identity(self.files), "image_root": str(self.image_root),
+                "resolution": self.resolution, "crop": self.crop, "flip": self.flip, "max_items": self.max_items,
+                "seed": self.seed if random else None}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}
@@ -141,7 +158,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         image = self.decode(index)
         if image is None:
             return None
-        u = item_draws(self.seed, self.epoch, index)
+        u = item_draws(self.seed, self.epoch, int(self.row_ids[index]))
         flip = self.flip != "none" and u[1] < 0.5
         pixels, size, crop = prepare_image(image, self.resolution, self.crop, flip, u[3], u[4])
         caption = "" if u[0] < self.prompt_dropout else self.captions[index]
@@ -160,15 +177,15 @@ def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> Cap
         raise ConfigError(f"data.path: {err}; give a parquet file or folder of image-caption data") from None
 
 
-def build_caption_source(cfg: Any, accelerator: Any):
+def build_caption_source(cfg: Any, components: Any, accelerator: Any):
     """Image-caption micro-batches for an "images" objective (SFT: LongAlign stage 1), in `OfflineSource` order:
-    read uncached, each process its share, resumable by skipping micro-batches."""
+    each process its share, resumable by skipping micro-batches; read and encoded every step, or with data.cache
+    from latents and embeddings encoded once (cache.py)."""
     from .pairs import collate_pairs
-    from .sources import OfflineSource
+    from .sources import OfflineSource, cached_data
 
-    if cfg.data.cache:
-        raise ConfigError("data.cache=true is not supported for data.kind=captions yet: set data.cache=false "
-                          "(images are then VAE-encoded every step)")
     dataset = load_captions(cfg.data, cfg.seed)
+    if cfg.data.cache:
+        dataset = cached_data(cfg, components, accelerator, dataset)
     return OfflineSource(dataset, collate_pairs, cfg.train.batch_size, cfg.seed, accelerator.process_index,
                          accelerator.num_processes, cfg.data.num_workers)

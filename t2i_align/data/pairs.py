@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +52,15 @@ class PairStats:
 
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
+
+    def skipping(self, corrupt: int) -> "PairStats":
+        """A copy with `corrupt` more rows found undecodable (at caching time) and as many fewer used."""
+        return replace(self, corrupt=self.corrupt + corrupt, used=self.used - corrupt)
+
+
+def files_identity(files: Sequence[Path]) -> List[list]:
+    """[path, size, mtime] of each data file: part of a cache key (a rewritten file is new data)."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
@@ -166,6 +175,9 @@ class PairDataset(torch.utils.data.Dataset):
     """Preference pairs; item = dict(pixels_w, pixels_l, caption, original_size_w/l, crop_top_left_w/l, index),
     or None for a row whose image bytes do not decode (`collate_pairs` drops and counts it)."""
 
+    SIDES = ("_w", "_l")
+    """The images of an item: pixels_w / pixels_l (and their sizes and crops), cached as latents_w / latents_l."""
+
     def __init__(self, path: str | Path, resolution: int = 512, crop: str = "center", flip: str = "none",
                  ties: str = "drop", prompt_dropout: float = 0.0, max_pairs: int = 0, seed: int = 0,
                  root: Optional[str | Path] = None) -> None:
@@ -245,10 +257,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def identity(self) -> Dict[str, Any]:
         """Everything that determines the pixels and pairs (cache key); the seed only if augmentation is random."""
-        files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
         random = self.crop == "random" or self.flip != "none"
-        return {"files": files, "resolution": self.resolution, "crop": self.crop, "flip": self.flip,
-                "ties": self.ties, "max_pairs": self.max_pairs, "seed": self.seed if random else None}
+        return {"files": files_identity(self.files), "resolution": self.resolution, "crop": self.crop,
+                "flip": self.flip, "ties": self.ties, "max_pairs": self.max_pairs,
+                "seed": self.seed if random else None}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}

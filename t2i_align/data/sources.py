@@ -138,7 +138,7 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     if cfg.data.kind == "captions":
         from .captions import build_caption_source
 
-        return build_caption_source(cfg, accelerator)
+        return build_caption_source(cfg, components, accelerator)
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
                          "(for the toy world: python -m t2i_align.toy pairs --out DIR)")
@@ -147,10 +147,16 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     if not cfg.data.cache:
         return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                                    window=cfg.data.shuffle_window)
+    return OfflineSource(cached_data(cfg, components, accelerator, dataset), collate_cached, cfg.train.batch_size,
+                         cfg.seed, rank, world, cfg.data.num_workers)
+
+
+def cached_data(cfg, components, accelerator, dataset):
+    """`dataset` (pairs or image-caption rows) as latents and embeddings, from the cache in data.cache_dir, which
+    the run's processes build together if it is not there yet."""
     root = Path(cfg.data.cache_dir or Path(cfg.output_dir).parent / "cache")
     key = components_key_parts(cfg.model, components, encoding_settings(components))
     enc_images, enc_prompts = _cache_encoders(components, accelerator.device)
     cached = build_or_load_cache(dataset, enc_images, enc_prompts, root, key, team=_team(accelerator))
     cached.prompt_dropout = cfg.data.prompt_dropout
-    return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world,
-                         cfg.data.num_workers)
+    return cached
