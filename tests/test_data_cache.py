@@ -328,6 +328,24 @@ def test_two_processes_build_the_one_process_cache_each_encoding_half(tmp_path, 
     assert [p.name for p in (tmp_path / "together").iterdir()] == [alone.folder.name]  # no part folders left
 
 
+@pytest.mark.parametrize("world", [3, 7, 12])
+def test_any_number_of_processes_builds_the_one_process_rows_corrupt_ones_and_empty_shares_included(tmp_path, world):
+    """12 processes for 10 rows: some encode nothing. Rows 3 and 8 do not decode: skipped and counted once."""
+    rows = [row(caption=f"caption {i % 4}", jpg_0=image_bytes([RED, GREEN, BLUE][i % 3], size=(16 + 8 * (i % 2), 16)),
+                jpg_1=b"garbage" if i in (3, 8) else image_bytes(BLUE), label_0=float(i % 2)) for i in range(10)]
+    path = write_pairs(tmp_path / "bad.parquet", rows, row_group_size=4)
+    alone = build(PairDataset(path, resolution=16, crop="random", flip="joint", seed=2), FakeEncoders(),
+                  tmp_path / "alone")
+    together = _build_together(path, tmp_path / "together", [FakeEncoders() for _ in range(world)], world=world)
+    assert all(c.folder == together[0].folder for c in together) and len(alone) == 8
+    marker = json.loads((together[0].folder / "complete.json").read_text())
+    assert sum(marker["pairs_per_process"]) == 8 and len(marker["pairs_per_process"]) == world
+    assert together[-1].stats == alone.stats and together[-1].stats.corrupt == 2
+    for i in range(8):
+        a, b = alone[i], together[-1][i]
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
 def test_a_process_failing_its_share_fails_every_process_and_leaves_nothing(tmp_path, pairs_path):
     encoders = [FakeEncoders(), FakeEncoders(fail_on_image_call=2)]
     main, other = _build_together(pairs_path, tmp_path / "cache", encoders)
