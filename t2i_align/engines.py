@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -76,10 +76,11 @@ def check_shared_output(accelerator, out: Path) -> None:
 
 def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """Fail at start, before loading anything, on what the loop cannot run under FSDP, saying what to use instead:
-    version 1; SePPO (its snapshot references put weights into the live UNet with torch.func, which FSDP's own
-    gathering overrides); torch.compile (found by running it: the loop's direct UNet calls miss the compiled
-    root's gathering); RAFT / online DPO rounds whose prompts do not split evenly over the processes (each
-    process must run as many forwards as the others)."""
+    version 1; SePPO with LoRA (its snapshot references put adapter weights into the live UNet with torch.func,
+    which FSDP's own gathering overrides; SePPO's full fine-tune loads snapshots into the unsharded frozen copy);
+    torch.compile (found by running it: the loop's direct UNet calls miss the compiled root's gathering); RAFT /
+    online DPO rounds whose prompts do not split evenly over the processes (each process must run as many
+    forwards as the others)."""
     if not is_fsdp(accelerator):
         return
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -88,9 +89,9 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
                         "calling the UNet directly, which bypasses FSDP1's wrapper. Set fsdp_version: 2 in the "
                         "accelerate config (as configs/accelerate/fsdp.yaml does)")
     if not objective_runs_sharded:
-        raise UserError(f"objective {cfg.objective.name!r} does not run under FSDP (SePPO's snapshot references need "
-                        "the whole UNet). Use configs/accelerate/ddp.yaml (with model.gradient_checkpointing=true "
-                        "and train.optimizer=adafactor or adamw8bit for memory)")
+        raise UserError(f"objective {cfg.objective.name!r} with LoRA does not run under FSDP (SePPO's adapter "
+                        "snapshots enter the live UNet, which FSDP shards). Use configs/accelerate/ddp.yaml (LoRA "
+                        "fits one GPU), or full fine-tuning (lora.enabled=false), which runs sharded")
     if getattr(accelerator.state.dynamo_plugin, "backend", "NO") != "NO":  # DynamoBackend is a str enum
         raise UserError("torch.compile (train.compile or accelerate launch --dynamo_backend) is not supported under "
                         "FSDP: accelerate shards the compiled wrapper, and the loop's direct calls of the UNet "
@@ -154,16 +155,25 @@ def half_precision_autocast(accelerator):
     return torch.autocast(accelerator.device.type, dtype=dtype)
 
 
+def full_weights(accelerator, unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The UNet's state dict with every weight in one piece. Without FSDP: its own state dict (views, no copy).
+    Under FSDP (collective: every process calls it): gathered onto the main process's CPU; empty elsewhere."""
+    if not is_fsdp(accelerator):
+        return unet.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The UNet with every weight in one piece, for the export. Without FSDP: `unet` itself. Under FSDP
     (collective: every process calls it): its full state dict gathered onto the main process's CPU, loaded into a
     plain copy of the same class and adapters (LoRA, PPD's user branch) there; None on the other processes."""
     if not is_fsdp(accelerator):
         return unet
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    state = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = full_weights(accelerator, unet)
     if not accelerator.is_main_process:
         return None
     from .conditioning.users import add_user_branch, has_user_branch, user_branch_layout

@@ -123,8 +123,12 @@ class SnapshotPool(BaseReference):
     leaves (the initial model always stays, as SePPO's U(0, k-1) includes it)."""
 
     def __init__(self, unet, components, adapters: bool, frozen, *, snapshot_every: int, pool_size: int, draw: str,
-                 seed: int, output_dir: Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None):
+                 seed: int, output_dir: Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+                 weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None):
+        """`weights`: the policy's whole state dict, called on every process when a full fine-tune snapshot is
+        taken (under FSDP a collective that gathers the shards onto the main process: `engines.full_weights`)."""
         super().__init__(unet, components, adapters, frozen)
+        self.weights = weights or unet.state_dict
         if draw not in DRAWS:
             raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
         self.snapshot_every, self.pool_size, self.draw, self.seed = snapshot_every, pool_size, draw, seed
@@ -172,9 +176,10 @@ class SnapshotPool(BaseReference):
         """Full fine-tune snapshot to disk in the frozen copy's dtype (kept while a checkpoint lists it)."""
         from safetensors.torch import save_file
 
+        weights = self.weights()  # every process: under FSDP the gather is collective
         if self.is_main and not self._file(step).is_file():
             dtype = next(self.frozen.parameters()).dtype
-            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.unet.state_dict().items()}
+            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
             self.pool_dir.mkdir(parents=True, exist_ok=True)
             tmp = self._file(step).with_suffix(".tmp")
             save_file(state, str(tmp))

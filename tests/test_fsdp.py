@@ -172,6 +172,26 @@ def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(t
     assert (tmp_path / "fsdp" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_fsdp_seppo_full_finetune_takes_the_ddp_steps_and_draws(tmp_path):
+    """SePPO's full fine-tune sharded: each snapshot is the policy gathered from its shards (collective) and written
+    by the main process; the drawn snapshot is loaded into the unsharded frozen copy. The same draws, losses and
+    gradient norms as under DDP, and the pool's files equal DDP's."""
+    args = tiny_run_args(tmp_path, *FULL, "objective.name=seppo", "seppo.snapshot_every=1", "seppo.pool_size=3",
+                         "seppo.sample_steps=2")
+    launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}")
+    assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp")
+    draws = [json.loads((tmp_path / run / f"draws{r}.json").read_text()) for run in ("fsdp", "ddp") for r in (0, 1)]
+    assert all(d == draws[0] for d in draws) and len(set(draws[0])) > 1  # not always the initial model
+    pools = [sorted(p.name for p in (tmp_path / run / "reference_pool").iterdir()) for run in ("fsdp", "ddp")]
+    assert pools[0] == pools[1] and len(pools[0]) >= 2 and pools[0][0] == "step-0.safetensors"
+    origin = load_file(tmp_path / "ddp" / "reference_pool" / "step-0.safetensors")
+    assert origin.keys() == load_file(tmp_path / "sd15" / UNET).keys()  # a whole UNet, gathered from the shards
+    for name in pools[0][1:]:  # as the full fine-tune's export: equal to float rounding (summed in other orders)
+        a, b = (load_file(tmp_path / run / "reference_pool" / name) for run in ("fsdp", "ddp"))
+        assert a.keys() == b.keys() and relative_distance(a, b, origin) < 1e-2
+
+
 def test_fsdp_ppd_with_lora_takes_the_ddp_steps_and_exports_the_user_branch(tmp_path):
     """PPD sharded (LoRA and the user branch, users as cross-attention tokens; rows of a user missing from the table
     are skipped): the same losses as DDP, and an export whose user branch and LoRA equal DDP's."""

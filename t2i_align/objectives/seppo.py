@@ -85,17 +85,24 @@ class SePPO(Objective):
 
     needs_reference = True
     batch_kind = "images"
-    runs_sharded = False  # snapshots go into the live UNet by torch.func, which FSDP's gathering overrides
     pool = None
 
+    def configure(self, cfg) -> "SePPO":
+        # LoRA snapshots enter the live UNet by torch.func, which FSDP's gathering overrides; a full fine-tune's
+        # snapshots are loaded into the frozen copy, which is never sharded
+        self.runs_sharded = cfg.full_finetune
+        return self
+
     def reference_provider(self, ctx):
+        from t2i_align.engines import full_weights
         from t2i_align.references import SnapshotPool
 
         sc = ctx.cfg.seppo
         self.pool = SnapshotPool(ctx.unet, ctx.components, ctx.lora, ctx.frozen, snapshot_every=sc.snapshot_every,
-                            pool_size=sc.pool_size, draw=sc.reference, seed=ctx.cfg.seed,
-                            output_dir=ctx.cfg.output_dir, is_main=ctx.accelerator.is_main_process,
-                            barrier=ctx.accelerator.wait_for_everyone)
+                                 pool_size=sc.pool_size, draw=sc.reference, seed=ctx.cfg.seed,
+                                 output_dir=ctx.cfg.output_dir, is_main=ctx.accelerator.is_main_process,
+                                 barrier=ctx.accelerator.wait_for_everyone,
+                                 weights=lambda: full_weights(ctx.accelerator, ctx.unet))
         return self.pool
 
     @torch.no_grad()
