@@ -63,10 +63,15 @@ def build(rank: int, world: int, port: int, data: str, cache: str, size: int, ou
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(value):
+        every = [None] * world
+        dist.all_gather_object(every, value)
+        return every
     components = load_components(load_config(None, ["model.pretrained=toy"]).model)
     images, prompts = _cache_encoders(components, "cpu")
     dataset = PairDataset(data, resolution=size)
-    team = Team(rank, world, dist.barrier, share)
+    team = Team(rank, world, dist.barrier, share, gather)
     dist.barrier()
     start = time.perf_counter()
     cached = build_or_load_cache(dataset, images, prompts, cache, {"model": "toy"}, batch_size=32, team=team)

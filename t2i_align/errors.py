@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Tuple, Type
+from typing import Callable, Optional, Tuple, Type
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "T2I_ALIGN_DEBUG"
@@ -56,3 +56,20 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = ())
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def describe(err: Optional[BaseException]) -> Optional[Tuple[bool, str]]:
+    """`err` as (whether it is a user error, one line of text), to tell the other processes of a run: they must all
+    stop (else they wait in their next collective until the run's timeout), and an exception object may not pickle."""
+    if err is None:
+        return None
+    if isinstance(err, user_error_types()):
+        return True, one_line(err)
+    return False, f"{type(err).__name__}: {one_line(err)}"
+
+
+def raise_told(told: Optional[Tuple[bool, str]], context: str) -> None:
+    """Raise what another process `describe`d (a user error stays one: one line, exit code 2); nothing if None."""
+    if told is not None:
+        user, text = told
+        raise (UserError if user else RuntimeError)(f"{context}: {text}")

@@ -15,7 +15,7 @@ import torch
 
 from .config import ConfigError
 from .engines import half_precision_autocast, is_fsdp
-from .errors import UserError
+from .errors import describe, raise_told
 from .adapters import adapters_off
 from .models import build_pipeline
 from .sampling import Samples, generate, prompt_major
@@ -77,18 +77,20 @@ class Validator:
 
         name, reward, error = self.cfg.tracking.validation_reward, None, None
         if self.accelerator.is_main_process:
-            options = {"device": str(self.accelerator.device)} if reward_accepts(name, "device") else {}
             try:
+                options = {"device": str(self.accelerator.device)} if reward_accepts(name, "device") else {}
                 reward = get_reward(name, **options)
                 self._check_reward_reads_prompts(reward)
-            except UserError as err:
+            except Exception as err:  # raised below, once the others know
                 error = err
+        told = describe(error)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            error = broadcast_object_list([error])[0]
+            told = broadcast_object_list([told])[0]
         if error is not None:
             raise error
+        raise_told(told, "the main process could not load tracking.validation_reward")
         return reward
 
     def _check_reward_reads_prompts(self, reward) -> None:

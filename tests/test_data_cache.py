@@ -275,22 +275,22 @@ def test_shard_writer_holds_one_shard_buffer_not_the_batches_given(tmp_path):
 
 # ---------------------------------------------------------------- a build split over processes (threads here)
 def _thread_team(world):
-    """Team members for `world` threads: a barrier, and `share` through one slot written by rank 0."""
+    """Team members for `world` threads: a barrier; `share` and `gather` through slots (rank 0's, or one each)."""
     import threading
 
     from t2i_align.data.cache_build import Team
 
-    barrier, slot = threading.Barrier(world, timeout=60), [None]
+    barrier, slots = threading.Barrier(world, timeout=60), [None] * world
 
     def member(rank):
-        def share(value):
-            if rank == 0:
-                slot[0] = value
+        def gather(value):
+            slots[rank] = value
             barrier.wait()
-            out = slot[0]
-            barrier.wait()  # nobody overwrites the slot before everyone has read it
+            out = list(slots)
+            barrier.wait()  # nobody overwrites a slot before everyone has read them
             return out
-        return Team(rank, world, barrier.wait, share)
+
+        return Team(rank, world, barrier.wait, lambda value: gather(value)[0], gather)
     return [member(rank) for rank in range(world)]
 
 
@@ -365,7 +365,8 @@ def test_main_process_failing_its_share_stops_the_others_with_its_message(tmp_pa
 
 def test_every_process_uses_the_main_process_cache_and_an_unshared_folder_is_named(tmp_path, pairs_path):
     """A data copy with other modification times has another key: the main process's folder is everyone's. A
-    process that cannot see the complete cache the main process found is told the folder is not shared."""
+    process that cannot see the complete cache the main process found is told the folder is not shared, and the
+    main process stops too (else it would wait for that process in the run's first collective)."""
     import shutil
 
     from t2i_align.errors import UserError
@@ -390,9 +391,10 @@ def test_every_process_uses_the_main_process_cache_and_an_unshared_folder_is_nam
     built = run()
     assert built[0].folder == built[1].folder and len(built[1]) == 10
     roots[1] = tmp_path / "elsewhere"  # as if another machine mounted nothing there
-    reused, unshared = run()
-    assert reused.folder == built[0].folder
+    main, unshared = run()
     assert isinstance(unshared, UserError) and "is not shared: process 1 does not see the cache" in str(unshared)
+    assert isinstance(main, UserError) and str(main).startswith("another process could not open the cache: the cache "
+                                                                "folder") and "process 1" in str(main)
 
 
 def test_image_caption_data_caches_its_latents_sizes_and_dropout_draws(tmp_path):

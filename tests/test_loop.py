@@ -82,6 +82,26 @@ def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_mode
     assert torch.allclose(loaded, trained, atol=1e-6)
 
 
+def test_the_official_sdxl_full_recipe_settings_train(tiny_model, pairs, tmp_path):
+    """configs/sdxl/dpo_full.yaml's optimizer settings on the tiny model: Adafactor at a fixed LR with its own
+    update clipping (no parameter scaling, no relative step), no external clipping, the reference kept on the CPU
+    between calls. DPO's first loss is ln 2 (policy = reference) and the UNet moves."""
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_align.optim import make_optimizer
+
+    cfg = _cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=false", "train.optimizer=adafactor",
+               "train.max_grad_norm=0", "train.offload_reference=true", "train.max_steps=2", "train.log_every=1")
+    adafactor = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train, lr=1e-3).defaults
+    assert (adafactor["lr"], adafactor["scale_parameter"], adafactor["relative_step"], adafactor["clip_threshold"],
+            adafactor["weight_decay"]) == (1e-3, False, False, 1.0, cfg.train.weight_decay)
+    final = train(cfg).final
+    assert abs(_losses(tmp_path / "run")[0] - np.log(2)) < 1e-4
+    before = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet.state_dict()
+    after = StableDiffusionPipeline.from_pretrained(str(final)).unet.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in after.items())
+
+
 def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -132,6 +132,21 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
             assert json.loads((tmp_path / "part" / f"draws{rank}.json").read_text()) == full_draws[3:]
 
 
+def _until_one_fails(machines, timeout=600):
+    """Wait for every process; once one has failed, kill the others (they would wait for their peer until
+    the rendezvous times out)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(m.poll() is None for m in machines) and time.monotonic() < deadline:
+        if any(m.poll() not in (None, 0) for m in machines):
+            break
+        time.sleep(0.5)
+    for machine in machines:
+        machine.kill()
+        machine.wait()
+
+
 def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
     """configs/accelerate/ddp_multinode.yaml as on two machines of one process each (both on this host, over
     127.0.0.1, machine ranks 0 and 1 launched side by side): the same run as two processes on one machine. Only the
@@ -150,17 +165,18 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        logs = [tmp_path / f"machine{rank}.err" for rank in (0, 1)]  # files: a full pipe would block a process
+        handles = [log.open("w") for log in logs]
         machines = [subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
              "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
              "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args,
              f"output_dir={tmp_path / 'two'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV) for rank in (0, 1)]
-        try:
-            errs = [machine.communicate(timeout=600)[1] for machine in machines]
-        finally:  # one machine failing leaves the other waiting for its peer
-            for machine in machines:
-                machine.kill()
+            stdout=subprocess.DEVNULL, stderr=handles[rank], env=ENV) for rank in (0, 1)]
+        _until_one_fails(machines)
+        for handle in handles:
+            handle.close()
+        errs = [log.read_text() for log in logs]
         if not any("address already in use" in err.lower() for err in errs):
             break
     for machine, err in zip(machines, errs):

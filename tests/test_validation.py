@@ -53,24 +53,30 @@ def test_the_validation_reward_lives_on_the_main_process_and_its_device(monkeypa
     copy per process on GPU 0); the main process's setup error stops every process alike."""
     from reward_models import base
 
+    from t2i_align.errors import UserError
+
     built = []
 
-    @base.register("test-device-reward")
     class DeviceReward(base.Reward):
+        name = "test-device-reward"
+
         def __init__(self, device="cuda"):
             built.append(device)
-    monkeypatch.setitem(base._REGISTRY, "test-device-reward", DeviceReward)  # removed again after the test
+    monkeypatch.setitem(base._REGISTRY, DeviceReward.name, DeviceReward)  # removed again after the test
     setting = "tracking.validation_reward=test-device-reward"
     assert isinstance(_validator("lora.enabled=true", setting, prompts=["p"]).reward, DeviceReward)
     assert built == ["cpu"]  # the accelerator's device, not the reward's default
     other = SimpleNamespace(is_main_process=False, num_processes=2, device=torch.device("cpu"),
                             distributed_type="MULTI_CPU")
     sent = []
-    main_error = ConfigError("tracking.validation_reward ...: from the main process")
-    monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objs: sent.append(objs) or [main_error])
-    with pytest.raises(ConfigError, match="from the main process"):
+    told = (True, "tracking.validation_reward ...: from the main process")  # as the main process describes it
+    monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objs: sent.append(objs) or [told])
+    with pytest.raises(UserError, match="^the main process could not load tracking.validation_reward: tracking"):
         _validator("lora.enabled=true", setting, prompts=["p"], accelerator=other)
     assert sent == [[None]] and built == ["cpu"]  # nothing built on the other process, nothing sent from it
+    told = (False, "OutOfMemoryError: CUDA out of memory")  # not a user error: a traceback there too
+    with pytest.raises(RuntimeError, match="could not load tracking.validation_reward: OutOfMemoryError"):
+        _validator("lora.enabled=true", setting, prompts=["p"], accelerator=other)
     monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objs: [None])
     assert _validator("lora.enabled=true", setting, prompts=["p"], accelerator=other).reward is None
 

@@ -8,13 +8,13 @@ Layout: <cache_root>/<key>/ with pairs-NNNNN.safetensors (one row per pair or pe
 sizes, crops, row ids, prompt index),
 prompts-NNNNN.safetensors (one embedding per unique caption: Pick-a-Pic has ~14 pairs per prompt),
 empty_prompt.safetensors, captions.json, users.json (each pair's user_id, when the data has one: PPD)
-and complete.json (the key and counts). The key hashes the data set
-identity (file paths, sizes, mtimes), resolution, crop, flip, ties, max_pairs (and the seed when augmentation is
-random) plus the caller's `key_parts`: everything on the model side that changes a tensor (`cache_key.py`:
-tokenizer, text encoder and VAE folders including a `model.vae` override, variant, revision, actual dtypes,
-family, prompt encoder, and an `encoding` dict for future encoding choices). A different key is a different
-folder. The cache is written to a temporary folder and renamed into place only
-when complete, so a run interrupted midway never leaves something that is later taken as a cache.
+and complete.json (the key and counts). The key hashes the data set identity (file paths, sizes, mtimes),
+resolution, crop, flip, ties, max_pairs (image-caption data: its kind, image root and max_items; the seed when
+augmentation is random) plus the caller's `key_parts`: everything on the model side that changes a tensor
+(`cache_key.py`: tokenizer, text encoder and VAE folders including a `model.vae` override, variant, revision,
+actual dtypes, family, prompt encoder, and an `encoding` dict for future encoding choices). A different key is a
+different folder. The cache is written to a temporary folder and renamed into place only when complete, so a run
+interrupted midway never leaves something that is later taken as a cache.
 
 Augmentations are FROZEN: with random crops or flips, each row keeps the one augmentation drawn at caching time
 (epoch 0). Users who want fresh augmentations every epoch must turn the cache off (data.cache=false).
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..errors import UserError, describe, raise_told
 from ..files import plain_modes, temp_dir
 from .cache_build import SIZE_NAMES, ImageEncoder, PromptEncoder, Team, merge_parts, write_part
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
@@ -74,15 +74,12 @@ def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encod
     main_key, tmp = _begin(root, key, team)
     folder = root / main_key
     if tmp is None:
-        if not folder.is_dir():  # complete where the main process looks, absent here
-            raise UserError(f"the cache folder {root} is not shared: process {team.rank} does not see the cache "
-                            f"the main process found there. Set data.cache_dir to a folder every machine mounts")
         logger.info("reusing cache %s", folder)
     else:
         logger.info("building cache %s for %d rows on %d processes", folder, len(dataset), team.world)
         _build(dataset, encode_images, encode_prompts, Path(tmp), folder, main_key, parts, team, batch_size,
                shard_size)
-    return CachedPairDataset(folder, seed=dataset.seed, prompt_dropout=dataset.prompt_dropout)
+    return _open_everywhere(folder, dataset, team)
 
 
 def _begin(root: Path, key: str, team: Team) -> Tuple[str, Optional[str]]:
@@ -94,16 +91,34 @@ def _begin(root: Path, key: str, team: Team) -> Tuple[str, Optional[str]]:
         try:
             began = {"key": key, "tmp": _start_build(root / key, key)}
         except Exception as err:  # told to the others before raising, so that none waits for it
-            began, error = {"error": f"{type(err).__name__}: {err}"}, err
+            began, error = {"error": describe(err)}, err
     began = team.share(began)
     if error is not None:
         raise error
-    if "error" in began:
-        raise RuntimeError(f"the main process could not start building the cache: {began['error']}")
+    raise_told(began.get("error"), "the main process could not start building the cache")
     if began["key"] != key:
         logger.warning("process %d: its data identity (file paths, sizes, times) differs from the main process's; "
                        "using the main process's cache %s", team.rank, began["key"])
     return began["key"], began["tmp"]
+
+
+def _open_everywhere(folder: Path, dataset, team: Team) -> "CachedPairDataset":
+    """The cache, opened on every process, or an error on every process (a process that failed alone would leave
+    the others waiting in the run's first collective)."""
+    cached = problem = None
+    try:
+        if not folder.is_dir():  # complete where the main process looks, absent here
+            raise UserError(f"the cache folder {folder.parent} is not shared: process {team.rank} does not see the "
+                            f"cache the main process made or found there. Set data.cache_dir to a folder every "
+                            "machine mounts")
+        cached = CachedPairDataset(folder, seed=dataset.seed, prompt_dropout=dataset.prompt_dropout)
+    except Exception as err:
+        problem = err
+    others = [told for told in team.gather(describe(problem)) if told is not None]
+    if problem is not None:
+        raise problem
+    raise_told(others[0] if others else None, "another process could not open the cache")
+    return cached
 
 
 def _start_build(folder: Path, key: str) -> Optional[str]:
@@ -138,12 +153,10 @@ def _build(dataset, encode_images, encode_prompts, tmp: Path, folder: Path, key:
             failure = err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    # as text: any exception can be told (pickling an exception object may fail)
-    told = team.share(None if failure is None else f"{type(failure).__name__}: {failure}")
+    told = team.share(describe(failure))
     if own is not None or failure is not None:
         raise own or failure
-    if told is not None:
-        raise RuntimeError(f"the main process could not build the cache: {told}")
+    raise_told(told, "the main process could not build the cache")
 
 
 def _publish(tmp: Path, folder: Path, key: str) -> None:

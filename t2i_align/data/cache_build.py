@@ -28,12 +28,14 @@ PromptEncoder = Callable[[List[str]], Dict[str, torch.Tensor]]
 
 @dataclass
 class Team:
-    """The processes building one cache: this one's rank, their number, a barrier, and `share(value)`, which
-    returns the main process's `value` on every process. The default is one process alone."""
+    """The processes building one cache: this one's rank, their number, a barrier, `share(value)`, which returns
+    the main process's `value` on every process, and `gather(value)`, every process's value in rank order, on
+    every process. The default is one process alone."""
     rank: int = 0
     world: int = 1
     wait: Callable[[], None] = lambda: None
     share: Callable[[Any], Any] = lambda value: value
+    gather: Callable[[Any], List[Any]] = lambda value: [value]
 
     def slice(self, n: int) -> range:
         """This process's contiguous share of n items (shares differ by at most one)."""

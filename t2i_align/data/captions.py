@@ -87,7 +87,7 @@ class CaptionDataset(torch.utils.data.Dataset):
                 captions = pf.read_row_group(g, columns=["caption"]).column("caption").to_pylist()
                 for off, caption in enumerate(captions):
                     loc.append((fi, g, off))
-                    self.captions.append(caption or "")
+                    self.captions.append("" if caption is None else str(caption))  # None: unconditional
                     if self.max_items and len(loc) >= self.max_items:
                         break
                 if self.max_items and len(loc) >= self.max_items:

@@ -90,10 +90,10 @@ def _team(accelerator) -> Team:
     """The run's processes, to split a cache build (cache_build.py)."""
     if accelerator.num_processes == 1:
         return Team()
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
 
     return Team(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
-                lambda value: broadcast_object_list([value])[0])
+                lambda value: broadcast_object_list([value])[0], lambda value: gather_object([value]))
 
 
 def encoding_settings(components) -> Dict[str, Any]:
