@@ -7,7 +7,7 @@ processes joined over gloo exactly as `accelerate launch` joins them (a barrier 
 process). Each process count builds into its own cache folder; the rows, captions and prompt embeddings of every
 build are compared with the one-process build (latents are VAE posterior samples, so they are not compared).
 
-    python benchmarks/cache_build_scaling.py [--pairs 2000] [--processes 1 2] [--size 32]
+    python benchmarks/cache_build_scaling.py [--pairs 3000] [--processes 1 2] [--size 32]
 
 Prints a Markdown table and writes benchmarks/results/cache_build_scaling_cpu.json.
 """
@@ -101,7 +101,7 @@ def same_rows(a, b) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--pairs", type=int, default=3000)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--size", type=int, default=32, help="image side in px (the toy model's resolution)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache_build_scaling_cpu.json"))
