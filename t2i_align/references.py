@@ -124,11 +124,13 @@ class SnapshotPool(BaseReference):
 
     def __init__(self, unet, components, adapters: bool, frozen, *, snapshot_every: int, pool_size: int, draw: str,
                  seed: int, output_dir: Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
-                 weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None):
+                 weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None, in_memory: bool = False):
         """`weights`: the policy's whole state dict, called on every process when a full fine-tune snapshot is
-        taken (under FSDP a collective that gathers the shards onto the main process: `engines.full_weights`)."""
+        taken (under FSDP a collective that gathers the shards onto the main process: `engines.full_weights`).
+        `in_memory`: keep full fine-tune snapshots in CPU RAM once read (seppo.snapshots_in_memory)."""
         super().__init__(unet, components, adapters, frozen)
-        self.weights = weights or unet.state_dict
+        self.weights, self.in_memory = weights or unet.state_dict, in_memory
+        self.ram: Dict[int, Dict[str, torch.Tensor]] = {}  # full fine-tune: step -> weights read (in_memory)
         if draw not in DRAWS:
             raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
         self.snapshot_every, self.pool_size, self.draw, self.seed = snapshot_every, pool_size, draw, seed
@@ -155,6 +157,7 @@ class SnapshotPool(BaseReference):
         while len(self.steps) > self.pool_size:
             gone = self.steps.pop(1)
             self.tensors.pop(gone, None)
+            self.ram.pop(gone, None)
         if not self.adapters:
             self._collect()
 
@@ -233,10 +236,19 @@ class SnapshotPool(BaseReference):
 
     def _load_full(self, step: int) -> None:
         if self.loaded != step:
-            from safetensors.torch import load_file
-
-            self.frozen.load_state_dict(load_file(str(self._file(step))))
+            self.frozen.load_state_dict(self._read_full(step))
             self.loaded = step
+
+    def _read_full(self, step: int) -> Dict[str, torch.Tensor]:
+        """Snapshot `step`'s weights: from RAM if read before and kept (`in_memory`), else from its file."""
+        from safetensors.torch import load_file
+
+        if step not in self.ram:
+            state = load_file(str(self._file(step)))
+            if not self.in_memory:
+                return state
+            self.ram[step] = state
+        return self.ram[step]
 
     def _drawn(self) -> int:
         if self.current is None:
@@ -285,7 +297,7 @@ class SnapshotPool(BaseReference):
             missing = [str(self._file(s)) for s in steps if not self._file(s).is_file()]
             if missing:
                 raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}")
-        self.steps, self.current, self.loaded = steps, None, None
+        self.steps, self.current, self.loaded, self.ram = steps, None, None, {}
 
 
 def _read_lora_pool(path: Path, steps: List[int], unet) -> Dict[int, Dict[str, torch.Tensor]]:

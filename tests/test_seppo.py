@@ -141,6 +141,37 @@ def test_a_lora_snapshot_as_reference_leaves_the_policy_gradients_alone(tmp_path
     assert all(p.requires_grad for p in params) and comp.unet.training is False  # mode restored as found
 
 
+@pytest.mark.parametrize("in_memory, reads", [(False, 5), (True, 3)])
+def test_full_finetune_snapshots_are_read_once_when_kept_in_memory(tmp_path, monkeypatch, in_memory, reads):
+    """seppo.snapshots_in_memory: each snapshot file is read once and kept; without it, each change of the draw
+    reads a file. Either way the frozen copy holds the drawn snapshot; one that leaves the pool leaves RAM too."""
+    import safetensors.torch
+
+    from t2i_align.adapters import frozen_reference
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    frozen = frozen_reference(comp.unet, torch.float32)
+    pool = SnapshotPool(comp.unet, comp, False, frozen, snapshot_every=1, pool_size=2, draw="random", seed=0,
+                        output_dir=tmp_path / "run", in_memory=in_memory)
+    weight = next(comp.unet.parameters())
+    with torch.no_grad():
+        weight.add_(1.0)  # the policy moves on: snapshot 1 differs from snapshot 0
+    pool.after_step(1)
+    read, real = [], safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path: read.append(path) or real(path))
+    for step in (0, 1, 0, 1):
+        pool._load_full(step)
+        assert torch.allclose(next(frozen.parameters()), weight.detach() - (1.0 if step == 0 else 0.0), atol=1e-6)
+    with torch.no_grad():
+        weight.add_(1.0)
+    pool.after_step(2)  # the pool holds 2: snapshot 1 leaves, and RAM with it
+    pool._load_full(2)
+    assert len(read) == reads and sorted(pool.ram) == ([0, 2] if in_memory else [])
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")

@@ -88,6 +88,10 @@ class SeppoConfig:
     reencode: bool = True
     """Train on VAE encodings of the decoded reference samples (generated latents lie off the encoder's
     manifold: the toy RAFT collapsed on them); false: on the generated latents."""
+    snapshots_in_memory: bool = False
+    """Full fine-tune: keep each snapshot in CPU RAM once read (up to pool_size UNets in model.weight_dtype per
+    process: SD1.5 fp16 ~1.7 GB each) instead of re-reading its file whenever the draw changes, which with the
+    random draw is nearly every step (slow on a network file system)."""
 
     def __post_init__(self) -> None:
         _check_choice(self, "reference", ("random", "initial", "latest"))

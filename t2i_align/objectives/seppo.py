@@ -102,7 +102,8 @@ class SePPO(Objective):
                                  pool_size=sc.pool_size, draw=sc.reference, seed=ctx.cfg.seed,
                                  output_dir=ctx.cfg.output_dir, is_main=ctx.accelerator.is_main_process,
                                  barrier=ctx.accelerator.wait_for_everyone,
-                                 weights=lambda: full_weights(ctx.accelerator, ctx.unet))
+                                 weights=lambda: full_weights(ctx.accelerator, ctx.unet),
+                                 in_memory=sc.snapshots_in_memory)
         return self.pool
 
     @torch.no_grad()
