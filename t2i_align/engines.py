@@ -89,9 +89,10 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
                         "calling the UNet directly, which bypasses FSDP1's wrapper. Set fsdp_version: 2 in the "
                         "accelerate config (as configs/accelerate/fsdp.yaml does)")
     if not objective_runs_sharded:
-        raise UserError(f"objective {cfg.objective.name!r} with LoRA does not run under FSDP (SePPO's adapter "
-                        "snapshots enter the live UNet, which FSDP shards). Use configs/accelerate/ddp.yaml (LoRA "
-                        "fits one GPU), or full fine-tuning (lora.enabled=false), which runs sharded")
+        raise UserError(f"objective {cfg.objective.name!r} with adapters (LoRA or PPD's user branch) does not run "
+                        "under FSDP (its adapter snapshots enter the live UNet, which FSDP shards). Use "
+                        "configs/accelerate/ddp.yaml (adapters fit one GPU), or full fine-tuning (lora.enabled=false, "
+                        "ppd.enabled=false), which runs sharded")
     if getattr(accelerator.state.dynamo_plugin, "backend", "NO") != "NO":  # DynamoBackend is a str enum
         raise UserError("torch.compile (train.compile or accelerate launch --dynamo_backend) is not supported under "
                         "FSDP: accelerate shards the compiled wrapper, and the loop's direct calls of the UNet "

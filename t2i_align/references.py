@@ -180,7 +180,9 @@ class SnapshotPool(BaseReference):
         from safetensors.torch import save_file
 
         weights = self.weights()  # every process: under FSDP the gather is collective
-        if self.is_main and not self._file(step).is_file():
+        # a later step's file may be left by a run resumed from an earlier checkpoint: written anew (step 0, the
+        # initial model, is the same in every run)
+        if self.is_main and (step > 0 or not self._file(step).is_file()):
             dtype = next(self.frozen.parameters()).dtype
             state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
             self.pool_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def test_accelerate_config_files_load(name, engine):
 @pytest.mark.parametrize("version, overrides, message", [
     (1, [], "FSDP version 1 is not supported.*fsdp_version: 2"),
     (2, ["objective.name=seppo", "lora.enabled=true"],
-     "'seppo' with LoRA does not run under FSDP.*configs/accelerate/ddp.yaml.*lora.enabled=false"),
+     "'seppo' with adapters .* does not run under FSDP.*configs/accelerate/ddp.yaml.*lora.enabled=false"),
     (2, ["train.compile=true"], "torch.compile .* is not supported under FSDP"),
     (2, ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train", "raft.prompts_per_round=3"],
      r"prompts_per_round \(3\) must divide evenly over the 2 processes"),

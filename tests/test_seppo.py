@@ -170,6 +170,11 @@ def test_full_finetune_snapshots_are_read_once_when_kept_in_memory(tmp_path, mon
     pool.after_step(2)  # the pool holds 2: snapshot 1 leaves, and RAM with it
     pool._load_full(2)
     assert len(read) == reads and sorted(pool.ram) == ([0, 2] if in_memory else [])
+    with torch.no_grad():  # a file of step 3 left by an abandoned run (resumed from an earlier checkpoint)
+        weight.add_(1.0)
+    safetensors.torch.save_file({"stale": torch.zeros(1)}, str(pool._file(3)))
+    pool.after_step(3)
+    assert torch.equal(real(str(pool._file(3)))[next(iter(comp.unet.state_dict()))], weight.detach())
 
 
 @pytest.fixture(scope="module")
