@@ -77,14 +77,17 @@ class _ShardWriter:
 
 
 def _encode_rows(dataset: PairDataset, rows: range, prompt_ids: Mapping[str, int], encode_images: ImageEncoder,
-                 writer: _ShardWriter, batch_size: int) -> tuple[int, List[Any]]:
+                 writer: _ShardWriter, batch_size: int, progress: bool = False) -> tuple[int, List[Any]]:
     """Pass 1: latents of epoch 0's augmentation for every decodable row among `rows` (a pair's two images, or
     image-caption data's one: `dataset.SIDES`). Returns the number of corrupt rows and the cached rows' user ids
     (empty when the data has no user_id column)."""
     corrupt, users, epoch, sides = 0, [], dataset.epoch, dataset.SIDES
     dataset.set_epoch(0)
     try:
-        for start in range(rows.start, rows.stop, batch_size):
+        from tqdm.auto import tqdm
+
+        starts = range(rows.start, rows.stop, batch_size)
+        for start in tqdm(starts, desc="caching latents", unit="batch", disable=not progress):
             items = [(i, dataset[i]) for i in range(start, min(start + batch_size, rows.stop))]
             good = [(i, item) for i, item in items if item is not None]
             corrupt += len(items) - len(good)
@@ -121,7 +124,8 @@ def write_part(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts
     part.mkdir()
     prompt_ids = {caption: i for i, caption in enumerate(dict.fromkeys(dataset.captions))}
     pairs = _ShardWriter(part, "pairs", shard_size)
-    corrupt, users = _encode_rows(dataset, team.slice(len(dataset)), prompt_ids, encode_images, pairs, batch_size)
+    corrupt, users = _encode_rows(dataset, team.slice(len(dataset)), prompt_ids, encode_images, pairs, batch_size,
+                                  progress=team.rank == 0)  # the main process's share stands for all
     prompts, share = _ShardWriter(part, "prompts", shard_size), team.slice(len(prompt_ids))
     _encode_prompts(list(prompt_ids)[share.start:share.stop], encode_prompts, prompts, batch_size)
     (part / "part.json").write_text(json.dumps({"pair_shards": pairs.shards, "prompt_shards": prompts.shards,
