@@ -94,7 +94,19 @@ def get_reward(name: str, **options) -> Reward:
     _load_builtin()
     if name not in _REGISTRY:
         raise RewardSetupError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    check_options(name, options)
     return _REGISTRY[name](**options)
+
+
+def check_options(name: str, options: Dict[str, Any]) -> None:
+    """RewardSetupError naming the options reward `name` does not take (a bare TypeError otherwise) and those it
+    does."""
+    params = inspect.signature(_REGISTRY[name]).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    bad = [key for key in options if key not in params]
+    if bad:
+        raise RewardSetupError(f"reward {name!r} has no option(s) {bad}; it takes: {', '.join(params) or 'none'}")
 
 
 def reward_accepts(name: str, option: str) -> bool:

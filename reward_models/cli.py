@@ -40,7 +40,7 @@ from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files, 
 from t2i_align.errors import UserError, run_cli
 from t2i_align.stats import wilson_interval
 
-from .base import _REGISTRY, Reward, available_rewards
+from .base import _REGISTRY, Reward, available_rewards, check_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -86,11 +86,12 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
         raise UsageError(f"bad --reward {','.join(names)!r} (unknown or repeated); available: {', '.join(available)}")
     rewards = {}
     for name in names:
+        try:
+            check_options(name, options[name])
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         params = inspect.signature(_REGISTRY[name]).parameters
         any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        bad = [k for k in options[name] if k not in params and not any_key]
-        if bad:
-            raise UsageError(f"reward {name!r} has no option(s) {bad}; it takes: {', '.join(params) or 'none'}")
         take_device = device is not None and ("device" in params or any_key)
         opts = {**({"device": device} if take_device else {}), **options[name]}
         try:

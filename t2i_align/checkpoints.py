@@ -83,7 +83,10 @@ def checkpoint_step(path: Path) -> int:
 def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Optional[Path]:
     """Resuming from step N while checkpoints after N exist (an abandoned timeline): move those into
     `checkpoints/abandoned-<time>/`, never deleting a user's files, so keep-last-K and `resume=latest` only ever
-    see this timeline. Returns the folder they went to (None if there were none)."""
+    see this timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`):
+    this run writes its own under the same names. Returns the folder they went to (None if there were none)."""
+    from .references import POOL_DIR, snapshot_files
+
     newer = [path for s, path in list_checkpoints(output_dir) if s > step]
     if not newer:
         return None
@@ -93,7 +96,12 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     aside.mkdir(parents=True)
     for path in newer:
         path.rename(aside / path.name)
-    log(f"resumed at step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned run to {aside}")
+    snapshots = [path for s, path in snapshot_files(output_dir).items() if s > step]
+    for path in snapshots:
+        (aside / POOL_DIR).mkdir(exist_ok=True)
+        path.rename(aside / POOL_DIR / path.name)
+    log(f"resumed at step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned run"
+        + (f" and {len(snapshots)} SePPO reference snapshot(s)" if snapshots else "") + f" to {aside}")
     return aside
 
 
@@ -170,15 +178,16 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     if not all_finite(params):
         accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written")
         return None
+    from .engines import on_main
+
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-    if accelerator.is_main_process:
+
+    def begin() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def complete() -> None:
         if save_extra is not None:
             save_extra(tmp)
         plain_modes(tmp)
@@ -188,7 +197,11 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         older = [path for s, path in list_checkpoints(output_dir) if s < step]
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+
+    on_main(accelerator, begin, f"the main process could not start checkpoint {final}")
+    accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
+    on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
     return final
 
 

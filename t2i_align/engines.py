@@ -14,13 +14,17 @@ DeepSpeed's must stay 1. It also clips at its own gradient_clipping, not train.m
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import sys
 import uuid
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, describe, raise_told
 
 
 ENGINES_TESTED_WITH = "1.15"
@@ -29,6 +33,29 @@ ENGINES_TESTED_WITH = "1.15"
 
 def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed, where installed, is imported in every run (accelerate's unwrap_model looks for its engine), and
+    its logger writes to stdout from its import on (the accelerator it detects): what a command prints there, the
+    toy demo's JSON, would start with that line. Imported here with stdout pointing at stderr, the stream its
+    logger keeps, it logs to stderr for the rest of the process."""
+    if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+
+def check_launcher_precision(cfg) -> None:
+    """Before the Accelerator: the run config's train.mixed_precision decides the precision (the frozen parts'
+    dtype follows it, and the config's checks read it), and accelerate silently prefers it to the launcher's
+    (`accelerate launch --mixed_precision`, a launch file's or `accelerate config`'s mixed_precision). A launcher
+    asking for another precision is refused rather than ignored; its "no" is also its default, so it passes."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked not in ("no", cfg.train.mixed_precision):
+        raise UserError(f"accelerate launch asks for mixed precision {asked!r} (its --mixed_precision or its config "
+                        f"file), but the run config says train.mixed_precision={cfg.train.mixed_precision!r}, which "
+                        f"decides: set train.mixed_precision={asked}, or launch with --mixed_precision no")
 
 
 def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
@@ -46,6 +73,28 @@ def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
     check_deepspeed(accelerator, cfg)
 
 
+def on_main(accelerator, work: Callable[[], Any], context: str) -> Any:
+    """Collective: `work()` on the main process (its result there, None elsewhere), then every process goes on
+    together, or stops if it failed: the main process with its own error, the others with its text under
+    `context`. A plain barrier after main-only work (a checkpoint, the export) left the others waiting for a main
+    process that had died (a full disk, W&B refusing to start) until train.ddp_timeout, three hours by default."""
+    result = failed = None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as err:  # told to the others first, then raised here with its traceback
+            failed = err
+    told = None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        told = broadcast_object_list([describe(failed)])[0]
+    if failed is not None:
+        raise failed
+    raise_told(told, context)
+    return result
+
+
 def check_shared_output(accelerator, out: Path) -> None:
     """`out` must be a folder (or not exist yet). Several processes: fail at start, on every process, unless each
     sees in `out` a file the main process just wrote there. The main process alone writes checkpoints, the RAFT
@@ -58,12 +107,18 @@ def check_shared_output(accelerator, out: Path) -> None:
         return
     from accelerate.utils import broadcast_object_list, gather_object
 
-    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
-    probe = out / f".shared-check-{token}"
+    token, failed = uuid.uuid4().hex, None
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token)
-    accelerator.wait_for_everyone()
+        try:  # an unwritable folder stops every process, not the main one alone while the others wait
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f".shared-check-{token}").write_text(token)
+        except OSError as err:
+            failed = err
+    token, told = broadcast_object_list([(token, describe(failed))])[0]  # the main process's, on every process
+    if failed is not None:
+        raise failed
+    raise_told(told, f"the main process could not write in output_dir {out}")
+    probe = out / f".shared-check-{token}"
     blind = [i for i, seen in enumerate(gather_object([probe.is_file()])) if not seen]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -30,7 +30,8 @@ and importing diffusers just to name an exception would slow every command down.
 
 def user_error_types(also: Tuple[Type[BaseException], ...] = ()) -> Tuple[Type[BaseException], ...]:
     """The exception classes `run_cli` reports as user errors."""
-    found = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, *also]
+    found = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
+             *also]
     for module, name in _DEFINED_ELSEWHERE:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):

@@ -23,7 +23,8 @@ from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
                           save_checkpoint, save_only_trainable, set_aside_newer, set_aside_previous_run)
 from .config import Config, config_to_dict, save_config
-from .engines import autocast, check_shared_output, configure_engine, is_fsdp, loss_scaled, whole_unet
+from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
+                      deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_main, whole_unet)
 from .errors import UserError
 from .data.sources import build_data_source
 from .adapters import add_lora, frozen_reference, trainable_parameters
@@ -146,6 +147,8 @@ def train(cfg: Config) -> TrainResult:
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     # dynamo_backend None: accelerate reads `accelerate launch --dynamo_backend` (off unless given there)
+    check_launcher_precision(cfg)
+    deepspeed_logs_to_stderr()
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
@@ -174,10 +177,8 @@ def train(cfg: Config) -> TrainResult:
     ctx = ObjectiveContext(components, accelerator, cfg, raw_unet, not cfg.full_finetune, frozen)
     objective.setup(ctx)
     provider = objective.reference_provider(ctx)  # before a resume: its initial snapshot is the initial model
-    tracker = Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg),
-                      enabled=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+    tracker = on_main(accelerator, lambda: _start_tracking(cfg, out), "the main process could not start tracking")
+    tracker = tracker or Tracker(out, enabled=False)
     if not cfg.full_finetune:
         save_only_trainable(accelerator)
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
@@ -186,12 +187,11 @@ def train(cfg: Config) -> TrainResult:
     start, raw_start = _resume(cfg, accelerator, raw_unet, (provider, source), tracker)
     state = _RunState(objective, provider, source, tracker, validator, start, raw_start)
     _run(cfg, accelerator, components, state, unet, optimizer, lr_sched, params)
-    final = None
     accelerator.wait_for_everyone()
     whole = whole_unet(accelerator, raw_unet)  # collective under FSDP
-    if accelerator.is_main_process:
-        final = export_final(build_pipeline(components, unet=whole), whole, not cfg.full_finetune, out,
-                             user_table=None if components.users is None else components.users.table)
+    final = on_main(accelerator, lambda: export_final(
+        build_pipeline(components, unet=whole), whole, not cfg.full_finetune, out,
+        user_table=None if components.users is None else components.users.table), "the main process could not export")
     rows, step, columns = validator.gallery(cfg.train.max_steps)  # collective under FSDP; rows on the main process
     if rows:
         tracker.log_gallery(rows, step, columns, name="gallery")
@@ -200,14 +200,21 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(final or out / "final", raw_unet)
 
 
+def _start_tracking(cfg: Config, out: Path) -> Tracker:
+    """Main process: metrics.jsonl and W&B (which may refuse to start), and the run's config beside them."""
+    tracker = Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg))
+    save_config(cfg, out / "config.yaml")
+    return tracker
+
+
 def _prepare_output(cfg: Config, accelerator) -> None:
     """output_dir a folder every process sees; on a fresh start, an earlier run's files there set aside (before
     SePPO's pool looks for snapshots)."""
     check_shared_output(accelerator, Path(cfg.output_dir))
     fresh = resolve_resume(cfg.output_dir, cfg.train.resume) is None  # on every process: a bad path fails on all
-    if fresh and accelerator.is_main_process:
-        set_aside_previous_run(cfg.output_dir, accelerator.print)
-    accelerator.wait_for_everyone()
+    if fresh:
+        on_main(accelerator, lambda: set_aside_previous_run(cfg.output_dir, accelerator.print),
+                "the main process could not set the earlier run's files aside")
 
 
 def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:
@@ -223,8 +230,8 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:
     for part in parts:  # SePPO's snapshot pool, RAFT's round
         if hasattr(part, "load"):
             part.load(resume)
-    if accelerator.is_main_process:
-        set_aside_newer(out, start, accelerator.print)
+    on_main(accelerator, lambda: set_aside_newer(out, start, accelerator.print),
+            "the main process could not set the abandoned run's checkpoints aside")
     tracker.truncate_after(start)
     accelerator.print(f"resumed from {resume} at step {start}")
     return start, raw_start

@@ -32,7 +32,7 @@ def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig, lr: float
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise ImportError("train.optimizer=adamw8bit needs bitsandbytes: pip install 't2i-align[8bit]' "
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install 't2i-align[8bit]' "
                               "(GPU only), or use train.optimizer=adamw") from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                    weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)

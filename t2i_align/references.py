@@ -19,12 +19,13 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from .batches import make_denoiser, unet_kwargs
+from .errors import describe, raise_told
 from .files import plain_modes
 from .adapters import adapters_off
 from .objectives.base import Denoiser
@@ -32,6 +33,8 @@ from .objectives.base import Denoiser
 DRAWS = ("random", "initial", "latest")
 _STATE_FILE = "reference_pool.json"
 _TENSORS_FILE = "reference_pool.safetensors"
+POOL_DIR = "reference_pool"
+"""Full fine-tune snapshots: output_dir/reference_pool/step-<N>.safetensors."""
 
 
 class BaseReference:
@@ -123,9 +126,10 @@ class SnapshotPool(BaseReference):
     leaves (the initial model always stays, as SePPO's U(0, k-1) includes it)."""
 
     def __init__(self, unet, components, adapters: bool, frozen, *, snapshot_every: int, pool_size: int, draw: str,
-                 seed: int, output_dir: Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+                 seed: int, output_dir: Path, is_main: bool = True, share: Callable[[Any], Any] = lambda value: value,
                  weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None, in_memory: bool = False):
-        """`weights`: the policy's whole state dict, called on every process when a full fine-tune snapshot is
+        """`share(value)`: the main process's `value` on every process (a collective, so also a barrier).
+        `weights`: the policy's whole state dict, called on every process when a full fine-tune snapshot is
         taken (under FSDP a collective that gathers the shards onto the main process: `engines.full_weights`).
         `in_memory`: keep full fine-tune snapshots in CPU RAM once read (seppo.snapshots_in_memory)."""
         super().__init__(unet, components, adapters, frozen)
@@ -134,8 +138,8 @@ class SnapshotPool(BaseReference):
         if draw not in DRAWS:
             raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
         self.snapshot_every, self.pool_size, self.draw, self.seed = snapshot_every, pool_size, draw, seed
-        self.output_dir, self.is_main, self.barrier = Path(output_dir), is_main, barrier
-        self.pool_dir = self.output_dir / "reference_pool"
+        self.output_dir, self.is_main, self.share = Path(output_dir), is_main, share
+        self.pool_dir = self.output_dir / POOL_DIR
         self.steps: List[int] = []          # the step each snapshot was taken at, oldest first
         self.tensors: Dict[int, Dict[str, torch.Tensor]] = {}   # LoRA: step -> adapter tensors
         self.current: Optional[int] = None  # the step of the snapshot drawn for this optimizer step
@@ -162,35 +166,48 @@ class SnapshotPool(BaseReference):
             self._collect()
 
     def _collect(self) -> None:
-        """Delete full-model snapshot files that neither the pool nor any saved checkpoint lists."""
+        """Delete full-model snapshot files that neither the pool nor any saved checkpoint lists (abandoned ones set
+        aside by checkpoints.set_aside_newer included)."""
         if not self.is_main:
             return
         keep = set(self.steps)
-        for state in (self.output_dir / "checkpoints").glob("*/" + _STATE_FILE):
+        for state in (self.output_dir / "checkpoints").glob("**/" + _STATE_FILE):
             keep.update(int(s) for s in json.loads(state.read_text())["steps"])
-        for path in self.pool_dir.glob("step-*.safetensors"):
-            if int(path.stem.split("-")[1]) not in keep:
+        for step, path in snapshot_files(self.output_dir).items():
+            if step not in keep:
                 path.unlink()
 
     def _file(self, step: int) -> Path:
         return self.pool_dir / f"step-{step}.safetensors"
 
     def _write_full(self, step: int) -> None:
-        """Full fine-tune snapshot to disk in the frozen copy's dtype (kept while a checkpoint lists it)."""
-        from safetensors.torch import save_file
-
+        """Full fine-tune snapshot to disk in the frozen copy's dtype (kept while a checkpoint lists it). Every
+        process waits for the file (any may draw it at the next step) and stops if the main process failed to
+        write it (a full disk), rather than wait for it in the next collective until the run's timeout."""
         weights = self.weights()  # every process: under FSDP the gather is collective
+        failed = None
         # a later step's file may be left by a run resumed from an earlier checkpoint: written anew (step 0, the
         # initial model, is the same in every run)
         if self.is_main and (step > 0 or not self._file(step).is_file()):
-            dtype = next(self.frozen.parameters()).dtype
-            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
-            self.pool_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._file(step).with_suffix(".tmp")
-            save_file(state, str(tmp))
-            plain_modes(tmp)
-            os.replace(tmp, self._file(step))  # complete or absent
-        self.barrier()  # every process may draw it at the next step
+            try:
+                self._save_snapshot(step, weights)
+            except Exception as err:  # told to the others below, then raised here with its traceback
+                failed = err
+        told = self.share(describe(failed))
+        if failed is not None:
+            raise failed
+        raise_told(told, f"the main process could not write SePPO's reference snapshot {self._file(step)}")
+
+    def _save_snapshot(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        dtype = next(self.frozen.parameters()).dtype
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
+        self.pool_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._file(step).with_suffix(".tmp")
+        save_file(state, str(tmp))
+        plain_modes(tmp)
+        os.replace(tmp, self._file(step))  # complete or absent
 
     def begin_step(self, step: int) -> None:
         self.step = step
@@ -300,6 +317,11 @@ class SnapshotPool(BaseReference):
             if missing:
                 raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}")
         self.steps, self.current, self.loaded, self.ram = steps, None, None, {}
+
+
+def snapshot_files(output_dir: Path) -> Dict[int, Path]:
+    """step -> the full fine-tune snapshot file of that step in output_dir."""
+    return {int(path.stem.split("-")[1]): path for path in (Path(output_dir) / POOL_DIR).glob("step-*.safetensors")}
 
 
 def _read_lora_pool(path: Path, steps: List[int], unet) -> Dict[int, Dict[str, torch.Tensor]]:

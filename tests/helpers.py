@@ -128,3 +128,24 @@ def save_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
     builders = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}
     builders[family](seed=seed).save_pretrained(str(folder))
     return Path(folder)
+
+
+def thread_team(world):
+    """Team members (`cache_build.Team`) for `world` threads standing in for processes: a barrier; `share` and
+    `gather` through slots (rank 0's, or one each)."""
+    import threading
+
+    from t2i_align.data.cache_build import Team
+
+    barrier, slots = threading.Barrier(world, timeout=60), [None] * world
+
+    def member(rank):
+        def gather(value):
+            slots[rank] = value
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()  # nobody overwrites a slot before everyone has read them
+            return out
+
+        return Team(rank, world, barrier.wait, lambda value: gather(value)[0], gather)
+    return [member(rank) for rank in range(world)]

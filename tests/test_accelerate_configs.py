@@ -13,12 +13,34 @@ def test_accelerate_config_files_load(name, engine):
 
     cfg = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert cfg.distributed_type.name == engine
-    assert cfg.mixed_precision == "bf16" and not cfg.use_cpu
+    assert cfg.mixed_precision == "no" and not cfg.use_cpu  # train.mixed_precision decides (next test)
     if engine == "FSDP":  # FSDP2 (the loop refuses 1), its state saved sharded (resumable)
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_reshard_after_forward"]
         assert cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     if engine == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 2
+
+
+@pytest.mark.parametrize("launcher, run, refused", [("no", "fp16", False), ("bf16", "bf16", False),
+                                                     ("bf16", "fp16", True), ("fp16", "no", True)])
+def test_a_launcher_asking_for_another_precision_is_refused(tmp_path, monkeypatch, launcher, run, refused):
+    """accelerate prefers the Accelerator's argument (train.mixed_precision) to `accelerate launch
+    --mixed_precision` or a launch file's value, silently: another value there is refused before anything loads
+    (the shipped launch files once said bf16 beside run configs in fp16). The launcher's "no" is its default."""
+    from t2i_align.config import load_config
+    from t2i_align.engines import check_launcher_precision
+    from t2i_align.errors import UserError
+    from t2i_align.loop import train
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    cfg = load_config(None, [f"train.mixed_precision={run}", "tracking.wandb=off", f"output_dir={tmp_path}"])
+    if not refused:
+        check_launcher_precision(cfg)
+        return
+    with pytest.raises(UserError, match=f"asks for mixed precision '{launcher}'.*train.mixed_precision='{run}'.*set "
+                                        f"train.mixed_precision={launcher}, or launch with --mixed_precision no"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())  # refused before the run wrote anything
 
 
 @pytest.mark.parametrize("version, overrides, message", [
@@ -114,14 +136,17 @@ def test_deepspeed_auto_settings_are_filled_from_the_run(tmp_path, monkeypatch):
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_clipping"] == 0
 
 
-def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch):
-    """deepspeed_zero2.yaml with the default train settings gets past the engine check (and then stops at the
-    stand-in accelerator, once loading starts)."""
+@pytest.mark.parametrize("clip", ["1.0", "0.3", "0"])
+def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch, clip):
+    """deepspeed_zero2.yaml gets past the engine check (and then stops at the stand-in accelerator, once loading
+    starts) whatever train.max_grad_norm the run config sets (the shipped configs use 1.0, 0.3 and 0), and
+    DeepSpeed is told to clip there. It pinned 1.0 once, which refused configs/sdxl/dpo_full.yaml."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     ds = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
     with pytest.raises(PastTheChecks):
-        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}"])
+        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", f"train.max_grad_norm={clip}"])
+    assert ds["gradient_clipping"] == float(clip)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -144,3 +169,50 @@ def test_several_processes_need_an_output_dir_they_all_see(tmp_path, monkeypatch
         with pytest.raises(UserError, match=r"output_dir .*run is not shared: processes \[1\] do not see"):
             check_shared_output(main, out)
     assert out.is_dir() and not list(out.iterdir())
+
+
+def test_an_output_dir_the_main_process_cannot_write_stops_every_process(tmp_path, monkeypatch):
+    """The main process failing to create output_dir (here under a file; unwritable alike) raises there, and the
+    other processes, told its error with the probe's token, stop too instead of waiting for the main process."""
+    import accelerate.utils
+
+    from t2i_align.engines import check_shared_output
+    from t2i_align.errors import UserError
+
+    def process(main):
+        return type("P", (), {"num_processes": 2, "is_main_process": main, "wait_for_everyone": lambda self: None})()
+    (tmp_path / "file").write_text("")
+    out, told = tmp_path / "file" / "run", []
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: told.extend(objects) or objects)
+    with pytest.raises(NotADirectoryError):
+        check_shared_output(process(True), out)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: told)  # what the main one sent
+    with pytest.raises(UserError, match=r"the main process could not write in output_dir .*file/run: Not a directory"):
+        check_shared_output(process(False), out)
+
+
+
+def test_work_of_the_main_process_that_fails_stops_every_process(monkeypatch):
+    """engines.on_main (checkpoints, the export, setting runs aside, starting W&B): the main process's result on
+    the main process; its failure raised there as itself and on the others as its text, so that none waits for it."""
+    import accelerate.utils
+
+    from t2i_align.engines import on_main
+    from t2i_align.errors import UserError
+
+    def process(main):
+        return type("P", (), {"num_processes": 2, "is_main_process": main})()
+
+    sent = []
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: sent.extend(objects) or objects)
+    assert on_main(process(True), lambda: 7, "context") == 7 and sent == [None]
+
+    def full_disk():
+        raise OSError(28, "No space left on device", "run/checkpoints/.step-4.tmp")
+    with pytest.raises(OSError, match="No space left"):
+        on_main(process(True), full_disk, "context")
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [sent[-1]])  # the main's
+    with pytest.raises(RuntimeError, match=r"^the main process could not complete checkpoint x: OSError: No space "
+                                           r"left on device: run/checkpoints/\.step-4\.tmp$") as info:
+        on_main(process(False), lambda: 7, "the main process could not complete checkpoint x")
+    assert not isinstance(info.value, UserError)  # not the user's mistake: a traceback names where it came from

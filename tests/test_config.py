@@ -115,13 +115,31 @@ def test_list_where_a_list_belongs_is_required():
     "override, key",
     [("model.weight_dtype=fp8", "model.weight_dtype"), ("model.family=sd3", "model.family"),
      ("model.attention=flash", "model.attention"), ("lora.rank=0", "lora.rank"), ("lora.dropout=1.0", "lora.dropout"),
-     ("lora.init=pissa", "lora.init"), ("lora.target_modules=[]", "lora.target_modules"), ("seed=-1", "seed")],
+     ("lora.init=pissa", "lora.init"), ("lora.target_modules=[]", "lora.target_modules"), ("seed=-1", "seed"),
+     ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler")],
 )
 def test_validation_failure_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     message = str(info.value)
     assert message.startswith(f"{key} = ") and "command line" in message and "expected" in message
+
+
+def test_lr_schedules_are_diffusers_and_an_8bit_optimizer_needs_bitsandbytes(monkeypatch):
+    """train.lr_scheduler is checked at config load (it was checked after the model and the latent cache) against
+    a copy of diffusers' names; adamw8bit without bitsandbytes was an ImportError traceback at the same place."""
+    import importlib.util
+
+    from diffusers.optimization import SchedulerType
+
+    from t2i_align.config.sections import LR_SCHEDULES
+
+    assert set(LR_SCHEDULES) == {kind.value for kind in SchedulerType}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
+    with pytest.raises(ConfigError, match=r"train\.optimizer = 'adamw8bit'.*expected adamw8bit with bitsandbytes "
+                                          r"installed \(pip install 't2i-align\[8bit\]'"):
+        load_config(None, ["train.optimizer=adamw8bit"])
 
 
 def test_validation_failure_from_yaml_names_the_file(tmp_path):

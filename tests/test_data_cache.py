@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import thread_team
 from t2i_align.data.cache import build_or_load_cache, cache_key, collate_cached, model_identity
 from t2i_align.data.pairs import PairDataset
 
@@ -274,26 +275,6 @@ def test_shard_writer_holds_one_shard_buffer_not_the_batches_given(tmp_path):
 
 
 # ---------------------------------------------------------------- a build split over processes (threads here)
-def _thread_team(world):
-    """Team members for `world` threads: a barrier; `share` and `gather` through slots (rank 0's, or one each)."""
-    import threading
-
-    from t2i_align.data.cache_build import Team
-
-    barrier, slots = threading.Barrier(world, timeout=60), [None] * world
-
-    def member(rank):
-        def gather(value):
-            slots[rank] = value
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()  # nobody overwrites a slot before everyone has read them
-            return out
-
-        return Team(rank, world, barrier.wait, lambda value: gather(value)[0], gather)
-    return [member(rank) for rank in range(world)]
-
-
 def _build_together(pairs_path, root, encoders, world=2, shard_size=4):
     """Each 'process' (a thread) with its own data set and encoders; returns {rank: cache or the error raised}."""
     from concurrent.futures import ThreadPoolExecutor
@@ -306,7 +287,7 @@ def _build_together(pairs_path, root, encoders, world=2, shard_size=4):
         except Exception as err:
             return err
     with ThreadPoolExecutor(world) as pool:
-        return list(pool.map(one, range(world), _thread_team(world)))
+        return list(pool.map(one, range(world), thread_team(world)))
 
 
 def test_two_processes_build_the_one_process_cache_each_encoding_half(tmp_path, pairs_path):
@@ -387,7 +368,7 @@ def test_every_process_uses_the_main_process_cache_and_an_unshared_folder_is_nam
             except Exception as err:
                 return err
         with ThreadPoolExecutor(2) as pool:
-            return list(pool.map(one, range(2), _thread_team(2)))
+            return list(pool.map(one, range(2), thread_team(2)))
     built = run()
     assert built[0].folder == built[1].folder and len(built[1]) == 10
     roots[1] = tmp_path / "elsewhere"  # as if another machine mounted nothing there

@@ -26,6 +26,21 @@ def launch_deepspeed(*overrides: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_deepspeed_installed_logs_to_stderr_not_to_a_commands_output():
+    """Installed, DeepSpeed is imported by every run (accelerate's unwrap_model) and logged the accelerator it found
+    to stdout, ahead of the toy demo's JSON there. After the loop's early import its log goes to stderr."""
+    code = ("from t2i_align.engines import deepspeed_logs_to_stderr\n"
+            "deepspeed_logs_to_stderr()\n"
+            "from deepspeed.utils import logger\n"
+            "logger.warning('a later DeepSpeed message')\n"
+            "print('the output')\n")
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}  # DeepSpeed detects (and reports) the accelerator
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "the output\n"
+    assert "a later DeepSpeed message" in done.stderr and "accelerator" in done.stderr
+
+
 def test_deepspeed_lora_with_accumulation_resumed_takes_the_ddp_steps(tmp_path):
     """ZeRO-2 with LoRA and train.grad_accum=2, stopped after step 2 and resumed from the engine's checkpoint: the
     same losses and gradient norms as DDP, and the same adapter. Before the loop marked the last micro-batch
@@ -53,6 +68,7 @@ def test_deepspeed_full_finetune_clips_and_exports_as_ddp(tmp_path):
     assert (tmp_path / "ds" / "gallery" / "index.html").is_file()
 
 
+@pytest.mark.slow  # 36 s; as FSDP bf16
 def test_deepspeed_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
     """bf16 under DeepSpeed: the engine holds the UNet in bf16 (fp32 master weights in its optimizer) and the loop
     autocasts the fp32 inputs to meet it (without, the first forward failed: "mat1 and mat2 must have the same

@@ -130,6 +130,7 @@ def assert_resumed_run_takes_the_ddp_steps(launch_engine, args, out, ddp) -> Non
     assert_same_adapter(out, ddp)
 
 
+@pytest.mark.slow  # 46 s; methods under FSDP beyond DPO and SePPO: -m slow
 def test_fsdp_raft_resumed_inside_a_round_takes_the_ddp_steps(tmp_path):
     """RAFT sharded: each process samples its half of the round's prompts through the sharded UNet (collective
     forwards), the pool is gathered and ranked as under DDP; stopped inside round 1 and resumed from the sharded
@@ -155,6 +156,7 @@ def test_fsdp_raft_resumed_inside_a_round_takes_the_ddp_steps(tmp_path):
     assert_same_adapter(out, tmp_path / "ddp")
 
 
+@pytest.mark.slow  # 42 s; as above
 def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(tmp_path):
     """LongAlign's reward fine-tuning sharded: gradient-carrying UNet forwards inside the sampler, checkpointed
     (recomputed, so gathered again, inside backward), and the KL anchor through the same sharded UNet with its
@@ -172,17 +174,23 @@ def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(t
     assert (tmp_path / "fsdp" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_fsdp_seppo_full_finetune_takes_the_ddp_steps_and_draws(tmp_path):
+def test_fsdp_seppo_full_finetune_resumed_takes_the_ddp_steps_and_draws(tmp_path):
     """SePPO's full fine-tune sharded: each snapshot is the policy gathered from its shards (collective) and written
-    by the main process; the drawn snapshot is loaded into the unsharded frozen copy. The same draws, losses and
-    gradient norms as under DDP, and the pool's files equal DDP's."""
-    args = tiny_run_args(tmp_path, *FULL, "objective.name=seppo", "seppo.snapshot_every=1", "seppo.pool_size=3",
+    by the main process; the drawn snapshot is loaded into the unsharded frozen copy (here kept in each process's
+    RAM once read: seppo.snapshots_in_memory). Stopped after step 2 and resumed from the sharded checkpoint with
+    its pool: the same draws, losses and gradient norms as an uninterrupted DDP run, and the pool's files equal
+    DDP's."""
+    args = tiny_run_args(tmp_path, *FULL[:-1], "objective.name=seppo", "seppo.snapshot_every=1", "seppo.pool_size=3",
                          "seppo.sample_steps=2")
-    launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
-    launch(*args, f"output_dir={tmp_path / 'ddp'}")
+    fsdp = [*args, f"output_dir={tmp_path / 'fsdp'}", "seppo.snapshots_in_memory=true"]
+    launch_fsdp(*fsdp, "train.max_steps=2")
+    launch_fsdp(*fsdp, "train.max_steps=3", "train.resume=latest")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}", "train.max_steps=3")
+    assert [m["step"] for m in metrics(tmp_path / "fsdp")] == [1, 2, 3]
     assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp")
     draws = [json.loads((tmp_path / run / f"draws{r}.json").read_text()) for run in ("fsdp", "ddp") for r in (0, 1)]
-    assert all(d == draws[0] for d in draws) and len(set(draws[0])) > 1  # not always the initial model
+    assert draws[0] == draws[1] == draws[2][-1:] and draws[2] == draws[3]  # the resumed run drew step 3's only
+    assert len(set(draws[2])) > 1  # not always the initial model
     pools = [sorted(p.name for p in (tmp_path / run / "reference_pool").iterdir()) for run in ("fsdp", "ddp")]
     assert pools[0] == pools[1] and len(pools[0]) >= 2 and pools[0][0] == "step-0.safetensors"
     origin = load_file(tmp_path / "ddp" / "reference_pool" / "step-0.safetensors")
@@ -192,6 +200,7 @@ def test_fsdp_seppo_full_finetune_takes_the_ddp_steps_and_draws(tmp_path):
         assert a.keys() == b.keys() and relative_distance(a, b, origin) < 1e-2
 
 
+@pytest.mark.slow  # 36 s; as above
 def test_fsdp_ppd_with_lora_takes_the_ddp_steps_and_exports_the_user_branch(tmp_path):
     """PPD sharded (LoRA and the user branch, users as cross-attention tokens; rows of a user missing from the table
     are skipped): the same losses as DDP, and an export whose user branch and LoRA equal DDP's."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from helpers import one_torch_thread, save_tiny_pipeline, thread_team  # noqa: F401
 from t2i_align.config import ConfigError, ObjectiveConfig, load_config
 from t2i_align.loop import train
 from t2i_align.objectives.seppo import aaf_sign, seppo_loss
@@ -177,6 +177,37 @@ def test_full_finetune_snapshots_are_read_once_when_kept_in_memory(tmp_path, mon
     assert torch.equal(real(str(pool._file(3)))[next(iter(comp.unet.state_dict()))], weight.detach())
 
 
+def test_a_snapshot_the_main_process_cannot_write_stops_every_process(tmp_path):
+    """A full fine-tune snapshot that fails on the main process (here its folder is a file; a full disk alike)
+    raises there with its own error and on the other processes with its text, instead of leaving them waiting
+    in their next collective until the run's timeout. Two threads stand in for the processes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from t2i_align.adapters import frozen_reference
+    from t2i_align.config import ModelConfig
+    from t2i_align.errors import UserError
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    frozen = frozen_reference(comp.unet, torch.float32)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "reference_pool").write_text("not a folder")
+
+    def process(rank, team):
+        try:
+            SnapshotPool(comp.unet, comp, False, frozen, snapshot_every=1, pool_size=2, draw="random", seed=0,
+                         output_dir=tmp_path / "run", is_main=rank == 0, share=team.share)
+        except Exception as err:
+            return err
+
+    with ThreadPoolExecutor(2) as threads:
+        main, other = threads.map(process, range(2), thread_team(2))
+    assert isinstance(main, FileExistsError)  # the main process keeps its own exception and traceback
+    assert isinstance(other, UserError) and "could not write SePPO's reference snapshot" in str(other)
+    assert str(tmp_path / "run" / "reference_pool") in str(other)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
@@ -205,6 +236,20 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
     assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
     assert records[0]["flip_rate"] == 1.0  # step 0: the reference is the policy, a tie for every sample
     assert records[-1]["reference_pool_size"] == 3  # the initial model and the two newest snapshots
+    if lora == "true":
+        return
+    # resumed again from step 2, abandoning step 4: the snapshots only the abandoned checkpoint lists (steps 3, 4)
+    # go aside with it, untouched, while this run writes its own under those names and takes the same steps again
+    pool = part / "reference_pool"
+    abandoned = {name: (pool / name).read_bytes() for name in ("step-3.safetensors", "step-4.safetensors")}
+    train(_cfg(tiny_model, pairs, part, *SEPPO, "lora.enabled=false", "train.max_steps=4",
+               f"train.resume={part / 'checkpoints' / 'step-2'}"))
+    aside = next((part / "checkpoints").glob("abandoned-*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["reference_pool", "step-4"]
+    assert {p.name: p.read_bytes() for p in (aside / "reference_pool").iterdir()} == abandoned
+    assert json.loads((aside / "step-4" / "reference_pool.json").read_text()) == {"steps": [0, 3, 4]}
+    assert {"step-0.safetensors", *abandoned} <= {p.name for p in pool.iterdir()}  # this run's own
+    assert _losses(part)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)
 
 
 def test_flipper_agreement_counts_by_hand():

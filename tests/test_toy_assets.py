@@ -1,4 +1,5 @@
-"""The shipped toy assets: integrity, plain-diffusers loading, the base model's judge score, pairs, demo."""
+"""The shipped toy assets: integrity, plain-diffusers loading, the base model's judge score, pairs (the demo is run
+by test_toy_demo.py)."""
 import io
 import json
 from pathlib import Path
@@ -105,23 +106,6 @@ def test_where_prints_existing_paths():
     paths = json.loads(out)
     assert (pipeline_dir() / "model_index.json").is_file() and paths["pipeline"] == str(pipeline_dir())
     assert paths["toy_clip"] == str(clip_dir()) and Path(paths["toy_denscore"]).is_dir()
-
-
-def test_demo_runs_dpo_and_writes_gallery_and_judge_json(tmp_path):
-    from pathlib import Path
-
-    from t2i_align.toy.demo import run_demo
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "dpo.yaml"
-    result = run_demo(tmp_path / "demo", seeds_per_prompt=1, config=config, num_pair_prompts=8, images_per_prompt=4,
-                      train_overrides=["train.max_steps=2", "train.batch_size=2", "tracking.validation_seeds=1"])
-    assert (tmp_path / "demo" / "gallery" / "index.html").is_file()
-    assert Image.open(tmp_path / "demo" / "gallery" / "grid.png").size[0] > 64
-    assert (tmp_path / "demo" / "dpo" / "final" / "pytorch_lora_weights.safetensors").is_file()
-    saved = json.loads((tmp_path / "demo" / "judge.json").read_text())
-    assert saved["tuned"]["overall"]["mean"] == pytest.approx(result["tuned"]["overall"]["mean"])
-    assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 8  # best vs worst per prompt
-    assert 0.0 <= saved["win_rate"]["win_rate"] <= 1.0
 
 
 def test_manifest_records_the_build_settings():

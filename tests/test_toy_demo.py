@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from t2i_align.sampling import generate, load_pipeline
 from t2i_align.toy.evaluate import evaluate, prompt_set
@@ -72,3 +73,11 @@ def test_demo_shows_a_bar_per_phase_and_a_headline(tmp_path, capsys, monkeypatch
     assert "held-out judge score: base" in err and "(paired t-test)" in err
     result = json.loads(out)
     assert result["config"] == "configs/toy/demo.yaml" and result["pairs"]["images_per_prompt"] == 2
+    # what it leaves (this test once ran beside a second whole demo run that only checked these)
+    demo = tmp_path / "demo"
+    assert (demo / "gallery" / "index.html").is_file() and Image.open(demo / "gallery" / "grid.png").size[0] > 64
+    assert (demo / "dpo" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    saved = json.loads((demo / "judge.json").read_text())
+    assert saved["tuned"]["overall"]["mean"] == pytest.approx(result["tuned"]["overall"]["mean"])
+    assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 2  # best vs worst per prompt
+    assert 0.0 <= saved["win_rate"]["win_rate"] <= 1.0

@@ -37,6 +37,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(capsys, monkeypatch):
 def test_a_missing_file_names_the_file(capsys):
     assert run_cli(_raise(FileNotFoundError(2, "No such file or directory", "runs/x.parquet"))) == 2
     assert capsys.readouterr().err == "error: No such file or directory: runs/x.parquet\n"
+    assert run_cli(_raise(PermissionError(13, "Permission denied", "runs/ro/metrics.jsonl"))) == 2  # unwritable
+    assert capsys.readouterr().err == "error: Permission denied: runs/ro/metrics.jsonl\n"
 
 
 def test_our_bugs_keep_their_traceback_and_debug_re_raises_user_errors(monkeypatch):
@@ -59,10 +61,12 @@ def test_errors_defined_before_user_error_are_reported_too(capsys):
 def test_reward_setup_mistakes_are_user_errors_and_still_value_errors():
     from reward_models import get_reward
 
-    for name, options in (("hpsv2", {"version": "v3"}), ("toy-jduge", {})):
+    for name, options in (("hpsv2", {"version": "v3"}), ("toy-jduge", {}), ("clip", {"weights": "x.pt"})):
         with pytest.raises(UserError) as info:
             get_reward(name, **options)
         assert isinstance(info.value, ValueError)  # t2i-score and older callers catch ValueError
+    # an option the reward does not take (raft.reward_options, reward_backprop.reward_options) was a bare TypeError
+    assert re.fullmatch(r"reward 'clip' has no option\(s\) \['weights'\]; it takes: .*checkpoint.*", str(info.value))
 
 
 def test_train_script_with_a_missing_data_path_prints_one_error_line(tmp_path):

@@ -33,7 +33,7 @@ class RaftConfig:
     reward: str = "toy-judge"
     """Reward model name, as in `t2i-score --reward` (reward_models.available_rewards())."""
     reward_options: Dict[str, Any] = field(default_factory=dict)
-    """Keyword options of the reward, e.g. {weights: /path/to/checkpoint}."""
+    """Keyword options of the reward (what `t2i-score --option NAME.KEY=VALUE` sets), e.g. {checkpoint: x.pt}."""
     scheduler: str = "ddim"
     """Sampler for generation: "ddim", "dpm++" (DPMSolverMultistep) or "euler"."""
     sample_steps: int = 20

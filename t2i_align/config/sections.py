@@ -46,6 +46,18 @@ def _check_choice(obj: Any, name: str, choices: Tuple[str, ...]) -> None:
     _check(obj, name, value in choices, "one of " + ", ".join(choices))
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                "piecewise_constant")
+"""diffusers' schedule names (`diffusers.optimization.SchedulerType`; tests/test_config.py checks they agree), here
+so that train.lr_scheduler is checked at config load, before the model and data, without importing torch."""
+
+
 @dataclass
 class TextEncodingConfig:
     kind: str = "clip77"
@@ -248,6 +260,9 @@ class TrainConfig:
         _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
         _check(self, "learning_rate", self.learning_rate > 0, "a number > 0")
         _check_choice(self, "optimizer", ("adamw", "adamw_fused", "adafactor", "adamw8bit"))
+        _check(self, "optimizer", self.optimizer != "adamw8bit" or _installed("bitsandbytes"),
+               "adamw8bit with bitsandbytes installed (pip install 't2i-align[8bit]', GPU only), or adamw")
+        _check_choice(self, "lr_scheduler", LR_SCHEDULES)
         _check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "a number >= 0")
 

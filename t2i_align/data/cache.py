@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError, describe, raise_told
+from ..errors import describe, raise_told
 from ..files import plain_modes, temp_dir
-from .cache_build import SIZE_NAMES, ImageEncoder, PromptEncoder, Team, merge_parts, write_part
+from .cache_build import SIZE_NAMES, ImageEncoder, PromptEncoder, Team, merge_parts, not_shared, write_part
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .captions import CaptionStats
 from .pairs import PairDataset, PairStats, collate_pairs, item_draws
@@ -108,9 +108,7 @@ def _open_everywhere(folder: Path, dataset, team: Team) -> "CachedPairDataset":
     cached = problem = None
     try:
         if not folder.is_dir():  # complete where the main process looks, absent here
-            raise UserError(f"the cache folder {folder.parent} is not shared: process {team.rank} does not see the "
-                            f"cache the main process made or found there. Set data.cache_dir to a folder every "
-                            "machine mounts")
+            raise not_shared(folder.parent, team.rank, "cache the main process made or found")
         cached = CachedPairDataset(folder, seed=dataset.seed, prompt_dropout=dataset.prompt_dropout)
     except Exception as err:
         problem = err

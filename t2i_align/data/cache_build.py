@@ -114,12 +114,17 @@ def _encode_prompts(captions: List[str], encode_prompts: PromptEncoder, writer: 
     writer.flush()
 
 
+def not_shared(folder: Path, rank: int, what: str) -> UserError:
+    """The error of a process that does not see what the main process wrote under the cache folder."""
+    return UserError(f"the cache folder {folder} is not shared: process {rank} does not see the {what} there. "
+                     "Set data.cache_dir to a folder every machine mounts")
+
+
 def write_part(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder, tmp: Path,
                team: Team, batch_size: int, shard_size: int) -> None:
     """This process's share of both passes, in tmp/part-<rank>/ with a part.json saying what it holds."""
     if not tmp.is_dir():
-        raise UserError(f"the cache folder {tmp.parent} is not shared: process {team.rank} does not see the "
-                        f"folder the main process made there. Set data.cache_dir to a folder every machine mounts")
+        raise not_shared(tmp.parent, team.rank, "folder the main process made")
     part = tmp / f"part-{team.rank}"
     part.mkdir()
     prompt_ids = {caption: i for i, caption in enumerate(dict.fromkeys(dataset.captions))}

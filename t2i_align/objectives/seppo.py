@@ -94,6 +94,8 @@ class SePPO(Objective):
         return self
 
     def reference_provider(self, ctx):
+        from accelerate.utils import broadcast_object_list
+
         from t2i_align.engines import full_weights
         from t2i_align.references import SnapshotPool
 
@@ -101,7 +103,7 @@ class SePPO(Objective):
         self.pool = SnapshotPool(ctx.unet, ctx.components, ctx.lora, ctx.frozen, snapshot_every=sc.snapshot_every,
                                  pool_size=sc.pool_size, draw=sc.reference, seed=ctx.cfg.seed,
                                  output_dir=ctx.cfg.output_dir, is_main=ctx.accelerator.is_main_process,
-                                 barrier=ctx.accelerator.wait_for_everyone,
+                                 share=lambda value: broadcast_object_list([value])[0],
                                  weights=lambda: full_weights(ctx.accelerator, ctx.unet),
                                  in_memory=sc.snapshots_in_memory)
         return self.pool
