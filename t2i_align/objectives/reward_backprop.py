@@ -72,24 +72,29 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
     then loads the file, so all score with the very same float32 vector."""
     from reward_models.decomposed_clip import prompts_digest
 
+    from t2i_align.engines import on_main
     from t2i_align.prompts import read_prompts
 
     fit = options.pop("fit_prompts", None) or fit_spec
     prompts = read_prompts(fit, "reward_backprop.reward_options.fit_prompts") if isinstance(fit, str) else list(fit)
     path = Path(ctx.cfg.output_dir) / DIRECTION_FILE
-    acc = ctx.accelerator
-    if acc.is_main_process and not path.exists():
-        reward = ctx.reward(rc.reward, **options, fit_prompts=prompts)
+    def fit():
+        if path.exists():  # a resume: the run's own direction
+            return None
+        fitted = ctx.reward(rc.reward, **options, fit_prompts=prompts)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        reward.save_direction(tmp)
+        fitted.save_direction(tmp)
         plain_modes(tmp)
         os.replace(tmp, path)  # complete or absent
-        acc.wait_for_everyone()
-        reward.load_direction(path)  # the file's vector, as the other processes and a resume have it
-    else:
-        acc.wait_for_everyone()
+        return fitted
+
+    # every process stops if the main one cannot fit (a missing checkpoint), rather than wait for its file
+    reward = on_main(ctx.accelerator, fit, "the main process could not fit the reward's common direction")
+    if reward is None:
         reward = ctx.reward(rc.reward, **options, direction=str(path))
+    else:
+        reward.load_direction(path)  # the file's vector, as the other processes and a resume have it
     if reward.direction_metadata.get("prompts_sha256") != prompts_digest(prompts):
         raise ConfigError(f"{path} holds a common direction fitted on other prompts than {fit!r}; delete it to "
                           "refit, or train into a new output_dir")
