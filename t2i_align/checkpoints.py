@@ -178,7 +178,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     if not all_finite(params):
         accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written")
         return None
-    from .engines import on_main
+    from .engines import on_every, on_main
 
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
@@ -199,8 +199,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
             shutil.rmtree(old, ignore_errors=True)
 
     on_main(accelerator, begin, f"the main process could not start checkpoint {final}")
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    on_every(accelerator, lambda: accelerator.save_state(str(tmp), safe_serialization=True),
+             f"another process could not write checkpoint {final}")
     on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
     return final
 

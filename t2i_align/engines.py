@@ -95,6 +95,25 @@ def on_main(accelerator, work: Callable[[], Any], context: str) -> Any:
     return result
 
 
+def on_every(accelerator, work: Callable[[], None], context: str) -> None:
+    """Collective: `work()` on every process, then all go on together, or all stop if it failed on any: each
+    failed process with its own error, the others with the first failure's text under `context` (accelerate's
+    save_state writes the weights on the main process alone, and each process its own random states)."""
+    failed = None
+    try:
+        work()
+    except Exception as err:
+        failed = err
+    told = []
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        told = [t for t in gather_object([describe(failed)]) if t is not None]
+    if failed is not None:
+        raise failed
+    raise_told(told[0] if told else None, context)
+
+
 def check_shared_output(accelerator, out: Path) -> None:
     """`out` must be a folder (or not exist yet). Several processes: fail at start, on every process, unless each
     sees in `out` a file the main process just wrote there. The main process alone writes checkpoints, the RAFT
@@ -227,11 +246,15 @@ def whole_unet(accelerator, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
     plain copy of the same class and adapters (LoRA, PPD's user branch) there; None on the other processes."""
     if not is_fsdp(accelerator):
         return unet
+    state = full_weights(accelerator, unet)
+    return on_main(accelerator, lambda: _plain_copy(unet, state),
+                   "the main process could not build the whole UNet for the export")
+
+
+def _plain_copy(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Main process: a plain (unsharded) copy of the FSDP-wrapped `unet` holding the gathered `state`."""
     from torch.distributed.fsdp import FSDPModule
 
-    state = full_weights(accelerator, unet)
-    if not accelerator.is_main_process:
-        return None
     from .conditioning.users import add_user_branch, has_user_branch, user_branch_layout
 
     # fully_shard made the class FSDP<Name>(FSDPModule, Name): the first base that is not FSDP's is the model's.

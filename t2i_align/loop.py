@@ -212,9 +212,9 @@ def _prepare_output(cfg: Config, accelerator) -> None:
     SePPO's pool looks for snapshots)."""
     check_shared_output(accelerator, Path(cfg.output_dir))
     fresh = resolve_resume(cfg.output_dir, cfg.train.resume) is None  # on every process: a bad path fails on all
-    if fresh:
-        on_main(accelerator, lambda: set_aside_previous_run(cfg.output_dir, accelerator.print),
-                "the main process could not set the earlier run's files aside")
+    # called by every process whatever it found (a collective), the main process's view deciding
+    on_main(accelerator, lambda: fresh and set_aside_previous_run(cfg.output_dir, accelerator.print),
+            "the main process could not set the earlier run's files aside")
 
 
 def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:

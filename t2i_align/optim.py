@@ -31,7 +31,9 @@ def make_optimizer(params: List[torch.nn.Parameter], cfg: TrainConfig, lr: float
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
-        except ImportError as err:
+        except ModuleNotFoundError as err:  # not installed (an install that fails to load keeps its own error)
+            if err.name != "bitsandbytes":
+                raise
             raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install 't2i-align[8bit]' "
                               "(GPU only), or use train.optimizer=adamw") from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),

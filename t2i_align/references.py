@@ -166,13 +166,18 @@ class SnapshotPool(BaseReference):
             self._collect()
 
     def _collect(self) -> None:
-        """Delete full-model snapshot files that neither the pool nor any saved checkpoint lists (abandoned ones set
-        aside by checkpoints.set_aside_newer included)."""
+        """Delete full-model snapshot files that neither the pool nor any saved checkpoint lists. A checkpoint set
+        aside by checkpoints.set_aside_newer (abandoned-...-from-step-N/) keeps its snapshots up to step N here;
+        its later ones went aside with it, and the files of those names here are this run's."""
         if not self.is_main:
             return
         keep = set(self.steps)
-        for state in (self.output_dir / "checkpoints").glob("**/" + _STATE_FILE):
+        checkpoints = self.output_dir / "checkpoints"
+        for state in checkpoints.glob("*/" + _STATE_FILE):
             keep.update(int(s) for s in json.loads(state.read_text())["steps"])
+        for state in checkpoints.glob("abandoned-*/*/" + _STATE_FILE):
+            until = int(state.parent.parent.name.rsplit("-", 1)[1])
+            keep.update(s for s in map(int, json.loads(state.read_text())["steps"]) if s <= until)
         for step, path in snapshot_files(self.output_dir).items():
             if step not in keep:
                 path.unlink()

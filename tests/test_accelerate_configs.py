@@ -142,8 +142,11 @@ def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch, cl
     starts) whatever train.max_grad_norm the run config sets (the shipped configs use 1.0, 0.3 and 0), and
     DeepSpeed is told to clip there. It pinned 1.0 once, which refused configs/sdxl/dpo_full.yaml."""
     from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
 
-    ds = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
+    launch_file = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
+    ds = DeepSpeedPlugin(**launch_file).deepspeed_config  # DeepSpeed's own keys, as the engine check reads them
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == "auto"
     with pytest.raises(PastTheChecks):
         _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", f"train.max_grad_norm={clip}"])
     assert ds["gradient_clipping"] == float(clip)
@@ -216,3 +219,24 @@ def test_work_of_the_main_process_that_fails_stops_every_process(monkeypatch):
                                            r"left on device: run/checkpoints/\.step-4\.tmp$") as info:
         on_main(process(False), lambda: 7, "the main process could not complete checkpoint x")
     assert not isinstance(info.value, UserError)  # not the user's mistake: a traceback names where it came from
+
+
+def test_work_that_fails_on_any_process_stops_every_process(monkeypatch):
+    """engines.on_every (accelerate's save_state: the weights written by the main process alone): a process whose
+    work failed raises its own error; the others raise the first failure's text."""
+    import accelerate.utils
+
+    from t2i_align.engines import on_every
+
+    process = type("P", (), {"num_processes": 2})()
+    gathered = [None, (False, "OSError: No space left on device: run/checkpoints/.step-4.tmp/model.safetensors")]
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: gathered)
+    with pytest.raises(RuntimeError, match=r"^another process could not write checkpoint x: OSError: No space"):
+        on_every(process, lambda: None, "another process could not write checkpoint x")
+
+    def fails():
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):  # its own, with its traceback
+        on_every(process, fails, "another process could not write checkpoint x")
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [None, None])
+    on_every(process, lambda: None, "context")  # nobody failed: nothing raised

@@ -116,7 +116,8 @@ def test_list_where_a_list_belongs_is_required():
     [("model.weight_dtype=fp8", "model.weight_dtype"), ("model.family=sd3", "model.family"),
      ("model.attention=flash", "model.attention"), ("lora.rank=0", "lora.rank"), ("lora.dropout=1.0", "lora.dropout"),
      ("lora.init=pissa", "lora.init"), ("lora.target_modules=[]", "lora.target_modules"), ("seed=-1", "seed"),
-     ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler")],
+     ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler"), ("train.lr_scheduler=piecewise_constant",
+                                                                  "train.lr_scheduler")],
 )
 def test_validation_failure_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError) as info:
@@ -134,7 +135,7 @@ def test_lr_schedules_are_diffusers_and_an_8bit_optimizer_needs_bitsandbytes(mon
 
     from t2i_align.config.sections import LR_SCHEDULES
 
-    assert set(LR_SCHEDULES) == {kind.value for kind in SchedulerType}
+    assert {*LR_SCHEDULES, "piecewise_constant"} == {kind.value for kind in SchedulerType}
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
     with pytest.raises(ConfigError, match=r"train\.optimizer = 'adamw8bit'.*expected adamw8bit with bitsandbytes "

@@ -216,5 +216,5 @@ def test_a_direction_fitted_on_other_prompts_is_not_silently_reused(tmp_path):
     save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0),
                    {"prompts_sha256": "0" * 64, "split": "True"})
     ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
-    with pytest.raises(ConfigError, match="fitted on other prompts.*delete it to refit"):
+    with pytest.raises(ConfigError, match="fitted on other prompts than .toy:train-long.; delete it to refit"):
         build_reward(ctx, cfg.reward_backprop, "toy:train-long")

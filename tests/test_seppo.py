@@ -208,6 +208,25 @@ def test_a_snapshot_the_main_process_cannot_write_stops_every_process(tmp_path):
     assert str(tmp_path / "run" / "reference_pool") in str(other)
 
 
+def test_a_set_aside_checkpoint_keeps_its_snapshots_up_to_the_step_resumed_from(tmp_path):
+    """A checkpoint abandoned by a resume from step 1 lists snapshots 0-2; its step-2 file went aside with it, so a
+    step-2 file here is the resumed run's and leaves with the pool, while step 1 stays for the abandoned one."""
+    from t2i_align.adapters import frozen_reference
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    aside = tmp_path / "run" / "checkpoints" / "abandoned-20261201-000000-from-step-1" / "step-2"
+    aside.mkdir(parents=True)
+    (aside / "reference_pool.json").write_text(json.dumps({"steps": [0, 1, 2]}))
+    pool = SnapshotPool(comp.unet, comp, False, frozen_reference(comp.unet, torch.float32), snapshot_every=1,
+                        pool_size=2, draw="random", seed=0, output_dir=tmp_path / "run")
+    for step in (1, 2, 3):  # the pool holds [0, 3] at the end
+        pool.after_step(step)
+    assert sorted(p.name for p in pool.pool_dir.iterdir()) == [f"step-{s}.safetensors" for s in (0, 1, 3)]
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")

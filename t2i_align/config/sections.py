@@ -52,10 +52,10 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                "piecewise_constant")
-"""diffusers' schedule names (`diffusers.optimization.SchedulerType`; tests/test_config.py checks they agree), here
-so that train.lr_scheduler is checked at config load, before the model and data, without importing torch."""
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+"""diffusers' schedule names (`diffusers.optimization.SchedulerType`; tests/test_config.py checks they agree) but
+piecewise_constant, which needs step rules no setting gives; here so that train.lr_scheduler is checked at config
+load, before the model and data, without importing torch."""
 
 
 @dataclass
@@ -228,7 +228,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     lr_scheduler: str = "constant_with_warmup"
-    """Any diffusers schedule name: constant, constant_with_warmup, linear, cosine, ..."""
+    """A diffusers schedule (LR_SCHEDULES): constant, constant_with_warmup, linear, cosine, cosine_with_restarts,
+    polynomial."""
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping; the norm is still computed for the non-finite guard)."""

@@ -78,7 +78,7 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
     fit = options.pop("fit_prompts", None) or fit_spec
     prompts = read_prompts(fit, "reward_backprop.reward_options.fit_prompts") if isinstance(fit, str) else list(fit)
     path = Path(ctx.cfg.output_dir) / DIRECTION_FILE
-    def fit():
+    def fit_direction():
         if path.exists():  # a resume: the run's own direction
             return None
         fitted = ctx.reward(rc.reward, **options, fit_prompts=prompts)
@@ -90,7 +90,7 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
         return fitted
 
     # every process stops if the main one cannot fit (a missing checkpoint), rather than wait for its file
-    reward = on_main(ctx.accelerator, fit, "the main process could not fit the reward's common direction")
+    reward = on_main(ctx.accelerator, fit_direction, "the main process could not fit the reward's common direction")
     if reward is None:
         reward = ctx.reward(rc.reward, **options, direction=str(path))
     else:
