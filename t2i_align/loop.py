@@ -24,7 +24,7 @@ from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_re
                           save_checkpoint, save_only_trainable, set_aside_newer, set_aside_previous_run)
 from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
-                      deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_main, whole_unet)
+                      deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, whole_unet)
 from .errors import UserError
 from .data.sources import build_data_source
 from .adapters import add_lora, frozen_reference, trainable_parameters
@@ -192,9 +192,7 @@ def train(cfg: Config) -> TrainResult:
     final = on_main(accelerator, lambda: export_final(
         build_pipeline(components, unet=whole), whole, not cfg.full_finetune, out,
         user_table=None if components.users is None else components.users.table), "the main process could not export")
-    rows, step, columns = validator.gallery(cfg.train.max_steps)  # collective under FSDP; rows on the main process
-    if rows:
-        tracker.log_gallery(rows, step, columns, name="gallery")
+    _show_gallery(accelerator, validator, tracker, cfg.train.max_steps)
     tracker.finish()
     accelerator.wait_for_everyone()
     return TrainResult(final or out / "final", raw_unet)
@@ -298,9 +296,18 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
                             marker={"raw_batches": _gathered(accelerator, counts["raw_batches"])},
                             save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
-            rows, _, columns = st.validator.gallery(done)
-            if rows:
-                st.tracker.log_gallery(rows, done, columns, name="gallery")
+            _show_gallery(accelerator, st.validator, st.tracker, done)
+
+
+def _show_gallery(accelerator, validator: Validator, tracker: Tracker, step: int) -> None:
+    """Collective: the gallery sampled (by the main process, or by all under FSDP), scored and logged by the main
+    process; a failure there (a reward, W&B) stops every process instead of leaving them waiting for it."""
+    def show() -> None:
+        rows, _, columns = validator.gallery(step)  # rows on the main process only
+        if rows:
+            tracker.log_gallery(rows, step, columns, name="gallery")
+
+    on_every(accelerator, show, "the main process could not write the gallery")
 
 
 def _save_extras(st: _RunState, folder: Path) -> None:
