@@ -346,6 +346,6 @@ def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm
     logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr_sched.get_last_lr()[0],
                   grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
     logged.update(_summed(accelerator, {k: logged[k] for k in SUMMED if k in logged}))
-    st.tracker.log(logged, step=done)
+    on_main(accelerator, lambda: st.tracker.log(logged, step=done), "the main process could not log metrics")
     bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
     return now, done

@@ -155,22 +155,18 @@ class SnapshotPool(BaseReference):
         if self.adapters:
             params = dict(self.unet.named_parameters())
             self.tensors[step] = {n: params[n].detach().clone() for n in self._adapter_names()}
-        else:
-            self._write_full(step)
         self.steps.append(step)
         while len(self.steps) > self.pool_size:
             gone = self.steps.pop(1)
             self.tensors.pop(gone, None)
             self.ram.pop(gone, None)
         if not self.adapters:
-            self._collect()
+            self._write_full(step)  # and the files of snapshots that left the pool deleted
 
     def _collect(self) -> None:
-        """Delete full-model snapshot files that neither the pool nor any saved checkpoint lists. A checkpoint set
-        aside by checkpoints.set_aside_newer (abandoned-...-from-step-N/) keeps its snapshots up to step N here;
-        its later ones went aside with it, and the files of those names here are this run's."""
-        if not self.is_main:
-            return
+        """Main process: delete full-model snapshot files that neither the pool nor any saved checkpoint lists. A
+        checkpoint set aside by checkpoints.set_aside_newer (abandoned-...-from-step-N/) keeps its snapshots up to
+        step N here; its later ones went aside with it, and the files of those names here are this run's."""
         keep = set(self.steps)
         checkpoints = self.output_dir / "checkpoints"
         for state in checkpoints.glob("*/" + _STATE_FILE):
@@ -186,16 +182,19 @@ class SnapshotPool(BaseReference):
         return self.pool_dir / f"step-{step}.safetensors"
 
     def _write_full(self, step: int) -> None:
-        """Full fine-tune snapshot to disk in the frozen copy's dtype (kept while a checkpoint lists it). Every
-        process waits for the file (any may draw it at the next step) and stops if the main process failed to
-        write it (a full disk), rather than wait for it in the next collective until the run's timeout."""
+        """Full fine-tune snapshot to disk in the frozen copy's dtype (kept while a checkpoint lists it), and the
+        files no longer needed deleted. Every process waits for the file (any may draw it at the next step) and
+        stops if the main process failed (a full disk), rather than wait for it in the next collective until the
+        run's timeout."""
         weights = self.weights()  # every process: under FSDP the gather is collective
         failed = None
-        # a later step's file may be left by a run resumed from an earlier checkpoint: written anew (step 0, the
-        # initial model, is the same in every run)
-        if self.is_main and (step > 0 or not self._file(step).is_file()):
+        if self.is_main:
             try:
-                self._save_snapshot(step, weights)
+                # a later step's file may be left by a run that crashed before its checkpoint: written anew (step 0,
+                # the initial model, is the same in every run)
+                if step > 0 or not self._file(step).is_file():
+                    self._save_snapshot(step, weights)
+                self._collect()
             except Exception as err:  # told to the others below, then raised here with its traceback
                 failed = err
         told = self.share(describe(failed))

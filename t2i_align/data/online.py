@@ -172,9 +172,14 @@ class OnlineSource:
         return [self._item(rows[p], ks) for p, *ks in selection.picks]
 
     def _record(self, rnd: int, rows, selection: Selection) -> None:
-        """Append the round's pool and choice to raft_rounds.jsonl (main process), to audit what was trained on."""
-        if not self.acc.is_main_process:
-            return
+        """Append the round's pool and choice to raft_rounds.jsonl (main process; every process stops if it
+        fails), to audit what was trained on."""
+        from ..engines import on_main
+
+        on_main(self.acc, lambda: self._write_record(rnd, rows, selection), "the main process could not record the "
+                "RAFT round")
+
+    def _write_record(self, rnd: int, rows, selection: Selection) -> None:
         scores = [[x if math.isfinite(x) else None for x in row[2].tolist()] for row in rows]
         record = {"round": rnd, "prompts": [row[1] for row in rows], "scores": scores,
                   "selected": [list(p) for p in selection.picks], "nonfinite": selection.dropped_nonfinite}
