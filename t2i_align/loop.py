@@ -225,9 +225,9 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:
     start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
     raw_start = resume_raw_batches(read_marker(resume), accelerator.process_index, accelerator.num_processes,
                                    fallback=start * cfg.train.grad_accum)
-    for part in parts:  # SePPO's snapshot pool, RAFT's round
-        if hasattr(part, "load"):
-            part.load(resume)
+    # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
+    on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
+             f"another process could not restore the run's state from {resume}")
     on_main(accelerator, lambda: set_aside_newer(out, start, accelerator.print),
             "the main process could not set the abandoned run's checkpoints aside")
     tracker.truncate_after(start)

@@ -80,7 +80,11 @@ class OnlineSource:
         rnd, skip = divmod(start, self.micro_per_round)
         resumed = self._resumed_round(rnd) if skip else None
         if start:  # a resume: rounds from the first one generated again belong to the abandoned run
-            self._forget_rounds_from(rnd + (resumed is not None))
+            from ..engines import on_main
+
+            first = rnd + (resumed is not None)
+            on_main(self.acc, lambda: self._forget_rounds_from(first), "the main process could not rewrite "
+                    "raft_rounds.jsonl")
         while True:
             items = resumed or self._round(rnd)
             resumed = None
@@ -192,10 +196,10 @@ class OnlineSource:
         return Path(self.cfg.output_dir) / "raft_rounds.jsonl"
 
     def _forget_rounds_from(self, first: int) -> None:
-        """Drop the audit lines of rounds >= `first` (main process), as metrics.jsonl drops the steps after the
+        """Main process: drop the audit lines of rounds >= `first`, as metrics.jsonl drops the steps after the
         checkpoint: the file then reads as one uninterrupted run."""
         path = self._rounds_file()
-        if not self.acc.is_main_process or not path.is_file():
+        if not path.is_file():
             return
         kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["round"] < first]
