@@ -124,8 +124,16 @@ def _load_builtin() -> None:
 
 # ---------------------------------------------------------------- device, dtype, batching
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """`None` means CUDA when available, else CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`None` means CUDA when available, else CPU. RewardSetupError for a name that is no device ("gpu") or a
+    CUDA device this machine lacks (torch would fail later, at the first tensor moved there)."""
+    try:
+        found = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise RewardSetupError(f"device {device!r} is not a device: use cpu, cuda, cuda:1, mps ...") from err
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise RewardSetupError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use "
+                               "cpu, or cuda:N with N below that")
+    return found
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:

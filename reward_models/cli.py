@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files, label_problem
 from t2i_align.errors import UserError, run_cli
+from t2i_align.files import check_output_path
 from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, available_rewards, check_options
@@ -285,6 +286,7 @@ def _run(args: argparse.Namespace) -> int:
     options = parse_options(args.option, names)
     if args.out.suffix.lower() not in (".jsonl", ".csv") or args.batch_size < 1:
         raise UsageError(f"need --out *.jsonl or *.csv and --batch-size >= 1, got {args.out}, {args.batch_size}")
+    check_output_path(args.out, "--out", folder=False)
     total, items = open_source(args.images, args.prompts, args.pairwise)
     rewards = load_rewards(names, options, args.device)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:

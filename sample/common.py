@@ -31,7 +31,18 @@ def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = Fa
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
+def _device(name: str) -> str:
+    """--device checked when the arguments are read ("gpu", or a GPU this machine lacks, failed after loading)."""
+    from reward_models.base import resolve_device
+
+    try:
+        resolve_device(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return name
 
 
 def settings_from(args):

@@ -60,6 +60,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--base", default=None, help="base model folder (default: the same as --model)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    from reward_models.cli import UsageError
+
+    if args.base and args.base_model and args.base != args.base_model:
+        raise UsageError(f"--base {args.base} and --base-model {args.base_model} name two base models: give one")
+    if args.out:
+        from t2i_align.files import check_output_path
+
+        check_output_path(args.out, "--out", folder=False)
     args.base = args.base or args.base_model or args.model
     args.prompts = args.prompts or ["toy:heldout"]
     result = compare_sets(args, load_reward_set(args.reward, args.option, args.device))

@@ -44,20 +44,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--project", default="t2i-align")
     args = p.parse_args(argv)
     from t2i_align.evaluation import sample_model, score_samples
+    from t2i_align.files import check_output_path
     from t2i_align.prompts import read_prompts
     from t2i_align.tracking import Tracker
 
-    prompts = read_prompts(args.prompts, "--prompts")[: max(1, args.max_prompts)]
+    from reward_models.cli import UsageError
+
+    if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora)):
+        raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora with --no-base")
+    check_output_path(args.out, "--out", folder=True)
+    prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args)
     rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}
     models = {"tuned": (args.model, args.lora)}
     if not args.no_base:
         models = {"base": (args.base_model or args.model, args.base_lora), **models}
+    # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
+    tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
     sets = {name: sample_model(m, lora, prompts, settings, args.device) for name, (m, lora) in models.items()}
     scores = {name: score_samples(s, rewards) for name, s in sets.items()}
     k = settings.seeds_per_prompt
     columns = [f"{name} · seed {j}" for name in sets for j in range(k)]
-    tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
     path = tracker.log_gallery(gallery_rows(prompts, sets, scores, k), 0, columns, name="gallery")
     wandb_dir = tracker.wandb_run_dir
     tracker.finish()

@@ -22,10 +22,10 @@ class UserError(Exception):
     """
 
 
-_DEFINED_ELSEWHERE: Tuple[Tuple[str, str], ...] = ()
-"""User errors whose classes predate `UserError` (module, class name); once they subclass it, drop them here.
-Looked up only in modules already imported: an exception of a class from a module never imported cannot occur,
-and importing diffusers just to name an exception would slow every command down."""
+_DEFINED_ELSEWHERE: Tuple[Tuple[str, str], ...] = (("wandb.errors.errors", "UsageError"),)
+"""User errors of other packages (module, class name): W&B's UsageError says what to do ("No API key configured.
+Use `wandb login` ..."; W&B online without a key). Looked up only in modules already imported: an exception of a
+class from a module never imported cannot occur, and importing wandb just to name one would slow every command."""
 
 
 def user_error_types(also: Tuple[Type[BaseException], ...] = ()) -> Tuple[Type[BaseException], ...]:

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 def _umask() -> int:
@@ -106,3 +106,25 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
+                      inputs: Optional[Dict[str, str | os.PathLike]] = None) -> None:
+    """At a command's start, before any work: UserError for an output path that cannot be written (a file where a
+    folder is wanted or the reverse, a file among its parents) or that is or holds one of `inputs` ({flag: path}),
+    which writing there (replacing a folder) would delete."""
+    from .errors import UserError
+
+    out = Path(path)
+    if out.exists() and out.is_dir() != folder:
+        raise UserError(f"{flag} {out} is a {'file' if folder else 'folder'}: give {'a folder' if folder else 'a file'}"
+                        f" path")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag} {out}: {above} is a file, not a folder; choose another {flag}")
+    for name, source in (inputs or {}).items():
+        held = Path(source) if Path(source).is_dir() else Path(source).parent
+        if out.resolve() == held.resolve() or out.resolve() in held.resolve().parents:
+            raise UserError(f"{flag} {out} is or holds {name} {source}: writing there would delete it; choose "
+                            f"another {flag}")
+

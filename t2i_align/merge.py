@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .conditioning.text import write_text_encoding
-from .files import replace_dir, temp_dir
+from .files import check_output_path, replace_dir, temp_dir
 
 
 def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encoding: Optional[str] = None,
@@ -23,7 +23,7 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     from .sampling import load_pipeline, pipeline_components
 
     out = Path(out)
-    _check_not_inputs(out, model, lora)
+    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelLoadError(f"{out} exists and is not empty; pass overwrite (--overwrite) to replace it")
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding)
@@ -37,13 +37,6 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     return replace_dir(tmp, out)
 
 
-def _check_not_inputs(out: Path, model: str | Path, lora: str | Path) -> None:
-    """Replacing `out` deletes it whole: refuse an `out` that is, or holds, the LoRA or the base model."""
-    from .models import ModelLoadError
-
-    lora_dir = Path(lora) if Path(lora).is_dir() else Path(lora).parent
-    inputs = {"--lora": lora_dir} if str(model) == "toy" else {"--lora": lora_dir, "--model": Path(model)}
-    for flag, path in inputs.items():
-        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
-            raise ModelLoadError(f"--out {out} is or holds {flag} {path}: writing there would delete the input; "
-                                 "choose another --out folder")
+def _inputs(model: str | Path, lora: str | Path) -> dict:
+    """What merging reads, which an --out replaced whole must not be or hold."""
+    return {"--lora": lora} if str(model) == "toy" else {"--lora": lora, "--model": model}

@@ -5,6 +5,7 @@ import torch
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
 from t2i_align.config import load_config
+from t2i_align.errors import UserError
 from t2i_align.models import ModelLoadError
 
 
@@ -42,6 +43,6 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
         merge_lora(model, final, merged)
     lora_file = final / "pytorch_lora_weights.safetensors"
     for out, flag in ((final, "--lora"), (tmp_path / "stage1", "--lora"), (tmp_path, "--lora"), (model, "--model")):
-        with pytest.raises(ModelLoadError, match=f"is or holds {flag}"):
+        with pytest.raises(UserError, match=f"is or holds {flag}"):
             merge_lora(model, lora_file, out, overwrite=True)
     assert lora_file.is_file() and (model / "model_index.json").is_file()  # both inputs untouched

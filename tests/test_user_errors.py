@@ -56,6 +56,10 @@ def test_errors_defined_before_user_error_are_reported_too(capsys):
     assert run_cli(_raise(ModelLoadError("model.pretrained: /nowhere does not exist"))) == 2
     assert one_line(ValueError("")) == "ValueError"
     assert capsys.readouterr().err.startswith("error: model.pretrained")
+    from wandb.errors.errors import UsageError as WandbUsageError  # W&B online without an API key
+
+    assert run_cli(_raise(WandbUsageError("No API key configured. Use `wandb login` to log in."))) == 2
+    assert capsys.readouterr().err == "error: No API key configured. Use `wandb login` to log in.\n"
 
 
 def test_reward_setup_mistakes_are_user_errors_and_still_value_errors():
@@ -198,3 +202,36 @@ def test_t2i_score_on_an_empty_folder_says_it_holds_nothing_to_score(tmp_path):
 
     with pytest.raises(UsageError, match="holds no images .* no metadata.jsonl and no \\*.parquet"):
         open_source(tmp_path, None, pairwise=False)
+
+
+def test_output_paths_that_cannot_be_written_fail_before_any_work(tmp_path):
+    """files.check_output_path, which generate, gallery, compare, t2i-score, toy pairs and merge_lora call first: a
+    file among the parents, a file where a folder goes (and the reverse), an output that is or holds an input
+    (`generate --overwrite --out RUN/final --lora RUN/final` deleted the LoRA it sampled)."""
+    from t2i_align.files import check_output_path
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    lora = tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors"
+    lora.write_text("")
+    for path, folder, inputs, message in (
+            (tmp_path / "afile" / "out", True, {}, r"afile is a file, not a folder; choose another --out"),
+            (tmp_path / "afile", True, {}, r"afile is a file: give a folder path"),
+            (tmp_path / "run", False, {}, r"run is a folder: give a file path"),
+            (tmp_path / "run" / "final", True, {"--lora": lora}, r"final is or holds --lora .*would delete it"),
+            (tmp_path / "run", True, {"--lora": tmp_path / "run" / "final"}, r"run is or holds --lora")):
+        with pytest.raises(UserError, match=message):
+            check_output_path(path, "--out", folder=folder, inputs=inputs)
+    check_output_path(tmp_path / "new" / "out", "--out", folder=True, inputs={"--lora": lora})  # fine
+
+
+def test_generate_refuses_an_out_that_holds_its_lora_before_sampling(tmp_path, capsys):
+    from test_sample_scripts import _script
+
+    module = _script("generate")
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "pytorch_lora_weights.safetensors").write_text("not read: refused first")
+    code = run_cli(lambda: module.main(["--lora", str(final), "--out", str(final), "--overwrite"]))
+    assert code == 2 and "is or holds --lora" in capsys.readouterr().err
+    assert (final / "pytorch_lora_weights.safetensors").read_text() == "not read: refused first"

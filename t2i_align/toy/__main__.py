@@ -53,6 +53,12 @@ def cmd_pairs(args) -> dict:
     from .evaluate import prompt_set
     from .pairs import export_pairs
 
+    from ..errors import UserError
+    from ..files import check_output_path
+
+    if args.k < 2:
+        raise UserError(f"--k {args.k}: pairs need at least 2 images per prompt (the best and the worst)")
+    check_output_path(args.out, "--out", folder=True)
     scenes = prompt_set(args.prompts)[: args.num_prompts or None]
     return export_pairs(_pipe(args), scenes, args.out, images_per_prompt=args.k, base_seed=args.seed,
                         model_name=args.model_name, pairing=args.pairing)
