@@ -75,6 +75,9 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
                                  "the folder holding it)")
     attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
+        if lora.is_dir() and not has_lora_file(lora):
+            raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "
+                                 "run's final/ folder or the file itself)")
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file

@@ -235,3 +235,14 @@ def test_generate_refuses_an_out_that_holds_its_lora_before_sampling(tmp_path, c
     code = run_cli(lambda: module.main(["--lora", str(final), "--out", str(final), "--overwrite"]))
     assert code == 2 and "is or holds --lora" in capsys.readouterr().err
     assert (final / "pytorch_lora_weights.safetensors").read_text() == "not read: refused first"
+
+
+def test_a_lora_folder_without_weights_says_so(tmp_path):
+    """It was reported as weights that "do not match the model", with diffusers' OSError about a .bin file."""
+    from t2i_align.models import ModelLoadError
+    from t2i_align.sampling import load_pipeline
+
+    (tmp_path / "wronglora").mkdir()
+    (tmp_path / "wronglora" / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"no LoRA weights in .*wronglora: it holds no pytorch_lora_weights"):
+        load_pipeline("toy", lora=tmp_path / "wronglora")

@@ -53,11 +53,8 @@ def cmd_pairs(args) -> dict:
     from .evaluate import prompt_set
     from .pairs import export_pairs
 
-    from ..errors import UserError
     from ..files import check_output_path
 
-    if args.k < 2:
-        raise UserError(f"--k {args.k}: pairs need at least 2 images per prompt (the best and the worst)")
     check_output_path(args.out, "--out", folder=True)
     scenes = prompt_set(args.prompts)[: args.num_prompts or None]
     return export_pairs(_pipe(args), scenes, args.out, images_per_prompt=args.k, base_seed=args.seed,
@@ -112,11 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--text-encoding", choices=("clip77", "segments"), default=None,
                        help="prompt encoding (default: the one recorded with the weights, else clip77)")
     for name in ("evaluate", "compare"):
-        sub.choices[name].add_argument("--seeds", type=int, default=4, help="images per prompt")
+        sub.choices[name].add_argument("--seeds", type=_positive, default=4, help="images per prompt")
     sub.choices["compare"].add_argument("--base", default="toy", help="the base model folder (default: toy)")
     pairs = sub.choices["pairs"]
     pairs.add_argument("--out", required=True, help="output folder for pairs.parquet")
-    pairs.add_argument("--k", type=int, default=4, help="images per prompt (K // 2 pairs each)")
+    pairs.add_argument("--k", type=_at_least_two, default=4, help="images per prompt (K // 2 pairs each)")
     pairs.add_argument("--num-prompts", type=_count, default=0, help="use only the first N prompts (0: all)")
     pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
     pairs.add_argument("--pairing", default="random", choices=("random", "best-worst"),
@@ -129,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("demo", help="pairs from the base model, LoRA DPO, then base vs tuned judged + a gallery")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--seeds", type=int, default=8, help="held-out images per prompt for the comparison")
-    d.add_argument("--k", type=int, default=8, help="images per training prompt; the best vs the worst is a pair")
+    d.add_argument("--seeds", type=_positive, default=8, help="held-out images per prompt for the comparison")
+    d.add_argument("--k", type=_at_least_two, default=8,
+                   help="images per training prompt; the best vs the worst is a pair")
     d.add_argument("--num-pair-prompts", type=_count, default=0,
                    help="use only the first N training prompts (0: all)")
     d.add_argument("--config", default="configs/toy/demo.yaml")
@@ -143,6 +141,22 @@ def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative: give 0 (all) or a number of prompts")
+    return value
+
+
+def _positive(text: str) -> int:
+    """A number >= 1 (argparse type): 0 images per prompt ended in "generate got no prompts"."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give a number >= 1")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    """Images per prompt for pairs (argparse type): the best and the worst need two."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: pairs need at least 2 images per prompt")
     return value
 
 
