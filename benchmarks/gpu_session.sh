@@ -4,7 +4,7 @@
 #
 #   here, once:     benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
 #                                                        # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf
-#   here, before:   pytest -m "slow or not slow" tests/test_gpu_scripts.py   # every script's --smoke mode
+#   here, before:   pytest -m slow tests/test_gpu_scripts.py   # every script's --smoke mode (about 3 minutes)
 #   on the device:  run(command="bash benchmarks/gpu_session.sh run sd15 gen", carry=[".whl"], timeout_s=600)
 #
 # Parts, in priority order, with ESTIMATED minutes on an H200 (none measured yet; the machine's start is extra):

@@ -1,9 +1,8 @@
 """The GPU benchmark scripts' --smoke modes: every code path on tiny models on this CPU.
 
 A GPU is lent rarely and for 15 minutes (benchmarks/gpu_session.sh); a script that broke since it was written
-would waste that time, so each runs here in the suite (gpu_throughput.py's, 80 s, under `-m slow`: run
-`pytest -m "slow or not slow" tests/test_gpu_scripts.py` before a session). Their numbers are not checked, only
-that every row ran.
+would waste that time, so each runs here (under `-m slow`, about 3 minutes: the scripts are for GPU sessions;
+run `pytest -m slow tests/test_gpu_scripts.py` before one). Their numbers are not checked, only that every row ran.
 """
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,6 @@ def test_loop_end_to_end_smoke(tmp_path):
         assert run["s_per_step"] > 0
 
 
-@pytest.mark.slow  # 80 s; run before a GPU session
 def test_throughput_smoke_counts_flops_and_fills_every_row(tmp_path):
     """Every part; the lever part without its compile row (inductor takes minutes on a CPU; the compiled loop
     itself is tested in test_speed_levers.py). On a CPU two pinned SDPA kernels cannot run: their rows hold the
@@ -72,7 +72,6 @@ def test_reward_throughput_smoke(tmp_path):
     assert all("error" not in r and r["speed_up"] > 0 for r in rows), rows
 
 
-@pytest.mark.slow  # 25 s; as above
 def test_step_flops_grow_linearly_with_the_micro_batch(tmp_path, monkeypatch):
     """MFU scales the FLOPs counted at micro-batch 1 by the micro-batch: true when every counted op runs per sample,
     as here (DPO with LoRA, tiny SD1.5 layout)."""

@@ -14,7 +14,7 @@ import pytest
 from reward_models.decomposed_clip import load_direction
 
 
-@pytest.mark.parametrize("kl_weight", [0, 1])
+@pytest.mark.parametrize("kl_weight", [pytest.param(0, marks=pytest.mark.slow), 1])  # 1: 0's path and the KL
 def test_two_process_reward_backprop_with_checkpointed_gradient_steps(tmp_path, kl_weight):
     out = tmp_path / "run"
     script = Path(__file__).with_name("multiprocess_train.py")
