@@ -136,28 +136,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _count(text: str) -> int:
-    """A number >= 0 (argparse type): -1 used to mean "all but the last" by slicing."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 (all) or a number of prompts")
-    return value
+def _at_least(low: int, why: str):
+    """An argparse type: an integer >= `low`, else an error saying `why` (-1 prompts used to mean "all but the
+    last" by slicing; 0 images per prompt ended in "generate got no prompts"; pairs need a best and a worst)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} {why}")
+        return value
+    parse.__name__ = "int"  # argparse's word for a value int() rejects
+    return parse
 
 
-def _positive(text: str) -> int:
-    """A number >= 1 (argparse type): 0 images per prompt ended in "generate got no prompts"."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give a number >= 1")
-    return value
-
-
-def _at_least_two(text: str) -> int:
-    """Images per prompt for pairs (argparse type): the best and the worst need two."""
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{value}: pairs need at least 2 images per prompt")
-    return value
+_count = _at_least(0, "is negative: give 0 (all) or a number of prompts")
+_positive = _at_least(1, "is too small: give a number >= 1")
+_at_least_two = _at_least(2, "is too small: pairs need at least 2 images per prompt")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
