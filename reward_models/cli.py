@@ -119,6 +119,8 @@ def _read_table(path: Path) -> List[Tuple[str, str]]:
 
 def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
     prompts = folder / "metadata.jsonl" if prompts is None else prompts
+    if prompts.is_dir():
+        raise UsageError(f"--prompts {prompts} is a folder: give a .jsonl, .csv or text file of prompts")
     if not prompts.is_file():
         raise UsageError(f"no prompts: {prompts} does not exist (pass --prompts FILE or write FOLDER/metadata.jsonl)")
     if prompts.suffix.lower() in (".jsonl", ".csv"):
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[int, Iterable[Item]]:
     if not images.exists():
         raise UsageError(f"--images {images} does not exist")
+    if images.is_file() and images.suffix.lower() != ".parquet":
+        raise UsageError(f"--images {images} is neither a folder nor a .parquet file: give a folder of images (with "
+                         "metadata.jsonl or --prompts) or Pick-a-Pic parquet files")
     folder = images.is_dir() and (prompts is not None or (images / "metadata.jsonl").is_file()
                                   or any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()))
     if images.is_dir() and not folder and not any(images.glob("*.parquet")):

@@ -69,6 +69,13 @@ def load_reward_set(names: str, options, device: str):
     return load_rewards(listed, parse_options(options or [], listed), device)
 
 
+def check_rewards_read(rewards, prompts) -> None:
+    """Before sampling: every reward can score these prompts (toy-judge reads only toy captions), else a one-line
+    error now rather than a failure after minutes of sampling."""
+    for reward in rewards.values():
+        reward.check_prompts(prompts)
+
+
 def add_user_args(p: argparse.ArgumentParser) -> None:
     """Who a model with a PPD user branch samples for (user_branch.safetensors next to --lora or in --model)."""
     p.add_argument("--user", action="append", default=None, metavar="ID",

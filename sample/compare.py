@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, load_reward_set, run_cli,
-                    settings_from, user_choice_from)
+from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_rewards_read,
+                    load_reward_set, run_cli, settings_from, user_choice_from)
 
 
 def _has_branch(model, lora) -> bool:
@@ -32,9 +32,12 @@ def compare_sets(args, rewards) -> dict:
     from t2i_align.prompts import read_prompts
 
     settings = settings_from(args)
+    prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
+    for prompts in prompt_sets.values():
+        check_rewards_read(rewards, prompts)
     results = {}
     for spec, user_id in [(s, u) for s in args.prompts for u in (args.user or [None])]:
-        prompts = read_prompts(spec, "--prompts")
+        prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
         for side, model, lora, encoding in (("base", args.base, args.base_lora, args.base_text_encoding),
                                             ("tuned", args.model, args.lora, args.text_encoding)):
@@ -69,6 +72,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
         check_output_path(args.out, "--out", folder=False)
     args.base = args.base or args.base_model or args.model
+    if args.user and not any(_has_branch(m, lora) for m, lora in ((args.base, args.base_lora),
+                                                                      (args.model, args.lora))):
+        raise UsageError("--user: neither model has a PPD user branch (user_branch.safetensors next to --lora or in "
+                         "--model), so there is no one to sample for; drop --user or give a PPD-trained --lora")
     args.prompts = args.prompts or ["toy:heldout"]
     result = compare_sets(args, load_reward_set(args.reward, args.option, args.device))
     if args.out:

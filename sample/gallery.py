@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import Dict, List, Optional
 
-from common import add_model_args, add_reward_args, add_sampling_args, load_reward_set, run_cli, settings_from
+from common import (add_model_args, add_reward_args, add_sampling_args, check_rewards_read, load_reward_set, run_cli,
+                    settings_from)
 
 
 def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
@@ -56,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args)
     rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}
+    check_rewards_read(rewards, prompts)
     models = {"tuned": (args.model, args.lora)}
     if not args.no_base:
         models = {"base": (args.base_model or args.model, args.base_lora), **models}

@@ -35,6 +35,8 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
         except ValueError as err:
             raise ConfigError(f"{what}: {err} (as one of {', '.join(TOY_SETS)})") from None
     path = Path(spec)
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a folder; give a text file with one prompt per line")
     if not path.is_file():
         raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")

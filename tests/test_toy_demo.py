@@ -81,3 +81,16 @@ def test_demo_shows_a_bar_per_phase_and_a_headline(tmp_path, capsys, monkeypatch
     assert saved["tuned"]["overall"]["mean"] == pytest.approx(result["tuned"]["overall"]["mean"])
     assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 2  # best vs worst per prompt
     assert 0.0 <= saved["win_rate"]["win_rate"] <= 1.0
+
+
+def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monkeypatch):
+    """A misspelt override was reported only after the pair sampling (minutes)."""
+    from pathlib import Path
+
+    import t2i_align.toy.demo as demo
+    from t2i_align.toy.__main__ import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled pairs before the config check"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "train.max_stepz=2"]) == 2
+    assert "train.max_stepz" in capsys.readouterr().err and not (tmp_path / "demo").exists()

@@ -246,3 +246,42 @@ def test_a_lora_folder_without_weights_says_so(tmp_path):
     (tmp_path / "wronglora" / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"no LoRA weights in .*wronglora: it holds no pytorch_lora_weights"):
         load_pipeline("toy", lora=tmp_path / "wronglora")
+
+
+@pytest.mark.parametrize("script", ["compare", "gallery"])
+def test_sample_scripts_refuse_prompts_the_reward_cannot_read_before_sampling(script, tmp_path, capsys, monkeypatch):
+    """toy-judge (the default reward) on non-toy prompts ended in a traceback after all the sampling."""
+    import t2i_align.evaluation as evaluation
+    from test_sample_scripts import _script
+
+    module = _script(script)
+    monkeypatch.setattr(evaluation, "sample_model", _raise(AssertionError("sampled before checking")))
+    (tmp_path / "p.txt").write_text("a cat on a sofa\n")
+    code = run_cli(lambda: module.main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]))
+    assert code == 2 and "toy-judge scores only toy captions" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_user_when_neither_model_has_a_user_branch(tmp_path, capsys):
+    """--user was silently ignored: both sides sampled without a user."""
+    from test_sample_scripts import _script
+
+    code = run_cli(lambda: _script("compare").main(["--user", "3"]))
+    assert code == 2 and "--user: neither model has a PPD user branch" in capsys.readouterr().err
+
+
+def test_folders_where_files_go_are_named_as_folders(tmp_path):
+    """A folder given as --prompts or --config was reported as "not found"; a text file as --images got pyarrow's
+    "Parquet file size is 3 bytes"."""
+    from reward_models.cli import UsageError, folder_items, open_source
+    from t2i_align.config import ConfigError, load_config
+    from t2i_align.prompts import read_prompts
+
+    with pytest.raises(ConfigError, match="--prompts: .* is a folder; give a text file"):
+        read_prompts(str(tmp_path), "--prompts")
+    with pytest.raises(ConfigError, match="is a folder: give a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(UsageError, match="--prompts .* is a folder: give a .jsonl"):
+        folder_items(tmp_path, tmp_path)
+    (tmp_path / "a.txt").write_text("hi")
+    with pytest.raises(UsageError, match="a.txt is neither a folder nor a .parquet file"):
+        open_source(tmp_path / "a.txt", None, pairwise=False)

@@ -81,6 +81,8 @@ def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> Non
 
 def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
     """[(file name, contents)] in merge order: the `base:` chain first, then the file itself."""
+    if path.is_dir():
+        raise ConfigError(f"Config file {path} is a folder: give a YAML file, e.g. configs/toy/dpo.yaml")
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
     if path.resolve() in chain:

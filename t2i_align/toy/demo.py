@@ -63,14 +63,13 @@ def gallery_rows(evals: Dict[str, Evaluation], num_prompts: int = GALLERY_PROMPT
     return rows
 
 
-def _train_dpo(config: Path, pairs: Path, out: Path, overrides: Sequence[str]) -> Path:
+def _dpo_config(config: Path, pairs: Path, out: Path, overrides: Sequence[str]):
+    """Read (and so check) the DPO config and the overrides before minutes of pair sampling."""
     from ..config import load_config
-    from ..loop import train
 
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: run the demo from the repository root (make demo)")
-    cfg = load_config(config, [f"data.path={pairs}", f"output_dir={out}", *overrides])
-    return train(cfg).final
+    return load_config(config, [f"data.path={pairs}", f"output_dir={out}", *overrides])
 
 
 def _judge(pipe, name: str, seeds_per_prompt: int, show_progress: bool) -> Evaluation:
@@ -83,7 +82,10 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
              train_overrides: Sequence[str] = (), num_pair_prompts: int = 0, images_per_prompt: int = 8,
              show_progress: bool = True) -> Dict:
     """Pairs -> LoRA DPO -> judged comparison in `out`; returns (and writes to out/judge.json) the results."""
+    from ..loop import train
+
     verify_assets()
+    cfg = _dpo_config(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toy")
     train_scenes = prompt_set("train")[: num_pair_prompts or None]
@@ -91,7 +93,7 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
               f"{images_per_prompt}", show_progress) as bar:
         counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=images_per_prompt,
                               base_seed=1, pairing="best-worst", progress=bar.update)
-    final = _train_dpo(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
+    final = train(cfg).final
     tuned_pipe = load_pipeline("toy", lora=final)
     tuned_pipe.fuse_lora()  # same images (to ~1e-5) as unfused adapters, which sample ~45 % slower on CPU
     evals = {"base": _judge(base, "base", seeds_per_prompt, show_progress),
