@@ -30,7 +30,7 @@ demo: $(STAMP)
 # each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py), RAFT also on fresh seeds.
 # About 70 minutes on 2 cores.
 toy-results: $(STAMP)
-	$(BIN)/python -m t2i_align.toy pairs --out runs/toy-pairs-k8 --k 8 --seed 1 --pairing best-worst
+	$(BIN)/python -m t2i_align.toy pairs --out runs/toy-pairs-k8 --k 8 --seed 1 --pairing best-worst --overwrite
 	$(BIN)/python train/train.py --config configs/toy/dpo.yaml data.path=runs/toy-pairs-k8/pairs.parquet \
 		train.max_steps=600 output_dir=runs/toy-dpo-k8-600
 	$(BIN)/python train/train.py --config configs/toy/raft.yaml

@@ -12,8 +12,8 @@ mkdir -p $E
 TOY_CLIP_NO_KL="reward_backprop.reward_options.checkpoint=toy reward_backprop.kl_weight=0"
 
 # data: ground-truth renders of the 300 training scenes x 8, long captions (and short ones, for the diagnostic)
-$PY -m t2i_align.toy captions --out runs/longalign-captions --per-scene 8
-$PY -m t2i_align.toy captions --out runs/longalign-captions-short --per-scene 8 --caption short
+$PY -m t2i_align.toy captions --out runs/longalign-captions --per-scene 8 --overwrite
+$PY -m t2i_align.toy captions --out runs/longalign-captions-short --per-scene 8 --caption short --overwrite
 
 # base, no training: long and short captions, both encodings
 for enc in clip77 segments; do for cap in long short; do

@@ -107,6 +107,22 @@ def check_options(name: str, options: Dict[str, Any]) -> None:
     bad = [key for key in options if key not in params]
     if bad:
         raise RewardSetupError(f"reward {name!r} has no option(s) {bad}; it takes: {', '.join(params) or 'none'}")
+    for key, value in options.items():
+        _check_option_type(name, key, value, params[key].default)
+
+
+def _check_option_type(name: str, key: str, value: Any, default: Any) -> None:
+    """An option whose default is a bool / int / float takes that type (`batch_size=8x` failed only while scoring,
+    each batch's error taken for a rejected prompt); a batch size must be >= 1 (it silently became 1)."""
+    kind = type(default)
+    if kind in (bool, int, float) and value is not None:
+        fits = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+        if not fits:
+            raise RewardSetupError(f"reward {name!r} option {key}={value!r}: expected a {kind.__name__} "
+                                   f"(default {default!r})")
+    if key == "batch_size" and isinstance(value, int) and value < 1:
+        raise RewardSetupError(f"reward {name!r} option batch_size={value}: give a number >= 1")
 
 
 def reward_accepts(name: str, option: str) -> bool:

@@ -291,7 +291,8 @@ def _run(args: argparse.Namespace) -> int:
     options = parse_options(args.option, names)
     if args.out.suffix.lower() not in (".jsonl", ".csv") or args.batch_size < 1:
         raise UsageError(f"need --out *.jsonl or *.csv and --batch-size >= 1, got {args.out}, {args.batch_size}")
-    check_output_path(args.out, "--out", folder=False)
+    metadata = args.prompts or (args.images / "metadata.jsonl" if args.images.is_dir() else args.images)
+    check_output_path(args.out, "--out", folder=False, inputs={"--images": args.images, "--prompts": metadata})
     total, items = open_source(args.images, args.prompts, args.pairwise)
     rewards = load_rewards(names, options, args.device)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, check_rewards_read, load_reward_set, run_cli,
@@ -41,6 +42,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--no-base", action="store_true", help="show only --model (no base column)")
     p.add_argument("--max-prompts", type=int, default=16, help="first N prompts of the set (default 16)")
     p.add_argument("--out", required=True, help="run folder: gallery/ (and wandb/) go here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out/gallery")
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online", "auto"))
     p.add_argument("--project", default="t2i-align")
     args = p.parse_args(argv)
@@ -53,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora)):
         raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora with --no-base")
-    check_output_path(args.out, "--out", folder=True)
+    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite)
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args)
     rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}

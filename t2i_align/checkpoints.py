@@ -105,15 +105,17 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     return aside
 
 
-PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool")
-"""What a run leaves in output_dir besides its checkpoints that a later run there would read or append to."""
+PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "final", "gallery", "config.yaml")
+"""What a run leaves in output_dir besides its checkpoints: a later run there would read or append to the first
+three and replace the others."""
 
 
 def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional[Path]:
     """A fresh start in an output_dir holding an earlier run's checkpoints or logs: move them into
     `previous-<time>/`, never deleting them, so that `resume=latest` cannot pick up the earlier run's checkpoints,
     SePPO does not take its snapshots, and metrics.jsonl holds one run (before, a rerun appended to it). final/,
-    gallery/ and config.yaml are replaced when this run writes its own, as diffusers' training scripts do."""
+    gallery/ and config.yaml go too: a rerun replaced them (as diffusers' training scripts do), losing the
+    earlier model."""
     out = Path(output_dir)
     old = [path for _, path in list_checkpoints(out)] + [out / name for name in PREVIOUS_RUN if (out / name).exists()]
     if not old:
@@ -198,9 +200,16 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def save_state() -> None:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+
     on_main(accelerator, begin, f"the main process could not start checkpoint {final}")
-    on_every(accelerator, lambda: accelerator.save_state(str(tmp), safe_serialization=True),
-             f"another process could not write checkpoint {final}")
+    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
+        # Collectives inside (FSDP's sharded writes, which raise a write error on every process themselves;
+        # DeepSpeed's barriers): a process failing there cannot tell the others in a collective after them.
+        save_state()
+    else:
+        on_every(accelerator, save_state, f"another process could not write checkpoint {final}")
     on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
     return final
 

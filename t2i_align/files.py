@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 
 def _umask() -> int:
@@ -90,6 +90,24 @@ def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=str, **dump_kwargs) + "\n")
 
 
+def keep_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite the JSON-lines file `path` (atomically) with the records `keep` accepts (a resume dropping what came
+    after its checkpoint). A line that is not a JSON object, such as the torn last line of a run stopped mid-write,
+    is dropped too: returns how many were."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            torn += bool(line.strip())
+        elif keep(record):
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return torn
+
+
 def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[str, str]) -> Path:
     """`safetensors.torch.save_file` via a temporary sibling and a rename (the file is complete or absent)."""
     from safetensors.torch import save_file
@@ -109,11 +127,18 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
 
 
 def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
-                      inputs: Optional[Dict[str, str | os.PathLike]] = None) -> None:
+                      inputs: Optional[Dict[str, str | os.PathLike]] = None, replaces: Sequence[Path] = (),
+                      overwrite: bool = False) -> None:
     """At a command's start, before any work: UserError for an output path that cannot be written (a file where a
-    folder is wanted or the reverse, a file among its parents) or that is or holds one of `inputs` ({flag: path}),
-    which writing there (replacing a folder) would delete."""
+    folder is wanted or the reverse, a file among its parents), that is or holds one of `inputs` ({flag: path}),
+    which writing there (replacing a folder) would delete, or whose writing would replace an existing one of
+    `replaces` (an earlier gallery, pair set...) without `overwrite` (the command's --overwrite)."""
     from .errors import UserError
+
+    for earlier in replaces:
+        if earlier.exists() and not overwrite:
+            raise UserError(f"{earlier} exists and {flag} {path} would replace it: choose another {flag} or pass "
+                            "--overwrite")
 
     out = Path(path)
     if out.exists() and out.is_dir() != folder:
@@ -124,7 +149,7 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
         raise UserError(f"{flag} {out}: {above} is a file, not a folder; choose another {flag}")
     for name, source in (inputs or {}).items():
         held = Path(source) if Path(source).is_dir() else Path(source).parent
-        if out.resolve() == held.resolve() or out.resolve() in held.resolve().parents:
+        if out.resolve() in (held.resolve(), Path(source).resolve()) or out.resolve() in held.resolve().parents:
             raise UserError(f"{flag} {out} is or holds {name} {source}: writing there would delete it; choose "
                             f"another {flag}")
 

@@ -230,7 +230,7 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:
              f"another process could not restore the run's state from {resume}")
     on_main(accelerator, lambda: set_aside_newer(out, start, accelerator.print),
             "the main process could not set the abandoned run's checkpoints aside")
-    tracker.truncate_after(start)
+    on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
     accelerator.print(f"resumed from {resume} at step {start}")
     return start, raw_start
 
@@ -301,13 +301,17 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
 
 def _show_gallery(accelerator, validator: Validator, tracker: Tracker, step: int) -> None:
     """Collective: the gallery sampled (by the main process, or by all under FSDP), scored and logged by the main
-    process; a failure there (a reward, W&B) stops every process instead of leaving them waiting for it."""
-    def show() -> None:
-        rows, _, columns = validator.gallery(step)  # rows on the main process only
+    process; a failure there (a reward, W&B) stops every process instead of leaving them waiting for it. FSDP's
+    sampling is itself collective: it runs first, on every process, outside `on_main` (a process failing in it
+    would otherwise wait to tell the others while they wait in its next all-gather)."""
+    def show(policy) -> None:
+        rows, columns = validator.rows(policy)
         if rows:
             tracker.log_gallery(rows, step, columns, name="gallery")
 
-    on_every(accelerator, show, "the main process could not write the gallery")
+    sampled = validator.sample() if is_fsdp(accelerator) else None
+    on_main(accelerator, lambda: show(sampled if is_fsdp(accelerator) else validator.sample()),
+            "the main process could not write the gallery")
 
 
 def _save_extras(st: _RunState, folder: Path) -> None:

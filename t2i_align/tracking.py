@@ -59,11 +59,11 @@ class Tracker:
         """On resume: drop logged steps after the checkpoint, so metrics.jsonl reads as one uninterrupted run."""
         if not self.enabled or not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        from .files import keep_jsonl
+
+        torn = keep_jsonl(self.metrics_path, lambda record: record.get("step", 0) <= step)
+        if torn:
+            print(f"{self.metrics_path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)")
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:

@@ -145,18 +145,21 @@ class Validator:
             return [None] * len(samples.prompts)
         return self.reward(samples.images, samples.prompts)[0].tolist()
 
-    def gallery(self, step: int) -> Tuple[List[Dict], int, List[str]]:
-        """(rows, step, column names) on the main process; ([], step, []) elsewhere or without prompts.
-        Collective under FSDP (every process samples, the main process keeps the gallery)."""
+    def sample(self) -> Optional[Samples]:
+        """The policy's gallery images (the base's too, the first time); None where this process does not sample
+        or without prompts. Collective under FSDP (every process samples)."""
         if not self.prompts or not self.samples_here:
-            return [], step, []
+            return None
         if self._base is None:
             with self._base_unet() as base:
                 self._base = self._sample(base) if base is not None else None
-        policy = self._sample(self.unet)
-        if not self.accelerator.is_main_process:
-            return [], step, []
-        return self._rows(policy), step, self._columns()
+        return self._sample(self.unet)
+
+    def rows(self, policy: Optional[Samples]) -> Tuple[List[Dict], List[str]]:
+        """(gallery rows, column names) from `sample()`'s images, scored, on the main process; ([], []) elsewhere."""
+        if policy is None or not self.accelerator.is_main_process:
+            return [], []
+        return self._rows(policy), self._columns()
 
     def _columns(self) -> List[str]:
         k = self.cfg.tracking.validation_seeds

@@ -50,3 +50,27 @@ def test_exports_and_checkpoints_are_readable_like_any_file(tmp_path, umask):
     written = sorted(out.rglob("*.safetensors")) + sorted((tmp_path / "cache").rglob("*.safetensors"))
     assert {p.parent.name for p in written} >= {"final", "step-1"} and len(written) > 3
     assert {p.name: mode(p) for p in written} == {p.name: 0o666 & ~umask for p in written}
+
+
+def test_keep_jsonl_drops_later_records_and_a_torn_last_line(tmp_path):
+    """A resume rewrites metrics.jsonl / raft_rounds.jsonl up to its checkpoint; a run stopped mid-write left a
+    torn last line, on which the resume failed (json.loads) until the user edited the file."""
+    from t2i_align.files import keep_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.7}\n\n{"step": 2}\n[3]\n{"step": 3}\n{"step": 4, "lo')
+    assert keep_jsonl(path, lambda record: record["step"] <= 2) == 2  # the list and the torn line
+    assert path.read_text() == '{"step": 1, "loss": 0.7}\n{"step": 2}\n'
+
+
+def test_a_resume_keeps_the_metrics_up_to_its_step_despite_a_torn_line(tmp_path, capsys):
+    from t2i_align.tracking import Tracker
+
+    tracker = Tracker(tmp_path, wandb_mode="off")
+    for step in (1, 2, 3):
+        tracker.log({"loss": 0.5}, step)
+    with open(tracker.metrics_path, "a") as f:
+        f.write('{"step": 4, "lo')
+    tracker.truncate_after(2)
+    assert [line[:10] for line in tracker.metrics_path.read_text().splitlines()] == ['{"step": 1', '{"step": 2']
+    assert "dropped 1 line(s) that were not JSON" in capsys.readouterr().out

@@ -63,7 +63,10 @@ def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(tiny_mode
     assert [s for s, _ in list_checkpoints(out)] == [1]
     aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == first
-    assert sorted(p.name for p in aside[0].iterdir()) == ["metrics.jsonl", "step-2", "step-3"]
+    assert sorted(p.name for p in aside[0].iterdir()) == ["config.yaml", "final", "gallery", "metrics.jsonl",
+                                                          "step-2", "step-3"]  # the last three were replaced
+    assert "max_steps: 3" in (aside[0] / "config.yaml").read_text()
+    assert (aside[0] / "final" / "pytorch_lora_weights.safetensors").is_file()
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.resume=latest"))  # resumes this run
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 1

@@ -285,3 +285,56 @@ def test_folders_where_files_go_are_named_as_folders(tmp_path):
     (tmp_path / "a.txt").write_text("hi")
     with pytest.raises(UsageError, match="a.txt is neither a folder nor a .parquet file"):
         open_source(tmp_path / "a.txt", None, pairwise=False)
+
+
+def test_toy_build_keeps_folders_that_are_not_toy_assets(tmp_path, capsys, monkeypatch):
+    """`toy build --out runs` replaced the whole runs/ folder; `--tiny` without --out the shipped assets."""
+    import t2i_align.toy.build as build
+    from t2i_align.toy.__main__ import main
+
+    monkeypatch.setattr(build, "build", lambda *a, **k: pytest.fail("built after all"))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine.txt").write_text("user data")
+    for args, message in ((["--out", str(tmp_path / "runs")], "holds files that are not toy assets"),
+                          (["--tiny"], "--tiny builds test-quality models: give --out"),
+                          (["--only", "denoiser", "--out", str(tmp_path / "new")], "holds none: give --out")):
+        assert main(["build", *args]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "runs" / "mine.txt").read_text() == "user data"
+
+
+def test_reward_options_of_the_wrong_type_are_refused_when_the_reward_is_built():
+    """`--option toy-clip.batch_size=8x` scored nothing (each batch's ValueError taken for a rejected prompt) and
+    exited 0; batch_size=0 silently became 1."""
+    from reward_models import get_reward
+    from reward_models.base import RewardSetupError
+
+    for value, message in (("8x", r"batch_size='8x': expected a int \(default 64\)"),
+                           (0, "batch_size=0: give a number >= 1"), (True, "expected a int")):
+        with pytest.raises(RewardSetupError, match=message):
+            get_reward("toy-clip", batch_size=value)
+    assert get_reward("toy-clip", batch_size=8) is not None
+
+
+def test_outputs_that_would_replace_earlier_work_or_an_input_are_refused(tmp_path, capsys):
+    """gallery --out RUN replaced the training run's gallery/; toy pairs / captions replaced an earlier data set;
+    t2i-score --out metadata.jsonl overwrote the prompts it read."""
+    from reward_models.cli import main as score
+    from test_sample_scripts import _script
+    from t2i_align.toy.__main__ import main as toy
+
+    (tmp_path / "run" / "gallery").mkdir(parents=True)
+    (tmp_path / "run" / "gallery" / "index.html").write_text("the training run's gallery")
+    assert run_cli(lambda: _script("gallery").main(["--out", str(tmp_path / "run")])) == 2
+    assert "gallery exists and --out" in capsys.readouterr().err
+    (tmp_path / "run" / "pairs.parquet").write_text("earlier pairs")
+    (tmp_path / "run" / "captions.parquet").write_text("earlier captions")
+    for command in ("pairs", "captions"):
+        assert toy([command, "--out", str(tmp_path / "run")]) == 2
+        assert "pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "run" / "metadata.jsonl").write_text('{"file": "a.png", "prompt": "p"}\n')
+    assert score(["--reward", "toy-judge", "--images", str(tmp_path / "run"), "--out",
+                  str(tmp_path / "run" / "metadata.jsonl")]) == 2
+    assert "is or holds --prompts" in capsys.readouterr().err
+    assert (tmp_path / "run" / "gallery" / "index.html").read_text() == "the training run's gallery"
+    assert (tmp_path / "run" / "pairs.parquet").read_text() == "earlier pairs"

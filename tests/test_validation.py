@@ -104,7 +104,7 @@ def test_offloaded_reference_samples_the_base_column_on_the_vae_device(monkeypat
     monkeypatch.setattr(Validator, "_rows", lambda self, policy: [])
     validator = _validator("train.offload_reference=true", frozen=frozen, prompts=[TOY_CAPTION],
                            components=SimpleNamespace(vae=SimpleNamespace(device=accelerator)))
-    validator.gallery(step=1)
+    validator.rows(validator.sample())
     assert sampled_on == [accelerator, None]  # the base on the VAE's device; then the policy (never moved)
     assert frozen.moves == [accelerator, torch.device("cpu")] and frozen.at == torch.device("cpu")
 
@@ -127,14 +127,14 @@ def test_base_column_after_resuming_a_full_fine_tune_is_the_original_model(tmp_p
     from t2i_align.loop import train
 
     bases = []
-    original_gallery = Validator.gallery
+    original_sample = Validator.sample
 
-    def recording_gallery(self, step):
-        result = original_gallery(self, step)
+    def recording_sample(self):
+        result = original_sample(self)
         bases.append(self._base.images.clone())
         return result
 
-    monkeypatch.setattr(Validator, "gallery", recording_gallery)
+    monkeypatch.setattr(Validator, "sample", recording_sample)
     model = save_tiny_pipeline("sd15", tmp_path / "pipe")
     data = write_rendered_pairs(tmp_path / "pairs.parquet")
     common = ("objective.name=sft", "train.checkpoint_every=2", "tracking.validation_prompts=[a cat]")

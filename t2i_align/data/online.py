@@ -24,7 +24,7 @@ import torch
 
 from ..config import ConfigError
 from ..engines import autocast, is_fsdp
-from ..files import write_text_atomic
+from ..files import keep_jsonl
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
 from ..sampling import generate, set_scheduler
@@ -201,9 +201,9 @@ class OnlineSource:
         path = self._rounds_file()
         if not path.is_file():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["round"] < first]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        torn = keep_jsonl(path, lambda record: record.get("round", first) < first)
+        if torn:
+            self.acc.print(f"{path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)")
 
     @torch.no_grad()
     def _generate_and_score(self, rnd: int, prompt_ids: List[int], slots: List[int]):

@@ -17,9 +17,26 @@ def _pipe(args):
     return load_pipeline(args.model, lora=args.lora, text_encoding=args.text_encoding)
 
 
+def _check_build_out(out: Path, tiny: bool, only: Optional[str]) -> None:
+    """build replaces --out whole: refuse a folder that holds anything but toy assets, and test-quality (--tiny)
+    models over the shipped ones."""
+    from ..errors import UserError
+    from .assets import ASSETS_DIR, MANIFEST
+
+    if tiny and out.resolve() == ASSETS_DIR.resolve():
+        raise UserError("--tiny builds test-quality models: give --out FOLDER so the shipped toy assets are kept")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise UserError(f"--out {out} holds files that are not toy assets (no {MANIFEST}), which the build would "
+                        "replace: give a new or empty folder, or an earlier build's")
+    if only and not (out / MANIFEST).is_file():
+        raise UserError(f"--only {only} keeps the other models of an earlier build, but {out} holds none: give "
+                        "--out an earlier build's folder, or drop --only")
+
+
 def cmd_build(args) -> dict:
     from .build import TINY_BUDGET, BuildBudget, build
 
+    _check_build_out(Path(args.out), args.tiny, args.only)
     budget = TINY_BUDGET if args.tiny else BuildBudget()
     out = build(args.out, seed=args.seed, budget=budget, log=lambda m: print(m, file=sys.stderr, flush=True),
                 only=args.only)
@@ -45,6 +62,10 @@ def cmd_captions(args) -> dict:
     from .captions import export_captions
     from .evaluate import prompt_set
 
+    from ..files import check_output_path
+
+    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "captions.parquet"],
+                      overwrite=args.overwrite)
     return export_captions(args.out, prompt_set(args.prompts), per_scene=args.per_scene, caption=args.caption,
                            seed=args.seed)
 
@@ -55,7 +76,8 @@ def cmd_pairs(args) -> dict:
 
     from ..files import check_output_path
 
-    check_output_path(args.out, "--out", folder=True)
+    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "pairs.parquet"],
+                      overwrite=args.overwrite)
     scenes = prompt_set(args.prompts)[: args.num_prompts or None]
     return export_pairs(_pipe(args), scenes, args.out, images_per_prompt=args.k, base_seed=args.seed,
                         model_name=args.model_name, pairing=args.pairing)
@@ -113,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["compare"].add_argument("--base", default="toy", help="the base model folder (default: toy)")
     pairs = sub.choices["pairs"]
     pairs.add_argument("--out", required=True, help="output folder for pairs.parquet")
+    pairs.add_argument("--overwrite", action="store_true", help="replace an existing --out/pairs.parquet")
     pairs.add_argument("--k", type=_at_least_two, default=4, help="images per prompt (K // 2 pairs each)")
     pairs.add_argument("--num-prompts", type=_count, default=0, help="use only the first N prompts (0: all)")
     pairs.add_argument("--model-name", default="toy-base", help="written to model_0 / model_1")
@@ -120,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="K // 2 disjoint random pairs per prompt, or the best vs the worst image")
     c = sub.add_parser("captions", help="ground-truth image-caption parquet (LongAlign stage 1 data)")
     c.add_argument("--out", required=True, help="output folder for captions.parquet")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out/captions.parquet")
     c.add_argument("--prompts", default="train", choices=("heldout", "train"))
     c.add_argument("--per-scene", type=int, default=8, help="renders per scene (position jitter differs)")
     c.add_argument("--caption", default="long", choices=("long", "short", "mixed"))
