@@ -76,6 +76,15 @@ def check_rewards_read(rewards, prompts) -> None:
         reward.check_prompts(prompts)
 
 
+def check_models(sides) -> None:
+    """Before sampling: every (model, lora, text encoding) to sample can be loaded as asked (a typo in the tuned
+    side's --lora was found after the base had been sampled)."""
+    from t2i_align.sampling import check_weights
+
+    for model, lora, encoding in sides:
+        check_weights(model, lora, encoding)
+
+
 def add_user_args(p: argparse.ArgumentParser) -> None:
     """Who a model with a PPD user branch samples for (user_branch.safetensors next to --lora or in --model)."""
     p.add_argument("--user", action="append", default=None, metavar="ID",

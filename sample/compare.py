@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_rewards_read,
-                    load_reward_set, run_cli, settings_from, user_choice_from)
+from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
+                    check_rewards_read, load_reward_set, run_cli, settings_from, user_choice_from)
 
 
 def _has_branch(model, lora) -> bool:
@@ -39,8 +39,9 @@ def compare_sets(args, rewards) -> dict:
     for spec, user_id in [(s, u) for s in args.prompts for u in (args.user or [None])]:
         prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
-        for side, model, lora, encoding in (("base", args.base, args.base_lora, args.base_text_encoding),
-                                            ("tuned", args.model, args.lora, args.text_encoding)):
+        # the tuned side first: most flags (--user ...) are its, and fail at its loading
+        for side, model, lora, encoding in (("tuned", args.model, args.lora, args.text_encoding),
+                                            ("base", args.base, args.base_lora, args.base_text_encoding)):
             samples = sample_model(model, lora, prompts, settings, args.device, encoding,
                                    user=user if _has_branch(model, lora) else None)
             scores[side] = score_samples(samples, rewards)
@@ -72,6 +73,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
         check_output_path(args.out, "--out", folder=False)
     args.base = args.base or args.base_model or args.model
+    check_models([(args.model, args.lora, args.text_encoding), (args.base, args.base_lora, args.base_text_encoding)])
+    if args.alpha is not None:
+        raise UsageError("--alpha: compare runs one user at a time (each --user in turn); interpolate with "
+                         "sample/generate.py")
     if args.user and not any(_has_branch(m, lora) for m, lora in ((args.base, args.base_lora),
                                                                       (args.model, args.lora))):
         raise UsageError("--user: neither model has a PPD user branch (user_branch.safetensors next to --lora or in "

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from common import (add_model_args, add_reward_args, add_sampling_args, check_rewards_read, load_reward_set, run_cli,
-                    settings_from)
+from common import (add_model_args, add_reward_args, add_sampling_args, check_models, check_rewards_read,
+                    load_reward_set, run_cli, settings_from)
 
 
 def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
@@ -53,19 +53,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from reward_models.cli import UsageError
 
-    if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora)):
-        raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora with --no-base")
+    if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora or args.base_text_encoding)):
+        raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora / --base-text-encoding with "
+                         "--no-base")
     check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite)
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args)
     rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}
     check_rewards_read(rewards, prompts)
-    models = {"tuned": (args.model, args.lora)}
+    models = {"tuned": (args.model, args.lora, args.text_encoding)}
     if not args.no_base:
-        models = {"base": (args.base_model or args.model, args.base_lora), **models}
+        models = {"base": (args.base_model or args.model, args.base_lora, args.base_text_encoding), **models}
+    check_models(models.values())
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
     tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
-    sets = {name: sample_model(m, lora, prompts, settings, args.device) for name, (m, lora) in models.items()}
+    sets = {name: sample_model(m, lora, prompts, settings, args.device, encoding)
+            for name, (m, lora, encoding) in models.items()}
     scores = {name: score_samples(s, rewards) for name, s in sets.items()}
     k = settings.seeds_per_prompt
     columns = [f"{name} · seed {j}" for name in sets for j in range(k)]

@@ -227,7 +227,7 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     if adapters:
         _save_adapters(pipeline, unet, tmp)
     else:
-        _save_full(pipeline, unet, tmp)
+        save_full_pipeline(pipeline, unet, tmp)
     if user_table is not None:
         from .users.table import USER_TABLE_NAME
 
@@ -256,7 +256,7 @@ def _save_adapters(pipeline, unet, folder: Path) -> None:
         save_user_branch(folder, unet)
 
 
-def _save_full(pipeline, unet, folder: Path) -> None:
+def save_full_pipeline(pipeline, unet, folder: Path) -> None:
     """save_pretrained; a user branch leaves the UNet for it (diffusers would write it into unet/ with an
     ip_image_proj config that a plain load cannot rebuild) and comes back from its own file afterwards."""
     from .conditioning.users import has_user_branch, load_user_branch, remove_user_branch, save_user_branch

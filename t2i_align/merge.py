@@ -7,6 +7,7 @@ trains a new LoRA on top (Liu et al. 2024, arXiv 2410.11817, Sec. 5.1). A merged
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +18,13 @@ from .files import check_output_path, replace_dir, temp_dir
 def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encoding: Optional[str] = None,
                overwrite: bool = False) -> Path:
     """Base `model` (a diffusers folder or "toy") + `lora` (pytorch_lora_weights.safetensors or its folder) ->
-    `out`, a full pipeline folder with the LoRA fused into the UNet weights. Written whole (temporary folder,
+    `out`, a full pipeline folder with the LoRA fused into the UNet weights (a PPD user branch and table, if
+    any, beside it, as in a full PPD export). Written whole (temporary folder,
     then rename); an existing non-empty `out` is replaced only with `overwrite`."""
+    from .checkpoints import save_full_pipeline
     from .models import ModelLoadError
     from .sampling import load_pipeline, pipeline_components
+    from .users.table import USER_TABLE_NAME
 
     out = Path(out)
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora))
@@ -32,7 +36,10 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     encoding = pipeline_components(pipe).text_encoding
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
-    pipe.save_pretrained(str(tmp))
+    save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
+    table = (Path(lora) if Path(lora).is_dir() else Path(lora).parent) / USER_TABLE_NAME
+    if table.is_file():
+        shutil.copy2(table, tmp / USER_TABLE_NAME)
     write_text_encoding(tmp, encoding.kind, encoding.token_budget)
     return replace_dir(tmp, out)
 

@@ -63,21 +63,14 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """
     from diffusers import DiffusionPipeline
 
-    from .models import ModelLoadError, resolve_pretrained
+    from .models import ModelLoadError
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
-    path = resolve_pretrained(str(model))
+    path, encoding = check_weights(model, lora, text_encoding)
+    lora = None if lora is None else Path(lora)
     pipe = DiffusionPipeline.from_pretrained(str(path))
-    if lora is not None:
-        lora = Path(lora)
-        if not lora.exists():
-            raise ModelLoadError(f"LoRA weights not found: {lora} (expected pytorch_lora_weights.safetensors or "
-                                 "the folder holding it)")
     attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
-        if lora.is_dir() and not has_lora_file(lora):
-            raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "
-                                 "run's final/ folder or the file itself)")
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
@@ -85,8 +78,28 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
-    pipeline_components(pipe, recorded_text_encoding(path, lora, text_encoding))
+    pipeline_components(pipe, encoding)
     return set_scheduler(pipe, scheduler).to(device)
+
+
+def check_weights(model: str | Path, lora: Optional[str | Path] = None,
+                  text_encoding: Optional[str] = None) -> Tuple[Path, TextEncodingConfig]:
+    """Before loading anything (scripts check every model they will sample first): the model folder, the LoRA path
+    holding weights (or a PPD user branch), and an asked text encoding agreeing with the one recorded with them.
+    ModelLoadError naming what is wrong; else (model folder, text encoding to sample with)."""
+    from .models import ModelLoadError, resolve_pretrained
+    from .users.inference import branch_file, has_lora_file
+
+    path = resolve_pretrained(str(model))
+    if lora is not None:
+        lora = Path(lora)
+        if not lora.exists():
+            raise ModelLoadError(f"LoRA weights not found: {lora} (expected pytorch_lora_weights.safetensors or "
+                                 "the folder holding it)")
+        if lora.is_dir() and not has_lora_file(lora) and branch_file(lora) is None:
+            raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "
+                                 "run's final/ folder or the file itself)")
+    return path, recorded_text_encoding(path, lora, text_encoding)
 
 
 def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None,

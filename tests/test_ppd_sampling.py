@@ -185,3 +185,20 @@ def test_generate_cli_embeds_a_toy_user_from_shots(tmp_path, capsys):
                                                        str(tmp_path / "three.parquet")]))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "have [3] shots; each needs 4" in last
+
+
+def test_merging_a_ppd_final_keeps_its_user_branch_and_table(model, ppd_final, tmp_path):
+    """train/merge_lora.py on a PPD final/ wrote the branch into unet/ (a folder that plain diffusers cannot load)
+    and left the user table behind."""
+    from t2i_align.merge import merge_lora
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.users.inference import UserChoice, user_tokens_for
+
+    merged = merge_lora(model, ppd_final, tmp_path / "merged")
+    assert sorted(p.name for p in merged.glob("user_*.safetensors")) == ["user_branch.safetensors",
+                                                                       "user_table.safetensors"]
+    images = []
+    for m, lora in ((model, ppd_final), (merged, None)):
+        pipe = load_pipeline(m, lora=lora)
+        images.append(_generate(pipe, user_tokens_for(pipe, UserChoice(ids=["1"]), 2, (lora, m))))
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)

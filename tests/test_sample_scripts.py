@@ -92,6 +92,7 @@ def test_the_base_model_defaults_to_the_tuned_models_folder(script, tmp_path, mo
 
     monkeypatch.setattr(evaluation, "sample_model", sample_model)
     monkeypatch.setattr(module, "load_reward_set", lambda *a, **k: {}, raising=False)
+    monkeypatch.setattr(module, "check_models", lambda sides: None)  # the folders do not exist
     with pytest.raises(SystemExit):
         module.main(["--model", str(tmp_path / "sd15"), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "o"),
                      "--prompts", "toy:heldout"])
@@ -105,3 +106,21 @@ def test_gallery_writes_html_and_a_wandb_offline_run(prompts, tmp_path):
     assert "base · seed 1" in html and "toy-judge" in html
     media = list(Path(result["wandb_run_dir"]).glob("files/media/images/gallery/*.png"))
     assert media
+
+
+def test_gallery_samples_each_side_in_its_text_encoding(tmp_path, monkeypatch):
+    """--text-encoding / --base-text-encoding were accepted and ignored."""
+    import t2i_align.evaluation as evaluation
+
+    seen = {}
+
+    def sample_model(model, lora, prompts, settings, device, encoding=None):
+        seen[len(seen)] = encoding
+        if len(seen) == 2:
+            raise SystemExit(0)
+
+    monkeypatch.setattr(evaluation, "sample_model", sample_model)
+    with pytest.raises(SystemExit):
+        _script("gallery").main(["--out", str(tmp_path / "g"), "--text-encoding", "segments",
+                                 "--base-text-encoding", "clip77", "--reward", ""])
+    assert seen == {0: "clip77", 1: "segments"}  # base, then tuned

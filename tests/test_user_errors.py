@@ -338,3 +338,23 @@ def test_outputs_that_would_replace_earlier_work_or_an_input_are_refused(tmp_pat
     assert "is or holds --prompts" in capsys.readouterr().err
     assert (tmp_path / "run" / "gallery" / "index.html").read_text() == "the training run's gallery"
     assert (tmp_path / "run" / "pairs.parquet").read_text() == "earlier pairs"
+
+
+@pytest.mark.parametrize("script", ["compare", "gallery"])
+def test_sample_scripts_check_both_models_before_sampling_either(script, tmp_path, capsys, monkeypatch):
+    """A typo in the tuned side's --lora, or a text encoding its record contradicts, was found after the base
+    had been sampled; gallery ignored --text-encoding."""
+    import t2i_align.evaluation as evaluation
+    from test_sample_scripts import _script
+
+    module = _script(script)
+    monkeypatch.setattr(evaluation, "sample_model", _raise(AssertionError("sampled before checking")))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "t2i_align_text_encoding.json").write_text('{"kind": "segments"}')
+    for args, message in ((["--lora", str(tmp_path / "typo")], "LoRA weights not found"),
+                          (["--lora", str(tmp_path / "lora")], "no LoRA weights in"),
+                          (["--base-text-encoding", "segments", "--no-base"] if script == "gallery"
+                           else ["--alpha", "0.5"], "--base-text-encoding with --no-base" if script == "gallery"
+                           else "compare runs one user at a time")):
+        code = run_cli(lambda: module.main([*args, "--out", str(tmp_path / "o")]))
+        assert code == 2 and message in capsys.readouterr().err, args
