@@ -91,11 +91,17 @@ def differentiable_rewards() -> List[str]:
 
 
 def get_reward(name: str, **options) -> Reward:
+    check_reward(name, options)
+    return _REGISTRY[name](**options)
+
+
+def check_reward(name: str, options: Dict[str, Any]) -> None:
+    """RewardSetupError for an unknown name or options the reward does not take; nothing is loaded (a run checks
+    its rewards before loading its model)."""
     _load_builtin()
     if name not in _REGISTRY:
         raise RewardSetupError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     check_options(name, options)
-    return _REGISTRY[name](**options)
 
 
 def check_options(name: str, options: Dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .batches import BATCH_BUILDERS, make_denoiser
 from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
                           save_checkpoint, save_only_trainable, set_aside_newer, set_aside_previous_run)
-from .config import Config, config_to_dict, save_config
+from .config import Config, ConfigError, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
                       deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, whole_unet)
 from .errors import UserError
@@ -154,6 +154,7 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
+    _check_before_loading(cfg, objective.batch_kind)
     _prepare_output(cfg, accelerator)
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
@@ -203,6 +204,28 @@ def _start_tracking(cfg: Config, out: Path) -> Tracker:
     tracker = Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg))
     save_config(cfg, out / "config.yaml")
     return tracker
+
+
+def _check_before_loading(cfg: Config, batch_kind: str) -> None:
+    """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
+    that is not there, a reward named that does not exist or takes other options."""
+    from reward_models.base import check_reward
+
+    from .data.sources import check_data_files, check_data_kind
+
+    check_data_kind(cfg, batch_kind)
+    check_data_files(cfg)
+    named = {"tracking.validation_reward": (cfg.tracking.validation_reward, {})}
+    if cfg.raft.enabled:
+        named["raft.reward"] = (cfg.raft.reward, cfg.raft.reward_options)
+    if cfg.objective.name == "reward_backprop":
+        named["reward_backprop.reward"] = (cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
+    for setting, (name, options) in named.items():
+        if name:
+            try:
+                check_reward(name, dict(options))
+            except ValueError as err:
+                raise ConfigError(f"{setting}: {err}") from None
 
 
 def _prepare_output(cfg: Config, accelerator) -> None:

@@ -358,3 +358,26 @@ def test_sample_scripts_check_both_models_before_sampling_either(script, tmp_pat
                            else "compare runs one user at a time")):
         code = run_cli(lambda: module.main([*args, "--out", str(tmp_path / "o")]))
         assert code == 2 and message in capsys.readouterr().err, args
+
+
+def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, monkeypatch):
+    """They were found after load_components (a minute for SDXL, twice that with a frozen copy)."""
+    import t2i_align.loop as loop
+    from t2i_align.config import ConfigError, load_config
+    from test_loop import write_rendered_pairs
+
+    monkeypatch.setattr(loop, "load_components", _raise(AssertionError("loaded the model first")))
+    pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
+    raft = ["objective.name=sft", "raft.enabled=true", "raft.prompts=toy:train"]
+    for overrides, error, message in (
+            ([f"data.path={tmp_path / 'nope.parquet'}"], FileNotFoundError, "nope.parquet does not exist"),
+            ([f"data.path={pairs}", "tracking.validation_reward=pickscor"], ConfigError,
+             "tracking.validation_reward: unknown reward 'pickscor'"),
+            ([*raft, "raft.reward=toy-clip", "raft.reward_options.batch_size=0"], ConfigError,
+             "raft.reward: reward 'toy-clip' option batch_size=0"),
+            (["objective.name=reward_backprop", "data.kind=prompts", "data.path=toy:train",
+              "reward_backprop.reward_options.scal=2"], ConfigError, r"has no option\(s\) \['scal'\]")):
+        cfg = load_config(REPO_ROOT / "configs/toy/dpo.yaml",
+                          ["tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
+        with pytest.raises(error, match=message):
+            loop.train(cfg)

@@ -18,7 +18,7 @@ from ..config import ConfigError
 from .cache import build_or_load_cache, collate_cached
 from .cache_build import Team
 from .cache_key import components_key_parts
-from .pairs import load_pairs
+from .pairs import find_parquet_files, load_pairs
 from .stream import StreamingPairSource
 
 
@@ -123,6 +123,16 @@ def check_data_kind(cfg, batch_kind: str) -> None:
                           "to such data)")
 
 
+def check_data_files(cfg) -> None:
+    """Pair data (data.kind=pairs without RAFT) names parquet files that exist: checked before the model loads."""
+    if cfg.raft.enabled or cfg.data.kind != "pairs":
+        return
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
+                          "(for the toy world: python -m t2i_align.toy pairs --out DIR)")
+    find_parquet_files(cfg.data.path)
+
+
 def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data: streamed when uncached, or cached
     (built by all processes together)."""
@@ -139,9 +149,7 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
         from .captions import build_caption_source
 
         return build_caption_source(cfg, components, accelerator)
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
-                         "(for the toy world: python -m t2i_align.toy pairs --out DIR)")
+    check_data_files(cfg)
     dataset = load_pairs(cfg.data, cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     if not cfg.data.cache:
