@@ -52,6 +52,9 @@ def settings_from(args):
 
     if args.seeds_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--seeds-per-prompt, --steps and --batch-size must be >= 1")
+    if args.guidance < 0 or (args.negative_prompt and args.guidance <= 1):
+        raise UsageError(f"--guidance {args.guidance}: give a scale >= 0, and > 1 with --negative-prompt (at 1 or "
+                         "less there is no classifier-free guidance, so the negative prompt would be unused)")
     for flag, size in (("--height", args.height), ("--width", args.width)):
         if size is not None and (size < 8 or size % 8):  # diffusers' pipelines would round it down silently
             raise UsageError(f"{flag} {size}: give a positive multiple of 8 (the VAE's scale), "

@@ -208,6 +208,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         # Collectives inside (FSDP's sharded writes, which raise a write error on every process themselves;
         # DeepSpeed's barriers): a process failing there cannot tell the others in a collective after them.
         save_state()
+        accelerator.wait_for_everyone()  # every process's files are in tmp before the main process renames it
     else:
         on_every(accelerator, save_state, f"another process could not write checkpoint {final}")
     on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")

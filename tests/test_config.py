@@ -221,7 +221,8 @@ def test_bare_no_in_yaml_means_no_mixed_precision(tmp_path):
 
 
 def test_empty_mapping_clears_options_set_by_a_base_file(tmp_path):
-    (tmp_path / "base.yaml").write_text("raft:\n  reward_options: {weights: /a, device: cpu}\n")
+    (tmp_path / "base.yaml").write_text("raft:\n  enabled: true\n  prompts: toy:train\n"
+                                        "  reward_options: {weights: /a, device: cpu}\n")
     (tmp_path / "run.yaml").write_text("base: base.yaml\nraft:\n  reward_options: {weights: /b}\n")
     assert load_config(tmp_path / "run.yaml").raft.reward_options == {"weights": "/b", "device": "cpu"}  # merged
     assert load_config(tmp_path / "run.yaml", ["raft.reward_options={}"]).raft.reward_options == {}
@@ -257,3 +258,14 @@ def test_bare_off_in_yaml_or_an_override_is_the_word_off(tmp_path):
     assert load_config(path, ["seppo.flip=indicator", "seppo.flip=off"]).seppo.flip == "off"
     with pytest.raises(ConfigError, match="seppo.flip"):
         load_config(path, ["seppo.flip=yes"])
+
+
+def test_an_override_in_a_switched_off_section_is_refused():
+    """`lora.rank=4` without lora.enabled trained the whole UNet, the override ignored without a word; config
+    files may keep switched-off settings."""
+    with pytest.raises(ConfigError, match="lora.rank is set on the command line, but lora.enabled is false"):
+        load_config(None, ["lora.rank=4"])
+    with pytest.raises(ConfigError, match="add raft.enabled=true"):
+        load_config(None, ["raft.k=4"])
+    assert load_config(None, ["lora.enabled=true", "lora.rank=4"]).lora.rank == 4
+    assert load_config(None, ["ppd.enabled=false"]).ppd.enabled is False

@@ -62,6 +62,9 @@ def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_pa
     assert run(lambda: gen.main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out",
                                  str(tmp_path / "y"), *FAST])) == 2
     assert "do not match" in capsys.readouterr().err
+    for args in (["--guidance", "-1"], ["--guidance", "1", "--negative-prompt", "blurry"]):
+        assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), *args])) == 2
+        assert "give a scale >= 0, and > 1 with --negative-prompt" in capsys.readouterr().err
     for flag in ("--height", "--width"):
         assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), flag, "30"])) == 2
         assert f"error: {flag} 30: give a positive multiple of 8 (the VAE's scale), e.g. 24" in capsys.readouterr().err

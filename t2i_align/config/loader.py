@@ -159,13 +159,30 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
         except OmegaConfBaseException as exc:
             raise _merge_error(exc, where) from None
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except FieldError as exc:
         key = (_section_prefix(exc.owner) or "") + exc.name
         raise ConfigError(f"{key} = {exc.value!r} in {_where_set(key, layers)}: expected {exc.expected}") from None
     except OmegaConfBaseException as exc:  # e.g. an unresolvable ${...} interpolation
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key} in {_where_set(key, layers)}: {str(exc.msg).splitlines()[0]}") from None
+    _check_switched_on(cfg, overrides)
+    return cfg
+
+
+SWITCHED_SECTIONS = ("lora", "raft", "ppd")
+"""Sections that do nothing unless their `enabled` is true."""
+
+
+def _check_switched_on(cfg: Config, overrides: Sequence[str]) -> None:
+    """A command-line override in a section that is switched off would be ignored without a word (`lora.rank=4`
+    without `lora.enabled=true` trains the whole UNet). Config files may keep switched-off settings."""
+    for item in overrides:
+        key = item.partition("=")[0]
+        section, _, rest = key.partition(".")
+        if section in SWITCHED_SECTIONS and rest and rest != "enabled" and not getattr(cfg, section).enabled:
+            raise ConfigError(f"{key} is set on the command line, but {section}.enabled is false, so it would have "
+                              f"no effect: add {section}.enabled=true, or drop it")
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
