@@ -3,6 +3,7 @@ writes a checksum of its trainable parameters so the test can check they are ide
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,7 +68,19 @@ def recording_begin(self, step):  # SePPO runs: which snapshot each process drew
 
 
 SnapshotPool.begin_step = recording_begin
-result = train(cfg)
+if os.environ.get("T2I_TEST_MAIN_FAILS") == "metrics" and os.environ.get("RANK") == "0":
+    from t2i_align.tracking import Tracker
+
+    def full_disk(self, metrics, step):
+        raise OSError(28, "No space left on device", "metrics.jsonl")
+
+    Tracker.log = full_disk
+try:
+    result = train(cfg)
+except Exception:
+    if os.environ.get("T2I_TEST_MAIN_FAILS"):
+        time.sleep(5)  # the others report what they were told before the launcher stops them
+    raise
 if draws:
     Path(cfg.output_dir, f"draws{PartialState().process_index}.json").write_text(json.dumps(draws))
 params = [p for p in result.unet.parameters() if p.requires_grad]

@@ -190,3 +190,17 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
     assert (tmp_path / "two" / "rank0.txt").read_text() == (tmp_path / "one" / "rank0.txt").read_text()
     assert (tmp_path / "two" / "rank1.txt").read_text() == (tmp_path / "one" / "rank0.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_a_main_process_failure_is_told_to_the_other_process(tmp_path):
+    """engines.on_main across two real processes: the main process cannot write a metrics line (a full disk, faked
+    on rank 0 alone); process 1 stops with that message rather than waiting in the next step's all-reduce."""
+    proc = subprocess.run([*LAUNCH, "model.pretrained=toy", "lora.enabled=true", "objective.name=sft",
+                           "raft.enabled=true", "raft.prompts=toy:train", "raft.prompts_per_round=2", "raft.k=2",
+                           "raft.round_steps=2", "raft.sample_steps=2", "train.batch_size=1", "train.max_steps=2",
+                           "train.log_every=1", "tracking.wandb=off", "tracking.validation_prompts=[]",
+                           f"output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=600, env={**ENV, "T2I_TEST_MAIN_FAILS": "metrics"})
+    told = [line for line in proc.stderr.splitlines() if line.startswith("[rank1]") and "Error" in line]
+    assert proc.returncode != 0 and told, proc.stderr[-3000:]
+    assert "the main process could not log metrics" in told[-1] and "No space left on device" in told[-1], told
