@@ -105,9 +105,10 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     return aside
 
 
-PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "final", "gallery", "config.yaml")
+PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors", "final",
+                "gallery", "config.yaml")
 """What a run leaves in output_dir besides its checkpoints: a later run there would read or append to the first
-three and replace the others."""
+four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
 
 
 def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional[Path]:

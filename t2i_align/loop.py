@@ -194,7 +194,7 @@ def train(cfg: Config) -> TrainResult:
         build_pipeline(components, unet=whole), whole, not cfg.full_finetune, out,
         user_table=None if components.users is None else components.users.table), "the main process could not export")
     _show_gallery(accelerator, validator, tracker, cfg.train.max_steps)
-    tracker.finish()
+    on_main(accelerator, tracker.finish, "the main process could not finish tracking (W&B)")
     accelerator.wait_for_everyone()
     return TrainResult(final or out / "final", raw_unet)
 

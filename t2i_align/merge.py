@@ -37,11 +37,20 @@ def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encodi
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
-    table = (Path(lora) if Path(lora).is_dir() else Path(lora).parent) / USER_TABLE_NAME
-    if table.is_file():
+    table = _user_table(model, lora)
+    if table is not None:
         shutil.copy2(table, tmp / USER_TABLE_NAME)
     write_text_encoding(tmp, encoding.kind, encoding.token_budget)
     return replace_dir(tmp, out)
+
+
+def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:
+    """PPD's user table: the LoRA folder's, else the model folder's (a LoRA tuned on a full PPD export)."""
+    from .users.table import USER_TABLE_NAME
+
+    folders = [Path(lora) if Path(lora).is_dir() else Path(lora).parent]
+    folders += [Path(model)] if str(model) != "toy" else []
+    return next((f / USER_TABLE_NAME for f in folders if (f / USER_TABLE_NAME).is_file()), None)
 
 
 def _inputs(model: str | Path, lora: str | Path) -> dict:

@@ -180,7 +180,8 @@ def test_ppd_config_checks():
         load_config(None, ["ppd.dropout=1.0"])
     with pytest.raises(ConfigError, match="ppd.blocks.*mid_block"):
         load_config(None, ["ppd.blocks=[up,mid_block]"])
-    assert load_config(None, ["ppd.blocks=[up_blocks.1]"]).ppd.blocks == ["up_blocks.1"]
+    assert load_config(None, ["ppd.enabled=true", "ppd.table=t", "ppd.blocks=[up_blocks.1]"]).ppd.blocks == [
+        "up_blocks.1"]
     with pytest.raises(ConfigError, match="RAFT and SePPO"):
         load_config(None, ["ppd.enabled=true", "ppd.table=t", "objective.name=seppo"])
     cfg = load_config(None, ["ppd.enabled=true", "ppd.table=t", "ppd.layers=2"])

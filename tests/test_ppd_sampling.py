@@ -202,3 +202,16 @@ def test_merging_a_ppd_final_keeps_its_user_branch_and_table(model, ppd_final, t
         pipe = load_pipeline(m, lora=lora)
         images.append(_generate(pipe, user_tokens_for(pipe, UserChoice(ids=["1"]), 2, (lora, m))))
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
+
+
+def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path):
+    from t2i_align.merge import _user_table
+
+    lora, model = tmp_path / "final", tmp_path / "ppd-full"
+    lora.mkdir()
+    model.mkdir()
+    assert _user_table(model, lora) is None
+    (model / "user_table.safetensors").write_text("")
+    assert _user_table(model, lora / "pytorch_lora_weights.safetensors") == model / "user_table.safetensors"
+    (lora / "user_table.safetensors").write_text("")
+    assert _user_table(model, lora) == lora / "user_table.safetensors"

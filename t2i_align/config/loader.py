@@ -104,7 +104,8 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
 def _parse_override(item: str) -> Tuple[str, DictConfig]:
     key, sep, _ = item.partition("=")
     if not sep or not _OVERRIDE_KEY.fullmatch(key):
-        raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. lora.rank=4")
+        raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. "
+                          "train.max_steps=100")
     try:
         return f"command line ({item})", OmegaConf.from_dotlist([item])
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
