@@ -68,17 +68,25 @@ def recording_begin(self, step):  # SePPO runs: which snapshot each process drew
 
 
 SnapshotPool.begin_step = recording_begin
-if os.environ.get("T2I_TEST_MAIN_FAILS") == "metrics" and os.environ.get("RANK") == "0":
+FAILS = os.environ.get("T2I_TEST_FAILS")  # one process failing alone: "metrics" on rank 0, "raft" on rank 1
+if FAILS == "metrics" and os.environ.get("RANK") == "0":
     from t2i_align.tracking import Tracker
 
     def full_disk(self, metrics, step):
         raise OSError(28, "No space left on device", "metrics.jsonl")
 
     Tracker.log = full_disk
+if FAILS == "raft" and os.environ.get("RANK") == "1":
+    from t2i_align.data.online import OnlineSource
+
+    def out_of_memory(self, *args):
+        raise RuntimeError("CUDA out of memory (faked)")
+
+    OnlineSource._generate_and_score = out_of_memory
 try:
     result = train(cfg)
 except Exception:
-    if os.environ.get("T2I_TEST_MAIN_FAILS"):
+    if FAILS:
         time.sleep(5)  # the others report what they were told before the launcher stops them
     raise
 if draws:

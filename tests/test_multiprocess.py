@@ -192,15 +192,19 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
-def test_a_main_process_failure_is_told_to_the_other_process(tmp_path):
-    """engines.on_main across two real processes: the main process cannot write a metrics line (a full disk, faked
-    on rank 0 alone); process 1 stops with that message rather than waiting in the next step's all-reduce."""
+@pytest.mark.parametrize("fails, told_rank, message", [
+    ("metrics", 1, "the main process could not log metrics: OSError: No space left on device: metrics.jsonl"),
+    ("raft", 0, "another process could not generate or score its RAFT samples: RuntimeError: CUDA out of memory")])
+def test_a_failure_on_one_process_is_told_to_the_other(tmp_path, fails, told_rank, message):
+    """engines.on_main / on_every across two real processes: the main process cannot write a metrics line (a full
+    disk, faked on rank 0 alone), or process 1 fails generating its RAFT samples; the other process stops with
+    that message rather than waiting in the next collective."""
     proc = subprocess.run([*LAUNCH, "model.pretrained=toy", "lora.enabled=true", "objective.name=sft",
                            "raft.enabled=true", "raft.prompts=toy:train", "raft.prompts_per_round=2", "raft.k=2",
                            "raft.round_steps=2", "raft.sample_steps=2", "train.batch_size=1", "train.max_steps=2",
                            "train.log_every=1", "tracking.wandb=off", "tracking.validation_prompts=[]",
                            f"output_dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=600, env={**ENV, "T2I_TEST_MAIN_FAILS": "metrics"})
-    told = [line for line in proc.stderr.splitlines() if line.startswith("[rank1]") and "Error" in line]
+                          capture_output=True, text=True, timeout=600, env={**ENV, "T2I_TEST_FAILS": fails})
+    told = [line for line in proc.stderr.splitlines() if line.startswith(f"[rank{told_rank}]") and "Error" in line]
     assert proc.returncode != 0 and told, proc.stderr[-3000:]
-    assert "the main process could not log metrics" in told[-1] and "No space left on device" in told[-1], told
+    assert message in told[-1], told

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..engines import autocast, is_fsdp
+from ..engines import autocast, is_fsdp, on_every, on_main
 from ..files import keep_jsonl
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
@@ -80,8 +80,6 @@ class OnlineSource:
         rnd, skip = divmod(start, self.micro_per_round)
         resumed = self._resumed_round(rnd) if skip else None
         if start:  # a resume: rounds from the first one generated again belong to the abandoned run
-            from ..engines import on_main
-
             first = rnd + (resumed is not None)
             on_main(self.acc, lambda: self._forget_rounds_from(first), "the main process could not rewrite "
                     "raft_rounds.jsonl")
@@ -161,7 +159,15 @@ class OnlineSource:
         began = time.time()
         prompts = self._round_prompts(rnd)
         mine = list(range(self.acc.process_index, len(prompts), self.acc.num_processes))
-        local = self._generate_and_score(rnd, [prompts[j] for j in mine], mine)
+        local: List = []
+
+        def work() -> None:
+            local.extend(self._generate_and_score(rnd, [prompts[j] for j in mine], mine))
+
+        if is_fsdp(self.acc):  # sampling is collective there: a failure in it cannot be told after it
+            work()
+        else:  # one process failing (out of memory, its reward) stops all, not only itself
+            on_every(self.acc, work, "another process could not generate or score its RAFT samples")
         rows = sorted(gather_object(local), key=lambda row: row[0])
         scores = torch.stack([row[2] for row in rows])
         latents = torch.cat([row[3] for row in rows])
@@ -178,8 +184,6 @@ class OnlineSource:
     def _record(self, rnd: int, rows, selection: Selection) -> None:
         """Append the round's pool and choice to raft_rounds.jsonl (main process; every process stops if it
         fails), to audit what was trained on."""
-        from ..engines import on_main
-
         on_main(self.acc, lambda: self._write_record(rnd, rows, selection), "the main process could not record the "
                 "RAFT round")
 
