@@ -46,13 +46,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from t2i_align.files import check_output_path
     from t2i_align.prompts import read_prompts
 
-    from reward_models.cli import UsageError
-
     out = Path(args.out)
     inputs = {"--lora": args.lora, **({} if args.model == "toy" else {"--model": args.model})}
-    check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v})
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
+                      overwrite=args.overwrite)
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args)
     user = user_choice_from(args)

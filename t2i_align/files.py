@@ -132,13 +132,8 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
     """At a command's start, before any work: UserError for an output path that cannot be written (a file where a
     folder is wanted or the reverse, a file among its parents), that is or holds one of `inputs` ({flag: path}),
     which writing there (replacing a folder) would delete, or whose writing would replace an existing one of
-    `replaces` (an earlier gallery, pair set...) without `overwrite` (the command's --overwrite)."""
+    `replaces` (an earlier gallery, pair set, non-empty folder...) without `overwrite` (the command's --overwrite)."""
     from .errors import UserError
-
-    for earlier in replaces:
-        if earlier.exists() and not overwrite:
-            raise UserError(f"{earlier} exists and {flag} {path} would replace it: choose another {flag} or pass "
-                            "--overwrite")
 
     out = Path(path)
     if out.exists() and out.is_dir() != folder:
@@ -152,4 +147,8 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
         if out.resolve() in (held.resolve(), Path(source).resolve()) or out.resolve() in held.resolve().parents:
             raise UserError(f"{flag} {out} is or holds {name} {source}: writing there would delete it; choose "
                             f"another {flag}")
+    for earlier in replaces:
+        if earlier.exists() and not (earlier.is_dir() and not any(earlier.iterdir())) and not overwrite:
+            raise UserError(f"{earlier} exists and {flag} {path} would replace it: choose another {flag} or pass "
+                            "--overwrite")
 

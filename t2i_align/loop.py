@@ -332,9 +332,12 @@ def _show_gallery(accelerator, validator: Validator, tracker: Tracker, step: int
         if rows:
             tracker.log_gallery(rows, step, columns, name="gallery")
 
-    sampled = validator.sample() if is_fsdp(accelerator) else None
-    on_main(accelerator, lambda: show(sampled if is_fsdp(accelerator) else validator.sample()),
-            "the main process could not write the gallery")
+    context = "the main process could not write the gallery"
+    if is_fsdp(accelerator):
+        sampled = validator.sample()
+        on_main(accelerator, lambda: show(sampled), context)
+    else:
+        on_main(accelerator, lambda: show(validator.sample()), context)
 
 
 def _save_extras(st: _RunState, folder: Path) -> None:
