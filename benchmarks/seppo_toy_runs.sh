@@ -15,6 +15,14 @@ train() {  # name config overrides...
   local name=$1 config=$2; shift 2
   $PY train/train.py --config $config output_dir=$R/$name data.path=$PAIRS train.max_steps=600 "$@"
 }
+# Session 7's pilot (README: 300 steps, SePPO 0.551 vs SFT 0.558 at seed 0) and the flipper against the judge on it.
+# The later max_steps wins. Written down here in session 17 from the pilot's README commands.
+train sft-300 configs/toy/sft.yaml train.max_steps=300
+train seppo-300 configs/toy/seppo.yaml train.max_steps=300
+$PY benchmarks/toy_table.py --model sft=$R/sft-300/final --model seppo=$R/seppo-300/final \
+  --baseline base --baseline sft --seed 0 --out $R/table-300-seed0.json
+$PY -m t2i_align.toy.flipper --lora $R/seppo-300/final --pairs $PAIRS --n 256
+
 train sft configs/toy/sft.yaml
 train dpo configs/toy/dpo.yaml
 train seppo configs/toy/seppo.yaml                      # random reference, sign flip

@@ -47,10 +47,11 @@ def deepspeed_logs_to_stderr() -> None:
 
 
 def check_launcher_precision(cfg) -> None:
-    """Before the Accelerator: the run config's train.mixed_precision decides the precision (the frozen parts'
-    dtype follows it, and the config's checks read it), and accelerate silently prefers it to the launcher's
-    (`accelerate launch --mixed_precision`, a launch file's or `accelerate config`'s mixed_precision). A launcher
-    asking for another precision is refused rather than ignored; its "no" is also its default, so it passes."""
+    """Before the Accelerator: the run config's train.mixed_precision decides the precision (the config's checks
+    read it: half-precision frozen parts, model.weight_dtype, need it to match), and accelerate silently prefers it
+    to the launcher's (`accelerate launch --mixed_precision`, a launch file's or `accelerate config`'s
+    mixed_precision). A launcher asking for another precision is refused rather than ignored; its "no" is also its
+    default, so it passes."""
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if asked not in ("no", cfg.train.mixed_precision):
         raise UserError(f"accelerate launch asks for mixed precision {asked!r} (its --mixed_precision or its config "

@@ -4,6 +4,8 @@ Tiny models run far faster single-threaded on a shared 2-core machine (thread co
 """
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -11,3 +13,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ddp_lora_run(tmp_path_factory):
+    """A 3-step LoRA DPO run under DDP on two processes, the reference that the FSDP resume and the two-machine
+    tests both compare against (a launch costs ~15 s here, mostly imports): (its overrides, its output_dir)."""
+    from test_fsdp import tiny_run_args
+    from test_multiprocess import launch
+
+    root = tmp_path_factory.mktemp("ddp-lora")
+    args = tiny_run_args(root, "lora.enabled=true", "train.learning_rate=1e-2")
+    launch(*args, f"output_dir={root / 'ddp'}", "train.max_steps=3")
+    return args, root / "ddp"

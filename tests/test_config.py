@@ -1,6 +1,7 @@
 """Config loading: every shipped YAML loads; overrides are typed; every mistake is a ConfigError that says where."""
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,29 @@ def write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def _undocumented_fields(source: str) -> list:
+    """Dataclass fields (annotated class attributes) not followed by a string: the attribute docstring."""
+    missing = []
+    for cls in (node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)):
+        for field, after in zip(cls.body, cls.body[1:] + [None]):
+            documented = isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) \
+                and isinstance(after.value.value, str)
+            if isinstance(field, ast.AnnAssign) and not documented:
+                missing.append(f"{cls.name}.{field.target.id}")
+    return missing
+
+
+def test_undocumented_fields_are_found():
+    source = 'class A:\n    x: int = 1\n    """doc"""\n    y: int = 2\n    z: str = "a"\n'
+    assert _undocumented_fields(source) == ["A.y", "A.z"]
+
+
+@pytest.mark.parametrize("module", ["sections.py", "methods.py", "reward_backprop.py"])
+def test_every_config_field_has_a_docstring(module):
+    """README's Configs section says the attribute docstrings document every field."""
+    assert _undocumented_fields((REPO_ROOT / "t2i_align" / "config" / module).read_text()) == []
 
 
 def test_configs_folder_has_every_family():

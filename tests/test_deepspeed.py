@@ -46,6 +46,7 @@ def test_deepspeed_lora_with_accumulation_resumed_takes_the_ddp_steps(tmp_path):
     same losses and gradient norms as DDP, and the same adapter. Before the loop marked the last micro-batch
     (accelerator.sync_gradients), the engine stepped after every micro-batch: step 1 already differed."""
     args = tiny_run_args(tmp_path, "lora.enabled=true", "train.learning_rate=1e-2", "train.grad_accum=2")
+    launch(*args, f"output_dir={tmp_path / 'ddp'}", "train.max_steps=3")
     assert_resumed_run_takes_the_ddp_steps(launch_deepspeed, args, tmp_path / "ds", tmp_path / "ddp")
     assert (tmp_path / "ds" / "checkpoints" / "step-2" / "pytorch_model").is_dir()  # the engine's own checkpoint
 

@@ -112,19 +112,19 @@ def test_fsdp_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
     assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path / "fsdp16"))
 
 
-def test_fsdp_lora_resume_takes_the_ddp_steps(tmp_path):
+def test_fsdp_lora_resume_takes_the_ddp_steps(tmp_path, ddp_lora_run):
     """LoRA sharded, stopped after step 2 and resumed from its sharded checkpoint: step 3 and the exported
     adapter equal a DDP run's. (This caught LoRA's random A drawn differently on each process: DDP hid it by
     broadcasting the main process's weights, FSDP kept each process's own shard.)"""
-    args = tiny_run_args(tmp_path, "lora.enabled=true", "train.learning_rate=1e-2")
-    assert_resumed_run_takes_the_ddp_steps(launch_fsdp, args, tmp_path / "fsdp", tmp_path / "ddp")
+    args, ddp = ddp_lora_run
+    assert_resumed_run_takes_the_ddp_steps(launch_fsdp, args, tmp_path / "fsdp", ddp)
 
 
 def assert_resumed_run_takes_the_ddp_steps(launch_engine, args, out, ddp) -> None:
-    """Under the engine: 2 steps, then resumed to 3; under DDP: 3 steps. The same steps and the same adapter."""
+    """Under the engine: 2 steps, then resumed to 3; `ddp`: the same args run 3 steps under DDP. The same steps
+    and the same adapter."""
     launch_engine(*args, f"output_dir={out}", "train.max_steps=2")
     launch_engine(*args, f"output_dir={out}", "train.max_steps=3", "train.resume=latest")
-    launch(*args, f"output_dir={ddp}", "train.max_steps=3")
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
     assert_takes_the_ddp_steps(out, ddp)
     assert_same_adapter(out, ddp)

@@ -47,11 +47,8 @@ def test_two_process_lora_dpo(tmp_path):
     rank0, rank1 = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
     assert rank0 == rank1
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
-    # Resume under DDP: the check of the checkpoint's LoRA weights must see the UNet's names, not DDP's `module.`
-    launch(*args, "train.max_steps=4", "train.resume=latest")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
+    # Resume of a LoRA run under DDP (the check of the checkpoint's LoRA weights must see the UNet's names, not
+    # DDP's `module.`): test_two_process_resume_equals_an_uninterrupted_run[seppo]
 
 
 def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):
@@ -69,20 +66,6 @@ def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):
         chosen = {p for p, _ in r["selected"]}
         assert all(r["scores"][p][k] == best[p] for p, k in r["selected"])  # best of K per prompt
         assert min(best[p] for p in chosen) >= max(best[p] for p in range(4) if p not in chosen)  # global top
-    assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
-
-
-def test_two_process_seppo_draws_the_same_reference_everywhere(tmp_path):
-    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
-    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
-    out = tmp_path / "seppo"
-    launch(f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "data.resolution=16",
-           "lora.enabled=true", "objective.name=seppo", "objective.beta=100", "seppo.snapshot_every=1",
-           "seppo.pool_size=4", "seppo.sample_steps=2", "train.batch_size=2", "train.max_steps=4",
-           "train.log_every=1", "train.learning_rate=1e-2", "tracking.wandb=off", "tracking.sample_steps=2",
-           "tracking.validation_seeds=1")
-    draws0, draws1 = (json.loads((out / f"draws{r}.json").read_text()) for r in (0, 1))
-    assert draws0 == draws1 and len(draws0) == 4 and draws0[0] == 0
     assert (out / "rank0.txt").read_text() == (out / "rank1.txt").read_text()
 
 
@@ -104,7 +87,7 @@ RESUMED = {
                                     for m in sorted(RESUMED)])
 def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
     """Under DDP a run stopped after step 3 and resumed takes the same steps as one never stopped: same losses,
-    same weights on both processes (and for SePPO the same reference draws)."""
+    same weights on both processes (and for SePPO the same reference draws, on every process)."""
     from test_ppd_loop import write_table, write_user_pairs
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
@@ -121,14 +104,17 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
     def losses(run):
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert losses("part") == pytest.approx(losses("full"), abs=1e-6) and len(losses("full")) == 5
-    for rank in (0, 1):
-        assert (tmp_path / "part" / f"rank{rank}.txt").read_text() == (tmp_path / "full" / "rank0.txt").read_text()
+    for run, rank in (("full", 1), ("part", 0), ("part", 1)):
+        assert (tmp_path / run / f"rank{rank}.txt").read_text() == (tmp_path / "full" / "rank0.txt").read_text()
     if method == "ppd":  # the case the per-process counts exist for: the processes had read different amounts
         from t2i_align.checkpoints import read_marker
 
         assert len(set(read_marker(tmp_path / "full" / "checkpoints" / "step-5")["raw_batches"])) == 2
-    if method == "seppo":  # the resumed processes drew steps 4-5 only, as the uninterrupted run did
+    if method == "seppo":  # every process drew the same reference at each step, the initial model first; the
+        # resumed processes drew steps 4-5 only, as the uninterrupted run did
         full_draws = json.loads((tmp_path / "full" / "draws0.json").read_text())
+        assert json.loads((tmp_path / "full" / "draws1.json").read_text()) == full_draws
+        assert len(full_draws) == 5 and full_draws[0] == 0
         for rank in (0, 1):
             assert json.loads((tmp_path / "part" / f"draws{rank}.json").read_text()) == full_draws[3:]
 
@@ -148,18 +134,14 @@ def _until_one_fails(machines, timeout=600):
         machine.wait()
 
 
-def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
+def test_two_machine_launch_takes_the_one_machine_steps(tmp_path, ddp_lora_run):
     """configs/accelerate/ddp_multinode.yaml as on two machines of one process each (both on this host, over
     127.0.0.1, machine ranks 0 and 1 launched side by side): the same run as two processes on one machine. Only the
     global main process writes (each machine has a local main process; on a shared file system both would)."""
     import socket
 
-    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
-    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=8)
-    args = [f"model.pretrained={model}", f"data.path={data}", "data.resolution=16", "lora.enabled=true",
-            "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1", "train.learning_rate=1e-2",
-            "objective.beta=100", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
-            "train.max_steps=3"]
+    args, one = ddp_lora_run  # the same run launched as two processes on one machine
+    args = [*args, "train.max_steps=3"]
     config = SCRIPT.parents[1] / "configs" / "accelerate" / "ddp_multinode.yaml"
     for attempt in range(3):  # the free port found may be taken before the rendezvous binds it: then a new one
         with socket.socket() as sock:
@@ -182,13 +164,13 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path):
             break
     for machine, err in zip(machines, errs):
         assert machine.returncode == 0, err[-3000:]
-    launch(*args, f"output_dir={tmp_path / 'one'}")
 
     def losses(run):
-        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert losses("two") == losses("one") and len(losses("one")) == 3
-    assert (tmp_path / "two" / "rank0.txt").read_text() == (tmp_path / "one" / "rank0.txt").read_text()
-    assert (tmp_path / "two" / "rank1.txt").read_text() == (tmp_path / "one" / "rank0.txt").read_text()
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    two = tmp_path / "two"
+    assert losses(two) == losses(one) and len(losses(one)) == 3
+    assert (two / "rank0.txt").read_text() == (one / "rank0.txt").read_text()
+    assert (two / "rank1.txt").read_text() == (one / "rank0.txt").read_text()
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 

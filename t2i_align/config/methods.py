@@ -37,8 +37,11 @@ class RaftConfig:
     scheduler: str = "ddim"
     """Sampler for generation: "ddim", "dpm++" (DPMSolverMultistep) or "euler"."""
     sample_steps: int = 20
+    """Sampling steps per generated image."""
     guidance_scale: float = 3.0
+    """Classifier-free guidance scale of generation."""
     negative_prompt: Optional[str] = None
+    """Negative prompt for classifier-free guidance (None: the empty prompt)."""
     generation_batch_size: int = 32
     """Images per pipeline call (halved automatically on an out-of-memory error)."""
     resolution: Optional[int] = None

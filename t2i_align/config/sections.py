@@ -224,13 +224,18 @@ class TrainConfig:
     """"adamw", "adamw_fused" (the same update in one fused kernel per step: torch.optim.AdamW(fused=True)),
     "adafactor" (the official SDXL recipe) or "adamw8bit" (needs the [8bit] extra)."""
     adam_beta1: float = 0.9
+    """AdamW's first-moment decay (also the 8-bit AdamW's; Adafactor ignores both betas)."""
     adam_beta2: float = 0.999
+    """AdamW's second-moment decay."""
     weight_decay: float = 1e-2
+    """Weight decay of the trained parameters (decoupled in AdamW; Adafactor takes it too)."""
     adam_epsilon: float = 1e-8
+    """AdamW's denominator epsilon."""
     lr_scheduler: str = "constant_with_warmup"
     """A diffusers schedule (LR_SCHEDULES): constant, constant_with_warmup, linear, cosine, cosine_with_restarts,
     polynomial."""
     lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to the learning rate (schedules with a warm-up)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0: no clipping; the norm is still computed for the non-finite guard)."""
     mixed_precision: str = "no"
@@ -273,7 +278,9 @@ class TrackingConfig:
     wandb: str = "auto"
     """"auto" (online with WANDB_API_KEY, else offline; never prompts), "online", "offline" or "off"."""
     project: str = "t2i-align"
+    """W&B project the run is logged to."""
     run_name: Optional[str] = None
+    """W&B run name (None: W&B picks one)."""
     validate_every: int = 0
     """Write a validation gallery every N optimizer steps (0: only at the end)."""
     validation_prompts: List[str] = field(default_factory=list)
@@ -283,7 +290,9 @@ class TrackingConfig:
     validation_reward: Optional[str] = None
     """Reward shown under each gallery image (e.g. toy-judge); None: no score."""
     sample_steps: int = 20
+    """Sampling steps of the validation gallery."""
     guidance_scale: float = 5.0
+    """Classifier-free guidance scale of the validation gallery."""
 
     def __post_init__(self) -> None:
         if self.wandb == "disabled":  # W&B's own word for off (a bare YAML `off` is taken back by _check_choice)
