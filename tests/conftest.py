@@ -26,3 +26,16 @@ def ddp_lora_run(tmp_path_factory):
     args = tiny_run_args(root, "lora.enabled=true", "train.learning_rate=1e-2")
     launch(*args, f"output_dir={root / 'ddp'}", "train.max_steps=3")
     return args, root / "ddp"
+
+
+@pytest.fixture(scope="session")
+def ddp_full_run(tmp_path_factory):
+    """A 3-step full fine-tune under DDP on two processes (linear schedule after a 1-step warm-up, a gallery at
+    step 2), the reference of the FSDP and DeepSpeed full fine-tuning tests: (its overrides, its output_dir)."""
+    from test_fsdp import FULL_LINEAR, tiny_run_args
+    from test_multiprocess import launch
+
+    root = tmp_path_factory.mktemp("ddp-full")
+    args = tiny_run_args(root, *FULL_LINEAR)
+    launch(*args, f"output_dir={root / 'ddp'}")
+    return args, root / "ddp"

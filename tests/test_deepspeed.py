@@ -51,21 +51,19 @@ def test_deepspeed_lora_with_accumulation_resumed_takes_the_ddp_steps(tmp_path):
     assert (tmp_path / "ds" / "checkpoints" / "step-2" / "pytorch_model").is_dir()  # the engine's own checkpoint
 
 
-def test_deepspeed_full_finetune_clips_and_exports_as_ddp(tmp_path):
+def test_deepspeed_full_finetune_clips_and_exports_as_ddp(tmp_path, ddp_full_run):
     """Full fine-tuning under ZeRO-2, gradient norms far above the clipping threshold (DeepSpeed clips at its
     gradient_clipping, which must equal train.max_grad_norm), under a warmed-up linear schedule (accelerate steps
     it, not the engine): the same steps, learning rates, export and gallery images as DDP."""
-    args = tiny_run_args(tmp_path, "lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=2",
-                         "train.lr_scheduler=linear", "train.lr_warmup_steps=1", "tracking.validate_every=1")
+    args, ddp = ddp_full_run
     launch_deepspeed(*args, f"output_dir={tmp_path / 'ds'}")
-    launch(*args, f"output_dir={tmp_path / 'ddp'}")
-    assert min(m["grad_norm"] for m in metrics(tmp_path / "ddp")) > 10  # clipped to 1.0 in both
-    assert_takes_the_ddp_steps(tmp_path / "ds", tmp_path / "ddp")
-    assert [m["lr"] for m in metrics(tmp_path / "ds")] == pytest.approx([1e-3, 0.0], abs=1e-12)
-    assert_same_gallery(tmp_path / "ds", tmp_path / "ddp")
+    assert min(m["grad_norm"] for m in metrics(ddp)) > 10  # clipped to 1.0 in both
+    assert_takes_the_ddp_steps(tmp_path / "ds", ddp)
+    assert [m["lr"] for m in metrics(tmp_path / "ds")] == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-12)
+    assert_same_gallery(tmp_path / "ds", ddp)
     weights = "unet/diffusion_pytorch_model.safetensors"
-    a, b = (load_file(tmp_path / run / "final" / weights) for run in ("ds", "ddp"))
-    assert relative_distance(a, b, load_file(tmp_path / "sd15" / weights)) < 1e-2
+    a, b = load_file(tmp_path / "ds" / "final" / weights), load_file(ddp / "final" / weights)
+    assert relative_distance(a, b, load_file(ddp.parent / "sd15" / weights)) < 1e-2
     assert (tmp_path / "ds" / "gallery" / "index.html").is_file()
 
 

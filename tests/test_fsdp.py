@@ -36,6 +36,8 @@ def tiny_run_args(tmp_path, *extra: str, family: str = "sd15"):
 
 
 FULL = ["lora.enabled=false", "train.learning_rate=1e-3", "train.max_steps=3"]
+# with a warmed-up linear schedule and a gallery mid-run: the engines' full fine-tuning tests (tests/conftest.py)
+FULL_LINEAR = [*FULL, "train.lr_scheduler=linear", "train.lr_warmup_steps=1", "tracking.validate_every=2"]
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -77,21 +79,23 @@ def assert_same_adapter(run, ddp, name: str = "pytorch_lora_weights.safetensors"
 
 
 @pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
-def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_path, family):
+def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_path, family, request):
     """Full fine-tuning sharded, under a warmed-up linear schedule: the same losses, gradient norms and learning
     rates as DDP, the exported unet/ whole and equal to DDP's (to float rounding: reduce-scatter and all-reduce
     sum in other orders), sharded checkpoints, and the gallery sampled through the sharded UNet (every process
     samples; the main process writes it) showing DDP's images."""
-    args = tiny_run_args(tmp_path, *FULL, "train.lr_scheduler=linear", "train.lr_warmup_steps=1",
-                         "tracking.validate_every=2", family=family)
+    if family == "sd15":  # the DDP run the DeepSpeed test compares against too
+        args, ddp = request.getfixturevalue("ddp_full_run")
+    else:
+        args, ddp = tiny_run_args(tmp_path, *FULL_LINEAR, family=family), tmp_path / "ddp"
+        launch(*args, f"output_dir={ddp}")
     launch_fsdp(*args, f"output_dir={tmp_path / 'fsdp'}")
-    launch(*args, f"output_dir={tmp_path / 'ddp'}")
-    assert_takes_the_ddp_steps(tmp_path / "fsdp", tmp_path / "ddp")
+    assert_takes_the_ddp_steps(tmp_path / "fsdp", ddp)
     assert [m["lr"] for m in metrics(tmp_path / "fsdp")] == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-12)
-    assert_same_gallery(tmp_path / "fsdp", tmp_path / "ddp")
-    a, b = (load_file(tmp_path / run / "final" / UNET) for run in ("fsdp", "ddp"))
+    assert_same_gallery(tmp_path / "fsdp", ddp)
+    a, b = load_file(tmp_path / "fsdp" / "final" / UNET), load_file(ddp / "final" / UNET)
     assert a.keys() == b.keys()
-    assert relative_distance(a, b, load_file(tmp_path / family / UNET)) < 1e-2
+    assert relative_distance(a, b, load_file(ddp.parent / family / UNET)) < 1e-2
     step3 = tmp_path / "fsdp" / "checkpoints" / "step-3"
     assert (step3 / "pytorch_model_fsdp_0").is_dir() and (step3 / "optimizer_0").is_dir()
     assert (tmp_path / "fsdp" / "gallery" / "index.html").is_file()
