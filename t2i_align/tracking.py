@@ -25,8 +25,6 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN / inf; keep them visible as strings
     return value
@@ -68,11 +66,12 @@ class Tracker:
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # tensors to numbers
+        record = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            self._wandb.log(values, step=step)  # W&B charts NaN and inf as numbers: not the file's strings
 
     def log_gallery(self, rows: List[Dict], step: int, columns: Optional[Sequence[str]] = None,
                     name: str = "gallery") -> Optional[Path]:

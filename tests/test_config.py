@@ -293,3 +293,22 @@ def test_an_override_in_a_switched_off_section_is_refused():
         load_config(None, ["raft.k=4"])
     assert load_config(None, ["lora.enabled=true", "lora.rank=4"]).lora.rank == 4
     assert load_config(None, ["ppd.enabled=false"]).ppd.enabled is False
+
+
+def test_scale_lr_multiplies_the_lr_by_the_pairs_per_optimizer_step():
+    """The official Diffusion-DPO launchers' scaling: 1e-8 × 1 pair × 128 accumulation × 16 GPUs = 2.048e-5.
+    Without train.scale_lr the LR is used as set."""
+    from t2i_align.optim import effective_lr
+
+    scaled = load_config(None, ["train.learning_rate=1e-8", "train.scale_lr=true", "train.batch_size=1",
+                                "train.grad_accum=128"]).train
+    assert effective_lr(scaled, num_processes=16) == pytest.approx(2.048e-5, rel=1e-12)
+    plain = load_config(None, ["train.learning_rate=1e-8", "train.batch_size=4", "train.grad_accum=2"]).train
+    assert effective_lr(plain, num_processes=16) == 1e-8
+
+
+def test_an_optimizer_over_no_parameters_is_refused():
+    from t2i_align.optim import make_optimizer
+
+    with pytest.raises(ConfigError, match="no trainable parameters: check lora.enabled"):
+        make_optimizer([], load_config(None, []).train, lr=1e-3)

@@ -1,4 +1,5 @@
 """Atomic writers: what they leave behind has a plain file's or folder's permissions (umask), not mkstemp's."""
+import json
 import os
 import stat
 
@@ -74,3 +75,26 @@ def test_a_resume_keeps_the_metrics_up_to_its_step_despite_a_torn_line(tmp_path,
     tracker.truncate_after(2)
     assert [line[:10] for line in tracker.metrics_path.read_text().splitlines()] == ['{"step": 1', '{"step": 2']
     assert "dropped 1 line(s) that were not JSON" in capsys.readouterr().out
+
+
+def test_metrics_keep_non_finite_values_visible_and_tensors_as_numbers(tmp_path):
+    """JSON has no NaN or inf: metrics.jsonl writes them as strings ("nan", "inf"), never as invalid JSON or a
+    crash; 0-d tensors are written as numbers."""
+    import torch
+
+    from t2i_align.tracking import Tracker
+
+    tracker = Tracker(tmp_path, wandb_mode="off")
+    tracker.log({"loss": float("nan"), "grad_norm": float("inf"), "lr": torch.tensor(0.5)}, step=3)
+    assert json.loads(tracker.metrics_path.read_text()) == {"step": 3, "loss": "nan", "grad_norm": "inf", "lr": 0.5}
+
+
+def test_wandb_auto_is_online_only_with_an_api_key(monkeypatch):
+    from t2i_align.tracking import resolve_wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online" and resolve_wandb_mode("off") == "off"
+    with pytest.raises(ValueError, match="unknown tracking.wandb='on'; use one of"):
+        resolve_wandb_mode("on")

@@ -205,3 +205,17 @@ def test_toy_clip_missing_assets_say_how_to_build(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "absent")
     with pytest.raises(WeightsNotFoundError, match="python -m t2i_align.toy build"):
         get_reward("toy-clip", device="cpu")
+
+
+def test_a_device_or_dtype_that_cannot_be_used_is_a_setup_error():
+    """Told when the reward is built, not at the first tensor moved to a GPU this machine lacks."""
+    from reward_models.base import RewardSetupError, resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RewardSetupError, match="'gpu' is not a device: use cpu, cuda"):
+        resolve_device("gpu")
+    with pytest.raises(RewardSetupError, match=f"this machine has {torch.cuda.device_count()} CUDA GPU"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(None) == torch.float32
+    with pytest.raises(RewardSetupError, match="unknown dtype 'int8'; use fp32, fp16 or bf16"):
+        resolve_dtype("int8")
