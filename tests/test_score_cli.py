@@ -178,3 +178,57 @@ def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, caps
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["7", "7", "", ""] and all(r["toy-clip"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("case, told", [
+    ("option-for-another-reward", "--option 'clip.arch=ViT-B-32' is for reward 'clip', which is not in --reward"),
+    ("metadata-row-without-file", "metadata.jsonl row 2: expected fields 'file' and 'prompt'"),
+    ("metadata-not-json", "cannot read "),
+    ("prompts-is-a-folder", "is a folder: give a .jsonl, .csv or text file of prompts"),
+    ("prompts-missing", "no prompts:"),
+    ("images-missing", "nowhere does not exist"),
+    ("pairwise-on-a-folder", "--pairwise is for Pick-a-Pic parquets"),
+    ("prompts-with-a-parquet", "--prompts for image folders (a parquet has captions)"),
+    ("out-not-jsonl-or-csv", "need --out *.jsonl or *.csv"),
+    ("batch-size-0", "--batch-size >= 1"),
+    ("parquet-that-is-not-one", "fake.parquet: Parquet magic bytes not found"),
+])
+def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
+    """Each mistake exits 2 with one `error:` line naming it, before any reward is loaded or output written."""
+    folder = _folder(tmp_path)
+    (folder / "img_9.png").unlink()
+    meta = folder / "metadata.jsonl"
+    parquet = tmp_path / "pairs.parquet"
+    write_parquet(_pair_rows(), parquet)
+    out = tmp_path / "scores.jsonl"
+    argv = {"images": folder, "prompts": tmp_path / "prompts.txt", "out": out, "extra": []}
+    if case == "option-for-another-reward":
+        argv["extra"] = ["--option", "clip.arch=ViT-B-32"]
+    elif case == "metadata-row-without-file":
+        meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"prompt": "b"}\n')
+        argv["prompts"] = None
+    elif case == "metadata-not-json":
+        meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"file": \n')
+        argv["prompts"] = None
+    elif case == "prompts-is-a-folder":
+        argv["prompts"] = folder
+    elif case == "prompts-missing":
+        argv["prompts"] = None  # and no FOLDER/metadata.jsonl
+    elif case == "images-missing":
+        argv["images"] = tmp_path / "nowhere"
+    elif case == "pairwise-on-a-folder":
+        argv["extra"] = ["--pairwise"]
+    elif case == "prompts-with-a-parquet":
+        argv["images"] = parquet
+    elif case == "out-not-jsonl-or-csv":
+        argv["out"] = tmp_path / "scores.txt"
+    elif case == "batch-size-0":
+        argv["extra"] = ["--batch-size", "0"]
+    elif case == "parquet-that-is-not-one":
+        argv["images"], argv["prompts"] = tmp_path / "fake.parquet", None
+        argv["images"].write_bytes(b"not parquet")
+    command = ["--reward", "toy-judge", "--images", argv["images"], "--out", argv["out"], *argv["extra"]]
+    code, _, err = _run(capsys, *command, *(["--prompts", argv["prompts"]] if argv["prompts"] else []))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and told in lines[0], err
+    assert not argv["out"].exists()
