@@ -122,6 +122,20 @@ def test_caption_data_without_image_column_is_a_config_error(tmp_path):
         CaptionDataset(tmp_path / "p.parquet")
 
 
+def test_caption_rows_without_an_image_path_are_skipped_and_empty_data_refused(tmp_path):
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "blue.png")
+    pq.write_table(pa.Table.from_pylist([{"caption": "blue", "path": "blue.png"}, {"caption": "empty", "path": ""},
+                                         {"caption": "none", "path": None}]), tmp_path / "c.parquet")
+    ds = CaptionDataset(tmp_path / "c.parquet", resolution=8)
+    assert [ds[i] is None for i in range(3)] == [False, True, True] and ds.stats.bad_images == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "path": pa.array([], pa.string())}),
+                   empty / "e.parquet")
+    with pytest.raises(ConfigError, match="no rows in .*empty: expected parquet with a caption column"):
+        CaptionDataset(empty)
+
+
 def test_toy_caption_export_is_ground_truth_and_reproducible(tmp_path):
     from t2i_align.data.pairs import decode_rgb
     from t2i_align.toy.captions import export_captions
