@@ -63,6 +63,9 @@ def files_identity(files: Sequence[Path]) -> List[list]:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+_IMPORT_HINT = "python -m t2i_align.data pairs --from LISTING --out DIR writes DIR/pairs.parquet from them"
+
+
 def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
     """A parquet file, or the *.parquet files of a folder (not recursive), all resolving inside `root`.
 
@@ -73,10 +76,13 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
         raise FileNotFoundError(f"pair data {given} does not exist: set data.path to a Pick-a-Pic-format parquet file "
                                 "or folder (toy world: make it first with python -m t2i_align.toy pairs --out DIR "
                                 "--k 8 --pairing best-worst)")
+    if given.suffix.lower() in (".jsonl", ".csv"):
+        raise ConfigError(f"data {given} is a listing, not parquet: {_IMPORT_HINT}")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
     files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
     if not files:
-        raise ConfigError(f"no *.parquet files in folder {given}")
+        raise ConfigError(f"no *.parquet files in folder {given} (image pairs listed in a JSONL or CSV file: "
+                          f"{_IMPORT_HINT})")
     for f in files:
         real = f.resolve()
         if not real.is_relative_to(base):

@@ -128,8 +128,9 @@ def check_data_files(cfg) -> None:
     if cfg.raft.enabled or cfg.data.kind != "pairs":
         return
     if not cfg.data.path:
-        raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder "
-                          "(for the toy world: python -m t2i_align.toy pairs --out DIR)")
+        raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder (your own "
+                          "image pairs: python -m t2i_align.data pairs --from LISTING --out DIR; for the toy world: "
+                          "python -m t2i_align.toy pairs --out DIR)")
     find_parquet_files(cfg.data.path)
 
 

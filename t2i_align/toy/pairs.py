@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from ..data.import_pairs import write_pairs_parquet
 from ..sampling import generate, seeds_for
 from .evaluate import TOY_GUIDANCE, TOY_STEPS
 from ..gallery import to_uint8
 from .judge import judge_batch
 from .scenes import Scene, short_caption
 
-PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "user_id", "are_different", "has_label",
-                    "model_0", "model_1", "ranking_id")
 
 
 def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
@@ -63,15 +60,8 @@ def _pair_rows(caption: str, images: List[np.ndarray], scores: List[float], rng:
 
 
 def write_parquet(rows: Sequence[Dict], path: Path) -> None:
-    """Write rows with the Pick-a-Pic column types; temp file + rename so a reader never sees half a file."""
-    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-                        ("label_0", pa.float64()), ("label_1", pa.float64()), ("user_id", pa.int64()),
-                        ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("model_0", pa.string()),
-                        ("model_1", pa.string()), ("ranking_id", pa.int64())])
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    """Rows with the Pick-a-Pic column types, in one row group (as the toy results were made with)."""
+    write_pairs_parquet(rows, Path(path))
 
 
 def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, images_per_prompt: int = 4,

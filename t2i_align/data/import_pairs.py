@@ -1,0 +1,183 @@
+"""Your own preference pairs (image files listed in a JSONL or CSV file) as a Pick-a-Pic-format parquet, the one
+format the loop reads (`data.path`).
+
+Each row names a caption (`caption` or `prompt`) and two image files, either as winner and loser (`image_w`,
+`image_l`) or as `image_0`, `image_1` with `label_0` (1: image_0 preferred, 0: image_1, 0.5: a tie, kept in the
+file and dropped in training unless `data.ties=first`). Optional: `user_id` (an integer: the rater, for PPD),
+`model_0` / `model_1`. Paths are relative to the image root (default: the listing's folder) and must stay inside
+it. A row that cannot be used (a field missing, a label outside [0, 1], an image missing, outside the root or not
+decodable, a user_id that is not an integer) is skipped and counted by reason; the first few are named.
+The image bytes are copied as they are (no re-encoding); the parquet is written in row groups of
+`row_group_size` rows (the streaming reader's unit) to a temporary file and renamed when complete.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ..errors import UserError
+from ..files import write_json_atomic
+from .pairs import DECODE_ERRORS
+
+logger = logging.getLogger(__name__)
+
+PICKAPIC_SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                             ("label_0", pa.float64()), ("label_1", pa.float64()), ("user_id", pa.int64()),
+                             ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("model_0", pa.string()),
+                             ("model_1", pa.string()), ("ranking_id", pa.int64())])
+PICKAPIC_COLUMNS = tuple(PICKAPIC_SCHEMA.names)
+_NAMED = 5  # skipped rows named one by one; the rest only counted
+
+
+class SkippedRow(ValueError):
+    """Why a listed pair cannot be used; `reason` is its counter's name."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def write_pairs_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_size: Optional[int] = None) -> int:
+    """Rows (dicts of the Pick-a-Pic columns) to `path` through a temporary file renamed when complete, so a reader
+    never sees half a file. Row groups of `row_group_size` rows, written as they fill (None: all rows in one, held
+    in memory). Returns how many rows were written."""
+    tmp = path.with_name(path.name + ".tmp")
+    rows, written = iter(rows), 0
+    try:
+        with pq.ParquetWriter(tmp, PICKAPIC_SCHEMA) as writer:
+            while group := list(itertools.islice(rows, row_group_size)):
+                writer.write_table(pa.Table.from_pylist(group, schema=PICKAPIC_SCHEMA))
+                written += len(group)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def read_listing(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, row) of a .jsonl or .csv listing; a JSONL line that is not an object is a skipped row."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise UserError(f"--from {path}: expected a .jsonl or .csv listing of pairs")
+    with open(path, newline="", encoding="utf-8") as handle:
+        if suffix == ".csv":
+            yield from enumerate(csv.DictReader(handle), start=2)  # line 1 is the header
+            return
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                row = SkippedRow("not_json", f"not JSON ({err})")
+            yield number, row if isinstance(row, (dict, SkippedRow)) else SkippedRow("not_json", "not an object")
+
+
+def _field(row: Dict[str, Any], *names: str) -> Any:
+    value = next((row[n] for n in names if row.get(n) not in (None, "")), None)
+    if value is None:
+        raise SkippedRow("missing_field", f"no {' or '.join(names)}")
+    return value
+
+
+def _label(row: Dict[str, Any]) -> Tuple[str, str, float]:
+    """(image_0, image_1, label_0) from either layout."""
+    if row.get("image_w") not in (None, "") or row.get("image_l") not in (None, ""):
+        return _field(row, "image_w"), _field(row, "image_l"), 1.0
+    first, second, raw = _field(row, "image_0"), _field(row, "image_1"), _field(row, "label_0")
+    try:
+        label = float(raw)
+    except (TypeError, ValueError):
+        label = math.nan
+    if not 0.0 <= label <= 1.0:  # NaN fails too
+        raise SkippedRow("bad_label", f"label_0 {raw!r} is not a number in [0, 1]")
+    return first, second, label
+
+
+def _image_bytes(root: Path, name: Any) -> bytes:
+    """The file's bytes, once it resolves inside `root` and decodes."""
+    real = (root / str(name)).resolve()
+    if not real.is_relative_to(root):
+        raise SkippedRow("outside_root", f"image {name!r} resolves to {real}, outside the image root {root}")
+    if not real.is_file():
+        raise SkippedRow("missing_image", f"image {name!r}: no such file under {root}")
+    data = real.read_bytes()
+    try:
+        with Image.open(real) as image:
+            image.load()
+    except DECODE_ERRORS as err:
+        raise SkippedRow("undecodable_image", f"image {name!r} does not decode ({err})") from err
+    return data
+
+
+def _user_id(row: Dict[str, Any]) -> Optional[int]:
+    raw = row.get("user_id")
+    if raw in (None, ""):
+        return None
+    try:
+        if isinstance(raw, bool) or float(raw) != int(float(raw)):
+            raise ValueError
+        return int(float(raw))
+    except (TypeError, ValueError, OverflowError):
+        raise SkippedRow("bad_user_id", f"user_id {raw!r} is not an integer") from None
+
+
+def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
+    """One listing row as a Pick-a-Pic row; SkippedRow if it cannot be used."""
+    if isinstance(row, SkippedRow):
+        raise row
+    caption = _field(row, "caption", "prompt")
+    first, second, label = _label(row)
+    jpg_0, jpg_1 = _image_bytes(root, first), _image_bytes(root, second)
+    return {"caption": str(caption), "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label, "label_1": 1.0 - label,
+            "user_id": _user_id(row), "are_different": jpg_0 != jpg_1, "has_label": True,
+            "model_0": str(row.get("model_0") or ""), "model_1": str(row.get("model_1") or ""),
+            "ranking_id": ranking_id}
+
+
+def import_pairs(listing: Path, out_dir: Path, image_root: Optional[Path] = None, row_group_size: int = 500,
+                 log: Callable[[str], object] = logger.warning) -> Dict[str, Any]:
+    """Write out_dir/pairs.parquet and out_dir/pairs.json (the counts) from `listing`; returns the counts. With no
+    usable row nothing is written (an earlier pairs.parquet there stays). `log` tells the first skipped rows."""
+    root = Path(image_root or listing.parent).resolve()
+    skipped: Counter = Counter()
+    ties: Counter = Counter()
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        for number, row in read_listing(listing):
+            try:
+                pair = pair_row(row, root, number)
+            except SkippedRow as why:
+                skipped[why.reason] += 1
+                if sum(skipped.values()) <= _NAMED:
+                    log(f"{listing} line {number} skipped: {why}")
+                continue
+            ties["ties"] += pair["label_0"] == 0.5
+            yield pair
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = out_dir / ".pairs.parquet.importing"
+    pairs = write_pairs_parquet(rows(), staged, row_group_size)
+    if not pairs:
+        staged.unlink()
+        raise UserError(f"no usable pair in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
+                        "caption or prompt, and image_w + image_l or image_0 + image_1 + label_0")
+    os.replace(staged, out_dir / "pairs.parquet")
+    if sum(skipped.values()) > _NAMED:
+        log(f"{listing}: {sum(skipped.values()) - _NAMED} more rows skipped (counted by reason in pairs.json)")
+    counts = {"pairs": pairs, "ties": ties["ties"], "skipped": dict(sorted(skipped.items())), "image_root": str(root),
+              "out": str(out_dir / "pairs.parquet")}
+    write_json_atomic(out_dir / "pairs.json", counts)
+    return counts

@@ -1,0 +1,142 @@
+"""`python -m t2i_align.data pairs`: a user's own image pairs (JSONL or CSV listing) as Pick-a-Pic-format parquet,
+every unusable row skipped and counted by reason, paths kept inside the image root, nothing earlier replaced."""
+import csv
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from t2i_align.data.__main__ import main
+from t2i_align.data.import_pairs import PICKAPIC_COLUMNS
+from t2i_align.data.pairs import PairDataset
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """images/{red,green,blue}.png, a corrupt images/bad.png and an image outside the folder."""
+    data = tmp_path / "mine"
+    (data / "images").mkdir(parents=True)
+    for name, colour in (("red", RED), ("green", GREEN), ("blue", BLUE)):
+        Image.new("RGB", (8, 8), colour).save(data / "images" / f"{name}.png")
+    (data / "images" / "bad.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "outside.png")
+    return data
+
+
+LISTING = [  # (row, why it is skipped or None)
+    ({"caption": "red wins", "image_w": "images/red.png", "image_l": "images/blue.png"}, None),
+    ({"prompt": "green wins", "image_0": "images/blue.png", "image_1": "images/green.png", "label_0": 0,
+      "user_id": 7}, None),
+    ({"caption": "a tie", "image_0": "images/red.png", "image_1": "images/green.png", "label_0": 0.5}, None),
+    ({"image_w": "images/red.png", "image_l": "images/blue.png"}, "missing_field"),
+    ({"caption": "x", "image_0": "images/red.png", "image_1": "images/blue.png", "label_0": 2}, "bad_label"),
+    ({"caption": "x", "image_0": "images/red.png", "image_1": "images/blue.png", "label_0": "yes"}, "bad_label"),
+    ({"caption": "x", "image_w": "images/none.png", "image_l": "images/blue.png"}, "missing_image"),
+    ({"caption": "x", "image_w": "../outside.png", "image_l": "images/blue.png"}, "outside_root"),
+    ({"caption": "x", "image_w": "images/bad.png", "image_l": "images/blue.png"}, "undecodable_image"),
+    ({"caption": "x", "image_w": "images/red.png", "image_l": "images/blue.png", "user_id": "bob"}, "bad_user_id"),
+]
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(extra_lines))
+    return path
+
+
+def run(capsys, *argv):
+    code = main(["pairs", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_a_jsonl_listing_becomes_pairs_the_loop_reads(folder, capsys):
+    listing = write_jsonl(folder / "pairs.jsonl", [r for r, _ in LISTING], ["\n", "[1, 2]\n", "{broken\n"])
+    code, counts, err = run(capsys, "--from", listing, "--out", folder, "--row-group-size", 2)
+    assert code == 0, err
+    reasons = [why for _, why in LISTING if why] + ["not_json", "not_json"]
+    assert counts["pairs"] == 3 and counts["ties"] == 1
+    assert counts["skipped"] == {r: reasons.count(r) for r in sorted(set(reasons))}
+    assert json.loads((folder / "pairs.json").read_text()) == counts
+    assert "pairs.jsonl line 4 skipped: no caption or prompt" in err  # the first 5 are named, the rest counted
+    assert "pairs.jsonl line 8 skipped" in err and "line 9 skipped" not in err
+    assert "4 more rows skipped" in err
+    table = pq.read_table(folder / "pairs.parquet")
+    assert tuple(table.column_names) == PICKAPIC_COLUMNS
+    assert pq.ParquetFile(folder / "pairs.parquet").num_row_groups == 2  # --row-group-size 2, 3 rows
+    rows = table.to_pylist()
+    assert [r["label_0"] for r in rows] == [1.0, 0.0, 0.5] and [r["user_id"] for r in rows] == [None, 7, None]
+    assert rows[0]["jpg_0"] == (folder / "images" / "red.png").read_bytes()  # copied, not re-encoded
+    assert [r["ranking_id"] for r in rows] == [1, 2, 3]  # the listing's line numbers
+    pairs = PairDataset(folder / "pairs.parquet", resolution=8)  # ties dropped, label 0 swapped: winner first
+    assert len(pairs) == 2 and pairs.stats.ties_dropped == 1
+    for i, (caption, winner) in enumerate((("red wins", RED), ("green wins", GREEN))):
+        item = pairs[i]
+        colour = tuple(int(round(v)) for v in ((item["pixels_w"].mean(dim=(1, 2)) + 1) * 127.5).tolist())
+        assert item["caption"] == caption and colour == winner
+
+
+def test_a_csv_listing_and_an_image_root(folder, tmp_path, capsys):
+    listing = tmp_path / "elsewhere" / "pairs.csv"
+    listing.parent.mkdir()
+    with open(listing, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["prompt", "image_0", "image_1", "label_0", "user_id"])
+        writer.writeheader()
+        writer.writerow({"prompt": "blue wins", "image_0": "images/red.png", "image_1": "images/blue.png",
+                         "label_0": "0", "user_id": "12"})
+        writer.writerow({"prompt": "no label", "image_0": "images/red.png", "image_1": "images/blue.png"})
+    code, counts, err = run(capsys, "--from", listing, "--out", tmp_path / "out", "--image-root", folder)
+    assert code == 0, err
+    assert counts["pairs"] == 1 and counts["skipped"] == {"missing_field": 1}
+    assert "pairs.csv line 3 skipped: no label_0" in err
+    (row,) = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
+    assert (row["caption"], row["label_0"], row["label_1"], row["user_id"]) == ("blue wins", 0.0, 1.0, 12)
+    assert row["are_different"] is True and row["has_label"] is True
+
+
+@pytest.mark.parametrize("case, told", [
+    ("no-listing", "--from {d}/nothing.jsonl: no such file"),
+    ("not-jsonl-or-csv", "--from {d}/pairs.txt: expected a .jsonl or .csv listing of pairs"),
+    ("no-usable-row", "no usable pair in {d}/pairs.jsonl (skipped: {{'missing_image': 1}}); each row needs caption "
+                      "or prompt, and image_w + image_l or image_0 + image_1 + label_0"),
+    ("earlier-pairs", "{d}/pairs.parquet exists and --out {d} would replace it: choose another --out or pass "
+                      "--overwrite"),
+    ("image-root-missing", "--image-root {d}/nowhere: no such folder"),
+    ("row-group-size-0", "--row-group-size must be >= 1, got 0"),
+])
+def test_mistakes_are_one_error_line_and_keep_earlier_pairs(folder, capsys, case, told):
+    earlier = folder / "pairs.parquet"
+    earlier.write_bytes(b"an earlier pair set")
+    listing = write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]])
+    argv = ["--from", listing, "--out", folder, "--overwrite"]
+    if case == "no-listing":
+        argv[1] = folder / "nothing.jsonl"
+    elif case == "not-jsonl-or-csv":
+        argv[1] = folder / "pairs.txt"
+        argv[1].write_text("a b c\n")
+    elif case == "no-usable-row":
+        write_jsonl(listing, [{"caption": "x", "image_w": "images/none.png", "image_l": "images/red.png"}])
+    elif case == "earlier-pairs":
+        argv = argv[:-1]
+    elif case == "image-root-missing":
+        argv += ["--image-root", folder / "nowhere"]
+    elif case == "row-group-size-0":
+        argv += ["--row-group-size", 0]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.splitlines()[-1] == "error: " + told.format(d=folder), err
+    assert earlier.read_bytes() == b"an earlier pair set"
+    assert sorted(p.name for p in folder.iterdir()) == ["images", "pairs.jsonl", "pairs.parquet"] + (
+        ["pairs.txt"] if case == "not-jsonl-or-csv" else [])
+
+
+def test_a_listing_given_as_training_data_is_pointed_to_the_import(folder):
+    from t2i_align.config import ConfigError
+    from t2i_align.data.pairs import find_parquet_files
+
+    listing = write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]])
+    with pytest.raises(ConfigError, match=r"is a listing, not parquet: python -m t2i_align.data pairs --from LISTING"):
+        find_parquet_files(listing)
+    with pytest.raises(ConfigError, match=r"no \*.parquet files in folder .*mine \(image pairs listed in a JSONL"):
+        find_parquet_files(folder)
