@@ -1,6 +1,6 @@
 """Pair reading at Pick-a-Pic scale: pairs/s, bytes read per pair and peak RSS of each way to read pair parquet.
 
-Writes synthetic Pick-a-Pic-v2-format parquet files (the columns of `t2i_align.data.import_pairs.PICKAPIC_COLUMNS`; two
+Writes synthetic Pick-a-Pic-v2-format parquet files (the columns of `t2i_align.data.listings.PICKAPIC_COLUMNS`; two
 512 px JPEGs of ~50-100 KB per row, ~10 % ties, ~14 pairs per caption, row groups of 100 rows as HF `datasets`
 writes image data) of each size given, then measures, each in its own process (so peak RSS is its own):
 
@@ -72,7 +72,7 @@ def write_pairs(path: Path, target_bytes: int, seed: int = 0) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from t2i_align.data.import_pairs import PICKAPIC_COLUMNS
+    from t2i_align.data.listings import PICKAPIC_COLUMNS
 
     rng = np.random.default_rng(seed)
     pool = jpeg_pool(rng)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..data.import_pairs import write_pairs_parquet
+from ..data.listings import write_rows_parquet
 from ..sampling import generate, seeds_for
 from .evaluate import TOY_GUIDANCE, TOY_STEPS
 from ..gallery import to_uint8
@@ -61,7 +61,7 @@ def _pair_rows(caption: str, images: List[np.ndarray], scores: List[float], rng:
 
 def write_parquet(rows: Sequence[Dict], path: Path) -> None:
     """Rows with the Pick-a-Pic column types, in one row group (as the toy results were made with)."""
-    write_pairs_parquet(rows, Path(path))
+    write_rows_parquet(rows, Path(path))
 
 
 def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, images_per_prompt: int = 4,

@@ -1,11 +1,11 @@
-"""Your own preference pairs (image files listed in a JSONL or CSV file) as a Pick-a-Pic-format parquet, the one
-format the loop reads (`data.path`).
+"""Your own data, image files listed in a JSONL or CSV file, as the parquet the loop reads (`data.path`).
 
-Each row names a caption (`caption` or `prompt`) and two image files, either as winner and loser (`image_w`,
-`image_l`) or as `image_0`, `image_1` with `label_0` (1: image_0 preferred, 0: image_1, 0.5: a tie, kept in the
-file and dropped in training unless `data.ties=first`). Optional: `user_id` (an integer: the rater, for PPD),
-`model_0` / `model_1`. Paths are relative to the image root (default: the listing's folder) and must stay inside
-it. A row that cannot be used (a field missing, a label outside [0, 1], an image missing, outside the root or not
+Pairs (Pick-a-Pic format): each row names a caption (`caption` or `prompt`) and two image files, either as
+winner and loser (`image_w`, `image_l`) or as `image_0`, `image_1` with `label_0` (1: image_0 preferred, 0:
+image_1, 0.5: a tie, kept in the file and dropped in training unless `data.ties=first`). Optional: `user_id` (an
+integer: the rater, for PPD), `model_0` / `model_1`. Captions (LongAlign's stage 1, data.kind=captions): a caption
+and one `image`. Paths are relative to the image root (default: the listing's folder) and must stay inside it.
+A row that cannot be used (a field missing, a label outside [0, 1], an image missing, outside the root or not
 decodable, a user_id that is not an integer) is skipped and counted by reason; the first few are named.
 The image bytes are copied as they are (no re-encoding); the parquet is written in row groups of
 `row_group_size` rows (the streaming reader's unit) to a temporary file and renamed when complete.
@@ -37,6 +37,7 @@ PICKAPIC_SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), (
                              ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("model_0", pa.string()),
                              ("model_1", pa.string()), ("ranking_id", pa.int64())])
 PICKAPIC_COLUMNS = tuple(PICKAPIC_SCHEMA.names)
+CAPTION_SCHEMA = pa.schema([("caption", pa.string()), ("jpg", pa.binary())])
 _NAMED = 5  # skipped rows named one by one; the rest only counted
 
 
@@ -48,16 +49,17 @@ class SkippedRow(ValueError):
         self.reason = reason
 
 
-def write_pairs_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_size: Optional[int] = None) -> int:
-    """Rows (dicts of the Pick-a-Pic columns) to `path` through a temporary file renamed when complete, so a reader
-    never sees half a file. Row groups of `row_group_size` rows, written as they fill (None: all rows in one, held
-    in memory). Returns how many rows were written."""
+def write_rows_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_size: Optional[int] = None,
+                        schema: pa.Schema = PICKAPIC_SCHEMA) -> int:
+    """Rows (dicts of the schema's columns, Pick-a-Pic's by default) to `path` through a temporary file renamed when
+    complete, so a reader never sees half a file. Row groups of `row_group_size` rows, written as they fill (None:
+    all rows in one, held in memory). Returns how many rows were written."""
     tmp = path.with_name(path.name + ".tmp")
     rows, written = iter(rows), 0
     try:
-        with pq.ParquetWriter(tmp, PICKAPIC_SCHEMA) as writer:
+        with pq.ParquetWriter(tmp, schema) as writer:
             while group := list(itertools.islice(rows, row_group_size)):
-                writer.write_table(pa.Table.from_pylist(group, schema=PICKAPIC_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
                 written += len(group)
         os.replace(tmp, path)
     except BaseException:
@@ -147,10 +149,25 @@ def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
             "ranking_id": ranking_id}
 
 
-def import_pairs(listing: Path, out_dir: Path, image_root: Optional[Path] = None, row_group_size: int = 500,
-                 log: Callable[[str], object] = logger.warning) -> Dict[str, Any]:
-    """Write out_dir/pairs.parquet and out_dir/pairs.json (the counts) from `listing`; returns the counts. With no
-    usable row nothing is written (an earlier pairs.parquet there stays). `log` tells the first skipped rows."""
+def caption_row(row: Any, root: Path, number: int) -> Dict[str, Any]:
+    """One listing row as an image-caption row; SkippedRow if it cannot be used."""
+    if isinstance(row, SkippedRow):
+        raise row
+    caption = _field(row, "caption", "prompt")
+    return {"caption": str(caption), "jpg": _image_bytes(root, _field(row, "image"))}
+
+
+KINDS = {  # kind: (schema, row maker, what a row needs)
+    "pairs": (PICKAPIC_SCHEMA, pair_row, "caption or prompt, and image_w + image_l or image_0 + image_1 + label_0"),
+    "captions": (CAPTION_SCHEMA, caption_row, "caption or prompt, and image"),
+}
+
+
+def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional[Path] = None,
+                   row_group_size: int = 500, log: Callable[[str], object] = logger.warning) -> Dict[str, Any]:
+    """Write out_dir/<kind>.parquet and out_dir/<kind>.json (the counts) from `listing`; returns the counts. With no
+    usable row nothing is written (an earlier parquet there stays). `log` tells the first skipped rows."""
+    schema, make_row, needs = KINDS[kind]
     root = Path(image_root or listing.parent).resolve()
     skipped: Counter = Counter()
     ties: Counter = Counter()
@@ -158,26 +175,25 @@ def import_pairs(listing: Path, out_dir: Path, image_root: Optional[Path] = None
     def rows() -> Iterator[Dict[str, Any]]:
         for number, row in read_listing(listing):
             try:
-                pair = pair_row(row, root, number)
+                made = make_row(row, root, number)
             except SkippedRow as why:
                 skipped[why.reason] += 1
                 if sum(skipped.values()) <= _NAMED:
                     log(f"{listing} line {number} skipped: {why}")
                 continue
-            ties["ties"] += pair["label_0"] == 0.5
-            yield pair
+            ties["ties"] += made.get("label_0") == 0.5
+            yield made
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    staged = out_dir / ".pairs.parquet.importing"
-    pairs = write_pairs_parquet(rows(), staged, row_group_size)
-    if not pairs:
+    staged, final = out_dir / f".{kind}.parquet.importing", out_dir / f"{kind}.parquet"
+    written = write_rows_parquet(rows(), staged, row_group_size, schema)
+    if not written:
         staged.unlink()
-        raise UserError(f"no usable pair in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
-                        "caption or prompt, and image_w + image_l or image_0 + image_1 + label_0")
-    os.replace(staged, out_dir / "pairs.parquet")
+        raise UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs {needs}")
+    os.replace(staged, final)
     if sum(skipped.values()) > _NAMED:
-        log(f"{listing}: {sum(skipped.values()) - _NAMED} more rows skipped (counted by reason in pairs.json)")
-    counts = {"pairs": pairs, "ties": ties["ties"], "skipped": dict(sorted(skipped.items())), "image_root": str(root),
-              "out": str(out_dir / "pairs.parquet")}
-    write_json_atomic(out_dir / "pairs.json", counts)
+        log(f"{listing}: {sum(skipped.values()) - _NAMED} more rows skipped (counted by reason in {kind}.json)")
+    counts = {kind: written, **({"ties": ties["ties"]} if kind == "pairs" else {}),
+              "skipped": dict(sorted(skipped.items())), "image_root": str(root), "out": str(final)}
+    write_json_atomic(out_dir / f"{kind}.json", counts)
     return counts

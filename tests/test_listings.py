@@ -1,5 +1,6 @@
-"""`python -m t2i_align.data pairs`: a user's own image pairs (JSONL or CSV listing) as Pick-a-Pic-format parquet,
-every unusable row skipped and counted by reason, paths kept inside the image root, nothing earlier replaced."""
+"""`python -m t2i_align.data pairs | captions`: a user's own image pairs or captioned images (JSONL or CSV listing)
+as the parquet the loop reads, every unusable row skipped and counted by reason, paths kept inside the image root,
+nothing earlier replaced."""
 import csv
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from t2i_align.data.__main__ import main
-from t2i_align.data.import_pairs import PICKAPIC_COLUMNS
+from t2i_align.data.listings import PICKAPIC_COLUMNS
 from t2i_align.data.pairs import PairDataset
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -46,8 +47,8 @@ def write_jsonl(path, rows, extra_lines=()):
     return path
 
 
-def run(capsys, *argv):
-    code = main(["pairs", *map(str, argv)])
+def run(capsys, *argv, kind="pairs"):
+    code = main([kind, *map(str, argv)])
     out, err = capsys.readouterr()
     return code, (json.loads(out) if code == 0 else None), err
 
@@ -99,7 +100,7 @@ def test_a_csv_listing_and_an_image_root(folder, tmp_path, capsys):
 @pytest.mark.parametrize("case, told", [
     ("no-listing", "--from {d}/nothing.jsonl: no such file"),
     ("not-jsonl-or-csv", "--from {d}/pairs.txt: expected a .jsonl or .csv listing of pairs"),
-    ("no-usable-row", "no usable pair in {d}/pairs.jsonl (skipped: {{'missing_image': 1}}); each row needs caption "
+    ("no-usable-row", "no usable row in {d}/pairs.jsonl (skipped: {{'missing_image': 1}}); each row needs caption "
                       "or prompt, and image_w + image_l or image_0 + image_1 + label_0"),
     ("earlier-pairs", "{d}/pairs.parquet exists and --out {d} would replace it: choose another --out or pass "
                       "--overwrite"),
@@ -140,3 +141,23 @@ def test_a_listing_given_as_training_data_is_pointed_to_the_import(folder):
         find_parquet_files(listing)
     with pytest.raises(ConfigError, match=r"no \*.parquet files in folder .*mine \(image pairs listed in a JSONL"):
         find_parquet_files(folder)
+
+
+def test_a_caption_listing_becomes_image_caption_data(folder, capsys):
+    """LongAlign's stage-1 data (data.kind=captions): a caption and one image per row."""
+    from t2i_align.data.captions import CaptionDataset
+
+    listing = write_jsonl(folder / "long.jsonl", [
+        {"caption": "a red square. It is large.", "image": "images/red.png"},
+        {"prompt": "a blue square", "image": "images/blue.png"},
+        {"caption": "no image"},
+        {"caption": "corrupt", "image": "images/bad.png"},
+    ])
+    code, counts, err = run(capsys, "--from", listing, "--out", folder / "long", kind="captions")
+    assert code == 0, err
+    assert counts["captions"] == 2 and counts["skipped"] == {"missing_field": 1, "undecodable_image": 1}
+    assert "ties" not in counts and (folder / "long" / "captions.json").is_file()
+    data = CaptionDataset(folder / "long" / "captions.parquet", resolution=8)
+    assert data.captions == ["a red square. It is large.", "a blue square"]
+    blue = data[1]["pixels"]
+    assert blue[2].min() == 1.0 and blue[0].max() == -1.0
