@@ -50,9 +50,10 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Opti
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     path = Path(resume)
+    what = "does not exist" if not path.exists() else f"is not a complete checkpoint folder (no {MARKER})"
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder (no {MARKER}); "
-                                f"use train.resume=latest or one of {checkpoints_dir(output_dir)}/step-N")
+        raise FileNotFoundError(f"train.resume={resume!r} {what}; use train.resume=latest or one of "
+                                f"{checkpoints_dir(output_dir)}/step-N")
     return path
 
 
@@ -127,9 +128,37 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional
     aside.mkdir(parents=True)
     for path in old:
         path.rename(aside / path.name)
-    log(f"a fresh start in {out}: moved the earlier run's {', '.join(p.name for p in old)} to {aside} "
-        "(to continue that run instead, use train.resume=latest)")
+    steps = [int(m.group(1)) for m in (_STEP_DIR.match(p.name) for p in old) if m]
+    log(f"a fresh start in {out}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
+        + (f" (to continue that run instead: train.resume={aside}/step-{max(steps)})" if steps else ""))
     return aside
+
+
+def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked: Optional[str], log=print) -> None:
+    """Main process, once every setting has been checked: make `output_dir` hold this run alone. A fresh start
+    sets an earlier run's files aside; so does a resume from a checkpoint of another folder (a `previous-*` one,
+    another run's), whose metrics.jsonl and raft_rounds.jsonl are then carried over (the resume drops what came
+    after its step, as for this folder's own). `asked`:
+    train.resume as given ("latest" finding no checkpoint is said, with where an earlier one went)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is not None and resume.resolve().parent == checkpoints_dir(out).resolve():
+        return  # this folder's own timeline: the loop sets later checkpoints and log lines aside
+    if asked == "latest":
+        log(f"train.resume=latest: no complete checkpoint in {checkpoints_dir(out)}, so this run starts fresh"
+            + _newest_aside_hint(out))
+    set_aside_previous_run(out, log)
+    for name in ("metrics.jsonl", "raft_rounds.jsonl") if resume is not None else ():
+        origin = next((f / name for f in (resume.parent, resume.parent.parent) if (f / name).is_file()), None)
+        if origin is not None:
+            shutil.copyfile(origin, out / name)
+
+
+def _newest_aside_hint(out: Path) -> str:
+    """" (the newest set-aside checkpoint: train.resume=...)" or ""."""
+    found = [(int(m.group(1)), p) for p in out.glob("previous-*/step-*")
+             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return f" (the newest earlier checkpoint was set aside: train.resume={max(found)[1]})" if found else ""
 
 
 def save_only_trainable(accelerator) -> None:

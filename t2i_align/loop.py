@@ -20,20 +20,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import BATCH_BUILDERS, make_denoiser
-from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
-                          save_checkpoint, save_only_trainable, set_aside_newer, set_aside_previous_run)
-from .config import Config, ConfigError, config_to_dict, save_config
+from .build import Built, build, check_before_loading
+from .checkpoints import (export_final, load_checkpoint, prepare_run_dir, read_marker, resolve_resume,
+                          resume_raw_batches, save_checkpoint, save_only_trainable, set_aside_newer)
+from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
                       deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, whole_unet)
 from .errors import UserError
-from .data.sources import build_data_source
-from .adapters import add_lora, frozen_reference, trainable_parameters
-from .models import build_pipeline, load_components, torch_dtype
+from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
-from .optim import effective_lr, make_lr_scheduler, make_optimizer
 from .tracking import Tracker
-from .validation import Validator
+from .validation import Validator, load_validation_reward
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -107,44 +105,10 @@ def _everywhere(accelerator, flag: bool) -> bool:
     return int(total.item()) == accelerator.num_processes
 
 
-def _trainable(cfg: Config, components, needs_reference: bool):
-    """(trainable parameters, frozen reference copy or None). A full fine-tune trains every UNet weight against a
-    frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
-    added after the attention backend and before accelerate wraps the UNet) and the base is every adapter off."""
-    unet = components.unet
-    if cfg.full_finetune:
-        params, frozen = trainable_parameters(unet, cfg.lora), None
-        if needs_reference:
-            frozen = frozen_reference(unet, torch_dtype(cfg.model.weight_dtype))
-            if cfg.train.offload_reference:
-                frozen.to("cpu")
-        return params, frozen
-    if cfg.lora.enabled:
-        params = add_lora(unet, cfg.lora)  # freezes every other weight
-    else:
-        params = []
-        unet.requires_grad_(False)
-    if cfg.ppd.enabled:
-        from .users.training import add_ppd_branch
-
-        params += add_ppd_branch(components, cfg.ppd)
-    return params, None
-
-
-def _source(cfg: Config, components, accelerator, batch_kind: str):
-    """The batch source; with PPD, rows whose user is not in the user table are skipped and counted."""
-    source = build_data_source(cfg, components, accelerator, batch_kind)
-    if components.users is None:
-        return source
-    from .users.training import UserFilteredSource
-
-    return UserFilteredSource(source, components.users.table)
-
-
 def train(cfg: Config) -> TrainResult:
     """Train as `cfg` says; returns the `final/` export folder and the trained UNet."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import InitProcessGroupKwargs
 
     # dynamo_backend None: accelerate reads `accelerate launch --dynamo_backend` (off unless given there)
     check_launcher_precision(cfg)
@@ -154,95 +118,62 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
-    _check_before_loading(cfg, objective.batch_kind)
-    _prepare_output(cfg, accelerator)
-    # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
-    # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
-    set_seed(cfg.seed)
+    check_before_loading(cfg, objective.batch_kind)
     out = Path(cfg.output_dir)
-    components = load_components(cfg.model, device=accelerator.device)
-    params, frozen = _trainable(cfg, components, objective.needs_reference)
-    source = _source(cfg, components, accelerator, objective.batch_kind)
-    # Different noise per process, reproducible per process, and the same whether a cache was just built or reused
-    set_seed(cfg.seed, device_specific=True)
-    optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
-    lr_sched = make_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
-    unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
-    # The module itself, not torch.compile's wrapper (`_orig_mod`; accelerate keeps it, and only newer versions
-    # take keep_torch_compile=False): exports and the resume check then see the UNet's own parameter names.
-    raw_unet = accelerator.unwrap_model(unet)
-    raw_unet = getattr(raw_unet, "_orig_mod", raw_unet)
-    raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off
-    if is_fsdp(accelerator):  # fully_shard swapped every parameter for a sharded one (in the optimizer too)
-        params = [p for p in raw_unet.parameters() if p.requires_grad]
-    ctx = ObjectiveContext(components, accelerator, cfg, raw_unet, not cfg.full_finetune, frozen)
-    objective.setup(ctx)
-    provider = objective.reference_provider(ctx)  # before a resume: its initial snapshot is the initial model
+    check_shared_output(accelerator, out)
+    resume = resolve_resume(out, cfg.train.resume)  # on every process: a bad path fails on all
+    m = build(cfg, accelerator, objective)
+    prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
+    reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read
     tracker = on_main(accelerator, lambda: _start_tracking(cfg, out), "the main process could not start tracking")
     tracker = tracker or Tracker(out, enabled=False)
+    # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
+    # direction look for theirs) and this run's config written
+    on_main(accelerator, lambda: _claim_output(cfg, out, resume, accelerator.print),
+            "the main process could not set the earlier run's files aside")
+    ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)
+    objective.setup(ctx)
+    provider = objective.reference_provider(ctx)  # before a resume: its initial snapshot is the initial model
     if not cfg.full_finetune:
         save_only_trainable(accelerator)
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
-    validator = Validator(cfg, components, raw_unet, frozen, accelerator, source.sample_captions(4),
-                          base=None if provider is None else provider.base_unet)
-    start, raw_start = _resume(cfg, accelerator, raw_unet, (provider, source), tracker)
-    state = _RunState(objective, provider, source, tracker, validator, start, raw_start)
-    _run(cfg, accelerator, components, state, unet, optimizer, lr_sched, params)
+    validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
+                          base=None if provider is None else provider.base_unet, reward=reward)
+    start, raw_start = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume)
+    state = _RunState(objective, provider, m.source, tracker, validator, start, raw_start)
+    _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
+    return _finish(cfg, accelerator, m, validator, tracker)
+
+
+def _finish(cfg: Config, accelerator, m: Built, validator: Validator, tracker: Tracker) -> TrainResult:
+    """The export, the last gallery and the end of tracking, after the last step."""
     accelerator.wait_for_everyone()
-    whole = whole_unet(accelerator, raw_unet)  # collective under FSDP
+    whole = whole_unet(accelerator, m.raw_unet)  # collective under FSDP
+    out, users = Path(cfg.output_dir), m.components.users
     final = on_main(accelerator, lambda: export_final(
-        build_pipeline(components, unet=whole), whole, not cfg.full_finetune, out,
-        user_table=None if components.users is None else components.users.table), "the main process could not export")
+        build_pipeline(m.components, unet=whole), whole, not cfg.full_finetune, out,
+        user_table=None if users is None else users.table), "the main process could not export")
     _show_gallery(accelerator, validator, tracker, cfg.train.max_steps)
     on_main(accelerator, tracker.finish, "the main process could not finish tracking (W&B)")
     accelerator.wait_for_everyone()
-    return TrainResult(final or out / "final", raw_unet)
+    return TrainResult(final or out / "final", m.raw_unet)
 
 
 def _start_tracking(cfg: Config, out: Path) -> Tracker:
-    """Main process: metrics.jsonl and W&B (which may refuse to start), and the run's config beside them."""
-    tracker = Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg))
+    """Main process: metrics.jsonl and W&B (which may refuse to start; it writes only in its own wandb/ folder)."""
+    return Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg))
+
+
+def _claim_output(cfg: Config, out: Path, resume, log) -> None:
+    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config written there."""
+    prepare_run_dir(out, resume, cfg.train.resume, log)
     save_config(cfg, out / "config.yaml")
-    return tracker
 
 
-def _check_before_loading(cfg: Config, batch_kind: str) -> None:
-    """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
-    that is not there, a reward named that does not exist or takes other options."""
-    from reward_models.base import check_reward
-
-    from .data.sources import check_data_files, check_data_kind
-
-    check_data_kind(cfg, batch_kind)
-    check_data_files(cfg)
-    named = {"tracking.validation_reward": (cfg.tracking.validation_reward, {})}
-    if cfg.raft.enabled:
-        named["raft.reward"] = (cfg.raft.reward, cfg.raft.reward_options)
-    if cfg.objective.name == "reward_backprop":
-        named["reward_backprop.reward"] = (cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
-    for setting, (name, options) in named.items():
-        if name:
-            try:
-                check_reward(name, dict(options))
-            except ValueError as err:
-                raise ConfigError(f"{setting}: {err}") from None
-
-
-def _prepare_output(cfg: Config, accelerator) -> None:
-    """output_dir a folder every process sees; on a fresh start, an earlier run's files there set aside (before
-    SePPO's pool looks for snapshots)."""
-    check_shared_output(accelerator, Path(cfg.output_dir))
-    fresh = resolve_resume(cfg.output_dir, cfg.train.resume) is None  # on every process: a bad path fails on all
-    # called by every process whatever it found (a collective), the main process's view deciding
-    on_main(accelerator, lambda: fresh and set_aside_previous_run(cfg.output_dir, accelerator.print),
-            "the main process could not set the earlier run's files aside")
-
-
-def _resume(cfg: Config, accelerator, raw_unet, parts, tracker) -> tuple:
-    """(step, raw micro-batches read) to start from: (0, 0), or what `train.resume` names restored. `parts` (the
+def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple:
+    """(step, raw micro-batches read) to start from: (0, 0), or the checkpoint `resume` restored. `parts` (the
     reference provider, the data source) reload what they keep beyond weights and data position."""
     out = Path(cfg.output_dir)
-    resume = resolve_resume(out, cfg.train.resume)
     if resume is None:
         return 0, 0
     start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)

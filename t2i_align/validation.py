@@ -21,6 +21,9 @@ from .models import build_pipeline
 from .sampling import Samples, generate, prompt_major
 
 
+_NOT_LOADED = object()  # Validator's reward argument when the caller did not load it
+
+
 @contextmanager
 def visiting(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
     """`module` moved to `device` for the block and back home afterwards (also on an error).
@@ -44,15 +47,17 @@ def visiting(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn
 class Validator:
     """Galleries of the policy beside the base model. Build it before resuming a checkpoint (module docstring)."""
 
-    def __init__(self, cfg, components, raw_unet, frozen, accelerator, prompts: Sequence[str] = (), base=None):
+    def __init__(self, cfg, components, raw_unet, frozen, accelerator, prompts: Sequence[str] = (), base=None,
+                 reward=_NOT_LOADED):
         """`base`: a context-manager factory yielding the base UNet (a reference provider's `base_unet`), for
-        when `frozen` does not hold the base for the whole run (SePPO loads its snapshots into it)."""
+        when `frozen` does not hold the base for the whole run (SePPO loads its snapshots into it). `reward`: what
+        `load_validation_reward` gave for these prompts (loaded here if not given)."""
         self.cfg, self.components, self.unet, self.frozen, self.base = cfg, components, raw_unet, frozen, base
         self.accelerator = accelerator
         self.prompts = list(cfg.tracking.validation_prompts or prompts)
         self.flat_prompts, self.seeds = prompt_major(self.prompts, cfg.tracking.validation_seeds, cfg.seed)
         self.users, self.user_tokens = self._gallery_users()
-        self.reward = self._load_reward() if cfg.tracking.validation_reward else None
+        self.reward = load_validation_reward(cfg, accelerator, self.prompts) if reward is _NOT_LOADED else reward
         # Under FSDP sampling is collective (each block gathers its weights from every process): all sample
         self.samples_here = accelerator.is_main_process or is_fsdp(accelerator)
         self._base: Optional[Samples] = None
@@ -68,45 +73,6 @@ class Validator:
         users = [ids[i % len(ids)] for i in range(len(self.prompts))]
         k = self.cfg.tracking.validation_seeds
         return users, lookup.table.tokens([u for u in users for _ in range(k)], dtype=torch.float32)
-
-    def _load_reward(self):
-        """The validation reward on the main process only, which alone scores galleries, and on its device (a
-        reward's default device, cuda, is GPU 0 for every process). Its setup errors stop every process alike."""
-        from reward_models import get_reward
-        from reward_models.base import reward_accepts
-
-        name, reward, error = self.cfg.tracking.validation_reward, None, None
-        if self.accelerator.is_main_process:
-            try:
-                options = {"device": str(self.accelerator.device)} if reward_accepts(name, "device") else {}
-                reward = get_reward(name, **options)
-                self._check_reward_reads_prompts(reward)
-            except Exception as err:  # raised below, once the others know
-                error = err
-        told = describe(error)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            told = broadcast_object_list([told])[0]
-        if error is not None:
-            raise error
-        raise_told(told, "the main process could not load tracking.validation_reward")
-        return reward
-
-    def _check_reward_reads_prompts(self, reward) -> None:
-        """Fail at start-up if the validation reward cannot score the prompts (toy-judge reads only toy captions):
-        a config error now, instead of a traceback at the first gallery."""
-        from reward_models.base import PromptsRejected
-
-        try:
-            reward.check_prompts(self.prompts)
-        except PromptsRejected as err:
-            given = "tracking.validation_prompts" if self.cfg.tracking.validation_prompts else \
-                "the first training captions (tracking.validation_prompts is empty)"
-            raise ConfigError(
-                f"tracking.validation_reward = {self.cfg.tracking.validation_reward!r} cannot score the validation "
-                f"prompts, {given}: {err}. Set tracking.validation_prompts to prompts it reads, or choose another "
-                "tracking.validation_reward (null: no score under the images)") from None
 
     def _sampling_device(self) -> torch.device:
         return self.components.vae.device
@@ -182,3 +148,48 @@ class Validator:
             label = prompt if self.users[i] is None else f"{prompt} · user {self.users[i]}"
             rows.append({"prompt": label, "images": row_images, "captions": caps})
         return rows
+
+
+
+def load_validation_reward(cfg, accelerator, prompts: Sequence[str]):
+    """tracking.validation_reward (None when unset) on the main process only, which alone scores galleries, on its
+    device (a reward's default device, cuda, is GPU 0 for every process); None elsewhere. Checked against the
+    gallery prompts: a reward that cannot read them is a ConfigError now rather than a traceback at the first
+    gallery. Its setup errors stop every process alike (collective with several)."""
+    from reward_models import get_reward
+    from reward_models.base import reward_accepts
+
+    name, reward, error = cfg.tracking.validation_reward, None, None
+    if not name:
+        return None
+    if accelerator.is_main_process:
+        try:
+            options = {"device": str(accelerator.device)} if reward_accepts(name, "device") else {}
+            reward = get_reward(name, **options)
+            _check_reward_reads_prompts(cfg, reward, prompts)
+        except Exception as err:  # raised below, once the others know
+            error = err
+    told = describe(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        told = broadcast_object_list([told])[0]
+    if error is not None:
+        raise error
+    raise_told(told, "the main process could not load tracking.validation_reward")
+    return reward
+
+
+def _check_reward_reads_prompts(cfg, reward, prompts: Sequence[str]) -> None:
+    """toy-judge reads only toy captions: say which prompts it refuses and how to choose others."""
+    from reward_models.base import PromptsRejected
+
+    try:
+        reward.check_prompts(list(prompts))
+    except PromptsRejected as err:
+        given = "tracking.validation_prompts" if cfg.tracking.validation_prompts else \
+            "the first training captions (tracking.validation_prompts is empty)"
+        raise ConfigError(
+            f"tracking.validation_reward = {cfg.tracking.validation_reward!r} cannot score the validation "
+            f"prompts, {given}: {err}. Set tracking.validation_prompts to prompts it reads, or choose another "
+            "tracking.validation_reward (null: no score under the images)") from None

@@ -1,5 +1,6 @@
 """Loop correctness found in review (issue 10): train mode, checkpoint timelines, exact resume over corrupt data."""
 import json
+import time
 
 import pytest
 import torch
@@ -70,6 +71,57 @@ def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(tiny_mode
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.resume=latest"))  # resumes this run
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 1
+
+
+def test_a_relaunch_with_a_mistake_leaves_the_earlier_run_where_it_was(tiny_model, pairs, tmp_path, capsys):
+    """Settings found wrong while the run is built (LoRA targets, too few pairs, a validation reward that cannot
+    read the prompts) used to be found after the earlier run had been moved aside, so resume=latest then found
+    nothing. Now nothing moves until every setting has passed; resume=latest finding no checkpoint says so and
+    names the newest one set aside."""
+    from t2i_align.config import ConfigError
+    from t2i_align.errors import UserError
+
+    common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1", "train.log_every=1")
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    before = sorted(p.name for p in out.iterdir())
+    for mistake, error in ((["lora.target_modules=[nothing_like_this]"], UserError),
+                           (["train.batch_size=64"], ConfigError),
+                           (["tracking.validation_reward=toy-judge", "tracking.validation_prompts=[a cat]"],
+                            ConfigError)):
+        with pytest.raises(error):
+            train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", *mistake))
+        assert sorted(p.name for p in out.iterdir()) == before, mistake
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    capsys.readouterr()
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.checkpoint_every=0"))  # fresh
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.resume=latest"))  # finds none
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")][:1]
+    told = capsys.readouterr().out
+    assert f"(to continue that run instead: train.resume={aside}/step-3)" in told
+    assert "train.resume=latest: no complete checkpoint in" in told and "starts fresh" in told
+    assert f"the newest earlier checkpoint was set aside: train.resume={aside}/step-3" in told
+
+
+def test_a_resume_from_a_checkpoint_set_aside_keeps_both_runs(tiny_model, pairs, tmp_path):
+    """Resuming, in the same folder, from a checkpoint in previous-*/ (or another run's folder): the run there now
+    is set aside in turn, and the resumed run's metrics.jsonl continues the checkpoint's own. Before, it replaced
+    the current run's final/ and gallery/ and appended to its metrics.jsonl."""
+    common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1", "train.log_every=1")
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3"))
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "lora.rank=2"))  # sets the first aside
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    second = (out / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+    time.sleep(1)  # a second set-aside folder gets another name (it is named by the second)
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={aside / 'step-2'}"))
+    folders = sorted(p for p in out.iterdir() if p.name.startswith("previous-"))
+    assert len(folders) == 2 and (folders[1] / "final" / "pytorch_lora_weights.safetensors").read_bytes() == second
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == first[:2]
+    assert resumed[2]["loss"] == pytest.approx(first[2]["loss"], abs=1e-6)  # the same step 3 as the first run
 
 
 def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_path):

@@ -362,11 +362,12 @@ def test_sample_scripts_check_both_models_before_sampling_either(script, tmp_pat
 
 def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, monkeypatch):
     """They were found after load_components (a minute for SDXL, twice that with a frozen copy)."""
+    import t2i_align.build as build
     import t2i_align.loop as loop
     from t2i_align.config import ConfigError, load_config
     from test_loop import write_rendered_pairs
 
-    monkeypatch.setattr(loop, "load_components", _raise(AssertionError("loaded the model first")))
+    monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model first")))
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
     raft = ["objective.name=sft", "raft.enabled=true", "raft.prompts=toy:train"]
     for overrides, error, message in (

@@ -1,0 +1,110 @@
+"""What a run trains on, built before output_dir changes: the checks that need no model, then the model, its
+trainable parameters (LoRA, PPD's branch or every weight), the frozen reference copy, the data source and the
+prepared optimizer. Everything here can still fail on the user's settings; nothing here writes in output_dir."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import add_lora, frozen_reference, trainable_parameters
+from .config import Config, ConfigError
+from .data.sources import build_data_source
+from .engines import is_fsdp
+from .models import load_components, torch_dtype
+from .optim import effective_lr, make_lr_scheduler, make_optimizer
+
+
+def check_before_loading(cfg: Config, batch_kind: str) -> None:
+    """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
+    that is not there, a reward named that does not exist or takes other options."""
+    from reward_models.base import check_reward
+
+    from .data.sources import check_data_files, check_data_kind
+
+    check_data_kind(cfg, batch_kind)
+    check_data_files(cfg)
+    named = {"tracking.validation_reward": (cfg.tracking.validation_reward, {})}
+    if cfg.raft.enabled:
+        named["raft.reward"] = (cfg.raft.reward, cfg.raft.reward_options)
+    if cfg.objective.name == "reward_backprop":
+        named["reward_backprop.reward"] = (cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
+    for setting, (name, options) in named.items():
+        if name:
+            try:
+                check_reward(name, dict(options))
+            except ValueError as err:
+                raise ConfigError(f"{setting}: {err}") from None
+
+
+def _trainable(cfg: Config, components, needs_reference: bool):
+    """(trainable parameters, frozen reference copy or None). A full fine-tune trains every UNet weight against a
+    frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
+    added after the attention backend and before accelerate wraps the UNet) and the base is every adapter off."""
+    unet = components.unet
+    if cfg.full_finetune:
+        params, frozen = trainable_parameters(unet, cfg.lora), None
+        if needs_reference:
+            frozen = frozen_reference(unet, torch_dtype(cfg.model.weight_dtype))
+            if cfg.train.offload_reference:
+                frozen.to("cpu")
+        return params, frozen
+    if cfg.lora.enabled:
+        params = add_lora(unet, cfg.lora)  # freezes every other weight
+    else:
+        params = []
+        unet.requires_grad_(False)
+    if cfg.ppd.enabled:
+        from .users.training import add_ppd_branch
+
+        params += add_ppd_branch(components, cfg.ppd)
+    return params, None
+
+
+def _source(cfg: Config, components, accelerator, batch_kind: str):
+    """The batch source; with PPD, rows whose user is not in the user table are skipped and counted."""
+    source = build_data_source(cfg, components, accelerator, batch_kind)
+    if components.users is None:
+        return source
+    from .users.training import UserFilteredSource
+
+    return UserFilteredSource(source, components.users.table)
+
+
+@dataclass
+class Built:
+    """The model, its trainable parameters, the data and the prepared optimizer (`build`)."""
+
+    components: object
+    params: list
+    frozen: object
+    source: object
+    unet: torch.nn.Module
+    optimizer: object
+    lr_sched: object
+    raw_unet: torch.nn.Module
+
+
+def build(cfg: Config, accelerator, objective) -> Built:
+    """Everything that can still fail on the user's settings (model, adapters, data), before output_dir changes."""
+    from accelerate.utils import set_seed
+
+    # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
+    # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
+    set_seed(cfg.seed)
+    components = load_components(cfg.model, device=accelerator.device)
+    params, frozen = _trainable(cfg, components, objective.needs_reference)
+    source = _source(cfg, components, accelerator, objective.batch_kind)
+    # Different noise per process, reproducible per process, and the same whether a cache was just built or reused
+    set_seed(cfg.seed, device_specific=True)
+    optimizer = make_optimizer(params, cfg.train, effective_lr(cfg.train, accelerator.num_processes))
+    lr_sched = make_lr_scheduler(optimizer, cfg.train, accelerator.num_processes)
+    unet, optimizer, lr_sched = accelerator.prepare(components.unet, optimizer, lr_sched)
+    # The module itself, not torch.compile's wrapper (`_orig_mod`; accelerate keeps it, and only newer versions
+    # take keep_torch_compile=False): exports and the resume check then see the UNet's own parameter names.
+    raw_unet = accelerator.unwrap_model(unet)
+    raw_unet = getattr(raw_unet, "_orig_mod", raw_unet)
+    raw_unet.train()  # from_pretrained gives eval mode: LoRA dropout (and, on older diffusers, checkpointing) off
+    if is_fsdp(accelerator):  # fully_shard swapped every parameter for a sharded one (in the optimizer too)
+        params = [p for p in raw_unet.parameters() if p.requires_grad]
+    return Built(components, params, frozen, source, unet, optimizer, lr_sched, raw_unet)
