@@ -268,3 +268,31 @@ def test_dataset_pickles_for_spawned_workers(tmp_path):
     first = ds[1]  # opens the file and keeps a row group
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[1]["pixels_w"], first["pixels_w"]) and clone._handles
+
+
+def test_an_undecodable_pair_is_named_by_file_row_and_column(tmp_path, caplog):
+    """It said "undecodable image, skipped: cannot identify image file <_io.BytesIO object at 0x...>": not which
+    file or column, nor that a path stored where image bytes belong is the cause."""
+    path = write_pairs(tmp_path / "mine.parquet", [row(), row(label_0=0.0, jpg_0=b"GIF89 broken")])
+    data = PairDataset(path, resolution=8)
+    with caplog.at_level(logging.WARNING):
+        assert data[0] is not None and data[1] is None
+    (told,) = (r.getMessage() for r in caplog.records)
+    assert told == ("mine.parquet, pair 1 (row 1): jpg_0 does not decode, pair skipped: not an image format PIL "
+                    "reads (it starts b'GIF89 br')")  # label 0: jpg_1 won and decoded; jpg_0 is the loser
+    with pytest.raises(ValueError, match=r"holds text \('img/a.png'\), not image bytes: pair data keeps its images "
+                                         r"in the parquet \(python -m t2i_align.data pairs imports image files\)"):
+        decode_rgb("img/a.png")  # a column of file paths
+
+
+def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
+    from types import SimpleNamespace
+
+    from t2i_align.data.sources import report_rows
+
+    path = write_pairs(tmp_path / "p.parquet", [row(), row(label_0=0.5), row(label_0=float("nan")), row(caption=None)])
+    said = []
+    report_rows(SimpleNamespace(print=said.append), path, PairDataset(path, resolution=8).stats, cached=False)
+    assert said == [f"data {path}: rows=4, used=1, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
+                    "corrupt=0, no caption=1; undecodable images are skipped as training meets them "
+                    "(data_rows_skipped)"]

@@ -182,10 +182,11 @@ def build_caption_source(cfg: Any, components: Any, accelerator: Any):
     each process its share, resumable by skipping micro-batches; read and encoded every step, or with data.cache
     from latents and embeddings encoded once (cache.py)."""
     from .pairs import collate_pairs
-    from .sources import OfflineSource, cached_data
+    from .sources import OfflineSource, cached_data, report_rows
 
     dataset = load_captions(cfg.data, cfg.seed)
     if cfg.data.cache:
         dataset = cached_data(cfg, components, accelerator, dataset)
+    report_rows(accelerator, cfg.data.path, dataset.stats, cached=cfg.data.cache)
     return OfflineSource(dataset, collate_pairs, cfg.train.batch_size, cfg.seed, accelerator.process_index,
                          accelerator.num_processes, cfg.data.num_workers)

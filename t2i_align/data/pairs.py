@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import ConfigError
 
@@ -142,9 +142,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_rgb(data: Any) -> Image.Image:
     if isinstance(data, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
         data = data.get("bytes")
+    if isinstance(data, str):
+        raise ValueError(f"holds text ({data[:60]!r}), not image bytes: pair data keeps its images in the parquet "
+                         "(python -m t2i_align.data pairs imports image files)")
     if not data:
         raise ValueError("no image bytes")
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image format PIL reads (it starts {bytes(data[:8])!r})") from None
     image.load()
     return to_rgb(ImageOps.exif_transpose(image))
 
@@ -289,13 +295,18 @@ class PairDataset(torch.utils.data.Dataset):
     def decode(self, index: int, raw: Optional[Tuple[Any, Any]] = None
                ) -> Optional[Tuple[Image.Image, Image.Image]]:
         """(winner, loser) images of pair `index`, from `raw` = (jpg_0, jpg_1) if given, else read from the file."""
+        side = "jpg_0 and jpg_1"
         try:
             winner, loser = self.image_bytes(index) if raw is None else self.winner_loser(index, *raw)
-            return decode_rgb(winner), decode_rgb(loser)
+            side = "jpg_1" if self._swap[index] else "jpg_0"  # the winner's column
+            first = decode_rgb(winner)
+            side = "jpg_0" if self._swap[index] else "jpg_1"
+            return first, decode_rgb(loser)
         except DECODE_ERRORS as err:  # one bad row must not end a run mid-epoch
             self._warnings += 1
             log = logger.warning if self._warnings <= _MAX_WARNINGS else logger.debug
-            log("pair %d (row %d): undecodable image, skipped: %s", index, int(self.row_ids[index]), err)
+            log("%s, pair %d (row %d): %s does not decode, pair skipped: %s", self.files[int(self._file[index])].name,
+                index, int(self.row_ids[index]), side, err)
             return None
 
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:

@@ -154,10 +154,20 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     dataset = load_pairs(cfg.data, cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     if not cfg.data.cache:
+        report_rows(accelerator, cfg.data.path, dataset.stats, cached=False)
         return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                                    window=cfg.data.shuffle_window)
-    return OfflineSource(cached_data(cfg, components, accelerator, dataset), collate_cached, cfg.train.batch_size,
-                         cfg.seed, rank, world, cfg.data.num_workers)
+    cached = cached_data(cfg, components, accelerator, dataset)
+    report_rows(accelerator, cfg.data.path, cached.stats, cached=True)
+    return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers)
+
+
+def report_rows(accelerator, path, stats, cached: bool) -> None:
+    """Say at start what the data held and what was skipped (ties, labels, captions; with a cache, undecodable
+    images too, found when it was built); without a cache, undecodable images are met and counted in training
+    (data_rows_skipped in metrics.jsonl)."""
+    later = "" if cached else "; undecodable images are skipped as training meets them (data_rows_skipped)"
+    accelerator.print(f"data {path}{' (cached)' if cached else ''}: {stats.summary()}{later}")
 
 
 def cached_data(cfg, components, accelerator, dataset):
