@@ -52,6 +52,9 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = ())
     stderr and gives 2. Anything else propagates with its traceback: that is a bug for us to fix."""
     try:
         return main()
+    except BrokenPipeError:  # the reader of stdout went away (`t2i-score ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
     except user_error_types(also) as err:  # evaluated when an exception arrives, after main's imports
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

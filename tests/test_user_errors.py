@@ -382,3 +382,35 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
                           ["tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
         with pytest.raises(error, match=message):
             loop.train(cfg)
+
+
+def test_ctrl_c_says_where_to_resume(tmp_path, capsys, monkeypatch):
+    """A KeyboardInterrupt was a 100-line traceback; now one line with the newest checkpoint, exit code 130."""
+    import t2i_align.loop as loop
+    from t2i_align.config import load_config
+
+    script = _train_script()
+    cfg = load_config(None, [f"output_dir={tmp_path}", "train.checkpoint_every=5"])
+    assert script.where_to_resume(cfg) == "No checkpoint was written (train.checkpoint_every=5): a rerun starts fresh."
+    step = tmp_path / "checkpoints" / "step-10"
+    step.mkdir(parents=True)
+    (step / "t2i_align_checkpoint.json").write_text('{"step": 10}')
+    assert script.where_to_resume(cfg) == (f"The newest complete checkpoint is {step}: continue with "
+                                           "train.resume=latest and this output_dir.")
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert script.main([f"output_dir={tmp_path}"]) == 130
+    assert capsys.readouterr().err == f"\nstopped (Ctrl-C). The newest complete checkpoint is {step}: continue with " \
+                                      "train.resume=latest and this output_dir.\n"
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(monkeypatch):
+    """`t2i-score ... | head`: a BrokenPipeError traceback; now exit 1 without one."""
+    import os
+
+    def closed_pipe():
+        raise BrokenPipeError
+    monkeypatch.setattr(os, "dup2", lambda fd, fd2: None)  # pytest's captured stdout is no real descriptor to swap
+    assert run_cli(closed_pipe) == 1

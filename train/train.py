@@ -22,14 +22,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     from t2i_align.errors import run_cli
 
     def run() -> int:
+        from accelerate import PartialState
+
         from t2i_align.config import load_config
         from t2i_align.loop import train
 
         cfg = load_config(args.config, args.overrides)
-        print(f"final model: {train(cfg).final}")
+        try:
+            final = train(cfg).final
+        except KeyboardInterrupt:
+            if PartialState().is_main_process:
+                print(f"\nstopped (Ctrl-C). {where_to_resume(cfg)}", file=sys.stderr)
+            return 130
+        if PartialState().is_main_process:
+            print(f"final model: {final}")
         return 0
 
     return run_cli(run)
+
+
+def where_to_resume(cfg) -> str:
+    """After an interruption: the newest complete checkpoint and how to continue from it, or that there is none."""
+    from t2i_align.checkpoints import list_checkpoints
+
+    found = list_checkpoints(cfg.output_dir)
+    if not found:
+        return (f"No checkpoint was written (train.checkpoint_every={cfg.train.checkpoint_every}): a rerun starts "
+                "fresh.")
+    return f"The newest complete checkpoint is {found[-1][1]}: continue with train.resume=latest and this output_dir."
 
 
 if __name__ == "__main__":
