@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     p.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE", help="reward option")
     p.add_argument("--pairwise", action="store_true", help="parquet only: preference accuracy vs label_0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -292,7 +293,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() not in (".jsonl", ".csv") or args.batch_size < 1:
         raise UsageError(f"need --out *.jsonl or *.csv and --batch-size >= 1, got {args.out}, {args.batch_size}")
     metadata = args.prompts or (args.images / "metadata.jsonl" if args.images.is_dir() else args.images)
-    check_output_path(args.out, "--out", folder=False, inputs={"--images": args.images, "--prompts": metadata})
+    check_output_path(args.out, "--out", folder=False, inputs={"--images": args.images, "--prompts": metadata},
+                      replaces=[args.out], overwrite=args.overwrite)
     total, items = open_source(args.images, args.prompts, args.pairwise)
     rewards = load_rewards(names, options, args.device)
     with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:

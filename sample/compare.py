@@ -63,6 +63,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     add_user_args(p)
     p.add_argument("--base", default=None, help="base model folder (default: the same as --model)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     from reward_models.cli import UsageError
 
@@ -71,8 +72,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.out:
         from t2i_align.files import check_output_path
 
-        check_output_path(args.out, "--out", folder=False)
+        check_output_path(args.out, "--out", folder=False, replaces=[Path(args.out)], overwrite=args.overwrite)
     args.base = args.base or args.base_model or args.model
+    if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding) \
+            and not args.user:
+        print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "
+              "statistics (win rate 0.5); to judge a tuned model give its --lora, or --base the original",
+              file=sys.stderr)
     check_models([(args.model, args.lora, args.text_encoding), (args.base, args.base_lora, args.base_text_encoding)])
     if args.alpha is not None:
         raise UsageError("--alpha: compare runs one user at a time (each --user in turn); interpolate with "

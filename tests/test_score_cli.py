@@ -69,7 +69,7 @@ def test_metadata_jsonl_csv_output_and_rejected_prompts(tmp_path, capsys):
     assert rows[3]["error"].startswith("toy-judge: not a toy short caption")
 
     (folder / "metadata.jsonl").write_text(json.dumps({"file": "../prompts.txt", "prompt": ""}) + "\n")
-    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out)
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out, "--overwrite")
     assert code == 2 and "outside the image folder" in err
 
 
@@ -191,6 +191,7 @@ def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, caps
     ("prompts-with-a-parquet", "--prompts for image folders (a parquet has captions)"),
     ("out-not-jsonl-or-csv", "need --out *.jsonl or *.csv"),
     ("batch-size-0", "--batch-size >= 1"),
+    ("out-exists", "scores.jsonl exists and --out"),
     ("parquet-that-is-not-one", "fake.parquet: Parquet magic bytes not found"),
 ])
 def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
@@ -224,6 +225,10 @@ def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
         argv["out"] = tmp_path / "scores.txt"
     elif case == "batch-size-0":
         argv["extra"] = ["--batch-size", "0"]
+    elif case == "out-exists":
+        argv["out"] = tmp_path / "earlier" / "scores.jsonl"
+        argv["out"].parent.mkdir()
+        argv["out"].write_text("earlier scores\n")
     elif case == "parquet-that-is-not-one":
         argv["images"], argv["prompts"] = tmp_path / "fake.parquet", None
         argv["images"].write_bytes(b"not parquet")
@@ -231,4 +236,4 @@ def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
     code, _, err = _run(capsys, *command, *(["--prompts", argv["prompts"]] if argv["prompts"] else []))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and told in lines[0], err
-    assert not argv["out"].exists()
+    assert not argv["out"].exists() or argv["out"].read_text() == "earlier scores\n"

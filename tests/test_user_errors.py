@@ -338,6 +338,10 @@ def test_outputs_that_would_replace_earlier_work_or_an_input_are_refused(tmp_pat
     assert "is or holds --prompts" in capsys.readouterr().err
     assert (tmp_path / "run" / "gallery" / "index.html").read_text() == "the training run's gallery"
     assert (tmp_path / "run" / "pairs.parquet").read_text() == "earlier pairs"
+    (tmp_path / "compare.json").write_text("an earlier comparison")  # compare --out replaced it (session 17)
+    assert run_cli(lambda: _script("compare").main(["--out", str(tmp_path / "compare.json")])) == 2
+    assert "compare.json exists and --out" in capsys.readouterr().err
+    assert (tmp_path / "compare.json").read_text() == "an earlier comparison"
 
 
 @pytest.mark.parametrize("script", ["compare", "gallery"])
