@@ -99,6 +99,8 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
             rewards[name] = _REGISTRY[name](**opts)
         except ValueError as e:  # bad option values (unknown arch, dtype, version ...)
             raise UsageError(f"reward {name!r}: {e}") from e
+        except FileNotFoundError as e:  # its weights (WeightsNotFoundError): say how this command takes options
+            raise type(e)(f"{e} (t2i-score takes an option KEY=VALUE as --option {name}.KEY=VALUE)") from e
     return rewards
 
 

@@ -80,12 +80,12 @@ def check_rewards_read(rewards, prompts) -> None:
 
 
 def check_models(sides) -> None:
-    """Before sampling: every (model, lora, text encoding) to sample can be loaded as asked (a typo in the tuned
-    side's --lora was found after the base had been sampled)."""
+    """Before sampling: every side ({"tuned" or "base": (model, lora, text encoding)}) can be loaded as asked (a
+    typo in the tuned side's --lora was found after the base had been sampled)."""
     from t2i_align.sampling import check_weights
 
-    for model, lora, encoding in sides:
-        check_weights(model, lora, encoding)
+    for side, (model, lora, encoding) in sides.items():
+        check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model")
 
 
 def add_user_args(p: argparse.ArgumentParser) -> None:

@@ -64,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     models = {"tuned": (args.model, args.lora, args.text_encoding)}
     if not args.no_base:
         models = {"base": (args.base_model or args.model, args.base_lora, args.base_text_encoding), **models}
-    check_models(models.values())
+    check_models(models)
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
     tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
     sets = {name: sample_model(m, lora, prompts, settings, args.device, encoding)

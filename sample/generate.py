@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import add_model_args, add_sampling_args, add_user_args, run_cli, settings_from, user_choice_from
+from common import (add_model_args, add_sampling_args, add_user_args, check_models, run_cli, settings_from,
+                    user_choice_from)
 
 
 def _write(out: Path, samples, meta: dict) -> Path:
@@ -50,6 +51,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     inputs = {"--lora": args.lora, **({} if args.model == "toy" else {"--model": args.model})}
     check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
                       overwrite=args.overwrite)
+    check_models({"tuned": (args.model, args.lora, args.text_encoding)})  # named by their flags if wrong
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args)
     user = user_choice_from(args)

@@ -91,8 +91,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _pass_local(key: str = "model.pretrained") -> str:
-    what = "diffusers pipeline folder (the one holding model_index.json)" if key == "model.pretrained" else "folder"
-    return f"pass a local {what}: {key}=/path/to/folder"
+    pipeline = key in ("model.pretrained", "--model", "--base-model")
+    what = "diffusers pipeline folder (the one holding model_index.json)" if pipeline else "folder"
+    return f"pass a local {what}: {key}{' ' if key.startswith('--') else '='}/path/to/folder"
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -82,15 +82,16 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     return set_scheduler(pipe, scheduler).to(device)
 
 
-def check_weights(model: str | Path, lora: Optional[str | Path] = None,
-                  text_encoding: Optional[str] = None) -> Tuple[Path, TextEncodingConfig]:
+def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_encoding: Optional[str] = None,
+                  key: str = "model.pretrained") -> Tuple[Path, TextEncodingConfig]:
     """Before loading anything (scripts check every model they will sample first): the model folder, the LoRA path
     holding weights (or a PPD user branch), and an asked text encoding agreeing with the one recorded with them.
-    ModelLoadError naming what is wrong; else (model folder, text encoding to sample with)."""
+    ModelLoadError naming what is wrong (the model as `key`, a script's flag); else (model folder, text encoding to
+    sample with)."""
     from .models import ModelLoadError, resolve_pretrained
     from .users.inference import branch_file, has_lora_file
 
-    path = resolve_pretrained(str(model))
+    path = resolve_pretrained(str(model), key=key)
     if lora is not None:
         lora = Path(lora)
         if not lora.exists():
@@ -99,6 +100,16 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None,
         if lora.is_dir() and not has_lora_file(lora) and branch_file(lora) is None:
             raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "
                                  "run's final/ folder or the file itself)")
+        weights = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
+        if weights.is_file():
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(weights), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise ModelLoadError(f"LoRA weights {weights} are not a safetensors file ({err}): give "
+                                     "pytorch_lora_weights.safetensors or the folder holding it") from None
     return path, recorded_text_encoding(path, lora, text_encoding)
 
 

@@ -164,8 +164,9 @@ def test_prompts_that_are_not_utf8_and_a_lora_that_is_not_safetensors_are_user_e
     junk = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     junk.parent.mkdir()
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelLoadError, match="do not match the model"):
-        load_pipeline("toy", lora=str(junk))
+    for given in (junk, junk.parent):  # said "do not match the model" until session 17
+        with pytest.raises(ModelLoadError, match="pytorch_lora_weights.safetensors are not a safetensors file"):
+            load_pipeline("toy", lora=str(given))
 
 
 def test_toy_pairs_refuses_a_negative_prompt_count(tmp_path, capsys):
@@ -418,3 +419,33 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(monkeypatch):
         raise BrokenPipeError
     monkeypatch.setattr(os, "dup2", lambda fd, fd2: None)  # pytest's captured stdout is no real descriptor to swap
     assert run_cli(closed_pipe) == 1
+
+
+def test_messages_name_the_flag_or_setting_the_user_typed(tmp_path, capsys):
+    """Sample scripts named model.pretrained (a training key) for --model; a LoRA file that is not safetensors read
+    as "do not match the model"; output_dir under a file was a bare "Not a directory"; a reward's missing weights
+    said checkpoint=PATH without the --option form t2i-score takes."""
+    from types import SimpleNamespace
+
+    from reward_models.cli import main as score
+    from t2i_align.engines import check_shared_output
+    from t2i_align.models import ModelLoadError
+    from t2i_align.sampling import check_weights
+
+    with pytest.raises(ModelLoadError, match=r"--model='/no/such': no such folder; .*: --model /path/to/folder"):
+        check_weights("/no/such", key="--model")
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ModelLoadError, match=r"notes.txt are not a safetensors file \(.*\): give "
+                                             r"pytorch_lora_weights.safetensors"):
+        check_weights("toy", tmp_path / "notes.txt")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match=r"output_dir .*afile/run: .*afile is a file, not a folder; choose another"):
+        check_shared_output(SimpleNamespace(num_processes=1), tmp_path / "afile" / "run")
+    (tmp_path / "img").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "prompts.txt").write_text("a\n")
+    assert score(["--reward", "hpsv2", "--images", str(tmp_path / "img"), "--prompts", str(tmp_path / "prompts.txt"),
+                  "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "(t2i-score takes an option KEY=VALUE as --option hpsv2.KEY=VALUE)" in capsys.readouterr().err
