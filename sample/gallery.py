@@ -72,7 +72,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     scores = {name: score_samples(s, rewards) for name, s in sets.items()}
     k = settings.seeds_per_prompt
     columns = [f"{name} · seed {j}" for name in sets for j in range(k)]
-    path = tracker.log_gallery(gallery_rows(prompts, sets, scores, k), 0, columns, name="gallery")
+    title = " vs ".join(f"{name}: {m}" + (f" + {lora}" if lora else "") for name, (m, lora, _) in models.items())
+    path = tracker.log_gallery(gallery_rows(prompts, sets, scores, k), 0, columns, name="gallery", title=title)
     wandb_dir = tracker.wandb_run_dir
     tracker.finish()
     return {"gallery": str(path / "index.html"), "wandb_run_dir": str(wandb_dir) if wandb_dir else None,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .batches import BATCH_BUILDERS, make_denoiser
@@ -165,9 +166,28 @@ def _start_tracking(cfg: Config, out: Path) -> Tracker:
 
 
 def _claim_output(cfg: Config, out: Path, resume, log) -> None:
-    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config written there."""
+    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config written there; a resume
+    names the settings that differ from the checkpoint's run."""
     prepare_run_dir(out, resume, cfg.train.resume, log)
+    earlier = next((f / "config.yaml" for f in (resume.parent, resume.parent.parent) if (f / "config.yaml").is_file()),
+                   None) if resume is not None else None
+    if earlier is not None:
+        changed = _changed_settings(yaml.safe_load(earlier.read_text()) or {}, config_to_dict(cfg))
+        if changed:
+            log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
     save_config(cfg, out / "config.yaml")
+
+
+def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
+    """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        name, old, new = f"{prefix}{key}", before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_settings(old, new, f"{name}.")
+        elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
+            changed.append(f"{name}: {old!r} -> {new!r}")
+    return changed
 
 
 def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple:

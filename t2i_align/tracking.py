@@ -74,11 +74,12 @@ class Tracker:
             self._wandb.log(values, step=step)  # W&B charts NaN and inf as numbers: not the file's strings
 
     def log_gallery(self, rows: List[Dict], step: int, columns: Optional[Sequence[str]] = None,
-                    name: str = "gallery") -> Optional[Path]:
-        """Write `<output_dir>/<name>/index.html` (replacing the previous one whole) and log images + a table."""
+                    name: str = "gallery", title: Optional[str] = None) -> Optional[Path]:
+        """Write `<output_dir>/<name>/index.html` (replacing the previous one whole) and log images + a table.
+        `title`: the page's (default: "<name> at step <step>", a training run's)."""
         if not self.enabled:
             return None
-        path = write_gallery(self.output_dir / name, rows, title=f"{name} at step {step}", columns=columns)
+        path = write_gallery(self.output_dir / name, rows, title=title or f"{name} at step {step}", columns=columns)
         if self._wandb is not None:
             self._log_wandb_gallery(rows, step, columns, name)
         return path

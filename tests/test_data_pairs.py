@@ -290,9 +290,10 @@ def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
 
     from t2i_align.data.sources import report_rows
 
-    path = write_pairs(tmp_path / "p.parquet", [row(), row(label_0=0.5), row(label_0=float("nan")), row(caption=None)])
+    path = write_pairs(tmp_path / "p.parquet", [row(), row(label_0=0.5), row(label_0=float("nan")), row(caption=None),
+                                                row(caption=" ")])
     said = []
     report_rows(SimpleNamespace(print=said.append), path, PairDataset(path, resolution=8).stats, cached=False)
-    assert said == [f"data {path}: rows=4, used=1, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
-                    "corrupt=0, no caption=1; undecodable images are skipped as training meets them "
-                    "(data_rows_skipped)"]
+    assert said == [f"data {path}: rows=5, used=2, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
+                    "corrupt=0, no caption=1, empty caption=1; undecodable images are skipped as training meets "
+                    "them (data_rows_skipped)"]

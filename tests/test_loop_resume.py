@@ -92,9 +92,10 @@ def test_a_relaunch_with_a_mistake_leaves_the_earlier_run_where_it_was(tiny_mode
         with pytest.raises(error):
             train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", *mistake))
         assert sorted(p.name for p in out.iterdir()) == before, mistake
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     capsys.readouterr()
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", "objective.beta=50"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "settings that differ from the checkpoint's run" in capsys.readouterr().out  # beta 100 -> 50
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.checkpoint_every=0"))  # fresh
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.resume=latest"))  # finds none
     (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")][:1]
@@ -196,3 +197,14 @@ def test_lora_checkpoint_hooks_under_engines_that_save_the_model_themselves(tmp_
     (tmp_path / MARKER).write_text(json.dumps({"step": 7}))
     assert load_checkpoint(acc, tmp_path, model, trainable_only=True) == 7
     assert acc.loads == [(str(tmp_path), {})]  # no strict=: DeepSpeed's loader takes no such argument
+
+
+def test_the_settings_a_resume_changed_are_listed():
+    from t2i_align.loop import _changed_settings
+
+    before = {"output_dir": "a", "objective": {"name": "dpo", "beta": 5000.0}, "train": {"max_steps": 10,
+              "resume": None, "learning_rate": 1e-8}}
+    now = {"output_dir": "b", "objective": {"name": "sft", "beta": 5000.0}, "train": {"max_steps": 20,
+           "resume": "latest", "learning_rate": 2e-8}, "seed": 3}
+    assert _changed_settings(before, now) == ["objective.name: 'dpo' -> 'sft'", "seed: None -> 3",
+                                              "train.learning_rate: 1e-08 -> 2e-08"]

@@ -108,6 +108,7 @@ def test_gallery_writes_html_and_a_wandb_offline_run(prompts, tmp_path):
                                       "offline", *FAST])
     html = Path(result["gallery"]).read_text()
     assert "base · seed 1" in html and "toy-judge" in html
+    assert "<h1>base: toy vs tuned: toy</h1>" in html  # the models shown, not "gallery at step 0"
     media = list(Path(result["wandb_run_dir"]).glob("files/media/images/gallery/*.png"))
     assert media
 

@@ -49,6 +49,7 @@ class PairStats:
     invalid_labels: int = 0
     corrupt: int = 0
     no_caption: int = 0  # caption missing (None) or not text: skipped, not trained on unconditionally
+    empty_caption: int = 0  # "" (or blank): used, as an unconditional pair, and counted so that it is seen
 
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
@@ -230,6 +231,7 @@ class PairDataset(torch.utils.data.Dataset):
                     if swap is not None:
                         loc.append((fi, g, off, swap, self.stats.rows))
                         captions.append(caption)
+                        self.stats.empty_caption += not caption.strip()
                     self.stats.rows += 1
                     if self.max_pairs and len(captions) >= self.max_pairs:
                         return self._set_rows(loc, captions)
