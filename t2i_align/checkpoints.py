@@ -5,6 +5,7 @@ complete (a marker file is written last), so a kill at any moment leaves a compl
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -93,8 +94,7 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
         return None
     import time
 
-    aside = checkpoints_dir(output_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}"
-    aside.mkdir(parents=True)
+    aside = _new_folder(checkpoints_dir(output_dir), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
     for path in newer:
         path.rename(aside / path.name)
     snapshots = [path for s, path in snapshot_files(output_dir).items() if s > step]
@@ -104,6 +104,17 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     log(f"resumed at step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned run"
         + (f" and {len(snapshots)} SePPO reference snapshot(s)" if snapshots else "") + f" to {aside}")
     return aside
+
+
+def _new_folder(parent: Path, name: str) -> Path:
+    """parent/name made, or parent/name-2, -3 ... when a folder set aside in the same second has the name."""
+    for n in itertools.count(1):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
 
 
 PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors", "final",
@@ -124,8 +135,7 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional
         return None
     import time
 
-    aside = out / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(parents=True)
+    aside = _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     for path in old:
         path.rename(aside / path.name)
     steps = [int(m.group(1)) for m in (_STEP_DIR.match(p.name) for p in old) if m]

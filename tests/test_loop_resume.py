@@ -98,7 +98,7 @@ def test_a_relaunch_with_a_mistake_leaves_the_earlier_run_where_it_was(tiny_mode
     assert "settings that differ from the checkpoint's run" in capsys.readouterr().out  # beta 100 -> 50
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.checkpoint_every=0"))  # fresh
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.resume=latest"))  # finds none
-    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")][:1]
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-") and (p / "step-3").is_dir()]
     told = capsys.readouterr().out
     assert f"(to continue that run instead: train.resume={aside}/step-3)" in told
     assert "train.resume=latest: no complete checkpoint in" in told and "starts fresh" in told
@@ -208,3 +208,13 @@ def test_the_settings_a_resume_changed_are_listed():
            "resume": "latest", "learning_rate": 2e-8}, "seed": 3}
     assert _changed_settings(before, now) == ["objective.name: 'dpo' -> 'sft'", "seed: None -> 3",
                                               "train.learning_rate: 1e-08 -> 2e-08"]
+
+
+def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path):
+    """The folder is named by the second: a second set-aside within it stopped on FileExistsError."""
+    from t2i_align.checkpoints import set_aside_previous_run
+
+    for text in ("first", "second"):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        set_aside_previous_run(tmp_path, log=lambda message: None)
+    assert [(p / "metrics.jsonl").read_text() for p in sorted(tmp_path.iterdir())] == ["first", "second"]
