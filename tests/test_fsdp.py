@@ -178,6 +178,7 @@ def test_fsdp_reward_finetuning_with_checkpointed_sampling_takes_the_ddp_steps(t
     assert (tmp_path / "fsdp" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow  # 65-75 s: a method beyond DPO under FSDP, as RAFT, PPD and reward fine-tuning (-m slow)
 def test_fsdp_seppo_full_finetune_resumed_takes_the_ddp_steps_and_draws(tmp_path):
     """SePPO's full fine-tune sharded: each snapshot is the policy gathered from its shards (collective) and written
     by the main process; the drawn snapshot is loaded into the unsharded frozen copy (here kept in each process's
