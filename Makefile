@@ -38,7 +38,7 @@ toy-results: $(STAMP)
 	for run in toy-dpo-k8-600 toy-raft toy-online-dpo; do \
 		$(BIN)/python sample/compare.py --lora runs/$$run/final --seeds-per-prompt 8 --out runs/$$run/compare.json --overwrite \
 			|| exit 1; done
-	$(BIN)/python sample/compare.py --lora runs/toy-raft/final --seeds-per-prompt 8 --seed 100000 \
+	$(BIN)/python sample/compare.py --lora runs/toy-raft/final --seeds-per-prompt 8 --seed 100000 --overwrite \
 		--out runs/toy-raft/compare_seed100000.json
 
 clean-venv:

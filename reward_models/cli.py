@@ -41,7 +41,7 @@ from t2i_align.errors import UserError, run_cli
 from t2i_align.files import check_output_path
 from t2i_align.stats import wilson_interval
 
-from .base import _REGISTRY, Reward, available_rewards, check_options
+from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards, check_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -99,8 +99,9 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
             rewards[name] = _REGISTRY[name](**opts)
         except ValueError as e:  # bad option values (unknown arch, dtype, version ...)
             raise UsageError(f"reward {name!r}: {e}") from e
-        except FileNotFoundError as e:  # its weights (WeightsNotFoundError): say how this command takes options
-            raise type(e)(f"{e} (t2i-score takes an option KEY=VALUE as --option {name}.KEY=VALUE)") from e
+        except WeightsNotFoundError as e:  # say how this command takes the option naming them
+            raise WeightsNotFoundError(f"{e} (t2i-score takes an option KEY=VALUE as --option {name}.KEY=VALUE)"
+                                       ) from e
     return rewards
 
 

@@ -123,12 +123,12 @@ PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_
 four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
 
 
-def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional[Path]:
+def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = "") -> Optional[Path]:
     """A fresh start in an output_dir holding an earlier run's checkpoints or logs: move them into
     `previous-<time>/`, never deleting them, so that `resume=latest` cannot pick up the earlier run's checkpoints,
     SePPO does not take its snapshots, and metrics.jsonl holds one run (before, a rerun appended to it). final/,
     gallery/ and config.yaml go too: a rerun replaced them (as diffusers' training scripts do), losing the
-    earlier model."""
+    earlier model. `why`: what the log line says started it (default: a fresh start)."""
     out = Path(output_dir)
     old = [path for _, path in list_checkpoints(out)] + [out / name for name in PREVIOUS_RUN if (out / name).exists()]
     if not old:
@@ -139,17 +139,21 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print) -> Optional
     for path in old:
         path.rename(aside / path.name)
     steps = [int(m.group(1)) for m in (_STEP_DIR.match(p.name) for p in old) if m]
-    log(f"a fresh start in {out}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
+    log(f"{why or f'a fresh start in {out}'}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
         + (f" (to continue that run instead: train.resume={aside}/step-{max(steps)})" if steps else ""))
     return aside
+
+
+CARRIED = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors")
+"""What a resume from a checkpoint of another folder copies from that run beside its weights."""
 
 
 def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked: Optional[str], log=print) -> None:
     """Main process, once every setting has been checked: make `output_dir` hold this run alone. A fresh start
     sets an earlier run's files aside; so does a resume from a checkpoint of another folder (a `previous-*` one,
-    another run's), whose metrics.jsonl and raft_rounds.jsonl are then carried over (the resume drops what came
-    after its step, as for this folder's own). `asked`:
-    train.resume as given ("latest" finding no checkpoint is said, with where an earlier one went)."""
+    another run's), whose logs, SePPO snapshots and LongAlign direction (`CARRIED`) are then copied over (the
+    resume drops what came after its step, as for this folder's own). `asked`: train.resume as given ("latest"
+    finding no checkpoint is said, with where an earlier one went)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if resume is not None and resume.resolve().parent == checkpoints_dir(out).resolve():
@@ -157,18 +161,22 @@ def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked
     if asked == "latest":
         log(f"train.resume=latest: no complete checkpoint in {checkpoints_dir(out)}, so this run starts fresh"
             + _newest_aside_hint(out))
-    set_aside_previous_run(out, log)
-    for name in ("metrics.jsonl", "raft_rounds.jsonl") if resume is not None else ():
-        origin = next((f / name for f in (resume.parent, resume.parent.parent) if (f / name).is_file()), None)
-        if origin is not None:
+    outside = f"a resume from {resume}, outside {checkpoints_dir(out)}" if resume is not None else ""
+    set_aside_previous_run(out, log, why=outside)
+    for name in CARRIED if resume is not None else ():
+        # beside the checkpoint (a previous-* folder holds both) or in its run's folder (run/checkpoints/step-N)
+        origin = next((f / name for f in (resume.parent, resume.parent.parent) if (f / name).exists()), None)
+        if origin is not None and origin.is_dir():
+            shutil.copytree(origin, out / name)
+        elif origin is not None:
             shutil.copyfile(origin, out / name)
 
 
 def _newest_aside_hint(out: Path) -> str:
     """" (the newest set-aside checkpoint: train.resume=...)" or ""."""
-    found = [(int(m.group(1)), p) for p in out.glob("previous-*/step-*")
-             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
-    return f" (the newest earlier checkpoint was set aside: train.resume={max(found)[1]})" if found else ""
+    found = [(p.parent.name, int(m.group(1)), p) for p in out.glob("previous-*/step-*")
+             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]  # folders are named by time
+    return f" (the newest earlier checkpoint was set aside: train.resume={max(found)[2]})" if found else ""
 
 
 def save_only_trainable(accelerator) -> None:

@@ -52,9 +52,13 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = ())
     stderr and gives 2. Anything else propagates with its traceback: that is a bug for us to fix."""
     try:
         return main()
-    except BrokenPipeError:  # the reader of stdout went away (`t2i-score ... | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        return 1
+    except BrokenPipeError:
+        try:  # the output it failed to write is still buffered: flushing fails again if stdout is the broken pipe
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader of stdout went away (`t2i-score ... | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+            return 1
+        raise  # another pipe (a service's socket): a bug to see in full
     except user_error_types(also) as err:  # evaluated when an exception arrives, after main's imports
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

@@ -171,10 +171,13 @@ def _claim_output(cfg: Config, out: Path, resume, log) -> None:
     prepare_run_dir(out, resume, cfg.train.resume, log)
     earlier = next((f / "config.yaml" for f in (resume.parent, resume.parent.parent) if (f / "config.yaml").is_file()),
                    None) if resume is not None else None
-    if earlier is not None:
-        changed = _changed_settings(yaml.safe_load(earlier.read_text()) or {}, config_to_dict(cfg))
-        if changed:
-            log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
+    try:  # a note only: a config.yaml that does not read as one (another tool's file) must not stop the run
+        before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        before = None
+    changed = _changed_settings(before, config_to_dict(cfg)) if isinstance(before, dict) else []
+    if changed:
+        log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
     save_config(cfg, out / "config.yaml")
 
 

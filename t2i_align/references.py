@@ -127,17 +127,21 @@ class SnapshotPool(BaseReference):
 
     def __init__(self, unet, components, adapters: bool, frozen, *, snapshot_every: int, pool_size: int, draw: str,
                  seed: int, output_dir: Path, is_main: bool = True, share: Callable[[Any], Any] = lambda value: value,
-                 weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None, in_memory: bool = False):
+                 weights: Optional[Callable[[], Dict[str, torch.Tensor]]] = None, in_memory: bool = False,
+                 resume_from: Optional[Path] = None):
         """`share(value)`: the main process's `value` on every process (a collective, so also a barrier).
         `weights`: the policy's whole state dict, called on every process when a full fine-tune snapshot is
         taken (under FSDP a collective that gathers the shards onto the main process: `engines.full_weights`).
-        `in_memory`: keep full fine-tune snapshots in CPU RAM once read (seppo.snapshots_in_memory)."""
+        `in_memory`: keep full fine-tune snapshots in CPU RAM once read (seppo.snapshots_in_memory).
+        `resume_from`: the checkpoint named by train.resume, whose snapshots stay although it may lie outside
+        output_dir/checkpoints (copied here by checkpoints.prepare_run_dir)."""
         super().__init__(unet, components, adapters, frozen)
         self.weights, self.in_memory = weights or unet.state_dict, in_memory
         self.ram: Dict[int, Dict[str, torch.Tensor]] = {}  # full fine-tune: step -> weights read (in_memory)
         if draw not in DRAWS:
             raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
         self.snapshot_every, self.pool_size, self.draw, self.seed = snapshot_every, pool_size, draw, seed
+        self.resume_from = resume_from
         self.output_dir, self.is_main, self.share = Path(output_dir), is_main, share
         self.pool_dir = self.output_dir / POOL_DIR
         self.steps: List[int] = []          # the step each snapshot was taken at, oldest first
@@ -174,6 +178,9 @@ class SnapshotPool(BaseReference):
         for state in checkpoints.glob("abandoned-*/*/" + _STATE_FILE):
             until = int(state.parent.parent.name.rsplit("-", 1)[1])
             keep.update(s for s in map(int, json.loads(state.read_text())["steps"]) if s <= until)
+        resumed = self.resume_from / _STATE_FILE if self.resume_from is not None else None
+        if resumed is not None and resumed.is_file():
+            keep.update(int(s) for s in json.loads(resumed.read_text())["steps"])
         for step, path in snapshot_files(self.output_dir).items():
             if step not in keep:
                 path.unlink()

@@ -273,13 +273,14 @@ def test_dataset_pickles_for_spawned_workers(tmp_path):
 def test_an_undecodable_pair_is_named_by_file_row_and_column(tmp_path, caplog):
     """It said "undecodable image, skipped: cannot identify image file <_io.BytesIO object at 0x...>": not which
     file or column, nor that a path stored where image bytes belong is the cause."""
-    path = write_pairs(tmp_path / "mine.parquet", [row(), row(label_0=0.0, jpg_0=b"GIF89 broken")])
-    data = PairDataset(path, resolution=8)
+    write_pairs(tmp_path / "a.parquet", [row(), row()])  # a second file: the row is named within its own file
+    write_pairs(tmp_path / "mine.parquet", [row(), row(), row(label_0=0.0, jpg_0=b"GIF89 broken")], row_group_size=2)
+    data = PairDataset(tmp_path, resolution=8)
     with caplog.at_level(logging.WARNING):
-        assert data[0] is not None and data[1] is None
+        assert data[4] is None and data[3] is not None
     (told,) = (r.getMessage() for r in caplog.records)
-    assert told == ("mine.parquet, pair 1 (row 1): jpg_0 does not decode, pair skipped: not an image format PIL "
-                    "reads (it starts b'GIF89 br')")  # label 0: jpg_1 won and decoded; jpg_0 is the loser
+    assert told == ("mine.parquet, row group 1, row 0 of it (pair 4): jpg_0 does not decode, pair skipped: not an "
+                    "image format PIL reads (it starts b'GIF89 br')")  # label 0: jpg_1 won and decoded first
     with pytest.raises(ValueError, match=r"holds text \('img/a.png'\), not image bytes: pair data keeps its images "
                                          r"in the parquet \(python -m t2i_align.data pairs imports image files\)"):
         decode_rgb("img/a.png")  # a column of file paths

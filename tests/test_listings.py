@@ -99,7 +99,7 @@ def test_a_csv_listing_and_an_image_root(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("case, told", [
     ("no-listing", "--from {d}/nothing.jsonl: no such file"),
-    ("not-jsonl-or-csv", "--from {d}/pairs.txt: expected a .jsonl or .csv listing of pairs"),
+    ("not-jsonl-or-csv", "--from {d}/pairs.txt: expected a .jsonl or .csv listing"),
     ("no-usable-row", "no usable row in {d}/pairs.jsonl (skipped: {{'missing_image': 1}}); each row needs caption "
                       "or prompt, and image_w + image_l or image_0 + image_1 + label_0"),
     ("earlier-pairs", "{d}/pairs.parquet exists and --out {d} would replace it: choose another --out or pass "
@@ -161,3 +161,26 @@ def test_a_caption_listing_becomes_image_caption_data(folder, capsys):
     assert data.captions == ["a red square. It is large.", "a blue square"]
     blue = data[1]["pixels"]
     assert blue[2].min() == 1.0 and blue[0].max() == -1.0
+
+
+def test_excel_csv_big_ids_and_links_out_of_the_root(folder, tmp_path, capsys):
+    """A byte-order mark (Excel's UTF-8 CSV) hid the header's first name, so every row lacked its caption; a user id
+    past 2**53 lost digits through float, past 2**63 crashed the writer; a symlink inside the root that points out
+    of it is outside."""
+    (folder / "images" / "link.png").symlink_to(tmp_path / "outside.png")
+    listing = folder / "pairs.csv"
+    rows = [("prompt", "image_w", "image_l", "user_id"), ("big id", "images/red.png", "images/blue.png", 2**53 + 1),
+            ("too big", "images/red.png", "images/blue.png", 2**63), ("linked", "images/link.png", "images/blue.png",
+                                                                       "")]
+    listing.write_text("\ufeff" + "".join(",".join(map(str, r)) + "\n" for r in rows), encoding="utf-8")
+    code, counts, err = run(capsys, "--from", listing, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert counts["pairs"] == 1 and counts["skipped"] == {"bad_user_id": 1, "outside_root": 1}
+    (row,) = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
+    assert (row["caption"], row["user_id"]) == ("big id", 2**53 + 1)
+
+
+def test_an_earlier_summary_is_kept_without_overwrite(folder, capsys):
+    (folder / "pairs.json").write_text("my notes")
+    code, _, err = run(capsys, "--from", write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]]), "--out", folder)
+    assert code == 2 and "pairs.json exists and --out" in err and (folder / "pairs.json").read_text() == "my notes"

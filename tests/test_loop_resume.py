@@ -116,7 +116,6 @@ def test_a_resume_from_a_checkpoint_set_aside_keeps_both_runs(tiny_model, pairs,
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "lora.rank=2"))  # sets the first aside
     (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
     second = (out / "final" / "pytorch_lora_weights.safetensors").read_bytes()
-    time.sleep(1)  # a second set-aside folder gets another name (it is named by the second)
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={aside / 'step-2'}"))
     folders = sorted(p for p in out.iterdir() if p.name.startswith("previous-"))
     assert len(folders) == 2 and (folders[1] / "final" / "pytorch_lora_weights.safetensors").read_bytes() == second
@@ -210,9 +209,11 @@ def test_the_settings_a_resume_changed_are_listed():
                                               "train.learning_rate: 1e-08 -> 2e-08"]
 
 
-def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path):
+def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path, monkeypatch):
     """The folder is named by the second: a second set-aside within it stopped on FileExistsError."""
     from t2i_align.checkpoints import set_aside_previous_run
+
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261201-120000")  # the same second, whatever the clock
 
     for text in ("first", "second"):
         (tmp_path / "metrics.jsonl").write_text(text)

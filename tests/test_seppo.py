@@ -271,6 +271,22 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
     assert _losses(part)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)
 
 
+def test_seppo_full_finetune_resumes_from_a_checkpoint_set_aside(tiny_model, pairs, tmp_path):
+    """The set-aside log says `train.resume=<output_dir>/previous-*/step-N` continues the earlier run; for a full
+    fine-tune that needs the earlier run's snapshots, which went aside with it: the resume copies them back (it
+    stopped on "reference snapshots ... are missing")."""
+    full, out = tmp_path / "full", tmp_path / "run"
+    train(_cfg(tiny_model, pairs, full, *SEPPO, "lora.enabled=false", "train.max_steps=4"))
+    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=2"))
+    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=1",
+               "train.checkpoint_every=0"))  # a fresh start: the first run goes aside
+    (aside,) = out.glob("previous-*")
+    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=4",
+               f"train.resume={aside / 'step-2'}"))
+    assert _losses(out) == pytest.approx(_losses(full), abs=1e-6)  # steps 1-2 carried over, 3-4 taken again
+    assert len(list(out.glob("previous-*"))) == 2  # the one-step run went aside in turn
+
+
 def test_flipper_agreement_counts_by_hand():
     import numpy as np
 

@@ -9,6 +9,7 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -31,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             final = train(cfg).final
         except KeyboardInterrupt:
-            if PartialState().is_main_process:
+            if os.environ.get("RANK", "0") == "0":  # the launcher's main process (no collective in a handler)
                 print(f"\nstopped (Ctrl-C). {where_to_resume(cfg)}", file=sys.stderr)
             return 130
         if PartialState().is_main_process:

@@ -48,7 +48,8 @@ def _import(args) -> int:
         raise UserError(f"--image-root {args.image_root}: no such folder")
     if args.row_group_size < 1:
         raise UserError(f"--row-group-size must be >= 1, got {args.row_group_size}")
-    check_output_path(out, "--out", folder=True, replaces=[out / f"{args.command}.parquet"], overwrite=args.overwrite)
+    earlier = [out / f"{args.command}.{ext}" for ext in ("parquet", "json")]
+    check_output_path(out, "--out", folder=True, replaces=earlier, overwrite=args.overwrite)
     counts = import_listing(args.command, listing, out, args.image_root and Path(args.image_root),
                             args.row_group_size, log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(counts, indent=2))

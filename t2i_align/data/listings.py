@@ -13,7 +13,7 @@ The image bytes are copied as they are (no re-encoding); the parquet is written 
 from __future__ import annotations
 
 import csv
-import itertools
+import io
 import json
 import logging
 import math
@@ -39,6 +39,7 @@ PICKAPIC_SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), (
 PICKAPIC_COLUMNS = tuple(PICKAPIC_SCHEMA.names)
 CAPTION_SCHEMA = pa.schema([("caption", pa.string()), ("jpg", pa.binary())])
 _NAMED = 5  # skipped rows named one by one; the rest only counted
+_GROUP_BYTES = 256 * 2**20  # a row group is written early once its images hold this much (large PNGs)
 
 
 class SkippedRow(ValueError):
@@ -58,7 +59,7 @@ def write_rows_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_siz
     rows, written = iter(rows), 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
-            while group := list(itertools.islice(rows, row_group_size)):
+            for group in _groups(rows, row_group_size):
                 writer.write_table(pa.Table.from_pylist(group, schema=schema))
                 written += len(group)
         os.replace(tmp, path)
@@ -68,12 +69,32 @@ def write_rows_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_siz
     return written
 
 
+def _groups(rows: Iterator[Dict[str, Any]], size: Optional[int]) -> Iterator[list]:
+    """Rows in lists of `size` (None: one list), a list cut early once its image bytes pass _GROUP_BYTES."""
+    group, held = [], 0
+    for row in rows:
+        group.append(row)
+        held += sum(len(v) for v in row.values() if isinstance(v, bytes))
+        if len(group) == size or held > _GROUP_BYTES:
+            yield group
+            group, held = [], 0
+    if group:
+        yield group
+
+
 def read_listing(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(line number, row) of a .jsonl or .csv listing; a JSONL line that is not an object is a skipped row."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
-        raise UserError(f"--from {path}: expected a .jsonl or .csv listing of pairs")
-    with open(path, newline="", encoding="utf-8") as handle:
+        raise UserError(f"--from {path}: expected a .jsonl or .csv listing")
+    try:
+        yield from _listing_rows(path, suffix)
+    except (UnicodeDecodeError, csv.Error) as err:  # the listing itself, not one row, cannot be read on
+        raise UserError(f"--from {path}: cannot be read as {suffix[1:].upper()} (UTF-8) text: {err}") from None
+
+
+def _listing_rows(path: Path, suffix: str) -> Iterator[Tuple[int, Any]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel's CSV) dropped
         if suffix == ".csv":
             yield from enumerate(csv.DictReader(handle), start=2)  # line 1 is the header
             return
@@ -110,14 +131,19 @@ def _label(row: Dict[str, Any]) -> Tuple[str, str, float]:
 
 def _image_bytes(root: Path, name: Any) -> bytes:
     """The file's bytes, once it resolves inside `root` and decodes."""
-    real = (root / str(name)).resolve()
-    if not real.is_relative_to(root):
-        raise SkippedRow("outside_root", f"image {name!r} resolves to {real}, outside the image root {root}")
-    if not real.is_file():
-        raise SkippedRow("missing_image", f"image {name!r}: no such file under {root}")
-    data = real.read_bytes()
     try:
-        with Image.open(real) as image:
+        real = (root / str(name)).resolve()
+        if not real.is_relative_to(root):
+            raise SkippedRow("outside_root", f"image {name!r} resolves to {real}, outside the image root {root}")
+        if not real.is_file():
+            raise SkippedRow("missing_image", f"image {name!r}: no such file under {root}")
+        data = real.read_bytes()
+    except (OSError, ValueError, RuntimeError) as err:  # unreadable, a NUL in the name, a symlink loop ...
+        if isinstance(err, SkippedRow):
+            raise
+        raise SkippedRow("unreadable_image", f"image {name!r} cannot be read ({err})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
     except DECODE_ERRORS as err:
         raise SkippedRow("undecodable_image", f"image {name!r} does not decode ({err})") from err
@@ -129,11 +155,14 @@ def _user_id(row: Dict[str, Any]) -> Optional[int]:
     if raw in (None, ""):
         return None
     try:
-        if isinstance(raw, bool) or float(raw) != int(float(raw)):
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise ValueError
-        return int(float(raw))
+        value = int(raw)  # a str must spell an integer: "12", not "12.0" or "1e3"
+        if not -2**63 <= value < 2**63:
+            raise OverflowError
+        return value
     except (TypeError, ValueError, OverflowError):
-        raise SkippedRow("bad_user_id", f"user_id {raw!r} is not an integer") from None
+        raise SkippedRow("bad_user_id", f"user_id {raw!r} is not an integer of at most 64 bits") from None
 
 
 def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:

@@ -307,8 +307,9 @@ class PairDataset(torch.utils.data.Dataset):
         except DECODE_ERRORS as err:  # one bad row must not end a run mid-epoch
             self._warnings += 1
             log = logger.warning if self._warnings <= _MAX_WARNINGS else logger.debug
-            log("%s, pair %d (row %d): %s does not decode, pair skipped: %s", self.files[int(self._file[index])].name,
-                index, int(self.row_ids[index]), side, err)
+            log("%s, row group %d, row %d of it (pair %d): %s does not decode, pair skipped: %s",
+                self.files[int(self._file[index])].name, int(self._groupidx[index]), int(self._offset[index]), index,
+                side, err)
             return None
 
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:

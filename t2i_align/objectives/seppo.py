@@ -23,6 +23,7 @@ reviews, every choice the paper leaves open being a `seppo.*` setting:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
@@ -105,7 +106,9 @@ class SePPO(Objective):
                                  output_dir=ctx.cfg.output_dir, is_main=ctx.accelerator.is_main_process,
                                  share=lambda value: broadcast_object_list([value])[0],
                                  weights=lambda: full_weights(ctx.accelerator, ctx.unet),
-                                 in_memory=sc.snapshots_in_memory)
+                                 in_memory=sc.snapshots_in_memory,
+                                 resume_from=None if ctx.cfg.train.resume in (None, "latest") else
+                                 Path(ctx.cfg.train.resume))
         return self.pool
 
     @torch.no_grad()
