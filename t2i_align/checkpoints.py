@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -226,7 +227,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     reference pool) into the folder on the main process before it is marked complete. Keep-last-K removes only
     checkpoints older than this one."""
     if not all_finite(params):
-        accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written")
+        accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written", file=sys.stderr)
         return None
     from .engines import on_every, on_main
 

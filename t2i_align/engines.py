@@ -46,6 +46,11 @@ def deepspeed_logs_to_stderr() -> None:
         import deepspeed  # noqa: F401
 
 
+def say(accelerator, message: str) -> None:
+    """A note for the user from the main process, on stderr: stdout is a command's result (the demo's JSON)."""
+    accelerator.print(message, file=sys.stderr)
+
+
 def check_launcher_precision(cfg) -> None:
     """Before the Accelerator: the run config's train.mixed_precision decides the precision (the config's checks
     read it: half-precision frozen parts, model.weight_dtype, need it to match), and accelerate silently prefers it

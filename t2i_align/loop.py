@@ -26,7 +26,7 @@ from .checkpoints import (export_final, load_checkpoint, prepare_run_dir, read_m
                           resume_raw_batches, save_checkpoint, save_only_trainable, set_aside_newer)
 from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
-                      deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, whole_unet)
+                      deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
 from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
@@ -130,7 +130,7 @@ def train(cfg: Config) -> TrainResult:
     tracker = tracker or Tracker(out, enabled=False)
     # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
     # direction look for theirs) and this run's config written
-    on_main(accelerator, lambda: _claim_output(cfg, out, resume, accelerator.print),
+    on_main(accelerator, lambda: _claim_output(cfg, out, resume, lambda message: say(accelerator, message)),
             "the main process could not set the earlier run's files aside")
     ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)
     objective.setup(ctx)
@@ -205,10 +205,10 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple
     # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
     on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
              f"another process could not restore the run's state from {resume}")
-    on_main(accelerator, lambda: set_aside_newer(out, start, accelerator.print),
+    on_main(accelerator, lambda: set_aside_newer(out, start, lambda message: say(accelerator, message)),
             "the main process could not set the abandoned run's checkpoints aside")
     on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
-    accelerator.print(f"resumed from {resume} at step {start}")
+    say(accelerator, f"resumed from {resume} at step {start}")
     return start, raw_start
 
 

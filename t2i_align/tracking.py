@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -61,7 +62,8 @@ class Tracker:
 
         torn = keep_jsonl(self.metrics_path, lambda record: record.get("step", 0) <= step)
         if torn:
-            print(f"{self.metrics_path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)")
+            print(f"{self.metrics_path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)",
+                  file=sys.stderr)
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:

@@ -177,8 +177,11 @@ def test_several_processes_need_an_output_dir_they_all_see(tmp_path, monkeypatch
 
 
 def test_an_output_dir_the_main_process_cannot_write_stops_every_process(tmp_path, monkeypatch):
-    """The main process failing to create output_dir (here under a file; unwritable alike) raises there, and the
-    other processes, told its error with the probe's token, stop too instead of waiting for the main process."""
+    """The main process failing to create output_dir (unwritable; a full disk alike) raises there, and the other
+    processes, told its error with the probe's token, stop too instead of waiting for the main process. (A path
+    under a file is refused before, by every process itself.)"""
+    import pathlib
+
     import accelerate.utils
 
     from t2i_align.engines import check_shared_output
@@ -187,12 +190,19 @@ def test_an_output_dir_the_main_process_cannot_write_stops_every_process(tmp_pat
     def process(main):
         return type("P", (), {"num_processes": 2, "is_main_process": main, "wait_for_everyone": lambda self: None})()
     (tmp_path / "file").write_text("")
-    out, told = tmp_path / "file" / "run", []
+    with pytest.raises(UserError, match=r"output_dir .*file/run: .*file is a file, not a folder"):
+        check_shared_output(process(False), tmp_path / "file" / "run")
+
+    def unwritable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(pathlib.Path, "mkdir", unwritable)
+    out, told = tmp_path / "locked" / "run", []
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: told.extend(objects) or objects)
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(PermissionError):
         check_shared_output(process(True), out)
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: told)  # what the main one sent
-    with pytest.raises(UserError, match=r"the main process could not write in output_dir .*file/run: Not a directory"):
+    with pytest.raises(UserError, match=r"the main process could not write in output_dir .*locked/run: "
+                                        r"Permission denied"):
         check_shared_output(process(False), out)
 
 

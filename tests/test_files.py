@@ -74,7 +74,7 @@ def test_a_resume_keeps_the_metrics_up_to_its_step_despite_a_torn_line(tmp_path,
         f.write('{"step": 4, "lo')
     tracker.truncate_after(2)
     assert [line[:10] for line in tracker.metrics_path.read_text().splitlines()] == ['{"step": 1', '{"step": 2']
-    assert "dropped 1 line(s) that were not JSON" in capsys.readouterr().out
+    assert "dropped 1 line(s) that were not JSON" in capsys.readouterr().err
 
 
 def test_metrics_keep_non_finite_values_visible_and_tensors_as_numbers(tmp_path):

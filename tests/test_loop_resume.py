@@ -95,11 +95,11 @@ def test_a_relaunch_with_a_mistake_leaves_the_earlier_run_where_it_was(tiny_mode
     capsys.readouterr()
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", "objective.beta=50"))
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert "settings that differ from the checkpoint's run" in capsys.readouterr().out  # beta 100 -> 50
+    assert "settings that differ from the checkpoint's run" in capsys.readouterr().err  # beta 100 -> 50
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.checkpoint_every=0"))  # fresh
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.resume=latest"))  # finds none
     (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-") and (p / "step-3").is_dir()]
-    told = capsys.readouterr().out
+    told = capsys.readouterr().err
     assert f"(to continue that run instead: train.resume={aside}/step-3)" in told
     assert "train.resume=latest: no complete checkpoint in" in told and "starts fresh" in told
     assert f"the newest earlier checkpoint was set aside: train.resume={aside}/step-3" in told

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -207,7 +208,8 @@ class OnlineSource:
             return
         torn = keep_jsonl(path, lambda record: record.get("round", first) < first)
         if torn:
-            self.acc.print(f"{path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)")
+            self.acc.print(f"{path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)",
+                           file=sys.stderr)
 
     @torch.no_grad()
     def _generate_and_score(self, rnd: int, prompt_ids: List[int], slots: List[int]):

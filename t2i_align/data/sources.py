@@ -8,6 +8,7 @@ order: `OfflineSource` takes the permutation seeded by (seed, e) and process r e
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -167,7 +168,7 @@ def report_rows(accelerator, path, stats, cached: bool) -> None:
     images too, found when it was built); without a cache, undecodable images are met and counted in training
     (data_rows_skipped in metrics.jsonl)."""
     later = "" if cached else "; undecodable images are skipped as training meets them (data_rows_skipped)"
-    accelerator.print(f"data {path}{' (cached)' if cached else ''}: {stats.summary()}{later}")
+    accelerator.print(f"data {path}{' (cached)' if cached else ''}: {stats.summary()}{later}", file=sys.stderr)
 
 
 def cached_data(cfg, components, accelerator, dataset):
