@@ -245,7 +245,7 @@ def test_uncached_config_streams_and_cached_config_keys_the_vae_override_and_tex
 
     model, vae = fake_model(tmp_path / "model"), fake_model(tmp_path / "vae")
     accelerator = SimpleNamespace(process_index=0, num_processes=1, device="cpu", main_process_first=nullcontext,
-                                  print=lambda *args: None)
+                                  print=lambda *args, **kwargs: None)
     common = [f"data.path={pairs_path}", "data.resolution=16", "train.batch_size=2", f"output_dir={tmp_path / 'run'}",
               f"model.pretrained={model}"]
     assert isinstance(sources.build_data_source(load_config(None, common), None, accelerator), StreamingPairSource)

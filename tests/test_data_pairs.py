@@ -1,6 +1,7 @@
 """Pick-a-Pic-format pair loading: ties, swaps, decoding, SDXL sizes/crops, flips, seeding, corrupt rows, paths."""
 import io
 import logging
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -294,7 +295,8 @@ def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
     path = write_pairs(tmp_path / "p.parquet", [row(), row(label_0=0.5), row(label_0=float("nan")), row(caption=None),
                                                 row(caption=" ")])
     said = []
-    report_rows(SimpleNamespace(print=said.append), path, PairDataset(path, resolution=8).stats, cached=False)
-    assert said == [f"data {path}: rows=5, used=2, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
-                    "corrupt=0, no caption=1, empty caption=1; undecodable images are skipped as training meets "
-                    "them (data_rows_skipped)"]
+    told = SimpleNamespace(print=lambda message, file=None: said.append((message, file)))
+    report_rows(told, path, PairDataset(path, resolution=8).stats, cached=False)
+    assert said == [(f"data {path}: rows=5, used=2, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
+                     "corrupt=0, no caption=1, empty caption=1; undecodable images are skipped as training meets "
+                     "them (data_rows_skipped)", sys.stderr)]
