@@ -53,8 +53,8 @@ class SkippedRow(ValueError):
 def write_rows_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_size: Optional[int] = None,
                         schema: pa.Schema = PICKAPIC_SCHEMA) -> int:
     """Rows (dicts of the schema's columns, Pick-a-Pic's by default) to `path` through a temporary file renamed when
-    complete, so a reader never sees half a file. Row groups of `row_group_size` rows, written as they fill (None:
-    all rows in one, held in memory). Returns how many rows were written."""
+    complete, so a reader never sees half a file. Row groups of `row_group_size` rows (None: no count), written as
+    they fill, each cut early once its images pass 256 MB. Returns how many rows were written."""
     tmp = path.with_name(path.name + ".tmp")
     rows, written = iter(rows), 0
     try:
