@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -226,10 +225,11 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     `marker` adds entries to the marker JSON (written last); `save_extra(folder)` writes more state (e.g. a
     reference pool) into the folder on the main process before it is marked complete. Keep-last-K removes only
     checkpoints older than this one."""
+    from .engines import on_every, on_main, say
+
     if not all_finite(params):
-        accelerator.print(f"step {step}: non-finite weights, checkpoint NOT written", file=sys.stderr)
+        say(accelerator, f"step {step}: non-finite weights, checkpoint NOT written")
         return None
-    from .engines import on_every, on_main
 
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"

@@ -128,9 +128,9 @@ def check_shared_output(accelerator, out: Path) -> None:
     (found by reading; tests run on one host)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: give a folder (it is created if missing)")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"output_dir {out}: {above} is a file, not a folder; choose another output_dir")
+    from .files import check_output_path
+
+    check_output_path(out, "output_dir", folder=True)  # a file among its parents
     if accelerator.num_processes == 1:
         return
     from accelerate.utils import broadcast_object_list, gather_object

@@ -7,6 +7,7 @@ checkpoints every `checkpoint_every`; `final/` is exported at the end. The loop 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -130,7 +131,7 @@ def train(cfg: Config) -> TrainResult:
     tracker = tracker or Tracker(out, enabled=False)
     # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
     # direction look for theirs) and this run's config written
-    on_main(accelerator, lambda: _claim_output(cfg, out, resume, lambda message: say(accelerator, message)),
+    on_main(accelerator, lambda: _claim_output(cfg, out, resume, functools.partial(say, accelerator)),
             "the main process could not set the earlier run's files aside")
     ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)
     objective.setup(ctx)
@@ -205,7 +206,7 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple
     # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
     on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
              f"another process could not restore the run's state from {resume}")
-    on_main(accelerator, lambda: set_aside_newer(out, start, lambda message: say(accelerator, message)),
+    on_main(accelerator, lambda: set_aside_newer(out, start, functools.partial(say, accelerator)),
             "the main process could not set the abandoned run's checkpoints aside")
     on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
     say(accelerator, f"resumed from {resume} at step {start}")

@@ -171,16 +171,18 @@ class SnapshotPool(BaseReference):
         """Main process: delete full-model snapshot files that neither the pool nor any saved checkpoint lists. A
         checkpoint set aside by checkpoints.set_aside_newer (abandoned-...-from-step-N/) keeps its snapshots up to
         step N here; its later ones went aside with it, and the files of those names here are this run's."""
+        def listed(state: Path) -> List[int]:
+            return [int(s) for s in json.loads(state.read_text())["steps"]]
         keep = set(self.steps)
         checkpoints = self.output_dir / "checkpoints"
         for state in checkpoints.glob("*/" + _STATE_FILE):
-            keep.update(int(s) for s in json.loads(state.read_text())["steps"])
+            keep.update(listed(state))
         for state in checkpoints.glob("abandoned-*/*/" + _STATE_FILE):
             until = int(state.parent.parent.name.rsplit("-", 1)[1])
-            keep.update(s for s in map(int, json.loads(state.read_text())["steps"]) if s <= until)
+            keep.update(s for s in listed(state) if s <= until)
         resumed = self.resume_from / _STATE_FILE if self.resume_from is not None else None
         if resumed is not None and resumed.is_file():
-            keep.update(int(s) for s in json.loads(resumed.read_text())["steps"])
+            keep.update(listed(resumed))
         for step, path in snapshot_files(self.output_dir).items():
             if step not in keep:
                 path.unlink()

@@ -150,7 +150,6 @@ class Validator:
         return rows
 
 
-
 def load_validation_reward(cfg, accelerator, prompts: Sequence[str]):
     """tracking.validation_reward (None when unset) on the main process only, which alone scores galleries, on its
     device (a reward's default device, cuda, is GPU 0 for every process); None elsewhere. Checked against the

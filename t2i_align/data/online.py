@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..engines import autocast, is_fsdp, on_every, on_main
+from ..engines import autocast, is_fsdp, on_every, on_main, say
 from ..files import keep_jsonl
 from ..prompts import read_prompts
 from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
@@ -208,8 +207,7 @@ class OnlineSource:
             return
         torn = keep_jsonl(path, lambda record: record.get("round", first) < first)
         if torn:
-            self.acc.print(f"{path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)",
-                           file=sys.stderr)
+            say(self.acc, f"{path}: dropped {torn} line(s) that were not JSON (written as the run stopped?)")
 
     @torch.no_grad()
     def _generate_and_score(self, rnd: int, prompt_ids: List[int], slots: List[int]):

@@ -8,7 +8,6 @@ order: `OfflineSource` takes the permutation seeded by (seed, e) and process r e
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -16,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..config import ConfigError
+from ..engines import say
 from .cache import build_or_load_cache, collate_cached
 from .cache_build import Team
 from .cache_key import components_key_parts
@@ -168,7 +168,7 @@ def report_rows(accelerator, path, stats, cached: bool) -> None:
     images too, found when it was built); without a cache, undecodable images are met and counted in training
     (data_rows_skipped in metrics.jsonl)."""
     later = "" if cached else "; undecodable images are skipped as training meets them (data_rows_skipped)"
-    accelerator.print(f"data {path}{' (cached)' if cached else ''}: {stats.summary()}{later}", file=sys.stderr)
+    say(accelerator, f"data {path}{' (cached)' if cached else ''}: {stats.summary()}{later}")
 
 
 def cached_data(cfg, components, accelerator, dataset):
