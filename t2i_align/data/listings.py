@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
@@ -25,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import write_json_atomic
@@ -202,7 +204,9 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
     ties: Counter = Counter()
 
     def rows() -> Iterator[Dict[str, Any]]:
-        for number, row in read_listing(listing):
+        # every image is read and decoded: minutes for a large listing (no bar when stderr is not a terminal)
+        for number, row in tqdm(read_listing(listing), desc=f"import {kind}", unit="row", file=sys.stderr,
+                                disable=None):
             try:
                 made = make_row(row, root, number)
             except SkippedRow as why:
