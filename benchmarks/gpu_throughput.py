@@ -8,7 +8,8 @@ gradient accumulation 1, a log line every step. The rows, in the order they run:
 
   sd15-lora   512 px, LoRA r8: micro-batch 1, 4, 8, 16, 32
   sd15-lever  512 px, LoRA r8, micro-batch --lever-batch (8): the baseline, then ONE change each:
-              model.channels_last, train.optimizer=adamw_fused, frozen parts fp32, model.attention=sdpa-flash /
+              model.channels_last, train.optimizer=adamw_fused, frozen parts fp32, the LoRA's base UNet in bf16
+              (model.cast_base_unet), model.attention=sdpa-flash /
               sdpa-efficient / sdpa-cudnn / sdpa-math, gradient checkpointing, train.compile (inductor; last, as
               its first steps compile for minutes; --warmup must cover them, or the median shows compile time)
   sd15-full   512 px, full fine-tuning (bf16 reference copy): micro-batch 1, 4, 8
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_TFLOPS = 989.4
 LEVERS = [("baseline", []), ("channels_last", ["model.channels_last=true"]),  # compile last: minutes to compile
           ("adamw_fused", ["train.optimizer=adamw_fused"]), ("frozen fp32", ["model.weight_dtype=fp32"]),
+          ("base unet bf16", ["train.mixed_precision=bf16", "model.weight_dtype=bf16", "model.cast_base_unet=true"]),
           ("sdpa-flash", ["model.attention=sdpa-flash"]), ("sdpa-efficient", ["model.attention=sdpa-efficient"]),
           ("sdpa-cudnn", ["model.attention=sdpa-cudnn"]), ("sdpa-math", ["model.attention=sdpa-math"]),
           ("grad ckpt", ["model.gradient_checkpointing=true"]), ("compile", ["train.compile=true"])]

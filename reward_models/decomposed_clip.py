@@ -52,7 +52,10 @@ NO_DIRECTION = ("decomposed-clip has no common direction v: pass direction=FILE 
 
 def split_sentences(text: str) -> List[str]:
     """Sentences ending in . ! ? or ; followed by whitespace (LongAlign's regex, fixed as the reference advises:
-    the released one misses plain ! and ; and splits decimals). No sentence -> the whole text, even if empty."""
+    the released one misses plain ! and ; and splits decimals). No sentence -> the whole text, even if empty.
+    Each keeps its own mark. Not the segment encoder's rule (`t2i_align.conditioning.segments.caption_segments`:
+    also splits "cat.Dog", and ends every piece in ".", as the official code scores them too): the two agree on
+    captions of whitespace-separated sentences ending in ".", such as the toy world's long captions."""
     parts = [p.strip() for p in re.split(r"(?<=[.!?;])\s+", text.strip())]
     return [p for p in parts if p] or [text]
 

@@ -66,3 +66,23 @@ def adapters_off(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         if lora:
             unet.enable_adapters()
+
+
+@contextmanager
+def visiting(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """`module` moved to `device` for the block and back home afterwards (also on an error).
+
+    The offloaded reference (`train.offload_reference`) lives on the CPU between uses: each reference call
+    (`references`) and the gallery's base column, which a diffusers pipeline samples on its accelerator device
+    where the VAE and text encoders are, bring it over. Only the device changes: the copy is already in the weight
+    dtype, the dtype of the text encoders whose embeddings it receives.
+    """
+    home = next(module.parameters()).device
+    if home == torch.device(device):
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .conditioning.text import PromptEmbeds, encode_prompts, sdxl_time_ids
+from .diffusion import scale_latents
 from .models import Components, vae_precision
 from .objectives.base import Denoiser, ImageBatch, PairBatch, PromptBatch
 
@@ -20,7 +21,7 @@ def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
     vae = components.vae
     with vae_precision(vae):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
-    return (latents * vae.config.scaling_factor).float()
+    return scale_latents(vae, latents).float()
 
 
 def _time_ids(components: Components, raw: Dict, side: str, resolution: int) -> Optional[torch.Tensor]:

@@ -58,6 +58,11 @@ def _trainable(cfg: Config, components, needs_reference: bool):
         from .users.training import add_ppd_branch
 
         params += add_ppd_branch(components, cfg.ppd)
+    if cfg.model.cast_base_unet:
+        dtype = torch_dtype(cfg.model.weight_dtype)
+        for param in unet.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
     return params, None
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -300,23 +301,54 @@ def _save_adapters(pipeline, unet, folder: Path) -> None:
 
         # peft key names as they are: diffusers' convert_state_dict_to_diffusers rewrites only attention keys to
         # the old lora.up/down names, and a file mixing both formats silently loses the attention adapters.
-        layers = get_peft_model_state_dict(unet)
+        layers = _alpha_folded(get_peft_model_state_dict(unet), unet.peft_config["default"])
         type(pipeline).save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     if has_user_branch(unet):
         save_user_branch(folder, unet)
 
 
+def _alpha_folded(layers: dict, config) -> dict:
+    """The LoRA scale alpha / rank multiplied into every lora_B: a file without alpha loads at alpha = rank in
+    diffusers (unless it carries diffusers' own metadata) and in other tools, so a run with lora.alpha != rank
+    would sample at another strength than it trained with. The folded file gives the trained output anywhere.
+    (`adapters.add_lora` sets one alpha and rank for every layer, no rsLoRA.)"""
+    scale = config.lora_alpha / config.r
+    if scale == 1:
+        return layers
+    return {key: value * scale if ".lora_B." in key else value for key, value in layers.items()}
+
+
 def save_full_pipeline(pipeline, unet, folder: Path) -> None:
-    """save_pretrained; a user branch leaves the UNet for it (diffusers would write it into unet/ with an
-    ip_image_proj config that a plain load cannot rebuild) and comes back from its own file afterwards."""
+    """save_pretrained with every component in float32 (`_all_float32`); a user branch leaves the UNet for it
+    (diffusers would write it into unet/ with an ip_image_proj config that a plain load cannot rebuild) and comes
+    back from its own file afterwards."""
     from .conditioning.users import has_user_branch, load_user_branch, remove_user_branch, save_user_branch
 
-    if not has_user_branch(unet):
-        pipeline.save_pretrained(str(folder), safe_serialization=True)
-        return
-    branch = save_user_branch(folder, unet)
-    remove_user_branch(unet)
+    with _all_float32(pipeline):
+        if not has_user_branch(unet):
+            pipeline.save_pretrained(str(folder), safe_serialization=True)
+            return
+        branch = save_user_branch(folder, unet)
+        remove_user_branch(unet)
+        try:
+            pipeline.save_pretrained(str(folder), safe_serialization=True)
+        finally:
+            load_user_branch(unet, branch.parent, branch.name)
+
+
+@contextmanager
+def _all_float32(pipeline):
+    """The frozen parts (text encoders, VAE) cast to float32 while saving, then back: they train in
+    model.weight_dtype beside an fp32 UNet, and transformers 5 loads each part in its saved dtype, so a folder of
+    mixed dtypes fails in a plain `from_pretrained(final)(prompt)` with "mat1 and mat2 must have the same dtype".
+    fp16/bf16 -> fp32 -> back is exact."""
+    modules = {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
+    cast = {name: p.dtype for name, m in modules.items() for p in itertools.islice(m.parameters(), 1)
+            if p.dtype != torch.float32}
+    for name in cast:
+        pipeline.components[name].to(torch.float32)
     try:
-        pipeline.save_pretrained(str(folder), safe_serialization=True)
+        yield
     finally:
-        load_user_branch(unet, branch.parent, branch.name)
+        for name, dtype in cast.items():
+            pipeline.components[name].to(dtype)

@@ -92,3 +92,15 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the UNet's latent space: (z - shift) · scaling_factor (no shift for SD1.5 / SDXL)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The UNet's latents -> what the VAE decodes, the inverse of `scale_latents`."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return latents / vae.config.scaling_factor + shift

@@ -180,6 +180,9 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
         raise UserError("torch.compile (train.compile or accelerate launch --dynamo_backend) is not supported under "
                         "FSDP: accelerate shards the compiled wrapper, and the loop's direct calls of the UNet "
                         "(reference, gallery, export) would bypass the root's weight gathering. Leave compile off")
+    if cfg.model.cast_base_unet:
+        raise UserError("model.cast_base_unet is not supported under FSDP (it shards the UNet's fp32 adapters and "
+                        "half-precision base together, and FSDP2 wants one dtype): leave it off")
     processes = accelerator.num_processes
     if cfg.raft.enabled and cfg.raft.prompts_per_round % processes:
         raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "

@@ -104,7 +104,8 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
 
 
-def _read_index(path: Path) -> dict:
+def read_index(path: Path) -> dict:
+    """model_index.json of pipeline folder `path`; ModelLoadError when missing or damaged."""
     index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(
@@ -119,7 +120,7 @@ def _read_index(path: Path) -> dict:
 
 def detect_family(path: Union[str, Path]) -> FamilySpec:
     """The family whose pipeline class is model_index.json's `_class_name`."""
-    class_name = _read_index(Path(path)).get("_class_name")
+    class_name = read_index(Path(path)).get("_class_name")
     for spec in FAMILIES.values():
         if class_name in spec.pipeline_classes:
             return spec
@@ -182,13 +183,36 @@ def resolve_pretrained(
     path = Path(pretrained).expanduser()
     if path.is_dir():
         if pipeline:
-            _read_index(path)
+            read_index(path)
         return path
     if path.exists():
         raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}")
     if not _HUB_ID.match(pretrained):
         raise ModelLoadError(f"{key}={pretrained!r}: no such folder; {_pass_local(key)}")
     return _download(pretrained, revision, variant, pipeline, key)
+
+
+_VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)(?:\.(?:safetensors|bin)\.index)?\.([\w-]+)\."
+                           r"(?:safetensors|bin|json)$")
+_PLAIN_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+                         r"(?:\.index\.json)?$")
+
+
+def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str]:
+    """The weight variant to load from pipeline folder `path`: `requested` (model.variant) if given; else None
+    when unet/ holds plain weights; else the one variant it holds (a folder saved with variant="fp16" only, where
+    a plain load failed with "no file named model.safetensors ... in <the pipeline folder>")."""
+    unet = Path(path) / "unet"
+    if requested or not unet.is_dir():
+        return requested
+    names = [f.name for f in unet.iterdir()]
+    if any(_PLAIN_FILE.match(n) for n in names):
+        return None
+    found = sorted({m.group(1) for m in map(_VARIANT_FILE.match, names) if m})
+    if len(found) > 1:
+        raise ModelLoadError(f"{unet} holds only variant weights, of several variants ({', '.join(found)}): choose "
+                             f"one with model.variant (load_pipeline's variant= for sampling), e.g. {found[0]}")
+    return found[0] if found else None
 
 
 @dataclass
@@ -239,7 +263,8 @@ def _freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module.requires_grad_(False).eval().to(dtype=dtype)
 
 
-def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype: torch.dtype):
+def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype: torch.dtype,
+              variant: Optional[str]):
     """The pipeline's VAE, or cfg.vae (a VAE folder, or a pipeline folder with vae/, or a hub id) instead."""
     from diffusers import AutoencoderKL
 
@@ -254,7 +279,7 @@ def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype
     if cfg.vae:
         vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, torch_dtype=dtype)
     else:
-        vae = _load_part(path, index, "vae", variant=cfg.variant, dtype=dtype)
+        vae = _load_part(path, index, "vae", variant=variant, dtype=dtype)
     return vae.requires_grad_(False).eval()
 
 
@@ -276,13 +301,13 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     from diffusers import DDPMScheduler
 
     path = resolve_pretrained(cfg.pretrained, cfg.revision, cfg.variant)
-    index = _read_index(path)
+    index, variant = read_index(path), weights_variant(path, cfg.variant)
     spec = detect_family(path) if cfg.family == "auto" else _explicit_family(cfg.family, path)
     dtype = torch_dtype(cfg.weight_dtype)
     tokenizers = [_load_part(path, index, tok) for tok, _ in spec.text_components]
-    encoders = [_freeze(_load_part(path, index, enc, variant=cfg.variant), dtype) for _, enc in spec.text_components]
-    vae = _load_vae(cfg, path, index, spec, dtype)
-    unet = _load_part(path, index, "unet", variant=cfg.variant, dtype=torch.float32)
+    encoders = [_freeze(_load_part(path, index, enc, variant=variant), dtype) for _, enc in spec.text_components]
+    vae = _load_vae(cfg, path, index, spec, dtype, variant)
+    unet = _load_part(path, index, "unet", variant=variant, dtype=torch.float32)
     set_attention_backend(unet, cfg.attention)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -349,7 +374,7 @@ def build_pipeline(components: Components, unet: Optional[torch.nn.Module] = Non
     import diffusers
 
     parts = {"vae": components.vae, "unet": unet if unet is not None else components.unet}
-    parts["scheduler"] = scheduler or _load_part(components.path, _read_index(components.path), "scheduler")
+    parts["scheduler"] = scheduler or _load_part(components.path, read_index(components.path), "scheduler")
     for (tok_name, enc_name), tok, enc in zip(
         components.spec.text_components, components.tokenizers, components.text_encoders
     ):

@@ -27,7 +27,7 @@ import torch
 from .batches import make_denoiser, unet_kwargs
 from .errors import describe, raise_told
 from .files import plain_modes
-from .adapters import adapters_off
+from .adapters import adapters_off, visiting
 from .objectives.base import Denoiser
 
 DRAWS = ("random", "initial", "latest")
@@ -97,14 +97,10 @@ def _frozen_denoiser(frozen, components) -> Denoiser:
 
     @torch.no_grad()
     def reference(noisy, t, embeds, time_ids=None):
-        home = next(frozen.parameters()).device
-        if home != noisy.device:
-            frozen.to(noisy.device)
-        out = inner(noisy.to(dtype), t, embeds.to(noisy.device, dtype),
-                    None if time_ids is None else time_ids.to(noisy.device, dtype)).float()
-        if home != noisy.device:
-            frozen.to(home)
-        return out
+        with visiting(frozen, noisy.device):  # back on the CPU afterwards, also after an out-of-memory error
+            # time ids stay float32: bf16 rounds sizes like 1023 to 1024 (the policy sees them exact)
+            return inner(noisy.to(dtype), t, embeds.to(noisy.device, dtype),
+                         None if time_ids is None else time_ids.to(noisy.device, torch.float32)).float()
 
     return reference
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from t2i_align.conditioning.text import PromptEmbeds
+from t2i_align.diffusion import unscale_latents
 from t2i_align.models import vae_precision
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds, Optional[torch.Tensor]], torch.Tensor]
@@ -205,11 +206,7 @@ def decode(vae, latents: torch.Tensor, *, grad: bool, checkpoint: bool = False) 
     that rewards take), with gradients to `latents` when `grad`. The clamp matches diffusers' postprocessing
     and LongAlign's `(dec*0.5+0.5).clamp(0,1)`. `checkpoint` recomputes the decoder in backward (memory for
     time: the decoder runs at full image resolution, so its activations can rival a UNet step's)."""
-    scaled = latents / vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift:  # SD3 / Flux VAEs; SD1.5 and SDXL have none
-        scaled = scaled + shift
-    scaled = scaled.to(vae.dtype)
+    scaled = unscale_latents(vae, latents).to(vae.dtype)
 
     def run(z):
         with vae_precision(vae):

@@ -20,6 +20,7 @@ import torch
 
 from .conditioning.text import PromptEmbeds, encode_prompts, read_text_encoding
 from .config.sections import TextEncodingConfig
+from .diffusion import unscale_latents
 from .models import vae_precision
 
 if TYPE_CHECKING:
@@ -52,9 +53,13 @@ def set_scheduler(pipe, name: Optional[str]):
 
 
 def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
-                  scheduler: Optional[str] = None, text_encoding: Optional[str] = None):
+                  scheduler: Optional[str] = None, text_encoding: Optional[str] = None, dtype: str = "fp32",
+                  variant: Optional[str] = None):
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
     a PPD user branch (user_branch.safetensors in the LoRA folder or the model folder) is loaded as well.
+    Every part in `dtype` ("fp32", "fp16", "bf16": one dtype, whatever each part was saved in); weights of
+    `variant`, else of the one variant a folder without plain weights holds (`models.weights_variant`); no
+    safety checker (we sample latents and decode them ourselves; a folder may leave it out).
 
     It samples (`generate`) in the text encoding recorded with the weights (`read_text_encoding`: the LoRA's
     folder first, then the model folder), else in `text_encoding` ("clip77" / "segments"), else in clip77. An
@@ -63,12 +68,13 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """
     from diffusers import DiffusionPipeline
 
-    from .models import ModelLoadError
+    from .models import ModelLoadError, torch_dtype, weights_variant
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path, encoding = check_weights(model, lora, text_encoding)
     lora = None if lora is None else Path(lora)
-    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype(dtype),
+                                             variant=weights_variant(path, variant), **_no_safety_checker(path))
     attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:
@@ -78,8 +84,21 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
-    pipeline_components(pipe, encoding)
+    spec = pipeline_components(pipe, encoding).spec
+    if spec.vae_fp32 and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (black images), as in training (models._load_vae)
     return set_scheduler(pipe, scheduler).to(device)
+
+
+def _no_safety_checker(path: Path) -> dict:
+    """from_pretrained's arguments that leave out the safety checker of a folder whose model_index.json lists one
+    (SD1.5's: 1.2 GB loaded for nothing, and a folder that left it out would not load)."""
+    from .models import read_index
+
+    index = read_index(path)
+    if "safety_checker" not in index:
+        return {}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_encoding: Optional[str] = None,
@@ -176,11 +195,14 @@ def prompt_major(prompts: Sequence, per_prompt: int, base_seed: int = 0) -> Tupl
     return flat, [s for row in seeds_for(len(prompts), per_prompt, base_seed) for s in row]
 
 
-def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    vae = pipe.vae
-    with vae_precision(vae):
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+def _decode(pipe, latents: torch.Tensor, slice_size: int = 4) -> torch.Tensor:
+    """[0, 1] images, `slice_size` latents per VAE call: the decoder works at full resolution, and a 32-image
+    chunk of SDXL at 1024 px in one call needs tens of GB for its activations."""
+    vae, images = pipe.vae, []
+    for part in latents.split(slice_size):
+        with vae_precision(vae):
+            images.append(vae.decode(unscale_latents(vae, part).to(vae.dtype)).sample.float())
+    return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -228,6 +250,21 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
         if progress is not None:
             progress(len(lat))
     return Samples(torch.cat(latents), torch.cat(images), list(prompts), [int(s) for s in seeds])
+
+
+def zeros_for_empty_prompt(components: "Components") -> bool:
+    """Whether the family's pipeline guides against zeros rather than the encoding of "" when there is no
+    negative prompt (SDXL's `force_zeros_for_empty_prompt`): model_index.json's value, else the class default."""
+    import inspect
+
+    import diffusers
+
+    from .models import read_index
+
+    default = inspect.signature(getattr(diffusers, components.spec.sampling_pipeline)).parameters.get(
+        "force_zeros_for_empty_prompt")
+    return bool(read_index(components.path).get("force_zeros_for_empty_prompt",
+                                                 default is not None and default.default))
 
 
 def prompt_embeds_kwargs(pipe, components: "Components", prompts: List[str],

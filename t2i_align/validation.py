@@ -8,40 +8,20 @@ them instead of the original model.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import ConfigError
-from .engines import half_precision_autocast, is_fsdp
+from .engines import autocast, is_fsdp
 from .errors import describe, raise_told
-from .adapters import adapters_off
+from .adapters import adapters_off, visiting
 from .models import build_pipeline
 from .sampling import Samples, generate, prompt_major
 
 
 _NOT_LOADED = object()  # Validator's reward argument when the caller did not load it
-
-
-@contextmanager
-def visiting(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """`module` moved to `device` for the block and back home afterwards (also on an error).
-
-    The offloaded reference (`train.offload_reference`) lives on the CPU between uses, but a diffusers pipeline
-    puts its latents on its accelerator device, where the VAE and text encoders are, so sampling from the
-    reference where it rests fails. Only the device changes: the copy is already in the weight dtype, the dtype
-    of the text encoders whose embeddings it receives.
-    """
-    home = next(module.parameters()).device
-    if home == torch.device(device):
-        yield module
-        return
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
 
 
 class Validator:
@@ -99,7 +79,9 @@ class Validator:
         was_training = unet.training
         unet.eval()
         try:
-            with half_precision_autocast(self.accelerator) or nullcontext():
+            # the run's autocast, as in training, rather than only accelerate's wrapper on the prepared UNet's
+            # forward (the fp32 UNet beside fp16 text encoders fails without one)
+            with autocast(self.accelerator):
                 return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
                                 guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens,
                                 retry_oom=not is_fsdp(self.accelerator))

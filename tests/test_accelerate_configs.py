@@ -50,6 +50,8 @@ def test_a_launcher_asking_for_another_precision_is_refused(tmp_path, monkeypatc
     (2, ["train.compile=true"], "torch.compile .* is not supported under FSDP"),
     (2, ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train", "raft.prompts_per_round=3"],
      r"prompts_per_round \(3\) must divide evenly over the 2 processes"),
+    (2, ["lora.enabled=true", "model.cast_base_unet=true", "model.weight_dtype=bf16", "train.mixed_precision=bf16"],
+     "model.cast_base_unet is not supported under FSDP"),
 ])
 def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monkeypatch, version, overrides, message):
     """FSDP1, and what does not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.

@@ -312,3 +312,14 @@ def test_an_optimizer_over_no_parameters_is_refused():
 
     with pytest.raises(ConfigError, match="no trainable parameters: check lora.enabled"):
         make_optimizer([], load_config(None, []).train, lr=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [["model.cast_base_unet=true"],
+                                       ["model.cast_base_unet=true", "lora.enabled=true"],
+                                       ["model.cast_base_unet=true", "model.weight_dtype=bf16",
+                                        "train.mixed_precision=bf16", "lora.enabled=false"]])
+def test_casting_the_base_unet_needs_adapters_and_a_half_precision_weight_dtype(overrides):
+    with pytest.raises(ConfigError, match=r"^model.cast_base_unet = True.*adapters.*weight_dtype is fp16 or bf16"):
+        load_config(None, overrides)
+    assert load_config(None, ["model.cast_base_unet=true", "lora.enabled=true", "model.weight_dtype=bf16",
+                              "train.mixed_precision=bf16"]).model.cast_base_unet

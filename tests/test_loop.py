@@ -82,6 +82,23 @@ def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_mode
     assert torch.allclose(loaded, trained, atol=1e-6)
 
 
+def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path):
+    """model.cast_base_unet: the frozen base in bf16 beside fp32 adapters under bf16 autocast; the export is the
+    adapters alone, which reload onto the plain fp32 base."""
+    from diffusers import StableDiffusionPipeline
+
+    result = train(_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", "train.max_steps=2",
+                        "lora.init=default", "train.mixed_precision=bf16", "model.weight_dtype=bf16",
+                        "model.cast_base_unet=true", "train.log_every=1"))
+    dtypes = {(p.requires_grad, p.dtype) for p in result.unet.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 2 and all(np.isfinite(losses)) and abs(losses[0] - np.log(2)) < 1e-3
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    pipe.load_lora_weights(str(result.final))
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+
+
 def test_the_official_sdxl_full_recipe_settings_train(tiny_model, pairs, tmp_path):
     """configs/sdxl/dpo_full.yaml's optimizer settings on the tiny model: Adafactor at a fixed LR with its own
     update clipping (no parameter scaling, no relative step), no external clipping, the reference kept on the CPU

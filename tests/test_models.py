@@ -11,6 +11,7 @@ import torch
 from t2i_align import adapters, models
 from t2i_align.conditioning.text import encode_prompts, sdxl_time_ids, unet_added_cond_kwargs
 from t2i_align.config import LoraConfig, ModelConfig
+from t2i_align.diffusion import scale_latents, unscale_latents
 from t2i_align.models import ModelLoadError
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401 (autouse fixture)
@@ -195,24 +196,24 @@ def test_lora_defaults_and_errors(sd15_dir):
     assert len(adapters.trainable_parameters(fresh.unet, LoraConfig(enabled=False))) == len(every)
 
 
-def test_lora_weights_round_trip_through_diffusers(sd15_dir, tmp_path):
-    """The adapter added by add_lora saves and loads with diffusers' own LoRA API."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+@pytest.mark.parametrize("family,alpha", [("sd15", None), ("sd15", 16.0), ("sdxl", 1.0)])
+def test_lora_export_loads_in_plain_diffusers_at_the_trained_scale(family, alpha, sd15_dir, sdxl_dir, tmp_path):
+    """The run's LoRA export (`export_final`) loads with diffusers' own load_lora_weights and gives the trained
+    UNet's output, also when lora.alpha != rank: diffusers reloads a file without alpha metadata at alpha = rank."""
+    from t2i_align.checkpoints import export_final
 
-    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
-    params = adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=4))
+    folder = {"sd15": sd15_dir, "sdxl": sdxl_dir}[family]
+    comp = models.load_components(ModelConfig(pretrained=str(folder)))
+    params = adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=4, alpha=alpha))
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
-    tuned = _unet_out(comp, ["a cat", "a dog"])
-    pipe_class = type(models.build_pipeline(comp))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(comp.unet))
-    pipe_class.save_lora_weights(tmp_path, unet_lora_layers=layers)
-    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
-    fresh = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
-    models.build_pipeline(fresh).load_lora_weights(tmp_path)
-    torch.testing.assert_close(_unet_out(fresh, ["a cat", "a dog"]), tuned, atol=1e-5, rtol=1e-5)
+    ids = sdxl_time_ids((16, 16), (0, 0), (16, 16)) if family == "sdxl" else None
+    tuned = _unet_out(comp, ["a cat", "a dog"], ids)
+    final = export_final(models.build_pipeline(comp), comp.unet, True, tmp_path)
+    fresh = models.load_components(ModelConfig(pretrained=str(folder)))
+    models.build_pipeline(fresh).load_lora_weights(final)
+    torch.testing.assert_close(_unet_out(fresh, ["a cat", "a dog"], ids), tuned, atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_reference_is_a_separate_frozen_copy(sd15_dir):
@@ -221,6 +222,20 @@ def test_frozen_reference_is_a_separate_frozen_copy(sd15_dir):
     assert ref is not comp.unet and ref.dtype == torch.bfloat16 and comp.unet.dtype == torch.float32
     assert not any(p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in comp.unet.parameters())
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.parameters(), comp.unet.parameters()))
+
+
+def test_bf16_frozen_reference_sees_sdxl_time_ids_exact(monkeypatch):
+    """bf16 rounds 1023 to 1024 and 301 to 300: the frozen copy must get the ids the policy gets, in float32."""
+    from t2i_align import references
+    from t2i_align.conditioning.text import PromptEmbeds
+
+    seen = []
+    monkeypatch.setattr(references, "make_denoiser",
+                        lambda net, comp: lambda noisy, t, embeds, time_ids: seen.append(time_ids) or noisy)
+    reference = references._frozen_denoiser(torch.nn.Linear(2, 2).to(torch.bfloat16), None)
+    ids = torch.tensor([[1023.0, 683.0, 301.0, 17.0, 1024.0, 1024.0]])
+    reference(torch.zeros(1, 4, 2, 2), torch.tensor([5]), PromptEmbeds(torch.zeros(1, 3, 8), torch.zeros(1, 8)), ids)
+    assert seen[0].dtype == torch.float32 and seen[0].tolist() == ids.tolist()
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -232,3 +247,74 @@ def test_build_pipeline_samples(family, sd15_dir, sdxl_dir):
     images = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_full_export_with_bf16_frozen_parts_loads_and_samples_in_plain_diffusers(family, sd15_dir, sdxl_dir, tmp_path):
+    """Text encoders train in bf16 beside the fp32 UNet; transformers 5 loads each part in its saved dtype, so a
+    mixed folder failed at the first prompt ("mat1 and mat2 must have the same dtype")."""
+    from diffusers import DiffusionPipeline
+
+    from t2i_align.checkpoints import export_final
+
+    folder = {"sd15": sd15_dir, "sdxl": sdxl_dir}[family]
+    comp = models.load_components(ModelConfig(pretrained=str(folder), weight_dtype="bf16"))
+    assert comp.text_encoders[0].dtype == torch.bfloat16
+    final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path)
+    assert comp.text_encoders[0].dtype == torch.bfloat16, "the run's own parts are cast back after saving"
+    pipe = DiffusionPipeline.from_pretrained(str(final))
+    dtypes = {name: next(m.parameters()).dtype for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    images = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+
+
+def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_path):
+    """A folder saved with variant="fp16" only failed with "no file named model.safetensors ... in <folder>"
+    unless model.variant was set; sampling had no way to set it. The pipeline comes up in one dtype, except
+    SDXL's fp16-overflowing VAE, and without the SD1.5 safety checker."""
+    from helpers import tiny_sdxl_pipeline
+
+    from t2i_align.sampling import generate, load_pipeline
+
+    folder = tmp_path / "sdxl16"
+    tiny_sdxl_pipeline().save_pretrained(str(folder), variant="fp16")
+    assert models.weights_variant(folder) == "fp16" and models.weights_variant(folder, "bf16") == "bf16"
+    comp = models.load_components(ModelConfig(pretrained=str(folder)))
+    assert comp.unet.dtype == torch.float32
+    pipe = load_pipeline(folder, dtype="fp16")
+    dtypes = {name: m.dtype for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert dtypes.pop("vae") == torch.float32 and set(dtypes.values()) == {torch.float16}, dtypes
+    images = generate(load_pipeline(folder, dtype="bf16"), ["a cat"], [0], num_inference_steps=2, height=16, width=16)
+    assert images.images.shape == (1, 3, 16, 16) and torch.isfinite(images.images).all()
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").rename(
+        folder / "unet" / "diffusion_pytorch_model.bf16.safetensors")
+    (folder / "unet" / "diffusion_pytorch_model.fp32.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="several variants.*bf16, fp32.*model.variant"):
+        models.load_components(ModelConfig(pretrained=str(folder)))
+
+
+def test_sampling_leaves_out_the_safety_checker(sd15_dir, tmp_path):
+    """SD1.5 folders list a safety checker (1.2 GB): not loaded, and a folder that left it out still loads."""
+    from t2i_align.sampling import load_pipeline
+
+    index = json.loads((sd15_dir / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    folder = tmp_path / "with_checker"
+    import shutil
+
+    shutil.copytree(sd15_dir, folder)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = load_pipeline(folder)
+    assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
+
+
+def test_latent_scaling_with_and_without_a_shift():
+    from types import SimpleNamespace
+
+    shifted = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5, shift_factor=0.1))
+    assert scale_latents(shifted, torch.tensor([1.1, -0.9])).tolist() == pytest.approx([0.5, -0.5])
+    assert unscale_latents(shifted, torch.tensor([0.5, -0.5])).tolist() == pytest.approx([1.1, -0.9])
+    plain = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215, shift_factor=None))
+    assert scale_latents(plain, torch.tensor([2.0])).tolist() == pytest.approx([0.3643])

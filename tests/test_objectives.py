@@ -214,3 +214,28 @@ def test_get_objective_registry():
     with pytest.raises(ValueError, match="objective.name = 'ppo' is not an objective; "
                                          "available: dpo, reward_backprop, seppo, sft"):
         get_objective("ppo")
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_objectives_guide_against_what_the_pipeline_guides_against(family, tmp_path):
+    """SePPO's reference samples and reward fine-tuning's rollouts (ObjectiveContext.empty_embeds) guide against
+    the unconditional side the galleries and RAFT use (`prompt_embeds_kwargs`): zeros for SDXL, "" for SD1.5."""
+    from types import SimpleNamespace
+
+    from helpers import save_tiny_pipeline
+
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import build_pipeline, load_components
+    from t2i_align.objectives.context import ObjectiveContext
+    from t2i_align.sampling import prompt_embeds_kwargs
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline(family, tmp_path / family))))
+    ctx = ObjectiveContext(comp, SimpleNamespace(device=torch.device("cpu")), None, comp.unet)
+    pipe_side = prompt_embeds_kwargs(build_pipeline(comp), comp, ["a cat", "a dog"])
+    ours = ctx.empty_embeds(2)
+    torch.testing.assert_close(ours.prompt_embeds, pipe_side["negative_prompt_embeds"])
+    if family == "sdxl":
+        assert ours.prompt_embeds.abs().sum() == 0
+        torch.testing.assert_close(ours.pooled_prompt_embeds, pipe_side["negative_pooled_prompt_embeds"])
+    else:
+        assert ours.prompt_embeds.abs().sum() > 0

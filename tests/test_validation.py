@@ -8,7 +8,8 @@ import torch
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.config import ConfigError, load_config
 from t2i_align.toy.scenes import short_caption, split_scenes
-from t2i_align.validation import Validator, visiting
+from t2i_align.adapters import visiting
+from t2i_align.validation import Validator
 
 TOY_CAPTION = short_caption(split_scenes()[0][0])
 MAIN = SimpleNamespace(is_main_process=True, num_processes=1, device=torch.device("cpu"))

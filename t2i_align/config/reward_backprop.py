@@ -4,7 +4,8 @@ Reward fine-tuning through a differentiable sampling chain (`objective.name: rew
 t2i_align/objectives/reward_backprop.py). Defaults are LongAlign's stage 2 (Liu et al. 2024, arXiv 2410.11817;
 official `unet_reward.py`): 50 DDIM steps at 999 … 19, CFG 7.5, 5 gradient steps one per block of 10 at a shared
 random offset, UNet input detached and checkpointed on them, the last step's x0-prediction decoded, Denscore
-decomposed with ω = 0.3 (`reward_options.omega`).
+decomposed with ω = 0.3 (`reward_options.omega`). Not `loss_scale`: 1 (the plain reward) here, LongAlign's
+gradient scale of 0.5 in configs/*/longalign_reward.yaml.
 """
 from __future__ import annotations
 

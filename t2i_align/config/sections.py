@@ -90,6 +90,10 @@ class ModelConfig:
     """Optional separate VAE folder (e.g. an fp16-safe SDXL VAE)."""
     weight_dtype: str = "fp32"
     """dtype of frozen weights (VAE, text encoders, reference UNet): "fp32", "fp16" or "bf16"."""
+    cast_base_unet: bool = False
+    """With adapters (LoRA, PPD's user branch): the UNet's frozen base weights in weight_dtype too, as diffusers'
+    LoRA scripts keep them (half the memory of fp32; the adapters stay fp32, autocast makes them meet). Off: the
+    base stays fp32 and autocast casts its weights at each forward. Not under FSDP; speed unmeasured (issue 14)."""
     attention: str = "sdpa"
     """UNet attention: "sdpa" (PyTorch scaled_dot_product_attention picks its kernel, default), "sdpa-flash",
     "sdpa-efficient", "sdpa-cudnn" or "sdpa-math" (that SDPA kernel only, an error where it cannot run), or
@@ -359,6 +363,10 @@ class Config:
         (`train.mixed_precision: no`) fp16/bf16 prompt embeddings reach the fp32 UNet's first linear layer and the
         first forward fails with a dtype mismatch, so the combination is refused here, before anything loads.
         """
+        if self.model.cast_base_unet and (self.full_finetune or self.model.weight_dtype == "fp32"):
+            raise FieldError(Config, "model.cast_base_unet", True,
+                             "false unless adapters train (lora.enabled or ppd.enabled: a full fine-tune trains "
+                             "every UNet weight, in fp32) and model.weight_dtype is fp16 or bf16 (the base's dtype)")
         if self.model.weight_dtype != "fp32" and self.train.mixed_precision == "no":
             dtype = self.model.weight_dtype
             raise FieldError(Config, "model.weight_dtype", dtype,

@@ -40,9 +40,18 @@ class ObjectiveContext:
         return encode_prompts(self.components, list(prompts)).to(self.device)
 
     def empty_embeds(self, n: int) -> PromptEmbeds:
-        """The empty prompt's embeddings, n rows (the unconditional branch of classifier-free guidance)."""
+        """The unconditional branch of classifier-free guidance, n rows, as the pipeline makes it without a
+        negative prompt (the galleries' and RAFT's sampling): the empty prompt's embeddings, or zeros for SDXL
+        (`force_zeros_for_empty_prompt`)."""
+        from t2i_align.sampling import zeros_for_empty_prompt
+
         if self._empty is None:
-            self._empty = self.encode_prompts([""])
+            empty = self.encode_prompts([""])
+            if zeros_for_empty_prompt(self.components):
+                pooled = empty.pooled_prompt_embeds
+                empty = PromptEmbeds(torch.zeros_like(empty.prompt_embeds),
+                                     None if pooled is None else torch.zeros_like(pooled))
+            self._empty = empty
         return self._empty.repeat(n)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
