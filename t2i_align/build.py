@@ -42,6 +42,7 @@ def _trainable(cfg: Config, components, needs_reference: bool):
     frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
     added after the attention backend and before accelerate wraps the UNet) and the base is every adapter off."""
     unet = components.unet
+    own = list(unet.parameters())  # the UNet's own weights, before adapters wrap or join them
     if cfg.full_finetune:
         params, frozen = trainable_parameters(unet, cfg.lora), None
         if needs_reference:
@@ -58,9 +59,9 @@ def _trainable(cfg: Config, components, needs_reference: bool):
         from .users.training import add_ppd_branch
 
         params += add_ppd_branch(components, cfg.ppd)
-    if cfg.model.cast_base_unet:
+    if cfg.model.cast_base_unet:  # the frozen base only: adapters, and the user branch's frozen blocks, stay fp32
         dtype = torch_dtype(cfg.model.weight_dtype)
-        for param in unet.parameters():
+        for param in own:
             if not param.requires_grad:
                 param.data = param.data.to(dtype)
     return params, None

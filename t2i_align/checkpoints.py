@@ -338,17 +338,20 @@ def save_full_pipeline(pipeline, unet, folder: Path) -> None:
 
 @contextmanager
 def _all_float32(pipeline):
-    """The frozen parts (text encoders, VAE) cast to float32 while saving, then back: they train in
-    model.weight_dtype beside an fp32 UNet, and transformers 5 loads each part in its saved dtype, so a folder of
-    mixed dtypes fails in a plain `from_pretrained(final)(prompt)` with "mat1 and mat2 must have the same dtype".
+    """Every part float32 while saving, then back as it was: the frozen parts train in model.weight_dtype beside
+    an fp32 UNet (under DeepSpeed bf16 the UNet is bf16 too), and transformers 5 loads each part in its saved
+    dtype, so a folder of mixed dtypes failed at the first prompt of a plain `from_pretrained(final)`. A part is
+    upcast on the CPU (an fp32 copy of SDXL's UNet on the GPU could run out of memory at the end of a run);
     fp16/bf16 -> fp32 -> back is exact."""
     modules = {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
-    cast = {name: p.dtype for name, m in modules.items() for p in itertools.islice(m.parameters(), 1)
-            if p.dtype != torch.float32}
-    for name in cast:
-        pipeline.components[name].to(torch.float32)
+    cast = {}
     try:
+        for name, module in modules.items():
+            param = next(module.parameters(), None)
+            if param is not None and param.dtype != torch.float32:
+                cast[name] = (param.device, param.dtype)
+                module.to("cpu").to(torch.float32)
         yield
     finally:
-        for name, dtype in cast.items():
-            pipeline.components[name].to(dtype)
+        for name, (device, dtype) in cast.items():
+            modules[name].to(dtype).to(device)

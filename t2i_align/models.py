@@ -192,10 +192,17 @@ def resolve_pretrained(
     return _download(pretrained, revision, variant, pipeline, key)
 
 
-_VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)(?:\.(?:safetensors|bin)\.index)?\.([\w-]+)\."
-                           r"(?:safetensors|bin|json)$")
-_PLAIN_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
-                         r"(?:\.index\.json)?$")
+_WEIGHTS = r"(?:diffusion_pytorch_model|model|pytorch_model)"
+_SHARD = r"-\d{5}-of-\d{5}"
+# diffusers' variant names (pipeline_loading_utils.variant_compatible_siblings): model.fp16.safetensors,
+# model.fp16-00001-of-00002.safetensors, model.safetensors.index.fp16.json, and the legacy
+# model-00001-of-00002.fp16.safetensors and model.safetensors.fp16.index.json
+_VARIANT_FILES = [re.compile(p) for p in (
+    rf"^{_WEIGHTS}\.(\w+?)(?:{_SHARD})?\.(?:safetensors|bin)$",
+    rf"^{_WEIGHTS}\.(?:safetensors|bin)\.index\.(\w+)\.json$",
+    rf"^{_WEIGHTS}{_SHARD}\.(\w+)\.(?:safetensors|bin)$",
+    rf"^{_WEIGHTS}\.(?:safetensors|bin)\.(\w+)\.index\.json$")]
+_PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.index\.json)?$")
 
 
 def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str]:
@@ -208,10 +215,10 @@ def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str
     names = [f.name for f in unet.iterdir()]
     if any(_PLAIN_FILE.match(n) for n in names):
         return None
-    found = sorted({m.group(1) for m in map(_VARIANT_FILE.match, names) if m})
+    found = sorted({m.group(1) for n in names for m in (p.match(n) for p in _VARIANT_FILES) if m})
     if len(found) > 1:
         raise ModelLoadError(f"{unet} holds only variant weights, of several variants ({', '.join(found)}): choose "
-                             f"one with model.variant (load_pipeline's variant= for sampling), e.g. {found[0]}")
+                             f"one with model.variant, e.g. {found[0]} (to sample, keep one variant's files)")
     return found[0] if found else None
 
 
@@ -373,14 +380,18 @@ def build_pipeline(components: Components, unet: Optional[torch.nn.Module] = Non
     """The family's diffusers pipeline over these components (the folder's own sampling scheduler by default)."""
     import diffusers
 
+    index = read_index(components.path)
     parts = {"vae": components.vae, "unet": unet if unet is not None else components.unet}
-    parts["scheduler"] = scheduler or _load_part(components.path, read_index(components.path), "scheduler")
+    parts["scheduler"] = scheduler or _load_part(components.path, index, "scheduler")
     for (tok_name, enc_name), tok, enc in zip(
         components.spec.text_components, components.tokenizers, components.text_encoders
     ):
         parts[tok_name], parts[enc_name] = tok, enc
     pipeline_class = getattr(diffusers, components.spec.sampling_pipeline)
-    pipe = pipeline_class(**parts, **dict(components.spec.pipeline_extra_kwargs))
+    extra = dict(components.spec.pipeline_extra_kwargs)
+    if "force_zeros_for_empty_prompt" in index:  # an SDXL folder may say false (the class default is true)
+        extra["force_zeros_for_empty_prompt"] = index["force_zeros_for_empty_prompt"]
+    pipe = pipeline_class(**parts, **extra)
     # `sampling.generate` encodes prompts with these components, so it samples in the run's text encoding; its
     # own truncation count, so sampling does not add to the training prompts' count that the loop logs.
     setattr(pipe, PIPELINE_COMPONENTS, replace(

@@ -82,7 +82,21 @@ def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_mode
     assert torch.allclose(loaded, trained, atol=1e-6)
 
 
-def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate refuses a second Accelerator with another mixed precision in one process: reset before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path, fresh_accelerate_state):
     """model.cast_base_unet: the frozen base in bf16 beside fp32 adapters under bf16 autocast; the export is the
     adapters alone, which reload onto the plain fp32 base."""
     from diffusers import StableDiffusionPipeline
@@ -96,7 +110,11 @@ def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path
     assert len(losses) == 2 and all(np.isfinite(losses)) and abs(losses[0] - np.log(2)) < 1e-3
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
     pipe.load_lora_weights(str(result.final))
-    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    assert pipe.unet.peft_config and {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        base = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet(x, t, h).sample
+        assert not torch.allclose(pipe.unet(x, t, h).sample, base, atol=1e-6), "the trained adapters took"
 
 
 def test_the_official_sdxl_full_recipe_settings_train(tiny_model, pairs, tmp_path):

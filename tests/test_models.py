@@ -318,3 +318,21 @@ def test_latent_scaling_with_and_without_a_shift():
     assert unscale_latents(shifted, torch.tensor([0.5, -0.5])).tolist() == pytest.approx([1.1, -0.9])
     plain = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215, shift_factor=None))
     assert scale_latents(plain, torch.tensor([2.0])).tolist() == pytest.approx([0.3643])
+
+
+@pytest.mark.parametrize("names, variant", [
+    (["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"], None),
+    (["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.json"], None),
+    (["diffusion_pytorch_model.fp16.bin"], "fp16"),
+    (["diffusion_pytorch_model.fp16-00001-of-00002.safetensors", "diffusion_pytorch_model.fp16-00002-of-00002"
+      ".safetensors", "diffusion_pytorch_model.safetensors.index.fp16.json"], "fp16"),
+    (["diffusion_pytorch_model-00001-of-00002.bf16.safetensors", "diffusion_pytorch_model.safetensors.bf16.index.json"],
+     "bf16"),
+    (["config.json"], None),
+])
+def test_weights_variant_reads_diffusers_file_names(names, variant, tmp_path):
+    """diffusers' variant names, sharded and legacy ones included (a shard's number is not a variant)."""
+    (tmp_path / "unet").mkdir()
+    for name in names:
+        (tmp_path / "unet" / name).write_bytes(b"")
+    assert models.weights_variant(tmp_path) == variant

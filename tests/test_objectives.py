@@ -216,10 +216,12 @@ def test_get_objective_registry():
         get_objective("ppo")
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sdxl-no-zeros"])
 def test_objectives_guide_against_what_the_pipeline_guides_against(family, tmp_path):
     """SePPO's reference samples and reward fine-tuning's rollouts (ObjectiveContext.empty_embeds) guide against
-    the unconditional side the galleries and RAFT use (`prompt_embeds_kwargs`): zeros for SDXL, "" for SD1.5."""
+    the unconditional side the galleries and RAFT use (`prompt_embeds_kwargs`): zeros for SDXL, "" for SD1.5 and
+    for an SDXL folder whose model_index.json sets force_zeros_for_empty_prompt false."""
+    import json
     from types import SimpleNamespace
 
     from helpers import save_tiny_pipeline
@@ -229,7 +231,11 @@ def test_objectives_guide_against_what_the_pipeline_guides_against(family, tmp_p
     from t2i_align.objectives.context import ObjectiveContext
     from t2i_align.sampling import prompt_embeds_kwargs
 
-    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline(family, tmp_path / family))))
+    folder = save_tiny_pipeline(family[:4], tmp_path / family)
+    if family == "sdxl-no-zeros":
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    comp = load_components(ModelConfig(pretrained=str(folder)))
     ctx = ObjectiveContext(comp, SimpleNamespace(device=torch.device("cpu")), None, comp.unet)
     pipe_side = prompt_embeds_kwargs(build_pipeline(comp), comp, ["a cat", "a dog"])
     ours = ctx.empty_embeds(2)
