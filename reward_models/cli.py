@@ -306,7 +306,19 @@ def _run(args: argparse.Namespace) -> int:
     summary = {**summarize(rows, names, counts), "out": str(args.out)}
     summary.update({"pairwise": pairwise_accuracy(rows, names)} if args.pairwise else {})
     print(json.dumps(summary, indent=2))
-    return 0
+    return _none_scored(rows, summary["rewards"])
+
+
+def _none_scored(rows: List[dict], rewards: Dict[str, dict]) -> int:
+    """1, with an `error:` line, when a reward scored none of the images (every row flagged: e.g. the toy judge
+    on captions it cannot read), which otherwise looked like success; the rows are written either way."""
+    empty = [name for name, summary in rewards.items() if rows and summary["n"] == 0]
+    if not empty:
+        return 0
+    first = next((r["error"] for r in rows if r.get("error")), "no score was finite")
+    print(f"error: {', '.join(empty)} scored none of the {len(rows)} images (first problem: {first}); the rows, "
+          "each with its problem, are in --out", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

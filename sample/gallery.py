@@ -66,9 +66,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
         models = {"base": (args.base_model or args.model, args.base_lora, args.base_text_encoding), **models}
     check_models(models)
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
+    existed = Path(args.out).exists()
     tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
-    sets = {name: sample_model(m, lora, prompts, settings, args.device, encoding)
-            for name, (m, lora, encoding) in models.items()}
+    try:
+        sets = {name: sample_model(m, lora, prompts, settings, args.device, encoding)
+                for name, (m, lora, encoding) in models.items()}
+    except BaseException:  # a model that fails to load (a LoRA of another family) leaves no empty --out behind
+        if not existed and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()
+        raise
     scores = {name: score_samples(s, rewards) for name, s in sets.items()}
     k = settings.seeds_per_prompt
     columns = [f"{name} · seed {j}" for name in sets for j in range(k)]

@@ -327,13 +327,41 @@ def save_full_pipeline(pipeline, unet, folder: Path) -> None:
     with _all_float32(pipeline):
         if not has_user_branch(unet):
             pipeline.save_pretrained(str(folder), safe_serialization=True)
-            return
-        branch = save_user_branch(folder, unet)
-        remove_user_branch(unet)
-        try:
-            pipeline.save_pretrained(str(folder), safe_serialization=True)
-        finally:
-            load_user_branch(unet, branch.parent, branch.name)
+        else:
+            branch = save_user_branch(folder, unet)
+            remove_user_branch(unet)
+            try:
+                pipeline.save_pretrained(str(folder), safe_serialization=True)
+            finally:
+                load_user_branch(unet, branch.parent, branch.name)
+    from .sampling import pipeline_components
+
+    _carry_safety_checker(pipeline_components(pipeline).path, folder)
+
+
+SAFETY_PARTS = ("safety_checker", "feature_extractor")
+
+
+def _carry_safety_checker(source: Path, folder: Path) -> None:
+    """SD1.5's safety checker, copied from the model folder `source` into the saved pipeline `folder`: training
+    and sampling leave it out (it judges no image we make), but a plain `from_pretrained(folder)(prompt)` should
+    filter as the source's did. Only when the source holds it with plain weights; otherwise a warning says the
+    export has none."""
+    from .models import read_index
+    from .weight_files import has_plain_weights
+
+    index = read_index(source) if (source / "model_index.json").is_file() else {}
+    if (index.get("safety_checker") or [None])[0] is None:
+        return
+    if not (has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir()):
+        logger.warning("%s lists a safety checker without plain weights to copy: %s has none", source, folder)
+        return
+    for part in SAFETY_PARTS:
+        shutil.copytree(source / part, folder / part)
+    saved = read_index(folder)
+    saved.update({part: index[part] for part in SAFETY_PARTS},
+                 requires_safety_checker=index.get("requires_safety_checker", True))
+    (folder / "model_index.json").write_text(json.dumps(saved, indent=2) + "\n")
 
 
 @contextmanager
@@ -350,8 +378,15 @@ def _all_float32(pipeline):
             param = next(module.parameters(), None)
             if param is not None and param.dtype != torch.float32:
                 cast[name] = (param.device, param.dtype)
-                module.to("cpu").to(torch.float32)
+                _plain_to(module, "cpu", torch.float32)
         yield
     finally:
         for name, (device, dtype) in cast.items():
-            modules[name].to(dtype).to(device)
+            _plain_to(modules[name], device, dtype)
+
+
+def _plain_to(module: torch.nn.Module, device, dtype) -> None:
+    """torch's own Module.to (diffusers' override warns at every cast: "modules ... kept in float32: []"), the
+    cast done on the CPU: to the CPU first, or back from it last."""
+    for step in ((device, dtype) if str(device) == "cpu" else (dtype, device)):
+        torch.nn.Module.to(module, step)

@@ -67,6 +67,12 @@ def check_launcher_precision(cfg) -> None:
 def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """At start, before loading anything: fail on what the loop cannot run under the launched engine, and give the
     engine the settings it takes from the run's config."""
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu" \
+            and accelerator.distributed_type != "DEEPSPEED":  # (under DeepSpeed the loop autocasts itself)
+        raise UserError("train.mixed_precision=fp16 needs a GPU: on a CPU accelerate runs without fp16 autocast, so "
+                        "fp16 frozen parts would meet the fp32 UNet at the first step. On a CPU use "
+                        "train.mixed_precision=bf16 model.weight_dtype=bf16, or train.mixed_precision=no "
+                        "model.weight_dtype=fp32")
     if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
         import accelerate
         from packaging.version import Version

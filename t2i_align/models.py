@@ -25,6 +25,7 @@ from t2i_align.conditioning import segments, text
 from t2i_align.config import ModelConfig
 from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
 from t2i_align.errors import UserError
+from t2i_align.weight_files import weights_variant
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -104,13 +105,14 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
 
 
-def read_index(path: Path) -> dict:
-    """model_index.json of pipeline folder `path`; ModelLoadError when missing or damaged."""
+def read_index(path: Path, key: str = "model.pretrained") -> dict:
+    """model_index.json of pipeline folder `path` (given as `key`); ModelLoadError when missing or damaged."""
     index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
-        raise ModelLoadError(
-            f"{path} has no model_index.json, so it is not a diffusers pipeline folder; {_pass_local()}"
-        )
+        lora = (Path(path) / "pytorch_lora_weights.safetensors").is_file()
+        hint = " (it holds LoRA weights: give it as the LoRA, and the base model here)" if lora else ""
+        raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
+                             f"{_pass_local(key)}")
     try:
         return json.loads(index_file.read_text())
     except ValueError as err:
@@ -183,43 +185,13 @@ def resolve_pretrained(
     path = Path(pretrained).expanduser()
     if path.is_dir():
         if pipeline:
-            read_index(path)
+            read_index(path, key)
         return path
     if path.exists():
         raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}")
     if not _HUB_ID.match(pretrained):
         raise ModelLoadError(f"{key}={pretrained!r}: no such folder; {_pass_local(key)}")
     return _download(pretrained, revision, variant, pipeline, key)
-
-
-_WEIGHTS = r"(?:diffusion_pytorch_model|model|pytorch_model)"
-_SHARD = r"-\d{5}-of-\d{5}"
-# diffusers' variant names (pipeline_loading_utils.variant_compatible_siblings): model.fp16.safetensors,
-# model.fp16-00001-of-00002.safetensors, model.safetensors.index.fp16.json, and the legacy
-# model-00001-of-00002.fp16.safetensors and model.safetensors.fp16.index.json
-_VARIANT_FILES = [re.compile(p) for p in (
-    rf"^{_WEIGHTS}\.(\w+?)(?:{_SHARD})?\.(?:safetensors|bin)$",
-    rf"^{_WEIGHTS}\.(?:safetensors|bin)\.index\.(\w+)\.json$",
-    rf"^{_WEIGHTS}{_SHARD}\.(\w+)\.(?:safetensors|bin)$",
-    rf"^{_WEIGHTS}\.(?:safetensors|bin)\.(\w+)\.index\.json$")]
-_PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.index\.json)?$")
-
-
-def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str]:
-    """The weight variant to load from pipeline folder `path`: `requested` (model.variant) if given; else None
-    when unet/ holds plain weights; else the one variant it holds (a folder saved with variant="fp16" only, where
-    a plain load failed with "no file named model.safetensors ... in <the pipeline folder>")."""
-    unet = Path(path) / "unet"
-    if requested or not unet.is_dir():
-        return requested
-    names = [f.name for f in unet.iterdir()]
-    if any(_PLAIN_FILE.match(n) for n in names):
-        return None
-    found = sorted({m.group(1) for n in names for m in (p.match(n) for p in _VARIANT_FILES) if m})
-    if len(found) > 1:
-        raise ModelLoadError(f"{unet} holds only variant weights, of several variants ({', '.join(found)}): choose "
-                             f"one with model.variant, e.g. {found[0]} (to sample, keep one variant's files)")
-    return found[0] if found else None
 
 
 @dataclass

@@ -58,7 +58,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
     a PPD user branch (user_branch.safetensors in the LoRA folder or the model folder) is loaded as well.
     Every part in `dtype` ("fp32", "fp16", "bf16": one dtype, whatever each part was saved in); weights of
-    `variant`, else of the one variant a folder without plain weights holds (`models.weights_variant`); no
+    `variant`, else of the one variant a folder without plain weights holds (`weight_files.weights_variant`); no
     safety checker (we sample latents and decode them ourselves; a folder may leave it out).
 
     It samples (`generate`) in the text encoding recorded with the weights (`read_text_encoding`: the LoRA's
@@ -68,7 +68,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """
     from diffusers import DiffusionPipeline
 
-    from .models import ModelLoadError, torch_dtype, weights_variant
+    from .models import ModelLoadError, torch_dtype
+    from .weight_files import weights_variant
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path, encoding = check_weights(model, lora, text_encoding)
@@ -80,13 +81,18 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
-            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: {err!r}") from err
+            first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                         str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path} (trained on another model, "
+                                 f"e.g. SDXL's on SD1.5?): {first[:300]}") from err
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
     spec = pipeline_components(pipe, encoding).spec
     if spec.vae_fp32 and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (black images), as in training (models._load_vae)
+        # SDXL's VAE overflows in fp16 (black images), as in training (models._load_vae); torch's own Module.to:
+        # diffusers' warns "modules ... should be kept in float32: []"
+        torch.nn.Module.to(pipe.vae, torch.float32)
     return set_scheduler(pipe, scheduler).to(device)
 
 

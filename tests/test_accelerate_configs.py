@@ -43,6 +43,28 @@ def test_a_launcher_asking_for_another_precision_is_refused(tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())  # refused before the run wrote anything
 
 
+@pytest.mark.parametrize("engine, device, refused", [("NO", "cpu", True), ("MULTI_CPU", "cpu", True),
+                                                    ("NO", "cuda", False)])
+def test_fp16_mixed_precision_on_a_cpu_is_refused_at_start(engine, device, refused):
+    """On a CPU accelerate turns fp16 autocast off silently: the shipped fp16 configs then failed at the first step
+    ("expected m1 and m2 to have the same dtype"), after the earlier run had been set aside."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from t2i_align.config import load_config
+    from t2i_align.engines import configure_engine
+    from t2i_align.errors import UserError
+
+    cfg = load_config(None, ["train.mixed_precision=fp16", "model.weight_dtype=fp16"])
+    accelerator = SimpleNamespace(distributed_type=engine, device=torch.device(device))
+    if refused:
+        with pytest.raises(UserError, match="fp16 needs a GPU.*train.mixed_precision=bf16 model.weight_dtype=bf16"):
+            configure_engine(accelerator, cfg, True)
+    else:
+        configure_engine(accelerator, cfg, True)  # a GPU runs fp16 autocast: no error
+
+
 @pytest.mark.parametrize("version, overrides, message", [
     (1, [], "FSDP version 1 is not supported.*fsdp_version: 2"),
     (2, ["objective.name=seppo", "lora.enabled=true"],

@@ -279,7 +279,7 @@ def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_
 
     folder = tmp_path / "sdxl16"
     tiny_sdxl_pipeline().save_pretrained(str(folder), variant="fp16")
-    assert models.weights_variant(folder) == "fp16" and models.weights_variant(folder, "bf16") == "bf16"
+    assert models.weights_variant(folder) == "fp16" and models.weights_variant(folder, "fp16") == "fp16"
     comp = models.load_components(ModelConfig(pretrained=str(folder)))
     assert comp.unet.dtype == torch.float32
     pipe = load_pipeline(folder, dtype="fp16")
@@ -336,3 +336,59 @@ def test_weights_variant_reads_diffusers_file_names(names, variant, tmp_path):
     for name in names:
         (tmp_path / "unet" / name).write_bytes(b"")
     assert models.weights_variant(tmp_path) == variant
+
+
+def test_a_variant_the_folder_lacks_is_named_with_what_it_holds(tmp_path):
+    (tmp_path / "unet").mkdir()
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        (tmp_path / "unet" / name).write_bytes(b"")
+    assert models.weights_variant(tmp_path, "fp16") == "fp16"
+    with pytest.raises(ModelLoadError, match=r"model.variant='bf16'.*holds: plain \(model.variant=null\), fp16$"):
+        models.weights_variant(tmp_path, "bf16")
+
+
+def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):
+    """Training and sampling leave SD1.5's safety checker out; a full export carries the source's over, so a plain
+    load of it filters as the source did (it was dropped without a word)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from t2i_align.checkpoints import export_final
+
+    source = tmp_path / "source"
+    shutil.copytree(sd15_dir, source)
+    tiny = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    StableDiffusionSafetyChecker(config).save_pretrained(source / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(source / "feature_extractor")
+    index = json.loads((source / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (source / "model_index.json").write_text(json.dumps(index))
+    comp = models.load_components(ModelConfig(pretrained=str(source)))
+    final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "run")
+    pipe = StableDiffusionPipeline.from_pretrained(str(final))
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.config.requires_safety_checker
+    out = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np")
+    assert out.nsfw_content_detected is not None and len(out.nsfw_content_detected) == 1
+    plain = export_final(models.build_pipeline(models.load_components(ModelConfig(pretrained=str(sd15_dir)))),
+                         comp.unet, False, tmp_path / "plain")
+    assert not (plain / "safety_checker").exists(), "a source without one gives an export without one"
+
+
+def test_a_lora_of_another_family_is_refused_in_one_line(sd15_dir, sdxl_dir, tmp_path):
+    """It was diffusers' whole state-dict report (2 KB of escaped text) inside the error line."""
+    from t2i_align.checkpoints import export_final
+    from t2i_align.sampling import load_pipeline
+
+    comp = models.load_components(ModelConfig(pretrained=str(sdxl_dir)))
+    adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=4))
+    final = export_final(models.build_pipeline(comp), comp.unet, True, tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(sd15_dir, lora=final)
+    message = str(info.value)
+    assert "trained on another model" in message and "size mismatch" in message
+    assert "\n" not in message and len(message) < 700

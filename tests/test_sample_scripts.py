@@ -113,6 +113,20 @@ def test_gallery_writes_html_and_a_wandb_offline_run(prompts, tmp_path):
     assert media
 
 
+def test_gallery_whose_model_fails_to_load_leaves_no_empty_out_folder(prompts, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from t2i_align.models import ModelLoadError
+
+    bad_lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.nope.lora_A.weight": torch.zeros(2, 2)}, str(bad_lora))
+    with pytest.raises(ModelLoadError, match="do not match"):
+        _script("gallery").main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out", str(tmp_path / "g"),
+                                 "--wandb", "off", *FAST])
+    assert not (tmp_path / "g").exists()
+
+
 def test_gallery_samples_each_side_in_its_text_encoding(tmp_path, monkeypatch):
     """--text-encoding / --base-text-encoding were accepted and ignored."""
     import t2i_align.evaluation as evaluation

@@ -73,6 +73,19 @@ def test_metadata_jsonl_csv_output_and_rejected_prompts(tmp_path, capsys):
     assert code == 2 and "outside the image folder" in err
 
 
+def test_a_reward_that_scores_no_image_fails_after_writing_the_rows(tmp_path, capsys):
+    """toy-judge on captions it cannot read: every row flagged; it exited 0 with n = 0, as if it had worked."""
+    folder = _folder(tmp_path)
+    meta = [{"file": f"img_{i}.png", "prompt": "a photo of a cat"} for i in range(3)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    out = tmp_path / "scores.jsonl"
+    code = main(["--reward", "toy-clip,toy-judge", "--images", str(folder), "--out", str(out)])
+    printed, err = capsys.readouterr()
+    assert code == 1 and json.loads(printed)["rewards"]["toy-judge"]["n"] == 0
+    assert err.startswith("error: toy-judge scored none of the 3 images (first problem: toy-judge: not a toy")
+    assert len(out.read_text().splitlines()) == 3
+
+
 def _pair_rows():
     """Winner = the caption's render, loser = another scene; the winner's side alternates; one tie row."""
     rows = []

@@ -448,6 +448,11 @@ def test_messages_name_the_flag_or_setting_the_user_typed(tmp_path, capsys):
 
     with pytest.raises(ModelLoadError, match=r"--model='/no/such': no such folder; .*: --model /path/to/folder"):
         check_weights("/no/such", key="--model")
+    (tmp_path / "final").mkdir()  # a LoRA run's export given as the model
+    (tmp_path / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"not a diffusers pipeline folder \(it holds LoRA weights: give it as "
+                                             r"the LoRA, and the base model here\); .*: --base-model /path/to/folder"):
+        check_weights(tmp_path / "final", key="--base-model")
     (tmp_path / "notes.txt").write_text("not weights")
     with pytest.raises(ModelLoadError, match=r"notes.txt are not a safetensors file \(.*\): give "
                                              r"pytorch_lora_weights.safetensors"):

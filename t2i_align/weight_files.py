@@ -1,0 +1,48 @@
+"""Which weight files a diffusers pipeline folder holds: plain weights, or variants (`*.fp16.safetensors`...)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+_WEIGHTS = r"(?:diffusion_pytorch_model|model|pytorch_model)"
+_SHARD = r"-\d{5}-of-\d{5}"
+# diffusers' variant names (pipeline_loading_utils.variant_compatible_siblings): model.fp16.safetensors,
+# model.fp16-00001-of-00002.safetensors, model.safetensors.index.fp16.json, and the legacy
+# model-00001-of-00002.fp16.safetensors and model.safetensors.fp16.index.json
+_VARIANT_FILES = [re.compile(p) for p in (
+    rf"^{_WEIGHTS}\.(\w+?)(?:{_SHARD})?\.(?:safetensors|bin)$",
+    rf"^{_WEIGHTS}\.(?:safetensors|bin)\.index\.(\w+)\.json$",
+    rf"^{_WEIGHTS}{_SHARD}\.(\w+)\.(?:safetensors|bin)$",
+    rf"^{_WEIGHTS}\.(?:safetensors|bin)\.(\w+)\.index\.json$")]
+_PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.index\.json)?$")
+
+
+def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str]:
+    """The weight variant to load from pipeline folder `path`: `requested` (model.variant), which unet/ must
+    hold; else None when unet/ holds plain weights; else the one variant it holds (a folder saved with
+    variant="fp16" only, where a plain load failed with "no file named model.safetensors ... in <the folder>")."""
+    unet = Path(path) / "unet"
+    if not unet.is_dir():
+        return requested
+    names = [f.name for f in unet.iterdir()]
+    plain = any(_PLAIN_FILE.match(n) for n in names)
+    found = sorted({m.group(1) for n in names for m in (p.match(n) for p in _VARIANT_FILES) if m})
+    if requested and requested not in found:
+        held = ", ".join((["plain (model.variant=null)"] if plain else []) + found) or "no weights"
+        from .models import ModelLoadError
+
+        raise ModelLoadError(f"model.variant={requested!r}, but {unet} holds no {requested} weights; it holds: {held}")
+    if requested or plain:
+        return requested
+    if len(found) > 1:
+        from .models import ModelLoadError
+
+        raise ModelLoadError(f"{unet} holds only variant weights, of several variants ({', '.join(found)}): choose "
+                             f"one with model.variant, e.g. {found[0]} (to sample, keep one variant's files)")
+    return found[0] if found else None
+
+
+def has_plain_weights(folder: Path) -> bool:
+    """Whether `folder` (one component's) holds non-variant weight files."""
+    return Path(folder).is_dir() and any(_PLAIN_FILE.match(f.name) for f in Path(folder).iterdir())
