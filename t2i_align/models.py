@@ -105,6 +105,16 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
 
 
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """diffusers' from_pretrained dtype argument: `dtype` where diffusers has it (`torch_dtype` warns that it is
+    deprecated there), else `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present since the rename)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def read_index(path: Path, key: str = "model.pretrained") -> dict:
     """model_index.json of pipeline folder `path` (given as `key`); ModelLoadError when missing or damaged."""
     index_file = Path(path) / "model_index.json"
@@ -234,7 +244,7 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
         raise ModelLoadError(f"{library} has no class {class_name!r} (needed for {name}); check the installed version")
     kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
     if dtype is not None and library == "diffusers":
-        kwargs["torch_dtype"] = dtype
+        kwargs.update(dtype_kwargs(dtype))
     return cls.from_pretrained(path, subfolder=name, **kwargs)
 
 
@@ -256,7 +266,7 @@ def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype
     if spec.vae_fp32 and config.get("force_upcast", True):
         dtype = torch.float32
     if cfg.vae:
-        vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, **dtype_kwargs(dtype))
     else:
         vae = _load_part(path, index, "vae", variant=variant, dtype=dtype)
     return vae.requires_grad_(False).eval()

@@ -68,13 +68,13 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """
     from diffusers import DiffusionPipeline
 
-    from .models import ModelLoadError, torch_dtype
+    from .models import ModelLoadError, dtype_kwargs, torch_dtype
     from .weight_files import weights_variant
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path, encoding = check_weights(model, lora, text_encoding)
     lora = None if lora is None else Path(lora)
-    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype(dtype),
+    pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)),
                                              variant=weights_variant(path, variant), **_no_safety_checker(path))
     attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
