@@ -44,7 +44,7 @@ def test_throughput_smoke_counts_flops_and_fills_every_row(tmp_path):
     error that names the setting."""
     results = run_script(tmp_path, "gpu_throughput.py", "--no-compile")
     rows = results["train"]
-    assert [r["part"] for r in rows] == ["sd15-lora"] * 2 + ["sd15-lever"] * 9 + ["sd15-full"] * 2 + ["sdxl-lora"] * 4
+    assert [r["part"] for r in rows] == ["sd15-lora"] * 2 + ["sd15-lever"] * 10 + ["sd15-full"] * 2 + ["sdxl-lora"] * 4
     for row in rows:
         if row["row"] in ("sdpa-efficient", "sdpa-cudnn"):
             assert "model.attention=" + row["row"] in row["error"], row
