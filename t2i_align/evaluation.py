@@ -30,6 +30,9 @@ class SampleSettings:
     width: Optional[int] = None
     dtype: str = "fp32"
     """Every part of the pipeline in this dtype ("fp16" / "bf16" sample faster on a GPU)."""
+    variant: Optional[str] = None
+    """Weight files to load ("fp16": `*.fp16.safetensors`) from a model folder holding them; others load their plain
+    weights."""
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -43,7 +46,7 @@ def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settin
     from .users.inference import UserChoice, user_tokens_for
 
     pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler, text_encoding=text_encoding,
-                         dtype=settings.dtype)
+                         dtype=settings.dtype, variant=settings.variant)
     flat, seeds = prompt_major(prompts, settings.seeds_per_prompt, settings.seed)
     tokens = user_tokens_for(pipe, user or UserChoice(), len(flat), (lora, model))
     return generate(pipe, flat, seeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,

@@ -58,8 +58,9 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
     a PPD user branch (user_branch.safetensors in the LoRA folder or the model folder) is loaded as well.
     Every part in `dtype` ("fp32", "fp16", "bf16": one dtype, whatever each part was saved in); weights of
-    `variant`, else of the one variant a folder without plain weights holds (`weight_files.weights_variant`); no
-    safety checker (we sample latents and decode them ourselves; a folder may leave it out).
+    `variant` where the folder holds it (else its plain weights: a base and a tuned export take one flag), else of
+    the one variant a folder without plain weights holds (`weight_files.weights_variant`); no safety checker (we
+    sample latents and decode them ourselves; a folder may leave it out).
 
     It samples (`generate`) in the text encoding recorded with the weights (`read_text_encoding`: the LoRA's
     folder first, then the model folder), else in `text_encoding` ("clip77" / "segments"), else in clip77. An
@@ -74,8 +75,9 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
 
     path, encoding = check_weights(model, lora, text_encoding)
     lora = None if lora is None else Path(lora)
-    pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)),
-                                             variant=weights_variant(path, variant), **_no_safety_checker(path))
+    variant = weights_variant(path, variant, "--variant", fallback=True)
+    pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=variant,
+                                             **_no_safety_checker(path))
     attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:

@@ -18,10 +18,13 @@ _VARIANT_FILES = [re.compile(p) for p in (
 _PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.index\.json)?$")
 
 
-def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str]:
-    """The weight variant to load from pipeline folder `path`: `requested` (model.variant), which unet/ must
-    hold; else None when unet/ holds plain weights; else the one variant it holds (a folder saved with
-    variant="fp16" only, where a plain load failed with "no file named model.safetensors ... in <the folder>")."""
+def weights_variant(path: Path, requested: Optional[str] = None, key: str = "model.variant",
+                    fallback: bool = False) -> Optional[str]:
+    """The weight variant to load from pipeline folder `path`: `requested` (named by setting or flag `key`), which
+    unet/ must hold (with `fallback`, a folder without it but with plain weights loads those: sample/'s --variant
+    applies to a base and a tuned export alike); else None when unet/ holds plain weights; else the one variant it
+    holds (a folder saved with variant="fp16" only, where a plain load failed with "no file named
+    model.safetensors ... in <the folder>")."""
     unet = Path(path) / "unet"
     if not unet.is_dir():
         return requested
@@ -29,18 +32,26 @@ def weights_variant(path: Path, requested: Optional[str] = None) -> Optional[str
     plain = any(_PLAIN_FILE.match(n) for n in names)
     found = sorted({m.group(1) for n in names for m in (p.match(n) for p in _VARIANT_FILES) if m})
     if requested and requested not in found:
-        held = ", ".join((["plain (model.variant=null)"] if plain else []) + found) or "no weights"
+        if fallback and plain:
+            return None
+        held = ", ".join(([f"plain ({key}=null)" if key == "model.variant" else "plain"] if plain else []) + found)
         from .models import ModelLoadError
 
-        raise ModelLoadError(f"model.variant={requested!r}, but {unet} holds no {requested} weights; it holds: {held}")
+        raise ModelLoadError(f"{_named(key, requested)}, but {unet} holds no {requested} weights; it holds: "
+                             f"{held or 'no weights'}")
     if requested or plain:
         return requested
     if len(found) > 1:
         from .models import ModelLoadError
 
         raise ModelLoadError(f"{unet} holds only variant weights, of several variants ({', '.join(found)}): choose "
-                             f"one with model.variant, e.g. {found[0]} (to sample, keep one variant's files)")
+                             f"one with {_named(key, found[0])}")
     return found[0] if found else None
+
+
+def _named(key: str, value: str) -> str:
+    """How the user names a variant: `model.variant='fp16'` (a setting) or `--variant fp16` (a flag)."""
+    return f"{key} {value}" if key.startswith("--") else f"{key}={value!r}"
 
 
 def has_plain_weights(folder: Path) -> bool:

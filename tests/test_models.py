@@ -287,11 +287,14 @@ def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_
     assert dtypes.pop("vae") == torch.float32 and set(dtypes.values()) == {torch.float16}, dtypes
     images = generate(load_pipeline(folder, dtype="bf16"), ["a cat"], [0], num_inference_steps=2, height=16, width=16)
     assert images.images.shape == (1, 3, 16, 16) and torch.isfinite(images.images).all()
-    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").rename(
-        folder / "unet" / "diffusion_pytorch_model.bf16.safetensors")
+    for part in folder.glob("*/*.fp16.safetensors"):
+        part.rename(part.with_name(part.name.replace(".fp16.", ".bf16.")))
     (folder / "unet" / "diffusion_pytorch_model.fp32.safetensors").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="several variants.*bf16, fp32.*model.variant"):
+    with pytest.raises(ModelLoadError, match="several variants.*bf16, fp32.*model.variant='bf16'"):
         models.load_components(ModelConfig(pretrained=str(folder)))
+    with pytest.raises(ModelLoadError, match="several variants.*choose one with --variant bf16$"):
+        load_pipeline(folder)
+    assert load_pipeline(folder, variant="bf16").unet.dtype == torch.float32  # sample/'s --variant
 
 
 def test_sampling_leaves_out_the_safety_checker(sd15_dir, tmp_path):
@@ -345,6 +348,12 @@ def test_a_variant_the_folder_lacks_is_named_with_what_it_holds(tmp_path):
     assert models.weights_variant(tmp_path, "fp16") == "fp16"
     with pytest.raises(ModelLoadError, match=r"model.variant='bf16'.*holds: plain \(model.variant=null\), fp16$"):
         models.weights_variant(tmp_path, "bf16")
+    # sample/'s --variant: a folder without it loads its plain weights (a tuned export beside a base); with neither,
+    # the flag is named
+    assert models.weights_variant(tmp_path, "bf16", "--variant", fallback=True) is None
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"^--variant bf16, but .* holds no bf16 weights; it holds: fp16$"):
+        models.weights_variant(tmp_path, "bf16", "--variant", fallback=True)
 
 
 def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):

@@ -31,9 +31,11 @@ def prompts(tmp_path):
 
 def test_generate_writes_images_and_metadata_that_t2i_score_reads(prompts, tmp_path, capsys):
     out = tmp_path / "samples"
-    result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), *FAST])
+    # --variant: the toy folder holds no fp16 files, so its plain weights load (as a tuned export beside a base)
+    result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), "--variant", "fp16", *FAST])
     assert result["images"] == 6 and result["prompts"] == 3
     meta = [json.loads(s) for s in (out / "metadata.jsonl").read_text().splitlines()]
+    assert meta[0]["variant"] == "fp16"
     assert [m["seed"] for m in meta[:2]] == [0, 10_000]  # image k of prompt i: seed + 10000k + i
     assert all((out / m["file"]).is_file() for m in meta)
     from reward_models.cli import main as score
