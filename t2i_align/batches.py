@@ -25,10 +25,15 @@ def encode_images(components: Components, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _time_ids(components: Components, raw: Dict, side: str, resolution: int) -> Optional[torch.Tensor]:
+    """SDXL's time ids of a batch's images (data.time_ids): "fixed" as the pipeline samples, [R, R, 0, 0, R, R]
+    (official Diffusion-DPO, train.py's SDXL branch), or each image's true size and crop ("per_image")."""
     if not components.spec.uses_time_ids:
         return None
     suffix = f"_{side}" if side else ""  # pairs: _w / _l; image-caption data: none
-    return sdxl_time_ids(raw[f"original_size{suffix}"], raw[f"crop_top_left{suffix}"], (resolution, resolution))
+    size, crop = raw[f"original_size{suffix}"], raw[f"crop_top_left{suffix}"]
+    if components.time_ids == "fixed":
+        size, crop = (resolution, resolution), (0, 0)
+    return sdxl_time_ids(size, crop, (resolution, resolution), batch_size=len(raw[f"original_size{suffix}"]))
 
 
 def _embeds(components: Components, raw: Dict, device) -> PromptEmbeds:

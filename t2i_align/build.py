@@ -99,6 +99,7 @@ def build(cfg: Config, accelerator, objective) -> Built:
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
     components = load_components(cfg.model, device=accelerator.device)
+    components.time_ids = cfg.data.time_ids
     params, frozen = _trainable(cfg, components, objective.needs_reference)
     source = _source(cfg, components, accelerator, objective.batch_kind)
     # Different noise per process, reproducible per process, and the same whether a cache was just built or reused

@@ -222,6 +222,8 @@ class Components:
     """How `encode_prompts` turns prompts into conditioning ("clip77" or "segments"), wherever text is encoded."""
     users: Any = None
     """PPD: the `t2i_align.users.training.UserLookup` giving batches their user tokens (set when ppd.enabled)."""
+    time_ids: str = "fixed"
+    """SDXL: how training batches' micro-conditioning is computed (data.time_ids: "fixed" or "per_image")."""
 
     @property
     def vae_scale_factor(self) -> int:

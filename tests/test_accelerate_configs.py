@@ -165,8 +165,8 @@ def test_deepspeed_auto_settings_are_filled_from_the_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("clip", ["1.0", "0.3", "0"])
 def test_the_shipped_deepspeed_settings_pass_the_check(tmp_path, monkeypatch, clip):
     """deepspeed_zero2.yaml gets past the engine check (and then stops at the stand-in accelerator, once loading
-    starts) whatever train.max_grad_norm the run config sets (the shipped configs use 1.0, 0.3 and 0), and
-    DeepSpeed is told to clip there. It pinned 1.0 once, which refused configs/sdxl/dpo_full.yaml."""
+    starts) whatever train.max_grad_norm the run config sets (the shipped configs use 1.0 and 0.3; 0 turns
+    clipping off), and DeepSpeed is told to clip there. It pinned 1.0 once, which refused a run without clipping."""
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DeepSpeedPlugin
 

@@ -141,7 +141,8 @@ def test_list_where_a_list_belongs_is_required():
      ("model.attention=flash", "model.attention"), ("lora.rank=0", "lora.rank"), ("lora.dropout=1.0", "lora.dropout"),
      ("lora.init=pissa", "lora.init"), ("lora.target_modules=[]", "lora.target_modules"), ("seed=-1", "seed"),
      ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler"), ("train.lr_scheduler=piecewise_constant",
-                                                                  "train.lr_scheduler")],
+                                                                  "train.lr_scheduler"),
+     ("data.time_ids=true_size", "data.time_ids")],
 )
 def test_validation_failure_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError) as info:

@@ -300,3 +300,31 @@ def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
     assert said == [(f"data {path}: rows=5, used=2, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
                      "corrupt=0, no caption=1, empty caption=1; undecodable images are skipped as training meets "
                      "them (data_rows_skipped)", sys.stderr)]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "per_image"])
+def test_sdxl_time_ids_of_pair_and_image_batches(mode):
+    """data.time_ids: "fixed" conditions every image as the pipeline samples, [R, R, 0, 0, R, R], so both images of
+    a pair see one condition (the official Diffusion-DPO code); "per_image" gives each image its size before the
+    resize and its crop. R = 64 here (8 latent pixels x the VAE's 8)."""
+    from types import SimpleNamespace
+
+    from t2i_align.batches import to_image_batch, to_pair_batch
+
+    comps = SimpleNamespace(spec=SimpleNamespace(uses_time_ids=True), time_ids=mode, vae_scale_factor=8, users=None)
+    raw = {"latents_w": torch.zeros(2, 4, 8, 8), "latents_l": torch.zeros(2, 4, 8, 8),
+           "prompt_embeds": torch.zeros(2, 3, 5), "pooled_prompt_embeds": torch.zeros(2, 5),
+           "original_size_w": torch.tensor([[64, 96], [64, 64]]), "crop_top_left_w": torch.tensor([[0, 16], [0, 0]]),
+           "original_size_l": torch.tensor([[96, 64], [64, 64]]), "crop_top_left_l": torch.tensor([[16, 0], [0, 0]])}
+    pair = to_pair_batch(comps, raw, torch.device("cpu"))
+    image = to_image_batch(comps, {"latents": raw["latents_w"], "prompt_embeds": raw["prompt_embeds"],
+                                   "pooled_prompt_embeds": raw["pooled_prompt_embeds"],
+                                   "original_size": raw["original_size_w"], "crop_top_left": raw["crop_top_left_w"]},
+                           torch.device("cpu"))
+    if mode == "fixed":
+        want_w = want_l = [[64, 64, 0, 0, 64, 64]] * 2
+    else:
+        want_w = [[64, 96, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]
+        want_l = [[96, 64, 16, 0, 64, 64], [64, 64, 0, 0, 64, 64]]
+    assert pair.time_ids_w.tolist() == want_w and pair.time_ids_l.tolist() == want_l
+    assert image.time_ids.tolist() == want_w

@@ -119,14 +119,15 @@ def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path
 
 def test_the_official_sdxl_full_recipe_settings_train(tiny_model, pairs, tmp_path):
     """configs/sdxl/dpo_full.yaml's optimizer settings on the tiny model: Adafactor at a fixed LR with its own
-    update clipping (no parameter scaling, no relative step), no external clipping, the reference kept on the CPU
-    between calls. DPO's first loss is ln 2 (policy = reference) and the UNet moves."""
+    update clipping (no parameter scaling, no relative step), the gradient clipped at 1.0 as well (the official
+    train.py clips unless --use_adafactor is passed), the reference kept on the CPU between calls. DPO's first
+    loss is ln 2 (policy = reference) and the UNet moves."""
     from diffusers import StableDiffusionPipeline
 
     from t2i_align.optim import make_optimizer
 
     cfg = _cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=false", "train.optimizer=adafactor",
-               "train.max_grad_norm=0", "train.offload_reference=true", "train.max_steps=2", "train.log_every=1")
+               "train.max_grad_norm=1.0", "train.offload_reference=true", "train.max_steps=2", "train.log_every=1")
     adafactor = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train, lr=1e-3).defaults
     assert (adafactor["lr"], adafactor["scale_parameter"], adafactor["relative_step"], adafactor["clip_threshold"],
             adafactor["weight_decay"]) == (1e-3, False, False, 1.0, cfg.train.weight_decay)

@@ -154,6 +154,11 @@ class DataConfig:
     """"center" or "random" crop after the resize."""
     flip: str = "none"
     """Horizontal flips: "none", "independent" (each image of a pair, as the official SD1.5 code) or "joint"."""
+    time_ids: str = "fixed"
+    """SDXL's micro-conditioning of training images: "fixed" (every image as the pipeline samples, original size
+    = target size = resolution, crop (0, 0): the official Diffusion-DPO code; a pair's two images see one
+    condition) or "per_image" (each image's size before the resize and its crop, as diffusers' SDXL
+    text-to-image script; a pair's images then condition differently, which DPO's comparison does not expect)."""
     prompt_dropout: float = 0.0
     """Probability of replacing a caption by "" (official Diffusion-DPO: 0.2), for classifier-free guidance."""
     max_pairs: int = 0
@@ -174,6 +179,7 @@ class DataConfig:
         _check(self, "resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a multiple of 8, >= 8")
         _check_choice(self, "crop", ("center", "random"))
         _check_choice(self, "flip", ("none", "independent", "joint"))
+        _check_choice(self, "time_ids", ("fixed", "per_image"))
         _check(self, "prompt_dropout", 0.0 <= self.prompt_dropout < 1.0, "a number in [0, 1)")
         _check_at_least(self, ("max_pairs", "num_workers"), 0)
         _check_at_least(self, ("shuffle_window",), 1)
