@@ -216,16 +216,20 @@ def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
     return out
 
 
-def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic", floor_offset: bool = False
+                       ) -> torch.Tensor:
     """torchvision's Resize(size) (shortest side) + CenterCrop(size) as differentiable ops on [B, C, H, W];
-    antialiased like PIL when shrinking, not clamped, so gradients reach every pixel."""
+    antialiased like PIL when shrinking, not clamped, so gradients reach every pixel. `floor_offset`: the crop
+    starts at (n - size) // 2 as transformers' CLIP image processors (PickScore's); torchvision rounds half to
+    even, one pixel further when n - size ≡ 3 (mod 4), e.g. 832 x 1216 -> 224 x 327."""
     h, w = x.shape[-2:]
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     if (nh, nw) != (h, w):
         aa = interpolation in ("bilinear", "bicubic")
         x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=aa,
                           **({"align_corners": False} if aa else {}))
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    offset = (lambda n: (n - size) // 2) if floor_offset else (lambda n: int(round((n - size) / 2.0)))
+    top, left = offset(nh), offset(nw)
     return x[..., top:top + size, left:left + size]
 
 

@@ -1,7 +1,8 @@
 """CLIP score on any open_clip architecture (`clip`), and the toy world's learned CLIP score (`toy-clip`).
 
-Score convention: `scale · cos(image, text)` with scale = 100 by default, i.e. the CLIPScore of Hessel et al.
-2021 (arXiv 2104.08718) / torchmetrics *without* the clamp at 0 (the clamp kills gradients). Radford et al. 2021
+Score convention: `scale · cos(image, text)` with scale = 100 by default, per image: torchmetrics' CLIPScore
+*without* its clamp at 0 (it clamps the batch mean, so non-negative means agree; a clamp would kill gradients).
+Hessel et al. 2021 (arXiv 2104.08718) define CLIP-S as 2.5 · max(cos, 0): scale=2.5 where cos > 0. Radford et al. 2021
 (arXiv 2103.00020) for the model; open_clip (github.com/mlfoundations/open_clip) for the architectures.
 
 Weights (`checkpoint=`): a state_dict file in open_clip's layout (.safetensors / .pt / .bin) for `arch`; an

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .base import PathLike, Reward, RewardOutput, WeightsNotFoundError, load_checked, load_state_dict_file, \
-    register, require_path, without_random_init
+    register, require_path, resize_center_crop, without_random_init
 from .clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 
 # transformers name -> open_clip name, inside one transformer block
@@ -130,7 +131,8 @@ class HFClipEncoder(ClipEncoder):
     """transformers `CLIPModel` + its tokenizer."""
 
     def __init__(self, model, tokenizer, pre: Dict[str, Any], **kw):
-        super().__init__(model, pre["size"], pre["mean"], pre["std"], pre["interpolation"], **kw)
+        super().__init__(model, pre["size"], pre["mean"], pre["std"], pre["interpolation"],
+                         resize=partial(resize_center_crop, floor_offset=True), **kw)  # the processor's crop
         self.tokenizer = tokenizer
         self.context_length = model.config.text_config.max_position_embeddings
 

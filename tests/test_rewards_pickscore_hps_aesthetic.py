@@ -1,13 +1,15 @@
 """pickscore, hpsv2, aesthetic and the transformers-CLIP <-> open_clip converters, on tiny random models."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from reward_models import get_reward
 from reward_models.aesthetic import AestheticHead
-from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, load_checked
+from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, load_checked, preprocess_images
 from reward_models.clip import OPENAI_MEAN, OPENAI_STD
 from reward_models.pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, open_clip_to_hf_clip
 
@@ -74,6 +76,19 @@ def test_pickscore_matches_logit_scale_times_cosine(hf_folder):
     expected = model.logit_scale.exp() * _hf_direct(model, images, PROMPTS, AutoTokenizer.from_pretrained(folder))
     torch.testing.assert_close(scores, expected.detach(), atol=1e-4, rtol=1e-4)
     assert info["truncated"] == 1
+
+
+def test_pickscore_crops_where_the_transformers_processor_does(hf_folder):
+    """A 32 x 43 image at crop size 32: transformers' CLIP processor starts the crop at column (43 - 32) // 2 = 5,
+    torchvision's rounding at 6 (it moved SDXL's 832 x 1216 images by a pixel)."""
+    from transformers import CLIPImageProcessor
+
+    _, folder = hf_folder
+    encoder = get_reward("pickscore", model_dir=str(folder), device="cpu").encoder
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 43, 3), dtype=np.uint8))
+    theirs = CLIPImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"]
+    ours = preprocess_images([image], 32, encoder.mean, encoder.std, torch.device("cpu"), resize=encoder.resize)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 def test_pickscore_gradients_and_missing_folder(hf_folder, tmp_path):
