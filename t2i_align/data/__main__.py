@@ -1,14 +1,19 @@
 """python -m t2i_align.data pairs | captions: your own data, image files listed in a JSONL or CSV file, as the
-parquet the loop reads.
+parquet the loop reads; relabel: pairs labelled by a reward model instead of people (AI feedback).
 
   python -m t2i_align.data pairs --from my_pairs.jsonl --out data/mine     # then data.path=data/mine/pairs.parquet
   python -m t2i_align.data captions --from long.jsonl --out data/long      # data.kind=captions (LongAlign stage 1)
+  python -m t2i_align.data relabel --pairs data/pickapic --reward pickscore --option pickscore.model_dir=/w/PS \
+      --option pickscore.processor_dir=/w/clip-h --device cuda --out data/pickapic-ps   # data.path=data/pickapic-ps
 
 pairs: each JSONL object or CSV row has caption (or prompt), and image_w + image_l (winner, loser) or image_0 +
 image_1 + label_0 (1: image_0 preferred, 0: image_1, 0.5: tie); optional user_id (PPD), model_0, model_1.
 captions: caption (or prompt) and image. Image paths are relative to --image-root (default: the listing's
 folder) and must stay inside it. Unusable rows are skipped and counted (the counts are printed as JSON and saved
 beside the parquet).
+relabel: every pair scored by --reward (any t2i-score reward), label_0 = which image scored higher, the human
+label kept as human_label_0 (see t2i_align/data/relabel.py); human ties dropped unless --keep-human-ties, as the
+official Diffusion-DPO code. OUT/relabel.json: counts and the agreement with the human labels.
 """
 from __future__ import annotations
 
@@ -34,7 +39,47 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--row-group-size", type=int, default=500,
                        help="rows per parquet row group (the streaming reader's unit; 100-1,000 suit large data)")
         s.add_argument("--overwrite", action="store_true", help=f"replace an existing OUT/{kind}.parquet")
+    _relabel_parser(sub)
     return p
+
+
+def _relabel_parser(sub) -> None:
+    s = sub.add_parser("relabel", help="Pick-a-Pic-format pairs labelled by a reward model, to OUT/")
+    s.add_argument("--pairs", required=True, help="a Pick-a-Pic-format parquet file or folder of them")
+    s.add_argument("--reward", required=True, help="the reward that decides (a t2i-score name: pickscore, hpsv2 ...)")
+    s.add_argument("--option", action="append", metavar="NAME.KEY=VALUE", help="reward option, as in t2i-score")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the reward's)")
+    s.add_argument("--batch-size", type=int, default=32, help="pairs read and scored at a time (default 32)")
+    s.add_argument("--keep-human-ties", action="store_true", help="relabel pairs people called a tie too")
+    s.add_argument("--out", required=True, help="output folder: one relabelled file per input file, relabel.json")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="keep the files an earlier run finished in OUT")
+    group.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in OUT")
+
+
+def _relabel(args) -> int:
+    from reward_models.cli import UsageError, load_rewards, parse_options
+
+    from ..files import check_output_path
+    from .pairs import find_parquet_files
+    from .relabel import relabel
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        files = find_parquet_files(args.pairs)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--pairs {args.pairs}: {err}") from None
+    out = Path(args.out)
+    earlier = [out / f.name for f in files] + [out / "relabel.json"]
+    check_output_path(out, "--out", folder=True, inputs={"--pairs": args.pairs},
+                      replaces=[] if args.resume else earlier, overwrite=args.overwrite)
+    name = args.reward.strip()
+    reward = load_rewards([name], parse_options(args.option or [], [name]), args.device)[name]
+    summary = relabel(Path(args.pairs), out, name, reward, resume=args.resume, rows_per_read=args.batch_size,
+                      keep_human_ties=args.keep_human_ties, log=lambda message: print(message, file=sys.stderr))
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _import(args) -> int:
@@ -58,7 +103,7 @@ def _import(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    return run_cli(lambda: _import(args))
+    return run_cli(lambda: _relabel(args) if args.command == "relabel" else _import(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""AI feedback: Pick-a-Pic-format pairs relabelled by a reward model (Diffusion-DPO's `--choice_model`, Wallace et
+al. 2023, "Learning from AI feedback": PickScore's labels beat the human ones on SD1.5).
+
+The official train.py drops the human ties, then at every step scores the pair's two images with the caption
+(batch size 1) and trains on the higher-scored one as the winner. The same verdicts are computed once here and
+written as a new data set, so a run reads it as any pair data (`data.path=OUT`) and the reward runs once, not
+every epoch: label_0 = 1 if reward(jpg_0) > reward(jpg_1), 0 if lower, 0.5 if equal (a tie, which training drops
+by default; the official code would keep jpg_0 first). Every input column is kept; the human label moves to
+`human_label_0` (kept from the input when it is already a relabelled file), the scores are added as `reward_0`
+and `reward_1`. One output file per input file, of the same name, each written whole (temporary file, then
+rename), so `resume` keeps the finished ones. A row whose image does not decode, or that the reward cannot
+score, is skipped and counted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import UserError
+from ..stats import wilson_interval
+from .listings import write_rows_parquet
+from .pairs import find_parquet_files, label_problem
+
+ADDED = (("human_label_0", pa.float64()), ("reward_0", pa.float64()), ("reward_1", pa.float64()))
+
+
+def output_schema(schema: pa.Schema) -> pa.Schema:
+    """The input's columns, labels as float64 (a tie is 0.5), plus human_label_0, reward_0 and reward_1."""
+    fields = [pa.field(f.name, pa.float64()) if f.name in ("label_0", "label_1") else f
+              for f in schema if f.name not in ("reward_0", "reward_1")]
+    names = [f.name for f in fields]
+    fields += [pa.field("label_0", pa.float64())] if "label_0" not in names else []
+    return pa.schema(fields + [pa.field(n, t) for n, t in ADDED if n not in names])
+
+
+def verdict(score_0: float, score_1: float) -> float:
+    """label_0 from the two scores: 1.0 (jpg_0 preferred), 0.0 or 0.5 (equal)."""
+    return 1.0 if score_0 > score_1 else 0.0 if score_0 < score_1 else 0.5
+
+
+def new_counts() -> Dict[str, Any]:
+    return {"rows": 0, "written": 0, "skipped": {"human_tie": 0, "unreadable_image": 0, "not_scored": 0},
+            "reward_ties": 0, "human_labelled": 0, "agree_with_human": 0}
+
+
+def _human_label(row: Dict[str, Any]) -> Optional[float]:
+    """The row's human label_0 (None when unlabelled or invalid); a relabelled file keeps its human_label_0."""
+    if "human_label_0" in row:
+        return row["human_label_0"]
+    return None if label_problem(row.get("label_0"), row.get("has_label")) else float(row["label_0"])
+
+
+def _scored(reward_name: str, reward, rows: List[Dict[str, Any]], counts: Dict[str, Any]) -> Iterator[Dict]:
+    """The relabelled rows of one record batch (both images of every row scored in one call of score_items)."""
+    from reward_models.cli import Item, score_items
+
+    items = [Item({"i": i, "side": side}, "" if r["caption"] is None else str(r["caption"]), r[f"jpg_{side}"])
+             for i, r in enumerate(rows) for side in (0, 1)]
+    scores, _ = score_items({reward_name: reward}, items, batch_size=len(items))
+    for i, row in enumerate(rows):
+        pair = scores[2 * i: 2 * i + 2]
+        if any("unreadable" in (s.get("error") or "") for s in pair):
+            counts["skipped"]["unreadable_image"] += 1
+            continue
+        s0, s1 = (s[reward_name] for s in pair)
+        if s0 is None or s1 is None:
+            counts["skipped"]["not_scored"] += 1
+            continue
+        yield _relabelled(row, s0, s1, counts)
+
+
+def _relabelled(row: Dict[str, Any], s0: float, s1: float, counts: Dict[str, Any]) -> Dict[str, Any]:
+    human, label = _human_label(row), verdict(s0, s1)
+    counts["reward_ties"] += label == 0.5
+    if human in (0.0, 1.0) and label != 0.5:
+        counts["human_labelled"] += 1
+        counts["agree_with_human"] += human == label
+    out = {**row, "human_label_0": human, "reward_0": s0, "reward_1": s1, "label_0": label}
+    out.update({"label_1": 1.0 - label} if "label_1" in row else {})
+    out.update({"has_label": True} if "has_label" in row else {})
+    return out
+
+
+def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[str, Any], rows_per_read: int = 32,
+                 keep_human_ties: bool = False, row_group_size: int = 500,
+                 progress: Callable[[int], object] = lambda n: None) -> None:
+    """One parquet file relabelled into `dst` (written whole or not at all)."""
+    pf = pq.ParquetFile(src)
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        for batch in pf.iter_batches(batch_size=max(1, rows_per_read)):
+            read = batch.to_pylist()
+            counts["rows"] += len(read)
+            keep = [r for r in read if keep_human_ties or _human_label(r) != 0.5]
+            counts["skipped"]["human_tie"] += len(read) - len(keep)
+            yield from _scored(reward_name, reward, keep, counts) if keep else ()
+            progress(len(read))
+
+    counts["written"] += write_rows_parquet(rows(), dst, row_group_size, schema=output_schema(pf.schema_arrow))
+
+
+def relabel(pairs: Path, out: Path, reward_name: str, reward, resume: bool = False, log=print, **options
+            ) -> Dict[str, Any]:
+    """Every parquet file of `pairs` (a file or folder) relabelled into folder `out`; returns the counts, also
+    written to out/relabel.json."""
+    from tqdm.auto import tqdm
+
+    from ..files import write_json_atomic
+
+    files = find_parquet_files(pairs)
+    for f in files:
+        lacking = [c for c in ("caption", "jpg_0", "jpg_1") if c not in pq.ParquetFile(f).schema_arrow.names]
+        if lacking:
+            raise UserError(f"{f} lacks column(s) {lacking}: relabelling needs Pick-a-Pic-format pairs")
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [f for f in files if not (resume and (out / f.name).is_file())]
+    if len(todo) < len(files):
+        log(f"resume: {len(files) - len(todo)} of {len(files)} files already relabelled in {out}, kept")
+    counts = new_counts()
+    with tqdm(total=sum(pq.ParquetFile(f).metadata.num_rows for f in todo), unit="pair", desc="relabel") as bar:
+        for f in todo:
+            relabel_file(f, out / f.name, reward_name, reward, counts, progress=bar.update, **options)
+    summary = {"reward": reward_name, "files": len(todo), "files_kept": len(files) - len(todo), **counts}
+    summary["agreement_with_human"] = _agreement(counts)
+    write_json_atomic(out / "relabel.json", summary)
+    return summary
+
+
+def _agreement(counts: Dict[str, Any]) -> Dict[str, Any]:
+    """How often the reward's verdict is the human one, over pairs with a human winner and no reward tie."""
+    n, k = counts["human_labelled"], counts["agree_with_human"]
+    if not n:
+        return {"n": 0, "rate": None, "low": None, "high": None}
+    low, high = wilson_interval(k / n, n)
+    return {"n": n, "rate": k / n, "low": low, "high": high}

@@ -1,0 +1,109 @@
+"""python -m t2i_align.data relabel: pairs labelled by a reward (AI feedback), on toy renders judged by toy-judge."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from t2i_align.config import DataConfig
+from t2i_align.data.__main__ import main
+from t2i_align.data.pairs import load_pairs
+from t2i_align.data.relabel import verdict
+from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+from t2i_align.toy.scenes import all_scenes, render, short_caption
+
+SCENES = all_scenes()[::37][:4]
+
+
+def _rows():
+    """Rows 0-3: the caption's render against another scene's, the render on side 0 for even rows; the people got
+    row 3 wrong. Row 4: a human tie. Row 5: jpg_1 does not decode. Row 6: a caption toy-judge cannot read."""
+    rows = []
+    for i, scene in enumerate(SCENES):
+        good, wrong = jpeg_bytes(render(scene)), jpeg_bytes(render(SCENES[(i + 1) % len(SCENES)]))
+        first, second, label = (good, wrong, 1.0) if i % 2 == 0 else (wrong, good, 0.0)
+        rows.append({"caption": short_caption(scene), "jpg_0": first, "jpg_1": second, "label_0": label,
+                     "label_1": 1.0 - label, "user_id": 7, "are_different": True, "has_label": True,
+                     "model_0": "a", "model_1": "b", "ranking_id": i})
+    rows[3]["label_0"], rows[3]["label_1"] = 1.0, 0.0
+    rows.append({**rows[0], "label_0": 0.5, "label_1": 0.5, "ranking_id": 4})
+    rows.append({**rows[0], "jpg_1": b"not a jpeg", "ranking_id": 5})
+    rows.append({**rows[0], "caption": "a photograph of a dog", "ranking_id": 6})
+    return rows
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_parquet(_rows(), folder / "part-0.parquet")
+    return folder
+
+
+def _relabel(capsys, *argv):
+    code = main(["relabel", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_verdict_by_hand():
+    assert (verdict(0.7, 0.2), verdict(-1.0, 3.0), verdict(0.25, 0.25)) == (1.0, 0.0, 0.5)
+
+
+def test_the_judge_relabels_pairs_keeping_every_column(pairs, tmp_path, capsys):
+    out = tmp_path / "ai"
+    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--batch-size", 3)
+    assert code == 0
+    assert (summary["rows"], summary["written"], summary["reward_ties"]) == (7, 4, 0)
+    assert summary["skipped"] == {"human_tie": 1, "unreadable_image": 1, "not_scored": 1}
+    assert summary["agreement_with_human"]["n"] == 4 and summary["agreement_with_human"]["rate"] == 0.75
+    assert json.loads((out / "relabel.json").read_text()) == summary
+    table = pq.read_table(out / "part-0.parquet").to_pylist()
+    assert [r["ranking_id"] for r in table] == [0, 1, 2, 3]
+    assert [r["label_0"] for r in table] == [1.0, 0.0, 1.0, 0.0]  # the caption's render wins, row 3 included
+    assert [r["human_label_0"] for r in table] == [1.0, 0.0, 1.0, 1.0]
+    assert all(r["label_1"] == 1 - r["label_0"] and r["user_id"] == 7 and r["model_1"] == "b" for r in table)
+    assert all((r["reward_0"] > r["reward_1"]) == (r["label_0"] == 1.0) for r in table)
+    assert table[0]["jpg_0"] == _rows()[0]["jpg_0"]  # image bytes as they were
+    # training reads it as any pair data; relabelling the output again keeps the people's labels
+    assert len(load_pairs(DataConfig(path=str(out)), seed=0)) == 4
+    code, again, _ = _relabel(capsys, "--pairs", out, "--reward", "toy-judge", "--out", tmp_path / "again")
+    assert code == 0 and again["agreement_with_human"]["rate"] == 0.75
+    assert [r["human_label_0"] for r in pq.read_table(tmp_path / "again" / "part-0.parquet").to_pylist()] == \
+        [1.0, 0.0, 1.0, 1.0]
+
+
+def test_human_ties_can_be_relabelled(pairs, tmp_path, capsys):
+    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", tmp_path / "ai",
+                                "--keep-human-ties")
+    assert code == 0 and summary["written"] == 5 and summary["skipped"]["human_tie"] == 0
+    tie = [r for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist() if r["ranking_id"] == 4]
+    assert tie[0]["human_label_0"] == 0.5 and tie[0]["label_0"] == 1.0
+
+
+def test_an_earlier_output_is_kept_unless_resumed_or_overwritten(pairs, tmp_path, capsys):
+    out = tmp_path / "ai"
+    assert _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)[0] == 0
+    before = (out / "part-0.parquet").stat().st_mtime_ns
+    code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    code, summary, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
+    assert code == 0 and summary["files_kept"] == 1 and summary["rows"] == 0 and "already relabelled" in err
+    assert (out / "part-0.parquet").stat().st_mtime_ns == before
+    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--overwrite")
+    assert code == 0 and summary["written"] == 4 and (out / "part-0.parquet").stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize("case, told", [
+    ("out_is_input", "would delete it"), ("no_images", "lacks column(s) ['jpg_0', 'jpg_1']"),
+    ("missing", "does not exist"), ("unknown_reward", "bad --reward"), ("batch", "--batch-size must be >= 1")])
+def test_mistakes_are_one_error_line_and_write_nothing(pairs, tmp_path, capsys, case, told):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pq.read_table(pairs / "part-0.parquet").drop(["jpg_0", "jpg_1"]), bad / "x.parquet")
+    given = {"out_is_input": [pairs, "toy-judge", pairs], "no_images": [bad, "toy-judge", tmp_path / "o"],
+             "missing": [tmp_path / "nowhere", "toy-judge", tmp_path / "o"],
+             "unknown_reward": [pairs, "nope", tmp_path / "o"], "batch": [pairs, "toy-judge", tmp_path / "o"]}[case]
+    extra = ["--batch-size", 0] if case == "batch" else []
+    code, _, err = _relabel(capsys, "--pairs", given[0], "--reward", given[1], "--out", given[2], *extra)
+    assert code == 2 and told in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in pairs.iterdir()) == ["part-0.parquet"]
