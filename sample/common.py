@@ -87,13 +87,14 @@ def check_rewards_read(rewards, prompts) -> None:
         reward.check_prompts(prompts)
 
 
-def check_models(sides) -> None:
+def check_models(sides) -> dict:
     """Before sampling: every side ({"tuned" or "base": (model, lora, text encoding)}) can be loaded as asked (a
-    typo in the tuned side's --lora was found after the base had been sampled)."""
+    typo in the tuned side's --lora was found after the base had been sampled). Returns {side: the text encoding
+    it samples in} (the one recorded with the weights where the flag left it open), for the scripts' records."""
     from t2i_align.sampling import check_weights
 
-    for side, (model, lora, encoding) in sides.items():
-        check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model")
+    return {side: check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model")[1].kind
+            for side, (model, lora, encoding) in sides.items()}
 
 
 def add_user_args(p: argparse.ArgumentParser) -> None:

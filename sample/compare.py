@@ -79,8 +79,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "
               "statistics (win rate 0.5); to judge a tuned model give its --lora, or --base the original",
               file=sys.stderr)
-    check_models({"tuned": (args.model, args.lora, args.text_encoding),
-                  "base": (args.base, args.base_lora, args.base_text_encoding)})
+    encodings = check_models({"tuned": (args.model, args.lora, args.text_encoding),
+                              "base": (args.base, args.base_lora, args.base_text_encoding)})
+    args.text_encoding, args.base_text_encoding = encodings["tuned"], encodings["base"]  # as sampled, in --out
     if args.alpha is not None:
         raise UsageError("--alpha: compare runs one user at a time (each --user in turn); interpolate with "
                          "sample/generate.py")

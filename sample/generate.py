@@ -51,7 +51,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     inputs = {"--lora": args.lora, **({} if args.model == "toy" else {"--model": args.model})}
     check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
                       overwrite=args.overwrite)
-    check_models({"tuned": (args.model, args.lora, args.text_encoding)})  # named by their flags if wrong
+    # named by their flags if wrong; the encoding recorded with the weights goes into metadata.jsonl
+    args.text_encoding = check_models({"tuned": (args.model, args.lora, args.text_encoding)})["tuned"]
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args)
     user = user_choice_from(args)

@@ -285,10 +285,12 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
         user_table.save(tmp / USER_TABLE_NAME)
     # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
     from .conditioning.text import write_text_encoding
-    from .sampling import pipeline_components
+    from .sampling import pipeline_components, write_base_model
 
-    encoding = pipeline_components(pipeline).text_encoding
-    write_text_encoding(tmp, encoding.kind, encoding.token_budget)
+    components = pipeline_components(pipeline)
+    write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
+    if adapters:  # sampling warns when they are applied to another model folder
+        write_base_model(tmp, components.path)
     return replace_dir(tmp, out)
 
 

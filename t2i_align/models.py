@@ -321,7 +321,8 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
     except ModelLoadError:  # unknown pipeline class: trust the user
         return FAMILIES[name]
     if detected.name != name:
-        raise ModelLoadError(f"model.family={name} but {path}/model_index.json is a {detected.name} pipeline")
+        raise ModelLoadError(f"model.family={name} but {path}/model_index.json is a {detected.name} pipeline: set "
+                             f"model.family={detected.name} (or auto, to read it from the folder)")
     return detected
 
 

@@ -12,6 +12,8 @@ evaluate) conditions the UNet exactly as training did.
 """
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
@@ -137,7 +139,33 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
             except (SafetensorError, OSError) as err:
                 raise ModelLoadError(f"LoRA weights {weights} are not a safetensors file ({err}): give "
                                      "pytorch_lora_weights.safetensors or the folder holding it") from None
+    if lora is not None:
+        warn_other_base(path, lora)
     return path, recorded_text_encoding(path, lora, text_encoding)
+
+
+BASE_MODEL_FILE = "t2i_align_base_model.json"
+"""Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
+
+
+def write_base_model(folder: Path, model_dir: Path) -> None:
+    from .files import write_json_atomic
+
+    write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve())})
+
+
+def warn_other_base(model_dir: Path, lora: Path) -> None:
+    """Warn when adapters recorded as trained on another model folder are applied to `model_dir`: the adapters
+    then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder)."""
+    record = (lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE
+    try:
+        trained_on = json.loads(record.read_text(encoding="utf-8"))["pretrained"]
+    except (OSError, ValueError, KeyError, TypeError):  # no record (older exports, other tools): nothing to check
+        return
+    if Path(trained_on).resolve() != Path(model_dir).resolve():
+        warnings.warn(f"{lora} was trained on {trained_on}, and is applied to {model_dir}: unless that is the same "
+                      "model, the samples are not what trained (LongAlign stage 2: give stage 1's merged folder)",
+                      stacklevel=2)
 
 
 def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None,

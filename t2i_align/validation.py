@@ -82,8 +82,10 @@ class Validator:
             # the run's autocast, as in training, rather than only accelerate's wrapper on the prepared UNet's
             # forward (the fp32 UNet beside fp16 text encoders fails without one)
             with autocast(self.accelerator):
+                size = self.cfg.raft.resolution if self.cfg.raft.enabled else self.cfg.data.resolution  # as trained
                 return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
                                 guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens,
+                                height=size, width=size,
                                 retry_oom=not is_fsdp(self.accelerator))
         finally:
             unet.train(was_training)

@@ -412,3 +412,17 @@ def test_image_caption_data_caches_its_latents_sizes_and_dropout_draws(tmp_path)
     assert 0 < sum(cached[j]["caption"] == "" for j in range(11)) < 11
     again = build(data(), FakeEncoders(), tmp_path / "cache")
     assert again.folder == cached.folder and isinstance(again.stats, type(plain.stats))
+
+
+def test_a_cache_with_random_augmentation_says_it_is_drawn_once():
+    """PPD's shipped configs asked for random flips with data.cache=true and got one fixed draw without a word."""
+    from types import SimpleNamespace
+
+    from t2i_align.config import DataConfig
+    from t2i_align.data.sources import note_frozen_augmentation
+
+    said = []
+    accelerator = SimpleNamespace(print=lambda message, file=None: said.append(message))
+    note_frozen_augmentation(accelerator, DataConfig(flip="independent", crop="random"))
+    note_frozen_augmentation(accelerator, DataConfig(flip="none", crop="center"))
+    assert len(said) == 1 and "data.flip=independent and data.crop=random are drawn once" in said[0]

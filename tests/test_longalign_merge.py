@@ -1,5 +1,7 @@
 """Merging a stage-1 LoRA into its base (LongAlign's `collapse_lora` before stage 2): the merged pipeline's UNet
 computes what base + LoRA computes, and it keeps the LoRA's text encoding."""
+import warnings
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
     from t2i_align.merge import merge_lora
     from t2i_align.adapters import add_lora
     from t2i_align.models import build_pipeline, load_components
-    from t2i_align.sampling import load_pipeline, pipeline_components
+    from t2i_align.sampling import check_weights, load_pipeline, pipeline_components
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     cfg = load_config(None, [f"model.pretrained={model}", "model.text_encoding.kind=segments", "lora.enabled=true",
@@ -46,3 +48,10 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
         with pytest.raises(UserError, match=f"is or holds {flag}"):
             merge_lora(model, lora_file, out, overwrite=True)
     assert lora_file.is_file() and (model / "model_index.json").is_file()  # both inputs untouched
+    # a LoRA applied to another model folder than it trained on (stage 2's on stage 1's merge) is named
+    with pytest.warns(UserWarning, match=f"was trained on {model.resolve()}, and is applied to {merged}"):
+        check_weights(merged, final)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_weights(model, final)
+    assert not [w for w in caught if "was trained on" in str(w.message)]

@@ -35,7 +35,7 @@ def test_generate_writes_images_and_metadata_that_t2i_score_reads(prompts, tmp_p
     result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), "--variant", "fp16", *FAST])
     assert result["images"] == 6 and result["prompts"] == 3
     meta = [json.loads(s) for s in (out / "metadata.jsonl").read_text().splitlines()]
-    assert meta[0]["variant"] == "fp16"
+    assert meta[0]["variant"] == "fp16" and meta[0]["text_encoding"] == "clip77"  # as sampled, not the flag's None
     assert [m["seed"] for m in meta[:2]] == [0, 10_000]  # image k of prompt i: seed + 10000k + i
     assert all((out / m["file"]).is_file() for m in meta)
     from reward_models.cli import main as score
@@ -98,7 +98,7 @@ def test_the_base_model_defaults_to_the_tuned_models_folder(script, tmp_path, mo
 
     monkeypatch.setattr(evaluation, "sample_model", sample_model)
     monkeypatch.setattr(module, "load_reward_set", lambda *a, **k: {}, raising=False)
-    monkeypatch.setattr(module, "check_models", lambda sides: None)  # the folders do not exist
+    monkeypatch.setattr(module, "check_models", lambda sides: dict.fromkeys(sides))  # the folders do not exist
     with pytest.raises(SystemExit):
         module.main(["--model", str(tmp_path / "sd15"), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "o"),
                      "--prompts", "toy:heldout"])

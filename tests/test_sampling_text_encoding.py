@@ -171,14 +171,14 @@ def test_sample_scripts_take_text_encoding(tmp_path, capsys):
     result = gen.main(["--model", str(tuned), "--out", str(tmp_path / "s"), *fast])
     assert result["images"] == 4
     meta = json.loads((tmp_path / "s" / "metadata.jsonl").read_text().splitlines()[0])
-    assert meta["text_encoding"] is None  # None: the recorded one was used
+    assert meta["text_encoding"] == "segments"  # the recorded one, used and written down
     run = _script("common").run_cli
     assert run(lambda: gen.main(["--model", str(tuned), "--text-encoding", "clip77", "--out", str(tmp_path / "x"),
                                  *fast])) == 2
     assert "tuned with text encoding 'segments'" in capsys.readouterr().err
     compared = _script("compare").main(["--base", str(base), "--model", str(tuned), "--base-text-encoding", "segments",
                                         *fast])
-    assert compared["base"]["text_encoding"] == "segments" and compared["tuned"]["text_encoding"] is None
+    assert compared["base"]["text_encoding"] == "segments" and compared["tuned"]["text_encoding"] == "segments"
 
 
 def test_toy_cli_takes_text_encoding(tmp_path):

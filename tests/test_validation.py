@@ -1,5 +1,6 @@
 """Validation galleries: the base column is the original model, sampled where the pipeline runs; a validation
 reward that cannot read the prompts stops the run at start-up (issue 10, bugs 4 and 8)."""
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -143,3 +144,21 @@ def test_base_column_after_resuming_a_full_fine_tune_is_the_original_model(tmp_p
     train(_cfg(model, data, tmp_path / "run", *common, "train.max_steps=4", "train.resume=latest"))
     assert len(bases) == 2
     torch.testing.assert_close(bases[1], bases[0], rtol=0, atol=1e-6)  # both runs' base: the untrained UNet
+
+
+@pytest.mark.parametrize("overrides, size", [(["data.resolution=48"], 48),
+                                             (["raft.enabled=true", "raft.prompts=toy:train", "raft.resolution=24"],
+                                              24)])
+def test_the_gallery_samples_at_the_training_resolution(monkeypatch, overrides, size):
+    """At data.resolution (RAFT: raft.resolution), not the UNet's default size: SD1.5 trained at 256 or SDXL at 512
+    had galleries at 512 / 1024, sizes never trained."""
+    import t2i_align.validation as validation
+
+    seen = []
+    monkeypatch.setattr(validation, "build_pipeline", lambda components, unet: SimpleNamespace(
+        set_progress_bar_config=lambda **kw: None))
+    monkeypatch.setattr(validation, "generate", lambda *a, **kw: seen.append((kw["height"], kw["width"])))
+    monkeypatch.setattr(validation, "autocast", lambda accelerator: contextlib.nullcontext())
+    accelerator = SimpleNamespace(**vars(MAIN), distributed_type="NO")
+    _validator(*overrides, prompts=[TOY_CAPTION], accelerator=accelerator)._sample(torch.nn.Linear(1, 1))
+    assert seen == [(size, size)] * 2  # a full fine-tune without a reference samples its base at construction

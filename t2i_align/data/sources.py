@@ -171,6 +171,15 @@ def report_rows(accelerator, path, stats, cached: bool) -> None:
     say(accelerator, f"data {path}{' (cached)' if cached else ''}: {stats.summary()}{later}")
 
 
+def note_frozen_augmentation(accelerator, data) -> None:
+    """A cache holds one crop and flip per image, drawn when it was built: say so when the settings ask for random
+    ones (a config asking for random flips with a cache got one fixed draw without a word)."""
+    random = [f"data.{k}={v}" for k, v in (("flip", data.flip), ("crop", data.crop)) if v not in ("none", "center")]
+    if random:
+        say(accelerator, f"note: with data.cache=true, {' and '.join(random)} are drawn once, when the cache was "
+                         "built, and stay fixed over epochs; data.cache=false draws them afresh every epoch")
+
+
 def cached_data(cfg, components, accelerator, dataset):
     """`dataset` (pairs or image-caption rows) as latents and embeddings, from the cache in data.cache_dir, which
     the run's processes build together if it is not there yet."""
@@ -179,4 +188,5 @@ def cached_data(cfg, components, accelerator, dataset):
     enc_images, enc_prompts = _cache_encoders(components, accelerator.device)
     cached = build_or_load_cache(dataset, enc_images, enc_prompts, root, key, team=_team(accelerator))
     cached.prompt_dropout = cfg.data.prompt_dropout
+    note_frozen_augmentation(accelerator, cfg.data)
     return cached

@@ -128,6 +128,7 @@ def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Opti
     try:
         check_user_tokens(pipe.unet, tokens)
     except ValueError as err:
+        hint = " (--user-shots embeds with the toy world's encoder: toy models only)" if choice.shots else ""
         raise UserBranchError(f"{err}: the user embedding does not fit the trained branch (another encoder, "
-                              "layer selection or table?)") from None
+                              f"layer selection or table?){hint}") from None
     return tokens

@@ -161,7 +161,8 @@ class UserTable:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no user table at {path}; build one and save it with UserTable.save")
+            raise FileNotFoundError(f"no user table at {path}: set ppd.table (or --user-table) to the "
+                                    "user_table.safetensors that `python -m t2i_align.users embed` writes")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta, names = f.metadata() or {}, set(f.keys())
