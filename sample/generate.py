@@ -45,6 +45,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = p.parse_args(argv)
     from t2i_align.evaluation import sample_model
     from t2i_align.files import check_output_path
+    from t2i_align.models import resolve_pretrained
+    from t2i_align.weight_files import weights_variant
     from t2i_align.prompts import read_prompts
 
     out = Path(args.out)
@@ -58,6 +60,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     user = user_choice_from(args)
     samples = sample_model(args.model, args.lora, prompts, settings, args.device, args.text_encoding, user=user)
     meta = {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding, **settings.as_dict()}
+    meta["variant"] = weights_variant(resolve_pretrained(args.model, key="--model"), args.variant, "--variant",
+                                      fallback=True)  # the weights loaded (--variant falls back to plain ones)
     if user.given:
         meta["user"] = {"ids": user.ids, "alpha": user.alpha, "table": user.table, "shots": user.shots,
                         "scale": user.scale}

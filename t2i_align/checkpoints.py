@@ -265,13 +265,15 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     return final
 
 
-def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, user_table=None) -> Path:
+def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, user_table=None,
+                 base_model: Optional[str] = None) -> Path:
     """`final/`, renamed into place when complete. Adapters (`adapters`): pytorch_lora_weights.safetensors when
     LoRA trained (`pipe.load_lora_weights`) and user_branch.safetensors when PPD's user branch did (plain
     diffusers: `pipe.load_ip_adapter(final, subfolder="", weight_name="user_branch.safetensors",
     image_encoder_folder=None)`). Full fine-tune: a pipeline folder with the tuned unet/ (`from_pretrained`), a
     user branch, if any, saved beside it rather than inside unet/. `user_table` (PPD) is copied to
-    final/user_table.safetensors, so the folder holds everything needed to sample for a user."""
+    final/user_table.safetensors, so the folder holds everything needed to sample for a user. Adapters record the
+    model they trained on (`base_model`: model.pretrained as given, and its folder) for `sampling.warn_other_base`."""
     out = Path(output_dir) / "final"
     tmp = Path(output_dir) / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -290,7 +292,7 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     components = pipeline_components(pipeline)
     write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
     if adapters:  # sampling warns when they are applied to another model folder
-        write_base_model(tmp, components.path)
+        write_base_model(tmp, components.path, base_model)
     return replace_dir(tmp, out)
 
 

@@ -140,7 +140,7 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
                 raise ModelLoadError(f"LoRA weights {weights} are not a safetensors file ({err}): give "
                                      "pytorch_lora_weights.safetensors or the folder holding it") from None
     if lora is not None:
-        warn_other_base(path, lora)
+        warn_other_base(str(model), path, lora)
     return path, recorded_text_encoding(path, lora, text_encoding)
 
 
@@ -148,24 +148,31 @@ BASE_MODEL_FILE = "t2i_align_base_model.json"
 """Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
 
 
-def write_base_model(folder: Path, model_dir: Path) -> None:
+def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None) -> None:
+    """Record the model folder (resolved) and the name it was given by ("toy", a hub id, a path)."""
     from .files import write_json_atomic
 
-    write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve())})
+    write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given})
 
 
-def warn_other_base(model_dir: Path, lora: Path) -> None:
-    """Warn when adapters recorded as trained on another model folder are applied to `model_dir`: the adapters
-    then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder)."""
+def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
+    """Warn when adapters recorded as trained on another model are applied to `model_dir` (named `given`): they
+    then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder). The same
+    folder is the same model, and so is the same name where it is no local folder ("toy", a hub id, whose folder
+    differs between machines)."""
     record = (lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE
     try:
-        trained_on = json.loads(record.read_text(encoding="utf-8"))["pretrained"]
-    except (OSError, ValueError, KeyError, TypeError):  # no record (older exports, other tools): nothing to check
+        kept = json.loads(record.read_text(encoding="utf-8"))
+        trained_on, name = kept["pretrained"], kept.get("given")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
         return
-    if Path(trained_on).resolve() != Path(model_dir).resolve():
-        warnings.warn(f"{lora} was trained on {trained_on}, and is applied to {model_dir}: unless that is the same "
-                      "model, the samples are not what trained (LongAlign stage 2: give stage 1's merged folder)",
-                      stacklevel=2)
+    if not isinstance(trained_on, str):  # not our record: nothing to check
+        return
+    same_name = given == name and not Path(given).exists()
+    if not same_name and Path(trained_on).resolve() != Path(model_dir).resolve():
+        warnings.warn(f"{lora} was trained on {name or trained_on}, and is applied to {model_dir}: unless that is the "
+                      "same model, the samples are not what trained (LongAlign stage 2: give stage 1's merged "
+                      "folder)", stacklevel=2)
 
 
 def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None,

@@ -38,7 +38,7 @@ def weights_variant(path: Path, requested: Optional[str] = None, key: str = "mod
         from .models import ModelLoadError
 
         raise ModelLoadError(f"{_named(key, requested)}, but {unet} holds no {requested} weights; it holds: "
-                             f"{held or 'no weights'}")
+                             f"{held or 'no weights'} (choose one of those)")
     if requested or plain:
         return requested
     if len(found) > 1:

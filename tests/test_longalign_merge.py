@@ -55,3 +55,25 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
         warnings.simplefilter("always")
         check_weights(model, final)
     assert not [w for w in caught if "was trained on" in str(w.message)]
+
+
+def test_the_base_model_record_matches_by_folder_or_by_a_name_that_is_no_folder(tmp_path):
+    """"toy" or a hub id names the same model on every machine, though its folder differs; a local path is
+    compared by the folder it resolves to."""
+    from t2i_align.sampling import warn_other_base, write_base_model
+
+    lora = tmp_path / "final"
+    lora.mkdir()
+    (tmp_path / "a").mkdir()
+    write_base_model(lora, tmp_path / "elsewhere" / "snapshot", "org/model")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_other_base("org/model", tmp_path / "snapshot", lora)  # the hub id: same model, another folder
+        write_base_model(lora, tmp_path / "a", str(tmp_path / "a"))
+        warn_other_base(str(tmp_path / "a"), tmp_path / "a", lora)
+        (lora / "t2i_align_base_model.json").write_text('{"pretrained": null}')  # not ours: nothing to check
+        warn_other_base("x", tmp_path / "a", lora)
+    assert not caught
+    write_base_model(lora, tmp_path / "a", str(tmp_path / "a"))
+    with pytest.warns(UserWarning, match="was trained on .*a, and is applied to"):
+        warn_other_base(str(tmp_path), tmp_path, lora)

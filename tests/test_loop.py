@@ -199,14 +199,22 @@ def test_checkpoint_is_refused_for_non_finite_weights(tmp_path):
     assert list_checkpoints(tmp_path) == []
 
 
-def test_sdxl_lora_dpo_step(tmp_path):
+@pytest.mark.parametrize("time_ids, first", [("fixed", [16, 16, 0, 0, 16, 16]), ("per_image", [24, 24, 0, 0, 16, 16])])
+def test_sdxl_lora_dpo_step(tmp_path, monkeypatch, time_ids, first):
+    """data.time_ids reaches the batches: fixed, as the pipeline samples; per_image, the 24 px render's size before
+    the resize to 16 (square: no crop)."""
+    import t2i_align.batches as batches
+
+    seen, original = [], batches._time_ids
+    monkeypatch.setattr(batches, "_time_ids", lambda *a: seen.append(original(*a)) or seen[-1])
     model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
-    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4)
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4, size=24)
     out = tmp_path / "run"
     train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.log_every=1",
-               "model.weight_dtype=fp32", "data.flip=joint"))
+               "model.weight_dtype=fp32", "data.flip=joint", f"data.time_ids={time_ids}"))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(record["loss"])
+    assert seen and all(row == first for ids in seen for row in ids.tolist())
 
 
 def test_a_kill_during_checkpoint_save_leaves_no_checkpoint(tiny_model, pairs, tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ SCENES = all_scenes()[::37][:4]
 
 def _rows():
     """Rows 0-3: the caption's render against another scene's, the render on side 0 for even rows; the people got
-    row 3 wrong. Row 4: a human tie. Row 5: jpg_1 does not decode. Row 6: a caption toy-judge cannot read."""
+    row 3 wrong. Row 4: a human tie. Row 5: jpg_1 does not decode. Row 6: a caption toy-judge cannot read. Row 7:
+    unlabelled (has_label false)."""
     rows = []
     for i, scene in enumerate(SCENES):
         good, wrong = jpeg_bytes(render(scene)), jpeg_bytes(render(SCENES[(i + 1) % len(SCENES)]))
@@ -28,6 +29,7 @@ def _rows():
     rows.append({**rows[0], "label_0": 0.5, "label_1": 0.5, "ranking_id": 4})
     rows.append({**rows[0], "jpg_1": b"not a jpeg", "ranking_id": 5})
     rows.append({**rows[0], "caption": "a photograph of a dog", "ranking_id": 6})
+    rows.append({**rows[1], "has_label": False, "ranking_id": 7})
     return rows
 
 
@@ -53,10 +55,11 @@ def test_the_judge_relabels_pairs_keeping_every_column(pairs, tmp_path, capsys):
     out = tmp_path / "ai"
     code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--batch-size", 3)
     assert code == 0
-    assert (summary["rows"], summary["written"], summary["reward_ties"]) == (7, 4, 0)
-    assert summary["skipped"] == {"human_tie": 1, "unreadable_image": 1, "not_scored": 1}
+    assert (summary["rows"], summary["written"], summary["reward_ties"]) == (8, 4, 0)
+    assert summary["skipped"] == {"human_tie": 1, "unlabelled": 1, "unreadable_image": 1, "not_scored": 1}
     assert summary["agreement_with_human"]["n"] == 4 and summary["agreement_with_human"]["rate"] == 0.75
     assert json.loads((out / "relabel.json").read_text()) == summary
+    assert set(pq.read_schema(pairs / "part-0.parquet").names) < set(pq.read_schema(out / "part-0.parquet").names)
     table = pq.read_table(out / "part-0.parquet").to_pylist()
     assert [r["ranking_id"] for r in table] == [0, 1, 2, 3]
     assert [r["label_0"] for r in table] == [1.0, 0.0, 1.0, 0.0]  # the caption's render wins, row 3 included
@@ -72,37 +75,54 @@ def test_the_judge_relabels_pairs_keeping_every_column(pairs, tmp_path, capsys):
         [1.0, 0.0, 1.0, 1.0]
 
 
-def test_human_ties_can_be_relabelled(pairs, tmp_path, capsys):
+def test_pairs_people_did_not_decide_can_be_relabelled_too(pairs, tmp_path, capsys):
     code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", tmp_path / "ai",
-                                "--keep-human-ties")
-    assert code == 0 and summary["written"] == 5 and summary["skipped"]["human_tie"] == 0
-    tie = [r for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist() if r["ranking_id"] == 4]
-    assert tie[0]["human_label_0"] == 0.5 and tie[0]["label_0"] == 1.0
+                                "--all-pairs")
+    assert code == 0 and summary["written"] == 6 and summary["skipped"]["human_tie"] == 0
+    rows = {r["ranking_id"]: r for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist()}
+    assert (rows[4]["human_label_0"], rows[4]["label_0"]) == (0.5, 1.0)  # the tie: the caption's render on side 0
+    assert (rows[7]["human_label_0"], rows[7]["label_0"], rows[7]["has_label"]) == (None, 0.0, True)
 
 
 def test_an_earlier_output_is_kept_unless_resumed_or_overwritten(pairs, tmp_path, capsys):
+    """--resume keeps a finished file made the same way and counts it; one made with another reward (or from
+    another source) is refused; a file without its record (the run stopped before writing it) is redone."""
     out = tmp_path / "ai"
-    assert _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)[0] == 0
+    write_parquet(_rows()[:3], pairs / "part-1.parquet")
+    code, first, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)
+    assert code == 0 and first["written"] == 7 and first["files"] == 2
     before = (out / "part-0.parquet").stat().st_mtime_ns
     code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)
     assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    (out / "part-1.parquet.relabel.json").unlink()  # as if stopped between part-1's file and its record
     code, summary, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
-    assert code == 0 and summary["files_kept"] == 1 and summary["rows"] == 0 and "already relabelled" in err
-    assert (out / "part-0.parquet").stat().st_mtime_ns == before
+    assert code == 0 and "1 of 2 files already relabelled" in err
+    assert {k: v for k, v in summary.items() if k != "files_kept"} == {k: v for k, v in first.items()
+                                                                      if k != "files_kept"}
+    assert summary["files_kept"] == 1 and (out / "part-0.parquet").stat().st_mtime_ns == before
+    code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-clip", "--out", out, "--resume")
+    assert code == 2 and "made with other reward" in err and len(err.strip().splitlines()) == 1
     code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--overwrite")
-    assert code == 0 and summary["written"] == 4 and (out / "part-0.parquet").stat().st_mtime_ns != before
+    assert code == 0 and summary["written"] == 7 and (out / "part-0.parquet").stat().st_mtime_ns != before
 
 
 @pytest.mark.parametrize("case, told", [
     ("out_is_input", "would delete it"), ("no_images", "lacks column(s) ['jpg_0', 'jpg_1']"),
-    ("missing", "does not exist"), ("unknown_reward", "bad --reward"), ("batch", "--batch-size must be >= 1")])
+    ("missing", "does not exist: give a Pick-a-Pic"), ("unknown_reward", "bad --reward"),
+    ("batch", "--batch-size must be >= 1"), ("corrupt", "is not a readable parquet file"),
+    ("stray", "holds other parquet files (old.parquet)")])
 def test_mistakes_are_one_error_line_and_write_nothing(pairs, tmp_path, capsys, case, told):
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pq.read_table(pairs / "part-0.parquet").drop(["jpg_0", "jpg_1"]), bad / "x.parquet")
+    (tmp_path / "corrupt.parquet").write_bytes(b"")
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "old.parquet").write_bytes(b"earlier data")
     given = {"out_is_input": [pairs, "toy-judge", pairs], "no_images": [bad, "toy-judge", tmp_path / "o"],
              "missing": [tmp_path / "nowhere", "toy-judge", tmp_path / "o"],
-             "unknown_reward": [pairs, "nope", tmp_path / "o"], "batch": [pairs, "toy-judge", tmp_path / "o"]}[case]
+             "unknown_reward": [pairs, "nope", tmp_path / "o"], "batch": [pairs, "toy-judge", tmp_path / "o"],
+             "corrupt": [tmp_path / "corrupt.parquet", "toy-judge", tmp_path / "o"],
+             "stray": [pairs, "toy-judge", tmp_path / "stray"]}[case]
     extra = ["--batch-size", 0] if case == "batch" else []
     code, _, err = _relabel(capsys, "--pairs", given[0], "--reward", given[1], "--out", given[2], *extra)
     assert code == 2 and told in err and len(err.strip().splitlines()) == 1, err

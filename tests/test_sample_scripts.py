@@ -35,7 +35,7 @@ def test_generate_writes_images_and_metadata_that_t2i_score_reads(prompts, tmp_p
     result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), "--variant", "fp16", *FAST])
     assert result["images"] == 6 and result["prompts"] == 3
     meta = [json.loads(s) for s in (out / "metadata.jsonl").read_text().splitlines()]
-    assert meta[0]["variant"] == "fp16" and meta[0]["text_encoding"] == "clip77"  # as sampled, not the flag's None
+    assert meta[0]["variant"] is None and meta[0]["text_encoding"] == "clip77"  # as loaded and sampled
     assert [m["seed"] for m in meta[:2]] == [0, 10_000]  # image k of prompt i: seed + 10000k + i
     assert all((out / m["file"]).is_file() for m in meta)
     from reward_models.cli import main as score

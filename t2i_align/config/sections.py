@@ -158,7 +158,8 @@ class DataConfig:
     """SDXL's micro-conditioning of training images: "fixed" (every image as the pipeline samples, original size
     = target size = resolution, crop (0, 0): the official Diffusion-DPO code; a pair's two images see one
     condition) or "per_image" (each image's size before the resize and its crop, as diffusers' SDXL
-    text-to-image script; a pair's images then condition differently, which DPO's comparison does not expect)."""
+    text-to-image script; a pair's images then condition differently, which DPO's comparison does not expect).
+    Image-caption data (SFT, LongAlign stage 1 on SDXL) take it too, where per_image is diffusers' choice."""
     prompt_dropout: float = 0.0
     """Probability of replacing a caption by "" (official Diffusion-DPO: 0.2), for classifier-free guidance."""
     max_pairs: int = 0

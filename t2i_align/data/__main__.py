@@ -12,8 +12,8 @@ captions: caption (or prompt) and image. Image paths are relative to --image-roo
 folder) and must stay inside it. Unusable rows are skipped and counted (the counts are printed as JSON and saved
 beside the parquet).
 relabel: every pair scored by --reward (any t2i-score reward), label_0 = which image scored higher, the human
-label kept as human_label_0 (see t2i_align/data/relabel.py); human ties dropped unless --keep-human-ties, as the
-official Diffusion-DPO code. OUT/relabel.json: counts and the agreement with the human labels.
+label kept as human_label_0 (see t2i_align/data/relabel.py); only the pairs people decided, as the official
+Diffusion-DPO code, unless --all-pairs. OUT/relabel.json: counts and the agreement with the human labels.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def _relabel_parser(sub) -> None:
     s.add_argument("--option", action="append", metavar="NAME.KEY=VALUE", help="reward option, as in t2i-score")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the reward's)")
     s.add_argument("--batch-size", type=int, default=32, help="pairs read and scored at a time (default 32)")
-    s.add_argument("--keep-human-ties", action="store_true", help="relabel pairs people called a tie too")
+    s.add_argument("--all-pairs", action="store_true", help="relabel the pairs people called a tie or left "
+                   "unlabelled too (the official code trains only on the pairs people decided)")
     s.add_argument("--out", required=True, help="output folder: one relabelled file per input file, relabel.json")
     group = s.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep the files an earlier run finished in OUT")
@@ -61,23 +62,27 @@ def _relabel(args) -> int:
     from reward_models.cli import UsageError, load_rewards, parse_options
 
     from ..files import check_output_path
-    from .pairs import find_parquet_files
-    from .relabel import relabel
+    from .relabel import check_no_strays, input_files, relabel
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not Path(args.pairs).exists():
+        raise UsageError(f"--pairs {args.pairs} does not exist: give a Pick-a-Pic-format parquet file or folder")
     try:
-        files = find_parquet_files(args.pairs)
-    except (OSError, ValueError) as err:
+        files = input_files(Path(args.pairs))
+    except (OSError, ValueError) as err:  # ConfigError: no parquet files, a file outside the folder
         raise UsageError(f"--pairs {args.pairs}: {err}") from None
     out = Path(args.out)
-    earlier = [out / f.name for f in files] + [out / "relabel.json"]
+    earlier = [out / name for name, _ in files] + [out / "relabel.json"]
     check_output_path(out, "--out", folder=True, inputs={"--pairs": args.pairs},
                       replaces=[] if args.resume else earlier, overwrite=args.overwrite)
+    check_no_strays(out, [name for name, _ in files])
     name = args.reward.strip()
-    reward = load_rewards([name], parse_options(args.option or [], [name]), args.device)[name]
-    summary = relabel(Path(args.pairs), out, name, reward, resume=args.resume, rows_per_read=args.batch_size,
-                      keep_human_ties=args.keep_human_ties, log=lambda message: print(message, file=sys.stderr))
+    options = parse_options(args.option or [], [name])
+    reward = load_rewards([name], options, args.device)[name]
+    summary = relabel(Path(args.pairs), out, name, reward, {"reward": name, "options": options[name]},
+                      resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
+                      log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,25 +1,29 @@
 """AI feedback: Pick-a-Pic-format pairs relabelled by a reward model (Diffusion-DPO's `--choice_model`, Wallace et
 al. 2023, "Learning from AI feedback": PickScore's labels beat the human ones on SD1.5).
 
-The official train.py drops the human ties, then at every step scores the pair's two images with the caption
+The official train.py keeps the pairs people decided (label_0 0 or 1), then at every step scores the pair's two
+images with the caption
 (batch size 1) and trains on the higher-scored one as the winner. The same verdicts are computed once here and
 written as a new data set, so a run reads it as any pair data (`data.path=OUT`) and the reward runs once, not
 every epoch: label_0 = 1 if reward(jpg_0) > reward(jpg_1), 0 if lower, 0.5 if equal (a tie, which training drops
 by default; the official code would keep jpg_0 first). Every input column is kept; the human label moves to
 `human_label_0` (kept from the input when it is already a relabelled file), the scores are added as `reward_0`
 and `reward_1`. One output file per input file, of the same name, each written whole (temporary file, then
-rename), so `resume` keeps the finished ones. A row whose image does not decode, or that the reward cannot
-score, is skipped and counted.
+rename) and then recorded beside it (`<name>.relabel.json`: reward, options, source file, counts), so `resume`
+keeps the finished ones made the same way. A row whose image does not decode, or that the reward cannot score,
+is skipped and counted.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from ..files import write_json_atomic
 from ..stats import wilson_interval
 from .listings import write_rows_parquet
 from .pairs import find_parquet_files, label_problem
@@ -42,7 +46,8 @@ def verdict(score_0: float, score_1: float) -> float:
 
 
 def new_counts() -> Dict[str, Any]:
-    return {"rows": 0, "written": 0, "skipped": {"human_tie": 0, "unreadable_image": 0, "not_scored": 0},
+    return {"rows": 0, "written": 0,
+            "skipped": {"human_tie": 0, "unlabelled": 0, "unreadable_image": 0, "not_scored": 0},
             "reward_ties": 0, "human_labelled": 0, "agree_with_human": 0}
 
 
@@ -85,48 +90,117 @@ def _relabelled(row: Dict[str, Any], s0: float, s1: float, counts: Dict[str, Any
 
 
 def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[str, Any], rows_per_read: int = 32,
-                 keep_human_ties: bool = False, row_group_size: int = 500,
+                 all_pairs: bool = False, row_group_size: int = 500,
                  progress: Callable[[int], object] = lambda n: None) -> None:
-    """One parquet file relabelled into `dst` (written whole or not at all)."""
+    """One parquet file relabelled into `dst` (written whole or not at all). Rows without a human winner (ties,
+    unlabelled, invalid labels) are skipped as in the official code unless `all_pairs`."""
     pf = pq.ParquetFile(src)
 
     def rows() -> Iterator[Dict[str, Any]]:
         for batch in pf.iter_batches(batch_size=max(1, rows_per_read)):
             read = batch.to_pylist()
             counts["rows"] += len(read)
-            keep = [r for r in read if keep_human_ties or _human_label(r) != 0.5]
-            counts["skipped"]["human_tie"] += len(read) - len(keep)
+            humans = [_human_label(r) for r in read]
+            counts["skipped"]["human_tie"] += 0 if all_pairs else humans.count(0.5)
+            counts["skipped"]["unlabelled"] += 0 if all_pairs else humans.count(None)
+            keep = [r for r, h in zip(read, humans) if all_pairs or h in (0.0, 1.0)]
             yield from _scored(reward_name, reward, keep, counts) if keep else ()
             progress(len(read))
 
     counts["written"] += write_rows_parquet(rows(), dst, row_group_size, schema=output_schema(pf.schema_arrow))
 
 
-def relabel(pairs: Path, out: Path, reward_name: str, reward, resume: bool = False, log=print, **options
-            ) -> Dict[str, Any]:
-    """Every parquet file of `pairs` (a file or folder) relabelled into folder `out`; returns the counts, also
-    written to out/relabel.json."""
-    from tqdm.auto import tqdm
-
-    from ..files import write_json_atomic
-
-    files = find_parquet_files(pairs)
+def input_files(pairs: Path) -> List[Tuple[str, Path]]:
+    """(name, resolved path) of every parquet file of `pairs` (a file or folder), each readable and holding the
+    Pick-a-Pic columns relabelling reads; outputs take the names as given (a symlink's, not its target's)."""
+    files = find_parquet_files(pairs)  # sorted by the names as given, each resolved inside the folder
+    names = [f.name for f in sorted(pairs.glob("*.parquet"))] if pairs.is_dir() else [pairs.name]
     for f in files:
-        lacking = [c for c in ("caption", "jpg_0", "jpg_1") if c not in pq.ParquetFile(f).schema_arrow.names]
+        try:
+            found = pq.ParquetFile(f).schema_arrow.names
+        except (ValueError, OSError) as err:  # ArrowInvalid is a ValueError
+            raise UserError(f"{f} is not a readable parquet file ({str(err).splitlines()[0]}): give "
+                            "Pick-a-Pic-format parquet files") from None
+        lacking = [c for c in ("caption", "jpg_0", "jpg_1") if c not in found]
         if lacking:
             raise UserError(f"{f} lacks column(s) {lacking}: relabelling needs Pick-a-Pic-format pairs")
+    return list(zip(names, files))
+
+
+def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, Any], resume: bool = False,
+            log=print, **options) -> Dict[str, Any]:
+    """Every parquet file of `pairs` relabelled into folder `out`, each with a record beside it
+    (<name>.relabel.json: `setup` — reward, options —, the source file and its counts); `resume` keeps a finished
+    file whose record matches and refuses one made otherwise. Returns the summed counts, also out/relabel.json."""
+    from tqdm.auto import tqdm
+
+    files = input_files(Path(pairs))
+    check_no_strays(out, [name for name, _ in files])
     out.mkdir(parents=True, exist_ok=True)
-    todo = [f for f in files if not (resume and (out / f.name).is_file())]
+    total, todo = new_counts(), []
+    for name, src in files:
+        record = {**setup, "all_pairs": bool(options.get("all_pairs")), **_source(src)}
+        done = _finished(out / name, record) if resume else None
+        if done is None:
+            todo.append((name, src, record))
+        else:
+            _add(total, done)
     if len(todo) < len(files):
         log(f"resume: {len(files) - len(todo)} of {len(files)} files already relabelled in {out}, kept")
-    counts = new_counts()
-    with tqdm(total=sum(pq.ParquetFile(f).metadata.num_rows for f in todo), unit="pair", desc="relabel") as bar:
-        for f in todo:
-            relabel_file(f, out / f.name, reward_name, reward, counts, progress=bar.update, **options)
-    summary = {"reward": reward_name, "files": len(todo), "files_kept": len(files) - len(todo), **counts}
-    summary["agreement_with_human"] = _agreement(counts)
+    with tqdm(total=sum(pq.ParquetFile(src).metadata.num_rows for _, src, _ in todo), unit="pair",
+              desc="relabel") as bar:
+        for name, src, record in todo:
+            counts = new_counts()
+            relabel_file(src, out / name, reward_name, reward, counts, progress=bar.update, **options)
+            write_json_atomic(_record_path(out / name), {**record, "counts": counts})  # after: marks it finished
+            _add(total, counts)
+    summary = {**setup, "files": len(files), "files_kept": len(files) - len(todo), **total}
+    summary["agreement_with_human"] = _agreement(total)
     write_json_atomic(out / "relabel.json", summary)
     return summary
+
+
+def check_no_strays(out: Path, names: List[str]) -> None:
+    """UserError when output folder `out` holds parquet files that relabelling these inputs would not write: a run
+    given the folder would train on them too."""
+    stray = sorted(f.name for f in out.glob("*.parquet") if f.name not in names)
+    if stray:
+        raise UserError(f"{out} holds other parquet files ({', '.join(stray[:3])}), which a run given this folder "
+                        "would read too: choose an empty output folder")
+
+
+def _source(src: Path) -> Dict[str, Any]:
+    stat = src.stat()
+    return {"source": str(src), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+
+
+def _record_path(parquet: Path) -> Path:
+    return parquet.with_name(parquet.name + ".relabel.json")
+
+
+def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The counts of a finished output made as `record` says; None when it is not finished (no file, or no record:
+    the run stopped between the two); UserError when it was made from another source or with another reward."""
+    try:
+        kept = json.loads(_record_path(parquet).read_text(encoding="utf-8")) if parquet.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if kept is None:
+        return None
+    wanted = json.loads(json.dumps(record, default=str))
+    differs = sorted(k for k in wanted if kept.get(k) != wanted[k])
+    if differs:
+        raise UserError(f"{parquet} was made with other {', '.join(differs)} ({_record_path(parquet).name}): "
+                        "give another --out, or --overwrite to relabel it again")
+    return kept["counts"]
+
+
+def _add(total: Dict[str, Any], counts: Dict[str, Any]) -> None:
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            _add(total[key], value)
+        else:
+            total[key] += value
 
 
 def _agreement(counts: Dict[str, Any]) -> Dict[str, Any]:

@@ -33,7 +33,7 @@ class PairBatch:
     time_ids_w: Optional[torch.Tensor] = None
     """SDXL micro-conditioning [B, 6] of the preferred images; None for SD1.5."""
     time_ids_l: Optional[torch.Tensor] = None
-    """SDXL micro-conditioning [B, 6] of the rejected images (its own original size and crop)."""
+    """SDXL micro-conditioning [B, 6] of the rejected images (data.time_ids=per_image: their own size and crop)."""
 
 
 @dataclass

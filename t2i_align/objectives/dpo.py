@@ -55,7 +55,7 @@ def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_time_ids(batch: PairBatch) -> Optional[torch.Tensor]:
-    """[w; l] time ids (each image keeps its own original size and crop), or None for SD1.5."""
+    """[w; l] time ids (as data.time_ids sets them: by default the same for both), or None for SD1.5."""
     if batch.time_ids_w is None and batch.time_ids_l is None:
         return None
     if batch.time_ids_w is None or batch.time_ids_l is None:
