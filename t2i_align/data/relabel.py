@@ -101,8 +101,9 @@ def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[st
             read = batch.to_pylist()
             counts["rows"] += len(read)
             humans = [_human_label(r) for r in read]
-            counts["skipped"]["human_tie"] += 0 if all_pairs else humans.count(0.5)
-            counts["skipped"]["unlabelled"] += 0 if all_pairs else humans.count(None)
+            if not all_pairs:  # a tie: 0.5 (or another fraction, no winner either)
+                counts["skipped"]["human_tie"] += sum(h is not None and h not in (0.0, 1.0) for h in humans)
+                counts["skipped"]["unlabelled"] += humans.count(None)
             keep = [r for r, h in zip(read, humans) if all_pairs or h in (0.0, 1.0)]
             yield from _scored(reward_name, reward, keep, counts) if keep else ()
             progress(len(read))
