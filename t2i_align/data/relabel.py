@@ -2,16 +2,15 @@
 al. 2023, "Learning from AI feedback": PickScore's labels beat the human ones on SD1.5).
 
 The official train.py keeps the pairs people decided (label_0 0 or 1), then at every step scores the pair's two
-images with the caption
-(batch size 1) and trains on the higher-scored one as the winner. The same verdicts are computed once here and
-written as a new data set, so a run reads it as any pair data (`data.path=OUT`) and the reward runs once, not
-every epoch: label_0 = 1 if reward(jpg_0) > reward(jpg_1), 0 if lower, 0.5 if equal (a tie, which training drops
-by default; the official code would keep jpg_0 first). Every input column is kept; the human label moves to
-`human_label_0` (kept from the input when it is already a relabelled file), the scores are added as `reward_0`
-and `reward_1`. One output file per input file, of the same name, each written whole (temporary file, then
-rename) and then recorded beside it (`<name>.relabel.json`: reward, options, source file, counts), so `resume`
-keeps the finished ones made the same way. A row whose image does not decode, or that the reward cannot score,
-is skipped and counted.
+images with the caption (batch size 1) and trains on the higher-scored one as the winner. The same verdicts are
+computed once here and written as a new data set, so a run reads it as any pair data (`data.path=OUT`) and the
+reward runs once, not every epoch: label_0 = 1 if reward(jpg_0) > reward(jpg_1), 0 if lower, 0.5 if equal (a
+tie, which training drops by default; the official code would keep jpg_0 first). Every input column is kept; the
+human label moves to `human_label_0` (kept from the input when it is already a relabelled file), the scores are
+added as `reward_0` and `reward_1`. One output file per input file, of the same name, each written whole
+(temporary file, then rename) and then recorded beside it (`<name>.relabel.json`: reward, options, source file,
+counts), so `resume` keeps the finished ones made the same way. A row whose image does not decode, or that the
+reward cannot score, is skipped and counted.
 """
 from __future__ import annotations
 
