@@ -10,7 +10,7 @@ import torch
 from .adapters import add_lora, frozen_reference, trainable_parameters
 from .config import Config, ConfigError
 from .data.sources import build_data_source
-from .engines import is_fsdp
+from .engines import is_fsdp, say
 from .models import load_components, torch_dtype
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 
@@ -77,6 +77,16 @@ def _source(cfg: Config, components, accelerator, batch_kind: str):
     return UserFilteredSource(source, components.users.table)
 
 
+def _note_turbo(cfg: Config, accelerator) -> None:
+    """The official code switches to Turbo's timesteps and schedule by the model's name; here they are settings,
+    so a run that looks like Turbo on the base recipe is told (it may be meant: no error)."""
+    name = cfg.model.pretrained.rstrip("/").rsplit("/", 1)[-1].lower()
+    if "turbo" in name and cfg.objective.name in ("dpo", "sft", "seppo") and cfg.objective.timesteps == "uniform":
+        say(accelerator, f"note: {cfg.model.pretrained} looks like a Turbo model; the official Diffusion-DPO code "
+            "trains those with objective.timesteps=turbo objective.zero_terminal_snr=true (as "
+            "configs/sdxl/dpo_turbo.yaml); this run draws t uniformly as asked")
+
+
 @dataclass
 class Built:
     """The model, its trainable parameters, the data and the prepared optimizer (`build`)."""
@@ -98,6 +108,7 @@ def build(cfg: Config, accelerator, objective) -> Built:
     # The same seed on every process while the model is built: LoRA's random A (and PPD's branch) must start equal
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
+    _note_turbo(cfg, accelerator)
     components = load_components(cfg.model, device=accelerator.device)
     components.time_ids = cfg.data.time_ids
     params, frozen = _trainable(cfg, components, objective.needs_reference)

@@ -7,11 +7,14 @@ sampling-time parametrisation that would be wrong here).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
 Device = Union[str, torch.device, None]
+
+TIMESTEP_SETS = ("uniform", "turbo")
 
 
 def _draw_device(generator: Optional[torch.Generator], device: Device) -> Device:
@@ -20,14 +23,22 @@ def _draw_device(generator: Optional[torch.Generator], device: Device) -> Device
 
 
 def sample_timesteps(scheduler: Any, n: int, generator: Optional[torch.Generator] = None,
-                     device: Device = None) -> torch.Tensor:
-    """t ~ U{0, ..., T-1}, T = scheduler.config.num_train_timesteps, as a LongTensor [n].
+                     device: Device = None, kind: str = "uniform") -> torch.Tensor:
+    """Training timesteps as a LongTensor [n], T = scheduler.config.num_train_timesteps.
 
-    The uniform t of the DDPM simple loss (Ho et al. 2020, Eq. 14) and of Diffusion-DPO (Wallace et al. 2023,
-    Eq. 14: t ~ U(0, T)); the official code draws `randint(0, num_train_timesteps)`.
+    - "uniform": t ~ U{0, ..., T-1}, the DDPM simple loss's (Ho et al. 2020, Eq. 14) and Diffusion-DPO's (Wallace
+      et al. 2023, Eq. 14); the official code draws `randint(0, num_train_timesteps)`.
+    - "turbo": only the four steps a Turbo model (SDXL-Turbo / SD-Turbo, Sauer et al. 2023, "Adversarial
+      Diffusion Distillation") samples at: the official code (for a model named *turbo*) and diffusers'
+      `--is_turbo` map the uniform draw to 250·(t mod 4) + 249, i.e. {249, 499, 749, 999}; here T/4 for 250.
     """
+    if kind not in TIMESTEP_SETS:
+        raise ValueError(f"unknown timestep set {kind!r}; use one of {', '.join(TIMESTEP_SETS)}")
     num_steps = int(scheduler.config.num_train_timesteps)
     t = torch.randint(0, num_steps, (n,), generator=generator, device=_draw_device(generator, device))
+    if kind == "turbo":
+        quarter = num_steps // 4
+        t = quarter * (t % 4) + quarter - 1
     return t.to(device) if device is not None else t
 
 
@@ -45,6 +56,51 @@ def sample_noise(shape: Sequence[int], generator: Optional[torch.Generator] = No
     if offset:
         eps = eps + offset * torch.randn((*shape[:2], *([1] * (len(shape) - 2))), generator=generator, device=draw)
     return eps.to(device=device, dtype=dtype) if device is not None else eps.to(dtype)
+
+
+def perturb_input(noise: torch.Tensor, amount: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """ε + amount · ξ, ξ ~ N(0, I) drawn after everything else of the step: the noise x_t is built from while the
+    target stays ε (input perturbation, Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion
+    Models", Eq. 9; diffusers' and the official Diffusion-DPO code's `--input_perturbation`, usually 0.1)."""
+    if not amount:
+        return noise
+    xi = torch.randn(tuple(noise.shape), generator=generator, device=_draw_device(generator, noise.device))
+    return noise + amount * xi.to(device=noise.device, dtype=noise.dtype)
+
+
+def noised(scheduler: Any, latents: torch.Tensor, generator: Optional[torch.Generator] = None, repeats: int = 1,
+           offset: float = 0.0, perturbation: float = 0.0, timesteps: str = "uniform"
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, training target) for `latents` [repeats·n, ...], where the n draws of (ε, t) are shared by the
+    `repeats` blocks of n samples: DPO's [w; l] (official `noise.chunk(2)[0].repeat(2)`), so the pair's noise
+    variance cancels in mse_w - mse_l. `offset`: `sample_noise`'s; `timesteps`: `sample_timesteps`' kind;
+    `perturbation`: `perturb_input`'s amount, its ξ shared by the blocks too (the official code perturbs the
+    noise before it is shared, so with `--input_perturbation` its winner and loser see different x_t noise)."""
+    n = latents.shape[0] // repeats
+    if n * repeats != latents.shape[0]:
+        raise ValueError(f"{latents.shape[0]} samples do not split into {repeats} equal blocks")
+    noise = sample_noise((n, *latents.shape[1:]), generator, latents.device, latents.dtype, offset)
+    t = sample_timesteps(scheduler, n, generator, latents.device, timesteps)
+    seen = perturb_input(noise, perturbation, generator)
+
+    def shared(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(repeats, *([1] * (x.dim() - 1)))
+
+    noise, t, seen = shared(noise), shared(t), shared(seen)
+    return add_noise(scheduler, latents, seen, t), t, training_target(scheduler, latents, noise, t)
+
+
+def zero_terminal_snr(scheduler: Any) -> Any:
+    """A copy of `scheduler` whose ᾱ_t reaches 0 at the last step (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps Are Flawed", Alg. 1): sqrt(ᾱ) shifted so its last value is 0, then scaled so its
+    first is unchanged. The official Diffusion-DPO code rescales its training schedule so for Turbo models
+    ("Turbo needs zero terminal SNR to truly learn from noise"). Training only (the math here reads
+    `alphas_cumprod`): at ᾱ_T = 0 an ε-prediction no longer gives x_0, so samplers keep the folder's schedule."""
+    root = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    rescaled = copy.deepcopy(scheduler)
+    rescaled.alphas_cumprod = (root ** 2).to(torch.float32)
+    return rescaled
 
 
 def _alpha_sigma(scheduler: Any, timesteps: torch.Tensor, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading
 from .checkpoints import (export_final, load_checkpoint, prepare_run_dir, read_marker, resolve_resume,
@@ -234,6 +235,9 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
     inner = getattr(st.source, "source", st.source)  # PPD filters another source's batches
     per_epoch = getattr(inner, "batches_per_epoch", 0)  # 0: sources that never yield unusable batches
     policy = make_denoiser(unet, components)
+    # The objectives' noise schedule; sampling (galleries, SePPO's and LongAlign's chains) keeps the folder's
+    schedule = diffusion.zero_terminal_snr(components.scheduler) if cfg.objective.zero_terminal_snr \
+        else components.scheduler
     counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0,
               "raw_batches": st.raw_start}
     history: List[Dict[str, float]] = []
@@ -253,8 +257,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one
             accelerator.sync_gradients = sync
             with (nullcontext() if sync else accelerator.no_sync(unet)), autocast(accelerator):
-                loss, metrics = st.objective.compute_loss(policy, reference, batch, components.scheduler,
-                                                          cfg.objective, None)
+                loss, metrics = st.objective.compute_loss(policy, reference, batch, schedule, cfg.objective, None)
             accelerator.backward(loss / tc.grad_accum)
             history.append(metrics)
         norm = _optimizer_step(accelerator, unet, optimizer, lr_sched, params, tc.max_grad_norm)

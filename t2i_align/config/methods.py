@@ -1,4 +1,4 @@
-"""The method config sections: RAFT / online DPO (`raft`), SePPO (`seppo`) and PPD (`ppd`).
+"""The method config sections: the objective (`objective`), RAFT / online DPO (`raft`), SePPO (`seppo`) and PPD (`ppd`).
 
 Their own module so sections.py stays small; `Config` in sections.py imports them (as reward_backprop.py).
 """
@@ -8,6 +8,59 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .sections import _check, _check_at_least, _check_choice
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dpo"
+    """Training objective, a module in t2i_align/objectives/: "dpo", "sft", "seppo" or "reward_backprop"."""
+    beta: float = 5000.0
+    """DPO β (official SD1.5/SDXL launchers: 5000; the paper's SD1.5 results: 2000). Tied to the per-sample
+    MSE being a mean over latent elements."""
+    beta_convention: str = "official"
+    """"official": logit = -½·β·(Δθ - Δref) (Salesforce code); "diffusers": logit = -β·(Δθ - Δref) (the diffusers
+    port, whose β = 2500 equals official β = 5000)."""
+    loss_type: str = "sigmoid"
+    """"sigmoid" (DPO, -log σ(logit)), "hinge" (SLiC-style, relu(1 - logit)) or "ipo" (Azar et al. 2023:
+    (margin - 1/(2s))², margin = Δref - Δθ, s = ½β official / β diffusers)."""
+    noise_offset: float = 0.0
+    """Offset noise: ε + noise_offset · N(0, 1) per sample and channel (diffusers' `--noise_offset`, usually
+    0.1); 0: plain ε, as every paper's recipe."""
+    input_perturbation: float = 0.0
+    """x_t built from ε + input_perturbation · N(0, I), the target still ε (Ning et al. 2023; the official code's
+    and diffusers' `--input_perturbation`, usually 0.1); 0: off, as every paper's recipe."""
+    timesteps: str = "uniform"
+    """Training t: "uniform" (U{0, ..., T-1}, every paper's) or "turbo" ({249, 499, 749, 999}, the steps Turbo
+    models sample at: the official code for a model named *turbo*, diffusers' `--is_turbo`)."""
+    zero_terminal_snr: bool = False
+    """Train on the schedule rescaled to ᾱ_T = 0 (Lin et al. 2024, Alg. 1), as the official code for Turbo models;
+    sampling keeps the folder's schedule."""
+    sft_weight: float = 0.0
+    """dpo and seppo: add sft_weight · (the policy's denoising MSE on the winners) to the loss, the diffusion form
+    of RPO's NLL term on the chosen response (Pang et al. 2024, arXiv 2404.19733, Eq. 3), against DPO raising
+    its error on the preferred images (seppo: on the preferred images it reads; ours, not in SePPO). 0: plain
+    Diffusion-DPO / SePPO."""
+
+    def __post_init__(self) -> None:
+        _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
+        _check(self, "beta", self.beta > 0, "a number > 0")
+        _check(self, "sft_weight", self.sft_weight >= 0, "a number >= 0 (0: plain DPO)")
+        _check(self, "sft_weight", self.sft_weight == 0 or self.name in ("dpo", "seppo"),
+               "0 unless objective.name is dpo or seppo")
+        for name in ("noise_offset", "input_perturbation"):
+            _check(self, name, 0 <= getattr(self, name) < 1, "a number in [0, 1), e.g. 0.1")
+        _check_choice(self, "timesteps", ("uniform", "turbo"))
+        for name, default in (("noise_offset", 0.0), ("input_perturbation", 0.0), ("timesteps", "uniform"),
+                              ("zero_terminal_snr", False)):  # the settings of the objectives that draw (ε, t)
+            _check(self, name, self.name in ("dpo", "sft", "seppo") or getattr(self, name) == default,
+                   f"{default!r} unless objective.name is dpo, sft or seppo")
+        _check_choice(self, "beta_convention", ("official", "diffusers"))
+        _check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
+
+    @property
+    def noising(self) -> dict:
+        """How the denoising objectives draw their training noise: `diffusion.noised`'s keyword arguments."""
+        return dict(offset=self.noise_offset, perturbation=self.input_perturbation, timesteps=self.timesteps)
 
 
 @dataclass

@@ -187,39 +187,6 @@ class DataConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    name: str = "dpo"
-    """Training objective, a module in t2i_align/objectives/: "dpo", "sft", "seppo" or "reward_backprop"."""
-    beta: float = 5000.0
-    """DPO β (official SD1.5/SDXL launchers: 5000; the paper's SD1.5 results: 2000). Tied to the per-sample
-    MSE being a mean over latent elements."""
-    beta_convention: str = "official"
-    """"official": logit = -½·β·(Δθ - Δref) (Salesforce code); "diffusers": logit = -β·(Δθ - Δref) (the diffusers
-    port, whose β = 2500 equals official β = 5000)."""
-    loss_type: str = "sigmoid"
-    """"sigmoid" (DPO, -log σ(logit)), "hinge" (SLiC-style, relu(1 - logit)) or "ipo" (Azar et al. 2023:
-    (margin - 1/(2s))², margin = Δref - Δθ, s = ½β official / β diffusers)."""
-    noise_offset: float = 0.0
-    """Offset noise for the denoising objectives (dpo, sft, seppo): ε + noise_offset · N(0, 1) per sample and
-    channel (diffusers' `--noise_offset`; 0.1 is its usual value); 0 is plain ε, as every paper's recipe."""
-    sft_weight: float = 0.0
-    """dpo and seppo: add sft_weight · (the policy's denoising MSE on the winners) to the loss, the diffusion form
-    of RPO's NLL term on the chosen response (Pang et al. 2024, arXiv 2404.19733, Eq. 3), against DPO raising
-    its error on the preferred images (seppo: on the preferred images it reads; ours, not in SePPO). 0: plain
-    Diffusion-DPO / SePPO."""
-
-    def __post_init__(self) -> None:
-        _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
-        _check(self, "beta", self.beta > 0, "a number > 0")
-        _check(self, "sft_weight", self.sft_weight >= 0, "a number >= 0 (0: plain DPO)")
-        _check(self, "sft_weight", self.sft_weight == 0 or self.name in ("dpo", "seppo"),
-               "0 unless objective.name is dpo or seppo")
-        _check(self, "noise_offset", 0 <= self.noise_offset < 1, "a number in [0, 1), e.g. 0.1")
-        _check_choice(self, "beta_convention", ("official", "diffusers"))
-        _check_choice(self, "loss_type", ("sigmoid", "hinge", "ipo"))
-
-
-@dataclass
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train for."""
@@ -313,7 +280,7 @@ class TrackingConfig:
         _check_at_least(self, ("validation_seeds", "sample_steps"), 1)
 
 
-from .methods import PpdConfig, RaftConfig, SeppoConfig  # noqa: E402  (they import the helpers above)
+from .methods import ObjectiveConfig, PpdConfig, RaftConfig, SeppoConfig  # noqa: E402  (they import the helpers above)
 from .reward_backprop import RewardBackpropConfig  # noqa: E402  (after the helpers it imports from here)
 
 

@@ -78,14 +78,9 @@ class DPO(Objective):
         lw, ll = batch.latents_w, batch.latents_l
         if lw.shape != ll.shape:
             raise ValueError(f"winner latents {tuple(lw.shape)} and loser latents {tuple(ll.shape)} differ")
-        n = lw.shape[0]
         latents = torch.cat([lw, ll])
-        # Shared per pair (official code: noise.chunk(2)[0].repeat(2)), so the MSE difference measures the
-        # images, not the draws: the pair's noise variance cancels in mse_w - mse_l.
-        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype, cfg.noise_offset).repeat(2, 1, 1, 1)
-        timesteps = diffusion.sample_timesteps(scheduler, n, generator, lw.device).repeat(2)
-        noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
-        target = diffusion.training_target(scheduler, latents, noise, timesteps)
+        # (ε, t) shared per pair, so the MSE difference measures the images, not the draws
+        noisy, timesteps, target = diffusion.noised(scheduler, latents, generator, repeats=2, **cfg.noising)
         embeds, time_ids = batch.embeds.repeat(2), _pair_time_ids(batch)
 
         model_mse = diffusion.per_sample_mse(policy(noisy, timesteps, embeds, time_ids), target)

@@ -66,16 +66,13 @@ def seppo_loss(mse_w: torch.Tensor, mse_r: torch.Tensor, ref_w: torch.Tensor, re
 @torch.no_grad()
 def anchor_error_draws(policy: Denoiser, reference: Denoiser, scheduler: object, latents: torch.Tensor, embeds,
                        draws: int, generator: Optional[torch.Generator] = None,
-                       time_ids: Optional[torch.Tensor] = None, noise_offset: float = 0.0
+                       time_ids: Optional[torch.Tensor] = None, noising: Optional[dict] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """[draws, B] policy and reference denoising errors on `latents`, each draw with its own (ε, t) shared by both
-    models, without gradients (the flipper's test, repeated)."""
+    models, without gradients (the flipper's test, repeated). `noising`: `diffusion.noised`'s keywords."""
     pol, ref = [], []
     for _ in range(draws):
-        noise = diffusion.sample_noise(latents.shape, generator, latents.device, latents.dtype, noise_offset)
-        t = diffusion.sample_timesteps(scheduler, len(latents), generator, latents.device)
-        noisy = diffusion.add_noise(scheduler, latents, noise, t)
-        target = diffusion.training_target(scheduler, latents, noise, t)
+        noisy, t, target = diffusion.noised(scheduler, latents, generator, **(noising or {}))
         pol.append(diffusion.per_sample_mse(policy(noisy, t, embeds, time_ids), target))
         ref.append(diffusion.per_sample_mse(reference(noisy, t, embeds, time_ids), target))
     return torch.stack(pol), torch.stack(ref)
@@ -137,7 +134,7 @@ class SePPO(Objective):
         if not extra:
             return mse_w.detach(), ref_w.detach()
         pol, ref = anchor_error_draws(policy, reference, scheduler, images.latents, images.embeds, extra, generator,
-                                      images.time_ids, cfg.noise_offset)
+                                      images.time_ids, cfg.noising)
         return torch.cat([mse_w.detach()[None], pol]).mean(0), torch.cat([ref_w.detach()[None], ref]).mean(0)
 
     def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: Union[ImageBatch, PairBatch],
@@ -147,12 +144,8 @@ class SePPO(Objective):
         images = preferred_images(batch)
         lw = images.latents
         lr, tr = self.reference_samples(reference, images)
-        n = lw.shape[0]
         latents = torch.cat([lw, lr])
-        noise = diffusion.sample_noise(lw.shape, generator, lw.device, lw.dtype, cfg.noise_offset).repeat(2, 1, 1, 1)
-        timesteps = diffusion.sample_timesteps(scheduler, n, generator, lw.device).repeat(2)
-        noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
-        target = diffusion.training_target(scheduler, latents, noise, timesteps)
+        noisy, timesteps, target = diffusion.noised(scheduler, latents, generator, repeats=2, **cfg.noising)
         embeds = images.embeds.repeat(2)
         time_ids = None if images.time_ids is None else torch.cat([images.time_ids, tr])
 

@@ -34,10 +34,7 @@ class SFT(Objective):
         self.check_reference(policy, reference)
         images = preferred_images(batch)
         latents = images.latents
-        noise = diffusion.sample_noise(latents.shape, generator, latents.device, latents.dtype, cfg.noise_offset)
-        timesteps = diffusion.sample_timesteps(scheduler, latents.shape[0], generator, latents.device)
-        noisy = diffusion.add_noise(scheduler, latents, noise, timesteps)
-        target = diffusion.training_target(scheduler, latents, noise, timesteps)
+        noisy, timesteps, target = diffusion.noised(scheduler, latents, generator, **cfg.noising)
         mse = diffusion.per_sample_mse(policy(noisy, timesteps, images.embeds, images.time_ids), target)
         loss = mse.mean()  # equal-sized samples: the same as the mean over every element
         return loss, metrics_to_floats({"loss": loss, "mse": loss})
