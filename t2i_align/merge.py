@@ -1,9 +1,11 @@
-"""Merge LoRA weights into their base model and save a full diffusers pipeline folder.
+"""Merge LoRA weights, a UNet-only checkpoint, or both into their base model and save a full diffusers pipeline
+folder.
 
 LongAlign's stage 2 starts from stage 1 with its LoRA merged (official code: `collapse_lora`, W += up @ down) and
-trains a new LoRA on top (Liu et al. 2024, arXiv 2410.11817, Sec. 5.1). A merged folder is an ordinary
-`model.pretrained` for the next stage; the text encoding the LoRA was tuned with is recorded in it
-(t2i_align_text_encoding.json), so sampling it later uses that encoding too.
+trains a new LoRA on top (Liu et al. 2024, arXiv 2410.11817, Sec. 5.1). A released full fine-tune that holds
+unet/ alone (the official Diffusion-DPO models) becomes a whole pipeline the same way (`unet_checkpoint.py`). A
+merged folder is an ordinary `model.pretrained` for the next stage; the text encoding the LoRA was tuned with is
+recorded in it (t2i_align_text_encoding.json), so sampling it later uses that encoding too.
 """
 from __future__ import annotations
 
@@ -15,29 +17,32 @@ from .conditioning.text import write_text_encoding
 from .files import check_output_path, replace_dir, temp_dir
 
 
-def merge_lora(model: str | Path, lora: str | Path, out: str | Path, text_encoding: Optional[str] = None,
-               overwrite: bool = False) -> Path:
-    """Base `model` (a diffusers folder or "toy") + `lora` (pytorch_lora_weights.safetensors or its folder) ->
-    `out`, a full pipeline folder with the LoRA fused into the UNet weights (a PPD user branch and table, if
-    any, beside it, as in a full PPD export). Written whole (temporary folder,
-    then rename); an existing non-empty `out` is replaced only with `overwrite`."""
+def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, text_encoding: Optional[str] = None,
+               overwrite: bool = False, unet: Optional[str | Path] = None) -> Path:
+    """Base `model` (a diffusers folder or "toy"), its UNet replaced by checkpoint `unet` if given, + `lora`
+    (pytorch_lora_weights.safetensors or its folder) if given -> `out`, a full pipeline folder with the LoRA fused
+    into the UNet weights (a PPD user branch and table, if any, beside it, as in a full PPD export). Written whole
+    (temporary folder, then rename); an existing non-empty `out` is replaced only with `overwrite`."""
     from .checkpoints import save_full_pipeline
     from .models import ModelLoadError
     from .sampling import load_pipeline, pipeline_components
     from .users.table import USER_TABLE_NAME
 
+    if lora is None and unet is None:
+        raise ModelLoadError("nothing to merge: give --lora, --unet or both")
     out = Path(out)
-    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora))
+    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelLoadError(f"{out} exists and is not empty; pass overwrite (--overwrite) to replace it")
-    pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
+    pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet)
+    if lora is not None:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
     encoding = pipeline_components(pipe).text_encoding
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
     save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
-    table = _user_table(model, lora)
+    table = _user_table(model, lora) if lora is not None else None
     if table is not None:
         shutil.copy2(table, tmp / USER_TABLE_NAME)
     write_text_encoding(tmp, encoding.kind, encoding.token_budget)
@@ -53,6 +58,7 @@ def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:
     return next((f / USER_TABLE_NAME for f in folders if (f / USER_TABLE_NAME).is_file()), None)
 
 
-def _inputs(model: str | Path, lora: str | Path) -> dict:
+def _inputs(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> dict:
     """What merging reads, which an --out replaced whole must not be or hold."""
-    return {"--lora": lora} if str(model) == "toy" else {"--lora": lora, "--model": model}
+    given = {"--lora": lora, "--unet": unet, "--model": None if str(model) == "toy" else model}
+    return {flag: path for flag, path in given.items() if path is not None}

@@ -56,7 +56,7 @@ def set_scheduler(pipe, name: Optional[str]):
 
 def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
                   scheduler: Optional[str] = None, text_encoding: Optional[str] = None, dtype: str = "fp32",
-                  variant: Optional[str] = None):
+                  variant: Optional[str] = None, unet: Optional[str | Path] = None):
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
     a PPD user branch (user_branch.safetensors in the LoRA folder or the model folder) is loaded as well.
     Every part in `dtype` ("fp32", "fp16", "bf16": one dtype, whatever each part was saved in); weights of
@@ -67,7 +67,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     It samples (`generate`) in the text encoding recorded with the weights (`read_text_encoding`: the LoRA's
     folder first, then the model folder), else in `text_encoding` ("clip77" / "segments"), else in clip77. An
     explicit `text_encoding` that contradicts the record is an error: a model tuned on one encoding has not
-    learned the other.
+    learned the other. `unet`: a UNet-only checkpoint replacing the folder's UNet before any adapter loads
+    (`unet_checkpoint.load_unet_checkpoint`).
     """
     from diffusers import DiffusionPipeline
 
@@ -80,6 +81,10 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     variant = weights_variant(path, variant, "--variant", fallback=True)
     pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=variant,
                                              **_no_safety_checker(path))
+    if unet is not None:
+        from .unet_checkpoint import load_unet_checkpoint
+
+        pipe.unet = load_unet_checkpoint(unet, pipe.unet, variant)
     attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:

@@ -19,13 +19,13 @@ _PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.in
 
 
 def weights_variant(path: Path, requested: Optional[str] = None, key: str = "model.variant",
-                    fallback: bool = False) -> Optional[str]:
+                    fallback: bool = False, part: str = "unet") -> Optional[str]:
     """The weight variant to load from pipeline folder `path`: `requested` (named by setting or flag `key`), which
     unet/ must hold (with `fallback`, a folder without it but with plain weights loads those: sample/'s --variant
     applies to a base and a tuned export alike); else None when unet/ holds plain weights; else the one variant it
     holds (a folder saved with variant="fp16" only, where a plain load failed with "no file named
-    model.safetensors ... in <the folder>")."""
-    unet = Path(path) / "unet"
+    model.safetensors ... in <the folder>"). `part` "": `path` is the UNet's own folder."""
+    unet = Path(path) / part
     if not unet.is_dir():
         return requested
     names = [f.name for f in unet.iterdir()]

@@ -2,8 +2,12 @@
 
     python train/merge_lora.py --model toy --lora runs/longalign-stage1/final --out runs/longalign-stage1/merged
 
-The output is a full diffusers pipeline folder, usable as `model.pretrained`; the LoRA's recorded text encoding
-(e.g. segments) is recorded in it too.
+or put a UNet-only checkpoint (a released full fine-tune holding unet/ alone) into its base pipeline:
+
+    python train/merge_lora.py --model /data/sd15 --unet /data/dpo-sd1.5-text2image-v1 --out /data/dpo-sd15
+
+The output is a full diffusers pipeline folder, usable as `model.pretrained` and by sample/; the LoRA's recorded
+text encoding (e.g. segments) is recorded in it too.
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy", help="base diffusers folder (default: the toy pipeline)")
-    parser.add_argument("--lora", required=True, help="pytorch_lora_weights.safetensors or the folder holding it")
+    parser.add_argument("--lora", default=None, help="pytorch_lora_weights.safetensors or the folder holding it")
+    parser.add_argument("--unet", default=None,
+                        help="a UNet checkpoint replacing the base's UNet (before --lora): a diffusers UNet folder, "
+                             "or a folder holding one as unet/")
     parser.add_argument("--out", required=True, help="output folder for the merged pipeline")
     parser.add_argument("--text-encoding", choices=("clip77", "segments"), default=None,
                         help="only if the LoRA folder records none (final/ folders record theirs)")
@@ -31,8 +38,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def run() -> int:
         from t2i_align.merge import merge_lora
 
-        out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite)
-        print(json.dumps({"merged": str(out), "model": args.model, "lora": args.lora}))
+        out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite, args.unet)
+        print(json.dumps({"merged": str(out), "model": args.model, "lora": args.lora, "unet": args.unet}))
         return 0
 
     return run_cli(run)

@@ -1,0 +1,64 @@
+"""A UNet-only checkpoint put into its base pipeline: a released full fine-tune often holds unet/ alone (the
+official Diffusion-DPO models, mhdang/dpo-sd1.5-text2image-v1 and mhdang/dpo-sdxl-text2image-v1), and the
+official training code starts from one with `--unet_init`. `train/merge_lora.py --unet` writes base + checkpoint
+as one pipeline folder, which then samples, compares and trains (as `model.pretrained`) like any other."""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ARCHITECTURE = ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "down_block_types",
+                "up_block_types", "layers_per_block", "transformer_layers_per_block", "attention_head_dim",
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+"""UNet config keys that must equal the base pipeline's for its text encoders, VAE and micro-conditioning to fit."""
+
+
+def unet_folder(given: str | Path) -> Path:
+    """The folder holding the UNet's config.json: `given` itself, or its unet/ (a checkpoint's root folder)."""
+    from .models import ModelLoadError
+
+    for folder in (Path(given), Path(given) / "unet"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ModelLoadError(f"--unet {given}: no UNet there (no config.json in it or in its unet/ folder); give a "
+                         "diffusers UNet folder, or a checkpoint folder holding one as unet/")
+
+
+def check_fits(folder: Path, base: torch.nn.Module) -> None:
+    """The checkpoint's UNet has the base UNet's class and architecture (read from config.json, before any
+    weights load); else a ModelLoadError naming what differs."""
+    from .models import ModelLoadError
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cls = type(base)
+    if config.get("_class_name") != cls.__name__:
+        raise ModelLoadError(f"{folder} holds a {config.get('_class_name')}, the base model a {cls.__name__}")
+    defaults = inspect.signature(cls.__init__).parameters  # what a config.json that leaves a key out means
+    differ = []
+    for key in (k for k in ARCHITECTURE if k in defaults):
+        theirs, ours = _listed(config.get(key, defaults[key].default)), _listed(base.config.get(key))
+        if theirs != ours:
+            differ.append(f"{key} {theirs} (base: {ours})")
+    if differ:
+        raise ModelLoadError(f"the UNet in {folder} does not fit the base model (a checkpoint of another family, "
+                             f"e.g. SD1.5's for SDXL?): {'; '.join(differ)}")
+
+
+def _listed(value):
+    """Config values as JSON gives them (tuples in a live config, lists in config.json)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def load_unet_checkpoint(given: str | Path, base: torch.nn.Module, variant: Optional[str] = None) -> torch.nn.Module:
+    """The UNet of checkpoint `given`, checked against `base` (the pipeline's own UNet) and loaded in its dtype;
+    `variant` where the checkpoint holds it, else its plain weights."""
+    from .weight_files import weights_variant
+
+    folder = unet_folder(given)
+    check_fits(folder, base)
+    variant = weights_variant(folder, variant, "--variant", fallback=True, part="")
+    return type(base).from_pretrained(str(folder), torch_dtype=base.dtype, variant=variant)

@@ -1,0 +1,101 @@
+"""A UNet-only checkpoint merged into its base pipeline (`train/merge_lora.py --unet`): the released full
+fine-tunes hold unet/ alone; the result is a whole folder with the checkpoint's UNet and the base's other parts."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
+from t2i_align.models import ModelLoadError
+
+
+def _state(folder, part):
+    from safetensors.torch import load_file
+
+    return load_file(str(next((folder / part).glob("*.safetensors"))))
+
+
+def _equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unets")
+    return save_tiny_pipeline("sd15", root / "base", seed=0), save_tiny_pipeline("sd15", root / "tuned", seed=1)
+
+
+@pytest.mark.parametrize("given", ["root", "unet"])
+def test_the_checkpoints_unet_joins_the_bases_other_parts(folders, tmp_path, given):
+    from t2i_align.merge import merge_lora
+
+    base, tuned = folders
+    checkpoint = tuned if given == "root" else tuned / "unet"
+    merged = merge_lora(base, None, tmp_path / "merged", unet=checkpoint)
+    assert _equal(_state(merged, "unet"), _state(tuned, "unet"))
+    assert not _equal(_state(merged, "unet"), _state(base, "unet"))
+    assert _equal(_state(merged, "text_encoder"), _state(base, "text_encoder"))
+    assert not _equal(_state(merged, "text_encoder"), _state(tuned, "text_encoder"))  # the seeds differ there too
+
+
+def test_a_lora_merges_onto_the_checkpoints_unet(folders, tmp_path):
+    from t2i_align.adapters import add_lora
+    from t2i_align.checkpoints import export_final
+    from t2i_align.config import load_config
+    from t2i_align.merge import merge_lora
+    from t2i_align.models import build_pipeline, load_components
+    from t2i_align.sampling import load_pipeline
+
+    base, tuned = folders
+    cfg = load_config(None, [f"model.pretrained={base}", "lora.enabled=true", "lora.rank=4"])
+    comps = load_components(cfg.model)
+    add_lora(comps.unet, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora = export_final(build_pipeline(comps, unet=comps.unet), comps.unet, True, tmp_path / "lora")
+    merged = merge_lora(base, lora, tmp_path / "merged", unet=tuned / "unet")
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LoRA trained on `base`, applied on `tuned` here on purpose
+        expected_pipe = load_pipeline(tuned, lora=lora)
+    with torch.no_grad():
+        got = load_pipeline(merged).unet(x, t, e).sample
+        expected = expected_pipe.unet(x, t, e).sample
+        plain = load_pipeline(tuned).unet(x, t, e).sample
+    assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_a_checkpoint_of_another_family_or_none_at_all_is_refused(folders, tmp_path):
+    from t2i_align.merge import merge_lora
+
+    base, _ = folders
+    sdxl = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    with pytest.raises(ModelLoadError, match="does not fit the base model.*cross_attention_dim"):
+        merge_lora(base, None, tmp_path / "out", unet=sdxl)
+    with pytest.raises(ModelLoadError, match="no UNet there"):
+        merge_lora(base, None, tmp_path / "out", unet=tmp_path)
+    with pytest.raises(ModelLoadError, match="give --lora, --unet or both"):
+        merge_lora(base, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_prints_what_it_merged(folders, tmp_path, capsys):
+    import importlib.util
+
+    from test_user_errors import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("merge_cli", REPO_ROOT / "train" / "merge_lora.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    base, tuned = folders
+    out = tmp_path / "dpo-sd15"
+    assert cli.main(["--model", str(base), "--unet", str(tuned), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"merged": str(out), "model": str(base), "lora": None,
+                                                   "unet": str(tuned)}
+    assert (out / "model_index.json").is_file()
+    assert cli.main(["--model", str(base), "--out", str(tmp_path / "none")]) == 2
+    assert "give --lora, --unet or both" in capsys.readouterr().err
