@@ -81,10 +81,11 @@ def _note_turbo(cfg: Config, accelerator) -> None:
     """The official code switches to Turbo's timesteps and schedule by the model's name; here they are settings,
     so a run that looks like Turbo on the base recipe is told (it may be meant: no error)."""
     name = cfg.model.pretrained.rstrip("/").rsplit("/", 1)[-1].lower()
-    if "turbo" in name and cfg.objective.name in ("dpo", "sft", "seppo") and cfg.objective.timesteps == "uniform":
+    turbo = cfg.objective.timesteps == "turbo" and cfg.objective.zero_terminal_snr
+    if "turbo" in name and cfg.objective.name in ("dpo", "sft", "seppo") and not turbo:
         say(accelerator, f"note: {cfg.model.pretrained} looks like a Turbo model; the official Diffusion-DPO code "
             "trains those with objective.timesteps=turbo objective.zero_terminal_snr=true (as "
-            "configs/sdxl/dpo_turbo.yaml); this run draws t uniformly as asked")
+            "configs/sdxl/dpo_turbo.yaml); this run keeps the settings as given")
 
 
 @dataclass

@@ -35,6 +35,8 @@ def sample_timesteps(scheduler: Any, n: int, generator: Optional[torch.Generator
     if kind not in TIMESTEP_SETS:
         raise ValueError(f"unknown timestep set {kind!r}; use one of {', '.join(TIMESTEP_SETS)}")
     num_steps = int(scheduler.config.num_train_timesteps)
+    if kind == "turbo" and num_steps < 4:
+        raise ValueError(f"turbo timesteps need a schedule of at least 4 steps, this one has {num_steps}")
     t = torch.randint(0, num_steps, (n,), generator=generator, device=_draw_device(generator, device))
     if kind == "turbo":
         quarter = num_steps // 4
@@ -61,7 +63,8 @@ def sample_noise(shape: Sequence[int], generator: Optional[torch.Generator] = No
 def perturb_input(noise: torch.Tensor, amount: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """ε + amount · ξ, ξ ~ N(0, I) drawn after everything else of the step: the noise x_t is built from while the
     target stays ε (input perturbation, Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion
-    Models", Eq. 9; diffusers' and the official Diffusion-DPO code's `--input_perturbation`, usually 0.1)."""
+    Models", Eq. 9; the official Diffusion-DPO code's `--input_perturbation`, and diffusers' text-to-image
+    example's, usually 0.1)."""
     if not amount:
         return noise
     xi = torch.randn(tuple(noise.shape), generator=generator, device=_draw_device(generator, noise.device))
@@ -74,8 +77,9 @@ def noised(scheduler: Any, latents: torch.Tensor, generator: Optional[torch.Gene
     """(x_t, t, training target) for `latents` [repeats·n, ...], where the n draws of (ε, t) are shared by the
     `repeats` blocks of n samples: DPO's [w; l] (official `noise.chunk(2)[0].repeat(2)`), so the pair's noise
     variance cancels in mse_w - mse_l. `offset`: `sample_noise`'s; `timesteps`: `sample_timesteps`' kind;
-    `perturbation`: `perturb_input`'s amount, its ξ shared by the blocks too (the official code perturbs the
-    noise before it is shared, so with `--input_perturbation` its winner and loser see different x_t noise)."""
+    `perturbation`: `perturb_input`'s amount, its ξ shared by the blocks too. The official code perturbs the noise
+    before sharing it, so with `--input_perturbation` its loser's x_t is built from the loser's own ε_l + γξ_l
+    while its target is the winner's ε_w: input and target no longer match (marked "haven't tried yet" there)."""
     n = latents.shape[0] // repeats
     if n * repeats != latents.shape[0]:
         raise ValueError(f"{latents.shape[0]} samples do not split into {repeats} equal blocks")
@@ -93,8 +97,9 @@ def noised(scheduler: Any, latents: torch.Tensor, generator: Optional[torch.Gene
 def zero_terminal_snr(scheduler: Any) -> Any:
     """A copy of `scheduler` whose ᾱ_t reaches 0 at the last step (Lin et al. 2024, "Common Diffusion Noise
     Schedules and Sample Steps Are Flawed", Alg. 1): sqrt(ᾱ) shifted so its last value is 0, then scaled so its
-    first is unchanged. The official Diffusion-DPO code rescales its training schedule so for Turbo models
-    ("Turbo needs zero terminal SNR to truly learn from noise"). Training only (the math here reads
+    first is unchanged; equal to diffusers' `rescale_betas_zero_snr`. The official Diffusion-DPO code (for a model
+    named *turbo*: "Turbo needs zero terminal SNR to truly learn from noise") and diffusers' SDXL DPO script
+    (`--is_turbo`) rescale their training schedule so. Training only (the math here reads
     `alphas_cumprod`): at ᾱ_T = 0 an ε-prediction no longer gives x_0, so samplers keep the folder's schedule."""
     root = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).sqrt()
     root = (root - root[-1]) * root[0] / (root[0] - root[-1])

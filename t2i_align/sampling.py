@@ -78,10 +78,10 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
 
     path, encoding = check_weights(model, lora, text_encoding)
     lora = None if lora is None else Path(lora)
-    variant = weights_variant(path, variant, "--variant", fallback=True)
-    pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=variant,
+    found = weights_variant(path, variant, "--variant", fallback=True)
+    pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
                                              **_no_safety_checker(path))
-    if unet is not None:
+    if unet is not None:  # the variant asked for, not the base's only one: the checkpoint's may differ
         from .unet_checkpoint import load_unet_checkpoint
 
         pipe.unet = load_unet_checkpoint(unet, pipe.unet, variant)

@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 
-ARCHITECTURE = ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "down_block_types",
-                "up_block_types", "layers_per_block", "transformer_layers_per_block", "attention_head_dim",
-                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
-"""UNet config keys that must equal the base pipeline's for its text encoders, VAE and micro-conditioning to fit."""
+INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "encoder_hid_dim_type", "addition_embed_type",
+             "addition_time_embed_dim", "projection_class_embeddings_input_dim", "class_embed_type",
+             "num_class_embeds", "time_cond_proj_dim")
+"""UNet config keys that must equal the base pipeline's: what the UNet takes in (latents, text, micro-conditioning,
+class and guidance embeddings) and gives out. Its inside (blocks, widths, heads) is the checkpoint's own: a
+distilled UNet (SSD-1B, BK-SDM) fits its teacher's pipeline."""
 
 
 def unet_folder(given: str | Path) -> Path:
@@ -29,8 +31,8 @@ def unet_folder(given: str | Path) -> Path:
 
 
 def check_fits(folder: Path, base: torch.nn.Module) -> None:
-    """The checkpoint's UNet has the base UNet's class and architecture (read from config.json, before any
-    weights load); else a ModelLoadError naming what differs."""
+    """The checkpoint's UNet has the base UNet's class and interface (read from config.json, before any weights
+    load); else a ModelLoadError naming what differs. The prediction type is the base scheduler's, unchecked."""
     from .models import ModelLoadError
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -39,18 +41,13 @@ def check_fits(folder: Path, base: torch.nn.Module) -> None:
         raise ModelLoadError(f"{folder} holds a {config.get('_class_name')}, the base model a {cls.__name__}")
     defaults = inspect.signature(cls.__init__).parameters  # what a config.json that leaves a key out means
     differ = []
-    for key in (k for k in ARCHITECTURE if k in defaults):
-        theirs, ours = _listed(config.get(key, defaults[key].default)), _listed(base.config.get(key))
+    for key in (k for k in INTERFACE if k in defaults):
+        theirs, ours = config.get(key, defaults[key].default), base.config.get(key)
         if theirs != ours:
             differ.append(f"{key} {theirs} (base: {ours})")
     if differ:
         raise ModelLoadError(f"the UNet in {folder} does not fit the base model (a checkpoint of another family, "
                              f"e.g. SD1.5's for SDXL?): {'; '.join(differ)}")
-
-
-def _listed(value):
-    """Config values as JSON gives them (tuples in a live config, lists in config.json)."""
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def load_unet_checkpoint(given: str | Path, base: torch.nn.Module, variant: Optional[str] = None) -> torch.nn.Module:

@@ -31,6 +31,23 @@ def test_turbo_timesteps_are_the_official_mapping_of_the_uniform_draw():
     assert set(turbo.tolist()) == {249, 499, 749, 999}
     with pytest.raises(ValueError, match="timestep set"):
         diffusion.sample_timesteps(scheduler, 2, kind="lightning")
+    with pytest.raises(ValueError, match="at least 4 steps"):
+        diffusion.sample_timesteps(flat_scheduler(steps=3), 2, kind="turbo")
+
+
+def test_default_pair_noising_draws_as_the_inline_code_it_replaced():
+    """Seeded runs from before `noised` are unchanged: ε of the pair's shape, then t, shared by [w; l]."""
+    scheduler, latents = DDPMScheduler(**SD_BETAS), torch.randn(6, 4, 3, 3)
+    for offset in (0.0, 0.1):
+        gen = torch.Generator().manual_seed(11)
+        noise = diffusion.sample_noise((3, 4, 3, 3), gen, offset=offset).repeat(2, 1, 1, 1)
+        t = diffusion.sample_timesteps(scheduler, 3, gen).repeat(2)
+        old = (diffusion.add_noise(scheduler, latents, noise, t), t, diffusion.training_target(scheduler, latents,
+                                                                                               noise, t))
+        new_gen = torch.Generator().manual_seed(11)
+        new = diffusion.noised(scheduler, latents, new_gen, repeats=2, offset=offset)
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+        assert torch.equal(torch.randn(2, generator=gen), torch.randn(2, generator=new_gen))  # same draws used
 
 
 def test_zero_terminal_snr_by_hand_and_the_original_is_untouched():
@@ -80,6 +97,8 @@ def test_noising_settings_are_checked_and_only_for_objectives_that_draw_noise():
         offset=0.0, perturbation=0.1, timesteps="turbo")
     with pytest.raises(ConfigError, match="timesteps"):
         ObjectiveConfig(timesteps="lightning")
+    for kind in diffusion.TIMESTEP_SETS:  # the config's choices (checked without importing torch) are the math's
+        assert ObjectiveConfig(timesteps=kind).timesteps == kind
     with pytest.raises(ConfigError, match="input_perturbation"):
         ObjectiveConfig(input_perturbation=1.5)
     for setting in (dict(zero_terminal_snr=True), dict(timesteps="turbo"), dict(noise_offset=0.1)):
@@ -94,8 +113,10 @@ def test_a_turbo_looking_model_on_the_base_recipe_gets_a_note(capsys):
     accelerator = SimpleNamespace(print=print)
     _note_turbo(load_config(None, ["model.pretrained=/models/sdxl-turbo/"]), accelerator)
     assert "objective.timesteps=turbo" in capsys.readouterr().err
-    for overrides in (["model.pretrained=/models/sdxl-turbo", "objective.timesteps=turbo"],
-                      ["model.pretrained=/models/turbo-prompts/sdxl"]):
+    _note_turbo(load_config(None, ["model.pretrained=sdxl-turbo", "objective.timesteps=turbo"]), accelerator)
+    assert "objective.zero_terminal_snr=true" in capsys.readouterr().err  # half the recipe still gets the note
+    for overrides in (["model.pretrained=/models/sdxl-turbo", "objective.timesteps=turbo",
+                       "objective.zero_terminal_snr=true"], ["model.pretrained=/models/turbo-prompts/sdxl"]):
         _note_turbo(load_config(None, overrides), accelerator)
         assert capsys.readouterr().err == ""
 

@@ -83,6 +83,22 @@ def test_a_checkpoint_of_another_family_or_none_at_all_is_refused(folders, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_the_interface_is_checked_and_the_inside_is_the_checkpoints_own(folders, tmp_path):
+    """Another head split (as a distilled UNet's other blocks) fits; a guidance embedding (LCM's
+    time_cond_proj_dim) changes what the UNet takes: refused."""
+    from helpers import _tiny_unet
+
+    from t2i_align.sampling import load_pipeline
+
+    base, _ = folders
+    _tiny_unet(3, attention_head_dim=(4, 8)).save_pretrained(str(tmp_path / "heads"))
+    pipe = load_pipeline(base, unet=tmp_path / "heads")
+    assert list(pipe.unet.config.attention_head_dim) == [4, 8]
+    _tiny_unet(3, time_cond_proj_dim=16).save_pretrained(str(tmp_path / "lcm"))
+    with pytest.raises(ModelLoadError, match="time_cond_proj_dim 16 \\(base: None\\)"):
+        load_pipeline(base, unet=tmp_path / "lcm")
+
+
 def test_the_command_line_prints_what_it_merged(folders, tmp_path, capsys):
     import importlib.util
 

@@ -28,13 +28,13 @@ class ObjectiveConfig:
     0.1); 0: plain ε, as every paper's recipe."""
     input_perturbation: float = 0.0
     """x_t built from ε + input_perturbation · N(0, I), the target still ε (Ning et al. 2023; the official code's
-    and diffusers' `--input_perturbation`, usually 0.1); 0: off, as every paper's recipe."""
+    `--input_perturbation`, usually 0.1; a pair shares it here); 0: off, as every paper's recipe."""
     timesteps: str = "uniform"
     """Training t: "uniform" (U{0, ..., T-1}, every paper's) or "turbo" ({249, 499, 749, 999}, the steps Turbo
     models sample at: the official code for a model named *turbo*, diffusers' `--is_turbo`)."""
     zero_terminal_snr: bool = False
-    """Train on the schedule rescaled to ᾱ_T = 0 (Lin et al. 2024, Alg. 1), as the official code for Turbo models;
-    sampling keeps the folder's schedule."""
+    """Train on the schedule rescaled to ᾱ_T = 0 (Lin et al. 2024, Alg. 1), as the official code for Turbo models
+    and diffusers' `--is_turbo` (which sets both); sampling keeps the folder's schedule."""
     sft_weight: float = 0.0
     """dpo and seppo: add sft_weight · (the policy's denoising MSE on the winners) to the loss, the diffusion form
     of RPO's NLL term on the chosen response (Pang et al. 2024, arXiv 2404.19733, Eq. 3), against DPO raising
