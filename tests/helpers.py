@@ -130,6 +130,25 @@ def save_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+def export_random_lora(model: Path, folder: Path, *overrides: str) -> Path:
+    """A rank-4 LoRA on `model` with random lora_B (a fresh LoRA is a no-op), exported as a run's final/ would be
+    (`overrides`: more config settings, e.g. the text encoding it records). Returns the export folder."""
+    from t2i_align.adapters import add_lora
+    from t2i_align.checkpoints import export_final
+    from t2i_align.config import load_config
+    from t2i_align.models import build_pipeline, load_components
+
+    cfg = load_config(None, [f"model.pretrained={model}", "lora.enabled=true", "lora.rank=4", *overrides])
+    comps = load_components(cfg.model)
+    add_lora(comps.unet, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return export_final(build_pipeline(comps, unet=comps.unet), comps.unet, True, folder)
+
+
 def thread_team(world):
     """Team members (`cache_build.Team`) for `world` threads standing in for processes: a barrier; `share` and
     `gather` through slots (rank 0's, or one each)."""

@@ -5,30 +5,18 @@ import warnings
 import pytest
 import torch
 
-from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
-from t2i_align.config import load_config
+from helpers import export_random_lora, one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
 from t2i_align.errors import UserError
 from t2i_align.models import ModelLoadError
 
 
 def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path):
-    from t2i_align.checkpoints import export_final
     from t2i_align.merge import merge_lora
-    from t2i_align.adapters import add_lora
-    from t2i_align.models import build_pipeline, load_components
     from t2i_align.sampling import check_weights, load_pipeline, pipeline_components
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
-    cfg = load_config(None, [f"model.pretrained={model}", "model.text_encoding.kind=segments", "lora.enabled=true",
-                             "lora.rank=4", "model.text_encoding.token_budget=100"])
-    comps = load_components(cfg.model)
-    add_lora(comps.unet, cfg.lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in comps.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    final = export_final(build_pipeline(comps, unet=comps.unet), comps.unet, True, tmp_path / "stage1")
+    final = export_random_lora(model, tmp_path / "stage1", "model.text_encoding.kind=segments",
+                               "model.text_encoding.token_budget=100")
     merged = merge_lora(model, final, tmp_path / "merged")
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     e = torch.randn(2, 100, 32)

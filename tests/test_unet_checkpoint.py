@@ -40,23 +40,13 @@ def test_the_checkpoints_unet_joins_the_bases_other_parts(folders, tmp_path, giv
 
 
 def test_a_lora_merges_onto_the_checkpoints_unet(folders, tmp_path):
-    from t2i_align.adapters import add_lora
-    from t2i_align.checkpoints import export_final
-    from t2i_align.config import load_config
+    from helpers import export_random_lora
+
     from t2i_align.merge import merge_lora
-    from t2i_align.models import build_pipeline, load_components
     from t2i_align.sampling import load_pipeline
 
     base, tuned = folders
-    cfg = load_config(None, [f"model.pretrained={base}", "lora.enabled=true", "lora.rank=4"])
-    comps = load_components(cfg.model)
-    add_lora(comps.unet, cfg.lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in comps.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    lora = export_final(build_pipeline(comps, unet=comps.unet), comps.unet, True, tmp_path / "lora")
+    lora = export_random_lora(base, tmp_path / "lora")
     merged = merge_lora(base, lora, tmp_path / "merged", unet=tuned / "unet")
     x, t, e = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     with warnings.catch_warnings():
