@@ -23,6 +23,9 @@ def unet_folder(given: str | Path) -> Path:
     """The folder holding the UNet's config.json: `given` itself, or its unet/ (a checkpoint's root folder)."""
     from .models import ModelLoadError
 
+    if not Path(given).exists():
+        raise ModelLoadError(f"--unet {given} does not exist: give a diffusers UNet folder, or a checkpoint folder "
+                             "holding one as unet/")
     for folder in (Path(given), Path(given) / "unet"):
         if (folder / "config.json").is_file():
             return folder
@@ -46,8 +49,8 @@ def check_fits(folder: Path, base: torch.nn.Module) -> None:
         if theirs != ours:
             differ.append(f"{key} {theirs} (base: {ours})")
     if differ:
-        raise ModelLoadError(f"the UNet in {folder} does not fit the base model (a checkpoint of another family, "
-                             f"e.g. SD1.5's for SDXL?): {'; '.join(differ)}")
+        raise ModelLoadError(f"the UNet in {folder} does not fit the base model ({'; '.join(differ)}): give the base "
+                             "pipeline it was fine-tuned from (its family: SD1.5, SDXL...) as --model")
 
 
 def load_unet_checkpoint(given: str | Path, base: torch.nn.Module, variant: Optional[str] = None) -> torch.nn.Module:

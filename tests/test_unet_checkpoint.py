@@ -68,9 +68,26 @@ def test_a_checkpoint_of_another_family_or_none_at_all_is_refused(folders, tmp_p
         merge_lora(base, None, tmp_path / "out", unet=sdxl)
     with pytest.raises(ModelLoadError, match="no UNet there"):
         merge_lora(base, None, tmp_path / "out", unet=tmp_path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        merge_lora(base, None, tmp_path / "out", unet=tmp_path / "typo")
     with pytest.raises(ModelLoadError, match="give --lora, --unet or both"):
         merge_lora(base, None, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_would_replace_the_checkpoints_unet_is_refused(folders, tmp_path):
+    """Given the checkpoint's root, its unet/ is what is read: --out there (or at the root) would delete it."""
+    import shutil
+
+    from t2i_align.errors import UserError
+    from t2i_align.merge import merge_lora
+
+    base, tuned = folders
+    shutil.copytree(tuned / "unet", tmp_path / "ckpt" / "unet")
+    for out in (tmp_path / "ckpt" / "unet", tmp_path / "ckpt"):
+        with pytest.raises(UserError, match="is or holds --unet"):
+            merge_lora(base, None, out, unet=tmp_path / "ckpt", overwrite=True)
+    assert _equal(_state(tmp_path / "ckpt", "unet"), _state(tuned, "unet"))
 
 
 def test_the_interface_is_checked_and_the_inside_is_the_checkpoints_own(folders, tmp_path):
