@@ -48,8 +48,11 @@ def trainable_parameters(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.n
 
 
 def frozen_reference(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Full fine-tune reference: a frozen copy of the policy UNet in the weight dtype (never the policy itself)."""
-    return copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=dtype)
+    """Full fine-tune reference: a frozen copy of the policy UNet in the weight dtype (never the policy itself).
+    torch's own Module.to: diffusers' warns on every cast of a UNet that keeps no module in float32 (the list it
+    names is empty), which read as a problem in every full fine-tune's log."""
+    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+    return torch.nn.Module.to(frozen, dtype=dtype)
 
 
 @contextmanager
