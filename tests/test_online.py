@@ -122,6 +122,9 @@ def test_bad_raft_settings_fail_clearly(tmp_path):
         _run("configs/toy/online_dpo.yaml", tmp_path / "c", "raft.k=1")
     with pytest.raises(ConfigError, match="raft.prompts"):
         load_config(None, ["raft.enabled=true"])
+    for setting, expected in (("raft.k=100", "less than 100"), ("raft.prompts_per_round=10001", "at most 10000")):
+        with pytest.raises(ConfigError, match=expected):  # beyond these the per-image seeds repeat
+            load_config("configs/toy/raft.yaml", [setting])
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("a photo of an astronaut riding a horse\n")
     with pytest.raises(ConfigError, match="raft.reward = 'toy-judge' cannot score raft.prompts"):

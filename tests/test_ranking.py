@@ -56,6 +56,10 @@ def test_diversity_is_mean_pairwise_rms_distance():
     # distances 5, 0, 5 -> mean 10/3, over sqrt(2) elements
     assert diversity(torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])) == pytest.approx(10 / 3 / math.sqrt(2))
     assert diversity(torch.zeros(1, 4)) == 0.0
+    # at most 3 of 5, evenly spaced: rows 0, 2, 4 = (0, 0), (0, 0), (3, 4): distances 0, 5, 5
+    five = torch.tensor([[0.0, 0.0], [9.0, 9.0], [0.0, 0.0], [9.0, 9.0], [3.0, 4.0]])
+    assert diversity(five, at_most=3) == pytest.approx(10 / 3 / math.sqrt(2))
+    assert diversity(five, at_most=5) == diversity(five)
 
 
 def test_round_metrics_by_hand():

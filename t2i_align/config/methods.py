@@ -108,6 +108,9 @@ class RaftConfig:
     def __post_init__(self) -> None:
         _check_at_least(self, ("prompts_per_round", "k", "round_steps", "sample_steps", "generation_batch_size"), 1)
         _check(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "a number in (0, 1]")
+        # the per-image seed, seed + 1_000_003·round + 10_000·k + slot (data/online.py), repeats beyond these
+        _check(self, "prompts_per_round", self.prompts_per_round <= 10_000, "at most 10000 (the seed grid's width)")
+        _check(self, "k", self.k < 100, "less than 100 (the seed grid's rounds would overlap)")
         _check_choice(self, "scheduler", ("ddim", "dpm++", "euler"))
         _check(self, "resolution", self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
                "null or a multiple of 8")
