@@ -53,6 +53,23 @@ def test_toy_raft_generates_selects_and_trains(tmp_path):
     assert (result.final / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_a_round_made_in_chunks_equals_one_made_whole(tmp_path, monkeypatch):
+    """Chunks of whole generation batches: the same images, scores and training as one call for the round."""
+    import t2i_align.data.online as online
+
+    def rounds(out):
+        return [json.loads(s) for s in (out / "raft_rounds.jsonl").read_text().splitlines()]
+
+    _run("configs/toy/raft.yaml", tmp_path / "whole", "raft.generation_batch_size=2")
+    calls, sample = [], online.OnlineSource._sample
+    monkeypatch.setattr(online, "ROUND_CHUNK_IMAGES", 2)
+    monkeypatch.setattr(online.OnlineSource, "_sample", lambda self, p, s: calls.append(len(p)) or sample(self, p, s))
+    _run("configs/toy/raft.yaml", tmp_path / "chunks", "raft.generation_batch_size=2")
+    assert calls == [2] * 8  # 4 prompts x 2 images per round, 2 rounds
+    assert rounds(tmp_path / "chunks") == rounds(tmp_path / "whole")
+    assert [r["loss"] for r in _metrics(tmp_path / "chunks")] == [r["loss"] for r in _metrics(tmp_path / "whole")]
+
+
 def test_toy_online_dpo_pairs_best_and_worst(tmp_path):
     _run("configs/toy/online_dpo.yaml", tmp_path / "odpo")
     rows = _metrics(tmp_path / "odpo")
