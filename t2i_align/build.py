@@ -78,11 +78,11 @@ def _source(cfg: Config, components, accelerator, batch_kind: str):
 
 
 def _note_turbo(cfg: Config, accelerator) -> None:
-    """The official code switches to Turbo's timesteps and schedule by the model's name; here they are settings,
-    so a run that looks like Turbo on the base recipe is told (it may be meant: no error)."""
-    name = cfg.model.pretrained.rstrip("/").rsplit("/", 1)[-1].lower()
+    """The official code switches to Turbo's timesteps and schedule when "turbo" is in the model's path or id (a hub
+    cache folder ends in a commit hash); here they are settings, so a run that looks like Turbo on the base recipe
+    is told (it may be meant: no error)."""
     turbo = cfg.objective.timesteps == "turbo" and cfg.objective.zero_terminal_snr
-    if "turbo" in name and cfg.objective.name in ("dpo", "sft", "seppo") and not turbo:
+    if "turbo" in cfg.model.pretrained.lower() and cfg.objective.name in ("dpo", "sft", "seppo") and not turbo:
         say(accelerator, f"note: {cfg.model.pretrained} looks like a Turbo model; the official Diffusion-DPO code "
             "trains those with objective.timesteps=turbo objective.zero_terminal_snr=true (as "
             "configs/sdxl/dpo_turbo.yaml); this run keeps the settings as given")

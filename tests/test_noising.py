@@ -113,10 +113,13 @@ def test_a_turbo_looking_model_on_the_base_recipe_gets_a_note(capsys):
     accelerator = SimpleNamespace(print=print)
     _note_turbo(load_config(None, ["model.pretrained=/models/sdxl-turbo/"]), accelerator)
     assert "objective.timesteps=turbo" in capsys.readouterr().err
+    hub_cache = "/hf/hub/models--stabilityai--sdxl-turbo/snapshots/71153311d3dbb46851df1931d3ca6e939de83304"
+    _note_turbo(load_config(None, [f"model.pretrained={hub_cache}"]), accelerator)
+    assert "looks like a Turbo model" in capsys.readouterr().err
     _note_turbo(load_config(None, ["model.pretrained=sdxl-turbo", "objective.timesteps=turbo"]), accelerator)
     assert "objective.zero_terminal_snr=true" in capsys.readouterr().err  # half the recipe still gets the note
     for overrides in (["model.pretrained=/models/sdxl-turbo", "objective.timesteps=turbo",
-                       "objective.zero_terminal_snr=true"], ["model.pretrained=/models/turbo-prompts/sdxl"]):
+                       "objective.zero_terminal_snr=true"], ["model.pretrained=/models/sdxl-base"]):
         _note_turbo(load_config(None, overrides), accelerator)
         assert capsys.readouterr().err == ""
 
