@@ -53,14 +53,15 @@ def select_best_of_k(scores: torch.Tensor, top_fraction: float = 1.0) -> Selecti
     return Selection([(p, int(arg[p])) for p in kept], int((~finite).sum()), s.shape[0] - len(usable))
 
 
-def select_best_worst(scores: torch.Tensor, top_fraction: float = 1.0) -> Selection:
-    """(prompt, best, worst) per prompt with a positive gap, then the `top_fraction` with the largest gaps."""
+def select_best_worst(scores: torch.Tensor, top_fraction: float = 1.0, min_gap: float = 0.0) -> Selection:
+    """(prompt, best, worst) per prompt whose gap exceeds `min_gap` (>= 0: always a positive gap), then the
+    `top_fraction` with the largest gaps."""
     s = _check_table(scores, 2)
     finite = torch.isfinite(s)
     best, arg_best = s.masked_fill(~finite, -math.inf).max(dim=1)
     worst, arg_worst = s.masked_fill(~finite, math.inf).min(dim=1)
     gap = best - worst
-    usable = [p for p in range(s.shape[0]) if int(finite[p].sum()) >= 2 and float(gap[p]) > 0]
+    usable = [p for p in range(s.shape[0]) if int(finite[p].sum()) >= 2 and float(gap[p]) > max(0.0, min_gap)]
     usable.sort(key=lambda p: (-float(gap[p]), p))
     kept = usable[:_num_kept(len(usable), top_fraction)]
     picks = [(p, int(arg_best[p]), int(arg_worst[p])) for p in kept]

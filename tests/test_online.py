@@ -139,7 +139,12 @@ def test_bad_raft_settings_fail_clearly(tmp_path):
         _run("configs/toy/online_dpo.yaml", tmp_path / "c", "raft.k=1")
     with pytest.raises(ConfigError, match="raft.prompts"):
         load_config(None, ["raft.enabled=true"])
-    for setting, expected in (("raft.k=100", "less than 100"), ("raft.prompts_per_round=10001", "at most 10000")):
+    with pytest.raises(ConfigError, match="only online DPO"):
+        _run("configs/toy/raft.yaml", tmp_path / "e", "raft.min_gap=0.1")
+    with pytest.raises(RuntimeError, match="no pair with a reward gap > 5.0"):  # the judge's gaps are at most 1
+        _run("configs/toy/online_dpo.yaml", tmp_path / "f", "raft.min_gap=5")
+    for setting, expected in (("raft.k=100", "less than 100"), ("raft.prompts_per_round=10001", "at most 10000"),
+                              ("raft.min_gap=-1", "a number >= 0")):
         with pytest.raises(ConfigError, match=expected):  # beyond these the per-image seeds repeat
             load_config("configs/toy/raft.yaml", [setting])
     foreign = tmp_path / "foreign.txt"

@@ -40,6 +40,15 @@ def test_best_worst_pairs_rank_by_gap_and_skip_ties():
     assert select_best_worst(SCORES, top_fraction=0.5).picks == [(0, 1, 0), (2, 2, 1)]  # 1.5 -> 2
 
 
+def test_a_minimum_gap_drops_near_ties_before_the_top_fraction():
+    # gaps 0.7, 0, 0.5, 0.3: above 0.4 only prompts 0 and 2; of those two, top 0.5 keeps one
+    sel = select_best_worst(SCORES, top_fraction=1.0, min_gap=0.4)
+    assert sel.picks == [(0, 1, 0), (2, 2, 1)] and sel.prompts_without_choice == 2
+    assert select_best_worst(SCORES, top_fraction=0.5, min_gap=0.4).picks == [(0, 1, 0)]
+    exact = torch.tensor([[0.5, 0.25]])  # a gap of exactly 0.25: "exceed", so equal is not enough
+    assert select_best_worst(exact, min_gap=0.25).picks == [] and select_best_worst(exact, min_gap=0.125).picks
+
+
 def test_pairs_need_two_finite_images_and_k_at_least_two():
     sel = select_best_worst(torch.tensor([[NAN, 0.4, NAN], [0.1, 0.3, 0.2]]))
     assert sel.picks == [(1, 1, 0)]

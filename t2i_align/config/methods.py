@@ -81,6 +81,9 @@ class RaftConfig:
     top_fraction: float = 0.8
     """After best-of-K per prompt, keep this fraction of the prompts with the highest best score (RAFT demo: the
     top 8 of 10 prompts). Online DPO ranks prompts by the best-worst reward gap instead."""
+    min_gap: float = 0.0
+    """Online DPO: a prompt's best-worst reward gap must exceed this to make a pair (0: any positive gap). With a
+    continuous reward, near-ties are preferences the reward cannot tell apart; the gap is in the reward's units."""
     round_steps: int = 80
     """Optimizer steps trained on each round's selection (RAFT demo: 80)."""
     reward: str = "toy-judge"
@@ -108,6 +111,7 @@ class RaftConfig:
     def __post_init__(self) -> None:
         _check_at_least(self, ("prompts_per_round", "k", "round_steps", "sample_steps", "generation_batch_size"), 1)
         _check(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "a number in (0, 1]")
+        _check(self, "min_gap", self.min_gap >= 0, "a number >= 0 (0: any positive reward gap makes a pair)")
         # the per-image seed, seed + 1_000_003·round + 10_000·k + slot (data/online.py), repeats beyond these
         _check(self, "prompts_per_round", self.prompts_per_round <= 10_000, "at most 10000 (the seed grid's width)")
         _check(self, "k", self.k < 100, "less than 100 (the seed grid's rounds would overlap)")

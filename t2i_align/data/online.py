@@ -51,6 +51,9 @@ class OnlineSource:
         if self.pairs and self.rc.k < 2:
             raise ConfigError(f"raft.k = {self.rc.k}: online DPO pairs the best and worst of K images, so it needs "
                              "raft.k >= 2")
+        if not self.pairs and self.rc.min_gap:
+            raise ConfigError(f"raft.min_gap = {self.rc.min_gap}: only online DPO (objective dpo) makes pairs; RAFT "
+                              "(objective sft) keeps the best image of each prompt. Leave raft.min_gap at 0")
         self.prompts = read_prompts(self.rc.prompts, "raft.prompts")
         self.reward = _reward(self.rc, accelerator.device)
         self._check_reward_reads_prompts()
@@ -173,8 +176,8 @@ class OnlineSource:
         rows = sorted(gather_object(local), key=lambda row: row[0])
         scores = torch.stack([row[2] for row in rows])
         latents = torch.cat([row[3] for row in rows])
-        select = select_best_worst if self.pairs else select_best_of_k
-        selection = select(scores, self.rc.top_fraction)
+        selection = select_best_worst(scores, self.rc.top_fraction, self.rc.min_gap) if self.pairs \
+            else select_best_of_k(scores, self.rc.top_fraction)
         self._nonfinite_total += selection.dropped_nonfinite
         if not selection.picks:
             raise RuntimeError(self._empty_message(rnd, scores, selection))
@@ -288,7 +291,7 @@ class OnlineSource:
         return batch
 
     def _empty_message(self, rnd: int, scores: torch.Tensor, selection: Selection) -> str:
-        what = "no pair with a reward gap > 0" if self.pairs else "no image with a finite score"
+        what = f"no pair with a reward gap > {self.rc.min_gap}" if self.pairs else "no image with a finite score"
         return (f"RAFT round {rnd}: {what} among {scores.shape[0]} prompts x {scores.shape[1]} images "
                 f"({selection.dropped_nonfinite} non-finite scores). Check the reward {self.rc.reward!r} on a few "
                 "generated images (t2i-score), or raise raft.k / raft.prompts_per_round.")
