@@ -224,7 +224,7 @@ class OnlineSource:
         flat = [t for t in texts for _ in range(k)]
         seeds = [self.cfg.seed + 1_000_003 * rnd + 10_000 * kk + slot for slot in slots for kk in range(k)]
         # In chunks of whole generation batches (the same batches as one call): only a chunk's decoded images are
-        # held at a time (300 prompts x 16 at 512 px were 15 GB of float pixels), then scored and encoded
+        # held at a time (300 prompts x 16 at 512 px: 15 GB of float pixels), then scored and encoded
         step = self.rc.generation_batch_size * max(1, ROUND_CHUNK_IMAGES // self.rc.generation_batch_size)
         scores, latents = [], []
         for i in range(0, len(flat), step):
