@@ -74,34 +74,44 @@ SD-sized round (300 prompts x 16 images: 11.5 million pairs of 16,384-value late
 would cost minutes per round (a reviewer's estimate, not measured here)."""
 
 
+def spaced(n: int, at_most: int = 0) -> List[int]:
+    """Indices of at most `at_most` (> 0) of n items, evenly spaced from the first to the last; all n otherwise."""
+    if 0 < at_most < n:
+        return torch.linspace(0, n - 1, at_most).round().long().tolist()
+    return list(range(n))
+
+
 def diversity(latents: torch.Tensor, at_most: int = 0) -> float:
     """Mean pairwise RMS distance between samples (0 when fewer than two): falls towards 0 as samples collapse.
     `at_most` > 0: on that many samples at most, evenly spaced through the batch."""
     if len(latents) < 2:
         return 0.0
-    if 0 < at_most < len(latents):
-        latents = latents[torch.linspace(0, len(latents) - 1, at_most).round().long()]
-    flat = latents.detach().double().flatten(1)
+    flat = latents[spaced(len(latents), at_most)].detach().double().flatten(1)
     return float(torch.pdist(flat).mean() / math.sqrt(flat.shape[1]))
 
 
-def round_metrics(scores: torch.Tensor, latents: torch.Tensor, selection: Selection) -> Dict[str, float]:
+def diversity_cells(prompts: int, k: int) -> List[Tuple[int, int]]:
+    """The (prompt, k) cells of a [prompts, K] round whose latents the pool's diversity is measured on."""
+    return [divmod(i, k) for i in spaced(prompts * k, DIVERSITY_SAMPLES)]
+
+
+def round_metrics(scores: torch.Tensor, latents: Dict[Tuple[int, int], torch.Tensor],
+                  selection: Selection) -> Dict[str, float]:
     """What to watch per round: pool reward (mean, max, mean best-of-K), the selected reward, and the diversity
     of the pool and of the selected samples (each on `DIVERSITY_SAMPLES` at most), so reward hacking and collapse
-    show up in the logs."""
+    show up in the logs. `latents`: (prompt, k) -> latent, for the selected cells and `diversity_cells`."""
     s = scores.detach().double().cpu()
     finite = torch.isfinite(s)
     vals = s[finite]
     chosen = [(p, ks[0]) for p, *ks in selection.picks]
     chosen_scores = torch.tensor([float(s[p, k]) for p, k in chosen], dtype=torch.float64)
-    k = s.shape[1]
     out = {
         "raft/pool_reward_mean": float(vals.mean()) if len(vals) else math.nan,
         "raft/pool_reward_max": float(vals.max()) if len(vals) else math.nan,
         "raft/selected_reward_mean": float(chosen_scores.mean()) if len(chosen) else math.nan,
         "raft/selected": float(len(chosen)),
-        "raft/pool_diversity": diversity(latents, DIVERSITY_SAMPLES),
-        "raft/selected_diversity": diversity(latents[[p * k + kk for p, kk in chosen]], DIVERSITY_SAMPLES)
+        "raft/pool_diversity": diversity(torch.stack([latents[c] for c in diversity_cells(*s.shape)])),
+        "raft/selected_diversity": diversity(torch.stack([latents[c] for c in chosen]), DIVERSITY_SAMPLES)
         if chosen else 0.0,
         "raft/nonfinite_dropped": float(selection.dropped_nonfinite),
     }

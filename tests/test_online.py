@@ -100,22 +100,29 @@ def test_reencode_trains_on_vae_encodings_of_the_decoded_images(tmp_path, monkey
     assert not seen  # the generated latents are trained on as they are
 
 
-def test_rows_sent_to_the_gather_hold_only_their_own_tensors(tmp_path, monkeypatch):
-    """Each process's rows are pickled by gather_object; a row holding a view of the round's latents would pickle
-    all of them (the round's size squared over the processes). Each row's tensors must own their storage."""
+def test_only_scores_and_the_needed_latents_are_gathered(tmp_path, monkeypatch):
+    """Every process receives every prompt's K scores, but only the latents that are trained on and those the
+    pool's diversity is measured on; each sent tensor owns its storage (gather_object pickles a view with all of
+    it: a row of the round's latents would carry the whole round)."""
     import accelerate.utils
+
+    import t2i_align.ranking as ranking
 
     sent, real = [], accelerate.utils.gather_object
 
     def recording(rows):
-        sent.extend(rows)
+        sent.append(rows)
         return real(rows)
 
     monkeypatch.setattr(accelerate.utils, "gather_object", recording)
-    _run("configs/toy/raft.yaml", tmp_path / "r")
-    assert len(sent) == 8  # 4 prompts in each of 2 rounds
-    for _, _, scores, latents in sent:
-        for t in (scores, latents):
+    monkeypatch.setattr(ranking, "DIVERSITY_SAMPLES", 2)  # cells (0, 0) and (3, 1) of 4 prompts x 2
+    _run("configs/toy/raft.yaml", tmp_path / "r", "raft.top_fraction=0.5")
+    rounds = [json.loads(s) for s in (tmp_path / "r" / "raft_rounds.jsonl").read_text().splitlines()]
+    assert len(sent) == 4  # scores, then latents, in each of 2 rounds
+    for (scores, latents), record in zip(zip(sent[::2], sent[1::2]), rounds):
+        assert [row[0] for row in scores] == [0, 1, 2, 3] and all(len(row) == 3 for row in scores)
+        assert sorted(cell for cell, _ in latents) == sorted({(0, 0), (3, 1)} | {tuple(p) for p in record["selected"]})
+        for t in [row[2] for row in scores] + [lat for _, lat in latents]:
             assert t.untyped_storage().nbytes() == t.nbytes
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from t2i_align.ranking import diversity, round_metrics, select_best_of_k, select_best_worst
+from t2i_align.ranking import diversity, diversity_cells, round_metrics, select_best_of_k, select_best_worst
 
 NAN = float("nan")
 # 4 prompts x 3 images. Prompt 1 ties everywhere; prompt 2 has one non-finite score.
@@ -71,9 +71,19 @@ def test_diversity_is_mean_pairwise_rms_distance():
     assert diversity(five, at_most=5) == diversity(five)
 
 
+def test_diversity_cells_are_evenly_spaced_through_the_round(monkeypatch):
+    import t2i_align.ranking as ranking
+
+    assert diversity_cells(2, 3) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # all, under the limit
+    monkeypatch.setattr(ranking, "DIVERSITY_SAMPLES", 4)
+    # flat positions 0, 11/3, 22/3, 11 of 4 prompts x 3 images, rounded: 0, 4, 7, 11
+    assert diversity_cells(4, 3) == [(0, 0), (1, 1), (2, 1), (3, 2)]
+
+
 def test_round_metrics_by_hand():
     latents = torch.zeros(12, 1, 1, 2)
     latents[1] = torch.tensor([3.0, 4.0]).view(1, 1, 2)  # the selected image of prompt 0 (row 0*3+1)
+    latents = {divmod(i, 3): latents[i] for i in range(12)}  # (prompt, k) -> latent
     sel = select_best_of_k(SCORES, top_fraction=0.5)  # (0,1) and (2,2)
     m = round_metrics(SCORES, latents, sel)
     finite = [0.2, 0.9, 0.5, 0.1, 0.1, 0.1, 0.3, 0.8, 0.6, 0.4, 0.7]
@@ -82,5 +92,6 @@ def test_round_metrics_by_hand():
     assert m["raft/selected_reward_mean"] == pytest.approx((0.9 + 0.8) / 2)
     assert m["raft/selected"] == 2 and m["raft/nonfinite_dropped"] == 1
     assert m["raft/selected_diversity"] == pytest.approx(5 / math.sqrt(2))  # rows 1 and 8
+    assert m["raft/pool_diversity"] == pytest.approx(5 * 11 / 66 / math.sqrt(2))  # 11 of 66 pairs 5 apart
     pairs = round_metrics(SCORES, latents, select_best_worst(SCORES))
     assert pairs["raft/selected_loser_reward_mean"] == pytest.approx((0.2 + 0.3 + 0.4) / 3)

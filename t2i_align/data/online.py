@@ -2,8 +2,9 @@
 
 Round r (every `raft.round_steps` optimizer steps): `prompts_per_round` prompts are taken from a per-epoch
 shuffle of the prompt list and split across processes; each process generates K images per prompt with the
-live UNet (LoRA adapters on), scores them, and the scores and latents are gathered so that every process makes
-the same global selection (`t2i_align.ranking`). Micro-batches are then drawn from the selection, each process
+live UNet (LoRA adapters on), scores them, and the scores are gathered so that every process makes the same
+global selection (`t2i_align.ranking`); then only the selected latents (and the few the round's diversity is
+measured on) are gathered, not all K per prompt. Micro-batches are then drawn from the selection, each process
 its own slice of every global batch. The training latents are the VAE encodings of the decoded images
 (`raft.reencode`, as the official RAFT code, which trains on the saved images) or the generated latents.
 
@@ -26,7 +27,7 @@ from ..config import ConfigError
 from ..engines import autocast, is_fsdp, on_every, on_main, say
 from ..files import keep_jsonl
 from ..prompts import read_prompts
-from ..ranking import Selection, round_metrics, select_best_of_k, select_best_worst
+from ..ranking import Selection, diversity_cells, round_metrics, select_best_of_k, select_best_worst
 from ..sampling import generate, set_scheduler
 
 POOL_FILE = "raft_pool.safetensors"
@@ -173,18 +174,29 @@ class OnlineSource:
             work()
         else:  # one process failing (out of memory, its reward) stops all, not only itself
             on_every(self.acc, work, "another process could not generate or score its RAFT samples")
-        rows = sorted(gather_object(local), key=lambda row: row[0])
+        # Only scores travel to every process; then only the latents that are trained on or measured
+        rows = sorted(gather_object([row[:3] for row in local]), key=lambda row: row[0])
         scores = torch.stack([row[2] for row in rows])
-        latents = torch.cat([row[3] for row in rows])
         selection = select_best_worst(scores, self.rc.top_fraction, self.rc.min_gap) if self.pairs \
             else select_best_of_k(scores, self.rc.top_fraction)
         self._nonfinite_total += selection.dropped_nonfinite
         if not selection.picks:
             raise RuntimeError(self._empty_message(rnd, scores, selection))
+        latents = self._gather_latents(local, {(p, k) for p, *ks in selection.picks for k in ks}
+                                       | set(diversity_cells(*scores.shape)))
         self._metrics = dict(round_metrics(scores, latents, selection), **{
             "raft/round": float(rnd), "raft/generation_s": time.time() - began})
         self._record(rnd, rows, selection)
-        return [self._item(rows[p], ks) for p, *ks in selection.picks]
+        return [self._item(rows[p][1], [latents[(p, k)] for k in ks]) for p, *ks in selection.picks]
+
+    @staticmethod
+    def _gather_latents(local, cells) -> Dict[Tuple[int, int], torch.Tensor]:
+        """(prompt, k) -> latent on every process, for `cells` of the round (each process sends those it made)."""
+        from accelerate.utils import gather_object
+
+        # clones: gather_object pickles a view with its whole storage (all K latents of the prompt)
+        mine = [((slot, k), lat[k].clone()) for slot, _, _, lat in local for k in range(len(lat)) if (slot, k) in cells]
+        return dict(gather_object(mine))
 
     def _record(self, rnd: int, rows, selection: Selection) -> None:
         """Append the round's pool and choice to raft_rounds.jsonl (main process; every process stops if it
@@ -233,8 +245,8 @@ class OnlineSource:
             latents.append(self._reencode(samples.images) if self.rc.reencode else samples.latents)
         scores = torch.cat(scores).reshape(len(texts), k)
         lat = torch.cat(latents).reshape(len(texts), k, *latents[0].shape[1:])
-        # clones: gather_object pickles a view with its whole storage, every row the whole round's latents
-        return [(slot, texts[i], scores[i].clone(), lat[i].clone()) for i, slot in enumerate(slots)]
+        # clones: gather_object pickles a view with its whole storage, every row the whole round's scores
+        return [(slot, texts[i], scores[i].clone(), lat[i]) for i, slot in enumerate(slots)]
 
     def _sample(self, prompts: List[str], seeds: List[int]):
         from ..models import build_pipeline
@@ -269,11 +281,10 @@ class OnlineSource:
             return dict(item, caption="")
         return item
 
-    def _item(self, row, ks) -> Dict:
-        _, prompt, _, lat = row
+    def _item(self, prompt: str, latents: List[torch.Tensor]) -> Dict:
         if self.pairs:
-            return {"caption": prompt, "latents_w": lat[ks[0]], "latents_l": lat[ks[1]]}
-        return {"caption": prompt, "latents": lat[ks[0]]}
+            return {"caption": prompt, "latents_w": latents[0], "latents_l": latents[1]}
+        return {"caption": prompt, "latents": latents[0]}
 
     def _collate(self, items: List[Dict]) -> Dict:
         batch = {key: [it[key] for it in items] if key == "caption" else torch.stack([it[key] for it in items])
