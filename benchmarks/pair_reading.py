@@ -169,7 +169,7 @@ def run_hf(ds, limit, folder: Path, result: dict):
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     from datasets import load_dataset
 
-    from t2i_align.data.pairs import prepare_image, decode_rgb
+    from t2i_align.data.images import decode_rgb, prepare_image
 
     start, read0 = time.perf_counter(), rchar()
     data = load_dataset("parquet", data_files=str(ds.files[0]), split="train", cache_dir=str(folder / "hf"))

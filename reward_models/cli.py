@@ -36,7 +36,8 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tu
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from t2i_align.data.pairs import DECODE_ERRORS, decode_rgb, find_parquet_files, label_problem
+from t2i_align.data.images import DECODE_ERRORS, decode_rgb
+from t2i_align.data.pairs import find_parquet_files, label_problem
 from t2i_align.errors import UserError, run_cli
 from t2i_align.files import check_output_path
 from t2i_align.stats import wilson_interval

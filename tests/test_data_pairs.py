@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from t2i_align.config import DataConfig
-from t2i_align.data.pairs import (PairDataset, collate_pairs, decode_rgb, item_draws, load_pairs,
-                                  scan_corrupt)
+from t2i_align.data.images import decode_rgb
+from t2i_align.data.pairs import PairDataset, collate_pairs, item_draws, load_pairs, scan_corrupt
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -92,6 +92,29 @@ def test_ties_first_keeps_jpg_0_as_winner(tmp_path):
     ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8, ties="first")
     assert len(ds) == 2 and ds.stats.ties_kept == 1 and ds.stats.ties_dropped == 0
     assert color_of(ds[1]["pixels_w"]) == GREEN and color_of(ds[1]["pixels_l"]) == BLUE
+
+
+def test_both_models_contain_keeps_only_pairs_of_those_generators(tmp_path):
+    """The official `--dreamlike_pairs_only`: 'dream' in both model_0 and model_1; the rest skipped and counted."""
+    dream, xl = "dreamlike-art/dreamlike-photoreal-2.0", "stabilityai/stable-diffusion-xl-beta"
+    rows = [row(caption="both", model_0=dream, model_1=dream), row(caption="one", model_0=dream, model_1=xl),
+            row(caption="none", model_0=xl, model_1=xl), row(caption="unnamed", model_0=None, model_1=dream),
+            row(caption="tie", label_0=0.5, model_0=dream, model_1=dream),
+            row(caption="swapped", label_0=0.0, model_0=dream, model_1=dream)]
+    path = write_pairs(tmp_path / "p.parquet", rows)
+    ds = PairDataset(path, resolution=8, both_models_contain="dream")
+    assert ds.captions == ["both", "swapped"]
+    assert (ds.stats.rows, ds.stats.used, ds.stats.other_models, ds.stats.ties_dropped) == (6, 2, 3, 1)
+    assert ds.identity()["both_models_contain"] == "dream"
+    every = load_pairs(DataConfig(path=str(path), resolution=8), seed=0)
+    assert len(every) == 5 and every.stats.other_models == 0 and "both_models_contain" not in every.identity()
+    assert len(load_pairs(DataConfig(path=str(path), resolution=8, both_models_contain="xl"), seed=0)) == 1
+
+
+def test_both_models_contain_needs_the_model_columns(tmp_path):
+    path = write_pairs(tmp_path / "p.parquet", [row()])
+    with pytest.raises(ValueError, match="model_0 and model_1.*leave data.both_models_contain empty"):
+        PairDataset(path, resolution=8, both_models_contain="dream")
 
 
 def test_row_groups_and_max_pairs(tmp_path):
@@ -298,8 +321,8 @@ def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
     told = SimpleNamespace(print=lambda message, file=None: said.append((message, file)))
     report_rows(told, path, PairDataset(path, resolution=8).stats, cached=False)
     assert said == [(f"data {path}: rows=5, used=2, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
-                     "corrupt=0, no caption=1, empty caption=1; undecodable images are skipped as training meets "
-                     "them (data_rows_skipped)", sys.stderr)]
+                     "corrupt=0, no caption=1, empty caption=1, other models=0; undecodable images are skipped as "
+                     "training meets them (data_rows_skipped)", sys.stderr)]
 
 
 @pytest.mark.parametrize("mode", ["fixed", "per_image"])

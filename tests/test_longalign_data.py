@@ -137,7 +137,7 @@ def test_caption_rows_without_an_image_path_are_skipped_and_empty_data_refused(t
 
 
 def test_toy_caption_export_is_ground_truth_and_reproducible(tmp_path):
-    from t2i_align.data.pairs import decode_rgb
+    from t2i_align.data.images import decode_rgb
     from t2i_align.toy.captions import export_captions
     from t2i_align.toy.judge import judge_image
 

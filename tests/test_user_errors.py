@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
@@ -374,6 +375,8 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
 
     monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model first")))
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
+    no_models = tmp_path / "no_models.parquet"
+    pq.write_table(pq.read_table(pairs).drop(["model_0", "model_1"]), no_models)
     raft = ["objective.name=sft", "raft.enabled=true", "raft.prompts=toy:train"]
     for overrides, error, message in (
             ([f"data.path={tmp_path / 'nope.parquet'}"], FileNotFoundError, "nope.parquet does not exist"),
@@ -382,7 +385,9 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
             ([*raft, "raft.reward=toy-clip", "raft.reward_options.batch_size=0"], ConfigError,
              "raft.reward: reward 'toy-clip' option batch_size=0"),
             (["objective.name=reward_backprop", "data.kind=prompts", "data.path=toy:train",
-              "reward_backprop.reward_options.scal=2"], ConfigError, r"has no option\(s\) \['scal'\]")):
+              "reward_backprop.reward_options.scal=2"], ConfigError, r"has no option\(s\) \['scal'\]"),
+            ([f"data.path={no_models}", "data.both_models_contain=dream"], ConfigError, "model_0 and model_1 .* lacks"),
+            ([*raft, "data.both_models_contain=dream"], ConfigError, "this run reads none")):
         cfg = load_config(REPO_ROOT / "configs/toy/dpo.yaml",
                           ["tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
         with pytest.raises(error, match=message):

@@ -164,6 +164,10 @@ class DataConfig:
     """Probability of replacing a caption by "" (official Diffusion-DPO: 0.2), for classifier-free guidance."""
     max_pairs: int = 0
     """Use only the first N usable pairs (0: all)."""
+    both_models_contain: str = ""
+    """Keep only pairs whose two generators (columns model_0 and model_1) both contain this text: "dream" is the
+    official Diffusion-DPO `--dreamlike_pairs_only` (Pick-a-Pic's Dreamlike Photoreal images, an SD1.5 fine-tune).
+    Empty: every pair."""
     cache: bool = False
     """Precompute VAE latents and text embeddings once and reuse them (see t2i_align/data/cache.py)."""
     cache_dir: Optional[str] = None

@@ -9,7 +9,7 @@ that leaves the image root (`../x.jpg`, an absolute path, a symlink pointing out
 are logged with the row. The parquet files themselves must resolve inside the data root (`find_parquet_files`).
 
 Items: pixels [3, R, R] in [-1, 1], caption ("" with probability `prompt_dropout`), SDXL's original_size and
-crop_top_left, index; resize, crop and flip as the pair loader (`pairs.prepare_image`), every random draw from
+crop_top_left, index; resize, crop and flip as the pair loader (`images.prepare_image`), every random draw from
 (seed, epoch, row id), so a resumed run sees the same items.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .pairs import (DECODE_ERRORS, decode_rgb, files_identity, find_parquet_files, item_draws, open_parquet,
-                    prepare_image, to_rgb)
+from .images import DECODE_ERRORS, decode_rgb, prepare_image, to_rgb
+from .pairs import files_identity, find_parquet_files, item_draws, open_parquet
 
 logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg", "path")

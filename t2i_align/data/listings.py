@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import write_json_atomic
-from .pairs import DECODE_ERRORS
+from .images import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ With DataLoader workers, call `set_epoch` before creating the epoch's iterator (
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,15 +24,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..config import ConfigError
+from .images import DECODE_ERRORS, decode_rgb, prepare_image
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, Image.DecompressionBombError)
-"""What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors)."""
 _MAX_WARNINGS = 5
 
 
@@ -50,6 +48,7 @@ class PairStats:
     corrupt: int = 0
     no_caption: int = 0  # caption missing (None) or not text: skipped, not trained on unconditionally
     empty_caption: int = 0  # "" (or blank): used, as an unconditional pair, and counted so that it is seen
+    other_models: int = 0  # skipped by data.both_models_contain (a generator filter)
 
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
@@ -65,6 +64,18 @@ def files_identity(files: Sequence[Path]) -> List[list]:
 
 
 _IMPORT_HINT = "python -m t2i_align.data pairs --from LISTING --out DIR writes DIR/pairs.parquet from them"
+
+
+def model_columns(part: str, names: Sequence[str], path: Path) -> List[str]:
+    """model_0 and model_1 (the generators of jpg_0 / jpg_1) when data.both_models_contain (`part`) filters on
+    them; none when it is empty."""
+    if not part:
+        return []
+    if not {"model_0", "model_1"} <= set(names):
+        raise ConfigError(f"data.both_models_contain = {part!r} filters on the columns model_0 and model_1 "
+                          f"(Pick-a-Pic's generators), which {path} lacks (found {list(names)}); leave "
+                          "data.both_models_contain empty for this data")
+    return ["model_0", "model_1"]
 
 
 def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
@@ -127,61 +138,10 @@ def _decide(label: Any, has_label: Any, ties: str, stats: PairStats) -> Optional
     return label < 0.5
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited on white, 16-bit/int/float greys scaled to 8 bits."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        arr = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257.0
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
-def decode_rgb(data: Any) -> Image.Image:
-    if isinstance(data, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
-        data = data.get("bytes")
-    if isinstance(data, str):
-        raise ValueError(f"holds text ({data[:60]!r}), not image bytes: pair data keeps its images in the parquet "
-                         "(python -m t2i_align.data pairs imports image files)")
-    if not data:
-        raise ValueError("no image bytes")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image format PIL reads (it starts {bytes(data[:8])!r})") from None
-    image.load()
-    return to_rgb(ImageOps.exif_transpose(image))
-
-
 def item_draws(seed: int, epoch: int, row_id: int) -> np.ndarray:
     """7 uniforms: [dropout, flip_w, flip_l, crop_y_w, crop_x_w, crop_y_l, crop_x_l]. Always all seven, so
     changing one setting (e.g. turning flips on) does not change the other draws."""
     return np.random.default_rng([seed % 2**63, epoch, row_id]).random(7)
-
-
-def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, u_y: float, u_x: float
-                  ) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
-    """Resize the shorter side to `resolution` (bilinear; long side truncated as torchvision), flip, crop.
-
-    Returns pixels [3,R,R] in [-1,1], original_size (h, w) and crop_top_left (y, x) in the resized (flipped)
-    image, the SDXL micro-conditioning of diffusers' SDXL scripts (PR #6668)."""
-    w, h = image.size
-    short = min(w, h)
-    nw, nh = max(resolution, int(resolution * w / short)), max(resolution, int(resolution * h / short))
-    image = image.resize((nw, nh), Image.BILINEAR)
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    if crop == "center":
-        y, x = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
-    else:
-        y, x = min(int(u_y * (nh - resolution + 1)), nh - resolution), min(int(u_x * (nw - resolution + 1)),
-                                                                            nw - resolution)
-    image = image.crop((x, y, x + resolution, y + resolution))
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return pixels, (h, w), (y, x)
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -193,13 +153,14 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, resolution: int = 512, crop: str = "center", flip: str = "none",
                  ties: str = "drop", prompt_dropout: float = 0.0, max_pairs: int = 0, seed: int = 0,
-                 root: Optional[str | Path] = None) -> None:
+                 root: Optional[str | Path] = None, both_models_contain: str = "") -> None:
         if ties not in ("drop", "first") or crop not in ("center", "random") or flip not in (
                 "none", "independent", "joint"):
             raise ValueError(f"bad ties={ties!r} / crop={crop!r} / flip={flip!r}")
         self.files = find_parquet_files(path, root)
         self.resolution, self.crop, self.flip, self.ties = resolution, crop, flip, ties
         self.prompt_dropout, self.max_pairs, self.seed, self.epoch = prompt_dropout, max_pairs, seed, 0
+        self.both_models_contain = both_models_contain
         self.stats = PairStats()
         self._read_metadata()
         if not len(self):
@@ -218,13 +179,17 @@ class PairDataset(torch.utils.data.Dataset):
             pf = open_parquet(path)
             names = pf.schema_arrow.names
             _check_columns(names, path)
-            cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else [])
+            cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else []) + model_columns(
+                self.both_models_contain, names, path)
             for g in range(pf.num_row_groups):
                 table = pf.read_row_group(g, columns=cols)
                 has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
-                rows = zip(table.column("caption").to_pylist(), table.column("label_0").to_pylist(), has)
-                for off, (caption, label, ok) in enumerate(rows):
-                    if isinstance(caption, str):
+                rows = zip(table.column("caption").to_pylist(), table.column("label_0").to_pylist(), has,
+                           self._models_wanted(table))
+                for off, (caption, label, ok, wanted) in enumerate(rows):
+                    if not wanted:
+                        swap, self.stats.other_models = None, self.stats.other_models + 1
+                    elif isinstance(caption, str):
                         swap = _decide(label, ok, self.ties, self.stats)
                     else:  # None or not text: no prompt to prefer an image for
                         swap, self.stats.no_caption = None, self.stats.no_caption + 1
@@ -236,6 +201,15 @@ class PairDataset(torch.utils.data.Dataset):
                     if self.max_pairs and len(captions) >= self.max_pairs:
                         return self._set_rows(loc, captions)
         self._set_rows(loc, captions)
+
+    def _models_wanted(self, table) -> List[bool]:
+        """Per row: both images' generator names contain data.both_models_contain (the official Diffusion-DPO
+        `--dreamlike_pairs_only` is "dream"); every row when it is empty. A missing name does not contain it."""
+        if not self.both_models_contain:
+            return [True] * len(table)
+        part = self.both_models_contain
+        return [isinstance(a, str) and isinstance(b, str) and part in a and part in b
+                for a, b in zip(table.column("model_0").to_pylist(), table.column("model_1").to_pylist())]
 
     def _read_user_ids(self) -> Optional[List[Any]]:
         """Each pair's `user_id` (Pick-a-Pic's rater; PPD conditions on it), or None if a file lacks the column."""
@@ -274,7 +248,9 @@ class PairDataset(torch.utils.data.Dataset):
         random = self.crop == "random" or self.flip != "none"
         return {"files": files_identity(self.files), "resolution": self.resolution, "crop": self.crop,
                 "flip": self.flip, "ties": self.ties, "max_pairs": self.max_pairs,
-                "seed": self.seed if random else None}
+                "seed": self.seed if random else None,
+                # only when set: caches written before the filter existed keep their key
+                **({"both_models_contain": self.both_models_contain} if self.both_models_contain else {})}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}
@@ -395,4 +371,5 @@ def load_pairs(cfg: Any, seed: int, root: Optional[str | Path] = None) -> PairDa
     if not cfg.path:
         raise ValueError("data.path is empty: give a Pick-a-Pic-format parquet file or folder")
     return PairDataset(cfg.path, resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip, ties=cfg.ties,
-                       prompt_dropout=cfg.prompt_dropout, max_pairs=cfg.max_pairs, seed=seed, root=root)
+                       prompt_dropout=cfg.prompt_dropout, max_pairs=cfg.max_pairs, seed=seed, root=root,
+                       both_models_contain=cfg.both_models_contain)

@@ -19,7 +19,7 @@ from ..engines import say
 from .cache import build_or_load_cache, collate_cached
 from .cache_build import Team
 from .cache_key import components_key_parts
-from .pairs import find_parquet_files, load_pairs
+from .pairs import find_parquet_files, load_pairs, model_columns, open_parquet
 from .stream import StreamingPairSource
 
 
@@ -125,14 +125,21 @@ def check_data_kind(cfg, batch_kind: str) -> None:
 
 
 def check_data_files(cfg) -> None:
-    """Pair data (data.kind=pairs without RAFT) names parquet files that exist: checked before the model loads."""
-    if cfg.raft.enabled or cfg.data.kind != "pairs":
+    """Pair data (data.kind=pairs without RAFT) names parquet files that exist, with the model_0 / model_1 columns
+    that data.both_models_contain filters on: checked before the model loads."""
+    pairs = not cfg.raft.enabled and cfg.data.kind == "pairs"
+    if cfg.data.both_models_contain and not pairs:
+        raise ConfigError(f"data.both_models_contain = {cfg.data.both_models_contain!r} filters pair data, but this "
+                          "run reads none (RAFT, or data.kind captions/prompts); leave it empty")
+    if not pairs:
         return
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder (your own "
                           "image pairs: python -m t2i_align.data pairs --from LISTING --out DIR; for the toy world: "
                           "python -m t2i_align.toy pairs --out DIR)")
-    find_parquet_files(cfg.data.path)
+    for path in find_parquet_files(cfg.data.path):
+        if cfg.data.both_models_contain:
+            model_columns(cfg.data.both_models_contain, open_parquet(path).schema_arrow.names, path)
 
 
 def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):

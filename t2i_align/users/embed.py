@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..data.pairs import DECODE_ERRORS, PairDataset, decode_rgb
+from ..data.images import DECODE_ERRORS, decode_rgb
+from ..data.pairs import PairDataset
 from ..errors import UserError
 from ..files import save_safetensors_atomic, write_json_atomic
 from .llava import LabelledPair

@@ -1,0 +1,64 @@
+"""Images of a data set: bytes decoded to RGB (any PIL mode, EXIF orientation applied), then resized, flipped and
+cropped to the training resolution with the SDXL micro-conditioning of where the crop fell."""
+from __future__ import annotations
+
+import io
+from typing import Any, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, Image.DecompressionBombError)
+"""What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on white, 16-bit/int/float greys scaled to 8 bits."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def decode_rgb(data: Any) -> Image.Image:
+    if isinstance(data, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
+        data = data.get("bytes")
+    if isinstance(data, str):
+        raise ValueError(f"holds text ({data[:60]!r}), not image bytes: pair data keeps its images in the parquet "
+                         "(python -m t2i_align.data pairs imports image files)")
+    if not data:
+        raise ValueError("no image bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image format PIL reads (it starts {bytes(data[:8])!r})") from None
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, u_y: float, u_x: float
+                  ) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
+    """Resize the shorter side to `resolution` (bilinear; long side truncated as torchvision), flip, crop.
+
+    Returns pixels [3,R,R] in [-1,1], original_size (h, w) and crop_top_left (y, x) in the resized (flipped)
+    image, the SDXL micro-conditioning of diffusers' SDXL scripts (PR #6668)."""
+    w, h = image.size
+    short = min(w, h)
+    nw, nh = max(resolution, int(resolution * w / short)), max(resolution, int(resolution * h / short))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if crop == "center":
+        y, x = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
+    else:
+        y, x = min(int(u_y * (nh - resolution + 1)), nh - resolution), min(int(u_x * (nw - resolution + 1)),
+                                                                            nw - resolution)
+    image = image.crop((x, y, x + resolution, y + resolution))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, (h, w), (y, x)
