@@ -77,9 +77,22 @@ def test_overrides_apply_with_declared_types():
     assert cfg.lora.rank == 4 and type(cfg.lora.rank) is int
     assert cfg.lora.target_modules == ["to_q", "to_k"] and type(cfg.lora.target_modules) is list
     assert cfg.lora.alpha == 16.0 and type(cfg.lora.alpha) is float
-    assert cfg.model.revision == "1234"  # str field: YAML's int is converted, not rejected
+    assert cfg.model.revision == "1234"  # a text setting takes the text as typed
     assert cfg.lora.enabled is True
     assert cfg.model.family == "auto"  # untouched keys keep the file's values
+
+
+def test_text_settings_take_the_override_as_typed():
+    """YAML read output_dir=0001 as 1, 1:30 as 90 (base 60) and 1234e56 as a float, silently."""
+    cfg = load_config(None, ["output_dir=0001", "tracking.run_name=1:30", "model.revision=1234e56",
+                             "data.path=", "model.vae=", "raft.enabled=true", "raft.prompts=toy:train",
+                             "raft.negative_prompt='None'", "tracking.wandb=no"])
+    assert (cfg.output_dir, cfg.tracking.run_name, cfg.model.revision) == ("0001", "1:30", "1234e56")
+    assert (cfg.data.path, cfg.model.vae, cfg.raft.negative_prompt, cfg.tracking.wandb) == ("", None, "None", "off")
+    assert load_config(None, ['tracking.run_name="007"', "tracking.run_name=null"]).tracking.run_name is None
+    assert load_config(None, ['tracking.run_name="007"']).tracking.run_name == "007"
+    with pytest.raises(ConfigError, match="raft.negative_prompt=None on the command line: write null"):
+        load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.negative_prompt=None"])
 
 
 def test_later_override_wins():

@@ -102,14 +102,44 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
 
 
 def _parse_override(item: str) -> Tuple[str, DictConfig]:
-    key, sep, _ = item.partition("=")
+    key, sep, value = item.partition("=")
     if not sep or not _OVERRIDE_KEY.fullmatch(key):
         raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. "
                           "train.max_steps=100")
+    where = f"command line ({item})"
     try:
-        return f"command line ({item})", OmegaConf.from_dotlist([item])
+        text = _text_setting(key)
+        if text is None:
+            return where, OmegaConf.from_dotlist([item])
+        node: Any = _text_value(item, value, optional=text == "optional")
+        for part in reversed(key.split(".")):
+            node = {part: node}
+        return where, OmegaConf.create(node)
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"Malformed override {item!r} on the command line: {exc}") from None
+
+
+def _text_setting(key: str) -> Optional[str]:
+    """"text" or "optional" (text or null) when `key` holds text, else None."""
+    tp = _field_type(key)
+    args = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+    if str not in args or any(a not in (str, type(None)) for a in args):
+        return None
+    return "optional" if type(None) in args else "text"
+
+
+def _text_value(item: str, value: str, optional: bool) -> Optional[str]:
+    """A text setting's value as typed: not read as YAML, which would turn output_dir=0001 into "1", 1:30 into
+    "90" (base 60) and yes into "True". Quoted text is unquoted; null, ~ (and nothing, where null is allowed)
+    mean null."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return str(yaml.safe_load(value))
+    if value in ("null", "Null", "NULL", "~") or (optional and not value):
+        return None
+    if value in ("None", "none"):
+        raise ConfigError(f"{item} on the command line: write null for no value (or quote it, '{value}', for the "
+                          "text)")
+    return value
 
 
 def _merge_error(exc: OmegaConfBaseException, where: str) -> ConfigError:

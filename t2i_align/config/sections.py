@@ -39,9 +39,11 @@ _YAML_BOOL_WORDS = {"false": ("off", "no"), "true": ("on", "yes")}
 
 def _check_choice(obj: Any, name: str, choices: Tuple[str, ...]) -> None:
     value = getattr(obj, name)
-    if str(value) in ("False", "True", "false", "true") and value not in choices:
-        # YAML 1.1 reads a bare off / no / on / yes as a boolean (a str field then holds "False"): the word back
-        value = next((w for w in _YAML_BOOL_WORDS[str(value).lower()] if w in choices), value)
+    truth = next((t for t, words in _YAML_BOOL_WORDS.items() if str(value).lower() in (t, *words)), None)
+    if truth is not None and value not in choices:
+        # YAML 1.1 reads a bare off / no / on / yes in a file as a boolean (a str field then holds "False"), the
+        # command line passes text as typed: either way the choice among that truth value's words
+        value = next((w for w in _YAML_BOOL_WORDS[truth] if w in choices), value)
         setattr(obj, name, value)
     _check(obj, name, value in choices, "one of " + ", ".join(choices))
 
