@@ -24,6 +24,7 @@ def check_before_loading(cfg: Config, batch_kind: str) -> None:
 
     check_data_kind(cfg, batch_kind)
     check_data_files(cfg)
+    _check_method_settings(cfg, batch_kind)
     named = {"tracking.validation_reward": (cfg.tracking.validation_reward, {})}
     if cfg.raft.enabled:
         named["raft.reward"] = (cfg.raft.reward, cfg.raft.reward_options)
@@ -35,6 +36,26 @@ def check_before_loading(cfg: Config, batch_kind: str) -> None:
                 check_reward(name, dict(options))
             except ValueError as err:
                 raise ConfigError(f"{setting}: {err}") from None
+
+
+def _check_method_settings(cfg: Config, batch_kind: str) -> None:
+    """RAFT's objective-dependent settings and prompts, PPD's user table, a differentiable reward for reward
+    fine-tuning, an attention package that is installed."""
+    from .models import check_attention_installed
+
+    check_attention_installed(cfg.model.attention)
+    if cfg.raft.enabled:
+        from .data.online import check_online_settings
+
+        check_online_settings(cfg.raft, batch_kind == "pairs")
+    if cfg.ppd.enabled:
+        from .users.training import load_training_table
+
+        load_training_table(cfg.ppd.table, cfg.ppd.layers)
+    if cfg.objective.name == "reward_backprop":
+        from .objectives.reward_backprop import check_differentiable
+
+        check_differentiable(cfg.reward_backprop.reward)
 
 
 def _trainable(cfg: Config, components, needs_reference: bool):

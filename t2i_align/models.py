@@ -326,6 +326,13 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
     return detected
 
 
+def check_attention_installed(backend: str) -> None:
+    """ModelLoadError when model.attention names a package that is not installed (checked before a run loads)."""
+    if backend == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ModelLoadError("xformers was asked for (model.attention=xformers) but is not installed: "
+                             "pip install 't2i-align[xformers]' or use model.attention=sdpa")
+
+
 def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
     """"sdpa": PyTorch scaled_dot_product_attention (AttnProcessor2_0); "sdpa-<kernel>": the same held to one
     SDPA kernel (t2i_align/attention.py); "xformers": memory-efficient attention."""
@@ -341,11 +348,7 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
                 from err
         unet.set_attn_processor(PinnedSDPAProcessor(backend))
     elif backend == "xformers":
-        if importlib.util.find_spec("xformers") is None:
-            raise ModelLoadError(
-                "xformers was asked for (model.attention=xformers) but is not installed: "
-                "pip install 't2i-align[xformers]' or use model.attention=sdpa"
-            )
+        check_attention_installed(backend)
         try:
             unet.enable_xformers_memory_efficient_attention()
         except (ValueError, RuntimeError, ModuleNotFoundError, NotImplementedError) as err:

@@ -45,17 +45,22 @@ def _reward(rc, device):
     return get_reward(rc.reward, **options)
 
 
+def check_online_settings(rc, pairs: bool) -> List[str]:
+    """The raft section's settings that depend on the objective, and its prompts (returned): checked before a run
+    loads its model, and again by the source."""
+    if pairs and rc.k < 2:
+        raise ConfigError(f"raft.k = {rc.k}: online DPO pairs the best and worst of K images, so it needs raft.k >= 2")
+    if not pairs and rc.min_gap:
+        raise ConfigError(f"raft.min_gap = {rc.min_gap}: only online DPO (objective dpo) makes pairs; RAFT "
+                          "(objective sft) keeps the best image of each prompt. Leave raft.min_gap at 0")
+    return read_prompts(rc.prompts, "raft.prompts")
+
+
 class OnlineSource:
     def __init__(self, cfg, components, accelerator, batch_kind: str):
         self.cfg, self.rc, self.components, self.acc = cfg, cfg.raft, components, accelerator
         self.pairs = batch_kind == "pairs"
-        if self.pairs and self.rc.k < 2:
-            raise ConfigError(f"raft.k = {self.rc.k}: online DPO pairs the best and worst of K images, so it needs "
-                             "raft.k >= 2")
-        if not self.pairs and self.rc.min_gap:
-            raise ConfigError(f"raft.min_gap = {self.rc.min_gap}: only online DPO (objective dpo) makes pairs; RAFT "
-                              "(objective sft) keeps the best image of each prompt. Leave raft.min_gap at 0")
-        self.prompts = read_prompts(self.rc.prompts, "raft.prompts")
+        self.prompts = check_online_settings(cfg.raft, self.pairs)
         self.reward = _reward(self.rc, accelerator.device)
         self._check_reward_reads_prompts()
         self.micro_per_round = self.rc.round_steps * cfg.train.grad_accum

@@ -53,14 +53,19 @@ def sampling_scheduler(scheduler, timestep_spacing: Optional[str]):
     return DDIMScheduler.from_config(scheduler.config, **extra)
 
 
+def check_differentiable(reward: str) -> None:
+    """ConfigError for a reward whose score carries no gradient (checked before a run loads, and here)."""
+    from reward_models.base import differentiable_rewards
+
+    if reward not in differentiable_rewards():
+        raise ConfigError(f"reward_backprop.reward = {reward!r} is not a differentiable reward (its score "
+                          "carries no gradient to the image); choose one of " + ", ".join(differentiable_rewards()))
+
+
 def build_reward(ctx, rc, fit_spec: str):
     """The run's reward, on this process's device; decomposed-clip with its common direction fixed for the run
     (see the module docstring). ConfigError for a reward that is not differentiable."""
-    from reward_models.base import differentiable_rewards
-
-    if rc.reward not in differentiable_rewards():
-        raise ConfigError(f"reward_backprop.reward = {rc.reward!r} is not a differentiable reward (its score "
-                          "carries no gradient to the image); choose one of " + ", ".join(differentiable_rewards()))
+    check_differentiable(rc.reward)
     options = dict(rc.reward_options)
     if rc.reward != "decomposed-clip" or options.get("direction") is not None:
         return ctx.reward(rc.reward, **options)
