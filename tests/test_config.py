@@ -305,6 +305,11 @@ def test_an_override_in_a_switched_off_section_is_refused():
         load_config(None, ["lora.rank=4"])
     with pytest.raises(ConfigError, match="add raft.enabled=true"):
         load_config(None, ["raft.k=4"])
+    with pytest.raises(ConfigError, match="seppo.pool_size is set on the command line, but objective.name is 'dpo'"):
+        load_config(None, ["seppo.pool_size=3"])
+    with pytest.raises(ConfigError, match="add objective.name=reward_backprop"):
+        load_config(None, ["objective.name=sft", "reward_backprop.reward=toy-clip"])
+    assert load_config(None, ["objective.name=seppo", "seppo.pool_size=3"]).seppo.pool_size == 3
     assert load_config(None, ["lora.enabled=true", "lora.rank=4"]).lora.rank == 4
     assert load_config(None, ["ppd.enabled=false"]).ppd.enabled is False
 

@@ -203,17 +203,23 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
 
 SWITCHED_SECTIONS = ("lora", "raft", "ppd")
 """Sections that do nothing unless their `enabled` is true."""
+OBJECTIVE_SECTIONS = ("seppo", "reward_backprop")
+"""Sections that only the objective of their name reads."""
 
 
 def _check_switched_on(cfg: Config, overrides: Sequence[str]) -> None:
     """A command-line override in a section that is switched off would be ignored without a word (`lora.rank=4`
-    without `lora.enabled=true` trains the whole UNet). Config files may keep switched-off settings."""
+    without `lora.enabled=true` trains the whole UNet; `seppo.pool_size=3` with DPO). Config files may keep
+    switched-off settings."""
     for item in overrides:
         key = item.partition("=")[0]
         section, _, rest = key.partition(".")
         if section in SWITCHED_SECTIONS and rest and rest != "enabled" and not getattr(cfg, section).enabled:
             raise ConfigError(f"{key} is set on the command line, but {section}.enabled is false, so it would have "
                               f"no effect: add {section}.enabled=true, or drop it")
+        if section in OBJECTIVE_SECTIONS and cfg.objective.name != section:
+            raise ConfigError(f"{key} is set on the command line, but objective.name is {cfg.objective.name!r}, so "
+                              f"it would have no effect: add objective.name={section}, or drop it")
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:
