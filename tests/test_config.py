@@ -155,7 +155,8 @@ def test_list_where_a_list_belongs_is_required():
      ("lora.init=pissa", "lora.init"), ("lora.target_modules=[]", "lora.target_modules"), ("seed=-1", "seed"),
      ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler"), ("train.lr_scheduler=piecewise_constant",
                                                                   "train.lr_scheduler"),
-     ("data.time_ids=true_size", "data.time_ids")],
+     ("data.time_ids=true_size", "data.time_ids"), ("train.learning_rate=.inf", "train.learning_rate"),
+     ("objective.beta=.inf", "objective.beta"), ("train.lr_warmup_steps=10", "train.lr_warmup_steps")],
 )
 def test_validation_failure_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError) as info:

@@ -43,7 +43,7 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
-        _check(self, "beta", self.beta > 0, "a number > 0")
+        _check(self, "beta", 0 < self.beta < float("inf"), "a finite number > 0")
         _check(self, "sft_weight", self.sft_weight >= 0, "a number >= 0 (0: plain DPO)")
         _check(self, "sft_weight", self.sft_weight == 0 or self.name in ("dpo", "seppo"),
                "0 unless objective.name is dpo or seppo")

@@ -248,11 +248,13 @@ class TrainConfig:
         _check_at_least(self, ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every",
                                "max_nonfinite_steps", "ddp_timeout"), 1)
         _check_at_least(self, ("checkpoint_every", "lr_warmup_steps"), 0)
-        _check(self, "learning_rate", self.learning_rate > 0, "a number > 0")
+        _check(self, "learning_rate", 0 < self.learning_rate < float("inf"), "a finite number > 0")
         _check_choice(self, "optimizer", ("adamw", "adamw_fused", "adafactor", "adamw8bit"))
         _check(self, "optimizer", self.optimizer != "adamw8bit" or _installed("bitsandbytes"),
                "adamw8bit with bitsandbytes installed (pip install 't2i-align[8bit]', GPU only), or adamw")
         _check_choice(self, "lr_scheduler", LR_SCHEDULES)
+        _check(self, "lr_warmup_steps", self.lr_scheduler != "constant" or not self.lr_warmup_steps,
+               "0 with lr_scheduler constant (which has no warm-up; constant_with_warmup has)")
         _check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "a number >= 0")
 
