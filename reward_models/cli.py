@@ -39,7 +39,7 @@ from tqdm import tqdm
 from t2i_align.data.images import DECODE_ERRORS, decode_rgb
 from t2i_align.data.pairs import find_parquet_files, label_problem
 from t2i_align.errors import UserError, run_cli
-from t2i_align.files import check_output_path
+from t2i_align.files import check_output_path, temp_file
 from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards, check_options
@@ -243,17 +243,22 @@ def pairwise_accuracy(rows: List[dict], names: List[str]) -> Dict[str, Any]:
 
 
 def write_rows(rows: List[dict], path: Path) -> None:
-    """JSONL or CSV by extension; temp file + rename so a reader never sees half a file."""
+    """JSONL or CSV by extension; a fresh temp file + rename so a reader never sees half a file (a fixed temp name
+    was shared by two runs writing the same --out, and left behind by a failed write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        if path.suffix.lower() == ".csv":
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    fd, tmp = temp_file(path.parent, f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
+                writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,9 +290,17 @@ def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[
                          "*.parquet: give a folder of images or Pick-a-Pic parquet files")
     if (folder and pairwise) or (not folder and prompts is not None):
         raise UsageError("--pairwise is for Pick-a-Pic parquets; --prompts for image folders (a parquet has captions)")
+    # nothing to score (an empty metadata.jsonl, a header-only CSV, row-less parquets) wrote an empty --out, exit 0
     if not folder:
-        return parquet_items(images, pairwise)
+        total, rows = parquet_items(images, pairwise)
+        if not total:
+            raise UsageError(f"no images to score in {images}: its parquet files hold no rows; give Pick-a-Pic files "
+                             "with pairs")
+        return total, rows
     items = folder_items(images, prompts)
+    if not items:
+        raise UsageError(f"no images to score in {images}: {prompts or images / 'metadata.jsonl'} lists none; give "
+                         "one row (or line) per image")
     return len(items), items
 
 

@@ -52,13 +52,15 @@ def _device(name: str) -> str:
     return name
 
 
-def settings_from(args):
+def settings_from(args, num_prompts: int):
+    """SampleSettings from the flags, checked for sampling `num_prompts` prompts (the largest set's count)."""
     from t2i_align.evaluation import SampleSettings
 
     from reward_models.cli import UsageError
 
     if args.seeds_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
         raise UsageError("--seeds-per-prompt, --steps and --batch-size must be >= 1")
+    _check_seeds(args.seed, args.seeds_per_prompt, num_prompts)
     if args.guidance < 0 or (args.negative_prompt and args.guidance <= 1):
         raise UsageError(f"--guidance {args.guidance}: give a scale >= 0, and > 1 with --negative-prompt (at 1 or "
                          "less there is no classifier-free guidance, so the negative prompt would be unused)")
@@ -72,6 +74,21 @@ def settings_from(args):
                           dtype=args.dtype, variant=args.variant)
 
 
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
+"""What torch.Generator.manual_seed accepts; beyond it, an overflow traceback once the model has loaded."""
+
+
+def _check_seeds(seed: int, per_prompt: int, num_prompts: int) -> None:
+    """Every seed sampled, seed + 10000·k + i (`sampling.seeds_for`), must be one torch accepts."""
+    from reward_models.cli import UsageError
+
+    top = 10_000 * (per_prompt - 1) + num_prompts - 1  # the largest offset added to --seed
+    low, high = SEED_RANGE
+    if not low <= seed <= high - top:
+        raise UsageError(f"--seed {seed}: image k of prompt i uses seed + 10000·k + i, which must lie in [{low}, "
+                         f"{high}]; give a --seed from {low} to {high - top}")
+
+
 def load_reward_set(names: str, options, device: str):
     """--reward a,b and --option NAME.KEY=VALUE, as in t2i-score."""
     from reward_models.cli import load_rewards, parse_options
@@ -80,11 +97,19 @@ def load_reward_set(names: str, options, device: str):
     return load_rewards(listed, parse_options(options or [], listed), device)
 
 
-def check_rewards_read(rewards, prompts) -> None:
+def check_rewards_read(rewards, prompts, none_ok: bool = False) -> None:
     """Before sampling: every reward can score these prompts (toy-judge reads only toy captions), else a one-line
-    error now rather than a failure after minutes of sampling."""
+    error now rather than a failure after minutes of sampling. `none_ok`: the script runs without a reward
+    (--reward '')."""
+    from reward_models.base import PromptsRejected
+    from reward_models.cli import UsageError
+
     for reward in rewards.values():
-        reward.check_prompts(prompts)
+        try:
+            reward.check_prompts(prompts)
+        except PromptsRejected as err:  # toy-judge is the default --reward: say how to choose another
+            raise UsageError(f"{err}. Choose a --reward that reads these prompts (e.g. clip, pickscore, hpsv2)"
+                             + (", or --reward '' for none" if none_ok else "")) from None
 
 
 def check_models(sides) -> dict:
@@ -129,8 +154,10 @@ def run_cli(main: Callable) -> int:
     """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2 (t2i_align/errors.py)."""
     from t2i_align.errors import run_cli as run_reporting_user_errors
 
-    def run() -> int:
-        print(json.dumps(main(), indent=2, default=str))
+    from t2i_align.files import finite_json
+
+    def run() -> int:  # NaN / inf as null: valid JSON, as the scripts' --out files
+        print(json.dumps(finite_json(main()), indent=2, default=str, allow_nan=False))
         return 0
 
     return run_reporting_user_errors(run)

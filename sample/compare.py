@@ -31,10 +31,15 @@ def compare_sets(args, rewards) -> dict:
     from t2i_align.evaluation import compare_scores, sample_model, score_samples
     from t2i_align.prompts import read_prompts
 
-    settings = settings_from(args)
+    from reward_models.cli import UsageError
+
     prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
-    for prompts in prompt_sets.values():
+    settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
+    for spec, prompts in prompt_sets.items():
         check_rewards_read(rewards, prompts)
+        if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling
+            raise UsageError(f"--prompts {spec}: 1 prompt at --seeds-per-prompt 1 makes one image pair, and a "
+                             "comparison needs at least 2: give more prompts or --seeds-per-prompt 2 or more")
     results = {}
     for spec, user_id in [(s, u) for s in args.prompts for u in (args.user or [None])]:
         prompts = prompt_sets[spec]

@@ -58,9 +58,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          "--no-base")
     check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite)
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
-    settings = settings_from(args)
+    settings = settings_from(args, len(prompts))
     rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}
-    check_rewards_read(rewards, prompts)
+    check_rewards_read(rewards, prompts, none_ok=True)
     models = {"tuned": (args.model, args.lora, args.text_encoding)}
     if not args.no_base:
         models = {"base": (args.base_model or args.model, args.base_lora, args.base_text_encoding), **models}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,13 +27,35 @@ def _write(out: Path, samples, meta: dict) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
-    lines = []
-    for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
-        name = f"{i:05d}.png"
-        to_pil(image).save(tmp / name)
-        lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
-    (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return replace_dir(tmp, out)
+    try:
+        lines = []
+        for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
+            name = f"{i:05d}.png"
+            to_pil(image).save(tmp / name)
+            lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
+        (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return replace_dir(tmp, out)
+    except BaseException:  # a full disk or a kill leaves no hidden half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_out(args) -> None:
+    """Before any work: --out is a folder that can be replaced whole, and holds none of the script's inputs."""
+    from t2i_align.files import check_output_path
+
+    from reward_models.cli import UsageError
+
+    out, cwd = Path(args.out), Path.cwd().resolve()
+    # the current folder (or one above it) cannot be renamed away: replace_dir failed after all the sampling
+    if out.name in ("", "..") or out.resolve() in (cwd, *cwd.parents):
+        raise UsageError(f"--out {out} is the current folder, one above it or a '..' path, which generate.py cannot "
+                         f"replace whole: give a new folder, e.g. --out {out / 'samples'}")
+    inputs = {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
+              "--prompts": None if args.prompts.startswith("toy:") else args.prompts,
+              "--user-table": args.user_table, "--user-shots": args.user_shots}
+    check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
+                      overwrite=args.overwrite)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -44,19 +67,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
     from t2i_align.evaluation import sample_model
-    from t2i_align.files import check_output_path
     from t2i_align.models import resolve_pretrained
     from t2i_align.weight_files import weights_variant
     from t2i_align.prompts import read_prompts
 
     out = Path(args.out)
-    inputs = {"--lora": args.lora, **({} if args.model == "toy" else {"--model": args.model})}
-    check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
-                      overwrite=args.overwrite)
+    _check_out(args)
     # named by their flags if wrong; the encoding recorded with the weights goes into metadata.jsonl
     args.text_encoding = check_models({"tuned": (args.model, args.lora, args.text_encoding)})["tuned"]
     prompts = read_prompts(args.prompts, "--prompts")
-    settings = settings_from(args)
+    settings = settings_from(args, len(prompts))
     user = user_choice_from(args)
     samples = sample_model(args.model, args.lora, prompts, settings, args.device, args.text_encoding, user=user)
     meta = {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding, **settings.as_dict()}

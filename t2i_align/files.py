@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -86,8 +87,22 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def finite_json(data: Any) -> Any:
+    """`data` with every NaN or ±inf float (in dicts, lists, tuples) as None: JSON has neither, and json.dumps
+    would write the tokens NaN / Infinity, which strict readers (JavaScript's JSON.parse) reject."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, default=str, **dump_kwargs) + "\n")
+    """`data` as JSON, non-finite numbers as null (`finite_json`), via `write_text_atomic`."""
+    text = json.dumps(finite_json(data), indent=2, default=str, allow_nan=False, **dump_kwargs)
+    return write_text_atomic(path, text + "\n")
 
 
 def keep_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:

@@ -41,7 +41,8 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
         raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
     try:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # utf-8-sig: a BOM (Windows editors write one) is not part of the first prompt
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError as err:
         raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not prompts:

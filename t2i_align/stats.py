@@ -130,8 +130,9 @@ def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dic
 def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dict[str, float]:
     """Paired t-test on d = a - b: t = mean(d) / (sd(d)/√n), df = n - 1, two-sided p from Student's t.
 
-    The interval is `mean_ci(d, level)`. Needs n >= 2; when every difference is equal (sd = 0) the p-value is
-    1 if they are all zero and 0 otherwise.
+    The interval is `mean_ci(d, level)`. Needs n >= 2. When every difference is equal (sd = 0) t is undefined:
+    t = 0 and p = 1 if they are all zero, else t = NaN (JSON null; not inf, which JSON cannot hold) and p = 0, the
+    limit as sd -> 0 (the interval is then the single point mean(d)).
     """
     a, b = _pair(a, b)
     if len(a) < 2:
@@ -139,7 +140,7 @@ def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> 
     ci = mean_ci([x - y for x, y in zip(a, b)], level)
     n, mean, std = ci["n"], ci["mean"], ci["std"]
     if std == 0.0:
-        t, p = (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+        t, p = (0.0, 1.0) if mean == 0.0 else (math.nan, 0.0)
     else:
         t = mean / (std / math.sqrt(n))
         p = t_two_sided_p(t, n - 1)

@@ -156,13 +156,20 @@ def test_list_where_a_list_belongs_is_required():
      ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler"), ("train.lr_scheduler=piecewise_constant",
                                                                   "train.lr_scheduler"),
      ("data.time_ids=true_size", "data.time_ids"), ("train.learning_rate=.inf", "train.learning_rate"),
-     ("objective.beta=.inf", "objective.beta"), ("train.lr_warmup_steps=10", "train.lr_warmup_steps")],
+     ("objective.beta=.inf", "objective.beta")],
 )
 def test_validation_failure_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     message = str(info.value)
     assert message.startswith(f"{key} = ") and "command line" in message and "expected" in message
+
+
+def test_a_constant_schedule_with_warm_up_steps_is_refused():
+    """diffusers' "constant" has no warm-up: the steps were dropped without a word."""
+    with pytest.raises(ConfigError, match="train.lr_warmup_steps = 10 .* constant_with_warmup has"):
+        load_config(None, ["train.lr_scheduler=constant", "train.lr_warmup_steps=10"])
+    assert load_config(None, ["train.lr_warmup_steps=10"]).train.lr_scheduler == "constant_with_warmup"
 
 
 def test_lr_schedules_are_diffusers_and_an_8bit_optimizer_needs_bitsandbytes(monkeypatch):

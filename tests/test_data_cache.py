@@ -119,6 +119,27 @@ def test_unmarked_folder_is_not_trusted(tmp_path, pairs_path):
     assert enc.image_calls == 4
 
 
+def test_a_truncated_shard_makes_the_cache_incomplete_and_old_markers_without_sizes_load(tmp_path, pairs_path):
+    ds = PairDataset(pairs_path, resolution=16)
+    cached = build(ds, FakeEncoders(), tmp_path / "cache")
+    marker_path = cached.folder / "complete.json"
+    marker = json.loads(marker_path.read_text())
+    names = [name for name, _ in marker["pair_shards"] + marker["prompt_shards"]]
+    assert marker["shard_bytes"] == {name: (cached.folder / name).stat().st_size for name in names}
+    assert names == ["pairs-00000.safetensors", "pairs-00001.safetensors", "pairs-00002.safetensors",
+                     "prompts-00000.safetensors"]  # 10 pairs in shards of 4; 4 captions
+    shard = cached.folder / "pairs-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])  # as a host crash can leave it
+    enc = FakeEncoders()
+    again = build(ds, enc, tmp_path / "cache")
+    assert enc.image_calls == 4 and len(again) == 10 and again.folder == cached.folder  # rebuilt in place
+    marker = json.loads(marker_path.read_text())
+    del marker["shard_bytes"]  # a cache built before sizes were recorded
+    marker_path.write_text(json.dumps(marker))
+    enc = FakeEncoders()
+    assert len(build(ds, enc, tmp_path / "cache")) == 10 and enc.image_calls == 0
+
+
 def test_prompt_dropout_substitutes_the_empty_embedding(tmp_path):
     tiny = image_bytes(RED, size=(8, 8))
     path = write_pairs(tmp_path / "p.parquet", [row(caption=f"c{i}", jpg_0=tiny, jpg_1=tiny) for i in range(40)])

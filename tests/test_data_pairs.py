@@ -87,6 +87,17 @@ def test_missing_captions_are_skipped_and_counted(tmp_path):
         PairDataset(write_pairs(tmp_path / "n.parquet", numbers), resolution=8)
 
 
+def test_a_has_label_of_zero_is_unlabelled_whatever_its_type(tmp_path):
+    """A pandas round trip turns a bool has_label with nulls into floats: 0.0 was taken as labelled."""
+    from t2i_align.data.pairs import label_problem
+
+    assert [label_problem(1.0, h) for h in (False, 0, 0.0, True, 1, 1.0, None, float("nan"))] == [
+        "unlabelled"] * 3 + [None] * 5  # None / NaN (a null): label_0 decides
+    rows = [row(caption=c, has_label=h) for c, h in (("one", 1.0), ("zero", 0.0), ("null", None))]
+    ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8)
+    assert ds.captions == ["one", "null"] and (ds.stats.rows, ds.stats.used, ds.stats.unlabelled) == (3, 2, 1)
+
+
 def test_ties_first_keeps_jpg_0_as_winner(tmp_path):
     rows = [row(label_0=1.0), row(jpg_0=image_bytes(GREEN), label_0=0.5)]
     ds = PairDataset(write_pairs(tmp_path / "p.parquet", rows), resolution=8, ties="first")

@@ -98,3 +98,14 @@ def test_wandb_auto_is_online_only_with_an_api_key(monkeypatch):
     assert resolve_wandb_mode("auto") == "online" and resolve_wandb_mode("off") == "off"
     with pytest.raises(ValueError, match="unknown tracking.wandb='on'; use one of"):
         resolve_wandb_mode("on")
+
+
+def test_json_results_write_non_finite_numbers_as_null(tmp_path):
+    """compare.json held `Infinity` (a t of a constant paired difference): not JSON to strict readers."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
+
+    data = {"t": float("inf"), "p": 0.0, "ci": (float("nan"), 1.5), "rows": [{"x": float("-inf")}], "n": 3}
+    path = write_json_atomic(tmp_path / "r.json", data)
+    assert strict(path.read_text()) == {"t": None, "p": 0.0, "ci": [None, 1.5], "rows": [{"x": None}], "n": 3}
+    assert data["t"] == float("inf")  # the caller's data is left as it was

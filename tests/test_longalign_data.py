@@ -94,8 +94,8 @@ def test_caption_rows_with_unusable_images_are_skipped_and_counted(tmp_path):
         {"caption": "red", "jpg": png((255, 0, 0))},
         {"caption": "broken", "jpg": b"not an image"},
     ]), data / "a.parquet")
-    pq.write_table(pa.Table.from_pylist([  # Hugging Face `Image` layout, no caption
-        {"caption": None, "jpg": {"bytes": png((0, 0, 255)), "path": None}}]), data / "b.parquet")
+    pq.write_table(pa.Table.from_pylist([  # Hugging Face `Image` layout, empty caption (None: skipped, below)
+        {"caption": "", "jpg": {"bytes": png((0, 0, 255)), "path": None}}]), data / "b.parquet")
     pq.write_table(pa.Table.from_pylist([
         {"caption": "blue file", "path": "img/blue.png"},
         {"caption": "escapes", "path": "../outside.png"},
@@ -114,6 +114,46 @@ def test_caption_rows_with_unusable_images_are_skipped_and_counted(tmp_path):
     assert batch["skipped"] == 1 and batch["caption"] == ["red", "", "blue file"]
     assert batch["pixels"].shape == (3, 3, 8, 8) and batch["original_size"].shape == (3, 2)
     assert collate_pairs(items[4:]) is None  # all bad: the loop reads the next batch
+
+
+def test_caption_rows_without_caption_text_are_skipped_and_counted(tmp_path):
+    """A None caption was trained on as "" without a count, and bytes b'a cat' became the text "b'a cat'"."""
+    from t2i_align.data.captions import CaptionStats
+
+    pq.write_table(pa.Table.from_pylist([{"caption": "red", "jpg": png((255, 0, 0))},
+                                         {"caption": None, "jpg": png((0, 255, 0))},
+                                         {"caption": "", "jpg": png((0, 0, 255))}]), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"caption": pa.array([b"a cat"], pa.binary()), "jpg": [png((1, 2, 3))]}),
+                   tmp_path / "b.parquet")
+    ds = CaptionDataset(tmp_path, resolution=8)
+    assert ds.captions == ["red", ""] and [ds[i]["caption"] for i in range(2)] == ["red", ""]
+    assert ds[1]["pixels"][2].min() == 1.0  # the empty caption's row is the blue image, used
+    assert ds.stats.summary() == "rows=4, used=2, bad images=0, no caption=2"
+    assert CaptionStats(rows=3, used=3, bad_images=0).no_caption == 0  # as a cache built before the count loads
+    pq.write_table(pa.Table.from_pylist([{"caption": None, "jpg": png((1, 2, 3))}]), tmp_path / "none.parquet")
+    with pytest.raises(ConfigError, match=r"no rows in .*none.parquet.*\(rows=1, used=0, bad images=0, no caption=1"):
+        CaptionDataset(tmp_path / "none.parquet")
+
+
+def test_a_symlink_loop_in_an_image_path_is_a_bad_image_not_a_crash(tmp_path):
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "blue.png")
+    pq.write_table(pa.Table.from_pylist([{"caption": "loop", "path": "a/x.png"},
+                                         {"caption": "blue", "path": "blue.png"}]), tmp_path / "c.parquet")
+    ds = CaptionDataset(tmp_path / "c.parquet", resolution=8)
+    assert [ds[i] is None for i in range(2)] == [True, False] and ds.stats.bad_images == 1
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_image_files_are_turned_upright_by_their_exif_orientation(tmp_path, fmt):
+    """As image bytes are (decode_rgb): a camera's 8x4 file with orientation 6 (rotate 90) is a 4x8 image."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 4), (255, 0, 0)).save(tmp_path / "cam.img", format=fmt, exif=exif)
+    pq.write_table(pa.Table.from_pylist([{"caption": "cam", "path": "cam.img"}]), tmp_path / "c.parquet")
+    ds = CaptionDataset(tmp_path / "c.parquet", resolution=8)
+    assert ds.decode(0).size == (4, 8) and ds[0]["original_size"] == (8, 4)  # (h, w) of the upright image
 
 
 def test_caption_data_without_image_column_is_a_config_error(tmp_path):

@@ -106,6 +106,34 @@ def test_an_earlier_output_is_kept_unless_resumed_or_overwritten(pairs, tmp_path
     assert code == 0 and summary["written"] == 7 and (out / "part-0.parquet").stat().st_mtime_ns != before
 
 
+def test_a_run_stopped_after_replacing_a_file_leaves_no_record_and_resume_redoes_it(pairs, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The old record used to stay beside the new file until the new record was written: a run killed between the
+    two left it vouching for a file it did not describe."""
+    import t2i_align.data.relabel as relabel_module
+
+    class Killed(BaseException):
+        pass
+
+    def killed(path, data, **kwargs):
+        if path.name.endswith(".parquet.relabel.json"):
+            raise Killed
+        return write(path, data, **kwargs)
+
+    out, record = tmp_path / "ai", tmp_path / "ai" / "part-0.parquet.relabel.json"
+    assert _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)[0] == 0 and record.is_file()
+    before = (out / "part-0.parquet").stat().st_mtime_ns
+    write = relabel_module.write_json_atomic
+    monkeypatch.setattr(relabel_module, "write_json_atomic", killed)
+    with pytest.raises(Killed):
+        main(["relabel", "--pairs", str(pairs), "--reward", "toy-judge", "--out", str(out), "--overwrite"])
+    assert (out / "part-0.parquet").stat().st_mtime_ns != before and not record.exists()
+    monkeypatch.setattr(relabel_module, "write_json_atomic", write)
+    code, summary, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
+    assert code == 0 and "already relabelled" not in err and (summary["files_kept"], summary["written"]) == (0, 4)
+    assert json.loads(record.read_text())["counts"]["written"] == 4
+
+
 @pytest.mark.parametrize("case, told", [
     ("out_is_input", "would delete it"), ("no_images", "lacks column(s) ['jpg_0', 'jpg_1']"),
     ("missing", "does not exist: give a Pick-a-Pic"), ("unknown_reward", "bad --reward"),

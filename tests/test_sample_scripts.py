@@ -145,3 +145,63 @@ def test_gallery_samples_each_side_in_its_text_encoding(tmp_path, monkeypatch):
         _script("gallery").main(["--out", str(tmp_path / "g"), "--text-encoding", "segments",
                                  "--base-text-encoding", "clip77", "--reward", ""])
     assert seen == {0: "clip77", 1: "segments"}  # base, then tuned
+
+
+def _unsampled(*args, **kwargs):
+    raise AssertionError("sampled before checking")
+
+
+def test_generate_refuses_the_current_folder_or_one_above_it_as_out(prompts, tmp_path, monkeypatch, capsys):
+    """`--out .` passed the check, then replace_dir failed to rename '.' after all the sampling, the images left in
+    a hidden temp folder."""
+    import t2i_align.evaluation as evaluation
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    run, gen = _script("common").run_cli, _script("generate")
+    for out, example in ((".", "samples"), (str(work), str(work / "samples")), ("..", "../samples"),
+                         (str(tmp_path), str(tmp_path / "samples"))):
+        assert run(lambda: gen.main(["--prompts", str(prompts), "--out", out, "--overwrite"])) == 2
+        assert capsys.readouterr().err == (f"error: --out {out} is the current folder, one above it or a '..' path, "
+                                           f"which generate.py cannot replace whole: give a new folder, e.g. --out "
+                                           f"{example}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "work"] and not any(work.iterdir())
+
+
+def test_generate_removes_its_temp_folder_when_writing_fails(tmp_path, monkeypatch):
+    import torch
+
+    import t2i_align.files as files
+    from t2i_align.sampling import Samples
+
+    def full_disk(tmp, out):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "replace_dir", full_disk)
+    samples = Samples(latents=None, images=torch.zeros(2, 3, 8, 8), prompts=["a", "b"], seeds=[0, 1])
+    with pytest.raises(OSError, match="No space left"):
+        _script("generate")._write(tmp_path / "out", samples, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_refuses_a_single_image_pair_before_sampling(tmp_path, monkeypatch, capsys):
+    """One prompt at --seeds-per-prompt 1 sampled both models, then failed in compare_scores (TooFewScores)."""
+    import t2i_align.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    one = tmp_path / "one.txt"
+    one.write_text("a large red circle at the top left on a white background\n")
+    args = ["--prompts", "toy:heldout", "--prompts", str(one), "--seeds-per-prompt", "1"]
+    assert _script("common").run_cli(lambda: _script("compare").main(args)) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --prompts {one}: 1 prompt at --seeds-per-prompt 1 makes one image pair, and a comparison needs at "
+        "least 2: give more prompts or --seeds-per-prompt 2 or more")
+
+
+def test_script_results_print_as_strict_json(capsys):
+    """compare.py printed `"t": Infinity` (a constant paired difference): not JSON to strict readers."""
+    assert _script("common").run_cli(lambda: {"t": float("inf"), "p_value": 0.0, "std": float("nan")}) == 0
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda token: pytest.fail(token)) == {
+        "t": None, "p_value": 0.0, "std": None}

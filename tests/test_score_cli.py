@@ -250,3 +250,42 @@ def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and told in lines[0], err
     assert not argv["out"].exists() or argv["out"].read_text() == "earlier scores\n"
+
+
+def test_nothing_to_score_is_a_usage_error_not_an_empty_file(tmp_path, capsys):
+    """An empty metadata.jsonl, a header-only CSV, an empty prompts file on an empty folder or a parquet without
+    rows wrote an empty --out and exited 0."""
+    folder, empty = tmp_path / "images", tmp_path / "empty"
+    folder.mkdir()
+    empty.mkdir()
+    (folder / "metadata.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("file,prompt\n")
+    (tmp_path / "none.txt").write_text("")
+    columns = {"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+               "jpg_1": pa.array([], pa.binary())}
+    pq.write_table(pa.table(columns), tmp_path / "rows.parquet")
+    out = tmp_path / "scores.jsonl"
+    for images, prompts, told in (
+            (folder, [], f"no images to score in {folder}: {folder / 'metadata.jsonl'} lists none; give one row"),
+            (folder, ["--prompts", tmp_path / "header.csv"], f"{tmp_path / 'header.csv'} lists none"),
+            (empty, ["--prompts", tmp_path / "none.txt"], f"no images to score in {empty}: {tmp_path / 'none.txt'}"),
+            (tmp_path / "rows.parquet", [], "rows.parquet: its parquet files hold no rows; give Pick-a-Pic files")):
+        code, _, err = _run(capsys, "--reward", "toy-clip", "--images", images, *prompts, "--out", out)
+        assert code == 2 and err.count("\n") == 1 and told in err, err
+    assert not out.exists()
+
+
+def test_scores_are_written_through_a_fresh_temp_file_removed_on_failure(tmp_path):
+    """The fixed temp name `.scores.jsonl.tmp` was shared by two runs writing the same --out and left behind when
+    the write failed."""
+    from reward_models.cli import write_rows
+
+    out = tmp_path / "scores.jsonl"
+    (tmp_path / ".scores.jsonl.tmp").write_text("another run's half-written rows")
+    write_rows([{"file": "a.png", "clip": 0.5}], out)
+    assert json.loads(out.read_text()) == {"file": "a.png", "clip": 0.5}
+    assert (tmp_path / ".scores.jsonl.tmp").read_text() == "another run's half-written rows"  # not touched
+    with pytest.raises(TypeError):
+        write_rows([{"file": "b.png", "clip": 0.1}, {"file": "c.png", "clip": object()}], out)  # fails half way
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".scores.jsonl.tmp", "scores.jsonl"]
+    assert json.loads(out.read_text())["file"] == "a.png"

@@ -101,3 +101,14 @@ def test_length_mismatch_message_is_clear():
         win_rate([1, 2], [1])
     with pytest.raises(ValueError, match="empty"):
         mean_ci([])
+
+
+def test_equal_differences_give_no_t_and_the_documented_p():
+    """Every pair differing by 0.25: sd(d) = 0, so t was inf (written to compare.json as `Infinity`, not JSON)."""
+    from t2i_align.evaluation import compare_scores
+
+    d = compare_scores([0.5, 0.25, 0.5], [0.75, 0.5, 0.75])["paired_diff"]
+    assert math.isnan(d["t"]) and d["p_value"] == 0.0 and d["n"] == 3
+    assert d["mean_diff"] == d["low"] == d["high"] == 0.25
+    same = paired_diff([0.5, 0.25], [0.5, 0.25])  # all zero: t 0, p 1, as before
+    assert (same["t"], same["p_value"]) == (0.0, 1.0)

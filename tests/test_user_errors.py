@@ -387,7 +387,18 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
             (["objective.name=reward_backprop", "data.kind=prompts", "data.path=toy:train",
               "reward_backprop.reward_options.scal=2"], ConfigError, r"has no option\(s\) \['scal'\]"),
             ([f"data.path={no_models}", "data.both_models_contain=dream"], ConfigError, "model_0 and model_1 .* lacks"),
-            ([*raft, "data.both_models_contain=dream"], ConfigError, "this run reads none")):
+            ([*raft, "data.both_models_contain=dream"], ConfigError, "this run reads none"),
+            (["objective.name=dpo", "raft.enabled=true", "raft.prompts=toy:train", "raft.k=1"], ConfigError,
+             "raft.k = 1: online DPO"),
+            ([*raft, "raft.min_gap=0.1"], ConfigError, "raft.min_gap = 0.1: only online DPO"),
+            (["objective.name=sft", "raft.enabled=true", f"raft.prompts={tmp_path / 'none.txt'}"], ConfigError,
+             "none.txt not found"),
+            ([f"data.path={pairs}", "ppd.enabled=true", f"ppd.table={tmp_path / 'users.safetensors'}"],
+             FileNotFoundError, "no user table at"),
+            (["objective.name=reward_backprop", "data.kind=prompts", "data.path=toy:train",
+              "reward_backprop.reward=toy-judge"], ConfigError, "'toy-judge' is not a differentiable reward"),
+            *([([f"data.path={pairs}", "model.attention=xformers"], UserError, "xformers .* is not installed")]
+              if importlib.util.find_spec("xformers") is None else [])):
         cfg = load_config(REPO_ROOT / "configs/toy/dpo.yaml",
                           ["tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
         with pytest.raises(error, match=message):
@@ -473,3 +484,68 @@ def test_messages_name_the_flag_or_setting_the_user_typed(tmp_path, capsys):
     assert score(["--reward", "hpsv2", "--images", str(tmp_path / "img"), "--prompts", str(tmp_path / "prompts.txt"),
                   "--out", str(tmp_path / "s.jsonl")]) == 2
     assert "(t2i-score takes an option KEY=VALUE as --option hpsv2.KEY=VALUE)" in capsys.readouterr().err
+
+
+def test_a_prompts_file_saved_with_a_bom_reads_its_first_prompt_plainly(tmp_path):
+    """Windows editors write a UTF-8 BOM: it stayed in the first prompt ('\\ufeffa red cube')."""
+    from t2i_align.prompts import read_prompts
+
+    (tmp_path / "p.txt").write_bytes("a red cube\nb blue ball\n".encode("utf-8-sig"))
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a red cube", "b blue ball"]
+
+
+def _unsampled(*args, **kwargs):
+    raise AssertionError("sampled before checking")
+
+
+def test_sample_scripts_refuse_a_seed_torch_cannot_take_before_sampling(tmp_path, capsys, monkeypatch):
+    """--seed 18446744073709551615 ended in "Overflow when unpacking long long" after the model had loaded: image k
+    of prompt i uses seed + 10000k + i, and torch's generators take -2**63 .. 2**64 - 1."""
+    import t2i_align.evaluation as evaluation
+    from test_sample_scripts import _script
+
+    common = _script("common")
+    common._check_seeds(2 ** 64 - 1 - 10_002, 2, 3)  # the largest seed of 3 prompts at 2 seeds each: 2**64 - 1
+    common._check_seeds(-2 ** 63, 2, 3)
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    (tmp_path / "p.txt").write_text("a large red circle at the top left on a white background\n" * 3)
+    for seed in ("18446744073709551615", str(2 ** 64 - 10_002), str(-2 ** 63 - 1)):
+        code = run_cli(lambda: _script("generate").main(["--seed", seed, "--prompts", str(tmp_path / "p.txt"),
+                                                         "--seeds-per-prompt", "2", "--out", str(tmp_path / "o")]))
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert err == f"error: --seed {seed}: image k of prompt i uses seed + 10000·k + i, which must lie in " \
+                      "[-9223372036854775808, 18446744073709551615]; give a --seed from -9223372036854775808 to " \
+                      "18446744073709541613\n"
+
+
+@pytest.mark.parametrize("script, none", [("compare", ""), ("gallery", ", or --reward '' for none")])
+def test_prompts_the_reward_cannot_read_say_how_to_choose_another_reward(script, none, tmp_path, capsys,
+                                                                        monkeypatch):
+    """The default --reward toy-judge on a real prompt file said only "toy-judge scores only toy captions"."""
+    import t2i_align.evaluation as evaluation
+    from test_sample_scripts import _script
+
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    (tmp_path / "p.txt").write_text("a cat on a sofa\n")
+    code = run_cli(lambda: _script(script).main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]))
+    err = capsys.readouterr().err.splitlines()[-1] + "\n"  # compare first notes that it compares toy with toy
+    assert code == 2 and err.startswith("error: toy-judge scores only toy captions")
+    assert err.endswith("'a cat on a sofa'. Choose a --reward that reads these prompts (e.g. clip, pickscore, hpsv2)"
+                        f"{none}\n")
+
+
+@pytest.mark.parametrize("flag", ["--prompts", "--user-table", "--user-shots"])
+def test_generate_overwrite_refuses_an_out_that_holds_an_input_file(flag, tmp_path, capsys, monkeypatch):
+    """The guard covered only --model and --lora: `--overwrite --out DIR --prompts DIR/p.txt` deleted the prompts."""
+    import t2i_align.evaluation as evaluation
+    from test_sample_scripts import _script
+
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    given = tmp_path / "run" / "input.file"
+    given.parent.mkdir()
+    given.write_text("a large red circle at the top left on a white background\n")
+    code = run_cli(lambda: _script("generate").main([flag, str(given), "--out", str(tmp_path / "run"), "--overwrite"]))
+    assert code == 2 and f"--out {tmp_path / 'run'} is or holds {flag} {given}: writing there would delete it; " \
+                          "choose another --out" in capsys.readouterr().err
+    assert given.is_file()

@@ -8,7 +8,7 @@ Layout: <cache_root>/<key>/ with pairs-NNNNN.safetensors (one row per pair or pe
 sizes, crops, row ids, prompt index),
 prompts-NNNNN.safetensors (one embedding per unique caption: Pick-a-Pic has ~14 pairs per prompt),
 empty_prompt.safetensors, captions.json, users.json (each pair's user_id, when the data has one: PPD)
-and complete.json (the key and counts). The key hashes the data set identity (file paths, sizes, mtimes),
+and complete.json (key, counts, shard sizes). The key hashes the data set identity (file paths, sizes, mtimes),
 resolution, crop, flip, ties, max_pairs (image-caption data: its kind, image root and max_items; the seed when
 augmentation is random) plus the caller's `key_parts`: everything on the model side that changes a tensor
 (`cache_key.py`: tokenizer, text encoder and VAE folders including a `model.vae` override, variant, revision,
@@ -55,7 +55,16 @@ def _is_complete(folder: Path, key: str) -> bool:
     except (OSError, ValueError):
         return False
     shards = marker.get("pair_shards", []) + marker.get("prompt_shards", [])
-    return marker.get("key") == key and all((folder / name).is_file() for name, _ in shards)
+    sizes = marker.get("shard_bytes", {})  # absent in caches built before sizes were recorded
+    return marker.get("key") == key and all(_shard_intact(folder / name, sizes.get(name)) for name, _ in shards)
+
+
+def _shard_intact(path: Path, size: Optional[int]) -> bool:
+    """The shard is there, with the size recorded when it was built (a host crash can leave it truncated)."""
+    try:
+        return path.is_file() and (size is None or path.stat().st_size == size)
+    except OSError:
+        return False
 
 
 def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder,
@@ -123,7 +132,8 @@ def _start_build(folder: Path, key: str) -> Optional[str]:
     """Main process: None when a complete cache is there, else a fresh temporary folder to build it in."""
     if _is_complete(folder, key):
         return None
-    if folder.exists():  # only an unmarked folder can be here (e.g. hand-edited): never trust it
+    if folder.exists():  # unmarked (e.g. hand-edited) or a shard missing or truncated: never trust it
+        logger.warning("cache %s is incomplete (no marker, or a shard missing or of another size): rebuilding", folder)
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     return str(temp_dir(folder.parent, f".tmp-{key}-"))

@@ -167,5 +167,6 @@ def merge_parts(dataset: PairDataset, stats: Any, encode_prompts: PromptEncoder,
         (tmp / "users.json").write_text(json.dumps(users))
     marker = {"key": key, "parts": parts, "pairs": sum(per_process), "pair_shards": shards["pairs"],
               "prompt_shards": shards["prompts"], "stats": asdict(stats), "stats_kind": type(stats).__name__,
-              "pairs_per_process": per_process}
+              "pairs_per_process": per_process,
+              "shard_bytes": {name: (tmp / name).stat().st_size for name, _ in shards["pairs"] + shards["prompts"]}}
     (tmp / "complete.json").write_text(json.dumps(marker, indent=1))  # written last: its presence = complete

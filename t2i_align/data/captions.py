@@ -6,7 +6,9 @@ or `path` (an image file relative to the image root, LongAlign's data layout: `p
 defaults to the parquet file's folder). Bad rows never end a run: an undecodable image, a missing file or a path
 that leaves the image root (`../x.jpg`, an absolute path, a symlink pointing out) gives None, which
 `collate_pairs` drops and counts (`skipped` per batch, summed by the loop as `data_rows_skipped`); the first few
-are logged with the row. The parquet files themselves must resolve inside the data root (`find_parquet_files`).
+are logged with the row. A row whose caption is missing (None) or not text is skipped and counted (`no_caption`),
+as in pair data; an empty caption is used (unconditional). The parquet files themselves must resolve inside the
+data root (`find_parquet_files`).
 
 Items: pixels [3, R, R] in [-1, 1], caption ("" with probability `prompt_dropout`), SDXL's original_size and
 crop_top_left, index; resize, crop and flip as the pair loader (`images.prepare_image`), every random draw from
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, prepare_image, to_rgb
+from .images import DECODE_ERRORS, decode_rgb, prepare_image
 from .pairs import files_identity, find_parquet_files, item_draws, open_parquet
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,13 @@ _MAX_WARNINGS = 5
 
 @dataclass
 class CaptionStats:
-    """`rows` read, `used` rows; `bad_images` found so far (undecodable, missing, or outside the image root)."""
+    """`rows` read (reading stops once max_items usable rows are found), `used` rows; `bad_images` found so far
+    (undecodable, missing, or outside the image root); `no_caption`: skipped, caption None or not text."""
 
     rows: int = 0
     used: int = 0
     bad_images: int = 0
+    no_caption: int = 0  # default: caches built before it was counted store stats without it
 
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
@@ -65,7 +69,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.stats = CaptionStats()
         self._read_metadata()
         if not len(self):
-            raise ConfigError(f"no rows in {path}: expected parquet with a caption column and jpg or path")
+            raise ConfigError(f"no rows in {path}: expected parquet with a caption column and jpg or path "
+                              f"({self.stats.summary()})")
         self._handles: Dict[int, pq.ParquetFile] = {}
         self._group_key: Optional[Tuple[int, int]] = None
         self._group: Any = None
@@ -86,15 +91,19 @@ class CaptionDataset(torch.utils.data.Dataset):
             for g in range(pf.num_row_groups):
                 captions = pf.read_row_group(g, columns=["caption"]).column("caption").to_pylist()
                 for off, caption in enumerate(captions):
+                    self.stats.rows += 1
+                    if not isinstance(caption, str):  # None, or bytes that str() would make "b'...'"
+                        self.stats.no_caption += 1
+                        continue
                     loc.append((fi, g, off))
-                    self.captions.append("" if caption is None else str(caption))  # None: unconditional
+                    self.captions.append(caption)
                     if self.max_items and len(loc) >= self.max_items:
                         break
                 if self.max_items and len(loc) >= self.max_items:
                     break
         self._loc = np.array(loc, dtype=np.int64).reshape(-1, 3)
         self.row_ids = np.arange(len(loc))  # each row's random draws come from its index
-        self.stats.rows = self.stats.used = len(self.captions)
+        self.stats.used = len(self.captions)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -131,12 +140,13 @@ class CaptionDataset(torch.utils.data.Dataset):
         root = self.image_root or self.files[int(self._loc[index, 0])].parent
         if not isinstance(rel, str) or not rel:
             raise ValueError("no image path")
-        real = (root / rel).resolve()
+        try:
+            real = (root / rel).resolve()
+        except RuntimeError as err:  # a symlink loop: not a decode error, it would end the run
+            raise ValueError(f"image path {rel!r} cannot be resolved ({err})") from None
         if not real.is_relative_to(root):
             raise ValueError(f"image path {rel!r} resolves to {real}, outside the image root {root}")
-        with Image.open(real) as image:
-            image.load()
-            return to_rgb(image)
+        return decode_rgb(real.read_bytes())  # as image bytes are: EXIF orientation applied
 
     def decode(self, index: int) -> Optional[Image.Image]:
         """Row `index`'s image as RGB, or None (logged, counted in `stats.bad_images`) if it cannot be used."""

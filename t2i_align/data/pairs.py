@@ -115,8 +115,10 @@ def label_problem(label: Any, has_label: Any) -> Optional[str]:
     """Why a row carries no usable preference ("unlabelled" / "invalid_labels"), or None if label_0 is usable.
 
     label_0 is P(image 0 preferred): anything outside [0, 1] (3.0, -1, inf) is as meaningless as NaN, and
-    taking 3.0 as "image 0 wins" would train on a corrupt row."""
-    if has_label is False or label is None:
+    taking 3.0 as "image 0 wins" would train on a corrupt row. Any falsy has_label (False, 0, 0.0: a pandas round
+    trip turns a bool column with nulls into floats or objects) is unlabelled; None (a null, or no has_label
+    column) and NaN say nothing, so label_0 alone decides."""
+    if (has_label is not None and not has_label) or label is None:
         return "unlabelled"
     if not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
         return "invalid_labels"  # NaN fails both comparisons, so it lands here too

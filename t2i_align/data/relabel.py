@@ -9,8 +9,8 @@ tie, which training drops by default; the official code would keep jpg_0 first).
 human label moves to `human_label_0` (kept from the input when it is already a relabelled file), the scores are
 added as `reward_0` and `reward_1`. One output file per input file, of the same name, each written whole
 (temporary file, then rename) and then recorded beside it (`<name>.relabel.json`: reward, options, source file,
-counts), so `resume` keeps the finished ones made the same way. A row whose image does not decode, or that the
-reward cannot score, is skipped and counted.
+counts; an older record is removed before the file is replaced), so `resume` keeps the finished ones made the same
+way. A row whose image does not decode, or that the reward cannot score, is skipped and counted.
 """
 from __future__ import annotations
 
@@ -151,6 +151,7 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
               desc="relabel") as bar:
         for name, src, record in todo:
             counts = new_counts()
+            _record_path(out / name).unlink(missing_ok=True)  # before the file: a stopped run leaves no record
             relabel_file(src, out / name, reward_name, reward, counts, progress=bar.update, **options)
             write_json_atomic(_record_path(out / name), {**record, "counts": counts})  # after: marks it finished
             _add(total, counts)
