@@ -377,6 +377,8 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
     no_models = tmp_path / "no_models.parquet"
     pq.write_table(pq.read_table(pairs).drop(["model_0", "model_1"]), no_models)
+    no_users = tmp_path / "no_users.parquet"
+    pq.write_table(pq.read_table(pairs).drop(["user_id"]), no_users)
     raft = ["objective.name=sft", "raft.enabled=true", "raft.prompts=toy:train"]
     for overrides, error, message in (
             ([f"data.path={tmp_path / 'nope.parquet'}"], FileNotFoundError, "nope.parquet does not exist"),
@@ -397,6 +399,12 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
              FileNotFoundError, "no user table at"),
             (["objective.name=reward_backprop", "data.kind=prompts", "data.path=toy:train",
               "reward_backprop.reward=toy-judge"], ConfigError, "'toy-judge' is not a differentiable reward"),
+            ([f"data.path={no_users}", "ppd.enabled=true", f"ppd.table={tmp_path / 'u.safetensors'}"], ConfigError,
+             "has no user_id column"),
+            (["objective.name=sft", "data.kind=captions", f"data.path={tmp_path / 'captions'}"], ConfigError,
+             "data.path: .*captions does not exist"),
+            (["objective.name=reward_backprop", "data.kind=prompts", f"data.path={tmp_path / 'p.txt'}"], ConfigError,
+             "p.txt not found"),
             *([([f"data.path={pairs}", "model.attention=xformers"], UserError, "xformers .* is not installed")]
               if importlib.util.find_spec("xformers") is None else [])):
         cfg = load_config(REPO_ROOT / "configs/toy/dpo.yaml",

@@ -175,11 +175,20 @@ class CaptionDataset(torch.utils.data.Dataset):
         return {"pixels": pixels, "caption": caption, "original_size": size, "crop_top_left": crop, "index": index}
 
 
-def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> CaptionDataset:
-    """CaptionDataset from a `DataConfig` (data.kind = captions)."""
+def caption_files(cfg: Any, root: Optional[str | Path] = None) -> List[Path]:
+    """The parquet files of data.path (data.kind = captions), or a ConfigError saying what to give."""
     if not cfg.path:
         raise ConfigError("data.path is empty: with data.kind=captions give a parquet file or folder with caption "
                           "and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out DIR)")
+    try:
+        return find_parquet_files(cfg.path, root)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path: {err}; give a parquet file or folder of image-caption data") from None
+
+
+def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> CaptionDataset:
+    """CaptionDataset from a `DataConfig` (data.kind = captions)."""
+    caption_files(cfg, root)
     try:
         return CaptionDataset(cfg.path, resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip,
                               prompt_dropout=cfg.prompt_dropout, max_items=cfg.max_pairs, seed=seed, root=root)

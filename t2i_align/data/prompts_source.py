@@ -52,13 +52,18 @@ class PromptSource:
         return {}
 
 
-def build_prompt_source(cfg, accelerator) -> PromptSource:
-    """The prompt source of `cfg.data` (data.kind = prompts, data.path = a prompts file or a toy prompt set)."""
+def read_prompt_data(data) -> List[str]:
+    """The prompts of data.path (data.kind = prompts)."""
     from ..prompts import read_prompts
 
-    if not cfg.data.path:
+    if not data.path:
         raise ConfigError("data.path is empty: with data.kind=prompts give a text file with one prompt per line, "
                           "or a toy prompt set such as toy:train-long")
-    prompts = read_prompts(cfg.data.path, "data.path")
+    return read_prompts(data.path, "data.path")
+
+
+def build_prompt_source(cfg, accelerator) -> PromptSource:
+    """The prompt source of `cfg.data` (data.kind = prompts, data.path = a prompts file or a toy prompt set)."""
+    prompts = read_prompt_data(cfg.data)
     return PromptSource(prompts, cfg.train.batch_size, cfg.seed, accelerator.process_index,
                         accelerator.num_processes, cfg.data.resolution)

@@ -125,21 +125,35 @@ def check_data_kind(cfg, batch_kind: str) -> None:
 
 
 def check_data_files(cfg) -> None:
-    """Pair data (data.kind=pairs without RAFT) names parquet files that exist, with the model_0 / model_1 columns
-    that data.both_models_contain filters on: checked before the model loads."""
-    pairs = not cfg.raft.enabled and cfg.data.kind == "pairs"
-    if cfg.data.both_models_contain and not pairs:
+    """The data a run reads is there, checked before the model loads: pair parquet files (with the model_0 /
+    model_1 columns data.both_models_contain filters on, and PPD's user_id), image-caption files, a prompts file."""
+    kind = "raft" if cfg.raft.enabled else cfg.data.kind
+    if cfg.data.both_models_contain and kind != "pairs":
         raise ConfigError(f"data.both_models_contain = {cfg.data.both_models_contain!r} filters pair data, but this "
                           "run reads none (RAFT, or data.kind captions/prompts); leave it empty")
-    if not pairs:
-        return
+    if kind == "prompts":
+        from .prompts_source import read_prompt_data
+
+        read_prompt_data(cfg.data)
+    elif kind == "captions":
+        from .captions import caption_files
+
+        caption_files(cfg.data)
+    elif kind == "pairs":
+        _check_pair_files(cfg)
+
+
+def _check_pair_files(cfg) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder (your own "
                           "image pairs: python -m t2i_align.data pairs --from LISTING --out DIR; for the toy world: "
                           "python -m t2i_align.toy pairs --out DIR)")
     for path in find_parquet_files(cfg.data.path):
-        if cfg.data.both_models_contain:
-            model_columns(cfg.data.both_models_contain, open_parquet(path).schema_arrow.names, path)
+        names = open_parquet(path).schema_arrow.names
+        model_columns(cfg.data.both_models_contain, names, path)
+        if cfg.ppd.enabled and "user_id" not in names:  # found after a whole cache build otherwise
+            raise ConfigError(f"ppd.enabled but {path} has no user_id column: PPD needs each pair's user (Pick-a-Pic's "
+                              "user_id); rebuild the data with one, or set ppd.enabled=false")
 
 
 def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
