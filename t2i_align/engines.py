@@ -194,6 +194,10 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
         raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "
                         f"the {processes} processes: sampling is collective, so every process must generate as many "
                         "images as the others")
+    if cfg.train.mixed_precision == "fp16":
+        say(accelerator, "note: fp16 under FSDP is untested: accelerate's policy then reduces the gradients in fp16 "
+                         "too (DDP reduces fp32 ones); train.mixed_precision=bf16 model.weight_dtype=bf16 is the "
+                         "tested choice")
 
 
 def check_deepspeed(accelerator, cfg) -> None:

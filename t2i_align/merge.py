@@ -61,8 +61,9 @@ def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:
 def _inputs(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> dict:
     """What merging reads, which an --out replaced whole must not be or hold: for --unet, the folder holding the
     UNet (the checkpoint's unet/ when given its root: an --out there would replace the weights it reads)."""
+    from .toy.assets import pipeline_dir
     from .unet_checkpoint import unet_folder
 
     given = {"--lora": lora, "--unet": None if unet is None else unet_folder(unet),
-             "--model": None if str(model) == "toy" else model}
+             "--model": pipeline_dir() if str(model) == "toy" else model}  # the shipped toy base, never replaced
     return {flag: path for flag, path in given.items() if path is not None}

@@ -36,6 +36,10 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
         with pytest.raises(UserError, match=f"is or holds {flag}"):
             merge_lora(model, lora_file, out, overwrite=True)
     assert lora_file.is_file() and (model / "model_index.json").is_file()  # both inputs untouched
+    from t2i_align.toy.assets import pipeline_dir  # --model toy: the shipped toy base is an input too
+
+    with pytest.raises(UserError, match="is or holds --model"):
+        merge_lora("toy", lora_file, pipeline_dir(), overwrite=True)
     # a LoRA applied to another model folder than it trained on (stage 2's on stage 1's merge) is named
     with pytest.warns(UserWarning, match=f"was trained on {model.resolve()}, and is applied to {merged}"):
         check_weights(merged, final)
