@@ -114,6 +114,28 @@ def test_caption_rows_with_unusable_images_are_skipped_and_counted(tmp_path):
     assert batch["skipped"] == 1 and batch["caption"] == ["red", "", "blue file"]
     assert batch["pixels"].shape == (3, 3, 8, 8) and batch["original_size"].shape == (3, 2)
     assert collate_pairs(items[4:]) is None  # all bad: the loop reads the next batch
+    assert ds.largest_byte_group() == 2  # a.parquet's one group of image bytes; c.parquet holds paths
+
+
+def test_uncached_image_bytes_in_large_row_groups_get_a_note(tmp_path):
+    """Each shuffled item reads its whole row group: 256 rows of image bytes read 256 times over per epoch."""
+    from types import SimpleNamespace
+
+    from t2i_align.config import load_config
+    from t2i_align.data.captions import build_caption_source
+
+    rows = [{"caption": f"c{i}", "jpg": png((i, 0, 0))} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "small.parquet", row_group_size=8)
+    said = []
+    accelerator = SimpleNamespace(print=lambda message, file=None: said.append(message), process_index=0,
+                                  num_processes=1)
+    for name in ("big", "small"):
+        cfg = load_config(None, ["objective.name=sft", "data.kind=captions", f"data.path={tmp_path / name}.parquet",
+                                 "data.resolution=8"])
+        build_caption_source(cfg, None, accelerator)
+    notes = [m for m in said if m.startswith("note: data.path keeps image bytes")]
+    assert len(notes) == 1 and "row groups of up to 40 rows" in notes[0]
 
 
 def test_caption_rows_without_caption_text_are_skipped_and_counted(tmp_path):
