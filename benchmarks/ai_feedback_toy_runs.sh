@@ -3,7 +3,7 @@
 # ground truth, standing in for people) against DPO on the same pairs relabelled by toy-clip, a learned reward
 # (`python -m t2i_align.data relabel`, Diffusion-DPO's --choice_model computed once); same config (LoRA r8, batch
 # 16, LR 5e-4, 600 steps, seed 0). Judged on held-out seeds 0 and fresh seeds 100000 (nothing was chosen on either:
-# both runs take configs/toy/dpo.yaml as it is). About an hour on one idle 2-core CPU.
+# both runs take configs/toy/dpo.yaml with only the steps and data set here). About an hour on one idle 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
