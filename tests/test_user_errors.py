@@ -95,6 +95,26 @@ def test_train_script_refuses_half_precision_weights_without_mixed_precision(cap
     assert err.startswith("error: model.weight_dtype = 'bf16'") and "train.mixed_precision=bf16" in err
 
 
+def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loading(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import t2i_align.build as build
+    from test_loop import write_rendered_pairs
+
+    monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model")))
+    pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
+    base = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), f"output_dir={tmp_path / 'run'}"]
+    assert _train_script().main([*base, f"data.path={pairs}", "train.max_steps=7"]) == 0
+    out = capsys.readouterr()
+    printed = yaml.safe_load(out.out)
+    assert printed["train"]["max_steps"] == 7 and printed["data"]["path"] == str(pairs)
+    assert printed["objective"]["name"] == "dpo" and "dry run:" in out.err
+    assert not (tmp_path / "run").exists()  # writes nothing
+    assert _train_script().main([*base, f"data.path={tmp_path / 'none.parquet'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "none.parquet does not exist" in err
+
+
 def test_a_validation_reward_that_cannot_read_the_prompts_stops_the_run_before_training(tmp_path):
     """Used to fail with `not a toy short caption` in the final gallery, after the whole run."""
     from test_loop import _cfg, write_rendered_pairs

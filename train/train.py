@@ -18,6 +18,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/toy/dpo.yaml, configs/sd15/dpo_lora.yaml, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML, as the run would "
+                        "save it) and make the checks done before a model loads (data files, rewards, user table); "
+                        "loads and writes nothing")
     args = parser.parse_args(argv)
 
     from t2i_align.errors import run_cli
@@ -29,6 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from t2i_align.loop import train
 
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(cfg)
         try:
             final = train(cfg).final
         except KeyboardInterrupt:
@@ -40,6 +45,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     return run_cli(run)
+
+
+def dry_run(cfg) -> int:
+    """The resolved config on stdout, once the checks that need no model, engine or output folder have passed."""
+    import yaml
+
+    from t2i_align.build import check_before_loading
+    from t2i_align.config import config_to_dict
+    from t2i_align.objectives import get_objective
+
+    check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    print("dry run: the config and its data, rewards and files pass the checks made before a model loads (the "
+          "model folder, the launcher and output_dir are checked when the run starts)", file=sys.stderr)
+    return 0
 
 
 def where_to_resume(cfg) -> str:
