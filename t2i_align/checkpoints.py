@@ -5,7 +5,6 @@ complete (a marker file is written last), so a kill at any moment leaves a compl
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -18,11 +17,11 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .errors import UserError
-from .files import plain_modes, replace_dir
+from .files import fsync_path, plain_modes, replace_dir, sync_tree
 
 logger = logging.getLogger(__name__)
 MARKER = "t2i_align_checkpoint.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointMismatch(UserError, RuntimeError):
@@ -38,7 +37,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> List[Tuple[int, Path]]:
     root = checkpoints_dir(output_dir)
     found = []
     for path in root.iterdir() if root.is_dir() else []:
-        match = _STEP_DIR.match(path.name)
+        match = STEP_DIR.match(path.name)
         if match and (path / MARKER).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
@@ -81,103 +80,6 @@ def resume_raw_batches(marker: dict, index: int, processes: int, fallback: int) 
 
 def checkpoint_step(path: Path) -> int:
     return int(read_marker(path)["step"])
-
-
-def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Optional[Path]:
-    """Resuming from step N while checkpoints after N exist (an abandoned timeline): move those into
-    `checkpoints/abandoned-<time>/`, never deleting a user's files, so keep-last-K and `resume=latest` only ever
-    see this timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`):
-    this run writes its own under the same names. Returns the folder they went to (None if there were none)."""
-    from .references import POOL_DIR, snapshot_files
-
-    newer = [path for s, path in list_checkpoints(output_dir) if s > step]
-    if not newer:
-        return None
-    import time
-
-    aside = _new_folder(checkpoints_dir(output_dir), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
-    for path in newer:
-        path.rename(aside / path.name)
-    snapshots = [path for s, path in snapshot_files(output_dir).items() if s > step]
-    for path in snapshots:
-        (aside / POOL_DIR).mkdir(exist_ok=True)
-        path.rename(aside / POOL_DIR / path.name)
-    log(f"resumed at step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned run"
-        + (f" and {len(snapshots)} SePPO reference snapshot(s)" if snapshots else "") + f" to {aside}")
-    return aside
-
-
-def _new_folder(parent: Path, name: str) -> Path:
-    """parent/name made, or parent/name-2, -3 ... when a folder set aside in the same second has the name."""
-    for n in itertools.count(1):
-        folder = parent / (name if n == 1 else f"{name}-{n}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-
-
-PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors", "final",
-                "gallery", "config.yaml")
-"""What a run leaves in output_dir besides its checkpoints: a later run there would read or append to the first
-four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
-
-
-def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = "") -> Optional[Path]:
-    """A fresh start in an output_dir holding an earlier run's checkpoints or logs: move them into
-    `previous-<time>/`, never deleting them, so that `resume=latest` cannot pick up the earlier run's checkpoints,
-    SePPO does not take its snapshots, and metrics.jsonl holds one run (before, a rerun appended to it). final/,
-    gallery/ and config.yaml go too: a rerun replaced them (as diffusers' training scripts do), losing the
-    earlier model. `why`: what the log line says started it (default: a fresh start)."""
-    out = Path(output_dir)
-    old = [path for _, path in list_checkpoints(out)] + [out / name for name in PREVIOUS_RUN if (out / name).exists()]
-    if not old:
-        return None
-    import time
-
-    aside = _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
-    for path in old:
-        path.rename(aside / path.name)
-    steps = [int(m.group(1)) for m in (_STEP_DIR.match(p.name) for p in old) if m]
-    log(f"{why or f'a fresh start in {out}'}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
-        + (f" (to continue that run instead: train.resume={aside}/step-{max(steps)})" if steps else ""))
-    return aside
-
-
-CARRIED = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors")
-"""What a resume from a checkpoint of another folder copies from that run beside its weights."""
-
-
-def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked: Optional[str], log=print) -> None:
-    """Main process, once every setting has been checked: make `output_dir` hold this run alone. A fresh start
-    sets an earlier run's files aside; so does a resume from a checkpoint of another folder (a `previous-*` one,
-    another run's), whose logs, SePPO snapshots and LongAlign direction (`CARRIED`) are then copied over (the
-    resume drops what came after its step, as for this folder's own). `asked`: train.resume as given ("latest"
-    finding no checkpoint is said, with where an earlier one went)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is not None and resume.resolve().parent == checkpoints_dir(out).resolve():
-        return  # this folder's own timeline: the loop sets later checkpoints and log lines aside
-    if asked == "latest":
-        log(f"train.resume=latest: no complete checkpoint in {checkpoints_dir(out)}, so this run starts fresh"
-            + _newest_aside_hint(out))
-    outside = f"a resume from {resume}, outside {checkpoints_dir(out)}" if resume is not None else ""
-    set_aside_previous_run(out, log, why=outside)
-    for name in CARRIED if resume is not None else ():
-        # beside the checkpoint (a previous-* folder holds both) or in its run's folder (run/checkpoints/step-N)
-        origin = next((f / name for f in (resume.parent, resume.parent.parent) if (f / name).exists()), None)
-        if origin is not None and origin.is_dir():
-            shutil.copytree(origin, out / name)
-        elif origin is not None:
-            shutil.copyfile(origin, out / name)
-
-
-def _newest_aside_hint(out: Path) -> str:
-    """" (the newest set-aside checkpoint: train.resume=...)" or ""."""
-    found = [(p.parent.name, int(m.group(1)), p) for p in out.glob("previous-*/step-*")
-             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]  # folders are named by time
-    return f" (the newest earlier checkpoint was set aside: train.resume={max(found)[2]})" if found else ""
 
 
 def save_only_trainable(accelerator) -> None:
@@ -242,10 +144,15 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     def complete() -> None:
         if save_extra is not None:
             save_extra(tmp)
+        if (Path(output_dir) / "config.yaml").is_file():  # each checkpoint says how it was made, wherever it goes
+            shutil.copyfile(Path(output_dir) / "config.yaml", tmp / "config.yaml")
         plain_modes(tmp)
+        sync_tree(tmp)  # on the disk before the marker says complete and older checkpoints are deleted
         (tmp / MARKER).write_text(json.dumps({**(marker or {}), "step": step}))
-        shutil.rmtree(final, ignore_errors=True)
+        sync_tree(tmp / MARKER)
+        shutil.rmtree(final, ignore_errors=True)  # only an unmarked leftover can have this name
         tmp.rename(final)
+        fsync_path(root)
         older = [path for s, path in list_checkpoints(output_dir) if s < step]
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)

@@ -48,6 +48,23 @@ def plain_modes(root: Path) -> None:
         os.chmod(path, mode)
 
 
+def sync_tree(root: Path) -> None:
+    """fsync `root` (a file or folder) and everything under it: written through to the disk, so that a host crash
+    after the rename that publishes it cannot leave its files empty (a killed process cannot anyway)."""
+    root = Path(root)
+    for path in (sorted(root.rglob("*"), key=lambda p: -len(p.parts)) if root.is_dir() else []) + [root]:
+        fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder: its entries, e.g. a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: Path, out_dir: Path) -> Path:
     """Move the finished folder `tmp` to `out_dir` by renames, replacing any old `out_dir` whole (its .safetensors
     files given plain modes first: `plain_modes`).

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading
-from .checkpoints import (export_final, load_checkpoint, prepare_run_dir, read_marker, resolve_resume,
-                          resume_raw_batches, save_checkpoint, save_only_trainable, set_aside_newer)
+from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
+                          save_checkpoint, save_only_trainable)
 from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
                       deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
@@ -33,6 +33,7 @@ from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
+from .run_dir import prepare_run_dir, set_aside_newer
 from .tracking import Tracker
 from .validation import Validator, load_validation_reward
 

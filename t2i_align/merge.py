@@ -41,12 +41,16 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     encoding = pipeline_components(pipe).text_encoding
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.tmp-")
-    save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
-    table = _user_table(model, lora) if lora is not None else None
-    if table is not None:
-        shutil.copy2(table, tmp / USER_TABLE_NAME)
-    write_text_encoding(tmp, encoding.kind, encoding.token_budget)
-    return replace_dir(tmp, out)
+    try:
+        save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
+        table = _user_table(model, lora) if lora is not None else None
+        if table is not None:
+            shutil.copy2(table, tmp / USER_TABLE_NAME)
+        write_text_encoding(tmp, encoding.kind, encoding.token_budget)
+        return replace_dir(tmp, out)
+    except BaseException:  # a full disk or Ctrl-C leaves no hidden pipeline-sized folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -130,7 +131,7 @@ class SnapshotPool(BaseReference):
         taken (under FSDP a collective that gathers the shards onto the main process: `engines.full_weights`).
         `in_memory`: keep full fine-tune snapshots in CPU RAM once read (seppo.snapshots_in_memory).
         `resume_from`: the checkpoint named by train.resume, whose snapshots stay although it may lie outside
-        output_dir/checkpoints (copied here by checkpoints.prepare_run_dir)."""
+        output_dir/checkpoints (copied here by run_dir.prepare_run_dir)."""
         super().__init__(unet, components, adapters, frozen)
         self.weights, self.in_memory = weights or unet.state_dict, in_memory
         self.ram: Dict[int, Dict[str, torch.Tensor]] = {}  # full fine-tune: step -> weights read (in_memory)
@@ -165,7 +166,7 @@ class SnapshotPool(BaseReference):
 
     def _collect(self) -> None:
         """Main process: delete full-model snapshot files that neither the pool nor any saved checkpoint lists. A
-        checkpoint set aside by checkpoints.set_aside_newer (abandoned-...-from-step-N/) keeps its snapshots up to
+        checkpoint set aside by run_dir.set_aside_newer (abandoned-...-from-step-N/) keeps its snapshots up to
         step N here; its later ones went aside with it, and the files of those names here are this run's."""
         def listed(state: Path) -> List[int]:
             return [int(s) for s in json.loads(state.read_text())["steps"]]
@@ -174,7 +175,7 @@ class SnapshotPool(BaseReference):
         for state in checkpoints.glob("*/" + _STATE_FILE):
             keep.update(listed(state))
         for state in checkpoints.glob("abandoned-*/*/" + _STATE_FILE):
-            until = int(state.parent.parent.name.rsplit("-", 1)[1])
+            until = int(re.search(r"-from-step-(\d+)", state.parent.parent.name).group(1))  # not a -2 suffix
             keep.update(s for s in listed(state) if s <= until)
         resumed = self.resume_from / _STATE_FILE if self.resume_from is not None else None
         if resumed is not None and resumed.is_file():

@@ -109,3 +109,19 @@ def test_json_results_write_non_finite_numbers_as_null(tmp_path):
     path = write_json_atomic(tmp_path / "r.json", data)
     assert strict(path.read_text()) == {"t": None, "p": 0.0, "ci": [None, 1.5], "rows": [{"x": None}], "n": 3}
     assert data["t"] == float("inf")  # the caller's data is left as it was
+
+
+def test_sync_tree_fsyncs_every_file_and_folder_deepest_first(tmp_path, monkeypatch):
+    import os
+
+    from t2i_align.files import sync_tree
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_text("x")
+    (tmp_path / "a" / "g").write_text("y")
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    sync_tree(tmp_path / "a")
+    a = tmp_path / "a"
+    assert sorted(synced) == sorted(str(p) for p in (a, a / "b", a / "b" / "f", a / "g"))
+    assert synced[0] == str(a / "b" / "f") and synced[-1] == str(a)  # a folder after what it holds

@@ -42,13 +42,20 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_timeline_aside(tiny_mo
     out = tmp_path / "run"
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.keep_checkpoints=3"))
     old_step2 = read_marker(out / "checkpoints" / "step-2")
+    first_metrics, first_final = (out / "metrics.jsonl").read_text(), (out / "final").stat().st_ino
     assert [s for s, _ in list_checkpoints(out)] == [1, 2, 3]
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.keep_checkpoints=2",
                f"train.resume={out / 'checkpoints' / 'step-1'}"))
     assert [s for s, _ in list_checkpoints(out)] == [1, 2], "keep=2 must keep the checkpoint just written"
     aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-2", "step-3"]
+    # the abandoned timeline's later checkpoints, its export and last gallery (both replaced by this run's before),
+    # its whole log (this run drops the lines after step 1)
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["final", "gallery", "metrics.jsonl",
+                                                                               "step-2", "step-3"]
     assert read_marker(aside[0] / "step-2") == old_step2  # the user's files are moved, not lost
+    assert (aside[0] / "final").stat().st_ino == first_final
+    assert (aside[0] / "metrics.jsonl").read_text() == first_metrics
+    assert "max_steps: 3" in (aside[0] / "step-3" / "config.yaml").read_text()  # each checkpoint holds its config
     assert resolve_resume(out, "latest") == out / "checkpoints" / "step-2"
 
 
@@ -211,7 +218,7 @@ def test_the_settings_a_resume_changed_are_listed():
 
 def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path, monkeypatch):
     """The folder is named by the second: a second set-aside within it stopped on FileExistsError."""
-    from t2i_align.checkpoints import set_aside_previous_run
+    from t2i_align.run_dir import set_aside_previous_run
 
     monkeypatch.setattr(time, "strftime", lambda fmt: "20261201-120000")  # the same second, whatever the clock
 
