@@ -143,8 +143,8 @@ def train(cfg: Config) -> TrainResult:
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
     validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
                           base=None if provider is None else provider.base_unet, reward=reward)
-    start, raw_start = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume)
-    state = _RunState(objective, provider, m.source, tracker, validator, start, raw_start)
+    start, counts = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume)
+    state = _RunState(objective, provider, m.source, tracker, validator, start, counts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
 
@@ -198,14 +198,19 @@ def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
 
 
 def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple:
-    """(step, raw micro-batches read) to start from: (0, 0), or the checkpoint `resume` restored. `parts` (the
-    reference provider, the data source) reload what they keep beyond weights and data position."""
+    """(step, the loop's counts) to start from: step 0 and zero counts, or what the checkpoint `resume` restored
+    (the raw micro-batches this process read, the run's totals of skipped data and steps). `parts` (the reference
+    provider, the data source) reload what they keep beyond weights and data position."""
     out = Path(cfg.output_dir)
+    counts = dict.fromkeys(COUNTED + ("raw_batches",), 0)
     if resume is None:
-        return 0, 0
+        return 0, counts
     start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
-    raw_start = resume_raw_batches(read_marker(resume), accelerator.process_index, accelerator.num_processes,
-                                   fallback=start * cfg.train.grad_accum)
+    marker = read_marker(resume)
+    counts["raw_batches"] = resume_raw_batches(marker, accelerator.process_index, accelerator.num_processes,
+                                               fallback=start * cfg.train.grad_accum)
+    for key, total in marker.get("counts", {}).items():  # a sum over processes is the main process's to log
+        counts[key] = int(total) if key not in SUMMED or accelerator.is_main_process else 0
     # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
     on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
              f"another process could not restore the run's state from {resume}")
@@ -213,7 +218,7 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple
             "the main process could not set the abandoned run's checkpoints aside")
     on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
     say(accelerator, f"resumed from {resume} at step {start}")
-    return start, raw_start
+    return start, counts
 
 
 @dataclass
@@ -226,12 +231,14 @@ class _RunState:
     tracker: Tracker
     validator: Validator
     start: int
-    raw_start: int
+    counts: Dict[str, int]
+    """COUNTED and raw_batches, as the run starts (restored on a resume)."""
 
 
 def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched, params) -> None:
     tc = cfg.train
-    batches = st.source.micro_batches(st.raw_start)
+    counts = dict(st.counts)
+    batches = st.source.micro_batches(counts["raw_batches"])
     builder = BATCH_BUILDERS[st.objective.batch_kind]
     inner = getattr(st.source, "source", st.source)  # PPD filters another source's batches
     per_epoch = getattr(inner, "batches_per_epoch", 0)  # 0: sources that never yield unusable batches
@@ -239,8 +246,6 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
     # The objectives' noise schedule; sampling (galleries, SePPO's and LongAlign's chains) keeps the folder's
     schedule = diffusion.zero_terminal_snr(components.scheduler) if cfg.objective.zero_terminal_snr \
         else components.scheduler
-    counts = {"data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 0,
-              "raw_batches": st.raw_start}
     history: List[Dict[str, float]] = []
     streak = 0
     last_log = (time.perf_counter(), st.start)  # for sec_per_step: (when, step) of the previous log
@@ -276,7 +281,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker={"raw_batches": _gathered(accelerator, counts["raw_batches"])},
+                            marker=_marker(accelerator, counts),
                             save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             _show_gallery(accelerator, st.validator, st.tracker, done)
@@ -304,6 +309,19 @@ def _save_extras(st: _RunState, folder: Path) -> None:
     for part in (st.provider, st.source):
         if hasattr(part, "save"):
             part.save(folder)
+
+
+COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite")
+"""The loop's running totals, logged and restored on a resume."""
+
+
+def _marker(accelerator, counts: Dict[str, int]) -> Dict:
+    """What a checkpoint records of the loop (collective): each process's raw micro-batches read, and the run's
+    totals of COUNTED (summed over processes where each keeps its own)."""
+    own = {k: counts[k] for k in COUNTED if k in SUMMED}
+    totals = {k: int(v) for k, v in _summed(accelerator, own).items()}
+    return {"raw_batches": _gathered(accelerator, counts["raw_batches"]),
+            "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"])}
 
 
 def _gathered(accelerator, value: int) -> List[int]:

@@ -163,6 +163,10 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
     assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
                        "--max-new-tokens", "2", "--dtype", "fp32"]) == 0
     assert UserTable.load(tmp_path / "cli" / "user_table.safetensors").ids == (7,)
+    # continuing into the same --out with other settings would mix two kinds of embedding in one table
+    assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
+                       "--max-new-tokens", "3", "--dtype", "fp32"]) == 2
+    assert "holds users embedded with other settings (max_new_tokens: 2 -> 3)" in capsys.readouterr().err
     assert users_main(["check-shots", "--shots", str(out / "users.json"), "--pairs", str(pairs)]) == 2
     assert "were also shots of the same user's embedding" in capsys.readouterr().err
     other = _write_pairs(tmp_path / "train.parquet", {7: 3, 8: 3}, seed=1)  # other images: no shot among them

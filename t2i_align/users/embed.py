@@ -160,6 +160,24 @@ def check_shots(shots_json: str, pairs: str) -> int:
     return check_shots_disjoint(shots, rows)
 
 
+PARTS_SETTINGS = "settings.json"
+
+
+def check_parts_settings(out: Path, settings: Dict[str, Any]) -> None:
+    """OUT/parts/ holds users embedded with these settings only: recorded by the first run, and a run with other
+    settings (model, pairs, shots, seed, text length, dtype) is refused, not mixed into the same table."""
+    path = out / PARTS / PARTS_SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise UserError(f"{out / PARTS} holds users embedded with other settings ({'; '.join(changed)}): give "
+                            "another --out, or the same settings to continue that run")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
+
+
 SHARD_WAIT = timedelta(hours=24)
 """How long processes that finished their users wait for the others (a resumed run's shards can be very uneven;
 NCCL's default, 10 minutes, would abort it)."""
@@ -178,6 +196,10 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
     encoder = LlavaUserEncoder.from_pretrained(model, device=str(state.device), dtype=torch_dtype,
                                                max_new_tokens=max_new_tokens)
     dataset = PairDataset(pairs, resolution=8)
+    # once the model and pairs have loaded: a failed start records nothing
+    check_parts_settings(Path(out), {"model": str(Path(model).resolve()), "pairs": str(Path(pairs).resolve()),
+                                     "num_shots": num_shots, "seed": seed, "max_new_tokens": max_new_tokens,
+                                     "dtype": dtype})
     counts = embed_users(encoder, dataset, Path(out), num_shots, seed, state.process_index, state.num_processes,
                          max_users, progress=True)
     print(json.dumps({"process": state.process_index, **counts}))
