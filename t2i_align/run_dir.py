@@ -23,7 +23,9 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     those, and final/ and gallery/, into `checkpoints/abandoned-<time>-from-step-N/`, with whole copies of the
     logs (`ABANDONED_COPIED`), never deleting a user's files, so keep-last-K and `resume=latest` only ever see this
     timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`): this run
-    writes its own under the same names. Returns the folder they went to (None if there was nothing)."""
+    writes its own under the same names; the earlier ones are linked there and LongAlign's direction copied, so a
+    resume from the folder finds what it needs. Returns the folder (None if there was nothing to set aside)."""
+    from .objectives.reward_backprop import DIRECTION_FILE
     from .references import POOL_DIR, snapshot_files
 
     out = Path(output_dir)
@@ -43,11 +45,27 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     for path in snapshots:
         (aside / POOL_DIR).mkdir(exist_ok=True)
         path.rename(aside / POOL_DIR / path.name)
+    # what a resume from the abandoned folder needs besides: the earlier snapshots (hard links, no space) and
+    # LongAlign's direction, so it is self-contained
+    for path in [p for s, p in snapshot_files(out).items() if s <= step]:
+        (aside / POOL_DIR).mkdir(exist_ok=True)
+        link_or_copy(path, aside / POOL_DIR / path.name)
+    if (out / DIRECTION_FILE).is_file():
+        shutil.copyfile(out / DIRECTION_FILE, aside / DIRECTION_FILE)
     moved = [f"{len(newer)} newer checkpoint(s)"] + [p.name for p in ends]
     log(f"resumed at step {step}: moved the abandoned run's {', '.join(moved)}"
         + (f" and {len(snapshots)} SePPO reference snapshot(s)" if snapshots else "")
         + f" to {aside} (with copies of its logs)")
     return aside
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no space taken: SePPO snapshots are whole UNets), or a copy where the file
+    system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _new_folder(parent: Path, name: str) -> Path:
@@ -111,7 +129,7 @@ def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked
         # beside the checkpoint (a previous-* folder holds both) or in its run's folder (run/checkpoints/step-N)
         origin = next((f / name for f in (resume.parent, resume.parent.parent) if (f / name).exists()), None)
         if origin is not None and origin.is_dir():
-            shutil.copytree(origin, out / name)
+            shutil.copytree(origin, out / name, copy_function=link_or_copy)
         elif origin is not None:
             shutil.copyfile(origin, out / name)
 

@@ -264,11 +264,21 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
     train(_cfg(tiny_model, pairs, part, *SEPPO, "lora.enabled=false", "train.max_steps=4",
                f"train.resume={part / 'checkpoints' / 'step-2'}"))
     aside = next((part / "checkpoints").glob("abandoned-*"))
-    assert sorted(p.name for p in aside.iterdir()) == ["reference_pool", "step-4"]
-    assert {p.name: p.read_bytes() for p in (aside / "reference_pool").iterdir()} == abandoned
+    assert sorted(p.name for p in aside.iterdir()) == ["final", "gallery", "metrics.jsonl", "reference_pool",
+                                                       "step-4"]
+    kept = {p.name: p.read_bytes() for p in (aside / "reference_pool").iterdir()}
+    assert {name: kept[name] for name in abandoned} == abandoned
     assert json.loads((aside / "step-4" / "reference_pool.json").read_text()) == {"steps": [0, 3, 4]}
     assert {"step-0.safetensors", *abandoned} <= {p.name for p in pool.iterdir()}  # this run's own
     assert _losses(part)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)
+    # the abandoned folder is self-contained: its step 0 snapshot is linked there, so it resumes elsewhere (without
+    # it the resume stopped on "reference snapshots ... are missing")
+    linked = (aside / "reference_pool" / "step-0.safetensors").stat().st_ino
+    assert linked == (pool / "step-0.safetensors").stat().st_ino
+    train(_cfg(tiny_model, pairs, tmp_path / "again", *SEPPO, "lora.enabled=false", "train.max_steps=5",
+               f"train.resume={aside / 'step-4'}"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3, 4, 5]
 
 
 def test_seppo_full_finetune_resumes_from_a_checkpoint_set_aside(tiny_model, pairs, tmp_path):
