@@ -4,6 +4,7 @@ another folder's checkpoint brings that run's logs along. Nothing is deleted."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,19 +20,19 @@ ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl")
 
 
 def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Optional[Path]:
-    """Resuming from step N while checkpoints after N, or a final export, exist (an abandoned timeline): move
-    those, and final/ and gallery/, into `checkpoints/abandoned-<time>-from-step-N/`, with whole copies of the
-    logs (`ABANDONED_COPIED`), never deleting a user's files, so keep-last-K and `resume=latest` only ever see this
-    timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`): this run
-    writes its own under the same names; the earlier ones are linked there and LongAlign's direction copied, so a
-    resume from the folder finds what it needs. Returns the folder (None if there was nothing to set aside)."""
+    """Resuming from step N while checkpoints after N, or a final export of a later step, exist (an abandoned
+    timeline): move those, and final/ and gallery/, into `checkpoints/abandoned-<time>-from-step-N/`, with whole
+    copies of the logs (`ABANDONED_COPIED`), never deleting a user's files, so keep-last-K and `resume=latest` only
+    ever see this timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`):
+    this run writes its own under the same names; the earlier ones are linked there and LongAlign's direction
+    copied, so a resume from the folder finds what it needs. Returns the folder (None if nothing was set aside)."""
     from .objectives.reward_backprop import DIRECTION_FILE
     from .references import POOL_DIR, snapshot_files
 
     out = Path(output_dir)
     newer = [path for s, path in list_checkpoints(out) if s > step]
-    if not newer and not (out / "final").exists():
-        return None
+    if not newer and not ((out / "final").exists() and _last_logged_step(out) > step):
+        return None  # nothing past step N (a run extended from its last step replaces its final/ as it ends)
     import time
 
     aside = _new_folder(checkpoints_dir(out), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
@@ -57,6 +58,18 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
         + (f" and {len(snapshots)} SePPO reference snapshot(s)" if snapshots else "")
         + f" to {aside} (with copies of its logs)")
     return aside
+
+
+def _last_logged_step(out: Path) -> int:
+    """The last step in metrics.jsonl (0 when there is none): where the timeline that wrote final/ ended."""
+    steps = [0]
+    if (out / "metrics.jsonl").is_file():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            try:
+                steps.append(int(json.loads(line).get("step", 0)))
+            except (ValueError, AttributeError, TypeError):
+                continue  # a torn last line
+    return max(steps)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -232,3 +232,21 @@ def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path, monkeypatch)
         (tmp_path / "metrics.jsonl").write_text(text)
         set_aside_previous_run(tmp_path, log=lambda message: None)
     assert [(p / "metrics.jsonl").read_text() for p in sorted(tmp_path.iterdir())] == ["first", "second"]
+
+
+def test_a_final_export_past_the_resumed_step_is_set_aside_and_one_at_it_is_not(tmp_path):
+    """Checkpoint at step 2, the run ended (and exported) at 3: resuming from 2 abandons step 3's export. A run
+    that ended at its last checkpoint and is extended from it replaces its final/ as it ends (diffusers' way)."""
+    from t2i_align.checkpoints import MARKER
+    from t2i_align.run_dir import set_aside_newer
+
+    for end, aside in ((3, True), (2, False)):
+        out = tmp_path / f"end{end}"
+        (out / "checkpoints" / "step-2").mkdir(parents=True)
+        (out / "checkpoints" / "step-2" / MARKER).write_text(json.dumps({"step": 2}))
+        (out / "final").mkdir()
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, end + 1)))
+        folder = set_aside_newer(out, 2, log=lambda message: None)
+        assert (folder is not None) == aside and (out / "final").exists() != aside
+        if aside:
+            assert sorted(p.name for p in folder.iterdir()) == ["final", "metrics.jsonl"]
