@@ -98,14 +98,19 @@ PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_
 four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
 
 
-def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = "") -> Optional[Path]:
+def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = "",
+                           resume: Optional[Path] = None) -> Optional[Path]:
     """A fresh start in an output_dir holding an earlier run's checkpoints or logs: move them into
     `previous-<time>/`, never deleting them, so that `resume=latest` cannot pick up the earlier run's checkpoints,
     SePPO does not take its snapshots, and metrics.jsonl holds one run (before, a rerun appended to it). final/,
     gallery/ and config.yaml go too: a rerun replaced them (as diffusers' training scripts do), losing the
-    earlier model. `why`: what the log line says started it (default: a fresh start)."""
+    earlier model; so do its abandoned timelines, but the one holding `resume`. `why`: what the log line says
+    started it (default: a fresh start)."""
     out = Path(output_dir)
-    old = [path for _, path in list_checkpoints(out)] + [out / name for name in PREVIOUS_RUN if (out / name).exists()]
+    abandoned = [p for p in sorted(checkpoints_dir(out).glob("abandoned-*"))
+                 if resume is None or not resume.resolve().is_relative_to(p.resolve())]
+    old = [path for _, path in list_checkpoints(out)] + abandoned + [out / name for name in PREVIOUS_RUN
+                                                                     if (out / name).exists()]
     if not old:
         return None
     import time
@@ -137,7 +142,7 @@ def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked
         log(f"train.resume=latest: no complete checkpoint in {checkpoints_dir(out)}, so this run starts fresh"
             + _newest_aside_hint(out))
     outside = f"a resume from {resume}, outside {checkpoints_dir(out)}" if resume is not None else ""
-    set_aside_previous_run(out, log, why=outside)
+    set_aside_previous_run(out, log, why=outside, resume=resume)
     for name in CARRIED if resume is not None else ():
         # beside the checkpoint (a previous-* folder holds both) or in its run's folder (run/checkpoints/step-N)
         origin = next((f / name for f in (resume.parent, resume.parent.parent) if (f / name).exists()), None)

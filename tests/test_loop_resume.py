@@ -57,6 +57,9 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_timeline_aside(tiny_mo
     assert (aside[0] / "metrics.jsonl").read_text() == first_metrics
     assert "max_steps: 3" in (aside[0] / "step-3" / "config.yaml").read_text()  # each checkpoint holds its config
     assert resolve_resume(out, "latest") == out / "checkpoints" / "step-2"
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start takes the abandoned along
+    assert not list((out / "checkpoints").glob("abandoned-*"))
+    assert (next(out.glob("previous-*")) / aside[0].name / "step-3").is_dir()
 
 
 def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(tiny_model, pairs, tmp_path):
