@@ -293,7 +293,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
 
     path = resolve_pretrained(cfg.pretrained, cfg.revision, cfg.variant)
     index, variant = read_index(path), weights_variant(path, cfg.variant)
-    spec = detect_family(path) if cfg.family == "auto" else _explicit_family(cfg.family, path)
+    spec = model_family(cfg, path)
     dtype = torch_dtype(cfg.weight_dtype)
     tokenizers = [_load_part(path, index, tok) for tok, _ in spec.text_components]
     encoders = [_freeze(_load_part(path, index, enc, variant=variant), dtype) for _, enc in spec.text_components]
@@ -310,6 +310,19 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
             module.to(device)
     return Components(spec, tokenizers, encoders, vae, unet, scheduler, path, dtype,
                       text_encoding=copy.copy(cfg.text_encoding))
+
+
+def model_family(cfg: ModelConfig, path: Path) -> FamilySpec:
+    """The family of pipeline folder `path`: model.family, or read from model_index.json when it is "auto"."""
+    return detect_family(path) if cfg.family == "auto" else _explicit_family(cfg.family, path)
+
+
+def local_model_folder(pretrained: str) -> Optional[Path]:
+    """`resolve_pretrained(pretrained)` where that needs no download ("toy", a local folder; its mistakes raised
+    as there), else None: a hub id, which only a run resolves."""
+    if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _HUB_ID.match(pretrained):
+        return None
+    return resolve_pretrained(pretrained)
 
 
 def _explicit_family(name: str, path: Path) -> FamilySpec:

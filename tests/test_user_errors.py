@@ -113,6 +113,10 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert _train_script().main([*base, f"data.path={tmp_path / 'none.parquet'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "none.parquet does not exist" in err
+    assert _train_script().main([*base, f"data.path={pairs}", "model.family=sdxl"]) == 2  # the toy folder is SD1.5
+    assert "model.family=sdxl but" in capsys.readouterr().err
+    assert _train_script().main([*base, f"data.path={pairs}", f"model.pretrained={tmp_path}"]) == 2
+    assert "has no model_index.json" in capsys.readouterr().err
 
 
 def test_a_validation_reward_that_cannot_read_the_prompts_stops_the_run_before_training(tmp_path):

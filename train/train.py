@@ -48,17 +48,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def dry_run(cfg) -> int:
-    """The resolved config on stdout, once the checks that need no model, engine or output folder have passed."""
+    """The resolved config on stdout, once the checks that need no weights, engine or output folder have passed."""
     import yaml
 
     from t2i_align.build import check_before_loading
     from t2i_align.config import config_to_dict
+    from t2i_align.models import local_model_folder, model_family
     from t2i_align.objectives import get_objective
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
+    folder = local_model_folder(cfg.model.pretrained)  # its model_index.json only: no weights load
+    if folder is not None:
+        model_family(cfg.model, folder)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-    print("dry run: the config and its data, rewards and files pass the checks made before a model loads (the "
-          "model folder, the launcher and output_dir are checked when the run starts)", file=sys.stderr)
+    model = "a hub id, resolved when the run starts" if folder is None else "its folder and family"
+    print(f"dry run: the config, its data, rewards and files, and the model ({model}) pass the checks made before "
+          "weights load (the launcher and output_dir are checked when the run starts)", file=sys.stderr)
     return 0
 
 
