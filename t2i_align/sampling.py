@@ -324,13 +324,13 @@ def prompt_embeds_kwargs(pipe, components: "Components", prompts: List[str],
     Both sides have the same length, whatever the text encoding.
     """
     embeds = encode_prompts(components, prompts)
-    if not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+    if negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False):  # an explicit "" is encoded
         pooled = embeds.pooled_prompt_embeds
         negative = PromptEmbeds(torch.zeros_like(embeds.prompt_embeds),
                                 None if pooled is None else torch.zeros_like(pooled))
     else:
         # One row per prompt, as the pipeline encodes it: a batch of one, repeated, differs in the last bits.
-        negative = encode_prompts(components, [negative_prompt or ""] * len(prompts))
+        negative = encode_prompts(components, ["" if negative_prompt is None else negative_prompt] * len(prompts))
     kwargs = {"prompt_embeds": embeds.prompt_embeds, "negative_prompt_embeds": negative.prompt_embeds}
     if embeds.pooled_prompt_embeds is not None:
         kwargs.update(pooled_prompt_embeds=embeds.pooled_prompt_embeds,

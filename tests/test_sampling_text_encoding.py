@@ -25,7 +25,7 @@ SEEDS = [0, 10_000]
 def _from_strings(pipe, prompts, seeds, negative_prompt=None, **kwargs):
     """What the pipeline itself makes from strings (the old `generate`)."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    negative = [negative_prompt] * len(prompts) if negative_prompt else None
+    negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
     latents = pipe(prompts, generator=gens, output_type="latent", negative_prompt=negative, **kwargs).images
     return latents, _decode(pipe, latents)
 
@@ -51,7 +51,7 @@ def test_sdxl_embeddings_give_the_pipelines_own_images():
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.force_zeros_for_empty_prompt
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, height=16, width=16)
-    for negative in (None, "a dog"):
+    for negative in (None, "a dog", ""):  # "" is encoded, as the pipeline does; only None gives zeros
         samples = generate(pipe, ["a cat", "a photo"], [3, 4], negative_prompt=negative, **kwargs)
         latents, _ = _from_strings(pipe, ["a cat", "a photo"], [3, 4], negative, **kwargs)
         torch.testing.assert_close(samples.latents, latents, atol=1e-6, rtol=0)
