@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -58,7 +59,9 @@ class Reward:
             raise TypeError(f"reward {self.name!r}: prompts must be strings, got {[type(p) for p in prompts]}")
         if n == 0:
             return torch.zeros(0), {}
-        grad = self.differentiable and isinstance(images, torch.Tensor) and images.requires_grad
+        # a graph only where the caller builds one (not under its no_grad) and the pixels carry gradients
+        tensors = [images] if isinstance(images, torch.Tensor) else [x for x in images if isinstance(x, torch.Tensor)]
+        grad = self.differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         with torch.set_grad_enabled(grad):
             return self.score(images, list(prompts))
 
@@ -191,10 +194,20 @@ def _as_chw(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image tensors must be channels-first [B, 3, H, W]; got shape {tuple(x.shape)}")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"empty image of shape {tuple(x.shape)}")
-    x = x.float() / 255.0 if not torch.is_floating_point(x) else x
+    x = x.float() / 255.0 if not torch.is_floating_point(x) else _check_range(x)
     if x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return x[..., :3, :, :]
+
+
+def _check_range(x: torch.Tensor) -> torch.Tensor:
+    """Float images are read as [0, 1]: a warning for ones far outside (VAE output in [-1, 1], [0, 255] values),
+    which would score as garbage; a decoder's small overshoot passes."""
+    low, high = float(x.detach().min()), float(x.detach().max())
+    if low < -0.25 or high > 1.25:
+        warnings.warn(f"float images are read as RGB in [0, 1], but these span [{low:.3g}, {high:.3g}]: map them "
+                      "there first (x / 2 + 0.5 for [-1, 1], x / 255 for [0, 255])", stacklevel=4)
+    return x
 
 
 def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -242,11 +255,11 @@ def preprocess_images(images, size: int, mean: Sequence[float], std: Sequence[fl
                       resize: Resize = resize_center_crop) -> torch.Tensor:
     """PIL / tensor images -> resized to size x size by `resize` (default: shortest side + centre crop),
     normalised, [B, 3, size, size] on `device` in `dtype`."""
-    x = to_image_tensors(images)
+    x = to_image_tensors(images)  # resized in float32: half-precision resampling fails on CPU, rounds on GPU
     if isinstance(x, torch.Tensor):
-        x = resize(x.to(device), size, interpolation)
+        x = resize(x.to(device, torch.float32), size, interpolation)
     else:
-        x = torch.cat([resize(im.to(device)[None], size, interpolation) for im in x])
+        x = torch.cat([resize(im.to(device, torch.float32)[None], size, interpolation) for im in x])
     m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
     return ((x.float() - m) / s).to(dtype)
 
@@ -330,6 +343,8 @@ def without_random_init() -> Iterator[None]:
 def load_checked(module: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """`module.load_state_dict(state)`, but a mismatch raises CheckpointMismatchError listing the keys."""
     own = module.state_dict()
+    for key in [k for k in state if k.endswith("position_ids") and k not in own]:
+        del state[key]  # an index buffer that transformers < 4.31 saved (PickScore_v1 has it), not a weight
     for key in ("logit_scale", "logit_bias"):  # scalar vs [1] differs between releases
         if key in state and key in own and state[key].numel() == own[key].numel():
             state[key] = state[key].reshape(own[key].shape)

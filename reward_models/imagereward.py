@@ -23,7 +23,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .base import Reward, RewardOutput, register
+from .base import Reward, RewardOutput, register, resolve_device, resolve_dtype
 from .blip_layout import BlipRewardConfig, BlipRewardModel, load_official_state_dict
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -33,9 +33,6 @@ IMAGEREWARD_STD = 1.0333394966054072
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 """OpenAI CLIP pixel statistics, used by ImageReward's `Normalize` (RGB order)."""
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -131,13 +128,11 @@ class BlipPreferenceReward(Reward):
     default_mean = IMAGEREWARD_MEAN
     default_std = IMAGEREWARD_STD
 
-    def __init__(self, checkpoint=None, tokenizer="bert-base-uncased", config=None, device="cpu",
+    def __init__(self, checkpoint=None, tokenizer="bert-base-uncased", config=None, device=None,
                  dtype="float32", batch_size: int = 16, mean: Optional[float] = None, std: Optional[float] = None):
         self.config = BlipRewardConfig.coerce(config)
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else dtype
-        if not isinstance(self.dtype, torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, not {dtype!r}")
+        self.device = resolve_device(device)  # as every reward: None is CUDA where there is one
+        self.dtype = resolve_dtype(dtype)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)

@@ -37,7 +37,10 @@ def to_pil(image: ImageLike) -> Image.Image:
 
 
 def to_uint8(images) -> List[np.ndarray]:
-    """Accept PIL images, uint8 arrays, or a float tensor/array [B, 3, H, W] in [0, 1]; return uint8 HWC arrays."""
+    """Accept PIL images, uint8 HWC arrays, a float tensor/array [B, 3, H, W] in [0, 1] or a uint8 tensor
+    [B, 3, H, W] (values kept); return uint8 HWC arrays."""
+    if hasattr(images, "detach") and not images.is_floating_point():  # uint8 pixels: not scaled again
+        return list(np.ascontiguousarray(images.detach().cpu().numpy().astype(np.uint8).transpose(0, 2, 3, 1)))
     if hasattr(images, "detach"):
         images = images.detach().float().cpu().numpy()
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8:

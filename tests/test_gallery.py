@@ -94,3 +94,15 @@ def test_failure_during_the_swap_puts_the_old_gallery_back(tmp_path, monkeypatch
     with pytest.raises(OSError, match="rename failed"):
         write_gallery(out, _rows("green"), title="new")
     assert (out / "index.html").read_text(encoding="utf-8") == before and _siblings(out) == ["gallery"]
+
+
+def test_uint8_image_tensors_keep_their_values():
+    """A uint8 [B, 3, H, W] tensor was scaled by 255 again (100 became 255), so toy-judge scored other pixels."""
+    import torch
+
+    from t2i_align.gallery import to_uint8
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = to_uint8(pixels)
+    assert out[1].shape == (4, 5, 3) and (out[1] == pixels[1].permute(1, 2, 0).numpy()).all()
+    assert (to_uint8(pixels.float() / 255)[1] == out[1]).all()

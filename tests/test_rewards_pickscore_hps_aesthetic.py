@@ -101,6 +101,45 @@ def test_pickscore_gradients_and_missing_folder(hf_folder, tmp_path):
     assert str(tmp_path / "PickScore_v1") in str(err.value)
 
 
+def test_pickscore_loads_a_checkpoint_with_the_position_ids_older_transformers_saved(hf_folder, tmp_path):
+    """PickScore_v1 (early 2023) was saved by transformers < 4.31, with the position_ids buffers: the strict key
+    check refused them as unexpected keys."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, folder = hf_folder
+    old = tmp_path / "PickScore_v1"
+    shutil.copytree(folder, old)
+    state = load_file(str(old / "model.safetensors"))
+    for side, n in (("text", 77), ("vision", (32 // 8) ** 2 + 1)):
+        state[f"{side}_model.embeddings.position_ids"] = torch.arange(n)[None]
+    save_file(state, str(old / "model.safetensors"), metadata={"format": "pt"})
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours = get_reward("pickscore", model_dir=str(old), device="cpu")(images, PROMPTS[:2])[0]
+    new = get_reward("pickscore", model_dir=str(folder), device="cpu")(images, PROMPTS[:2])[0]
+    torch.testing.assert_close(ours, new)
+
+
+def test_gradients_reach_a_list_of_tensors_and_not_under_the_callers_no_grad(hf_folder):
+    _, folder = hf_folder
+    reward = get_reward("pickscore", model_dir=str(folder), device="cpu")
+    images = [torch.rand(3, 40, 40, requires_grad=True), torch.rand(3, 36, 44, requires_grad=True)]
+    reward(images, PROMPTS[:2])[0].sum().backward()
+    assert all(im.grad is not None and im.grad.abs().sum() > 0 for im in images)
+    with torch.no_grad():
+        assert not reward(images, PROMPTS[:2])[0].requires_grad
+
+
+def test_half_precision_images_and_images_outside_0_1(hf_folder):
+    _, folder = hf_folder
+    reward = get_reward("pickscore", model_dir=str(folder), device="cpu")
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(reward(images.half(), PROMPTS[:2])[0], reward(images.half().float(), PROMPTS[:2])[0])
+    with pytest.warns(UserWarning, match=r"read as RGB in \[0, 1\], but these span \[-1"):
+        reward(images * 2 - 1.5, PROMPTS[:2])
+
+
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 def test_hf_to_open_clip_conversion_gives_the_same_embeddings(act):
     import open_clip
