@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Callable
 
 
@@ -83,6 +84,10 @@ def _check_seeds(seed: int, per_prompt: int, num_prompts: int) -> None:
     from reward_models.cli import UsageError
 
     top = 10_000 * (per_prompt - 1) + num_prompts - 1  # the largest offset added to --seed
+    if num_prompts > 10_000 and per_prompt > 1:
+        print(f"note: {num_prompts} prompts at --seeds-per-prompt {per_prompt}: image k + 1 of prompt i and image k "
+              "of prompt i + 10000 share a seed (seed + 10000·k + i), so their starting noise is the same",
+              file=sys.stderr)
     low, high = SEED_RANGE
     if not low <= seed <= high - top:
         raise UsageError(f"--seed {seed}: image k of prompt i uses seed + 10000·k + i, which must lie in [{low}, "

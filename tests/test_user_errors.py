@@ -539,6 +539,11 @@ def test_sample_scripts_refuse_a_seed_torch_cannot_take_before_sampling(tmp_path
     common = _script("common")
     common._check_seeds(2 ** 64 - 1 - 10_002, 2, 3)  # the largest seed of 3 prompts at 2 seeds each: 2**64 - 1
     common._check_seeds(-2 ** 63, 2, 3)
+    capsys.readouterr()
+    common._check_seeds(0, 2, 10_001)  # prompt 10000's image 0 shares prompt 0's image 1 seed: said
+    assert "image k + 1 of prompt i and image k of prompt i + 10000 share a seed" in capsys.readouterr().err
+    common._check_seeds(0, 1, 10_001)  # one image per prompt: no two share one
+    assert capsys.readouterr().err == ""
     monkeypatch.setattr(evaluation, "sample_model", _unsampled)
     (tmp_path / "p.txt").write_text("a large red circle at the top left on a white background\n" * 3)
     for seed in ("18446744073709551615", str(2 ** 64 - 10_002), str(-2 ** 63 - 1)):
