@@ -290,7 +290,7 @@ def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[
                          "*.parquet: give a folder of images or Pick-a-Pic parquet files")
     if (folder and pairwise) or (not folder and prompts is not None):
         raise UsageError("--pairwise is for Pick-a-Pic parquets; --prompts for image folders (a parquet has captions)")
-    # nothing to score (an empty metadata.jsonl, a header-only CSV, row-less parquets) wrote an empty --out, exit 0
+    # nothing to score (an empty metadata.jsonl, a header-only CSV, row-less parquets): an error, not an empty --out
     if not folder:
         total, rows = parquet_items(images, pairwise)
         if not total:

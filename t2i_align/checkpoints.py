@@ -172,8 +172,12 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     return final
 
 
+FINAL_STEP_FILE = "t2i_align_final.json"
+"""In final/: the step it was exported at (a resume from an earlier step sets it aside only when it is later)."""
+
+
 def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, user_table=None,
-                 base_model: Optional[str] = None) -> Path:
+                 base_model: Optional[str] = None, step: Optional[int] = None) -> Path:
     """`final/`, renamed into place when complete. Adapters (`adapters`): pytorch_lora_weights.safetensors when
     LoRA trained (`pipe.load_lora_weights`) and user_branch.safetensors when PPD's user branch did (plain
     diffusers: `pipe.load_ip_adapter(final, subfolder="", weight_name="user_branch.safetensors",
@@ -200,6 +204,8 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
     if adapters:  # sampling warns when they are applied to another model folder
         write_base_model(tmp, components.path, base_model)
+    if step is not None:
+        (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
     return replace_dir(tmp, out)
 
 

@@ -318,8 +318,7 @@ def model_family(cfg: ModelConfig, path: Path) -> FamilySpec:
 
 
 def local_model_folder(pretrained: str) -> Optional[Path]:
-    """`resolve_pretrained(pretrained)` where that needs no download ("toy", a local folder; its mistakes raised
-    as there), else None: a hub id, which only a run resolves."""
+    """`resolve_pretrained(pretrained)` where it needs no download ("toy", a folder), else None (a hub id)."""
     if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _HUB_ID.match(pretrained):
         return None
     return resolve_pretrained(pretrained)
@@ -342,8 +341,8 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
 def check_attention_installed(backend: str) -> None:
     """ModelLoadError when model.attention names a package that is not installed (checked before a run loads)."""
     if backend == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise ModelLoadError("xformers was asked for (model.attention=xformers) but is not installed: "
-                             "pip install 't2i-align[xformers]' or use model.attention=sdpa")
+        raise ModelLoadError("xformers was asked for (model.attention=xformers) but is not installed: pip install "
+                             "'t2i-align[xformers]' or use model.attention=sdpa")
 
 
 def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:

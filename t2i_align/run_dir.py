@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .checkpoints import STEP_DIR, MARKER, checkpoints_dir, list_checkpoints
+from .checkpoints import FINAL_STEP_FILE, MARKER, STEP_DIR, checkpoints_dir, list_checkpoints
 
 
 ABANDONED_MOVED = ("final", "gallery")
@@ -31,12 +31,15 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
 
     out = Path(output_dir)
     newer = [path for s, path in list_checkpoints(out) if s > step]
-    if not newer and not ((out / "final").exists() and _last_logged_step(out) > step):
-        return None  # nothing past step N (a run extended from its last step replaces its final/ as it ends)
+    # final/ (and the gallery beside it) only when exported past step N: a run extended from the step it ended at
+    # replaces its final/ as it ends
+    final_past = (out / "final").exists() and _final_step(out) > step
+    if not newer and not final_past:
+        return None
     import time
 
     aside = _new_folder(checkpoints_dir(out), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
-    ends = [out / name for name in ABANDONED_MOVED if (out / name).exists()]
+    ends = [out / name for name in ABANDONED_MOVED if (out / name).exists() and final_past]
     for path in newer + ends:
         path.rename(aside / path.name)
     for name in ABANDONED_COPIED:
@@ -60,8 +63,16 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     return aside
 
 
+def _final_step(out: Path) -> int:
+    """The step final/ was exported at: its record, or for an export without one the last step logged."""
+    try:
+        return int(json.loads((out / "final" / FINAL_STEP_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return _last_logged_step(out)
+
+
 def _last_logged_step(out: Path) -> int:
-    """The last step in metrics.jsonl (0 when there is none): where the timeline that wrote final/ ended."""
+    """The last step in metrics.jsonl (0 when there is none)."""
     steps = [0]
     if (out / "metrics.jsonl").is_file():
         for line in (out / "metrics.jsonl").read_text().splitlines():

@@ -91,6 +91,7 @@ def test_text_settings_take_the_override_as_typed():
     assert (cfg.data.path, cfg.model.vae, cfg.raft.negative_prompt, cfg.tracking.wandb) == ("", None, "None", "off")
     assert load_config(None, ['tracking.run_name="007"', "tracking.run_name=null"]).tracking.run_name is None
     assert load_config(None, ['tracking.run_name="007"']).tracking.run_name == "007"
+    assert load_config(None, ["data.flip=joint", "data.flip=none"]).data.flip == "none"  # a choice, not null
     with pytest.raises(ConfigError, match="raft.negative_prompt=None on the command line: write null"):
         load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.negative_prompt=None"])
 

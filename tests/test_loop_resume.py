@@ -253,3 +253,14 @@ def test_a_final_export_past_the_resumed_step_is_set_aside_and_one_at_it_is_not(
         assert (folder is not None) == aside and (out / "final").exists() != aside
         if aside:
             assert sorted(p.name for p in folder.iterdir()) == ["final", "metrics.jsonl"]
+    # extended from step 2 (its final/ records step 2), stopped at 3 with a checkpoint, resumed from 2 again: the
+    # step-3 checkpoint is abandoned, the step-2 export is this timeline's and stays
+    from t2i_align.checkpoints import FINAL_STEP_FILE
+
+    out = tmp_path / "end2"
+    (out / "checkpoints" / "step-3").mkdir()
+    (out / "checkpoints" / "step-3" / MARKER).write_text(json.dumps({"step": 3}))
+    (out / "final" / FINAL_STEP_FILE).write_text(json.dumps({"step": 2}))
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 4)))
+    folder = set_aside_newer(out, 2, log=lambda message: None)
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "step-3"] and (out / "final").is_dir()

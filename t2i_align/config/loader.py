@@ -136,7 +136,7 @@ def _text_value(item: str, value: str, optional: bool) -> Optional[str]:
         return str(yaml.safe_load(value))
     if value in ("null", "Null", "NULL", "~") or (optional and not value):
         return None
-    if value in ("None", "none"):
+    if optional and value in ("None", "none"):  # where null is allowed: meant as null, would become the text
         raise ConfigError(f"{item} on the command line: write null for no value (or quote it, '{value}', for the "
                           "text)")
     return value

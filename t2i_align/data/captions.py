@@ -117,7 +117,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def largest_byte_group(self) -> int:
         """Rows of the largest row group holding image bytes (a `jpg` column): what reading one item reads."""
         sizes = [meta.row_group(g).num_rows for f, col in zip(self.files, self.column) if col == "jpg"
-                 for meta in [pq.ParquetFile(f).metadata] for g in range(meta.num_row_groups)]
+                 for meta in [pq.read_metadata(f)] for g in range(meta.num_row_groups)]
         return max(sizes, default=0)
 
     def identity(self) -> Dict[str, Any]:
@@ -214,10 +214,10 @@ def build_caption_source(cfg: Any, components: Any, accelerator: Any):
     dataset = load_captions(cfg.data, cfg.seed)
     if cfg.data.cache:
         dataset = cached_data(cfg, components, accelerator, dataset)
-    elif dataset.largest_byte_group() > 16:
-        say(accelerator, f"note: data.path keeps image bytes in row groups of up to {dataset.largest_byte_group()} "
-                         "rows and data.cache is off: every shuffled item reads its whole row group again (that many "
-                         "times the bytes). For real data set data.cache=true (read and encoded once)")
+    elif (group := dataset.largest_byte_group()) > 16:
+        say(accelerator, f"note: data.path keeps image bytes in row groups of up to {group} rows and data.cache is "
+                         "off: every shuffled item reads its whole row group again (that many times the bytes). For "
+                         "real data set data.cache=true (read and encoded once)")
     report_rows(accelerator, cfg.data.path, dataset.stats, cached=cfg.data.cache)
     return OfflineSource(dataset, collate_pairs, cfg.train.batch_size, cfg.seed, accelerator.process_index,
                          accelerator.num_processes, cfg.data.num_workers)
