@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,22 +21,17 @@ from common import (add_model_args, add_sampling_args, add_user_args, check_mode
 
 
 def _write(out: Path, samples, meta: dict) -> Path:
-    from t2i_align.files import replace_dir, temp_dir
+    from t2i_align.files import staged_dir
     from t2i_align.gallery import to_pil, to_uint8
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
-    try:
+    with staged_dir(out) as tmp:  # a full disk or a kill leaves no hidden half-written folder behind
         lines = []
         for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
             name = f"{i:05d}.png"
             to_pil(image).save(tmp / name)
             lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
         (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        return replace_dir(tmp, out)
-    except BaseException:  # a full disk or a kill leaves no hidden half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
 
 
 def _check_out(args) -> None:

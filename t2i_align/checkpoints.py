@@ -149,7 +149,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         plain_modes(tmp)
         sync_tree(tmp)  # on the disk before the marker says complete and older checkpoints are deleted
         (tmp / MARKER).write_text(json.dumps({**(marker or {}), "step": step}))
-        sync_tree(tmp / MARKER)
+        fsync_path(tmp / MARKER)
         shutil.rmtree(final, ignore_errors=True)  # only an unmarked leftover can have this name
         tmp.rename(final)
         fsync_path(root)

@@ -6,8 +6,9 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 
 def _umask() -> int:
@@ -87,6 +88,21 @@ def replace_dir(tmp: Path, out_dir: Path) -> Path:
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+@contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `out_dir` to fill in the `with` block; then it replaces `out_dir` whole
+    (`replace_dir`). On any failure (a full disk, Ctrl-C) it is removed: no hidden half-written folder is left."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

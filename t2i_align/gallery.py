@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import html
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from .files import replace_dir, temp_dir, temp_file
+from .files import staged_dir, temp_file
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -131,9 +130,7 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
     """
     out_dir = Path(out_dir)
     width = _check_rows(rows, columns)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
-    try:
+    with staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         files, sizes, cells = [], [], []
         for r, row in enumerate(rows):
@@ -145,7 +142,4 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
             cells += pil + [None] * (width - len(pil))
         save_grid(cells, tmp / "grid.png", ncols=width, pad=pad)
         (tmp / "index.html").write_text(_html(rows, files, sizes, title, columns), encoding="utf-8")
-        return replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out_dir

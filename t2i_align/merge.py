@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .conditioning.text import write_text_encoding
-from .files import check_output_path, replace_dir, temp_dir
+from .files import check_output_path, staged_dir
 
 
 def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, text_encoding: Optional[str] = None,
@@ -39,18 +39,13 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
     encoding = pipeline_components(pipe).text_encoding
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, f".{out.name}.tmp-")
-    try:
+    with staged_dir(out) as tmp:  # a full disk or Ctrl-C leaves no hidden pipeline-sized folder behind
         save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
         table = _user_table(model, lora) if lora is not None else None
         if table is not None:
             shutil.copy2(table, tmp / USER_TABLE_NAME)
         write_text_encoding(tmp, encoding.kind, encoding.token_budget)
-        return replace_dir(tmp, out)
-    except BaseException:  # a full disk or Ctrl-C leaves no hidden pipeline-sized folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
 
 
 def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:

@@ -15,8 +15,9 @@ from .checkpoints import FINAL_STEP_FILE, MARKER, STEP_DIR, checkpoints_dir, lis
 
 ABANDONED_MOVED = ("final", "gallery")
 """The abandoned timeline's end, moved aside with its later checkpoints (this run makes its own)."""
-ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl")
-"""Copied whole before this run drops their lines after the resumed step."""
+ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl", "reward_direction.safetensors")
+"""Copied: the logs whole (this run drops their lines after the resumed step) and LongAlign's direction, so that a
+resume from the abandoned folder finds it."""
 
 
 def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Optional[Path]:
@@ -26,7 +27,6 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     ever see this timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`):
     this run writes its own under the same names; the earlier ones are linked there and LongAlign's direction
     copied, so a resume from the folder finds what it needs. Returns the folder (None if nothing was set aside)."""
-    from .objectives.reward_backprop import DIRECTION_FILE
     from .references import POOL_DIR, snapshot_files
 
     out = Path(output_dir)
@@ -39,27 +39,23 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     import time
 
     aside = _new_folder(checkpoints_dir(out), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
-    ends = [out / name for name in ABANDONED_MOVED if (out / name).exists() and final_past]
+    ends = [out / name for name in ABANDONED_MOVED if (out / name).exists()] if final_past else []
     for path in newer + ends:
         path.rename(aside / path.name)
     for name in ABANDONED_COPIED:
         if (out / name).is_file():
             shutil.copyfile(out / name, aside / name)
-    snapshots = [path for s, path in snapshot_files(out).items() if s > step]
-    for path in snapshots:
+    later = 0
+    for s, path in snapshot_files(out).items():  # later ones move; earlier ones are linked (no space), for a resume
         (aside / POOL_DIR).mkdir(exist_ok=True)
-        path.rename(aside / POOL_DIR / path.name)
-    # what a resume from the abandoned folder needs besides: the earlier snapshots (hard links, no space) and
-    # LongAlign's direction, so it is self-contained
-    for path in [p for s, p in snapshot_files(out).items() if s <= step]:
-        (aside / POOL_DIR).mkdir(exist_ok=True)
-        link_or_copy(path, aside / POOL_DIR / path.name)
-    if (out / DIRECTION_FILE).is_file():
-        shutil.copyfile(out / DIRECTION_FILE, aside / DIRECTION_FILE)
+        if s > step:
+            path.rename(aside / POOL_DIR / path.name)
+            later += 1
+        else:
+            link_or_copy(path, aside / POOL_DIR / path.name)
     moved = [f"{len(newer)} newer checkpoint(s)"] + [p.name for p in ends]
     log(f"resumed at step {step}: moved the abandoned run's {', '.join(moved)}"
-        + (f" and {len(snapshots)} SePPO reference snapshot(s)" if snapshots else "")
-        + f" to {aside} (with copies of its logs)")
+        + (f" and {later} SePPO reference snapshot(s)" if later else "") + f" to {aside} (with copies of its logs)")
     return aside
 
 

@@ -148,7 +148,10 @@ def _check_pair_files(cfg) -> None:
         raise ConfigError("data.path is empty: set it to a Pick-a-Pic-format parquet file or folder (your own "
                           "image pairs: python -m t2i_align.data pairs --from LISTING --out DIR; for the toy world: "
                           "python -m t2i_align.toy pairs --out DIR)")
-    for path in find_parquet_files(cfg.data.path):
+    files = find_parquet_files(cfg.data.path)
+    if not (cfg.data.both_models_contain or cfg.ppd.enabled):
+        return  # no column to check: no file opened
+    for path in files:
         names = open_parquet(path).schema_arrow.names
         model_columns(cfg.data.both_models_contain, names, path)
         if cfg.ppd.enabled and "user_id" not in names:  # found after a whole cache build otherwise
