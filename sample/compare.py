@@ -27,7 +27,9 @@ def _has_branch(model, lora) -> bool:
     return any(branch_file(f) is not None for f in (lora, model) if f is not None and Path(f).exists())
 
 
-def compare_sets(args, rewards) -> dict:
+def compare_sets(args, rewards, save=None) -> dict:
+    """The comparison, set by set; `save(result so far)` after each set, so that a later set's failure (out of
+    memory, a bad prompt) keeps what was sampled: `unfinished` lists the blocks not yet compared."""
     from t2i_align.evaluation import compare_scores, sample_model, score_samples
     from t2i_align.prompts import read_prompts
 
@@ -40,8 +42,11 @@ def compare_sets(args, rewards) -> dict:
         if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling
             raise UsageError(f"--prompts {spec}: 1 prompt at --seeds-per-prompt 1 makes one image pair, and a "
                              "comparison needs at least 2: give more prompts or --seeds-per-prompt 2 or more")
-    results = {}
-    for spec, user_id in [(s, u) for s in args.prompts for u in (args.user or [None])]:
+    blocks = [(s, u) for s in args.prompts for u in (args.user or [None])]
+    result = {"base": {"model": args.base, "lora": args.base_lora, "text_encoding": args.base_text_encoding},
+              "tuned": {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding},
+              "settings": settings.as_dict(), "sets": {}, "unfinished": [_key(*b) for b in blocks]}
+    for spec, user_id in blocks:
         prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
         # the tuned side first: most flags (--user ...) are its, and fail at its loading
@@ -50,13 +55,17 @@ def compare_sets(args, rewards) -> dict:
             samples = sample_model(model, lora, prompts, settings, args.device, encoding,
                                    user=user if _has_branch(model, lora) else None)
             scores[side] = score_samples(samples, rewards)
-        key = spec if user_id is None else f"{spec} · user {user_id}"
-        results[key] = {"prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
-                        "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name])
-                                    for name in rewards}}
-    return {"base": {"model": args.base, "lora": args.base_lora, "text_encoding": args.base_text_encoding},
-            "tuned": {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding},
-            "settings": settings.as_dict(), "sets": results}
+        result["sets"][_key(spec, user_id)] = {
+            "prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
+            "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name]) for name in rewards}}
+        result["unfinished"].remove(_key(spec, user_id))
+        if save is not None:
+            save(result)
+    return result
+
+
+def _key(spec: str, user_id) -> str:
+    return spec if user_id is None else f"{spec} · user {user_id}"
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -95,12 +104,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise UsageError("--user: neither model has a PPD user branch (user_branch.safetensors next to --lora or in "
                          "--model), so there is no one to sample for; drop --user or give a PPD-trained --lora")
     args.prompts = args.prompts or ["toy:heldout"]
-    result = compare_sets(args, load_reward_set(args.reward, args.option, args.device))
-    if args.out:
-        from t2i_align.files import write_json_atomic
+    return compare_sets(args, load_reward_set(args.reward, args.option, args.device),
+                        save=_saver(Path(args.out)) if args.out else None)
 
-        write_json_atomic(Path(args.out), result)
-    return result
+
+def _saver(out: Path):
+    """Writes the result so far to `out` (whole, replacing the previous write); while sets remain (`unfinished`
+    in the file), a note on stderr says so, the last word if a later set fails."""
+    from t2i_align.files import write_json_atomic
+
+    def save(result: dict) -> None:
+        write_json_atomic(out, result)
+        if result["unfinished"]:
+            print(f"note: {out} holds the {len(result['sets'])} set(s) compared so far", file=sys.stderr)
+
+    return save
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def train(cfg: Config) -> TrainResult:
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
     validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
                           base=None if provider is None else provider.base_unet, reward=reward)
-    start, counts = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume)
+    start, counts = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume,
+                            _carried(m.components, m.source))
     state = _RunState(objective, provider, m.source, tracker, validator, start, counts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
@@ -198,10 +199,11 @@ def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
     return changed
 
 
-def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple:
+def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume, carried) -> tuple:
     """(step, the loop's counts) to start from: step 0 and zero counts, or what the checkpoint `resume` restored
-    (the raw micro-batches this process read, the run's totals of skipped data and steps). `parts` (the reference
-    provider, the data source) reload what they keep beyond weights and data position."""
+    (the raw micro-batches this process read, the run's totals of skipped data and steps; `carried`'s counters
+    set too). `parts` (the reference provider, the data source) reload what they keep beyond weights and data
+    position."""
     out = Path(cfg.output_dir)
     counts = dict.fromkeys(COUNTED + ("raw_batches",), 0)
     if resume is None:
@@ -211,7 +213,11 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume) -> tuple
     counts["raw_batches"] = resume_raw_batches(marker, accelerator.process_index, accelerator.num_processes,
                                                fallback=start * cfg.train.grad_accum)
     for key, total in marker.get("counts", {}).items():  # a sum over processes is the main process's to log
-        counts[key] = int(total) if key not in SUMMED or accelerator.is_main_process else 0
+        value = int(total) if key not in SUMMED or accelerator.is_main_process else 0
+        if key in carried:
+            setattr(*carried[key], value)
+        elif key in counts:
+            counts[key] = value
     # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
     on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
              f"another process could not restore the run's state from {resume}")
@@ -282,7 +288,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker=_marker(accelerator, counts),
+                            marker=_marker(accelerator, counts, _carried(components, st.source)),
                             save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             _show_gallery(accelerator, st.validator, st.tracker, done)
@@ -306,6 +312,15 @@ def _show_gallery(accelerator, validator: Validator, tracker: Tracker, step: int
         on_main(accelerator, lambda: show(validator.sample()), context)
 
 
+def _carried(components, source) -> Dict[str, tuple]:
+    """The logged counters kept by parts of the run, as (object, attribute), restored on a resume like COUNTED:
+    the text encoders' truncated prompts and, with PPD, the rows of users missing from the table."""
+    carried = {"prompts_truncated": (components.truncation, "prompts_truncated")}
+    if hasattr(source, "unknown_rows"):
+        carried["data_rows_unknown_user"] = (source, "unknown_rows")
+    return carried
+
+
 def _save_extras(st: _RunState, folder: Path) -> None:
     for part in (st.provider, st.source):
         if hasattr(part, "save"):
@@ -316,10 +331,11 @@ COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite
 """The loop's running totals, logged and restored on a resume."""
 
 
-def _marker(accelerator, counts: Dict[str, int]) -> Dict:
+def _marker(accelerator, counts: Dict[str, int], carried: Dict[str, tuple]) -> Dict:
     """What a checkpoint records of the loop (collective): each process's raw micro-batches read, and the run's
-    totals of COUNTED (summed over processes where each keeps its own)."""
+    totals of COUNTED and of the `carried` counters (summed over processes where each keeps its own)."""
     own = {k: counts[k] for k in COUNTED if k in SUMMED}
+    own.update({k: getattr(*where) for k, where in carried.items()})
     totals = {k: int(v) for k, v in _summed(accelerator, own).items()}
     return {"raw_batches": _gathered(accelerator, counts["raw_batches"]),
             "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"])}

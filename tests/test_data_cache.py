@@ -77,6 +77,10 @@ def test_collate_cached_batches(tmp_path, pairs_path):
     assert batch["latents_w"].shape == (4, 3, 2, 2) and batch["prompt_embeds"].shape == (4, 3, 4)
     assert batch["pooled_prompt_embeds"].shape == (4, 5) and batch["original_size_w"].shape == (4, 2)
     assert batch["index"].tolist() == [0, 1, 2, 3] and batch["skipped"] == 0 and len(batch["caption"]) == 4
+    items = [cached[i] for i in range(4)]  # the loader's first batch, in order
+    for key in ("latents_w", "latents_l", "prompt_embeds", "pooled_prompt_embeds"):
+        assert torch.equal(batch[key], torch.stack([item[key] for item in items])), key
+    assert batch["caption"] == [item["caption"] for item in items]
 
 
 def test_changed_settings_or_model_make_a_new_key(tmp_path, pairs_path):

@@ -1,11 +1,13 @@
 """The shared training loop end to end on tiny random SD1.5 / SDXL pipelines and rendered toy pairs."""
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.config import load_config
@@ -63,6 +65,10 @@ def test_lora_dpo_runs_logs_and_exports(tiny_model, pairs, tmp_path):
     for key in ("implicit_acc", "mse_w", "ref_mse_l", "grad_norm", "lr"):
         assert key in records[0]
     assert (out / "gallery" / "index.html").is_file() and (out / "config.yaml").is_file()
+    with safe_open(str(out / "final" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(re.fullmatch(r"unet\..+\.lora_[AB]\.weight", k) for k in keys)  # the adapters alone
+    assert sum(k.endswith(".lora_A.weight") for k in keys) * 2 == len(keys)  # an A and a B for each layer
 
 
 def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_model, pairs, tmp_path):
@@ -251,7 +257,8 @@ def test_corrupt_rows_are_skipped_and_counted(tiny_model, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny_model, data, out, "lora.enabled=true", "train.max_steps=4", "train.log_every=4"))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["data_rows_skipped"] >= 1 and np.isfinite(record["loss"])
+    # 4 steps of 2 rows read the 8 rows once: both corrupt rows met, each in a batch with a usable row
+    assert record["data_rows_skipped"] == 2 and record["data_batches_skipped"] == 0 and np.isfinite(record["loss"])
 
 
 def test_data_whose_every_image_is_corrupt_stops_with_a_message(tiny_model, tmp_path):

@@ -14,7 +14,7 @@ from t2i_align.config import LoraConfig, ModelConfig
 from t2i_align.diffusion import scale_latents, unscale_latents
 from t2i_align.models import ModelLoadError
 
-from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401 (autouse fixture)
+from helpers import one_torch_thread, save_tiny_pipeline, tiny_sd15_pipeline  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,16 @@ def sdxl_dir(tmp_path_factory):
     return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("sdxl") / "pipe")
 
 
-def _unet_out(components, prompts, time_ids=None, seed=0):
+def _unet_out(components, prompts, time_ids=None, seed=0, unet=None):
+    """`unet` (default: the components') on seeded latents and the components' encoding of `prompts`."""
+    unet = components.unet if unet is None else unet
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(len(prompts), 4, 8, 8, generator=gen)
     embeds = encode_prompts(components, prompts).to(components.unet.dtype)  # accelerate autocasts in training
     added = unet_added_cond_kwargs(components.spec, embeds, time_ids)
     timesteps = torch.tensor([10, 500][: len(prompts)])
     with torch.no_grad():
-        return components.unet(latents, timesteps, embeds.prompt_embeds, added_cond_kwargs=added).sample
+        return unet(latents, timesteps, embeds.prompt_embeds, added_cond_kwargs=added).sample
 
 
 def test_detect_family_reads_model_index(sd15_dir, sdxl_dir, tmp_path):
@@ -56,6 +58,8 @@ def test_sd15_round_trip_and_unet_forward(sd15_dir):
     assert not any(p.requires_grad for p in frozen) and not comp.vae.training
     out = _unet_out(comp, ["a photo of a cat", "a dog"])
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    original = tiny_sd15_pipeline(seed=0).unet  # the UNet sd15_dir was saved from, rebuilt from its seed
+    assert torch.equal(out, _unet_out(comp, ["a photo of a cat", "a dog"], unet=original))
 
 
 def test_sdxl_round_trip_keeps_vae_fp32_and_uses_time_ids(sdxl_dir):

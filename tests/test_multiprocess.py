@@ -86,8 +86,9 @@ RESUMED = {
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "raft" else m  # 42 s
                                     for m in sorted(RESUMED)])
 def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
-    """Under DDP a run stopped after step 3 and resumed takes the same steps as one never stopped: same losses,
-    same weights on both processes (and for SePPO the same reference draws, on every process)."""
+    """Under DDP a run resumed from the step-3 checkpoint (of the uninterrupted run, as after a crash there; in
+    another output_dir, which saves a launch) takes the same steps as one never stopped: same losses, same weights
+    on both processes (and for SePPO the same reference draws, on every process)."""
     from test_ppd_loop import write_table, write_user_pairs
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
@@ -97,19 +98,23 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
             "objective.beta=100", "train.batch_size=2", "train.log_every=1", "train.learning_rate=1e-2",
             "train.checkpoint_every=1", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
             *RESUMED[method], *([f"ppd.table={table}"] if method == "ppd" else [])]
-    for out, extra in (("full", ["train.max_steps=5"]), ("part", ["train.max_steps=3"]),
-                       ("part", ["train.max_steps=5", "train.resume=latest"])):
-        launch(*base, f"output_dir={tmp_path / out}", *extra)
+    launch(*base, f"output_dir={tmp_path / 'full'}", "train.max_steps=5", "train.keep_checkpoints=3")
+    launch(*base, f"output_dir={tmp_path / 'part'}", "train.max_steps=5",
+           f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step-3'}")
 
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert losses("part") == pytest.approx(losses("full"), abs=1e-6) and len(losses("full")) == 5
+    def logged(run, key="loss"):
+        return [json.loads(line)[key] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    # the new output_dir's metrics.jsonl continues the checkpoint's (steps 1-3 copied, 4-5 trained)
+    assert logged("part") == pytest.approx(logged("full"), abs=1e-6) and logged("part", "step") == [1, 2, 3, 4, 5]
     for run, rank in (("full", 1), ("part", 0), ("part", 1)):
         assert (tmp_path / run / f"rank{rank}.txt").read_text() == (tmp_path / "full" / "rank0.txt").read_text()
     if method == "ppd":  # the case the per-process counts exist for: the processes had read different amounts
         from t2i_align.checkpoints import read_marker
 
         assert len(set(read_marker(tmp_path / "full" / "checkpoints" / "step-5")["raw_batches"])) == 2
+        # the unknown users' rows, summed over both processes, go on from the checkpoint's total
+        unknown = logged("full", "data_rows_unknown_user")
+        assert logged("part", "data_rows_unknown_user") == unknown and unknown[-1] > unknown[2] > 0
     if method == "seppo":  # every process drew the same reference at each step, the initial model first; the
         # resumed processes drew steps 4-5 only, as the uninterrupted run did
         full_draws = json.loads((tmp_path / "full" / "draws0.json").read_text())

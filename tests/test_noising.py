@@ -82,10 +82,14 @@ def test_input_perturbation_moves_x_t_but_not_the_target():
 
 def test_pairs_share_noise_timestep_and_perturbation():
     # Winner 1, loser -1 everywhere: x_t = ±0.8 + 0.6·(ε + γξ) with the same ε, ξ and t for both halves.
+    # T = 8, so Turbo's 2·(u mod 4) + 1 lands on odd steps only (at T = 4 it is the identity: nothing to check).
     latents = torch.cat([torch.ones(3, 2, 2, 2), -torch.ones(3, 2, 2, 2)])
-    noisy, t, target = diffusion.noised(flat_scheduler(), latents, torch.Generator().manual_seed(1), repeats=2,
-                                        perturbation=0.5, timesteps="turbo")
-    assert torch.equal(t[:3], t[3:]) and set(t.tolist()) <= {0, 1, 2, 3}
+    noisy, t, target = diffusion.noised(flat_scheduler(steps=8), latents, torch.Generator().manual_seed(1),
+                                        repeats=2, perturbation=0.5, timesteps="turbo")
+    gen = torch.Generator().manual_seed(1)
+    torch.randn((3, 2, 2, 2), generator=gen)  # ε is drawn first, then the uniform u
+    u = torch.randint(0, 8, (3,), generator=gen)
+    assert u.tolist() == [5, 1, 1] and t.tolist() == [3] * 6  # 2·(5 mod 4) + 1 = 2·1 + 1 = 3, for both halves
     assert torch.equal(target[:3], target[3:])
     assert torch.allclose(noisy[:3] - noisy[3:], torch.full((3, 2, 2, 2), 1.6))
     with pytest.raises(ValueError, match="equal blocks"):

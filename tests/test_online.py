@@ -1,5 +1,6 @@
 """RAFT and online DPO in the shared loop on the toy world: rounds, logs, audit file, bad input."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,10 @@ def test_sdxl_raft_and_online_dpo_steps(objective, tmp_path):
                              f"objective.name={objective}", "raft.enabled=true", "raft.prompts=toy:train",
                              "raft.reward=toy-clip", *FAST, "train.max_steps=1", "tracking.wandb=off",
                              "tracking.validation_reward=null"]))
-    assert "raft/selected" in _metrics(tmp_path / "run")[0]
+    first = _metrics(tmp_path / "run")[0]
+    assert "raft/selected" in first and math.isfinite(first["loss"])
+    if objective == "dpo":
+        assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # LoRA starts at the reference: ln 2
 
 
 def test_prompt_dropout_blanks_generated_captions_reproducibly():

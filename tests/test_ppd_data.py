@@ -9,6 +9,7 @@ import torch
 
 from helpers import one_torch_thread  # noqa: F401
 from t2i_align.data.pairs import PairDataset, collate_pairs
+from t2i_align.errors import UserError
 from t2i_align.users import UserTable, UserTableError
 from t2i_align.users.training import (ShotOverlapError, UserFilteredSource, UserLookup, check_shots_disjoint,
                                       load_training_table, pair_fingerprint, subset_batch)
@@ -85,7 +86,7 @@ def test_user_tokens_and_embedding_dropout_by_hand():
     for row, keep in enumerate(expected_keep.tolist()):
         assert torch.equal(out[row], emb[row % 2] if keep else torch.zeros(2, 3))
     assert 0 < int(expected_keep.sum()) < 4  # this seed drops some rows and keeps others
-    with pytest.raises(Exception, match="no user_id column"):
+    with pytest.raises(UserError, match="no user_id column"):
         lookup.batch_tokens({"caption": ["x"]})
 
 

@@ -132,9 +132,13 @@ def test_resumed_ppd_run_with_embedding_dropout_matches_an_uninterrupted_one(set
     train(_cfg(setup, tmp_path / "full", *common, "train.max_steps=4"))
     train(_cfg(setup, tmp_path / "part", *common, "train.max_steps=2"))
     train(_cfg(setup, tmp_path / "part", *common, "train.max_steps=4", "train.resume=latest"))
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("full", "part")]
+    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("full", "part")]
+    losses = [[r["loss"] for r in run] for run in logs]
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    # the unknown users' rows go on counting from the checkpoint's total (they restarted at 0 before session 22)
+    unknown = [[r["data_rows_unknown_user"] for r in run] for run in logs]
+    assert unknown[0][-1] == 4.0 and unknown[1] == unknown[0]  # two epochs of 8 rows, 2 of them user 99's
 
 
 def test_lora_and_user_branch_train_together_and_both_are_exported(setup, tmp_path):

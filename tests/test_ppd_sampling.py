@@ -3,8 +3,10 @@ model with the branch saved beside it), and sample/generate.py / compare.py pick
 clearly."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.conditioning import users as ub
@@ -144,13 +146,24 @@ def test_a_user_for_a_model_without_a_branch_is_an_error(model, tmp_path, capsys
     assert code == 2 and "no user branch" in capsys.readouterr().err
 
 
-def test_compare_reports_per_user(model, ppd_final, tmp_path):
+def test_compare_reports_per_user(model, ppd_final, tmp_path, monkeypatch):
+    from t2i_align import evaluation
+
+    calls, real = [], evaluation.sample_model
+
+    def recording(model, lora, *args, user=None, **kwargs):  # who each side samples for
+        calls.append((lora, None if user is None else user.ids))
+        return real(model, lora, *args, user=user, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_model", recording)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a large red circle at the top left on a white background\n")
     result = _script("compare").main(["--model", str(model), "--lora", str(ppd_final), "--prompts", str(prompts),
                                       "--user", "1", "--user", "zoe", "--reward", "toy-judge", "--steps", "2",
                                       "--seeds-per-prompt", "2"])
     assert sorted(result["sets"]) == [f"{prompts} · user 1", f"{prompts} · user zoe"]
+    # per user: the tuned side (with the branch) for that user first, then the base (no branch, no user)
+    assert calls == [(str(ppd_final), ["1"]), (None, None), (str(ppd_final), ["zoe"]), (None, None)]
     for block in result["sets"].values():
         assert block["images_per_model"] == 2 and "toy-judge" in block["rewards"]
 
@@ -180,6 +193,11 @@ def test_generate_cli_embeds_a_toy_user_from_shots(tmp_path, capsys):
     gen = _script("generate")
     result = gen.main([*args, "--out", str(tmp_path / "s"), "--user-shots", str(tmp_path / "shots.parquet")])
     assert result["images"] == 1
+    # the same pairs with the opposite preference (the black background): another user, other images
+    write_parquet([dict(r, label_0=0.0, label_1=1.0) for r in rows], tmp_path / "swapped.parquet")
+    gen.main([*args, "--out", str(tmp_path / "w"), "--user-shots", str(tmp_path / "swapped.parquet")])
+    images = [np.asarray(Image.open(tmp_path / run / "00000.png")) for run in ("s", "w")]
+    assert not np.array_equal(*images)
     assert json.loads((tmp_path / "s" / "metadata.jsonl").read_text())["user"]["shots"].endswith("shots.parquet")
     code = _script("common").run_cli(lambda: gen.main([*args, "--out", str(tmp_path / "t"), "--user-shots",
                                                        str(tmp_path / "three.parquet")]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from reward_models.blip_layout import (
     BlipRewardConfig, BlipRewardModel, native_to_official, official_to_native,
 )
 from reward_models.imagereward import (
-    CLIP_MEAN, CLIP_STD, IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageRewardScore, VPScore, preprocess_images,
+    _pil_to_rgb, CLIP_MEAN, CLIP_STD, IMAGEREWARD_MEAN, IMAGEREWARD_STD, ImageRewardScore, VPScore, preprocess_images,
 )
 
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -188,6 +189,11 @@ def test_any_mode_or_size(files):
     assert mixed.shape == (2,)
     with pytest.raises(ValueError, match="empty image"):
         reward([Image.new("RGB", (0, 5))], ["a"])
+    # 8-bit values of the rescaled modes (PIL's F -> L truncates): 0.5 · 255 = 127.5 -> 127; 40000 · 255 / 65535
+    # = 155.6 -> 155; the same in every channel
+    for image, value in ((Image.new("F", (4, 3), 0.5), 127), (Image.new("I;16", (4, 3), 40000), 155)):
+        rgb8 = np.asarray(_pil_to_rgb(image))
+        assert rgb8.shape == (3, 4, 3) and (rgb8 == value).all(), (image.mode, np.unique(rgb8))
 
 
 def test_empty_and_overlong_prompts(files):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from reward_models import available_rewards, get_reward
-from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, preprocess_images
+from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, preprocess_images, to_image_tensors
 from reward_models.clip import OPENAI_MEAN, OPENAI_STD
 
 TINY = {"embed_dim": 16, "quick_gelu": True,
@@ -131,6 +131,17 @@ def test_images_of_any_mode_and_size(tiny_ckpt):
     torch.testing.assert_close(reward(as_tensor, ["a shape"])[0], scores[:1])
     with pytest.raises(ValueError, match="channels-first"):
         reward(torch.rand(1, 32, 32, 3), ["x"])
+    # the conversion's values: 16-bit by 65535, float "F" in [0, 1] kept, 8-bit grey 51 / 255 = 0.2 in all channels
+    white16, half, grey = to_image_tensors([Image.fromarray(np.full((5, 7), 65535, np.uint16)),
+                                            Image.new("F", (4, 3), 0.5), Image.new("L", (4, 3), 51)])
+    assert white16.shape == (3, 5, 7) and bool((white16 == 1.0).all())
+    assert half.shape == (3, 3, 4) and bool((half == 0.5).all())
+    torch.testing.assert_close(grey, torch.full((3, 3, 4), 0.2))
+    rgba = torch.rand(4, 5, 6)
+    assert torch.equal(to_image_tensors([rgba])[0], rgba[:3])  # alpha dropped
+    arr = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    from_numpy, from_pil = to_image_tensors([arr, Image.fromarray(arr)])
+    assert from_numpy.shape == (3, 6, 5) and torch.equal(from_numpy, from_pil)
 
 
 def test_tensor_preprocessing_matches_open_clip_transform():

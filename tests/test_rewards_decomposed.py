@@ -51,6 +51,23 @@ def test_decomposition_identity_and_omega_one():
     v64 = F.normalize(v.double(), dim=0)
     t_perp = t.double() - parts["eta"][:, None] * v64
     assert (t_perp @ v64).abs().max() < 1e-12  # t⊥ ⟂ v
+    # by hand: v = (2, 0) normalises to (1, 0); t·x = 1.8 + 3.2 = 5, η = 3, t⊥ = (0, 4): relevant 3.2,
+    # irrelevant 3 · 0.6 = 1.8, weighted 3.2 + 0.3 · 1.8 = 3.74
+    f64 = dict(dtype=torch.float64)  # 0.6 is not exact in float32
+    hand = decompose(torch.tensor([[3.0, 4.0]], **f64), torch.tensor([2.0, 0.0], **f64),
+                     torch.tensor([[0.6, 0.8]], **f64), omega=0.3)
+    got = {k: hand[k].item() for k in ("total", "eta", "relevant", "irrelevant", "weighted")}
+    assert got == pytest.approx({"total": 5.0, "eta": 3.0, "relevant": 3.2, "irrelevant": 1.8, "weighted": 3.74},
+                                abs=1e-12)
+
+
+def _stub_encoder(reward, sentences, x):
+    """Replace the CLIP by fixed unit vectors: `sentences` maps each sentence to its t_k, every call sees images x."""
+    def pad(v):  # to the tiny CLIP's 16 dimensions
+        return F.pad(torch.tensor(v), (0, 16 - len(v)))
+
+    reward.encoder.encode_texts = lambda texts: (torch.stack([pad(sentences[s]) for s in texts]), [False] * len(texts))
+    reward.encoder.encode_images = lambda images: torch.stack([pad(v) for v in x])
 
 
 def _direct(model, images, prompts, split=True):
@@ -83,6 +100,14 @@ def test_scores_follow_the_longalign_formula(tiny):
     torch.testing.assert_close(rel + irr, total, atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(info["weighted"]), scores, atol=1e-6, rtol=0)
     assert info["truncated"] == 1 and info["direction"] == "batch"
+    # by hand, on stub embeddings: t = mean of the sentences' vectors = (.5, .5), (-.5, .5); batch v = (0, 1),
+    # η = .5, .5; x = (.6, .8), (.8, .6): total .7, -.1; relevant .3, -.4; irrelevant .4, .3; S = .42, -.31
+    _stub_encoder(reward, {"a.": [1.0, 0.0], "b.": [0.0, 1.0], "c.": [-1.0, 0.0]}, [[0.6, 0.8], [0.8, 0.6]])
+    scores, info = reward(torch.zeros(2, 3, 32, 32), ["a. b.", "c. b."])
+    assert scores.tolist() == pytest.approx([0.42, -0.31], abs=1e-6)
+    assert {k: info[k] for k in ("total", "relevant", "irrelevant", "eta")} == {
+        "total": pytest.approx([0.7, -0.1], abs=1e-6), "relevant": pytest.approx([0.3, -0.4], abs=1e-6),
+        "irrelevant": pytest.approx([0.4, 0.3], abs=1e-6), "eta": pytest.approx([0.5, 0.5], abs=1e-6)}
 
 
 def test_omega_one_gives_the_plain_score(tiny):
@@ -114,6 +139,8 @@ def test_fit_common_direction_by_hand():
 
 
 def test_fixed_direction_round_trip(tiny, tmp_path):
+    from reward_models.decomposed_clip import save_direction
+
     model, folder = tiny
     fit_on = PROMPTS + ["a yellow triangle. On black."]
     reward = get_reward("decomposed-clip", checkpoint=str(folder), fit_prompts=fit_on, device="cpu")
@@ -137,6 +164,17 @@ def test_fixed_direction_round_trip(tiny, tmp_path):
     torch.testing.assert_close(torch.tensor(info["relevant"]), relevant, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(info["irrelevant"]), irrelevant, atol=1e-5, rtol=1e-4)
     assert info["direction"] == "fixed"
+    # by hand, a saved v = (3, 4) loads as (.6, .8); stub t = (.5, .5), (.6, .8) (sentence means), x = e1, e2:
+    # η = .7, 1; total .5, .8; irrelevant .7·.6 = .42, 1·.8 = .8; relevant .08, 0; S = .08 + .126, .24
+    save_direction(tmp_path / "hand.safetensors", F.pad(torch.tensor([3.0, 4.0]), (0, 14)), {"split": "True"})
+    hand = get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "hand.safetensors"),
+                      device="cpu")
+    _stub_encoder(hand, {"a.": [1.0, 0.0], "b.": [0.0, 1.0], "c": [0.6, 0.8]}, [[1.0, 0.0], [0.0, 1.0]])
+    scores, info = hand(torch.zeros(2, 3, 32, 32), ["a. b.", "c"])
+    assert scores.tolist() == pytest.approx([0.206, 0.24], abs=1e-6)
+    assert {k: info[k] for k in ("total", "relevant", "irrelevant", "eta")} == {
+        "total": pytest.approx([0.5, 0.8], abs=1e-6), "relevant": pytest.approx([0.08, 0.0], abs=1e-6),
+        "irrelevant": pytest.approx([0.42, 0.8], abs=1e-6), "eta": pytest.approx([0.7, 1.0], abs=1e-6)}
     with pytest.raises(FileNotFoundError, match="save_direction"):
         loaded.load_direction(tmp_path / "absent.safetensors")
 

@@ -134,7 +134,8 @@ def test_guidance_batch_is_uncond_first_and_keeps_every_field():
     uncond = PromptEmbeds(torch.zeros(1, 3, 4), torch.zeros(1, 5))
     both, time_ids, cfg = guidance_inputs(cond, uncond, torch.arange(6.0)[None], 2, 7.5)
     assert cfg and both.prompt_embeds[:2].eq(0).all() and both.prompt_embeds[2:].eq(1).all()
-    assert both.pooled_prompt_embeds.shape == (4, 5) and time_ids.shape == (4, 6)
+    assert both.pooled_prompt_embeds[:2].eq(0).all() and both.pooled_prompt_embeds[2:].eq(1).all()
+    assert both.pooled_prompt_embeds.shape == (4, 5) and time_ids.tolist() == [list(range(6))] * 4
     plain, _, cfg = guidance_inputs(cond, None, None, 2, 1.0)
     assert not cfg and plain is cond
     with pytest.raises(ValueError, match="uncond_embeds"):

@@ -41,7 +41,13 @@ def test_generate_writes_images_and_metadata_that_t2i_score_reads(prompts, tmp_p
     from reward_models.cli import main as score
 
     assert score(["--reward", "toy-judge", "--images", str(out), "--out", str(tmp_path / "s.jsonl")]) == 0
-    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 6
+    rows = [json.loads(s) for s in (tmp_path / "s.jsonl").read_text().splitlines()]
+    listed = [line for line in prompts.read_text().splitlines() if line]
+    assert [r["prompt"] for r in rows] == [p for p in listed for _ in range(2)]  # two seeds per prompt, in order
+    assert [r["file"] for r in rows] == [m["file"] for m in meta]
+    # the judge's score is the fraction of 5 attributes right: 0, 0.2, ..., 1
+    assert all(0.0 <= r["toy-judge"] <= 1.0 and 5 * r["toy-judge"] == pytest.approx(round(5 * r["toy-judge"]))
+               for r in rows), rows
 
 
 def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_path, capsys):
@@ -78,9 +84,37 @@ def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
     block = result["sets"][str(prompts)]["rewards"]
     for name in ("toy-judge", "toy-clip"):
         wr = block[name]["win_rate"]
-        assert wr["low"] <= 0.5 <= wr["high"] and wr["ties"] == 6
+        # 6 ties: rate 0.5, Wilson at n = 6: 0.5 ± z·sqrt(1/24 + z²/144) / (1 + z²/6) = 0.5 ± 0.31238
+        assert wr["win_rate"] == 0.5 and wr["ties"] == 6
+        assert (wr["low"], wr["high"]) == (pytest.approx(0.18762, abs=1e-4), pytest.approx(0.81238, abs=1e-4))
         assert block[name]["base"]["mean"] == block[name]["tuned"]["mean"]
     assert json.loads((tmp_path / "cmp.json").read_text())["sets"][str(prompts)]["images_per_model"] == 6
+
+
+def test_compare_keeps_the_sets_done_when_a_later_one_fails(prompts, tmp_path, monkeypatch, capsys):
+    """--out is written after each prompt set: a failure in the second set (here: out of memory while sampling)
+    keeps the first set's block, and `unfinished` names the second (everything was lost before session 22)."""
+    import t2i_align.evaluation as evaluation
+
+    real, calls = evaluation.sample_model, []
+
+    def sample_model(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second set's tuned side
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_model", sample_model)
+    other = tmp_path / "other.txt"
+    other.write_text(Path(prompts).read_text())
+    out = tmp_path / "cmp.json"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _script("compare").main(["--prompts", str(prompts), "--prompts", str(other), "--reward", "toy-judge",
+                                 *FAST, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert list(saved["sets"]) == [str(prompts)] and saved["unfinished"] == [str(other)]
+    assert saved["sets"][str(prompts)]["images_per_model"] == 6
+    assert f"note: {out} holds the 1 set(s) compared so far" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["compare", "gallery"])

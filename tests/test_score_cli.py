@@ -48,6 +48,11 @@ def test_folder_scores_every_image_and_flags_the_unreadable_one(tmp_path, capsys
     assert all(r["toy-judge"] == 1.0 and isinstance(r["toy-clip"], float) and "error" not in r for r in good)
     assert [r["prompt"] for r in good] == [short_caption(s) for s in SCENES]
     assert bad["toy-judge"] is None and bad["toy-clip"] is None and "unreadable image" in bad["error"]
+    from reward_models import get_reward
+
+    # the values are the reward's own on the same images (scored here in one batch, there in batches of 4)
+    direct, _ = get_reward("toy-clip")([Image.fromarray(render(s)) for s in SCENES], [r["prompt"] for r in good])
+    assert [r["toy-clip"] for r in good] == pytest.approx(direct.tolist(), abs=1e-4)
     assert summary["images"] == 6 and summary["errors"] == 1
     assert summary["rewards"]["toy-judge"] == {"mean": 1.0, "std": 0.0, "n": 5}
     assert summary["rewards"]["toy-clip"]["n"] == 5 and summary["rewards"]["toy-clip"]["truncated"] == 0
@@ -112,7 +117,8 @@ def test_pairwise_accuracy_on_a_pickapic_parquet(tmp_path, capsys):
     assert pairwise["pairs"] == 6 and pairwise["label_ties_excluded"] == 1
     acc = pairwise["toy-judge"]
     assert acc["accuracy"] == 1.0 and acc["n"] == 5 and acc["reward_ties"] == 0
-    assert 0.5 < acc["low"] < 1.0 and acc["high"] == 1.0
+    # Wilson at p = 1, n = 5: low = 1 / (1 + z²/5) = 1 / 1.76829 = 0.56552
+    assert acc["low"] == pytest.approx(0.56552, abs=1e-4) and acc["high"] == 1.0
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):

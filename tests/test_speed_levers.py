@@ -3,6 +3,7 @@ and the loop's sec_per_step. Their speed is measured in benchmarks/gpu_throughpu
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,13 +108,17 @@ def test_train_compile_asks_accelerate_for_inductor(sd15_dir, tmp_path, monkeypa
         assert seen["dynamo_backend"] == backend
 
 
-def test_sec_per_step_is_logged_per_step(sd15_dir, tmp_path):
+def test_sec_per_step_is_logged_per_step(sd15_dir, tmp_path, monkeypatch):
+    from t2i_align import loop
+
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet")
     out = tmp_path / "run"
+    # a fake clock: read once at the start and once per log (a further read would raise StopIteration)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=iter([100.0, 103.0, 107.0]).__next__))
     train(_cfg(sd15_dir, pairs, out, "train.max_steps=4", "train.log_every=2"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    assert all(0 < r["sec_per_step"] < 60 for r in records)
+    assert [r["sec_per_step"] for r in records] == [1.5, 2.0]  # (103 - 100) / 2 steps, (107 - 103) / 2 steps
 
 
 def test_speed_settings_are_read_and_checked():

@@ -55,7 +55,8 @@ def test_win_rate_counts_ties_as_half():
     assert (r["wins"], r["losses"], r["ties"], r["n"]) == (7, 2, 1, 10)
     assert r["win_rate"] == pytest.approx(0.75)
     assert r["p_value"] == pytest.approx(2 * (1 + 9 + 36) / 512)  # sign test on 7 vs 2, tie dropped
-    assert r["low"] < 0.75 < r["high"]
+    # Wilson, z = 1.959964, n = 10: centre (0.75 + 0.19207) / 1.38415 = 0.68062, half 0.23843
+    assert (r["low"], r["high"]) == (pytest.approx(0.44218, abs=1e-4), pytest.approx(0.91905, abs=1e-4))
 
 
 def test_win_rate_8_of_10():
@@ -67,7 +68,8 @@ def test_sample_against_itself_is_a_coin_flip():
     x = [0.1, 0.5, 0.3, 0.9]
     r = win_rate(x, x)
     assert r["win_rate"] == 0.5 and r["ties"] == 4 and r["p_value"] == 1.0
-    assert r["low"] < 0.5 < r["high"]
+    # Wilson at p = 0.5, n = 4: centre 0.5, half z·sqrt(1/16 + z²/64) / (1 + z²/4) = 0.34996
+    assert (r["low"], r["high"]) == (pytest.approx(0.15004, abs=1e-4), pytest.approx(0.84996, abs=1e-4))
     d = paired_diff(x, x)
     assert d["mean_diff"] == 0.0 and d["p_value"] == 1.0
 
@@ -82,17 +84,17 @@ def test_paired_diff_hand_computed():
     assert d["low"] == pytest.approx(1.8 - half) and half == pytest.approx(1.61893, abs=1e-4)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: mean_ci([]),
-    lambda: win_rate([], []),
-    lambda: win_rate([1, 2], [1]),
-    lambda: paired_diff([1, 2, 3], [1, 2]),
-    lambda: paired_diff([1], [0]),
-    lambda: mean_ci([1.0, float("nan")]),
-    lambda: mean_ci([1, 2], level=95),
+@pytest.mark.parametrize("call, message", [
+    (lambda: mean_ci([]), "values is empty"),
+    (lambda: win_rate([], []), "a is empty"),
+    (lambda: win_rate([1, 2], [1]), r"len\(a\)=2, len\(b\)=1"),
+    (lambda: paired_diff([1, 2, 3], [1, 2]), r"len\(a\)=3, len\(b\)=2"),
+    (lambda: paired_diff([1], [0]), "at least 2 pairs, got 1"),
+    (lambda: mean_ci([1.0, float("nan")]), "contains NaN or inf"),
+    (lambda: mean_ci([1, 2], level=95), r"level must be in \(0, 1\), got 95"),
 ])
-def test_bad_inputs_raise_value_error(call):
-    with pytest.raises(ValueError):
+def test_bad_inputs_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
         call()
 
 

@@ -82,7 +82,8 @@ def test_added_cond_kwargs_per_family(sd15, sdxl):
     assert unet_added_cond_kwargs(sd15.spec, encode_prompts(sd15, PROMPTS)) == {}
     embeds = encode_prompts(sdxl, PROMPTS)
     added = unet_added_cond_kwargs(sdxl.spec, embeds, sdxl_time_ids((16, 16), (0, 0), (16, 16)))
-    assert set(added) == {"text_embeds", "time_ids"} and added["time_ids"].shape == (2, 6)
+    assert set(added) == {"text_embeds", "time_ids"} and added["time_ids"].dtype == torch.float32
+    assert added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2  # one row broadcast to the batch
     assert added["text_embeds"] is embeds.pooled_prompt_embeds
     with pytest.raises(ValueError, match="sdxl_time_ids"):
         unet_added_cond_kwargs(sdxl.spec, embeds)
@@ -94,7 +95,8 @@ def test_prompt_embeds_repeat_and_to():
     embeds = PromptEmbeds(torch.arange(6.0).reshape(2, 1, 3), torch.ones(2, 4))
     doubled = embeds.repeat(2)
     assert len(doubled) == 4 and torch.equal(doubled.prompt_embeds[2:], embeds.prompt_embeds)
-    assert doubled.pooled_prompt_embeds.shape == (4, 4)
+    assert torch.equal(doubled.prompt_embeds[:2], embeds.prompt_embeds)  # [e; e], not each row twice
+    assert torch.equal(doubled.pooled_prompt_embeds, torch.ones(4, 4))
     half = embeds.to(torch.float16)
     assert half.prompt_embeds.dtype == half.pooled_prompt_embeds.dtype == torch.float16
     assert PromptEmbeds(torch.zeros(1, 2, 3)).repeat(2).pooled_prompt_embeds is None

@@ -80,7 +80,10 @@ def test_demo_shows_a_bar_per_phase_and_a_headline(tmp_path, capsys, monkeypatch
     saved = json.loads((demo / "judge.json").read_text())
     assert saved["tuned"]["overall"]["mean"] == pytest.approx(result["tuned"]["overall"]["mean"])
     assert saved["base"]["num_prompts"] == 60 and saved["pairs"]["pairs"] == 2  # best vs worst per prompt
-    assert 0.0 <= saved["win_rate"]["win_rate"] <= 1.0
+    wr = saved["win_rate"]
+    assert wr == result["win_rate"] and wr["n"] == 60 and wr["wins"] + wr["losses"] + wr["ties"] == 60
+    assert wr["win_rate"] == pytest.approx((wr["wins"] + 0.5 * wr["ties"]) / 60)  # ties count half
+    assert f"tuned wins {wr['win_rate']:.3f} of 60 same-seed pairs" in err  # the headline shows the same rate
 
 
 def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monkeypatch):

@@ -145,9 +145,17 @@ def test_toy_user_table_drives_the_toy_unets_user_branch(toy_encoder, tmp_path):
         add_user_branch(unet, user_dim=table.dim, num_tokens=table.num_tokens)
         tokens = table.tokens([2, 0])
         out = unet(x, t, h, added_cond_kwargs=user_added_cond(tokens, unet)).sample
+        # a "trained" branch: to_v_ip no longer zero, so each row's output depends on its user's tokens
+        gen = torch.Generator().manual_seed(0)
+        for name, param in unet.named_parameters():
+            if "to_v_ip" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+        same_x, same_t, same_h = x[:1].expand(2, -1, -1, -1), t[:1].expand(2), h[:1].expand(2, -1, -1)
+        trained = unet(same_x, same_t, same_h, added_cond_kwargs=user_added_cond(tokens, unet)).sample
     assert tokens.shape == (2, NUM_SHOTS, 64)
     assert torch.equal(tokens[0], embeddings[2])
     assert torch.equal(out, base)  # untrained branch
+    assert not torch.allclose(trained[0], trained[1])  # users 2 and 0 on the same input
 
 
 def test_a_perfect_shot_reader_names_the_favourite_only_when_the_shots_allow():

@@ -119,6 +119,6 @@ def test_the_command_line_prints_what_it_merged(folders, tmp_path, capsys):
     assert cli.main(["--model", str(base), "--unet", str(tuned), "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out) == {"merged": str(out), "model": str(base), "lora": None,
                                                    "unet": str(tuned)}
-    assert (out / "model_index.json").is_file()
+    assert (out / "model_index.json").is_file() and _equal(_state(out, "unet"), _state(tuned, "unet"))
     assert cli.main(["--model", str(base), "--out", str(tmp_path / "none")]) == 2
     assert "give --lora, --unet or both" in capsys.readouterr().err

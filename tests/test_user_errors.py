@@ -339,7 +339,7 @@ def test_reward_options_of_the_wrong_type_are_refused_when_the_reward_is_built()
                            (0, "batch_size=0: give a number >= 1"), (True, "expected a int")):
         with pytest.raises(RewardSetupError, match=message):
             get_reward("toy-clip", batch_size=value)
-    assert get_reward("toy-clip", batch_size=8) is not None
+    assert get_reward("toy-clip", batch_size=8).encoder.batch_size == 8  # a valid value reaches the encoder
 
 
 def test_outputs_that_would_replace_earlier_work_or_an_input_are_refused(tmp_path, capsys):

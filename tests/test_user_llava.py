@@ -162,7 +162,8 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
     # The CLI end to end (one process) gives the same table; then the training pairs are checked against the shots.
     assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
                        "--max-new-tokens", "2", "--dtype", "fp32"]) == 0
-    assert UserTable.load(tmp_path / "cli" / "user_table.safetensors").ids == (7,)
+    cli_table = UserTable.load(tmp_path / "cli" / "user_table.safetensors")
+    assert cli_table.ids == (7,) and torch.equal(cli_table.embeddings, table.embeddings)
     # continuing into the same --out with other settings would mix two kinds of embedding in one table
     assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
                        "--max-new-tokens", "3", "--dtype", "fp32"]) == 2
@@ -177,5 +178,6 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
 def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     assert users_main(["embed", "--model", str(tmp_path / "nope"), "--pairs", "x", "--out", str(tmp_path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects it before anything loads
         users_main(["embed", "--model", "m", "--pairs", "p", "--out", "o", "--num-shots", "6"])
+    assert exit_info.value.code == 2 and "invalid choice: 6" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_prompts_taken_from_the_data_are_named_as_such():
 
 def test_toy_captions_pass_the_check():
     validator = _validator("lora.enabled=true", "tracking.validation_reward=toy-judge", prompts=[TOY_CAPTION])
-    assert validator.reward is not None and validator.prompts == [TOY_CAPTION]
+    assert validator.reward.name == "toy-judge" and validator.prompts == [TOY_CAPTION]
 
 
 def test_an_unknown_validation_reward_is_a_user_error():
