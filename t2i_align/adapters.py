@@ -28,6 +28,7 @@ def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]
         r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, lora_dropout=cfg.dropout,
         init_lora_weights=inits[cfg.init], target_modules=list(cfg.target_modules),
     )
+    _check_targets(unet, cfg.target_modules)
     unet.requires_grad_(False)
     try:
         unet.add_adapter(peft_config)
@@ -37,6 +38,17 @@ def add_lora(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]
     for param in trainable:
         param.requires_grad_(True)
     return trainable
+
+
+def _check_targets(unet: torch.nn.Module, targets) -> None:
+    """Every lora.target_modules entry names layers (as peft matches a list: the name, or its last dotted parts):
+    peft skips an entry that matches nothing as long as another matches, so a misspelt one trained a smaller LoRA
+    than configured, silently."""
+    names = [name for name, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ModelLoadError(f"lora.target_modules: {missing} match no layer of the UNet (misspelt? e.g. to_q, "
+                             "to_k, to_v, to_out.0, proj_in, conv1, conv2, ff.net.2)")
 
 
 def trainable_parameters(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]:

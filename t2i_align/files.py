@@ -93,13 +93,16 @@ def replace_dir(tmp: Path, out_dir: Path) -> Path:
 @contextmanager
 def staged_dir(out_dir: Path) -> Iterator[Path]:
     """A fresh temporary folder beside `out_dir` to fill in the `with` block; then it replaces `out_dir` whole
-    (`replace_dir`). On any failure (a full disk, Ctrl-C) it is removed: no hidden half-written folder is left."""
+    (`replace_dir`), its files fsynced first, so a host crash cannot leave them empty once the old folder is gone
+    (as checkpoints are). On any failure (a full disk, Ctrl-C) it is removed: no hidden half-written folder is left."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         yield tmp
+        sync_tree(tmp)
         replace_dir(tmp, out_dir)
+        fsync_path(out_dir.parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

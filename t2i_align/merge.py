@@ -18,11 +18,12 @@ from .files import check_output_path, staged_dir
 
 
 def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, text_encoding: Optional[str] = None,
-               overwrite: bool = False, unet: Optional[str | Path] = None) -> Path:
+               overwrite: bool = False, unet: Optional[str | Path] = None, variant: Optional[str] = None) -> Path:
     """Base `model` (a diffusers folder or "toy"), its UNet replaced by checkpoint `unet` if given, + `lora`
     (pytorch_lora_weights.safetensors or its folder) if given -> `out`, a full pipeline folder with the LoRA fused
-    into the UNet weights (a PPD user branch and table, if any, beside it, as in a full PPD export). Written whole
-    (temporary folder, then rename); an existing non-empty `out` is replaced only with `overwrite`."""
+    into the UNet weights (a PPD user branch and table, if any, beside it, as in a full PPD export), in float32
+    whatever `variant` (of the base's weights) was read. Written whole (temporary folder, then rename); an
+    existing non-empty `out` is replaced only with `overwrite`."""
     from .checkpoints import save_full_pipeline
     from .models import ModelLoadError
     from .sampling import load_pipeline, pipeline_components
@@ -34,7 +35,7 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelLoadError(f"{out} exists and is not empty; pass overwrite (--overwrite) to replace it")
-    pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet)
+    pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant)
     if lora is not None:
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay

@@ -90,10 +90,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
-            first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
-                         str(err).splitlines()[0] if str(err) else type(err).__name__)
-            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path} (trained on another model, "
-                                 f"e.g. SDXL's on SD1.5?): {first[:300]}") from err
+            raise ModelLoadError(_lora_load_error(lora, path, err)) from err
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
@@ -103,6 +100,21 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         # diffusers' warns "modules ... should be kept in float32: []"
         torch.nn.Module.to(pipe.vae, torch.float32)
     return set_scheduler(pipe, scheduler).to(device)
+
+
+def _lora_load_error(lora: Path, path: Path, err: Exception) -> str:
+    """One line on why diffusers could not load `lora`: a size mismatch (another model family), a LyCORIS file,
+    or diffusers' own words (all of them: the detail, e.g. the keys not converted, often follows an empty line)."""
+    text = str(err)
+    mismatch = next((line.strip() for line in text.splitlines() if "size mismatch" in line), None)
+    if mismatch:
+        return (f"LoRA weights {lora} do not match the model in {path} (trained on another model, e.g. SDXL's on "
+                f"SD1.5?): {mismatch[:300]}")
+    if "hada_" in text or "lokr_" in text:
+        return (f"LoRA weights {lora} are a LyCORIS file (LoHa / LoKr), which diffusers' load_lora_weights does "
+                "not read: merge it with the tool that made it, or train a LoRA")
+    detail = " ".join(text.split())[:300] or type(err).__name__
+    return f"LoRA weights {lora} do not match the model in {path}: {detail}"
 
 
 def _no_safety_checker(path: Path) -> dict:

@@ -192,6 +192,10 @@ def test_lora_defaults_and_errors(sd15_dir):
     fresh = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
     with pytest.raises(ModelLoadError, match="target_modules"):
         adapters.add_lora(fresh.unet, LoraConfig(enabled=True, target_modules=["no_such_layer"]))
+    # one misspelt entry among good ones: peft skipped it silently, training a smaller LoRA than configured
+    with pytest.raises(ModelLoadError, match=r"lora.target_modules: \['to_out0', 'conv_1'\] match no layer"):
+        adapters.add_lora(fresh.unet, LoraConfig(enabled=True, target_modules=["to_q", "to_out0", "conv_1"]))
+    assert not any("lora_" in name for name, _ in fresh.unet.named_parameters())  # refused before adding any
     bad_init = LoraConfig(enabled=True)
     bad_init.init = "pissa_maybe"  # bypasses the config's own validation, as a hand-built config could
     with pytest.raises(ValueError, match="lora.init"):
@@ -390,6 +394,20 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):
     plain = export_final(models.build_pipeline(models.load_components(ModelConfig(pretrained=str(sd15_dir)))),
                          comp.unet, False, tmp_path / "plain")
     assert not (plain / "safety_checker").exists(), "a source without one gives an export without one"
+
+
+def test_a_lycoris_file_is_named_as_such(sd15_dir, tmp_path):
+    """A kohya-style LoHa: diffusers' error put the unconverted keys after an empty first line, and the message
+    kept only that line ("...not been correctly renamed: ") and blamed another model family."""
+    from safetensors.torch import save_file
+
+    from t2i_align.sampling import load_pipeline
+
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{layer}.hada_w1_a": torch.zeros(4, 2), f"{layer}.hada_w1_b": torch.zeros(2, 4),
+               f"{layer}.alpha": torch.tensor(2.0)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(ModelLoadError, match="are a LyCORIS file"):
+        load_pipeline(sd15_dir, lora=tmp_path / "loha.safetensors")
 
 
 def test_a_lora_of_another_family_is_refused_in_one_line(sd15_dir, sdxl_dir, tmp_path):

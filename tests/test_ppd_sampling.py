@@ -121,6 +121,21 @@ def test_generate_cli_samples_for_users_interpolates_and_scales(model, ppd_final
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "off"), base))  # scale 0: the base model
 
 
+def test_a_table_of_every_layer_is_cut_to_the_layers_the_branch_took(model, ppd_final, tmp_path):
+    """A new user's table from `users embed` holds every VLM layer; a branch trained with ppd.layers (last, or a
+    count k) takes the last k: sampling cuts the table's tokens to those (its 5 tokens against the branch's 3 were
+    refused before session 22, so users unseen in training could not be sampled)."""
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.users.inference import UserChoice, user_tokens_for
+
+    trained = UserTable.load(ppd_final / "user_table.safetensors").embeddings[:1]  # user 1's [1, 3, DIM]
+    earlier = torch.randn(1, 2, DIM, generator=torch.Generator().manual_seed(5)).to(trained.dtype)
+    path = UserTable([1], torch.cat([earlier, trained], dim=1)).save(tmp_path / "every_layer.safetensors")
+    pipe = load_pipeline(model, ppd_final)
+    tokens = user_tokens_for(pipe, UserChoice(ids=["1"], table=str(path)), 2, [ppd_final, model])
+    assert torch.equal(tokens, trained.repeat(2, 1, 1))
+
+
 @pytest.mark.parametrize("extra, message", [
     ((), "pass --user ID"),
     (("--user", "42"), "user '42' is not in the user table (3 users: 1, 2, 'zoe')"),

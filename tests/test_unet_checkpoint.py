@@ -1,6 +1,7 @@
 """A UNet-only checkpoint merged into its base pipeline (`train/merge_lora.py --unet`): the released full
 fine-tunes hold unet/ alone; the result is a whole folder with the checkpoint's UNet and the base's other parts."""
 import json
+import shutil
 import warnings
 
 import pytest
@@ -77,7 +78,6 @@ def test_a_checkpoint_of_another_family_or_none_at_all_is_refused(folders, tmp_p
 
 def test_an_out_that_would_replace_the_checkpoints_unet_is_refused(folders, tmp_path):
     """Given the checkpoint's root, its unet/ is what is read: --out there (or at the root) would delete it."""
-    import shutil
 
     from t2i_align.errors import UserError
     from t2i_align.merge import merge_lora
@@ -122,3 +122,13 @@ def test_the_command_line_prints_what_it_merged(folders, tmp_path, capsys):
     assert (out / "model_index.json").is_file() and _equal(_state(out, "unet"), _state(tuned, "unet"))
     assert cli.main(["--model", str(base), "--out", str(tmp_path / "none")]) == 2
     assert "give --lora, --unet or both" in capsys.readouterr().err
+    # a base holding two variants: the error names --variant, which the command did not have until session 22
+    two = tmp_path / "two-variants"
+    shutil.copytree(base, two)
+    weights = two / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(weights, weights.with_name("diffusion_pytorch_model.bf16.safetensors"))
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    assert cli.main(["--model", str(two), "--unet", str(tuned), "--out", str(tmp_path / "v")]) == 2
+    assert "choose one with --variant" in capsys.readouterr().err
+    assert cli.main(["--model", str(two), "--unet", str(tuned), "--out", str(tmp_path / "v"), "--variant", "fp16"]) == 0
+    assert _equal(_state(tmp_path / "v", "unet"), _state(tuned, "unet"))

@@ -70,8 +70,9 @@ def _tiny_llava(folder):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>",
                                         additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"])
+    grid = [[32, 32], [32, 64], [64, 32], [64, 64]]  # anyres could tile an image: PPD's images must not be
     images = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
-                                          image_grid_pinpoints=[[32, 32]])
+                                          image_grid_pinpoints=grid)
     processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
                                         video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=16,
                                         vision_feature_select_strategy="full")
@@ -80,7 +81,7 @@ def _tiny_llava(folder):
                                          num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
         text_config=Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=1).to_dict(),
-        image_token_index=vocab["<image>"], image_grid_pinpoints=[[32, 32]], vision_feature_select_strategy="full",
+        image_token_index=vocab["<image>"], image_grid_pinpoints=grid, vision_feature_select_strategy="full",
         vision_feature_layer=-1)
     torch.manual_seed(0)
     model = LlavaOnevisionForConditionalGeneration(config)
@@ -94,9 +95,21 @@ def tiny_llava(tmp_path_factory):
     return _tiny_llava(tmp_path_factory.mktemp("llava"))
 
 
-def _shots(rng, n=2):
-    img = lambda: rng.integers(0, 255, (24, 16, 3), dtype=np.uint8)  # noqa: E731 (non-square: padded)
+def _shots(rng, n=2, size=(24, 16)):
+    img = lambda: rng.integers(0, 255, (*size, 3), dtype=np.uint8)  # noqa: E731 (non-square: padded)
     return [LabelledPair(f"caption {i}", img(), img()) for i in range(n)]
+
+
+def test_each_image_is_one_tile_as_in_ppds_pad_mode(tiny_llava):
+    """PPD's LLaVA-NeXT "pad" mode encodes each of a prompt's images as one base tile and a newline: here 16
+    patches + 1 per image. The images went to the processor as a flat list until session 22: each then counted
+    as a sample of its own and was tiled (anyres), 352 image tokens for these four 64 x 48 images, not 68."""
+    encoder = LlavaUserEncoder.from_pretrained(str(tiny_llava), device="cpu", dtype=torch.float32, max_new_tokens=2)
+    inputs = encoder.inputs(_shots(np.random.default_rng(0), size=(64, 48)))
+    image_token = encoder.processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((inputs["input_ids"] == image_token).sum()) == 4 * (16 + 1)
+    assert inputs["batch_num_images"].tolist() == [4]
+    assert encoder.encode(_shots(np.random.default_rng(0), size=(64, 48))).shape == (3, 32)  # the model takes them
 
 
 def test_the_embedding_is_the_last_decoding_steps_token_from_every_layer(tiny_llava):
@@ -181,3 +194,61 @@ def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects it before anything loads
         users_main(["embed", "--model", "m", "--pairs", "p", "--out", "o", "--num-shots", "6"])
     assert exit_info.value.code == 2 and "invalid choice: 6" in capsys.readouterr().err
+
+
+def _with_user_ids(path, ids):
+    """The pair file with its user_id column replaced by `ids` (of another type than Pick-a-Pic's int64)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(ids)), path)
+    return path
+
+
+class _FailingEncoder:
+    """Stands in for LLaVA: user 8's embedding overflows fp16, user 9 runs out of GPU memory, others embed."""
+
+    def encode_with_text(self, shots):
+        from t2i_align.users.llava import LlavaEmbedding
+
+        user = shots[0].caption.split()[1]
+        if user == "9":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return LlavaEmbedding(torch.full((3, 4), 7e4 if user == "8" else 1.0), "profile")
+
+
+def test_a_user_that_fails_is_counted_and_the_others_embedded(tmp_path, caplog):
+    """An out-of-memory user or an embedding that is not finite in the table's fp16 was fatal: the first stopped
+    the run (and every resume at the same user), the second was written and then failed the merge for good."""
+    pairs = _write_pairs(tmp_path / "p.parquet", {7: 2, 8: 2, 9: 2})
+    out = tmp_path / "users"
+    counts = embed_users(_FailingEncoder(), PairDataset(pairs, resolution=8), out, num_shots=2, progress=False)
+    assert counts["embedded"] == 1 and counts["failed"] == 2
+    assert "user 8 not embedded: its embedding is not finite in fp16" in caplog.text
+    assert "user 9 not embedded: out of memory (CUDA out of memory." in caplog.text
+    assert merge_parts(out) == {"users": 1, "tokens": 3, "width": 4}  # the failed users left no part behind
+
+
+def test_user_ids_read_as_whole_floats_are_the_ints_and_others_refused(tmp_path, capsys):
+    """pandas makes an int column with gaps float64 (7.0): those ids are the ints, as the table keeps them; they
+    failed only at the merge, after the whole VLM pass. A fractional id is refused before anything loads."""
+    from t2i_align.users.embed import _by_user
+
+    pairs = _with_user_ids(_write_pairs(tmp_path / "p.parquet", {7: 2, 8: 1}), [7.0, 7.0, 8.0])
+    assert _by_user(PairDataset(pairs, resolution=8)) == {7: [0, 1], 8: [2]}
+    assert all(type(u) is int for u in _by_user(PairDataset(pairs, resolution=8)))
+    odd = _with_user_ids(_write_pairs(tmp_path / "odd.parquet", {7: 2}), [7.5, 7.5])
+    assert users_main(["embed", "--model", str(tmp_path), "--pairs", str(odd), "--out", str(tmp_path / "o")]) == 2
+    assert "row 0: user_id 7.5 (float); a user table's ids are ints or text" in capsys.readouterr().err
+
+
+def test_check_shots_refuses_to_pass_when_it_compared_nothing(tmp_path, capsys):
+    """Training pairs whose ids are text ("7") against shots of int users (7): nothing matched, and the check
+    printed "overlaps: 0", a pass, having compared no pair."""
+    from t2i_align.users.embed import USERS_JSON
+
+    (tmp_path / USERS_JSON).write_text(json.dumps({"users": {"7": {"text": "", "shots": ["x"]}}}))
+    pairs = _with_user_ids(_write_pairs(tmp_path / "train.parquet", {7: 2}), ["7", "7"])
+    assert users_main(["check-shots", "--shots", str(tmp_path / USERS_JSON), "--pairs", str(pairs)]) == 2
+    assert "no pair of" in capsys.readouterr().err

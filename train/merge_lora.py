@@ -30,6 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output folder for the merged pipeline")
     parser.add_argument("--text-encoding", choices=("clip77", "segments"), default=None,
                         help="only if the LoRA folder records none (final/ folders record theirs)")
+    parser.add_argument("--variant", default=None,
+                        help="the base's weights variant to read (e.g. fp16) where its folder holds several")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
@@ -38,7 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def run() -> int:
         from t2i_align.merge import merge_lora
 
-        out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite, args.unet)
+        out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite, args.unet,
+                         args.variant)
         print(json.dumps({"merged": str(out), "model": args.model, "lora": args.lora, "unet": args.unet}))
         return 0
 

@@ -216,11 +216,16 @@ def user_branch_disabled(unet: nn.Module) -> Iterator[nn.Module]:
             attn.processor.scale = scale
 
 
+def user_token_shape(unet: nn.Module) -> Tuple[int, int]:
+    """(num_tokens, user_dim) that this UNet's user branch takes."""
+    layers = _require_branch(unet)
+    width = unet.encoder_hid_proj.image_projection_layers[0].ff.net[0].proj.in_features
+    return layers[0][1].processor.num_tokens[0], width
+
+
 def check_user_tokens(unet: nn.Module, user_tokens: torch.Tensor) -> None:
     """Raise a clear error unless `user_tokens` is [B, num_tokens, user_dim] for this UNet's branch."""
-    layers = _require_branch(unet)
-    expected_t = layers[0][1].processor.num_tokens[0]
-    expected_d = unet.encoder_hid_proj.image_projection_layers[0].ff.net[0].proj.in_features
+    expected_t, expected_d = user_token_shape(unet)
     if user_tokens.dim() != 3 or user_tokens.shape[1:] != (expected_t, expected_d):
         raise ValueError(f"user tokens have shape {tuple(user_tokens.shape)}; this UNet's user branch takes "
                          f"[batch, {expected_t}, {expected_d}]")
@@ -356,5 +361,5 @@ __all__ = [
     "USER_WEIGHT_NAME", "UserBranchError", "add_user_branch", "check_user_tokens", "get_user_scale",
     "has_user_branch", "load_user_branch", "pipeline_user_embeds", "read_user_branch", "remove_user_branch",
     "save_user_branch", "set_user_scale", "user_added_cond", "user_branch_disabled", "user_branch_parameters",
-    "user_branch_state_dict",
+    "user_branch_state_dict", "user_token_shape",
 ]

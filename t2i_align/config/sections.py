@@ -323,9 +323,11 @@ class Config:
         _check(self, "output_dir", bool(self.output_dir), "a non-empty path")
         _check(self, "seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)")
         self._check_precision()
-        if self.ppd.enabled and (self.raft.enabled or self.objective.name == "seppo"):
-            raise FieldError(Config, "ppd.enabled", True, "false with raft.enabled or objective seppo: PPD trains on "
-                             "offline pairs with user ids (dpo or sft); RAFT and SePPO generate without users")
+        if self.ppd.enabled and (self.raft.enabled or self.objective.name in ("seppo", "reward_backprop")
+                                 or self.data.kind != "pairs"):
+            raise FieldError(Config, "ppd.enabled", True, "false with raft.enabled, objective seppo or "
+                             "reward_backprop, or data.kind other than pairs: PPD trains on offline pairs with user "
+                             "ids (dpo or sft); RAFT, SePPO and reward fine-tuning generate without users")
         if self.ppd.enabled and self.model.attention.startswith("sdpa-"):
             raise FieldError(Config, "model.attention", self.model.attention, "sdpa or xformers with ppd.enabled "
                              "(the user branch replaces the cross-attention processors with diffusers' IP-Adapter "

@@ -1,10 +1,12 @@
 """`python -m t2i_align.users embed`: PPD's stage 1 over a Pick-a-Pic-format pair set, written as a user table.
 
 Per user (Dang et al., CVPR 2025, arXiv 2501.06655; official `pick_a_pick_user_emb.py`): the user's pairs without
-ties or identical images, shuffled (seeded per user, so the choice does not depend on sharding), the first
-`num_shots` that decode become the shots of one embedding (the official script cuts all of a user's pairs into
-chunks of 4 and embeds up to `per_user` of them; we make one embedding per user, what the table and the training
-loop look up by `user_id`). Users with fewer usable pairs are skipped and counted.
+ties or identical images (the official filter is `are_different and has_label`, the preferred image its
+`best_image_uid`; whether a tie passes it there could not be confirmed: here ties never describe a taste),
+shuffled (seeded per user, so the choice does not depend on sharding), the first `num_shots` that decode become
+the shots of one embedding (the official script cuts all of a user's pairs into chunks of 4 and embeds up to
+`per_user` of them; we make one embedding per user, what the table and the training loop look up by `user_id`).
+Users with fewer usable pairs are skipped and counted.
 
 Users are dealt over processes (`accelerate launch -m t2i_align.users embed ...`, as the official script shards
 users over 8 GPUs); each finished user is written at once to OUT/parts/ (one safetensors file, atomically), so a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -35,16 +38,25 @@ from .training import check_shots_disjoint, pair_fingerprint
 
 PARTS = "parts"
 USERS_JSON = "users.json"
+logger = logging.getLogger(__name__)
 
 
 def _by_user(dataset: PairDataset) -> Dict[Any, List[int]]:
+    """{user id: its rows}; ids as a user table keeps them (ints or text): a whole float (7.0, what pandas makes of
+    an int column with gaps) is taken as the int, any other id refused before anything is embedded."""
     if dataset.user_ids is None:
         raise ValueError("the pairs have no user_id column; PPD embeds users from their own labelled pairs "
                          "(Pick-a-Pic v2 has user_id)")
     rows: Dict[Any, List[int]] = {}
     for index, user in enumerate(dataset.user_ids):
-        if user is not None:  # a row without its rater cannot describe anyone's taste
-            rows.setdefault(user, []).append(index)
+        if user is None or user != user:  # no rater (None, NaN): it cannot describe anyone's taste
+            continue
+        if isinstance(user, float) and user.is_integer():
+            user = int(user)
+        if isinstance(user, bool) or not isinstance(user, (int, str)):
+            raise UserError(f"row {index}: user_id {user!r} ({type(user).__name__}); a user table's ids are ints "
+                            "or text: convert the column")
+        rows.setdefault(user, []).append(index)
     return rows
 
 
@@ -101,7 +113,7 @@ def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, se
     by_user = _by_user(dataset)
     users = sorted(by_user, key=json.dumps)
     users = (users[:max_users] if max_users else users)[rank::world]
-    counts = {"embedded": 0, "already_done": 0, "too_few_pairs": 0, "rows_skipped": 0}
+    counts = {"embedded": 0, "already_done": 0, "too_few_pairs": 0, "rows_skipped": 0, "failed": 0}
     for user in tqdm(users, desc=f"embed users (process {rank})", disable=not progress):
         path = part_path(out, user)
         if path.is_file():
@@ -112,10 +124,27 @@ def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, se
         if len(shots) < num_shots:
             counts["too_few_pairs"] += 1
             continue
-        result = encoder.encode_with_text(shots)
-        write_part(path, user, result.embedding, result.text, prints)
-        counts["embedded"] += 1
+        counts[_embed_one(encoder, shots, path, user, prints)] += 1
     return counts
+
+
+def _embed_one(encoder, shots, path: Path, user: Any, prints: List[str]) -> str:
+    """One user embedded and written; "failed" (with a warning) for an out-of-memory error or an embedding that is
+    not finite in the table's fp16, neither written: the others go on, and a resumed run tries that user again."""
+    try:
+        result = encoder.encode_with_text(shots)
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        return _failed(user, f"out of memory ({str(err).splitlines()[0][:200]})")
+    if not bool(torch.isfinite(result.embedding.to(torch.float16)).all()):
+        return _failed(user, "its embedding is not finite in fp16 (NaN, or beyond 65504): try --dtype fp32/bf16")
+    write_part(path, user, result.embedding, result.text, prints)
+    return "embedded"
+
+
+def _failed(user: Any, why: str) -> str:
+    logger.warning("user %r not embedded: %s", user, why)
+    return "failed"
 
 
 def merge_parts(out: Path, handled: Optional[int] = None) -> Dict[str, Any]:
@@ -157,7 +186,13 @@ def check_shots(shots_json: str, pairs: str) -> int:
 
     ids = tqdm(enumerate(dataset.user_ids), total=len(dataset), desc="check shots against training pairs")
     rows = ((user, pair_fingerprint(dataset.caption(i), *dataset.image_bytes(i))) for i, user in ids if user in shots)
-    return check_shots_disjoint(shots, rows)
+    checked = check_shots_disjoint(shots, rows)
+    if checked == 0:  # nothing compared is no evidence: PPD would find none of these users in the table either
+        seen = sorted({repr(u) for u in dataset.user_ids})[:5]
+        raise UserError(f"no pair of {pairs} belongs to a user of {shots_json} ({len(shots)} users, e.g. "
+                        f"{[repr(u) for u in list(shots)[:5]]}; the pairs' users are e.g. {seen}): nothing was "
+                        "checked. Are the ids of another type (7 vs '7'), or the pairs another user set's?")
+    return checked
 
 
 PARTS_SETTINGS = "settings.json"
@@ -193,13 +228,14 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
 
     state = PartialState(timeout=SHARD_WAIT)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dataset = PairDataset(pairs, resolution=8)
+    _by_user(dataset)  # its ids checked before the model loads
     encoder = LlavaUserEncoder.from_pretrained(model, device=str(state.device), dtype=torch_dtype,
                                                max_new_tokens=max_new_tokens)
-    dataset = PairDataset(pairs, resolution=8)
     # once the model and pairs have loaded: a failed start records nothing
     check_parts_settings(Path(out), {"model": str(Path(model).resolve()), "pairs": str(Path(pairs).resolve()),
                                      "num_shots": num_shots, "seed": seed, "max_new_tokens": max_new_tokens,
-                                     "dtype": dtype})
+                                     "dtype": dtype, "images": "one tile each"})  # not so until session 22
     counts = embed_users(encoder, dataset, Path(out), num_shots, seed, state.process_index, state.num_processes,
                          max_users, progress=True)
     print(json.dumps({"process": state.process_index, **counts}))

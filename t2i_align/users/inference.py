@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from .table import USER_TABLE_NAME, UserTable, interpolate_users
+from .table import USER_TABLE_NAME, UserTable, interpolate_users, select_layers
 
 
 class UserChoiceError(UserError, ValueError):
@@ -113,7 +113,8 @@ def user_embedding(choice: UserChoice, folders: Sequence) -> torch.Tensor:
 def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Optional[torch.Tensor]:
     """[n, T, D] tokens for every image when pipe.unet has a user branch (setting --user-scale on it); None when
     it has none (a user then is an error: the model was not trained for users)."""
-    from ..conditioning.users import UserBranchError, check_user_tokens, has_user_branch, set_user_scale
+    from ..conditioning.users import (UserBranchError, check_user_tokens, has_user_branch, set_user_scale,
+                                      user_token_shape)
 
     if not has_user_branch(pipe.unet):
         if choice.given:
@@ -124,7 +125,11 @@ def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Opti
         if choice.scale < 0:
             raise UserChoiceError(f"--user-scale {choice.scale}: must be >= 0")
         set_user_scale(pipe.unet, choice.scale)
-    tokens = user_embedding(choice, folders)[None].repeat(n, 1, 1)
+    embedding = user_embedding(choice, folders)
+    taken = user_token_shape(pipe.unet)[0]
+    if embedding.dim() == 2 and embedding.shape[0] > taken:  # a table of every VLM layer (a new user's, from
+        embedding = select_layers(embedding, taken)  # `users embed`): ppd.layers kept the last `taken`, any choice
+    tokens = embedding[None].repeat(n, 1, 1)
     try:
         check_user_tokens(pipe.unet, tokens)
     except ValueError as err:

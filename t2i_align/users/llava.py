@@ -13,9 +13,13 @@ stage-1 code is `llava_embeddings/pick_a_pick_user_emb.py` of github.com/Asap777
 - the embedding: the hidden state of the last decoding step's token from every layer, embedding output first and
   the final-normed state last, [L + 1, D] = [29, 3584] for Qwen2-7B.
 
-Not reproduced: the official code runs LLaVA-NeXT's own model classes, whose "pad" mode encodes each image as one
-384 px tile; transformers' LLaVA-OneVision processor adds its anyres tiles, so embeddings made here are not
-numerically those of PPD's released JSON files (the prompt, decoding and read-out are the same).
+- each image as one 384 px tile and a newline token (729 + 1 tokens), as LLaVA-NeXT's "pad" mode encodes the
+  several images of one prompt: the images go to transformers' processor as one sample's list, whose multi-image
+  path skips the anyres tiles (transformers >= 4.53; given as a flat list, each image was taken as its own sample
+  and tiled: 5-10x the tokens, past Qwen2's 32k context for eight 1024 px images; so until session 22).
+
+Not reproduced: the numbers themselves. transformers' classes are not LLaVA-NeXT's own (the official code's), so
+embeddings made here are not bit for bit those of PPD's released JSON files.
 """
 from __future__ import annotations
 
@@ -116,8 +120,9 @@ class LlavaUserEncoder:
         from packaging.version import Version
 
         version = Version(transformers.__version__)
-        if version < Version("4.45"):
-            raise ImportError(f"LLaVA-OneVision needs transformers >= 4.45 (installed: {version}); upgrade it")
+        if version < Version("4.53"):  # its processor's multi-image path (batch_num_images) came in 4.53
+            raise ImportError(f"PPD's user embeddings need transformers >= 4.53 (installed: {version}), whose "
+                              "LLaVA-OneVision encodes several images of one prompt as PPD does; upgrade it")
         from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
         processor = LlavaOnevisionProcessor.from_pretrained(path, local_files_only=True)
@@ -132,7 +137,8 @@ class LlavaUserEncoder:
         for shot in shots:
             images += [pad_to_square(shot.preferred, self.fill), pad_to_square(shot.dispreferred, self.fill)]
         prompt = qwen_chat(ppd_question([shot.caption for shot in shots]))
-        batch = self.processor(text=prompt, images=images, return_tensors="pt")
+        # one sample's images (nested): one tile each, as the official "pad" mode; a flat list would be tiled
+        batch = self.processor(text=prompt, images=[images], return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
         return {k: v.to(self.model.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
 
