@@ -255,6 +255,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
         else components.scheduler
     history: List[Dict[str, float]] = []
     streak = 0
+    if accelerator.device.type == "cuda":  # gpu_mem_peak_gb: the steps' peak, not the model load's or cache build's
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     last_log = (time.perf_counter(), st.start)  # for sec_per_step: (when, step) of the previous log
     bar = tqdm(range(st.start, tc.max_steps), initial=st.start, total=tc.max_steps,
                disable=not accelerator.is_main_process, desc="train")
@@ -371,6 +373,8 @@ def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm
     logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr_sched.get_last_lr()[0],
                   grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
     logged.update(_summed(accelerator, {k: logged[k] for k in SUMMED if k in logged}))
+    if accelerator.device.type == "cuda":  # the main process's, since the first step (galleries included)
+        logged["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     on_main(accelerator, lambda: st.tracker.log(logged, step=done), "the main process could not log metrics")
     bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
     return now, done
