@@ -1,6 +1,7 @@
 """A method's toy-world table: each model judged on the 60 held-out prompts × 8 seeds, per attribute, with its
-sample diversity, against each baseline (win rate + sign-test p, paired difference + t-test p, and the paired
-difference of every attribute's accuracy with its t-test p).
+sample diversity, against each baseline (the image win rate; with the prompt as the unit, since a prompt's 8 seeds
+are not independent: the sign-test and t-test p of the per-prompt mean differences, and every attribute's paired
+difference with its per-prompt t-test p; `stats.clustered_diff`).
 
     python benchmarks/toy_table.py --model sft=runs/toy-sft-600/final --model seppo=runs/toy-seppo-600/final \
         --baseline base --baseline sft --seed 0 --out runs/seppo-table-seed0.json
@@ -67,7 +68,7 @@ def row(name: str, r: Dict, baselines: Dict[str, Dict]) -> Dict:
 
 def markdown(rows: List[Dict]) -> str:
     head = "| model | judge | " + " | ".join(ATTRIBUTES) + " | diversity | vs | win rate | p sign | p t | " \
-           "attribute changes (p t < 0.01) |"
+           "attribute changes (p t < 0.01) |"  # p: per prompt
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         attrs = " | ".join(f"{r['per_attribute'][a]['mean']:.3f}" for a in ATTRIBUTES)
@@ -76,9 +77,10 @@ def markdown(rows: List[Dict]) -> str:
         if not r["vs"]:
             lines.append(first + " | | | | |")
         for i, (bname, v) in enumerate(r["vs"].items()):
-            sig = [f"{a} {v[a]['mean_diff']:+.3f}" for a in ATTRIBUTES if v[a]["p_value"] < 0.01]
-            cells = (f" {bname} | {v['win_rate']['win_rate']:.3f} | {v['win_rate']['p_value']:.2g} | "
-                     f"{v['overall']['p_value']:.2g} | {', '.join(sig) or '—'} |")
+            sig = [f"{a} {v[a]['mean_diff']:+.3f}" for a in ATTRIBUTES if v[a]["per_prompt"]["p_value"] < 0.01]
+            prompts = v["overall"]["per_prompt"]
+            cells = (f" {bname} | {v['win_rate']['win_rate']:.3f} | {prompts['sign']['p_value']:.2g} | "
+                     f"{prompts['p_value']:.2g} | {', '.join(sig) or '—'} |")
             lines.append((first if i == 0 else "| | | " + " | " * len(ATTRIBUTES) + " |") + cells)
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Tuned vs base on prompt sets at identical seeds: each model's mean reward (95 % CI), the win rate of tuned
-over base (ties half, Wilson 95 % interval, sign-test p) and the paired difference (t-test p), as JSON.
+over base (ties half, Wilson 95 % interval, sign-test p) and the paired difference (t-test p), and with several seeds
+per prompt both tests over the prompts (`per_prompt`: the p-values to read), as JSON.
 
     python sample/compare.py --lora runs/toy-raft/final --prompts toy:heldout --seeds-per-prompt 8
     python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo/final \
@@ -49,6 +50,7 @@ def compare_sets(args, rewards, save=None) -> dict:
     for spec, user_id in blocks:
         prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
+        groups = [i // settings.seeds_per_prompt for i in range(len(prompts) * settings.seeds_per_prompt)]
         # the tuned side first: most flags (--user ...) are its, and fail at its loading
         for side, model, lora, encoding in (("tuned", args.model, args.lora, args.text_encoding),
                                             ("base", args.base, args.base_lora, args.base_text_encoding)):
@@ -57,7 +59,7 @@ def compare_sets(args, rewards, save=None) -> dict:
             scores[side] = score_samples(samples, rewards)
         result["sets"][_key(spec, user_id)] = {
             "prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
-            "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name]) for name in rewards}}
+            "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name], groups) for name in rewards}}
         result["unfinished"].remove(_key(spec, user_id))
         if save is not None:
             save(result)

@@ -2,7 +2,8 @@
 
 Both models see the same prompts and the same per-image seeds (`sampling.seeds_for`), so scores are paired:
 the comparison reports each model's mean with a 95 % interval, the win rate of tuned over base (ties count
-half; Wilson interval; sign-test p) and the paired mean difference (t-test p).
+half; Wilson interval; sign-test p), the paired mean difference (t-test p) and, with several seeds per prompt, both
+tests with the prompt as the unit (`per_prompt`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import UserError
 from .sampling import Samples, generate, load_pipeline, prompt_major
-from .stats import mean_ci, paired_diff, win_rate
+from .stats import clustered_diff, mean_ci, paired_diff, win_rate
 
 
 @dataclass
@@ -67,8 +68,11 @@ class TooFewScores(UserError, ValueError):
     """Fewer than two image pairs with finite scores on both sides: nothing to compare."""
 
 
-def compare_scores(base: Sequence[float], tuned: Sequence[float]) -> Dict:
-    """Paired comparison of tuned against base; pairs where either score is non-finite are dropped, counted."""
+def compare_scores(base: Sequence[float], tuned: Sequence[float], groups: Optional[Sequence] = None) -> Dict:
+    """Paired comparison of tuned against base; pairs where either score is non-finite are dropped, counted.
+    `groups` (each image's prompt): with several images per prompt, `per_prompt` holds the paired t-test and the
+    sign test over the prompts' mean differences (`stats.clustered_diff`), the p-values to read: a prompt's
+    images at several seeds are not independent, and the image-level p-values overstate the evidence."""
     if len(base) != len(tuned):
         raise ValueError(f"compare_scores needs paired scores, got {len(base)} base and {len(tuned)} tuned")
     keep = [i for i in range(len(base)) if math.isfinite(base[i]) and math.isfinite(tuned[i])]
@@ -77,5 +81,9 @@ def compare_scores(base: Sequence[float], tuned: Sequence[float]) -> Dict:
                            "least 2: sample more images (--seeds-per-prompt, more prompts) or use a reward that "
                            "scores these prompts (toy-judge reads only toy captions)")
     b, t = [base[i] for i in keep], [tuned[i] for i in keep]
-    return {"base": mean_ci(b), "tuned": mean_ci(t), "win_rate": win_rate(t, b), "paired_diff": paired_diff(t, b),
-            "dropped_nonfinite": len(base) - len(keep)}
+    out = {"base": mean_ci(b), "tuned": mean_ci(t), "win_rate": win_rate(t, b), "paired_diff": paired_diff(t, b),
+           "dropped_nonfinite": len(base) - len(keep)}
+    g = None if groups is None else [groups[i] for i in keep]
+    if g is not None and 2 <= len(set(g)) < len(g):  # several prompts, some with several images
+        out["per_prompt"] = clustered_diff(t, b, g)
+    return out

@@ -28,6 +28,13 @@ def test_compare_records_by_hand():
     assert out["background"]["t"] == pytest.approx(0.25 / ((2.75 / 3) ** 0.5 / 2))
     assert out["color"]["mean_diff"] == 0.0 and out["color"]["p_value"] == 1.0
     assert out["reward"]["total"]["mean_diff"] == pytest.approx(0.1)  # 0.2, 0, 0.1, 0.1
+    # per prompt (2 seeds each): background (+1, 0) -> 0.5 and (-1, +1) -> 0: mean 0.25, se 0.25, t = 1 with df 1,
+    # p = 1 - (2/π)·atan(1) = 0.5; the sign test sees 1 prompt won, 1 tied: p = 1
+    per_prompt = out["background"]["per_prompt"]
+    assert per_prompt["groups"] == 2 and per_prompt["t"] == pytest.approx(1.0)
+    assert per_prompt["p_value"] == pytest.approx(0.5) and per_prompt["sign"] == {"wins": 1, "losses": 0,
+                                                                                  "p_value": 1.0}
+    assert out["overall"]["per_prompt"]["mean_diff"] == pytest.approx(0.05)  # (0.2, 0) -> 0.1, (-0.2, 0.2) -> 0
 
 
 def test_rewards_of_different_models_are_not_compared():

@@ -88,6 +88,10 @@ def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
         assert wr["win_rate"] == 0.5 and wr["ties"] == 6
         assert (wr["low"], wr["high"]) == (pytest.approx(0.18762, abs=1e-4), pytest.approx(0.81238, abs=1e-4))
         assert block[name]["base"]["mean"] == block[name]["tuned"]["mean"]
+        # over the 3 prompts (2 seeds each): every mean difference 0, so t = 0, p = 1 and no prompt won or lost
+        per_prompt = block[name]["per_prompt"]
+        assert per_prompt["groups"] == 3 and per_prompt["p_value"] == 1.0
+        assert per_prompt["sign"] == {"wins": 0, "losses": 0, "p_value": 1.0}
     assert json.loads((tmp_path / "cmp.json").read_text())["sets"][str(prompts)]["images_per_model"] == 6
 
 

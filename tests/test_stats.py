@@ -114,3 +114,39 @@ def test_equal_differences_give_no_t_and_the_documented_p():
     assert d["mean_diff"] == d["low"] == d["high"] == 0.25
     same = paired_diff([0.5, 0.25], [0.5, 0.25])  # all zero: t 0, p 1, as before
     assert (same["t"], same["p_value"]) == (0.0, 1.0)
+
+
+def test_clustered_diff_tests_the_prompts_mean_differences_by_hand():
+    """Three prompts, two seeds each: the per-prompt mean differences are 2, 2, 3 (mean 7/3, sd 1/√3, se 1/3), so
+    t = 7 with df = 2, whose two-sided p has the closed form 1 − t/√(t² + 2) = 1 − 7/√51; the 95 % interval is
+    7/3 ± 4.302653/3; the sign test sees 3 prompts won of 3: p = 2 · (1/2)³ = 0.25. Over the six images as if
+    independent the t-test would give t = 3.796 (sd² = 34/15, n = 6), p = 0.0127: the prompts are the sample."""
+    from t2i_align.stats import clustered_diff, paired_diff
+
+    tuned, base = [3, 1, 2, 2, 5, 1], [0] * 6
+    out = clustered_diff(tuned, base, ["a", "a", "b", "b", "c", "c"])
+    assert out["groups"] == 3 and out["mean_diff"] == pytest.approx(7 / 3)
+    assert out["t"] == pytest.approx(7.0) and out["p_value"] == pytest.approx(1 - 7 / math.sqrt(51), abs=1e-10)
+    assert (out["low"], out["high"]) == pytest.approx((7 / 3 - 4.302653 / 3, 7 / 3 + 4.302653 / 3), abs=1e-5)
+    assert out["sign"] == {"wins": 3, "losses": 0, "p_value": 0.25}
+    per_image = paired_diff(tuned, base)
+    assert per_image["t"] == pytest.approx(14 / 6 / math.sqrt(34 / 15 / 6)) and per_image["p_value"] < 0.013
+    with pytest.raises(ValueError, match="one group per pair"):
+        clustered_diff(tuned, base, ["a", "b"])
+    with pytest.raises(ValueError, match="at least 2 groups, got 1"):
+        clustered_diff(tuned, base, ["a"] * 6)
+
+
+def test_compare_scores_tests_per_prompt_after_dropping_non_finite_pairs():
+    """Groups follow the kept pairs: prompt 0's NaN pair is dropped, its other difference is +0.5; prompt 1's
+    are +0.25 and −0.25 (mean 0), prompt 2's +0.5 and +0.5: means 0.5, 0, 0.5 -> 2 prompts won, 1 tied."""
+    from t2i_align.evaluation import compare_scores
+
+    base = [0.0, math.nan, 0.5, 0.5, 0.0, 0.0]
+    tuned = [0.5, 0.3, 0.75, 0.25, 0.5, 0.5]
+    out = compare_scores(base, tuned, groups=[0, 0, 1, 1, 2, 2])
+    assert out["dropped_nonfinite"] == 1 and out["per_prompt"]["groups"] == 3
+    assert out["per_prompt"]["mean_diff"] == pytest.approx(1 / 3)
+    assert out["per_prompt"]["sign"] == {"wins": 2, "losses": 0, "p_value": 0.5}
+    assert "per_prompt" not in compare_scores(base, tuned)  # no groups: the image tests only
+    assert "per_prompt" not in compare_scores(base, tuned, groups=[0, 1, 2, 3, 4, 5])  # one image per prompt

@@ -97,3 +97,17 @@ def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monke
     monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled pairs before the config check"))
     assert main(["demo", "--out", str(tmp_path / "demo"), "train.max_stepz=2"]) == 2
     assert "train.max_stepz" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_headline_reads_the_prompt_level_tests_when_there_are_several_seeds():
+    """Differences 0.4, 0.2 | 0, 0.2 | 0.4, -0.2 at 2 seeds per prompt: prompt means 0.3, 0.1, 0.1, all won, so the
+    sign test over the 3 prompts gives 2 · (1/2)³ = 0.25 (over the images: 4 wins, 1 loss, p = 2 · 6/32 = 0.375)."""
+    from t2i_align.toy.demo import headline, tests_of
+
+    tuned, base = [1.0, 0.8, 0.6, 0.6, 1.0, 0.4], [0.6, 0.6, 0.6, 0.4, 0.6, 0.6]
+    out = tests_of(tuned, base, 2)
+    assert out["per_prompt"]["sign"] == {"wins": 3, "losses": 0, "p_value": 0.25}
+    assert out["win_rate"]["p_value"] == pytest.approx(0.375)
+    line = headline({"base": {"overall": {"mean": 0.6}}, "tuned": {"overall": {"mean": 0.733}}, **out})
+    assert "p over 3 prompts = 0.25 (sign test)" in line
+    assert "per_prompt" not in tests_of(tuned, base, 1)  # one image per prompt: the images are the prompts

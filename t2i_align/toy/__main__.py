@@ -85,7 +85,7 @@ def cmd_pairs(args) -> dict:
 
 def cmd_compare(args) -> dict:
     """Base vs tuned on the same prompts and seeds: both means with 95 % CIs, the paired win rate, p-values."""
-    from ..stats import paired_diff, win_rate
+    from .demo import tests_of
     from .evaluate import evaluate, judge_scores, prompt_set
 
     scenes = prompt_set(args.prompts)
@@ -95,7 +95,7 @@ def cmd_compare(args) -> dict:
         runs[name] = evaluate(_pipe(args), scenes, seeds_per_prompt=args.seeds, base_seed=args.seed)
     tuned, base = judge_scores(runs["tuned"]), judge_scores(runs["base"])
     return {"prompts": args.prompts, "base": runs["base"].summary, "tuned": runs["tuned"].summary,
-            "win_rate": win_rate(tuned, base), "paired_diff": paired_diff(tuned, base)}
+            **tests_of(tuned, base, args.seeds)}
 
 
 def cmd_demo(args) -> dict:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..files import write_json_atomic
 from ..gallery import to_uint8, write_gallery
 from ..sampling import load_pipeline
-from ..stats import paired_diff, win_rate
+from ..stats import clustered_diff, paired_diff, win_rate
 from .assets import verify_assets
 from .evaluate import Evaluation, evaluate, judge_scores, prompt_set
 from .pairs import export_pairs
@@ -33,12 +33,23 @@ def _bar(total: int, desc: str, show: bool) -> tqdm:
 
 
 def headline(result: Dict) -> str:
-    """One line a newcomer can read: both judge scores, the win rate and the two p-values."""
-    wins, diff = result["win_rate"], result["paired_diff"]
+    """One line a newcomer can read: both judge scores, the win rate and the two p-values (over the prompts when
+    each has several seeds: its images are not independent)."""
+    wins, prompts = result["win_rate"], result.get("per_prompt")
+    sign_p, t_p, unit = (prompts["sign"]["p_value"], prompts["p_value"], f" over {prompts['groups']} prompts") \
+        if prompts else (wins["p_value"], result["paired_diff"]["p_value"], "")
     return (f"held-out judge score: base {result['base']['overall']['mean']:.3f} -> tuned "
             f"{result['tuned']['overall']['mean']:.3f}; tuned wins {wins['win_rate']:.3f} of "
-            f"{wins['n']} same-seed pairs (ties half); p = {wins['p_value']:.2g} (sign test), "
-            f"{diff['p_value']:.2g} (paired t-test)")
+            f"{wins['n']} same-seed pairs (ties half); p{unit} = {sign_p:.2g} (sign test), {t_p:.2g} (paired t-test)")
+
+
+def tests_of(tuned, base, seeds_per_prompt: int) -> Dict:
+    """The win rate and paired difference over images, and with several seeds per prompt `per_prompt`, the same
+    tests over the prompts (prompt-major scores; `stats.clustered_diff`)."""
+    out = {"win_rate": win_rate(tuned, base), "paired_diff": paired_diff(tuned, base)}
+    if seeds_per_prompt > 1:
+        out["per_prompt"] = clustered_diff(tuned, base, [i // seeds_per_prompt for i in range(len(tuned))])
+    return out
 
 
 def _caption(label: str, verdict) -> str:
@@ -103,8 +114,8 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
                             title="t2i-align toy world: base vs LoRA DPO (held-out prompts, same seeds)")
     tuned, base_scores = judge_scores(evals["tuned"]), judge_scores(evals["base"])
     result = {"pairs": counts, "lora": str(final), "base": evals["base"].summary,
-              "tuned": evals["tuned"].summary, "win_rate": win_rate(tuned, base_scores),
-              "paired_diff": paired_diff(tuned, base_scores), "gallery": str(gallery / "index.html"),
+              "tuned": evals["tuned"].summary, **tests_of(tuned, base_scores, seeds_per_prompt),
+              "gallery": str(gallery / "index.html"),
               "grid": str(gallery / "grid.png"), "config": str(config), "train_overrides": list(train_overrides)}
     write_json_atomic(out / "judge.json", result)
     return result

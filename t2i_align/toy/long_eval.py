@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..gallery import to_uint8
 from ..ranking import diversity
 from ..sampling import generate, prompt_major
-from ..stats import mean_ci, paired_diff, sign_test_p
+from ..stats import clustered_diff, mean_ci, paired_diff, sign_test_p
 from .evaluate import TOY_GUIDANCE, TOY_STEPS, prompt_set
 from .judge import judge_batch
 from .scenes import ATTRIBUTES, short_caption
@@ -71,16 +71,22 @@ def _sign(a: Sequence[float], b: Sequence[float]) -> Dict:
 
 def compare_records(tuned: Dict, base: Dict, attributes: Optional[Sequence[str]] = None) -> Dict:
     """tuned − base, image by image (both judged on the same prompts and seeds): per attribute and overall the
-    paired mean difference (95 % t-interval, t-test p) and the sign test on images where they differ."""
+    paired mean difference (95 % t-interval, t-test p) and the sign test on images where they differ, and under
+    `per_prompt` the same tests with the prompt as the unit (`stats.clustered_diff`: a prompt's seeds are not
+    independent; these are the p-values to read)."""
     for key in ("prompts", "captions", "seeds_per_prompt", "base_seed"):
         if tuned[key] != base[key]:
             raise ValueError(f"records differ in {key}: {tuned[key]!r} vs {base[key]!r}; judge both alike")
-    out = {"overall": {**paired_diff(tuned["score"], base["score"]), "sign": _sign(tuned["score"], base["score"])}}
+    groups = [i // tuned["seeds_per_prompt"] for i in range(len(tuned["score"]))]  # prompt-major records
+
+    def both(t, b) -> Dict:
+        return {**paired_diff(t, b), "sign": _sign(t, b), "per_prompt": clustered_diff(t, b, groups)}
+
+    out = {"overall": both(tuned["score"], base["score"])}
     for a in attributes or ATTRIBUTES:
-        t, b = tuned["correct"][a], base["correct"][a]
-        out[a] = {**paired_diff(t, b), "sign": _sign(t, b)}
+        out[a] = both(tuned["correct"][a], base["correct"][a])
     out["diversity"] = paired_diff(tuned["diversity"], base["diversity"])
     if "reward" in tuned and "reward" in base and \
             tuned.get("reward_checkpoint", "toy") == base.get("reward_checkpoint", "toy"):  # the same reward
-        out["reward"] = {key: paired_diff(tuned["reward"][key], base["reward"][key]) for key in tuned["reward"]}
+        out["reward"] = {key: both(tuned["reward"][key], base["reward"][key]) for key in tuned["reward"]}
     return out
