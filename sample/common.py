@@ -94,6 +94,35 @@ def _check_seeds(seed: int, per_prompt: int, num_prompts: int) -> None:
                          f"{high}]; give a --seed from {low} to {high - top}")
 
 
+def note_training_seeds(lora, settings, num_prompts: int) -> None:
+    """A note on stderr when the images to compare start from noises the run that made `lora` generated its
+    RAFT / online-DPO samples from (read from its config.yaml beside final/): those are not fresh seeds."""
+    from pathlib import Path
+
+    import yaml
+
+    from t2i_align.data.online import seeds_generated
+    from t2i_align.sampling import seeds_for
+
+    folder = Path(lora) if lora is not None else None
+    run = None if folder is None else (folder.parent if folder.is_file() else folder).parent
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        raft = cfg["raft"]
+        if not raft["enabled"]:
+            return
+        settings_of_run = (int(cfg["seed"]), int(raft["k"]), int(raft["prompts_per_round"]),
+                           -(-int(cfg["train"]["max_steps"]) // int(raft["round_steps"])))  # rounds, rounded up
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError):  # no run folder, or not one of ours
+        return
+    seeds = [s for row in seeds_for(num_prompts, settings.seeds_per_prompt, settings.seed) for s in row]
+    hit = seeds_generated(seeds, *settings_of_run)
+    if hit:
+        print(f"note: {hit} of the {len(seeds)} images compared start from noises {run} drew its RAFT / online-DPO "
+              f"samples from (seed {settings_of_run[0]} + 1,000,003·round + 10,000·k + slot): not a fresh test of "
+              "it; pick a --seed whose grid it never drew, e.g. --seed 1000000000000", file=sys.stderr)
+
+
 def load_reward_set(names: str, options, device: str):
     """--reward a,b and --option NAME.KEY=VALUE, as in t2i-score."""
     from reward_models.cli import load_rewards, parse_options

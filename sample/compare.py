@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
-                    check_rewards_read, load_reward_set, run_cli, settings_from, user_choice_from)
+                    check_rewards_read, load_reward_set, note_training_seeds, run_cli, settings_from,
+                    user_choice_from)
 
 
 def _has_branch(model, lora) -> bool:
@@ -38,6 +39,8 @@ def compare_sets(args, rewards, save=None) -> dict:
 
     prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
     settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
+    for lora in {args.lora, args.base_lora} - {None}:
+        note_training_seeds(lora, settings, max(len(prompts) for prompts in prompt_sets.values()))
     for spec, prompts in prompt_sets.items():
         check_rewards_read(rewards, prompts)
         if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling

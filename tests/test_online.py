@@ -227,3 +227,44 @@ def test_resume_inside_a_round_trains_on_the_saved_pool(tmp_path, objective):
     _run(*common, part, "train.max_steps=5", f"train.resume={part / 'checkpoints' / 'step-4'}", *extra)
     rounds = [json.loads(s)["round"] for s in (part / "raft_rounds.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2] and [r["loss"] for r in _metrics(part)] == pytest.approx(losses[full], abs=1e-6)
+
+
+def test_seeds_generated_counts_the_evaluation_seeds_a_run_drew_by_hand():
+    """RAFT's toy config (seed 0, K = 16, 300 prompts, one round) drew seeds 10,000·k + slot up to 150,299: of the
+    480 images of 60 prompts × 8 at --seed 100000 (100,000 + 10,000·k + i), k = 0..5 land on its k + 10: 6 × 60 =
+    360. At --seed 1,000,000 one round misses them all; a second round (from 1,000,003) takes i ≥ 3: 8 × 57 = 456."""
+    from t2i_align.data.online import round_seed, seeds_generated
+    from t2i_align.sampling import seeds_for
+
+    def grid(seed):
+        return [s for row in seeds_for(60, 8, seed) for s in row]
+
+    assert round_seed(0, 1, 2, 5) == 1_020_008
+    assert seeds_generated(grid(100_000), 0, 16, 300, 1) == 360
+    assert seeds_generated(grid(1_000_000), 0, 16, 300, 1) == 0
+    assert seeds_generated(grid(1_000_000), 0, 16, 300, 2) == 456
+    assert seeds_generated(grid(0), 0, 16, 300, 1) == 480  # the training seed's own grid: every image
+
+
+def test_compare_notes_seeds_the_run_trained_on(tmp_path, capsys):
+    """compare.py reads the run's config.yaml beside final/ and says when its grid is not fresh."""
+    import importlib.util
+    import sys as _sys
+    from pathlib import Path
+
+    from t2i_align.evaluation import SampleSettings
+
+    sample = Path(__file__).resolve().parents[1] / "sample"
+    _sys.path.insert(0, str(sample))
+    spec = importlib.util.spec_from_file_location("sample_common", sample / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    run = tmp_path / "toy-raft"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\ntrain: {max_steps: 1000}\n"
+                                     "raft: {enabled: true, k: 16, prompts_per_round: 300, round_steps: 1000}\n")
+    common.note_training_seeds(str(run / "final"), SampleSettings(seeds_per_prompt=8, seed=100_000), 60)
+    assert "note: 360 of the 480 images compared start from noises" in capsys.readouterr().err
+    common.note_training_seeds(str(run / "final"), SampleSettings(seeds_per_prompt=8, seed=1_000_000), 60)
+    common.note_training_seeds(str(tmp_path / "elsewhere"), SampleSettings(seeds_per_prompt=8), 60)  # no run
+    assert capsys.readouterr().err == ""

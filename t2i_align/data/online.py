@@ -18,7 +18,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,24 @@ def _reward(rc, device):
     if reward_accepts(rc.reward, "device"):
         options.setdefault("device", str(device))
     return get_reward(rc.reward, **options)
+
+
+def round_seed(seed: int, rnd: int, k: int, slot: int) -> int:
+    """The seed of image k of the prompt at `slot` in round `rnd`: a grid per round, rounds 1,000,003 apart."""
+    return seed + 1_000_003 * rnd + 10_000 * k + slot
+
+
+def seeds_generated(seeds: Iterable[int], seed: int, k: int, per_round: int, rounds: int) -> int:
+    """How many of `seeds` a run with these settings drew round images from (`round_seed`, `rounds` rounds): an
+    evaluation at those seeds starts from noises the run trained on, so it is not a fresh test."""
+    hit = 0
+    for s in seeds:
+        for rnd in range(rounds):
+            kk, slot = divmod(s - seed - 1_000_003 * rnd, 10_000)
+            if 0 <= kk < k and slot < per_round:
+                hit += 1
+                break
+    return hit
 
 
 def check_online_settings(rc, pairs: bool) -> List[str]:
@@ -239,7 +257,7 @@ class OnlineSource:
         k = self.rc.k
         texts = [self.prompts[i] for i in prompt_ids]
         flat = [t for t in texts for _ in range(k)]
-        seeds = [self.cfg.seed + 1_000_003 * rnd + 10_000 * kk + slot for slot in slots for kk in range(k)]
+        seeds = [round_seed(self.cfg.seed, rnd, kk, slot) for slot in slots for kk in range(k)]
         # In chunks of whole generation batches (the same batches as one call): only a chunk's decoded images are
         # held at a time (300 prompts x 16 at 512 px: 15 GB of float pixels), then scored and encoded
         step = self.rc.generation_batch_size * max(1, ROUND_CHUNK_IMAGES // self.rc.generation_batch_size)
