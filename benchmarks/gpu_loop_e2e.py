@@ -8,7 +8,9 @@ failure keeps the others:
 1. LoRA DPO from a Pick-a-Pic-format parquet (configs/sd15/dpo_lora.yaml): fp16 mixed precision and fp16 frozen
    weights, batch 2 x accumulation 2, 10 steps, a checkpoint every 5, no cache.
 2. The same in bf16 with data.cache=true (the latent cache is built on the fly).
-3. Full fine-tuning DPO (configs/sd15/dpo_full.yaml), bf16, batch 1, 5 steps, gradient checkpointing.
+3. Full fine-tuning DPO (configs/sd15/dpo_full.yaml), bf16, batch 1, 5 steps, gradient checkpointing, LR 1e-5
+   without scale_lr and warm-up (the recipe's 1e-8 x scaling, warmed up over 500 steps, would leave the export
+   all but equal to the base, and the check below could not tell a trained export from an untrained one).
 4. RAFT (sft on best-of-K samples; defaults + overrides, so no reward weights are needed), LoRA, bf16, K=4 x 4
    prompts per round, 3 steps per round, 6 steps, 10 DDIM steps at 512 px, reward "e2e-brightness" (mean pixel
    value, registered here).
@@ -18,18 +20,23 @@ Every run logs each step (log_every=1) and ends with the validation gallery (1 p
 tracking.wandb=off and `import wandb` is blocked, as on a machine without wandb. Per run: ok or the error, steps,
 wall s (load, cache, generation, checkpoints, gallery and export included), s/step (median of the loop's
 logged sec_per_step after step 1; the median skips checkpoint and RAFT-generation steps), peak
-max_memory_allocated, final loss, and whether final/ reloads in a plain StableDiffusionPipeline (LoRA:
-load_lora_weights) with the trained UNet's outputs.
+max_memory_allocated over the whole run and the loop's own gpu_mem_peak_gb (its steps and galleries only, from the
+last logged line), final loss, and whether final/ reloads in a plain StableDiffusionPipeline (LoRA:
+load_lora_weights) with the trained UNet's outputs (max |loaded - trained| / max |trained| under 1e-3, one fp32
+forward with TF32 off, so that cuDNN's and cuBLAS's TF32 kernels cannot make a faithful export look wrong) and
+differs from the base model's (max |loaded - base| > 0: training moved the weights).
 
-    python benchmarks/gpu_loop_e2e.py [--json out.json]          # one CUDA GPU, about 3-5 minutes on an H200
+    python benchmarks/gpu_loop_e2e.py [--json out.json]          # one CUDA GPU: about 2-3 minutes (estimated)
     OMP_NUM_THREADS=1 python benchmarks/gpu_loop_e2e.py --smoke  # CPU: tiny pipeline, 64 px, 2 steps, fp32 only
 
 --smoke maps fp16/bf16 to fp32 (accelerate does not autocast fp16 on CPU). A Markdown table is printed; JSON goes
-to --json (default $OUT/gpu_loop_e2e.json, else ./gpu_loop_e2e.json), rewritten after every run.
+to --json (default $OUT/gpu_loop_e2e.json, else ./gpu_loop_e2e.json), rewritten after every run (atomically, and
+strict JSON: a NaN loss is written as null).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -50,6 +57,7 @@ sys.modules["wandb"] = None  # `import wandb` raises ImportError here, as on a m
 
 from gpu_sd15 import build_folder  # noqa: E402  (this folder is sys.path[0] when run as a script)
 from reward_models.base import Reward, register, to_image_tensors  # noqa: E402
+from t2i_align.files import write_json_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a red fox sitting in a snowy forest at sunrise"
@@ -91,36 +99,59 @@ def step_seconds(records):
     return (round(statistics.median(times), 3), round(statistics.mean(times), 3)) if times else (None, None)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 convolutions and matmuls without TF32 (cuDNN allows TF32 by default): the export check compares two
+    models' outputs, and TF32 kernels chosen differently for each could differ by more than the tolerance."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def unet_output(unet, dev: torch.device) -> torch.Tensor:
+    """One fp32 forward of `unet` on fixed random inputs (the same for every UNet of the run)."""
+    gen = torch.Generator().manual_seed(0)
+    size, dim = unet.config.sample_size, unet.config.cross_attention_dim
+    x, h = torch.randn(1, 4, size, size, generator=gen).to(dev), torch.randn(1, 77, dim, generator=gen).to(dev)
+    with torch.no_grad(), exact_fp32():
+        return unet.to(dev).eval()(x, torch.tensor([500], device=dev), h).sample.float()
+
+
 def check_export(final: Path, folder: Path, unet, lora: bool, dev: torch.device) -> str:
-    """Reload final/ in a plain StableDiffusionPipeline and compare one fp32 UNet forward with the trained UNet's."""
+    """Reload final/ in a plain StableDiffusionPipeline; its UNet must give the trained UNet's output (relative
+    error under 1e-3) and not the base model's (training moved the weights)."""
     from accelerate.utils import extract_model_from_parallel
     from diffusers import StableDiffusionPipeline
 
+    expected = "pytorch_lora_weights.safetensors" if lora else "unet"
+    if not (final / expected).exists():
+        return f"no: no {expected} in final/"
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None)
+    base = unet_output(pipe.unet, dev)  # the base pipeline: before its LoRA goes in, or beside the full export
     if lora:
-        if not (final / "pytorch_lora_weights.safetensors").is_file():
-            return "no: no pytorch_lora_weights.safetensors"
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None)
         pipe.load_lora_weights(str(final))
         if not getattr(pipe.unet, "peft_config", None):
             return "no: no UNet layer took the LoRA weights"
     else:
-        if not (final / "unet").is_dir():
-            return "no: no unet/ folder"
         pipe = StableDiffusionPipeline.from_pretrained(str(final), torch_dtype=torch.float32, safety_checker=None)
-    loaded = pipe.unet.to(dev).eval()
-    gen = torch.Generator().manual_seed(0)
-    size, dim = loaded.config.sample_size, loaded.config.cross_attention_dim
-    x, h = torch.randn(1, 4, size, size, generator=gen).to(dev), torch.randn(1, 77, dim, generator=gen).to(dev)
-    t = torch.tensor([500], device=dev)
-    unet = extract_model_from_parallel(unet, keep_fp32_wrapper=False).eval()  # drop accelerate's autocast forward
-    with torch.no_grad():
-        diff = (loaded(x, t, h).sample - unet(x, t, h).sample).abs().max().item()
-    ok = np.isfinite(diff) and diff < 1e-3
-    return f"{'yes' if ok else 'NO'} (max abs diff {diff:.1e})"
+    loaded = unet_output(pipe.unet, dev)
+    trained = unet_output(extract_model_from_parallel(unet, keep_fp32_wrapper=False), dev)  # without autocast
+    rel = ((loaded - trained).abs().max() / trained.abs().max()).item()
+    moved = (loaded - base).abs().max().item()
+    ok = np.isfinite(rel) and rel < 1e-3 and moved > 0
+    return f"{'yes' if ok else 'NO'} (vs trained: max rel diff {rel:.1e}; vs base: max abs diff {moved:.1e})"
 
 
 def peak(dev: torch.device):  # GiB since the run began: weights, frozen parts, optimizer state, activations
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
+
+
+def _gib(value):
+    return None if value is None else round(value, 2)
 
 
 def run_one(name: str, yaml, overrides, out: Path, folder: Path, dev: torch.device) -> dict:
@@ -145,6 +176,7 @@ def run_one(name: str, yaml, overrides, out: Path, folder: Path, dev: torch.devi
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         row["s_per_step"], row["s_per_step_mean"] = step_seconds(records)
         row.update(ok=True, steps=records[-1]["step"], final_loss=records[-1].get("loss"),
+                   steps_peak_gib=_gib(records[-1].get("gpu_mem_peak_gb")),
                    checkpoints=sorted(p.name for p in (out / "checkpoints").glob("step-*")),
                    gallery=(out / "gallery" / "index.html").is_file(),
                    final=sorted(p.name for p in result.final.iterdir()))
@@ -189,14 +221,18 @@ def plan(folder: Path, data: Path, prompts: Path, tmp: Path, smoke: bool):
          lora_dpo + prec("bf16") + ["data.cache=true", f"data.cache_dir={tmp / 'cache'}"]),
         ("3 full DPO bf16 grad-ckpt", "dpo_full.yaml",
          pairs + prec("bf16") + ["train.batch_size=1", "train.grad_accum=1", f"train.max_steps={steps(5)}",
-                                 "model.gradient_checkpointing=true", "data.cache=false"]),
+                                 "model.gradient_checkpointing=true", "data.cache=false",
+                                 # the recipe's LR (1e-8, scaled for 2048 pairs, 500 warm-up steps) barely moves
+                                 # 5 steps: a plain 1e-5 lets the export check see the training
+                                 "train.learning_rate=1e-5", "train.scale_lr=false", "train.lr_warmup_steps=0"]),
         ("4 RAFT (sft)", None, online + ["objective.name=sft"]),
         ("5 online DPO", None, online + ["objective.name=dpo"]),
     ]
 
 
 COLS = [("run", "run"), ("ok", "ok"), ("steps", "steps"), ("wall s", "wall_s"), ("s/step", "s_per_step"),
-        ("peak GiB", "peak_gib"), ("final loss", "final_loss"), ("export reloads", "export")]
+        ("peak GiB", "peak_gib"), ("steps' peak GiB", "steps_peak_gib"), ("final loss", "final_loss"),
+        ("export reloads", "export")]
 
 
 def table(rows) -> str:
@@ -236,7 +272,7 @@ def main() -> None:
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        folder = build_folder(tmp, args.smoke)
+        folder = build_folder(tmp, args.smoke, dev)
         px = 64 if args.smoke else 512
         data = write_pairs(tmp / "pairs.parquet", 8 if args.smoke else 32, px)
         prompts = tmp / "prompts.txt"
@@ -247,10 +283,10 @@ def main() -> None:
             print(f"\n=== {name}", flush=True)
             row = run_one(name, yaml, overrides, tmp / f"run{len(results['runs']) + 1}", folder, dev)
             results["runs"].append(row)
-            json_path.write_text(json.dumps(results, indent=1))  # after every run: a cut-short job keeps its rows
+            write_json_atomic(json_path, results)  # after every run: a cut-short job keeps its rows
             print(json.dumps(row), flush=True)
     meta["total_s"] = round(time.perf_counter() - begin, 1)
-    json_path.write_text(json.dumps(results, indent=1))
+    write_json_atomic(json_path, results)
     print(f"\n# training loop end to end, SD1.5 architecture, random weights | {meta['device']} | "
           f"torch {meta['torch']} | diffusers {meta['diffusers']}\n\n{table(results['runs'])}\n\n"
           f"total {meta['total_s']} s; JSON: {json_path}")

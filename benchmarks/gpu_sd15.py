@@ -13,7 +13,7 @@ the project's `load_components`, so the measured path is the training loop's:
    text encoder): DDIM 20 steps, CFG 7.5, 512 and 256 px, batch 8 and 16, VAE decode included; beside each, a
    plain `StableDiffusionPipeline.__call__` of the same pipeline at the same settings (the sampler's overhead).
 
-    python benchmarks/gpu_sd15.py [--json out.json] [--only train|gen]   # GPU, about 4-6 minutes
+    python benchmarks/gpu_sd15.py [--json out.json] [--only train|gen]   # GPU: ~2 minutes, --only gen ~40 s
     OMP_NUM_THREADS=1 python benchmarks/gpu_sd15.py --smoke --json /tmp/smoke.json   # CPU, tiny sizes
 
 Prints one Markdown table per part and writes the results as JSON (default $OUT/gpu_sd15.json, else
@@ -39,8 +39,10 @@ OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch <
 PROMPT = "a photo of a red fox sitting in a snowy forest at sunrise, highly detailed"
 
 
-def build_folder(root: Path, smoke: bool) -> Path:
-    """A StableDiffusionPipeline with SD1.5's exact configs (smoke: same layout, tiny widths), saved in fp16."""
+def build_folder(root: Path, smoke: bool, dev: torch.device = torch.device("cpu")) -> Path:
+    """A StableDiffusionPipeline with SD1.5's exact configs (smoke: same layout, tiny widths), saved in fp16.
+    Built on `dev`: random init of its 1.1 B parameters takes 20-40 s on CPU threads, about a second on a GPU, and
+    every GPU script builds it again in its own process."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -49,19 +51,20 @@ def build_folder(root: Path, smoke: bool) -> Path:
     torch.manual_seed(0)
     width = (32, 64, 64, 64) if smoke else None
     text_dim = 64 if smoke else 768
-    unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
-        sample_size=8 if smoke else 64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=width or (320, 640, 1280, 1280), cross_attention_dim=text_dim, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
-    vae = AutoencoderKL(  # vae/config.json
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-        block_out_channels=width or (128, 256, 512, 512), sample_size=64 if smoke else 512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower (text_encoder/config.json)
-        vocab_size=49408, max_position_embeddings=77, hidden_size=text_dim, intermediate_size=4 * text_dim,
-        num_hidden_layers=2 if smoke else 12, num_attention_heads=2 if smoke else 12, projection_dim=text_dim,
-        hidden_act="quick_gelu"))
+    with torch.device(dev):
+        unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
+            sample_size=8 if smoke else 64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=width or (320, 640, 1280, 1280), cross_attention_dim=text_dim, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
+        vae = AutoencoderKL(  # vae/config.json
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+            block_out_channels=width or (128, 256, 512, 512), sample_size=64 if smoke else 512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower (text_encoder/config.json)
+            vocab_size=49408, max_position_embeddings=77, hidden_size=text_dim, intermediate_size=4 * text_dim,
+            num_hidden_layers=2 if smoke else 12, num_attention_heads=2 if smoke else 12, projection_dim=text_dim,
+            hidden_act="quick_gelu"))
     scheduler = PNDMScheduler(  # scheduler/scheduler_config.json; generation swaps in DDIM like the project
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
@@ -69,6 +72,7 @@ def build_folder(root: Path, smoke: bool) -> Path:
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(dtype=torch.float16)  # half the bytes to write and read; the loader upcasts the UNet to fp32
+    pipe.to("cpu")  # the GPU memory back before the first measured row
     pipe.save_pretrained(str(root / "sd15"))
     return root / "sd15"
 
@@ -157,6 +161,7 @@ def gen_row(comp, dev: torch.device, batch: int, px: int, steps: int, caller: st
 
     run(min(2, steps))  # warm-up at the same shapes, decode included
     _fresh(dev)
+    _sync(dev)  # the warm-up's queued kernels finish before the clock starts
     start = time.perf_counter()
     run(steps)
     _sync(dev)
@@ -287,7 +292,7 @@ def main() -> None:
           f"diffusers {diffusers_version} | transformers {transformers_version}\n", flush=True)
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_folder(Path(tmp), args.smoke)
+        folder = build_folder(Path(tmp), args.smoke, dev)
         print(f"built and saved the random pipeline in {time.perf_counter() - begin:.0f} s\n", flush=True)
         if args.only != "gen":
             train_part(folder, dev, rec, steps, warmup, args.smoke)

@@ -1,73 +1,134 @@
 #!/usr/bin/env bash
-# Issue 14's GPU measurements, prepared for a session that is lent the H200 (15 minutes of device time in all,
-# at most 10 per command). Results are JSON under $OUT (copy them to benchmarks/results/), logs beside them.
+# Issue 14's GPU measurements, prepared for a session that is lent the H200: 15 minutes of device time in all (the
+# machine's 1-2 minute start included), at most 600 s per command, at most 8 files back from $OUT per command.
 #
-#   here, once:     benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
-#                                                        # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf
-#   here, before:   pytest -m slow tests/test_gpu_scripts.py   # every script's --smoke mode (about 3 minutes)
-#   on the device:  run(command="bash benchmarks/gpu_session.sh run sd15 gen", carry=[".whl"], timeout_s=600)
+#   here, once:    benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
+#                                                       # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf
+#   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~5 min)
+#   on the device, the must-haves first (TOTAL_S 480 s by default; ~8 minutes of the 15 with the start):
+#     run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=540)
+#   then at once, while the machine is warm (it goes back after ~30 s idle), only if `status` leaves time:
+#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run levers gen score score-bf16 \
+#       compile", carry=[".whl"], timeout_s=<TOTAL_S + 50>)      # e.g. TOTAL_S=220, timeout_s=270
+#   Copy $OUT's JSON to benchmarks/results/; $OUT/session.log holds every part's full log. A part that failed
+#   alone is rerun by naming it: `run rest`.
 #
-# Parts, in priority order, with ESTIMATED minutes on an H200 (none measured yet; the machine's start is extra):
-#   e2e        benchmarks/gpu_loop_e2e.py: every loop path on a GPU, exports reloaded in diffusers     3-5
-#   sd15       gpu_throughput.py sd15-lora + sd15-lever: pairs/s, peak memory, MFU, each lever          6-8
-#   rest       gpu_throughput.py sd15-full + sdxl-lora                                                  4-6
-#   gen        gpu_sd15.py --only gen: generate() vs a plain pipeline() call                            1-2
-#   score      reward_throughput.py: t2i-score batched vs one at a time, fp32 then bf16                 2-4
-# One deadline for the whole command (TOTAL_S seconds, default 560, under the tool's 600 s limit): each part
-# runs under `timeout` with what is left, the throughput parts skip rows that would end after it, and every
-# script writes its JSON as it goes, so a part cut short keeps its finished rows. Start with the part that
-# matters most; a later part gets only what the earlier ones left.
+# Parts, each one process, with the seconds it is given (its reserve) and the ESTIMATED time on an H200 (none
+# measured yet; from gpu_sd15's measured H200 steps, 0.3-0.35 s per DPO step at 1-8 pairs, and ~10 s a row for
+# loading, cache, export and gallery). Default (`run` alone): lora e2e rest.
+#   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  est. 90
+#   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  est. 140
+#   rest        gpu_throughput.py sd15-full (x8) + sdxl-lora (ckpt x1, x4)                 reserve 160  est. 140
+#   levers      gpu_throughput.py sd15-lever: each speed lever at x8, sdpa-cudnn last      reserve 180  est. 150
+#   gen         gpu_sd15.py --only gen: generate() vs a plain pipeline() call              reserve  60  est. 40
+#   score       reward_throughput.py fp32: t2i-score batched vs one at a time              reserve 120  est. 90
+#   score-bf16  the same in bf16                                                            reserve  90  est. 70
+#   compile     gpu_throughput.py sd15-compile: LoRA x8 under inductor (compiles 1-3 min)  reserve 300  est. 240
+# One deadline for the command (TOTAL_S, default 480). In the order given, a part may run its reserve, or longer
+# by what the parts after it do not need of what is left; never past the deadline (each under `timeout -k 15`, so
+# the kill's grace is counted too). Parts late in a short command are skipped; the throughput parts skip rows
+# that would end after their own limit, and every script rewrites its JSON after each row, so a part cut short
+# keeps its finished rows. Each part writes one JSON, so a command takes at most 7 parts (8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0)
+PARTS=(lora e2e rest levers gen score score-bf16 compile)  # most important first
+declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90 [compile]=300)
+MUST=(lora e2e rest)
+REWARDS=(--device cuda --models vit-h-14,pickscore,imagereward --images 256 --batch-size 64)
 
 wheels() {
+  rm -rf .whl  # only the pinned versions, none left from an earlier pin
   mkdir -p .whl  # git-ignored (.gitignore), so it travels to the device only when `carry` names it
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
 }
 
+versions() {  # imports every part needs, in seconds before any part runs (score's open_clip: its own part's),
+              # and one line of versions for the results
+  python3 - <<'EOF'
+import torch, diffusers, accelerate, peft, transformers, huggingface_hub
+import t2i_align.loop, reward_models.base
+from importlib.metadata import PackageNotFoundError, version
+
+
+def ver(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "missing"
+
+
+names = ("diffusers", "accelerate", "peft", "transformers", "huggingface_hub", "timm", "open_clip_torch",
+         "torchvision")
+print("torch", torch.__version__, "cuda", torch.version.cuda, *(f"{n} {ver(n)}" for n in names))
+EOF
+}
+
 left() { echo $(( DEADLINE - SECONDS )); }
 
-part() {  # part NAME COMMAND...: one measurement within the deadline; its log under $OUT, progress bars left out
-  local name=$1; shift
-  if [ "$(left)" -lt 30 ]; then echo "=== $name: skipped, deadline reached"; return; fi
-  echo "=== $name ($(left) s left): $*"
-  PYTHONUNBUFFERED=1 timeout "$(left)" "$@" 2>&1 | tee "$OUT/$name.log" | tr '\r' '\n' | grep -v -E '(it/s|s/it)'
-  echo "=== $name: exit ${PIPESTATUS[0]}"
+say() { echo "$*" | tee -a "$OUT/session.log"; }
+
+command_of() {  # command_of NAME LIMIT: sets CMD, part NAME's command when it may run LIMIT seconds
+  local budget=$(( $2 - 25 ))  # throughput rows stop starting this long before the limit: save, exit, clean-up
+  local throughput=(python3 benchmarks/gpu_throughput.py --steps 5 --warmup 2 --budget-s "$budget")
+  case $1 in
+    lora) CMD=("${throughput[@]}" --parts sd15-lora --json "$OUT/throughput_lora.json") ;;
+    e2e) CMD=(python3 benchmarks/gpu_loop_e2e.py --json "$OUT/loop_e2e.json") ;;
+    rest) CMD=("${throughput[@]}" --parts sd15-full,sdxl-lora --json "$OUT/throughput_rest.json") ;;
+    levers) CMD=("${throughput[@]}" --parts sd15-lever --json "$OUT/throughput_levers.json") ;;
+    gen) CMD=(python3 benchmarks/gpu_sd15.py --only gen --json "$OUT/generate.json") ;;
+    score) CMD=(python3 benchmarks/reward_throughput.py "${REWARDS[@]}" --json "$OUT/reward_fp32.json") ;;
+    score-bf16) CMD=(python3 benchmarks/reward_throughput.py "${REWARDS[@]}" --dtype bf16 \
+                       --json "$OUT/reward_bf16.json") ;;
+    # warm-up 3: the first steps compile (the median of the timed ones must not see it)
+    compile) CMD=(python3 benchmarks/gpu_throughput.py --steps 5 --warmup 3 --budget-s "$budget" \
+                    --parts sd15-compile --json "$OUT/throughput_compile.json") ;;
+  esac
+}
+
+part() {  # part NAME LATER: one part, leaving LATER seconds (the later parts' reserves) when it can
+  local name=$1 later=$2 limit
+  limit=$(( $(left) - 15 - later ))
+  if [ "$limit" -lt "${RESERVE[$name]}" ]; then limit=${RESERVE[$name]}; fi
+  if [ "$limit" -gt $(( $(left) - 15 )) ]; then limit=$(( $(left) - 15 )); fi
+  if [ "$limit" -lt 40 ]; then say "=== $name: skipped, $(left) s left"; return; fi
+  command_of "$name" "$limit"
+  say "=== $name (may run $limit s of $(left) s left): ${CMD[*]}"
+  # the full log (progress bars too) appended to session.log; the tool's output without the bars
+  PYTHONUNBUFFERED=1 timeout -k 15 "$limit" "${CMD[@]}" 2>&1 | tee -a "$OUT/session.log" | tr '\r' '\n' \
+    | grep --line-buffered -v -E '(it/s|s/it)'
+  say "=== $name: exit ${PIPESTATUS[0]} ($(left) s left)"
 }
 
 run() {
   : "${OUT:?run this on the device machine, where OUT is set}"
-  DEADLINE=$(( SECONDS + ${TOTAL_S:-560} ))
+  DEADLINE=$(( SECONDS + ${TOTAL_S:-480} ))
+  local parts=("$@") i name later
+  if [ ${#parts[@]} -eq 0 ]; then parts=("${MUST[@]}"); fi
+  for name in "${parts[@]}"; do
+    if [ -z "${RESERVE[$name]:-}" ]; then echo "unknown part $name: use ${PARTS[*]}"; exit 2; fi
+  done
+  if [ ${#parts[@]} -gt 7 ]; then echo "at most 7 parts a command (one JSON each, 8 files come back)"; exit 2; fi
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1  # nothing outside the machine answers
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
   fi
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, diffusers, accelerate, peft, open_clip; print('torch', torch.__version__, 'cuda', \
-torch.version.cuda, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)" || exit 1
-  for name in "$@"; do
-    case $name in
-      e2e) part e2e python3 benchmarks/gpu_loop_e2e.py ;;
-      sd15) part sd15 python3 benchmarks/gpu_throughput.py --parts sd15-lora,sd15-lever \
-              --json "$OUT/gpu_throughput_sd15.json" --budget-s $(( $(left) - 20 )) ;;
-      rest) part rest python3 benchmarks/gpu_throughput.py --parts sd15-full,sdxl-lora \
-              --json "$OUT/gpu_throughput_rest.json" --budget-s $(( $(left) - 20 )) ;;
-      gen) part gen python3 benchmarks/gpu_sd15.py --only gen --json "$OUT/gpu_generate.json" ;;
-      score) part score python3 benchmarks/reward_throughput.py --device cuda --models vit-h-14,pickscore,imagereward \
-               --images 256 --batch-size 64 --json "$OUT/reward_throughput_fp32.json"
-             part score_bf16 python3 benchmarks/reward_throughput.py --device cuda --dtype bf16 \
-               --models vit-h-14,pickscore,imagereward --images 256 --batch-size 64 \
-               --json "$OUT/reward_throughput_bf16.json" ;;
-      *) echo "unknown part $name: use e2e, sd15, rest, gen, score"; exit 2 ;;
-    esac
+  say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+  versions 2>&1 | tee -a "$OUT/session.log"
+  if [ "${PIPESTATUS[0]}" -ne 0 ]; then say "=== imports failed: nothing run"; exit 1; fi
+  for i in "${!parts[@]}"; do
+    later=0
+    for name in "${parts[@]:i+1}"; do later=$(( later + RESERVE[$name] )); done
+    part "${parts[i]}" "$later"
   done
+  say "=== done, $(left) s of ${TOTAL_S:-480} left"
 }
 
 case ${1:-} in
   wheels) wheels ;;
   run) shift; run "$@" ;;
-  *) echo "usage: $0 wheels | run PART... (e2e sd15 rest gen score)"; exit 2 ;;
+  *) echo "usage: $0 wheels | run [PART...]   (parts: ${PARTS[*]}; none: ${MUST[*]})"; exit 2 ;;
 esac

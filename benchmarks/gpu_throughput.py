@@ -4,34 +4,44 @@ Weights are RANDOM (SD1.5's and SDXL's exact configs, nothing downloaded): timin
 models', losses are meaningless. Every row is one `t2i_align.loop.train` run in this process (configs/sd15/
 dpo_lora.yaml, dpo_full.yaml or configs/sdxl/dpo_lora.yaml plus overrides): Diffusion-DPO, bf16 autocast, frozen
 parts in bf16, cached latents (data.cache=true; built by the part's first row, outside the timed steps),
-gradient accumulation 1, a log line every step. The rows, in the order they run:
+gradient accumulation 1, a log line every step. The parts (--parts, in the order given) and their rows:
 
-  sd15-lora   512 px, LoRA r8: micro-batch 1, 4, 8, 16, 32
-  sd15-lever  512 px, LoRA r8, micro-batch --lever-batch (8): the baseline, then ONE change each:
-              model.channels_last, train.optimizer=adamw_fused, frozen parts fp32, the LoRA's base UNet in bf16
-              (model.cast_base_unet), model.attention=sdpa-flash /
-              sdpa-efficient / sdpa-cudnn / sdpa-math, gradient checkpointing, train.compile (inductor; last, as
-              its first steps compile for minutes; --warmup must cover them, or the median shows compile time)
-  sd15-full   512 px, full fine-tuning (bf16 reference copy): micro-batch 1, 4, 8
-  sdxl-lora   1024 px, LoRA r8, gradient checkpointing on (configs/sdxl/base.yaml) and off: micro-batch 1, 4, 8
+  sd15-lora     512 px, LoRA r8: micro-batch 1, 4, 8, 16, 32 (the >= 30 pairs/s question)
+  sd15-full     512 px, full fine-tuning (bf16 reference copy), no gradient checkpointing: micro-batch 8
+  sdxl-lora     1024 px, LoRA r8, gradient checkpointing on (configs/sdxl/base.yaml): micro-batch 1, 4
+  sd15-lever    micro-batch 8, ONE change each. LoRA r8: the baseline, model.channels_last, the LoRA's base UNet
+                in bf16 (model.cast_base_unet), model.attention=sdpa-flash / sdpa-efficient / sdpa-math, gradient
+                checkpointing. Full fine-tuning (its baseline: sd15-full's row): train.optimizer=adamw_fused and
+                frozen parts fp32 (with LoRA both measure nothing: AdamW over 1.6 M LoRA parameters is a sliver
+                of the step, and with cached latents the frozen parts' dtype changes only the cache key; a full
+                fine-tune steps 860 M parameters and its reference copy takes the frozen dtype). Last, LoRA with
+                model.attention=sdpa-cudnn: a hard CUDA error there would poison the process's CUDA context for
+                every later row.
+  sd15-compile  LoRA r8 x8 with train.compile (inductor): its own part, for its first steps compile for 1-3
+                minutes (--warmup must cover them, or the median shows compile time). Only the policy's forward
+                and backward are compiled; the reference forward (the same UNet with adapters off) runs eager.
 
 Per row: s/step = median of the loop's own `sec_per_step` (wall time per optimizer step, measured after the
-device has synchronised) over the --steps (8) steps after --warmup (3); pairs/s = micro-batch / s/step; peak =
-max_memory_allocated over the whole run (weights, frozen parts, optimizer state, activations). FLOPs: per part,
-torch.utils.flop_counter.FlopCounterMode around two loop runs at micro-batch 1, of 1 and of 2 steps: the
-difference is one optimizer step (loading, the gallery and the export cancel), times the micro-batch (every
-counted op - convolution, matmul, attention - runs once per sample). TFLOP/s = FLOPs per step / s/step; MFU =
-that / --peak-tflops (989.4: the H100/H200 SXM dense bf16 peak). `step_over_fwd` = step FLOPs / the FLOPs of one
-UNet forward on one latent: about 2 (reference) + 2 (policy) + 2-4 (backward) for DPO; a value near 4 would mean
-the backward was not counted.
+device has synchronised) over the --steps (5) steps after --warmup (2); pairs/s = micro-batch / s/step; peak =
+the loop's `gpu_mem_peak_gb` on its last logged line (max_memory_allocated since the first step: weights, frozen
+parts, optimizer state, activations, the galleries in between; not the model load's or the cache build's).
+FLOPs: per config file, after its first row, one DPO step counted directly with torch.utils.flop_counter.
+FlopCounterMode (the config's model loaded once, gradient checkpointing off, compute_loss and backward at micro-
+batch 1 under bf16 autocast; model FLOPs: neither checkpointing's recomputed forward nor the optimizer), times the
+micro-batch (every counted op - convolution, matmul, attention - runs once per sample). TFLOP/s = FLOPs per step
+/ s/step; MFU = that / --peak-tflops (989.4: the H100/H200 SXM dense bf16 peak). Cross-check: `step_over_fwd` =
+step FLOPs / the FLOPs of one UNet forward on one latent: about 2 (reference) + 2 (policy) + 2-4 (backward) for
+DPO; a value near 4 would mean the backward was not counted.
 
-    python benchmarks/gpu_throughput.py [--parts sd15-lora,sd15-lever,sd15-full,sdxl-lora] [--budget-s 540]
+    python benchmarks/gpu_throughput.py [--parts sd15-lora,sd15-full,sdxl-lora] [--budget-s 540]
     OMP_NUM_THREADS=1 python benchmarks/gpu_throughput.py --smoke     # CPU: tiny models, every code path
 
-On an H200 the four parts are estimated (not yet measured) at 2-3, 4-5, 1-2 and 3-4 minutes. --budget-s stops
-before a row that would not finish in time (a row's estimate: the part's previous row); skipped rows are listed.
-JSON (default $OUT/gpu_throughput.json, else ./gpu_throughput.json) is rewritten after every row; one Markdown
-table per part is printed. --smoke maps bf16 to fp32 and the GPU-only kernels' rows end in their error text.
+On an H200 (estimated, not measured; imports and the random SD1.5 built on the GPU take ~15 s per process):
+sd15-lora ~1.5 min, sd15-full ~0.5, sdxl-lora ~1.5-2 (its build ~20 s), sd15-lever ~2.5, sd15-compile 2-4.
+--budget-s stops before a row that would not finish in time (a row's estimate: the part's previous row, 30 s
+for a part's first, 240 s for the compile row); skipped rows are listed. JSON (default $OUT/gpu_throughput.json,
+else ./gpu_throughput.json) is rewritten after every row; one Markdown table per part is printed. --smoke maps
+bf16 to fp32 and the GPU-only kernels' rows end in their error text.
 """
 from __future__ import annotations
 
@@ -50,17 +60,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.modules["wandb"] = None  # `import wandb` raises ImportError here, as on a machine without it
 
 from gpu_loop_e2e import write_pairs  # noqa: E402  (this folder is sys.path[0] when run as a script)
-from gpu_sd15 import (PROMPT, Recorder, _device, _fresh, _peak, _quiet_imports, build_folder,  # noqa: E402
+from gpu_sd15 import (PROMPT, Recorder, _device, _fresh, _quiet_imports, build_folder,  # noqa: E402
                       guarded, print_header)
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_TFLOPS = 989.4
-LEVERS = [("baseline", []), ("channels_last", ["model.channels_last=true"]),  # compile last: minutes to compile
-          ("adamw_fused", ["train.optimizer=adamw_fused"]), ("frozen fp32", ["model.weight_dtype=fp32"]),
-          ("base unet bf16", ["train.mixed_precision=bf16", "model.weight_dtype=bf16", "model.cast_base_unet=true"]),
-          ("sdpa-flash", ["model.attention=sdpa-flash"]), ("sdpa-efficient", ["model.attention=sdpa-efficient"]),
-          ("sdpa-cudnn", ["model.attention=sdpa-cudnn"]), ("sdpa-math", ["model.attention=sdpa-math"]),
-          ("grad ckpt", ["model.gradient_checkpointing=true"]), ("compile", ["train.compile=true"])]
+LORA, FULL, SDXL = "sd15/dpo_lora.yaml", "sd15/dpo_full.yaml", "sdxl/dpo_lora.yaml"
+NO_CKPT = ["model.gradient_checkpointing=false"]
+LORA_LEVERS = [("baseline", []), ("channels_last", ["model.channels_last=true"]),
+               # the frozen base in model.weight_dtype; bf16 named again for --smoke, which is fp32 elsewhere
+               ("base unet bf16", ["train.mixed_precision=bf16", "model.weight_dtype=bf16",
+                                   "model.cast_base_unet=true"]),
+               ("sdpa-flash", ["model.attention=sdpa-flash"]), ("sdpa-efficient", ["model.attention=sdpa-efficient"]),
+               ("sdpa-math", ["model.attention=sdpa-math"]), ("grad ckpt", ["model.gradient_checkpointing=true"])]
+FULL_LEVERS = [("full: adamw_fused", ["train.optimizer=adamw_fused"]),
+               ("full: frozen fp32", ["model.weight_dtype=fp32"])]
+COMPILE_NOTE = "inductor compiles the policy's forward and backward only; the reference forward runs eager"
+FIRST_ROW_S = 30.0  # a part's first row: load, cache build, steps, export, gallery (SDXL's is the longest)
+ESTIMATE_S = {"compile": 240.0}  # rows whose time the previous row does not predict: inductor compiles for minutes
 COLS = [("row", "row"), ("pairs", "pairs"), ("s/step", "s_per_step"), ("pairs/s", "pairs_per_s"),
         ("peak GiB", "peak_gib"), ("TFLOP/s", "tflops"), ("MFU", "mfu"), ("wall s", "wall_s")]
 
@@ -139,12 +156,13 @@ def run_loop(yaml: str, args: list, out: Path):
         shutil.rmtree(out, ignore_errors=True)
 
 
-def timed_row(yaml: str, args: list, out: Path, dev, pairs: int, warmup: int, peak_tflops: float, flops) -> dict:
+def timed_row(yaml: str, args: list, out: Path, pairs: int, warmup: int, peak_tflops: float, flops) -> dict:
     begin = time.perf_counter()
     records = run_loop(yaml, args, out)
     seconds = statistics.median(r["sec_per_step"] for r in records[warmup:])
+    peak = records[-1].get("gpu_mem_peak_gb")  # the steps' peak (CUDA only): not the load's or the cache build's
     row = {"pairs": pairs, "s_per_step": round(seconds, 4), "pairs_per_s": round(pairs / seconds, 2),
-           "peak_gib": _peak(dev), "wall_s": round(time.perf_counter() - begin, 1),
+           "peak_gib": None if peak is None else round(peak, 2), "wall_s": round(time.perf_counter() - begin, 1),
            "final_loss": records[-1].get("loss")}
     add_mfu(row, flops, peak_tflops)
     return row
@@ -157,15 +175,11 @@ def add_mfu(row: dict, flops, peak_tflops: float) -> None:
         row.update(tflops=round(tflops, 1), mfu=f"{100 * tflops / peak_tflops:.1f}%")
 
 
-def unet_forward_flops(folder: Path, dev, px: int) -> int:
+def unet_forward_flops(unet, dev, px: int) -> int:
     """FLOPs of one UNet forward on one latent (the unit for `step_over_fwd`), bf16 autocast as in training."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=torch.float32)
-    unet, size = unet.to(dev).eval(), px // 8
-    dim = unet.config.cross_attention_dim
+    size, dim = px // 8, unet.config.cross_attention_dim
     x, h, t = torch.randn(1, 4, size, size, device=dev), torch.randn(1, 77, dim, device=dev), torch.tensor([500])
     added = None
     if unet.config.addition_embed_type == "text_time":
@@ -177,47 +191,80 @@ def unet_forward_flops(folder: Path, dev, px: int) -> int:
     return counter.get_total_flops()
 
 
-def step_flops(yaml: str, args: list, out: Path, folder: Path, dev, px: int, pairs: int = 1) -> dict:
-    """FLOPs of one optimizer step per pair through the loop (at micro-batch `pairs`): a 2-step run minus a 1-step
-    run. Model FLOPs: gradient checkpointing is off here, so its recomputed forward is not counted."""
+def cached_pair_batch(comp, pairs: int, px: int) -> dict:
+    """What the latent cache hands the loop for `pairs` pairs: CPU fp32 latents, prompt embeddings (SDXL: pooled
+    too) and the images' sizes for SDXL's time ids. Random values: only the shapes matter for FLOPs."""
+    from t2i_align.conditioning.text import encode_prompts
+
+    size = px // comp.vae_scale_factor
+    embeds = encode_prompts(comp, [PROMPT] * pairs)
+    raw = {"latents_w": torch.randn(pairs, 4, size, size), "latents_l": torch.randn(pairs, 4, size, size),
+           "prompt_embeds": embeds.prompt_embeds.float().cpu()}
+    if embeds.pooled_prompt_embeds is not None:
+        raw["pooled_prompt_embeds"] = embeds.pooled_prompt_embeds.float().cpu()
+    for side in ("w", "l"):
+        raw[f"original_size_{side}"] = torch.tensor([[px, px]] * pairs)
+        raw[f"crop_top_left_{side}"] = torch.zeros(pairs, 2, dtype=torch.long)
+    return raw
+
+
+def step_flops(yaml: str, args: list, dev, px: int, pairs: int = 1) -> dict:
+    """FLOPs per pair of one DPO step of this config, counted directly: the model loaded as the loop loads it
+    (LoRA, or every weight plus the frozen reference copy), one compute_loss + backward at micro-batch `pairs`
+    under FlopCounterMode (as benchmarks/gpu_sd15.py's train_row steps), bf16 autocast on a GPU. Gradient
+    checkpointing off: model FLOPs, not its recomputed forward. The optimizer's elementwise update is not counted
+    (the counter counts matmuls, convolutions and attention only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    totals = []
-    for steps in (1, 2):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run_loop(yaml, [*args, f"train.batch_size={pairs}", f"train.max_steps={steps}",
-                            "model.gradient_checkpointing=false"], out)
-        totals.append(counter.get_total_flops())
-    per_pair = (totals[1] - totals[0]) / pairs
-    fwd = unet_forward_flops(folder, dev, px)
+    from t2i_align.adapters import frozen_reference, trainable_parameters
+    from t2i_align.batches import make_denoiser, to_pair_batch
+    from t2i_align.config import load_config
+    from t2i_align.models import load_components, torch_dtype
+    from t2i_align.objectives import get_objective
+    from t2i_align.references import BaseReference
+
+    cfg = load_config(ROOT / "configs" / yaml, [*args, *NO_CKPT])
+    comp = load_components(cfg.model, device=dev)
+    comp.time_ids = cfg.data.time_ids
+    fwd = unet_forward_flops(comp.unet, dev, px)  # the plain UNet, before LoRA joins it
+    trainable_parameters(comp.unet, cfg.lora)  # LoRA added, or every weight set to train
+    frozen = frozen_reference(comp.unet, torch_dtype(cfg.model.weight_dtype)) if cfg.full_finetune else None
+    policy = make_denoiser(comp.unet, comp)
+    reference = BaseReference(comp.unet, comp, not cfg.full_finetune, frozen).denoiser()
+    objective = get_objective(cfg.objective.name).configure(cfg)
+    batch = to_pair_batch(comp, cached_pair_batch(comp, pairs, px), dev)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss, _ = objective.compute_loss(policy, reference, batch, comp.scheduler, cfg.objective, None)
+        loss.backward()
+    per_pair = counter.get_total_flops() / pairs
     return {"step_flops_per_pair": per_pair, "fwd_flops_per_latent": fwd, "step_over_fwd": round(per_pair / fwd, 2)}
 
 
 class Budget:
-    """Skip a row that would end past the deadline; its estimate is the part's previous row's wall time."""
+    """Skip a row that would end past the deadline; its estimate is the part's previous row's wall time (or the
+    row's own, ESTIMATE_S, where that says more)."""
 
     def __init__(self, seconds: float):
-        self.deadline, self.last = time.perf_counter() + seconds, 0.0
+        self.deadline, self.last = time.perf_counter() + seconds, FIRST_ROW_S
 
-    def allows(self) -> bool:
-        return time.perf_counter() + self.last < self.deadline
-
-    def spent(self, seconds: float) -> None:
-        self.last = seconds
+    def allows(self, label: str = "") -> bool:
+        return time.perf_counter() + max(self.last, ESTIMATE_S.get(label, 0.0)) < self.deadline
 
 
 def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
     """plan: (row label, yaml, extra overrides, micro-batch) per row. FLOPs are counted once per config file,
-    after its first row (which built the cache), so the counting runs neither build it nor differ in whether
-    they did; every row of a config shares them (model FLOPs: the levers change time, not the model's math)."""
+    after its first row (so the row's timing runs first); every row of a config shares them (model FLOPs: the
+    levers change time, not the model's math)."""
     print_header(f"{name} ({ctx['px']} px, {ctx['steps']} timed steps after {ctx['warmup']})", COLS)
     counted = rec.results.setdefault("flops", {})
-    budget.last = 0.0
     for label, yaml, extra, pairs in plan:
         flops = counted.get(yaml)
         row = {"part": name, "row": label, "pairs": pairs}
-        if not budget.allows():
+        if label == "compile":
+            row["note"] = COMPILE_NOTE
+        if not budget.allows(label):
             row["error"] = "skipped: over --budget-s"
             rec.record("train", row, COLS)
             continue
@@ -225,11 +272,12 @@ def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
         begin = time.perf_counter()
         args = overrides(ctx["folder"], ctx["data"], ctx["cache"], ctx["px"], pairs,
                          ctx["warmup"] + ctx["steps"], ctx["smoke"]) + extra
-        row.update(guarded(timed_row, yaml, args, ctx["out"], ctx["dev"], pairs, ctx["warmup"], ctx["peak"], flops))
+        row.update(guarded(timed_row, yaml, args, ctx["out"], pairs, ctx["warmup"], ctx["peak"], flops))
         rec.record("train", row, COLS)
-        budget.spent(time.perf_counter() - begin)
+        budget.last = time.perf_counter() - begin
         if flops is None and "error" not in row and budget.allows():
-            counted[yaml] = guarded(step_flops, yaml, args, ctx["out"], ctx["folder"], ctx["dev"], ctx["px"])
+            _fresh(ctx["dev"])
+            counted[yaml] = guarded(step_flops, yaml, args, ctx["dev"], ctx["px"])
             add_mfu(row, counted[yaml], ctx["peak"])  # this row ran before the count: filled in now
             rec.save()
             print(f"FLOPs ({yaml}): {counted[yaml]}; row above: TFLOP/s {row.get('tflops')}, MFU {row.get('mfu')}",
@@ -238,24 +286,23 @@ def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
 
 
 def skip_part(name: str, plan, rec: Recorder) -> None:
-    """Every row of a part the budget has no room for, before its setup (SDXL's takes a minute) is paid."""
+    """Every row of a part the budget has no room for, before its setup is paid."""
     print_header(f"{name}: skipped, over --budget-s", COLS)
     for label, _, _, pairs in plan:
         rec.record("train", {"part": name, "row": label, "pairs": pairs, "error": "skipped: over --budget-s"}, COLS)
 
 
-def plans(lever_batch: int, smoke: bool, compile_row: bool = True) -> dict:
-    lora, full, xl = "sd15/dpo_lora.yaml", "sd15/dpo_full.yaml", "sdxl/dpo_lora.yaml"
-    batches = (1, 2) if smoke else (1, 4, 8, 16, 32)
-    small = (1, 2) if smoke else (1, 4, 8)
-    no_ckpt = ["model.gradient_checkpointing=false"]
+def plans(smoke: bool) -> dict:
+    """The rows of every part, most important part first; within the lever part sdpa-cudnn comes last."""
+    x8 = 2 if smoke else 8
     return {
-        "sd15-lora": [(f"LoRA r8 x{b}", lora, [], b) for b in batches],
-        "sd15-lever": [(label, lora, extra, lever_batch) for label, extra in LEVERS
-                       if compile_row or label != "compile"],
-        "sd15-full": [(f"full x{b}", full, no_ckpt, b) for b in small],
-        "sdxl-lora": [(f"LoRA r8 ckpt x{b}", xl, [], b) for b in small]
-                     + [(f"LoRA r8 x{b}", xl, no_ckpt, b) for b in small],
+        "sd15-lora": [(f"LoRA r8 x{b}", LORA, [], b) for b in ((1, 2) if smoke else (1, 4, 8, 16, 32))],
+        "sd15-full": [(f"full x{x8}", FULL, NO_CKPT, x8)],
+        "sdxl-lora": [(f"LoRA r8 ckpt x{b}", SDXL, [], b) for b in ((1, 2) if smoke else (1, 4))],
+        "sd15-lever": [(label, LORA, extra, x8) for label, extra in LORA_LEVERS]
+                      + [(label, FULL, NO_CKPT + extra, x8) for label, extra in FULL_LEVERS]
+                      + [("sdpa-cudnn", LORA, ["model.attention=sdpa-cudnn"], x8)],
+        "sd15-compile": [("compile", LORA, ["train.compile=true"], x8)],
     }
 
 
@@ -263,17 +310,16 @@ def main() -> None:
     out_dir = os.environ.get("OUT")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=str(Path(out_dir or ".") / "gpu_throughput.json"))
-    parser.add_argument("--parts", default="sd15-lora,sd15-lever,sd15-full,sdxl-lora")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per row")
-    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
-    parser.add_argument("--lever-batch", type=int, default=8)
+    parser.add_argument("--parts", default="sd15-lora,sd15-full,sdxl-lora",
+                        help="comma-separated: sd15-lora, sd15-full, sdxl-lora, sd15-lever, sd15-compile")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip rows that would end after this")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the code paths only")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the compile lever (minutes on a CPU)")
     args = parser.parse_args()
     parts = args.parts.split(",")
-    all_plans = plans(2 if args.smoke else args.lever_batch, args.smoke, compile_row=not args.no_compile)
+    all_plans = plans(args.smoke)
     unknown = [p for p in parts if p not in all_plans]
     if unknown:
         sys.exit(f"error: unknown --parts {unknown}; choose from {', '.join(all_plans)}")
@@ -293,12 +339,13 @@ def main() -> None:
             xl = part.startswith("sdxl")
             px = (128 if xl else 64) if args.smoke else (1024 if xl else 512)
             key = "sdxl" if xl else "sd15"
-            if not budget.allows():
+            budget.last = FIRST_ROW_S  # the previous part's rows say nothing of this part's first
+            if not budget.allows(all_plans[part][0][0]):  # before the setup: SDXL's build takes ~20 s
                 skip_part(part, all_plans[part], rec)
                 continue
             if key not in rec.results["meta"]:
                 start = time.perf_counter()
-                folder = build_sdxl_folder(tmp, args.smoke, dev) if xl else build_folder(tmp, args.smoke)
+                folder = build_sdxl_folder(tmp, args.smoke, dev) if xl else build_folder(tmp, args.smoke, dev)
                 data = write_pairs(tmp / f"pairs-{px}.parquet", 8 if args.smoke else 64, px)
                 rec.results["meta"][key] = {"folder": str(folder), "data": str(data),
                                             "setup_s": round(time.perf_counter() - start, 1)}
