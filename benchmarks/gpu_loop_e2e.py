@@ -20,8 +20,9 @@ Every run logs each step (log_every=1) and ends with the validation gallery (1 p
 tracking.wandb=off and `import wandb` is blocked, as on a machine without wandb. Per run: ok or the error, steps,
 wall s (load, cache, generation, checkpoints, gallery and export included), s/step (median of the loop's
 logged sec_per_step after step 1; the median skips checkpoint and RAFT-generation steps), peak
-max_memory_allocated over the whole run and the loop's own gpu_mem_peak_gb (its steps and galleries only, from the
-last logged line), final loss, and whether final/ reloads in a plain StableDiffusionPipeline (LoRA:
+max_memory_allocated since the loop reset it at its first step (so the steps, galleries, checkpoints and the
+export: not the model load or cache build) and the loop's own gpu_mem_peak_gb (the same peak at the last logged
+line, before the export), final loss, and whether final/ reloads in a plain StableDiffusionPipeline (LoRA:
 load_lora_weights) with the trained UNet's outputs (max |loaded - trained| / max |trained| under 1e-3, one fp32
 forward with TF32 off, so that cuDNN's and cuBLAS's TF32 kernels cannot make a faithful export look wrong) and
 differs from the base model's (max |loaded - base| > 0: training moved the weights).

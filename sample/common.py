@@ -104,8 +104,10 @@ def note_training_seeds(lora, settings, num_prompts: int) -> None:
     from t2i_align.data.online import seeds_generated
     from t2i_align.sampling import seeds_for
 
-    folder = Path(lora) if lora is not None else None
-    run = None if folder is None else (folder.parent if folder.is_file() else folder).parent
+    folder = Path(lora).resolve() if lora is not None else None
+    # the nearest config.yaml above the weights: a checkpoint holds its run's, final/ sits in the run folder
+    run = next((f for f in ([folder] + list(folder.parents) if folder else []) if (f / "config.yaml").is_file()),
+               None)
     try:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         raft = cfg["raft"]

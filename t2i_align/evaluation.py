@@ -73,8 +73,9 @@ def compare_scores(base: Sequence[float], tuned: Sequence[float], groups: Option
     `groups` (each image's prompt): with several images per prompt, `per_prompt` holds the paired t-test and the
     sign test over the prompts' mean differences (`stats.clustered_diff`), the p-values to read: a prompt's
     images at several seeds are not independent, and the image-level p-values overstate the evidence."""
-    if len(base) != len(tuned):
-        raise ValueError(f"compare_scores needs paired scores, got {len(base)} base and {len(tuned)} tuned")
+    if len(base) != len(tuned) or (groups is not None and len(groups) != len(base)):
+        raise ValueError(f"compare_scores needs paired scores and one group each, got {len(base)} base, "
+                         f"{len(tuned)} tuned, {'no' if groups is None else len(groups)} groups")
     keep = [i for i in range(len(base)) if math.isfinite(base[i]) and math.isfinite(tuned[i])]
     if len(keep) < 2:
         raise TooFewScores(f"only {len(keep)} of {len(base)} image pairs have finite scores; a comparison needs at "

@@ -58,10 +58,20 @@ def sync_tree(root: Path) -> None:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync one file or folder (a folder: its entries, e.g. a rename into it)."""
-    fd = os.open(path, os.O_RDONLY)
+    """fsync one file or folder (a folder: its entries, e.g. a rename into it). For a folder it is best effort:
+    Windows cannot open one, and some network file systems refuse to fsync one (EINVAL)."""
+    folder = Path(path).is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
     finally:
         os.close(fd)
 
@@ -102,10 +112,10 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         yield tmp
         sync_tree(tmp)
         replace_dir(tmp, out_dir)
-        fsync_path(out_dir.parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_path(out_dir.parent)  # the renames themselves (best effort: the folder is in place either way)
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

@@ -160,7 +160,9 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     members: Dict[Hashable, List[float]] = {}
     for group, x, y in zip(groups, a, b):
         members.setdefault(group, []).append(x - y)
-    means = [math.fsum(d) / len(d) for d in members.values()]
+    # a mean that is zero but for rounding (0.8 - 0.6 + 0.4 - 0.6 = 5.6e-17) is a tie, not a win or a loss
+    tol = 1e-12 * max([1.0] + [abs(d) for diffs in members.values() for d in diffs])
+    means = [m if abs(m) > tol else 0.0 for m in (math.fsum(d) / len(d) for d in members.values())]
     if len(means) < 2:
         raise ValueError(f"clustered_diff needs at least 2 groups, got {len(means)}")
     wins, losses = sum(m > 0 for m in means), sum(m < 0 for m in means)

@@ -246,16 +246,16 @@ def test_seeds_generated_counts_the_evaluation_seeds_a_run_drew_by_hand():
     assert seeds_generated(grid(0), 0, 16, 300, 1) == 480  # the training seed's own grid: every image
 
 
-def test_compare_notes_seeds_the_run_trained_on(tmp_path, capsys):
-    """compare.py reads the run's config.yaml beside final/ and says when its grid is not fresh."""
+def test_compare_notes_seeds_the_run_trained_on(tmp_path, capsys, monkeypatch):
+    """compare.py reads the run's config.yaml (the nearest above the weights: beside final/, or a checkpoint's own)
+    and says when its grid is not fresh."""
     import importlib.util
-    import sys as _sys
     from pathlib import Path
 
     from t2i_align.evaluation import SampleSettings
 
     sample = Path(__file__).resolve().parents[1] / "sample"
-    _sys.path.insert(0, str(sample))
+    monkeypatch.syspath_prepend(str(sample))
     spec = importlib.util.spec_from_file_location("sample_common", sample / "common.py")
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
@@ -265,6 +265,9 @@ def test_compare_notes_seeds_the_run_trained_on(tmp_path, capsys):
                                      "raft: {enabled: true, k: 16, prompts_per_round: 300, round_steps: 1000}\n")
     common.note_training_seeds(str(run / "final"), SampleSettings(seeds_per_prompt=8, seed=100_000), 60)
     assert "note: 360 of the 480 images compared start from noises" in capsys.readouterr().err
+    (run / "checkpoints" / "step-500").mkdir(parents=True)
+    common.note_training_seeds(str(run / "checkpoints" / "step-500"), SampleSettings(seeds_per_prompt=8), 60)
+    assert "note: 480 of the 480 images" in capsys.readouterr().err  # the training seed's own grid
     common.note_training_seeds(str(run / "final"), SampleSettings(seeds_per_prompt=8, seed=1_000_000), 60)
     common.note_training_seeds(str(tmp_path / "elsewhere"), SampleSettings(seeds_per_prompt=8), 60)  # no run
     assert capsys.readouterr().err == ""

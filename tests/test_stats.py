@@ -150,3 +150,14 @@ def test_compare_scores_tests_per_prompt_after_dropping_non_finite_pairs():
     assert out["per_prompt"]["sign"] == {"wins": 2, "losses": 0, "p_value": 0.5}
     assert "per_prompt" not in compare_scores(base, tuned)  # no groups: the image tests only
     assert "per_prompt" not in compare_scores(base, tuned, groups=[0, 1, 2, 3, 4, 5])  # one image per prompt
+
+
+def test_clustered_diff_takes_a_mean_difference_zero_but_for_rounding_as_a_tie():
+    """Judge scores are fifths: prompt a's differences 0.8 − 0.6 and 0.4 − 0.6 sum to 5.6e-17 in floats, prompt b's
+    0.6 − 0.4 and 0.6 − 0.8 to −5.6e-17. Both are ties (they counted as a win and a loss), and prompt c's +0.2 the
+    one win: the sign test sees 1 of 1, p = 1; the t-test's mean is 0.2 / 3."""
+    from t2i_align.stats import clustered_diff
+
+    out = clustered_diff([0.8, 0.4, 0.6, 0.6, 0.8, 0.8], [0.6, 0.6, 0.4, 0.8, 0.6, 0.6], [0, 0, 1, 1, 2, 2])
+    assert out["sign"] == {"wins": 1, "losses": 0, "p_value": 1.0}
+    assert out["mean_diff"] == pytest.approx(0.2 / 3)

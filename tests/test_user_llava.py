@@ -243,12 +243,16 @@ def test_user_ids_read_as_whole_floats_are_the_ints_and_others_refused(tmp_path,
     assert "row 0: user_id 7.5 (float); a user table's ids are ints or text" in capsys.readouterr().err
 
 
-def test_check_shots_refuses_to_pass_when_it_compared_nothing(tmp_path, capsys):
-    """Training pairs whose ids are text ("7") against shots of int users (7): nothing matched, and the check
-    printed "overlaps: 0", a pass, having compared no pair."""
+def test_check_shots_refuses_to_pass_when_the_id_types_differ(tmp_path, capsys):
+    """Training pairs whose ids are text ("7") against shots of int users (7): nothing could match, and the check
+    printed "overlaps: 0", a pass, having compared no pair. Users new to the training set (int ids both sides, no
+    pair of theirs) are disjoint by construction: a pass, with a note that nothing was compared."""
     from t2i_align.users.embed import USERS_JSON
 
     (tmp_path / USERS_JSON).write_text(json.dumps({"users": {"7": {"text": "", "shots": ["x"]}}}))
     pairs = _with_user_ids(_write_pairs(tmp_path / "train.parquet", {7: 2}), ["7", "7"])
     assert users_main(["check-shots", "--shots", str(tmp_path / USERS_JSON), "--pairs", str(pairs)]) == 2
-    assert "no pair of" in capsys.readouterr().err
+    assert "their ids are str, the embedded users' int (e.g. 7)" in capsys.readouterr().err
+    others = _write_pairs(tmp_path / "others.parquet", {8: 2})
+    assert users_main(["check-shots", "--shots", str(tmp_path / USERS_JSON), "--pairs", str(others)]) == 0
+    assert "nothing to compare (users new to this training set?)" in capsys.readouterr().err

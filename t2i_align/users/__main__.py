@@ -48,6 +48,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             rows = embed.check_shots(args.shots, args.pairs)
             print(json.dumps({"rows_of_embedded_users_checked": rows, "overlaps": 0}))
+            if rows == 0:  # new users (no training pairs) are disjoint by construction; say so, not "checked"
+                print(f"note: no pair of {args.pairs} belongs to a user of {args.shots}: nothing to compare (users "
+                      "new to this training set?)", file=sys.stderr)
     except (UserError, ValueError, OSError) as err:  # OSError: a missing file, a folder that is not LLaVA
         print(f"error: {err}", file=sys.stderr)
         return 2

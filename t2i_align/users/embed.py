@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -187,12 +188,16 @@ def check_shots(shots_json: str, pairs: str) -> int:
     ids = tqdm(enumerate(dataset.user_ids), total=len(dataset), desc="check shots against training pairs")
     rows = ((user, pair_fingerprint(dataset.caption(i), *dataset.image_bytes(i))) for i, user in ids if user in shots)
     checked = check_shots_disjoint(shots, rows)
-    if checked == 0:  # nothing compared is no evidence: PPD would find none of these users in the table either
-        seen = sorted({repr(u) for u in dataset.user_ids})[:5]
-        raise UserError(f"no pair of {pairs} belongs to a user of {shots_json} ({len(shots)} users, e.g. "
-                        f"{[repr(u) for u in list(shots)[:5]]}; the pairs' users are e.g. {seen}): nothing was "
-                        "checked. Are the ids of another type (7 vs '7'), or the pairs another user set's?")
+    if checked == 0 and _id_types(shots) != _id_types(dataset.user_ids):  # 7 vs "7": nothing could match
+        raise UserError(f"no pair of {pairs} belongs to a user of {shots_json}: their ids are "
+                        f"{'/'.join(_id_types(dataset.user_ids))}, the embedded users' "
+                        f"{'/'.join(_id_types(shots))} (e.g. {', '.join(repr(u) for u in list(shots)[:3])}), so "
+                        "nothing was checked; write both with one id type")
     return checked
+
+
+def _id_types(ids) -> List[str]:
+    return sorted({type(u).__name__ for u in ids if u is not None})
 
 
 PARTS_SETTINGS = "settings.json"
@@ -243,5 +248,9 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
     if not state.is_main_process:
         return None
     summary = merge_parts(Path(out), handled=sum(c["embedded"] + c["already_done"] for c in everyone))
+    summary["failed"] = sum(c["failed"] for c in everyone)
     print(json.dumps(summary))
+    if summary["failed"]:
+        print(f"note: {summary['failed']} user(s) failed (see the warnings above) and are not in the table; the same "
+              "command again retries them", file=sys.stderr)
     return summary

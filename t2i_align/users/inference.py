@@ -6,6 +6,7 @@ user table it trained with (user_table.safetensors) and, when LoRA trained too, 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -128,7 +129,9 @@ def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Opti
     embedding = user_embedding(choice, folders)
     taken = user_token_shape(pipe.unet)[0]
     if embedding.dim() == 2 and embedding.shape[0] > taken:  # a table of every VLM layer (a new user's, from
-        embedding = select_layers(embedding, taken)  # `users embed`): ppd.layers kept the last `taken`, any choice
+        warnings.warn(f"the user embedding has {embedding.shape[0]} rows and the branch takes {taken}: using the last "
+                      f"{taken}, as ppd.layers keeps them (every choice is a suffix)", stacklevel=2)
+        embedding = select_layers(embedding, taken)  # `users embed`): ppd.layers kept the last `taken`
     tokens = embedding[None].repeat(n, 1, 1)
     try:
         check_user_tokens(pipe.unet, tokens)

@@ -15,8 +15,9 @@ stage-1 code is `llava_embeddings/pick_a_pick_user_emb.py` of github.com/Asap777
 
 - each image as one 384 px tile and a newline token (729 + 1 tokens), as LLaVA-NeXT's "pad" mode encodes the
   several images of one prompt: the images go to transformers' processor as one sample's list, whose multi-image
-  path skips the anyres tiles (transformers >= 4.53; given as a flat list, each image was taken as its own sample
-  and tiled: 5-10x the tokens, past Qwen2's 32k context for eight 1024 px images; so until session 22).
+  path skips the anyres tiles (transformers >= 4.53, tested on 5.24 only; given as a flat list, each image was
+  taken as its own sample and tiled: 5-10x the tokens, past Qwen2's 32k context for eight 1024 px images; so until
+  session 22).
 
 Not reproduced: the numbers themselves. transformers' classes are not LLaVA-NeXT's own (the official code's), so
 embeddings made here are not bit for bit those of PPD's released JSON files.
