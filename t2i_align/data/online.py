@@ -45,9 +45,13 @@ def _reward(rc, device):
     return get_reward(rc.reward, **options)
 
 
+ROUND_STRIDE, IMAGE_STRIDE = 1_000_003, 10_000
+"""Round seeds: a grid per round (image k of slot s at k·IMAGE_STRIDE + s), rounds ROUND_STRIDE apart."""
+
+
 def round_seed(seed: int, rnd: int, k: int, slot: int) -> int:
-    """The seed of image k of the prompt at `slot` in round `rnd`: a grid per round, rounds 1,000,003 apart."""
-    return seed + 1_000_003 * rnd + 10_000 * k + slot
+    """The seed of image k of the prompt at `slot` in round `rnd`."""
+    return seed + ROUND_STRIDE * rnd + IMAGE_STRIDE * k + slot
 
 
 def seeds_generated(seeds: Iterable[int], seed: int, k: int, per_round: int, rounds: int) -> int:
@@ -56,7 +60,7 @@ def seeds_generated(seeds: Iterable[int], seed: int, k: int, per_round: int, rou
     hit = 0
     for s in seeds:
         for rnd in range(rounds):
-            kk, slot = divmod(s - seed - 1_000_003 * rnd, 10_000)
+            kk, slot = divmod(s - round_seed(seed, rnd, 0, 0), IMAGE_STRIDE)  # round_seed inverted
             if 0 <= kk < k and slot < per_round:
                 hit += 1
                 break

@@ -16,10 +16,10 @@ from typing import Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
+from ..evaluation import compare_scores
 from ..files import write_json_atomic
 from ..gallery import to_uint8, write_gallery
 from ..sampling import load_pipeline
-from ..stats import clustered_diff, paired_diff, win_rate
 from .assets import verify_assets
 from .evaluate import Evaluation, evaluate, judge_scores, prompt_set
 from .pairs import export_pairs
@@ -44,12 +44,10 @@ def headline(result: Dict) -> str:
 
 
 def tests_of(tuned, base, seeds_per_prompt: int) -> Dict:
-    """The win rate and paired difference over images, and with several seeds per prompt `per_prompt`, the same
-    tests over the prompts (prompt-major scores; `stats.clustered_diff`)."""
-    out = {"win_rate": win_rate(tuned, base), "paired_diff": paired_diff(tuned, base)}
-    if seeds_per_prompt > 1:
-        out["per_prompt"] = clustered_diff(tuned, base, [i // seeds_per_prompt for i in range(len(tuned))])
-    return out
+    """`evaluation.compare_scores`'s tests on prompt-major scores: the win rate and paired difference over images,
+    and with several seeds per prompt `per_prompt`, the same tests over the prompts."""
+    out = compare_scores(base, tuned, [i // seeds_per_prompt for i in range(len(tuned))])
+    return {key: out[key] for key in ("win_rate", "paired_diff", "per_prompt") if key in out}
 
 
 def _caption(label: str, verdict) -> str:
