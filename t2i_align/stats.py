@@ -150,8 +150,7 @@ def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> 
 def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hashable],
                    level: float = 0.95) -> Dict[str, Any]:
     """Paired a − b with the group (a prompt) as the unit: the images of one prompt at several seeds share its
-    difficulty, so they are not independent pairs, and tests over images overstate the evidence (on the toy
-    world's 60 prompts × 8 seeds the per-image variance understated the prompt-level one 1.5–2.5×). The paired
+    difficulty, so they are not independent pairs, and tests over images overstate the evidence. The paired
     t-test (`paired_diff`) and the exact sign test (`sign_test_p`) run over the groups' mean differences: a
     cluster-level paired test, n = the number of groups (first-seen order)."""
     a, b = _pair(a, b)
@@ -160,8 +159,9 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     members: Dict[Hashable, List[float]] = {}
     for group, x, y in zip(groups, a, b):
         members.setdefault(group, []).append(x - y)
-    # a mean that is zero but for rounding (0.8 - 0.6 + 0.4 - 0.6 = 5.6e-17) is a tie, not a win or a loss
-    tol = 1e-12 * max([1.0] + [abs(d) for diffs in members.values() for d in diffs])
+    # a mean that is zero but for rounding (0.8 - 0.6 + 0.4 - 0.6 = 5.6e-17; ~1e-8 for a reward's float32 scores)
+    # is a tie, not a win or a loss
+    tol = 1e-6 * max([1.0] + [abs(d) for diffs in members.values() for d in diffs])
     means = [m if abs(m) > tol else 0.0 for m in (math.fsum(d) / len(d) for d in members.values())]
     if len(means) < 2:
         raise ValueError(f"clustered_diff needs at least 2 groups, got {len(means)}")

@@ -161,3 +161,15 @@ def test_clustered_diff_takes_a_mean_difference_zero_but_for_rounding_as_a_tie()
     out = clustered_diff([0.8, 0.4, 0.6, 0.6, 0.8, 0.8], [0.6, 0.6, 0.4, 0.8, 0.6, 0.6], [0, 0, 1, 1, 2, 2])
     assert out["sign"] == {"wins": 1, "losses": 0, "p_value": 1.0}
     assert out["mean_diff"] == pytest.approx(0.2 / 3)
+
+
+def test_clustered_diff_ties_hold_for_float32_scores():
+    """A reward's float32 scores (0.8, 0.6, 0.4 as float32, then Python floats): prompt a's mean difference is
+    ~1e-8, not 1e-17; still a tie (compare.py counted it as a win or a loss)."""
+    import numpy as np
+
+    from t2i_align.stats import clustered_diff
+
+    tuned = [float(x) for x in np.array([0.8, 0.4, 0.6, 0.6, 0.8, 0.8], dtype=np.float32)]
+    base = [float(x) for x in np.array([0.6, 0.6, 0.4, 0.8, 0.6, 0.6], dtype=np.float32)]
+    assert clustered_diff(tuned, base, [0, 0, 1, 1, 2, 2])["sign"] == {"wins": 1, "losses": 0, "p_value": 1.0}
