@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import yaml
@@ -34,7 +34,7 @@ from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
 from .run_dir import prepare_run_dir, set_aside_newer
-from .tracking import Tracker
+from .tracking import Tracker, continued_run_id
 from .validation import Validator, load_validation_reward
 
 
@@ -129,11 +129,12 @@ def train(cfg: Config) -> TrainResult:
     m = build(cfg, accelerator, objective)
     prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
     reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read
-    tracker = on_main(accelerator, lambda: _start_tracking(cfg, out), "the main process could not start tracking")
+    tracker = on_main(accelerator, lambda: _start_tracking(cfg, out, resume),
+                      "the main process could not start tracking")
     tracker = tracker or Tracker(out, enabled=False)
     # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
     # direction look for theirs) and this run's config written
-    on_main(accelerator, lambda: _claim_output(cfg, out, resume, functools.partial(say, accelerator)),
+    on_main(accelerator, lambda: _claim_output(cfg, out, resume, functools.partial(say, accelerator), tracker),
             "the main process could not set the earlier run's files aside")
     ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)
     objective.setup(ctx)
@@ -166,15 +167,17 @@ def _finish(cfg: Config, accelerator, m: Built, validator: Validator, tracker: T
     return TrainResult(final or out / "final", m.raw_unet)
 
 
-def _start_tracking(cfg: Config, out: Path) -> Tracker:
+def _start_tracking(cfg: Config, out: Path, resume: Optional[Path]) -> Tracker:
     """Main process: metrics.jsonl and W&B (which may refuse to start; it writes only in its own wandb/ folder)."""
-    return Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg))
+    return Tracker(out, cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.run_name, config_to_dict(cfg),
+                   run_id=continued_run_id(out, resume))
 
 
-def _claim_output(cfg: Config, out: Path, resume, log) -> None:
-    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config written there; a resume
-    names the settings that differ from the checkpoint's run."""
+def _claim_output(cfg: Config, out: Path, resume, log, tracker: Tracker) -> None:
+    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config and W&B id written
+    there; a resume names the settings that differ from the checkpoint's run."""
     prepare_run_dir(out, resume, cfg.train.resume, log)
+    tracker.record_run_id()
     earlier = next((f / "config.yaml" for f in (resume.parent, resume.parent.parent) if (f / "config.yaml").is_file()),
                    None) if resume is not None else None
     try:  # a note only: a config.yaml that does not read as one (another tool's file) must not stop the run

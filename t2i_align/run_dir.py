@@ -15,9 +15,9 @@ from .checkpoints import FINAL_STEP_FILE, MARKER, STEP_DIR, checkpoints_dir, lis
 
 ABANDONED_MOVED = ("final", "gallery")
 """The abandoned timeline's end, moved aside with its later checkpoints (this run makes its own)."""
-ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl", "reward_direction.safetensors")
-"""Copied: the logs whole (this run drops their lines after the resumed step) and LongAlign's direction, so that a
-resume from the abandoned folder finds it."""
+ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl", "reward_direction.safetensors", "wandb_run_id")
+"""Copied: the logs whole (this run drops their lines after the resumed step), LongAlign's direction, so that a
+resume from the abandoned folder finds it, and the W&B run's id (this run starts a new W&B run)."""
 
 
 def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Optional[Path]:
@@ -100,7 +100,7 @@ def _new_folder(parent: Path, name: str) -> Path:
 
 
 PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors", "final",
-                "gallery", "config.yaml")
+                "gallery", "config.yaml", "wandb_run_id")
 """What a run leaves in output_dir besides its checkpoints: a later run there would read or append to the first
 four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
 

@@ -2,6 +2,7 @@
 
 Only the main process writes. W&B "auto" means online when WANDB_API_KEY is set and offline otherwise, so a
 run without credentials never stops at a login prompt; offline runs can be uploaded later with `wandb sync`.
+A run resumed from its folder's newest checkpoint continues its W&B run (the id kept in `WANDB_ID_FILE`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from .gallery import write_gallery
 
 WANDB_MODES = ("auto", "online", "offline", "off")
+WANDB_ID_FILE = "wandb_run_id"
+"""output_dir/WANDB_ID_FILE: the W&B run's id, written once the run owns output_dir."""
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -23,6 +26,19 @@ def resolve_wandb_mode(mode: str) -> str:
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
+
+
+def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:
+    """The W&B run to continue: the one output_dir records, when resuming from its newest checkpoint. Not after a
+    fresh start, a resume from another folder (a fork of that run) or from an earlier checkpoint (the W&B run holds
+    the later steps of the timeline this run abandons)."""
+    from .checkpoints import list_checkpoints
+
+    found = list_checkpoints(output_dir)
+    record = Path(output_dir) / WANDB_ID_FILE
+    if resume is None or not found or found[-1][1].resolve() != Path(resume).resolve() or not record.is_file():
+        return None
+    return record.read_text().strip() or None
 
 
 def _jsonable(value: Any) -> Any:
@@ -35,7 +51,10 @@ class Tracker:
     """Appends one JSON object per logged step to `metrics.jsonl` and mirrors metrics and galleries to W&B."""
 
     def __init__(self, output_dir: str | os.PathLike, wandb_mode: str = "auto", project: str = "t2i-align",
-                 run_name: Optional[str] = None, config: Optional[Dict] = None, enabled: bool = True):
+                 run_name: Optional[str] = None, config: Optional[Dict] = None, enabled: bool = True,
+                 run_id: Optional[str] = None):
+        """`run_id`: an earlier W&B run to continue (resume="allow": W&B keeps the steps it already has, which a
+        resumed run logs again with the same values, and appends the rest)."""
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -47,12 +66,20 @@ class Tracker:
         if mode != "off":
             import wandb
 
+            again = {"id": run_id, "resume": "allow"} if run_id else {}
             self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
-                                     dir=str(self.output_dir), reinit="finish_previous")
+                                     dir=str(self.output_dir), reinit="finish_previous", **again)
 
     @property
     def wandb_run_dir(self) -> Optional[Path]:
         return Path(self._wandb.dir).parent if self._wandb is not None else None
+
+    def record_run_id(self) -> None:
+        """Write the W&B run's id into output_dir (after the run claimed it), for a resume to continue it."""
+        if self._wandb is not None:
+            from .files import write_text_atomic
+
+            write_text_atomic(self.output_dir / WANDB_ID_FILE, self._wandb.id + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop logged steps after the checkpoint, so metrics.jsonl reads as one uninterrupted run."""

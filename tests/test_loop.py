@@ -285,6 +285,35 @@ def test_wandb_offline_run_contains_the_gallery_images(tiny_model, pairs, tmp_pa
     assert media, sorted(str(p) for p in (out / "wandb").rglob("*"))[:20]
 
 
+def test_a_resume_continues_its_w_and_b_run_and_a_fresh_start_begins_another(tiny_model, pairs, tmp_path):
+    out, common = tmp_path / "run", ("lora.enabled=true", "train.checkpoint_every=2", "tracking.wandb=offline")
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    first = (out / "wandb_run_id").read_text().strip()
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{first}") for name in runs), runs
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start: a new W&B run
+    again = (out / "wandb_run_id").read_text().strip()
+    assert again != first and any((out / "wandb").glob(f"offline-run-*-{again}"))
+    assert [p.read_text().strip() for p in out.glob("previous-*/wandb_run_id")] == [first]
+
+
+def test_only_a_resume_from_the_folders_newest_checkpoint_continues_its_w_and_b_run(tmp_path):
+    from t2i_align.checkpoints import MARKER
+    from t2i_align.tracking import continued_run_id
+
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step}" / MARKER).write_text("{}")
+    newest, earlier = tmp_path / "checkpoints" / "step-4", tmp_path / "checkpoints" / "step-2"
+    assert continued_run_id(tmp_path, newest) is None  # no id recorded (W&B was off)
+    (tmp_path / "wandb_run_id").write_text("abc123\n")
+    assert continued_run_id(tmp_path, newest) == "abc123"
+    assert continued_run_id(tmp_path, None) is None      # a fresh start
+    assert continued_run_id(tmp_path, earlier) is None   # the W&B run holds steps this timeline abandons
+    assert continued_run_id(tmp_path / "other", newest) is None  # another folder's checkpoint: a fork
+
+
 def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():
     from types import SimpleNamespace
 
