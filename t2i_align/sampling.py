@@ -76,7 +76,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     from .weight_files import weights_variant
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
-    path, encoding = check_weights(model, lora, text_encoding)
+    path, encoding = check_weights(model, lora, text_encoding, unet=unet)
     lora = None if lora is None else Path(lora)
     found = weights_variant(path, variant, "--variant", fallback=True)
     pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
@@ -129,9 +129,10 @@ def _no_safety_checker(path: Path) -> dict:
 
 
 def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_encoding: Optional[str] = None,
-                  key: str = "model.pretrained") -> Tuple[Path, TextEncodingConfig]:
+                  key: str = "model.pretrained", unet: Optional[str | Path] = None) -> Tuple[Path, TextEncodingConfig]:
     """Before loading anything (scripts check every model they will sample first): the model folder, the LoRA path
-    holding weights (or a PPD user branch), and an asked text encoding agreeing with the one recorded with them.
+    holding weights (or a PPD user branch), and an asked text encoding agreeing with the one recorded with them
+    (or with a `unet` checkpoint: a full export of ours given as `--unet` records the encoding it was tuned with).
     ModelLoadError naming what is wrong (the model as `key`, a script's flag); else (model folder, text encoding to
     sample with)."""
     from .models import ModelLoadError, resolve_pretrained
@@ -158,7 +159,7 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
                                      "pytorch_lora_weights.safetensors or the folder holding it") from None
     if lora is not None:
         warn_other_base(str(model), path, lora)
-    return path, recorded_text_encoding(path, lora, text_encoding)
+    return path, recorded_text_encoding(path, lora, text_encoding, unet)
 
 
 BASE_MODEL_FILE = "t2i_align_base_model.json"
@@ -192,13 +193,20 @@ def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
                       "folder)", stacklevel=2)
 
 
-def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None,
-                           requested: Optional[str] = None) -> TextEncodingConfig:
-    """The text encoding to sample a model with: the LoRA's record, else the model folder's, else `requested`,
-    else clip77. `requested` contradicting a record raises ModelLoadError."""
+def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None, requested: Optional[str] = None,
+                           unet: Optional[str | Path] = None) -> TextEncodingConfig:
+    """The text encoding to sample a model with: the LoRA's record, else the UNet checkpoint's (beside its unet/
+    folder or in it), else the model folder's, else `requested`, else clip77. `requested` contradicting a record
+    raises ModelLoadError."""
     from .models import ModelLoadError
 
-    for where in [lora, model_dir] if lora is not None else [model_dir]:
+    where_unet = []
+    if unet is not None:
+        from .unet_checkpoint import unet_folder
+
+        folder = unet_folder(unet)
+        where_unet = [folder.parent, folder] if folder.name == "unet" else [folder]
+    for where in [w for w in [lora, *where_unet, model_dir] if w is not None]:
         recorded = read_text_encoding(where)
         if recorded is None:
             continue

@@ -40,6 +40,23 @@ def test_the_checkpoints_unet_joins_the_bases_other_parts(folders, tmp_path, giv
     assert not _equal(_state(merged, "text_encoder"), _state(tuned, "text_encoder"))  # the seeds differ there too
 
 
+@pytest.mark.parametrize("given", ["root", "unet"])
+def test_the_checkpoints_recorded_text_encoding_goes_into_the_merge(folders, tmp_path, given):
+    """A full export of ours tuned in segments, given as --unet: its record (beside unet/) was ignored, and the
+    merged folder sampled in clip77, an encoding the UNet never learned."""
+    from t2i_align.conditioning.text import read_text_encoding, write_text_encoding
+    from t2i_align.merge import merge_lora
+
+    base, tuned = folders
+    export = tmp_path / "export"
+    shutil.copytree(tuned, export)
+    write_text_encoding(export, "segments", 240)
+    merged = merge_lora(base, None, tmp_path / "merged", unet=export if given == "root" else export / "unet")
+    assert read_text_encoding(merged).kind == "segments"
+    with pytest.raises(ModelLoadError, match="tuned with text encoding 'segments'"):
+        merge_lora(base, None, tmp_path / "other", "clip77", unet=export)
+
+
 def test_a_lora_merges_onto_the_checkpoints_unet(folders, tmp_path):
     from helpers import export_random_lora
 
