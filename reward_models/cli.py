@@ -40,6 +40,7 @@ from t2i_align.data.images import DECODE_ERRORS, decode_rgb
 from t2i_align.data.pairs import find_parquet_files, label_problem
 from t2i_align.errors import UserError, run_cli
 from t2i_align.files import check_output_path, temp_file
+from t2i_align.prompts import text_lines
 from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards, check_options
@@ -132,7 +133,7 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
     else:
         files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         try:
-            lines = prompts.read_text(encoding="utf-8-sig").splitlines()
+            lines = text_lines(prompts.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as err:
             raise UsageError(f"{prompts} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         if len(lines) != len(files):

@@ -21,6 +21,14 @@ def toy_long_captions(name: str) -> List[str]:
     return [long_caption(scene, random.Random(i)) for i, scene in enumerate(prompt_set(name))]
 
 
+def text_lines(text: str) -> List[str]:
+    """A text file's lines, split at newlines only (read_text made \\r\\n and \\r into \\n): str.splitlines also splits
+    at form feeds, U+2028 and other separators, cutting a prompt that holds one in two."""
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+
 def read_prompts(spec: str, what: str = "prompts") -> List[str]:
     """Prompts from `spec`; blank lines are skipped. `what` names the setting in error messages."""
     if spec.startswith("toy:"):
@@ -42,7 +50,7 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
     try:
         # utf-8-sig: a BOM (Windows editors write one) is not part of the first prompt
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        prompts = [line.strip() for line in text_lines(path.read_text(encoding="utf-8-sig")) if line.strip()]
     except UnicodeDecodeError as err:
         raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not prompts:

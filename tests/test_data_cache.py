@@ -123,6 +123,31 @@ def test_unmarked_folder_is_not_trusted(tmp_path, pairs_path):
     assert enc.image_calls == 4
 
 
+def test_a_marker_that_cannot_be_read_this_once_is_an_error_not_a_rebuild(tmp_path, pairs_path, monkeypatch):
+    """Any OSError reading the marker (no permission on a colleague's cache, a network file system's hiccup) made
+    a complete cache "incomplete", and the build deleted it."""
+    from pathlib import Path
+
+    ds = PairDataset(pairs_path, resolution=16)
+    cached = build(ds, FakeEncoders(), tmp_path / "cache")
+    marker, read = cached.folder / "complete.json", Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self == marker:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    refused = FakeEncoders()
+    with pytest.raises(PermissionError):
+        build(ds, refused, tmp_path / "cache")
+    assert refused.image_calls == 0  # not deleted and rebuilt
+    monkeypatch.undo()
+    enc = FakeEncoders()
+    build(ds, enc, tmp_path / "cache")
+    assert enc.image_calls == 0 and marker.is_file()  # still there, loaded
+
+
 def test_a_truncated_shard_makes_the_cache_incomplete_and_old_markers_without_sizes_load(tmp_path, pairs_path):
     ds = PairDataset(pairs_path, resolution=16)
     cached = build(ds, FakeEncoders(), tmp_path / "cache")

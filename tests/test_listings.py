@@ -97,6 +97,40 @@ def test_a_csv_listing_and_an_image_root(folder, tmp_path, capsys):
     assert row["are_different"] is True and row["has_label"] is True
 
 
+def test_a_line_that_is_not_utf8_and_captions_that_are_not_text_are_skipped(folder, capsys):
+    """A non-UTF-8 byte stopped the whole import (at a buffer offset, not a line); a list or number caption was
+    stored as its str() ("['a', 'b']"), which training would read as a prompt."""
+    good = LISTING[0][0]
+    lines = [json.dumps(good), json.dumps({**good, "caption": ["a", "b"]}), json.dumps({**good, "caption": 12})]
+    listing = folder / "pairs.jsonl"
+    listing.write_bytes(("\n".join(lines) + "\n").encode() + b'{"caption": "caf\xe9"}\n' + lines[0].encode() + b"\n")
+    code, counts, err = run(capsys, "--from", listing, "--out", folder)
+    assert code == 0, err
+    assert counts["pairs"] == 2 and counts["skipped"] == {"bad_caption": 2, "not_utf8": 1}
+    assert "pairs.jsonl line 4 skipped: not UTF-8 text" in err
+    assert [r["caption"] for r in pq.read_table(folder / "pairs.parquet").to_pylist()] == ["red wins", "red wins"]
+
+
+def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folder, capsys):
+    """An open quote swallowed the rows after it into one caption, and a comma in an unquoted caption cut it,
+    neither counted; the lines named were records, not lines."""
+    listing = folder / "pairs.csv"
+    listing.write_text("caption,image_w,image_l\n"
+                       "red wins,images/red.png,images/blue.png\n"
+                       "\n"
+                       '"oops,images/red.png,images/blue.png\n'
+                       "swallowed,images/red.png,images/blue.png\n"
+                       'ends here",images/red.png,images/blue.png\n'
+                       "a red cat, sitting,images/red.png,images/blue.png\n"
+                       "green wins,images/green.png,images/blue.png\n")
+    code, counts, err = run(capsys, "--from", listing, "--out", folder)
+    assert code == 0, err
+    assert counts["pairs"] == 2 and counts["skipped"] == {"extra_fields": 1, "multiline_record": 1}
+    assert "pairs.csv line 3 skipped: a quoted field runs over lines 3-6" in err
+    assert "pairs.csv line 7 skipped: 1 more field(s) than the header names" in err
+    assert [r["caption"] for r in pq.read_table(folder / "pairs.parquet").to_pylist()] == ["red wins", "green wins"]
+
+
 @pytest.mark.parametrize("case, told", [
     ("no-listing", "--from {d}/nothing.jsonl: no such file"),
     ("not-jsonl-or-csv", "--from {d}/pairs.txt: expected a .jsonl or .csv listing"),

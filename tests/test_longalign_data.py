@@ -157,6 +157,21 @@ def test_caption_rows_without_caption_text_are_skipped_and_counted(tmp_path):
         CaptionDataset(tmp_path / "none.parquet")
 
 
+def test_max_items_takes_that_many_rows_across_several_files(tmp_path):
+    """The loop over files went on after the limit: each further file added one row (3 files of 4, 2 asked: 4)."""
+    for f in range(3):
+        pq.write_table(pa.Table.from_pylist([{"caption": f"f{f} r{r}", "jpg": png((f, r, 0))} for r in range(4)]),
+                       tmp_path / f"{f}.parquet")
+    assert CaptionDataset(tmp_path, resolution=8, max_items=2).captions == ["f0 r0", "f0 r1"]
+    assert CaptionDataset(tmp_path, resolution=8, max_items=6).captions == [f"f{i // 4} r{i % 4}" for i in range(6)]
+
+
+def test_a_prompt_holding_a_form_feed_or_line_separator_stays_one_prompt(tmp_path):
+    """str.splitlines cut a prompt at U+2028 or a form feed: two prompts in the file, four read."""
+    (tmp_path / "p.txt").write_text("a cat\u2028on a mat\nsecond\x0cprompt\r\nthird\n", encoding="utf-8")
+    assert read_prompts(str(tmp_path / "p.txt")) == ["a cat\u2028on a mat", "second\x0cprompt", "third"]
+
+
 def test_a_symlink_loop_in_an_image_path_is_a_bad_image_not_a_crash(tmp_path):
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")

@@ -52,8 +52,9 @@ collate_cached = collate_pairs
 def _is_complete(folder: Path, key: str) -> bool:
     try:
         marker = json.loads((folder / "complete.json").read_text())
-    except (OSError, ValueError):
-        return False
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False  # any other OSError (no permission, a network file system's hiccup) is raised: a complete
+        # cache is never deleted because its marker could not be read this once
     shards = marker.get("pair_shards", []) + marker.get("prompt_shards", [])
     sizes = marker.get("shard_bytes", {})  # absent in caches built before sizes were recorded
     return marker.get("key") == key and all(_shard_intact(folder / name, sizes.get(name)) for name, _ in shards)
@@ -63,7 +64,7 @@ def _shard_intact(path: Path, size: Optional[int]) -> bool:
     """The shard is there, with the size recorded when it was built (a host crash can leave it truncated)."""
     try:
         return path.is_file() and (size is None or path.stat().st_size == size)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):  # others raised, as for the marker
         return False
 
 

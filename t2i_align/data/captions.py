@@ -81,6 +81,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.captions: List[str] = []
         self.column: List[str] = []
         for fi, path in enumerate(self.files):
+            if self.max_items and len(loc) >= self.max_items:
+                break  # the last file filled it (each break below leaves one loop only)
             pf = open_parquet(path)
             names = pf.schema_arrow.names
             image_col = next((c for c in IMAGE_COLUMNS if c in names), None)

@@ -5,8 +5,10 @@ winner and loser (`image_w`, `image_l`) or as `image_0`, `image_1` with `label_0
 image_1, 0.5: a tie, kept in the file and dropped in training unless `data.ties=first`). Optional: `user_id` (an
 integer: the rater, for PPD), `model_0` / `model_1`. Captions (LongAlign's stage 1, data.kind=captions): a caption
 and one `image`. Paths are relative to the image root (default: the listing's folder) and must stay inside it.
-A row that cannot be used (a field missing, a label outside [0, 1], an image missing, outside the root or not
-decodable, a user_id that is not an integer) is skipped and counted by reason; the first few are named.
+A row that cannot be used (a field missing, a caption that is not text, a label outside [0, 1], an image missing,
+outside the root or not decodable, a user_id that is not an integer; a JSONL line that is not UTF-8 JSON; a CSV
+record over several lines, as a quote left open makes, or with more fields than the header) is skipped and counted
+by reason; the first few are named.
 The image bytes are copied as they are (no re-encoding); the parquet is written in row groups of
 `row_group_size` rows (the streaming reader's unit) to a temporary file and renamed when complete.
 """
@@ -29,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..files import write_json_atomic
+from ..files import fsync_path, write_json_atomic
 from .images import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def write_rows_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_siz
             for group in _groups(rows, row_group_size):
                 writer.write_table(pa.Table.from_pylist(group, schema=schema))
                 written += len(group)
+        fsync_path(tmp)  # on disk before the rename: a host crash leaves the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -85,22 +88,22 @@ def _groups(rows: Iterator[Dict[str, Any]], size: Optional[int]) -> Iterator[lis
 
 
 def read_listing(path: Path) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(line number, row) of a .jsonl or .csv listing; a JSONL line that is not an object is a skipped row."""
+    """(line number, row) of a .jsonl or .csv listing; a row that cannot be read is a SkippedRow."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise UserError(f"--from {path}: expected a .jsonl or .csv listing")
-    try:
-        yield from _listing_rows(path, suffix)
-    except (UnicodeDecodeError, csv.Error) as err:  # the listing itself, not one row, cannot be read on
-        raise UserError(f"--from {path}: cannot be read as {suffix[1:].upper()} (UTF-8) text: {err}") from None
+    yield from _csv_rows(path) if suffix == ".csv" else _jsonl_rows(path)
 
 
-def _listing_rows(path: Path, suffix: str) -> Iterator[Tuple[int, Any]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel's CSV) dropped
-        if suffix == ".csv":
-            yield from enumerate(csv.DictReader(handle), start=2)  # line 1 is the header
-            return
-        for number, line in enumerate(handle, start=1):
+def _jsonl_rows(path: Path) -> Iterator[Tuple[int, Any]]:
+    """Each line decoded alone: a line that is not UTF-8 or not a JSON object is a skipped row."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # -sig: a byte-order mark dropped
+            except UnicodeDecodeError as err:
+                yield number, SkippedRow("not_utf8", f"not UTF-8 text (byte {err.start} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -110,11 +113,40 @@ def _listing_rows(path: Path, suffix: str) -> Iterator[Tuple[int, Any]]:
             yield number, row if isinstance(row, (dict, SkippedRow)) else SkippedRow("not_json", "not an object")
 
 
+def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
+    """(the record's line, row). A record over several lines (a quote left open swallows the rows after it
+    into one field) or with more fields than the header (an unquoted comma) is a skipped row, not a wrong one."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel's CSV) dropped
+        reader, end = csv.DictReader(handle), 1  # line 1 is the header
+        try:
+            for row in reader:
+                first, end = end + 1, reader.line_num
+                if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
+                    yield first, SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a "
+                                            "quote left open?); quote whole fields, with no line break inside")
+                elif None in row:
+                    yield end, SkippedRow("extra_fields", f"{len(row[None])} more field(s) than the header names "
+                                            "(an unquoted comma?); quote fields that hold commas")
+                else:
+                    yield end, row
+        except (UnicodeDecodeError, csv.Error) as err:  # the listing itself cannot be read on
+            raise UserError(f"--from {path}: cannot be read as CSV (UTF-8) text after line {reader.line_num}: "
+                            f"{err}; save it as UTF-8 CSV") from None
+
+
 def _field(row: Dict[str, Any], *names: str) -> Any:
     value = next((row[n] for n in names if row.get(n) not in (None, "")), None)
     if value is None:
         raise SkippedRow("missing_field", f"no {' or '.join(names)}")
     return value
+
+
+def _caption(row: Dict[str, Any]) -> str:
+    """The caption as text: a JSON list, object or number is refused (str() would train on "['a', 'b']")."""
+    caption = _field(row, "caption", "prompt")
+    if not isinstance(caption, str):
+        raise SkippedRow("bad_caption", f"caption {caption!r} is not text")
+    return caption
 
 
 def _label(row: Dict[str, Any]) -> Tuple[str, str, float]:
@@ -171,10 +203,10 @@ def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
     """One listing row as a Pick-a-Pic row; SkippedRow if it cannot be used."""
     if isinstance(row, SkippedRow):
         raise row
-    caption = _field(row, "caption", "prompt")
+    caption = _caption(row)
     first, second, label = _label(row)
     jpg_0, jpg_1 = _image_bytes(root, first), _image_bytes(root, second)
-    return {"caption": str(caption), "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label, "label_1": 1.0 - label,
+    return {"caption": caption, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label, "label_1": 1.0 - label,
             "user_id": _user_id(row), "are_different": jpg_0 != jpg_1, "has_label": True,
             "model_0": str(row.get("model_0") or ""), "model_1": str(row.get("model_1") or ""),
             "ranking_id": ranking_id}
@@ -184,8 +216,7 @@ def caption_row(row: Any, root: Path, number: int) -> Dict[str, Any]:
     """One listing row as an image-caption row; SkippedRow if it cannot be used."""
     if isinstance(row, SkippedRow):
         raise row
-    caption = _field(row, "caption", "prompt")
-    return {"caption": str(caption), "jpg": _image_bytes(root, _field(row, "image"))}
+    return {"caption": _caption(row), "jpg": _image_bytes(root, _field(row, "image"))}
 
 
 KINDS = {  # kind: (schema, row maker, what a row needs)

@@ -252,7 +252,9 @@ class PairDataset(torch.utils.data.Dataset):
                 "flip": self.flip, "ties": self.ties, "max_pairs": self.max_pairs,
                 "seed": self.seed if random else None,
                 # only when set: caches written before the filter existed keep their key
-                **({"both_models_contain": self.both_models_contain} if self.both_models_contain else {})}
+                **({"both_models_contain": self.both_models_contain} if self.both_models_contain else {}),
+                # reading 2: rows without caption text skipped, has_label 0 as unlabelled (older caches kept both)
+                "reading": 2}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}
