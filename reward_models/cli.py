@@ -177,11 +177,14 @@ def _parquet_rows(files: List[Path]) -> Iterator[Item]:
                            "" if r["caption"] is None else str(r["caption"]), r[f"jpg_{side}"])
 
 
-def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: int = 32, on_batch=lambda b: None):
-    """Decode and score `batch_size` items at a time with every reward -> (rows, summed info counts per reward)."""
-    rows, counts, it = [], {name: {} for name in rewards}, iter(items)
+def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: int = 32, on_batch=lambda b: None,
+                rows: Optional[List[dict]] = None):
+    """Decode and score `batch_size` items at a time with every reward -> (rows, summed info counts per reward).
+    `rows` (given): the list the rows of each finished batch are appended to, kept by a caller when a later batch
+    fails."""
+    rows, counts, it = [] if rows is None else rows, {name: {} for name in rewards}, iter(items)
     while batch := list(itertools.islice(it, max(1, batch_size))):
-        images, ok = [], []
+        images, ok, done = [], [], []
         for item in batch:
             row = {**item.key, "prompt": item.prompt, **{name: None for name in rewards}}
             try:
@@ -189,18 +192,24 @@ def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: i
                 ok.append(row)
             except DECODE_ERRORS as e:  # OSError covers a missing file
                 row["error"] = f"unreadable image: {type(e).__name__}: {e}"
-            rows.append(row)
+            done.append(row)
         for name, reward in rewards.items():
             _apply(name, reward, images, [r["prompt"] for r in ok], ok, counts[name])
+        rows.extend(done)
         on_batch(batch)
     return rows, counts
 
 
 def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: List[dict], counts: dict) -> None:
-    """Scores into `rows`; on a ValueError (toy-judge: not a toy caption) retry one by one and flag the culprits."""
+    """Scores into `rows`; on a ValueError (toy-judge: not a toy caption) or another RuntimeError than running out
+    of memory (an image a model cannot take, e.g. a 1000 x 2 banner) retry one by one and flag the culprits."""
+    import torch
+
     try:
         scores, info = reward(images, prompts)
-    except ValueError as e:
+    except torch.OutOfMemoryError:
+        raise  # the batch, not an image: --batch-size is the remedy
+    except (ValueError, RuntimeError) as e:
         if len(images) == 1:
             rows[0]["error"] = "; ".join(filter(None, [rows[0].get("error"), f"{name}: {e}"]))
             return
@@ -315,13 +324,30 @@ def _run(args: argparse.Namespace) -> int:
                       replaces=[args.out], overwrite=args.overwrite)
     total, items = open_source(args.images, args.prompts, args.pairwise)
     rewards = load_rewards(names, options, args.device)
-    with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:
-        rows, counts = score_items(rewards, items, args.batch_size, lambda batch: bar.update(len(batch)))
+    rows: List[dict] = []
+    try:
+        with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:
+            _, counts = score_items(rewards, items, args.batch_size, lambda batch: bar.update(len(batch)), rows)
+    except BaseException:  # out of memory, Ctrl-C ...: the images scored so far are kept
+        _keep_partial(rows, args.out)
+        raise
     write_rows(rows, args.out)
     summary = {**summarize(rows, names, counts), "out": str(args.out)}
     summary.update({"pairwise": pairwise_accuracy(rows, names)} if args.pairwise else {})
     print(json.dumps(summary, indent=2))
     return _none_scored(rows, summary["rewards"])
+
+
+def _keep_partial(rows: List[dict], out: Path) -> None:
+    """The rows of the batches finished before a failure, as OUT.partial.jsonl (-2, -3 ...: never one replaced)."""
+    if not rows:
+        return
+    for n in itertools.count(1):
+        path = out.with_name(f"{out.stem}.partial{'' if n == 1 else f'-{n}'}{out.suffix}")
+        if not path.exists():
+            break
+    write_rows(rows, path)
+    print(f"t2i-score stopped after {len(rows)} images; their scores are in {path}", file=sys.stderr)
 
 
 def _none_scored(rows: List[dict], rewards: Dict[str, dict]) -> int:

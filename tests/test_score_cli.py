@@ -295,3 +295,54 @@ def test_scores_are_written_through_a_fresh_temp_file_removed_on_failure(tmp_pat
         write_rows([{"file": "b.png", "clip": 0.1}, {"file": "c.png", "clip": object()}], out)  # fails half way
     assert sorted(p.name for p in tmp_path.iterdir()) == [".scores.jsonl.tmp", "scores.jsonl"]
     assert json.loads(out.read_text())["file"] == "a.png"
+
+
+def _failing_reward(fail):
+    """A reward scoring each image 1.0 that calls `fail(call number, prompts)` first."""
+    import torch
+
+    calls = []
+
+    def reward(images, prompts):
+        calls.append(prompts)
+        fail(len(calls), prompts)
+        return torch.ones(len(images)), {}
+    return reward
+
+
+def test_an_image_a_model_cannot_take_is_flagged_and_the_others_scored(tmp_path, capsys, monkeypatch):
+    """A RuntimeError from one image (a 1000 x 2 banner the resize makes 0 px high) lost the whole run."""
+    folder, odd = _folder(tmp_path), short_caption(SCENES[1])
+
+    def fail(call, prompts):
+        if odd in prompts:
+            raise RuntimeError("Input and output sizes should be greater than 0")
+    monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: {"fake": _failing_reward(fail)})
+    out = tmp_path / "scores.jsonl"
+    code, summary, _ = _run(capsys, "--reward", "fake", "--images", folder, "--prompts", tmp_path / "prompts.txt",
+                            "--out", out, "--batch-size", 4)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and [r["fake"] for r in rows] == [1.0, None, 1.0, 1.0, 1.0, None]
+    assert "fake: Input and output sizes" in rows[1]["error"] and summary["rewards"]["fake"]["n"] == 4
+
+
+@pytest.mark.parametrize("stop", ["out of memory", "ctrl-c"])
+def test_a_run_stopped_midway_keeps_the_scores_of_its_finished_batches(tmp_path, capsys, monkeypatch, stop):
+    """Rows were written only at the end: out of memory or Ctrl-C in the last batch kept nothing."""
+    import torch
+
+    error = torch.OutOfMemoryError("CUDA out of memory") if stop == "out of memory" else KeyboardInterrupt()
+
+    def fail(call, prompts):
+        if call == 3:
+            raise error
+    monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: {"fake": _failing_reward(fail)})
+    folder, out = _folder(tmp_path), tmp_path / "scores.jsonl"
+    (tmp_path / "scores.partial.jsonl").write_text("an earlier run's\n")
+    with pytest.raises(type(error)):
+        main(["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+              "--out", str(out), "--batch-size", "2"])
+    assert not out.exists() and (tmp_path / "scores.partial.jsonl").read_text() == "an earlier run's\n"
+    kept = [json.loads(line) for line in (tmp_path / "scores.partial-2.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in kept] == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
+    assert "their scores are in" in capsys.readouterr().err
