@@ -194,13 +194,13 @@ def _as_chw(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image tensors must be channels-first [B, 3, H, W]; got shape {tuple(x.shape)}")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"empty image of shape {tuple(x.shape)}")
-    x = x.float() / 255.0 if not torch.is_floating_point(x) else _check_range(x)
+    x = x.float() / 255.0 if not torch.is_floating_point(x) else check_image_range(x)
     if x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return x[..., :3, :, :]
 
 
-def _check_range(x: torch.Tensor) -> torch.Tensor:
+def check_image_range(x: torch.Tensor) -> torch.Tensor:
     """Float images are read as [0, 1]: a warning for ones far outside (VAE output in [-1, 1], [0, 255] values),
     which would score as garbage; a decoder's small overshoot passes."""
     low, high = float(x.detach().min()), float(x.detach().max())

@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .base import (PathLike, Resize, Reward, RewardOutput, WeightsNotFoundError, batched, find_weights_file,
-                   load_checked, load_state_dict_file, preprocess_images, register, resize_center_crop, resolve_device,
-                   resolve_dtype, without_random_init)
+from .base import (PathLike, Resize, Reward, RewardOutput, RewardSetupError, WeightsNotFoundError, batched,
+                   find_weights_file, load_checked, load_state_dict_file, preprocess_images, register,
+                   resize_center_crop, resolve_device, resolve_dtype, without_random_init)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,18 +121,44 @@ def _cfg_for(arch: Arch) -> Dict[str, Any]:
 
 
 def _tokenizer_for(name: Optional[str], cfg: Dict[str, Any]):
-    """open_clip's own choice for named / local-dir models with an HF tokenizer; else CLIP's BPE tokenizer."""
+    """open_clip's own choice for named / local-dir models; an arch dict's `hf_tokenizer_name` from a local folder
+    only; else CLIP's BPE tokenizer."""
     import open_clip
 
-    if name is not None and "hf_tokenizer_name" in cfg.get("text_cfg", {}):
+    text = cfg.get("text_cfg", {})
+    context_length = text.get("context_length", 77)
+    if "hf_tokenizer_name" not in text:
+        return open_clip.SimpleTokenizer(context_length=context_length)
+    if name is not None:
         return open_clip.get_tokenizer(name)
-    return open_clip.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
+    folder = text["hf_tokenizer_name"]
+    if not Path(folder).is_dir():  # a hub name: CLIP's BPE instead would score garbage, and nothing is downloaded
+        raise RewardSetupError(f"arch names the tokenizer {folder!r} (text_cfg.hf_tokenizer_name), not a local folder:"
+                               f" `huggingface-cli download {folder} --local-dir DIR` and name DIR there instead")
+    return open_clip.tokenizer.HFTokenizer(str(folder), context_length=context_length, tokenizer_mode=text.get(
+        "tokenizer_mode"), **text.get("tokenizer_kwargs", {}))
+
+
+def resize_squash(x: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """open_clip's resize_mode "squash" (SigLIP): the whole image to size x size, aspect ratio not kept."""
+    aa = interpolation in ("bilinear", "bicubic")
+    return F.interpolate(x, size=(size, size), mode=interpolation, antialias=aa,
+                         **({"align_corners": False} if aa else {}))
+
+
+def _resize_for(pre: Dict[str, Any]) -> Resize:
+    """The resize of open_clip's preprocess_cfg `resize_mode`; "longest" (resize and pad) is refused."""
+    mode = pre.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        raise RewardSetupError(f"preprocess_cfg resize_mode {mode!r} is not supported: only 'shortest' (resize + "
+                               "centre crop) and 'squash'; use a checkpoint whose open_clip config has one of them")
+    return resize_squash if mode == "squash" else resize_center_crop
 
 
 def _hf_folder(folder: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
-    from .pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, hf_preprocess_cfg
+    from .pickscore import hf_clip_config, hf_clip_to_open_clip, hf_config_to_open_clip, hf_preprocess_cfg
 
-    config = json.loads((folder / "config.json").read_text())
+    config = hf_clip_config(json.loads((folder / "config.json").read_text()))  # defaults filled in
     state = hf_clip_to_open_clip(load_state_dict_file(folder))
     return hf_config_to_open_clip(config), state, hf_preprocess_cfg(folder, config)
 
@@ -188,6 +214,8 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
     opts = dict(mean=pre.get("mean", OPENAI_MEAN), std=pre.get("std", OPENAI_STD),
                 interpolation=pre.get("interpolation", "bicubic"))
     opts.update(encoder_options)
+    if "resize" not in opts:  # a reward's own resize (HPSv2's) wins over the config's
+        opts["resize"] = _resize_for(pre)
     return OpenClipEncoder(model, _tokenizer_for(name, cfg), cfg["text_cfg"].get("context_length", 77), **opts)
 
 

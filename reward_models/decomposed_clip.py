@@ -73,13 +73,20 @@ def mean_sentence_vectors(encode: Callable[[List[str]], torch.Tensor], prompts: 
     return sums / counts[:, None].to(sums.dtype), owner
 
 
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the decomposition's sums, except on MPS, which has no float64 (float32 there: errors ~1e-7)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def decompose(t: torch.Tensor, v: torch.Tensor, x: torch.Tensor, omega: float) -> Dict[str, torch.Tensor]:
     """The LongAlign split of S = t·x for text vectors t [B, D], unit direction v [D], image embeddings x [B, D].
 
-    Computed in float64, so `total - (relevant + irrelevant)` is at rounding level (~1e-16) and ω = 1 reproduces
-    the total. Returns total, relevant (t⊥·x), irrelevant (η v·x), eta and weighted (relevant + ω·irrelevant).
+    Computed in float64 (`exact_dtype`), so `total - (relevant + irrelevant)` is at rounding level (~1e-16) and
+    ω = 1 reproduces the total. Returns total, relevant (t⊥·x), irrelevant (η v·x), eta and weighted
+    (relevant + ω·irrelevant).
     """
-    t, v, x = t.double(), F.normalize(v.double(), dim=0), x.double()  # unit v in float64: t⊥ ⟂ v exactly
+    dtype = exact_dtype(t.device)
+    t, v, x = t.to(dtype), F.normalize(v.to(dtype), dim=0), x.to(dtype)  # unit v in float64: t⊥ ⟂ v exactly
     eta = t @ v
     t_perp = t - eta[:, None] * v[None]
     relevant = (t_perp * x).sum(-1)
@@ -92,14 +99,16 @@ def fit_common_direction(text_vectors: Callable[[List[str]], torch.Tensor], prom
                          chunk_size: int = 4096) -> torch.Tensor:
     """v = normalize(mean over `prompts` of t(p)), unit float32 [D]; `text_vectors(prompts) -> [n, D]`.
 
-    Summed in float64 a chunk at a time, so a data set of millions of captions fits without holding every t.
+    Summed in float64 (`exact_dtype`) a chunk at a time, so a data set of millions of captions fits without
+    holding every t.
     """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("fitting the common direction needs at least one prompt")
     total = None
     for start in range(0, len(prompts), chunk_size):
-        part = text_vectors(prompts[start:start + chunk_size]).double().sum(0)
+        vectors = text_vectors(prompts[start:start + chunk_size])
+        part = vectors.to(exact_dtype(vectors.device)).sum(0)
         total = part if total is None else total + part
     return F.normalize(total / len(prompts), dim=0).float()
 
@@ -204,7 +213,8 @@ class DecomposedClip(Reward):
         if self.direction is None and not self.batch_direction:
             if self.omega != 1.0:
                 raise ValueError(NO_DIRECTION)
-            total = (t.double() * x.double()).sum(-1) * self.scale  # S_1 = S needs no direction
+            dtype = exact_dtype(x.device)
+            total = (t.to(dtype) * x.to(dtype)).sum(-1) * self.scale  # S_1 = S needs no direction
             return total.float(), {"total": total.detach().float().tolist(), "truncated": sum(truncated),
                                    "direction": "none", "omega": self.omega}
         v = F.normalize(t.mean(0), dim=0) if self.batch_direction else self.direction

@@ -37,7 +37,7 @@ def resize_longest_pad(x: torch.Tensor, size: int, interpolation: str = "bicubic
     """
     h, w = x.shape[-2:]
     scale = size / float(max(h, w))
-    nh, nw = round(h * scale), round(w * scale)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))  # a banner over 448:1 keeps one line, not 0
     if (nh, nw) != (h, w):
         aa = interpolation in ("bilinear", "bicubic")
         x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=aa,

@@ -18,12 +18,14 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .base import Reward, RewardOutput, register, resolve_device, resolve_dtype
+from .base import Reward, RewardOutput, WeightsNotFoundError, check_image_range, register, resolve_device, \
+    resolve_dtype, to_image_tensors
 from .blip_layout import BlipRewardConfig, BlipRewardModel, load_official_state_dict
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -49,20 +51,20 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _tensor_to_rgb(pixels: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] with C in {1, 2, 3, 4}, float in [0, 1] or uint8 -> float [B, 3, H, W] (alpha dropped)."""
+    """[B, C, H, W] with C in {1, 2, 3, 4}, float in [0, 1] (a warning far outside) or uint8 -> float32
+    [B, 3, H, W] (alpha dropped). float32 before resizing: in bf16 the resize and normalisation were ~0.02 off."""
     if pixels.ndim != 4 or pixels.shape[1] not in (1, 2, 3, 4) or 0 in pixels.shape[2:]:
         raise ValueError(f"image tensors must be [B, C, H, W] with 1-4 channels and H, W > 0, "
                          f"got {tuple(pixels.shape)}")
-    if not pixels.is_floating_point():
-        pixels = pixels.float() / 255.0
+    pixels = check_image_range(pixels).float() if pixels.is_floating_point() else pixels.float() / 255.0
     if pixels.shape[1] <= 2:
         return pixels[:, :1].expand(-1, 3, -1, -1)
     return pixels[:, :3]
 
 
 def preprocess_images(images, size: int = 224) -> torch.Tensor:
-    """PIL images, a [B, C, H, W] tensor, or a list mixing PIL images and [C, H, W] tensors -> normalised float
-    [B, 3, size, size]. Tensor inputs go through torch ops only, so gradients reach the pixels."""
+    """PIL images, a [B, C, H, W] tensor, or a list mixing PIL images, numpy HWC arrays and [C, H, W] tensors ->
+    normalised float32 [B, 3, size, size]. Tensor inputs go through torch ops only, so gradients reach the pixels."""
     def fit(x):
         x = TF.center_crop(TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True), size)
         return x if isinstance(x, torch.Tensor) else TF.to_tensor(x).unsqueeze(0)
@@ -76,8 +78,10 @@ def preprocess_images(images, size: int = 224) -> torch.Tensor:
                 parts.append(fit(_pil_to_rgb(image)))
             elif isinstance(image, torch.Tensor):
                 parts.append(fit(_tensor_to_rgb(image.unsqueeze(0) if image.ndim == 3 else image)))
+            elif isinstance(image, np.ndarray):  # HWC, uint8 or float in [0, 1], as every reward takes them
+                parts.append(fit(to_image_tensors([image])[0][None]))  # float32 RGB, range checked
             else:
-                raise TypeError(f"images must be PIL images or tensors, not {type(image).__name__}")
+                raise TypeError(f"images must be PIL images, numpy HWC arrays or tensors, not {type(image).__name__}")
         batch = torch.cat(parts) if parts else torch.zeros(0, 3, size, size)
     mean = torch.tensor(CLIP_MEAN, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
@@ -93,9 +97,10 @@ def load_bert_tokenizer(tokenizer="bert-base-uncased"):
         try:
             tokenizer = BertTokenizer.from_pretrained(str(tokenizer))
         except (OSError, ValueError) as err:
-            raise OSError(
+            raise WeightsNotFoundError(
                 f"could not load the BERT tokenizer {str(tokenizer)!r}: pass tokenizer=FOLDER holding the "
-                f"bert-base-uncased vocab.txt (the ImageReward/VP-Score text side is bert-base-uncased)") from err
+                f"bert-base-uncased vocab.txt (the ImageReward/VP-Score text side), e.g. from `huggingface-cli "
+                f"download bert-base-uncased vocab.txt --local-dir FOLDER`") from err
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
@@ -141,26 +146,30 @@ class BlipPreferenceReward(Reward):
         if not self.std > 0:
             raise ValueError(f"std must be positive, got {self.std}")
         path = self._checkpoint_path(checkpoint)
+        self.tokenizer = self._tokenizer(tokenizer)  # before reading the ~1.7 GB checkpoint: a missing one fails fast
         with torch.device("meta"):  # no random init of ~450M parameters; the checkpoint's tensors are assigned
             self.model = BlipRewardModel(self.config)
         self.unused_keys = load_official_state_dict(self.model, self._read(path), f"{path} ({self.name})")
         if self.unused_keys:
             warnings.warn(f"{self.name}: {len(self.unused_keys)} checkpoint keys were not used (the official loader "
                           f"also ignores them): {self.unused_keys[:8]}")
-        self.tokenizer = load_bert_tokenizer(tokenizer)
-        if len(self.tokenizer) > self.config.vocab_size:
-            raise ValueError(f"{self.name}: the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary"
-                             f" has {self.config.vocab_size}; use the bert-base-uncased tokenizer it was trained with")
         self.model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.model.mlp.float()
 
+    def _tokenizer(self, tokenizer):
+        tokenizer = load_bert_tokenizer(tokenizer)
+        if len(tokenizer) > self.config.vocab_size:
+            raise ValueError(f"{self.name}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary"
+                             f" has {self.config.vocab_size}; use the bert-base-uncased tokenizer it was trained with")
+        return tokenizer
+
     def _checkpoint_path(self, checkpoint) -> Path:
         if checkpoint is None:
-            raise FileNotFoundError(f"{self.name} needs its weights, and nothing is downloaded: pass checkpoint=PATH "
-                                    f"to {self.release}")
+            raise WeightsNotFoundError(f"{self.name} needs its weights, and nothing is downloaded: pass "
+                                       f"checkpoint=PATH to {self.release}")
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{self.name} checkpoint not found at {path}: expected {self.release}")
+            raise WeightsNotFoundError(f"{self.name} checkpoint not found at {path}: expected {self.release}")
         return path
 
     def _read(self, path: Path):
@@ -190,10 +199,10 @@ class BlipPreferenceReward(Reward):
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         """Scores [B] (float32, on `device`; differentiable w.r.t. tensor images) and info with `raw` (the MLP
-        output before normalisation), `prompt_tokens`, per-prompt `truncated` flags and `num_truncated`."""
+        output before normalisation), `prompt_tokens` and `truncated`, the count of prompts cut to
+        `config.max_length` tokens (an int, as the CLIP-family rewards report it)."""
         if not prompts:
-            return torch.zeros(0, device=self.device), {"raw": [], "prompt_tokens": [], "truncated": [],
-                                                         "num_truncated": 0}
+            return torch.zeros(0, device=self.device), {"raw": [], "prompt_tokens": [], "truncated": 0}
         ids, mask, lengths = self.tokenize(prompts)
         needs_grad = torch.is_grad_enabled() and (
             images.requires_grad if isinstance(images, torch.Tensor)
@@ -205,9 +214,8 @@ class BlipPreferenceReward(Reward):
                 pixels = preprocess_images(images[chunk], self.config.image_size).to(self.device)
                 raws.append(self.model(pixels, ids[chunk].to(self.device), mask[chunk].to(self.device)))
         raw = torch.cat(raws)
-        truncated = [n > self.config.max_length for n in lengths]
-        info = {"raw": raw.detach().cpu().tolist(), "prompt_tokens": lengths, "truncated": truncated,
-                "num_truncated": sum(truncated)}
+        info = {"raw": raw.detach().cpu().tolist(), "prompt_tokens": lengths,
+                "truncated": sum(n > self.config.max_length for n in lengths)}
         return (raw - self.mean) / self.std, info
 
 

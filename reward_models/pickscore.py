@@ -101,24 +101,33 @@ def open_clip_to_hf_clip(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return out
 
 
-def hf_config_to_open_clip(config: Dict[str, Any]) -> Dict[str, Any]:
-    """transformers CLIPConfig (as a dict, e.g. config.json) -> open_clip model config."""
-    t, v = config["text_config"], config["vision_config"]
-    acts = {t.get("hidden_act", "quick_gelu"), v.get("hidden_act", "quick_gelu")}
+def hf_clip_config(config):
+    """A transformers `CLIPConfig` from config.json's dict (or as is): configs may hold only non-default values."""
+    from transformers import CLIPConfig
+
+    return config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config)
+
+
+def hf_config_to_open_clip(config) -> Dict[str, Any]:
+    """transformers CLIPConfig (or its dict, e.g. config.json) -> open_clip model config."""
+    config = hf_clip_config(config)
+    t, v = config.text_config, config.vision_config
+    acts = {t.hidden_act, v.hidden_act}
     if len(acts) != 1 or acts - {"gelu", "quick_gelu"}:
         raise ValueError(f"open_clip needs one activation, gelu or quick_gelu, in both towers; got {acts}")
-    return {"embed_dim": config.get("projection_dim", 512), "quick_gelu": acts == {"quick_gelu"},
-            "vision_cfg": {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": v["hidden_size"],
-                           "layers": v["num_hidden_layers"], "mlp_ratio": v["intermediate_size"] / v["hidden_size"],
-                           "head_width": v["hidden_size"] // v["num_attention_heads"]},
-            "text_cfg": {"context_length": t.get("max_position_embeddings", 77), "vocab_size": t["vocab_size"],
-                         "width": t["hidden_size"], "heads": t["num_attention_heads"],
-                         "layers": t["num_hidden_layers"], "mlp_ratio": t["intermediate_size"] / t["hidden_size"]}}
+    return {"embed_dim": config.projection_dim, "quick_gelu": acts == {"quick_gelu"},
+            "vision_cfg": {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.hidden_size,
+                           "layers": v.num_hidden_layers, "mlp_ratio": v.intermediate_size / v.hidden_size,
+                           "head_width": v.hidden_size // v.num_attention_heads},
+            "text_cfg": {"context_length": t.max_position_embeddings, "vocab_size": t.vocab_size,
+                         "width": t.hidden_size, "heads": t.num_attention_heads,
+                         "layers": t.num_hidden_layers, "mlp_ratio": t.intermediate_size / t.hidden_size}}
 
 
-def hf_preprocess_cfg(folder: Path, config: Dict[str, Any]) -> Dict[str, Any]:
-    """Size / mean / std from a processor folder's preprocessor_config.json (CLIP defaults if it is absent)."""
-    size = config["vision_config"]["image_size"]
+def hf_preprocess_cfg(folder: Path, config) -> Dict[str, Any]:
+    """Size / mean / std from a processor folder's preprocessor_config.json (CLIP defaults if it is absent);
+    `config`: the model's CLIPConfig or its dict."""
+    size = hf_clip_config(config).vision_config.image_size
     path = Path(folder) / "preprocessor_config.json"
     pre = json.loads(path.read_text()) if path.is_file() else {}
     crop = pre.get("crop_size", size)
@@ -166,7 +175,7 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
         tokenizer = AutoTokenizer.from_pretrained(str(proc))
     except (OSError, ValueError, TypeError) as e:
         raise WeightsNotFoundError(f"{what}: no CLIP tokenizer in {proc} ({e}). Expected: {source}") from e
-    pre = hf_preprocess_cfg(proc, json.loads((folder / "config.json").read_text()))
+    pre = hf_preprocess_cfg(proc, config)
     return HFClipEncoder(model, tokenizer, pre, **encoder_options)
 
 

@@ -100,3 +100,14 @@ def test_hpsv2_reward_scores_the_padded_image_not_a_centre_crop(tmp_path):
         expected = (model.encode_image((padded - MEAN) / STD, normalize=True)
                     * model.encode_text(open_clip.tokenize(["a red circle"], 16), normalize=True)).sum(-1)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h, w", [(1, 500), (500, 1)])
+def test_a_banner_over_448_to_1_keeps_one_line_of_pixels(h, w):
+    # 1 x 500 at 224: the short side round(224 / 500) = round(0.448) = 0 crashed the resize; max(1, 0) = 1 line,
+    # at (224 - 1) // 2 = 111, the rest padding.
+    out = resize_longest_pad(_flat(h, w), 224)[0]
+    line = out[:, 111] if h == 1 else out[:, :, 111]
+    assert out.shape == (3, 224, 224)
+    torch.testing.assert_close(line, COLOUR.view(3, 1).expand(3, 224))
+    assert out.abs().sum(0).count_nonzero() == 224

@@ -230,3 +230,50 @@ def test_a_device_or_dtype_that_cannot_be_used_is_a_setup_error():
     assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(None) == torch.float32
     with pytest.raises(RewardSetupError, match="unknown dtype 'int8'; use fp32, fp16 or bf16"):
         resolve_dtype("int8")
+
+
+def test_an_arch_dict_naming_a_local_hf_tokenizer_uses_it(tiny_ckpt, tmp_path):
+    """`hf_tokenizer_name` in an arch dict fell back to CLIP's BPE silently; a hub name is refused (no downloads)."""
+    from transformers import BertTokenizer
+
+    from reward_models.base import RewardSetupError
+
+    _, path = tiny_ckpt
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red"]) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
+    arch = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_tokenizer_name": str(tmp_path / "bert")}}
+    reward = get_reward("clip", arch=arch, checkpoint=str(path), device="cpu")
+    ids = reward.encoder.tokenizer(["a red circle"], context_length=16)[0]
+    assert ids[:5].tolist() == [2, 5, 6, 1, 3]  # [CLS] a red [UNK] [SEP]: the folder's BERT vocab, not CLIP's BPE
+    assert reward.encoder.token_counts(["a red circle", "word " * 20]) == [5, 22]
+    assert torch.isfinite(reward(torch.rand(2, 3, 32, 32), ["a red", "word " * 20])[0]).all()
+    hub = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}}
+    with pytest.raises(RewardSetupError, match=r"'timm/ViT-B-16-SigLIP'.*not a local folder.*--local-dir"):
+        get_reward("clip", arch=hub, checkpoint=str(path), device="cpu")
+
+
+def _open_clip_folder(tmp_path, model, preprocess_cfg):
+    from safetensors.torch import save_file
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": preprocess_cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    return tmp_path
+
+
+def test_resize_mode_squash_is_followed_and_longest_refused(tiny_ckpt, tmp_path):
+    """SigLIP's resize_mode "squash" (the whole image to size x size) was read as a shortest-side centre crop."""
+    import torch.nn.functional as F
+
+    from reward_models.base import RewardSetupError
+
+    model, _ = tiny_ckpt
+    folder = _open_clip_folder(tmp_path / "squash", model, {"resize_mode": "squash"})
+    reward = get_reward("clip", arch=None, checkpoint=str(folder), device="cpu")
+    images = torch.rand(2, 3, 32, 80, generator=torch.Generator().manual_seed(4))
+    squashed = F.interpolate(images, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(reward(images, PROMPTS[:2])[0], 100 * direct_cosine(model, squashed, PROMPTS[:2], 16),
+                               atol=1e-4, rtol=1e-4)
+    folder = _open_clip_folder(tmp_path / "longest", model, {"resize_mode": "longest"})
+    with pytest.raises(RewardSetupError, match="resize_mode 'longest'.*shortest.*squash"):
+        get_reward("clip", arch=None, checkpoint=str(folder), device="cpu")

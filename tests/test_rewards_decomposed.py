@@ -213,3 +213,22 @@ def test_loading_a_direction_that_does_not_fit_fails(tiny, tmp_path):
     save_direction(tmp_path / "unsplit.safetensors", torch.ones(16), {"split": "False"})
     with pytest.raises(ValueError, match="split=False"):
         get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "unsplit.safetensors"))
+
+
+def test_the_float64_maths_is_float32_on_mps_which_has_no_float64(tiny, monkeypatch):
+    from reward_models import decomposed_clip
+
+    assert decomposed_clip.exact_dtype(torch.device("cpu")) == torch.float64
+    assert decomposed_clip.exact_dtype(torch.device("cuda", 0)) == torch.float64
+    assert decomposed_clip.exact_dtype(torch.device("mps")) == torch.float32
+    asked = []  # every float64 step asks for its dtype: as on MPS, answer float32
+    monkeypatch.setattr(decomposed_clip, "exact_dtype", lambda device: asked.append(device.type) or torch.float32)
+    parts = decompose(torch.tensor([[3.0, 4.0]]), torch.tensor([2.0, 0.0]), torch.tensor([[0.6, 0.8]]), omega=0.3)
+    assert {p.dtype for p in parts.values()} == {torch.float32} and parts["weighted"].item() == pytest.approx(3.74)
+    assert asked == ["cpu"]
+    fit_common_direction(lambda ps: torch.ones(len(ps), 2), ["a", "b"])
+    assert asked == ["cpu", "cpu"]
+    reward = get_reward("decomposed-clip", checkpoint=str(tiny[1]), omega=1.0, device="cpu")
+    _stub_encoder(reward, {"a.": [1.0, 0.0]}, [[0.6, 0.8]])
+    assert reward(torch.zeros(1, 3, 32, 32), ["a."])[0].item() == pytest.approx(0.6)
+    assert asked == ["cpu"] * 3

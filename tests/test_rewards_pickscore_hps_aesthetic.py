@@ -11,7 +11,8 @@ from reward_models import get_reward
 from reward_models.aesthetic import AestheticHead
 from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, load_checked, preprocess_images
 from reward_models.clip import OPENAI_MEAN, OPENAI_STD
-from reward_models.pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, open_clip_to_hf_clip
+from reward_models.pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, hf_preprocess_cfg, \
+    open_clip_to_hf_clip
 
 TINY = {"embed_dim": 16, "quick_gelu": True,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
@@ -27,13 +28,13 @@ def tiny_open_clip(cfg=TINY, seed=0):
     return CLIP(**cfg).eval()
 
 
-def tiny_hf_clip(act="gelu"):
+def tiny_hf_clip(act="gelu", image_size=32, patch_size=8):
     from transformers import CLIPConfig, CLIPModel
 
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act)
     cfg = CLIPConfig(text_config=dict(common, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                                       eos_token_id=49407, pad_token_id=49407),
-                     vision_config=dict(common, image_size=32, patch_size=8), projection_dim=16)
+                     vision_config=dict(common, image_size=image_size, patch_size=patch_size), projection_dim=16)
     torch.manual_seed(0)
     model = CLIPModel(cfg).eval()
     with torch.no_grad():  # spread the weights out so the embeddings are far from degenerate
@@ -167,6 +168,36 @@ def test_clip_reward_loads_a_transformers_folder_through_the_converter(hf_folder
     scores, _ = get_reward("decomposed-clip", checkpoint=str(folder), omega=1.0, device="cpu")(images, PROMPTS[:2])
     expected = _hf_direct(model, images, PROMPTS[:2], AutoTokenizer.from_pretrained(folder))
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_sparse_hf_config_gets_the_transformers_defaults(tmp_path):
+    """transformers may save only what differs from its defaults; missing keys were a bare KeyError. Here the
+    defaults: image 224, vocab 49408, context 77, quick_gelu; mlp_ratio 64 / 32 = 2, head width 32 / 4 = 8."""
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    sparse = {"projection_dim": 16, "text_config": dict(common), "vision_config": dict(common, patch_size=8)}
+    assert hf_config_to_open_clip(sparse) == {
+        "embed_dim": 16, "quick_gelu": True,
+        "vision_cfg": {"image_size": 224, "patch_size": 8, "width": 32, "layers": 2, "mlp_ratio": 2.0, "head_width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2,
+                     "mlp_ratio": 2.0}}
+    assert hf_preprocess_cfg(tmp_path, sparse)["size"] == 224  # no preprocessor_config.json: the model's size
+
+
+def test_pickscore_and_clip_load_a_folder_whose_config_json_omits_the_defaults(tmp_path):
+    from t2i_align.toy.tokenizer import build_clip_tokenizer
+
+    tiny_hf_clip("quick_gelu", image_size=224, patch_size=32).save_pretrained(str(tmp_path), safe_serialization=True)
+    build_clip_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for tower, keys in (("text_config", ("vocab_size", "max_position_embeddings", "hidden_act")),
+                        ("vision_config", ("image_size", "patch_size", "hidden_act"))):
+        for key in keys:
+            config[tower].pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    pick = get_reward("pickscore", model_dir=str(tmp_path), device="cpu")(images, PROMPTS[:2])[1]["cosine"]
+    clip = get_reward("clip", arch=None, checkpoint=str(tmp_path), device="cpu")(images, PROMPTS[:2])[1]["cosine"]
+    torch.testing.assert_close(torch.tensor(pick), torch.tensor(clip), atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
