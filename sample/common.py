@@ -22,7 +22,7 @@ def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = Fa
         p.add_argument("--prompts", action="append", help=helptext + "; repeat for several sets")
     else:
         p.add_argument("--prompts", default="toy:heldout", help=helptext)
-    p.add_argument("--seeds-per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seeds-per-prompt", type=int, default=4, help="images per prompt (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i uses seed + 10000k + i")
     p.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default=None,
                    help="sampler (default: the model folder's own)")

@@ -57,9 +57,13 @@ def compare_sets(args, rewards, save=None) -> dict:
         # the tuned side first: most flags (--user ...) are its, and fail at its loading
         for side, model, lora, encoding in (("tuned", args.model, args.lora, args.text_encoding),
                                             ("base", args.base, args.base_lora, args.base_text_encoding)):
-            samples = sample_model(model, lora, prompts, settings, args.device, encoding,
-                                   user=user if _has_branch(model, lora) else None)
-            scores[side] = score_samples(samples, rewards)
+            scores[side] = {name: [] for name in rewards}
+
+            def score(batch, side=side) -> None:  # each batch scored as it comes: no side's images all held
+                for name, values in score_samples(batch, rewards).items():
+                    scores[side][name] += values
+            sample_model(model, lora, prompts, settings, args.device, encoding,
+                         user=user if _has_branch(model, lora) else None, on_batch=score)
         result["sets"][_key(spec, user_id)] = {
             "prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
             "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name], groups) for name in rewards}}
@@ -91,7 +95,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.out:
         from t2i_align.files import check_output_path
 
-        check_output_path(args.out, "--out", folder=False, replaces=[Path(args.out)], overwrite=args.overwrite)
+        files = [spec for spec in args.prompts if not spec.startswith("toy:")]
+        inputs = {"--lora": args.lora, "--base-lora": args.base_lora,
+                  **{"--prompts" + (f" (#{i + 1})" if i else ""): spec for i, spec in enumerate(files)}}
+        check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
+                          replaces=[Path(args.out)], overwrite=args.overwrite)
     args.base = args.base or args.base_model or args.model
     if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding) \
             and not args.user:

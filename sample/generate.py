@@ -20,18 +20,24 @@ from common import (add_model_args, add_sampling_args, add_user_args, check_mode
                     user_choice_from)
 
 
-def _write(out: Path, samples, meta: dict) -> Path:
+def _sample_into(out: Path, sample, meta: dict) -> int:
+    """`sample(on_batch)` run with each batch's PNGs written as it comes (not every image held in memory), then
+    metadata.jsonl; the folder published whole at the end. Returns the number of images."""
     from t2i_align.files import staged_dir
     from t2i_align.gallery import to_pil, to_uint8
 
-    with staged_dir(out) as tmp:  # a full disk or a kill leaves no hidden half-written folder behind
-        lines = []
-        for i, (image, prompt, seed) in enumerate(zip(to_uint8(samples.images), samples.prompts, samples.seeds)):
-            name = f"{i:05d}.png"
+    lines: List[str] = []
+
+    def write(batch) -> None:
+        for image, prompt, seed in zip(to_uint8(batch.images), batch.prompts, batch.seeds):
+            name = f"{len(lines):05d}.png"
             to_pil(image).save(tmp / name)
             lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
+
+    with staged_dir(out) as tmp:  # a full disk or a kill leaves no hidden half-written folder behind
+        sample(write)
         (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return out
+    return len(lines)
 
 
 def _check_out(args) -> None:
@@ -72,7 +78,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args, len(prompts))
     user = user_choice_from(args)
-    samples = sample_model(args.model, args.lora, prompts, settings, args.device, args.text_encoding, user=user)
     meta = {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding, **settings.as_dict()}
     meta["variant"] = weights_variant(resolve_pretrained(args.model, key="--model"), args.variant, "--variant",
                                       fallback=True)  # the weights loaded (--variant falls back to plain ones)
@@ -80,8 +85,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         meta["user"] = {"ids": user.ids, "alpha": user.alpha, "table": user.table, "shots": user.shots,
                         "scale": user.scale}
     meta["base_seed"] = meta.pop("seed")
-    _write(out, samples, meta)
-    return {"out": str(out), "images": len(samples.prompts), "prompts": len(prompts)}
+    images = _sample_into(out, lambda write: sample_model(args.model, args.lora, prompts, settings, args.device,
+                                                          args.text_encoding, user=user, on_batch=write), meta)
+    return {"out": str(out), "images": images, "prompts": len(prompts)}
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ class SampleSettings:
 
 
 def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settings: SampleSettings,
-                 device: str = "cpu", text_encoding: Optional[str] = None, user=None) -> Samples:
+                 device: str = "cpu", text_encoding: Optional[str] = None, user=None, on_batch=None) -> Samples:
     """`seeds_per_prompt` images of every prompt, prompt-major (prompt i's images are rows i·k .. i·k + k-1).
     `text_encoding` None: the one recorded with the weights, else clip77 (see `sampling.load_pipeline`).
-    `user` (a `t2i_align.users.inference.UserChoice`): who a model with a PPD user branch samples for."""
+    `user` (a `t2i_align.users.inference.UserChoice`): who a model with a PPD user branch samples for.
+    `on_batch`: each batch's Samples as it is made, the images then not kept (`sampling.generate`)."""
     from .users.inference import UserChoice, user_tokens_for
 
     pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler, text_encoding=text_encoding,
@@ -52,7 +53,7 @@ def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settin
     tokens = user_tokens_for(pipe, user or UserChoice(), len(flat), (lora, model))
     return generate(pipe, flat, seeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                     batch_size=settings.batch_size, negative_prompt=settings.negative_prompt,
-                    height=settings.height, width=settings.width, user_tokens=tokens)
+                    height=settings.height, width=settings.width, user_tokens=tokens, on_batch=on_batch)
 
 
 def score_samples(samples: Samples, rewards: Dict[str, object]) -> Dict[str, List[float]]:

@@ -278,7 +278,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
              guidance_scale: float = 3.0, batch_size: int = 64, negative_prompt: Optional[str] = None,
              height: Optional[int] = None, width: Optional[int] = None,
              progress: Optional[Callable[[int], object]] = None,
-             user_tokens: Optional[torch.Tensor] = None, retry_oom: bool = True) -> Samples:
+             user_tokens: Optional[torch.Tensor] = None, retry_oom: bool = True,
+             on_batch: Optional[Callable[[Samples], object]] = None) -> Samples:
     """Sample one image per (prompt, seed) pair, `batch_size` images at a time.
 
     Prompts are encoded with `encode_prompts` in the pipeline's text encoding (`pipeline_components`) and handed
@@ -288,6 +289,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     PPD's user for a UNet with a user branch (both sides of guidance carry the same user: `pipeline_user_embeds`).
     Out of GPU memory, a batch is retried at half the size, unless `retry_oom` is False: where sampling is
     collective (FSDP), one process retrying alone would pair its weight gathers with other blocks' on the others.
+    `on_batch`: called with each finished batch's Samples, whose images are then not kept (the result's images
+    are empty): thousands of decoded images (38 MB each for SDXL in float32) need not fit in host memory at once.
+    Images with NaN pixels (a diverged model, an fp16 VAE overflowing) are counted and warned about.
     """
     if user_tokens is not None and len(user_tokens) != len(prompts):
         raise ValueError(f"generate got {len(user_tokens)} rows of user tokens for {len(prompts)} prompts")
@@ -298,26 +302,35 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     components = pipeline_components(pipe)
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, negative_prompt=negative_prompt)
-    latents, images = [], []
-    start = 0
+    latents, images, start, nan_images = [], [], 0, 0
     while start < len(prompts):
-        chunk = slice(start, start + batch_size)
+        chunk, size = slice(start, start + batch_size), min(batch_size, len(prompts) - start)
         try:
             users = None if user_tokens is None else user_tokens[chunk]
             lat, img = _generate_chunk(pipe, components, list(prompts[chunk]), list(seeds[chunk]), users=users,
                                        **kwargs)
         except torch.OutOfMemoryError:
-            if batch_size == 1 or not retry_oom:
+            if size == 1 or not retry_oom:
                 raise
-            batch_size //= 2
+            lat = img = None
+        if lat is None:  # out of the except block: its traceback no longer holds the batch's tensors
+            batch_size = size // 2  # half the batch that failed, not of a batch size larger than what was left
             _empty_cache()
             continue
+        nan_images += int(img.isnan().flatten(1).any(1).sum())
         latents.append(lat)
-        images.append(img)
+        if on_batch is None:
+            images.append(img)
+        else:
+            on_batch(Samples(lat, img, list(prompts[chunk]), [int(s) for s in seeds[chunk]]))
         start += len(lat)
         if progress is not None:
             progress(len(lat))
-    return Samples(torch.cat(latents), torch.cat(images), list(prompts), [int(s) for s in seeds])
+    if nan_images:
+        warnings.warn(f"{nan_images} of {len(prompts)} images decoded to NaN pixels (a diverged model, or an fp16 VAE "
+                      "overflowing: sample with --dtype bf16 or fp32); they come out black and score as NaN")
+    kept = torch.cat(images) if images else torch.empty(0, 3, 0, 0)
+    return Samples(torch.cat(latents), kept, list(prompts), [int(s) for s in seeds])
 
 
 def zeros_for_empty_prompt(components: "Components") -> bool:

@@ -95,6 +95,15 @@ def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
     assert json.loads((tmp_path / "cmp.json").read_text())["sets"][str(prompts)]["images_per_model"] == 6
 
 
+def test_compare_refuses_an_out_that_is_its_prompts_file(prompts, capsys):
+    """With --overwrite, --out prompts.txt replaced the prompts file with the JSON (generate.py checked this)."""
+    before = prompts.read_text()
+    code = _script("common").run_cli(lambda: _script("compare").main(
+        ["--prompts", str(prompts), "--reward", "toy-judge", "--out", str(prompts), "--overwrite", *FAST]))
+    assert code == 2 and f"--out {prompts} is or holds --prompts {prompts}" in capsys.readouterr().err
+    assert prompts.read_text() == before
+
+
 def test_compare_keeps_the_sets_done_when_a_later_one_fails(prompts, tmp_path, monkeypatch, capsys):
     """--out is written after each prompt set: a failure in the second set (here: out of memory while sampling)
     keeps the first set's block, and `unfinished` names the second (everything was lost before session 22)."""
@@ -220,7 +229,7 @@ def test_generate_removes_its_temp_folder_when_writing_fails(tmp_path, monkeypat
     monkeypatch.setattr(files, "replace_dir", full_disk)
     samples = Samples(latents=None, images=torch.zeros(2, 3, 8, 8), prompts=["a", "b"], seeds=[0, 1])
     with pytest.raises(OSError, match="No space left"):
-        _script("generate")._write(tmp_path / "out", samples, {})
+        _script("generate")._sample_into(tmp_path / "out", lambda write: write(samples), {})
     assert list(tmp_path.iterdir()) == []
 
 

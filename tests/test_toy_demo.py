@@ -38,9 +38,41 @@ def test_out_of_memory_halves_the_batch_unless_sampling_is_collective(toy_pipe, 
     monkeypatch.setattr(sampling, "_generate_chunk", chunk)
     samples = generate(toy_pipe, ["a red circle"] * 5, list(range(5)), num_inference_steps=2, batch_size=4)
     assert sizes == [4, 2, 2, 1] and len(samples.images) == 5
+    sizes.clear()  # halved from the batch that failed (5), not from 64: 64, 32, 16 and 8 each failed on 5 again
+    generate(toy_pipe, ["a red circle"] * 5, list(range(5)), num_inference_steps=2, batch_size=64)
+    assert sizes == [5, 2, 2, 1]
     with pytest.raises(torch.OutOfMemoryError):
         generate(toy_pipe, ["a red circle"] * 5, list(range(5)), num_inference_steps=2, batch_size=4,
                  retry_oom=False)
+
+
+def test_batches_handed_on_are_the_images_not_kept(toy_pipe):
+    """on_batch: each batch's images go to the caller as made, the result keeps none (host memory); they are
+    the images a plain call returns."""
+    whole = generate(toy_pipe, ["a red circle", "a blue square"] * 2, [0, 1, 2, 3], num_inference_steps=2,
+                     batch_size=3)
+    batches = []
+    kept = generate(toy_pipe, ["a red circle", "a blue square"] * 2, [0, 1, 2, 3], num_inference_steps=2,
+                    batch_size=3, on_batch=batches.append)
+    assert [b.seeds for b in batches] == [[0, 1, 2], [3]] and kept.images.shape[0] == 0
+    assert torch.equal(torch.cat([b.images for b in batches]), whole.images)
+    assert torch.equal(kept.latents, whole.latents) and kept.prompts == whole.prompts
+
+
+def test_images_decoded_to_nan_are_counted_and_warned_about(toy_pipe, monkeypatch):
+    """A diverged model or an fp16 VAE overflowing gave NaN images that came out black, silently."""
+    import t2i_align.sampling as sampling
+
+    real = sampling._generate_chunk
+
+    def nan_first(pipe, components, prompts, seeds, **kwargs):
+        lat, img = real(pipe, components, prompts, seeds, **kwargs)
+        img[0, 0, 0, 0] = float("nan")
+        return lat, img
+
+    monkeypatch.setattr(sampling, "_generate_chunk", nan_first)
+    with pytest.warns(UserWarning, match="2 of 3 images decoded to NaN pixels"):
+        generate(toy_pipe, ["a red circle"] * 3, [0, 1, 2], num_inference_steps=2, batch_size=2)
 
 
 def test_pair_export_reports_every_image_it_samples(toy_pipe, tmp_path):
