@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.out:
         from t2i_align.files import check_output_path
 
-        files = [spec for spec in args.prompts if not spec.startswith("toy:")]
+        files = [spec for spec in args.prompts or [] if not spec.startswith("toy:")]
         inputs = {"--lora": args.lora, "--base-lora": args.base_lora,
                   **{"--prompts" + (f" (#{i + 1})" if i else ""): spec for i, spec in enumerate(files)}}
         check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
