@@ -27,7 +27,8 @@ demo: $(STAMP)
 	$(BIN)/python -m t2i_align.toy demo --out runs/demo
 
 # The toy-world method results quoted in README: offline DPO on best-vs-worst-of-8 pairs, RAFT and online DPO,
-# each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py), RAFT also on other seeds.
+# each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py), RAFT and online DPO also
+# at seeds none of their rounds drew.
 # About 70 minutes on 2 cores.
 toy-results: $(STAMP)
 	$(BIN)/python -m t2i_align.toy pairs --out runs/toy-pairs-k8 --k 8 --seed 1 --pairing best-worst --overwrite
@@ -43,6 +44,9 @@ toy-results: $(STAMP)
 	# 100000 shares 360 of its 480 noises with RAFT's round 0 (K = 16); 1000000 none: the fresh test
 	$(BIN)/python sample/compare.py --lora runs/toy-raft/final --seeds-per-prompt 8 --seed 1000000 --overwrite \
 		--out runs/toy-raft/compare_seed1000000.json
+	# online DPO's round r draws from seed + 1,000,003 r: 1000000 shares 456 noises with its round 1; 10^9 none
+	$(BIN)/python sample/compare.py --lora runs/toy-online-dpo/final --seeds-per-prompt 8 --seed 1000000000 \
+		--overwrite --out runs/toy-online-dpo/compare_seed1000000000.json
 
 clean-venv:
 	rm -rf $(VENV)
