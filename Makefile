@@ -29,7 +29,7 @@ demo: $(STAMP)
 # The toy-world method results quoted in README: offline DPO on best-vs-worst-of-8 pairs, RAFT and online DPO,
 # each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py), RAFT and online DPO also
 # at seeds none of their rounds drew.
-# About 70 minutes on 2 cores.
+# About 75 minutes on 2 cores.
 toy-results: $(STAMP)
 	$(BIN)/python -m t2i_align.toy pairs --out runs/toy-pairs-k8 --k 8 --seed 1 --pairing best-worst --overwrite
 	$(BIN)/python train/train.py --config configs/toy/dpo.yaml data.path=runs/toy-pairs-k8/pairs.parquet \

@@ -202,7 +202,9 @@ def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: i
 
 def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: List[dict], counts: dict) -> None:
     """Scores into `rows`; on a ValueError (toy-judge: not a toy caption) or another RuntimeError than running out
-    of memory (an image a model cannot take, e.g. a 1000 x 2 banner) retry one by one and flag the culprits."""
+    of memory (an image a model cannot take, e.g. a 1000 x 2 banner) retry one by one and flag the culprits. A
+    RuntimeError that every image of the batch meets again alone (a device-side assert, a dtype mismatch) is the
+    model's, not an image's: raised, not flagged on every row of the run."""
     import torch
 
     try:
@@ -215,6 +217,8 @@ def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: Li
             return
         for i in range(len(images)):
             _apply(name, reward, images[i:i + 1], prompts[i:i + 1], rows[i:i + 1], counts)
+        if not isinstance(e, ValueError) and all(row[name] is None for row in rows):
+            raise
         return
     # per-batch counts such as `truncated` are summed; per-image lists are not kept
     counts.update({k: counts.get(k, 0) + v for k, v in info.items() if type(v) is int})
@@ -329,7 +333,10 @@ def _run(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:
             _, counts = score_items(rewards, items, args.batch_size, lambda batch: bar.update(len(batch)), rows)
     except BaseException:  # out of memory, Ctrl-C ...: the images scored so far are kept
-        _keep_partial(rows, args.out)
+        try:
+            _keep_partial(rows, args.out)
+        except Exception as err:  # a full disk: the first error is the one to see
+            print(f"t2i-score could not keep the {len(rows)} rows scored so far: {err}", file=sys.stderr)
         raise
     write_rows(rows, args.out)
     summary = {**summarize(rows, names, counts), "out": str(args.out)}
@@ -339,7 +346,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _keep_partial(rows: List[dict], out: Path) -> None:
-    """The rows of the batches finished before a failure, as OUT.partial.jsonl (-2, -3 ...: never one replaced)."""
+    """The rows of the batches finished before a failure, as OUT's name with .partial (scores.partial.jsonl;
+    .partial-2, -3 ...: never one replaced)."""
     if not rows:
         return
     for n in itertools.count(1):

@@ -135,8 +135,9 @@ def _tokenizer_for(name: Optional[str], cfg: Dict[str, Any]):
     if not Path(folder).is_dir():  # a hub name: CLIP's BPE instead would score garbage, and nothing is downloaded
         raise RewardSetupError(f"arch names the tokenizer {folder!r} (text_cfg.hf_tokenizer_name), not a local folder:"
                                f" `huggingface-cli download {folder} --local-dir DIR` and name DIR there instead")
-    return open_clip.tokenizer.HFTokenizer(str(folder), context_length=context_length, tokenizer_mode=text.get(
-        "tokenizer_mode"), **text.get("tokenizer_kwargs", {}))
+    mode = {"tokenizer_mode": text["tokenizer_mode"]} if text.get("tokenizer_mode") else {}  # older open_clip lacks it
+    return open_clip.tokenizer.HFTokenizer(str(folder), context_length=context_length, **mode,
+                                           **text.get("tokenizer_kwargs", {}))
 
 
 def resize_squash(x: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:

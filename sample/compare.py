@@ -37,6 +37,11 @@ def compare_sets(args, rewards, save=None) -> dict:
 
     from reward_models.cli import UsageError
 
+    batched = [name for name, reward in rewards.items() if getattr(reward, "batch_direction", False)]
+    if batched:  # each batch is scored as it is made: the two sides' batches could differ (out of memory)
+        raise UsageError(f"{batched[0]} with direction=batch scores an image against its batch's mean text, so its "
+                         "scores depend on how images are batched: fit the direction once (--option "
+                         f"{batched[0]}.fit_prompts=FILE) to compare")
     prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
     settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
     for lora in {args.lora, args.base_lora} - {None}:
@@ -95,9 +100,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.out:
         from t2i_align.files import check_output_path
 
-        files = [spec for spec in args.prompts or [] if not spec.startswith("toy:")]
         inputs = {"--lora": args.lora, "--base-lora": args.base_lora,
-                  **{"--prompts" + (f" (#{i + 1})" if i else ""): spec for i, spec in enumerate(files)}}
+                  **{"--prompts" + (f" (#{i + 1})" if i else ""): spec for i, spec in enumerate(args.prompts or [])
+                     if not spec.startswith("toy:")}}
         check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
                           replaces=[Path(args.out)], overwrite=args.overwrite)
     args.base = args.base or args.base_model or args.model

@@ -28,7 +28,6 @@ def text_lines(text: str) -> List[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-
 def read_prompts(spec: str, what: str = "prompts") -> List[str]:
     """Prompts from `spec`; blank lines are skipped. `what` names the setting in error messages."""
     if spec.startswith("toy:"):

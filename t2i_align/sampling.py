@@ -328,7 +328,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
             progress(len(lat))
     if nan_images:
         warnings.warn(f"{nan_images} of {len(prompts)} images decoded to NaN pixels (a diverged model, or an fp16 VAE "
-                      "overflowing: sample with --dtype bf16 or fp32); they come out black and score as NaN")
+                      "overflowing: sample in bf16 or fp32); they come out black and score as NaN")
     kept = torch.cat(images) if images else torch.empty(0, 3, 0, 0)
     return Samples(torch.cat(latents), kept, list(prompts), [int(s) for s in seeds])
 

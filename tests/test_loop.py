@@ -302,16 +302,18 @@ def test_only_a_resume_from_the_folders_newest_checkpoint_continues_its_w_and_b_
     from t2i_align.checkpoints import MARKER
     from t2i_align.tracking import continued_run_id
 
-    for step in (2, 4):
-        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
-        (tmp_path / "checkpoints" / f"step-{step}" / MARKER).write_text("{}")
+    for folder, step in ((tmp_path, 2), (tmp_path, 4), (tmp_path / "other", 6)):
+        (folder / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (folder / "checkpoints" / f"step-{step}" / MARKER).write_text("{}")
     newest, earlier = tmp_path / "checkpoints" / "step-4", tmp_path / "checkpoints" / "step-2"
+    (tmp_path / "other" / "wandb_run_id").write_text("other1\n")
     assert continued_run_id(tmp_path, newest) is None  # no id recorded (W&B was off)
     (tmp_path / "wandb_run_id").write_text("abc123\n")
     assert continued_run_id(tmp_path, newest) == "abc123"
     assert continued_run_id(tmp_path, None) is None      # a fresh start
     assert continued_run_id(tmp_path, earlier) is None   # the W&B run holds steps this timeline abandons
     assert continued_run_id(tmp_path / "other", newest) is None  # another folder's checkpoint: a fork
+    assert continued_run_id(tmp_path / "other", tmp_path / "other" / "checkpoints" / "step-6") == "other1"
 
 
 def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():

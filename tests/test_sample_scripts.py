@@ -252,3 +252,15 @@ def test_script_results_print_as_strict_json(capsys):
     assert _script("common").run_cli(lambda: {"t": float("inf"), "p_value": 0.0, "std": float("nan")}) == 0
     assert json.loads(capsys.readouterr().out, parse_constant=lambda token: pytest.fail(token)) == {
         "t": None, "p_value": 0.0, "std": None}
+
+
+def test_compare_refuses_a_batch_direction_before_sampling(monkeypatch, capsys):
+    """Each batch is scored as it is made: decomposed-clip's direction=batch would score the sides against
+    different batch means wherever their batches differ."""
+    import t2i_align.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    args = ["--reward", "decomposed-clip", "--option", "decomposed-clip.checkpoint=toy",
+            "--option", "decomposed-clip.direction=batch"]
+    assert _script("common").run_cli(lambda: _script("compare").main(args)) == 2
+    assert "decomposed-clip with direction=batch scores an image against its batch's mean" in capsys.readouterr().err

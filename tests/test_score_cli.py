@@ -346,3 +346,15 @@ def test_a_run_stopped_midway_keeps_the_scores_of_its_finished_batches(tmp_path,
     kept = [json.loads(line) for line in (tmp_path / "scores.partial-2.jsonl").read_text().splitlines()]
     assert [r["file"] for r in kept] == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
     assert "their scores are in" in capsys.readouterr().err
+
+
+def test_a_runtime_error_every_image_meets_alone_is_raised_not_flagged_on_every_row(tmp_path, monkeypatch):
+    """The model's error (a device-side assert), not an image's: flagging it on every row hid it as a slow run
+    that scored nothing."""
+    def fail(call, prompts):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: {"fake": _failing_reward(fail)})
+    folder = _folder(tmp_path)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        main(["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+              "--out", str(tmp_path / "scores.jsonl"), "--batch-size", "4"])

@@ -127,10 +127,11 @@ class CaptionDataset(torch.utils.data.Dataset):
         named by a `path` column are not in it: replacing one under the same name needs data.cache=false or a new
         cache_dir."""
         random = self.crop == "random" or self.flip != "none"
-        # reading 2: rows without caption text skipped, image files turned upright by EXIF (older caches did neither)
+        # reading 2: rows without caption text skipped, image files turned upright by EXIF (older caches did neither);
+        # 3: max_items counted over all files (one row more per further file before)
         return {"kind": "captions", "files": files_identity(self.files), "image_root": str(self.image_root),
                 "resolution": self.resolution, "crop": self.crop, "flip": self.flip, "max_items": self.max_items,
-                "seed": self.seed if random else None, "reading": 2}
+                "seed": self.seed if random else None, "reading": 3}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}

@@ -23,7 +23,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,18 +117,28 @@ def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
     """(the record's line, row). A record over several lines (a quote left open swallows the rows after it
     into one field) or with more fields than the header (an unquoted comma) is a skipped row, not a wrong one."""
     with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel's CSV) dropped
-        reader, end = csv.DictReader(handle), 1  # line 1 is the header
+        starts: List[int] = []  # the numbers of the non-blank lines the reader took since the last record
+
+        def lines() -> Iterator[str]:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    starts.append(number)
+                yield line
+        reader = csv.DictReader(lines())
         try:
+            _ = reader.fieldnames  # the header read now: its line is not a record's
+            starts.clear()
             for row in reader:
-                first, end = end + 1, reader.line_num
+                first, end = starts[0] if starts else reader.line_num, reader.line_num
+                starts.clear()
                 if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
                     yield first, SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a "
                                             "quote left open?); quote whole fields, with no line break inside")
                 elif None in row:
-                    yield end, SkippedRow("extra_fields", f"{len(row[None])} more field(s) than the header names "
+                    yield first, SkippedRow("extra_fields", f"{len(row[None])} more field(s) than the header names "
                                             "(an unquoted comma?); quote fields that hold commas")
                 else:
-                    yield end, row
+                    yield first, row
         except (UnicodeDecodeError, csv.Error) as err:  # the listing itself cannot be read on
             raise UserError(f"--from {path}: cannot be read as CSV (UTF-8) text after line {reader.line_num}: "
                             f"{err}; save it as UTF-8 CSV") from None
