@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoints import FINAL_STEP_FILE, MARKER, STEP_DIR, checkpoints_dir, list_checkpoints
+from .tracking import WANDB_ID_FILE
 
 
 ABANDONED_MOVED = ("final", "gallery")
 """The abandoned timeline's end, moved aside with its later checkpoints (this run makes its own)."""
-ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl", "reward_direction.safetensors", "wandb_run_id")
+ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl", "reward_direction.safetensors", WANDB_ID_FILE)
 """Copied: the logs whole (this run drops their lines after the resumed step), LongAlign's direction, so that a
 resume from the abandoned folder finds it, and the W&B run's id (this run starts a new W&B run)."""
 
@@ -100,7 +101,7 @@ def _new_folder(parent: Path, name: str) -> Path:
 
 
 PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_direction.safetensors", "final",
-                "gallery", "config.yaml", "wandb_run_id")
+                "gallery", "config.yaml", WANDB_ID_FILE)
 """What a run leaves in output_dir besides its checkpoints: a later run there would read or append to the first
 four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
 
