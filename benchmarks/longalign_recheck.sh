@@ -4,8 +4,8 @@
 # The settings are those README's table chose at seed 0 (configs/toy/longalign_*.yaml as shipped): stage 1 for
 # 6000 steps, segments and the clip77 control; stage 2 with the toy Denscore and the KL anchor to stage 1.
 # Run PART=segments (stage 1, then stage 2) and PART=control (the clip77 stage 1), side by side with
-# OMP_NUM_THREADS=1 on a 2-core CPU, then PART=compare; after a stop, rerun a part: its training runs resume from
-# their newest checkpoints.
+# OMP_NUM_THREADS=1 on a 2-core CPU, then PART=compare (stage 1 vs the control); PART=stage1 is PART=segments without
+# stage 2. After a stop, rerun a part: its training runs resume from their newest checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -24,10 +24,14 @@ stage1() {  # stage1 ENCODING
   $PY train/train.py --config configs/toy/longalign_stage1.yaml output_dir=$R/s1-$1 model.text_encoding.kind=$1 \
     train.resume=latest
 }
-case ${PART:?set PART=segments, control or compare} in
+segments1() {
+  stage1 segments
+  judge s1-segments --lora $R/s1-segments/final
+}
+case ${PART:?set PART=segments, stage1, control or compare} in
+  stage1) segments1 ;;
   segments)
-    stage1 segments
-    judge s1-segments --lora $R/s1-segments/final
+    segments1
     $PY train/merge_lora.py --lora $R/s1-segments/final --out $R/s1-segments/merged
     $PY train/train.py --config configs/toy/longalign_reward.yaml output_dir=$R/s2 model.pretrained=$R/s1-segments/merged \
       train.resume=latest

@@ -19,9 +19,10 @@ The common direction v: the released code recomputes it every step as normalize(
 all-gathered over GPUs), so a score depends on the batch it came in and on the number of processes. Here v is
 fitted once from a prompt set (`fit_prompts=` or `fit_direction`), saved with the run as safetensors
 (`save_direction`) and loaded on resume or by other processes (`direction=PATH`), so scores compare across
-batches, processes and resumes. `direction="batch"` keeps the code's per-call batch statistic (process-local:
-no all-gather), for parity experiments only. Without a direction and nothing to fit from the reward refuses to
-score, unless ω = 1 (S_1 = S whatever v is).
+batches, processes and resumes. The file also keeps the text encoder's embedding of a fixed probe sentence, a
+fingerprint: a direction fitted with another CLIP of the same width is refused on load. `direction="batch"`
+keeps the code's per-call batch statistic (process-local: no all-gather), for parity experiments only. Without a
+direction and nothing to fit from the reward refuses to score, unless ω = 1 (S_1 = S whatever v is).
 
 Scores are the raw cosine-like values (no logit scale, as in the code), times `scale` (default 1; the paper's
 tables report 100·S). Any CLIP loadable by `clip.load_open_clip` serves as the backbone: Denscore
@@ -48,6 +49,10 @@ DIRECTION_SOURCE = "a file written by DecomposedClip.save_direction (the run fol
 NO_DIRECTION = ("decomposed-clip has no common direction v: pass direction=FILE (written by save_direction), "
                 "fit_prompts=[...] or a prompts file / toy:train to fit it once, or direction='batch' for the "
                 "released code's per-batch statistic (scores then depend on the batch)")
+# The encoder fingerprint: its unit embedding of this sentence, saved beside v. Rounding (bf16 vs fp32, CPU vs GPU)
+# moves it by far less than 1 - PROBE_MIN_COSINE; another CLIP's embedding points elsewhere.
+PROBE_TEXT = "a photo of a red cube on a wooden table"
+PROBE_MIN_COSINE = 0.99
 
 
 def split_sentences(text: str) -> List[str]:
@@ -118,19 +123,29 @@ def prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
 
 
-def save_direction(path: PathLike, direction: torch.Tensor, metadata: Dict[str, str]) -> None:
+def save_direction(path: PathLike, direction: torch.Tensor, metadata: Dict[str, str],
+                   probe: Optional[torch.Tensor] = None) -> None:
+    """v and its metadata; `probe`, the encoder's embedding of PROBE_TEXT, lets a load check the encoder."""
     from safetensors.torch import save_file
 
-    save_file({"direction": direction.detach().float().cpu().contiguous()}, str(path),
+    tensors = {"direction": direction}
+    if probe is not None:
+        tensors["probe"] = probe
+    save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}, str(path),
               metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_direction(path: PathLike) -> Tuple[torch.Tensor, Dict[str, str]]:
     """(unit direction float32 [D], the metadata it was saved with)."""
+    return _read_direction(path)[:2]
+
+
+def _read_direction(path: PathLike) -> Tuple[torch.Tensor, Dict[str, str], Optional[torch.Tensor]]:
     from safetensors import safe_open
 
     with safe_open(str(require_path(path, "decomposed-clip common direction", DIRECTION_SOURCE)), "pt") as f:
-        return F.normalize(f.get_tensor("direction").float(), dim=0), dict(f.metadata() or {})
+        probe = f.get_tensor("probe").float() if "probe" in f.keys() else None
+        return F.normalize(f.get_tensor("direction").float(), dim=0), dict(f.metadata() or {}), probe
 
 
 @register("decomposed-clip")
@@ -193,14 +208,22 @@ class DecomposedClip(Reward):
         load the very same vector."""
         if self.direction is None:
             raise ValueError("no fixed direction to save: fit one first (fit_prompts= or fit_direction)")
-        save_direction(path, self.direction, self.direction_metadata)
+        save_direction(path, self.direction, self.direction_metadata, self._probe())
+
+    def _probe(self) -> torch.Tensor:
+        return self.encoder.encode_texts([PROBE_TEXT])[0][0].float().cpu()
 
     def load_direction(self, path: PathLike) -> torch.Tensor:
-        v, meta = load_direction(path)
-        dim = self.encoder.encode_texts([""])[0].shape[-1]
-        if v.shape != (dim,):
+        v, meta, saved_probe = _read_direction(path)
+        probe = self._probe()
+        if v.shape != probe.shape:
             raise ValueError(f"common direction in {path} has shape {tuple(v.shape)}; this model's embeddings are "
-                             f"{dim}-d (was it fitted with another CLIP?)")
+                             f"{probe.shape[-1]}-d (was it fitted with another CLIP?)")
+        if saved_probe is not None and F.cosine_similarity(saved_probe, probe, dim=0) < PROBE_MIN_COSINE:
+            cos = float(F.cosine_similarity(saved_probe, probe, dim=0))
+            raise ValueError(f"common direction in {path} was fitted with another text encoder (its fingerprint "
+                             f"embedding has cosine {cos:.3f} with this one's): refit it with this checkpoint, or "
+                             "load the checkpoint it was fitted with")
         if meta.get("split", str(self.split)) != str(self.split):
             raise ValueError(f"common direction in {path} was fitted with split={meta['split']}, this reward has "
                              f"split={self.split}: the text vectors t differ; refit or change split")

@@ -215,6 +215,32 @@ def test_loading_a_direction_that_does_not_fit_fails(tiny, tmp_path):
         get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "unsplit.safetensors"))
 
 
+def test_a_direction_fitted_with_another_clip_of_the_same_width_is_refused(tiny, tmp_path):
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    from reward_models.decomposed_clip import load_direction, save_direction
+
+    _, folder = tiny
+    torch.manual_seed(1)  # same architecture and width, other weights: a direction of the same shape
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
+    save_file({k: v.contiguous() for k, v in CLIP(**TINY).state_dict().items()},
+              str(other / "open_clip_model.safetensors"))
+    path = tmp_path / "direction.safetensors"
+    get_reward("decomposed-clip", checkpoint=str(other), fit_prompts=PROMPTS, device="cpu").save_direction(path)
+    with pytest.raises(ValueError, match="another text encoder"):
+        get_reward("decomposed-clip", checkpoint=str(folder), direction=str(path), device="cpu")
+    mine = get_reward("decomposed-clip", checkpoint=str(other), direction=str(path), device="cpu")
+    assert torch.equal(mine.direction, load_direction(path)[0])  # its own encoder passes the check
+    # a file from before the fingerprint (no probe tensor) still loads, unchecked
+    v, meta = load_direction(path)
+    save_direction(tmp_path / "old.safetensors", v, meta)
+    old = get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "old.safetensors"))
+    assert torch.equal(old.direction, v)
+
+
 def test_the_float64_maths_is_float32_on_mps_which_has_no_float64(tiny, monkeypatch):
     from reward_models import decomposed_clip
 
