@@ -121,8 +121,9 @@ def _cfg_for(arch: Arch) -> Dict[str, Any]:
 
 
 def _tokenizer_for(name: Optional[str], cfg: Dict[str, Any]):
-    """open_clip's own choice for named / local-dir models; an arch dict's `hf_tokenizer_name` from a local folder
-    only; else CLIP's BPE tokenizer."""
+    """open_clip's own choice for open_clip folders (their tokenizer files) and pretrained tags (online); else a
+    config's `hf_tokenizer_name` from a local folder only (a named arch's hub tokenizer is not fetched for a local
+    weights file); else CLIP's BPE tokenizer."""
     import open_clip
 
     text = cfg.get("text_cfg", {})
@@ -134,7 +135,9 @@ def _tokenizer_for(name: Optional[str], cfg: Dict[str, Any]):
     folder = text["hf_tokenizer_name"]
     if not Path(folder).is_dir():  # a hub name: CLIP's BPE instead would score garbage, and nothing is downloaded
         raise RewardSetupError(f"arch names the tokenizer {folder!r} (text_cfg.hf_tokenizer_name), not a local folder:"
-                               f" `huggingface-cli download {folder} --local-dir DIR` and name DIR there instead")
+                               f" `huggingface-cli download {folder} --local-dir DIR` and name DIR there instead (for"
+                               " a named arch, pass its config dict, open_clip.get_model_config(NAME), with that"
+                               " change)")
     mode = {"tokenizer_mode": text["tokenizer_mode"]} if text.get("tokenizer_mode") else {}  # older open_clip lacks it
     return open_clip.tokenizer.HFTokenizer(str(folder), context_length=context_length, **mode,
                                            **text.get("tokenizer_kwargs", {}))
@@ -183,7 +186,7 @@ def _read_local(arch: Optional[Arch], path: Path, what: str, source: str):
     if any(k.startswith("vision_model.") for k in state):  # transformers CLIPModel layout
         from .pickscore import hf_clip_to_open_clip
         state = hf_clip_to_open_clip(state)
-    return _cfg_for(arch), state, {}, arch if isinstance(arch, str) else None
+    return _cfg_for(arch), state, {}, None  # not open_clip's name lookup: it would fetch a hub tokenizer
 
 
 def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: str, source: str,

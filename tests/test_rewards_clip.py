@@ -252,6 +252,19 @@ def test_an_arch_dict_naming_a_local_hf_tokenizer_uses_it(tiny_ckpt, tmp_path):
         get_reward("clip", arch=hub, checkpoint=str(path), device="cpu")
 
 
+def test_a_named_arch_with_a_local_weights_file_does_not_fetch_its_hub_tokenizer(tiny_ckpt):
+    """A local file with arch="ViT-B-16-SigLIP" asked open_clip for its tokenizer, which downloads
+    timm/ViT-B-16-SigLIP: offline a traceback, online a fetch. Now the same clear error as an arch dict's hub name."""
+    from reward_models.base import RewardSetupError
+    from reward_models.clip import _read_local, _tokenizer_for
+
+    _, path = tiny_ckpt
+    cfg, _, _, name = _read_local("ViT-B-16-SigLIP", path, "clip", "a file")
+    assert name is None and cfg["text_cfg"]["hf_tokenizer_name"] == "timm/ViT-B-16-SigLIP"
+    with pytest.raises(RewardSetupError, match=r"'timm/ViT-B-16-SigLIP'.*not a local folder.*get_model_config"):
+        _tokenizer_for(name, cfg)
+
+
 def _open_clip_folder(tmp_path, model, preprocess_cfg):
     from safetensors.torch import save_file
 
