@@ -10,9 +10,6 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import json
-import os
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,12 +21,8 @@ import torch
 from t2i_align.conditioning import segments, text
 from t2i_align.config import ModelConfig
 from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
-from t2i_align.errors import UserError
+from t2i_align.model_folders import ModelLoadError, local_model_folder, read_index, resolve_pretrained  # noqa: F401
 from t2i_align.weight_files import weights_variant
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """A model could not be loaded or configured; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -88,15 +81,6 @@ _DTYPES = MappingProxyType({
     "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 })
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _pass_local(key: str = "model.pretrained") -> str:
-    pipeline = key in ("model.pretrained", "--model", "--base-model")
-    what = "diffusers pipeline folder (the one holding model_index.json)" if pipeline else "folder"
-    return f"pass a local {what}: {key}{' ' if key.startswith('--') else '='}/path/to/folder"
-
-
 def torch_dtype(name: str) -> torch.dtype:
     """"fp32" / "fp16" / "bf16" (or the torch spelling) -> torch.dtype."""
     try:
@@ -115,21 +99,6 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype}
 
 
-def read_index(path: Path, key: str = "model.pretrained") -> dict:
-    """model_index.json of pipeline folder `path` (given as `key`); ModelLoadError when missing or damaged."""
-    index_file = Path(path) / "model_index.json"
-    if not index_file.is_file():
-        lora = (Path(path) / "pytorch_lora_weights.safetensors").is_file()
-        hint = " (it holds LoRA weights: give it as the LoRA, and the base model here)" if lora else ""
-        raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
-                             f"{_pass_local(key)}")
-    try:
-        return json.loads(index_file.read_text())
-    except ValueError as err:
-        raise ModelLoadError(f"{index_file} is not valid JSON ({err}): the folder is damaged; download it again") \
-            from None
-
-
 def detect_family(path: Union[str, Path]) -> FamilySpec:
     """The family whose pipeline class is model_index.json's `_class_name`."""
     class_name = read_index(Path(path)).get("_class_name")
@@ -141,67 +110,6 @@ def detect_family(path: Union[str, Path]) -> FamilySpec:
         f"{path}/model_index.json names pipeline class {class_name!r}, which is not supported. Supported: "
         f"{supported}. If it is one of these families under another name, set model.family explicitly."
     )
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-def _download(repo_id: str, revision: Optional[str], variant: Optional[str], pipeline: bool, key: str) -> Path:
-    """Fetch a hub repo (or find it in the local cache when offline), failing with a how-to message."""
-    offline = _hub_offline()
-    try:
-        if pipeline:  # DiffusionPipeline.download skips files the pipeline does not need (other variants, .ckpt)
-            from diffusers import DiffusionPipeline
-
-            folder = DiffusionPipeline.download(repo_id, revision=revision, variant=variant, local_files_only=offline)
-            return Path(folder)
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors"]
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
-    except Exception as err:  # hub errors have many types (offline, HTTP, connection); all mean the same here
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached (or has no such repo)"
-        raise ModelLoadError(
-            f"{repo_id!r} is not a local folder and looks like a Hugging Face Hub id, but it is not in the local "
-            f"cache and {why} ({type(err).__name__}: {str(err)[:200]}). Download it where a network exists (e.g. "
-            f"`huggingface-cli download {repo_id} --local-dir /path/to/folder`), copy the folder here and "
-            f"{_pass_local(key)}."
-        ) from err
-
-
-def resolve_pretrained(
-    pretrained: str,
-    revision: Optional[str] = None,
-    variant: Optional[str] = None,
-    pipeline: bool = True,
-    key: str = "model.pretrained",
-) -> Path:
-    """Turn model.pretrained ("toy", a local folder or a hub id) into a local folder.
-
-    `pipeline=False` resolves a single-model folder (e.g. a separate VAE), which has no model_index.json;
-    `key` is the config field named in error messages.
-    """
-    if pretrained == "toy":
-        from t2i_align.toy.assets import pipeline_dir
-
-        path = pipeline_dir()
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"the toy pipeline is not built yet ({path}): run `python -m t2i_align.toy build`")
-        return path
-    path = Path(pretrained).expanduser()
-    if path.is_dir():
-        if pipeline:
-            read_index(path, key)
-        return path
-    if path.exists():
-        raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}")
-    if not _HUB_ID.match(pretrained):
-        raise ModelLoadError(f"{key}={pretrained!r}: no such folder; {_pass_local(key)}")
-    return _download(pretrained, revision, variant, pipeline, key)
 
 
 @dataclass
@@ -247,7 +155,11 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
     kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
     if dtype is not None and library == "diffusers":
         kwargs.update(dtype_kwargs(dtype))
-    return cls.from_pretrained(path, subfolder=name, **kwargs)
+    try:
+        return cls.from_pretrained(path, subfolder=name, **kwargs)
+    except OSError as err:  # a file missing or unreadable in the subfolder (a partial copy, a variant it lacks)
+        raise ModelLoadError(f"could not load {name} ({class_name}) from {path / name}: {str(err)[:300]}; the "
+                             "folder may be incomplete: download or copy it again") from err
 
 
 def _freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -315,13 +227,6 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
 def model_family(cfg: ModelConfig, path: Path) -> FamilySpec:
     """The family of pipeline folder `path`: model.family, or read from model_index.json when it is "auto"."""
     return detect_family(path) if cfg.family == "auto" else _explicit_family(cfg.family, path)
-
-
-def local_model_folder(pretrained: str) -> Optional[Path]:
-    """`resolve_pretrained(pretrained)` where it needs no download ("toy", a folder), else None (a hub id)."""
-    if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _HUB_ID.match(pretrained):
-        return None
-    return resolve_pretrained(pretrained)
 
 
 def _explicit_family(name: str, path: Path) -> FamilySpec:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from t2i_align import adapters, models
+from t2i_align import adapters, model_folders, models
 from t2i_align.conditioning.text import encode_prompts, sdxl_time_ids, unet_added_cond_kwargs
 from t2i_align.config import LoraConfig, ModelConfig
 from t2i_align.diffusion import scale_latents, unscale_latents
@@ -131,6 +131,52 @@ def test_hub_id_offline_fails_fast_with_local_folder_hint(monkeypatch):
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*model.pretrained=/path/to/folder"):
         models.resolve_pretrained("t2i-align-tests/not-a-cached-repo")
     assert time.monotonic() - start < 10
+
+
+def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):
+    """`data/sd15` (a typo, with a data/ folder here) and `models/sd15.safetensors` were taken for hub ids: the dry
+    run passed them and the run went to the Hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("data/sd15", "models/sd15.safetensors"):
+        with pytest.raises(ModelLoadError, match="no such folder"):
+            models.resolve_pretrained(name)
+        assert not model_folders._is_hub_id(name)
+    with pytest.raises(ModelLoadError, match=r"single-file checkpoint.*from_single_file\('models/sd15.safetensors'\)"):
+        models.resolve_pretrained("models/sd15.safetensors")
+    (tmp_path / "sd15.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file, not a folder.*from_single_file"):
+        models.resolve_pretrained("sd15.safetensors")
+    assert model_folders._is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_a_partial_pipeline_folder_is_named_before_loading(sd15_dir, tmp_path):
+    """A folder whose unet/ held only config.json passed the dry run and failed with diffusers' OSError traceback
+    after the text encoder and VAE had loaded."""
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(sd15_dir, partial)
+    for f in (partial / "unet").iterdir():
+        if f.name != "config.json":
+            f.unlink()
+    with pytest.raises(ModelLoadError, match="unet component but .*unet holds no weights file.*incomplete"):
+        models.resolve_pretrained(str(partial))
+    shutil.rmtree(partial)
+    shutil.copytree(sd15_dir, partial)
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(ModelLoadError, match="vae component but .*vae is missing"):
+        models.read_index(partial)
+
+
+def test_an_unreadable_component_is_a_load_error(sd15_dir, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(sd15_dir, partial)
+    (partial / "vae" / "config.json").unlink()  # weights there, config gone: diffusers raises OSError
+    with pytest.raises(ModelLoadError, match=r"could not load vae \(AutoencoderKL\).*incomplete"):
+        models._load_part(partial, models.read_index(partial), "vae")
 
 
 def test_toy_resolves_to_shipped_pipeline(monkeypatch, sd15_dir, tmp_path):

@@ -1,0 +1,151 @@
+"""Where a model comes from: `model.pretrained` ("toy", a local diffusers folder, or a hub id fetched or found in
+the cache), checked before any weight loads (model_index.json, each loaded component's subfolder and weights), so
+that a typo'd path, a single-file checkpoint or a partial copy fails in the dry run with what to do."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from t2i_align.errors import UserError
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model could not be loaded or configured; the message says what to change."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+# The components the loop loads; a partial copy lacking one fails in the dry run, not after minutes of loading.
+_LOADED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_WEIGHTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _is_hub_id(name: str) -> bool:
+    """"org/repo" and not a local-looking path: a weights file name, or one under a folder that exists here
+    (`data/sd15` with a data/ folder is a typo'd path, not a repo)."""
+    if not _HUB_ID.match(name) or name.lower().endswith(_WEIGHT_SUFFIXES):
+        return False
+    return not Path(name.split("/")[0]).is_dir()
+
+
+def _single_file_hint(name: str) -> str:
+    if not name.lower().endswith(_WEIGHT_SUFFIXES):
+        return ""
+    return (" It names a single-file checkpoint; convert it to a diffusers folder once: `python -c \"from diffusers "
+            f"import StableDiffusionPipeline as P; P.from_single_file('{name}').save_pretrained('DIR')\"` "
+            "(StableDiffusionXLPipeline for SDXL), then give DIR.")
+
+
+def _pass_local(key: str = "model.pretrained") -> str:
+    pipeline = key in ("model.pretrained", "--model", "--base-model")
+    what = "diffusers pipeline folder (the one holding model_index.json)" if pipeline else "folder"
+    return f"pass a local {what}: {key}{' ' if key.startswith('--') else '='}/path/to/folder"
+
+
+def read_index(path: Path, key: str = "model.pretrained") -> dict:
+    """model_index.json of pipeline folder `path` (given as `key`); ModelLoadError when missing or damaged."""
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        lora = (Path(path) / "pytorch_lora_weights.safetensors").is_file()
+        hint = " (it holds LoRA weights: give it as the LoRA, and the base model here)" if lora else ""
+        raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
+                             f"{_pass_local(key)}")
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{index_file} is not valid JSON ({err}): the folder is damaged; download it again") \
+            from None
+    _check_parts(Path(path), index)
+    return index
+
+
+def _check_parts(path: Path, index: dict) -> None:
+    """Each component the loop loads has its subfolder, and the models their weights (a partial download)."""
+    for name in _LOADED_PARTS:
+        entry = index.get(name)
+        if not isinstance(entry, list) or not entry or entry[0] is None:
+            continue
+        sub = path / name
+        if not sub.is_dir():
+            missing = f"{sub} is missing"
+        elif name in _WEIGHTED_PARTS and not any(f.name.lower().endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()):
+            missing = f"{sub} holds no weights file"
+        else:
+            continue
+        raise ModelLoadError(f"{path}/model_index.json lists the {name} component but {missing}: the folder is "
+                             "incomplete (a partial download or copy?); download or copy it again")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _download(repo_id: str, revision: Optional[str], variant: Optional[str], pipeline: bool, key: str) -> Path:
+    """Fetch a hub repo (or find it in the local cache when offline), failing with a how-to message."""
+    offline = _hub_offline()
+    try:
+        if pipeline:  # DiffusionPipeline.download skips files the pipeline does not need (other variants, .ckpt)
+            from diffusers import DiffusionPipeline
+
+            folder = DiffusionPipeline.download(repo_id, revision=revision, variant=variant, local_files_only=offline)
+            return Path(folder)
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors"]
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
+    except Exception as err:  # hub errors have many types (offline, HTTP, connection); all mean the same here
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached (or has no such repo)"
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local folder and looks like a Hugging Face Hub id, but it is not in the local "
+            f"cache and {why} ({type(err).__name__}: {str(err)[:200]}). Download it where a network exists (e.g. "
+            f"`huggingface-cli download {repo_id} --local-dir /path/to/folder`), copy the folder here and "
+            f"{_pass_local(key)}."
+        ) from err
+
+
+def resolve_pretrained(
+    pretrained: str,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    pipeline: bool = True,
+    key: str = "model.pretrained",
+) -> Path:
+    """Turn model.pretrained ("toy", a local folder or a hub id) into a local folder.
+
+    `pipeline=False` resolves a single-model folder (e.g. a separate VAE), which has no model_index.json;
+    `key` is the config field named in error messages.
+    """
+    if pretrained == "toy":
+        from t2i_align.toy.assets import pipeline_dir
+
+        path = pipeline_dir()
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"the toy pipeline is not built yet ({path}): run `python -m t2i_align.toy build`")
+        return path
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        if pipeline:
+            read_index(path, key)
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}."
+                             f"{_single_file_hint(pretrained)}")
+    if not _is_hub_id(pretrained):
+        raise ModelLoadError(f"{key}={pretrained!r}: no such folder; {_pass_local(key)}."
+                             f"{_single_file_hint(pretrained)}")
+    return _download(pretrained, revision, variant, pipeline, key)
+
+
+def local_model_folder(pretrained: str) -> Optional[Path]:
+    """`resolve_pretrained(pretrained)` where it needs no download ("toy", a folder), else None (a hub id)."""
+    if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _is_hub_id(pretrained):
+        return None
+    return resolve_pretrained(pretrained)
+
+
