@@ -110,6 +110,10 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert printed["train"]["max_steps"] == 7 and printed["data"]["path"] == str(pairs)
     assert printed["objective"]["name"] == "dpo" and "dry run:" in out.err
     assert not (tmp_path / "run").exists()  # writes nothing
+    # overrides on both sides of an option (`accelerate launch ... k=v --dry-run k=v`) were "unrecognized arguments"
+    assert _train_script().main(["train.max_steps=5", *base, f"data.path={pairs}", "train.batch_size=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["max_steps"] == 5 and printed["train"]["batch_size"] == 2
     assert _train_script().main([*base, f"data.path={tmp_path / 'none.parquet'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "none.parquet does not exist" in err

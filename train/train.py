@@ -21,7 +21,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML, as the run would "
                         "save it) and make the checks done before a model loads (data files, rewards, user table); "
                         "loads and writes nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
 
     from t2i_align.errors import run_cli
 
