@@ -98,6 +98,15 @@ def _source(cfg: Config, components, accelerator, batch_kind: str):
     return UserFilteredSource(source, components.users.table)
 
 
+def _note_warm_up(cfg: Config, accelerator) -> None:
+    """A warm-up as long as the run keeps the learning rate below its peak throughout: told, not refused (a short
+    smoke run of a recipe does it on purpose)."""
+    tc = cfg.train
+    if tc.lr_scheduler != "constant" and tc.lr_warmup_steps >= tc.max_steps:
+        say(accelerator, f"note: train.lr_warmup_steps={tc.lr_warmup_steps} is not below train.max_steps="
+            f"{tc.max_steps}: the learning rate never reaches train.learning_rate (lower the warm-up for a real run)")
+
+
 def _note_turbo(cfg: Config, accelerator) -> None:
     """The official code switches to Turbo's timesteps and schedule when "turbo" is in the model's path or id (a hub
     cache folder ends in a commit hash); here they are settings, so a run that looks like Turbo on the base recipe
@@ -131,6 +140,7 @@ def build(cfg: Config, accelerator, objective) -> Built:
     # everywhere; DDP would broadcast the main process's, but FSDP keeps each process's own shard of its own draw.
     set_seed(cfg.seed)
     _note_turbo(cfg, accelerator)
+    _note_warm_up(cfg, accelerator)
     components = load_components(cfg.model, device=accelerator.device)
     components.time_ids = cfg.data.time_ids
     params, frozen = _trainable(cfg, components, objective.needs_reference)

@@ -95,6 +95,9 @@ def save_only_trainable(accelerator) -> None:
     accelerator.register_save_state_pre_hook(keep_trainable)
 
 
+RESUME_HINT = "Resume with the run's own config, or start fresh without train.resume"
+
+
 def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_only: bool) -> int:
     """Restore a checkpoint; with `trainable_only` its weights must cover every trainable parameter (a LoRA
     checkpoint with other targets or rank fails here, naming what is missing; FSDP and DeepSpeed checkpoints,
@@ -107,12 +110,21 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         wrong = sorted(n for n, shape in wanted.items() if stored.get(n) != shape)
-        if wrong:
-            raise CheckpointMismatch(f"checkpoint {path} does not hold {len(wrong)} trainable weights of this run as "
-                               f"shaped here (e.g. {wrong[0]}): was it written with other LoRA settings? Resume "
-                               "with the run's own config, or start fresh without train.resume")
-    # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's loader takes none).
-    accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
+        extra = sorted(set(stored) - set(wanted))  # narrower LoRA targets, PPD's branch turned off
+        if wrong or extra:
+            what = (f"does not hold {len(wrong)} trainable weights of this run as shaped here (e.g. {wrong[0]})"
+                    if wrong else f"holds {len(extra)} weights this run does not train (e.g. {extra[0]})")
+            raise CheckpointMismatch(f"checkpoint {path} {what}: was it written with other LoRA or PPD settings? "
+                                     f"{RESUME_HINT}")
+    try:  # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's takes none).
+        accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
+    except (RuntimeError, ValueError, KeyError) as err:  # torch's own mismatch errors: a traceback of key lists
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        why = " ".join(str(err).split())[:300]  # one line: torch's lists every missing key on its own line
+        raise CheckpointMismatch(f"checkpoint {path} does not fit this run ({type(err).__name__}: {why}): was it "
+                                 "written with other lora, ppd or train.optimizer settings, or as a full fine-tune? "
+                                 f"{RESUME_HINT}") from err
     return checkpoint_step(path)
 
 
@@ -155,6 +167,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         fsync_path(root)
         older = [path for s, path in list_checkpoints(output_dir) if s < step]
         for old in older[:max(0, len(older) - (keep - 1))]:
+            (old / MARKER).unlink(missing_ok=True)  # first: a deletion stopped halfway leaves no "complete" one
             shutil.rmtree(old, ignore_errors=True)
 
     def save_state() -> None:

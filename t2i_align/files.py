@@ -81,9 +81,11 @@ def replace_dir(tmp: Path, out_dir: Path) -> Path:
     files given plain modes first: `plain_modes`).
 
     Between the two renames `out_dir` is briefly absent (POSIX has no atomic swap of two folders); if the second
-    rename fails, the old folder is put back."""
+    rename fails, the old folder is put back. `tmp`'s files are fsynced first: a host crash after the old folder
+    is deleted cannot leave the new one's files empty."""
     tmp, out_dir = Path(tmp), Path(out_dir)
     plain_modes(tmp)
+    sync_tree(tmp)
     old = None
     try:
         if out_dir.exists():
@@ -97,6 +99,7 @@ def replace_dir(tmp: Path, out_dir: Path) -> Path:
     finally:
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+    fsync_path(out_dir.parent)  # the renames themselves (best effort: the folder is in place either way)
     return out_dir
 
 
@@ -110,12 +113,10 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         yield tmp
-        sync_tree(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_path(out_dir.parent)  # the renames themselves (best effort: the folder is in place either way)
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading
-from .checkpoints import (export_final, load_checkpoint, read_marker, resolve_resume, resume_raw_batches,
-                          save_checkpoint, save_only_trainable)
+from .checkpoints import (checkpoint_step, export_final, load_checkpoint, read_marker, resolve_resume,
+                          resume_raw_batches, save_checkpoint, save_only_trainable)
 from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
                       deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
@@ -33,6 +33,7 @@ from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
+from .optim import align_lr_schedule
 from .run_dir import prepare_run_dir, set_aside_newer
 from .tracking import Tracker, continued_run_id
 from .validation import Validator, load_validation_reward
@@ -126,6 +127,9 @@ def train(cfg: Config) -> TrainResult:
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)
     resume = resolve_resume(out, cfg.train.resume)  # on every process: a bad path fails on all
+    if resume is not None and checkpoint_step(resume) > cfg.train.max_steps:  # would export it labelled max_steps
+        raise UserError(f"train.resume: {resume} is at step {checkpoint_step(resume)}, past train.max_steps="
+                        f"{cfg.train.max_steps}; set train.max_steps above it to train on, or use {out}/final")
     m = build(cfg, accelerator, objective)
     prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
     reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read
@@ -146,6 +150,8 @@ def train(cfg: Config) -> TrainResult:
                           base=None if provider is None else provider.base_unet, reward=reward)
     start, counts = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume,
                             _carried(m.components, m.source))
+    if resume is not None:
+        align_lr_schedule(m.lr_sched, start, accelerator.num_processes)
     state = _RunState(objective, provider, m.source, tracker, validator, start, counts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
@@ -177,9 +183,11 @@ def _claim_output(cfg: Config, out: Path, resume, log, tracker: Tracker) -> None
     """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config and W&B id written
     there; a resume names the settings that differ from the checkpoint's run."""
     prepare_run_dir(out, resume, cfg.train.resume, log)
-    tracker.record_run_id()
-    earlier = next((f / "config.yaml" for f in (resume.parent, resume.parent.parent) if (f / "config.yaml").is_file()),
-                   None) if resume is not None else None
+    if resume is None:  # a resume records it after `set_aside_newer` has kept the abandoned run's
+        tracker.record_run_id()
+    # the checkpoint's own copy first: output_dir's is the latest invocation's
+    earlier = next((f / "config.yaml" for f in (resume, resume.parent, resume.parent.parent)
+                    if (f / "config.yaml").is_file()), None) if resume is not None else None
     try:  # a note only: a config.yaml that does not read as one (another tool's file) must not stop the run
         before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -190,6 +198,9 @@ def _claim_output(cfg: Config, out: Path, resume, log, tracker: Tracker) -> None
     save_config(cfg, out / "config.yaml")
 
 
+LR_KEPT = ("train.learning_rate", "train.scale_lr")  # restored with the optimizer and schedule, as in diffusers
+
+
 def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
     """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
     changed = []
@@ -198,7 +209,8 @@ def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
         if isinstance(old, dict) and isinstance(new, dict):
             changed += _changed_settings(old, new, f"{name}.")
         elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
-            changed.append(f"{name}: {old!r} -> {new!r}")
+            kept = " (not applied: the checkpoint's optimizer keeps its rate)" if name in LR_KEPT else ""
+            changed.append(f"{name}: {old!r} -> {new!r}{kept}")
     return changed
 
 
@@ -226,6 +238,7 @@ def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume, carried)
              f"another process could not restore the run's state from {resume}")
     on_main(accelerator, lambda: set_aside_newer(out, start, functools.partial(say, accelerator)),
             "the main process could not set the abandoned run's checkpoints aside")
+    on_main(accelerator, tracker.record_run_id, "the main process could not record the W&B run id")
     on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
     say(accelerator, f"resumed from {resume} at step {start}")
     return start, counts
@@ -274,9 +287,12 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one
             accelerator.sync_gradients = sync
-            with (nullcontext() if sync else accelerator.no_sync(unet)), autocast(accelerator):
-                loss, metrics = st.objective.compute_loss(policy, reference, batch, schedule, cfg.objective, None)
-            accelerator.backward(loss / tc.grad_accum)
+            # backward inside no_sync: FSDP2's no_sync sets a flag its backward reads (DDP's is read in forward)
+            with nullcontext() if sync else accelerator.no_sync(unet):
+                with autocast(accelerator):
+                    loss, metrics = st.objective.compute_loss(policy, reference, batch, schedule, cfg.objective,
+                                                              None)
+                accelerator.backward(loss / tc.grad_accum)
             history.append(metrics)
         norm = _optimizer_step(accelerator, unet, optimizer, lr_sched, params, tc.max_grad_norm)
         streak = streak + 1 if _counts_as_failure(accelerator, norm, history[-tc.grad_accum:]) else 0

@@ -55,3 +55,21 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, num_pr
                              num_training_steps=cfg.max_steps * num_processes)
     except ValueError as err:
         raise ConfigError(f"train.lr_scheduler={cfg.lr_scheduler!r}: {err}") from err
+
+
+def align_lr_schedule(lr_sched, step: int, num_processes: int) -> None:
+    """After a resume: put the schedule at `step` in this run's units. A schedule restored from a run on another
+    number of processes counted `step` x that number (see `make_lr_scheduler`): from 8 processes to 1 its linear
+    decay had already ended, and the learning rate stayed 0. The learning rate itself is the checkpoint's."""
+    inner = getattr(lr_sched, "scheduler", lr_sched)  # accelerate's wrapper
+    want = step * num_processes
+    if inner.last_epoch == want:
+        return
+    if not hasattr(inner, "lr_lambdas"):  # diffusers' schedules are all LambdaLR
+        raise ConfigError(f"the checkpoint's learning-rate schedule is at {inner.last_epoch}, not {want}; resume "
+                          "with the number of processes that wrote it")
+    inner.last_epoch = want
+    lrs = [base * lam(want) for lam, base in zip(inner.lr_lambdas, inner.base_lrs)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs

@@ -173,7 +173,10 @@ def test_list_where_a_list_belongs_is_required():
      ("train.lr_scheduler=cosine_warmup", "train.lr_scheduler"), ("train.lr_scheduler=piecewise_constant",
                                                                   "train.lr_scheduler"),
      ("data.time_ids=true_size", "data.time_ids"), ("train.learning_rate=.inf", "train.learning_rate"),
-     ("objective.beta=.inf", "objective.beta")],
+     ("objective.beta=.inf", "objective.beta"), ("train.adam_beta1=1.0", "train.adam_beta1"),
+     ("train.adam_beta2=-0.1", "train.adam_beta2"), ("train.adam_epsilon=0", "train.adam_epsilon"),
+     ("train.weight_decay=-0.01", "train.weight_decay"), ("tracking.guidance_scale=-1", "tracking.guidance_scale"),
+     ("raft.guidance_scale=-2.5", "raft.guidance_scale"), ("seppo.guidance_scale=-0.5", "seppo.guidance_scale")],
 )
 def test_validation_failure_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError) as info:
@@ -367,3 +370,110 @@ def test_casting_the_base_unet_needs_adapters_and_a_half_precision_weight_dtype(
         load_config(None, overrides)
     assert load_config(None, ["model.cast_base_unet=true", "lora.enabled=true", "model.weight_dtype=bf16",
                               "train.mixed_precision=bf16"]).model.cast_base_unet
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward_backprop.reward_options=[a]", r"reward_backprop\.reward_options = \['a'\] in command line .*expected "
+                                           r"mapping \(\{key: value\}\), not a list"),
+    ("tracking.validation_prompts={a: b}", r"tracking\.validation_prompts = \{'a': 'b'\} in command line .*expected "
+                                           r"list of str \(\[a, b\]\), not a mapping"),
+    ("lora.target_modules={to_q: 1}", r"lora\.target_modules = \{'to_q': 1\} in command line .*not a mapping")])
+def test_a_list_where_a_mapping_belongs_or_the_reverse_names_the_key(override, message):
+    """OmegaConf's merge failed with `TypeError: Cannot merge incompatible container types`, naming no key."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_list_where_a_mapping_belongs_in_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "opts.yaml", "raft: {reward_options: [a, b]}\n")
+    with pytest.raises(ConfigError, match=r"^raft\.reward_options = \['a', 'b'\] in .*opts\.yaml: expected mapping"):
+        load_config(path)
+
+
+def test_items_of_a_text_list_must_be_text(tmp_path):
+    """YAML reads an unquoted `a: b` or `{...}` inside a list as a mapping; it reached the tokenizer."""
+    path = write(tmp_path, "prompts.yaml", "tracking:\n  validation_prompts: [a cat, {style: watercolor, a fox}]\n")
+    with pytest.raises(ConfigError, match=r"^tracking\.validation_prompts\[1\] = \{'style': 'watercolor', 'a fox': "
+                                          r"None\} in .*prompts\.yaml is a mapping, expected text: quote items"):
+        load_config(path)
+    path = write(tmp_path, "block.yaml", "tracking:\n  validation_prompts:\n    - a cat\n    - style: watercolor\n")
+    with pytest.raises(ConfigError, match=r"validation_prompts\[1\] = \{'style': 'watercolor'\} .* is a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^lora\.target_modules\[1\] = \['to_k', 'to_v'\] in command line .* is "
+                                          r"a list, expected text"):
+        load_config(None, ["lora.enabled=true", "lora.target_modules=[to_q, [to_k, to_v]]"])
+
+
+def test_a_null_item_of_a_text_list_says_text_was_expected(tmp_path):
+    path = write(tmp_path, "null.yaml", "tracking:\n  validation_prompts: [a, b, c, null]\n")
+    with pytest.raises(ConfigError, match=r"^tracking\.validation_prompts\[3\] = None in .*null\.yaml: expected str "):
+        load_config(path)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    path.write_bytes(b"\x99\x00\x00\x00\x00\x00\x00\x00{\"__metadata__\"")
+    with pytest.raises(ConfigError, match=r"unet\.safetensors is not a UTF-8 YAML file"):
+        load_config(path)
+
+
+def test_an_accelerate_config_given_as_the_run_config_says_where_it_goes():
+    with pytest.raises(ConfigError, match=r"fsdp\.yaml is an accelerate config: .*--config_file"):
+        load_config(REPO_ROOT / "configs/accelerate/fsdp.yaml")
+
+
+def test_a_warm_up_as_long_as_the_run_is_noted(capsys):
+    """The LR never reached its peak, silently; told, not refused (a smoke run of a recipe does it on purpose)."""
+    from t2i_align.build import _note_warm_up
+
+    class Acc:
+        def print(self, *args, **kwargs):
+            print(*args, **kwargs)
+
+    _note_warm_up(load_config(None, ["train.max_steps=100", "train.lr_warmup_steps=100"]), Acc())
+    assert "note: train.lr_warmup_steps=100 is not below train.max_steps=100" in capsys.readouterr().err
+    _note_warm_up(load_config(None, ["train.max_steps=100", "train.lr_warmup_steps=99"]), Acc())
+    _note_warm_up(load_config(None, ["train.max_steps=5", "train.lr_warmup_steps=0", "train.lr_scheduler=constant"]),
+                  Acc())
+    assert capsys.readouterr().err == ""
+
+
+def test_home_is_expanded_in_path_settings_only(tmp_path, monkeypatch):
+    """`output_dir: ~/runs/x` made a folder named ~ in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["output_dir=~/runs/x", "data.path=~/pairs.parquet", "data.cache_dir=~/cache",
+                             "train.resume=~/runs/x/checkpoints/step-5", "raft.enabled=true",
+                             "raft.prompts=~/prompts.txt", "tracking.validation_prompts=[~/not a path]"])
+    assert (cfg.output_dir, cfg.data.path, cfg.data.cache_dir) == (f"{tmp_path}/runs/x", f"{tmp_path}/pairs.parquet",
+                                                                   f"{tmp_path}/cache")
+    assert (cfg.train.resume, cfg.raft.prompts) == (f"{tmp_path}/runs/x/checkpoints/step-5", f"{tmp_path}/prompts.txt")
+    assert cfg.tracking.validation_prompts == ["~/not a path"]
+    assert load_config(None, ["ppd.enabled=true", "ppd.table=~/users.safetensors"]).ppd.table \
+        == f"{tmp_path}/users.safetensors"
+    assert load_config(None, ["train.resume=latest"]).train.resume == "latest"
+    write(tmp_path, "parent.yaml", "seed: 11\n")
+    (tmp_path / "sub").mkdir()
+    assert load_config(write(tmp_path / "sub", "child.yaml", "base: ~/parent.yaml\n")).seed == 11
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("max_steps=5", "Did you mean 'train.max_steps'?"), ("learning_rate=1e-4", "Did you mean 'train.learning_rate'?"),
+    ("mixed_precision=bf16", "Did you mean 'train.mixed_precision'?"),
+    ("gradient_accumulation_steps=4", "Did you mean 'train.grad_accum'?"),
+    ("model.resolution=512", "Did you mean 'data.resolution' or 'raft.resolution'?"),
+    ("text_encoding.kind=segments", "Did you mean 'model.text_encoding'?")])
+def test_an_unknown_key_suggests_the_setting_of_that_name_in_another_section(override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert hint in str(info.value)
+
+
+def test_a_negative_prompt_without_guidance_is_refused():
+    """At guidance 1 or less there is no classifier-free guidance: the negative prompt went unused (the sample
+    scripts refuse --negative-prompt there too)."""
+    with pytest.raises(ConfigError, match=r"^raft\.negative_prompt = 'blurry' in command line .*: expected null with "
+                                          r"guidance_scale 1 or less"):
+        load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.negative_prompt=blurry",
+                           "raft.guidance_scale=1"])
+    assert load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.negative_prompt=blurry",
+                              "raft.guidance_scale=1.5"]).raft.negative_prompt == "blurry"

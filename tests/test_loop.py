@@ -10,7 +10,9 @@ import torch
 from safetensors import safe_open
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from t2i_align.checkpoints import CheckpointMismatch
 from t2i_align.config import load_config
+from t2i_align.errors import UserError
 from t2i_align.loop import NonFiniteError, train
 from t2i_align.toy.pairs import jpeg_bytes, write_parquet
 from t2i_align.toy.scenes import noisy_scene, render, short_caption, split_scenes
@@ -168,8 +170,17 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, pairs,
 
     with safe_open(str(part / "checkpoints" / "step-2" / "model.safetensors"), framework="pt") as f:
         assert f.keys() and all(".lora_" in k for k in f.keys())  # adapters only, not the frozen UNet
-    with pytest.raises(RuntimeError, match="other LoRA settings"):
+    with pytest.raises(RuntimeError, match="other LoRA or PPD settings"):
         train(_cfg(tiny_model, pairs, part, *common, "lora.rank=2", "train.max_steps=6", "train.resume=latest"))
+    # narrower targets were a subset, loaded with strict=False: the optimizer's ValueError came as a traceback
+    with pytest.raises(CheckpointMismatch, match=r"holds \d+ weights this run does not train.*other LoRA or PPD"):
+        train(_cfg(tiny_model, pairs, part, *common, "lora.target_modules=[to_q]", "train.max_steps=6",
+                   "train.resume=latest"))
+    with pytest.raises(CheckpointMismatch, match="does not fit this run.*full fine-tune"):  # torch's key list
+        train(_cfg(tiny_model, pairs, part, "train.checkpoint_every=2", "train.max_steps=6", "train.resume=latest"))
+    # a checkpoint past max_steps exported its step-4 weights labelled step 3
+    with pytest.raises(UserError, match="at step 4, past train.max_steps=3"):
+        train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=3", "train.resume=latest"))
 
 
 def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, monkeypatch):
@@ -296,6 +307,17 @@ def test_a_resume_continues_its_w_and_b_run_and_a_fresh_start_begins_another(tin
     again = (out / "wandb_run_id").read_text().strip()
     assert again != first and any((out / "wandb").glob(f"offline-run-*-{again}"))
     assert [p.read_text().strip() for p in out.glob("previous-*/wandb_run_id")] == [first]
+
+
+def test_a_resume_from_an_earlier_checkpoint_keeps_the_abandoned_runs_w_and_b_id(tiny_model, pairs, tmp_path):
+    """The new run's id was written over the old one's before the abandoned timeline was set aside with it."""
+    out, common = tmp_path / "run", ("lora.enabled=true", "train.checkpoint_every=1", "tracking.wandb=offline")
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    first = (out / "wandb_run_id").read_text().strip()
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", f"train.resume={out / 'checkpoints' / 'step-1'}"))
+    aside = next((out / "checkpoints").glob("abandoned-*"))
+    assert (aside / "wandb_run_id").read_text().strip() == first
+    assert (out / "wandb_run_id").read_text().strip() not in ("", first)
 
 
 def test_only_a_resume_from_the_folders_newest_checkpoint_continues_its_w_and_b_run(tmp_path):

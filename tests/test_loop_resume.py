@@ -1,6 +1,7 @@
 """Loop correctness found in review (issue 10): train mode, checkpoint timelines, exact resume over corrupt data."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,7 +224,73 @@ def test_the_settings_a_resume_changed_are_listed():
     now = {"output_dir": "b", "objective": {"name": "sft", "beta": 5000.0}, "train": {"max_steps": 20,
            "resume": "latest", "learning_rate": 2e-8}, "seed": 3}
     assert _changed_settings(before, now) == ["objective.name: 'dpo' -> 'sft'", "seed: None -> 3",
-                                              "train.learning_rate: 1e-08 -> 2e-08"]
+                                              "train.learning_rate: 1e-08 -> 2e-08 (not applied: the checkpoint's "
+                                              "optimizer keeps its rate)"]
+
+
+def test_a_schedule_resumed_on_another_number_of_processes_is_realigned():
+    """8 processes to step 60 of a linear schedule (warm-up 10, 100 steps), resumed on 1: the restored schedule
+    stood at 480 of the new run's 100 and the learning rate stayed 0 to the end."""
+    from diffusers.optimization import get_scheduler
+
+    from t2i_align.optim import align_lr_schedule
+
+    def schedule(processes):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        return get_scheduler("linear", optimizer=opt, num_warmup_steps=10 * processes,
+                             num_training_steps=100 * processes)
+
+    eight = schedule(8)
+    for _ in range(60 * 8):
+        eight.optimizer.step()
+        eight.step()
+    one = schedule(1)
+    one.optimizer.load_state_dict(eight.optimizer.state_dict())
+    one.load_state_dict(eight.state_dict())
+    align_lr_schedule(one, 60, 1)
+    assert one.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 40 / 90)  # (100 - 60) / (100 - 10)
+    one.optimizer.step()
+    one.step()
+    assert one.get_last_lr()[0] == pytest.approx(1e-4 * 39 / 90)
+    same = schedule(1)
+    for _ in range(60):
+        same.optimizer.step()
+        same.step()
+    align_lr_schedule(same, 60, 1)  # the same number of processes: untouched
+    assert same.last_epoch == 60 and same.get_last_lr()[0] == pytest.approx(1e-4 * 40 / 90)
+
+
+def test_a_rotation_stopped_halfway_leaves_no_checkpoint_marked_complete(tmp_path, monkeypatch):
+    import t2i_align.checkpoints as checkpoints
+
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step}" / checkpoints.MARKER).write_text(json.dumps({"step": step}))
+    deleted = []
+
+    class Stopped(Exception):
+        pass
+
+    def killed(path, ignore_errors=False):  # the process dies before any file of the old checkpoint is gone
+        deleted.append(path)
+        raise Stopped
+
+    class Acc:
+        is_main_process, process_index, num_processes, distributed_type = True, 0, 1, "NO"
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder, safe_serialization=True):
+            Path(folder).mkdir()
+            (Path(folder) / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", lambda p, ignore_errors=False:
+                        killed(p) if Path(p).name == "step-1" else None)
+    with pytest.raises(Stopped):
+        checkpoints.save_checkpoint(Acc(), tmp_path, 3, 2, [torch.zeros(1)])
+    assert deleted == [tmp_path / "checkpoints" / "step-1"]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]  # step-1 half-deleted is not offered for resume
 
 
 def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path, monkeypatch):

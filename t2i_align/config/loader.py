@@ -41,13 +41,27 @@ def _describe_type(tp: Any) -> str:
 
 
 def _field_type(dotted: str) -> Any:
-    """The declared type of a dotted key of `Config`, or None if there is no such key."""
+    """The declared type of a dotted key of `Config` (or of a list item, "tracking.validation_prompts[3]"), or None
+    if there is no such key."""
     tp: Any = Config
     for part in dotted.split("."):
-        if not dataclasses.is_dataclass(tp) or part not in _fields(tp):
+        name, _, index = part.partition("[")
+        if not dataclasses.is_dataclass(tp) or name not in _fields(tp):
             return None
-        tp = _fields(tp)[part]
+        tp = _fields(tp)[name]
+        if index:
+            tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
     return tp
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> List[str]:
+    """Every dotted key of `Config`, sections included."""
+    keys = []
+    for name, tp in _fields(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+    return keys
 
 
 def _section_prefix(owner: type, cls: type = Config, prefix: str = "") -> Optional[str]:
@@ -62,21 +76,57 @@ def _section_prefix(owner: type, cls: type = Config, prefix: str = "") -> Option
     return None
 
 
+ALIASES = {"gradient_accumulation_steps": "train.grad_accum", "train_batch_size": "train.batch_size",
+           "max_train_steps": "train.max_steps", "pretrained_model_name_or_path": "model.pretrained",
+           "resume_from_checkpoint": "train.resume", "checkpointing_steps": "train.checkpoint_every",
+           "adam_weight_decay": "train.weight_decay", "beta_dpo": "objective.beta"}
+"""diffusers training scripts' argument names whose setting has another name here."""
+
+
+def _suggest(key: str, known: Dict[str, Any], prefix: str) -> List[str]:
+    """The settings an unknown key may mean: the same name in another section (max_steps: train.max_steps), a
+    diffusers script's name, else a close spelling in its own section (a fuzzy match would offer model.revision
+    for model.resolution)."""
+    same_name = [k for k in _all_keys() if k.rpartition(".")[2] == key]
+    if same_name or key in ALIASES:
+        return same_name or [ALIASES[key]]
+    return [prefix + k for k in difflib.get_close_matches(key, known, n=1)]
+
+
 def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> None:
     """Unknown keys, and scalars where a section belongs, fail here with the valid keys and a suggestion."""
     known = _fields(cls)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            hint = " or ".join(f"'{k}'" for k in _suggest(str(key), known, prefix))
             section = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(f"Unknown key '{dotted}' in {where}.{hint} Valid keys of {section}: "
-                              + ", ".join(known))
+            raise ConfigError(f"Unknown key '{dotted}' in {where}.{f' Did you mean {hint}?' if hint else ''} Valid "
+                              f"keys of {section}: " + ", ".join(known))
         if dataclasses.is_dataclass(known[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted} = {value!r} in {where}: expected a {_describe_type(known[key])}")
             _check_keys(value, known[key], dotted + ".", where)
+        else:
+            _check_containers(dotted, value, known[key], where)
+
+
+_KINDS = {list: ("a list", "[a, b]"), dict: ("a mapping", "{key: value}")}
+
+
+def _check_containers(dotted: str, value: Any, tp: Any, where: str) -> None:
+    """A list where a mapping belongs or the reverse (OmegaConf's merge fails with a TypeError naming no key), and
+    a mapping or list inside a list of text (YAML reads an unquoted `a: b` or `{...}` item as a mapping), which
+    OmegaConf keeps and the tokenizer fails on."""
+    kind = typing.get_origin(tp)
+    if kind in _KINDS and isinstance(value, (list, dict)) and not isinstance(value, kind):
+        raise ConfigError(f"{dotted} = {value!r} in {where}: expected {_describe_type(tp)} ({_KINDS[kind][1]}), not "
+                          f"{_KINDS[type(value)][0]}")
+    if kind is list and typing.get_args(tp)[0] is str and isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (list, dict)):
+                raise ConfigError(f"{dotted}[{i}] = {item!r} in {where} is {_KINDS[type(item)][0]}, expected text: "
+                                  'quote items that contain ": " or start with "{" or "["')
 
 
 def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
@@ -91,14 +141,19 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
         layer = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"Invalid YAML in {path}: {exc}") from None
+    except UnicodeDecodeError:  # e.g. --config given a weights file
+        raise ConfigError(f"{path} is not a UTF-8 YAML file: give a config, e.g. configs/toy/dpo.yaml") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, not a list")
+    if "compute_environment" in layer and "distributed_type" in layer:
+        raise ConfigError(f"{path} is an accelerate config: give it as `accelerate launch --config_file {path} "
+                          "train/train.py --config RUN.yaml`, with a run config (e.g. configs/toy/dpo.yaml) here")
     base = layer.pop("base", None)
     if base is None:
         return [(str(path), layer)]
     if not isinstance(base, str):
         raise ConfigError(f"base = {base!r} in {path}: expected a path to another YAML file")
-    return _read_yaml(path.parent / base, chain + (path.resolve(),)) + [(str(path), layer)]
+    return _read_yaml(path.parent / Path(base).expanduser(), chain + (path.resolve(),)) + [(str(path), layer)]
 
 
 def _parse_override(item: str) -> Tuple[str, DictConfig]:
@@ -197,8 +252,22 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     except OmegaConfBaseException as exc:  # e.g. an unresolvable ${...} interpolation
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key} in {_where_set(key, layers)}: {str(exc.msg).splitlines()[0]}") from None
+    _expand_home(cfg)
     _check_switched_on(cfg, overrides)
     return cfg
+
+
+PATH_KEYS = ("output_dir", "data.path", "data.cache_dir", "train.resume", "raft.prompts", "ppd.table")
+"""Settings that name a file or folder, where a leading ~ means the home folder as in a shell (or a run made a
+folder named ~). model.pretrained and model.vae are expanded where they load, which tells paths from hub ids."""
+
+
+def _expand_home(cfg: Config) -> None:
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        owner = getattr(cfg, section) if section else cfg
+        if getattr(owner, name):
+            setattr(owner, name, os.path.expanduser(getattr(owner, name)))
 
 
 SWITCHED_SECTIONS = ("lora", "raft", "ppd")

@@ -120,6 +120,10 @@ class RaftConfig:
                "null or a multiple of 8")
         _check(self, "prompts", bool(self.prompts) or not self.enabled,
                'a prompts file or "toy:train" when raft.enabled is true')
+        _check(self, "guidance_scale", self.guidance_scale >= 0, "a number >= 0")
+        # as the sample scripts' --negative-prompt: without guidance (scale <= 1) it would be unused
+        _check(self, "negative_prompt", not self.negative_prompt or self.guidance_scale > 1,
+               "null with guidance_scale 1 or less (no classifier-free guidance), or a guidance_scale > 1")
 
 
 @dataclass
@@ -160,6 +164,7 @@ class SeppoConfig:
         _check_choice(self, "reference", ("random", "initial", "latest"))
         _check_choice(self, "flip", ("sign", "indicator", "off"))
         _check_at_least(self, ("snapshot_every", "pool_size", "sample_steps", "anchor_draws"), 1)
+        _check(self, "guidance_scale", self.guidance_scale >= 0, "a number >= 0")
 
 
 @dataclass

@@ -257,6 +257,11 @@ class TrainConfig:
                "0 with lr_scheduler constant (which has no warm-up; constant_with_warmup has)")
         _check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
         _check(self, "max_grad_norm", self.max_grad_norm >= 0, "a number >= 0")
+        # torch.optim.AdamW refuses these too, but only once the model and the data have loaded
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(self, name, 0 <= getattr(self, name) < 1, "a number in [0, 1), e.g. 0.9 or 0.999")
+        _check(self, "adam_epsilon", 0 < self.adam_epsilon < float("inf"), "a finite number > 0, e.g. 1e-8")
+        _check(self, "weight_decay", 0 <= self.weight_decay < float("inf"), "a finite number >= 0 (0: no decay)")
 
 
 @dataclass
@@ -286,6 +291,7 @@ class TrackingConfig:
         _check_choice(self, "wandb", ("auto", "online", "offline", "off"))
         _check_at_least(self, ("validate_every",), 0)
         _check_at_least(self, ("validation_seeds", "sample_steps"), 1)
+        _check(self, "guidance_scale", self.guidance_scale >= 0, "a number >= 0")
 
 
 from .methods import ObjectiveConfig, PpdConfig, RaftConfig, SeppoConfig  # noqa: E402  (they import the helpers above)
