@@ -42,20 +42,15 @@ def _sample_into(out: Path, sample, meta: dict) -> int:
 
 def _check_out(args) -> None:
     """Before any work: --out is a folder that can be replaced whole, and holds none of the script's inputs."""
-    from t2i_align.files import check_output_path
+    from t2i_align.files import check_output_path, check_replaceable_folder
 
-    from reward_models.cli import UsageError
-
-    out, cwd = Path(args.out), Path.cwd().resolve()
-    # the current folder (or one above it) cannot be renamed away: replace_dir failed after all the sampling
-    if out.name in ("", "..") or out.resolve() in (cwd, *cwd.parents):
-        raise UsageError(f"--out {out} is the current folder, one above it or a '..' path, which generate.py cannot "
-                         f"replace whole: give a new folder, e.g. --out {out / 'samples'}")
+    out = Path(args.out)
+    check_replaceable_folder(out, "--out", "generate.py")
     inputs = {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
               "--prompts": None if args.prompts.startswith("toy:") else args.prompts,
               "--user-table": args.user_table, "--user-shots": args.user_shots}
     check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, made_by="metadata.jsonl")
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -188,13 +188,26 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
     return path
 
 
+def check_replaceable_folder(out: Path, flag: str, tool: str) -> None:
+    """UserError for a folder output that cannot be replaced whole: the current folder or one above it cannot be
+    renamed away (`replace_dir` failed after all the work)."""
+    from .errors import UserError
+
+    cwd = Path.cwd().resolve()
+    if out.name in ("", "..") or out.resolve() in (cwd, *cwd.parents):
+        raise UserError(f"{flag} {out} is the current folder, one above it or a '..' path, which {tool} cannot "
+                        f"replace whole: give a new folder, e.g. {flag} {out / 'samples'}")
+
+
 def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
                       inputs: Optional[Dict[str, str | os.PathLike]] = None, replaces: Sequence[Path] = (),
-                      overwrite: bool = False) -> None:
+                      overwrite: bool = False, made_by: Optional[str] = None) -> None:
     """At a command's start, before any work: UserError for an output path that cannot be written (a file where a
     folder is wanted or the reverse, a file among its parents), that is or holds one of `inputs` ({flag: path}),
     which writing there (replacing a folder) would delete, or whose writing would replace an existing one of
-    `replaces` (an earlier gallery, pair set, non-empty folder...) without `overwrite` (the command's --overwrite)."""
+    `replaces` (an earlier gallery, pair set, non-empty folder...) without `overwrite` (the command's --overwrite).
+    `made_by`: the file a folder this command wrote holds; --overwrite replaces no non-empty folder without it
+    (`--out ~/Pictures --overwrite` deleted the user's pictures)."""
     from .errors import UserError
 
     out = Path(path)
@@ -210,7 +223,12 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
             raise UserError(f"{flag} {out} is or holds {name} {source}: writing there would delete it; choose "
                             f"another {flag}")
     for earlier in replaces:
-        if earlier.exists() and not (earlier.is_dir() and not any(earlier.iterdir())) and not overwrite:
+        if not earlier.exists() or (earlier.is_dir() and not any(earlier.iterdir())):
+            continue
+        if not overwrite:
             raise UserError(f"{earlier} exists and {flag} {path} would replace it: choose another {flag} or pass "
                             "--overwrite")
+        if made_by and earlier.is_dir() and not (earlier / made_by).is_file():
+            raise UserError(f"{earlier} holds files but no {made_by}, so this command did not write it, and "
+                            f"--overwrite would delete it whole: choose another {flag} (or empty it yourself)")
 

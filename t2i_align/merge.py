@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .conditioning.text import write_text_encoding
-from .files import check_output_path, staged_dir
+from .files import check_output_path, check_replaceable_folder, staged_dir
 
 
 def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, text_encoding: Optional[str] = None,
@@ -32,9 +32,9 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     if lora is None and unet is None:
         raise ModelLoadError("nothing to merge: give --lora, --unet or both")
     out = Path(out)
-    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelLoadError(f"{out} exists and is not empty; pass overwrite (--overwrite) to replace it")
+    check_replaceable_folder(out, "--out", "merge_lora.py")
+    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet), replaces=[out],
+                      overwrite=overwrite, made_by="model_index.json")
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant)
     if lora is not None:
         pipe.fuse_lora()

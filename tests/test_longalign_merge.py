@@ -7,7 +7,6 @@ import torch
 
 from helpers import export_random_lora, one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
 from t2i_align.errors import UserError
-from t2i_align.models import ModelLoadError
 
 
 def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path):
@@ -29,8 +28,16 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
     assert not torch.allclose(outputs["base"], outputs["lora"], atol=1e-3)  # the LoRA did change the UNet
     encoding = pipeline_components(load_pipeline(merged)).text_encoding
     assert (encoding.kind, encoding.token_budget) == ("segments", 100)
-    with pytest.raises(ModelLoadError, match="exists and is not empty"):
+    with pytest.raises(UserError, match="exists and --out .* would replace it.*--overwrite"):
         merge_lora(model, final, merged)
+    # --overwrite replaced any folder whole: a folder it did not write (no model_index.json) is refused
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "cat.png").write_bytes(b"png")
+    with pytest.raises(UserError, match="holds files but no model_index.json.*would delete it whole"):
+        merge_lora(model, final, tmp_path / "pictures", overwrite=True)
+    assert (tmp_path / "pictures" / "cat.png").read_bytes() == b"png"
+    with pytest.raises(UserError, match="is the current folder, one above it"):
+        merge_lora(model, final, "..", overwrite=True)
     lora_file = final / "pytorch_lora_weights.safetensors"
     for out, flag in ((final, "--lora"), (tmp_path / "stage1", "--lora"), (tmp_path, "--lora"), (model, "--model")):
         with pytest.raises(UserError, match=f"is or holds {flag}"):
