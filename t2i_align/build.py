@@ -107,6 +107,15 @@ def _note_warm_up(cfg: Config, accelerator) -> None:
             f"{tc.max_steps}: the learning rate never reaches train.learning_rate (lower the warm-up for a real run)")
 
 
+def _note_resolution(cfg: Config, spec, accelerator) -> None:
+    """data.resolution defaults to 512 for every family; SDXL's own is 1024 (diffusers' SDXL scripts' default), and
+    a config written for SD1.5 and pointed at SDXL would train it at 512 without a word (Turbo trains at 512)."""
+    native = spec.default_resolution
+    if native > 512 and cfg.data.resolution < native and "turbo" not in cfg.model.pretrained.lower():
+        say(accelerator, f"note: data.resolution={cfg.data.resolution} is below {spec.name}'s native "
+            f"{spec.default_resolution} px (configs/{spec.name}/*.yaml set it); this run keeps it as given")
+
+
 def _note_turbo(cfg: Config, accelerator) -> None:
     """The official code switches to Turbo's timesteps and schedule when "turbo" is in the model's path or id (a hub
     cache folder ends in a commit hash); here they are settings, so a run that looks like Turbo on the base recipe
@@ -142,6 +151,7 @@ def build(cfg: Config, accelerator, objective) -> Built:
     _note_turbo(cfg, accelerator)
     _note_warm_up(cfg, accelerator)
     components = load_components(cfg.model, device=accelerator.device)
+    _note_resolution(cfg, components.spec, accelerator)
     components.time_ids = cfg.data.time_ids
     params, frozen = _trainable(cfg, components, objective.needs_reference)
     source = _source(cfg, components, accelerator, objective.batch_kind)

@@ -422,6 +422,22 @@ def test_an_accelerate_config_given_as_the_run_config_says_where_it_goes():
         load_config(REPO_ROOT / "configs/accelerate/fsdp.yaml")
 
 
+def test_sdxl_below_its_native_resolution_is_noted(capsys):
+    from t2i_align.build import _note_resolution
+    from t2i_align.models import SD15, SDXL
+
+    class Acc:
+        def print(self, *args, **kwargs):
+            print(*args, **kwargs)
+
+    _note_resolution(load_config(None, ["model.pretrained=/models/sdxl"]), SDXL, Acc())
+    assert "note: data.resolution=512 is below sdxl's native 1024 px" in capsys.readouterr().err
+    for overrides, spec in ((["data.resolution=1024"], SDXL), (["model.pretrained=/models/sdxl-turbo"], SDXL),
+                            ([], SD15)):
+        _note_resolution(load_config(None, overrides), spec, Acc())
+    assert capsys.readouterr().err == ""
+
+
 def test_a_warm_up_as_long_as_the_run_is_noted(capsys):
     """The LR never reached its peak, silently; told, not refused (a smoke run of a recipe does it on purpose)."""
     from t2i_align.build import _note_warm_up
