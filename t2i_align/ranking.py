@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Dict, List, Tuple
 
 import torch
@@ -30,8 +31,10 @@ class Selection:
 def _num_kept(candidates: int, top_fraction: float) -> int:
     if not 0.0 < top_fraction <= 1.0:
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-    # Round half up (Python's round() would send 2.5 to 2); never fewer than one.
-    return min(candidates, max(1, math.floor(top_fraction * candidates + 0.5))) if candidates else 0
+    # Round half up (Python's round() would send 2.5 to 2), in exact decimal: 0.7 x 45 is 31.499999... in floats
+    # and rounded down; never fewer than one.
+    kept = math.floor(Fraction(str(top_fraction)) * candidates + Fraction(1, 2))
+    return min(candidates, max(1, kept)) if candidates else 0
 
 
 def _check_table(scores: torch.Tensor, min_k: int) -> torch.Tensor:

@@ -153,6 +153,8 @@ class SnapshotPool(BaseReference):
         return [name for name, p in self.unet.named_parameters() if p.requires_grad]
 
     def _take(self, step: int) -> None:
+        if step > 0 and self.pool_size == 1:  # the pool is the initial model alone: a snapshot would leave at once
+            return
         if self.adapters:
             params = dict(self.unet.named_parameters())
             self.tensors[step] = {n: params[n].detach().clone() for n in self._adapter_names()}
@@ -173,8 +175,11 @@ class SnapshotPool(BaseReference):
         keep = set(self.steps)
         checkpoints = self.output_dir / "checkpoints"
         for state in checkpoints.glob("*/" + _STATE_FILE):
-            keep.update(listed(state))
+            if not state.parent.name.startswith("."):  # a .step-N.tmp a stopped save left is no checkpoint
+                keep.update(listed(state))
         for state in checkpoints.glob("abandoned-*/*/" + _STATE_FILE):
+            if state.parent.name.startswith("."):
+                continue
             until = int(re.search(r"-from-step-(\d+)", state.parent.parent.name).group(1))  # not a -2 suffix
             keep.update(s for s in listed(state) if s <= until)
         resumed = self.resume_from / _STATE_FILE if self.resume_from is not None else None

@@ -9,6 +9,7 @@ import torch
 from helpers import one_torch_thread  # noqa: F401
 from reward_models.base import Reward, register
 from t2i_align.config import ConfigError, load_config
+from t2i_align.data.online import EmptyRoundError
 from t2i_align.loop import train
 
 FAST = ["raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=1", "raft.sample_steps=2", "train.max_steps=2",
@@ -132,8 +133,28 @@ def test_non_finite_rewards_are_dropped_and_counted(tmp_path):
     rows = _metrics(tmp_path / "r")
     assert rows[0]["raft/nonfinite_dropped"] == 4  # one of the two images of each of 4 prompts
     assert rows[-1]["raft/nonfinite_dropped_total"] == 8
-    with pytest.raises(RuntimeError, match="no image with a finite score"):
+    with pytest.raises(EmptyRoundError, match="no image with a finite score"):  # an `error:` line, no traceback
         _run("configs/toy/raft.yaml", tmp_path / "n", "raft.reward=test-all-nan")
+
+
+def test_nan_images_are_never_picked_even_when_the_reward_scores_them(tmp_path, monkeypatch):
+    """The toy judge scores a NaN image as a black one (finite): online DPO took it as the loser, and its NaN
+    latents made every step that trained on the pair non-finite."""
+    import t2i_align.data.online as online
+
+    original = online.OnlineSource._sample
+
+    def last_nan(self, prompts, seeds):
+        samples = original(self, prompts, seeds)  # the round in one chunk here: prompt-major, K = 3 each
+        samples.images[2::3] = float("nan")
+        return samples
+
+    monkeypatch.setattr(online.OnlineSource, "_sample", last_nan)
+    _run("configs/toy/online_dpo.yaml", tmp_path / "o", "raft.reencode=true", "raft.k=3")
+    assert [r["raft/nonfinite_dropped"] for r in _metrics(tmp_path / "o")] == [4, 4]
+    rounds = [json.loads(s) for s in (tmp_path / "o" / "raft_rounds.jsonl").read_text().splitlines()]
+    assert all(row[2] is None and None not in row[:2] for r in rounds for row in r["scores"])
+    assert all(2 not in pick[1:] for r in rounds for pick in r["selected"])
 
 
 def test_bad_raft_settings_fail_clearly(tmp_path):
@@ -149,7 +170,7 @@ def test_bad_raft_settings_fail_clearly(tmp_path):
         load_config(None, ["raft.enabled=true"])
     with pytest.raises(ConfigError, match="only online DPO"):
         _run("configs/toy/raft.yaml", tmp_path / "e", "raft.min_gap=0.1")
-    with pytest.raises(RuntimeError, match="no pair with a reward gap > 5.0"):  # the judge's gaps are at most 1
+    with pytest.raises(EmptyRoundError, match="no pair with a reward gap > 5.0"):  # the judge's gaps are at most 1
         _run("configs/toy/online_dpo.yaml", tmp_path / "f", "raft.min_gap=5")
     for setting, expected in (("raft.k=100", "less than 100"), ("raft.prompts_per_round=10001", "at most 10000"),
                               ("raft.min_gap=-1", "a number >= 0")):

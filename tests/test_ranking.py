@@ -26,6 +26,14 @@ def test_best_of_k_then_global_top_fraction():
     assert select_best_of_k(SCORES, top_fraction=0.01).picks == [(0, 1)]  # never fewer than one
 
 
+def test_half_a_prompt_rounds_up_where_floats_fall_short():
+    """0.7 x 45 is 31.499999... in floats: 31 prompts were kept, not 32 (13 such cases for fractions 0.01-1.00)."""
+    from t2i_align.ranking import _num_kept
+
+    assert [_num_kept(45, 0.7), _num_kept(25, 0.58), _num_kept(50, 0.29)] == [32, 15, 15]
+    assert [_num_kept(45, 0.69), _num_kept(0, 0.5), _num_kept(3, 1.0)] == [31, 0, 3]
+
+
 def test_best_of_k_skips_prompts_without_a_finite_score():
     sel = select_best_of_k(torch.tensor([[NAN, float("inf")], [0.5, 0.2]]))
     assert sel.picks == [(1, 0)]

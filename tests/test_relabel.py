@@ -84,6 +84,20 @@ def test_pairs_people_did_not_decide_can_be_relabelled_too(pairs, tmp_path, caps
     assert (rows[7]["human_label_0"], rows[7]["label_0"], rows[7]["has_label"]) == (None, 0.0, True)
 
 
+def test_a_has_label_column_of_0_1_ints_is_written_as_bool(tmp_path, capsys):
+    """label_problem reads 0/1 has_label; writing True into the input's int64 column failed after the scoring."""
+    folder = tmp_path / "ints"
+    folder.mkdir()
+    import pyarrow as pa
+
+    rows = [{**r, "has_label": int(r["has_label"])} for r in _rows()]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")  # has_label inferred as int64
+    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", tmp_path / "ai",
+                                "--all-pairs")
+    assert code == 0 and summary["written"] == 6
+    assert {r["has_label"] for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist()} == {True}
+
+
 def test_an_earlier_output_is_kept_unless_resumed_or_overwritten(pairs, tmp_path, capsys):
     """--resume keeps a finished file made the same way and counts it; one made with another reward (or from
     another source) is refused; a file without its record (the run stopped before writing it) is redone."""

@@ -220,11 +220,35 @@ def test_a_set_aside_checkpoint_keeps_its_snapshots_up_to_the_step_resumed_from(
     aside = tmp_path / "run" / "checkpoints" / "abandoned-20261201-000000-from-step-1" / "step-2"
     aside.mkdir(parents=True)
     (aside / "reference_pool.json").write_text(json.dumps({"steps": [0, 1, 2]}))
+    # a save stopped inside save_extra (a full disk) left a torn listing in its hidden temp folder: it blocked every
+    # start and resume (JSONDecodeError), and a whole one kept its snapshots alive; it is no checkpoint
+    torn = tmp_path / "run" / "checkpoints" / ".step-9.tmp"
+    torn.mkdir()
+    (torn / "reference_pool.json").write_text('{"steps": [0, 1, 2, 3')
     pool = SnapshotPool(comp.unet, comp, False, frozen_reference(comp.unet, torch.float32), snapshot_every=1,
                         pool_size=2, draw="random", seed=0, output_dir=tmp_path / "run")
     for step in (1, 2, 3):  # the pool holds [0, 3] at the end
         pool.after_step(step)
     assert sorted(p.name for p in pool.pool_dir.iterdir()) == [f"step-{s}.safetensors" for s in (0, 1, 3)]
+
+
+def test_a_pool_of_one_takes_no_snapshot_after_the_initial_one(tmp_path, monkeypatch):
+    """pool_size 1 keeps the initial model alone: each snapshot was gathered, written and deleted at once."""
+    from t2i_align.adapters import frozen_reference
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    written = []
+    original = SnapshotPool._write_full
+    monkeypatch.setattr(SnapshotPool, "_write_full", lambda self, step: written.append(step) or original(self, step))
+    pool = SnapshotPool(comp.unet, comp, False, frozen_reference(comp.unet, torch.float32), snapshot_every=1,
+                        pool_size=1, draw="random", seed=0, output_dir=tmp_path / "run")
+    for step in (1, 2, 3):
+        pool.after_step(step)
+    assert written == [0] and pool.steps == [0]
+    assert [p.name for p in pool.pool_dir.iterdir()] == ["step-0.safetensors"]
 
 
 @pytest.fixture(scope="module")

@@ -196,6 +196,15 @@ def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 6" in capsys.readouterr().err
 
 
+def test_a_transformers_too_old_is_a_user_error(tmp_path, monkeypatch):
+    """It was an ImportError, which `users embed` does not catch: a traceback instead of its `error:` line."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.50.0")
+    with pytest.raises(UserError, match=r"need transformers >= 4.53 \(installed: 4.50.0\)"):
+        LlavaUserEncoder.from_pretrained(str(tmp_path))
+
+
 def _with_user_ids(path, ids):
     """The pair file with its user_id column replaced by `ids` (of another type than Pick-a-Pic's int64)."""
     import pyarrow as pa

@@ -25,6 +25,7 @@ import torch
 
 from ..config import ConfigError
 from ..engines import autocast, is_fsdp, on_every, on_main, say
+from ..errors import UserError
 from ..files import keep_jsonl
 from ..prompts import read_prompts
 from ..ranking import Selection, diversity_cells, round_metrics, select_best_of_k, select_best_worst
@@ -76,6 +77,10 @@ def check_online_settings(rc, pairs: bool) -> List[str]:
         raise ConfigError(f"raft.min_gap = {rc.min_gap}: only online DPO (objective dpo) makes pairs; RAFT "
                           "(objective sft) keeps the best image of each prompt. Leave raft.min_gap at 0")
     return read_prompts(rc.prompts, "raft.prompts")
+
+
+class EmptyRoundError(UserError, RuntimeError):
+    """A round left nothing to train on (every score non-finite, or no pair with the required gap)."""
 
 
 class OnlineSource:
@@ -208,7 +213,7 @@ class OnlineSource:
             else select_best_of_k(scores, self.rc.top_fraction)
         self._nonfinite_total += selection.dropped_nonfinite
         if not selection.picks:
-            raise RuntimeError(self._empty_message(rnd, scores, selection))
+            raise EmptyRoundError(self._empty_message(rnd, scores, selection))
         latents = self._gather_latents(local, {(p, k) for p, *ks in selection.picks for k in ks}
                                        | set(diversity_cells(*scores.shape)))
         self._metrics = dict(round_metrics(scores, latents, selection), **{
@@ -268,8 +273,13 @@ class OnlineSource:
         scores, latents = [], []
         for i in range(0, len(flat), step):
             samples = self._sample(flat[i:i + step], seeds[i:i + step])
-            scores.append(self.reward(samples.images, flat[i:i + step])[0].detach().float().cpu())
-            latents.append(self._reencode(samples.images) if self.rc.reencode else samples.latents)
+            chunk = self.reward(samples.images, flat[i:i + step])[0].detach().float().cpu()
+            lat = self._reencode(samples.images) if self.rc.reencode else samples.latents
+            # a NaN image (a diverging UNet, an fp16 VAE) scores as a black one with some rewards: never pick it,
+            # its NaN latents would make every step that trains on it non-finite
+            bad = ~(torch.isfinite(samples.images).flatten(1).all(1) & torch.isfinite(lat).flatten(1).all(1))
+            scores.append(chunk.masked_fill(bad.cpu(), float("nan")))
+            latents.append(lat)
         scores = torch.cat(scores).reshape(len(texts), k)
         lat = torch.cat(latents).reshape(len(texts), k, *latents[0].shape[1:])
         # clones: gather_object pickles a view with its whole storage, every row the whole round's scores

@@ -31,8 +31,10 @@ ADDED = (("human_label_0", pa.float64()), ("reward_0", pa.float64()), ("reward_1
 
 
 def output_schema(schema: pa.Schema) -> pa.Schema:
-    """The input's columns, labels as float64 (a tie is 0.5), plus human_label_0, reward_0 and reward_1."""
-    fields = [pa.field(f.name, pa.float64()) if f.name in ("label_0", "label_1") else f
+    """The input's columns, labels as float64 (a tie is 0.5) and has_label as bool (written True; an input may
+    hold 0/1 ints), plus human_label_0, reward_0 and reward_1."""
+    retyped = {"label_0": pa.float64(), "label_1": pa.float64(), "has_label": pa.bool_()}
+    fields = [pa.field(f.name, retyped[f.name]) if f.name in retyped else f
               for f in schema if f.name not in ("reward_0", "reward_1")]
     names = [f.name for f in fields]
     fields += [pa.field("label_0", pa.float64())] if "label_0" not in names else []

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from t2i_align.errors import UserError
+
 NUM_SHOTS_SUPPORTED = (2, 3, 4, 5)
 """The official script has a prompt for 2, 3, 4 and 5 shots (PPD uses 4)."""
 IMAGE_TOKEN = "<image>"
@@ -88,6 +90,10 @@ def pad_to_square(image: Any, fill: Tuple[int, int, int]) -> Image.Image:
     return square
 
 
+class TransformersTooOld(UserError, ImportError):
+    """The installed transformers lacks what PPD's user encoder needs: an `error:` line, not a traceback."""
+
+
 @dataclass(frozen=True)
 class LabelledPair:
     """One shot: a caption with the user's preferred and dispreferred images (PIL or uint8 [H, W, 3]); the toy
@@ -122,7 +128,7 @@ class LlavaUserEncoder:
 
         version = Version(transformers.__version__)
         if version < Version("4.53"):  # its processor's multi-image path (batch_num_images) came in 4.53
-            raise ImportError(f"PPD's user embeddings need transformers >= 4.53 (installed: {version}), whose "
+            raise TransformersTooOld(f"PPD's user embeddings need transformers >= 4.53 (installed: {version}), whose "
                               "LLaVA-OneVision encodes several images of one prompt as PPD does; upgrade it")
         from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
