@@ -166,5 +166,9 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     if len(means) < 2:
         raise ValueError(f"clustered_diff needs at least 2 groups, got {len(means)}")
     wins, losses = sum(m > 0 for m in means), sum(m < 0 for m in means)
+    # each prompt's win rate (ties half, as `win_rate`), their mean with a t interval over the prompts: the
+    # Wilson interval of `win_rate` counts images as independent and is too narrow here
+    rates = [(sum(d > 0 for d in ds) + 0.5 * sum(d == 0 for d in ds)) / len(ds) for ds in members.values()]
     return {**paired_diff(means, [0.0] * len(means), level), "groups": len(means),
-            "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)}}
+            "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)},
+            "win_rate": mean_ci(rates, level)}

@@ -42,6 +42,19 @@ def test_rewards_of_different_models_are_not_compared():
     base = _record([1, 1, 1, 1], [1, 1, 1, 1], [0.1, 0.2, 0.1, 0.4], None)  # older records: the toy CLIP
     base["reward_checkpoint"] = "toy"
     assert "reward" not in compare_records(tuned, base)
+    base["reward_checkpoint"], base["reward_omega"] = "toy-denscore", 1.0  # another ω is another reward
+    assert "reward" not in compare_records(tuned, base)
+
+
+def test_a_nan_reward_drops_its_pair_and_keeps_the_prompts_aligned():
+    """A NaN image's reward parts are NaN: the comparison raised; now the pair is dropped, as compare_scores does."""
+    nan = float("nan")
+    tuned = _record([1, 1, 1, 1], [1, 1, 1, 1], [0.3, nan, 0.2, 0.5], "toy-denscore")
+    base = _record([1, 1, 1, 1], [1, 1, 1, 1], [0.1, 0.2, 0.3, 0.1], "toy-denscore")
+    total = compare_records(tuned, base)["reward"]["total"]
+    # kept: +0.2 (prompt 0), -0.1 and +0.4 (prompt 1): per prompt 0.2 and 0.15
+    assert total["n"] == 3 and total["mean_diff"] == pytest.approx(0.5 / 3)
+    assert total["per_prompt"]["groups"] == 2 and total["per_prompt"]["mean_diff"] == pytest.approx(0.175)
 
 
 def test_records_judged_differently_refuse_to_compare():

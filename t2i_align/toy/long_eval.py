@@ -9,6 +9,7 @@ mean over prompts (falls if a model collapses onto one image per prompt).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..gallery import to_uint8
@@ -69,6 +70,13 @@ def _sign(a: Sequence[float], b: Sequence[float]) -> Dict:
     return {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)}
 
 
+def _finite(tuned: Sequence[float], base: Sequence[float]):
+    """A reward part is NaN for a NaN image: those pairs are dropped, as `compare_scores` does (the judge's 0/1
+    values are always finite)."""
+    keep = [i for i, (t, b) in enumerate(zip(tuned, base)) if math.isfinite(t) and math.isfinite(b)]
+    return [tuned[i] for i in keep], [base[i] for i in keep], keep
+
+
 def compare_records(tuned: Dict, base: Dict, attributes: Optional[Sequence[str]] = None) -> Dict:
     """tuned − base, image by image (both judged on the same prompts and seeds): per attribute and overall the
     paired mean difference (95 % t-interval, t-test p) and the sign test on images where they differ, and under
@@ -79,14 +87,15 @@ def compare_records(tuned: Dict, base: Dict, attributes: Optional[Sequence[str]]
             raise ValueError(f"records differ in {key}: {tuned[key]!r} vs {base[key]!r}; judge both alike")
     groups = [i // tuned["seeds_per_prompt"] for i in range(len(tuned["score"]))]  # prompt-major records
 
-    def both(t, b) -> Dict:
-        return {**paired_diff(t, b), "sign": _sign(t, b), "per_prompt": clustered_diff(t, b, groups)}
+    def both(t, b, keep=None) -> Dict:
+        g = groups if keep is None else [groups[i] for i in keep]
+        return {**paired_diff(t, b), "sign": _sign(t, b), "per_prompt": clustered_diff(t, b, g)}
 
     out = {"overall": both(tuned["score"], base["score"])}
     for a in attributes or ATTRIBUTES:
         out[a] = both(tuned["correct"][a], base["correct"][a])
     out["diversity"] = paired_diff(tuned["diversity"], base["diversity"])
-    if "reward" in tuned and "reward" in base and \
-            tuned.get("reward_checkpoint", "toy") == base.get("reward_checkpoint", "toy"):  # the same reward
-        out["reward"] = {key: both(tuned["reward"][key], base["reward"][key]) for key in tuned["reward"]}
+    same = all(tuned.get(k, d) == base.get(k, d) for k, d in (("reward_checkpoint", "toy"), ("reward_omega", 0.3)))
+    if "reward" in tuned and "reward" in base and same:  # the same reward
+        out["reward"] = {key: both(*_finite(tuned["reward"][key], base["reward"][key])) for key in tuned["reward"]}
     return out
