@@ -172,3 +172,14 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     return {**paired_diff(means, [0.0] * len(means), level), "groups": len(means),
             "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)},
             "win_rate": mean_ci(rates, level)}
+
+
+def holm(p_values: Dict[str, float]) -> Dict[str, float]:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values: the k-th smallest (k = 0..m-1) times m - k,
+    made non-decreasing in that order, capped at 1. Controls the family-wise error over e.g. a table's attributes."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for k, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * p_values[name]))
+        adjusted[name] = running
+    return adjusted

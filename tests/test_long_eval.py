@@ -35,6 +35,8 @@ def test_compare_records_by_hand():
     assert per_prompt["p_value"] == pytest.approx(0.5) and per_prompt["sign"] == {"wins": 1, "losses": 0,
                                                                                   "p_value": 1.0}
     assert out["overall"]["per_prompt"]["mean_diff"] == pytest.approx(0.05)  # (0.2, 0) -> 0.1, (-0.2, 0.2) -> 0
+    # Holm over the attributes: background's 0.5 is the only p below 1, times the 5 attributes: capped at 1
+    assert out["holm_per_prompt"] == {a: 1.0 for a in ATTRIBUTES}
 
 
 def test_rewards_of_different_models_are_not_compared():

@@ -116,6 +116,17 @@ def test_equal_differences_give_no_t_and_the_documented_p():
     assert (same["t"], same["p_value"]) == (0.0, 1.0)
 
 
+def test_holm_by_hand():
+    """p 0.01, 0.04, 0.03, 0.5 (m = 4): sorted 0.01·4 = 0.04, 0.03·3 = 0.09, 0.04·2 = 0.08 -> 0.09 (monotone),
+    0.5·1 = 0.5; a p of 0.4 among two becomes min(1, 0.8)."""
+    from t2i_align.stats import holm
+
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}) == pytest.approx({"a": 0.04, "b": 0.09, "c": 0.09,
+                                                                              "d": 0.5})
+    assert holm({"x": 0.4, "y": 0.6}) == pytest.approx({"x": 0.8, "y": 0.8})
+    assert holm({}) == {}
+
+
 def test_clustered_diff_tests_the_prompts_mean_differences_by_hand():
     """Three prompts, two seeds each: the per-prompt mean differences are 2, 2, 3 (mean 7/3, sd 1/√3, se 1/3), so
     t = 7 with df = 2, whose two-sided p has the closed form 1 − t/√(t² + 2) = 1 − 7/√51; the 95 % interval is

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..gallery import to_uint8
 from ..ranking import diversity
 from ..sampling import generate, prompt_major
-from ..stats import clustered_diff, mean_ci, paired_diff, sign_test_p
+from ..stats import clustered_diff, holm, mean_ci, paired_diff, sign_test_p
 from .evaluate import TOY_GUIDANCE, TOY_STEPS, prompt_set
 from .judge import judge_batch
 from .scenes import ATTRIBUTES, short_caption
@@ -94,6 +94,8 @@ def compare_records(tuned: Dict, base: Dict, attributes: Optional[Sequence[str]]
     out = {"overall": both(tuned["score"], base["score"])}
     for a in attributes or ATTRIBUTES:
         out[a] = both(tuned["correct"][a], base["correct"][a])
+    # the attributes' per-prompt t p-values adjusted for testing them all (they are read as a family in tables)
+    out["holm_per_prompt"] = holm({a: out[a]["per_prompt"]["p_value"] for a in attributes or ATTRIBUTES})
     out["diversity"] = paired_diff(tuned["diversity"], base["diversity"])
     same = all(tuned.get(k, d) == base.get(k, d) for k, d in (("reward_checkpoint", "toy"), ("reward_omega", 0.3)))
     if "reward" in tuned and "reward" in base and same:  # the same reward
