@@ -208,13 +208,13 @@ def plan(folder: Path, data: Path, prompts: Path, tmp: Path, smoke: bool):
         return 2 if smoke else n
     common = [f"model.pretrained={folder}", "tracking.wandb=off", "train.log_every=1", "tracking.validate_every=0",
               f"tracking.validation_prompts=[{PROMPT}]", "tracking.validation_seeds=1",
-              f"tracking.sample_steps={2 if smoke else 10}", "train.checkpoint_every=0"]
+              f"tracking.sample_steps={2 if smoke else 5}", "train.checkpoint_every=0"]  # paths, not quality
     pairs = common + [f"data.path={data}", f"data.resolution={64 if smoke else 512}"]
     lora_dpo = pairs + ["train.batch_size=2", "train.grad_accum=2", f"train.max_steps={steps(10)}",
                         f"train.checkpoint_every={1 if smoke else 5}"]
     online = common + ["raft.enabled=true", f"raft.prompts={prompts}", "raft.k=4", "raft.prompts_per_round=4",
                        f"raft.round_steps={1 if smoke else 3}", f"train.max_steps={steps(6)}",
-                       f"raft.sample_steps={2 if smoke else 10}", "raft.reward=e2e-brightness",
+                       f"raft.sample_steps={2 if smoke else 5}", "raft.reward=e2e-brightness",
                        "lora.enabled=true", "train.batch_size=2", *prec("bf16")]
     return [
         ("1 LoRA DPO fp16", "dpo_lora.yaml", lora_dpo + prec("fp16") + ["data.cache=false"]),

@@ -7,9 +7,12 @@
 #   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~5 min)
 #   on the device, the must-haves first (TOTAL_S 480 s by default; ~8 minutes of the 15 with the start):
 #     run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=540)
-#   then at once, while the machine is warm (it goes back after ~30 s idle), only if `status` leaves time:
-#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run levers gen score score-bf16 \
-#       compile", carry=[".whl"], timeout_s=<TOTAL_S + 50>)      # e.g. TOTAL_S=220, timeout_s=270
+#   then at once, while the machine is warm (it goes back after ~30 s idle), only if `status` leaves time, and
+#   only the parts whose reserves fit TOTAL_S (a part past the deadline is skipped, and so is every one after it;
+#   about 220-240 s are left after the first command: `levers` alone, or `gen score`):
+#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run gen score", carry=[".whl"],
+#       timeout_s=<TOTAL_S + 50>)                                 # e.g. TOTAL_S=220, timeout_s=270
+#   `compile` (reserve 300) needs a session of its own; `levers` and `score-bf16` the next one.
 #   Copy $OUT's JSON to benchmarks/results/; $OUT/session.log holds every part's full log. A part that failed
 #   alone is rerun by naming it: `run rest`.
 #
