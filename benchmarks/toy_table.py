@@ -39,8 +39,17 @@ def _lora_file(path: str) -> Path:
 
 
 def _cache_name(lora: str, seed: int) -> str:
-    digest = "base" if lora == "base" else hashlib.sha256(_lora_file(lora).read_bytes()).hexdigest()[:16]
-    return f"{digest}-seed{seed}.json"
+    """Keyed by what makes the images: the toy base's UNet (a rebuilt base makes other ones), the LoRA and the
+    text encoding recorded beside it, and the seed."""
+    from t2i_align.conditioning.text import TEXT_ENCODING_FILE
+    from t2i_align.toy.assets import pipeline_dir
+
+    h = hashlib.sha256((pipeline_dir() / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    if lora != "base":
+        h.update(_lora_file(lora).read_bytes())
+        encoding = _lora_file(lora).parent / TEXT_ENCODING_FILE
+        h.update(encoding.read_bytes() if encoding.is_file() else b"")
+    return f"{'base-' if lora == 'base' else ''}{h.hexdigest()[:16]}-seed{seed}.json"
 
 
 def judged(lora: str, seed: int, cache: Path) -> Dict:
