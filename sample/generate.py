@@ -20,6 +20,9 @@ from common import (add_model_args, add_sampling_args, add_user_args, check_mode
                     user_choice_from)
 
 
+MADE_BY = "t2i_align_generated.json"
+"""Marks a folder generate.py wrote (metadata.jsonl alone does not: Hugging Face's imagefolder data sets have one)."""
+
 def _sample_into(out: Path, sample, meta: dict) -> int:
     """`sample(on_batch)` run with each batch's PNGs written as it comes (not every image held in memory), then
     metadata.jsonl; the folder published whole at the end. Returns the number of images."""
@@ -37,6 +40,7 @@ def _sample_into(out: Path, sample, meta: dict) -> int:
     with staged_dir(out) as tmp:  # a full disk or a kill leaves no hidden half-written folder behind
         sample(write)
         (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        (tmp / MADE_BY).write_text(json.dumps({"images": len(lines)}) + "\n")  # --overwrite may replace it
     return len(lines)
 
 
@@ -50,7 +54,7 @@ def _check_out(args) -> None:
               "--prompts": None if args.prompts.startswith("toy:") else args.prompts,
               "--user-table": args.user_table, "--user-shots": args.user_shots}
     check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
-                      overwrite=args.overwrite, made_by="metadata.jsonl")
+                      overwrite=args.overwrite, made_by=MADE_BY)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -98,6 +98,14 @@ def save_only_trainable(accelerator) -> None:
 RESUME_HINT = "Resume with the run's own config, or start fresh without train.resume"
 
 
+def _is_mismatch(err: Exception) -> bool:
+    """torch's errors for a state that does not fit: the model's keys or shapes, the optimizer's parameter groups
+    or its state's keys (another optimizer)."""
+    text = str(err)
+    return (type(err) is RuntimeError and text.startswith("Error(s) in loading state_dict")
+            or type(err) is ValueError and "parameter group" in text or type(err) is KeyError)
+
+
 def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_only: bool) -> int:
     """Restore a checkpoint; with `trainable_only` its weights must cover every trainable parameter (a LoRA
     checkpoint with other targets or rank fails here, naming what is missing; FSDP and DeepSpeed checkpoints,
@@ -119,7 +127,7 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
     try:  # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's takes none).
         accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
     except (RuntimeError, ValueError, KeyError) as err:  # torch's own mismatch errors: a traceback of key lists
-        if isinstance(err, torch.OutOfMemoryError):
+        if not _is_mismatch(err):  # a damaged file, a CUDA or NCCL fault: their own error and traceback
             raise
         why = " ".join(str(err).split())[:300]  # one line: torch's lists every missing key on its own line
         raise CheckpointMismatch(f"checkpoint {path} does not fit this run ({type(err).__name__}: {why}): was it "

@@ -148,10 +148,8 @@ def train(cfg: Config) -> TrainResult:
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
     validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
                           base=None if provider is None else provider.base_unet, reward=reward)
-    start, counts = _resume(cfg, accelerator, m.raw_unet, (provider, m.source), tracker, resume,
+    start, counts = _resume(cfg, accelerator, m, (provider, m.source), tracker, resume,
                             _carried(m.components, m.source))
-    if resume is not None:
-        align_lr_schedule(m.lr_sched, start, accelerator.num_processes)
     state = _RunState(objective, provider, m.source, tracker, validator, start, counts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
@@ -214,17 +212,21 @@ def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
     return changed
 
 
-def _resume(cfg: Config, accelerator, raw_unet, parts, tracker, resume, carried) -> tuple:
+def _resume(cfg: Config, accelerator, m: Built, parts, tracker, resume, carried) -> tuple:
     """(step, the loop's counts) to start from: step 0 and zero counts, or what the checkpoint `resume` restored
-    (the raw micro-batches this process read, the run's totals of skipped data and steps; `carried`'s counters
+    (`m`'s weights, optimizer and LR schedule, the schedule moved to this number of processes; the raw micro-batches
+    this process read, the run's totals of skipped data and steps; `carried`'s counters
     set too). `parts` (the reference provider, the data source) reload what they keep beyond weights and data
     position."""
     out = Path(cfg.output_dir)
     counts = dict.fromkeys(COUNTED + ("raw_batches",), 0)
     if resume is None:
         return 0, counts
-    start = load_checkpoint(accelerator, resume, raw_unet, not cfg.full_finetune)
+    start = load_checkpoint(accelerator, resume, m.raw_unet, not cfg.full_finetune)
     marker = read_marker(resume)
+    written_by = marker.get("raw_batches")  # one count per process (older markers: one number)
+    align_lr_schedule(m.lr_sched, len(written_by) if isinstance(written_by, list) else accelerator.num_processes,
+                      accelerator.num_processes)
     counts["raw_batches"] = resume_raw_batches(marker, accelerator.process_index, accelerator.num_processes,
                                                fallback=start * cfg.train.grad_accum)
     for key, total in marker.get("counts", {}).items():  # a sum over processes is the main process's to log
@@ -287,8 +289,10 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one
             accelerator.sync_gradients = sync
-            # backward inside no_sync: FSDP2's no_sync sets a flag its backward reads (DDP's is read in forward)
-            with nullcontext() if sync else accelerator.no_sync(unet):
+            # backward inside no_sync: FSDP2's sets a flag its backward reads (DDP's is read in forward). Not under
+            # FSDP: there it would hold every rank's unsharded gradients across micro-batches (GBs for SDXL), so
+            # each micro-batch's are reduce-scattered as they come, as before this was fixed
+            with nullcontext() if sync or is_fsdp(accelerator) else accelerator.no_sync(unet):
                 with autocast(accelerator):
                     loss, metrics = st.objective.compute_loss(policy, reference, batch, schedule, cfg.objective,
                                                               None)

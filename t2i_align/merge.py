@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .conditioning.text import write_text_encoding
+from .conditioning.text import TEXT_ENCODING_FILE, write_text_encoding
 from .files import check_output_path, check_replaceable_folder, staged_dir
 
 
@@ -34,7 +34,7 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     out = Path(out)
     check_replaceable_folder(out, "--out", "merge_lora.py")
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet), replaces=[out],
-                      overwrite=overwrite, made_by="model_index.json")
+                      overwrite=overwrite, made_by=TEXT_ENCODING_FILE)  # every merge writes it; base models lack it
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant)
     if lora is not None:
         pipe.fuse_lora()

@@ -7,7 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from t2i_align.errors import UserError
 
@@ -58,13 +58,15 @@ def read_index(path: Path, key: str = "model.pretrained") -> dict:
     except ValueError as err:
         raise ModelLoadError(f"{index_file} is not valid JSON ({err}): the folder is damaged; download it again") \
             from None
-    _check_parts(Path(path), index)
     return index
 
 
-def _check_parts(path: Path, index: dict) -> None:
-    """Each component the loop loads has its subfolder, and the models their weights (a partial download)."""
+def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
+    """Each component the loop loads has its subfolder, and the models their weights (a partial download);
+    `skip`: those the run takes from elsewhere (the VAE with model.vae)."""
     for name in _LOADED_PARTS:
+        if name in skip:
+            continue
         entry = index.get(name)
         if not isinstance(entry, list) or not entry or entry[0] is None:
             continue
@@ -115,11 +117,13 @@ def resolve_pretrained(
     variant: Optional[str] = None,
     pipeline: bool = True,
     key: str = "model.pretrained",
+    skip_parts: Sequence[str] = (),
 ) -> Path:
     """Turn model.pretrained ("toy", a local folder or a hub id) into a local folder.
 
     `pipeline=False` resolves a single-model folder (e.g. a separate VAE), which has no model_index.json;
-    `key` is the config field named in error messages.
+    `key` is the config field named in error messages; a local pipeline folder's loaded components are checked
+    but `skip_parts` (`_check_parts`).
     """
     if pretrained == "toy":
         from t2i_align.toy.assets import pipeline_dir
@@ -131,21 +135,24 @@ def resolve_pretrained(
     path = Path(pretrained).expanduser()
     if path.is_dir():
         if pipeline:
-            read_index(path, key)
+            _check_parts(path, read_index(path, key), skip_parts)
         return path
     if path.exists():
         raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}."
                              f"{_single_file_hint(pretrained)}")
     if not _is_hub_id(pretrained):
-        raise ModelLoadError(f"{key}={pretrained!r}: no such folder; {_pass_local(key)}."
+        org = pretrained.split("/")[0]
+        shadowed = (f" (read as a local path, since ./{org} exists; for the hub id, run from another folder)"
+                    if _HUB_ID.match(pretrained) and Path(org).is_dir() else "")
+        raise ModelLoadError(f"{key}={pretrained!r}: no such folder{shadowed}; {_pass_local(key)}."
                              f"{_single_file_hint(pretrained)}")
     return _download(pretrained, revision, variant, pipeline, key)
 
 
-def local_model_folder(pretrained: str) -> Optional[Path]:
+def local_model_folder(pretrained: str, skip_parts: Sequence[str] = ()) -> Optional[Path]:
     """`resolve_pretrained(pretrained)` where it needs no download ("toy", a folder), else None (a hub id)."""
     if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _is_hub_id(pretrained):
         return None
-    return resolve_pretrained(pretrained)
+    return resolve_pretrained(pretrained, skip_parts=skip_parts)
 
 

@@ -203,7 +203,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     """
     from diffusers import DDPMScheduler
 
-    path = resolve_pretrained(cfg.pretrained, cfg.revision, cfg.variant)
+    path = resolve_pretrained(cfg.pretrained, cfg.revision, cfg.variant, skip_parts=("vae",) if cfg.vae else ())
     index, variant = read_index(path), weights_variant(path, cfg.variant)
     spec = model_family(cfg, path)
     dtype = torch_dtype(cfg.weight_dtype)

@@ -57,19 +57,20 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, num_pr
         raise ConfigError(f"train.lr_scheduler={cfg.lr_scheduler!r}: {err}") from err
 
 
-def align_lr_schedule(lr_sched, step: int, num_processes: int) -> None:
-    """After a resume: put the schedule at `step` in this run's units. A schedule restored from a run on another
-    number of processes counted `step` x that number (see `make_lr_scheduler`): from 8 processes to 1 its linear
-    decay had already ended, and the learning rate stayed 0. The learning rate itself is the checkpoint's."""
-    inner = getattr(lr_sched, "scheduler", lr_sched)  # accelerate's wrapper
-    want = step * num_processes
-    if inner.last_epoch == want:
+def align_lr_schedule(lr_sched, old_processes: int, new_processes: int) -> None:
+    """After a resume on another number of processes: the restored schedule counted its steps in the old run's
+    units (see `make_lr_scheduler`: `old_processes` per optimizer step taken; steps skipped as non-finite took
+    none), so from 8 processes to 1 its linear decay had already ended and the rate stayed 0. Rescaled to the new
+    units. The learning rate itself is the checkpoint's (with train.scale_lr, scaled for the old count)."""
+    if old_processes == new_processes:
         return
+    inner = getattr(lr_sched, "scheduler", lr_sched)  # accelerate's wrapper
     if not hasattr(inner, "lr_lambdas"):  # diffusers' schedules are all LambdaLR
-        raise ConfigError(f"the checkpoint's learning-rate schedule is at {inner.last_epoch}, not {want}; resume "
-                          "with the number of processes that wrote it")
-    inner.last_epoch = want
-    lrs = [base * lam(want) for lam, base in zip(inner.lr_lambdas, inner.base_lrs)]
+        raise ConfigError(f"the checkpoint was written by {old_processes} processes, this run has {new_processes}, "
+                          "and its learning-rate schedule cannot be moved to the new count: resume with "
+                          f"{old_processes} processes")
+    inner.last_epoch = inner.last_epoch // old_processes * new_processes
+    lrs = [base * lam(inner.last_epoch) for lam, base in zip(inner.lr_lambdas, inner.base_lrs)]
     for group, lr in zip(inner.optimizer.param_groups, lrs):
         group["lr"] = lr
     inner._last_lr = lrs

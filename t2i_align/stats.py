@@ -168,7 +168,7 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     wins, losses = sum(m > 0 for m in means), sum(m < 0 for m in means)
     # each prompt's win rate (ties half, as `win_rate`), their mean with a t interval over the prompts: the
     # Wilson interval of `win_rate` counts images as independent and is too narrow here
-    rates = [(sum(d > 0 for d in ds) + 0.5 * sum(d == 0 for d in ds)) / len(ds) for ds in members.values()]
+    rates = [(sum(d > tol for d in ds) + 0.5 * sum(abs(d) <= tol for d in ds)) / len(ds) for ds in members.values()]
     return {**paired_diff(means, [0.0] * len(means), level), "groups": len(means),
             "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)},
             "win_rate": mean_ci(rates, level)}
@@ -177,6 +177,8 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
 def holm(p_values: Dict[str, float]) -> Dict[str, float]:
     """Holm's step-down adjustment (Holm 1979) of a family of p-values: the k-th smallest (k = 0..m-1) times m - k,
     made non-decreasing in that order, capped at 1. Controls the family-wise error over e.g. a table's attributes."""
+    if any(not 0.0 <= p <= 1.0 for p in p_values.values()):  # NaN too: it would break the order
+        raise ValueError(f"p-values must be in [0, 1], got {p_values}")
     order = sorted(p_values, key=p_values.get)
     adjusted, running = {}, 0.0
     for k, name in enumerate(order):

@@ -138,6 +138,9 @@ def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):
     run passed them and the run went to the Hub."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
+    with pytest.raises(ModelLoadError, match=r"no such folder \(read as a local path, since \./data exists; for the "
+                                             "hub id, run from another folder"):
+        models.resolve_pretrained("data/sd15")
     for name in ("data/sd15", "models/sd15.safetensors"):
         with pytest.raises(ModelLoadError, match="no such folder"):
             models.resolve_pretrained(name)
@@ -166,7 +169,8 @@ def test_a_partial_pipeline_folder_is_named_before_loading(sd15_dir, tmp_path):
     shutil.copytree(sd15_dir, partial)
     shutil.rmtree(partial / "vae")
     with pytest.raises(ModelLoadError, match="vae component but .*vae is missing"):
-        models.read_index(partial)
+        models.resolve_pretrained(str(partial))
+    assert models.resolve_pretrained(str(partial), skip_parts=("vae",)) == partial  # model.vae given instead
 
 
 def test_an_unreadable_component_is_a_load_error(sd15_dir, tmp_path):

@@ -60,7 +60,7 @@ def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_pa
     assert "--overwrite" in capsys.readouterr().err and (out / "mine.png").read_bytes() == b"user data"
     # --overwrite deleted any folder whole; one generate.py did not write (no metadata.jsonl) is kept
     assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out), "--overwrite", *FAST])) == 2
-    assert "holds files but no metadata.jsonl" in capsys.readouterr().err
+    assert "holds files but no t2i_align_generated.json" in capsys.readouterr().err
     assert (out / "mine.png").read_bytes() == b"user data"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")

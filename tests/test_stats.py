@@ -125,6 +125,8 @@ def test_holm_by_hand():
                                                                               "d": 0.5})
     assert holm({"x": 0.4, "y": 0.6}) == pytest.approx({"x": 0.8, "y": 0.8})
     assert holm({}) == {}
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        holm({"a": float("nan"), "b": 0.1})
 
 
 def test_clustered_diff_tests_the_prompts_mean_differences_by_hand():

@@ -57,7 +57,8 @@ def dry_run(cfg) -> int:
     from t2i_align.objectives import get_objective
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
-    folder = local_model_folder(cfg.model.pretrained)  # its model_index.json only: no weights load
+    # its model_index.json and component folders only: no weights load
+    folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
     if folder is not None:
         model_family(cfg.model, folder)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
