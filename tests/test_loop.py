@@ -302,7 +302,9 @@ def test_a_resume_continues_its_w_and_b_run_and_a_fresh_start_begins_another(tin
     first = (out / "wandb_run_id").read_text().strip()
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(f"-{first}") for name in runs), runs
+    # W&B names a run's folder offline-run-DATE_TIME-ID, with -1 added when both start in the same second
+    named = rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?"
+    assert len(runs) == 2 and all(re.fullmatch(named, name) for name in runs), runs
     train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start: a new W&B run
     again = (out / "wandb_run_id").read_text().strip()
     assert again != first and any((out / "wandb").glob(f"offline-run-*-{again}"))
