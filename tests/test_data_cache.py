@@ -327,11 +327,13 @@ def test_shard_writer_holds_one_shard_buffer_not_the_batches_given(tmp_path):
 
 # ---------------------------------------------------------------- a build split over processes (threads here)
 def _build_together(pairs_path, root, encoders, world=2, shard_size=4):
-    """Each 'process' (a thread) with its own data set and encoders; returns {rank: cache or the error raised}."""
+    """Each 'process' (a thread) with its own data set and encoders; returns {rank: cache or the error raised}.
+    `pairs_path`: one file for all, or one per rank."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(rank, team):
-        ds = PairDataset(pairs_path, resolution=16, crop="random", flip="joint", seed=2)
+        path = pairs_path[rank] if isinstance(pairs_path, list) else pairs_path
+        ds = PairDataset(path, resolution=16, crop="random", flip="joint", seed=2)
         try:
             return build_or_load_cache(ds, encoders[rank].images, encoders[rank].prompts, root, {"model": "fake"},
                                        batch_size=3, shard_size=shard_size, team=team)
@@ -376,6 +378,25 @@ def test_any_number_of_processes_builds_the_one_process_rows_corrupt_ones_and_em
     for i in range(8):
         a, b = alone[i], together[-1][i]
         assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_processes_whose_data_rows_differ_all_stop_before_building(tmp_path):
+    """A copy on another machine with rows missing (or reordered) only warned: each process encoded its slice of
+    its own rows, and the cache paired images with the main process's captions of other rows."""
+    from t2i_align.data.cache import DataMismatch
+
+    rows = [row(caption=f"caption {i}", jpg_0=image_bytes(RED), jpg_1=image_bytes(BLUE), label_0=1.0)
+            for i in range(6)]
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    main_copy = write_pairs(tmp_path / "a" / "pairs.parquet", rows)
+    other_copy = write_pairs(tmp_path / "b" / "pairs.parquet", rows[2:])
+    results = _build_together([main_copy, other_copy], tmp_path / "cache", [FakeEncoders(), FakeEncoders()])
+    assert all(isinstance(r, DataMismatch) and "process 1's data rows differ" in str(r) for r in results), results
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []  # nothing started
+    same_rows = write_pairs(tmp_path / "c" / "pairs.parquet", rows)  # the same rows in another file: one cache
+    together = _build_together([main_copy, same_rows], tmp_path / "cache", [FakeEncoders(), FakeEncoders()])
+    assert together[0].folder == together[1].folder and len(together[0]) == 6
 
 
 def test_a_process_failing_its_share_fails_every_process_and_leaves_nothing(tmp_path, pairs_path):

@@ -43,6 +43,27 @@ def is_flipped(pixels: torch.Tensor) -> bool:
     return bool(pixels[2, :, 0].mean() > pixels[0, :, 0].mean())
 
 
+def test_a_row_group_that_cannot_be_read_stops_rather_than_counting_its_rows_corrupt(tmp_path, monkeypatch):
+    """An I/O error (EIO, a network file system hiccup) made every row of the group an "undecodable" pair, and a
+    cache built then left them out for good."""
+    from t2i_align.data.captions import CaptionDataset
+    from t2i_align.data.images import DataReadError
+
+    path = write_pairs(tmp_path / "p.parquet", [row(caption=f"c{i}") for i in range(3)])
+    (tmp_path / "c").mkdir()
+    caption_file = write_pairs(tmp_path / "c" / "p.parquet", [{"caption": "c", "jpg": image_bytes(RED)}])
+    pairs, captions = PairDataset(path, resolution=16), CaptionDataset(caption_file, resolution=16)
+
+    def eio(self, *args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", eio)
+    for ds in (pairs, captions):
+        with pytest.raises(DataReadError, match=r"p\.parquet: row group 0 could not be read .*Input/output error"):
+            ds[0]
+    assert pairs.stats.corrupt == 0 and captions.stats.bad_images == 0
+
+
 def test_ties_dropped_and_counted_and_losers_swapped(tmp_path, caplog):
     rows = [row(label_0=1.0, has_label=True),
             row(jpg_0=image_bytes(BLUE), jpg_1=image_bytes(RED), label_0=0.0, has_label=True),

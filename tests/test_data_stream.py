@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import t2i_align.data.images as images_module
 import t2i_align.data.pairs as pairs_module
 import t2i_align.data.stream as stream_module
 from t2i_align.data.pairs import PairDataset
@@ -145,6 +146,7 @@ def test_a_shuffled_epoch_reads_the_file_about_once(many_groups, monkeypatch):
     size = many_groups.stat().st_size
     monkeypatch.setattr(stream_module, "pq", CountingParquet)
     monkeypatch.setattr(pairs_module, "pq", CountingParquet)
+    monkeypatch.setattr(images_module, "pq", CountingParquet)  # the random-access reader's row groups
     ds = PairDataset(many_groups, resolution=8)
     source = StreamingPairSource(ds, batch_size=4, seed=0, rank=0, world=1, window=16)
     CountingFile.total = 0

@@ -25,6 +25,7 @@ Multi-process training: every process encodes a share and the main process publi
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import describe, raise_told
-from ..files import plain_modes, temp_dir
+from ..errors import UserError, describe, raise_told
+from ..files import fsync_path, plain_modes, sync_tree, temp_dir
 from .cache_build import SIZE_NAMES, ImageEncoder, PromptEncoder, Team, merge_parts, not_shared, write_part
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .captions import CaptionStats
@@ -68,6 +69,10 @@ def _shard_intact(path: Path, size: Optional[int]) -> bool:
         return False
 
 
+class DataMismatch(UserError, ValueError):
+    """The processes building one cache read different data rows."""
+
+
 def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encode_prompts: PromptEncoder,
                         cache_root: str | Path, key_parts: Mapping[str, Any], batch_size: int = 8,
                         shard_size: int = 1024, team: Optional[Team] = None) -> "CachedPairDataset":
@@ -81,7 +86,7 @@ def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encod
     team = team or Team()
     parts = {"format": CACHE_FORMAT, "data": dataset.identity(), **key_parts}
     key, root = cache_key(parts), Path(cache_root)
-    main_key, tmp = _begin(root, key, team)
+    main_key, tmp = _begin(root, key, team, rows_digest(dataset))
     folder = root / main_key
     if tmp is None:
         logger.info("reusing cache %s", folder)
@@ -92,10 +97,35 @@ def build_or_load_cache(dataset: PairDataset, encode_images: ImageEncoder, encod
     return _open_everywhere(folder, dataset, team)
 
 
-def _begin(root: Path, key: str, team: Team) -> Tuple[str, Optional[str]]:
+def rows_digest(dataset) -> str:
+    """What a process's data holds, whatever its files' paths and times: the rows' count, ids, captions, sides and
+    users, which every process's copy must share (each encodes its slice of the rows by position)."""
+    h = hashlib.sha256(f"{len(dataset)}".encode())
+    h.update(np.asarray(dataset.row_ids, dtype=np.int64).tobytes())
+    for caption in dataset.captions:
+        h.update(caption.encode("utf-8", "surrogatepass") + b"\0")
+    for name in ("_swap", "user_ids"):  # absent or None: captions, pair data without users
+        values = getattr(dataset, name, None)
+        h.update(repr(None if values is None else [str(v) for v in values]).encode())
+    return h.hexdigest()
+
+
+def _check_same_rows(digest: str, team: Team) -> None:
+    """On every process: all stop, saying which process differs, when their data rows do (a copy on another
+    machine with rows missing or reordered encoded its slice against the main process's captions and users)."""
+    digests = team.gather(digest)
+    other = next((rank for rank, d in enumerate(digests) if d != digests[0]), None)
+    if other is not None:
+        raise DataMismatch(f"process {other}'s data rows differ from the main process's (other rows, order, "
+                           "captions or users, not just other file times): every machine must read the same "
+                           "data; copy it whole to each")
+
+
+def _begin(root: Path, key: str, team: Team, dataset_digest: str) -> Tuple[str, Optional[str]]:
     """(the main process's key, a fresh temporary folder to build in, or None when the cache is complete), on every
     process. The main process's key is everyone's: a copy of the data on another machine has other modification
     times, hence another key, but the same rows."""
+    _check_same_rows(dataset_digest, team)
     began, error = None, None
     if team.rank == 0:
         try:
@@ -169,11 +199,13 @@ def _build(dataset, encode_images, encode_prompts, tmp: Path, folder: Path, key:
 
 
 def _publish(tmp: Path, folder: Path, key: str) -> None:
+    sync_tree(tmp)  # on the disk before it is published: a host crash cannot leave a marked cache with empty files
     try:
         os.rename(tmp, folder)
     except OSError:  # another run published the same key first
         if not _is_complete(folder, key):
             raise
+    fsync_path(folder.parent)  # the rename itself (best effort)
 
 
 class CachedPairDataset(torch.utils.data.Dataset):

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, prepare_image
+from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_row_group
 from .pairs import files_identity, find_parquet_files, item_draws, open_parquet
 
 logger = logging.getLogger(__name__)
@@ -139,9 +139,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def _raw(self, index: int) -> Any:
         fi, g, off = (int(v) for v in self._loc[index])
         if self._group_key != (fi, g):
-            if fi not in self._handles:
-                self._handles[fi] = pq.ParquetFile(self.files[fi])
-            self._group = self._handles[fi].read_row_group(g, columns=[self.column[fi]]).column(0)
+            self._group = read_row_group(self._handles, self.files, fi, g, [self.column[fi]]).column(0)
             self._group_key = (fi, g)
         return self._group[off].as_py()
 
@@ -160,8 +158,8 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def decode(self, index: int) -> Optional[Image.Image]:
         """Row `index`'s image as RGB, or None (logged, counted in `stats.bad_images`) if it cannot be used."""
+        raw = self._raw(index)  # a row group that cannot be read stops the run (DataReadError)
         try:
-            raw = self._raw(index)
             if self.column[int(self._loc[index, 0])] == "path":
                 return self._open_path(index, raw)
             return decode_rgb(raw)

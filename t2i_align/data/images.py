@@ -3,11 +3,15 @@ cropped to the training resolution with the SDXL micro-conditioning of where the
 from __future__ import annotations
 
 import io
-from typing import Any, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import UserError
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, Image.DecompressionBombError)
 """What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors)."""
@@ -24,6 +28,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
+
+
+class DataReadError(UserError, OSError):
+    """A parquet row group could not be read: the run stops. Counted as undecodable images, a passing I/O error
+    would drop the group's rows, for good once a cache is built from them."""
+
+
+def read_row_group(handles: Dict[int, Any], files: Sequence[Path], fi: int, group: int, columns: List[str]):
+    """Row group `group` of files[fi] (its ParquetFile kept in `handles`), or DataReadError naming it."""
+    try:
+        if fi not in handles:
+            handles[fi] = pq.ParquetFile(files[fi])
+        return handles[fi].read_row_group(group, columns=columns)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowIOError is an OSError, ArrowInvalid a ValueError
+        raise DataReadError(f"{files[fi]}: row group {group} could not be read ({err}); if the file is damaged, "
+                            "copy it again or leave it out of data.path") from err
 
 
 def decode_rgb(data: Any) -> Image.Image:

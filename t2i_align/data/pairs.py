@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, prepare_image
+from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_row_group
 
 logger = logging.getLogger(__name__)
 
@@ -263,9 +263,7 @@ class PairDataset(torch.utils.data.Dataset):
         """(winner, loser) raw bytes; keeps the last row group's image columns."""
         fi, g = int(self._file[index]), int(self._groupidx[index])
         if self._group_key != (fi, g):
-            if fi not in self._handles:
-                self._handles[fi] = pq.ParquetFile(self.files[fi])
-            table = self._handles[fi].read_row_group(g, columns=["jpg_0", "jpg_1"])
+            table = read_row_group(self._handles, self.files, fi, g, ["jpg_0", "jpg_1"])
             self._group, self._group_key = (table.column("jpg_0"), table.column("jpg_1")), (fi, g)
         off = int(self._offset[index])
         return self.winner_loser(index, self._group[0][off].as_py(), self._group[1][off].as_py())
@@ -277,9 +275,8 @@ class PairDataset(torch.utils.data.Dataset):
     def decode(self, index: int, raw: Optional[Tuple[Any, Any]] = None
                ) -> Optional[Tuple[Image.Image, Image.Image]]:
         """(winner, loser) images of pair `index`, from `raw` = (jpg_0, jpg_1) if given, else read from the file."""
-        side = "jpg_0 and jpg_1"
+        winner, loser = self.image_bytes(index) if raw is None else self.winner_loser(index, *raw)  # read errors stop
         try:
-            winner, loser = self.image_bytes(index) if raw is None else self.winner_loser(index, *raw)
             side = "jpg_1" if self._swap[index] else "jpg_0"  # the winner's column
             first = decode_rgb(winner)
             side = "jpg_0" if self._swap[index] else "jpg_1"
