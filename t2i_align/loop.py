@@ -196,9 +196,6 @@ def _claim_output(cfg: Config, out: Path, resume, log, tracker: Tracker) -> None
     save_config(cfg, out / "config.yaml")
 
 
-LR_KEPT = ("train.learning_rate", "train.scale_lr")  # restored with the optimizer and schedule, as in diffusers
-
-
 def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
     """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
     changed = []
@@ -207,17 +204,17 @@ def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
         if isinstance(old, dict) and isinstance(new, dict):
             changed += _changed_settings(old, new, f"{name}.")
         elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
-            kept = " (not applied: the checkpoint's optimizer keeps its rate)" if name in LR_KEPT else ""
+            lr = name in ("train.learning_rate", "train.scale_lr")  # restored with the optimizer, as in diffusers
+            kept = " (not applied: the checkpoint's optimizer keeps its rate)" if lr else ""
             changed.append(f"{name}: {old!r} -> {new!r}{kept}")
     return changed
 
 
 def _resume(cfg: Config, accelerator, m: Built, parts, tracker, resume, carried) -> tuple:
     """(step, the loop's counts) to start from: step 0 and zero counts, or what the checkpoint `resume` restored
-    (`m`'s weights, optimizer and LR schedule, the schedule moved to this number of processes; the raw micro-batches
-    this process read, the run's totals of skipped data and steps; `carried`'s counters
-    set too). `parts` (the reference provider, the data source) reload what they keep beyond weights and data
-    position."""
+    (`m`'s weights, optimizer and LR schedule, moved to this number of processes; the raw micro-batches this process
+    read, the run's totals of skipped data and steps; `carried`'s counters set too). `parts` (the reference
+    provider, the data source) reload what they keep beyond weights and data position."""
     out = Path(cfg.output_dir)
     counts = dict.fromkeys(COUNTED + ("raw_batches",), 0)
     if resume is None:
@@ -289,9 +286,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one
             accelerator.sync_gradients = sync
-            # backward inside no_sync: FSDP2's sets a flag its backward reads (DDP's is read in forward). Not under
-            # FSDP: there it would hold every rank's unsharded gradients across micro-batches (GBs for SDXL), so
-            # each micro-batch's are reduce-scattered as they come, as before this was fixed
+            # the backward inside no_sync (FSDP2 reads its flag there), but not under FSDP: unsharded gradients held
+            # across micro-batches would cost GBs (SDXL); each micro-batch's are reduce-scattered as they come
             with nullcontext() if sync or is_fsdp(accelerator) else accelerator.no_sync(unet):
                 with autocast(accelerator):
                     loss, metrics = st.objective.compute_loss(policy, reference, batch, schedule, cfg.objective,
