@@ -1,5 +1,7 @@
 """Latent / text-embedding cache: reuse, invalidation, atomic publication, dropout substitution, corrupt rows."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -397,6 +399,30 @@ def test_processes_whose_data_rows_differ_all_stop_before_building(tmp_path):
     same_rows = write_pairs(tmp_path / "c" / "pairs.parquet", rows)  # the same rows in another file: one cache
     together = _build_together([main_copy, same_rows], tmp_path / "cache", [FakeEncoders(), FakeEncoders()])
     assert together[0].folder == together[1].folder and len(together[0]) == 6
+
+
+def test_a_killed_builds_folder_is_removed_by_the_next_build_on_its_machine(tmp_path, pairs_path):
+    """A SIGKILL or OOM kill mid-build left .tmp-KEY-* (near a whole cache's size) for good. This machine's dead
+    process's folder goes; a live process's (a concurrent run) and another machine's stay."""
+    import subprocess
+
+    from t2i_align.data import cache as cache_module
+
+    first = build(PairDataset(pairs_path, resolution=16), FakeEncoders(), tmp_path / "c")
+    key = first.folder.name
+    shutil.rmtree(first.folder)  # the next build is a real one
+    dead = subprocess.Popen(["true"])  # a pid that has exited (our child, reaped)
+    dead.wait()
+    host = cache_module._HOST
+    leftovers = {"dead": tmp_path / "c" / f".tmp-{key}-{host}-{dead.pid}-abc_12",
+                 "alive": tmp_path / "c" / f".tmp-{key}-{host}-{os.getpid()}-xyz",
+                 "other": tmp_path / "c" / f".tmp-{key}-another-host-{dead.pid}-q1"}
+    for path in leftovers.values():
+        path.mkdir()
+    build(PairDataset(pairs_path, resolution=16), FakeEncoders(), tmp_path / "c")
+    assert not leftovers["dead"].exists()
+    assert leftovers["alive"].is_dir() and leftovers["other"].is_dir()
+    assert (tmp_path / "c" / key).is_dir()
 
 
 def test_a_process_failing_its_share_fails_every_process_and_leaves_nothing(tmp_path, pairs_path):

@@ -29,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -167,7 +169,32 @@ def _start_build(folder: Path, key: str) -> Optional[str]:
         logger.warning("cache %s is incomplete (no marker, or a shard missing or of another size): rebuilding", folder)
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return str(temp_dir(folder.parent, f".tmp-{key}-"))
+    _remove_dead_builds(folder.parent, key)
+    return str(temp_dir(folder.parent, f".tmp-{key}-{_HOST}-{os.getpid()}-"))
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _remove_dead_builds(root: Path, key: str) -> None:
+    """Build folders of this key left by a killed build (a kill, an out-of-memory kill, Ctrl-C) are near a whole
+    cache's size each: those made on this machine by a process that is gone are removed. Another machine's, or a
+    live process's (a concurrent run), are left alone."""
+    for path in root.glob(f".tmp-{key}-*"):
+        made = re.fullmatch(rf"\.tmp-{re.escape(key)}-(.+)-(\d+)-[a-z0-9_]+", path.name)
+        if made and made.group(1) == _HOST and not _alive(int(made.group(2))):
+            logger.warning("removing %s, the folder of a cache build that was stopped", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _build(dataset, encode_images, encode_prompts, tmp: Path, folder: Path, key: str, parts, team: Team,
