@@ -113,7 +113,7 @@ def _note_resolution(cfg: Config, spec, accelerator) -> None:
     native = spec.default_resolution
     if native > 512 and cfg.data.resolution < native and "turbo" not in cfg.model.pretrained.lower():
         say(accelerator, f"note: data.resolution={cfg.data.resolution} is below {spec.name}'s native "
-            f"{spec.default_resolution} px (configs/{spec.name}/*.yaml set it); this run keeps it as given")
+            f"{native} px (configs/{spec.name}/*.yaml set it); this run keeps it as given")
 
 
 def _note_turbo(cfg: Config, accelerator) -> None:

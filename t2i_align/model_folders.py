@@ -54,11 +54,10 @@ def read_index(path: Path, key: str = "model.pretrained") -> dict:
         raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
                              f"{_pass_local(key)}")
     try:
-        index = json.loads(index_file.read_text())
+        return json.loads(index_file.read_text())
     except ValueError as err:
         raise ModelLoadError(f"{index_file} is not valid JSON ({err}): the folder is damaged; download it again") \
             from None
-    return index
 
 
 def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:

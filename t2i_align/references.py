@@ -174,12 +174,10 @@ class SnapshotPool(BaseReference):
             return [int(s) for s in json.loads(state.read_text())["steps"]]
         keep = set(self.steps)
         checkpoints = self.output_dir / "checkpoints"
-        for state in checkpoints.glob("*/" + _STATE_FILE):
-            if not state.parent.name.startswith("."):  # a .step-N.tmp a stopped save left is no checkpoint
-                keep.update(listed(state))
-        for state in checkpoints.glob("abandoned-*/*/" + _STATE_FILE):
-            if state.parent.name.startswith("."):
-                continue
+        # [!.]: a .step-N.tmp a stopped save left is no checkpoint
+        for state in checkpoints.glob("[!.]*/" + _STATE_FILE):
+            keep.update(listed(state))
+        for state in checkpoints.glob("abandoned-*/[!.]*/" + _STATE_FILE):
             until = int(re.search(r"-from-step-(\d+)", state.parent.parent.name).group(1))  # not a -2 suffix
             keep.update(s for s in listed(state) if s <= until)
         resumed = self.resume_from / _STATE_FILE if self.resume_from is not None else None

@@ -88,8 +88,10 @@ def _suggest(key: str, known: Dict[str, Any], prefix: str) -> List[str]:
     diffusers script's name, else a close spelling in its own section (a fuzzy match would offer model.revision
     for model.resolution)."""
     same_name = [k for k in _all_keys() if k.rpartition(".")[2] == key]
-    if same_name or key in ALIASES:
-        return same_name or [ALIASES[key]]
+    if same_name:
+        return same_name
+    if key in ALIASES:
+        return [ALIASES[key]]
     return [prefix + k for k in difflib.get_close_matches(key, known, n=1)]
 
 
