@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .errors import UserError
-from .files import fsync_path, plain_modes, replace_dir, sync_tree
+from .files import fsync_path, plain_modes, staged_dir, sync_tree
 
 logger = logging.getLogger(__name__)
 MARKER = "t2i_align_checkpoint.json"
@@ -206,28 +206,29 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     user branch, if any, saved beside it rather than inside unet/. `user_table` (PPD) is copied to
     final/user_table.safetensors, so the folder holds everything needed to sample for a user. Adapters record the
     model they trained on (`base_model`: model.pretrained as given, and its folder) for `sampling.warn_other_base`."""
-    out = Path(output_dir) / "final"
-    tmp = Path(output_dir) / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapters:
-        _save_adapters(pipeline, unet, tmp)
-    else:
-        save_full_pipeline(pipeline, unet, tmp)
-    if user_table is not None:
-        from .users.table import USER_TABLE_NAME
-
-        user_table.save(tmp / USER_TABLE_NAME)
-    # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
     from .conditioning.text import write_text_encoding
     from .sampling import pipeline_components, write_base_model
 
+    out = Path(output_dir) / "final"
+    for stale in Path(output_dir).glob(".final.tmp*"):  # a killed export's (a failing one removes its own)
+        shutil.rmtree(stale, ignore_errors=True)
     components = pipeline_components(pipeline)
-    write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
-    if adapters:  # sampling warns when they are applied to another model folder
-        write_base_model(tmp, components.path, base_model)
-    if step is not None:
-        (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
-    return replace_dir(tmp, out)
+    with staged_dir(out) as tmp:
+        if adapters:
+            _save_adapters(pipeline, unet, tmp)
+        else:
+            save_full_pipeline(pipeline, unet, tmp)
+        if user_table is not None:
+            from .users.table import USER_TABLE_NAME
+
+            user_table.save(tmp / USER_TABLE_NAME)
+        # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
+        write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
+        if adapters:  # sampling warns when they are applied to another model folder
+            write_base_model(tmp, components.path, base_model)
+        if step is not None:
+            (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
+    return out
 
 
 def _save_adapters(pipeline, unet, folder: Path) -> None:

@@ -59,17 +59,17 @@ def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, flo
     return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
 
 
-def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int], per_epoch: int = 0):
-    """The next usable micro-batch; a batch whose rows were all corrupt is replaced by the following one, so
-    every process still runs the same number of forward/backward passes. `counts["raw_batches"]` counts every
-    raw batch read (usable or not): a resumed run skips exactly that many (the checkpoint records each
-    process's count: they differ when one process replaced a batch and another did not). `per_epoch`: the
-    source's batches per epoch; a whole epoch of unusable batches in a row stops the run (it looped forever)."""
+def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int], per_epoch: int, rows: int):
+    """The next usable micro-batch; a batch whose `rows` rows were all corrupt is counted and replaced by the next,
+    so every process runs the same number of forward/backward passes. `counts["raw_batches"]` counts every raw batch
+    read: a resumed run skips exactly that many (the checkpoint records each process's count: they differ when one
+    process replaced a batch and another did not). A whole epoch (`per_epoch` batches) unusable stops the run."""
     for _ in itertools.count(1) if per_epoch <= 0 else range(per_epoch + 1):
         raw = next(batches)
         counts["raw_batches"] += 1
         if raw is None:
             counts["data_batches_skipped"] += 1
+            counts["data_rows_skipped"] += rows
             continue
         counts["data_rows_skipped"] += int(raw.get("skipped", 0))
         return builder(components, raw, device)
@@ -281,7 +281,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.begin_step(step)
             reference = st.provider.denoiser()
         for micro in range(tc.grad_accum):
-            batch = _next_batch(batches, builder, components, accelerator.device, counts, per_epoch)
+            batch = _next_batch(batches, builder, components, accelerator.device, counts, per_epoch, tc.batch_size)
             sync = micro == tc.grad_accum - 1
             # DeepSpeed steps its engine inside backward, on the last micro-batch only; elsewhere the flag only
             # gates accelerate's optimizer and scheduler steps, which the loop takes after the last one

@@ -21,7 +21,8 @@ import torch
 from t2i_align.conditioning import segments, text
 from t2i_align.config import ModelConfig
 from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
-from t2i_align.model_folders import ModelLoadError, local_model_folder, read_index, resolve_pretrained  # noqa: F401
+from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, local_model_folder, read_index,  # noqa: F401
+                                     resolve_pretrained)
 from t2i_align.weight_files import weights_variant
 
 
@@ -204,6 +205,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     from diffusers import DDPMScheduler
 
     path = resolve_pretrained(cfg.pretrained, cfg.revision, cfg.variant, skip_parts=("vae",) if cfg.vae else ())
+    check_tuned_folder(path, cfg.text_encoding)
     index, variant = read_index(path), weights_variant(path, cfg.variant)
     spec = model_family(cfg, path)
     dtype = torch_dtype(cfg.weight_dtype)

@@ -158,6 +158,8 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
     last = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["data_batches_skipped"] >= 1
+    # 4 of 8 rows are corrupt; after 4 steps every corrupt row read was counted, in whole batches too
+    assert last["data_rows_skipped"] == last["data_batches_skipped"] >= 1
     # the running totals go on from the checkpoint's (they restarted at 0 before session 21)
     counted = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite")
     lines = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
