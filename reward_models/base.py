@@ -229,14 +229,16 @@ def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
     return out
 
 
-def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic", floor_offset: bool = False
-                       ) -> torch.Tensor:
+def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic", floor_offset: bool = False,
+                       shortest_edge: Optional[int] = None) -> torch.Tensor:
     """torchvision's Resize(size) (shortest side) + CenterCrop(size) as differentiable ops on [B, C, H, W];
     antialiased like PIL when shrinking, not clamped, so gradients reach every pixel. `floor_offset`: the crop
     starts at (n - size) // 2 as transformers' CLIP image processors (PickScore's); torchvision rounds half to
-    even, one pixel further when n - size ≡ 3 (mod 4), e.g. 832 x 1216 -> 224 x 327."""
+    even, one pixel further when n - size ≡ 3 (mod 4), e.g. 832 x 1216 -> 224 x 327. `shortest_edge`: resize the
+    short side to this instead of `size` (a processor resizing to 256 and cropping 224)."""
     h, w = x.shape[-2:]
-    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    edge = size if shortest_edge is None else shortest_edge
+    nh, nw = (edge, int(edge * w / h)) if h <= w else (int(edge * h / w), edge)
     if (nh, nw) != (h, w):
         aa = interpolation in ("bilinear", "bicubic")
         x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=aa,
@@ -303,8 +305,13 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         return {k: v for s in shards for k, v in load_state_dict_file(path.parent / s).items()}
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        state = load_file(str(path))
+
+        try:
+            state = load_file(str(path))
+        except SafetensorError as e:  # a truncated download, or not a safetensors file at all
+            raise CheckpointMismatchError(f"{path} is not a readable .safetensors file ({e}): download it again") from e
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -319,6 +326,15 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def check_tokenizer_vocabulary(tokenizer, what: str, fix: str) -> None:
+    """transformers builds a tokenizer of special tokens only from a folder or cache entry without vocabulary files,
+    without an error: every word of a prompt is then unknown and the scores ignore the prompt."""
+    ids = tokenizer("a photo of a cat", add_special_tokens=False)["input_ids"]
+    if set(ids) <= set(tokenizer.all_special_ids):
+        raise WeightsNotFoundError(f"{what}: the tokenizer has no vocabulary ({len(tokenizer)} tokens, every word "
+                                   f"unknown: its vocabulary files are missing); {fix}")
 
 
 def _listing(title: str, items: List[str], limit: int = 12) -> str:

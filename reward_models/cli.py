@@ -11,9 +11,9 @@ PARQUET (Pick-a-Pic; a file or a folder of *.parquet): jpg_0 and jpg_1 of each r
 OUTPUT: .jsonl or .csv, written atomically. An unreadable image (or a prompt a reward rejects) gets null scores
   and an `error`, the rest are scored. stdout: summary JSON (per reward mean, std, n, summed info counts such as
   `truncated` prompts; `pairwise`). Progress on stderr (terminals only).
---option NAME.KEY=VALUE (repeatable; int/float/true/false/none parsed), e.g. --option clip.arch=ViT-B-32
-  --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16 --option clip.batch_size=8
-  (a reward may split each batch further). --device goes to every reward that takes one.
+--option NAME.KEY=VALUE (repeatable; int/float/true/false/none parsed, not for text or path options), e.g.
+  --option clip.arch=ViT-B-32 --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16
+  --option clip.batch_size=8 (a reward may split each batch further). --device goes to every reward that takes one.
 Exit code 2 and `error: ...` for user errors: unknown reward/option, bad syntax, missing weights (names the file
   expected and its source), missing parquet columns, prompt count mismatch.
 """
@@ -30,13 +30,14 @@ import os
 import re
 import statistics
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from t2i_align.data.images import DECODE_ERRORS, decode_rgb
+from t2i_align.data.images import DECODE_ERRORS, decode_image
 from t2i_align.data.pairs import find_parquet_files, label_problem
 from t2i_align.errors import UserError, run_cli
 from t2i_align.files import check_output_path, temp_file
@@ -59,7 +60,7 @@ class Item(NamedTuple):
     data: Any
 
     def decode(self):
-        return decode_rgb(self.data.read_bytes() if isinstance(self.data, Path) else self.data)
+        return decode_image(self.data.read_bytes() if isinstance(self.data, Path) else self.data)
 
 
 def parse_value(text: str) -> Any:
@@ -67,6 +68,20 @@ def parse_value(text: str) -> Any:
         with contextlib.suppress(ValueError):
             return kind(text)
     return {"true": True, "false": False, "none": None, "null": None}.get(text.strip().lower(), text)
+
+
+def typed_value(name: str, key: str, text: str) -> Any:
+    """`parse_value`, but text stays text for an option typed as text or a path (`clip.checkpoint=2024`,
+    `hpsv2.version=2.1`): numbers are parsed only where the reward's constructor can take one."""
+    value = parse_value(text)
+    if not isinstance(value, (bool, int, float)) or name not in available_rewards():
+        return value
+    try:
+        hint = str(typing.get_type_hints(_REGISTRY[name].__init__).get(key, ""))
+    except (NameError, TypeError):  # an annotation that does not resolve: parsed as before
+        return value
+    textual = re.search(r"\bstr\b|Path", hint) and not re.search(r"\b(bool|int|float)\b", hint)
+    return text if textual else value
 
 
 def parse_options(specs: Iterable[str], names: List[str]) -> Dict[str, Dict[str, Any]]:
@@ -78,7 +93,7 @@ def parse_options(specs: Iterable[str], names: List[str]) -> Dict[str, Dict[str,
         name, key, value = m.groups()
         if name not in options:
             raise UsageError(f"--option {spec!r} is for reward {name!r}, which is not in --reward {','.join(names)}")
-        options[name][key] = parse_value(value)
+        options[name][key] = typed_value(name, key, value)
     return options
 
 
@@ -111,8 +126,10 @@ def _read_table(path: Path) -> List[Tuple[str, str]]:
     """(file, prompt) rows from a .csv with a header or a .jsonl of objects."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
-        rows: List[Any] = (list(csv.DictReader(lines)) if path.suffix.lower() == ".csv"
-                           else [json.loads(s) for s in lines if s.strip()])
+        if path.suffix.lower() == ".csv":
+            rows: List[Any] = list(csv.DictReader(lines))
+        else:
+            rows = [_json_line(path, number, s) for number, s in enumerate(lines, 1) if s.strip()]
     except ValueError as e:
         raise UsageError(f"cannot read {path}: {e}") from e
     for i, r in enumerate(rows):
@@ -120,6 +137,20 @@ def _read_table(path: Path) -> List[Tuple[str, str]]:
             raise UsageError(f"{path} row {i + 1}: expected fields 'file' and 'prompt', found "
                              f"{list(r) if isinstance(r, dict) else type(r).__name__}")
     return [(str(r["file"]), "" if r["prompt"] is None else str(r["prompt"])) for r in rows]
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as e:  # json's own position is within the line
+        raise UsageError(f"{path} line {number} is not JSON ({e}): one object per line") from None
+
+
+def _inside(folder: Path, root: Path, name: str) -> bool:
+    try:
+        return not Path(name).is_absolute() and (folder / name).resolve().is_relative_to(root)
+    except (ValueError, OSError):  # a NUL byte in the name, a loop of links
+        return False
 
 
 def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
@@ -141,9 +172,9 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
                              f"({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
         table = list(zip(files, lines))
     root = folder.resolve()
-    outside = [n for n, _ in table if Path(n).is_absolute() or not (folder / n).resolve().is_relative_to(root)]
+    outside = [n for n, _ in table if not _inside(folder, root, n)]
     if outside:
-        raise UsageError(f"{outside[:3]} resolve outside the image folder {root}")
+        raise UsageError(f"{outside[:3]} resolve outside the image folder {root} (or are not valid file names)")
     return [Item({"file": name}, p, folder / name) for name, p in table]
 
 
@@ -183,6 +214,7 @@ def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: i
     `rows` (given): the list the rows of each finished batch are appended to, kept by a caller when a later batch
     fails."""
     rows, counts, it = [] if rows is None else rows, {name: {} for name in rewards}, iter(items)
+    alone = {name: 0 for name in rewards}  # images in a row that failed one at a time (batches of one)
     while batch := list(itertools.islice(it, max(1, batch_size))):
         images, ok, done = [], [], []
         for item in batch:
@@ -194,17 +226,26 @@ def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: i
                 row["error"] = f"unreadable image: {type(e).__name__}: {e}"
             done.append(row)
         for name, reward in rewards.items():
-            _apply(name, reward, images, [r["prompt"] for r in ok], ok, counts[name])
+            failed = _apply(name, reward, images, [r["prompt"] for r in ok], ok, counts[name])
+            alone[name] = alone[name] + 1 if isinstance(failed, RuntimeError) else 0
+            if alone[name] >= LONE_FAILURES:  # with --batch-size 1 no batch shows that every image fails
+                raise failed
         rows.extend(done)
         on_batch(batch)
     return rows, counts
 
 
-def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: List[dict], counts: dict) -> None:
+LONE_FAILURES = 8
+"""Batches of one image that fail in a row with a RuntimeError before the run stops: the model's error."""
+
+
+def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: List[dict], counts: dict
+           ) -> Optional[Exception]:
     """Scores into `rows`; on a ValueError (toy-judge: not a toy caption) or another RuntimeError than running out
     of memory (an image a model cannot take, e.g. a 1000 x 2 banner) retry one by one and flag the culprits. A
     RuntimeError that every image of the batch meets again alone (a device-side assert, a dtype mismatch) is the
-    model's, not an image's: raised, not flagged on every row of the run."""
+    model's, not an image's: raised, not flagged on every row of the run. Returns the error of a lone image it
+    flagged (the caller counts those in a row: a batch of one cannot tell)."""
     import torch
 
     try:
@@ -214,12 +255,12 @@ def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: Li
     except (ValueError, RuntimeError) as e:
         if len(images) == 1:
             rows[0]["error"] = "; ".join(filter(None, [rows[0].get("error"), f"{name}: {e}"]))
-            return
+            return e
         for i in range(len(images)):
             _apply(name, reward, images[i:i + 1], prompts[i:i + 1], rows[i:i + 1], counts)
         if not isinstance(e, ValueError) and all(row[name] is None for row in rows):
             raise
-        return
+        return None
     # per-batch counts such as `truncated` are summed; per-image lists are not kept
     counts.update({k: counts.get(k, 0) + v for k, v in info.items() if type(v) is int})
     for row, s in zip(rows, scores.detach().float().cpu().tolist()):

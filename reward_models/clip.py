@@ -14,6 +14,7 @@ tag such as "openai" (downloaded by open_clip, so online only).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -156,7 +157,10 @@ def _resize_for(pre: Dict[str, Any]) -> Resize:
     if mode not in ("shortest", "squash"):
         raise RewardSetupError(f"preprocess_cfg resize_mode {mode!r} is not supported: only 'shortest' (resize + "
                                "centre crop) and 'squash'; use a checkpoint whose open_clip config has one of them")
-    return resize_squash if mode == "squash" else resize_center_crop
+    if mode == "squash":
+        return resize_squash
+    edge = pre.get("shortest_edge")  # a transformers processor folder's resize, when it differs from its crop
+    return resize_center_crop if edge is None else partial(resize_center_crop, shortest_edge=edge)
 
 
 def _hf_folder(folder: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .base import Reward, RewardOutput, WeightsNotFoundError, check_image_range, register, resolve_device, \
-    resolve_dtype, to_image_tensors
+from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_image_range, check_tokenizer_vocabulary,
+                   register, resolve_device, resolve_dtype, to_image_tensors)
 from .blip_layout import BlipRewardConfig, BlipRewardModel, load_official_state_dict
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -93,14 +93,15 @@ def load_bert_tokenizer(tokenizer="bert-base-uncased"):
     tokens added as in BLIP's `init_tokenizer`: bos [DEC] and additional special [ENC] (a no-op if present)."""
     from transformers import BertTokenizer, PreTrainedTokenizerBase
 
+    fix = ("pass tokenizer=FOLDER holding the bert-base-uncased vocab.txt (the ImageReward/VP-Score text side), e.g. "
+           "from `huggingface-cli download bert-base-uncased vocab.txt --local-dir FOLDER`")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        try:
-            tokenizer = BertTokenizer.from_pretrained(str(tokenizer))
+        name = str(Path(tokenizer).expanduser()) if Path(tokenizer).expanduser().exists() else str(tokenizer)
+        try:  # a hub name only from the local cache: nothing is downloaded (offline it retried for minutes)
+            tokenizer = BertTokenizer.from_pretrained(name, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise WeightsNotFoundError(
-                f"could not load the BERT tokenizer {str(tokenizer)!r}: pass tokenizer=FOLDER holding the "
-                f"bert-base-uncased vocab.txt (the ImageReward/VP-Score text side), e.g. from `huggingface-cli "
-                f"download bert-base-uncased vocab.txt --local-dir FOLDER`") from err
+            raise WeightsNotFoundError(f"could not load the BERT tokenizer {name!r}: {fix}") from err
+    check_tokenizer_vocabulary(tokenizer, f"BERT tokenizer {getattr(tokenizer, 'name_or_path', '')!r}", fix)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
@@ -133,8 +134,9 @@ class BlipPreferenceReward(Reward):
     default_mean = IMAGEREWARD_MEAN
     default_std = IMAGEREWARD_STD
 
-    def __init__(self, checkpoint=None, tokenizer="bert-base-uncased", config=None, device=None,
-                 dtype="float32", batch_size: int = 16, mean: Optional[float] = None, std: Optional[float] = None):
+    def __init__(self, checkpoint: Optional[PathLike] = None, tokenizer: Union[PathLike, Any] = "bert-base-uncased",
+                 config=None, device=None, dtype="float32", batch_size: int = 16, mean: Optional[float] = None,
+                 std: Optional[float] = None):
         self.config = BlipRewardConfig.coerce(config)
         self.device = resolve_device(device)  # as every reward: None is CUDA where there is one
         self.dtype = resolve_dtype(dtype)

@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .base import PathLike, Reward, RewardOutput, WeightsNotFoundError, load_checked, load_state_dict_file, \
-    register, require_path, resize_center_crop, without_random_init
+from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_tokenizer_vocabulary, load_checked,
+                   load_state_dict_file, register, require_path, resize_center_crop, without_random_init)
 from .clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 
 # transformers name -> open_clip name, inside one transformer block
@@ -130,8 +130,10 @@ def hf_preprocess_cfg(folder: Path, config) -> Dict[str, Any]:
     size = hf_clip_config(config).vision_config.image_size
     path = Path(folder) / "preprocessor_config.json"
     pre = json.loads(path.read_text()) if path.is_file() else {}
-    crop = pre.get("crop_size", size)
-    return {"size": crop.get("height", size) if isinstance(crop, dict) else crop,
+    crop, resize = pre.get("crop_size", size), pre.get("size", None)
+    crop = crop.get("height", size) if isinstance(crop, dict) else crop
+    return {"size": crop, "shortest_edge": resize.get("shortest_edge", crop) if isinstance(resize, dict) else
+            (resize or crop),
             "mean": tuple(pre.get("image_mean", OPENAI_MEAN)), "std": tuple(pre.get("image_std", OPENAI_STD)),
             "interpolation": {2: "bilinear", 3: "bicubic"}.get(pre.get("resample", 3), "bicubic")}
 
@@ -140,8 +142,8 @@ class HFClipEncoder(ClipEncoder):
     """transformers `CLIPModel` + its tokenizer."""
 
     def __init__(self, model, tokenizer, pre: Dict[str, Any], **kw):
-        super().__init__(model, pre["size"], pre["mean"], pre["std"], pre["interpolation"],
-                         resize=partial(resize_center_crop, floor_offset=True), **kw)  # the processor's crop
+        super().__init__(model, pre["size"], pre["mean"], pre["std"], pre["interpolation"], **kw,
+                         resize=partial(resize_center_crop, floor_offset=True, shortest_edge=pre["shortest_edge"]))
         self.tokenizer = tokenizer
         self.context_length = model.config.text_config.max_position_embeddings
 
@@ -175,6 +177,7 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
         tokenizer = AutoTokenizer.from_pretrained(str(proc))
     except (OSError, ValueError, TypeError) as e:
         raise WeightsNotFoundError(f"{what}: no CLIP tokenizer in {proc} ({e}). Expected: {source}") from e
+    check_tokenizer_vocabulary(tokenizer, f"{what} ({proc})", f"expected: {source}")
     pre = hf_preprocess_cfg(proc, config)
     return HFClipEncoder(model, tokenizer, pre, **encoder_options)
 

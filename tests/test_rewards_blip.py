@@ -267,6 +267,12 @@ def test_missing_tokenizer_and_weights_are_weights_errors_and_the_tokenizer_come
             ImageRewardScore(checkpoint=files["ir"][0], tokenizer=str(tmp_path / "no_tok"), config=TINY)
     with pytest.raises(WeightsNotFoundError, match=r"pass checkpoint=PATH.*ImageReward\.pt"):
         ImageRewardScore(tokenizer=files["tok"], config=TINY)
+    # an empty folder (or a hub name not in the cache, offline) gave a tokenizer of special tokens only: every
+    # word [UNK], the scores blind to the prompt; a hub name is never downloaded
+    (tmp_path / "empty_tok").mkdir()
+    for name in (str(tmp_path / "empty_tok"), "no-such-org/no-such-bert"):
+        with pytest.raises(WeightsNotFoundError, match="tokenizer"):
+            ImageRewardScore(checkpoint=files["ir"][0], tokenizer=name, config=TINY)
     with pytest.raises(WeightsNotFoundError, match=r"not found at .*nowhere\.pt"):
         VPScore(checkpoint=tmp_path / "nowhere.pt", tokenizer=files["tok"], config=TINY)
 

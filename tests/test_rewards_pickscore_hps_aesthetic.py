@@ -1,5 +1,6 @@
 """pickscore, hpsv2, aesthetic and the transformers-CLIP <-> open_clip converters, on tiny random models."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from PIL import Image
 
 from reward_models import get_reward
 from reward_models.aesthetic import AestheticHead
-from reward_models.base import CheckpointMismatchError, WeightsNotFoundError, load_checked, preprocess_images
+from reward_models.base import (CheckpointMismatchError, WeightsNotFoundError, load_checked, preprocess_images,
+                               resize_center_crop)
 from reward_models.clip import OPENAI_MEAN, OPENAI_STD
 from reward_models.pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, hf_preprocess_cfg, \
     open_clip_to_hf_clip
@@ -90,6 +92,46 @@ def test_pickscore_crops_where_the_transformers_processor_does(hf_folder):
     theirs = CLIPImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"]
     ours = preprocess_images([image], 32, encoder.mean, encoder.std, torch.device("cpu"), resize=encoder.resize)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_pickscore_resizes_to_the_processors_shortest_edge_before_its_crop(hf_folder, tmp_path):
+    """Only crop_size was read: a processor resizing to 40 and cropping 32 was resized to 32 (another image)."""
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    folder = shutil.copytree(hf_folder[1], tmp_path / "resize40")
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**pre, "size": {"shortest_edge": 40}}))
+    encoder = get_reward("pickscore", model_dir=str(folder), device="cpu").encoder
+    smooth = np.random.default_rng(1).integers(0, 256, (6, 8, 3), dtype=np.uint8)  # PIL and torch resample alike
+    image = Image.fromarray(smooth).resize((61, 48), Image.BICUBIC)
+    theirs = CLIPImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"]
+    ours, cropped_only = (preprocess_images([image], 32, encoder.mean, encoder.std, torch.device("cpu"), resize=r)
+                          for r in (encoder.resize, partial(resize_center_crop, floor_offset=True)))
+    assert (ours - theirs).abs().mean() < 0.02 < (cropped_only - theirs).abs().mean() / 5
+
+
+def test_pickscore_without_tokenizer_files_is_refused_not_blind_to_the_prompt(hf_folder, tmp_path):
+    """transformers built a 2-token tokenizer from a folder holding only config.json and weights: every prompt
+    became the same unknown tokens and PickScore scored the image alone."""
+    import shutil
+
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_folder[1] / name, folder / name)
+    with pytest.raises(WeightsNotFoundError, match="the tokenizer has no vocabulary"):
+        get_reward("pickscore", model_dir=str(folder), device="cpu")
+
+
+def test_a_truncated_safetensors_file_is_a_one_line_error(hf_folder, tmp_path):
+    from reward_models.base import CheckpointMismatchError, load_state_dict_file
+
+    data = (hf_folder[1] / "model.safetensors").read_bytes()
+    (tmp_path / "half.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError, match="half.safetensors is not a readable .safetensors file"):
+        load_state_dict_file(tmp_path / "half.safetensors")
 
 
 def test_pickscore_gradients_and_missing_folder(hf_folder, tmp_path):

@@ -153,6 +153,11 @@ def test_option_values_are_typed():
     assert [parse_value(v) for v in ("3", "0.5", "true", "None", "ViT-B-32")] == [3, 0.5, True, None, "ViT-B-32"]
     assert parse_options(["clip.arch=ViT-B-32", "clip.scale=2.5"], ["clip"]) == {"clip": {"arch": "ViT-B-32",
                                                                                          "scale": 2.5}}
+    # text and path options stay text: a checkpoint named 2024 was the int 2024 (a TypeError), version 2.1 a float
+    parsed = parse_options(["clip.checkpoint=2024", "hpsv2.version=2.1", "imagereward.checkpoint=7",
+                            "clip.batch_size=8", "hpsv2.checkpoint=none"], ["clip", "hpsv2", "imagereward"])
+    assert parsed == {"clip": {"checkpoint": "2024", "batch_size": 8}, "hpsv2": {"version": "2.1", "checkpoint": None},
+                      "imagereward": {"checkpoint": "7"}}
 
 
 def test_installed_console_script(tmp_path):
@@ -202,7 +207,8 @@ def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, caps
 @pytest.mark.parametrize("case, told", [
     ("option-for-another-reward", "--option 'clip.arch=ViT-B-32' is for reward 'clip', which is not in --reward"),
     ("metadata-row-without-file", "metadata.jsonl row 2: expected fields 'file' and 'prompt'"),
-    ("metadata-not-json", "cannot read "),
+    ("metadata-not-json", "metadata.jsonl line 2 is not JSON"),
+    ("file-name-with-a-nul-byte", "are not valid file names"),
     ("prompts-is-a-folder", "is a folder: give a .jsonl, .csv or text file of prompts"),
     ("prompts-missing", "no prompts:"),
     ("images-missing", "nowhere does not exist"),
@@ -229,6 +235,9 @@ def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
         argv["prompts"] = None
     elif case == "metadata-not-json":
         meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"file": \n')
+        argv["prompts"] = None
+    elif case == "file-name-with-a-nul-byte":
+        meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"file": "a\\u0000.png", "prompt": "b"}\n')
         argv["prompts"] = None
     elif case == "prompts-is-a-folder":
         argv["prompts"] = folder
@@ -348,13 +357,48 @@ def test_a_run_stopped_midway_keeps_the_scores_of_its_finished_batches(tmp_path,
     assert "their scores are in" in capsys.readouterr().err
 
 
-def test_a_runtime_error_every_image_meets_alone_is_raised_not_flagged_on_every_row(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", ["4", "1"])
+def test_a_runtime_error_every_image_meets_alone_is_raised_not_flagged_on_every_row(tmp_path, monkeypatch, batch):
     """The model's error (a device-side assert), not an image's: flagging it on every row hid it as a slow run
-    that scored nothing."""
+    that scored nothing; with --batch-size 1 (no batch to compare within) it stops after LONE_FAILURES in a row."""
     def fail(call, prompts):
         raise RuntimeError("CUDA error: device-side assert triggered")
     monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: {"fake": _failing_reward(fail)})
+    monkeypatch.setattr("reward_models.cli.LONE_FAILURES", 3)  # 5 readable images here
     folder = _folder(tmp_path)
     with pytest.raises(RuntimeError, match="device-side assert"):
         main(["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
-              "--out", str(tmp_path / "scores.jsonl"), "--batch-size", "4"])
+              "--out", str(tmp_path / "scores.jsonl"), "--batch-size", batch])
+
+
+def test_lone_image_errors_between_scored_images_are_flagged(tmp_path, capsys, monkeypatch):
+    """With --batch-size 1, images that fail apart from each other are flagged; the run goes on."""
+    odd = {short_caption(SCENES[1]), short_caption(SCENES[3])}
+
+    def fail(call, prompts):
+        if odd & set(prompts):
+            raise RuntimeError("Input and output sizes should be greater than 0")
+    monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: {"fake": _failing_reward(fail)})
+    monkeypatch.setattr("reward_models.cli.LONE_FAILURES", 2)
+    folder, out = _folder(tmp_path), tmp_path / "scores.jsonl"
+    code, _, _ = _run(capsys, "--reward", "fake", "--images", folder, "--prompts", tmp_path / "prompts.txt",
+                      "--out", out, "--batch-size", 1)
+    assert code == 0 and [json.loads(line)["fake"] for line in out.read_text().splitlines()] == \
+        [1.0, None, 1.0, None, 1.0, None]
+
+
+def test_an_image_with_transparency_scores_as_through_the_library(tmp_path, capsys):
+    """The CLI composited transparency on white and turned images by EXIF, unlike the library and the official
+    scorers (PIL's convert("RGB")): another score for the same file."""
+    from reward_models import get_reward
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgba = Image.fromarray(render(SCENES[0])).convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 0).point(lambda _: 40))
+    rgba.save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file": "a.png", "prompt": short_caption(SCENES[0])}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    assert _run(capsys, "--reward", "toy-clip", "--images", folder, "--out", out)[0] == 0
+    direct, _ = get_reward("toy-clip")([Image.open(folder / "a.png")], [short_caption(SCENES[0])])
+    assert json.loads(out.read_text())["toy-clip"] == pytest.approx(direct.item(), abs=1e-5)

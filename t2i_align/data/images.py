@@ -47,6 +47,13 @@ def read_row_group(handles: Dict[int, Any], files: Sequence[Path], fi: int, grou
 
 
 def decode_rgb(data: Any) -> Image.Image:
+    """Training's reading: `decode_image`, turned upright by its EXIF orientation, to RGB (`to_rgb`)."""
+    return to_rgb(ImageOps.exif_transpose(decode_image(data)))
+
+
+def decode_image(data: Any) -> Image.Image:
+    """Image bytes (or an HF `Image` dict) decoded as stored, in their own mode: what the official reward scorers
+    read (`Image.open`, then their own convert("RGB")), so t2i-score gives their scores."""
     if isinstance(data, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
         data = data.get("bytes")
     if isinstance(data, str):
@@ -59,7 +66,7 @@ def decode_rgb(data: Any) -> Image.Image:
     except UnidentifiedImageError:
         raise ValueError(f"not an image format PIL reads (it starts {bytes(data[:8])!r})") from None
     image.load()
-    return to_rgb(ImageOps.exif_transpose(image))
+    return image
 
 
 def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, u_y: float, u_x: float
