@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--project", default="t2i-align")
     args = p.parse_args(argv)
     from t2i_align.evaluation import sample_model, score_samples
-    from t2i_align.files import check_output_path
+    from t2i_align.files import check_output_path, check_replaceable_folder
     from t2i_align.prompts import read_prompts
     from t2i_align.tracking import Tracker
 
@@ -56,7 +56,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora or args.base_text_encoding)):
         raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora / --base-text-encoding with "
                          "--no-base")
-    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite)
+    check_replaceable_folder(Path(args.out) / "gallery", "--out", "gallery.py")
+    # grid.png: every gallery this project writes has one; --overwrite replaced any OUT/gallery, a user's photos too
+    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite,
+                      made_by="grid.png")
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args, len(prompts))
     rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}

@@ -11,6 +11,7 @@ The folder is written whole or not at all; an existing non-empty --out is kept u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,23 @@ def _check_out(args) -> None:
               "--user-table": args.user_table, "--user-shots": args.user_shots}
     check_output_path(out, "--out", folder=True, inputs={k: v for k, v in inputs.items() if v}, replaces=[out],
                       overwrite=args.overwrite, made_by=MADE_BY)
+    added = _added_files(out)
+    if added:
+        from t2i_align.errors import UserError
+
+        raise UserError(f"--out {out} holds files generate.py did not write ({', '.join(added[:3])}), which "
+                         "--overwrite would delete with the folder: move them out or choose another --out")
+
+
+def _added_files(out: Path) -> List[str]:
+    """Files in a folder generate.py wrote that it did not write (a t2i-score --out put inside it)."""
+    if not (out / MADE_BY).is_file():
+        return []
+    ours, listing = {MADE_BY, "metadata.jsonl"}, out / "metadata.jsonl"
+    for line in listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []:
+        with contextlib.suppress(ValueError, AttributeError):  # a torn or edited line: its image counts as added
+            ours.add(json.loads(line).get("file"))
+    return sorted(p.name for p in out.iterdir() if p.name not in ours)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -189,14 +189,18 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
 
 
 def check_replaceable_folder(out: Path, flag: str, tool: str) -> None:
-    """UserError for a folder output that cannot be replaced whole: the current folder or one above it cannot be
-    renamed away (`replace_dir` failed after all the work)."""
+    """UserError for a folder output that cannot be replaced whole: the current folder or one above it, a link or
+    a mount point (a container's volume) cannot be renamed away (`replace_dir` failed after all the work)."""
     from .errors import UserError
 
     cwd = Path.cwd().resolve()
     if out.name in ("", "..") or out.resolve() in (cwd, *cwd.parents):
         raise UserError(f"{flag} {out} is the current folder, one above it or a '..' path, which {tool} cannot "
                         f"replace whole: give a new folder, e.g. {flag} {out / 'samples'}")
+    if out.is_symlink() or os.path.ismount(out):
+        raise UserError(f"{flag} {out} is a {'link' if out.is_symlink() else 'mount point'}, which {tool} cannot "
+                        f"replace whole (it writes a new folder and renames it into place): give a folder inside it, "
+                        f"e.g. {flag} {out / 'samples'}")
 
 
 def check_output_path(path: str | os.PathLike, flag: str, folder: bool,

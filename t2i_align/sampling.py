@@ -289,8 +289,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     PPD's user for a UNet with a user branch (both sides of guidance carry the same user: `pipeline_user_embeds`).
     Out of GPU memory, a batch is retried at half the size, unless `retry_oom` is False: where sampling is
     collective (FSDP), one process retrying alone would pair its weight gathers with other blocks' on the others.
-    `on_batch`: called with each finished batch's Samples, whose images are then not kept (the result's images
-    are empty): thousands of decoded images (38 MB each for SDXL in float32) need not fit in host memory at once.
+    `on_batch`: called with each finished batch's Samples, which are then not kept (the result's latents and
+    images are empty): thousands of decoded images (12.6 MB each for SDXL in float32) need not fit in memory at once.
     Images with NaN pixels (a diverged model, an fp16 VAE overflowing) are counted and warned about.
     """
     if user_tokens is not None and len(user_tokens) != len(prompts):
@@ -318,8 +318,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
             _empty_cache()
             continue
         nan_images += int(img.isnan().flatten(1).any(1).sum())
-        latents.append(lat)
         if on_batch is None:
+            latents.append(lat)
             images.append(img)
         else:
             on_batch(Samples(lat, img, list(prompts[chunk]), [int(s) for s in seeds[chunk]]))
@@ -329,8 +329,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     if nan_images:
         warnings.warn(f"{nan_images} of {len(prompts)} images decoded to NaN pixels (a diverged model, or an fp16 VAE "
                       "overflowing: sample in bf16 or fp32); they come out black and score as NaN")
-    kept = torch.cat(images) if images else torch.empty(0, 3, 0, 0)
-    return Samples(torch.cat(latents), kept, list(prompts), [int(s) for s in seeds])
+    if on_batch is not None:  # what was handed on is not kept (latents: 256 kB per SDXL image, GBs over 10k)
+        return Samples(torch.empty(0), torch.empty(0, 3, 0, 0), list(prompts), [int(s) for s in seeds])
+    return Samples(torch.cat(latents), torch.cat(images), list(prompts), [int(s) for s in seeds])
 
 
 def zeros_for_empty_prompt(components: "Components") -> bool:

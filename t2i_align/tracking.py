@@ -1,7 +1,8 @@
 """Run tracking: metrics.jsonl (always), W&B (online / offline / off, never prompting) and local HTML galleries.
 
-Only the main process writes. W&B "auto" means online when WANDB_API_KEY is set and offline otherwise, so a
-run without credentials never stops at a login prompt; offline runs can be uploaded later with `wandb sync`.
+Only the main process writes. W&B "auto" follows WANDB_MODE when it is set, else means online when WANDB_API_KEY
+is set and offline otherwise, so a run without credentials never stops at a login prompt; offline runs can be
+uploaded later with `wandb sync`.
 A run resumed from its folder's newest checkpoint continues its W&B run (the id kept in `WANDB_ID_FILE`).
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from .gallery import write_gallery
 
 WANDB_MODES = ("auto", "online", "offline", "off")
+PANEL_IMAGES = 100
+"""Images per W&B image panel (W&B keeps the first 108 of a list)."""
 WANDB_ID_FILE = "wandb_run_id"
 """output_dir/WANDB_ID_FILE: the W&B run's id, written once the run owns output_dir."""
 
@@ -23,7 +26,11 @@ WANDB_ID_FILE = "wandb_run_id"
 def resolve_wandb_mode(mode: str) -> str:
     if mode not in WANDB_MODES:
         raise ValueError(f"unknown tracking.wandb={mode!r}; use one of {', '.join(WANDB_MODES)}")
-    if mode == "auto":
+    if mode == "auto":  # W&B's own WANDB_MODE first (an explicit mode is passed to wandb.init, which then wins)
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        env = {"dryrun": "offline", "disabled": "off"}.get(env, env)
+        if env in ("online", "offline", "off"):
+            return env
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
 
@@ -67,8 +74,15 @@ class Tracker:
             import wandb
 
             again = {"id": run_id, "resume": "allow"} if run_id else {}
-            self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
-                                     dir=str(self.output_dir), reinit="finish_previous", **again)
+            try:
+                self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
+                                         dir=str(self.output_dir), reinit="finish_previous", **again)
+            except wandb.errors.CommError as err:  # no network (W&B gives up after about 90 s)
+                from .errors import UserError, one_line
+
+                raise UserError(f"W&B could not reach its server ({one_line(err)[:200]}): log offline (WANDB_MODE="
+                                "offline, tracking.wandb=offline or --wandb offline) and upload later with "
+                                "`wandb sync`") from err
 
     @property
     def wandb_run_dir(self) -> Optional[Path]:
@@ -124,7 +138,10 @@ class Tracker:
             cells = [wandb.Image(im, caption=f"{row['prompt']} | {c}") for im, c in zip(row["images"], captions)]
             table.add_data(row["prompt"], *cells)
             images += cells
-        self._wandb.log({f"{name}/images": images, f"{name}/table": table}, step=step)
+        # W&B shows the first 108 images of a logged list (wandb.Image.MAX_ITEMS): longer galleries in parts
+        parts = {f"{name}/images" + (f"_{i // PANEL_IMAGES + 1}" if i else ""): images[i:i + PANEL_IMAGES]
+                 for i in range(0, len(images), PANEL_IMAGES)}
+        self._wandb.log({**parts, f"{name}/table": table}, step=step)
 
     def finish(self) -> None:
         if self._wandb is not None:

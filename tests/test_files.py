@@ -93,9 +93,14 @@ def test_wandb_auto_is_online_only_with_an_api_key(monkeypatch):
     from t2i_align.tracking import resolve_wandb_mode
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     assert resolve_wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online" and resolve_wandb_mode("off") == "off"
+    # W&B's own WANDB_MODE is followed by auto (it went online with a key, waited 95 s without network, then failed)
+    for env, mode in (("offline", "offline"), ("dryrun", "offline"), ("disabled", "off"), ("online", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        assert resolve_wandb_mode("auto") == mode
     with pytest.raises(ValueError, match="unknown tracking.wandb='on'; use one of"):
         resolve_wandb_mode("on")
 

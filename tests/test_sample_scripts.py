@@ -1,5 +1,6 @@
 """sample/generate.py, sample/compare.py and sample/gallery.py on the toy model (few steps, few prompts)."""
 import importlib.util
+import os
 import json
 import sys
 from pathlib import Path
@@ -268,3 +269,83 @@ def test_compare_refuses_a_batch_direction_before_sampling(monkeypatch, capsys):
             "--option", "decomposed-clip.direction=batch"]
     assert _script("common").run_cli(lambda: _script("compare").main(args)) == 2
     assert "decomposed-clip with direction=batch scores an image against its batch's mean" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_link_or_mount_point_as_out_before_sampling(prompts, tmp_path, monkeypatch, capsys):
+    """The final rename of --out aside fails for both (`Is a directory`, `Device or resource busy`): every image
+    was sampled and then lost."""
+    import os
+
+    import t2i_align.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    run, gen = _script("common").run_cli, _script("generate")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path).endswith("volume"))
+    for out, kind in ((tmp_path / "link", "link"), (tmp_path / "volume", "mount point")):
+        assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out)])) == 2
+        assert f"--out {out} is a {kind}, which generate.py cannot replace whole" in capsys.readouterr().err
+
+
+def test_generate_overwrite_keeps_files_it_did_not_write(prompts, tmp_path, capsys):
+    """A t2i-score output saved inside a generated folder went with it on --overwrite."""
+    run, gen = _script("common").run_cli, _script("generate")
+    out = tmp_path / "samples"
+    gen.main(["--prompts", str(prompts), "--out", str(out), *FAST])
+    (out / "scores.jsonl").write_text("the user's scores\n")
+    assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out), "--overwrite", *FAST])) == 2
+    assert "holds files generate.py did not write (scores.jsonl)" in capsys.readouterr().err
+    assert (out / "scores.jsonl").read_text() == "the user's scores\n"
+    (out / "scores.jsonl").unlink()
+    assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out), "--overwrite", *FAST])) == 0
+
+
+def test_gallery_overwrite_replaces_only_a_gallery(prompts, tmp_path, monkeypatch, capsys):
+    """--overwrite deleted any OUT/gallery folder, a user's photos too."""
+    import t2i_align.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "sample_model", _unsampled)
+    photos = tmp_path / "pics" / "gallery" / "holiday"
+    photos.mkdir(parents=True)
+    (photos / "beach.jpg").write_bytes(b"a photo")
+    run = _script("common").run_cli
+    argv = ["--prompts", str(prompts), "--out", str(tmp_path / "pics"), "--overwrite", *FAST]
+    assert run(lambda: _script("gallery").main(argv)) == 2
+    assert "holds files but no grid.png" in capsys.readouterr().err and (photos / "beach.jpg").is_file()
+
+
+def test_wandb_gallery_panels_hold_at_most_100_images():
+    """W&B keeps the first 108 images of a logged list: a 16-prompt gallery lost its last prompts' images."""
+    import numpy as np
+
+    from t2i_align.tracking import PANEL_IMAGES, Tracker
+
+    logged = {}
+    tracker = Tracker("unused", enabled=False)
+    tracker._wandb = type("Run", (), {"log": lambda self, data, step: logged.update(data)})()
+    rows = [{"prompt": f"p{i}", "images": [np.zeros((8, 8, 3), np.uint8)] * 4} for i in range(40)]
+    tracker._log_wandb_gallery(rows, 0, None, "gallery")
+    sizes = {key: len(value) for key, value in logged.items() if key != "gallery/table"}
+    assert sizes == {"gallery/images": PANEL_IMAGES, "gallery/images_2": 60} and PANEL_IMAGES <= 108
+
+
+def test_a_killed_generate_leaves_no_hidden_folder(prompts, tmp_path):
+    """SIGTERM ended Python without its clean-up: a hidden .samples.tmp-* folder of images stayed for good."""
+    import signal
+    import subprocess
+    import time
+
+    many = tmp_path / "many.txt"
+    many.write_text(prompts.read_text() * 40)
+    proc = subprocess.Popen([sys.executable, str(SAMPLE / "generate.py"), "--prompts", str(many), "--out",
+                             str(tmp_path / "samples"), "--steps", "2", "--batch-size", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".samples.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.txt", "prompts.txt"]
