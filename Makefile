@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m t2i_align.toy demo --out runs/demo
+	$(BIN)/python -m t2i_align.toy demo --out runs/demo --overwrite
 
 # The toy-world method results quoted in README: offline DPO on best-vs-worst-of-8 pairs, RAFT and online DPO,
 # each judged against the base on the 60 held-out prompts x 8 seeds (sample/compare.py), RAFT and online DPO also

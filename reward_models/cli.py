@@ -159,6 +159,9 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
         raise UsageError(f"--prompts {prompts} is a folder: give a .jsonl, .csv or text file of prompts")
     if not prompts.is_file():
         raise UsageError(f"no prompts: {prompts} does not exist (pass --prompts FILE or write FOLDER/metadata.jsonl)")
+    if prompts.suffix.lower() == ".parquet":
+        raise UsageError(f"--prompts {prompts} is a parquet file: score Pick-a-Pic pairs with --images {prompts} "
+                         "(their captions are in it), or give a .txt, .jsonl or .csv file of prompts")
     if prompts.suffix.lower() in (".jsonl", ".csv"):
         table = _read_table(prompts)
     else:
@@ -168,8 +171,9 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
         except UnicodeDecodeError as err:
             raise UsageError(f"{prompts} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         if len(lines) != len(files):
-            raise UsageError(f"{prompts} has {len(lines)} prompt lines but {folder} has {len(files)} image files "
-                             f"({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
+            blank = f", {lines.count('')} of them blank (each an empty prompt here)" if "" in lines else ""
+            raise UsageError(f"{prompts} has {len(lines)} prompt lines{blank} but {folder} has {len(files)} image "
+                             f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
         table = list(zip(files, lines))
     root = folder.resolve()
     outside = [n for n, _ in table if not _inside(folder, root, n)]

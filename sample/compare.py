@@ -9,7 +9,7 @@ per prompt both tests over the prompts (`per_prompt`: the p-values to read), as 
 --prompts may be repeated: one block of results per prompt set. PPD: `--user ID` (repeatable) compares per user,
 one block per prompt set and user ("SET · user ID"); a side whose model has a user branch samples for that user.
 
-    python sample/compare.py --lora runs/toy-ppd/final --prompts users.txt --user 20 --user 21 --reward toy-judge
+    python sample/compare.py --lora runs/toy-ppd/final --prompts users.txt --user 20 --user 21 --reward toy-clip
 """
 from __future__ import annotations
 

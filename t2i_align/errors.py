@@ -49,9 +49,14 @@ def one_line(err: BaseException) -> str:
 
 def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = ()) -> int:
     """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
-    stderr and gives 2. Anything else propagates with its traceback: that is a bug for us to fix."""
+    stderr and gives 2, Ctrl-C one line and 130. Anything else propagates with its traceback: a bug for us to fix."""
     try:
         return main()
+    except KeyboardInterrupt:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said otherwise)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         try:  # the output it failed to write is still buffered: flushing fails again if stdout is the broken pipe
             sys.stdout.flush()

@@ -169,9 +169,10 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     # each prompt's win rate (ties half, as `win_rate`), their mean with a t interval over the prompts: the
     # Wilson interval of `win_rate` counts images as independent and is too narrow here
     rates = [(sum(d > tol for d in ds) + 0.5 * sum(abs(d) <= tol for d in ds)) / len(ds) for ds in members.values()]
+    rate = mean_ci(rates, level)  # a rate's interval within [0, 1] (few prompts gave [-2.68, 3.68])
+    rate.update({k: min(1.0, max(0.0, rate[k])) for k in ("low", "high") if not math.isnan(rate[k])})
     return {**paired_diff(means, [0.0] * len(means), level), "groups": len(means),
-            "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)},
-            "win_rate": mean_ci(rates, level)}
+            "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)}, "win_rate": rate}
 
 
 def holm(p_values: Dict[str, float]) -> Dict[str, float]:

@@ -247,6 +247,13 @@ def test_malformed_override(override):
         load_config(None, [override])
 
 
+def test_a_config_file_given_without_config_is_named():
+    """`train.py configs/toy/dpo.yaml ...` (the flag forgotten) said only "Malformed override"."""
+    with pytest.raises(ConfigError, match="is a config file, not a key=value override: pass it as --config "
+                                          "configs/toy/dpo.yaml"):
+        load_config(None, ["configs/toy/dpo.yaml"])
+
+
 def test_base_file_is_merged_first(tmp_path):
     write(tmp_path, "parent.yaml", "seed: 3\nlora:\n  enabled: true\n  rank: 2\n")
     (tmp_path / "sub").mkdir()

@@ -209,6 +209,8 @@ def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, caps
     ("metadata-row-without-file", "metadata.jsonl row 2: expected fields 'file' and 'prompt'"),
     ("metadata-not-json", "metadata.jsonl line 2 is not JSON"),
     ("file-name-with-a-nul-byte", "are not valid file names"),
+    ("prompts-with-a-trailing-blank-line", "has 7 prompt lines, 1 of them blank (each an empty prompt here)"),
+    ("prompts-a-parquet", "is a parquet file: score Pick-a-Pic pairs with --images"),
     ("prompts-is-a-folder", "is a folder: give a .jsonl, .csv or text file of prompts"),
     ("prompts-missing", "no prompts:"),
     ("images-missing", "nowhere does not exist"),
@@ -239,6 +241,10 @@ def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
     elif case == "file-name-with-a-nul-byte":
         meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"file": "a\\u0000.png", "prompt": "b"}\n')
         argv["prompts"] = None
+    elif case == "prompts-with-a-trailing-blank-line":
+        (tmp_path / "prompts.txt").write_text((tmp_path / "prompts.txt").read_text() + "\n")
+    elif case == "prompts-a-parquet":
+        argv["prompts"] = parquet
     elif case == "prompts-is-a-folder":
         argv["prompts"] = folder
     elif case == "prompts-missing":
@@ -348,9 +354,13 @@ def test_a_run_stopped_midway_keeps_the_scores_of_its_finished_batches(tmp_path,
     monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: {"fake": _failing_reward(fail)})
     folder, out = _folder(tmp_path), tmp_path / "scores.jsonl"
     (tmp_path / "scores.partial.jsonl").write_text("an earlier run's\n")
-    with pytest.raises(type(error)):
-        main(["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
-              "--out", str(out), "--batch-size", "2"])
+    argv = ["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+            "--batch-size", "2"]
+    if stop == "ctrl-c":  # one line and exit code 130, no traceback
+        assert main(argv) == 130
+    else:
+        with pytest.raises(type(error)):
+            main(argv)
     assert not out.exists() and (tmp_path / "scores.partial.jsonl").read_text() == "an earlier run's\n"
     kept = [json.loads(line) for line in (tmp_path / "scores.partial-2.jsonl").read_text().splitlines()]
     assert [r["file"] for r in kept] == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]

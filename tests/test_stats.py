@@ -144,10 +144,14 @@ def test_clustered_diff_tests_the_prompts_mean_differences_by_hand():
     assert out["sign"] == {"wins": 3, "losses": 0, "p_value": 0.25}
     assert out["win_rate"]["mean"] == 1.0 and out["win_rate"]["low"] == out["win_rate"]["high"] == 1.0
     # win rates per prompt (ties half): a 2 of 4 + a tie -> 0.625, b 1.0, c 0.25; mean 0.625, sd 0.375, se
-    # 0.375/√3, half-width 4.302653 · 0.375/√3 = 0.931555
+    # 0.375/√3, half-width 4.302653 · 0.375/√3 = 0.931555: [-0.307, 1.557], clipped to what a rate can be
     rate = clustered_diff([1, 0, 0, 1, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0, 1, 0], list("aaaabbcc"))["win_rate"]
-    assert (rate["mean"], rate["n"]) == (0.625, 3)
-    assert (rate["low"], rate["high"]) == pytest.approx((0.625 - 0.931555, 0.625 + 0.931555), abs=1e-5)
+    assert (rate["mean"], rate["n"], rate["std"]) == (0.625, 3, pytest.approx(0.375))
+    assert (rate["low"], rate["high"]) == (0.0, 1.0)
+    # five prompts' rates 0, 0.5, 0.5, 0.5, 1: mean 0.5, sd 0.353553, half-width 2.776445 · 0.353553 / √5 = 0.438993
+    tuned5 = [0, 0, 1, 0, 1, 0, 1, 0, 1, 1]
+    rate = clustered_diff(tuned5, [1 - x for x in tuned5], list("aabbccddee"))["win_rate"]
+    assert (rate["low"], rate["high"]) == pytest.approx((0.5 - 0.438993, 0.5 + 0.438993), abs=1e-5)
     per_image = paired_diff(tuned, base)
     assert per_image["t"] == pytest.approx(14 / 6 / math.sqrt(34 / 15 / 6)) and per_image["p_value"] < 0.013
     with pytest.raises(ValueError, match="one group per pair"):

@@ -47,16 +47,16 @@ def test_out_of_memory_halves_the_batch_unless_sampling_is_collective(toy_pipe, 
 
 
 def test_batches_handed_on_are_the_images_not_kept(toy_pipe):
-    """on_batch: each batch's images go to the caller as made, the result keeps none (host memory); they are
-    the images a plain call returns."""
+    """on_batch: each batch's images and latents go to the caller as made, the result keeps none (host memory:
+    the latents alone were GBs over 10k SDXL images); they are what a plain call returns."""
     whole = generate(toy_pipe, ["a red circle", "a blue square"] * 2, [0, 1, 2, 3], num_inference_steps=2,
                      batch_size=3)
     batches = []
     kept = generate(toy_pipe, ["a red circle", "a blue square"] * 2, [0, 1, 2, 3], num_inference_steps=2,
                     batch_size=3, on_batch=batches.append)
-    assert [b.seeds for b in batches] == [[0, 1, 2], [3]] and kept.images.shape[0] == 0
+    assert [b.seeds for b in batches] == [[0, 1, 2], [3]] and kept.images.shape[0] == kept.latents.numel() == 0
     assert torch.equal(torch.cat([b.images for b in batches]), whole.images)
-    assert torch.equal(kept.latents, whole.latents) and kept.prompts == whole.prompts
+    assert torch.equal(torch.cat([b.latents for b in batches]), whole.latents) and kept.prompts == whole.prompts
 
 
 def test_images_decoded_to_nan_are_counted_and_warned_about(toy_pipe, monkeypatch):
@@ -129,6 +129,28 @@ def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monke
     monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled pairs before the config check"))
     assert main(["demo", "--out", str(tmp_path / "demo"), "train.max_stepz=2"]) == 2
     assert "train.max_stepz" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, monkeypatch):
+    """A second demo into the same folder replaced the first one's pairs, gallery and judge.json without a word."""
+    from pathlib import Path
+
+    import t2i_align.toy.demo as demo
+    from t2i_align.toy.__main__ import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled before the output check"))
+    earlier = tmp_path / "demo"
+    (earlier / "pairs").mkdir(parents=True)
+    (earlier / "pairs" / "pairs.parquet").write_bytes(b"the first demo's pairs")
+    assert main(["demo", "--out", str(earlier)]) == 2
+    assert "exists and --out" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a demo")
+    assert main(["demo", "--out", str(mine), "--overwrite"]) == 2
+    assert "holds files but no pairs/pairs.parquet" in capsys.readouterr().err
+    assert (earlier / "pairs" / "pairs.parquet").read_bytes() == b"the first demo's pairs"
 
 
 def test_headline_reads_the_prompt_level_tests_when_there_are_several_seeds():

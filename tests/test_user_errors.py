@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -121,6 +122,14 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "model.family=sdxl but" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", f"model.pretrained={tmp_path}"]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
+    # data of the other kind passed the dry run and stopped the run at its start
+    pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
+    assert _train_script().main([*base, f"data.path={tmp_path / 'captions.parquet'}"]) == 2
+    assert "captions.parquet lacks column(s) ['jpg_0', 'jpg_1', 'label_0']" in capsys.readouterr().err
+    stage1 = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/longalign_stage1.yaml"), f"data.path={pairs}",
+              f"output_dir={tmp_path / 'run'}"]
+    assert _train_script().main(stage1) == 2
+    assert "pairs.parquet is not image-caption data" in capsys.readouterr().err
 
 
 def test_a_validation_reward_that_cannot_read_the_prompts_stops_the_run_before_training(tmp_path):
@@ -459,8 +468,10 @@ def test_ctrl_c_says_where_to_resume(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(loop, "train", interrupted)
     assert script.main([f"output_dir={tmp_path}"]) == 130
-    assert capsys.readouterr().err == f"\nstopped (Ctrl-C). The newest complete checkpoint is {step}: continue with " \
-                                      "train.resume=latest and this output_dir.\n"
+    note, stopped = capsys.readouterr().err.split("\n", 1)  # no --config: a note on the defaults comes first
+    assert note.startswith("note: no --config: the built-in defaults")
+    assert stopped == f"\nstopped (Ctrl-C). The newest complete checkpoint is {step}: continue with " \
+                      "train.resume=latest and this output_dir.\n"
 
 
 def test_a_reader_that_goes_away_ends_a_command_quietly(monkeypatch):

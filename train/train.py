@@ -32,6 +32,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from t2i_align.loop import train
 
         cfg = load_config(args.config, args.overrides)
+        if args.config is None and os.environ.get("RANK", "0") == "0":
+            print("note: no --config: the built-in defaults (t2i_align/config/sections.py: the toy model, a full "
+                  "fine-tune) plus the overrides; pass --config configs/...yaml for a recipe", file=sys.stderr)
         if args.dry_run:
             return dry_run(cfg)
         try:

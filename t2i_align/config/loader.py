@@ -160,6 +160,9 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
 
 def _parse_override(item: str) -> Tuple[str, DictConfig]:
     key, sep, value = item.partition("=")
+    if not sep and item.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(f"{item!r} on the command line is a config file, not a key=value override: pass it as "
+                          f"--config {item}")
     if not sep or not _OVERRIDE_KEY.fullmatch(key):
         raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. "
                           "train.max_steps=100")

@@ -84,11 +84,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             if self.max_items and len(loc) >= self.max_items:
                 break  # the last file filled it (each break below leaves one loop only)
             pf = open_parquet(path)
-            names = pf.schema_arrow.names
-            image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
-            if "caption" not in names or image_col is None:
-                raise ConfigError(f"{path} is not image-caption data: it needs a caption column and a jpg (image "
-                                  f"bytes) or path (image file) column; found {names}")
+            image_col = caption_columns(pf.schema_arrow.names, path)
             self.column.append(image_col)
             for g in range(pf.num_row_groups):
                 captions = pf.read_row_group(g, columns=["caption"]).column("caption").to_pylist()
@@ -183,15 +179,28 @@ class CaptionDataset(torch.utils.data.Dataset):
         return {"pixels": pixels, "caption": caption, "original_size": size, "crop_top_left": crop, "index": index}
 
 
-def caption_files(cfg: Any, root: Optional[str | Path] = None) -> List[Path]:
-    """The parquet files of data.path (data.kind = captions), or a ConfigError saying what to give."""
+def caption_columns(names: List[str], path: Path) -> str:
+    """The image column ("jpg" or "path") of image-caption data with these columns, or a ConfigError."""
+    image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
+    if "caption" not in names or image_col is None:
+        raise ConfigError(f"{path} is not image-caption data: it needs a caption column and a jpg (image "
+                          f"bytes) or path (image file) column; found {names}")
+    return image_col
+
+
+def caption_files(cfg: Any, root: Optional[str | Path] = None, check_columns: bool = False) -> List[Path]:
+    """The parquet files of data.path (data.kind = captions), or a ConfigError saying what to give; with
+    `check_columns`, each file's columns too (its footer only: the dry run's check)."""
     if not cfg.path:
         raise ConfigError("data.path is empty: with data.kind=captions give a parquet file or folder with caption "
                           "and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out DIR)")
     try:
-        return find_parquet_files(cfg.path, root)
+        files = find_parquet_files(cfg.path, root)
     except FileNotFoundError as err:
         raise ConfigError(f"data.path: {err}; give a parquet file or folder of image-caption data") from None
+    for path in files if check_columns else []:
+        caption_columns(open_parquet(path).schema_arrow.names, path)
+    return files
 
 
 def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> CaptionDataset:

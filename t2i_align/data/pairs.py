@@ -87,7 +87,8 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
     if not given.exists():
         raise FileNotFoundError(f"pair data {given} does not exist: set data.path to a Pick-a-Pic-format parquet file "
                                 "or folder (toy world: make it first with python -m t2i_align.toy pairs --out DIR "
-                                "--k 8 --pairing best-worst)")
+                                "--k 8 --pairing best-worst; PPD's toy users' pairs: python benchmarks/toy_ppd.py "
+                                "data)")
     if given.suffix.lower() in (".jsonl", ".csv"):
         raise ConfigError(f"data {given} is a listing, not parquet: {_IMPORT_HINT}")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
@@ -104,7 +105,7 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
     return [f.resolve() for f in files]
 
 
-def _check_columns(names: Sequence[str], path: Path) -> None:
+def check_pair_columns(names: Sequence[str], path: Path) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise ConfigError(f"{path} lacks column(s) {missing}: expected Pick-a-Pic columns {list(REQUIRED_COLUMNS)}"
@@ -180,7 +181,7 @@ class PairDataset(torch.utils.data.Dataset):
         for fi, path in enumerate(self.files):
             pf = open_parquet(path)
             names = pf.schema_arrow.names
-            _check_columns(names, path)
+            check_pair_columns(names, path)
             cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else []) + model_columns(
                 self.both_models_contain, names, path)
             for g in range(pf.num_row_groups):

@@ -19,7 +19,7 @@ from ..engines import say
 from .cache import build_or_load_cache, collate_cached
 from .cache_build import Team
 from .cache_key import components_key_parts
-from .pairs import find_parquet_files, load_pairs, model_columns, open_parquet
+from .pairs import check_pair_columns, find_parquet_files, load_pairs, model_columns, open_parquet
 from .stream import StreamingPairSource
 
 
@@ -138,7 +138,7 @@ def check_data_files(cfg) -> None:
     elif kind == "captions":
         from .captions import caption_files
 
-        caption_files(cfg.data)
+        caption_files(cfg.data, check_columns=True)
     elif kind == "pairs":
         _check_pair_files(cfg)
 
@@ -149,10 +149,9 @@ def _check_pair_files(cfg) -> None:
                           "image pairs: python -m t2i_align.data pairs --from LISTING --out DIR; for the toy world: "
                           "python -m t2i_align.toy pairs --out DIR)")
     files = find_parquet_files(cfg.data.path)
-    if not (cfg.data.both_models_contain or cfg.ppd.enabled):
-        return  # no column to check: no file opened
-    for path in files:
+    for path in files:  # footers only: image-caption data given to a pairs method stopped only at the run's start
         names = open_parquet(path).schema_arrow.names
+        check_pair_columns(names, path)
         model_columns(cfg.data.both_models_contain, names, path)
         if cfg.ppd.enabled and "user_id" not in names:  # found after a whole cache build otherwise
             raise ConfigError(f"ppd.enabled but {path} has no user_id column: PPD needs each pair's user (Pick-a-Pic's "

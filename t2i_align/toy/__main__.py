@@ -103,7 +103,7 @@ def cmd_demo(args) -> dict:
 
     result = run_demo(Path(args.out), seeds_per_prompt=args.seeds, config=Path(args.config),
                       train_overrides=args.overrides, num_pair_prompts=args.num_pair_prompts,
-                      images_per_prompt=args.k)
+                      images_per_prompt=args.k, overwrite=args.overwrite)
     print(headline(result), file=sys.stderr, flush=True)
     return result
 
@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--num-pair-prompts", type=_count, default=0,
                    help="use only the first N training prompts (0: all)")
     d.add_argument("--config", default="configs/toy/demo.yaml")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the DPO config, e.g. train.max_steps=50")
     return p
 
