@@ -158,7 +158,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
 
     def begin() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step-*.tmp"):  # this step's, and a killed write's (GBs of a full state)
+            shutil.rmtree(stale, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
 
     def complete() -> None:

@@ -307,6 +307,25 @@ def test_a_rotation_stopped_halfway_leaves_no_checkpoint_marked_complete(tmp_pat
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]  # step-1 half-deleted is not offered for resume
 
 
+def test_a_killed_checkpoint_writes_folder_goes_with_the_next_checkpoint(tmp_path):
+    """Ctrl-C during a checkpoint left checkpoints/.step-15.tmp (a full state: GBs) until step 15 came again."""
+    import t2i_align.checkpoints as checkpoints
+
+    class Acc:
+        is_main_process, process_index, num_processes, distributed_type = True, 0, 1, "NO"
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, folder, safe_serialization=True):
+            Path(folder).mkdir()
+
+    (tmp_path / "checkpoints" / ".step-15.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".step-15.tmp" / "optimizer.bin").write_bytes(b"half")
+    checkpoints.save_checkpoint(Acc(), tmp_path, 3, 2, [torch.zeros(1)])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3"]
+
+
 def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path, monkeypatch):
     """The folder is named by the second: a second set-aside within it stopped on FileExistsError."""
     from t2i_align.run_dir import set_aside_previous_run
