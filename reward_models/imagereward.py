@@ -97,8 +97,10 @@ def load_bert_tokenizer(tokenizer="bert-base-uncased"):
            "from `huggingface-cli download bert-base-uncased vocab.txt --local-dir FOLDER`")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         name = str(Path(tokenizer).expanduser()) if Path(tokenizer).expanduser().exists() else str(tokenizer)
-        try:  # a hub name only from the local cache: nothing is downloaded (offline it retried for minutes)
-            tokenizer = BertTokenizer.from_pretrained(name, local_files_only=True)
+        from t2i_align.model_folders import _hub_offline
+
+        try:  # HF_HUB_OFFLINE=1: a hub name from the local cache only (offline, it retried for minutes)
+            tokenizer = BertTokenizer.from_pretrained(name, local_files_only=_hub_offline())
         except (OSError, ValueError) as err:
             raise WeightsNotFoundError(f"could not load the BERT tokenizer {name!r}: {fix}") from err
     check_tokenizer_vocabulary(tokenizer, f"BERT tokenizer {getattr(tokenizer, 'name_or_path', '')!r}", fix)

@@ -187,11 +187,8 @@ def add_reward_args(p: argparse.ArgumentParser, default: str = "toy-judge") -> N
 
 
 def run_cli(main: Callable) -> int:
-    """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2 (t2i_align/errors.py).
-    A SIGTERM (`kill`, a scheduler's stop) ends it as an exception would, so its staged output folder is removed
-    (Python's default death left a hidden folder of images behind)."""
-    import signal
-
+    """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2 (t2i_align/errors.py), and a
+    kill (SIGTERM) removes the staged output folder as an exception does."""
     from t2i_align.errors import run_cli as run_reporting_user_errors
 
     from t2i_align.files import finite_json
@@ -200,6 +197,4 @@ def run_cli(main: Callable) -> int:
         print(json.dumps(finite_json(main()), indent=2, default=str, allow_nan=False))
         return 0
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return run_reporting_user_errors(run)

@@ -72,7 +72,10 @@ def _added_files(out: Path) -> List[str]:
     for line in listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []:
         with contextlib.suppress(ValueError, AttributeError):  # a torn or edited line: its image counts as added
             ours.add(json.loads(line).get("file"))
-    return sorted(p.name for p in out.iterdir() if p.name not in ours)
+    # hidden files a file browser or notebook leaves (.DS_Store, .ipynb_checkpoints) and Windows' Thumbs.db are not
+    # the user's work
+    return sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")
+                  and p.name != "Thumbs.db")
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -8,8 +8,11 @@ them, traceback included, for developers.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Callable, Optional, Tuple, Type
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Tuple, Type
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "T2I_ALIGN_DEBUG"
@@ -47,28 +50,54 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
-def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = ()) -> int:
-    """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
-    stderr and gives 2, Ctrl-C one line and 130. Anything else propagates with its traceback: a bug for us to fix."""
+def _quiet_interrupt(hook):
+    """`sys.excepthook` printing no traceback for KeyboardInterrupt; the rest as `hook` does."""
+    def quiet(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            hook(kind, value, traceback)
+    return quiet
+
+
+@contextmanager
+def _sigterm_as_exit(enabled: bool) -> Iterator[None]:
+    """While enabled, a SIGTERM (`kill`, a scheduler's stop) raises SystemExit(143) in the main thread, so `finally`
+    blocks and staged output folders clean up (Python's default death skips them all); the old handler after."""
+    if not enabled or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        return main()
-    except KeyboardInterrupt:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said otherwise)
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        print("\nstopped (Ctrl-C)", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        try:  # the output it failed to write is still buffered: flushing fails again if stdout is the broken pipe
-            sys.stdout.flush()
-        except BrokenPipeError:  # the reader of stdout went away (`t2i-score ... | head`): stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
-            return 1
-        raise  # another pipe (a service's socket): a bug to see in full
-    except user_error_types(also) as err:  # evaluated when an exception arrives, after main's imports
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (), sigterm: bool = True) -> int:
+    """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
+    stderr and gives 2; Ctrl-C prints one line and ends the process by SIGINT, without a traceback. Anything else
+    propagates with its traceback: a bug for us to fix. `sigterm`: a kill cleans up as an exception does
+    (`_sigterm_as_exit`); not for training, whose processes the launcher stops together."""
+    with _sigterm_as_exit(sigterm):
+        try:
+            return main()
+        except KeyboardInterrupt:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said otherwise)
+            if os.environ.get(DEBUG_ENV, "") in ("", "0"):
+                print("\nstopped (Ctrl-C)", file=sys.stderr)
+                sys.excepthook = _quiet_interrupt(sys.excepthook)
+            raise  # Python then dies by SIGINT, as a shell loop expects (an exit code 130 would let it go on)
+        except BrokenPipeError:
+            try:  # the output it failed to write is still buffered: flushing fails again if stdout is the broken pipe
+                sys.stdout.flush()
+            except BrokenPipeError:  # the reader of stdout went away (`t2i-score ... | head`): stop quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+                return 1
+            raise  # another pipe (a service's socket): a bug to see in full
+        except user_error_types(also) as err:  # evaluated when an exception arrives, after main's imports
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
 
 
 def describe(err: Optional[BaseException]) -> Optional[Tuple[bool, str]]:

@@ -226,8 +226,8 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
         if out.resolve() in (held.resolve(), Path(source).resolve()) or out.resolve() in held.resolve().parents:
             raise UserError(f"{flag} {out} is or holds {name} {source}: writing there would delete it; choose "
                             f"another {flag}")
-    for earlier in replaces:
-        if not earlier.exists() or (earlier.is_dir() and not any(earlier.iterdir())):
+    for earlier in replaces:  # a folder of empty folders holds nothing (a demo stopped before its first file)
+        if not earlier.exists() or (earlier.is_dir() and not any(p.is_file() for p in earlier.rglob("*"))):
             continue
         if not overwrite:
             raise UserError(f"{earlier} exists and {flag} {path} would replace it: choose another {flag} or pass "

@@ -77,6 +77,11 @@ class Tracker:
             try:
                 self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
                                          dir=str(self.output_dir), reinit="finish_previous", **again)
+            except wandb.errors.AuthenticationError as err:  # a CommError too: told apart first
+                from .errors import UserError, one_line
+
+                raise UserError(f"W&B refused the API key ({one_line(err)[:200]}): check WANDB_API_KEY or run `wandb "
+                                "login`, or log offline (WANDB_MODE=offline)") from err
             except wandb.errors.CommError as err:  # no network (W&B gives up after about 90 s)
                 from .errors import UserError, one_line
 

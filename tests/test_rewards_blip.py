@@ -270,6 +270,7 @@ def test_missing_tokenizer_and_weights_are_weights_errors_and_the_tokenizer_come
     # an empty folder (or a hub name not in the cache, offline) gave a tokenizer of special tokens only: every
     # word [UNK], the scores blind to the prompt; a hub name is never downloaded
     (tmp_path / "empty_tok").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub name from the cache only: no minutes of retries
     for name in (str(tmp_path / "empty_tok"), "no-such-org/no-such-bert"):
         with pytest.raises(WeightsNotFoundError, match="tokenizer"):
             ImageRewardScore(checkpoint=files["ir"][0], tokenizer=name, config=TINY)

@@ -151,6 +151,15 @@ def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, mon
     assert main(["demo", "--out", str(mine), "--overwrite"]) == 2
     assert "holds files but no pairs/pairs.parquet" in capsys.readouterr().err
     assert (earlier / "pairs" / "pairs.parquet").read_bytes() == b"the first demo's pairs"
+    # a demo stopped while sampling its pairs left an empty pairs/ folder: the next one may go on there
+    stopped = tmp_path / "stopped"
+    (stopped / "pairs").mkdir(parents=True)
+
+    class Reached(Exception):
+        pass
+    monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: (_ for _ in ()).throw(Reached()))
+    with pytest.raises(Reached):
+        main(["demo", "--out", str(stopped)])
 
 
 def test_headline_reads_the_prompt_level_tests_when_there_are_several_seeds():

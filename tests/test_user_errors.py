@@ -601,3 +601,58 @@ def test_generate_overwrite_refuses_an_out_that_holds_an_input_file(flag, tmp_pa
     assert code == 2 and f"--out {tmp_path / 'run'} is or holds {flag} {given}: writing there would delete it; " \
                           "choose another --out" in capsys.readouterr().err
     assert given.is_file()
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_the_process_dies_by_sigint():
+    """A KeyboardInterrupt was a 35-frame traceback; an exit code 130 instead would let a shell loop go on."""
+    import signal
+    import subprocess
+
+    code = "from t2i_align.errors import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == -signal.SIGINT and proc.stderr == "\nstopped (Ctrl-C)\n"
+
+
+def test_a_kill_cleans_up_as_an_exception_does_but_not_in_training():
+    """SIGTERM ended Python without its clean-up (a hidden staged folder stayed); train.py leaves the signal to the
+    launcher, which stops every process together."""
+    import signal
+
+    from t2i_align.errors import run_cli
+
+    seen = []
+    assert run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 0) == 0
+    assert callable(seen[0]) and seen[0] is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    assert run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 0, sigterm=False) == 0
+    assert seen[1] is signal.SIG_DFL
+
+
+def test_w_and_b_refusing_the_key_or_unreachable_is_one_line(tmp_path, monkeypatch):
+    import wandb
+
+    from t2i_align.errors import UserError
+    from t2i_align.tracking import Tracker
+
+    for error, told in ((wandb.errors.AuthenticationError("401 Unauthorized"), "W&B refused the API key"),
+                        (wandb.errors.CommError("Timed out: no such host"), "W&B could not reach its server")):
+        monkeypatch.setattr(wandb, "init", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(UserError, match=told):
+            Tracker(tmp_path, wandb_mode="online")
+
+
+def test_a_dry_run_refuses_a_tuned_folder_the_run_would_refuse(tmp_path, capsys):
+    """check_tuned_folder ran only when the model loaded: the dry run passed a folder the run then refused."""
+    import shutil
+
+    from t2i_align.conditioning.text import write_text_encoding
+    from t2i_align.toy.assets import pipeline_dir
+
+    tuned = shutil.copytree(pipeline_dir(), tmp_path / "merged")
+    write_text_encoding(tuned, "segments", 240)
+    pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
+    argv = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/longalign_stage1.yaml"), f"model.pretrained={tuned}",
+            f"data.path={tmp_path / 'captions.parquet'}", f"output_dir={tmp_path / 'run'}"]
+    assert _train_script().main([*argv, "model.text_encoding.kind=clip77"]) == 2
+    assert "was tuned with text encoding 'segments'" in capsys.readouterr().err
+    assert _train_script().main(argv) == 0  # the stage-1 config encodes with segments

@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"final model: {final}")
         return 0
 
-    return run_cli(run)
+    return run_cli(run, sigterm=False)  # the launcher stops every process together
 
 
 def dry_run(cfg) -> int:
@@ -56,13 +56,14 @@ def dry_run(cfg) -> int:
 
     from t2i_align.build import check_before_loading
     from t2i_align.config import config_to_dict
-    from t2i_align.models import local_model_folder, model_family
+    from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
     # its model_index.json and component folders only: no weights load
     folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
     if folder is not None:
+        check_tuned_folder(folder, cfg.model.text_encoding)
         model_family(cfg.model, folder)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     model = "a hub id, resolved when the run starts" if folder is None else "its folder and family"
