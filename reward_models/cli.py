@@ -72,8 +72,10 @@ def parse_value(text: str) -> Any:
 
 def typed_value(name: str, key: str, text: str) -> Any:
     """`parse_value`, but text stays text for an option typed as text or a path (`clip.checkpoint=2024`,
-    `hpsv2.version=2.1`): numbers are parsed only where the reward's constructor can take one."""
+    `hpsv2.version=2.1`): numbers are parsed only where the reward's constructor can take one; `~` is expanded."""
     value = parse_value(text)
+    if isinstance(value, str) and value.startswith("~"):  # the shell leaves `clip.checkpoint=~/w.pt` as it is
+        return os.path.expanduser(value)
     if not isinstance(value, (bool, int, float)) or name not in available_rewards():
         return value
     try:

@@ -158,6 +158,8 @@ def test_option_values_are_typed():
                             "clip.batch_size=8", "hpsv2.checkpoint=none"], ["clip", "hpsv2", "imagereward"])
     assert parsed == {"clip": {"checkpoint": "2024", "batch_size": 8}, "hpsv2": {"version": "2.1", "checkpoint": None},
                       "imagereward": {"checkpoint": "7"}}
+    home = parse_options(["clip.checkpoint=~/w.pt"], ["clip"])["clip"]["checkpoint"]  # the shell leaves it
+    assert home == str(Path.home() / "w.pt")
 
 
 def test_installed_console_script(tmp_path):
