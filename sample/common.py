@@ -8,12 +8,27 @@ from typing import Callable
 
 
 def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}model", default=None if prefix else "toy",
-                   help="diffusers folder, or toy" + (" (default: the same as --model)" if prefix else " (default)"))
+    p.add_argument(f"--{prefix}model", default=None,
+                   help="diffusers folder, or toy" + (" (default: the same as --model)" if prefix else
+                                                      " (default: the model --lora records it trained on, else toy)"))
     p.add_argument(f"--{prefix}lora", default=None, help="LoRA weights (file, or the folder holding it)")
     p.add_argument(f"--{prefix}text-encoding", choices=("clip77", "segments"), default=None,
                    help="prompt encoding (default: the one recorded with the weights, else clip77; LongAlign-tuned "
                         "models record segments)")
+
+
+def default_model(args) -> None:
+    """--model when not given: the model the LoRA records it was trained on (t2i_align_base_model.json), as long
+    as it is here, else toy (README's commands without --model sampled the toy model under a real model's LoRA)."""
+    if args.model is not None:
+        return
+    from t2i_align.sampling import trained_on
+
+    args.model = trained_on(args.lora) if args.lora else None
+    if args.model is not None:
+        print(f"note: --model not given: {args.model}, the model {args.lora} records it was trained on",
+              file=sys.stderr)
+    args.model = args.model or "toy"
 
 
 def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = False) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
-                    check_rewards_read, load_reward_set, note_training_seeds, run_cli, settings_from,
+                    check_rewards_read, default_model, load_reward_set, note_training_seeds, run_cli, settings_from,
                     user_choice_from)
 
 
@@ -93,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
+    default_model(args)
     from reward_models.cli import UsageError
 
     if args.base and args.base_model and args.base != args.base_model:

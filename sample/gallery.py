@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, check_models, check_rewards_read,
-                    load_reward_set, run_cli, settings_from)
+                    default_model, load_reward_set, run_cli, settings_from)
 
 
 def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
@@ -46,6 +46,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online", "auto"))
     p.add_argument("--project", default="t2i-align")
     args = p.parse_args(argv)
+    default_model(args)
     from t2i_align.evaluation import sample_model, score_samples
     from t2i_align.files import check_output_path, check_replaceable_folder
     from t2i_align.prompts import read_prompts

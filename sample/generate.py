@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import (add_model_args, add_sampling_args, add_user_args, check_models, run_cli, settings_from,
-                    user_choice_from)
+from common import (add_model_args, add_sampling_args, add_user_args, check_models, default_model, run_cli,
+                    settings_from, user_choice_from)
 
 
 MADE_BY = "t2i_align_generated.json"
@@ -86,6 +86,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--out", required=True, help="output folder (PNGs + metadata.jsonl)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
+    default_model(args)
     from t2i_align.evaluation import sample_model
     from t2i_align.models import resolve_pretrained
     from t2i_align.weight_files import weights_variant

@@ -294,7 +294,10 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
     if (index.get("safety_checker") or [None])[0] is None:
         return
     if not (has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir()):
-        logger.warning("%s lists a safety checker without plain weights to copy: %s has none", source, folder)
+        # `folder` is the staged copy: the warning names what the user will find, the folder's final name
+        final = folder.parent / folder.name.split(".tmp")[0].lstrip(".") if folder.name.startswith(".") else folder
+        logger.warning("warning: %s lists a safety checker without plain weights to copy: the pipeline saved to %s "
+                       "has none", source, final)
         return
     for part in SAFETY_PARTS:
         shutil.copytree(source / part, folder / part)

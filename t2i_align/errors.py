@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple, Type
 
@@ -73,12 +74,34 @@ def _sigterm_as_exit(enabled: bool) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings as `warning: <text>` lines, each text once (a file:line and a source line, twice over, before)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        yield
+        return
+    seen = set()
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        text = " ".join(str(message).split())
+        if text in seen:
+            return ""
+        seen.add(text)
+        return f"warning: {text}\n"
+    before, warnings.formatwarning = warnings.formatwarning, one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (), sigterm: bool = True) -> int:
     """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
-    stderr and gives 2; Ctrl-C prints one line and ends the process by SIGINT, without a traceback. Anything else
+    stderr and gives 2; Ctrl-C prints one line and ends the process by SIGINT, without a traceback; warnings are
+    one line each (`_one_line_warnings`). Anything else
     propagates with its traceback: a bug for us to fix. `sigterm`: a kill cleans up as an exception does
     (`_sigterm_as_exit`); not for training, whose processes the launcher stops together."""
-    with _sigterm_as_exit(sigterm):
+    with _sigterm_as_exit(sigterm), _one_line_warnings():
         try:
             return main()
         except KeyboardInterrupt:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said otherwise)

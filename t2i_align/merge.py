@@ -13,8 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .conditioning.text import TEXT_ENCODING_FILE, write_text_encoding
-from .files import check_output_path, check_replaceable_folder, staged_dir
+from .conditioning.text import write_text_encoding
+from .files import check_output_path, check_replaceable_folder, staged_dir, write_json_atomic
+
+MERGED_FILE = "t2i_align_merged.json"
+"""Marks a folder merge_lora wrote (what it merged): --overwrite replaces no other (a run's final/ included)."""
 
 
 def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, text_encoding: Optional[str] = None,
@@ -26,7 +29,7 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     existing non-empty `out` is replaced only with `overwrite`."""
     from .checkpoints import save_full_pipeline
     from .models import ModelLoadError
-    from .sampling import load_pipeline, pipeline_components
+    from .sampling import check_weights, load_pipeline, pipeline_components
     from .users.table import USER_TABLE_NAME
 
     if lora is None and unet is None:
@@ -34,7 +37,8 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     out = Path(out)
     check_replaceable_folder(out, "--out", "merge_lora.py")
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet), replaces=[out],
-                      overwrite=overwrite, made_by=TEXT_ENCODING_FILE)  # every merge writes it; base models lack it
+                      overwrite=overwrite, made_by=MERGED_FILE)  # not the encoding record: exports have it too
+    check_weights(model, lora, text_encoding, key="--model", unet=unet)  # errors name merge_lora.py's flags
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant)
     if lora is not None:
         pipe.fuse_lora()
@@ -46,7 +50,12 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
         if table is not None:
             shutil.copy2(table, tmp / USER_TABLE_NAME)
         write_text_encoding(tmp, encoding.kind, encoding.token_budget)
+        write_json_atomic(tmp / MERGED_FILE, {"model": str(model), "lora": _text(lora), "unet": _text(unet)})
     return out
+
+
+def _text(path: Optional[str | Path]) -> Optional[str]:
+    return None if path is None else str(path)
 
 
 def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:

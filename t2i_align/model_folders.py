@@ -45,12 +45,22 @@ def _pass_local(key: str = "model.pretrained") -> str:
     return f"pass a local {what}: {key}{' ' if key.startswith('--') else '='}/path/to/folder"
 
 
+def _is_unet_folder(folder: Path) -> bool:
+    try:
+        return "UNet" in json.loads((folder / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_index(path: Path, key: str = "model.pretrained") -> dict:
     """model_index.json of pipeline folder `path` (given as `key`); ModelLoadError when missing or damaged."""
     index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
         lora = (Path(path) / "pytorch_lora_weights.safetensors").is_file()
         hint = " (it holds LoRA weights: give it as the LoRA, and the base model here)" if lora else ""
+        if _is_unet_folder(Path(path)) or _is_unet_folder(Path(path) / "unet"):  # the official DPO release's layout
+            hint = (" (it holds a UNet only: merge it into its base model first, python train/merge_lora.py --model "
+                    f"BASE --unet {path} --out DIR, and give DIR)")
         raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
                              f"{_pass_local(key)}")
     try:

@@ -173,6 +173,20 @@ def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None)
     write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given})
 
 
+def trained_on(lora: str | Path) -> Optional[str]:
+    """The model `lora` records it was trained on (`write_base_model`): the name it was given if that is "toy" or
+    a folder here, else the resolved folder if it exists here; None without a record (or its model elsewhere)."""
+    path = Path(lora)
+    try:
+        kept = json.loads(((path if path.is_dir() else path.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
+        folder, given = kept["pretrained"], kept.get("given")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
+        return None
+    if isinstance(given, str) and (given == "toy" or Path(given).is_dir()):
+        return given
+    return folder if isinstance(folder, str) and Path(folder).is_dir() else None
+
+
 def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
     """Warn when adapters recorded as trained on another model are applied to `model_dir` (named `given`): they
     then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder). The same

@@ -32,7 +32,11 @@ def weights_variant(path: Path, requested: Optional[str] = None, key: str = "mod
     plain = any(_PLAIN_FILE.match(n) for n in names)
     found = sorted({m.group(1) for n in names for m in (p.match(n) for p in _VARIANT_FILES) if m})
     if requested and requested not in found:
-        if fallback and plain:
+        if fallback and plain:  # said: a typo'd --variant fp61 loaded the plain weights without a word
+            import warnings
+
+            warnings.warn(f"{unet} holds no {requested} weights ({_named(key, requested)}): its plain weights load",
+                          stacklevel=2)
             return None
         held = ", ".join(([f"plain ({key}=null)" if key == "model.variant" else "plain"] if plain else []) + found)
         from .models import ModelLoadError

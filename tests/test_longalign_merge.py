@@ -33,10 +33,15 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
     # --overwrite replaced any folder whole: a folder it did not write (no model_index.json) is refused
     (tmp_path / "pictures").mkdir()
     (tmp_path / "pictures" / "cat.png").write_bytes(b"png")
-    with pytest.raises(UserError, match="holds files but no t2i_align_text_encoding.json.*would delete it whole"):
+    with pytest.raises(UserError, match="holds files but no t2i_align_merged.json.*would delete it whole"):
         merge_lora(model, final, tmp_path / "pictures", overwrite=True)
-    with pytest.raises(UserError, match="no t2i_align_text_encoding.json"):  # a base model folder is no merge
+    with pytest.raises(UserError, match="no t2i_align_merged.json"):  # a base model folder is no merge
         merge_lora(model, final, save_tiny_pipeline("sd15", tmp_path / "other"), overwrite=True)
+    # nor a training run's final/: it holds an encoding record too, which was the merge's marker until session 25
+    other_run = export_random_lora(model, tmp_path / "run2")
+    with pytest.raises(UserError, match="no t2i_align_merged.json"):
+        merge_lora(model, final, other_run, overwrite=True)
+    assert (other_run / "pytorch_lora_weights.safetensors").is_file()
     assert merge_lora(model, final, merged, overwrite=True) == merged  # its own earlier output is replaced
     assert (tmp_path / "pictures" / "cat.png").read_bytes() == b"png"
     with pytest.raises(UserError, match="is the current folder, one above it"):

@@ -33,7 +33,8 @@ def prompts(tmp_path):
 def test_generate_writes_images_and_metadata_that_t2i_score_reads(prompts, tmp_path, capsys):
     out = tmp_path / "samples"
     # --variant: the toy folder holds no fp16 files, so its plain weights load (as a tuned export beside a base)
-    result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), "--variant", "fp16", *FAST])
+    with pytest.warns(UserWarning, match="holds no fp16 weights \\(--variant fp16\\): its plain weights load"):
+        result = _script("generate").main(["--prompts", str(prompts), "--out", str(out), "--variant", "fp16", *FAST])
     assert result["images"] == 6 and result["prompts"] == 3
     meta = [json.loads(s) for s in (out / "metadata.jsonl").read_text().splitlines()]
     assert meta[0]["variant"] is None and meta[0]["text_encoding"] == "clip77"  # as loaded and sampled

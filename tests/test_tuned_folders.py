@@ -70,3 +70,19 @@ def test_a_failing_export_keeps_the_old_final_and_leaves_no_temporary_folder(sd1
     assert sorted(p.relative_to(first) for p in first.rglob("*")) == before
     assert (first / checkpoints.FINAL_STEP_FILE).read_text() == '{"step": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_the_missing_safety_checker_warning_names_the_saved_folder_not_its_staged_copy(tmp_path, caplog):
+    import json
+    import logging
+
+    from t2i_align.checkpoints import _carry_safety_checker
+
+    source = tmp_path / "sd15"
+    source.mkdir()
+    (source / "model_index.json").write_text(json.dumps({"safety_checker": ["stable_diffusion", "X"]}))
+    staged = tmp_path / "run" / ".final.tmp-abc123"
+    staged.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        _carry_safety_checker(source, staged)
+    assert f"the pipeline saved to {tmp_path / 'run' / 'final'} has none" in caplog.text

@@ -149,3 +149,14 @@ def test_the_command_line_prints_what_it_merged(folders, tmp_path, capsys):
     assert "choose one with --variant" in capsys.readouterr().err
     assert cli.main(["--model", str(two), "--unet", str(tuned), "--out", str(tmp_path / "v"), "--variant", "fp16"]) == 0
     assert _equal(_state(tmp_path / "v", "unet"), _state(tuned, "unet"))
+
+
+def test_a_unet_only_checkpoint_given_as_a_model_names_the_merge(folders, tmp_path):
+    """model.pretrained / --model at a UNet-only release said only "not a diffusers pipeline folder"."""
+    from t2i_align.model_folders import ModelLoadError, read_index
+
+    shutil.copytree(folders[1] / "unet", tmp_path / "ckpt" / "unet")
+    for given in (tmp_path / "ckpt", tmp_path / "ckpt" / "unet"):
+        with pytest.raises(ModelLoadError, match=f"holds a UNet only: merge it into its base model first, python "
+                                                 f"train/merge_lora.py --model BASE --unet {given} --out DIR"):
+            read_index(given)

@@ -122,6 +122,8 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "model.family=sdxl but" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", f"model.pretrained={tmp_path}"]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
+    assert _train_script().main([*base, f"data.path={pairs}", "model.variant=fp16"]) == 2  # passed, then failed
+    assert "holds no fp16 weights" in capsys.readouterr().err
     # data of the other kind passed the dry run and stopped the run at its start
     pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
     assert _train_script().main([*base, f"data.path={tmp_path / 'captions.parquet'}"]) == 2
@@ -656,3 +658,22 @@ def test_a_dry_run_refuses_a_tuned_folder_the_run_would_refuse(tmp_path, capsys)
     assert _train_script().main([*argv, "model.text_encoding.kind=clip77"]) == 2
     assert "was tuned with text encoding 'segments'" in capsys.readouterr().err
     assert _train_script().main(argv) == 0  # the stage-1 config encodes with segments
+
+
+def test_warnings_in_a_command_are_one_line_each_once():
+    """A warning was `path.py:161: UserWarning: ...` and its source line, printed twice from two call sites."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import warnings
+        from t2i_align.errors import run_cli
+
+        def main():
+            warnings.warn("the LoRA was trained on\\n another model")
+            warnings.warn("the LoRA was trained on another model", stacklevel=2)
+            return 0
+        raise SystemExit(run_cli(main))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0 and proc.stderr == "warning: the LoRA was trained on another model\n", proc.stderr

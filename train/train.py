@@ -58,6 +58,7 @@ def dry_run(cfg) -> int:
     from t2i_align.config import config_to_dict
     from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
+    from t2i_align.weight_files import weights_variant
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
     # its model_index.json and component folders only: no weights load
@@ -65,6 +66,7 @@ def dry_run(cfg) -> int:
     if folder is not None:
         check_tuned_folder(folder, cfg.model.text_encoding)
         model_family(cfg.model, folder)
+        weights_variant(folder, cfg.model.variant)  # file names only
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     model = "a hub id, resolved when the run starts" if folder is None else "its folder and family"
     print(f"dry run: the config, its data, rewards and files, and the model ({model}) pass the checks made before "
