@@ -98,9 +98,9 @@ def _one_line_warnings() -> Iterator[None]:
 def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (), sigterm: bool = True) -> int:
     """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
     stderr and gives 2; Ctrl-C prints one line and ends the process by SIGINT, without a traceback; warnings are
-    one line each (`_one_line_warnings`). Anything else
-    propagates with its traceback: a bug for us to fix. `sigterm`: a kill cleans up as an exception does
-    (`_sigterm_as_exit`); not for training, whose processes the launcher stops together."""
+    one line each (`_one_line_warnings`). Anything else propagates with its traceback: a bug for us to fix.
+    `sigterm`: a kill cleans up as an exception does (`_sigterm_as_exit`); not for training, whose processes the
+    launcher stops together."""
     with _sigterm_as_exit(sigterm), _one_line_warnings():
         try:
             return main()
