@@ -18,17 +18,11 @@ def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def default_model(args) -> None:
-    """--model when not given: the model the LoRA records it was trained on (t2i_align_base_model.json), as long
-    as it is here, else toy (README's commands without --model sampled the toy model under a real model's LoRA)."""
-    if args.model is not None:
-        return
-    from t2i_align.sampling import trained_on
+    """--model when not given: the model the LoRA records it was trained on, else toy (README's commands without
+    --model sampled the toy model under a real model's LoRA); `sampling.default_model`."""
+    from t2i_align.sampling import default_model as recorded
 
-    args.model = trained_on(args.lora) if args.lora else None
-    if args.model is not None:
-        print(f"note: --model not given: {args.model}, the model {args.lora} records it was trained on",
-              file=sys.stderr)
-    args.model = args.model or "toy"
+    args.model = recorded(args.model, args.lora)  # main runs inside run_cli: an error is one line
 
 
 def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = False) -> None:

@@ -295,7 +295,8 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
         return
     if not (has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir()):
         # `folder` is the staged copy: the warning names what the user will find, the folder's final name
-        final = folder.parent / folder.name.split(".tmp")[0].lstrip(".") if folder.name.startswith(".") else folder
+        staged = re.fullmatch(r"\.(.+)\.tmp-[^.]*", folder.name)  # files.staged_dir's name for it
+        final = folder.parent / staged.group(1) if staged else folder
         logger.warning("warning: %s lists a safety checker without plain weights to copy: the pipeline saved to %s "
                        "has none", source, final)
         return

@@ -87,7 +87,8 @@ def _one_line_warnings() -> Iterator[None]:
         if text in seen:
             return ""
         seen.add(text)
-        return f"warning: {text}\n"
+        kind = "" if category is UserWarning else f"{category.__name__}: "  # a library's deprecation stays one
+        return f"warning: {kind}{text}\n"
     before, warnings.formatwarning = warnings.formatwarning, one_line
     try:
         yield

@@ -58,7 +58,8 @@ def read_index(path: Path, key: str = "model.pretrained") -> dict:
     if not index_file.is_file():
         lora = (Path(path) / "pytorch_lora_weights.safetensors").is_file()
         hint = " (it holds LoRA weights: give it as the LoRA, and the base model here)" if lora else ""
-        if _is_unet_folder(Path(path)) or _is_unet_folder(Path(path) / "unet"):  # the official DPO release's layout
+        others = any((Path(path) / part).is_dir() for part in ("vae", "text_encoder", "text_encoder_2"))
+        if not others and (_is_unet_folder(Path(path)) or _is_unet_folder(Path(path) / "unet")):  # DPO's releases
             hint = (" (it holds a UNet only: merge it into its base model first, python train/merge_lora.py --model "
                     f"BASE --unet {path} --out DIR, and give DIR)")
         raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "

@@ -13,6 +13,7 @@ evaluate) conditions the UNet exactly as training did.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -173,18 +174,26 @@ def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None)
     write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given})
 
 
-def trained_on(lora: str | Path) -> Optional[str]:
-    """The model `lora` records it was trained on (`write_base_model`): the name it was given if that is "toy" or
-    a folder here, else the resolved folder if it exists here; None without a record (or its model elsewhere)."""
-    path = Path(lora)
+def default_model(model: Optional[str], lora: Optional[str | Path], flag: str = "--model") -> str:
+    """`model` if given; else the model `lora` records it was trained on (`write_base_model`), "toy" or its folder,
+    which must be here (else a ModelLoadError says to pass `flag`); else "toy" (no LoRA, or no record)."""
+    from .models import ModelLoadError
+
+    if model is not None:
+        return model
+    path = Path(lora) if lora else None
     try:
         kept = json.loads(((path if path.is_dir() else path.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
-        folder, given = kept["pretrained"], kept.get("given")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
-        return None
-    if isinstance(given, str) and (given == "toy" or Path(given).is_dir()):
-        return given
-    return folder if isinstance(folder, str) and Path(folder).is_dir() else None
+        folder, given = str(kept["pretrained"]), kept.get("given")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no LoRA or no record (older exports)
+        return "toy"
+    if given == "toy":
+        return "toy"
+    if not Path(folder).is_dir():
+        raise ModelLoadError(f"{lora} records it was trained on {given or folder}, which is not here ({folder}): pass "
+                             f"{flag} with that model's folder")
+    print(f"note: {flag} not given: {folder}, the model {lora} records it was trained on", file=sys.stderr)
+    return folder
 
 
 def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
@@ -341,7 +350,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
         if progress is not None:
             progress(len(lat))
     if nan_images:
-        warnings.warn(f"{nan_images} of {len(prompts)} images decoded to NaN pixels (a diverged model, or an fp16 VAE "
+        name = pipe.config.get("_name_or_path", "") or "the model"  # two sides' warnings stay apart
+        warnings.warn(f"{nan_images} of {len(prompts)} images of {name} decoded to NaN pixels (a diverged model, or an fp16 VAE "
                       "overflowing: sample in bf16 or fp32); they come out black and score as NaN")
     if on_batch is not None:  # what was handed on is not kept (latents: 256 kB per SDXL image, GBs over 10k)
         return Samples(torch.empty(0), torch.empty(0, 3, 0, 0), list(prompts), [int(s) for s in seeds])

@@ -60,5 +60,6 @@ def load_unet_checkpoint(given: str | Path, base: torch.nn.Module, variant: Opti
 
     folder = unet_folder(given)
     check_fits(folder, base)
-    variant = weights_variant(folder, variant, "--variant", fallback=True, part="")
+    # --variant names the base's variant: a released UNet of plain weights beside it is expected, not told
+    variant = weights_variant(folder, variant, "--variant", fallback=True, part="", warn=False)
     return type(base).from_pretrained(str(folder), torch_dtype=base.dtype, variant=variant)

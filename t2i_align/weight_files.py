@@ -19,7 +19,7 @@ _PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.in
 
 
 def weights_variant(path: Path, requested: Optional[str] = None, key: str = "model.variant",
-                    fallback: bool = False, part: str = "unet") -> Optional[str]:
+                    fallback: bool = False, part: str = "unet", warn: bool = True) -> Optional[str]:
     """The weight variant to load from pipeline folder `path`: `requested` (named by setting or flag `key`), which
     unet/ must hold (with `fallback`, a folder without it but with plain weights loads those: sample/'s --variant
     applies to a base and a tuned export alike); else None when unet/ holds plain weights; else the one variant it
@@ -35,8 +35,9 @@ def weights_variant(path: Path, requested: Optional[str] = None, key: str = "mod
         if fallback and plain:  # said: a typo'd --variant fp61 loaded the plain weights without a word
             import warnings
 
-            warnings.warn(f"{unet} holds no {requested} weights ({_named(key, requested)}): its plain weights load",
-                          stacklevel=2)
+            if warn:
+                warnings.warn(f"{unet} holds no {requested} weights ({_named(key, requested)}): its plain weights "
+                              "load", stacklevel=2)
             return None
         held = ", ".join(([f"plain ({key}=null)" if key == "model.variant" else "plain"] if plain else []) + found)
         from .models import ModelLoadError

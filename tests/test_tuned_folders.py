@@ -86,3 +86,22 @@ def test_the_missing_safety_checker_warning_names_the_saved_folder_not_its_stage
     with caplog.at_level(logging.WARNING):
         _carry_safety_checker(source, staged)
     assert f"the pipeline saved to {tmp_path / 'run' / 'final'} has none" in caplog.text
+
+
+def test_the_model_a_lora_records_is_the_default_and_a_missing_one_is_named(tmp_path, capsys):
+    """Without --model the sample scripts sampled the toy model under a real model's LoRA."""
+    import json
+
+    from t2i_align.sampling import BASE_MODEL_FILE, default_model
+
+    lora = tmp_path / "final"
+    lora.mkdir()
+    assert default_model(None, None) == "toy" and default_model(None, lora) == "toy"  # no record
+    assert default_model("given", lora) == "given"
+    (tmp_path / "sd15").mkdir()
+    (lora / BASE_MODEL_FILE).write_text(json.dumps({"pretrained": str(tmp_path / "sd15"), "given": "sd15"}))
+    assert default_model(None, lora / "pytorch_lora_weights.safetensors") == str(tmp_path / "sd15")
+    assert "--model not given" in capsys.readouterr().err
+    (tmp_path / "sd15").rmdir()
+    with pytest.raises(models.ModelLoadError, match="records it was trained on sd15, which is not here"):
+        default_model(None, lora)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="toy", help="base diffusers folder (default: the toy pipeline)")
+    parser.add_argument("--model", default=None,
+                        help="base diffusers folder (default: the model --lora records it trained on, else toy)")
     parser.add_argument("--lora", default=None, help="pytorch_lora_weights.safetensors or the folder holding it")
     parser.add_argument("--unet", default=None,
                         help="a UNet checkpoint replacing the base's UNet (before --lora): a diffusers UNet folder, "
@@ -39,7 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def run() -> int:
         from t2i_align.merge import merge_lora
+        from t2i_align.sampling import default_model
 
+        args.model = default_model(args.model, args.lora)
         out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite, args.unet,
                          args.variant)
         print(json.dumps({"merged": str(out), "model": args.model, "lora": args.lora, "unet": args.unet}))
