@@ -19,8 +19,8 @@ def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def default_model(args) -> None:
     """--model when not given: the model the LoRA records it was trained on, else toy (README's commands without
-    --model sampled the toy model under a real model's LoRA); `sampling.default_model`."""
-    from t2i_align.sampling import default_model as recorded
+    --model sampled the toy model under a real model's LoRA); `t2i_align.base_model.default_model`."""
+    from t2i_align.base_model import default_model as recorded
 
     args.model = recorded(args.model, args.lora)  # main runs inside run_cli: an error is one line
 

@@ -206,9 +206,10 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     image_encoder_folder=None)`). Full fine-tune: a pipeline folder with the tuned unet/ (`from_pretrained`), a
     user branch, if any, saved beside it rather than inside unet/. `user_table` (PPD) is copied to
     final/user_table.safetensors, so the folder holds everything needed to sample for a user. Adapters record the
-    model they trained on (`base_model`: model.pretrained as given, and its folder) for `sampling.warn_other_base`."""
+    model they trained on (`base_model`: model.pretrained as given, and its folder) for `base_model.warn_other_base`."""
     from .conditioning.text import write_text_encoding
-    from .sampling import pipeline_components, write_base_model
+    from .base_model import write_base_model
+    from .sampling import pipeline_components
 
     out = Path(output_dir) / "final"
     for stale in Path(output_dir).glob(".final.tmp*"):  # a killed export's (a failing one removes its own)

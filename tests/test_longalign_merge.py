@@ -67,7 +67,7 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
 def test_the_base_model_record_matches_by_folder_or_by_a_name_that_is_no_folder(tmp_path):
     """"toy" or a hub id names the same model on every machine, though its folder differs; a local path is
     compared by the folder it resolves to."""
-    from t2i_align.sampling import warn_other_base, write_base_model
+    from t2i_align.base_model import warn_other_base, write_base_model
 
     lora = tmp_path / "final"
     lora.mkdir()

@@ -92,7 +92,7 @@ def test_the_model_a_lora_records_is_the_default_and_a_missing_one_is_named(tmp_
     """Without --model the sample scripts sampled the toy model under a real model's LoRA."""
     import json
 
-    from t2i_align.sampling import BASE_MODEL_FILE, default_model
+    from t2i_align.base_model import BASE_MODEL_FILE, default_model
 
     lora = tmp_path / "final"
     lora.mkdir()

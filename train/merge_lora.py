@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def run() -> int:
         from t2i_align.merge import merge_lora
-        from t2i_align.sampling import default_model
+        from t2i_align.base_model import default_model
 
         args.model = default_model(args.model, args.lora)
         out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite, args.unet,

@@ -1,0 +1,121 @@
+"""What `t2i-score` scores: image files of a folder with their prompts, or the two images of each Pick-a-Pic row
+(`folder_items`, `parquet_items`), as `Item`s decoded only when scored."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import pyarrow.parquet as pq
+
+from t2i_align.data.images import decode_image
+from t2i_align.data.pairs import find_parquet_files, label_problem
+from t2i_align.errors import UserError
+from t2i_align.prompts import text_lines
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UsageError(UserError):
+    """A mistake in the command line: printed as `error: ...`, exit code 2 (see t2i_align/errors.py)."""
+
+
+class Item(NamedTuple):
+    """One image to score: `key` goes into its output row; `data` is a Path or encoded bytes."""
+    key: Dict[str, Any]
+    prompt: str
+    data: Any
+
+    def decode(self):
+        return decode_image(self.data.read_bytes() if isinstance(self.data, Path) else self.data)
+
+
+def _read_table(path: Path) -> List[Tuple[str, str]]:
+    """(file, prompt) rows from a .csv with a header or a .jsonl of objects."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+        if path.suffix.lower() == ".csv":
+            rows: List[Any] = list(csv.DictReader(lines))
+        else:
+            rows = [_json_line(path, number, s) for number, s in enumerate(lines, 1) if s.strip()]
+    except ValueError as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or r.get("file") is None or "prompt" not in r:
+            raise UsageError(f"{path} row {i + 1}: expected fields 'file' and 'prompt', found "
+                             f"{list(r) if isinstance(r, dict) else type(r).__name__}")
+    return [(str(r["file"]), "" if r["prompt"] is None else str(r["prompt"])) for r in rows]
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as e:  # json's own position is within the line
+        raise UsageError(f"{path} line {number} is not JSON ({e}): one object per line") from None
+
+
+def _inside(folder: Path, root: Path, name: str) -> bool:
+    try:
+        return not Path(name).is_absolute() and (folder / name).resolve().is_relative_to(root)
+    except (ValueError, OSError):  # a NUL byte in the name, a loop of links
+        return False
+
+
+def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
+    prompts = folder / "metadata.jsonl" if prompts is None else prompts
+    if prompts.is_dir():
+        raise UsageError(f"--prompts {prompts} is a folder: give a .jsonl, .csv or text file of prompts")
+    if not prompts.is_file():
+        raise UsageError(f"no prompts: {prompts} does not exist (pass --prompts FILE or write FOLDER/metadata.jsonl)")
+    if prompts.suffix.lower() == ".parquet":
+        raise UsageError(f"--prompts {prompts} is a parquet file: score Pick-a-Pic pairs with --images {prompts} "
+                         "(their captions are in it), or give a .txt, .jsonl or .csv file of prompts")
+    if prompts.suffix.lower() in (".jsonl", ".csv"):
+        table = _read_table(prompts)
+    else:
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        try:
+            lines = text_lines(prompts.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{prompts} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        if len(lines) != len(files):
+            blank = f", {lines.count('')} of them blank (each an empty prompt here)" if "" in lines else ""
+            raise UsageError(f"{prompts} has {len(lines)} prompt lines{blank} but {folder} has {len(files)} image "
+                             f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
+        table = list(zip(files, lines))
+    root = folder.resolve()
+    outside = [n for n, _ in table if not _inside(folder, root, n)]
+    if outside:
+        raise UsageError(f"{outside[:3]} resolve outside the image folder {root} (or are not valid file names)")
+    return [Item({"file": name}, p, folder / name) for name, p in table]
+
+
+def parquet_items(path: Path, pairwise: bool) -> Tuple[int, Iterator[Item]]:
+    """(image count, lazily read items): columns are checked now, image bytes read one record batch at a time."""
+    need, total = ["caption", "jpg_0", "jpg_1"] + (["label_0"] if pairwise else []), 0
+    try:
+        files = find_parquet_files(path)
+        for f in files:
+            meta = pq.ParquetFile(f)
+            found = meta.schema_arrow.names
+            if any(c not in found for c in need):
+                raise UsageError(f"{f} lacks column(s) {[c for c in need if c not in found]}: expected Pick-a-Pic "
+                                 f"columns {need}, found {found}")
+            total += 2 * meta.metadata.num_rows
+    except (ValueError, OSError) as e:  # not a parquet file (ArrowInvalid is a ValueError), outside the folder
+        raise UsageError(f"--images {path}: {e}") from e
+    return total, _parquet_rows(files)
+
+
+def _parquet_rows(files: List[Path]) -> Iterator[Item]:
+    for f in files:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "has_label") if c in pf.schema_arrow.names]
+        records = (r for batch in pf.iter_batches(batch_size=64, columns=cols) for r in batch.to_pylist())
+        for row, r in enumerate(records):
+            problem = label_problem(r.get("label_0"), r.get("has_label"))  # 3.0 or NaN: invalid, as in training
+            label = None if problem else float(r["label_0"])
+            for side in (0, 1):
+                yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label, "label_problem": problem},
+                           "" if r["caption"] is None else str(r["caption"]), r[f"jpg_{side}"])

@@ -1,0 +1,61 @@
+"""The model exported adapters were trained on: recorded beside them (`write_base_model`), the default model to
+sample or merge them on (`default_model`), and a warning when they are applied to another (`warn_other_base`)."""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+BASE_MODEL_FILE = "t2i_align_base_model.json"
+"""Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
+
+
+def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None) -> None:
+    """Record the model folder (resolved) and the name it was given by ("toy", a hub id, a path)."""
+    from .files import write_json_atomic
+
+    write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given})
+
+
+def default_model(model: Optional[str], lora: Optional[str | Path], flag: str = "--model") -> str:
+    """`model` if given; else the model `lora` records it was trained on (`write_base_model`), "toy" or its folder,
+    which must be here (else a ModelLoadError says to pass `flag`); else "toy" (no LoRA, or no record)."""
+    from .models import ModelLoadError
+
+    if model is not None:
+        return model
+    path = Path(lora) if lora else None
+    try:
+        kept = json.loads(((path if path.is_dir() else path.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
+        folder, given = str(kept["pretrained"]), kept.get("given")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no LoRA or no record (older exports)
+        return "toy"
+    if given == "toy":
+        return "toy"
+    if not Path(folder).is_dir():
+        raise ModelLoadError(f"{lora} records it was trained on {given or folder}, which is not here ({folder}): pass "
+                             f"{flag} with that model's folder")
+    print(f"note: {flag} not given: {folder}, the model {lora} records it was trained on", file=sys.stderr)
+    return folder
+
+
+def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
+    """Warn when adapters recorded as trained on another model are applied to `model_dir` (named `given`): they
+    then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder). The same
+    folder is the same model, and so is the same name where it is no local folder ("toy", a hub id, whose folder
+    differs between machines)."""
+    record = (lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE
+    try:
+        kept = json.loads(record.read_text(encoding="utf-8"))
+        trained_on, name = kept["pretrained"], kept.get("given")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
+        return
+    if not isinstance(trained_on, str):  # not our record: nothing to check
+        return
+    same_name = given == name and not Path(given).exists()
+    if not same_name and Path(trained_on).resolve() != Path(model_dir).resolve():
+        warnings.warn(f"{lora} was trained on {name or trained_on}, and is applied to {model_dir}: unless that is the "
+                      "same model, the samples are not what trained (LongAlign stage 2: give stage 1's merged "
+                      "folder)", stacklevel=2)
