@@ -6,7 +6,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 BASE_MODEL_FILE = "t2i_align_base_model.json"
 """Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
@@ -19,6 +19,16 @@ def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None)
     write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given})
 
 
+def _record(lora: Path) -> Optional[Tuple[str, Optional[str]]]:
+    """(resolved folder, name given) that the adapters at `lora` (a file or its folder) record; None without one."""
+    try:
+        kept = json.loads(((lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
+        folder, given = kept["pretrained"], kept.get("given")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
+        return None
+    return (folder, given) if isinstance(folder, str) else None  # not our record: nothing to go by
+
+
 def default_model(model: Optional[str], lora: Optional[str | Path], flag: str = "--model") -> str:
     """`model` if given; else the model `lora` records it was trained on (`write_base_model`), "toy" or its folder,
     which must be here (else a ModelLoadError says to pass `flag`); else "toy" (no LoRA, or no record)."""
@@ -26,14 +36,10 @@ def default_model(model: Optional[str], lora: Optional[str | Path], flag: str = 
 
     if model is not None:
         return model
-    path = Path(lora) if lora else None
-    try:
-        kept = json.loads(((path if path.is_dir() else path.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
-        folder, given = str(kept["pretrained"]), kept.get("given")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no LoRA or no record (older exports)
+    record = _record(Path(lora)) if lora else None
+    if record is None or record[1] == "toy":
         return "toy"
-    if given == "toy":
-        return "toy"
+    folder, given = record
     if not Path(folder).is_dir():
         raise ModelLoadError(f"{lora} records it was trained on {given or folder}, which is not here ({folder}): pass "
                              f"{flag} with that model's folder")
@@ -46,14 +52,10 @@ def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
     then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder). The same
     folder is the same model, and so is the same name where it is no local folder ("toy", a hub id, whose folder
     differs between machines)."""
-    record = (lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE
-    try:
-        kept = json.loads(record.read_text(encoding="utf-8"))
-        trained_on, name = kept["pretrained"], kept.get("given")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
+    record = _record(lora)
+    if record is None:
         return
-    if not isinstance(trained_on, str):  # not our record: nothing to check
-        return
+    trained_on, name = record
     same_name = given == name and not Path(given).exists()
     if not same_name and Path(trained_on).resolve() != Path(model_dir).resolve():
         warnings.warn(f"{lora} was trained on {name or trained_on}, and is applied to {model_dir}: unless that is the "

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .errors import UserError, one_line
 from .gallery import write_gallery
 
 WANDB_MODES = ("auto", "online", "offline", "off")
@@ -33,6 +34,17 @@ def resolve_wandb_mode(mode: str) -> str:
             return env
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
+
+
+def _wandb_failure(err: Exception) -> str:
+    """What to do when W&B did not start: a refused key (an AuthenticationError, a CommError too) or no server."""
+    import wandb
+
+    if isinstance(err, wandb.errors.AuthenticationError):
+        return (f"W&B refused the API key ({one_line(err)[:200]}): check WANDB_API_KEY or run `wandb login`, or log "
+                "offline (WANDB_MODE=offline)")
+    return (f"W&B could not reach its server ({one_line(err)[:200]}): log offline (WANDB_MODE=offline, "
+            "tracking.wandb=offline or --wandb offline) and upload later with `wandb sync`")
 
 
 def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:
@@ -77,17 +89,8 @@ class Tracker:
             try:
                 self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
                                          dir=str(self.output_dir), reinit="finish_previous", **again)
-            except wandb.errors.AuthenticationError as err:  # a CommError too: told apart first
-                from .errors import UserError, one_line
-
-                raise UserError(f"W&B refused the API key ({one_line(err)[:200]}): check WANDB_API_KEY or run `wandb "
-                                "login`, or log offline (WANDB_MODE=offline)") from err
-            except wandb.errors.CommError as err:  # no network (W&B gives up after about 90 s)
-                from .errors import UserError, one_line
-
-                raise UserError(f"W&B could not reach its server ({one_line(err)[:200]}): log offline (WANDB_MODE="
-                                "offline, tracking.wandb=offline or --wandb offline) and upload later with "
-                                "`wandb sync`") from err
+            except wandb.errors.CommError as err:  # no network (W&B gives up after about 90 s), a refused key
+                raise UserError(_wandb_failure(err)) from err
 
     @property
     def wandb_run_dir(self) -> Optional[Path]:

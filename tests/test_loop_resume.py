@@ -274,6 +274,18 @@ def test_only_state_mismatches_are_named_as_such():
     assert not _is_mismatch(ValueError("some other value"))
 
 
+class _OneProcess:
+    """The accelerator `save_checkpoint` sees on one process: its state a single empty weights file."""
+    is_main_process, process_index, num_processes, distributed_type = True, 0, 1, "NO"
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder, safe_serialization=True):
+        Path(folder).mkdir()
+        (Path(folder) / "model.safetensors").write_bytes(b"")
+
+
 def test_a_rotation_stopped_halfway_leaves_no_checkpoint_marked_complete(tmp_path, monkeypatch):
     import t2i_align.checkpoints as checkpoints
 
@@ -289,20 +301,10 @@ def test_a_rotation_stopped_halfway_leaves_no_checkpoint_marked_complete(tmp_pat
         deleted.append(path)
         raise Stopped
 
-    class Acc:
-        is_main_process, process_index, num_processes, distributed_type = True, 0, 1, "NO"
-
-        def wait_for_everyone(self):
-            pass
-
-        def save_state(self, folder, safe_serialization=True):
-            Path(folder).mkdir()
-            (Path(folder) / "model.safetensors").write_bytes(b"")
-
     monkeypatch.setattr(checkpoints.shutil, "rmtree", lambda p, ignore_errors=False:
                         killed(p) if Path(p).name == "step-1" else None)
     with pytest.raises(Stopped):
-        checkpoints.save_checkpoint(Acc(), tmp_path, 3, 2, [torch.zeros(1)])
+        checkpoints.save_checkpoint(_OneProcess(), tmp_path, 3, 2, [torch.zeros(1)])
     assert deleted == [tmp_path / "checkpoints" / "step-1"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]  # step-1 half-deleted is not offered for resume
 
@@ -311,18 +313,9 @@ def test_a_killed_checkpoint_writes_folder_goes_with_the_next_checkpoint(tmp_pat
     """Ctrl-C during a checkpoint left checkpoints/.step-15.tmp (a full state: GBs) until step 15 came again."""
     import t2i_align.checkpoints as checkpoints
 
-    class Acc:
-        is_main_process, process_index, num_processes, distributed_type = True, 0, 1, "NO"
-
-        def wait_for_everyone(self):
-            pass
-
-        def save_state(self, folder, safe_serialization=True):
-            Path(folder).mkdir()
-
     (tmp_path / "checkpoints" / ".step-15.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".step-15.tmp" / "optimizer.bin").write_bytes(b"half")
-    checkpoints.save_checkpoint(Acc(), tmp_path, 3, 2, [torch.zeros(1)])
+    checkpoints.save_checkpoint(_OneProcess(), tmp_path, 3, 2, [torch.zeros(1)])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3"]
 
 
