@@ -6,13 +6,17 @@
     python sample/generate.py --lora runs/toy-ppd/final --user 3 --out runs/user-3       # PPD: one user
     python sample/generate.py --lora runs/toy-ppd/final --user 3 --user 5 --alpha 0.25 --out runs/mix
 
-The folder is written whole or not at all; an existing non-empty --out is kept unless --overwrite is given.
+The folder is published whole: images go to OUT.partial as they are made, which becomes OUT when every image is
+there. A run that stopped (Ctrl-C, a kill, a crash) leaves OUT.partial; the same command with --resume finishes it
+with the images an uninterrupted run makes. An existing non-empty --out is kept unless --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,27 +26,90 @@ from common import (add_model_args, add_sampling_args, add_user_args, check_mode
 
 
 MADE_BY = "t2i_align_generated.json"
-"""Marks a folder generate.py wrote (metadata.jsonl alone does not: Hugging Face's imagefolder data sets have one)."""
+"""Marks a folder generate.py wrote (metadata.jsonl alone does not: Hugging Face's imagefolder data sets have one);
+it holds the run's settings, which --resume checks in OUT.partial."""
+PARTIAL = ".partial"
+"""OUT.partial: the images of a run not yet finished."""
+RESIZABLE = ("batch_size",)
+"""Settings a resumed run may change (a smaller batch after running out of memory): they do not change an image."""
 
-def _sample_into(out: Path, sample, meta: dict) -> int:
-    """`sample(on_batch)` run with each batch's PNGs written as it comes (not every image held in memory), then
-    metadata.jsonl; the folder published whole at the end. Returns the number of images."""
-    from t2i_align.files import staged_dir
+def _sample_into(out: Path, sample, meta: dict, run: dict, resume: bool = False) -> int:
+    """`sample(first, on_batch)` run with each batch's PNGs and metadata lines written to OUT.partial as they come
+    (not every image held in memory), from image `first` on (0, or where an interrupted run of the same `run`
+    stopped, with `resume`); the folder then published whole as `out`. Returns the number of images."""
+    from t2i_align.files import replace_dir, write_text_atomic
+
+    part = out.with_name(out.name + PARTIAL)
+    lines = _resume_point(part, run, resume)
+    try:
+        if len(lines) < run["images"]:
+            with open(part / "metadata.jsonl", "a", encoding="utf-8") as listing:
+                sample(len(lines), lambda batch: _write_batch(part, batch, meta, lines, listing))
+        write_text_atomic(part / MADE_BY, json.dumps({"images": len(lines), "finished": True, "run": run}) + "\n")
+        replace_dir(part, out)
+    except BaseException:
+        if not lines:  # nothing to resume (a LoRA that failed to load): no folder that a rerun would have to clear
+            shutil.rmtree(part, ignore_errors=True)
+        else:
+            print(f"note: {len(lines)} of {run['images']} images are kept in {part}: the same command with --resume "
+                  "finishes them", file=sys.stderr)
+        raise
+    return len(lines)
+
+
+def _write_batch(part: Path, batch, meta: dict, lines: List[str], listing) -> None:
+    """Each image's PNG, then its metadata line (a line names an image that is whole)."""
     from t2i_align.gallery import to_pil, to_uint8
 
-    lines: List[str] = []
+    for image, prompt, seed in zip(to_uint8(batch.images), batch.prompts, batch.seeds):
+        name = f"{len(lines):05d}.png"
+        to_pil(image).save(part / name)
+        lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
+        listing.write(lines[-1] + "\n")
+    listing.flush()
 
-    def write(batch) -> None:
-        for image, prompt, seed in zip(to_uint8(batch.images), batch.prompts, batch.seeds):
-            name = f"{len(lines):05d}.png"
-            to_pil(image).save(tmp / name)
-            lines.append(json.dumps({"file": name, "prompt": prompt, "seed": seed, **meta}))
 
-    with staged_dir(out) as tmp:  # a full disk or a kill leaves no hidden half-written folder behind
-        sample(write)
-        (tmp / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        (tmp / MADE_BY).write_text(json.dumps({"images": len(lines)}) + "\n")  # --overwrite may replace it
-    return len(lines)
+def _resume_point(part: Path, run: dict, resume: bool) -> List[str]:
+    """The metadata lines of the images an interrupted run of the same `run` left in `part` (checked: the same
+    settings, each image there), with `resume`; else a fresh `part` and []. A `part` it cannot continue is kept."""
+    from t2i_align.errors import UserError
+    from t2i_align.files import write_text_atomic
+
+    if not part.exists():
+        part.mkdir(parents=True)
+        write_text_atomic(part / MADE_BY, json.dumps({"finished": False, "run": run}) + "\n")
+        return []
+    try:
+        earlier = json.loads((part / MADE_BY).read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{part} exists but is not an unfinished generate.py run (no readable {MADE_BY}): move it "
+                        "away or choose another --out") from None
+    lines = _whole_images(part)
+    if not resume:
+        raise UserError(f"{part} holds {len(lines)} images of an unfinished generate.py run: add --resume to finish "
+                        f"it (same flags), or delete {part} to start again")
+    changed = [key for key in sorted(set(run) | set(earlier)) if key not in RESIZABLE
+               and earlier.get(key) != json.loads(json.dumps(run)).get(key)]
+    if changed:
+        raise UserError(f"--resume: {part} was started with other settings ({', '.join(changed)} differ): give its "
+                        f"flags again, or delete {part} to start again")
+    write_text_atomic(part / "metadata.jsonl", "".join(line + "\n" for line in lines))  # without a torn last line
+    return lines
+
+
+def _whole_images(part: Path) -> List[str]:
+    """The leading metadata lines of `part` that parse and name the next image, whose PNG is there (a kill can
+    leave a torn last line, or a PNG without its line)."""
+    listing, lines = part / "metadata.jsonl", []
+    for line in listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []:
+        try:
+            name = json.loads(line)["file"]
+        except (ValueError, KeyError, TypeError):
+            break
+        if name != f"{len(lines):05d}.png" or not (part / name).is_file() or not (part / name).stat().st_size:
+            break
+        lines.append(line)
+    return lines
 
 
 def _check_out(args) -> None:
@@ -85,6 +152,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     add_user_args(p)
     p.add_argument("--out", required=True, help="output folder (PNGs + metadata.jsonl)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the images an interrupted run of the same command left in OUT.partial")
     args = p.parse_args(argv)
     default_model(args)
     from t2i_align.evaluation import sample_model
@@ -106,8 +175,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         meta["user"] = {"ids": user.ids, "alpha": user.alpha, "table": user.table, "shots": user.shots,
                         "scale": user.scale}
     meta["base_seed"] = meta.pop("seed")
-    images = _sample_into(out, lambda write: sample_model(args.model, args.lora, prompts, settings, args.device,
-                                                          args.text_encoding, user=user, on_batch=write), meta)
+    run = {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+           "images": len(prompts) * settings.seeds_per_prompt}
+    images = _sample_into(out, lambda first, write: sample_model(
+        args.model, args.lora, prompts, settings, args.device, args.text_encoding, user=user, on_batch=write,
+        first=first), meta, run, args.resume)
     return {"out": str(out), "images": images, "prompts": len(prompts)}
 
 

@@ -40,16 +40,20 @@ class SampleSettings:
 
 
 def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settings: SampleSettings,
-                 device: str = "cpu", text_encoding: Optional[str] = None, user=None, on_batch=None) -> Samples:
+                 device: str = "cpu", text_encoding: Optional[str] = None, user=None, on_batch=None,
+                 first: int = 0) -> Samples:
     """`seeds_per_prompt` images of every prompt, prompt-major (prompt i's images are rows i·k .. i·k + k-1).
     `text_encoding` None: the one recorded with the weights, else clip77 (see `sampling.load_pipeline`).
     `user` (a `t2i_align.users.inference.UserChoice`): who a model with a PPD user branch samples for.
-    `on_batch`: each batch's Samples as it is made, the images then not kept (`sampling.generate`)."""
+    `on_batch`: each batch's Samples as it is made, the images then not kept (`sampling.generate`).
+    `first`: start at that image of the prompt-major list (a resumed `generate.py`; same seeds as an uninterrupted
+    run, each image having its own generator)."""
     from .users.inference import UserChoice, user_tokens_for
 
     pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler, text_encoding=text_encoding,
                          dtype=settings.dtype, variant=settings.variant)
     flat, seeds = prompt_major(prompts, settings.seeds_per_prompt, settings.seed)
+    flat, seeds = flat[first:], seeds[first:]
     tokens = user_tokens_for(pipe, user or UserChoice(), len(flat), (lora, model))
     return generate(pipe, flat, seeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                     batch_size=settings.batch_size, negative_prompt=settings.negative_prompt,

@@ -75,7 +75,7 @@ def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_pa
     save_file({"unet.nope.lora_A.weight": torch.zeros(2, 2)}, str(bad_lora))
     assert run(lambda: gen.main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out",
                                  str(tmp_path / "y"), *FAST])) == 2
-    assert "do not match" in capsys.readouterr().err
+    assert "do not match" in capsys.readouterr().err and not (tmp_path / "y.partial").exists()
     for args in (["--guidance", "-1"], ["--guidance", "1", "--negative-prompt", "blurry"]):
         assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), *args])) == 2
         assert "give a scale >= 0, and > 1 with --negative-prompt" in capsys.readouterr().err
@@ -223,20 +223,74 @@ def test_generate_refuses_the_current_folder_or_one_above_it_as_out(prompts, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "work"] and not any(work.iterdir())
 
 
-def test_generate_removes_its_temp_folder_when_writing_fails(tmp_path, monkeypatch):
+def _sampler(images, calls, stop=None):
+    """A stand-in for sample_model in generate._sample_into: image i of `images` at prompt "p{i}", seed i, one
+    per batch, stopped by Ctrl-C at image `stop`."""
+    from t2i_align.sampling import Samples
+
+    def sample(first, write):
+        calls.append(first)
+        for i in range(first, len(images)):
+            if i == stop:
+                raise KeyboardInterrupt
+            write(Samples(latents=None, images=images[i:i + 1], prompts=[f"p{i}"], seeds=[i]))
+    return sample
+
+
+def test_generate_resumes_where_an_interrupted_run_stopped(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from t2i_align.errors import UserError
+
+    gen, images, calls = _script("generate"), torch.rand(5, 3, 8, 8), []
+    out, part, run = tmp_path / "out", tmp_path / "out.partial", {"steps": 2, "batch_size": 1, "images": 5}
+    with pytest.raises(KeyboardInterrupt):
+        gen._sample_into(out, _sampler(images, calls, stop=3), {"steps": 2}, run)
+    assert f"note: 3 of 5 images are kept in {part}: the same command with --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in part.iterdir()) == ["00000.png", "00001.png", "00002.png", "metadata.jsonl",
+                                                      gen.MADE_BY] and not out.exists()
+    with open(part / "metadata.jsonl", "a") as listing:  # a kill while writing image 3: its PNG, half its line
+        listing.write('{"file": "00003.png", "pro')
+    (part / "00003.png").write_bytes(b"half")
+    with pytest.raises(UserError, match="holds 3 images of an unfinished generate.py run: add --resume to finish"):
+        gen._sample_into(out, _sampler(images, calls), {"steps": 2}, run)
+    with pytest.raises(UserError, match=r"started with other settings \(steps differ\)"):
+        gen._sample_into(out, _sampler(images, calls), {"steps": 3}, {**run, "steps": 3}, resume=True)
+    # a smaller batch (after running out of memory) makes the same images
+    assert gen._sample_into(out, _sampler(images, calls), {"steps": 2}, {**run, "batch_size": 4}, resume=True) == 5
+    assert calls == [0, 3] and not part.exists()
+    listed = [json.loads(s) for s in (out / "metadata.jsonl").read_text().splitlines()]
+    assert listed == [{"file": f"{i:05d}.png", "prompt": f"p{i}", "seed": i, "steps": 2} for i in range(5)]
+    expected = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert all(np.array_equal(np.asarray(Image.open(out / m["file"])), expected[i]) for i, m in enumerate(listed))
+    assert json.loads((out / gen.MADE_BY).read_text())["images"] == 5
+
+
+def test_generate_keeps_its_images_when_publishing_fails(tmp_path, monkeypatch, capsys):
+    """A full disk at the final rename kept nothing (the images were in a temporary folder); now --resume
+    publishes them without sampling again. A failure before the first image leaves no folder."""
     import torch
 
     import t2i_align.files as files
-    from t2i_align.sampling import Samples
+
+    gen, images, calls = _script("generate"), torch.rand(2, 3, 8, 8), []
+    out, run = tmp_path / "out", {"images": 2}
 
     def full_disk(tmp, out):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files, "replace_dir", full_disk)
-    samples = Samples(latents=None, images=torch.zeros(2, 3, 8, 8), prompts=["a", "b"], seeds=[0, 1])
-    with pytest.raises(OSError, match="No space left"):
-        _script("generate")._sample_into(tmp_path / "out", lambda write: write(samples), {})
-    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "replace_dir", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            gen._sample_into(out, _sampler(images, calls), {}, run)
+    assert "2 of 2 images are kept" in capsys.readouterr().err
+    assert gen._sample_into(out, _sampler(images, calls), {}, run, resume=True) == 2 and calls == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(KeyboardInterrupt):
+        gen._sample_into(tmp_path / "none", _sampler(images, calls, stop=0), {}, run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and "kept" not in capsys.readouterr().err
 
 
 def test_compare_refuses_a_single_image_pair_before_sampling(tmp_path, monkeypatch, capsys):
@@ -332,22 +386,35 @@ def test_wandb_gallery_panels_hold_at_most_100_images():
     assert sizes == {"gallery/images": PANEL_IMAGES, "gallery/images_2": 60} and PANEL_IMAGES <= 108
 
 
-def test_a_killed_generate_leaves_no_hidden_folder(prompts, tmp_path):
-    """SIGTERM ended Python without its clean-up: a hidden .samples.tmp-* folder of images stayed for good."""
+def test_a_killed_generate_keeps_its_images_and_resume_finishes_them(prompts, tmp_path):
+    """SIGTERM: the images made so far stay in OUT.partial (before session 26 a kill kept nothing, and a hidden
+    temporary folder of images stayed for good before that); --resume makes the rest, the images an uninterrupted
+    run makes."""
     import signal
     import subprocess
     import time
 
-    many = tmp_path / "many.txt"
-    many.write_text(prompts.read_text() * 40)
-    proc = subprocess.Popen([sys.executable, str(SAMPLE / "generate.py"), "--prompts", str(many), "--out",
-                             str(tmp_path / "samples"), "--steps", "2", "--batch-size", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    many, out, part = tmp_path / "many.txt", tmp_path / "samples", tmp_path / "samples.partial"
+    lines = [line for line in prompts.read_text().splitlines() if line] * 20
+    many.write_text("\n".join(lines) + "\n")
+    args = ["--prompts", str(many), "--out", str(out), "--steps", "2", "--batch-size", "1", "--seeds-per-prompt", "1"]
+    proc = subprocess.Popen([sys.executable, str(SAMPLE / "generate.py"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while not any(p.name.startswith(".samples.tmp-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+    while not (part / "metadata.jsonl").is_file() or not (part / "metadata.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.txt", "prompts.txt"]
+    assert "images are kept in" in proc.stderr.read().decode() and not out.exists()
+    done = len(_script("generate")._whole_images(part))
+    assert 0 < done < len(lines)
+    assert _script("generate").main([*args, "--resume"])["images"] == len(lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.txt", "prompts.txt", "samples"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == len(lines)
+    # the first done + 2 images, made in one run: the same PNGs
+    few = tmp_path / "few.txt"
+    few.write_text("\n".join(lines[:done + 2]) + "\n")
+    _script("generate").main(["--prompts", str(few), "--out", str(tmp_path / "ref"), *args[4:]])
+    assert all((out / f"{i:05d}.png").read_bytes() == (tmp_path / "ref" / f"{i:05d}.png").read_bytes()
+               for i in range(done + 2))
