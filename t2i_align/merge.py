@@ -46,7 +46,7 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     encoding = pipeline_components(pipe).text_encoding
     with staged_dir(out) as tmp:  # a full disk or Ctrl-C leaves no hidden pipeline-sized folder behind
         save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
-        table = _user_table(model, lora) if lora is not None else None
+        table = _user_table(model, lora, unet)
         if table is not None:
             shutil.copy2(table, tmp / USER_TABLE_NAME)
         write_text_encoding(tmp, encoding.kind, encoding.token_budget)
@@ -58,12 +58,14 @@ def _text(path: Optional[str | Path]) -> Optional[str]:
     return None if path is None else str(path)
 
 
-def _user_table(model: str | Path, lora: str | Path) -> Optional[Path]:
-    """PPD's user table: the LoRA folder's, else the model folder's (a LoRA tuned on a full PPD export)."""
+def _user_table(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> Optional[Path]:
+    """PPD's user table, from where the user branch loads (`sampling.load_pipeline`): the LoRA folder's, else the
+    UNet checkpoint's (a full PPD export), else the model folder's (a LoRA tuned on a full PPD export)."""
+    from .unet_checkpoint import checkpoint_folders
     from .users.table import USER_TABLE_NAME
 
-    folders = [Path(lora) if Path(lora).is_dir() else Path(lora).parent]
-    folders += [Path(model)] if str(model) != "toy" else []
+    folders = [] if lora is None else [Path(lora) if Path(lora).is_dir() else Path(lora).parent]
+    folders += checkpoint_folders(unet) + ([Path(model)] if str(model) != "toy" else [])
     return next((f / USER_TABLE_NAME for f in folders if (f / USER_TABLE_NAME).is_file()), None)
 
 

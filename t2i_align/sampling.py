@@ -57,7 +57,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
                   scheduler: Optional[str] = None, text_encoding: Optional[str] = None, dtype: str = "fp32",
                   variant: Optional[str] = None, unet: Optional[str | Path] = None):
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
-    a PPD user branch (user_branch.safetensors in the LoRA folder or the model folder) is loaded as well.
+    a PPD user branch (user_branch.safetensors in the LoRA folder, beside a `unet` checkpoint or in the model folder)
+    is loaded as well.
     Every part in `dtype` ("fp32", "fp16", "bf16": one dtype, whatever each part was saved in); weights of
     `variant` where the folder holds it (else its plain weights: a base and a tuned export take one flag), else of
     the one variant a folder without plain weights holds (`weight_files.weights_variant`); no safety checker (we
@@ -73,6 +74,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
 
     from .models import ModelLoadError, dtype_kwargs, torch_dtype
     from .weight_files import weights_variant
+    from .unet_checkpoint import checkpoint_folders
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path, encoding = check_weights(model, lora, text_encoding, unet=unet)
@@ -84,7 +86,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         from .unet_checkpoint import load_unet_checkpoint
 
         pipe.unet = load_unet_checkpoint(unet, pipe.unet, variant)
-    attach_user_branch(pipe, lora, path)  # PPD: a user branch next to the adapters, or beside a full model's unet/
+    # PPD: a user branch next to the adapters, or beside a full model's unet/ (a --unet checkpoint's first)
+    attach_user_branch(pipe, lora, *checkpoint_folders(unet), path)
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:
             pipe.load_lora_weights(str(lora))
@@ -170,13 +173,9 @@ def recorded_text_encoding(model_dir: Path, lora: Optional[Path] = None, request
     raises ModelLoadError."""
     from .models import ModelLoadError
 
-    where_unet = []
-    if unet is not None:
-        from .unet_checkpoint import unet_folder
+    from .unet_checkpoint import checkpoint_folders
 
-        folder = unet_folder(unet)
-        where_unet = [folder.parent, folder] if folder.name == "unet" else [folder]
-    for where in [w for w in [lora, *where_unet, model_dir] if w is not None]:
+    for where in [w for w in [lora, *checkpoint_folders(unet), model_dir] if w is not None]:
         recorded = read_text_encoding(where)
         if recorded is None:
             continue

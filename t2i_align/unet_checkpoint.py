@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -31,6 +31,15 @@ def unet_folder(given: str | Path) -> Path:
             return folder
     raise ModelLoadError(f"--unet {given}: no UNet there (no config.json in it or in its unet/ folder); give a "
                          "diffusers UNet folder, or a checkpoint folder holding one as unet/")
+
+
+def checkpoint_folders(given: Optional[str | Path]) -> List[Path]:
+    """Where a UNet checkpoint's companions (text-encoding record, PPD user branch and table) lie: beside its
+    unet/ folder (a full export of ours, `RUN/final`), then in the UNet folder; [] for no checkpoint."""
+    if given is None:
+        return []
+    folder = unet_folder(given)
+    return [folder.parent, folder] if folder.name == "unet" else [folder]
 
 
 def check_fits(folder: Path, base: torch.nn.Module) -> None:

@@ -238,14 +238,37 @@ def test_merging_a_ppd_final_keeps_its_user_branch_and_table(model, ppd_final, t
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("given", ["root", "unet"])
+def test_a_full_ppd_export_merged_as_unet_keeps_its_user_branch_and_table(model, tmp_path, given):
+    """`merge_lora.py --unet RUN/final` of a full-fine-tuning PPD run left the branch and table beside unet/
+    behind: the merged folder sampled no user (since session 26 they load from the checkpoint's folder)."""
+    from t2i_align.checkpoints import export_final
+    from t2i_align.merge import merge_lora
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.users.inference import UserChoice, user_tokens_for
+
+    pipe = _pipe(model)
+    _perturb(list(ub.add_user_branch(pipe.unet, DIM, TOKENS)) + list(pipe.unet.parameters())[:4])
+    table = UserTable([1, 2], torch.randn(2, TOKENS, DIM, generator=torch.Generator().manual_seed(1)))
+    final = export_final(pipe, pipe.unet, False, tmp_path / "run", user_table=table)
+    merged = merge_lora(model, None, tmp_path / "merged", unet=final if given == "root" else final / "unet")
+    assert sorted(p.name for p in merged.glob("user_*.safetensors")) == ["user_branch.safetensors",
+                                                                       "user_table.safetensors"]
+    images = []
+    for m in (final, merged):
+        pipe = load_pipeline(m)
+        images.append(_generate(pipe, user_tokens_for(pipe, UserChoice(ids=["2"]), 2, (None, m))))
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
+
+
 def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path):
     from t2i_align.merge import _user_table
 
     lora, model = tmp_path / "final", tmp_path / "ppd-full"
     lora.mkdir()
     model.mkdir()
-    assert _user_table(model, lora) is None
+    assert _user_table(model, lora, None) is None
     (model / "user_table.safetensors").write_text("")
-    assert _user_table(model, lora / "pytorch_lora_weights.safetensors") == model / "user_table.safetensors"
+    assert _user_table(model, lora / "pytorch_lora_weights.safetensors", None) == model / "user_table.safetensors"
     (lora / "user_table.safetensors").write_text("")
-    assert _user_table(model, lora) == lora / "user_table.safetensors"
+    assert _user_table(model, lora, None) == lora / "user_table.safetensors"
