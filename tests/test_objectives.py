@@ -49,9 +49,8 @@ def test_dpo_sigmoid_by_hand():
     assert torch.allclose(logits, torch.tensor([0.5, -1.0]), atol=1e-6)
     # -log σ(0.5) = log(1 + e^-0.5) ; -log σ(-1) = log(1 + e)
     assert torch.allclose(losses, torch.tensor([0.474077, 1.313262]), atol=1e-6)
+    # the mean of the pairs' losses; not the diffusers#6702 bug, the loss of the mean logit: -log σ(-0.25) = 0.825939
     assert losses.mean().item() == pytest.approx(0.893670, abs=1e-6)
-    # not the diffusers#6702 bug: -logsigmoid(mean z) = log(1 + e^0.25) = 0.825939 is another number
-    assert -torch.nn.functional.logsigmoid(logits.mean()).item() == pytest.approx(0.825939, abs=1e-6)
     assert implicit_accuracy(torch.tensor([1.0, -2.0, 0.0, 3.0])).item() == pytest.approx(0.625)  # (2 + ½) / 4
     diffusers_losses, diffusers_logits = dpo_loss(MW, ML, RW, RL, beta=5.0, beta_convention="diffusers")
     assert torch.allclose(diffusers_logits, logits) and torch.allclose(diffusers_losses, losses)
@@ -72,27 +71,35 @@ def test_dpo_hinge_and_ipo_by_hand():
             dpo_loss(MW, ML, RW, RL, beta=1.0, **bad)
 
 
-def test_policy_denoising_winner_better_than_reference_has_positive_logits():
+@pytest.mark.parametrize("loss_type, convention, beta", [("sigmoid", "official", 10.0), ("sigmoid", "diffusers", 5.0),
+                                                        ("hinge", "official", 10.0), ("ipo", "official", 10.0)])
+def test_policy_denoising_winner_better_than_reference_has_positive_logits(loss_type, convention, beta):
+    """DPO.compute_loss by hand, for each loss_type and β convention (the same logits z here: official β = 10 is
+    diffusers' β = 5)."""
     sched, batch = nice_scheduler(), pair_batch(b=3)
     batch.latents_w = torch.zeros_like(batch.latents_w)  # x_t^w = sqrt(1-ᾱ_t)·ε, so ε = x_t / sqrt(1-ᾱ_t)
     sigma = (1 - sched.alphas_cumprod).sqrt()
     policy = Recorder(lambda noisy, t: noisy / sigma[t].reshape(-1, 1, 1, 1))  # exact on winners only
     reference = Recorder()  # same error on w and l (shared ε)
-    loss, metrics = DPO().compute_loss(policy, reference, batch, sched, ObjectiveConfig(beta=10.0),
-                                       torch.Generator().manual_seed(0))
+    cfg = ObjectiveConfig(beta=beta, loss_type=loss_type, beta_convention=convention)
+    loss, metrics = DPO().compute_loss(policy, reference, batch, sched, cfg, torch.Generator().manual_seed(0))
     assert metrics["mse_w"] == pytest.approx(0.0, abs=1e-10) and metrics["mse_l"] > 0
     assert metrics["ref_mse_w"] == pytest.approx(metrics["ref_mse_l"], rel=1e-6)
     assert metrics["logit_mean"] == pytest.approx(5.0 * metrics["mse_l"], rel=1e-5)  # ½β·(0 - (0 - mse_l))
-    assert metrics["implicit_acc"] == 1.0 and metrics["loss"] == pytest.approx(loss.item()) and loss < math.log(2)
+    assert metrics["implicit_acc"] == 1.0 and metrics["loss"] == pytest.approx(loss.item())
     assert metrics["model_mse"] == pytest.approx((metrics["mse_w"] + metrics["mse_l"]) / 2, rel=1e-6)
-    assert 0 < metrics["sigma_neg_logit_mean"] < 0.5
     # per pair by hand: ε = x_t^w / σ_t, policy error on l = (x_t^l - x_t^w) / σ_t, z_i = ½β·mse_l_i
     (noisy, t, _, _), = policy.calls
     eps_w, eps_l = (noisy / sigma[t].reshape(-1, 1, 1, 1)).chunk(2)
     z = 5.0 * (eps_l - eps_w).pow(2).mean(dim=(1, 2, 3))
     assert len(set(z.tolist())) == 3
-    assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(z).mean().item(), rel=1e-5)
-    assert loss.item() != pytest.approx(-torch.nn.functional.logsigmoid(z.mean()).item(), rel=1e-3)
+    assert metrics["sigma_neg_logit_mean"] == pytest.approx(torch.sigmoid(-z).mean().item(), rel=1e-5)
+    expected = {"sigmoid": -torch.nn.functional.logsigmoid(z), "hinge": torch.relu(1 - z),
+                "ipo": (z / 5.0 - 0.1) ** 2}[loss_type]  # ipo: margin z / s, s = 5, target 1/(2s)
+    assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)
+    if loss_type == "sigmoid":  # the mean of the pairs' losses, not the loss of the mean logit (diffusers#6702)
+        assert loss < math.log(2) and loss.item() != pytest.approx(-torch.nn.functional.logsigmoid(z.mean()).item(),
+                                                                   rel=1e-3)
 
 
 def test_sft_weight_adds_the_winners_error_to_the_dpo_loss():

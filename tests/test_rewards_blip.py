@@ -138,6 +138,16 @@ def test_key_mapping_uses_the_official_layout(files):
     assert "text.encoder.layer.1.crossattention.self.key.weight" in renamed
 
 
+def test_the_normalisation_constants_are_the_official_ones():
+    """Pinned, as the expected scores below are built from them: ImageReward's score statistics (ImageReward.py,
+    `self.mean`, `self.std`) and CLIP's image normalisation (BLIP's preprocessing in ImageReward)."""
+    from reward_models import imagereward
+
+    assert (IMAGEREWARD_MEAN, IMAGEREWARD_STD) == (0.16717362830052426, 1.0333394966054072)
+    assert imagereward.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert imagereward.CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+
+
 @pytest.mark.parametrize("cls,key,mean,std", [(ImageRewardScore, "ir", IMAGEREWARD_MEAN, IMAGEREWARD_STD),
                                               (VPScore, "vp", IMAGEREWARD_MEAN, IMAGEREWARD_STD),
                                               (VPScore, "vp", 0.5, 2.0)])

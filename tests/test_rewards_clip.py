@@ -24,6 +24,14 @@ def tiny_clip(cfg=TINY, seed=0):
     return CLIP(**cfg).eval()
 
 
+def test_the_normalisation_constants_are_openais():
+    """Pinned, as the direct computations below take them from our module: a typo there would pass them."""
+    import open_clip
+
+    assert OPENAI_MEAN == (0.48145466, 0.4578275, 0.40821073) == open_clip.OPENAI_DATASET_MEAN
+    assert OPENAI_STD == (0.26862954, 0.26130258, 0.27577711) == open_clip.OPENAI_DATASET_STD
+
+
 def direct_cosine(model, pixels01, prompts, context_length):
     """The reference computation, straight from open_clip: no code of ours but the normalisation constants."""
     import open_clip

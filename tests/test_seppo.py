@@ -91,10 +91,74 @@ def test_a_tie_means_the_reference_sample_is_not_a_loser():
 
 
 def test_draws_depend_only_on_seed_and_step():
+    import random
+
+    import numpy as np
+
     draws = [draw_index("random", 5, seed=3, step=s) for s in range(200)]
-    assert draws == [draw_index("random", 5, seed=3, step=s) for s in range(200)]
+    assert draws[:8] == [4, 4, 4, 1, 0, 0, 2, 2]  # numpy's default_rng([seed, step]).integers(5)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # the global generators play no part
+    assert [draw_index("random", 5, seed=4, step=s) for s in range(8)] == [3, 2, 1, 1, 1, 0, 1, 4]
     assert set(draws) == {0, 1, 2, 3, 4}  # uniform over the pool, the initial model (0) included
     assert draw_index("initial", 5, 3, 7) == 0 and draw_index("latest", 5, 3, 7) == 4
+
+
+def test_the_reference_is_the_policy_only_when_drawn_at_the_policys_own_step():
+    from t2i_align.references import SnapshotPool
+
+    pool = SnapshotPool.__new__(SnapshotPool)  # the draw alone, without a model
+    pool.draw, pool.seed, pool.steps, pool.current, pool.step = "latest", 0, [0, 2, 4], None, 0
+    assert not pool.reference_is_policy()  # nothing drawn yet
+    pool.begin_step(4)
+    assert pool.current == 4 and pool.reference_is_policy()  # the snapshot taken after the policy's 4 updates
+    pool.begin_step(5)
+    assert pool.current == 4 and not pool.reference_is_policy()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_seppo_compute_loss_by_hand(tie):
+    """SePPO.compute_loss with a stand-in reference sampler: the preferred latents are 0 and the policy predicts
+    ε exactly on them (ε = x_t / σ_t), the reference predicts 0; the reference's samples are all 1. With ᾱ =
+    [0.64, 0.36]: mse_w = 0, mse_r = ᾱ_t / (1 - ᾱ_t) = SNR(t) (16/9 at t = 0, 0.5625 at t = 1), and the reference
+    errs equally on both (the noise is shared). Without a tie the policy beats the reference on the anchor (s = +1):
+    loss_i = softplus(-5·SNR(t_i)); with a tie (the drawn snapshot is the policy) s = -1:
+    loss_i = softplus(-5·(2·mean ε_i² - SNR(t_i)))."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from t2i_align.conditioning.text import PromptEmbeds
+    from t2i_align.objectives import ImageBatch
+    from t2i_align.objectives.seppo import SePPO
+
+    sched = DDPMScheduler(num_train_timesteps=2, trained_betas=[0.36, 0.4375])  # ᾱ = [0.64, 0.36]
+    sigma, calls = (1 - sched.alphas_cumprod).sqrt(), []
+
+    def policy(noisy, t, embeds, time_ids=None):
+        calls.append((noisy.clone(), t.clone()))
+        return noisy / sigma[t].reshape(-1, 1, 1, 1)
+
+    objective = SePPO()
+    seppo = SimpleNamespace(anchor_draws=1, flip="sign", sample_steps=2, guidance_scale=1.0, reencode=False)
+    objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=seppo),
+                                    components=SimpleNamespace(spec=SimpleNamespace(uses_time_ids=False)),
+                                    sample=lambda ref, embeds, latent_shape, **kw: torch.ones(4, *latent_shape))
+    objective.pool = SimpleNamespace(reference_is_policy=lambda: tie)
+    images = ImageBatch(torch.zeros(4, 1, 2, 2), PromptEmbeds(torch.zeros(4, 5, 8)))
+    loss, metrics = objective.compute_loss(policy, lambda noisy, *rest: torch.zeros_like(noisy), images, sched,
+                                           ObjectiveConfig(name="seppo", beta=10.0), torch.Generator().manual_seed(0))
+    (noisy, t), = calls
+    assert t.tolist() == [0, 0, 0, 1, 0, 0, 0, 1]  # one draw of t per pair of rows (seed 0)
+    snr = torch.tensor([16 / 9, 16 / 9, 16 / 9, 0.5625])
+    assert metrics["mse_w"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["mse_ref_sample"] == pytest.approx(snr.mean().item(), rel=1e-5)
+    assert metrics["flip_rate"] == (1.0 if tie else 0.0)
+    if not tie:  # softplus(-80/9) = 1.3790e-4 (three times), softplus(-2.8125) = 0.058320
+        assert loss.item() == pytest.approx(0.0146835, rel=1e-4)
+    else:
+        eps2 = (noisy[:4] / sigma[t[:4]].reshape(-1, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
+        assert loss.item() == pytest.approx(torch.nn.functional.softplus(-5 * (2 * eps2 - snr)).mean().item(),
+                                            rel=1e-5)
 
 
 @pytest.mark.parametrize("override", ["seppo.pool_size=0", "seppo.reference=best", "seppo.flip=maybe",
@@ -333,11 +397,27 @@ def test_flipper_agreement_counts_by_hand():
     assert got["agreement_one_draw"] == 0.5 and got["agreement_mean_draws"] == 1.0  # a tie (0.8, 0.8) is no loser
 
 
-def test_seppo_step_on_tiny_sdxl_with_generated_time_ids(tmp_path):
+def test_seppo_step_on_tiny_sdxl_with_generated_time_ids(tmp_path, monkeypatch):
+    """The reference's samples are conditioned as generated (uncropped, at the training size: [16, 16, 0, 0, 16,
+    16]), the preferred images as read (data.time_ids=per_image: the 24 px render's size before the resize)."""
+    from t2i_align.objectives.seppo import SePPO
+
+    seen, original = [], SePPO.compute_loss
+
+    def policy_inputs(self, policy, reference, batch, *args, **kw):
+        def recorded(noisy, t, embeds, time_ids=None):
+            seen.append(time_ids)
+            return policy(noisy, t, embeds, time_ids)
+        return original(self, recorded, reference, batch, *args, **kw)
+
+    monkeypatch.setattr(SePPO, "compute_loss", policy_inputs)
     model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
-    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4)
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4, size=24)
     out = tmp_path / "run"
-    train(_cfg(model, data, out, *SEPPO, "lora.enabled=true", "train.max_steps=2", "model.weight_dtype=fp32"))
+    train(_cfg(model, data, out, *SEPPO, "lora.enabled=true", "train.max_steps=2", "model.weight_dtype=fp32",
+               "data.time_ids=per_image"))
+    assert len(seen) == 2 and all(ids.tolist() == [[24, 24, 0, 0, 16, 16]] * 2 + [[16, 16, 0, 0, 16, 16]] * 2
+                                  for ids in seen)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert records[1]["reference_pool_size"] == 2
