@@ -2,7 +2,7 @@
 # README's AI-feedback toy table: Diffusion-DPO on the best-vs-worst-of-8 toy pairs with the judge's labels (the
 # ground truth, standing in for people) against DPO on the same pairs relabelled by toy-clip, a learned reward
 # (`python -m t2i_align.data relabel`, Diffusion-DPO's --choice_model computed once); same config (LoRA r8, batch
-# 16, LR 5e-4, 600 steps, seed 0). Judged on held-out seeds 0 and fresh seeds 100000 (nothing was chosen on either:
+# 16, LR 5e-4, 600 steps, seed 0). Judged on held-out seeds 0, fresh seeds 100000 and 1000000 (nothing was chosen:
 # both runs take configs/toy/dpo.yaml with only the steps and data set here). About an hour on one idle 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ train() {  # name data
 train dpo-judge $PAIRS
 train dpo-toy-clip $R/pairs-toy-clip
 
-for seed in 0 100000; do
+for seed in 0 100000 1000000; do  # 1000000 added in session 22: no pair's noise
   $PY benchmarks/toy_table.py --model dpo-judge=$R/dpo-judge/final --model dpo-toy-clip=$R/dpo-toy-clip/final \
     --baseline base --baseline dpo-judge --seed $seed --out $R/table-seed$seed.json
 done

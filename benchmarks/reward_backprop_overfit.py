@@ -1,7 +1,9 @@
 """Sanity check for reward_backprop: does its gradient point uphill? One fixed batch of 8 toy long training
 captions, the same noise and gradient steps every time (generator seed 1), AdamW on the LoRA with clip 0.3: the
 reward of that batch should rise step after step. Prints step, reward (S_ω), its relevant and irrelevant parts, and
-the gradient norm before clipping.
+the gradient norm before clipping. The reward is the toy CLIP's decomposed score and there is no KL term, as when
+README's numbers were measured (the shipped config has since moved to the toy Denscore with a KL anchor, which this
+check does not set up: a kl_weight override is refused).
 
     python benchmarks/reward_backprop_overfit.py strided 1e-3 runs/longalign-s1-1200/merged [key=value ...]
 """
@@ -23,7 +25,10 @@ def main(mode: str, lr: float, model: str, overrides, steps: int = 15) -> None:
     torch.manual_seed(0)
     cfg = load_config("configs/toy/longalign_reward.yaml", [
         f"model.pretrained={model}", "output_dir=runs/longalign-overfit", "reward_backprop.num_steps=20",
-        f"reward_backprop.grad_mode={mode}", "reward_backprop.grad_k=5", *overrides])
+        f"reward_backprop.grad_mode={mode}", "reward_backprop.grad_k=5",
+        "reward_backprop.reward_options.checkpoint=toy", "reward_backprop.kl_weight=0", *overrides])
+    if cfg.reward_backprop.kl_weight:
+        raise SystemExit("reward_backprop_overfit.py measures the reward's gradient alone: leave kl_weight at 0")
     comps = load_components(cfg.model)
     params = add_lora(comps.unet, cfg.lora)
     cpu = torch.device("cpu")

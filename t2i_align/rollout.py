@@ -173,7 +173,9 @@ def rollout(denoiser: Denoiser, embeds: PromptEmbeds, uncond_embeds: Optional[Pr
     that path is kept too. Memory grows with len(grad_steps) (each keeps its denoiser activations for backward),
     not with num_steps (a step without gradients keeps nothing but latent-sized update terms). `checkpoint`:
     gradient steps keep only their input and recompute the denoiser in backward (one more forward per gradient
-    step), so memory is nearly flat in len(grad_steps) too (benchmarks/reward_backprop_step.py).
+    step), so what is saved for backward is nearly flat in len(grad_steps) too (toy model, 50-step chain: 3.2 MiB
+    at 1 gradient step, 3.5 at 50; the peak still grows, 6 → 64 MiB, against 11 → 399 without checkpointing:
+    benchmarks/results/reward_backprop_step_toy_cpu.json from benchmarks/reward_backprop_step.py).
     `scheduler`: any diffusers scheduler whose config holds the noise schedule (the training DDPM one); a fresh
     DDIMScheduler is built from it, so its config decides the timesteps (SD1.5's "leading" spacing gives
     981 … 1 for 50 steps; LongAlign's 999 … 19 is `timestep_spacing="trailing"`, e.g. a scheduler made with

@@ -11,7 +11,7 @@ from ..errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
-REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about 40 minutes on 2 CPU cores)."
+REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about an hour on 2 CPU cores)."
 
 
 class ToyAssetError(UserError, RuntimeError):
