@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -179,6 +180,26 @@ def add_user_args(p: argparse.ArgumentParser) -> None:
                    help="toy users: a Pick-a-Pic-format parquet of the user's labelled pairs, embedded by the toy "
                         "encoder (as many usable pairs as the branch has tokens: 4)")
     p.add_argument("--user-scale", type=float, default=None, help="user scale lambda of the branch (0: base)")
+
+
+def has_user_branch(model, lora) -> bool:
+    """Whether the side (model, lora) loads a PPD user branch: user_branch.safetensors next to the LoRA or in the
+    model's folder (as loaded: `~/m`, a hub id in the cache)."""
+    from t2i_align.model_folders import resolve_pretrained
+    from t2i_align.users.inference import branch_file
+
+    folders = [lora, resolve_pretrained(model, key="--model")]
+    return any(branch_file(f) is not None for f in folders if f is not None and Path(f).exists())
+
+
+def check_user_flags(args, sides) -> None:
+    """--user and its flags only where a side ((model, lora) pairs) has a user branch to sample for."""
+    from reward_models.cli import UsageError
+
+    given = args.user or args.user_shots or args.user_table or args.user_scale is not None
+    if given and not any(has_user_branch(model, lora) for model, lora in sides):
+        raise UsageError("--user: no model here has a PPD user branch (user_branch.safetensors next to --lora or "
+                         "in --model), so there is no one to sample for; drop --user or give a PPD-trained --lora")
 
 
 def user_choice_from(args, user_id=None):

@@ -19,14 +19,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
-                    check_rewards_read, default_model, load_reward_set, note_training_seeds, run_cli, settings_from,
-                    user_choice_from)
-
-
-def _has_branch(model, lora) -> bool:
-    from t2i_align.users.inference import branch_file
-
-    return any(branch_file(f) is not None for f in (lora, model) if f is not None and Path(f).exists())
+                    check_rewards_read, check_user_flags, default_model, has_user_branch, load_reward_set,
+                    note_training_seeds, run_cli, settings_from, user_choice_from)
 
 
 def compare_sets(args, rewards, save=None) -> dict:
@@ -55,6 +49,7 @@ def compare_sets(args, rewards, save=None) -> dict:
     result = {"base": {"model": args.base, "lora": args.base_lora, "text_encoding": args.base_text_encoding},
               "tuned": {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding},
               "settings": settings.as_dict(), "sets": {}, "unfinished": [_key(*b) for b in blocks]}
+    unbranched = {}  # prompt set -> scores of a side without a user branch: the same for every --user
     for spec, user_id in blocks:
         prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
@@ -62,13 +57,19 @@ def compare_sets(args, rewards, save=None) -> dict:
         # the tuned side first: most flags (--user ...) are its, and fail at its loading
         for side, model, lora, encoding in (("tuned", args.model, args.lora, args.text_encoding),
                                             ("base", args.base, args.base_lora, args.base_text_encoding)):
+            branch = has_user_branch(model, lora)
+            if not branch and (spec, side) in unbranched:
+                scores[side] = unbranched[spec, side]
+                continue
             scores[side] = {name: [] for name in rewards}
 
             def score(batch, side=side) -> None:  # each batch scored as it comes: no side's images all held
                 for name, values in score_samples(batch, rewards).items():
                     scores[side][name] += values
-            sample_model(model, lora, prompts, settings, args.device, encoding,
-                         user=user if _has_branch(model, lora) else None, on_batch=score)
+            sample_model(model, lora, prompts, settings, args.device, encoding, user=user if branch else None,
+                         on_batch=score)
+            if not branch:
+                unbranched[spec, side] = scores[side]
         result["sets"][_key(spec, user_id)] = {
             "prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
             "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name], groups) for name in rewards}}
@@ -107,8 +108,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
                           replaces=[Path(args.out)], overwrite=args.overwrite)
     args.base = args.base or args.base_model or args.model
-    if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding) \
-            and not args.user:
+    if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding):
         print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "
               "statistics (win rate 0.5); to judge a tuned model give its --lora, or --base the original",
               file=sys.stderr)
@@ -118,10 +118,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.alpha is not None:
         raise UsageError("--alpha: compare runs one user at a time (each --user in turn); interpolate with "
                          "sample/generate.py")
-    if args.user and not any(_has_branch(m, lora) for m, lora in ((args.base, args.base_lora),
-                                                                      (args.model, args.lora))):
-        raise UsageError("--user: neither model has a PPD user branch (user_branch.safetensors next to --lora or in "
-                         "--model), so there is no one to sample for; drop --user or give a PPD-trained --lora")
+    check_user_flags(args, [(args.base, args.base_lora), (args.model, args.lora)])
     args.prompts = args.prompts or ["toy:heldout"]
     return compare_sets(args, load_reward_set(args.reward, args.option, args.device),
                         save=_saver(Path(args.out)) if args.out else None)

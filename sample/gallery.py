@@ -2,6 +2,9 @@
 --out, and the same images and table in W&B (--wandb offline|online; off by default).
 
     python sample/gallery.py --lora runs/toy-raft/final --prompts toy:heldout --max-prompts 12 --out runs/gal
+    python sample/gallery.py --lora runs/toy-ppd/final --user 3 --out runs/gal-user-3   # PPD: one user's images
+
+PPD: a side whose model has a user branch samples for the --user given (one user, or two with --alpha).
 """
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from common import (add_model_args, add_reward_args, add_sampling_args, check_models, check_rewards_read,
-                    default_model, load_reward_set, run_cli, settings_from)
+from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
+                    check_rewards_read, check_user_flags, default_model, has_user_branch, load_reward_set, run_cli,
+                    settings_from, user_choice_from)
 
 
 def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
@@ -38,6 +42,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     add_model_args(p, prefix="base-")
     add_sampling_args(p)
     add_reward_args(p)
+    add_user_args(p)
     p.set_defaults(seeds_per_prompt=2)
     p.add_argument("--no-base", action="store_true", help="show only --model (no base column)")
     p.add_argument("--max-prompts", type=int, default=16, help="first N prompts of the set (default 16)")
@@ -69,12 +74,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if not args.no_base:
         models = {"base": (args.base_model or args.model, args.base_lora, args.base_text_encoding), **models}
     check_models(models)
+    check_user_flags(args, [(m, lora) for m, lora, _ in models.values()])
+    user = user_choice_from(args)
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
     existed = Path(args.out).exists()
     tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
     try:
-        sets = {name: sample_model(m, lora, prompts, settings, args.device, encoding)
-                for name, (m, lora, encoding) in models.items()}
+        # the tuned side first: most flags (--lora, --user) are its, and fail at its loading, not after the base
+        sets = {name: sample_model(*models[name][:2], prompts, settings, args.device, models[name][2],
+                                   user=user if has_user_branch(*models[name][:2]) else None)
+                for name in sorted(models, key=lambda name: name != "tuned")}
+        sets = {name: sets[name] for name in models}  # columns: base, then tuned
     except BaseException:  # a model that fails to load (a LoRA of another family) leaves no empty --out behind
         if not existed and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
             Path(args.out).rmdir()

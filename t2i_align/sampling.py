@@ -243,6 +243,17 @@ def _decode(pipe, latents: torch.Tensor, slice_size: int = 4) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_user_given(pipe, user_tokens) -> None:
+    """A UNet with a PPD user branch samples for a user: without one diffusers' UNet fails deep inside (a TypeError
+    on its missing image embeddings)."""
+    from .conditioning.users import UserBranchError, has_user_branch
+
+    if user_tokens is None and has_user_branch(pipe.unet):
+        raise UserBranchError("this model has a PPD user branch, so it samples for a user, and none was given: "
+                              "sample/generate.py, gallery.py and compare.py take --user ID (python -m "
+                              "t2i_align.toy evaluate samples no user)")
+
+
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 20,
              guidance_scale: float = 3.0, batch_size: int = 64, negative_prompt: Optional[str] = None,
              height: Optional[int] = None, width: Optional[int] = None,
@@ -268,6 +279,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
         raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
     if not prompts:
         raise ValueError("generate got no prompts")
+    _check_user_given(pipe, user_tokens)
     components = pipeline_components(pipe)
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, negative_prompt=negative_prompt)

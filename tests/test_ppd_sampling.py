@@ -178,10 +178,13 @@ def test_compare_reports_per_user(model, ppd_final, tmp_path, monkeypatch):
                                       "--user", "1", "--user", "zoe", "--reward", "toy-judge", "--steps", "2",
                                       "--seeds-per-prompt", "2"])
     assert sorted(result["sets"]) == [f"{prompts} · user 1", f"{prompts} · user zoe"]
-    # per user: the tuned side (with the branch) for that user first, then the base (no branch, no user)
-    assert calls == [(str(ppd_final), ["1"]), (None, None), (str(ppd_final), ["zoe"]), (None, None)]
+    # per user: the tuned side (with the branch) for that user first, then the base (no branch, no user), whose
+    # images are the same for every user: sampled once
+    assert calls == [(str(ppd_final), ["1"]), (None, None), (str(ppd_final), ["zoe"])]
     for block in result["sets"].values():
         assert block["images_per_model"] == 2 and "toy-judge" in block["rewards"]
+    base = [block["rewards"]["toy-judge"]["base"] for block in result["sets"].values()]
+    assert base[0] == base[1]
 
 
 def test_generate_cli_embeds_a_toy_user_from_shots(tmp_path, capsys):
@@ -272,3 +275,47 @@ def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path):
     assert _user_table(model, lora / "pytorch_lora_weights.safetensors", None) == model / "user_table.safetensors"
     (lora / "user_table.safetensors").write_text("")
     assert _user_table(model, lora, None) == lora / "user_table.safetensors"
+
+
+def test_a_model_with_a_branch_sampled_without_a_user_is_a_clear_error(model, ppd_final):
+    """`python -m t2i_align.toy evaluate --lora PPD_FINAL` ended in a TypeError inside diffusers' UNet."""
+    from t2i_align.conditioning.users import UserBranchError
+    from t2i_align.sampling import load_pipeline
+
+    with pytest.raises(UserBranchError, match="has a PPD user branch, so it samples for a user, and none was given"):
+        _generate(load_pipeline(model, lora=ppd_final))
+
+
+def test_gallery_samples_a_ppd_model_for_a_user(model, ppd_final, tmp_path, capsys):
+    """gallery.py had no --user: a PPD model could not be shown at all (its error said to pass --user, which the
+    script refused), and the base column was sampled before the tuned side failed."""
+    (tmp_path / "p.txt").write_text("a cat\na photo\n")
+    args = ["--model", str(model), "--lora", str(ppd_final), "--prompts", str(tmp_path / "p.txt"), "--reward", "",
+            "--steps", "2", "--seeds-per-prompt", "1"]
+    result = _script("gallery").main([*args, "--user", "zoe", "--out", str(tmp_path / "g")])
+    assert result["images_per_model"] == 2 and (tmp_path / "g" / "gallery" / "grid.png").is_file()
+    run = _script("common").run_cli
+    assert run(lambda: _script("gallery").main([*args, "--out", str(tmp_path / "h")])) == 2
+    assert "pass --user ID" in capsys.readouterr().err
+    no_branch = ["--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--reward", "", "--out",
+                 str(tmp_path / "i")]
+    assert run(lambda: _script("gallery").main([*no_branch, "--user", "1"])) == 2
+    assert "no model here has a PPD user branch" in capsys.readouterr().err
+
+
+def test_a_merged_ppd_model_under_home_samples_and_compares_for_a_user(model, ppd_final, tmp_path, monkeypatch,
+                                                                          capsys):
+    """`--model ~/merged`: the branch loaded from the expanded path, the user table was looked up beside the
+    unexpanded one (no user_table.safetensors next to the weights), and compare.py dropped the user. With --user
+    and no other --base, compare.py compares the model with itself: now noted, as without --user."""
+    from t2i_align.merge import merge_lora
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    merge_lora(model, ppd_final, tmp_path / "merged")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    prompts = ["--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--seeds-per-prompt", "2"]
+    assert _script("generate").main(["--model", "~/merged", "--user", "1", "--out", str(tmp_path / "u"),
+                                     *prompts])["images"] == 2
+    result = _script("compare").main(["--model", "~/merged", "--user", "1", "--reward", "toy-clip", *prompts])
+    assert "is compared with itself" in capsys.readouterr().err
+    assert result["sets"][f"{tmp_path / 'p.txt'} · user 1"]["rewards"]["toy-clip"]["win_rate"]["win_rate"] == 0.5

@@ -152,6 +152,7 @@ def test_the_base_model_defaults_to_the_tuned_models_folder(script, tmp_path, mo
     monkeypatch.setattr(evaluation, "sample_model", sample_model)
     monkeypatch.setattr(module, "load_reward_set", lambda *a, **k: {}, raising=False)
     monkeypatch.setattr(module, "check_models", lambda sides: dict.fromkeys(sides))  # the folders do not exist
+    monkeypatch.setattr(module, "has_user_branch", lambda model, lora: False, raising=False)
     with pytest.raises(SystemExit):
         module.main(["--model", str(tmp_path / "sd15"), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "o"),
                      "--prompts", "toy:heldout"])
@@ -188,7 +189,7 @@ def test_gallery_samples_each_side_in_its_text_encoding(tmp_path, monkeypatch):
 
     seen = {}
 
-    def sample_model(model, lora, prompts, settings, device, encoding=None):
+    def sample_model(model, lora, prompts, settings, device, encoding=None, user=None):
         seen[len(seen)] = encoding
         if len(seen) == 2:
             raise SystemExit(0)
@@ -197,7 +198,7 @@ def test_gallery_samples_each_side_in_its_text_encoding(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         _script("gallery").main(["--out", str(tmp_path / "g"), "--text-encoding", "segments",
                                  "--base-text-encoding", "clip77", "--reward", ""])
-    assert seen == {0: "clip77", 1: "segments"}  # base, then tuned
+    assert seen == {0: "segments", 1: "clip77"}  # tuned, then base (the tuned side's flags fail first)
 
 
 def _unsampled(*args, **kwargs):

@@ -111,7 +111,8 @@ def cmd_demo(args) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m t2i_align.toy", description="The t2i-align toy world.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train the toy models from scratch (about an hour on 2 CPU cores, its stages timed apart)")
+    b = sub.add_parser("build", help="train the toy models from scratch (about an hour on 2 CPU cores, its stages "
+                                     "timed apart)")
     b.add_argument("--out", default=None, help="assets folder (default: the shipped one, replaced atomically)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--tiny", action="store_true", help="a few steps of each stage (tests the script only)")
