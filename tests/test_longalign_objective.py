@@ -218,3 +218,25 @@ def test_a_direction_fitted_on_other_prompts_is_not_silently_reused(tmp_path):
     ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
     with pytest.raises(ConfigError, match="fitted on other prompts than .toy:train-long.; delete it to refit"):
         build_reward(ctx, cfg.reward_backprop, "toy:train-long")
+
+
+def test_the_direction_is_fitted_on_a_seeded_sample_of_a_large_prompt_set(tmp_path):
+    """LongAlign's 2M captions were all encoded by the main process (hours, the others waiting), and the prompt
+    list was the reward's cache key, held for the run: now `fit_max_prompts` of them, drawn with the run's seed,
+    and a digest in the key."""
+    import random
+
+    from reward_models.decomposed_clip import load_direction, prompts_digest
+    from t2i_align.objectives.context import ObjectiveContext
+    from t2i_align.objectives.reward_backprop import build_reward
+    from t2i_align.prompts import read_prompts
+
+    cfg = toy_cfg(tmp_path, "reward_backprop.fit_max_prompts=40", "seed=7")
+    ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
+    build_reward(ctx, cfg.reward_backprop, "toy:train-long")
+    _, meta = load_direction(tmp_path / DIRECTION_FILE)
+    sample = random.Random(7).sample(read_prompts("toy:train-long"), 40)
+    assert meta["num_prompts"] == "40" and meta["prompts_sha256"] == prompts_digest(sample)
+    assert max(len(key) for key in ctx._rewards) < 1000
+    with pytest.raises(ConfigError, match="fit_max_prompts"):
+        toy_cfg(tmp_path, "reward_backprop.fit_max_prompts=-1")

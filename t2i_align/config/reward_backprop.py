@@ -27,6 +27,10 @@ class RewardBackpropConfig:
     """Keyword options of the reward, e.g. {checkpoint: /w/denscore, omega: 0.3}. decomposed-clip: without
     `direction` the common direction is fitted once on `fit_prompts` (default: data.path, the training prompts)
     and saved as <output_dir>/reward_direction.safetensors, which every process and every resume loads."""
+    fit_max_prompts: int = 10000
+    """decomposed-clip: fit the common direction on at most this many of the fit prompts, a sample drawn with the
+    run's seed (0: every prompt). A mean of unit vectors is settled long before that (its error shrinks as
+    1/√n), while LongAlign's 2M captions took the main process hours to encode, the other processes waiting."""
     loss_scale: float = 1.0
     """loss = -loss_scale · mean(reward). LongAlign's 0.5·(1 - mean S_ω) - const has the gradient of 0.5: use
     0.5 to reproduce its gradient norms under its clip of 0.3 (AdamW itself hardly sees the scale)."""
@@ -69,5 +73,6 @@ class RewardBackpropConfig:
                f"a divisor of num_steps ({self.num_steps}) with grad_mode strided (or use stratified)")
         _check(self, "eta", self.eta >= 0, "a number >= 0")
         _check(self, "kl_weight", self.kl_weight >= 0, "a number >= 0 (0: no KL regulariser)")
+        _check(self, "fit_max_prompts", self.fit_max_prompts >= 0, "a count >= 0 (0: every fit prompt)")
         _check(self, "timestep_spacing", self.timestep_spacing is None or self.timestep_spacing in SPACINGS,
                "null or one of " + ", ".join(SPACINGS))

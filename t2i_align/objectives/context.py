@@ -93,9 +93,19 @@ class ObjectiveContext:
         from reward_models import get_reward
         from reward_models.base import reward_accepts
 
-        key = f"{name}:{sorted(options.items())}"
+        key = f"{name}:{sorted((k, _option_key(v)) for k, v in options.items())}"
         if key not in self._rewards:
             if reward_accepts(name, "device") and "device" not in options:
                 options = {**options, "device": self.device}  # each process scores on its own device
             self._rewards[key] = get_reward(name, **options)
         return self._rewards[key]
+
+
+def _option_key(value):
+    """An option as part of a reward's cache key: a list (fit prompts: up to millions of captions) by its digest,
+    not its text, which the key would keep for the whole run."""
+    if isinstance(value, (list, tuple)):
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(repr(list(value)).encode("utf-8", "surrogatepass")).hexdigest()
+    return repr(value)

@@ -14,7 +14,8 @@ mean r as `loss`, and r's parts: `reward` (what is optimised), `reward_total` (t
 (t⊥·x), `reward_irrelevant` (η v·x) and `reward_eta` for decomposed-clip, each reward's own info otherwise.
 
 Where we differ from the official code, on purpose:
-- the common direction v is fitted ONCE from a prompt set (default: the training prompts) and saved as
+- the common direction v is fitted ONCE from a prompt set (default: the training prompts, at most
+  `fit_max_prompts` of them, 10,000, a seeded sample) and saved as
   <output_dir>/reward_direction.safetensors, which every process and every resume loads; the code recomputes it
   per step from the all-gathered batch, so a score there depends on the batch and on the number of GPUs;
 - the reward sees the whole decoded image, resized and centre-cropped (`reward_models`), not the code's
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import random
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -82,6 +84,8 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
 
     fit = options.pop("fit_prompts", None) or fit_spec
     prompts = read_prompts(fit, "reward_backprop.reward_options.fit_prompts") if isinstance(fit, str) else list(fit)
+    if 0 < rc.fit_max_prompts < len(prompts):  # the same sample on every process and resume
+        prompts = random.Random(ctx.cfg.seed).sample(prompts, rc.fit_max_prompts)
     path = Path(ctx.cfg.output_dir) / DIRECTION_FILE
     def fit_direction():
         if path.exists():  # a resume: the run's own direction
