@@ -100,6 +100,11 @@ def decompose(t: torch.Tensor, v: torch.Tensor, x: torch.Tensor, omega: float) -
             "weighted": relevant + omega * irrelevant}
 
 
+BATCH_OF_ONE = ("decomposed-clip with direction='batch' got a batch of one prompt: v is then that prompt's own t, "
+                "t⊥ = 0 and nothing is decomposed (the score is ω·S); score batches of several prompts, or fit the "
+                "direction once (fit_prompts=...)")
+
+
 def fit_common_direction(text_vectors: Callable[[List[str]], torch.Tensor], prompts: Sequence[str],
                          chunk_size: int = 4096) -> torch.Tensor:
     """v = normalize(mean over `prompts` of t(p)), unit float32 [D]; `text_vectors(prompts) -> [n, D]`.
@@ -231,6 +236,8 @@ class DecomposedClip(Reward):
         return self.direction
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
+        if self.batch_direction and len(prompts) < 2:
+            raise ValueError(BATCH_OF_ONE)
         t, truncated = self.text_vectors(prompts)
         x = self.encoder.encode_images(images)
         if self.direction is None and not self.batch_direction:

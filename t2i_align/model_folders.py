@@ -170,9 +170,10 @@ def local_model_folder(pretrained: str, skip_parts: Sequence[str] = ()) -> Optio
 
 def check_tuned_folder(path: Path, encoding) -> None:
     """A folder this project tuned and exported (a merge, a full export) trains as it samples: a model tuned on
-    LongAlign's segments (recorded in it) is not trained on captions cut at 77 tokens (from clip77 to segments is
-    LongAlign's own step, allowed), and has no PPD user branch beside unet/, which sampling attaches and training
-    would not (a PPD run adds a fresh one; its reference, every adapter off, would not hold the trained one)."""
+    LongAlign's segments (recorded in it) is not trained on captions cut at 77 tokens or at another token budget
+    (from clip77 to segments is LongAlign's own step, allowed), and has no PPD user branch beside unet/, which
+    sampling attaches and training would not (a PPD run adds a fresh one; its reference, every adapter off, would
+    not hold the trained one)."""
     from .conditioning.text import TEXT_ENCODING_FILE, read_text_encoding
     from .users.inference import branch_file
 
@@ -181,9 +182,11 @@ def check_tuned_folder(path: Path, encoding) -> None:
                              "samples use and training cannot continue: train from the model the PPD run started "
                              "from, or a copy of this folder without user_branch.safetensors")
     recorded = read_text_encoding(path)
-    if recorded is None or recorded.kind != "segments" or encoding.kind == "segments":
+    if recorded is None or recorded.kind != "segments" or (encoding.kind == "segments"
+                                                           and encoding.token_budget == recorded.token_budget):
         return
     raise ModelLoadError(f"model.pretrained {path} was tuned with text encoding {recorded.kind!r} (token budget "
                          f"{recorded.token_budget}, in its {TEXT_ENCODING_FILE}) but this run encodes with "
-                         f"{encoding.kind!r}: set model.text_encoding.kind={recorded.kind} "
+                         f"{encoding.kind!r} ({encoding.token_budget} tokens): set "
+                         f"model.text_encoding.kind={recorded.kind} "
                          f"model.text_encoding.token_budget={recorded.token_budget}")

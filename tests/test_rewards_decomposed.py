@@ -1,6 +1,7 @@
 """decomposed-clip (LongAlign, arXiv 2410.11817): the decomposition identity, ω, the fitted common direction
 (fit once, saved, loaded: independent of the batch), gradients."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,3 +259,21 @@ def test_the_float64_maths_is_float32_on_mps_which_has_no_float64(tiny, monkeypa
     _stub_encoder(reward, {"a.": [1.0, 0.0]}, [[0.6, 0.8]])
     assert reward(torch.zeros(1, 3, 32, 32), ["a."])[0].item() == pytest.approx(0.6)
     assert asked == ["cpu"] * 3
+
+
+def test_a_batch_direction_refuses_a_batch_of_one_prompt(tiny, tmp_path):
+    """v = normalize(t) for one prompt: t⊥ = 0 and the score was ω·S, nothing decomposed (at train.batch_size=1,
+    and in t2i-score --batch-size 1)."""
+    from reward_models.decomposed_clip import BATCH_OF_ONE
+    from t2i_align.config import ConfigError, load_config
+    from t2i_align.objectives.reward_backprop import build_reward
+
+    _, folder = tiny
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", device="cpu")
+    with pytest.raises(ValueError, match="got a batch of one prompt"):
+        reward(torch.rand(1, 3, 32, 32), PROMPTS[:1])
+    assert "nothing is decomposed" in BATCH_OF_ONE
+    cfg = load_config("configs/toy/longalign_reward.yaml", [f"output_dir={tmp_path}", "train.batch_size=1",
+                                                            "reward_backprop.reward_options.direction=batch"])
+    with pytest.raises(ConfigError, match="direction=batch with train.batch_size=1"):
+        build_reward(SimpleNamespace(cfg=cfg), cfg.reward_backprop, "toy:train-long")

@@ -657,7 +657,10 @@ def test_a_dry_run_refuses_a_tuned_folder_the_run_would_refuse(tmp_path, capsys)
             f"data.path={tmp_path / 'captions.parquet'}", f"output_dir={tmp_path / 'run'}"]
     assert _train_script().main([*argv, "model.text_encoding.kind=clip77"]) == 2
     assert "was tuned with text encoding 'segments'" in capsys.readouterr().err
-    assert _train_script().main(argv) == 0  # the stage-1 config encodes with segments
+    # stage 2 at another budget than its stage 1 was tuned at: its captions cut elsewhere, without a word
+    assert _train_script().main([*argv, "model.text_encoding.token_budget=120"]) == 2
+    assert "(token budget 240, in its" in capsys.readouterr().err
+    assert _train_script().main(argv) == 0  # the stage-1 config encodes with segments, 240 tokens
 
 
 def test_warnings_in_a_command_are_one_line_each_once():

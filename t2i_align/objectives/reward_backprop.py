@@ -69,6 +69,10 @@ def build_reward(ctx, rc, fit_spec: str):
     (see the module docstring). ConfigError for a reward that is not differentiable."""
     check_differentiable(rc.reward)
     options = dict(rc.reward_options)
+    if rc.reward == "decomposed-clip" and options.get("direction") == "batch" and ctx.cfg.train.batch_size < 2:
+        raise ConfigError("reward_backprop.reward_options.direction=batch with train.batch_size=1: each process's "
+                          "batch of one prompt decomposes nothing (v = its own t); raise train.batch_size or fit "
+                          "the direction once (leave direction unset)")
     if rc.reward != "decomposed-clip" or options.get("direction") is not None:
         return ctx.reward(rc.reward, **options)
     return _decomposed_with_run_direction(ctx, rc, options, fit_spec)
