@@ -1,6 +1,7 @@
-"""Prompt lists: a text file with one prompt per line, or a toy-world prompt set: "toy:train", "toy:heldout" (the
-one-sentence captions) or "toy:train-long", "toy:heldout-long" (the six-sentence captions whose background
-sentence lies beyond CLIP's 77 tokens, `toy_long_captions`)."""
+"""Prompt lists: a text file with one prompt per line, a parquet file's `caption` column (a caption data set's,
+e.g. LongAlign's stage-1 data for stage 2: its multi-paragraph captions whole), or a toy-world prompt set:
+"toy:train", "toy:heldout" (the one-sentence captions) or "toy:train-long", "toy:heldout-long" (the six-sentence
+captions whose background sentence lies beyond CLIP's 77 tokens, `toy_long_captions`)."""
 from __future__ import annotations
 
 import random
@@ -47,6 +48,8 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
     if not path.is_file():
         raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
+    if path.suffix.lower() == ".parquet":
+        return parquet_captions(path, what)
     try:
         # utf-8-sig: a BOM (Windows editors write one) is not part of the first prompt
         prompts = [line.strip() for line in text_lines(path.read_text(encoding="utf-8-sig")) if line.strip()]
@@ -54,4 +57,21 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
         raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not prompts:
         raise ConfigError(f"{what}: {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def parquet_captions(path: Path, what: str = "prompts") -> List[str]:
+    """The `caption` column of a parquet file, each caption's line breaks and runs of spaces made one space (a
+    text file would cut a multi-paragraph caption into several prompts; LongAlign's code removes its "\\n\\n"
+    too), empty ones skipped."""
+    import pyarrow.parquet as pq
+
+    try:
+        column = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
+    except (OSError, ValueError, KeyError) as err:  # not parquet (ArrowInvalid is a ValueError), no such column
+        raise ConfigError(f"{what}: {path} has no readable caption column ({err}); give a parquet file with a "
+                          "`caption` column, or a text file with one prompt per line") from None
+    prompts = [" ".join(str(c).split()) for c in column if c is not None and str(c).strip()]
+    if not prompts:
+        raise ConfigError(f"{what}: {path} holds no captions ({len(column)} rows, every caption empty)")
     return prompts

@@ -264,3 +264,21 @@ def test_cache_key_changes_with_the_text_encoding(tmp_path):
     assert len(set(keys.values())) == 3
     mcfg = ModelConfig(pretrained=folder)  # the same choice gives the same key
     assert cache_key(components_key_parts(mcfg, load_components(mcfg), {})) == keys["clip77", 240]
+
+
+def test_stage_two_reads_the_captions_of_a_parquet_whole(tmp_path):
+    """Stage 2's prompts had to be a text file, which cuts LongAlign's multi-paragraph captions into a prompt per
+    paragraph: a parquet's caption column is read as one prompt per row, line breaks made spaces."""
+    from t2i_align.prompts import read_prompts
+
+    path = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"caption": ["A red cube.\n\nOn a gray floor.", None, "  ", "a  cat\n"],
+                             "jpg": [b"x"] * 4}), path)
+    assert read_prompts(str(path), "data.path") == ["A red cube. On a gray floor.", "a cat"]
+    pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "other.parquet")
+    with pytest.raises(ConfigError, match="data.path: .*other.parquet has no readable caption column"):
+        read_prompts(str(tmp_path / "other.parquet"), "data.path")
+    pq.write_table(pa.table({"caption": [None, ""]}, schema=pa.schema([("caption", pa.string())])),
+                   tmp_path / "empty.parquet")
+    with pytest.raises(ConfigError, match="holds no captions \\(2 rows, every caption empty\\)"):
+        read_prompts(str(tmp_path / "empty.parquet"), "data.path")

@@ -58,7 +58,7 @@ def read_prompt_data(data) -> List[str]:
 
     if not data.path:
         raise ConfigError("data.path is empty: with data.kind=prompts give a text file with one prompt per line, "
-                          "or a toy prompt set such as toy:train-long")
+                          "a parquet file with a caption column, or a toy prompt set such as toy:train-long")
     return read_prompts(data.path, "data.path")
 
 
