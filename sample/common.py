@@ -161,11 +161,19 @@ def check_rewards_read(rewards, prompts, none_ok: bool = False) -> None:
 def check_models(sides) -> dict:
     """Before sampling: every side ({"tuned" or "base": (model, lora, text encoding)}) can be loaded as asked (a
     typo in the tuned side's --lora was found after the base had been sampled). Returns {side: the text encoding
-    it samples in} (the one recorded with the weights where the flag left it open), for the scripts' records."""
+    it samples in (a TextEncodingConfig: kind and token budget)}, the one recorded with the weights where the flag
+    left it open, for the scripts' records."""
     from t2i_align.sampling import check_weights
 
-    return {side: check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model")[1].kind
+    return {side: check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model")[1]
             for side, (model, lora, encoding) in sides.items()}
+
+
+def encoding_record(encoding) -> dict:
+    """What a script's output records of a side's text encoding: its kind, and its token budget for segments (a
+    120- and a 240-token LongAlign model were told apart by nothing)."""
+    budget = encoding.token_budget if encoding.kind == "segments" else None
+    return {"text_encoding": encoding.kind, "token_budget": budget}
 
 
 def add_user_args(p: argparse.ArgumentParser) -> None:

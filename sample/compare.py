@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
-                    check_rewards_read, check_user_flags, default_model, has_user_branch, load_reward_set,
+                    check_rewards_read, check_user_flags, default_model, encoding_record, has_user_branch,
+                    load_reward_set,
                     note_training_seeds, run_cli, settings_from, user_choice_from)
 
 
@@ -46,8 +47,8 @@ def compare_sets(args, rewards, save=None) -> dict:
             raise UsageError(f"--prompts {spec}: 1 prompt at --seeds-per-prompt 1 makes one image pair, and a "
                              "comparison needs at least 2: give more prompts or --seeds-per-prompt 2 or more")
     blocks = [(s, u) for s in args.prompts for u in (args.user or [None])]
-    result = {"base": {"model": args.base, "lora": args.base_lora, "text_encoding": args.base_text_encoding},
-              "tuned": {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding},
+    result = {"base": {"model": args.base, "lora": args.base_lora, **args.records["base"]},
+              "tuned": {"model": args.model, "lora": args.lora, **args.records["tuned"]},
               "settings": settings.as_dict(), "sets": {}, "unfinished": [_key(*b) for b in blocks]}
     unbranched = {}  # prompt set -> scores of a side without a user branch: the same for every --user
     for spec, user_id in blocks:
@@ -114,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
               file=sys.stderr)
     encodings = check_models({"tuned": (args.model, args.lora, args.text_encoding),
                               "base": (args.base, args.base_lora, args.base_text_encoding)})
-    args.text_encoding, args.base_text_encoding = encodings["tuned"], encodings["base"]  # as sampled, in --out
+    args.text_encoding, args.base_text_encoding = encodings["tuned"].kind, encodings["base"].kind  # as sampled
+    args.records = {side: encoding_record(encoding) for side, encoding in encodings.items()}  # in --out
     if args.alpha is not None:
         raise UsageError("--alpha: compare runs one user at a time (each --user in turn); interpolate with "
                          "sample/generate.py")

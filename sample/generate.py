@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import (add_model_args, add_sampling_args, add_user_args, check_models, default_model, run_cli,
+from common import (add_model_args, add_sampling_args, add_user_args, check_models, default_model, encoding_record,
+                    run_cli,
                     settings_from, user_choice_from)
 
 
@@ -164,11 +165,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out = Path(args.out)
     _check_out(args)
     # named by their flags if wrong; the encoding recorded with the weights goes into metadata.jsonl
-    args.text_encoding = check_models({"tuned": (args.model, args.lora, args.text_encoding)})["tuned"]
+    encoding = check_models({"tuned": (args.model, args.lora, args.text_encoding)})["tuned"]
+    args.text_encoding = encoding.kind
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args, len(prompts))
     user = user_choice_from(args)
-    meta = {"model": args.model, "lora": args.lora, "text_encoding": args.text_encoding, **settings.as_dict()}
+    meta = {"model": args.model, "lora": args.lora, **encoding_record(encoding), **settings.as_dict()}
     meta["variant"] = weights_variant(resolve_pretrained(args.model, key="--model"), args.variant, "--variant",
                                       fallback=True)  # the weights loaded (--variant falls back to plain ones)
     if user.given:

@@ -171,14 +171,15 @@ def test_sample_scripts_take_text_encoding(tmp_path, capsys):
     result = gen.main(["--model", str(tuned), "--out", str(tmp_path / "s"), *fast])
     assert result["images"] == 4
     meta = json.loads((tmp_path / "s" / "metadata.jsonl").read_text().splitlines()[0])
-    assert meta["text_encoding"] == "segments"  # the recorded one, used and written down
+    assert (meta["text_encoding"], meta["token_budget"]) == ("segments", 80)  # the recorded one, used and written
     run = _script("common").run_cli
     assert run(lambda: gen.main(["--model", str(tuned), "--text-encoding", "clip77", "--out", str(tmp_path / "x"),
                                  *fast])) == 2
     assert "tuned with text encoding 'segments'" in capsys.readouterr().err
     compared = _script("compare").main(["--base", str(base), "--model", str(tuned), "--base-text-encoding", "segments",
                                         *fast])
-    assert compared["base"]["text_encoding"] == "segments" and compared["tuned"]["text_encoding"] == "segments"
+    assert compared["base"]["text_encoding"] == "segments" and compared["tuned"]["token_budget"] == 80
+    assert compared["base"]["token_budget"] == 240  # --base-text-encoding segments, no record: the default budget
 
 
 def test_toy_cli_takes_text_encoding(tmp_path):
