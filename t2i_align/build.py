@@ -89,13 +89,9 @@ def _trainable(cfg: Config, components, needs_reference: bool):
 
 
 def _source(cfg: Config, components, accelerator, batch_kind: str):
-    """The batch source; with PPD, rows whose user is not in the user table are skipped and counted."""
-    source = build_data_source(cfg, components, accelerator, batch_kind)
-    if components.users is None:
-        return source
-    from .users.training import UserFilteredSource
-
-    return UserFilteredSource(source, components.users.table)
+    """The batch source; with PPD, without the rows whose user is not in the user table."""
+    users = None if components.users is None else components.users.table
+    return build_data_source(cfg, components, accelerator, batch_kind, users=users)
 
 
 def _note_warm_up(cfg: Config, accelerator) -> None:

@@ -74,7 +74,7 @@ def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str
         counts["data_rows_skipped"] += int(raw.get("skipped", 0))
         return builder(components, raw, device)
     raise UserError(f"no usable row in {per_epoch + 1} batches in a row, a whole epoch of this process's data: every "
-                    "image failed to decode (or, with PPD, every user is missing from ppd.table). Check data.path")
+                    "image failed to decode. Check data.path")
 
 
 def _optimizer_step(accelerator, unet, optimizer, lr_sched, params, max_grad_norm: float) -> float:
@@ -149,7 +149,7 @@ def train(cfg: Config) -> TrainResult:
     validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
                           base=None if provider is None else provider.base_unet, reward=reward)
     start, counts = _resume(cfg, accelerator, m, (provider, m.source), tracker, resume,
-                            _carried(m.components, m.source))
+                            _carried(m.components))
     state = _RunState(objective, provider, m.source, tracker, validator, start, counts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
@@ -309,7 +309,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker=_marker(accelerator, counts, _carried(components, st.source)),
+                            marker=_marker(accelerator, counts, _carried(components)),
                             save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             _show_gallery(accelerator, st.validator, st.tracker, done)
@@ -333,13 +333,10 @@ def _show_gallery(accelerator, validator: Validator, tracker: Tracker, step: int
         on_main(accelerator, lambda: show(validator.sample()), context)
 
 
-def _carried(components, source) -> Dict[str, tuple]:
+def _carried(components) -> Dict[str, tuple]:
     """The logged counters kept by parts of the run, as (object, attribute), restored on a resume like COUNTED:
-    the text encoders' truncated prompts and, with PPD, the rows of users missing from the table."""
-    carried = {"prompts_truncated": (components.truncation, "prompts_truncated")}
-    if hasattr(source, "unknown_rows"):
-        carried["data_rows_unknown_user"] = (source, "unknown_rows")
-    return carried
+    the text encoders' truncated prompts."""
+    return {"prompts_truncated": (components.truncation, "prompts_truncated")}
 
 
 def _save_extras(st: _RunState, folder: Path) -> None:
@@ -367,7 +364,7 @@ def _gathered(accelerator, value: int) -> List[int]:
     return accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()
 
 
-SUMMED = ("data_batches_skipped", "data_rows_skipped", "data_rows_unknown_user", "prompts_truncated")
+SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
 """Logged counts that each process keeps of its own data: the run's figure is their sum."""
 
 

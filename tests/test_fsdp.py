@@ -208,7 +208,7 @@ def test_fsdp_seppo_full_finetune_resumed_takes_the_ddp_steps_and_draws(tmp_path
 @pytest.mark.slow  # 36 s; as above
 def test_fsdp_ppd_with_lora_takes_the_ddp_steps_and_exports_the_user_branch(tmp_path):
     """PPD sharded (LoRA and the user branch, users as cross-attention tokens; rows of a user missing from the table
-    are skipped): the same losses as DDP, and an export whose user branch and LoRA equal DDP's."""
+    are left out): the same losses as DDP, and an export whose user branch and LoRA equal DDP's."""
     from test_ppd_loop import write_table, write_user_pairs
 
     args = tiny_run_args(tmp_path, "lora.enabled=true", "ppd.enabled=true", "train.learning_rate=1e-2",

@@ -73,7 +73,7 @@ RESUMED = {
     # SePPO: its snapshot pool and draw stream must be restored on every process.
     "seppo": ["lora.enabled=true", "objective.name=seppo", "seppo.snapshot_every=1", "seppo.pool_size=4",
               "seppo.sample_steps=2"],
-    # PPD: user 99 is not in the table, so one process meets a batch of only unknown users and reads one raw
+    # PPD: user 99's images do not decode, so one process meets a batch of only unusable rows and reads one raw
     # batch more than the other; each must resume at its own position in the data.
     "ppd": ["ppd.enabled=true"],
     # RAFT: stopped inside round 1 (steps 3-4); every process must train on the checkpoint's pool.
@@ -92,8 +92,8 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
     from test_ppd_loop import write_table, write_user_pairs
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
-    data = write_user_pairs(tmp_path / "pairs.parquet", users=[1, 2, 3, 99])
-    table = write_table(tmp_path / "users.safetensors", [1, 2, 3])
+    data = write_user_pairs(tmp_path / "pairs.parquet", users=[1, 2, 3, 99], corrupt_users=[99])
+    table = write_table(tmp_path / "users.safetensors", [1, 2, 3, 99])
     base = [f"model.pretrained={model}", f"data.path={data}", "data.resolution=16",
             "objective.beta=100", "train.batch_size=2", "train.log_every=1", "train.learning_rate=1e-2",
             "train.checkpoint_every=1", "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
@@ -112,9 +112,9 @@ def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
         from t2i_align.checkpoints import read_marker
 
         assert len(set(read_marker(tmp_path / "full" / "checkpoints" / "step-5")["raw_batches"])) == 2
-        # the unknown users' rows, summed over both processes, go on from the checkpoint's total
-        unknown = logged("full", "data_rows_unknown_user")
-        assert logged("part", "data_rows_unknown_user") == unknown and unknown[-1] > unknown[2] > 0
+        # the unusable rows, summed over both processes, go on from the checkpoint's total
+        skipped = logged("full", "data_rows_skipped")
+        assert logged("part", "data_rows_skipped") == skipped and skipped[-1] > skipped[2] > 0
     if method == "seppo":  # every process drew the same reference at each step, the initial model first; the
         # resumed processes drew steps 4-5 only, as the uninterrupted run did
         full_draws = json.loads((tmp_path / "full" / "draws0.json").read_text())

@@ -11,8 +11,8 @@ from helpers import one_torch_thread  # noqa: F401
 from t2i_align.data.pairs import PairDataset, collate_pairs
 from t2i_align.errors import UserError
 from t2i_align.users import UserTable, UserTableError
-from t2i_align.users.training import (ShotOverlapError, UserFilteredSource, UserLookup, check_shots_disjoint,
-                                      load_training_table, pair_fingerprint, subset_batch)
+from t2i_align.users.training import (ShotOverlapError, UserLookup, check_shots_disjoint, load_training_table,
+                                      pair_fingerprint)
 from test_ppd_loop import write_user_pairs
 
 
@@ -46,31 +46,28 @@ def test_cache_stores_the_user_ids(tmp_path):
     assert [cached[i]["user_id"] for i in range(4)] == [3, 4, 3, 4]
 
 
-class _Source:
-    def __init__(self, batches, user_ids):
-        self.batches, self.dataset = batches, type("D", (), {"user_ids": user_ids})()
+def test_unknown_users_are_left_out_before_the_rows_are_shared_out(tmp_path, caplog):
+    """Rows of users missing from the table were dropped batch by batch: a batch of 4 with 2 of them trained on 2
+    pairs, each weighing twice as much. Now the source serves only known users' rows, full batches."""
+    from t2i_align.data.cache import build_or_load_cache
+    from t2i_align.data.sources import OfflineSource
+    from t2i_align.users.training import known_rows
 
-    def micro_batches(self, start=0):
-        yield from self.batches[start:]
-
-    def metrics(self):
-        return {"x": 1.0}
-
-
-def test_unknown_users_are_skipped_and_counted_like_bad_rows():
     table = UserTable([1, 2], torch.zeros(2, 1, 3))
-    batches = [{"user_id": [1, 9, 2], "latents_w": torch.arange(3.0), "caption": ["a", "b", "c"], "skipped": 1},
-               {"user_id": [9, 9], "latents_w": torch.arange(2.0), "caption": ["d", "e"], "skipped": 0},
-               {"user_id": torch.tensor([2, 1]), "latents_w": torch.arange(2.0), "caption": ["f", "g"]}]
-    source = UserFilteredSource(_Source(batches, [1, 9, 2, 9, 9, 2, 1]), table)
-    out = list(source.micro_batches())
-    assert out[0]["user_id"] == [1, 2] and out[0]["caption"] == ["a", "c"]
-    assert torch.equal(out[0]["latents_w"], torch.tensor([0.0, 2.0])) and out[0]["skipped"] == 2  # 1 corrupt + 1
-    assert out[1] is None  # every row unknown: a skipped batch, as an all-corrupt one
-    assert out[2] is batches[2]
-    assert source.metrics() == {"x": 1.0, "data_rows_unknown_user": 3.0}
-    picked = subset_batch({"a": torch.tensor([[1], [2]]), "n": 5, "s": ["x", "y"]}, [1])
-    assert torch.equal(picked["a"], torch.tensor([[2]])) and picked["n"] == 5 and picked["s"] == ["y"]
+    with caplog.at_level("WARNING"):
+        assert known_rows([1, 9, 2, 9, 9, 2, 1], table, "the training data") == [0, 2, 5, 6]
+    assert "3 of 7 pairs of the training data belong to users missing from the user table" in caplog.text
+    data = PairDataset(write_user_pairs(tmp_path / "p.parquet", users=[1, 9, 2], n=9), resolution=16)
+    cached = build_or_load_cache(data, lambda px: torch.zeros(len(px), 4, 2, 2),
+                                 lambda caps: {"prompt_embeds": torch.zeros(len(caps), 77, 8)}, tmp_path / "c", {})
+    rows = known_rows(cached.user_ids, table, "the training data")
+    shares = [OfflineSource(cached, lambda items: items, 3, seed=0, rank=r, world=2, rows=rows) for r in (0, 1)]
+    batches = [next(s.micro_batches()) for s in shares]
+    assert all(len(batch) == 3 and {item["user_id"] for item in batch} <= {1, 2} for batch in batches)
+    assert sorted(item["index"] for batch in batches for item in batch) == rows  # 6 known rows, 3 per process
+    whole = OfflineSource(cached, lambda items: items, 3, seed=0, rank=0, world=1)
+    assert whole.per_rank == 9 and whole._epoch_indices(0) == torch.randperm(
+        9, generator=torch.Generator().manual_seed(0)).tolist()  # no rows given: the order as before
 
 
 def test_user_tokens_and_embedding_dropout_by_hand():

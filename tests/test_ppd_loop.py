@@ -17,14 +17,16 @@ from t2i_align.users import UserTable
 USER_DIM, TOKENS = 6, 3
 
 
-def write_user_pairs(path, users, n=8, seed=0):
-    """Rendered pairs (winner = the captioned scene) whose rows cycle through `users` as user_id."""
+def write_user_pairs(path, users, n=8, seed=0, corrupt_users=()):
+    """Rendered pairs (winner = the captioned scene) whose rows cycle through `users` as user_id; the winners of
+    `corrupt_users`' rows are not images."""
     rng = random.Random(seed)
     scenes, _ = split_scenes()
     rows = []
     for i in range(n):
         scene = rng.choice(scenes)
         win, lose = (jpeg_bytes(render(s, rng, 16)) for s in (scene, noisy_scene(scene, rng, 1.0, keep=())))
+        win = b"not an image" if users[i % len(users)] in corrupt_users else win
         rows.append({"caption": short_caption(scene), "jpg_0": win, "jpg_1": lose, "label_0": 1.0, "label_1": 0.0,
                      "user_id": users[i % len(users)], "are_different": True, "has_label": True,
                      "model_0": "render", "model_1": "render", "ranking_id": i})
@@ -93,19 +95,28 @@ def test_branch_is_the_base_bit_for_bit_through_the_loops_denoisers(setup):
         policy(x, t, PromptEmbeds(embeds.prompt_embeds))
 
 
-def test_tiny_ppd_run_skips_unknown_users_and_exports_what_plain_diffusers_loads(setup, tmp_path):
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_tiny_ppd_run_leaves_out_unknown_users_and_exports_what_plain_diffusers_loads(setup, tmp_path, monkeypatch,
+                                                                                       cache):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
     from t2i_align.conditioning.users import USER_WEIGHT_NAME, pipeline_user_embeds, user_added_cond
     from t2i_align.loop import train
+    from t2i_align.users.training import UserLookup, batch_user_ids
 
+    seen, original = [], UserLookup.batch_tokens
+    monkeypatch.setattr(UserLookup, "batch_tokens",
+                        lambda self, raw, device=None: seen.append(batch_user_ids(raw)) or original(self, raw, device))
     out = tmp_path / "run"
-    result = train(_cfg(setup, out, "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2"))
+    result = train(_cfg(setup, out, "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2",
+                        f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}"))
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero-init branch, reference = base
-    # 8 pairs at batch 4 = one epoch in 2 steps; rows 3 and 7 belong to user 99, who is not in the table.
-    assert logs[-1]["data_rows_unknown_user"] == 2.0 and logs[-1]["data_rows_skipped"] == 2.0
+    # 8 pairs, rows 3 and 7 of user 99, who is not in the table: left out before batching, so each batch holds
+    # train.batch_size = 4 pairs of known users (the batches held 3 before session 26)
+    assert [len(ids) for ids in seen] == [4, 4] and all(99 not in ids for ids in seen)
+    assert logs[-1]["data_rows_skipped"] == 0.0 and "data_rows_unknown_user" not in logs[-1]
     with safe_open(str(out / "checkpoints" / "step-2" / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all("_ip." in k or k.startswith("encoder_hid_proj") for k in keys)  # the branch only
@@ -136,9 +147,6 @@ def test_resumed_ppd_run_with_embedding_dropout_matches_an_uninterrupted_one(set
             for run in ("full", "part")]
     losses = [[r["loss"] for r in run] for run in logs]
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], abs=1e-6)
-    # the unknown users' rows go on counting from the checkpoint's total (they restarted at 0 before session 22)
-    unknown = [[r["data_rows_unknown_user"] for r in run] for run in logs]
-    assert unknown[0][-1] == 4.0 and unknown[1] == unknown[0]  # two epochs of 8 rows, 2 of them user 99's
 
 
 def test_lora_and_user_branch_train_together_and_both_are_exported(setup, tmp_path):

@@ -21,23 +21,27 @@ from .cache_build import Team
 from .cache_key import components_key_parts
 from .pairs import check_pair_columns, find_parquet_files, load_pairs, model_columns, open_parquet
 from .stream import StreamingPairSource
+from ..users.training import known_rows
 
 
 class OfflineSource:
+    """`rows`: the dataset's rows to serve (None: all; PPD leaves out users missing from its table)."""
+
     def __init__(self, dataset, collate: Callable, batch_size: int, seed: int, rank: int, world: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, rows: Optional[List[int]] = None):
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.num_workers = num_workers
-        self.per_rank = len(dataset) // world
+        self.rows = list(range(len(dataset))) if rows is None else list(rows)
+        self.per_rank = len(self.rows) // world
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"{len(dataset)} usable pairs are too few for batch_size={batch_size} on {world} "
+            raise ConfigError(f"{len(self.rows)} usable pairs are too few for batch_size={batch_size} on {world} "
                              "process(es); lower train.batch_size or add data")
 
     def _epoch_indices(self, epoch: int) -> List[int]:
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return perm[self.rank::self.world][: self.batches_per_epoch * self.batch_size].tolist()
+        perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return [self.rows[i] for i in perm[self.rank::self.world][: self.batches_per_epoch * self.batch_size]]
 
     def micro_batches(self, start: int = 0) -> Iterator[Optional[Dict]]:
         """Micro-batches forever, beginning after the first `start` ones (None: all of a batch's rows corrupt)."""
@@ -158,9 +162,10 @@ def _check_pair_files(cfg) -> None:
                               "user_id); rebuild the data with one, or set ppd.enabled=false")
 
 
-def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
+def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs", users=None):
     """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data: streamed when uncached, or cached
-    (built by all processes together)."""
+    (built by all processes together). `users` (PPD's user table): pairs of users it lacks are left out, before
+    the rows are shared out (a cache holds every row: its key does not depend on the table)."""
     check_data_kind(cfg, batch_kind)
     if cfg.raft.enabled:
         from .online import OnlineSource
@@ -178,12 +183,17 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs"):
     dataset = load_pairs(cfg.data, cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     if not cfg.data.cache:
+        if users is not None:
+            keep = set(known_rows(dataset.user_ids, users, "the training data"))
+            dataset.drop([i for i in range(len(dataset)) if i not in keep])
         report_rows(accelerator, cfg.data.path, dataset.stats, cached=False)
         return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                                    window=cfg.data.shuffle_window)
     cached = cached_data(cfg, components, accelerator, dataset)
     report_rows(accelerator, cfg.data.path, cached.stats, cached=True)
-    return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers)
+    rows = None if users is None else known_rows(cached.user_ids, users, "the training data")
+    return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
+                         rows=rows)
 
 
 def report_rows(accelerator, path, stats, cached: bool) -> None:
