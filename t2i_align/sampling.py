@@ -242,18 +242,24 @@ def _decode(pipe, latents: torch.Tensor, slice_size: int = 4) -> torch.Tensor:
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
-@torch.no_grad()
-def _check_user_given(pipe, user_tokens) -> None:
-    """A UNet with a PPD user branch samples for a user: without one diffusers' UNet fails deep inside (a TypeError
-    on its missing image embeddings)."""
+def _check_inputs(pipe, prompts: Sequence[str], seeds: Sequence[int], user_tokens) -> None:
+    """One seed (and user-token row) per prompt; a UNet with a PPD user branch samples for a user: without one,
+    diffusers' UNet fails deep inside (a TypeError on its missing image embeddings)."""
     from .conditioning.users import UserBranchError, has_user_branch
 
+    if user_tokens is not None and len(user_tokens) != len(prompts):
+        raise ValueError(f"generate got {len(user_tokens)} rows of user tokens for {len(prompts)} prompts")
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+    if not prompts:
+        raise ValueError("generate got no prompts")
     if user_tokens is None and has_user_branch(pipe.unet):
         raise UserBranchError("this model has a PPD user branch, so it samples for a user, and none was given: "
                               "sample/generate.py, gallery.py and compare.py take --user ID (python -m "
                               "t2i_align.toy evaluate samples no user)")
 
 
+@torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 20,
              guidance_scale: float = 3.0, batch_size: int = 64, negative_prompt: Optional[str] = None,
              height: Optional[int] = None, width: Optional[int] = None,
@@ -273,13 +279,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     images are empty): thousands of decoded images (12.6 MB each for SDXL in float32) need not fit in memory at once.
     Images with NaN pixels (a diverged model, an fp16 VAE overflowing) are counted and warned about.
     """
-    if user_tokens is not None and len(user_tokens) != len(prompts):
-        raise ValueError(f"generate got {len(user_tokens)} rows of user tokens for {len(prompts)} prompts")
-    if len(prompts) != len(seeds):
-        raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
-    if not prompts:
-        raise ValueError("generate got no prompts")
-    _check_user_given(pipe, user_tokens)
+    _check_inputs(pipe, prompts, seeds, user_tokens)
     components = pipeline_components(pipe)
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, negative_prompt=negative_prompt)

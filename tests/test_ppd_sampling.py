@@ -319,3 +319,14 @@ def test_a_merged_ppd_model_under_home_samples_and_compares_for_a_user(model, pp
     result = _script("compare").main(["--model", "~/merged", "--user", "1", "--reward", "toy-clip", *prompts])
     assert "is compared with itself" in capsys.readouterr().err
     assert result["sets"][f"{tmp_path / 'p.txt'} · user 1"]["rewards"]["toy-clip"]["win_rate"]["win_rate"] == 0.5
+
+
+def test_generate_keeps_no_autograd_graph_with_trainable_parts(model):
+    """generate() lost its no_grad once (a helper took its decorator): a pipeline whose VAE and text encoder are
+    trainable, a plain diffusers one, then kept every batch's decode graph."""
+    from t2i_align.sampling import load_pipeline
+
+    pipe = load_pipeline(model)
+    pipe.vae.requires_grad_(True)
+    pipe.text_encoder.requires_grad_(True)
+    assert not _generate(pipe).requires_grad
