@@ -100,7 +100,7 @@ def decompose(t: torch.Tensor, v: torch.Tensor, x: torch.Tensor, omega: float) -
             "weighted": relevant + omega * irrelevant}
 
 
-BATCH_OF_ONE = ("decomposed-clip with direction='batch' got a batch of one prompt: v is then that prompt's own t, "
+BATCH_OF_ONE = ("decomposed-clip with direction='batch' got a batch of one prompt (or copies of one): v is then its t, "
                 "t⊥ = 0 and nothing is decomposed (the score is ω·S); score batches of several prompts, or fit the "
                 "direction once (fit_prompts=...)")
 
@@ -236,7 +236,7 @@ class DecomposedClip(Reward):
         return self.direction
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
-        if self.batch_direction and len(prompts) < 2:
+        if self.batch_direction and len(set(prompts)) < 2:
             raise ValueError(BATCH_OF_ONE)
         t, truncated = self.text_vectors(prompts)
         x = self.encoder.encode_images(images)

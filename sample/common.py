@@ -226,7 +226,7 @@ def add_reward_args(p: argparse.ArgumentParser, default: str = "toy-judge") -> N
 
 def run_cli(main: Callable) -> int:
     """Run `main`, print its result as JSON; user errors print `error: ...` and exit 2 (t2i_align/errors.py), and a
-    kill (SIGTERM) removes the staged output folder as an exception does."""
+    kill (SIGTERM) cleans up as an exception does (a staged folder removed; generate.py keeps OUT.partial)."""
     from t2i_align.errors import run_cli as run_reporting_user_errors
 
     from t2i_align.files import finite_json

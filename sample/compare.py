@@ -20,8 +20,7 @@ from typing import List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
                     check_rewards_read, check_user_flags, default_model, encoding_record, has_user_branch,
-                    load_reward_set,
-                    note_training_seeds, run_cli, settings_from, user_choice_from)
+                    load_reward_set, note_training_seeds, run_cli, settings_from, user_choice_from)
 
 
 def compare_sets(args, rewards, save=None) -> dict:

@@ -36,7 +36,18 @@ def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, 
     return rows
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def _sample_sets(models: Dict[str, tuple], prompts: List[str], settings, device: str, user) -> Dict[str, object]:
+    """Each side's samples, the tuned side first (most flags, --lora and --user, are its, and fail at its loading,
+    not after the base was sampled); a side with a PPD user branch samples for `user`."""
+    from t2i_align.evaluation import sample_model
+
+    sets = {name: sample_model(models[name][0], models[name][1], prompts, settings, device, models[name][2],
+                               user=user if has_user_branch(*models[name][:2]) else None)
+            for name in sorted(models, key=lambda name: name != "tuned")}
+    return {name: sets[name] for name in models}  # columns: base, then tuned
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_model_args(p, prefix="base-")
@@ -50,9 +61,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out/gallery")
     p.add_argument("--wandb", default="off", choices=("off", "offline", "online", "auto"))
     p.add_argument("--project", default="t2i-align")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = _parser().parse_args(argv)
     default_model(args)
-    from t2i_align.evaluation import sample_model, score_samples
+    from t2i_align.evaluation import score_samples
     from t2i_align.files import check_output_path, check_replaceable_folder
     from t2i_align.prompts import read_prompts
     from t2i_align.tracking import Tracker
@@ -78,13 +93,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     user = user_choice_from(args)
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
     existed = Path(args.out).exists()
-    tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **settings.as_dict()})
+    who = {"user": user.ids, "alpha": user.alpha, "user_scale": user.scale} if user.given else {}
+    tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **who, **settings.as_dict()})
     try:
-        # the tuned side first: most flags (--lora, --user) are its, and fail at its loading, not after the base
-        sets = {name: sample_model(*models[name][:2], prompts, settings, args.device, models[name][2],
-                                   user=user if has_user_branch(*models[name][:2]) else None)
-                for name in sorted(models, key=lambda name: name != "tuned")}
-        sets = {name: sets[name] for name in models}  # columns: base, then tuned
+        sets = _sample_sets(models, prompts, settings, args.device, user)
     except BaseException:  # a model that fails to load (a LoRA of another family) leaves no empty --out behind
         if not existed and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
             Path(args.out).rmdir()
@@ -93,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     k = settings.seeds_per_prompt
     columns = [f"{name} · seed {j}" for name in sets for j in range(k)]
     title = " vs ".join(f"{name}: {m}" + (f" + {lora}" if lora else "") for name, (m, lora, _) in models.items())
+    title += f" · user {' / '.join(user.ids)}" if user.ids else ""
     path = tracker.log_gallery(gallery_rows(prompts, sets, scores, k), 0, columns, name="gallery", title=title)
     wandb_dir = tracker.wandb_run_dir
     tracker.finish()

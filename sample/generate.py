@@ -8,7 +8,8 @@
 
 The folder is published whole: images go to OUT.partial as they are made, which becomes OUT when every image is
 there. A run that stopped (Ctrl-C, a kill, a crash) leaves OUT.partial; the same command with --resume finishes it
-with the images an uninterrupted run makes. An existing non-empty --out is kept unless --overwrite is given.
+(each image from its own seed, as an uninterrupted run makes it). An existing non-empty --out is kept unless
+--overwrite is given.
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from common import (add_model_args, add_sampling_args, add_user_args, check_models, default_model, encoding_record,
-                    run_cli,
-                    settings_from, user_choice_from)
+                    run_cli, settings_from, user_choice_from)
 
 
 MADE_BY = "t2i_align_generated.json"
@@ -32,7 +32,8 @@ it holds the run's settings, which --resume checks in OUT.partial."""
 PARTIAL = ".partial"
 """OUT.partial: the images of a run not yet finished."""
 RESIZABLE = ("batch_size",)
-"""Settings a resumed run may change (a smaller batch after running out of memory): they do not change an image."""
+"""Settings a resumed run may change (a smaller batch after running out of memory): each image keeps its own
+generator, so only batch-size numerics can differ (none on CPU)."""
 
 def _sample_into(out: Path, sample, meta: dict, run: dict, resume: bool = False) -> int:
     """`sample(first, on_batch)` run with each batch's PNGs and metadata lines written to OUT.partial as they come
@@ -51,7 +52,7 @@ def _sample_into(out: Path, sample, meta: dict, run: dict, resume: bool = False)
     except BaseException:
         if not lines:  # nothing to resume (a LoRA that failed to load): no folder that a rerun would have to clear
             shutil.rmtree(part, ignore_errors=True)
-        else:
+        elif part.exists():  # not when the failure came after publishing (removing the replaced folder)
             print(f"note: {len(lines)} of {run['images']} images are kept in {part}: the same command with --resume "
                   "finishes them", file=sys.stderr)
         raise
@@ -76,16 +77,19 @@ def _resume_point(part: Path, run: dict, resume: bool) -> List[str]:
     from t2i_align.errors import UserError
     from t2i_align.files import write_text_atomic
 
+    if part.exists():
+        try:
+            earlier = json.loads((part / MADE_BY).read_text(encoding="utf-8"))["run"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{part} exists but is not an unfinished generate.py run (no readable {MADE_BY}): move "
+                            "it away or choose another --out") from None
+        lines = _whole_images(part)
+        if not lines:  # killed before its first image: nothing to keep
+            shutil.rmtree(part)
     if not part.exists():
         part.mkdir(parents=True)
         write_text_atomic(part / MADE_BY, json.dumps({"finished": False, "run": run}) + "\n")
         return []
-    try:
-        earlier = json.loads((part / MADE_BY).read_text(encoding="utf-8"))["run"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{part} exists but is not an unfinished generate.py run (no readable {MADE_BY}): move it "
-                        "away or choose another --out") from None
-    lines = _whole_images(part)
     if not resume:
         raise UserError(f"{part} holds {len(lines)} images of an unfinished generate.py run: add --resume to finish "
                         f"it (same flags), or delete {part} to start again")
@@ -146,6 +150,17 @@ def _added_files(out: Path) -> List[str]:
                   and p.name != "Thumbs.db")
 
 
+def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:
+    """What --resume checks is the same: the settings, the prompts, the LoRA folder's weight files as they are now
+    (size and time: a longer run may have replaced RUN/final since) and the kind of device (CPU and GPU numerics
+    differ)."""
+    lora = Path(args.lora) if args.lora else None
+    files = [] if lora is None else sorted(lora.glob("*.safetensors")) if lora.is_dir() else [lora]
+    return {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "images": images,
+            "device": str(args.device).split(":")[0],
+            "lora_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -177,8 +192,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         meta["user"] = {"ids": user.ids, "alpha": user.alpha, "table": user.table, "shots": user.shots,
                         "scale": user.scale}
     meta["base_seed"] = meta.pop("seed")
-    run = {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-           "images": len(prompts) * settings.seeds_per_prompt}
+    run = _run_record(meta, prompts, len(prompts) * settings.seeds_per_prompt, args)
     images = _sample_into(out, lambda first, write: sample_model(
         args.model, args.lora, prompts, settings, args.device, args.text_encoding, user=user, on_batch=write,
         first=first), meta, run, args.resume)

@@ -61,11 +61,13 @@ def _text(path: Optional[str | Path]) -> Optional[str]:
 def _user_table(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> Optional[Path]:
     """PPD's user table, from where the user branch loads (`sampling.load_pipeline`): the LoRA folder's, else the
     UNet checkpoint's (a full PPD export), else the model folder's (a LoRA tuned on a full PPD export)."""
+    from .model_folders import resolve_pretrained
     from .unet_checkpoint import checkpoint_folders
     from .users.table import USER_TABLE_NAME
 
     folders = [] if lora is None else [Path(lora) if Path(lora).is_dir() else Path(lora).parent]
-    folders += checkpoint_folders(unet) + ([Path(model)] if str(model) != "toy" else [])
+    # the model's folder as loaded (`~/m`, a hub id in the cache), where its branch came from
+    folders += checkpoint_folders(unet) + [resolve_pretrained(str(model), key="--model", pipeline=False)]
     return next((f / USER_TABLE_NAME for f in folders if (f / USER_TABLE_NAME).is_file()), None)
 
 

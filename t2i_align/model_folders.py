@@ -185,8 +185,9 @@ def check_tuned_folder(path: Path, encoding) -> None:
     if recorded is None or recorded.kind != "segments" or (encoding.kind == "segments"
                                                            and encoding.token_budget == recorded.token_budget):
         return
+    budget = f" ({encoding.token_budget} tokens)" if encoding.kind == "segments" else ""
     raise ModelLoadError(f"model.pretrained {path} was tuned with text encoding {recorded.kind!r} (token budget "
                          f"{recorded.token_budget}, in its {TEXT_ENCODING_FILE}) but this run encodes with "
-                         f"{encoding.kind!r} ({encoding.token_budget} tokens): set "
+                         f"{encoding.kind!r}{budget}: set "
                          f"model.text_encoding.kind={recorded.kind} "
                          f"model.text_encoding.token_budget={recorded.token_budget}")

@@ -4,11 +4,14 @@ e.g. LongAlign's stage-1 data for stage 2: its multi-paragraph captions whole), 
 captions whose background sentence lies beyond CLIP's 77 tokens, `toy_long_captions`)."""
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import List
 
 from .config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 TOY_SETS = ("toy:train", "toy:heldout", "toy:train-long", "toy:heldout-long")
 
@@ -44,7 +47,8 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
             raise ConfigError(f"{what}: {err} (as one of {', '.join(TOY_SETS)})") from None
     path = Path(spec)
     if path.is_dir():
-        raise ConfigError(f"{what}: {path} is a folder; give a text file with one prompt per line")
+        raise ConfigError(f"{what}: {path} is a folder; give a text file with one prompt per line, or one parquet "
+                          "file with a caption column")
     if not path.is_file():
         raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
@@ -71,7 +75,11 @@ def parquet_captions(path: Path, what: str = "prompts") -> List[str]:
     except (OSError, ValueError, KeyError) as err:  # not parquet (ArrowInvalid is a ValueError), no such column
         raise ConfigError(f"{what}: {path} has no readable caption column ({err}); give a parquet file with a "
                           "`caption` column, or a text file with one prompt per line") from None
-    prompts = [" ".join(str(c).split()) for c in column if c is not None and str(c).strip()]
+    # not text (None, bytes, a list): skipped, as caption data sets skip them (str() would make "b'...'" a prompt)
+    prompts = [" ".join(c.split()) for c in column if isinstance(c, str) and c.strip()]
     if not prompts:
-        raise ConfigError(f"{what}: {path} holds no captions ({len(column)} rows, every caption empty)")
+        raise ConfigError(f"{what}: {path} holds no captions ({len(column)} rows, every caption empty or not text)")
+    if len(prompts) < len(column):
+        logger.warning("%s: %d of %d rows of %s have no caption text; skipped", what, len(column) - len(prompts),
+                       len(column), path)
     return prompts

@@ -275,10 +275,13 @@ def test_stage_two_reads_the_captions_of_a_parquet_whole(tmp_path):
     pq.write_table(pa.table({"caption": ["A red cube.\n\nOn a gray floor.", None, "  ", "a  cat\n"],
                              "jpg": [b"x"] * 4}), path)
     assert read_prompts(str(path), "data.path") == ["A red cube. On a gray floor.", "a cat"]
+    pq.write_table(pa.table({"caption": [b"bytes", b"a dog"]}), tmp_path / "bytes.parquet")  # not text: skipped
+    with pytest.raises(ConfigError, match="every caption empty or not text"):
+        read_prompts(str(tmp_path / "bytes.parquet"), "data.path")
     pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "other.parquet")
     with pytest.raises(ConfigError, match="data.path: .*other.parquet has no readable caption column"):
         read_prompts(str(tmp_path / "other.parquet"), "data.path")
     pq.write_table(pa.table({"caption": [None, ""]}, schema=pa.schema([("caption", pa.string())])),
                    tmp_path / "empty.parquet")
-    with pytest.raises(ConfigError, match="holds no captions \\(2 rows, every caption empty\\)"):
+    with pytest.raises(ConfigError, match="holds no captions \\(2 rows, every caption empty or not text\\)"):
         read_prompts(str(tmp_path / "empty.parquet"), "data.path")

@@ -216,7 +216,7 @@ def test_a_direction_fitted_on_other_prompts_is_not_silently_reused(tmp_path):
     save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0),
                    {"prompts_sha256": "0" * 64, "split": "True"})
     ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
-    with pytest.raises(ConfigError, match="fitted on other prompts than .toy:train-long.; delete it to refit"):
+    with pytest.raises(ConfigError, match="fitted on other prompts than .toy:train-long. .*delete it to refit"):
         build_reward(ctx, cfg.reward_backprop, "toy:train-long")
 
 
@@ -226,7 +226,7 @@ def test_the_direction_is_fitted_on_a_seeded_sample_of_a_large_prompt_set(tmp_pa
     and a digest in the key."""
     import random
 
-    from reward_models.decomposed_clip import load_direction, prompts_digest
+    from reward_models.decomposed_clip import load_direction, prompts_digest, save_direction
     from t2i_align.objectives.context import ObjectiveContext
     from t2i_align.objectives.reward_backprop import build_reward
     from t2i_align.prompts import read_prompts
@@ -238,5 +238,12 @@ def test_the_direction_is_fitted_on_a_seeded_sample_of_a_large_prompt_set(tmp_pa
     sample = random.Random(7).sample(read_prompts("toy:train-long"), 40)
     assert meta["num_prompts"] == "40" and meta["prompts_sha256"] == prompts_digest(sample)
     assert max(len(key) for key in ctx._rewards) < 1000
+    other = toy_cfg(tmp_path, "reward_backprop.fit_max_prompts=40", "seed=8")  # another sample
+    with pytest.raises(ConfigError, match="at most reward_backprop.fit_max_prompts=40 of them, drawn with seed 8"):
+        build_reward(ObjectiveContext(None, fake_accelerator(), other, None), other.reward_backprop, "toy:train-long")
+    # a run fitted on every prompt before fit_max_prompts existed resumes with its own direction
+    save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0),
+                   {"prompts_sha256": prompts_digest(read_prompts("toy:train-long")), "split": "True"})
+    build_reward(ObjectiveContext(None, fake_accelerator(), cfg, None), cfg.reward_backprop, "toy:train-long")
     with pytest.raises(ConfigError, match="fit_max_prompts"):
         toy_cfg(tmp_path, "reward_backprop.fit_max_prompts=-1")

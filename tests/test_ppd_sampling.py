@@ -264,7 +264,7 @@ def test_a_full_ppd_export_merged_as_unet_keeps_its_user_branch_and_table(model,
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
 
 
-def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path):
+def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path, monkeypatch):
     from t2i_align.merge import _user_table
 
     lora, model = tmp_path / "final", tmp_path / "ppd-full"
@@ -275,6 +275,9 @@ def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path):
     assert _user_table(model, lora / "pytorch_lora_weights.safetensors", None) == model / "user_table.safetensors"
     (lora / "user_table.safetensors").write_text("")
     assert _user_table(model, lora, None) == lora / "user_table.safetensors"
+    (lora / "user_table.safetensors").unlink()
+    monkeypatch.setenv("HOME", str(tmp_path))  # a model given as ~/ppd-full: its table, found where it loads
+    assert _user_table("~/ppd-full", lora, None) == model / "user_table.safetensors"
 
 
 def test_a_model_with_a_branch_sampled_without_a_user_is_a_clear_error(model, ppd_final):

@@ -270,10 +270,25 @@ def test_a_batch_direction_refuses_a_batch_of_one_prompt(tiny, tmp_path):
 
     _, folder = tiny
     reward = get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", device="cpu")
-    with pytest.raises(ValueError, match="got a batch of one prompt"):
-        reward(torch.rand(1, 3, 32, 32), PROMPTS[:1])
+    for prompts in (PROMPTS[:1], PROMPTS[:1] * 2):  # one prompt, or copies of one (a prompt's seeds)
+        with pytest.raises(ValueError, match="got a batch of one prompt"):
+            reward(torch.rand(len(prompts), 3, 32, 32), prompts)
     assert "nothing is decomposed" in BATCH_OF_ONE
     cfg = load_config("configs/toy/longalign_reward.yaml", [f"output_dir={tmp_path}", "train.batch_size=1",
                                                             "reward_backprop.reward_options.direction=batch"])
     with pytest.raises(ConfigError, match="direction=batch with train.batch_size=1"):
         build_reward(SimpleNamespace(cfg=cfg), cfg.reward_backprop, "toy:train-long")
+    from PIL import Image
+
+    from reward_models.cli import main as score
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, prompt in enumerate(PROMPTS[:2]):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(images / f"{i}.png")
+    (images / "metadata.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "prompt": p}) + "\n"
+                                                   for i, p in enumerate(PROMPTS[:2])))
+    args = ["--reward", "decomposed-clip", "--option", f"decomposed-clip.checkpoint={folder}", "--option",
+            "decomposed-clip.direction=batch", "--images", str(images), "--device", "cpu"]
+    assert score([*args, "--batch-size", "1", "--out", str(tmp_path / "one.jsonl")]) == 2
+    assert score([*args, "--batch-size", "2", "--out", str(tmp_path / "two.jsonl")]) == 0

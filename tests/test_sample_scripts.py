@@ -272,6 +272,27 @@ def test_generate_resumes_where_an_interrupted_run_stopped(tmp_path, capsys):
     assert json.loads((out / gen.MADE_BY).read_text())["images"] == 5
 
 
+def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts_afresh(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    gen = _script("generate")
+    lora = tmp_path / "final"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"1")
+    args = SimpleNamespace(lora=str(lora), device="cuda:1")
+    first = gen._run_record({"steps": 2}, ["a"], 1, args)
+    assert first["device"] == "cuda" and first["lora_files"][0][:2] == ["pytorch_lora_weights.safetensors", 1]
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"22")  # a longer run wrote RUN/final since
+    assert gen._run_record({"steps": 2}, ["a"], 1, args)["lora_files"] != first["lora_files"]
+    part = tmp_path / "out.partial"  # killed (SIGKILL: no clean-up) before its first image
+    part.mkdir()
+    (part / gen.MADE_BY).write_text(json.dumps({"finished": False, "run": first}))
+    assert gen._sample_into(tmp_path / "out", _sampler(torch.rand(1, 3, 8, 8), []), {}, {"images": 1}) == 1
+    assert not part.exists()
+
+
 def test_generate_keeps_its_images_when_publishing_fails(tmp_path, monkeypatch, capsys):
     """A full disk at the final rename kept nothing (the images were in a temporary folder); now --resume
     publishes them without sampling again. A failure before the first image leaves no folder."""

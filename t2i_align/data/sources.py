@@ -8,6 +8,7 @@ order: `OfflineSource` takes the permutation seeded by (seed, e) and process r e
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -184,14 +185,15 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs", u
     rank, world = accelerator.process_index, accelerator.num_processes
     if not cfg.data.cache:
         if users is not None:
-            keep = set(known_rows(dataset.user_ids, users, "the training data"))
+            keep = set(known_rows(dataset.user_ids, users, "the training data", functools.partial(say, accelerator)))
             dataset.drop([i for i in range(len(dataset)) if i not in keep])
         report_rows(accelerator, cfg.data.path, dataset.stats, cached=False)
         return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                                    window=cfg.data.shuffle_window)
     cached = cached_data(cfg, components, accelerator, dataset)
     report_rows(accelerator, cfg.data.path, cached.stats, cached=True)
-    rows = None if users is None else known_rows(cached.user_ids, users, "the training data")
+    rows = None if users is None else known_rows(cached.user_ids, users, "the training data",
+                                                 functools.partial(say, accelerator))
     return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                          rows=rows)
 

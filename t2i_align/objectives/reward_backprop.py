@@ -87,9 +87,10 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
     from t2i_align.prompts import read_prompts
 
     fit = options.pop("fit_prompts", None) or fit_spec
-    prompts = read_prompts(fit, "reward_backprop.reward_options.fit_prompts") if isinstance(fit, str) else list(fit)
-    if 0 < rc.fit_max_prompts < len(prompts):  # the same sample on every process and resume
-        prompts = random.Random(ctx.cfg.seed).sample(prompts, rc.fit_max_prompts)
+    every = read_prompts(fit, "reward_backprop.reward_options.fit_prompts") if isinstance(fit, str) else list(fit)
+    prompts = every  # a large set: a sample, the same on every process and resume
+    if 0 < rc.fit_max_prompts < len(every):
+        prompts = random.Random(ctx.cfg.seed).sample(every, rc.fit_max_prompts)
     path = Path(ctx.cfg.output_dir) / DIRECTION_FILE
     def fit_direction():
         if path.exists():  # a resume: the run's own direction
@@ -108,9 +109,13 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
         reward = ctx.reward(rc.reward, **options, direction=str(path))
     else:
         reward.load_direction(path)  # the file's vector, as the other processes and a resume have it
-    if reward.direction_metadata.get("prompts_sha256") != prompts_digest(prompts):
-        raise ConfigError(f"{path} holds a common direction fitted on other prompts than {fit!r}; delete it to "
-                          "refit, or train into a new output_dir")
+    fitted_on = reward.direction_metadata.get("prompts_sha256")
+    # every prompt: a run begun before fit_max_prompts existed, whose direction a resume keeps
+    if fitted_on not in (prompts_digest(prompts), prompts_digest(every) if prompts is not every else None):
+        raise ConfigError(f"{path} holds a common direction fitted on other prompts than {fit!r} (at most "
+                          f"reward_backprop.fit_max_prompts={rc.fit_max_prompts} of them, drawn with seed "
+                          f"{ctx.cfg.seed}); resume with the run's own settings, delete it to refit, or train into a "
+                          "new output_dir")
     return reward
 
 

@@ -99,14 +99,14 @@ def count_known(user_ids: Optional[Sequence[Any]], table: UserTable, what: str) 
     return known, len(user_ids) - known
 
 
-def known_rows(user_ids: Optional[Sequence[Any]], table: UserTable, what: str) -> List[int]:
-    """The rows whose user is in the table, the others told in a warning: the data source drops them before
-    sharding, so every batch holds `train.batch_size` pairs of known users (dropped batch by batch, as until
-    session 26, a batch of 4 with 2 unknown users trained on 2 pairs, each weighing twice as much in the mean)."""
+def known_rows(user_ids: Optional[Sequence[Any]], table: UserTable, what: str, tell=logger.warning) -> List[int]:
+    """The rows whose user is in the table, the others counted in a warning (`tell`: the run's main-process one).
+    The data source drops them before sharding, so every batch holds `train.batch_size` pairs of known users:
+    dropped batch by batch, a batch of 4 with 2 unknown users would train on 2 pairs, each weighing double."""
     known, unknown = count_known(user_ids, table, what)
     if unknown:
-        logger.warning("PPD: %d of %d pairs of %s belong to users missing from the user table; they are left out",
-                       unknown, known + unknown, what)
+        tell(f"PPD: {unknown} of {known + unknown} pairs of {what} belong to users missing from the user table; "
+             "they are left out")
     return [i for i, user in enumerate(user_ids) if user in table]
 
 
