@@ -307,7 +307,7 @@ def test_compare_refuses_a_user_when_neither_model_has_a_user_branch(tmp_path, c
     from test_sample_scripts import _script
 
     code = run_cli(lambda: _script("compare").main(["--user", "3"]))
-    assert code == 2 and "--user: neither model has a PPD user branch" in capsys.readouterr().err
+    assert code == 2 and "--user: no model here has a PPD user branch" in capsys.readouterr().err
 
 
 def test_folders_where_files_go_are_named_as_folders(tmp_path):
