@@ -148,9 +148,9 @@ def train(cfg: Config) -> TrainResult:
     # Before a resume: without a reference, the gallery's "base" column is sampled from the UNet as it is now.
     validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
                           base=None if provider is None else provider.base_unet, reward=reward)
-    start, counts = _resume(cfg, accelerator, m, (provider, m.source), tracker, resume,
-                            _carried(m.components))
-    state = _RunState(objective, provider, m.source, tracker, validator, start, counts)
+    parts = (provider, m.source, m.components.users)  # what each keeps beyond weights: saved, and resumed
+    start, counts = _resume(cfg, accelerator, m, parts, tracker, resume, _carried(m.components))
+    state = _RunState(objective, provider, m.source, tracker, validator, start, counts, parts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
 
@@ -214,7 +214,7 @@ def _resume(cfg: Config, accelerator, m: Built, parts, tracker, resume, carried)
     """(step, the loop's counts) to start from: step 0 and zero counts, or what the checkpoint `resume` restored
     (`m`'s weights, optimizer and LR schedule, moved to this number of processes; the raw micro-batches this process
     read, the run's totals of skipped data and steps; `carried`'s counters set too). `parts` (the reference
-    provider, the data source) reload what they keep beyond weights and data position."""
+    provider, the data source, PPD's user lookup) reload what they keep beyond weights and data position."""
     out = Path(cfg.output_dir)
     counts = dict.fromkeys(COUNTED + ("raw_batches",), 0)
     if resume is None:
@@ -255,6 +255,7 @@ class _RunState:
     start: int
     counts: Dict[str, int]
     """COUNTED and raw_batches, as the run starts (restored on a resume)."""
+    parts: tuple = ()
 
 
 def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched, params) -> None:
@@ -340,7 +341,7 @@ def _carried(components) -> Dict[str, tuple]:
 
 
 def _save_extras(st: _RunState, folder: Path) -> None:
-    for part in (st.provider, st.source):
+    for part in st.parts:
         if hasattr(part, "save"):
             part.save(folder)
 

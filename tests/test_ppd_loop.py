@@ -201,3 +201,20 @@ def test_ppd_config_checks():
     cfg = load_config(None, ["ppd.enabled=true", "ppd.table=t", "ppd.layers=2"])
     assert cfg.ppd.layers == "2" and not cfg.full_finetune
     assert load_config(None, []).full_finetune and not load_config(None, ["lora.enabled=true"]).full_finetune
+
+
+def test_a_resume_tells_when_the_user_table_changed_since_the_checkpoint(setup, tmp_path):
+    """The same ppd.table path, another file (re-embedded users): the resume went on without a word."""
+    import shutil
+
+    from t2i_align.loop import train
+    from t2i_align.users.training import TABLE_RECORD, file_sha256
+
+    table = shutil.copy(setup[2], tmp_path / "users.safetensors")
+    common = ("train.checkpoint_every=2", f"ppd.table={table}")
+    train(_cfg(setup, tmp_path / "run", *common, "train.max_steps=2"))
+    record = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / TABLE_RECORD).read_text())
+    assert record == {"table": str(table), "sha256": file_sha256(table)}
+    write_table(table, [1, 2, 3], seed=1)
+    with pytest.warns(UserWarning, match="is not the file the checkpoint .* trained with"):
+        train(_cfg(setup, tmp_path / "run", *common, "train.max_steps=3", "train.resume=latest"))

@@ -10,7 +10,10 @@ their tokens from `components.users`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import warnings
+from pathlib import Path
 from typing import Any, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -52,16 +55,43 @@ def batch_user_ids(raw: Mapping[str, Any]) -> List[Any]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
 
 
+TABLE_RECORD = "ppd_table.json"
+"""In a checkpoint: the user table's path and sha256 as it trained."""
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class UserLookup:
     """Rows' user ids -> user tokens [B, T, D] from the table, with PPD's user-embedding dropout: each row's tokens
     are zeroed with probability `dropout` (drawn from torch's global generator, so a resumed run, whose RNG state
     accelerate restores, draws the same). Zeroed tokens are the learned "null user", not the base model: the
     projection's biases and LayerNorm still produce tokens (the base is scale 0, `user_branch_disabled`)."""
 
-    def __init__(self, table: UserTable, dropout: float = 0.0):
+    def __init__(self, table: UserTable, dropout: float = 0.0, path: Optional[str] = None):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"user-embedding dropout {dropout} must be in [0, 1)")
-        self.table, self.dropout = table, dropout
+        self.table, self.dropout, self.path = table, dropout, path
+
+    def save(self, folder: Path) -> None:
+        """Which table the checkpoint trained with: a resume compares (`load`)."""
+        from ..files import write_json_atomic
+
+        write_json_atomic(Path(folder) / TABLE_RECORD, {"table": self.path, "sha256": file_sha256(self.path)})
+
+    def load(self, folder: Path) -> None:
+        """A resume whose ppd.table file changed since the checkpoint (re-embedded, users added) goes on, told."""
+        record = Path(folder) / TABLE_RECORD
+        if self.path is None or not record.is_file():  # a checkpoint written before the record existed
+            return
+        if json.loads(record.read_text(encoding="utf-8")).get("sha256") != file_sha256(self.path):
+            warnings.warn(f"ppd.table {self.path} is not the file the checkpoint {folder} trained with (its contents "
+                          "changed since): the branch resumes on the new embeddings", stacklevel=2)
 
     def batch_tokens(self, raw: Mapping[str, Any], device=None) -> torch.Tensor:
         tokens = self.table.tokens(batch_user_ids(raw), device=device, dtype=torch.float32)
@@ -79,7 +109,7 @@ def add_ppd_branch(components, ppd) -> List[torch.nn.Parameter]:
     table = load_training_table(ppd.table, ppd.layers)
     add_user_branch(components.unet, table.dim, table.num_tokens, scale=ppd.scale)
     params = restrict_user_branch(components.unet, ppd.blocks)
-    components.users = UserLookup(table, ppd.dropout)
+    components.users = UserLookup(table, ppd.dropout, ppd.table)
     logger.info("PPD user branch: %d users, %d tokens of width %d, %d parameters", len(table), table.num_tokens,
                 table.dim, sum(p.numel() for p in params))
     return params
