@@ -330,6 +330,8 @@ def test_folders_where_files_go_are_named_as_folders(tmp_path):
 
 def test_toy_build_keeps_folders_that_are_not_toy_assets(tmp_path, capsys, monkeypatch):
     """`toy build --out runs` replaced the whole runs/ folder; `--tiny` without --out the shipped assets."""
+    import json
+
     import t2i_align.toy.build as build
     from t2i_align.toy.__main__ import main
 
@@ -342,6 +344,20 @@ def test_toy_build_keeps_folders_that_are_not_toy_assets(tmp_path, capsys, monke
         assert main(["build", *args]) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "runs" / "mine.txt").read_text() == "user data"
+    # a folder with a manifest was taken as toy assets whatever else it held; --only kept damaged models
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "model.bin").write_bytes(b"weights")
+    (earlier / "manifest.json").write_text(json.dumps({"files": {"model.bin": "0" * 64}}))
+    (earlier / "notes.txt").write_text("user data")
+    assert main(["build", "--out", str(earlier)]) == 2
+    assert "holds files that are not toy assets (notes.txt)" in capsys.readouterr().err
+    (earlier / "notes.txt").unlink()
+    assert main(["build", "--only", "denoiser", "--out", str(earlier)]) == 2
+    assert "are damaged (hash mismatch: model.bin)" in capsys.readouterr().err
+    (earlier / "manifest.json").write_text('{"files": ')  # torn
+    assert main(["build", "--out", str(earlier)]) == 2
+    assert "is not a readable toy-asset manifest" in capsys.readouterr().err
 
 
 def test_reward_options_of_the_wrong_type_are_refused_when_the_reward_is_built():

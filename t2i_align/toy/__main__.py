@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .scenes import PAIR_SEED
+
 
 def _pipe(args):
     from ..sampling import load_pipeline
@@ -21,7 +23,7 @@ def _check_build_out(out: Path, tiny: bool, only: Optional[str]) -> None:
     """build replaces --out whole: refuse a folder that holds anything but toy assets, and test-quality (--tiny)
     models over the shipped ones."""
     from ..errors import UserError
-    from .assets import ASSETS_DIR, MANIFEST
+    from .assets import ASSETS_DIR, MANIFEST, read_manifest, verify_assets
 
     if tiny and out.resolve() == ASSETS_DIR.resolve():
         raise UserError("--tiny builds test-quality models: give --out FOLDER so the shipped toy assets are kept")
@@ -31,6 +33,15 @@ def _check_build_out(out: Path, tiny: bool, only: Optional[str]) -> None:
     if only and not (out / MANIFEST).is_file():
         raise UserError(f"--only {only} keeps the other models of an earlier build, but {out} holds none: give "
                         "--out an earlier build's folder, or drop --only")
+    if (out / MANIFEST).is_file():
+        listed = set(read_manifest(out)["files"]) | {MANIFEST}
+        others = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                        if p.is_file() and p.relative_to(out).as_posix() not in listed)
+        if others:  # the build replaces the folder whole: a file of the user's in it would go too
+            raise UserError(f"--out {out} holds files that are not toy assets ({', '.join(others[:3])}), which the "
+                            "build would delete with the folder: move them out or give another --out")
+    if only:
+        verify_assets(out)  # the models it keeps: a damaged file would pass into the new manifest
 
 
 def cmd_build(args) -> dict:
@@ -128,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--lora", default=None, help="LoRA weights (pytorch_lora_weights.safetensors or folder)")
         s.add_argument("--prompts", default="train" if name == "pairs" else "heldout",
                        choices=("heldout", "train"))
-        s.add_argument("--seed", type=int, default=0, help="base seed of the fixed per-prompt seeds")
+        s.add_argument("--seed", type=int, default=PAIR_SEED if name == "pairs" else 0,
+                       help="base seed of the fixed per-prompt seeds" + (
+                           f" (default {PAIR_SEED}: noises no evaluation at seed 0, 100000 or 1000000 draws)"
+                           if name == "pairs" else ""))
         s.add_argument("--text-encoding", choices=("clip77", "segments"), default=None,
                        help="prompt encoding (default: the one recorded with the weights, else clip77)")
     for name in ("evaluate", "compare"):

@@ -55,7 +55,12 @@ def read_manifest(root: Optional[Path] = None) -> dict:
     path = Path(root or ASSETS_DIR) / MANIFEST
     if not path.is_file():
         raise ToyAssetError(f"toy assets not found: {path} is missing. {REBUILD_HINT}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"].items()
+    except (ValueError, KeyError, TypeError, AttributeError):  # torn, or not a manifest of ours
+        raise ToyAssetError(f"{path} is not a readable toy-asset manifest (no file list). {REBUILD_HINT}") from None
+    return manifest
 
 
 def verify_assets(root: Optional[Path] = None) -> dict:

@@ -209,7 +209,9 @@ STAGES = ("data", "vae", "denoiser", "clip", "denscore")  # append only: a stage
 
 
 def _stage_random(seed: int, stage: str) -> Tuple[random.Random, torch.Generator]:
-    """Independent RNGs per stage, so one stage can be rebuilt alone and draw exactly as in a full build."""
+    """Independent RNGs per stage for its data and batches. The models' initial weights come from torch's global
+    generator, seeded once per build: a stage rebuilt alone (`--only`) starts from other initial weights than in a
+    full build (the shipped UNet is an `--only denoiser` build's; a full build does not reproduce it)."""
     stage_seed = seed * 100 + STAGES.index(stage)
     return random.Random(stage_seed), torch.Generator().manual_seed(stage_seed)
 

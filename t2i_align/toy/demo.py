@@ -22,7 +22,7 @@ from ..gallery import to_uint8, write_gallery
 from ..sampling import load_pipeline
 from .assets import verify_assets
 from .evaluate import Evaluation, evaluate, judge_scores, prompt_set
-from .pairs import export_pairs
+from .pairs import PAIR_SEED, export_pairs
 
 GALLERY_PROMPTS = 12
 DEMO_CONFIG = Path("configs/toy/demo.yaml")
@@ -56,12 +56,13 @@ def _caption(label: str, verdict) -> str:
 
 
 def gallery_rows(evals: Dict[str, Evaluation], num_prompts: int = GALLERY_PROMPTS) -> List[Dict]:
-    """One row per prompt: each model's images at the same seeds, the judge's verdict under each."""
+    """One row per prompt, `num_prompts` prompts spread over the set (it is sorted by colour: the first 12 were all
+    red): each model's images at the same seeds, the judge's verdict under each."""
     first = next(iter(evals.values()))
     k = first.summary["seeds_per_prompt"]
     images = {name: to_uint8(ev.samples.images) for name, ev in evals.items()}
-    rows = []
-    for i in range(min(num_prompts, len(first.samples.prompts) // k)):
+    rows, total = [], len(first.samples.prompts) // k
+    for i in sorted({j * total // min(num_prompts, total) for j in range(min(num_prompts, total))}):
         sl = slice(i * k, (i + 1) * k)
         row_images, captions = [], []
         for name, ev in evals.items():
@@ -105,7 +106,7 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
     with _bar(len(train_scenes) * images_per_prompt, f"pairs: sample {len(train_scenes)} prompts x "
               f"{images_per_prompt}", show_progress) as bar:
         counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=images_per_prompt,
-                              base_seed=1, pairing="best-worst", progress=bar.update)
+                              base_seed=PAIR_SEED, pairing="best-worst", progress=bar.update)
     final = train(cfg).final
     tuned_pipe = load_pipeline("toy", lora=final)
     tuned_pipe.fuse_lora()  # same images (to ~1e-5) as unfused adapters, which sample ~45 % slower on CPU

@@ -13,8 +13,11 @@ Our segment-level loss, on the same S the reward computes (so what is trained is
   scene with that one attribute changed: softplus(-scale · (S(x, p) - S(x_a, p))). Every sentence's fact must
   move the score, so none can be traded for another.
 It starts from a copy of the toy CLIP (as Denscore from CLIP-H); the toy CLIP itself is never retrained. Half the
-images pass through the VAE and back, as generated images do, so the reward holds on decoded samples. Training
-scenes only: the held-out combinations judge it (`benchmarks/longalign_toy.py retrieval`).
+images pass through the VAE and back, as generated images do, so the reward holds on decoded samples. Its
+positives are training scenes only, but a counterfactual (one attribute changed) may be a held-out combination
+(16 % of them are, every held-out scene among them): its image tower has seen held-out renders, as negatives,
+before `benchmarks/longalign_toy.py retrieval` tests it on them (the shipped Denscore was trained so; not
+redrawn, which would change every LongAlign number).
 
 Known blind spot: left against right. The toy CLIP maps a position sentence and its left/right mirror alike
 (cosine 0.998) and a render and its mirror alike (0.990), and fine-tuning does not separate them (top / bottom it

@@ -19,11 +19,12 @@ import numpy as np
 from PIL import Image
 
 from ..data.listings import write_rows_parquet
+from ..files import write_text_atomic
 from ..sampling import generate, seeds_for
 from .evaluate import TOY_GUIDANCE, TOY_STEPS
 from ..gallery import to_uint8
 from .judge import judge_batch
-from .scenes import Scene, short_caption
+from .scenes import PAIR_SEED, Scene, short_caption  # noqa: F401 (PAIR_SEED for importers)
 
 
 
@@ -96,5 +97,5 @@ def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, imag
     counts = {"pairs": len(rows), "ties": sum(r["label_0"] == 0.5 for r in rows), "prompts": len(scenes),
               "images_per_prompt": images_per_prompt, "pairing": pairing, "base_seed": base_seed,
               "path": str(out / "pairs.parquet")}
-    (out / "pairs.json").write_text(json.dumps(counts, indent=2))
+    write_text_atomic(out / "pairs.json", json.dumps(counts, indent=2))
     return counts

@@ -163,6 +163,7 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
     user_table.safetensors (training users' embeddings and the held-out users'), users.json (tastes, ids, shot
     fingerprints). Returns counts. Shots are always pairs the user's taste decides: the embedding is what a user
     shows of their taste, whatever else they reward."""
+    from ..files import write_text_atomic
     from .pairs import jpeg_bytes, write_parquet
 
     if any(u.attribute != pairs_pool.attribute for u in [*train_users, *heldout_users]):
@@ -199,7 +200,7 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
             "embedding_owner": owner, "shot_fingerprints": prints, "pairs": len(rows),
             "pairs_per_user": len(rows) / max(1, len(train_users)), "embeddings_per_user": embeddings_per_user,
             "prompt_weight": prompt_weight}
-    (out / "users.json").write_text(json.dumps(meta, indent=1))
+    write_text_atomic(out / "users.json", json.dumps(meta, indent=1))
     return {k: v for k, v in meta.items() if k in ("pairs", "pairs_per_user", "embeddings_per_user",
                                                     "prompt_weight")}
 
@@ -208,6 +209,10 @@ def _heldout_shots(users: Sequence[ToyUser], shot_pool: Pool, rng: random.Random
                    owner: Dict) -> None:
     """One embedding of 4 shots per held-out user (no pairs), added to `shot_sets`, `prints` and `owner`."""
     for user in users:
+        if user.user_id in shot_sets:  # a training user's embedding id (user·100 + j): it would be replaced
+            raise ValueError(f"held-out user {user.user_id} has the table id of training user "
+                             f"{owner[user.user_id]}'s embedding {user.user_id % 100}: give held-out users ids that "
+                             "are no training user's id·100 + j (e.g. above every training id·100 + 99)")
         shot_sets[user.user_id], prints[user.user_id] = user_shots(user, shot_pool, NUM_SHOTS, rng)
         owner[user.user_id] = user.user_id
 
