@@ -43,6 +43,24 @@ def list_checkpoints(output_dir: str | os.PathLike) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
+def resolve_resume_everywhere(accelerator, output_dir: str | os.PathLike, resume: Optional[str]) -> Optional[Path]:
+    """`resolve_resume` on every process (a bad path fails on all), checked to name one checkpoint on all (a
+    collective): with `latest`, a machine whose network file system listing is stale would resume from another
+    step, its processes training other weights (DDP syncs them only when it wraps the model) for another length."""
+    path = resolve_resume(output_dir, resume)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        from .errors import UserError
+
+        seen = sorted({str(p) for p in gather_object([path])})
+        if len(seen) > 1:
+            raise UserError(f"train.resume={resume}: the processes found different checkpoints ({', '.join(seen)}), "
+                            "a file system that had not yet shown every machine the newest one: relaunch, or name "
+                            "the checkpoint folder")
+    return path
+
+
 def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Optional[Path]:
     """None (fresh run), "latest" (newest complete checkpoint, or None if there is none) or a folder."""
     if not resume:

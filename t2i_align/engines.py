@@ -169,7 +169,7 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
     which FSDP's own gathering overrides; SePPO's full fine-tune loads snapshots into the unsharded frozen copy);
     torch.compile (found by running it: the loop's direct UNet calls miss the compiled root's gathering); RAFT /
     online DPO rounds whose prompts do not split evenly over the processes (each process must run as many
-    forwards as the others)."""
+    forwards as the others); optimizers whose state is not sharded with the weights (Adafactor, 8-bit AdamW)."""
     if not is_fsdp(accelerator):
         return
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
@@ -189,6 +189,11 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
     if cfg.model.cast_base_unet:
         raise UserError("model.cast_base_unet is not supported under FSDP (it shards the UNet's fp32 adapters and "
                         "half-precision base together, and FSDP2 wants one dtype): leave it off")
+    if cfg.train.optimizer in ("adafactor", "adamw8bit"):
+        raise UserError(f"train.optimizer={cfg.train.optimizer} does not run under FSDP: its state is kept in plain "
+                        "tensors beside the sharded gradients (transformers' Adafactor fails at its first step; "
+                        "bitsandbytes reads raw parameter pointers). Use train.optimizer=adamw, whose state FSDP "
+                        "shards too")
     processes = accelerator.num_processes
     if cfg.raft.enabled and cfg.raft.prompts_per_round % processes:
         raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "
@@ -219,6 +224,11 @@ def check_deepspeed(accelerator, cfg) -> None:
         raise UserError(f"DeepSpeed's gradient_accumulation_steps is {steps}: the loop accumulates itself "
                         "(train.grad_accum) and the engine would divide the loss again. Set "
                         f"gradient_accumulation_steps to 1 in the accelerate config and train.grad_accum={steps}")
+    if cfg.train.optimizer == "adafactor":
+        raise UserError("train.optimizer=adafactor under DeepSpeed ZeRO-2 steps on each process's flat slice of "
+                        "the weights: its factored moments and update clipping, defined per weight matrix, then "
+                        "differ from one GPU's and with the number of GPUs. Use train.optimizer=adamw (ZeRO-2 "
+                        "shards its state), or DDP (configs/accelerate/ddp.yaml) for Adafactor")
     clip = ds.get("gradient_clipping", "auto")
     if clip == "auto":  # accelerate would fill in 1.0 whatever train.max_grad_norm says
         ds["gradient_clipping"] = cfg.train.max_grad_norm

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading
-from .checkpoints import (checkpoint_step, export_final, load_checkpoint, read_marker, resolve_resume,
+from .checkpoints import (checkpoint_step, export_final, load_checkpoint, read_marker, resolve_resume_everywhere,
                           resume_raw_batches, save_checkpoint, save_only_trainable)
 from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
@@ -126,7 +126,7 @@ def train(cfg: Config) -> TrainResult:
     check_before_loading(cfg, objective.batch_kind)
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)
-    resume = resolve_resume(out, cfg.train.resume)  # on every process: a bad path fails on all
+    resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)
     if resume is not None and checkpoint_step(resume) > cfg.train.max_steps:  # would export it labelled max_steps
         raise UserError(f"train.resume: {resume} is at step {checkpoint_step(resume)}, past train.max_steps="
                         f"{cfg.train.max_steps}; set train.max_steps above it to train on, or use {out}/final")

@@ -74,6 +74,8 @@ def test_fp16_mixed_precision_on_a_cpu_is_refused_at_start(engine, device, refus
      r"prompts_per_round \(3\) must divide evenly over the 2 processes"),
     (2, ["lora.enabled=true", "model.cast_base_unet=true", "model.weight_dtype=bf16", "train.mixed_precision=bf16"],
      "model.cast_base_unet is not supported under FSDP"),
+    # SDXL's full fine-tune recipe, the example launch of fsdp.yaml: Adafactor failed at its first step
+    (2, ["train.optimizer=adafactor"], "train.optimizer=adafactor does not run under FSDP.*train.optimizer=adamw"),
 ])
 def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monkeypatch, version, overrides, message):
     """FSDP1, and what does not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.
@@ -142,6 +144,7 @@ def _deepspeed_train(monkeypatch, ds: dict, args):
     ({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, ["train.max_grad_norm=0"], "set them equal"),
     ({"zero_optimization": {"stage": 3}}, [], "ZeRO stage 3 .* is not supported"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, [], "parameter offload 'cpu'"),
+    ({"gradient_accumulation_steps": 1}, ["train.optimizer=adafactor"], "adafactor under DeepSpeed ZeRO-2 steps on"),
 ])
 def test_deepspeed_refuses_its_own_accumulation_and_another_clipping(tmp_path, monkeypatch, ds, overrides, message):
     """DeepSpeed's own accumulation would divide the loss a second time, the engine clips at its own threshold, and

@@ -358,3 +358,24 @@ def test_a_final_export_past_the_resumed_step_is_set_aside_and_one_at_it_is_not(
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 4)))
     folder = set_aside_newer(out, 2, log=lambda message: None)
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "step-3"] and (out / "final").is_dir()
+
+
+def test_processes_that_find_different_latest_checkpoints_stop_together(tmp_path, monkeypatch):
+    """Each process resolved train.resume=latest on its own: a machine with a stale network file system listing
+    resumed from an older step, training other weights for another length (a hang, or silent divergence)."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from t2i_align.checkpoints import resolve_resume_everywhere
+    from t2i_align.errors import UserError
+
+    newest = tmp_path / "checkpoints" / "step-4"
+    newest.mkdir(parents=True)
+    (newest / "t2i_align_checkpoint.json").write_text("{}")
+    two = SimpleNamespace(num_processes=2)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [objs[0], tmp_path / "checkpoints" / "step-2"])
+    with pytest.raises(UserError, match="the processes found different checkpoints .*step-2, .*step-4"):
+        resolve_resume_everywhere(two, tmp_path, "latest")
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: objs * 2)
+    assert resolve_resume_everywhere(two, tmp_path, "latest") == newest
