@@ -50,6 +50,7 @@ def compare_sets(args, rewards, save=None) -> dict:
               "tuned": {"model": args.model, "lora": args.lora, **args.records["tuned"]},
               "settings": settings.as_dict(), "sets": {}, "unfinished": [_key(*b) for b in blocks]}
     unbranched = {}  # prompt set -> scores of a side without a user branch: the same for every --user
+    branched = {"tuned": has_user_branch(args.model, args.lora), "base": has_user_branch(args.base, args.base_lora)}
     for spec, user_id in blocks:
         prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
@@ -57,7 +58,7 @@ def compare_sets(args, rewards, save=None) -> dict:
         # the tuned side first: most flags (--user ...) are its, and fail at its loading
         for side, model, lora, encoding in (("tuned", args.model, args.lora, args.text_encoding),
                                             ("base", args.base, args.base_lora, args.base_text_encoding)):
-            branch = has_user_branch(model, lora)
+            branch = branched[side]
             if not branch and (spec, side) in unbranched:
                 scores[side] = unbranched[spec, side]
                 continue

@@ -93,8 +93,9 @@ def _resume_point(part: Path, run: dict, resume: bool) -> List[str]:
     if not resume:
         raise UserError(f"{part} holds {len(lines)} images of an unfinished generate.py run: add --resume to finish "
                         f"it (same flags), or delete {part} to start again")
-    changed = [key for key in sorted(set(run) | set(earlier)) if key not in RESIZABLE
-               and earlier.get(key) != json.loads(json.dumps(run)).get(key)]
+    now = json.loads(json.dumps(run))  # as the record reads back (tuples as lists)
+    changed = [key for key in sorted(set(now) | set(earlier))
+               if key not in RESIZABLE and earlier.get(key) != now.get(key)]
     if changed:
         raise UserError(f"--resume: {part} was started with other settings ({', '.join(changed)} differ): give its "
                         f"flags again, or delete {part} to start again")

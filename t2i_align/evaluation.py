@@ -48,7 +48,6 @@ def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settin
     `on_batch`: each batch's Samples as it is made, the images then not kept (`sampling.generate`).
     `first`: start at that image of the prompt-major list (a resumed `generate.py`; same seeds as an uninterrupted
     run, each image having its own generator)."""
-    from .model_folders import resolve_pretrained
     from .users.inference import UserChoice, user_tokens_for
 
     pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler, text_encoding=text_encoding,
@@ -56,7 +55,7 @@ def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settin
     flat, seeds = prompt_major(prompts, settings.seeds_per_prompt, settings.seed)
     flat, seeds = flat[first:], seeds[first:]
     # the user table beside the weights the branch came from: the model's folder as loaded (`~/m`, a hub id)
-    tokens = user_tokens_for(pipe, user or UserChoice(), len(flat), (lora, resolve_pretrained(model, key="--model")))
+    tokens = user_tokens_for(pipe, user or UserChoice(), len(flat), (lora, pipe.name_or_path))
     return generate(pipe, flat, seeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                     batch_size=settings.batch_size, negative_prompt=settings.negative_prompt,
                     height=settings.height, width=settings.width, user_tokens=tokens, on_batch=on_batch)

@@ -183,17 +183,17 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs", u
     check_data_files(cfg)
     dataset = load_pairs(cfg.data, cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    tell = functools.partial(say, accelerator)  # PPD's count of left-out pairs, from the main process
     if not cfg.data.cache:
         if users is not None:
-            keep = set(known_rows(dataset.user_ids, users, "the training data", functools.partial(say, accelerator)))
+            keep = set(known_rows(dataset.user_ids, users, "the training data", tell))
             dataset.drop([i for i in range(len(dataset)) if i not in keep])
         report_rows(accelerator, cfg.data.path, dataset.stats, cached=False)
         return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                                    window=cfg.data.shuffle_window)
     cached = cached_data(cfg, components, accelerator, dataset)
     report_rows(accelerator, cfg.data.path, cached.stats, cached=True)
-    rows = None if users is None else known_rows(cached.user_ids, users, "the training data",
-                                                 functools.partial(say, accelerator))
+    rows = None if users is None else known_rows(cached.user_ids, users, "the training data", tell)
     return OfflineSource(cached, collate_cached, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                          rows=rows)
 

@@ -14,8 +14,8 @@ Our segment-level loss, on the same S the reward computes (so what is trained is
   move the score, so none can be traded for another.
 It starts from a copy of the toy CLIP (as Denscore from CLIP-H); the toy CLIP itself is never retrained. Half the
 images pass through the VAE and back, as generated images do, so the reward holds on decoded samples. Its
-positives are training scenes only, but a counterfactual (one attribute changed) may be a held-out combination
-(16 % of them are, every held-out scene among them): its image tower has seen held-out renders, as negatives,
+positives are training scenes only, but a counterfactual (one attribute changed) may be a held-out combination:
+its image tower has seen held-out renders, as negatives,
 before `benchmarks/longalign_toy.py retrieval` tests it on them (the shipped Denscore was trained so; not
 redrawn, which would change every LongAlign number).
 
