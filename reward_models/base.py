@@ -179,22 +179,33 @@ def batched(n: int, batch_size: int) -> List[slice]:
 
 # ---------------------------------------------------------------- images
 def _pil_to_tensor(image) -> torch.Tensor:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit greyscale: to [0, 1] by its range
-        arr = np.asarray(image, dtype=np.float32)
-        peak = float(arr.max()) if arr.size else 0.0
-        arr = arr / (1.0 if image.mode == "F" and peak <= 1.0 else 65535.0 if peak > 255 else 255.0)
-        return torch.from_numpy(np.clip(arr, 0.0, 1.0)).expand(3, *arr.shape).contiguous()
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    from t2i_align.data.images import grey_to_8bit
+
+    arr = np.asarray(grey_to_8bit(image).convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _numpy_chw(im: np.ndarray) -> torch.Tensor:
+    """A channels-last HxW / HxWxC array as a [C, H, W] tensor: uint8 kept, uint16 by 65535, other integers by
+    255 (an int64 array of 0..255 pixels), floats as they are ([0, 1])."""
+    if im.ndim not in (2, 3) or (im.ndim == 3 and im.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"numpy images are channels-last HxW or HxWxC with C = 1, 3 or 4; got shape {im.shape}")
+    arr = im if im.ndim == 3 else im[..., None]
+    if arr.dtype != np.uint8 and np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.float32) / (65535.0 if arr.dtype == np.uint16 else 255.0)
+    return torch.from_numpy(np.array(arr, order="C")).permute(2, 0, 1)  # a copy: inputs may be read-only
 
 
 def _as_chw(x: torch.Tensor) -> torch.Tensor:
     """[C, H, W] or [B, C, H, W] with C in {1, 3, 4} -> float RGB in [0, 1] (alpha dropped, grey repeated)."""
-    if x.shape[-3] not in (1, 3, 4):
-        raise ValueError(f"image tensors must be channels-first [B, 3, H, W]; got shape {tuple(x.shape)}")
+    if x.dim() not in (3, 4) or x.shape[-3] not in (1, 3, 4):
+        raise ValueError(f"image tensors are channels-first [C, H, W] or [B, C, H, W] with C = 1, 3 or 4; got shape "
+                         f"{tuple(x.shape)}")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"empty image of shape {tuple(x.shape)}")
-    x = x.float() / 255.0 if not torch.is_floating_point(x) else check_image_range(x)
+    if not torch.is_floating_point(x):  # 8-bit values, or 16-bit ones in a uint16 tensor
+        x = x.float() / (65535.0 if x.dtype == getattr(torch, "uint16", None) else 255.0)
+    x = check_image_range(x)
     if x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return x[..., :3, :, :]
@@ -219,9 +230,7 @@ def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
         if isinstance(im, torch.Tensor):
             out.append(_as_chw(im))
         elif isinstance(im, np.ndarray):
-            arr = im if im.ndim == 3 else im[..., None]
-            t = torch.from_numpy(np.array(arr, order="C")).permute(2, 0, 1)  # a copy: inputs may be read-only
-            out.append(_as_chw(t if arr.dtype == np.uint8 else t.float()))
+            out.append(_as_chw(_numpy_chw(im)))
         elif hasattr(im, "convert"):
             out.append(_pil_to_tensor(im))
         else:

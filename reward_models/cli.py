@@ -268,10 +268,10 @@ def _run(args: argparse.Namespace) -> int:
     total, items = open_source(args.images, args.prompts, args.pairwise)
     rewards = load_rewards(names, options, args.device)
     batched = [name for name, reward in rewards.items() if getattr(reward, "batch_direction", False)]
-    if batched and args.batch_size < 2:
-        raise UsageError(f"{batched[0]} with direction=batch decomposes each image against its batch's mean text: "
-                         "--batch-size 1 decomposes nothing; give --batch-size 2 or more, or fit the direction once "
-                         f"(--option {batched[0]}.fit_prompts=FILE)")
+    if batched:  # a short last batch, or one prompt's seeds side by side, would fail; scores would not compare
+        raise UsageError(f"{batched[0]} with direction=batch scores each image against its batch's mean text, so a "
+                         "score depends on the images beside it (a batch of one prompt decomposes nothing); fit the "
+                         f"direction once instead: --option {batched[0]}.fit_prompts=FILE (or direction=FILE)")
     rows: List[dict] = []
     try:
         with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:

@@ -42,6 +42,9 @@ class ClipEncoder:
                  resize: Resize = resize_center_crop):
         self.resize = resize  # how images reach size x size (HPSv2 pads instead of cropping)
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        # read before the cast: PickScore's exp(4.6052) = 100.0 would be 98.86 from a bf16 logit_scale
+        scale = getattr(model, "logit_scale", None)
+        self._logit_scale = None if scale is None else float(scale.detach().float().exp().reshape(-1)[0])
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.interpolation, self.batch_size = interpolation, batch_size
@@ -66,7 +69,10 @@ class ClipEncoder:
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+        """exp(logit_scale), from the weights' own precision (fp32 as stored), whatever dtype the model runs in."""
+        if self._logit_scale is None:
+            raise AttributeError(f"{type(self.model).__name__} has no logit_scale")
+        return self._logit_scale
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -160,7 +166,8 @@ def _resize_for(pre: Dict[str, Any]) -> Resize:
     if mode == "squash":
         return resize_squash
     edge = pre.get("shortest_edge")  # a transformers processor folder's resize, when it differs from its crop
-    return resize_center_crop if edge is None else partial(resize_center_crop, shortest_edge=edge)
+    # a transformers folder (Denscore): its processor's crop starts at (n - size) // 2, as PickScore's does
+    return partial(resize_center_crop, shortest_edge=edge, floor_offset=bool(pre.get("floor_offset")))
 
 
 def _hf_folder(folder: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:

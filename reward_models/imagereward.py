@@ -24,6 +24,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from t2i_align.data.images import grey_to_8bit
+
 from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_image_range, check_tokenizer_vocabulary,
                    register, resolve_device, resolve_dtype, to_image_tensors)
 from .blip_layout import BlipRewardConfig, BlipRewardModel, load_official_state_dict
@@ -42,11 +44,7 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
     `convert` would clip them); everything else (L, P, RGBA, CMYK, YCbCr, ...) uses PIL's conversion."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"cannot score an empty image of size {image.size}")
-    if image.mode.startswith("I") or image.mode == "F":
-        image = image.convert("F")
-        low, high = image.getextrema()
-        scale = 255.0 if high <= 1.0 and low >= 0.0 else (255.0 / 65535.0 if high > 255 else 1.0)
-        image = image.point(lambda v: v * scale).convert("L")
+    image = grey_to_8bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

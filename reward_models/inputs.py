@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -33,12 +34,12 @@ class Item(NamedTuple):
 
 def _read_table(path: Path) -> List[Tuple[str, str]]:
     """(file, prompt) rows from a .csv with a header or a .jsonl of objects."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
+    try:  # split at line ends only: str.splitlines also cuts at \x0c, \x85, U+2028 ... inside a prompt
+        text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() == ".csv":
-            rows: List[Any] = list(csv.DictReader(lines))
+            rows: List[Any] = list(csv.DictReader(io.StringIO(text, newline="")))
         else:
-            rows = [_json_line(path, number, s) for number, s in enumerate(lines, 1) if s.strip()]
+            rows = [_json_line(path, number, s) for number, s in enumerate(text.split("\n"), 1) if s.strip()]
     except ValueError as e:
         raise UsageError(f"cannot read {path}: {e}") from e
     for i, r in enumerate(rows):

@@ -135,7 +135,7 @@ def hf_preprocess_cfg(folder: Path, config) -> Dict[str, Any]:
     return {"size": crop, "shortest_edge": resize.get("shortest_edge", crop) if isinstance(resize, dict) else
             (resize or crop),
             "mean": tuple(pre.get("image_mean", OPENAI_MEAN)), "std": tuple(pre.get("image_std", OPENAI_STD)),
-            "interpolation": {2: "bilinear", 3: "bicubic"}.get(pre.get("resample", 3), "bicubic")}
+            "interpolation": {2: "bilinear", 3: "bicubic"}.get(pre.get("resample", 3), "bicubic"), "floor_offset": True}
 
 
 class HFClipEncoder(ClipEncoder):

@@ -3,13 +3,23 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+import numpy as np
 import torch
 
 from t2i_align.gallery import to_uint8
 from t2i_align.toy.judge import judge_batch
 from t2i_align.toy.scenes import scene_from_caption
 
-from .base import PromptsRejected, Reward, RewardOutput, register
+from .base import PromptsRejected, Reward, RewardOutput, register, to_image_tensors
+
+
+def _uint8_hwc(images) -> List[np.ndarray]:
+    """Any image input the rewards take (`base.to_image_tensors`: RGB in [0, 1]) as uint8 HWC arrays, the
+    judge's reading (8-bit inputs come back exactly)."""
+    tensors = to_image_tensors(images)
+    if isinstance(tensors, torch.Tensor):
+        return to_uint8(tensors)
+    return [to_uint8(t[None])[0] for t in tensors]
 
 
 @register("toy-judge")
@@ -32,6 +42,6 @@ class ToyJudge(Reward):
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         scenes = [scene_from_caption(p) for p in prompts]
-        verdicts = judge_batch(to_uint8(images), scenes)
+        verdicts = judge_batch(_uint8_hwc(images), scenes)
         scores = torch.tensor([v.score for v in verdicts], dtype=torch.float32)
         return scores, {"correct": [v.correct for v in verdicts]}

@@ -81,26 +81,38 @@ def replace_dir(tmp: Path, out_dir: Path) -> Path:
     files given plain modes first: `plain_modes`).
 
     Between the two renames `out_dir` is briefly absent (POSIX has no atomic swap of two folders); if the second
-    rename fails, the old folder is put back. `tmp`'s files are fsynced first: a host crash after the old folder
-    is deleted cannot leave the new one's files empty."""
+    rename fails, the old folder is put back, or, if that fails too, kept where it is and named in the error.
+    `tmp`'s files are fsynced first: a host crash after the old folder is deleted cannot leave the new one's files
+    empty."""
     tmp, out_dir = Path(tmp), Path(out_dir)
     plain_modes(tmp)
     sync_tree(tmp)
-    old = None
+    old, moved = None, False
     try:
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old)  # rename onto the fresh empty folder
+            moved = True
         os.replace(tmp, out_dir)
     except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)
+        if moved:
+            _put_back(old, out_dir)
+        elif old is not None:
+            old.rmdir()  # still the empty placeholder
         raise
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     fsync_path(out_dir.parent)  # the renames themselves (best effort: the folder is in place either way)
     return out_dir
+
+
+def _put_back(old: Path, out_dir: Path) -> None:
+    """The old folder back at `out_dir` after a failed replacement; never deleted if it cannot go back."""
+    try:
+        os.replace(old, out_dir)
+    except OSError as err:
+        raise OSError(f"{out_dir} could not be replaced, nor put back ({err}): its old contents are kept in "
+                      f"{old}; move them back by hand") from err
 
 
 @contextmanager

@@ -70,8 +70,10 @@ def parquet_captions(path: Path, what: str = "prompts") -> List[str]:
     too), empty ones skipped."""
     import pyarrow.parquet as pq
 
+    from .data.pairs import text_column
+
     try:
-        column = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
+        column = text_column(pq.read_table(path, columns=["caption"]), "caption")
     except (OSError, ValueError, KeyError) as err:  # not parquet (ArrowInvalid is a ValueError), no such column
         raise ConfigError(f"{what}: {path} has no readable caption column ({err}); give a parquet file with a "
                           "`caption` column, or a text file with one prompt per line") from None

@@ -283,6 +283,26 @@ def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):
         PairDataset(tmp_path / "missing.parquet")
 
 
+def test_a_caption_that_is_not_utf8_is_a_missing_caption_not_a_failed_file(tmp_path):
+    """Parquet from a writer that does not check UTF-8: reading the column raised UnicodeDecodeError at start."""
+    texts = [b"a cat", b"caf\xff", b"a dog"]
+    offsets = pa.array([0, 5, 9, 14], pa.int32()).buffers()[1]
+    captions = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"".join(texts))])
+    rows = [row() for _ in texts]
+    table = pa.Table.from_pylist(rows).set_column(0, "caption", captions)
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+    ds = PairDataset(path)
+    assert ds.captions == ["a cat", "a dog"] and ds.stats.no_caption == 1
+
+
+def test_a_link_to_another_file_of_the_folder_is_read_once(tmp_path, caplog):
+    write_pairs(tmp_path / "part-0.parquet", [row(caption=f"r{j}") for j in range(3)])
+    (tmp_path / "latest.parquet").symlink_to(tmp_path / "part-0.parquet")
+    ds = PairDataset(tmp_path)
+    assert len(ds) == 3 and "are one file (a link): read once" in caplog.text
+
+
 def test_folder_of_files_and_load_pairs(tmp_path):
     for i in range(2):
         write_pairs(tmp_path / f"part-{i}.parquet", [row(caption=f"f{i}r{j}") for j in range(2)])

@@ -36,6 +36,32 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "grid.png", "out", "t.safetensors"]
 
 
+@pytest.mark.parametrize("failing", [(2,), (2, 3)])
+def test_a_failed_replacement_keeps_the_old_folder(tmp_path, monkeypatch, failing):
+    """The second rename fails (2,) and the old folder goes back; if putting it back fails too (2, 3), it is kept
+    where it was moved and named in the error (it was deleted)."""
+    import t2i_align.files as files
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("user's")
+    new = temp_dir(tmp_path, ".out.tmp-")
+    calls, replace = [], os.replace
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) in failing:
+            raise OSError("disk gone")
+        return replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", flaky)
+    with pytest.raises(OSError) as err:
+        replace_dir(new, tmp_path / "out")
+    kept = tmp_path / "out" if failing == (2,) else calls[-1]
+    assert (kept / "mine.txt").read_text() == "user's"
+    if failing == (2, 3):
+        assert f"its old contents are kept in {kept}" in str(err.value)
+
+
 def test_exports_and_checkpoints_are_readable_like_any_file(tmp_path, umask):
     """safetensors 0.8 writes its files 0600 whatever the umask (safetensors#782); a run's final/ export and
     checkpoints must still be readable by whoever may read the run's other files."""

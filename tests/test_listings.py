@@ -111,6 +111,44 @@ def test_a_line_that_is_not_utf8_and_captions_that_are_not_text_are_skipped(fold
     assert [r["caption"] for r in pq.read_table(folder / "pairs.parquet").to_pylist()] == ["red wins", "red wins"]
 
 
+def test_text_parquet_cannot_hold_json_python_cannot_read_and_too_thin_images_are_skipped(folder, capsys):
+    """A lone surrogate in a caption or model name failed the parquet write (every image read so far lost); an
+    integer of 5000 digits or deep nesting was a traceback; a 400x4 image passed the import, then its resize
+    before the crop (MAX_ASPECT) would be MAX_ASPECT·R² pixels."""
+    Image.new("RGB", (400, 4), RED).save(folder / "images" / "thin.png")
+    good = LISTING[0][0]
+    listing = write_jsonl(folder / "pairs.jsonl", [good, {**good, "caption": "bad \ud800"},
+                                                   {**good, "model_0": "m\udfff"},
+                                                   {**good, "image_w": "images/thin.png"}],
+                          ['{"caption": "x", "user_id": ' + "9" * 5000 + "}\n", "[" * 100000 + "\n"])
+    code, counts, err = run(capsys, "--from", listing, "--out", folder)
+    assert code == 0, err
+    assert counts["pairs"] == 1
+    assert counts["skipped"] == {"bad_text": 2, "not_json": 2, "undecodable_image": 1}
+    assert "too thin to train on" in err
+
+
+def test_an_image_whose_exif_does_not_parse_is_skipped_at_import_and_in_training(folder, capsys, monkeypatch):
+    """A damaged EXIF block raises struct.error in exif_transpose, which Image.open().load() never reaches: the
+    import took the image and training stopped with a traceback."""
+    import struct
+
+    from PIL import ImageOps
+
+    def damaged(image, **kw):
+        raise struct.error("required argument is not an integer")
+
+    listing = write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]])
+    monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
+    code, _, err = run(capsys, "--from", listing, "--out", folder)
+    assert code == 2 and "no usable row" in err and "undecodable_image" in err
+    monkeypatch.undo()
+    assert run(capsys, "--from", listing, "--out", folder)[0] == 0
+    monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
+    data = PairDataset(folder / "pairs.parquet", resolution=8)
+    assert data[0] is None  # the pair is skipped, not a traceback
+
+
 def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folder, capsys):
     """An open quote swallowed the rows after it into one caption, and a comma in an unquoted caption cut it,
     neither counted; the lines named were records, not lines."""
@@ -125,7 +163,7 @@ def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folde
                        "green wins,images/green.png,images/blue.png\n")
     code, counts, err = run(capsys, "--from", listing, "--out", folder)
     assert code == 0, err
-    assert counts["pairs"] == 2 and counts["skipped"] == {"extra_fields": 1, "multiline_record": 1}
+    assert counts["pairs"] == 2 and counts["skipped"] == {"extra_fields": 1, "multiline_record": 3}  # 3 lines
     assert "pairs.csv line 4 skipped: a quoted field runs over lines 4-6" in err  # the blank line 3 not counted
     assert "pairs.csv line 7 skipped: 1 more field(s) than the header names" in err
     assert [r["caption"] for r in pq.read_table(folder / "pairs.parquet").to_pylist()] == ["red wins", "green wins"]

@@ -414,3 +414,32 @@ def test_image_caption_data_trains_read_every_step_or_cached(tiny_model, pairs, 
     assert marker["stats_kind"] == "CaptionStats" and marker["pairs"] == len(table)
     assert losses["cached"] == pytest.approx(losses["again"], abs=1e-6) and len(losses["plain"]) == 2
     assert abs(np.mean(losses["cached"]) - np.mean(losses["plain"])) < 0.5 * np.mean(losses["plain"])
+
+
+def test_two_micro_batches_give_the_gradient_of_one_batch_twice_their_size(tiny_model, pairs, tmp_path,
+                                                                             monkeypatch):
+    """train.grad_accum=2 at batch 2 takes the step of batch 4 on the same rows: the loss is a mean over rows,
+    so each micro-batch's is divided by grad_accum. Noising made a function of the latents (no random draw), so
+    the two runs differ only in how the rows are split; SFT, full fine-tuning, one step."""
+    import t2i_align.diffusion as diffusion
+    import t2i_align.loop as loop
+
+    def noised(scheduler, latents, generator=None, **kw):
+        t = torch.full((len(latents),), 500, dtype=torch.long, device=latents.device)
+        return 0.6 * latents + 0.4 * latents.flip(-1), t, latents.flip(-2)
+
+    step, grads = loop._optimizer_step, []
+
+    def recording_step(accelerator, unet, optimizer, lr_sched, params, max_grad_norm):
+        grads.append([p.grad.detach().clone() for p in params])
+        return step(accelerator, unet, optimizer, lr_sched, params, max_grad_norm)
+
+    monkeypatch.setattr(diffusion, "noised", noised)
+    monkeypatch.setattr(loop, "_optimizer_step", recording_step)
+    for batch, accum in ((4, 1), (2, 2)):
+        train(_cfg(tiny_model, pairs, tmp_path / f"b{batch}", "objective.name=sft", "train.max_steps=1",
+                   f"train.batch_size={batch}", f"train.grad_accum={accum}", "data.prompt_dropout=0"))
+    whole, split = grads  # one step each
+    assert any(g.abs().sum() > 0 for g in whole)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)

@@ -292,3 +292,42 @@ def test_compare_notes_seeds_the_run_trained_on(tmp_path, capsys, monkeypatch):
     common.note_training_seeds(str(run / "final"), SampleSettings(seeds_per_prompt=8, seed=1_000_000), 60)
     common.note_training_seeds(str(tmp_path / "elsewhere"), SampleSettings(seeds_per_prompt=8), 60)  # no run
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("config", ["raft", "online_dpo"])
+def test_the_trained_latents_are_the_best_and_worst_images_made(tmp_path, monkeypatch, config):
+    """Every trained row is the latent of its prompt's best image (and, online DPO, its loser the same prompt's
+    worst), found by content among everything the round generated, scored by the round's own scores."""
+    import t2i_align.data.online as online
+
+    made, trained = [], []
+    generate, collate = online.OnlineSource._generate_and_score, online.OnlineSource._collate
+
+    def recording_generate(self, *args):
+        rows = generate(self, *args)
+        made.extend((scores, latents) for _, _, scores, latents in rows)
+        return rows
+
+    def recording_collate(self, items):
+        batch = collate(self, items)
+        trained.append(batch)
+        return batch
+
+    monkeypatch.setattr(online.OnlineSource, "_generate_and_score", recording_generate)
+    monkeypatch.setattr(online.OnlineSource, "_collate", recording_collate)
+    _run(f"configs/toy/{config}.yaml", tmp_path / config, "raft.k=3")
+
+    def cell(latent):  # (prompt's scores, k) of the generated image with this latent
+        found = [(scores, k) for scores, lats in made for k in range(len(lats)) if torch.equal(lats[k], latent)]
+        assert len(found) == 1
+        return found[0]
+
+    sides = ("latents_w", "latents_l") if config == "online_dpo" else ("latents",)
+    rows = [(batch[side][i] for side in sides) for batch in trained for i in range(len(batch[sides[0]]))]
+    assert trained and made
+    for row in rows:
+        (scores, best), *loser = [cell(latent) for latent in row]
+        assert scores[best] == scores.max()
+        if loser:
+            (loser_scores, worst), = loser
+            assert loser_scores is scores and scores[worst] == scores.min() < scores.max()

@@ -261,9 +261,10 @@ def test_the_float64_maths_is_float32_on_mps_which_has_no_float64(tiny, monkeypa
     assert asked == ["cpu"] * 3
 
 
-def test_a_batch_direction_refuses_a_batch_of_one_prompt(tiny, tmp_path):
-    """v = normalize(t) for one prompt: t⊥ = 0 and the score was ω·S, nothing decomposed (at train.batch_size=1,
-    and in t2i-score --batch-size 1)."""
+def test_a_batch_direction_refuses_a_batch_of_one_prompt(tiny, tmp_path, capsys):
+    """v = normalize(t) for one prompt: t⊥ = 0 and the score was ω·S, nothing decomposed (at train.batch_size=1;
+    t2i-score refuses a batch direction at any --batch-size: its last batch, or one prompt's seeds side by side,
+    would fail, and its scores would depend on their neighbours)."""
     from reward_models.decomposed_clip import BATCH_OF_ONE
     from t2i_align.config import ConfigError, load_config
     from t2i_align.objectives.reward_backprop import build_reward
@@ -290,5 +291,6 @@ def test_a_batch_direction_refuses_a_batch_of_one_prompt(tiny, tmp_path):
                                                    for i, p in enumerate(PROMPTS[:2])))
     args = ["--reward", "decomposed-clip", "--option", f"decomposed-clip.checkpoint={folder}", "--option",
             "decomposed-clip.direction=batch", "--images", str(images), "--device", "cpu"]
-    assert score([*args, "--batch-size", "1", "--out", str(tmp_path / "one.jsonl")]) == 2
-    assert score([*args, "--batch-size", "2", "--out", str(tmp_path / "two.jsonl")]) == 0
+    for size in (1, 2):
+        assert score([*args, "--batch-size", str(size), "--out", str(tmp_path / "s.jsonl")]) == 2
+        assert "fit the direction once instead" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """pickscore, hpsv2, aesthetic and the transformers-CLIP <-> open_clip converters, on tiny random models."""
 import json
+import shutil
 from functools import partial
 
 import numpy as np
@@ -81,6 +82,22 @@ def test_pickscore_matches_logit_scale_times_cosine(hf_folder):
     assert info["truncated"] == 1
 
 
+def test_pickscore_scale_is_the_stored_one_in_bf16(hf_folder, tmp_path):
+    """PickScore_v1's logit_scale 4.6052: exp = 100.00 in fp32, 98.86 from a bf16 copy (every score 1.1 % low)."""
+    import safetensors.torch
+
+    _, folder = hf_folder
+    weights = folder / "model.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    state["logit_scale"] = torch.tensor(4.6052)
+    copy = tmp_path / "pick"
+    shutil.copytree(folder, copy)
+    safetensors.torch.save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    for dtype in ("float32", "bfloat16"):
+        reward = get_reward("pickscore", model_dir=str(copy), device="cpu", dtype=dtype)
+        assert reward.encoder.logit_scale == pytest.approx(100.0, abs=0.01)
+
+
 def test_pickscore_crops_where_the_transformers_processor_does(hf_folder):
     """A 32 x 43 image at crop size 32: transformers' CLIP processor starts the crop at column (43 - 32) // 2 = 5,
     torchvision's rounding at 6 (it moved SDXL's 832 x 1216 images by a pixel)."""
@@ -90,6 +107,10 @@ def test_pickscore_crops_where_the_transformers_processor_does(hf_folder):
     encoder = get_reward("pickscore", model_dir=str(folder), device="cpu").encoder
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 43, 3), dtype=np.uint8))
     theirs = CLIPImageProcessor.from_pretrained(folder)(images=image, return_tensors="pt")["pixel_values"]
+    ours = preprocess_images([image], 32, encoder.mean, encoder.std, torch.device("cpu"), resize=encoder.resize)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # the same folder read by `clip` / `decomposed-clip` (as Denscore is) crops there too
+    encoder = get_reward("clip", checkpoint=str(folder), device="cpu").encoder
     ours = preprocess_images([image], 32, encoder.mean, encoder.std, torch.device("cpu"), resize=encoder.resize)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 

@@ -410,3 +410,19 @@ def test_an_image_with_transparency_scores_as_through_the_library(tmp_path, caps
     assert _run(capsys, "--reward", "toy-clip", "--images", folder, "--out", out)[0] == 0
     direct, _ = get_reward("toy-clip")([Image.open(folder / "a.png")], [short_caption(SCENES[0])])
     assert json.loads(out.read_text())["toy-clip"] == pytest.approx(direct.item(), abs=1e-5)
+
+
+def test_prompt_tables_split_at_line_ends_only(tmp_path):
+    """str.splitlines cut a quoted CSV prompt at a form feed or U+2028 into a prompt and two invented files, and
+    a JSONL line written with ensure_ascii=False holding U+2028 was 'not JSON'."""
+    from reward_models.inputs import _read_table
+
+    prompt = "form\x0cfeed and\u2028sep\x85end"
+    table = tmp_path / "p.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["file", "prompt"], ["a.png", prompt], ["b.png", "ok"]])
+    assert _read_table(table) == [("a.png", prompt), ("b.png", "ok")]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text("\r\n".join(json.dumps({"file": f, "prompt": p}, ensure_ascii=False)
+                                 for f, p in (("a.png", prompt), ("b.png", "ok"))) + "\n", encoding="utf-8")
+    assert _read_table(lines) == [("a.png", prompt), ("b.png", "ok")]

@@ -138,16 +138,25 @@ def test_seppo_compute_loss_by_hand(tie):
         calls.append((noisy.clone(), t.clone()))
         return noisy / sigma[t].reshape(-1, 1, 1, 1)
 
-    objective = SePPO()
-    seppo = SimpleNamespace(anchor_draws=1, flip="sign", sample_steps=2, guidance_scale=1.0, reencode=False)
+    def reference(noisy, *rest):
+        return torch.zeros_like(noisy)
+
+    def sample(ref, embeds, latent_shape, **kw):  # the reference's samples, at SePPO's steps and guidance
+        sampled.append((ref, embeds, kw["steps"], kw["guidance"]))
+        return torch.ones(4, *latent_shape)
+
+    objective, sampled = SePPO(), []
+    seppo = SimpleNamespace(anchor_draws=1, flip="sign", sample_steps=7, guidance_scale=2.5, reencode=False)
     objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=seppo),
                                     components=SimpleNamespace(spec=SimpleNamespace(uses_time_ids=False)),
-                                    sample=lambda ref, embeds, latent_shape, **kw: torch.ones(4, *latent_shape))
+                                    sample=sample)
     objective.pool = SimpleNamespace(reference_is_policy=lambda: tie)
     images = ImageBatch(torch.zeros(4, 1, 2, 2), PromptEmbeds(torch.zeros(4, 5, 8)))
-    loss, metrics = objective.compute_loss(policy, lambda noisy, *rest: torch.zeros_like(noisy), images, sched,
+    loss, metrics = objective.compute_loss(policy, reference, images, sched,
                                            ObjectiveConfig(name="seppo", beta=10.0), torch.Generator().manual_seed(0))
     (noisy, t), = calls
+    (ref, embeds, steps, guidance), = sampled
+    assert ref is reference and embeds is images.embeds and (steps, guidance) == (7, 2.5)
     assert t.tolist() == [0, 0, 0, 1, 0, 0, 0, 1]  # one draw of t per pair of rows (seed 0)
     snr = torch.tensor([16 / 9, 16 / 9, 16 / 9, 0.5625])
     assert metrics["mse_w"] == pytest.approx(0.0, abs=1e-10)
@@ -200,9 +209,10 @@ def test_a_lora_snapshot_as_reference_leaves_the_policy_gradients_alone(tmp_path
         out.square().mean().backward()
         return [p.grad.clone() for p in params]
 
+    comp.unet.train()  # as in a run (loaded in eval mode): the snapshot's eval mode must not stay
     plain, mixed = grads(False), grads(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
-    assert all(p.requires_grad for p in params) and comp.unet.training is False  # mode restored as found
+    assert all(p.requires_grad for p in params) and comp.unet.training is True  # mode restored as found
 
 
 @pytest.mark.parametrize("in_memory, reads", [(False, 5), (True, 3)])

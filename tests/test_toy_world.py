@@ -121,3 +121,19 @@ def test_short_captions_parse_back_to_their_scene():
     assert all(scene_from_caption(short_caption(s)) == s for s in all_scenes())
     with pytest.raises(ValueError, match="not a toy short caption"):
         scene_from_caption("a photo of a cat")
+
+
+def test_toy_judge_takes_every_image_input_the_rewards_take():
+    """Float HWC arrays in [0, 1] scored 0 (read as 0..255 bytes), a 4-D float HWC array and a list of [3, H, W]
+    tensors failed inside PIL; the CLIP-family rewards take all of them."""
+    import torch
+
+    from reward_models import get_reward
+
+    scene = all_scenes()[5]
+    img, caption = render(scene), short_caption(scene)
+    chw = torch.from_numpy(img).permute(2, 0, 1)
+    inputs = [[Image.fromarray(img)], [img], [img.astype(np.float32) / 255], (img.astype(np.float32) / 255)[None],
+              [chw], [chw.float() / 255], chw[None], chw[None].float() / 255]
+    judge = get_reward("toy-judge")
+    assert [judge(x, [caption])[0].tolist() for x in inputs] == [[1.0]] * len(inputs)

@@ -18,8 +18,8 @@ class ObjectiveConfig:
     """DPO β (official SD1.5/SDXL launchers: 5000; the paper's SD1.5 results: 2000). Tied to the per-sample
     MSE being a mean over latent elements."""
     beta_convention: str = "official"
-    """"official": logit = -½·β·(Δθ - Δref) (Salesforce code); "diffusers": logit = -β·(Δθ - Δref) (the diffusers
-    port, whose β = 2500 equals official β = 5000)."""
+    """"official": logit = -½·β·(Δθ - Δref) (Salesforce code, and diffusers' SDXL script); "diffusers": logit =
+    -β·(Δθ - Δref) (diffusers' SD1.5 script `train_diffusion_dpo.py`, whose β = 2500 equals official β = 5000)."""
     loss_type: str = "sigmoid"
     """"sigmoid" (DPO, -log σ(logit)), "hinge" (SLiC-style, relu(1 - logit)) or "ipo" (Azar et al. 2023:
     (margin - 1/(2s))², margin = Δref - Δθ, s = ½β official / β diffusers)."""

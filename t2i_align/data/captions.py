@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..config import ConfigError
 from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_row_group
-from .pairs import files_identity, find_parquet_files, item_draws, open_parquet
+from .pairs import files_identity, find_parquet_files, item_draws, open_parquet, text_column
 
 logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg", "path")
@@ -87,7 +87,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             image_col = caption_columns(pf.schema_arrow.names, path)
             self.column.append(image_col)
             for g in range(pf.num_row_groups):
-                captions = pf.read_row_group(g, columns=["caption"]).column("caption").to_pylist()
+                captions = text_column(pf.read_row_group(g, columns=["caption"]), "caption")
                 for off, caption in enumerate(captions):
                     self.stats.rows += 1
                     if not isinstance(caption, str):  # None, or bytes that str() would make "b'...'"

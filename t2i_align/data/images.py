@@ -3,6 +3,7 @@ cropped to the training resolution with the SDXL micro-conditioning of where the
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -13,17 +14,32 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, Image.DecompressionBombError)
-"""What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors)."""
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, struct.error, Image.DecompressionBombError)
+"""What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors; a damaged EXIF block
+struct.error, from exif_transpose)."""
+MAX_ASPECT = 32
+"""Longest over shortest side of a trainable image: a square crop keeps 1/32 of it, and the resize before the crop
+holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 512 px)."""
+
+
+def grey_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greys as an 8-bit "L" image (PIL's convert would clip them): I;16 by its
+    range (65535 -> 255, whatever its values: a dark image stays dark), I by 65535 when a value exceeds 255, F in
+    [0, 1] by 255 when it fits there; other modes as they are. One rule for training and every reward (they
+    disagreed: a dark 16-bit image read 257x too bright by some)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    arr = np.asarray(image, dtype=np.float32)
+    if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr / 257.0
+    elif image.mode == "F" and arr.size and arr.min() >= 0 and arr.max() <= 1:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")  # truncated, as PIL's F -> L
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparency is composited on white, 16-bit/int/float greys scaled to 8 bits."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        arr = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257.0
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    image = grey_to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -47,13 +63,21 @@ def read_row_group(handles: Dict[int, Any], files: Sequence[Path], fi: int, grou
 
 
 def decode_rgb(data: Any) -> Image.Image:
-    """Training's reading: `decode_image`, turned upright by its EXIF orientation, to RGB (`to_rgb`)."""
-    return to_rgb(ImageOps.exif_transpose(decode_image(data)))
+    """Training's reading: `decode_image`, turned upright by its EXIF orientation, to RGB (`to_rgb`); an image
+    longer than MAX_ASPECT times its width (or the reverse) is refused as undecodable."""
+    image = decode_image(data)
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w}x{h} px: sides more than {MAX_ASPECT}:1 apart, too thin to train on")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def decode_image(data: Any) -> Image.Image:
     """Image bytes (or an HF `Image` dict) decoded as stored, in their own mode: what the official reward scorers
-    read (`Image.open`, then their own convert("RGB")), so t2i-score gives their scores."""
+    read (`Image.open`, then their own convert("RGB")), so t2i-score gives their scores. Except for palette and
+    transparent images: the official CLIP, aesthetic and ImageReward transforms resize before converting (PIL then
+    resizes a "P" image by nearest neighbour, RGBA premultiplied), the rewards here convert first: such images
+    score a little differently from the official code's."""
     if isinstance(data, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
         data = data.get("bytes")
     if isinstance(data, str):

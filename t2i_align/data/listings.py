@@ -15,7 +15,6 @@ The image bytes are copied as they are (no re-encoding); the parquet is written 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -27,12 +26,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import fsync_path, write_json_atomic
-from .images import DECODE_ERRORS
+from .images import DECODE_ERRORS, decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +106,15 @@ def _jsonl_rows(path: Path) -> Iterator[Tuple[int, Any]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, an int of 5000 digits, deep nesting
                 row = SkippedRow("not_json", f"not JSON ({err})")
             yield number, row if isinstance(row, (dict, SkippedRow)) else SkippedRow("not_json", "not an object")
 
 
 def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
     """(the record's line, row). A record over several lines (a quote left open swallows the rows after it
-    into one field) or with more fields than the header (an unquoted comma) is a skipped row, not a wrong one."""
+    into one field: one skipped row per line it took) or with more fields than the header (an unquoted comma) is
+    skipped, not read wrong."""
     with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel's CSV) dropped
         starts: List[int] = []  # the numbers of the non-blank lines the reader took since the last record
 
@@ -130,10 +129,12 @@ def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
             starts.clear()
             for row in reader:
                 first, end = starts[0] if starts else reader.line_num, reader.line_num
-                starts.clear()
+                taken, _ = max(1, len(starts)), starts.clear()
                 if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
-                    yield first, SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a "
-                                            "quote left open?); quote whole fields, with no line break inside")
+                    why = SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a quote "
+                                     "left open?); quote whole fields, with no line break inside")
+                    for _ in range(taken):
+                        yield first, why
                 elif None in row:
                     yield first, SkippedRow("extra_fields", f"{len(row[None])} more field(s) than the header names "
                                             "(an unquoted comma?); quote fields that hold commas")
@@ -156,7 +157,16 @@ def _caption(row: Dict[str, Any]) -> str:
     caption = _field(row, "caption", "prompt")
     if not isinstance(caption, str):
         raise SkippedRow("bad_caption", f"caption {caption!r} is not text")
-    return caption
+    return _utf8(caption, "caption")
+
+
+def _utf8(text: str, name: str) -> str:
+    """`text` if parquet can store it: a lone surrogate (JSON "\\ud800") would fail the whole write."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SkippedRow("bad_text", f"{name} {text!r} holds a lone surrogate, not a character") from None
+    return text
 
 
 def _label(row: Dict[str, Any]) -> Tuple[str, str, float]:
@@ -187,8 +197,7 @@ def _image_bytes(root: Path, name: Any) -> bytes:
             raise
         raise SkippedRow("unreadable_image", f"image {name!r} cannot be read ({err})") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
+        decode_rgb(data)  # as training reads it
     except DECODE_ERRORS as err:
         raise SkippedRow("undecodable_image", f"image {name!r} does not decode ({err})") from err
     return data
@@ -218,7 +227,8 @@ def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
     jpg_0, jpg_1 = _image_bytes(root, first), _image_bytes(root, second)
     return {"caption": caption, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label, "label_1": 1.0 - label,
             "user_id": _user_id(row), "are_different": jpg_0 != jpg_1, "has_label": True,
-            "model_0": str(row.get("model_0") or ""), "model_1": str(row.get("model_1") or ""),
+            "model_0": _utf8(str(row.get("model_0") or ""), "model_0"),
+            "model_1": _utf8(str(row.get("model_1") or ""), "model_1"),
             "ranking_id": ranking_id}
 
 

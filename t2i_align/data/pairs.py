@@ -96,13 +96,35 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
     if not files:
         raise ConfigError(f"no *.parquet files in folder {given} (image pairs listed in a JSONL or CSV file: "
                           f"{_IMPORT_HINT})")
+    found: Dict[Path, Path] = {}  # resolved -> as listed
     for f in files:
         real = f.resolve()
         if not real.is_relative_to(base):
             raise ConfigError(f"{f} resolves to {real}, outside the data root {base}")
         if not real.is_file():
             raise ConfigError(f"{f} is not a file")
-    return [f.resolve() for f in files]
+        if real in found:  # a link to another file of the folder: its rows would be read twice
+            logger.warning("%s and %s are one file (a link): read once", found[real], f)
+            continue
+        found[real] = f
+    return list(found)
+
+
+def text_column(table, name: str) -> List[Any]:
+    """A string column's values; a value that is not UTF-8 (written by a tool that does not check) is None, as a
+    missing caption, instead of failing the whole column."""
+    column = table.column(name)
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        def text(raw: Optional[bytes]) -> Optional[str]:
+            try:
+                return None if raw is None else raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        return [text(raw) for raw in column.cast(pa.binary()).to_pylist()]
 
 
 def check_pair_columns(names: Sequence[str], path: Path) -> None:
@@ -187,7 +209,7 @@ class PairDataset(torch.utils.data.Dataset):
             for g in range(pf.num_row_groups):
                 table = pf.read_row_group(g, columns=cols)
                 has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
-                rows = zip(table.column("caption").to_pylist(), table.column("label_0").to_pylist(), has,
+                rows = zip(text_column(table, "caption"), table.column("label_0").to_pylist(), has,
                            self._models_wanted(table))
                 for off, (caption, label, ok, wanted) in enumerate(rows):
                     if not wanted:

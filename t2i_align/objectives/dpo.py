@@ -21,10 +21,10 @@ def dpo_loss(model_mse_w: torch.Tensor, model_mse_l: torch.Tensor, ref_mse_w: to
     Wallace et al. 2023, Eq. 14, as the official code implements it (T·ω(λ_t) folded into β):
 
         margin h = (ref_w - ref_l) - (mse_w - mse_l)      > 0 when the policy favours the winner more than ref
-        z = s·h,  s = ½·β ("official": the ½ of the Gaussian log-likelihood)  or  s = β ("diffusers" port)
+        z = s·h,  s = ½·β ("official": the ½ of the Gaussian log-likelihood)  or  s = β ("diffusers": its SD1.5 script)
 
-    so official β = 5000 and diffusers β = 2500 give the same z. Losses per pair (the caller takes the mean
-    AFTER them, not logsigmoid(mean z), the bug of diffusers#6702):
+    so official β = 5000 and diffusers' SD1.5 β = 2500 give the same z (its SDXL script has the ½: "official").
+    Losses per pair (the caller takes the mean AFTER them, not logsigmoid(mean z), the bug of diffusers#6702):
 
     - "sigmoid" (DPO, Rafailov et al. 2023, Eq. 7): -log σ(z). Gradient weight σ(-z); at z = 0 the loss is ln 2.
     - "hinge" (SLiC-HF, Zhao et al. 2023; RSO, Liu et al. 2023): max(0, 1 - z), i.e. the margin s·h must
