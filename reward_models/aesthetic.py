@@ -53,6 +53,8 @@ class Aesthetic(Reward):
     """MLP(normalize(E_img(x))) with the LAION head. `checkpoint` is the CLIP image tower's weights."""
 
     differentiable = True
+    paths = {"head": HEAD_SOURCE, "checkpoint": CLIP_SOURCE}
+    open_clip_checkpoint = True
 
     def __init__(self, head: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
                  arch: Arch = "ViT-L-14-quickgelu", device=None, dtype=None, batch_size: int = 32):

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,13 @@ class Reward:
 
     name: str = ""
     differentiable: bool = False
+    paths: Dict[str, Optional[str]] = {}
+    """Options naming the local files or folders it loads: where each comes from, or None for one it can do
+    without. Checked by `check_reward`, before a run loads its model."""
+    path_names: Tuple[str, ...] = ()
+    """Values of those options that are names, not paths ("toy", "batch")."""
+    open_clip_checkpoint: bool = False
+    """Whether `checkpoint` may also be an open_clip pretrained tag ("openai": downloaded, online only)."""
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Raise PromptsRejected (saying which prompts and what the reward reads) if this reward cannot score
@@ -94,8 +102,19 @@ def differentiable_rewards() -> List[str]:
 
 
 def get_reward(name: str, **options) -> Reward:
+    options = expand_paths(name, options)
     check_reward(name, options)
     return _REGISTRY[name](**options)
+
+
+def expand_paths(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """`options` with its path options' "~" expanded and numbers as text (a config's `checkpoint=2024` is an int),
+    as `t2i-score --option` gives them."""
+    _load_builtin()
+    paths = getattr(_REGISTRY.get(name), "paths", {})
+    textual = (str, int, float)  # not a bool
+    return {k: os.path.expanduser(str(v)) if k in paths and isinstance(v, textual) and not isinstance(v, bool) else v
+            for k, v in options.items()}
 
 
 def check_reward(name: str, options: Dict[str, Any]) -> None:
@@ -105,6 +124,29 @@ def check_reward(name: str, options: Dict[str, Any]) -> None:
     if name not in _REGISTRY:
         raise RewardSetupError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     check_options(name, options)
+    _check_paths(_REGISTRY[name], expand_paths(name, options))
+
+
+def _names_weights(cls, key: str, value: str) -> bool:
+    """Whether a path option's value is a name the reward knows rather than a path."""
+    if value in cls.path_names:
+        return True
+    if key == "checkpoint" and cls.open_clip_checkpoint:
+        import open_clip
+
+        return value in {tag for _, tag in open_clip.list_pretrained()}
+    return False
+
+
+def _check_paths(cls, options: Dict[str, Any]) -> None:
+    """WeightsNotFoundError for a path option that names nothing, or a needed one not given."""
+    for key, source in getattr(cls, "paths", {}).items():
+        value, expected = options.get(key), f". Expected: {source}" if source else ""
+        if value is None and source:
+            raise WeightsNotFoundError(f"reward {cls.name!r}: no {key} was given (its local weights: nothing is "
+                                       f"downloaded){expected}")
+        if isinstance(value, str) and not _names_weights(cls, key, value) and not Path(value).exists():
+            raise WeightsNotFoundError(f"reward {cls.name!r}: {key}={value} does not exist{expected}")
 
 
 def check_options(name: str, options: Dict[str, Any]) -> None:

@@ -240,9 +240,12 @@ class ClipScore(Reward):
 
     differentiable = True
     default_checkpoint: Optional[str] = None
+    path_names = ("toy", "toy-denscore")
+    open_clip_checkpoint = True
     source = ("an open_clip checkpoint for `arch`, e.g. open_clip_model.safetensors from "
               "https://huggingface.co/timm/vit_large_patch14_clip_224.openai with arch='ViT-L-14-quickgelu', "
               "or checkpoint='openai' to let open_clip download it (needs network)")
+    paths = {"checkpoint": source}
 
     def __init__(self, arch: Optional[Arch] = "ViT-L-14-quickgelu", checkpoint: Optional[PathLike] = None,
                  scale: float = 100.0, device=None, dtype=None, batch_size: int = 32):
@@ -262,6 +265,7 @@ class ToyClip(ClipScore):
     """The toy world's contrastively trained CLIP (t2i_align/toy/build.py), 32 px input, 100 · cos."""
 
     default_checkpoint = "toy"
+    paths = {"checkpoint": None}
 
     def __init__(self, checkpoint: Optional[PathLike] = None, scale: float = 100.0, device=None, dtype=None,
                  batch_size: int = 64):

@@ -162,6 +162,9 @@ class DecomposedClip(Reward):
     """
 
     differentiable = True
+    paths = {"checkpoint": SOURCE, "direction": None}
+    open_clip_checkpoint = True
+    path_names = ("toy", "toy-denscore", "batch")
 
     def __init__(self, checkpoint: Optional[PathLike] = None, arch: Optional[Arch] = None, omega: float = 0.3,
                  direction: Optional[PathLike] = None, fit_prompts: Union[str, Sequence[str], None] = None,

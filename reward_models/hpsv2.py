@@ -51,6 +51,9 @@ class HPSv2(Reward):
     """cos(E_img(x), E_txt(p)) with the HPSv2 weights. `version` only picks the file named in errors."""
 
     differentiable = True
+    paths = {"checkpoint": "HPS_v2.1_compressed.pt (version=v2.0: HPS_v2_compressed.pt) from "
+                           "https://huggingface.co/xswu/HPSv2, passed as checkpoint=PATH"}
+    open_clip_checkpoint = True
 
     def __init__(self, checkpoint: Optional[PathLike] = None, arch: Arch = "ViT-H-14", version: str = "v2.1",
                  device=None, dtype=None, batch_size: int = 16):

@@ -228,6 +228,7 @@ class ImageRewardScore(BlipPreferenceReward):
 
     release = ("`ImageReward.pt` of the ImageReward-v1.0 release (Hugging Face repo THUDM/ImageReward, file "
                "ImageReward.pt; code github.com/THUDM/ImageReward), a state dict in the official blip.* / mlp.* layout")
+    paths = {"checkpoint": release}
 
 
 @register("vp-score")
@@ -242,5 +243,6 @@ class VPScore(BlipPreferenceReward):
 
     release = ("the VP-Score checkpoint of the VisionPrefer release (github.com/yushuiwx/VisionPrefer; Wu et al. 2024,"
                " arXiv 2404.15100), an ImageReward-layout (blip.* / mlp.*) `.pt` state dict")
+    paths = {"checkpoint": release}
     default_mean = IMAGEREWARD_MEAN
     default_std = IMAGEREWARD_STD

@@ -3,13 +3,13 @@ over base (ties half, Wilson 95 % interval, sign-test p) and the paired differen
 per prompt both tests over the prompts (`per_prompt`: the p-values to read), as JSON.
 
     python sample/compare.py --lora runs/toy-raft/final --prompts toy:heldout --seeds-per-prompt 8
-    python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo/final \
+    python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo-lora/final \
         --prompts parti.txt --reward pickscore,hpsv2 --option pickscore.model_dir=/w/PickScore_v1 ... --device cuda
 
 --prompts may be repeated: one block of results per prompt set. PPD: `--user ID` (repeatable) compares per user,
 one block per prompt set and user ("SET · user ID"); a side whose model has a user branch samples for that user.
 
-    python sample/compare.py --lora runs/toy-ppd/final --prompts users.txt --user 20 --user 21 --reward toy-clip
+    python sample/compare.py --lora runs/ppd-exp/ppd/final --prompts users.txt --user 20 --user 21 --reward toy-clip
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 --out, and the same images and table in W&B (--wandb offline|online; off by default).
 
     python sample/gallery.py --lora runs/toy-raft/final --prompts toy:heldout --max-prompts 12 --out runs/gal
-    python sample/gallery.py --lora runs/toy-ppd/final --user 3 --out runs/gal-user-3   # PPD: one user's images
+    python sample/gallery.py --lora runs/ppd-exp/ppd/final --user 3 --out runs/gal-user-3   # PPD: one user's images
 
 PPD: a side whose model has a user branch samples for the --user given (one user, or two with --alpha).
 """

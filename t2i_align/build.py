@@ -25,7 +25,7 @@ def check_before_loading(cfg: Config, batch_kind: str) -> None:
     check_data_kind(cfg, batch_kind)
     check_data_files(cfg)
     _check_method_settings(cfg, batch_kind)
-    named = {"tracking.validation_reward": (cfg.tracking.validation_reward, {})}
+    named = {"tracking.validation_reward": (cfg.tracking.validation_reward, cfg.tracking.validation_reward_options)}
     if cfg.raft.enabled:
         named["raft.reward"] = (cfg.raft.reward, cfg.raft.reward_options)
     if cfg.objective.name == "reward_backprop":
@@ -34,7 +34,7 @@ def check_before_loading(cfg: Config, batch_kind: str) -> None:
         if name:
             try:
                 check_reward(name, dict(options))
-            except ValueError as err:
+            except (ValueError, OSError) as err:  # RewardSetupError, WeightsNotFoundError
                 raise ConfigError(f"{setting}: {err}") from None
 
 

@@ -147,7 +147,9 @@ def load_validation_reward(cfg, accelerator, prompts: Sequence[str]):
         return None
     if accelerator.is_main_process:
         try:
-            options = {"device": str(accelerator.device)} if reward_accepts(name, "device") else {}
+            options = dict(cfg.tracking.validation_reward_options)
+            if reward_accepts(name, "device"):
+                options.setdefault("device", str(accelerator.device))
             reward = get_reward(name, **options)
             _check_reward_reads_prompts(cfg, reward, prompts)
         except Exception as err:  # raised below, once the others know

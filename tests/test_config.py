@@ -347,6 +347,33 @@ def test_an_override_in_a_switched_off_section_is_refused():
     assert load_config(None, ["objective.name=seppo", "seppo.pool_size=3"]).seppo.pool_size == 3
     assert load_config(None, ["lora.enabled=true", "lora.rank=4"]).lora.rank == 4
     assert load_config(None, ["ppd.enabled=false"]).ppd.enabled is False
+    # a whole section as one override, DPO's loss settings without a DPO loss, pair data under RAFT
+    with pytest.raises(ConfigError, match="lora.rank is set on the command line, but lora.enabled is false"):
+        load_config(None, ["lora={rank: 4}"])
+    with pytest.warns(UserWarning, match=r"objective.beta .* objective.name is 'sft' \(no DPO loss\): it has no"):
+        load_config(None, ["objective.name=sft", "objective.beta=100"])
+    raft = ["raft.enabled=true", "raft.prompts=toy:train"]
+    with pytest.warns(UserWarning, match="data.cache is set .* raft.enabled is true"):
+        load_config(None, [*raft, "data.cache=true"])
+    assert load_config(None, [*raft, "data.path=", "data.prompt_dropout=0.2"]).data.prompt_dropout == 0.2
+    assert load_config(None, ["objective.name=seppo", "objective.beta=100"]).objective.beta == 100
+
+
+def test_yaml_none_non_finite_numbers_and_an_empty_raft_reward_are_refused(tmp_path, monkeypatch):
+    """YAML reads None as the text "None" (a negative prompt "None", a cache folder named None); inf / nan were
+    taken where no check named them; `raft.reward=` failed only once the model had loaded."""
+    path = write(tmp_path, "none.yaml", "raft:\n  negative_prompt: None\n")
+    with pytest.raises(ConfigError, match="raft.negative_prompt: None in .*none.yaml is the text 'None' in YAML: "
+                                          "write null"):
+        load_config(path)
+    for item in ("lora.alpha=inf", "tracking.guidance_scale=inf", "raft.min_gap=inf"):
+        with pytest.raises(ConfigError, match=f"{item.split('=')[0]} = .*: expected a finite number"):
+            load_config(None, ["lora.enabled=true", item])
+    with pytest.raises(ConfigError, match="raft.reward"):
+        load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.reward="])
+    monkeypatch.setenv("HOME", str(tmp_path))  # --config=~/x.yaml (bash leaves that ~ alone)
+    write(tmp_path, "null.yaml", "raft:\n  negative_prompt: null\n")
+    assert load_config("~/null.yaml").raft.negative_prompt is None
 
 
 def test_scale_lr_multiplies_the_lr_by_the_pairs_per_optimizer_step():
@@ -465,11 +492,12 @@ def test_home_is_expanded_in_path_settings_only(tmp_path, monkeypatch):
     """`output_dir: ~/runs/x` made a folder named ~ in the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(None, ["output_dir=~/runs/x", "data.path=~/pairs.parquet", "data.cache_dir=~/cache",
-                             "train.resume=~/runs/x/checkpoints/step-5", "raft.enabled=true",
-                             "raft.prompts=~/prompts.txt", "tracking.validation_prompts=[~/not a path]"])
+                             "train.resume=~/runs/x/checkpoints/step-5", "tracking.validation_prompts=[~/not a path]"])
     assert (cfg.output_dir, cfg.data.path, cfg.data.cache_dir) == (f"{tmp_path}/runs/x", f"{tmp_path}/pairs.parquet",
                                                                    f"{tmp_path}/cache")
-    assert (cfg.train.resume, cfg.raft.prompts) == (f"{tmp_path}/runs/x/checkpoints/step-5", f"{tmp_path}/prompts.txt")
+    assert cfg.train.resume == f"{tmp_path}/runs/x/checkpoints/step-5"
+    assert load_config(None, ["raft.enabled=true", "raft.prompts=~/prompts.txt"]).raft.prompts == \
+        f"{tmp_path}/prompts.txt"
     assert cfg.tracking.validation_prompts == ["~/not a path"]
     assert load_config(None, ["ppd.enabled=true", "ppd.table=~/users.safetensors"]).ppd.table \
         == f"{tmp_path}/users.safetensors"

@@ -193,3 +193,22 @@ def test_toy_cli_takes_text_encoding(tmp_path):
     with pytest.raises(ModelLoadError, match="'clip77' was asked for"):
         _pipe(args)
     assert _parser().parse_args(["pairs", "--out", "x", "--text-encoding", "segments"]).text_encoding == "segments"
+
+
+def test_toy_compare_samples_each_side_in_its_own_encoding(tmp_path, monkeypatch):
+    """`toy compare --text-encoding segments` sampled the base in segments too, which it never read in training."""
+    import t2i_align.toy.__main__ as toy
+    import t2i_align.toy.evaluate as evaluate
+
+    from types import SimpleNamespace
+
+    sides = []
+    monkeypatch.setattr(toy, "_pipe", lambda args: sides.append((args.model, args.text_encoding)))
+    monkeypatch.setattr(evaluate, "evaluate", lambda pipe, *a, **k: SimpleNamespace(summary={}))
+    monkeypatch.setattr(evaluate, "judge_scores", lambda run: [])
+    monkeypatch.setattr("t2i_align.toy.demo.tests_of", lambda *a: {})
+    for flags, expected in ((["--text-encoding", "segments"], [("toy", None), ("tuned", "segments")]),
+                            (["--base-text-encoding", "segments"], [("toy", "segments"), ("tuned", None)])):
+        sides.clear()
+        toy.cmd_compare(toy._parser().parse_args(["compare", "--model", "tuned", *flags]))
+        assert sides == expected

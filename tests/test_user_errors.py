@@ -67,7 +67,8 @@ def test_errors_defined_before_user_error_are_reported_too(capsys):
 def test_reward_setup_mistakes_are_user_errors_and_still_value_errors():
     from reward_models import get_reward
 
-    for name, options in (("hpsv2", {"version": "v3"}), ("toy-jduge", {}), ("clip", {"weights": "x.pt"})):
+    for name, options in (("hpsv2", {"version": "v3", "checkpoint": __file__}), ("toy-jduge", {}),
+                          ("clip", {"weights": "x.pt"})):
         with pytest.raises(UserError) as info:
             get_reward(name, **options)
         assert isinstance(info.value, ValueError)  # t2i-score and older callers catch ValueError
@@ -94,6 +95,35 @@ def test_train_script_refuses_half_precision_weights_without_mixed_precision(cap
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: model.weight_dtype = 'bf16'") and "train.mixed_precision=bf16" in err
+
+
+def test_a_dry_run_checks_the_rewards_weights_and_the_gallery_reward_takes_options(tmp_path, capsys, monkeypatch):
+    """`--dry-run` passed a reward whose weights were missing or mistyped (the run failed once the model had
+    loaded), and tracking.validation_reward had no options: no real reward could be shown under a gallery."""
+    import t2i_align.build as build
+
+    monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model")))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/raft.yaml"), f"output_dir={tmp_path / 'run'}"]
+    cases = [(["tracking.validation_reward=pickscore"], "tracking.validation_reward: reward 'pickscore': no "
+              "model_dir was given"),
+             (["raft.reward=hpsv2", "raft.reward_options.checkpoint=~/HPS_v2.1_compressed.pt"],
+              f"raft.reward: reward 'hpsv2': checkpoint={tmp_path}/HPS_v2.1_compressed.pt does not exist")]
+    for overrides, told in cases:
+        assert _train_script().main([*base, *overrides]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {told}")
+    (tmp_path / "HPS_v2.1_compressed.pt").write_bytes(b"")
+    from reward_models import get_reward
+    from reward_models.base import WeightsNotFoundError
+
+    (tmp_path / "2024").mkdir()  # a YAML number as a path: text, as t2i-score --option gives it (a TypeError)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsNotFoundError, match="2024 has neither open_clip_config.json"):  # past the checks
+        get_reward("clip", checkpoint=2024, arch="ViT-B-32")
+    monkeypatch.chdir(REPO_ROOT)
+    assert _train_script().main([*base, "raft.reward=hpsv2", "raft.reward_options.checkpoint=~/HPS_v2.1_compressed.pt",
+                                 "tracking.validation_reward=clip", "tracking.validation_reward_options.checkpoint=toy"
+                                 ]) == 0
 
 
 def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loading(tmp_path, capsys, monkeypatch):

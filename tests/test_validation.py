@@ -62,12 +62,17 @@ def test_the_validation_reward_lives_on_the_main_process_and_its_device(monkeypa
     class DeviceReward(base.Reward):
         name = "test-device-reward"
 
-        def __init__(self, device="cuda"):
+        def __init__(self, device="cuda", scale=1.0):
             built.append(device)
+            self.scale = scale
     monkeypatch.setitem(base._REGISTRY, DeviceReward.name, DeviceReward)  # removed again after the test
     setting = "tracking.validation_reward=test-device-reward"
     assert isinstance(_validator("lora.enabled=true", setting, prompts=["p"]).reward, DeviceReward)
     assert built == ["cpu"]  # the accelerator's device, not the reward's default
+    # tracking.validation_reward_options reach the reward (there were none: pickscore & co could not be shown)
+    assert _validator("lora.enabled=true", setting, "tracking.validation_reward_options.scale=2.5",
+                      prompts=["p"]).reward.scale == 2.5
+    built.pop()
     other = SimpleNamespace(is_main_process=False, num_processes=2, device=torch.device("cpu"),
                             distributed_type="MULTI_CPU")
     sent = []

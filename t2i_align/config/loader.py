@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -237,12 +239,15 @@ def _empty_mappings(data: Dict[Any, Any], prefix: str = "") -> List[str]:
 
 def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file at `path` (and its `base:` chain; None = defaults only) <- `key=value` overrides."""
-    layers = _read_yaml(Path(path)) if path is not None else []
+    layers = _read_yaml(Path(path).expanduser()) if path is not None else []
+    files = len(layers)
     layers += [_parse_override(item) for item in overrides]
     merged = OmegaConf.structured(Config)
-    for where, layer in layers:
+    for i, (where, layer) in enumerate(layers):
         data = OmegaConf.to_container(layer, resolve=False)
         _check_keys(data, Config, "", where)
+        if i < files:  # the command line tells None from 'None' itself (_text_value)
+            _check_no_none_text(data, where)
         try:
             merged = OmegaConf.merge(merged, layer)
             for key in _empty_mappings(data):
@@ -258,8 +263,34 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key} in {_where_set(key, layers)}: {str(exc.msg).splitlines()[0]}") from None
     _expand_home(cfg)
-    _check_switched_on(cfg, overrides)
+    _check_finite(cfg)
+    _check_switched_on(cfg, layers[files:])
     return cfg
+
+
+def _leaves(data: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+    """(dotted key, value) of every setting in a layer, a mapping setting (reward_options) as one."""
+    if not isinstance(data, dict) or (prefix and typing.get_origin(_field_type(prefix[:-1])) is dict):
+        return [(prefix[:-1], data)]
+    return [leaf for key, value in data.items() for leaf in _leaves(value, f"{prefix}{key}.")]
+
+
+def _check_no_none_text(data: Dict[Any, Any], where: str) -> None:
+    """YAML reads `None` as the text "None": a text setting that may be null (raft.negative_prompt, cache_dir)
+    would take it as its value (a negative prompt "None", a cache folder named None)."""
+    for key, value in _leaves(data):
+        if value in ("None", "none") and _text_setting(key) == "optional":
+            raise ConfigError(f"{key}: {value} in {where} is the text {value!r} in YAML: write null for no value")
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every number setting finite: `lora.alpha=inf`, `raft.min_gap=nan` were taken as they are."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name} = {value}: expected a finite number")
 
 
 PATH_KEYS = ("output_dir", "data.path", "data.cache_dir", "train.resume", "raft.prompts", "ppd.table")
@@ -279,21 +310,42 @@ SWITCHED_SECTIONS = ("lora", "raft", "ppd")
 """Sections that do nothing unless their `enabled` is true."""
 OBJECTIVE_SECTIONS = ("seppo", "reward_backprop")
 """Sections that only the objective of their name reads."""
+DPO_KEYS = ("objective.beta", "objective.beta_convention", "objective.loss_type")
+"""Read by the objectives with a DPO loss (dpo, seppo) only."""
+PAIR_DATA_KEYS = ("data.path", "data.ties", "data.max_pairs", "data.both_models_contain", "data.cache",
+                  "data.cache_dir")
+"""Read from a data set, which RAFT (its own samples) has none of."""
 
 
-def _check_switched_on(cfg: Config, overrides: Sequence[str]) -> None:
-    """A command-line override in a section that is switched off would be ignored without a word (`lora.rank=4`
-    without `lora.enabled=true` trains the whole UNet; `seppo.pool_size=3` with DPO). Config files may keep
-    switched-off settings."""
-    for item in overrides:
-        key = item.partition("=")[0]
-        section, _, rest = key.partition(".")
-        if section in SWITCHED_SECTIONS and rest and rest != "enabled" and not getattr(cfg, section).enabled:
-            raise ConfigError(f"{key} is set on the command line, but {section}.enabled is false, so it would have "
-                              f"no effect: add {section}.enabled=true, or drop it")
-        if section in OBJECTIVE_SECTIONS and cfg.objective.name != section:
-            raise ConfigError(f"{key} is set on the command line, but objective.name is {cfg.objective.name!r}, so "
-                              f"it would have no effect: add objective.name={section}, or drop it")
+def _check_switched_on(cfg: Config, overrides: Sequence[Tuple[str, DictConfig]]) -> None:
+    """A command-line override that nothing reads would be ignored without a word: refused in a section that is
+    off (`lora.rank=4` without `lora.enabled=true` trains the whole UNet; `seppo.pool_size=3` with DPO), a warning
+    for DPO's loss settings without a DPO loss and pair-data settings under RAFT (a sweep may pass them to every
+    method). Config files may keep such settings."""
+    for _, layer in overrides:
+        for key, value in _leaves(OmegaConf.to_container(layer, resolve=False)):
+            if value in (None, "", {}, []):  # clearing a setting is harmless
+                continue
+            section, _, rest = key.partition(".")
+            why, fix, refused = _no_effect(cfg, key, section, rest)
+            if refused:
+                raise ConfigError(f"{key} is set on the command line, but {why}, so it would have no effect: "
+                                  f"{fix}, or drop it")
+            if why:
+                warnings.warn(f"{key} is set on the command line, but {why}: it has no effect", stacklevel=2)
+
+
+def _no_effect(cfg: Config, key: str, section: str, rest: str) -> Tuple[str, str, bool]:
+    """(why `key` is read by nothing in `cfg`, what would make it read, whether that is refused), or empty."""
+    if section in SWITCHED_SECTIONS and rest != "enabled" and not getattr(cfg, section).enabled:
+        return f"{section}.enabled is false", f"add {section}.enabled=true", True
+    if section in OBJECTIVE_SECTIONS and cfg.objective.name != section:
+        return f"objective.name is {cfg.objective.name!r}", f"add objective.name={section}", True
+    if key in DPO_KEYS and cfg.objective.name not in ("dpo", "seppo"):
+        return f"objective.name is {cfg.objective.name!r} (no DPO loss)", "", False
+    if key in PAIR_DATA_KEYS and cfg.raft.enabled:
+        return "raft.enabled is true (RAFT trains on its own samples)", "", False
+    return "", "", False
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -120,6 +120,7 @@ class RaftConfig:
                "null or a multiple of 8")
         _check(self, "prompts", bool(self.prompts) or not self.enabled,
                'a prompts file or "toy:train" when raft.enabled is true')
+        _check(self, "reward", bool(self.reward) or not self.enabled, "a reward name, e.g. toy-judge or pickscore")
         _check(self, "guidance_scale", self.guidance_scale >= 0, "a number >= 0")
         # as the sample scripts' --negative-prompt: without guidance (scale <= 1) it would be unused
         _check(self, "negative_prompt", not self.negative_prompt or self.guidance_scale > 1,

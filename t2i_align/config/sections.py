@@ -6,7 +6,7 @@ and overrides into them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 
@@ -267,7 +267,8 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     wandb: str = "auto"
-    """"auto" (online with WANDB_API_KEY, else offline; never prompts), "online", "offline" or "off"."""
+    """"auto" (WANDB_MODE when it is set; else online with WANDB_API_KEY, offline without; never prompts),
+    "online", "offline" or "off"."""
     project: str = "t2i-align"
     """W&B project the run is logged to."""
     run_name: Optional[str] = None
@@ -280,6 +281,8 @@ class TrackingConfig:
     """Images per prompt, at fixed seeds, for the policy and the base model alike."""
     validation_reward: Optional[str] = None
     """Reward shown under each gallery image (e.g. toy-judge); None: no score."""
+    validation_reward_options: Dict[str, Any] = field(default_factory=dict)
+    """Its options, as `raft.reward_options` (`t2i-score --option`): e.g. model_dir=... for pickscore."""
     sample_steps: int = 20
     """Sampling steps of the validation gallery."""
     guidance_scale: float = 5.0

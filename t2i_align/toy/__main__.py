@@ -101,8 +101,10 @@ def cmd_compare(args) -> dict:
 
     scenes = prompt_set(args.prompts)
     runs = {}
-    for name, model, lora in (("base", args.base, None), ("tuned", args.model, args.lora)):
-        args.model, args.lora = model, lora
+    # each side in its own encoding: --text-encoding segments on the base made it read what it was never trained on
+    for name, model, lora, encoding in (("base", args.base, None, args.base_text_encoding),
+                                        ("tuned", args.model, args.lora, args.text_encoding)):
+        args.model, args.lora, args.text_encoding = model, lora, encoding
         runs[name] = evaluate(_pipe(args), scenes, seeds_per_prompt=args.seeds, base_seed=args.seed)
     tuned, base = judge_scores(runs["tuned"]), judge_scores(runs["base"])
     return {"prompts": args.prompts, "base": runs["base"].summary, "tuned": runs["tuned"].summary,
@@ -148,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("evaluate", "compare"):
         sub.choices[name].add_argument("--seeds", type=_positive, default=4, help="images per prompt")
     sub.choices["compare"].add_argument("--base", default="toy", help="the base model folder (default: toy)")
+    sub.choices["compare"].add_argument("--base-text-encoding", choices=("clip77", "segments"), default=None,
+                                        help="the base's prompt encoding (default: the one recorded with it, else "
+                                             "clip77; --text-encoding is the tuned model's)")
     pairs = sub.choices["pairs"]
     pairs.add_argument("--out", required=True, help="output folder for pairs.parquet")
     pairs.add_argument("--overwrite", action="store_true", help="replace an existing --out/pairs.parquet")
