@@ -403,3 +403,28 @@ def test_sdxl_time_ids_of_pair_and_image_batches(mode):
         want_l = [[96, 64, 16, 0, 64, 64], [64, 64, 0, 0, 64, 64]]
     assert pair.time_ids_w.tolist() == want_w and pair.time_ids_l.tolist() == want_l
     assert image.time_ids.tolist() == want_w
+
+
+def test_uncached_data_must_hold_the_same_rows_on_every_process(tmp_path, monkeypatch):
+    """A cache build checked that every process read the same rows; uncached data did not, so a machine with a
+    partial copy shared out its own rows (some trained twice, some never)."""
+    from types import SimpleNamespace
+
+    import t2i_align.data.sources as sources
+    from t2i_align.data.cache import DataMismatch, rows_digest
+    from t2i_align.data.cache_build import Team
+
+    from t2i_align.config import load_config
+
+    path = write_pairs(tmp_path / "a.parquet", [row(caption=f"r{j}") for j in range(4)])
+    partial = PairDataset(write_pairs(tmp_path / "b.parquet", [row(caption=f"r{j}") for j in range(3)]))
+    cfg = load_config(None, [f"data.path={path}", "data.resolution=8", "train.batch_size=1"])
+    first = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True, print=lambda *a, **k: None)
+    for theirs, fails in ((partial, True), (PairDataset(path), False)):
+        team = Team(0, 2, gather=lambda mine, theirs=theirs: [mine, rows_digest(theirs)])
+        monkeypatch.setattr(sources, "_team", lambda accelerator, team=team: team)
+        if fails:
+            with pytest.raises(DataMismatch, match="process 1's data rows differ"):
+                sources.build_data_source(cfg, None, first)
+        else:
+            assert sources.build_data_source(cfg, None, first) is not None

@@ -112,7 +112,7 @@ def rows_digest(dataset) -> str:
     return h.hexdigest()
 
 
-def _check_same_rows(digest: str, team: Team) -> None:
+def check_same_rows(digest: str, team: Team) -> None:
     """On every process: all stop, saying which process differs, when their data rows do (a copy on another
     machine with rows missing or reordered encoded its slice against the main process's captions and users)."""
     digests = team.gather(digest)
@@ -127,7 +127,7 @@ def _begin(root: Path, key: str, team: Team, dataset_digest: str) -> Tuple[str, 
     """(the main process's key, a fresh temporary folder to build in, or None when the cache is complete), on every
     process. The main process's key is everyone's: a copy of the data on another machine has other modification
     times, hence another key, but the same rows."""
-    _check_same_rows(dataset_digest, team)
+    check_same_rows(dataset_digest, team)
     began, error = None, None
     if team.rank == 0:
         try:

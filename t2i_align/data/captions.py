@@ -219,15 +219,17 @@ def build_caption_source(cfg: Any, components: Any, accelerator: Any):
     from latents and embeddings encoded once (cache.py)."""
     from .pairs import collate_pairs
     from ..engines import say
-    from .sources import OfflineSource, cached_data, report_rows
+    from .sources import OfflineSource, cached_data, report_rows, same_rows_everywhere
 
     dataset = load_captions(cfg.data, cfg.seed)
     if cfg.data.cache:
         dataset = cached_data(cfg, components, accelerator, dataset)
-    elif (group := dataset.largest_byte_group()) > 16:
-        say(accelerator, f"note: data.path keeps image bytes in row groups of up to {group} rows and data.cache is "
-                         "off: every shuffled item reads its whole row group again (that many times the bytes). For "
-                         "real data set data.cache=true (read and encoded once)")
+    else:
+        same_rows_everywhere(accelerator, dataset)
+        if (group := dataset.largest_byte_group()) > 16:
+            say(accelerator, f"note: data.path keeps image bytes in row groups of up to {group} rows and data.cache "
+                             "is off: every shuffled item reads its whole row group again (that many times the bytes). "
+                             "For real data set data.cache=true (read and encoded once)")
     report_rows(accelerator, cfg.data.path, dataset.stats, cached=cfg.data.cache)
     return OfflineSource(dataset, collate_pairs, cfg.train.batch_size, cfg.seed, accelerator.process_index,
                          accelerator.num_processes, cfg.data.num_workers)

@@ -92,6 +92,15 @@ def _cache_encoders(components, device):
     return images, prompts
 
 
+def same_rows_everywhere(accelerator, dataset) -> None:
+    """Uncached data read by several processes: all stop unless each holds the same rows (a machine with a partial
+    copy would share out its own rows, some trained twice, some never), as a cache build checks (cache.py)."""
+    if accelerator.num_processes > 1:
+        from .cache import check_same_rows, rows_digest
+
+        check_same_rows(rows_digest(dataset), _team(accelerator))
+
+
 def _team(accelerator) -> Team:
     """The run's processes, to split a cache build (cache_build.py)."""
     if accelerator.num_processes == 1:
@@ -189,6 +198,7 @@ def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs", u
             keep = set(known_rows(dataset.user_ids, users, "the training data", tell))
             dataset.drop([i for i in range(len(dataset)) if i not in keep])
         report_rows(accelerator, cfg.data.path, dataset.stats, cached=False)
+        same_rows_everywhere(accelerator, dataset)
         return StreamingPairSource(dataset, cfg.train.batch_size, cfg.seed, rank, world, cfg.data.num_workers,
                                    window=cfg.data.shuffle_window)
     cached = cached_data(cfg, components, accelerator, dataset)
