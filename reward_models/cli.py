@@ -41,7 +41,8 @@ from t2i_align.errors import run_cli
 from t2i_align.files import check_output_path, temp_file
 from t2i_align.stats import wilson_interval
 
-from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards, check_options
+from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards
+from .options import check_options
 from .inputs import IMAGE_SUFFIXES, Item, UsageError, folder_items, parquet_items  # noqa: F401 (for importers)
 
 

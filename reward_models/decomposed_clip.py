@@ -47,8 +47,8 @@ SOURCE = ("a CLIP backbone: a local copy of https://huggingface.co/luping-liu/De
           "'toy-denscore'")
 DIRECTION_SOURCE = "a file written by DecomposedClip.save_direction (the run folder keeps one)"
 NO_DIRECTION = ("decomposed-clip has no common direction v: pass direction=FILE (written by save_direction), "
-                "fit_prompts=[...] or a prompts file / toy:train to fit it once, or direction='batch' for the "
-                "released code's per-batch statistic (scores then depend on the batch)")
+                "fit_prompts=[...] or a prompts file / toy:train to fit it once (or, in training only, "
+                "direction='batch' for the released code's per-batch statistic: scores then depend on the batch)")
 # The encoder fingerprint: its unit embedding of this sentence, saved beside v. Rounding (bf16 vs fp32, CPU vs GPU)
 # moves it by far less than 1 - PROBE_MIN_COSINE; another CLIP's embedding points elsewhere.
 PROBE_TEXT = "a photo of a red cube on a wooden table"

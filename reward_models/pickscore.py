@@ -190,7 +190,7 @@ class PickScore(Reward):
     source = ("a local copy of https://huggingface.co/yuvalkirstain/PickScore_v1 (config.json + model.safetensors) "
               "as model_dir, and processor_dir = a copy of https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-"
               "b79K (tokenizer + preprocessor_config.json), e.g. `huggingface-cli download <repo> --local-dir DIR`")
-    paths = {"model_dir": source, "processor_dir": None}
+    paths = {"model_dir": source}  # processor_dir may be a hub name in the cache, as transformers reads it
 
     def __init__(self, model_dir: Optional[PathLike] = None, processor_dir: Optional[PathLike] = None,
                  device=None, dtype=None, batch_size: int = 16):

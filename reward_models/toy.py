@@ -15,7 +15,11 @@ from .base import PromptsRejected, Reward, RewardOutput, register, to_image_tens
 
 def _uint8_hwc(images) -> List[np.ndarray]:
     """Any image input the rewards take (`base.to_image_tensors`: RGB in [0, 1]) as uint8 HWC arrays, the
-    judge's reading (8-bit inputs come back exactly)."""
+    judge's reading (8-bit inputs come back exactly). A numpy batch channels-first (`gallery.to_uint8`'s [B, 3, H, W]
+    float array) is read as the tensor it mirrors."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] in (1, 3, 4) \
+            and images.shape[-1] not in (1, 3, 4):
+        images = torch.from_numpy(np.ascontiguousarray(images))
     tensors = to_image_tensors(images)
     if isinstance(tensors, torch.Tensor):
         return to_uint8(tensors)

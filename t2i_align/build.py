@@ -15,10 +15,11 @@ from .models import load_components, torch_dtype
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 
 
-def check_before_loading(cfg: Config, batch_kind: str) -> None:
+def check_before_loading(cfg: Config, batch_kind: str, main: bool = True) -> None:
     """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
-    that is not there, a reward named that does not exist or takes other options."""
-    from reward_models.base import check_reward
+    that is not there, a reward named that does not exist, takes other options or whose weights are not there (the
+    gallery's on the main process only: it alone loads them)."""
+    from reward_models.options import check_reward
 
     from .data.sources import check_data_files, check_data_kind
 
@@ -33,7 +34,7 @@ def check_before_loading(cfg: Config, batch_kind: str) -> None:
     for setting, (name, options) in named.items():
         if name:
             try:
-                check_reward(name, dict(options))
+                check_reward(name, dict(options), paths=main or setting != "tracking.validation_reward")
             except (ValueError, OSError) as err:  # RewardSetupError, WeightsNotFoundError
                 raise ConfigError(f"{setting}: {err}") from None
 

@@ -123,7 +123,7 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
-    check_before_loading(cfg, objective.batch_kind)
+    check_before_loading(cfg, objective.batch_kind, accelerator.is_main_process)
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)

@@ -140,7 +140,7 @@ def load_validation_reward(cfg, accelerator, prompts: Sequence[str]):
     gallery prompts: a reward that cannot read them is a ConfigError now rather than a traceback at the first
     gallery. Its setup errors stop every process alike (collective with several)."""
     from reward_models import get_reward
-    from reward_models.base import reward_accepts
+    from reward_models.options import reward_accepts
 
     name, reward, error = cfg.tracking.validation_reward, None, None
     if not name:

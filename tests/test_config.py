@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 
 import pytest
@@ -352,11 +353,15 @@ def test_an_override_in_a_switched_off_section_is_refused():
         load_config(None, ["lora={rank: 4}"])
     with pytest.warns(UserWarning, match=r"objective.beta .* objective.name is 'sft' \(no DPO loss\): it has no"):
         load_config(None, ["objective.name=sft", "objective.beta=100"])
+    with pytest.raises(ConfigError, match="tracking.validation_reward_options is set .* tracking.validation_reward is"):
+        load_config(None, ["tracking.validation_reward_options.checkpoint=x"])
     raft = ["raft.enabled=true", "raft.prompts=toy:train"]
     with pytest.warns(UserWarning, match="data.cache is set .* raft.enabled is true"):
         load_config(None, [*raft, "data.cache=true"])
-    assert load_config(None, [*raft, "data.path=", "data.prompt_dropout=0.2"]).data.prompt_dropout == 0.2
-    assert load_config(None, ["objective.name=seppo", "objective.beta=100"]).objective.beta == 100
+    with warnings.catch_warnings():  # what is read, or only cleared, says nothing
+        warnings.simplefilter("error")
+        assert load_config(None, [*raft, "data.path=", "data.prompt_dropout=0.2"]).data.prompt_dropout == 0.2
+        assert load_config(None, ["objective.name=seppo", "objective.beta=100"]).objective.beta == 100
 
 
 def test_yaml_none_non_finite_numbers_and_an_empty_raft_reward_are_refused(tmp_path, monkeypatch):
@@ -366,6 +371,12 @@ def test_yaml_none_non_finite_numbers_and_an_empty_raft_reward_are_refused(tmp_p
     with pytest.raises(ConfigError, match="raft.negative_prompt: None in .*none.yaml is the text 'None' in YAML: "
                                           "write null"):
         load_config(path)
+    quoted = write(tmp_path, "quoted.yaml", "raft:\n  negative_prompt: 'None'\n")  # the text, meant
+    cfg = load_config(quoted, ["tracking.run_name='none'"])
+    assert (cfg.raft.negative_prompt, cfg.tracking.run_name) == ("None", "none")
+    save_config(cfg, tmp_path / "saved.yaml")  # a run's config.yaml reads back
+    again = load_config(tmp_path / "saved.yaml")
+    assert (again.raft.negative_prompt, again.tracking.run_name) == ("None", "none")
     for item in ("lora.alpha=inf", "tracking.guidance_scale=inf", "raft.min_gap=inf"):
         with pytest.raises(ConfigError, match=f"{item.split('=')[0]} = .*: expected a finite number"):
             load_config(None, ["lora.enabled=true", item])

@@ -164,7 +164,7 @@ def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folde
     code, counts, err = run(capsys, "--from", listing, "--out", folder)
     assert code == 0, err
     assert counts["pairs"] == 2 and counts["skipped"] == {"extra_fields": 1, "multiline_record": 3}  # 3 lines
-    assert "pairs.csv line 4 skipped: a quoted field runs over lines 4-6" in err  # the blank line 3 not counted
+    assert err.count("pairs.csv line 4 skipped: a quoted field runs over lines 4-6") == 1  # blank line 3 not counted
     assert "pairs.csv line 7 skipped: 1 more field(s) than the header names" in err
     assert [r["caption"] for r in pq.read_table(folder / "pairs.parquet").to_pylist()] == ["red wins", "green wins"]
 

@@ -323,8 +323,8 @@ def test_the_trained_latents_are_the_best_and_worst_images_made(tmp_path, monkey
         return found[0]
 
     sides = ("latents_w", "latents_l") if config == "online_dpo" else ("latents",)
-    rows = [(batch[side][i] for side in sides) for batch in trained for i in range(len(batch[sides[0]]))]
-    assert trained and made
+    rows = [tuple(batch[side][i] for side in sides) for batch in trained for i in range(len(batch[sides[0]]))]
+    assert len(rows) >= 2 and made
     for row in rows:
         (scores, best), *loser = [cell(latent) for latent in row]
         assert scores[best] == scores.max()

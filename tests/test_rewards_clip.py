@@ -141,9 +141,10 @@ def test_images_of_any_mode_and_size(tiny_ckpt):
         reward(torch.rand(1, 32, 32, 3), ["x"])
     # the conversion's values (`grey_to_8bit`, as ImageReward's and training's): 16-bit by its range, a dark one
     # too (200 / 257 -> 0, it read 200 / 255), float "F" in [0, 1] to 8 bits (127), 8-bit grey 51 / 255 = 0.2
-    white16, dark16, half, grey = to_image_tensors([Image.fromarray(np.full((5, 7), 65535, np.uint16)),
-                                                    Image.new("I;16", (4, 3), 200), Image.new("F", (4, 3), 0.5),
-                                                    Image.new("L", (4, 3), 51)])
+    white16, dark16, half, grey, f16 = to_image_tensors([Image.fromarray(np.full((5, 7), 65535, np.uint16)),
+                                                         Image.new("I;16", (4, 3), 200), Image.new("F", (4, 3), 0.5),
+                                                         Image.new("L", (4, 3), 51), Image.new("F", (2, 2), 30000.0)])
+    assert bool((f16 == 116 / 255).all())  # F beyond 8 bits: 16-bit values (30000 / 257 = 116.7), not clipped
     assert white16.shape == (3, 5, 7) and bool((white16 == 1.0).all()) and bool((dark16 == 0).all())
     assert half.shape == (3, 3, 4) and bool((half == 127 / 255).all())
     torch.testing.assert_close(grey, torch.full((3, 3, 4), 0.2))

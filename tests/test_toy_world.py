@@ -134,6 +134,6 @@ def test_toy_judge_takes_every_image_input_the_rewards_take():
     img, caption = render(scene), short_caption(scene)
     chw = torch.from_numpy(img).permute(2, 0, 1)
     inputs = [[Image.fromarray(img)], [img], [img.astype(np.float32) / 255], (img.astype(np.float32) / 255)[None],
-              [chw], [chw.float() / 255], chw[None], chw[None].float() / 255]
+              [chw], [chw.float() / 255], chw[None], chw[None].float() / 255, chw[None].float().numpy() / 255]
     judge = get_reward("toy-judge")
     assert [judge(x, [caption])[0].tolist() for x in inputs] == [[1.0]] * len(inputs)

@@ -121,6 +121,14 @@ def test_a_dry_run_checks_the_rewards_weights_and_the_gallery_reward_takes_optio
     with pytest.raises(WeightsNotFoundError, match="2024 has neither open_clip_config.json"):  # past the checks
         get_reward("clip", checkpoint=2024, arch="ViT-B-32")
     monkeypatch.chdir(REPO_ROOT)
+    # the gallery's reward loads on the main process alone: another (another machine) need not hold its weights
+    from t2i_align.build import check_before_loading
+    from t2i_align.config import ConfigError, load_config
+
+    cfg = load_config(REPO_ROOT / "configs/toy/raft.yaml", ["tracking.validation_reward=pickscore"])
+    check_before_loading(cfg, "images", main=False)
+    with pytest.raises(ConfigError, match="no model_dir was given"):
+        check_before_loading(cfg, "images", main=True)
     assert _train_script().main([*base, "raft.reward=hpsv2", "raft.reward_options.checkpoint=~/HPS_v2.1_compressed.pt",
                                  "tracking.validation_reward=clip", "tracking.validation_reward_options.checkpoint=toy"
                                  ]) == 0

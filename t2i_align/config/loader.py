@@ -10,7 +10,7 @@ import re
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -149,6 +149,7 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
         raise ConfigError(f"{path} is not a UTF-8 YAML file: give a config, e.g. configs/toy/dpo.yaml") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, not a list")
+    _check_no_none_text(path)
     if "compute_environment" in layer and "distributed_type" in layer:
         raise ConfigError(f"{path} is an accelerate config: give it as `accelerate launch --config_file {path} "
                           "train/train.py --config RUN.yaml`, with a run config (e.g. configs/toy/dpo.yaml) here")
@@ -243,11 +244,9 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     files = len(layers)
     layers += [_parse_override(item) for item in overrides]
     merged = OmegaConf.structured(Config)
-    for i, (where, layer) in enumerate(layers):
+    for where, layer in layers:
         data = OmegaConf.to_container(layer, resolve=False)
         _check_keys(data, Config, "", where)
-        if i < files:  # the command line tells None from 'None' itself (_text_value)
-            _check_no_none_text(data, where)
         try:
             merged = OmegaConf.merge(merged, layer)
             for key in _empty_mappings(data):
@@ -275,12 +274,21 @@ def _leaves(data: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     return [leaf for key, value in data.items() for leaf in _leaves(value, f"{prefix}{key}.")]
 
 
-def _check_no_none_text(data: Dict[Any, Any], where: str) -> None:
-    """YAML reads `None` as the text "None": a text setting that may be null (raft.negative_prompt, cache_dir)
-    would take it as its value (a negative prompt "None", a cache folder named None)."""
-    for key, value in _leaves(data):
-        if value in ("None", "none") and _text_setting(key) == "optional":
-            raise ConfigError(f"{key}: {value} in {where} is the text {value!r} in YAML: write null for no value")
+def _check_no_none_text(path: Path) -> None:
+    """YAML reads a bare `None` as the text "None": a text setting that may be null (raft.negative_prompt,
+    cache_dir) would take it as its value (a negative prompt "None", a cache folder named None). Quoted, it is
+    the text (as `save_config` writes it)."""
+    def plain_nones(node: Any, prefix: str) -> Iterator[str]:
+        for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
+            dotted = f"{prefix}{key.value}"
+            if isinstance(value, yaml.ScalarNode) and value.style is None and value.value in ("None", "none"):
+                yield dotted
+            yield from plain_nones(value, dotted + ".")
+
+    for key in plain_nones(yaml.compose(path.read_text(encoding="utf-8")), ""):
+        if _text_setting(key) == "optional":
+            raise ConfigError(f"{key}: None in {path} is the text 'None' in YAML: write null for no value (or "
+                              "quote it for the text)")
 
 
 def _check_finite(cfg: Any, prefix: str = "") -> None:
@@ -341,6 +349,8 @@ def _no_effect(cfg: Config, key: str, section: str, rest: str) -> Tuple[str, str
         return f"{section}.enabled is false", f"add {section}.enabled=true", True
     if section in OBJECTIVE_SECTIONS and cfg.objective.name != section:
         return f"objective.name is {cfg.objective.name!r}", f"add objective.name={section}", True
+    if key == "tracking.validation_reward_options" and not cfg.tracking.validation_reward:
+        return "tracking.validation_reward is not set", "set tracking.validation_reward", True
     if key in DPO_KEYS and cfg.objective.name not in ("dpo", "seppo"):
         return f"objective.name is {cfg.objective.name!r} (no DPO loss)", "", False
     if key in PAIR_DATA_KEYS and cfg.raft.enabled:
@@ -355,4 +365,12 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
 
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     """Write `cfg` as YAML that `load_config` reads back; atomic (temp file in the same folder, then rename)."""
-    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(Path(path), yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes the text "None" quoted: bare, `load_config` refuses it for a setting that may be null."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="'" if text in ("None", "none") else None))

@@ -24,13 +24,13 @@ holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 51
 
 def grey_to_8bit(image: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and float greys as an 8-bit "L" image (PIL's convert would clip them): I;16 by its
-    range (65535 -> 255, whatever its values: a dark image stays dark), I by 65535 when a value exceeds 255, F in
-    [0, 1] by 255 when it fits there; other modes as they are. One rule for training and every reward (they
+    range (65535 -> 255, whatever its values: a dark image stays dark), I and F by 65535 when a value exceeds 255,
+    F in [0, 1] by 255 when it fits there; other modes as they are. One rule for training and every reward (they
     disagreed: a dark 16-bit image read 257x too bright by some)."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     arr = np.asarray(image, dtype=np.float32)
-    if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
+    if image.mode.startswith("I;16") or arr.max(initial=0) > 255:  # I or F beyond 8 bits: a 16-bit range
         arr = arr / 257.0
     elif image.mode == "F" and arr.size and arr.min() >= 0 and arr.max() <= 1:
         arr = arr * 255.0

@@ -45,11 +45,12 @@ _GROUP_BYTES = 256 * 2**20  # a row group is written early once its images hold 
 
 
 class SkippedRow(ValueError):
-    """Why a listed pair cannot be used; `reason` is its counter's name."""
+    """Why a listed pair cannot be used; `reason` is its counter's name, `rows` how many rows it counts for (a CSV
+    quote left open swallows the lines after it)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, rows: int = 1) -> None:
         super().__init__(detail)
-        self.reason = reason
+        self.reason, self.rows = reason, rows
 
 
 def write_rows_parquet(rows: Iterable[Dict[str, Any]], path: Path, row_group_size: Optional[int] = None,
@@ -129,12 +130,11 @@ def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
             starts.clear()
             for row in reader:
                 first, end = starts[0] if starts else reader.line_num, reader.line_num
-                taken, _ = max(1, len(starts)), starts.clear()
+                taken = max(1, len(starts))
+                starts.clear()
                 if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
-                    why = SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a quote "
-                                     "left open?); quote whole fields, with no line break inside")
-                    for _ in range(taken):
-                        yield first, why
+                    yield first, SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a "
+                                            "quote left open?); quote whole fields, with no line break inside", taken)
                 elif None in row:
                     yield first, SkippedRow("extra_fields", f"{len(row[None])} more field(s) than the header names "
                                             "(an unquoted comma?); quote fields that hold commas")
@@ -261,7 +261,7 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
             try:
                 made = make_row(row, root, number)
             except SkippedRow as why:
-                skipped[why.reason] += 1
+                skipped[why.reason] += why.rows
                 if sum(skipped.values()) <= _NAMED:
                     log(f"{listing} line {number} skipped: {why}")
                 continue

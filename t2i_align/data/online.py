@@ -38,7 +38,7 @@ ROUND_CHUNK_IMAGES = 256
 
 def _reward(rc, device):
     from reward_models import get_reward
-    from reward_models.base import reward_accepts
+    from reward_models.options import reward_accepts
 
     options = dict(rc.reward_options)
     if reward_accepts(rc.reward, "device"):

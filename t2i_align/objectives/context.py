@@ -91,7 +91,7 @@ class ObjectiveContext:
     def reward(self, name: str, **options):
         """A reward of the registry by name, built once per (name, options), on this process's device."""
         from reward_models import get_reward
-        from reward_models.base import reward_accepts
+        from reward_models.options import reward_accepts
 
         key = f"{name}:{sorted((k, _option_key(v)) for k, v in options.items())}"
         if key not in self._rewards:
