@@ -14,6 +14,7 @@ one block per prompt set and user ("SET · user ID"); a side whose model has a u
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -122,8 +123,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          "sample/generate.py")
     check_user_flags(args, [(args.base, args.base_lora), (args.model, args.lora)])
     args.prompts = args.prompts or ["toy:heldout"]
-    return compare_sets(args, load_reward_set(args.reward, args.option, args.device),
-                        save=_saver(Path(args.out)) if args.out else None)
+    rewards, kept = load_reward_set(args.reward, args.option, args.device), {}
+    try:
+        return compare_sets(args, rewards, save=_saver(Path(args.out)) if args.out else kept.update)
+    except BaseException:  # without --out, the sets compared before a failure were lost with it
+        if kept.get("sets"):
+            print(json.dumps(kept, indent=2))
+            print(f"note: the {len(kept['sets'])} set(s) compared before the failure are printed above (--out keeps "
+                  "them in a file)", file=sys.stderr)
+        raise
 
 
 def _saver(out: Path):

@@ -33,7 +33,7 @@ PARTIAL = ".partial"
 """OUT.partial: the images of a run not yet finished."""
 RESIZABLE = ("batch_size",)
 """Settings a resumed run may change (a smaller batch after running out of memory): each image keeps its own
-generator, so only batch-size numerics can differ (none on CPU)."""
+generator, so only batch-size numerics can differ (the last bits of a latent, a pixel level at most)."""
 
 def _sample_into(out: Path, sample, meta: dict, run: dict, resume: bool = False) -> int:
     """`sample(first, on_batch)` run with each batch's PNGs and metadata lines written to OUT.partial as they come
@@ -99,6 +99,9 @@ def _resume_point(part: Path, run: dict, resume: bool) -> List[str]:
     if changed:
         raise UserError(f"--resume: {part} was started with other settings ({', '.join(changed)} differ): give its "
                         f"flags again, or delete {part} to start again")
+    # whole batches only (a kill mid-batch kept part of one): the rest is made in the batches an uninterrupted run
+    # makes, and so are its images, to the bit
+    lines = lines[:len(lines) - len(lines) % earlier.get("batch_size", 1)]
     write_text_atomic(part / "metadata.jsonl", "".join(line + "\n" for line in lines))  # without a torn last line
     return lines
 
@@ -152,14 +155,19 @@ def _added_files(out: Path) -> List[str]:
 
 
 def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:
-    """What --resume checks is the same: the settings, the prompts, the LoRA folder's weight files as they are now
-    (size and time: a longer run may have replaced RUN/final since) and the kind of device (CPU and GPU numerics
-    differ)."""
+    """What --resume checks is the same: the settings, the prompts, the weight files of the LoRA and of a local
+    --model folder as they are now (size and time: a longer run may have replaced RUN/final since, a merge been
+    redone) and the kind of device (CPU and GPU numerics differ)."""
+    from t2i_align.model_folders import resolve_pretrained
+
     lora = Path(args.lora) if args.lora else None
     files = [] if lora is None else sorted(lora.glob("*.safetensors")) if lora.is_dir() else [lora]
+    model = Path(resolve_pretrained(args.model, key="--model")) if args.model else None
+    weights = sorted(model.glob("*/*.safetensors")) if model is not None and model.is_dir() else []
     return {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "images": images,
             "device": str(args.device).split(":")[0],
-            "lora_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+            "lora_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+            "model_files": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in weights]}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -49,17 +49,17 @@ def to_uint8(images) -> List[np.ndarray]:
 
 
 def grid_image(images: Sequence[Optional[ImageLike]], ncols: Optional[int] = None, pad: int = 2) -> Image.Image:
-    """Tile equal-size images row-major into one white-padded image of size (cols·(w+pad)+pad, rows·(h+pad)+pad).
+    """Tile images row-major into one white-padded image of size (cols·(w+pad)+pad, rows·(h+pad)+pad), (w, h) the
+    largest width and height: a smaller image sits at its cell's top left (a 512 px base beside a 1024 px tuned
+    model in gallery.py).
 
     `ncols` defaults to ⌈√n⌉; a `None` entry leaves its cell blank (for rows of unequal length).
     """
     pil = [None if im is None else to_pil(im) for im in images]
-    sizes = {im.size for im in pil if im is not None}
+    sizes = [im.size for im in pil if im is not None]
     if not sizes:
         raise ValueError("save_grid needs at least one image")
-    if len(sizes) > 1:
-        raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
-    (w, h), n = sizes.pop(), len(pil)
+    (w, h), n = (max(s[0] for s in sizes), max(s[1] for s in sizes)), len(pil)
     ncols = ncols or int(np.ceil(np.sqrt(n)))
     nrows = -(-n // ncols)
     grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), "white")

@@ -1,7 +1,8 @@
 """Batched generation at fixed seeds, returning latents and decoded images.
 
 Every image has its own seed (one `torch.Generator` each), so a base and a tuned model sampled with the same
-prompts and seeds start from identical noise, and an image does not depend on the batch it was generated in.
+prompts and seeds start from identical noise, and an image does not depend on the batch it was generated in
+(beyond batch-size numerics: the last bits of a latent, a pixel level at most).
 Classifier-free guidance runs conditional and unconditional in one batch (diffusers' pipelines do this).
 A batch that runs out of accelerator memory is retried in halves.
 
@@ -147,6 +148,9 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
             raise ModelLoadError(f"LoRA weights not found: {lora} (expected pytorch_lora_weights.safetensors or "
                                  "the folder holding it)")
         if lora.is_dir() and not has_lora_file(lora) and branch_file(lora) is None:
+            if (lora / "model_index.json").is_file():  # a full fine-tune's final/: a whole pipeline
+                raise ModelLoadError(f"{lora} is a whole pipeline (a full fine-tune's export), not LoRA weights: give "
+                                     "it as --model, without --lora")
             raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "
                                  "run's final/ folder or the file itself)")
         weights = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
@@ -259,6 +263,17 @@ def _check_inputs(pipe, prompts: Sequence[str], seeds: Sequence[int], user_token
                               "t2i_align.toy evaluate samples no user)")
 
 
+def _check_steps(pipe, steps: int) -> None:
+    """A UserError for more sampling steps than the scheduler has timesteps (DDIM said so in a traceback, DPM++ and
+    Euler failed with an IndexError), before the first batch."""
+    from .errors import UserError
+
+    limit = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if limit is not None and steps > limit:
+        raise UserError(f"{steps} sampling steps, but this model's scheduler has {limit} timesteps: give at most "
+                        f"{limit} (--steps)")
+
+
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int = 20,
              guidance_scale: float = 3.0, batch_size: int = 64, negative_prompt: Optional[str] = None,
@@ -280,6 +295,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     Images with NaN pixels (a diverged model, an fp16 VAE overflowing) are counted and warned about.
     """
     _check_inputs(pipe, prompts, seeds, user_tokens)
+    _check_steps(pipe, num_inference_steps)
     components = pipeline_components(pipe)
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, negative_prompt=negative_prompt)

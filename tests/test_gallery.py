@@ -69,8 +69,12 @@ def test_save_grid_default_layout_blank_cells_and_errors(tmp_path):
     with Image.open(path) as grid:
         assert grid.size == (3 * 12 + 2, 2 * 12 + 2)
     assert sorted(p.name for p in path.parent.iterdir()) == ["g.png"]
-    with pytest.raises(ValueError, match="same size"):
-        save_grid([Image.new("RGB", (10, 10)), Image.new("RGB", (8, 10))], tmp_path / "bad.png")
+    # sides of two sizes (gallery.py: a 512 px base beside a 1024 px model) failed after all the sampling
+    mixed = save_grid([Image.new("RGB", (10, 6), "red"), Image.new("RGB", (8, 10), "blue")], tmp_path / "m.png", 2)
+    with Image.open(mixed) as grid:
+        assert grid.size == (2 * 12 + 2, 12 + 2)  # cells of the largest width and height
+        assert grid.getpixel((2, 2)) == (255, 0, 0) and grid.getpixel((2, 9)) == (255, 255, 255)
+        assert grid.getpixel((14, 11)) == (0, 0, 255)
     with pytest.raises(ValueError, match="uint8"):
         save_grid([np.zeros((4, 4, 3), np.float32)], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="captions"):

@@ -134,6 +134,11 @@ def test_compare_keeps_the_sets_done_when_a_later_one_fails(prompts, tmp_path, m
     assert list(saved["sets"]) == [str(prompts)] and saved["unfinished"] == [str(other)]
     assert saved["sets"][str(prompts)]["images_per_model"] == 6
     assert f"note: {out} holds the 1 set(s) compared so far" in capsys.readouterr().err
+    calls.clear()  # without --out the finished set is printed before the failure ends the run
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _script("compare").main(["--prompts", str(prompts), "--prompts", str(other), "--reward", "toy-judge", *FAST])
+    printed = capsys.readouterr()
+    assert list(json.loads(printed.out)["sets"]) == [str(prompts)] and "printed above" in printed.err
 
 
 @pytest.mark.parametrize("script", ["compare", "gallery"])
@@ -281,16 +286,36 @@ def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts
     lora = tmp_path / "final"
     lora.mkdir()
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"1")
-    args = SimpleNamespace(lora=str(lora), device="cuda:1")
+    model = tmp_path / "merged"  # a merge redone (merge_lora --overwrite) between the runs went unnoticed
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"1")
+    args = SimpleNamespace(lora=str(lora), device="cuda:1", model=str(model))
     first = gen._run_record({"steps": 2}, ["a"], 1, args)
     assert first["device"] == "cuda" and first["lora_files"][0][:2] == ["pytorch_lora_weights.safetensors", 1]
+    assert first["model_files"][0][:2] == ["unet/diffusion_pytorch_model.safetensors", 1]
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"22")  # a longer run wrote RUN/final since
-    assert gen._run_record({"steps": 2}, ["a"], 1, args)["lora_files"] != first["lora_files"]
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"22")
+    again = gen._run_record({"steps": 2}, ["a"], 1, args)
+    assert again["lora_files"] != first["lora_files"] and again["model_files"] != first["model_files"]
     part = tmp_path / "out.partial"  # killed (SIGKILL: no clean-up) before its first image
     part.mkdir()
     (part / gen.MADE_BY).write_text(json.dumps({"finished": False, "run": first}))
     assert gen._sample_into(tmp_path / "out", _sampler(torch.rand(1, 3, 8, 8), []), {}, {"images": 1}) == 1
     assert not part.exists()
+
+
+def test_a_resume_makes_the_rest_in_the_batches_of_an_uninterrupted_run(tmp_path):
+    """A kill mid-batch kept 3 images of batches of 2: resuming at image 3 made [3, 4] a batch where the
+    uninterrupted run made [2, 3] one (batch-size numerics: images a pixel level apart). It resumes at 2."""
+    import torch
+
+    gen, images, calls = _script("generate"), torch.rand(4, 3, 8, 8), []
+    out, run = tmp_path / "out", {"steps": 2, "batch_size": 2, "images": 4}
+    with pytest.raises(KeyboardInterrupt):
+        gen._sample_into(out, _sampler(images, calls, stop=3), {"steps": 2}, run)
+    assert gen._sample_into(out, _sampler(images, calls), {"steps": 2}, run, resume=True) == 4
+    assert calls == [0, 2] and len((out / "metadata.jsonl").read_text().splitlines()) == 4
 
 
 def test_generate_keeps_its_images_when_publishing_fails(tmp_path, monkeypatch, capsys):
@@ -443,3 +468,26 @@ def test_a_killed_generate_keeps_its_images_and_resume_finishes_them(prompts, tm
     _script("generate").main(["--prompts", str(few), "--out", str(tmp_path / "ref"), *args[4:]])
     assert all((out / f"{i:05d}.png").read_bytes() == (tmp_path / "ref" / f"{i:05d}.png").read_bytes()
                for i in range(done + 2))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_more_steps_than_the_scheduler_has_is_one_error_line(prompts, tmp_path, capsys, scheduler):
+    """--steps 1001 on a 1000-timestep model: DDIM's ValueError, Euler's and DPM++'s IndexError, as tracebacks."""
+    args = ["--prompts", str(prompts), "--steps", "1001", "--seeds-per-prompt", "1", "--scheduler", scheduler,
+            "--out", str(tmp_path / "out")]
+    assert _script("common").run_cli(lambda: _script("generate").main(args)) == 2
+    err = capsys.readouterr().err
+    assert "error: 1001 sampling steps, but this model's scheduler has 1000 timesteps: give at most 1000" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_gallery_refuses_a_training_runs_folder(tmp_path, capsys):
+    """`--out RUN --overwrite` replaced the run's validation gallery (both hold a grid.png)."""
+    run = tmp_path / "run"
+    (run / "gallery").mkdir(parents=True)
+    (run / "gallery" / "grid.png").write_bytes(b"the run's")
+    (run / "metrics.jsonl").write_text("{}\n")
+    args = ["--out", str(run), "--overwrite", "--reward", "", *FAST]
+    assert _script("common").run_cli(lambda: _script("gallery").main(args)) == 2
+    assert "is a training run's folder" in capsys.readouterr().err
+    assert (run / "gallery" / "grid.png").read_bytes() == b"the run's"

@@ -325,6 +325,9 @@ def test_a_lora_folder_without_weights_says_so(tmp_path):
     (tmp_path / "wronglora" / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"no LoRA weights in .*wronglora: it holds no pytorch_lora_weights"):
         load_pipeline("toy", lora=tmp_path / "wronglora")
+    (tmp_path / "wronglora" / "model_index.json").write_text("{}")  # a full fine-tune's final/: told to give --model
+    with pytest.raises(ModelLoadError, match=r"wronglora is a whole pipeline .* give it as --model, without --lora"):
+        load_pipeline("toy", lora=tmp_path / "wronglora")
 
 
 @pytest.mark.parametrize("script", ["compare", "gallery"])
