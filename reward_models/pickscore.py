@@ -172,7 +172,7 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
     with without_random_init():
         model = CLIPModel(config)
     load_checked(model, load_state_dict_file(folder), str(folder))
-    proc = Path(processor_dir) if processor_dir is not None else folder
+    proc = Path(processor_dir).expanduser() if processor_dir is not None else folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(proc))
     except (OSError, ValueError, TypeError) as e:

@@ -128,7 +128,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         return compare_sets(args, rewards, save=_saver(Path(args.out)) if args.out else kept.update)
     except BaseException:  # without --out, the sets compared before a failure were lost with it
         if kept.get("sets"):
-            print(json.dumps(kept, indent=2))
+            from t2i_align.files import finite_json
+
+            print(json.dumps(finite_json(kept), indent=2, default=str, allow_nan=False))
             print(f"note: the {len(kept['sets'])} set(s) compared before the failure are printed above (--out keeps "
                   "them in a file)", file=sys.stderr)
         raise

@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora or args.base_text_encoding)):
         raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora / --base-text-encoding with "
                          "--no-base")
-    if (Path(args.out) / "metrics.jsonl").is_file():  # --overwrite would replace the run's validation gallery
+    if (Path(args.out) / "metrics.jsonl").is_file() and (Path(args.out) / "gallery").exists():  # the run's own
         raise UsageError(f"--out {args.out} is a training run's folder (its gallery/ is the run's own): choose "
                          "another --out, e.g. runs/gallery-NAME")
     check_replaceable_folder(Path(args.out) / "gallery", "--out", "gallery.py")

@@ -31,6 +31,8 @@ MADE_BY = "t2i_align_generated.json"
 it holds the run's settings, which --resume checks in OUT.partial."""
 PARTIAL = ".partial"
 """OUT.partial: the images of a run not yet finished."""
+LATER = ("model_files",)
+"""Recorded since session 27: a partial started before lacks it (taken as unchanged)."""
 RESIZABLE = ("batch_size",)
 """Settings a resumed run may change (a smaller batch after running out of memory): each image keeps its own
 generator, so only batch-size numerics can differ (the last bits of a latent, a pixel level at most)."""
@@ -95,13 +97,14 @@ def _resume_point(part: Path, run: dict, resume: bool) -> List[str]:
                         f"it (same flags), or delete {part} to start again")
     now = json.loads(json.dumps(run))  # as the record reads back (tuples as lists)
     changed = [key for key in sorted(set(now) | set(earlier))
-               if key not in RESIZABLE and earlier.get(key) != now.get(key)]
+               if key not in RESIZABLE and earlier.get(key, now[key] if key in LATER else None) != now.get(key)]
     if changed:
         raise UserError(f"--resume: {part} was started with other settings ({', '.join(changed)} differ): give its "
                         f"flags again, or delete {part} to start again")
     # whole batches only (a kill mid-batch kept part of one): the rest is made in the batches an uninterrupted run
     # makes, and so are its images, to the bit
-    lines = lines[:len(lines) - len(lines) % earlier.get("batch_size", 1)]
+    if len(lines) < run["images"]:  # finished (its publishing failed): every image kept
+        lines = lines[:len(lines) - len(lines) % earlier.get("batch_size", 1)]
     write_text_atomic(part / "metadata.jsonl", "".join(line + "\n" for line in lines))  # without a torn last line
     return lines
 

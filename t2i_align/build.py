@@ -15,28 +15,41 @@ from .models import load_components, torch_dtype
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 
 
-def check_before_loading(cfg: Config, batch_kind: str, main: bool = True) -> None:
+def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = True) -> None:
     """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
     that is not there, a reward named that does not exist, takes other options or whose weights are not there (the
-    gallery's on the main process only: it alone loads them)."""
-    from reward_models.options import check_reward
-
+    gallery's with `gallery_weights`: the main process alone loads them, `check_gallery_weights`)."""
     from .data.sources import check_data_files, check_data_kind
 
     check_data_kind(cfg, batch_kind)
     check_data_files(cfg)
     _check_method_settings(cfg, batch_kind)
-    named = {"tracking.validation_reward": (cfg.tracking.validation_reward, cfg.tracking.validation_reward_options)}
+    _check_reward("tracking.validation_reward", cfg.tracking.validation_reward, cfg.tracking.validation_reward_options,
+                  gallery_weights)
     if cfg.raft.enabled:
-        named["raft.reward"] = (cfg.raft.reward, cfg.raft.reward_options)
+        _check_reward("raft.reward", cfg.raft.reward, cfg.raft.reward_options)
     if cfg.objective.name == "reward_backprop":
-        named["reward_backprop.reward"] = (cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
-    for setting, (name, options) in named.items():
-        if name:
-            try:
-                check_reward(name, dict(options), paths=main or setting != "tracking.validation_reward")
-            except (ValueError, OSError) as err:  # RewardSetupError, WeightsNotFoundError
-                raise ConfigError(f"{setting}: {err}") from None
+        _check_reward("reward_backprop.reward", cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
+
+
+def check_gallery_weights(accelerator, cfg: Config) -> None:
+    """Collective: the gallery reward's weights, on the main process (which alone loads them); every process stops
+    if they are not there (the others would wait for it in their next collective)."""
+    from .engines import on_main
+
+    on_main(accelerator, lambda: _check_reward("tracking.validation_reward", cfg.tracking.validation_reward,
+                                               cfg.tracking.validation_reward_options),
+            "the main process could not find tracking.validation_reward's weights")
+
+
+def _check_reward(setting: str, name, options, paths: bool = True) -> None:
+    from reward_models.options import check_reward
+
+    if name:
+        try:
+            check_reward(name, dict(options), paths=paths)
+        except (ValueError, OSError) as err:  # RewardSetupError, WeightsNotFoundError
+            raise ConfigError(f"{setting}: {err}") from None
 
 
 def _check_method_settings(cfg: Config, batch_kind: str) -> None:

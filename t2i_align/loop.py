@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
-from .build import Built, build, check_before_loading
+from .build import Built, build, check_before_loading, check_gallery_weights
 from .checkpoints import (checkpoint_step, export_final, load_checkpoint, read_marker, resolve_resume_everywhere,
                           resume_raw_batches, save_checkpoint, save_only_trainable)
 from .config import Config, config_to_dict, save_config
@@ -123,7 +123,8 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
-    check_before_loading(cfg, objective.batch_kind, accelerator.is_main_process)
+    check_before_loading(cfg, objective.batch_kind, gallery_weights=False)
+    check_gallery_weights(accelerator, cfg)
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)

@@ -269,9 +269,17 @@ def _check_steps(pipe, steps: int) -> None:
     from .errors import UserError
 
     limit = getattr(pipe.scheduler.config, "num_train_timesteps", None)
-    if limit is not None and steps > limit:
-        raise UserError(f"{steps} sampling steps, but this model's scheduler has {limit} timesteps: give at most "
-                        f"{limit} (--steps)")
+    if limit is None:
+        return
+    try:  # on a copy: DDIM's "leading" spacing with steps_offset 1 reaches timestep 1000 at 1000 steps
+        probe = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        probe.set_timesteps(steps)
+        fits = steps <= limit and int(probe.timesteps.max()) < limit  # Euler's sigmas run out beyond `limit`
+    except (ValueError, IndexError):
+        fits = False
+    if not fits:
+        raise UserError(f"{steps} sampling steps are more than this model's scheduler ({limit} timesteps) can take: "
+                        "give fewer (--steps)")
 
 
 @torch.no_grad()

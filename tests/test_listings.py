@@ -149,6 +149,16 @@ def test_an_image_whose_exif_does_not_parse_is_skipped_at_import_and_in_training
     assert data[0] is None  # the pair is skipped, not a traceback
 
 
+def test_a_quote_that_swallows_the_rest_of_a_csv_is_named(folder, capsys):
+    """A record of more lines than the log names rows was counted (10) but never named."""
+    listing = folder / "pairs.csv"
+    listing.write_text("caption,image_w,image_l\nred wins,images/red.png,images/blue.png\n"
+                       '"oops,images/red.png,images/blue.png\n' + "x,images/red.png,images/blue.png\n" * 9 + '"\n')
+    code, counts, err = run(capsys, "--from", listing, "--out", folder)
+    assert code == 0 and counts["skipped"] == {"multiline_record": 11}
+    assert "pairs.csv line 3 skipped: a quoted field runs over lines 3-13" in err
+
+
 def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folder, capsys):
     """An open quote swallowed the rows after it into one caption, and a comma in an unquoted caption cut it,
     neither counted; the lines named were records, not lines."""

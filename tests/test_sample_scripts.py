@@ -326,7 +326,7 @@ def test_generate_keeps_its_images_when_publishing_fails(tmp_path, monkeypatch, 
     import t2i_align.files as files
 
     gen, images, calls = _script("generate"), torch.rand(2, 3, 8, 8), []
-    out, run = tmp_path / "out", {"images": 2}
+    out, run = tmp_path / "out", {"images": 2, "batch_size": 4}  # all made: none cut back to a whole batch
 
     def full_disk(tmp, out):
         raise OSError(28, "No space left on device")
@@ -470,14 +470,15 @@ def test_a_killed_generate_keeps_its_images_and_resume_finishes_them(prompts, tm
                for i in range(done + 2))
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_more_steps_than_the_scheduler_has_is_one_error_line(prompts, tmp_path, capsys, scheduler):
-    """--steps 1001 on a 1000-timestep model: DDIM's ValueError, Euler's and DPM++'s IndexError, as tracebacks."""
-    args = ["--prompts", str(prompts), "--steps", "1001", "--seeds-per-prompt", "1", "--scheduler", scheduler,
+@pytest.mark.parametrize("scheduler, steps", [("ddim", 1000), ("euler", 1001)])
+def test_more_steps_than_the_scheduler_has_is_one_error_line(prompts, tmp_path, capsys, scheduler, steps):
+    """--steps 1001 on a 1000-timestep model: DDIM's ValueError, Euler's and DPM++'s IndexError, as tracebacks;
+    DDIM's leading spacing (steps_offset 1) fails at 1000 already."""
+    args = ["--prompts", str(prompts), "--steps", str(steps), "--seeds-per-prompt", "1", "--scheduler", scheduler,
             "--out", str(tmp_path / "out")]
     assert _script("common").run_cli(lambda: _script("generate").main(args)) == 2
     err = capsys.readouterr().err
-    assert "error: 1001 sampling steps, but this model's scheduler has 1000 timesteps: give at most 1000" in err
+    assert f"error: {steps} sampling steps are more than this model's scheduler (1000 timesteps) can take" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

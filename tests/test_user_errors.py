@@ -126,9 +126,9 @@ def test_a_dry_run_checks_the_rewards_weights_and_the_gallery_reward_takes_optio
     from t2i_align.config import ConfigError, load_config
 
     cfg = load_config(REPO_ROOT / "configs/toy/raft.yaml", ["tracking.validation_reward=pickscore"])
-    check_before_loading(cfg, "images", main=False)
+    check_before_loading(cfg, "images", gallery_weights=False)
     with pytest.raises(ConfigError, match="no model_dir was given"):
-        check_before_loading(cfg, "images", main=True)
+        check_before_loading(cfg, "images")
     assert _train_script().main([*base, "raft.reward=hpsv2", "raft.reward_options.checkpoint=~/HPS_v2.1_compressed.pt",
                                  "tracking.validation_reward=clip", "tracking.validation_reward_options.checkpoint=toy"
                                  ]) == 0
@@ -486,6 +486,8 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
               "reward_backprop.reward_options.scal=2"], ConfigError, r"has no option\(s\) \['scal'\]"),
             ([f"data.path={no_models}", "data.both_models_contain=dream"], ConfigError, "model_0 and model_1 .* lacks"),
             ([*raft, "data.both_models_contain=dream"], ConfigError, "this run reads none"),
+            ([f"data.path={pairs}", "tracking.validation_reward=pickscore"], ConfigError,
+             "tracking.validation_reward: reward 'pickscore': no model_dir was given"),
             (["objective.name=dpo", "raft.enabled=true", "raft.prompts=toy:train", "raft.k=1"], ConfigError,
              "raft.k = 1: online DPO"),
             ([*raft, "raft.min_gap=0.1"], ConfigError, "raft.min_gap = 0.1: only online DPO"),

@@ -52,10 +52,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def dry_run(cfg) -> int:
     """The resolved config on stdout, once the checks that need no weights, engine or output folder have passed."""
-    import yaml
 
     from t2i_align.build import check_before_loading
-    from t2i_align.config import config_to_dict
+    from t2i_align.config.loader import dump_config
     from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
     from t2i_align.weight_files import weights_variant
@@ -67,7 +66,7 @@ def dry_run(cfg) -> int:
         check_tuned_folder(folder, cfg.model.text_encoding)
         model_family(cfg.model, folder)
         weights_variant(folder, cfg.model.variant)  # file names only
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    print(dump_config(cfg), end="")
     model = "a hub id, resolved when the run starts" if folder is None else "its folder and family"
     print(f"dry run: the config, its data, rewards and files, and the model ({model}) pass the checks made before "
           "weights load (the launcher and output_dir are checked when the run starts)", file=sys.stderr)

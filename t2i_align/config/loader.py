@@ -365,7 +365,12 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
 
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     """Write `cfg` as YAML that `load_config` reads back; atomic (temp file in the same folder, then rename)."""
-    write_text_atomic(Path(path), yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False))
+    write_text_atomic(Path(path), dump_config(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    """`cfg` as the YAML `save_config` writes (and `--dry-run` prints)."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -261,8 +261,9 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
             try:
                 made = make_row(row, root, number)
             except SkippedRow as why:
+                named = sum(skipped.values()) < _NAMED  # before this one: a record of 10 lines is named too
                 skipped[why.reason] += why.rows
-                if sum(skipped.values()) <= _NAMED:
+                if named:
                     log(f"{listing} line {number} skipped: {why}")
                 continue
             ties["ties"] += made.get("label_0") == 0.5
