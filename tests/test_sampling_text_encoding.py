@@ -198,7 +198,8 @@ def test_toy_cli_takes_text_encoding(tmp_path):
 def test_toy_compare_samples_each_side_in_its_own_encoding(tmp_path, monkeypatch):
     """`toy compare --text-encoding segments` sampled the base in segments too, which it never read in training."""
     import t2i_align.toy.__main__ as toy
-    import t2i_align.toy.evaluate as evaluate
+    import t2i_align.toy.demo as demo  # imported before the patch: it binds evaluate() at import, which would
+    import t2i_align.toy.evaluate as evaluate  # keep the stand-in for later tests (the demo's)
 
     from types import SimpleNamespace
 
@@ -206,7 +207,7 @@ def test_toy_compare_samples_each_side_in_its_own_encoding(tmp_path, monkeypatch
     monkeypatch.setattr(toy, "_pipe", lambda args: sides.append((args.model, args.text_encoding)))
     monkeypatch.setattr(evaluate, "evaluate", lambda pipe, *a, **k: SimpleNamespace(summary={}))
     monkeypatch.setattr(evaluate, "judge_scores", lambda run: [])
-    monkeypatch.setattr("t2i_align.toy.demo.tests_of", lambda *a: {})
+    monkeypatch.setattr(demo, "tests_of", lambda *a: {})
     for flags, expected in ((["--text-encoding", "segments"], [("toy", None), ("tuned", "segments")]),
                             (["--base-text-encoding", "segments"], [("toy", "segments"), ("tuned", None)])):
         sides.clear()
