@@ -20,6 +20,16 @@ def expand_paths(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
             for k, v in options.items()}
 
 
+def reward_on(name: str, options: Dict[str, Any], device):
+    """`get_reward(name, **options)` placed on `device` when it takes one and the options name none (each process
+    scores on its own)."""
+    from .base import get_reward
+
+    if reward_accepts(name, "device") and "device" not in options:
+        options = {**options, "device": device}
+    return get_reward(name, **options)
+
+
 def check_reward(name: str, options: Dict[str, Any], paths: bool = True) -> None:
     """RewardSetupError for an unknown name or options the reward does not take, WeightsNotFoundError (`paths`)
     for weights not there; nothing is loaded (a run checks its rewards before loading its model)."""

@@ -139,18 +139,14 @@ def load_validation_reward(cfg, accelerator, prompts: Sequence[str]):
     device (a reward's default device, cuda, is GPU 0 for every process); None elsewhere. Checked against the
     gallery prompts: a reward that cannot read them is a ConfigError now rather than a traceback at the first
     gallery. Its setup errors stop every process alike (collective with several)."""
-    from reward_models import get_reward
-    from reward_models.options import reward_accepts
+    from reward_models.options import reward_on
 
     name, reward, error = cfg.tracking.validation_reward, None, None
     if not name:
         return None
     if accelerator.is_main_process:
         try:
-            options = dict(cfg.tracking.validation_reward_options)
-            if reward_accepts(name, "device"):
-                options.setdefault("device", str(accelerator.device))
-            reward = get_reward(name, **options)
+            reward = reward_on(name, dict(cfg.tracking.validation_reward_options), str(accelerator.device))
             _check_reward_reads_prompts(cfg, reward, prompts)
         except Exception as err:  # raised below, once the others know
             error = err

@@ -37,13 +37,9 @@ ROUND_CHUNK_IMAGES = 256
 
 
 def _reward(rc, device):
-    from reward_models import get_reward
-    from reward_models.options import reward_accepts
+    from reward_models.options import reward_on
 
-    options = dict(rc.reward_options)
-    if reward_accepts(rc.reward, "device"):
-        options.setdefault("device", str(device))
-    return get_reward(rc.reward, **options)
+    return reward_on(rc.reward, dict(rc.reward_options), str(device))
 
 
 ROUND_STRIDE, IMAGE_STRIDE = 1_000_003, 10_000

@@ -90,14 +90,11 @@ class ObjectiveContext:
 
     def reward(self, name: str, **options):
         """A reward of the registry by name, built once per (name, options), on this process's device."""
-        from reward_models import get_reward
-        from reward_models.options import reward_accepts
+        from reward_models.options import reward_on
 
         key = f"{name}:{sorted((k, _option_key(v)) for k, v in options.items())}"
         if key not in self._rewards:
-            if reward_accepts(name, "device") and "device" not in options:
-                options = {**options, "device": self.device}  # each process scores on its own device
-            self._rewards[key] = get_reward(name, **options)
+            self._rewards[key] = reward_on(name, options, self.device)
         return self._rewards[key]
 
 
