@@ -76,6 +76,33 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Opti
     return path
 
 
+ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
+
+
+def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir) -> None:
+    """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
+    would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
+    failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
+    (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
+    session 28 name no engine and are left to the engine's load."""
+    marker = read_marker(path)
+    if int(marker["step"]) > max_steps:
+        raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
+                        f"train.max_steps above it to train on, or use {output_dir}/final")
+    written = marker.get("engine")
+    if written is None:
+        return
+    if written != engine:
+        raise CheckpointMismatch(f"train.resume: {path} was written under {ENGINES.get(written, written)} and this "
+                                 f"run uses {ENGINES[engine]}: relaunch with the accelerate config that wrote it, "
+                                 "or start fresh without train.resume")
+    wrote = marker.get("raw_batches")  # one count per process
+    if engine != "plain" and isinstance(wrote, list) and len(wrote) != processes:
+        raise CheckpointMismatch(f"train.resume: {path} was written by {len(wrote)} processes under "
+                                 f"{ENGINES[engine]} and this run has {processes}: launch {len(wrote)} processes "
+                                 "(num_processes) to resume it")
+
+
 def read_marker(path: Path) -> dict:
     """The checkpoint's marker: {"step": N, ...what the loop recorded, e.g. "raw_batches"}."""
     return json.loads((Path(path) / MARKER).read_text())

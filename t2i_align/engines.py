@@ -35,6 +35,14 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == "FSDP"  # accelerate's DistributedType is a str enum
 
 
+def engine_name(accelerator) -> str:
+    """How a checkpoint's files are laid out: "fsdp" (sharded), "deepspeed" (the engine's own) or "plain" (one
+    process and DDP, which write the same files and resume each other)."""
+    if is_fsdp(accelerator):
+        return "fsdp"
+    return "deepspeed" if accelerator.distributed_type == "DEEPSPEED" else "plain"
+
+
 def deepspeed_logs_to_stderr() -> None:
     """DeepSpeed, where installed, is imported in every run (accelerate's unwrap_model looks for its engine), and
     its logger writes to stdout from its import on (the accelerator it detects): what a command prints there, the

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading, check_gallery_weights
-from .checkpoints import (checkpoint_step, export_final, load_checkpoint, read_marker, resolve_resume_everywhere,
+from .checkpoints import (check_resume, export_final, load_checkpoint, read_marker, resolve_resume_everywhere,
                           resume_raw_batches, save_checkpoint, save_only_trainable)
 from .config import Config, config_to_dict, save_config
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
-                      deepspeed_logs_to_stderr, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
+                      deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
 from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
@@ -128,9 +128,8 @@ def train(cfg: Config) -> TrainResult:
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)
-    if resume is not None and checkpoint_step(resume) > cfg.train.max_steps:  # would export it labelled max_steps
-        raise UserError(f"train.resume: {resume} is at step {checkpoint_step(resume)}, past train.max_steps="
-                        f"{cfg.train.max_steps}; set train.max_steps above it to train on, or use {out}/final")
+    if resume is not None:
+        check_resume(resume, engine_name(accelerator), accelerator.num_processes, cfg.train.max_steps, out)
     m = build(cfg, accelerator, objective)
     prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
     reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read
@@ -357,7 +356,7 @@ def _marker(accelerator, counts: Dict[str, int], carried: Dict[str, tuple]) -> D
     own = {k: counts[k] for k in COUNTED if k in SUMMED}
     own.update({k: getattr(*where) for k, where in carried.items()})
     totals = {k: int(v) for k, v in _summed(accelerator, own).items()}
-    return {"raw_batches": _gathered(accelerator, counts["raw_batches"]),
+    return {"raw_batches": _gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
             "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"])}
 
 

@@ -8,6 +8,7 @@ import torch
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.checkpoints import list_checkpoints, read_marker, resolve_resume
+from t2i_align.errors import UserError
 from t2i_align.loop import train
 from test_loop import _cfg, _losses, write_rendered_pairs
 
@@ -153,6 +154,7 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     train(_cfg(tiny_model, data, full, *common, "train.max_steps=4"))
     train(_cfg(tiny_model, data, part, *common, "train.max_steps=2"))
     (raw,) = read_marker(part / "checkpoints" / "step-2")["raw_batches"]  # one count per process
+    assert read_marker(part / "checkpoints" / "step-2")["engine"] == "plain"
     assert raw > 2, "this seed must put a corrupt batch among the first two, or the test tests nothing"
     train(_cfg(tiny_model, data, part, *common, "train.max_steps=4", "train.resume=latest"))
     assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
@@ -181,6 +183,34 @@ def test_resume_position_per_process(caplog):
     assert "cannot be resumed exactly" not in caplog.text
     assert resume_raw_batches(marker, 0, 1, fallback=4) == 4  # 2 processes -> 1
     assert "written by 2 processes and this run has 1" in caplog.text
+
+
+def test_resume_refuses_another_engine_or_sharded_process_count(tmp_path):
+    """Checked before the model loads (the engines' own loads failed after it was built): the engine that wrote a
+    checkpoint, and under FSDP / DeepSpeed its number of processes; plain checkpoints move between process counts;
+    markers from before the engine was recorded pass."""
+    from t2i_align.checkpoints import MARKER, CheckpointMismatch, check_resume
+
+    def marker(**entries):
+        folder = tmp_path / f"step-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / MARKER).write_text(json.dumps({"step": 4, **entries}))
+        return folder
+
+    ddp, zero2 = marker(engine="plain", raw_batches=[4, 4]), marker(engine="deepspeed", raw_batches=[4, 4])
+    check_resume(ddp, "plain", 1, 10, tmp_path)  # DDP -> one process
+    check_resume(zero2, "deepspeed", 2, 10, tmp_path)
+    check_resume(marker(raw_batches=[4, 4]), "fsdp", 4, 10, tmp_path)  # an older marker: the engine's load decides
+    with pytest.raises(CheckpointMismatch, match="written under one process or DDP and this run uses FSDP"):
+        check_resume(ddp, "fsdp", 2, 10, tmp_path)
+    with pytest.raises(CheckpointMismatch, match="written under DeepSpeed and this run uses one process or DDP"):
+        check_resume(zero2, "plain", 2, 10, tmp_path)
+    with pytest.raises(CheckpointMismatch, match="written by 2 processes under DeepSpeed and this run has 4: launch 2"):
+        check_resume(zero2, "deepspeed", 4, 10, tmp_path)
+    with pytest.raises(CheckpointMismatch, match="by 2 processes under FSDP and this run has 1"):
+        check_resume(marker(engine="fsdp", raw_batches=[4, 4]), "fsdp", 1, 10, tmp_path)
+    with pytest.raises(UserError, match="at step 4, past train.max_steps=3"):
+        check_resume(ddp, "plain", 2, 3, tmp_path)
 
 
 class _RecordingAccelerator:
