@@ -371,6 +371,9 @@ def test_yaml_none_non_finite_numbers_and_an_empty_raft_reward_are_refused(tmp_p
     with pytest.raises(ConfigError, match="raft.negative_prompt: None in .*none.yaml is the text 'None' in YAML: "
                                           "write null"):
         load_config(path)
+    merged = write(tmp_path, "merged.yaml", "base: &b {negative_prompt: None}\nraft:\n  <<: [*b]\n  enabled: false\n")
+    with pytest.raises(ConfigError, match="raft.negative_prompt: None in .*merged.yaml"):  # through a merge key
+        load_config(merged)
     quoted = write(tmp_path, "quoted.yaml", "raft:\n  negative_prompt: 'None'\n")  # the text, meant
     cfg = load_config(quoted, ["tracking.run_name='none'"])
     assert (cfg.raft.negative_prompt, cfg.tracking.run_name) == ("None", "none")

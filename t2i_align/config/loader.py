@@ -280,6 +280,10 @@ def _check_no_none_text(path: Path) -> None:
     the text (as `save_config` writes it)."""
     def plain_nones(node: Any, prefix: str) -> Iterator[str]:
         for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` (or a list of them) merges in place
+                for merged in value.value if isinstance(value, yaml.SequenceNode) else (value,):
+                    yield from plain_nones(merged, prefix)
+                continue
             dotted = f"{prefix}{key.value}"
             if isinstance(value, yaml.ScalarNode) and value.style is None and value.value in ("None", "none"):
                 yield dotted
