@@ -431,3 +431,15 @@ def test_seppo_step_on_tiny_sdxl_with_generated_time_ids(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert records[1]["reference_pool_size"] == 2
+
+
+def test_flipper_check_repeats_and_leaves_the_global_rng_alone(tmp_path):
+    """The tool seeded torch's global RNG (a caller's later draws changed) and drew its anchor noise from a stream
+    seeded like its starting latents; now two streams of its own: the same numbers twice, the global RNG untouched."""
+    from t2i_align.toy.flipper import check
+
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=3)
+    state = torch.get_rng_state()
+    first = check(None, str(data), n=3, steps=2, draws=2, batch=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert check(None, str(data), n=3, steps=2, draws=2, batch=2) == first and first["n"] == 3

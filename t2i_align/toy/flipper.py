@@ -63,23 +63,25 @@ def check(lora: Optional[str], pairs: str, n: int = 256, steps: int = 10, guidan
 
     data = read_anchors(pairs, n)
     judge_anchor, judge_sample, one_draw, mean_draw = [], [], [], []
-    torch.manual_seed(seed)
-    for i in range(0, len(data["captions"]), batch):
-        caps = data["captions"][i:i + batch]
-        pixels = torch.from_numpy(np.stack(data["images"][i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        lw = encode_images(comp, pixels)
-        embeds = encode_prompts(comp, caps)
-        x_t = initial_latents(lw.shape, None, comp.scheduler)
-        sample = rollout(reference, embeds, encode_prompts(comp, [""]), comp.scheduler, x_t, num_steps=steps,
-                         guidance_scale=guidance)
-        images = to_uint8((decode(comp.vae, sample, grad=False).clamp(-1, 1) + 1) / 2)
-        scenes = [scene_from_caption(c) for c in caps]
-        judge_anchor += [v.score for v in judge_batch(to_uint8((pixels + 1) / 2), scenes)]
-        judge_sample += [v.score for v in judge_batch(images, scenes)]
-        pol, ref = anchor_error_draws(policy, reference, comp.scheduler, lw, embeds, draws,
-                                      torch.Generator().manual_seed(seed + i))
-        one_draw += ((ref[0] - pol[0]) > 0).tolist()
-        mean_draw += ((ref.mean(0) - pol.mean(0)) > 0).tolist()
+    # streams of their own: the draws share no noise with the starts
+    starts, draw_noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    with torch.random.fork_rng(devices=[]):  # the VAE posterior samples from it: seeded, the caller's left alone
+        torch.manual_seed(seed + 2)
+        for i in range(0, len(data["captions"]), batch):
+            caps = data["captions"][i:i + batch]
+            pixels = torch.from_numpy(np.stack(data["images"][i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            lw = encode_images(comp, pixels)
+            embeds = encode_prompts(comp, caps)
+            x_t = initial_latents(lw.shape, starts, comp.scheduler)
+            sample = rollout(reference, embeds, encode_prompts(comp, [""]), comp.scheduler, x_t, num_steps=steps,
+                             guidance_scale=guidance)
+            images = to_uint8((decode(comp.vae, sample, grad=False).clamp(-1, 1) + 1) / 2)
+            scenes = [scene_from_caption(c) for c in caps]
+            judge_anchor += [v.score for v in judge_batch(to_uint8((pixels + 1) / 2), scenes)]
+            judge_sample += [v.score for v in judge_batch(images, scenes)]
+            pol, ref = anchor_error_draws(policy, reference, comp.scheduler, lw, embeds, draws, draw_noise)
+            one_draw += ((ref[0] - pol[0]) > 0).tolist()
+            mean_draw += ((ref.mean(0) - pol.mean(0)) > 0).tolist()
     return summarize(np.array(judge_anchor), np.array(judge_sample), np.array(one_draw), np.array(mean_draw))
 
 
