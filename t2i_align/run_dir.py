@@ -3,6 +3,7 @@ an earlier step sets the abandoned timeline aside (`checkpoints/abandoned-<time>
 another folder's checkpoint brings that run's logs along. Nothing is deleted."""
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -27,37 +28,54 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     copies of the logs (`ABANDONED_COPIED`), never deleting a user's files, so keep-last-K and `resume=latest` only
     ever see this timeline. SePPO's full fine-tune snapshots taken after N go along (into its `reference_pool/`):
     this run writes its own under the same names; the earlier ones are linked there and LongAlign's direction
-    copied, so a resume from the folder finds what it needs. Returns the folder (None if nothing was set aside)."""
+    copied, so a resume from the folder finds what it needs. Returns the folder (None if nothing was set aside).
+
+    Stopped at any point (a kill, a full disk), a relaunch finishes it: the copies are made before anything moves,
+    and anything later than N left behind sets aside again (the run then cuts its logs after N: they were copied)."""
     from .references import POOL_DIR, snapshot_files
 
     out = Path(output_dir)
     newer = [path for s, path in list_checkpoints(out) if s > step]
     # final/ (and the gallery beside it) only when exported past step N: a run extended from the step it ended at
     # replaces its final/ as it ends
-    final_past = (out / "final").exists() and _final_step(out) > step
-    if not newer and not final_past:
+    final_past = exported_past(out, step)
+    snapshots = snapshot_files(out)
+    later = [path for s, path in snapshots.items() if s > step]
+    if not newer and not final_past and not later:
         return None
     import time
 
     aside = _new_folder(checkpoints_dir(out), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
-    ends = [out / name for name in ABANDONED_MOVED if (out / name).exists()] if final_past else []
-    for path in newer + ends:
-        path.rename(aside / path.name)
     for name in ABANDONED_COPIED:
         if (out / name).is_file():
             shutil.copyfile(out / name, aside / name)
-    later = 0
-    for s, path in snapshot_files(out).items():  # later ones move; earlier ones are linked (no space), for a resume
+    for s, path in snapshots.items():  # earlier ones are linked (no space) for a resume from the folder
         (aside / POOL_DIR).mkdir(exist_ok=True)
-        if s > step:
-            path.rename(aside / POOL_DIR / path.name)
-            later += 1
-        else:
+        if s <= step:
             link_or_copy(path, aside / POOL_DIR / path.name)
+    ends = [out / name for name in ABANDONED_MOVED if (out / name).exists()] if final_past else []
+    for path in ends + later + newer:
+        move(path, aside / (POOL_DIR if path in later else "") / path.name)
     moved = [f"{len(newer)} newer checkpoint(s)"] + [p.name for p in ends]
     log(f"resumed at step {step}: moved the abandoned run's {', '.join(moved)}"
-        + (f" and {later} SePPO reference snapshot(s)" if later else "") + f" to {aside} (with copies of its logs)")
+        + (f" and {len(later)} SePPO reference snapshot(s)" if later else "") + f" to {aside} (with copies of its "
+        "logs)")
     return aside
+
+
+def move(src: Path, dst: Path) -> None:
+    """A rename; across file systems (checkpoints/ a link to a scratch disk) a copy, then the source deleted."""
+    try:
+        src.rename(dst)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.move(str(src), str(dst))
+
+
+def exported_past(out: Path, step: int) -> bool:
+    """Whether output_dir's final/ was exported at a step after `step` (a resume from it abandons that export)."""
+    return (out / "final").exists() and _final_step(out) > step
 
 
 def _final_step(out: Path) -> int:
@@ -125,7 +143,7 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = 
 
     aside = _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     for path in old:
-        path.rename(aside / path.name)
+        move(path, aside / path.name)
     steps = [int(m.group(1)) for m in (STEP_DIR.match(p.name) for p in old) if m]
     log(f"{why or f'a fresh start in {out}'}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
         + (f" (to continue that run instead: train.resume={aside}/step-{max(steps)})" if steps else ""))

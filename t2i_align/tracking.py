@@ -49,13 +49,15 @@ def _wandb_failure(err: Exception) -> str:
 
 def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:
     """The W&B run to continue: the one output_dir records, when resuming from its newest checkpoint. Not after a
-    fresh start, a resume from another folder (a fork of that run) or from an earlier checkpoint (the W&B run holds
-    the later steps of the timeline this run abandons)."""
-    from .checkpoints import list_checkpoints
+    fresh start, a resume from another folder (a fork of that run), from an earlier checkpoint or from the newest
+    one when final/ was exported later (the W&B run holds the later steps of the timeline this run abandons)."""
+    from .checkpoints import checkpoint_step, list_checkpoints
+    from .run_dir import exported_past
 
     found = list_checkpoints(output_dir)
     record = Path(output_dir) / WANDB_ID_FILE
-    if resume is None or not found or found[-1][1].resolve() != Path(resume).resolve() or not record.is_file():
+    if resume is None or not found or found[-1][1].resolve() != Path(resume).resolve() or not record.is_file() \
+            or exported_past(Path(output_dir), checkpoint_step(resume)):
         return None
     return record.read_text().strip() or None
 

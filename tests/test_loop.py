@@ -328,7 +328,7 @@ def test_only_a_resume_from_the_folders_newest_checkpoint_continues_its_w_and_b_
 
     for folder, step in ((tmp_path, 2), (tmp_path, 4), (tmp_path / "other", 6)):
         (folder / "checkpoints" / f"step-{step}").mkdir(parents=True)
-        (folder / "checkpoints" / f"step-{step}" / MARKER).write_text("{}")
+        (folder / "checkpoints" / f"step-{step}" / MARKER).write_text(json.dumps({"step": step}))
     newest, earlier = tmp_path / "checkpoints" / "step-4", tmp_path / "checkpoints" / "step-2"
     (tmp_path / "other" / "wandb_run_id").write_text("other1\n")
     assert continued_run_id(tmp_path, newest) is None  # no id recorded (W&B was off)
@@ -338,6 +338,9 @@ def test_only_a_resume_from_the_folders_newest_checkpoint_continues_its_w_and_b_
     assert continued_run_id(tmp_path, earlier) is None   # the W&B run holds steps this timeline abandons
     assert continued_run_id(tmp_path / "other", newest) is None  # another folder's checkpoint: a fork
     assert continued_run_id(tmp_path / "other", tmp_path / "other" / "checkpoints" / "step-6") == "other1"
+    (tmp_path / "final").mkdir()  # exported at step 5 (the last logged), after the newest checkpoint
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5}) + "\n")
+    assert continued_run_id(tmp_path, newest) is None  # the W&B run holds step 5, which this run abandons
 
 
 def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():

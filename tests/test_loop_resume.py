@@ -390,6 +390,61 @@ def test_a_final_export_past_the_resumed_step_is_set_aside_and_one_at_it_is_not(
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "step-3"] and (out / "final").is_dir()
 
 
+def test_a_set_aside_stopped_halfway_is_finished_by_the_relaunch(tmp_path, monkeypatch):
+    """Moves came before the log copies: stopped between them, a relaunch found nothing newer, set nothing aside
+    and cut metrics.jsonl after the step, so the abandoned steps' lines existed nowhere (and SePPO's later
+    snapshots, left behind, were deleted). Now the copies come first and leftovers set aside again."""
+    import errno
+
+    from t2i_align import run_dir
+    from t2i_align.checkpoints import MARKER
+    from t2i_align.references import POOL_DIR
+
+    out = tmp_path / "run"
+    for step in (2, 4, 6):
+        (out / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (out / "checkpoints" / f"step-{step}" / MARKER).write_text(json.dumps({"step": step}))
+    (out / POOL_DIR).mkdir()
+    for step in (2, 4):
+        (out / POOL_DIR / f"step-{step}.safetensors").write_text(f"snapshot {step}")
+    logged = "".join(json.dumps({"step": s}) + "\n" for s in range(1, 7))
+    (out / "metrics.jsonl").write_text(logged)
+    real, moves = run_dir.move, []
+
+    def stopped_after_two(src, dst):
+        if len(moves) == 2:
+            raise KeyboardInterrupt("killed")
+        moves.append(src.name)
+        real(src, dst)
+
+    monkeypatch.setattr(run_dir, "move", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.set_aside_newer(out, 2, log=lambda message: None)
+    monkeypatch.setattr(run_dir, "move", real)
+    run_dir.set_aside_newer(out, 2, log=lambda message: None)  # the relaunch
+    assert [s for s, _ in list_checkpoints(out)] == [2] and sorted(p.name for p in (out / POOL_DIR).iterdir()) == [
+        "step-2.safetensors"]
+    aside = sorted((out / "checkpoints").glob("abandoned-*"))
+    assert all((a / "metrics.jsonl").read_text() == logged for a in aside)  # each attempt copied the whole log
+    found = sorted(p.relative_to(a).as_posix() for a in aside for p in a.rglob("*") if p.name != "metrics.jsonl")
+    assert [f for f in found if not f.endswith(MARKER)] == sorted(
+        [POOL_DIR, POOL_DIR, f"{POOL_DIR}/step-2.safetensors", f"{POOL_DIR}/step-2.safetensors",
+         f"{POOL_DIR}/step-4.safetensors", "step-4", "step-6"])
+    # across file systems (checkpoints/ a link to a scratch disk) a rename fails with EXDEV: copied, then deleted
+    (out / "final").mkdir()
+    (out / "final" / "model.safetensors").write_text("weights")
+    rename = Path.rename
+
+    def other_disk(self, target):
+        if self.name == "final":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", other_disk)
+    folder = run_dir.set_aside_newer(out, 1, log=lambda message: None)
+    assert (folder / "final" / "model.safetensors").read_text() == "weights" and not (out / "final").exists()
+
+
 def test_processes_that_find_different_latest_checkpoints_stop_together(tmp_path, monkeypatch):
     """Each process resolved train.resume=latest on its own: a machine with a stale network file system listing
     resumed from an older step, training other weights for another length (a hang, or silent divergence)."""
