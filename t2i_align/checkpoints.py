@@ -221,6 +221,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         fsync_path(root)
         older = [path for s, path in list_checkpoints(output_dir) if s < step]
         for old in older[:max(0, len(older) - (keep - 1))]:
+            if old.is_symlink():  # a link to a checkpoint kept elsewhere (an archive): only the link goes
+                old.unlink()
+                continue
             (old / MARKER).unlink(missing_ok=True)  # first: a deletion stopped halfway leaves no "complete" one
             shutil.rmtree(old, ignore_errors=True)
 

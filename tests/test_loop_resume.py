@@ -349,6 +349,21 @@ def test_a_killed_checkpoint_writes_folder_goes_with_the_next_checkpoint(tmp_pat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3"]
 
 
+def test_keep_last_k_removes_a_linked_checkpoint_as_a_link(tmp_path):
+    """checkpoints/step-1 a link to an archived checkpoint: the rotation deleted the marker inside the archive
+    (through the link) and then left the link (rmtree refuses links)."""
+    import t2i_align.checkpoints as checkpoints
+
+    archive = tmp_path / "archive" / "step-1"
+    archive.mkdir(parents=True)
+    (archive / checkpoints.MARKER).write_text(json.dumps({"step": 1}))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-1").symlink_to(archive)
+    checkpoints.save_checkpoint(_OneProcess(), tmp_path / "run", 3, 1, [torch.zeros(1)])
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [3]
+    assert (archive / checkpoints.MARKER).is_file()  # the archive still resumes
+
+
 def test_two_runs_set_aside_in_one_second_get_two_folders(tmp_path, monkeypatch):
     """The folder is named by the second: a second set-aside within it stopped on FileExistsError."""
     from t2i_align.run_dir import set_aside_previous_run
