@@ -46,14 +46,23 @@ def list_checkpoints(output_dir: str | os.PathLike) -> List[Tuple[int, Path]]:
 def resolve_resume_everywhere(accelerator, output_dir: str | os.PathLike, resume: Optional[str]) -> Optional[Path]:
     """`resolve_resume` on every process (a bad path fails on all), checked to name one checkpoint on all (a
     collective): with `latest`, a machine whose network file system listing is stale would resume from another
-    step, its processes training other weights (DDP syncs them only when it wraps the model) for another length."""
-    path = resolve_resume(output_dir, resume)
+    step, its processes training other weights (DDP syncs them only when it wraps the model) for another length.
+    A path missing on some machines only (a folder not shared) fails on all: the others waited in the gather."""
+    try:
+        path, missing = resolve_resume(output_dir, resume), None
+    except FileNotFoundError as err:
+        if accelerator.num_processes == 1:
+            raise
+        path, missing = None, str(err)
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        from .errors import UserError
-
-        seen = sorted({str(p) for p in gather_object([path])})
+        found = gather_object([(path, missing)])
+        failed = [text for _, text in found if text is not None]
+        if failed:
+            raise FileNotFoundError(f"{failed[0]} (on {len(failed)} of {len(found)} processes: is the folder on a "
+                                    "file system every machine shares?)")
+        seen = sorted({str(p) for p, _ in found})
         if len(seen) > 1:
             raise UserError(f"train.resume={resume}: the processes found different checkpoints ({', '.join(seen)}), "
                             "a file system that had not yet shown every machine the newest one: relaunch, or name "

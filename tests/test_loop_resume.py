@@ -474,8 +474,17 @@ def test_processes_that_find_different_latest_checkpoints_stop_together(tmp_path
     newest.mkdir(parents=True)
     (newest / "t2i_align_checkpoint.json").write_text("{}")
     two = SimpleNamespace(num_processes=2)
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [objs[0], tmp_path / "checkpoints" / "step-2"])
+    monkeypatch.setattr(accelerate.utils, "gather_object",
+                        lambda objs: [objs[0], (tmp_path / "checkpoints" / "step-2", None)])
     with pytest.raises(UserError, match="the processes found different checkpoints .*step-2, .*step-4"):
         resolve_resume_everywhere(two, tmp_path, "latest")
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: objs * 2)
     assert resolve_resume_everywhere(two, tmp_path, "latest") == newest
+    # a folder one machine cannot see: it raised before the gather, the others waited there for ddp_timeout (3 h)
+    unseen = "train.resume='/elsewhere/step-4' does not exist"
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [(newest, None), *objs])
+    with pytest.raises(FileNotFoundError, match=r"does not exist; .* \(on 1 of 2 processes: is the folder on a file"):
+        resolve_resume_everywhere(two, tmp_path, "/elsewhere/step-4")
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [*objs, (None, unseen)])
+    with pytest.raises(FileNotFoundError, match="on 1 of 2 processes"):  # this process saw it, another did not
+        resolve_resume_everywhere(two, tmp_path, str(newest))
