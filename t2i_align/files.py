@@ -119,8 +119,9 @@ def _put_back(old: Path, out_dir: Path) -> None:
 def staged_dir(out_dir: Path) -> Iterator[Path]:
     """A fresh temporary folder beside `out_dir` to fill in the `with` block; then it replaces `out_dir` whole
     (`replace_dir`), its files fsynced first, so a host crash cannot leave them empty once the old folder is gone
-    (as checkpoints are). On any failure (a full disk, Ctrl-C) it is removed: no hidden half-written folder is left."""
-    out_dir = Path(out_dir)
+    (as checkpoints are). On any failure (a full disk, Ctrl-C) it is removed: no hidden half-written folder is left.
+    A link (a run's gallery/ kept on another disk) stays: the folder it points to is the one replaced."""
+    out_dir = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:

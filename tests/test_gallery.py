@@ -45,6 +45,18 @@ def test_writing_over_a_gallery_replaces_it_whole(tmp_path):
     assert _siblings(out) == ["gallery"]
 
 
+def test_a_gallery_that_is_a_link_is_written_where_it_points(tmp_path):
+    """A resumed run's gallery/ linked to another disk: the rename onto it failed ("Is a directory") at the first
+    gallery, or after the last step at the export; now the linked folder is replaced and the link kept."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "stale.txt").write_text("old")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "gallery").symlink_to(tmp_path / "disk")
+    write_gallery(tmp_path / "run" / "gallery", _rows("red"))
+    assert (tmp_path / "run" / "gallery").is_symlink() and (tmp_path / "disk" / "index.html").is_file()
+    assert not (tmp_path / "disk" / "stale.txt").exists() and _siblings(tmp_path / "disk") == ["disk", "run"]
+
+
 def test_failure_midway_keeps_previous_gallery(tmp_path, monkeypatch):
     out = write_gallery(tmp_path / "gallery", _rows("red"))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
