@@ -18,23 +18,20 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading, check_gallery_weights
-from .checkpoints import (check_resume, export_final, load_checkpoint, read_marker, resolve_resume_everywhere,
-                          resume_raw_batches, save_checkpoint, save_only_trainable)
-from .config import Config, config_to_dict, save_config
+from .checkpoints import check_resume, export_final, resolve_resume_everywhere, save_checkpoint, save_only_trainable
+from .config import Config, config_to_dict
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
-                      deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
+                      deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_main, say, whole_unet)
 from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
-from .optim import align_lr_schedule
-from .run_dir import prepare_run_dir, set_aside_newer
+from .resume import SUMMED, Restored, claim_output, record, restore, summed
 from .tracking import Tracker, continued_run_id
 from .validation import Validator, load_validation_reward
 
@@ -138,7 +135,7 @@ def train(cfg: Config) -> TrainResult:
     tracker = tracker or Tracker(out, enabled=False)
     # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
     # direction look for theirs) and this run's config written
-    on_main(accelerator, lambda: _claim_output(cfg, out, resume, functools.partial(say, accelerator), tracker),
+    on_main(accelerator, lambda: claim_output(cfg, out, resume, functools.partial(say, accelerator), tracker),
             "the main process could not set the earlier run's files aside")
     ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)
     objective.setup(ctx)
@@ -149,8 +146,8 @@ def train(cfg: Config) -> TrainResult:
     validator = Validator(cfg, m.components, m.raw_unet, m.frozen, accelerator, prompts,
                           base=None if provider is None else provider.base_unet, reward=reward)
     parts = (provider, m.source, m.components.users)  # what each keeps beyond weights: saved, and resumed
-    start, counts = _resume(cfg, accelerator, m, parts, tracker, resume, _carried(m.components))
-    state = _RunState(objective, provider, m.source, tracker, validator, start, counts, parts)
+    restored = restore(cfg, accelerator, m, parts, tracker, resume, _carried(m.components))
+    state = _RunState(objective, provider, m.source, tracker, validator, restored, parts)
     _run(cfg, accelerator, m.components, state, m.unet, m.optimizer, m.lr_sched, m.params)
     return _finish(cfg, accelerator, m, validator, tracker)
 
@@ -177,72 +174,6 @@ def _start_tracking(cfg: Config, out: Path, resume: Optional[Path]) -> Tracker:
                    run_id=continued_run_id(out, resume))
 
 
-def _claim_output(cfg: Config, out: Path, resume, log, tracker: Tracker) -> None:
-    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config and W&B id written
-    there; a resume names the settings that differ from the checkpoint's run."""
-    prepare_run_dir(out, resume, cfg.train.resume, log)
-    if resume is None:  # a resume records it after `set_aside_newer` has kept the abandoned run's
-        tracker.record_run_id()
-    # the checkpoint's own copy first: output_dir's is the latest invocation's
-    earlier = next((f / "config.yaml" for f in (resume, resume.parent, resume.parent.parent)
-                    if (f / "config.yaml").is_file()), None) if resume is not None else None
-    try:  # a note only: a config.yaml that does not read as one (another tool's file) must not stop the run
-        before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        before = None
-    changed = _changed_settings(before, config_to_dict(cfg)) if isinstance(before, dict) else []
-    if changed:
-        log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
-    save_config(cfg, out / "config.yaml")
-
-
-def _changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
-    """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
-    changed = []
-    for key in sorted(set(before) | set(now)):
-        name, old, new = f"{prefix}{key}", before.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changed += _changed_settings(old, new, f"{name}.")
-        elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
-            lr = name in ("train.learning_rate", "train.scale_lr")  # restored with the optimizer, as in diffusers
-            kept = " (not applied: the checkpoint's optimizer keeps its rate)" if lr else ""
-            changed.append(f"{name}: {old!r} -> {new!r}{kept}")
-    return changed
-
-
-def _resume(cfg: Config, accelerator, m: Built, parts, tracker, resume, carried) -> tuple:
-    """(step, the loop's counts) to start from: step 0 and zero counts, or what the checkpoint `resume` restored
-    (`m`'s weights, optimizer and LR schedule, moved to this number of processes; the raw micro-batches this process
-    read, the run's totals of skipped data and steps; `carried`'s counters set too). `parts` (the reference
-    provider, the data source, PPD's user lookup) reload what they keep beyond weights and data position."""
-    out = Path(cfg.output_dir)
-    counts = dict.fromkeys(COUNTED + ("raw_batches",), 0)
-    if resume is None:
-        return 0, counts
-    start = load_checkpoint(accelerator, resume, m.raw_unet, not cfg.full_finetune)
-    marker = read_marker(resume)
-    written_by = marker.get("raw_batches")  # one count per process (older markers: one number)
-    align_lr_schedule(m.lr_sched, len(written_by) if isinstance(written_by, list) else accelerator.num_processes,
-                      accelerator.num_processes)
-    counts["raw_batches"] = resume_raw_batches(marker, accelerator.process_index, accelerator.num_processes,
-                                               fallback=start * cfg.train.grad_accum)
-    for key, total in marker.get("counts", {}).items():  # a sum over processes is the main process's to log
-        value = int(total) if key not in SUMMED or accelerator.is_main_process else 0
-        if key in carried:
-            setattr(*carried[key], value)
-        elif key in counts:
-            counts[key] = value
-    # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
-    on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
-             f"another process could not restore the run's state from {resume}")
-    on_main(accelerator, lambda: set_aside_newer(out, start, functools.partial(say, accelerator)),
-            "the main process could not set the abandoned run's checkpoints aside")
-    on_main(accelerator, tracker.record_run_id, "the main process could not record the W&B run id")
-    on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
-    say(accelerator, f"resumed from {resume} at step {start}")
-    return start, counts
-
-
 @dataclass
 class _RunState:
     """What `_run` needs beyond the accelerate-prepared objects."""
@@ -252,15 +183,14 @@ class _RunState:
     source: object
     tracker: Tracker
     validator: Validator
-    start: int
-    counts: Dict[str, int]
-    """COUNTED and raw_batches, as the run starts (restored on a resume)."""
+    restored: Restored
+    """The step, counts, unlogged metrics and non-finite streak the run starts from."""
     parts: tuple = ()
 
 
 def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched, params) -> None:
     tc = cfg.train
-    counts = dict(st.counts)
+    start, counts = st.restored.step, dict(st.restored.counts)
     batches = st.source.micro_batches(counts["raw_batches"])
     builder = BATCH_BUILDERS[st.objective.batch_kind]
     inner = getattr(st.source, "source", st.source)  # PPD filters another source's batches
@@ -269,12 +199,11 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
     # The objectives' noise schedule; sampling (galleries, SePPO's and LongAlign's chains) keeps the folder's
     schedule = diffusion.zero_terminal_snr(components.scheduler) if cfg.objective.zero_terminal_snr \
         else components.scheduler
-    history: List[Dict[str, float]] = []
-    streak = 0
+    history, streak = list(st.restored.history), st.restored.streak
     if accelerator.device.type == "cuda":  # gpu_mem_peak_gb: the steps' peak, not the model load's or cache build's
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    last_log = (time.perf_counter(), st.start)  # for sec_per_step: (when, step) of the previous log
-    bar = tqdm(range(st.start, tc.max_steps), initial=st.start, total=tc.max_steps,
+    last_log = (time.perf_counter(), start)  # for sec_per_step: (when, step) of the previous log
+    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps,
                disable=not accelerator.is_main_process, desc="train")
     for step in bar:
         reference = None
@@ -310,7 +239,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker=_marker(accelerator, counts, _carried(components)),
+                            marker=record(accelerator, counts, _carried(components), history, streak),
                             save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             _show_gallery(accelerator, st.validator, st.tracker, done)
@@ -346,37 +275,6 @@ def _save_extras(st: _RunState, folder: Path) -> None:
             part.save(folder)
 
 
-COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite")
-"""The loop's running totals, logged and restored on a resume."""
-
-
-def _marker(accelerator, counts: Dict[str, int], carried: Dict[str, tuple]) -> Dict:
-    """What a checkpoint records of the loop (collective): each process's raw micro-batches read, and the run's
-    totals of COUNTED and of the `carried` counters (summed over processes where each keeps its own)."""
-    own = {k: counts[k] for k in COUNTED if k in SUMMED}
-    own.update({k: getattr(*where) for k, where in carried.items()})
-    totals = {k: int(v) for k, v in _summed(accelerator, own).items()}
-    return {"raw_batches": _gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
-            "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"])}
-
-
-def _gathered(accelerator, value: int) -> List[int]:
-    """Every process's `value`, in process order (collective: every process calls it)."""
-    return accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()
-
-
-SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
-"""Logged counts that each process keeps of its own data: the run's figure is their sum."""
-
-
-def _summed(accelerator, counts: Dict[str, float]) -> Dict[str, float]:
-    """`counts` summed over processes (collective; the same keys on every process)."""
-    if accelerator.num_processes == 1 or not counts:
-        return counts
-    local = torch.tensor(list(counts.values()), device=accelerator.device, dtype=torch.float64)
-    return dict(zip(counts, accelerator.reduce(local, reduction="sum").tolist()))
-
-
 def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar, last_log):
     """Write the metrics; returns (now, done) for the next sec_per_step. sec_per_step is wall time per optimizer
     step since the previous log, checkpoints and galleries included, read after `_mean_metrics` has synchronised
@@ -389,7 +287,7 @@ def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm
         logged.update(st.provider.metrics())
     logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr_sched.get_last_lr()[0],
                   grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
-    logged.update(_summed(accelerator, {k: logged[k] for k in SUMMED if k in logged}))
+    logged.update(summed(accelerator, {k: logged[k] for k in SUMMED if k in logged}))
     if accelerator.device.type == "cuda":  # the main process's, since the first step (galleries included)
         logged["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     on_main(accelerator, lambda: st.tracker.log(logged, step=done), "the main process could not log metrics")

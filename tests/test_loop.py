@@ -370,7 +370,7 @@ def test_fp16_overflow_steps_do_not_count_towards_stopping_but_nan_losses_do():
 def test_logged_counts_of_each_processs_data_are_summed_over_processes():
     from types import SimpleNamespace
 
-    from t2i_align.loop import _summed
+    from t2i_align.resume import summed as _summed
 
     seen = []
 

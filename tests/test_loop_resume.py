@@ -171,6 +171,35 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     assert read_marker(part / "checkpoints" / "step-2")["counts"] == {k: full_lines[1][k] for k in carried}
 
 
+def test_a_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(tiny_model, pairs, tmp_path,
+                                                                         monkeypatch):
+    """The metrics since the last log line, and the non-finite streak, restarted at a resume: with log_every=3 and
+    a checkpoint at step 2, the step-3 line averaged step 3 alone; a run that would have stopped went on."""
+    from t2i_align.loop import NonFiniteError
+    from t2i_align.objectives.sft import SFT
+
+    common = ("objective.name=sft", "lora.enabled=true", "train.log_every=3", "train.checkpoint_every=2")
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(tiny_model, pairs, full, *common, "train.max_steps=6"))
+    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=4"))
+    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=6",
+               f"train.resume={part / 'checkpoints' / 'step-2'}"))
+    assert len(_losses(full)) == 2 and _losses(part) == pytest.approx(_losses(full), rel=1e-6)
+    original = SFT.compute_loss
+
+    def nan_loss(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(SFT, "compute_loss", nan_loss)
+    failing = tmp_path / "failing"
+    nan = (*common, "train.max_nonfinite_steps=3", "train.checkpoint_every=1", "train.max_steps=10")
+    with pytest.raises(NonFiniteError, match=r"last at step 3\)"):
+        train(_cfg(tiny_model, pairs, failing, *nan))
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps .*last at step 3\)"):  # not at step 5
+        train(_cfg(tiny_model, pairs, failing, *nan, "train.resume=latest"))
+
+
 def test_resume_position_per_process(caplog):
     """Each process resumes at its own count; an old marker's single number serves all; with another number of
     processes no position is exact: each process starts after the steps taken (x grad_accum), with a warning."""
@@ -249,7 +278,7 @@ def test_lora_checkpoint_hooks_under_engines_that_save_the_model_themselves(tmp_
 
 
 def test_the_settings_a_resume_changed_are_listed():
-    from t2i_align.loop import _changed_settings
+    from t2i_align.resume import changed_settings as _changed_settings
 
     before = {"output_dir": "a", "objective": {"name": "dpo", "beta": 5000.0}, "train": {"max_steps": 10,
               "resume": None, "learning_rate": 1e-8}}

@@ -18,8 +18,9 @@ Where we differ from the official code, on purpose:
   `fit_max_prompts` of them, 10,000, a seeded sample) and saved as
   <output_dir>/reward_direction.safetensors, which every process and every resume loads; the code recomputes it
   per step from the all-gathered batch, so a score there depends on the batch and on the number of GPUs;
-- the reward sees the whole decoded image, resized and centre-cropped (`reward_models`), not the code's
-  RandomCrop(504) ("for blocky blur"), an augmentation we leave out;
+- the reward sees the whole decoded image, resized and centre-cropped (`reward_models`: bicubic, as the reward's
+  own preprocessing), not the code's RandomCrop(504) ("for blocky blur"), an augmentation we leave out, then a
+  bilinear Resize((224, 224));
 - the gradient steps are drawn from the global RNG (restored on resume), per process.
 No reference model: the reward alone is the objective, as in LongAlign. Ours, optional (`kl_weight` > 0): DPOK's
 KL regulariser (Fan et al. 2023, arXiv 2305.16381, §4.2), whose per-step KL between two Gaussian step policies

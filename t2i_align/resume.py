@@ -1,0 +1,147 @@
+"""A run's start in its output folder, and what a checkpoint records of the loop for a resume to restore.
+
+`claim_output` makes output_dir this run's; `record` is what each checkpoint's marker holds of the loop (each
+process's data position, the run's running totals, the metrics not yet logged and the non-finite streak);
+`restore` loads a checkpoint and gives the loop back the state an uninterrupted run would have at its step, so
+the resumed run logs the same lines and stops where it would have.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import yaml
+
+from .checkpoints import load_checkpoint, read_marker, resume_raw_batches
+from .config import Config, config_to_dict, save_config
+from .engines import engine_name, on_every, on_main, say
+from .optim import align_lr_schedule
+from .run_dir import prepare_run_dir, set_aside_newer
+
+COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite")
+"""The loop's running totals, logged and restored on a resume."""
+
+SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
+"""Logged counts that each process keeps of its own data: the run's figure is their sum."""
+
+
+@dataclass
+class Restored:
+    """Where the loop starts: step 0 and nothing counted, or a checkpoint's state."""
+
+    step: int = 0
+    counts: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTED + ("raw_batches",), 0))
+    """COUNTED and raw_batches (this process's raw micro-batches read)."""
+    history: List[Dict[str, float]] = field(default_factory=list)
+    """This process's metrics of the micro-batches since the last log line."""
+    streak: int = 0
+    """Consecutive steps that count towards train.max_nonfinite_steps."""
+
+
+def claim_output(cfg: Config, out: Path, resume, log, tracker) -> None:
+    """Main process: output_dir made this run's (`prepare_run_dir`), then the run's config and W&B id written
+    there; a resume names the settings that differ from the checkpoint's run."""
+    prepare_run_dir(out, resume, cfg.train.resume, log)
+    if resume is None:  # a resume records it after `set_aside_newer` has kept the abandoned run's
+        tracker.record_run_id()
+    # the checkpoint's own copy first: output_dir's is the latest invocation's
+    earlier = next((f / "config.yaml" for f in (resume, resume.parent, resume.parent.parent)
+                    if (f / "config.yaml").is_file()), None) if resume is not None else None
+    try:  # a note only: a config.yaml that does not read as one (another tool's file) must not stop the run
+        before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        before = None
+    changed = changed_settings(before, config_to_dict(cfg)) if isinstance(before, dict) else []
+    if changed:
+        log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
+    save_config(cfg, out / "config.yaml")
+
+
+def changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
+    """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        name, old, new = f"{prefix}{key}", before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{name}.")
+        elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
+            lr = name in ("train.learning_rate", "train.scale_lr")  # restored with the optimizer, as in diffusers
+            kept = " (not applied: the checkpoint's optimizer keeps its rate)" if lr else ""
+            changed.append(f"{name}: {old!r} -> {new!r}{kept}")
+    return changed
+
+
+def restore(cfg: Config, accelerator, m, parts, tracker, resume, carried) -> Restored:
+    """Nothing (no `resume`), or what the checkpoint `resume` restored: `m`'s weights, optimizer and LR schedule
+    (moved to this number of processes), the raw micro-batches this process read, the run's totals of skipped data
+    and steps (`carried`'s counters set too), the unlogged metrics and the non-finite streak. `parts` (the
+    reference provider, the data source, PPD's user lookup) reload what they keep beyond weights and data."""
+    if resume is None:
+        return Restored()
+    out = Path(cfg.output_dir)
+    start = load_checkpoint(accelerator, resume, m.raw_unet, not cfg.full_finetune)
+    marker = read_marker(resume)
+    written_by = marker.get("raw_batches")  # one count per process (older markers: one number)
+    align_lr_schedule(m.lr_sched, len(written_by) if isinstance(written_by, list) else accelerator.num_processes,
+                      accelerator.num_processes)
+    state = Restored(start, history=_history(marker, accelerator), streak=int(marker.get("streak", 0)))
+    state.counts["raw_batches"] = resume_raw_batches(marker, accelerator.process_index, accelerator.num_processes,
+                                                     fallback=start * cfg.train.grad_accum)
+    for key, total in marker.get("counts", {}).items():  # a sum over processes is the main process's to log
+        value = int(total) if key not in SUMMED or accelerator.is_main_process else 0
+        if key in carried:
+            setattr(*carried[key], value)
+        elif key in state.counts:
+            state.counts[key] = value
+    # SePPO's snapshot pool, RAFT's round: on every process, all stopping if one cannot read its part
+    on_every(accelerator, lambda: [part.load(resume) for part in parts if hasattr(part, "load")],
+             f"another process could not restore the run's state from {resume}")
+    on_main(accelerator, lambda: set_aside_newer(out, start, functools.partial(say, accelerator)),
+            "the main process could not set the abandoned run's checkpoints aside")
+    on_main(accelerator, tracker.record_run_id, "the main process could not record the W&B run id")
+    on_main(accelerator, lambda: tracker.truncate_after(start), "the main process could not rewrite metrics.jsonl")
+    say(accelerator, f"resumed from {resume} at step {start}")
+    return state
+
+
+def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], history: List[Dict[str, float]],
+           streak: int) -> Dict:
+    """What a checkpoint records of the loop (collective): each process's raw micro-batches read and unlogged
+    metrics (as their count and sums: the log line averages them), the run's totals of COUNTED and of the `carried`
+    counters (summed over processes where each keeps its own), the non-finite streak and the engine."""
+    from accelerate.utils import gather_object
+
+    own = {k: counts[k] for k in COUNTED if k in SUMMED}
+    own.update({k: getattr(*where) for k, where in carried.items()})
+    totals = {k: int(v) for k, v in summed(accelerator, own).items()}
+    keys = sorted({k for h in history for k in h})
+    pending = {"n": len(history), "sums": {k: sum(h.get(k, 0.0) for h in history) for k in keys}}
+    return {"raw_batches": gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
+            "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"]), "streak": streak,
+            "unlogged": gather_object([pending]) if accelerator.num_processes > 1 else [pending]}
+
+
+def _history(marker: dict, accelerator) -> List[Dict[str, float]]:
+    """This process's unlogged metrics as `record` kept them: n entries of their mean (the same sums, so the same
+    log line). None from older markers or another number of processes (the first line then averages fewer)."""
+    unlogged = marker.get("unlogged")
+    if not isinstance(unlogged, list) or len(unlogged) != accelerator.num_processes:
+        return []
+    own = unlogged[accelerator.process_index]
+    return [{k: s / own["n"] for k, s in own["sums"].items()} for _ in range(own["n"])]
+
+
+def gathered(accelerator, value: int) -> List[int]:
+    """Every process's `value`, in process order (collective: every process calls it)."""
+    return accelerator.gather(torch.tensor([value], device=accelerator.device)).tolist()
+
+
+def summed(accelerator, counts: Dict[str, float]) -> Dict[str, float]:
+    """`counts` summed over processes (collective; the same keys on every process)."""
+    if accelerator.num_processes == 1 or not counts:
+        return counts
+    local = torch.tensor(list(counts.values()), device=accelerator.device, dtype=torch.float64)
+    return dict(zip(counts, accelerator.reduce(local, reduction="sum").tolist()))
