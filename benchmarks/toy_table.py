@@ -39,12 +39,16 @@ def _lora_file(path: str) -> Path:
 
 
 def _cache_name(lora: str, seed: int) -> str:
-    """Keyed by what makes the images: the toy base's UNet (a rebuilt base makes other ones), the LoRA and the
-    text encoding recorded beside it, and the seed."""
+    """Keyed by what makes and scores the images: the toy base's UNet (a rebuilt base makes other ones), the LoRA
+    and the text encoding recorded beside it, the seed, the sampling steps and guidance, and the judge's code (a
+    record cached before a change there would be compared with ones made after it)."""
+    import t2i_align.toy.judge as judge
     from t2i_align.conditioning.text import TEXT_ENCODING_FILE
     from t2i_align.toy.assets import pipeline_dir
+    from t2i_align.toy.evaluate import TOY_GUIDANCE, TOY_STEPS
 
     h = hashlib.sha256((pipeline_dir() / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    h.update(f"{TOY_STEPS} {TOY_GUIDANCE}".encode() + Path(judge.__file__).read_bytes())
     if lora != "base":
         h.update(_lora_file(lora).read_bytes())
         encoding = _lora_file(lora).parent / TEXT_ENCODING_FILE
