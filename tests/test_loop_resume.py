@@ -200,6 +200,20 @@ def test_a_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(tiny_mod
         train(_cfg(tiny_model, pairs, failing, *nan, "train.resume=latest"))
 
 
+def test_unlogged_metrics_come_back_per_process_or_not_at_all():
+    """Each process its own count and sums (as n entries of their mean: the same log line); with another number
+    of processes, or an older marker, none."""
+    from types import SimpleNamespace
+
+    from t2i_align.resume import _history
+
+    marker = {"unlogged": [{"n": 2, "sums": {"loss": 3.0}}, {"n": 1, "sums": {"loss": 0.5, "acc": 1.0}}]}
+    assert _history(marker, SimpleNamespace(num_processes=2, process_index=0)) == [{"loss": 1.5}, {"loss": 1.5}]
+    assert _history(marker, SimpleNamespace(num_processes=2, process_index=1)) == [{"loss": 0.5, "acc": 1.0}]
+    assert _history(marker, SimpleNamespace(num_processes=3, process_index=1)) == []
+    assert _history({}, SimpleNamespace(num_processes=1, process_index=0)) == []
+
+
 def test_resume_position_per_process(caplog):
     """Each process resumes at its own count; an old marker's single number serves all; with another number of
     processes no position is exact: each process starts after the steps taken (x grad_accum), with a warning."""
