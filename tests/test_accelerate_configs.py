@@ -76,6 +76,7 @@ def test_fp16_mixed_precision_on_a_cpu_is_refused_at_start(engine, device, refus
      "model.cast_base_unet is not supported under FSDP"),
     # SDXL's full fine-tune recipe, the example launch of fsdp.yaml: Adafactor failed at its first step
     (2, ["train.optimizer=adafactor"], "train.optimizer=adafactor does not run under FSDP.*train.optimizer=adamw"),
+    (2, ["train.optimizer=adamw8bit"], "train.optimizer=adamw8bit does not run under FSDP.*bitsandbytes reads raw"),
 ])
 def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monkeypatch, version, overrides, message):
     """FSDP1, and what does not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.
@@ -97,6 +98,10 @@ def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monke
                                             "dynamo_plugin": type("Dynamo", (), {"backend": dynamo_backend or "NO"})})()
 
     monkeypatch.setattr(accelerate, "Accelerator", FsdpAccelerator)
+    if "train.optimizer=adamw8bit" in overrides:  # past the config's bitsandbytes check (a GPU-only install)
+        import t2i_align.config.sections as sections
+
+        monkeypatch.setattr(sections, "_installed", lambda name: True)
     cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.wandb=off", f"model.pretrained={tmp_path}/none",
                              *overrides])
     with pytest.raises(UserError, match=message):

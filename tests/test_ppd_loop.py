@@ -4,6 +4,7 @@ exports a final/ that plain diffusers' `load_ip_adapter` reloads to the trained 
 import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -215,6 +216,10 @@ def test_a_resume_tells_when_the_user_table_changed_since_the_checkpoint(setup, 
     train(_cfg(setup, tmp_path / "run", *common, "train.max_steps=2"))
     record = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / TABLE_RECORD).read_text())
     assert record == {"table": str(table), "sha256": file_sha256(table)}
+    with warnings.catch_warnings(record=True) as caught:  # the same file: not a word
+        warnings.simplefilter("always")
+        train(_cfg(setup, tmp_path / "run", *common, "train.max_steps=3", "train.resume=latest"))
+    assert not [w for w in caught if "the checkpoint" in str(w.message)]
     write_table(table, [1, 2, 3], seed=1)
     with pytest.warns(UserWarning, match="is not the file the checkpoint .* trained with"):
         train(_cfg(setup, tmp_path / "run", *common, "train.max_steps=3", "train.resume=latest"))

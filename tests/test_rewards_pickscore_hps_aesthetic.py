@@ -133,7 +133,7 @@ def test_pickscore_resizes_to_the_processors_shortest_edge_before_its_crop(hf_fo
     assert (ours - theirs).abs().mean() < 0.02 < (cropped_only - theirs).abs().mean() / 5
 
 
-def test_pickscore_without_tokenizer_files_is_refused_not_blind_to_the_prompt(hf_folder, tmp_path):
+def test_pickscore_without_tokenizer_files_is_refused_not_blind_to_the_prompt(hf_folder, tmp_path, monkeypatch):
     """transformers built a 2-token tokenizer from a folder holding only config.json and weights: every prompt
     became the same unknown tokens and PickScore scored the image alone."""
     import shutil
@@ -144,6 +144,11 @@ def test_pickscore_without_tokenizer_files_is_refused_not_blind_to_the_prompt(hf
         shutil.copy(hf_folder[1] / name, folder / name)
     with pytest.raises(WeightsNotFoundError, match="the tokenizer has no vocabulary"):
         get_reward("pickscore", model_dir=str(folder), device="cpu")
+    # the tokenizer and processor from another folder, named with "~" as a config or t2i-score gives it
+    monkeypatch.setenv("HOME", str(hf_folder[1].parent))
+    reward = get_reward("pickscore", model_dir=str(folder), processor_dir=f"~/{hf_folder[1].name}", device="cpu")
+    tokens = reward.encoder.tokenizer
+    assert tokens("a red cube")["input_ids"][1] != tokens("two cats")["input_ids"][1]
 
 
 def test_a_truncated_safetensors_file_is_a_one_line_error(hf_folder, tmp_path):

@@ -433,13 +433,47 @@ def test_seppo_step_on_tiny_sdxl_with_generated_time_ids(tmp_path, monkeypatch):
     assert records[1]["reference_pool_size"] == 2
 
 
-def test_flipper_check_repeats_and_leaves_the_global_rng_alone(tmp_path):
+def test_flipper_check_repeats_and_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     """The tool seeded torch's global RNG (a caller's later draws changed) and drew its anchor noise from a stream
-    seeded like its starting latents; now two streams of its own: the same numbers twice, the global RNG untouched."""
-    from t2i_align.toy.flipper import check
+    seeded like its starting latents; now two streams of its own: the same numbers twice, the global RNG untouched,
+    the anchor draws' noise not the starts'."""
+    import t2i_align.toy.flipper as flipper
 
+    seen = {}
+    for name in ("initial_latents", "anchor_error_draws"):  # the first value each stream gives, as it is used
+        def first_draw(*args, _name=name, _real=getattr(flipper, name)):
+            gen = next(a for a in args if isinstance(a, torch.Generator))
+            seen.setdefault(_name, torch.randn(4, generator=torch.Generator().set_state(gen.get_state())))
+            return _real(*args)
+        monkeypatch.setattr(flipper, name, first_draw)
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=3)
     state = torch.get_rng_state()
-    first = check(None, str(data), n=3, steps=2, draws=2, batch=2)
+    first = flipper.check(None, str(data), n=3, steps=2, draws=2, batch=2)
     assert torch.equal(torch.get_rng_state(), state)
-    assert check(None, str(data), n=3, steps=2, draws=2, batch=2) == first and first["n"] == 3
+    assert flipper.check(None, str(data), n=3, steps=2, draws=2, batch=2) == first and first["n"] == 3
+    assert not torch.equal(seen["initial_latents"], seen["anchor_error_draws"])
+
+
+def test_a_lora_snapshot_reference_runs_without_dropout(tmp_path):
+    """The reference is a fixed model: with LoRA dropout, the snapshot's forward in train mode would draw a new
+    dropout mask per call (no test had dropout on: `unet.eval()` removed passed every SePPO test)."""
+    from t2i_align.adapters import trainable_parameters
+    from t2i_align.conditioning.text import PromptEmbeds
+    from t2i_align.config import LoraConfig, ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    params = trainable_parameters(comp.unet, LoraConfig(enabled=True, rank=2, init="default", dropout=0.5))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    pool = SnapshotPool(comp.unet, comp, True, None, snapshot_every=1, pool_size=3, draw="latest", seed=0,
+                        output_dir=tmp_path / "run")
+    pool.begin_step(1)
+    reference = pool.denoiser()
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), PromptEmbeds(torch.randn(2, 77, 32))
+    comp.unet.train()
+    first, second = reference(x, t, emb), reference(x, t, emb)
+    comp.unet.eval()
+    assert torch.equal(first, second) and torch.equal(first, reference(x, t, emb))
