@@ -344,7 +344,8 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
     """SD1.5's safety checker, copied from the model folder `source` into the saved pipeline `folder`: training
     and sampling leave it out (it judges no image we make), but a plain `from_pretrained(folder)(prompt)` should
     filter as the source's did. Only when the source holds it with plain weights; otherwise a warning says the
-    export has none."""
+    export has none. Loaded and saved again (not copied): a download's safety_checker/ also holds pickled .bin
+    files and fp16 copies, and an export is safetensors in float32 only."""
     from .models import read_index
     from .weight_files import has_plain_weights
 
@@ -358,8 +359,12 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
         logger.warning("warning: %s lists a safety checker without plain weights to copy: the pipeline saved to %s "
                        "has none", source, final)
         return
-    for part in SAFETY_PARTS:
-        shutil.copytree(source / part, folder / part)
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    checker = StableDiffusionSafetyChecker.from_pretrained(str(source / "safety_checker"), use_safetensors=None)
+    checker.float().save_pretrained(str(folder / "safety_checker"), safe_serialization=True)
+    shutil.copytree(source / "feature_extractor", folder / "feature_extractor",
+                    ignore=lambda _, names: [n for n in names if not n.endswith(".json")])  # the processor's config
     saved = read_index(folder)
     saved.update({part: index[part] for part in SAFETY_PARTS},
                  requires_safety_checker=index.get("requires_safety_checker", True))

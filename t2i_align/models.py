@@ -153,6 +153,9 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
     cls = getattr(importlib.import_module(library), class_name, None)
     if cls is None:
         raise ModelLoadError(f"{library} has no class {class_name!r} (needed for {name}); check the installed version")
+    from .weight_files import part_variant
+
+    variant = part_variant(path, name, variant)
     kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
     if dtype is not None and library == "diffusers":
         kwargs.update(dtype_kwargs(dtype))

@@ -71,4 +71,6 @@ def load_unet_checkpoint(given: str | Path, base: torch.nn.Module, variant: Opti
     check_fits(folder, base)
     # --variant names the base's variant: a released UNet of plain weights beside it is expected, not told
     variant = weights_variant(folder, variant, "--variant", fallback=True, part="", warn=False)
-    return type(base).from_pretrained(str(folder), torch_dtype=base.dtype, variant=variant)
+    from .models import dtype_kwargs
+
+    return type(base).from_pretrained(str(folder), **dtype_kwargs(base.dtype), variant=variant)

@@ -54,6 +54,18 @@ def weights_variant(path: Path, requested: Optional[str] = None, key: str = "mod
     return found[0] if found else None
 
 
+def part_variant(path: Path, part: str, variant: Optional[str]) -> Optional[str]:
+    """`variant` for component `part` of pipeline folder `path` where its folder holds it, else None (its plain
+    weights), as diffusers' pipeline loading falls back per part: the variant is chosen from unet/, and a folder
+    with fp16 UNet files beside plain text encoders loaded in diffusers but not here."""
+    folder = Path(path) / part
+    if variant is None or not folder.is_dir():
+        return variant
+    names = [f.name for f in folder.iterdir()]
+    held = {m.group(1) for n in names for m in (p.match(n) for p in _VARIANT_FILES) if m}
+    return variant if variant in held or not any(_PLAIN_FILE.match(n) for n in names) else None
+
+
 def _named(key: str, value: str) -> str:
     """How the user names a variant: `model.variant='fp16'` (a setting) or `--variant fp16` (a flag)."""
     return f"{key} {value}" if key.startswith("--") else f"{key}={value!r}"

@@ -355,6 +355,22 @@ def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_
     assert load_pipeline(folder, variant="bf16").unet.dtype == torch.float32  # sample/'s --variant
 
 
+def test_a_variant_unet_beside_plain_parts_loads_as_in_diffusers(sd15_dir, tmp_path):
+    """The variant is chosen from unet/; every part was then asked for it, and a folder with an fp16 UNet beside
+    plain text encoders and VAE (loaded by diffusers, part by part) failed with "the folder may be incomplete"."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(sd15_dir, folder)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(str(folder / "unet"), variant="fp16")
+    comp = models.load_components(ModelConfig(pretrained=str(folder)))
+    assert all(torch.equal(a, b) for a, b in zip(comp.unet.state_dict().values(), unet.state_dict().values()))
+
+
 def test_sampling_leaves_out_the_safety_checker(sd15_dir, tmp_path):
     """SD1.5 folders list a safety checker (1.2 GB): not loaded, and a folder that left it out still loads."""
     from t2i_align.sampling import load_pipeline
@@ -429,7 +445,9 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):
     shutil.copytree(sd15_dir, source)
     tiny = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
     config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 8}, projection_dim=16)
-    StableDiffusionSafetyChecker(config).save_pretrained(source / "safety_checker")
+    # as a download holds it: fp16 weights, and a pickle beside them (copied whole into every export before)
+    StableDiffusionSafetyChecker(config).half().save_pretrained(source / "safety_checker")
+    (source / "safety_checker" / "pytorch_model.bin").write_bytes(b"a pickle")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(source / "feature_extractor")
     index = json.loads((source / "model_index.json").read_text())
     index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
@@ -439,6 +457,8 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):
     final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "run")
     pipe = StableDiffusionPipeline.from_pretrained(str(final))
     assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.config.requires_safety_checker
+    assert sorted(f.name for f in (final / "safety_checker").iterdir()) == ["config.json", "model.safetensors"]
+    assert pipe.safety_checker.dtype == torch.float32
     out = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np")
     assert out.nsfw_content_detected is not None and len(out.nsfw_content_detected) == 1
     plain = export_final(models.build_pipeline(models.load_components(ModelConfig(pretrained=str(sd15_dir)))),
