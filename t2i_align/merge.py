@@ -38,7 +38,8 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     check_replaceable_folder(out, "--out", "merge_lora.py")
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet), replaces=[out],
                       overwrite=overwrite, made_by=MERGED_FILE)  # not the encoding record: exports have it too
-    check_weights(model, lora, text_encoding, key="--model", unet=unet)  # errors name merge_lora.py's flags
+    # errors name merge_lora.py's flags; the model's folder as loaded, where a PPD user table may be
+    folder, _ = check_weights(model, lora, text_encoding, key="--model", unet=unet, variant=variant)
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant)
     if lora is not None:
         pipe.fuse_lora()
@@ -46,7 +47,7 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     encoding = pipeline_components(pipe).text_encoding
     with staged_dir(out) as tmp:  # a full disk or Ctrl-C leaves no hidden pipeline-sized folder behind
         save_full_pipeline(pipe, pipe.unet, tmp)  # a PPD user branch beside unet/, as a full PPD export has it
-        table = _user_table(model, lora, unet)
+        table = _user_table(folder, lora, unet)
         if table is not None:
             shutil.copy2(table, tmp / USER_TABLE_NAME)
         write_text_encoding(tmp, encoding.kind, encoding.token_budget)
@@ -58,16 +59,15 @@ def _text(path: Optional[str | Path]) -> Optional[str]:
     return None if path is None else str(path)
 
 
-def _user_table(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> Optional[Path]:
+def _user_table(folder: Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> Optional[Path]:
     """PPD's user table, from where the user branch loads (`sampling.load_pipeline`): the LoRA folder's, else the
-    UNet checkpoint's (a full PPD export), else the model folder's (a LoRA tuned on a full PPD export)."""
-    from .model_folders import resolve_pretrained
+    UNet checkpoint's (a full PPD export), else the model's `folder` as loaded (a LoRA tuned on a full PPD export;
+    a hub id's cached download: resolving it again fetched every .safetensors file of the repo)."""
     from .unet_checkpoint import checkpoint_folders
     from .users.table import USER_TABLE_NAME
 
     folders = [] if lora is None else [Path(lora) if Path(lora).is_dir() else Path(lora).parent]
-    # the model's folder as loaded (`~/m`, a hub id in the cache), where its branch came from
-    folders += checkpoint_folders(unet) + [resolve_pretrained(str(model), key="--model", pipeline=False)]
+    folders += checkpoint_folders(unet) + [folder]
     return next((f / USER_TABLE_NAME for f in folders if (f / USER_TABLE_NAME).is_file()), None)
 
 

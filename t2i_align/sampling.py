@@ -78,7 +78,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     from .unet_checkpoint import checkpoint_folders
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
-    path, encoding = check_weights(model, lora, text_encoding, unet=unet)
+    path, encoding = check_weights(model, lora, text_encoding, unet=unet, variant=variant)
     lora = None if lora is None else Path(lora)
     found = weights_variant(path, variant, "--variant", fallback=True)
     pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
@@ -132,16 +132,17 @@ def _no_safety_checker(path: Path) -> dict:
 
 
 def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_encoding: Optional[str] = None,
-                  key: str = "model.pretrained", unet: Optional[str | Path] = None) -> Tuple[Path, TextEncodingConfig]:
+                  key: str = "model.pretrained", unet: Optional[str | Path] = None,
+                  variant: Optional[str] = None) -> Tuple[Path, TextEncodingConfig]:
     """Before loading anything (scripts check every model they will sample first): the model folder, the LoRA path
     holding weights (or a PPD user branch), and an asked text encoding agreeing with the one recorded with them
     (or with a `unet` checkpoint: a full export of ours given as `--unet` records the encoding it was tuned with).
     ModelLoadError naming what is wrong (the model as `key`, a script's flag); else (model folder, text encoding to
-    sample with)."""
+    sample with). A hub id is fetched in `variant` (its other weights are not downloaded)."""
     from .models import ModelLoadError, resolve_pretrained
     from .users.inference import branch_file, has_lora_file
 
-    path = resolve_pretrained(str(model), key=key)
+    path = resolve_pretrained(str(model), variant=variant, key=key)
     if lora is not None:
         lora = Path(lora)
         if not lora.exists():

@@ -84,3 +84,23 @@ def test_the_base_model_record_matches_by_folder_or_by_a_name_that_is_no_folder(
     write_base_model(lora, tmp_path / "a", str(tmp_path / "a"))
     with pytest.warns(UserWarning, match="was trained on .*a, and is applied to"):
         warn_other_base(str(tmp_path), tmp_path, lora)
+
+
+def test_merging_onto_a_hub_id_fetches_only_the_pipeline_in_its_variant(tmp_path, monkeypatch):
+    """merge_lora resolved a hub id once without --variant (full fp32 weights fetched) and again, to look for a
+    PPD user table, as a snapshot of every .safetensors file in the repo (tens of GB for SDXL's)."""
+    import diffusers
+    import huggingface_hub
+
+    from t2i_align.merge import merge_lora
+
+    base = save_tiny_pipeline("sd15", tmp_path / "cached")
+    lora = export_random_lora(base, tmp_path / "run")
+    calls = []
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download",
+                        staticmethod(lambda repo, **kw: calls.append(("pipeline", kw["variant"])) or str(base)))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append(("snapshot", kw.get("allow_patterns"))) or str(base))
+    monkeypatch.chdir(tmp_path)  # "org/model" is no folder here
+    merge_lora("org/model", str(lora), tmp_path / "merged", variant="fp16")
+    assert calls and set(calls) == {("pipeline", "fp16")}
