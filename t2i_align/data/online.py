@@ -72,7 +72,27 @@ def check_online_settings(rc, pairs: bool) -> List[str]:
     if not pairs and rc.min_gap:
         raise ConfigError(f"raft.min_gap = {rc.min_gap}: only online DPO (objective dpo) makes pairs; RAFT "
                           "(objective sft) keeps the best image of each prompt. Leave raft.min_gap at 0")
+    if rc.reward == "decomposed-clip":
+        _check_fixed_direction(dict(rc.reward_options), rc.prompts)
     return read_prompts(rc.prompts, "raft.prompts")
+
+
+def _check_fixed_direction(options: Dict, prompts: str) -> None:
+    """decomposed-clip ranks a round's images only with one common direction for all of them: `direction=batch`
+    scored each against the mean text of the chunk it was scored in (winners depending on the chunking and the
+    number of processes; a chunk of one prompt failed with a traceback), and no direction failed after the model
+    had loaded."""
+    import inspect
+
+    from reward_models.decomposed_clip import DecomposedClip
+
+    omega = options.get("omega", inspect.signature(DecomposedClip).parameters["omega"].default)
+    fit = f"raft.reward_options.fit_prompts={prompts} (fitted once from the round prompts) or direction=FILE"
+    if options.get("direction") == "batch":
+        raise ConfigError("raft.reward_options.direction=batch: each image would be scored against the mean text of "
+                          f"the images scored with it, so the winners would depend on the batching; use {fit}")
+    if options.get("direction") is None and options.get("fit_prompts") is None and float(omega) != 1.0:
+        raise ConfigError(f"raft.reward=decomposed-clip needs its common direction: set {fit}")
 
 
 class EmptyRoundError(UserError, RuntimeError):
