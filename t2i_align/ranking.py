@@ -98,6 +98,12 @@ def diversity_cells(prompts: int, k: int) -> List[Tuple[int, int]]:
     return [divmod(i, k) for i in spaced(prompts * k, DIVERSITY_SAMPLES)]
 
 
+def _finite_diversity(latents: List[torch.Tensor]) -> float:
+    """The diversity of the finite latents (a diverged sample's NaN made the pool's NaN); 0 when fewer than two."""
+    kept = [x for x in latents if torch.isfinite(x).all()]
+    return diversity(torch.stack(kept)) if len(kept) > 1 else 0.0
+
+
 def round_metrics(scores: torch.Tensor, latents: Dict[Tuple[int, int], torch.Tensor],
                   selection: Selection) -> Dict[str, float]:
     """What to watch per round: pool reward (mean, max, mean best-of-K), the selected reward, and the diversity
@@ -113,7 +119,7 @@ def round_metrics(scores: torch.Tensor, latents: Dict[Tuple[int, int], torch.Ten
         "raft/pool_reward_max": float(vals.max()) if len(vals) else math.nan,
         "raft/selected_reward_mean": float(chosen_scores.mean()) if len(chosen) else math.nan,
         "raft/selected": float(len(chosen)),
-        "raft/pool_diversity": diversity(torch.stack([latents[c] for c in diversity_cells(*s.shape)])),
+        "raft/pool_diversity": _finite_diversity([latents[c] for c in diversity_cells(*s.shape)]),
         "raft/selected_diversity": diversity(torch.stack([latents[c] for c in chosen]), DIVERSITY_SAMPLES)
         if chosen else 0.0,
         "raft/nonfinite_dropped": float(selection.dropped_nonfinite),

@@ -264,9 +264,9 @@ def _check_inputs(pipe, prompts: Sequence[str], seeds: Sequence[int], user_token
                               "t2i_align.toy evaluate samples no user)")
 
 
-def _check_steps(pipe, steps: int) -> None:
+def _check_steps(pipe, steps: int, setting: str = "--steps") -> None:
     """A UserError for more sampling steps than the scheduler has timesteps (DDIM said so in a traceback, DPM++ and
-    Euler failed with an IndexError), before the first batch."""
+    Euler failed with an IndexError), before the first batch, naming the `setting` that asked for them."""
     from .errors import UserError
 
     limit = getattr(pipe.scheduler.config, "num_train_timesteps", None)
@@ -280,7 +280,7 @@ def _check_steps(pipe, steps: int) -> None:
         fits = False
     if not fits:
         raise UserError(f"{steps} sampling steps are more than this model's scheduler ({limit} timesteps) can take: "
-                        "give fewer (--steps)")
+                        f"give fewer ({setting})")
 
 
 @torch.no_grad()
@@ -289,7 +289,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
              height: Optional[int] = None, width: Optional[int] = None,
              progress: Optional[Callable[[int], object]] = None,
              user_tokens: Optional[torch.Tensor] = None, retry_oom: bool = True,
-             on_batch: Optional[Callable[[Samples], object]] = None) -> Samples:
+             on_batch: Optional[Callable[[Samples], object]] = None, steps_setting: str = "--steps") -> Samples:
     """Sample one image per (prompt, seed) pair, `batch_size` images at a time.
 
     Prompts are encoded with `encode_prompts` in the pipeline's text encoding (`pipeline_components`) and handed
@@ -302,9 +302,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     `on_batch`: called with each finished batch's Samples, which are then not kept (the result's latents and
     images are empty): thousands of decoded images (12.6 MB each for SDXL in float32) need not fit in memory at once.
     Images with NaN pixels (a diverged model, an fp16 VAE overflowing) are counted and warned about.
+    `steps_setting`: what a too-large `num_inference_steps` is called in the error (a flag, or a run's setting).
     """
     _check_inputs(pipe, prompts, seeds, user_tokens)
-    _check_steps(pipe, num_inference_steps)
+    _check_steps(pipe, num_inference_steps, steps_setting)
     components = pipeline_components(pipe)
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, negative_prompt=negative_prompt)

@@ -85,8 +85,8 @@ class Validator:
                 size = self.cfg.raft.resolution if self.cfg.raft.enabled else self.cfg.data.resolution  # as trained
                 return generate(pipe, self.flat_prompts, self.seeds, num_inference_steps=tc.sample_steps,
                                 guidance_scale=tc.guidance_scale, batch_size=32, user_tokens=self.user_tokens,
-                                height=size, width=size,
-                                retry_oom=not is_fsdp(self.accelerator))
+                                height=size, width=size, retry_oom=not is_fsdp(self.accelerator),
+                                steps_setting="tracking.sample_steps")
         finally:
             unet.train(was_training)
 

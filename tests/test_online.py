@@ -10,6 +10,7 @@ from helpers import one_torch_thread  # noqa: F401
 from reward_models.base import Reward, register
 from t2i_align.config import ConfigError, load_config
 from t2i_align.data.online import EmptyRoundError
+from t2i_align.errors import UserError
 from t2i_align.loop import train
 
 FAST = ["raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=1", "raft.sample_steps=2", "train.max_steps=2",
@@ -172,6 +173,8 @@ def test_bad_raft_settings_fail_clearly(tmp_path):
         _run("configs/toy/raft.yaml", tmp_path / "e", "raft.min_gap=0.1")
     with pytest.raises(EmptyRoundError, match="no pair with a reward gap > 5.0"):  # the judge's gaps are at most 1
         _run("configs/toy/online_dpo.yaml", tmp_path / "f", "raft.min_gap=5")
+    with pytest.raises(UserError, match=r"1000 sampling steps are more .* give fewer \(raft.sample_steps\)"):
+        _run("configs/toy/raft.yaml", tmp_path / "g", "raft.sample_steps=1000")  # it said --steps, a script's flag
     for setting, expected in (("raft.k=100", "less than 100"), ("raft.prompts_per_round=10001", "at most 10000"),
                               ("raft.min_gap=-1", "a number >= 0")):
         with pytest.raises(ConfigError, match=expected):  # beyond these the per-image seeds repeat

@@ -103,3 +103,6 @@ def test_round_metrics_by_hand():
     assert m["raft/pool_diversity"] == pytest.approx(5 * 11 / 66 / math.sqrt(2))  # 11 of 66 pairs 5 apart
     pairs = round_metrics(SCORES, latents, select_best_worst(SCORES))
     assert pairs["raft/selected_loser_reward_mean"] == pytest.approx((0.2 + 0.3 + 0.4) / 3)
+    latents[(3, 0)] = torch.full((1, 1, 2), math.nan)  # a diverged sample: the pool's diversity was NaN
+    m = round_metrics(SCORES, latents, sel)
+    assert m["raft/pool_diversity"] == pytest.approx(5 * 10 / 55 / math.sqrt(2))  # 10 of the 55 finite pairs

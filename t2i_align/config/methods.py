@@ -75,7 +75,8 @@ class RaftConfig:
     prompts: str = ""
     """A text file with one prompt per line, or "toy:train" / "toy:heldout" for the toy world's captions."""
     prompts_per_round: int = 10
-    """Prompts drawn (without replacement, cycling through the file) per round, over all processes."""
+    """Prompts drawn per round, over all processes, from a shuffle of the file, the next shuffle after it is used
+    up: without replacement within a pass, so a round spanning two passes may draw a prompt twice."""
     k: int = 10
     """Images generated per prompt (RAFT demo: 10). Pairs need K >= 2."""
     top_fraction: float = 0.8

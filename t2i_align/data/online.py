@@ -314,7 +314,8 @@ class OnlineSource:
                 return generate(pipe, prompts, seeds, num_inference_steps=self.rc.sample_steps,
                                 guidance_scale=self.rc.guidance_scale, batch_size=self.rc.generation_batch_size,
                                 negative_prompt=self.rc.negative_prompt, height=self.rc.resolution,
-                                width=self.rc.resolution, retry_oom=not is_fsdp(self.acc))
+                                width=self.rc.resolution, retry_oom=not is_fsdp(self.acc),
+                                steps_setting="raft.sample_steps")
         finally:
             unet.train(was_training)
 
