@@ -39,8 +39,10 @@ def compare_sets(args, rewards, save=None) -> dict:
                          f"{batched[0]}.fit_prompts=FILE) to compare")
     prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
     settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
-    for lora in {args.lora, args.base_lora} - {None}:
-        note_training_seeds(lora, settings, max(len(prompts) for prompts in prompt_sets.values()))
+    # a full fine-tune's final/ given as --model (or --base) comes from a run as a LoRA does
+    full = {m for m in (args.model, args.base) if m and m != "toy" and (Path(m) / "model_index.json").is_file()}
+    for weights in ({args.lora, args.base_lora} - {None}) | full:
+        note_training_seeds(weights, settings, max(len(prompts) for prompts in prompt_sets.values()))
     for spec, prompts in prompt_sets.items():
         check_rewards_read(rewards, prompts)
         if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling

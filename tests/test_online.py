@@ -297,6 +297,39 @@ def test_compare_notes_seeds_the_run_trained_on(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_compare_notes_the_seeds_of_a_full_fine_tune_given_as_model(tmp_path, monkeypatch):
+    """The note was made for --lora and --base-lora only: a RAFT full fine-tune's final/ compared as --model at its
+    training seed said nothing."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sample = Path(__file__).resolve().parents[1] / "sample"
+    monkeypatch.syspath_prepend(str(sample))
+    spec = importlib.util.spec_from_file_location("sample_compare", sample / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "model_index.json").write_text("{}")
+    noted = []
+
+    class Noted(Exception):
+        pass
+
+    def note(weights, settings, num_prompts):
+        noted.append(weights)
+        raise Noted
+
+    monkeypatch.setattr(compare, "note_training_seeds", note)
+    args = SimpleNamespace(prompts=["toy:heldout"], model=str(final), base="toy", lora=None, base_lora=None,
+                           seeds_per_prompt=8, steps=20, batch_size=8, seed=0, guidance=3.0, negative_prompt=None,
+                           height=None, width=None, scheduler=None, user=None, dtype="fp32", variant=None)
+    with pytest.raises(Noted):
+        compare.compare_sets(args, {})
+    assert noted == [str(final)]
+
+
 @pytest.mark.parametrize("config", ["raft", "online_dpo"])
 def test_the_trained_latents_are_the_best_and_worst_images_made(tmp_path, monkeypatch, config):
     """Every trained row is the latent of its prompt's best image (and, online DPO, its loser the same prompt's
