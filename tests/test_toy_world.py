@@ -99,6 +99,10 @@ def test_captions_short_and_long(tmp_path):
     # The background is only named past the 77-token context: a truncating encoder never sees it.
     kept = tok.decode(tok(long, truncation=True, max_length=77).input_ids, skip_special_tokens=True)
     assert "gray" not in kept and "gray" in long
+    from t2i_align.toy.scenes import scene_from_caption
+
+    # read back with the whitespace a prompt file or a pasted prompt brings (the short form took it; the long did not)
+    assert scene_from_caption(f"\n {long} ") == scene_from_caption(f" {short}\n") == scene
 
 
 def test_tokenizer_gives_real_clip_ids(tmp_path):

@@ -2,7 +2,8 @@
 
 It measures pixels, it does not learn: background = median colour of the border ring; object = pixels far from
 that colour; colour = nearest palette entry to the object's median colour; size = object area; position =
-centroid quadrant; shape = fill ratio of the object's bounding box (square 1.0, circle π/4, triangle 1/2).
+centroid quadrant; shape = the shape whose template (every shape, size and whole-pixel centre) overlaps the
+object's mask best (intersection over union).
 """
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def _shape_by_template(mask: np.ndarray) -> str:
 
 
 def read_attributes(image: np.ndarray) -> Dict[str, Optional[str]]:
-    """Predict each attribute from a uint8 [H, W, 3] image (any square size; judged at IMAGE_SIZE). None where there
-    is no object."""
+    """Predict each attribute from a uint8 [H, W, 3] image, judged at IMAGE_SIZE (the toy pipeline's; another square
+    size is shrunk to it, and shrinking leaves a square's edge pixels halfway between two colours, so squares then
+    read as circles more often). None where there is no object."""
     if image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         image = np.asarray(Image.fromarray(image).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX))
     img = image.astype(np.float32)

@@ -211,8 +211,8 @@ def scene_from_caption(caption: str) -> Scene:
     # "a {size} {color} {shape} at the {v} {h} on a {background} background"
     if len(words) != 12 or words[0] != "a" or words[4:6] != ["at", "the"] or words[8:10] != ["on", "a"] \
             or words[-1] != "background":
-        if caption.startswith("The picture shows"):
-            return scene_from_long_caption(caption)
+        if caption.strip().startswith("The picture shows"):
+            return scene_from_long_caption(caption.strip())
         raise ValueError(f"not a toy short caption (nor a long one): {caption!r}")
     return Scene.from_dict({"size": words[1], "color": words[2], "shape": words[3],
                             "position": f"{words[6]} {words[7]}", "background": words[10]})
