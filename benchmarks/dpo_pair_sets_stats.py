@@ -1,7 +1,9 @@
 """What the toy judge says of each pair set's winners and losers, per attribute, beside the gain DPO took from it.
 
 Toy DPO gains on some fresh pair sets and not on others (benchmarks/dpo_pair_sets_toy_runs.sh). This reads each
-pair set (no sampling, no training: seconds) and judges both images of every pair against its caption's scene:
+pair set (no sampling, no training: seconds) and judges both images of every pair against its caption's scene, as
+stored (JPEG: the images DPO trains on; the pairs were ranked on the uncompressed samples, and JPEG's colour
+subsampling moves a shape verdict now and then):
 per attribute, how often the winner is right, the loser is right, and the winner right where the loser is wrong
 minus the reverse (the attribute's net preference signal in the pairs). With the table's JSON it adds each set's
 judged gain over the base and colour change (its training seed 0), so the two can be read side by side. Four pair
