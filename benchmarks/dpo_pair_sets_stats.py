@@ -6,8 +6,10 @@ stored (JPEG: the images DPO trains on; the pairs were ranked on the uncompresse
 subsampling moves a shape verdict now and then):
 per attribute, how often the winner is right, the loser is right, and the winner right where the loser is wrong
 minus the reverse (the attribute's net preference signal in the pairs). With the table's JSON it adds each set's
-judged gain over the base and colour change (its training seed 0), so the two can be read side by side. Four pair
-sets are no sample for a correlation: the output describes, it tests nothing.
+judged gain over the base and colour change (its training seed 0), so the two can be read side by side, and each
+trained run's end of training (the p<seed>-t<seed>/ runs beside the pair sets: metrics.jsonl over the last 100 steps: DPO's implicit accuracy,
+and the policy's error on winners and losers above the reference's). Four pair sets are no sample for a
+correlation: the output describes, it tests nothing.
 
     python benchmarks/dpo_pair_sets_stats.py --pairs-root runs/dpo-pair-sets \
         --table benchmarks/results/dpo_pair_sets_table_seed0.json --out benchmarks/results/dpo_pair_sets_stats.json
@@ -68,10 +70,20 @@ def _gains(table: Optional[Path]) -> Dict[str, Dict]:
     return found
 
 
+def training_end(run: Path, steps: int = 100) -> Dict[str, float]:
+    """A DPO run's metrics.jsonl averaged over its log lines of the last `steps` steps."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["step"] > rows[-1]["step"] - steps]
+    mean = lambda key: float(np.mean([r[key] for r in last]))  # noqa: E731
+    return {"implicit_acc": mean("implicit_acc"), "winner_error_above_reference": mean("mse_w") - mean("ref_mse_w"),
+            "loser_error_above_reference": mean("mse_l") - mean("ref_mse_l")}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs-root", type=Path, default=Path("runs/dpo-pair-sets"),
-                   help="holds pairs-<seed>/pairs.parquet, as benchmarks/dpo_pair_sets_toy_runs.sh writes them")
+                   help="holds pairs-<seed>/pairs.parquet and the runs p<seed>-t<seed>/, as "
+                   "benchmarks/dpo_pair_sets_toy_runs.sh writes them")
     p.add_argument("--table", type=Path, default=None, help="that script's table JSON (the gains to show beside)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -87,8 +99,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         nets = " / ".join(f"{s['per_attribute'][a]['net']:+.3f}" for a in ATTRIBUTES)
         gain = f"{s['gain']:+.3f} | {s['colour_change']:+.3f}" if "gain" in s else "- | -"
         print(f"{seed} | {gain} | {s['winner_score']:.3f} / {s['loser_score']:.3f} | {nets}")
+    runs = {r.name: training_end(r) for r in sorted(args.pairs_root.glob("p*-t*")) if (r / "metrics.jsonl").is_file()}
+    if runs:
+        print("run | implicit acc | winner / loser error above the reference (last 100 steps)")
+    for name, end in runs.items():
+        print(f"{name} | {end['implicit_acc']:.3f} | {end['winner_error_above_reference']:+.4f} / "
+              f"{end['loser_error_above_reference']:+.4f}")
     if args.out is not None:
-        write_json_atomic(args.out, result)
+        write_json_atomic(args.out, {"pair_sets": result, "runs": runs})
 
 
 if __name__ == "__main__":
