@@ -7,9 +7,9 @@ subsampling moves a shape verdict now and then):
 per attribute, how often the winner is right, the loser is right, and the winner right where the loser is wrong
 minus the reverse (the attribute's net preference signal in the pairs). With the table's JSON it adds each set's
 judged gain over the base and colour change (its training seed 0), so the two can be read side by side, and each
-trained run's end of training (the p<seed>-t<seed>/ runs beside the pair sets: metrics.jsonl over the last 100 steps: DPO's implicit accuracy,
-and the policy's error on winners and losers above the reference's). Four pair sets are no sample for a
-correlation: the output describes, it tests nothing.
+trained run's end of training (the p<seed>-t<seed>/ runs beside the pair sets: metrics.jsonl over the last 100
+steps: DPO's implicit accuracy, and the policy's error on winners and losers above the reference's). Four pair sets
+are no sample for a correlation: the output describes, it tests nothing.
 
     python benchmarks/dpo_pair_sets_stats.py --pairs-root runs/dpo-pair-sets \
         --table benchmarks/results/dpo_pair_sets_table_seed0.json --out benchmarks/results/dpo_pair_sets_stats.json
