@@ -43,12 +43,15 @@ def _cache_name(lora: str, seed: int) -> str:
     and the text encoding recorded beside it, the seed, the sampling steps and guidance, and the judge's code (a
     record cached before a change there would be compared with ones made after it)."""
     import t2i_align.toy.judge as judge
+    import t2i_align.toy.scenes as scenes
     from t2i_align.conditioning.text import TEXT_ENCODING_FILE
     from t2i_align.toy.assets import pipeline_dir
     from t2i_align.toy.evaluate import TOY_GUIDANCE, TOY_STEPS
 
     h = hashlib.sha256((pipeline_dir() / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
-    h.update(f"{TOY_STEPS} {TOY_GUIDANCE}".encode() + Path(judge.__file__).read_bytes())
+    h.update(f"{TOY_STEPS} {TOY_GUIDANCE}".encode())
+    for code in (judge, scenes):  # the judge and the captions it parses
+        h.update(Path(code.__file__).read_bytes())
     if lora != "base":
         h.update(_lora_file(lora).read_bytes())
         encoding = _lora_file(lora).parent / TEXT_ENCODING_FILE

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading, check_gallery_weights
-from .checkpoints import check_resume, export_final, resolve_resume_everywhere, save_checkpoint, save_only_trainable
+from .checkpoints import export_final, resolve_resume_everywhere, save_checkpoint, save_only_trainable
 from .config import Config, config_to_dict
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
                       deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_main, say, whole_unet)
@@ -31,7 +31,7 @@ from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
-from .resume import SUMMED, Restored, claim_output, record, restore, summed
+from .resume import SUMMED, Restored, check_resume, claim_output, record, restore, summed
 from .tracking import Tracker, continued_run_id
 from .validation import Validator, load_validation_reward
 

@@ -1,6 +1,7 @@
 """A run's start in its output folder, and what a checkpoint records of the loop for a resume to restore.
 
-`claim_output` makes output_dir this run's; `record` is what each checkpoint's marker holds of the loop (each
+`check_resume` refuses, before the model loads, a checkpoint the run cannot go on from; `claim_output` makes
+output_dir this run's; `record` is what each checkpoint's marker holds of the loop (each
 process's data position, the run's running totals, the metrics not yet logged and the non-finite streak);
 `restore` loads a checkpoint and gives the loop back the state an uninterrupted run would have at its step, so
 the resumed run logs the same lines and stops where it would have.
@@ -8,6 +9,7 @@ the resumed run logs the same lines and stops where it would have.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
@@ -15,9 +17,10 @@ from typing import Dict, List
 import torch
 import yaml
 
-from .checkpoints import load_checkpoint, read_marker, resume_raw_batches
+from .checkpoints import CheckpointMismatch, load_checkpoint, read_marker, resume_raw_batches
 from .config import Config, config_to_dict, save_config
 from .engines import engine_name, on_every, on_main, say
+from .errors import UserError
 from .optim import align_lr_schedule
 from .run_dir import prepare_run_dir, set_aside_newer
 
@@ -26,6 +29,33 @@ COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite
 
 SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
 """Logged counts that each process keeps of its own data: the run's figure is their sum."""
+
+
+ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
+
+
+def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir) -> None:
+    """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
+    would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
+    failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
+    (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
+    session 28 name no engine and are left to the engine's load."""
+    marker = read_marker(path)
+    if int(marker["step"]) > max_steps:
+        raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
+                        f"train.max_steps above it to train on, or use {output_dir}/final")
+    written = marker.get("engine")
+    if written is None:
+        return
+    if written != engine:
+        raise CheckpointMismatch(f"train.resume: {path} was written under {ENGINES.get(written, written)} and this "
+                                 f"run uses {ENGINES[engine]}: relaunch with the accelerate config that wrote it, "
+                                 "or start fresh without train.resume")
+    wrote = marker.get("raw_batches")  # one count per process
+    if engine != "plain" and isinstance(wrote, list) and len(wrote) != processes:
+        raise CheckpointMismatch(f"train.resume: {path} was written by {len(wrote)} processes under "
+                                 f"{ENGINES[engine]} and this run has {processes}: launch {len(wrote)} processes "
+                                 "(num_processes) to resume it")
 
 
 @dataclass
@@ -118,7 +148,9 @@ def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], histo
     own.update({k: getattr(*where) for k, where in carried.items()})
     totals = {k: int(v) for k, v in summed(accelerator, own).items()}
     keys = sorted({k for h in history for k in h})
-    pending = {"n": len(history), "sums": {k: sum(h.get(k, 0.0) for h in history) for k in keys}}
+    sums = {k: float(sum(h.get(k, 0.0) for h in history)) for k in keys}
+    # a skipped step's NaN loss as text, as metrics.jsonl keeps it: the marker stays JSON that strict readers take
+    pending = {"n": len(history), "sums": {k: v if math.isfinite(v) else str(v) for k, v in sums.items()}}
     return {"raw_batches": gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
             "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"]), "streak": streak,
             "unlogged": gather_object([pending]) if accelerator.num_processes > 1 else [pending]}
@@ -131,7 +163,7 @@ def _history(marker: dict, accelerator) -> List[Dict[str, float]]:
     if not isinstance(unlogged, list) or len(unlogged) != accelerator.num_processes:
         return []
     own = unlogged[accelerator.process_index]
-    return [{k: s / own["n"] for k, s in own["sums"].items()} for _ in range(own["n"])]
+    return [{k: float(s) / own["n"] for k, s in own["sums"].items()} for _ in range(own["n"])]
 
 
 def gathered(accelerator, value: int) -> List[int]:

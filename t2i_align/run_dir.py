@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoints import FINAL_STEP_FILE, MARKER, STEP_DIR, checkpoints_dir, list_checkpoints
+from .errors import UserError
 from .tracking import WANDB_ID_FILE
 
 
-ABANDONED_MOVED = ("final", "gallery")
-"""The abandoned timeline's end, moved aside with its later checkpoints (this run makes its own)."""
+ABANDONED_MOVED = ("gallery", "final")
+"""The abandoned timeline's end, moved aside with its later checkpoints (this run makes its own); final/ last, as
+its being there is what says the end is still to be set aside."""
 ABANDONED_COPIED = ("metrics.jsonl", "raft_rounds.jsonl", "reward_direction.safetensors", WANDB_ID_FILE)
 """Copied: the logs whole (this run drops their lines after the resumed step), LongAlign's direction, so that a
 resume from the abandoned folder finds it, and the W&B run's id (this run starts a new W&B run)."""
@@ -31,7 +33,8 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     copied, so a resume from the folder finds what it needs. Returns the folder (None if nothing was set aside).
 
     Stopped at any point (a kill, a full disk), a relaunch finishes it: the copies are made before anything moves,
-    and anything later than N left behind sets aside again (the run then cuts its logs after N: they were copied)."""
+    and the newer checkpoints, which say there is something to set aside, move last (the run then cuts its logs
+    after N: they were copied)."""
     from .references import POOL_DIR, snapshot_files
 
     out = Path(output_dir)
@@ -39,10 +42,10 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     # final/ (and the gallery beside it) only when exported past step N: a run extended from the step it ended at
     # replaces its final/ as it ends
     final_past = exported_past(out, step)
+    if not newer and not final_past:  # a crashed run's snapshots after N alone: redone by this run, not kept
+        return None
     snapshots = snapshot_files(out)
     later = [path for s, path in snapshots.items() if s > step]
-    if not newer and not final_past and not later:
-        return None
     import time
 
     aside = _new_folder(checkpoints_dir(out), f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step}")
@@ -63,13 +66,18 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     return aside
 
 
-def move(src: Path, dst: Path) -> None:
-    """A rename; across file systems (checkpoints/ a link to a scratch disk) a copy, then the source deleted."""
+def move(src: Path, dst: Path, copy_across: bool = True) -> None:
+    """A rename; across file systems (checkpoints/ a link to a scratch disk) a copy, then the source deleted, or,
+    without `copy_across`, a UserError (a fresh start would copy every old checkpoint back off the scratch disk)."""
     try:
         src.rename(dst)
     except OSError as err:
         if err.errno != errno.EXDEV:
             raise
+        if not copy_across:
+            raise UserError(f"cannot set {src} aside into {dst.parent}: they are on different file systems (is "
+                            "checkpoints/ a link to another disk?); move the earlier run's files away yourself, or "
+                            "use a new output_dir") from err
         shutil.move(str(src), str(dst))
 
 
@@ -143,7 +151,7 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = 
 
     aside = _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     for path in old:
-        move(path, aside / path.name)
+        move(path, aside / path.name, copy_across=False)
     steps = [int(m.group(1)) for m in (STEP_DIR.match(p.name) for p in old) if m]
     log(f"{why or f'a fresh start in {out}'}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
         + (f" (to continue that run instead: train.resume={aside}/step-{max(steps)})" if steps else ""))

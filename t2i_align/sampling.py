@@ -302,8 +302,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, num_inferenc
     `on_batch`: called with each finished batch's Samples, which are then not kept (the result's latents and
     images are empty): thousands of decoded images (12.6 MB each for SDXL in float32) need not fit in memory at once.
     Images with NaN pixels (a diverged model, an fp16 VAE overflowing) are counted and warned about.
-    `steps_setting`: what a too-large `num_inference_steps` is called in the error (a flag, or a run's setting).
-    """
+    `steps_setting`: the flag or setting a too-large `num_inference_steps` is named by in the error."""
     _check_inputs(pipe, prompts, seeds, user_tokens)
     _check_steps(pipe, num_inference_steps, steps_setting)
     components = pipeline_components(pipe)

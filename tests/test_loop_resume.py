@@ -1,5 +1,8 @@
 """Loop correctness found in review (issue 10): train mode, checkpoint timelines, exact resume over corrupt data."""
 import json
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -189,13 +192,16 @@ def test_a_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(tiny_mod
 
     def nan_loss(self, *args, **kwargs):
         loss, metrics = original(self, *args, **kwargs)
-        return loss * float("nan"), metrics
+        return loss * float("nan"), {**metrics, "loss": float("nan")}
 
     monkeypatch.setattr(SFT, "compute_loss", nan_loss)
     failing = tmp_path / "failing"
     nan = (*common, "train.max_nonfinite_steps=3", "train.checkpoint_every=1", "train.max_steps=10")
     with pytest.raises(NonFiniteError, match=r"last at step 3\)"):
         train(_cfg(tiny_model, pairs, failing, *nan))
+    marker = read_marker(failing / "checkpoints" / "step-2")
+    assert marker["streak"] == 2 and marker["unlogged"][0]["sums"]["loss"] == "nan"  # text: strict JSON readers
+    assert "NaN" not in json.dumps(marker)
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps .*last at step 3\)"):  # not at step 5
         train(_cfg(tiny_model, pairs, failing, *nan, "train.resume=latest"))
 
@@ -212,6 +218,9 @@ def test_unlogged_metrics_come_back_per_process_or_not_at_all():
     assert _history(marker, SimpleNamespace(num_processes=2, process_index=1)) == [{"loss": 0.5, "acc": 1.0}]
     assert _history(marker, SimpleNamespace(num_processes=3, process_index=1)) == []
     assert _history({}, SimpleNamespace(num_processes=1, process_index=0)) == []
+    nan = {"unlogged": [{"n": 2, "sums": {"loss": "nan", "acc": "inf"}}]}  # as `record` writes non-finite sums
+    (row, _) = _history(nan, SimpleNamespace(num_processes=1, process_index=0))
+    assert math.isnan(row["loss"]) and row["acc"] == math.inf
 
 
 def test_resume_position_per_process(caplog):
@@ -232,7 +241,8 @@ def test_resume_refuses_another_engine_or_sharded_process_count(tmp_path):
     """Checked before the model loads (the engines' own loads failed after it was built): the engine that wrote a
     checkpoint, and under FSDP / DeepSpeed its number of processes; plain checkpoints move between process counts;
     markers from before the engine was recorded pass."""
-    from t2i_align.checkpoints import MARKER, CheckpointMismatch, check_resume
+    from t2i_align.checkpoints import MARKER, CheckpointMismatch
+    from t2i_align.resume import check_resume
 
     def marker(**entries):
         folder = tmp_path / f"step-{len(list(tmp_path.iterdir()))}"
@@ -491,16 +501,23 @@ def test_a_set_aside_stopped_halfway_is_finished_by_the_relaunch(tmp_path, monke
     # across file systems (checkpoints/ a link to a scratch disk) a rename fails with EXDEV: copied, then deleted
     (out / "final").mkdir()
     (out / "final" / "model.safetensors").write_text("weights")
-    rename = Path.rename
+    rename, copytree, copied = os.rename, shutil.copytree, []
 
-    def other_disk(self, target):
-        if self.name == "final":
+    def other_disk(src, dst, *args, **kwargs):  # Path.rename and shutil.move both come here
+        if Path(src).name in ("final", "step-9"):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        return rename(self, target)
+        return rename(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "rename", other_disk)
+    monkeypatch.setattr(os, "rename", other_disk)
+    monkeypatch.setattr(shutil, "copytree", lambda *a, **k: copied.append(a[0]) or copytree(*a, **k))
     folder = run_dir.set_aside_newer(out, 1, log=lambda message: None)
     assert (folder / "final" / "model.safetensors").read_text() == "weights" and not (out / "final").exists()
+    assert [Path(p).name for p in copied] == ["final"]  # copied, not renamed
+    # a fresh start would copy every old checkpoint back off the scratch disk: refused, nothing moved
+    (out / "checkpoints" / "step-9").mkdir()
+    (out / "checkpoints" / "step-9" / MARKER).write_text(json.dumps({"step": 9}))
+    with pytest.raises(UserError, match="step-9 aside into .*different file systems .*a new output_dir"):
+        run_dir.set_aside_previous_run(out, log=lambda message: None)
 
 
 def test_processes_that_find_different_latest_checkpoints_stop_together(tmp_path, monkeypatch):
@@ -531,3 +548,6 @@ def test_processes_that_find_different_latest_checkpoints_stop_together(tmp_path
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [*objs, (None, unseen)])
     with pytest.raises(FileNotFoundError, match="on 1 of 2 processes"):  # this process saw it, another did not
         resolve_resume_everywhere(two, tmp_path, str(newest))
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: objs * 2)  # a typo: no machine sees it
+    with pytest.raises(FileNotFoundError, match=r"step-4' does not exist; use [^(]*$"):  # no shared-disk hint
+        resolve_resume_everywhere(two, tmp_path, "/elsewhere/step-4")

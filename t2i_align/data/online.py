@@ -88,6 +88,8 @@ def _check_fixed_direction(options: Dict, prompts: str) -> None:
 
     omega = options.get("omega", inspect.signature(DecomposedClip).parameters["omega"].default)
     fit = f"raft.reward_options.fit_prompts={prompts} (fitted once from the round prompts) or direction=FILE"
+    if options.get("direction") is not None and options.get("fit_prompts") is not None:
+        raise ConfigError("raft.reward_options: give direction or fit_prompts, not both")
     if options.get("direction") == "batch":
         raise ConfigError("raft.reward_options.direction=batch: each image would be scored against the mean text of "
                           f"the images scored with it, so the winners would depend on the batching; use {fit}")

@@ -66,7 +66,7 @@ def check(lora: Optional[str], pairs: str, n: int = 256, steps: int = 10, guidan
     # streams of their own: the draws share no noise with the starts
     starts, draw_noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     with torch.random.fork_rng(devices=[]):  # the VAE posterior samples from it: seeded, the caller's left alone
-        torch.manual_seed(seed + 2)
+        torch.default_generator.manual_seed(seed + 2)  # the CPU's only: fork_rng restores no CUDA state
         for i in range(0, len(data["captions"]), batch):
             caps = data["captions"][i:i + batch]
             pixels = torch.from_numpy(np.stack(data["images"][i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
