@@ -155,13 +155,24 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def _latent_stats(vae, latents: torch.Tensor):
+    """(mean, std) the latents are normalised by: a VAE config's per-channel `latents_mean` / `latents_std`, which
+    diffusers' SDXL pipeline applies when set (null for SDXL base), else its `shift_factor` and 1 (0 for SD1.5)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean)) + (1,) * (latents.dim() - 2)
+        return (torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape),
+                torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape))
+    return getattr(vae.config, "shift_factor", None) or 0.0, 1.0
+
+
 def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE latents -> the UNet's latent space: (z - shift) · scaling_factor (no shift for SD1.5 / SDXL)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    """VAE latents -> the UNet's latent space: (z - mean) · scaling_factor / std (`_latent_stats`)."""
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) * vae.config.scaling_factor / std
 
 
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The UNet's latents -> what the VAE decodes, the inverse of `scale_latents`."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return latents / vae.config.scaling_factor + shift
+    """The UNet's latents -> what the VAE decodes, the inverse of `scale_latents` (the pipeline's decode)."""
+    mean, std = _latent_stats(vae, latents)
+    return latents * std / vae.config.scaling_factor + mean

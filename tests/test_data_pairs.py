@@ -226,6 +226,14 @@ def test_joint_flip_same_for_both_independent_can_differ(tmp_path):
     assert any(win != lose for win, lose in flips)
     none = PairDataset(path, resolution=16)
     assert not any(is_flipped(none[i]["pixels_w"]) for i in range(12))
+    # diffusers' SDXL script crops the pair at one place too; random crops were drawn per image
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 48, 3), dtype=np.uint8)).save(buf, format="PNG")  # wide: crops can move
+    wide = write_pairs(tmp_path / "wide.parquet", [row(caption=str(i), jpg_0=buf.getvalue(), jpg_1=buf.getvalue())
+                                                   for i in range(12)])
+    crops = [(it["crop_top_left_w"], it["crop_top_left_l"]) for it in
+             map(PairDataset(wide, resolution=8, crop="random", flip="joint").__getitem__, range(12))]
+    assert all(w == lo for w, lo in crops) and len({w for w, _ in crops}) > 1
 
 
 def test_items_reproducible_by_seed_epoch_index(tmp_path):

@@ -395,6 +395,13 @@ def test_latent_scaling_with_and_without_a_shift():
     assert unscale_latents(shifted, torch.tensor([0.5, -0.5])).tolist() == pytest.approx([1.1, -0.9])
     plain = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215, shift_factor=None))
     assert scale_latents(plain, torch.tensor([2.0])).tolist() == pytest.approx([0.3643])
+    # per-channel statistics, which diffusers' SDXL pipeline decodes with (latents * std / scaling + mean) when a
+    # VAE config sets them: ignored before, so such a model trained in other latents than it samples in
+    normed = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5, shift_factor=None, latents_mean=[1.0, -1.0],
+                                                    latents_std=[2.0, 4.0]))
+    z = torch.tensor([3.0, 7.0]).view(1, 2, 1, 1)
+    assert scale_latents(normed, z).flatten().tolist() == pytest.approx([0.5, 1.0])  # (3-1)*.5/2, (7+1)*.5/4
+    assert unscale_latents(normed, torch.tensor([0.5, 1.0]).view(1, 2, 1, 1)).flatten().tolist() == [3.0, 7.0]
 
 
 @pytest.mark.parametrize("names, variant", [

@@ -155,7 +155,8 @@ class DataConfig:
     crop: str = "center"
     """"center" or "random" crop after the resize."""
     flip: str = "none"
-    """Horizontal flips: "none", "independent" (each image of a pair, as the official SD1.5 code) or "joint"."""
+    """Horizontal flips: "none", "independent" (each image of a pair, as the official SD1.5 code) or "joint" (the
+    pair flipped together and, with crop="random", cropped at one place: diffusers' SDXL DPO script)."""
     time_ids: str = "fixed"
     """SDXL's micro-conditioning of training images: "fixed" (every image as the pipeline samples, original size
     = target size = resolution, crop (0, 0): the official Diffusion-DPO code; a pair's two images see one

@@ -330,7 +330,8 @@ class PairDataset(torch.utils.data.Dataset):
         flip_w = self.flip != "none" and u[1] < 0.5
         flip_l = flip_w if self.flip == "joint" else self.flip == "independent" and u[2] < 0.5
         pw, size_w, crop_w = prepare_image(images[0], self.resolution, self.crop, flip_w, u[3], u[4])
-        pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l, u[5], u[6])
+        crop_draws = (u[3], u[4]) if self.flip == "joint" else (u[5], u[6])  # joint: one crop too (diffusers' SDXL)
+        pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l, *crop_draws)
         caption = "" if u[0] < self.prompt_dropout else self.captions[index]
         item = {"pixels_w": pw, "pixels_l": pl, "caption": caption, "original_size_w": size_w,
                 "original_size_l": size_l, "crop_top_left_w": crop_w, "crop_top_left_l": crop_l, "index": index}
