@@ -169,3 +169,34 @@ def test_mistakes_are_one_error_line_and_write_nothing(pairs, tmp_path, capsys, 
     code, _, err = _relabel(capsys, "--pairs", given[0], "--reward", given[1], "--out", given[2], *extra)
     assert code == 2 and told in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists() and sorted(p.name for p in pairs.iterdir()) == ["part-0.parquet"]
+
+
+def test_resume_keeps_a_file_of_the_name_relabelling_did_not_write(pairs, tmp_path, capsys):
+    """--resume took any file without a record for a stopped run's and replaced it: the user's own a.parquet of 50
+    rows became relabelled output. Now refused, unless --overwrite."""
+    out = tmp_path / "ai"
+    out.mkdir()
+    write_parquet(_rows()[:2], out / "part-0.parquet")  # the user's file, not relabelling's (no reward_0)
+    mine = (out / "part-0.parquet").read_bytes()
+    code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
+    assert code == 2 and "was not written by relabelling" in err and (out / "part-0.parquet").read_bytes() == mine
+    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--overwrite")
+    assert code == 0 and summary["written"] == 4
+
+
+def test_a_linked_input_file_keeps_each_output_named_as_its_input(pairs, tmp_path, capsys):
+    """part-1 a link to part-0 (read once): the names shifted, part-2's rows written as part-1, no part-2."""
+    write_parquet(_rows()[:3], pairs / "part-2.parquet")
+    (pairs / "part-1.parquet").symlink_to(pairs / "part-0.parquet")
+    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", tmp_path / "ai")
+    assert code == 0 and summary["files"] == 2
+    assert sorted(p.name for p in (tmp_path / "ai").glob("*.parquet")) == ["part-0.parquet", "part-2.parquet"]
+    assert pq.read_table(tmp_path / "ai" / "part-2.parquet").num_rows == 3
+
+
+def test_a_reward_scored_against_its_batch_is_refused(pairs, tmp_path, capsys):
+    """decomposed-clip's direction=batch: labels changed with --batch-size and one-caption batches were dropped."""
+    code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "decomposed-clip", "--option",
+                            "decomposed-clip.checkpoint=toy", "--option", "decomposed-clip.direction=batch",
+                            "--out", tmp_path / "ai")
+    assert code == 2 and "would depend on --batch-size" in err and not (tmp_path / "ai").exists()

@@ -115,8 +115,11 @@ def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[st
 def input_files(pairs: Path) -> List[Tuple[str, Path]]:
     """(name, resolved path) of every parquet file of `pairs` (a file or folder), each readable and holding the
     Pick-a-Pic columns relabelling reads; outputs take the names as given (a symlink's, not its target's)."""
-    files = find_parquet_files(pairs)  # sorted by the names as given, each resolved inside the folder
-    names = [f.name for f in sorted(pairs.glob("*.parquet"))] if pairs.is_dir() else [pairs.name]
+    files = find_parquet_files(pairs)  # sorted by the names as given, each resolved inside the folder, a link to
+    first: Dict[Path, str] = {}  # another file of it read once: each output named as its first listing
+    for listed in sorted(pairs.glob("*.parquet")) if pairs.is_dir() else [pairs]:
+        first.setdefault(listed.resolve(), listed.name)
+    names = [first[f] for f in files]
     for f in files:
         try:
             found = pq.ParquetFile(f).schema_arrow.names
@@ -133,7 +136,8 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
             log=print, **options) -> Dict[str, Any]:
     """Every parquet file of `pairs` relabelled into folder `out`, each with a record beside it
     (<name>.relabel.json: `setup` — reward, options —, the source file and its counts); `resume` keeps a finished
-    file whose record matches and refuses one made otherwise. Returns the summed counts, also out/relabel.json."""
+    file whose record matches and refuses one made otherwise, or a file of the name relabelling did not write.
+    Returns the summed counts, also out/relabel.json."""
     from tqdm.auto import tqdm
 
     files = input_files(Path(pairs))
@@ -183,12 +187,16 @@ def _record_path(parquet: Path) -> Path:
 
 def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The counts of a finished output made as `record` says; None when it is not finished (no file, or no record:
-    the run stopped between the two); UserError when it was made from another source or with another reward."""
+    the run stopped between the two); UserError when it was made from another source or with another reward, or
+    is not relabelling's at all (the user's own file of that name: --resume would have replaced it)."""
     try:
         kept = json.loads(_record_path(parquet).read_text(encoding="utf-8")) if parquet.is_file() else None
     except (OSError, ValueError):
-        return None
+        kept = None
     if kept is None:
+        if parquet.is_file() and not _ours(parquet):
+            raise UserError(f"{parquet} was not written by relabelling (no record, no reward_0 column): give another "
+                            "--out, or --overwrite to replace it")
         return None
     wanted = json.loads(json.dumps(record, default=str))
     differs = sorted(k for k in wanted if kept.get(k) != wanted[k])
@@ -196,6 +204,15 @@ def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]
         raise UserError(f"{parquet} was made with other {', '.join(differs)} ({_record_path(parquet).name}): "
                         "give another --out, or --overwrite to relabel it again")
     return kept["counts"]
+
+
+def _ours(parquet: Path) -> bool:
+    """Whether a parquet file holds relabelling's added columns (a file its run wrote before its record)."""
+    try:
+        names = pq.ParquetFile(parquet).schema_arrow.names
+    except (OSError, ValueError):
+        return False
+    return all(n in names for n, _ in ADDED)
 
 
 def _add(total: Dict[str, Any], counts: Dict[str, Any]) -> None:
