@@ -142,6 +142,9 @@ def test_a_table_of_every_layer_is_cut_to_the_layers_the_branch_took(model, ppd_
     (("--user", "42"), "user '42' is not in the user table (3 users: 1, 2, 'zoe')"),
     (("--user", "1", "--user", "2"), "needs two --user ids and --alpha"),
     (("--user", "1", "--user-table", "WIDE"), "shape (1, 3, 8); this UNet's user branch takes [batch, 3, 6]"),
+    (("--user=--1",), "user '--1' is not in the user table"),  # int("--1") raised a traceback
+    (("--user", "1", "--user", "2", "--alpha", "nan"), "--alpha nan: give a finite number"),
+    (("--user", "1", "--user-scale", "nan"), "--user-scale nan: must be a finite number >= 0"),
 ])
 def test_generate_cli_user_mistakes_are_one_line_errors(model, ppd_final, tmp_path, capsys, extra, message):
     (tmp_path / "p.txt").write_text("a cat\n")

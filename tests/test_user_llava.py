@@ -194,6 +194,9 @@ def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects it before anything loads
         users_main(["embed", "--model", "m", "--pairs", "p", "--out", "o", "--num-shots", "6"])
     assert exit_info.value.code == 2 and "invalid choice: 6" in capsys.readouterr().err
+    # users[:-1] embedded every user but the last, without a word
+    assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", "o", "--max-users", "-1"]) == 2
+    assert "--max-users -1: give a number >= 0" in capsys.readouterr().err
 
 
 def test_a_transformers_too_old_is_a_user_error(tmp_path, monkeypatch):
@@ -265,3 +268,6 @@ def test_check_shots_refuses_to_pass_when_the_id_types_differ(tmp_path, capsys):
     others = _write_pairs(tmp_path / "others.parquet", {8: 2})
     assert users_main(["check-shots", "--shots", str(tmp_path / USERS_JSON), "--pairs", str(others)]) == 0
     assert "nothing to compare (users new to this training set?)" in capsys.readouterr().err
+    # pandas writes ids 8.0 beside a missing one: the same ids embed reads as ints, new users, no type mismatch
+    floats = _with_user_ids(_write_pairs(tmp_path / "floats.parquet", {8: 2}), [8.0, None])
+    assert users_main(["check-shots", "--shots", str(tmp_path / USERS_JSON), "--pairs", str(floats)]) == 0

@@ -40,6 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.command == "embed":
+            if args.max_users < 0:  # users[:-1] would drop the last user without a word
+                raise UserError(f"--max-users {args.max_users}: give a number >= 0 (0: every user)")
             if not Path(args.model).is_dir():
                 raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
                                         "checkpoint in transformers' format (nothing is downloaded)")

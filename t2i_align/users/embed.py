@@ -197,7 +197,9 @@ def check_shots(shots_json: str, pairs: str) -> int:
 
 
 def _id_types(ids) -> List[str]:
-    return sorted({type(u).__name__ for u in ids if u is not None})
+    """The ids' types, a whole float counted as the int `embed` writes it as (pandas writes 7.0 beside a NaN)."""
+    whole = (lambda u: int if isinstance(u, float) and u.is_integer() else type(u))  # noqa: E731
+    return sorted({whole(u).__name__ for u in ids if u is not None and not (isinstance(u, float) and u != u)})
 
 
 PARTS_SETTINGS = "settings.json"

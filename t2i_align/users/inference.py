@@ -6,6 +6,8 @@ user table it trained with (user_table.safetensors) and, when LoRA trained too, 
 """
 from __future__ import annotations
 
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +85,7 @@ def resolve_id(table: UserTable, given: str):
     """A command-line id (text) as the table spells it: "12" finds user 12 when the ids are ints."""
     if given in table:
         return given
-    if given.lstrip("-").isdigit() and int(given) in table:
+    if re.fullmatch(r"-?\d+", given) and int(given) in table:  # "--1" is no number
         return int(given)
     table.embedding(given)  # raises UnknownUserError naming the table's ids
     return given
@@ -104,6 +106,8 @@ def user_embedding(choice: UserChoice, folders: Sequence) -> torch.Tensor:
         raise UserChoiceError(f"--user given {len(choice.ids)} times; give one user, or two with --alpha")
     if (len(choice.ids) == 2) != (choice.alpha is not None):
         raise UserChoiceError("interpolation needs two --user ids and --alpha (0 = the first, 1 = the second)")
+    if choice.alpha is not None and not math.isfinite(choice.alpha):
+        raise UserChoiceError(f"--alpha {choice.alpha}: give a finite number (0 = the first user, 1 = the second)")
     table = _table(choice, folders)
     ids = [resolve_id(table, u) for u in choice.ids]
     if len(ids) == 1:
@@ -123,8 +127,8 @@ def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Opti
                                   "user branch (no user_branch.safetensors next to --lora or in --model)")
         return None
     if choice.scale is not None:
-        if choice.scale < 0:
-            raise UserChoiceError(f"--user-scale {choice.scale}: must be >= 0")
+        if not choice.scale >= 0 or not math.isfinite(choice.scale):  # nan passed `< 0`
+            raise UserChoiceError(f"--user-scale {choice.scale}: must be a finite number >= 0")
         set_user_scale(pipe.unet, choice.scale)
     embedding = user_embedding(choice, folders)
     taken = user_token_shape(pipe.unet)[0]
