@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # How often does toy DPO's gain hold? One recipe (configs/toy/dpo.yaml: best-vs-worst-of-8 pairs, LoRA r8, β 500,
-# 600 steps), four pair sets that share no noise with the judged images (pair seeds 500000 — the demo's —, 2000000,
-# 3000000, 4000000; image k of prompt i starts from seed + 10000k + i), each trained at seed 0, and the first two
-# also at training seeds 1 and 2, so a failure can be told apart as the pairs' or the training run's. Every model
+# 600 steps), five pair sets that share no noise with the judged images (pair seeds 500000 — the demo's —, 2000000,
+# 3000000, 4000000, 5000000 (since session 28); image k of prompt i starts from seed + 10000k + i), each trained at
+# seed 0, and the first two also at training seeds 1 and 2, so a failure can be told apart as the pairs' or the
+# training run's. Every model
 # is judged against the base on the 60 held-out prompts x 8 seeds at seed 0 (benchmarks/toy_table.py), and since
 # session 28 at fresh seeds 100000 too; nothing here chooses a setting. About 4 min per pair set, 4 min per
 # training, 1.5 min per judged model on the idle 2-core CPU (session 27: 2 h 20 min in all, the machine shared with
-# test runs; a fifth pair set, 5000000, was planned and cut for time before it started; session 28's fresh-seed
-# judging and statistics of the kept runs: 12 min).
+# test runs; session 28: the fifth pair set, the fresh-seed judging and every model judged again, its cache keyed
+# anew).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 R=runs/dpo-pair-sets
 MODELS=()
-for pseed in 500000 2000000 3000000 4000000; do
+for pseed in 500000 2000000 3000000 4000000 5000000; do
   pairs=$R/pairs-$pseed/pairs.parquet
   [ -f $pairs ] || $PY -m t2i_align.toy pairs --out $R/pairs-$pseed --k 8 --seed $pseed --pairing best-worst
   tseeds="0"; [ $pseed -le 2000000 ] && tseeds="0 1 2"

@@ -227,7 +227,7 @@ def test_generate_cli_embeds_a_toy_user_from_shots(tmp_path, capsys):
     assert code == 2 and "have [3] shots; each needs 4" in last
 
 
-def test_merging_a_ppd_final_keeps_its_user_branch_and_table(model, ppd_final, tmp_path):
+def test_merging_a_ppd_final_keeps_its_user_branch_and_table(model, ppd_final, tmp_path, monkeypatch):
     """train/merge_lora.py on a PPD final/ wrote the branch into unet/ (a folder that plain diffusers cannot load)
     and left the user table behind."""
     from t2i_align.merge import merge_lora
@@ -242,6 +242,14 @@ def test_merging_a_ppd_final_keeps_its_user_branch_and_table(model, ppd_final, t
         pipe = load_pipeline(m, lora=lora)
         images.append(_generate(pipe, user_tokens_for(pipe, UserChoice(ids=["1"]), 2, (lora, m))))
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
+    # a LoRA tuned on the merged model, merged onto it named as ~/merged: the model folder's table, found where the
+    # model loads from, comes along
+    from helpers import export_random_lora
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.warns(UserWarning, match="was trained on"):  # on the base: the same UNet shapes, no branch
+        again = merge_lora("~/merged", export_random_lora(model, tmp_path / "lora"), tmp_path / "again")
+    assert (again / "user_table.safetensors").read_bytes() == (merged / "user_table.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("given", ["root", "unet"])
@@ -267,7 +275,7 @@ def test_a_full_ppd_export_merged_as_unet_keeps_its_user_branch_and_table(model,
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
 
 
-def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path, monkeypatch):
+def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path):
     from t2i_align.merge import _user_table
 
     lora, model = tmp_path / "final", tmp_path / "ppd-full"
@@ -278,9 +286,7 @@ def test_a_merge_takes_the_user_table_of_the_lora_else_of_the_model(tmp_path, mo
     assert _user_table(model, lora / "pytorch_lora_weights.safetensors", None) == model / "user_table.safetensors"
     (lora / "user_table.safetensors").write_text("")
     assert _user_table(model, lora, None) == lora / "user_table.safetensors"
-    (lora / "user_table.safetensors").unlink()
-    monkeypatch.setenv("HOME", str(tmp_path))  # a model given as ~/ppd-full: its table, found where it loads
-    assert _user_table("~/ppd-full", lora, None) == model / "user_table.safetensors"
+    # the model's folder is given as check_weights resolved it (`~/m`, a hub id's download): merge_lora's tests
 
 
 def test_a_model_with_a_branch_sampled_without_a_user_is_a_clear_error(model, ppd_final):
