@@ -50,8 +50,9 @@ def pair_set_stats(path: Path) -> Dict:
     for name in ATTRIBUTES:
         w = np.array([v.correct[name] for v in winners])
         lo = np.array([v.correct[name] for v in losers])
-        out["per_attribute"][name] = {"winner": float(w.mean()), "loser": float(lo.mean()),
-                                      "net": float((w & ~lo).mean() - (lo & ~w).mean())}
+        each = (w & ~lo).astype(float) - (lo & ~w)  # +1, 0 or -1 per pair: the net signal is its mean
+        out["per_attribute"][name] = {"winner": float(w.mean()), "loser": float(lo.mean()), "net": float(each.mean()),
+                                      "net_standard_error": float(each.std(ddof=1) / np.sqrt(len(each)))}
     return out
 
 
@@ -99,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         nets = " / ".join(f"{s['per_attribute'][a]['net']:+.3f}" for a in ATTRIBUTES)
         gain = f"{s['gain']:+.3f} | {s['colour_change']:+.3f}" if "gain" in s else "- | -"
         print(f"{seed} | {gain} | {s['winner_score']:.3f} / {s['loser_score']:.3f} | {nets}")
+    errors = [a["net_standard_error"] for s in result.values() for a in s["per_attribute"].values()]
+    print(f"standard error of one set's net signal: {min(errors):.3f} to {max(errors):.3f}")
     runs = {r.name: training_end(r) for r in sorted(args.pairs_root.glob("p*-t*")) if (r / "metrics.jsonl").is_file()}
     if runs:
         print("run | implicit acc | winner / loser error above the reference (last 100 steps)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -117,8 +118,6 @@ def text_column(table, name: str) -> List[Any]:
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
-        import pyarrow as pa
-
         def text(raw: Optional[bytes]) -> Optional[str]:
             try:
                 return None if raw is None else raw.decode("utf-8")
@@ -330,8 +329,8 @@ class PairDataset(torch.utils.data.Dataset):
         flip_w = self.flip != "none" and u[1] < 0.5
         flip_l = flip_w if self.flip == "joint" else self.flip == "independent" and u[2] < 0.5
         pw, size_w, crop_w = prepare_image(images[0], self.resolution, self.crop, flip_w, u[3], u[4])
-        crop_draws = (u[3], u[4]) if self.flip == "joint" else (u[5], u[6])  # joint: one crop too (diffusers' SDXL)
-        pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l, *crop_draws)
+        pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l,  # joint: one crop too
+                                           *(u[3:5] if self.flip == "joint" else u[5:7]))
         caption = "" if u[0] < self.prompt_dropout else self.captions[index]
         item = {"pixels_w": pw, "pixels_l": pl, "caption": caption, "original_size_w": size_w,
                 "original_size_l": size_l, "crop_top_left_w": crop_w, "crop_top_left_l": crop_l, "index": index}
