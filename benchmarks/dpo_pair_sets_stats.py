@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm.auto import tqdm
 
 from t2i_align.files import write_json_atomic
 from t2i_align.toy.judge import judge_batch
@@ -94,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                  "benchmarks/dpo_pair_sets_toy_runs.sh first, or name its folder with --pairs-root")
     gains = _gains(args.table)
     result = {f.parent.name.split("-")[1]: {**pair_set_stats(f), **gains.get(f.parent.name.split("-")[1], {})}
-              for f in found}
+              for f in tqdm(found, desc="judge pair sets", unit="set", file=sys.stderr)}
     print("pair seed | gain | colour change | winner / loser judge | net signal: " + " / ".join(ATTRIBUTES))
     for seed, s in result.items():
         nets = " / ".join(f"{s['per_attribute'][a]['net']:+.3f}" for a in ATTRIBUTES)
