@@ -56,7 +56,8 @@ def test_the_judge_relabels_pairs_keeping_every_column(pairs, tmp_path, capsys):
     code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--batch-size", 3)
     assert code == 0
     assert (summary["rows"], summary["written"], summary["reward_ties"]) == (8, 4, 0)
-    assert summary["skipped"] == {"human_tie": 1, "unlabelled": 1, "unreadable_image": 1, "not_scored": 1}
+    assert summary["skipped"] == {"human_tie": 1, "unlabelled": 1, "invalid_label": 0, "unreadable_image": 1,
+                                  "not_scored": 1}
     assert summary["agreement_with_human"]["n"] == 4 and summary["agreement_with_human"]["rate"] == 0.75
     assert json.loads((out / "relabel.json").read_text()) == summary
     assert set(pq.read_schema(pairs / "part-0.parquet").names) < set(pq.read_schema(out / "part-0.parquet").names)
@@ -82,6 +83,25 @@ def test_pairs_people_did_not_decide_can_be_relabelled_too(pairs, tmp_path, caps
     rows = {r["ranking_id"]: r for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist()}
     assert (rows[4]["human_label_0"], rows[4]["label_0"]) == (0.5, 1.0)  # the tie: the caption's render on side 0
     assert (rows[7]["human_label_0"], rows[7]["label_0"], rows[7]["has_label"]) == (None, 0.0, True)
+
+
+def test_invalid_labels_are_counted_as_such_and_relabelling_nothing_fails(tmp_path, capsys):
+    """An invalid human label (3.0) was counted as "unlabelled"; a run that relabelled no pair exited 0 beside
+    row-less files a training run then could not use."""
+    folder, out = tmp_path / "pairs", tmp_path / "ai"
+    folder.mkdir()
+    rows = _rows()
+    write_parquet([{**rows[0], "label_0": 3.0}, rows[4], rows[6], rows[7]], folder / "part-0.parquet")
+    code, _, err = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: no pair was relabelled: of 4 rows read, skipped human_tie 1, unlabelled 1, "
+                                "invalid_label 1, not_scored 1 (see ")
+    assert json.loads((out / "relabel.json").read_text())["skipped"] == {
+        "human_tie": 1, "unlabelled": 1, "invalid_label": 1, "unreadable_image": 0, "not_scored": 1}
+    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out, "--overwrite",
+                                "--all-pairs")  # the caption toy-judge cannot read stays unscored
+    assert code == 0 and summary["written"] == 3 and summary["skipped"]["not_scored"] == 1
 
 
 def test_a_has_label_column_of_0_1_ints_is_written_as_bool(tmp_path, capsys):

@@ -87,6 +87,10 @@ def _relabel(args) -> int:
                       resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
                       log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(summary, indent=2))
+    if not summary["written"]:  # empty files: a run given OUT would find no pairs
+        skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items() if v)
+        raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'} "
+                         f"(see {out / 'relabel.json'})")
     return 0
 
 

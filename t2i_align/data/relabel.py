@@ -48,7 +48,7 @@ def verdict(score_0: float, score_1: float) -> float:
 
 def new_counts() -> Dict[str, Any]:
     return {"rows": 0, "written": 0,
-            "skipped": {"human_tie": 0, "unlabelled": 0, "unreadable_image": 0, "not_scored": 0},
+            "skipped": {"human_tie": 0, "unlabelled": 0, "invalid_label": 0, "unreadable_image": 0, "not_scored": 0},
             "reward_ties": 0, "human_labelled": 0, "agree_with_human": 0}
 
 
@@ -57,6 +57,16 @@ def _human_label(row: Dict[str, Any]) -> Optional[float]:
     if "human_label_0" in row:
         return row["human_label_0"]
     return None if label_problem(row.get("label_0"), row.get("has_label")) else float(row["label_0"])
+
+
+def _skip_reason(row: Dict[str, Any]) -> Optional[str]:
+    """Why the official code would not relabel the row (its counter's key), None when people chose a winner. An
+    input already relabelled says only that its human label is missing, not why."""
+    human = _human_label(row)
+    if human is None:
+        problem = None if "human_label_0" in row else label_problem(row.get("label_0"), row.get("has_label"))
+        return "invalid_label" if problem == "invalid_labels" else "unlabelled"
+    return None if human in (0.0, 1.0) else "human_tie"  # a tie: 0.5 (or another fraction, no winner either)
 
 
 def _scored(reward_name: str, reward, rows: List[Dict[str, Any]], counts: Dict[str, Any]) -> Iterator[Dict]:
@@ -101,11 +111,10 @@ def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[st
         for batch in pf.iter_batches(batch_size=max(1, rows_per_read)):
             read = batch.to_pylist()
             counts["rows"] += len(read)
-            humans = [_human_label(r) for r in read]
-            if not all_pairs:  # a tie: 0.5 (or another fraction, no winner either)
-                counts["skipped"]["human_tie"] += sum(h is not None and h not in (0.0, 1.0) for h in humans)
-                counts["skipped"]["unlabelled"] += humans.count(None)
-            keep = [r for r, h in zip(read, humans) if all_pairs or h in (0.0, 1.0)]
+            reasons = [None if all_pairs else _skip_reason(r) for r in read]
+            for reason in filter(None, reasons):
+                counts["skipped"][reason] += 1
+            keep = [r for r, why in zip(read, reasons) if why is None]
             yield from _scored(reward_name, reward, keep, counts) if keep else ()
             progress(len(read))
 
