@@ -24,11 +24,27 @@ from common import (add_model_args, add_reward_args, add_sampling_args, add_user
                     load_reward_set, note_training_seeds, run_cli, settings_from, user_choice_from)
 
 
-def compare_sets(args, rewards, save=None) -> dict:
-    """The comparison, set by set; `save(result so far)` after each set, so that a later set's failure (out of
-    memory, a bad prompt) keeps what was sampled: `unfinished` lists the blocks not yet compared."""
-    from t2i_align.evaluation import compare_scores, sample_model, score_samples
+def read_sets(args) -> tuple:
+    """Before any reward or model loads: every prompt set read, the sampling settings, each set making the two
+    image pairs a comparison needs."""
     from t2i_align.prompts import read_prompts
+
+    from reward_models.cli import UsageError
+
+    prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
+    settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
+    for spec, prompts in prompt_sets.items():
+        if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling
+            raise UsageError(f"--prompts {spec}: 1 prompt at --seeds-per-prompt 1 makes one image pair, and a "
+                             "comparison needs at least 2: give more prompts or --seeds-per-prompt 2 or more")
+    return prompt_sets, settings
+
+
+def compare_sets(args, rewards, save=None, sets=None) -> dict:
+    """The comparison, set by set (`sets`: read_sets(args), read here if not given); `save(result so far)` after
+    each set, so that a later set's failure (out of memory, a bad prompt) keeps what was sampled: `unfinished`
+    lists the blocks not yet compared."""
+    from t2i_align.evaluation import compare_scores, sample_model, score_samples
 
     from reward_models.cli import UsageError
 
@@ -37,17 +53,13 @@ def compare_sets(args, rewards, save=None) -> dict:
         raise UsageError(f"{batched[0]} with direction=batch scores an image against its batch's mean text, so its "
                          "scores depend on how images are batched: fit the direction once (--option "
                          f"{batched[0]}.fit_prompts=FILE) to compare")
-    prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
-    settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
+    prompt_sets, settings = sets or read_sets(args)
     # a full fine-tune's final/ given as --model (or --base) comes from a run as a LoRA does
     full = {m for m in (args.model, args.base) if m and m != "toy" and (Path(m) / "model_index.json").is_file()}
     for weights in ({args.lora, args.base_lora} - {None}) | full:
         note_training_seeds(weights, settings, max(len(prompts) for prompts in prompt_sets.values()))
-    for spec, prompts in prompt_sets.items():
+    for prompts in prompt_sets.values():
         check_rewards_read(rewards, prompts)
-        if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling
-            raise UsageError(f"--prompts {spec}: 1 prompt at --seeds-per-prompt 1 makes one image pair, and a "
-                             "comparison needs at least 2: give more prompts or --seeds-per-prompt 2 or more")
     blocks = [(s, u) for s in args.prompts for u in (args.user or [None])]
     result = {"base": {"model": args.base, "lora": args.base_lora, **args.records["base"]},
               "tuned": {"model": args.model, "lora": args.lora, **args.records["tuned"]},
@@ -83,6 +95,19 @@ def compare_sets(args, rewards, save=None) -> dict:
     return result
 
 
+def _check_out_of_models(args) -> None:
+    """--out inside a model or LoRA folder could replace its weights (`--lora run/final --out
+    run/final/pytorch_lora_weights.safetensors --overwrite`) or be read as one of its files: refused."""
+    from reward_models.cli import UsageError
+
+    out = Path(args.out).resolve()
+    for flag in ("--lora", "--base-lora", "--model", "--base", "--base-model"):
+        given = getattr(args, flag[2:].replace("-", "_"))
+        if given and Path(given).is_dir() and Path(given).resolve() in out.parents:
+            raise UsageError(f"--out {args.out} lies inside {flag} {given}, whose files it could replace: write the "
+                             "results elsewhere, e.g. beside that folder")
+
+
 def _key(spec: str, user_id) -> str:
     return spec if user_id is None else f"{spec} · user {user_id}"
 
@@ -111,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                      if not spec.startswith("toy:")}}
         check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
                           replaces=[Path(args.out)], overwrite=args.overwrite)
+        _check_out_of_models(args)
     args.base = args.base or args.base_model or args.model
     if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding):
         print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "
@@ -125,9 +151,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
                          "sample/generate.py")
     check_user_flags(args, [(args.base, args.base_lora), (args.model, args.lora)])
     args.prompts = args.prompts or ["toy:heldout"]
+    sets = read_sets(args)  # a typo'd prompt file or a count reported before the rewards load
     rewards, kept = load_reward_set(args.reward, args.option, args.device), {}
     try:
-        return compare_sets(args, rewards, save=_saver(Path(args.out)) if args.out else kept.update)
+        return compare_sets(args, rewards, save=_saver(Path(args.out)) if args.out else kept.update, sets=sets)
     except BaseException:  # without --out, the sets compared before a failure were lost with it
         if kept.get("sets"):
             from t2i_align.files import finite_json

@@ -95,8 +95,13 @@ def sign_test_p(wins: int, losses: int) -> float:
     m, k = wins + losses, min(wins, losses)
     if m == 0:
         return 1.0
-    # integer numerator and denominator: Python divides big ints exactly rounded; 2.0 ** m overflows past m = 1023
-    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+    # integer numerator and denominator: Python divides big ints exactly rounded; 2.0 ** m overflows past m = 1023.
+    # Each C(m, i + 1) from C(m, i): one math.comb per term took 29 s at 20,000 pairs.
+    total = term = 1
+    for i in range(k):
+        term = term * (m - i) // (i + 1)
+        total += term
+    return min(1.0, 2 * total / 2 ** m)
 
 
 def wilson_interval(p_hat: float, n: int, level: float = 0.95) -> Tuple[float, float]:

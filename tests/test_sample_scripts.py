@@ -110,6 +110,30 @@ def test_compare_refuses_an_out_that_is_its_prompts_file(prompts, capsys):
     assert prompts.read_text() == before
 
 
+def test_compare_refuses_an_out_inside_its_lora_folder(prompts, tmp_path, capsys):
+    """Only --out equal to an input was refused: `--lora run/final --out run/final/<weights> --overwrite` replaced
+    the LoRA's weights with the JSON."""
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    out = final / "pytorch_lora_weights.safetensors"
+    code = _script("common").run_cli(lambda: _script("compare").main(
+        ["--lora", str(final), "--prompts", str(prompts), "--out", str(out), "--overwrite", *FAST]))
+    assert code == 2 and f"--out {out} lies inside --lora {final}" in capsys.readouterr().err
+    assert out.read_bytes() == b"weights"
+
+
+def test_compare_reads_its_prompts_before_loading_rewards(tmp_path, monkeypatch, capsys):
+    """A typo'd --prompts was reported only after every reward (PickScore, HPSv2...) had loaded."""
+    compare = _script("compare")
+
+    def no_load(*args):
+        pytest.fail("rewards loaded before the prompts were read")
+    monkeypatch.setattr(compare, "load_reward_set", no_load)
+    code = _script("common").run_cli(lambda: compare.main(["--prompts", str(tmp_path / "typo.txt")]))
+    assert code == 2 and "typo.txt" in capsys.readouterr().err
+
+
 def test_compare_keeps_the_sets_done_when_a_later_one_fails(prompts, tmp_path, monkeypatch, capsys):
     """--out is written after each prompt set: a failure in the second set (here: out of memory while sampling)
     keeps the first set's block, and `unfinished` names the second (everything was lost before session 22)."""

@@ -40,6 +40,7 @@ def test_sign_test_and_wilson():
     assert sign_test_p(8, 2) == pytest.approx(0.109375)  # 2 * (1 + 10 + 45) / 1024
     assert sign_test_p(2, 8) == pytest.approx(0.109375)
     assert sign_test_p(5, 5) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(0, 7) == 2 / 128 and sign_test_p(9, 1) == 2 * 11 / 1024
     # past 1023 untied pairs 2.0 ** m overflowed (72 users x 80 images); exact values from fractions.Fraction
     assert sign_test_p(1100, 900) == pytest.approx(8.457089535503927e-06, rel=1e-12)  # normal approx. 7.7e-6
     assert sign_test_p(2000, 1000) == pytest.approx(1.0090148627941341e-75, rel=1e-12)
