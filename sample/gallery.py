@@ -97,10 +97,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
     existed = Path(args.out).exists()
     who = {"user": user.ids, "alpha": user.alpha, "user_scale": user.scale} if user.given else {}
-    tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **who, **settings.as_dict()})
     try:
+        tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **who, **settings.as_dict()})
         sets = _sample_sets(models, prompts, settings, args.device, user)
-    except BaseException:  # a model that fails to load (a LoRA of another family) leaves no empty --out behind
+    except BaseException:  # W&B refusing to start, a model that fails to load (a LoRA of another family): no empty
+        # --out left behind
         if not existed and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
             Path(args.out).rmdir()
         raise

@@ -43,6 +43,9 @@ def _wandb_failure(err: Exception) -> str:
     if isinstance(err, wandb.errors.AuthenticationError):
         return (f"W&B refused the API key ({one_line(err)[:200]}): check WANDB_API_KEY or run `wandb login`, or log "
                 "offline (WANDB_MODE=offline)")
+    if not isinstance(err, wandb.errors.CommError):  # no key configured, a wandb service that did not start...
+        return (f"W&B did not start ({one_line(err)[:200]}): fix that, or log offline (WANDB_MODE=offline, "
+                "tracking.wandb=offline or --wandb offline) or not at all (tracking.wandb=off)")
     return (f"W&B could not reach its server ({one_line(err)[:200]}): log offline (WANDB_MODE=offline, "
             "tracking.wandb=offline or --wandb offline) and upload later with `wandb sync`")
 
@@ -91,7 +94,7 @@ class Tracker:
             try:
                 self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
                                          dir=str(self.output_dir), reinit="finish_previous", **again)
-            except wandb.errors.CommError as err:  # no network (W&B gives up after about 90 s), a refused key
+            except wandb.errors.Error as err:  # no network (W&B gives up after about 90 s), a refused key, no key
                 raise UserError(_wandb_failure(err)) from err
 
     @property

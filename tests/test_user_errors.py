@@ -703,10 +703,18 @@ def test_w_and_b_refusing_the_key_or_unreachable_is_one_line(tmp_path, monkeypat
     from t2i_align.tracking import Tracker
 
     for error, told in ((wandb.errors.AuthenticationError("401 Unauthorized"), "W&B refused the API key"),
-                        (wandb.errors.CommError("Timed out: no such host"), "W&B could not reach its server")):
+                        (wandb.errors.CommError("Timed out: no such host"), "W&B could not reach its server"),
+                        (wandb.errors.UsageError("No API key configured"), "W&B did not start .No API key")):
         monkeypatch.setattr(wandb, "init", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
         with pytest.raises(UserError, match=told):
             Tracker(tmp_path, wandb_mode="online")
+    # gallery.py starts W&B before sampling: its refusal left an empty --out behind
+    from test_sample_scripts import _script
+
+    out = tmp_path / "gallery-out"
+    code = _script("common").run_cli(lambda: _script("gallery").main(
+        ["--out", str(out), "--wandb", "online", "--steps", "2", "--max-prompts", "1"]))
+    assert code == 2 and not out.exists()
 
 
 def test_a_dry_run_refuses_a_tuned_folder_the_run_would_refuse(tmp_path, capsys):
