@@ -278,8 +278,7 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
             raise WeightsNotFoundError(f"no weights file in {path}; looked for {', '.join(_WEIGHT_FILES)}")
         path = found
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return {k: v for s in shards for k, v in load_state_dict_file(path.parent / s).items()}
+        return {k: v for s in _shards(path) for k, v in load_state_dict_file(s).items()}
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -302,6 +301,30 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def read_json_file(path: Path, needs: Sequence[str] = ()) -> Dict[str, Any]:
+    """A weights folder's JSON file as a dict; CheckpointMismatchError naming it when it is not JSON (a truncated
+    download) or lacks a key of `needs` (a file of another format)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointMismatchError(f"{path} is not a readable JSON file ({e}): download it again") from e
+    lacking = [k for k in needs if k not in data] if isinstance(data, dict) else list(needs)
+    if not isinstance(data, dict) or lacking:
+        raise CheckpointMismatchError(f"{path} holds no {', '.join(map(repr, lacking)) or 'JSON object'}: not the "
+                                      "file this reward reads; download it again")
+    return data
+
+
+def _shards(index: Path) -> List[Path]:
+    """The shard files a .safetensors/.bin index names, each a weights file inside the index's folder."""
+    shards = sorted(set(map(str, read_json_file(index, ["weight_map"])["weight_map"].values())))
+    for name in shards:
+        inside = (index.parent / name).resolve().is_relative_to(index.parent.resolve())
+        if not inside or Path(name).is_absolute() or name.endswith(".index.json"):
+            raise CheckpointMismatchError(f"{index} names shard {name!r}, which is not a weights file in its folder")
+    return [index.parent / name for name in shards]
 
 
 def check_tokenizer_vocabulary(tokenizer, what: str, fix: str) -> None:

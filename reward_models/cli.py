@@ -164,6 +164,8 @@ def _apply(name: str, reward: Reward, images: list, prompts: List[str], rows: Li
     counts.update({k: counts.get(k, 0) + v for k, v in info.items() if type(v) is int})
     for row, s in zip(rows, scores.detach().float().cpu().tolist()):
         row[name] = s if math.isfinite(s) else None
+        if row[name] is None:  # said and counted as an unscored image is, not a silent null
+            row["error"] = "; ".join(filter(None, [row.get("error"), f"{name}: non-finite score {s}"]))
 
 
 def summarize(rows: List[dict], names: List[str], counts: Dict[str, dict]) -> Dict[str, Any]:

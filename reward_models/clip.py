@@ -13,7 +13,6 @@ tag such as "openai" (downloaded by open_clip, so online only).
 """
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (PathLike, Resize, Reward, RewardOutput, RewardSetupError, WeightsNotFoundError, batched,
-                   find_weights_file, load_checked, load_state_dict_file, preprocess_images, register,
+                   find_weights_file, load_checked, load_state_dict_file, preprocess_images, read_json_file, register,
                    resize_center_crop, resolve_device, resolve_dtype, without_random_init)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -173,7 +172,7 @@ def _resize_for(pre: Dict[str, Any]) -> Resize:
 def _hf_folder(folder: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
     from .pickscore import hf_clip_config, hf_clip_to_open_clip, hf_config_to_open_clip, hf_preprocess_cfg
 
-    config = hf_clip_config(json.loads((folder / "config.json").read_text()))  # defaults filled in
+    config = hf_clip_config(read_json_file(folder / "config.json"))  # defaults filled in
     state = hf_clip_to_open_clip(load_state_dict_file(folder))
     return hf_config_to_open_clip(config), state, hf_preprocess_cfg(folder, config)
 
@@ -181,7 +180,7 @@ def _hf_folder(folder: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], D
 def _read_local(arch: Optional[Arch], path: Path, what: str, source: str):
     """(model config, open_clip state_dict, preprocess config, tokenizer name) from a local file or folder."""
     if path.is_dir() and (path / "open_clip_config.json").is_file():
-        meta = json.loads((path / "open_clip_config.json").read_text())
+        meta = read_json_file(path / "open_clip_config.json", ["model_cfg"])
         weights = find_weights_file(path)
         if weights is None:
             raise WeightsNotFoundError(f"{what}: {path} has open_clip_config.json but no weights. {source}")
@@ -201,8 +200,10 @@ def _read_local(arch: Optional[Arch], path: Path, what: str, source: str):
 
 
 def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: str, source: str,
-                   **encoder_options) -> OpenClipEncoder:
-    """Build the architecture, load the checkpoint (see the module docstring for what it may be), wrap it."""
+                   pretrained_tags: bool = True, **encoder_options) -> OpenClipEncoder:
+    """Build the architecture, load the checkpoint (see the module docstring for what it may be), wrap it.
+    `pretrained_tags`: whether an open_clip tag (laion2b_s32b_b79k) may name the weights; not for a reward whose
+    weights no tag holds (HPSv2: the tag's plain CLIP would be scored under its name)."""
     import open_clip
 
     if checkpoint in ("toy", "toy-denscore"):
@@ -215,7 +216,7 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
         with without_random_init():
             model = _model_from_cfg(cfg)
         load_checked(model, state, str(checkpoint))
-    elif isinstance(arch, str) and checkpoint is not None and str(checkpoint) in \
+    elif pretrained_tags and isinstance(arch, str) and checkpoint is not None and str(checkpoint) in \
             open_clip.list_pretrained_tags_by_model(arch):
         try:
             model = open_clip.create_model(arch, pretrained=str(checkpoint))  # downloads: online only

@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .base import PathLike, Reward, RewardOutput, register, require_path
+from .base import CheckpointMismatchError, PathLike, Reward, RewardOutput, register, require_path
 from .clip import Arch, load_open_clip
 
 SOURCE = ("a CLIP backbone: a local copy of https://huggingface.co/luping-liu/Denscore (transformers CLIPModel "
@@ -146,11 +146,19 @@ def load_direction(path: PathLike) -> Tuple[torch.Tensor, Dict[str, str]]:
 
 
 def _read_direction(path: PathLike) -> Tuple[torch.Tensor, Dict[str, str], Optional[torch.Tensor]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(require_path(path, "decomposed-clip common direction", DIRECTION_SOURCE)), "pt") as f:
-        probe = f.get_tensor("probe").float() if "probe" in f.keys() else None
-        return F.normalize(f.get_tensor("direction").float(), dim=0), dict(f.metadata() or {}), probe
+    path = require_path(path, "decomposed-clip common direction", DIRECTION_SOURCE)
+    try:
+        with safe_open(str(path), "pt") as f:
+            if "direction" not in f.keys():
+                raise CheckpointMismatchError(f"{path} holds no 'direction' tensor: not a direction file. "
+                                              f"Expected: {DIRECTION_SOURCE}")
+            probe = f.get_tensor("probe").float() if "probe" in f.keys() else None
+            return F.normalize(f.get_tensor("direction").float(), dim=0), dict(f.metadata() or {}), probe
+    except SafetensorError as e:  # not a safetensors file, a truncated one
+        raise CheckpointMismatchError(f"{path} is not a readable .safetensors file ({e}). "
+                                      f"Expected: {DIRECTION_SOURCE}") from e
 
 
 @register("decomposed-clip")

@@ -53,7 +53,7 @@ class HPSv2(Reward):
     differentiable = True
     paths = {"checkpoint": "HPS_v2.1_compressed.pt (version=v2.0: HPS_v2_compressed.pt) from "
                            "https://huggingface.co/xswu/HPSv2, passed as checkpoint=PATH"}
-    open_clip_checkpoint = True
+    open_clip_checkpoint = False  # no open_clip tag holds HPSv2's weights
 
     def __init__(self, checkpoint: Optional[PathLike] = None, arch: Arch = "ViT-H-14", version: str = "v2.1",
                  device=None, dtype=None, batch_size: int = 16):
@@ -62,8 +62,8 @@ class HPSv2(Reward):
         source = (f"{_FILES[version]} from https://huggingface.co/xswu/HPSv2 (`huggingface-cli download xswu/HPSv2 "
                   f"{_FILES[version]} --local-dir DIR`), passed as checkpoint=DIR/{_FILES[version]}")
         self.version = version
-        self.encoder = load_open_clip(arch, checkpoint, f"hpsv2 ({version}) weights", source, device=device,
-                                      dtype=dtype, batch_size=batch_size, resize=resize_longest_pad)
+        self.encoder = load_open_clip(arch, checkpoint, f"hpsv2 ({version}) weights", source, pretrained_tags=False,
+                                      device=device, dtype=dtype, batch_size=batch_size, resize=resize_longest_pad)
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         text, truncated = self.encoder.encode_texts(prompts)

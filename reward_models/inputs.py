@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import pyarrow.parquet as pq
 
-from t2i_align.data.images import decode_image
+from t2i_align.data.images import check_aspect, decode_image
 from t2i_align.data.pairs import find_parquet_files, label_problem
 from t2i_align.errors import UserError
 from t2i_align.prompts import text_lines
@@ -29,7 +29,8 @@ class Item(NamedTuple):
     data: Any
 
     def decode(self):
-        return decode_image(self.data.read_bytes() if isinstance(self.data, Path) else self.data)
+        return check_aspect(decode_image(self.data.read_bytes() if isinstance(self.data, Path) else self.data),
+                            "score")
 
 
 def _read_table(path: Path) -> List[Tuple[str, str]]:
@@ -46,6 +47,9 @@ def _read_table(path: Path) -> List[Tuple[str, str]]:
         if not isinstance(r, dict) or r.get("file") is None or "prompt" not in r:
             raise UsageError(f"{path} row {i + 1}: expected fields 'file' and 'prompt', found "
                              f"{list(r) if isinstance(r, dict) else type(r).__name__}")
+        if path.suffix.lower() == ".csv" and (None in r or None in r.values()):  # DictReader's rest key / value
+            raise UsageError(f"{path} row {i + 1} has {'more' if None in r else 'fewer'} fields than the header "
+                             "(a comma in a prompt? put the prompt in double quotes)")
     return [(str(r["file"]), "" if r["prompt"] is None else str(r["prompt"])) for r in rows]
 
 

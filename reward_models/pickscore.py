@@ -8,7 +8,6 @@ preprocessed with torch ops (shortest side -> 224 bicubic, centre crop, OpenAI m
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_tokenizer_vocabulary, load_checked,
-                   load_state_dict_file, register, require_path, resize_center_crop, without_random_init)
+                   load_state_dict_file, read_json_file, register, require_path, resize_center_crop,
+                   without_random_init)
 from .clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 
 # transformers name -> open_clip name, inside one transformer block
@@ -129,7 +129,7 @@ def hf_preprocess_cfg(folder: Path, config) -> Dict[str, Any]:
     `config`: the model's CLIPConfig or its dict."""
     size = hf_clip_config(config).vision_config.image_size
     path = Path(folder) / "preprocessor_config.json"
-    pre = json.loads(path.read_text()) if path.is_file() else {}
+    pre = read_json_file(path) if path.is_file() else {}
     crop, resize = pre.get("crop_size", size), pre.get("size", None)
     crop = crop.get("height", size) if isinstance(crop, dict) else crop
     return {"size": crop, "shortest_edge": resize.get("shortest_edge", crop) if isinstance(resize, dict) else
@@ -168,11 +168,12 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
     folder = require_path(model_dir, what, source)
     if not (folder / "config.json").is_file():
         raise WeightsNotFoundError(f"{what}: {folder} has no config.json. Expected: {source}")
+    read_json_file(folder / "config.json")  # not JSON: one line naming it (transformers raised an OSError)
     config = CLIPConfig.from_pretrained(str(folder))
     with without_random_init():
         model = CLIPModel(config)
     load_checked(model, load_state_dict_file(folder), str(folder))
-    proc = Path(processor_dir).expanduser() if processor_dir is not None else folder
+    proc = _processor_folder(processor_dir, folder, what, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(proc))
     except (OSError, ValueError, TypeError) as e:
@@ -180,6 +181,26 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
     check_tokenizer_vocabulary(tokenizer, f"{what} ({proc})", f"expected: {source}")
     pre = hf_preprocess_cfg(proc, config)
     return HFClipEncoder(model, tokenizer, pre, **encoder_options)
+
+
+def _processor_folder(processor_dir: Optional[PathLike], folder: Path, what: str, source: str) -> Path:
+    """The processor's folder: `processor_dir` (a folder, or a hub name found in the local cache, or fetched when
+    online: as a folder, so that its preprocessor_config.json is read; transformers' tokenizer found the name but
+    the preprocessing fell back to CLIP's defaults), else the model's own folder."""
+    if processor_dir is None:
+        return folder
+    if Path(processor_dir).expanduser().is_dir():
+        return Path(processor_dir).expanduser()
+    from huggingface_hub import snapshot_download
+
+    from t2i_align.model_folders import _hub_offline
+
+    try:
+        return Path(snapshot_download(str(processor_dir), allow_patterns=["*.json", "*.txt"],
+                                      local_files_only=_hub_offline()))
+    except Exception as err:  # hub errors have many types (offline, HTTP, no such repo); all mean the same here
+        raise WeightsNotFoundError(f"{what}: processor_dir {processor_dir} is neither a folder nor a hub name in the "
+                                   f"local cache ({type(err).__name__}). Expected: {source}") from err
 
 
 @register("pickscore")
@@ -190,7 +211,7 @@ class PickScore(Reward):
     source = ("a local copy of https://huggingface.co/yuvalkirstain/PickScore_v1 (config.json + model.safetensors) "
               "as model_dir, and processor_dir = a copy of https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-"
               "b79K (tokenizer + preprocessor_config.json), e.g. `huggingface-cli download <repo> --local-dir DIR`")
-    paths = {"model_dir": source}  # processor_dir may be a hub name in the cache, as transformers reads it
+    paths = {"model_dir": source}  # processor_dir may be a hub name in the cache (`_processor_folder`)
 
     def __init__(self, model_dir: Optional[PathLike] = None, processor_dir: Optional[PathLike] = None,
                  device=None, dtype=None, batch_size: int = 16):

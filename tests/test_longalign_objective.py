@@ -213,11 +213,12 @@ def test_a_direction_fitted_on_other_prompts_is_not_silently_reused(tmp_path):
 
     cfg = toy_cfg(tmp_path)
     tmp_path.mkdir(exist_ok=True)
-    save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0),
-                   {"prompts_sha256": "0" * 64, "split": "True"})
-    ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
-    with pytest.raises(ConfigError, match="fitted on other prompts than .toy:train-long. .*delete it to refit"):
-        build_reward(ctx, cfg.reward_backprop, "toy:train-long")
+    # a file without the digest (not this project's run) passed when every prompt was the fit set (None == None)
+    for metadata in ({"prompts_sha256": "0" * 64, "split": "True"}, {"split": "True"}):
+        save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0), metadata)
+        ctx = ObjectiveContext(None, fake_accelerator(), cfg, None)
+        with pytest.raises(ConfigError, match="fitted on other prompts than .toy:train-long. .*delete it to refit"):
+            build_reward(ctx, cfg.reward_backprop, "toy:train-long")
 
 
 def test_the_direction_is_fitted_on_a_seeded_sample_of_a_large_prompt_set(tmp_path):

@@ -214,6 +214,16 @@ def test_loading_a_direction_that_does_not_fit_fails(tiny, tmp_path):
     save_direction(tmp_path / "unsplit.safetensors", torch.ones(16), {"split": "False"})
     with pytest.raises(ValueError, match="split=False"):
         get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / "unsplit.safetensors"))
+    # a weights file given as the direction, a file that is not safetensors: a SafetensorError's traceback
+    from safetensors.torch import save_file
+
+    from reward_models.base import CheckpointMismatchError
+
+    save_file({"weight": torch.ones(16)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "text.safetensors").write_text("a direction")
+    for name, told in (("weights", "holds no 'direction' tensor"), ("text", "is not a readable .safetensors")):
+        with pytest.raises(CheckpointMismatchError, match=f"{name}.safetensors {told}"):
+            get_reward("decomposed-clip", checkpoint=str(folder), direction=str(tmp_path / f"{name}.safetensors"))
 
 
 def test_a_direction_fitted_with_another_clip_of_the_same_width_is_refused(tiny, tmp_path):

@@ -151,6 +151,27 @@ def test_pickscore_without_tokenizer_files_is_refused_not_blind_to_the_prompt(hf
     assert tokens("a red cube")["input_ids"][1] != tokens("two cats")["input_ids"][1]
 
 
+
+def test_a_processor_hub_name_is_read_as_its_cached_folder(hf_folder, tmp_path, monkeypatch):
+    """A hub name in the cache gave transformers' tokenizer, but its preprocessor_config.json was never read (the
+    preprocessing fell back to CLIP's defaults): here a crop of 24 px, which the defaults would not take."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--proc" / "snapshots" / ("a" * 40)
+    shutil.copytree(hf_folder[1], snapshot, ignore=shutil.ignore_patterns("*.safetensors", "preprocessor_config*"))
+    (snapshot / "preprocessor_config.json").write_text(json.dumps({"crop_size": 24, "size": {"shortest_edge": 24}}))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reward = get_reward("pickscore", model_dir=str(hf_folder[1]), processor_dir="org/proc", device="cpu")
+    assert reward.encoder.image_size == 24
+    with pytest.raises(WeightsNotFoundError, match="processor_dir org/other is neither a folder nor a hub name in"):
+        get_reward("pickscore", model_dir=str(hf_folder[1]), processor_dir="org/other", device="cpu")
+
+
 def test_a_truncated_safetensors_file_is_a_one_line_error(hf_folder, tmp_path):
     from reward_models.base import CheckpointMismatchError, load_state_dict_file
 
@@ -158,6 +179,33 @@ def test_a_truncated_safetensors_file_is_a_one_line_error(hf_folder, tmp_path):
     (tmp_path / "half.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointMismatchError, match="half.safetensors is not a readable .safetensors file"):
         load_state_dict_file(tmp_path / "half.safetensors")
+
+
+def test_malformed_config_and_index_files_are_one_line_errors_naming_them(hf_folder, tmp_path):
+    """A config.json that is not JSON (PickScore: transformers' OSError; clip: a JSON error naming no file), an
+    open_clip_config.json without model_cfg (KeyError), a shard index naming a file outside its folder (loaded)."""
+    import shutil
+
+    from reward_models.base import CheckpointMismatchError, load_state_dict_file
+
+    broken = shutil.copytree(hf_folder[1], tmp_path / "broken")
+    (broken / "config.json").write_text('{"vision_config": ')
+    for name in ("pickscore", "clip"):
+        key = "model_dir" if name == "pickscore" else "checkpoint"
+        with pytest.raises(CheckpointMismatchError, match=f"{broken / 'config.json'} is not a readable JSON file"):
+            get_reward(name, **{key: str(broken)}, device="cpu")
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / "open_clip_config.json").write_text('{"preprocess_cfg": {}}')
+    with pytest.raises(CheckpointMismatchError, match="open_clip_config.json holds no 'model_cfg'"):
+        get_reward("clip", checkpoint=str(tmp_path / "oc"), device="cpu")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(hf_folder[1] / "model.safetensors", outside)
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointMismatchError, match="names shard '../elsewhere.safetensors', which is not a"):
+        load_state_dict_file(broken / "model.safetensors.index.json")
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    assert set(load_state_dict_file(broken / "model.safetensors.index.json")) == set(
+        load_state_dict_file(hf_folder[1] / "model.safetensors"))
 
 
 def test_pickscore_gradients_and_missing_folder(hf_folder, tmp_path):
@@ -300,6 +348,9 @@ def test_hpsv2_errors(hps_ckpt, tmp_path):
     wrong["embed_dim"] = 24
     with pytest.raises(CheckpointMismatchError, match="text_projection"):
         get_reward("hpsv2", checkpoint=str(path), arch=wrong, device="cpu")
+    # an open_clip tag holds plain CLIP-H, which was fetched (online) and scored under the name hpsv2
+    with pytest.raises(WeightsNotFoundError, match="laion2b_s32b_b79k does not exist.*HPS_v2.1_compressed"):
+        get_reward("hpsv2", checkpoint="laion2b_s32b_b79k", device="cpu")
 
 
 @pytest.fixture(scope="module")

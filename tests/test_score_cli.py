@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from reward_models.cli import main, parse_options, parse_value
+from reward_models.cli import UsageError, main, parse_options, parse_value
 from t2i_align.toy.pairs import jpeg_bytes, write_parquet
 from t2i_align.toy.scenes import all_scenes, render, short_caption
 
@@ -57,6 +57,19 @@ def test_folder_scores_every_image_and_flags_the_unreadable_one(tmp_path, capsys
     assert summary["rewards"]["toy-judge"] == {"mean": 1.0, "std": 0.0, "n": 5}
     assert summary["rewards"]["toy-clip"]["n"] == 5 and summary["rewards"]["toy-clip"]["truncated"] == 0
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_too_thin_image_is_a_row_error_not_a_huge_resize(tmp_path, capsys):
+    """A 1 x 100000 PNG (375 bytes) made the short-side resize ask for a 224 x 22,400,000 image (60 GB): the run
+    died. Now its row says why, as an undecodable image's does."""
+    folder = _folder(tmp_path)
+    Image.new("RGB", (1, 40)).save(folder / "img_8.png")  # 40:1, past MAX_ASPECT (32)
+    (tmp_path / "prompts.txt").write_text("a red circle\n" * 7)
+    code, summary, _ = _run(capsys, "--reward", "toy-clip", "--images", folder, "--prompts", tmp_path / "prompts.txt",
+                            "--out", tmp_path / "s.jsonl")
+    rows = {r["file"]: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    assert code == 0 and summary["errors"] == 2 and rows["img_8.png"]["toy-clip"] is None
+    assert "1x40 px: sides more than 32:1 apart, too thin to score" in rows["img_8.png"]["error"]
 
 
 def test_metadata_jsonl_csv_output_and_rejected_prompts(tmp_path, capsys):
@@ -426,3 +439,33 @@ def test_prompt_tables_split_at_line_ends_only(tmp_path):
     lines.write_text("\r\n".join(json.dumps({"file": f, "prompt": p}, ensure_ascii=False)
                                  for f, p in (("a.png", prompt), ("b.png", "ok"))) + "\n", encoding="utf-8")
     assert _read_table(lines) == [("a.png", prompt), ("b.png", "ok")]
+
+
+def test_a_non_finite_score_is_an_error_of_its_row(tmp_path):
+    """A NaN score became a null with no error, and the summary's error count missed it."""
+    import torch
+
+    from reward_models.cli import Item, score_items, summarize
+
+    def reward(images, prompts):
+        return torch.tensor([1.0, float("nan"), float("inf")]), {}
+    items = [Item({"file": f"{i}.png"}, "a red circle", jpeg_bytes(render(SCENES[i]))) for i in range(3)]
+    rows, counts = score_items({"fake": reward}, items)
+    assert [r["fake"] for r in rows] == [1.0, None, None] and "error" not in rows[0]
+    assert rows[1]["error"] == "fake: non-finite score nan" and rows[2]["error"] == "fake: non-finite score inf"
+    assert summarize(rows, ["fake"], counts)["errors"] == 2
+
+
+def test_a_csv_row_of_other_length_than_its_header_is_refused(tmp_path):
+    """`a.png,a red cat, sitting on a mat` scored the prompt 'a red cat' (the rest went unseen); `b.png` alone
+    scored an empty prompt."""
+    from reward_models.inputs import _read_table
+
+    table = tmp_path / "p.csv"
+    for row, told in (("a.png,a red cat, sitting on a mat", "row 1 has more fields"),
+                      ("b.png", "row 1 has fewer fields")):
+        table.write_text(f"file,prompt\n{row}\n")
+        with pytest.raises(UsageError, match=f"{told} than the header .a comma in a prompt"):
+            _read_table(table)
+    table.write_text('file,prompt\na.png,"a red cat, sitting on a mat"\n')
+    assert _read_table(table) == [("a.png", "a red cat, sitting on a mat")]

@@ -65,11 +65,16 @@ def read_row_group(handles: Dict[int, Any], files: Sequence[Path], fi: int, grou
 def decode_rgb(data: Any) -> Image.Image:
     """Training's reading: `decode_image`, turned upright by its EXIF orientation, to RGB (`to_rgb`); an image
     longer than MAX_ASPECT times its width (or the reverse) is refused as undecodable."""
-    image = decode_image(data)
+    return to_rgb(ImageOps.exif_transpose(check_aspect(decode_image(data), "train on")))
+
+
+def check_aspect(image: Image.Image, use: str) -> Image.Image:
+    """`image`, or ValueError when one side is more than MAX_ASPECT times the other: resizing its short side to
+    the model's would make a huge image (a 1 x 100000 PNG of 375 bytes: 60 GB at 224 px)."""
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):
-        raise ValueError(f"{w}x{h} px: sides more than {MAX_ASPECT}:1 apart, too thin to train on")
-    return to_rgb(ImageOps.exif_transpose(image))
+        raise ValueError(f"{w}x{h} px: sides more than {MAX_ASPECT}:1 apart, too thin to {use}")
+    return image
 
 
 def decode_image(data: Any) -> Image.Image:

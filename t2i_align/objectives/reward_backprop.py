@@ -112,7 +112,8 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
         reward.load_direction(path)  # the file's vector, as the other processes and a resume have it
     fitted_on = reward.direction_metadata.get("prompts_sha256")
     # every prompt: a run begun before fit_max_prompts existed, whose direction a resume keeps
-    if fitted_on not in (prompts_digest(prompts), prompts_digest(every) if prompts is not every else None):
+    accepted = {prompts_digest(prompts), prompts_digest(every)}  # a file without the digest is no run's own
+    if fitted_on not in accepted:
         raise ConfigError(f"{path} holds a common direction fitted on other prompts than {fit!r} (at most "
                           f"reward_backprop.fit_max_prompts={rc.fit_max_prompts} of them, drawn with seed "
                           f"{ctx.cfg.seed}); resume with the run's own settings, delete it to refit, or train into a "
