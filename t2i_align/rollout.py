@@ -161,8 +161,8 @@ def rollout(denoiser: Denoiser, embeds: PromptEmbeds, uncond_embeds: Optional[Pr
             eta: float = 0.0, generator: Optional[torch.Generator] = None,
             x0_prediction: bool = False, grad_step_hook: Optional[Callable] = None) -> torch.Tensor:
     """Run num_steps DDIM steps from x_T = `latents` and return the final latents (diffusers' output_type="latent"),
-    or with `x0_prediction` the last step's prediction of x0 (what LongAlign's code decodes; the two differ by
-    the last update's sqrt(1 - ᾱ_final)·eps term, ᾱ_final = ᾱ_0 for SD's set_alpha_to_one=False).
+    or with `x0_prediction` the last step's prediction of x0 (what LongAlign's code decodes; the last update makes
+    sqrt(ᾱ_final)·x0 + sqrt(1 - ᾱ_final)·eps of it, ᾱ_final = ᾱ_0 ≈ 0.99915 for SD's set_alpha_to_one=False).
 
     Step i (0 = noisiest) calls the denoiser with gradients only if i is in `grad_steps` (and grad mode is on);
     every other step calls it under no_grad, so its prediction is a constant. The DDIM update itself,

@@ -57,6 +57,9 @@ def test_split_sentences_on_all_four_marks_but_not_decimals():
     assert split_sentences("A red cat. It sits! Does it? Yes; sure") == ["A red cat", "It sits", "Does it", "Yes",
                                                                          "sure"]
     assert split_sentences("It is 3.5 cm wide. Done.") == ["It is 3.5 cm wide", "Done"]
+    assert split_sentences("It costs .5 dollars.") == ["It costs .5 dollars"]  # was "It costs", "5 dollars"
+    assert split_sentences('A sign says "OPEN!" on the door. (It is red.) Fine') == [  # was '"OPEN', '" on the door'
+        'A sign says "OPEN!" on the door', "(It is red.) Fine"]
     assert split_sentences("Wait... what?!") == ["Wait", "what"]
     assert split_sentences("  a red cat without an ending  ") == ["a red cat without an ending"]
     assert split_sentences("") == [] and split_sentences(" . ; ") == []

@@ -30,16 +30,18 @@ PAD_POSITIONS = 60
 """<pad*> is the mean of the last 60 output positions (17..76) of "" encoded at 77 tokens, as the official code."""
 
 # The official pattern r'"!|\.|\?|;"' splits on "." and "?" only (plus the literal strings '"!' and ';"'): an
-# intended [.!?;] with misplaced quotes. We split on all four, but not on a "." between two digits ("3.5").
-_SENTENCE_END = re.compile(r"[!?;]|(?<!\d)\.|\.(?!\d)")
+# intended [.!?;] with misplaced quotes. We split on all four, but not before a digit ("3.5", ".5") or a closing
+# quote or bracket ('says "OPEN!" on', "(see below.)"), which the sentence goes on past.
+_SENTENCE_END = re.compile(r"[.!?;](?![\d\"'”’)\]])")
 
 
 def split_sentences(caption: str) -> List[str]:
     """The sentences of `caption`, stripped, without their final mark; empty pieces are dropped.
 
     Splits on ".", "!", "?" and ";" (the official regex means to but splits on "." and "?" only, see above), but
-    not on a decimal point between digits: "3.5 cm" stays whole (the official code splits it; we do not, so a
-    number is not torn into two segments). Abbreviations ("e.g.") do split, as in the official code. Pieces of
+    not on a mark before a digit: "3.5 cm" and ".5 cm" stay whole (the official code splits them; we do not, so a
+    number is not torn into two segments), nor before a closing quote or bracket (a quoted "OPEN!" is not a
+    segment ending in a lone quote). Abbreviations ("e.g.") do split, as in the official code. Pieces of
     only whitespace are dropped too: the official code drops only empty ones, so the " " after a caption's last
     "." became a stray " ." segment there.
     """

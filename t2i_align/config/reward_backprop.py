@@ -40,7 +40,8 @@ class RewardBackpropConfig:
     """Classifier-free guidance in the chain (against the empty prompt, in the run's text encoding)."""
     grad_mode: str = "strided"
     """Which steps carry gradients (t2i_align.rollout.choose_grad_steps): "strided" (LongAlign: one offset, every
-    num_steps/grad_k-th step), "stratified", "last" (DRaFT-K / ReFL-like) or "all" (AlignProp)."""
+    num_steps/grad_k-th step), "stratified", "last" (DRaFT-K / ReFL-like) or "all" (AlignProp); DRaFT and AlignProp
+    keep the gradient through the UNet's input: with them, set detach_input false."""
     grad_k: int = 5
     """How many gradient steps ("all" ignores it)."""
     detach_input: bool = True
