@@ -113,6 +113,22 @@ def test_text_settings_take_the_override_as_typed():
         load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.negative_prompt=None"])
 
 
+def test_text_settings_in_a_file_and_list_items_are_taken_as_typed(tmp_path):
+    """Only the command line's text settings were kept as typed: in a file output_dir: 0001 became '1', 1:30 '90',
+    yes 'True', 1e-4 '0.0001'; list items likewise, on the command line too."""
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: 0001\ntracking:\n  run_name: 1e-4\n  validation_prompts: [yes, 0777, 1e3, '0777']\n"
+                    "model:\n  revision: 1:30\n  pretrained: yes\n  vae: ~\n")
+    cfg = load_config(path)
+    assert (cfg.output_dir, cfg.tracking.run_name, cfg.model.revision, cfg.model.pretrained, cfg.model.vae) == (
+        "0001", "1e-4", "1:30", "yes", None)
+    assert cfg.tracking.validation_prompts == ["yes", "0777", "1e3", "0777"]
+    assert load_config(None, ["tracking.validation_prompts=[yes, 0777, 1e3]"]).tracking.validation_prompts == [
+        "yes", "0777", "1e3"]
+    (tmp_path / "m.yaml").write_text("tracking:\n  <<: {run_name: 0001}\n")  # a merge key
+    assert load_config(tmp_path / "m.yaml").tracking.run_name == "0001"
+
+
 def test_later_override_wins():
     assert load_config(None, ["seed=1", "seed=7"]).seed == 7
 
@@ -278,6 +294,11 @@ def test_save_config_round_trips(tmp_path):
     out = tmp_path / "run" / "config.yaml"
     save_config(cfg, out)
     assert load_config(out) == cfg
+    # texts OmegaConf's YAML reads as numbers (PyYAML wrote 1e3 bare), in a mapping setting too
+    cfg = load_config(REPO_ROOT / "configs/toy/raft.yaml", ["model.revision=1234e56", "tracking.run_name=5e3",
+                                                           "raft.reward_options={x: '1e3'}"])
+    save_config(cfg, out)
+    assert load_config(out) == cfg and load_config(out).raft.reward_options == {"x": "1e3"}
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
 
 
@@ -526,7 +547,12 @@ def test_home_is_expanded_in_path_settings_only(tmp_path, monkeypatch):
     ("mixed_precision=bf16", "Did you mean 'train.mixed_precision'?"),
     ("gradient_accumulation_steps=4", "Did you mean 'train.grad_accum'?"),
     ("model.resolution=512", "Did you mean 'data.resolution' or 'raft.resolution'?"),
-    ("text_encoding.kind=segments", "Did you mean 'model.text_encoding'?")])
+    ("text_encoding.kind=segments", "Did you mean 'model.text_encoding'?"),
+    ("beta_dpo=2500", "Did you mean 'objective.beta'? (diffusers' SD1.5 script's beta_dpo is objective.beta with "
+                      "objective.beta_convention=diffusers: its 2500 is the official 5000)"),
+    ("proportion_empty_prompts=0.2", "Did you mean 'data.prompt_dropout'?"),
+    ("dreamlike_pairs_only=true", "Did you mean 'data.both_models_contain'? (the official flag is "
+                                  "data.both_models_contain=dream)")])
 def test_an_unknown_key_suggests_the_setting_of_that_name_in_another_section(override, hint):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])

@@ -10,7 +10,7 @@ import re
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..files import write_text_atomic
 from .sections import Config, ConfigError, FieldError
+from .yaml_text import Dumper, entries, retype
 
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -81,8 +82,13 @@ def _section_prefix(owner: type, cls: type = Config, prefix: str = "") -> Option
 ALIASES = {"gradient_accumulation_steps": "train.grad_accum", "train_batch_size": "train.batch_size",
            "max_train_steps": "train.max_steps", "pretrained_model_name_or_path": "model.pretrained",
            "resume_from_checkpoint": "train.resume", "checkpointing_steps": "train.checkpoint_every",
-           "adam_weight_decay": "train.weight_decay", "beta_dpo": "objective.beta"}
-"""diffusers training scripts' argument names whose setting has another name here."""
+           "adam_weight_decay": "train.weight_decay", "beta_dpo": "objective.beta",
+           "proportion_empty_prompts": "data.prompt_dropout", "dataloader_num_workers": "data.num_workers",
+           "dreamlike_pairs_only": "data.both_models_contain"}
+"""diffusers' and the official Diffusion-DPO scripts' argument names whose setting has another name here."""
+ALIAS_NOTES = {"beta_dpo": " (diffusers' SD1.5 script's beta_dpo is objective.beta with "
+                           "objective.beta_convention=diffusers: its 2500 is the official 5000)",
+               "dreamlike_pairs_only": " (the official flag is data.both_models_contain=dream)"}
 
 
 def _suggest(key: str, known: Dict[str, Any], prefix: str) -> List[str]:
@@ -105,8 +111,9 @@ def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> Non
         if key not in known:
             hint = " or ".join(f"'{k}'" for k in _suggest(str(key), known, prefix))
             section = f"'{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(f"Unknown key '{dotted}' in {where}.{f' Did you mean {hint}?' if hint else ''} Valid "
-                              f"keys of {section}: " + ", ".join(known))
+            note = ALIAS_NOTES.get(str(key), "")
+            raise ConfigError(f"Unknown key '{dotted}' in {where}.{f' Did you mean {hint}?{note}' if hint else ''} "
+                              f"Valid keys of {section}: " + ", ".join(known))
         if dataclasses.is_dataclass(known[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted} = {value!r} in {where}: expected a {_describe_type(known[key])}")
@@ -149,7 +156,7 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
         raise ConfigError(f"{path} is not a UTF-8 YAML file: give a config, e.g. configs/toy/dpo.yaml") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, not a list")
-    _check_no_none_text(path)
+    _keep_text_as_typed(path, layer)
     if "compute_environment" in layer and "distributed_type" in layer:
         raise ConfigError(f"{path} is an accelerate config: give it as `accelerate launch --config_file {path} "
                           "train/train.py --config RUN.yaml`, with a run config (e.g. configs/toy/dpo.yaml) here")
@@ -173,7 +180,10 @@ def _parse_override(item: str) -> Tuple[str, DictConfig]:
     try:
         text = _text_setting(key)
         if text is None:
-            return where, OmegaConf.from_dotlist([item])
+            layer = OmegaConf.from_dotlist([item])
+            if _field_type(key) == List[str]:  # its items as typed, as in a file
+                retype(layer, key, yaml.compose(value))
+            return where, layer
         node: Any = _text_value(item, value, optional=text == "optional")
         for part in reversed(key.split(".")):
             node = {part: node}
@@ -274,25 +284,20 @@ def _leaves(data: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     return [leaf for key, value in data.items() for leaf in _leaves(value, f"{prefix}{key}.")]
 
 
-def _check_no_none_text(path: Path) -> None:
-    """YAML reads a bare `None` as the text "None": a text setting that may be null (raft.negative_prompt,
-    cache_dir) would take it as its value (a negative prompt "None", a cache folder named None). Quoted, it is
-    the text (as `save_config` writes it)."""
-    def plain_nones(node: Any, prefix: str) -> Iterator[str]:
-        for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
-            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` (or a list of them) merges in place
-                for merged in value.value if isinstance(value, yaml.SequenceNode) else (value,):
-                    yield from plain_nones(merged, prefix)
-                continue
-            dotted = f"{prefix}{key.value}"
-            if isinstance(value, yaml.ScalarNode) and value.style is None and value.value in ("None", "none"):
-                yield dotted
-            yield from plain_nones(value, dotted + ".")
-
-    for key in plain_nones(yaml.compose(path.read_text(encoding="utf-8")), ""):
-        if _text_setting(key) == "optional":
+def _keep_text_as_typed(path: Path, layer: DictConfig) -> None:
+    """Text settings of a YAML file as typed (`yaml_text.as_typed`); a bare `None`, the text "None" in YAML,
+    refused where null is allowed (raft.negative_prompt, cache_dir: a negative prompt "None", a cache folder named
+    None). Quoted, it is the text (as `save_config` writes it)."""
+    data = OmegaConf.to_container(layer, resolve=False)
+    for key, node in entries(yaml.compose(path.read_text(encoding="utf-8"))):
+        kind = _text_setting(key) or ("list" if _field_type(key) == List[str] else None)
+        if kind is None:
+            continue
+        if kind == "optional" and isinstance(node, yaml.ScalarNode) and node.style is None and \
+                node.value in ("None", "none"):
             raise ConfigError(f"{key}: None in {path} is the text 'None' in YAML: write null for no value (or "
                               "quote it for the text)")
+        retype(layer, key, node, data)
 
 
 def _check_finite(cfg: Any, prefix: str = "") -> None:
@@ -374,12 +379,4 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
 
 def dump_config(cfg: Config) -> str:
     """`cfg` as the YAML `save_config` writes (and `--dry-run` prints)."""
-    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Writes the text "None" quoted: bare, `load_config` refuses it for a setting that may be null."""
-
-
-_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", text, style="'" if text in ("None", "none") else None))
+    return yaml.dump(config_to_dict(cfg), Dumper=Dumper, sort_keys=False)
