@@ -68,7 +68,8 @@ class RaftConfig:
     """Online batches from the current policy (RAFT, Dong et al. 2023, Sec. 3): every `round_steps` optimizer
     steps, K images per prompt are generated, scored, and selected. With an "images" objective (sft) the
     selected best-of-K samples are trained on (RAFT); with a "pairs" objective (dpo) the best vs the worst of each
-    prompt's K images form the pairs (online DPO)."""
+    prompt's K images form the pairs (online DPO). SePPO (an "images" objective) takes the selected samples as its
+    preferred images, against its reference's samples (ours: the paper trains on offline preferred images)."""
 
     enabled: bool = False
     """Train on generated, reward-ranked samples instead of data.path."""

@@ -71,7 +71,7 @@ def check_online_settings(rc, pairs: bool) -> List[str]:
         raise ConfigError(f"raft.k = {rc.k}: online DPO pairs the best and worst of K images, so it needs raft.k >= 2")
     if not pairs and rc.min_gap:
         raise ConfigError(f"raft.min_gap = {rc.min_gap}: only online DPO (objective dpo) makes pairs; RAFT "
-                          "(objective sft) keeps the best image of each prompt. Leave raft.min_gap at 0")
+                          "(objective sft or seppo) keeps the best image of each prompt. Leave raft.min_gap at 0")
     if rc.reward == "decomposed-clip":
         _check_fixed_direction(dict(rc.reward_options), rc.prompts)
     return read_prompts(rc.prompts, "raft.prompts")
