@@ -45,6 +45,17 @@ def test_clip77_embeddings_give_the_pipelines_own_images(toy_pipe, negative_prom
     torch.testing.assert_close(samples.images, images, atol=1e-6, rtol=0)
 
 
+def test_an_image_does_not_depend_on_the_batch_it_is_made_in(toy_pipe):
+    """Each image has its own seed's generator, as in diffusers: the same image in a batch of 3 or alone (a
+    compare.py or generate.py at another --batch-size, an out-of-memory retry at half the batch)."""
+    prompts, seeds = SHORT + SHORT[:1], [0, 10_000, 7]
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, negative_prompt="a green triangle")
+    together = generate(toy_pipe, prompts, seeds, batch_size=3, **kwargs)
+    alone = generate(toy_pipe, prompts, seeds, batch_size=1, **kwargs)
+    torch.testing.assert_close(together.latents, alone.latents, atol=1e-4, rtol=0)
+    assert not torch.allclose(together.latents[0], together.latents[2], atol=1e-2)  # seeds 0 and 7 differ
+
+
 def test_sdxl_embeddings_give_the_pipelines_own_images():
     """SDXL: pooled embeddings too, and zeros for the unconditional branch (force_zeros_for_empty_prompt)."""
     pipe = tiny_sdxl_pipeline()
