@@ -83,7 +83,9 @@ def parse_options(specs: Iterable[str], names: List[str]) -> Dict[str, Dict[str,
 
 
 def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: Optional[str]) -> Dict[str, Reward]:
-    """Check names and option keys against the constructors, then build (WeightsNotFoundError may escape)."""
+    """Check names and option keys against the constructors, then build (WeightsNotFoundError may escape). A
+    reward scoring against its batch (decomposed-clip's direction=batch) is refused: no command here batches
+    images by prompt."""
     available = available_rewards()
     if not names or len(set(names)) != len(names) or not set(names) <= set(available):
         raise UsageError(f"bad --reward {','.join(names)!r} (unknown or repeated); available: {', '.join(available)}")
@@ -93,6 +95,11 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
             check_options(name, options[name])
         except ValueError as e:
             raise UsageError(str(e)) from e
+        if str(options[name].get("direction")) == "batch":  # refused before minutes of loading CLIP-H
+            raise UsageError(f"{name} with direction=batch scores each image against its batch's mean text, so a "
+                             "score would depend on the images beside it and on --batch-size (a batch of one prompt "
+                             f"decomposes nothing); fit the direction once instead: --option {name}.fit_prompts=FILE "
+                             "(or direction=FILE)")
         params = inspect.signature(_REGISTRY[name]).parameters
         any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
         take_device = device is not None and ("device" in params or any_key)
@@ -270,11 +277,6 @@ def _run(args: argparse.Namespace) -> int:
                       replaces=[args.out], overwrite=args.overwrite)
     total, items = open_source(args.images, args.prompts, args.pairwise)
     rewards = load_rewards(names, options, args.device)
-    batched = [name for name, reward in rewards.items() if getattr(reward, "batch_direction", False)]
-    if batched:  # a short last batch, or one prompt's seeds side by side, would fail; scores would not compare
-        raise UsageError(f"{batched[0]} with direction=batch scores each image against its batch's mean text, so a "
-                         "score depends on the images beside it (a batch of one prompt decomposes nothing); fit the "
-                         f"direction once instead: --option {batched[0]}.fit_prompts=FILE (or direction=FILE)")
     rows: List[dict] = []
     try:
         with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:

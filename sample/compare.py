@@ -46,13 +46,6 @@ def compare_sets(args, rewards, save=None, sets=None) -> dict:
     lists the blocks not yet compared."""
     from t2i_align.evaluation import compare_scores, sample_model, score_samples
 
-    from reward_models.cli import UsageError
-
-    batched = [name for name, reward in rewards.items() if getattr(reward, "batch_direction", False)]
-    if batched:  # each batch is scored as it is made: the two sides' batches could differ (out of memory)
-        raise UsageError(f"{batched[0]} with direction=batch scores an image against its batch's mean text, so its "
-                         "scores depend on how images are batched: fit the direction once (--option "
-                         f"{batched[0]}.fit_prompts=FILE) to compare")
     prompt_sets, settings = sets or read_sets(args)
     # a full fine-tune's final/ given as --model (or --base) comes from a run as a LoRA does
     full = {m for m in (args.model, args.base) if m and m != "toy" and (Path(m) / "model_index.json").is_file()}

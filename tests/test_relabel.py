@@ -219,4 +219,4 @@ def test_a_reward_scored_against_its_batch_is_refused(pairs, tmp_path, capsys):
     code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "decomposed-clip", "--option",
                             "decomposed-clip.checkpoint=toy", "--option", "decomposed-clip.direction=batch",
                             "--out", tmp_path / "ai")
-    assert code == 2 and "would depend on --batch-size" in err and not (tmp_path / "ai").exists()
+    assert code == 2 and "would depend on the images beside it and on --batch-size" in err and not (tmp_path / "ai").exists()

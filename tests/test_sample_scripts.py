@@ -397,7 +397,7 @@ def test_compare_refuses_a_batch_direction_before_sampling(monkeypatch, capsys):
     args = ["--reward", "decomposed-clip", "--option", "decomposed-clip.checkpoint=toy",
             "--option", "decomposed-clip.direction=batch"]
     assert _script("common").run_cli(lambda: _script("compare").main(args)) == 2
-    assert "decomposed-clip with direction=batch scores an image against its batch's mean" in capsys.readouterr().err
+    assert "decomposed-clip with direction=batch scores each image against its batch's mean" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_link_or_mount_point_as_out_before_sampling(prompts, tmp_path, monkeypatch, capsys):

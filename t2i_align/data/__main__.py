@@ -80,9 +80,6 @@ def _relabel(args) -> int:
     name = args.reward.strip()
     options = parse_options(args.option or [], [name])
     reward = load_rewards([name], options, args.device)[name]
-    if getattr(reward, "batch_direction", False):  # as t2i-score and compare.py refuse it
-        raise UsageError(f"{name} with direction=batch scores an image against its batch's mean text, so a label "
-                         f"would depend on --batch-size: fit the direction once (--option {name}.fit_prompts=FILE)")
     summary = relabel(Path(args.pairs), out, name, reward, {"reward": name, "options": options[name]},
                       resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
                       log=lambda message: print(message, file=sys.stderr))
