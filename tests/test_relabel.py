@@ -193,15 +193,16 @@ def test_mistakes_are_one_error_line_and_write_nothing(pairs, tmp_path, capsys, 
 
 def test_resume_keeps_a_file_of_the_name_relabelling_did_not_write(pairs, tmp_path, capsys):
     """--resume took any file without a record for a stopped run's and replaced it: the user's own a.parquet of 50
-    rows became relabelled output. Now refused, unless --overwrite."""
+    rows became relabelled output. Now refused, and by --overwrite too (it replaced it)."""
     out = tmp_path / "ai"
     out.mkdir()
     write_parquet(_rows()[:2], out / "part-0.parquet")  # the user's file, not relabelling's (no reward_0)
     mine = (out / "part-0.parquet").read_bytes()
     code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
     assert code == 2 and "was not written by relabelling" in err and (out / "part-0.parquet").read_bytes() == mine
-    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--overwrite")
-    assert code == 0 and summary["written"] == 4
+    code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--overwrite")
+    assert code == 2 and "--overwrite replaces only relabelling's files" in err
+    assert (out / "part-0.parquet").read_bytes() == mine
 
 
 def test_a_linked_input_file_keeps_each_output_named_as_its_input(pairs, tmp_path, capsys):
@@ -219,4 +220,5 @@ def test_a_reward_scored_against_its_batch_is_refused(pairs, tmp_path, capsys):
     code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "decomposed-clip", "--option",
                             "decomposed-clip.checkpoint=toy", "--option", "decomposed-clip.direction=batch",
                             "--out", tmp_path / "ai")
-    assert code == 2 and "would depend on the images beside it and on --batch-size" in err and not (tmp_path / "ai").exists()
+    assert code == 2 and "would depend on the images beside it and on --batch-size" in err
+    assert not (tmp_path / "ai").exists()

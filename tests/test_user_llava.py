@@ -197,6 +197,13 @@ def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     # users[:-1] embedded every user but the last, without a word
     assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", "o", "--max-users", "-1"]) == 2
     assert "--max-users -1: give a number >= 0" in capsys.readouterr().err
+    # a table no run's parts/ is beside (a training run's final/, parts/ deleted) was replaced without a word
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "user_table.safetensors").write_bytes(b"the run's table")
+    assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", str(final)]) == 2
+    assert "user_table.safetensors exists without the" in capsys.readouterr().err
+    assert (final / "user_table.safetensors").read_bytes() == b"the run's table"
 
 
 def test_a_transformers_too_old_is_a_user_error(tmp_path, monkeypatch):

@@ -155,7 +155,7 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
     total, todo = new_counts(), []
     for name, src in files:
         record = {**setup, "all_pairs": bool(options.get("all_pairs")), **_source(src)}
-        done = _finished(out / name, record) if resume else None
+        done = _finished(out / name, record) if resume else _check_ours(out / name)
         if done is None:
             todo.append((name, src, record))
         else:
@@ -205,7 +205,7 @@ def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]
     if kept is None:
         if parquet.is_file() and not _ours(parquet):
             raise UserError(f"{parquet} was not written by relabelling (no record, no reward_0 column): give another "
-                            "--out, or --overwrite to replace it")
+                            "--out, or move that file away")
         return None
     wanted = json.loads(json.dumps(record, default=str))
     differs = sorted(k for k in wanted if kept.get(k) != wanted[k])
@@ -213,6 +213,13 @@ def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]
         raise UserError(f"{parquet} was made with other {', '.join(differs)} ({_record_path(parquet).name}): "
                         "give another --out, or --overwrite to relabel it again")
     return kept["counts"]
+
+
+def _check_ours(parquet: Path) -> None:
+    """UserError for a file of an output's name that relabelling did not write: --overwrite replaced it."""
+    if parquet.is_file() and not _record_path(parquet).is_file() and not _ours(parquet):
+        raise UserError(f"{parquet} was not written by relabelling (no record, no reward_0 column), and --overwrite "
+                        "replaces only relabelling's files: give another --out")
 
 
 def _ours(parquet: Path) -> bool:

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=1024)
     e.add_argument("--max-users", type=int, default=0, help="only the first N users (0: all)")
     e.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    e.add_argument("--overwrite", action="store_true", help="replace a user table in --out that no run's parts/ "
+                   "is beside")
     c = sub.add_parser("check-shots", help="fail if a user's shot is among that user's training pairs")
     c.add_argument("--shots", required=True, help="users.json written by embed")
     c.add_argument("--pairs", required=True, help="the training pairs")
@@ -45,6 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not Path(args.model).is_dir():
                 raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
                                         "checkpoint in transformers' format (nothing is downloaded)")
+            embed.check_out(Path(args.out), args.overwrite)
             embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed, args.max_new_tokens,
                             args.max_users, args.dtype)
         else:

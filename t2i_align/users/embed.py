@@ -220,6 +220,16 @@ def check_parts_settings(out: Path, settings: Dict[str, Any]) -> None:
     write_json_atomic(path, settings)
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Before anything loads: a table in `out` that no embedding run's parts/ is beside (parts/ deleted, or a
+    training run's final/ holding its exported table) is replaced only with --overwrite; beside its parts/ the
+    table is the one a rerun merges again, with the users it adds."""
+    earlier = [p for p in (out / "user_table.safetensors", out / USERS_JSON) if p.exists()]
+    if earlier and not overwrite and not (out / PARTS / PARTS_SETTINGS).is_file():
+        raise UserError(f"{earlier[0]} exists without the {out / PARTS} it would be merged from, and this run would "
+                        "replace it: choose another --out, or pass --overwrite")
+
+
 SHARD_WAIT = timedelta(hours=24)
 """How long processes that finished their users wait for the others (a resumed run's shards can be very uneven;
 NCCL's default, 10 minutes, would abort it)."""
