@@ -78,7 +78,8 @@ def build(rank: int, world: int, port: int, data: str, cache: str, size: int, ou
     dist.barrier()
     seconds = time.perf_counter() - start
     if rank == 0:
-        Path(out).write_text(json.dumps({"seconds": seconds, "folder": str(cached.folder)}))
+        from t2i_align.files import write_text_atomic  # a result file whole or not at all
+        write_text_atomic(Path(out), json.dumps({"seconds": seconds, "folder": str(cached.folder)}))
     dist.destroy_process_group()
 
 
@@ -126,8 +127,9 @@ def main() -> None:
     print("| processes | seconds | pairs/s | rows as one process |\n|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['processes']} | {r['seconds']} | {r['pairs_per_s']} | {r['same_rows_as_one_process']} |")
-    Path(args.out).write_text(json.dumps({"pairs": args.pairs, "size": args.size, "machine": machine,
-                                          "rows": rows}, indent=1) + "\n")
+    from t2i_align.files import write_text_atomic  # a result file whole or not at all
+    write_text_atomic(Path(args.out), json.dumps({"pairs": args.pairs, "size": args.size, "machine": machine,
+                                                  "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def cmd_judge(args) -> dict:
     record.update(model=args.model, lora=args.lora, text_encoding=pipeline_components(pipe).text_encoding.kind,
                   reward_checkpoint=args.reward_checkpoint if args.reward else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record))
+    from t2i_align.files import write_text_atomic  # a result file whole or not at all
+    write_text_atomic(Path(args.out), json.dumps(record))
     return {"out": args.out, "model": args.model, "lora": args.lora, "text_encoding": record["text_encoding"],
             "captions": args.captions, **summarize_record(record)}
 

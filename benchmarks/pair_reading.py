@@ -251,7 +251,8 @@ def table(results: list) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "pair_reading"))
+    parser.add_argument("--dir", default=tempfile.gettempdir(),
+                        help="where to work: in a new folder inside it, removed at the end unless --keep")
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--pairs", type=int, default=1536,
                         help="pairs decoded per measurement (3 shuffle windows of 512: whole windows are read)")
@@ -266,12 +267,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.worker, Path(args.file), args.pairs, Path(args.scratch))))
         return
-    folder = Path(args.dir)
     need = 2.2 * sum(args.sizes_gb) * 1e9  # the files plus HF datasets' Arrow copy of one
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.dir).free
     if free < need:
-        sys.exit(f"error: {folder} has {free / 1e9:.1f} GB free; this needs ~{need / 1e9:.1f} GB (pass --dir)")
+        sys.exit(f"error: {args.dir} has {free / 1e9:.1f} GB free; this needs ~{need / 1e9:.1f} GB (pass --dir)")
+    folder = Path(tempfile.mkdtemp(dir=args.dir, prefix="pair_reading-"))  # only what this run made is removed
     results, files = [], {}
     try:
         for size in args.sizes_gb:
@@ -294,9 +295,10 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "files": files,
-                                   "row_group_rows": ROW_GROUP, "results": results}, indent=1))
+    from t2i_align.files import write_text_atomic
+
+    write_text_atomic(RESULTS, json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "files": files,
+                                           "row_group_rows": ROW_GROUP, "results": results}, indent=1))
     print(table(results))
 
 

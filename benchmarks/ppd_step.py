@@ -119,7 +119,8 @@ def main() -> None:
         print(f"| {mode} | {row['trainable_params']:,} | {row['s_per_step']:.3f} | {row['pairs_per_s']:.3g} |",
               flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"setting": header, "rows": rows}, indent=1))
+        from t2i_align.files import write_text_atomic  # a result file whole or not at all
+        write_text_atomic(Path(args.out), json.dumps({"setting": header, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -216,8 +216,10 @@ def main() -> None:
                 print(f"| {chain} | {k} ({mode}) | {'on' if ckpt else 'off'} | {cells} |", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = ROOT / "benchmarks" / "results" / f"reward_backprop_step_{args.model}_{device}.json"
-    out.write_text(json.dumps({"model": args.model, "batch": args.batch, "threads": args.threads,
-                               "torch": torch.__version__, "machine": platform.machine(), "rows": rows}, indent=1))
+    from t2i_align.files import write_text_atomic  # a result file whole or not at all
+    write_text_atomic(out, json.dumps({"model": args.model, "batch": args.batch, "threads": args.threads,
+                                       "torch": torch.__version__, "machine": platform.machine(), "rows": rows},
+                                      indent=1))
     print(f"\nwritten: {out.relative_to(ROOT)}")
 
 

@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     for stage in stages:
         report[stage.__name__] = stage(args)
         print(json.dumps({stage.__name__: report[stage.__name__]}, indent=1, default=str), flush=True)
-    _report_path(args, args.stage).write_text(json.dumps(report, indent=1, default=str))
+    from t2i_align.files import write_text_atomic  # a result file whole or not at all
+    write_text_atomic(_report_path(args, args.stage), json.dumps(report, indent=1, default=str))
     return 0
 
 
