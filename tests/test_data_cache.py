@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from helpers import thread_team
 from t2i_align.data.cache import build_or_load_cache, cache_key, collate_cached, model_identity
 from t2i_align.data.pairs import PairDataset
+from t2i_align.errors import UserError
 
 from test_data_pairs import BLUE, GREEN, RED, image_bytes, row, write_pairs
 
@@ -169,6 +170,13 @@ def test_a_truncated_shard_makes_the_cache_incomplete_and_old_markers_without_si
     marker_path.write_text(json.dumps(marker))
     enc = FakeEncoders()
     assert len(build(ds, enc, tmp_path / "cache")) == 10 and enc.image_calls == 0
+    # an edited marker naming a file outside the folder was read as a shard
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((cached.folder / "pairs-00000.safetensors").read_bytes())
+    marker["pair_shards"][0][0] = "../../elsewhere.safetensors"
+    marker_path.write_text(json.dumps(marker))
+    with pytest.raises(UserError, match="names shard '../../elsewhere.safetensors', which is not a file of that"):
+        build(ds, FakeEncoders(), tmp_path / "cache")
 
 
 def test_prompt_dropout_substitutes_the_empty_embedding(tmp_path):

@@ -59,6 +59,10 @@ def _is_complete(folder: Path, key: str) -> bool:
         return False  # any other OSError (no permission, a network file system's hiccup) is raised: a complete
         # cache is never deleted because its marker could not be read this once
     shards = marker.get("pair_shards", []) + marker.get("prompt_shards", [])
+    strays = [name for name, _ in shards if not isinstance(name, str) or Path(name).name != name or name in ("..", "")]
+    if strays:  # the builder writes plain file names: a marker naming others is not its own (an edited one)
+        raise UserError(f"{folder / 'complete.json'} names shard {strays[0]!r}, which is not a file of that folder: "
+                        "not a cache this project wrote; delete the folder to build it again")
     sizes = marker.get("shard_bytes", {})  # absent in caches built before sizes were recorded
     return marker.get("key") == key and all(_shard_intact(folder / name, sizes.get(name)) for name, _ in shards)
 
