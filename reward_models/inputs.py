@@ -23,12 +23,15 @@ class UsageError(UserError):
 
 
 class Item(NamedTuple):
-    """One image to score: `key` goes into its output row; `data` is a Path or encoded bytes."""
+    """One image to score: `key` goes into its output row; `data` is a Path or encoded bytes (None: a path that
+    may not be read)."""
     key: Dict[str, Any]
     prompt: str
     data: Any
 
     def decode(self):
+        if self.data is None:  # a listed path that leads out of the image folder: this row's error, not the run's
+            raise ValueError("its path resolves outside the image folder (or is not a valid file name): not read")
         return check_aspect(decode_image(self.data.read_bytes() if isinstance(self.data, Path) else self.data),
                             "score")
 
@@ -90,10 +93,7 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
                              f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
         table = list(zip(files, lines))
     root = folder.resolve()
-    outside = [n for n, _ in table if not _inside(folder, root, n)]
-    if outside:
-        raise UsageError(f"{outside[:3]} resolve outside the image folder {root} (or are not valid file names)")
-    return [Item({"file": name}, p, folder / name) for name, p in table]
+    return [Item({"file": name}, p, folder / name if _inside(folder, root, name) else None) for name, p in table]
 
 
 def parquet_items(path: Path, pairwise: bool) -> Tuple[int, Iterator[Item]]:
