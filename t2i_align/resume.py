@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
@@ -34,12 +35,13 @@ SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
 ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 
 
-def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir) -> None:
+def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True) -> None:
     """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
     would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
     failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
     (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
-    session 28 name no engine and are left to the engine's load."""
+    session 28 name no engine and are left to the engine's load. `warn` (the main process): that FSDP / DeepSpeed
+    unpickle a checkpoint from outside output_dir."""
     marker = read_marker(path)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
@@ -56,6 +58,11 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
         raise CheckpointMismatch(f"train.resume: {path} was written by {len(wrote)} processes under "
                                  f"{ENGINES[engine]} and this run has {processes}: launch {len(wrote)} processes "
                                  "(num_processes) to resume it")
+    if warn and engine != "plain" and not path.resolve().is_relative_to(Path(output_dir).resolve()):
+        warnings.warn(f"train.resume: {ENGINES[engine]} reads its checkpoint's states with pickle (DeepSpeed's "
+                      "torch.load without weights_only, torch's distributed checkpoint metadata), which can run "
+                      f"code planted in the files: resume only from checkpoints you trust ({path} is not this "
+                      "run's own)")
 
 
 @dataclass

@@ -264,6 +264,16 @@ def test_resume_refuses_another_engine_or_sharded_process_count(tmp_path):
         check_resume(marker(engine="fsdp", raw_batches=[4, 4]), "fsdp", 1, 10, tmp_path)
     with pytest.raises(UserError, match="at step 4, past train.max_steps=3"):
         check_resume(ddp, "plain", 2, 3, tmp_path)
+    # FSDP / DeepSpeed unpickle their states: a checkpoint from outside the run is warned about (once, on main)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_resume(zero2, "deepspeed", 2, 10, tmp_path)  # the run's own
+        check_resume(zero2, "deepspeed", 2, 10, tmp_path / "elsewhere", warn=False)
+        check_resume(ddp, "plain", 2, 10, tmp_path / "elsewhere")  # accelerate loads with weights_only=True
+    with pytest.warns(UserWarning, match="DeepSpeed reads its checkpoint's states with pickle.*resume only from"):
+        check_resume(zero2, "deepspeed", 2, 10, tmp_path / "elsewhere")
 
 
 class _RecordingAccelerator:
