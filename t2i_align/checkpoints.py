@@ -261,7 +261,21 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
             write_base_model(tmp, components.path, base_model)
         if step is not None:
             (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
+        _keep_added(out, tmp)
     return out
+
+
+def _keep_added(final: Path, new: Path) -> None:
+    """Before a new export replaces final/ (a run extended from the step it ended at): a final/ holding what no
+    export writes (samples generated into it, notes) is moved aside whole to final-kept-N/, not deleted."""
+    if final.is_symlink() or not final.is_dir():
+        return
+    added = sorted({p.name for p in final.iterdir()} - {p.name for p in new.iterdir()})
+    if added:
+        kept = next(k for i in range(1, 10_000) if not (k := final.with_name(f"final-kept-{i}")).exists())
+        final.rename(kept)
+        logger.warning("%s held %s, which the new export does not write: the earlier export was moved to %s",
+                       final, ", ".join(added[:3]), kept)
 
 
 def _save_adapters(pipeline, unet, folder: Path) -> None:

@@ -561,3 +561,20 @@ def test_processes_that_find_different_latest_checkpoints_stop_together(tmp_path
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: objs * 2)  # a typo: no machine sees it
     with pytest.raises(FileNotFoundError, match=r"step-4' does not exist; use [^(]*$"):  # no shared-disk hint
         resolve_resume_everywhere(two, tmp_path, "/elsewhere/step-4")
+
+
+def test_a_new_export_moves_aside_a_final_holding_files_no_export_writes(tmp_path):
+    """A run extended from the step it ended at replaces final/ as it ends: samples generated into final/ (or any
+    file a user put there) were deleted with it. Now that final/ is moved to final-kept-1/ whole."""
+    from helpers import export_random_lora
+
+    model = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    run = tmp_path / "run"
+    export_random_lora(model, run)
+    export_random_lora(model, run)  # only what an export writes: replaced, nothing kept
+    assert not (tmp_path / "run" / "final-kept-1").exists()
+    (run / "final" / "samples").mkdir()
+    (run / "final" / "samples" / "0.png").write_bytes(b"a sample")
+    final = export_random_lora(model, run)
+    assert (run / "final-kept-1" / "samples" / "0.png").read_bytes() == b"a sample"
+    assert not (final / "samples").exists() and (final / "pytorch_lora_weights.safetensors").is_file()
