@@ -29,6 +29,8 @@ from common import (add_model_args, add_sampling_args, add_user_args, check_mode
 MADE_BY = "t2i_align_generated.json"
 """Marks a folder generate.py wrote (metadata.jsonl alone does not: Hugging Face's imagefolder data sets have one);
 it holds the run's settings, which --resume checks in OUT.partial."""
+BROWSER_LEFTOVERS = (".DS_Store", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".directory")
+"""Files a file browser or notebook leaves in a folder (and macOS's ._* copies): not the user's work."""
 PARTIAL = ".partial"
 """OUT.partial: the images of a run not yet finished."""
 LATER = ("model_files",)
@@ -151,10 +153,9 @@ def _added_files(out: Path) -> List[str]:
     for line in listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []:
         with contextlib.suppress(ValueError, AttributeError):  # a torn or edited line: its image counts as added
             ours.add(json.loads(line).get("file"))
-    # hidden files a file browser or notebook leaves (.DS_Store, .ipynb_checkpoints) and Windows' Thumbs.db are not
-    # the user's work
-    return sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")
-                  and p.name != "Thumbs.db")
+    # what a file browser or notebook leaves is not the user's work; other hidden entries (.git) are
+    return sorted(p.name for p in out.iterdir() if p.name not in ours and p.name not in BROWSER_LEFTOVERS
+                  and not p.name.startswith("._"))
 
 
 def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:

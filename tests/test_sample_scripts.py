@@ -427,7 +427,11 @@ def test_generate_overwrite_keeps_files_it_did_not_write(prompts, tmp_path, caps
     assert "holds files generate.py did not write (scores.jsonl)" in capsys.readouterr().err
     assert (out / "scores.jsonl").read_text() == "the user's scores\n"
     (out / "scores.jsonl").unlink()
-    (out / ".DS_Store").write_bytes(b"a file browser's")  # hidden files are no one's work
+    (out / ".git").mkdir()  # a hidden entry that is the user's: it went with the folder
+    assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out), "--overwrite", *FAST])) == 2
+    assert "did not write (.git)" in capsys.readouterr().err and (out / ".git").is_dir()
+    (out / ".git").rmdir()
+    (out / ".DS_Store").write_bytes(b"a file browser's")  # a file browser's leftovers are no one's work
     assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(out), "--overwrite", *FAST])) == 0
 
 
