@@ -141,7 +141,7 @@ def _tokenizer_for(name: Optional[str], cfg: Dict[str, Any]):
     folder = text["hf_tokenizer_name"]
     if not Path(folder).is_dir():  # a hub name: CLIP's BPE instead would score garbage, and nothing is downloaded
         raise RewardSetupError(f"arch names the tokenizer {folder!r} (text_cfg.hf_tokenizer_name), not a local folder:"
-                               f" `huggingface-cli download {folder} --local-dir DIR` and name DIR there instead (for"
+                               f" `hf download {folder} --local-dir DIR` and name DIR there instead (for"
                                " a named arch, pass its config dict, open_clip.get_model_config(NAME), with that"
                                " change)")
     mode = {"tokenizer_mode": text["tokenizer_mode"]} if text.get("tokenizer_mode") else {}  # older open_clip lacks it

@@ -59,7 +59,7 @@ class HPSv2(Reward):
                  device=None, dtype=None, batch_size: int = 16):
         if version not in _FILES:
             raise RewardSetupError(f"hpsv2 version must be one of {sorted(_FILES)}, got {version!r}")
-        source = (f"{_FILES[version]} from https://huggingface.co/xswu/HPSv2 (`huggingface-cli download xswu/HPSv2 "
+        source = (f"{_FILES[version]} from https://huggingface.co/xswu/HPSv2 (`hf download xswu/HPSv2 "
                   f"{_FILES[version]} --local-dir DIR`), passed as checkpoint=DIR/{_FILES[version]}")
         self.version = version
         self.encoder = load_open_clip(arch, checkpoint, f"hpsv2 ({version}) weights", source, pretrained_tags=False,

@@ -92,7 +92,7 @@ def load_bert_tokenizer(tokenizer="bert-base-uncased"):
     from transformers import BertTokenizer, PreTrainedTokenizerBase
 
     fix = ("pass tokenizer=FOLDER holding the bert-base-uncased vocab.txt (the ImageReward/VP-Score text side), e.g. "
-           "from `huggingface-cli download bert-base-uncased vocab.txt --local-dir FOLDER`")
+           "from `hf download bert-base-uncased vocab.txt --local-dir FOLDER`")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         name = str(Path(tokenizer).expanduser()) if Path(tokenizer).expanduser().exists() else str(tokenizer)
         from t2i_align.model_folders import _hub_offline

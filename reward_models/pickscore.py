@@ -210,7 +210,7 @@ class PickScore(Reward):
     differentiable = True
     source = ("a local copy of https://huggingface.co/yuvalkirstain/PickScore_v1 (config.json + model.safetensors) "
               "as model_dir, and processor_dir = a copy of https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-"
-              "b79K (tokenizer + preprocessor_config.json), e.g. `huggingface-cli download <repo> --local-dir DIR`")
+              "b79K (tokenizer + preprocessor_config.json), e.g. `hf download <repo> --local-dir DIR`")
     paths = {"model_dir": source}  # processor_dir may be a hub name in the cache (`_processor_folder`)
 
     def __init__(self, model_dir: Optional[PathLike] = None, processor_dir: Optional[PathLike] = None,

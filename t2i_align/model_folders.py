@@ -116,7 +116,7 @@ def _download(repo_id: str, revision: Optional[str], variant: Optional[str], pip
         raise ModelLoadError(
             f"{repo_id!r} is not a local folder and looks like a Hugging Face Hub id, but it is not in the local "
             f"cache and {why} ({type(err).__name__}: {str(err)[:200]}). Download it where a network exists (e.g. "
-            f"`huggingface-cli download {repo_id} --local-dir /path/to/folder`), copy the folder here and "
+            f"`hf download {repo_id} --local-dir /path/to/folder`), copy the folder here and "
             f"{_pass_local(key)}."
         ) from err
 
