@@ -143,6 +143,7 @@ def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, mon
     earlier = tmp_path / "demo"
     (earlier / "pairs").mkdir(parents=True)
     (earlier / "pairs" / "pairs.parquet").write_bytes(b"the first demo's pairs")
+    (earlier / "judge.json").write_text("{}")  # finished
     assert main(["demo", "--out", str(earlier)]) == 2
     assert "exists and --out" in capsys.readouterr().err
     mine = tmp_path / "mine"
@@ -158,6 +159,11 @@ def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, mon
     class Reached(Exception):
         pass
     monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: (_ for _ in ()).throw(Reached()))
+    with pytest.raises(Reached):
+        main(["demo", "--out", str(stopped)])
+    # one stopped after its pairs (its training refused a setting, Ctrl-C), without judge.json, is redone too: the
+    # rerun with the setting fixed was refused without --overwrite
+    (stopped / "pairs" / "pairs.parquet").write_bytes(b"a stopped demo's pairs")
     with pytest.raises(Reached):
         main(["demo", "--out", str(stopped)])
 

@@ -93,12 +93,16 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
              show_progress: bool = True, overwrite: bool = False) -> Dict:
     """Pairs -> LoRA DPO -> judged comparison in `out`; returns (and writes to out/judge.json) the results. An
     earlier demo in `out` is replaced only with `overwrite` (its pairs, gallery and judge.json were replaced
-    silently; its dpo/ run is set aside by the loop), a folder no demo wrote never."""
+    silently; its dpo/ run is set aside by the loop), an unfinished one (no judge.json) by a rerun too, a folder no
+    demo wrote never."""
     from ..files import check_output_path
     from ..loop import train
 
     verify_assets()
-    check_output_path(out, "--out", folder=True, replaces=[out], overwrite=overwrite, made_by="pairs/pairs.parquet")
+    # a demo that stopped before its judge.json (a setting its training refused, Ctrl-C) is redone, not guarded
+    unfinished = (out / "pairs" / "pairs.parquet").is_file() and not (out / "judge.json").is_file()
+    check_output_path(out, "--out", folder=True, replaces=[out], overwrite=overwrite or unfinished,
+                      made_by="pairs/pairs.parquet")
     cfg = _dpo_config(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toy")
