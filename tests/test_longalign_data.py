@@ -234,6 +234,15 @@ def cfg_with(*overrides):
     return load_config(None, list(overrides))
 
 
+def test_missing_caption_data_is_named_as_caption_data(tmp_path):
+    """It was called "pair data", with the toy pairs command to make it."""
+    from t2i_align.data.captions import caption_files
+
+    cfg = cfg_with("objective.name=sft", "data.kind=captions", f"data.path={tmp_path / 'none'}")
+    with pytest.raises(ConfigError, match="image-caption data .*none does not exist.*toy captions --out DIR"):
+        caption_files(cfg.data)
+
+
 def test_data_kind_must_feed_the_objective():
     check_data_kind(cfg_with("objective.name=sft", "data.kind=captions"), "images")
     check_data_kind(cfg_with("objective.name=sft"), "images")  # SFT on a pair's preferred image

@@ -194,10 +194,11 @@ def caption_files(cfg: Any, root: Optional[str | Path] = None, check_columns: bo
     if not cfg.path:
         raise ConfigError("data.path is empty: with data.kind=captions give a parquet file or folder with caption "
                           "and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out DIR)")
-    try:
-        files = find_parquet_files(cfg.path, root)
-    except FileNotFoundError as err:
-        raise ConfigError(f"data.path: {err}; give a parquet file or folder of image-caption data") from None
+    if not Path(cfg.path).exists():  # find_parquet_files' message is about pair data
+        raise ConfigError(f"data.path: image-caption data {cfg.path} does not exist: give a parquet file or folder "
+                          "with caption and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out "
+                          "DIR; a listing: python -m t2i_align.data captions)")
+    files = find_parquet_files(cfg.path, root)
     for path in files if check_columns else []:
         caption_columns(open_parquet(path).schema_arrow.names, path)
     return files
