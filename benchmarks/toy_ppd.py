@@ -183,4 +183,6 @@ def _report_path(args, stage: str) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from t2i_align.errors import run_cli
+
+    sys.exit(run_cli(main))  # a UserError (too few shots for --k) is one line, not a traceback
