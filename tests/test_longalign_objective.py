@@ -248,3 +248,48 @@ def test_the_direction_is_fitted_on_a_seeded_sample_of_a_large_prompt_set(tmp_pa
     build_reward(ObjectiveContext(None, fake_accelerator(), cfg, None), cfg.reward_backprop, "toy:train-long")
     with pytest.raises(ConfigError, match="fit_max_prompts"):
         toy_cfg(tmp_path, "reward_backprop.fit_max_prompts=-1")
+
+
+def test_the_shipped_sd15_recipe_runs_its_chain_on_a_tiny_sd15(tmp_path, monkeypatch):
+    """configs/sd15/longalign_reward.yaml's chain as a whole (tested above in pieces, on the toy's sampler): 50
+    trailing DDIM steps 999 ... 19, CFG 7.5, 5 gradient steps one per block of 10 at a shared offset, the UNet
+    input detached, the last x0 decoded; the loss -0.5 · mean reward, its gradient reaching the LoRA."""
+    from helpers import save_tiny_pipeline
+    import t2i_align.rollout as rollout_module
+    from t2i_align.adapters import add_lora
+    from t2i_align.batches import BATCH_BUILDERS, make_denoiser
+    from t2i_align.models import load_components
+    from t2i_align.objectives.context import ObjectiveContext
+
+    folder = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    cfg = load_config(str(Path(CONFIG).parents[1] / "sd15" / "longalign_reward.yaml"), [
+        f"model.pretrained={folder}", f"output_dir={tmp_path / 'run'}", "data.path=toy:train-long",
+        "data.resolution=16", "reward_backprop.reward_options.checkpoint=toy",
+        "reward_backprop.reward_options.dtype=fp32", "train.mixed_precision=no", "model.weight_dtype=fp32",
+        "tracking.wandb=off", "lora.rank=4", "lora.alpha=4", "train.batch_size=2"])
+    comps = load_components(cfg.model)
+    params = add_lora(comps.unet, cfg.lora)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    objective = RewardBackprop()
+    objective.setup(ObjectiveContext(comps, fake_accelerator(), cfg, comps.unet, lora=True))
+    batch = BATCH_BUILDERS["prompts"](comps, {"caption": PROMPTS, "resolution": 16}, torch.device("cpu"))
+    chosen, calls, denoise = [], [], make_denoiser(comps.unet, comps)
+    choose = rollout_module.choose_grad_steps
+    monkeypatch.setattr(rollout_module, "choose_grad_steps", lambda *a, **k: chosen.extend(choose(*a, **k)) or chosen)
+
+    def policy(x, t, embeds, time_ids=None):
+        calls.append((int(t.flatten()[0]), torch.is_grad_enabled(), x.shape[0]))
+        return denoise(x, t, embeds, time_ids)
+    loss, metrics = objective.compute_loss(policy, None, batch, comps.scheduler, cfg.objective,
+                                           torch.Generator().manual_seed(0))
+    forward = calls[:50]
+    loss.backward()
+    assert [t for t, _, _ in forward] == list(range(999, 0, -20)) and {n for _, _, n in forward} == {4}  # CFG
+    assert len(chosen) == 5 and [b - a for a, b in zip(chosen, chosen[1:])] == [10] * 4 and chosen[0] < 10
+    assert [i for i, (_, grad, _) in enumerate(forward) if grad] == chosen
+    assert batch.embeds.prompt_embeds.shape[1] == 240  # stage 1's segment encoding
+    assert loss.item() == pytest.approx(-0.5 * metrics["reward"], rel=1e-5)
+    assert sum(float(p.grad.abs().sum()) for p in params if p.grad is not None) > 0
