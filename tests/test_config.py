@@ -71,6 +71,40 @@ def test_every_shipped_yaml_loads(path):
         assert loaded[key] == value, key  # == : an int where a float is declared
 
 
+RECIPES = {  # ../shared/reference: the official launchers and papers; objective, β, lr, scale_lr, per-GPU batch x
+    # accumulation, schedule, warm-up, steps, clip, optimizer
+    "sd15/dpo_full": ("dpo", 5000.0, 1e-8, True, 1, 128, "constant_with_warmup", 500, 2000, 1.0, "adamw"),
+    "sdxl/dpo_full": ("dpo", 5000.0, 1e-8, True, 1, 128, "constant_with_warmup", 200, 2000, 1.0, "adafactor"),
+    "sd15/sft_full": ("sft", 5000.0, 1e-8, True, 1, 128, "constant_with_warmup", 500, 2000, 1.0, "adamw"),
+    "sd15/seppo": ("seppo", 5000.0, 1e-8, True, 1, 256, "constant_with_warmup", 500, 2000, 1.0, "adamw"),
+    "sd15/ppd": ("dpo", 5000.0, 1e-5, False, 4, 24, "constant_with_warmup", 100, 1000, 1.0, "adamw"),
+    "sd15/longalign_stage1": ("sft", 5000.0, 3e-5, False, 16, 12, "constant_with_warmup", 2000, 28750, 0.3, "adamw"),
+    "sd15/longalign_reward": ("reward_backprop", 5000.0, 3e-5, False, 8, 6, "constant_with_warmup", 2000, 3750, 0.3,
+                              "adamw")}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipes_keep_the_reference_values(name):
+    """The reviewed recipe values pinned (the test above compares each file with itself: a changed value passed)."""
+    cfg = load_config(REPO_ROOT / f"configs/{name}.yaml")
+    t = cfg.train
+    assert (cfg.objective.name, cfg.objective.beta, t.learning_rate, t.scale_lr, t.batch_size, t.grad_accum,
+            t.lr_scheduler, t.lr_warmup_steps, t.max_steps, t.max_grad_norm, t.optimizer) == RECIPES[name]
+    assert cfg.objective.beta_convention == "official"
+
+
+def test_shipped_method_sections_keep_the_reference_values():
+    stage1 = load_config(REPO_ROOT / "configs/sd15/longalign_stage1.yaml")
+    assert (stage1.lora.rank, stage1.lora.alpha, stage1.lora.dropout, stage1.model.text_encoding.kind,
+            stage1.model.text_encoding.token_budget) == (32, 32, 0.1, "segments", 240)
+    rb = load_config(REPO_ROOT / "configs/sd15/longalign_reward.yaml").reward_backprop
+    assert (rb.reward, rb.reward_options["omega"], rb.loss_scale, rb.num_steps, rb.guidance_scale, rb.grad_mode,
+            rb.grad_k, rb.detach_input, rb.x0_prediction, rb.timestep_spacing) == (
+        "decomposed-clip", 0.3, 0.5, 50, 7.5, "strided", 5, True, True, "trailing")
+    dpo = load_config(REPO_ROOT / "configs/sd15/dpo_full.yaml")
+    assert (dpo.data.prompt_dropout, dpo.data.crop, dpo.data.resolution) == (0.2, "center", 512)
+
+
 def test_shipped_base_configs_say_what_they_are():
     toy = load_config(REPO_ROOT / "configs/toy/base.yaml")
     assert (toy.model.pretrained, toy.model.family, toy.model.weight_dtype) == ("toy", "auto", "fp32")
