@@ -161,6 +161,13 @@ def test_text_settings_in_a_file_and_list_items_are_taken_as_typed(tmp_path):
         "yes", "0777", "1e3"]
     (tmp_path / "m.yaml").write_text("tracking:\n  <<: {run_name: 0001}\n")  # a merge key
     assert load_config(tmp_path / "m.yaml").tracking.run_name == "0001"
+    # merge keys as YAML resolves them: an explicit key wins, the first source wins, a merge is shallow
+    for text, run_name in (("run_name: 5\n  <<: {run_name: 7}", "5"), ("<<: [{run_name: 1}, {run_name: 2}]", "1")):
+        (tmp_path / "m.yaml").write_text(f"tracking:\n  {text}\n")
+        assert load_config(tmp_path / "m.yaml").tracking.run_name == run_name
+    (tmp_path / "m.yaml").write_text("model:\n  <<: {text_encoding: {kind: segments}}\n"
+                                     "  text_encoding: {token_budget: 200}\n")
+    assert load_config(tmp_path / "m.yaml").model.text_encoding.kind == "clip77"
 
 
 def test_later_override_wins():

@@ -2,7 +2,7 @@
 and OmegaConf 1e3 as 1000.0) and a dumper quoting any text that would not read back as itself."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -13,15 +13,28 @@ NULLS = ("null", "Null", "NULL", "~", "")
 
 
 def entries(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    """(dotted key, value node) of every mapping entry of a composed YAML file, `<<: *defaults` merged in place."""
-    for key, value in node.value if isinstance(node, yaml.MappingNode) else ():
-        if key.tag == "tag:yaml.org,2002:merge":  # a merge key (or a list of them)
-            for merged in value.value if isinstance(value, yaml.SequenceNode) else (value,):
-                yield from entries(merged, prefix)
-            continue
-        dotted = f"{prefix}{key.value}"
+    """(dotted key, value node) of every mapping entry of a composed YAML file as YAML resolves it."""
+    for name, value in _pairs(node):
+        dotted = f"{prefix}{name}"
         yield dotted, value
         yield from entries(value, dotted + ".")
+
+
+def _pairs(node: Any) -> List[Tuple[str, Any]]:
+    """A mapping's (key, value node) pairs with merge keys (`<<: *defaults`, or a list of them) resolved as YAML
+    does: a key given explicitly wins over a merged one, an earlier merge source over a later one, whole (a
+    shallow merge)."""
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    own, merged = [], []
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge":
+            for source in value.value if isinstance(value, yaml.SequenceNode) else (value,):
+                merged += _pairs(source)
+        else:
+            own.append((key.value, value))
+    seen: set = set()
+    return [(name, value) for name, value in own + merged if not (name in seen or seen.add(name))]
 
 
 def as_typed(node: Any, loaded: Any) -> Any:
@@ -31,7 +44,7 @@ def as_typed(node: Any, loaded: Any) -> Any:
     if isinstance(node, yaml.SequenceNode) and isinstance(loaded, list) and len(loaded) == len(node.value):
         return [as_typed(item, value) for item, value in zip(node.value, loaded)]
     plain = isinstance(node, yaml.ScalarNode) and node.style is None and node.value not in NULLS
-    return node.value if plain and not isinstance(loaded, str) else loaded
+    return node.value if plain and loaded is not None and not isinstance(loaded, str) else loaded
 
 
 def retype(layer: DictConfig, key: str, node: Any, data: Optional[Dict] = None) -> None:
