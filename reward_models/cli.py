@@ -89,17 +89,18 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
     available = available_rewards()
     if not names or len(set(names)) != len(names) or not set(names) <= set(available):
         raise UsageError(f"bad --reward {','.join(names)!r} (unknown or repeated); available: {', '.join(available)}")
-    rewards = {}
-    for name in names:
+    for name in names:  # every reward's options, before any weights load (minutes for CLIP-H)
         try:
             check_options(name, options[name])
         except ValueError as e:
             raise UsageError(str(e)) from e
-        if str(options[name].get("direction")) == "batch":  # refused before minutes of loading CLIP-H
+        if str(options[name].get("direction")) == "batch":
             raise UsageError(f"{name} with direction=batch scores each image against its batch's mean text, so a "
                              "score would depend on the images beside it and on --batch-size (a batch of one prompt "
                              f"decomposes nothing); fit the direction once instead: --option {name}.fit_prompts=FILE "
                              "(or direction=FILE)")
+    rewards = {}
+    for name in names:
         params = inspect.signature(_REGISTRY[name]).parameters
         any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
         take_device = device is not None and ("device" in params or any_key)

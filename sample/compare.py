@@ -96,7 +96,7 @@ def _check_out_of_models(args) -> None:
     out = Path(args.out).resolve()
     for flag in ("--lora", "--base-lora", "--model", "--base", "--base-model"):
         given = getattr(args, flag[2:].replace("-", "_"))
-        if given and Path(given).is_dir() and Path(given).resolve() in out.parents:
+        if given and Path(given).is_dir() and Path(given).resolve() in out.parents:  # a file: itself (--out == it)
             raise UsageError(f"--out {args.out} lies inside {flag} {given}, whose files it could replace: write the "
                              "results elsewhere, e.g. beside that folder")
 

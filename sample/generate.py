@@ -29,8 +29,6 @@ from common import (add_model_args, add_sampling_args, add_user_args, check_mode
 MADE_BY = "t2i_align_generated.json"
 """Marks a folder generate.py wrote (metadata.jsonl alone does not: Hugging Face's imagefolder data sets have one);
 it holds the run's settings, which --resume checks in OUT.partial."""
-BROWSER_LEFTOVERS = (".DS_Store", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".directory")
-"""Files a file browser or notebook leaves in a folder (and macOS's ._* copies): not the user's work."""
 PARTIAL = ".partial"
 """OUT.partial: the images of a run not yet finished."""
 LATER = ("model_files",)
@@ -147,6 +145,8 @@ def _check_out(args) -> None:
 
 def _added_files(out: Path) -> List[str]:
     """Files in a folder generate.py wrote that it did not write (a t2i-score --out put inside it)."""
+    from t2i_align.files import browser_leftover
+
     if not (out / MADE_BY).is_file():
         return []
     ours, listing = {MADE_BY, "metadata.jsonl"}, out / "metadata.jsonl"
@@ -154,8 +154,7 @@ def _added_files(out: Path) -> List[str]:
         with contextlib.suppress(ValueError, AttributeError):  # a torn or edited line: its image counts as added
             ours.add(json.loads(line).get("file"))
     # what a file browser or notebook leaves is not the user's work; other hidden entries (.git) are
-    return sorted(p.name for p in out.iterdir() if p.name not in ours and p.name not in BROWSER_LEFTOVERS
-                  and not p.name.startswith("._"))
+    return sorted(p.name for p in out.iterdir() if p.name not in ours and not browser_leftover(p.name))
 
 
 def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:

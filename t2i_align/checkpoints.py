@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .errors import UserError
-from .files import fsync_path, plain_modes, staged_dir, sync_tree
+from .files import browser_leftover, fsync_path, plain_modes, staged_dir, sync_tree
 
 logger = logging.getLogger(__name__)
 MARKER = "t2i_align_checkpoint.json"
@@ -270,7 +270,7 @@ def _keep_added(final: Path, new: Path) -> None:
     export writes (samples generated into it, notes) is moved aside whole to final-kept-N/, not deleted."""
     if final.is_symlink() or not final.is_dir():
         return
-    added = sorted({p.name for p in final.iterdir()} - {p.name for p in new.iterdir()})
+    added = sorted({p.name for p in final.iterdir() if not browser_leftover(p.name)} - {p.name for p in new.iterdir()})
     if added:
         kept = next(k for i in range(1, 10_000) if not (k := final.with_name(f"final-kept-{i}")).exists())
         final.rename(kept)

@@ -201,6 +201,14 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
     return path
 
 
+BROWSER_LEFTOVERS = (".DS_Store", ".ipynb_checkpoints", "Thumbs.db", "desktop.ini", ".directory")
+
+
+def browser_leftover(name: str) -> bool:
+    """Whether a folder entry is what a file browser or notebook leaves (and macOS's ._* copies): no one's work."""
+    return name in BROWSER_LEFTOVERS or name.startswith("._")
+
+
 def check_replaceable_folder(out: Path, flag: str, tool: str) -> None:
     """UserError for a folder output that cannot be replaced whole: the current folder or one above it, a link or
     a mount point (a container's volume) cannot be renamed away (`replace_dir` failed after all the work)."""

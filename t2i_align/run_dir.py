@@ -145,6 +145,7 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = 
                  if resume is None or not resume.resolve().is_relative_to(p.resolve())]
     old = [path for _, path in list_checkpoints(out)] + abandoned + [out / name for name in PREVIOUS_RUN
                                                                      if (out / name).exists()]
+    old += sorted(out.glob("final-kept-*"))  # earlier exports holding files added to them (`_keep_added`)
     if not old:
         return None
     import time

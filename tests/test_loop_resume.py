@@ -571,10 +571,15 @@ def test_a_new_export_moves_aside_a_final_holding_files_no_export_writes(tmp_pat
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     run = tmp_path / "run"
     export_random_lora(model, run)
-    export_random_lora(model, run)  # only what an export writes: replaced, nothing kept
+    (run / "final" / ".DS_Store").write_bytes(b"a file browser's")
+    export_random_lora(model, run)  # only what an export writes, and a file browser's leftovers: nothing kept
     assert not (tmp_path / "run" / "final-kept-1").exists()
     (run / "final" / "samples").mkdir()
     (run / "final" / "samples" / "0.png").write_bytes(b"a sample")
     final = export_random_lora(model, run)
     assert (run / "final-kept-1" / "samples" / "0.png").read_bytes() == b"a sample"
     assert not (final / "samples").exists() and (final / "pytorch_lora_weights.safetensors").is_file()
+    from t2i_align.run_dir import set_aside_previous_run  # a fresh start there takes it along with final/
+
+    aside = set_aside_previous_run(run, log=lambda message: None)
+    assert (aside / "final-kept-1" / "samples" / "0.png").is_file() and not (run / "final-kept-1").exists()

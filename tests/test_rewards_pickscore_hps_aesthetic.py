@@ -203,7 +203,9 @@ def test_malformed_config_and_index_files_are_one_line_errors_naming_them(hf_fol
     (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
     with pytest.raises(CheckpointMismatchError, match="names shard '../elsewhere.safetensors', which is not a"):
         load_state_dict_file(broken / "model.safetensors.index.json")
-    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    # a hub cache's shards are links into its blobs/: read as named, not refused for where they resolve
+    (broken / "linked.safetensors").symlink_to(outside)
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "linked.safetensors"}}))
     assert set(load_state_dict_file(broken / "model.safetensors.index.json")) == set(
         load_state_dict_file(hf_folder[1] / "model.safetensors"))
 

@@ -114,7 +114,8 @@ def test_text_encoding_record_round_trip_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="token_budget"):
         write_text_encoding(tmp_path, "segments", 0)
     assert text_encoding_key(TextEncodingConfig()) == {}
-    assert text_encoding_key(TextEncodingConfig("segments", 99)) == {"text_encoding": "segments", "token_budget": 99}
+    assert text_encoding_key(TextEncodingConfig("segments", 99)) == {"text_encoding": "segments", "token_budget": 99,
+                                                                     "sentence_split": 2}  # segments.split_sentences
 
 
 def test_load_pipeline_applies_the_recorded_encoding_of_a_model_folder(tmp_path):

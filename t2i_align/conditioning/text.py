@@ -156,10 +156,11 @@ def write_text_encoding(folder: Union[str, Path], kind: str, token_budget: int) 
 
 def text_encoding_key(encoding: TextEncodingConfig) -> dict:
     """Cache-key part for cached text embeddings: {} for clip77 (caches made before the choice existed keep
-    their key), the kind and the token budget for segments (the budget is the embeddings' length)."""
+    their key), the kind and the token budget for segments (the budget is the embeddings' length) and the
+    sentence split's version (2 since session 29: no split before a digit, closing quote or bracket)."""
     if encoding.kind == "clip77":
         return {}
-    return {"text_encoding": encoding.kind, "token_budget": encoding.token_budget}
+    return {"text_encoding": encoding.kind, "token_budget": encoding.token_budget, "sentence_split": 2}
 
 
 def read_text_encoding(folder: Union[str, Path]) -> Optional[TextEncodingConfig]:

@@ -225,7 +225,7 @@ def check_out(out: Path, overwrite: bool) -> None:
     training run's final/ holding its exported table) is replaced only with --overwrite; beside its parts/ the
     table is the one a rerun merges again, with the users it adds."""
     earlier = [p for p in (out / "user_table.safetensors", out / USERS_JSON) if p.exists()]
-    if earlier and not overwrite and not (out / PARTS / PARTS_SETTINGS).is_file():
+    if earlier and not overwrite and not (out / PARTS).is_dir():
         raise UserError(f"{earlier[0]} exists without the {out / PARTS} it would be merged from, and this run would "
                         "replace it: choose another --out, or pass --overwrite")
 
