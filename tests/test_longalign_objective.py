@@ -34,12 +34,16 @@ def fake_accelerator():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The objective on the toy pipeline with LoRA whose B matrices are random (so the adapters matter)."""
+    return objective_on(toy_cfg(tmp_path_factory.mktemp("run"), "reward_backprop.x0_prediction=false"), 32)
+
+
+def objective_on(cfg, resolution):
+    """`cfg`'s model with LoRA whose B matrices are random, its objective set up, a batch of PROMPTS."""
     from t2i_align.batches import BATCH_BUILDERS, make_denoiser
     from t2i_align.adapters import add_lora
     from t2i_align.models import load_components
     from t2i_align.objectives.context import ObjectiveContext
 
-    cfg = toy_cfg(tmp_path_factory.mktemp("run"), "reward_backprop.x0_prediction=false")
     comps = load_components(cfg.model)
     params = add_lora(comps.unet, cfg.lora)
     torch.manual_seed(0)
@@ -49,7 +53,7 @@ def setup(tmp_path_factory):
                 p.normal_(0, 0.05)
     objective = RewardBackprop()
     objective.setup(ObjectiveContext(comps, fake_accelerator(), cfg, comps.unet, lora=True))
-    batch = BATCH_BUILDERS["prompts"](comps, {"caption": PROMPTS, "resolution": 32}, torch.device("cpu"))
+    batch = BATCH_BUILDERS["prompts"](comps, {"caption": PROMPTS, "resolution": resolution}, torch.device("cpu"))
     return SimpleNamespace(cfg=cfg, comps=comps, params=params, objective=objective, batch=batch,
                            denoise=make_denoiser(comps.unet, comps))
 
@@ -256,10 +260,6 @@ def test_the_shipped_sd15_recipe_runs_its_chain_on_a_tiny_sd15(tmp_path, monkeyp
     input detached, the last x0 decoded; the loss -0.5 · mean reward, its gradient reaching the LoRA."""
     from helpers import save_tiny_pipeline
     import t2i_align.rollout as rollout_module
-    from t2i_align.adapters import add_lora
-    from t2i_align.batches import BATCH_BUILDERS, make_denoiser
-    from t2i_align.models import load_components
-    from t2i_align.objectives.context import ObjectiveContext
 
     folder = save_tiny_pipeline("sd15", tmp_path / "sd15")
     cfg = load_config(str(Path(CONFIG).parents[1] / "sd15" / "longalign_reward.yaml"), [
@@ -267,23 +267,15 @@ def test_the_shipped_sd15_recipe_runs_its_chain_on_a_tiny_sd15(tmp_path, monkeyp
         "data.resolution=16", "reward_backprop.reward_options.checkpoint=toy",
         "reward_backprop.reward_options.dtype=fp32", "train.mixed_precision=no", "model.weight_dtype=fp32",
         "tracking.wandb=off", "lora.rank=4", "lora.alpha=4", "train.batch_size=2"])
-    comps = load_components(cfg.model)
-    params = add_lora(comps.unet, cfg.lora)
-    with torch.no_grad():
-        for name, p in comps.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    objective = RewardBackprop()
-    objective.setup(ObjectiveContext(comps, fake_accelerator(), cfg, comps.unet, lora=True))
-    batch = BATCH_BUILDERS["prompts"](comps, {"caption": PROMPTS, "resolution": 16}, torch.device("cpu"))
-    chosen, calls, denoise = [], [], make_denoiser(comps.unet, comps)
+    run = objective_on(cfg, 16)
+    chosen, calls, objective, batch = [], [], run.objective, run.batch
     choose = rollout_module.choose_grad_steps
     monkeypatch.setattr(rollout_module, "choose_grad_steps", lambda *a, **k: chosen.extend(choose(*a, **k)) or chosen)
 
     def policy(x, t, embeds, time_ids=None):
         calls.append((int(t.flatten()[0]), torch.is_grad_enabled(), x.shape[0]))
-        return denoise(x, t, embeds, time_ids)
-    loss, metrics = objective.compute_loss(policy, None, batch, comps.scheduler, cfg.objective,
+        return run.denoise(x, t, embeds, time_ids)
+    loss, metrics = objective.compute_loss(policy, None, batch, run.comps.scheduler, cfg.objective,
                                            torch.Generator().manual_seed(0))
     forward = calls[:50]
     loss.backward()
@@ -292,4 +284,4 @@ def test_the_shipped_sd15_recipe_runs_its_chain_on_a_tiny_sd15(tmp_path, monkeyp
     assert [i for i, (_, grad, _) in enumerate(forward) if grad] == chosen
     assert batch.embeds.prompt_embeds.shape[1] == 240  # stage 1's segment encoding
     assert loss.item() == pytest.approx(-0.5 * metrics["reward"], rel=1e-5)
-    assert sum(float(p.grad.abs().sum()) for p in params if p.grad is not None) > 0
+    assert sum(float(p.grad.abs().sum()) for p in run.params if p.grad is not None) > 0
