@@ -11,8 +11,9 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .errors import UserError, one_line
 from .gallery import write_gallery
@@ -82,7 +83,7 @@ class Tracker:
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self._wandb = None
+        self._wandb, self._wandb_failed = None, False
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +127,8 @@ class Tracker:
         record = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(values, step=step)  # W&B charts NaN and inf as numbers: not the file's strings
+        # W&B charts NaN and inf as numbers: not the file's strings
+        self._to_wandb(lambda: self._wandb.log(values, step=step))
 
     def log_gallery(self, rows: List[Dict], step: int, columns: Optional[Sequence[str]] = None,
                     name: str = "gallery", title: Optional[str] = None) -> Optional[Path]:
@@ -136,9 +137,23 @@ class Tracker:
         if not self.enabled:
             return None
         path = write_gallery(self.output_dir / name, rows, title=title or f"{name} at step {step}", columns=columns)
-        if self._wandb is not None:
-            self._log_wandb_gallery(rows, step, columns, name)
+        self._to_wandb(lambda: self._log_wandb_gallery(rows, step, columns, name))
         return path
+
+    def _to_wandb(self, send: Callable[[], object]) -> None:
+        """`send()` to W&B, if it runs; when its service fails mid-run (a lost connection, its process gone) the run
+        goes on without it, warned once: metrics.jsonl and the local galleries keep everything (it stopped
+        training, hours in)."""
+        if self._wandb is None or self._wandb_failed:
+            return
+        import wandb
+
+        try:
+            send()
+        except (wandb.errors.Error, OSError) as err:  # ConnectionError, BrokenPipeError are OSErrors
+            self._wandb_failed = True
+            warnings.warn(f"W&B stopped taking this run's logs ({one_line(err)[:200]}): the run goes on without it; "
+                          f"{self.metrics_path} and the local galleries keep everything")
 
     def _log_wandb_gallery(self, rows, step, columns, name) -> None:
         import wandb
@@ -158,5 +173,5 @@ class Tracker:
 
     def finish(self) -> None:
         if self._wandb is not None:
-            self._wandb.finish()
+            self._to_wandb(self._wandb.finish)
             self._wandb = None

@@ -717,6 +717,36 @@ def test_w_and_b_refusing_the_key_or_unreachable_is_one_line(tmp_path, monkeypat
     assert code == 2 and not out.exists()
 
 
+def test_w_and_b_failing_mid_run_leaves_the_run_going(tmp_path):
+    """A W&B service lost hours into training raised out of Tracker.log and stopped the run."""
+    import json
+    import warnings
+
+    import wandb
+
+    from t2i_align.tracking import Tracker
+
+    sent = []
+
+    class Dying:
+        def log(self, values, step):
+            sent.append(step)
+            raise wandb.errors.CommError("the service is gone")
+
+        def finish(self):
+            raise BrokenPipeError("gone")
+    tracker = Tracker(tmp_path, wandb_mode="off")
+    tracker._wandb = Dying()
+    with pytest.warns(UserWarning, match="W&B stopped taking this run's logs .the service is gone.: the run goes on"):
+        tracker.log({"loss": 1.0}, step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        tracker.log({"loss": 0.5}, step=2)
+        tracker.finish()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sent == [1] and logged == [1, 2]
+
+
 def test_a_dry_run_refuses_a_tuned_folder_the_run_would_refuse(tmp_path, capsys):
     """check_tuned_folder ran only when the model loaded: the dry run passed a folder the run then refused."""
     import shutil
