@@ -163,13 +163,12 @@ class HFClipEncoder(ClipEncoder):
 def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike], what: str, source: str,
                  **encoder_options) -> HFClipEncoder:
     """Build `CLIPModel` from config.json and load its weights with a key check (no remote code, no pickles)."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     folder = require_path(model_dir, what, source)
     if not (folder / "config.json").is_file():
         raise WeightsNotFoundError(f"{what}: {folder} has no config.json. Expected: {source}")
-    read_json_file(folder / "config.json")  # not JSON: one line naming it (transformers raised an OSError)
-    config = CLIPConfig.from_pretrained(str(folder))
+    config = hf_clip_config(read_json_file(folder / "config.json"))  # not JSON: one line naming it, read once
     with without_random_init():
         model = CLIPModel(config)
     load_checked(model, load_state_dict_file(folder), str(folder))
