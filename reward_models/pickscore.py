@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_tokenizer_vocabulary, load_checked,
-                   load_state_dict_file, read_json_file, register, require_path, resize_center_crop,
+from .base import (PathLike, Reward, RewardOutput, RewardSetupError, WeightsNotFoundError, check_tokenizer_vocabulary,
+                   load_checked, load_state_dict_file, read_json_file, register, require_path, resize_center_crop,
                    without_random_init)
 from .clip import OPENAI_MEAN, OPENAI_STD, ClipEncoder
 
@@ -135,7 +135,23 @@ def hf_preprocess_cfg(folder: Path, config) -> Dict[str, Any]:
     return {"size": crop, "shortest_edge": resize.get("shortest_edge", crop) if isinstance(resize, dict) else
             (resize or crop),
             "mean": tuple(pre.get("image_mean", OPENAI_MEAN)), "std": tuple(pre.get("image_std", OPENAI_STD)),
-            "interpolation": {2: "bilinear", 3: "bicubic"}.get(pre.get("resample", 3), "bicubic"), "floor_offset": True}
+            "interpolation": _hf_resample(pre, path), "floor_offset": True}
+
+
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes; 1 (Lanczos) has no torch op
+
+
+def _hf_resample(pre: Dict[str, Any], path: Path) -> str:
+    """The resize's interpolation; a processor we would preprocess differently from transformers is refused
+    (scores would silently differ from the model's own)."""
+    if pre.get("do_resize", True) is False or pre.get("do_center_crop", True) is False:
+        raise RewardSetupError(f"{path}: do_resize / do_center_crop false is not supported (scoring always resizes "
+                               "the short side and centre-crops); set both to true or remove them")
+    code = pre.get("resample", 3)
+    if code not in _RESAMPLE:
+        raise RewardSetupError(f"{path}: resample {code!r} is not supported; use 0 (nearest), 2 (bilinear) or "
+                               "3 (bicubic, CLIP's)")
+    return _RESAMPLE[code]
 
 
 class HFClipEncoder(ClipEncoder):

@@ -1,6 +1,7 @@
 """Tuned vs base on prompt sets at identical seeds: each model's mean reward (95 % CI), the win rate of tuned
 over base (ties half, Wilson 95 % interval, sign-test p) and the paired difference (t-test p), and with several seeds
-per prompt both tests over the prompts (`per_prompt`: the p-values to read), as JSON.
+per prompt both tests over the prompts (`per_prompt`: the p-values to read), as JSON. With several rewards, `holm`
+holds each test's p-values Holm-adjusted over the rewards (of a set), the ones to read when they are read together.
 
     python sample/compare.py --lora runs/toy-raft/final --prompts toy:heldout --seeds-per-prompt 8
     python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo-lora/final \
@@ -44,7 +45,7 @@ def compare_sets(args, rewards, save=None, sets=None) -> dict:
     """The comparison, set by set (`sets`: read_sets(args), read here if not given); `save(result so far)` after
     each set, so that a later set's failure (out of memory, a bad prompt) keeps what was sampled: `unfinished`
     lists the blocks not yet compared."""
-    from t2i_align.evaluation import compare_scores, sample_model, score_samples
+    from t2i_align.evaluation import compare_scores, holm_over_rewards, sample_model, score_samples
 
     prompt_sets, settings = sets or read_sets(args)
     # a full fine-tune's final/ given as --model (or --base) comes from a run as a LoRA does
@@ -79,9 +80,11 @@ def compare_sets(args, rewards, save=None, sets=None) -> dict:
                          on_batch=score)
             if not branch:
                 unbranched[spec, side] = scores[side]
-        result["sets"][_key(spec, user_id)] = {
+        block = result["sets"][_key(spec, user_id)] = {
             "prompts": len(prompts), "images_per_model": len(prompts) * settings.seeds_per_prompt,
             "rewards": {name: compare_scores(scores["base"][name], scores["tuned"][name], groups) for name in rewards}}
+        if len(rewards) > 1:  # several rewards are read as one table
+            block["holm"] = holm_over_rewards(block["rewards"])
         result["unfinished"].remove(_key(spec, user_id))
         if save is not None:
             save(result)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import UserError
 from .sampling import Samples, generate, load_pipeline, prompt_major
-from .stats import clustered_diff, mean_ci, paired_diff, win_rate
+from .stats import clustered_diff, holm, mean_ci, paired_diff, win_rate
 
 
 @dataclass
@@ -94,3 +94,16 @@ def compare_scores(base: Sequence[float], tuned: Sequence[float], groups: Option
     if g is not None and 2 <= len(set(g)) < len(g):  # several prompts, some with several images
         out["per_prompt"] = clustered_diff(t, b, g)
     return out
+
+
+def holm_over_rewards(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
+    """Each test's p-values over several rewards (`compare_scores` results by name) Holm-adjusted as one family
+    (Holm 1979): read together, the smallest of m p-values overstates the evidence. The prompt-level p-values
+    where there are (`per_prompt`), else the image-level ones (one image per prompt: the same unit)."""
+    def tests(r: Dict) -> Dict[str, float]:
+        if "per_prompt" in r:
+            return {"t_test": r["per_prompt"]["p_value"], "sign_test": r["per_prompt"]["sign"]["p_value"]}
+        return {"t_test": r["paired_diff"]["p_value"], "sign_test": r["win_rate"]["p_value"]}
+
+    raw = {name: tests(r) for name, r in results.items()}
+    return {test: holm({name: p[test] for name, p in raw.items()}) for test in ("t_test", "sign_test")}

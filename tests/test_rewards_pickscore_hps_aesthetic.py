@@ -11,8 +11,8 @@ from PIL import Image
 
 from reward_models import get_reward
 from reward_models.aesthetic import AestheticHead
-from reward_models.base import (CheckpointMismatchError, WeightsNotFoundError, load_checked, preprocess_images,
-                               resize_center_crop)
+from reward_models.base import (CheckpointMismatchError, RewardSetupError, WeightsNotFoundError, load_checked,
+                               preprocess_images, resize_center_crop)
 from reward_models.clip import OPENAI_MEAN, OPENAI_STD
 from reward_models.pickscore import hf_clip_to_open_clip, hf_config_to_open_clip, hf_preprocess_cfg, \
     open_clip_to_hf_clip
@@ -299,6 +299,22 @@ def test_a_sparse_hf_config_gets_the_transformers_defaults(tmp_path):
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2,
                      "mlp_ratio": 2.0}}
     assert hf_preprocess_cfg(tmp_path, sparse)["size"] == 224  # no preprocessor_config.json: the model's size
+
+
+@pytest.mark.parametrize("pre, expected", [({"resample": 2}, "bilinear"), ({"resample": 0}, "nearest"),
+                                           ({}, "bicubic"), ({"resample": 1}, "resample 1"),
+                                           ({"do_center_crop": False}, "do_center_crop"),
+                                           ({"do_resize": False}, "do_resize")])
+def test_a_processor_is_followed_or_refused_never_ignored(tmp_path, pre, expected):
+    """resample 1 (Lanczos) was scored bicubic, do_resize / do_center_crop false ignored: scores quietly unlike
+    transformers'. Each is now followed or refused naming the file."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    config = {"projection_dim": 16, "text_config": {}, "vision_config": {}}
+    if expected in ("bilinear", "nearest", "bicubic"):
+        assert hf_preprocess_cfg(tmp_path, config)["interpolation"] == expected
+    else:
+        with pytest.raises(RewardSetupError, match=f"preprocessor_config.json: .*{expected}"):
+            hf_preprocess_cfg(tmp_path, config)
 
 
 def test_pickscore_and_clip_load_a_folder_whose_config_json_omits_the_defaults(tmp_path):

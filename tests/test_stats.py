@@ -197,3 +197,15 @@ def test_clustered_diff_ties_hold_for_float32_scores():
     tuned = [float(x) for x in np.array([0.8, 0.4, 0.6, 0.6, 0.8, 0.8], dtype=np.float32)]
     base = [float(x) for x in np.array([0.6, 0.6, 0.4, 0.8, 0.6, 0.6], dtype=np.float32)]
     assert clustered_diff(tuned, base, [0, 0, 1, 1, 2, 2])["sign"] == {"wins": 1, "losses": 0, "p_value": 1.0}
+
+
+def test_holm_over_rewards_adjusts_each_test_over_the_rewards():
+    """Per prompt where there is per_prompt, else the image tests. t: 0.01, 0.04 -> 2·0.01 = 0.02, max(0.02, 0.04)
+    = 0.04; sign: 0.5, 0.2 -> 2·0.2 = 0.4, max(0.4, 0.5) = 0.5."""
+    from t2i_align.evaluation import holm_over_rewards
+
+    a = {"per_prompt": {"p_value": 0.01, "sign": {"p_value": 0.5}}, "paired_diff": {"p_value": 1e-9},
+         "win_rate": {"p_value": 1e-9}}
+    b = {"paired_diff": {"p_value": 0.04}, "win_rate": {"p_value": 0.2}}
+    assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.02, "b": 0.04}),
+                                                   "sign_test": pytest.approx({"a": 0.5, "b": 0.4})}
