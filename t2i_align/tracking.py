@@ -1,8 +1,9 @@
 """Run tracking: metrics.jsonl (always), W&B (online / offline / off, never prompting) and local HTML galleries.
 
 Only the main process writes. W&B "auto" follows WANDB_MODE when it is set, else means online when WANDB_API_KEY
-is set and offline otherwise, so a run without credentials never stops at a login prompt; offline runs can be
-uploaded later with `wandb sync`.
+is set and offline otherwise, so a run without credentials never stops at a login prompt; when "auto" chose online
+for the key and the server cannot be reached, it logs offline, saying so. Offline runs can be uploaded later with
+`wandb sync`.
 A run resumed from its folder's newest checkpoint continues its W&B run (the id kept in `WANDB_ID_FILE`).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -49,6 +51,17 @@ def _wandb_failure(err: Exception) -> str:
                 "tracking.wandb=offline or --wandb offline) or not at all (tracking.wandb=off)")
     return (f"W&B could not reach its server ({one_line(err)[:200]}): log offline (WANDB_MODE=offline, "
             "tracking.wandb=offline or --wandb offline) and upload later with `wandb sync`")
+
+
+def _chose_online(asked: str, mode: str) -> bool:
+    """"auto" went online only because an API key is set (not WANDB_MODE=online): offline is as good a choice."""
+    return asked == "auto" and mode == "online" and not os.environ.get("WANDB_MODE", "").strip()
+
+
+def _unreachable(err: Exception) -> bool:
+    import wandb
+
+    return isinstance(err, wandb.errors.CommError) and not isinstance(err, wandb.errors.AuthenticationError)
 
 
 def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:
@@ -92,11 +105,16 @@ class Tracker:
             import wandb
 
             again = {"id": run_id, "resume": "allow"} if run_id else {}
+            start = partial(wandb.init, project=project, name=run_name, config=config or {}, dir=str(self.output_dir),
+                            reinit="finish_previous", **again)
             try:
-                self._wandb = wandb.init(project=project, name=run_name, config=config or {}, mode=mode,
-                                         dir=str(self.output_dir), reinit="finish_previous", **again)
+                self._wandb = start(mode=mode)
             except wandb.errors.Error as err:  # no network (W&B gives up after about 90 s), a refused key, no key
-                raise UserError(_wandb_failure(err)) from err
+                if not (_chose_online(wandb_mode, mode) and _unreachable(err)):
+                    raise UserError(_wandb_failure(err)) from err
+                print(f"warning: W&B could not reach its server ({one_line(err)[:200]}); tracking.wandb=auto logs "
+                      "offline instead (upload later with `wandb sync`)", file=sys.stderr)
+                self._wandb = start(mode="offline")
 
     @property
     def wandb_run_dir(self) -> Optional[Path]:

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -715,6 +716,36 @@ def test_w_and_b_refusing_the_key_or_unreachable_is_one_line(tmp_path, monkeypat
     code = _script("common").run_cli(lambda: _script("gallery").main(
         ["--out", str(out), "--wandb", "online", "--steps", "2", "--max-prompts", "1"]))
     assert code == 2 and not out.exists()
+
+
+def test_w_and_b_auto_unreachable_logs_offline(tmp_path, monkeypatch, capsys):
+    """tracking.wandb=auto went online for an API key and, with no server, stopped the run with an error (offline
+    was as good a choice). An explicit online (setting or WANDB_MODE) and a refused key still stop it."""
+    import wandb
+
+    from t2i_align.errors import UserError
+    from t2i_align.tracking import Tracker
+
+    modes = []
+
+    def init(*a, mode, error=wandb.errors.CommError("Timed out"), **k):
+        modes.append(mode)
+        if mode == "online":
+            raise error
+        return "offline run"
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert Tracker(tmp_path, wandb_mode="auto")._wandb == "offline run" and modes == ["online", "offline"]
+    assert "W&B could not reach its server (Timed out); tracking.wandb=auto logs offline" in capsys.readouterr().err
+    for asked, env in (("online", ""), ("auto", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        with pytest.raises(UserError, match="W&B could not reach its server"):
+            Tracker(tmp_path, wandb_mode=asked)
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.setattr(wandb, "init", partial(init, error=wandb.errors.AuthenticationError("401")))
+    with pytest.raises(UserError, match="W&B refused the API key"):
+        Tracker(tmp_path, wandb_mode="auto")
 
 
 def test_w_and_b_failing_mid_run_leaves_the_run_going(tmp_path):
