@@ -176,3 +176,12 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The UNet's latents -> what the VAE decodes, the inverse of `scale_latents` (the pipeline's decode)."""
     mean, std = _latent_stats(vae, latents)
     return latents * std / vae.config.scaling_factor + mean
+
+
+def latent_scheduler(cls: Any, config: Any, **extra: Any) -> Any:
+    """`cls.from_config(config, **extra)` with clip_sample False unless `config` sets it. DDPM and DDIM default to
+    clipping x̂_0 to [-1, 1], meant for pixel-space models; SD's own configs say false, but a latent model's config
+    saved by an Euler or DPM++ scheduler has no such key, and clipping latents (std about 1) dulls every image."""
+    if "clip_sample" not in config:
+        extra.setdefault("clip_sample", False)
+    return cls.from_config(config, **extra)

@@ -21,6 +21,7 @@ import torch
 from t2i_align.conditioning import segments, text
 from t2i_align.config import ModelConfig
 from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
+from t2i_align.diffusion import latent_scheduler
 from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, local_model_folder, read_index,  # noqa: F401
                                      resolve_pretrained)
 from t2i_align.weight_files import weights_variant
@@ -221,7 +222,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
         unet.enable_gradient_checkpointing()
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    scheduler = latent_scheduler(DDPMScheduler, DDPMScheduler.load_config(path, subfolder="scheduler"))
     if device is not None:
         for module in (*encoders, vae, unet):
             module.to(device)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from t2i_align.conditioning.text import PromptEmbeds
-from t2i_align.diffusion import unscale_latents
+from t2i_align.diffusion import latent_scheduler, unscale_latents
 from t2i_align.models import vae_precision
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds, Optional[torch.Tensor]], torch.Tensor]
@@ -77,7 +77,7 @@ def ddim_sampler(scheduler, num_steps: int, device=None):
     """
     from diffusers import DDIMScheduler
 
-    sampler = DDIMScheduler.from_config(scheduler.config)
+    sampler = latent_scheduler(DDIMScheduler, scheduler.config)
     sampler.set_timesteps(num_steps, device=device)
     return sampler
 

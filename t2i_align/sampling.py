@@ -22,7 +22,7 @@ import torch
 
 from .conditioning.text import PromptEmbeds, encode_prompts, read_text_encoding
 from .config.sections import TextEncodingConfig
-from .diffusion import unscale_latents
+from .diffusion import latent_scheduler, unscale_latents
 from .models import vae_precision
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def set_scheduler(pipe, name: Optional[str]):
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    pipe.scheduler = latent_scheduler(getattr(diffusers, SCHEDULERS[name]), pipe.scheduler.config)
     return pipe
 
 

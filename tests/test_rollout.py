@@ -278,3 +278,26 @@ def test_decode_with_and_without_gradients():
         grads.append(latents.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_scheduler_config_without_clip_sample_never_clips_latents(tmp_path):
+    """SDXL-style folders whose scheduler config was saved by an Euler scheduler have no clip_sample key: the
+    training DDPMScheduler, and every DDIM built from it (rollouts, LongAlign, `--scheduler ddim`), took DDIM's
+    default True and clipped x̂_0 to [-1, 1] in latent space. A config that says true is followed."""
+    from diffusers import DDIMScheduler
+
+    from t2i_align.config import ModelConfig
+    from t2i_align.diffusion import latent_scheduler
+    from t2i_align.models import load_components
+    from t2i_align.objectives.reward_backprop import sampling_scheduler
+    from t2i_align.sampling import set_scheduler
+    from helpers import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    assert "clip_sample" not in (folder / "scheduler" / "scheduler_config.json").read_text()
+    scheduler = load_components(ModelConfig(pretrained=str(folder))).scheduler
+    assert scheduler.config.clip_sample is False
+    assert ddim_sampler(scheduler, 4).config.clip_sample is False
+    assert sampling_scheduler(scheduler, "trailing").config.clip_sample is False
+    assert set_scheduler(tiny_sdxl_pipeline(), "ddim").scheduler.config.clip_sample is False
+    assert latent_scheduler(DDIMScheduler, {"clip_sample": True}).config.clip_sample is True

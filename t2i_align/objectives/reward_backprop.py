@@ -40,6 +40,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from t2i_align.config import ConfigError, ObjectiveConfig
+from t2i_align.diffusion import latent_scheduler
 from t2i_align.files import plain_modes
 from t2i_align.objectives.base import Denoiser, Metrics, Objective, PromptBatch, metrics_to_floats
 
@@ -53,7 +54,7 @@ def sampling_scheduler(scheduler, timestep_spacing: Optional[str]):
     from diffusers import DDIMScheduler
 
     extra = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
-    return DDIMScheduler.from_config(scheduler.config, **extra)
+    return latent_scheduler(DDIMScheduler, scheduler.config, **extra)
 
 
 def check_differentiable(reward: str) -> None:
