@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -101,8 +102,8 @@ def decompose(t: torch.Tensor, v: torch.Tensor, x: torch.Tensor, omega: float) -
 
 
 BATCH_OF_ONE = ("decomposed-clip with direction='batch' got a batch of one prompt (or copies of one): v is then its t, "
-                "t⊥ = 0 and nothing is decomposed (the score is ω·S); score batches of several prompts, or fit the "
-                "direction once (fit_prompts=...)")
+                "t⊥ = 0 and nothing is decomposed (the score is ω·S, as in the released code); score batches of "
+                "several prompts, or fit the direction once (fit_prompts=...)")
 
 
 def fit_common_direction(text_vectors: Callable[[List[str]], torch.Tensor], prompts: Sequence[str],
@@ -178,7 +179,7 @@ class DecomposedClip(Reward):
                  direction: Optional[PathLike] = None, fit_prompts: Union[str, Sequence[str], None] = None,
                  split: bool = True, scale: float = 1.0, device=None, dtype=None, batch_size: int = 32):
         self.omega, self.split, self.scale = float(omega), bool(split), float(scale)
-        self.batch_direction = direction == "batch"
+        self.batch_direction, self._warned_one = direction == "batch", False
         if direction is not None and fit_prompts is not None:
             raise ValueError("decomposed-clip: give direction or fit_prompts, not both")
         if direction is None and fit_prompts is None and self.omega != 1.0:
@@ -247,8 +248,9 @@ class DecomposedClip(Reward):
         return self.direction
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
-        if self.batch_direction and len(set(prompts)) < 2:
-            raise ValueError(BATCH_OF_ONE)
+        if self.batch_direction and len(set(prompts)) < 2 and not self._warned_one:  # hours into a run: no raise
+            warnings.warn(BATCH_OF_ONE + " (said once)")
+            self._warned_one = True
         t, truncated = self.text_vectors(prompts)
         x = self.encoder.encode_images(images)
         if self.direction is None and not self.batch_direction:

@@ -271,20 +271,26 @@ def test_the_float64_maths_is_float32_on_mps_which_has_no_float64(tiny, monkeypa
     assert asked == ["cpu"] * 3
 
 
-def test_a_batch_direction_refuses_a_batch_of_one_prompt(tiny, tmp_path, capsys):
-    """v = normalize(t) for one prompt: t⊥ = 0 and the score was ω·S, nothing decomposed (at train.batch_size=1;
-    t2i-score refuses a batch direction at any --batch-size: its last batch, or one prompt's seeds side by side,
-    would fail, and its scores would depend on their neighbours)."""
-    from reward_models.decomposed_clip import BATCH_OF_ONE
+def test_a_batch_direction_warns_once_of_a_batch_of_one_prompt(tiny, tmp_path, capsys):
+    """v = normalize(t) for one prompt: t⊥ = 0 and the score is ω·S, nothing decomposed, as in the released code.
+    train.batch_size=1 is refused; a training batch that happens to hold copies of one prompt raised, hours into a
+    run: now warned once and scored as the released code would. t2i-score refuses a batch direction at any
+    --batch-size (its scores would depend on their neighbours)."""
+    import warnings
+
     from t2i_align.config import ConfigError, load_config
     from t2i_align.objectives.reward_backprop import build_reward
 
     _, folder = tiny
-    reward = get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", device="cpu")
-    for prompts in (PROMPTS[:1], PROMPTS[:1] * 2):  # one prompt, or copies of one (a prompt's seeds)
-        with pytest.raises(ValueError, match="got a batch of one prompt"):
-            reward(torch.rand(len(prompts), 3, 32, 32), prompts)
-    assert "nothing is decomposed" in BATCH_OF_ONE
+    reward = get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", omega=0.3, device="cpu")
+    images = torch.rand(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="got a batch of one prompt .* nothing is decomposed"):
+        score, info = reward(images[:1], PROMPTS[:1])
+    assert score.tolist() == pytest.approx([0.3 * info["total"][0]], rel=1e-5)  # ω·S
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        score, info = reward(images, PROMPTS[:1] * 2)  # copies of one (a prompt's seeds)
+    assert score.tolist() == pytest.approx([0.3 * s for s in info["total"]], rel=1e-5)
     cfg = load_config("configs/toy/longalign_reward.yaml", [f"output_dir={tmp_path}", "train.batch_size=1",
                                                             "reward_backprop.reward_options.direction=batch"])
     with pytest.raises(ConfigError, match="direction=batch with train.batch_size=1"):
