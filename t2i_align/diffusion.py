@@ -46,7 +46,8 @@ def sample_timesteps(scheduler: Any, n: int, generator: Optional[torch.Generator
 
 def sample_noise(shape: Sequence[int], generator: Optional[torch.Generator] = None, device: Device = None,
                  dtype: torch.dtype = torch.float32, offset: float = 0.0) -> torch.Tensor:
-    """ε ~ N(0, I) of the given shape, drawn with `generator` (seeds are passed explicitly, never global).
+    """ε ~ N(0, I) of the given shape, drawn with `generator` if given, else the process's global RNG (training's:
+    seeded per process by `build.py`, restored on resume with accelerate's state).
 
     `offset` > 0 adds offset noise (Guttenberg 2023, "Diffusion with Offset Noise"; diffusers' `--noise_offset`):
     ε + offset · z, z ~ N(0, 1) of shape [B, C, 1, ...], one constant per sample and channel, drawn after ε. A

@@ -101,12 +101,20 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype}
 
 
+class UnsupportedPipeline(ModelLoadError):
+    """A pipeline class known not to be trainable here (model.family cannot override it)."""
+
+
 def detect_family(path: Union[str, Path]) -> FamilySpec:
     """The family whose pipeline class is model_index.json's `_class_name`."""
     class_name = read_index(Path(path)).get("_class_name")
     for spec in FAMILIES.values():
         if class_name in spec.pipeline_classes:
             return spec
+    if class_name == "StableDiffusionXLImg2ImgPipeline":
+        raise UnsupportedPipeline(f"{path} is an SDXL refiner / img2img pipeline: not supported (the official "
+                                  "Diffusion-DPO code's refiner branch trains timesteps t % 200 with 5 time ids, the "
+                                  "last an aesthetic score); give the SDXL base model's folder")
     supported = ", ".join(f"{c} ({s.name})" for s in FAMILIES.values() for c in s.pipeline_classes)
     raise ModelLoadError(
         f"{path}/model_index.json names pipeline class {class_name!r}, which is not supported. Supported: "
@@ -241,6 +249,8 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
         raise ModelLoadError(f"unknown model.family={name!r}; use auto, " + ", ".join(FAMILIES))
     try:
         detected = detect_family(path)
+    except UnsupportedPipeline:
+        raise
     except ModelLoadError:  # unknown pipeline class: trust the user
         return FAMILIES[name]
     if detected.name != name:

@@ -4,7 +4,8 @@ Scores come as a [P, K] table: K images for each of P prompts. A non-finite scor
 RAFT follows the LMFlow diffusion demo: best-of-K per prompt ("local"), then the prompts with the highest best
 scores, a `top_fraction` of them ("global top-k": 8 of 10 in the demo). Online DPO pairs each prompt's best
 image with its worst and keeps the prompts with the largest reward gap; a prompt whose images all score the
-same carries no preference and is skipped.
+same carries no preference and is skipped. Ties are broken by position: among equal best (or worst) scores the
+lowest k wins, and at the `top_fraction` cut the lower prompt slot.
 """
 from __future__ import annotations
 

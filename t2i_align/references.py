@@ -85,8 +85,13 @@ def _adapters_off(unet, components) -> Denoiser:
     inner = make_denoiser(unet, components)
 
     def reference(noisy, t, embeds, time_ids=None):
-        with adapters_off(unet):
-            return inner(noisy, t, embeds, time_ids)
+        was_training = unet.training
+        unet.eval()  # as the official frozen copy: a UNet with dropout > 0 would give a noisy reference
+        try:
+            with adapters_off(unet):
+                return inner(noisy, t, embeds, time_ids)
+        finally:
+            unet.train(was_training)
 
     return reference
 

@@ -46,6 +46,13 @@ def test_detect_family_reads_model_index(sd15_dir, sdxl_dir, tmp_path):
     supported = "KandinskyV22Pipeline.*StableDiffusionPipeline.*StableDiffusionXLPipeline"
     with pytest.raises(ModelLoadError, match=supported):
         models.detect_family(tmp_path)
+    assert models.model_family(ModelConfig(family="sd15"), tmp_path) is models.SD15  # an unknown class: trusted
+    # the SDXL refiner (its 5 time ids and t % 200 branch of the official code are not implemented): refused, even
+    # with model.family given
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    for family in ("auto", "sdxl"):
+        with pytest.raises(ModelLoadError, match="is an SDXL refiner / img2img pipeline: not supported"):
+            models.model_family(ModelConfig(family=family), tmp_path)
 
 
 def test_sd15_round_trip_and_unet_forward(sd15_dir):

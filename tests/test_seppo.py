@@ -477,3 +477,27 @@ def test_a_lora_snapshot_reference_runs_without_dropout(tmp_path):
     first, second = reference(x, t, emb), reference(x, t, emb)
     comp.unet.eval()
     assert torch.equal(first, second) and torch.equal(first, reference(x, t, emb))
+
+
+def test_the_lora_base_reference_runs_in_eval_mode(tmp_path):
+    """The base reference of a LoRA run is the live UNet with adapters off, which the loop keeps in train mode: a
+    UNet with dropout > 0 drew a new mask per call, a noisy reference (the official code's is a frozen eval copy)."""
+    import json
+
+    from t2i_align.adapters import trainable_parameters
+    from t2i_align.conditioning.text import PromptEmbeds
+    from t2i_align.config import LoraConfig, ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import BaseReference
+
+    folder = save_tiny_pipeline("sd15", tmp_path / "m")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "dropout": 0.5}))
+    comp = load_components(ModelConfig(pretrained=str(folder)))
+    trainable_parameters(comp.unet, LoraConfig(enabled=True, rank=2))
+    reference = BaseReference(comp.unet, comp, True, None).denoiser()
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), PromptEmbeds(torch.randn(2, 77, 32))
+    comp.unet.train()
+    with torch.no_grad():
+        first, second = reference(x, t, emb), reference(x, t, emb)
+    assert torch.equal(first, second) and comp.unet.training  # train mode given back

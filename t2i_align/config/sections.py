@@ -156,7 +156,8 @@ class DataConfig:
     """"center" or "random" crop after the resize."""
     flip: str = "none"
     """Horizontal flips: "none", "independent" (each image of a pair, as the official SD1.5 code) or "joint" (the
-    pair flipped together and, with crop="random", cropped at one place: diffusers' SDXL DPO script)."""
+    pair flipped together and, with crop="random", cropped at the same relative place of each image's slack;
+    diffusers' SDXL DPO script resizes jpg_1 to jpg_0's size first, so its crops coincide when sizes differ)."""
     time_ids: str = "fixed"
     """SDXL's micro-conditioning of training images: "fixed" (every image as the pipeline samples, original size
     = target size = resolution, crop (0, 0): the official Diffusion-DPO code; a pair's two images see one
@@ -164,7 +165,10 @@ class DataConfig:
     text-to-image script; a pair's images then condition differently, which DPO's comparison does not expect).
     Image-caption data (SFT, LongAlign stage 1 on SDXL) take it too, where per_image is diffusers' choice."""
     prompt_dropout: float = 0.0
-    """Probability of replacing a caption by "" (official Diffusion-DPO: 0.2), for classifier-free guidance."""
+    """Probability of replacing a caption by "" (official Diffusion-DPO: 0.2), for classifier-free guidance. The
+    "" is encoded, as the official code and diffusers' SDXL scripts do; SDXL's pipelines guide against zero
+    embeddings instead (force_zeros_for_empty_prompt), so on SDXL this trains an unconditional branch that
+    sampling does not query."""
     max_pairs: int = 0
     """Use only the first N usable pairs (0: all)."""
     both_models_contain: str = ""
