@@ -2,6 +2,7 @@
 import io
 import logging
 import sys
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,18 @@ def test_a_row_group_that_cannot_be_read_stops_rather_than_counting_its_rows_cor
         with pytest.raises(DataReadError, match=r"p\.parquet: row group 0 could not be read .*Input/output error"):
             ds[0]
     assert pairs.stats.corrupt == 0 and captions.stats.bad_images == 0
+    # the metadata pass (captions, labels) and the streaming reader's record batches: a bare OSError naming no file
+    for make in (partial(PairDataset, path), partial(CaptionDataset, caption_file)):
+        with pytest.raises(DataReadError, match=r"p\.parquet: row group 0 could not be read"):
+            make(resolution=16)
+    from t2i_align.data.stream import RowReader
+
+    def eio_batches(self, *args, **kwargs):
+        yield from ()
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", eio_batches)
+    with pytest.raises(DataReadError, match=r"p\.parquet: row group 0 could not be read .*Input/output error"):
+        list(RowReader(pairs).rows([0, 1]))
 
 
 def test_ties_dropped_and_counted_and_losers_swapped(tmp_path, caplog):
@@ -141,6 +154,15 @@ def test_both_models_contain_keeps_only_pairs_of_those_generators(tmp_path):
     every = load_pairs(DataConfig(path=str(path), resolution=8), seed=0)
     assert len(every) == 5 and every.stats.other_models == 0 and "both_models_contain" not in every.identity()
     assert len(load_pairs(DataConfig(path=str(path), resolution=8, both_models_contain="xl"), seed=0)) == 1
+
+
+def test_a_joint_random_crop_is_keyed_apart_from_caches_made_before_it(tmp_path):
+    """flip=joint with crop=random began cropping both images at one place without a new cache key: a cache built
+    before kept each image's own crop and was reused. Other settings keep their key (their caches stay valid)."""
+    path = write_pairs(tmp_path / "p.parquet", [row()])
+    readings = {(flip, crop): PairDataset(path, resolution=8, flip=flip, crop=crop).identity()["reading"]
+                for flip in ("none", "joint") for crop in ("center", "random")}
+    assert readings == {("none", "center"): 2, ("none", "random"): 2, ("joint", "center"): 2, ("joint", "random"): 3}
 
 
 def test_both_models_contain_needs_the_model_columns(tmp_path):

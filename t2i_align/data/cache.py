@@ -173,19 +173,19 @@ def _start_build(folder: Path, key: str) -> Optional[str]:
         logger.warning("cache %s is incomplete (no marker, or a shard missing or of another size): rebuilding", folder)
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(folder.parent, key)
+    _remove_dead_builds(folder.parent)
     return str(temp_dir(folder.parent, f".tmp-{key}-{_HOST}-{os.getpid()}-"))
 
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
-def _remove_dead_builds(root: Path, key: str) -> None:
-    """Build folders of this key left by a killed build (a kill, an out-of-memory kill, Ctrl-C) are near a whole
-    cache's size each: those made on this machine by a process that is gone are removed. Another machine's, or a
-    live process's (a concurrent run), are left alone."""
-    for path in root.glob(f".tmp-{key}-*"):
-        made = re.fullmatch(rf"\.tmp-{re.escape(key)}-(.+)-(\d+)-[a-z0-9_]+", path.name)
+def _remove_dead_builds(root: Path) -> None:
+    """Build folders left by a killed build (a kill, an out-of-memory kill, Ctrl-C) are near a whole cache's size
+    each: those made on this machine by a process that is gone are removed, of any key (the settings may have
+    changed since). Another machine's, or a live process's (a concurrent run), are left alone."""
+    for path in root.glob(".tmp-*"):
+        made = re.fullmatch(r"\.tmp-[0-9a-f]{24}-(.+)-(\d+)-[a-z0-9_]+", path.name)
         if made and made.group(1) == _HOST and not _alive(int(made.group(2))):
             logger.warning("removing %s, the folder of a cache build that was stopped", path)
             shutil.rmtree(path, ignore_errors=True)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_row_group
+from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_group, read_row_group
 from .pairs import files_identity, find_parquet_files, item_draws, open_parquet, text_column
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             image_col = caption_columns(pf.schema_arrow.names, path)
             self.column.append(image_col)
             for g in range(pf.num_row_groups):
-                captions = text_column(pf.read_row_group(g, columns=["caption"]), "caption")
+                captions = text_column(read_group(pf, path, g, ["caption"]), "caption")
                 for off, caption in enumerate(captions):
                     self.stats.rows += 1
                     if not isinstance(caption, str):  # None, or bytes that str() would make "b'...'"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -51,15 +51,45 @@ class DataReadError(UserError, OSError):
     would drop the group's rows, for good once a cache is built from them."""
 
 
+READ_ERRORS = (OSError, ValueError)
+"""What pyarrow raises for a damaged file: ArrowIOError is an OSError, ArrowInvalid a ValueError."""
+
+
+def unreadable(path: Path, group: Optional[int], err: Exception) -> DataReadError:
+    where = "" if group is None else f" row group {group}"
+    return DataReadError(f"{path}:{where} could not be read ({err}); if the file is damaged, copy it again or leave "
+                         "it out of data.path")
+
+
+def read_group(pf, path: Path, group: int, columns: List[str]):
+    """Row group `group` of the open ParquetFile `pf` (of `path`), or DataReadError naming them."""
+    try:
+        return pf.read_row_group(group, columns=columns)
+    except READ_ERRORS as err:
+        raise unreadable(path, group, err) from err
+
+
+def checked_batches(batches: Iterator, path, group: Optional[int]) -> Iterator:
+    """`batches` (pyarrow record batches of `path`) with a read error as DataReadError naming the file: a damaged
+    page hours into training was a bare OSError naming nothing."""
+    while True:
+        try:
+            record = next(batches)
+        except StopIteration:
+            return
+        except READ_ERRORS as err:
+            raise unreadable(path, group, err) from err
+        yield record
+
+
 def read_row_group(handles: Dict[int, Any], files: Sequence[Path], fi: int, group: int, columns: List[str]):
     """Row group `group` of files[fi] (its ParquetFile kept in `handles`), or DataReadError naming it."""
     try:
         if fi not in handles:
             handles[fi] = pq.ParquetFile(files[fi])
-        return handles[fi].read_row_group(group, columns=columns)
-    except (OSError, ValueError) as err:  # pyarrow's ArrowIOError is an OSError, ArrowInvalid a ValueError
-        raise DataReadError(f"{files[fi]}: row group {group} could not be read ({err}); if the file is damaged, "
-                            "copy it again or leave it out of data.path") from err
+    except READ_ERRORS as err:
+        raise unreadable(files[fi], group, err) from err
+    return read_group(handles[fi], files[fi], group, columns)
 
 
 def decode_rgb(data: Any) -> Image.Image:

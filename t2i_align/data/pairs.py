@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_row_group
+from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_group, read_row_group
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class PairDataset(torch.utils.data.Dataset):
             cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else []) + model_columns(
                 self.both_models_contain, names, path)
             for g in range(pf.num_row_groups):
-                table = pf.read_row_group(g, columns=cols)
+                table = read_group(pf, path, g, cols)
                 has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
                 rows = zip(text_column(table, "caption"), table.column("label_0").to_pylist(), has,
                            self._models_wanted(table))
@@ -239,11 +239,11 @@ class PairDataset(torch.utils.data.Dataset):
         """Each pair's `user_id` (Pick-a-Pic's rater; PPD conditions on it), or None if a file lacks the column."""
         by_group: Dict[Tuple[int, int], List[Any]] = {}
         for fi, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+            pf = open_parquet(path)
             if "user_id" not in pf.schema_arrow.names:
                 return None
             for g in sorted(set(self._groupidx[self._file == fi].tolist())):
-                by_group[(fi, g)] = pf.read_row_group(g, columns=["user_id"]).column("user_id").to_pylist()
+                by_group[(fi, g)] = read_group(pf, path, g, ["user_id"]).column("user_id").to_pylist()
         return [by_group[(f, g)][o] for f, g, o in zip(self._file.tolist(), self._groupidx.tolist(),
                                                        self._offset.tolist())]
 
@@ -275,8 +275,9 @@ class PairDataset(torch.utils.data.Dataset):
                 "seed": self.seed if random else None,
                 # only when set: caches written before the filter existed keep their key
                 **({"both_models_contain": self.both_models_contain} if self.both_models_contain else {}),
-                # reading 2: rows without caption text skipped, has_label 0 as unlabelled (older caches kept both)
-                "reading": 2}
+                # reading 2: rows without caption text skipped, has_label 0 as unlabelled (older caches kept both);
+                # 3: flip=joint with crop=random crops both images at one place (caches from before: each its own)
+                "reading": 3 if (self.flip, self.crop) == ("joint", "random") else 2}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}

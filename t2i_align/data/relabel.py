@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 from ..errors import UserError
 from ..files import write_json_atomic
 from ..stats import wilson_interval
+from .images import checked_batches
 from .listings import write_rows_parquet
-from .pairs import find_parquet_files, label_problem
+from .pairs import find_parquet_files, label_problem, open_parquet
 
 ADDED = (("human_label_0", pa.float64()), ("reward_0", pa.float64()), ("reward_1", pa.float64()))
 
@@ -105,10 +106,10 @@ def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[st
                  progress: Callable[[int], object] = lambda n: None) -> None:
     """One parquet file relabelled into `dst` (written whole or not at all). Rows without a human winner (ties,
     unlabelled, invalid labels) are skipped as in the official code unless `all_pairs`."""
-    pf = pq.ParquetFile(src)
+    pf = open_parquet(src)
 
     def rows() -> Iterator[Dict[str, Any]]:
-        for batch in pf.iter_batches(batch_size=max(1, rows_per_read)):
+        for batch in checked_batches(pf.iter_batches(batch_size=max(1, rows_per_read)), src, None):
             read = batch.to_pylist()
             counts["rows"] += len(read)
             reasons = [None if all_pairs else _skip_reason(r) for r in read]
@@ -162,7 +163,7 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
             _add(total, done)
     if len(todo) < len(files):
         log(f"resume: {len(files) - len(todo)} of {len(files)} files already relabelled in {out}, kept")
-    with tqdm(total=sum(pq.ParquetFile(src).metadata.num_rows for _, src, _ in todo), unit="pair",
+    with tqdm(total=sum(open_parquet(src).metadata.num_rows for _, src, _ in todo), unit="pair",
               desc="relabel") as bar:
         for name, src, record in todo:
             counts = new_counts()

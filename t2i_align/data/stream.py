@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
+from .images import checked_batches
 from .pairs import PairDataset, collate_pairs
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class RowReader:
                                               columns=["jpg_0", "jpg_1"])
         k, row = 0, 0
         try:
-            for record in batches:
+            for record in checked_batches(batches, self.files[fi], group):
                 self.rows_read += record.num_rows
                 first, second = record.column(0), record.column(1)
                 while k < len(run) and offsets[k] < row + record.num_rows:
