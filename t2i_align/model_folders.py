@@ -80,15 +80,28 @@ def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
         entry = index.get(name)
         if not isinstance(entry, list) or not entry or entry[0] is None:
             continue
-        sub = path / name
-        if not sub.is_dir():
-            missing = f"{sub} is missing"
-        elif name in _WEIGHTED_PARTS and not any(f.name.lower().endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()):
-            missing = f"{sub} holds no weights file"
-        else:
+        missing = _missing_files(path / name, name)
+        if missing is None:
             continue
         raise ModelLoadError(f"{path}/model_index.json lists the {name} component but {missing}: the folder is "
                              "incomplete (a partial download or copy?); download or copy it again")
+
+
+def _missing_files(sub: Path, name: str) -> Optional[str]:
+    """What component folder `sub` lacks, or None. A tokenizer without its vocabulary loaded as a 2-token one
+    (transformers 5), every prompt encoded alike; a missing config.json gave a default model and a size mismatch."""
+    if not sub.is_dir():
+        return f"{sub} is missing"
+    has = {f.name for f in sub.iterdir()}
+    if name in _WEIGHTED_PARTS and not any(f.lower().endswith(_WEIGHT_SUFFIXES) for f in has):
+        return f"{sub} holds no weights file"
+    if name in _WEIGHTED_PARTS and "config.json" not in has:
+        return f"{sub} has no config.json"
+    if name == "scheduler" and "scheduler_config.json" not in has:
+        return f"{sub} has no scheduler_config.json"
+    if name.startswith("tokenizer") and "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
+        return f"{sub} holds no vocabulary (tokenizer.json, or vocab.json with merges.txt)"
+    return None
 
 
 def _hub_offline() -> bool:
@@ -191,3 +204,18 @@ def check_tuned_folder(path: Path, encoding) -> None:
                          f"{encoding.kind!r}{budget}: set "
                          f"model.text_encoding.kind={recorded.kind} "
                          f"model.text_encoding.token_budget={recorded.token_budget}")
+
+
+def lora_load_error(lora: Path, path: Path, err: Exception) -> str:
+    """One line on why diffusers could not load `lora`: a size mismatch (another model family), a LyCORIS file,
+    or diffusers' own words (all of them: the detail, e.g. the keys not converted, often follows an empty line)."""
+    text = str(err)
+    mismatch = next((line.strip() for line in text.splitlines() if "size mismatch" in line), None)
+    if mismatch:
+        return (f"LoRA weights {lora} do not match the model in {path} (trained on another model, e.g. SDXL's on "
+                f"SD1.5?): {mismatch[:300]}")
+    if "hada_" in text or "lokr_" in text:
+        return (f"LoRA weights {lora} are a LyCORIS file (LoHa / LoKr), which diffusers' load_lora_weights does "
+                "not read: merge it with the tool that made it, or train a LoRA")
+    detail = " ".join(text.split())[:300] or type(err).__name__
+    return f"LoRA weights {lora} do not match the model in {path}: {detail}"

@@ -23,6 +23,7 @@ import torch
 from .conditioning.text import PromptEmbeds, encode_prompts, read_text_encoding
 from .config.sections import TextEncodingConfig
 from .diffusion import latent_scheduler, unscale_latents
+from .errors import one_line
 from .models import vae_precision
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """
     from diffusers import DiffusionPipeline
 
+    from .model_folders import lora_load_error
     from .models import ModelLoadError, dtype_kwargs, torch_dtype
     from .weight_files import weights_variant
     from .unet_checkpoint import checkpoint_folders
@@ -81,8 +83,12 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     path, encoding = check_weights(model, lora, text_encoding, unet=unet, variant=variant)
     lora = None if lora is None else Path(lora)
     found = weights_variant(path, variant, "--variant", fallback=True)
-    pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
-                                             **_no_safety_checker(path))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
+                                                 **_no_safety_checker(path))
+    except (OSError, ValueError) as err:  # a damaged or truncated file the folder checks cannot see
+        raise ModelLoadError(f"could not load the pipeline in {path}: {one_line(err)[:300]}; the folder may be "
+                             "damaged or incomplete: download or copy it again") from err
     if unet is not None:  # the variant asked for, not the base's only one: the checkpoint's may differ
         from .unet_checkpoint import load_unet_checkpoint
 
@@ -93,7 +99,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
-            raise ModelLoadError(_lora_load_error(lora, path, err)) from err
+            raise ModelLoadError(lora_load_error(lora, path, err)) from err
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
             raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
     pipe.set_progress_bar_config(disable=True)
@@ -103,21 +109,6 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         # diffusers' warns "modules ... should be kept in float32: []"
         torch.nn.Module.to(pipe.vae, torch.float32)
     return set_scheduler(pipe, scheduler).to(device)
-
-
-def _lora_load_error(lora: Path, path: Path, err: Exception) -> str:
-    """One line on why diffusers could not load `lora`: a size mismatch (another model family), a LyCORIS file,
-    or diffusers' own words (all of them: the detail, e.g. the keys not converted, often follows an empty line)."""
-    text = str(err)
-    mismatch = next((line.strip() for line in text.splitlines() if "size mismatch" in line), None)
-    if mismatch:
-        return (f"LoRA weights {lora} do not match the model in {path} (trained on another model, e.g. SDXL's on "
-                f"SD1.5?): {mismatch[:300]}")
-    if "hada_" in text or "lokr_" in text:
-        return (f"LoRA weights {lora} are a LyCORIS file (LoHa / LoKr), which diffusers' load_lora_weights does "
-                "not read: merge it with the tool that made it, or train a LoRA")
-    detail = " ".join(text.split())[:300] or type(err).__name__
-    return f"LoRA weights {lora} do not match the model in {path}: {detail}"
 
 
 def _no_safety_checker(path: Path) -> dict:

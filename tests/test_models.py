@@ -180,6 +180,37 @@ def test_a_partial_pipeline_folder_is_named_before_loading(sd15_dir, tmp_path):
     assert models.resolve_pretrained(str(partial), skip_parts=("vae",)) == partial  # model.vae given instead
 
 
+@pytest.mark.parametrize("part, remove, told", [
+    ("tokenizer", ("tokenizer.json",), "tokenizer holds no vocabulary"),
+    ("text_encoder", ("config.json",), "text_encoder has no config.json"),
+    ("scheduler", ("scheduler_config.json",), "scheduler has no scheduler_config.json")])
+def test_a_component_without_its_vocabulary_or_config_is_named_before_loading(sd15_dir, tmp_path, part, remove,
+                                                                              told):
+    """A tokenizer folder without its vocabulary loaded (transformers 5) as a 2-token tokenizer: every prompt
+    encoded alike, and training ran on it. A text encoder without config.json got a default config and a size
+    mismatch traceback, a scheduler without its config an OSError traceback."""
+    import shutil
+
+    partial = shutil.copytree(sd15_dir, tmp_path / "partial")
+    for name in remove:
+        (partial / part / name).unlink()
+    with pytest.raises(ModelLoadError, match=f"{part} component but .*{told}.*incomplete"):
+        models.resolve_pretrained(str(partial))
+
+
+def test_a_tokenizer_without_its_length_is_refused_at_loading(sdxl_dir, tmp_path):
+    """tokenizer_config.json without model_max_length: 1e30, and an OverflowError traceback at the first prompt."""
+    import shutil
+
+    broken = shutil.copytree(sdxl_dir, tmp_path / "broken")
+    config = json.loads((broken / "tokenizer_2" / "tokenizer_config.json").read_text())
+    config.pop("model_max_length")
+    (broken / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="tokenizer_2: the tokenizer's model_max_length 1e.30 does not fit the "
+                                             "text encoder's 77 positions"):
+        models.load_components(ModelConfig(pretrained=str(broken)))
+
+
 def test_an_unreadable_component_is_a_load_error(sd15_dir, tmp_path):
     import shutil
 
@@ -188,6 +219,14 @@ def test_an_unreadable_component_is_a_load_error(sd15_dir, tmp_path):
     (partial / "vae" / "config.json").unlink()  # weights there, config gone: diffusers raises OSError
     with pytest.raises(ModelLoadError, match=r"could not load vae \(AutoencoderKL\).*incomplete"):
         models._load_part(partial, models.read_index(partial), "vae")
+    # sampling: a truncated weights file (the folder checks see a file) was diffusers' OSError traceback
+    from t2i_align.sampling import load_pipeline
+
+    damaged = shutil.copytree(sd15_dir, tmp_path / "damaged")
+    weights = next((damaged / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="could not load the pipeline in .*damaged.*download or copy it again"):
+        load_pipeline(damaged)
 
 
 def test_toy_resolves_to_shipped_pipeline(monkeypatch, sd15_dir, tmp_path):
