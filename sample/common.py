@@ -47,6 +47,9 @@ def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = Fa
     p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the pipeline's dtype (default fp32; fp16 / bf16 are faster on a GPU)")
+    p.add_argument("--vae", default=None,
+                   help="a VAE to decode with instead of the model folder's (its folder, or a pipeline folder holding "
+                        "vae/): the model.vae a run trained with; in compare.py both sides")
     p.add_argument("--variant", default=None,
                    help="weight files to load, e.g. fp16 for *.fp16.safetensors, from a model folder holding them "
                         "(others load their plain weights; default: plain weights, else a folder's only variant)")
@@ -82,7 +85,7 @@ def settings_from(args, num_prompts: int):
     return SampleSettings(seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, scheduler=args.scheduler,
                           steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                           negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                          dtype=args.dtype, variant=args.variant)
+                          dtype=args.dtype, variant=args.variant, vae=args.vae)
 
 
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)

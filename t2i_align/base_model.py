@@ -12,21 +12,43 @@ BASE_MODEL_FILE = "t2i_align_base_model.json"
 """Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
 
 
-def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None) -> None:
-    """Record the model folder (resolved) and the name it was given by ("toy", a hub id, a path)."""
+def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None, vae: Optional[str] = None) -> None:
+    """Record the model folder (resolved), the name it was given by ("toy", a hub id, a path) and the `model.vae`
+    the run encoded and decoded with instead of the folder's (its folder, resolved), if any."""
     from .files import write_json_atomic
 
-    write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given})
+    vae_dir = None
+    if vae:
+        from .models import vae_folder
+
+        path, subfolder = vae_folder(vae)
+        vae_dir = str((path / subfolder if subfolder else path).resolve())
+    write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given,
+                                                      **({"vae": vae_dir} if vae_dir else {})})
+
+
+def note_recorded_vae(lora: Path) -> None:
+    """A note when adapters record a `model.vae` their run used and sampling decodes with the folder's own VAE."""
+    vae = _read(lora).get("vae")
+    if isinstance(vae, str):
+        print(f"note: {lora} was trained with model.vae={vae}; this pipeline decodes with its folder's own VAE (pass "
+              f"--vae {vae} to decode as training did)", file=sys.stderr)
+
+
+def _read(lora: Path) -> dict:
+    """What the adapters at `lora` (a file or its folder) record; {} without a record (older exports, other tools)."""
+    try:
+        kept = json.loads(((lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
 
 
 def _record(lora: Path) -> Optional[Tuple[str, Optional[str]]]:
-    """(resolved folder, name given) that the adapters at `lora` (a file or its folder) record; None without one."""
-    try:
-        kept = json.loads(((lora if lora.is_dir() else lora.parent) / BASE_MODEL_FILE).read_text(encoding="utf-8"))
-        folder, given = kept["pretrained"], kept.get("given")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record (older exports, other tools)
-        return None
-    return (folder, given) if isinstance(folder, str) else None  # not our record: nothing to go by
+    """(resolved folder, name given) that the adapters at `lora` record; None without one."""
+    kept = _read(lora)
+    folder = kept.get("pretrained")
+    return (folder, kept.get("given")) if isinstance(folder, str) else None  # not our record: nothing to go by
 
 
 def default_model(model: Optional[str], lora: Optional[str | Path], flag: str = "--model") -> str:

@@ -34,6 +34,8 @@ class SampleSettings:
     variant: Optional[str] = None
     """Weight files to load ("fp16": `*.fp16.safetensors`) from a model folder holding them; others load their plain
     weights."""
+    vae: Optional[str] = None
+    """A VAE to decode with instead of each model folder's (a run's `model.vae`, which its LoRA export records)."""
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -51,7 +53,7 @@ def sample_model(model: str, lora: Optional[str], prompts: Sequence[str], settin
     from .users.inference import UserChoice, user_tokens_for
 
     pipe = load_pipeline(model, lora=lora, device=device, scheduler=settings.scheduler, text_encoding=text_encoding,
-                         dtype=settings.dtype, variant=settings.variant)
+                         dtype=settings.dtype, variant=settings.variant, vae=settings.vae)
     flat, seeds = prompt_major(prompts, settings.seeds_per_prompt, settings.seed)
     flat, seeds = flat[first:], seeds[first:]
     # the user table beside the weights the branch came from: the model's folder as loaded (`~/m`, a hub id)

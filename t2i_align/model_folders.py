@@ -31,12 +31,16 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name.split("/")[0]).is_dir()
 
 
-def _single_file_hint(name: str) -> str:
+def _single_file_hint(name: str, key: str) -> str:
+    """How to convert a single-file checkpoint; `config=` a local folder of its kind, as diffusers otherwise
+    fetches the config from the hub."""
     if not name.lower().endswith(_WEIGHT_SUFFIXES):
         return ""
+    cls, kind = ("AutoencoderKL", "VAE") if key == "model.vae" else ("StableDiffusionPipeline", "SD1.5 pipeline")
+    more = "" if key == "model.vae" else " (StableDiffusionXLPipeline and an SDXL folder for SDXL)"
     return (" It names a single-file checkpoint; convert it to a diffusers folder once: `python -c \"from diffusers "
-            f"import StableDiffusionPipeline as P; P.from_single_file('{name}').save_pretrained('DIR')\"` "
-            "(StableDiffusionXLPipeline for SDXL), then give DIR.")
+            f"import {cls} as P; P.from_single_file('{name}', config='A_LOCAL_{kind.split()[0]}_FOLDER')"
+            f".save_pretrained('DIR')\"` with config a local diffusers {kind} folder{more}, then give DIR.")
 
 
 def _pass_local(key: str = "model.pretrained") -> str:
@@ -162,23 +166,22 @@ def resolve_pretrained(
         return path
     if path.exists():
         raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}."
-                             f"{_single_file_hint(pretrained)}")
+                             f"{_single_file_hint(pretrained, key)}")
     if not _is_hub_id(pretrained):
         org = pretrained.split("/")[0]
         shadowed = (f" (read as a local path, since ./{org} exists; for the hub id, run from another folder)"
                     if _HUB_ID.match(pretrained) and Path(org).is_dir() else "")
         raise ModelLoadError(f"{key}={pretrained!r}: no such folder{shadowed}; {_pass_local(key)}."
-                             f"{_single_file_hint(pretrained)}")
+                             f"{_single_file_hint(pretrained, key)}")
     return _download(pretrained, revision, variant, pipeline, key)
 
 
-def local_model_folder(pretrained: str, skip_parts: Sequence[str] = ()) -> Optional[Path]:
-    """`resolve_pretrained(pretrained)` where it needs no download ("toy", a folder), else None (a hub id)."""
+def local_model_folder(pretrained: str, skip_parts: Sequence[str] = (), pipeline: bool = True,
+                       key: str = "model.pretrained") -> Optional[Path]:
+    """`resolve_pretrained(pretrained, ...)` where it needs no download ("toy", a folder), else None (a hub id)."""
     if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _is_hub_id(pretrained):
         return None
-    return resolve_pretrained(pretrained, skip_parts=skip_parts)
-
-
+    return resolve_pretrained(pretrained, skip_parts=skip_parts, pipeline=pipeline, key=key)
 
 
 def check_tuned_folder(path: Path, encoding) -> None:

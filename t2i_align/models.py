@@ -22,6 +22,7 @@ from t2i_align.conditioning import segments, text
 from t2i_align.config import ModelConfig
 from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
 from t2i_align.diffusion import latent_scheduler
+from t2i_align.errors import one_line
 from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, local_model_folder, read_index,  # noqa: F401
                                      resolve_pretrained)
 from t2i_align.weight_files import weights_variant
@@ -193,19 +194,41 @@ def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype
     """The pipeline's VAE, or cfg.vae (a VAE folder, or a pipeline folder with vae/, or a hub id) instead."""
     from diffusers import AutoencoderKL
 
-    vae_path, subfolder = path, "vae"
     if cfg.vae:
-        vae_path = resolve_pretrained(cfg.vae, pipeline=False, key="model.vae")
-        subfolder = "vae" if (vae_path / "vae" / "config.json").is_file() else None
-    config = AutoencoderKL.load_config(vae_path, subfolder=subfolder)
-    # An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) says so with force_upcast=False.
-    if spec.vae_fp32 and config.get("force_upcast", True):
-        dtype = torch.float32
-    if cfg.vae:
-        vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, **dtype_kwargs(dtype))
+        vae = load_vae_folder(cfg.vae, lambda config: _vae_dtype(spec, config, dtype), cfg.variant)
     else:
-        vae = _load_part(path, index, "vae", variant=variant, dtype=dtype)
+        vae = _load_part(path, index, "vae", variant=variant,
+                         dtype=_vae_dtype(spec, AutoencoderKL.load_config(path, subfolder="vae"), dtype))
     return vae.requires_grad_(False).eval()
+
+
+def _vae_dtype(spec: FamilySpec, config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    # An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) says so with force_upcast=False.
+    return torch.float32 if spec.vae_fp32 and config.get("force_upcast", True) else dtype
+
+
+def vae_folder(given: str, key: str = "model.vae") -> Tuple[Path, Optional[str]]:
+    """(folder, subfolder) of a VAE given as its own folder, a pipeline folder holding vae/, or a hub id."""
+    path = resolve_pretrained(given, pipeline=False, key=key)
+    return path, "vae" if (path / "vae" / "config.json").is_file() else None
+
+
+def load_vae_folder(given: str, dtype_for: Callable[[Mapping[str, Any]], torch.dtype], variant: Optional[str] = None,
+                    key: str = "model.vae"):
+    """The AutoencoderKL at `given` (see `vae_folder`) in `dtype_for(its config)`, of `variant` where it holds it
+    (else its plain weights, else its one variant); ModelLoadError naming `key` when it cannot load."""
+    from diffusers import AutoencoderKL
+
+    path, subfolder = vae_folder(given, key)
+    folder = path / subfolder if subfolder else path
+    try:
+        found = weights_variant(folder, variant, key, fallback=True, part="", warn=False)
+        config = AutoencoderKL.load_config(path, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(path, subfolder=subfolder, variant=found,
+                                             **dtype_kwargs(dtype_for(config)))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{key}={given}: could not load a VAE from {folder} ({one_line(err)[:300]}); give a "
+                             "VAE folder (config.json and weights) or a pipeline folder holding vae/") from err
 
 
 def vae_precision(vae):

@@ -57,7 +57,7 @@ def set_scheduler(pipe, name: Optional[str]):
 
 def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
                   scheduler: Optional[str] = None, text_encoding: Optional[str] = None, dtype: str = "fp32",
-                  variant: Optional[str] = None, unet: Optional[str | Path] = None):
+                  variant: Optional[str] = None, unet: Optional[str | Path] = None, vae: Optional[str | Path] = None):
     """A diffusers pipeline from a local folder ("toy" for the shipped toy model), optionally with LoRA weights;
     a PPD user branch (user_branch.safetensors in the LoRA folder, beside a `unet` checkpoint or in the model folder)
     is loaded as well.
@@ -70,12 +70,14 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     folder first, then the model folder), else in `text_encoding` ("clip77" / "segments"), else in clip77. An
     explicit `text_encoding` that contradicts the record is an error: a model tuned on one encoding has not
     learned the other. `unet`: a UNet-only checkpoint replacing the folder's UNet before any adapter loads
-    (`unet_checkpoint.load_unet_checkpoint`).
+    (`unet_checkpoint.load_unet_checkpoint`). `vae`: a VAE (its folder, or a pipeline folder holding vae/) to decode
+    with instead of the folder's, as a run trained with `model.vae` (its LoRA export records it) decoded.
     """
     from diffusers import DiffusionPipeline
 
     from .model_folders import lora_load_error
-    from .models import ModelLoadError, dtype_kwargs, torch_dtype
+    from .base_model import note_recorded_vae
+    from .models import ModelLoadError, dtype_kwargs, load_vae_folder, torch_dtype
     from .weight_files import weights_variant
     from .unet_checkpoint import checkpoint_folders
     from .users.inference import attach_user_branch, branch_file, has_lora_file
@@ -89,6 +91,10 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     except (OSError, ValueError) as err:  # a damaged or truncated file the folder checks cannot see
         raise ModelLoadError(f"could not load the pipeline in {path}: {one_line(err)[:300]}; the folder may be "
                              "damaged or incomplete: download or copy it again") from err
+    if vae is not None:
+        pipe.vae = load_vae_folder(str(vae), lambda config: torch_dtype(dtype), variant, key="--vae")
+    elif lora is not None:
+        note_recorded_vae(lora)
     if unet is not None:  # the variant asked for, not the base's only one: the checkpoint's may differ
         from .unet_checkpoint import load_unet_checkpoint
 

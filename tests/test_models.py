@@ -152,11 +152,16 @@ def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):
         with pytest.raises(ModelLoadError, match="no such folder"):
             models.resolve_pretrained(name)
         assert not model_folders._is_hub_id(name)
-    with pytest.raises(ModelLoadError, match=r"single-file checkpoint.*from_single_file\('models/sd15.safetensors'\)"):
+    with pytest.raises(ModelLoadError, match=r"single-file checkpoint.*StableDiffusionPipeline as P; "
+                                             r"P.from_single_file\('models/sd15.safetensors', config="):
         models.resolve_pretrained("models/sd15.safetensors")
     (tmp_path / "sd15.safetensors").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="is a file, not a folder.*from_single_file"):
         models.resolve_pretrained("sd15.safetensors")
+    # a VAE file: AutoencoderKL converts it (a pipeline class cannot), with a local config (no hub here)
+    with pytest.raises(ModelLoadError, match=r"AutoencoderKL as P; P.from_single_file\('sd15.safetensors', config="
+                                             r"'A_LOCAL_VAE_FOLDER'\)"):
+        models.resolve_pretrained("sd15.safetensors", pipeline=False, key="model.vae")
     assert model_folders._is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
@@ -546,3 +551,30 @@ def test_a_lora_of_another_family_is_refused_in_one_line(sd15_dir, sdxl_dir, tmp
     message = str(info.value)
     assert "trained on another model" in message and "size mismatch" in message
     assert "\n" not in message and len(message) < 700
+
+
+def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_asked(sd15_dir, tmp_path, capsys):
+    """model.vae was not recorded by a LoRA export and sampling had no way to use it: the exported model decoded
+    with the folder's VAE, unlike training's galleries. Now the record names it, sampling says so, and --vae (the
+    `vae` of load_pipeline) decodes with it. A variant-only VAE folder loads (it was an OSError traceback)."""
+    from diffusers import AutoencoderKL
+
+    from t2i_align.checkpoints import export_final
+    from t2i_align.sampling import load_pipeline
+
+    other = AutoencoderKL.from_config(AutoencoderKL.load_config(sd15_dir, subfolder="vae"))
+    torch.nn.init.normal_(other.decoder.conv_out.weight, 0, 0.5)
+    other.save_pretrained(tmp_path / "vae-ft", variant="fp16")
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir), vae=str(tmp_path / "vae-ft")))
+    adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=2))
+    final = export_final(models.build_pipeline(comp), comp.unet, True, tmp_path / "run", base_model=str(sd15_dir),
+                         vae=str(tmp_path / "vae-ft"))
+    assert json.loads((final / "t2i_align_base_model.json").read_text())["vae"] == str((tmp_path / "vae-ft").resolve())
+    plain = load_pipeline(sd15_dir, lora=final)
+    assert f"was trained with model.vae={(tmp_path / 'vae-ft').resolve()}" in capsys.readouterr().err
+    assert not torch.equal(plain.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
+    with_vae = load_pipeline(sd15_dir, lora=final, vae=tmp_path / "vae-ft")
+    assert torch.equal(with_vae.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
+    assert "was trained with" not in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="--vae=.*could not load a VAE from"):
+        load_pipeline(sd15_dir, vae=tmp_path / "run")  # a folder, but no VAE

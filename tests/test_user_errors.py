@@ -163,6 +163,8 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "has no model_index.json" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", "model.variant=fp16"]) == 2  # passed, then failed
     assert "holds no fp16 weights" in capsys.readouterr().err
+    assert _train_script().main([*base, f"data.path={pairs}", f"model.vae={tmp_path / 'no-vae'}"]) == 2  # at load
+    assert "model.vae=" in capsys.readouterr().err
     # data of the other kind passed the dry run and stopped the run at its start
     pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
     assert _train_script().main([*base, f"data.path={tmp_path / 'captions.parquet'}"]) == 2

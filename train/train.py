@@ -62,6 +62,8 @@ def dry_run(cfg) -> int:
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
     # its model_index.json and component folders only: no weights load
     folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
+    if cfg.model.vae:  # a typo'd path failed only when the run loaded
+        local_model_folder(cfg.model.vae, pipeline=False, key="model.vae")
     if folder is not None:
         check_tuned_folder(folder, cfg.model.text_encoding)
         model_family(cfg.model, folder)
