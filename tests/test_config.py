@@ -410,6 +410,9 @@ def test_an_override_in_a_switched_off_section_is_refused():
     assert load_config(None, ["objective.name=seppo", "seppo.pool_size=3"]).seppo.pool_size == 3
     assert load_config(None, ["lora.enabled=true", "lora.rank=4"]).lora.rank == 4
     assert load_config(None, ["ppd.enabled=false"]).ppd.enabled is False
+    # ppd.scale 0 skips the branch: nothing trains, and the first step raised a bare "does not require grad"
+    with pytest.raises(ConfigError, match="ppd.scale.*a number > 0 when ppd.enabled"):
+        load_config(None, ["ppd.enabled=true", "ppd.table=u.safetensors", "ppd.scale=0"])
     # a whole section as one override, DPO's loss settings without a DPO loss, pair data under RAFT
     with pytest.raises(ConfigError, match="lora.rank is set on the command line, but lora.enabled is false"):
         load_config(None, ["lora={rank: 4}"])

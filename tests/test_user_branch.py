@@ -177,6 +177,14 @@ def test_saved_branch_loads_in_plain_diffusers_with_the_same_outputs(family, tmp
         theirs.set_ip_adapter_scale(0.0)
         base = _pipeline_latents(BUILDERS[family](), tokens)
         assert torch.equal(_pipeline_latents(theirs, tokens, ip_adapter_image_embeds=embeds), base)
+        # the fp16 table `users embed` writes, in an fp32 pipeline: diffusers does not cast (a dtype error)
+        theirs.set_ip_adapter_scale(0.5)
+        fp16 = tokens.half()
+        with pytest.raises(RuntimeError, match="dtype"):
+            _pipeline_latents(theirs, tokens, ip_adapter_image_embeds=ub.pipeline_user_embeds(fp16))
+        cast = _pipeline_latents(theirs, tokens, ip_adapter_image_embeds=ub.pipeline_user_embeds(fp16,
+                                                                                                 dtype=torch.float32))
+        torch.testing.assert_close(cast, half, atol=1e-2, rtol=1e-2)  # the tokens' fp16 rounding only
     assert (half - base).abs().max() > 1e-4  # the equalities above compared a branch that acts
 
 

@@ -249,15 +249,22 @@ def user_added_cond(user_tokens: torch.Tensor, unet: Optional[nn.Module] = None)
 
 
 def pipeline_user_embeds(user_tokens: torch.Tensor, negative_user_tokens: Optional[torch.Tensor] = None,
-                         do_classifier_free_guidance: bool = True) -> List[torch.Tensor]:
-    """`ip_adapter_image_embeds` for a diffusers pipeline call with one prompt per user row.
+                         do_classifier_free_guidance: bool = True,
+                         dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    """`ip_adapter_image_embeds` for a diffusers pipeline call with one prompt per user row, in `dtype` (give the
+    pipeline's, `pipe.unet.dtype`: diffusers does not cast them, and an fp16 table in an fp32 pipeline fails).
 
     With guidance the pipeline splits each tensor into (negative, positive) halves. The negative half defaults to
     the same user, so guidance acts on the text alone and the user enters at strength λ; pass other tokens (e.g.
-    the null user learned by embedding dropout) to guide on the user too.
+    the null user learned by embedding dropout) to guide on the user too. With several users keep
+    num_images_per_prompt=1 (repeat the rows instead): diffusers repeats these embeddings as a whole batch
+    (u1, u2, u1, u2) but the prompts row by row (p1, p1, p2, p2), pairing prompts with the wrong users.
     """
     if user_tokens.dim() != 3:
         raise ValueError(f"user tokens must be [batch, tokens, width]; got shape {tuple(user_tokens.shape)}")
+    if dtype is not None:
+        user_tokens = user_tokens.to(dtype)
+        negative_user_tokens = None if negative_user_tokens is None else negative_user_tokens.to(dtype)
     if not do_classifier_free_guidance:
         return [user_tokens.unsqueeze(1)]
     negative = user_tokens if negative_user_tokens is None else negative_user_tokens

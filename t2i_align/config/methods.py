@@ -202,5 +202,7 @@ class PpdConfig:
         _check(self, "table", bool(self.table) or not self.enabled, "a user-table file when ppd.enabled is true")
         _check(self, "layers", self.layers in ("all", "last") or (str(self.layers).isdigit() and int(self.layers)
                                                                    >= 1), '"all", "last" or a count >= 1')
-        _check(self, "scale", self.scale >= 0, "a number >= 0")
+        # at 0 the branch is skipped: nothing would train (a bare "does not require grad" at the first step)
+        _check(self, "scale", self.scale > 0 or (self.scale == 0 and not self.enabled),
+               "a number > 0 when ppd.enabled (0 switches the user off at sampling only)")
         _check(self, "dropout", 0.0 <= self.dropout < 1.0, "a number in [0, 1)")

@@ -91,7 +91,9 @@ class UserLookup:
             return
         if json.loads(record.read_text(encoding="utf-8")).get("sha256") != file_sha256(self.path):
             warnings.warn(f"ppd.table {self.path} is not the file the checkpoint {folder} trained with (its contents "
-                          "changed since): the branch resumes on the new embeddings", stacklevel=2)
+                          "changed since): the branch resumes on the new embeddings; if users were added or removed, "
+                          "the pairs kept changed too, and this epoch's order with them (some of its pairs are seen "
+                          "again, others skipped)", stacklevel=2)
 
     def batch_tokens(self, raw: Mapping[str, Any], device=None) -> torch.Tensor:
         tokens = self.table.tokens(batch_user_ids(raw), device=device, dtype=torch.float32)
