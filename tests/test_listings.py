@@ -266,3 +266,19 @@ def test_an_earlier_summary_is_kept_without_overwrite(folder, capsys):
     (folder / "pairs.json").write_text("my notes")
     code, _, err = run(capsys, "--from", write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]]), "--out", folder)
     assert code == 2 and "pairs.json exists and --out" in err and (folder / "pairs.json").read_text() == "my notes"
+
+
+def test_a_csv_line_that_is_not_utf8_skips_its_row_only(folder, capsys):
+    """A Latin-1 byte stopped the whole CSV import (images read so far lost) and named a wrong line (the decoder's
+    8 KB chunk, not the record); now its row is skipped and counted, as in JSONL, and the rows around it read."""
+    listing = folder / "pairs.csv"
+    listing.write_bytes(b"caption,image_w,image_l\nred wins,images/red.png,images/blue.png\n"
+                        b"caf\xe9,images/red.png,images/blue.png\ngreen wins,images/green.png,images/blue.png\n")
+    code, counts, err = run(capsys, "--from", listing, "--out", folder)
+    assert code == 0, err
+    assert counts["pairs"] == 2 and counts["skipped"] == {"not_utf8": 1}
+    assert "pairs.csv line 3 skipped: not UTF-8 text\n" in err
+    assert [r["caption"] for r in pq.read_table(folder / "pairs.parquet").to_pylist()] == ["red wins", "green wins"]
+    listing.write_bytes(b"capti\xf3n,image_w,image_l\nred wins,images/red.png,images/blue.png\n")
+    code, _, err = run(capsys, "--from", listing, "--out", folder, "--overwrite")
+    assert code == 2 and "cannot be read as CSV (UTF-8) text" in err and "header line is not UTF-8" in err

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -112,27 +113,41 @@ def _jsonl_rows(path: Path) -> Iterator[Tuple[int, Any]]:
             yield number, row if isinstance(row, (dict, SkippedRow)) else SkippedRow("not_json", "not an object")
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
 def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
     """(the record's line, row). A record over several lines (a quote left open swallows the rows after it
     into one field: one skipped row per line it took) or with more fields than the header (an unquoted comma) is
-    skipped, not read wrong."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel's CSV) dropped
+    skipped, not read wrong, as is one with a line that is not UTF-8 (the rows around it are read)."""
+    # -sig: a byte-order mark (Excel's CSV) dropped; surrogateescape: bytes that are not UTF-8 kept as lone
+    # surrogates, marking their line (a strict decode stopped the whole import at the first such byte)
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         starts: List[int] = []  # the numbers of the non-blank lines the reader took since the last record
+        bad = set()  # the lines that were not UTF-8
 
         def lines() -> Iterator[str]:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     starts.append(number)
+                if _NOT_UTF8.search(line):
+                    bad.add(number)
                 yield line
         reader = csv.DictReader(lines())
         try:
             _ = reader.fieldnames  # the header read now: its line is not a record's
+            if bad:
+                raise UnicodeError("its header line is not UTF-8")
             starts.clear()
             for row in reader:
                 first, end = starts[0] if starts else reader.line_num, reader.line_num
                 taken = max(1, len(starts))
+                not_utf8 = bad.intersection(starts)
                 starts.clear()
-                if any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
+                if not_utf8:
+                    where = "" if min(not_utf8) == first else f" (line {min(not_utf8)})"
+                    yield first, SkippedRow("not_utf8", f"not UTF-8 text{where}", taken)
+                elif any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
                     yield first, SkippedRow("multiline_record", f"a quoted field runs over lines {first}-{end} (a "
                                             "quote left open?); quote whole fields, with no line break inside", taken)
                 elif None in row:
@@ -140,7 +155,7 @@ def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
                                             "(an unquoted comma?); quote fields that hold commas")
                 else:
                     yield first, row
-        except (UnicodeDecodeError, csv.Error) as err:  # the listing itself cannot be read on
+        except (UnicodeError, csv.Error) as err:  # the listing itself cannot be read on
             raise UserError(f"--from {path}: cannot be read as CSV (UTF-8) text after line {reader.line_num}: "
                             f"{err}; save it as UTF-8 CSV") from None
 
