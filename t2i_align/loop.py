@@ -127,7 +127,7 @@ def train(cfg: Config) -> TrainResult:
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)
     if resume is not None:
         check_resume(resume, engine_name(accelerator), accelerator.num_processes, cfg.train.max_steps, out,
-                     warn=accelerator.is_main_process)
+                     warn=accelerator.is_main_process, train=cfg.train)
     m = build(cfg, accelerator, objective)
     prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
     reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read
@@ -240,7 +240,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             st.provider.after_step(done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0:
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker=record(accelerator, counts, _carried(components), history, streak),
+                            marker=record(accelerator, counts, _carried(components), history, streak, tc),
                             save_extra=lambda folder: _save_extras(st, folder))
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             _show_gallery(accelerator, st.validator, st.tracker, done)

@@ -13,13 +13,13 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import yaml
 
 from .checkpoints import CheckpointMismatch, load_checkpoint, read_marker, resume_raw_batches
-from .config import Config, config_to_dict, save_config
+from .config import Config, TrainConfig, config_to_dict, save_config
 from .engines import engine_name, on_every, on_main, say
 from .errors import UserError
 from .optim import align_lr_schedule
@@ -35,17 +35,20 @@ SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
 ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 
 
-def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True) -> None:
+def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True,
+                 train: Optional[TrainConfig] = None) -> None:
     """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
     would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
     failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
     (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
     session 28 name no engine and are left to the engine's load. `warn` (the main process): that FSDP / DeepSpeed
-    unpickle a checkpoint from outside output_dir."""
+    unpickle a checkpoint from outside output_dir. `train` (the run's settings): `_check_training`."""
     marker = read_marker(path)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
+    if train is not None:
+        _check_training(path, marker, train, engine, warn)
     written = marker.get("engine")
     if written is None:
         return
@@ -63,6 +66,31 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
                       "torch.load without weights_only, torch's distributed checkpoint metadata), which can run "
                       f"code planted in the files: resume only from checkpoints you trust ({path} is not this "
                       "run's own)")
+
+
+OPTIMIZER_STATE = {"adamw": "AdamW", "adamw_fused": "AdamW", "adafactor": "Adafactor", "adamw8bit": "AdamW8bit"}
+"""train.optimizer -> the optimizer whose state a checkpoint holds (AdamW's fused flag is in its saved groups)."""
+
+
+def _check_training(path: Path, marker: dict, train: TrainConfig, engine: str, warn: bool) -> None:
+    """Refuse an optimizer whose state the checkpoint's is not (torch loads it anyway; the first step then failed,
+    e.g. KeyError 'beta1' in Adafactor) and fp16 from a checkpoint without its loss scaler (accelerate's
+    load failed on a missing scaler.pt, read as a damaged checkpoint); warn of a batch size that moves the data
+    position (the marker counts micro-batches: from 1 to 2 pairs, twice as many rows are skipped as trained on)."""
+    wrote = marker.get("optimizer")
+    if wrote is not None and OPTIMIZER_STATE.get(wrote) != OPTIMIZER_STATE.get(train.optimizer):
+        raise CheckpointMismatch(f"train.resume: {path} holds the state of train.optimizer={wrote} and this run has "
+                                 f"train.optimizer={train.optimizer}: resume with {wrote}, or start fresh")
+    if train.mixed_precision == "fp16" and engine != "deepspeed" and not (path / "scaler.pt").is_file():
+        raise CheckpointMismatch(f"train.resume: {path} was written without fp16 (no loss-scaler state, scaler.pt), "
+                                 "and this run has train.mixed_precision=fp16: resume with the precision it was "
+                                 "written with (bf16 or no), or start fresh")
+    size = marker.get("batch_size")
+    if warn and size is not None and size != train.batch_size:
+        effect = "rows skipped" if train.batch_size > size else "rows seen again"
+        warnings.warn(f"train.resume: {path} was written at train.batch_size={size} and this run has "
+                      f"{train.batch_size}: the data position is counted in batches, so this epoch resumes at "
+                      f"another row than the checkpoint reached ({effect})", stacklevel=2)
 
 
 @dataclass
@@ -97,6 +125,14 @@ def claim_output(cfg: Config, out: Path, resume, log, tracker) -> None:
     save_config(cfg, out / "config.yaml")
 
 
+_GROUPS = "the checkpoint's optimizer keeps its own"
+NOT_APPLIED = {"train.learning_rate": "the checkpoint's optimizer keeps its rate", "train.scale_lr": _GROUPS + " rate",
+               "train.weight_decay": _GROUPS, "train.adam_beta1": _GROUPS, "train.adam_beta2": _GROUPS,
+               "train.adam_epsilon": _GROUPS, "train.optimizer": _GROUPS + " (AdamW's fused flag too)"}
+"""Settings a resume does not apply: torch's Optimizer.load_state_dict restores each group's saved values, as in
+diffusers' scripts (a resume with another optimizer is refused: `_check_training`)."""
+
+
 def changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
     """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
     changed = []
@@ -105,8 +141,7 @@ def changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
         if isinstance(old, dict) and isinstance(new, dict):
             changed += changed_settings(old, new, f"{name}.")
         elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
-            lr = name in ("train.learning_rate", "train.scale_lr")  # restored with the optimizer, as in diffusers
-            kept = " (not applied: the checkpoint's optimizer keeps its rate)" if lr else ""
+            kept = f" (not applied: {NOT_APPLIED[name]})" if name in NOT_APPLIED else ""
             changed.append(f"{name}: {old!r} -> {new!r}{kept}")
     return changed
 
@@ -145,10 +180,11 @@ def restore(cfg: Config, accelerator, m, parts, tracker, resume, carried) -> Res
 
 
 def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], history: List[Dict[str, float]],
-           streak: int) -> Dict:
+           streak: int, train: Optional[TrainConfig] = None) -> Dict:
     """What a checkpoint records of the loop (collective): each process's raw micro-batches read and unlogged
     metrics (as their count and sums: the log line averages them), the run's totals of COUNTED and of the `carried`
-    counters (summed over processes where each keeps its own), the non-finite streak and the engine."""
+    counters (summed over processes where each keeps its own), the non-finite streak, the engine and the optimizer
+    and batch size of `train` (`_check_training`)."""
     from accelerate.utils import gather_object
 
     own = {k: counts[k] for k in COUNTED if k in SUMMED}
@@ -160,7 +196,8 @@ def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], histo
     pending = {"n": len(history), "sums": {k: v if math.isfinite(v) else str(v) for k, v in sums.items()}}
     return {"raw_batches": gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
             "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"]), "streak": streak,
-            "unlogged": gather_object([pending]) if accelerator.num_processes > 1 else [pending]}
+            "unlogged": gather_object([pending]) if accelerator.num_processes > 1 else [pending],
+            **({"optimizer": train.optimizer, "batch_size": train.batch_size} if train is not None else {})}
 
 
 def _history(marker: dict, accelerator) -> List[Dict[str, float]]:

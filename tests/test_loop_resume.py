@@ -157,7 +157,8 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     train(_cfg(tiny_model, data, full, *common, "train.max_steps=4"))
     train(_cfg(tiny_model, data, part, *common, "train.max_steps=2"))
     (raw,) = read_marker(part / "checkpoints" / "step-2")["raw_batches"]  # one count per process
-    assert read_marker(part / "checkpoints" / "step-2")["engine"] == "plain"
+    marker = read_marker(part / "checkpoints" / "step-2")
+    assert (marker["engine"], marker["optimizer"], marker["batch_size"]) == ("plain", "adamw", 1)
     assert raw > 2, "this seed must put a corrupt batch among the first two, or the test tests nothing"
     train(_cfg(tiny_model, data, part, *common, "train.max_steps=4", "train.resume=latest"))
     assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
@@ -264,6 +265,21 @@ def test_resume_refuses_another_engine_or_sharded_process_count(tmp_path):
         check_resume(marker(engine="fsdp", raw_batches=[4, 4]), "fsdp", 1, 10, tmp_path)
     with pytest.raises(UserError, match="at step 4, past train.max_steps=3"):
         check_resume(ddp, "plain", 2, 3, tmp_path)
+    # another optimizer's state (Adafactor failed at its first step on AdamW's: KeyError 'beta1'), fp16 without a
+    # loss scaler (accelerate's load failed on scaler.pt, read as a damaged checkpoint), another batch size (warned)
+    from t2i_align.config import TrainConfig
+
+    adamw = marker(engine="plain", raw_batches=[4], optimizer="adamw", batch_size=2)
+    check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(optimizer="adamw_fused", batch_size=2))
+    with pytest.raises(CheckpointMismatch, match="holds the state of train.optimizer=adamw and this run has "
+                                                 "train.optimizer=adafactor"):
+        check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(optimizer="adafactor", batch_size=2))
+    with pytest.raises(CheckpointMismatch, match="written without fp16 .no loss-scaler state, scaler.pt."):
+        check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(mixed_precision="fp16", batch_size=2))
+    (adamw / "scaler.pt").write_bytes(b"")
+    check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(mixed_precision="fp16", batch_size=2))
+    with pytest.warns(UserWarning, match="train.batch_size=2 and this run has 4: .* .rows skipped."):
+        check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(batch_size=4))
     # FSDP / DeepSpeed unpickle their states: a checkpoint from outside the run is warned about (once, on main)
     import warnings
 
@@ -321,6 +337,9 @@ def test_the_settings_a_resume_changed_are_listed():
     assert _changed_settings(before, now) == ["objective.name: 'dpo' -> 'sft'", "seed: None -> 3",
                                               "train.learning_rate: 1e-08 -> 2e-08 (not applied: the checkpoint's "
                                               "optimizer keeps its rate)"]
+    # the optimizer's other settings are its saved groups' too (weight decay, betas, eps, AdamW's fused flag)
+    assert _changed_settings({"train": {"weight_decay": 0.01}}, {"train": {"weight_decay": 0.0}}) == [
+        "train.weight_decay: 0.01 -> 0.0 (not applied: the checkpoint's optimizer keeps its own)"]
 
 
 def test_a_schedule_resumed_on_another_number_of_processes_is_realigned():
