@@ -6,7 +6,10 @@ that mask. So degraded images still earn credit. Probes, each over the 60 held-o
 
 - clean renders (the judge's ceiling); the background colour alone (no object);
 - the right background plus Gaussian pixel noise of sd `--noise` and no object; uniform noise;
-- clean renders blurred by a Gaussian of sd 1.0 and 1.5 px (soft edges, as a model's samples have): shape accuracy.
+- clean renders blurred by a Gaussian of sd 1.0 and 1.5 px (soft edges, as a model's samples have): shape accuracy;
+- prompt-blind layouts (session 30's review): the asked colour and background, but always a disc of radius 6 at the
+  centre, or the whole frame inside a 1-px border: colour + background are 0.4 of the score, chance does the rest,
+  so an overall score near these says little; read gains per attribute.
 
     python benchmarks/judge_probes.py --out benchmarks/results/judge_probes.json
 
@@ -26,7 +29,7 @@ from PIL import Image, ImageFilter
 from t2i_align.files import write_json_atomic
 from t2i_align.toy.evaluate import prompt_set
 from t2i_align.toy.judge import judge_image
-from t2i_align.toy.scenes import ATTRIBUTES, BACKGROUNDS, IMAGE_SIZE, render
+from t2i_align.toy.scenes import ATTRIBUTES, BACKGROUNDS, IMAGE_SIZE, OBJECT_COLORS, render
 
 
 def _probe(make: Callable[[object, np.random.Generator], np.ndarray], seed: int = 0) -> Dict:
@@ -48,6 +51,18 @@ def _blurred(scene, sigma: float, rng) -> np.ndarray:
     return np.asarray(image.filter(ImageFilter.GaussianBlur(sigma)))
 
 
+def _blind(scene, layout: str) -> np.ndarray:
+    """The scene's colour on its background in a fixed layout, whatever its shape, size and position."""
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    img[:] = BACKGROUNDS[scene.background]
+    ys, xs = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    centre = (IMAGE_SIZE - 1) / 2
+    inside = ((ys - centre) ** 2 + (xs - centre) ** 2 <= 36) if layout == "disc" else \
+        ((ys > 0) & (ys < IMAGE_SIZE - 1) & (xs > 0) & (xs < IMAGE_SIZE - 1))
+    img[inside] = OBJECT_COLORS[scene.color]
+    return img
+
+
 def probes(noise_sd: float = 40.0) -> Dict[str, Dict]:
     return {
         "clean render": _probe(lambda s, rng: render(s, random.Random(int(rng.integers(1 << 30))))),
@@ -56,6 +71,8 @@ def probes(noise_sd: float = 40.0) -> Dict[str, Dict]:
         "uniform noise": _probe(lambda s, rng: rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)),
         "render blurred sd 1.0 px": _probe(lambda s, rng: _blurred(s, 1.0, rng)),
         "render blurred sd 1.5 px": _probe(lambda s, rng: _blurred(s, 1.5, rng)),
+        "prompt-blind: the colour as a centred disc": _probe(lambda s, rng: _blind(s, "disc")),
+        "prompt-blind: the colour filling the frame": _probe(lambda s, rng: _blind(s, "frame")),
     }
 
 
