@@ -230,7 +230,8 @@ FINAL_STEP_FILE = "t2i_align_final.json"
 
 
 def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, user_table=None,
-                 base_model: Optional[str] = None, step: Optional[int] = None, vae: Optional[str] = None) -> Path:
+                 base_model: Optional[str] = None, step: Optional[int] = None, vae: Optional[str] = None,
+                 vae_dir: Optional[Path] = None) -> Path:
     """`final/`, renamed into place when complete. Adapters (`adapters`): pytorch_lora_weights.safetensors when
     LoRA trained (`pipe.load_lora_weights`) and user_branch.safetensors when PPD's user branch did (plain
     diffusers: `pipe.load_ip_adapter(final, subfolder="", weight_name="user_branch.safetensors",
@@ -238,7 +239,8 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     user branch, if any, saved beside it rather than inside unet/. `user_table` (PPD) is copied to
     final/user_table.safetensors, so the folder holds everything needed to sample for a user. Adapters record the
     model they trained on (`base_model`: model.pretrained as given, and its folder) for `base_model.warn_other_base`,
-    and `vae` (model.vae) if the run decoded with another VAE than the folder's (a full export holds it in vae/)."""
+    and `vae` (model.vae, loaded from `vae_dir`) if the run decoded with another VAE than the folder's (a full
+    export holds it in vae/)."""
     from .conditioning.text import write_text_encoding
     from .base_model import write_base_model
     from .sampling import pipeline_components
@@ -259,7 +261,7 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
         # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
         write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
         if adapters:  # sampling warns when they are applied to another model folder
-            write_base_model(tmp, components.path, base_model, vae)
+            write_base_model(tmp, components.path, base_model, vae_dir, vae)
         if step is not None:
             (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
         _keep_added(out, tmp)

@@ -161,7 +161,7 @@ def _finish(cfg: Config, accelerator, m: Built, validator: Validator, tracker: T
     final = on_main(accelerator, lambda: export_final(
         build_pipeline(m.components, unet=whole), whole, not cfg.full_finetune, out,
         user_table=None if users is None else users.table, base_model=cfg.model.pretrained,
-        step=cfg.train.max_steps, vae=cfg.model.vae),
+        step=cfg.train.max_steps, vae=cfg.model.vae, vae_dir=m.components.vae_dir),
         "the main process could not export")
     _show_gallery(accelerator, validator, tracker, cfg.train.max_steps)
     on_main(accelerator, tracker.finish, "the main process could not finish tracking (W&B)")

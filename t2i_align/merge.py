@@ -21,11 +21,13 @@ MERGED_FILE = "t2i_align_merged.json"
 
 
 def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, text_encoding: Optional[str] = None,
-               overwrite: bool = False, unet: Optional[str | Path] = None, variant: Optional[str] = None) -> Path:
+               overwrite: bool = False, unet: Optional[str | Path] = None, variant: Optional[str] = None,
+               vae: Optional[str | Path] = None) -> Path:
     """Base `model` (a diffusers folder or "toy"), its UNet replaced by checkpoint `unet` if given, + `lora`
     (pytorch_lora_weights.safetensors or its folder) if given -> `out`, a full pipeline folder with the LoRA fused
     into the UNet weights (a PPD user branch and table, if any, beside it, as in a full PPD export), in float32
-    whatever `variant` (of the base's weights) was read. Written whole (temporary folder, then rename); an
+    whatever `variant` (of the base's weights) was read; `vae` (the `model.vae` a run trained with, which its LoRA
+    export records) replaces the base's vae/. Written whole (temporary folder, then rename); an
     existing non-empty `out` is replaced only with `overwrite`."""
     from .checkpoints import save_full_pipeline
     from .models import ModelLoadError
@@ -36,11 +38,11 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
         raise ModelLoadError("nothing to merge: give --lora, --unet or both")
     out = Path(out)
     check_replaceable_folder(out, "--out", "merge_lora.py")
-    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet), replaces=[out],
+    check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet, vae), replaces=[out],
                       overwrite=overwrite, made_by=MERGED_FILE)  # not the encoding record: exports have it too
     # errors name merge_lora.py's flags; the model's folder as loaded, where a PPD user table may be
     folder, _ = check_weights(model, lora, text_encoding, key="--model", unet=unet, variant=variant)
-    pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant)
+    pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant, vae=vae)
     if lora is not None:
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # drops the adapter layers; the fused weights stay
@@ -51,7 +53,8 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
         if table is not None:
             shutil.copy2(table, tmp / USER_TABLE_NAME)
         write_text_encoding(tmp, encoding.kind, encoding.token_budget)
-        write_json_atomic(tmp / MERGED_FILE, {"model": str(model), "lora": _text(lora), "unet": _text(unet)})
+        write_json_atomic(tmp / MERGED_FILE, {"model": str(model), "lora": _text(lora), "unet": _text(unet),
+                                              "vae": _text(vae)})
     return out
 
 
@@ -71,12 +74,14 @@ def _user_table(folder: Path, lora: Optional[str | Path], unet: Optional[str | P
     return next((f / USER_TABLE_NAME for f in folders if (f / USER_TABLE_NAME).is_file()), None)
 
 
-def _inputs(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path]) -> dict:
+def _inputs(model: str | Path, lora: Optional[str | Path], unet: Optional[str | Path],
+            vae: Optional[str | Path] = None) -> dict:
     """What merging reads, which an --out replaced whole must not be or hold: for --unet, the folder holding the
     UNet (the checkpoint's unet/ when given its root: an --out there would replace the weights it reads)."""
     from .toy.assets import pipeline_dir
     from .unet_checkpoint import unet_folder
 
     given = {"--lora": lora, "--unet": None if unet is None else unet_folder(unet),
-             "--model": pipeline_dir() if str(model) == "toy" else model}  # the shipped toy base, never replaced
+             "--model": pipeline_dir() if str(model) == "toy" else model,  # the shipped toy base, never replaced
+             "--vae": vae}
     return {flag: path for flag, path in given.items() if path is not None}

@@ -143,6 +143,8 @@ class Components:
     """PPD: the `t2i_align.users.training.UserLookup` giving batches their user tokens (set when ppd.enabled)."""
     time_ids: str = "fixed"
     """SDXL: how training batches' micro-conditioning is computed (data.time_ids: "fixed" or "per_image")."""
+    vae_dir: Optional[Path] = None
+    """The folder of a `model.vae` override as resolved when it loaded (recorded by a LoRA export)."""
 
     @property
     def vae_scale_factor(self) -> int:
@@ -190,12 +192,13 @@ def _freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype: torch.dtype,
-              variant: Optional[str]):
-    """The pipeline's VAE, or cfg.vae (a VAE folder, or a pipeline folder with vae/, or a hub id) instead."""
+              variant: Optional[str], where: Optional[Tuple[Path, Optional[str]]]):
+    """The pipeline's VAE, or cfg.vae (a VAE folder, or a pipeline folder with vae/, or a hub id; `where`, as
+    `vae_folder` resolved it) instead."""
     from diffusers import AutoencoderKL
 
     if cfg.vae:
-        vae = load_vae_folder(cfg.vae, lambda config: _vae_dtype(spec, config, dtype), cfg.variant)
+        vae = load_vae_folder(cfg.vae, lambda config: _vae_dtype(spec, config, dtype), cfg.variant, where=where)
     else:
         vae = _load_part(path, index, "vae", variant=variant,
                          dtype=_vae_dtype(spec, AutoencoderKL.load_config(path, subfolder="vae"), dtype))
@@ -214,12 +217,13 @@ def vae_folder(given: str, key: str = "model.vae") -> Tuple[Path, Optional[str]]
 
 
 def load_vae_folder(given: str, dtype_for: Callable[[Mapping[str, Any]], torch.dtype], variant: Optional[str] = None,
-                    key: str = "model.vae"):
-    """The AutoencoderKL at `given` (see `vae_folder`) in `dtype_for(its config)`, of `variant` where it holds it
-    (else its plain weights, else its one variant); ModelLoadError naming `key` when it cannot load."""
+                    key: str = "model.vae", where: Optional[Tuple[Path, Optional[str]]] = None):
+    """The AutoencoderKL at `given` (`where`, else resolved by `vae_folder`) in `dtype_for(its config)`, of
+    `variant` where it holds it (else its plain weights, else its one variant); ModelLoadError naming `key` when it
+    cannot load."""
     from diffusers import AutoencoderKL
 
-    path, subfolder = vae_folder(given, key)
+    path, subfolder = where or vae_folder(given, key)
     folder = path / subfolder if subfolder else path
     try:
         found = weights_variant(folder, variant, key, fallback=True, part="", warn=False)
@@ -257,7 +261,8 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     encoders = [_freeze(_load_part(path, index, enc, variant=variant), dtype) for _, enc in spec.text_components]
     for (name, _), tokenizer, encoder in zip(spec.text_components, tokenizers, encoders):
         _check_tokenizer(path / name, tokenizer, encoder)
-    vae = _load_vae(cfg, path, index, spec, dtype, variant)
+    where = vae_folder(cfg.vae) if cfg.vae else None
+    vae = _load_vae(cfg, path, index, spec, dtype, variant, where)
     unet = _load_part(path, index, "unet", variant=variant, dtype=torch.float32)
     set_attention_backend(unet, cfg.attention)
     if cfg.gradient_checkpointing:
@@ -269,7 +274,8 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
         for module in (*encoders, vae, unet):
             module.to(device)
     return Components(spec, tokenizers, encoders, vae, unet, scheduler, path, dtype,
-                      text_encoding=copy.copy(cfg.text_encoding))
+                      text_encoding=copy.copy(cfg.text_encoding),
+                      vae_dir=None if where is None else where[0] / (where[1] or ""))
 
 
 def model_family(cfg: ModelConfig, path: Path) -> FamilySpec:

@@ -47,8 +47,6 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
-    if train is not None:
-        _check_training(path, marker, train, engine, warn)
     written = marker.get("engine")
     if written is None:
         return
@@ -61,6 +59,8 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
         raise CheckpointMismatch(f"train.resume: {path} was written by {len(wrote)} processes under "
                                  f"{ENGINES[engine]} and this run has {processes}: launch {len(wrote)} processes "
                                  "(num_processes) to resume it")
+    if train is not None:  # after the engine's checks: a DeepSpeed fp16 checkpoint has no scaler.pt of its own
+        _check_training(path, marker, train, engine, warn)
     if warn and engine != "plain" and not path.resolve().is_relative_to(Path(output_dir).resolve()):
         warnings.warn(f"train.resume: {ENGINES[engine]} reads its checkpoint's states with pickle (DeepSpeed's "
                       "torch.load without weights_only, torch's distributed checkpoint metadata), which can run "

@@ -280,6 +280,8 @@ def test_resume_refuses_another_engine_or_sharded_process_count(tmp_path):
     check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(mixed_precision="fp16", batch_size=2))
     with pytest.warns(UserWarning, match="train.batch_size=2 and this run has 4: .* .rows skipped."):
         check_resume(adamw, "plain", 1, 10, tmp_path, train=TrainConfig(batch_size=4))
+    with pytest.raises(CheckpointMismatch, match="written under DeepSpeed"):  # its fp16 keeps no scaler.pt: the
+        check_resume(zero2, "plain", 2, 10, tmp_path, train=TrainConfig(mixed_precision="fp16"))  # engine named
     # FSDP / DeepSpeed unpickle their states: a checkpoint from outside the run is warned about (once, on main)
     import warnings
 

@@ -567,9 +567,11 @@ def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_ask
     other.save_pretrained(tmp_path / "vae-ft", variant="fp16")
     comp = models.load_components(ModelConfig(pretrained=str(sd15_dir), vae=str(tmp_path / "vae-ft")))
     adapters.add_lora(comp.unet, LoraConfig(enabled=True, rank=2))
+    assert comp.vae_dir == tmp_path / "vae-ft"  # as it loaded: the export does not resolve (a hub id) again
     final = export_final(models.build_pipeline(comp), comp.unet, True, tmp_path / "run", base_model=str(sd15_dir),
-                         vae=str(tmp_path / "vae-ft"))
-    assert json.loads((final / "t2i_align_base_model.json").read_text())["vae"] == str((tmp_path / "vae-ft").resolve())
+                         vae="my-vae", vae_dir=comp.vae_dir)
+    record = json.loads((final / "t2i_align_base_model.json").read_text())
+    assert (record["vae"], record["vae_given"]) == (str((tmp_path / "vae-ft").resolve()), "my-vae")
     plain = load_pipeline(sd15_dir, lora=final)
     assert f"was trained with model.vae={(tmp_path / 'vae-ft').resolve()}" in capsys.readouterr().err
     assert not torch.equal(plain.vae.decoder.conv_out.weight, other.decoder.conv_out.weight)
@@ -578,3 +580,8 @@ def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_ask
     assert "was trained with" not in capsys.readouterr().err
     with pytest.raises(ModelLoadError, match="--vae=.*could not load a VAE from"):
         load_pipeline(sd15_dir, vae=tmp_path / "run")  # a folder, but no VAE
+    from t2i_align.merge import merge_lora  # merge_lora.py --vae: the merged folder decodes as training did
+
+    merged = merge_lora(sd15_dir, final, tmp_path / "merged", vae=tmp_path / "vae-ft")
+    kept = AutoencoderKL.from_pretrained(merged, subfolder="vae")
+    assert torch.equal(kept.decoder.conv_out.weight, other.decoder.conv_out.weight)

@@ -33,6 +33,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="only if the LoRA folder records none (final/ folders record theirs)")
     parser.add_argument("--variant", default=None,
                         help="the base's weights variant to read (e.g. fp16) where its folder holds several")
+    parser.add_argument("--vae", default=None,
+                        help="a VAE replacing the base's (its folder, or a pipeline folder holding vae/): the "
+                             "model.vae the LoRA's run trained with, which it records")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
@@ -44,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         args.model = default_model(args.model, args.lora)
         out = merge_lora(args.model, args.lora, args.out, args.text_encoding, args.overwrite, args.unet,
-                         args.variant)
+                         args.variant, args.vae)
         print(json.dumps({"merged": str(out), "model": args.model, "lora": args.lora, "unet": args.unet}))
         return 0
 
