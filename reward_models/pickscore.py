@@ -135,18 +135,29 @@ def hf_preprocess_cfg(folder: Path, config) -> Dict[str, Any]:
     return {"size": crop, "shortest_edge": resize.get("shortest_edge", crop) if isinstance(resize, dict) else
             (resize or crop),
             "mean": tuple(pre.get("image_mean", OPENAI_MEAN)), "std": tuple(pre.get("image_std", OPENAI_STD)),
-            "interpolation": _hf_resample(pre, path), "floor_offset": True}
+            "interpolation": _hf_resample(_check_processor(pre, path), path), "floor_offset": True}
 
 
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes; 1 (Lanczos) has no torch op
+_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
+
+
+def _check_processor(pre: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """`pre`, or RewardSetupError for a processor we would preprocess differently from transformers (scores
+    would silently differ from the model's own): every step on, pixels rescaled by 1/255."""
+    off = [step for step in _STEPS if pre.get(step, True) is False]
+    if off:
+        raise RewardSetupError(f"{path}: {', '.join(off)} false is not supported (scoring always resizes the short "
+                               "side, centre-crops, rescales to [0, 1] and normalises); set it true or remove it")
+    factor = pre.get("rescale_factor", 1 / 255)
+    if not isinstance(factor, (int, float)) or abs(factor * 255 - 1) > 1e-6:
+        raise RewardSetupError(f"{path}: rescale_factor {factor!r} is not supported (scoring reads pixels in [0, 1], "
+                               "1/255 of their bytes); use 0.00392156862745098 or remove it")
+    return pre
 
 
 def _hf_resample(pre: Dict[str, Any], path: Path) -> str:
-    """The resize's interpolation; a processor we would preprocess differently from transformers is refused
-    (scores would silently differ from the model's own)."""
-    if pre.get("do_resize", True) is False or pre.get("do_center_crop", True) is False:
-        raise RewardSetupError(f"{path}: do_resize / do_center_crop false is not supported (scoring always resizes "
-                               "the short side and centre-crops); set both to true or remove them")
+    """The resize's interpolation (PIL's code), or RewardSetupError for one torch has no op for."""
     code = pre.get("resample", 3)
     if code not in _RESAMPLE:
         raise RewardSetupError(f"{path}: resample {code!r} is not supported; use 0 (nearest), 2 (bilinear) or "

@@ -101,9 +101,11 @@ def compare_scores(base: Sequence[float], tuned: Sequence[float], groups: Option
 def holm_over_rewards(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
     """Each test's p-values over several rewards (`compare_scores` results by name) Holm-adjusted as one family
     (Holm 1979): read together, the smallest of m p-values overstates the evidence. The prompt-level p-values
-    where there are (`per_prompt`), else the image-level ones (one image per prompt: the same unit)."""
+    when every reward has them (`per_prompt`), else the image-level ones of every reward: one family, one unit."""
+    per_prompt = all("per_prompt" in r for r in results.values())
+
     def tests(r: Dict) -> Dict[str, float]:
-        if "per_prompt" in r:
+        if per_prompt:
             return {"t_test": r["per_prompt"]["p_value"], "sign_test": r["per_prompt"]["sign"]["p_value"]}
         return {"t_test": r["paired_diff"]["p_value"], "sign_test": r["win_rate"]["p_value"]}
 

@@ -108,11 +108,14 @@ class UnsupportedPipeline(ModelLoadError):
 
 def detect_family(path: Union[str, Path]) -> FamilySpec:
     """The family whose pipeline class is model_index.json's `_class_name`."""
-    class_name = read_index(Path(path)).get("_class_name")
+    index = read_index(Path(path))
+    class_name = index.get("_class_name")
     for spec in FAMILIES.values():
         if class_name in spec.pipeline_classes:
             return spec
-    if class_name == "StableDiffusionXLImg2ImgPipeline":
+    # the refiner (an SDXL base saved from an img2img pipeline has text_encoder and no aesthetic score)
+    if class_name == "StableDiffusionXLImg2ImgPipeline" and (index.get("requires_aesthetics_score")
+                                                             or (index.get("text_encoder") or [None])[0] is None):
         raise UnsupportedPipeline(f"{path} is an SDXL refiner / img2img pipeline: not supported (the official "
                                   "Diffusion-DPO code's refiner branch trains timesteps t % 200 with 5 time ids, the "
                                   "last an aesthetic score); give the SDXL base model's folder")

@@ -89,8 +89,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
                                                  **_no_safety_checker(path))
     except (OSError, ValueError) as err:  # a damaged or truncated file the folder checks cannot see
-        raise ModelLoadError(f"could not load the pipeline in {path}: {one_line(err)[:300]}; the folder may be "
-                             "damaged or incomplete: download or copy it again") from err
+        raise ModelLoadError(f"could not load the pipeline in {path}: {type(err).__name__}: {one_line(err)[:300]}; "
+                             "the folder may be damaged or incomplete: download or copy it again") from err
     if vae is not None:
         pipe.vae = load_vae_folder(str(vae), lambda config: torch_dtype(dtype), variant, key="--vae")
     elif lora is not None:

@@ -64,6 +64,24 @@ def _unreachable(err: Exception) -> bool:
     return isinstance(err, wandb.errors.CommError) and not isinstance(err, wandb.errors.AuthenticationError)
 
 
+def _start_wandb(start: Callable, asked: str, mode: str):
+    """`start(mode=mode)`; a refusal is one UserError line, but an unreachable server when "auto" went online
+    for an API key logs offline instead, saying so."""
+    import wandb
+
+    try:
+        return start(mode=mode)
+    except wandb.errors.Error as err:  # no network (W&B gives up after about 90 s), a refused key, no key
+        if not (_chose_online(asked, mode) and _unreachable(err)):
+            raise UserError(_wandb_failure(err)) from err
+        print(f"warning: W&B could not reach its server ({one_line(err)[:200]}); tracking.wandb=auto logs offline "
+              "instead (upload later with `wandb sync`)", file=sys.stderr)
+    try:
+        return start(mode="offline")
+    except wandb.errors.Error as err:
+        raise UserError(_wandb_failure(err)) from err
+
+
 def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:
     """The W&B run to continue: the one output_dir records, when resuming from its newest checkpoint. Not after a
     fresh start, a resume from another folder (a fork of that run), from an earlier checkpoint or from the newest
@@ -105,16 +123,9 @@ class Tracker:
             import wandb
 
             again = {"id": run_id, "resume": "allow"} if run_id else {}
-            start = partial(wandb.init, project=project, name=run_name, config=config or {}, dir=str(self.output_dir),
-                            reinit="finish_previous", **again)
-            try:
-                self._wandb = start(mode=mode)
-            except wandb.errors.Error as err:  # no network (W&B gives up after about 90 s), a refused key, no key
-                if not (_chose_online(wandb_mode, mode) and _unreachable(err)):
-                    raise UserError(_wandb_failure(err)) from err
-                print(f"warning: W&B could not reach its server ({one_line(err)[:200]}); tracking.wandb=auto logs "
-                      "offline instead (upload later with `wandb sync`)", file=sys.stderr)
-                self._wandb = start(mode="offline")
+            self._wandb = _start_wandb(partial(wandb.init, project=project, name=run_name, config=config or {},
+                                               dir=str(self.output_dir), reinit="finish_previous", **again),
+                                       wandb_mode, mode)
 
     @property
     def wandb_run_dir(self) -> Optional[Path]:

@@ -75,6 +75,9 @@ def test_a_row_group_that_cannot_be_read_stops_rather_than_counting_its_rows_cor
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", eio_batches)
     with pytest.raises(DataReadError, match=r"p\.parquet: row group 0 could not be read .*Input/output error"):
         list(RowReader(pairs).rows([0, 1]))
+    path.write_bytes(b"PAR1 truncated")  # replaced since the data set was opened
+    with pytest.raises(DataReadError, match=r"p\.parquet: could not be read"):
+        list(RowReader(pairs).rows([0, 1]))
 
 
 def test_ties_dropped_and_counted_and_losers_swapped(tmp_path, caplog):

@@ -49,10 +49,16 @@ def test_detect_family_reads_model_index(sd15_dir, sdxl_dir, tmp_path):
     assert models.model_family(ModelConfig(family="sd15"), tmp_path) is models.SD15  # an unknown class: trusted
     # the SDXL refiner (its 5 time ids and t % 200 branch of the official code are not implemented): refused, even
     # with model.family given
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    refiner = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+               "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(refiner))
     for family in ("auto", "sdxl"):
         with pytest.raises(ModelLoadError, match="is an SDXL refiner / img2img pipeline: not supported"):
             models.model_family(ModelConfig(family=family), tmp_path)
+    # an SDXL base saved from an img2img pipeline (both encoders, no aesthetic score): model.family=sdxl trusted
+    base = {**refiner, "requires_aesthetics_score": False, "text_encoder": ["transformers", "CLIPTextModel"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(base))
+    assert models.model_family(ModelConfig(family="sdxl"), tmp_path) is models.SDXL
 
 
 def test_sd15_round_trip_and_unet_forward(sd15_dir):

@@ -304,10 +304,15 @@ def test_a_sparse_hf_config_gets_the_transformers_defaults(tmp_path):
 @pytest.mark.parametrize("pre, expected", [({"resample": 2}, "bilinear"), ({"resample": 0}, "nearest"),
                                            ({}, "bicubic"), ({"resample": 1}, "resample 1"),
                                            ({"do_center_crop": False}, "do_center_crop"),
-                                           ({"do_resize": False}, "do_resize")])
+                                           ({"do_resize": False}, "do_resize"),
+                                           ({"do_normalize": False}, "do_normalize"),
+                                           ({"do_rescale": False}, "do_rescale"),
+                                           ({"rescale_factor": 1.0}, "rescale_factor 1.0"),
+                                           ({"rescale_factor": 1 / 255}, "bicubic")])
 def test_a_processor_is_followed_or_refused_never_ignored(tmp_path, pre, expected):
-    """resample 1 (Lanczos) was scored bicubic, do_resize / do_center_crop false ignored: scores quietly unlike
-    transformers'. Each is now followed or refused naming the file."""
+    """resample 1 (Lanczos) was scored bicubic, do_resize / do_center_crop / do_rescale / do_normalize false and
+    another rescale_factor ignored: scores quietly unlike transformers'. Each is now followed or refused naming the
+    file."""
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
     config = {"projection_dim": 16, "text_config": {}, "vision_config": {}}
     if expected in ("bilinear", "nearest", "bicubic"):

@@ -200,12 +200,18 @@ def test_clustered_diff_ties_hold_for_float32_scores():
 
 
 def test_holm_over_rewards_adjusts_each_test_over_the_rewards():
-    """Per prompt where there is per_prompt, else the image tests. t: 0.01, 0.04 -> 2·0.01 = 0.02, max(0.02, 0.04)
-    = 0.04; sign: 0.5, 0.2 -> 2·0.2 = 0.4, max(0.4, 0.5) = 0.5."""
+    """Per prompt when every reward has per_prompt, else the image tests of all (one unit per family).
+    t: 0.01, 0.04 -> 2·0.01 = 0.02, max(0.02, 0.04) = 0.04; sign: 0.5, 0.2 -> 2·0.2 = 0.4, max(0.4, 0.5) = 0.5."""
     from t2i_align.evaluation import holm_over_rewards
 
-    a = {"per_prompt": {"p_value": 0.01, "sign": {"p_value": 0.5}}, "paired_diff": {"p_value": 1e-9},
-         "win_rate": {"p_value": 1e-9}}
-    b = {"paired_diff": {"p_value": 0.04}, "win_rate": {"p_value": 0.2}}
+    a = {"per_prompt": {"p_value": 0.01, "sign": {"p_value": 0.5}}, "paired_diff": {"p_value": 0.003},
+         "win_rate": {"p_value": 0.3}}
+    b = {"per_prompt": {"p_value": 0.04, "sign": {"p_value": 0.2}}, "paired_diff": {"p_value": 0.001},
+         "win_rate": {"p_value": 0.1}}
     assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.02, "b": 0.04}),
                                                    "sign_test": pytest.approx({"a": 0.5, "b": 0.4})}
+    # b without per_prompt (its non-finite scores left one image per prompt): every reward's image tests
+    # t: 0.003, 0.001 -> 0.002, max(0.002, 0.003) = 0.003; sign: 0.3, 0.1 -> 0.2, 0.3
+    del b["per_prompt"]
+    assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.003, "b": 0.002}),
+                                                   "sign_test": pytest.approx({"a": 0.3, "b": 0.2})}

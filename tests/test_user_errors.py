@@ -163,7 +163,7 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "has no model_index.json" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", "model.variant=fp16"]) == 2  # passed, then failed
     assert "holds no fp16 weights" in capsys.readouterr().err
-    assert _train_script().main([*base, f"data.path={pairs}", f"model.vae={tmp_path / 'no-vae'}"]) == 2  # at load
+    assert _train_script().main([*base, f"data.path={pairs}", f"model.vae={tmp_path / 'no-vae'}"]) == 2  # passed
     assert "model.vae=" in capsys.readouterr().err
     # data of the other kind passed the dry run and stopped the run at its start
     pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
@@ -740,6 +740,11 @@ def test_w_and_b_auto_unreachable_logs_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert Tracker(tmp_path, wandb_mode="auto")._wandb == "offline run" and modes == ["online", "offline"]
     assert "W&B could not reach its server (Timed out); tracking.wandb=auto logs offline" in capsys.readouterr().err
+    monkeypatch.setattr(wandb, "init", lambda *a, mode, **k: (_ for _ in ()).throw(
+        wandb.errors.CommError("Timed out") if mode == "online" else wandb.errors.UsageError("no service")))
+    with pytest.raises(UserError, match=r"W&B did not start \(no service\)"):  # offline failing too: one line
+        Tracker(tmp_path, wandb_mode="auto")
+    monkeypatch.setattr(wandb, "init", init)
     for asked, env in (("online", ""), ("auto", "online")):
         monkeypatch.setenv("WANDB_MODE", env)
         with pytest.raises(UserError, match="W&B could not reach its server"):

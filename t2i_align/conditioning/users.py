@@ -11,7 +11,7 @@ with λ the user scale and P a per-token projection from the user width to the c
 from diffusers' own parts, so plain diffusers loads what `save_user_branch` writes:
 
     pipe.load_ip_adapter(folder, subfolder="", weight_name=USER_WEIGHT_NAME, image_encoder_folder=None)
-    pipe(prompt, ip_adapter_image_embeds=pipeline_user_embeds(user_tokens))
+    pipe(prompt, ip_adapter_image_embeds=pipeline_user_embeds(user_tokens, dtype=pipe.unet.dtype))
 
 - every cross-attention processor becomes an `IPAdapterAttnProcessor2_0` (or its xformers / pre-2.0 sibling),
   holding to_k_ip / to_v_ip;

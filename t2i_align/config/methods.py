@@ -204,5 +204,6 @@ class PpdConfig:
                                                                    >= 1), '"all", "last" or a count >= 1')
         # at 0 the branch is skipped: nothing would train (a bare "does not require grad" at the first step)
         _check(self, "scale", self.scale > 0 or (self.scale == 0 and not self.enabled),
-               "a number > 0 when ppd.enabled (0 switches the user off at sampling only)")
+               "a number > 0 when ppd.enabled (at 0 the branch is skipped and nothing trains; to sample without the "
+               "user, use --user-scale 0)")
         _check(self, "dropout", 0.0 <= self.dropout < 1.0, "a number in [0, 1)")

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
-from .images import checked_batches
+from .images import READ_ERRORS, checked_batches, unreadable
 from .pairs import PairDataset, collate_pairs
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,10 @@ class RowReader:
 
     def _open(self, fi: int) -> pq.ParquetFile:
         if self._handle is None or self._handle[0] != fi:
-            self._handle = (fi, pq.ParquetFile(self.files[fi], buffer_size=self.buffer_size, pre_buffer=False))
+            try:  # a file replaced or truncated since the data set was opened
+                self._handle = (fi, pq.ParquetFile(self.files[fi], buffer_size=self.buffer_size, pre_buffer=False))
+            except READ_ERRORS as err:
+                raise unreadable(self.files[fi], None, err) from err
         return self._handle[1]
 
     def rows(self, indices: np.ndarray) -> Iterator[RawPair]:
