@@ -110,15 +110,12 @@ def _encode_rows(dataset: PairDataset, rows: range, prompt_ids: Mapping[str, int
 
 
 def _items(dataset, rows: range) -> Iterator[Tuple[int, Any]]:
-    """(index, item) for each row in order. Pairs are read by the streaming reader in small record batches: a
-    data set's random access keeps a whole row group's images in memory (a 460 MB group took 1.6 GB more)."""
-    if not hasattr(dataset, "item_from_raw"):
-        yield from ((i, dataset[i]) for i in rows)
-        return
+    """(index, item) for each row in order, read by the streaming reader in small record batches: a data set's
+    random access keeps a whole row group's images in memory (a 460 MB group took 1.6 GB more)."""
     from .stream import RowReader
 
-    for i, jpg_0, jpg_1 in RowReader(dataset).rows(np.arange(rows.start, rows.stop)):
-        yield i, dataset.item_from_raw(i, jpg_0, jpg_1)
+    for i, *raw in RowReader(dataset).rows(np.arange(rows.start, rows.stop)):
+        yield i, dataset.item_from_raw(i, *raw)
 
 
 def _encode_prompts(captions: List[str], encode_prompts: PromptEncoder, writer: _ShardWriter,

@@ -53,6 +53,10 @@ class CaptionStats:
         return replace(self, bad_images=self.bad_images + corrupt, used=self.used - corrupt)
 
 
+_READ = object()
+"""`decode`'s default: read the row's image column from its file."""
+
+
 class CaptionDataset(torch.utils.data.Dataset):
     """(image, caption) rows; item = dict(pixels, caption, original_size, crop_top_left, index) or None."""
 
@@ -152,9 +156,18 @@ class CaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"image path {rel!r} resolves to {real}, outside the image root {root}")
         return decode_rgb(real.read_bytes())  # as image bytes are: EXIF orientation applied
 
-    def decode(self, index: int) -> Optional[Image.Image]:
-        """Row `index`'s image as RGB, or None (logged, counted in `stats.bad_images`) if it cannot be used."""
-        raw = self._raw(index)  # a row group that cannot be read stops the run (DataReadError)
+    def raw_columns(self, file: int) -> List[str]:
+        """The column `item_from_raw` takes, of files[file] (a streaming reader reads it)."""
+        return [self.column[file]]
+
+    def locations(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: file number (into `files`), row group, and row offset within that group."""
+        return self._loc[:, 0], self._loc[:, 1], self._loc[:, 2]
+
+    def decode(self, index: int, raw: Any = _READ) -> Optional[Image.Image]:
+        """Row `index`'s image as RGB (from its column's value `raw` if given, else read from the file), or None
+        (logged, counted in `stats.bad_images`) if it cannot be used."""
+        raw = self._raw(index) if raw is _READ else raw  # a row group that cannot be read stops the run
         try:
             if self.column[int(self._loc[index, 0])] == "path":
                 return self._open_path(index, raw)
@@ -169,7 +182,15 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Optional[Dict[str, Any]]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        image = self.decode(index)
+        return self._item(index, self.decode(index))
+
+    def item_from_raw(self, index: int, raw: Any) -> Optional[Dict[str, Any]]:
+        """The item `dataset[index]` would give, from the row's image column value read by a streaming reader."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._item(index, self.decode(index, raw))
+
+    def _item(self, index: int, image: Optional[Image.Image]) -> Optional[Dict[str, Any]]:
         if image is None:
             return None
         u = item_draws(self.seed, self.epoch, int(self.row_ids[index]))

@@ -259,6 +259,10 @@ class PairDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def raw_columns(self, file: int) -> List[str]:
+        """The columns `item_from_raw` takes (a streaming reader reads them)."""
+        return ["jpg_0", "jpg_1"]
+
     def locations(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per pair, in file order: file number (into `files`), row group, and row offset within that group."""
         return self._file, self._groupidx, self._offset

@@ -84,11 +84,12 @@ def plan_epoch(blocks: np.ndarray, share: int, items: int, seed: int, epoch: int
 
 
 class RowReader:
-    """Reads jpg_0 / jpg_1 of pairs in the order given, one row group run at a time, in small record batches
-    (bounded memory whatever the row group size; `buffer_size` bounds each column's read-ahead)."""
+    """Reads the image bytes of rows in the order given (`dataset.raw_columns(file)`: a pair's jpg_0 / jpg_1, or
+    image-caption data's one column), one row group run at a time, in small record batches (bounded memory whatever
+    the row group size; `buffer_size` bounds each column's read-ahead)."""
 
-    def __init__(self, dataset: PairDataset, read_batch: int = 16, buffer_size: int = 1 << 20) -> None:
-        self.files = dataset.files
+    def __init__(self, dataset, read_batch: int = 16, buffer_size: int = 1 << 20) -> None:
+        self.files, self.columns = dataset.files, dataset.raw_columns
         self.file, self.group, self.offset = dataset.locations()
         self.read_batch, self.buffer_size = read_batch, buffer_size
         self.rows_read = 0  # rows decoded from parquet, including ones skipped to reach a needed row
@@ -103,8 +104,8 @@ class RowReader:
         return self._handle[1]
 
     def rows(self, indices: np.ndarray) -> Iterator[RawPair]:
-        """(index, jpg_0, jpg_1) for each pair index, in the given order (runs of consecutive indices within
-        one row group are read in one sequential pass)."""
+        """(index, *its raw columns) for each row index, e.g. (index, jpg_0, jpg_1) for pairs, in the given order
+        (runs of consecutive indices within one row group are read in one sequential pass)."""
         idx = np.asarray(indices, dtype=np.int64)
         if not len(idx):
             return
@@ -116,15 +117,15 @@ class RowReader:
 
     def _read_run(self, fi: int, group: int, offsets: np.ndarray, run: np.ndarray) -> Iterator[RawPair]:
         batches = self._open(fi).iter_batches(batch_size=self.read_batch, row_groups=[group],
-                                              columns=["jpg_0", "jpg_1"])
+                                              columns=self.columns(fi))
         k, row = 0, 0
         try:
             for record in checked_batches(batches, self.files[fi], group):
                 self.rows_read += record.num_rows
-                first, second = record.column(0), record.column(1)
+                columns = record.columns
                 while k < len(run) and offsets[k] < row + record.num_rows:
                     j = int(offsets[k]) - row
-                    yield int(run[k]), first[j].as_py(), second[j].as_py()
+                    yield (int(run[k]), *(column[j].as_py() for column in columns))
                     k += 1
                 row += record.num_rows
                 if k == len(run):
