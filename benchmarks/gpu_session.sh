@@ -3,11 +3,12 @@
 # machine's 1-2 minute start included), at most 600 s per command, at most 8 files back from $OUT per command.
 #
 #   here, once:    benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
-#                                                       # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf
+#                                                       # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf, peft
 #   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~5 min)
 #   on the device, the must-haves first (TOTAL_S 480 s by default; ~8 minutes of the 15 with the start):
 #     run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=540)
-#   then at once, while the machine is warm (it goes back after ~30 s idle), only if `status` leaves time, and
+#   then AT ONCE, while the machine is warm (it goes back after ~30 s idle: no status call, no reading first; a
+#   fresh start costs 1-2 minutes and none starts under 4 minutes left), and
 #   only the parts whose reserves fit TOTAL_S (a part past the deadline is skipped, and so is every one after it;
 #   about 220-240 s are left after the first command: `levers` alone, or `gen score`):
 #     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run gen score", carry=[".whl"],
@@ -21,7 +22,7 @@
 # loading, cache, export and gallery). Default (`run` alone): lora e2e rest.
 #   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  est. 90
 #   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  est. 140
-#   rest        gpu_throughput.py sd15-full (x8) + sdxl-lora (ckpt x1, x4)                 reserve 160  est. 140
+#   rest        gpu_throughput.py sdxl-lora (ckpt x1, x4) + sd15-full (x8)                 reserve 160  est. 140
 #   levers      gpu_throughput.py sd15-lever: each speed lever at x8, sdpa-cudnn last      reserve 180  est. 150
 #   gen         gpu_sd15.py --only gen: generate() vs a plain pipeline() call              reserve  60  est. 40
 #   score       reward_throughput.py fp32: t2i-score batched vs one at a time              reserve 120  est. 90
@@ -34,7 +35,8 @@
 # keeps its finished rows. Each part writes one JSON, so a command takes at most 7 parts (8 files come back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0)
+# peft: the version tested here, whatever the device image holds (pure Python, 0.5 MB)
+WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0 peft==0.21.2)
 PARTS=(lora e2e rest levers gen score score-bf16 compile)  # most important first
 declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90 [compile]=300)
 MUST=(lora e2e rest)
@@ -78,7 +80,9 @@ command_of() {  # command_of NAME LIMIT: sets CMD, part NAME's command when it m
   case $1 in
     lora) CMD=("${throughput[@]}" --parts sd15-lora --json "$OUT/throughput_lora.json") ;;
     e2e) CMD=(python3 benchmarks/gpu_loop_e2e.py --json "$OUT/loop_e2e.json") ;;
-    rest) CMD=("${throughput[@]}" --parts sd15-full,sdxl-lora --json "$OUT/throughput_rest.json") ;;
+    # SDXL first: never measured (sd15-full x8 has a hand-written-step H200 number), and last in line it was the
+    # part a short budget skipped after paying its build
+    rest) CMD=("${throughput[@]}" --parts sdxl-lora,sd15-full --json "$OUT/throughput_rest.json") ;;
     levers) CMD=("${throughput[@]}" --parts sd15-lever --json "$OUT/throughput_levers.json") ;;
     gen) CMD=(python3 benchmarks/gpu_sd15.py --only gen --json "$OUT/generate.json") ;;
     score) CMD=(python3 benchmarks/reward_throughput.py "${REWARDS[@]}" --json "$OUT/reward_fp32.json") ;;

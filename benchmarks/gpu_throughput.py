@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -140,9 +141,24 @@ def overrides(folder: Path, data: Path, cache: Path, px: int, pairs: int, steps:
             *prec]
 
 
+class Cut(BaseException):
+    """The part's time limit (`timeout` sends SIGTERM, then SIGKILL 15 s later): not an Exception, so that no row's
+    `guarded` takes it for a row's error."""
+
+
+CUT: list = []
+"""Set when SIGTERM came: the row in progress keeps the steps it logged, then the script ends."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    CUT.append(time.perf_counter())
+    raise Cut()
+
+
 def run_loop(yaml: str, args: list, out: Path):
     """One `train` run, after resetting accelerate's process-wide state (it refuses a second Accelerator with
-    other settings); the run's folder is deleted afterwards (a full fine-tune's export is GBs)."""
+    other settings); the run's folder is deleted afterwards (a full fine-tune's export is GBs). Cut by SIGTERM,
+    the steps it logged are returned (and `CUT` is set)."""
     import shutil
 
     from accelerate.state import AcceleratorState, GradientState
@@ -154,20 +170,36 @@ def run_loop(yaml: str, args: list, out: Path):
     GradientState._reset_state()
     try:  # no export: a full fine-tune's is a 4.3 GB fp32 write with the GPU idle (gpu_loop_e2e.py checks exports)
         with mock.patch("t2i_align.loop.export_final", lambda *a, **k: out / "final"):
-            train(load_config(ROOT / "configs" / yaml, [f"output_dir={out}", *args]))
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            try:
+                train(load_config(ROOT / "configs" / yaml, [f"output_dir={out}", *args]))
+            except Cut:
+                pass
+        path = out / "metrics.jsonl"
+        return [r for r in map(_json_or_none, path.read_text().splitlines() if path.is_file() else []) if r]
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _json_or_none(line: str):
+    try:  # a line torn by the cut
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def timed_row(yaml: str, args: list, out: Path, pairs: int, warmup: int, peak_tflops: float, flops) -> dict:
     begin = time.perf_counter()
     records = run_loop(yaml, args, out)
+    if len(records) <= warmup:
+        raise RuntimeError(f"{'cut by the time limit' if CUT else 'ended'} after {len(records)} logged step(s), "
+                           f"none past the {warmup} warm-up steps")
     seconds = statistics.median(r["sec_per_step"] for r in records[warmup:])
     peak = records[-1].get("gpu_mem_peak_gb")  # the steps' peak (CUDA only): not the load's or the cache build's
     row = {"pairs": pairs, "s_per_step": round(seconds, 4), "pairs_per_s": round(pairs / seconds, 2),
            "peak_gib": None if peak is None else round(peak, 2), "wall_s": round(time.perf_counter() - begin, 1),
            "final_loss": records[-1].get("loss")}
+    if CUT:
+        row["note"] = f"cut by the time limit: {len(records) - warmup} timed step(s)"
     add_mfu(row, flops, peak_tflops)
     return row
 
@@ -272,12 +304,17 @@ def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
             row["error"] = "skipped: over --budget-s"
             rec.record("train", row, COLS)
             continue
-        _fresh(ctx["dev"])
-        begin = time.perf_counter()
         args = overrides(ctx["folder"], ctx["data"], ctx["cache"], ctx["px"], pairs,
                          ctx["warmup"] + ctx["steps"], ctx["smoke"]) + extra
+        if flops is None and label == "compile":  # counted eagerly first: after minutes of compiling, no time left
+            _fresh(ctx["dev"])
+            flops = counted[yaml] = guarded(step_flops, yaml, args, ctx["dev"], ctx["px"])
+        _fresh(ctx["dev"])
+        begin = time.perf_counter()
         row.update(guarded(timed_row, yaml, args, ctx["out"], pairs, ctx["warmup"], ctx["peak"], flops))
         rec.record("train", row, COLS)
+        if CUT:
+            raise Cut()  # the row is kept; nothing more fits
         budget.last = time.perf_counter() - begin
         if flops is None and "error" not in row and budget.allows():
             _fresh(ctx["dev"])
@@ -333,12 +370,25 @@ def main() -> None:
     diffusers_version, transformers_version = _quiet_imports()
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke)"
     meta = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers_version,
-            "transformers": transformers_version, "smoke": args.smoke, "steps": args.steps, "warmup": args.warmup,
+            "transformers": transformers_version, "smoke": args.smoke,
+            "steps": 2 if args.smoke else args.steps, "warmup": 1 if args.smoke else args.warmup,  # as run
             "peak_tflops": args.peak_tflops}
     rec = Recorder(Path(args.json), meta)
     print(f"# loop throughput, random weights | {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
           f"diffusers {diffusers_version}\n", flush=True)
     budget, begin = Budget(args.budget_s), time.perf_counter()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run_parts(parts, all_plans, args, dev, rec, budget)
+    except Cut:
+        rec.save()
+        sys.exit(f"cut by the time limit (SIGTERM); {rec.path} holds the rows done")
+    meta["total_s"] = round(time.perf_counter() - begin, 1)
+    rec.save()
+    print(f"total {meta['total_s']} s; JSON: {rec.path}")
+
+
+def run_parts(parts, all_plans, args, dev, rec, budget) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for part in parts:
@@ -360,9 +410,6 @@ def main() -> None:
                    "px": px, "out": tmp / "run", "smoke": args.smoke, "peak": args.peak_tflops,
                    "steps": 2 if args.smoke else args.steps, "warmup": 1 if args.smoke else args.warmup}
             run_part(part, all_plans[part], ctx, rec, budget)
-    meta["total_s"] = round(time.perf_counter() - begin, 1)
-    rec.save()
-    print(f"total {meta['total_s']} s; JSON: {rec.path}")
 
 
 if __name__ == "__main__":
