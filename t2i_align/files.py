@@ -194,6 +194,7 @@ def save_safetensors_atomic(path: Path, tensors: Dict[str, Any], metadata: Dict[
     try:
         save_file(tensors, tmp, metadata=metadata)
         plain_modes(Path(tmp))
+        fsync_path(Path(tmp))  # on disk before the rename: a host crash leaves the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -119,6 +119,10 @@ def test_pair_fingerprints_and_the_shot_overlap_check():
                                         (3, pair_fingerprint("cap", a, b))]) == 3
     with pytest.raises(ShotOverlapError, match="1 training pair.*user 1"):
         check_shots_disjoint(shots, [(1, pair_fingerprint("cap", b, a))])
+    # HF `Image` columns ({"bytes", "path"}), which training reads, and a missing image: a TypeError traceback
+    # after every process had loaded the 7B encoder
+    assert pair_fingerprint("cap", {"bytes": a, "path": None}, b) == pair_fingerprint("cap", b, a)
+    assert pair_fingerprint("cap", None, b) != pair_fingerprint("cap", a, b)
 
 
 def _pool(captions, k=4, seed=0):

@@ -2,6 +2,7 @@
 transformers classes: the official prompt verbatim, the embedding = last decoding step's token from every layer,
 the sharded / resumable embed command, and the shots-vs-training-pairs check."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from t2i_align.toy.pairs import jpeg_bytes, write_parquet
 from t2i_align.errors import UserError
 from t2i_align.users import UserTable
 from t2i_align.users.__main__ import main as users_main
-from t2i_align.users.embed import embed_users, load_shots, merge_parts
+from t2i_align.users.embed import embed_users, load_shots, merge_parts, read_part
 from t2i_align.data.pairs import PairDataset
 from t2i_align.users.llava import LabelledPair, LlavaUserEncoder, pad_to_square, ppd_question, qwen_chat
 
@@ -149,7 +150,7 @@ def _write_pairs(path, rows_per_user, bad=(), seed=0):
     return path
 
 
-def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_path, capsys):
+def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_path, capsys, monkeypatch):
     pairs = _write_pairs(tmp_path / "shots.parquet", {7: 5, 8: 4, 9: 2, None: 4}, bad={(8, 1)})  # None: no rater
     out = tmp_path / "users"
     encoder = LlavaUserEncoder.from_pretrained(str(tiny_llava), device="cpu", dtype=torch.float32, max_new_tokens=2)
@@ -167,6 +168,16 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
     with pytest.raises(UserError, match="holds 1 user parts, but the processes embedded 2"):
         merge_parts(out, handled=2)
     assert merge_parts(out, handled=1) == summary
+    # a torn part (a host crash, a bad copy): the merge names it, and a resume embeds that user again
+    (part,) = (out / "parts").glob("user-*.safetensors")
+    user, embedding, meta = read_part(part)
+    part.write_bytes(part.read_bytes()[:40])
+    with pytest.raises(UserError, match="user-.*safetensors is a damaged user part"):
+        merge_parts(out)
+    redo = embed_users(encoder, data, out, num_shots=4, rank=0, world=1, progress=False)
+    again_user, again_embedding, again_meta = read_part(part)
+    assert (redo["embedded"], redo["already_done"]) == (1, 0) and (again_user, again_meta) == (user, meta)
+    assert torch.equal(again_embedding, embedding)
     table = UserTable.load(out / "user_table.safetensors")
     assert table.ids == (7,) and table.embeddings.dtype == torch.float16
     shots = load_shots(out / "users.json")
@@ -181,6 +192,13 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
     assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
                        "--max-new-tokens", "3", "--dtype", "fp32"]) == 2
     assert "holds users embedded with other settings (max_new_tokens: 2 -> 3)" in capsys.readouterr().err
+    # refused before the 7B model loads on every process; pairs regenerated at the same path are other pairs
+    monkeypatch.setattr(LlavaUserEncoder, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    os.utime(pairs, ns=(1, 1))
+    assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
+                       "--max-new-tokens", "2", "--dtype", "fp32"]) == 2
+    assert "holds users embedded with other settings (pairs_files: " in capsys.readouterr().err
+    monkeypatch.undo()
     assert users_main(["check-shots", "--shots", str(out / "users.json"), "--pairs", str(pairs)]) == 2
     assert "were also shots of the same user's embedding" in capsys.readouterr().err
     other = _write_pairs(tmp_path / "train.parquet", {7: 3, 8: 3}, seed=1)  # other images: no shot among them
@@ -247,6 +265,16 @@ def test_a_user_that_fails_is_counted_and_the_others_embedded(tmp_path, caplog):
     assert "user 8 not embedded: its embedding is not finite in fp16" in caplog.text
     assert "user 9 not embedded: out of memory (CUDA out of memory." in caplog.text
     assert merge_parts(out) == {"users": 1, "tokens": 3, "width": 4}  # the failed users left no part behind
+
+
+def test_embed_exits_1_when_users_failed(tmp_path, monkeypatch):
+    """The table lacked the failed users and the command exited 0: a script could not tell."""
+    import t2i_align.users.embed as embed
+
+    args = ["embed", "--model", str(tmp_path), "--pairs", "p", "--out", str(tmp_path / "o")]
+    for failed, code in ((2, 1), (0, 0)):
+        monkeypatch.setattr(embed, "run_embed", lambda *a, failed=failed: {"users": 1, "failed": failed})
+        assert users_main(args) == code
 
 
 def test_user_ids_read_as_whole_floats_are_the_ints_and_others_refused(tmp_path, capsys):

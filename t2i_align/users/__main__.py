@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .llava import NUM_SHOTS_SUPPORTED
 
 
@@ -48,8 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
                                         "checkpoint in transformers' format (nothing is downloaded)")
             embed.check_out(Path(args.out), args.overwrite)
-            embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed, args.max_new_tokens,
-                            args.max_users, args.dtype)
+            summary = embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed,
+                                      args.max_new_tokens, args.max_users, args.dtype)
+            if summary and summary["failed"]:  # the table lacks them: a script must be able to tell
+                return 1
         else:
             rows = embed.check_shots(args.shots, args.pairs)
             print(json.dumps({"rows_of_embedded_users_checked": rows, "overlaps": 0}))
@@ -57,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"note: no pair of {args.pairs} belongs to a user of {args.shots}: nothing to compare (users "
                       "new to this training set?)", file=sys.stderr)
     except (UserError, ValueError, OSError) as err:  # OSError: a missing file, a folder that is not LLaVA
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

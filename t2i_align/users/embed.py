@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..data.images import DECODE_ERRORS, decode_rgb
-from ..data.pairs import PairDataset
-from ..errors import UserError
+from ..data.pairs import PairDataset, files_identity
+from ..errors import UserError, one_line
 from ..files import save_safetensors_atomic, write_json_atomic
 from .llava import LabelledPair
 from .table import UserTable
@@ -96,12 +96,30 @@ def write_part(path: Path, user: Any, embedding: torch.Tensor, text: str, prints
 
 
 def read_part(path: Path) -> Tuple[Any, torch.Tensor, Dict[str, Any]]:
-    from safetensors import safe_open
+    """(user id, embedding, {text, shots}) of a part; UserError naming a damaged one (a torn copy)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        return json.loads(meta["user_id"]), f.get_tensor("embedding"), {"text": meta["text"],
-                                                                        "shots": json.loads(meta["shots"])}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            # cloned: the tensor may map the file, which a resume can replace
+            return json.loads(meta["user_id"]), f.get_tensor("embedding").clone(), {"text": meta["text"],
+                                                                            "shots": json.loads(meta["shots"])}
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path} is a damaged user part ({one_line(err)[:200]}): delete it and run the same command "
+                        "again, which embeds that user anew") from None
+
+
+def _done(path: Path) -> bool:
+    """A part that reads whole (a torn one, from a crash or a bad copy, is embedded again)."""
+    if not path.is_file():
+        return False
+    try:
+        read_part(path)
+    except UserError as err:
+        logger.warning("%s; embedding that user again", err)
+        return False
+    return True
 
 
 def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, seed: int = 0, rank: int = 0,
@@ -117,7 +135,7 @@ def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, se
     counts = {"embedded": 0, "already_done": 0, "too_few_pairs": 0, "rows_skipped": 0, "failed": 0}
     for user in tqdm(users, desc=f"embed users (process {rank})", disable=not progress):
         path = part_path(out, user)
-        if path.is_file():
+        if _done(path):
             counts["already_done"] += 1
             continue
         shots, prints, skipped = pick_shots(dataset, by_user[user], user, num_shots, seed)
@@ -205,19 +223,23 @@ def _id_types(ids) -> List[str]:
 PARTS_SETTINGS = "settings.json"
 
 
-def check_parts_settings(out: Path, settings: Dict[str, Any]) -> None:
-    """OUT/parts/ holds users embedded with these settings only: recorded by the first run, and a run with other
-    settings (model, pairs, shots, seed, text length, dtype) is refused, not mixed into the same table."""
+def check_parts_settings(out: Path, settings: Dict[str, Any], record: bool = True) -> None:
+    """OUT/parts/ holds users embedded with these settings only: recorded by the first run (`record`), and a run
+    with other settings (model, pairs and their files' sizes and times, shots, seed, text length, dtype) is refused,
+    not mixed into the same table. `pairs_files` is compared only where recorded (runs before session 30)."""
     path = out / PARTS / PARTS_SETTINGS
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if before.get(k) != v and (k != "pairs_files" or k in before)]
         if changed:
             raise UserError(f"{out / PARTS} holds users embedded with other settings ({'; '.join(changed)}): give "
                             "another --out, or the same settings to continue that run")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings)
+    if record:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, settings)
+
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -247,12 +269,15 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     dataset = PairDataset(pairs, resolution=8)
     _by_user(dataset)  # its ids checked before the model loads
+    pairs_path = Path(pairs).resolve()
+    settings = {"model": str(Path(model).resolve()), "pairs": str(pairs_path), "num_shots": num_shots, "seed": seed,
+                "max_new_tokens": max_new_tokens, "dtype": dtype, "images": "one tile each",  # not so until 22
+                "pairs_files": files_identity(dataset.files)}  # data regenerated at the same path is other data
+    check_parts_settings(Path(out), settings, record=False)  # before the 7B model loads on every process
     encoder = LlavaUserEncoder.from_pretrained(model, device=str(state.device), dtype=torch_dtype,
                                                max_new_tokens=max_new_tokens)
-    # once the model and pairs have loaded: a failed start records nothing
-    check_parts_settings(Path(out), {"model": str(Path(model).resolve()), "pairs": str(Path(pairs).resolve()),
-                                     "num_shots": num_shots, "seed": seed, "max_new_tokens": max_new_tokens,
-                                     "dtype": dtype, "images": "one tile each"})  # not so until session 22
+    if state.is_main_process:  # once the model has loaded: a failed start records nothing
+        check_parts_settings(Path(out), settings)
     counts = embed_users(encoder, dataset, Path(out), num_shots, seed, state.process_index, state.num_processes,
                          max_users, progress=True)
     print(json.dumps({"process": state.process_index, **counts}))
@@ -263,6 +288,7 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
     summary["failed"] = sum(c["failed"] for c in everyone)
     print(json.dumps(summary))
     if summary["failed"]:
-        print(f"note: {summary['failed']} user(s) failed (see the warnings above) and are not in the table; the same "
-              "command again retries them", file=sys.stderr)
+        print(f"note: {summary['failed']} user(s) failed (see the warnings above) and are not in the table (exit "
+              "status 1); the same command again retries them with the same shots: a user that ran out of memory "
+              "needs a lower --max-new-tokens or another --dtype", file=sys.stderr)
     return summary

@@ -134,9 +134,12 @@ class LlavaUserEncoder:
 
         processor = LlavaOnevisionProcessor.from_pretrained(path, local_files_only=True)
         dtype_key = "dtype" if version >= Version("4.56") else "torch_dtype"  # renamed in 4.56
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # device_map: the weights go straight to this process's device (built on the CPU first, a 7B model took
+        # ~15 GB of host memory per process: 8 processes, 120 GB at once)
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, local_files_only=True,
-                                                                       **{dtype_key: dtype})
-        return cls(model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), processor, max_new_tokens)
+                                                                       device_map={"": device}, **{dtype_key: dtype})
+        return cls(model, processor, max_new_tokens)
 
     def inputs(self, shots: Sequence[LabelledPair]) -> dict:
         """The processor's tensors for the official prompt and images (preferred, dispreferred per pair)."""

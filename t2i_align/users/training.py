@@ -142,10 +142,19 @@ def known_rows(user_ids: Optional[Sequence[Any]], table: UserTable, what: str, t
     return [i for i, user in enumerate(user_ids) if user in table]
 
 
-def pair_fingerprint(caption: str, image_a: bytes, image_b: bytes) -> str:
-    """One pair's identity, whichever image is listed first: the caption and the two images' bytes."""
-    a, b = sorted(hashlib.sha1(x).hexdigest() for x in (image_a, image_b))
+def pair_fingerprint(caption: str, image_a: Any, image_b: Any) -> str:
+    """One pair's identity, whichever image is listed first: the caption and the two images' bytes (an HF `Image`
+    dict's bytes; a missing image as no bytes: training skips such a row, and no shot has one)."""
+    a, b = sorted(hashlib.sha1(_image_bytes(x)).hexdigest() for x in (image_a, image_b))
     return hashlib.sha1(f"{caption}\0{a}\0{b}".encode()).hexdigest()
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, dict):  # HF `Image` feature layout: {"bytes": ..., "path": ...}
+        value = value.get("bytes")
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
 
 
 def check_shots_disjoint(shots: Mapping[Hashable, Iterable[str]], pairs: Iterable[Tuple[Hashable, str]]) -> int:
