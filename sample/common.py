@@ -207,7 +207,7 @@ def check_user_flags(args, sides) -> None:
     """--user and its flags only where a side ((model, lora) pairs) has a user branch to sample for."""
     from reward_models.cli import UsageError
 
-    given = args.user or args.user_shots or args.user_table or args.user_scale is not None
+    given = args.user or args.user_shots or args.user_table or args.user_scale is not None or args.alpha is not None
     if given and not any(has_user_branch(model, lora) for model, lora in sides):
         raise UsageError("--user: no model here has a PPD user branch (user_branch.safetensors next to --lora or "
                          "in --model), so there is no one to sample for; drop --user or give a PPD-trained --lora")

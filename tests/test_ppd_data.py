@@ -193,6 +193,13 @@ def test_toy_ppd_data_users_disagree_on_the_same_pairs_and_shots_stay_apart(tmp_
     with pytest.raises(ShotOverlapError):  # shots from the very pairs trained on are refused
         write_ppd_data(tmp_path / "bad", pairs_pool, pairs_pool, users[:2], users[2:], _encoder(),
                        embeddings_per_user=1, seed=0)
+    # ids that would overwrite each other silently: user·100 + 100 is the next user's first embedding, and a
+    # held-out user with a training user's id replaced its shot fingerprints before the overlap check
+    with pytest.raises(ValueError, match="embeddings_per_user 101: give 1 to 100"):
+        write_ppd_data(tmp_path / "bad", pairs_pool, shot_pool, users[:2], users[2:], _encoder(),
+                       embeddings_per_user=101)
+    with pytest.raises(ValueError, match=f"held-out users .{users[1].user_id}. have training users' ids"):
+        write_ppd_data(tmp_path / "bad", pairs_pool, shot_pool, users[:2], users[1:], _encoder())
 
 
 def test_more_heldout_users_get_one_embedding_each_from_their_own_shots(tmp_path):

@@ -145,11 +145,12 @@ def test_a_table_of_every_layer_is_cut_to_the_layers_the_branch_took(model, ppd_
     (("--user=--1",), "user '--1' is not in the user table"),  # int("--1") raised a traceback
     (("--user", "1", "--user", "2", "--alpha", "nan"), "--alpha nan: give a finite number"),
     (("--user", "1", "--user-scale", "nan"), "--user-scale nan: must be a finite number >= 0"),
+    (("--user-shots", "SHOTS", "--alpha", "0.5"), "--alpha and --user-table do not apply to it"),  # were ignored
 ])
 def test_generate_cli_user_mistakes_are_one_line_errors(model, ppd_final, tmp_path, capsys, extra, message):
     (tmp_path / "p.txt").write_text("a cat\n")
     wide = UserTable([1], torch.zeros(1, TOKENS, 8)).save(tmp_path / "wide.safetensors")
-    extra = [str(wide) if e == "WIDE" else e for e in extra]
+    extra = [str(wide) if e == "WIDE" else str(tmp_path / "shots.parquet") if e == "SHOTS" else e for e in extra]
     run = _script("common").run_cli
     assert run(lambda: _gen_cli(model, ppd_final, tmp_path / "x", *extra)) == 2
     err = capsys.readouterr().err
@@ -342,3 +343,13 @@ def test_generate_keeps_no_autograd_graph_with_trainable_parts(model):
     pipe.vae.requires_grad_(True)
     pipe.text_encoder.requires_grad_(True)
     assert not _generate(pipe).requires_grad
+
+
+def test_an_alpha_outside_0_1_is_warned_as_extrapolation(tmp_path):
+    from t2i_align.users.inference import UserChoice, user_embedding
+
+    path = UserTable([1, 2], torch.randn(2, 3, 4)).save(tmp_path / "t.safetensors")
+    with pytest.warns(UserWarning, match="--alpha 2.0 is outside .0, 1.: it extrapolates"):
+        mixed = user_embedding(UserChoice(ids=["1", "2"], alpha=2.0, table=str(path)), [])
+    table = UserTable.load(path)
+    assert torch.allclose(mixed, 2 * table.embedding(2) - table.embedding(1))  # alpha·B + (1 - alpha)·A

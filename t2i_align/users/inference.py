@@ -96,6 +96,9 @@ def user_embedding(choice: UserChoice, folders: Sequence) -> torch.Tensor:
     if choice.shots:
         if choice.ids:
             raise UserChoiceError("pass either --user or --user-shots, not both")
+        if choice.alpha is not None or choice.table:  # they were ignored without a word
+            raise UserChoiceError("--user-shots embeds the user from its pairs: --alpha and --user-table do not "
+                                  "apply to it; drop them")
         from ..toy.ppd import embed_shots_file
 
         return embed_shots_file(choice.shots)
@@ -108,6 +111,9 @@ def user_embedding(choice: UserChoice, folders: Sequence) -> torch.Tensor:
         raise UserChoiceError("interpolation needs two --user ids and --alpha (0 = the first, 1 = the second)")
     if choice.alpha is not None and not math.isfinite(choice.alpha):
         raise UserChoiceError(f"--alpha {choice.alpha}: give a finite number (0 = the first user, 1 = the second)")
+    if choice.alpha is not None and not 0 <= choice.alpha <= 1:
+        warnings.warn(f"--alpha {choice.alpha} is outside [0, 1]: it extrapolates beyond the two users, which the "
+                      "branch never saw", stacklevel=2)
     table = _table(choice, folders)
     ids = [resolve_id(table, u) for u in choice.ids]
     if len(ids) == 1:
