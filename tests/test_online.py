@@ -336,7 +336,8 @@ def test_compare_notes_the_seeds_of_a_full_fine_tune_given_as_model(tmp_path, mo
     monkeypatch.setattr(compare, "note_training_seeds", note)
     args = SimpleNamespace(prompts=["toy:heldout"], model=str(final), base="toy", lora=None, base_lora=None,
                            seeds_per_prompt=8, steps=20, batch_size=8, seed=0, guidance=3.0, negative_prompt=None,
-                           height=None, width=None, scheduler=None, user=None, dtype="fp32", variant=None)
+                           height=None, width=None, scheduler=None, user=None, dtype="fp32", variant=None,
+                           vae=None)
     with pytest.raises(Noted):
         compare.compare_sets(args, {})
     assert noted == [str(final)]
