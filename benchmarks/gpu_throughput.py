@@ -151,6 +151,8 @@ CUT: list = []
 
 
 def _on_sigterm(signum, frame) -> None:
+    if CUT:  # a second SIGTERM (the process group's) must not cut the saving of the first
+        return
     CUT.append(time.perf_counter())
     raise Cut()
 
@@ -311,7 +313,9 @@ def run_part(name: str, plan, ctx: dict, rec: Recorder, budget: Budget) -> None:
             flops = counted[yaml] = guarded(step_flops, yaml, args, ctx["dev"], ctx["px"])
         _fresh(ctx["dev"])
         begin = time.perf_counter()
-        row.update(guarded(timed_row, yaml, args, ctx["out"], pairs, ctx["warmup"], ctx["peak"], flops))
+        measured = guarded(timed_row, yaml, args, ctx["out"], pairs, ctx["warmup"], ctx["peak"], flops)
+        notes = [n for n in (row.get("note"), measured.get("note")) if n]  # a cut compile row keeps both
+        row.update(measured, **({"note": "; ".join(notes)} if notes else {}))
         rec.record("train", row, COLS)
         if CUT:
             raise Cut()  # the row is kept; nothing more fits

@@ -164,6 +164,9 @@ def test_a_user_for_a_model_without_a_branch_is_an_error(model, tmp_path, capsys
     code = run(lambda: _script("generate").main(["--model", str(model), "--prompts", str(tmp_path / "p.txt"),
                                                  "--out", str(tmp_path / "x"), "--user", "1", *FAST]))
     assert code == 2 and "no user branch" in capsys.readouterr().err
+    code = run(lambda: _script("generate").main(["--model", str(model), "--prompts", str(tmp_path / "p.txt"),
+                                                 "--out", str(tmp_path / "x"), "--alpha", "0.5", *FAST]))
+    assert code == 2 and "no user branch" in capsys.readouterr().err  # --alpha alone was not checked
 
 
 def test_compare_reports_per_user(model, ppd_final, tmp_path, monkeypatch):

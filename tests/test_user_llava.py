@@ -194,10 +194,16 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
     assert "holds users embedded with other settings (max_new_tokens: 2 -> 3)" in capsys.readouterr().err
     # refused before the 7B model loads on every process; pairs regenerated at the same path are other pairs
     monkeypatch.setattr(LlavaUserEncoder, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
-    os.utime(pairs, ns=(1, 1))
+    kept = pairs.read_bytes()
+    _write_pairs(pairs, {7: 5, 8: 3})
     assert users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
                        "--max-new-tokens", "2", "--dtype", "fp32"]) == 2
     assert "holds users embedded with other settings (pairs_files: " in capsys.readouterr().err
+    pairs.write_bytes(kept)
+    os.utime(pairs, ns=(1, 1))  # a copy or a touch: the same data, not refused (the model then loads)
+    with pytest.raises(pytest.fail.Exception, match="loaded the model"):
+        users_main(["embed", "--model", str(tiny_llava), "--pairs", str(pairs), "--out", str(tmp_path / "cli"),
+                    "--max-new-tokens", "2", "--dtype", "fp32"])
     monkeypatch.undo()
     assert users_main(["check-shots", "--shots", str(out / "users.json"), "--pairs", str(pairs)]) == 2
     assert "were also shots of the same user's embedding" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..data.images import DECODE_ERRORS, decode_rgb
-from ..data.pairs import PairDataset, files_identity
+from ..data.pairs import PairDataset
 from ..errors import UserError, one_line
 from ..files import save_safetensors_atomic, write_json_atomic
 from .llava import LabelledPair
@@ -111,13 +111,17 @@ def read_part(path: Path) -> Tuple[Any, torch.Tensor, Dict[str, Any]]:
 
 
 def _done(path: Path) -> bool:
-    """A part that reads whole (a torn one, from a crash or a bad copy, is embedded again)."""
+    """A part whose header reads (safetensors checks it against the file's size): a torn one, from a crash or a
+    bad copy, is embedded again."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.is_file():
         return False
     try:
-        read_part(path)
-    except UserError as err:
-        logger.warning("%s; embedding that user again", err)
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+    except (SafetensorError, OSError) as err:
+        logger.warning("%s is a damaged user part (%s): embedding that user again", path, one_line(err)[:200])
         return False
     return True
 
@@ -225,7 +229,7 @@ PARTS_SETTINGS = "settings.json"
 
 def check_parts_settings(out: Path, settings: Dict[str, Any], record: bool = True) -> None:
     """OUT/parts/ holds users embedded with these settings only: recorded by the first run (`record`), and a run
-    with other settings (model, pairs and their files' sizes and times, shots, seed, text length, dtype) is refused,
+    with other settings (model, pairs and their files' sizes and rows, shots, seed, text length, dtype) is refused,
     not mixed into the same table. `pairs_files` is compared only where recorded (runs before session 30)."""
     path = out / PARTS / PARTS_SETTINGS
     if path.is_file():
@@ -240,6 +244,13 @@ def check_parts_settings(out: Path, settings: Dict[str, Any], record: bool = Tru
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, settings)
 
+
+
+def _pair_files(files) -> List[List[Any]]:
+    """[path, size, rows] of each pair file: regenerated data is refused, a copy or a touch (new times) is not."""
+    import pyarrow.parquet as pq
+
+    return [[str(f), f.stat().st_size, pq.read_metadata(f).num_rows] for f in files]
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -272,12 +283,13 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
     pairs_path = Path(pairs).resolve()
     settings = {"model": str(Path(model).resolve()), "pairs": str(pairs_path), "num_shots": num_shots, "seed": seed,
                 "max_new_tokens": max_new_tokens, "dtype": dtype, "images": "one tile each",  # not so until 22
-                "pairs_files": files_identity(dataset.files)}  # data regenerated at the same path is other data
+                "pairs_files": _pair_files(dataset.files)}  # data regenerated at the same path is other data
     check_parts_settings(Path(out), settings, record=False)  # before the 7B model loads on every process
     encoder = LlavaUserEncoder.from_pretrained(model, device=str(state.device), dtype=torch_dtype,
                                                max_new_tokens=max_new_tokens)
-    if state.is_main_process:  # once the model has loaded: a failed start records nothing
-        check_parts_settings(Path(out), settings)
+    # every process, once its model has loaded (a failed start records nothing) and before its first part: no part
+    # is ever on disk without the settings beside it (atomic writes, one temporary file each)
+    check_parts_settings(Path(out), settings)
     counts = embed_users(encoder, dataset, Path(out), num_shots, seed, state.process_index, state.num_processes,
                          max_users, progress=True)
     print(json.dumps({"process": state.process_index, **counts}))
