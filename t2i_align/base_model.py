@@ -12,14 +12,14 @@ BASE_MODEL_FILE = "t2i_align_base_model.json"
 """Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
 
 
-def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None, vae: Optional[Path] = None,
+def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None, vae_dir: Optional[Path] = None,
                      vae_given: Optional[str] = None) -> None:
     """Record the model folder (resolved), the name it was given by ("toy", a hub id, a path) and the `model.vae`
     the run encoded and decoded with instead of the folder's, if any: its folder as it loaded (resolved then: a hub
     id is not fetched again at the export) and its name."""
     from .files import write_json_atomic
 
-    extra = {} if vae is None else {"vae": str(Path(vae).resolve()), "vae_given": vae_given}
+    extra = {} if vae_dir is None else {"vae": str(Path(vae_dir).resolve()), "vae_given": vae_given}
     write_json_atomic(Path(folder) / BASE_MODEL_FILE, {"pretrained": str(Path(model_dir).resolve()), "given": given,
                                                       **extra})
 

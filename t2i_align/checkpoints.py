@@ -261,7 +261,7 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
         # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
         write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
         if adapters:  # sampling warns when they are applied to another model folder
-            write_base_model(tmp, components.path, base_model, vae_dir, vae)
+            write_base_model(tmp, components.path, base_model, vae_dir=vae_dir, vae_given=vae)
         if step is not None:
             (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
         _keep_added(out, tmp)

@@ -1,5 +1,6 @@
-"""Images of a data set: bytes decoded to RGB (any PIL mode, EXIF orientation applied), then resized, flipped and
-cropped to the training resolution with the SDXL micro-conditioning of where the crop fell."""
+"""Images of a data set: its parquet files opened and read with errors naming them, bytes decoded to RGB (any PIL
+mode, EXIF orientation applied), then resized, flipped and cropped to the training resolution with the SDXL
+micro-conditioning of where the crop fell."""
 from __future__ import annotations
 
 import io
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import ConfigError
 from ..errors import UserError
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, struct.error, Image.DecompressionBombError)
@@ -59,6 +61,17 @@ def unreadable(path: Path, group: Optional[int], err: Exception) -> DataReadErro
     where = "" if group is None else f" row group {group}"
     return DataReadError(f"{path}:{where} could not be read ({err}); if the file is damaged, copy it again or leave "
                          "it out of data.path")
+
+
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """The parquet file at `path`, or a ConfigError naming it when it is none (pyarrow's own error names no file)."""
+    import pyarrow
+
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowInvalid, OSError) as err:
+        raise ConfigError(f"{path} is not a readable parquet file ({err}); data.path takes Pick-a-Pic-format "
+                          "parquet files or a folder of them") from None
 
 
 def read_group(pf, path: Path, group: int, columns: List[str]):

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, prepare_image, read_group, read_row_group
+from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
 
 logger = logging.getLogger(__name__)
 
@@ -382,17 +382,6 @@ def collate_pairs(items: Sequence[Optional[Dict[str, Any]]]) -> Optional[Dict[st
             batch[key] = torch.tensor(values, dtype=torch.long)
     batch["skipped"] = len(items) - len(kept)
     return batch
-
-
-def open_parquet(path: str | Path) -> pq.ParquetFile:
-    """The parquet file at `path`, or a ConfigError naming it when it is none (pyarrow's own error names no file)."""
-    import pyarrow
-
-    try:
-        return pq.ParquetFile(path)
-    except (pyarrow.ArrowInvalid, OSError) as err:
-        raise ConfigError(f"{path} is not a readable parquet file ({err}); data.path takes Pick-a-Pic-format "
-                          "parquet files or a folder of them") from None
 
 
 def load_pairs(cfg: Any, seed: int, root: Optional[str | Path] = None) -> PairDataset:

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 from ..errors import UserError
 from ..files import write_json_atomic
 from ..stats import wilson_interval
-from .images import checked_batches
+from .images import checked_batches, open_parquet
 from .listings import write_rows_parquet
-from .pairs import find_parquet_files, label_problem, open_parquet
+from .pairs import find_parquet_files, label_problem
 
 ADDED = (("human_label_0", pa.float64()), ("reward_0", pa.float64()), ("reward_1", pa.float64()))
 

@@ -20,7 +20,8 @@ from ..engines import say
 from .cache import build_or_load_cache, collate_cached
 from .cache_build import Team
 from .cache_key import components_key_parts
-from .pairs import check_pair_columns, find_parquet_files, load_pairs, model_columns, open_parquet
+from .images import open_parquet
+from .pairs import check_pair_columns, find_parquet_files, load_pairs, model_columns
 from .stream import StreamingPairSource
 from ..users.training import known_rows
 
