@@ -35,6 +35,10 @@ class NotEnoughShotsError(UserError, ValueError):
     """A user has fewer labelled pairs than an embedding needs."""
 
 
+class UserIdClash(UserError, ValueError):
+    """Toy users whose table ids would overwrite each other (a flag's value: one `error:` line)."""
+
+
 @dataclass
 class Pool:
     """k base samples per caption: images [P, k, H, W, 3] uint8 and the judge's readout of each."""
@@ -170,10 +174,10 @@ def write_ppd_data(out: Path, pairs_pool: Pool, shot_pool: Pool, train_users: Se
         raise ValueError(f"the pools leave {pairs_pool.attribute!r} free but some users' tastes are about another "
                          "attribute; make the users with make_toy_users(..., attribute=pool.attribute)")
     if not 1 <= embeddings_per_user <= 100:  # user·100 + j would reach the next user's ids
-        raise ValueError(f"embeddings_per_user {embeddings_per_user}: give 1 to 100 (table ids are user·100 + j)")
+        raise UserIdClash(f"embeddings_per_user {embeddings_per_user}: give 1 to 100 (table ids are user·100 + j)")
     clash = {u.user_id for u in heldout_users} & {u.user_id for u in train_users}
     if clash:  # its shot fingerprints would replace the training user's before the overlap check
-        raise ValueError(f"held-out users {sorted(clash)} have training users' ids: give them ids of their own")
+        raise UserIdClash(f"held-out users {sorted(clash)} have training users' ids: give them ids of their own")
     rng = random.Random(seed)
     shot_sets, prints, owner = {}, {}, {}
     for user in train_users:
