@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,8 @@ def default_model(args) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = False) -> None:
-    helptext = "text file with one prompt per line, or toy:heldout / toy:train (default toy:heldout)"
+    helptext = ("text file with one prompt per line, a .jsonl / .csv with a prompt field, a parquet file's caption "
+                "column, or toy:heldout / toy:train (default toy:heldout)")
     if several_prompt_sets:
         p.add_argument("--prompts", action="append", help=helptext + "; repeat for several sets")
     else:
@@ -72,10 +74,11 @@ def settings_from(args, num_prompts: int):
 
     from reward_models.cli import UsageError
 
-    if args.seeds_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--seeds-per-prompt, --steps and --batch-size must be >= 1")
+    for flag in ("seeds_per_prompt", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= 1")
     _check_seeds(args.seed, args.seeds_per_prompt, num_prompts)
-    if args.guidance < 0 or (args.negative_prompt and args.guidance <= 1):
+    if not math.isfinite(args.guidance) or args.guidance < 0 or (args.negative_prompt and args.guidance <= 1):
         raise UsageError(f"--guidance {args.guidance}: give a scale >= 0, and > 1 with --negative-prompt (at 1 or "
                          "less there is no classifier-free guidance, so the negative prompt would be unused)")
     for flag, size in (("--height", args.height), ("--width", args.width)):

@@ -98,16 +98,18 @@ def _one_line_warnings() -> Iterator[None]:
 
 def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (), sigterm: bool = True) -> int:
     """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
-    stderr and gives 2; Ctrl-C prints one line and ends the process by SIGINT, without a traceback; warnings are
+    stderr and gives 2; Ctrl-C prints one line (with the interrupt's text, if `main` gave it one) and ends the
+    process by SIGINT, without a traceback; warnings are
     one line each (`_one_line_warnings`). Anything else propagates with its traceback: a bug for us to fix.
     `sigterm`: a kill cleans up as an exception does (`_sigterm_as_exit`); not for training, whose processes the
     launcher stops together."""
     with _sigterm_as_exit(sigterm), _one_line_warnings():
         try:
             return main()
-        except KeyboardInterrupt:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said otherwise)
+        except KeyboardInterrupt as stop:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said so)
             if os.environ.get(DEBUG_ENV, "") in ("", "0"):
-                print("\nstopped (Ctrl-C)", file=sys.stderr)
+                if os.environ.get("RANK", "0") == "0":  # one line per launch, not one per process
+                    print(f"\nstopped (Ctrl-C){f'. {stop}' if str(stop) else ''}", file=sys.stderr)
                 sys.excepthook = _quiet_interrupt(sys.excepthook)
             raise  # Python then dies by SIGINT, as a shell loop expects (an exit code 130 would let it go on)
         except BrokenPipeError:

@@ -225,6 +225,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
                                                               None)
                 accelerator.backward(loss / tc.grad_accum)
             history.append(metrics)
+        lr = lr_sched.get_last_lr()[0]  # this step's rate (read after the schedule's step, the log showed the next's)
         norm = _optimizer_step(accelerator, unet, optimizer, lr_sched, params, tc.max_grad_norm)
         streak = streak + 1 if _counts_as_failure(accelerator, norm, history[-tc.grad_accum:]) else 0
         counts["steps_skipped_nonfinite"] += int(not math.isfinite(norm))
@@ -234,7 +235,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
                                  "the data. Checkpoints written so far are intact.")
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:
-            last_log = _log(accelerator, st, history, counts, components, lr_sched, norm, done, bar, last_log)
+            last_log = _log(accelerator, st, history, counts, components, lr, norm, done, bar, last_log)
             history = []
         if st.provider is not None:
             st.provider.after_step(done)
@@ -276,7 +277,7 @@ def _save_extras(st: _RunState, folder: Path) -> None:
             part.save(folder)
 
 
-def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm, done, bar, last_log):
+def _log(accelerator, st: _RunState, history, counts, components, lr, norm, done, bar, last_log):
     """Write the metrics; returns (now, done) for the next sec_per_step. sec_per_step is wall time per optimizer
     step since the previous log, checkpoints and galleries included, read after `_mean_metrics` has synchronised
     with the device, so queued GPU work is counted where it ran."""
@@ -286,7 +287,7 @@ def _log(accelerator, st: _RunState, history, counts, components, lr_sched, norm
     logged.update(st.source.metrics())
     if st.provider is not None:
         logged.update(st.provider.metrics())
-    logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr_sched.get_last_lr()[0],
+    logged.update({k: v for k, v in counts.items() if k != "raw_batches"}, lr=lr,
                   grad_norm=norm, prompts_truncated=components.truncation.prompts_truncated)
     logged.update(summed(accelerator, {k: logged[k] for k in SUMMED if k in logged}))
     if accelerator.device.type == "cuda":  # the main process's, since the first step (galleries included)

@@ -1,4 +1,6 @@
-"""Prompt lists: a text file with one prompt per line, a parquet file's `caption` column (a caption data set's,
+"""Prompt lists: a text file with one prompt per line, the `prompt` (or `caption`) field of a .jsonl / .csv file
+(t2i-score's prompt files, generate.py's metadata.jsonl: one row per image, so repeated prompts stay repeated), a
+parquet file's `caption` column (a caption data set's,
 e.g. LongAlign's stage-1 data for stage 2: its multi-paragraph captions whole), or a toy-world prompt set:
 "toy:train", "toy:heldout" (the one-sentence captions) or "toy:train-long", "toy:heldout-long" (the six-sentence
 captions whose background sentence lies beyond CLIP's 77 tokens, `toy_long_captions`)."""
@@ -54,6 +56,8 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
                           "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
     if path.suffix.lower() == ".parquet":
         return parquet_captions(path, what)
+    if path.suffix.lower() in (".jsonl", ".csv"):  # read as text, a header or a whole JSON line became a prompt
+        return table_prompts(path, what)
     try:
         # utf-8-sig: a BOM (Windows editors write one) is not part of the first prompt
         prompts = [line.strip() for line in text_lines(path.read_text(encoding="utf-8-sig")) if line.strip()]
@@ -61,6 +65,37 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
         raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not prompts:
         raise ConfigError(f"{what}: {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def table_prompts(path: Path, what: str = "prompts") -> List[str]:
+    """The `prompt` (else `caption`) field of every row of a .csv with a header or a .jsonl of objects, in order;
+    empty ones skipped, as blank lines are."""
+    import csv
+    import io
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".csv":
+            rows: list = list(csv.DictReader(io.StringIO(text, newline="")))
+        else:  # lines split at line ends only, as text_lines does
+            rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{what}: cannot read {path} ({err}); give UTF-8 JSON lines or a CSV with a header") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{what}: {path} holds no rows of fields; a .jsonl holds one JSON object per line")
+    torn = next((i for i, r in enumerate(rows) if None in r or None in r.values()), None)  # DictReader's rest
+    if torn is not None:
+        raise ConfigError(f"{what}: {path} row {torn + 1} has more or fewer fields than the header (a comma in a "
+                          "prompt? put the prompt in double quotes)")
+    field = next((f for f in ("prompt", "caption") if all(f in r for r in rows)), None)
+    if field is None:
+        raise ConfigError(f"{what}: every row of {path} needs a 'prompt' (or 'caption') field; its first row has "
+                          f"{sorted(rows[0])} (a text file with one prompt per line needs the .txt suffix)")
+    prompts = [" ".join(str(r[field]).split()) for r in rows if r[field] is not None and str(r[field]).strip()]
+    if not prompts:
+        raise ConfigError(f"{what}: {path} holds no prompts (every '{field}' is empty)")
     return prompts
 
 

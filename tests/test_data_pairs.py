@@ -316,6 +316,23 @@ def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):
         PairDataset(tmp_path / "missing.parquet")
 
 
+def test_a_folder_of_several_splits_shards_is_refused(tmp_path):
+    """A Pick-a-Pic v2 download keeps train-*, test-*, validation_unique-* shards side by side in data/: read whole,
+    its test pairs were trained on (rows=48, used=48 for three splits of 16) without a word."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train-00000-of-00002-0a1b.parquet", "train-00001-of-00002-0a1b.parquet",
+                 "test-00000-of-00001.parquet", "validation_unique-00000-of-00001-ff.parquet"):
+        write_pairs(data / name, [row()])
+    with pytest.raises(ValueError, match=r"holds the shards of 3 splits \(test, train, validation_unique\): .*mkdir "
+                       rf"{data}/train && mv {data}/train-\*.parquet {data}/train/\)"):
+        PairDataset(data)
+    for name in ("test-00000-of-00001.parquet", "validation_unique-00000-of-00001-ff.parquet"):
+        (data / name).unlink()
+    write_pairs(data / "extra.parquet", [row()])  # one split's shards beside other files: read as before
+    assert len(PairDataset(data)) == 3
+
+
 def test_a_caption_that_is_not_utf8_is_a_missing_caption_not_a_failed_file(tmp_path):
     """Parquet from a writer that does not check UTF-8: reading the column raised UnicodeDecodeError at start."""
     texts = [b"a cat", b"caf\xff", b"a dog"]

@@ -172,6 +172,27 @@ def test_a_prompt_holding_a_form_feed_or_line_separator_stays_one_prompt(tmp_pat
     assert read_prompts(str(tmp_path / "p.txt")) == ["a cat\u2028on a mat", "second\x0cprompt", "third"]
 
 
+def test_prompt_files_in_jsonl_or_csv_give_their_prompt_field(tmp_path):
+    """A .csv or .jsonl prompt file (t2i-score's, generate.py's metadata.jsonl) was read as text: its header, or
+    each whole JSON line, became a prompt and the images were made for it without a word."""
+    (tmp_path / "p.csv").write_text('file,prompt\na.png,"a red circle, small"\nb.png,\nc.png,a cat\n')
+    assert read_prompts(str(tmp_path / "p.csv")) == ["a red circle, small", "a cat"]  # the empty one skipped
+    (tmp_path / "m.jsonl").write_text('{"file": "0.png", "prompt": "a cat", "seed": 0}\n\n{"file": "1.png", '
+                                      '"prompt": "a cat", "seed": 1}\n{"caption": "x", "prompt": "a dog"}\n')
+    assert read_prompts(str(tmp_path / "m.jsonl")) == ["a cat", "a cat", "a dog"]  # one row per image, as given
+    (tmp_path / "c.jsonl").write_text('{"caption": "a long\\n\\ncaption"}\n')
+    assert read_prompts(str(tmp_path / "c.jsonl")) == ["a long caption"]
+    for name, text, message in (("n.jsonl", '{"text": "a cat"}\n', r"needs a 'prompt' \(or 'caption'\) field; its "
+                                 r"first row has \['text'\]"),
+                                ("bad.jsonl", "a cat\n", "cannot read .* UTF-8 JSON lines"),
+                                ("list.jsonl", "[1, 2]\n", "holds no rows of fields"),
+                                ("torn.csv", "file,prompt\na.png,a red circle, small\n", "row 1 has more or fewer"),
+                                ("e.csv", "file,prompt\na.png,\n", "holds no prompts")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_prompts(str(tmp_path / name), "--prompts")
+
+
 def test_a_symlink_loop_in_an_image_path_is_a_bad_image_not_a_crash(tmp_path):
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")

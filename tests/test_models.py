@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import pytest
 import torch
@@ -139,11 +138,17 @@ def test_missing_path_says_how_to_pass_a_local_folder(tmp_path):
 
 
 def test_hub_id_offline_fails_fast_with_local_folder_hint(monkeypatch):
+    """Offline, a hub id is one error naming the local-folder setting, with no connection tried (a wall-clock bound
+    here was a timed assertion; a network attempt is what made it slow)."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a connection was attempted")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE.*model.pretrained=/path/to/folder"):
         models.resolve_pretrained("t2i-align-tests/not-a-cached-repo")
-    assert time.monotonic() - start < 10
 
 
 def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):

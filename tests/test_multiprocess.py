@@ -40,9 +40,10 @@ def test_two_process_lora_dpo(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]  # written once, by the main process
     assert (out / "timeout0.txt").read_text() == (out / "timeout1.txt").read_text() == "1234"
-    # A one-process run's schedule: warmup 1, linear decay to 0 at step 3 -> 1e-2 · (1, ½, 0) after steps 1-3.
-    # accelerate steps a prepared scheduler once per process, so it must be built in those units.
-    assert [r["lr"] for r in records] == pytest.approx([1e-2, 5e-3, 0.0], abs=1e-12)
+    # A one-process run's schedule: warmup 1, linear decay to 0 at step 3 -> steps 1-3 train at 1e-2 · (0, 1, ½)
+    # (the log showed the rate after each step: the next step's). accelerate steps a prepared scheduler once per
+    # process, so it must be built in those units.
+    assert [r["lr"] for r in records] == pytest.approx([0.0, 1e-2, 5e-3], abs=1e-12)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
     rank0, rank1 = (out / "rank0.txt").read_text(), (out / "rank1.txt").read_text()
     assert rank0 == rank1

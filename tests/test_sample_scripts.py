@@ -76,12 +76,16 @@ def test_generate_keeps_an_existing_folder_and_rejects_bad_input(prompts, tmp_pa
     assert run(lambda: gen.main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out",
                                  str(tmp_path / "y"), *FAST])) == 2
     assert "do not match" in capsys.readouterr().err and not (tmp_path / "y.partial").exists()
-    for args in (["--guidance", "-1"], ["--guidance", "1", "--negative-prompt", "blurry"]):
+    # inf made every image black (blamed on the VAE), nan switched guidance off: both exited 0
+    for args in (["--guidance", "-1"], ["--guidance", "inf"], ["--guidance", "nan"],
+                 ["--guidance", "1", "--negative-prompt", "blurry"]):
         assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), *args])) == 2
         assert "give a scale >= 0, and > 1 with --negative-prompt" in capsys.readouterr().err
     for flag in ("--height", "--width"):
         assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), flag, "30"])) == 2
         assert f"error: {flag} 30: give a positive multiple of 8 (the VAE's scale), e.g. 24" in capsys.readouterr().err
+    assert run(lambda: gen.main(["--prompts", str(prompts), "--out", str(tmp_path / "z"), "--batch-size", "0"])) == 2
+    assert "error: --batch-size 0: give a number >= 1" in capsys.readouterr().err  # the flag named, not three
 
 
 def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):

@@ -165,6 +165,8 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "holds no fp16 weights" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", f"model.vae={tmp_path / 'no-vae'}"]) == 2  # passed
     assert "model.vae=" in capsys.readouterr().err
+    assert _train_script().main([*base, f"data.path={pairs}", f"train.resume={tmp_path / 'nope'}"]) == 2  # passed
+    assert "nope' does not exist; use train.resume=latest" in capsys.readouterr().err
     # data of the other kind passed the dry run and stopped the run at its start
     pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
     assert _train_script().main([*base, f"data.path={tmp_path / 'captions.parquet'}"]) == 2
@@ -522,7 +524,8 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
 
 
 def test_ctrl_c_says_where_to_resume(tmp_path, capsys, monkeypatch):
-    """A KeyboardInterrupt was a 100-line traceback; now one line with the newest checkpoint, exit code 130."""
+    """A KeyboardInterrupt was a 100-line traceback; now one line with the newest checkpoint, and the process dies
+    by SIGINT (it returned 130, and a shell loop over runs went on to the next)."""
     import t2i_align.loop as loop
     from t2i_align.config import load_config
 
@@ -538,7 +541,10 @@ def test_ctrl_c_says_where_to_resume(tmp_path, capsys, monkeypatch):
     def interrupted(cfg):
         raise KeyboardInterrupt
     monkeypatch.setattr(loop, "train", interrupted)
-    assert script.main([f"output_dir={tmp_path}"]) == 130
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # run_cli quiets the interrupt's traceback
+    with pytest.raises(KeyboardInterrupt):  # re-raised: Python then ends by SIGINT
+        script.main([f"output_dir={tmp_path}"])
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)  # what Python calls then: prints nothing (below)
     note, stopped = capsys.readouterr().err.split("\n", 1)  # no --config: a note on the defaults comes first
     assert note.startswith("note: no --config: the built-in defaults")
     assert stopped == f"\nstopped (Ctrl-C). The newest complete checkpoint is {step}: continue with " \

@@ -3,6 +3,7 @@ transformers classes: the official prompt verbatim, the embedding = last decodin
 the sharded / resumable embed command, and the shots-vs-training-pairs check."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -281,6 +282,21 @@ def test_embed_exits_1_when_users_failed(tmp_path, monkeypatch):
     for failed, code in ((2, 1), (0, 0)):
         monkeypatch.setattr(embed, "run_embed", lambda *a, failed=failed: {"users": 1, "failed": failed})
         assert users_main(args) == code
+
+
+def test_ctrl_c_in_the_users_command_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `users embed` (hours of VLM decoding) printed a traceback; now one line, and the process ends
+    by SIGINT as the other commands do."""
+    import t2i_align.users.embed as embed
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(embed, "run_embed", interrupted)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # run_cli quiets the interrupt's traceback
+    with pytest.raises(KeyboardInterrupt):
+        users_main(["embed", "--model", str(tmp_path), "--pairs", "p", "--out", str(tmp_path / "o")])
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)  # what Python calls then: prints nothing
+    assert capsys.readouterr().err == "\nstopped (Ctrl-C)\n"
 
 
 def test_user_ids_read_as_whole_floats_are_the_ints_and_others_refused(tmp_path, capsys):

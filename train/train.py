@@ -39,10 +39,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return dry_run(cfg)
         try:
             final = train(cfg).final
-        except KeyboardInterrupt:
-            if os.environ.get("RANK", "0") == "0":  # the launcher's main process (no collective in a handler)
-                print(f"\nstopped (Ctrl-C). {where_to_resume(cfg)}", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt:  # run_cli says it once per launch, and the process dies by SIGINT (a shell
+            raise KeyboardInterrupt(where_to_resume(cfg)) from None  # loop stops, as it would not on exit 130)
         if PartialState().is_main_process:
             print(f"final model: {final}")
         return 0
@@ -54,12 +52,14 @@ def dry_run(cfg) -> int:
     """The resolved config on stdout, once the checks that need no weights, engine or output folder have passed."""
 
     from t2i_align.build import check_before_loading
+    from t2i_align.checkpoints import resolve_resume
     from t2i_align.config.loader import dump_config
     from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
     from t2i_align.weight_files import weights_variant
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
+    resolve_resume(cfg.output_dir, cfg.train.resume)  # a typo'd checkpoint folder failed only when the run started
     # its model_index.json and component folders only: no weights load
     folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
     if cfg.model.vae:  # a typo'd path failed only when the run loaded

@@ -4,6 +4,8 @@ micro-conditioning of where the crop fell."""
 from __future__ import annotations
 
 import io
+import logging
+import re
 import struct
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -16,12 +18,63 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..config import ConfigError
 from ..errors import UserError
 
+logger = logging.getLogger(__name__)
+
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, struct.error, Image.DecompressionBombError)
 """What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors; a damaged EXIF block
 struct.error, from exif_transpose)."""
 MAX_ASPECT = 32
 """Longest over shortest side of a trainable image: a square crop keeps 1/32 of it, and the resize before the crop
 holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 512 px)."""
+
+
+_IMPORT_HINT = "python -m t2i_align.data pairs --from LISTING --out DIR writes DIR/pairs.parquet from them"
+_SPLIT_FILE = re.compile(r"([A-Za-z_]+)-\d{5}-of-\d{5}(-[0-9a-f]+)?\.parquet")  # Hugging Face's shard names
+
+
+def _one_split(folder: Path, files: List[Path]) -> None:
+    """Refuse a folder whose files are shards of several splits (a Pick-a-Pic v2 download keeps train-*, test-*,
+    validation-* side by side in data/): read whole, the test pairs were trained on without a word."""
+    splits = sorted({m.group(1) for f in files if (m := _SPLIT_FILE.fullmatch(f.name))})
+    if len(splits) > 1:
+        one = "train" if "train" in splits else splits[0]
+        raise ConfigError(f"{folder} holds the shards of {len(splits)} splits ({', '.join(splits)}): read whole, "
+                          f"they would be one data set; move each split into a folder of its own (mkdir "
+                          f"{folder}/{one} && mv {folder}/{one}-*.parquet {folder}/{one}/) and "
+                          "give that folder")
+
+
+def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
+    """A parquet file, or the *.parquet files of a folder (not recursive), all resolving inside `root`.
+
+    `root` defaults to the folder (or the file's folder), so symlinks pointing elsewhere are rejected.
+    """
+    given = Path(path)
+    if not given.exists():
+        raise FileNotFoundError(f"pair data {given} does not exist: set data.path to a Pick-a-Pic-format parquet file "
+                                "or folder (toy world: make it first with python -m t2i_align.toy pairs --out DIR "
+                                "--k 8 --pairing best-worst; PPD's toy users' pairs: python benchmarks/toy_ppd.py "
+                                "data)")
+    if given.suffix.lower() in (".jsonl", ".csv"):
+        raise ConfigError(f"data {given} is a listing, not parquet: {_IMPORT_HINT}")
+    base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
+    files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
+    if not files:
+        raise ConfigError(f"no *.parquet files in folder {given} (image pairs listed in a JSONL or CSV file: "
+                          f"{_IMPORT_HINT})")
+    _one_split(given, files)
+    found: Dict[Path, Path] = {}  # resolved -> as listed
+    for f in files:
+        real = f.resolve()
+        if not real.is_relative_to(base):
+            raise ConfigError(f"{f} resolves to {real}, outside the data root {base}")
+        if not real.is_file():
+            raise ConfigError(f"{f} is not a file")
+        if real in found:  # a link to another file of the folder: its rows would be read twice
+            logger.warning("%s and %s are one file (a link): read once", found[real], f)
+            continue
+        found[real] = f
+    return list(found)
 
 
 def grey_to_8bit(image: Image.Image) -> Image.Image:

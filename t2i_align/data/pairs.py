@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
+from .images import (DECODE_ERRORS, decode_rgb, find_parquet_files, open_parquet, prepare_image, read_group,
+                     read_row_group)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ def files_identity(files: Sequence[Path]) -> List[list]:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-_IMPORT_HINT = "python -m t2i_align.data pairs --from LISTING --out DIR writes DIR/pairs.parquet from them"
 
 
 def model_columns(part: str, names: Sequence[str], path: Path) -> List[str]:
@@ -77,38 +77,6 @@ def model_columns(part: str, names: Sequence[str], path: Path) -> List[str]:
                           f"(Pick-a-Pic's generators), which {path} lacks (found {list(names)}); leave "
                           "data.both_models_contain empty for this data")
     return ["model_0", "model_1"]
-
-
-def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
-    """A parquet file, or the *.parquet files of a folder (not recursive), all resolving inside `root`.
-
-    `root` defaults to the folder (or the file's folder), so symlinks pointing elsewhere are rejected.
-    """
-    given = Path(path)
-    if not given.exists():
-        raise FileNotFoundError(f"pair data {given} does not exist: set data.path to a Pick-a-Pic-format parquet file "
-                                "or folder (toy world: make it first with python -m t2i_align.toy pairs --out DIR "
-                                "--k 8 --pairing best-worst; PPD's toy users' pairs: python benchmarks/toy_ppd.py "
-                                "data)")
-    if given.suffix.lower() in (".jsonl", ".csv"):
-        raise ConfigError(f"data {given} is a listing, not parquet: {_IMPORT_HINT}")
-    base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
-    files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
-    if not files:
-        raise ConfigError(f"no *.parquet files in folder {given} (image pairs listed in a JSONL or CSV file: "
-                          f"{_IMPORT_HINT})")
-    found: Dict[Path, Path] = {}  # resolved -> as listed
-    for f in files:
-        real = f.resolve()
-        if not real.is_relative_to(base):
-            raise ConfigError(f"{f} resolves to {real}, outside the data root {base}")
-        if not real.is_file():
-            raise ConfigError(f"{f} is not a file")
-        if real in found:  # a link to another file of the folder: its rows would be read twice
-            logger.warning("%s and %s are one file (a link): read once", found[real], f)
-            continue
-        found[real] = f
-    return list(found)
 
 
 def text_column(table, name: str) -> List[Any]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import UserError, one_line
+from ..errors import UserError, run_cli
 from .llava import NUM_SHOTS_SUPPORTED
 
 
@@ -38,29 +38,31 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # ValueError / OSError: a malformed pair file, a folder that is not LLaVA; embed's processes are stopped
+    # together by the launcher (its parts are written whole), so a kill need not be an exception there
+    return run_cli(lambda: _run(args), also=(ValueError, OSError), sigterm=args.command != "embed")
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import embed
 
-    try:
-        if args.command == "embed":
-            if args.max_users < 0:  # users[:-1] would drop the last user without a word
-                raise UserError(f"--max-users {args.max_users}: give a number >= 0 (0: every user)")
-            if not Path(args.model).is_dir():
-                raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
-                                        "checkpoint in transformers' format (nothing is downloaded)")
-            embed.check_out(Path(args.out), args.overwrite)
-            summary = embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed,
-                                      args.max_new_tokens, args.max_users, args.dtype)
-            if summary and summary["failed"]:  # the table lacks them: a script must be able to tell
-                return 1
-        else:
-            rows = embed.check_shots(args.shots, args.pairs)
-            print(json.dumps({"rows_of_embedded_users_checked": rows, "overlaps": 0}))
-            if rows == 0:  # new users (no training pairs) are disjoint by construction; say so, not "checked"
-                print(f"note: no pair of {args.pairs} belongs to a user of {args.shots}: nothing to compare (users "
-                      "new to this training set?)", file=sys.stderr)
-    except (UserError, ValueError, OSError) as err:  # OSError: a missing file, a folder that is not LLaVA
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+    if args.command == "embed":
+        if args.max_users < 0:  # users[:-1] would drop the last user without a word
+            raise UserError(f"--max-users {args.max_users}: give a number >= 0 (0: every user)")
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
+                                    "checkpoint in transformers' format (nothing is downloaded)")
+        embed.check_out(Path(args.out), args.overwrite)
+        summary = embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed,
+                                  args.max_new_tokens, args.max_users, args.dtype)
+        if summary and summary["failed"]:  # the table lacks them: a script must be able to tell
+            return 1
+    else:
+        rows = embed.check_shots(args.shots, args.pairs)
+        print(json.dumps({"rows_of_embedded_users_checked": rows, "overlaps": 0}))
+        if rows == 0:  # new users (no training pairs) are disjoint by construction; say so, not "checked"
+            print(f"note: no pair of {args.pairs} belongs to a user of {args.shots}: nothing to compare (users "
+                  "new to this training set?)", file=sys.stderr)
     return 0
 
 

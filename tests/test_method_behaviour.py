@@ -1,0 +1,81 @@
+"""Each objective, trained by the real loop, moves its own target: DPO's and SePPO's losses fall from ln 2 with
+the implicit accuracy at 1, SFT's error falls, reward fine-tuning's reward rises (PPD's loss is DPO's). The other
+loop tests compare runs with each other (resume, micro-batches, engines) or check one step, so a loss whose sign
+was flipped passed all of them (a reviewer negated `Accelerator.backward`'s loss: every test of test_loop.py passed).
+
+The global RNG is reseeded before each batch, so every step draws the same latents, noise and timesteps for the
+same rows: the logged losses are then one function of the weights, and must fall. The toy world's
+judged, held-out evidence is in README (benchmarks/*_toy_runs.sh); this is the fast check of the direction."""
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
+from t2i_align.config import load_config
+from t2i_align.loop import train
+from test_loop import write_rendered_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet", n=4)
+
+
+@pytest.fixture
+def same_draws_every_step(monkeypatch):
+    import t2i_align.loop as loop
+
+    next_batch = loop._next_batch
+
+    def reseeded(*args, **kwargs):
+        torch.manual_seed(0)
+        return next_batch(*args, **kwargs)
+    monkeypatch.setattr(loop, "_next_batch", reseeded)
+
+
+def _run(out, *overrides):
+    train(load_config(None, [f"output_dir={out}", "tracking.wandb=off", "tracking.validate_every=0",
+                             "train.log_every=1", "train.lr_warmup_steps=0", "data.prompt_dropout=0", *overrides]))
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _pairs_run(out, model, data, *overrides):
+    return _run(out, f"model.pretrained={model}", f"data.path={data}", "data.resolution=16", "train.batch_size=4",
+                *overrides)
+
+
+def test_dpo_and_seppo_raise_the_preferred_images_likelihood(tiny_model, pairs, tmp_path, same_draws_every_step):
+    lora = ("lora.enabled=true", "lora.rank=4", "objective.beta=100", "train.learning_rate=1e-2",
+            "train.max_steps=12")
+    for name, extra, end in (("dpo", (), 0.2), ("seppo", ("seppo.sample_steps=2", "seppo.guidance_scale=1"), 0.45)):
+        records = _pairs_run(tmp_path / name, tiny_model, pairs, f"objective.name={name}", *lora, *extra)
+        losses = [r["loss"] for r in records]
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference before the first update
+        assert losses[-1] < end and max(losses[3:]) < losses[0], (name, losses)  # measured: 0.065, 0.303
+        assert records[-1]["implicit_acc"] == 1.0
+
+
+def test_sft_lowers_its_error_on_the_preferred_images(tiny_model, pairs, tmp_path, same_draws_every_step):
+    losses = [r["mse"] for r in _pairs_run(tmp_path / "sft", tiny_model, pairs, "objective.name=sft",
+                                           "train.learning_rate=1e-3", "train.max_steps=10")]
+    assert losses[-1] < 0.3 * losses[0] and max(losses[1:]) < losses[0], losses  # measured 1.17 -> 0.17
+
+
+def test_reward_fine_tuning_raises_its_reward(tmp_path, same_draws_every_step):
+    """The toy model, one prompt twice (an order that changes cannot pair it with other noise), the toy CLIP."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a large red circle in the top left on a black background\n" * 2)
+    records = _run(tmp_path / "rb", "objective.name=reward_backprop", "data.kind=prompts", f"data.path={prompts}",
+                   "reward_backprop.reward=toy-clip", "reward_backprop.num_steps=4", "reward_backprop.grad_mode=last",
+                   "reward_backprop.grad_k=1", "lora.enabled=true", "lora.rank=4", "train.learning_rate=1e-4",
+                   "data.resolution=32",
+                   "train.max_steps=8", "train.batch_size=2")
+    rewards = [r["reward"] for r in records]
+    assert rewards[-1] > rewards[0] + 3 and min(rewards[1:]) > rewards[0], rewards  # measured 63.0 -> 68.4
