@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("toy", "mid"), default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:  # a step count of 0 ended in a traceback, a negative one in negative timings
+        parser.error(f"--steps {args.steps}: give a number >= 1")
     if args.child:
         model, lora, cache = json.loads(args.child)
         print(json.dumps(run_one(model, lora, cache, args.steps, args.batch)))

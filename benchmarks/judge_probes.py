@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=40.0, help="sd of the pixel noise on the background probe")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    if not args.noise >= 0:
+        p.error(f"--noise {args.noise}: give a standard deviation >= 0")
+    if args.out and (args.out.is_dir() or any(d.is_file() for d in args.out.parents)):  # found after the probes
+        p.error(f"--out {args.out}: a folder, or a path under a file; give a .json file's path")
     result = probes(args.noise)
     print("| probe | judge score | " + " | ".join(ATTRIBUTES) + " |")
     print("|---|---|" + "---|" * len(ATTRIBUTES))

@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.steps < 1:  # a step count of 0 ended in a traceback, a negative one in negative timings
+        parser.error(f"--steps {args.steps}: give a number >= 1")
     torch.set_num_threads(1)
     header = (f"{args.model} model, DPO, batch {args.batch} pairs, mean of {args.steps} steps, "
               f"torch {torch.__version__}, "

@@ -234,7 +234,8 @@ def table_row(row: dict) -> str:
             f"{row['batched_img_s']:.1f} | {row['one_at_a_time_img_s']:.1f} | {row['speed_up']:.1f}x |")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """0 when every model was measured, 1 when a row holds an error (the rest still ran)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -248,6 +249,9 @@ def main(argv=None) -> None:
                    help="rows as JSON, rewritten after every model (default: $OUT/reward_throughput.json if OUT "
                         "is set, else none)")
     args = p.parse_args(argv)
+    for flag in ("images", "batch_size", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= 1")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if set(models) - set(MODELS):
         p.error(f"unknown --models {sorted(set(models) - set(MODELS))}; choose from {', '.join(MODELS)}")
@@ -273,7 +277,8 @@ def main(argv=None) -> None:
             print(table_row(rows[-1]), flush=True)
             if json_path is not None:
                 write_json_atomic(json_path, rows)
+    return int(any("error" in row for row in rows))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

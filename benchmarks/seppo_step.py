@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,7 +29,8 @@ def setup(batch: int, sample_steps: int):
     from t2i_align.conditioning.text import encode_prompts
 
     torch.manual_seed(0)
-    cfg = load_config("configs/toy/seppo.yaml", [f"seppo.sample_steps={sample_steps}", "output_dir=/tmp/seppo-bench"])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/toy/seppo.yaml",  # from any folder
+                      [f"seppo.sample_steps={sample_steps}", "output_dir=/tmp/seppo-bench"])
     comp = load_components(cfg.model)
     params = trainable_parameters(comp.unet, cfg.lora)
     comp.unet.train()
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, nargs="+", default=[10, 20])
     args = parser.parse_args()
+    if args.steps < 1:  # a step count of 0 ended in a traceback, a negative one in negative timings
+        parser.error(f"--steps {args.steps}: give a number >= 1")
     print(f"toy model, LoRA r8, batch {args.batch}, mean of {args.steps} steps, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads\n")
     print("| objective | reference sampling steps | s/step | of which generation (s) | × DPO step |\n"

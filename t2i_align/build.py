@@ -15,14 +15,16 @@ from .models import load_components, torch_dtype
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 
 
-def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = True) -> None:
+def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = True, data_files: bool = True) -> None:
     """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
-    that is not there, a reward named that does not exist, takes other options or whose weights are not there (the
-    gallery's with `gallery_weights`: the main process alone loads them, `check_gallery_weights`)."""
+    that is not there (with `data_files`; the toy demo's are yet to be made), a reward named that does not exist,
+    takes other options or whose weights are not there (the gallery's with `gallery_weights`: the main process
+    alone loads them, `check_gallery_weights`)."""
     from .data.sources import check_data_files, check_data_kind
 
     check_data_kind(cfg, batch_kind)
-    check_data_files(cfg)
+    if data_files:
+        check_data_files(cfg)
     _check_method_settings(cfg, batch_kind)
     _check_reward("tracking.validation_reward", cfg.tracking.validation_reward, cfg.tracking.validation_reward_options,
                   gallery_weights)

@@ -87,7 +87,8 @@ def test_pairs_people_did_not_decide_can_be_relabelled_too(pairs, tmp_path, caps
 
 def test_invalid_labels_are_counted_as_such_and_relabelling_nothing_fails(tmp_path, capsys):
     """An invalid human label (3.0) was counted as "unlabelled"; a run that relabelled no pair exited 0 beside
-    row-less files a training run then could not use."""
+    row-less files a training run then could not use; then it exited 2 and left them, so a rerun asked for
+    --overwrite, and said "not_scored 1" without why."""
     folder, out = tmp_path / "pairs", tmp_path / "ai"
     folder.mkdir()
     rows = _rows()
@@ -96,11 +97,11 @@ def test_invalid_labels_are_counted_as_such_and_relabelling_nothing_fails(tmp_pa
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith("error: no pair was relabelled: of 4 rows read, skipped human_tie 1, unlabelled 1, "
-                                "invalid_label 1, not_scored 1 (see ")
-    assert json.loads((out / "relabel.json").read_text())["skipped"] == {
-        "human_tie": 1, "unlabelled": 1, "invalid_label": 1, "unreadable_image": 0, "not_scored": 1}
-    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out, "--overwrite",
-                                "--all-pairs")  # the caption toy-judge cannot read stays unscored
+                                "invalid_label 1, not_scored 1; the first not scored: ")
+    assert "toy-judge" in errors[0] and errors[0].endswith(f"(nothing written to {out})")
+    assert not out.exists()  # the row-less files are gone: a rerun needs no --overwrite
+    # the caption toy-judge cannot read stays unscored
+    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out, "--all-pairs")
     assert code == 0 and summary["written"] == 3 and summary["skipped"]["not_scored"] == 1
 
 

@@ -119,7 +119,8 @@ def test_demo_shows_a_bar_per_phase_and_a_headline(tmp_path, capsys, monkeypatch
 
 
 def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monkeypatch):
-    """A misspelt override was reported only after the pair sampling (minutes)."""
+    """A misspelt override was reported only after the pair sampling (minutes), as was a wrong value; data.path
+    and output_dir replaced the demo's own, training on other data than judge.json reported."""
     from pathlib import Path
 
     import t2i_align.toy.demo as demo
@@ -129,6 +130,13 @@ def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monke
     monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled pairs before the config check"))
     assert main(["demo", "--out", str(tmp_path / "demo"), "train.max_stepz=2"]) == 2
     assert "train.max_stepz" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+    for override, message in (("objective.name=dpoo", "'dpoo' is not an objective"),
+                              ("objective.name=reward_backprop", "data.kind"),
+                              ("data.path=x.parquet", "data.path=x.parquet: the demo sets data.path")):
+        assert main(["demo", "--out", str(tmp_path / "demo"), override]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "no.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --config {tmp_path / 'no.yaml'} not found"
 
 
 def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, monkeypatch):

@@ -62,7 +62,7 @@ def _relabel(args) -> int:
     from reward_models.cli import UsageError, load_rewards, parse_options
 
     from ..files import check_output_path
-    from .relabel import check_no_strays, input_files, relabel
+    from .relabel import check_no_strays, input_files, relabel, remove_outputs
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -84,10 +84,12 @@ def _relabel(args) -> int:
                       resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
                       log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(summary, indent=2))
-    if not summary["written"]:  # empty files: a run given OUT would find no pairs
+    if not summary["written"]:  # empty files: a run given OUT would find no pairs; removed, so a rerun may write
+        remove_outputs(out, [name for name, _ in files])
         skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items() if v)
-        raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'} "
-                         f"(see {out / 'relabel.json'})")
+        why = f"; the first not scored: {summary['first_problem']}" if "first_problem" in summary else ""
+        raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'}{why} "
+                         f"(nothing written to {out})")
     return 0
 
 

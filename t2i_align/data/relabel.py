@@ -85,6 +85,9 @@ def _scored(reward_name: str, reward, rows: List[Dict[str, Any]], counts: Dict[s
         s0, s1 = (s[reward_name] for s in pair)
         if s0 is None or s1 is None:
             counts["skipped"]["not_scored"] += 1
+            problem = next((s.get("error") for s in pair if s.get("error")), None)
+            if problem:  # why (a reward that refuses these prompts): the summary said only "not_scored 2"
+                counts.setdefault("first_problem", problem)
             continue
         yield _relabelled(row, s0, s1, counts)
 
@@ -177,6 +180,17 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
     return summary
 
 
+def remove_outputs(out: Path, names: List[str]) -> None:
+    """What relabelling wrote in `out` (files of no pair, when none was relabelled: a rerun found them there and
+    asked for --overwrite), and the folder if that leaves it empty."""
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+        _record_path(out / name).unlink(missing_ok=True)
+    (out / "relabel.json").unlink(missing_ok=True)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def check_no_strays(out: Path, names: List[str]) -> None:
     """UserError when output folder `out` holds parquet files that relabelling these inputs would not write: a run
     given the folder would train on them too."""
@@ -236,6 +250,8 @@ def _add(total: Dict[str, Any], counts: Dict[str, Any]) -> None:
     for key, value in counts.items():
         if isinstance(value, dict):
             _add(total[key], value)
+        elif isinstance(value, str):  # the first file's first_problem
+            total.setdefault(key, value)
         else:
             total[key] += value
 

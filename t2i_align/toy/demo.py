@@ -74,12 +74,21 @@ def gallery_rows(evals: Dict[str, Evaluation], num_prompts: int = GALLERY_PROMPT
 
 
 def _dpo_config(config: Path, pairs: Path, out: Path, overrides: Sequence[str]):
-    """Read (and so check) the DPO config and the overrides before minutes of pair sampling."""
-    from ..config import load_config
+    """Read and check the DPO config and the overrides before minutes of pair sampling, as a dry run does (an
+    objective's name or settings were refused only after them)."""
+    from ..build import check_before_loading
+    from ..config import ConfigError, load_config
+    from ..objectives import get_objective
 
     if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: run the demo from the repository root (make demo)")
-    return load_config(config, [f"data.path={pairs}", f"output_dir={out}", *overrides])
+        where = ": run the demo from the repository root (make demo)" if config == DEMO_CONFIG else ""
+        raise FileNotFoundError(f"--config {config} not found{where}")
+    owned = [o for o in overrides if o.split("=", 1)[0] in ("data.path", "output_dir")]
+    if owned:  # training would read other data than the pairs judge.json reports
+        raise ConfigError(f"{', '.join(owned)}: the demo sets data.path (its pairs) and output_dir (--out/dpo)")
+    cfg = load_config(config, [f"data.path={pairs}", f"output_dir={out}", *overrides])
+    check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind, data_files=False)
+    return cfg
 
 
 def _judge(pipe, name: str, seeds_per_prompt: int, show_progress: bool) -> Evaluation:
