@@ -190,6 +190,14 @@ def test_reference_checks():
         SFT().compute_loss(policy, policy, batch, sched, cfg)
     with pytest.raises(TypeError, match="PairBatch"):
         DPO().compute_loss(policy, Recorder(), ImageBatch(batch.latents_w, batch.embeds), sched, cfg)
+    # a batch that would train wrongly without a word: one side's SDXL time ids, winners and losers of other sizes
+    sdxl = pair_batch(time_ids=True)
+    with pytest.raises(ValueError, match="time ids for only one side"):
+        DPO().compute_loss(policy, Recorder(), PairBatch(sdxl.latents_w, sdxl.latents_l, sdxl.embeds,
+                                                         sdxl.time_ids_w, None), sched, cfg)
+    with pytest.raises(ValueError, match=r"winner latents \(2, 4, 4, 4\) and loser latents \(2, 4, 4, 2\) differ"):
+        DPO().compute_loss(policy, Recorder(), PairBatch(batch.latents_w, batch.latents_l[..., :2], batch.embeds),
+                           sched, cfg)
     assert DPO.needs_reference and not SFT.needs_reference and (DPO.batch_kind, SFT.batch_kind) == ("pairs", "images")
 
 

@@ -138,6 +138,12 @@ def test_pairwise_accuracy_on_a_pickapic_parquet(tmp_path, capsys):
     assert acc["accuracy"] == 1.0 and acc["n"] == 5 and acc["reward_ties"] == 0
     # Wilson at p = 1, n = 5: low = 1 / (1 + z²/5) = 1 / 1.76829 = 0.56552
     assert acc["low"] == pytest.approx(0.56552, abs=1e-4) and acc["high"] == 1.0
+    # a pair whose two images are the same bytes, labelled 1: a reward tie, counted as half a correct pair
+    same = {**_pair_rows()[0], "jpg_1": _pair_rows()[0]["jpg_0"], "ranking_id": 99}
+    write_parquet([*_pair_rows(), same], path)
+    _, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", path, "--out", out, "--pairwise", "--overwrite")
+    acc = summary["pairwise"]["toy-judge"]
+    assert (acc["n"], acc["reward_ties"]) == (6, 1) and acc["accuracy"] == pytest.approx(5.5 / 6)
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):

@@ -117,6 +117,19 @@ def test_equal_differences_give_no_t_and_the_documented_p():
     assert (same["t"], same["p_value"]) == (0.0, 1.0)
 
 
+def test_compare_scores_reads_tuned_against_base():
+    """Which side is "tuned" was tested only where tuned won everywhere: base [0, 0, 1], tuned [1, 1, 0] wins 2 of
+    3 (rate 2/3), mean difference (1 + 1 - 1) / 3 = 1/3; swapped, 1/3 and -1/3."""
+    from t2i_align.evaluation import compare_scores
+
+    forward, backward = compare_scores([0, 0, 1], [1, 1, 0]), compare_scores([1, 1, 0], [0, 0, 1])
+    assert forward["win_rate"]["win_rate"] == pytest.approx(2 / 3) and backward["win_rate"]["win_rate"] == \
+        pytest.approx(1 / 3)
+    assert forward["paired_diff"]["mean_diff"] == pytest.approx(1 / 3)
+    assert backward["paired_diff"]["mean_diff"] == pytest.approx(-1 / 3)
+    assert (forward["base"]["mean"], forward["tuned"]["mean"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+
+
 def test_holm_by_hand():
     """p 0.01, 0.04, 0.03, 0.5 (m = 4): sorted 0.01·4 = 0.04, 0.03·3 = 0.09, 0.04·2 = 0.08 -> 0.09 (monotone),
     0.5·1 = 0.5; a p of 0.4 among two becomes min(1, 0.8)."""

@@ -229,6 +229,11 @@ def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", str(final)]) == 2
     assert "user_table.safetensors exists without the" in capsys.readouterr().err
     assert (final / "user_table.safetensors").read_bytes() == b"the run's table"
+    # the missing file named by its flag (the pairs' message told a training run to set data.path)
+    assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --pairs x does not exist: give a Pick-a-Pic-format parquet" in capsys.readouterr().err
+    assert users_main(["check-shots", "--shots", str(tmp_path / "u.json"), "--pairs", "x"]) == 2
+    assert f"error: --shots {tmp_path / 'u.json'} does not exist" in capsys.readouterr().err
 
 
 def test_a_transformers_too_old_is_a_user_error(tmp_path, monkeypatch):

@@ -192,6 +192,8 @@ def merge_parts(out: Path, handled: Optional[int] = None) -> Dict[str, Any]:
 
 def load_shots(path: str) -> Dict[Any, List[str]]:
     """users.json -> {user id: shot fingerprints}."""
+    if not Path(path).is_file():  # was "No such file or directory: PATH", naming no flag
+        raise UserError(f"--shots {path} does not exist: give the users.json that `embed` wrote in its --out")
     try:
         users = json.loads(Path(path).read_text())["users"]
         return {json.loads(key): value["shots"] for key, value in users.items()}
@@ -199,10 +201,17 @@ def load_shots(path: str) -> Dict[Any, List[str]]:
         raise UserError(f"{path} is not a users.json written by `python -m t2i_align.users embed` ({err!r})") from None
 
 
+def _pair_data(pairs: str) -> PairDataset:
+    if not Path(pairs).exists():  # PairDataset's message tells a training run to set data.path
+        raise UserError(f"--pairs {pairs} does not exist: give a Pick-a-Pic-format parquet file or folder with a "
+                        "user_id column")
+    return PairDataset(pairs, resolution=8)
+
+
 def check_shots(shots_json: str, pairs: str) -> int:
     """Raise ShotOverlapError if a training pair of `pairs` was one of its user's shots; returns rows checked."""
     shots = load_shots(shots_json)
-    dataset = PairDataset(pairs, resolution=8)
+    dataset = _pair_data(pairs)
     if dataset.user_ids is None:
         raise ValueError(f"{pairs} has no user_id column")
     from tqdm.auto import tqdm
@@ -278,7 +287,7 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
 
     state = PartialState(timeout=SHARD_WAIT)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    dataset = PairDataset(pairs, resolution=8)
+    dataset = _pair_data(pairs)
     _by_user(dataset)  # its ids checked before the model loads
     pairs_path = Path(pairs).resolve()
     settings = {"model": str(Path(model).resolve()), "pairs": str(pairs_path), "num_shots": num_shots, "seed": seed,
