@@ -15,7 +15,8 @@ OUTPUT: .jsonl or .csv, written atomically. An unreadable image (or a prompt a r
   --option clip.arch=ViT-B-32 --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16
   --option clip.batch_size=8 (a reward may split each batch further). --device goes to every reward that takes one.
 Exit code 2 and `error: ...` for user errors: unknown reward/option, bad syntax, missing weights (names the file
-  expected and its source), missing parquet columns, prompt count mismatch.
+  expected and its source), missing parquet columns, prompt count mismatch. Exit code 1 when a reward scored no
+  image (the rows, with each image's error, are written first).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def add_model_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -39,9 +39,9 @@ def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = Fa
     p.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default=None,
                    help="sampler (default: the model folder's own)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="classifier-free guidance scale (default 3.0, the toy model's; SD1.5 is usually sampled at "
-                        "7.5, SDXL at 5.0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: diffusers' pipelines' own, 7.5 for SD1.5 and 5.0 "
+                        "for SDXL; 3.0 for the toy model)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (halved on OOM)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None)
@@ -78,6 +78,8 @@ def settings_from(args, num_prompts: int):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= 1")
     _check_seeds(args.seed, args.seeds_per_prompt, num_prompts)
+    if args.guidance is None:
+        args.guidance = default_guidance(args.model)
     if not math.isfinite(args.guidance) or args.guidance < 0 or (args.negative_prompt and args.guidance <= 1):
         raise UsageError(f"--guidance {args.guidance}: give a scale >= 0, and > 1 with --negative-prompt (at 1 or "
                          "less there is no classifier-free guidance, so the negative prompt would be unused)")
@@ -89,6 +91,22 @@ def settings_from(args, num_prompts: int):
                           steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                           negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                           dtype=args.dtype, variant=args.variant, vae=args.vae)
+
+
+def default_guidance(model: str) -> float:
+    """The scale a model is sampled at when --guidance is not given: 3.0 for the toy model (its gallery's), else
+    its diffusers pipeline's default, 5.0 for SDXL and 7.5 for SD1.5 (the toy's 3.0 sampled real models washed
+    out). Read from the folder's model_index.json, or a hub id's name."""
+    from t2i_align.toy.assets import pipeline_dir
+
+    folder = Path(model).expanduser()
+    if model == "toy" or (folder.is_dir() and folder.resolve() == pipeline_dir().resolve()):
+        return 3.0
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):  # a hub id, or a folder the model check refuses later
+        name = model
+    return 5.0 if "xl" in str(name).lower() else 7.5
 
 
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
@@ -224,8 +242,9 @@ def user_choice_from(args, user_id=None):
     return UserChoice(ids=ids, alpha=args.alpha, table=args.user_table, shots=args.user_shots, scale=args.user_scale)
 
 
-def add_reward_args(p: argparse.ArgumentParser, default: str = "toy-judge") -> None:
-    p.add_argument("--reward", default=default, help=f"comma-separated reward names (default {default})")
+def add_reward_args(p: argparse.ArgumentParser, default: Optional[str] = "toy-judge", helptext: str = "") -> None:
+    p.add_argument("--reward", default=default,
+                   help=f"comma-separated reward names (default {helptext or default})")
     p.add_argument("--option", action="append", metavar="NAME.KEY=VALUE",
                    help="reward option, e.g. clip.checkpoint=/w/clip.safetensors (repeatable)")
 

@@ -47,12 +47,22 @@ def _sample_sets(models: Dict[str, tuple], prompts: List[str], settings, device:
     return {name: sets[name] for name in models}  # columns: base, then tuned
 
 
+def _reads(reward, prompts) -> bool:
+    from reward_models.base import PromptsRejected
+
+    try:
+        reward.check_prompts(prompts)
+    except PromptsRejected:
+        return False
+    return True
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_model_args(p, prefix="base-")
     add_sampling_args(p)
-    add_reward_args(p)
+    add_reward_args(p, default=None, helptext="toy-judge when it reads the prompts, toy captions only, else none")
     add_user_args(p)
     p.set_defaults(seeds_per_prompt=2)
     p.add_argument("--no-base", action="store_true", help="show only --model (no base column)")
@@ -86,7 +96,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       made_by="grid.png")
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args, len(prompts))
-    rewards = load_reward_set(args.reward, args.option, args.device) if args.reward else {}
+    rewards = load_reward_set(args.reward or "toy-judge", args.option, args.device) if args.reward != "" else {}
+    if args.reward is None and not _reads(rewards["toy-judge"], prompts):  # a gallery of real prompts needed
+        rewards = {}  # --reward '': the default refused them
+        print("note: no reward under the images (toy-judge reads only toy captions); --reward NAME adds one",
+              file=sys.stderr)
     check_rewards_read(rewards, prompts, none_ok=True)
     models = {"tuned": (args.model, args.lora, args.text_encoding)}
     if not args.no_base:

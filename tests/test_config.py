@@ -612,3 +612,13 @@ def test_a_negative_prompt_without_guidance_is_refused():
                            "raft.guidance_scale=1"])
     assert load_config(None, ["raft.enabled=true", "raft.prompts=toy:train", "raft.negative_prompt=blurry",
                               "raft.guidance_scale=1.5"]).raft.negative_prompt == "blurry"
+
+
+def test_a_key_set_twice_on_the_command_line_is_warned():
+    """`train.max_steps=2 ... train.max_steps=3` took the last value without a word; the same value twice is fine."""
+    with pytest.warns(UserWarning, match=r"train\.max_steps is set twice on the command line \(train\.max_steps=2, "
+                                         r"then train\.max_steps=3\): the last one counts"):
+        assert load_config(None, ["train.max_steps=2", "train.batch_size=2", "train.max_steps=3"]).train.max_steps == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["train.max_steps=2", "train.max_steps=2"])

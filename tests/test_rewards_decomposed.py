@@ -127,6 +127,11 @@ def test_gradients_reach_the_images(tiny):
     scores, _ = reward(images, PROMPTS[:3])
     scores.sum().backward()
     assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+    # the gradient is the score's: its derivative along a random direction v matches a central difference
+    v = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ahead, behind = (reward(images + h * v, PROMPTS[:3])[0].sum().item() for h in (1e-2, -1e-2))
+    assert (images.grad * v).sum().item() == pytest.approx((ahead - behind) / 2e-2, rel=0.02)
 
 
 def test_fit_common_direction_by_hand():

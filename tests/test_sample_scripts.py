@@ -208,6 +208,29 @@ def test_gallery_writes_html_and_a_wandb_offline_run(prompts, tmp_path):
     assert media
 
 
+def test_guidance_defaults_to_the_models_own(tmp_path):
+    """--guidance defaulted to the toy model's 3.0 for every model: SD1.5 and SDXL sampled washed out."""
+    from t2i_align.toy.assets import pipeline_dir
+
+    guidance = _script("common").default_guidance
+    for name, cls in (("sd15", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    assert (guidance(str(tmp_path / "sd15")), guidance(str(tmp_path / "sdxl"))) == (7.5, 5.0)
+    assert guidance("toy") == guidance(str(pipeline_dir())) == 3.0
+    assert (guidance("stabilityai/stable-diffusion-xl-base-1.0"), guidance("org/sd15")) == (5.0, 7.5)
+
+
+def test_gallery_of_real_prompts_needs_no_reward_flag(tmp_path, capsys):
+    """The default --reward toy-judge refused every prompt that is not a toy caption: an SD user's gallery needed
+    --reward ''. Now it is shown without a reward, with a note; toy captions keep toy-judge (test above)."""
+    path = tmp_path / "p.txt"
+    path.write_text("a photo of a cat on a sofa\n")
+    result = _script("gallery").main(["--prompts", str(path), "--out", str(tmp_path / "g"), *FAST])
+    assert "no reward under the images (toy-judge reads only toy captions)" in capsys.readouterr().err
+    assert "toy-judge" not in Path(result["gallery"]).read_text()
+
+
 def test_gallery_whose_model_fails_to_load_leaves_no_empty_out_folder(prompts, tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -253,6 +253,7 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     layers = _read_yaml(Path(path).expanduser()) if path is not None else []
     files = len(layers)
     layers += [_parse_override(item) for item in overrides]
+    _warn_repeated(overrides)
     merged = OmegaConf.structured(Config)
     for where, layer in layers:
         data = OmegaConf.to_container(layer, resolve=False)
@@ -275,6 +276,17 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     _check_finite(cfg)
     _check_switched_on(cfg, layers[files:])
     return cfg
+
+
+def _warn_repeated(overrides: Sequence[str]) -> None:
+    """A key set twice on the command line with two values: the last counts, which a long command hides."""
+    first: dict = {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if first.setdefault(key, item) != item:
+            warnings.warn(f"{key} is set twice on the command line ({first[key]}, then {item}): the last one counts",
+                          stacklevel=3)
+            first[key] = item
 
 
 def _leaves(data: Any, prefix: str = "") -> List[Tuple[str, Any]]:
