@@ -11,7 +11,8 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import pyarrow.parquet as pq
 
 from t2i_align.data.images import check_aspect, decode_image
-from t2i_align.data.pairs import find_parquet_files, label_problem
+from t2i_align.data.images import find_parquet_files
+from t2i_align.data.pairs import label_problem
 from t2i_align.errors import UserError
 from t2i_align.prompts import text_lines
 

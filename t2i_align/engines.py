@@ -207,10 +207,24 @@ def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:
         raise UserError(f"under FSDP raft.prompts_per_round ({cfg.raft.prompts_per_round}) must divide evenly over "
                         f"the {processes} processes: sampling is collective, so every process must generate as many "
                         "images as the others")
+    _reduce_in_fp32(accelerator.state.fsdp_plugin)
     if cfg.train.mixed_precision == "fp16":
-        say(accelerator, "note: fp16 under FSDP is untested: accelerate's policy then reduces the gradients in fp16 "
-                         "too (DDP reduces fp32 ones); train.mixed_precision=bf16 model.weight_dtype=bf16 is the "
-                         "tested choice")
+        say(accelerator, "note: fp16 under FSDP is untested; train.mixed_precision=bf16 model.weight_dtype=bf16 is "
+                         "the tested choice")
+
+
+def _reduce_in_fp32(plugin) -> None:
+    """accelerate's FSDP policy for bf16 / fp16 reduce-scatters the gradients in that precision too, each
+    micro-batch's rounded before it is accumulated (DDP reduces fp32 gradients): reduce in fp32, as DDP does,
+    unless the accelerate config chose its own reduce dtype (a policy whose reduce dtype is not its param dtype)."""
+    import dataclasses
+
+    import torch
+
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    low = getattr(policy, "param_dtype", None)
+    if low in (torch.bfloat16, torch.float16) and policy.reduce_dtype == low:
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
 
 
 def check_deepspeed(accelerator, cfg) -> None:

@@ -1,5 +1,5 @@
-"""Prompt lists: a text file with one prompt per line, the `prompt` (or `caption`) field of a .jsonl / .csv file
-(t2i-score's prompt files, generate.py's metadata.jsonl: one row per image, so repeated prompts stay repeated), a
+"""Prompt lists: a text file with one prompt per line, the `caption` (or `prompt`) field of a .jsonl / .csv file
+(t2i-score's prompt files, generate.py's metadata.jsonl, a pair or caption listing: each prompt once), a
 parquet file's `caption` column (a caption data set's,
 e.g. LongAlign's stage-1 data for stage 2: its multi-paragraph captions whole), or a toy-world prompt set:
 "toy:train", "toy:heldout" (the one-sentence captions) or "toy:train-long", "toy:heldout-long" (the six-sentence
@@ -16,6 +16,7 @@ from .config import ConfigError
 logger = logging.getLogger(__name__)
 
 TOY_SETS = ("toy:train", "toy:heldout", "toy:train-long", "toy:heldout-long")
+PROMPT_FILES = "a text file with one prompt per line, a .jsonl / .csv with a caption or prompt field"
 
 
 def toy_long_captions(name: str) -> List[str]:
@@ -49,11 +50,11 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
             raise ConfigError(f"{what}: {err} (as one of {', '.join(TOY_SETS)})") from None
     path = Path(spec)
     if path.is_dir():
-        raise ConfigError(f"{what}: {path} is a folder; give a text file with one prompt per line, or one parquet "
-                          "file with a caption column")
+        raise ConfigError(f"{what}: {path} is a folder; give {PROMPT_FILES}, or one parquet file with a caption "
+                          "column")
     if not path.is_file():
-        raise ConfigError(f"{what}: prompts file {path} not found; give a text file with one prompt per line "
-                          "(or toy:train / toy:heldout, -long for the long captions, for the toy world)")
+        raise ConfigError(f"{what}: prompts file {path} not found; give {PROMPT_FILES} (or toy:train / "
+                          "toy:heldout, -long for the long captions, for the toy world)")
     if path.suffix.lower() == ".parquet":
         return parquet_captions(path, what)
     if path.suffix.lower() in (".jsonl", ".csv"):  # read as text, a header or a whole JSON line became a prompt
@@ -69,8 +70,10 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
 
 
 def table_prompts(path: Path, what: str = "prompts") -> List[str]:
-    """The `prompt` (else `caption`) field of every row of a .csv with a header or a .jsonl of objects, in order;
-    empty ones skipped, as blank lines are."""
+    """The `caption` (else `prompt`) field of every row of a .csv with a header or a .jsonl of objects, as a pair
+    listing is read (`data/listings.py`), in order, each prompt once: such files list images (generate.py's
+    metadata.jsonl, a row per seed), and a prompt read once per image would be sampled seeds × seeds times and
+    counted as several prompts by compare.py's statistics. Empty ones are skipped, as blank lines are."""
     import csv
     import io
     import json
@@ -89,13 +92,17 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
     if torn is not None:
         raise ConfigError(f"{what}: {path} row {torn + 1} has more or fewer fields than the header (a comma in a "
                           "prompt? put the prompt in double quotes)")
-    field = next((f for f in ("prompt", "caption") if all(f in r for r in rows)), None)
-    if field is None:
-        raise ConfigError(f"{what}: every row of {path} needs a 'prompt' (or 'caption') field; its first row has "
-                          f"{sorted(rows[0])} (a text file with one prompt per line needs the .txt suffix)")
-    prompts = [" ".join(str(r[field]).split()) for r in rows if r[field] is not None and str(r[field]).strip()]
+    bare = next((i for i, r in enumerate(rows) if "caption" not in r and "prompt" not in r), None)
+    if bare is not None:
+        raise ConfigError(f"{what}: row {bare + 1} of {path} has no 'caption' or 'prompt' field, only "
+                          f"{sorted(rows[bare])} (a text file with one prompt per line needs the .txt suffix)")
+    texts = (r["caption"] if "caption" in r else r["prompt"] for r in rows)
+    prompts = list(dict.fromkeys(" ".join(str(t).split()) for t in texts if t is not None and str(t).strip()))
     if not prompts:
-        raise ConfigError(f"{what}: {path} holds no prompts (every '{field}' is empty)")
+        raise ConfigError(f"{what}: {path} holds no prompts (every caption or prompt is empty)")
+    if len(prompts) < len(rows):
+        logger.info("%s: %d prompts from the %d rows of %s (repeats and empty ones read once / skipped)", what,
+                    len(prompts), len(rows), path)
     return prompts
 
 

@@ -65,6 +65,26 @@ def test_fp16_mixed_precision_on_a_cpu_is_refused_at_start(engine, device, refus
         configure_engine(accelerator, cfg, True)  # a GPU runs fp16 autocast: no error
 
 
+def test_fsdp_reduces_half_precision_gradients_in_fp32():
+    """accelerate's bf16 / fp16 FSDP policy reduce-scattered every micro-batch's gradients in that precision (DDP
+    reduces fp32 ones); a policy of the accelerate config's own choosing is kept, as is fp32."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from t2i_align.engines import _reduce_in_fp32
+
+    for low in (torch.bfloat16, torch.float16):
+        plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(low, low, low))
+        _reduce_in_fp32(plugin)
+        assert plugin.mixed_precision_policy == MixedPrecisionPolicy(low, torch.float32, low)
+    for kept in (MixedPrecisionPolicy(torch.bfloat16, torch.float16), MixedPrecisionPolicy(), None):
+        plugin = SimpleNamespace(mixed_precision_policy=kept)
+        _reduce_in_fp32(plugin)
+        assert plugin.mixed_precision_policy is kept
+
+
 @pytest.mark.parametrize("version, overrides, message", [
     (1, [], "FSDP version 1 is not supported.*fsdp_version: 2"),
     (2, ["objective.name=seppo", "lora.enabled=true"],

@@ -103,9 +103,10 @@ def test_fsdp_full_finetune_takes_the_ddp_steps_and_exports_a_whole_unet(tmp_pat
 
 @pytest.mark.slow
 def test_fsdp_bf16_differs_from_ddp_bf16_only_by_rounding(tmp_path):
-    """bf16 under FSDP2 is accelerate's MixedPrecisionPolicy (bf16 weights in the forward, bf16 gradient
-    reduction), under DDP autocast over fp32 weights: not the same arithmetic, so the two end apart. They must end
-    within 1.5× of how far bf16 DDP ends from fp32 DDP, i.e. apart by rounding, not by a wrong step. (-m slow.)"""
+    """bf16 under FSDP2 is accelerate's MixedPrecisionPolicy (bf16 weights in the forward; the gradients reduced in
+    fp32 since session 31, bf16 before), under DDP autocast over fp32 weights: not the same arithmetic, so the two
+    end apart. They must end within 1.5× of how far bf16 DDP ends from fp32 DDP, i.e. apart by rounding, not by a
+    wrong step. (-m slow.)"""
     args = tiny_run_args(tmp_path, *FULL)
     launch_fsdp(*args, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'fsdp16'}")
     launch(*args, "train.mixed_precision=bf16", f"output_dir={tmp_path / 'ddp16'}")

@@ -216,7 +216,7 @@ def test_mistakes_are_one_error_line_and_keep_earlier_pairs(folder, capsys, case
 
 def test_a_listing_given_as_training_data_is_pointed_to_the_import(folder):
     from t2i_align.config import ConfigError
-    from t2i_align.data.pairs import find_parquet_files
+    from t2i_align.data.images import find_parquet_files
 
     listing = write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]])
     with pytest.raises(ConfigError, match=r"is a listing, not parquet: python -m t2i_align.data pairs --from LISTING"):

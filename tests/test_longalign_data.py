@@ -179,15 +179,16 @@ def test_prompt_files_in_jsonl_or_csv_give_their_prompt_field(tmp_path):
     assert read_prompts(str(tmp_path / "p.csv")) == ["a red circle, small", "a cat"]  # the empty one skipped
     (tmp_path / "m.jsonl").write_text('{"file": "0.png", "prompt": "a cat", "seed": 0}\n\n{"file": "1.png", '
                                       '"prompt": "a cat", "seed": 1}\n{"caption": "x", "prompt": "a dog"}\n')
-    assert read_prompts(str(tmp_path / "m.jsonl")) == ["a cat", "a cat", "a dog"]  # one row per image, as given
+    assert read_prompts(str(tmp_path / "m.jsonl")) == ["a cat", "x"]  # a row per image: each prompt once; caption
+    # first, as a pair listing reads it (stage 1 trained on the caption, stage 2 read the prompt)
     (tmp_path / "c.jsonl").write_text('{"caption": "a long\\n\\ncaption"}\n')
     assert read_prompts(str(tmp_path / "c.jsonl")) == ["a long caption"]
-    for name, text, message in (("n.jsonl", '{"text": "a cat"}\n', r"needs a 'prompt' \(or 'caption'\) field; its "
-                                 r"first row has \['text'\]"),
+    for name, text, message in (("n.jsonl", '{"prompt": "a"}\n{"text": "a cat"}\n', r"row 2 of .* has no 'caption' "
+                                 r"or 'prompt' field, only \['text'\]"),
                                 ("bad.jsonl", "a cat\n", "cannot read .* UTF-8 JSON lines"),
                                 ("list.jsonl", "[1, 2]\n", "holds no rows of fields"),
                                 ("torn.csv", "file,prompt\na.png,a red circle, small\n", "row 1 has more or fewer"),
-                                ("e.csv", "file,prompt\na.png,\n", "holds no prompts")):
+                                ("e.csv", "file,prompt\na.png,\n", "holds no prompts \\(every caption or prompt")):
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=message):
             read_prompts(str(tmp_path / name), "--prompts")

@@ -3,8 +3,9 @@ the implicit accuracy at 1, SFT's error falls, reward fine-tuning's reward rises
 loop tests compare runs with each other (resume, micro-batches, engines) or check one step, so a loss whose sign
 was flipped passed all of them (a reviewer negated `Accelerator.backward`'s loss: every test of test_loop.py passed).
 
-The global RNG is reseeded before each batch, so every step draws the same latents, noise and timesteps for the
-same rows: the logged losses are then one function of the weights, and must fall. The toy world's
+The pairs come from the latent cache in a fixed order (each epoch's shuffle pinned) and the global RNG is reseeded
+before each batch, so every step sees the same rows with the same noise and timesteps: the logged losses are then
+one function of the weights, and must fall. The toy world's
 judged, held-out evidence is in README (benchmarks/*_toy_runs.sh); this is the fast check of the direction."""
 import json
 import math
@@ -31,6 +32,14 @@ def pairs(tmp_path_factory):
 @pytest.fixture
 def same_draws_every_step(monkeypatch):
     import t2i_align.loop as loop
+    from t2i_align.data.sources import OfflineSource
+
+    pinned = []
+
+    def in_order(self, epoch):
+        pinned.append(epoch)
+        return self.rows[: self.batches_per_epoch * self.batch_size]
+    monkeypatch.setattr(OfflineSource, "_epoch_indices", in_order)
 
     next_batch = loop._next_batch
 
@@ -38,6 +47,7 @@ def same_draws_every_step(monkeypatch):
         torch.manual_seed(0)
         return next_batch(*args, **kwargs)
     monkeypatch.setattr(loop, "_next_batch", reseeded)
+    return pinned  # the epochs served in order: the pairs tests' premise
 
 
 def _run(out, *overrides):
@@ -48,24 +58,26 @@ def _run(out, *overrides):
 
 def _pairs_run(out, model, data, *overrides):
     return _run(out, f"model.pretrained={model}", f"data.path={data}", "data.resolution=16", "train.batch_size=4",
-                *overrides)
+                "data.cache=true", f"data.cache_dir={out.parent / 'cache'}", *overrides)
 
 
 def test_dpo_and_seppo_raise_the_preferred_images_likelihood(tiny_model, pairs, tmp_path, same_draws_every_step):
     lora = ("lora.enabled=true", "lora.rank=4", "objective.beta=100", "train.learning_rate=1e-2",
             "train.max_steps=12")
-    for name, extra, end in (("dpo", (), 0.2), ("seppo", ("seppo.sample_steps=2", "seppo.guidance_scale=1"), 0.45)):
+    for name, extra, end in (("dpo", (), 0.3), ("seppo", ("seppo.sample_steps=2", "seppo.guidance_scale=1"), 0.3)):
         records = _pairs_run(tmp_path / name, tiny_model, pairs, f"objective.name={name}", *lora, *extra)
+        assert same_draws_every_step, "the pairs were not served by the cached source in a pinned order"
         losses = [r["loss"] for r in records]
         assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference before the first update
-        assert losses[-1] < end and max(losses[3:]) < losses[0], (name, losses)  # measured: 0.065, 0.303
-        assert records[-1]["implicit_acc"] == 1.0
+        assert losses[-1] < end and max(losses[3:]) < losses[0], (name, losses)  # measured: 0.156, 0.130
+        assert records[-1]["implicit_acc"] >= 0.75  # measured 1.0 for both
 
 
 def test_sft_lowers_its_error_on_the_preferred_images(tiny_model, pairs, tmp_path, same_draws_every_step):
     losses = [r["mse"] for r in _pairs_run(tmp_path / "sft", tiny_model, pairs, "objective.name=sft",
                                            "train.learning_rate=1e-3", "train.max_steps=10")]
-    assert losses[-1] < 0.3 * losses[0] and max(losses[1:]) < losses[0], losses  # measured 1.17 -> 0.17
+    assert same_draws_every_step, "the pairs were not served by the cached source in a pinned order"
+    assert losses[-1] < 0.3 * losses[0] and max(losses[1:]) < losses[0], losses  # measured 1.18 -> 0.17
 
 
 def test_reward_fine_tuning_raises_its_reward(tmp_path, same_draws_every_step):

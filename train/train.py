@@ -39,8 +39,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return dry_run(cfg)
         try:
             final = train(cfg).final
-        except KeyboardInterrupt:  # run_cli says it once per launch, and the process dies by SIGINT (a shell
-            raise KeyboardInterrupt(where_to_resume(cfg)) from None  # loop stops, as it would not on exit 130)
+        # Ctrl-C: run_cli says where to resume once per launch; the process dies by SIGINT (a shell loop stops)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(where_to_resume(cfg)) from None
         if PartialState().is_main_process:
             print(f"final model: {final}")
         return 0

@@ -80,16 +80,17 @@ def _relabel(args) -> int:
     name = args.reward.strip()
     options = parse_options(args.option or [], [name])
     reward = load_rewards([name], options, args.device)[name]
+    made = not out.exists()
     summary = relabel(Path(args.pairs), out, name, reward, {"reward": name, "options": options[name]},
                       resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
                       log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(summary, indent=2))
     if not summary["written"]:  # empty files: a run given OUT would find no pairs; removed, so a rerun may write
-        remove_outputs(out, [name for name, _ in files])
+        remove_outputs(out, [name for name, _ in files], made)
         skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items() if v)
         why = f"; the first not scored: {summary['first_problem']}" if "first_problem" in summary else ""
         raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'}{why} "
-                         f"(nothing written to {out})")
+                         f"(its files in {out} removed)")
     return 0
 
 

@@ -28,7 +28,8 @@ from PIL import Image
 
 from ..config import ConfigError
 from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
-from .pairs import files_identity, find_parquet_files, item_draws, text_column
+from .images import find_parquet_files
+from .pairs import files_identity, item_draws, text_column
 
 logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg", "path")

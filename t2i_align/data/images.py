@@ -1,6 +1,6 @@
-"""Images of a data set: its parquet files opened and read with errors naming them, bytes decoded to RGB (any PIL
-mode, EXIF orientation applied), then resized, flipped and cropped to the training resolution with the SDXL
-micro-conditioning of where the crop fell."""
+"""Images of a data set: its parquet files found (one split's), opened and read with errors naming them, bytes
+decoded to RGB (any PIL mode, EXIF orientation applied), then resized, flipped and cropped to the training
+resolution with the SDXL micro-conditioning of where the crop fell."""
 from __future__ import annotations
 
 import io
@@ -29,7 +29,7 @@ holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 51
 
 
 _IMPORT_HINT = "python -m t2i_align.data pairs --from LISTING --out DIR writes DIR/pairs.parquet from them"
-_SPLIT_FILE = re.compile(r"([A-Za-z_]+)-\d{5}-of-\d{5}(-[0-9a-f]+)?\.parquet")  # Hugging Face's shard names
+_SPLIT_FILE = re.compile(r"([\w.]+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?\.parquet")  # Hugging Face's shard names
 
 
 def _one_split(folder: Path, files: List[Path]) -> None:

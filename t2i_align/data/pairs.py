@@ -65,8 +65,6 @@ def files_identity(files: Sequence[Path]) -> List[list]:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-
-
 def model_columns(part: str, names: Sequence[str], path: Path) -> List[str]:
     """model_0 and model_1 (the generators of jpg_0 / jpg_1) when data.both_models_contain (`part`) filters on
     them; none when it is empty."""

@@ -54,11 +54,11 @@ class PromptSource:
 
 def read_prompt_data(data) -> List[str]:
     """The prompts of data.path (data.kind = prompts)."""
-    from ..prompts import read_prompts
+    from ..prompts import PROMPT_FILES, read_prompts
 
     if not data.path:
-        raise ConfigError("data.path is empty: with data.kind=prompts give a text file with one prompt per line, "
-                          "a parquet file with a caption column, or a toy prompt set such as toy:train-long")
+        raise ConfigError(f"data.path is empty: with data.kind=prompts give {PROMPT_FILES}, a parquet file with a "
+                          "caption column, or a toy prompt set such as toy:train-long")
     return read_prompts(data.path, "data.path")
 
 

@@ -26,7 +26,8 @@ from ..files import write_json_atomic
 from ..stats import wilson_interval
 from .images import checked_batches, open_parquet
 from .listings import write_rows_parquet
-from .pairs import find_parquet_files, label_problem
+from .images import find_parquet_files
+from .pairs import label_problem
 
 ADDED = (("human_label_0", pa.float64()), ("reward_0", pa.float64()), ("reward_1", pa.float64()))
 
@@ -180,14 +181,14 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
     return summary
 
 
-def remove_outputs(out: Path, names: List[str]) -> None:
+def remove_outputs(out: Path, names: List[str], made: bool) -> None:
     """What relabelling wrote in `out` (files of no pair, when none was relabelled: a rerun found them there and
-    asked for --overwrite), and the folder if that leaves it empty."""
+    asked for --overwrite), and the folder if this run `made` it and that leaves it empty."""
     for name in names:
         (out / name).unlink(missing_ok=True)
         _record_path(out / name).unlink(missing_ok=True)
     (out / "relabel.json").unlink(missing_ok=True)
-    if out.is_dir() and not any(out.iterdir()):
+    if made and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
 
 

@@ -21,7 +21,8 @@ from .cache import build_or_load_cache, collate_cached
 from .cache_build import Team
 from .cache_key import components_key_parts
 from .images import open_parquet
-from .pairs import check_pair_columns, find_parquet_files, load_pairs, model_columns
+from .images import find_parquet_files
+from .pairs import check_pair_columns, load_pairs, model_columns
 from .stream import StreamingPairSource
 from ..users.training import known_rows
 
