@@ -4,7 +4,7 @@ per prompt both tests over the prompts (`per_prompt`: the p-values to read), as 
 holds each test's p-values Holm-adjusted over the rewards (of a set), the ones to read when they are read together.
 
     python sample/compare.py --lora runs/toy-raft/final --prompts toy:heldout --seeds-per-prompt 8
-    python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo-lora/final \
+    python sample/compare.py --base /data/sd15 --model /data/sd15 --lora runs/sd15-dpo-lora/final \\
         --prompts parti.txt --reward pickscore,hpsv2 --option pickscore.model_dir=/w/PickScore_v1 ... --device cuda
 
 --prompts may be repeated: one block of results per prompt set. PPD: `--user ID` (repeatable) compares per user,

@@ -1,7 +1,7 @@
 """Generate images for a prompts file at fixed seeds: PNGs plus metadata.jsonl (what `t2i-score FOLDER` reads).
 
     python sample/generate.py --model toy --prompts toy:heldout --seeds-per-prompt 2 --out runs/samples
-    python sample/generate.py --model /data/sd15 --lora runs/sd15-dpo-lora/final --prompts prompts.txt \
+    python sample/generate.py --model /data/sd15 --lora runs/sd15-dpo-lora/final --prompts prompts.txt \\
         --scheduler dpm++ --steps 25 --guidance 7.5 --device cuda --out runs/sd15-samples
     python sample/generate.py --lora runs/ppd-exp/ppd/final --user 3 --out runs/user-3       # PPD: one user
     python sample/generate.py --lora runs/ppd-exp/ppd/final --user 3 --user 5 --alpha 0.25 --out runs/mix

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.errors import DEBUG_ENV, UserError, one_line, run_cli
@@ -167,6 +168,9 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "model.vae=" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", f"train.resume={tmp_path / 'nope'}"]) == 2  # passed
     assert "nope' does not exist; use train.resume=latest" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # fp16 on a CPU passed the dry run and stopped the run at its start
+        assert _train_script().main([*base, f"data.path={pairs}", "train.mixed_precision=fp16"]) == 0
+        assert "note: train.mixed_precision=fp16 needs a GPU, which this machine lacks" in capsys.readouterr().err
     # data of the other kind passed the dry run and stopped the run at its start
     pq.write_table(pa.table({"caption": ["a cat"], "jpg": [b"x"]}), tmp_path / "captions.parquet")
     assert _train_script().main([*base, f"data.path={tmp_path / 'captions.parquet'}"]) == 2

@@ -70,6 +70,11 @@ def dry_run(cfg) -> int:
         model_family(cfg.model, folder)
         weights_variant(folder, cfg.model.variant)  # file names only
     print(dump_config(cfg), end="")
+    import torch
+
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():  # said only when the run started
+        print("note: train.mixed_precision=fp16 needs a GPU, which this machine lacks: the run would stop at its "
+              "start (on a CPU: train.mixed_precision=bf16 model.weight_dtype=bf16, or no and fp32)", file=sys.stderr)
     model = "a hub id, resolved when the run starts" if folder is None else "its folder and family"
     print(f"dry run: the config, its data, rewards and files, and the model ({model}) pass the checks made before "
           "weights load (the launcher and output_dir are checked when the run starts)", file=sys.stderr)
