@@ -97,8 +97,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args, len(prompts))
     rewards = load_reward_set(args.reward or "toy-judge", args.option, args.device) if args.reward != "" else {}
-    if args.reward is None and not _reads(rewards["toy-judge"], prompts):  # a gallery of real prompts needed
-        rewards = {}  # --reward '': the default refused them
+    # the default refused real prompts: a gallery of them needed --reward ''
+    if args.reward is None and "toy-judge" in rewards and not _reads(rewards["toy-judge"], prompts):
+        rewards = {}
         print("note: no reward under the images (toy-judge reads only toy captions); --reward NAME adds one",
               file=sys.stderr)
     check_rewards_read(rewards, prompts, none_ok=True)

@@ -341,14 +341,16 @@ def test_a_lora_folder_without_weights_says_so(tmp_path):
 
 @pytest.mark.parametrize("script", ["compare", "gallery"])
 def test_sample_scripts_refuse_prompts_the_reward_cannot_read_before_sampling(script, tmp_path, capsys, monkeypatch):
-    """toy-judge (the default reward) on non-toy prompts ended in a traceback after all the sampling."""
+    """toy-judge (compare's default reward, gallery's when asked) on non-toy prompts ended in a traceback after all
+    the sampling."""
     import t2i_align.evaluation as evaluation
     from test_sample_scripts import _script
 
     module = _script(script)
     monkeypatch.setattr(evaluation, "sample_model", _raise(AssertionError("sampled before checking")))
     (tmp_path / "p.txt").write_text("a cat on a sofa\n")
-    code = run_cli(lambda: module.main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]))
+    code = run_cli(lambda: module.main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                                        "--reward", "toy-judge"]))
     assert code == 2 and "toy-judge scores only toy captions" in capsys.readouterr().err
 
 
@@ -655,13 +657,15 @@ def test_sample_scripts_refuse_a_seed_torch_cannot_take_before_sampling(tmp_path
 @pytest.mark.parametrize("script, none", [("compare", ""), ("gallery", ", or --reward '' for none")])
 def test_prompts_the_reward_cannot_read_say_how_to_choose_another_reward(script, none, tmp_path, capsys,
                                                                         monkeypatch):
-    """The default --reward toy-judge on a real prompt file said only "toy-judge scores only toy captions"."""
+    """--reward toy-judge (compare's default) on a real prompt file said only "toy-judge scores only toy captions"
+    (gallery.py's default is now no reward for such prompts: tests/test_sample_scripts.py)."""
     import t2i_align.evaluation as evaluation
     from test_sample_scripts import _script
 
     monkeypatch.setattr(evaluation, "sample_model", _unsampled)
     (tmp_path / "p.txt").write_text("a cat on a sofa\n")
-    code = run_cli(lambda: _script(script).main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]))
+    code = run_cli(lambda: _script(script).main(["--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                                                 "--reward", "toy-judge"]))
     err = capsys.readouterr().err.splitlines()[-1] + "\n"  # compare first notes that it compares toy with toy
     assert code == 2 and err.startswith("error: toy-judge scores only toy captions")
     assert err.endswith("'a cat on a sofa'. Choose a --reward that reads these prompts (e.g. clip, pickscore, hpsv2)"
