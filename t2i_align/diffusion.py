@@ -145,6 +145,23 @@ def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
     raise ValueError(f"unsupported scheduler prediction_type {kind!r}: use 'epsilon' or 'v_prediction'")
 
 
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights, Tensor[B] in fp32 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", Eq. 9; diffusers' `--snr_gamma`): SNR(t) = ᾱ_t / (1 - ᾱ_t); min(SNR, γ) / SNR for an
+    ε-prediction, min(SNR, γ) / (SNR + 1) for a v-prediction (the same weight on the x_0 error). Written as
+    min(1, γ / SNR) for ε, so that the SNR of 0 a zero-terminal schedule reaches gives its limit 1, not 0 / 0."""
+    abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)[timesteps.cpu().long()]
+    snr = abar / (1.0 - abar)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        weights = (gamma / snr).clamp(max=1.0)
+    elif kind == "v_prediction":
+        weights = snr.clamp(max=gamma) / (snr + 1.0)
+    else:
+        raise ValueError(f"unsupported scheduler prediction_type {kind!r}: use 'epsilon' or 'v_prediction'")
+    return weights.to(timesteps.device)
+
+
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """‖pred - target‖² / (C·h·w) per sample: Tensor[B] in fp32, the mean over every non-batch dim.
 

@@ -157,6 +157,14 @@ def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):
     assert changed, "full fine-tune did not change the exported UNet"
 
 
+def test_sft_with_min_snr_weights_logs_a_weighted_loss_below_its_mse(tiny_model, pairs, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, "objective.name=sft", "objective.snr_gamma=0.01", "lora.enabled=true",
+               "train.max_steps=2", "train.log_every=1"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < row["loss"] < row["mse"] for row in rows)  # weights <= 1, mostly << 1
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, pairs, tmp_path):
     common = ("lora.enabled=true", "train.log_every=1", "train.checkpoint_every=2", "objective.beta=100")
     full = tmp_path / "full"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from t2i_align import adapters
+from t2i_align import adapters, diffusion
 from t2i_align.conditioning.text import PromptEmbeds, text_time_added_cond
 from t2i_align.config import LoraConfig, ObjectiveConfig
 from t2i_align.objectives import DPO, SFT, ImageBatch, PairBatch, dpo_loss, get_objective
@@ -260,3 +260,43 @@ def test_objectives_guide_against_what_the_pipeline_guides_against(family, tmp_p
         torch.testing.assert_close(ours.pooled_prompt_embeds, pipe_side["negative_pooled_prompt_embeds"])
     else:
         assert ours.prompt_embeds.abs().sum() > 0
+
+
+def test_min_snr_weights_by_hand():
+    sched = nice_scheduler()  # ᾱ = [0.64, 0.36]: SNR = 16/9 at t = 0, 9/16 at t = 1
+    t = torch.tensor([0, 1, 0])
+    assert diffusion.min_snr_weights(sched, t, 1.0).tolist() == pytest.approx([9 / 16, 1.0, 9 / 16])
+    assert diffusion.min_snr_weights(sched, t, 5.0).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    sched.register_to_config(prediction_type="v_prediction")  # min(SNR, γ) / (SNR + 1)
+    assert diffusion.min_snr_weights(sched, t, 1.0).tolist() == pytest.approx([9 / 25, 9 / 25, 9 / 25])
+    assert diffusion.min_snr_weights(sched, t, 5.0).tolist() == pytest.approx([16 / 25, 9 / 25, 16 / 25])
+
+
+def test_min_snr_weight_at_zero_terminal_snr_is_its_limit():
+    sched = diffusion.zero_terminal_snr(DDPMScheduler(num_train_timesteps=10))
+    last = torch.tensor([9])
+    assert diffusion.min_snr_weights(sched, last, 5.0).tolist() == [1.0]  # ε: min(SNR, γ) / SNR -> 1
+    sched.register_to_config(prediction_type="v_prediction")
+    assert diffusion.min_snr_weights(sched, last, 5.0).tolist() == [0.0]
+
+
+def test_sft_with_snr_gamma_weights_each_sample_by_hand():
+    sched = nice_scheduler()
+    batch = ImageBatch(torch.zeros(3, 1, 1, 2), PromptEmbeds(torch.zeros(3, 5, 32)))
+    policy = Recorder(lambda noisy, t: torch.full_like(noisy, 0.5))
+    loss, metrics = SFT().compute_loss(policy, None, batch, sched, ObjectiveConfig(name="sft", snr_gamma=1.0),
+                                       torch.Generator().manual_seed(0))
+    (noisy, t, _, _), = policy.calls
+    eps = noisy / torch.tensor([0.6, 0.8])[t].reshape(-1, 1, 1, 1)
+    per_image = [sum((0.5 - e) ** 2 for e in row.flatten().tolist()) / 2 for row in eps]
+    weights = [9 / 16 if step == 0 else 1.0 for step in t.tolist()]
+    assert set(t.tolist()) == {0, 1}  # seed 0 draws both steps, so the weights differ
+    assert loss.item() == pytest.approx(sum(w * m for w, m in zip(weights, per_image)) / 3, rel=1e-5)
+    assert metrics["mse"] == pytest.approx(sum(per_image) / 3, rel=1e-5)
+
+
+def test_snr_gamma_is_refused_outside_sft():
+    with pytest.raises(ValueError, match="snr_gamma = 5.0: expected 0 unless objective.name is sft"):
+        ObjectiveConfig(name="dpo", snr_gamma=5.0)
+    with pytest.raises(ValueError, match="snr_gamma = -1.0: expected a finite number >= 0"):
+        ObjectiveConfig(name="sft", snr_gamma=-1.0)

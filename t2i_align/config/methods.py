@@ -35,6 +35,10 @@ class ObjectiveConfig:
     zero_terminal_snr: bool = False
     """Train on the schedule rescaled to ᾱ_T = 0 (Lin et al. 2024, Alg. 1), as the official code for Turbo models
     and diffusers' `--is_turbo` (which sets both); sampling keeps the folder's schedule."""
+    snr_gamma: float = 0.0
+    """sft only: weight each sample's denoising MSE by min(SNR(t), γ) / SNR(t) (ε-prediction; / (SNR + 1) for
+    v-prediction), min-SNR-γ (Hang et al. 2023; diffusers' `--snr_gamma`, usually 5.0), which RAFT's released
+    script offers. 0: off, the plain mean as Diffusion-DPO's `--sft`."""
     sft_weight: float = 0.0
     """dpo and seppo: add sft_weight · (the policy's denoising MSE on the winners) to the loss, the diffusion form
     of RPO's NLL term on the chosen response (Pang et al. 2024, arXiv 2404.19733, Eq. 3), against DPO raising
@@ -45,6 +49,8 @@ class ObjectiveConfig:
         _check(self, "name", bool(self.name), "an objective name, e.g. dpo or sft")
         _check(self, "beta", 0 < self.beta < float("inf"), "a finite number > 0")
         _check(self, "sft_weight", self.sft_weight >= 0, "a number >= 0 (0: plain DPO)")
+        _check(self, "snr_gamma", 0 <= self.snr_gamma < float("inf"), "a finite number >= 0, e.g. 5.0 (0: off)")
+        _check(self, "snr_gamma", self.snr_gamma == 0 or self.name == "sft", "0 unless objective.name is sft")
         _check(self, "sft_weight", self.sft_weight == 0 or self.name in ("dpo", "seppo"),
                "0 unless objective.name is dpo or seppo")
         for name in ("noise_offset", "input_perturbation"):

@@ -23,7 +23,9 @@ def preferred_images(batch: Union[ImageBatch, PairBatch]) -> ImageBatch:
 class SFT(Objective):
     """L = E_{x_0, ε, t} ‖target - f_θ(x_t, t, c)‖² / (C·h·w), the DDPM simple loss (Ho et al. 2020, Eq. 14)
     with target ε or v (diffusion.training_target), computed in fp32 as the official code's
-    `F.mse_loss(model_pred.float(), target.float())`. No reference model."""
+    `F.mse_loss(model_pred.float(), target.float())`. No reference model. With objective.snr_gamma > 0 each
+    sample's MSE is weighted by min-SNR-γ (`diffusion.min_snr_weights`, as RAFT's released script and diffusers'
+    `--snr_gamma` offer); "mse" then logs the unweighted mean."""
 
     needs_reference = False
     batch_kind = "images"
@@ -36,5 +38,8 @@ class SFT(Objective):
         latents = images.latents
         noisy, timesteps, target = diffusion.noised(scheduler, latents, generator, **cfg.noising)
         mse = diffusion.per_sample_mse(policy(noisy, timesteps, images.embeds, images.time_ids), target)
-        loss = mse.mean()  # equal-sized samples: the same as the mean over every element
-        return loss, metrics_to_floats({"loss": loss, "mse": loss})
+        if not cfg.snr_gamma:
+            loss = mse.mean()  # equal-sized samples: the same as the mean over every element
+            return loss, metrics_to_floats({"loss": loss, "mse": loss})
+        loss = (mse * diffusion.min_snr_weights(scheduler, timesteps, cfg.snr_gamma)).mean()  # diffusers' order
+        return loss, metrics_to_floats({"loss": loss, "mse": mse.mean()})
