@@ -21,7 +21,8 @@ fitted once from a prompt set (`fit_prompts=` or `fit_direction`), saved with th
 (`save_direction`) and loaded on resume or by other processes (`direction=PATH`), so scores compare across
 batches, processes and resumes. The file also keeps the text encoder's embedding of a fixed probe sentence, a
 fingerprint: a direction fitted with another CLIP of the same width is refused on load. `direction="batch"`
-keeps the code's per-call batch statistic (process-local: no all-gather), for parity experiments only. Without a
+keeps the code's per-call batch statistic, process-local (the code all-gathers t over GPUs, so it matches the code
+on one GPU only), for parity experiments only. Without a
 direction and nothing to fit from the reward refuses to score, unless ω = 1 (S_1 = S whatever v is).
 
 Scores are the raw cosine-like values (no logit scale, as in the code), times `scale` (default 1; the paper's

@@ -225,6 +225,36 @@ def test_a_direction_fitted_on_other_prompts_is_not_silently_reused(tmp_path):
             build_reward(ctx, cfg.reward_backprop, "toy:train-long")
 
 
+def test_a_null_direction_is_fitted_once_and_reloaded_as_an_unset_one(tmp_path):
+    """`direction: null` went down the fit-once path with the key kept, and the reload passed direction twice: a
+    TypeError at every resume and on every process but the main one."""
+    from reward_models.decomposed_clip import DecomposedClip
+    from t2i_align.objectives.context import ObjectiveContext
+    from t2i_align.objectives.reward_backprop import build_reward
+
+    cfg = toy_cfg(tmp_path, "reward_backprop.reward_options.direction=null")
+    assert cfg.reward_backprop.reward_options["direction"] is None
+    first = build_reward(ObjectiveContext(None, fake_accelerator(), cfg, None), cfg.reward_backprop, "toy:train-long")
+    assert (tmp_path / DIRECTION_FILE).is_file()
+    again = build_reward(ObjectiveContext(None, fake_accelerator(), cfg, None), cfg.reward_backprop, "toy:train-long")
+    assert isinstance(again, DecomposedClip) and torch.equal(again.direction, first.direction)
+
+
+def test_a_listed_fit_set_of_other_prompts_is_named_by_its_size(tmp_path):
+    from reward_models.decomposed_clip import save_direction
+    from t2i_align.objectives.context import ObjectiveContext
+    from t2i_align.objectives.reward_backprop import build_reward
+
+    listed = [f"a red circle number {i}." for i in range(500)]
+    cfg = toy_cfg(tmp_path)
+    cfg.reward_backprop.reward_options["fit_prompts"] = listed
+    tmp_path.mkdir(exist_ok=True)
+    save_direction(tmp_path / DIRECTION_FILE, torch.nn.functional.normalize(torch.ones(64), dim=0), {"split": "True"})
+    with pytest.raises(ConfigError, match="fitted on other prompts than the 500 listed prompts") as err:
+        build_reward(ObjectiveContext(None, fake_accelerator(), cfg, None), cfg.reward_backprop, "toy:train-long")
+    assert "number 499" not in str(err.value)
+
+
 def test_the_direction_is_fitted_on_a_seeded_sample_of_a_large_prompt_set(tmp_path):
     """LongAlign's 2M captions were all encoded by the main process (hours, the others waiting), and the prompt
     list was the reward's cache key, held for the run: now `fit_max_prompts` of them, drawn with the run's seed,

@@ -2,6 +2,7 @@
 real CLIP tokenizer, the toy pipeline's long captions, SDXL, and the `model.text_encoding` config section."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -98,7 +99,21 @@ def test_a_sentence_longer_than_77_tokens_is_cut_alone_and_counted(clip_tokenize
     assert ids[:76] == [SOT] + [CAT] * 75  # cut to <sot> + 75 words (+ <eot>, dropped)
     assert ids[76:80] == [SOT, A, 1929, DOT] and out[0, 76, 1] == 0  # "a dog." starts its own positions
     assert out[0, 80:].tolist() == [PAD_STAR] * 160
-    assert (stats.prompts_truncated, stats.tokens_dropped) == (1, 26)
+    assert (stats.prompts_truncated, stats.tokens_dropped) == (1, 25)  # the cats; the "." is ours, not the prompt's
+
+
+def test_a_75_word_sentence_loses_only_the_appended_dot_and_is_not_counted(clip_tokenizer):
+    """<sot> + 75 words + "." + <eot> is 78 tokens: the cut takes only the "." the encoding appends, as the
+    77-token encoding of the same prompt keeps every word; neither counts a truncation."""
+    stats = TruncationStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no truncation warning either
+        out = _fake(clip_tokenizer, [" ".join(["cat"] * 75)], 240, stats=stats)
+    assert out[0, :76, 0].tolist() == [SOT] + [CAT] * 75 and out[0, 76:].tolist() == [PAD_STAR] * 164
+    assert (stats.prompts_seen, stats.prompts_truncated, stats.tokens_dropped) == (1, 0, 0)
+    with pytest.warns(UserWarning, match="1 tokens were dropped"):
+        _fake(clip_tokenizer, [" ".join(["cat"] * 76)], 240, stats=stats)  # one word more: one word lost
+    assert (stats.prompts_truncated, stats.tokens_dropped) == (1, 1)
 
 
 def test_empty_prompt_is_sot_then_pad(clip_tokenizer):

@@ -77,14 +77,16 @@ def _tokenize_segments(tokenizer: Any, segments: List[str]) -> Tuple[torch.Tenso
     return batch.input_ids, kept.tolist()
 
 
-def _record_truncation(stats: TruncationStats, tokenizer: Any, per_prompt: List[List[str]], budget: int) -> None:
-    """Per prompt: tokens lost by cutting a sentence at 77 plus tokens beyond the budget."""
+def _record_truncation(stats: TruncationStats, tokenizer: Any, prompts: Sequence[str], budget: int) -> None:
+    """Per prompt: the prompt's tokens lost by cutting a sentence at 77 (the "." `caption_segments` appends is not
+    the prompt's: a 75-word sentence loses only that) plus tokens beyond the budget."""
     limit = tokenizer.model_max_length
     dropped = []
-    for segments in per_prompt:
+    for prompt in prompts:
+        segments, appended = caption_segments(prompt), int(bool(split_sentences(prompt)))
         lengths = [len(ids) for ids in tokenizer(segments, padding=False, truncation=False, verbose=False).input_ids]
-        kept = sum(min(n, limit) - 1 for n in lengths)  # <sot> + words of each segment
-        dropped.append(sum(max(0, n - limit) for n in lengths) + max(0, kept - budget))
+        kept = sum(min(n, limit) - 1 for n in lengths)  # <sot> + words (+ ".") of each segment
+        dropped.append(sum(max(0, n - limit - appended) for n in lengths) + max(0, kept - budget))
     stats.record_dropped(dropped, f"exceed the segment encoding's limits ({limit} tokens per sentence, {budget} "
                                   "in all; LongAlign)")
 
@@ -119,7 +121,7 @@ def encode_segments(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Modul
     flat = [s for segments in per_prompt for s in segments]
     counts = [len(segments) for segments in per_prompt]
     if stats is not None:
-        _record_truncation(stats, tokenizers[0], per_prompt, token_budget)
+        _record_truncation(stats, tokenizers[0], prompts, token_budget)
     features, first_kept = [], None
     for tokenizer, encoder in zip(tokenizers, encoders):
         ids, kept = _tokenize_segments(tokenizer, flat + [""])  # the last row, "", gives <pad*>

@@ -71,6 +71,8 @@ def build_reward(ctx, rc, fit_spec: str):
     (see the module docstring). ConfigError for a reward that is not differentiable."""
     check_differentiable(rc.reward)
     options = dict(rc.reward_options)
+    if options.get("direction", "") is None:  # `direction: null` is "unset": fitted once, as when left out
+        del options["direction"]
     if rc.reward == "decomposed-clip" and options.get("direction") == "batch" and ctx.cfg.train.batch_size < 2:
         raise ConfigError("reward_backprop.reward_options.direction=batch with train.batch_size=1: each process's "
                           "batch of one prompt decomposes nothing (v = its own t); raise train.batch_size or fit "
@@ -115,7 +117,8 @@ def _decomposed_with_run_direction(ctx, rc, options: dict, fit_spec: str):
     # every prompt: a run begun before fit_max_prompts existed, whose direction a resume keeps
     accepted = {prompts_digest(prompts), prompts_digest(every)}  # a file without the digest is no run's own
     if fitted_on not in accepted:
-        raise ConfigError(f"{path} holds a common direction fitted on other prompts than {fit!r} (at most "
+        named = repr(fit) if isinstance(fit, str) else f"the {len(every)} listed prompts"
+        raise ConfigError(f"{path} holds a common direction fitted on other prompts than {named} (at most "
                           f"reward_backprop.fit_max_prompts={rc.fit_max_prompts} of them, drawn with seed "
                           f"{ctx.cfg.seed}); resume with the run's own settings, delete it to refit, or train into a "
                           "new output_dir")
