@@ -25,6 +25,12 @@ def _umask() -> int:
     return mask
 
 
+def shown(path: str | os.PathLike) -> str:
+    """`path` for an error message: a relative one says what it is relative to (configs name data relative to the
+    working directory, not to the config file)."""
+    return str(path) if Path(path).is_absolute() else f"{path} (relative to the working directory {Path.cwd()})"
+
+
 def temp_dir(parent: Path, prefix: str) -> Path:
     """A fresh folder in `parent`, to fill and then rename into place. mkdtemp makes it private (0700); it gets
     what a plain mkdir gives (0777 minus the umask), so a finished gallery or cache is as readable as any folder."""

@@ -297,8 +297,10 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
     except ModelLoadError:  # unknown pipeline class: trust the user
         return FAMILIES[name]
     if detected.name != name:
-        raise ModelLoadError(f"model.family={name} but {path}/model_index.json is a {detected.name} pipeline: set "
-                             f"model.family={detected.name} (or auto, to read it from the folder)")
+        raise ModelLoadError(f"model.family={name} but {path}/model_index.json is a {detected.name} pipeline: point "
+                             f"model.pretrained at a {name} folder, or train it with a {detected.name} config (e.g. "
+                             f"configs/{detected.name}/; the {name} configs' resolution and settings are {name}'s) "
+                             "whose model.family is auto")
     return detected
 
 

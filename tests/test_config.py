@@ -293,6 +293,15 @@ def test_yaml_syntax_error_names_the_file(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("text", ["train:\n  max_steps:\t5\n", "output_dir: x\t# a comment\n"])
+def test_a_tab_omegaconf_reads_but_pyyaml_refuses_is_one_config_error(tmp_path, text):
+    """OmegaConf loaded these, then the second, plain PyYAML pass raised a ScannerError traceback."""
+    path = write(tmp_path, "tab.yaml", text)
+    with pytest.raises(ConfigError, match=r"Invalid YAML in .*tab\.yaml, line \d+ column \d+: .*separate and indent "
+                                          "with spaces"):
+        load_config(path)
+
+
 def test_top_level_list_is_rejected(tmp_path):
     path = write(tmp_path, "list.yaml", "- seed\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -596,11 +605,53 @@ def test_home_is_expanded_in_path_settings_only(tmp_path, monkeypatch):
                       "objective.beta_convention=diffusers: its 2500 is the official 5000)"),
     ("proportion_empty_prompts=0.2", "Did you mean 'data.prompt_dropout'?"),
     ("dreamlike_pairs_only=true", "Did you mean 'data.both_models_contain'? (the official flag is "
-                                  "data.both_models_contain=dream)")])
+                                  "data.both_models_contain=dream)"),
+    ("lr=1e-4", "Did you mean 'train.learning_rate'?"), ("train.lr=1e-4", "Did you mean 'train.learning_rate'?"),
+    ("optim.lr=1e-4", "Did you mean 'train.optimizer'?"),
+    ("num_train_epochs=3", "Did you mean 'train.max_steps'? (runs are counted in optimizer steps, not epochs)")])
 def test_an_unknown_key_suggests_the_setting_of_that_name_in_another_section(override, hint):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert hint in str(info.value)
+
+
+def test_one_item_where_a_list_belongs_says_how_to_write_the_list(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora.target_modules = 'to_q' in command line .*: expected list of str: "
+                                          r"write one item as a list, lora.target_modules=\[to_q\]"):
+        load_config(None, ["lora.enabled=true", "lora.target_modules=to_q"])
+    path = write(tmp_path, "one.yaml", "tracking:\n  validation_prompts: a red circle\n")
+    with pytest.raises(ConfigError, match=r"tracking.validation_prompts = 'a red circle' in .*one.yaml: expected"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["output_dir= /tmp/x", "data.path=/data/p.parquet ", "model.pretrained= toy"])
+def test_a_path_with_a_space_at_an_end_is_refused(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=f"{key} = .* begins or ends with a space"):
+        load_config(None, [override])
+
+
+def test_a_shell_word_split_from_its_value_says_to_quote(tmp_path):
+    with pytest.raises(ConfigError, match="Malformed override 'run' .*tracking.run_name='my run'"):
+        load_config(None, ["tracking.run_name=my", "run"])
+
+
+def test_a_relative_config_or_data_path_names_the_working_directory(tmp_path, monkeypatch):
+    from t2i_align.data.images import find_parquet_files
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"not found: configs/x.yaml \\(relative to the working directory {tmp_path}"):
+        load_config("configs/x.yaml")
+    with pytest.raises(FileNotFoundError, match="pair data runs/p.parquet \\(relative to the working directory "):
+        find_parquet_files("runs/p.parquet")
+
+
+def test_a_value_is_not_offered_a_section_of_a_close_name():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["lor=1"])  # "lora" is a section, not a value
+    assert "Did you mean" not in str(info.value)
+    with pytest.raises(ConfigError, match="Did you mean 'lora'"):
+        load_config(None, ["lor.rank=4"])  # a mapping: the section is what it meant
 
 
 def test_a_negative_prompt_without_guidance_is_refused():

@@ -39,6 +39,7 @@ LISTING = [  # (row, why it is skipped or None)
     ({"caption": "x", "image_w": "../outside.png", "image_l": "images/blue.png"}, "outside_root"),
     ({"caption": "x", "image_w": "images/bad.png", "image_l": "images/blue.png"}, "undecodable_image"),
     ({"caption": "x", "image_w": "images/red.png", "image_l": "images/blue.png", "user_id": "bob"}, "bad_user_id"),
+    ({"caption": "x", "image_w": "images/red.png", "image_l": "images/red.png"}, "same_image"),
 ]
 
 
@@ -63,7 +64,7 @@ def test_a_jsonl_listing_becomes_pairs_the_loop_reads(folder, capsys):
     assert json.loads((folder / "pairs.json").read_text()) == counts
     assert "pairs.jsonl line 4 skipped: no caption or prompt" in err  # the first 5 are named, the rest counted
     assert "pairs.jsonl line 8 skipped" in err and "line 9 skipped" not in err
-    assert "4 more rows skipped" in err
+    assert "5 more rows skipped" in err
     table = pq.read_table(folder / "pairs.parquet")
     assert tuple(table.column_names) == PICKAPIC_COLUMNS
     assert pq.ParquetFile(folder / "pairs.parquet").num_row_groups == 2  # --row-group-size 2, 3 rows
@@ -183,7 +184,13 @@ def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folde
     ("no-listing", "--from {d}/nothing.jsonl: no such file"),
     ("not-jsonl-or-csv", "--from {d}/pairs.txt: expected a .jsonl or .csv listing"),
     ("no-usable-row", "no usable row in {d}/pairs.jsonl (skipped: {{'missing_image': 1}}); each row needs caption "
-                      "or prompt, and image_w + image_l or image_0 + image_1 + label_0"),
+                      "or prompt, and image_w + image_l or image_0 + image_1 + label_0; its first row's fields: "
+                      "caption, image_w, image_l"),
+    ("semicolon-csv", "no usable row in {d}/pairs.csv (skipped: {{'missing_field': 1}}); each row needs caption or "
+                      "prompt, and image_w + image_l or image_0 + image_1 + label_0; its first row's fields: "
+                      "caption;image_w;image_l (a CSV is comma-separated)"),
+    ("from-a-folder", "--from {d} is a folder: give the .jsonl or .csv listing in it (one row per pair; its image "
+                      "paths relative to --image-root)"),
     ("earlier-pairs", "{d}/pairs.parquet exists and --out {d} would replace it: choose another --out or pass "
                       "--overwrite"),
     ("image-root-missing", "--image-root {d}/nowhere: no such folder"),
@@ -201,6 +208,11 @@ def test_mistakes_are_one_error_line_and_keep_earlier_pairs(folder, capsys, case
         argv[1].write_text("a b c\n")
     elif case == "no-usable-row":
         write_jsonl(listing, [{"caption": "x", "image_w": "images/none.png", "image_l": "images/red.png"}])
+    elif case == "semicolon-csv":
+        argv[1] = folder / "pairs.csv"
+        argv[1].write_text("caption;image_w;image_l\nx;images/red.png;images/blue.png\n")
+    elif case == "from-a-folder":
+        argv[1] = folder
     elif case == "earlier-pairs":
         argv = argv[:-1]
     elif case == "image-root-missing":
@@ -210,8 +222,8 @@ def test_mistakes_are_one_error_line_and_keep_earlier_pairs(folder, capsys, case
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.splitlines()[-1] == "error: " + told.format(d=folder), err
     assert earlier.read_bytes() == b"an earlier pair set"
-    assert sorted(p.name for p in folder.iterdir()) == ["images", "pairs.jsonl", "pairs.parquet"] + (
-        ["pairs.txt"] if case == "not-jsonl-or-csv" else [])
+    extra = {"semicolon-csv": ["pairs.csv"], "not-jsonl-or-csv": ["pairs.txt"]}.get(case, [])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["images", "pairs.jsonl", "pairs.parquet", *extra])
 
 
 def test_a_listing_given_as_training_data_is_pointed_to_the_import(folder):

@@ -126,7 +126,8 @@ def test_separate_fp16_safe_vae_follows_weight_dtype(sdxl_dir, tmp_path):
 
 
 def test_explicit_family_mismatch_is_rejected(sd15_dir):
-    with pytest.raises(ModelLoadError, match="model.family=sdxl"):
+    with pytest.raises(ModelLoadError, match="model.family=sdxl but .* is a sd15 pipeline: point model.pretrained at "
+                                             "a sdxl folder, or train it with a sd15 config"):
         models.load_components(ModelConfig(pretrained=str(sd15_dir), family="sdxl"))
 
 

@@ -136,6 +136,20 @@ def test_a_dry_run_checks_the_rewards_weights_and_the_gallery_reward_takes_optio
                                  ]) == 0
 
 
+def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys):
+    """argparse kept the last --config silently (a DPO recipe then SFT trained SFT); an empty file set nothing."""
+    dpo, sft = (str(REPO_ROOT / f"configs/toy/{name}.yaml") for name in ("dpo", "sft"))
+    with pytest.raises(SystemExit) as exit_:
+        _train_script().main(["--dry-run", "--config", dpo, "--config", sft])
+    assert exit_.value.code == 2 and "--config given 2 times" in capsys.readouterr().err
+    from t2i_align.config import load_config
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.warns(UserWarning, match="config file .*empty.yaml is empty: it sets nothing"):
+        load_config(empty)
+
+
 def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loading(tmp_path, capsys, monkeypatch):
     import yaml
 

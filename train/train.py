@@ -16,12 +16,17 @@ from typing import List, Optional
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (configs/toy/dpo.yaml, configs/sd15/dpo_lora.yaml, ...)")
+    parser.add_argument("--config", action="append", help="YAML config (configs/toy/dpo.yaml, "
+                        "configs/sd15/dpo_lora.yaml, ...); one per run (a file builds on another with `base:`)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML, as the run would "
                         "save it) and make the checks done before a model loads (data files, rewards, user table); "
                         "loads and writes nothing")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
+    if args.config and len(args.config) > 1:  # argparse keeps the last one silently
+        parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}): give one; a config "
+                     "builds on another with `base: other.yaml` in its YAML, and key=value overrides go after it")
+    args.config = args.config[0] if args.config else None
 
     from t2i_align.errors import run_cli
 

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..files import write_text_atomic
+from ..files import shown, write_text_atomic
 from .sections import Config, ConfigError, FieldError
 from .yaml_text import Dumper, entries, retype
 
@@ -84,23 +84,27 @@ ALIASES = {"gradient_accumulation_steps": "train.grad_accum", "train_batch_size"
            "resume_from_checkpoint": "train.resume", "checkpointing_steps": "train.checkpoint_every",
            "adam_weight_decay": "train.weight_decay", "beta_dpo": "objective.beta",
            "proportion_empty_prompts": "data.prompt_dropout", "dataloader_num_workers": "data.num_workers",
-           "dreamlike_pairs_only": "data.both_models_contain"}
-"""diffusers' and the official Diffusion-DPO scripts' argument names whose setting has another name here."""
+           "dreamlike_pairs_only": "data.both_models_contain", "lr": "train.learning_rate",
+           "optim": "train.optimizer", "num_train_epochs": "train.max_steps"}
+"""diffusers' and the official Diffusion-DPO scripts' argument names (and common short names) whose setting has
+another name here."""
 ALIAS_NOTES = {"beta_dpo": " (diffusers' SD1.5 script's beta_dpo is objective.beta with "
                            "objective.beta_convention=diffusers: its 2500 is the official 5000)",
-               "dreamlike_pairs_only": " (the official flag is data.both_models_contain=dream)"}
+               "dreamlike_pairs_only": " (the official flag is data.both_models_contain=dream)",
+               "num_train_epochs": " (runs are counted in optimizer steps, not epochs)"}
 
 
-def _suggest(key: str, known: Dict[str, Any], prefix: str) -> List[str]:
+def _suggest(key: str, known: Dict[str, Any], prefix: str, leaf: bool = False) -> List[str]:
     """The settings an unknown key may mean: the same name in another section (max_steps: train.max_steps), a
     diffusers script's name, else a close spelling in its own section (a fuzzy match would offer model.revision
-    for model.resolution)."""
+    for model.resolution), not a section for a `leaf` (a value, not a mapping: `lr=1e-4` is no misspelt lora)."""
     same_name = [k for k in _all_keys() if k.rpartition(".")[2] == key]
     if same_name:
         return same_name
     if key in ALIASES:
         return [ALIASES[key]]
-    return [prefix + k for k in difflib.get_close_matches(key, known, n=1)]
+    names = [k for k in known if not (leaf and dataclasses.is_dataclass(known[k]))]
+    return [prefix + k for k in difflib.get_close_matches(key, names, n=1)]
 
 
 def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> None:
@@ -109,7 +113,7 @@ def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> Non
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in known:
-            hint = " or ".join(f"'{k}'" for k in _suggest(str(key), known, prefix))
+            hint = " or ".join(f"'{k}'" for k in _suggest(str(key), known, prefix, not isinstance(value, dict)))
             section = f"'{prefix[:-1]}'" if prefix else "the top level"
             note = ALIAS_NOTES.get(str(key), "")
             raise ConfigError(f"Unknown key '{dotted}' in {where}.{f' Did you mean {hint}?{note}' if hint else ''} "
@@ -130,6 +134,10 @@ def _check_containers(dotted: str, value: Any, tp: Any, where: str) -> None:
     a mapping or list inside a list of text (YAML reads an unquoted `a: b` or `{...}` item as a mapping), which
     OmegaConf keeps and the tokenizer fails on."""
     kind = typing.get_origin(tp)
+    interpolation = isinstance(value, str) and value.startswith("${")
+    if kind is list and value is not None and not isinstance(value, (list, dict)) and not interpolation:
+        raise ConfigError(f"{dotted} = {value!r} in {where}: expected {_describe_type(tp)}: write one item as a list, "
+                          f"{dotted}=[{value}] on the command line, [{value}] or a `- {value}` line in YAML")
     if kind in _KINDS and isinstance(value, (list, dict)) and not isinstance(value, kind):
         raise ConfigError(f"{dotted} = {value!r} in {where}: expected {_describe_type(tp)} ({_KINDS[kind][1]}), not "
                           f"{_KINDS[type(value)][0]}")
@@ -145,7 +153,8 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
     if path.is_dir():
         raise ConfigError(f"Config file {path} is a folder: give a YAML file, e.g. configs/toy/dpo.yaml")
     if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
+        raise ConfigError(f"Config file not found: {path} (the base of {chain[-1]})" if chain else
+                          f"Config file not found: {shown(path)}")
     if path.resolve() in chain:
         raise ConfigError(f"Circular 'base' chain: {' -> '.join(map(str, chain))} -> {path}")
     try:
@@ -156,6 +165,9 @@ def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict
         raise ConfigError(f"{path} is not a UTF-8 YAML file: give a config, e.g. configs/toy/dpo.yaml") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, not a list")
+    if not layer:
+        warnings.warn(f"config file {path} is empty: it sets nothing (the defaults of "
+                      "t2i_align/config/sections.py hold)", stacklevel=2)
     _keep_text_as_typed(path, layer)
     if "compute_environment" in layer and "distributed_type" in layer:
         raise ConfigError(f"{path} is an accelerate config: give it as `accelerate launch --config_file {path} "
@@ -175,7 +187,8 @@ def _parse_override(item: str) -> Tuple[str, DictConfig]:
                           f"--config {item}")
     if not sep or not _OVERRIDE_KEY.fullmatch(key):
         raise ConfigError(f"Malformed override {item!r} on the command line: expected key=value, e.g. "
-                          "train.max_steps=100")
+                          "train.max_steps=100" + ("; a value with spaces is one shell word when quoted: "
+                                                   "tracking.run_name='my run'" if not sep else ""))
     where = f"command line ({item})"
     try:
         text = _text_setting(key)
@@ -301,7 +314,15 @@ def _keep_text_as_typed(path: Path, layer: DictConfig) -> None:
     refused where null is allowed (raft.negative_prompt, cache_dir: a negative prompt "None", a cache folder named
     None). Quoted, it is the text (as `save_config` writes it)."""
     data = OmegaConf.to_container(layer, resolve=False)
-    for key, node in entries(yaml.compose(path.read_text(encoding="utf-8"))):
+    try:
+        document = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:  # OmegaConf's loader takes a tab after "key:" that PyYAML's refuses
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        tabs = " (a tab: separate and indent with spaces)" if "'\\t'" in problem else ""
+        raise ConfigError(f"Invalid YAML in {path}{where}: {problem}{tabs}") from None
+    for key, node in entries(document):
         kind = _text_setting(key) or ("list" if _field_type(key) == List[str] else None)
         if kind is None:
             continue
@@ -328,10 +349,15 @@ folder named ~). model.pretrained and model.vae are expanded where they load, wh
 
 
 def _expand_home(cfg: Config) -> None:
-    for key in PATH_KEYS:
+    """`~` expanded; a path with spaces at its ends refused (`output_dir= /x` passes " /x": a folder " " here)."""
+    for key in (*PATH_KEYS, "model.pretrained", "model.vae"):
         section, _, name = key.rpartition(".")
         owner = getattr(cfg, section) if section else cfg
-        if getattr(owner, name):
+        value = getattr(owner, name)
+        if value and value != value.strip():
+            raise ConfigError(f"{key} = {value!r} begins or ends with a space (as `{key}= {value.strip()}` passes "
+                              f"it): write {key}={value.strip()}")
+        if key in PATH_KEYS and value:
             setattr(owner, name, os.path.expanduser(getattr(owner, name)))
 
 

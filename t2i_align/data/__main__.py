@@ -99,6 +99,9 @@ def _import(args) -> int:
     from .listings import import_listing
 
     listing, out = Path(args.listing), Path(args.out)
+    if listing.is_dir():
+        raise UserError(f"--from {listing} is a folder: give the .jsonl or .csv listing in it (one row per "
+                        f"{'pair' if args.command == 'pairs' else 'image'}; its image paths relative to --image-root)")
     if not listing.is_file():
         raise UserError(f"--from {listing}: no such file")
     if args.image_root is not None and not Path(args.image_root).is_dir():

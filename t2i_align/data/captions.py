@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
+from ..files import shown
 from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
 from .images import find_parquet_files
 from .pairs import files_identity, item_draws, text_column
@@ -217,9 +218,9 @@ def caption_files(cfg: Any, root: Optional[str | Path] = None, check_columns: bo
         raise ConfigError("data.path is empty: with data.kind=captions give a parquet file or folder with caption "
                           "and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out DIR)")
     if not Path(cfg.path).exists():  # find_parquet_files' message is about pair data
-        raise ConfigError(f"data.path: image-caption data {cfg.path} does not exist: give a parquet file or folder "
-                          "with caption and jpg (or path) columns (toy world: python -m t2i_align.toy captions --out "
-                          "DIR; a listing: python -m t2i_align.data captions)")
+        raise ConfigError(f"data.path: image-caption data {shown(cfg.path)} does not exist: give a parquet file or "
+                          "folder with caption and jpg (or path) columns (toy world: python -m t2i_align.toy captions "
+                          "--out DIR; a listing: python -m t2i_align.data captions)")
     files = find_parquet_files(cfg.path, root)
     for path in files if check_columns else []:
         caption_columns(open_parquet(path).schema_arrow.names, path)

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import ConfigError
 from ..errors import UserError
+from ..files import shown
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,10 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
     """
     given = Path(path)
     if not given.exists():
-        raise FileNotFoundError(f"pair data {given} does not exist: set data.path to a Pick-a-Pic-format parquet file "
-                                "or folder (toy world: make it first with python -m t2i_align.toy pairs --out DIR "
-                                "--k 8 --pairing best-worst; PPD's toy users' pairs: python benchmarks/toy_ppd.py "
-                                "data)")
+        raise FileNotFoundError(f"pair data {shown(given)} does not exist: set data.path to a Pick-a-Pic-format "
+                                "parquet file or folder (toy world: make it first with python -m t2i_align.toy pairs "
+                                "--out DIR --k 8 --pairing best-worst; PPD's toy users' pairs: python "
+                                "benchmarks/toy_ppd.py data)")
     if given.suffix.lower() in (".jsonl", ".csv"):
         raise ConfigError(f"data {given} is a listing, not parquet: {_IMPORT_HINT}")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent

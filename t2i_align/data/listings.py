@@ -6,9 +6,9 @@ image_1, 0.5: a tie, kept in the file and dropped in training unless `data.ties=
 integer: the rater, for PPD), `model_0` / `model_1`. Captions (LongAlign's stage 1, data.kind=captions): a caption
 and one `image`. Paths are relative to the image root (default: the listing's folder) and must stay inside it.
 A row that cannot be used (a field missing, a caption that is not text, a label outside [0, 1], an image missing,
-outside the root or not decodable, a user_id that is not an integer; a JSONL line that is not UTF-8 JSON; a CSV
-record over several lines, as a quote left open makes, or with more fields than the header) is skipped and counted
-by reason; the first few are named.
+outside the root or not decodable, a pair whose two images are the same bytes, a user_id that is not an integer; a
+JSONL line that is not UTF-8 JSON; a CSV record over several lines, as a quote left open makes, or with more fields
+than the header) is skipped and counted by reason; the first few are named.
 The image bytes are copied as they are (no re-encoding); the parquet is written in row groups of
 `row_group_size` rows (the streaming reader's unit) to a temporary file and renamed when complete.
 """
@@ -240,8 +240,10 @@ def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
     caption = _caption(row)
     first, second, label = _label(row)
     jpg_0, jpg_1 = _image_bytes(root, first), _image_bytes(root, second)
+    if jpg_0 == jpg_1:  # the same file twice, or two copies: DPO's two errors are equal, nothing is learnt
+        raise SkippedRow("same_image", f"images {first!r} and {second!r} are the same image: no preference")
     return {"caption": caption, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label, "label_1": 1.0 - label,
-            "user_id": _user_id(row), "are_different": jpg_0 != jpg_1, "has_label": True,
+            "user_id": _user_id(row), "are_different": True, "has_label": True,
             "model_0": _utf8(str(row.get("model_0") or ""), "model_0"),
             "model_1": _utf8(str(row.get("model_1") or ""), "model_1"),
             "ranking_id": ranking_id}
@@ -268,11 +270,14 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
     root = Path(image_root or listing.parent).resolve()
     skipped: Counter = Counter()
     ties: Counter = Counter()
+    columns: List[str] = []  # the first row's, for the message when no row is usable
 
     def rows() -> Iterator[Dict[str, Any]]:
         # every image is read and decoded: minutes for a large listing (no bar when stderr is not a terminal)
         for number, row in tqdm(read_listing(listing), desc=f"import {kind}", unit="row", file=sys.stderr,
                                 disable=None):
+            if not columns and isinstance(row, dict):
+                columns.extend(map(str, row))
             try:
                 made = make_row(row, root, number)
             except SkippedRow as why:
@@ -289,7 +294,10 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
     written = write_rows_parquet(rows(), staged, row_group_size, schema)
     if not written:
         staged.unlink()
-        raise UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs {needs}")
+        found = f"; its first row's fields: {', '.join(columns)}" if columns else ""
+        found += " (a CSV is comma-separated)" if columns and listing.suffix.lower() == ".csv" else ""
+        raise UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
+                        f"{needs}{found}")
     os.replace(staged, final)
     if sum(skipped.values()) > _NAMED:
         log(f"{listing}: {sum(skipped.values()) - _NAMED} more rows skipped (counted by reason in {kind}.json)")
