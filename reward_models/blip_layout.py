@@ -133,7 +133,8 @@ class BlipRewardConfig:
             if unknown:
                 raise ValueError(f"unknown BlipRewardConfig fields: {sorted(unknown)}")
             return cls(**config)
-        raise TypeError(f"config must be a BlipRewardConfig, a dict or None, not {type(config).__name__}")
+        raise ValueError(f"config must be a BlipRewardConfig, a mapping of its fields or None, not "
+                         f"{type(config).__name__} (a Python option: t2i-score uses the official sizes)")
 
 
 class RewardHead(nn.Module):

@@ -283,13 +283,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:
             _, counts = score_items(rewards, items, args.batch_size, lambda batch: bar.update(len(batch)), rows)
-    except BaseException:  # out of memory, Ctrl-C ...: the images scored so far are kept
+        write_rows(rows, args.out)
+    except BaseException:  # out of memory, Ctrl-C, --out gone unwritable ...: the images scored so far are kept
         try:
             _keep_partial(rows, args.out)
         except Exception as err:  # a full disk: the first error is the one to see
             print(f"t2i-score could not keep the {len(rows)} rows scored so far: {err}", file=sys.stderr)
         raise
-    write_rows(rows, args.out)
     summary = {**summarize(rows, names, counts), "out": str(args.out)}
     summary.update({"pairwise": pairwise_accuracy(rows, names)} if args.pairwise else {})
     print(json.dumps(summary, indent=2))
@@ -298,14 +298,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def _keep_partial(rows: List[dict], out: Path) -> None:
     """The rows of the batches finished before a failure, as OUT's name with .partial (scores.partial.jsonl;
-    .partial-2, -3 ...: never one replaced)."""
+    .partial-2, -3 ...: never one replaced), beside OUT or, where that cannot be written, in the working folder."""
     if not rows:
         return
-    for n in itertools.count(1):
-        path = out.with_name(f"{out.stem}.partial{'' if n == 1 else f'-{n}'}{out.suffix}")
-        if not path.exists():
+    for folder in (out.parent, Path.cwd()):
+        for n in itertools.count(1):
+            path = folder / f"{out.stem}.partial{'' if n == 1 else f'-{n}'}{out.suffix}"
+            if not path.exists():
+                break
+        try:
+            write_rows(rows, path)
             break
-    write_rows(rows, path)
+        except OSError:
+            if folder == Path.cwd():
+                raise
     print(f"t2i-score stopped after {len(rows)} images; their scores are in {path}", file=sys.stderr)
 
 

@@ -14,6 +14,7 @@ truncated to 35 tokens. The backbone and the checkpoint key mapping live in `bli
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -97,10 +98,19 @@ def load_bert_tokenizer(tokenizer="bert-base-uncased"):
         name = str(Path(tokenizer).expanduser()) if Path(tokenizer).expanduser().exists() else str(tokenizer)
         from t2i_align.model_folders import _hub_offline
 
-        try:  # HF_HUB_OFFLINE=1: a hub name from the local cache only (offline, it retried for minutes)
-            tokenizer = BertTokenizer.from_pretrained(name, local_files_only=_hub_offline())
+        try:  # a local folder or the hub cache first: no network call, and none of its retries when there is none
+            tokenizer = BertTokenizer.from_pretrained(name, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise WeightsNotFoundError(f"could not load the BERT tokenizer {name!r}: {fix}") from err
+            if _hub_offline() or Path(name).exists():
+                raise WeightsNotFoundError(f"could not load the BERT tokenizer {name!r}: {fix}") from err
+            print(f"note: the BERT tokenizer {name!r} is not in the local Hugging Face cache: fetching it from the "
+                  "hub (without a network this retries for minutes: set HF_HUB_OFFLINE=1, or pass tokenizer=FOLDER)",
+                  file=sys.stderr)
+            try:
+                tokenizer = BertTokenizer.from_pretrained(name)
+            except (OSError, ValueError) as err:
+                raise WeightsNotFoundError(f"could not load the BERT tokenizer {name!r} (not in the local cache, and "
+                                           f"the hub could not be reached or has no such tokenizer): {fix}") from err
     check_tokenizer_vocabulary(tokenizer, f"BERT tokenizer {getattr(tokenizer, 'name_or_path', '')!r}", fix)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
@@ -159,7 +169,7 @@ class BlipPreferenceReward(Reward):
         self.model.mlp.float()
 
     def _tokenizer(self, tokenizer):
-        tokenizer = load_bert_tokenizer(tokenizer)
+        tokenizer = load_bert_tokenizer("bert-base-uncased" if tokenizer is None else tokenizer)
         if len(tokenizer) > self.config.vocab_size:
             raise ValueError(f"{self.name}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary"
                              f" has {self.config.vocab_size}; use the bert-base-uncased tokenizer it was trained with")

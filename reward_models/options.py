@@ -3,6 +3,7 @@ local weights its path options name (checked before a run loads its model), "~" 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict
@@ -78,8 +79,14 @@ def check_options(name: str, options: Dict[str, Any]) -> None:
 
 def _check_option_type(name: str, key: str, value: Any, default: Any) -> None:
     """An option whose default is a bool / int / float takes that type (`batch_size=8x` failed only while scoring,
-    each batch's error taken for a rejected prompt); a batch size must be >= 1 (it silently became 1)."""
+    each batch's error taken for a rejected prompt); a batch size must be >= 1 (it silently became 1); a number
+    option is not none (a TypeError) and is finite (`scale=nan` flagged every image as not finite)."""
     kind = type(default)
+    if value is None and kind in (bool, int, float):
+        raise RewardSetupError(f"reward {name!r} option {key}=none: it takes a value (default {default!r}); leave it "
+                               "out for the default")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RewardSetupError(f"reward {name!r} option {key}={value}: expected a finite number")
     if kind in (bool, int, float) and value is not None:
         fits = isinstance(value, bool) if kind is bool else (
             isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))

@@ -231,6 +231,22 @@ def check_replaceable_folder(out: Path, flag: str, tool: str) -> None:
                         f"e.g. {flag} {out / 'samples'}")
 
 
+def _check_writable(folder: Optional[Path], flag: str, out: Path) -> None:
+    """A file made and removed in `folder` (the output's nearest existing folder): os.access says yes to root
+    where the write still fails (a read-only mount, /proc), and the work would be lost at the end."""
+    from .errors import UserError
+
+    if folder is None:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".t2i-align-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{flag} {out}: cannot write in {folder} ({err.strerror or err}); choose another "
+                        f"{flag}") from None
+
+
 def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
                       inputs: Optional[Dict[str, str | os.PathLike]] = None, replaces: Sequence[Path] = (),
                       overwrite: bool = False, made_by: Optional[str] = None) -> None:
@@ -249,6 +265,7 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{flag} {out}: {above} is a file, not a folder; choose another {flag}")
+    _check_writable(out if out.is_dir() else above, flag, out)
     for name, source in (inputs or {}).items():
         held = Path(source) if Path(source).is_dir() else Path(source).parent
         if out.resolve() in (held.resolve(), Path(source).resolve()) or out.resolve() in held.resolve().parents:

@@ -288,6 +288,32 @@ def test_missing_tokenizer_and_weights_are_weights_errors_and_the_tokenizer_come
         VPScore(checkpoint=tmp_path / "nowhere.pt", tokenizer=files["tok"], config=TINY)
 
 
+def test_a_hub_tokenizer_is_read_from_the_cache_first_and_fetched_with_a_note(monkeypatch, capsys):
+    """Offline without HF_HUB_OFFLINE, the first call went to the network: minutes of retries, then a message
+    about missing vocabulary files. The cache is read first; the network is tried after a note saying so."""
+    from transformers import BertTokenizer
+
+    from reward_models.base import WeightsNotFoundError
+    from reward_models.imagereward import load_bert_tokenizer
+
+    calls = []
+
+    def from_pretrained(name, local_files_only=False):
+        calls.append(local_files_only)
+        raise OSError("not cached" if local_files_only else "connection refused")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(BertTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(WeightsNotFoundError, match="not in the local cache, and the hub could not be reached"):
+        load_bert_tokenizer("some-org/some-bert")
+    assert calls == [True, False] and "is not in the local Hugging Face cache: fetching it" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="could not load the BERT tokenizer 'some-org/some-bert'"):
+        load_bert_tokenizer("some-org/some-bert")
+    assert calls == [True]  # offline: the cache only
+
+
 def test_numpy_images_score_as_the_same_tensors(files):
     reward = make(ImageRewardScore, files)
     arr = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)

@@ -386,6 +386,40 @@ def test_a_run_stopped_midway_keeps_the_scores_of_its_finished_batches(tmp_path,
     assert "their scores are in" in capsys.readouterr().err
 
 
+def test_an_out_folder_that_cannot_be_written_is_refused_before_scoring(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("reward_models.cli.load_rewards", lambda *a: pytest.fail("loaded the rewards"))
+    folder, locked = _folder(tmp_path), tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr("tempfile.mkstemp", lambda dir, prefix: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    code = main(["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(locked / "sub" / "scores.jsonl")])
+    assert code == 2 and f"cannot write in {locked} (denied)" in capsys.readouterr().err
+
+
+def test_a_final_write_that_fails_keeps_the_scores_in_the_working_folder(tmp_path, capsys, monkeypatch):
+    """The last write sat outside the kept-rows guard: a failure there threw every score away."""
+    import reward_models.cli as cli
+
+    monkeypatch.setattr(cli, "load_rewards", lambda *a: {"fake": _failing_reward(lambda call, prompts: None)})
+    real_write = cli.write_rows
+    beside = tmp_path / "out"
+
+    def write(rows, path):
+        if path.parent == beside:
+            raise OSError(28, "No space left on device")
+        real_write(rows, path)
+    monkeypatch.setattr(cli, "write_rows", write)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    folder = _folder(tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        main(["--reward", "fake", "--images", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+              "--out", str(beside / "scores.jsonl")])
+    kept = [json.loads(line) for line in (work / "scores.partial.jsonl").read_text().splitlines()]
+    assert len(kept) == 6 and f"their scores are in {work / 'scores.partial.jsonl'}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("batch", ["4", "1"])
 def test_a_runtime_error_every_image_meets_alone_is_raised_not_flagged_on_every_row(tmp_path, monkeypatch, batch):
     """The model's error (a device-side assert), not an image's: flagging it on every row hid it as a slow run

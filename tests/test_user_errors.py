@@ -433,9 +433,15 @@ def test_reward_options_of_the_wrong_type_are_refused_when_the_reward_is_built()
     from reward_models.base import RewardSetupError
 
     for value, message in (("8x", r"batch_size='8x': expected a int \(default 64\)"),
-                           (0, "batch_size=0: give a number >= 1"), (True, "expected a int")):
+                           (0, "batch_size=0: give a number >= 1"), (True, "expected a int"),
+                           (None, "batch_size=none: it takes a value \\(default 64\\)")):
         with pytest.raises(RewardSetupError, match=message):
             get_reward("toy-clip", batch_size=value)
+    for value in (float("nan"), float("inf")):  # nan flagged every image as not finite; none was a TypeError
+        with pytest.raises(RewardSetupError, match=f"scale={value}: expected a finite number"):
+            get_reward("toy-clip", scale=value)
+    with pytest.raises(RewardSetupError, match="scale=none: it takes a value"):
+        get_reward("toy-clip", scale=None)
     assert get_reward("toy-clip", batch_size=8).encoder.batch_size == 8  # a valid value reaches the encoder
 
 
