@@ -272,8 +272,10 @@ def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[
 def _run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     options = parse_options(args.option, names)
-    if args.out.suffix.lower() not in (".jsonl", ".csv") or args.batch_size < 1:
-        raise UsageError(f"need --out *.jsonl or *.csv and --batch-size >= 1, got {args.out}, {args.batch_size}")
+    if args.out.suffix.lower() not in (".jsonl", ".csv"):
+        raise UsageError(f"--out {args.out}: give a .jsonl or .csv file name")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: give a number >= 1")
     metadata = args.prompts or (args.images / "metadata.jsonl" if args.images.is_dir() else args.images)
     check_output_path(args.out, "--out", folder=False, inputs={"--images": args.images, "--prompts": metadata},
                       replaces=[args.out], overwrite=args.overwrite)

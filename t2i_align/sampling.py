@@ -13,6 +13,8 @@ evaluate) conditions the UNet exactly as training did.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,7 +105,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     attach_user_branch(pipe, lora, *checkpoint_folders(unet), path)
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
         try:
-            pipe.load_lora_weights(str(lora))
+            with _without_logged_load_error():
+                pipe.load_lora_weights(str(lora))
         except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
             raise ModelLoadError(lora_load_error(lora, path, err)) from err
         if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
@@ -115,6 +118,23 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         # diffusers' warns "modules ... should be kept in float32: []"
         torch.nn.Module.to(pipe.vae, torch.float32)
     return set_scheduler(pipe, scheduler).to(device)
+
+
+class _LoadErrorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_logged_load_error():
+    """diffusers logs a failed LoRA load's error whole (a line per mismatched weight) before raising it, which
+    `lora_load_error` then says in one line; its warnings (keys left unloaded) still show."""
+    log, drop = logging.getLogger("diffusers.loaders.peft"), _LoadErrorFilter()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _no_safety_checker(path: Path) -> dict:

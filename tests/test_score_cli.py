@@ -242,8 +242,8 @@ def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, caps
     ("images-missing", "nowhere does not exist"),
     ("pairwise-on-a-folder", "--pairwise is for Pick-a-Pic parquets"),
     ("prompts-with-a-parquet", "--prompts for image folders (a parquet has captions)"),
-    ("out-not-jsonl-or-csv", "need --out *.jsonl or *.csv"),
-    ("batch-size-0", "--batch-size >= 1"),
+    ("out-not-jsonl-or-csv", "scores.txt: give a .jsonl or .csv file name"),
+    ("batch-size-0", "--batch-size 0: give a number >= 1"),
     ("out-exists", "scores.jsonl exists and --out"),
     ("parquet-that-is-not-one", "fake.parquet: Parquet magic bytes not found"),
 ])

@@ -136,6 +136,24 @@ def test_a_dry_run_checks_the_rewards_weights_and_the_gallery_reward_takes_optio
                                  ]) == 0
 
 
+def test_a_dry_run_counts_the_usable_pairs_as_the_run_would(tmp_path, capsys):
+    """All ties, no pair of the wanted models, fewer pairs than a batch: the dry run passed each, the run refused it
+    after the model loaded (minutes on SDXL)."""
+    from test_loop import write_rendered_pairs
+
+    base = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), f"output_dir={tmp_path / 'run'}"]
+    ties = write_rendered_pairs(tmp_path / "ties.parquet", n=2, tie_every=1)
+    three = write_rendered_pairs(tmp_path / "three.parquet", n=3)
+    for extra, told in (([f"data.path={ties}"], "no usable pairs in .*ties.parquet .*ties dropped=2"),
+                        ([f"data.path={three}", "data.both_models_contain=dream"], "no usable pairs .*other models=3"),
+                        ([f"data.path={three}", "train.batch_size=4"], "3 usable pairs in .*three.parquet are too few "
+                                                                        "for train.batch_size=4")):
+        assert _train_script().main([*base, *extra]) == 2
+        assert re.search(told, capsys.readouterr().err.splitlines()[-1]), told
+    assert _train_script().main([*base, f"data.path={three}", "train.batch_size=3"]) == 0
+    assert re.search(r"data .*three.parquet: .*used=3", capsys.readouterr().err)
+
+
 def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys):
     """argparse kept the last --config silently (a DPO recipe then SFT trained SFT); an empty file set nothing."""
     dpo, sft = (str(REPO_ROOT / f"configs/toy/{name}.yaml") for name in ("dpo", "sft"))
@@ -157,7 +175,7 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     from test_loop import write_rendered_pairs
 
     monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model")))
-    pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
+    pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=16)
     base = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), f"output_dir={tmp_path / 'run'}"]
     assert _train_script().main([*base, f"data.path={pairs}", "train.max_steps=7"]) == 0
     out = capsys.readouterr()

@@ -60,11 +60,13 @@ def dry_run(cfg) -> int:
     from t2i_align.build import check_before_loading
     from t2i_align.checkpoints import resolve_resume
     from t2i_align.config.loader import dump_config
+    from t2i_align.data.sources import check_pair_rows
     from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
     from t2i_align.weight_files import weights_variant
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
+    rows = check_pair_rows(cfg)  # the label and caption columns: none usable failed after the model loaded
     resolve_resume(cfg.output_dir, cfg.train.resume)  # a typo'd checkpoint folder failed only when the run started
     # its model_index.json and component folders only: no weights load
     folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
@@ -75,6 +77,8 @@ def dry_run(cfg) -> int:
         model_family(cfg.model, folder)
         weights_variant(folder, cfg.model.variant)  # file names only
     print(dump_config(cfg), end="")
+    if rows:
+        print(rows, file=sys.stderr)
     import torch
 
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():  # said only when the run started

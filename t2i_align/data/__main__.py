@@ -1,4 +1,4 @@
-"""python -m t2i_align.data pairs | captions: your own data, image files listed in a JSONL or CSV file, as the
+r"""python -m t2i_align.data pairs | captions: your own data, image files listed in a JSONL or CSV file, as the
 parquet the loop reads; relabel: pairs labelled by a reward model instead of people (AI feedback).
 
   python -m t2i_align.data pairs --from my_pairs.jsonl --out data/mine     # then data.path=data/mine/pairs.parquet

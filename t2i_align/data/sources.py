@@ -174,6 +174,18 @@ def _check_pair_files(cfg) -> None:
                               "user_id); rebuild the data with one, or set ppd.enabled=false")
 
 
+def check_pair_rows(cfg) -> str:
+    """The dry run's count of usable pairs, from the label, caption and model columns (no image decoded): none, or
+    fewer than one process's batch, fail as the run would after its model loaded. Returns the count's summary."""
+    if cfg.raft.enabled or cfg.data.kind != "pairs":
+        return ""
+    dataset = load_pairs(cfg.data, cfg.seed)
+    if len(dataset) < cfg.train.batch_size:
+        raise ConfigError(f"{len(dataset)} usable pairs in {cfg.data.path} are too few for train.batch_size="
+                          f"{cfg.train.batch_size} ({dataset.stats.summary()}); lower it or add data")
+    return f"data {cfg.data.path}: {dataset.stats.summary()} (images are decoded when the run reads them)"
+
+
 def build_data_source(cfg, components, accelerator, batch_kind: str = "pairs", users=None):
     """Online RAFT batches when cfg.raft.enabled; else pairs from cfg.data: streamed when uncached, or cached
     (built by all processes together). `users` (PPD's user table): pairs of users it lacks are left out, before
