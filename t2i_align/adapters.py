@@ -51,6 +51,17 @@ def _check_targets(unet: torch.nn.Module, targets) -> None:
                              "to_k, to_v, to_out.0, proj_in, conv1, conv2, ff.net.2)")
 
 
+def check_targets_in_folder(folder, targets) -> None:
+    """The dry run's `_check_targets`: on the folder's UNet built from its config on the meta device (no weights,
+    about a second for SDXL), so a misspelt target is found before minutes of loading."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
+    with init_empty_weights():
+        _check_targets(UNet2DConditionModel.from_config(config), targets)
+
+
 def trainable_parameters(unet: torch.nn.Module, cfg: LoraConfig) -> List[torch.nn.Parameter]:
     """LoRA parameters when cfg.enabled (adding the adapter), otherwise every UNet parameter (full fine-tune)."""
     if cfg.enabled:

@@ -152,6 +152,10 @@ def test_a_dry_run_counts_the_usable_pairs_as_the_run_would(tmp_path, capsys):
         assert re.search(told, capsys.readouterr().err.splitlines()[-1]), told
     assert _train_script().main([*base, f"data.path={three}", "train.batch_size=3"]) == 0
     assert re.search(r"data .*three.parquet: .*used=3", capsys.readouterr().err)
+    # a misspelt LoRA target: found on the UNet built from its config, no weights loaded
+    assert _train_script().main([*base, f"data.path={three}", "train.batch_size=3", "lora.enabled=true",
+                                 "lora.target_modules=[to_q,to_qq]"]) == 2
+    assert "lora.target_modules: ['to_qq'] match no layer of the UNet" in capsys.readouterr().err
 
 
 def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys):

@@ -57,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def dry_run(cfg) -> int:
     """The resolved config on stdout, once the checks that need no weights, engine or output folder have passed."""
 
+    from t2i_align.adapters import check_targets_in_folder
     from t2i_align.build import check_before_loading
     from t2i_align.checkpoints import resolve_resume
     from t2i_align.config.loader import dump_config
@@ -76,6 +77,8 @@ def dry_run(cfg) -> int:
         check_tuned_folder(folder, cfg.model.text_encoding)
         model_family(cfg.model, folder)
         weights_variant(folder, cfg.model.variant)  # file names only
+        if cfg.lora.enabled:  # the UNet's layer names, built from its config without weights
+            check_targets_in_folder(folder, cfg.lora.target_modules)
     print(dump_config(cfg), end="")
     if rows:
         print(rows, file=sys.stderr)
