@@ -150,7 +150,8 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     Weighting Strategy", Eq. 9; diffusers' `--snr_gamma`): SNR(t) = ᾱ_t / (1 - ᾱ_t); min(SNR, γ) / SNR for an
     ε-prediction, min(SNR, γ) / (SNR + 1) for a v-prediction (the same weight on the x_0 error). Written as
     min(1, γ / SNR) for ε, so that the SNR of 0 a zero-terminal schedule reaches gives its limit 1, not 0 / 0."""
-    abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32)[timesteps.cpu().long()]
+    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float32, device=timesteps.device)
+    abar = alphas_cumprod[timesteps.long()]  # on the timesteps' device: no sync with a GPU each step
     snr = abar / (1.0 - abar)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -159,7 +160,7 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
         weights = snr.clamp(max=gamma) / (snr + 1.0)
     else:
         raise ValueError(f"unsupported scheduler prediction_type {kind!r}: use 'epsilon' or 'v_prediction'")
-    return weights.to(timesteps.device)
+    return weights
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

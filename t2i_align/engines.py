@@ -144,7 +144,9 @@ def check_shared_output(accelerator, out: Path) -> None:
         raise UserError(f"output_dir {out} is a file: give a folder (it is created if missing)")
     from .files import check_output_path
 
-    check_output_path(out, "output_dir", folder=True)  # a file among its parents
+    # a file among its parents; no write probe: a process failing it alone would leave the others waiting below, where
+    # the main process's own write is told to every process
+    check_output_path(out, "output_dir", folder=True, probe=False)
     if accelerator.num_processes == 1:
         return
     from accelerate.utils import broadcast_object_list, gather_object

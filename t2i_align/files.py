@@ -249,13 +249,15 @@ def _check_writable(folder: Optional[Path], flag: str, out: Path) -> None:
 
 def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
                       inputs: Optional[Dict[str, str | os.PathLike]] = None, replaces: Sequence[Path] = (),
-                      overwrite: bool = False, made_by: Optional[str] = None) -> None:
+                      overwrite: bool = False, made_by: Optional[str] = None, probe: bool = True) -> None:
     """At a command's start, before any work: UserError for an output path that cannot be written (a file where a
     folder is wanted or the reverse, a file among its parents), that is or holds one of `inputs` ({flag: path}),
     which writing there (replacing a folder) would delete, or whose writing would replace an existing one of
     `replaces` (an earlier gallery, pair set, non-empty folder...) without `overwrite` (the command's --overwrite).
     `made_by`: the file a folder this command wrote holds; --overwrite replaces no non-empty folder without it
-    (`--out ~/Pictures --overwrite` deleted the user's pictures)."""
+    (`--out ~/Pictures --overwrite` deleted the user's pictures). `probe`: a file made and removed where the command
+    will write (inside an existing folder it adds files to; else in the folder it is made or renamed into), so a
+    folder it cannot write stops it now, not after the work."""
     from .errors import UserError
 
     out = Path(path)
@@ -265,7 +267,9 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{flag} {out}: {above} is a file, not a folder; choose another {flag}")
-    _check_writable(out if out.is_dir() else above, flag, out)
+    if probe:  # where the command writes: inside an existing folder it adds to, else beside it (staged, renamed)
+        inside = folder and out.is_dir() and out.resolve() not in {Path(r).resolve() for r in replaces}
+        _check_writable(out if inside else above, flag, out)
     for name, source in (inputs or {}).items():
         held = Path(source) if Path(source).is_dir() else Path(source).parent
         if out.resolve() in (held.resolve(), Path(source).resolve()) or out.resolve() in held.resolve().parents:

@@ -300,7 +300,7 @@ def _explicit_family(name: str, path: Path) -> FamilySpec:
         raise ModelLoadError(f"model.family={name} but {path}/model_index.json is a {detected.name} pipeline: point "
                              f"model.pretrained at a {name} folder, or train it with a {detected.name} config (e.g. "
                              f"configs/{detected.name}/; the {name} configs' resolution and settings are {name}'s) "
-                             "whose model.family is auto")
+                             f"whose model.family is {detected.name} or auto")
     return detected
 
 

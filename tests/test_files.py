@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 
@@ -156,3 +157,25 @@ def test_sync_tree_fsyncs_every_file_and_folder_deepest_first(tmp_path, monkeypa
     a = tmp_path / "a"
     assert sorted(synced) == sorted(str(p) for p in (a, a / "b", a / "b" / "f", a / "g"))
     assert synced[0] == str(a / "b" / "f") and synced[-1] == str(a)  # a folder after what it holds
+
+
+def test_the_write_probe_goes_where_the_command_writes(tmp_path, monkeypatch):
+    """A folder replaced whole is built beside it and renamed (its parent must be writable); a folder a command
+    adds files to is written inside; output_dir's probe is left to the collective check (probe=False)."""
+    import tempfile
+
+    from t2i_align.files import check_output_path
+
+    out = tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    probed = []
+    real = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda dir, prefix: probed.append(Path(dir)) or real(dir=dir,
+                                                                                                     prefix=prefix))
+    check_output_path(out, "--out", folder=True, replaces=[out], overwrite=True)  # replaced whole
+    check_output_path(out, "--out", folder=True, replaces=[out / "pairs.parquet"])  # files added inside
+    check_output_path(out / "new" / "deeper", "--out", folder=True)  # made: in its nearest existing folder
+    check_output_path(out / "scores.jsonl", "--out", folder=False)  # a file: beside it
+    check_output_path(out, "output_dir", folder=True, probe=False)
+    assert probed == [out.parent, out, out, out]
+    assert list(out.iterdir()) == [] and list(out.parent.iterdir()) == [out]  # every probe removed

@@ -189,6 +189,9 @@ def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folde
     ("semicolon-csv", "no usable row in {d}/pairs.csv (skipped: {{'missing_field': 1}}); each row needs caption or "
                       "prompt, and image_w + image_l or image_0 + image_1 + label_0; its first row's fields: "
                       "caption;image_w;image_l (a CSV is comma-separated)"),
+    ("comma-csv-no-image", "no usable row in {d}/pairs.csv (skipped: {{'missing_image': 1}}); each row needs caption "
+                           "or prompt, and image_w + image_l or image_0 + image_1 + label_0; its first row's fields: "
+                           "caption, image_w, image_l"),
     ("from-a-folder", "--from {d} is a folder: give the .jsonl or .csv listing in it (one row per pair; its image "
                       "paths relative to --image-root)"),
     ("earlier-pairs", "{d}/pairs.parquet exists and --out {d} would replace it: choose another --out or pass "
@@ -211,6 +214,9 @@ def test_mistakes_are_one_error_line_and_keep_earlier_pairs(folder, capsys, case
     elif case == "semicolon-csv":
         argv[1] = folder / "pairs.csv"
         argv[1].write_text("caption;image_w;image_l\nx;images/red.png;images/blue.png\n")
+    elif case == "comma-csv-no-image":
+        argv[1] = folder / "pairs.csv"
+        argv[1].write_text("caption,image_w,image_l\nx,images/none.png,images/blue.png\n")
     elif case == "from-a-folder":
         argv[1] = folder
     elif case == "earlier-pairs":
@@ -222,7 +228,8 @@ def test_mistakes_are_one_error_line_and_keep_earlier_pairs(folder, capsys, case
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.splitlines()[-1] == "error: " + told.format(d=folder), err
     assert earlier.read_bytes() == b"an earlier pair set"
-    extra = {"semicolon-csv": ["pairs.csv"], "not-jsonl-or-csv": ["pairs.txt"]}.get(case, [])
+    extra = {"semicolon-csv": ["pairs.csv"], "comma-csv-no-image": ["pairs.csv"],
+             "not-jsonl-or-csv": ["pairs.txt"]}.get(case, [])
     assert sorted(p.name for p in folder.iterdir()) == sorted(["images", "pairs.jsonl", "pairs.parquet", *extra])
 
 

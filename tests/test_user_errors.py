@@ -147,7 +147,7 @@ def test_a_dry_run_counts_the_usable_pairs_as_the_run_would(tmp_path, capsys):
     for extra, told in (([f"data.path={ties}"], "no usable pairs in .*ties.parquet .*ties dropped=2"),
                         ([f"data.path={three}", "data.both_models_contain=dream"], "no usable pairs .*other models=3"),
                         ([f"data.path={three}", "train.batch_size=4"], "3 usable pairs in .*three.parquet are too few "
-                                                                        "for train.batch_size=4")):
+                                                                        "for train.batch_size=4 on one process")):
         assert _train_script().main([*base, *extra]) == 2
         assert re.search(told, capsys.readouterr().err.splitlines()[-1]), told
     assert _train_script().main([*base, f"data.path={three}", "train.batch_size=3"]) == 0

@@ -355,8 +355,8 @@ def _expand_home(cfg: Config) -> None:
         owner = getattr(cfg, section) if section else cfg
         value = getattr(owner, name)
         if value and value != value.strip():
-            raise ConfigError(f"{key} = {value!r} begins or ends with a space (as `{key}= {value.strip()}` passes "
-                              f"it): write {key}={value.strip()}")
+            example = f" (as `{key}= {value.strip()}` passes it)" if value[0].isspace() else ""
+            raise ConfigError(f"{key} = {value!r} begins or ends with a space{example}: write {key}={value.strip()}")
         if key in PATH_KEYS and value:
             setattr(owner, name, os.path.expanduser(getattr(owner, name)))
 

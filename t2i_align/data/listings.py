@@ -295,7 +295,8 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
     if not written:
         staged.unlink()
         found = f"; its first row's fields: {', '.join(columns)}" if columns else ""
-        found += " (a CSV is comma-separated)" if columns and listing.suffix.lower() == ".csv" else ""
+        one_field = len(columns) == 1 and any(mark in columns[0] for mark in ";\t")
+        found += " (a CSV is comma-separated)" if one_field and listing.suffix.lower() == ".csv" else ""
         raise UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
                         f"{needs}{found}")
     os.replace(staged, final)

@@ -176,13 +176,15 @@ def _check_pair_files(cfg) -> None:
 
 def check_pair_rows(cfg) -> str:
     """The dry run's count of usable pairs, from the label, caption and model columns (no image decoded): none, or
-    fewer than one process's batch, fail as the run would after its model loaded. Returns the count's summary."""
+    fewer than one process's batch, fail as the run would after its model loaded (several processes need a batch
+    each, and PPD drops pairs of users its table lacks: the launcher's count is checked when the run starts).
+    Returns the count's summary."""
     if cfg.raft.enabled or cfg.data.kind != "pairs":
         return ""
     dataset = load_pairs(cfg.data, cfg.seed)
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"{len(dataset)} usable pairs in {cfg.data.path} are too few for train.batch_size="
-                          f"{cfg.train.batch_size} ({dataset.stats.summary()}); lower it or add data")
+                          f"{cfg.train.batch_size} on one process ({dataset.stats.summary()}); lower it or add data")
     return f"data {cfg.data.path}: {dataset.stats.summary()} (images are decoded when the run reads them)"
 
 
