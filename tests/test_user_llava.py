@@ -57,6 +57,10 @@ def test_pad_to_square_centres_the_image_on_the_fill_colour():
     assert (square[1] == 0).all() and (square[0] == [10, 20, 30]).all() and (square[2] == [10, 20, 30]).all()
 
 
+LLAVA_CONFIG = '{"model_type": "llava_onevision"}'
+"""config.json enough for `users embed`'s check of the --model folder."""
+
+
 def _tiny_llava(folder):
     """A random LLaVA-OneVision (SigLIP + Qwen2, 2 layers, width 32) with a word-level tokenizer, saved."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -216,6 +220,13 @@ def test_embed_command_shards_resumes_and_writes_a_user_table(tiny_llava, tmp_pa
 def test_embed_command_errors_are_one_clear_line(tmp_path, capsys):
     assert users_main(["embed", "--model", str(tmp_path / "nope"), "--pairs", "x", "--out", str(tmp_path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    # another model (transformers' message pointed to the hub), or a folder without config.json
+    assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", str(tmp_path / "o")]) == 2
+    assert f"--model {tmp_path} has no readable config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "clip"}')
+    assert users_main(["embed", "--model", str(tmp_path), "--pairs", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "is a 'clip' model (its config.json), not LLaVA-OneVision" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(LLAVA_CONFIG)
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects it before anything loads
         users_main(["embed", "--model", "m", "--pairs", "p", "--out", "o", "--num-shots", "6"])
     assert exit_info.value.code == 2 and "invalid choice: 6" in capsys.readouterr().err
@@ -283,6 +294,7 @@ def test_embed_exits_1_when_users_failed(tmp_path, monkeypatch):
     """The table lacked the failed users and the command exited 0: a script could not tell."""
     import t2i_align.users.embed as embed
 
+    (tmp_path / "config.json").write_text(LLAVA_CONFIG)
     args = ["embed", "--model", str(tmp_path), "--pairs", "p", "--out", str(tmp_path / "o")]
     for failed, code in ((2, 1), (0, 0)):
         monkeypatch.setattr(embed, "run_embed", lambda *a, failed=failed: {"users": 1, "failed": failed})
@@ -298,6 +310,7 @@ def test_ctrl_c_in_the_users_command_is_one_line(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(embed, "run_embed", interrupted)
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # run_cli quiets the interrupt's traceback
+    (tmp_path / "config.json").write_text(LLAVA_CONFIG)
     with pytest.raises(KeyboardInterrupt):
         users_main(["embed", "--model", str(tmp_path), "--pairs", "p", "--out", str(tmp_path / "o")])
     sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)  # what Python calls then: prints nothing
@@ -313,6 +326,7 @@ def test_user_ids_read_as_whole_floats_are_the_ints_and_others_refused(tmp_path,
     assert _by_user(PairDataset(pairs, resolution=8)) == {7: [0, 1], 8: [2]}
     assert all(type(u) is int for u in _by_user(PairDataset(pairs, resolution=8)))
     odd = _with_user_ids(_write_pairs(tmp_path / "odd.parquet", {7: 2}), [7.5, 7.5])
+    (tmp_path / "config.json").write_text(LLAVA_CONFIG)
     assert users_main(["embed", "--model", str(tmp_path), "--pairs", str(odd), "--out", str(tmp_path / "o")]) == 2
     assert "row 0: user_id 7.5 (float); a user table's ids are ints or text" in capsys.readouterr().err
 

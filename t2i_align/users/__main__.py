@@ -43,6 +43,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_cli(lambda: _run(args), also=(ValueError, OSError), sigterm=args.command != "embed")
 
 
+def _check_llava_folder(folder: Path) -> None:
+    """Its config.json names LLaVA-OneVision, before every process loads it (transformers' own error for another
+    model points to the hub, which this machine may not reach)."""
+    try:
+        kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"--model {folder} has no readable config.json: pass a LLaVA-OneVision folder in "
+                        "transformers' format (e.g. llava-hf/llava-onevision-qwen2-7b-ov-chat-hf)") from None
+    if kind != "llava_onevision":
+        raise UserError(f"--model {folder} is a {kind!r} model (its config.json), not LLaVA-OneVision "
+                        "(model_type llava_onevision), whose user embeddings PPD was trained with: pass such a folder "
+                        "(e.g. llava-hf/llava-onevision-qwen2-7b-ov-chat-hf)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import embed
 
@@ -52,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"--model {args.model} is not a folder; pass a local LLaVA-OneVision "
                                     "checkpoint in transformers' format (nothing is downloaded)")
+        _check_llava_folder(Path(args.model))
         embed.check_out(Path(args.out), args.overwrite)
         summary = embed.run_embed(args.model, args.pairs, args.out, args.num_shots, args.seed,
                                   args.max_new_tokens, args.max_users, args.dtype)
