@@ -191,6 +191,17 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, pairs,
         train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=3", "train.resume=latest"))
 
 
+def test_the_last_step_is_checkpointed_so_a_run_can_be_continued(tiny_model, pairs, tmp_path):
+    """With checkpoint_every=2 a 3-step run kept only step-2: training on to step 5 redid step 3."""
+    common = ("lora.enabled=true", "train.log_every=1", "train.checkpoint_every=2", "objective.beta=100")
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(tiny_model, pairs, full, *common, "train.max_steps=5"))
+    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=3"))
+    assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["step-2", "step-3"]
+    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=5", "train.resume=latest"))
+    assert len(_losses(part)) == 5 and _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+
+
 def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, monkeypatch):
     from t2i_align.objectives.sft import SFT
 

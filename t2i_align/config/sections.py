@@ -233,7 +233,8 @@ class TrainConfig:
     """torch.compile the trained UNet with inductor, through accelerate (the same as `accelerate launch
     --dynamo_backend inductor`, which also works): the first steps are slow while it compiles."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint (checkpoints/step-N) every N optimizer steps (0: never)."""
+    """Save a resumable checkpoint (checkpoints/step-N) every N optimizer steps and at the last one, from which a larger
+    max_steps continues the run (0: never)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     resume: Optional[str] = None
