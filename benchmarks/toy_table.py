@@ -83,8 +83,8 @@ def row(name: str, r: Dict, baselines: Dict[str, Dict]) -> Dict:
 
 
 def markdown(rows: List[Dict]) -> str:
-    head = "| model | judge | " + " | ".join(ATTRIBUTES) + " | diversity | vs | win rate | p sign | p t | " \
-           "attribute changes (p t < 0.01) |"  # p: per prompt
+    head = "| model | judge | " + " | ".join(ATTRIBUTES) + " | diversity | vs | win rate (images) | " \
+           "p sign (prompts) | p t (prompts) | attribute changes (p t per prompt < 0.01) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         attrs = " | ".join(f"{r['per_attribute'][a]['mean']:.3f}" for a in ATTRIBUTES)
@@ -116,6 +116,9 @@ def main(argv=None) -> int:
         name, sep, lora = spec.partition("=")
         if not sep or not name or not _lora_file(lora).is_file():
             p.error(f"--model {spec!r}: expected NAME=LORA with an existing LoRA folder or file")
+        if name in models:  # a second one replaced the first (base too) without a word
+            p.error(f"--model {spec!r}: the name {name!r} is taken ({'the base model' if name == 'base' else 'twice'});"
+                    " give each model its own name")
         models[name] = lora
     for b in args.baseline:
         if b not in models:

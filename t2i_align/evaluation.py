@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import UserError
 from .sampling import Samples, generate, load_pipeline, prompt_major
@@ -98,10 +98,11 @@ def compare_scores(base: Sequence[float], tuned: Sequence[float], groups: Option
     return out
 
 
-def holm_over_rewards(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
+def holm_over_rewards(results: Dict[str, Dict]) -> Dict[str, Any]:
     """Each test's p-values over several rewards (`compare_scores` results by name) Holm-adjusted as one family
     (Holm 1979): read together, the smallest of m p-values overstates the evidence. The prompt-level p-values
-    when every reward has them (`per_prompt`), else the image-level ones of every reward: one family, one unit."""
+    when every reward has them (`per_prompt`), else the image-level ones of every reward: one family, one unit,
+    named in `unit` ("prompt" or "image")."""
     per_prompt = all("per_prompt" in r for r in results.values())
 
     def tests(r: Dict) -> Dict[str, float]:
@@ -110,4 +111,6 @@ def holm_over_rewards(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
         return {"t_test": r["paired_diff"]["p_value"], "sign_test": r["win_rate"]["p_value"]}
 
     raw = {name: tests(r) for name, r in results.items()}
-    return {test: holm({name: p[test] for name, p in raw.items()}) for test in ("t_test", "sign_test")}
+    adjusted: Dict[str, Any] = {test: holm({name: p[test] for name, p in raw.items()})
+                                for test in ("t_test", "sign_test")}
+    return {**adjusted, "unit": "prompt" if per_prompt else "image"}

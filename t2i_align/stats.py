@@ -135,16 +135,17 @@ def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dic
 def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dict[str, float]:
     """Paired t-test on d = a - b: t = mean(d) / (sd(d)/√n), df = n - 1, two-sided p from Student's t.
 
-    The interval is `mean_ci(d, level)`. Needs n >= 2. When every difference is equal (sd = 0) t is undefined:
-    t = 0 and p = 1 if they are all zero, else t = NaN (JSON null; not inf, which JSON cannot hold) and p = 0, the
-    limit as sd -> 0 (the interval is then the single point mean(d)).
+    The interval is `mean_ci(d, level)`. Needs n >= 2. When every difference is equal (sd = 0, or within rounding
+    of the differences' size: 0.2 - 0.0 and 0.8 - 0.6 give sd ~1e-17, which made t ~1e16) t is undefined: t = 0
+    and p = 1 if they are all zero, else t = NaN (JSON null; not inf, which JSON cannot hold) and p = 0, the limit
+    as sd -> 0 (the interval is then the single point mean(d)); the sign test is the one to read then.
     """
     a, b = _pair(a, b)
     if len(a) < 2:
         raise ValueError(f"paired_diff needs at least 2 pairs, got {len(a)}")
     ci = mean_ci([x - y for x, y in zip(a, b)], level)
     n, mean, std = ci["n"], ci["mean"], ci["std"]
-    if std == 0.0:
+    if std <= 1e-12 * max(abs(x - y) for x, y in zip(a, b)):  # 0 when every difference is 0
         t, p = (0.0, 1.0) if mean == 0.0 else (math.nan, 0.0)
     else:
         t = mean / (std / math.sqrt(n))
@@ -176,6 +177,8 @@ def clustered_diff(a: Iterable[float], b: Iterable[float], groups: Sequence[Hash
     rates = [(sum(d > tol for d in ds) + 0.5 * sum(abs(d) <= tol for d in ds)) / len(ds) for ds in members.values()]
     rate = mean_ci(rates, level)  # a rate's interval within [0, 1] (few prompts gave [-2.68, 3.68])
     rate.update({k: min(1.0, max(0.0, rate[k])) for k in ("low", "high") if not math.isnan(rate[k])})
+    if rate["std"] <= 1e-12:  # every prompt at one rate (but rounding) is no certainty: Wilson, n = the prompts
+        rate["low"], rate["high"] = wilson_interval(rate["mean"], len(rates), level)
     return {**paired_diff(means, [0.0] * len(means), level), "groups": len(means),
             "sign": {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)}, "win_rate": rate}
 

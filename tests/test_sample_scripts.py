@@ -105,7 +105,8 @@ def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
     assert json.loads((tmp_path / "cmp.json").read_text())["sets"][str(prompts)]["images_per_model"] == 6
     # two rewards, read together: both tests Holm-adjusted over them (each p is 1 here, and stays 1)
     assert result["sets"][str(prompts)]["holm"] == {"t_test": {"toy-judge": 1.0, "toy-clip": 1.0},
-                                                    "sign_test": {"toy-judge": 1.0, "toy-clip": 1.0}}
+                                                    "sign_test": {"toy-judge": 1.0, "toy-clip": 1.0},
+                                                    "unit": "prompt"}
 
 
 def test_compare_refuses_an_out_that_is_its_prompts_file(prompts, capsys):

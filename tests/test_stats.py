@@ -117,6 +117,29 @@ def test_equal_differences_give_no_t_and_the_documented_p():
     assert (same["t"], same["p_value"]) == (0.0, 1.0)
 
 
+def test_differences_equal_but_for_rounding_are_equal_differences():
+    """Toy-judge steps of 0.2: 0.6 - 0.4 and 0.8 - 0.6 differ by 1e-16, so sd ~1e-17 made t ~6e15 and p 9e-48
+    (1.8e-16 per prompt from two prompts), where equal differences are documented as t null."""
+    from t2i_align.evaluation import compare_scores
+
+    result = compare_scores([.4, .4, .6, .6], [.6, .6, .8, .8], [0, 0, 1, 1])
+    for d in (result["paired_diff"], result["per_prompt"]):
+        assert math.isnan(d["t"]) and d["p_value"] == 0.0
+    assert result["per_prompt"]["sign"]["p_value"] == 0.5  # the test to read: 2 of 2 prompts
+
+
+def test_a_per_prompt_win_rate_the_same_for_every_prompt_gets_a_wilson_interval():
+    """Every prompt at rate 1 (or all tied at 0.5) gave the interval [1, 1] ([0.5, 0.5]): Wilson over the prompts
+    instead, as win_rate's over the images but with n = the prompts (here 3: 1/1 -> [0.44, 1])."""
+    from t2i_align.stats import clustered_diff
+
+    d = clustered_diff([1.0] * 6, [0.0] * 6, [0, 0, 1, 1, 2, 2])["win_rate"]
+    assert (d["mean"], d["high"]) == (1.0, 1.0) and d["low"] == pytest.approx(wilson_interval(1.0, 3)[0])
+    assert d["low"] == pytest.approx(0.4385, abs=1e-4)
+    tied = clustered_diff([0.5] * 6, [0.5] * 6, [0, 0, 1, 1, 2, 2])["win_rate"]
+    assert tied["mean"] == 0.5 and tied["low"] < 0.2 and tied["high"] > 0.8
+
+
 def test_compare_scores_reads_tuned_against_base():
     """Which side is "tuned" was tested only where tuned won everywhere: base [0, 0, 1], tuned [1, 1, 0] wins 2 of
     3 (rate 2/3), mean difference (1 + 1 - 1) / 3 = 1/3; swapped, 1/3 and -1/3."""
@@ -156,7 +179,9 @@ def test_clustered_diff_tests_the_prompts_mean_differences_by_hand():
     assert out["t"] == pytest.approx(7.0) and out["p_value"] == pytest.approx(1 - 7 / math.sqrt(51), abs=1e-10)
     assert (out["low"], out["high"]) == pytest.approx((7 / 3 - 4.302653 / 3, 7 / 3 + 4.302653 / 3), abs=1e-5)
     assert out["sign"] == {"wins": 3, "losses": 0, "p_value": 0.25}
-    assert out["win_rate"]["mean"] == 1.0 and out["win_rate"]["low"] == out["win_rate"]["high"] == 1.0
+    # every prompt won whole: Wilson's interval with the 3 prompts as its n, not the point [1, 1]
+    assert out["win_rate"]["mean"] == out["win_rate"]["high"] == 1.0
+    assert out["win_rate"]["low"] == pytest.approx(wilson_interval(1.0, 3)[0])
     # win rates per prompt (ties half): a 2 of 4 + a tie -> 0.625, b 1.0, c 0.25; mean 0.625, sd 0.375, se
     # 0.375/√3, half-width 4.302653 · 0.375/√3 = 0.931555: [-0.307, 1.557], clipped to what a rate can be
     rate = clustered_diff([1, 0, 0, 1, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0, 1, 0], list("aaaabbcc"))["win_rate"]
@@ -222,9 +247,9 @@ def test_holm_over_rewards_adjusts_each_test_over_the_rewards():
     b = {"per_prompt": {"p_value": 0.04, "sign": {"p_value": 0.2}}, "paired_diff": {"p_value": 0.001},
          "win_rate": {"p_value": 0.1}}
     assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.02, "b": 0.04}),
-                                                   "sign_test": pytest.approx({"a": 0.5, "b": 0.4})}
+                                                   "sign_test": pytest.approx({"a": 0.5, "b": 0.4}), "unit": "prompt"}
     # b without per_prompt (its non-finite scores left one image per prompt): every reward's image tests
     # t: 0.003, 0.001 -> 0.002, max(0.002, 0.003) = 0.003; sign: 0.3, 0.1 -> 0.2, 0.3
     del b["per_prompt"]
     assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.003, "b": 0.002}),
-                                                   "sign_test": pytest.approx({"a": 0.3, "b": 0.2})}
+                                                   "sign_test": pytest.approx({"a": 0.3, "b": 0.2}), "unit": "image"}

@@ -1,6 +1,7 @@
 """The toy world's scenes, captions, judge and tokenizer (no trained weights needed)."""
 import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,20 @@ def test_toy_judge_takes_every_image_input_the_rewards_take():
               [chw], [chw.float() / 255], chw[None], chw[None].float() / 255, chw[None].float().numpy() / 255]
     judge = get_reward("toy-judge")
     assert [judge(x, [caption])[0].tolist() for x in inputs] == [[1.0]] * len(inputs)
+
+
+def test_toy_table_refuses_a_model_name_given_twice(tmp_path, capsys):
+    """A second --model NAME= (or one named base) replaced the first without a word: its row was another model's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_table", Path(__file__).parent.parent / "benchmarks" /
+                                                  "toy_table.py")
+    toy_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_table)
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"")
+    for models in (["a=" + str(lora), "a=" + str(lora)], ["base=" + str(lora)]):
+        with pytest.raises(SystemExit) as exit_:
+            toy_table.main([arg for m in models for arg in ("--model", m)] + ["--out", str(tmp_path / "t.json")])
+        assert exit_.value.code == 2 and "is taken" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
