@@ -20,8 +20,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "configs/sd15/dpo_lora.yaml, ...); one per run (a file builds on another with `base:`)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML, as the run would "
-                        "save it) and make the checks done before a model loads (data files, rewards, user table); "
-                        "loads and writes nothing")
+                        "save it) and make the checks done before a model loads (data files and their usable pairs, "
+                        "rewards, user table, the model folder and LoRA targets); loads and writes nothing")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     if args.config and len(args.config) > 1:  # argparse keeps the last one silently
         parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}): give one; a config "
