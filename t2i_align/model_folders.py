@@ -4,6 +4,7 @@ that a typo'd path, a single-file checkpoint or a partial copy fails in the dry 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -222,3 +223,26 @@ def lora_load_error(lora: Path, path: Path, err: Exception) -> str:
                 "not read: merge it with the tool that made it, or train a LoRA")
     detail = " ".join(text.split())[:300] or type(err).__name__
     return f"LoRA weights {lora} do not match the model in {path}: {detail}"
+
+
+class _LoadErrorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+
+def load_lora(pipe, lora: Path, path: Path) -> None:
+    """`pipe.load_lora_weights(lora)`, its failures one ModelLoadError line (`lora_load_error`; diffusers' own log
+    of the error, a line per mismatched weight, dropped; its warnings of keys left unloaded still show), and a file
+    no UNet layer took refused (diffusers only warns)."""
+    from .models import ModelLoadError
+
+    log, drop = logging.getLogger("diffusers.loaders.peft"), _LoadErrorFilter()
+    log.addFilter(drop)
+    try:
+        pipe.load_lora_weights(str(lora))
+    except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
+        raise ModelLoadError(lora_load_error(lora, path, err)) from err
+    finally:
+        log.removeFilter(drop)
+    if not getattr(pipe.unet, "peft_config", None):
+        raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")

@@ -13,8 +13,6 @@ evaluate) conditions the UNet exactly as training did.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,7 +75,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     """
     from diffusers import DiffusionPipeline
 
-    from .model_folders import lora_load_error
+    from .model_folders import load_lora
     from .base_model import note_recorded_vae
     from .models import ModelLoadError, dtype_kwargs, load_vae_folder, torch_dtype
     from .weight_files import weights_variant
@@ -104,13 +102,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     # PPD: a user branch next to the adapters, or beside a full model's unet/ (a --unet checkpoint's first)
     attach_user_branch(pipe, lora, *checkpoint_folders(unet), path)
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA
-        try:
-            with _without_logged_load_error():
-                pipe.load_lora_weights(str(lora))
-        except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
-            raise ModelLoadError(lora_load_error(lora, path, err)) from err
-        if not getattr(pipe.unet, "peft_config", None):  # diffusers only warns when no key matches
-            raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
+        load_lora(pipe, lora, path)
     pipe.set_progress_bar_config(disable=True)
     spec = pipeline_components(pipe, encoding).spec
     if spec.vae_fp32 and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
@@ -118,23 +110,6 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         # diffusers' warns "modules ... should be kept in float32: []"
         torch.nn.Module.to(pipe.vae, torch.float32)
     return set_scheduler(pipe, scheduler).to(device)
-
-
-class _LoadErrorFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "was unsuccessful with the following error" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_logged_load_error():
-    """diffusers logs a failed LoRA load's error whole (a line per mismatched weight) before raising it, which
-    `lora_load_error` then says in one line; its warnings (keys left unloaded) still show."""
-    log, drop = logging.getLogger("diffusers.loaders.peft"), _LoadErrorFilter()
-    log.addFilter(drop)
-    try:
-        yield
-    finally:
-        log.removeFilter(drop)
 
 
 def _no_safety_checker(path: Path) -> dict:

@@ -3,7 +3,6 @@ the dotted key, where it was set and what was expected; and saving the resolved 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -17,135 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..files import shown, write_text_atomic
+from .keys import check_keys, describe_type, field_type, section_prefix
 from .sections import Config, ConfigError, FieldError
 from .yaml_text import Dumper, entries, retype
 
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-
-def _fields(cls: type) -> Dict[str, Any]:
-    """Field name -> resolved type (annotations are strings because of `from __future__ import annotations`)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _describe_type(tp: Any) -> str:
-    """A type as a user reads it: "int", "float or null", "list of str", "section"."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
-    if origin in (list, tuple):
-        return f"list of {_describe_type(args[0])}" if args else "list"
-    if origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "section with keys " + ", ".join(_fields(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _field_type(dotted: str) -> Any:
-    """The declared type of a dotted key of `Config` (or of a list item, "tracking.validation_prompts[3]"), or None
-    if there is no such key."""
-    tp: Any = Config
-    for part in dotted.split("."):
-        name, _, index = part.partition("[")
-        if not dataclasses.is_dataclass(tp) or name not in _fields(tp):
-            return None
-        tp = _fields(tp)[name]
-        if index:
-            tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-    return tp
-
-
-def _all_keys(cls: type = Config, prefix: str = "") -> List[str]:
-    """Every dotted key of `Config`, sections included."""
-    keys = []
-    for name, tp in _fields(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, f"{prefix}{name}.")
-    return keys
-
-
-def _section_prefix(owner: type, cls: type = Config, prefix: str = "") -> Optional[str]:
-    """The dotted prefix of the section whose dataclass is `owner` ("" for `Config`, "lora." for `LoraConfig`)."""
-    if cls is owner:
-        return prefix
-    for name, tp in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            found = _section_prefix(owner, tp, f"{prefix}{name}.")
-            if found is not None:
-                return found
-    return None
-
-
-ALIASES = {"gradient_accumulation_steps": "train.grad_accum", "train_batch_size": "train.batch_size",
-           "max_train_steps": "train.max_steps", "pretrained_model_name_or_path": "model.pretrained",
-           "resume_from_checkpoint": "train.resume", "checkpointing_steps": "train.checkpoint_every",
-           "adam_weight_decay": "train.weight_decay", "beta_dpo": "objective.beta",
-           "proportion_empty_prompts": "data.prompt_dropout", "dataloader_num_workers": "data.num_workers",
-           "dreamlike_pairs_only": "data.both_models_contain", "lr": "train.learning_rate",
-           "optim": "train.optimizer", "num_train_epochs": "train.max_steps"}
-"""diffusers' and the official Diffusion-DPO scripts' argument names (and common short names) whose setting has
-another name here."""
-ALIAS_NOTES = {"beta_dpo": " (diffusers' SD1.5 script's beta_dpo is objective.beta with "
-                           "objective.beta_convention=diffusers: its 2500 is the official 5000)",
-               "dreamlike_pairs_only": " (the official flag is data.both_models_contain=dream)",
-               "num_train_epochs": " (runs are counted in optimizer steps, not epochs)"}
-
-
-def _suggest(key: str, known: Dict[str, Any], prefix: str, leaf: bool = False) -> List[str]:
-    """The settings an unknown key may mean: the same name in another section (max_steps: train.max_steps), a
-    diffusers script's name, else a close spelling in its own section (a fuzzy match would offer model.revision
-    for model.resolution), not a section for a `leaf` (a value, not a mapping: `lr=1e-4` is no misspelt lora)."""
-    same_name = [k for k in _all_keys() if k.rpartition(".")[2] == key]
-    if same_name:
-        return same_name
-    if key in ALIASES:
-        return [ALIASES[key]]
-    names = [k for k in known if not (leaf and dataclasses.is_dataclass(known[k]))]
-    return [prefix + k for k in difflib.get_close_matches(key, names, n=1)]
-
-
-def _check_keys(data: Dict[Any, Any], cls: type, prefix: str, where: str) -> None:
-    """Unknown keys, and scalars where a section belongs, fail here with the valid keys and a suggestion."""
-    known = _fields(cls)
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in known:
-            hint = " or ".join(f"'{k}'" for k in _suggest(str(key), known, prefix, not isinstance(value, dict)))
-            section = f"'{prefix[:-1]}'" if prefix else "the top level"
-            note = ALIAS_NOTES.get(str(key), "")
-            raise ConfigError(f"Unknown key '{dotted}' in {where}.{f' Did you mean {hint}?{note}' if hint else ''} "
-                              f"Valid keys of {section}: " + ", ".join(known))
-        if dataclasses.is_dataclass(known[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted} = {value!r} in {where}: expected a {_describe_type(known[key])}")
-            _check_keys(value, known[key], dotted + ".", where)
-        else:
-            _check_containers(dotted, value, known[key], where)
-
-
-_KINDS = {list: ("a list", "[a, b]"), dict: ("a mapping", "{key: value}")}
-
-
-def _check_containers(dotted: str, value: Any, tp: Any, where: str) -> None:
-    """A list where a mapping belongs or the reverse (OmegaConf's merge fails with a TypeError naming no key), and
-    a mapping or list inside a list of text (YAML reads an unquoted `a: b` or `{...}` item as a mapping), which
-    OmegaConf keeps and the tokenizer fails on."""
-    kind = typing.get_origin(tp)
-    interpolation = isinstance(value, str) and value.startswith("${")
-    if kind is list and value is not None and not isinstance(value, (list, dict)) and not interpolation:
-        raise ConfigError(f"{dotted} = {value!r} in {where}: expected {_describe_type(tp)}: write one item as a list, "
-                          f"{dotted}=[{value}] on the command line, [{value}] or a `- {value}` line in YAML")
-    if kind in _KINDS and isinstance(value, (list, dict)) and not isinstance(value, kind):
-        raise ConfigError(f"{dotted} = {value!r} in {where}: expected {_describe_type(tp)} ({_KINDS[kind][1]}), not "
-                          f"{_KINDS[type(value)][0]}")
-    if kind is list and typing.get_args(tp)[0] is str and isinstance(value, list):
-        for i, item in enumerate(value):
-            if isinstance(item, (list, dict)):
-                raise ConfigError(f"{dotted}[{i}] = {item!r} in {where} is {_KINDS[type(item)][0]}, expected text: "
-                                  'quote items that contain ": " or start with "{" or "["')
 
 
 def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[str, DictConfig]]:
@@ -194,7 +69,7 @@ def _parse_override(item: str) -> Tuple[str, DictConfig]:
         text = _text_setting(key)
         if text is None:
             layer = OmegaConf.from_dotlist([item])
-            if _field_type(key) == List[str]:  # its items as typed, as in a file
+            if field_type(key) == List[str]:  # its items as typed, as in a file
                 retype(layer, key, yaml.compose(value))
             return where, layer
         node: Any = _text_value(item, value, optional=text == "optional")
@@ -207,7 +82,7 @@ def _parse_override(item: str) -> Tuple[str, DictConfig]:
 
 def _text_setting(key: str) -> Optional[str]:
     """"text" or "optional" (text or null) when `key` holds text, else None."""
-    tp = _field_type(key)
+    tp = field_type(key)
     args = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
     if str not in args or any(a not in (str, type(None)) for a in args):
         return None
@@ -233,7 +108,7 @@ def _merge_error(exc: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(exc, "full_key", None)
     if not key:
         return ConfigError(f"Invalid value in {where}: {reason}")
-    expected = _describe_type(_field_type(key))
+    expected = describe_type(field_type(key))
     return ConfigError(f"{key} = {getattr(exc, 'value', None)!r} in {where}: expected {expected} ({reason})")
 
 
@@ -256,7 +131,7 @@ def _empty_mappings(data: Dict[Any, Any], prefix: str = "") -> List[str]:
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             keys += _empty_mappings(value, dotted + ".")
-        elif value == {} and typing.get_origin(_field_type(dotted)) is dict:
+        elif value == {} and typing.get_origin(field_type(dotted)) is dict:
             keys.append(dotted)
     return keys
 
@@ -270,7 +145,7 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     merged = OmegaConf.structured(Config)
     for where, layer in layers:
         data = OmegaConf.to_container(layer, resolve=False)
-        _check_keys(data, Config, "", where)
+        check_keys(data, Config, "", where)
         try:
             merged = OmegaConf.merge(merged, layer)
             for key in _empty_mappings(data):
@@ -280,7 +155,7 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     try:
         cfg = OmegaConf.to_object(merged)
     except FieldError as exc:
-        key = (_section_prefix(exc.owner) or "") + exc.name
+        key = (section_prefix(exc.owner) or "") + exc.name
         raise ConfigError(f"{key} = {exc.value!r} in {_where_set(key, layers)}: expected {exc.expected}") from None
     except OmegaConfBaseException as exc:  # e.g. an unresolvable ${...} interpolation
         key = getattr(exc, "full_key", None) or "config"
@@ -304,7 +179,7 @@ def _warn_repeated(overrides: Sequence[str]) -> None:
 
 def _leaves(data: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     """(dotted key, value) of every setting in a layer, a mapping setting (reward_options) as one."""
-    if not isinstance(data, dict) or (prefix and typing.get_origin(_field_type(prefix[:-1])) is dict):
+    if not isinstance(data, dict) or (prefix and typing.get_origin(field_type(prefix[:-1])) is dict):
         return [(prefix[:-1], data)]
     return [leaf for key, value in data.items() for leaf in _leaves(value, f"{prefix}{key}.")]
 
@@ -323,7 +198,7 @@ def _keep_text_as_typed(path: Path, layer: DictConfig) -> None:
         tabs = " (a tab: separate and indent with spaces)" if "'\\t'" in problem else ""
         raise ConfigError(f"Invalid YAML in {path}{where}: {problem}{tabs}") from None
     for key, node in entries(document):
-        kind = _text_setting(key) or ("list" if _field_type(key) == List[str] else None)
+        kind = _text_setting(key) or ("list" if field_type(key) == List[str] else None)
         if kind is None:
             continue
         if kind == "optional" and isinstance(node, yaml.ScalarNode) and node.style is None and \
