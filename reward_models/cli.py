@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from t2i_align.data.images import DECODE_ERRORS
 from t2i_align.errors import run_cli
-from t2i_align.files import check_output_path, temp_file
+from t2i_align.files import check_output_path, synced, temp_file
 from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards
@@ -220,6 +220,7 @@ def write_rows(rows: List[dict], path: Path) -> None:
                 writer.writerows(rows)
             else:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            synced(f)  # on disk before the rename: a host crash leaves the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

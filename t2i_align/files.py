@@ -125,32 +125,61 @@ def _put_back(old: Path, out_dir: Path) -> None:
 def staged_dir(out_dir: Path) -> Iterator[Path]:
     """A fresh temporary folder beside `out_dir` to fill in the `with` block; then it replaces `out_dir` whole
     (`replace_dir`), its files fsynced first, so a host crash cannot leave them empty once the old folder is gone
-    (as checkpoints are). On any failure (a full disk, Ctrl-C) it is removed: no hidden half-written folder is left.
-    A link (a run's gallery/ kept on another disk) stays: the folder it points to is the one replaced."""
+    (as checkpoints are). On a failure while it is filled (a full disk, Ctrl-C) it is removed: no hidden
+    half-written folder is left. Once filled it is never deleted: if the replacement fails (`out_dir` a mount point,
+    a handle open on Windows), it is kept under a visible name that the error gives (a run's final/ may be the only
+    copy of its weights). A link (a run's gallery/ kept on another disk) stays: the folder it points to is the one
+    replaced."""
     out_dir = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         yield tmp
-        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        replace_dir(tmp, out_dir)
+    except Exception as err:
+        raise OSError(f"{out_dir} could not be replaced ({err}): the new contents are kept whole in "
+                      f"{_unpublished(tmp, out_dir)}; move them there by hand") from err
+
+
+def _unpublished(tmp: Path, out_dir: Path) -> Path:
+    """The finished folder `tmp` under a visible name beside `out_dir` (NAME.unpublished, -2, ...), or where it is
+    if that rename fails too."""
+    for n in range(1, 1000):
+        kept = out_dir.with_name(f"{out_dir.name}.unpublished" + (f"-{n}" if n > 1 else ""))
+        if not kept.exists():
+            try:
+                os.replace(tmp, kept)
+                return kept
+            except OSError:
+                break
+    return tmp
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a file via a temporary sibling and a rename, so readers never see half of it."""
+    """Write a file via a temporary sibling, fsynced, and a rename: readers never see half of it, and a host crash
+    leaves the old file or the whole new one (an unsynced rename can leave an empty file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            synced(handle)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
+
+
+def synced(handle) -> None:
+    """Flush the open file `handle` and fsync it: its bytes on disk before a rename publishes it."""
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def finite_json(data: Any) -> Any:

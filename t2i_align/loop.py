@@ -244,6 +244,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
                             marker=record(accelerator, counts, _carried(components), history, streak, tc),
                             save_extra=lambda folder: _save_extras(st, folder))
+            if st.provider is not None:
+                st.provider.after_checkpoint()
         if cfg.tracking.validate_every and done % cfg.tracking.validate_every == 0 and done < tc.max_steps:
             _show_gallery(accelerator, st.validator, st.tracker, done)
 

@@ -16,7 +16,7 @@ and saves `state()` / `save(folder)` with each checkpoint; the loop never knows 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +27,11 @@ import torch
 
 from .batches import make_denoiser, unet_kwargs
 from .errors import describe, raise_told
-from .files import plain_modes
+from .files import fsync_path, save_safetensors_atomic
 from .adapters import adapters_off, visiting
 from .objectives.base import Denoiser
 
+logger = logging.getLogger(__name__)
 DRAWS = ("random", "initial", "latest")
 _STATE_FILE = "reference_pool.json"
 _TENSORS_FILE = "reference_pool.safetensors"
@@ -67,6 +68,9 @@ class BaseReference:
 
     def after_step(self, done: int) -> None:
         """Called after `done` optimizer steps have been taken."""
+
+    def after_checkpoint(self) -> None:
+        """Called on every process after a checkpoint is complete (and older ones pruned)."""
 
     def metrics(self) -> Dict[str, float]:
         return {}
@@ -125,7 +129,9 @@ def draw_index(draw: str, pool_len: int, seed: int, step: int) -> int:
 class SnapshotPool(BaseReference):
     """SePPO's random checkpoint replay: a pool of at most `pool_size` snapshots taken every `snapshot_every`
     optimizer steps. Our choice where the paper is silent: when full, the oldest snapshot after the initial model
-    leaves (the initial model always stays, as SePPO's U(0, k-1) includes it)."""
+    leaves (the initial model always stays, as SePPO's U(0, k-1) includes it). The draws that use one snapshot
+    keep no other: `initial` the initial model alone, `latest` it and the newest (each unused full snapshot was a
+    UNet-sized write, and under FSDP a gather)."""
 
     def __init__(self, unet, components, adapters: bool, frozen, *, snapshot_every: int, pool_size: int, draw: str,
                  seed: int, output_dir: Path, is_main: bool = True, share: Callable[[Any], Any] = lambda value: value,
@@ -143,6 +149,7 @@ class SnapshotPool(BaseReference):
         if draw not in DRAWS:
             raise ValueError(f"unknown reference draw {draw!r}; use one of {DRAWS}")
         self.snapshot_every, self.pool_size, self.draw, self.seed = snapshot_every, pool_size, draw, seed
+        self.kept = {"initial": 1, "latest": min(pool_size, 2)}.get(draw, pool_size)  # snapshots any draw can use
         self.resume_from = resume_from
         self.output_dir, self.is_main, self.share = Path(output_dir), is_main, share
         self.pool_dir = self.output_dir / POOL_DIR
@@ -158,13 +165,13 @@ class SnapshotPool(BaseReference):
         return [name for name, p in self.unet.named_parameters() if p.requires_grad]
 
     def _take(self, step: int) -> None:
-        if step > 0 and self.pool_size == 1:  # the pool is the initial model alone: a snapshot would leave at once
+        if step > 0 and self.kept == 1:  # the pool is the initial model alone: a snapshot would leave at once
             return
         if self.adapters:
             params = dict(self.unet.named_parameters())
             self.tensors[step] = {n: params[n].detach().clone() for n in self._adapter_names()}
         self.steps.append(step)
-        while len(self.steps) > self.pool_size:
+        while len(self.steps) > self.kept:
             gone = self.steps.pop(1)
             self.tensors.pop(gone, None)
             self.ram.pop(gone, None)
@@ -191,6 +198,8 @@ class SnapshotPool(BaseReference):
         for step, path in snapshot_files(self.output_dir).items():
             if step not in keep:
                 path.unlink()
+        for stray in self.pool_dir.glob(".step-*.safetensors.*"):  # a write killed before its rename (this process
+            stray.unlink(missing_ok=True)  # alone writes them, and not now)
 
     def _file(self, step: int) -> Path:
         return self.pool_dir / f"step-{step}.safetensors"
@@ -217,15 +226,13 @@ class SnapshotPool(BaseReference):
         raise_told(told, f"the main process could not write SePPO's reference snapshot {self._file(step)}")
 
     def _save_snapshot(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
+        """Complete or absent, fsynced with its folder entry: the checkpoint that lists it is marked complete right
+        after, and older ones pruned, so after a host crash it must not be an empty file (a failed write leaves no
+        UNet-sized temp file either)."""
         dtype = next(self.frozen.parameters()).dtype
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
-        self.pool_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._file(step).with_suffix(".tmp")
-        save_file(state, str(tmp))
-        plain_modes(tmp)
-        os.replace(tmp, self._file(step))  # complete or absent
+        save_safetensors_atomic(self._file(step), state, metadata={})
+        fsync_path(self.pool_dir)
 
     def begin_step(self, step: int) -> None:
         self.step = step
@@ -239,6 +246,15 @@ class SnapshotPool(BaseReference):
     def after_step(self, done: int) -> None:
         if self.snapshot_every and done % self.snapshot_every == 0 and done not in self.steps:
             self._take(done)
+
+    def after_checkpoint(self) -> None:
+        """Files only the checkpoints just pruned listed are deleted now, not at the next snapshot (after the last
+        one they stayed for good: GBs each). Best effort: a file left is removed by a later collection."""
+        if self.is_main and not self.adapters:
+            try:
+                self._collect()
+            except OSError as err:
+                logger.warning("warning: could not delete unused SePPO snapshots in %s: %s", self.pool_dir, err)
 
     # -- the reference denoiser ---------------------------------------------------------------------------
     def denoiser(self) -> Denoiser:

@@ -304,3 +304,19 @@ def test_work_that_fails_on_any_process_stops_every_process(monkeypatch):
         on_every(process, fails, "another process could not write checkpoint x")
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [None, None])
     on_every(process, lambda: None, "context")  # nobody failed: nothing raised
+
+
+def test_a_final_folder_that_is_a_mount_point_is_refused_at_start(tmp_path, monkeypatch):
+    """The export is renamed into place after the last step: a mount point there failed after all the training."""
+    import os.path
+
+    from t2i_align.engines import check_shared_output
+    from t2i_align.errors import UserError
+
+    one = type("One", (), {"num_processes": 1, "is_main_process": True})()
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    check_shared_output(one, tmp_path / "run")
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p).endswith("run/final") or real(p))
+    with pytest.raises(UserError, match=r"run/final is a mount point, .* mount the volume at output_dir .*run "):
+        check_shared_output(one, tmp_path / "run")

@@ -412,7 +412,7 @@ def test_processes_whose_data_rows_differ_all_stop_before_building(tmp_path):
 def test_a_killed_builds_folder_is_removed_by_the_next_build_on_its_machine(tmp_path, pairs_path):
     """A SIGKILL or OOM kill mid-build left .tmp-KEY-* (near a whole cache's size) for good. This machine's dead
     process's folder goes, whatever its key (settings changed since); a live process's (a concurrent run) and
-    another machine's stay."""
+    another machine's or container's stay."""
     import subprocess
 
     from t2i_align.data import cache as cache_module
@@ -423,15 +423,18 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build_on_its_machine(tmp_
     dead = subprocess.Popen(["true"])  # a pid that has exited (our child, reaped)
     dead.wait()
     host = cache_module._HOST
+    assert host.endswith(f"_ns{os.stat('/proc/self/ns/pid').st_ino}")  # this container's process ids
     leftovers = {"dead": tmp_path / "c" / f".tmp-{key}-{host}-{dead.pid}-abc_12",
                  "alive": tmp_path / "c" / f".tmp-{key}-{host}-{os.getpid()}-xyz",
                  "other": tmp_path / "c" / f".tmp-{key}-another-host-{dead.pid}-q1",
+                 # another container on this host (host networking): its own pids, which os.kill cannot see
+                 "other namespace": tmp_path / "c" / f".tmp-{key}-{host.split('_ns')[0]}_ns1-{dead.pid}-q1",
                  "dead, another key": tmp_path / "c" / f".tmp-{'0' * 24}-{host}-{dead.pid}-abc_12"}
     for path in leftovers.values():
         path.mkdir()
     build(PairDataset(pairs_path, resolution=16), FakeEncoders(), tmp_path / "c")
     assert not leftovers["dead"].exists() and not leftovers["dead, another key"].exists()
-    assert leftovers["alive"].is_dir() and leftovers["other"].is_dir()
+    assert leftovers["alive"].is_dir() and leftovers["other"].is_dir() and leftovers["other namespace"].is_dir()
     assert (tmp_path / "c" / key).is_dir()
 
 

@@ -179,3 +179,49 @@ def test_the_write_probe_goes_where_the_command_writes(tmp_path, monkeypatch):
     check_output_path(out, "output_dir", folder=True, probe=False)
     assert probed == [out.parent, out, out, out]
     assert list(out.iterdir()) == [] and list(out.parent.iterdir()) == [out]  # every probe removed
+
+
+def test_small_files_are_fsynced_before_the_rename_publishes_them(tmp_path, monkeypatch):
+    """A rename of unsynced bytes can leave an empty file after a host crash: each writer fsyncs its temp file."""
+    from reward_models.cli import write_rows
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    write_rows([{"x": 1}], tmp_path / "b.csv")
+    replaced = [name for kind, name in events if kind == "replace"]
+    assert len(replaced) == 2
+    for name in replaced:
+        assert events.index(("fsync", name)) < events.index(("replace", name))
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert (tmp_path / "b.csv").read_text().splitlines() == ["x", "1"]
+
+
+def test_a_finished_folder_that_cannot_replace_the_old_one_is_kept(tmp_path, monkeypatch):
+    """A failed final rename (final/ a mount point) deleted the new export: the run's only copy of its weights."""
+    import t2i_align.files as files
+    from t2i_align.files import staged_dir
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "old.txt").write_text("old")
+    calls, replace = [], os.replace
+
+    def busy(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("Device or resource busy")
+        return replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", busy)
+    with pytest.raises(OSError, match="new contents are kept whole in .*final.unpublished; move them") as err:
+        with staged_dir(tmp_path / "final") as tmp:
+            (tmp / "weights.safetensors").write_text("new")
+    assert "Device or resource busy" in str(err.value)
+    assert (tmp_path / "final" / "old.txt").read_text() == "old"
+    assert (tmp_path / "final.unpublished" / "weights.safetensors").read_text() == "new"
+    with pytest.raises(RuntimeError, match="full disk"):  # one failing while it is filled leaves nothing
+        with staged_dir(tmp_path / "gallery"):
+            raise RuntimeError("full disk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "final.unpublished"]

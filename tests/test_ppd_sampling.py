@@ -112,6 +112,7 @@ def test_generate_cli_samples_for_users_interpolates_and_scales(model, ppd_final
     _gen_cli(model, ppd_final, tmp_path / "mix0", "--user", "1", "--user", "zoe", "--alpha", "0")
     _gen_cli(model, ppd_final, tmp_path / "mix1", "--user", "1", "--user", "zoe", "--alpha", "1")
     _gen_cli(model, ppd_final, tmp_path / "off", "--user", "1", "--user-scale", "0")
+    _gen_cli(model, ppd_final, tmp_path / "none", "--user-scale", "0")  # as README says: no user needed (refused)
     _script("generate").main(["--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--out",
                               str(tmp_path / "base"), *FAST])
     u1, zoe, base = _pngs(tmp_path / "u1"), _pngs(tmp_path / "zoe"), _pngs(tmp_path / "base")
@@ -119,6 +120,7 @@ def test_generate_cli_samples_for_users_interpolates_and_scales(model, ppd_final
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "mix1"), zoe))  # α = 1: the second
     assert any((a != b).any() for a, b in zip(u1, zoe))
     assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "off"), base))  # scale 0: the base model
+    assert all((a == b).all() for a, b in zip(_pngs(tmp_path / "none"), base))
 
 
 def test_a_table_of_every_layer_is_cut_to_the_layers_the_branch_took(model, ppd_final, tmp_path):

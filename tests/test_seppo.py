@@ -1,6 +1,7 @@
 """SePPO: the flipper's loss against hand-computed numbers, the snapshot pool (draws, resume, autograd), configs."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_anchor_draws_average_the_flippers_errors_over_extra_no_grad_draws():
 
     def anchor(draws):
         objective = SePPO()
-        objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=SimpleNamespace(anchor_draws=draws)))
+        objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=SimpleNamespace(anchor_draws=draws)), frozen=None)
         return objective.anchor_errors(zero_model, zero_model, images, scheduler, ObjectiveConfig(),
                                        torch.Generator().manual_seed(0), MSE_W, REF_W)
 
@@ -115,15 +116,19 @@ def test_the_reference_is_the_policy_only_when_drawn_at_the_policys_own_step():
     assert pool.current == 4 and not pool.reference_is_policy()
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_seppo_compute_loss_by_hand(tie):
+@pytest.mark.parametrize("tie, offloaded", [(False, False), (True, True)])
+def test_seppo_compute_loss_by_hand(tie, offloaded, monkeypatch):
     """SePPO.compute_loss with a stand-in reference sampler: the preferred latents are 0 and the policy predicts
     ε exactly on them (ε = x_t / σ_t), the reference predicts 0; the reference's samples are all 1. With ᾱ =
     [0.64, 0.36]: mse_w = 0, mse_r = ᾱ_t / (1 - ᾱ_t) = SNR(t) (16/9 at t = 0, 0.5625 at t = 1), and the reference
     errs equally on both (the noise is shared). Without a tie the policy beats the reference on the anchor (s = +1):
     loss_i = softplus(-5·SNR(t_i)); with a tie (the drawn snapshot is the policy) s = -1:
-    loss_i = softplus(-5·(2·mean ε_i² - SNR(t_i)))."""
+    loss_i = softplus(-5·(2·mean ε_i² - SNR(t_i))). An offloaded frozen copy is brought over once for the whole
+    sample (per call, every DDIM step moved the whole UNet both ways)."""
+    from contextlib import contextmanager
     from types import SimpleNamespace
+
+    import t2i_align.objectives.seppo as seppo_module
 
     from diffusers import DDPMScheduler
 
@@ -143,13 +148,22 @@ def test_seppo_compute_loss_by_hand(tie):
 
     def sample(ref, embeds, latent_shape, **kw):  # the reference's samples, at SePPO's steps and guidance
         sampled.append((ref, embeds, kw["steps"], kw["guidance"]))
+        assert visits == ([frozen] if offloaded else [])  # there for all its steps
         return torch.ones(4, *latent_shape)
+
+    @contextmanager
+    def visiting(module, device):
+        visits.append(module)
+        yield module
+        visits.remove(module)
+    frozen, visits = torch.nn.Linear(1, 1) if offloaded else None, []
+    monkeypatch.setattr(seppo_module, "visiting", visiting)
 
     objective, sampled = SePPO(), []
     seppo = SimpleNamespace(anchor_draws=1, flip="sign", sample_steps=7, guidance_scale=2.5, reencode=False)
     objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=seppo),
                                     components=SimpleNamespace(spec=SimpleNamespace(uses_time_ids=False)),
-                                    sample=sample)
+                                    sample=sample, frozen=frozen)
     objective.pool = SimpleNamespace(reference_is_policy=lambda: tie)
     images = ImageBatch(torch.zeros(4, 1, 2, 2), PromptEmbeds(torch.zeros(4, 5, 8)))
     loss, metrics = objective.compute_loss(policy, reference, images, sched,
@@ -323,6 +337,81 @@ def test_a_pool_of_one_takes_no_snapshot_after_the_initial_one(tmp_path, monkeyp
         pool.after_step(step)
     assert written == [0] and pool.steps == [0]
     assert [p.name for p in pool.pool_dir.iterdir()] == ["step-0.safetensors"]
+
+
+def test_a_snapshot_is_fsynced_and_a_failed_one_leaves_no_file(tmp_path, monkeypatch):
+    """The checkpoint listing a snapshot is marked complete right after it is written: unsynced, a host crash could
+    leave it empty; a failed write (a full disk) left a UNet-sized step-N.tmp that nothing removed."""
+    import os
+
+    import safetensors.torch
+
+    from t2i_align.adapters import frozen_reference
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    pool = SnapshotPool(comp.unet, comp, False, frozen_reference(comp.unet, torch.float32), snapshot_every=1,
+                        pool_size=3, draw="random", seed=0, output_dir=tmp_path / "run")
+    assert str(pool.pool_dir) in synced and any(".step-0.safetensors." in name for name in synced)
+    real_save = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pool.after_step(1)
+    assert [p.name for p in pool.pool_dir.iterdir()] == ["step-0.safetensors"]
+
+
+def test_the_pool_keeps_only_what_its_draw_uses_and_pruned_checkpoints_free_their_files(tmp_path):
+    """`initial` and `latest` took (a UNet-sized write each, a gather under FSDP) snapshots no draw could use; the
+    files of checkpoints pruned after the last snapshot stayed for good."""
+    import shutil
+
+    from t2i_align.adapters import frozen_reference
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import load_components
+    from t2i_align.references import SnapshotPool
+
+    comp = load_components(ModelConfig(pretrained=str(save_tiny_pipeline("sd15", tmp_path / "m"))))
+    frozen = frozen_reference(comp.unet, torch.float32)
+    for draw, kept in (("initial", [0]), ("latest", [0, 3]), ("random", [0, 2, 3])):
+        out = tmp_path / draw
+        pool = SnapshotPool(comp.unet, comp, False, frozen, snapshot_every=1, pool_size=3, draw=draw, seed=0,
+                            output_dir=out)
+        for step in (1, 2, 3):
+            pool.after_step(step)
+        assert pool.steps == kept
+        assert sorted(p.name for p in pool.pool_dir.iterdir()) == sorted(f"step-{s}.safetensors" for s in kept)
+    checkpoint = out / "checkpoints" / "step-3"
+    checkpoint.mkdir(parents=True)
+    pool.save(checkpoint)  # lists 0, 2, 3
+    pool.after_step(4)
+    pool.after_step(5)  # 2 and 3 left the pool; the checkpoint keeps their files
+    (pool.pool_dir / ".step-6.safetensors.x1").write_text("a killed write's")
+    assert sorted(p.name for p in pool.pool_dir.iterdir())[1:] == [f"step-{s}.safetensors" for s in (0, 2, 3, 4, 5)]
+    shutil.rmtree(checkpoint)  # pruned by the next checkpoint
+    pool.after_checkpoint()
+    assert sorted(p.name for p in pool.pool_dir.iterdir()) == [f"step-{s}.safetensors" for s in (0, 4, 5)]
+
+
+def test_settings_that_never_draw_a_later_snapshot_are_warned():
+    from t2i_align.config import load_config
+
+    base = ["objective.name=seppo", "train.max_steps=100"]
+    for extra, why in ((["seppo.pool_size=1"], "seppo.pool_size is 1"),
+                       (["seppo.snapshot_every=100"], r"seppo.snapshot_every \(100\) >= train.max_steps \(100\)")):
+        with pytest.warns(UserWarning, match=why + ": SePPO's reference is the initial model at every step"):
+            load_config(None, base + extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, base + ["seppo.snapshot_every=99"])
+        load_config(None, base + ["seppo.pool_size=1", "seppo.reference=initial"])
 
 
 @pytest.fixture(scope="module")

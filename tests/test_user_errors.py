@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def test_a_dry_run_counts_the_usable_pairs_as_the_run_would(tmp_path, capsys):
     assert "lora.target_modules: ['to_qq'] match no layer of the UNet" in capsys.readouterr().err
 
 
-def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys):
+def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys, monkeypatch):
     """argparse kept the last --config silently (a DPO recipe then SFT trained SFT); an empty file set nothing."""
     dpo, sft = (str(REPO_ROOT / f"configs/toy/{name}.yaml") for name in ("dpo", "sft"))
     with pytest.raises(SystemExit) as exit_:
@@ -170,6 +171,12 @@ def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys):
     empty.write_text("")
     with pytest.warns(UserWarning, match="config file .*empty.yaml is empty: it sets nothing"):
         load_config(empty)
+    for rank, expected in (("1", 0), ("0", 1)):  # each of N processes warned: once, by rank 0
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _train_script().main(["--dry-run", "--config", str(empty), "model.pretrained=/nonexistent"])
+        assert sum("is empty: it sets nothing" in str(w.message) for w in seen) == expected
 
 
 def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loading(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 transformers classes: the official prompt verbatim, the embedding = last decoding step's token from every layer,
 the sharded / resumable embed command, and the shots-vs-training-pairs check."""
 import json
+import math
 import os
 import sys
 
@@ -267,7 +268,8 @@ def _with_user_ids(path, ids):
 
 
 class _FailingEncoder:
-    """Stands in for LLaVA: user 8's embedding overflows fp16, user 9 runs out of GPU memory, others embed."""
+    """Stands in for LLaVA: user 8's embedding is NaN, user 9 runs out of GPU memory, others embed (user 10's
+    beyond fp16's range)."""
 
     def encode_with_text(self, shots):
         from t2i_align.users.llava import LlavaEmbedding
@@ -275,19 +277,24 @@ class _FailingEncoder:
         user = shots[0].caption.split()[1]
         if user == "9":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return LlavaEmbedding(torch.full((3, 4), 7e4 if user == "8" else 1.0), "profile")
+        return LlavaEmbedding(torch.full((3, 4), {"8": math.nan, "10": 7e4}.get(user, 1.0)), "profile")
 
 
 def test_a_user_that_fails_is_counted_and_the_others_embedded(tmp_path, caplog):
-    """An out-of-memory user or an embedding that is not finite in the table's fp16 was fatal: the first stopped
-    the run (and every resume at the same user), the second was written and then failed the merge for good."""
-    pairs = _write_pairs(tmp_path / "p.parquet", {7: 2, 8: 2, 9: 2})
+    """An out-of-memory user or an embedding that is not finite was fatal: the first stopped the run (and every
+    resume at the same user), the second was written and then failed the merge for good. One beyond fp16's range
+    failed with advice (another --dtype) that could not help: it is kept in fp32."""
+    pairs = _write_pairs(tmp_path / "p.parquet", {7: 2, 8: 2, 9: 2, 10: 2})
     out = tmp_path / "users"
     counts = embed_users(_FailingEncoder(), PairDataset(pairs, resolution=8), out, num_shots=2, progress=False)
-    assert counts["embedded"] == 1 and counts["failed"] == 2
-    assert "user 8 not embedded: its embedding is not finite in fp16" in caplog.text
+    assert counts["embedded"] == 2 and counts["failed"] == 2
+    assert "user 8 not embedded: its embedding is not finite (NaN or inf in torch.float32)" in caplog.text
     assert "user 9 not embedded: out of memory (CUDA out of memory." in caplog.text
-    assert merge_parts(out) == {"users": 1, "tokens": 3, "width": 4}  # the failed users left no part behind
+    assert merge_parts(out) == {"users": 2, "tokens": 3, "width": 4}  # the failed users left no part behind
+    from t2i_align.users.table import UserTable
+
+    table = UserTable.load(out / "user_table.safetensors")
+    assert table.embeddings.dtype == torch.float32 and table.embedding(10).max().item() == 7e4
 
 
 def test_embed_exits_1_when_users_failed(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 
@@ -36,7 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from t2i_align.config import load_config
         from t2i_align.loop import train
 
-        cfg = load_config(args.config, args.overrides)
+        with warnings.catch_warnings():
+            if os.environ.get("RANK", "0") != "0":  # every process reads the config: its warnings once, by rank 0
+                warnings.simplefilter("ignore")
+            cfg = load_config(args.config, args.overrides)
         if args.config is None and os.environ.get("RANK", "0") == "0":
             print("note: no --config: the built-in defaults (t2i_align/config/sections.py: the toy model, a full "
                   "fine-tune) plus the overrides; pass --config configs/...yaml for a recipe", file=sys.stderr)

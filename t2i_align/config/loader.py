@@ -163,7 +163,21 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
     _expand_home(cfg)
     _check_finite(cfg)
     _check_switched_on(cfg, layers[files:])
+    _warn_fixed_reference(cfg)
     return cfg
+
+
+def _warn_fixed_reference(cfg: Config) -> None:
+    """SePPO settings under which the initial model is the reference at every step, as with reference=initial."""
+    sc = cfg.seppo
+    if cfg.objective.name != "seppo" or sc.reference == "initial":
+        return
+    if sc.pool_size == 1 or sc.snapshot_every >= cfg.train.max_steps:
+        why = ("seppo.pool_size is 1" if sc.pool_size == 1 else f"seppo.snapshot_every ({sc.snapshot_every}) >= "
+               f"train.max_steps ({cfg.train.max_steps})")
+        warnings.warn(f"{why}: SePPO's reference is the initial model at every step (no later snapshot is ever "
+                      "drawn); lower snapshot_every or raise pool_size for a reference that changes, or set "
+                      "seppo.reference=initial to mean it", stacklevel=3)
 
 
 def _warn_repeated(overrides: Sequence[str]) -> None:

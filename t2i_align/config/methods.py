@@ -143,7 +143,8 @@ class SeppoConfig:
 
     reference: str = "random"
     """Which snapshot plays the reference at each step: "random" (SePPO's ref ~ U(0, k-1), the initial model
-    included), "initial" (always the starting model, DITTO-like) or "latest" (SPIN-Diffusion-like)."""
+    included), "initial" (always the starting model, DITTO-like) or "latest" (SPIN-Diffusion-like); these two keep
+    only the snapshots they draw."""
     snapshot_every: int = 30
     """Snapshot the policy every N optimizer steps (paper, per a reviewer: every 30 updates)."""
     pool_size: int = 7

@@ -177,7 +177,17 @@ def _start_build(folder: Path, key: str) -> Optional[str]:
     return str(temp_dir(folder.parent, f".tmp-{key}-{_HOST}-{os.getpid()}-"))
 
 
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+def _host() -> str:
+    """This machine and PID namespace: containers with host networking share a host name but not their process
+    ids, so another container's live build looked dead (`os.kill` finds no such pid) and was deleted."""
+    try:
+        namespace = f"_ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux
+        namespace = ""
+    return (re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host") + namespace
+
+
+_HOST = _host()
 
 
 def _remove_dead_builds(root: Path) -> None:

@@ -23,12 +23,14 @@ reviews, every choice the paper leaves open being a `seppo.*` setting:
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
 
 from t2i_align import diffusion
+from t2i_align.adapters import visiting
 from t2i_align.config import ObjectiveConfig
 from t2i_align.objectives.base import Denoiser, ImageBatch, Metrics, Objective, PairBatch, metrics_to_floats
 from t2i_align.objectives.dpo import dpo_loss, implicit_accuracy
@@ -108,6 +110,12 @@ class SePPO(Objective):
                                  Path(ctx.cfg.train.resume))
         return self.pool
 
+    def _resident(self, device: torch.device):
+        """The offloaded frozen copy (train.offload_reference) brought over once for a block of reference calls,
+        which then find it there: moved per call, a sample's every step sent the whole UNet over and back."""
+        frozen = self.ctx.frozen
+        return visiting(frozen, device) if frozen is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def reference_samples(self, reference: Denoiser, images: ImageBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One sample of the reference per row, at the preferred images' size; (latents, SDXL time ids)."""
@@ -119,8 +127,9 @@ class SePPO(Objective):
 
             size = tuple(int(d * ctx.components.vae_scale_factor) for d in latents.shape[-2:])
             time_ids = sdxl_time_ids(size, (0, 0), size, batch_size=len(latents)).to(latents.device)
-        sample = ctx.sample(reference, images.embeds, steps=sc.sample_steps, guidance=sc.guidance_scale,
-                            time_ids=time_ids, latent_shape=tuple(latents.shape[1:]))
+        with self._resident(latents.device):
+            sample = ctx.sample(reference, images.embeds, steps=sc.sample_steps, guidance=sc.guidance_scale,
+                                time_ids=time_ids, latent_shape=tuple(latents.shape[1:]))
         if sc.reencode:
             sample = ctx.encode_images(ctx.decode_latents(sample).clamp(-1, 1))
         return sample.to(latents.device, latents.dtype), time_ids
@@ -129,12 +138,15 @@ class SePPO(Objective):
                       cfg: ObjectiveConfig, generator: Optional[torch.Generator], mse_w: torch.Tensor,
                       ref_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The flipper's (policy, reference) errors on the preferred images, averaged over `seppo.anchor_draws`
-        (ε, t) draws: this step's draw plus anchor_draws − 1 more, without gradients."""
+        (ε, t) draws: this step's draw plus anchor_draws − 1 more, without gradients. The policy's are those of the
+        training forward, so with lora.dropout > 0 its dropout is on (the reference runs in eval mode): that raises
+        the policy's error on average and tilts s towards −1 (the official code has no dropout; the default is 0)."""
         extra = self.ctx.cfg.seppo.anchor_draws - 1
         if not extra:
             return mse_w.detach(), ref_w.detach()
-        pol, ref = anchor_error_draws(policy, reference, scheduler, images.latents, images.embeds, extra, generator,
-                                      images.time_ids, cfg.noising)
+        with self._resident(images.latents.device):
+            pol, ref = anchor_error_draws(policy, reference, scheduler, images.latents, images.embeds, extra,
+                                          generator, images.time_ids, cfg.noising)
         return torch.cat([mse_w.detach()[None], pol]).mean(0), torch.cat([ref_w.detach()[None], ref]).mean(0)
 
     def compute_loss(self, policy: Denoiser, reference: Optional[Denoiser], batch: Union[ImageBatch, PairBatch],

@@ -90,9 +90,12 @@ def part_path(out: Path, user: Any) -> Path:
 
 
 def write_part(path: Path, user: Any, embedding: torch.Tensor, text: str, prints: List[str]) -> None:
-    """One user's result, via a temporary file and a rename (complete or absent)."""
+    """One user's result, via a temporary file and a rename (complete or absent): in fp16, or in fp32 where some
+    value is beyond fp16's 65504 (the merged table is then fp32: no --dtype could make such a user fit fp16)."""
     meta = {"user_id": json.dumps(user), "text": text, "shots": json.dumps(prints)}
-    save_safetensors_atomic(path, {"embedding": embedding.to(torch.float16).contiguous()}, meta)
+    half = embedding.to(torch.float16)
+    stored = half if bool(torch.isfinite(half).all()) else embedding.float()
+    save_safetensors_atomic(path, {"embedding": stored.contiguous()}, meta)
 
 
 def read_part(path: Path) -> Tuple[Any, torch.Tensor, Dict[str, Any]]:
@@ -153,14 +156,15 @@ def embed_users(encoder, dataset: PairDataset, out: Path, num_shots: int = 4, se
 
 def _embed_one(encoder, shots, path: Path, user: Any, prints: List[str]) -> str:
     """One user embedded and written; "failed" (with a warning) for an out-of-memory error or an embedding that is
-    not finite in the table's fp16, neither written: the others go on, and a resumed run tries that user again."""
+    not finite (NaN or inf in --dtype), neither written: the others go on, and a resumed run tries that user again."""
     try:
         result = encoder.encode_with_text(shots)
     except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
         return _failed(user, f"out of memory ({str(err).splitlines()[0][:200]})")
-    if not bool(torch.isfinite(result.embedding.to(torch.float16)).all()):
-        return _failed(user, "its embedding is not finite in fp16 (NaN, or beyond 65504): try --dtype fp32/bf16")
+    if not bool(torch.isfinite(result.embedding).all()):
+        return _failed(user, f"its embedding is not finite (NaN or inf in {result.embedding.dtype}): try --dtype "
+                             "fp32 or bf16, whose range is wider")
     write_part(path, user, result.embedding, result.text, prints)
     return "embedded"
 

@@ -136,6 +136,8 @@ def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Opti
         if not choice.scale >= 0 or not math.isfinite(choice.scale):  # nan passed `< 0`
             raise UserChoiceError(f"--user-scale {choice.scale}: must be a finite number >= 0")
         set_user_scale(pipe.unet, choice.scale)
+    if choice.scale == 0 and not (choice.ids or choice.shots):  # the base model, as README and ppd.scale advise:
+        return torch.zeros(n, *user_token_shape(pipe.unet))  # the branch is skipped at scale 0, so no user needed
     embedding = user_embedding(choice, folders)
     taken = user_token_shape(pipe.unet)[0]
     if embedding.dim() == 2 and embedding.shape[0] > taken:  # a table of every VLM layer (a new user's, from
