@@ -242,7 +242,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
         # and at the last step, so that a run can be continued (a larger max_steps) from where it ended
         if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,
-                            marker=record(accelerator, counts, _carried(components), history, streak, tc),
+                            marker=record(accelerator, counts, _carried(components), history, streak, tc,
+                                          rows=getattr(inner, "data_rows", None)),
                             save_extra=lambda folder: _save_extras(st, folder))
             if st.provider is not None:
                 st.provider.after_checkpoint()

@@ -156,6 +156,7 @@ def restore(cfg: Config, accelerator, m, parts, tracker, resume, carried) -> Res
     out = Path(cfg.output_dir)
     start = load_checkpoint(accelerator, resume, m.raw_unet, not cfg.full_finetune)
     marker = read_marker(resume)
+    _check_rows(resume, marker, m.source, accelerator.is_main_process)
     written_by = marker.get("raw_batches")  # one count per process (older markers: one number)
     align_lr_schedule(m.lr_sched, len(written_by) if isinstance(written_by, list) else accelerator.num_processes,
                       accelerator.num_processes)
@@ -179,12 +180,25 @@ def restore(cfg: Config, accelerator, m, parts, tracker, resume, carried) -> Res
     return state
 
 
+def _check_rows(path: Path, marker: dict, source, warn: bool) -> None:
+    """Warn when the data differs in size from the checkpoint's run (files added or removed since, a download
+    still under way at the first start): the order is drawn from the rows, so the resumed epoch repeats or skips
+    rows that the uninterrupted run would not have."""
+    source = getattr(source, "source", source)
+    wrote, now = marker.get("data_rows"), getattr(source, "data_rows", None)
+    if warn and wrote is not None and now is not None and wrote != now:
+        warnings.warn(f"train.resume: {path} was written with {wrote} usable data rows and this run has {now}: the "
+                      "data changed since, so this epoch's order is not the one the checkpoint's run followed (rows "
+                      "repeated or skipped); resume with the data it was written with to continue it exactly",
+                      stacklevel=2)
+
+
 def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], history: List[Dict[str, float]],
-           streak: int, train: Optional[TrainConfig] = None) -> Dict:
+           streak: int, train: Optional[TrainConfig] = None, rows: Optional[int] = None) -> Dict:
     """What a checkpoint records of the loop (collective): each process's raw micro-batches read and unlogged
     metrics (as their count and sums: the log line averages them), the run's totals of COUNTED and of the `carried`
     counters (summed over processes where each keeps its own), the non-finite streak, the engine and the optimizer
-    and batch size of `train` (`_check_training`)."""
+    and batch size of `train` (`_check_training`), and the data's usable `rows` (`_check_rows`)."""
     from accelerate.utils import gather_object
 
     own = {k: counts[k] for k in COUNTED if k in SUMMED}
@@ -197,7 +211,8 @@ def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], histo
     return {"raw_batches": gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
             "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"]), "streak": streak,
             "unlogged": gather_object([pending]) if accelerator.num_processes > 1 else [pending],
-            **({"optimizer": train.optimizer, "batch_size": train.batch_size} if train is not None else {})}
+            **({"optimizer": train.optimizer, "batch_size": train.batch_size} if train is not None else {}),
+            **({"data_rows": rows} if rows is not None else {})}
 
 
 def _history(marker: dict, accelerator) -> List[Dict[str, float]]:

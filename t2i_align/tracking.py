@@ -82,6 +82,27 @@ def _start_wandb(start: Callable, asked: str, mode: str):
         raise UserError(_wandb_failure(err)) from err
 
 
+def _check_api_key() -> None:
+    """W&B online without an API key asks for one at a prompt on a terminal, with no time limit (the other
+    processes waiting in a collective until train.ddp_timeout): refused in one line instead."""
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    import contextlib
+    import io
+
+    import wandb
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            found = wandb.login(prompt=False, verify=False)  # a key in ~/.netrc or W&B's settings
+    except wandb.errors.Error:  # wandb.init says what is wrong
+        return
+    if not found:
+        raise UserError("W&B online needs an API key and none is configured: set WANDB_API_KEY or run `wandb "
+                        "login`, or log offline (tracking.wandb=offline, --wandb offline or WANDB_MODE=offline) or "
+                        "not at all (tracking.wandb=off)")
+
+
 def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:
     """The W&B run to continue: the one output_dir records, when resuming from its newest checkpoint. Not after a
     fresh start, a resume from another folder (a fork of that run), from an earlier checkpoint or from the newest
@@ -114,11 +135,13 @@ class Tracker:
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self._wandb, self._wandb_failed = None, False
+        self._wandb, self._wandb_failed, self.run_id = None, False, run_id
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         mode = resolve_wandb_mode(wandb_mode)
+        if mode == "online":
+            _check_api_key()
         if mode != "off":
             import wandb
 
@@ -132,11 +155,15 @@ class Tracker:
         return Path(self._wandb.dir).parent if self._wandb is not None else None
 
     def record_run_id(self) -> None:
-        """Write the W&B run's id into output_dir (after the run claimed it), for a resume to continue it."""
+        """Write the W&B run's id into output_dir (after the run claimed it), for a resume to continue it. Without
+        W&B, an id this run does not continue goes: the abandoned timeline's, a later resume of this one with W&B
+        on would have continued (W&B then dropped this timeline's steps up to that run's last one)."""
         if self._wandb is not None:
             from .files import write_text_atomic
 
             write_text_atomic(self.output_dir / WANDB_ID_FILE, self._wandb.id + "\n")
+        elif self.enabled and self.run_id is None:
+            (self.output_dir / WANDB_ID_FILE).unlink(missing_ok=True)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop logged steps after the checkpoint, so metrics.jsonl reads as one uninterrupted run."""

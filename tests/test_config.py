@@ -432,9 +432,18 @@ def test_an_override_in_a_switched_off_section_is_refused():
     raft = ["raft.enabled=true", "raft.prompts=toy:train"]
     with pytest.warns(UserWarning, match="data.cache is set .* raft.enabled is true"):
         load_config(None, [*raft, "data.cache=true"])
+    # data settings the data.kind reads none of (a prompts file is text, captions are served in order)
+    for kind, key in (("prompts", "data.ties=first"), ("captions", "data.shuffle_window=8"),
+                      ("prompts", "data.cache=true")):
+        with pytest.warns(UserWarning, match=f"{key.split('=')[0]} is set .* data.kind is '{kind}': it has no"):
+            load_config(None, [f"data.kind={kind}", key])
+    with pytest.warns(UserWarning, match=r"data.shuffle_window is set .* data.cache is true \(cached data"):
+        load_config(None, ["data.cache=true", "data.shuffle_window=8"])
     with warnings.catch_warnings():  # what is read, or only cleared, says nothing
         warnings.simplefilter("error")
         assert load_config(None, [*raft, "data.path=", "data.prompt_dropout=0.2"]).data.prompt_dropout == 0.2
+        assert load_config(None, ["data.kind=captions", "data.cache=true"]).data.cache
+        assert load_config(None, ["data.kind=prompts", "data.max_pairs=2"]).data.max_pairs == 2
         assert load_config(None, ["objective.name=seppo", "objective.beta=100"]).objective.beta == 100
 
 

@@ -204,6 +204,11 @@ def test_corrupt_rows_skipped_and_counted_at_caching(tmp_path):
     assert len(cached) == 2 and cached.stats.corrupt == 1 and cached.stats.used == 2
     assert [cached[i]["caption"] for i in range(2)] == ["ok 0", "ok 1"]
     assert cached.captions == ["ok 0", "bad", "ok 1"]  # ids over all rows, so processes agree without talking
+    from t2i_align.errors import UserError
+
+    none = PairDataset(write_pairs(tmp_path / "none.parquet", [row(jpg_0=b"garbage")]), resolution=8)
+    with pytest.raises(UserError, match=r"no row of the data could be decoded to cache \(1 undecodable"):
+        build(none, FakeEncoders(), tmp_path / "cache2")  # a traceback before
 
 
 def test_cached_dataset_pickles_for_spawned_workers(tmp_path, pairs_path):

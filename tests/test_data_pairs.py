@@ -301,6 +301,20 @@ def test_missing_column_lists_found_and_expected(tmp_path):
     assert "p.parquet" in str(err.value)
 
 
+def test_image_paths_or_text_labels_are_refused_by_their_column_type(tmp_path):
+    """Text in jpg_0 (paths) or label_0 passed every check, the dry run's included, and every row was unusable
+    once the model had loaded; a datasets Image column (a struct holding the bytes) is taken."""
+    base = {"caption": "x", "jpg_0": image_bytes(), "jpg_1": image_bytes(BLUE), "label_0": 1.0}
+    for change, told in (({"jpg_0": "images/a.png"}, "column jpg_0 holds string, not image bytes .file paths.."),
+                         ({"label_0": "1"}, "column label_0 holds string, not numbers")):
+        path = write_pairs(tmp_path / "bad.parquet", [dict(base, **change)])
+        with pytest.raises(ValueError, match=told):
+            PairDataset(path, resolution=8)
+    image = {"bytes": image_bytes(), "path": None}
+    path = write_pairs(tmp_path / "hf.parquet", [dict(base, jpg_0=image, jpg_1=dict(image), label_0=1)])
+    assert len(PairDataset(path, resolution=8)) == 1
+
+
 def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -310,10 +324,26 @@ def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):
     with pytest.raises(ValueError, match="outside the data root"):
         PairDataset(data / ".." / "outside.parquet", root=data)
     (data / "link.parquet").symlink_to(outside)
-    with pytest.raises(ValueError, match="outside the data root"):
+    with pytest.raises(ValueError, match="outside the data root .*: copy the files in .cp -L."):
         PairDataset(data)
     with pytest.raises(FileNotFoundError):
         PairDataset(tmp_path / "missing.parquet")
+    # a Hugging Face download's root (its shards in data/), and its cache's snapshot links into blobs/
+    download = tmp_path / "download"
+    (download / "blobs").mkdir(parents=True)
+    write_pairs(download / "blobs" / "0a1b", [row()])
+    (download / "data").mkdir()
+    (download / "data" / "train-00000-of-00001.parquet").symlink_to(download / "blobs" / "0a1b")
+    with pytest.raises(ValueError, match=f"its data/ subfolder holds 1 .a Hugging Face download.: give {download}/"):
+        PairDataset(download)
+    with pytest.raises(ValueError, match=r"outside the data root .* \(a Hugging Face cache links its snapshots into "
+                                         r"blobs/\)"):
+        PairDataset(download / "data")
+    from t2i_align.data.images import find_parquet_files
+
+    (tmp_path / "l.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="python -m t2i_align.data captions --from LISTING"):  # it said `pairs`
+        find_parquet_files(tmp_path / "l.jsonl", kind="captions")
 
 
 def test_a_folder_of_several_splits_shards_is_refused(tmp_path):

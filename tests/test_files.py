@@ -132,6 +132,41 @@ def test_wandb_auto_is_online_only_with_an_api_key(monkeypatch):
         resolve_wandb_mode("on")
 
 
+def test_wandb_online_without_a_key_is_one_line_not_a_prompt(tmp_path, monkeypatch):
+    """On a terminal W&B asked for a key at a menu with no time limit (the other processes waiting until the
+    run's ddp_timeout); now refused before wandb.init. A key in ~/.netrc counts."""
+    import wandb
+
+    from t2i_align.errors import UserError
+    from t2i_align.tracking import Tracker
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HOME", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(name, str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setattr(wandb, "init", lambda **kw: pytest.fail("wandb.init reached without a key"))
+    with pytest.raises(UserError, match="W&B online needs an API key and none is configured: set WANDB_API_KEY"):
+        Tracker(tmp_path / "run", "online")
+    (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("reached")))
+    with pytest.raises(RuntimeError, match="reached"):  # past the check: a configured key
+        Tracker(tmp_path / "run", "online")
+
+
+def test_a_run_without_wandb_drops_an_id_it_does_not_continue(tmp_path):
+    """A resume from an earlier checkpoint with W&B off left the abandoned timeline's id (it is copied aside):
+    a later resume of the new timeline with W&B on continued that run, which dropped this one's first steps."""
+    from t2i_align.tracking import WANDB_ID_FILE, Tracker
+
+    (tmp_path / WANDB_ID_FILE).write_text("old1\n")
+    Tracker(tmp_path, "off", run_id="old1").record_run_id()  # the same timeline, continued with W&B off
+    assert (tmp_path / WANDB_ID_FILE).read_text() == "old1\n"
+    Tracker(tmp_path, "off").record_run_id()  # another timeline
+    assert not (tmp_path / WANDB_ID_FILE).exists()
+
+
 def test_json_results_write_non_finite_numbers_as_null(tmp_path):
     """compare.json held `Infinity` (a t of a constant paired difference): not JSON to strict readers."""
     def strict(text):

@@ -158,6 +158,11 @@ def test_a_quote_that_swallows_the_rest_of_a_csv_is_named(folder, capsys):
     code, counts, err = run(capsys, "--from", listing, "--out", folder)
     assert code == 0 and counts["skipped"] == {"multiline_record": 11}
     assert "pairs.csv line 3 skipped: a quoted field runs over lines 3-13" in err
+    # never closed, past csv's field limit (128 KiB): "cannot be read as CSV (UTF-8) ... after line 1" before
+    listing.write_text("caption,image_w,image_l\nred wins,images/red.png,images/blue.png\n"
+                       '"oops,images/red.png,images/blue.png\n' + "x,images/red.png,images/blue.png\n" * 5000)
+    code, _, err = run(capsys, "--from", listing, "--out", folder, "--overwrite")
+    assert code == 2 and "a quote opened in the record starting on line 3 is never closed" in err
 
 
 def test_a_csv_quote_left_open_or_an_unquoted_comma_skips_its_rows_by_line(folder, capsys):

@@ -164,6 +164,13 @@ def test_max_items_takes_that_many_rows_across_several_files(tmp_path):
                        tmp_path / f"{f}.parquet")
     assert CaptionDataset(tmp_path, resolution=8, max_items=2).captions == ["f0 r0", "f0 r1"]
     assert CaptionDataset(tmp_path, resolution=8, max_items=6).captions == [f"f{i // 4} r{i % 4}" for i in range(6)]
+    # prompts as data (data.kind=prompts) took every prompt whatever data.max_pairs said
+    from t2i_align.config import DataConfig
+    from t2i_align.data.prompts_source import read_prompt_data
+
+    (tmp_path / "p.txt").write_text("a\nb\nc\n")
+    assert read_prompt_data(DataConfig(kind="prompts", path=str(tmp_path / "p.txt"), max_pairs=2)) == ["a", "b"]
+    assert read_prompt_data(DataConfig(kind="prompts", path=str(tmp_path / "p.txt"))) == ["a", "b", "c"]
 
 
 def test_a_prompt_holding_a_form_feed_or_line_separator_stays_one_prompt(tmp_path):

@@ -604,3 +604,16 @@ def test_a_new_export_moves_aside_a_final_holding_files_no_export_writes(tmp_pat
 
     aside = set_aside_previous_run(run, log=lambda message: None)
     assert (aside / "final-kept-1" / "samples" / "0.png").is_file() and not (run / "final-kept-1").exists()
+
+
+def test_a_resume_on_data_of_another_size_is_warned(tiny_model, tmp_path):
+    """The marker counts batches, and the order is drawn from the rows: with rows added or removed since (a
+    download still under way at the first start) the resumed epoch repeated or skipped rows without a word."""
+    data, out = write_rendered_pairs(tmp_path / "pairs.parquet", n=8), tmp_path / "run"
+    train(_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=1"))
+    assert read_marker(out / "checkpoints" / "step-1")["data_rows"] == 8
+    write_rendered_pairs(data, n=6)
+    with pytest.warns(UserWarning, match="step-1 was written with 8 usable data rows and this run has 6: the data "
+                                         "changed since"):
+        train(_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=2", "train.resume=latest"))
+    assert read_marker(out / "checkpoints" / "step-2")["data_rows"] == 6

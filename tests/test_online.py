@@ -77,12 +77,14 @@ def test_a_round_made_in_chunks_equals_one_made_whole(tmp_path, monkeypatch):
 
     _run("configs/toy/raft.yaml", tmp_path / "whole", "raft.generation_batch_size=2")
     calls, sample = [], online.OnlineSource._sample
-    monkeypatch.setattr(online, "ROUND_CHUNK_IMAGES", 2)
+    monkeypatch.setattr(online, "ROUND_CHUNK_PIXELS", 1)  # one batch per chunk
     monkeypatch.setattr(online.OnlineSource, "_sample", lambda self, p, s: calls.append(len(p)) or sample(self, p, s))
     _run("configs/toy/raft.yaml", tmp_path / "chunks", "raft.generation_batch_size=2")
     assert calls == [2] * 8  # 4 prompts x 2 images per round, 2 rounds
     assert rounds(tmp_path / "chunks") == rounds(tmp_path / "whole")
     assert [r["loss"] for r in _metrics(tmp_path / "chunks")] == [r["loss"] for r in _metrics(tmp_path / "whole")]
+    monkeypatch.undo()
+    assert [online.chunk_images(r, b) for r, b in ((512, 8), (1024, 8), (1024, 6), (4096, 8))] == [256, 64, 60, 8]
 
 
 def test_toy_online_dpo_pairs_best_and_worst(tmp_path):

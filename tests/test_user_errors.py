@@ -768,6 +768,7 @@ def test_w_and_b_refusing_the_key_or_unreachable_is_one_line(tmp_path, monkeypat
     from t2i_align.errors import UserError
     from t2i_align.tracking import Tracker
 
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # past the check for a key (test_files)
     for error, told in ((wandb.errors.AuthenticationError("401 Unauthorized"), "W&B refused the API key"),
                         (wandb.errors.CommError("Timed out: no such host"), "W&B could not reach its server"),
                         (wandb.errors.UsageError("No API key configured"), "W&B did not start .No API key")):

@@ -259,6 +259,9 @@ DPO_KEYS = ("objective.beta", "objective.beta_convention", "objective.loss_type"
 PAIR_DATA_KEYS = ("data.path", "data.ties", "data.max_pairs", "data.both_models_contain", "data.cache",
                   "data.cache_dir")
 """Read from a data set, which RAFT (its own samples) has none of."""
+KIND_KEYS = {"data.ties": ("pairs",), "data.shuffle_window": ("pairs",), "data.cache": ("pairs", "captions"),
+             "data.cache_dir": ("pairs", "captions")}
+"""Data settings read only for these data.kind values (prompts are read as text, captions served in order)."""
 
 
 def _check_switched_on(cfg: Config, overrides: Sequence[Tuple[str, DictConfig]]) -> None:
@@ -291,6 +294,10 @@ def _no_effect(cfg: Config, key: str, section: str, rest: str) -> Tuple[str, str
         return f"objective.name is {cfg.objective.name!r} (no DPO loss)", "", False
     if key in PAIR_DATA_KEYS and cfg.raft.enabled:
         return "raft.enabled is true (RAFT trains on its own samples)", "", False
+    if key in KIND_KEYS and cfg.data.kind not in KIND_KEYS[key]:
+        return f"data.kind is {cfg.data.kind!r}", "", False
+    if key == "data.shuffle_window" and cfg.data.cache:
+        return "data.cache is true (cached data is shuffled whole)", "", False
     return "", "", False
 
 

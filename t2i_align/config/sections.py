@@ -170,7 +170,7 @@ class DataConfig:
     embeddings instead (force_zeros_for_empty_prompt), so on SDXL this trains an unconditional branch that
     sampling does not query."""
     max_pairs: int = 0
-    """Use only the first N usable pairs (0: all)."""
+    """Use only the first N usable pairs (image-caption rows, prompts with data.kind=prompts; 0: all)."""
     both_models_contain: str = ""
     """Keep only pairs whose two generators (columns model_0 and model_1) both contain this text: "dream" is the
     official Diffusion-DPO `--dreamlike_pairs_only` (Pick-a-Pic's Dreamlike Photoreal images, an SD1.5 fine-tune).

@@ -170,7 +170,8 @@ def merge_parts(dataset: PairDataset, stats: Any, encode_prompts: PromptEncoder,
         (folder / "part.json").unlink()
         folder.rmdir()
     if not shards["pairs"]:
-        raise ValueError(f"no decodable rows to cache ({corrupt} corrupt)")
+        raise UserError(f"no row of the data could be decoded to cache ({corrupt} undecodable; the log names the "
+                        "first ones): check that the image columns hold image files' bytes (PNG, JPEG, WebP...)")
     empty = {k: v[:1].detach().cpu().contiguous() for k, v in encode_prompts([""]).items() if v is not None}
     save_file(empty, str(tmp / "empty_prompt.safetensors"))  # substituted for dropped prompts
     stats = stats.skipping(corrupt)

@@ -68,7 +68,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, resolution: int = 512, crop: str = "center", flip: str = "none",
                  prompt_dropout: float = 0.0, max_items: int = 0, seed: int = 0, root: Optional[str | Path] = None,
                  image_root: Optional[str | Path] = None) -> None:
-        self.files = find_parquet_files(path, root)
+        self.files = find_parquet_files(path, root, kind="captions")
         self.resolution, self.crop, self.flip = resolution, crop, flip
         self.prompt_dropout, self.max_items, self.seed, self.epoch = prompt_dropout, max_items, seed, 0
         self.image_root = Path(image_root).resolve() if image_root is not None else None
@@ -221,7 +221,7 @@ def caption_files(cfg: Any, root: Optional[str | Path] = None, check_columns: bo
         raise ConfigError(f"data.path: image-caption data {shown(cfg.path)} does not exist: give a parquet file or "
                           "folder with caption and jpg (or path) columns (toy world: python -m t2i_align.toy captions "
                           "--out DIR; a listing: python -m t2i_align.data captions)")
-    files = find_parquet_files(cfg.path, root)
+    files = find_parquet_files(cfg.path, root, kind="captions")
     for path in files if check_columns else []:
         caption_columns(open_parquet(path).schema_arrow.names, path)
     return files

@@ -29,7 +29,8 @@ MAX_ASPECT = 32
 holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 512 px)."""
 
 
-_IMPORT_HINT = "python -m t2i_align.data pairs --from LISTING --out DIR writes DIR/pairs.parquet from them"
+def _import_hint(kind: str) -> str:
+    return f"python -m t2i_align.data {kind} --from LISTING --out DIR writes DIR/{kind}.parquet from them"
 _SPLIT_FILE = re.compile(r"([\w.]+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?\.parquet")  # Hugging Face's shard names
 
 
@@ -45,10 +46,11 @@ def _one_split(folder: Path, files: List[Path]) -> None:
                           "give that folder")
 
 
-def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> List[Path]:
+def find_parquet_files(path: str | Path, root: Optional[str | Path] = None, kind: str = "pairs") -> List[Path]:
     """A parquet file, or the *.parquet files of a folder (not recursive), all resolving inside `root`.
 
-    `root` defaults to the folder (or the file's folder), so symlinks pointing elsewhere are rejected.
+    `root` defaults to the folder (or the file's folder), so symlinks pointing elsewhere are rejected. `kind`
+    ("pairs" or "captions"): which import the errors suggest for a listing.
     """
     given = Path(path)
     if not given.exists():
@@ -57,18 +59,22 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None) -> L
                                 "--out DIR --k 8 --pairing best-worst; PPD's toy users' pairs: python "
                                 "benchmarks/toy_ppd.py data)")
     if given.suffix.lower() in (".jsonl", ".csv"):
-        raise ConfigError(f"data {given} is a listing, not parquet: {_IMPORT_HINT}")
+        raise ConfigError(f"data {given} is a listing, not parquet: {_import_hint(kind)}")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
     files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
     if not files:
-        raise ConfigError(f"no *.parquet files in folder {given} (image pairs listed in a JSONL or CSV file: "
-                          f"{_IMPORT_HINT})")
+        inside = sorted(given.glob("data/*.parquet")) if given.is_dir() else []
+        where = (f"; its data/ subfolder holds {len(inside)} (a Hugging Face download): give {given / 'data'}"
+                 if inside else f" (images listed in a JSONL or CSV file: {_import_hint(kind)})")
+        raise ConfigError(f"no *.parquet files in folder {given}{where}")
     _one_split(given, files)
     found: Dict[Path, Path] = {}  # resolved -> as listed
     for f in files:
         real = f.resolve()
-        if not real.is_relative_to(base):
-            raise ConfigError(f"{f} resolves to {real}, outside the data root {base}")
+        if not real.is_relative_to(base):  # a data set may only read inside its folder
+            cache = " (a Hugging Face cache links its snapshots into blobs/)" if "blobs" in real.parts else ""
+            raise ConfigError(f"{f} resolves to {real}, outside the data root {base}{cache}: copy the files in "
+                              "(cp -L), or download with `huggingface-cli download ... --local-dir DIR`")
         if not real.is_file():
             raise ConfigError(f"{f} is not a file")
         if real in found:  # a link to another file of the folder: its rows would be read twice

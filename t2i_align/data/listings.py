@@ -155,7 +155,14 @@ def _csv_rows(path: Path) -> Iterator[Tuple[int, Any]]:
                                             "(an unquoted comma?); quote fields that hold commas")
                 else:
                     yield first, row
-        except (UnicodeError, csv.Error) as err:  # the listing itself cannot be read on
+        except csv.Error as err:
+            if "field larger than field limit" in str(err):  # an open quote swallowed the rest of the file
+                raise UserError(f"--from {path}: a quote opened in the record starting on line "
+                                f"{starts[0] if starts else reader.line_num} is never closed (its field runs past "
+                                f"{csv.field_size_limit()} characters): close it, quoting whole fields") from None
+            raise UserError(f"--from {path}: cannot be read as CSV text after line {reader.line_num}: {err}; save "
+                            "it as UTF-8 CSV") from None
+        except UnicodeError as err:  # the listing itself cannot be read on
             raise UserError(f"--from {path}: cannot be read as CSV (UTF-8) text after line {reader.line_num}: "
                             f"{err}; save it as UTF-8 CSV") from None
 

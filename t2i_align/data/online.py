@@ -32,8 +32,14 @@ from ..ranking import Selection, diversity_cells, round_metrics, select_best_of_
 from ..sampling import generate, set_scheduler
 
 POOL_FILE = "raft_pool.safetensors"
-ROUND_CHUNK_IMAGES = 256
-"""A round is generated, scored and encoded in chunks of about this many images (whole generation batches)."""
+ROUND_CHUNK_PIXELS = 256 * 512 * 512
+"""A round is generated, scored and encoded in chunks of about this many pixels (256 images at 512 px, 64 at 1024
+px: a fixed 256 held 3 GB of float pixels per process at SDXL's size, twice while joined), of whole batches."""
+
+
+def chunk_images(resolution: int, batch: int) -> int:
+    """Images per chunk of a round: whole generation batches, about ROUND_CHUNK_PIXELS, at least one batch."""
+    return batch * max(1, ROUND_CHUNK_PIXELS // (resolution * resolution * batch))
 
 
 def _reward(rc, device):
@@ -106,6 +112,7 @@ class OnlineSource:
         self.cfg, self.rc, self.components, self.acc = cfg, cfg.raft, components, accelerator
         self.pairs = batch_kind == "pairs"
         self.prompts = check_online_settings(cfg.raft, self.pairs)
+        self.data_rows = len(self.prompts)  # what the rounds draw from: a resume checks it is unchanged
         self.reward = _reward(self.rc, accelerator.device)
         self._check_reward_reads_prompts()
         self.micro_per_round = self.rc.round_steps * cfg.train.grad_accum
@@ -287,7 +294,8 @@ class OnlineSource:
         seeds = [round_seed(self.cfg.seed, rnd, kk, slot) for slot in slots for kk in range(k)]
         # In chunks of whole generation batches (the same batches as one call): only a chunk's decoded images are
         # held at a time (300 prompts x 16 at 512 px: 15 GB of float pixels), then scored and encoded
-        step = self.rc.generation_batch_size * max(1, ROUND_CHUNK_IMAGES // self.rc.generation_batch_size)
+        size = self.rc.resolution or self.components.unet.config.sample_size * self.components.vae_scale_factor
+        step = chunk_images(size, self.rc.generation_batch_size)
         scores, latents = [], []
         for i in range(0, len(flat), step):
             samples = self._sample(flat[i:i + step], seeds[i:i + step])

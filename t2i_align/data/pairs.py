@@ -92,11 +92,27 @@ def text_column(table, name: str) -> List[Any]:
         return [text(raw) for raw in column.cast(pa.binary()).to_pylist()]
 
 
-def check_pair_columns(names: Sequence[str], path: Path) -> None:
+def check_pair_columns(schema: pa.Schema, path: Path) -> None:
+    """The Pick-a-Pic columns, of usable types: image bytes (binary, or a datasets Image struct holding them)
+    and numeric labels. Text paths or labels passed every check and made every row unusable after the model
+    loaded (an epoch skipped per process, or a cache build failing)."""
+    names = schema.names
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise ConfigError(f"{path} lacks column(s) {missing}: expected Pick-a-Pic columns {list(REQUIRED_COLUMNS)}"
                          f" (label_1 etc. optional), found {list(names)}")
+    for name in ("jpg_0", "jpg_1"):
+        kind = schema.field(name).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+            raise ConfigError(f"{path}: column {name} holds {kind}, not image bytes (file paths?): build the pairs "
+                              "from a listing with `python -m t2i_align.data pairs --from LISTING --out DIR`, which "
+                              "reads the images into the file")
+    kind = schema.field("label_0").type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+            or pa.types.is_null(kind)):
+        raise ConfigError(f"{path}: column label_0 holds {kind}, not numbers (P(jpg_0 preferred) in [0, 1]): "
+                          "write it as a float column")
 
 
 def label_problem(label: Any, has_label: Any) -> Optional[str]:
@@ -168,7 +184,7 @@ class PairDataset(torch.utils.data.Dataset):
         for fi, path in enumerate(self.files):
             pf = open_parquet(path)
             names = pf.schema_arrow.names
-            check_pair_columns(names, path)
+            check_pair_columns(pf.schema_arrow, path)
             cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else []) + model_columns(
                 self.both_models_contain, names, path)
             for g in range(pf.num_row_groups):

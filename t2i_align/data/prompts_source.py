@@ -23,6 +23,7 @@ class PromptSource:
                  spec: str = "data.path"):
         self.prompts, self.batch_size, self.seed = list(prompts), int(batch_size), int(seed)
         self.rank, self.world, self.resolution = int(rank), int(world), int(resolution)
+        self.data_rows = len(self.prompts)  # what the order is drawn from: a resume checks it is unchanged
         self.batches_per_epoch = len(self.prompts) // world // self.batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"{spec}: {len(self.prompts)} prompts are too few for train.batch_size="
@@ -53,13 +54,14 @@ class PromptSource:
 
 
 def read_prompt_data(data) -> List[str]:
-    """The prompts of data.path (data.kind = prompts)."""
+    """The prompts of data.path (data.kind = prompts), the first data.max_pairs of them if set."""
     from ..prompts import PROMPT_FILES, read_prompts
 
     if not data.path:
         raise ConfigError(f"data.path is empty: with data.kind=prompts give {PROMPT_FILES}, a parquet file with a "
                           "caption column, or a toy prompt set such as toy:train-long")
-    return read_prompts(data.path, "data.path")
+    prompts = read_prompts(data.path, "data.path")
+    return prompts[:data.max_pairs] if data.max_pairs else prompts
 
 
 def build_prompt_source(cfg, accelerator) -> PromptSource:

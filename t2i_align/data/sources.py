@@ -36,6 +36,7 @@ class OfflineSource:
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.num_workers = num_workers
         self.rows = list(range(len(dataset))) if rows is None else list(rows)
+        self.data_rows = len(self.rows)  # what the order is drawn from: a resume checks it is unchanged
         self.per_rank = len(self.rows) // world
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
@@ -166,8 +167,9 @@ def _check_pair_files(cfg) -> None:
                           "python -m t2i_align.toy pairs --out DIR)")
     files = find_parquet_files(cfg.data.path)
     for path in files:  # footers only: image-caption data given to a pairs method stopped only at the run's start
-        names = open_parquet(path).schema_arrow.names
-        check_pair_columns(names, path)
+        schema = open_parquet(path).schema_arrow
+        names = schema.names
+        check_pair_columns(schema, path)
         model_columns(cfg.data.both_models_contain, names, path)
         if cfg.ppd.enabled and "user_id" not in names:  # found after a whole cache build otherwise
             raise ConfigError(f"ppd.enabled but {path} has no user_id column: PPD needs each pair's user (Pick-a-Pic's "

@@ -161,6 +161,7 @@ class StreamingPairSource:
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.num_workers = num_workers
         self.per_rank = len(dataset) // world
+        self.data_rows = len(dataset)  # what the order is drawn from: a resume checks it is unchanged
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"{len(dataset)} usable pairs are too few for batch_size={batch_size} on {world} "
