@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import browser_leftover, fsync_path, plain_modes, staged_dir, sync_tree
 
 logger = logging.getLogger(__name__)
@@ -336,21 +336,32 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
     and sampling leave it out (it judges no image we make), but a plain `from_pretrained(folder)(prompt)` should
     filter as the source's did. Only when the source holds it with plain weights; otherwise a warning says the
     export has none. Loaded and saved again (not copied): a download's safety_checker/ also holds pickled .bin
-    files and fp16 copies, and an export is safetensors in float32 only."""
+    files and fp16 copies, and an export is safetensors in float32 only. One that fails to load (a git-lfs
+    pointer left unpulled) is warned of too: training never read it, and the export must not be lost for it."""
     from .models import read_index
     from .weight_files import has_plain_weights
 
     index = read_index(source) if (source / "model_index.json").is_file() else {}
     if (index.get("safety_checker") or [None])[0] is None:
         return
-    if not (has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir()):
-        # `folder` is the staged copy: the warning names what the user will find, the folder's final name
-        staged = re.fullmatch(r"\.(.+)\.tmp-[^.]*", folder.name)  # files.staged_dir's name for it
-        final = folder.parent / staged.group(1) if staged else folder
-        logger.warning("warning: %s lists a safety checker without plain weights to copy: the pipeline saved to %s "
-                       "has none", source, final)
-        return
+    why = "without plain weights to copy"
+    if has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir():
+        try:
+            return _copy_safety_checker(source, folder, index)
+        except Exception as err:
+            for part in SAFETY_PARTS:
+                shutil.rmtree(folder / part, ignore_errors=True)
+            why = f"that could not be read ({one_line(err)[:200]})"
+    # `folder` is the staged copy: the warning names what the user will find, the folder's final name
+    staged = re.fullmatch(r"\.(.+)\.tmp-[^.]*", folder.name)  # files.staged_dir's name for it
+    final = folder.parent / staged.group(1) if staged else folder
+    logger.warning("warning: %s lists a safety checker %s: the pipeline saved to %s has none", source, why, final)
+
+
+def _copy_safety_checker(source: Path, folder: Path, index: dict) -> None:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from .models import read_index
 
     checker = StableDiffusionSafetyChecker.from_pretrained(str(source / "safety_checker"), use_safetensors=None)
     checker.float().save_pretrained(str(folder / "safety_checker"), safe_serialization=True)

@@ -142,7 +142,8 @@ def check_shared_output(accelerator, out: Path) -> None:
     (found by reading; tests run on one host)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: give a folder (it is created if missing)")
-    if os.path.ismount(out / "final"):  # the export is renamed into place at the end: it failed after training
+    # the export is renamed into place at the end (a link's target replaced): it failed after all the training
+    if os.path.ismount(os.path.realpath(out / "final")):
         raise UserError(f"{out / 'final'} is a mount point, which the final export cannot replace (it writes a new "
                         f"folder and renames it into place): mount the volume at output_dir {out} itself instead")
     from .files import check_output_path

@@ -141,8 +141,10 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     try:
         replace_dir(tmp, out_dir)
     except Exception as err:
-        raise OSError(f"{out_dir} could not be replaced ({err}): the new contents are kept whole in "
-                      f"{_unpublished(tmp, out_dir)}; move them there by hand") from err
+        kept = _unpublished(tmp, out_dir)
+        hidden = " now (a later export deletes hidden .*.tmp-* folders)" if kept == tmp else ""
+        raise OSError(f"{out_dir} could not be replaced ({err}): the new contents are kept whole in {kept}; move "
+                      f"them there by hand{hidden}") from err
 
 
 def _unpublished(tmp: Path, out_dir: Path) -> Path:

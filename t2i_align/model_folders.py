@@ -100,6 +100,10 @@ def _missing_files(sub: Path, name: str) -> Optional[str]:
     has = {f.name for f in sub.iterdir()}
     if name in _WEIGHTED_PARTS and not any(f.lower().endswith(_WEIGHT_SUFFIXES) for f in has):
         return f"{sub} holds no weights file"
+    pointer = next((f for f in sorted(has) if f.lower().endswith(_WEIGHT_SUFFIXES) and _lfs_pointer(sub / f)), None)
+    if name in _WEIGHTED_PARTS and pointer:
+        return (f"{sub / pointer} is a git-lfs pointer, not the weights (cloned without git-lfs): install git-lfs "
+                "and run `git lfs pull` in the model's repository")
     if name in _WEIGHTED_PARTS and "config.json" not in has:
         return f"{sub} has no config.json"
     if name == "scheduler" and "scheduler_config.json" not in has:
@@ -107,6 +111,14 @@ def _missing_files(sub: Path, name: str) -> Optional[str]:
     if name.startswith("tokenizer") and "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
         return f"{sub} holds no vocabulary (tokenizer.json, or vocab.json with merges.txt)"
     return None
+
+
+def _lfs_pointer(path: Path) -> bool:
+    """A git-lfs pointer file (about 130 bytes of text) where the weights should be."""
+    try:
+        return path.stat().st_size < 1024 and path.read_bytes().startswith(b"version https://git-lfs")
+    except OSError:
+        return False
 
 
 def _hub_offline() -> bool:
@@ -127,7 +139,9 @@ def _download(repo_id: str, revision: Optional[str], variant: Optional[str], pip
             return Path(folder)
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors"]
+        # a VAE's files, at the top or in vae/: "*.safetensors" took every file of a pipeline repo (tens of GB)
+        patterns = [f"{sub}{name}" for sub in ("", "vae/") for name in ("config.json",
+                                                                         "diffusion_pytorch_model*.safetensors")]
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
     except Exception as err:  # hub errors have many types (offline, HTTP, connection); all mean the same here
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached (or has no such repo)"

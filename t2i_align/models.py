@@ -122,7 +122,8 @@ def detect_family(path: Union[str, Path]) -> FamilySpec:
     supported = ", ".join(f"{c} ({s.name})" for s in FAMILIES.values() for c in s.pipeline_classes)
     raise ModelLoadError(
         f"{path}/model_index.json names pipeline class {class_name!r}, which is not supported. Supported: "
-        f"{supported}. If it is one of these families under another name, set model.family explicitly."
+        f"{supported} (text-to-image only: not inpainting or instruct-pix2pix). If it is one of these families "
+        "under another name, set model.family explicitly."
     )
 
 
@@ -174,10 +175,14 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
     kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
     if dtype is not None and library == "diffusers":
         kwargs.update(dtype_kwargs(dtype))
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(path, subfolder=name, **kwargs)
-    except OSError as err:  # a file missing or unreadable in the subfolder (a partial copy, a variant it lacks)
-        raise ModelLoadError(f"could not load {name} ({class_name}) from {path / name}: {str(err)[:300]}; the "
+    # a file missing or unreadable in the subfolder (a partial copy, a variant it lacks); transformers lets a
+    # truncated safetensors file's own error through, naming no file
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"could not load {name} ({class_name}) from {path / name}: {one_line(err)[:300]}; the "
                              "folder may be incomplete: download or copy it again") from err
 
 
@@ -267,6 +272,10 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     where = vae_folder(cfg.vae) if cfg.vae else None
     vae = _load_vae(cfg, path, index, spec, dtype, variant, where)
     unet = _load_part(path, index, "unet", variant=variant, dtype=torch.float32)
+    if unet.config.in_channels != vae.config.latent_channels:  # found only at the first forward (conv_in's shape)
+        raise ModelLoadError(f"{path}: its UNet takes {unet.config.in_channels} input channels and the VAE gives "
+                             f"{vae.config.latent_channels}: an inpainting or instruct-pix2pix model (extra image "
+                             "channels) or a VAE of another model (model.vae); give a text-to-image model")
     set_attention_backend(unet, cfg.attention)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -253,7 +253,7 @@ class SnapshotPool(BaseReference):
         if self.is_main and not self.adapters:
             try:
                 self._collect()
-            except OSError as err:
+            except Exception as err:  # e.g. a damaged checkpoint's pool record: rank 0 alone must not stop here
                 logger.warning("warning: could not delete unused SePPO snapshots in %s: %s", self.pool_dir, err)
 
     # -- the reference denoiser ---------------------------------------------------------------------------

@@ -188,8 +188,9 @@ def _check_rows(path: Path, marker: dict, source, warn: bool) -> None:
     wrote, now = marker.get("data_rows"), getattr(source, "data_rows", None)
     if warn and wrote is not None and now is not None and wrote != now:
         warnings.warn(f"train.resume: {path} was written with {wrote} usable data rows and this run has {now}: the "
-                      "data changed since, so this epoch's order is not the one the checkpoint's run followed (rows "
-                      "repeated or skipped); resume with the data it was written with to continue it exactly",
+                      "data changed since (files, filters, or data.cache, which drops undecodable rows), so this "
+                      "epoch's order is not the one the checkpoint's run followed (rows repeated or skipped); resume "
+                      "with the data it was written with to continue it exactly",
                       stacklevel=2)
 
 

@@ -74,6 +74,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     with instead of the folder's, as a run trained with `model.vae` (its LoRA export records it) decoded.
     """
     from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
 
     from .model_folders import load_lora
     from .base_model import note_recorded_vae
@@ -88,7 +89,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
                                                  **_no_safety_checker(path))
-    except (OSError, ValueError) as err:  # a damaged or truncated file the folder checks cannot see
+    except (OSError, ValueError, SafetensorError) as err:  # a damaged or truncated file the folder checks miss
         raise ModelLoadError(f"could not load the pipeline in {path}: {type(err).__name__}: {one_line(err)[:300]}; "
                              "the folder may be damaged or incomplete: download or copy it again") from err
     if vae is not None:

@@ -84,18 +84,24 @@ def _start_wandb(start: Callable, asked: str, mode: str):
 
 def _check_api_key() -> None:
     """W&B online without an API key asks for one at a prompt on a terminal, with no time limit (the other
-    processes waiting in a collective until train.ddp_timeout): refused in one line instead."""
-    if os.environ.get("WANDB_API_KEY"):
+    processes waiting in a collective until train.ddp_timeout): refused in one line instead. Without a terminal
+    wandb.init refuses itself; WANDB_MODE=offline / disabled makes wandb.login say False whatever the key; wandb
+    before 0.26 has no login(prompt=): those are left to wandb.init."""
+    offline = os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_API_KEY") or offline or not sys.stdin.isatty():
         return
     import contextlib
+    import inspect
     import io
 
     import wandb
 
+    if "prompt" not in inspect.signature(wandb.login).parameters:
+        return
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             found = wandb.login(prompt=False, verify=False)  # a key in ~/.netrc or W&B's settings
-    except wandb.errors.Error:  # wandb.init says what is wrong
+    except Exception:  # e.g. a bad WANDB_* setting: wandb.init says what is wrong
         return
     if not found:
         raise UserError("W&B online needs an API key and none is configured: set WANDB_API_KEY or run `wandb "

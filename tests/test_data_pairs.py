@@ -313,6 +313,10 @@ def test_image_paths_or_text_labels_are_refused_by_their_column_type(tmp_path):
     image = {"bytes": image_bytes(), "path": None}
     path = write_pairs(tmp_path / "hf.parquet", [dict(base, jpg_0=image, jpg_1=dict(image), label_0=1)])
     assert len(PairDataset(path, resolution=8)) == 1
+    table = pa.Table.from_pylist([base, base])  # dictionary-encoded (repeated images and labels) reads as values
+    table = table.set_column(1, "jpg_0", table.column("jpg_0").dictionary_encode())
+    pq.write_table(table.set_column(3, "label_0", table.column("label_0").dictionary_encode()), tmp_path / "d.parquet")
+    assert len(PairDataset(tmp_path / "d.parquet", resolution=8)) == 2
 
 
 def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):

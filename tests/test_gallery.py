@@ -107,9 +107,11 @@ def test_failure_during_the_swap_puts_the_old_gallery_back(tmp_path, monkeypatch
         return real_replace(src, dst)
 
     monkeypatch.setattr(gallery.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(OSError, match="rename failed.*the new contents are kept whole in .*gallery.unpublished"):
         write_gallery(out, _rows("green"), title="new")
-    assert (out / "index.html").read_text(encoding="utf-8") == before and _siblings(out) == ["gallery"]
+    assert (out / "index.html").read_text(encoding="utf-8") == before
+    assert _siblings(out) == ["gallery", "gallery.unpublished"]  # the new one kept, visible (files.staged_dir)
+    assert "new" in (tmp_path / "gallery.unpublished" / "index.html").read_text(encoding="utf-8")
 
 
 def test_uint8_image_tensors_keep_their_values():

@@ -245,7 +245,7 @@ def test_a_listing_given_as_training_data_is_pointed_to_the_import(folder):
     listing = write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]])
     with pytest.raises(ConfigError, match=r"is a listing, not parquet: python -m t2i_align.data pairs --from LISTING"):
         find_parquet_files(listing)
-    with pytest.raises(ConfigError, match=r"no \*.parquet files in folder .*mine \(image pairs listed in a JSONL"):
+    with pytest.raises(ConfigError, match=r"no \*.parquet files in folder .*mine \(images listed in a JSONL"):
         find_parquet_files(folder)
 
 

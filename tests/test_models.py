@@ -153,6 +153,23 @@ def test_hub_id_offline_fails_fast_with_local_folder_hint(monkeypatch):
         models.resolve_pretrained("t2i-align-tests/not-a-cached-repo")
 
 
+def test_a_hub_vae_fetches_a_vaes_files_only(tmp_path, monkeypatch):
+    """model.vae as a hub id took every *.safetensors file of the repo: a pipeline repo's UNets and text
+    encoders (tens of GB) for one VAE."""
+    import fnmatch
+
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or str(tmp_path))
+    models.resolve_pretrained("t2i-align-tests/a-vae", pipeline=False, key="model.vae")
+    files = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
+             "vae/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors", "sd_xl_base_1.0.safetensors"]
+    taken = [f for f in files if any(fnmatch.fnmatch(f, p) for p in asked[0]["allow_patterns"])]
+    assert taken == files[:4]
+
+
 def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):
     """`data/sd15` (a typo, with a data/ folder here) and `models/sd15.safetensors` were taken for hub ids: the dry
     run passed them and the run went to the Hub."""
@@ -196,6 +213,19 @@ def test_a_partial_pipeline_folder_is_named_before_loading(sd15_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="vae component but .*vae is missing"):
         models.resolve_pretrained(str(partial))
     assert models.resolve_pretrained(str(partial), skip_parts=("vae",)) == partial  # model.vae given instead
+    # cloned without git-lfs: a pointer per weights file (a bare SafetensorError traceback from the text encoder);
+    # a truncated file: one line naming the component
+    shutil.rmtree(partial)
+    shutil.copytree(sd15_dir, partial)
+    weights = next((partial / "text_encoder").glob("*.safetensors"))
+    whole = weights.read_bytes()
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0a1b\nsize 492265168\n")
+    with pytest.raises(ModelLoadError, match="text_encoder/model.safetensors is a git-lfs pointer, not the weights "
+                                             ".cloned without git-lfs.: install git-lfs and run `git lfs pull`"):
+        models.resolve_pretrained(str(partial))
+    weights.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ModelLoadError, match="could not load text_encoder .CLIPTextModel. from .*text_encoder: "):
+        models.load_components(ModelConfig(pretrained=str(partial)))
 
 
 @pytest.mark.parametrize("part, remove, told", [
@@ -501,7 +531,7 @@ def test_a_variant_the_folder_lacks_is_named_with_what_it_holds(tmp_path):
         models.weights_variant(tmp_path, "bf16", "--variant", fallback=True)
 
 
-def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):
+def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path, caplog):
     """Training and sampling leave SD1.5's safety checker out; a full export carries the source's over, so a plain
     load of it filters as the source did (it was dropped without a word)."""
     import shutil
@@ -535,6 +565,14 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path):
     plain = export_final(models.build_pipeline(models.load_components(ModelConfig(pretrained=str(sd15_dir)))),
                          comp.unet, False, tmp_path / "plain")
     assert not (plain / "safety_checker").exists(), "a source without one gives an export without one"
+    # a git-lfs pointer in its place (pulled without it): the export kept, without one, with a warning (it was
+    # deleted whole at the end of training by the checker's load error)
+    (source / "safety_checker" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with caplog.at_level(logging.WARNING, logger="t2i_align.checkpoints"):
+        kept = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "lfs")
+    assert "lists a safety checker that could not be read" in caplog.text and f"saved to {kept} has none" in caplog.text
+    assert (kept / "unet").is_dir() and not (kept / "safety_checker").exists()
+    assert StableDiffusionPipeline.from_pretrained(str(kept)).safety_checker is None
 
 
 def test_a_lycoris_file_is_named_as_such(sd15_dir, tmp_path):
@@ -607,3 +645,19 @@ def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_ask
     merged = merge_lora(sd15_dir, final, tmp_path / "merged", vae=tmp_path / "vae-ft")
     kept = AutoencoderKL.from_pretrained(merged, subfolder="vae")
     assert torch.equal(kept.decoder.conv_out.weight, other.decoder.conv_out.weight)
+
+
+def test_an_inpainting_unet_is_refused_at_load(sd15_dir, tmp_path):
+    """An inpainting pipeline loaded with model.family set (its error's advice) put a 9-channel UNet beside a
+    4-channel VAE, which failed only at the first forward with conv_in's shape error."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "inpaint"
+    shutil.copytree(sd15_dir, folder)
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"), in_channels=9)
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    with pytest.raises(ModelLoadError, match="its UNet takes 9 input channels and the VAE gives 4: an inpainting"):
+        models.load_components(ModelConfig(pretrained=str(folder), family="sd15"))

@@ -291,6 +291,7 @@ def test_a_user_that_fails_is_counted_and_the_others_embedded(tmp_path, caplog):
     assert "user 8 not embedded: its embedding is not finite (NaN or inf in torch.float32)" in caplog.text
     assert "user 9 not embedded: out of memory (CUDA out of memory." in caplog.text
     assert merge_parts(out) == {"users": 2, "tokens": 3, "width": 4}  # the failed users left no part behind
+    assert "the embeddings of 1 user(s) (first: 10) exceed fp16's range (65504), so the table is fp32" in caplog.text
     from t2i_align.users.table import UserTable
 
     table = UserTable.load(out / "user_table.safetensors")

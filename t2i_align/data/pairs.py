@@ -92,6 +92,15 @@ def text_column(table, name: str) -> List[Any]:
         return [text(raw) for raw in column.cast(pa.binary()).to_pylist()]
 
 
+def _values(kind: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column's value type (its rows read as those values)."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def _is_binary_view(kind: pa.DataType) -> bool:
+    return bool(getattr(pa.types, "is_binary_view", lambda _: False)(kind))  # pyarrow >= 16
+
+
 def check_pair_columns(schema: pa.Schema, path: Path) -> None:
     """The Pick-a-Pic columns, of usable types: image bytes (binary, or a datasets Image struct holding them)
     and numeric labels. Text paths or labels passed every check and made every row unusable after the model
@@ -102,13 +111,13 @@ def check_pair_columns(schema: pa.Schema, path: Path) -> None:
         raise ConfigError(f"{path} lacks column(s) {missing}: expected Pick-a-Pic columns {list(REQUIRED_COLUMNS)}"
                          f" (label_1 etc. optional), found {list(names)}")
     for name in ("jpg_0", "jpg_1"):
-        kind = schema.field(name).type
-        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        kind = _values(schema.field(name).type)
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or _is_binary_view(kind)
                 or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
             raise ConfigError(f"{path}: column {name} holds {kind}, not image bytes (file paths?): build the pairs "
                               "from a listing with `python -m t2i_align.data pairs --from LISTING --out DIR`, which "
                               "reads the images into the file")
-    kind = schema.field("label_0").type
+    kind = _values(schema.field("label_0").type)
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
             or pa.types.is_null(kind)):
         raise ConfigError(f"{path}: column label_0 holds {kind}, not numbers (P(jpg_0 preferred) in [0, 1]): "

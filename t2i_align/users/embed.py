@@ -188,6 +188,11 @@ def merge_parts(out: Path, handled: Optional[int] = None) -> Dict[str, Any]:
     for path in parts:
         user, embedding, meta = read_part(path)
         embeddings[user], info[json.dumps(user)] = embedding, meta
+    wide = [user for user, e in embeddings.items() if e.dtype == torch.float32]  # write_part: beyond fp16
+    if wide:
+        logger.warning("the embeddings of %d user(s) (first: %r) exceed fp16's range (65504), so the table is fp32: "
+                       "train and sample PPD with bf16 or fp32 (train.mixed_precision, model.weight_dtype), where "
+                       "fp16 turns them to inf", len(wide), wide[0])
     table = UserTable.from_dict(embeddings)
     table.save(out / "user_table.safetensors")
     write_json_atomic(out / USERS_JSON, {"users": info})
