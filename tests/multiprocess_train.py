@@ -97,3 +97,4 @@ Path(cfg.output_dir, f"rank{PartialState().process_index}.txt").write_text(repr(
 # The collective timeout the run set (train.ddp_timeout), as the process group holds it
 backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
 Path(cfg.output_dir, f"timeout{PartialState().process_index}.txt").write_text(str(backend.options._timeout.seconds))
+PartialState().destroy_process_group()  # as train/train.py: a finished process could abort at Python's teardown

@@ -51,8 +51,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Ctrl-C: run_cli says where to resume once per launch; the process dies by SIGINT (a shell loop stops)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(where_to_resume(cfg)) from None
-        if PartialState().is_main_process:
+        state = PartialState()
+        if state.is_main_process:
             print(f"final model: {final}")
+        # gloo's threads still holding work when Python tears down can abort a finished process (SIGABRT,
+        # "terminate called without an active exception": pytorch/pytorch#179291): the launch then failed
+        state.destroy_process_group()
         return 0
 
     return run_cli(run, sigterm=False)  # the launcher stops every process together

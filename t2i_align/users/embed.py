@@ -312,6 +312,7 @@ def run_embed(model: str, pairs: str, out: str, num_shots: int = 4, seed: int = 
                          max_users, progress=True)
     print(json.dumps({"process": state.process_index, **counts}))
     everyone = gather_object([counts])  # also waits for the slowest shard (up to SHARD_WAIT)
+    state.destroy_process_group()  # the last collective: gloo left to Python's teardown can abort (train/train.py)
     if not state.is_main_process:
         return None
     summary = merge_parts(Path(out), handled=sum(c["embedded"] + c["already_done"] for c in everyone))
