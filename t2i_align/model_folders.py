@@ -98,12 +98,13 @@ def _missing_files(sub: Path, name: str) -> Optional[str]:
     if not sub.is_dir():
         return f"{sub} is missing"
     has = {f.name for f in sub.iterdir()}
-    if name in _WEIGHTED_PARTS and not any(f.lower().endswith(_WEIGHT_SUFFIXES) for f in has):
+    weights = [f for f in sorted(has) if f.lower().endswith(_WEIGHT_SUFFIXES)]
+    if name in _WEIGHTED_PARTS and not weights:
         return f"{sub} holds no weights file"
-    pointer = next((f for f in sorted(has) if f.lower().endswith(_WEIGHT_SUFFIXES) and _lfs_pointer(sub / f)), None)
-    if name in _WEIGHTED_PARTS and pointer:
-        return (f"{sub / pointer} is a git-lfs pointer, not the weights (cloned without git-lfs): install git-lfs "
-                "and run `git lfs pull` in the model's repository")
+    # only when no file is real: `git lfs pull --include "*.safetensors"` leaves the .bin copies pointers
+    if name in _WEIGHTED_PARTS and all(_lfs_pointer(sub / f) for f in weights):
+        return (f"{sub / weights[0]} is a git-lfs pointer, not the weights (cloned without git-lfs): install "
+                "git-lfs and run `git lfs pull` in the model's repository")
     if name in _WEIGHTED_PARTS and "config.json" not in has:
         return f"{sub} has no config.json"
     if name == "scheduler" and "scheduler_config.json" not in has:

@@ -217,13 +217,13 @@ class SnapshotPool(BaseReference):
                 # the initial model, is the same in every run)
                 if step > 0 or not self._file(step).is_file():
                     self._save_snapshot(step, weights)
-                self._collect()
             except Exception as err:  # told to the others below, then raised here with its traceback
                 failed = err
         told = self.share(describe(failed))
         if failed is not None:
             raise failed
         raise_told(told, f"the main process could not write SePPO's reference snapshot {self._file(step)}")
+        self.after_checkpoint()  # the files no longer needed
 
     def _save_snapshot(self, step: int, weights: Dict[str, torch.Tensor]) -> None:
         """Complete or absent, fsynced with its folder entry: the checkpoint that lists it is marked complete right
@@ -249,7 +249,8 @@ class SnapshotPool(BaseReference):
 
     def after_checkpoint(self) -> None:
         """Files only the checkpoints just pruned listed are deleted now, not at the next snapshot (after the last
-        one they stayed for good: GBs each). Best effort: a file left is removed by a later collection."""
+        one they stayed for good: GBs each); after each snapshot too. Best effort (main process): a file left is
+        removed by a later collection, and a damaged record never stops the run."""
         if self.is_main and not self.adapters:
             try:
                 self._collect()

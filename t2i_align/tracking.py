@@ -85,28 +85,31 @@ def _start_wandb(start: Callable, asked: str, mode: str):
 def _check_api_key() -> None:
     """W&B online without an API key asks for one at a prompt on a terminal, with no time limit (the other
     processes waiting in a collective until train.ddp_timeout): refused in one line instead. Without a terminal
-    wandb.init refuses itself; WANDB_MODE=offline / disabled makes wandb.login say False whatever the key; wandb
-    before 0.26 has no login(prompt=): those are left to wandb.init."""
-    offline = os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun", "disabled")
-    if os.environ.get("WANDB_API_KEY") or offline or not sys.stdin.isatty():
-        return
-    import contextlib
-    import inspect
-    import io
-
-    import wandb
-
-    if "prompt" not in inspect.signature(wandb.login).parameters:
-        return
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            found = wandb.login(prompt=False, verify=False)  # a key in ~/.netrc or W&B's settings
-    except Exception:  # e.g. a bad WANDB_* setting: wandb.init says what is wrong
-        return
-    if not found:
+    wandb.init refuses itself."""
+    if getattr(sys.stdin, "isatty", lambda: False)() and not _has_api_key():
         raise UserError("W&B online needs an API key and none is configured: set WANDB_API_KEY or run `wandb "
-                        "login`, or log offline (tracking.wandb=offline, --wandb offline or WANDB_MODE=offline) or "
-                        "not at all (tracking.wandb=off)")
+                        "login`, or log offline (tracking.wandb=offline or --wandb offline) or not at all "
+                        "(tracking.wandb=off)")
+
+
+def _has_api_key() -> bool:
+    """Whether W&B has a key: WANDB_API_KEY (or an identity token file), else the netrc entry `wandb login` writes
+    for its server. Read here, not by wandb.login, which says False under an offline mode (WANDB_MODE, `wandb
+    offline`) that an explicit online overrides. An unreadable netrc counts as a key: wandb.init decides."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    if not path.is_file():
+        return False
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return True
+    return bool(entry and entry[2])
 
 
 def continued_run_id(output_dir: str | os.PathLike, resume: Optional[Path]) -> Optional[str]:

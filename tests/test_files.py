@@ -149,11 +149,10 @@ def test_wandb_online_without_a_key_is_one_line_not_a_prompt(tmp_path, monkeypat
     monkeypatch.setattr(wandb, "init", lambda **kw: pytest.fail("wandb.init reached without a key"))
     with pytest.raises(UserError, match="W&B online needs an API key and none is configured: set WANDB_API_KEY"):
         Tracker(tmp_path / "run", "online")
-    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("reached")))
-    monkeypatch.setenv("WANDB_MODE", "offline")  # wandb.login says False then, whatever the key: left to init
-    with pytest.raises(RuntimeError, match="reached"):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # an explicit online overrides it: wandb.init would prompt
+    with pytest.raises(UserError, match="W&B online needs an API key"):
         Tracker(tmp_path / "run", "online")
-    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("reached")))
     (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
     (tmp_path / ".netrc").chmod(0o600)
     with pytest.raises(RuntimeError, match="reached"):  # past the check: a configured key

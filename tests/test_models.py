@@ -218,8 +218,10 @@ def test_a_partial_pipeline_folder_is_named_before_loading(sd15_dir, tmp_path):
     shutil.rmtree(partial)
     shutil.copytree(sd15_dir, partial)
     weights = next((partial / "text_encoder").glob("*.safetensors"))
-    whole = weights.read_bytes()
-    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0a1b\nsize 492265168\n")
+    whole, pointer = weights.read_bytes(), "version https://git-lfs.github.com/spec/v1\noid sha256:0a\nsize 49226\n"
+    (partial / "text_encoder" / "pytorch_model.bin").write_text(pointer)  # a copy left unpulled: the real one loads
+    assert models.resolve_pretrained(str(partial)) == partial
+    weights.write_text(pointer)
     with pytest.raises(ModelLoadError, match="text_encoder/model.safetensors is a git-lfs pointer, not the weights "
                                              ".cloned without git-lfs.: install git-lfs and run `git lfs pull`"):
         models.resolve_pretrained(str(partial))
