@@ -49,7 +49,7 @@ def test_two_process_lora_dpo(tmp_path):
     assert rank0 == rank1
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     # Resume of a LoRA run under DDP (the check of the checkpoint's LoRA weights must see the UNet's names, not
-    # DDP's `module.`): test_two_process_resume_equals_an_uninterrupted_run[seppo]
+    # DDP's `module.`): test_two_process_resume_equals_an_uninterrupted_run[ppd]
 
 
 def test_two_process_raft_gathers_the_pool_and_selects_globally(tmp_path):
@@ -75,8 +75,8 @@ RESUMED = {
     "seppo": ["lora.enabled=true", "objective.name=seppo", "seppo.snapshot_every=1", "seppo.pool_size=4",
               "seppo.sample_steps=2"],
     # PPD: user 99's images do not decode, so one process meets a batch of only unusable rows and reads one raw
-    # batch more than the other; each must resume at its own position in the data.
-    "ppd": ["ppd.enabled=true"],
+    # batch more than the other; each must resume at its own position in the data. With LoRA beside the branch.
+    "ppd": ["ppd.enabled=true", "lora.enabled=true"],
     # RAFT: stopped inside round 1 (steps 3-4); every process must train on the checkpoint's pool.
     "raft": ["model.pretrained=toy", "lora.enabled=true", "objective.name=sft", "raft.enabled=true",
              "raft.prompts=toy:train", "raft.prompts_per_round=4", "raft.k=2", "raft.round_steps=2",
@@ -84,7 +84,9 @@ RESUMED = {
 }
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "raft" else m  # 42 s
+# under -m slow: RAFT 42 s, SePPO 28 s (its draw depends on (seed, step) alone: test_seppo.py); PPD, with LoRA,
+# stays: a LoRA checkpoint resumed under DDP, and each process at its own raw position
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ("raft", "seppo") else m
                                     for m in sorted(RESUMED)])
 def test_two_process_resume_equals_an_uninterrupted_run(tmp_path, method):
     """Under DDP a run resumed from the step-3 checkpoint (of the uninterrupted run, as after a crash there; in
@@ -182,7 +184,8 @@ def test_two_machine_launch_takes_the_one_machine_steps(tmp_path, ddp_lora_run):
 
 
 @pytest.mark.parametrize("fails, told_rank, message", [
-    ("metrics", 1, "the main process could not log metrics: OSError: No space left on device: metrics.jsonl"),
+    pytest.param("metrics", 1, "the main process could not log metrics: OSError: No space left on device: "
+                 "metrics.jsonl", marks=pytest.mark.slow),  # 20 s; the main process's side: the RAFT case's mirror
     ("raft", 0, "another process could not generate or score its RAFT samples: RuntimeError: CUDA out of memory")])
 def test_a_failure_on_one_process_is_told_to_the_other(tmp_path, fails, told_rank, message):
     """engines.on_main / on_every across two real processes: the main process cannot write a metrics line (a full
