@@ -344,7 +344,7 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
     index = read_index(source) if (source / "model_index.json").is_file() else {}
     if (index.get("safety_checker") or [None])[0] is None:
         return
-    why = "without plain weights to copy"
+    checker, why = None, "without plain weights to copy"
     if has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir():
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
@@ -353,17 +353,12 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
                                                                    use_safetensors=None)
         except Exception as err:
             why = f"that could not be read ({one_line(err)[:200]})"
-        else:
-            return _save_safety_checker(checker, source, folder, index)
-    # `folder` is the staged copy: the warning names what the user will find, the folder's final name
-    staged = re.fullmatch(r"\.(.+)\.tmp-[^.]*", folder.name)  # files.staged_dir's name for it
-    final = folder.parent / staged.group(1) if staged else folder
-    logger.warning("warning: %s lists a safety checker %s: the pipeline saved to %s has none", source, why, final)
-
-
-def _save_safety_checker(checker, source: Path, folder: Path, index: dict) -> None:
-    from .models import read_index
-
+    if checker is None:
+        # `folder` is the staged copy: the warning names what the user will find, the folder's final name
+        staged = re.fullmatch(r"\.(.+)\.tmp-[^.]*", folder.name)  # files.staged_dir's name for it
+        final = folder.parent / staged.group(1) if staged else folder
+        logger.warning("warning: %s lists a safety checker %s: the pipeline saved to %s has none", source, why, final)
+        return
     checker.float().save_pretrained(str(folder / "safety_checker"), safe_serialization=True)
     shutil.copytree(source / "feature_extractor", folder / "feature_extractor",
                     ignore=lambda _, names: [n for n in names if not n.endswith(".json")])  # the processor's config

@@ -116,6 +116,23 @@ def test_the_reference_is_the_policy_only_when_drawn_at_the_policys_own_step():
     assert pool.current == 4 and not pool.reference_is_policy()
 
 
+def _recorded_visits(monkeypatch) -> list:
+    """The modules seppo's `visiting` holds on the device at each moment (a stand-in that moves nothing)."""
+    from contextlib import contextmanager
+
+    import t2i_align.objectives.seppo as seppo_module
+
+    visits = []
+
+    @contextmanager
+    def visiting(module, device):
+        visits.append(module)
+        yield module
+        visits.remove(module)
+    monkeypatch.setattr(seppo_module, "visiting", visiting)
+    return visits
+
+
 @pytest.mark.parametrize("tie, offloaded", [(False, False), (True, True)])
 def test_seppo_compute_loss_by_hand(tie, offloaded, monkeypatch):
     """SePPO.compute_loss with a stand-in reference sampler: the preferred latents are 0 and the policy predicts
@@ -125,10 +142,7 @@ def test_seppo_compute_loss_by_hand(tie, offloaded, monkeypatch):
     loss_i = softplus(-5·SNR(t_i)); with a tie (the drawn snapshot is the policy) s = -1:
     loss_i = softplus(-5·(2·mean ε_i² - SNR(t_i))). An offloaded frozen copy is brought over once for the whole
     sample (per call, every DDIM step moved the whole UNet both ways)."""
-    from contextlib import contextmanager
     from types import SimpleNamespace
-
-    import t2i_align.objectives.seppo as seppo_module
 
     from diffusers import DDPMScheduler
 
@@ -151,13 +165,7 @@ def test_seppo_compute_loss_by_hand(tie, offloaded, monkeypatch):
         assert visits == ([frozen] if offloaded else [])  # there for all its steps
         return torch.ones(4, *latent_shape)
 
-    @contextmanager
-    def visiting(module, device):
-        visits.append(module)
-        yield module
-        visits.remove(module)
-    frozen, visits = torch.nn.Linear(1, 1) if offloaded else None, []
-    monkeypatch.setattr(seppo_module, "visiting", visiting)
+    frozen, visits = torch.nn.Linear(1, 1) if offloaded else None, _recorded_visits(monkeypatch)
 
     objective, sampled = SePPO(), []
     seppo = SimpleNamespace(anchor_draws=1, flip="sign", sample_steps=7, guidance_scale=2.5, reencode=False)
