@@ -243,6 +243,15 @@ def load_vae_folder(given: str, dtype_for: Callable[[Mapping[str, Any]], torch.d
                              "VAE folder (config.json and weights) or a pipeline folder holding vae/") from err
 
 
+def check_latent_channels(unet, vae, where: str, vae_key: str) -> None:
+    """ModelLoadError when the UNet does not take the VAE's latents: found only at the first forward otherwise
+    (conv_in's shape), after minutes of loading or caching."""
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ModelLoadError(f"{where}: its UNet takes {unet.config.in_channels} input channels and the VAE gives "
+                             f"{vae.config.latent_channels}: an inpainting or instruct-pix2pix model (extra image "
+                             f"channels) or a VAE of another model ({vae_key}); give a text-to-image model")
+
+
 def vae_precision(vae):
     """The context every VAE call runs in: outside any autocast when the VAE's weights are fp32. They are fp32 on
     purpose (SDXL's VAE overflows in fp16, or model.weight_dtype says fp32), but an fp16 autocast around a training
@@ -272,10 +281,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     where = vae_folder(cfg.vae) if cfg.vae else None
     vae = _load_vae(cfg, path, index, spec, dtype, variant, where)
     unet = _load_part(path, index, "unet", variant=variant, dtype=torch.float32)
-    if unet.config.in_channels != vae.config.latent_channels:  # found only at the first forward (conv_in's shape)
-        raise ModelLoadError(f"{path}: its UNet takes {unet.config.in_channels} input channels and the VAE gives "
-                             f"{vae.config.latent_channels}: an inpainting or instruct-pix2pix model (extra image "
-                             "channels) or a VAE of another model (model.vae); give a text-to-image model")
+    check_latent_channels(unet, vae, str(path), "model.vae")
     set_attention_backend(unet, cfg.attention)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -78,7 +78,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
 
     from .model_folders import load_lora
     from .base_model import note_recorded_vae
-    from .models import ModelLoadError, dtype_kwargs, load_vae_folder, torch_dtype
+    from .models import ModelLoadError, check_latent_channels, dtype_kwargs, load_vae_folder, torch_dtype
     from .weight_files import weights_variant
     from .unet_checkpoint import checkpoint_folders
     from .users.inference import attach_user_branch, branch_file, has_lora_file
@@ -100,6 +100,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         from .unet_checkpoint import load_unet_checkpoint
 
         pipe.unet = load_unet_checkpoint(unet, pipe.unet, variant)
+    check_latent_channels(pipe.unet, pipe.vae, str(unet or path), "--vae" if vae is not None else "its vae/")
     # PPD: a user branch next to the adapters, or beside a full model's unet/ (a --unet checkpoint's first)
     attach_user_branch(pipe, lora, *checkpoint_folders(unet), path)
     if lora is not None and (branch_file(lora) is None or has_lora_file(lora)):  # a PPD folder may hold no LoRA

@@ -649,9 +649,8 @@ def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_ask
     assert torch.equal(kept.decoder.conv_out.weight, other.decoder.conv_out.weight)
 
 
-def test_an_inpainting_unet_is_refused_at_load(sd15_dir, tmp_path):
-    """An inpainting pipeline loaded with model.family set (its error's advice) put a 9-channel UNet beside a
-    4-channel VAE, which failed only at the first forward with conv_in's shape error."""
+def _nine_channel_copy(sd15_dir, tmp_path):
+    """A copy of the tiny SD1.5 folder whose UNet takes 9 channels (an inpainting model's)."""
     import shutil
 
     from diffusers import UNet2DConditionModel
@@ -661,5 +660,22 @@ def test_an_inpainting_unet_is_refused_at_load(sd15_dir, tmp_path):
     config = dict(UNet2DConditionModel.load_config(folder / "unet"), in_channels=9)
     shutil.rmtree(folder / "unet")
     UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    return folder
+
+
+def test_an_inpainting_unet_is_refused_at_load(sd15_dir, tmp_path):
+    """An inpainting pipeline loaded with model.family set (its error's advice) put a 9-channel UNet beside a
+    4-channel VAE, which failed only at the first forward with conv_in's shape error."""
+    folder = _nine_channel_copy(sd15_dir, tmp_path)
     with pytest.raises(ModelLoadError, match="its UNet takes 9 input channels and the VAE gives 4: an inpainting"):
         models.load_components(ModelConfig(pretrained=str(folder), family="sd15"))
+
+
+def test_sampling_refuses_a_unet_that_does_not_take_the_vae_latents(sd15_dir, tmp_path):
+    """load_pipeline (sample/, t2i-score's generation) had no such check: a 9-channel UNet failed at the first
+    denoising step with conv_in's shape error, after the pipeline and rewards had loaded."""
+    from t2i_align.sampling import load_pipeline
+
+    folder = _nine_channel_copy(sd15_dir, tmp_path)
+    with pytest.raises(ModelLoadError, match="its UNet takes 9 input channels and the VAE gives 4"):
+        load_pipeline(str(folder))
