@@ -21,8 +21,9 @@ fitted once from a prompt set (`fit_prompts=` or `fit_direction`), saved with th
 (`save_direction`) and loaded on resume or by other processes (`direction=PATH`), so scores compare across
 batches, processes and resumes. The file also keeps the text encoder's embedding of a fixed probe sentence, a
 fingerprint: a direction fitted with another CLIP of the same width is refused on load. `direction="batch"`
-keeps the code's per-call batch statistic, process-local (the code all-gathers t over GPUs, so it matches the code
-on one GPU only), for parity experiments only. Without a
+keeps the code's per-call batch statistic, process-local: the code takes it over the whole optimizer step's batch
+all-gathered over GPUs (8 prompts x 6 GPUs = 48), so it matches the code only when one micro-batch is that batch
+(batch_size = the code's global batch, grad_accum 1, one process); for parity experiments only. Without a
 direction and nothing to fit from the reward refuses to score, unless ω = 1 (S_1 = S whatever v is).
 
 Scores are the raw cosine-like values (no logit scale, as in the code), times `scale` (default 1; the paper's
@@ -58,12 +59,13 @@ PROBE_MIN_COSINE = 0.99
 
 
 def split_sentences(text: str) -> List[str]:
-    """Sentences ending in . ! ? or ; followed by whitespace (LongAlign's regex, fixed as the reference advises:
+    """Sentences ending in . ! ? or ; followed by whitespace, or by a closing quote or bracket then whitespace and a
+    capital ('reads "OPEN." Below'; the closing mark stays) (LongAlign's regex, fixed as the reference advises:
     the released one misses plain ! and ; and splits decimals). No sentence -> the whole text, even if empty.
     Each keeps its own mark. Not the segment encoder's rule (`t2i_align.conditioning.segments.caption_segments`:
     also splits "cat.Dog", and ends every piece in ".", as the official code scores them too): the two agree on
     captions of whitespace-separated sentences ending in ".", such as the toy world's long captions."""
-    parts = [p.strip() for p in re.split(r"(?<=[.!?;])\s+", text.strip())]
+    parts = [p.strip() for p in re.split(r"(?<=[.!?;])\s+|(?<=[.!?;][\"'”’)\]])\s+(?=[A-Z])", text.strip())]
     return [p for p in parts if p] or [text]
 
 

@@ -35,6 +35,8 @@ def test_split_sentences():
     assert split_sentences("A red circle. It is small! Blue? Yes; done.") == \
         ["A red circle.", "It is small!", "Blue?", "Yes;", "done."]
     assert split_sentences("costs 3.5 dollars") == ["costs 3.5 dollars"]
+    assert split_sentences('A sign reads "OPEN." Below it, a man. He said "hi." to me.') == [  # the first two merged
+        'A sign reads "OPEN."', "Below it, a man.", 'He said "hi." to me.']
     assert split_sentences("") == [""] and split_sentences("   ") == ["   "]
 
 

@@ -60,7 +60,11 @@ def test_split_sentences_on_all_four_marks_but_not_decimals():
     assert split_sentences("It is 3.5 cm wide. Done.") == ["It is 3.5 cm wide", "Done"]
     assert split_sentences("It costs .5 dollars.") == ["It costs .5 dollars"]  # was "It costs", "5 dollars"
     assert split_sentences('A sign says "OPEN!" on the door. (It is red.) Fine') == [  # was '"OPEN', '" on the door'
-        'A sign says "OPEN!" on the door', "(It is red.) Fine"]
+        'A sign says "OPEN!" on the door', "(It is red)", "Fine"]  # a capital after ".)": a new sentence
+    assert split_sentences('A sign reads "OPEN." Below it stands a man. (See below.) A dog') == [  # were merged
+        'A sign reads "OPEN"', "Below it stands a man", "(See below)", "A dog"]
+    assert split_sentences('He said "hi." she left.') == ['He said "hi." she left']  # no capital: it goes on
+    assert caption_segments('A sign reads "OPEN."') == ['A sign reads "OPEN".']
     assert split_sentences("Wait... what?!") == ["Wait", "what"]
     assert split_sentences("  a red cat without an ending  ") == ["a red cat without an ending"]
     assert split_sentences("") == [] and split_sentences(" . ; ") == []
@@ -84,10 +88,11 @@ def test_each_segment_keeps_its_sot_and_words_and_drops_eot_and_padding(clip_tok
 
 def test_budget_cuts_the_concatenation_and_counts_what_it_dropped(clip_tokenizer):
     stats = TruncationStats()
-    with pytest.warns(UserWarning, match="1 of 1 prompts exceed the segment encoding's limits.*5 tokens"):
+    with pytest.warns(UserWarning, match="1 of 1 prompts exceed the segment encoding's limits.*4 tokens"):
         out = _fake(clip_tokenizer, ["A red cat. It sits!"], 4, stats=stats)
     assert out[0, :, 0].tolist() == [SOT, A, RED, CAT]
-    assert (stats.prompts_seen, stats.prompts_truncated, stats.tokens_dropped) == (1, 1, 5)  # 9 kept - 4
+    # beyond the 4 kept: ".", then <sot> (not the prompt's, not counted; it was), "it", "sits", "."
+    assert (stats.prompts_seen, stats.prompts_truncated, stats.tokens_dropped) == (1, 1, 4)
 
 
 def test_a_sentence_longer_than_77_tokens_is_cut_alone_and_counted(clip_tokenizer):

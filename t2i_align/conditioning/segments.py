@@ -31,8 +31,10 @@ PAD_POSITIONS = 60
 
 # The official pattern r'"!|\.|\?|;"' splits on "." and "?" only (plus the literal strings '"!' and ';"'): an
 # intended [.!?;] with misplaced quotes. We split on all four, but not before a digit ("3.5", ".5") or a closing
-# quote or bracket ('says "OPEN!" on', "(see below.)"), which the sentence goes on past.
+# quote or bracket ('says "OPEN!" on'), which the sentence goes on past, unless a capital letter or the caption's
+# end follows the closing marks ('reads "OPEN." Below', "(see below.) A dog"): then the sentence ends there.
 _SENTENCE_END = re.compile(r"[.!?;](?![\d\"'”’)\]])")
+_QUOTED_END = re.compile(r"[.!?;]([\"'”’)\]]+)(?=\s+[A-Z]|\s*$)")
 
 
 def split_sentences(caption: str) -> List[str]:
@@ -41,11 +43,13 @@ def split_sentences(caption: str) -> List[str]:
     Splits on ".", "!", "?" and ";" (the official regex means to but splits on "." and "?" only, see above), but
     not on a mark before a digit: "3.5 cm" and ".5 cm" stay whole (the official code splits them; we do not, so a
     number is not torn into two segments), nor before a closing quote or bracket (a quoted "OPEN!" is not a
-    segment ending in a lone quote). Abbreviations ("e.g.") do split, as in the official code. Pieces of
-    only whitespace are dropped too: the official code drops only empty ones, so the " " after a caption's last
-    "." became a stray " ." segment there.
+    segment ending in a lone quote) unless a capital letter or the end follows them: 'reads "OPEN." Below it' is
+    'reads "OPEN"' and 'Below it' (the official code splits there too, leaving a lone quote). Abbreviations
+    ("e.g.") do split, as in the official code. Pieces of only whitespace are dropped too: the official code drops
+    only empty ones, so the " " after a caption's last "." became a stray " ." segment there.
     """
-    pieces = (piece.strip() for piece in _SENTENCE_END.split(caption))
+    marked = _QUOTED_END.sub(lambda m: m.group(1) + "\0", caption)  # the mark goes, its quote stays
+    pieces = (piece.strip() for part in marked.split("\0") for piece in _SENTENCE_END.split(part))
     return [piece for piece in pieces if piece]
 
 
@@ -79,14 +83,18 @@ def _tokenize_segments(tokenizer: Any, segments: List[str]) -> Tuple[torch.Tenso
 
 def _record_truncation(stats: TruncationStats, tokenizer: Any, prompts: Sequence[str], budget: int) -> None:
     """Per prompt: the prompt's tokens lost by cutting a sentence at 77 (the "." `caption_segments` appends is not
-    the prompt's: a 75-word sentence loses only that) plus tokens beyond the budget."""
+    the prompt's: a 75-word sentence loses only that) plus those beyond the budget (each segment's <sot> is not)."""
     limit = tokenizer.model_max_length
     dropped = []
     for prompt in prompts:
         segments, appended = caption_segments(prompt), int(bool(split_sentences(prompt)))
         lengths = [len(ids) for ids in tokenizer(segments, padding=False, truncation=False, verbose=False).input_ids]
-        kept = sum(min(n, limit) - 1 for n in lengths)  # <sot> + words (+ ".") of each segment
-        dropped.append(sum(max(0, n - limit - appended) for n in lengths) + max(0, kept - budget))
+        lost, start = 0, 0
+        for n in lengths:
+            kept = min(n, limit) - 1  # <sot> + words (+ ".") of the segment, at positions start..start+kept-1
+            lost += max(0, n - limit - appended) + max(0, start + kept - max(start + 1, budget))
+            start += kept
+        dropped.append(lost)
     stats.record_dropped(dropped, f"exceed the segment encoding's limits ({limit} tokens per sentence, {budget} "
                                   "in all; LongAlign)")
 
