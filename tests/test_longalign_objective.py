@@ -95,7 +95,7 @@ def test_reward_info_means_are_python_floats_of_the_per_image_lists():
     assert all(type(v) is float for v in means.values())
 
 
-def lora_grads(setup, steps, monkeypatch, calls=None):
+def lora_grads(setup, steps, monkeypatch, calls=None, reference=None):
     import t2i_align.rollout as rollout_module
 
     monkeypatch.setattr(rollout_module, "choose_grad_steps", lambda *a, **k: list(steps))
@@ -107,8 +107,8 @@ def lora_grads(setup, steps, monkeypatch, calls=None):
 
     for p in setup.params:
         p.grad = None
-    loss, _ = setup.objective.compute_loss(policy, None, setup.batch, setup.comps.scheduler, setup.cfg.objective,
-                                           torch.Generator().manual_seed(3))
+    loss, _ = setup.objective.compute_loss(policy, reference, setup.batch, setup.comps.scheduler,
+                                           setup.cfg.objective, torch.Generator().manual_seed(3))
     forward_calls = list(calls) if calls is not None else None
     loss.backward()
     return [p.grad.clone() for p in setup.params], forward_calls
@@ -151,6 +151,23 @@ def test_kl_anchor_adds_the_weighted_mean_squared_gap_of_the_guided_predictions(
     assert metrics["kl"] == pytest.approx(0.1 ** 2, rel=1e-4)
     assert loss.item() == pytest.approx(plain.item() + 2.0 * 0.01, rel=1e-4)
     assert metrics["reward"] == plain_metrics["reward"] and "kl" not in plain_metrics
+
+
+def test_the_kl_anchor_pulls_the_lora_gradients_in_proportion_to_its_weight(setup, monkeypatch):
+    """The KL term carries gradient to the LoRA weights (its value alone was checked: a detached ε_θ passed), and
+    the loss is linear in kl_weight, so its share of the gradient doubles with the weight."""
+    def reference(x, t, embeds, time_ids=None):
+        return setup.denoise(x, t, embeds, time_ids) + 0.1
+
+    plain, _ = lora_grads(setup, [1, 3], monkeypatch)
+    shares = []
+    for weight in (1.0, 2.0):
+        monkeypatch.setattr(setup.cfg.reward_backprop, "kl_weight", weight)
+        grads, _ = lora_grads(setup, [1, 3], monkeypatch, reference=reference)
+        shares.append([g - p for g, p in zip(grads, plain)])
+    one, two = (torch.cat([s.flatten() for s in share]) for share in shares)
+    assert one.norm() > 1e-6  # (a difference of float32 sums: compared by norm, not element by element)
+    assert float((two - 2 * one).norm() / two.norm()) < 1e-2
 
 
 def test_kl_weight_makes_the_loop_build_a_reference_that_starts_equal(tmp_path):

@@ -274,6 +274,23 @@ def test_a_kill_during_checkpoint_save_leaves_no_checkpoint(tiny_model, pairs, t
     assert resolve_resume(out, "latest").name == "step-2"
 
 
+def test_resuming_from_a_named_folder_without_its_marker_is_refused(tmp_path):
+    """A checkpoint folder named explicitly but never completed (no marker: killed while saving) is refused with
+    what to do, not loaded half-written; a missing one is refused as missing."""
+    from t2i_align.checkpoints import MARKER, resolve_resume
+
+    half = tmp_path / "run" / "checkpoints" / "step-3"
+    half.mkdir(parents=True)
+    (half / "model.safetensors").write_bytes(b"half written")
+    with pytest.raises(FileNotFoundError, match=f"step-3' is not a complete checkpoint folder \\(no {MARKER}\\); "
+                                                "use train.resume=latest"):
+        resolve_resume(tmp_path / "run", str(half))
+    with pytest.raises(FileNotFoundError, match="step-4' does not exist"):
+        resolve_resume(tmp_path / "run", str(half.parent / "step-4"))
+    (half / MARKER).write_text("{}")
+    assert resolve_resume(tmp_path / "run", str(half)) == half
+
+
 def test_corrupt_rows_are_skipped_and_counted(tiny_model, tmp_path):
     import pyarrow.parquet as pq
 

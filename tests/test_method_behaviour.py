@@ -1,5 +1,7 @@
 """Each objective, trained by the real loop, moves its own target: DPO's and SePPO's losses fall from ln 2 with
-the implicit accuracy at 1, SFT's error falls, reward fine-tuning's reward rises (PPD's loss is DPO's). The other
+the implicit accuracy at 1, SFT's error falls, reward fine-tuning's reward rises. PPD's loss is DPO's; its own
+target, each user's taste, is not checked here (with draws pinned, a user-blind DPO fits two users' opposite labels
+as well as PPD does: it learns the draws), but by benchmarks/toy_ppd.py on held-out users (README). The other
 loop tests compare runs with each other (resume, micro-batches, engines) or check one step, so a loss whose sign
 was flipped passed all of them (a reviewer negated `Accelerator.backward`'s loss: every test of test_loop.py passed).
 

@@ -102,6 +102,7 @@ def test_tiny_ppd_run_leaves_out_unknown_users_and_exports_what_plain_diffusers_
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
+    import t2i_align.conditioning.users as users_module
     from t2i_align.conditioning.users import USER_WEIGHT_NAME, pipeline_user_embeds, user_added_cond
     from t2i_align.loop import train
     from t2i_align.users.training import UserLookup, batch_user_ids
@@ -109,6 +110,10 @@ def test_tiny_ppd_run_leaves_out_unknown_users_and_exports_what_plain_diffusers_
     seen, original = [], UserLookup.batch_tokens
     monkeypatch.setattr(UserLookup, "batch_tokens",
                         lambda self, raw, device=None: seen.append(batch_user_ids(raw)) or original(self, raw, device))
+    reached = []  # (batch number, the user tokens that reach the UNet)
+    monkeypatch.setattr(users_module, "user_added_cond",
+                        lambda tokens, unet=None: reached.append((len(seen), tokens.clone())) or
+                        user_added_cond(tokens, unet))
     out = tmp_path / "run"
     result = train(_cfg(setup, out, "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2",
                         f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}"))
@@ -117,6 +122,11 @@ def test_tiny_ppd_run_leaves_out_unknown_users_and_exports_what_plain_diffusers_
     # 8 pairs, rows 3 and 7 of user 99, who is not in the table: left out before batching, so each batch holds
     # train.batch_size = 4 pairs of known users (the batches held 3 before session 26)
     assert [len(ids) for ids in seen] == [4, 4] and all(99 not in ids for ids in seen)
+    table = UserTable.load(setup[2])  # each pair conditioned on its own user, winner and loser alike ([w; l])
+    steps = [(n, tokens) for n, tokens in reached if n in (1, 2) and len(tokens) == 8]
+    assert {n for n, _ in steps} == {1, 2}
+    for n, tokens in steps:
+        assert torch.equal(tokens, table.tokens(seen[n - 1]).repeat(2, 1, 1))
     assert logs[-1]["data_rows_skipped"] == 0.0 and "data_rows_unknown_user" not in logs[-1]
     with safe_open(str(out / "checkpoints" / "step-2" / "model.safetensors"), framework="pt") as f:
         keys = list(f.keys())

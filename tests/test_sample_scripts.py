@@ -109,6 +109,24 @@ def test_compare_a_model_with_itself_gives_an_even_win_rate(prompts, tmp_path):
                                                     "unit": "prompt"}
 
 
+def test_compare_orients_tuned_over_base_and_groups_images_by_prompt(prompts, monkeypatch):
+    """Known scores (the tuned side is sampled first, 6 images, then the base): tuned - base per image is
+    [1, 1, 1, 1, -1, -1] over prompts [0, 0, 1, 1, 2, 2]; only comparisons of a model with itself ran before, which
+    passed with tuned and base swapped or the images grouped by i % prompts."""
+    import t2i_align.evaluation as evaluation
+
+    given = iter([1.0, 1.0, 1.0, 1.0, -1.0, -1.0] + [0.0] * 6)
+    monkeypatch.setattr(evaluation, "score_samples",
+                        lambda samples, rewards: {"toy-judge": [next(given) for _ in samples.images]})
+    block = _script("compare").main(["--prompts", str(prompts), "--reward", "toy-judge", *FAST])
+    result = block["sets"][str(prompts)]["rewards"]["toy-judge"]
+    assert result["win_rate"]["win_rate"] == pytest.approx(4 / 6) and result["win_rate"]["ties"] == 0
+    assert result["tuned"]["mean"] == pytest.approx(1 / 3) and result["base"]["mean"] == 0.0
+    assert result["paired_diff"]["mean_diff"] == pytest.approx(1 / 3)
+    per_prompt = result["per_prompt"]  # prompt differences [1, 1, -1]: two prompts won, one lost
+    assert per_prompt["groups"] == 3 and per_prompt["sign"]["wins"] == 2 and per_prompt["sign"]["losses"] == 1
+
+
 def test_compare_refuses_an_out_that_is_its_prompts_file(prompts, capsys):
     """With --overwrite, --out prompts.txt replaced the prompts file with the JSON (generate.py checked this)."""
     before = prompts.read_text()

@@ -192,6 +192,42 @@ def test_seppo_compute_loss_by_hand(tie, offloaded, monkeypatch):
                                             rel=1e-5)
 
 
+@pytest.mark.parametrize("reencode", [True, False])
+def test_reencode_trains_on_the_vae_encoding_of_the_decoded_reference_sample(reencode):
+    """seppo.reencode (on in every SePPO config): the reference's sample (all 3) is decoded, clamped to [-1, 1] and
+    encoded again (generated latents lie off the encoder's); off, the sample itself is the loser."""
+    from types import SimpleNamespace
+
+    from t2i_align.conditioning.text import PromptEmbeds
+    from t2i_align.objectives import ImageBatch
+    from t2i_align.objectives.seppo import SePPO
+
+    seen = []
+
+    def decode(latents):  # pixels = 0.5 · latents: 1.5, clamped to 1
+        seen.append(("decode", latents.clone()))
+        return 0.5 * latents
+
+    def encode(pixels):  # latents = 10 · pixels + 2: 12
+        seen.append(("encode", pixels.clone()))
+        return 10 * pixels + 2
+
+    objective = SePPO()
+    seppo = SimpleNamespace(sample_steps=3, guidance_scale=1.0, reencode=reencode)
+    objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=seppo), frozen=None,
+                                    components=SimpleNamespace(spec=SimpleNamespace(uses_time_ids=False)),
+                                    sample=lambda ref, embeds, latent_shape, **kw: torch.full((2, *latent_shape), 3.0),
+                                    decode_latents=decode, encode_images=encode)
+    images = ImageBatch(torch.zeros(2, 1, 2, 2, dtype=torch.float64), PromptEmbeds(torch.zeros(2, 5, 8)))
+    sample, time_ids = objective.reference_samples(lambda *a: None, images)
+    assert time_ids is None and sample.dtype == torch.float64  # the preferred latents' dtype
+    if reencode:
+        assert [name for name, _ in seen] == ["decode", "encode"] and bool((seen[1][1] == 1).all())
+        assert bool((sample == 12).all())
+    else:
+        assert not seen and bool((sample == 3).all())
+
+
 @pytest.mark.parametrize("override", ["seppo.pool_size=0", "seppo.reference=best", "seppo.flip=maybe",
                                       "seppo.snapshot_every=0", "seppo.anchor_draws=0"])
 def test_bad_seppo_settings_fail_at_config_load(override):
@@ -215,12 +251,17 @@ def test_a_lora_snapshot_as_reference_leaves_the_policy_gradients_alone(tmp_path
             p.add_(0.05 * torch.randn_like(p))
     pool = SnapshotPool(comp.unet, comp, True, None, snapshot_every=1, pool_size=3, draw="latest", seed=0,
                         output_dir=tmp_path / "run")
-    with torch.no_grad():  # the live adapters move on; the snapshot keeps the old values
-        for p in params:
+    policy = make_denoiser(comp.unet, comp)
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), PromptEmbeds(torch.randn(2, 77, 32))
+    comp.unet.eval()
+    with torch.no_grad():
+        snapshotted = policy(x, t, emb)  # the adapters as the snapshot took them
+        for p in params:  # the live adapters move on; the snapshot keeps the old values
             p.mul_(1.5)
     pool.begin_step(1)
-    policy, reference = make_denoiser(comp.unet, comp), pool.denoiser()
-    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), PromptEmbeds(torch.randn(2, 77, 32))
+    reference = pool.denoiser()
+    with torch.no_grad():
+        assert torch.allclose(reference(x, t, emb), snapshotted, atol=1e-6)  # (zeroed adapters: the base model)
 
     def grads(with_reference):
         comp.unet.zero_grad()
