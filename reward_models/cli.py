@@ -8,8 +8,9 @@ PARQUET (Pick-a-Pic; a file or a folder of *.parquet): jpg_0 and jpg_1 of each r
   row per image (parquet, row, side, label_0, label_problem). --pairwise: each reward's preference accuracy vs
   label_0 with a 95% Wilson interval; label ties (0.5), unlabelled pairs, invalid labels (outside [0, 1], NaN: as
   training skips them) and pairs with an unscored side are excluded and counted; equal reward scores count half.
-OUTPUT: .jsonl or .csv, written atomically. An unreadable image (or a prompt a reward rejects) gets null scores
-  and an `error`, the rest are scored. stdout: summary JSON (per reward mean, std, n, summed info counts such as
+OUTPUT: .jsonl or .csv, written atomically. An unreadable image, a bad row of the .jsonl / .csv (no file, not JSON,
+  a prompt that is not text, a torn CSV row) or a prompt a reward rejects gets null scores and an `error`, the rest
+  are scored. stdout: summary JSON (per reward mean, std, n, summed info counts such as
   `truncated` prompts; `pairwise`). Progress on stderr (terminals only).
 --option NAME.KEY=VALUE (repeatable; int/float/true/false/none parsed, not for text or path options), e.g.
   --option clip.arch=ViT-B-32 --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16
@@ -44,7 +45,7 @@ from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards
 from .options import check_options
-from .inputs import IMAGE_SUFFIXES, Item, UsageError, folder_items, parquet_items  # noqa: F401 (for importers)
+from .inputs import IMAGE_SUFFIXES, BadRow, Item, UsageError, folder_items, parquet_items  # noqa: F401 (importers)
 
 
 def parse_value(text: str) -> Any:
@@ -130,6 +131,8 @@ def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: i
             try:
                 images.append(item.decode())
                 ok.append(row)
+            except BadRow as e:
+                row["error"] = str(e)
             except DECODE_ERRORS as e:  # OSError covers a missing file
                 row["error"] = f"unreadable image: {type(e).__name__}: {e}"
             done.append(row)

@@ -23,45 +23,69 @@ class UsageError(UserError):
     """A mistake in the command line: printed as `error: ...`, exit code 2 (see t2i_align/errors.py)."""
 
 
+class BadRow(ValueError):
+    """A row the input describes badly (no file, a prompt that is not text, a line that is not JSON): its output
+    row's `error`, the other rows are scored."""
+
+
 class Item(NamedTuple):
     """One image to score: `key` goes into its output row; `data` is a Path or encoded bytes (None: a path that
-    may not be read)."""
+    may not be read); `problem`: why the row cannot be scored (not read then)."""
     key: Dict[str, Any]
     prompt: str
     data: Any
+    problem: Optional[str] = None
 
     def decode(self):
+        if self.problem:
+            raise BadRow(self.problem)
         if self.data is None:  # a listed path that leads out of the image folder: this row's error, not the run's
             raise ValueError("its path resolves outside the image folder (or is not a valid file name): not read")
         return check_aspect(decode_image(self.data.read_bytes() if isinstance(self.data, Path) else self.data),
                             "score")
 
 
-def _read_table(path: Path) -> List[Tuple[str, str]]:
-    """(file, prompt) rows from a .csv with a header or a .jsonl of objects."""
+def _read_table(path: Path) -> List[Tuple[str, str, Optional[str]]]:
+    """(file, prompt, problem) rows from a .csv with a header or a .jsonl of objects; a bad row keeps its place
+    with its problem (and file "" when it names none): skipped and counted by the scoring, not the run's end."""
     try:  # split at line ends only: str.splitlines also cuts at \x0c, \x85, U+2028 ... inside a prompt
         text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() == ".csv":
             rows: List[Any] = list(csv.DictReader(io.StringIO(text, newline="")))
         else:
-            rows = [_json_line(path, number, s) for number, s in enumerate(text.split("\n"), 1) if s.strip()]
+            rows = [_json_line(number, s) for number, s in enumerate(text.split("\n"), 1) if s.strip()]
     except ValueError as e:
         raise UsageError(f"cannot read {path}: {e}") from e
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or r.get("file") is None or "prompt" not in r:
-            raise UsageError(f"{path} row {i + 1}: expected fields 'file' and 'prompt', found "
-                             f"{list(r) if isinstance(r, dict) else type(r).__name__}")
-        if path.suffix.lower() == ".csv" and (None in r or None in r.values()):  # DictReader's rest key / value
-            raise UsageError(f"{path} row {i + 1} has {'more' if None in r else 'fewer'} fields than the header "
-                             "(a comma in a prompt? put the prompt in double quotes)")
-    return [(str(r["file"]), "" if r["prompt"] is None else str(r["prompt"])) for r in rows]
+    return [_table_row(path, i + 1, r) for i, r in enumerate(rows)]
 
 
-def _json_line(path: Path, number: int, line: str) -> Any:
+def _table_row(path: Path, number: int, r: Any) -> Tuple[str, str, Optional[str]]:
+    where = f"{path.name} row {number}"
+    if isinstance(r, _NotJson):
+        return "", "", f"{path.name} line {r.line} is not JSON ({r.error}): one object per line"
+    if not isinstance(r, dict) or r.get("file") is None or "prompt" not in r:
+        found = list(r) if isinstance(r, dict) else type(r).__name__
+        return str(r.get("file") or "") if isinstance(r, dict) else "", "", \
+            f"{where}: expected fields 'file' and 'prompt', found {found}"
+    if path.suffix.lower() == ".csv" and (None in r or None in r.values()):  # DictReader's rest key / value
+        return str(r["file"]), "", (f"{where} has {'more' if None in r else 'fewer'} fields than the header (a comma "
+                                    "in a prompt? put the prompt in double quotes)")
+    prompt = r["prompt"]
+    if isinstance(prompt, (list, dict, bool)):  # numbers are read as text, as parquet captions are
+        return str(r["file"]), "", f"{where}: the prompt is not text ({type(prompt).__name__})"
+    return str(r["file"]), "" if prompt is None else str(prompt), None
+
+
+class _NotJson(NamedTuple):
+    line: int
+    error: str
+
+
+def _json_line(number: int, line: str) -> Any:
     try:
         return json.loads(line)
     except ValueError as e:  # json's own position is within the line
-        raise UsageError(f"{path} line {number} is not JSON ({e}): one object per line") from None
+        return _NotJson(number, str(e))
 
 
 def _inside(folder: Path, root: Path, name: str) -> bool:
@@ -92,9 +116,10 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
             blank = f", {lines.count('')} of them blank (each an empty prompt here)" if "" in lines else ""
             raise UsageError(f"{prompts} has {len(lines)} prompt lines{blank} but {folder} has {len(files)} image "
                              f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
-        table = list(zip(files, lines))
+        table = [(name, line, None) for name, line in zip(files, lines)]
     root = folder.resolve()
-    return [Item({"file": name}, p, folder / name if _inside(folder, root, name) else None) for name, p in table]
+    return [Item({"file": name}, p, folder / name if _inside(folder, root, name) else None, problem)
+            for name, p, problem in table]
 
 
 def parquet_items(path: Path, pairwise: bool) -> Tuple[int, Iterator[Item]]:

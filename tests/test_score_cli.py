@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from reward_models.cli import UsageError, main, parse_options, parse_value
+from reward_models.cli import main, parse_options, parse_value
 from t2i_align.toy.pairs import jpeg_bytes, write_parquet
 from t2i_align.toy.scenes import all_scenes, render, short_caption
 
@@ -233,8 +233,6 @@ def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, caps
 
 @pytest.mark.parametrize("case, told", [
     ("option-for-another-reward", "--option 'clip.arch=ViT-B-32' is for reward 'clip', which is not in --reward"),
-    ("metadata-row-without-file", "metadata.jsonl row 2: expected fields 'file' and 'prompt'"),
-    ("metadata-not-json", "metadata.jsonl line 2 is not JSON"),
     ("prompts-with-a-trailing-blank-line", "has 7 prompt lines, 1 of them blank (each an empty prompt here)"),
     ("prompts-a-parquet", "is a parquet file: score Pick-a-Pic pairs with --images"),
     ("prompts-is-a-folder", "is a folder: give a .jsonl, .csv or text file of prompts"),
@@ -251,19 +249,12 @@ def test_every_input_mistake_is_one_error_line(tmp_path, capsys, case, told):
     """Each mistake exits 2 with one `error:` line naming it, before any reward is loaded or output written."""
     folder = _folder(tmp_path)
     (folder / "img_9.png").unlink()
-    meta = folder / "metadata.jsonl"
     parquet = tmp_path / "pairs.parquet"
     write_parquet(_pair_rows(), parquet)
     out = tmp_path / "scores.jsonl"
     argv = {"images": folder, "prompts": tmp_path / "prompts.txt", "out": out, "extra": []}
     if case == "option-for-another-reward":
         argv["extra"] = ["--option", "clip.arch=ViT-B-32"]
-    elif case == "metadata-row-without-file":
-        meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"prompt": "b"}\n')
-        argv["prompts"] = None
-    elif case == "metadata-not-json":
-        meta.write_text('{"file": "img_0.png", "prompt": "a"}\n{"file": \n')
-        argv["prompts"] = None
     elif case == "prompts-with-a-trailing-blank-line":
         (tmp_path / "prompts.txt").write_text((tmp_path / "prompts.txt").read_text() + "\n")
     elif case == "prompts-a-parquet":
@@ -476,11 +467,11 @@ def test_prompt_tables_split_at_line_ends_only(tmp_path):
     table = tmp_path / "p.csv"
     with table.open("w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["file", "prompt"], ["a.png", prompt], ["b.png", "ok"]])
-    assert _read_table(table) == [("a.png", prompt), ("b.png", "ok")]
+    assert _read_table(table) == [("a.png", prompt, None), ("b.png", "ok", None)]
     lines = tmp_path / "p.jsonl"
     lines.write_text("\r\n".join(json.dumps({"file": f, "prompt": p}, ensure_ascii=False)
                                  for f, p in (("a.png", prompt), ("b.png", "ok"))) + "\n", encoding="utf-8")
-    assert _read_table(lines) == [("a.png", prompt), ("b.png", "ok")]
+    assert _read_table(lines) == [("a.png", prompt, None), ("b.png", "ok", None)]
 
 
 def test_a_non_finite_score_is_an_error_of_its_row(tmp_path):
@@ -498,16 +489,42 @@ def test_a_non_finite_score_is_an_error_of_its_row(tmp_path):
     assert summarize(rows, ["fake"], counts)["errors"] == 2
 
 
-def test_a_csv_row_of_other_length_than_its_header_is_refused(tmp_path):
+def test_a_csv_row_of_other_length_than_its_header_is_not_scored(tmp_path):
     """`a.png,a red cat, sitting on a mat` scored the prompt 'a red cat' (the rest went unseen); `b.png` alone
-    scored an empty prompt."""
+    scored an empty prompt. Each is its row's error now, the other rows scored."""
     from reward_models.inputs import _read_table
 
     table = tmp_path / "p.csv"
-    for row, told in (("a.png,a red cat, sitting on a mat", "row 1 has more fields"),
-                      ("b.png", "row 1 has fewer fields")):
-        table.write_text(f"file,prompt\n{row}\n")
-        with pytest.raises(UsageError, match=f"{told} than the header .a comma in a prompt"):
-            _read_table(table)
-    table.write_text('file,prompt\na.png,"a red cat, sitting on a mat"\n')
-    assert _read_table(table) == [("a.png", "a red cat, sitting on a mat")]
+    table.write_text('file,prompt\na.png,a red cat, sitting on a mat\nb.png\nc.png,"a red cat, sitting"\n')
+    rows = _read_table(table)
+    assert [(file, prompt) for file, prompt, _ in rows] == [("a.png", ""), ("b.png", ""),
+                                                            ("c.png", "a red cat, sitting")]
+    assert rows[0][2] == ("p.csv row 1 has more fields than the header (a comma in a prompt? put the prompt in "
+                          "double quotes)")
+    assert rows[1][2].startswith("p.csv row 2 has fewer fields") and rows[2][2] is None
+
+
+def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
+    """A metadata.jsonl line without `file`, one that is not JSON, one that is no object and a prompt that is a
+    list ended the run with exit 2 and nothing scored (one bad row in 10,000 lost the run), or scored the list's
+    repr as the prompt; now each is its row's error, the good rows scored; all bad: exit 1, the first problem said."""
+    folder = _folder(tmp_path)
+    good = [json.dumps({"file": f"img_{i}.png", "prompt": short_caption(SCENES[i])}) for i in range(2)]
+    bad = ['{"prompt": "b"}', '{"file": ', '["img_2.png", "x"]', json.dumps({"file": "img_3.png", "prompt": ["a"]})]
+    (folder / "metadata.jsonl").write_text("\n".join([good[0], *bad, good[1]]) + "\n")
+    out = tmp_path / "scores.jsonl"
+    code, summary, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["img_0.png", "", "", "", "img_3.png", "img_1.png"]
+    assert rows[0]["toy-judge"] is not None and rows[5]["toy-judge"] is not None
+    assert [r["error"] for r in rows[1:5]] == [
+        "metadata.jsonl row 2: expected fields 'file' and 'prompt', found ['prompt']",
+        "metadata.jsonl line 3 is not JSON (Expecting value: line 1 column 10 (char 9)): one object per line",
+        "metadata.jsonl row 4: expected fields 'file' and 'prompt', found list",
+        "metadata.jsonl row 5: the prompt is not text (list)"]
+    assert all(r["toy-judge"] is None for r in rows[1:5]) and summary["errors"] == 4
+    (folder / "metadata.jsonl").write_text("\n".join(bad) + "\n")
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", tmp_path / "all-bad.jsonl")
+    assert code == 1 and "error: toy-judge scored none of the 4 images (first problem: metadata.jsonl row 1: " \
+        "expected fields 'file' and 'prompt'" in err
