@@ -44,7 +44,7 @@ from t2i_align.files import check_output_path, synced, temp_file
 from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards
-from .options import check_options
+from .options import check_reward
 from .inputs import IMAGE_SUFFIXES, BadRow, Item, UsageError, folder_items, parquet_items  # noqa: F401 (importers)
 
 
@@ -91,9 +91,11 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
     available = available_rewards()
     if not names or len(set(names)) != len(names) or not set(names) <= set(available):
         raise UsageError(f"bad --reward {','.join(names)!r} (unknown or repeated); available: {', '.join(available)}")
-    for name in names:  # every reward's options, before any weights load (minutes for CLIP-H)
+    for name in names:  # every reward's options and weight paths, before any weights load (minutes for CLIP-H)
         try:
-            check_options(name, options[name])
+            check_reward(name, options[name])
+        except WeightsNotFoundError as e:
+            raise _how_given(e, name) from e
         except ValueError as e:
             raise UsageError(str(e)) from e
         if str(options[name].get("direction")) == "batch":
@@ -111,10 +113,14 @@ def load_rewards(names: List[str], options: Dict[str, Dict[str, Any]], device: O
             rewards[name] = _REGISTRY[name](**opts)
         except ValueError as e:  # bad option values (unknown arch, dtype, version ...)
             raise UsageError(f"reward {name!r}: {e}") from e
-        except WeightsNotFoundError as e:  # say how this command takes the option naming them
-            raise WeightsNotFoundError(f"{e} (t2i-score takes an option KEY=VALUE as --option {name}.KEY=VALUE)"
-                                       ) from e
+        except WeightsNotFoundError as e:
+            raise _how_given(e, name) from e
     return rewards
+
+
+def _how_given(err: Exception, name: str) -> WeightsNotFoundError:
+    """The error, saying how this command takes the option that names the weights."""
+    return WeightsNotFoundError(f"{err} (t2i-score takes an option KEY=VALUE as --option {name}.KEY=VALUE)")
 
 
 def score_items(rewards: Dict[str, Reward], items: Iterable[Item], batch_size: int = 32, on_batch=lambda b: None,

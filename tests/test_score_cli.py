@@ -174,6 +174,22 @@ def test_missing_weights_name_the_file_and_its_source(tmp_path, capsys):
     assert "/nonexistent.pt" in err and "HPS_v2.1_compressed.pt" in err and "huggingface.co/xswu/HPSv2" in err
 
 
+def test_missing_weights_of_a_later_reward_are_found_before_any_reward_loads(tmp_path, capsys, monkeypatch):
+    """`--reward toy-clip,hpsv2` with HPSv2's file missing loaded the first reward (CLIP-H: minutes) before
+    failing on the second: the weight paths are checked with the options now."""
+    import reward_models.base as base
+
+    folder = _folder(tmp_path)
+    built = []
+    base._load_builtin()  # registered now, not over the stand-in later
+    real = dict(base._REGISTRY)
+    monkeypatch.setitem(base._REGISTRY, "toy-clip", lambda **kw: built.append("toy-clip") or real["toy-clip"](**kw))
+    code, _, err = _run(capsys, "--reward", "toy-clip,hpsv2", "--option", "hpsv2.checkpoint=/nonexistent.pt",
+                        "--images", folder, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "s.jsonl")
+    assert code == 2 and "/nonexistent.pt" in err and "--option hpsv2.KEY=VALUE" in err
+    assert built == []
+
+
 def test_option_values_are_typed():
     assert [parse_value(v) for v in ("3", "0.5", "true", "None", "ViT-B-32")] == [3, 0.5, True, None, "ViT-B-32"]
     assert parse_options(["clip.arch=ViT-B-32", "clip.scale=2.5"], ["clip"]) == {"clip": {"arch": "ViT-B-32",
