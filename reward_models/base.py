@@ -189,13 +189,17 @@ def check_image_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
-    """A [B, 3, H, W] tensor stays one tensor; a list of PIL / numpy HWC / [C, H, W] tensors becomes a list."""
+    """A [B, 3, H, W] tensor stays one tensor; a list of PIL / numpy HWC / [C, H, W] tensors becomes a list (a
+    [1, C, H, W] element is one image; a larger batch in one element is refused: one score per image)."""
     if isinstance(images, torch.Tensor):
         return _as_chw(images.unsqueeze(0) if images.dim() == 3 else images)
     out = []
     for im in images:
         if isinstance(im, torch.Tensor):
-            out.append(_as_chw(im))
+            if im.dim() == 4 and im.shape[0] != 1:
+                raise ValueError(f"a list of images holds one image per element; one holds {im.shape[0]} (shape "
+                                 f"{tuple(im.shape)}): pass that batch as the tensor itself, or split it")
+            out.append(_as_chw(im[0] if im.dim() == 4 else im))
         elif isinstance(im, np.ndarray):
             out.append(_as_chw(_numpy_chw(im)))
         elif hasattr(im, "convert"):

@@ -155,6 +155,10 @@ def test_images_of_any_mode_and_size(tiny_ckpt):
         to_image_tensors([np.zeros((3, 64, 64))])
     rgba = torch.rand(4, 5, 6)
     assert torch.equal(to_image_tensors([rgba])[0], rgba[:3])  # alpha dropped
+    # a [1, C, H, W] element is one image (a 5-d batch reached the model); a batch in one element is refused
+    assert torch.equal(to_image_tensors([rgba[None]])[0], rgba[:3])
+    with pytest.raises(ValueError, match=r"one image per element; one holds 2 \(shape \(2, 4, 5, 6\)\)"):
+        to_image_tensors([rgba, torch.stack([rgba, rgba])])
     arr = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
     from_numpy, from_pil = to_image_tensors([arr, Image.fromarray(arr)])
     assert from_numpy.shape == (3, 6, 5) and torch.equal(from_numpy, from_pil)
