@@ -423,3 +423,22 @@ def test_aesthetic_errors(aesthetic_files, tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 3)}, odd)
     with pytest.raises(ValueError, match="not an aesthetic head"):
         get_reward("aesthetic", head=str(odd), checkpoint=str(clip_path), arch=TINY, device="cpu")
+
+
+def test_aesthetic_on_a_transformers_folder_crops_as_torchvision(hf_folder, tmp_path):
+    """The official predictor preprocesses with OpenAI CLIP's torchvision CenterCrop, whose offset rounds; a
+    transformers folder's processor (followed for PickScore) starts it at (n - size) // 2, one pixel off at
+    35 = 32 + 3 wide."""
+    from torchvision.transforms.functional import center_crop
+
+    model, folder = hf_folder
+    torch.manual_seed(4)
+    head = AestheticHead(16).eval()
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    reward = get_reward("aesthetic", head=str(tmp_path / "head.pth"), checkpoint=str(folder), device="cpu")
+    images = torch.rand(2, 3, 32, 35)
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=(center_crop(images, [32, 32]) - MEAN) / STD)
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+        expected = head(F.normalize(feats, dim=-1)).squeeze(-1)
+    torch.testing.assert_close(reward(images, ["", ""])[0], expected, atol=1e-5, rtol=1e-4)
