@@ -265,6 +265,28 @@ def check_deepspeed(accelerator, cfg) -> None:
                         f"({cfg.train.max_grad_norm}): set them equal (0 for no clipping)")
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    _skip_nonfinite_bf16_steps(accelerator, ds)
+
+
+def _skip_nonfinite_bf16_steps(accelerator, ds: dict) -> None:
+    """bf16 ZeRO-2 skips a step with inf / NaN gradients only with bf16.check_grad_overflow (DeepSpeed's default
+    since deepspeed PR #8035, off before it): without, one such step turns the fp32 master weights NaN for good,
+    where DDP and FSDP skip it (the loop's non-finite guard). Set it; refuse a DeepSpeed that lacks it."""
+    bf16 = ds.get("bf16") or {}
+    if not (str(bf16.get("enabled")).lower() == "true" or getattr(accelerator, "mixed_precision", None) == "bf16"):
+        return
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+
+    if "check_grad_overflow" not in DeepSpeedBF16Config.model_fields:
+        import deepspeed
+
+        raise UserError(f"DeepSpeed {deepspeed.__version__} cannot skip bf16 steps with non-finite gradients (its bf16 "
+                        "config has no check_grad_overflow): one would make the weights NaN for good. pip install -U "
+                        "deepspeed, or train with FSDP or DDP (configs/accelerate/)")
+    if bf16.get("check_grad_overflow") is False:
+        raise UserError("the DeepSpeed config sets bf16.check_grad_overflow to false: a step with non-finite "
+                        "gradients would then be applied and make the weights NaN for good; remove the setting")
+    ds["bf16"] = {**bf16, "check_grad_overflow": True}
 
 
 def loss_scaled(accelerator) -> bool:

@@ -181,6 +181,34 @@ def test_deepspeed_refuses_its_own_accumulation_and_another_clipping(tmp_path, m
         _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}", *overrides])
 
 
+def test_deepspeed_bf16_runs_skip_steps_with_non_finite_gradients(tmp_path, monkeypatch):
+    """Before deepspeed PR #8035 bf16 ZeRO-2 applied a step with inf / NaN gradients (its check_grad_overflow was
+    off by default): one such step left NaN weights, where DDP and FSDP skip it. The run now turns the check on, and
+    refuses a config that turns it off or a DeepSpeed without it."""
+    precision = pytest.importorskip("deepspeed.runtime.precision_config")  # the dev extra installs it
+    from t2i_align.errors import UserError
+
+    ds = {"gradient_accumulation_steps": 1, "bf16": {"enabled": True}}
+    with pytest.raises(PastTheChecks):
+        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}"])
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    off = {"gradient_accumulation_steps": 1, "bf16": {"enabled": True, "check_grad_overflow": False}}
+    with pytest.raises(UserError, match="sets bf16.check_grad_overflow to false"):
+        _deepspeed_train(monkeypatch, off, [f"output_dir={tmp_path}"])
+    fp32 = {"gradient_accumulation_steps": 1, "bf16": {"enabled": False}}
+    with pytest.raises(PastTheChecks):
+        _deepspeed_train(monkeypatch, fp32, [f"output_dir={tmp_path}"])
+    assert fp32["bf16"] == {"enabled": False}  # no bf16: nothing to skip, nothing set
+
+    class OldBF16Config:
+        model_fields = {"enabled": None, "immediate_grad_update": None}
+
+    monkeypatch.setattr(precision, "DeepSpeedBF16Config", OldBF16Config)
+    with pytest.raises(UserError, match="cannot skip bf16 steps with non-finite gradients.*pip install -U deepspeed"):
+        _deepspeed_train(monkeypatch, {"gradient_accumulation_steps": 1, "bf16": {"enabled": True}},
+                         [f"output_dir={tmp_path}"])
+
+
 def test_deepspeed_auto_settings_are_filled_from_the_run(tmp_path, monkeypatch):
     """"auto" micro-batch size and clipping threshold come from train.batch_size and train.max_grad_norm (accelerate
     would stop for the first and fill in 1.0 for the second)."""
