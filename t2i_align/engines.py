@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -167,7 +168,7 @@ def check_shared_output(accelerator, out: Path) -> None:
         raise failed
     raise_told(told, f"the main process could not write in output_dir {out}")
     probe = out / f".shared-check-{token}"
-    blind = [i for i, seen in enumerate(gather_object([probe.is_file()])) if not seen]
+    blind = [i for i, seen in enumerate(gather_object([sees(probe)])) if not seen]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         probe.unlink()
@@ -175,6 +176,27 @@ def check_shared_output(accelerator, out: Path) -> None:
         raise UserError(f"output_dir {out} is not shared: processes {blind} do not see the files the main process "
                         "writes there (checkpoints, the RAFT pool, SePPO snapshots). Put output_dir on a file system "
                         "every machine mounts (NFS, Lustre, ...)")
+
+
+SHARED_WAIT_S = 90
+"""How long a process looks for the main process's probe: NFS caches a lookup of a path that did not exist yet
+(output_dir before the main process made it) until its folder's cached attributes expire (acdirmin..acdirmax, 30
+to 60 s by default), so a shared output_dir of a fresh run could look unshared at the first look."""
+
+
+def sees(probe: Path, wait_s: Optional[float] = None) -> bool:
+    """Whether `probe` shows up within SHARED_WAIT_S, its folder and the folder's parent listed at each look (a
+    listing revalidates a network file system's cached view of a folder)."""
+    deadline = time.monotonic() + (SHARED_WAIT_S if wait_s is None else wait_s)
+    while True:
+        for folder in (probe.parent.parent, probe.parent):
+            with contextlib.suppress(OSError):
+                os.listdir(folder)
+        if probe.is_file():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
 
 
 def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:

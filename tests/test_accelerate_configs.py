@@ -256,6 +256,23 @@ def test_several_processes_need_an_output_dir_they_all_see(tmp_path, monkeypatch
     assert out.is_dir() and not list(out.iterdir())
 
 
+def test_a_probe_that_shows_up_late_is_seen(tmp_path):
+    """A fresh run's output_dir on NFS: the other machines' cached "does not exist" of the folder hid the main
+    process's probe for up to a minute, and the check called a shared folder unshared at its first look."""
+    import threading
+
+    from t2i_align.engines import sees
+
+    probe = tmp_path / "run" / ".shared-check-x"
+    assert not sees(probe, wait_s=0)  # nothing there: one look, no wait
+    later = threading.Timer(1.5, lambda: (probe.parent.mkdir(), probe.write_text("x")))
+    later.start()
+    try:
+        assert sees(probe, wait_s=30)
+    finally:
+        later.join()
+
+
 def test_an_output_dir_the_main_process_cannot_write_stops_every_process(tmp_path, monkeypatch):
     """The main process failing to create output_dir (unwritable; a full disk alike) raises there, and the other
     processes, told its error with the probe's token, stop too instead of waiting for the main process. (A path
