@@ -10,7 +10,7 @@ import torch
 from .adapters import add_lora, frozen_reference, trainable_parameters
 from .config import Config, ConfigError
 from .data.sources import build_data_source
-from .engines import is_fsdp, say
+from .engines import is_fsdp, on_every, say
 from .models import load_components, torch_dtype
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 
@@ -162,7 +162,8 @@ def build(cfg: Config, accelerator, objective) -> Built:
     set_seed(cfg.seed)
     _note_turbo(cfg, accelerator)
     _note_warm_up(cfg, accelerator)
-    components = load_components(cfg.model, device=accelerator.device)
+    components = on_every(accelerator, lambda: load_components(cfg.model, device=accelerator.device),
+                          "another process could not load the model (a file missing on its machine?)")
     _note_resolution(cfg, components.spec, accelerator)
     components.time_ids = cfg.data.time_ids
     params, frozen = _trainable(cfg, components, objective.needs_reference)

@@ -116,13 +116,15 @@ def on_main(accelerator, work: Callable[[], Any], context: str) -> Any:
     return result
 
 
-def on_every(accelerator, work: Callable[[], None], context: str) -> None:
-    """Collective: `work()` on every process, then all go on together, or all stop if it failed on any: each
-    failed process with its own error, the others with the first failure's text under `context` (accelerate's
-    save_state writes the weights on the main process alone, and each process its own random states)."""
-    failed = None
+def on_every(accelerator, work: Callable[[], Any], context: str) -> Any:
+    """Collective: `work()` on every process (its result returned), then all go on together, or all stop if it
+    failed on any: each failed process with its own error, the others with the first failure's text under
+    `context` (accelerate's save_state writes the weights on the main process alone, and each process its own
+    random states; on several machines a file missing on one of them failed its processes alone, and the others
+    waited for them in their next collective until train.ddp_timeout)."""
+    failed = result = None
     try:
-        work()
+        result = work()
     except Exception as err:
         failed = err
     told = []
@@ -133,6 +135,7 @@ def on_every(accelerator, work: Callable[[], None], context: str) -> None:
     if failed is not None:
         raise failed
     raise_told(told[0] if told else None, context)
+    return result
 
 
 def check_shared_output(accelerator, out: Path) -> None:

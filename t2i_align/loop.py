@@ -26,7 +26,7 @@ from .build import Built, build, check_before_loading, check_gallery_weights
 from .checkpoints import export_final, resolve_resume_everywhere, save_checkpoint, save_only_trainable
 from .config import Config, config_to_dict
 from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
-                      deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_main, say, whole_unet)
+                      deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
 from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
@@ -120,7 +120,8 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
-    check_before_loading(cfg, objective.batch_kind, gallery_weights=False)
+    on_every(accelerator, lambda: check_before_loading(cfg, objective.batch_kind, gallery_weights=False),
+             "another process found a mistake in the settings (a file missing on its machine?)")
     check_gallery_weights(accelerator, cfg)
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)

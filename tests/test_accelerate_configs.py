@@ -256,6 +256,38 @@ def test_several_processes_need_an_output_dir_they_all_see(tmp_path, monkeypatch
     assert out.is_dir() and not list(out.iterdir())
 
 
+def test_a_settings_check_failing_on_another_machine_stops_this_one_too(tmp_path, monkeypatch):
+    """The checks before loading (data files, the PPD table, reward weights) ran on each process alone: with a file
+    missing on one machine's local disk its processes stopped, and the other machines' waited for them in their
+    next collective until train.ddp_timeout (3 hours). Now every process hears of it (here process 1's failure,
+    gathered) and stops at once."""
+    import accelerate
+    import accelerate.utils
+    from accelerate.utils import DistributedType
+
+    from t2i_align.config import load_config
+    from t2i_align.errors import UserError
+    from t2i_align.loop import train
+
+    class TwoMachines:
+        distributed_type = DistributedType.MULTI_GPU
+        num_processes, is_main_process = 2, True
+
+        def __init__(self, **kwargs):
+            self.state = type("State", (), {})()
+
+    gathered = []
+    monkeypatch.setattr(accelerate, "Accelerator", TwoMachines)
+    monkeypatch.setattr(accelerate.utils, "gather_object",
+                        lambda told: gathered.append(told) or told + [(True, "data.path /local/pairs does not exist")])
+    monkeypatch.setattr("t2i_align.data.sources.check_data_files", lambda cfg: None)  # this machine has the files
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tracking.wandb=off", f"model.pretrained={tmp_path}/none"])
+    with pytest.raises(UserError, match=r"another process found a mistake in the settings \(a file missing on its "
+                                        r"machine\?\): data.path /local/pairs does not exist"):
+        train(cfg)
+    assert gathered == [[None]]  # this process passed its own checks, and said so
+
+
 def test_a_probe_that_shows_up_late_is_seen(tmp_path):
     """A fresh run's output_dir on NFS: the other machines' cached "does not exist" of the folder hid the main
     process's probe for up to a minute, and the check called a shared folder unshared at its first look."""
