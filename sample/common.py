@@ -41,7 +41,7 @@ def add_sampling_args(p: argparse.ArgumentParser, several_prompt_sets: bool = Fa
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: diffusers' pipelines' own, 7.5 for SD1.5 and 5.0 "
-                        "for SDXL; 3.0 for the toy model)")
+                        "for SDXL; 3.0 for the toy and models made from it)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (halved on OOM)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None)
@@ -94,13 +94,14 @@ def settings_from(args, num_prompts: int):
 
 
 def default_guidance(model: str) -> float:
-    """The scale a model is sampled at when --guidance is not given: 3.0 for the toy model (its gallery's), else
-    its diffusers pipeline's default, 5.0 for SDXL and 7.5 for SD1.5 (the toy's 3.0 sampled real models washed
-    out). Read from the folder's model_index.json, or a hub id's name."""
-    from t2i_align.toy.assets import pipeline_dir
+    """The scale a model is sampled at when --guidance is not given: 3.0 for the toy model and models made from it
+    (its gallery's; a merged or fully fine-tuned toy was sampled at 7.5), else its diffusers pipeline's default, 5.0
+    for SDXL and 7.5 for SD1.5 (the toy's 3.0 sampled real models washed out). Read from the folder's
+    model_index.json, or a hub id's name."""
+    from t2i_align.base_model import made_from_toy
 
     folder = Path(model).expanduser()
-    if model == "toy" or (folder.is_dir() and folder.resolve() == pipeline_dir().resolve()):
+    if made_from_toy(model):
         return 3.0
     try:
         name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")

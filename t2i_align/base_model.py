@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 BASE_MODEL_FILE = "t2i_align_base_model.json"
-"""Written beside exported adapters (`checkpoints.export_final`): the model folder they were trained on."""
+"""Written beside exported adapters and into full exports (`checkpoints.export_final`) and merged folders
+(`merge.merge_lora`): the model folder they were trained on or made from."""
 
 
 def write_base_model(folder: Path, model_dir: Path, given: Optional[str] = None, vae_dir: Optional[Path] = None,
@@ -64,6 +65,28 @@ def default_model(model: Optional[str], lora: Optional[str | Path], flag: str = 
                              f"{flag} with that model's folder")
     print(f"note: {flag} not given: {folder}, the model {lora} records it was trained on", file=sys.stderr)
     return folder
+
+
+def made_from_toy(model: str) -> bool:
+    """Whether `model` ("toy", a folder) is the toy model or was made from it: a full export or a merged folder
+    records its base (`write_base_model`), followed back (LongAlign's stage-1 merged folder, a full fine-tune of
+    the toy's final/ ...). Sampling defaults to the toy's guidance for all of them."""
+    from .toy.assets import pipeline_dir
+
+    toy, folder, seen = pipeline_dir().resolve(), Path(model).expanduser(), set()
+    if model == "toy":
+        return True
+    while folder.is_dir() and folder.resolve() not in seen:
+        if folder.resolve() == toy:
+            return True
+        seen.add(folder.resolve())
+        record = _record(folder)
+        if record is None:
+            return False
+        if record[1] == "toy":
+            return True
+        folder = Path(record[0])
+    return False
 
 
 def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:

@@ -237,7 +237,7 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
     diffusers: `pipe.load_ip_adapter(final, subfolder="", weight_name="user_branch.safetensors",
     image_encoder_folder=None)`). Full fine-tune: a pipeline folder with the tuned unet/ (`from_pretrained`), a
     user branch, if any, saved beside it rather than inside unet/. `user_table` (PPD) is copied to
-    final/user_table.safetensors, so the folder holds everything needed to sample for a user. Adapters record the
+    final/user_table.safetensors, so the folder holds everything needed to sample for a user. Both record the
     model they trained on (`base_model`: model.pretrained as given, and its folder) for `base_model.warn_other_base`,
     and `vae` (model.vae, loaded from `vae_dir`) if the run decoded with another VAE than the folder's (a full
     export holds it in vae/)."""
@@ -260,8 +260,8 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
             user_table.save(tmp / USER_TABLE_NAME)
         # A model tuned with segment encoding must be sampled with it: load_pipeline reads this record.
         write_text_encoding(tmp, components.text_encoding.kind, components.text_encoding.token_budget)
-        if adapters:  # sampling warns when they are applied to another model folder
-            write_base_model(tmp, components.path, base_model, vae_dir=vae_dir, vae_given=vae)
+        # adapters: sampling warns when they are applied to another model folder; a full export: its lineage
+        write_base_model(tmp, components.path, base_model, vae_dir=vae_dir, vae_given=vae)
         if step is not None:
             (tmp / FINAL_STEP_FILE).write_text(json.dumps({"step": step}))
         _keep_added(out, tmp)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from .base_model import write_base_model
 from .conditioning.text import write_text_encoding
 from .files import check_output_path, check_replaceable_folder, staged_dir, write_json_atomic
 
@@ -55,6 +56,7 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
         write_text_encoding(tmp, encoding.kind, encoding.token_budget)
         write_json_atomic(tmp / MERGED_FILE, {"model": str(model), "lora": _text(lora), "unet": _text(unet),
                                               "vae": _text(vae)})
+        write_base_model(tmp, folder, str(model))  # what it was made from (sampling's default guidance follows it)
     return out
 
 

@@ -240,6 +240,25 @@ def test_guidance_defaults_to_the_models_own(tmp_path):
     assert (guidance("stabilityai/stable-diffusion-xl-base-1.0"), guidance("org/sd15")) == (5.0, 7.5)
 
 
+def test_models_made_from_the_toy_are_sampled_at_its_guidance(tmp_path):
+    """A merged toy (LongAlign's stage-1 merged/, which stage 2's LoRA records as its model) and a full export of
+    it were sampled at SD1.5's 7.5: they looked broken beside the toy's 3.0 galleries. Merges and full exports now
+    record what they were made from, followed back to the toy; a real-format model's merge keeps 7.5."""
+    from helpers import export_random_lora, save_tiny_pipeline
+    from t2i_align.checkpoints import export_final
+    from t2i_align.merge import merge_lora
+    from t2i_align.models import build_pipeline, load_components
+    from t2i_align.config import ModelConfig
+
+    guidance = _script("common").default_guidance
+    merged = merge_lora("toy", export_random_lora("toy", tmp_path / "stage1"), tmp_path / "merged")
+    comps = load_components(ModelConfig(pretrained=str(merged)))
+    full = export_final(build_pipeline(comps), comps.unet, False, tmp_path / "full-run", base_model=str(merged))
+    assert guidance(str(merged)) == guidance(str(full)) == 3.0
+    sd15 = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    assert guidance(str(merge_lora(sd15, export_random_lora(sd15, tmp_path / "sd"), tmp_path / "sd-merged"))) == 7.5
+
+
 def test_gallery_of_real_prompts_needs_no_reward_flag(tmp_path, capsys):
     """The default --reward toy-judge refused every prompt that is not a toy caption: an SD user's gallery needed
     --reward ''. Now it is shown without a reward, with a note; toy captions keep toy-judge (test above)."""
