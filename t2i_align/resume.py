@@ -122,7 +122,16 @@ def claim_output(cfg: Config, out: Path, resume, log, tracker) -> None:
     changed = changed_settings(before, config_to_dict(cfg)) if isinstance(before, dict) else []
     if changed:
         log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
-    save_config(cfg, out / "config.yaml")
+    # what the run trains with: a setting the resume does not apply keeps the checkpoint's value in the record
+    kept = {name: _setting(before, name) for name in NOT_APPLIED if _setting(before, name) is not None}
+    save_config(cfg, out / "config.yaml", overrides=kept)
+
+
+def _setting(data: Optional[dict], name: str):
+    """data["section"]["key"] for "section.key"; None where missing."""
+    for part in name.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 _GROUPS = "the checkpoint's optimizer keeps its own"

@@ -329,6 +329,22 @@ def test_lora_checkpoint_hooks_under_engines_that_save_the_model_themselves(tmp_
     assert acc.loads == [(str(tmp_path), {})]  # no strict=: DeepSpeed's loader takes no such argument
 
 
+def test_a_setting_a_resume_does_not_apply_keeps_the_checkpoints_value_in_the_record(tiny_model, pairs, tmp_path):
+    """train.learning_rate changed at a resume is not applied (the optimizer keeps its saved rate), but config.yaml
+    and the next checkpoint's copy recorded the new one: a rate the run never trained at, and the next resume
+    reported a change from it."""
+    import yaml
+
+    out, common = tmp_path / "run", ("lora.enabled=true", "train.checkpoint_every=2")
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=4", "train.resume=latest",
+               "train.learning_rate=5e-2", "train.weight_decay=0.5", "data.prompt_dropout=0.2"))
+    for record in (out / "config.yaml", out / "checkpoints" / "step-4" / "config.yaml"):
+        saved = yaml.safe_load(record.read_text())
+        assert (saved["train"]["learning_rate"], saved["train"]["weight_decay"]) == (1e-3, 1e-2)  # as trained
+        assert saved["train"]["resume"] == "latest" and saved["data"]["prompt_dropout"] == 0.2  # applied: the new
+
+
 def test_the_settings_a_resume_changed_are_listed():
     from t2i_align.resume import changed_settings as _changed_settings
 

@@ -306,11 +306,19 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
-    """Write `cfg` as YAML that `load_config` reads back; atomic (temp file in the same folder, then rename)."""
-    write_text_atomic(Path(path), dump_config(cfg))
+def save_config(cfg: Config, path: Union[str, os.PathLike], overrides: Optional[Dict[str, Any]] = None) -> None:
+    """Write `cfg` as YAML that `load_config` reads back; atomic (temp file in the same folder, then rename).
+    `overrides`: {"section.key": value} written instead of cfg's (a resume's settings that were not applied)."""
+    write_text_atomic(Path(path), dump_config(cfg, overrides))
 
 
-def dump_config(cfg: Config) -> str:
+def dump_config(cfg: Config, overrides: Optional[Dict[str, Any]] = None) -> str:
     """`cfg` as the YAML `save_config` writes (and `--dry-run` prints)."""
-    return yaml.dump(config_to_dict(cfg), Dumper=Dumper, sort_keys=False)
+    data = config_to_dict(cfg)
+    for name, value in (overrides or {}).items():
+        *sections, key = name.split(".")
+        target = data
+        for section in sections:
+            target = target[section]
+        target[key] = value
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False)
