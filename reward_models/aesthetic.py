@@ -14,8 +14,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import (PathLike, Reward, RewardOutput, load_checked, load_state_dict_file, register, require_path,
-                   resize_center_crop)
+from .base import PathLike, Reward, RewardOutput, load_checked, load_state_dict_file, register, require_path
 from .clip import Arch, load_open_clip
 
 HEAD_SOURCE = ("sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/improved-aesthetic-"
@@ -62,10 +61,10 @@ class Aesthetic(Reward):
         state = load_state_dict_file(require_path(head, "aesthetic head weights", HEAD_SOURCE))
         self.head = _head_for(state, head)
         load_checked(self.head, state, str(head))
-        # the official predictor preprocesses with OpenAI CLIP's torchvision Resize + CenterCrop (a crop offset
-        # rounded), also for a transformers folder, whose processor's crop starts at (n - 224) // 2
+        # the official predictor crops as OpenAI CLIP's torchvision CenterCrop (its offset rounded), also on a
+        # transformers folder, whose processor's crop starts at (n - 224) // 2; the rest as the checkpoint says
         self.encoder = load_open_clip(arch, checkpoint, "aesthetic CLIP weights", CLIP_SOURCE, device=device,
-                                      dtype=dtype, batch_size=batch_size, resize=resize_center_crop)
+                                      dtype=dtype, batch_size=batch_size, floor_offset=False)
         embed_dim = self.encoder.encode_texts([""])[0].shape[-1]
         wanted = next(self.head.parameters()).shape[1]
         if embed_dim != wanted:

@@ -200,10 +200,13 @@ def _read_local(arch: Optional[Arch], path: Path, what: str, source: str):
 
 
 def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: str, source: str,
-                   pretrained_tags: bool = True, **encoder_options) -> OpenClipEncoder:
+                   pretrained_tags: bool = True, floor_offset: Optional[bool] = None,
+                   **encoder_options) -> OpenClipEncoder:
     """Build the architecture, load the checkpoint (see the module docstring for what it may be), wrap it.
     `pretrained_tags`: whether an open_clip tag (laion2b_s32b_b79k) may name the weights; not for a reward whose
-    weights no tag holds (HPSv2: the tag's plain CLIP would be scored under its name)."""
+    weights no tag holds (HPSv2: the tag's plain CLIP would be scored under its name). `floor_offset`: where the
+    centre crop starts whatever the checkpoint says (False: torchvision's rounded offset, also for a transformers
+    folder, whose processor floors it)."""
     import open_clip
 
     if checkpoint in ("toy", "toy-denscore"):
@@ -231,7 +234,7 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
                 interpolation=pre.get("interpolation", "bicubic"))
     opts.update(encoder_options)
     if "resize" not in opts:  # a reward's own resize (HPSv2's) wins over the config's
-        opts["resize"] = _resize_for(pre)
+        opts["resize"] = _resize_for(pre if floor_offset is None else {**pre, "floor_offset": floor_offset})
     return OpenClipEncoder(model, _tokenizer_for(name, cfg), cfg["text_cfg"].get("context_length", 77), **opts)
 
 

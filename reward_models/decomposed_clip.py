@@ -65,8 +65,20 @@ def split_sentences(text: str) -> List[str]:
     Each keeps its own mark. Not the segment encoder's rule (`t2i_align.conditioning.segments.caption_segments`:
     also splits "cat.Dog", and ends every piece in ".", as the official code scores them too): the two agree on
     captions of whitespace-separated sentences ending in ".", such as the toy world's long captions."""
-    parts = [p.strip() for p in re.split(r"(?<=[.!?;])\s+|(?<=[.!?;][\"'”’)\]])\s+(?=[A-Z])", text.strip())]
+    stripped = text.strip()
+    marked = _BREAK.sub(lambda m: m.group(1) + "\0" if _ends(m, stripped) else m.group(0), stripped)
+    parts = [p.strip() for p in marked.split("\0")]
     return [p for p in parts if p] or [text]
+
+
+_BREAK = re.compile(r"([.!?;][\"'”’)\]]*)\s+")
+
+
+def _ends(m: "re.Match", text: str) -> bool:
+    """A sentence ends at a mark and whitespace, or at a mark, closing quotes / brackets and whitespace before a
+    capital letter ('"OPEN." Below'; lower case goes on: '"hi." she said')."""
+    closed = len(m.group(1)) > 1
+    return not closed or text[m.end():m.end() + 1].isupper()
 
 
 def mean_sentence_vectors(encode: Callable[[List[str]], torch.Tensor], prompts: Sequence[str], split: bool = True

@@ -56,7 +56,11 @@ def _read_table(path: Path) -> List[Tuple[str, str, Optional[str]]]:
             rows = [_json_line(number, s) for number, s in enumerate(text.split("\n"), 1) if s.strip()]
     except ValueError as e:
         raise UsageError(f"cannot read {path}: {e}") from e
-    return [_table_row(path, i + 1, r) for i, r in enumerate(rows)]
+    table = [_table_row(path, i + 1, r) for i, r in enumerate(rows)]
+    if table and all(problem for _, _, problem in table):  # the file's format, not a row's: before any reward loads
+        raise UsageError(f"no row of {path} can be scored (first: {table[0][2]}); give `file` and `prompt` columns "
+                         "(CSV header) or fields (one JSON object per line)")
+    return table
 
 
 def _table_row(path: Path, number: int, r: Any) -> Tuple[str, str, Optional[str]]:

@@ -300,10 +300,13 @@ def _skip_nonfinite_bf16_steps(accelerator, ds: dict) -> None:
     bf16 = ds.get("bf16") or {}
     if not (str(bf16.get("enabled")).lower() == "true" or getattr(accelerator, "mixed_precision", None) == "bf16"):
         return
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    import deepspeed
 
-    if "check_grad_overflow" not in DeepSpeedBF16Config.model_fields:
-        import deepspeed
+    try:  # the module came with the setting (deepspeed 0.17.1)
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        DeepSpeedBF16Config = None
+    if "check_grad_overflow" not in getattr(DeepSpeedBF16Config, "model_fields", {}):
 
         raise UserError(f"DeepSpeed {deepspeed.__version__} cannot skip bf16 steps with non-finite gradients (its bf16 "
                         "config has no check_grad_overflow): one would make the weights NaN for good. pip install -U "

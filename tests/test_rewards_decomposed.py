@@ -37,6 +37,7 @@ def test_split_sentences():
     assert split_sentences("costs 3.5 dollars") == ["costs 3.5 dollars"]
     assert split_sentences('A sign reads "OPEN." Below it, a man. He said "hi." to me.') == [  # the first two merged
         'A sign reads "OPEN."', "Below it, a man.", 'He said "hi." to me.']
+    assert split_sentences('A man (who said "go!!") Then he\nleft.') == ['A man (who said "go!!")', "Then he\nleft."]
     assert split_sentences("") == [""] and split_sentences("   ") == ["   "]
 
 

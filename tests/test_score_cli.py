@@ -523,7 +523,7 @@ def test_a_csv_row_of_other_length_than_its_header_is_not_scored(tmp_path):
 def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
     """A metadata.jsonl line without `file`, one that is not JSON, one that is no object and a prompt that is a
     list ended the run with exit 2 and nothing scored (one bad row in 10,000 lost the run), or scored the list's
-    repr as the prompt; now each is its row's error, the good rows scored; all bad: exit 1, the first problem said."""
+    repr as the prompt; now each is its row's error, the good rows scored; all bad: exit 2 before any reward loads."""
     folder = _folder(tmp_path)
     good = [json.dumps({"file": f"img_{i}.png", "prompt": short_caption(SCENES[i])}) for i in range(2)]
     bad = ['{"prompt": "b"}', '{"file": ', '["img_2.png", "x"]', json.dumps({"file": "img_3.png", "prompt": ["a"]})]
@@ -540,7 +540,13 @@ def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
         "metadata.jsonl row 4: expected fields 'file' and 'prompt', found list",
         "metadata.jsonl row 5: the prompt is not text (list)"]
     assert all(r["toy-judge"] is None for r in rows[1:5]) and summary["errors"] == 4
+
+    # no row usable (the file's format, not a row's: another header, a JSON array): an error before any reward loads
     (folder / "metadata.jsonl").write_text("\n".join(bad) + "\n")
-    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", tmp_path / "all-bad.jsonl")
-    assert code == 1 and "error: toy-judge scored none of the 4 images (first problem: metadata.jsonl row 1: " \
-        "expected fields 'file' and 'prompt'" in err
+    (tmp_path / "p.csv").write_text("image,caption\nimg_0.png,a\n")
+    for prompts in (folder / "metadata.jsonl", tmp_path / "p.csv"):
+        code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", prompts, "--out",
+                            tmp_path / "all-bad.jsonl")
+        assert code == 2 and f"error: no row of {prompts} can be scored (first: {prompts.name} row 1: expected " \
+            "fields 'file' and 'prompt', found [" in err
+        assert not (tmp_path / "all-bad.jsonl").exists()

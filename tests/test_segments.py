@@ -64,6 +64,8 @@ def test_split_sentences_on_all_four_marks_but_not_decimals():
     assert split_sentences('A sign reads "OPEN." Below it stands a man. (See below.) A dog') == [  # were merged
         'A sign reads "OPEN"', "Below it stands a man", "(See below)", "A dog"]
     assert split_sentences('He said "hi." she left.') == ['He said "hi." she left']  # no capital: it goes on
+    assert split_sentences('A banner reads "SALE!!!" Big letters. "Éclair." Éclairs') == [  # a '!".' piece was left
+        'A banner reads "SALE"', "Big letters", '"Éclair"', "Éclairs"]
     assert caption_segments('A sign reads "OPEN."') == ['A sign reads "OPEN".']
     assert split_sentences("Wait... what?!") == ["Wait", "what"]
     assert split_sentences("  a red cat without an ending  ") == ["a red cat without an ending"]

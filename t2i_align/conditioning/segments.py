@@ -34,7 +34,7 @@ PAD_POSITIONS = 60
 # quote or bracket ('says "OPEN!" on'), which the sentence goes on past, unless a capital letter or the caption's
 # end follows the closing marks ('reads "OPEN." Below', "(see below.) A dog"): then the sentence ends there.
 _SENTENCE_END = re.compile(r"[.!?;](?![\d\"'”’)\]])")
-_QUOTED_END = re.compile(r"[.!?;]([\"'”’)\]]+)(?=\s+[A-Z]|\s*$)")
+_QUOTED_END = re.compile(r"[.!?;]+([\"'”’)\]]+)(?=\s+\S|\s*$)")
 
 
 def split_sentences(caption: str) -> List[str]:
@@ -48,9 +48,16 @@ def split_sentences(caption: str) -> List[str]:
     ("e.g.") do split, as in the official code. Pieces of only whitespace are dropped too: the official code drops
     only empty ones, so the " " after a caption's last "." became a stray " ." segment there.
     """
-    marked = _QUOTED_END.sub(lambda m: m.group(1) + "\0", caption)  # the mark goes, its quote stays
+    marked = _QUOTED_END.sub(lambda m: _quoted_end(m, caption), caption)
     pieces = (piece.strip() for part in marked.split("\0") for piece in _SENTENCE_END.split(part))
     return [piece for piece in pieces if piece]
+
+
+def _quoted_end(m: "re.Match", caption: str) -> str:
+    """A mark then closing quotes / brackets: the marks go and a split ("\0") follows the quotes when a capital
+    letter or the caption's end comes next; else the text stays as it was (the sentence goes on)."""
+    after = caption[m.end():].lstrip()[:1]
+    return m.group(1) + "\0" if after == "" or after.isupper() else m.group(0)
 
 
 def caption_segments(caption: str) -> List[str]:
