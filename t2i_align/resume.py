@@ -13,7 +13,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -36,17 +36,20 @@ ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpee
 
 
 def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True,
-                 train: Optional[TrainConfig] = None) -> None:
+                 train: Optional[TrainConfig] = None, objective: Optional[str] = None) -> None:
     """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
     would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
     failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
     (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
     session 28 name no engine and are left to the engine's load. `warn` (the main process): that FSDP / DeepSpeed
-    unpickle a checkpoint from outside output_dir. `train` (the run's settings): `_check_training`."""
+    unpickle a checkpoint from outside output_dir. `train` (the run's settings): `_check_training`. `objective`
+    (the run's): `_check_objective`."""
     marker = read_marker(path)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
+    if objective is not None:
+        _check_objective(path, objective)
     written = marker.get("engine")
     if written is None:
         return
@@ -112,19 +115,36 @@ def claim_output(cfg: Config, out: Path, resume, log, tracker) -> None:
     prepare_run_dir(out, resume, cfg.train.resume, log)
     if resume is None:  # a resume records it after `set_aside_newer` has kept the abandoned run's
         tracker.record_run_id()
-    # the checkpoint's own copy first: output_dir's is the latest invocation's
-    earlier = next((f / "config.yaml" for f in (resume, resume.parent, resume.parent.parent)
-                    if (f / "config.yaml").is_file()), None) if resume is not None else None
-    try:  # a note only: a config.yaml that does not read as one (another tool's file) must not stop the run
-        before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        before = None
+    earlier, before = checkpoint_config(resume) if resume is not None else (None, None)
     changed = changed_settings(before, config_to_dict(cfg)) if isinstance(before, dict) else []
     if changed:
         log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
     # what the run trains with: a setting the resume does not apply keeps the checkpoint's value in the record
     kept = {name: _setting(before, name) for name in NOT_APPLIED if _setting(before, name) is not None}
     save_config(cfg, out / "config.yaml", overrides=kept)
+
+
+def checkpoint_config(resume: Path) -> Tuple[Optional[Path], Optional[dict]]:
+    """(path, settings) of the config.yaml a checkpoint was written with: its own copy first (output_dir's is the
+    latest invocation's); None for one that does not read as a config (another tool's file: not to stop a run)."""
+    earlier = next((f / "config.yaml" for f in (resume, resume.parent, resume.parent.parent)
+                    if (f / "config.yaml").is_file()), None)
+    try:
+        before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        before = None
+    return earlier, before if isinstance(before, dict) else None
+
+
+def _check_objective(path: Path, objective: str) -> None:
+    """A resume continues its run: another objective would take the weights and the optimizer's moments of one
+    method into another, with state parts (RAFT's pool, SePPO's snapshots) that do not fit, under a note only."""
+    name = _setting(checkpoint_config(path)[1], "objective.name")
+    if isinstance(name, str) and name != objective:
+        raise CheckpointMismatch(f"train.resume: {path} was written by objective {name!r} and this run's is "
+                                 f"{objective!r}; a resume continues its run. To train {objective} from those "
+                                 "weights, start a new run on them: model.pretrained = a full fine-tune's final/, or "
+                                 "the base with the LoRA merged in (train/merge_lora.py)")
 
 
 def _setting(data: Optional[dict], name: str):

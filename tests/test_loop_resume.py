@@ -345,6 +345,22 @@ def test_a_setting_a_resume_does_not_apply_keeps_the_checkpoints_value_in_the_re
         assert saved["train"]["resume"] == "latest" and saved["data"]["prompt_dropout"] == 0.2  # applied: the new
 
 
+def test_a_resume_under_another_objective_is_refused_before_loading(tiny_model, pairs, tmp_path, monkeypatch):
+    """A DPO checkpoint resumed with objective.name=sft went on with a note only (and an offline SFT checkpoint
+    under online DPO blamed the data's size): the weights and optimizer moments of one method, the state parts of
+    another. Refused now, with how to train the other method from those weights, before the model loads."""
+    import t2i_align.build as build
+    from t2i_align.checkpoints import CheckpointMismatch
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
+    monkeypatch.setattr(build, "load_components", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(CheckpointMismatch, match=r"step-2 was written by objective 'dpo' and this run's is 'sft'; "
+                                                 r"a resume continues its run.*train/merge_lora.py"):
+        train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.resume=latest",
+                   "objective.name=sft"))
+
+
 def test_the_settings_a_resume_changed_are_listed():
     from t2i_align.resume import changed_settings as _changed_settings
 
