@@ -361,6 +361,32 @@ def test_a_resume_under_another_objective_is_refused_before_loading(tiny_model, 
                    "objective.name=sft"))
 
 
+def test_a_checkpoint_given_as_lora_says_how_to_export_it_and_that_works(tiny_model, pairs, tmp_path):
+    """`--lora RUN/checkpoints/step-2` said only "no LoRA weights": a checkpoint is training state. The error gives
+    the command that exports it (resume at its own step: nothing trained), and that command's final/ samples."""
+    from t2i_align.config import load_config
+    from t2i_align.models import ModelLoadError
+    from t2i_align.sampling import check_weights, load_pipeline
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2"))
+    step = out / "checkpoints" / "step-2"
+    with pytest.raises(ModelLoadError, match=r"step-2 is a training checkpoint .*export it first with `python "
+                                             r"train/train.py --config .*step-2/config.yaml train.resume=.*step-2 "
+                                             r"train.max_steps=2 output_dir=OUT`"):
+        check_weights(tiny_model, step)
+    result = train(load_config(str(step / "config.yaml"), [f"train.resume={step}", "train.max_steps=2",
+                                                             f"output_dir={tmp_path / 'at-2'}"]))
+    from t2i_align.checkpoints import FINAL_STEP_FILE
+
+    from safetensors.torch import load_file
+
+    assert json.loads((result.final / FINAL_STEP_FILE).read_text()) == {"step": 2}
+    at_2, at_4 = (load_file(f / "pytorch_lora_weights.safetensors") for f in (result.final, out / "final"))
+    assert at_2.keys() == at_4.keys() and any(not torch.equal(at_2[k], at_4[k]) for k in at_2)  # step 2's, not 4's
+    assert load_pipeline(tiny_model, lora=result.final) is not None
+
+
 def test_the_settings_a_resume_changed_are_listed():
     from t2i_align.resume import changed_settings as _changed_settings
 
