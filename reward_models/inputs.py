@@ -118,8 +118,10 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
             raise UsageError(f"{prompts} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         if len(lines) != len(files):
             blank = f", {lines.count('')} of them blank (each an empty prompt here)" if "" in lines else ""
+            meta = (f"; {folder / 'metadata.jsonl'} names each image's prompt (sample/generate.py writes it): drop "
+                    "--prompts to use it") if (folder / "metadata.jsonl").is_file() else ""
             raise UsageError(f"{prompts} has {len(lines)} prompt lines{blank} but {folder} has {len(files)} image "
-                             f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order")
+                             f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order{meta}")
         table = [(name, line, None) for name, line in zip(files, lines)]
     root = folder.resolve()
     return [Item({"file": name}, p, folder / name if _inside(folder, root, name) else None, problem)

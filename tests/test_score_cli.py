@@ -162,7 +162,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("one prompt\n")
     code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / "short.txt",
                         "--out", out)
-    assert code == 2 and "1 prompt lines" in err and "6 image files" in err
+    assert code == 2 and "1 prompt lines" in err and "6 image files" in err and "metadata.jsonl" not in err
+    (folder / "metadata.jsonl").write_text(json.dumps({"file": "img_0.png", "prompt": "a"}) + "\n")  # generate.py's
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / "short.txt",
+                        "--out", out)
+    assert code == 2 and "metadata.jsonl names each image's prompt (sample/generate.py writes it): drop " \
+        "--prompts" in err
     assert not out.exists()
 
 
