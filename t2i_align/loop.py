@@ -128,7 +128,8 @@ def train(cfg: Config) -> TrainResult:
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)
     if resume is not None:
         check_resume(resume, engine_name(accelerator), accelerator.num_processes, cfg.train.max_steps, out,
-                     warn=accelerator.is_main_process, train=cfg.train, objective=cfg.objective.name)
+                     warn=accelerator.is_main_process, train=cfg.train,
+                     method=(cfg.objective.name, cfg.raft.enabled))
     m = build(cfg, accelerator, objective)
     prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
     reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read

@@ -36,20 +36,20 @@ ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpee
 
 
 def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True,
-                 train: Optional[TrainConfig] = None, objective: Optional[str] = None) -> None:
+                 train: Optional[TrainConfig] = None, method: Optional[Tuple[str, bool]] = None) -> None:
     """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
     would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
     failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
     (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
     session 28 name no engine and are left to the engine's load. `warn` (the main process): that FSDP / DeepSpeed
-    unpickle a checkpoint from outside output_dir. `train` (the run's settings): `_check_training`. `objective`
-    (the run's): `_check_objective`."""
+    unpickle a checkpoint from outside output_dir. `train` (the run's settings): `_check_training`. `method` (the
+    run's objective name, raft.enabled): `_warn_other_method`."""
     marker = read_marker(path)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
-    if objective is not None:
-        _check_objective(path, objective)
+    if method is not None and warn:
+        _warn_other_method(path, _method(*method))
     written = marker.get("engine")
     if written is None:
         return
@@ -127,8 +127,9 @@ def claim_output(cfg: Config, out: Path, resume, log, tracker) -> None:
 def checkpoint_config(resume: Path) -> Tuple[Optional[Path], Optional[dict]]:
     """(path, settings) of the config.yaml a checkpoint was written with: its own copy first (output_dir's is the
     latest invocation's); None for one that does not read as a config (another tool's file: not to stop a run)."""
-    earlier = next((f / "config.yaml" for f in (resume, resume.parent, resume.parent.parent)
-                    if (f / "config.yaml").is_file()), None)
+    # a run folder's (output_dir/checkpoints/step-N), not whatever lies two folders up from a copied checkpoint
+    places = (resume, resume.parent) + ((resume.parent.parent,) if resume.parent.name == "checkpoints" else ())
+    earlier = next((f / "config.yaml" for f in places if (f / "config.yaml").is_file()), None)
     try:
         before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -136,15 +137,35 @@ def checkpoint_config(resume: Path) -> Tuple[Optional[Path], Optional[dict]]:
     return earlier, before if isinstance(before, dict) else None
 
 
-def _check_objective(path: Path, objective: str) -> None:
-    """A resume continues its run: another objective would take the weights and the optimizer's moments of one
-    method into another, with state parts (RAFT's pool, SePPO's snapshots) that do not fit, under a note only."""
-    name = _setting(checkpoint_config(path)[1], "objective.name")
-    if isinstance(name, str) and name != objective:
-        raise CheckpointMismatch(f"train.resume: {path} was written by objective {name!r} and this run's is "
-                                 f"{objective!r}; a resume continues its run. To train {objective} from those "
-                                 "weights, start a new run on them: model.pretrained = a full fine-tune's final/, or "
-                                 "the base with the LoRA merged in (train/merge_lora.py)")
+def export_hint(checkpoint: Path) -> str:
+    """What to do with a training checkpoint given as LoRA weights: resume it at its own step (nothing is trained)
+    into another output_dir, whose final/ is the export."""
+    try:
+        step = read_marker(checkpoint)["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = "ITS_STEP"
+    config = checkpoint_config(checkpoint)[0] or "ITS_RUN_CONFIG.yaml"
+    return (f"{checkpoint} is a training checkpoint (optimizer and random states), not an export: export it first "
+            f"with `python train/train.py --config {config} train.resume={checkpoint} train.max_steps={step} "
+            "output_dir=OUT` (under the accelerate config that wrote it; no step is trained), then sample OUT/final "
+            "(as --lora, or as --model for a full fine-tune)")
+
+
+def _warn_other_method(path: Path, method: str) -> None:
+    """A resume under another method (objective, online or not) goes on, as asked, but warned: the weights, the
+    optimizer's moments, the step count and the LR schedule are the other method's, and its data position and
+    row counts refer to the other data (it went on with a note among the changed settings)."""
+    before = checkpoint_config(path)[1]
+    name, online = _setting(before, "objective.name"), _setting(before, "raft.enabled")
+    if isinstance(name, str) and _method(name, bool(online)) != method:
+        warnings.warn(f"train.resume: {path} was written by {_method(name, bool(online))} and this run is {method}: "
+                      "it goes on from that run's weights, optimizer moments, step and LR schedule, and its data "
+                      "counts describe the other data. To start the new method afresh from those weights, export "
+                      "the checkpoint and give it as model.pretrained (README: Sampling)", stacklevel=2)
+
+
+def _method(objective: str, online: bool) -> str:
+    return f"objective {objective!r}" + (" with online rounds (raft.enabled)" if online else "")
 
 
 def _setting(data: Optional[dict], name: str):

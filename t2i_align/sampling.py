@@ -147,11 +147,9 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
                 raise ModelLoadError(f"{lora} is a whole pipeline (a full fine-tune's export), not LoRA weights: give "
                                      "it as --model, without --lora")
             if (lora / "t2i_align_checkpoint.json").is_file():  # checkpoints.MARKER: a run's training state
-                step = lora.name.partition("-")[2] or "N"
-                raise ModelLoadError(f"{lora} is a training checkpoint (optimizer and RNG states), not an export: "
-                                     f"export it first with `python train/train.py --config {lora / 'config.yaml'} "
-                                     f"train.resume={lora} train.max_steps={step} output_dir=OUT` (no steps are "
-                                     "trained; OUT/final is what to sample)")
+                from .resume import export_hint
+
+                raise ModelLoadError(export_hint(lora))
             raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "
                                  "run's final/ folder or the file itself)")
         weights = lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora
