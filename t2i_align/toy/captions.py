@@ -28,11 +28,10 @@ def _caption(scene: Scene, kind: str, rng: random.Random) -> str:
 
 
 def export_captions(out: str | Path, scenes: Sequence[Scene], per_scene: int = 8, caption: str = "long",
-                    seed: int = 0, row_group_size: int = 16) -> Dict:
+                    seed: int = 0, row_group_size: int = 256) -> Dict:
     """Write out/captions.parquet (caption, jpg, plus the scene's attributes for inspection); returns a summary.
 
-    The file is written to a temporary name and renamed, so it is complete or absent. Row groups of 16 rows: read
-    without data.cache, each shuffled item reads its row group (256 drew the loader's note on re-reading)."""
+    The file is written to a temporary name and renamed, so it is complete or absent."""
     if caption not in CAPTION_KINDS:
         raise ValueError(f"unknown caption kind {caption!r}; use one of {CAPTION_KINDS}")
     if per_scene < 1:
