@@ -73,13 +73,13 @@ def made_from_toy(model: str) -> bool:
     the toy's final/ ...). Sampling defaults to the toy's guidance for all of them."""
     from .toy.assets import pipeline_dir
 
-    toy, folder, seen = pipeline_dir().resolve(), Path(model).expanduser(), set()
     if model == "toy":
         return True
-    while folder.is_dir() and folder.resolve() not in seen:
-        if folder.resolve() == toy:
+    toy, folder, seen = pipeline_dir().resolve(), Path(model).expanduser(), set()
+    while folder.is_dir() and (here := folder.resolve()) not in seen:
+        if here == toy:
             return True
-        seen.add(folder.resolve())
+        seen.add(here)
         record = _record(folder)
         if record is None:
             return False
