@@ -75,6 +75,15 @@ OPTIMIZER_STATE = {"adamw": "AdamW", "adamw_fused": "AdamW", "adafactor": "Adafa
 """train.optimizer -> the optimizer whose state a checkpoint holds (AdamW's fused flag is in its saved groups)."""
 
 
+def check_resume_settings(path: Path, cfg: Config) -> None:
+    """`check_resume` without a launcher (`--dry-run`): the step, optimizer, precision and method checks; the
+    engine and the number of processes are taken as the checkpoint's (the launch is checked when the run starts)."""
+    marker = read_marker(path)
+    wrote = marker.get("raw_batches")
+    check_resume(path, marker.get("engine") or "plain", len(wrote) if isinstance(wrote, list) else 1,
+                 cfg.train.max_steps, cfg.output_dir, train=cfg.train, method=(cfg.objective.name, cfg.raft.enabled))
+
+
 def _check_training(path: Path, marker: dict, train: TrainConfig, engine: str, warn: bool) -> None:
     """Refuse an optimizer whose state the checkpoint's is not (torch loads it anyway; the first step then failed,
     e.g. KeyError 'beta1' in Adafactor) and fp16 from a checkpoint without its loss scaler (accelerate's

@@ -1,7 +1,7 @@
 """Each objective, trained by the real loop, moves its own target: DPO's and SePPO's losses fall from ln 2 with
-the implicit accuracy at 1, SFT's error falls, reward fine-tuning's reward rises. PPD's loss is DPO's; its own
-target, each user's taste, is not checked here (with draws pinned, a user-blind DPO fits two users' opposite labels
-as well as PPD does: it learns the draws), but by benchmarks/toy_ppd.py on held-out users (README). The other
+the implicit accuracy at 1, SFT's error falls, reward fine-tuning's reward rises, PPD fits two users' opposite
+tastes on one pair where a user-blind DPO cannot (both rows share their draws, else a user-blind DPO fits them by
+the draws; PPD on held-out users is benchmarks/toy_ppd.py's, README). The other
 loop tests compare runs with each other (resume, micro-batches, engines) or check one step, so a loss whose sign
 was flipped passed all of them (a reviewer negated `Accelerator.backward`'s loss: every test of test_loop.py passed).
 
@@ -93,3 +93,46 @@ def test_reward_fine_tuning_raises_its_reward(tmp_path, same_draws_every_step):
                    "train.max_steps=8", "train.batch_size=2")
     rewards = [r["reward"] for r in records]
     assert rewards[-1] > rewards[0] + 3 and min(rewards[1:]) > rewards[0], rewards  # measured 63.0 -> 68.4
+
+
+@pytest.fixture
+def rows_share_draws(monkeypatch):
+    """Every row of a batch gets row 0's noise and timestep, and the VAE its posterior mean: rows holding the same
+    images are then the same training example, whatever the RNG does."""
+    import diffusers.models.autoencoders.vae as vae
+    import t2i_align.diffusion as diffusion
+
+    def first_row_for_all(draw):
+        def drawn(*args, **kwargs):
+            x = draw(*args, **kwargs)
+            return x[:1].expand_as(x).clone()
+        return drawn
+    for name in ("sample_noise", "sample_timesteps"):
+        monkeypatch.setattr(diffusion, name, first_row_for_all(getattr(diffusion, name)))
+    monkeypatch.setattr(vae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def test_ppd_learns_opposite_tastes_that_a_user_blind_dpo_cannot(tiny_model, tmp_path, rows_share_draws,
+                                                                  same_draws_every_step):
+    """One image pair, user 1 preferring one image and user 2 the other, both in every batch with the same draws.
+    Without the user, the two rows' DPO logits are z and -z, so their mean loss is at least ln 2 whatever the
+    weights (the control); PPD conditions on each row's user and must get below it (the per-user target, not draws
+    memorised: the draws are the same for both users)."""
+    from test_ppd_loop import write_table
+    from t2i_align.toy.pairs import write_parquet
+
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(write_rendered_pairs(tmp_path / "one.parquet", n=2)).to_pylist()[1]  # label_0 = 1
+    flipped = {**row, "label_0": 0.0, "label_1": 1.0, "user_id": 2}
+    data = tmp_path / "users.parquet"
+    write_parquet([{**row, "user_id": 1}, flipped], data)
+    table = write_table(tmp_path / "table.safetensors", [1, 2])
+    common = (f"model.pretrained={tiny_model}", f"data.path={data}", "data.resolution=16", "train.batch_size=2",
+              "objective.beta=100", "train.learning_rate=1e-2", "train.max_steps=20")
+    ppd = [r["loss"] for r in _run(tmp_path / "ppd", *common, "ppd.enabled=true", f"ppd.table={table}",
+                                   "ppd.dropout=0")]
+    blind = [r["loss"] for r in _run(tmp_path / "blind", *common, "lora.enabled=true", "lora.rank=4")]
+    assert min(blind) >= math.log(2) - 1e-5 and max(blind) > math.log(2) + 1e-4, blind  # it moved, and cannot fit
+    assert same_draws_every_step and ppd[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert ppd[-1] < 0.2 and max(ppd[1:]) < ppd[0], ppd  # measured 0.693 -> 0.043

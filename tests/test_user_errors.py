@@ -1,5 +1,6 @@
 """User mistakes end as ONE line `error: ...` with exit code 2; our bugs keep their tracebacks (issue 10, bug 11)."""
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -211,6 +212,16 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     assert "model.vae=" in capsys.readouterr().err
     assert _train_script().main([*base, f"data.path={pairs}", f"train.resume={tmp_path / 'nope'}"]) == 2  # passed
     assert "nope' does not exist; use train.resume=latest" in capsys.readouterr().err
+    step = tmp_path / "old" / "checkpoints" / "step-10"  # passed, then failed when the run started
+    step.mkdir(parents=True)
+    (step / "t2i_align_checkpoint.json").write_text(json.dumps({"step": 10, "engine": "plain", "optimizer": "adamw"}))
+    assert _train_script().main([*base, f"data.path={pairs}", f"train.resume={step}", "train.max_steps=7"]) == 2
+    assert "is at step 10, past train.max_steps=7" in capsys.readouterr().err
+    assert _train_script().main([*base, f"data.path={pairs}", f"train.resume={step}", "train.max_steps=20",
+                                 "train.optimizer=adafactor"]) == 2
+    assert "holds the state of train.optimizer=adamw" in capsys.readouterr().err
+    assert _train_script().main([*base, f"data.path={pairs}", f"train.resume={step}", "train.max_steps=20"]) == 0
+    capsys.readouterr()
     if not torch.cuda.is_available():  # fp16 on a CPU passed the dry run and stopped the run at its start
         assert _train_script().main([*base, f"data.path={pairs}", "train.mixed_precision=fp16"]) == 0
         assert "note: train.mixed_precision=fp16 needs a GPU, which this machine lacks" in capsys.readouterr().err

@@ -22,7 +22,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (YAML, as the run would "
                         "save it) and make the checks done before a model loads (data files and their usable pairs, "
-                        "rewards, user table, the model folder and LoRA targets); loads and writes nothing")
+                        "rewards, user table, the model folder and LoRA targets, the checkpoint to resume); loads and "
+                        "writes nothing")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
     if args.config and len(args.config) > 1:  # argparse keeps the last one silently
         parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}): give one; a config "
@@ -72,11 +73,14 @@ def dry_run(cfg) -> int:
     from t2i_align.data.sources import check_pair_rows
     from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
+    from t2i_align.resume import check_resume_settings
     from t2i_align.weight_files import weights_variant
 
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind)
     rows = check_pair_rows(cfg)  # the label and caption columns: none usable failed after the model loaded
-    resolve_resume(cfg.output_dir, cfg.train.resume)  # a typo'd checkpoint folder failed only when the run started
+    resume = resolve_resume(cfg.output_dir, cfg.train.resume)  # a typo'd folder failed only when the run started
+    if resume is not None:  # one past max_steps, or of another optimizer, passed and failed when the run started
+        check_resume_settings(resume, cfg)
     # its model_index.json and component folders only: no weights load
     folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
     if cfg.model.vae:  # a typo'd path failed only when the run loaded
