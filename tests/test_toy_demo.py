@@ -137,6 +137,10 @@ def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monke
         assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
     assert main(["demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "no.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --config {tmp_path / 'no.yaml'} not found"
+    # fewer prompts than a batch failed after the sampling, in the training ("13 usable pairs are too few")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--num-pair-prompts", "12"]) == 2
+    assert "--num-pair-prompts 12 makes at most 12 pairs" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, monkeypatch):

@@ -104,6 +104,7 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
     earlier demo in `out` is replaced only with `overwrite` (its pairs, gallery and judge.json were replaced
     silently; its dpo/ run is set aside by the loop), an unfinished one (no judge.json) by a rerun too, a folder no
     demo wrote never."""
+    from ..config import ConfigError
     from ..files import check_output_path
     from ..loop import train
 
@@ -113,9 +114,13 @@ def run_demo(out: Path, seeds_per_prompt: int = 8, config: Path = DEMO_CONFIG,
     check_output_path(out, "--out", folder=True, replaces=[out], overwrite=overwrite or unfinished,
                       made_by="pairs/pairs.parquet")
     cfg = _dpo_config(config, out / "pairs" / "pairs.parquet", out / "dpo", train_overrides)
+    train_scenes = prompt_set("train")[: num_pair_prompts or None]
+    if len(train_scenes) < cfg.train.batch_size:  # found after minutes of sampling, by the training
+        raise ConfigError(f"--num-pair-prompts {len(train_scenes)} makes at most {len(train_scenes)} pairs (one per "
+                          f"prompt, ties dropped), fewer than train.batch_size={cfg.train.batch_size}: use more "
+                          "prompts or a smaller train.batch_size")
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toy")
-    train_scenes = prompt_set("train")[: num_pair_prompts or None]
     with _bar(len(train_scenes) * images_per_prompt, f"pairs: sample {len(train_scenes)} prompts x "
               f"{images_per_prompt}", show_progress) as bar:
         counts = export_pairs(base, train_scenes, out / "pairs", images_per_prompt=images_per_prompt,
