@@ -5,7 +5,7 @@ encoded here, and whether the UNet is SD1.5 or SDXL, LoRA or full, is settled in
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -46,6 +46,10 @@ def _embeds(components: Components, raw: Dict, device) -> PromptEmbeds:
     return embeds
 
 
+def _dropped(raw: Dict) -> Tuple[Tuple[int, str], ...]:
+    return tuple((i, c) for i, c in enumerate(raw.get("dropped_caption", ())) if c)
+
+
 def to_pair_batch(components: Components, raw: Dict, device) -> PairBatch:
     if "latents_w" in raw:
         lw, ll = raw["latents_w"].to(device), raw["latents_l"].to(device)
@@ -55,7 +59,7 @@ def to_pair_batch(components: Components, raw: Dict, device) -> PairBatch:
     tw, tl = _time_ids(components, raw, "w", res), _time_ids(components, raw, "l", res)
     return PairBatch(latents_w=lw.to(device), latents_l=ll.to(device), embeds=_embeds(components, raw, device),
                      time_ids_w=None if tw is None else tw.to(device),
-                     time_ids_l=None if tl is None else tl.to(device))
+                     time_ids_l=None if tl is None else tl.to(device), dropped_captions=_dropped(raw))
 
 
 def to_image_batch(components: Components, raw: Dict, device) -> ImageBatch:
@@ -69,7 +73,7 @@ def to_image_batch(components: Components, raw: Dict, device) -> ImageBatch:
     res = int(latents.shape[-1] * components.vae_scale_factor)
     tids = _time_ids(components, raw, side, res) if side or "original_size" in raw else raw.get("time_ids")
     return ImageBatch(latents=latents.to(device), embeds=_embeds(components, raw, device),
-                      time_ids=None if tids is None else tids.to(device))
+                      time_ids=None if tids is None else tids.to(device), dropped_captions=_dropped(raw))
 
 
 def unet_kwargs(components: Components, embeds: PromptEmbeds, time_ids=None) -> Dict:

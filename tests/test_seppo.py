@@ -639,3 +639,37 @@ def test_the_lora_base_reference_runs_in_eval_mode(tmp_path):
     with torch.no_grad():
         first, second = reference(x, t, emb), reference(x, t, emb)
     assert torch.equal(first, second) and comp.unet.training  # train mode given back
+
+
+@pytest.mark.parametrize("family,cache", [("sd15", "true"), ("sdxl", "false")])
+def test_rows_blanked_by_prompt_dropout_sample_their_reference_image_for_their_caption(tmp_path, monkeypatch,
+                                                                                       family, cache):
+    """x^r is the reference's image for the preferred image's prompt: a row data.prompt_dropout blanked is trained
+    unconditional, but its x^r was sampled from "" too (on SDXL with guidance between "" and zeros). The same
+    rows in the same order with and without dropout: the sampling conditioning must not differ."""
+    import t2i_align.objectives.seppo as seppo
+
+    calls, original = [], seppo.sampling_embeds
+
+    def recorded(components, images):
+        out = original(components, images)
+        calls.append((images.embeds.prompt_embeds.clone(), out.prompt_embeds.clone(),
+                      None if out.pooled_prompt_embeds is None else out.pooled_prompt_embeds.clone()))
+        return out
+
+    monkeypatch.setattr(seppo, "sampling_embeds", recorded)
+    model = save_tiny_pipeline(family, tmp_path / family)
+    data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4)
+    for dropout in (0.5, 0.0):
+        train(_cfg(model, data, tmp_path / f"run{dropout}", *SEPPO, "lora.enabled=true", "train.max_steps=4",
+                   f"data.prompt_dropout={dropout}", f"data.cache={cache}",
+                   f"data.cache_dir={tmp_path / 'cache'}", "model.weight_dtype=fp32"))
+    dropped, kept = calls[:4], calls[4:]
+    assert len(kept) == 4
+    blanked = [not torch.equal(d[0][i], k[0][i]) for d, k in zip(dropped, kept) for i in range(2)]
+    assert 0 < sum(blanked) < 8  # some rows were trained unconditional, some not
+    for (_, sample_d, pooled_d), (train_k, sample_k, pooled_k) in zip(dropped, kept):
+        assert torch.equal(sample_k, train_k)  # no dropout: x^r sampled with the training conditioning
+        assert torch.allclose(sample_d, sample_k, atol=1e-6)
+        if family == "sdxl":
+            assert torch.allclose(pooled_d, pooled_k, atol=1e-6)

@@ -44,7 +44,7 @@ from ..files import fsync_path, plain_modes, sync_tree, temp_dir
 from .cache_build import SIZE_NAMES, ImageEncoder, PromptEncoder, Team, merge_parts, not_shared, write_part
 from .cache_key import CACHE_FORMAT, cache_key, model_identity  # noqa: F401 (model_identity: API)
 from .captions import CaptionStats
-from .pairs import PairDataset, PairStats, collate_pairs, item_draws
+from .pairs import PairDataset, PairStats, collate_pairs, dropout_captions, item_draws
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
         prompt_id = int(row["prompt"])
         embeds = self._empty if dropped else self._row(self._prompt_shards, self._prompt_ends, prompt_id)
         item: Dict[str, Any] = {k: v for k, v in row.items() if k.startswith("latents")}
-        item.update(embeds, caption="" if dropped else self.captions[prompt_id])
+        item.update(embeds, **dropout_captions(self.captions[prompt_id], dropped))
         item.update({k: tuple(int(v) for v in value) for k, value in row.items() if k.startswith(SIZE_NAMES)})
         item["index"] = index
         if self.user_ids is not None:

@@ -30,7 +30,7 @@ from ..config import ConfigError
 from ..files import shown
 from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
 from .images import find_parquet_files
-from .pairs import files_identity, item_draws, text_column
+from .pairs import dropout_captions, files_identity, item_draws, text_column
 
 logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("jpg", "path")
@@ -198,8 +198,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         u = item_draws(self.seed, self.epoch, int(self.row_ids[index]))
         flip = self.flip != "none" and u[1] < 0.5
         pixels, size, crop = prepare_image(image, self.resolution, self.crop, flip, u[3], u[4])
-        caption = "" if u[0] < self.prompt_dropout else self.captions[index]
-        return {"pixels": pixels, "caption": caption, "original_size": size, "crop_top_left": crop, "index": index}
+        return {"pixels": pixels, **dropout_captions(self.captions[index], u[0] < self.prompt_dropout),
+                "original_size": size, "crop_top_left": crop, "index": index}
 
 
 def caption_columns(names: List[str], path: Path) -> str:

@@ -30,6 +30,7 @@ from ..files import keep_jsonl
 from ..prompts import read_prompts
 from ..ranking import Selection, diversity_cells, round_metrics, select_best_of_k, select_best_worst
 from ..sampling import generate, set_scheduler
+from .pairs import dropout_captions
 
 POOL_FILE = "raft_pool.safetensors"
 ROUND_CHUNK_PIXELS = 256 * 512 * 512
@@ -341,9 +342,8 @@ class OnlineSource:
         """`data.prompt_dropout` applies here as to a data set, so the unconditional branch (used by classifier-free
         guidance) learns from the samples too."""
         p = self.cfg.data.prompt_dropout
-        if p and np.random.default_rng([self.cfg.seed % 2**63, rnd, position]).random() < p:
-            return dict(item, caption="")
-        return item
+        dropped = bool(p) and np.random.default_rng([self.cfg.seed % 2**63, rnd, position]).random() < p
+        return dict(item, **dropout_captions(item["caption"], dropped))
 
     def _item(self, prompt: str, latents: List[torch.Tensor]) -> Dict:
         if self.pairs:
@@ -351,8 +351,8 @@ class OnlineSource:
         return {"caption": prompt, "latents": latents[0]}
 
     def _collate(self, items: List[Dict]) -> Dict:
-        batch = {key: [it[key] for it in items] if key == "caption" else torch.stack([it[key] for it in items])
-                 for key in items[0]}
+        batch = {key: torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+                 for key, values in ((key, [it[key] for it in items]) for key in items[0])}
         if self.components.spec.uses_time_ids:  # SDXL: generated at the target size, uncropped
             h, w = (int(d * self.components.vae_scale_factor) for d in batch["latents_w" if self.pairs else
                                                                              "latents"].shape[-2:])

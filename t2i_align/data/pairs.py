@@ -159,8 +159,15 @@ def item_draws(seed: int, epoch: int, row_id: int) -> np.ndarray:
     return np.random.default_rng([seed % 2**63, epoch, row_id]).random(7)
 
 
+def dropout_captions(caption: str, dropped: bool) -> Dict[str, str]:
+    """An item's `caption` ("" where data.prompt_dropout blanked it: an unconditional row) and `dropped_caption`
+    (the caption so blanked, else ""): SePPO samples its reference image for the row's real caption."""
+    return {"caption": "" if dropped else caption, "dropped_caption": caption if dropped else ""}
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """Preference pairs; item = dict(pixels_w, pixels_l, caption, original_size_w/l, crop_top_left_w/l, index),
+    """Preference pairs; item = dict(pixels_w, pixels_l, caption, dropped_caption, original_size_w/l,
+    crop_top_left_w/l, index),
     or None for a row whose image bytes do not decode (`collate_pairs` drops and counts it)."""
 
     SIDES = ("_w", "_l")
@@ -327,8 +334,9 @@ class PairDataset(torch.utils.data.Dataset):
         pw, size_w, crop_w = prepare_image(images[0], self.resolution, self.crop, flip_w, u[3], u[4])
         pl, size_l, crop_l = prepare_image(images[1], self.resolution, self.crop, flip_l,  # joint: one crop too
                                            *(u[3:5] if self.flip == "joint" else u[5:7]))
-        caption = "" if u[0] < self.prompt_dropout else self.captions[index]
-        item = {"pixels_w": pw, "pixels_l": pl, "caption": caption, "original_size_w": size_w,
+        dropped = u[0] < self.prompt_dropout
+        item = {"pixels_w": pw, "pixels_l": pl, **dropout_captions(self.captions[index], dropped),
+                "original_size_w": size_w,
                 "original_size_l": size_l, "crop_top_left_w": crop_w, "crop_top_left_l": crop_l, "index": index}
         if self.user_ids is not None:
             item["user_id"] = self.user_ids[index]

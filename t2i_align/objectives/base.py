@@ -34,6 +34,8 @@ class PairBatch:
     """SDXL micro-conditioning [B, 6] of the preferred images; None for SD1.5."""
     time_ids_l: Optional[torch.Tensor] = None
     """SDXL micro-conditioning [B, 6] of the rejected images (data.time_ids=per_image: their own size and crop)."""
+    dropped_captions: Tuple[Tuple[int, str], ...] = ()
+    """(row, caption) of the rows whose caption data.prompt_dropout blanked in `embeds`."""
 
 
 @dataclass
@@ -46,6 +48,8 @@ class ImageBatch:
     """Prompt embeddings, B rows."""
     time_ids: Optional[torch.Tensor] = None
     """SDXL micro-conditioning [B, 6]; None for SD1.5."""
+    dropped_captions: Tuple[Tuple[int, str], ...] = ()
+    """(row, caption) of the rows whose caption data.prompt_dropout blanked in `embeds`."""
 
 
 @dataclass

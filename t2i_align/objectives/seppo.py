@@ -6,7 +6,8 @@ reviews, every choice the paper leaves open being a `seppo.*` setting:
 
 - the reference θ_ref is drawn each step from past policy snapshots (`t2i_align.references.SnapshotPool`);
 - θ_ref samples one image x^r per prompt of the batch (the preferred image's caption), which takes the loser's
-  slot of Diffusion-DPO;
+  slot of Diffusion-DPO; a row whose caption data.prompt_dropout blanked is trained unconditional (x^w and x^r
+  alike, as Diffusion-DPO's dropped rows), its x^r still sampled for the caption (`sampling_embeds`);
 - the anchor-based adaptive flipper (AAF) signs the reference sample's term per sample, from the policy's and the
   reference's denoising errors on the preferred ("anchor") image x^w at the same ε and t (no gradient):
 
@@ -31,6 +32,7 @@ import torch
 
 from t2i_align import diffusion
 from t2i_align.adapters import visiting
+from t2i_align.conditioning.text import PromptEmbeds, encode_prompts
 from t2i_align.config import ObjectiveConfig
 from t2i_align.objectives.base import Denoiser, ImageBatch, Metrics, Objective, PairBatch, metrics_to_floats
 from t2i_align.objectives.dpo import dpo_loss, implicit_accuracy
@@ -78,6 +80,24 @@ def anchor_error_draws(policy: Denoiser, reference: Denoiser, scheduler: object,
         pol.append(diffusion.per_sample_mse(policy(noisy, t, embeds, time_ids), target))
         ref.append(diffusion.per_sample_mse(reference(noisy, t, embeds, time_ids), target))
     return torch.stack(pol), torch.stack(ref)
+
+
+def sampling_embeds(components, images: ImageBatch) -> PromptEmbeds:
+    """The conditioning x^r is sampled with: the batch's, with the rows data.prompt_dropout blanked encoded from
+    their caption again (x^r is the reference's image for the preferred image's prompt; sampled from "" it was an
+    unconditional image, and on SDXL guidance between "" and zeros)."""
+    embeds = images.embeds
+    if not images.dropped_captions:
+        return embeds
+    rows, captions = (list(x) for x in zip(*images.dropped_captions))
+    fresh = encode_prompts(components, captions)
+    prompt = embeds.prompt_embeds.clone()
+    prompt[rows] = fresh.prompt_embeds.to(prompt.device, prompt.dtype)
+    pooled = embeds.pooled_prompt_embeds
+    if pooled is not None:
+        pooled = pooled.clone()
+        pooled[rows] = fresh.pooled_prompt_embeds.to(pooled.device, pooled.dtype)
+    return PromptEmbeds(prompt, pooled, embeds.user_tokens)
 
 
 class SePPO(Objective):
@@ -128,8 +148,8 @@ class SePPO(Objective):
             size = tuple(int(d * ctx.components.vae_scale_factor) for d in latents.shape[-2:])
             time_ids = sdxl_time_ids(size, (0, 0), size, batch_size=len(latents)).to(latents.device)
         with self._resident(latents.device):
-            sample = ctx.sample(reference, images.embeds, steps=sc.sample_steps, guidance=sc.guidance_scale,
-                                time_ids=time_ids, latent_shape=tuple(latents.shape[1:]))
+            sample = ctx.sample(reference, sampling_embeds(ctx.components, images), steps=sc.sample_steps,
+                                guidance=sc.guidance_scale, time_ids=time_ids, latent_shape=tuple(latents.shape[1:]))
         if sc.reencode:
             sample = ctx.encode_images(ctx.decode_latents(sample).clamp(-1, 1))
         return sample.to(latents.device, latents.dtype), time_ids

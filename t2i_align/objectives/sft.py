@@ -14,7 +14,7 @@ def preferred_images(batch: Union[ImageBatch, PairBatch]) -> ImageBatch:
     """A PairBatch trains on its preferred images only (the official `--sft` flag), so DPO and SFT can be
     compared on the same pair data; the rejected images are ignored."""
     if isinstance(batch, PairBatch):
-        return ImageBatch(batch.latents_w, batch.embeds, batch.time_ids_w)
+        return ImageBatch(batch.latents_w, batch.embeds, batch.time_ids_w, batch.dropped_captions)
     if isinstance(batch, ImageBatch):
         return batch
     raise TypeError(f"SFT needs an ImageBatch or a PairBatch, got {type(batch).__name__}")
