@@ -74,6 +74,22 @@ def _check_method_settings(cfg: Config, batch_kind: str) -> None:
         check_differentiable(cfg.reward_backprop.reward)
 
 
+def _check_chain_steps(cfg: Config, scheduler) -> None:
+    """The DDIM chains an objective samples in training fit the model's schedule: too many steps failed in DDIM's
+    set_timesteps at the first step, a traceback after the model load and the cache build."""
+    from .rollout import ddim_sampler
+
+    setting = {"seppo": "seppo.sample_steps", "reward_backprop": "reward_backprop.num_steps"}.get(cfg.objective.name)
+    if setting is None:
+        return
+    steps = getattr(getattr(cfg, setting.split(".")[0]), setting.split(".")[1])
+    try:
+        ddim_sampler(scheduler, steps)
+    except ValueError:
+        raise ConfigError(f"{setting}={steps} is more DDIM steps than this model's schedule "
+                          f"({scheduler.config.num_train_timesteps} timesteps) can take: give fewer") from None
+
+
 def _trainable(cfg: Config, components, needs_reference: bool):
     """(trainable parameters, frozen reference copy or None). A full fine-tune trains every UNet weight against a
     frozen copy; otherwise only adapters train (LoRA when lora.enabled, then PPD's user branch when ppd.enabled,
@@ -165,6 +181,7 @@ def build(cfg: Config, accelerator, objective) -> Built:
     components = on_every(accelerator, lambda: load_components(cfg.model, device=accelerator.device),
                           "another process could not load the model (a file missing on its machine?)")
     _note_resolution(cfg, components.spec, accelerator)
+    _check_chain_steps(cfg, components.scheduler)
     components.time_ids = cfg.data.time_ids
     params, frozen = _trainable(cfg, components, objective.needs_reference)
     source = _source(cfg, components, accelerator, objective.batch_kind)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .batches import make_denoiser, unet_kwargs
+from .checkpoints import CheckpointMismatch
 from .errors import describe, raise_told
 from .files import fsync_path, save_safetensors_atomic
 from .adapters import adapters_off, visiting
@@ -33,7 +34,7 @@ from .objectives.base import Denoiser
 
 logger = logging.getLogger(__name__)
 DRAWS = ("random", "initial", "latest")
-_STATE_FILE = "reference_pool.json"
+POOL_STATE_FILE = "reference_pool.json"
 _TENSORS_FILE = "reference_pool.safetensors"
 POOL_DIR = "reference_pool"
 """Full fine-tune snapshots: output_dir/reference_pool/step-<N>.safetensors."""
@@ -164,6 +165,13 @@ class SnapshotPool(BaseReference):
     def _adapter_names(self) -> List[str]:
         return [name for name, p in self.unet.named_parameters() if p.requires_grad]
 
+    def _trim(self) -> None:
+        """The oldest snapshots after the initial model leave until `kept` remain."""
+        while len(self.steps) > self.kept:
+            gone = self.steps.pop(1)
+            self.tensors.pop(gone, None)
+            self.ram.pop(gone, None)
+
     def _take(self, step: int) -> None:
         if step > 0 and self.kept == 1:  # the pool is the initial model alone: a snapshot would leave at once
             return
@@ -171,10 +179,7 @@ class SnapshotPool(BaseReference):
             params = dict(self.unet.named_parameters())
             self.tensors[step] = {n: params[n].detach().clone() for n in self._adapter_names()}
         self.steps.append(step)
-        while len(self.steps) > self.kept:
-            gone = self.steps.pop(1)
-            self.tensors.pop(gone, None)
-            self.ram.pop(gone, None)
+        self._trim()
         if not self.adapters:
             self._write_full(step)  # and the files of snapshots that left the pool deleted
 
@@ -187,12 +192,12 @@ class SnapshotPool(BaseReference):
         keep = set(self.steps)
         checkpoints = self.output_dir / "checkpoints"
         # [!.]: a .step-N.tmp a stopped save left is no checkpoint
-        for state in checkpoints.glob("[!.]*/" + _STATE_FILE):
+        for state in checkpoints.glob("[!.]*/" + POOL_STATE_FILE):
             keep.update(listed(state))
-        for state in checkpoints.glob("abandoned-*/[!.]*/" + _STATE_FILE):
+        for state in checkpoints.glob("abandoned-*/[!.]*/" + POOL_STATE_FILE):
             until = int(re.search(r"-from-step-(\d+)", state.parent.parent.name).group(1))  # not a -2 suffix
             keep.update(s for s in listed(state) if s <= until)
-        resumed = self.resume_from / _STATE_FILE if self.resume_from is not None else None
+        resumed = self.resume_from / POOL_STATE_FILE if self.resume_from is not None else None
         if resumed is not None and resumed.is_file():
             keep.update(listed(resumed))
         for step, path in snapshot_files(self.output_dir).items():
@@ -332,7 +337,7 @@ class SnapshotPool(BaseReference):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        (folder / _STATE_FILE).write_text(json.dumps(self.state()))
+        (folder / POOL_STATE_FILE).write_text(json.dumps(self.state()))
         if self.adapters:
             flat = {f"{step}/{name}": t.detach().to("cpu").contiguous()
                     for step, tensors in self.tensors.items() for name, t in tensors.items()}
@@ -340,23 +345,39 @@ class SnapshotPool(BaseReference):
 
     def load(self, folder: Path) -> None:
         folder = Path(folder)
-        path = folder / _STATE_FILE
+        path = folder / POOL_STATE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no {_STATE_FILE}: it was not written by a run with a "
+            raise FileNotFoundError(f"checkpoint {folder} has no {POOL_STATE_FILE}: it was not written by a run with a "
                                     "snapshot reference pool; resume with the run's own config")
         steps = [int(s) for s in json.loads(path.read_text())["steps"]]
         if self.adapters:
             self.tensors = _read_lora_pool(folder / _TENSORS_FILE, steps, self.unet)
+            _check_lora_pool(folder / _TENSORS_FILE, self.tensors, dict(self.unet.named_parameters()),
+                             self._adapter_names())
         else:
             missing = [str(self._file(s)) for s in steps if not self._file(s).is_file()]
             if missing:
                 raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}")
         self.steps, self.current, self.loaded, self.ram = steps, None, None, {}
+        self._trim()  # a resume with a smaller seppo.pool_size, or a draw that uses fewer (initial, latest)
 
 
 def snapshot_files(output_dir: Path) -> Dict[int, Path]:
     """step -> the full fine-tune snapshot file of that step in output_dir."""
     return {int(path.stem.split("-")[1]): path for path in (Path(output_dir) / POOL_DIR).glob("step-*.safetensors")}
+
+
+def _check_lora_pool(path: Path, pool: Dict[int, Dict[str, torch.Tensor]], params: Dict[str, torch.Tensor],
+                     names: List[str]) -> None:
+    """Every listed snapshot holds every adapter tensor at its shape: `functional_call` fills a missing one from the
+    live policy, so a damaged file made the reference the policy itself without a word."""
+    for step, tensors in pool.items():
+        bad = sorted(set(names) ^ set(tensors)) or [n for n in names if tensors[n].shape != params[n].shape]
+        if bad:
+            raise CheckpointMismatch(f"{path}: the snapshot of step {step} does not fit this run's adapters "
+                                     f"({len(bad)} tensors missing, extra or of another shape, e.g. {bad[0]}): "
+                                     "the file is damaged or from other LoRA settings; resume with the run's own "
+                                     "settings, or from another checkpoint")
 
 
 def _read_lora_pool(path: Path, steps: List[int], unet) -> Dict[int, Dict[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ from .config import Config, TrainConfig, config_to_dict, save_config
 from .engines import engine_name, on_every, on_main, say
 from .errors import UserError
 from .optim import align_lr_schedule
+from .references import POOL_STATE_FILE
 from .run_dir import prepare_run_dir, set_aside_newer
 
 COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite")
@@ -48,6 +49,10 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
+    if method is not None and method[0] == "seppo" and not (path / POOL_STATE_FILE).is_file():
+        raise CheckpointMismatch(f"train.resume: {path} holds no SePPO reference pool ({POOL_STATE_FILE}): it was "
+                                 "written by another objective. To start SePPO from its weights, export the "
+                                 "checkpoint and give it as model.pretrained (README: Sampling)")
     if method is not None and warn:
         _warn_other_method(path, _method(*method))
     written = marker.get("engine")

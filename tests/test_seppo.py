@@ -673,3 +673,34 @@ def test_rows_blanked_by_prompt_dropout_sample_their_reference_image_for_their_c
         assert torch.allclose(sample_d, sample_k, atol=1e-6)
         if family == "sdxl":
             assert torch.allclose(pooled_d, pooled_k, atol=1e-6)
+
+
+def test_seppo_resume_checks_fit_the_pool_to_the_settings_and_refuse_what_it_cannot_use(tiny_model, pairs, tmp_path):
+    """A pool resumed with a smaller seppo.pool_size kept (and drew from) every saved snapshot; a DPO checkpoint
+    resumed as SePPO failed after the model load, config.yaml already rewritten; too many sampling steps failed in
+    DDIM at the first step (a traceback); a damaged LoRA pool made the reference the live policy silently."""
+    from safetensors.torch import load_file, save_file
+
+    from t2i_align.checkpoints import CheckpointMismatch
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=2"))
+    step2 = out / "checkpoints" / "step-2"
+    assert json.loads((step2 / "reference_pool.json").read_text()) == {"steps": [0, 1, 2]}
+    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest",
+               "seppo.pool_size=2"))
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["reference_pool_size"] == 2
+    tensors = load_file(str(step2 / "reference_pool.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("1/")}, str(step2 / "reference_pool.safetensors"))
+    with pytest.raises(CheckpointMismatch, match="the snapshot of step 1 does not fit this run's adapters"):
+        train(_cfg(tiny_model, pairs, tmp_path / "damaged", *SEPPO, "lora.enabled=true", "train.max_steps=3",
+                   f"train.resume={step2}"))
+    dpo = tmp_path / "dpo"
+    train(_cfg(tiny_model, pairs, dpo, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1"))
+    with pytest.raises(CheckpointMismatch, match="holds no SePPO reference pool"):
+        train(_cfg(tiny_model, pairs, dpo, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest"))
+    assert "name: dpo" in (dpo / "config.yaml").read_text()  # refused before the run claimed its folder
+    with pytest.raises(ConfigError, match="seppo.sample_steps=2000 is more DDIM steps than this model's schedule"):
+        train(_cfg(tiny_model, pairs, tmp_path / "steps", *SEPPO, "seppo.sample_steps=2000", "train.max_steps=1"))
+    with pytest.warns(UserWarning, match="seppo.snapshots_in_memory is set on the command line, but only a full"):
+        _cfg(tiny_model, pairs, tmp_path / "x", *SEPPO, "lora.enabled=true", "seppo.snapshots_in_memory=true")

@@ -296,6 +296,8 @@ def _no_effect(cfg: Config, key: str, section: str, rest: str) -> Tuple[str, str
         return "raft.enabled is true (RAFT trains on its own samples)", "", False
     if key in KIND_KEYS and cfg.data.kind not in KIND_KEYS[key]:
         return f"data.kind is {cfg.data.kind!r}", "", False
+    if key == "seppo.snapshots_in_memory" and not cfg.full_finetune:
+        return "only a full fine-tune's snapshots are files (LoRA snapshots are always in memory)", "", False
     if key == "data.shuffle_window" and cfg.data.cache:
         return "data.cache is true (cached data is shuffled whole)", "", False
     return "", "", False
