@@ -323,8 +323,10 @@ def save_full_pipeline(pipeline, unet, folder: Path) -> None:
                 pipeline.save_pretrained(str(folder), safe_serialization=True)
             finally:
                 load_user_branch(unet, branch.parent, branch.name)
+    from .model_folders import carry_tokenizer_files
     from .sampling import pipeline_components
 
+    carry_tokenizer_files(pipeline_components(pipeline).path, folder)
     _carry_safety_checker(pipeline_components(pipeline).path, folder)
 
 

@@ -85,14 +85,14 @@ def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
         entry = index.get(name)
         if not isinstance(entry, list) or not entry or entry[0] is None:
             continue
-        missing = _missing_files(path / name, name)
+        missing = missing_files(path / name, name)
         if missing is None:
             continue
         raise ModelLoadError(f"{path}/model_index.json lists the {name} component but {missing}: the folder is "
                              "incomplete (a partial download or copy?); download or copy it again")
 
 
-def _missing_files(sub: Path, name: str) -> Optional[str]:
+def missing_files(sub: Path, name: str) -> Optional[str]:
     """What component folder `sub` lacks, or None. A tokenizer without its vocabulary loaded as a 2-token one
     (transformers 5), every prompt encoded alike; a missing config.json gave a default model and a size mismatch."""
     if not sub.is_dir():
@@ -111,6 +111,17 @@ def _missing_files(sub: Path, name: str) -> Optional[str]:
         return f"{sub} has no scheduler_config.json"
     if name.startswith("tokenizer") and "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
         return f"{sub} holds no vocabulary (tokenizer.json, or vocab.json with merges.txt)"
+    return _damaged_json(sub, sorted(f for f in has if f.endswith(".json")))
+
+
+def _damaged_json(sub: Path, names: Sequence[str]) -> Optional[str]:
+    """The first of `names` in `sub` that is not JSON (cut short, overwritten): it failed as a traceback when its
+    part loaded, after the dry run passed."""
+    for name in names:
+        try:
+            json.loads((sub / name).read_bytes())
+        except (OSError, ValueError):
+            return f"{sub / name} is not valid JSON (damaged or cut short)"
     return None
 
 
@@ -261,3 +272,35 @@ def load_lora(pipe, lora: Path, path: Path) -> None:
         log.removeFilter(drop)
     if not getattr(pipe.unet, "peft_config", None):
         raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
+
+
+def check_vae_scale(path: Path, vae, key: str) -> None:
+    """A VAE given in place of pipeline `path`'s own (`key`) has its latent scale: SD1.5's and SDXL's VAEs both give
+    4 channels, so one of the other family passed every check and trained on latents the UNet never saw."""
+    try:
+        own = json.loads((Path(path) / "vae" / "config.json").read_text())
+    except (OSError, ValueError):  # no VAE of its own (loaded from elsewhere): nothing to compare with
+        return
+    for name in ("scaling_factor", "shift_factor"):
+        theirs, ours = vae.config.get(name), own.get(name)
+        if theirs != ours:
+            raise ModelLoadError(f"{key}: its VAE's {name} is {theirs}, the model's own VAE's {ours}: a VAE of "
+                                 "another model family (SD1.5: 0.18215, SDXL: 0.13025); give one made for this model")
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json")
+
+
+def carry_tokenizer_files(source: Path, folder: Path) -> None:
+    """The vocabulary files of `source`'s tokenizers that a saved pipeline `folder` lacks: transformers 5 saves a
+    CLIPTokenizer as tokenizer.json alone, which transformers 4 (setup.cfg allows it) cannot load as the
+    CLIPTokenizer model_index.json names. Text files, copied as they are: the tokenizers never train."""
+    import shutil
+
+    for part in ("tokenizer", "tokenizer_2"):
+        if not (Path(folder) / part).is_dir():
+            continue
+        for name in TOKENIZER_FILES:
+            src, dst = Path(source) / part / name, Path(folder) / part / name
+            if src.is_file() and not dst.exists():
+                shutil.copyfile(src, dst)

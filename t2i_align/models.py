@@ -23,8 +23,8 @@ from t2i_align.config import ModelConfig
 from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
 from t2i_align.diffusion import latent_scheduler
 from t2i_align.errors import one_line
-from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, local_model_folder, read_index,  # noqa: F401
-                                     resolve_pretrained)
+from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, check_vae_scale,  # noqa: F401
+                                     local_model_folder, read_index, resolve_pretrained)
 from t2i_align.weight_files import weights_variant
 
 
@@ -181,7 +181,7 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
         return cls.from_pretrained(path, subfolder=name, **kwargs)
     # a file missing or unreadable in the subfolder (a partial copy, a variant it lacks); transformers lets a
     # truncated safetensors file's own error through, naming no file
-    except (OSError, SafetensorError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # ValueError: a damaged JSON file (tokenizers)
         raise ModelLoadError(f"could not load {name} ({class_name}) from {path / name}: {one_line(err)[:300]}; the "
                              "folder may be incomplete: download or copy it again") from err
 
@@ -207,10 +207,23 @@ def _load_vae(cfg: ModelConfig, path: Path, index: dict, spec: FamilySpec, dtype
 
     if cfg.vae:
         vae = load_vae_folder(cfg.vae, lambda config: _vae_dtype(spec, config, dtype), cfg.variant, where=where)
+        check_vae_scale(path, vae, f"model.vae={cfg.vae}")
     else:
         vae = _load_part(path, index, "vae", variant=variant,
-                         dtype=_vae_dtype(spec, AutoencoderKL.load_config(path, subfolder="vae"), dtype))
+                         dtype=_vae_dtype(spec, _part_config(AutoencoderKL, path, index, "vae"), dtype))
     return vae.requires_grad_(False).eval()
+
+
+def _part_config(cls, path: Path, index: dict, name: str) -> dict:
+    """`cls.load_config` of component `name`; a ModelLoadError for a part model_index.json lacks or a damaged file
+    (tracebacks before, one naming the pipeline folder as the missing part's)."""
+    if not index.get(name) or index[name][0] is None:
+        raise ModelLoadError(f"{path}/model_index.json has no {name!r} component")
+    try:
+        return cls.load_config(path, subfolder=name)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not read the {name} config in {path / name} ({one_line(err)[:200]}); the folder "
+                             "may be damaged: download or copy it again") from err
 
 
 def _vae_dtype(spec: FamilySpec, config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
@@ -287,7 +300,10 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
         unet.enable_gradient_checkpointing()
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
-    scheduler = latent_scheduler(DDPMScheduler, DDPMScheduler.load_config(path, subfolder="scheduler"))
+    scheduler = latent_scheduler(DDPMScheduler, _part_config(DDPMScheduler, path, index, "scheduler"))
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):  # failed at the first training step
+        raise ModelLoadError(f"{path}/scheduler: prediction_type {scheduler.config.prediction_type!r} is not "
+                             "supported (epsilon or v_prediction)")
     if device is not None:
         for module in (*encoders, vae, unet):
             module.to(device)

@@ -76,7 +76,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     from diffusers import DiffusionPipeline
     from safetensors import SafetensorError
 
-    from .model_folders import load_lora
+    from .model_folders import check_vae_scale, load_lora
     from .base_model import note_recorded_vae
     from .models import ModelLoadError, check_latent_channels, dtype_kwargs, load_vae_folder, torch_dtype
     from .weight_files import weights_variant
@@ -94,6 +94,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
                              "the folder may be damaged or incomplete: download or copy it again") from err
     if vae is not None:
         pipe.vae = load_vae_folder(str(vae), lambda config: torch_dtype(dtype), variant, key="--vae")
+        check_vae_scale(path, pipe.vae, f"--vae {vae}")
     elif lora is not None:
         note_recorded_vae(lora)
     if unet is not None:  # the variant asked for, not the base's only one: the checkpoint's may differ

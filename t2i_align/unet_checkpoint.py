@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from .errors import one_line
+
 INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "encoder_hid_dim_type", "addition_embed_type",
              "addition_time_embed_dim", "projection_class_embeddings_input_dim", "class_embed_type",
              "num_class_embeds", "time_cond_proj_dim")
@@ -47,7 +49,11 @@ def check_fits(folder: Path, base: torch.nn.Module) -> None:
     load); else a ModelLoadError naming what differs. The prediction type is the base scheduler's, unchecked."""
     from .models import ModelLoadError
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON ({err}): the checkpoint is damaged; copy "
+                             "it again") from None
     cls = type(base)
     if config.get("_class_name") != cls.__name__:
         raise ModelLoadError(f"{folder} holds a {config.get('_class_name')}, the base model a {cls.__name__}")
@@ -65,12 +71,21 @@ def check_fits(folder: Path, base: torch.nn.Module) -> None:
 def load_unet_checkpoint(given: str | Path, base: torch.nn.Module, variant: Optional[str] = None) -> torch.nn.Module:
     """The UNet of checkpoint `given`, checked against `base` (the pipeline's own UNet) and loaded in its dtype;
     `variant` where the checkpoint holds it, else its plain weights."""
+    from .model_folders import missing_files
+    from .models import ModelLoadError
     from .weight_files import weights_variant
 
     folder = unet_folder(given)
+    missing = missing_files(folder, "unet")  # no weights, git-lfs pointers: a partial clone of a released UNet
+    if missing:
+        raise ModelLoadError(f"--unet {given}: {missing}")
     check_fits(folder, base)
     # --variant names the base's variant: a released UNet of plain weights beside it is expected, not told
     variant = weights_variant(folder, variant, "--variant", fallback=True, part="", warn=False)
     from .models import dtype_kwargs
 
-    return type(base).from_pretrained(str(folder), **dtype_kwargs(base.dtype), variant=variant)
+    try:
+        return type(base).from_pretrained(str(folder), **dtype_kwargs(base.dtype), variant=variant)
+    except (OSError, ValueError) as err:  # a truncated weights file
+        raise ModelLoadError(f"--unet {given}: could not load its weights ({one_line(err)[:300]}); the checkpoint may "
+                             "be damaged: copy it again") from err

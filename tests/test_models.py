@@ -679,3 +679,89 @@ def test_sampling_refuses_a_unet_that_does_not_take_the_vae_latents(sd15_dir, tm
     folder = _nine_channel_copy(sd15_dir, tmp_path)
     with pytest.raises(ModelLoadError, match="its UNet takes 9 input channels and the VAE gives 4"):
         load_pipeline(str(folder))
+
+
+def test_damaged_or_unlisted_parts_are_load_errors_and_damaged_json_is_named_before_loading(sd15_dir, tmp_path):
+    """A VAE missing from model_index.json, a damaged vae or scheduler config or tokenizer file were tracebacks
+    (the first naming the pipeline folder as the VAE's) that the dry run's folder checks passed."""
+    import shutil
+
+    no_vae = shutil.copytree(sd15_dir, tmp_path / "novae")
+    index = json.loads((no_vae / "model_index.json").read_text())
+    index.pop("vae")
+    (no_vae / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="model_index.json has no 'vae' component"):
+        models.load_components(ModelConfig(pretrained=str(no_vae)))
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    for part, name in (("vae", "config.json"), ("scheduler", "scheduler_config.json"),
+                       ("tokenizer", "tokenizer_config.json")):
+        damaged = shutil.copytree(sd15_dir, tmp_path / f"damaged-{part}")
+        (damaged / part / name).write_text('{"cut": ')
+        with pytest.raises(ModelLoadError, match=f"{part}/{name} is not valid JSON"):
+            models.resolve_pretrained(str(damaged))  # what the dry run (and load_components first) checks
+        with pytest.raises(ModelLoadError, match=f"could not (load|read the) {part}"):  # the loading itself
+            if part == "tokenizer":
+                models._load_part(damaged, models.read_index(damaged), part)
+            else:
+                cls = AutoencoderKL if part == "vae" else DDPMScheduler
+                models._part_config(cls, damaged, models.read_index(damaged), part)
+
+
+def test_a_scheduler_that_predicts_the_sample_is_refused_at_load(sd15_dir, tmp_path):
+    """prediction_type "sample" loaded and failed at the first training step, the output folder claimed."""
+    import shutil
+
+    other = shutil.copytree(sd15_dir, tmp_path / "x0")
+    config = json.loads((other / "scheduler" / "scheduler_config.json").read_text())
+    (other / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
+    with pytest.raises(ModelLoadError, match="prediction_type 'sample' is not supported"):
+        models.load_components(ModelConfig(pretrained=str(other)))
+
+
+def test_a_vae_of_another_family_is_refused(sd15_dir, tmp_path):
+    """Both families' VAEs give 4 latent channels: an SDXL VAE passed as SD1.5's model.vae trained silently."""
+    import shutil
+
+    from t2i_align.sampling import load_pipeline
+
+    sdxl_like = shutil.copytree(sd15_dir / "vae", tmp_path / "sdxl-vae")
+    config = json.loads((sdxl_like / "config.json").read_text())
+    (sdxl_like / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
+    with pytest.raises(ModelLoadError, match="model.vae=.*scaling_factor is 0.13025, the model's own VAE's 0.18215"):
+        models.load_components(ModelConfig(pretrained=str(sd15_dir), vae=str(sdxl_like)))
+    with pytest.raises(ModelLoadError, match="--vae .*scaling_factor is 0.13025"):
+        load_pipeline(sd15_dir, vae=sdxl_like)
+    models.load_components(ModelConfig(pretrained=str(sd15_dir), vae=str(sd15_dir)))  # its own kind: fine
+
+
+def test_a_bad_unet_checkpoint_is_a_load_error(sd15_dir, tmp_path):
+    """A UNet folder without weights, with git-lfs pointers, a cut weights file or a damaged config.json were
+    tracebacks from merge_lora.py --unet and the sample scripts (partial clones of the released DPO UNets)."""
+    import shutil
+
+    from t2i_align.unet_checkpoint import load_unet_checkpoint
+
+    base = models.load_components(ModelConfig(pretrained=str(sd15_dir))).unet
+    weights = next((sd15_dir / "unet").glob("*.safetensors")).name
+    cases = {"none": (lambda f: (f / weights).unlink(), "holds no weights file"),
+             "lfs": (lambda f: (f / weights).write_text("version https://git-lfs.github.com/spec/v1\n"), "git-lfs"),
+             "cut": (lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:100]), "could not load its"),
+             "config": (lambda f: (f / "config.json").write_text("{"), "config.json is not valid JSON")}
+    for name, (damage, told) in cases.items():
+        folder = shutil.copytree(sd15_dir / "unet", tmp_path / name / "unet")
+        damage(folder)
+        with pytest.raises(ModelLoadError, match=told):
+            load_unet_checkpoint(folder.parent, base)
+
+
+def test_a_full_export_keeps_the_sources_vocabulary_files(tmp_path):
+    """transformers 5 saves a CLIPTokenizer as tokenizer.json alone; model_index.json names CLIPTokenizer, which
+    transformers 4 (setup.cfg allows it) loads from vocab.json and merges.txt: the source's are carried over."""
+    from t2i_align.checkpoints import export_final
+
+    comp = models.load_components(ModelConfig(pretrained="toy"))
+    final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path)
+    source = comp.path / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):
+        assert (final / "tokenizer" / name).read_bytes() == (source / name).read_bytes()
