@@ -541,3 +541,21 @@ def test_a_cache_with_random_augmentation_says_it_is_drawn_once():
     note_frozen_augmentation(accelerator, DataConfig(flip="independent", crop="random"))
     note_frozen_augmentation(accelerator, DataConfig(flip="none", crop="center"))
     assert len(said) == 1 and "data.flip=independent and data.crop=random are drawn once" in said[0]
+
+
+def test_a_cache_another_run_publishes_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Absent at the first look, then renamed into place by a concurrent run: it was deleted as incomplete."""
+    import t2i_align.data.cache as cache
+
+    folder = tmp_path / "cache" / "k"
+    looks = []
+
+    def complete(path, key):
+        looks.append(path)
+        if len(looks) == 1:  # the other run publishes between the two looks
+            folder.mkdir(parents=True)
+            return False
+        return True
+
+    monkeypatch.setattr(cache, "_is_complete", complete)
+    assert cache._start_build(folder, "k") is None and folder.is_dir()

@@ -323,3 +323,41 @@ def test_stage_two_reads_the_captions_of_a_parquet_whole(tmp_path):
                    tmp_path / "empty.parquet")
     with pytest.raises(ConfigError, match="holds no captions \\(2 rows, every caption empty or not text\\)"):
         read_prompts(str(tmp_path / "empty.parquet"), "data.path")
+
+
+def not_utf8_strings(values):
+    """A pyarrow string array holding `values` (bytes) unchecked, as a tool that does not check UTF-8 writes."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.array(offsets).buffers()[1],
+                                                             pa.py_buffer(b"".join(values))])
+
+
+def test_odd_image_paths_and_leftover_files_are_bad_rows_not_crashes(tmp_path, monkeypatch):
+    """A path that is not UTF-8 (a Latin-1 file name) stopped training and the cache build; a path naming a FIFO
+    blocked the read forever; macOS's ._*.parquet copies made the folder unusable; one open file per shard reached
+    the open-file limit ("Too many open files" read as a damaged file)."""
+    import os
+
+    import t2i_align.data.images as images
+    from t2i_align.data.stream import RowReader
+
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    pq.write_table(pa.table({"caption": ["x", "y", "z", "w"],
+                             "path": not_utf8_strings([b"a.png", b"caf\xe9.png", b"pipe.png", b"a.png"])}),
+                   tmp_path / "c.parquet")
+    (tmp_path / "._c.parquet").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = CaptionDataset(tmp_path, resolution=8)
+    assert len(ds.files) == 1 and len(ds) == 4
+    assert [ds[i] is None for i in range(4)] == [False, True, True, False] and ds.stats.bad_images == 2
+    assert [row[1] for row in RowReader(ds).rows(np.arange(4))] == ["a.png", None, "pipe.png", "a.png"]
+    monkeypatch.setattr(images, "OPEN_FILES", 2)
+    (tmp_path / "many").mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "many" / "a.png")
+    for i in range(5):
+        pq.write_table(pa.table({"caption": [f"c{i}"], "path": ["a.png"]}), tmp_path / "many" / f"{i}.parquet")
+    shards = CaptionDataset(tmp_path / "many", resolution=8)
+    closed = []
+    monkeypatch.setattr(pq.ParquetFile, "close", lambda self, force=False: closed.append(self))
+    assert all(shards[i] is not None for i in (0, 1, 2, 3, 4, 0)) and len(shards._handles) == 2
+    assert len(closed) == 4  # opened 6 times (file 0 twice), at most 2 open

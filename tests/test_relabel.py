@@ -57,7 +57,7 @@ def test_the_judge_relabels_pairs_keeping_every_column(pairs, tmp_path, capsys):
     assert code == 0
     assert (summary["rows"], summary["written"], summary["reward_ties"]) == (8, 4, 0)
     assert summary["skipped"] == {"human_tie": 1, "unlabelled": 1, "invalid_label": 0, "unreadable_image": 1,
-                                  "not_scored": 1}
+                                  "not_scored": 1, "not_text": 0}
     assert summary["agreement_with_human"]["n"] == 4 and summary["agreement_with_human"]["rate"] == 0.75
     assert json.loads((out / "relabel.json").read_text()) == summary
     assert set(pq.read_schema(pairs / "part-0.parquet").names) < set(pq.read_schema(out / "part-0.parquet").names)
@@ -223,3 +223,25 @@ def test_a_reward_scored_against_its_batch_is_refused(pairs, tmp_path, capsys):
                             "--out", tmp_path / "ai")
     assert code == 2 and "would depend on the images beside it and on --batch-size" in err
     assert not (tmp_path / "ai").exists()
+
+
+def test_text_that_is_not_utf8_is_a_skipped_row_in_relabelling_and_in_training(tmp_path, capsys):
+    """A caption (or generator name) that is not UTF-8 stopped relabelling with a bare UnicodeDecodeError, and
+    data.both_models_contain training at its start; training counts the caption as missing."""
+    import pyarrow as pa
+
+    from test_longalign_data import not_utf8_strings
+
+    table = pa.Table.from_pylist(_rows()[:4])
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", not_utf8_strings(
+        [c.encode() for c in table.column("caption").to_pylist()[:3]] + [b"caf\xe9"]))
+    table = table.set_column(table.schema.get_field_index("model_0"), "model_0",
+                             not_utf8_strings([b"a", b"a", b"\xff", b"a"]))
+    table = table.set_column(table.schema.get_field_index("model_1"), "model_1", pa.array(["a"] * 4))
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    pq.write_table(table, folder / "part-0.parquet")
+    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", tmp_path / "ai")
+    assert code == 0 and summary["rows"] == 4 and summary["skipped"]["not_text"] == 2 and summary["written"] == 2
+    trained = load_pairs(DataConfig(path=str(folder), resolution=8, both_models_contain="a"), seed=0)
+    assert (trained.stats.used, trained.stats.other_models, trained.stats.no_caption) == (2, 1, 1)

@@ -170,6 +170,8 @@ def _start_build(folder: Path, key: str) -> Optional[str]:
     if _is_complete(folder, key):
         return None
     if folder.exists():  # unmarked (e.g. hand-edited) or a shard missing or truncated: never trust it
+        if _is_complete(folder, key):  # absent at the first look, published by another run since: keep it
+            return None
         logger.warning("cache %s is incomplete (no marker, or a shard missing or of another size): rebuilding", folder)
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

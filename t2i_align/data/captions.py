@@ -29,7 +29,7 @@ from PIL import Image
 from ..config import ConfigError
 from ..files import shown
 from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
-from .images import find_parquet_files
+from .images import find_parquet_files, scalar_value
 from .pairs import dropout_captions, files_identity, item_draws, text_column
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         if self._group_key != (fi, g):
             self._group = read_row_group(self._handles, self.files, fi, g, [self.column[fi]]).column(0)
             self._group_key = (fi, g)
-        return self._group[off].as_py()
+        return scalar_value(self._group[off])
 
     def _open_path(self, index: int, rel: Any) -> Image.Image:
         """The image file `rel` of row `index`, which must resolve inside the image root."""
@@ -156,6 +156,8 @@ class CaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"image path {rel!r} cannot be resolved ({err})") from None
         if not real.is_relative_to(root):
             raise ValueError(f"image path {rel!r} resolves to {real}, outside the image root {root}")
+        if not real.is_file():  # a named pipe or device would block the read
+            raise ValueError(f"image path {rel!r} is missing or not a regular file")
         return decode_rgb(real.read_bytes())  # as image bytes are: EXIF orientation applied
 
     def raw_columns(self, file: int) -> List[str]:

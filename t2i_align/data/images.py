@@ -17,13 +17,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import ConfigError
 from ..errors import UserError
-from ..files import shown
+from ..files import browser_leftover, shown
 
 logger = logging.getLogger(__name__)
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, struct.error, Image.DecompressionBombError)
 """What undecodable bytes raise in PIL (UnidentifiedImageError and truncation are OSErrors; a damaged EXIF block
 struct.error, from exif_transpose)."""
+
+
+def scalar_value(scalar):
+    """A parquet scalar as Python; a string that is not UTF-8 (a path written by a tool that does not check) as
+    None, which the row's reader counts as a bad row (it raised, stopping the run or the cache build)."""
+    try:
+        return scalar.as_py()
+    except UnicodeDecodeError:
+        return None
+
+
 MAX_ASPECT = 32
 """Longest over shortest side of a trainable image: a square crop keeps 1/32 of it, and the resize before the crop
 holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 512 px)."""
@@ -61,7 +72,8 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None, kind
     if given.suffix.lower() in (".jsonl", ".csv"):
         raise ConfigError(f"data {given} is a listing, not parquet: {_import_hint(kind)}")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
-    files = sorted(given.glob("*.parquet")) if given.is_dir() else [given]
+    # macOS's ._* copies (a folder from a Mac or an exFAT drive) are no parquet: refused, they made the data unusable
+    files = sorted(f for f in given.glob("*.parquet") if not browser_leftover(f.name)) if given.is_dir() else [given]
     if not files:
         inside = sorted(given.glob("data/*.parquet")) if given.is_dir() else []
         where = (f"; its data/ subfolder holds {len(inside)} (a Hugging Face download): give {given / 'data'}"
@@ -155,11 +167,21 @@ def checked_batches(batches: Iterator, path, group: Optional[int]) -> Iterator:
         yield record
 
 
+OPEN_FILES = 16
+"""ParquetFiles `read_row_group` keeps open per reader (the least recently read closed first): one per file of a
+data set of thousands of shards reached the open-file limit (1024), "Too many open files" read as a damaged file."""
+
+
 def read_row_group(handles: Dict[int, Any], files: Sequence[Path], fi: int, group: int, columns: List[str]):
-    """Row group `group` of files[fi] (its ParquetFile kept in `handles`), or DataReadError naming it."""
+    """Row group `group` of files[fi] (its ParquetFile kept in `handles`, at most OPEN_FILES of them), or
+    DataReadError naming it."""
     try:
         if fi not in handles:
+            while len(handles) >= OPEN_FILES:
+                handles.pop(next(iter(handles))).close()
             handles[fi] = pq.ParquetFile(files[fi])
+        else:
+            handles[fi] = handles.pop(fi)  # the most recently read last
     except READ_ERRORS as err:
         raise unreadable(files[fi], group, err) from err
     return read_group(handles[fi], files[fi], group, columns)

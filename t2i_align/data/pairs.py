@@ -231,7 +231,7 @@ class PairDataset(torch.utils.data.Dataset):
             return [True] * len(table)
         part = self.both_models_contain
         return [isinstance(a, str) and isinstance(b, str) and part in a and part in b
-                for a, b in zip(table.column("model_0").to_pylist(), table.column("model_1").to_pylist())]
+                for a, b in zip(text_column(table, "model_0"), text_column(table, "model_1"))]
 
     def _read_user_ids(self) -> Optional[List[Any]]:
         """Each pair's `user_id` (Pick-a-Pic's rater; PPD conditions on it), or None if a file lacks the column."""
@@ -241,7 +241,7 @@ class PairDataset(torch.utils.data.Dataset):
             if "user_id" not in pf.schema_arrow.names:
                 return None
             for g in sorted(set(self._groupidx[self._file == fi].tolist())):
-                by_group[(fi, g)] = read_group(pf, path, g, ["user_id"]).column("user_id").to_pylist()
+                by_group[(fi, g)] = text_column(read_group(pf, path, g, ["user_id"]), "user_id")
         return [by_group[(f, g)][o] for f, g, o in zip(self._file.tolist(), self._groupidx.tolist(),
                                                        self._offset.tolist())]
 

@@ -50,7 +50,8 @@ def verdict(score_0: float, score_1: float) -> float:
 
 def new_counts() -> Dict[str, Any]:
     return {"rows": 0, "written": 0,
-            "skipped": {"human_tie": 0, "unlabelled": 0, "invalid_label": 0, "unreadable_image": 0, "not_scored": 0},
+            "skipped": {"human_tie": 0, "unlabelled": 0, "invalid_label": 0, "unreadable_image": 0, "not_scored": 0,
+                        "not_text": 0},
             "reward_ties": 0, "human_labelled": 0, "agree_with_human": 0}
 
 
@@ -105,6 +106,21 @@ def _relabelled(row: Dict[str, Any], s0: float, s1: float, counts: Dict[str, Any
     return out
 
 
+def _batch_rows(batch) -> List[Optional[Dict[str, Any]]]:
+    """A record batch's rows; a row holding text that is not UTF-8 (written by a tool that does not check) is None,
+    skipped and counted (it stopped the relabelling, where training counts it as a pair without caption)."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        rows: List[Optional[Dict[str, Any]]] = []
+        for i in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(i, 1).to_pylist()[0])
+            except UnicodeDecodeError:
+                rows.append(None)
+        return rows
+
+
 def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[str, Any], rows_per_read: int = 32,
                  all_pairs: bool = False, row_group_size: int = 500,
                  progress: Callable[[int], object] = lambda n: None) -> None:
@@ -114,9 +130,9 @@ def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[st
 
     def rows() -> Iterator[Dict[str, Any]]:
         for batch in checked_batches(pf.iter_batches(batch_size=max(1, rows_per_read)), src, None):
-            read = batch.to_pylist()
+            read = _batch_rows(batch)
             counts["rows"] += len(read)
-            reasons = [None if all_pairs else _skip_reason(r) for r in read]
+            reasons = ["not_text" if r is None else None if all_pairs else _skip_reason(r) for r in read]
             for reason in filter(None, reasons):
                 counts["skipped"][reason] += 1
             keep = [r for r, why in zip(read, reasons) if why is None]

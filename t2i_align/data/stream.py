@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
-from .images import READ_ERRORS, checked_batches, unreadable
+from .images import READ_ERRORS, checked_batches, scalar_value, unreadable
 from .pairs import PairDataset, collate_pairs
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class RowReader:
                 columns = record.columns
                 while k < len(run) and offsets[k] < row + record.num_rows:
                     j = int(offsets[k]) - row
-                    yield (int(run[k]), *(column[j].as_py() for column in columns))
+                    yield (int(run[k]), *(scalar_value(column[j]) for column in columns))
                     k += 1
                 row += record.num_rows
                 if k == len(run):
