@@ -160,6 +160,18 @@ def note_training_seeds(lora, settings, num_prompts: int) -> None:
               "it; pick a --seed whose grid it never drew, e.g. --seed 1000000000000", file=sys.stderr)
 
 
+def check_out_of_models(out, given: dict) -> None:
+    """--out inside a model or LoRA folder (`given`: flag -> value) could replace its weights or be read as one of
+    its files, and a later export of that folder (a run extended, a merge redone) replaces it whole: refused."""
+    from reward_models.cli import UsageError
+
+    resolved = Path(out).resolve()
+    for flag, folder in given.items():
+        if folder and Path(folder).is_dir() and Path(folder).resolve() in resolved.parents:  # a file: --out == it
+            raise UsageError(f"--out {out} lies inside {flag} {folder}, whose files it could replace and whose "
+                             "export would delete it: write the results elsewhere, e.g. beside that folder")
+
+
 def load_reward_set(names: str, options, device: str):
     """--reward a,b and --option NAME.KEY=VALUE, as in t2i-score."""
     from reward_models.cli import load_rewards, parse_options

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
-                    check_rewards_read, check_user_flags, default_model, encoding_record, has_user_branch,
-                    load_reward_set, note_training_seeds, run_cli, settings_from, user_choice_from)
+                    check_out_of_models, check_rewards_read, check_user_flags, default_model, encoding_record,
+                    has_user_branch, load_reward_set, note_training_seeds, run_cli, settings_from, user_choice_from)
 
 
 def read_sets(args) -> tuple:
@@ -32,7 +32,15 @@ def read_sets(args) -> tuple:
 
     from reward_models.cli import UsageError
 
-    prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in args.prompts}
+    specs = list(dict.fromkeys(args.prompts))  # a set given twice was sampled twice, its block overwritten
+    if len(specs) < len(args.prompts):
+        print(f"note: --prompts repeats a set; each is compared once ({', '.join(specs)})", file=sys.stderr)
+    args.prompts = specs
+    prompt_sets = {spec: read_prompts(spec, "--prompts") for spec in specs}
+    for spec, prompts in prompt_sets.items():
+        if len(set(prompts)) < len(prompts):
+            print(f"note: --prompts {spec} holds {len(prompts) - len(set(prompts))} repeated prompt(s): each is "
+                  "sampled at its line's seeds, and counted once in the per-prompt tests", file=sys.stderr)
     settings = settings_from(args, max(len(prompts) for prompts in prompt_sets.values()))
     for spec, prompts in prompt_sets.items():
         if len(prompts) * settings.seeds_per_prompt < 2:  # compare_scores needs 2 pairs: refuse before sampling
@@ -63,7 +71,8 @@ def compare_sets(args, rewards, save=None, sets=None) -> dict:
     for spec, user_id in blocks:
         prompts = prompt_sets[spec]
         scores, user = {}, user_choice_from(args, user_id)
-        groups = [i // settings.seeds_per_prompt for i in range(len(prompts) * settings.seeds_per_prompt)]
+        # by the prompt's text: a prompt on two lines is one unit of the per-prompt tests, not two independent ones
+        groups = [prompts[i // settings.seeds_per_prompt] for i in range(len(prompts) * settings.seeds_per_prompt)]
         # the tuned side first: most flags (--user ...) are its, and fail at its loading
         for side, model, lora, encoding in (("tuned", args.model, args.lora, args.text_encoding),
                                             ("base", args.base, args.base_lora, args.base_text_encoding)):
@@ -89,19 +98,6 @@ def compare_sets(args, rewards, save=None, sets=None) -> dict:
         if save is not None:
             save(result)
     return result
-
-
-def _check_out_of_models(args) -> None:
-    """--out inside a model or LoRA folder could replace its weights (`--lora run/final --out
-    run/final/pytorch_lora_weights.safetensors --overwrite`) or be read as one of its files: refused."""
-    from reward_models.cli import UsageError
-
-    out = Path(args.out).resolve()
-    for flag in ("--lora", "--base-lora", "--model", "--base", "--base-model"):
-        given = getattr(args, flag[2:].replace("-", "_"))
-        if given and Path(given).is_dir() and Path(given).resolve() in out.parents:  # a file: itself (--out == it)
-            raise UsageError(f"--out {args.out} lies inside {flag} {given}, whose files it could replace: write the "
-                             "results elsewhere, e.g. beside that folder")
 
 
 def _key(spec: str, user_id) -> str:
@@ -132,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                      if not spec.startswith("toy:")}}
         check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
                           replaces=[Path(args.out)], overwrite=args.overwrite)
-        _check_out_of_models(args)
+        check_out_of_models(args.out, {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (
+            "--lora", "--base-lora", "--model", "--base", "--base-model")})
     args.base = args.base or args.base_model or args.model
     if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding):
         print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "

@@ -9,13 +9,14 @@ PPD: a side whose model has a user branch samples for the --user given (one user
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from common import (add_model_args, add_reward_args, add_sampling_args, add_user_args, check_models,
-                    check_rewards_read, check_user_flags, default_model, has_user_branch, load_reward_set, run_cli,
-                    settings_from, user_choice_from)
+                    check_out_of_models, check_rewards_read, check_user_flags, default_model, has_user_branch,
+                    load_reward_set, run_cli, settings_from, user_choice_from)
 
 
 def gallery_rows(prompts: List[str], sets: Dict[str, object], scores: Dict[str, Dict[str, List[float]]],
@@ -87,9 +88,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora or args.base_text_encoding)):
         raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora / --base-text-encoding with "
                          "--no-base")
-    if (Path(args.out) / "metrics.jsonl").is_file() and (Path(args.out) / "gallery").exists():  # the run's own
+    if any((Path(args.out) / name).is_file() for name in ("metrics.jsonl", "config.yaml")):  # the run's own gallery/
         raise UsageError(f"--out {args.out} is a training run's folder (its gallery/ is the run's own): choose "
                          "another --out, e.g. runs/gallery-NAME")
+    check_out_of_models(args.out, {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (
+        "--lora", "--base-lora", "--model", "--base-model")})
     check_replaceable_folder(Path(args.out) / "gallery", "--out", "gallery.py")
     # grid.png: every gallery this project writes has one; --overwrite replaced any OUT/gallery, a user's photos too
     check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite,
@@ -112,13 +115,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds
     existed = Path(args.out).exists()
     who = {"user": user.ids, "alpha": user.alpha, "user_scale": user.scale} if user.given else {}
+    tracker = None
     try:
         tracker = Tracker(args.out, args.wandb, args.project, config={"models": models, **who, **settings.as_dict()})
         sets = _sample_sets(models, prompts, settings, args.device, user)
-    except BaseException:  # W&B refusing to start, a model that fails to load (a LoRA of another family): no empty
-        # --out left behind
-        if not existed and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
-            Path(args.out).rmdir()
+    except BaseException:  # W&B refusing to start, a model that fails to load (a LoRA of another family): no --out
+        # left behind holding only the W&B run that failed (ended, not left open)
+        if tracker is not None:
+            tracker.finish()
+        if not existed and Path(args.out).is_dir() and {p.name for p in Path(args.out).iterdir()} <= {"wandb"}:
+            shutil.rmtree(args.out)
         raise
     scores = {name: score_samples(s, rewards) for name, s in sets.items()}
     k = settings.seeds_per_prompt

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from common import (add_model_args, add_sampling_args, add_user_args, check_models, default_model, encoding_record,
-                    run_cli, settings_from, user_choice_from)
+from common import (add_model_args, add_sampling_args, add_user_args, check_models, check_out_of_models, default_model,
+                    encoding_record, run_cli, settings_from, user_choice_from)
 
 
 MADE_BY = "t2i_align_generated.json"
@@ -130,6 +130,8 @@ def _check_out(args) -> None:
 
     out = Path(args.out)
     check_replaceable_folder(out, "--out", "generate.py")
+    check_out_of_models(out, {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
+                              "--unet": getattr(args, "unet", None), "--vae": getattr(args, "vae", None)})
     inputs = {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
               "--prompts": None if args.prompts.startswith("toy:") else args.prompts,
               "--user-table": args.user_table, "--user-shots": args.user_shots}

@@ -127,6 +127,29 @@ def test_compare_orients_tuned_over_base_and_groups_images_by_prompt(prompts, mo
     assert per_prompt["groups"] == 3 and per_prompt["sign"]["wins"] == 2 and per_prompt["sign"]["losses"] == 1
 
 
+def test_compare_counts_a_repeated_prompt_once_and_a_repeated_set_once(tmp_path, monkeypatch, capsys):
+    """Prompts [A, B, A] at 2 seeds: differences [1, 1, -1, -1, 1, 1] are prompts A (4 images, mean 1) and B
+    (mean -1), two units, not three (grouped by line, a file repeating a prompt had extra independent prompts);
+    a set given twice was sampled twice."""
+    import t2i_align.evaluation as evaluation
+
+    a = "a large red circle at the top left on a white background"
+    b = "a small blue square at the top right on a black background"
+    repeated = tmp_path / "repeated.txt"
+    repeated.write_text(f"{a}\n{b}\n{a}\n")
+    given = iter([1.0, 1.0, -1.0, -1.0, 1.0, 1.0] + [0.0] * 6)
+    calls = []
+    monkeypatch.setattr(evaluation, "score_samples",
+                        lambda samples, _: calls.append(1) or {"toy-judge": [next(given) for _ in samples.images]})
+    block = _script("compare").main(["--prompts", str(repeated), "--prompts", str(repeated), "--reward", "toy-judge",
+                                     *FAST])
+    per_prompt = block["sets"][str(repeated)]["rewards"]["toy-judge"]["per_prompt"]
+    assert per_prompt["groups"] == 2 and (per_prompt["sign"]["wins"], per_prompt["sign"]["losses"]) == (1, 1)
+    assert list(block["sets"]) == [str(repeated)] and len(calls) == 2  # one set: tuned, then base
+    err = capsys.readouterr().err
+    assert "repeats a set" in err and "holds 1 repeated prompt(s)" in err
+
+
 def test_compare_refuses_an_out_that_is_its_prompts_file(prompts, capsys):
     """With --overwrite, --out prompts.txt replaced the prompts file with the JSON (generate.py checked this)."""
     before = prompts.read_text()
@@ -277,10 +300,11 @@ def test_gallery_whose_model_fails_to_load_leaves_no_empty_out_folder(prompts, t
 
     bad_lora = tmp_path / "pytorch_lora_weights.safetensors"
     save_file({"unet.nope.lora_A.weight": torch.zeros(2, 2)}, str(bad_lora))
-    with pytest.raises(ModelLoadError, match="do not match"):
-        _script("gallery").main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out", str(tmp_path / "g"),
-                                 "--wandb", "off", *FAST])
-    assert not (tmp_path / "g").exists()
+    for wandb in ("off", "offline"):  # offline: OUT/wandb/ held the failed run, so OUT stayed
+        with pytest.raises(ModelLoadError, match="do not match"):
+            _script("gallery").main(["--prompts", str(prompts), "--lora", str(bad_lora), "--out",
+                                     str(tmp_path / "g"), "--wandb", wandb, *FAST])
+        assert not (tmp_path / "g").exists()
 
 
 def test_gallery_samples_each_side_in_its_text_encoding(tmp_path, monkeypatch):
@@ -588,3 +612,21 @@ def test_gallery_refuses_a_training_runs_folder(tmp_path, capsys):
     assert _script("common").run_cli(lambda: _script("gallery").main(args)) == 2
     assert "is a training run's folder" in capsys.readouterr().err
     assert (run / "gallery" / "grid.png").read_bytes() == b"the run's"
+    young = tmp_path / "young"  # a run that has not written its gallery yet: the run's would replace the user's
+    young.mkdir()
+    (young / "config.yaml").write_text("objective:\n  name: dpo\n")
+    assert _script("common").run_cli(lambda: _script("gallery").main(["--out", str(young), "--reward", "",
+                                                                       *FAST])) == 2
+    assert "is a training run's folder" in capsys.readouterr().err and not (young / "gallery").exists()
+
+
+def test_outputs_inside_a_model_or_lora_folder_are_refused(tmp_path, capsys):
+    """generate.py wrote RUN/final/samples, which the run's next export (a longer run) replaced whole with
+    final/; gallery.py likewise (compare.py already refused it)."""
+    lora = tmp_path / "final"
+    lora.mkdir()
+    for script, flags in (("generate", ["--out", str(lora / "samples")]),
+                          ("gallery", ["--out", str(lora / "g"), "--reward", ""])):
+        code = _script("common").run_cli(lambda: _script(script).main(["--lora", str(lora), *flags, *FAST]))
+        assert code == 2 and f"lies inside --lora {lora}" in capsys.readouterr().err
+    assert sorted(lora.iterdir()) == []

@@ -126,6 +126,13 @@ def test_differences_equal_but_for_rounding_are_equal_differences():
     for d in (result["paired_diff"], result["per_prompt"]):
         assert math.isnan(d["t"]) and d["p_value"] == 0.0
     assert result["per_prompt"]["sign"]["p_value"] == 0.5  # the test to read: 2 of 2 prompts
+    # scores as a float32 reward returns them: the differences spread ~1e-8 (t 3e7, p 6e-23 from 4 images)
+    import numpy as np
+
+    base, tuned = (np.float32(x).item() for x in (.2, .4, .6, .2)), (np.float32(x).item() for x in (.4, .6, .8, .4))
+    result = compare_scores(list(base), list(tuned), [0, 0, 1, 1])
+    for d in (result["paired_diff"], result["per_prompt"]):
+        assert math.isnan(d["t"]) and d["p_value"] == 0.0
 
 
 def test_a_per_prompt_win_rate_the_same_for_every_prompt_gets_a_wilson_interval():
