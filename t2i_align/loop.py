@@ -240,7 +240,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             last_log = _log(accelerator, st, history, counts, components, lr, norm, done, bar, last_log)
             history = []
         if st.provider is not None:
-            st.provider.after_step(done)
+            st.provider.after_step(done, applied=math.isfinite(norm))
         # and at the last step, so that a run can be continued (a larger max_steps) from where it ended
         if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,

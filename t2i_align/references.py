@@ -67,8 +67,9 @@ class BaseReference:
     def begin_step(self, step: int) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
 
-    def after_step(self, done: int) -> None:
-        """Called after `done` optimizer steps have been taken."""
+    def after_step(self, done: int, applied: bool = True) -> None:
+        """Called after `done` optimizer steps have been taken; `applied`: the last one changed the weights (a
+        non-finite gradient skips the update)."""
 
     def after_checkpoint(self) -> None:
         """Called on every process after a checkpoint is complete (and older ones pruned)."""
@@ -159,6 +160,7 @@ class SnapshotPool(BaseReference):
         self.current: Optional[int] = None  # the step of the snapshot drawn for this optimizer step
         self.loaded: Optional[int] = None   # full fine-tune: the snapshot now in the frozen copy
         self.step = 0                       # optimizer steps the policy has taken (set by begin_step)
+        self.last_applied: Optional[int] = 0  # the last of them that changed its weights (None: unknown)
         self._take(0)
 
     # -- pool upkeep ---------------------------------------------------------------------------------------
@@ -244,11 +246,16 @@ class SnapshotPool(BaseReference):
         self.current = self.steps[draw_index(self.draw, len(self.steps), self.seed, step)]
 
     def reference_is_policy(self) -> bool:
-        """Whether the drawn snapshot was taken after exactly the updates the policy has had: the same weights
-        (up to the snapshot's dtype), so any error difference between them is rounding, not preference."""
-        return self.current is not None and self.current == self.step
+        """Whether the drawn snapshot holds the weights the policy has: taken after the policy's last applied
+        update (a step skipped for a non-finite gradient changes nothing), so any error difference between them is
+        rounding, not preference. `last_applied` unknown (a checkpoint from before session 35): this very step."""
+        if self.current is None:
+            return False
+        return self.current == self.step if self.last_applied is None else self.current >= self.last_applied
 
-    def after_step(self, done: int) -> None:
+    def after_step(self, done: int, applied: bool = True) -> None:
+        if applied:
+            self.last_applied = done
         if self.snapshot_every and done % self.snapshot_every == 0 and done not in self.steps:
             self._take(done)
 
@@ -331,7 +338,7 @@ class SnapshotPool(BaseReference):
                 "reference_pool_size": float(len(self.steps))}
 
     def state(self) -> Dict:
-        return {"steps": list(self.steps)}
+        return {"steps": list(self.steps), "last_applied": self.last_applied}
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -349,7 +356,8 @@ class SnapshotPool(BaseReference):
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {folder} has no {POOL_STATE_FILE}: it was not written by a run with a "
                                     "snapshot reference pool; resume with the run's own config")
-        steps = [int(s) for s in json.loads(path.read_text())["steps"]]
+        state = json.loads(path.read_text())
+        steps = [int(s) for s in state["steps"]]
         if self.adapters:
             self.tensors = _read_lora_pool(folder / _TENSORS_FILE, steps, self.unet)
             _check_lora_pool(folder / _TENSORS_FILE, self.tensors, dict(self.unet.named_parameters()),
@@ -359,6 +367,7 @@ class SnapshotPool(BaseReference):
             if missing:
                 raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}")
         self.steps, self.current, self.loaded, self.ram = steps, None, None, {}
+        self.last_applied = state.get("last_applied")
         self._trim()  # a resume with a smaller seppo.pool_size, or a draw that uses fewer (initial, latest)
 
 

@@ -109,11 +109,21 @@ def test_the_reference_is_the_policy_only_when_drawn_at_the_policys_own_step():
 
     pool = SnapshotPool.__new__(SnapshotPool)  # the draw alone, without a model
     pool.draw, pool.seed, pool.steps, pool.current, pool.step = "latest", 0, [0, 2, 4], None, 0
+    pool.snapshot_every, pool.last_applied = 0, 4
     assert not pool.reference_is_policy()  # nothing drawn yet
     pool.begin_step(4)
     assert pool.current == 4 and pool.reference_is_policy()  # the snapshot taken after the policy's 4 updates
+    pool.after_step(5)
     pool.begin_step(5)
     assert pool.current == 4 and not pool.reference_is_policy()
+    pool.after_step(6, applied=False)  # a step skipped for a non-finite gradient: the weights did not move
+    pool.begin_step(6)
+    assert pool.current == 4 and not pool.reference_is_policy()  # update 5 was applied after snapshot 4
+    pool.steps = [0, 2, 5]
+    pool.begin_step(6)
+    assert pool.current == 5 and pool.reference_is_policy()  # snapshot 5 = the weights after the skipped step 6
+    pool.last_applied = None  # resumed from a checkpoint that did not record it: only this very step
+    assert not pool.reference_is_policy()
 
 
 def _recorded_visits(monkeypatch) -> list:
@@ -482,7 +492,8 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
     full, part = tmp_path / "full", tmp_path / "part"
     train(_cfg(tiny_model, pairs, full, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4"))
     train(_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=2"))
-    assert json.loads((part / "checkpoints" / "step-2" / "reference_pool.json").read_text()) == {"steps": [0, 1, 2]}
+    pool = json.loads((part / "checkpoints" / "step-2" / "reference_pool.json").read_text())
+    assert pool == {"steps": [0, 1, 2], "last_applied": 2}
     train(_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4",
                "train.resume=latest"))
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -504,7 +515,7 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
                                                        "step-4"]
     kept = {p.name: p.read_bytes() for p in (aside / "reference_pool").iterdir()}
     assert {name: kept[name] for name in abandoned} == abandoned
-    assert json.loads((aside / "step-4" / "reference_pool.json").read_text()) == {"steps": [0, 3, 4]}
+    assert json.loads((aside / "step-4" / "reference_pool.json").read_text())["steps"] == [0, 3, 4]
     assert {"step-0.safetensors", *abandoned} <= {p.name for p in pool.iterdir()}  # this run's own
     assert _losses(part)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)
     # the abandoned folder is self-contained: its step 0 snapshot is linked there, so it resumes elsewhere (without
@@ -686,7 +697,7 @@ def test_seppo_resume_checks_fit_the_pool_to_the_settings_and_refuse_what_it_can
     out = tmp_path / "run"
     train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=2"))
     step2 = out / "checkpoints" / "step-2"
-    assert json.loads((step2 / "reference_pool.json").read_text()) == {"steps": [0, 1, 2]}
+    assert json.loads((step2 / "reference_pool.json").read_text())["steps"] == [0, 1, 2]
     train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest",
                "seppo.pool_size=2"))
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["reference_pool_size"] == 2
