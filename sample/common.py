@@ -162,14 +162,21 @@ def note_training_seeds(lora, settings, num_prompts: int) -> None:
 
 def check_out_of_models(out, given: dict) -> None:
     """--out inside a model or LoRA folder (`given`: flag -> value) could replace its weights or be read as one of
-    its files, and a later export of that folder (a run extended, a merge redone) replaces it whole: refused."""
+    its files, and a later export there (a run extended) moves the folder aside to final-kept-N/: refused."""
+    from t2i_align.base_model import BASE_MODEL_FILE
+
     from reward_models.cli import UsageError
 
     resolved = Path(out).resolve()
-    for flag, folder in given.items():
-        if folder and Path(folder).is_dir() and Path(folder).resolve() in resolved.parents:  # a file: --out == it
-            raise UsageError(f"--out {out} lies inside {flag} {folder}, whose files it could replace and whose "
-                             "export would delete it: write the results elsewhere, e.g. beside that folder")
+    for flag, given_path in given.items():
+        if not given_path:
+            continue
+        folder = Path(given_path)
+        if not folder.is_dir():  # a weights file: its folder when an export of ours (RUN/final), not any folder
+            folder = folder.parent if (folder.parent / BASE_MODEL_FILE).is_file() else None
+        if folder is not None and folder.resolve() in resolved.parents:
+            raise UsageError(f"--out {out} lies inside {flag} {folder}, whose files it could replace (and a later "
+                             "export there moves it aside): write the results elsewhere, e.g. beside that folder")
 
 
 def load_reward_set(names: str, options, device: str):

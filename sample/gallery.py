@@ -75,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A training run's output_dir: its metrics.jsonl, or (before its first log line) the config.yaml it writes."""
+    if (folder / "metrics.jsonl").is_file():
+        return True
+    try:
+        import yaml
+
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and {"model", "objective", "train"} <= set(config)
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = _parser().parse_args(argv)
     default_model(args)
@@ -88,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora or args.base_text_encoding)):
         raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora / --base-text-encoding with "
                          "--no-base")
-    if any((Path(args.out) / name).is_file() for name in ("metrics.jsonl", "config.yaml")):  # the run's own gallery/
+    if _is_run_folder(Path(args.out)):  # its gallery/ is the run's own
         raise UsageError(f"--out {args.out} is a training run's folder (its gallery/ is the run's own): choose "
                          "another --out, e.g. runs/gallery-NAME")
     check_out_of_models(args.out, {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (

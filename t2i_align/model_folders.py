@@ -3,6 +3,7 @@ the cache), checked before any weight loads (model_index.json, each loaded compo
 that a typo'd path, a single-file checkpoint or a partial copy fails in the dry run with what to do."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from t2i_align.errors import UserError
+from t2i_align.files import browser_leftover
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -111,7 +113,7 @@ def missing_files(sub: Path, name: str) -> Optional[str]:
         return f"{sub} has no scheduler_config.json"
     if name.startswith("tokenizer") and "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
         return f"{sub} holds no vocabulary (tokenizer.json, or vocab.json with merges.txt)"
-    return _damaged_json(sub, sorted(f for f in has if f.endswith(".json")))
+    return _damaged_json(sub, sorted(f for f in has if f.endswith(".json") and not browser_leftover(f)))
 
 
 def _damaged_json(sub: Path, names: Sequence[str]) -> Optional[str]:
@@ -281,8 +283,11 @@ def check_vae_scale(path: Path, vae, key: str) -> None:
         own = json.loads((Path(path) / "vae" / "config.json").read_text())
     except (OSError, ValueError):  # no VAE of its own (loaded from elsewhere): nothing to compare with
         return
+    from diffusers import AutoencoderKL
+
+    defaults = inspect.signature(AutoencoderKL.__init__).parameters  # what a config leaving a key out means
     for name in ("scaling_factor", "shift_factor"):
-        theirs, ours = vae.config.get(name), own.get(name)
+        theirs, ours = vae.config.get(name), own.get(name, defaults[name].default)
         if theirs != ours:
             raise ModelLoadError(f"{key}: its VAE's {name} is {theirs}, the model's own VAE's {ours}: a VAE of "
                                  "another model family (SD1.5: 0.18215, SDXL: 0.13025); give one made for this model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -181,7 +182,7 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
         return cls.from_pretrained(path, subfolder=name, **kwargs)
     # a file missing or unreadable in the subfolder (a partial copy, a variant it lacks); transformers lets a
     # truncated safetensors file's own error through, naming no file
-    except (OSError, ValueError, SafetensorError) as err:  # ValueError: a damaged JSON file (tokenizers)
+    except (OSError, json.JSONDecodeError, SafetensorError) as err:  # a damaged JSON file (tokenizers)
         raise ModelLoadError(f"could not load {name} ({class_name}) from {path / name}: {one_line(err)[:300]}; the "
                              "folder may be incomplete: download or copy it again") from err
 

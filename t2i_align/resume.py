@@ -50,9 +50,11 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
     if method is not None and method[0] == "seppo" and not (path / POOL_STATE_FILE).is_file():
-        raise CheckpointMismatch(f"train.resume: {path} holds no SePPO reference pool ({POOL_STATE_FILE}): it was "
-                                 "written by another objective. To start SePPO from its weights, export the "
-                                 "checkpoint and give it as model.pretrained (README: Sampling)")
+        wrote = _setting(checkpoint_config(path)[1], "objective.name")
+        why = f"it was written by objective {wrote!r}" if wrote not in (None, "seppo") else "its file is missing"
+        raise CheckpointMismatch(f"train.resume: {path} holds no SePPO reference pool ({POOL_STATE_FILE}): {why}. "
+                                 "To start SePPO from its weights, export the checkpoint and give it as "
+                                 "model.pretrained (README: Sampling)")
     if method is not None and warn:
         _warn_other_method(path, _method(*method))
     written = marker.get("engine")

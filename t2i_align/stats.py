@@ -137,7 +137,7 @@ def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> 
 
     The interval is `mean_ci(d, level)`. Needs n >= 2. When every difference is equal (sd = 0, or within rounding
     of the differences' size: 0.2 - 0.0 and 0.8 - 0.6 give sd ~1e-17, which made t ~1e16; float32 rewards' scores
-    ~1e-8, so 1e-6 of the largest difference, as `clustered_diff`) t is undefined: t = 0
+    ~1e-7 of their size, so within 1e-6 of the largest score) t is undefined: t = 0
     and p = 1 if they are all zero, else t = NaN (JSON null; not inf, which JSON cannot hold) and p = 0, the limit
     as sd -> 0 (the interval is then the single point mean(d)); the sign test is the one to read then.
     """
@@ -146,7 +146,7 @@ def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> 
         raise ValueError(f"paired_diff needs at least 2 pairs, got {len(a)}")
     ci = mean_ci([x - y for x, y in zip(a, b)], level)
     n, mean, std = ci["n"], ci["mean"], ci["std"]
-    if std <= 1e-6 * max(abs(x - y) for x, y in zip(a, b)):  # 0 when every difference is 0
+    if std <= 1e-6 * max(max(abs(x), abs(y)) for x, y in zip(a, b)):  # 0 when every difference is 0
         t, p = (0.0, 1.0) if mean == 0.0 else (math.nan, 0.0)
     else:
         t = mean / (std / math.sqrt(n))

@@ -129,6 +129,7 @@ def test_ppd_learns_opposite_tastes_that_a_user_blind_dpo_cannot(tiny_model, tmp
     write_parquet([{**row, "user_id": 1}, flipped], data)
     table = write_table(tmp_path / "table.safetensors", [1, 2])
     common = (f"model.pretrained={tiny_model}", f"data.path={data}", "data.resolution=16", "train.batch_size=2",
+              "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}",
               "objective.beta=100", "train.learning_rate=1e-2", "train.max_steps=20")
     ppd = [r["loss"] for r in _run(tmp_path / "ppd", *common, "ppd.enabled=true", f"ppd.table={table}",
                                    "ppd.dropout=0")]

@@ -765,3 +765,16 @@ def test_a_full_export_keeps_the_sources_vocabulary_files(tmp_path):
     source = comp.path / "tokenizer"
     for name in ("vocab.json", "merges.txt"):
         assert (final / "tokenizer" / name).read_bytes() == (source / name).read_bytes()
+
+
+def test_the_vae_scale_check_reads_a_config_without_the_key_as_diffusers_does(sd15_dir, tmp_path):
+    """SD1.5 folders saved by early diffusers have no scaling_factor in vae/config.json (0.18215 by default): every
+    VAE, the model's own included, was refused; macOS's ._config.json copies were named damaged JSON."""
+    import shutil
+
+    old = shutil.copytree(sd15_dir, tmp_path / "old")
+    config = json.loads((old / "vae" / "config.json").read_text())
+    config.pop("scaling_factor", None)
+    (old / "vae" / "config.json").write_text(json.dumps(config))
+    (old / "unet" / "._config.json").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    models.load_components(ModelConfig(pretrained=str(old), vae=str(sd15_dir)))

@@ -614,7 +614,7 @@ def test_gallery_refuses_a_training_runs_folder(tmp_path, capsys):
     assert (run / "gallery" / "grid.png").read_bytes() == b"the run's"
     young = tmp_path / "young"  # a run that has not written its gallery yet: the run's would replace the user's
     young.mkdir()
-    (young / "config.yaml").write_text("objective:\n  name: dpo\n")
+    (young / "config.yaml").write_text("model:\n  pretrained: toy\nobjective:\n  name: dpo\ntrain:\n  max_steps: 9\n")
     assert _script("common").run_cli(lambda: _script("gallery").main(["--out", str(young), "--reward", "",
                                                                        *FAST])) == 2
     assert "is a training run's folder" in capsys.readouterr().err and not (young / "gallery").exists()
@@ -625,8 +625,12 @@ def test_outputs_inside_a_model_or_lora_folder_are_refused(tmp_path, capsys):
     final/; gallery.py likewise (compare.py already refused it)."""
     lora = tmp_path / "final"
     lora.mkdir()
+    weights = lora / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(b"")
+    (lora / "t2i_align_base_model.json").write_text("{}")  # what marks an export (a LoRA file elsewhere is fine)
     for script, flags in (("generate", ["--out", str(lora / "samples")]),
                           ("gallery", ["--out", str(lora / "g"), "--reward", ""])):
-        code = _script("common").run_cli(lambda: _script(script).main(["--lora", str(lora), *flags, *FAST]))
-        assert code == 2 and f"lies inside --lora {lora}" in capsys.readouterr().err
-    assert sorted(lora.iterdir()) == []
+        for given in (lora, weights):  # the folder, or the weights file in it
+            code = _script("common").run_cli(lambda: _script(script).main(["--lora", str(given), *flags, *FAST]))
+            assert code == 2 and f"lies inside --lora {lora}" in capsys.readouterr().err
+    assert sorted(lora.iterdir()) == [weights, lora / "t2i_align_base_model.json"]

@@ -708,7 +708,7 @@ def test_seppo_resume_checks_fit_the_pool_to_the_settings_and_refuse_what_it_can
                    f"train.resume={step2}"))
     dpo = tmp_path / "dpo"
     train(_cfg(tiny_model, pairs, dpo, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1"))
-    with pytest.raises(CheckpointMismatch, match="holds no SePPO reference pool"):
+    with pytest.raises(CheckpointMismatch, match="holds no SePPO reference pool .*written by objective 'dpo'"):
         train(_cfg(tiny_model, pairs, dpo, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest"))
     assert "name: dpo" in (dpo / "config.yaml").read_text()  # refused before the run claimed its folder
     with pytest.raises(ConfigError, match="seppo.sample_steps=2000 is more DDIM steps than this model's schedule"):

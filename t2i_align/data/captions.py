@@ -10,7 +10,8 @@ are logged with the row. A row whose caption is missing (None) or not text is sk
 as in pair data; an empty caption is used (unconditional). The parquet files themselves must resolve inside the
 data root (`find_parquet_files`).
 
-Items: pixels [3, R, R] in [-1, 1], caption ("" with probability `prompt_dropout`), SDXL's original_size and
+Items: pixels [3, R, R] in [-1, 1], caption ("" with probability `prompt_dropout`, the caption so blanked then in
+dropped_caption), SDXL's original_size and
 crop_top_left, index; resize, crop and flip as the pair loader (`images.prepare_image`), every random draw from
 (seed, epoch, row id), so a resumed run sees the same items.
 """
@@ -60,7 +61,8 @@ _READ = object()
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """(image, caption) rows; item = dict(pixels, caption, original_size, crop_top_left, index) or None."""
+    """(image, caption) rows; item = dict(pixels, caption, dropped_caption, original_size, crop_top_left, index) or
+    None."""
 
     SIDES = ("",)
     """One image per item: pixels (and its size and crop), cached as latents."""
