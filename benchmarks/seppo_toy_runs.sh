@@ -54,3 +54,11 @@ train sft-1200 configs/toy/sft.yaml train.max_steps=1200
 train seppo-1200 configs/toy/seppo.yaml train.max_steps=1200
 $PY benchmarks/toy_table.py --model sft=$R/sft-1200/final --model seppo=$R/seppo-1200/final \
   --model sft600=$R/sft/final --baseline base --baseline sft --seed 0 --out $R/table-1200-seed0.json
+# Session 35: the main run again after rows blanked by data.prompt_dropout (10 %) sample their reference image for
+# their caption (before, from the blank caption); judged at both seed sets against the same SFT run (copied to
+# benchmarks/results/seppo_captioned_table_seed*.json; 39 min on this 2-core CPU with the pairs and SFT).
+train seppo-captioned configs/toy/seppo.yaml
+for seed in 0 100000; do
+  $PY benchmarks/toy_table.py --model sft=$R/sft/final --model seppo-captioned=$R/seppo-captioned/final \
+    --baseline base --baseline sft --seed $seed --out $R/table-captioned-seed$seed.json
+done
