@@ -123,47 +123,6 @@ def save_only_trainable(accelerator) -> None:
     accelerator.register_save_state_pre_hook(keep_trainable)
 
 
-RESUME_HINT = "Resume with the run's own config, or start fresh without train.resume"
-
-
-def _is_mismatch(err: Exception) -> bool:
-    """torch's errors for a state that does not fit: the model's keys or shapes, the optimizer's parameter groups
-    or its state's keys (another optimizer)."""
-    text = str(err)
-    return (type(err) is RuntimeError and text.startswith("Error(s) in loading state_dict")
-            or type(err) is ValueError and "parameter group" in text or type(err) is KeyError)
-
-
-def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_only: bool) -> int:
-    """Restore a checkpoint; with `trainable_only` its weights must cover every trainable parameter (a LoRA
-    checkpoint with other targets or rank fails here, naming what is missing; FSDP and DeepSpeed checkpoints,
-    which hold every weight in their engine's own files, are left to the engine's checks). Returns its step."""
-    adapters_file = trainable_only and (path / "model.safetensors").is_file()  # not an FSDP/DeepSpeed layout
-    if adapters_file:
-        from safetensors import safe_open
-
-        wanted = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        wrong = sorted(n for n, shape in wanted.items() if stored.get(n) != shape)
-        extra = sorted(set(stored) - set(wanted))  # narrower LoRA targets, PPD's branch turned off
-        if wrong or extra:
-            what = (f"does not hold {len(wrong)} trainable weights of this run as shaped here (e.g. {wrong[0]})"
-                    if wrong else f"holds {len(extra)} weights this run does not train (e.g. {extra[0]})")
-            raise CheckpointMismatch(f"checkpoint {path} {what}: was it written with other LoRA or PPD settings? "
-                                     f"{RESUME_HINT}")
-    try:  # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's takes none).
-        accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
-    except (RuntimeError, ValueError, KeyError) as err:  # torch's own mismatch errors: a traceback of key lists
-        if not _is_mismatch(err):  # a damaged file, a CUDA or NCCL fault: their own error and traceback
-            raise
-        why = " ".join(str(err).split())[:300]  # one line: torch's lists every missing key on its own line
-        raise CheckpointMismatch(f"checkpoint {path} does not fit this run ({type(err).__name__}: {why}): was it "
-                                 "written with other lora, ppd or train.optimizer settings, or as a full fine-tune? "
-                                 f"{RESUME_HINT}") from err
-    return checkpoint_step(path)
-
-
 def all_finite(params) -> bool:
     return all(torch.isfinite(p.detach()).all().item() for p in params)
 

@@ -31,7 +31,8 @@ from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
-from .resume import SUMMED, Restored, check_resume, claim_output, record, restore, summed
+from .resume import (SUMMED, Restored, check_checkpoint_fits, check_resume, claim_output, record, restore,
+                     summed)
 from .tracking import Tracker, continued_run_id
 from .validation import Validator, load_validation_reward
 
@@ -138,6 +139,8 @@ def train(cfg: Config) -> TrainResult:
     tracker = tracker or Tracker(out, enabled=False)
     # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
     # direction look for theirs) and this run's config written
+    if resume is not None:  # a checkpoint of other LoRA / PPD settings failed in its load, the earlier run set aside
+        check_checkpoint_fits(resume, m.raw_unet, not cfg.full_finetune)
     on_main(accelerator, lambda: claim_output(cfg, out, resume, functools.partial(say, accelerator), tracker),
             "the main process could not set the earlier run's files aside")
     ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)

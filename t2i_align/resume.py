@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import yaml
 
-from .checkpoints import CheckpointMismatch, load_checkpoint, read_marker, resume_raw_batches
+from .checkpoints import CheckpointMismatch, checkpoint_step, read_marker, resume_raw_batches
 from .config import Config, TrainConfig, config_to_dict, save_config
 from .engines import engine_name, on_every, on_main, say
 from .errors import UserError
@@ -34,6 +34,57 @@ SUMMED = ("data_batches_skipped", "data_rows_skipped", "prompts_truncated")
 
 
 ENGINES = {"plain": "one process or DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
+
+
+RESUME_HINT = "Resume with the run's own config, or start fresh without train.resume"
+
+
+def _is_mismatch(err: Exception) -> bool:
+    """torch's errors for a state that does not fit: the model's keys or shapes, the optimizer's parameter groups
+    or its state's keys (another optimizer)."""
+    text = str(err)
+    return (type(err) is RuntimeError and text.startswith("Error(s) in loading state_dict")
+            or type(err) is ValueError and "parameter group" in text or type(err) is KeyError)
+
+
+def check_checkpoint_fits(path: Path, model: torch.nn.Module, trainable_only: bool) -> bool:
+    """CheckpointMismatch unless the checkpoint's weights file holds this run's trainable weights as shaped here
+    (`trainable_only`: adapters, exactly those) or every weight of the model (a full fine-tune); made before a
+    resume claims output_dir (a LoRA of another rank failed in the load, the earlier run already set aside). FSDP
+    and DeepSpeed layouts are left to their engines. Returns whether the file holds the adapters only."""
+    if not (path / "model.safetensors").is_file():  # not one process's / DDP's layout
+        return False
+    from safetensors import safe_open
+
+    params = model.named_parameters() if trainable_only else model.state_dict().items()
+    wanted = {name: tuple(p.shape) for name, p in params if p.requires_grad or not trainable_only}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = sorted(n for n, shape in wanted.items() if stored.get(n) != shape)
+    extra = sorted(set(stored) - set(wanted))  # narrower LoRA targets, PPD's branch turned off
+    if wrong or extra:
+        what = (f"does not hold {len(wrong)} weights this run trains, as shaped here (e.g. {wrong[0]})" if wrong
+                else f"holds {len(extra)} weights this run does not train (e.g. {extra[0]})")
+        raise CheckpointMismatch(f"checkpoint {path} {what}: written with other LoRA or PPD settings, or as a full "
+                                 f"fine-tune? {RESUME_HINT}")
+    return trainable_only
+
+
+def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_only: bool) -> int:
+    """Restore a checkpoint; with `trainable_only` its weights must cover every trainable parameter (a LoRA
+    checkpoint with other targets or rank fails here, naming what is missing; FSDP and DeepSpeed checkpoints,
+    which hold every weight in their engine's own files, are left to the engine's checks). Returns its step."""
+    adapters_file = check_checkpoint_fits(path, model, trainable_only)
+    try:  # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's takes none).
+        accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
+    except (RuntimeError, ValueError, KeyError) as err:  # torch's own mismatch errors: a traceback of key lists
+        if not _is_mismatch(err):  # a damaged file, a CUDA or NCCL fault: their own error and traceback
+            raise
+        why = " ".join(str(err).split())[:300]  # one line: torch's lists every missing key on its own line
+        raise CheckpointMismatch(f"checkpoint {path} does not fit this run ({type(err).__name__}: {why}): was it "
+                                 "written with other lora, ppd or train.optimizer settings, or as a full fine-tune? "
+                                 f"{RESUME_HINT}") from err
+    return checkpoint_step(path)
 
 
 def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True,

@@ -311,7 +311,8 @@ def test_lora_checkpoint_hooks_under_engines_that_save_the_model_themselves(tmp_
     """accelerate's save_state under FSDP / DeepSpeed passes the pre-hook no state dicts (the engine writes the
     sharded model itself): the LoRA-only filter must leave that alone instead of failing, and a resume from such a
     checkpoint (no model.safetensors) goes to the engine's loader without our LoRA key check."""
-    from t2i_align.checkpoints import MARKER, load_checkpoint, save_only_trainable
+    from t2i_align.checkpoints import MARKER, save_only_trainable
+    from t2i_align.resume import load_checkpoint
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0].requires_grad_(False)
@@ -460,7 +461,7 @@ def test_a_schedule_resumed_on_another_number_of_processes_is_realigned():
 
 def test_only_state_mismatches_are_named_as_such():
     """A damaged file or a CUDA / NCCL fault keeps its own error: "written with other settings?" would mislead."""
-    from t2i_align.checkpoints import _is_mismatch
+    from t2i_align.resume import _is_mismatch
 
     assert _is_mismatch(RuntimeError("Error(s) in loading state_dict for UNet2DConditionModel: Missing key(s)"))
     assert _is_mismatch(ValueError("loaded state dict contains a parameter group that doesn't match the size"))
@@ -699,3 +700,21 @@ def test_a_resume_on_data_of_another_size_is_warned(tiny_model, tmp_path):
                                          "changed since"):
         train(_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=2", "train.resume=latest"))
     assert read_marker(out / "checkpoints" / "step-2")["data_rows"] == 6
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_the_earlier_run_is_set_aside(tiny_model, pairs, tmp_path):
+    """Resumed with another LoRA rank (or as a full fine-tune), the load failed after claim_output had moved the
+    output folder's own run into previous-* and rewritten its config.yaml."""
+    from t2i_align.checkpoints import CheckpointMismatch
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=2",
+                   "train.checkpoint_every=2"))
+    before = sorted(p.name for p in a.iterdir()), (a / "config.yaml").read_text()
+    step = b / "checkpoints" / "step-2"
+    for extra, told in ((("lora.enabled=true", "lora.rank=2"), "weights this run trains, as shaped here"),
+                        (("lora.enabled=false",), "weights this run trains, as shaped here")):
+        with pytest.raises(CheckpointMismatch, match=told):
+            train(_cfg(tiny_model, pairs, a, *extra, "train.max_steps=4", f"train.resume={step}"))
+        assert (sorted(p.name for p in a.iterdir()), (a / "config.yaml").read_text()) == before
