@@ -147,6 +147,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     def begin() -> None:
         for stale in root.glob(".step-*.tmp"):  # this step's, and a killed write's (GBs of a full state)
             shutil.rmtree(stale, ignore_errors=True)
+        for part in root.glob("step-*"):  # unmarked: a keep_checkpoints deletion killed halfway, never pruned
+            if STEP_DIR.match(part.name) and part.is_dir() and not part.is_symlink() and not (part / MARKER).exists():
+                shutil.rmtree(part, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
 
     def complete() -> None:

@@ -1,6 +1,7 @@
 """Writing user-visible folders so a reader (or a kill) sees the old version or the new one, never a mix."""
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -118,7 +119,7 @@ def _put_back(old: Path, out_dir: Path) -> None:
         os.replace(old, out_dir)
     except OSError as err:
         raise OSError(f"{out_dir} could not be replaced, nor put back ({err}): its old contents are kept in "
-                      f"{old}; move them back by hand") from err
+                      f"{old}; move them back by hand (the next write of {out_dir.name} deletes it)") from err
 
 
 @contextmanager
@@ -129,9 +130,13 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     half-written folder is left. Once filled it is never deleted: if the replacement fails (`out_dir` a mount point,
     a handle open on Windows), it is kept under a visible name that the error gives (a run's final/ may be the only
     copy of its weights). A link (a run's gallery/ kept on another disk) stays: the folder it points to is the one
-    replaced."""
+    replaced. Hidden `.NAME.tmp-*` / `.NAME.old-*` folders a killed earlier write left beside it are removed."""
     out_dir = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("tmp", "old"):  # a killed earlier replacement's hidden folders (a whole pipeline for final/)
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         yield tmp

@@ -50,10 +50,14 @@ class TrainResult:
 
 
 def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, float]:
-    """Average each metric over the logged micro-batches and over processes."""
+    """Average each metric over the logged micro-batches (its finite values: one skipped non-finite step, counted
+    in steps_skipped_nonfinite, made the whole window's metrics NaN) and over processes."""
+    def mean(key: str) -> float:
+        finite = [v for v in (h.get(key, 0.0) for h in history) if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
     keys = sorted({k for h in history for k in h})
-    local = torch.tensor([sum(h.get(k, 0.0) for h in history) / max(1, len(history)) for k in keys],
-                         device=accelerator.device, dtype=torch.float64)
+    local = torch.tensor([mean(k) for k in keys], device=accelerator.device, dtype=torch.float64)
     return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
 
 

@@ -264,3 +264,19 @@ def test_a_finished_folder_that_cannot_replace_the_old_one_is_kept(tmp_path, mon
         with staged_dir(tmp_path / "gallery"):
             raise RuntimeError("full disk")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "final.unpublished"]
+
+
+def test_hidden_folders_a_killed_replacement_left_are_removed_by_the_next_write(tmp_path):
+    """A kill while the old final/ was deleted (or a gallery's temporary folder fsynced) left .final.old-* (a whole
+    pipeline) beside it for good; other names are left alone."""
+    from t2i_align.files import staged_dir
+
+    out = tmp_path / "final"
+    out.mkdir()
+    for name in (".final.old-abc", ".final.tmp-def", ".gallery.old-x", ".final.older"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights").write_bytes(b"x")
+    with staged_dir(out) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".final.older", ".gallery.old-x", "final"]
+    assert (out / "new").read_text() == "new"

@@ -1,5 +1,6 @@
 """The shared training loop end to end on tiny random SD1.5 / SDXL pipelines and rendered toy pairs."""
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -223,6 +224,25 @@ def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, mon
     saved = load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
     initial = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet").state_dict()
     assert all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+def test_one_skipped_step_leaves_its_windows_other_metrics_readable(tiny_model, pairs, tmp_path, monkeypatch):
+    """A non-finite step (skipped, counted) made every metric of its log_every window NaN: nine trained steps
+    gone from the curves at the default window of 10 for one that did not train."""
+    from t2i_align.objectives.sft import SFT
+
+    original, calls = SFT.compute_loss, []
+
+    def second_nan(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), {k: float("nan") for k in metrics}) if len(calls) == 2 else (loss, metrics)
+
+    monkeypatch.setattr(SFT, "compute_loss", second_nan)
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=4", "train.log_every=4"))
+    (line,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["steps_skipped_nonfinite"] == 1 and math.isfinite(line["loss"]) and math.isfinite(line["mse"])
 
 
 def test_checkpoint_is_refused_for_non_finite_weights(tmp_path):

@@ -718,3 +718,14 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_the_earlier_run_is_set
         with pytest.raises(CheckpointMismatch, match=told):
             train(_cfg(tiny_model, pairs, a, *extra, "train.max_steps=4", f"train.resume={step}"))
         assert (sorted(p.name for p in a.iterdir()), (a / "config.yaml").read_text()) == before
+
+
+def test_a_checkpoint_whose_deletion_was_killed_halfway_is_removed_at_the_next_checkpoint(tiny_model, pairs, tmp_path):
+    """keep_checkpoints deletes a checkpoint's marker first; killed after that, its unmarked step-N (GBs for a full
+    fine-tune) was never pruned."""
+    out = tmp_path / "run"
+    half = out / "checkpoints" / "step-1"
+    half.mkdir(parents=True)
+    (half / "optimizer.bin").write_bytes(b"left by a killed deletion")
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
