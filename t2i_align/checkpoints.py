@@ -148,7 +148,10 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         for stale in root.glob(".step-*.tmp"):  # this step's, and a killed write's (GBs of a full state)
             shutil.rmtree(stale, ignore_errors=True)
         for part in root.glob("step-*"):  # unmarked: a keep_checkpoints deletion killed halfway, never pruned
-            if STEP_DIR.match(part.name) and part.is_dir() and not part.is_symlink() and not (part / MARKER).exists():
+            match = STEP_DIR.match(part.name)
+            if match and int(match.group(1)) < step and part.is_dir() and not part.is_symlink() \
+                    and not (part / MARKER).exists():
+                logger.warning("removing %s: a checkpoint without its marker (a deletion stopped halfway)", part)
                 shutil.rmtree(part, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
 

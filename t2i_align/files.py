@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -119,7 +120,8 @@ def _put_back(old: Path, out_dir: Path) -> None:
         os.replace(old, out_dir)
     except OSError as err:
         raise OSError(f"{out_dir} could not be replaced, nor put back ({err}): its old contents are kept in "
-                      f"{old}; move them back by hand (the next write of {out_dir.name} deletes it)") from err
+                      f"{old}; move them back by hand (once {out_dir.name} exists again, its next write deletes it)") \
+            from err
 
 
 @contextmanager
@@ -133,10 +135,7 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     replaced. Hidden `.NAME.tmp-*` / `.NAME.old-*` folders a killed earlier write left beside it are removed."""
     out_dir = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("tmp", "old"):  # a killed earlier replacement's hidden folders (a whole pipeline for final/)
-        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_stages(out_dir)
     tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         yield tmp
@@ -150,6 +149,23 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         hidden = " now (a later export deletes hidden .*.tmp-* folders)" if kept == tmp else ""
         raise OSError(f"{out_dir} could not be replaced ({err}): the new contents are kept whole in {kept}; move "
                       f"them there by hand{hidden}") from err
+
+
+STALE_AFTER_S = 3600
+"""A hidden .NAME.tmp-* folder this old (by its time of change) is a killed write's, not another writer's."""
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Hidden folders a killed earlier replacement of `out_dir` left (a whole pipeline beside final/): its .tmp-*
+    once STALE_AFTER_S old (a concurrent writer's is younger), its .old-* once `out_dir` is there again (else the
+    .old-* may be the only copy of the folder: a kill between replace_dir's two renames, a failed put-back)."""
+    now = time.time()
+    for kind in ("tmp", "old"):
+        for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
+            if not stale.is_dir() or stale.is_symlink():
+                continue
+            if (kind == "tmp" and now - stale.stat().st_mtime > STALE_AFTER_S) or (kind == "old" and out_dir.exists()):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _unpublished(tmp: Path, out_dir: Path) -> Path:

@@ -52,13 +52,14 @@ class TrainResult:
 def _mean_metrics(accelerator, history: List[Dict[str, float]]) -> Dict[str, float]:
     """Average each metric over the logged micro-batches (its finite values: one skipped non-finite step, counted
     in steps_skipped_nonfinite, made the whole window's metrics NaN) and over processes."""
-    def mean(key: str) -> float:
-        finite = [v for v in (h.get(key, 0.0) for h in history) if math.isfinite(v)]
-        return sum(finite) / len(finite) if finite else math.nan
-
     keys = sorted({k for h in history for k in h})
-    local = torch.tensor([mean(k) for k in keys], device=accelerator.device, dtype=torch.float64)
-    return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
+    if not keys:  # the same on every process (one objective)
+        return {}
+    finite = [[v for v in (h.get(k, 0.0) for h in history) if math.isfinite(v)] for k in keys]
+    local = torch.tensor([sum(f) for f in finite] + [len(f) for f in finite], device=accelerator.device,
+                         dtype=torch.float64)
+    sums, counts = accelerator.reduce(local, reduction="sum").split(len(keys))  # over every process's micro-batches
+    return dict(zip(keys, (sums / counts).tolist()))  # 0 / 0: NaN where no value was finite
 
 
 def _next_batch(batches: Iterator, builder, components, device, counts: Dict[str, int], per_epoch: int, rows: int):
@@ -136,6 +137,9 @@ def train(cfg: Config) -> TrainResult:
                      warn=accelerator.is_main_process, train=cfg.train,
                      method=(cfg.objective.name, cfg.raft.enabled))
     m = build(cfg, accelerator, objective)
+    if resume is not None:  # other LoRA / PPD settings failed in the load, the earlier run already set aside
+        on_every(accelerator, lambda: check_checkpoint_fits(resume, m.raw_unet, not cfg.full_finetune),
+                 "another process found that the checkpoint does not fit this run")
     prompts = list(cfg.tracking.validation_prompts or m.source.sample_captions(4))
     reward = load_validation_reward(cfg, accelerator, prompts)  # refuses prompts it cannot read
     tracker = on_main(accelerator, lambda: _start_tracking(cfg, out, resume),
@@ -143,8 +147,6 @@ def train(cfg: Config) -> TrainResult:
     tracker = tracker or Tracker(out, enabled=False)
     # Every setting checked: only now an earlier run's files are set aside (before SePPO's pool and LongAlign's
     # direction look for theirs) and this run's config written
-    if resume is not None:  # a checkpoint of other LoRA / PPD settings failed in its load, the earlier run set aside
-        check_checkpoint_fits(resume, m.raw_unet, not cfg.full_finetune)
     on_main(accelerator, lambda: claim_output(cfg, out, resume, functools.partial(say, accelerator), tracker),
             "the main process could not set the earlier run's files aside")
     ctx = ObjectiveContext(m.components, accelerator, cfg, m.raw_unet, not cfg.full_finetune, m.frozen)

@@ -61,13 +61,23 @@ def check_checkpoint_fits(path: Path, model: torch.nn.Module, trainable_only: bo
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     wrong = sorted(n for n, shape in wanted.items() if stored.get(n) != shape)
+    if wrong and not trainable_only:  # tied weights are saved once
+        state = model.state_dict()
+        wrong = [n for n in wrong if not _alias_stored(n, state, stored)]
     extra = sorted(set(stored) - set(wanted))  # narrower LoRA targets, PPD's branch turned off
     if wrong or extra:
         what = (f"does not hold {len(wrong)} weights this run trains, as shaped here (e.g. {wrong[0]})" if wrong
                 else f"holds {len(extra)} weights this run does not train (e.g. {extra[0]})")
-        raise CheckpointMismatch(f"checkpoint {path} {what}: written with other LoRA or PPD settings, or as a full "
-                                 f"fine-tune? {RESUME_HINT}")
+        raise CheckpointMismatch(f"checkpoint {path} {what}: written with other LoRA or PPD settings, or a LoRA "
+                                 f"run's for a full fine-tune or the reverse? {RESUME_HINT}")
     return trainable_only
+
+
+def _alias_stored(name: str, state: dict, stored: dict) -> bool:
+    """Whether weight `name` shares its storage with another weight the file holds: safetensors saves tied weights
+    once (`load_model` accepts that)."""
+    ptr = state[name].data_ptr()
+    return any(other in stored for other, t in state.items() if other != name and t.data_ptr() == ptr and ptr)
 
 
 def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_only: bool) -> int:

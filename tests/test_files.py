@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,15 +269,20 @@ def test_a_finished_folder_that_cannot_replace_the_old_one_is_kept(tmp_path, mon
 
 def test_hidden_folders_a_killed_replacement_left_are_removed_by_the_next_write(tmp_path):
     """A kill while the old final/ was deleted (or a gallery's temporary folder fsynced) left .final.old-* (a whole
-    pipeline) beside it for good; other names are left alone."""
+    pipeline) beside it for good; a young .tmp-* (another writer's), an .old-* while final/ is missing (maybe its
+    only copy) and other names are left alone."""
     from t2i_align.files import staged_dir
 
     out = tmp_path / "final"
-    out.mkdir()
-    for name in (".final.old-abc", ".final.tmp-def", ".gallery.old-x", ".final.older"):
+    for name in (".final.old-abc", ".final.tmp-def", ".final.tmp-young", ".gallery.old-x", ".final.older"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "weights").write_bytes(b"x")
+    os.utime(tmp_path / ".final.tmp-def", (time.time() - 7200,) * 2)
+    with staged_dir(out) as tmp:  # final/ missing: its .old-* stays
+        (tmp / "first").write_text("first")
+    kept = [".final.old-abc", ".final.older", ".final.tmp-young", ".gallery.old-x", "final"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
     with staged_dir(out) as tmp:
         (tmp / "new").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".final.older", ".gallery.old-x", "final"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept[1:]
     assert (out / "new").read_text() == "new"
