@@ -18,9 +18,9 @@ reviews, every choice the paper leaves open being a `seppo.*` setting:
   which is `dpo_loss` with the loser's errors multiplied by s. A tie counts as "not better": s = -1, both images
   pulled towards lower error (SFT-like, v2's "switch from DPO to SFT"). When the drawn snapshot IS the policy
   (step 0 with the initial model; a snapshot taken at this very step, or before steps that were all skipped for a
-non-finite gradient), d is only rounding noise (the policy runs
-  with autograd, the reference without, and kernels differ in the last bits), so the whole batch is a tie, by
-  the weights' identity rather than by a tolerance. `indicator` (s ∈ {1, 0}) is the paper's ablation; `off` is
+  non-finite gradient), d is only rounding noise (the policy runs with autograd, the reference without, and
+  kernels differ in the last bits), so the whole batch is a tie, by the weights' identity rather than by a
+  tolerance. `indicator` (s ∈ {1, 0}) is the paper's ablation; `off` is
   always DPO. `seppo.anchor_draws` > 1 (ours) averages d over more (ε, t) draws; the paper tests one.
 """
 from __future__ import annotations
