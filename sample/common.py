@@ -160,16 +160,18 @@ def note_training_seeds(lora, settings, num_prompts: int) -> None:
               "it; pick a --seed whose grid it never drew, e.g. --seed 1000000000000", file=sys.stderr)
 
 
-def check_out_of_models(out, given: dict) -> None:
-    """--out inside a model or LoRA folder (`given`: flag -> value) could replace its weights or be read as one of
-    its files, and a later export there (a run extended) moves the folder aside to final-kept-N/: refused."""
+def check_out_of_models(args, flags) -> None:
+    """--out inside a model or LoRA folder (one of `flags`, e.g. "--lora", read from `args`; the shipped "toy" is
+    none) could replace its weights or be read as one of its files, and a later export there (a run extended)
+    moves the folder aside to final-kept-N/: refused."""
     from t2i_align.base_model import BASE_MODEL_FILE
 
     from reward_models.cli import UsageError
 
-    resolved = Path(out).resolve()
-    for flag, given_path in given.items():
-        if not given_path:
+    out, resolved = args.out, Path(args.out).resolve()
+    for flag in flags:
+        given_path = getattr(args, flag[2:].replace("-", "_"), None)
+        if not given_path or given_path == "toy":
             continue
         folder = Path(given_path)
         if not folder.is_dir():  # a weights file: its folder when an export of ours (RUN/final), not any folder

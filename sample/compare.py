@@ -128,8 +128,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                      if not spec.startswith("toy:")}}
         check_output_path(args.out, "--out", folder=False, inputs={k: v for k, v in inputs.items() if v},
                           replaces=[Path(args.out)], overwrite=args.overwrite)
-        check_out_of_models(args.out, {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (
-            "--lora", "--base-lora", "--model", "--base", "--base-model")})
+        check_out_of_models(args, ("--lora", "--base-lora", "--model", "--base", "--base-model"))
     args.base = args.base or args.base_model or args.model
     if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding):
         print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "

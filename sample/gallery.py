@@ -88,11 +88,26 @@ def _is_run_folder(folder: Path) -> bool:
     return isinstance(config, dict) and {"model", "objective", "train"} <= set(config)
 
 
+def _check_out(args) -> None:
+    """--out is not a training run's folder nor inside a model or LoRA folder, and its gallery/ can be replaced."""
+    from t2i_align.files import check_output_path, check_replaceable_folder
+
+    from reward_models.cli import UsageError
+
+    if _is_run_folder(Path(args.out)):  # its gallery/ is the run's own
+        raise UsageError(f"--out {args.out} is a training run's folder (its gallery/ is the run's own): choose "
+                         "another --out, e.g. runs/gallery-NAME")
+    check_out_of_models(args, ("--lora", "--base-lora", "--model", "--base-model"))
+    check_replaceable_folder(Path(args.out) / "gallery", "--out", "gallery.py")
+    # grid.png: every gallery this project writes has one; --overwrite replaced any OUT/gallery, a user's photos too
+    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite,
+                      made_by="grid.png")
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     args = _parser().parse_args(argv)
     default_model(args)
     from t2i_align.evaluation import score_samples
-    from t2i_align.files import check_output_path, check_replaceable_folder
     from t2i_align.prompts import read_prompts
     from t2i_align.tracking import Tracker
 
@@ -101,15 +116,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.max_prompts < 1 or (args.no_base and (args.base_model or args.base_lora or args.base_text_encoding)):
         raise UsageError("need --max-prompts >= 1, and no --base-model / --base-lora / --base-text-encoding with "
                          "--no-base")
-    if _is_run_folder(Path(args.out)):  # its gallery/ is the run's own
-        raise UsageError(f"--out {args.out} is a training run's folder (its gallery/ is the run's own): choose "
-                         "another --out, e.g. runs/gallery-NAME")
-    check_out_of_models(args.out, {flag: getattr(args, flag[2:].replace("-", "_")) for flag in (
-        "--lora", "--base-lora", "--model", "--base-model")})
-    check_replaceable_folder(Path(args.out) / "gallery", "--out", "gallery.py")
-    # grid.png: every gallery this project writes has one; --overwrite replaced any OUT/gallery, a user's photos too
-    check_output_path(args.out, "--out", folder=True, replaces=[Path(args.out) / "gallery"], overwrite=args.overwrite,
-                      made_by="grid.png")
+    _check_out(args)
     prompts = read_prompts(args.prompts, "--prompts")[: args.max_prompts]
     settings = settings_from(args, len(prompts))
     rewards = load_reward_set(args.reward or "toy-judge", args.option, args.device) if args.reward != "" else {}

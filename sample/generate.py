@@ -130,8 +130,7 @@ def _check_out(args) -> None:
 
     out = Path(args.out)
     check_replaceable_folder(out, "--out", "generate.py")
-    check_out_of_models(out, {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
-                              "--unet": getattr(args, "unet", None), "--vae": getattr(args, "vae", None)})
+    check_out_of_models(args, ("--lora", "--model", "--unet", "--vae"))
     inputs = {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
               "--prompts": None if args.prompts.startswith("toy:") else args.prompts,
               "--user-table": args.user_table, "--user-shots": args.user_shots}

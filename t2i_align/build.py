@@ -79,10 +79,11 @@ def _check_chain_steps(cfg: Config, scheduler) -> None:
     set_timesteps at the first step, a traceback after the model load and the cache build."""
     from .rollout import ddim_sampler
 
-    setting = {"seppo": "seppo.sample_steps", "reward_backprop": "reward_backprop.num_steps"}.get(cfg.objective.name)
-    if setting is None:
+    chains = {"seppo": ("seppo.sample_steps", cfg.seppo.sample_steps),
+              "reward_backprop": ("reward_backprop.num_steps", cfg.reward_backprop.num_steps)}
+    if cfg.objective.name not in chains:
         return
-    steps = getattr(getattr(cfg, setting.split(".")[0]), setting.split(".")[1])
+    setting, steps = chains[cfg.objective.name]
     try:
         ddim_sampler(scheduler, steps)
     except ValueError:

@@ -127,6 +127,17 @@ def all_finite(params) -> bool:
     return all(torch.isfinite(p.detach()).all().item() for p in params)
 
 
+def _remove_unmarked(root: Path, step: int) -> None:
+    """Checkpoints below `step` without their marker: a keep_checkpoints deletion killed halfway (it deletes the
+    marker first), GBs that pruning, which sees marked ones only, never removed."""
+    for part in root.glob("step-*"):
+        match = STEP_DIR.match(part.name)
+        if match and int(match.group(1)) < step and part.is_dir() and not part.is_symlink() \
+                and not (part / MARKER).exists():
+            logger.warning("removing %s: a checkpoint without its marker (a deletion stopped halfway)", part)
+            shutil.rmtree(part, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep: int, params,
                     marker: Optional[dict] = None, save_extra: Optional[Callable[[Path], None]] = None
                     ) -> Optional[Path]:
@@ -147,12 +158,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     def begin() -> None:
         for stale in root.glob(".step-*.tmp"):  # this step's, and a killed write's (GBs of a full state)
             shutil.rmtree(stale, ignore_errors=True)
-        for part in root.glob("step-*"):  # unmarked: a keep_checkpoints deletion killed halfway, never pruned
-            match = STEP_DIR.match(part.name)
-            if match and int(match.group(1)) < step and part.is_dir() and not part.is_symlink() \
-                    and not (part / MARKER).exists():
-                logger.warning("removing %s: a checkpoint without its marker (a deletion stopped halfway)", part)
-                shutil.rmtree(part, ignore_errors=True)
+        _remove_unmarked(root, step)
         root.mkdir(parents=True, exist_ok=True)
 
     def complete() -> None:

@@ -360,8 +360,6 @@ class SnapshotPool(BaseReference):
         steps = [int(s) for s in state["steps"]]
         if self.adapters:
             self.tensors = _read_lora_pool(folder / _TENSORS_FILE, steps, self.unet)
-            _check_lora_pool(folder / _TENSORS_FILE, self.tensors, dict(self.unet.named_parameters()),
-                             self._adapter_names())
         else:
             missing = [str(self._file(s)) for s in steps if not self._file(s).is_file()]
             if missing:
@@ -376,27 +374,24 @@ def snapshot_files(output_dir: Path) -> Dict[int, Path]:
     return {int(path.stem.split("-")[1]): path for path in (Path(output_dir) / POOL_DIR).glob("step-*.safetensors")}
 
 
-def _check_lora_pool(path: Path, pool: Dict[int, Dict[str, torch.Tensor]], params: Dict[str, torch.Tensor],
-                     names: List[str]) -> None:
-    """Every listed snapshot holds every adapter tensor at its shape: `functional_call` fills a missing one from the
-    live policy, so a damaged file made the reference the policy itself without a word."""
-    for step, tensors in pool.items():
-        bad = sorted(set(names) ^ set(tensors)) or [n for n in names if tensors[n].shape != params[n].shape]
-        if bad:
-            raise CheckpointMismatch(f"{path}: the snapshot of step {step} does not fit this run's adapters "
-                                     f"({len(bad)} tensors missing, extra or of another shape, e.g. {bad[0]}): "
-                                     "the file is damaged or from other LoRA settings; resume with the run's own "
-                                     "settings, or from another checkpoint")
-
-
 def _read_lora_pool(path: Path, steps: List[int], unet) -> Dict[int, Dict[str, torch.Tensor]]:
+    """The adapter snapshots of `steps`, each checked to hold every adapter tensor at its shape: `functional_call`
+    fills a missing one from the live policy, so a damaged file made the reference the policy itself silently."""
     from safetensors.torch import load_file
 
     device = next(unet.parameters()).device
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     flat = load_file(str(path))
     pool: Dict[int, Dict[str, torch.Tensor]] = {s: {} for s in steps}
     for key, value in flat.items():
         step, name = key.split("/", 1)
         if int(step) in pool:
             pool[int(step)][name] = value.to(device)
+    for step, tensors in pool.items():
+        bad = sorted(set(params) ^ set(tensors)) or [n for n, p in params.items() if tensors[n].shape != p.shape]
+        if bad:
+            raise CheckpointMismatch(f"{path}: the snapshot of step {step} does not fit this run's adapters "
+                                     f"({len(bad)} tensors missing, extra or of another shape, e.g. {bad[0]}): "
+                                     "the file is damaged or from other LoRA settings; resume with the run's own "
+                                     "settings, or from another checkpoint")
     return pool

@@ -56,13 +56,13 @@ def check_checkpoint_fits(path: Path, model: torch.nn.Module, trainable_only: bo
         return False
     from safetensors import safe_open
 
-    params = model.named_parameters() if trainable_only else model.state_dict().items()
-    wanted = {name: tuple(p.shape) for name, p in params if p.requires_grad or not trainable_only}
+    state = None if trainable_only else model.state_dict()
+    params = model.named_parameters() if state is None else state.items()
+    wanted = {name: tuple(p.shape) for name, p in params if p.requires_grad or state is not None}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     wrong = sorted(n for n, shape in wanted.items() if stored.get(n) != shape)
-    if wrong and not trainable_only:  # tied weights are saved once
-        state = model.state_dict()
+    if wrong and state is not None:  # tied weights are saved once
         wrong = [n for n in wrong if not _alias_stored(n, state, stored)]
     extra = sorted(set(stored) - set(wanted))  # narrower LoRA targets, PPD's branch turned off
     if wrong or extra:

@@ -351,8 +351,10 @@ class OnlineSource:
         return {"caption": prompt, "latents": latents[0]}
 
     def _collate(self, items: List[Dict]) -> Dict:
-        batch = {key: torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-                 for key, values in ((key, [it[key] for it in items]) for key in items[0])}
+        batch = {}
+        for key in items[0]:  # tensors stacked, captions listed
+            values = [it[key] for it in items]
+            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
         if self.components.spec.uses_time_ids:  # SDXL: generated at the target size, uncropped
             h, w = (int(d * self.components.vae_scale_factor) for d in batch["latents_w" if self.pairs else
                                                                              "latents"].shape[-2:])
