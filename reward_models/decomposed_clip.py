@@ -195,6 +195,9 @@ class DecomposedClip(Reward):
                  split: bool = True, scale: float = 1.0, device=None, dtype=None, batch_size: int = 32):
         self.omega, self.split, self.scale = float(omega), bool(split), float(scale)
         self.batch_direction, self._warned_one = direction == "batch", False
+        if not 0.0 <= self.omega <= 1.0:  # a sign typo would reward the text-irrelevant part it is meant to damp
+            raise ValueError(f"decomposed-clip: omega={omega} is outside [0, 1] (the weight kept on the "
+                             "text-irrelevant part: LongAlign uses 0.3; 1 is plain CLIP)")
         if direction is not None and fit_prompts is not None:
             raise ValueError("decomposed-clip: give direction or fit_prompts, not both")
         if direction is None and fit_prompts is None and self.omega != 1.0:

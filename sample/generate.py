@@ -158,16 +158,22 @@ def _added_files(out: Path) -> List[str]:
     return sorted(p.name for p in out.iterdir() if p.name not in ours and not browser_leftover(p.name))
 
 
+def _visible_files(folder: Path, *patterns: str) -> List[Path]:
+    """The files in `folder` matching `patterns`, sorted, without hidden ones (a browser's .DS_Store)."""
+    return sorted(p for pattern in patterns for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
+
+
 def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:
-    """What --resume checks is the same: the settings, the prompts, the weight files of the LoRA and of a local
-    --model folder as they are now (size and time: a longer run may have replaced RUN/final since, a merge been
-    redone) and the kind of device (CPU and GPU numerics differ)."""
+    """What --resume checks is the same: the settings, the prompts, the files of the LoRA and the weight and config
+    files of a local --model folder as they are now (size and time: a longer run may have replaced RUN/final since,
+    a merge been redone, a scheduler config edited) and the kind of device (CPU and GPU numerics differ)."""
     from t2i_align.model_folders import resolve_pretrained
 
     lora = Path(args.lora) if args.lora else None
-    files = [] if lora is None else sorted(lora.glob("*.safetensors")) if lora.is_dir() else [lora]
+    files = [] if lora is None else _visible_files(lora, "*") if lora.is_dir() else [lora]
     model = Path(resolve_pretrained(args.model, key="--model")) if args.model else None
-    weights = sorted(model.glob("*/*.safetensors")) if model is not None and model.is_dir() else []
+    parts = ("*.json", "*/*.json", "*/*.safetensors", "*/*.bin")
+    weights = _visible_files(model, *parts) if model is not None and model.is_dir() else []
     return {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "images": images,
             "device": str(args.device).split(":")[0],
             "lora_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],

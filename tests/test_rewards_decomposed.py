@@ -203,6 +203,9 @@ def test_no_direction_is_an_error_unless_omega_is_one(tiny):
         get_reward("decomposed-clip", checkpoint=str(folder), device="cpu")
     with pytest.raises(ValueError, match="not both"):
         get_reward("decomposed-clip", checkpoint=str(folder), direction="batch", fit_prompts=PROMPTS, device="cpu")
+    for omega in (-0.3, 3.0):  # a sign or decimal typo: the text-irrelevant part rewarded, not damped
+        with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+            get_reward("decomposed-clip", checkpoint=str(folder), omega=omega, direction="batch", device="cpu")
     images = torch.rand(2, 3, 32, 32)
     plain = get_reward("decomposed-clip", checkpoint=str(folder), omega=1.0, device="cpu")
     scores, info = plain(images, PROMPTS[:2])  # S_1 = t·x for every v: nothing to decompose or fit

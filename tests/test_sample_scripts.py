@@ -409,11 +409,17 @@ def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts
     args = SimpleNamespace(lora=str(lora), device="cuda:1", model=str(model))
     first = gen._run_record({"steps": 2}, ["a"], 1, args)
     assert first["device"] == "cuda" and first["lora_files"][0][:2] == ["pytorch_lora_weights.safetensors", 1]
-    assert first["model_files"][0][:2] == ["unet/diffusion_pytorch_model.safetensors", 1]
+    assert [f[:2] for f in first["model_files"]] == [["model_index.json", 2],
+                                                     ["unet/diffusion_pytorch_model.safetensors", 1]]
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"22")  # a longer run wrote RUN/final since
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"22")
     again = gen._run_record({"steps": 2}, ["a"], 1, args)
     assert again["lora_files"] != first["lora_files"] and again["model_files"] != first["model_files"]
+    (model / "scheduler").mkdir()  # a scheduler config edited, a final/ re-exported with another token budget
+    (model / "scheduler" / "scheduler_config.json").write_text("{}")
+    (lora / "t2i_align_text_encoding.json").write_text("{}")
+    later = gen._run_record({"steps": 2}, ["a"], 1, args)
+    assert later["model_files"][1][0] == "scheduler/scheduler_config.json" and len(later["lora_files"]) == 2
     part = tmp_path / "out.partial"  # killed (SIGKILL: no clean-up) before its first image
     part.mkdir()
     (part / gen.MADE_BY).write_text(json.dumps({"finished": False, "run": first}))

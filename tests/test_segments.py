@@ -153,6 +153,26 @@ def test_eot_is_found_by_position_when_the_pad_token_is_a_word(clip_tokenizer):
     assert out[0, 5:, 2:].tolist() == [[1000.0, 1046.5]] * 2  # ... and of "" padded with "!" (id 0)
 
 
+def test_sdxl_tokenizer_2_splitting_its_pad_bang_keeps_its_own_tokens(clip_tokenizer):
+    """SDXL's tokenizer_2 treats its pad "!" as a special token, so '!"' and "!!" split where tokenizer 1 merges
+    them (one token more); it failed with "the tokenizers split the segments into different token counts"."""
+    from transformers import CLIPTokenizer
+
+    from t2i_align.toy.assets import pipeline_dir
+
+    bang = CLIPTokenizer.from_pretrained(pipeline_dir() / "tokenizer", pad_token="!")
+    caption = 'A sign says "OPEN!" on it. A dog runs.'
+    ids1, ids2 = clip_tokenizer(caption_segments(caption)).input_ids, bang(caption_segments(caption)).input_ids
+    assert [len(i) for i in ids1] == [11, 6] and [len(i) for i in ids2] == [12, 6]
+    out = encode_segments([clip_tokenizer, bang], [TokenPositionEncoder(), TokenPositionEncoder()], [caption], 20,
+                          penultimate=True)
+    first = ids1[0][:-1] + ids1[1][:-1]  # each segment's <sot> and words, its <eot> dropped
+    second = ids2[0][:-1] + ids2[1][:-1]
+    assert out[0, :len(first), 0].tolist() == [i + 1000.0 for i in first]
+    assert out[0, :len(second), 2].tolist() == [i + 1000.0 for i in second]
+    assert out[0, len(second):, 2:].tolist() == [[1000.0, 1046.5]] * (20 - len(second))  # <pad*> after
+
+
 @pytest.fixture(scope="module")
 def toy_segments():
     return models.load_components(ModelConfig(pretrained="toy", text_encoding=TextEncodingConfig("segments")))

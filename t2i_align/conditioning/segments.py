@@ -137,13 +137,12 @@ def encode_segments(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Modul
     counts = [len(segments) for segments in per_prompt]
     if stats is not None:
         _record_truncation(stats, tokenizers[0], prompts, token_budget)
-    features, first_kept = [], None
+    features = []
     for tokenizer, encoder in zip(tokenizers, encoders):
+        # Each encoder keeps its own tokenizer's tokens: SDXL's tokenizer_2 treats its pad "!" as a special token
+        # and so splits "!!" or '!"' where tokenizer 1 merges them; positions then drift by a token between the
+        # two halves of the features, as they do in SDXL's own 77-token encoding.
         ids, kept = _tokenize_segments(tokenizer, flat + [""])  # the last row, "", gives <pad*>
-        if first_kept is not None and kept != first_kept:
-            raise ValueError("the tokenizers split the segments into different token counts; segment encoding "
-                             "needs tokenizers that share one vocabulary (as SDXL's two CLIP tokenizers do)")
-        first_kept = kept
         hidden = _hidden(encoder, ids, penultimate)
         pad = hidden[-1, -PAD_POSITIONS:].float().mean(dim=0)
         features.append(_concat(hidden[:-1], kept[:-1], counts, token_budget, pad))
