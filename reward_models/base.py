@@ -170,12 +170,25 @@ def _as_chw(x: torch.Tensor) -> torch.Tensor:
                          f"{tuple(x.shape)}")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"empty image of shape {tuple(x.shape)}")
-    if not torch.is_floating_point(x):  # 8-bit values, or 16-bit ones in a uint16 tensor
-        x = x.float() / (65535.0 if x.dtype == getattr(torch, "uint16", None) else 255.0)
-    x = check_image_range(x)
+    x = to_unit_float(x)
     if x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return x[..., :3, :, :]
+
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """Integer pixels (8-bit, or 16-bit in a uint16 tensor) -> float in [0, 1]; float ones range-checked."""
+    if not torch.is_floating_point(x):
+        return x.float() / (65535.0 if x.dtype == getattr(torch, "uint16", None) else 255.0)
+    return check_image_range(x)
+
+
+def one_image(im: torch.Tensor) -> torch.Tensor:
+    """A list element's tensor, [C, H, W] or [1, C, H, W], as [C, H, W]; a batch in one element is refused."""
+    if im.dim() == 4 and im.shape[0] != 1:
+        raise ValueError(f"a list of images holds one image per element; one holds {im.shape[0]} (shape "
+                         f"{tuple(im.shape)}): pass that batch as the tensor itself, or split it")
+    return im[0] if im.dim() == 4 else im
 
 
 def check_image_range(x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +197,7 @@ def check_image_range(x: torch.Tensor) -> torch.Tensor:
     low, high = float(x.detach().min()), float(x.detach().max())
     if low < -0.25 or high > 1.25:
         warnings.warn(f"float images are read as RGB in [0, 1], but these span [{low:.3g}, {high:.3g}]: map them "
-                      "there first (x / 2 + 0.5 for [-1, 1], x / 255 for [0, 255])", stacklevel=4)
+                      "there first (x / 2 + 0.5 for [-1, 1], x / 255 for [0, 255])", stacklevel=5)
     return x
 
 
@@ -196,10 +209,7 @@ def to_image_tensors(images) -> Union[torch.Tensor, List[torch.Tensor]]:
     out = []
     for im in images:
         if isinstance(im, torch.Tensor):
-            if im.dim() == 4 and im.shape[0] != 1:
-                raise ValueError(f"a list of images holds one image per element; one holds {im.shape[0]} (shape "
-                                 f"{tuple(im.shape)}): pass that batch as the tensor itself, or split it")
-            out.append(_as_chw(im[0] if im.dim() == 4 else im))
+            out.append(_as_chw(one_image(im)))
         elif isinstance(im, np.ndarray):
             out.append(_as_chw(_numpy_chw(im)))
         elif hasattr(im, "convert"):

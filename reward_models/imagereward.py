@@ -27,8 +27,8 @@ from torchvision.transforms import InterpolationMode
 
 from t2i_align.data.images import grey_to_8bit
 
-from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_image_range, check_tokenizer_vocabulary,
-                   register, resolve_device, resolve_dtype, to_image_tensors)
+from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_tokenizer_vocabulary, one_image,
+                   register, resolve_device, resolve_dtype, to_image_tensors, to_unit_float)
 from .blip_layout import BlipRewardConfig, BlipRewardModel, load_official_state_dict
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -50,12 +50,12 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _tensor_to_rgb(pixels: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] with C in {1, 2, 3, 4}, float in [0, 1] (a warning far outside) or uint8 -> float32
+    """[B, C, H, W] with C in {1, 2, 3, 4}, float in [0, 1] (a warning far outside), uint8 or uint16 -> float32
     [B, 3, H, W] (alpha dropped). float32 before resizing: in bf16 the resize and normalisation were ~0.02 off."""
     if pixels.ndim != 4 or pixels.shape[1] not in (1, 2, 3, 4) or 0 in pixels.shape[2:]:
         raise ValueError(f"image tensors must be [B, C, H, W] with 1-4 channels and H, W > 0, "
                          f"got {tuple(pixels.shape)}")
-    pixels = check_image_range(pixels).float() if pixels.is_floating_point() else pixels.float() / 255.0
+    pixels = to_unit_float(pixels).float()
     if pixels.shape[1] <= 2:
         return pixels[:, :1].expand(-1, 3, -1, -1)
     return pixels[:, :3]
@@ -76,7 +76,7 @@ def preprocess_images(images, size: int = 224) -> torch.Tensor:
             if isinstance(image, Image.Image):
                 parts.append(fit(_pil_to_rgb(image)))
             elif isinstance(image, torch.Tensor):
-                parts.append(fit(_tensor_to_rgb(image.unsqueeze(0) if image.ndim == 3 else image)))
+                parts.append(fit(_tensor_to_rgb(one_image(image)[None])))
             elif isinstance(image, np.ndarray):  # HWC, uint8 or float in [0, 1], as every reward takes them
                 parts.append(fit(to_image_tensors([image])[0][None]))  # float32 RGB, range checked
             else:

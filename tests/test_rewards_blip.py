@@ -337,3 +337,15 @@ def test_half_precision_images_are_resized_in_float32():
     out = preprocess_images(images, 32)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, preprocess_images(images.float(), 32), atol=0, rtol=0)
+
+
+def test_16_bit_tensors_are_read_as_16_bit_and_a_batch_in_one_list_element_is_refused():
+    """A uint16 tensor was divided by 255 (257 times too bright, no warning); a [2, C, H, W] list element was
+    scored as two images for its one prompt."""
+    pixels = torch.randint(0, 65536, (1, 3, 20, 20), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    as_float = pixels.float() / 65535
+    torch.testing.assert_close(preprocess_images(pixels.to(torch.uint16), 32), preprocess_images(as_float, 32))
+    torch.testing.assert_close(preprocess_images([pixels[0].to(torch.uint16)], 32), preprocess_images(as_float, 32))
+    with pytest.raises(ValueError, match="one image per element; one holds 2"):
+        preprocess_images([torch.rand(2, 3, 20, 20)], 32)
+    torch.testing.assert_close(preprocess_images([as_float], 32), preprocess_images(as_float, 32))  # [1, C, H, W]

@@ -137,14 +137,14 @@ def user_tokens_for(pipe, choice: UserChoice, n: int, folders: Sequence) -> Opti
             raise UserChoiceError(f"--user-scale {choice.scale}: must be a finite number >= 0")
         set_user_scale(pipe.unet, choice.scale)
     if choice.scale == 0 and not (choice.ids or choice.shots):  # the base model, as README and ppd.scale advise:
-        return torch.zeros(n, *user_token_shape(pipe.unet))  # the branch is skipped at scale 0, so no user needed
+        return torch.zeros(1, *user_token_shape(pipe.unet)).expand(n, -1, -1)  # skipped at scale 0: no user needed
     embedding = user_embedding(choice, folders)
     taken = user_token_shape(pipe.unet)[0]
     if embedding.dim() == 2 and embedding.shape[0] > taken:  # a table of every VLM layer (a new user's, from
         warnings.warn(f"the user embedding has {embedding.shape[0]} rows and the branch takes {taken}: using the last "
                       f"{taken}, as ppd.layers keeps them (every choice is a suffix)", stacklevel=2)
         embedding = select_layers(embedding, taken)  # `users embed`): ppd.layers kept the last `taken`
-    tokens = embedding[None].repeat(n, 1, 1)
+    tokens = embedding[None].expand(n, -1, -1)  # a view: sampling slices one batch at a time (no n copies)
     try:
         check_user_tokens(pipe.unet, tokens)
     except ValueError as err:
