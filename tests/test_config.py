@@ -432,6 +432,12 @@ def test_an_override_in_a_switched_off_section_is_refused():
     raft = ["raft.enabled=true", "raft.prompts=toy:train"]
     with pytest.warns(UserWarning, match="data.cache is set .* raft.enabled is true"):
         load_config(None, [*raft, "data.cache=true"])
+    with pytest.warns(UserWarning, match=r"data.resolution is set .* own samples \(their size is raft.resolution\)"):
+        load_config(None, [*raft, "data.resolution=256"])
+    with pytest.warns(UserWarning, match="data.flip is set .* raft.enabled is true"):
+        load_config(None, [*raft, "data.flip=joint"])
+    with pytest.warns(UserWarning, match="train.offload_reference is set .* only a full fine-tune keeps a frozen"):
+        load_config(None, ["lora.enabled=true", "train.offload_reference=true"])
     # data settings the data.kind reads none of (a prompts file is text, captions are served in order)
     for kind, key in (("prompts", "data.ties=first"), ("captions", "data.shuffle_window=8"),
                       ("prompts", "data.cache=true")):

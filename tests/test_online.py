@@ -133,6 +133,12 @@ def test_reencode_trains_on_vae_encodings_of_the_decoded_images(tmp_path, monkey
     assert [len(x) for x in seen[:3]] == [3, 3, 2] and first_round.shape[1:] == (3, 32, 32)
     assert first_round.min() >= -1 and first_round.max() <= 1 and first_round.min() < 0  # [0, 1] images -> [-1, 1]
     seen.clear()
+    import t2i_align.data.online as online
+
+    monkeypatch.setattr(online, "ENCODE_PIXELS", 2 * 32 * 32)  # two images a VAE call (SDXL at 1024 px: one)
+    _run("configs/toy/raft.yaml", tmp_path / "s", "raft.reencode=true", "raft.generation_batch_size=3")
+    assert max(len(x) for x in seen) == 2 and sum(len(x) for x in seen[:4]) == 8 and len(seen[3]) == 2
+    seen.clear()
     _run("configs/toy/raft.yaml", tmp_path / "g", "raft.reencode=false")
     assert not seen  # the generated latents are trained on as they are
 

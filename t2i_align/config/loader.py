@@ -259,6 +259,9 @@ DPO_KEYS = ("objective.beta", "objective.beta_convention", "objective.loss_type"
 PAIR_DATA_KEYS = ("data.path", "data.ties", "data.max_pairs", "data.both_models_contain", "data.cache",
                   "data.cache_dir")
 """Read from a data set, which RAFT (its own samples) has none of."""
+RAFT_IGNORED_KEYS = PAIR_DATA_KEYS + ("data.kind", "data.resolution", "data.crop", "data.flip", "data.time_ids",
+                                      "data.num_workers")
+"""Neither are these: RAFT's samples are generated at raft.resolution, uncropped, and served from memory."""
 KIND_KEYS = {"data.ties": ("pairs",), "data.shuffle_window": ("pairs",), "data.cache": ("pairs", "captions"),
              "data.cache_dir": ("pairs", "captions")}
 """Data settings read only for these data.kind values (prompts are read as text, captions served in order)."""
@@ -292,12 +295,16 @@ def _no_effect(cfg: Config, key: str, section: str, rest: str) -> Tuple[str, str
         return "tracking.validation_reward is not set", "set tracking.validation_reward", True
     if key in DPO_KEYS and cfg.objective.name not in ("dpo", "seppo"):
         return f"objective.name is {cfg.objective.name!r} (no DPO loss)", "", False
-    if key in PAIR_DATA_KEYS and cfg.raft.enabled:
-        return "raft.enabled is true (RAFT trains on its own samples)", "", False
+    if key in RAFT_IGNORED_KEYS and cfg.raft.enabled:
+        size = " (their size is raft.resolution)" if key == "data.resolution" else ""
+        return f"raft.enabled is true (RAFT trains on its own samples{size})", "", False
     if key in KIND_KEYS and cfg.data.kind not in KIND_KEYS[key]:
         return f"data.kind is {cfg.data.kind!r}", "", False
     if key == "seppo.snapshots_in_memory" and not cfg.full_finetune:
         return "only a full fine-tune's snapshots are files (LoRA snapshots are always in memory)", "", False
+    if key == "train.offload_reference" and not cfg.full_finetune:
+        return "only a full fine-tune keeps a frozen reference copy (with adapters it is the base, adapters off)", \
+            "", False
     if key == "data.shuffle_window" and cfg.data.cache:
         return "data.cache is true (cached data is shuffled whole)", "", False
     return "", "", False

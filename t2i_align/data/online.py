@@ -36,6 +36,8 @@ POOL_FILE = "raft_pool.safetensors"
 ROUND_CHUNK_PIXELS = 256 * 512 * 512
 """A round is generated, scored and encoded in chunks of about this many pixels (256 images at 512 px, 64 at 1024
 px: a fixed 256 held 3 GB of float pixels per process at SDXL's size, twice while joined), of whole batches."""
+ENCODE_PIXELS = 4 * 512 * 512
+"""Pixels per VAE encoder call when re-encoding a round (see `_reencode`)."""
 
 
 def chunk_images(resolution: int, batch: int) -> int:
@@ -334,7 +336,9 @@ class OnlineSource:
         """Latents of the decoded images, as the data path encodes pixels (`batches.encode_images`)."""
         from ..batches import encode_images
 
-        step = self.rc.generation_batch_size
+        # at most four 512 px images a VAE call (~0.7 GB of fp32 activations each; SDXL at 1024 px one at a time:
+        # 32 in one call would need ~84 GB), as `sampling._decode` slices; small (toy) images keep the batch
+        step = max(1, min(self.rc.generation_batch_size, ENCODE_PIXELS // (images.shape[-2] * images.shape[-1])))
         return torch.cat([encode_images(self.components, images[i:i + step] * 2 - 1).cpu()
                           for i in range(0, len(images), step)])
 
