@@ -247,11 +247,12 @@ def preprocess_images(images, size: int, mean: Sequence[float], std: Sequence[fl
                       resize: Resize = resize_center_crop) -> torch.Tensor:
     """PIL / tensor images -> resized to size x size by `resize` (default: shortest side + centre crop),
     normalised, [B, 3, size, size] on `device` in `dtype`."""
-    x = to_image_tensors(images)  # resized in float32: half-precision resampling fails on CPU, rounds on GPU
-    if isinstance(x, torch.Tensor):
-        x = resize(x.to(device, torch.float32), size, interpolation)
-    else:
-        x = torch.cat([resize(im.to(device, torch.float32)[None], size, interpolation) for im in x])
+    # resized in float32: half-precision resampling fails on CPU, rounds on GPU
+    if isinstance(images, torch.Tensor):
+        x = resize(to_image_tensors(images).to(device, torch.float32), size, interpolation)
+    else:  # one image at a time: a batch of large photos is never all in float at full size
+        x = torch.cat([resize(to_image_tensors([im])[0].to(device, torch.float32)[None], size, interpolation)
+                       for im in images])
     m, s = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
     return ((x.float() - m) / s).to(dtype)
 
