@@ -10,14 +10,14 @@ import logging
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .errors import UserError, one_line
+from .errors import UserError
 from .files import browser_leftover, fsync_path, plain_modes, staged_dir, sync_tree
+from .full_export import save_full_pipeline
 
 logger = logging.getLogger(__name__)
 MARKER = "t2i_align_checkpoint.json"
@@ -224,7 +224,7 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
         if adapters:
             _save_adapters(pipeline, unet, tmp)
         else:
-            save_full_pipeline(pipeline, unet, tmp)
+            save_full_pipeline(pipeline, unet, tmp, exact_frozen=True, vae_dir=vae_dir)
         if user_table is not None:
             from .users.table import USER_TABLE_NAME
 
@@ -276,94 +276,3 @@ def _alpha_folded(layers: dict, config) -> dict:
     if scale == 1:
         return layers
     return {key: value * scale if ".lora_B." in key else value for key, value in layers.items()}
-
-
-def save_full_pipeline(pipeline, unet, folder: Path) -> None:
-    """save_pretrained with every component in float32 (`_all_float32`); a user branch leaves the UNet for it
-    (diffusers would write it into unet/ with an ip_image_proj config that a plain load cannot rebuild) and comes
-    back from its own file afterwards."""
-    from .conditioning.users import has_user_branch, load_user_branch, remove_user_branch, save_user_branch
-
-    with _all_float32(pipeline):
-        if not has_user_branch(unet):
-            pipeline.save_pretrained(str(folder), safe_serialization=True)
-        else:
-            branch = save_user_branch(folder, unet)
-            remove_user_branch(unet)
-            try:
-                pipeline.save_pretrained(str(folder), safe_serialization=True)
-            finally:
-                load_user_branch(unet, branch.parent, branch.name)
-    from .model_folders import carry_tokenizer_files
-    from .sampling import pipeline_components
-
-    carry_tokenizer_files(pipeline_components(pipeline).path, folder)
-    _carry_safety_checker(pipeline_components(pipeline).path, folder)
-
-
-SAFETY_PARTS = ("safety_checker", "feature_extractor")
-
-
-def _carry_safety_checker(source: Path, folder: Path) -> None:
-    """SD1.5's safety checker, copied from the model folder `source` into the saved pipeline `folder`: training
-    and sampling leave it out (it judges no image we make), but a plain `from_pretrained(folder)(prompt)` should
-    filter as the source's did. Only when the source holds it with plain weights; otherwise a warning says the
-    export has none. Loaded and saved again (not copied): a download's safety_checker/ also holds pickled .bin
-    files and fp16 copies, and an export is safetensors in float32 only. One that fails to load (a git-lfs
-    pointer left unpulled) is warned of too: training never read it, and the export must not be lost for it."""
-    from .models import read_index
-    from .weight_files import has_plain_weights
-
-    index = read_index(source) if (source / "model_index.json").is_file() else {}
-    if (index.get("safety_checker") or [None])[0] is None:
-        return
-    checker, why = None, "without plain weights to copy"
-    if has_plain_weights(source / "safety_checker") and (source / "feature_extractor").is_dir():
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-        try:  # only reading it: a failure to write the export (a full disk) still fails it
-            checker = StableDiffusionSafetyChecker.from_pretrained(str(source / "safety_checker"),
-                                                                   use_safetensors=None)
-        except Exception as err:
-            why = f"that could not be read ({one_line(err)[:200]})"
-    if checker is None:
-        # `folder` is the staged copy: the warning names what the user will find, the folder's final name
-        staged = re.fullmatch(r"\.(.+)\.tmp-[^.]*", folder.name)  # files.staged_dir's name for it
-        final = folder.parent / staged.group(1) if staged else folder
-        logger.warning("warning: %s lists a safety checker %s: the pipeline saved to %s has none", source, why, final)
-        return
-    checker.float().save_pretrained(str(folder / "safety_checker"), safe_serialization=True)
-    shutil.copytree(source / "feature_extractor", folder / "feature_extractor",
-                    ignore=lambda _, names: [n for n in names if not n.endswith(".json")])  # the processor's config
-    saved = read_index(folder)
-    saved.update({part: index[part] for part in SAFETY_PARTS},
-                 requires_safety_checker=index.get("requires_safety_checker", True))
-    (folder / "model_index.json").write_text(json.dumps(saved, indent=2) + "\n")
-
-
-@contextmanager
-def _all_float32(pipeline):
-    """Every part float32 while saving, then back as it was: the frozen parts train in model.weight_dtype beside
-    an fp32 UNet (under DeepSpeed bf16 the UNet is bf16 too), and transformers 5 loads each part in its saved
-    dtype, so a folder of mixed dtypes failed at the first prompt of a plain `from_pretrained(final)`. A part is
-    upcast on the CPU (an fp32 copy of SDXL's UNet on the GPU could run out of memory at the end of a run);
-    fp16/bf16 -> fp32 -> back is exact."""
-    modules = {name: m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module)}
-    cast = {}
-    try:
-        for name, module in modules.items():
-            param = next(module.parameters(), None)
-            if param is not None and param.dtype != torch.float32:
-                cast[name] = (param.device, param.dtype)
-                _plain_to(module, "cpu", torch.float32)
-        yield
-    finally:
-        for name, (device, dtype) in cast.items():
-            _plain_to(modules[name], device, dtype)
-
-
-def _plain_to(module: torch.nn.Module, device, dtype) -> None:
-    """torch's own Module.to (diffusers' override warns at every cast: "modules ... kept in float32: []"), the
-    cast done on the CPU: to the CPU first, or back from it last."""
-    for step in ((device, dtype) if str(device) == "cpu" else (dtype, device)):
-        torch.nn.Module.to(module, step)

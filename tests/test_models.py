@@ -421,6 +421,27 @@ def test_full_export_with_bf16_frozen_parts_loads_and_samples_in_plain_diffusers
     assert set(dtypes.values()) == {torch.float32}, dtypes
     images = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+    # the parts that never trained are the source's weights, not their bf16 copies (1e-3 off)
+    source = DiffusionPipeline.from_pretrained(str(folder))
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if name in source.components:
+            for (key, want), got in zip(source.components[name].state_dict().items(),
+                                        pipe.components[name].state_dict().values()):
+                assert torch.equal(want, got), (name, key)
+
+
+def test_a_full_export_whose_source_is_gone_keeps_the_rounded_frozen_parts_with_a_warning(sd15_dir, tmp_path,
+                                                                                          caplog):
+    import shutil
+
+    from t2i_align.checkpoints import export_final
+
+    source = shutil.copytree(sd15_dir, tmp_path / "moved")
+    comp = models.load_components(ModelConfig(pretrained=str(source), weight_dtype="bf16"))
+    shutil.rmtree(source / "text_encoder")  # moved or unmounted during a days-long run
+    final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "run")
+    assert (final / "text_encoder" / "model.safetensors").is_file()
+    assert "text_encoder could not be read again" in caplog.text and "rounded to model.weight_dtype" in caplog.text
 
 
 def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_path):

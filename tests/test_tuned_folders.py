@@ -59,7 +59,7 @@ def test_a_failing_export_keeps_the_old_final_and_leaves_no_temporary_folder(sd1
     first = checkpoints.export_final(pipe, comp.unet, False, tmp_path, step=1)
     before = sorted(p.relative_to(first) for p in first.rglob("*"))
 
-    def full_disk(pipeline, unet, folder):
+    def full_disk(pipeline, unet, folder, **_):
         (folder / "unet").mkdir()
         (folder / "unet" / "part.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
@@ -76,7 +76,7 @@ def test_the_missing_safety_checker_warning_names_the_saved_folder_not_its_stage
     import json
     import logging
 
-    from t2i_align.checkpoints import _carry_safety_checker
+    from t2i_align.full_export import _carry_safety_checker
 
     source = tmp_path / "sd15"
     source.mkdir()
