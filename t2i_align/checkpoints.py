@@ -241,12 +241,14 @@ def export_final(pipeline, unet, adapters: bool, output_dir: str | os.PathLike, 
 
 def _keep_added(final: Path, new: Path) -> None:
     """Before a new export replaces final/ (a run extended from the step it ended at): a final/ holding what no
-    export writes (samples generated into it, notes) is moved aside whole to final-kept-N/, not deleted."""
-    if final.is_symlink() or not final.is_dir():
+    export writes (samples generated into it, notes) is moved aside whole to final-kept-N/, not deleted. A final/
+    that links elsewhere: its target is what the export replaces (`staged_dir`), so the target is moved aside."""
+    final = final.resolve() if final.is_symlink() else final
+    if not final.is_dir():
         return
     added = sorted({p.name for p in final.iterdir() if not browser_leftover(p.name)} - {p.name for p in new.iterdir()})
     if added:
-        kept = next(k for i in range(1, 10_000) if not (k := final.with_name(f"final-kept-{i}")).exists())
+        kept = next(k for i in range(1, 10_000) if not (k := final.with_name(f"{final.name}-kept-{i}")).exists())
         final.rename(kept)
         logger.warning("%s held %s, which the new export does not write: the earlier export was moved to %s",
                        final, ", ".join(added[:3]), kept)

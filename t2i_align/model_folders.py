@@ -39,8 +39,9 @@ def _single_file_hint(name: str, key: str) -> str:
     fetches the config from the hub."""
     if not name.lower().endswith(_WEIGHT_SUFFIXES):
         return ""
-    cls, kind = ("AutoencoderKL", "VAE") if key == "model.vae" else ("StableDiffusionPipeline", "SD1.5 pipeline")
-    more = "" if key == "model.vae" else " (StableDiffusionXLPipeline and an SDXL folder for SDXL)"
+    vae = key in ("model.vae", "--vae")
+    cls, kind = ("AutoencoderKL", "VAE") if vae else ("StableDiffusionPipeline", "SD1.5 pipeline")
+    more = "" if vae else " (StableDiffusionXLPipeline and an SDXL folder for SDXL)"
     return (" It names a single-file checkpoint; convert it to a diffusers folder once: `python -c \"from diffusers "
             f"import {cls} as P; P.from_single_file('{name}', config='A_LOCAL_{kind.split()[0]}_FOLDER')"
             f".save_pretrained('DIR')\"` with config a local diffusers {kind} folder{more}, then give DIR.")

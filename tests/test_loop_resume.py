@@ -689,6 +689,20 @@ def test_a_new_export_moves_aside_a_final_holding_files_no_export_writes(tmp_pat
     assert (aside / "final-kept-1" / "samples" / "0.png").is_file() and not (run / "final-kept-1").exists()
 
 
+def test_a_final_that_links_elsewhere_has_its_target_moved_aside_before_it_is_replaced(tmp_path):
+    """The export replaces the folder a final/ link points to: a note added there was deleted with it."""
+    from helpers import export_random_lora
+
+    model, run = save_tiny_pipeline("sd15", tmp_path / "sd15"), tmp_path / "run"
+    export_random_lora(model, tmp_path / "archive")
+    run.mkdir()
+    (run / "final").symlink_to(tmp_path / "archive" / "final")
+    (tmp_path / "archive" / "final" / "notes.txt").write_text("kept")
+    final = export_random_lora(model, run)
+    assert (run / "final").is_symlink() and (final / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "archive" / "final-kept-1" / "notes.txt").read_text() == "kept"
+
+
 def test_a_resume_on_data_of_another_size_is_warned(tiny_model, tmp_path):
     """The marker counts batches, and the order is drawn from the rows: with rows added or removed since (a
     download still under way at the first start) the resumed epoch repeated or skipped rows without a word."""

@@ -192,6 +192,8 @@ def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match=r"AutoencoderKL as P; P.from_single_file\('sd15.safetensors', config="
                                              r"'A_LOCAL_VAE_FOLDER'\)"):
         models.resolve_pretrained("sd15.safetensors", pipeline=False, key="model.vae")
+    with pytest.raises(ModelLoadError, match=r"AutoencoderKL as P"):  # sample/'s and merge_lora's flag alike
+        models.resolve_pretrained("sd15.safetensors", pipeline=False, key="--vae")
     assert model_folders._is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
