@@ -324,18 +324,20 @@ def _check_rows(path: Path, marker: dict, source, warn: bool) -> None:
 def record(accelerator, counts: Dict[str, int], carried: Dict[str, tuple], history: List[Dict[str, float]],
            streak: int, train: Optional[TrainConfig] = None, rows: Optional[int] = None) -> Dict:
     """What a checkpoint records of the loop (collective): each process's raw micro-batches read and unlogged
-    metrics (as their count and sums: the log line averages them), the run's totals of COUNTED and of the `carried`
-    counters (summed over processes where each keeps its own), the non-finite streak, the engine and the optimizer
-    and batch size of `train` (`_check_training`), and the data's usable `rows` (`_check_rows`)."""
+    metrics (their finite values' sums and counts: the log line averages them), the run's totals of COUNTED and of
+    the `carried` counters (summed over processes where each keeps its own), the non-finite streak, the engine and
+    the optimizer and batch size of `train` (`_check_training`), and the data's usable `rows` (`_check_rows`)."""
     from accelerate.utils import gather_object
 
     own = {k: counts[k] for k in COUNTED if k in SUMMED}
     own.update({k: getattr(*where) for k, where in carried.items()})
     totals = {k: int(v) for k, v in summed(accelerator, own).items()}
     keys = sorted({k for h in history for k in h})
-    sums = {k: float(sum(h.get(k, 0.0) for h in history)) for k in keys}
-    # a skipped step's NaN loss as text, as metrics.jsonl keeps it: the marker stays JSON that strict readers take
-    pending = {"n": len(history), "sums": {k: v if math.isfinite(v) else str(v) for k, v in sums.items()}}
+    finite = {k: [v for v in (h.get(k, 0.0) for h in history) if math.isfinite(v)] for k in keys}
+    # the finite values' sums and counts, as `loop._mean_metrics` averages them (a skipped step's NaN loss in a
+    # plain sum made the whole window NaN after a resume, and the first line after it averaged fewer steps)
+    pending = {"n": len(history), "sums": {k: float(sum(v)) for k, v in finite.items()},
+               "counts": {k: len(v) for k, v in finite.items()}}
     return {"raw_batches": gathered(accelerator, counts["raw_batches"]), "engine": engine_name(accelerator),
             "counts": dict(totals, steps_skipped_nonfinite=counts["steps_skipped_nonfinite"]), "streak": streak,
             "unlogged": gather_object([pending]) if accelerator.num_processes > 1 else [pending],
@@ -350,7 +352,9 @@ def _history(marker: dict, accelerator) -> List[Dict[str, float]]:
     if not isinstance(unlogged, list) or len(unlogged) != accelerator.num_processes:
         return []
     own = unlogged[accelerator.process_index]
-    return [{k: float(s) / own["n"] for k, s in own["sums"].items()} for _ in range(own["n"])]
+    counts = own.get("counts") or {k: own["n"] for k in own["sums"]}  # markers before session 36: n each
+    means = {k: float(s) / max(1, counts[k]) for k, s in own["sums"].items()}
+    return [{k: means[k] if i < counts[k] else math.nan for k in means} for i in range(own["n"])]
 
 
 def gathered(accelerator, value: int) -> List[int]:

@@ -113,6 +113,12 @@ def wilson_interval(p_hat: float, n: int, level: float = 0.95) -> Tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def _rounding(a: Sequence[float], b: Sequence[float], floor: float = 1.0) -> float:
+    """What differences of these scores are rounding: 1e-6 of the largest (float32 rewards carry ~1e-7 of their
+    size; sums of judge verdicts ~1e-17), at least 1e-6 * floor."""
+    return 1e-6 * max([floor] + [abs(x) for x in a] + [abs(y) for y in b])
+
+
 def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dict[str, float]:
     """Paired win rate of a (tuned) over b (base), same prompts and seeds: (wins + ties/2) / n.
 
@@ -122,8 +128,9 @@ def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dic
     """
     _check_level(level)
     a, b = _pair(a, b)
-    wins = sum(x > y for x, y in zip(a, b))
-    losses = sum(x < y for x, y in zip(a, b))
+    tol = _rounding(a, b)  # 0.1 + 0.2 against 0.3 is a tie, as in `clustered_diff`
+    wins = sum(x - y > tol for x, y in zip(a, b))
+    losses = sum(y - x > tol for x, y in zip(a, b))
     n = len(a)
     ties = n - wins - losses
     rate = (wins + 0.5 * ties) / n
@@ -137,17 +144,19 @@ def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> 
 
     The interval is `mean_ci(d, level)`. Needs n >= 2. When every difference is equal (sd = 0, or within rounding
     of the differences' size: 0.2 - 0.0 and 0.8 - 0.6 give sd ~1e-17, which made t ~1e16; float32 rewards' scores
-    ~1e-7 of their size, so within 1e-6 of the largest score) t is undefined: t = 0
-    and p = 1 if they are all zero, else t = NaN (JSON null; not inf, which JSON cannot hold) and p = 0, the limit
-    as sd -> 0 (the interval is then the single point mean(d)); the sign test is the one to read then.
+    ~1e-7 of their size, so within 1e-6 of the largest score) t is undefined: t = 0 and p = 1 if their mean is
+    zero within that rounding, else t = NaN (JSON null; not inf, which JSON cannot hold) and p = 0, the limit as
+    sd -> 0 (the interval is then the single point mean(d)); the sign test is the one to read then.
     """
     a, b = _pair(a, b)
     if len(a) < 2:
         raise ValueError(f"paired_diff needs at least 2 pairs, got {len(a)}")
     ci = mean_ci([x - y for x, y in zip(a, b)], level)
     n, mean, std = ci["n"], ci["mean"], ci["std"]
-    if std <= 1e-6 * max(max(abs(x), abs(y)) for x, y in zip(a, b)):  # 0 when every difference is 0
-        t, p = (0.0, 1.0) if mean == 0.0 else (math.nan, 0.0)
+    tol = _rounding(a, b, floor=0.0)  # 0 when every score is 0
+    if std <= tol:
+        # a mean within rounding of 0 (a model against itself on nondeterministic GPU kernels) is no difference
+        t, p = (0.0, 1.0) if abs(mean) <= tol else (math.nan, 0.0)
     else:
         t = mean / (std / math.sqrt(n))
         p = t_two_sided_p(t, n - 1)

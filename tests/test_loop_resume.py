@@ -201,7 +201,7 @@ def test_a_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(tiny_mod
     with pytest.raises(NonFiniteError, match=r"last at step 3\)"):
         train(_cfg(tiny_model, pairs, failing, *nan))
     marker = read_marker(failing / "checkpoints" / "step-2")
-    assert marker["streak"] == 2 and marker["unlogged"][0]["sums"]["loss"] == "nan"  # text: strict JSON readers
+    assert marker["streak"] == 2 and marker["unlogged"][0]["counts"]["loss"] == 0  # no finite loss to average
     assert "NaN" not in json.dumps(marker)
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps .*last at step 3\)"):  # not at step 5
         train(_cfg(tiny_model, pairs, failing, *nan, "train.resume=latest"))
@@ -219,9 +219,24 @@ def test_unlogged_metrics_come_back_per_process_or_not_at_all():
     assert _history(marker, SimpleNamespace(num_processes=2, process_index=1)) == [{"loss": 0.5, "acc": 1.0}]
     assert _history(marker, SimpleNamespace(num_processes=3, process_index=1)) == []
     assert _history({}, SimpleNamespace(num_processes=1, process_index=0)) == []
-    nan = {"unlogged": [{"n": 2, "sums": {"loss": "nan", "acc": "inf"}}]}  # as `record` writes non-finite sums
+    nan = {"unlogged": [{"n": 2, "sums": {"loss": "nan", "acc": "inf"}}]}  # as `record` wrote non-finite sums
     (row, _) = _history(nan, SimpleNamespace(num_processes=1, process_index=0))
     assert math.isnan(row["loss"]) and row["acc"] == math.inf
+    # since session 36 the finite values' sums and counts: a window with a skipped step's NaN loss comes back as
+    # what the uninterrupted run averages (it was all NaN, and the log line after the resume averaged fewer)
+    from accelerate import Accelerator
+
+    from t2i_align.loop import _mean_metrics
+    from t2i_align.resume import record
+
+    window = [{"loss": 1.0, "acc": 0.5}, {"loss": math.nan, "acc": 1.0}, {"loss": 3.0, "acc": 0.0}]
+    one = SimpleNamespace(num_processes=1, process_index=0)
+    counts = {"raw_batches": 3, "data_batches_skipped": 0, "data_rows_skipped": 0, "steps_skipped_nonfinite": 1}
+    kept = record(Accelerator(cpu=True), counts, {}, window, 1)["unlogged"]
+    assert kept == [{"n": 3, "sums": {"acc": 1.5, "loss": 4.0}, "counts": {"acc": 3, "loss": 2}}]
+    back = _history({"unlogged": kept}, one)
+    assert _mean_metrics(Accelerator(cpu=True), back) == _mean_metrics(Accelerator(cpu=True), window) == \
+        {"acc": 0.5, "loss": 2.0}
 
 
 def test_resume_position_per_process(caplog):

@@ -117,6 +117,15 @@ def test_equal_differences_give_no_t_and_the_documented_p():
     assert (same["t"], same["p_value"]) == (0.0, 1.0)
 
 
+def test_a_mean_difference_zero_but_for_rounding_is_no_difference_and_no_win():
+    """0.1 + 0.2 against 0.3 (a model against itself on nondeterministic kernels): the mean difference 1.85e-17
+    with sd ~1e-17 gave p 0, a 'significant' difference whose own interval held 0; and it counted as a win."""
+    same = paired_diff([0.1 + 0.2, 0.7, 0.5], [0.3, 0.7, 0.5])
+    assert (same["t"], same["p_value"]) == (0.0, 1.0) and same["low"] <= 0 <= same["high"]
+    rate = win_rate([0.1 + 0.2, 0.7, 0.9], [0.3, 0.7, 0.5])
+    assert (rate["wins"], rate["losses"], rate["ties"]) == (1, 0, 2)
+
+
 def test_differences_equal_but_for_rounding_are_equal_differences():
     """Toy-judge steps of 0.2: 0.6 - 0.4 and 0.8 - 0.6 differ by 1e-16, so sd ~1e-17 made t ~6e15 and p 9e-48
     (1.8e-16 per prompt from two prompts), where equal differences are documented as t null."""
