@@ -84,7 +84,7 @@ def row(name: str, r: Dict, baselines: Dict[str, Dict]) -> Dict:
 
 def markdown(rows: List[Dict]) -> str:
     head = "| model | judge | " + " | ".join(ATTRIBUTES) + " | diversity | vs | win rate (images) | " \
-           "p sign (prompts) | p t (prompts) | attribute changes (p t per prompt < 0.01) |"
+           "p sign (prompts) | p t (prompts) | attribute changes (p t per prompt < 0.01, not Holm-adjusted) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         attrs = " | ".join(f"{r['per_attribute'][a]['mean']:.3f}" for a in ATTRIBUTES)
