@@ -22,3 +22,6 @@ out=$R/pooled-t0
 for seed in 0 100000; do
   $PY benchmarks/toy_table.py --model pooled-t0=$out/final --baseline base --seed $seed --out $R/pooled-table-seed$seed.json
 done
+# what the judge reads of the base's and the pooled model's samples (a bias towards common values? a colour loss
+# the judge's edge pixels make?)
+$PY benchmarks/toy_predictions.py --model pooled=$out/final --seed 0 --out $R/predictions-seed0.json

@@ -3,7 +3,9 @@ are not balanced (23 on gray, 23 squares: `benchmarks/toy_constant_guess.py`), s
 background accuracy without following the prompt. For each model (the base and LoRAs) on the held-out prompts x 8
 seeds: per attribute the accuracy, the balanced accuracy (the mean over the values asked for of the accuracy on
 the prompts asking for it: a constant guess gets 1 / the number of values) and how often the judge reads each
-value. About a minute per model on the 2-core CPU.
+value; and colour read from the object's core pixels only (the half farthest from the background), to tell a real
+colour change from the judge reading edge pixels blended with the background. About a minute per model on the
+2-core CPU.
 
     python benchmarks/toy_predictions.py --model dpo=runs/toy-dpo/final [--seed 0] [--out predictions.json]
 """
@@ -12,11 +14,27 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from t2i_align.files import write_text_atomic
+from t2i_align.gallery import to_uint8
 from t2i_align.sampling import load_pipeline
 from t2i_align.toy.assets import pipeline_dir
 from t2i_align.toy.evaluate import evaluate, prompt_set
-from t2i_align.toy.scenes import ATTRIBUTES
+from t2i_align.toy.judge import _MIN_OBJECT_PIXELS, _OBJECT_DISTANCE, _nearest
+from t2i_align.toy.scenes import ATTRIBUTES, OBJECT_COLORS
+
+
+def core_colour(image: np.ndarray):
+    """The judge's colour reading (`judge.read_attributes`) from the object's pixels farthest from the background."""
+    img = image.astype(np.float32)
+    background = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]), axis=0)
+    distance = np.sqrt(((img - background) ** 2).sum(-1))
+    mask = distance > _OBJECT_DISTANCE
+    if mask.sum() < _MIN_OBJECT_PIXELS:
+        return None
+    core = img[mask][distance[mask] >= np.median(distance[mask])]
+    return _nearest(np.median(core, axis=0), OBJECT_COLORS)
 
 
 def attribute_table(evaluation) -> dict:
@@ -31,6 +49,8 @@ def attribute_table(evaluation) -> dict:
                   "balanced_accuracy": round(sum(sum(v) / len(v) for v in by_value.values()) / len(by_value), 3),
                   "per_value_accuracy": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_value.items())},
                   "read_as": {k: round(c / n, 3) for k, c in read.most_common()}}
+    cores = [core_colour(im) == s.color for im, s in zip(to_uint8(evaluation.samples.images), evaluation.scenes)]
+    out["color"]["core_pixel_accuracy"] = round(float(np.mean(cores)), 3)
     return out
 
 
