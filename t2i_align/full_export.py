@@ -46,12 +46,13 @@ def save_full_pipeline(pipeline, unet, folder: Path, exact_frozen: bool = False,
     _carry_safety_checker(source, folder)
     if exact_frozen:
         for name in (n for n in FROZEN_PARTS if n in cast):
-            _save_from_source(name, source, folder, vae_dir if name == "vae" else None)
+            _save_from_source(name, pipeline.components[name], source, folder, vae_dir if name == "vae" else None)
 
 
-def _save_from_source(name: str, source: Path, folder: Path, vae_dir: Optional[Path]) -> None:
-    """Part `name` loaded again from `source` (or the VAE from `vae_dir`) in float32 and saved over folder/name;
-    a source gone since the run started (moved, unmounted) leaves the rounded copy, with a warning."""
+def _save_from_source(name: str, used: torch.nn.Module, source: Path, folder: Path, vae_dir: Optional[Path]) -> None:
+    """Part `name` loaded again from `source` (or the VAE from `vae_dir`) in float32 and saved over folder/name,
+    if it is what the run used (`used`, its weights cast to the training dtype); a source gone or changed since the
+    run started (moved, unmounted, downloaded again) leaves the copy the run used, rounded, with a warning."""
     from .models import _load_part, load_vae_folder, read_index
     from .weight_files import weights_variant
 
@@ -62,6 +63,7 @@ def _save_from_source(name: str, source: Path, folder: Path, vae_dir: Optional[P
             variant = weights_variant(source / name, None, name, fallback=True, part="", warn=False)
             part = _load_part(source, read_index(source), name, variant=variant, dtype=torch.float32)
         part = part.float()
+        _check_same(part, used)
     except Exception as err:
         logger.warning("warning: %s could not be read again from %s (%s): the export's %s/ holds the copy trained "
                        "beside, rounded to model.weight_dtype", name, vae_dir or source, one_line(err)[:200], name)
@@ -108,6 +110,14 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
     saved.update({part: index[part] for part in SAFETY_PARTS},
                  requires_safety_checker=index.get("requires_safety_checker", True))
     (folder / "model_index.json").write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def _check_same(part: torch.nn.Module, used: torch.nn.Module) -> None:
+    """Raise unless `part` (float32) cast to `used`'s dtype is `used`, weight for weight."""
+    theirs = used.state_dict()
+    for key, value in part.state_dict().items():
+        if key not in theirs or not torch.equal(value.to(theirs[key].dtype), theirs[key].detach().cpu()):
+            raise ValueError(f"its {key} is not the weight the run used: the folder changed since the run started")
 
 
 @contextmanager

@@ -259,6 +259,17 @@ class _LoadErrorFilter(logging.Filter):
         return "was unsuccessful with the following error" not in record.getMessage()
 
 
+def _weight_name(lora: Path) -> dict:
+    """A folder's weights file named for diffusers: before 0.40 (transformers 4 pins it there) a folder without
+    `weight_name` failed under HF_HUB_OFFLINE ("When using the offline mode, you must specify a `weight_name`")."""
+    if not lora.is_dir():
+        return {}
+    found = sorted(p.name for p in lora.glob("*.safetensors") if not p.name.startswith("."))
+    name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in found else \
+        found[0] if len(found) == 1 else None
+    return {"weight_name": name} if name else {}
+
+
 def load_lora(pipe, lora: Path, path: Path) -> None:
     """`pipe.load_lora_weights(lora)`, its failures one ModelLoadError line (`lora_load_error`; diffusers' own log
     of the error, a line per mismatched weight, dropped; its warnings of keys left unloaded still show), and a file
@@ -268,7 +279,7 @@ def load_lora(pipe, lora: Path, path: Path) -> None:
     log, drop = logging.getLogger("diffusers.loaders.peft"), _LoadErrorFilter()
     log.addFilter(drop)
     try:
-        pipe.load_lora_weights(str(lora))
+        pipe.load_lora_weights(str(lora), **_weight_name(Path(lora)))
     except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
         raise ModelLoadError(lora_load_error(lora, path, err)) from err
     finally:

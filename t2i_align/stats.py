@@ -113,10 +113,10 @@ def wilson_interval(p_hat: float, n: int, level: float = 0.95) -> Tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def _rounding(a: Sequence[float], b: Sequence[float], floor: float = 1.0) -> float:
+def _rounding(a: Sequence[float], b: Sequence[float]) -> float:
     """What differences of these scores are rounding: 1e-6 of the largest (float32 rewards carry ~1e-7 of their
-    size; sums of judge verdicts ~1e-17), at least 1e-6 * floor."""
-    return 1e-6 * max([floor] + [abs(x) for x in a] + [abs(y) for y in b])
+    size; sums of judge verdicts ~1e-17), whatever their scale (0 when every score is 0)."""
+    return 1e-6 * max([abs(x) for x in a] + [abs(y) for y in b])
 
 
 def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dict[str, float]:
@@ -124,7 +124,8 @@ def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dic
 
     Interval: Wilson (1927) score interval on that rate with n = all pairs, ties counted as half a win (an
     approximation: a tie is treated like half a Bernoulli success, which slightly overstates the variance when
-    ties are common). p_value: two-sided exact sign test on wins vs losses, ties dropped (Dixon & Mood 1946).
+    ties are common). p_value: two-sided exact sign test on wins vs losses, ties dropped (Dixon & Mood 1946). Pairs
+    within rounding of each other (1e-6 of the largest score: 0.1 + 0.2 against 0.3) are ties.
     """
     _check_level(level)
     a, b = _pair(a, b)
@@ -153,7 +154,7 @@ def paired_diff(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> 
         raise ValueError(f"paired_diff needs at least 2 pairs, got {len(a)}")
     ci = mean_ci([x - y for x, y in zip(a, b)], level)
     n, mean, std = ci["n"], ci["mean"], ci["std"]
-    tol = _rounding(a, b, floor=0.0)  # 0 when every score is 0
+    tol = _rounding(a, b)
     if std <= tol:
         # a mean within rounding of 0 (a model against itself on nondeterministic GPU kernels) is no difference
         t, p = (0.0, 1.0) if abs(mean) <= tol else (math.nan, 0.0)

@@ -432,7 +432,7 @@ def test_full_export_with_bf16_frozen_parts_loads_and_samples_in_plain_diffusers
                 assert torch.equal(want, got), (name, key)
 
 
-def test_a_full_export_whose_source_is_gone_keeps_the_rounded_frozen_parts_with_a_warning(sd15_dir, tmp_path,
+def test_a_full_export_whose_source_is_gone_or_changed_keeps_the_parts_it_used_with_a_warning(sd15_dir, tmp_path,
                                                                                           caplog):
     import shutil
 
@@ -444,6 +444,16 @@ def test_a_full_export_whose_source_is_gone_keeps_the_rounded_frozen_parts_with_
     final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "run")
     assert (final / "text_encoder" / "model.safetensors").is_file()
     assert "text_encoder could not be read again" in caplog.text and "rounded to model.weight_dtype" in caplog.text
+    from diffusers import AutoencoderKL  # a VAE downloaded again, other weights: the one the run used is kept
+
+    vae = AutoencoderKL.from_pretrained(str(source / "vae"))
+    torch.nn.init.normal_(vae.decoder.conv_out.weight)
+    vae.save_pretrained(str(source / "vae"))
+    caplog.clear()
+    final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "run2")
+    assert "vae could not be read again" in caplog.text and "not the weight the run used" in caplog.text
+    exported = AutoencoderKL.from_pretrained(str(final / "vae")).decoder.conv_out.weight
+    assert torch.equal(exported, comp.vae.decoder.conv_out.weight.float())
 
 
 def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_path):

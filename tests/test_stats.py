@@ -124,6 +124,8 @@ def test_a_mean_difference_zero_but_for_rounding_is_no_difference_and_no_win():
     assert (same["t"], same["p_value"]) == (0.0, 1.0) and same["low"] <= 0 <= same["high"]
     rate = win_rate([0.1 + 0.2, 0.7, 0.9], [0.3, 0.7, 0.5])
     assert (rate["wins"], rate["losses"], rate["ties"]) == (1, 0, 2)
+    small = win_rate([1.5e-6, 1.6e-6, 1.7e-6, 1.8e-6], [1e-6] * 4)  # a metric of small scale keeps its wins
+    assert (small["wins"], small["ties"]) == (4, 0)
 
 
 def test_differences_equal_but_for_rounding_are_equal_differences():
