@@ -96,6 +96,8 @@ def _resume_point(part: Path, run: dict, resume: bool) -> List[str]:
         raise UserError(f"{part} holds {len(lines)} images of an unfinished generate.py run: add --resume to finish "
                         f"it (same flags), or delete {part} to start again")
     now = json.loads(json.dumps(run))  # as the record reads back (tuples as lists)
+    if "files_version" not in earlier:
+        now = _as_recorded_before(now)
     changed = [key for key in sorted(set(now) | set(earlier))
                if key not in RESIZABLE and earlier.get(key, now[key] if key in LATER else None) != now.get(key)]
     if changed:
@@ -158,24 +160,34 @@ def _added_files(out: Path) -> List[str]:
     return sorted(p.name for p in out.iterdir() if p.name not in ours and not browser_leftover(p.name))
 
 
+def _as_recorded_before(run: dict) -> dict:
+    """`run` as a record written before session 36 holds it: the weight files (*.safetensors) of the LoRA and of
+    the model's parts only, so a partial run started then still resumes."""
+    run = {k: v for k, v in run.items() if k != "files_version"}
+    weights = {"lora_files": lambda name: name.endswith(".safetensors"),
+               "model_files": lambda name: name.count("/") == 1 and name.endswith(".safetensors")}
+    return {k: [f for f in v if weights[k](f[0])] if k in weights else v for k, v in run.items()}
+
+
 def _visible_files(folder: Path, *patterns: str) -> List[Path]:
     """The files in `folder` matching `patterns`, sorted, without hidden ones (a browser's .DS_Store)."""
     return sorted(p for pattern in patterns for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
 
 
 def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:
-    """What --resume checks is the same: the settings, the prompts, the files of the LoRA and the weight and config
-    files of a local --model folder as they are now (size and time: a longer run may have replaced RUN/final since,
-    a merge been redone, a scheduler config edited) and the kind of device (CPU and GPU numerics differ)."""
+    """What --resume checks is the same: the settings, the prompts, the weight and JSON files of the LoRA, the
+    weight and config files of a local --model folder as they are now (size and time: a longer run may have
+    replaced RUN/final since, a merge been redone, a scheduler config edited) and the kind of device (CPU and GPU
+    numerics differ)."""
     from t2i_align.model_folders import resolve_pretrained
 
     lora = Path(args.lora) if args.lora else None
-    files = [] if lora is None else _visible_files(lora, "*") if lora.is_dir() else [lora]
+    files = [] if lora is None else _visible_files(lora, "*.safetensors", "*.json") if lora.is_dir() else [lora]
     model = Path(resolve_pretrained(args.model, key="--model")) if args.model else None
     parts = ("*.json", "*/*.json", "*/*.safetensors", "*/*.bin")
     weights = _visible_files(model, *parts) if model is not None and model.is_dir() else []
     return {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "images": images,
-            "device": str(args.device).split(":")[0],
+            "device": str(args.device).split(":")[0], "files_version": 2,
             "lora_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
             "model_files": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in weights]}
 

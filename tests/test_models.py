@@ -811,3 +811,21 @@ def test_the_vae_scale_check_reads_a_config_without_the_key_as_diffusers_does(sd
     (old / "vae" / "config.json").write_text(json.dumps(config))
     (old / "unet" / "._config.json").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     models.load_components(ModelConfig(pretrained=str(old), vae=str(sd15_dir)))
+
+
+def test_a_lora_folder_names_its_weights_file_for_diffusers(tmp_path):
+    """diffusers before 0.40 (the one transformers 4 resolves to) refused a LoRA folder without `weight_name`
+    under HF_HUB_OFFLINE: "When using the offline mode, you must specify a `weight_name`"."""
+    from t2i_align.model_folders import _weight_name
+
+    ppd = tmp_path / "ppd"
+    ppd.mkdir()
+    for name in ("user_branch.safetensors", "pytorch_lora_weights.safetensors", "user_table.safetensors"):
+        (ppd / name).write_bytes(b"")
+    assert _weight_name(ppd) == {"weight_name": "pytorch_lora_weights.safetensors"}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "my_lora.safetensors").write_bytes(b"")
+    (tmp_path / "one" / "._my_lora.safetensors").write_bytes(b"")  # a macOS copy's shadow file
+    assert _weight_name(tmp_path / "one") == {"weight_name": "my_lora.safetensors"}
+    (tmp_path / "one" / "other.safetensors").write_bytes(b"")
+    assert _weight_name(tmp_path / "one") == {} and _weight_name(tmp_path / "one" / "my_lora.safetensors") == {}

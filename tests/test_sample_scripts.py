@@ -398,6 +398,8 @@ def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts
 
     import torch
 
+    from t2i_align.errors import UserError
+
     gen = _script("generate")
     lora = tmp_path / "final"
     lora.mkdir()
@@ -420,6 +422,22 @@ def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts
     (lora / "t2i_align_text_encoding.json").write_text("{}")
     later = gen._run_record({"steps": 2}, ["a"], 1, args)
     assert later["model_files"][1][0] == "scheduler/scheduler_config.json" and len(later["lora_files"]) == 2
+    # a partial started before session 36 recorded the weight files only: it still resumes, and still sees them
+    old = {k: v for k, v in later.items() if k != "files_version"}
+    old.update(lora_files=later["lora_files"][:1], model_files=later["model_files"][2:], images=2, batch_size=1)
+    images, calls = torch.rand(2, 3, 8, 8), []
+    with pytest.raises(KeyboardInterrupt):
+        gen._sample_into(tmp_path / "old", _sampler(images, calls, stop=1), {}, old)
+    assert old["lora_files"][0][0] == "pytorch_lora_weights.safetensors" and len(old["model_files"]) == 1
+    assert gen._sample_into(tmp_path / "old", _sampler(images, calls), {}, {**later, "images": 2, "batch_size": 1},
+                            resume=True) == 2
+    (tmp_path / "old").rename(tmp_path / "old.partial")  # unfinished again, its weights replaced since
+    (json_path := tmp_path / "old.partial" / gen.MADE_BY).write_text(json.dumps({"finished": False, "run": old}))
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"333")
+    replaced = {**gen._run_record({"steps": 2}, ["a"], 1, args), "images": 2, "batch_size": 1}
+    with pytest.raises(UserError, match="lora_files differ"):
+        gen._sample_into(tmp_path / "old", _sampler(images, calls), {}, replaced, resume=True)
+    assert json_path.is_file()
     part = tmp_path / "out.partial"  # killed (SIGKILL: no clean-up) before its first image
     part.mkdir()
     (part / gen.MADE_BY).write_text(json.dumps({"finished": False, "run": first}))
