@@ -100,7 +100,7 @@ def load_bert_tokenizer(tokenizer="bert-base-uncased"):
 
         try:  # a local folder or the hub cache first: no network call, and none of its retries when there is none
             tokenizer = BertTokenizer.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, TypeError) as err:  # TypeError: transformers 4 on a folder without vocab.txt
             if _hub_offline() or Path(name).exists():
                 raise WeightsNotFoundError(f"could not load the BERT tokenizer {name!r}: {fix}") from err
             print(f"note: the BERT tokenizer {name!r} is not in the local Hugging Face cache: fetching it from the "

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from t2i_align.errors import UserError
 from t2i_align.files import browser_leftover
@@ -259,15 +259,16 @@ class _LoadErrorFilter(logging.Filter):
         return "was unsuccessful with the following error" not in record.getMessage()
 
 
-def _weight_name(lora: Path) -> dict:
-    """A folder's weights file named for diffusers: before 0.40 (transformers 4 pins it there) a folder without
-    `weight_name` failed under HF_HUB_OFFLINE ("When using the offline mode, you must specify a `weight_name`")."""
+def _weights_file(lora: Path) -> Tuple[str, Dict[str, str]]:
+    """(folder, {"weight_name": file}) for diffusers' load_lora_weights: before 0.40 (what transformers 4 resolves
+    to) a path without `weight_name` failed under HF_HUB_OFFLINE, a file's too ("When using the offline mode, you
+    must specify a `weight_name`"). A folder's file: pytorch_lora_weights.safetensors, else its only one."""
     if not lora.is_dir():
-        return {}
+        return str(lora.parent), {"weight_name": lora.name}
     found = sorted(p.name for p in lora.glob("*.safetensors") if not p.name.startswith("."))
     name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in found else \
         found[0] if len(found) == 1 else None
-    return {"weight_name": name} if name else {}
+    return str(lora), {"weight_name": name} if name else {}
 
 
 def load_lora(pipe, lora: Path, path: Path) -> None:
@@ -279,7 +280,8 @@ def load_lora(pipe, lora: Path, path: Path) -> None:
     log, drop = logging.getLogger("diffusers.loaders.peft"), _LoadErrorFilter()
     log.addFilter(drop)
     try:
-        pipe.load_lora_weights(str(lora), **_weight_name(Path(lora)))
+        folder, name = _weights_file(Path(lora))
+        pipe.load_lora_weights(folder, **name)
     except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
         raise ModelLoadError(lora_load_error(lora, path, err)) from err
     finally:

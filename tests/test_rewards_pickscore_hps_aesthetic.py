@@ -142,7 +142,7 @@ def test_pickscore_without_tokenizer_files_is_refused_not_blind_to_the_prompt(hf
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(hf_folder[1] / name, folder / name)
-    with pytest.raises(WeightsNotFoundError, match="the tokenizer has no vocabulary"):
+    with pytest.raises(WeightsNotFoundError, match="the tokenizer has no vocabulary|no CLIP tokenizer in"):  # tf 5 | 4
         get_reward("pickscore", model_dir=str(folder), device="cpu")
     # the tokenizer and processor from another folder, named with "~" as a config or t2i-score gives it
     monkeypatch.setenv("HOME", str(hf_folder[1].parent))
