@@ -140,6 +140,8 @@ def _note_resolution(cfg: Config, spec, accelerator) -> None:
     """data.resolution defaults to 512 for every family; SDXL's own is 1024 (diffusers' SDXL scripts' default), and
     a config written for SD1.5 and pointed at SDXL would train it at 512 without a word (Turbo trains at 512)."""
     native = spec.default_resolution
+    if cfg.raft.enabled:  # RAFT generates at raft.resolution (the model's own when unset)
+        return
     if native > 512 and cfg.data.resolution < native and "turbo" not in cfg.model.pretrained.lower():
         say(accelerator, f"note: data.resolution={cfg.data.resolution} is below {spec.name}'s native "
             f"{native} px (configs/{spec.name}/*.yaml set it); this run keeps it as given")

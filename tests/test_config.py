@@ -569,8 +569,9 @@ def test_sdxl_below_its_native_resolution_is_noted(capsys):
 
     _note_resolution(load_config(None, ["model.pretrained=/models/sdxl"]), SDXL, Acc())
     assert "note: data.resolution=512 is below sdxl's native 1024 px" in capsys.readouterr().err
+    raft = ["model.pretrained=/models/sdxl", "raft.enabled=true", "raft.prompts=toy:train"]  # raft.resolution
     for overrides, spec in ((["data.resolution=1024"], SDXL), (["model.pretrained=/models/sdxl-turbo"], SDXL),
-                            ([], SD15)):
+                            ([], SD15), (raft, SDXL)):
         _note_resolution(load_config(None, overrides), spec, Acc())
     assert capsys.readouterr().err == ""
 

@@ -171,6 +171,11 @@ def test_sdxl_tokenizer_2_splitting_its_pad_bang_keeps_its_own_tokens(clip_token
     assert out[0, :len(first), 0].tolist() == [i + 1000.0 for i in first]
     assert out[0, :len(second), 2].tolist() == [i + 1000.0 for i in second]
     assert out[0, len(second):, 2:].tolist() == [[1000.0, 1046.5]] * (20 - len(second))  # <pad*> after
+    stats = TruncationStats()  # a budget that only tokenizer 2's one token more exceeds: counted
+    with pytest.warns(UserWarning, match="1 of 1 prompts exceed"):
+        encode_segments([clip_tokenizer, bang], [TokenPositionEncoder(), TokenPositionEncoder()], [caption],
+                        len(first), penultimate=True, stats=stats)
+    assert (stats.prompts_truncated, stats.tokens_dropped) == (1, 1)
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,16 @@ def _tokenize_segments(tokenizer: Any, segments: List[str]) -> Tuple[torch.Tenso
     return batch.input_ids, kept.tolist()
 
 
-def _record_truncation(stats: TruncationStats, tokenizer: Any, prompts: Sequence[str], budget: int) -> None:
+def _record_truncation(stats: TruncationStats, tokenizers: Sequence[Any], prompts: Sequence[str],
+                       budget: int) -> None:
+    """Per prompt, the most any of the tokenizers loses (SDXL's tokenizer_2 can split a few more tokens)."""
+    dropped = [max(each) for each in zip(*(_dropped(t, prompts, budget) for t in tokenizers))]
+    limit = tokenizers[0].model_max_length
+    stats.record_dropped(dropped, f"exceed the segment encoding's limits ({limit} tokens per sentence, {budget} "
+                                  "in all; LongAlign)")
+
+
+def _dropped(tokenizer: Any, prompts: Sequence[str], budget: int) -> List[int]:
     """Per prompt: the prompt's tokens lost by cutting a sentence at 77 (the "." `caption_segments` appends is not
     the prompt's: a 75-word sentence loses only that) plus those beyond the budget (each segment's <sot> is not)."""
     limit = tokenizer.model_max_length
@@ -102,8 +111,7 @@ def _record_truncation(stats: TruncationStats, tokenizer: Any, prompts: Sequence
             lost += max(0, n - limit - appended) + max(0, start + kept - max(start + 1, budget))
             start += kept
         dropped.append(lost)
-    stats.record_dropped(dropped, f"exceed the segment encoding's limits ({limit} tokens per sentence, {budget} "
-                                  "in all; LongAlign)")
+    return dropped
 
 
 def _concat(hidden: torch.Tensor, kept: List[int], counts: List[int], budget: int, pad: torch.Tensor) -> torch.Tensor:
@@ -136,7 +144,7 @@ def encode_segments(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Modul
     flat = [s for segments in per_prompt for s in segments]
     counts = [len(segments) for segments in per_prompt]
     if stats is not None:
-        _record_truncation(stats, tokenizers[0], prompts, token_budget)
+        _record_truncation(stats, tokenizers, prompts, token_budget)
     features = []
     for tokenizer, encoder in zip(tokenizers, encoders):
         # Each encoder keeps its own tokenizer's tokens: SDXL's tokenizer_2 treats its pad "!" as a special token
