@@ -79,13 +79,14 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     from .model_folders import check_vae_scale, load_lora
     from .base_model import note_recorded_vae
     from .models import ModelLoadError, check_latent_channels, dtype_kwargs, load_vae_folder, torch_dtype
-    from .weight_files import weights_variant
+    from .weight_files import check_clip_text_layout, weights_variant
     from .unet_checkpoint import checkpoint_folders
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path, encoding = check_weights(model, lora, text_encoding, unet=unet, variant=variant)
     lora = None if lora is None else Path(lora)
     found = weights_variant(path, variant, "--variant", fallback=True)
+    check_clip_text_layout(path)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
                                                  **_no_safety_checker(path))

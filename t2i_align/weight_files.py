@@ -1,4 +1,5 @@
-"""Which weight files a diffusers pipeline folder holds: plain weights, or variants (`*.fp16.safetensors`...)."""
+"""Which weight files a diffusers pipeline folder holds: plain weights, or variants (`*.fp16.safetensors`...); and
+whether their keys are the ones the installed transformers reads."""
 from __future__ import annotations
 
 import re
@@ -74,3 +75,86 @@ def _named(key: str, value: str) -> str:
 def has_plain_weights(folder: Path) -> bool:
     """Whether `folder` (one component's) holds non-variant weight files."""
     return Path(folder).is_dir() and any(_PLAIN_FILE.match(f.name) for f in Path(folder).iterdir())
+
+
+_FLAT_CLIP_TEXT = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def write_clip_text_keys_as_before(folder: Path) -> None:
+    """A CLIPTextModel saved by transformers 5 (`folder`: its config.json and weights) rewritten with the key
+    layout of the official checkpoints (`text_model.embeddings...`): transformers 5 names its keys without the
+    `text_model.` prefix, which transformers 4 (setup.cfg allows it) does not map, so it loaded every weight of
+    such a text encoder as newly initialised (a warning, then a random encoder). Both versions load this layout.
+    CLIPTextModelWithProjection (SDXL's text_encoder_2) keeps the prefix in both: left as it is."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if config.get("architectures") != ["CLIPTextModel"]:
+        return
+    for path in sorted(Path(folder).glob("model*.safetensors")):
+        tensors = load_file(str(path))
+        if not any(key.startswith(_FLAT_CLIP_TEXT) for key in tensors):
+            continue
+        renamed = {("text_model." + k if k.startswith(_FLAT_CLIP_TEXT) else k): v for k, v in tensors.items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(renamed, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {("text_model." + k if k.startswith(_FLAT_CLIP_TEXT) else k): v
+                              for k, v in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def check_clip_text_layout(path: Path) -> None:
+    """Refuse pipeline `path` if a text encoder folder holds CLIPTextModel weights in transformers 5's key layout
+    and the installed transformers is older: it would load them as random weights, with a warning only (training
+    refuses them in `models._check_loaded`; `DiffusionPipeline.from_pretrained` reports nothing)."""
+    import json
+
+    import transformers
+    from safetensors import safe_open
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return
+    for folder in (Path(path) / "text_encoder", Path(path) / "text_encoder_2"):
+        try:
+            if json.loads((folder / "config.json").read_text()).get("architectures") != ["CLIPTextModel"]:
+                continue
+        except (OSError, ValueError):
+            continue
+        for file in sorted(folder.glob("model*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                if any(key.startswith(_FLAT_CLIP_TEXT) for key in f.keys()):
+                    _refuse_flat(folder, transformers.__version__)
+
+
+def _refuse_flat(folder: Path, version: str) -> None:
+    from .models import ModelLoadError
+
+    raise ModelLoadError(f"{folder} was saved by transformers 5, whose text-encoder keys transformers {version} "
+                         "loads as random weights: upgrade transformers, or rewrite the keys once (both versions "
+                         "read them then) with `python -c \"from t2i_align.weight_files import "
+                         f"write_clip_text_keys_as_before as w; w('{folder}')\"`")
+
+
+def is_transformers_model(cls) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(cls, type) and issubclass(cls, PreTrainedModel)
+
+
+def check_loaded(folder: Path, info: dict) -> None:
+    """transformers fills weights its file lacks with random ones and only warns: a text encoder saved by
+    transformers 5 (`embeddings.*`) loaded that way, whole, in transformers 4 (`text_model.embeddings.*`)."""
+    from .models import ModelLoadError
+
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(f"{folder}: {len(missing)} weights are missing from its files (e.g. {missing[0]}), which "
+                             "transformers would fill with random values: a file of another model, or saved by "
+                             "transformers 5 and read by transformers 4 (export it again with this project, whose "
+                             "exports both read, or upgrade transformers)")

@@ -168,3 +168,12 @@ def thread_team(world):
 
         return Team(rank, world, barrier.wait, lambda value: gather(value)[0], gather)
     return [member(rank) for rank in range(world)]
+
+
+def plain_lora_kwargs() -> dict:
+    """What plain diffusers needs to load a LoRA export folder here: before 0.40 (transformers 4 resolves to it)
+    the weights file must be named under HF_HUB_OFFLINE (README, "Real weights")."""
+    import diffusers
+
+    old = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) < (0, 40)
+    return {"weight_name": "pytorch_lora_weights.safetensors"} if old else {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
+from helpers import one_torch_thread, plain_lora_kwargs, save_tiny_pipeline  # noqa: F401
 from t2i_align.checkpoints import CheckpointMismatch
 from t2i_align.config import load_config
 from t2i_align.errors import UserError
@@ -81,7 +81,7 @@ def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_mode
     result = train(_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", targets, "train.max_steps=2",
                         "objective.beta=100", "lora.init=default"))
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
-    pipe.load_lora_weights(str(result.final))
+    pipe.load_lora_weights(str(result.final), **plain_lora_kwargs())
     x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
         trained = result.unet(x, t, h).sample
@@ -118,7 +118,7 @@ def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path
     losses = _losses(tmp_path / "run")
     assert len(losses) == 2 and all(np.isfinite(losses)) and abs(losses[0] - np.log(2)) < 1e-3
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
-    pipe.load_lora_weights(str(result.final))
+    pipe.load_lora_weights(str(result.final), **plain_lora_kwargs())
     assert pipe.unet.peft_config and {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
     x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():

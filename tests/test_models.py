@@ -368,10 +368,9 @@ def test_lora_export_loads_in_plain_diffusers_at_the_trained_scale(family, alpha
     tuned = _unet_out(comp, ["a cat", "a dog"], ids)
     final = export_final(models.build_pipeline(comp), comp.unet, True, tmp_path)
     fresh = models.load_components(ModelConfig(pretrained=str(folder)))
-    import diffusers  # before 0.40 (transformers 4's) a folder needs its file named under HF_HUB_OFFLINE (README)
-    old = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) < (0, 40)
-    named = {"weight_name": "pytorch_lora_weights.safetensors"} if old else {}
-    models.build_pipeline(fresh).load_lora_weights(final, **named)
+    from helpers import plain_lora_kwargs
+
+    models.build_pipeline(fresh).load_lora_weights(final, **plain_lora_kwargs())
     torch.testing.assert_close(_unet_out(fresh, ["a cat", "a dog"], ids), tuned, atol=1e-5, rtol=1e-5)
 
 
@@ -837,3 +836,47 @@ def test_a_lora_folder_names_its_weights_file_for_diffusers(tmp_path):
     (one / "other.safetensors").write_bytes(b"")
     assert _weights_file(one) == (str(one), {})  # diffusers says which file it wants
     assert _weights_file(one / "other.safetensors") == (str(one), {"weight_name": "other.safetensors"})
+
+
+def test_text_encoders_are_written_in_the_key_layout_transformers_4_reads_and_read_checked(sd15_dir, tmp_path,
+                                                                                           monkeypatch):
+    """transformers 5 saves a CLIPTextModel as embeddings.* (no text_model. prefix); transformers 4 loaded such a
+    file, the shipped toy text encoder included, as an all-random encoder with a warning only: the toy world and
+    every export were silently broken there. Exports are written in the official layout, which both read; a folder
+    in the other layout, or missing weights, is refused instead of loaded as random weights."""
+    import shutil
+
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from t2i_align.checkpoints import export_final
+    from t2i_align.sampling import load_pipeline
+    from t2i_align.toy.assets import pipeline_dir
+    from t2i_align.weight_files import write_clip_text_keys_as_before
+
+    def keys(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return list(f.keys())
+
+    assert all(k.startswith("text_model.") for k in keys(pipeline_dir() / "text_encoder"))  # shipped
+    comp = models.load_components(ModelConfig(pretrained=str(sd15_dir)))
+    final = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "run")
+    assert all(k.startswith("text_model.") for k in keys(final / "text_encoder"))
+    exported = models.load_components(ModelConfig(pretrained=str(final))).text_encoders[0].state_dict()
+    assert all(torch.equal(v, comp.text_encoders[0].state_dict()[k]) for k, v in exported.items())
+    flat = shutil.copytree(sd15_dir, tmp_path / "flat")  # as transformers 5 saved it
+    if int(transformers.__version__.split(".")[0]) < 5:  # the tiny folder was saved in the official layout
+        pytest.skip("transformers 4 saves the official layout: the rest needs a folder transformers 5 saved")
+    assert any(not k.startswith("text_model.") for k in keys(flat / "text_encoder"))
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    with pytest.raises(ModelLoadError, match="saved by transformers 5, whose text-encoder keys transformers 4.57.6"):
+        load_pipeline(flat)
+    write_clip_text_keys_as_before(flat / "text_encoder")  # the fix the message gives
+    load_pipeline(flat)
+    monkeypatch.undo()
+    tensors = load_file(str(flat / "text_encoder" / "model.safetensors"))
+    tensors.pop("text_model.final_layer_norm.weight")
+    save_file(tensors, str(flat / "text_encoder" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="1 weights are missing from its files .*final_layer_norm.weight"):
+        models.load_components(ModelConfig(pretrained=str(flat)))

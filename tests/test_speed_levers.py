@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401 (autouse fixture)
+from helpers import one_torch_thread, plain_lora_kwargs, save_tiny_pipeline  # noqa: F401 (autouse fixture)
 from t2i_align import models
 from t2i_align.attention import AttentionKernelError, PinnedSDPAProcessor
 from t2i_align.config import ModelConfig, TrainConfig, load_config
@@ -83,7 +83,7 @@ def test_compiled_unet_exports_lora_under_its_own_names(sd15_dir, tmp_path, monk
             keys = list(f.keys())
         assert keys and all(".lora_" in k and "_orig_mod" not in k for k in keys), file
     pipe = StableDiffusionPipeline.from_pretrained(str(sd15_dir))
-    pipe.load_lora_weights(str(result.final))
+    pipe.load_lora_weights(str(result.final), **plain_lora_kwargs())
     assert torch.allclose(_forward(pipe.unet), _forward(result.unet), atol=1e-6)
     assert not torch.allclose(_forward(pipe.unet), _forward(StableDiffusionPipeline.from_pretrained(
         str(sd15_dir)).unet), atol=1e-6)
