@@ -170,7 +170,7 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
     cls = getattr(importlib.import_module(library), class_name, None)
     if cls is None:
         raise ModelLoadError(f"{library} has no class {class_name!r} (needed for {name}); check the installed version")
-    from .weight_files import check_loaded, is_transformers_model, part_variant
+    from .weight_files import from_pretrained_checked, part_variant
 
     variant = part_variant(path, name, variant)
     kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
@@ -179,11 +179,7 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
     from safetensors import SafetensorError
 
     try:
-        if not is_transformers_model(cls):
-            return cls.from_pretrained(path, subfolder=name, **kwargs)
-        model, info = cls.from_pretrained(path, subfolder=name, output_loading_info=True, **kwargs)
-        check_loaded(path / name, info)
-        return model
+        return from_pretrained_checked(cls, path, name, **kwargs)
     # a file missing or unreadable in the subfolder (a partial copy, a variant it lacks); transformers lets a
     # truncated safetensors file's own error through, naming no file
     except (OSError, json.JSONDecodeError, SafetensorError) as err:  # a damaged JSON file (tokenizers)

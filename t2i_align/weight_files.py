@@ -141,10 +141,15 @@ def _refuse_flat(folder: Path, version: str) -> None:
                          f"write_clip_text_keys_as_before as w; w('{folder}')\"`")
 
 
-def is_transformers_model(cls) -> bool:
+def from_pretrained_checked(cls, path: Path, name: str, **kwargs):
+    """`cls.from_pretrained(path, subfolder=name)`; a transformers model's missing weights refused (`check_loaded`)."""
     from transformers import PreTrainedModel
 
-    return isinstance(cls, type) and issubclass(cls, PreTrainedModel)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        return cls.from_pretrained(path, subfolder=name, **kwargs)
+    model, info = cls.from_pretrained(path, subfolder=name, output_loading_info=True, **kwargs)
+    check_loaded(Path(path) / name, info)
+    return model
 
 
 def check_loaded(folder: Path, info: dict) -> None:
