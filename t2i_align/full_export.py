@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from .errors import one_line
-from .weight_files import write_clip_text_keys_as_before
+from .weight_files import write_keys_as_before
 
 logger = logging.getLogger(__name__)
 FROZEN_PARTS = ("text_encoder", "text_encoder_2", "vae")
@@ -48,9 +48,9 @@ def save_full_pipeline(pipeline, unet, folder: Path, exact_frozen: bool = False,
     if exact_frozen:
         for name in (n for n in FROZEN_PARTS if n in cast):
             _save_from_source(name, pipeline.components[name], source, folder, vae_dir if name == "vae" else None)
-    for name in ("text_encoder", "text_encoder_2"):  # loadable by transformers 4 too
+    for name in ("text_encoder", "text_encoder_2", "safety_checker"):  # loadable by transformers 4 too
         if (folder / name / "config.json").is_file():
-            write_clip_text_keys_as_before(folder / name)
+            write_keys_as_before(folder / name)
 
 
 def _save_from_source(name: str, used: torch.nn.Module, source: Path, folder: Path, vae_dir: Optional[Path]) -> None:

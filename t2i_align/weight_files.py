@@ -78,34 +78,42 @@ def has_plain_weights(folder: Path) -> bool:
 
 
 _FLAT_CLIP_TEXT = ("embeddings.", "encoder.", "final_layer_norm.")
+_FLAT_CLIP_VISION = tuple("vision_model." + p for p in ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."))
+_AS_BEFORE = {"CLIPTextModel": (_FLAT_CLIP_TEXT, "text_model."),
+              "StableDiffusionSafetyChecker": (_FLAT_CLIP_VISION, "vision_model.")}
+"""Architectures whose keys transformers 5 writes flat (CLIPTextModel, CLIPVisionModel inside the safety checker):
+(the flat keys' prefixes, what transformers 4 and the official checkpoints have in front of them)."""
 
 
-def write_clip_text_keys_as_before(folder: Path) -> None:
-    """A CLIPTextModel saved by transformers 5 (`folder`: its config.json and weights) rewritten with the key
-    layout of the official checkpoints (`text_model.embeddings...`): transformers 5 names its keys without the
-    `text_model.` prefix, which transformers 4 (setup.cfg allows it) does not map, so it loaded every weight of
-    such a text encoder as newly initialised (a warning, then a random encoder). Both versions load this layout.
-    CLIPTextModelWithProjection (SDXL's text_encoder_2) keeps the prefix in both: left as it is."""
+def write_keys_as_before(folder: Path) -> None:
+    """A CLIPTextModel or an SD safety checker saved by transformers 5 (`folder`: its config.json and weights)
+    rewritten with the key layout of the official checkpoints (`text_model.embeddings...`,
+    `vision_model.vision_model.embeddings...`): transformers 4 (setup.cfg allows it) does not map transformers 5's
+    flat names, so it loaded every such weight as newly initialised (a warning, then a random encoder, or a random
+    safety checker). Both versions load this layout. Other parts (CLIPTextModelWithProjection: SDXL's
+    text_encoder_2) keep one layout in both: left as they are."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((Path(folder) / "config.json").read_text())
-    if config.get("architectures") != ["CLIPTextModel"]:
+    architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in _AS_BEFORE:
         return
+    flat, prefix = _AS_BEFORE[architectures[0]]
+
+    def before(key: str) -> str:
+        return prefix + key if key.startswith(flat) else key
+
     for path in sorted(Path(folder).glob("model*.safetensors")):
         tensors = load_file(str(path))
-        if not any(key.startswith(_FLAT_CLIP_TEXT) for key in tensors):
-            continue
-        renamed = {("text_model." + k if k.startswith(_FLAT_CLIP_TEXT) else k): v for k, v in tensors.items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(renamed, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path)
+        if any(key.startswith(flat) for key in tensors):
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({before(k): v for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            tmp.replace(path)
     index = Path(folder) / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {("text_model." + k if k.startswith(_FLAT_CLIP_TEXT) else k): v
-                              for k, v in data.get("weight_map", {}).items()}
+        data["weight_map"] = {before(k): v for k, v in data.get("weight_map", {}).items()}
         index.write_text(json.dumps(data, indent=2))
 
 
@@ -138,7 +146,7 @@ def _refuse_flat(folder: Path, version: str) -> None:
     raise ModelLoadError(f"{folder} was saved by transformers 5, whose text-encoder keys transformers {version} "
                          "loads as random weights: upgrade transformers, or rewrite the keys once (both versions "
                          "read them then) with `python -c \"from t2i_align.weight_files import "
-                         f"write_clip_text_keys_as_before as w; w('{folder}')\"`")
+                         f"write_keys_as_before as w; w('{folder}')\"`")
 
 
 def from_pretrained_checked(cls, path: Path, name: str, **kwargs):

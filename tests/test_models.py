@@ -597,6 +597,13 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path, caplog
     assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.config.requires_safety_checker
     assert sorted(f.name for f in (final / "safety_checker").iterdir()) == ["config.json", "model.safetensors"]
     assert pipe.safety_checker.dtype == torch.float32
+    # in the official key layout, which transformers 4 reads too (transformers 5 writes vision_model.embeddings...)
+    from safetensors import safe_open
+
+    with safe_open(str(final / "safety_checker" / "model.safetensors"), "pt") as f:
+        assert "vision_model.vision_model.embeddings.class_embedding" in f.keys()
+    original = StableDiffusionSafetyChecker.from_pretrained(str(source / "safety_checker")).float().state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in pipe.safety_checker.state_dict().items())
     out = pipe(["a cat"], num_inference_steps=2, height=16, width=16, output_type="np")
     assert out.nsfw_content_detected is not None and len(out.nsfw_content_detected) == 1
     plain = export_final(models.build_pipeline(models.load_components(ModelConfig(pretrained=str(sd15_dir)))),
@@ -605,7 +612,7 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path, caplog
     # a git-lfs pointer in its place (pulled without it): the export kept, without one, with a warning (it was
     # deleted whole at the end of training by the checker's load error)
     (source / "safety_checker" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
-    with caplog.at_level(logging.WARNING, logger="t2i_align.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="t2i_align.full_export"):
         kept = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "lfs")
     assert "lists a safety checker that could not be read" in caplog.text and f"saved to {kept} has none" in caplog.text
     assert (kept / "unet").is_dir() and not (kept / "safety_checker").exists()
@@ -853,7 +860,7 @@ def test_text_encoders_are_written_in_the_key_layout_transformers_4_reads_and_re
     from t2i_align.checkpoints import export_final
     from t2i_align.sampling import load_pipeline
     from t2i_align.toy.assets import pipeline_dir
-    from t2i_align.weight_files import write_clip_text_keys_as_before
+    from t2i_align.weight_files import write_keys_as_before
 
     def keys(folder):
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -872,7 +879,7 @@ def test_text_encoders_are_written_in_the_key_layout_transformers_4_reads_and_re
     monkeypatch.setattr(transformers, "__version__", "4.57.6")
     with pytest.raises(ModelLoadError, match="saved by transformers 5, whose text-encoder keys transformers 4.57.6"):
         load_pipeline(flat)
-    write_clip_text_keys_as_before(flat / "text_encoder")  # the fix the message gives
+    write_keys_as_before(flat / "text_encoder")  # the fix the message gives
     load_pipeline(flat)
     monkeypatch.undo()
     tensors = load_file(str(flat / "text_encoder" / "model.safetensors"))

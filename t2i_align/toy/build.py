@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import replace_dir
-from ..weight_files import write_clip_text_keys_as_before
+from ..weight_files import write_keys_as_before
 from . import architectures as arch
 from .assets import ASSETS_DIR, read_manifest, write_manifest
 from .scenes import ATTRIBUTES, Scene, long_caption, noisy_scene, partial_caption, render, short_caption, split_scenes
@@ -190,7 +190,7 @@ def _save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
                                    scheduler=arch.sample_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    write_clip_text_keys_as_before(out / "text_encoder")  # the official key layout: transformers 4 loads it too
+    write_keys_as_before(out / "text_encoder")  # the official key layout: transformers 4 loads it too
     # Keep the real SD1.5 tokenizer layout (vocab.json + merges.txt); tokenizer.json would add 3.6 MB.
     (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
 
