@@ -12,9 +12,12 @@ from t2i_align.models import ModelLoadError
 
 
 def _state(folder, part):
+    """The part's weights by name, text encoders' in one key layout (exports write the official
+    text_model.embeddings..., transformers 5 saves embeddings...)."""
     from safetensors.torch import load_file
 
-    return load_file(str(next((folder / part).glob("*.safetensors"))))
+    tensors = load_file(str(next((folder / part).glob("*.safetensors"))))
+    return {k.removeprefix("text_model.") if part.startswith("text_encoder") else k: v for k, v in tensors.items()}
 
 
 def _equal(a, b) -> bool:
