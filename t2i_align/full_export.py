@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from .errors import one_line
-from .weight_files import write_keys_as_before
+from .weight_files import check_loaded, write_keys_as_before
 
 logger = logging.getLogger(__name__)
 FROZEN_PARTS = ("text_encoder", "text_encoder_2", "vae")
@@ -97,8 +97,10 @@ def _carry_safety_checker(source: Path, folder: Path) -> None:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
         try:  # only reading it: a failure to write the export (a full disk) still fails it
-            checker = StableDiffusionSafetyChecker.from_pretrained(str(source / "safety_checker"),
-                                                                   use_safetensors=None)
+            loaded, info = StableDiffusionSafetyChecker.from_pretrained(
+                str(source / "safety_checker"), use_safetensors=None, output_loading_info=True)
+            check_loaded(source / "safety_checker", info)  # not a random checker (a flat one under transformers 4)
+            checker = loaded
         except Exception as err:
             why = f"that could not be read ({one_line(err)[:200]})"
     if checker is None:

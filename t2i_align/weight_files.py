@@ -110,17 +110,18 @@ def write_keys_as_before(folder: Path) -> None:
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({before(k): v for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
             tmp.replace(path)
-    index = Path(folder) / "model.safetensors.index.json"
-    if index.is_file():
+    for index in sorted(Path(folder).glob("model*.safetensors*index*.json")):  # variants' indexes too
+        from .files import write_text_atomic
+
         data = json.loads(index.read_text())
         data["weight_map"] = {before(k): v for k, v in data.get("weight_map", {}).items()}
-        index.write_text(json.dumps(data, indent=2))
+        write_text_atomic(index, json.dumps(data, indent=2))
 
 
 def check_clip_text_layout(path: Path) -> None:
     """Refuse pipeline `path` if a text encoder folder holds CLIPTextModel weights in transformers 5's key layout
     and the installed transformers is older: it would load them as random weights, with a warning only (training
-    refuses them in `models._check_loaded`; `DiffusionPipeline.from_pretrained` reports nothing)."""
+    refuses them in `check_loaded`; `DiffusionPipeline.from_pretrained` reports nothing)."""
     import json
 
     import transformers
@@ -138,6 +139,9 @@ def check_clip_text_layout(path: Path) -> None:
             with safe_open(str(file), "pt") as f:
                 if any(key.startswith(_FLAT_CLIP_TEXT) for key in f.keys()):
                     _refuse_flat(folder, transformers.__version__)
+        for index in sorted(folder.glob("model*.safetensors*index*.json")):  # shards named in a flat index
+            if any(key.startswith(_FLAT_CLIP_TEXT) for key in json.loads(index.read_text()).get("weight_map", {})):
+                _refuse_flat(folder, transformers.__version__)
 
 
 def _refuse_flat(folder: Path, version: str) -> None:

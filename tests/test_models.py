@@ -609,6 +609,15 @@ def test_full_exports_keep_the_sources_safety_checker(sd15_dir, tmp_path, caplog
     plain = export_final(models.build_pipeline(models.load_components(ModelConfig(pretrained=str(sd15_dir)))),
                          comp.unet, False, tmp_path / "plain")
     assert not (plain / "safety_checker").exists(), "a source without one gives an export without one"
+    # weights missing from its file (a flat one under transformers 4): not carried over as a random checker
+    from safetensors.torch import load_file, save_file
+
+    checker_file = source / "safety_checker" / "model.safetensors"
+    tensors = load_file(str(checker_file))
+    save_file({k: v for k, v in tensors.items() if k != "visual_projection.weight"}, str(checker_file))
+    caplog.clear()
+    lacking = export_final(models.build_pipeline(comp), comp.unet, False, tmp_path / "lacking")
+    assert "weights are missing from its files" in caplog.text and not (lacking / "safety_checker").exists()
     # a git-lfs pointer in its place (pulled without it): the export kept, without one, with a warning (it was
     # deleted whole at the end of training by the checker's load error)
     (source / "safety_checker" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
@@ -887,3 +896,31 @@ def test_text_encoders_are_written_in_the_key_layout_transformers_4_reads_and_re
     save_file(tensors, str(flat / "text_encoder" / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="1 weights are missing from its files .*final_layer_norm.weight"):
         models.load_components(ModelConfig(pretrained=str(flat)))
+
+
+def test_sharded_text_encoders_and_their_variant_indexes_are_rewritten_together(tmp_path):
+    """Shards got the official keys but an fp16 variant's index kept transformers 5's: transformers 4 then found
+    every weight missing and loaded a random encoder."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from t2i_align.weight_files import write_keys_as_before
+
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                         num_hidden_layers=2))
+    model.save_pretrained(tmp_path / "te", max_shard_size="20KB")
+    shards = sorted((tmp_path / "te").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    te = tmp_path / "te"
+    shutil.copy(te / "model.safetensors.index.json", te / "model.safetensors.index.fp16.json")
+    write_keys_as_before(tmp_path / "te")
+    for index in ("model.safetensors.index.json", "model.safetensors.index.fp16.json"):
+        assert all(k.startswith("text_model.") for k in json.loads((tmp_path / "te" / index).read_text())["weight_map"])
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert all(k.startswith("text_model.") for k in f.keys())
+    again, info = CLIPTextModel.from_pretrained(str(te), output_loading_info=True)
+    same = all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    assert not info["missing_keys"] and same

@@ -150,7 +150,9 @@ class LlavaUserEncoder:
         # one sample's images (nested): one tile each, as the official "pad" mode; a flat list would be tiled
         batch = self.processor(text=prompt, images=[images], return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
-        return {k: v.to(self.model.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+        # token_type_ids: the Qwen2 processor of transformers 4 returns them, and generate refuses them there
+        return {k: v.to(self.model.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()
+                if k != "token_type_ids"}
 
     def encode(self, shots: Sequence[LabelledPair]) -> torch.Tensor:
         """One user's embedding [layers + 1, width] (the user-encoder interface the toy encoder shares)."""
