@@ -116,7 +116,7 @@ def wilson_interval(p_hat: float, n: int, level: float = 0.95) -> Tuple[float, f
 def _rounding(a: Sequence[float], b: Sequence[float]) -> float:
     """What differences of these scores are rounding: 1e-6 of the largest (float32 rewards carry ~1e-7 of their
     size; sums of judge verdicts ~1e-17), whatever their scale (0 when every score is 0)."""
-    return 1e-6 * max([abs(x) for x in a] + [abs(y) for y in b])
+    return 1e-6 * max([0.0] + [abs(x) for x in a] + [abs(y) for y in b])
 
 
 def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dict[str, float]:
