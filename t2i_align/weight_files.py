@@ -94,12 +94,13 @@ def write_keys_as_before(folder: Path) -> None:
     text_encoder_2) keep one layout in both: left as they are."""
     import json
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
-    if len(architectures) != 1 or architectures[0] not in _AS_BEFORE:
+    from .files import save_safetensors_atomic, write_json_atomic
+
+    if _architecture(folder) not in _AS_BEFORE:
         return
-    flat, prefix = _AS_BEFORE[architectures[0]]
+    flat, prefix = _AS_BEFORE[_architecture(folder)]
 
     def before(key: str) -> str:
         return prefix + key if key.startswith(flat) else key
@@ -107,41 +108,53 @@ def write_keys_as_before(folder: Path) -> None:
     for path in sorted(Path(folder).glob("model*.safetensors")):
         tensors = load_file(str(path))
         if any(key.startswith(flat) for key in tensors):
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({before(k): v for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            tmp.replace(path)
-    for index in sorted(Path(folder).glob("model*.safetensors*index*.json")):  # variants' indexes too
-        from .files import write_text_atomic
-
+            save_safetensors_atomic(path, {before(k): v for k, v in tensors.items()}, {"format": "pt"})
+    for index in _indexes(folder):  # variants' indexes too
         data = json.loads(index.read_text())
         data["weight_map"] = {before(k): v for k, v in data.get("weight_map", {}).items()}
-        write_text_atomic(index, json.dumps(data, indent=2))
+        write_json_atomic(index, data)
+
+
+def _architecture(folder: Path) -> Optional[str]:
+    """The one class config.json names for the model in `folder` (None: none, several, or no readable config)."""
+    import json
+
+    try:
+        names = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return names[0] if len(names) == 1 else None
+
+
+def _indexes(folder: Path) -> list:
+    """The shard indexes in `folder`, plain and variants' (model.safetensors.index.fp16.json ...)."""
+    return sorted(Path(folder).glob("model*.safetensors*index*.json"))
 
 
 def check_clip_text_layout(path: Path) -> None:
     """Refuse pipeline `path` if a text encoder folder holds CLIPTextModel weights in transformers 5's key layout
     and the installed transformers is older: it would load them as random weights, with a warning only (training
     refuses them in `check_loaded`; `DiffusionPipeline.from_pretrained` reports nothing)."""
-    import json
-
     import transformers
-    from safetensors import safe_open
 
     if int(transformers.__version__.split(".")[0]) >= 5:
         return
     for folder in (Path(path) / "text_encoder", Path(path) / "text_encoder_2"):
-        try:
-            if json.loads((folder / "config.json").read_text()).get("architectures") != ["CLIPTextModel"]:
-                continue
-        except (OSError, ValueError):
-            continue
-        for file in sorted(folder.glob("model*.safetensors")):
-            with safe_open(str(file), "pt") as f:
-                if any(key.startswith(_FLAT_CLIP_TEXT) for key in f.keys()):
-                    _refuse_flat(folder, transformers.__version__)
-        for index in sorted(folder.glob("model*.safetensors*index*.json")):  # shards named in a flat index
-            if any(key.startswith(_FLAT_CLIP_TEXT) for key in json.loads(index.read_text()).get("weight_map", {})):
-                _refuse_flat(folder, transformers.__version__)
+        if _architecture(folder) == "CLIPTextModel" and any(k.startswith(_FLAT_CLIP_TEXT) for k in _keys(folder)):
+            _refuse_flat(folder, transformers.__version__)
+
+
+def _keys(folder: Path) -> list:
+    """The weight names in `folder`'s safetensors files and in its shard indexes (which name them too)."""
+    import json
+
+    from safetensors import safe_open
+
+    keys = []
+    for file in sorted(Path(folder).glob("model*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            keys += list(f.keys())
+    return keys + [k for index in _indexes(folder) for k in json.loads(index.read_text()).get("weight_map", {})]
 
 
 def _refuse_flat(folder: Path, version: str) -> None:
