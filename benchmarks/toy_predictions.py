@@ -11,6 +11,7 @@ colour change from the judge reading edge pixels blended with the background. Ab
 """
 import argparse
 import json
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -62,9 +63,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     models = {"base": None, **dict(m.split("=", 1) for m in args.model)}
     result = {"seed": args.seed, "seeds_per_prompt": 8, "models": {}}
+    from tqdm.auto import tqdm
+
+    scenes = prompt_set("heldout")
     for name, lora in models.items():
         pipe = load_pipeline(pipeline_dir(), lora=lora)
-        result["models"][name] = attribute_table(evaluate(pipe, prompt_set("heldout"), 8, args.seed))
+        with tqdm(total=len(scenes) * 8, desc=f"judge {name}", unit="img", file=sys.stderr) as bar:
+            result["models"][name] = attribute_table(evaluate(pipe, scenes, 8, args.seed, progress=bar.update))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.out), json.dumps(result, indent=1))

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .base import CheckpointMismatchError, PathLike, Reward, RewardOutput, register, require_path
+from .base import CheckpointMismatchError, PathLike, Reward, RewardOutput, RewardSetupError, register, require_path
 from .clip import Arch, load_open_clip
 
 SOURCE = ("a CLIP backbone: a local copy of https://huggingface.co/luping-liu/Denscore (transformers CLIPModel "
@@ -196,8 +196,8 @@ class DecomposedClip(Reward):
         self.omega, self.split, self.scale = float(omega), bool(split), float(scale)
         self.batch_direction, self._warned_one = direction == "batch", False
         if not 0.0 <= self.omega <= 1.0:  # a sign typo would reward the text-irrelevant part it is meant to damp
-            raise ValueError(f"decomposed-clip: omega={omega} is outside [0, 1] (the weight kept on the "
-                             "text-irrelevant part: LongAlign uses 0.3; 1 is plain CLIP)")
+            raise RewardSetupError(f"decomposed-clip: omega={omega} is outside [0, 1] (the weight kept on the "
+                                   "text-irrelevant part: LongAlign uses 0.3; 1 is plain CLIP)")
         if direction is not None and fit_prompts is not None:
             raise ValueError("decomposed-clip: give direction or fit_prompts, not both")
         if direction is None and fit_prompts is None and self.omega != 1.0:
