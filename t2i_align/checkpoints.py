@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import browser_leftover, fsync_path, plain_modes, staged_dir, sync_tree
 from .full_export import save_full_pipeline
 
@@ -168,6 +168,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
             shutil.copyfile(Path(output_dir) / "config.yaml", tmp / "config.yaml")
         plain_modes(tmp)
         sync_tree(tmp)  # on the disk before the marker says complete and older checkpoints are deleted
+        for log in ("metrics.jsonl", "raft_rounds.jsonl"):  # the lines up to this step: a resume goes on after them
+            if (Path(output_dir) / log).is_file():
+                fsync_path(Path(output_dir) / log)
         (tmp / MARKER).write_text(json.dumps({**(marker or {}), "step": step}))
         fsync_path(tmp / MARKER)
         shutil.rmtree(final, ignore_errors=True)  # only an unmarked leftover can have this name
@@ -185,15 +188,30 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         accelerator.save_state(str(tmp), safe_serialization=True)
 
     on_main(accelerator, begin, f"the main process could not start checkpoint {final}")
-    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
-        # Collectives inside (FSDP's sharded writes, which raise a write error on every process themselves;
-        # DeepSpeed's barriers): a process failing there cannot tell the others in a collective after them.
-        save_state()
-        accelerator.wait_for_everyone()  # every process's files are in tmp before the main process renames it
-    else:
-        on_every(accelerator, save_state, f"another process could not write checkpoint {final}")
-    on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
+    try:
+        if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
+            # Collectives inside (FSDP's sharded writes, which raise a write error on every process themselves;
+            # DeepSpeed's barriers): a process failing there cannot tell the others in a collective after them.
+            save_state()
+            accelerator.wait_for_everyone()  # every process's files are in tmp before the main process renames it
+        else:
+            on_every(accelerator, save_state, f"another process could not write checkpoint {final}")
+        on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
+    except Exception as err:
+        free = shutil.disk_usage(root).free if root.is_dir() else None
+        if accelerator.is_main_process:  # a half-written state (GBs) left the disk full for the relaunch too
+            shutil.rmtree(tmp, ignore_errors=True)
+        if free is not None and free < DISK_FULL_BYTES:  # torch's own error for it: "unexpected pos 77632 vs 77524"
+            raise UserError(f"checkpoint {final} could not be written: the disk holding it is full ({free >> 20} MiB "
+                            f"free; {type(err).__name__}: {one_line(err)[:200]}). Free space (a run keeps "
+                            "train.keep_checkpoints checkpoints and writes one more) and relaunch with "
+                            "train.resume=latest") from err
+        raise
     return final
+
+
+DISK_FULL_BYTES = 256 << 20
+"""Free space under which a failed checkpoint write is reported as a full disk."""
 
 
 FINAL_STEP_FILE = "t2i_align_final.json"

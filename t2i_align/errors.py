@@ -7,6 +7,7 @@ them, traceback included, for developers.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -124,6 +125,15 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (),
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except OSError as err:  # the machine's, not ours: one line (a write failing on a full disk was a traceback)
+            if err.errno not in DISK_ERRORS or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(f"error: {one_line(err)}: free space or write elsewhere, then run again", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+"""A full disk, a quota reached, a read-only file system: `run_cli` says so in one line."""
 
 
 def describe(err: Optional[BaseException]) -> Optional[Tuple[bool, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,14 +26,16 @@ from .batches import BATCH_BUILDERS, make_denoiser
 from .build import Built, build, check_before_loading, check_gallery_weights
 from .checkpoints import export_final, resolve_resume_everywhere, save_checkpoint, save_only_trainable
 from .config import Config, config_to_dict
-from .engines import (autocast, check_launcher_precision, check_shared_output, configure_engine,
-                      deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled, on_every, on_main, say, whole_unet)
+from .engine_checks import check_launcher_precision, configure_engine
+from .engines import (autocast, check_shared_output, deepspeed_logs_to_stderr, engine_name, is_fsdp, loss_scaled,
+                      on_every, on_main, say, whole_unet)
 from .errors import UserError
 from .models import build_pipeline
 from .objectives import get_objective
 from .objectives.context import ObjectiveContext
 from .resume import (SUMMED, Restored, check_checkpoint_fits, check_resume, claim_output, record, restore,
                      summed)
+from .run_dir import take_output_lock
 from .tracking import Tracker, continued_run_id
 from .validation import Validator, load_validation_reward
 
@@ -131,11 +134,21 @@ def train(cfg: Config) -> TrainResult:
     check_gallery_weights(accelerator, cfg)
     out = Path(cfg.output_dir)
     check_shared_output(accelerator, out)
+    lock = on_main(accelerator, lambda: take_output_lock(out), "the main process found output_dir in use")
+    try:
+        return _train_in(cfg, accelerator, objective, out)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train_in(cfg: Config, accelerator, objective, out: Path) -> TrainResult:
+    """`train` once the engine and output_dir are checked and output_dir is this run's to use."""
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)
     if resume is not None:
         check_resume(resume, engine_name(accelerator), accelerator.num_processes, cfg.train.max_steps, out,
                      warn=accelerator.is_main_process, train=cfg.train,
-                     method=(cfg.objective.name, cfg.raft.enabled))
+                     method=(cfg.objective.name, cfg.raft.enabled), settings=config_to_dict(cfg))
     m = build(cfg, accelerator, objective)
     if resume is not None:  # other LoRA / PPD settings failed in the load, the earlier run already set aside
         on_every(accelerator, lambda: check_checkpoint_fits(resume, m.raw_unet, not cfg.full_finetune),
@@ -249,7 +262,8 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             last_log = _log(accelerator, st, history, counts, components, lr, norm, done, bar, last_log)
             history = []
         if st.provider is not None:
-            st.provider.after_step(done, applied=math.isfinite(norm))
+            # a step at rate 0 (warmup's first) leaves the weights as they were: SePPO's tie rule needs to know
+            st.provider.after_step(done, applied=math.isfinite(norm) and lr > 0)
         # and at the last step, so that a run can be continued (a larger max_steps) from where it ended
         if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,

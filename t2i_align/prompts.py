@@ -16,7 +16,8 @@ from .config import ConfigError
 logger = logging.getLogger(__name__)
 
 TOY_SETS = ("toy:train", "toy:heldout", "toy:train-long", "toy:heldout-long")
-PROMPT_FILES = "a text file with one prompt per line, a .jsonl / .csv with a caption or prompt field"
+PROMPT_FILES = ("a text file with one prompt per line, a .jsonl / .csv with a caption or prompt field, or a .json "
+                "list")
 
 
 def toy_long_captions(name: str) -> List[str]:
@@ -36,7 +37,20 @@ def text_lines(text: str) -> List[str]:
 
 
 def read_prompts(spec: str, what: str = "prompts") -> List[str]:
-    """Prompts from `spec`; blank lines are skipped. `what` names the setting in error messages."""
+    """Prompts from `spec`; blank lines are skipped. `what` names the setting in error messages. A prompt that is
+    not valid Unicode (half of a surrogate pair, from JSON's "\\ud83d") is refused: the tokenizer failed on it with
+    a traceback, after the model had loaded."""
+    prompts = _read_prompts(spec, what)
+    for i, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{what}: prompt {i + 1} of {spec} ({prompt[:40]!r}) holds half of a character (a lone "
+                              "UTF-16 surrogate, e.g. a cut emoji); fix or remove it") from None
+    return prompts
+
+
+def _read_prompts(spec: str, what: str) -> List[str]:
     if spec.startswith("toy:"):
         from .toy.evaluate import prompt_set
         from .toy.scenes import short_caption
@@ -57,8 +71,11 @@ def read_prompts(spec: str, what: str = "prompts") -> List[str]:
                           "toy:heldout, -long for the long captions, for the toy world)")
     if path.suffix.lower() == ".parquet":
         return parquet_captions(path, what)
-    if path.suffix.lower() in (".jsonl", ".csv"):  # read as text, a header or a whole JSON line became a prompt
+    if path.suffix.lower() in (".jsonl", ".csv", ".json"):  # read as text, a header or a JSON line became a prompt
         return table_prompts(path, what)
+    if path.suffix.lower() in (".tsv", ".yaml", ".yml"):
+        raise ConfigError(f"{what}: {path} is a {path.suffix} file, which is not read here (its lines would become "
+                          f"prompts); give {PROMPT_FILES}")
     try:
         # utf-8-sig: a BOM (Windows editors write one) is not part of the first prompt
         prompts = [line.strip() for line in text_lines(path.read_text(encoding="utf-8-sig")) if line.strip()]
@@ -82,6 +99,9 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
         text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() == ".csv":
             rows: list = list(csv.DictReader(io.StringIO(text, newline="")))
+        elif path.suffix.lower() == ".json":  # a list of prompts (benchmark prompt lists), or of objects
+            rows = json.loads(text)
+            rows = [{"prompt": r} if isinstance(r, str) else r for r in rows] if isinstance(rows, list) else [rows]
         else:  # lines split at line ends only, as text_lines does
             rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
@@ -97,7 +117,9 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
         raise ConfigError(f"{what}: row {bare + 1} of {path} has no 'caption' or 'prompt' field, only "
                           f"{sorted(rows[bare])} (a text file with one prompt per line needs the .txt suffix)")
     texts = (r["caption"] if "caption" in r else r["prompt"] for r in rows)
-    prompts = list(dict.fromkeys(" ".join(str(t).split()) for t in texts if t is not None and str(t).strip()))
+    # a number reads as its text; a list or an object is no prompt (str() made "['a', 'b']" one)
+    texts = [str(t) for t in texts if isinstance(t, (str, int, float)) and not isinstance(t, bool)]
+    prompts = list(dict.fromkeys(" ".join(t.split()) for t in texts if t.strip()))
     if not prompts:
         raise ConfigError(f"{what}: {path} holds no prompts (every caption or prompt is empty)")
     if len(prompts) < len(rows):
@@ -109,7 +131,8 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
 def parquet_captions(path: Path, what: str = "prompts") -> List[str]:
     """The `caption` column of a parquet file, each caption's line breaks and runs of spaces made one space (a
     text file would cut a multi-paragraph caption into several prompts; LongAlign's code removes its "\\n\\n"
-    too), empty ones skipped."""
+    too), empty ones skipped, each once: a pair data set repeats a prompt per pair (about 14 times in Pick-a-Pic),
+    which would sample it that many times more and count it as that many prompts in compare.py's statistics."""
     import pyarrow.parquet as pq
 
     from .data.pairs import text_column
@@ -120,10 +143,14 @@ def parquet_captions(path: Path, what: str = "prompts") -> List[str]:
         raise ConfigError(f"{what}: {path} has no readable caption column ({err}); give a parquet file with a "
                           "`caption` column, or a text file with one prompt per line") from None
     # not text (None, bytes, a list): skipped, as caption data sets skip them (str() would make "b'...'" a prompt)
-    prompts = [" ".join(c.split()) for c in column if isinstance(c, str) and c.strip()]
+    texts = [" ".join(c.split()) for c in column if isinstance(c, str) and c.strip()]
+    prompts = list(dict.fromkeys(texts))
     if not prompts:
         raise ConfigError(f"{what}: {path} holds no captions ({len(column)} rows, every caption empty or not text)")
-    if len(prompts) < len(column):
-        logger.warning("%s: %d of %d rows of %s have no caption text; skipped", what, len(column) - len(prompts),
+    if len(texts) < len(column):
+        logger.warning("%s: %d of %d rows of %s have no caption text; skipped", what, len(column) - len(texts),
                        len(column), path)
+    if len(prompts) < len(texts):
+        logger.info("%s: %d prompts from the %d captions of %s (repeats read once)", what, len(prompts), len(texts),
+                    path)
     return prompts

@@ -26,18 +26,16 @@ import numpy as np
 import torch
 
 from .batches import make_denoiser, unet_kwargs
-from .checkpoints import CheckpointMismatch
 from .errors import describe, raise_told
 from .files import fsync_path, save_safetensors_atomic
 from .adapters import adapters_off, visiting
 from .objectives.base import Denoiser
+from .snapshots import POOL_DIR, link_snapshots, read_lora_pool, snapshot_files
 
 logger = logging.getLogger(__name__)
 DRAWS = ("random", "initial", "latest")
 POOL_STATE_FILE = "reference_pool.json"
 _TENSORS_FILE = "reference_pool.safetensors"
-POOL_DIR = "reference_pool"
-"""Full fine-tune snapshots: output_dir/reference_pool/step-<N>.safetensors."""
 
 
 class BaseReference:
@@ -349,6 +347,8 @@ class SnapshotPool(BaseReference):
             flat = {f"{step}/{name}": t.detach().to("cpu").contiguous()
                     for step, tensors in self.tensors.items() for name, t in tensors.items()}
             save_file(flat, str(folder / _TENSORS_FILE))
+        else:
+            link_snapshots([self._file(step) for step in self.steps], folder / POOL_DIR)
 
     def load(self, folder: Path) -> None:
         folder = Path(folder)
@@ -359,39 +359,12 @@ class SnapshotPool(BaseReference):
         state = json.loads(path.read_text())
         steps = [int(s) for s in state["steps"]]
         if self.adapters:
-            self.tensors = _read_lora_pool(folder / _TENSORS_FILE, steps, self.unet)
+            self.tensors = read_lora_pool(folder / _TENSORS_FILE, steps, self.unet)
         else:
             missing = [str(self._file(s)) for s in steps if not self._file(s).is_file()]
             if missing:
-                raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}")
+                raise FileNotFoundError(f"reference snapshots of checkpoint {folder} are missing: {missing[:3]}; "
+                                        f"copy them from its run's {POOL_DIR}/ into {self.pool_dir}")
         self.steps, self.current, self.loaded, self.ram = steps, None, None, {}
         self.last_applied = state.get("last_applied")
         self._trim()  # a resume with a smaller seppo.pool_size, or a draw that uses fewer (initial, latest)
-
-
-def snapshot_files(output_dir: Path) -> Dict[int, Path]:
-    """step -> the full fine-tune snapshot file of that step in output_dir."""
-    return {int(path.stem.split("-")[1]): path for path in (Path(output_dir) / POOL_DIR).glob("step-*.safetensors")}
-
-
-def _read_lora_pool(path: Path, steps: List[int], unet) -> Dict[int, Dict[str, torch.Tensor]]:
-    """The adapter snapshots of `steps`, each checked to hold every adapter tensor at its shape: `functional_call`
-    fills a missing one from the live policy, so a damaged file made the reference the policy itself silently."""
-    from safetensors.torch import load_file
-
-    device = next(unet.parameters()).device
-    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    flat = load_file(str(path))
-    pool: Dict[int, Dict[str, torch.Tensor]] = {s: {} for s in steps}
-    for key, value in flat.items():
-        step, name = key.split("/", 1)
-        if int(step) in pool:
-            pool[int(step)][name] = value.to(device)
-    for step, tensors in pool.items():
-        bad = sorted(set(params) ^ set(tensors)) or [n for n, p in params.items() if tensors[n].shape != p.shape]
-        if bad:
-            raise CheckpointMismatch(f"{path}: the snapshot of step {step} does not fit this run's adapters "
-                                     f"({len(bad)} tensors missing, extra or of another shape, e.g. {bad[0]}): "
-                                     "the file is damaged or from other LoRA settings; resume with the run's own "
-                                     "settings, or from another checkpoint")
-    return pool

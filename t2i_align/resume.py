@@ -98,15 +98,19 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
 
 
 def check_resume(path: Path, engine: str, processes: int, max_steps: int, output_dir, warn: bool = True,
-                 train: Optional[TrainConfig] = None, method: Optional[Tuple[str, bool]] = None) -> None:
+                 train: Optional[TrainConfig] = None, method: Optional[Tuple[str, bool]] = None,
+                 settings: Optional[dict] = None) -> None:
     """Before the model loads, refuse a checkpoint this run cannot go on from: one past max_steps (its weights
     would be exported labelled max_steps), one written under another engine (ENGINES: their files differ; the load
     failed only after the model was built), or an FSDP / DeepSpeed one written by another number of processes
     (ZeRO-2's optimizer shards fail to load on another; FSDP's resharding is untested). Markers from before
     session 28 name no engine and are left to the engine's load. `warn` (the main process): that FSDP / DeepSpeed
     unpickle a checkpoint from outside output_dir. `train` (the run's settings): `_check_training`. `method` (the
-    run's objective name, raft.enabled): `_warn_other_method`."""
+    run's objective name, raft.enabled): `_warn_other_method`. `settings` (the run's, `config_to_dict`):
+    `check_same_model`."""
     marker = read_marker(path)
+    if settings is not None:
+        check_same_model(path, settings)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
@@ -149,7 +153,8 @@ def check_resume_settings(path: Path, cfg: Config) -> None:
     marker = read_marker(path)
     wrote = marker.get("raw_batches")
     check_resume(path, marker.get("engine") or "plain", len(wrote) if isinstance(wrote, list) else 1,
-                 cfg.train.max_steps, cfg.output_dir, train=cfg.train, method=(cfg.objective.name, cfg.raft.enabled))
+                 cfg.train.max_steps, cfg.output_dir, train=cfg.train, method=(cfg.objective.name, cfg.raft.enabled),
+                 settings=config_to_dict(cfg))
 
 
 def _check_training(path: Path, marker: dict, train: TrainConfig, engine: str, warn: bool) -> None:
@@ -217,15 +222,19 @@ def checkpoint_config(resume: Path) -> Tuple[Optional[Path], Optional[dict]]:
 def export_hint(checkpoint: Path) -> str:
     """What to do with a training checkpoint given as LoRA weights: resume it at its own step (nothing is trained)
     into another output_dir, whose final/ is the export."""
+    return (f"{checkpoint} is a training checkpoint (optimizer and random states), not an export: export it first "
+            f"with {_export_command(checkpoint)} (under the accelerate config that wrote it; no step is trained), then "
+            "sample OUT/final (as --lora, or as --model for a full fine-tune)")
+
+
+def _export_command(checkpoint: Path) -> str:
+    """The command that resumes `checkpoint` at its own step into OUT, whose final/ is then its export."""
     try:
         step = read_marker(checkpoint)["step"]
     except (OSError, ValueError, KeyError, TypeError):
         step = "ITS_STEP"
     config = checkpoint_config(checkpoint)[0] or "ITS_RUN_CONFIG.yaml"
-    return (f"{checkpoint} is a training checkpoint (optimizer and random states), not an export: export it first "
-            f"with `python train/train.py --config {config} train.resume={checkpoint} train.max_steps={step} "
-            "output_dir=OUT` (under the accelerate config that wrote it; no step is trained), then sample OUT/final "
-            "(as --lora, or as --model for a full fine-tune)")
+    return f"`python train/train.py --config {config} train.resume={checkpoint} train.max_steps={step} output_dir=OUT`"
 
 
 def _warn_other_method(path: Path, method: str) -> None:
@@ -258,6 +267,57 @@ NOT_APPLIED = {"train.learning_rate": "the checkpoint's optimizer keeps its rate
                "train.adam_epsilon": _GROUPS, "train.optimizer": _GROUPS + " (AdamW's fused flag too)"}
 """Settings a resume does not apply: torch's Optimizer.load_state_dict restores each group's saved values, as in
 diffusers' scripts (a resume with another optimizer is refused: `_check_training`)."""
+
+
+FIXED = ("seed", "model.family", "model.variant", "model.revision", "model.text_encoding", "lora.alpha",
+         "data.kind", "data.resolution")
+"""Settings a resume must keep: they change what the checkpoint's weights compute (the LoRA scale alpha/rank, the
+base, the text encoding, the resolution they learned) or where its data position points (seed: the epoch's order).
+LoRA on or off, its rank and targets, PPD's branch: `check_checkpoint_fits` refuses them by the weights' shapes."""
+FOLDERS = ("model.pretrained", "model.vae", "data.path")
+"""Also kept, unless the checkpoint's folder is gone (moved: a resume names its new place)."""
+_ABSENT = object()
+
+
+def check_same_model(path: Path, now: dict) -> None:
+    """Refuse a resume that changes a FIXED setting, or names another existing folder for one of FOLDERS: before,
+    adapters trained on one base loaded onto another (strict=False) with one info line. Keys a checkpoint's
+    config.yaml predates are not compared."""
+    earlier, before = checkpoint_config(path)
+    if before is None:
+        return
+    changed = [f"{name}={_setting(before, name)!r} (now {_setting(now, name)!r})" for name in FIXED + FOLDERS
+               if _found(before, name) is not _ABSENT and _differs(name, _setting(before, name), _setting(now, name))]
+    if changed:
+        raise CheckpointMismatch(f"train.resume: {path} was trained with {', '.join(changed)} ({earlier}): resume "
+                                 f"with its values. To go on from its weights with other ones, export it with "
+                                 f"{_export_command(path)} (no step is trained), merge a LoRA export "
+                                 "(train/merge_lora.py), and give that folder as model.pretrained to a fresh run")
+
+
+def _found(data: Optional[dict], name: str):
+    """data["section"]["key"] for "section.key", or _ABSENT."""
+    for part in name.split("."):
+        data = data.get(part, _ABSENT) if isinstance(data, dict) else _ABSENT
+    return data
+
+
+def _differs(name: str, old, new) -> bool:
+    """Whether a resume's `new` value of setting `name` is not the checkpoint's `old` one. FOLDERS: "toy" is the
+    toy's folder; a recorded folder that is gone matches any (moved), an existing one only itself."""
+    if old == new or name not in FOLDERS or not old or not new:
+        return old != new
+    old_path, new_path = (_where(str(v)) for v in (old, new))
+    return old_path.exists() and old_path.resolve() != new_path.resolve()
+
+
+def _where(value: str) -> Path:
+    """The folder a model.pretrained / model.vae / data.path value names ("toy": the toy pipeline's)."""
+    if value == "toy":
+        from .toy.assets import pipeline_dir
+
+        return pipeline_dir()
+    return Path(value).expanduser()
 
 
 def changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:

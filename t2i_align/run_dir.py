@@ -35,7 +35,7 @@ def set_aside_newer(output_dir: str | os.PathLike, step: int, log=print) -> Opti
     Stopped at any point (a kill, a full disk), a relaunch finishes it: the copies are made before anything moves,
     and the newer checkpoints, which say there is something to set aside, move last (the run then cuts its logs
     after N: they were copied)."""
-    from .references import POOL_DIR, snapshot_files
+    from .snapshots import POOL_DIR, snapshot_files
 
     out = Path(output_dir)
     newer = [path for s, path in list_checkpoints(out) if s > step]
@@ -169,11 +169,15 @@ def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked
     another run's), whose logs, SePPO snapshots and LongAlign direction (`CARRIED`) are then copied over (the
     resume drops what came after its step, as for this folder's own). `asked`: train.resume as given ("latest"
     finding no checkpoint is said, with where an earlier one went)."""
+    from .snapshots import restore_snapshots
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if resume is not None and resume.resolve().parent == checkpoints_dir(out).resolve():
-        return  # this folder's own timeline: the loop sets later checkpoints and log lines aside
-    if asked == "latest":
+    # this folder's own timeline (a checkpoint there may link to an archive): the loop sets later ones aside
+    if resume is not None and Path(os.path.abspath(resume)).parent.resolve() == checkpoints_dir(out).resolve():
+        restore_snapshots(resume, out)
+        return
+    if asked == "latest" and resume is None:
         log(f"train.resume=latest: no complete checkpoint in {checkpoints_dir(out)}, so this run starts fresh"
             + _newest_aside_hint(out))
     outside = f"a resume from {resume}, outside {checkpoints_dir(out)}" if resume is not None else ""
@@ -185,6 +189,9 @@ def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked
             shutil.copytree(origin, out / name, copy_function=link_or_copy)
         elif origin is not None:
             shutil.copyfile(origin, out / name)
+    if resume is not None:
+        restore_snapshots(resume, out)
+
 
 
 def _newest_aside_hint(out: Path) -> str:
@@ -192,3 +199,37 @@ def _newest_aside_hint(out: Path) -> str:
     found = [(p.parent.name, int(m.group(1)), p) for p in out.glob("previous-*/step-*")
              if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file()]  # folders are named by time
     return f" (the newest earlier checkpoint was set aside: train.resume={max(found)[2]})" if found else ""
+
+
+LOCK_FILE = ".t2i-align.lock"
+"""In output_dir: locked (flock) by the run that uses it, and naming it."""
+
+
+def take_output_lock(out: Path) -> Optional[int]:
+    """Main process, at start: lock output_dir for this run (the descriptor to close at its end), or UserError if
+    another run holds it: two launches on one folder (a job requeued while it still ran) set each other's
+    checkpoints aside and deleted each other's unfinished checkpoint and export. None where the file system
+    takes no locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"output_dir {out} is in use by another run ({holder}): wait for it to end or stop it, or "
+                        "give another output_dir") from None
+    except OSError:  # ENOLCK: a network file system without locks
+        os.close(fd)
+        return None
+    import socket
+    import time
+
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+             .encode())
+    return fd

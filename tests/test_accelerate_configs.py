@@ -28,7 +28,7 @@ def test_a_launcher_asking_for_another_precision_is_refused(tmp_path, monkeypatc
     --mixed_precision` or a launch file's value, silently: another value there is refused before anything loads
     (the shipped launch files once said bf16 beside run configs in fp16). The launcher's "no" is its default."""
     from t2i_align.config import load_config
-    from t2i_align.engines import check_launcher_precision
+    from t2i_align.engine_checks import check_launcher_precision
     from t2i_align.errors import UserError
     from t2i_align.loop import train
 
@@ -53,7 +53,7 @@ def test_fp16_mixed_precision_on_a_cpu_is_refused_at_start(engine, device, refus
     import torch
 
     from t2i_align.config import load_config
-    from t2i_align.engines import configure_engine
+    from t2i_align.engine_checks import configure_engine
     from t2i_align.errors import UserError
 
     cfg = load_config(None, ["train.mixed_precision=fp16", "model.weight_dtype=fp16"])
@@ -73,7 +73,7 @@ def test_fsdp_reduces_half_precision_gradients_in_fp32():
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from t2i_align.engines import _reduce_in_fp32
+    from t2i_align.engine_checks import _reduce_in_fp32
 
     for low in (torch.bfloat16, torch.float16):
         plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(low, low, low))
@@ -99,7 +99,7 @@ def test_fsdp_reduces_half_precision_gradients_in_fp32():
     (2, ["train.optimizer=adamw8bit"], "train.optimizer=adamw8bit does not run under FSDP.*bitsandbytes reads raw"),
 ])
 def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monkeypatch, version, overrides, message):
-    """FSDP1, and what does not run sharded (t2i_align.engines.check_fsdp), stop at start with what to use.
+    """FSDP1, and what does not run sharded (t2i_align.engine_checks.check_fsdp), stop at start with what to use.
     A stand-in accelerator of accelerate's FSDP type: the model path does not exist, so reaching the loading fails
     otherwise. (FSDP2 itself is run on two CPU processes in tests/test_fsdp.py.)"""
     import accelerate
@@ -126,6 +126,31 @@ def test_fsdp_refuses_what_it_cannot_run_before_loading_anything(tmp_path, monke
                              *overrides])
     with pytest.raises(UserError, match=message):
         train(cfg)
+
+
+def test_fsdp_activation_checkpointing_and_accelerates_own_accumulation_are_refused():
+    """accelerate's FSDP activation checkpointing recomputes blocks without their random state (LoRA dropout drew
+    other masks in the backward: the gradient norm differed from the plain run's, found by running two processes);
+    accelerate's own accumulation (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) divided the loss a second time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from t2i_align.config import load_config
+    from t2i_align.engine_checks import configure_engine
+    from t2i_align.errors import UserError
+
+    cfg = load_config(None, [])
+    plugin = SimpleNamespace(fsdp_version=2, activation_checkpointing=True)
+    fsdp = SimpleNamespace(distributed_type="FSDP", device=torch.device("cpu"), num_processes=2,
+                           state=SimpleNamespace(fsdp_plugin=plugin, dynamo_plugin=SimpleNamespace(backend="NO")))
+    with pytest.raises(UserError, match="fsdp_activation_checkpointing is not supported.*model.gradient_checkpointing"):
+        configure_engine(fsdp, cfg, True)
+    plain = SimpleNamespace(distributed_type="MULTI_GPU", device=torch.device("cpu"), gradient_accumulation_steps=4)
+    with pytest.raises(UserError, match="gradient accumulation over 4 steps.*train.grad_accum=4"):
+        configure_engine(plain, cfg, True)
+    configure_engine(SimpleNamespace(distributed_type="MULTI_GPU", device=torch.device("cpu"),
+                                     gradient_accumulation_steps=1), cfg, True)
 
 
 class PastTheChecks(Exception):
@@ -170,6 +195,12 @@ def _deepspeed_train(monkeypatch, ds: dict, args):
     ({"zero_optimization": {"stage": 3}}, [], "ZeRO stage 3 .* is not supported"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, [], "parameter offload 'cpu'"),
     ({"gradient_accumulation_steps": 1}, ["train.optimizer=adafactor"], "adafactor under DeepSpeed ZeRO-2 steps on"),
+    # found by running: accelerate swapped in DeepSpeedCPUAdam (betas 0.9/0.999, eps 1e-8); a None norm failed the
+    # first step; channels_last failed in the engine's weight broadcast; a JSON "bf16 enabled" trained in bf16
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, [], "offload_optimizer \\('cpu'\\)"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, [], "compute_grad_norm to false"),
+    ({}, ["model.channels_last=true"], "model.channels_last is not supported under DeepSpeed"),
+    ({"bf16": {"enabled": True}}, [], "trains in 'bf16'.*train.mixed_precision='no'.*\"auto\""),
 ])
 def test_deepspeed_refuses_its_own_accumulation_and_another_clipping(tmp_path, monkeypatch, ds, overrides, message):
     """DeepSpeed's own accumulation would divide the loss a second time, the engine clips at its own threshold, and
@@ -188,13 +219,16 @@ def test_deepspeed_bf16_runs_skip_steps_with_non_finite_gradients(tmp_path, monk
     precision = pytest.importorskip("deepspeed.runtime.precision_config")  # the dev extra installs it
     from t2i_align.errors import UserError
 
+    bf16 = [f"output_dir={tmp_path}", "train.mixed_precision=bf16"]
     ds = {"gradient_accumulation_steps": 1, "bf16": {"enabled": True}}
     with pytest.raises(PastTheChecks):
-        _deepspeed_train(monkeypatch, ds, [f"output_dir={tmp_path}"])
+        _deepspeed_train(monkeypatch, ds, bf16)
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    # and reduced and accumulated in fp32, as DDP does (ZeRO-2's default: bf16)
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "fp32"}
     off = {"gradient_accumulation_steps": 1, "bf16": {"enabled": True, "check_grad_overflow": False}}
     with pytest.raises(UserError, match="sets bf16.check_grad_overflow to false"):
-        _deepspeed_train(monkeypatch, off, [f"output_dir={tmp_path}"])
+        _deepspeed_train(monkeypatch, off, bf16)
     fp32 = {"gradient_accumulation_steps": 1, "bf16": {"enabled": False}}
     with pytest.raises(PastTheChecks):
         _deepspeed_train(monkeypatch, fp32, [f"output_dir={tmp_path}"])
@@ -206,7 +240,7 @@ def test_deepspeed_bf16_runs_skip_steps_with_non_finite_gradients(tmp_path, monk
     monkeypatch.setattr(precision, "DeepSpeedBF16Config", OldBF16Config)
     with pytest.raises(UserError, match="cannot skip bf16 steps with non-finite gradients.*pip install -U deepspeed"):
         _deepspeed_train(monkeypatch, {"gradient_accumulation_steps": 1, "bf16": {"enabled": True}},
-                         [f"output_dir={tmp_path}"])
+                         [f"output_dir={tmp_path}", "train.mixed_precision=bf16"])
 
 
 def test_deepspeed_auto_settings_are_filled_from_the_run(tmp_path, monkeypatch):
@@ -303,6 +337,22 @@ def test_a_probe_that_shows_up_late_is_seen(tmp_path):
         assert sees(probe, wait_s=30)
     finally:
         later.join()
+
+
+def test_an_output_dir_one_process_cannot_write_is_refused_at_start(tmp_path, monkeypatch):
+    """With one process nothing was written there before the model was built: a read-only output_dir failed then,
+    with a traceback from the tracker."""
+    import tempfile
+
+    from t2i_align.engines import check_shared_output
+    from t2i_align.errors import UserError
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    one = type("P", (), {"num_processes": 1, "is_main_process": True})()
+    with pytest.raises(UserError, match=r"output_dir .*run: cannot write in .* \(Read-only file system\)"):
+        check_shared_output(one, tmp_path / "run")
 
 
 def test_an_output_dir_the_main_process_cannot_write_stops_every_process(tmp_path, monkeypatch):

@@ -414,7 +414,7 @@ def test_empty_caption_allowed_and_toy_exporter_format(tmp_path):
 
     img = np.zeros((8, 8, 3), dtype=np.uint8)
     rows = [{"caption": "", "jpg_0": jpeg_bytes(img), "jpg_1": jpeg_bytes(img), "label_0": 0.0, "label_1": 1.0,
-             "user_id": 0, "are_different": False, "has_label": True, "model_0": "m", "model_1": "m",
+             "user_id": 0, "are_different": True, "has_label": True, "model_0": "m", "model_1": "m",
              "ranking_id": 0}]
     write_parquet(rows, tmp_path / "pairs.parquet")
     ds = PairDataset(tmp_path / "pairs.parquet", resolution=8)
@@ -446,6 +446,15 @@ def test_an_undecodable_pair_is_named_by_file_row_and_column(tmp_path, caplog):
         decode_rgb("img/a.png")  # a column of file paths
 
 
+def test_a_pair_flagged_as_one_image_twice_is_skipped_and_counted(tmp_path):
+    """Pick-a-Pic's are_different=false rows (one image twice) were trained on: a pair that teaches nothing."""
+    path = write_pairs(tmp_path / "p.parquet", [row(caption="a", are_different=True),
+                                                row(caption="b", are_different=False),
+                                                row(caption="c", are_different=None)])  # unknown: kept
+    ds = PairDataset(path, resolution=8)
+    assert ds.captions == ["a", "c"] and (ds.stats.same_image, ds.stats.used) == (1, 2)
+
+
 def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
     from types import SimpleNamespace
 
@@ -457,8 +466,8 @@ def test_the_run_says_what_its_data_held_and_skipped(tmp_path):
     told = SimpleNamespace(print=lambda message, file=None: said.append((message, file)))
     report_rows(told, path, PairDataset(path, resolution=8).stats, cached=False)
     assert said == [(f"data {path}: rows=5, used=2, ties dropped=1, ties kept=0, unlabelled=0, invalid labels=1, "
-                     "corrupt=0, no caption=1, empty caption=1, other models=0; undecodable images are skipped as "
-                     "training meets them (data_rows_skipped)", sys.stderr)]
+                     "corrupt=0, no caption=1, empty caption=1, other models=0, same image=0; undecodable images are "
+                     "skipped as training meets them (data_rows_skipped)", sys.stderr)]
 
 
 @pytest.mark.parametrize("mode", ["fixed", "per_image"])
@@ -533,3 +542,45 @@ def test_the_streaming_reader_gives_caption_items_as_random_access_does(tmp_path
         item = ds[i]
         assert torch.equal(streamed[i]["pixels"], item["pixels"]) and streamed[i]["crop_top_left"] == \
             item["crop_top_left"] and streamed[i]["caption"] == item["caption"]
+
+
+def test_huge_images_are_refused_before_their_pixels_are_read_and_eps_is_not_opened(monkeypatch):
+    """An image over MAX_IMAGE_PIXELS was read whole (PIL warns only up to twice that: 1.6 GB for a 1.3 MB PNG of
+    12000 x 12000); an EPS file was handed to Ghostscript."""
+    from t2i_align.data.images import decode_image
+
+    Image.init()  # its plugins' imports load images
+    small = image_bytes(128, size=(8, 8), mode="L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # PIL's own error starts at twice the limit
+    loaded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: loaded.append(self.size))
+    with pytest.raises(ValueError, match="8x8 px: over 40 pixels .*MAX_IMAGE_PIXELS"):
+        decode_image(small)
+    assert loaded == []
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**8)
+    monkeypatch.setattr("PIL.EpsImagePlugin.has_ghostscript", lambda: True)  # as where Ghostscript is installed
+    with pytest.raises(ValueError, match="not an image format PIL reads"):
+        decode_image(eps)
+
+
+def test_pixel_reading_is_pinned_so_a_change_renews_every_cache():
+    """Latent caches are keyed by PIXEL_READING, not by the decoding code: two changes to `decode_rgb` (float images
+    in [0, 1], too-thin images) kept old caches. If this digest changes, raise PIXEL_READING and write both here."""
+    import hashlib
+
+    from t2i_align.data.images import PIXEL_READING
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8), rng.integers(0, 256, (5, 6), dtype=np.uint8),
+              rng.integers(0, 65536, (5, 6), dtype=np.uint16), rng.random((5, 6), dtype=np.float32),
+              rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)]
+    digest = hashlib.sha256()
+    for arr in arrays:  # lossless TIFF: the same bytes under any Pillow
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="TIFF")
+        digest.update(np.asarray(decode_rgb(buf.getvalue())).tobytes())
+    palette = io.BytesIO()
+    Image.fromarray(arrays[0]).convert("P").save(palette, format="PNG", transparency=0)
+    digest.update(np.asarray(decode_rgb(palette.getvalue())).tobytes())
+    assert (PIXEL_READING, digest.hexdigest()[:16]) == (2, "f8dca85ca56568ed")

@@ -188,8 +188,17 @@ def test_prompt_files_in_jsonl_or_csv_give_their_prompt_field(tmp_path):
                                       '"prompt": "a cat", "seed": 1}\n{"caption": "x", "prompt": "a dog"}\n')
     assert read_prompts(str(tmp_path / "m.jsonl")) == ["a cat", "x"]  # a row per image: each prompt once; caption
     # first, as a pair listing reads it (stage 1 trained on the caption, stage 2 read the prompt)
-    (tmp_path / "c.jsonl").write_text('{"caption": "a long\\n\\ncaption"}\n')
-    assert read_prompts(str(tmp_path / "c.jsonl")) == ["a long caption"]
+    (tmp_path / "c.jsonl").write_text('{"caption": "a long\\n\\ncaption"}\n{"prompt": ["a", "b"]}\n{"prompt": 7}\n')
+    assert read_prompts(str(tmp_path / "c.jsonl")) == ["a long caption", "7"]  # a list is no prompt, a number is
+    # a .json list (benchmark prompt lists) was read as lines: "[" and "]" were sampled and scored as prompts
+    (tmp_path / "l.json").write_text('[\n "a red circle",\n {"prompt": "a dog"},\n "a red circle"\n]\n')
+    assert read_prompts(str(tmp_path / "l.json")) == ["a red circle", "a dog"]
+    (tmp_path / "s.jsonl").write_text('{"prompt": "a cat \\ud83d"}\n')  # half an emoji: the tokenizer's traceback
+    with pytest.raises(ConfigError, match="prompt 1 of .*s.jsonl .* holds half of a character"):
+        read_prompts(str(tmp_path / "s.jsonl"))
+    (tmp_path / "t.tsv").write_text("id\tprompt\n1\ta cat\n")
+    with pytest.raises(ConfigError, match="is a .tsv file, which is not read here"):
+        read_prompts(str(tmp_path / "t.tsv"))
     for name, text, message in (("n.jsonl", '{"prompt": "a"}\n{"text": "a cat"}\n', r"row 2 of .* has no 'caption' "
                                  r"or 'prompt' field, only \['text'\]"),
                                 ("bad.jsonl", "a cat\n", "cannot read .* UTF-8 JSON lines"),
@@ -310,8 +319,9 @@ def test_stage_two_reads_the_captions_of_a_parquet_whole(tmp_path):
     from t2i_align.prompts import read_prompts
 
     path = tmp_path / "captions.parquet"
-    pq.write_table(pa.table({"caption": ["A red cube.\n\nOn a gray floor.", None, "  ", "a  cat\n"],
-                             "jpg": [b"x"] * 4}), path)
+    pq.write_table(pa.table({"caption": ["A red cube.\n\nOn a gray floor.", None, "  ", "a  cat\n", "a cat"],
+                             "jpg": [b"x"] * 5}), path)
+    # each once: a pair set repeats a prompt per pair (it was sampled, and counted by compare.py, that many times)
     assert read_prompts(str(path), "data.path") == ["A red cube. On a gray floor.", "a cat"]
     pq.write_table(pa.table({"caption": [b"bytes", b"a dog"]}), tmp_path / "bytes.parquet")  # not text: skipped
     with pytest.raises(ConfigError, match="every caption empty or not text"):

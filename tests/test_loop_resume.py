@@ -2,12 +2,14 @@
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.checkpoints import list_checkpoints, read_marker, resolve_resume
@@ -521,6 +523,40 @@ def test_a_rotation_stopped_halfway_leaves_no_checkpoint_marked_complete(tmp_pat
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]  # step-1 half-deleted is not offered for resume
 
 
+def test_a_checkpoint_failing_on_a_full_disk_says_so_and_leaves_no_half_state(tmp_path, monkeypatch):
+    """A full disk gave torch's "unexpected pos 77632 vs 77524" as a 40-line traceback, and the half-written state
+    stayed, filling the disk for the relaunch too; another failure keeps its own error, its half state removed."""
+    import t2i_align.checkpoints as checkpoints
+
+    class Full(_OneProcess):
+        def save_state(self, folder, safe_serialization=True):
+            super().save_state(folder)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 77632 vs 77524")
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage._replace(free=3 << 20))
+    with pytest.raises(UserError, match=r"checkpoint .*step-3 could not be written: the disk holding it is full "
+                                        r"\(3 MiB free; RuntimeError: .*unexpected pos.*train.resume=latest"):
+        checkpoints.save_checkpoint(Full(), tmp_path, 3, 2, [torch.zeros(1)])
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage._replace(free=10 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        checkpoints.save_checkpoint(Full(), tmp_path, 3, 2, [torch.zeros(1)])
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_the_logs_are_on_the_disk_before_a_checkpoint_is_marked_complete(tmp_path, monkeypatch):
+    """metrics.jsonl was appended without fsync while the marker was fsynced: after a host crash its lines up to the
+    checkpoint could be gone for good (the resume goes on after them)."""
+    import t2i_align.checkpoints as checkpoints
+
+    synced = []
+    monkeypatch.setattr(checkpoints, "fsync_path", lambda path: synced.append(Path(path).name))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')
+    checkpoints.save_checkpoint(_OneProcess(), tmp_path, 3, 2, [torch.zeros(1)])
+    assert synced.index("metrics.jsonl") < synced.index(checkpoints.MARKER)
+
+
 def test_a_killed_checkpoint_writes_folder_goes_with_the_next_checkpoint(tmp_path):
     """Ctrl-C during a checkpoint left checkpoints/.step-15.tmp (a full state: GBs) until step 15 came again."""
     import t2i_align.checkpoints as checkpoints
@@ -595,7 +631,7 @@ def test_a_set_aside_stopped_halfway_is_finished_by_the_relaunch(tmp_path, monke
 
     from t2i_align import run_dir
     from t2i_align.checkpoints import MARKER
-    from t2i_align.references import POOL_DIR
+    from t2i_align.snapshots import POOL_DIR
 
     out = tmp_path / "run"
     for step in (2, 4, 6):
@@ -758,3 +794,68 @@ def test_a_checkpoint_whose_deletion_was_killed_halfway_is_removed_at_the_next_c
     (half / "optimizer.bin").write_bytes(b"left by a killed deletion")
     train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_a_resume_that_changes_the_model_is_refused_and_a_linked_checkpoint_resumes_in_place(tiny_model, pairs,
+                                                                                             tmp_path):
+    """A resume with another seed, LoRA alpha or existing base folder loaded the adapters anyway (one info line);
+    a checkpoint linked to an archive was read as another folder's: the run set itself aside and failed."""
+    from t2i_align.checkpoints import CheckpointMismatch
+
+    common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1")
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    archive = tmp_path / "archive" / "step-2"
+    shutil.move(out / "checkpoints" / "step-2", archive)
+    (out / "checkpoints" / "step-2").symlink_to(archive)
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other)
+    for change, named in (("seed=7", "seed=0 (now 7)"), ("lora.alpha=16", "lora.alpha=None (now 16.0)"),
+                          (f"model.pretrained={other}", "model.pretrained=")):
+        with pytest.raises(CheckpointMismatch, match=re.escape(named)):
+            train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", change))
+    assert not list(out.glob("previous-*"))
+    logged = (out / "metrics.jsonl").read_text()
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
+    assert not list(out.glob("previous-*")) and (out / "checkpoints" / "step-2").is_symlink()
+    assert [s for s, _ in list_checkpoints(out)] == [2, 3]
+    assert (out / "metrics.jsonl").read_text().startswith(logged) and len(_losses(out)) == len(logged.splitlines()) + 1
+
+
+def test_a_moved_base_folder_may_be_named_anew_on_a_resume(tmp_path):
+    from t2i_align.checkpoints import CheckpointMismatch
+    from t2i_align.resume import check_same_model
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "ck").mkdir()
+    recorded = {"seed": 0, "model": {"pretrained": str(tmp_path / "gone")}, "lora": {"alpha": None}}
+    (tmp_path / "ck" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    now = {"seed": 0, "model": {"pretrained": str(tmp_path / "base"), "vae": None},
+           "lora": {"alpha": None, "target_modules": ["to_q"]}, "data": {"resolution": 64}}
+    check_same_model(tmp_path / "ck", now)  # the recorded base is gone; keys the file predates are not compared
+    recorded["model"]["pretrained"] = str(tmp_path / "ck")  # an existing other folder
+    (tmp_path / "ck" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(CheckpointMismatch, match="model.pretrained="):
+        check_same_model(tmp_path / "ck", now)
+    recorded["model"]["pretrained"] = str(tmp_path / "base" / ".." / "base")  # the same folder, spelled otherwise
+    (tmp_path / "ck" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    check_same_model(tmp_path / "ck", now)
+
+
+def test_a_second_run_on_an_output_dir_in_use_is_refused_and_the_lock_goes_with_the_run(tiny_model, pairs, tmp_path):
+    """Two launches on one folder (a job requeued while it still ran) set each other's checkpoints aside and
+    deleted each other's unfinished checkpoint and export: the second now stops at start, naming the first."""
+    from t2i_align.run_dir import take_output_lock
+
+    out = tmp_path / "run"
+    held = take_output_lock(out)  # as the first run holds it
+    try:
+        with pytest.raises(UserError, match=r"output_dir .*run is in use by another run \(process \d+ on .*since "
+                                            r".*\): wait for it"):
+            train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
+        assert sorted(p.name for p in out.iterdir()) == [".t2i-align.lock"]
+    finally:
+        os.close(held)
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
+    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.resume=latest"))
+    os.close(take_output_lock(out))  # each run let it go at its end

@@ -240,3 +240,23 @@ def test_text_encoding_config_section():
         load_config(None, ["model.text_encoding.kind=t5"])
     with pytest.raises(ConfigError, match="model.text_encoding.token_budget"):
         load_config(None, ["model.text_encoding.token_budget=0"])
+
+
+def test_sentences_past_the_budget_are_not_encoded_and_segments_go_in_chunks(clip_tokenizer, monkeypatch):
+    """A caption of 600 sentences went through the encoder whole (600 rows of 77 tokens: a 10,000-sentence caption
+    was an out-of-memory on SDXL); only the first `budget` sentences can reach the output."""
+    import t2i_align.conditioning.segments as segments
+
+    calls = []
+
+    class Counting(TokenPositionEncoder):
+        def forward(self, ids, output_hidden_states=False):
+            calls.append(ids.shape[0])
+            return super().forward(ids, output_hidden_states)
+
+    monkeypatch.setattr(segments, "SEGMENTS_PER_CALL", 4)
+    long = " ".join(["A cat."] * 600)
+    out = encode_segments([clip_tokenizer], [Counting()], [long], 6)
+    assert calls == [4, 3]  # the first 6 sentences and "" (<pad*>), 4 per call
+    assert out[0, :, 0].tolist() == [SOT, A, CAT, DOT, SOT, A]
+    assert torch.equal(out, _fake(clip_tokenizer, [" ".join(["A cat."] * 6)], 6))

@@ -1,6 +1,7 @@
 """SePPO: the flipper's loss against hand-computed numbers, the snapshot pool (draws, resume, autograd), configs."""
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -62,11 +63,12 @@ def test_anchor_draws_average_the_flippers_errors_over_extra_no_grad_draws():
         calls.append(torch.is_grad_enabled())
         return torch.zeros_like(noisy)
 
-    def anchor(draws):
+    def anchor(draws, flip="sign", tie=False):
         objective = SePPO()
-        objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=SimpleNamespace(anchor_draws=draws)), frozen=None)
+        objective.ctx = SimpleNamespace(cfg=SimpleNamespace(seppo=SimpleNamespace(anchor_draws=draws, flip=flip)),
+                                        frozen=None)
         return objective.anchor_errors(zero_model, zero_model, images, scheduler, ObjectiveConfig(),
-                                       torch.Generator().manual_seed(0), MSE_W, REF_W)
+                                       torch.Generator().manual_seed(0), MSE_W, REF_W, tie)
 
     assert [a.tolist() for a in anchor(1)] == [MSE_W.tolist(), REF_W.tolist()] and calls == []
     got_policy, got_ref = anchor(3)
@@ -79,6 +81,9 @@ def test_anchor_draws_average_the_flippers_errors_over_extra_no_grad_draws():
         extra.append(eps.pow(2).mean(dim=(1, 2, 3)))
     assert got_policy.tolist() == pytest.approx(((MSE_W + extra[0] + extra[1]) / 3).tolist(), abs=1e-6)
     assert got_ref.tolist() == pytest.approx(((REF_W + extra[0] + extra[1]) / 3).tolist(), abs=1e-6)
+    calls.clear()  # where s is not read (flip off, a tie step) the extra draws were UNet calls for nothing
+    assert [a.tolist() for a in anchor(3, flip="off")] == [MSE_W.tolist(), REF_W.tolist()] and calls == []
+    assert [a.tolist() for a in anchor(3, tie=True)] == [MSE_W.tolist(), REF_W.tolist()] and calls == []
 
 
 def test_a_tie_means_the_reference_sample_is_not_a_loser():
@@ -454,9 +459,19 @@ def test_the_pool_keeps_only_what_its_draw_uses_and_pruned_checkpoints_free_thei
     pool.after_step(5)  # 2 and 3 left the pool; the checkpoint keeps their files
     (pool.pool_dir / ".step-6.safetensors.x1").write_text("a killed write's")
     assert sorted(p.name for p in pool.pool_dir.iterdir())[1:] == [f"step-{s}.safetensors" for s in (0, 2, 3, 4, 5)]
+    archive = tmp_path / "archive" / "step-3"
+    shutil.copytree(checkpoint, archive, copy_function=os.link)  # archived (as cp -al); the pruning follows
     shutil.rmtree(checkpoint)  # pruned by the next checkpoint
     pool.after_checkpoint()
     assert sorted(p.name for p in pool.pool_dir.iterdir()) == [f"step-{s}.safetensors" for s in (0, 4, 5)]
+    # the archived checkpoint holds its snapshots (links): a resume from it finds them (it failed: "missing")
+    from t2i_align.snapshots import restore_snapshots
+
+    restore_snapshots(archive, out)
+    again = SnapshotPool(comp.unet, comp, False, frozen, snapshot_every=1, pool_size=3, draw="random", seed=0,
+                         output_dir=out, resume_from=archive)
+    again.load(archive)
+    assert again.steps == [0, 2, 3] and all(again._file(s).is_file() for s in again.steps)
 
 
 def test_settings_that_never_draw_a_later_snapshot_are_warned():
@@ -715,3 +730,14 @@ def test_seppo_resume_checks_fit_the_pool_to_the_settings_and_refuse_what_it_can
         train(_cfg(tiny_model, pairs, tmp_path / "steps", *SEPPO, "seppo.sample_steps=2000", "train.max_steps=1"))
     with pytest.warns(UserWarning, match="seppo.snapshots_in_memory is set on the command line, but only a full"):
         _cfg(tiny_model, pairs, tmp_path / "x", *SEPPO, "lora.enabled=true", "seppo.snapshots_in_memory=true")
+
+
+def test_a_step_at_learning_rate_zero_does_not_count_as_applied(tiny_model, pairs, tmp_path):
+    """Warmup's first step has rate 0 and leaves the weights as they were, yet counted as applied: at the next step
+    snapshot 0, the policy itself, was not treated as a tie (s read from rounding noise)."""
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *[s for s in SEPPO if "checkpoint_every" not in s], "lora.enabled=true",
+               "train.lr_warmup_steps=3", "train.max_steps=2", "train.checkpoint_every=1"))
+    applied = [json.loads((out / "checkpoints" / f"step-{s}" / "reference_pool.json").read_text())["last_applied"]
+               for s in (1, 2)]
+    assert applied == [0, 2]  # step 1 at rate 0; step 2 (a third of the peak rate) changed the weights

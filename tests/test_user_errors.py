@@ -47,6 +47,17 @@ def test_a_missing_file_names_the_file(capsys):
     assert capsys.readouterr().err == "error: Permission denied: runs/ro/metrics.jsonl\n"
 
 
+def test_a_full_or_read_only_disk_is_one_line_and_other_os_errors_keep_their_traceback(capsys, monkeypatch):
+    """A run's write failing on a full disk (saving config.yaml at a relaunch) was a traceback."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert run_cli(_raise(OSError(28, "No space left on device", "runs/x/config.yaml"))) == 2
+    assert capsys.readouterr().err == ("error: No space left on device: runs/x/config.yaml: free space or write "
+                                       "elsewhere, then run again\n")
+    assert run_cli(_raise(OSError(30, "Read-only file system", "runs/x"))) == 2
+    with pytest.raises(OSError):
+        run_cli(_raise(OSError(5, "Input/output error")))
+
+
 def test_our_bugs_keep_their_traceback_and_debug_re_raises_user_errors(monkeypatch):
     with pytest.raises(KeyError):
         run_cli(_raise(KeyError("a bug")))

@@ -67,6 +67,10 @@ def caption_segments(caption: str) -> List[str]:
     return [sentence + "." for sentence in split_sentences(caption)] or [caption]
 
 
+SEGMENTS_PER_CALL = 256
+"""Segments per text-encoder call: a batch of long captions holds up to batch × token_budget of them."""
+
+
 def _hidden(encoder: Any, ids: torch.Tensor, penultimate: bool) -> torch.Tensor:
     out = encoder(ids.to(encoder.device), output_hidden_states=penultimate)
     return out.hidden_states[-2] if penultimate else out.last_hidden_state
@@ -140,7 +144,9 @@ def encode_segments(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Modul
     """
     if token_budget < 1:
         raise ValueError(f"token_budget={token_budget}: need at least 1 token")
-    per_prompt = [caption_segments(p) for p in prompts]
+    # each segment keeps at least its <sot>: the first token_budget segments fill the budget (a 10,000-sentence
+    # caption otherwise went through the encoder whole: SDXL's hidden states of it alone took ~50 GB)
+    per_prompt = [caption_segments(p)[:token_budget] for p in prompts]
     flat = [s for segments in per_prompt for s in segments]
     counts = [len(segments) for segments in per_prompt]
     if stats is not None:
@@ -151,7 +157,8 @@ def encode_segments(tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Modul
         # and so splits "!!" or '!"' where tokenizer 1 merges them; positions then drift by a token between the
         # two halves of the features, as they do in SDXL's own 77-token encoding.
         ids, kept = _tokenize_segments(tokenizer, flat + [""])  # the last row, "", gives <pad*>
-        hidden = _hidden(encoder, ids, penultimate)
+        hidden = torch.cat([_hidden(encoder, ids[i:i + SEGMENTS_PER_CALL], penultimate)
+                            for i in range(0, len(ids), SEGMENTS_PER_CALL)])
         pad = hidden[-1, -PAD_POSITIONS:].float().mean(dim=0)
         features.append(_concat(hidden[:-1], kept[:-1], counts, token_budget, pad))
     return torch.cat(features, dim=-1)

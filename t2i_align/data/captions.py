@@ -30,7 +30,7 @@ from PIL import Image
 from ..config import ConfigError
 from ..files import shown
 from .images import DECODE_ERRORS, decode_rgb, open_parquet, prepare_image, read_group, read_row_group
-from .images import find_parquet_files, scalar_value
+from .images import PIXEL_READING, find_parquet_files, scalar_value
 from .pairs import dropout_captions, files_identity, item_draws, text_column
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         # 3: max_items counted over all files (one row more per further file before)
         return {"kind": "captions", "files": files_identity(self.files), "image_root": str(self.image_root),
                 "resolution": self.resolution, "crop": self.crop, "flip": self.flip, "max_items": self.max_items,
-                "seed": self.seed if random else None, "reading": 3}
+                "seed": self.seed if random else None, "reading": 3, "pixels": PIXEL_READING}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}

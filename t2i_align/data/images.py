@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,10 @@ def scalar_value(scalar):
     except UnicodeDecodeError:
         return None
 
+
+PIXEL_READING = 2
+"""How image bytes become pixels (`decode_rgb`), in every latent cache's key: raise it with any change there. 1:
+until session 37 (float images in [0, 1] then read black, too-thin ones were kept); 2: since."""
 
 MAX_ASPECT = 32
 """Longest over shortest side of a trainable image: a square crop keeps 1/32 of it, and the resize before the crop
@@ -216,11 +221,32 @@ def decode_image(data: Any) -> Image.Image:
     if not data:
         raise ValueError("no image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's DecompressionBombWarning: `check_pixels` refuses such images
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_formats())
     except UnidentifiedImageError:
         raise ValueError(f"not an image format PIL reads (it starts {bytes(data[:8])!r})") from None
+    check_pixels(image)
     image.load()
     return image
+
+
+def check_pixels(image: Image.Image) -> None:
+    """ValueError for an image over PIL's MAX_IMAGE_PIXELS (89 MP), before its pixels are read: PIL only warns up to
+    twice that, and a 12000 x 12000 PNG of 1.3 MB took 1.6 GB to read and convert (a process killed for memory
+    is no skipped row)."""
+    w, h = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise ValueError(f"{w}x{h} px: over {limit:,} pixels (PIL.Image.MAX_IMAGE_PIXELS), refused as a possible "
+                         "decompression bomb; shrink it")
+
+
+def _formats() -> List[str]:
+    """The formats PIL opens (plugins such as pillow-heif's included), but EPS: PIL hands it to Ghostscript, a
+    program with a history of code execution from crafted files, which a downloaded data set can hold."""
+    Image.init()
+    return [name for name in Image.OPEN if name != "EPS"]
 
 
 def prepare_image(image: Image.Image, resolution: int, crop: str, flip: bool, u_y: float, u_x: float

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import (DECODE_ERRORS, decode_rgb, find_parquet_files, open_parquet, prepare_image, read_group,
-                     read_row_group)
+from .images import (DECODE_ERRORS, PIXEL_READING, decode_rgb, find_parquet_files, open_parquet, prepare_image,
+                     read_group, read_row_group)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class PairStats:
     no_caption: int = 0  # caption missing (None) or not text: skipped, not trained on unconditionally
     empty_caption: int = 0  # "" (or blank): used, as an unconditional pair, and counted so that it is seen
     other_models: int = 0  # skipped by data.both_models_contain (a generator filter)
+    same_image: int = 0  # are_different false (Pick-a-Pic's flag): one image twice, nothing to prefer
 
     def summary(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')}={v}" for k, v in asdict(self).items())
@@ -201,16 +202,19 @@ class PairDataset(torch.utils.data.Dataset):
             pf = open_parquet(path)
             names = pf.schema_arrow.names
             check_pair_columns(pf.schema_arrow, path)
-            cols = ["caption", "label_0"] + (["has_label"] if "has_label" in names else []) + model_columns(
-                self.both_models_contain, names, path)
+            flags = [name for name in ("has_label", "are_different") if name in names]
+            cols = ["caption", "label_0"] + flags + model_columns(self.both_models_contain, names, path)
             for g in range(pf.num_row_groups):
                 table = read_group(pf, path, g, cols)
-                has = table.column("has_label").to_pylist() if "has_label" in names else [True] * len(table)
+                has, differ = (table.column(name).to_pylist() if name in names else [True] * len(table)
+                               for name in ("has_label", "are_different"))
                 rows = zip(text_column(table, "caption"), table.column("label_0").to_pylist(), has,
-                           self._models_wanted(table))
-                for off, (caption, label, ok, wanted) in enumerate(rows):
+                           self._models_wanted(table), differ)
+                for off, (caption, label, ok, wanted, different) in enumerate(rows):
                     if not wanted:
                         swap, self.stats.other_models = None, self.stats.other_models + 1
+                    elif different is False:  # a pair of one image teaches nothing (the official code keeps it)
+                        swap, self.stats.same_image = None, self.stats.same_image + 1
                     elif isinstance(caption, str):
                         swap = _decide(label, ok, self.ties, self.stats)
                     else:  # None or not text: no prompt to prefer an image for
@@ -279,7 +283,7 @@ class PairDataset(torch.utils.data.Dataset):
                 **({"both_models_contain": self.both_models_contain} if self.both_models_contain else {}),
                 # reading 2: rows without caption text skipped, has_label 0 as unlabelled (older caches kept both);
                 # 3: flip=joint with crop=random crops both images at one place (caches from before: each its own)
-                "reading": 3 if (self.flip, self.crop) == ("joint", "random") else 2}
+                "reading": 3 if (self.flip, self.crop) == ("joint", "random") else 2, "pixels": PIXEL_READING}
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}

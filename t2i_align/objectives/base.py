@@ -75,7 +75,7 @@ class Objective(abc.ABC):
     batch_kind: str = "images"
     """"pairs" (PairBatch), "images" (ImageBatch) or "prompts" (PromptBatch): which batches the loop must build."""
     runs_sharded: bool = True
-    """Whether it runs under FSDP (t2i_align.engines.check_fsdp): SePPO's snapshot references do not."""
+    """Whether it runs under FSDP (t2i_align.engine_checks.check_fsdp): SePPO's snapshot references do not."""
     ctx = None
     """The ObjectiveContext handed over by `setup` (None until then)."""
 

@@ -157,13 +157,14 @@ class SePPO(Objective):
 
     def anchor_errors(self, policy: Denoiser, reference: Denoiser, images: ImageBatch, scheduler: object,
                       cfg: ObjectiveConfig, generator: Optional[torch.Generator], mse_w: torch.Tensor,
-                      ref_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                      ref_w: torch.Tensor, tie: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """The flipper's (policy, reference) errors on the preferred images, averaged over `seppo.anchor_draws`
         (ε, t) draws: this step's draw plus anchor_draws − 1 more, without gradients. The policy's are those of the
         training forward, so with lora.dropout > 0 its dropout is on (the reference runs in eval mode): that raises
-        the policy's error on average and tilts s towards −1 (the official code has no dropout; the default is 0)."""
+        the policy's error on average and tilts s towards −1 (the official code has no dropout; the default is 0).
+        No extra draws where s is not read (`tie`, flip off): they were 2·(anchor_draws − 1) UNet calls for nothing."""
         extra = self.ctx.cfg.seppo.anchor_draws - 1
-        if not extra:
+        if not extra or tie or self.ctx.cfg.seppo.flip == "off":
             return mse_w.detach(), ref_w.detach()
         with self._resident(images.latents.device):
             pol, ref = anchor_error_draws(policy, reference, scheduler, images.latents, images.embeds, extra,
@@ -188,7 +189,7 @@ class SePPO(Objective):
         mse_w, mse_r = model_mse.chunk(2)
         ref_w, ref_r = ref_mse.chunk(2)
         tie = self.pool is not None and self.pool.reference_is_policy()
-        anchor = self.anchor_errors(policy, reference, images, scheduler, cfg, generator, mse_w, ref_w)
+        anchor = self.anchor_errors(policy, reference, images, scheduler, cfg, generator, mse_w, ref_w, tie)
         losses, logits, s = seppo_loss(mse_w, mse_r, ref_w, ref_r, cfg.beta, self.ctx.cfg.seppo.flip,
                                        cfg.beta_convention, cfg.loss_type, tie, cfg.sft_weight, anchor)
         loss = losses.mean()
