@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,8 +32,8 @@ MADE_BY = "t2i_align_generated.json"
 it holds the run's settings, which --resume checks in OUT.partial."""
 PARTIAL = ".partial"
 """OUT.partial: the images of a run not yet finished."""
-LATER = ("model_files",)
-"""Recorded since session 27: a partial started before lacks it (taken as unchanged)."""
+LATER = ("model_files", "input_files")
+"""Recorded since sessions 27 and 37: a partial started before lacks them (taken as unchanged)."""
 RESIZABLE = ("batch_size",)
 """Settings a resumed run may change (a smaller batch after running out of memory): each image keeps its own
 generator, so only batch-size numerics can differ (the last bits of a latent, a pixel level at most)."""
@@ -41,6 +42,20 @@ def _sample_into(out: Path, sample, meta: dict, run: dict, resume: bool = False)
     """`sample(first, on_batch)` run with each batch's PNGs and metadata lines written to OUT.partial as they come
     (not every image held in memory), from image `first` on (0, or where an interrupted run of the same `run`
     stopped, with `resume`); the folder then published whole as `out`. Returns the number of images."""
+    from t2i_align.files import take_lock
+
+    lock_path = out.with_name(f".{out.name}.lock")  # two runs on one --out filled and published each other's folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(lock_path, f"--out {out}", "give another --out")
+    try:
+        return _sample_locked(out, sample, meta, run, resume)
+    finally:
+        if lock is not None:
+            lock_path.unlink(missing_ok=True)
+            os.close(lock)
+
+
+def _sample_locked(out: Path, sample, meta: dict, run: dict, resume: bool) -> int:
     from t2i_align.files import replace_dir, write_text_atomic
 
     part = out.with_name(out.name + PARTIAL)
@@ -189,7 +204,18 @@ def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:
     return {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "images": images,
             "device": str(args.device).split(":")[0], "files_version": 2,
             "lora_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-            "model_files": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in weights]}
+            "model_files": [[str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns] for f in weights],
+            "input_files": _input_files(args)}
+
+
+def _input_files(args) -> List[list]:
+    """[path, size, time] of the --vae folder's files and the PPD user table and shots (recorded by path alone, one
+    replaced between the stop and --resume mixed old and new images without a word)."""
+    given = [Path(p) for p in (getattr(args, "vae", None), getattr(args, "user_table", None),
+                                getattr(args, "user_shots", None)) if p]
+    found = [f for p in given for f in (_visible_files(p, "*.json", "*.safetensors", "*/*.json", "*/*.safetensors")
+                                        if p.is_dir() else [p] if p.is_file() else [])]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in found]
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -337,3 +337,32 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
             raise UserError(f"{earlier} holds files but no {made_by}, so this command did not write it, and "
                             f"--overwrite would delete it whole: choose another {flag} (or empty it yourself)")
 
+
+def take_lock(path: Path, what: str, instead: str) -> Optional[int]:
+    """`path` locked (flock) by this process and naming it; the descriptor is returned (closing it lets go), or
+    UserError naming the process that holds it (`what` is in use; `instead`: what else to do). None where there
+    are no such locks (not POSIX, a network file system without them)."""
+    from .errors import UserError
+
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{what} is in use by another run ({holder}): wait for it to end or stop it, or "
+                        f"{instead}") from None
+    except OSError:  # ENOLCK
+        os.close(fd)
+        return None
+    import socket
+    import time
+
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+             .encode())
+    return fd

@@ -286,6 +286,7 @@ def check_same_model(path: Path, now: dict) -> None:
     earlier, before = checkpoint_config(path)
     if before is None:
         return
+    _warn_schedule(path, before, now)
     changed = [f"{name}={_setting(before, name)!r} (now {_setting(now, name)!r})" for name in FIXED + FOLDERS
                if _found(before, name) is not _ABSENT and _differs(name, _setting(before, name), _setting(now, name))]
     if changed:
@@ -293,6 +294,17 @@ def check_same_model(path: Path, now: dict) -> None:
                                  f"with its values. To go on from its weights with other ones, export it with "
                                  f"{_export_command(path)} (no step is trained), merge a LoRA export "
                                  "(train/merge_lora.py), and give that folder as model.pretrained to a fresh run")
+
+
+def _warn_schedule(path: Path, before: dict, now: dict) -> None:
+    """A decaying schedule is rebuilt for the new train.max_steps (diffusers' lambdas are not saved): extending a
+    linear run that ended at rate 0 goes on at half the peak rate."""
+    steps, schedule = (_setting(before, "train.max_steps"), _setting(now, "train.max_steps")), \
+        _setting(now, "train.lr_scheduler")
+    if steps[0] is not None and steps[0] != steps[1] and schedule not in ("constant", "constant_with_warmup"):
+        warnings.warn(f"train.resume: {path} was trained towards train.max_steps={steps[0]}; its {schedule} "
+                      f"learning-rate schedule is rebuilt for {steps[1]}, so the rate jumps to where that schedule "
+                      "is at this step (resume with the old max_steps to keep its decay)", stacklevel=2)
 
 
 def _found(data: Optional[dict], name: str):

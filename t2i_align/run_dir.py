@@ -208,28 +208,8 @@ LOCK_FILE = ".t2i-align.lock"
 def take_output_lock(out: Path) -> Optional[int]:
     """Main process, at start: lock output_dir for this run (the descriptor to close at its end), or UserError if
     another run holds it: two launches on one folder (a job requeued while it still ran) set each other's
-    checkpoints aside and deleted each other's unfinished checkpoint and export. None where the file system
-    takes no locks."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
-        os.close(fd)
-        raise UserError(f"output_dir {out} is in use by another run ({holder}): wait for it to end or stop it, or "
-                        "give another output_dir") from None
-    except OSError:  # ENOLCK: a network file system without locks
-        os.close(fd)
-        return None
-    import socket
-    import time
+    checkpoints aside and deleted each other's unfinished checkpoint and export."""
+    from .files import take_lock
 
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-             .encode())
-    return fd
+    out.mkdir(parents=True, exist_ok=True)
+    return take_lock(out / LOCK_FILE, f"output_dir {out}", "give another output_dir")

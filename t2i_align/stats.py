@@ -132,8 +132,12 @@ def win_rate(a: Iterable[float], b: Iterable[float], level: float = 0.95) -> Dic
     tol = _rounding(a, b)  # 0.1 + 0.2 against 0.3 is a tie, as in `clustered_diff`
     wins = sum(x - y > tol for x, y in zip(a, b))
     losses = sum(y - x > tol for x, y in zip(a, b))
-    n = len(a)
-    ties = n - wins - losses
+    return win_counts(wins, losses, len(a) - wins - losses, level)
+
+
+def win_counts(wins: int, losses: int, ties: int, level: float = 0.95) -> Dict[str, float]:
+    """`win_rate`'s result from its counts."""
+    n = wins + losses + ties
     rate = (wins + 0.5 * ties) / n
     low, high = wilson_interval(rate, n, level)
     return {"win_rate": rate, "low": low, "high": high, "wins": wins, "losses": losses, "ties": ties, "n": n,

@@ -48,7 +48,7 @@ def _wandb_failure(err: Exception) -> str:
                 "offline (WANDB_MODE=offline)")
     if not isinstance(err, wandb.errors.CommError):  # no key configured, a wandb service that did not start...
         return (f"W&B did not start ({one_line(err)[:200]}): fix that, or log offline (WANDB_MODE=offline, "
-                "tracking.wandb=offline or --wandb offline) or not at all (tracking.wandb=off)")
+                "tracking.wandb=offline or --wandb offline) or not at all (tracking.wandb=off or --wandb off)")
     return (f"W&B could not reach its server ({one_line(err)[:200]}): log offline (WANDB_MODE=offline, "
             "tracking.wandb=offline or --wandb offline) and upload later with `wandb sync`")
 
@@ -89,7 +89,7 @@ def _check_api_key() -> None:
     if getattr(sys.stdin, "isatty", lambda: False)() and not _has_api_key():
         raise UserError("W&B online needs an API key and none is configured: set WANDB_API_KEY or run `wandb "
                         "login`, or log offline (tracking.wandb=offline or --wandb offline) or not at all "
-                        "(tracking.wandb=off)")
+                        "(tracking.wandb=off or --wandb off)")
 
 
 def _has_api_key() -> bool:

@@ -445,6 +445,14 @@ def test_an_override_in_a_switched_off_section_is_refused():
             load_config(None, [f"data.kind={kind}", key])
     with pytest.warns(UserWarning, match=r"data.shuffle_window is set .* data.cache is true \(cached data"):
         load_config(None, ["data.cache=true", "data.shuffle_window=8"])
+    # SePPO's pool without snapshots, the flipper's draws without a flipper
+    seppo = ["objective.name=seppo"]
+    with pytest.warns(UserWarning, match=r"seppo.pool_size is set .* seppo.reference is 'initial'"):
+        load_config(None, [*seppo, "seppo.reference=initial", "seppo.pool_size=3"])
+    with pytest.warns(UserWarning, match=r"seppo.anchor_draws is set .* seppo.flip is 'off'"):
+        load_config(None, [*seppo, "seppo.flip=off", "seppo.anchor_draws=4"])
+    with pytest.warns(UserWarning, match=r"lora.dropout=0.1 with SePPO's flipper: .* tilts s towards -1"):
+        load_config(None, [*seppo, "lora.enabled=true", "lora.dropout=0.1"])
     with warnings.catch_warnings():  # what is read, or only cleared, says nothing
         warnings.simplefilter("error")
         assert load_config(None, [*raft, "data.path=", "data.prompt_dropout=0.2"]).data.prompt_dropout == 0.2

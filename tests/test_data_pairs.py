@@ -359,12 +359,18 @@ def test_a_folder_of_several_splits_shards_is_refused(tmp_path):
                  "test-00000-of-00001.parquet", "validation_unique-00000-of-00001-ff.parquet"):
         write_pairs(data / name, [row()])
     with pytest.raises(ValueError, match=r"holds the shards of 3 splits \(test, train, validation_unique\): .*mkdir "
-                       rf"{data}/train && mv {data}/train-\*.parquet {data}/train/\)"):
+                       rf"{data}/train && mv {data}/train\*.parquet {data}/train/\)"):
         PairDataset(data)
     for name in ("test-00000-of-00001.parquet", "validation_unique-00000-of-00001-ff.parquet"):
         (data / name).unlink()
     write_pairs(data / "extra.parquet", [row()])  # one split's shards beside other files: read as before
     assert len(PairDataset(data)) == 3
+    whole = tmp_path / "whole"  # whole splits by name, side by side, as well
+    whole.mkdir()
+    for name in ("train.parquet", "test.parquet"):
+        write_pairs(whole / name, [row()])
+    with pytest.raises(ValueError, match=r"holds the shards of 2 splits \(test, train\)"):
+        PairDataset(whole)
 
 
 def test_a_caption_that_is_not_utf8_is_a_missing_caption_not_a_failed_file(tmp_path):

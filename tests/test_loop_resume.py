@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -859,3 +860,18 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused_and_the_lock_goes_with_
     train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
     train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.resume=latest"))
     os.close(take_output_lock(out))  # each run let it go at its end
+
+
+def test_a_resume_that_extends_a_decaying_schedule_is_warned(tmp_path):
+    """A linear schedule at rate 0 after 1000 of 1000 steps went on at half the peak rate for max_steps=2000,
+    without a word."""
+    from t2i_align.resume import check_same_model
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 1000, "lr_scheduler": "linear"}}))
+    with pytest.warns(UserWarning, match="towards train.max_steps=1000; its linear learning-rate schedule is rebuilt "
+                                         "for 2000"):
+        check_same_model(tmp_path, {"train": {"max_steps": 2000, "lr_scheduler": "linear"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_same_model(tmp_path, {"train": {"max_steps": 1000, "lr_scheduler": "linear"}})
+        check_same_model(tmp_path, {"train": {"max_steps": 2000, "lr_scheduler": "constant"}})

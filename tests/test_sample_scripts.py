@@ -393,6 +393,29 @@ def test_generate_resumes_where_an_interrupted_run_stopped(tmp_path, capsys):
     assert json.loads((out / gen.MADE_BY).read_text())["images"] == 5
 
 
+def test_a_second_generate_on_an_out_in_use_is_refused(tmp_path):
+    """Two runs on one --out: the second deleted the first's image-less OUT.partial, the first went on writing into
+    the second's, and a folder of 60 images with 52 metadata lines was published as finished."""
+    import os
+
+    import torch
+
+    from t2i_align.errors import UserError
+    from t2i_align.files import take_lock
+
+    gen, images, calls = _script("generate"), torch.rand(2, 3, 8, 8), []
+    out, run = tmp_path / "out", {"steps": 2, "batch_size": 1, "images": 2}
+    held = take_lock(tmp_path / ".out.lock", "the first run's", "")
+    try:
+        with pytest.raises(UserError, match=r"--out .*out is in use by another run \(process \d+ on"):
+            gen._sample_into(out, _sampler(images, calls), {"steps": 2}, run)
+        assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+    finally:
+        os.close(held)
+    assert gen._sample_into(out, _sampler(images, calls), {"steps": 2}, run) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock goes with the run
+
+
 def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts_afresh(tmp_path):
     from types import SimpleNamespace
 
@@ -422,6 +445,13 @@ def test_a_resume_sees_a_lora_replaced_since_and_a_partial_without_images_starts
     (lora / "t2i_align_text_encoding.json").write_text("{}")
     later = gen._run_record({"steps": 2}, ["a"], 1, args)
     assert later["model_files"][1][0] == "scheduler/scheduler_config.json" and len(later["lora_files"]) == 2
+    # --vae and PPD's user table, recorded by path alone, were not checked either
+    table = tmp_path / "users.safetensors"
+    table.write_bytes(b"1")
+    with_table = gen._run_record({"steps": 2}, ["a"], 1, SimpleNamespace(**vars(args), user_table=str(table)))
+    table.write_bytes(b"22")
+    assert gen._run_record({"steps": 2}, ["a"], 1, SimpleNamespace(**vars(args), user_table=str(table)))[
+        "input_files"] == [[str(table), 2, table.stat().st_mtime_ns]] != with_table["input_files"]
     # a partial started before session 36 recorded the weight files only: it still resumes, and still sees them
     old = {k: v for k, v in later.items() if k != "files_version"}
     old.update(lora_files=later["lora_files"][:1], model_files=later["model_files"][2:], images=2, batch_size=1)

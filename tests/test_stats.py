@@ -271,3 +271,22 @@ def test_holm_over_rewards_adjusts_each_test_over_the_rewards():
     del b["per_prompt"]
     assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.003, "b": 0.002}),
                                                    "sign_test": pytest.approx({"a": 0.3, "b": 0.2}), "unit": "image"}
+    # every difference of b equal: its t-test's p of 0 (a limit) entered the family as its smallest, halving a's
+    # adjustment; the sign test's 0.1 stands in: t: 0.003, 0.1 -> 2·0.003 = 0.006, 0.1
+    b["paired_diff"] = {"p_value": 0.0, "t": math.nan}
+    assert holm_over_rewards({"a": a, "b": b}) == {"t_test": pytest.approx({"a": 0.006, "b": 0.1}),
+                                                   "sign_test": pytest.approx({"a": 0.3, "b": 0.2}), "unit": "image",
+                                                   "t_test_from_sign_test": ["b"]}
+
+
+def test_an_image_only_one_side_could_not_score_is_that_sides_loss():
+    """Tuned +0.1 on 5 images and NaN (diverged) on 5 more won 5-0 (p 0.06), judged on its healthy images alone;
+    now 5 wins, 5 losses: rate 0.5, sign p 1. The paired difference still drops those pairs."""
+    from t2i_align.evaluation import compare_scores
+
+    base = [0.1 * i for i in range(10)]
+    tuned = [0.1 * i + 0.1 for i in range(5)] + [math.nan] * 5
+    out = compare_scores(base, tuned)
+    assert (out["win_rate"]["wins"], out["win_rate"]["losses"], out["win_rate"]["win_rate"]) == (5, 5, 0.5)
+    assert out["win_rate"]["p_value"] == 1.0 and out["nonfinite_only"] == {"base": 0, "tuned": 5}
+    assert out["dropped_nonfinite"] == 5 and out["paired_diff"]["n"] == 5

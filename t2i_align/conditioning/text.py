@@ -87,9 +87,12 @@ class TruncationStats:
         self.tokens_dropped += sum(lost)
         if lost and not self.warned:
             self.warned = True
+            hint = "" if "segment" in why else (" LongAlign's segment encoding reads long prompts whole "
+                                                 "(model.text_encoding.kind=segments; --text-encoding segments).")
             warnings.warn(
                 f"{len(lost)} of {len(dropped)} prompts {why}; {sum(lost)} tokens were dropped (up to {max(lost)} "
-                "from one prompt). (Warned once; totals are in Components.truncation.)",
+                f"from one prompt). Warned once, for the first batch that had any; training logs the totals "
+                f"(prompts_truncated).{hint}",
                 stacklevel=7,  # the caller of encode_prompts (the encoders are wrapped by torch.no_grad)
             )
 

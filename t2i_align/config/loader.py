@@ -168,8 +168,13 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Sequence[str] = 
 
 
 def _warn_fixed_reference(cfg: Config) -> None:
-    """SePPO settings under which the initial model is the reference at every step, as with reference=initial."""
+    """SePPO settings under which the initial model is the reference at every step, as with reference=initial;
+    LoRA dropout, which tilts the flipper (the policy's error is read with dropout on, the reference's without)."""
     sc = cfg.seppo
+    if cfg.objective.name == "seppo" and sc.flip != "off" and cfg.lora.enabled and cfg.lora.dropout > 0:
+        warnings.warn(f"lora.dropout={cfg.lora.dropout} with SePPO's flipper: the policy's error on the preferred "
+                      "images is read with dropout on and the reference's without, which tilts s towards -1 (the "
+                      "official code has no dropout); lora.dropout=0 keeps the flipper fair", stacklevel=3)
     if cfg.objective.name != "seppo" or sc.reference == "initial":
         return
     if sc.pool_size == 1 or sc.snapshot_every >= cfg.train.max_steps:
@@ -307,7 +312,15 @@ def _no_effect(cfg: Config, key: str, section: str, rest: str) -> Tuple[str, str
             "", False
     if key == "data.shuffle_window" and cfg.data.cache:
         return "data.cache is true (cached data is shuffled whole)", "", False
+    if key in SNAPSHOT_KEYS and cfg.seppo.reference == "initial":
+        return "seppo.reference is 'initial' (no snapshot is taken)", "", False
+    if key == "seppo.anchor_draws" and cfg.seppo.flip == "off":
+        return "seppo.flip is 'off' (the flipper's errors are not read)", "", False
     return "", "", False
+
+
+SNAPSHOT_KEYS = ("seppo.snapshot_every", "seppo.pool_size", "seppo.snapshots_in_memory")
+"""SePPO's pool settings, read by nothing when the reference is the initial model."""
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -48,17 +48,26 @@ holds MAX_ASPECT·R² pixels (a 20000×1 PNG of 138 bytes would take 15 GB at 51
 def _import_hint(kind: str) -> str:
     return f"python -m t2i_align.data {kind} --from LISTING --out DIR writes DIR/{kind}.parquet from them"
 _SPLIT_FILE = re.compile(r"([\w.]+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?\.parquet")  # Hugging Face's shard names
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "eval", "dev")
+"""Whole-split file names (train.parquet beside test.parquet)."""
+
+
+def _split_of(name: str) -> Optional[str]:
+    """The split a parquet file holds by its name (a shard's prefix, or a whole split's name), or None."""
+    m = _SPLIT_FILE.fullmatch(name)
+    stem = name[:-len(".parquet")] if name.endswith(".parquet") else None
+    return m.group(1) if m else stem if stem in _SPLIT_NAMES else None
 
 
 def _one_split(folder: Path, files: List[Path]) -> None:
     """Refuse a folder whose files are shards of several splits (a Pick-a-Pic v2 download keeps train-*, test-*,
     validation-* side by side in data/): read whole, the test pairs were trained on without a word."""
-    splits = sorted({m.group(1) for f in files if (m := _SPLIT_FILE.fullmatch(f.name))})
+    splits = sorted({split for f in files if (split := _split_of(f.name))})
     if len(splits) > 1:
         one = "train" if "train" in splits else splits[0]
         raise ConfigError(f"{folder} holds the shards of {len(splits)} splits ({', '.join(splits)}): read whole, "
                           f"they would be one data set; move each split into a folder of its own (mkdir "
-                          f"{folder}/{one} && mv {folder}/{one}-*.parquet {folder}/{one}/) and "
+                          f"{folder}/{one} && mv {folder}/{one}*.parquet {folder}/{one}/) and "
                           "give that folder")
 
 

@@ -306,10 +306,11 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
         found += " (a CSV is comma-separated)" if one_field and listing.suffix.lower() == ".csv" else ""
         raise UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
                         f"{needs}{found}")
-    os.replace(staged, final)
-    if sum(skipped.values()) > _NAMED:
-        log(f"{listing}: {sum(skipped.values()) - _NAMED} more rows skipped (counted by reason in {kind}.json)")
     counts = {kind: written, **({"ties": ties["ties"]} if kind == "pairs" else {}),
               "skipped": dict(sorted(skipped.items())), "image_root": str(root), "out": str(final)}
+    (out_dir / f"{kind}.json").unlink(missing_ok=True)  # a kill between the two writes: no counts of another import
+    os.replace(staged, final)
     write_json_atomic(out_dir / f"{kind}.json", counts)
+    if sum(skipped.values()) > _NAMED:
+        log(f"{listing}: {sum(skipped.values()) - _NAMED} more rows skipped (counted by reason in {kind}.json)")
     return counts
