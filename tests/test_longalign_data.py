@@ -220,6 +220,21 @@ def test_a_symlink_loop_in_an_image_path_is_a_bad_image_not_a_crash(tmp_path):
     assert [ds[i] is None for i in range(2)] == [True, False] and ds.stats.bad_images == 1
 
 
+def test_an_image_file_replaced_under_its_name_gives_another_cache_key(tmp_path):
+    """LongAlign's stage-1 data names its image files (a `path` column): one replaced under the same name was read
+    from the latent cache, its old pixels trained on without a word."""
+    import os
+
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "a.png")
+    pq.write_table(pa.Table.from_pylist([{"caption": "a", "path": "a.png"}, {"caption": "gone", "path": "x.png"}]),
+                   tmp_path / "c.parquet")
+    before = CaptionDataset(tmp_path / "c.parquet", resolution=8).identity()
+    assert CaptionDataset(tmp_path / "c.parquet", resolution=8).identity() == before  # stable while nothing changes
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "a.png")
+    os.utime(tmp_path / "a.png", ns=(1, 1))
+    assert CaptionDataset(tmp_path / "c.parquet", resolution=8).identity() != before
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_image_files_are_turned_upright_by_their_exif_orientation(tmp_path, fmt):
     """As image bytes are (decode_rgb): a camera's 8x4 file with orientation 6 (rotate 90) is a 4x8 image."""

@@ -17,6 +17,8 @@ crop_top_left, index; resize, crop and flip as the pair loader (`images.prepare_
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -127,15 +129,33 @@ class CaptionDataset(torch.utils.data.Dataset):
         return max(sizes, default=0)
 
     def identity(self) -> Dict[str, Any]:
-        """Everything that determines the pixels (cache key); the seed only if augmentation is random. Image files
-        named by a `path` column are not in it: replacing one under the same name needs data.cache=false or a new
-        cache_dir."""
+        """Everything that determines the pixels (cache key); the seed only if augmentation is random, the image
+        files a `path` column names by their size and time (one replaced under its name was read from the cache)."""
         random = self.crop == "random" or self.flip != "none"
         # reading 2: rows without caption text skipped, image files turned upright by EXIF (older caches did neither);
         # 3: max_items counted over all files (one row more per further file before)
+        images = {"image_files": self._image_files_digest()} if "path" in self.column else {}
         return {"kind": "captions", "files": files_identity(self.files), "image_root": str(self.image_root),
                 "resolution": self.resolution, "crop": self.crop, "flip": self.flip, "max_items": self.max_items,
-                "seed": self.seed if random else None, "reading": 3, "pixels": PIXEL_READING}
+                "seed": self.seed if random else None, "reading": 3, "pixels": PIXEL_READING, **images}
+
+    def _image_files_digest(self) -> str:
+        """sha256 over each used row's image path, size and modification time (a stat per row, read when a cache
+        key is made); a path that does not resolve to a file counts as missing."""
+        digest = hashlib.sha256()
+        for index in range(len(self)):
+            fi = int(self._loc[index, 0])
+            if self.column[fi] != "path":
+                continue
+            rel = self._raw(index)
+            root = self.image_root or self.files[fi].parent
+            try:
+                stat = (root / rel).stat() if isinstance(rel, str) and rel else None
+            except (OSError, ValueError):
+                stat = None
+            digest.update(json.dumps([rel if isinstance(rel, str) else None,
+                                      stat and [stat.st_size, stat.st_mtime_ns]]).encode())
+        return digest.hexdigest()
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers reopen files themselves
         return {**self.__dict__, "_handles": {}, "_group_key": None, "_group": None}
