@@ -5,6 +5,7 @@ complete (a marker file is written last), so a kill at any moment leaves a compl
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -168,9 +169,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
             shutil.copyfile(Path(output_dir) / "config.yaml", tmp / "config.yaml")
         plain_modes(tmp)
         sync_tree(tmp)  # on the disk before the marker says complete and older checkpoints are deleted
-        for log in ("metrics.jsonl", "raft_rounds.jsonl"):  # the lines up to this step: a resume goes on after them
-            if (Path(output_dir) / log).is_file():
-                fsync_path(Path(output_dir) / log)
+        _sync_logs(Path(output_dir))
         (tmp / MARKER).write_text(json.dumps({**(marker or {}), "step": step}))
         fsync_path(tmp / MARKER)
         shutil.rmtree(final, ignore_errors=True)  # only an unmarked leftover can have this name
@@ -184,9 +183,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
             (old / MARKER).unlink(missing_ok=True)  # first: a deletion stopped halfway leaves no "complete" one
             shutil.rmtree(old, ignore_errors=True)
 
-    def save_state() -> None:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-
+    save_state = functools.partial(accelerator.save_state, str(tmp), safe_serialization=True)
     on_main(accelerator, begin, f"the main process could not start checkpoint {final}")
     try:
         if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):
@@ -198,16 +195,29 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
             on_every(accelerator, save_state, f"another process could not write checkpoint {final}")
         on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
     except Exception as err:
-        free = shutil.disk_usage(root).free if root.is_dir() else None
-        if accelerator.is_main_process:  # a half-written state (GBs) left the disk full for the relaunch too
-            shutil.rmtree(tmp, ignore_errors=True)
-        if free is not None and free < DISK_FULL_BYTES:  # torch's own error for it: "unexpected pos 77632 vs 77524"
-            raise UserError(f"checkpoint {final} could not be written: the disk holding it is full ({free >> 20} MiB "
-                            f"free; {type(err).__name__}: {one_line(err)[:200]}). Free space (a run keeps "
-                            "train.keep_checkpoints checkpoints and writes one more) and relaunch with "
-                            "train.resume=latest") from err
+        _failed_write(accelerator, err, root, tmp, final)
         raise
     return final
+
+
+def _sync_logs(output_dir: Path) -> None:
+    """The run's logs on the disk before a checkpoint is marked complete: a resume goes on after their lines."""
+    for log in ("metrics.jsonl", "raft_rounds.jsonl"):
+        if (output_dir / log).is_file():
+            fsync_path(output_dir / log)
+
+
+def _failed_write(accelerator, err: Exception, root: Path, tmp: Path, final: Path) -> None:
+    """After a checkpoint write failed: its half-written state removed (GBs that kept the disk full for the
+    relaunch too), and a full disk said so (torch's own error for it: "unexpected pos 77632 vs 77524")."""
+    free = shutil.disk_usage(root).free if root.is_dir() else None
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if free is not None and free < DISK_FULL_BYTES:
+        raise UserError(f"checkpoint {final} could not be written: the disk holding it is full ({free >> 20} MiB "
+                        f"free; {type(err).__name__}: {one_line(err)[:200]}). Free space (a run keeps "
+                        "train.keep_checkpoints checkpoints and writes one more) and relaunch with "
+                        "train.resume=latest") from err
 
 
 DISK_FULL_BYTES = 256 << 20

@@ -143,6 +143,8 @@ def describe(err: Optional[BaseException]) -> Optional[Tuple[bool, str]]:
         return None
     if isinstance(err, user_error_types()):
         return True, one_line(err)
+    if isinstance(err, OSError) and err.errno in DISK_ERRORS:  # one line on every process, as `run_cli` says it
+        return True, f"{one_line(err)}: free space or write elsewhere, then run again"
     return False, f"{type(err).__name__}: {one_line(err)}"
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import UserError
 from .sampling import Samples, generate, load_pipeline, prompt_major
-from .stats import clustered_diff, holm, mean_ci, paired_diff, win_counts, win_rate
+from .stats import clustered_diff, holm, mean_ci, paired_diff, sign_test_p, win_counts, win_rate
 
 
 @dataclass
@@ -85,24 +85,42 @@ def compare_scores(base: Sequence[float], tuned: Sequence[float], groups: Option
         raise ValueError(f"compare_scores needs paired scores and one group each, got {len(base)} base, "
                          f"{len(tuned)} tuned, {'no' if groups is None else len(groups)} groups")
     keep = [i for i in range(len(base)) if math.isfinite(base[i]) and math.isfinite(tuned[i])]
-    if len(keep) < 2:
-        raise TooFewScores(f"only {len(keep)} of {len(base)} image pairs have finite scores; a comparison needs at "
-                           "least 2: sample more images (--seeds-per-prompt, more prompts) or use a reward that "
-                           "scores these prompts (toy-judge reads only toy captions)")
-    b, t = [base[i] for i in keep], [tuned[i] for i in keep]
-    out = {"base": mean_ci(b), "tuned": mean_ci(t), "win_rate": win_rate(t, b), "paired_diff": paired_diff(t, b),
-           "dropped_nonfinite": len(base) - len(keep)}
-    # an image only one side could not be scored for (NaN pixels: a diverged model) is that side's loss in the win
-    # rate: dropped, a model broken on half the prompts won on the rest alone
-    broken = {side: sum(not math.isfinite(mine[i]) and math.isfinite(other[i]) for i in range(len(base)))
+    # an image only one side could not be scored for (NaN pixels: a diverged model) is that side's loss: dropped,
+    # a model broken on half the prompts won on the rest alone
+    broken = {side: [i for i in range(len(base)) if not math.isfinite(mine[i]) and math.isfinite(other[i])]
               for side, mine, other in (("base", base, tuned), ("tuned", tuned, base))}
-    if any(broken.values()):
-        w = out["win_rate"]
-        out["win_rate"] = win_counts(w["wins"] + broken["base"], w["losses"] + broken["tuned"], w["ties"])
-    out["nonfinite_only"] = broken
-    g = None if groups is None else [groups[i] for i in keep]
-    if g is not None and 2 <= len(set(g)) < len(g):  # several prompts, some with several images
-        out["per_prompt"] = clustered_diff(t, b, g)
+    if len(keep) < 2:
+        raise TooFewScores(f"only {len(keep)} of {len(base)} image pairs have finite scores (base alone failed on "
+                           f"{len(broken['base'])}, tuned alone on {len(broken['tuned'])}); a comparison needs at "
+                           "least 2: sample more images (--seeds-per-prompt, more prompts), use a reward that "
+                           "scores these prompts (toy-judge reads only toy captions), or look at the failed images")
+    b, t = [base[i] for i in keep], [tuned[i] for i in keep]
+    w = win_rate(t, b)
+    out = {"base": mean_ci(b), "tuned": mean_ci(t), "paired_diff": paired_diff(t, b),
+           "win_rate": win_counts(w["wins"] + len(broken["base"]), w["losses"] + len(broken["tuned"]), w["ties"]),
+           "dropped_nonfinite": len(base) - len(keep), "nonfinite_only": {s: len(v) for s, v in broken.items()}}
+    if groups is not None:
+        per_prompt = _per_prompt(base, tuned, groups, keep, broken)
+        if per_prompt is not None:
+            out["per_prompt"] = per_prompt
+    return out
+
+
+def _per_prompt(base, tuned, groups, keep, broken) -> Optional[Dict]:
+    """`stats.clustered_diff` over the prompts, when there are several with several images each. A prompt only one
+    side failed on (`broken`) is that side's loss in the sign test; the t-test and rates cover the others."""
+    lost = {side: {groups[i] for i in v} for side, v in broken.items()}
+    decided = lost["base"] ^ lost["tuned"]
+    kept = [i for i in keep if groups[i] not in decided]
+    g = [groups[i] for i in kept]
+    if not 2 <= len(set(g)) < len(g):  # several prompts, some with several images
+        return None
+    out = clustered_diff([tuned[i] for i in kept], [base[i] for i in kept], g)
+    wins, losses = out["sign"]["wins"] + len(lost["base"] - lost["tuned"]), \
+        out["sign"]["losses"] + len(lost["tuned"] - lost["base"])
+    out["sign"] = {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)}
+    out["decided_by_nonfinite"] = {"base": len(lost["base"] - lost["tuned"]),
+                                   "tuned": len(lost["tuned"] - lost["base"])}
     return out
 
 

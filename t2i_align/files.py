@@ -338,6 +338,13 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
                             f"--overwrite would delete it whole: choose another {flag} (or empty it yourself)")
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
 def take_lock(path: Path, what: str, instead: str) -> Optional[int]:
     """`path` locked (flock) by this process and naming it; the descriptor is returned (closing it lets go), or
     UserError naming the process that holds it (`what` is in use; `instead`: what else to do). None where there
@@ -348,17 +355,21 @@ def take_lock(path: Path, what: str, instead: str) -> Optional[int]:
         import fcntl
     except ImportError:
         return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{what} is in use by another run ({holder}): wait for it to end or stop it, or "
+                            f"{instead}") from None
+        except OSError:  # ENOLCK
+            os.close(fd)
+            return None
+        if _same_file(fd, path):  # not a file its holder unlinked as it let go (then two runs held "the" lock)
+            break
         os.close(fd)
-        raise UserError(f"{what} is in use by another run ({holder}): wait for it to end or stop it, or "
-                        f"{instead}") from None
-    except OSError:  # ENOLCK
-        os.close(fd)
-        return None
     import socket
     import time
 

@@ -145,10 +145,11 @@ def train(cfg: Config) -> TrainResult:
 def _train_in(cfg: Config, accelerator, objective, out: Path) -> TrainResult:
     """`train` once the engine and output_dir are checked and output_dir is this run's to use."""
     resume = resolve_resume_everywhere(accelerator, out, cfg.train.resume)
-    if resume is not None:
-        check_resume(resume, engine_name(accelerator), accelerator.num_processes, cfg.train.max_steps, out,
-                     warn=accelerator.is_main_process, train=cfg.train,
-                     method=(cfg.objective.name, cfg.raft.enabled), settings=config_to_dict(cfg))
+    if resume is not None:  # on every process together: a folder one machine lacks stops them all
+        on_every(accelerator, lambda: check_resume(
+            resume, engine_name(accelerator), accelerator.num_processes, cfg.train.max_steps, out,
+            warn=accelerator.is_main_process, train=cfg.train, method=(cfg.objective.name, cfg.raft.enabled),
+            settings=config_to_dict(cfg)), "another process cannot resume from the checkpoint")
     m = build(cfg, accelerator, objective)
     if resume is not None:  # other LoRA / PPD settings failed in the load, the earlier run already set aside
         on_every(accelerator, lambda: check_checkpoint_fits(resume, m.raw_unet, not cfg.full_finetune),
@@ -262,8 +263,7 @@ def _run(cfg, accelerator, components, st: _RunState, unet, optimizer, lr_sched,
             last_log = _log(accelerator, st, history, counts, components, lr, norm, done, bar, last_log)
             history = []
         if st.provider is not None:
-            # a step at rate 0 (warmup's first) leaves the weights as they were: SePPO's tie rule needs to know
-            st.provider.after_step(done, applied=math.isfinite(norm) and lr > 0)
+            st.provider.after_step(done, applied=math.isfinite(norm) and lr > 0)  # warmup's rate 0 moves nothing
         # and at the last step, so that a run can be continued (a larger max_steps) from where it ended
         if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
             save_checkpoint(accelerator, cfg.output_dir, done, tc.keep_checkpoints, params,

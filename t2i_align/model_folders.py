@@ -323,3 +323,20 @@ def carry_tokenizer_files(source: Path, folder: Path) -> None:
             src, dst = Path(source) / part / name, Path(folder) / part / name
             if src.is_file() and not dst.exists():
                 shutil.copyfile(src, dst)
+
+
+def part_class(path: Path, name: str, library: str, class_name: str):
+    """The class model_index.json names for part `name`. Never code from the folder: only diffusers' and
+    transformers' own classes (an Auto class with an auto_map in its config.json asked "run the custom code?" and
+    ran the folder's .py on a "y"; diffusers' pipeline loading refuses custom classes too)."""
+    import importlib
+
+    # transformers' AutoModel, AutoTokenizer ... (diffusers' AutoencoderKL is a model class like any other)
+    if library not in ("diffusers", "transformers") or library == "transformers" and class_name.startswith("Auto"):
+        raise ModelLoadError(f"{path}/model_index.json names {library}.{class_name} for {name}: only diffusers' and "
+                             "transformers' own classes are loaded (no custom or Auto classes, whose code may come "
+                             "from the folder); give a standard SD1.5 / SDXL diffusers folder")
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise ModelLoadError(f"{library} has no class {class_name!r} (needed for {name}); check the installed version")
+    return cls

@@ -8,7 +8,6 @@ so that the loop and the objectives never ask "is this SDXL?".
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
 import json
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ from t2i_align.config.sections import ATTENTION_CHOICES, TextEncodingConfig
 from t2i_align.diffusion import latent_scheduler
 from t2i_align.errors import one_line
 from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, check_vae_scale,  # noqa: F401
-                                     local_model_folder, read_index, resolve_pretrained)
+                                     local_model_folder, part_class, read_index, resolve_pretrained)
 from t2i_align.weight_files import weights_variant
 
 
@@ -167,15 +166,15 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
     if not entry or entry[0] is None:
         raise ModelLoadError(f"{path}/model_index.json has no {name!r} component")
     library, class_name = entry
-    cls = getattr(importlib.import_module(library), class_name, None)
-    if cls is None:
-        raise ModelLoadError(f"{library} has no class {class_name!r} (needed for {name}); check the installed version")
+    cls = part_class(path, name, library, class_name)
     from .weight_files import from_pretrained_checked, part_variant
 
     variant = part_variant(path, name, variant)
     kwargs: dict = {"variant": variant} if variant and name.startswith(("text_encoder", "vae", "unet")) else {}
     if dtype is not None and library == "diffusers":
         kwargs.update(dtype_kwargs(dtype))
+    if library == "transformers":
+        kwargs["trust_remote_code"] = False
     from safetensors import SafetensorError
 
     try:

@@ -86,6 +86,12 @@ def _read_prompts(spec: str, what: str) -> List[str]:
     return prompts
 
 
+_FORMS = {".csv": "UTF-8 CSV with a header holding a caption or prompt column",
+          ".jsonl": "UTF-8 JSON lines, one object with a caption or prompt field per line",
+          ".json": "a UTF-8 JSON list of prompts, or of objects with a caption or prompt field"}
+"""What a prompt file of each suffix must hold, as the errors say."""
+
+
 def table_prompts(path: Path, what: str = "prompts") -> List[str]:
     """The `caption` (else `prompt`) field of every row of a .csv with a header or a .jsonl of objects, as a pair
     listing is read (`data/listings.py`), in order, each prompt once: such files list images (generate.py's
@@ -105,9 +111,9 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
         else:  # lines split at line ends only, as text_lines does
             rows = [json.loads(line) for line in text.split("\n") if line.strip()]
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{what}: cannot read {path} ({err}); give UTF-8 JSON lines or a CSV with a header") from None
+        raise ConfigError(f"{what}: cannot read {path} ({err}); give {_FORMS[path.suffix.lower()]}") from None
     if not rows or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"{what}: {path} holds no rows of fields; a .jsonl holds one JSON object per line")
+        raise ConfigError(f"{what}: {path} holds no rows of fields; give {_FORMS[path.suffix.lower()]}")
     torn = next((i for i, r in enumerate(rows) if None in r or None in r.values()), None)  # DictReader's rest
     if torn is not None:
         raise ConfigError(f"{what}: {path} row {torn + 1} has more or fewer fields than the header (a comma in a "
@@ -115,7 +121,8 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
     bare = next((i for i, r in enumerate(rows) if "caption" not in r and "prompt" not in r), None)
     if bare is not None:
         raise ConfigError(f"{what}: row {bare + 1} of {path} has no 'caption' or 'prompt' field, only "
-                          f"{sorted(rows[bare])} (a text file with one prompt per line needs the .txt suffix)")
+                          f"{sorted(rows[bare])} ({_FORMS[path.suffix.lower()]}; a text file with one prompt per "
+                          "line needs the .txt suffix)")
     texts = (r["caption"] if "caption" in r else r["prompt"] for r in rows)
     # a number reads as its text; a list or an object is no prompt (str() made "['a', 'b']" one)
     texts = [str(t) for t in texts if isinstance(t, (str, int, float)) and not isinstance(t, bool)]

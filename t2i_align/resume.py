@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import yaml
 
 from .checkpoints import CheckpointMismatch, checkpoint_step, read_marker, resume_raw_batches
 from .config import Config, TrainConfig, config_to_dict, save_config
@@ -24,6 +23,7 @@ from .engines import engine_name, on_every, on_main, say
 from .errors import UserError
 from .optim import align_lr_schedule
 from .references import POOL_STATE_FILE
+from .resume_settings import NOT_APPLIED, changed_settings, check_same_model, checkpoint_config, setting
 from .run_dir import prepare_run_dir, set_aside_newer
 
 COUNTED = ("data_batches_skipped", "data_rows_skipped", "steps_skipped_nonfinite")
@@ -110,12 +110,12 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
     `check_same_model`."""
     marker = read_marker(path)
     if settings is not None:
-        check_same_model(path, settings)
+        check_same_model(path, settings, warn)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
                         f"train.max_steps above it to train on, or use {output_dir}/final")
     if method is not None and method[0] == "seppo" and not (path / POOL_STATE_FILE).is_file():
-        wrote = _setting(checkpoint_config(path)[1], "objective.name")
+        wrote = setting(checkpoint_config(path)[1], "objective.name")
         why = f"it was written by objective {wrote!r}" if wrote not in (None, "seppo") else "its file is missing"
         raise CheckpointMismatch(f"train.resume: {path} holds no SePPO reference pool ({POOL_STATE_FILE}): {why}. "
                                  "To start SePPO from its weights, export the checkpoint and give it as "
@@ -202,39 +202,8 @@ def claim_output(cfg: Config, out: Path, resume, log, tracker) -> None:
     if changed:
         log(f"resuming with settings that differ from the checkpoint's run ({earlier}): {', '.join(changed)}")
     # what the run trains with: a setting the resume does not apply keeps the checkpoint's value in the record
-    kept = {name: _setting(before, name) for name in NOT_APPLIED if _setting(before, name) is not None}
+    kept = {name: setting(before, name) for name in NOT_APPLIED if setting(before, name) is not None}
     save_config(cfg, out / "config.yaml", overrides=kept)
-
-
-def checkpoint_config(resume: Path) -> Tuple[Optional[Path], Optional[dict]]:
-    """(path, settings) of the config.yaml a checkpoint was written with: its own copy first (output_dir's is the
-    latest invocation's); None for one that does not read as a config (another tool's file: not to stop a run)."""
-    # a run folder's (output_dir/checkpoints/step-N), not whatever lies two folders up from a copied checkpoint
-    places = (resume, resume.parent) + ((resume.parent.parent,) if resume.parent.name == "checkpoints" else ())
-    earlier = next((f / "config.yaml" for f in places if (f / "config.yaml").is_file()), None)
-    try:
-        before = yaml.safe_load(earlier.read_text()) if earlier is not None else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        before = None
-    return earlier, before if isinstance(before, dict) else None
-
-
-def export_hint(checkpoint: Path) -> str:
-    """What to do with a training checkpoint given as LoRA weights: resume it at its own step (nothing is trained)
-    into another output_dir, whose final/ is the export."""
-    return (f"{checkpoint} is a training checkpoint (optimizer and random states), not an export: export it first "
-            f"with {_export_command(checkpoint)} (under the accelerate config that wrote it; no step is trained), then "
-            "sample OUT/final (as --lora, or as --model for a full fine-tune)")
-
-
-def _export_command(checkpoint: Path) -> str:
-    """The command that resumes `checkpoint` at its own step into OUT, whose final/ is then its export."""
-    try:
-        step = read_marker(checkpoint)["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        step = "ITS_STEP"
-    config = checkpoint_config(checkpoint)[0] or "ITS_RUN_CONFIG.yaml"
-    return f"`python train/train.py --config {config} train.resume={checkpoint} train.max_steps={step} output_dir=OUT`"
 
 
 def _warn_other_method(path: Path, method: str) -> None:
@@ -242,7 +211,7 @@ def _warn_other_method(path: Path, method: str) -> None:
     optimizer's moments, the step count and the LR schedule are the other method's, and its data position and
     row counts refer to the other data (it went on with a note among the changed settings)."""
     before = checkpoint_config(path)[1]
-    name, online = _setting(before, "objective.name"), _setting(before, "raft.enabled")
+    name, online = setting(before, "objective.name"), setting(before, "raft.enabled")
     if isinstance(name, str) and _method(name, bool(online)) != method:
         warnings.warn(f"train.resume: {path} was written by {_method(name, bool(online))} and this run is {method}: "
                       "it goes on from that run's weights, optimizer moments, step and LR schedule, and its data "
@@ -252,97 +221,6 @@ def _warn_other_method(path: Path, method: str) -> None:
 
 def _method(objective: str, online: bool) -> str:
     return f"objective {objective!r}" + (" with online rounds (raft.enabled)" if online else "")
-
-
-def _setting(data: Optional[dict], name: str):
-    """data["section"]["key"] for "section.key"; None where missing."""
-    for part in name.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-_GROUPS = "the checkpoint's optimizer keeps its own"
-NOT_APPLIED = {"train.learning_rate": "the checkpoint's optimizer keeps its rate", "train.scale_lr": _GROUPS + " rate",
-               "train.weight_decay": _GROUPS, "train.adam_beta1": _GROUPS, "train.adam_beta2": _GROUPS,
-               "train.adam_epsilon": _GROUPS, "train.optimizer": _GROUPS + " (AdamW's fused flag too)"}
-"""Settings a resume does not apply: torch's Optimizer.load_state_dict restores each group's saved values, as in
-diffusers' scripts (a resume with another optimizer is refused: `_check_training`)."""
-
-
-FIXED = ("seed", "model.family", "model.variant", "model.revision", "model.text_encoding", "lora.alpha",
-         "data.kind", "data.resolution")
-"""Settings a resume must keep: they change what the checkpoint's weights compute (the LoRA scale alpha/rank, the
-base, the text encoding, the resolution they learned) or where its data position points (seed: the epoch's order).
-LoRA on or off, its rank and targets, PPD's branch: `check_checkpoint_fits` refuses them by the weights' shapes."""
-FOLDERS = ("model.pretrained", "model.vae", "data.path")
-"""Also kept, unless the checkpoint's folder is gone (moved: a resume names its new place)."""
-_ABSENT = object()
-
-
-def check_same_model(path: Path, now: dict) -> None:
-    """Refuse a resume that changes a FIXED setting, or names another existing folder for one of FOLDERS: before,
-    adapters trained on one base loaded onto another (strict=False) with one info line. Keys a checkpoint's
-    config.yaml predates are not compared."""
-    earlier, before = checkpoint_config(path)
-    if before is None:
-        return
-    _warn_schedule(path, before, now)
-    changed = [f"{name}={_setting(before, name)!r} (now {_setting(now, name)!r})" for name in FIXED + FOLDERS
-               if _found(before, name) is not _ABSENT and _differs(name, _setting(before, name), _setting(now, name))]
-    if changed:
-        raise CheckpointMismatch(f"train.resume: {path} was trained with {', '.join(changed)} ({earlier}): resume "
-                                 f"with its values. To go on from its weights with other ones, export it with "
-                                 f"{_export_command(path)} (no step is trained), merge a LoRA export "
-                                 "(train/merge_lora.py), and give that folder as model.pretrained to a fresh run")
-
-
-def _warn_schedule(path: Path, before: dict, now: dict) -> None:
-    """A decaying schedule is rebuilt for the new train.max_steps (diffusers' lambdas are not saved): extending a
-    linear run that ended at rate 0 goes on at half the peak rate."""
-    steps, schedule = (_setting(before, "train.max_steps"), _setting(now, "train.max_steps")), \
-        _setting(now, "train.lr_scheduler")
-    if steps[0] is not None and steps[0] != steps[1] and schedule not in ("constant", "constant_with_warmup"):
-        warnings.warn(f"train.resume: {path} was trained towards train.max_steps={steps[0]}; its {schedule} "
-                      f"learning-rate schedule is rebuilt for {steps[1]}, so the rate jumps to where that schedule "
-                      "is at this step (resume with the old max_steps to keep its decay)", stacklevel=2)
-
-
-def _found(data: Optional[dict], name: str):
-    """data["section"]["key"] for "section.key", or _ABSENT."""
-    for part in name.split("."):
-        data = data.get(part, _ABSENT) if isinstance(data, dict) else _ABSENT
-    return data
-
-
-def _differs(name: str, old, new) -> bool:
-    """Whether a resume's `new` value of setting `name` is not the checkpoint's `old` one. FOLDERS: "toy" is the
-    toy's folder; a recorded folder that is gone matches any (moved), an existing one only itself."""
-    if old == new or name not in FOLDERS or not old or not new:
-        return old != new
-    old_path, new_path = (_where(str(v)) for v in (old, new))
-    return old_path.exists() and old_path.resolve() != new_path.resolve()
-
-
-def _where(value: str) -> Path:
-    """The folder a model.pretrained / model.vae / data.path value names ("toy": the toy pipeline's)."""
-    if value == "toy":
-        from .toy.assets import pipeline_dir
-
-        return pipeline_dir()
-    return Path(value).expanduser()
-
-
-def changed_settings(before: dict, now: dict, prefix: str = "") -> List[str]:
-    """"key: old -> new" for every leaf setting that changed, but those a resume changes by nature."""
-    changed = []
-    for key in sorted(set(before) | set(now)):
-        name, old, new = f"{prefix}{key}", before.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changed += changed_settings(old, new, f"{name}.")
-        elif old != new and name not in ("train.resume", "train.max_steps", "output_dir"):
-            kept = f" (not applied: {NOT_APPLIED[name]})" if name in NOT_APPLIED else ""
-            changed.append(f"{name}: {old!r} -> {new!r}{kept}")
-    return changed
 
 
 def restore(cfg: Config, accelerator, m, parts, tracker, resume, carried) -> Restored:

@@ -173,8 +173,10 @@ def prepare_run_dir(output_dir: str | os.PathLike, resume: Optional[Path], asked
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # this folder's own timeline (a checkpoint there may link to an archive): the loop sets later ones aside
-    if resume is not None and Path(os.path.abspath(resume)).parent.resolve() == checkpoints_dir(out).resolve():
+    # this folder's own timeline (a checkpoint there may link to an archive, a resume path link to one there): the
+    # loop sets later ones aside
+    own = checkpoints_dir(out).resolve()
+    if resume is not None and own in (Path(os.path.abspath(resume)).parent.resolve(), resume.resolve().parent):
         restore_snapshots(resume, out)
         return
     if asked == "latest" and resume is None:

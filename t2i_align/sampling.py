@@ -109,8 +109,8 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
         load_lora(pipe, lora, path)
     pipe.set_progress_bar_config(disable=True)
     spec = pipeline_components(pipe, encoding).spec
-    if spec.vae_fp32 and pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
-        # SDXL's VAE overflows in fp16 (black images), as in training (models._load_vae); torch's own Module.to:
+    if spec.vae_fp32 and pipe.vae.dtype != torch.float32 and pipe.vae.config.get("force_upcast", True):
+        # SDXL's VAE overflows in fp16 (black images), fp32 in bf16 too, as in training (models._load_vae); torch's:
         # diffusers' warns "modules ... should be kept in float32: []"
         torch.nn.Module.to(pipe.vae, torch.float32)
     return set_scheduler(pipe, scheduler).to(device)
@@ -149,7 +149,7 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
                 raise ModelLoadError(f"{lora} is a whole pipeline (a full fine-tune's export), not LoRA weights: give "
                                      "it as --model, without --lora")
             if (lora / "t2i_align_checkpoint.json").is_file():  # checkpoints.MARKER: a run's training state
-                from .resume import export_hint
+                from .resume_settings import export_hint
 
                 raise ModelLoadError(export_hint(lora))
             raise ModelLoadError(f"no LoRA weights in {lora}: it holds no pytorch_lora_weights.safetensors (give the "

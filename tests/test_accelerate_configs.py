@@ -401,15 +401,24 @@ def test_work_of_the_main_process_that_fails_stops_every_process(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: sent.extend(objects) or objects)
     assert on_main(process(True), lambda: 7, "context") == 7 and sent == [None]
 
-    def full_disk():
-        raise OSError(28, "No space left on device", "run/checkpoints/.step-4.tmp")
-    with pytest.raises(OSError, match="No space left"):
-        on_main(process(True), full_disk, "context")
+    def failing_disk():
+        raise OSError(5, "Input/output error", "run/checkpoints/.step-4.tmp")
+    with pytest.raises(OSError, match="Input/output error"):
+        on_main(process(True), failing_disk, "context")
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [sent[-1]])  # the main's
-    with pytest.raises(RuntimeError, match=r"^the main process could not complete checkpoint x: OSError: No space "
-                                           r"left on device: run/checkpoints/\.step-4\.tmp$") as info:
+    with pytest.raises(RuntimeError, match=r"^the main process could not complete checkpoint x: OSError: "
+                                           r"Input/output error: run/checkpoints/\.step-4\.tmp$") as info:
         on_main(process(False), lambda: 7, "the main process could not complete checkpoint x")
     assert not isinstance(info.value, UserError)  # not the user's mistake: a traceback names where it came from
+
+    def full_disk():  # the machine's state, not a bug: one line on every process, as on the main one
+        raise OSError(28, "No space left on device", "run/checkpoints/.step-4.tmp")
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: sent.extend(objects) or objects)
+    with pytest.raises(OSError, match="No space left"):
+        on_main(process(True), full_disk, "context")
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [sent[-1]])
+    with pytest.raises(UserError, match="could not complete checkpoint x: No space left on device: .*free space"):
+        on_main(process(False), lambda: 7, "the main process could not complete checkpoint x")
 
 
 def test_work_that_fails_on_any_process_stops_every_process(monkeypatch):

@@ -286,3 +286,27 @@ def test_hidden_folders_a_killed_replacement_left_are_removed_by_the_next_write(
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == kept[1:]
     assert (out / "new").read_text() == "new"
+
+
+def test_a_lock_on_a_file_its_holder_unlinked_is_taken_again_on_the_path(tmp_path, monkeypatch):
+    """A run opening the lock file just before its holder unlinked it (letting go) locked the deleted file, while a
+    third run locked the new one: both ran. The lock must be on the file the path names."""
+    import os
+
+    import t2i_align.files as files
+
+    path = tmp_path / ".out.lock"
+    path.write_text("")
+    stale = os.open(path, os.O_RDWR)
+    path.unlink()  # the holder let go
+    real_open, opened = os.open, []
+
+    def open_once_stale(name, flags, mode=0o777):
+        opened.append(name)
+        return stale if len(opened) == 1 else real_open(name, flags, mode)
+    monkeypatch.setattr(files.os, "open", open_once_stale)
+    fd = files.take_lock(path, "--out x", "give another --out")
+    try:
+        assert len(opened) == 2 and os.path.samestat(os.fstat(fd), os.stat(path))
+    finally:
+        os.close(fd)

@@ -431,7 +431,7 @@ def test_a_checkpoint_given_as_lora_says_how_to_export_it_and_that_works(tiny_mo
 
 
 def test_the_settings_a_resume_changed_are_listed():
-    from t2i_align.resume import changed_settings as _changed_settings
+    from t2i_align.resume_settings import changed_settings as _changed_settings
 
     before = {"output_dir": "a", "objective": {"name": "dpo", "beta": 5000.0}, "train": {"max_steps": 10,
               "resume": None, "learning_rate": 1e-8}}
@@ -811,7 +811,7 @@ def test_a_resume_that_changes_the_model_is_refused_and_a_linked_checkpoint_resu
     (out / "checkpoints" / "step-2").symlink_to(archive)
     other = tmp_path / "other_model"
     shutil.copytree(tiny_model, other)
-    for change, named in (("seed=7", "seed=0 (now 7)"), ("lora.alpha=16", "lora.alpha=None (now 16.0)"),
+    for change, named in (("seed=7", "seed=0 (now 7)"), ("lora.alpha=16", "lora.alpha / lora.rank = 1 (now 2)"),
                           (f"model.pretrained={other}", "model.pretrained=")):
         with pytest.raises(CheckpointMismatch, match=re.escape(named)):
             train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", change))
@@ -825,7 +825,7 @@ def test_a_resume_that_changes_the_model_is_refused_and_a_linked_checkpoint_resu
 
 def test_a_moved_base_folder_may_be_named_anew_on_a_resume(tmp_path):
     from t2i_align.checkpoints import CheckpointMismatch
-    from t2i_align.resume import check_same_model
+    from t2i_align.resume_settings import check_same_model
 
     (tmp_path / "base").mkdir()
     (tmp_path / "ck").mkdir()
@@ -865,7 +865,7 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused_and_the_lock_goes_with_
 def test_a_resume_that_extends_a_decaying_schedule_is_warned(tmp_path):
     """A linear schedule at rate 0 after 1000 of 1000 steps went on at half the peak rate for max_steps=2000,
     without a word."""
-    from t2i_align.resume import check_same_model
+    from t2i_align.resume_settings import check_same_model
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"max_steps": 1000, "lr_scheduler": "linear"}}))
     with pytest.warns(UserWarning, match="towards train.max_steps=1000; its linear learning-rate schedule is rebuilt "
@@ -875,3 +875,43 @@ def test_a_resume_that_extends_a_decaying_schedule_is_warned(tmp_path):
         warnings.simplefilter("error")
         check_same_model(tmp_path, {"train": {"max_steps": 1000, "lr_scheduler": "linear"}})
         check_same_model(tmp_path, {"train": {"max_steps": 2000, "lr_scheduler": "constant"}})
+        check_same_model(tmp_path, {"train": {"max_steps": 2000, "lr_scheduler": "linear"}}, warn=False)  # others
+        from t2i_align.checkpoints import MARKER
+
+        (tmp_path / MARKER).write_text(json.dumps({"step": 400}))  # the export command: max_steps = its step
+        check_same_model(tmp_path, {"train": {"max_steps": 400, "lr_scheduler": "linear"}})
+
+
+def test_a_resume_with_values_that_compute_the_same_is_not_refused(tmp_path):
+    """alpha 8 at rank 8 is alpha None; a token budget under clip77 and family auto say nothing; LoRA's alpha
+    without LoRA neither. A real change still is refused."""
+    from t2i_align.checkpoints import CheckpointMismatch
+    from t2i_align.resume_settings import check_same_model
+
+    recorded = {"seed": 0, "lora": {"enabled": True, "rank": 8, "alpha": None},
+                "model": {"family": "auto", "text_encoding": {"kind": "clip77", "token_budget": 240}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    same = {"seed": 0, "lora": {"enabled": True, "rank": 8, "alpha": 8.0},
+            "model": {"family": "sd15", "text_encoding": {"kind": "clip77", "token_budget": 120}}}
+    check_same_model(tmp_path, same)
+    with pytest.raises(CheckpointMismatch, match=r"lora.alpha / lora.rank = 1 \(now 2\)"):
+        check_same_model(tmp_path, {**same, "lora": {"enabled": True, "rank": 8, "alpha": 16.0}})
+    with pytest.raises(CheckpointMismatch, match="model.text_encoding="):
+        check_same_model(tmp_path, {**same, "model": {"family": "sd15", "text_encoding": {"kind": "segments",
+                                                                                             "token_budget": 240}}})
+    recorded["lora"] = {"enabled": False, "rank": 8, "alpha": None}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    check_same_model(tmp_path, {**same, "lora": {"enabled": False, "rank": 8, "alpha": 32.0}})
+
+
+def test_a_resume_through_a_link_to_a_checkpoint_of_this_run_keeps_the_run_in_place(tmp_path):
+    """train.resume=~/latest, a link to output_dir/checkpoints/step-2: read as another folder's, the run set its
+    own checkpoints aside (the link then dangling) and failed."""
+    from t2i_align.run_dir import prepare_run_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "latest").symlink_to(out / "checkpoints" / "step-2")
+    prepare_run_dir(out, tmp_path / "latest", str(tmp_path / "latest"), log=lambda message: None)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]

@@ -474,7 +474,9 @@ def test_a_variant_only_folder_loads_for_training_and_sampling_in_one_dtype(tmp_
     pipe = load_pipeline(folder, dtype="fp16")
     dtypes = {name: m.dtype for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     assert dtypes.pop("vae") == torch.float32 and set(dtypes.values()) == {torch.float16}, dtypes
-    images = generate(load_pipeline(folder, dtype="bf16"), ["a cat"], [0], num_inference_steps=2, height=16, width=16)
+    bf16 = load_pipeline(folder, dtype="bf16")
+    assert bf16.vae.dtype == torch.float32  # as training keeps it (it decoded in bf16 here, in fp32 there)
+    images = generate(bf16, ["a cat"], [0], num_inference_steps=2, height=16, width=16)
     assert images.images.shape == (1, 3, 16, 16) and torch.isfinite(images.images).all()
     for part in folder.glob("*/*.fp16.safetensors"):
         part.rename(part.with_name(part.name.replace(".fp16.", ".bf16.")))
@@ -924,3 +926,21 @@ def test_sharded_text_encoders_and_their_variant_indexes_are_rewritten_together(
     again, info = CLIPTextModel.from_pretrained(str(te), output_loading_info=True)
     same = all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
     assert not info["missing_keys"] and same
+
+
+@pytest.mark.parametrize("entry", [["transformers", "AutoModel"], ["evil", "EvilModel"]])
+def test_a_folder_naming_a_custom_or_auto_class_is_refused_before_any_code_runs(tmp_path, entry):
+    """An Auto class with an auto_map in its config.json made transformers ask "run the custom code?", and a "y"
+    ran the folder's .py during training's load; an unknown library was a raw ModuleNotFoundError."""
+    import json
+
+    from t2i_align.config import ModelConfig
+    from t2i_align.models import ModelLoadError, load_components
+
+    folder = save_tiny_pipeline("sd15", tmp_path / "pipe")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=rf"names {entry[0]}.{entry[1]} for text_encoder: only diffusers' and "
+                                             "transformers' own classes"):
+        load_components(ModelConfig(pretrained=str(folder)))

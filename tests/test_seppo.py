@@ -485,7 +485,7 @@ def test_settings_that_never_draw_a_later_snapshot_are_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config(None, base + ["seppo.snapshot_every=99"])
-        load_config(None, base + ["seppo.pool_size=1", "seppo.reference=initial"])
+        load_config(None, base + ["seppo.reference=initial"])
 
 
 @pytest.fixture(scope="module")

@@ -218,16 +218,18 @@ def test_clustered_diff_tests_the_prompts_mean_differences_by_hand():
 
 
 def test_compare_scores_tests_per_prompt_after_dropping_non_finite_pairs():
-    """Groups follow the kept pairs: prompt 0's NaN pair is dropped, its other difference is +0.5; prompt 1's
-    are +0.25 and −0.25 (mean 0), prompt 2's +0.5 and +0.5: means 0.5, 0, 0.5 -> 2 prompts won, 1 tied."""
+    """Prompt 0's base image that could not be scored (NaN) decides prompt 0 against base; prompt 1's differences
+    are +0.25 and −0.25 (mean 0), prompt 2's +0.5 and +0.5: the t-test over prompts 1 and 2 (means 0, 0.5), the sign
+    test 2 won (prompt 0 by the failure, prompt 2), 1 tied."""
     from t2i_align.evaluation import compare_scores
 
     base = [0.0, math.nan, 0.5, 0.5, 0.0, 0.0]
     tuned = [0.5, 0.3, 0.75, 0.25, 0.5, 0.5]
     out = compare_scores(base, tuned, groups=[0, 0, 1, 1, 2, 2])
-    assert out["dropped_nonfinite"] == 1 and out["per_prompt"]["groups"] == 3
-    assert out["per_prompt"]["mean_diff"] == pytest.approx(1 / 3)
+    assert out["dropped_nonfinite"] == 1 and out["per_prompt"]["groups"] == 2
+    assert out["per_prompt"]["mean_diff"] == pytest.approx(0.25)
     assert out["per_prompt"]["sign"] == {"wins": 2, "losses": 0, "p_value": 0.5}
+    assert out["per_prompt"]["decided_by_nonfinite"] == {"base": 1, "tuned": 0}
     assert "per_prompt" not in compare_scores(base, tuned)  # no groups: the image tests only
     assert "per_prompt" not in compare_scores(base, tuned, groups=[0, 1, 2, 3, 4, 5])  # one image per prompt
 
@@ -290,3 +292,11 @@ def test_an_image_only_one_side_could_not_score_is_that_sides_loss():
     assert (out["win_rate"]["wins"], out["win_rate"]["losses"], out["win_rate"]["win_rate"]) == (5, 5, 0.5)
     assert out["win_rate"]["p_value"] == 1.0 and out["nonfinite_only"] == {"base": 0, "tuned": 5}
     assert out["dropped_nonfinite"] == 5 and out["paired_diff"]["n"] == 5
+    # per prompt (the p-values README says to read): 6 prompts x 2 seeds, tuned +0.1 on prompts 0-2, NaN on 3-5:
+    # it won 3 of 3 prompts (sign p 0.25); now 3 wins, 3 losses (p 1); the t-test covers prompts 0-2
+    groups = [p for p in range(6) for _ in range(2)]
+    base = [0.1 * i for i in range(12)]
+    tuned = [b + 0.1 if g < 3 else math.nan for b, g in zip(base, groups)]
+    per_prompt = compare_scores(base, tuned, groups)["per_prompt"]
+    assert per_prompt["sign"] == {"wins": 3, "losses": 3, "p_value": 1.0} and per_prompt["groups"] == 3
+    assert per_prompt["decided_by_nonfinite"] == {"base": 0, "tuned": 3}

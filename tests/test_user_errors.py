@@ -56,6 +56,9 @@ def test_a_full_or_read_only_disk_is_one_line_and_other_os_errors_keep_their_tra
     assert run_cli(_raise(OSError(30, "Read-only file system", "runs/x"))) == 2
     with pytest.raises(OSError):
         run_cli(_raise(OSError(5, "Input/output error")))
+    from t2i_align.errors import describe  # told to the other processes of a run as a user error too
+
+    assert describe(OSError(28, "No space left on device"))[0] and not describe(OSError(5, "I/O error"))[0]
 
 
 def test_our_bugs_keep_their_traceback_and_debug_re_raises_user_errors(monkeypatch):

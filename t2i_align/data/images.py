@@ -65,10 +65,10 @@ def _one_split(folder: Path, files: List[Path]) -> None:
     splits = sorted({split for f in files if (split := _split_of(f.name))})
     if len(splits) > 1:
         one = "train" if "train" in splits else splits[0]
+        its = f"{one}.parquet" if (folder / f"{one}.parquet").is_file() else f"{one}-*.parquet"
         raise ConfigError(f"{folder} holds the shards of {len(splits)} splits ({', '.join(splits)}): read whole, "
                           f"they would be one data set; move each split into a folder of its own (mkdir "
-                          f"{folder}/{one} && mv {folder}/{one}*.parquet {folder}/{one}/) and "
-                          "give that folder")
+                          f"{folder}/{one} && mv {folder}/{its} {folder}/{one}/) and give that folder")
 
 
 def find_parquet_files(path: str | Path, root: Optional[str | Path] = None, kind: str = "pairs") -> List[Path]:

@@ -213,7 +213,7 @@ class PairDataset(torch.utils.data.Dataset):
                 for off, (caption, label, ok, wanted, different) in enumerate(rows):
                     if not wanted:
                         swap, self.stats.other_models = None, self.stats.other_models + 1
-                    elif different is False:  # a pair of one image teaches nothing (the official code keeps it)
+                    elif different is not None and not different:  # one image twice (0 after pandas, too)
                         swap, self.stats.same_image = None, self.stats.same_image + 1
                     elif isinstance(caption, str):
                         swap = _decide(label, ok, self.ties, self.stats)
