@@ -177,12 +177,17 @@ def _check_zero_2(zero: dict) -> None:
 def _check_precision(ds: dict, run: str) -> None:
     """Refuse a DeepSpeed config whose fp16 / bf16 "enabled" is set otherwise than train.mixed_precision: accelerate
     keeps such a value (it fills only "auto"), and the engine trained in it, the loop's checks read the run's."""
-    enabled = [name for name in ("fp16", "bf16") if str((ds.get(name) or {}).get("enabled")).lower() == "true"]
+    enabled = [name for name in ("fp16", "bf16") if _enabled(ds, name)]
     engine = enabled[0] if enabled else "no"
     if engine != run:
         raise UserError(f"the DeepSpeed config trains in {engine!r} ({engine if enabled else 'fp16 and bf16'}.enabled),"
                         f" and the run config says train.mixed_precision={run!r}, which decides: set fp16.enabled "
                         "and bf16.enabled to \"auto\" in the DeepSpeed config")
+
+
+def _enabled(ds: dict, precision: str) -> bool:
+    """Whether the DeepSpeed config turns `precision` ("fp16", "bf16") on (true, or "true" as JSON text may say)."""
+    return str((ds.get(precision) or {}).get("enabled")).lower() == "true"
 
 
 def _reduce_bf16_in_fp32(ds: dict) -> None:
@@ -197,7 +202,7 @@ def _skip_nonfinite_bf16_steps(accelerator, ds: dict) -> None:
     since deepspeed PR #8035, off before it): without, one such step turns the fp32 master weights NaN for good,
     where DDP and FSDP skip it (the loop's non-finite guard). Set it; refuse a DeepSpeed that lacks it."""
     bf16 = ds.get("bf16") or {}
-    if not (str(bf16.get("enabled")).lower() == "true" or getattr(accelerator, "mixed_precision", None) == "bf16"):
+    if not (_enabled(ds, "bf16") or getattr(accelerator, "mixed_precision", None) == "bf16"):
         return
     import deepspeed
 
