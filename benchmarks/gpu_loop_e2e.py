@@ -128,17 +128,20 @@ def check_export(final: Path, folder: Path, unet, lora: bool, dev: torch.device)
     from accelerate.utils import extract_model_from_parallel
     from diffusers import StableDiffusionPipeline
 
+    from t2i_align.models import dtype_kwargs
+
+    fp32 = dtype_kwargs(torch.float32)  # `dtype`, where diffusers has deprecated `torch_dtype`
     expected = "pytorch_lora_weights.safetensors" if lora else "unet"
     if not (final / expected).exists():
         return f"no: no {expected} in final/"
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **fp32, safety_checker=None)
     base = unet_output(pipe.unet, dev)  # the base pipeline: before its LoRA goes in, or beside the full export
     if lora:
         pipe.load_lora_weights(str(final))
         if not getattr(pipe.unet, "peft_config", None):
             return "no: no UNet layer took the LoRA weights"
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(str(final), torch_dtype=torch.float32, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(str(final), **fp32, safety_checker=None)
     loaded = unet_output(pipe.unet, dev)
     trained = unet_output(extract_model_from_parallel(unet, keep_fp32_wrapper=False), dev)  # without autocast
     rel = ((loaded - trained).abs().max() / trained.abs().max()).item()
@@ -208,21 +211,21 @@ def plan(folder: Path, data: Path, prompts: Path, tmp: Path, smoke: bool):
         return 2 if smoke else n
     common = [f"model.pretrained={folder}", "tracking.wandb=off", "train.log_every=1", "tracking.validate_every=0",
               f"tracking.validation_prompts=[{PROMPT}]", "tracking.validation_seeds=1",
-              f"tracking.sample_steps={2 if smoke else 5}", "train.checkpoint_every=0"]  # paths, not quality
+              f"tracking.sample_steps={2 if smoke else 5}"]  # paths, not quality
     pairs = common + [f"data.path={data}", f"data.resolution={64 if smoke else 512}"]
     lora_dpo = pairs + ["train.batch_size=2", "train.grad_accum=2", f"train.max_steps={steps(10)}",
                         f"train.checkpoint_every={1 if smoke else 5}"]
     online = common + ["raft.enabled=true", f"raft.prompts={prompts}", "raft.k=4", "raft.prompts_per_round=4",
                        f"raft.round_steps={1 if smoke else 3}", f"train.max_steps={steps(6)}",
                        f"raft.sample_steps={2 if smoke else 5}", "raft.reward=e2e-brightness",
-                       "lora.enabled=true", "train.batch_size=2", *prec("bf16")]
+                       "lora.enabled=true", "train.batch_size=2", "train.checkpoint_every=0", *prec("bf16")]
     return [
         ("1 LoRA DPO fp16", "dpo_lora.yaml", lora_dpo + prec("fp16") + ["data.cache=false"]),
         ("2 LoRA DPO bf16 cached", "dpo_lora.yaml",
          lora_dpo + prec("bf16") + ["data.cache=true", f"data.cache_dir={tmp / 'cache'}"]),
         ("3 full DPO bf16 grad-ckpt", "dpo_full.yaml",
          pairs + prec("bf16") + ["train.batch_size=1", "train.grad_accum=1", f"train.max_steps={steps(5)}",
-                                 "model.gradient_checkpointing=true", "data.cache=false",
+                                 "model.gradient_checkpointing=true", "data.cache=false", "train.checkpoint_every=0",
                                  # the recipe's LR (1e-8, scaled for 2048 pairs, 500 warm-up steps) barely moves
                                  # 5 steps: a plain 1e-5 lets the export check see the training
                                  "train.learning_rate=1e-5", "train.scale_lr=false", "train.lr_warmup_steps=0"]),

@@ -4,25 +4,26 @@
 #
 #   here, once:    benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
 #                                                       # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf, peft
-#   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~5 min)
-#   on the device, the must-haves first (TOTAL_S 480 s by default; ~8 minutes of the 15 with the start):
+#   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~2 min)
+#   on the device, what is still unmeasured first (TOTAL_S 480 s by default; ~9 minutes of the 15 with the start):
 #     run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=540)
 #   then AT ONCE, while the machine is warm (it goes back after ~30 s idle: no status call, no reading first; a
 #   fresh start costs 1-2 minutes and none starts under 4 minutes left), and
-#   only the parts whose reserves fit TOTAL_S (a part past the deadline is skipped, and so is every one after it;
-#   about 220-240 s are left after the first command: `levers` alone, or `gen score`):
-#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run gen score", carry=[".whl"],
-#       timeout_s=<TOTAL_S + 50>)                                 # e.g. TOTAL_S=220, timeout_s=270
-#   `compile` (reserve 300) needs a session of its own; `levers` and `score-bf16` the next one.
+#   only the parts whose reserves fit TOTAL_S (a part past the deadline is skipped, and so is every one after it):
+#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run compile", carry=[".whl"],
+#       timeout_s=<TOTAL_S + 50>)                                 # e.g. TOTAL_S=340, timeout_s=390
+#   In session 38 the second command was refused ("no device machine could be started", then "paused") although
+#   the first had just returned with the machine warm: put what matters most in the first command.
 #   Copy $OUT's JSON to benchmarks/results/; $OUT/session.log holds every part's full log. A part that failed
 #   alone is rerun by naming it: `run rest`.
 #
-# Parts, each one process, with the seconds it is given (its reserve) and the ESTIMATED time on an H200 (none
-# measured yet; from gpu_sd15's measured H200 steps, 0.3-0.35 s per DPO step at 1-8 pairs, and ~10 s a row for
-# loading, cache, export and gallery). Default (`run` alone): lora e2e rest.
-#   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  est. 90
-#   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  est. 140
-#   rest        gpu_throughput.py sdxl-lora (ckpt x1, x4) + sd15-full (x8)                 reserve 160  est. 140
+# Parts, each one process, with the seconds it is given (its reserve) and its time on an H200: MEASURED in
+# session 38 for lora, e2e and rest (the part's line in session.log to the next, imports and data included; the
+# first part also paid ~20 s for the wheels' install before it), estimated for the rest (from those steps and
+# ~10 s a row for loading, cache and gallery). Default (`run` alone): levers gen score score-bf16.
+#   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  took 75
+#   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  took 99
+#   rest        gpu_throughput.py sdxl-lora (ckpt x1, x4) + sd15-full (x8)                 reserve 160  took 98
 #   levers      gpu_throughput.py sd15-lever: each speed lever at x8, sdpa-cudnn last      reserve 180  est. 150
 #   gen         gpu_sd15.py --only gen: generate() vs a plain pipeline() call              reserve  60  est. 40
 #   score       reward_throughput.py fp32: t2i-score batched vs one at a time              reserve 120  est. 90
@@ -37,9 +38,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # peft: the version tested here, whatever the device image holds (pure Python, 0.5 MB)
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0 peft==0.21.2)
-PARTS=(lora e2e rest levers gen score score-bf16 compile)  # most important first
+PARTS=(lora e2e rest levers gen score score-bf16 compile)
 declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90 [compile]=300)
-MUST=(lora e2e rest)
+MUST=(levers gen score score-bf16)  # what session 38 could not measure (lora e2e rest: results/gpu_*_h200.*)
 REWARDS=(--device cuda --models vit-h-14,pickscore,imagereward --images 256 --batch-size 64)
 
 wheels() {
