@@ -49,6 +49,8 @@ class Reward:
     """Values of those options that are names, not paths ("toy", "batch")."""
     open_clip_checkpoint: bool = False
     """Whether `checkpoint` may also be an open_clip pretrained tag ("openai": downloaded, online only)."""
+    option_ranges: Dict[str, Tuple[float, float, str]] = {}
+    """Number options' closed ranges and what each means, checked by `check_options` before a run loads its model."""
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Raise PromptsRejected (saying which prompts and what the reward reads) if this reward cannot score

@@ -189,6 +189,8 @@ class DecomposedClip(Reward):
     paths = {"checkpoint": SOURCE, "direction": None}
     open_clip_checkpoint = True
     path_names = ("toy", "toy-denscore", "batch")
+    option_ranges = {"omega": (0.0, 1.0, "the weight kept on the text-irrelevant part: LongAlign uses 0.3; 1 is "
+                                         "plain CLIP")}
 
     def __init__(self, checkpoint: Optional[PathLike] = None, arch: Optional[Arch] = None, omega: float = 0.3,
                  direction: Optional[PathLike] = None, fit_prompts: Union[str, Sequence[str], None] = None,

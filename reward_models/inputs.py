@@ -2,9 +2,6 @@
 (`folder_items`, `parquet_items`), as `Item`s decoded only when scored."""
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -14,7 +11,7 @@ from t2i_align.data.images import check_aspect, decode_image
 from t2i_align.data.images import find_parquet_files
 from t2i_align.data.pairs import label_problem
 from t2i_align.errors import UserError
-from t2i_align.prompts import text_lines
+from t2i_align.prompts import csv_records, json_value, numbered_lines, text_lines
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -47,16 +44,17 @@ class Item(NamedTuple):
 
 def _read_table(path: Path) -> List[Tuple[str, str, Optional[str]]]:
     """(file, prompt, problem) rows from a .csv with a header or a .jsonl of objects; a bad row keeps its place
-    with its problem (and file "" when it names none): skipped and counted by the scoring, not the run's end."""
+    with its problem (and file "" when it names none): skipped and counted by the scoring, not the run's end. A
+    CSV quote left open (it takes the rows after it) ends the run. Problems name the file's line."""
     try:  # split at line ends only: str.splitlines also cuts at \x0c, \x85, U+2028 ... inside a prompt
         text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() == ".csv":
-            rows: List[Any] = list(csv.DictReader(io.StringIO(text, newline="")))
+            rows: List[Tuple[int, Any]] = csv_records(text)
         else:
-            rows = [_json_line(number, s) for number, s in enumerate(text.split("\n"), 1) if s.strip()]
+            rows = [(number, _json_line(s)) for number, s in numbered_lines(text)]
     except ValueError as e:
         raise UsageError(f"cannot read {path}: {e}") from e
-    table = [_table_row(path, i + 1, r) for i, r in enumerate(rows)]
+    table = [_table_row(path, number, r) for number, r in rows]
     if table and all(problem for _, _, problem in table):  # the file's format, not a row's: before any reward loads
         raise UsageError(f"no row of {path} can be scored (first: {table[0][2]}); give `file` and `prompt` columns "
                          "(CSV header) or fields (one JSON object per line)")
@@ -64,9 +62,9 @@ def _read_table(path: Path) -> List[Tuple[str, str, Optional[str]]]:
 
 
 def _table_row(path: Path, number: int, r: Any) -> Tuple[str, str, Optional[str]]:
-    where = f"{path.name} row {number}"
+    where = f"{path.name} line {number}"
     if isinstance(r, _NotJson):
-        return "", "", f"{path.name} line {r.line} is not JSON ({r.error}): one object per line"
+        return "", "", f"{where} is not JSON ({r.error}): one object per line"
     if not isinstance(r, dict) or r.get("file") is None or "prompt" not in r:
         found = list(r) if isinstance(r, dict) else type(r).__name__
         return str(r.get("file") or "") if isinstance(r, dict) else "", "", \
@@ -81,15 +79,14 @@ def _table_row(path: Path, number: int, r: Any) -> Tuple[str, str, Optional[str]
 
 
 class _NotJson(NamedTuple):
-    line: int
     error: str
 
 
-def _json_line(number: int, line: str) -> Any:
+def _json_line(line: str) -> Any:
     try:
-        return json.loads(line)
-    except ValueError as e:  # json's own position is within the line
-        return _NotJson(number, str(e))
+        return json_value(line)
+    except ValueError as e:
+        return _NotJson(str(e))
 
 
 def _inside(folder: Path, root: Path, name: str) -> bool:

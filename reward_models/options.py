@@ -75,6 +75,17 @@ def check_options(name: str, options: Dict[str, Any]) -> None:
         raise RewardSetupError(f"reward {name!r} has no option(s) {bad}; it takes: {', '.join(params) or 'none'}")
     for key, value in options.items():
         _check_option_type(name, key, value, params[key].default)
+        _check_option_range(_REGISTRY[name], key, value)
+
+
+def _check_option_range(cls, key: str, value: Any) -> None:
+    """A number option outside its reward's `option_ranges` (omega=5 passed a dry run, failing once the model had
+    loaded; a reward without the check would have taken it)."""
+    if key in cls.option_ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high, meaning = cls.option_ranges[key]
+        if not low <= value <= high:
+            raise RewardSetupError(f"reward {cls.name!r} option {key}={value} is outside [{low:g}, {high:g}] "
+                                   f"({meaning})")
 
 
 def _check_option_type(name: str, key: str, value: Any, default: Any) -> None:

@@ -89,17 +89,25 @@ def made_from_toy(model: str) -> bool:
     return False
 
 
-def warn_other_base(given: str, model_dir: Path, lora: Path) -> None:
+def warn_other_base(given: str, model_dir: Path, lora: Path, unet: Optional[str | Path] = None) -> None:
     """Warn when adapters recorded as trained on another model are applied to `model_dir` (named `given`): they
     then change a model they did not learn on (LongAlign's stage-2 LoRA belongs on stage 1's merged folder). The same
     folder is the same model, and so is the same name where it is no local folder ("toy", a hub id, whose folder
-    differs between machines)."""
+    differs between machines). With `unet`, a UNet checkpoint replacing the folder's (`--unet`), the model is that
+    checkpoint's: the same only where they were trained on its folder (a full export of ours, or the folder it is
+    the unet/ of)."""
     record = _record(lora)
     if record is None:
         return
     trained_on, name = record
-    same_name = given == name and not Path(given).exists()
-    if not same_name and Path(trained_on).resolve() != Path(model_dir).resolve():
-        warnings.warn(f"{lora} was trained on {name or trained_on}, and is applied to {model_dir}: unless that is the "
+    if unet is not None:
+        from .unet_checkpoint import checkpoint_folders
+
+        same = Path(trained_on).resolve() in {folder.resolve() for folder in checkpoint_folders(unet)}
+    else:
+        same = given == name and not Path(given).exists() or Path(trained_on).resolve() == Path(model_dir).resolve()
+    if not same:
+        applied = f"{model_dir} with --unet {unet}" if unet is not None else str(model_dir)
+        warnings.warn(f"{lora} was trained on {name or trained_on}, and is applied to {applied}: unless that is the "
                       "same model, the samples are not what trained (LongAlign stage 2: give stage 1's merged "
                       "folder)", stacklevel=2)

@@ -4,6 +4,7 @@ prepared optimizer. Everything here can still fail on the user's settings; nothi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,8 +20,9 @@ def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = T
     """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
     that is not there (with `data_files`; the toy demo's are yet to be made), a reward named that does not exist,
     takes other options or whose weights are not there (the gallery's with `gallery_weights`: the main process
-    alone loads them, `check_gallery_weights`)."""
+    alone loads them, `check_gallery_weights`), a DDIM chain longer than a local model folder's schedule."""
     from .data.sources import check_data_files, check_data_kind
+    from .validation import check_gallery_direction
 
     check_data_kind(cfg, batch_kind)
     if data_files:
@@ -28,10 +30,12 @@ def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = T
     _check_method_settings(cfg, batch_kind)
     _check_reward("tracking.validation_reward", cfg.tracking.validation_reward, cfg.tracking.validation_reward_options,
                   gallery_weights)
+    check_gallery_direction(cfg)
     if cfg.raft.enabled:
         _check_reward("raft.reward", cfg.raft.reward, cfg.raft.reward_options)
     if cfg.objective.name == "reward_backprop":
         _check_reward("reward_backprop.reward", cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
+    _check_chain_steps_in_folder(cfg)
 
 
 def check_gallery_weights(accelerator, cfg: Config) -> None:
@@ -69,9 +73,17 @@ def _check_method_settings(cfg: Config, batch_kind: str) -> None:
 
         load_training_table(cfg.ppd.table, cfg.ppd.layers)
     if cfg.objective.name == "reward_backprop":
-        from .objectives.reward_backprop import check_differentiable
+        from .objectives.reward_backprop import check_differentiable, check_direction
 
         check_differentiable(cfg.reward_backprop.reward)
+        check_direction(cfg)
+
+
+def _chain(cfg: Config) -> Optional[Tuple[str, int]]:
+    """(setting, steps) of the DDIM chain the objective samples in training; None without one."""
+    chains = {"seppo": ("seppo.sample_steps", cfg.seppo.sample_steps),
+              "reward_backprop": ("reward_backprop.num_steps", cfg.reward_backprop.num_steps)}
+    return chains.get(cfg.objective.name)
 
 
 def _check_chain_steps(cfg: Config, scheduler) -> None:
@@ -79,16 +91,35 @@ def _check_chain_steps(cfg: Config, scheduler) -> None:
     set_timesteps at the first step, a traceback after the model load and the cache build."""
     from .rollout import ddim_sampler
 
-    chains = {"seppo": ("seppo.sample_steps", cfg.seppo.sample_steps),
-              "reward_backprop": ("reward_backprop.num_steps", cfg.reward_backprop.num_steps)}
-    if cfg.objective.name not in chains:
+    chain = _chain(cfg)
+    if chain is None:
         return
-    setting, steps = chains[cfg.objective.name]
+    setting, steps = chain
     try:
         ddim_sampler(scheduler, steps)
     except ValueError:
         raise ConfigError(f"{setting}={steps} is more DDIM steps than this model's schedule "
                           f"({scheduler.config.num_train_timesteps} timesteps) can take: give fewer") from None
+
+
+def _check_chain_steps_in_folder(cfg: Config) -> None:
+    """`_check_chain_steps` before the model loads, on the scheduler built from a local model folder's
+    scheduler_config.json (no weights), as `load_components` builds it. A hub id, or a folder not there or
+    damaged, is left to the dry run's folder check and the load."""
+    if _chain(cfg) is None:
+        return
+    from diffusers import DDPMScheduler
+
+    from .diffusion import latent_scheduler
+    from .model_folders import ModelLoadError, local_model_folder
+
+    try:
+        folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
+        config = None if folder is None else DDPMScheduler.load_config(folder, subfolder="scheduler")
+    except (ModelLoadError, OSError, ValueError):
+        return
+    if config is not None:
+        _check_chain_steps(cfg, latent_scheduler(DDPMScheduler, config))
 
 
 def _trainable(cfg: Config, components, needs_reference: bool):

@@ -9,8 +9,10 @@ import functools
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -27,6 +29,60 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointMismatch(UserError, RuntimeError):
     """A checkpoint written by a run with other settings (LoRA targets or rank) than this one."""
+
+
+class CheckpointDamaged(UserError, ValueError):
+    """A checkpoint file that cannot be read: cut short (a copy or disk that failed), overwritten, or a pickle
+    with code in it, which `weights_only` loading refuses."""
+
+
+DAMAGED_HINT = "resume from another checkpoint (train.resume=FOLDER) or start fresh without train.resume"
+_LOADED = ("model*.safetensors", "optimizer*.bin", "scheduler*.bin", "scaler.pt")
+"""accelerate's files whose damage stops its load_state (its RNG states it skips, with an info line)."""
+
+
+def damaged(path: Path, name: str, err: BaseException) -> CheckpointDamaged:
+    if isinstance(err, pickle.UnpicklingError):  # torch's text advises weights_only=False first: not for this
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|Check the documentation|$)", str(err), re.S)
+        what = " ".join(found.group(1).split()).split(". ")[0][:200] if found else "refused"  # not its advice
+        return CheckpointDamaged(f"checkpoint {path}: its file {name} holds a pickle that weights_only loading "
+                                 f"refuses ({what}): not written by accelerate, or by another torch or numpy "
+                                 f"version; {DAMAGED_HINT}")
+    return CheckpointDamaged(f"checkpoint {path}: its file {name} cannot be read ({type(err).__name__}: "
+                             f"{one_line(err)[:200]}): cut short or overwritten? {DAMAGED_HINT}")
+
+
+def find_damaged(path: Path) -> Optional[CheckpointDamaged]:
+    """The first of the checkpoint's files that does not load, as the error to raise, checked before a resume
+    loads it (accelerate's errors name no file). Its weights and optimizer, scheduler and scaler states are loaded
+    as accelerate loads them (weights_only; mmap: no optimizer state read whole); its RNG states, which accelerate
+    skips where they do not load, only checked to be whole (a healthy one of another numpy version is skipped
+    there, not refused here). One process's / DDP's layout only: FSDP's and DeepSpeed's files are pickles that
+    weights_only loading refuses, damaged or not."""
+    from accelerate.utils.other import load
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(path)
+    if not (root / "model.safetensors").is_file():
+        return None
+    for file in sorted({f for pattern in (*_LOADED, "random_states_*.pkl") for f in root.glob(pattern)}):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+                continue
+            if not zipfile.is_zipfile(file):  # torch.save's format; a cut copy loses the zip's directory
+                raise ValueError("not a torch.save archive")
+            if file.suffix == ".pkl":
+                with zipfile.ZipFile(file) as archive:
+                    bad = archive.testzip()  # each member's checksum
+                if bad:
+                    raise ValueError(f"{bad} fails its checksum")
+            else:
+                load(file, map_location="cpu", mmap=True)
+        except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            return damaged(root, file.name, err)
+    return None
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -89,7 +145,12 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Optional[str]) -> Opti
 
 def read_marker(path: Path) -> dict:
     """The checkpoint's marker: {"step": N, ...what the loop recorded, e.g. "raw_batches"}."""
-    return json.loads((Path(path) / MARKER).read_text())
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+        int(marker["step"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise damaged(Path(path), MARKER, err) from err
+    return marker
 
 
 def resume_raw_batches(marker: dict, index: int, processes: int, fallback: int) -> int:

@@ -255,8 +255,17 @@ def lora_load_error(lora: Path, path: Path, err: Exception) -> str:
 
 
 class _LoadErrorFilter(logging.Filter):
+    """Drops diffusers' log of a failed load, which a ModelLoadError then says in one line, and holds its list of
+    keys no layer took (with those it left missing) until `_refuse_unused` has said it in one line, or not."""
+    def __init__(self):
+        super().__init__()
+        self.held: list = []
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "was unsuccessful with the following error" not in record.getMessage()
+        text = record.getMessage()
+        if "led to unexpected keys" in text:
+            self.held.append(record)
+        return "was unsuccessful with the following error" not in text and "led to unexpected keys" not in text
 
 
 def _weights_file(lora: Path) -> Tuple[str, Dict[str, str]]:
@@ -273,21 +282,53 @@ def _weights_file(lora: Path) -> Tuple[str, Dict[str, str]]:
 
 def load_lora(pipe, lora: Path, path: Path) -> None:
     """`pipe.load_lora_weights(lora)`, its failures one ModelLoadError line (`lora_load_error`; diffusers' own log
-    of the error, a line per mismatched weight, dropped; its warnings of keys left unloaded still show), and a file
-    no UNet layer took refused (diffusers only warns)."""
-    from .models import ModelLoadError
-
-    log, drop = logging.getLogger("diffusers.loaders.peft"), _LoadErrorFilter()
-    log.addFilter(drop)
+    of the error, a line per mismatched weight, dropped), and a file refused when any of its UNet LoRA keys found no
+    UNet layer (`_refuse_unused`: peft loads the rest, diffusers only logs a warning and the samples are of part of
+    the adapter)."""
+    logs, drop = [logging.getLogger(f"diffusers.{n}") for n in ("loaders.peft", "utils.peft_utils")], _LoadErrorFilter()
+    for log in logs:
+        log.addFilter(drop)
+    folder, name = _weights_file(Path(lora))
+    before = set(getattr(pipe.unet, "peft_config", None) or ())
     try:
-        folder, name = _weights_file(Path(lora))
         pipe.load_lora_weights(folder, **name)
     except (ValueError, RuntimeError, KeyError, IndexError, OSError) as err:  # OSError: not a weights file
+        if "not found in the base model" in str(err):  # peft: no layer of a part has any of its names
+            _refuse_unused(pipe, lora, path, folder, name, _new_adapter(pipe, before))
         raise ModelLoadError(lora_load_error(lora, path, err)) from err
     finally:
-        log.removeFilter(drop)
-    if not getattr(pipe.unet, "peft_config", None):
+        for log in logs:
+            log.removeFilter(drop)
+    adapter = _new_adapter(pipe, before)
+    if adapter is None:
         raise ModelLoadError(f"LoRA weights {lora} do not match the model in {path}: no UNet layer took them")
+    _refuse_unused(pipe, lora, path, folder, name, adapter)
+    for record in drop.held:  # not refused: keys of the layers it took (missing keys too): diffusers' words stand
+        logging.getLogger(record.name).handle(record)
+
+
+def _new_adapter(pipe, before: set) -> Optional[str]:
+    return next((a for a in getattr(pipe.unet, "peft_config", None) or () if a not in before), None)
+
+
+def _refuse_unused(pipe, lora: Path, path: Path, folder: str, name: Dict[str, str], adapter: Optional[str]) -> None:
+    """ModelLoadError when any of the file's LoRA keys but the text encoders' (as diffusers reads them) takes no
+    layer: a UNet key (converted as diffusers does, before peft matches it by layer name) whose layer has no
+    `adapter` (None: none loaded), or a key of no part (diffusers drops those silently)."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    state = pipe.lora_state_dict(folder, unet_config=pipe.unet.config, **name)[0]
+    stray = [k for k in state if not k.startswith(("unet.", "text_encoder.", "text_encoder_2."))]
+    keys = {k[len("unet."):]: k for k in state if k.startswith("unet.")}
+    if keys and "lora_A" not in next(iter(keys)):  # diffusers' own test (load_lora_adapter)
+        keys = convert_unet_state_dict_to_peft(keys)
+    keys = {k: original for k, original in keys.items() if ".lora_" in k}
+    took = {n.split(".lora_")[0] for n, _ in pipe.unet.named_parameters() if adapter and f".{adapter}." in f"{n}."}
+    unused = [original for k, original in keys.items() if k.split(".lora_")[0] not in took] + stray
+    if unused:
+        raise ModelLoadError(f"LoRA weights {lora}: {len(unused)} of its {len(keys) + len(stray)} LoRA keys outside "
+                             f"the text encoders match no UNet layer in {path} (e.g. {unused[0]}): an adapter for "
+                             "another base model, or with other target modules; give a LoRA trained on this model")
 
 
 def check_vae_scale(path: Path, vae, key: str) -> None:

@@ -6,10 +6,14 @@ e.g. LongAlign's stage-1 data for stage 2: its multi-paragraph captions whole), 
 captions whose background sentence lies beyond CLIP's 77 tokens, `toy_long_captions`)."""
 from __future__ import annotations
 
+import csv
+import io
+import itertools
+import json
 import logging
 import random
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 from .config import ConfigError
 
@@ -96,32 +100,24 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
     """The `caption` (else `prompt`) field of every row of a .csv with a header or a .jsonl of objects, as a pair
     listing is read (`data/listings.py`), in order, each prompt once: such files list images (generate.py's
     metadata.jsonl, a row per seed), and a prompt read once per image would be sampled seeds × seeds times and
-    counted as several prompts by compare.py's statistics. Empty ones are skipped, as blank lines are."""
-    import csv
-    import io
-    import json
-
+    counted as several prompts by compare.py's statistics. Empty ones are skipped, as blank lines are. Errors name
+    the file's own line (a .json list's item)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-        if path.suffix.lower() == ".csv":
-            rows: list = list(csv.DictReader(io.StringIO(text, newline="")))
-        elif path.suffix.lower() == ".json":  # a list of prompts (benchmark prompt lists), or of objects
-            rows = json.loads(text)
-            rows = [{"prompt": r} if isinstance(r, str) else r for r in rows] if isinstance(rows, list) else [rows]
-        else:  # lines split at line ends only, as text_lines does
-            rows = [json.loads(line) for line in text.split("\n") if line.strip()]
+        located = _located_rows(path, path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{what}: cannot read {path} ({err}); give {_FORMS[path.suffix.lower()]}") from None
+        raise ConfigError(f"{what}: cannot read {path}: {err}; give {_FORMS[path.suffix.lower()]}") from None
+    rows = [r for _, r in located]
     if not rows or not all(isinstance(r, dict) for r in rows):
         raise ConfigError(f"{what}: {path} holds no rows of fields; give {_FORMS[path.suffix.lower()]}")
-    torn = next((i for i, r in enumerate(rows) if None in r or None in r.values()), None)  # DictReader's rest
+    torn = next((where for where, r in located if path.suffix.lower() == ".csv"  # DictReader's rest key / value
+                 and (None in r or None in r.values())), None)
     if torn is not None:
-        raise ConfigError(f"{what}: {path} row {torn + 1} has more or fewer fields than the header (a comma in a "
+        raise ConfigError(f"{what}: {path} {torn} has more or fewer fields than the header (a comma in a "
                           "prompt? put the prompt in double quotes)")
-    bare = next((i for i, r in enumerate(rows) if "caption" not in r and "prompt" not in r), None)
+    bare = next(((where, r) for where, r in located if "caption" not in r and "prompt" not in r), None)
     if bare is not None:
-        raise ConfigError(f"{what}: row {bare + 1} of {path} has no 'caption' or 'prompt' field, only "
-                          f"{sorted(rows[bare])} ({_FORMS[path.suffix.lower()]}; a text file with one prompt per "
+        raise ConfigError(f"{what}: {bare[0]} of {path} has no 'caption' or 'prompt' field, only "
+                          f"{sorted(bare[1])} ({_FORMS[path.suffix.lower()]}; a text file with one prompt per "
                           "line needs the .txt suffix)")
     texts = (r["caption"] if "caption" in r else r["prompt"] for r in rows)
     # a number reads as its text; a list or an object is no prompt (str() made "['a', 'b']" one)
@@ -133,6 +129,68 @@ def table_prompts(path: Path, what: str = "prompts") -> List[str]:
         logger.info("%s: %d prompts from the %d rows of %s (repeats and empty ones read once / skipped)", what,
                     len(prompts), len(rows), path)
     return prompts
+
+
+def _located_rows(path: Path, text: str) -> List[Tuple[str, Any]]:
+    """(where, row) of a prompt table's rows: "line N" of a .csv (a record's first line) or .jsonl, "item N" of a
+    .json list of prompts (benchmark prompt lists) or of objects."""
+    if path.suffix.lower() == ".csv":
+        return [(f"line {number}", row) for number, row in csv_records(text)]
+    if path.suffix.lower() == ".json":
+        rows = json.loads(text)
+        rows = [{"prompt": r} if isinstance(r, str) else r for r in rows] if isinstance(rows, list) else [rows]
+        return [(f"item {i + 1}", row) for i, row in enumerate(rows)]
+    located = []
+    for number, line in numbered_lines(text):
+        try:
+            located.append((f"line {number}", json_value(line)))
+        except ValueError as err:
+            raise ValueError(f"line {number} is not JSON ({err})") from None
+    return located
+
+
+def numbered_lines(text: str) -> List[Tuple[int, str]]:
+    """(the file's 1-based line number, line) of each non-blank line of `text`, split as `text_lines` splits: a
+    count of the non-blank lines named the wrong line after a blank one."""
+    return [(number, line) for number, line in enumerate(text_lines(text), 1) if line.strip()]
+
+
+def json_value(line: str) -> Any:
+    """One JSON line's value, or ValueError with json's message and column (its own position says "line 1" on every
+    line: the caller names the file's line)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{err.msg} at column {err.colno}") from None
+    except RecursionError:  # nested thousands deep
+        raise ValueError("nested too deep") from None
+
+
+_OPEN_QUOTE = 'a quote left open? close it, or write a quote inside a field as two ("")'
+
+
+def csv_records(text: str) -> List[Tuple[int, Dict[Any, Any]]]:
+    """(first line, row) of each record of CSV `text` with a header, as csv.DictReader reads it (fields past the
+    header under the key None, missing ones None). Read strictly: a double quote left open took the rows after it
+    into one field without a word from csv; strict, it ends in an error (at the file's end, or at the next quote,
+    followed by no comma), a ValueError naming the line the record began on. A quoted field over several lines,
+    closed where it ends (RFC 4180, as pandas writes multi-paragraph captions), is read."""
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.DictReader(lines, strict=True)
+    records: List[Tuple[int, Dict[Any, Any]]] = []
+    end = 0  # the last line of the record before
+    try:
+        for row in itertools.chain([dict.fromkeys(reader.fieldnames or [])], reader):  # the header first
+            records.append((_first_line(lines, end, reader.line_num), row))
+            end = reader.line_num
+    except csv.Error as err:  # an open quote; or past csv's field limit (128 KiB), one taking the rest of a file
+        raise ValueError(f"line {_first_line(lines, end, len(lines))}: {err} ({_OPEN_QUOTE})") from None
+    return records[1:]
+
+
+def _first_line(lines: List[str], end: int, last: int) -> int:
+    """A record's first line: the first non-empty one after line `end` (csv skips empty lines)."""
+    return next((n for n in range(end + 1, last + 1) if lines[n - 1].strip("\r\n")), end + 1)
 
 
 def parquet_captions(path: Path, what: str = "prompts") -> List[str]:

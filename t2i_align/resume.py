@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .checkpoints import CheckpointMismatch, checkpoint_step, read_marker, resume_raw_batches
+from .checkpoints import CheckpointMismatch, checkpoint_step, find_damaged, read_marker, resume_raw_batches
 from .config import Config, TrainConfig, config_to_dict, save_config
 from .engines import engine_name, on_every, on_main, say
 from .errors import UserError
@@ -51,9 +51,13 @@ def check_checkpoint_fits(path: Path, model: torch.nn.Module, trainable_only: bo
     """CheckpointMismatch unless the checkpoint's weights file holds this run's trainable weights as shaped here
     (`trainable_only`: adapters, exactly those) or every weight of the model (a full fine-tune); made before a
     resume claims output_dir (a LoRA of another rank failed in the load, the earlier run already set aside). FSDP
-    and DeepSpeed layouts are left to their engines. Returns whether the file holds the adapters only."""
+    and DeepSpeed layouts are left to their engines. CheckpointDamaged if one of its files does not load (cut
+    short or overwritten). Returns whether the file holds the adapters only."""
     if not (path / "model.safetensors").is_file():  # not one process's / DDP's layout
         return False
+    damaged = find_damaged(path)  # before the run sets the earlier one aside; accelerate skips bad RNG states
+    if damaged:
+        raise damaged
     from safetensors import safe_open
 
     state = None if trainable_only else model.state_dict()
@@ -88,7 +92,7 @@ def load_checkpoint(accelerator, path: Path, model: torch.nn.Module, trainable_o
     try:  # strict=False: the file holds the adapters only. Engines get no such argument (DeepSpeed's takes none).
         accelerator.load_state(str(path), **({"strict": False} if adapters_file else {}))
     except (RuntimeError, ValueError, KeyError) as err:  # torch's own mismatch errors: a traceback of key lists
-        if not _is_mismatch(err):  # a damaged file, a CUDA or NCCL fault: their own error and traceback
+        if not _is_mismatch(err):  # a CUDA or NCCL fault: its own error and traceback (damaged files: above)
             raise
         why = " ".join(str(err).split())[:300]  # one line: torch's lists every missing key on its own line
         raise CheckpointMismatch(f"checkpoint {path} does not fit this run ({type(err).__name__}: {why}): was it "
@@ -113,7 +117,7 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
         check_same_model(path, settings, warn)
     if int(marker["step"]) > max_steps:
         raise UserError(f"train.resume: {path} is at step {marker['step']}, past train.max_steps={max_steps}; set "
-                        f"train.max_steps above it to train on, or use {output_dir}/final")
+                        f"train.max_steps above it to train on{_its_export(path)}")
     if method is not None and method[0] == "seppo" and not (path / POOL_STATE_FILE).is_file():
         wrote = setting(checkpoint_config(path)[1], "objective.name")
         why = f"it was written by objective {wrote!r}" if wrote not in (None, "seppo") else "its file is missing"
@@ -145,6 +149,15 @@ def check_resume(path: Path, engine: str, processes: int, max_steps: int, output
 
 OPTIMIZER_STATE = {"adamw": "AdamW", "adamw_fused": "AdamW", "adafactor": "Adafactor", "adamw8bit": "AdamW8bit"}
 """train.optimizer -> the optimizer whose state a checkpoint holds (AdamW's fused flag is in its saved groups)."""
+
+
+def _its_export(path: Path) -> str:
+    """The export of the run that wrote checkpoint `path` (OUT/checkpoints/step-N -> OUT/final), where there is
+    one: the weights of its last step, not of this checkpoint's."""
+    folder = Path(path).resolve().parent
+    final = folder.parent / "final"
+    return f", or use that run's export {final} (its last step's weights)" if folder.name == "checkpoints" and \
+        final.is_dir() else ""
 
 
 def check_resume_settings(path: Path, cfg: Config) -> None:

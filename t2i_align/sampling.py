@@ -167,7 +167,7 @@ def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_enc
     if lora is not None:
         from .base_model import warn_other_base
 
-        warn_other_base(str(model), path, lora)
+        warn_other_base(str(model), path, lora, unet)
     return path, recorded_text_encoding(path, lora, text_encoding, unet)
 
 

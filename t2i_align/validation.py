@@ -161,6 +161,33 @@ def load_validation_reward(cfg, accelerator, prompts: Sequence[str]):
     return reward
 
 
+def check_gallery_direction(cfg) -> None:
+    """decomposed-clip under the gallery, before the model loads: without a common direction it refused to load
+    (after the model had); `direction=batch` takes v from the gallery's prompts (each set scored in one call), and
+    one prompt decomposes nothing. Unset validation prompts are the data's first captions, not known yet."""
+    import inspect
+
+    from reward_models.decomposed_clip import DecomposedClip
+
+    tc = cfg.tracking
+    if tc.validation_reward != "decomposed-clip":
+        return
+    options = dict(tc.validation_reward_options)
+    direction, fit = options.get("direction"), options.get("fit_prompts")
+    omega = options.get("omega", inspect.signature(DecomposedClip).parameters["omega"].default)
+    if direction is not None and fit is not None:
+        raise ConfigError("tracking.validation_reward_options: give direction or fit_prompts, not both")
+    if direction is None and fit is None and float(omega) != 1.0:
+        raise ConfigError("tracking.validation_reward=decomposed-clip needs its common direction: set "
+                          "tracking.validation_reward_options.direction=FILE (a LongAlign run's "
+                          "reward_direction.safetensors) or fit_prompts=PROMPTS (or omega=1: plain CLIP)")
+    if direction == "batch" and tc.validation_prompts and len(set(tc.validation_prompts)) < 2:
+        raise ConfigError("tracking.validation_reward_options.direction=batch with one tracking.validation_prompts "
+                          "prompt: the gallery is scored against its prompts' mean text, and one prompt decomposes "
+                          "nothing (v = its own t); give two or more validation prompts, or direction=FILE or "
+                          "fit_prompts=PROMPTS")
+
+
 def _check_reward_reads_prompts(cfg, reward, prompts: Sequence[str]) -> None:
     """toy-judge reads only toy captions: say which prompts it refuses and how to choose others."""
     from reward_models.base import PromptsRejected

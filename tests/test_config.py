@@ -243,6 +243,34 @@ def test_validation_failure_names_the_dotted_key(override, key):
     assert message.startswith(f"{key} = ") and "command line" in message and "expected" in message
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("reward_backprop.eta=1.5", r"reward_backprop\.eta = 1\.5 .*expected a number in \[0, 1\]"),
+    ("reward_backprop.eta=-0.1", r"reward_backprop\.eta = -0\.1 .*expected a number in \[0, 1\]")])
+def test_reward_backprop_eta_is_checked_at_load(override, expected):
+    """eta > 1 made DDIM's sqrt(1 - ᾱ_prev - σ²) NaN."""
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, ["objective.name=reward_backprop", override])
+    load_config(None, ["objective.name=reward_backprop", "reward_backprop.eta=1"])
+
+
+@pytest.mark.parametrize("setting", ["reward_backprop", "raft"])
+def test_a_reward_option_outside_its_range_is_refused_before_the_model_loads(setting):
+    """decomposed-clip's omega=5 passed --dry-run and failed only once the model had loaded."""
+    from t2i_align.build import check_before_loading
+
+    method = ["objective.name=reward_backprop"] if setting == "reward_backprop" else \
+        ["raft.enabled=true", "objective.name=sft", "raft.prompts=toy:train"]
+    reward = [f"{setting}.reward=decomposed-clip", f"{setting}.reward_options.checkpoint=toy",
+              f"{setting}.reward_options.fit_prompts=toy:train"]
+    for omega in (5, -0.3):
+        cfg = load_config(None, [*method, *reward, f"{setting}.reward_options.omega={omega}"])
+        with pytest.raises(ConfigError, match=rf"{setting}.reward: reward 'decomposed-clip' option omega={omega} is "
+                                              r"outside \[0, 1\] \(the weight kept on the text-irrelevant part"):
+            check_before_loading(cfg, "images", gallery_weights=False, data_files=False)
+    cfg = load_config(None, [*method, *reward, f"{setting}.reward_options.omega=1"])
+    check_before_loading(cfg, "images", gallery_weights=False, data_files=False)
+
+
 def test_a_constant_schedule_with_warm_up_steps_is_refused():
     """diffusers' "constant" has no warm-up: the steps were dropped without a word."""
     with pytest.raises(ConfigError, match="train.lr_warmup_steps = 10 .* constant_with_warmup has"):

@@ -350,6 +350,34 @@ def test_paths_must_stay_inside_root_and_folders_need_files(tmp_path):
         find_parquet_files(tmp_path / "l.jsonl", kind="captions")
 
 
+def test_a_folder_that_may_not_be_read_is_named_not_taken_for_empty(tmp_path, monkeypatch):
+    """Path.glob swallowed a PermissionError: a folder (or its data/ subfolder) the user may not list was "no
+    *.parquet files". Listing is denied by a patch: chmod denies nothing to root, which tests may run as."""
+    import os
+    from pathlib import Path
+
+    from t2i_align.data.images import find_parquet_files
+
+    denied = set()
+
+    def refusing(real):
+        def listing(path="."):
+            if Path(path) in denied:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
+        return listing
+    for name in ("listdir", "scandir"):  # what Path.iterdir and Path.glob call, by Python version
+        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+    (tmp_path / "data").mkdir()
+    write_pairs(tmp_path / "data" / "a.parquet", [row()])
+    for folder in (tmp_path / "data", tmp_path):  # the folder given, then the data/ subfolder the hint looks in
+        denied.add(tmp_path / "data")
+        with pytest.raises(ValueError, match=f"folder {tmp_path / 'data'} cannot be read \\(permission denied\\)"):
+            find_parquet_files(folder)
+    denied.clear()
+    assert find_parquet_files(tmp_path / "data") == [tmp_path / "data" / "a.parquet"]
+
+
 def test_a_folder_of_several_splits_shards_is_refused(tmp_path):
     """A Pick-a-Pic v2 download keeps train-*, test-*, validation_unique-* shards side by side in data/: read whole,
     its test pairs were trained on (rows=48, used=48 for three splits of 16) without a word."""

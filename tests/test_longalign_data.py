@@ -199,15 +199,41 @@ def test_prompt_files_in_jsonl_or_csv_give_their_prompt_field(tmp_path):
     (tmp_path / "t.tsv").write_text("id\tprompt\n1\ta cat\n")
     with pytest.raises(ConfigError, match="is a .tsv file, which is not read here"):
         read_prompts(str(tmp_path / "t.tsv"))
-    for name, text, message in (("n.jsonl", '{"prompt": "a"}\n{"text": "a cat"}\n', r"row 2 of .* has no 'caption' "
+    for name, text, message in (("n.jsonl", '{"prompt": "a"}\n{"text": "a cat"}\n', r"line 2 of .* has no 'caption' "
                                  r"or 'prompt' field, only \['text'\]"),
                                 ("bad.jsonl", "a cat\n", "cannot read .* UTF-8 JSON lines"),
                                 ("list.jsonl", "[1, 2]\n", "holds no rows of fields"),
-                                ("torn.csv", "file,prompt\na.png,a red circle, small\n", "row 1 has more or fewer"),
+                                ("torn.csv", "file,prompt\na.png,a red circle, small\n", "line 2 has more or fewer"),
                                 ("e.csv", "file,prompt\na.png,\n", "holds no prompts \\(every caption or prompt")):
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=message):
             read_prompts(str(tmp_path / name), "--prompts")
+
+
+def test_a_csv_quote_left_open_is_refused_at_the_line_it_opens(tmp_path):
+    """A prompt's double quote left open took every row after it (to the next quote, or the file's end) into one
+    prompt, without a word. A quoted caption over several lines, closed, is read (as pandas writes one)."""
+    (tmp_path / "ok.csv").write_text('caption\n"a ""big"" dog, running"\n"para one.\n\npara two."\na cat\n')
+    assert read_prompts(str(tmp_path / "ok.csv")) == ['a "big" dog, running', "para one. para two.", "a cat"]
+    for text, told in (('caption\na cat\n\n"a dog, running\na bird\na fish\n', "unexpected end of data"),
+                       ('caption\na cat\n\n"a dog, running\na bird\n"a fish"\n', "',' expected after '\"'")):
+        (tmp_path / "p.csv").write_text(text)
+        with pytest.raises(ConfigError, match=rf"cannot read .*p.csv: line 4: {told} \(a quote left open\? close it, "
+                                              r'or write a quote inside a field as two \(""\)\)'):
+            read_prompts(str(tmp_path / "p.csv"))
+
+
+def test_jsonl_prompt_errors_name_the_files_own_line(tmp_path):
+    """json's position ("line 1 column 13") was the line's, and a row's count skipped blank lines."""
+    (tmp_path / "p.jsonl").write_text('{"caption": "a"}\n\n\n{"caption": bad}\n')
+    with pytest.raises(ConfigError, match=r"p.jsonl: line 4 is not JSON \(Expecting value at column 13\)"):
+        read_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "p.jsonl").write_text('{"caption": "a"}\n\n{"text": "b"}\n')
+    with pytest.raises(ConfigError, match="line 3 of .*p.jsonl has no 'caption' or 'prompt' field"):
+        read_prompts(str(tmp_path / "p.jsonl"))
+    (tmp_path / "p.csv").write_text('caption,seed\n\na cat,1\n\na dog,2,3\n')  # a CSV record's line too
+    with pytest.raises(ConfigError, match="p.csv line 5 has more or fewer fields"):
+        read_prompts(str(tmp_path / "p.csv"))
 
 
 def test_a_symlink_loop_in_an_image_path_is_a_bad_image_not_a_crash(tmp_path):

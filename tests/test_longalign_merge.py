@@ -62,6 +62,8 @@ def test_merged_unet_equals_base_plus_lora_and_keeps_the_text_encoding(tmp_path)
         warnings.simplefilter("always")
         check_weights(model, final)
     assert not [w for w in caught if "was trained on" in str(w.message)]
+    with pytest.warns(UserWarning, match=f"is applied to {model} with --unet {merged / 'unet'}"):  # its UNet
+        check_weights(model, final, unet=merged / "unet")  # is another model's (warned since session 38)
 
 
 def test_the_base_model_record_matches_by_folder_or_by_a_name_that_is_no_folder(tmp_path):
@@ -84,6 +86,27 @@ def test_the_base_model_record_matches_by_folder_or_by_a_name_that_is_no_folder(
     write_base_model(lora, tmp_path / "a", str(tmp_path / "a"))
     with pytest.warns(UserWarning, match="was trained on .*a, and is applied to"):
         warn_other_base(str(tmp_path), tmp_path, lora)
+
+
+def test_the_base_model_record_is_compared_with_a_unet_checkpoint_given(tmp_path):
+    """With --unet the adapters change the checkpoint's UNet, not the model folder's: one trained on the folder
+    applied onto another UNet gave no warning, and one trained on a full export (given as --unet) warned."""
+    from t2i_align.base_model import warn_other_base, write_base_model
+
+    lora, export, release = tmp_path / "final", tmp_path / "export", tmp_path / "release"
+    for folder in (lora, export / "unet", release):
+        folder.mkdir(parents=True)
+    for folder in (export / "unet", release):
+        (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    write_base_model(lora, tmp_path / "base", str(tmp_path / "base"))
+    with pytest.warns(UserWarning, match=f"is applied to .*base with --unet {release}"):
+        warn_other_base(str(tmp_path / "base"), tmp_path / "base", lora, unet=release)
+    write_base_model(lora, export, str(export))  # trained on a full export, given now as the UNet of a base
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_other_base(str(tmp_path / "base"), tmp_path / "base", lora, unet=export)
+        warn_other_base(str(tmp_path / "base"), tmp_path / "base", lora, unet=export / "unet")
+    assert not caught
 
 
 def test_merging_onto_a_hub_id_fetches_only_the_pipeline_in_its_variant(tmp_path, monkeypatch):

@@ -915,3 +915,72 @@ def test_a_resume_through_a_link_to_a_checkpoint_of_this_run_keeps_the_run_in_pl
     (tmp_path / "latest").symlink_to(out / "checkpoints" / "step-2")
     prepare_run_dir(out, tmp_path / "latest", str(tmp_path / "latest"), log=lambda message: None)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def _cut(file: Path) -> None:  # a copy that stopped half-way
+    file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("optimizer.bin", lambda f: f.write_bytes(b"overwritten " * 8)),
+    ("model.safetensors", _cut),
+    ("random_states_0.pkl", _cut),  # accelerate skips RNG states it cannot load, with an info line only
+])
+def test_a_damaged_checkpoint_file_is_named_before_anything_is_set_aside(tiny_model, pairs, tmp_path, name, damage):
+    """A damaged file was a traceback (torch's advice to load with weights_only=False for a cut optimizer.bin) after
+    the earlier run was set aside, or (RNG states) a resume that went on inexactly without a word."""
+    from t2i_align.checkpoints import CheckpointDamaged
+
+    common = ("lora.enabled=true", "train.checkpoint_every=1")
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    bad = tmp_path / "copied-step-2"
+    shutil.copytree(out / "checkpoints" / "step-2", bad)
+    damage(bad / name)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(CheckpointDamaged, match=f"{bad}: its file {re.escape(name)} cannot be read .*: cut short "
+                                                r"or overwritten\? resume from another checkpoint"):
+        train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={bad}"))
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is where it was
+    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))  # a sound one resumes
+    assert [s for s, _ in list_checkpoints(out)][-1] == 3
+
+
+def test_a_damaged_marker_is_named_and_a_past_the_end_hint_names_that_run_s_export(tmp_path):
+    from t2i_align.checkpoints import MARKER, CheckpointDamaged
+    from t2i_align.resume import check_resume
+
+    step = tmp_path / "other" / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    for text in ("{not json", "[4]", '{"steps": 4}'):
+        (step / MARKER).write_text(text)
+        with pytest.raises(CheckpointDamaged, match=f"its file {MARKER} cannot be read"):
+            check_resume(step, "plain", 1, 10, tmp_path / "run")
+    (step / MARKER).write_text('{"step": 4}')
+    with pytest.raises(UserError, match=r"past train.max_steps=3; set train.max_steps above it to train on$"):
+        check_resume(step, "plain", 1, 3, tmp_path / "run")  # no export to point to; not this run's final/
+    (tmp_path / "other" / "final").mkdir()
+    with pytest.raises(UserError, match=f"or use that run's export {tmp_path / 'other' / 'final'} "):
+        check_resume(step, "plain", 1, 3, tmp_path / "run")
+
+
+def test_find_damaged_reads_what_accelerate_loads_as_it_loads_it(tmp_path):
+    """RNG states accelerate skips where weights_only refuses them (another numpy's) pass if whole; a refused
+    pickle is named by what was refused, not with torch's advice to load it with weights_only=False; a macOS copy's
+    ._ files and other ranks' names are not accelerate's files."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from t2i_align.checkpoints import find_damaged
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "optimizer.bin")
+    torch.save({"numpy_random_seed": argparse.Namespace()}, tmp_path / "random_states_0.pkl")  # refused, whole
+    (tmp_path / "._optimizer.bin").write_bytes(b"AppleDouble")
+    assert find_damaged(tmp_path) is None
+    torch.save(argparse.Namespace(), tmp_path / "optimizer.bin")
+    told = str(find_damaged(tmp_path))
+    assert "its file optimizer.bin holds a pickle that weights_only loading refuses (Unsupported global" in told
+    assert "argparse.Namespace was not an allowed global by default): not written by accelerate" in told
+    assert "weights_only=False" not in told and "add_safe_globals" not in told and "\x1b" not in told

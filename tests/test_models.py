@@ -14,7 +14,7 @@ from t2i_align.config import LoraConfig, ModelConfig
 from t2i_align.diffusion import scale_latents, unscale_latents
 from t2i_align.models import ModelLoadError
 
-from helpers import one_torch_thread, save_tiny_pipeline, tiny_sd15_pipeline  # noqa: F401 (autouse fixture)
+from helpers import export_random_lora, one_torch_thread, save_tiny_pipeline, tiny_sd15_pipeline  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -666,6 +666,44 @@ def test_a_lora_of_another_family_is_refused_in_one_line(sd15_dir, sdxl_dir, tmp
     assert "trained on another model" in message and "size mismatch" in message
     assert "\n" not in message and len(message) < 700
     assert not [m for m in logged if "was unsuccessful" in m]
+
+
+def test_a_lora_whose_unet_keys_partly_match_no_layer_is_refused(sd15_dir, tmp_path):
+    """peft loaded the keys naming a UNet layer and dropped the rest with a log line (diffusers' "unexpected keys"):
+    samples of part of an adapter (e.g. one for another base model whose names partly coincide). Keys of no part of
+    the pipeline were dropped without a word, and a file none of whose keys matched was diffusers' error cut at 300
+    characters inside its list of names. Text-encoder keys still load."""
+    from safetensors.torch import load_file, save_file
+
+    from t2i_align.sampling import load_pipeline
+
+    final = export_random_lora(sd15_dir, tmp_path / "run")
+    state = load_file(str(final / "pytorch_lora_weights.safetensors"))
+
+    def write(folder, tensors):
+        (tmp_path / folder).mkdir()
+        save_file(tensors, str(tmp_path / folder / "pytorch_lora_weights.safetensors"))
+        return tmp_path / folder
+
+    moved = {k.replace("down_blocks.1.", "down_blocks.7."): v for k, v in state.items()}  # up_blocks' keys stay
+    first = next(k for k in moved if "down_blocks.7." in k)
+    count = sum("down_blocks.7." in k for k in moved)
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(sd15_dir, lora=write("partial", moved))
+    message = str(info.value)
+    assert f"{count} of its {len(state)} LoRA keys" in message and f"(e.g. {first})" in message
+    assert "another base model" in message and str(tmp_path / "partial") in message and "\n" not in message
+    stray = {**state, "unet_.mid_block.lora_A.weight": torch.zeros(4, 8)}  # diffusers drops it silently
+    with pytest.raises(ModelLoadError, match=r"1 of its \d+ LoRA keys .*unet_\.mid_block"):
+        load_pipeline(sd15_dir, lora=write("stray", stray))
+    none = {k.replace("unet.", "unet.x_"): v for k, v in state.items()}
+    with pytest.raises(ModelLoadError, match=f"{len(state)} of its {len(state)} LoRA keys .*match no UNet layer"):
+        load_pipeline(sd15_dir, lora=write("none", none))
+    layer = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    with_te = {**state, f"{layer}.lora_A.weight": torch.randn(4, 32), f"{layer}.lora_B.weight": torch.randn(32, 4)}
+    pipe = load_pipeline(sd15_dir, lora=write("te", with_te))
+    assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
+    assert sum("lora_A" in n for n, _ in pipe.unet.named_parameters()) == len(state) // 2
 
 
 def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_asked(sd15_dir, tmp_path, capsys):

@@ -496,6 +496,23 @@ def test_prompt_tables_split_at_line_ends_only(tmp_path):
     assert _read_table(lines) == [("a.png", prompt, None), ("b.png", "ok", None)]
 
 
+def test_prompt_tables_name_the_files_own_line_and_refuse_an_open_quote(tmp_path):
+    """A CSV quote left open scored the rows after it as one prompt of one image; a JSONL row's problem named its
+    count of non-blank rows, and json's "line 1 column 2" the line's own position."""
+    from reward_models.inputs import UsageError, _read_table
+
+    table = tmp_path / "p.csv"
+    table.write_text('file,prompt\na.png,a cat\n\nb.png,"a dog, running\nc.png,a bird\n')
+    with pytest.raises(UsageError, match=r"p.csv: line 4: unexpected end of data \(a quote left open\? close it"):
+        _read_table(table)
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"file": "a.png", "prompt": "a"}\n\n{"prompt": "b"}\n\n{bad\n')
+    assert [problem for _, _, problem in _read_table(lines)] == [
+        None, "p.jsonl line 3: expected fields 'file' and 'prompt', found ['prompt']",
+        "p.jsonl line 5 is not JSON (Expecting property name enclosed in double quotes at column 2): one object per "
+        "line"]
+
+
 def test_a_non_finite_score_is_an_error_of_its_row(tmp_path):
     """A NaN score became a null with no error, and the summary's error count missed it."""
     import torch
@@ -521,9 +538,9 @@ def test_a_csv_row_of_other_length_than_its_header_is_not_scored(tmp_path):
     rows = _read_table(table)
     assert [(file, prompt) for file, prompt, _ in rows] == [("a.png", ""), ("b.png", ""),
                                                             ("c.png", "a red cat, sitting")]
-    assert rows[0][2] == ("p.csv row 1 has more fields than the header (a comma in a prompt? put the prompt in "
+    assert rows[0][2] == ("p.csv line 2 has more fields than the header (a comma in a prompt? put the prompt in "
                           "double quotes)")
-    assert rows[1][2].startswith("p.csv row 2 has fewer fields") and rows[2][2] is None
+    assert rows[1][2].startswith("p.csv line 3 has fewer fields") and rows[2][2] is None
 
 
 def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
@@ -541,18 +558,18 @@ def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
     assert [r["file"] for r in rows] == ["img_0.png", "", "", "", "img_3.png", "img_1.png"]
     assert rows[0]["toy-judge"] is not None and rows[5]["toy-judge"] is not None
     assert [r["error"] for r in rows[1:5]] == [
-        "metadata.jsonl row 2: expected fields 'file' and 'prompt', found ['prompt']",
-        "metadata.jsonl line 3 is not JSON (Expecting value: line 1 column 10 (char 9)): one object per line",
-        "metadata.jsonl row 4: expected fields 'file' and 'prompt', found list",
-        "metadata.jsonl row 5: the prompt is not text (list)"]
+        "metadata.jsonl line 2: expected fields 'file' and 'prompt', found ['prompt']",
+        "metadata.jsonl line 3 is not JSON (Expecting value at column 10): one object per line",
+        "metadata.jsonl line 4: expected fields 'file' and 'prompt', found list",
+        "metadata.jsonl line 5: the prompt is not text (list)"]
     assert all(r["toy-judge"] is None for r in rows[1:5]) and summary["errors"] == 4
 
     # no row usable (the file's format, not a row's: another header, a JSON array): an error before any reward loads
     (folder / "metadata.jsonl").write_text("\n".join(bad) + "\n")
     (tmp_path / "p.csv").write_text("image,caption\nimg_0.png,a\n")
-    for prompts in (folder / "metadata.jsonl", tmp_path / "p.csv"):
+    for prompts, line in ((folder / "metadata.jsonl", 1), (tmp_path / "p.csv", 2)):  # the file's line: a header
         code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", prompts, "--out",
                             tmp_path / "all-bad.jsonl")
-        assert code == 2 and f"error: no row of {prompts} can be scored (first: {prompts.name} row 1: expected " \
+        assert code == 2 and f"error: no row of {prompts} can be scored (first: {prompts.name} line {line}: expected " \
             "fields 'file' and 'prompt', found [" in err
         assert not (tmp_path / "all-bad.jsonl").exists()

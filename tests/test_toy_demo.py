@@ -130,8 +130,8 @@ def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monke
     monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled pairs before the config check"))
     assert main(["demo", "--out", str(tmp_path / "demo"), "train.max_stepz=2"]) == 2
     assert "train.max_stepz" in capsys.readouterr().err and not (tmp_path / "demo").exists()
-    for override, message in (("objective.name=dpoo", "'dpoo' is not an objective"),
-                              ("objective.name=reward_backprop", "data.kind"),
+    for override, message in (("objective.name=dpoo", "LoRA DPO on the toy model, not objective.name=dpoo"),
+                              ("objective.name=reward_backprop", "not objective.name=reward_backprop"),
                               ("data.path=x.parquet", "data.path=x.parquet: the demo sets data.path")):
         assert main(["demo", "--out", str(tmp_path / "demo"), override]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
@@ -141,6 +141,28 @@ def test_demo_checks_its_overrides_before_sampling_pairs(tmp_path, capsys, monke
     assert main(["demo", "--out", str(tmp_path / "demo"), "--num-pair-prompts", "12"]) == 2
     assert "--num-pair-prompts 12 makes at most 12 pairs" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("config, why", [
+    ("raft.yaml", "raft.enabled (RAFT trains on its own samples)"), ("online_dpo.yaml", "raft.enabled"),
+    ("longalign_reward.yaml", "objective.name=reward_backprop; model.pretrained=runs/longalign-stage1/merged"),
+    ("longalign_stage1.yaml", "objective.name=sft"), ("ppd.yaml", "ppd.enabled"),
+    ("base.yaml", "lora.enabled=false (the demo loads a LoRA)")])
+def test_demo_refuses_configs_of_methods_it_cannot_run(tmp_path, capsys, monkeypatch, config, why):
+    """RAFT's configs passed and trained on RAFT's own samples, not the demo's pairs; a full fine-tune trained for
+    minutes, then its export failed to load as a LoRA."""
+    from pathlib import Path
+
+    import t2i_align.toy.demo as demo
+    from t2i_align.toy.__main__ import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(demo, "export_pairs", lambda *a, **k: pytest.fail("sampled pairs before the config check"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--config", f"configs/toy/{config}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config configs/toy/{config}: the demo runs LoRA DPO on the toy model, not")
+    assert why in err
+    assert "give configs/toy/demo.yaml, dpo.yaml or lora.yaml" in err and not (tmp_path / "demo").exists()
 
 
 def test_demo_replaces_an_earlier_demo_only_with_overwrite(tmp_path, capsys, monkeypatch):

@@ -194,6 +194,24 @@ def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys, mo
         assert sum("is empty: it sets nothing" in str(w.message) for w in seen) == expected
 
 
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    """data.cache_dir naming a file (or a path under one) passed the dry run; the run failed after loading the
+    model, as "File exists: PATH", naming no setting."""
+    from test_loop import write_rendered_pairs
+
+    pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
+    (tmp_path / "afile").write_text("x")
+    base = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), f"output_dir={tmp_path / 'run'}",
+            f"data.path={pairs}", "train.batch_size=2", "data.cache=true"]
+    for cache_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert _train_script().main([*base, f"data.cache_dir={cache_dir}"]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: data.cache_dir = {cache_dir}: {tmp_path / 'afile'} is a "
+                                                   "file, not a folder; set data.cache_dir to a folder (made if "
+                                                   "missing)")
+    assert _train_script().main([*base, f"data.cache_dir={tmp_path / 'new' / 'cache'}"]) == 0  # made when it runs
+    assert _train_script().main([*base[:-1], f"data.cache_dir={tmp_path / 'afile'}"]) == 0  # no cache: not read
+
+
 def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loading(tmp_path, capsys, monkeypatch):
     import yaml
 
@@ -350,6 +368,25 @@ def test_a_shots_file_that_is_not_a_users_json_names_the_file(tmp_path):
         (tmp_path / "users.json").write_text(text)
         with pytest.raises(UserError, match="users.json is not a users.json written by"):
             load_shots(tmp_path / "users.json")
+
+
+@pytest.mark.parametrize("users, why", [
+    ({"users": [1]}, 'no "users" object'), ({"users": {"7": {"text": ""}}}, 'user 7 has no "shots" list'),
+    ({"users": {"7": {"shots": 5}}}, 'user 7 has no "shots" list'),
+    ({"users": {"7": {"shots": "abc"}}}, 'user 7 has no "shots" list'),  # passed, as the set of its letters
+    ({"users": {"7": {"shots": [{"a": 1}]}}}, 'user 7 has no "shots" list of fingerprint strings'),
+    ({"users": {"abc": {"shots": []}}}, "user key 'abc' is not an int or a quoted text id"),
+    ({"shot_fingerprints": {}}, "a toy PPD set's users.json")])
+def test_check_shots_on_a_malformed_users_json_names_the_file_and_its_shape(tmp_path, capsys, users, why):
+    """Shots that were a number or held dicts ended in a TypeError traceback, a missing field in KeyError('shots')."""
+    from t2i_align.users.__main__ import main as users_main
+
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps(users))
+    assert users_main(["check-shots", "--shots", str(path), "--pairs", str(tmp_path / "pairs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not a users.json written by") and why in err, err
+    assert 'expected {"users": {"7": {"text": "...", "shots": ["<pair fingerprint>", ...]}' in err
 
 
 def test_t2i_score_on_an_empty_folder_says_it_holds_nothing_to_score(tmp_path):

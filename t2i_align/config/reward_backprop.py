@@ -51,7 +51,8 @@ class RewardBackpropConfig:
     decode_checkpoint: bool = True
     """Recompute the VAE decoder in backward."""
     eta: float = 0.0
-    """DDIM η (0: deterministic, as LongAlign)."""
+    """DDIM η in [0, 1] (0: deterministic, as LongAlign; 1: DDPM-like noise; above 1 the step's
+    sqrt(1 - ᾱ_prev - σ²) is of a negative number: NaN latents)."""
     x0_prediction: bool = True
     """Decode the last step's x0-prediction (LongAlign's code) instead of the final latents."""
     timestep_spacing: Optional[str] = "trailing"
@@ -72,7 +73,7 @@ class RewardBackpropConfig:
                f"at most num_steps ({self.num_steps})")
         _check(self, "grad_k", self.grad_mode != "strided" or self.num_steps % self.grad_k == 0,
                f"a divisor of num_steps ({self.num_steps}) with grad_mode strided (or use stratified)")
-        _check(self, "eta", self.eta >= 0, "a number >= 0")
+        _check(self, "eta", 0 <= self.eta <= 1, "a number in [0, 1] (DDIM's η; above 1 its step gives NaN)")
         _check(self, "kl_weight", self.kl_weight >= 0, "a number >= 0 (0: no KL regulariser)")
         _check(self, "fit_max_prompts", self.fit_max_prompts >= 0, "a count >= 0 (0: every fit prompt)")
         _check(self, "timestep_spacing", self.timestep_spacing is None or self.timestep_spacing in SPACINGS,

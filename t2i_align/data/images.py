@@ -71,6 +71,16 @@ def _one_split(folder: Path, files: List[Path]) -> None:
                           f"{folder}/{one} && mv {folder}/{its} {folder}/{one}/) and give that folder")
 
 
+def _parquet_in(folder: Path) -> List[Path]:
+    """The *.parquet entries of `folder`, sorted; a folder that may not be read is a ConfigError naming it (glob took
+    it for an empty one: "no *.parquet files")."""
+    try:
+        return sorted(f for f in folder.iterdir() if f.name.endswith(".parquet"))
+    except PermissionError:
+        raise ConfigError(f"folder {shown(folder)} cannot be read (permission denied): make it readable for this "
+                          f"user (chmod a+rx {folder}), or copy the data to a folder it can read") from None
+
+
 def find_parquet_files(path: str | Path, root: Optional[str | Path] = None, kind: str = "pairs") -> List[Path]:
     """A parquet file, or the *.parquet files of a folder (not recursive), all resolving inside `root`.
 
@@ -87,9 +97,9 @@ def find_parquet_files(path: str | Path, root: Optional[str | Path] = None, kind
         raise ConfigError(f"data {given} is a listing, not parquet: {_import_hint(kind)}")
     base = Path(root).resolve() if root is not None else given.resolve() if given.is_dir() else given.resolve().parent
     # macOS's ._* copies (a folder from a Mac or an exFAT drive) are no parquet: refused, they made the data unusable
-    files = sorted(f for f in given.glob("*.parquet") if not browser_leftover(f.name)) if given.is_dir() else [given]
+    files = [f for f in _parquet_in(given) if not browser_leftover(f.name)] if given.is_dir() else [given]
     if not files:
-        inside = sorted(given.glob("data/*.parquet")) if given.is_dir() else []
+        inside = _parquet_in(given / "data") if (given / "data").is_dir() else []
         where = (f"; its data/ subfolder holds {len(inside)} (a Hugging Face download): give {given / 'data'}"
                  if inside else f" (images listed in a JSONL or CSV file: {_import_hint(kind)})")
         raise ConfigError(f"no *.parquet files in folder {given}{where}")

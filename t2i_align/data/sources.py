@@ -158,6 +158,24 @@ def check_data_files(cfg) -> None:
         caption_files(cfg.data, check_columns=True)
     elif kind == "pairs":
         _check_pair_files(cfg)
+    if cfg.data.cache and kind in ("pairs", "captions"):
+        _check_cache_root(cfg)
+
+
+def cache_root(cfg) -> Path:
+    """The folder caches live in: data.cache_dir, by default <output_dir>/../cache."""
+    return Path(cfg.data.cache_dir or Path(cfg.output_dir).parent / "cache")
+
+
+def _check_cache_root(cfg) -> None:
+    """The cache folder is a folder or can be made: a file there failed after the model had loaded, as "File
+    exists: PATH", naming no setting."""
+    root = cache_root(cfg)
+    found = next((p for p in (root, *root.parents) if p.exists()), None)
+    if found is not None and not found.is_dir():
+        setting = "data.cache_dir" if cfg.data.cache_dir else "the cache folder <output_dir>/../cache"
+        raise ConfigError(f"{setting} = {root}: {found} is a file, not a folder; set data.cache_dir to a folder "
+                          "(made if missing)")
 
 
 def _check_pair_files(cfg) -> None:
@@ -246,7 +264,7 @@ def note_frozen_augmentation(accelerator, data) -> None:
 def cached_data(cfg, components, accelerator, dataset):
     """`dataset` (pairs or image-caption rows) as latents and embeddings, from the cache in data.cache_dir, which
     the run's processes build together if it is not there yet."""
-    root = Path(cfg.data.cache_dir or Path(cfg.output_dir).parent / "cache")
+    root = cache_root(cfg)
     key = components_key_parts(cfg.model, components, encoding_settings(components))
     enc_images, enc_prompts = _cache_encoders(components, accelerator.device)
     cached = build_or_load_cache(dataset, enc_images, enc_prompts, root, key, team=_team(accelerator))

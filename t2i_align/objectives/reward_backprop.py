@@ -66,6 +66,22 @@ def check_differentiable(reward: str) -> None:
                           "carries no gradient to the image); choose one of " + ", ".join(differentiable_rewards()))
 
 
+def check_direction(cfg) -> None:
+    """decomposed-clip's direction options, before the model loads (and in `build_reward`): `direction=batch`
+    takes v from each process's micro-batch, train.batch_size prompts, and one prompt decomposes nothing."""
+    rc = cfg.reward_backprop
+    options = dict(rc.reward_options)
+    if rc.reward != "decomposed-clip" or options.get("direction") is None:
+        return
+    if options.get("fit_prompts") is not None:  # the reward refused it once built
+        raise ConfigError("reward_backprop.reward_options: give direction or fit_prompts, not both")
+    if options["direction"] == "batch" and cfg.train.batch_size < 2:
+        raise ConfigError("reward_backprop.reward_options.direction=batch with train.batch_size=1: each process "
+                          "scores its micro-batch against its prompts' mean text, and one prompt decomposes nothing "
+                          "(v = its own t); set train.batch_size >= 2, or leave direction unset (fitted once on the "
+                          "training prompts)")
+
+
 def build_reward(ctx, rc, fit_spec: str):
     """The run's reward, on this process's device; decomposed-clip with its common direction fixed for the run
     (see the module docstring). ConfigError for a reward that is not differentiable."""
@@ -73,10 +89,7 @@ def build_reward(ctx, rc, fit_spec: str):
     options = dict(rc.reward_options)
     if options.get("direction", "") is None:  # `direction: null` is "unset": fitted once, as when left out
         del options["direction"]
-    if rc.reward == "decomposed-clip" and options.get("direction") == "batch" and ctx.cfg.train.batch_size < 2:
-        raise ConfigError("reward_backprop.reward_options.direction=batch with train.batch_size=1: each process's "
-                          "batch of one prompt decomposes nothing (v = its own t); raise train.batch_size or fit "
-                          "the direction once (leave direction unset)")
+    check_direction(ctx.cfg)
     if rc.reward != "decomposed-clip" or options.get("direction") is not None:
         return ctx.reward(rc.reward, **options)
     return _decomposed_with_run_direction(ctx, rc, options, fit_spec)

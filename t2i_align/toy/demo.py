@@ -87,8 +87,28 @@ def _dpo_config(config: Path, pairs: Path, out: Path, overrides: Sequence[str]):
     if owned:  # training would read other data than the pairs judge.json reports
         raise ConfigError(f"{', '.join(owned)}: the demo sets data.path (its pairs) and output_dir (--out/dpo)")
     cfg = load_config(config, [f"data.path={pairs}", f"output_dir={out}", *overrides])
+    _check_method(cfg, config)
     check_before_loading(cfg, get_objective(cfg.objective.name).configure(cfg).batch_kind, data_files=False)
     return cfg
+
+
+def _check_method(cfg, config: Path) -> None:
+    """ConfigError for a config the demo cannot run: it trains on pairs of the shipped toy model and loads the
+    result as a LoRA on it (RAFT trained on its own samples, a full fine-tune failed at the LoRA load, after
+    minutes; LongAlign, PPD or another base model fit neither)."""
+    from ..config import ConfigError
+
+    wrong = [why for why, bad in (
+        (f"objective.name={cfg.objective.name}", cfg.objective.name != "dpo"),
+        ("raft.enabled (RAFT trains on its own samples)", cfg.raft.enabled),
+        ("ppd.enabled (the demo's pairs have no users)", cfg.ppd.enabled),
+        ("lora.enabled=false (the demo loads a LoRA)", not cfg.lora.enabled),
+        (f"model.pretrained={cfg.model.pretrained} (the demo samples the toy)", cfg.model.pretrained != "toy"),
+    ) if bad]
+    if wrong:
+        raise ConfigError(f"--config {config}: the demo runs LoRA DPO on the toy model, not {'; '.join(wrong)}: "
+                          "give configs/toy/demo.yaml, dpo.yaml or lora.yaml (objective.name=dpo, lora.enabled, "
+                          "model.pretrained=toy, no raft or ppd)")
 
 
 def _judge(pipe, name: str, seeds_per_prompt: int, show_progress: bool) -> Evaluation:

@@ -200,14 +200,40 @@ def merge_parts(out: Path, handled: Optional[int] = None) -> Dict[str, Any]:
 
 
 def load_shots(path: str) -> Dict[Any, List[str]]:
-    """users.json -> {user id: shot fingerprints}."""
+    """users.json -> {user id: shot fingerprints}; UserError naming the file and the shape `embed` writes."""
     if not Path(path).is_file():  # was "No such file or directory: PATH", naming no flag
         raise UserError(f"--shots {path} does not exist: give the users.json that `embed` wrote in its --out")
     try:
-        users = json.loads(Path(path).read_text())["users"]
-        return {json.loads(key): value["shots"] for key, value in users.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{path} is not a users.json written by `python -m t2i_align.users embed` ({err!r})") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise _not_users_json(path, f"not readable JSON ({one_line(err)})") from None
+    if isinstance(data, dict) and "shot_fingerprints" in data:  # the toy's pair set checks its own shots
+        raise _not_users_json(path, "it is a toy PPD set's users.json, whose build already checked its shots")
+    if not isinstance(data, dict) or not isinstance(data.get("users"), dict):
+        raise _not_users_json(path, 'no "users" object at its top level')
+    return dict(_user_shots(path, key, entry) for key, entry in data["users"].items())
+
+
+# what merge_parts writes: the user id as JSON (7, "ab") for key, the pair fingerprints of its shots
+_SHAPE = '{"users": {"7": {"text": "...", "shots": ["<pair fingerprint>", ...]}, ...}}'
+
+
+def _not_users_json(path: str, why: str) -> UserError:
+    return UserError(f"{path} is not a users.json written by `python -m t2i_align.users embed`: {why}; expected "
+                     f"{_SHAPE}")
+
+
+def _user_shots(path: str, key: str, entry: Any) -> Tuple[Any, List[str]]:
+    try:
+        user = json.loads(key)
+    except ValueError:
+        user = None
+    if isinstance(user, bool) or not isinstance(user, (int, str)):
+        raise _not_users_json(path, f"user key {key!r} is not an int or a quoted text id in JSON")
+    shots = entry.get("shots") if isinstance(entry, dict) else None
+    if not isinstance(shots, list) or not all(isinstance(s, str) for s in shots):
+        raise _not_users_json(path, f'user {key} has no "shots" list of fingerprint strings')
+    return user, shots
 
 
 def _pair_data(pairs: str) -> PairDataset:

@@ -1,0 +1,64 @@
+"""Settings refused by `t2i_align.build.check_before_loading`: by the dry run, and by a run before its model loads
+(they were refused only once the model had loaded, or not at all)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from helpers import one_torch_thread  # noqa: F401
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LONGALIGN = ["--config", str(REPO_ROOT / "configs/toy/longalign_reward.yaml"), "model.pretrained=toy"]
+GALLERY = ["tracking.validation_reward=decomposed-clip", "tracking.validation_reward_options.checkpoint=toy-denscore"]
+
+
+def _dry_run(args, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "train" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(["--dry-run", *args, f"output_dir={tmp_path / 'run'}"])
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # reward_backprop scores each process's micro-batch: v of one prompt is its own t (build_reward refused it)
+    (["train.batch_size=1", "reward_backprop.reward_options.direction=batch"],
+     "reward_backprop.reward_options.direction=batch with train.batch_size=1: each process scores its micro-batch"),
+    (["train.batch_size=2", "reward_backprop.reward_options.direction=batch"], None),
+    # the gallery scores its prompts x seeds in one call: one prompt (the recipe's) was warned at the first gallery
+    ([*GALLERY, "tracking.validation_reward_options.direction=batch"],
+     "tracking.validation_reward_options.direction=batch with one tracking.validation_prompts prompt"),
+    ([*GALLERY, "tracking.validation_reward_options.direction=batch", "tracking.validation_prompts=[a,b]"], None),
+    # no direction: the reward refused to load, after the model had
+    (GALLERY, "tracking.validation_reward=decomposed-clip needs its common direction"),
+    ([*GALLERY, "tracking.validation_reward_options.omega=1.0"], None),
+    # DDIM's set_timesteps failed after the scheduler loaded (the toy's has 1000 timesteps)
+    (["reward_backprop.num_steps=5000"], "reward_backprop.num_steps=5000 is more DDIM steps than this model's "
+     "schedule (1000 timesteps) can take: give fewer"),
+    (["reward_backprop.num_steps=1000"], None),
+])
+def test_the_dry_run_refuses_what_only_the_loaded_model_refused(overrides, message, tmp_path, capsys):
+    code, last = _dry_run([*LONGALIGN, *overrides], tmp_path, capsys)
+    if message is None:
+        assert code == 0 and last.startswith("dry run: the config"), last
+    else:
+        assert code == 2 and last.startswith(f"error: {message}"), last
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("longalign_reward", ["train.batch_size=1", "reward_backprop.reward_options.direction=batch"],
+     "direction=batch with train.batch_size=1"),
+    ("longalign_reward", GALLERY, "needs its common direction"),
+    ("seppo", ["seppo.sample_steps=5000"], "seppo.sample_steps=5000 is more DDIM steps")])
+def test_a_run_refuses_them_before_its_model_loads(config, overrides, message, tmp_path, monkeypatch):
+    import t2i_align.build as build
+    import t2i_align.loop as loop
+    from t2i_align.config import ConfigError, load_config
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded the model first")
+    monkeypatch.setattr(build, "load_components", loaded)
+    cfg = load_config(REPO_ROOT / f"configs/toy/{config}.yaml",
+                      ["model.pretrained=toy", "tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        loop.train(cfg)
