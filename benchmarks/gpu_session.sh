@@ -10,8 +10,8 @@
 #   then AT ONCE, while the machine is warm (it goes back after ~30 s idle: no status call, no reading first; a
 #   fresh start costs 1-2 minutes and none starts under 4 minutes left), and
 #   only the parts whose reserves fit TOTAL_S (a part past the deadline is skipped, and so is every one after it):
-#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run compile", carry=[".whl"],
-#       timeout_s=<TOTAL_S + 50>)                                 # e.g. TOTAL_S=340, timeout_s=390
+#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run compile score-bf16",
+#       carry=[".whl"], timeout_s=<TOTAL_S + 50>)                 # e.g. TOTAL_S=340, timeout_s=390
 #   In session 38 the second command was refused ("no device machine could be started", then "paused") although
 #   the first had just returned with the machine warm: put what matters most in the first command.
 #   Copy $OUT's JSON to benchmarks/results/; $OUT/session.log holds every part's full log. A part that failed
@@ -20,10 +20,11 @@
 # Parts, each one process, with the seconds it is given (its reserve) and its time on an H200: MEASURED in
 # session 38 for lora, e2e and rest (the part's line in session.log to the next, imports and data included; the
 # first part also paid ~20 s for the wheels' install before it), estimated for the rest (from those steps and
-# ~10 s a row for loading, cache and gallery). Default (`run` alone): levers gen score score-bf16.
+# ~10 s a row for loading, cache and gallery). Default (`run` alone): profile levers gen score.
 #   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  took 75
 #   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  took 99
 #   rest        gpu_throughput.py sdxl-lora (ckpt x1, x4) + sd15-full (x8)                 reserve 160  took 98
+#   profile     step_profile.py: SD1.5 LoRA step x1, x8: GPU busy time, launches, syncs    reserve  60  est. 40
 #   levers      gpu_throughput.py sd15-lever: each speed lever at x8, sdpa-cudnn last      reserve 180  est. 150
 #   gen         gpu_sd15.py --only gen: generate() vs a plain pipeline() call              reserve  60  est. 40
 #   score       reward_throughput.py fp32: t2i-score batched vs one at a time              reserve 120  est. 90
@@ -38,9 +39,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # peft: the version tested here, whatever the device image holds (pure Python, 0.5 MB)
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0 peft==0.21.2)
-PARTS=(lora e2e rest levers gen score score-bf16 compile)
-declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90 [compile]=300)
-MUST=(levers gen score score-bf16)  # what session 38 could not measure (lora e2e rest: results/gpu_*_h200.*)
+PARTS=(lora e2e rest profile levers gen score score-bf16 compile)
+declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [profile]=60 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90 [compile]=300)
+MUST=(profile levers gen score)  # unmeasured in session 38 (lora e2e rest: results/gpu_*_h200.*); then compile
 REWARDS=(--device cuda --models vit-h-14,pickscore,imagereward --images 256 --batch-size 64)
 
 wheels() {
@@ -84,6 +85,7 @@ command_of() {  # command_of NAME LIMIT: sets CMD, part NAME's command when it m
     # SDXL first: never measured (sd15-full x8 has a hand-written-step H200 number), and last in line it was the
     # part a short budget skipped after paying its build
     rest) CMD=("${throughput[@]}" --parts sdxl-lora,sd15-full --json "$OUT/throughput_rest.json") ;;
+    profile) CMD=(python3 benchmarks/step_profile.py --json "$OUT/step_profile.json") ;;
     levers) CMD=("${throughput[@]}" --parts sd15-lever --json "$OUT/throughput_levers.json") ;;
     gen) CMD=(python3 benchmarks/gpu_sd15.py --only gen --json "$OUT/generate.json") ;;
     score) CMD=(python3 benchmarks/reward_throughput.py "${REWARDS[@]}" --json "$OUT/reward_fp32.json") ;;

@@ -53,6 +53,18 @@ def step_flops(yaml: str, args: list, dev, px: int, pairs: int = 1) -> dict:
     (the counter counts matmuls, convolutions and attention only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    step, fwd, _ = prepared_step(yaml, args, dev, px, pairs)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    per_pair = counter.get_total_flops() / pairs
+    return {"step_flops_per_pair": per_pair, "fwd_flops_per_latent": fwd, "step_over_fwd": round(per_pair / fwd, 2)}
+
+
+def prepared_step(yaml: str, args: list, dev, px: int, pairs: int = 1):
+    """(step, FLOPs of one plain UNet forward on one latent, trainable parameters) of a config's DPO step: the
+    model loaded as the loop loads it, `step()` one compute_loss + backward at micro-batch `pairs` on a
+    cached-style batch, bf16 autocast on a GPU."""
     from t2i_align.adapters import frozen_reference, trainable_parameters
     from t2i_align.batches import make_denoiser, to_pair_batch
     from t2i_align.config import load_config
@@ -64,16 +76,15 @@ def step_flops(yaml: str, args: list, dev, px: int, pairs: int = 1) -> dict:
     comp = load_components(cfg.model, device=dev)
     comp.time_ids = cfg.data.time_ids
     fwd = unet_forward_flops(comp.unet, dev, px)  # the plain UNet, before LoRA joins it
-    trainable_parameters(comp.unet, cfg.lora)  # LoRA added, or every weight set to train
+    params = trainable_parameters(comp.unet, cfg.lora)  # LoRA added, or every weight set to train
     frozen = frozen_reference(comp.unet, torch_dtype(cfg.model.weight_dtype)) if cfg.full_finetune else None
     policy = make_denoiser(comp.unet, comp)
     reference = BaseReference(comp.unet, comp, not cfg.full_finetune, frozen).denoiser()
     objective = get_objective(cfg.objective.name).configure(cfg)
     batch = to_pair_batch(comp, cached_pair_batch(comp, pairs, px), dev)
-    counter = FlopCounterMode(display=False)
-    with counter:
+
+    def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss, _ = objective.compute_loss(policy, reference, batch, comp.scheduler, cfg.objective, None)
         loss.backward()
-    per_pair = counter.get_total_flops() / pairs
-    return {"step_flops_per_pair": per_pair, "fwd_flops_per_latent": fwd, "step_over_fwd": round(per_pair / fwd, 2)}
+    return step, fwd, params

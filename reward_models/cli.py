@@ -16,7 +16,8 @@ OUTPUT: .jsonl or .csv, written atomically. An unreadable image, a bad row of th
   --option clip.arch=ViT-B-32 --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16
   --option clip.batch_size=8 (a reward may split each batch further). --device goes to every reward that takes one.
 Exit code 2 and `error: ...` for user errors: unknown reward/option, bad syntax, missing weights (names the file
-  expected and its source), missing parquet columns, prompt count mismatch. Exit code 1 when a reward scored no
+  expected and its source), missing parquet columns, --pairwise with no usable label_0 (text such as "1" or
+  "tie", all unlabelled or tied), prompt count mismatch. Exit code 1 when a reward scored no
   image (the rows, with each image's error, are written first).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from t2i_align.data.images import DECODE_ERRORS
 from t2i_align.errors import run_cli
-from t2i_align.files import check_output_path, synced, temp_file
+from t2i_align.files import check_output_path, given_path, synced, temp_file
 from t2i_align.stats import wilson_interval
 
 from .base import _REGISTRY, Reward, WeightsNotFoundError, available_rewards
@@ -241,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=(__doc__ or "").partition("\n\n")[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reward", required=True, help="comma-separated reward names, e.g. clip,toy-judge")
-    p.add_argument("--images", required=True, type=Path, help="image FOLDER or Pick-a-Pic PARQUET (see below)")
-    p.add_argument("--prompts", type=Path, help="FILE.txt / FILE.jsonl / FILE.csv (folders only; see below)")
-    p.add_argument("--out", required=True, type=Path, help="scores.jsonl or scores.csv")
+    p.add_argument("--images", required=True, help="image FOLDER or Pick-a-Pic PARQUET (see below)")
+    p.add_argument("--prompts", help="FILE.txt / FILE.jsonl / FILE.csv (folders only; see below)")
+    p.add_argument("--out", required=True, help="scores.jsonl or scores.csv")
     p.add_argument("--batch-size", type=int, default=32, help="images decoded and scored per reward call (32)")
     p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: CUDA when available)")
     p.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE", help="reward option")
@@ -280,6 +281,8 @@ def open_source(images: Path, prompts: Optional[Path], pairwise: bool) -> Tuple[
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.images, args.out = given_path(args.images, "--images"), given_path(args.out, "--out")
+    args.prompts = None if args.prompts is None else given_path(args.prompts, "--prompts")
     names = [n.strip() for n in args.reward.split(",") if n.strip()]
     options = parse_options(args.option, names)
     if args.out.suffix.lower() not in (".jsonl", ".csv"):

@@ -137,9 +137,36 @@ def parquet_items(path: Path, pairwise: bool) -> Tuple[int, Iterator[Item]]:
                 raise UsageError(f"{f} lacks column(s) {[c for c in need if c not in found]}: expected Pick-a-Pic "
                                  f"columns {need}, found {found}")
             total += 2 * meta.metadata.num_rows
+        if pairwise and total:
+            _check_labels(path, files)
     except (ValueError, OSError) as e:  # not a parquet file (ArrowInvalid is a ValueError), outside the folder
         raise UsageError(f"--images {path}: {e}") from e
     return total, _parquet_rows(files)
+
+
+def _check_labels(path: Path, files: List[Path]) -> None:
+    """--pairwise with no pair it can count (label_0 as text, "1" or "tie"; all unlabelled or tied): an error
+    before any reward loads, not a run that scores every image and reports accuracy null. Bad labels among usable
+    ones are excluded and counted, as training skips them (`pairwise_accuracy`)."""
+    problems: Dict[str, int] = {}
+    first = None
+    for f in files:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("label_0", "has_label") if c in pf.schema_arrow.names]
+        records = (r for batch in pf.iter_batches(batch_size=4096, columns=cols) for r in batch.to_pylist())
+        for row, r in enumerate(records):
+            label = r.get("label_0")
+            problem = label_problem(label, r.get("has_label")) or ("ties" if label == 0.5 else None)
+            if problem is None:
+                return
+            problem = problem.replace("_", " ")
+            problems[problem] = problems.get(problem, 0) + 1
+            if problem == "invalid labels" and first is None:
+                first = f"first: {label!r} in {f.name} row {row}; "
+    counts = ", ".join(f"{n} {problem}" for problem, n in problems.items())
+    raise UsageError(f"--pairwise: no pair of --images {path} has a usable label_0 ({counts}; {first or ''}label_0 "
+                     "must be a number in [0, 1], P(jpg_0 preferred): 1.0 when jpg_0 wins, 0.0 when jpg_1 wins, 0.5 "
+                     "a tie, not counted); drop --pairwise to score the images alone")
 
 
 def _parquet_rows(files: List[Path]) -> Iterator[Item]:

@@ -204,15 +204,15 @@ def check_rewards_read(rewards, prompts, none_ok: bool = False) -> None:
                              + (", or --reward '' for none" if none_ok else "")) from None
 
 
-def check_models(sides) -> dict:
+def check_models(sides, vae: Optional[str] = None) -> dict:
     """Before sampling: every side ({"tuned" or "base": (model, lora, text encoding)}) can be loaded as asked (a
-    typo in the tuned side's --lora was found after the base had been sampled). Returns {side: the text encoding
-    it samples in (a TextEncodingConfig: kind and token budget)}, the one recorded with the weights where the flag
-    left it open, for the scripts' records."""
+    typo in the tuned side's --lora was found after the base had been sampled; with --vae `vae`, a folder needs no
+    vae/). Returns {side: the text encoding it samples in (a TextEncodingConfig: kind and token budget)}, the one
+    recorded with the weights where the flag left it open, for the scripts' records."""
     from t2i_align.sampling import check_weights
 
-    return {side: check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model")[1]
-            for side, (model, lora, encoding) in sides.items()}
+    return {side: check_weights(model, lora, encoding, key="--model" if side == "tuned" else "--base-model",
+                                vae=vae)[1] for side, (model, lora, encoding) in sides.items()}
 
 
 def encoding_record(encoding) -> dict:
@@ -242,7 +242,8 @@ def has_user_branch(model, lora) -> bool:
     from t2i_align.model_folders import resolve_pretrained
     from t2i_align.users.inference import branch_file
 
-    folders = [lora, resolve_pretrained(model, key="--model")]
+    # only where it is: check_models checked the folder (which needs no vae/ with --vae)
+    folders = [lora, resolve_pretrained(model, key="--model", skip_parts=("vae",))]
     return any(branch_file(f) is not None for f in folders if f is not None and Path(f).exists())
 
 

@@ -135,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               "statistics (win rate 0.5); to judge a tuned model give its --lora, or --base the original",
               file=sys.stderr)
     encodings = check_models({"tuned": (args.model, args.lora, args.text_encoding),
-                              "base": (args.base, args.base_lora, args.base_text_encoding)})
+                              "base": (args.base, args.base_lora, args.base_text_encoding)}, args.vae)
     args.text_encoding, args.base_text_encoding = encodings["tuned"].kind, encodings["base"].kind  # as sampled
     args.records = {side: encoding_record(encoding) for side, encoding in encodings.items()}  # in --out
     if args.alpha is not None:

@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     models = {"tuned": (args.model, args.lora, args.text_encoding)}
     if not args.no_base:
         models = {"base": (args.base_model or args.model, args.base_lora, args.base_text_encoding), **models}
-    check_models(models)
+    check_models(models, args.vae)
     check_user_flags(args, [(m, lora) for m, lora, _ in models.values()])
     user = user_choice_from(args)
     # started before sampling: W&B refusing to start (online without a key) fails in the first seconds

@@ -143,9 +143,9 @@ def _whole_images(part: Path) -> List[str]:
 
 def _check_out(args) -> None:
     """Before any work: --out is a folder that can be replaced whole, and holds none of the script's inputs."""
-    from t2i_align.files import check_output_path, check_replaceable_folder
+    from t2i_align.files import check_output_path, check_replaceable_folder, given_path
 
-    out = Path(args.out)
+    out = given_path(args.out, "--out")  # "" is no folder to replace, not the working directory
     check_replaceable_folder(out, "--out", "generate.py")
     check_out_of_models(args, ("--lora", "--model", "--unet", "--vae"))
     inputs = {"--lora": args.lora, "--model": None if args.model == "toy" else args.model,
@@ -189,16 +189,22 @@ def _visible_files(folder: Path, *patterns: str) -> List[Path]:
     return sorted(p for pattern in patterns for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
 
 
+def _model_folder(args) -> Path:
+    """--model's folder (checked by check_models; without its vae/ where --vae replaces it)."""
+    from t2i_align.model_folders import resolve_pretrained
+
+    skip = ("vae",) if getattr(args, "vae", None) else ()
+    return Path(resolve_pretrained(args.model, key="--model", skip_parts=skip))
+
+
 def _run_record(meta: dict, prompts: List[str], images: int, args) -> dict:
     """What --resume checks is the same: the settings, the prompts, the weight and JSON files of the LoRA, the
     weight and config files of a local --model folder as they are now (size and time: a longer run may have
     replaced RUN/final since, a merge been redone, a scheduler config edited) and the kind of device (CPU and GPU
     numerics differ)."""
-    from t2i_align.model_folders import resolve_pretrained
-
     lora = Path(args.lora) if args.lora else None
     files = [] if lora is None else _visible_files(lora, "*.safetensors", "*.json") if lora.is_dir() else [lora]
-    model = Path(resolve_pretrained(args.model, key="--model")) if args.model else None
+    model = _model_folder(args) if args.model else None
     parts = ("*.json", "*/*.json", "*/*.safetensors", "*/*.bin")
     weights = _visible_files(model, *parts) if model is not None and model.is_dir() else []
     return {**meta, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(), "images": images,
@@ -230,21 +236,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = p.parse_args(argv)
     default_model(args)
     from t2i_align.evaluation import sample_model
-    from t2i_align.models import resolve_pretrained
     from t2i_align.weight_files import weights_variant
     from t2i_align.prompts import read_prompts
 
     out = Path(args.out)
     _check_out(args)
     # named by their flags if wrong; the encoding recorded with the weights goes into metadata.jsonl
-    encoding = check_models({"tuned": (args.model, args.lora, args.text_encoding)})["tuned"]
+    encoding = check_models({"tuned": (args.model, args.lora, args.text_encoding)}, args.vae)["tuned"]
     args.text_encoding = encoding.kind
     prompts = read_prompts(args.prompts, "--prompts")
     settings = settings_from(args, len(prompts))
     user = user_choice_from(args)
     meta = {"model": args.model, "lora": args.lora, **encoding_record(encoding), **settings.as_dict()}
-    meta["variant"] = weights_variant(resolve_pretrained(args.model, key="--model"), args.variant, "--variant",
-                                      fallback=True)  # the weights loaded (--variant falls back to plain ones)
+    # the weights loaded (--variant falls back to plain ones)
+    meta["variant"] = weights_variant(_model_folder(args), args.variant, "--variant", fallback=True)
     if user.given:
         meta["user"] = {"ids": user.ids, "alpha": user.alpha, "table": user.table, "shots": user.shots,
                         "scale": user.scale}

@@ -33,6 +33,17 @@ def shown(path: str | os.PathLike) -> str:
     return str(path) if Path(path).is_absolute() else f"{path} (relative to the working directory {Path.cwd()})"
 
 
+def given_path(value: str | os.PathLike, flag: str) -> Path:
+    """The path a flag or setting names, as given (text, before any Path: Path("") is "."); UserError for an empty
+    or blank one, which Path takes as the working directory: `--out ""` (an unset shell variable) wrote into it,
+    `--images ""` scored it, and the messages showed `.`."""
+    from .errors import UserError
+
+    if not str(value).strip():
+        raise UserError(f"{flag} is empty: give a path (an empty one would be taken as the working directory)")
+    return Path(value)
+
+
 def temp_dir(parent: Path, prefix: str) -> Path:
     """A fresh folder in `parent`, to fill and then rename into place. mkdtemp makes it private (0700); it gets
     what a plain mkdir gives (0777 minus the umask), so a finished gallery or cache is as readable as any folder."""
@@ -312,7 +323,7 @@ def check_output_path(path: str | os.PathLike, flag: str, folder: bool,
     folder it cannot write stops it now, not after the work."""
     from .errors import UserError
 
-    out = Path(path)
+    out = given_path(path, flag) if isinstance(path, str) else Path(path)  # a Path("") is "." already
     if out.exists() and out.is_dir() != folder:
         raise UserError(f"{flag} {out} is a {'file' if folder else 'folder'}: give {'a folder' if folder else 'a file'}"
                         f" path")

@@ -15,7 +15,7 @@ from typing import Optional
 
 from .base_model import write_base_model
 from .conditioning.text import write_text_encoding
-from .files import check_output_path, check_replaceable_folder, staged_dir, write_json_atomic
+from .files import check_output_path, check_replaceable_folder, given_path, staged_dir, write_json_atomic
 
 MERGED_FILE = "t2i_align_merged.json"
 """Marks a folder merge_lora wrote (what it merged): --overwrite replaces no other (a run's final/ included)."""
@@ -37,12 +37,12 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
 
     if lora is None and unet is None:
         raise ModelLoadError("nothing to merge: give --lora, --unet or both")
-    out = Path(out)
+    out = given_path(out, "--out")  # "" is no folder to replace, not the working directory
     check_replaceable_folder(out, "--out", "merge_lora.py")
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet, vae), replaces=[out],
                       overwrite=overwrite, made_by=MERGED_FILE)  # not the encoding record: exports have it too
     # errors name merge_lora.py's flags; the model's folder as loaded, where a PPD user table may be
-    folder, _ = check_weights(model, lora, text_encoding, key="--model", unet=unet, variant=variant)
+    folder, _ = check_weights(model, lora, text_encoding, key="--model", unet=unet, variant=variant, vae=vae)
     pipe = load_pipeline(model, lora=lora, text_encoding=text_encoding, unet=unet, variant=variant, vae=vae)
     if lora is not None:
         pipe.fuse_lora()

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from t2i_align.errors import UserError
 from t2i_align.files import browser_leftover
+from t2i_align.weight_files import missing_shard
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -91,8 +92,9 @@ def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
         missing = missing_files(path / name, name)
         if missing is None:
             continue
+        other = ", or decode with another VAE (model.vae=DIR; sample/ and merge_lora.py: --vae DIR)" * (name == "vae")
         raise ModelLoadError(f"{path}/model_index.json lists the {name} component but {missing}: the folder is "
-                             "incomplete (a partial download or copy?); download or copy it again")
+                             f"incomplete (a partial download or copy?); download or copy it again{other}")
 
 
 def missing_files(sub: Path, name: str) -> Optional[str]:
@@ -108,6 +110,9 @@ def missing_files(sub: Path, name: str) -> Optional[str]:
     if name in _WEIGHTED_PARTS and all(_lfs_pointer(sub / f) for f in weights):
         return (f"{sub / weights[0]} is a git-lfs pointer, not the weights (cloned without git-lfs): install "
                 "git-lfs and run `git lfs pull` in the model's repository")
+    shard = missing_shard(sub) if name in _WEIGHTED_PARTS else None
+    if shard:
+        return shard
     if name in _WEIGHTED_PARTS and "config.json" not in has:
         return f"{sub} has no config.json"
     if name == "scheduler" and "scheduler_config.json" not in has:

@@ -25,6 +25,7 @@ from t2i_align.diffusion import latent_scheduler
 from t2i_align.errors import one_line
 from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, check_vae_scale,  # noqa: F401
                                      local_model_folder, part_class, read_index, resolve_pretrained)
+from t2i_align.pipeline_checks import check_tokenizer
 from t2i_align.weight_files import weights_variant
 
 
@@ -186,15 +187,6 @@ def _load_part(path: Path, index: dict, name: str, variant: Optional[str] = None
                              "folder may be incomplete: download or copy it again") from err
 
 
-def _check_tokenizer(folder: Path, tokenizer, encoder) -> None:
-    """A tokenizer_config.json without model_max_length gives 1e30 (an OverflowError at the first prompt)."""
-    positions = encoder.config.max_position_embeddings
-    if not 0 < tokenizer.model_max_length <= positions:
-        raise ModelLoadError(f"{folder}: the tokenizer's model_max_length {tokenizer.model_max_length:g} does not fit "
-                             f"the text encoder's {positions} positions: its tokenizer_config.json is missing or "
-                             "damaged; copy the folder again")
-
-
 def _freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module.requires_grad_(False).eval().to(dtype=dtype)
 
@@ -290,7 +282,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     tokenizers = [_load_part(path, index, tok) for tok, _ in spec.text_components]
     encoders = [_freeze(_load_part(path, index, enc, variant=variant), dtype) for _, enc in spec.text_components]
     for (name, _), tokenizer, encoder in zip(spec.text_components, tokenizers, encoders):
-        _check_tokenizer(path / name, tokenizer, encoder)
+        check_tokenizer(path / name, tokenizer, encoder)
     where = vae_folder(cfg.vae) if cfg.vae else None
     vae = _load_vae(cfg, path, index, spec, dtype, variant, where)
     unet = _load_part(path, index, "unet", variant=variant, dtype=torch.float32)

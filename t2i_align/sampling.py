@@ -77,24 +77,26 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     from safetensors import SafetensorError
 
     from .model_folders import check_vae_scale, load_lora
+    from .pipeline_checks import check_pipeline_tokenizers, given_parts
     from .base_model import note_recorded_vae
     from .models import ModelLoadError, check_latent_channels, dtype_kwargs, load_vae_folder, torch_dtype
     from .weight_files import check_clip_text_layout, weights_variant
     from .unet_checkpoint import checkpoint_folders
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
-    path, encoding = check_weights(model, lora, text_encoding, unet=unet, variant=variant)
+    path, encoding = check_weights(model, lora, text_encoding, unet=unet, variant=variant, vae=vae)
     lora = None if lora is None else Path(lora)
     found = weights_variant(path, variant, "--variant", fallback=True)
     check_clip_text_layout(path)
+    own = None if vae is None else load_vae_folder(str(vae), lambda config: torch_dtype(dtype), variant, key="--vae")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype(dtype)), variant=found,
-                                                 **_no_safety_checker(path))
+                                                 **given_parts(path, own))
     except (OSError, ValueError, SafetensorError) as err:  # a damaged or truncated file the folder checks miss
         raise ModelLoadError(f"could not load the pipeline in {path}: {type(err).__name__}: {one_line(err)[:300]}; "
                              "the folder may be damaged or incomplete: download or copy it again") from err
+    check_pipeline_tokenizers(pipe, path)
     if vae is not None:
-        pipe.vae = load_vae_folder(str(vae), lambda config: torch_dtype(dtype), variant, key="--vae")
         check_vae_scale(path, pipe.vae, f"--vae {vae}")
     elif lora is not None:
         note_recorded_vae(lora)
@@ -116,29 +118,19 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     return set_scheduler(pipe, scheduler).to(device)
 
 
-def _no_safety_checker(path: Path) -> dict:
-    """from_pretrained's arguments that leave out the safety checker of a folder whose model_index.json lists one
-    (SD1.5's: 1.2 GB loaded for nothing, and a folder that left it out would not load)."""
-    from .models import read_index
-
-    index = read_index(path)
-    if "safety_checker" not in index:
-        return {}
-    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-
 def check_weights(model: str | Path, lora: Optional[str | Path] = None, text_encoding: Optional[str] = None,
                   key: str = "model.pretrained", unet: Optional[str | Path] = None,
-                  variant: Optional[str] = None) -> Tuple[Path, TextEncodingConfig]:
+                  variant: Optional[str] = None, vae=None) -> Tuple[Path, TextEncodingConfig]:
     """Before loading anything (scripts check every model they will sample first): the model folder, the LoRA path
     holding weights (or a PPD user branch), and an asked text encoding agreeing with the one recorded with them
     (or with a `unet` checkpoint: a full export of ours given as `--unet` records the encoding it was tuned with).
     ModelLoadError naming what is wrong (the model as `key`, a script's flag); else (model folder, text encoding to
-    sample with). A hub id is fetched in `variant` (its other weights are not downloaded)."""
+    sample with). A hub id is fetched in `variant` (its other weights are not downloaded). With `vae` (--vae) the
+    folder needs no vae/ of its own (a base a run trained with model.vae)."""
     from .models import ModelLoadError, resolve_pretrained
     from .users.inference import branch_file, has_lora_file
 
-    path = resolve_pretrained(str(model), variant=variant, key=key)
+    path = resolve_pretrained(str(model), variant=variant, key=key, skip_parts=("vae",) if vae else ())
     if lora is not None:
         lora = Path(lora)
         if not lora.exists():

@@ -16,6 +16,8 @@ _VARIANT_FILES = [re.compile(p) for p in (
     rf"^{_WEIGHTS}\.(?:safetensors|bin)\.index\.(\w+)\.json$",
     rf"^{_WEIGHTS}{_SHARD}\.(\w+)\.(?:safetensors|bin)$",
     rf"^{_WEIGHTS}\.(?:safetensors|bin)\.(\w+)\.index\.json$")]
+_SINGLE_FILE = re.compile(rf"^{_WEIGHTS}(?:\.\w+)?\.(?:safetensors|bin)$")  # unsharded, plain or a variant
+_INDEX_FILE = re.compile(rf"^{_WEIGHTS}\.(?:safetensors|bin)(?:\.\w+)?\.index(?:\.\w+)?\.json$")
 _PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.index\.json)?$")
 
 
@@ -129,6 +131,25 @@ def _architecture(folder: Path) -> Optional[str]:
 def _indexes(folder: Path) -> list:
     """The shard indexes in `folder`, plain and variants' (model.safetensors.index.fp16.json ...)."""
     return sorted(Path(folder).glob("model*.safetensors*index*.json"))
+
+
+def missing_shard(folder: Path) -> Optional[str]:
+    """What a shard index in `folder` names that is not there (a download stopped between shards), or None; None too
+    when other weights there are whole (a single file, another index's shards: a variant's). It failed at load, as
+    a FileNotFoundError, after the folder checks had passed."""
+    import json
+
+    folder = Path(folder)
+    names, broken = {f.name for f in folder.iterdir()}, None
+    whole = any(_SINGLE_FILE.match(n) for n in names)
+    for index in sorted(n for n in names if _INDEX_FILE.match(n)):
+        try:
+            lost = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()) - names)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged index: missing_files names it
+            continue
+        whole = whole or not lost
+        broken = broken or lost and f"{folder / index} names {len(lost)} missing shard file(s) (e.g. {lost[0]})"
+    return None if whole else broken
 
 
 def check_clip_text_layout(path: Path) -> None:

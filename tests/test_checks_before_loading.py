@@ -58,6 +58,10 @@ def test_a_run_refuses_them_before_its_model_loads(config, overrides, message, t
     def loaded(*args, **kwargs):
         raise AssertionError("loaded the model first")
     monkeypatch.setattr(build, "load_components", loaded)
+    if config == "seppo":  # its pair data, made here (the config's runs/ folder is not in a fresh clone)
+        from test_loop import write_rendered_pairs
+
+        overrides = [*overrides, f"data.path={write_rendered_pairs(tmp_path / 'pairs.parquet')}"]
     cfg = load_config(REPO_ROOT / f"configs/toy/{config}.yaml",
                       ["model.pretrained=toy", "tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(ConfigError, match=message):

@@ -103,6 +103,28 @@ def test_changed_settings_or_model_make_a_new_key(tmp_path, pairs_path):
     assert cache_key(before) != cache_key(model_identity(model))
 
 
+def test_a_model_subfolder_that_cannot_be_listed_is_an_error_not_left_out_of_the_key(tmp_path, monkeypatch):
+    """rglob skips a folder it may not list (PermissionError): the key left its files out, so changing one reused
+    the old latents. Tests run as root (chmod does not stop root), so the listing is refused by a patch."""
+    model = tmp_path / "model"
+    (model / "text_encoder" / "shards").mkdir(parents=True)
+    (model / "text_encoder" / "shards" / "w.bin").write_bytes(b"1")
+    (model / "vae").mkdir()
+    (model / "vae" / "config.json").write_text("{}")
+    assert [f[0] for f in model_identity(model)["files"]] == ["text_encoder/shards/w.bin", "vae/config.json"]
+    scandir = os.scandir
+
+    def refused(path="."):
+        if os.fspath(path).endswith("shards"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(UserError, match=r"cannot list .*/model/text_encoder/shards \(Permission denied\), a folder of "
+                                        r"the model whose files the data cache's key covers: make it readable"):
+        model_identity(model)
+
+
 def test_interrupted_build_leaves_no_cache_and_next_call_recomputes(tmp_path, pairs_path):
     ds = PairDataset(pairs_path, resolution=16)
     root = tmp_path / "cache"

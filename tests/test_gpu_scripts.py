@@ -1,7 +1,7 @@
 """The GPU benchmark scripts' --smoke modes: every code path on tiny models on this CPU.
 
 A GPU is lent rarely and for 15 minutes (benchmarks/gpu_session.sh); a script that broke since it was written
-would waste that time, so each runs here (under `-m slow`, about 5 minutes: the scripts are for GPU sessions;
+would waste that time, so each runs here (under `-m slow`, about 2 minutes: the scripts are for GPU sessions;
 run `pytest -m slow tests/test_gpu_scripts.py` before one). Their numbers are not checked, only that every row ran.
 """
 from __future__ import annotations
@@ -87,3 +87,10 @@ def test_step_flops_grow_linearly_with_the_micro_batch(tmp_path, monkeypatch):
     one, two = (g.step_flops("sd15/dpo_lora.yaml", args, g.torch.device("cpu"), 64, pairs=p)["step_flops_per_pair"]
                 for p in (1, 2))
     assert one > 0 and two == one
+
+
+def test_step_profile_smoke(tmp_path):
+    """The GPU session's `profile` part: a profiled step's summary (on a CPU no kernels and no launches)."""
+    rows = run_script(tmp_path, "step_profile.py")["rows"]
+    assert [r["pairs"] for r in rows] == [1]
+    assert rows[0]["wall_s"] > 0 and rows[0]["top_host_ms"] and rows[0]["launches"] == 0

@@ -261,6 +261,28 @@ def test_an_image_file_replaced_under_its_name_gives_another_cache_key(tmp_path)
     assert CaptionDataset(tmp_path / "c.parquet", resolution=8).identity() != before
 
 
+@pytest.mark.parametrize("rank, shown", [("0", None), ("1", True)])
+def test_hashing_the_image_files_shows_a_bar_on_the_main_process(tmp_path, monkeypatch, rank, shown):
+    """The cache key stats every image file a `path` column names (minutes for millions on a network drive) with
+    nothing on screen. Now a tqdm bar: only on a terminal (disable=None), once it lasts a second, on rank 0 only."""
+    import tqdm.auto
+
+    bars = []
+
+    def bar(iterable, **kwargs):
+        bars.append({**kwargs, "total": len(iterable)})
+        return iterable
+
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "a.png")
+    pq.write_table(pa.Table.from_pylist([{"caption": "a", "path": "a.png"}, {"caption": "b", "path": "a.png"}]),
+                   tmp_path / "c.parquet")
+    expected = CaptionDataset(tmp_path / "c.parquet", resolution=8).identity()
+    monkeypatch.setattr(tqdm.auto, "tqdm", bar)
+    monkeypatch.setenv("RANK", rank)
+    assert CaptionDataset(tmp_path / "c.parquet", resolution=8).identity() == expected  # the same key
+    assert [(b["desc"], b["total"], b["disable"], b["delay"]) for b in bars] == [("hashing image files", 2, shown, 1)]
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_image_files_are_turned_upright_by_their_exif_orientation(tmp_path, fmt):
     """As image bytes are (decode_rgb): a camera's 8x4 file with orientation 6 (rotate 90) is a 4x8 image."""

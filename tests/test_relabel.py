@@ -98,11 +98,31 @@ def test_invalid_labels_are_counted_as_such_and_relabelling_nothing_fails(tmp_pa
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith("error: no pair was relabelled: of 4 rows read, skipped human_tie 1, unlabelled 1, "
                                 "invalid_label 1, not_scored 1; the first not scored: ")
-    assert "toy-judge" in errors[0] and errors[0].endswith(f"(its files in {out} removed)")
+    assert "toy-judge" in errors[0] and errors[0].endswith(f"(its files in {out} removed); add --all-pairs to "
+                                                         "relabel the pairs people did not decide (ties, unlabelled, "
+                                                         "invalid labels)")
     assert not out.exists()  # the row-less files are gone: a rerun needs no --overwrite
     # the caption toy-judge cannot read stays unscored
     code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out, "--all-pairs")
     assert code == 0 and summary["written"] == 3 and summary["skipped"]["not_scored"] == 1
+
+
+def test_relabelling_only_unlabelled_pairs_points_at_all_pairs(tmp_path, capsys):
+    """Unlabelled pairs (has_label false) failed with "skipped unlabelled 2" and no word of --all-pairs, the flag
+    that relabels them; with it given, the error does not offer it again."""
+    folder, out = tmp_path / "pairs", tmp_path / "ai"
+    folder.mkdir()
+    rows = _rows()
+    write_parquet([rows[7], {**rows[0], "has_label": False}], folder / "part-0.parquet")
+    code, _, err = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: no pair was relabelled: of 2 rows read, skipped unlabelled 2 (its files in {out} removed); add "
+        "--all-pairs to relabel the pairs people did not decide (ties, unlabelled, invalid labels)")
+    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out, "--all-pairs")
+    assert code == 0 and summary["written"] == 2
+    write_parquet([{**rows[6], "has_label": False}], folder / "part-0.parquet")  # a caption toy-judge cannot read
+    code, _, err = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", tmp_path / "b", "--all-pairs")
+    assert code == 2 and "not_scored 1" in err and "--all-pairs" not in err
 
 
 def test_a_has_label_column_of_0_1_ints_is_written_as_bool(tmp_path, capsys):

@@ -232,7 +232,7 @@ def test_the_base_model_defaults_to_the_tuned_models_folder(script, tmp_path, mo
     from t2i_align.config.sections import TextEncodingConfig
 
     # the folders do not exist
-    monkeypatch.setattr(module, "check_models", lambda sides: dict.fromkeys(sides, TextEncodingConfig()))
+    monkeypatch.setattr(module, "check_models", lambda sides, vae=None: dict.fromkeys(sides, TextEncodingConfig()))
     monkeypatch.setattr(module, "has_user_branch", lambda model, lora: False, raising=False)
     with pytest.raises(SystemExit):
         module.main(["--model", str(tmp_path / "sd15"), "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "o"),

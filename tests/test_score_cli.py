@@ -239,6 +239,24 @@ def test_pairwise_excludes_and_counts_invalid_labels(tmp_path, capsys):
     assert [r["label_problem"] for r in scored[-6::2]] == ["invalid_labels", "invalid_labels", "unlabelled"]
 
 
+def test_pairwise_with_no_usable_label_is_an_error_not_accuracy_null(tmp_path, capsys):
+    """label_0 as text ("1", "tie", "left"): every pair was excluded as invalid, yet the run scored every image and
+    exited 0 with accuracy null. Now an error before any reward loads; beside a usable file, excluded and counted."""
+    rows = [{**r, "label_0": text, "label_1": text} for r, text in zip(_pair_rows(), ["1", "0", "tie", "left"])]
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), folder / "a_text.parquet")
+    out = tmp_path / "scores.jsonl"
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out, "--pairwise")
+    assert code == 2 and err.startswith("error: --pairwise: no pair of --images") and len(err.splitlines()) == 1
+    assert "(4 invalid labels; first: '1' in a_text.parquet row 0; label_0 must be a number in [0, 1]" in err
+    assert not out.exists()
+    write_parquet(_pair_rows(), folder / "b_numbers.parquet")
+    code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", folder, "--out", out, "--pairwise")
+    assert code == 0 and summary["pairwise"]["invalid_labels_excluded"] == 4
+    assert summary["pairwise"]["toy-judge"]["n"] == 5
+
+
 def test_parquet_captions_that_are_not_strings_are_scored_as_text(tmp_path, capsys):
     """A caption column of numbers (or a null caption) is read as text, as metadata.jsonl prompts are."""
     image = jpeg_bytes(render(SCENES[0]))

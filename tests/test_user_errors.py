@@ -948,3 +948,58 @@ def test_warnings_in_a_command_are_one_line_each_once():
         """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0 and proc.stderr == "warning: the LoRA was trained on another model\n", proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["t2i-score", "--reward", "toy-judge", "--images", "", "--out", "OUT/s.jsonl"],
+    ["t2i-score", "--reward", "toy-judge", "--images", "IMAGES", "--prompts", "", "--out", "OUT/s.jsonl"],
+    ["t2i-score", "--reward", "toy-judge", "--images", "IMAGES", "--out", ""],
+    ["data", "pairs", "--from", "LISTING", "--out", ""],
+    ["data", "captions", "--from", "", "--out", "OUT"],
+    ["data", "relabel", "--pairs", "", "--reward", "toy-judge", "--out", "OUT"],
+    ["data", "relabel", "--pairs", "pairs.parquet", "--reward", "toy-judge", "--out", " "],
+    ["toy", "pairs", "--out", ""],
+])
+def test_an_empty_path_flag_is_refused_not_taken_as_the_working_directory(argv, tmp_path, capsys, monkeypatch):
+    """Path("") is ".": `--images ""` scored the working directory's images and `data pairs --out ""` wrote
+    pairs.parquet into it, both exiting 0 (an unset shell variable does this); other messages showed it as `.`."""
+    from reward_models.cli import main as score
+    from t2i_align.data.__main__ import main as data
+    from t2i_align.toy.__main__ import main as toy
+
+    work = tmp_path / "work"
+    (work / "IMAGES").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(work / "IMAGES" / "a.png")
+    (work / "IMAGES" / "metadata.jsonl").write_text(json.dumps({"file": "a.png", "prompt": "a"}) + "\n")
+    Image.new("RGB", (8, 8)).save(work / "a.png")  # what the working directory would have given
+    (work / "metadata.jsonl").write_text(json.dumps({"file": "a.png", "prompt": "a"}) + "\n")
+    (work / "LISTING").write_text(json.dumps({"caption": "a", "image_w": "a.png", "image_l": "a.png"}) + "\n")
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_1": [b"x"]}), work / "pairs.parquet")
+    monkeypatch.chdir(work)
+    before = sorted(p.name for p in work.iterdir())
+    command, *args = argv
+    code = {"t2i-score": score, "data": data, "toy": toy}[command](args)
+    flag = args[args.index("") - 1 if "" in args else args.index(" ") - 1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {flag} is empty: give a path (an empty one would be taken as the working "
+                                 "directory)"]
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
+def test_generate_and_merge_refuse_an_empty_out(tmp_path, monkeypatch):
+    """Their refusal named `--out .` as the current folder: the flag was empty."""
+    import argparse
+
+    from t2i_align.merge import merge_lora
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="^--out is empty: give a path"):
+        merge_lora("toy", tmp_path / "lora", "")
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "sample"))  # its `common`
+    spec = importlib.util.spec_from_file_location("generate_script", REPO_ROOT / "sample" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    with pytest.raises(UserError, match="^--out is empty: give a path"):
+        generate._check_out(argparse.Namespace(out=""))

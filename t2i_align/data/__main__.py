@@ -51,7 +51,8 @@ def _relabel_parser(sub) -> None:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the reward's)")
     s.add_argument("--batch-size", type=int, default=32, help="pairs read and scored at a time (default 32)")
     s.add_argument("--all-pairs", action="store_true", help="relabel the pairs people called a tie or left "
-                   "unlabelled too (the official code trains only on the pairs people decided)")
+                   "unlabelled (or with an invalid label_0) too (the official code trains only on the pairs people "
+                   "decided)")
     s.add_argument("--out", required=True, help="output folder: one relabelled file per input file, relabel.json")
     group = s.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep the files an earlier run finished in OUT")
@@ -61,18 +62,19 @@ def _relabel_parser(sub) -> None:
 def _relabel(args) -> int:
     from reward_models.cli import UsageError, load_rewards, parse_options
 
-    from ..files import check_output_path
+    from ..files import check_output_path, given_path
     from .relabel import check_no_strays, input_files, relabel, remove_outputs
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    given_path(args.pairs, "--pairs")  # "" would be the working directory
     if not Path(args.pairs).exists():
         raise UsageError(f"--pairs {args.pairs} does not exist: give a Pick-a-Pic-format parquet file or folder")
     try:
         files = input_files(Path(args.pairs))
     except (OSError, ValueError) as err:  # ConfigError: no parquet files, a file outside the folder
         raise UsageError(f"--pairs {args.pairs}: {err}") from None
-    out = Path(args.out)
+    out = given_path(args.out, "--out")
     earlier = [out / name for name, _ in files] + [out / "relabel.json"]
     check_output_path(out, "--out", folder=True, inputs={"--pairs": args.pairs},
                       replaces=[] if args.resume else earlier, overwrite=args.overwrite)
@@ -89,16 +91,19 @@ def _relabel(args) -> int:
         remove_outputs(out, [name for name, _ in files], made)
         skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items() if v)
         why = f"; the first not scored: {summary['first_problem']}" if "first_problem" in summary else ""
+        undecided = sum(summary["skipped"][k] for k in ("human_tie", "unlabelled", "invalid_label"))
+        hint = ("; add --all-pairs to relabel the pairs people did not decide (ties, unlabelled, invalid labels)"
+                if undecided and not args.all_pairs else "")
         raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'}{why} "
-                         f"(its files in {out} removed)")
+                         f"(its files in {out} removed){hint}")
     return 0
 
 
 def _import(args) -> int:
-    from ..files import check_output_path
+    from ..files import check_output_path, given_path
     from .listings import import_listing
 
-    listing, out = Path(args.listing), Path(args.out)
+    listing, out = given_path(args.listing, "--from"), given_path(args.out, "--out")
     if listing.is_dir():
         raise UserError(f"--from {listing} is a folder: give the .jsonl or .csv listing in it (one row per "
                         f"{'pair' if args.command == 'pairs' else 'image'}; its image paths relative to --image-root)")

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
+
+from ..errors import UserError
 
 CACHE_FORMAT = 2
 """Bump when the cache layout or how tensors are computed (e.g. VAE sample vs mode) changes: old caches then get
@@ -49,9 +52,19 @@ def model_identity(model_dir: str | Path, subfolders: Sequence[str] = PIPELINE_P
     """The folder plus every file of the given subfolders ("." = the folder itself): small files by content,
     large ones by size and mtime."""
     folder = Path(model_dir).resolve()
-    files = sorted({p for sub in subfolders if (folder / sub).is_dir() for p in (folder / sub).rglob("*")
-                    if p.is_file()})
+    files = sorted({p for sub in subfolders if (folder / sub).is_dir() for p in _files_under(folder / sub)})
     return {"model": str(folder), "files": [_file_identity(p, folder) for p in files]}
+
+
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Every file below `folder` (links to folders not followed, as rglob); a folder that cannot be listed is a
+    UserError naming it: rglob skipped it silently, so a changed file in it would have reused stale latents."""
+    def refuse(err: OSError) -> None:
+        raise UserError(f"cannot list {err.filename} ({err.strerror or err}), a folder of the model whose files the "
+                        "data cache's key covers: make it readable by this user (or remove it from the model folder)")
+
+    for root, _, names in os.walk(folder, onerror=refuse):
+        yield from (p for p in (Path(root, name) for name in names) if p.is_file())
 
 
 def _dtype(module: torch.nn.Module) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -141,9 +143,14 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def _image_files_digest(self) -> str:
         """sha256 over each used row's image path, size and modification time (a stat per row, read when a cache
-        key is made); a path that does not resolve to a file counts as missing."""
+        key is made); a path that does not resolve to a file counts as missing. A stat per image is minutes for
+        millions of files on a network drive: a bar, on the main process's terminal, once it lasts a second."""
+        from tqdm.auto import tqdm
+
         digest = hashlib.sha256()
-        for index in range(len(self)):
+        main = os.environ.get("RANK", "0") == "0"  # every process makes the key; one bar (as run_cli's messages)
+        for index in tqdm(range(len(self)), desc="hashing image files", unit="img", file=sys.stderr, delay=1,
+                          disable=None if main else True):  # None: no bar when stderr is not a terminal (tests, logs)
             fi = int(self._loc[index, 0])
             if self.column[fi] != "path":
                 continue

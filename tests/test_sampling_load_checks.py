@@ -1,0 +1,91 @@
+"""Model folders that sampling loaded differently from training: a base without vae/ given --vae, a shard an
+index names that is not there, a tokenizer without its context length."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2i_align.model_folders import ModelLoadError, resolve_pretrained
+
+from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401 (autouse fixture)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample"
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+def _generate():
+    sys.path.insert(0, str(SAMPLE))
+    spec = importlib.util.spec_from_file_location("sample_generate", SAMPLE / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_base_without_vae_samples_with_vae_as_it_trained_with_model_vae(sd15_dir, tmp_path):
+    """Training takes such a base with model.vae (the folder check skips vae/), but load_pipeline and the sample/
+    scripts refused it before --vae was considered ("vae is missing ... download or copy it again")."""
+    from diffusers import AutoencoderKL
+
+    from t2i_align.sampling import load_pipeline
+
+    base = shutil.copytree(sd15_dir, tmp_path / "novae")
+    shutil.rmtree(base / "vae")
+    with pytest.raises(ModelLoadError, match="vae is missing.*or decode with another VAE .*--vae DIR"):
+        load_pipeline(base)
+    pipe = load_pipeline(base, vae=sd15_dir)
+    own = AutoencoderKL.from_pretrained(sd15_dir, subfolder="vae")
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, own.decoder.conv_out.weight)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    result = _generate().main(["--model", str(base), "--vae", str(sd15_dir), "--prompts", str(prompts),
+                               "--steps", "1", "--seeds-per-prompt", "1", "--out", str(tmp_path / "out")])
+    assert result["images"] == 1
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_a_shard_the_index_names_that_is_missing_is_named_by_the_folder_check(sd15_dir, tmp_path, part):
+    """The folder check (the dry run, sampling's check_weights) passed a sharded part missing a shard; the load
+    failed later ("does not appear to have a file named ...-00002-of-... which is required")."""
+    folder = shutil.copytree(sd15_dir, tmp_path / "sharded")
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cls = UNet2DConditionModel if part == "unet" else CLIPTextModel
+    model = cls.from_pretrained(folder / part)
+    shutil.rmtree(folder / part)
+    model.save_pretrained(folder / part, max_shard_size="40KB")
+    shards = sorted((folder / part).glob("*-of-*.safetensors"))
+    assert len(shards) >= 2 and resolve_pretrained(str(folder)) == folder  # whole: passes
+    plain = next((folder / part).glob("*.index.json")).name.replace(".index.json", "")
+    (folder / part / plain.replace(".safetensors", ".fp16.safetensors")).write_bytes(b"x")  # a whole variant
+    shards[1].unlink()
+    assert resolve_pretrained(str(folder)) == folder
+    (folder / part / plain.replace(".safetensors", ".fp16.safetensors")).unlink()
+    told = f"{part} component but .*{part}/{plain}.index.json names 1 missing shard file.s. .e.g. {shards[1].name}."
+    with pytest.raises(ModelLoadError, match=told + ": the folder is incomplete"):
+        resolve_pretrained(str(folder))
+
+
+def test_sampling_refuses_a_tokenizer_without_its_context_length(sd15_dir, tmp_path):
+    """Training refused a tokenizer_config.json without model_max_length (1e30); load_pipeline loaded it, and the
+    first prompt failed with an OverflowError traceback ("int too big to convert")."""
+    from t2i_align.sampling import load_pipeline
+
+    folder = shutil.copytree(sd15_dir, tmp_path / "notmax")
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("model_max_length")
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="tokenizer: the tokenizer's model_max_length 1e.30 does not fit the "
+                                             "text encoder's 77 positions"):
+        load_pipeline(folder)
