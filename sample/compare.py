@@ -120,9 +120,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     if args.base and args.base_model and args.base != args.base_model:
         raise UsageError(f"--base {args.base} and --base-model {args.base_model} name two base models: give one")
-    if args.out:
-        from t2i_align.files import check_output_path
+    if args.out is not None:  # "" is no file to write (it wrote none, without a word)
+        from t2i_align.files import check_output_path, given_path
 
+        given_path(args.out, "--out")
         inputs = {"--lora": args.lora, "--base-lora": args.base_lora,
                   **{"--prompts" + (f" (#{i + 1})" if i else ""): spec for i, spec in enumerate(args.prompts or [])
                      if not spec.startswith("toy:")}}

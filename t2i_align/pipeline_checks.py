@@ -9,10 +9,14 @@ from .model_folders import ModelLoadError, read_index
 
 
 def check_tokenizer(folder: Path, tokenizer, encoder) -> None:
-    """A tokenizer_config.json without model_max_length gives 1e30 (an OverflowError at the first prompt)."""
-    positions = encoder.config.max_position_embeddings
-    if not 0 < tokenizer.model_max_length <= positions:
-        raise ModelLoadError(f"{folder}: the tokenizer's model_max_length {tokenizer.model_max_length:g} does not fit "
+    """A tokenizer_config.json without model_max_length gives 1e30 (an OverflowError at the first prompt). An
+    encoder without a fixed context (T5's relative positions) or a tokenizer without a length: not this check's."""
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    length = getattr(tokenizer, "model_max_length", None)
+    if positions is None or length is None:
+        return
+    if not 0 < length <= positions:
+        raise ModelLoadError(f"{folder}: the tokenizer's model_max_length {length:g} does not fit "
                              f"the text encoder's {positions} positions: its tokenizer_config.json is missing or "
                              "damaged; copy the folder again")
 

@@ -16,8 +16,8 @@ _VARIANT_FILES = [re.compile(p) for p in (
     rf"^{_WEIGHTS}\.(?:safetensors|bin)\.index\.(\w+)\.json$",
     rf"^{_WEIGHTS}{_SHARD}\.(\w+)\.(?:safetensors|bin)$",
     rf"^{_WEIGHTS}\.(?:safetensors|bin)\.(\w+)\.index\.json$")]
-_SINGLE_FILE = re.compile(rf"^{_WEIGHTS}(?:\.\w+)?\.(?:safetensors|bin)$")  # unsharded, plain or a variant
-_INDEX_FILE = re.compile(rf"^{_WEIGHTS}\.(?:safetensors|bin)(?:\.\w+)?\.index(?:\.\w+)?\.json$")
+_SINGLE = re.compile(rf"^{_WEIGHTS}(?:\.(\w+))?\.(safetensors|bin)$")  # unsharded: (variant, format)
+_INDEX = re.compile(rf"^{_WEIGHTS}\.(safetensors|bin)(?:\.(\w+))?\.index(?:\.(\w+))?\.json$")  # a shard index
 _PLAIN_FILE = re.compile(rf"^{_WEIGHTS}(?:{_SHARD})?\.(?:safetensors|bin)(?:\.index\.json)?$")
 
 
@@ -134,22 +134,38 @@ def _indexes(folder: Path) -> list:
 
 
 def missing_shard(folder: Path) -> Optional[str]:
-    """What a shard index in `folder` names that is not there (a download stopped between shards), or None; None too
-    when other weights there are whole (a single file, another index's shards: a variant's). It failed at load, as
-    a FileNotFoundError, after the folder checks had passed."""
+    """What the shard index the loader would read names that is not in `folder` (a download stopped between
+    shards), or None. Per weights variant the loader reads a safetensors index before a safetensors file, then a
+    .bin index, then a .bin file; the plain set is read without --variant (and where a variant falls back), so a
+    broken plain set is refused even beside a whole variant; a folder of variants only, when every one is broken.
+    It failed at load, as a FileNotFoundError, after the folder checks had passed."""
+    folder = Path(folder)
+    names = {f.name for f in folder.iterdir()}
+    picks: dict = {}  # variant (None: plain) -> (rank, file name) of what the loader reads
+    for name in names:
+        index, single = _INDEX.match(name), _SINGLE.match(name)
+        if index:
+            picked = index.group(2) or index.group(3), (0 if index.group(1) == "safetensors" else 2, name)
+        elif single:
+            picked = single.group(1), (1 if single.group(2) == "safetensors" else 3, name)
+        else:
+            continue
+        picks[picked[0]] = min(picks.get(picked[0], (9, "")), picked[1])
+    broken = {v: _lost_shards(folder, name, names) for v, (rank, name) in picks.items() if rank in (0, 2)}
+    broken = {v: why for v, why in broken.items() if why}
+    if None in picks:
+        return broken.get(None)
+    return next(iter(broken.values())) if broken and len(broken) == len(picks) else None
+
+
+def _lost_shards(folder: Path, index: str, names: set) -> Optional[str]:
     import json
 
-    folder = Path(folder)
-    names, broken = {f.name for f in folder.iterdir()}, None
-    whole = any(_SINGLE_FILE.match(n) for n in names)
-    for index in sorted(n for n in names if _INDEX_FILE.match(n)):
-        try:
-            lost = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()) - names)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged index: missing_files names it
-            continue
-        whole = whole or not lost
-        broken = broken or lost and f"{folder / index} names {len(lost)} missing shard file(s) (e.g. {lost[0]})"
-    return None if whole else broken
+    try:
+        lost = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()) - names)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged index: missing_files names it
+        return None
+    return f"{folder / index} names {len(lost)} missing shard file(s) (e.g. {lost[0]})" if lost else None
 
 
 def check_clip_text_layout(path: Path) -> None:

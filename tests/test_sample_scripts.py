@@ -688,3 +688,20 @@ def test_outputs_inside_a_model_or_lora_folder_are_refused(tmp_path, capsys):
             code = _script("common").run_cli(lambda: _script(script).main(["--lora", str(given), *flags, *FAST]))
             assert code == 2 and f"lies inside --lora {lora}" in capsys.readouterr().err
     assert sorted(lora.iterdir()) == [weights, lora / "t2i_align_base_model.json"]
+
+
+def test_compare_and_the_toy_commands_refuse_an_empty_out(tmp_path, monkeypatch, capsys):
+    """compare --out "" wrote no JSON without a word; toy build / demo --out "" took the working directory."""
+    from t2i_align.toy.__main__ import main as toy
+
+    compare = _script("compare")
+    monkeypatch.setattr(compare, "load_reward_set", lambda *a: pytest.fail("rewards loaded"))
+    monkeypatch.chdir(tmp_path)
+    code = _script("common").run_cli(lambda: compare.main(["--prompts", "toy:heldout", "--out", ""]))
+    assert code == 2 and capsys.readouterr().err.strip() == ("error: --out is empty: give a path (an empty one would "
+                                                             "be taken as the working directory)")
+    for command in ("build", "demo"):
+        assert toy([command, "--out", ""]) == 2
+        assert capsys.readouterr().err.strip().endswith("error: --out is empty: give a path (an empty one would be "
+                                                        "taken as the working directory)")
+    assert not list(tmp_path.iterdir())

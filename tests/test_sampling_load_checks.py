@@ -67,13 +67,39 @@ def test_a_shard_the_index_names_that_is_missing_is_named_by_the_folder_check(sd
     shards = sorted((folder / part).glob("*-of-*.safetensors"))
     assert len(shards) >= 2 and resolve_pretrained(str(folder)) == folder  # whole: passes
     plain = next((folder / part).glob("*.index.json")).name.replace(".index.json", "")
-    (folder / part / plain.replace(".safetensors", ".fp16.safetensors")).write_bytes(b"x")  # a whole variant
     shards[1].unlink()
-    assert resolve_pretrained(str(folder)) == folder
-    (folder / part / plain.replace(".safetensors", ".fp16.safetensors")).unlink()
     told = f"{part} component but .*{part}/{plain}.index.json names 1 missing shard file.s. .e.g. {shards[1].name}."
     with pytest.raises(ModelLoadError, match=told + ": the folder is incomplete"):
         resolve_pretrained(str(folder))
+    # neither a whole fp16 file nor a plain single file helps: without --variant diffusers reads the plain index
+    for whole in (plain.replace(".safetensors", ".fp16.safetensors"), plain):
+        (folder / part / whole).write_bytes(b"x")
+        with pytest.raises(ModelLoadError, match=told):
+            resolve_pretrained(str(folder))
+
+
+def test_missing_shard_looks_at_what_the_loader_reads(tmp_path):
+    """Per variant: a safetensors index before a safetensors file, then a .bin index, then a .bin file."""
+    import json
+
+    from t2i_align.weight_files import missing_shard
+
+    def folder(name, **files):
+        sub = tmp_path / name
+        sub.mkdir()
+        for file, shards in files.items():
+            text = json.dumps({"weight_map": {"a": shards[0], "b": shards[-1]}}) if shards else "x"
+            (sub / file.replace("__", ".")).write_text(text)
+        return missing_shard(sub)
+
+    w = "diffusion_pytorch_model"
+    # a whole .bin index beside a safetensors index whose shards never came: the safetensors one is read
+    assert "names 2 missing" in folder("bin_whole", **{f"{w}__bin__index__json": ["b1.bin", "b2.bin"], "b1__bin": [],
+                                                       "b2__bin": [], f"{w}__safetensors__index__json": ["s1", "s2"]})
+    assert folder("plain_whole", **{f"{w}__safetensors": []}) is None
+    # variants only: refused when every one is broken, not when one is whole (--variant picks it)
+    assert folder("one_whole", **{f"{w}__fp16__safetensors": [], f"{w}__safetensors__index__bf16__json": ["x"]}) is None
+    assert "names 1 missing" in folder("all_broken", **{f"{w}__safetensors__index__fp16__json": ["y"]})
 
 
 def test_sampling_refuses_a_tokenizer_without_its_context_length(sd15_dir, tmp_path):
@@ -89,3 +115,18 @@ def test_sampling_refuses_a_tokenizer_without_its_context_length(sd15_dir, tmp_p
     with pytest.raises(ModelLoadError, match="tokenizer: the tokenizer's model_max_length 1e.30 does not fit the "
                                              "text encoder's 77 positions"):
         load_pipeline(folder)
+
+
+def test_the_tokenizer_check_leaves_encoders_without_a_fixed_context_alone(tmp_path):
+    """T5 has relative positions (no max_position_embeddings): the check raised AttributeError before the
+    pipeline's own "cannot sample with" message."""
+    from types import SimpleNamespace
+
+    from t2i_align.pipeline_checks import check_tokenizer
+
+    t5 = SimpleNamespace(config=SimpleNamespace())
+    check_tokenizer(tmp_path, SimpleNamespace(model_max_length=512), t5)
+    clip = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=77))
+    check_tokenizer(tmp_path, SimpleNamespace(model_max_length=77), clip)
+    with pytest.raises(ModelLoadError, match="model_max_length 1e[+]30 does not fit the text encoder's 77"):
+        check_tokenizer(tmp_path, SimpleNamespace(model_max_length=int(1e30)), clip)

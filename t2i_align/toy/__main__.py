@@ -47,7 +47,9 @@ def _check_build_out(out: Path, tiny: bool, only: Optional[str]) -> None:
 def cmd_build(args) -> dict:
     from .build import TINY_BUDGET, BuildBudget, build
 
-    _check_build_out(Path(args.out), args.tiny, args.only)
+    from ..files import given_path
+
+    _check_build_out(given_path(args.out, "--out"), args.tiny, args.only)
     budget = TINY_BUDGET if args.tiny else BuildBudget()
     out = build(args.out, seed=args.seed, budget=budget, log=lambda m: print(m, file=sys.stderr, flush=True),
                 only=args.only)
@@ -112,9 +114,10 @@ def cmd_compare(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
+    from ..files import given_path
     from .demo import headline, run_demo
 
-    result = run_demo(Path(args.out), seeds_per_prompt=args.seeds, config=Path(args.config),
+    result = run_demo(given_path(args.out, "--out"), seeds_per_prompt=args.seeds, config=Path(args.config),
                       train_overrides=args.overrides, num_pair_prompts=args.num_pair_prompts,
                       images_per_prompt=args.k, overwrite=args.overwrite)
     print(headline(result), file=sys.stderr, flush=True)
