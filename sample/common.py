@@ -229,7 +229,8 @@ def add_user_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None,
                    help="interpolation weight: alpha * second user + (1 - alpha) * first user")
     p.add_argument("--user-table", default=None,
-                   help="user table (default: user_table.safetensors next to the weights)")
+                   help="user table: the file, or the folder holding its user_table.safetensors (default: the one "
+                        "next to the weights)")
     p.add_argument("--user-shots", default=None,
                    help="toy users: a Pick-a-Pic-format parquet of the user's labelled pairs, embedded by the toy "
                         "encoder (as many usable pairs as the branch has tokens: 4)")

@@ -137,6 +137,9 @@ def test_a_table_of_every_layer_is_cut_to_the_layers_the_branch_took(model, ppd_
     with pytest.warns(UserWarning, match="has 5 rows and the branch takes 3: using the last 3"):
         tokens = user_tokens_for(pipe, UserChoice(ids=["1"], table=str(path)), 2, [ppd_final, model])
     assert torch.equal(tokens, trained.repeat(2, 1, 1))
+    # --user-table as the folder holding the table, as --lora takes a run's final/ ("no user table at" it before)
+    folder = user_tokens_for(pipe, UserChoice(ids=["1"], table=str(ppd_final)), 2, [model])
+    assert torch.equal(folder, trained.repeat(2, 1, 1))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -70,8 +70,9 @@ def attach_user_branch(pipe, *folders) -> Optional[Path]:
 
 
 def _table(choice: UserChoice, folders: Sequence) -> UserTable:
-    if choice.table:
-        return UserTable.load(choice.table)
+    if choice.table:  # the file, or the folder holding it (a PPD run's final/, as --lora takes it)
+        given = Path(choice.table)
+        return UserTable.load(given / USER_TABLE_NAME if given.is_dir() else given)
     for folder in folders:
         if folder is not None:
             folder = Path(folder)
