@@ -80,7 +80,7 @@ def read_index(path: Path, key: str = "model.pretrained") -> dict:
             from None
 
 
-def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
+def _check_parts(path: Path, index: dict, skip: Sequence[str] = (), variant: Optional[str] = None) -> None:
     """Each component the loop loads has its subfolder, and the models their weights (a partial download);
     `skip`: those the run takes from elsewhere (the VAE with model.vae)."""
     for name in _LOADED_PARTS:
@@ -89,7 +89,7 @@ def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
         entry = index.get(name)
         if not isinstance(entry, list) or not entry or entry[0] is None:
             continue
-        missing = missing_files(path / name, name)
+        missing = missing_files(path / name, name, variant)
         if missing is None:
             continue
         other = ", or decode with another VAE (model.vae=DIR; sample/ and merge_lora.py: --vae DIR)" * (name == "vae")
@@ -97,7 +97,7 @@ def _check_parts(path: Path, index: dict, skip: Sequence[str] = ()) -> None:
                              f"incomplete (a partial download or copy?); download or copy it again{other}")
 
 
-def missing_files(sub: Path, name: str) -> Optional[str]:
+def missing_files(sub: Path, name: str, variant: Optional[str] = None) -> Optional[str]:
     """What component folder `sub` lacks, or None. A tokenizer without its vocabulary loaded as a 2-token one
     (transformers 5), every prompt encoded alike; a missing config.json gave a default model and a size mismatch."""
     if not sub.is_dir():
@@ -110,7 +110,7 @@ def missing_files(sub: Path, name: str) -> Optional[str]:
     if name in _WEIGHTED_PARTS and all(_lfs_pointer(sub / f) for f in weights):
         return (f"{sub / weights[0]} is a git-lfs pointer, not the weights (cloned without git-lfs): install "
                 "git-lfs and run `git lfs pull` in the model's repository")
-    shard = missing_shard(sub) if name in _WEIGHTED_PARTS else None
+    shard = missing_shard(sub, variant, name.startswith("text_encoder")) if name in _WEIGHTED_PARTS else None
     if shard:
         return shard
     if name in _WEIGHTED_PARTS and "config.json" not in has:
@@ -197,7 +197,7 @@ def resolve_pretrained(
     path = Path(pretrained).expanduser()
     if path.is_dir():
         if pipeline:
-            _check_parts(path, read_index(path, key), skip_parts)
+            _check_parts(path, read_index(path, key), skip_parts, variant)
         return path
     if path.exists():
         raise ModelLoadError(f"{key}={pretrained!r} is a file, not a folder; {_pass_local(key)}."

@@ -133,28 +133,33 @@ def _indexes(folder: Path) -> list:
     return sorted(Path(folder).glob("model*.safetensors*index*.json"))
 
 
-def missing_shard(folder: Path) -> Optional[str]:
+def missing_shard(folder: Path, variant: Optional[str] = None, transformers: bool = False) -> Optional[str]:
     """What the shard index the loader would read names that is not in `folder` (a download stopped between
-    shards), or None. Per weights variant the loader reads a safetensors index before a safetensors file, then a
-    .bin index, then a .bin file; the plain set is read without --variant (and where a variant falls back), so a
-    broken plain set is refused even beside a whole variant; a folder of variants only, when every one is broken.
-    It failed at load, as a FileNotFoundError, after the folder checks had passed."""
+    shards), or None. It failed at load, as a FileNotFoundError, after the folder checks had passed. The set read
+    is `variant`'s where the folder holds it, else the plain one (the loaders fall back); a folder of other variants
+    only is refused when every one is broken. Within a set, as the loaders pick (diffusers 0.42, transformers 5):
+    diffusers a safetensors index, then a safetensors file, then a .bin file (never a .bin index); transformers
+    (`transformers`: a text encoder) a safetensors file, its index, a .bin file, its index."""
     folder = Path(folder)
     names = {f.name for f in folder.iterdir()}
+    order = ("st_file", "st_index", "bin_file", "bin_index") if transformers else ("st_index", "st_file", "bin_file")
     picks: dict = {}  # variant (None: plain) -> (rank, file name) of what the loader reads
     for name in names:
         index, single = _INDEX.match(name), _SINGLE.match(name)
         if index:
-            picked = index.group(2) or index.group(3), (0 if index.group(1) == "safetensors" else 2, name)
+            fmt, kind, found = index.group(1), "index", index.group(2) or index.group(3)
         elif single:
-            picked = single.group(1), (1 if single.group(2) == "safetensors" else 3, name)
+            fmt, kind, found = single.group(2), "file", single.group(1)
         else:
             continue
-        picks[picked[0]] = min(picks.get(picked[0], (9, "")), picked[1])
-    broken = {v: _lost_shards(folder, name, names) for v, (rank, name) in picks.items() if rank in (0, 2)}
+        kind = ("st_" if fmt == "safetensors" else "bin_") + kind
+        if kind in order:
+            picks[found] = min(picks.get(found, (9, "", "")), (order.index(kind), name, kind))
+    broken = {v: _lost_shards(folder, name, names) for v, (_, name, kind) in picks.items() if kind.endswith("index")}
     broken = {v: why for v, why in broken.items() if why}
-    if None in picks:
-        return broken.get(None)
+    read = variant if variant in picks else None
+    if read in picks:
+        return broken.get(read)
     return next(iter(broken.values())) if broken and len(broken) == len(picks) else None
 
 

@@ -71,26 +71,34 @@ def test_a_shard_the_index_names_that_is_missing_is_named_by_the_folder_check(sd
     told = f"{part} component but .*{part}/{plain}.index.json names 1 missing shard file.s. .e.g. {shards[1].name}."
     with pytest.raises(ModelLoadError, match=told + ": the folder is incomplete"):
         resolve_pretrained(str(folder))
-    # neither a whole fp16 file nor a plain single file helps: without --variant diffusers reads the plain index
-    for whole in (plain.replace(".safetensors", ".fp16.safetensors"), plain):
-        (folder / part / whole).write_bytes(b"x")
+    fp16 = plain.replace(".safetensors", ".fp16.safetensors")  # a whole variant: read with --variant fp16 only
+    (folder / part / fp16).write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=told):
+        resolve_pretrained(str(folder))
+    assert resolve_pretrained(str(folder), variant="fp16") == folder
+    (folder / part / fp16).unlink()
+    (folder / part / plain).write_bytes(b"x")  # a plain file: diffusers reads the index first, transformers the file
+    if part == "unet":
         with pytest.raises(ModelLoadError, match=told):
             resolve_pretrained(str(folder))
+    else:
+        assert resolve_pretrained(str(folder)) == folder
 
 
 def test_missing_shard_looks_at_what_the_loader_reads(tmp_path):
-    """Per variant: a safetensors index before a safetensors file, then a .bin index, then a .bin file."""
+    """The set of the variant asked for, else the plain one; in it diffusers reads a safetensors index, then a file,
+    then a .bin file (no .bin index), transformers a safetensors file, its index, a .bin file, its index."""
     import json
 
     from t2i_align.weight_files import missing_shard
 
-    def folder(name, **files):
+    def folder(name, variant=None, transformers=False, **files):
         sub = tmp_path / name
         sub.mkdir()
         for file, shards in files.items():
             text = json.dumps({"weight_map": {"a": shards[0], "b": shards[-1]}}) if shards else "x"
             (sub / file.replace("__", ".")).write_text(text)
-        return missing_shard(sub)
+        return missing_shard(sub, variant, transformers)
 
     w = "diffusion_pytorch_model"
     # a whole .bin index beside a safetensors index whose shards never came: the safetensors one is read
@@ -100,6 +108,14 @@ def test_missing_shard_looks_at_what_the_loader_reads(tmp_path):
     # variants only: refused when every one is broken, not when one is whole (--variant picks it)
     assert folder("one_whole", **{f"{w}__fp16__safetensors": [], f"{w}__safetensors__index__bf16__json": ["x"]}) is None
     assert "names 1 missing" in folder("all_broken", **{f"{w}__safetensors__index__fp16__json": ["y"]})
+    assert folder("stale_bin_index", **{f"{w}__bin": [], f"{w}__bin__index__json": ["gone.bin"]}) is None
+    assert folder("te_file_first", transformers=True, **{"model__safetensors": [], "model__safetensors__index__json":
+                                                         ["gone"]}) is None
+    assert "names 1 missing" in folder("te_bin_index", transformers=True, **{"pytorch_model__bin__index__json":
+                                                                              ["gone.bin"]})
+    broken_fp16 = {f"{w}__safetensors": [], f"{w}__safetensors__index__fp16__json": ["gone"]}
+    assert folder("plain_read", **broken_fp16) is None  # without --variant the whole plain file is read
+    assert "names 1 missing" in folder("fp16_read", variant="fp16", **broken_fp16)
 
 
 def test_sampling_refuses_a_tokenizer_without_its_context_length(sd15_dir, tmp_path):
