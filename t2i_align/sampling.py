@@ -81,7 +81,7 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     from .base_model import note_recorded_vae
     from .models import ModelLoadError, check_latent_channels, dtype_kwargs, load_vae_folder, torch_dtype
     from .weight_files import check_clip_text_layout, weights_variant
-    from .unet_checkpoint import checkpoint_folders
+    from .unet_checkpoint import checkpoint_folders, load_unet_checkpoint
     from .users.inference import attach_user_branch, branch_file, has_lora_file
 
     path, encoding = check_weights(model, lora, text_encoding, unet=unet, variant=variant, vae=vae)
@@ -101,8 +101,6 @@ def load_pipeline(model: str | Path, lora: Optional[str | Path] = None, device: 
     elif lora is not None:
         note_recorded_vae(lora)
     if unet is not None:  # the variant asked for, not the base's only one: the checkpoint's may differ
-        from .unet_checkpoint import load_unet_checkpoint
-
         pipe.unet = load_unet_checkpoint(unet, pipe.unet, variant)
     check_latent_channels(pipe.unet, pipe.vae, str(unet or path), "--vae" if vae is not None else "its vae/")
     # PPD: a user branch next to the adapters, or beside a full model's unet/ (a --unet checkpoint's first)
