@@ -30,16 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sd15 import _device, build_folder  # noqa: E402
+from gpu_sd15 import _device, _sync, build_folder  # noqa: E402
 from step_flops import prepared_step  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # the host waits in each
-
-
-def _sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _steps(step, optimizer, n: int, dev, each: bool = True) -> list:
