@@ -28,7 +28,7 @@ import torch
 from .batches import make_denoiser, unet_kwargs
 from .errors import describe, raise_told
 from .files import fsync_path, save_safetensors_atomic
-from .adapters import adapters_off, visiting
+from .adapters import BaseSwitch, visiting
 from .objectives.base import Denoiser
 from .snapshots import POOL_DIR, link_snapshots, read_lora_pool, snapshot_files
 
@@ -45,19 +45,26 @@ class BaseReference:
         """adapters: only adapters train (LoRA and/or PPD's user branch), so the base is the same UNet with every
         adapter off; else a full fine-tune, whose base is `frozen`."""
         self.unet, self.components, self.adapters, self.frozen = unet, components, adapters, frozen
+        self._switch: Optional[BaseSwitch] = None
         if not adapters and (frozen is None or frozen is unet):
             raise ValueError("full fine-tuning needs a frozen reference copy that is not the policy UNet")
 
     def denoiser(self) -> Denoiser:
         if self.adapters:
-            return _adapters_off(self.unet, self.components)
+            return _adapters_off(self.switch(), self.components)
         return _frozen_denoiser(self.frozen, self.components)
+
+    def switch(self) -> BaseSwitch:
+        """The UNet's base switch, made at the first reference call (the UNet's adapters are all in place by then)."""
+        if self._switch is None:
+            self._switch = BaseSwitch(self.unet)
+        return self._switch
 
     @contextmanager
     def base_unet(self) -> Iterator[torch.nn.Module]:
         """The base model's UNet for sampling (validation galleries): adapters off, or the frozen copy."""
         if self.adapters:
-            with adapters_off(self.unet):
+            with self.switch().off():
                 yield self.unet
         else:
             yield self.frozen
@@ -85,17 +92,12 @@ class BaseReference:
         """Restore from a checkpoint folder written by `save` (every process)."""
 
 
-def _adapters_off(unet, components) -> Denoiser:
-    inner = make_denoiser(unet, components)
+def _adapters_off(switch: BaseSwitch, components) -> Denoiser:
+    inner = make_denoiser(switch.unet, components)
 
     def reference(noisy, t, embeds, time_ids=None):
-        was_training = unet.training
-        unet.eval()  # as the official frozen copy: a UNet with dropout > 0 would give a noisy reference
-        try:
-            with adapters_off(unet):
-                return inner(noisy, t, embeds, time_ids)
-        finally:
-            unet.train(was_training)
+        with switch.off():  # dropout off too, as the official frozen copy: dropout > 0 gives a noisy reference
+            return inner(noisy, t, embeds, time_ids)
 
     return reference
 
@@ -274,18 +276,15 @@ class SnapshotPool(BaseReference):
         return self._full_snapshot()
 
     def _adapter_snapshot(self) -> Denoiser:
-        unet, components = self.unet, self.components
+        unet, components, switch = self.unet, self.components, self.switch()
 
         @torch.no_grad()
         def reference(noisy, t, embeds, time_ids=None):
             kwargs = unet_kwargs(components, embeds, time_ids)
-            was_training = unet.training
-            unet.eval()  # no LoRA dropout in the reference
-            try:  # the snapshot's adapter tensors stand in for the live ones for this call only
+            with switch.deterministic():  # no LoRA dropout in the reference
+                # the snapshot's adapter tensors stand in for the live ones for this call only
                 return torch.func.functional_call(unet, self.tensors[self._drawn()], (noisy, t), kwargs,
                                                   strict=False).sample
-            finally:
-                unet.train(was_training)
 
         return reference
 
@@ -322,7 +321,7 @@ class SnapshotPool(BaseReference):
     @contextmanager
     def base_unet(self) -> Iterator[torch.nn.Module]:
         if self.adapters:
-            with adapters_off(self.unet):
+            with self.switch().off():
                 yield self.unet
             return
         self._load_full(0)  # the initial weights, whichever snapshot the frozen copy held

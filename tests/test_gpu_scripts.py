@@ -95,3 +95,17 @@ def test_step_profile_smoke(tmp_path):
     assert [r["pairs"] for r in rows] == [1]
     assert rows[0]["wall_s"] > 0 and rows[0]["top_host_ms"] and rows[0]["launches"] == 0
 
+
+
+def test_step_host_times_every_switch(tmp_path):
+    """benchmarks/step_host.py (CPU only, no --smoke): each way of switching to the base model is timed, on the
+    LoRA UNet and with PPD's user branch added."""
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_host.py"), "--steps", "2", "--json",
+                           str(out)], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    lora, ppd = result["switches"]["lora"], result["switches"]["lora+user_branch"]
+    assert result["meta"]["step_ms"] > 0 and lora["lora_layers"] == ppd["lora_layers"] == 128
+    assert "user_branch_off_ms" in ppd and "user_branch_off_ms" not in lora and ppd["modules"] > lora["modules"]

@@ -331,6 +331,7 @@ def test_lora_starts_as_identity_and_trains_only_adapters(sd15_dir):
         torch.testing.assert_close(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-6, rtol=0)
         assert not torch.is_grad_enabled()
     assert not torch.allclose(_unet_out(comp, ["a cat", "a dog"]), before, atol=1e-4), "adapters back on after"
+    assert all(p.requires_grad for p in params), "and trainable again"
 
 
 def test_lora_defaults_and_errors(sd15_dir):

@@ -658,13 +658,20 @@ def test_the_lora_base_reference_runs_in_eval_mode(tmp_path):
     config = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**config, "dropout": 0.5}))
     comp = load_components(ModelConfig(pretrained=str(folder)))
-    trainable_parameters(comp.unet, LoraConfig(enabled=True, rank=2))
+    with torch.no_grad():  # adapters that change the output, with their own dropout
+        for param in trainable_parameters(comp.unet, LoraConfig(enabled=True, rank=2, dropout=0.5)):
+            param.add_(0.05)
     reference = BaseReference(comp.unet, comp, True, None).denoiser()
     x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), PromptEmbeds(torch.randn(2, 77, 32))
     comp.unet.train()
     with torch.no_grad():
         first, second = reference(x, t, emb), reference(x, t, emb)
     assert torch.equal(first, second) and comp.unet.training  # train mode given back
+    assert all(m.training for m in comp.unet.modules()), "every module's mode given back"
+    comp.unet.eval()  # what the switch must equal: the whole UNet in eval mode, diffusers' own adapter switch
+    comp.unet.disable_adapters()
+    with torch.no_grad():
+        torch.testing.assert_close(first, comp.unet(x, t, emb.prompt_embeds).sample, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family,cache", [("sd15", "true"), ("sdxl", "false")])

@@ -203,16 +203,24 @@ def get_user_scale(unet: nn.Module) -> float:
     return scales.pop()
 
 
+def user_branch_layers(unet: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(processor name, Attention module) of every layer that carries the user branch; an error if none does."""
+    return _require_branch(unet)
+
+
 @contextmanager
-def user_branch_disabled(unet: nn.Module) -> Iterator[nn.Module]:
+def user_branch_disabled(unet: nn.Module, layers: Optional[List[Tuple[str, nn.Module]]] = None) -> Iterator[nn.Module]:
     """The base model for the duration of the block (scale 0, bit-for-bit the UNet without the branch), e.g. as
-    PPD's reference ε_ref(x_t, c, t). The UNet still wants `image_embeds`; their values do not matter."""
-    previous = [list(attn.processor.scale) for _, attn in _require_branch(unet)]
-    set_user_scale(unet, 0.0)
+    PPD's reference ε_ref(x_t, c, t). The UNet still wants `image_embeds`; their values do not matter. `layers`:
+    `user_branch_layers(unet)` found once by a caller that switches at every step (each search walks the UNet)."""
+    layers = _require_branch(unet) if layers is None else layers
+    previous = [list(attn.processor.scale) for _, attn in layers]
+    for _, attn in layers:
+        attn.processor.scale = [0.0]  # as set_user_scale(unet, 0.0)
     try:
         yield unet
     finally:
-        for (_, attn), scale in zip(_cross_attention_layers(unet), previous):
+        for (_, attn), scale in zip(layers, previous):
             attn.processor.scale = scale
 
 
@@ -367,6 +375,6 @@ def _copy_into_branch(unet: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 __all__ = [
     "USER_WEIGHT_NAME", "UserBranchError", "add_user_branch", "check_user_tokens", "get_user_scale",
     "has_user_branch", "load_user_branch", "pipeline_user_embeds", "read_user_branch", "remove_user_branch",
-    "save_user_branch", "set_user_scale", "user_added_cond", "user_branch_disabled", "user_branch_parameters",
-    "user_branch_state_dict", "user_token_shape",
+    "save_user_branch", "set_user_scale", "user_added_cond", "user_branch_disabled", "user_branch_layers",
+    "user_branch_parameters", "user_branch_state_dict", "user_token_shape",
 ]
