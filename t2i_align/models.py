@@ -142,6 +142,8 @@ class Components:
     path: Path
     weight_dtype: torch.dtype
     truncation: text.TruncationStats = field(default_factory=text.TruncationStats)
+    sampling_truncation: text.TruncationStats = field(default_factory=lambda: text.TruncationStats(totals=""))
+    """What the pipelines built from these components count (galleries, RAFT's rounds): warned once a run."""
     text_encoding: TextEncodingConfig = field(default_factory=TextEncodingConfig)
     """How `encode_prompts` turns prompts into conditioning ("clip77" or "segments"), wherever text is encoded."""
     users: Any = None
@@ -384,5 +386,5 @@ def build_pipeline(components: Components, unet: Optional[torch.nn.Module] = Non
     # `sampling.generate` encodes prompts with these components, so it samples in the run's text encoding; its
     # own truncation count, so sampling does not add to the training prompts' count that the loop logs.
     setattr(pipe, PIPELINE_COMPONENTS, replace(
-        components, unet=parts["unet"], scheduler=parts["scheduler"], truncation=text.TruncationStats()))
+        components, unet=parts["unet"], scheduler=parts["scheduler"], truncation=components.sampling_truncation))
     return pipe

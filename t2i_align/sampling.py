@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .conditioning.text import PromptEmbeds, encode_prompts, read_text_encoding
+from .conditioning.text import PromptEmbeds, TruncationStats, encode_prompts, read_text_encoding
 from .config.sections import TextEncodingConfig
 from .diffusion import latent_scheduler, unscale_latents
 from .errors import one_line
@@ -210,7 +210,7 @@ def pipeline_components(pipe, text_encoding: Optional[TextEncodingConfig] = None
                                  "itself and needs them")
         view = Components(spec, tokenizers, encoders, pipe.vae, pipe.unet, pipe.scheduler,
                           Path(pipe.config.get("_name_or_path") or "."), encoders[0].dtype,
-                          text_encoding=text_encoding or TextEncodingConfig())
+                          truncation=TruncationStats(totals=""), text_encoding=text_encoding or TextEncodingConfig())
     setattr(pipe, PIPELINE_COMPONENTS, view)
     return view
 

@@ -61,6 +61,23 @@ def test_truncation_is_counted_and_warned_once(sd15):
     assert (stats.prompts_seen, stats.prompts_truncated, stats.tokens_dropped) == (5, 2, 50)
 
 
+def test_sampling_warns_once_a_run_without_pointing_to_trainings_totals(sd15):
+    """Every pipeline built from a run's components (a gallery, each RAFT round) shares one sampling count: one
+    warning a run, and it does not send the reader to prompts_truncated, the training prompts' count."""
+    from t2i_align.sampling import pipeline_components
+
+    sd15.truncation, sd15.sampling_truncation = type(sd15.truncation)(), type(sd15.truncation)(totals="")
+    with pytest.warns(UserWarning, match="1 of 1 prompts.*for the first batch that had any\\. LongAlign") as caught:
+        encode_prompts(pipeline_components(models.build_pipeline(sd15)), [LONG])
+    assert "training" not in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompts(pipeline_components(models.build_pipeline(sd15)), [LONG])  # the next round: counted only
+    assert (sd15.sampling_truncation.prompts_truncated, sd15.truncation.prompts_truncated) == (2, 0)
+    with pytest.warns(UserWarning, match="training logs the totals"):
+        encode_prompts(sd15, [LONG])  # training's own count
+
+
 def test_sdxl_counts_truncation_once_per_prompt(sdxl):
     sdxl.truncation = type(sdxl.truncation)()
     with pytest.warns(UserWarning, match="25 tokens were dropped"):

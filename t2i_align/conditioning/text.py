@@ -69,6 +69,8 @@ class TruncationStats:
     prompts_truncated: int = 0
     tokens_dropped: int = 0
     warned: bool = False
+    totals: str = "training logs the totals (prompts_truncated)"
+    """Where the totals are read, in the warning ("" for sampling, whose count nothing logs)."""
 
     def record(self, lengths: Sequence[int], max_length: int) -> None:
         """Count prompts of `lengths` tokens (with <sot>/<eot>) read through a `max_length`-token context."""
@@ -91,8 +93,8 @@ class TruncationStats:
                                                  "(model.text_encoding.kind=segments; --text-encoding segments).")
             warnings.warn(
                 f"{len(lost)} of {len(dropped)} prompts {why}; {sum(lost)} tokens were dropped (up to {max(lost)} "
-                f"from one prompt). Warned once, for the first batch that had any; training logs the totals "
-                f"(prompts_truncated).{hint}",
+                f"from one prompt). Warned once, for the first batch that had any"
+                f"{'; ' + self.totals if self.totals else ''}.{hint}",
                 stacklevel=7,  # the caller of encode_prompts (the encoders are wrapped by torch.no_grad)
             )
 
