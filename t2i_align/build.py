@@ -114,7 +114,8 @@ def _check_chain_steps_in_folder(cfg: Config) -> None:
     from .model_folders import ModelLoadError, local_model_folder
 
     try:
-        folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
+        folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else (),
+                                    revision=cfg.model.revision, variant=cfg.model.variant)
         config = None if folder is None else DDPMScheduler.load_config(folder, subfolder="scheduler")
     except (ModelLoadError, OSError, ValueError):
         return

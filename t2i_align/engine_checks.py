@@ -35,6 +35,7 @@ def check_launcher_precision(cfg) -> None:
 def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
     """At start, before loading anything: fail on what the loop cannot run under the launched engine, and give the
     engine the settings it takes from the run's config."""
+    check_processes_joined(accelerator)
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu" \
             and accelerator.distributed_type != "DEEPSPEED":  # (under DeepSpeed the loop autocasts itself)
         raise UserError("train.mixed_precision=fp16 needs a GPU: on a CPU accelerate runs without fp16 autocast, so "
@@ -61,6 +62,18 @@ def configure_engine(accelerator, cfg, objective_runs_sharded: bool) -> None:
                         f"divided twice. Unset it and set train.grad_accum={steps}")
     check_fsdp(accelerator, cfg, objective_runs_sharded)
     check_deepspeed(accelerator, cfg)
+
+
+def check_processes_joined(accelerator) -> None:
+    """Processes a launcher started (WORLD_SIZE) that accelerate did not join into one run would each train alone
+    in the same output_dir (the others then found it "in use by another run": their own launch's). accelerate does
+    this when a launch config asks for GPUs (distributed_type MULTI_GPU) on a machine without CUDA."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1 and accelerator.num_processes == 1:
+        raise UserError(f"the launcher started {launched} processes, but accelerate made each one a run of its own "
+                        f"({accelerator.distributed_type}, device {accelerator.device}): a launch config for GPUs on a "
+                        "machine without CUDA does this. On CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch "
+                        "--multi_gpu --num_processes N ..., or start one process")
 
 
 def check_fsdp(accelerator, cfg, objective_runs_sharded: bool) -> None:

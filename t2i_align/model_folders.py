@@ -212,11 +212,14 @@ def resolve_pretrained(
 
 
 def local_model_folder(pretrained: str, skip_parts: Sequence[str] = (), pipeline: bool = True,
-                       key: str = "model.pretrained") -> Optional[Path]:
-    """`resolve_pretrained(pretrained, ...)` where it needs no download ("toy", a folder), else None (a hub id)."""
-    if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _is_hub_id(pretrained):
+                       key: str = "model.pretrained", revision: Optional[str] = None,
+                       variant: Optional[str] = None) -> Optional[Path]:
+    """`resolve_pretrained(pretrained, ...)` where it needs no download: "toy", a folder, and offline a hub id (its
+    cached copy, or the error the run would give: the dry run passed an uncached one). Online a hub id is None."""
+    if pretrained != "toy" and not Path(pretrained).expanduser().exists() and _is_hub_id(pretrained) \
+            and not _hub_offline():
         return None
-    return resolve_pretrained(pretrained, skip_parts=skip_parts, pipeline=pipeline, key=key)
+    return resolve_pretrained(pretrained, revision, variant, skip_parts=skip_parts, pipeline=pipeline, key=key)
 
 
 def check_tuned_folder(path: Path, encoding) -> None:

@@ -456,3 +456,23 @@ def test_a_final_folder_that_is_a_mount_point_is_refused_at_start(tmp_path, monk
     monkeypatch.setattr(os.path, "ismount", lambda p: str(p).endswith("run/final") or real(p))
     with pytest.raises(UserError, match=r"run/final is a mount point, .* mount the volume at output_dir .*run "):
         check_shared_output(one, tmp_path / "run")
+
+
+def test_launched_processes_that_did_not_join_one_run_are_refused(monkeypatch):
+    """configs/accelerate/ddp.yaml on a machine without CUDA: accelerate launch started the processes, but each
+    became a one-process run, and all but the first were told output_dir was in use by another run (their own)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from t2i_align.engine_checks import check_processes_joined
+    from t2i_align.errors import UserError
+
+    alone = SimpleNamespace(num_processes=1, distributed_type="NO", device=torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(UserError, match="started 8 processes.*a run of its own.*ACCELERATE_USE_CPU=1 accelerate launch "
+                                        "--multi_gpu --num_processes N"):
+        check_processes_joined(alone)
+    check_processes_joined(SimpleNamespace(num_processes=8, distributed_type="MULTI_CPU", device=torch.device("cpu")))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_processes_joined(alone)  # torchrun --nproc_per_node 1

@@ -66,3 +66,22 @@ def test_a_run_refuses_them_before_its_model_loads(config, overrides, message, t
                       ["model.pretrained=toy", "tracking.wandb=off", f"output_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(ConfigError, match=message):
         loop.train(cfg)
+
+
+def test_the_dry_run_offline_refuses_a_hub_id_not_in_the_cache(tmp_path, capsys, monkeypatch):
+    """Under HF_HUB_OFFLINE the dry run passed a hub id it could not have (`a hub id, resolved when the run
+    starts`), and the run failed seconds later; online it still passes one without downloading anything."""
+    import t2i_align.model_folders as model_folders
+    from test_loop import write_rendered_pairs
+
+    pairs = write_rendered_pairs(tmp_path / "pairs.parquet")
+    args = ["--config", str(REPO_ROOT / "configs/sd15/dpo_lora.yaml"), "model.pretrained=t2i-align-tests/not-cached",
+            f"data.path={pairs}", "train.mixed_precision=no", "model.weight_dtype=fp32"]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, last = _dry_run(args, tmp_path, capsys)
+    assert code == 2 and "not in the local cache and HF_HUB_OFFLINE is set" in last, last
+    monkeypatch.setattr(model_folders, "_hub_offline", lambda: False)
+    monkeypatch.setattr(model_folders, "_download", lambda *a: pytest.fail("the dry run downloaded"))
+    code, last = _dry_run(args, tmp_path, capsys)
+    assert code == 0 and "a hub id, fetched when the run starts" in last, last

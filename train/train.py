@@ -82,7 +82,8 @@ def dry_run(cfg) -> int:
     if resume is not None:  # one past max_steps, or of another optimizer, passed and failed when the run started
         check_resume_settings(resume, cfg)
     # its model_index.json and component folders only: no weights load
-    folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else ())
+    folder = local_model_folder(cfg.model.pretrained, ("vae",) if cfg.model.vae else (),
+                                revision=cfg.model.revision, variant=cfg.model.variant)
     if cfg.model.vae:  # a typo'd path failed only when the run loaded
         local_model_folder(cfg.model.vae, pipeline=False, key="model.vae")
     if folder is not None:
@@ -99,7 +100,7 @@ def dry_run(cfg) -> int:
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():  # said only when the run started
         print("note: train.mixed_precision=fp16 needs a GPU, which this machine lacks: the run would stop at its "
               "start (on a CPU: train.mixed_precision=bf16 model.weight_dtype=bf16, or no and fp32)", file=sys.stderr)
-    model = "a hub id, resolved when the run starts" if folder is None else "its folder and family"
+    model = "a hub id, fetched when the run starts" if folder is None else "its folder and family"
     print(f"dry run: the config, its data, rewards and files, and the model ({model}) pass the checks made before "
           "weights load (the launcher and output_dir are checked when the run starts)", file=sys.stderr)
     return 0
