@@ -262,9 +262,13 @@ def lora_load_error(lora: Path, path: Path, err: Exception) -> str:
     return f"LoRA weights {lora} do not match the model in {path}: {detail}"
 
 
+_DROPPED = ("was unsuccessful with the following error", "led to unexpected keys", "No LoRA keys associated to")
+
+
 class _LoadErrorFilter(logging.Filter):
-    """Drops diffusers' log of a failed load, which a ModelLoadError then says in one line, and holds its list of
-    keys no layer took (with those it left missing) until `_refuse_unused` has said it in one line, or not."""
+    """Drops diffusers' log of a failed load, which a ModelLoadError then says in one line, and its note that a text
+    encoder took no keys (every UNet-only LoRA, ours included; "safe to ignore", it says), and holds its list of keys
+    no layer took (with those it left missing) until `_refuse_unused` has said it in one line, or not."""
     def __init__(self):
         super().__init__()
         self.held: list = []
@@ -273,7 +277,7 @@ class _LoadErrorFilter(logging.Filter):
         text = record.getMessage()
         if "led to unexpected keys" in text:
             self.held.append(record)
-        return "was unsuccessful with the following error" not in text and "led to unexpected keys" not in text
+        return not any(words in text for words in _DROPPED)
 
 
 def _weights_file(lora: Path) -> Tuple[str, Dict[str, str]]:
@@ -293,7 +297,8 @@ def load_lora(pipe, lora: Path, path: Path) -> None:
     of the error, a line per mismatched weight, dropped), and a file refused when any of its UNet LoRA keys found no
     UNet layer (`_refuse_unused`: peft loads the rest, diffusers only logs a warning and the samples are of part of
     the adapter)."""
-    logs, drop = [logging.getLogger(f"diffusers.{n}") for n in ("loaders.peft", "utils.peft_utils")], _LoadErrorFilter()
+    logs = [logging.getLogger(f"diffusers.{n}") for n in ("loaders.peft", "utils.peft_utils", "loaders.lora_base")]
+    drop = _LoadErrorFilter()
     for log in logs:
         log.addFilter(drop)
     folder, name = _weights_file(Path(lora))

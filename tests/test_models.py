@@ -707,6 +707,24 @@ def test_a_lora_whose_unet_keys_partly_match_no_layer_is_refused(sd15_dir, tmp_p
     assert sum("lora_A" in n for n, _ in pipe.unet.named_parameters()) == len(state) // 2
 
 
+def test_a_unet_only_lora_loads_without_diffusers_note_on_the_text_encoder(sd15_dir, tmp_path):
+    """Every LoRA sampling printed diffusers' "No LoRA keys associated to CLIPTextModel found ... safe to ignore"
+    (the project's exports are UNet-only), where warnings are one line each and mean something."""
+    import logging
+
+    from t2i_align.sampling import load_pipeline
+
+    final = export_random_lora(sd15_dir, tmp_path / "run")
+    seen, handler, log = [], logging.Handler(), logging.getLogger("diffusers.loaders.lora_base")
+    handler.emit = lambda record: seen.append(record.getMessage())  # after the logger's filters, as printed
+    log.addHandler(handler)
+    try:
+        load_pipeline(sd15_dir, lora=final)
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in seen if "No LoRA keys" in m]
+
+
 def test_a_lora_trained_with_another_vae_records_it_and_samples_with_it_when_asked(sd15_dir, tmp_path, capsys):
     """model.vae was not recorded by a LoRA export and sampling had no way to use it: the exported model decoded
     with the folder's VAE, unlike training's galleries. Now the record names it, sampling says so, and --vae (the
