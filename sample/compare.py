@@ -131,12 +131,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                           replaces=[Path(args.out)], overwrite=args.overwrite)
         check_out_of_models(args, ("--lora", "--base-lora", "--model", "--base", "--base-model"))
     args.base = args.base or args.base_model or args.model
-    if (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding):
+    itself = (args.base, args.base_lora, args.base_text_encoding) == (args.model, args.lora, args.text_encoding)
+    encodings = check_models({"tuned": (args.model, args.lora, args.text_encoding),
+                              "base": (args.base, args.base_lora, args.base_text_encoding)}, args.vae)
+    if itself:  # after the folders' checks: a folder that cannot sample gets its error alone
         print(f"note: --model {args.model} is compared with itself (no --lora, no other --base): a check of the "
               "statistics (win rate 0.5); to judge a tuned model give its --lora, or --base the original",
               file=sys.stderr)
-    encodings = check_models({"tuned": (args.model, args.lora, args.text_encoding),
-                              "base": (args.base, args.base_lora, args.base_text_encoding)}, args.vae)
     args.text_encoding, args.base_text_encoding = encodings["tuned"].kind, encodings["base"].kind  # as sampled
     args.records = {side: encoding_record(encoding) for side, encoding in encodings.items()}  # in --out
     if args.alpha is not None:

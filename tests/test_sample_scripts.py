@@ -159,6 +159,15 @@ def test_compare_refuses_an_out_that_is_its_prompts_file(prompts, capsys):
     assert prompts.read_text() == before
 
 
+def test_a_model_folder_that_cannot_sample_gets_its_error_alone(prompts, tmp_path, capsys):
+    """A UNet-only folder as --model was first 'compared with itself' (a note), then refused."""
+    (tmp_path / "unet-only" / "unet").mkdir(parents=True)
+    code = _script("common").run_cli(lambda: _script("compare").main(
+        ["--model", str(tmp_path / "unet-only"), "--prompts", str(prompts), "--reward", "toy-judge", *FAST]))
+    err = capsys.readouterr().err
+    assert code == 2 and "has no model_index.json" in err and "compared with itself" not in err, err
+
+
 def test_compare_refuses_an_out_inside_its_lora_folder(prompts, tmp_path, capsys):
     """Only --out equal to an input was refused: `--lora run/final --out run/final/<weights> --overwrite` replaced
     the LoRA's weights with the JSON."""
