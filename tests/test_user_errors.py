@@ -487,6 +487,7 @@ def test_folders_where_files_go_are_named_as_folders(tmp_path):
 
 def test_toy_build_keeps_folders_that_are_not_toy_assets(tmp_path, capsys, monkeypatch):
     """`toy build --out runs` replaced the whole runs/ folder; `--tiny` without --out the shipped assets."""
+    import hashlib
     import json
 
     import t2i_align.toy.build as build
@@ -503,15 +504,27 @@ def test_toy_build_keeps_folders_that_are_not_toy_assets(tmp_path, capsys, monke
     assert (tmp_path / "runs" / "mine.txt").read_text() == "user data"
     # a folder with a manifest was taken as toy assets whatever else it held; --only kept damaged models
     earlier = tmp_path / "earlier"
-    earlier.mkdir()
-    (earlier / "model.bin").write_bytes(b"weights")
-    (earlier / "manifest.json").write_text(json.dumps({"files": {"model.bin": "0" * 64}}))
+    for name in ("pipeline/unet/model.bin", "toy_clip/model.bin"):
+        (earlier / name).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / name).write_bytes(b"weights")
+    (earlier / "manifest.json").write_text(json.dumps({"files": {
+        "pipeline/unet/model.bin": "0" * 64, "toy_clip/model.bin": "0" * 64}}))
     (earlier / "notes.txt").write_text("user data")
     assert main(["build", "--out", str(earlier)]) == 2
     assert "holds files that are not toy assets (notes.txt)" in capsys.readouterr().err
     (earlier / "notes.txt").unlink()
     assert main(["build", "--only", "denoiser", "--out", str(earlier)]) == 2
-    assert "are damaged (hash mismatch: model.bin)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the UNet it rebuilds may be damaged; the toy CLIP it keeps may not
+    assert "are damaged (hash mismatch: toy_clip/model.bin). Rebuild them with `python -m t2i_align.toy " \
+           f"build --out {earlier}`" in err and "pipeline/unet" not in err
+    built = []
+    monkeypatch.setattr(build, "build", lambda *a, **k: built.append(k["only"]) or earlier)
+    assert main(["build", "--only", "denscore", "--out", str(earlier)]) == 2  # keeps the toy CLIP too
+    (earlier / "manifest.json").write_text(json.dumps({"files": {
+        "pipeline/unet/model.bin": "0" * 64, "toy_clip/model.bin": hashlib.sha256(b"weights").hexdigest()}}))
+    assert main(["build", "--only", "denoiser", "--out", str(earlier)]) == 0 and built == ["denoiser"]
+    assert main(["build", "--only", "denscore", "--out", str(earlier)]) == 2  # keeps pipeline/, UNet included
+    capsys.readouterr()
     (earlier / "manifest.json").write_text('{"files": ')  # torn
     assert main(["build", "--out", str(earlier)]) == 2
     assert "is not a readable toy-asset manifest" in capsys.readouterr().err

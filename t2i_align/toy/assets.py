@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..files import write_json_atomic
 from ..errors import UserError
@@ -12,6 +12,13 @@ from ..errors import UserError
 ASSETS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
 REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about an hour on 2 CPU cores)."
+
+
+def rebuild_hint(root: Optional[Path] = None) -> str:
+    """How to rebuild the assets in root (the shipped folder when None)."""
+    if root is None or Path(root).resolve() == ASSETS_DIR.resolve():
+        return REBUILD_HINT
+    return f"Rebuild them with `python -m t2i_align.toy build --out {root}` (about an hour on 2 CPU cores)."
 
 
 class ToyAssetError(UserError, RuntimeError):
@@ -54,24 +61,27 @@ def write_manifest(root: Path, meta: dict) -> None:
 def read_manifest(root: Optional[Path] = None) -> dict:
     path = Path(root or ASSETS_DIR) / MANIFEST
     if not path.is_file():
-        raise ToyAssetError(f"toy assets not found: {path} is missing. {REBUILD_HINT}")
+        raise ToyAssetError(f"toy assets not found: {path} is missing. {rebuild_hint(root)}")
     try:
         manifest = json.loads(path.read_text())
         manifest["files"].items()
     except (ValueError, KeyError, TypeError, AttributeError):  # torn, or not a manifest of ours
-        raise ToyAssetError(f"{path} is not a readable toy-asset manifest (no file list). {REBUILD_HINT}") from None
+        raise ToyAssetError(f"{path} is not a readable toy-asset manifest (no file list). "
+                            f"{rebuild_hint(root)}") from None
     return manifest
 
 
-def verify_assets(root: Optional[Path] = None) -> dict:
-    """Check every shipped file against the manifest; raise ToyAssetError naming the damaged files."""
+def verify_assets(root: Optional[Path] = None, under: Tuple[str, ...] = ()) -> dict:
+    """Check every shipped file against the manifest; raise ToyAssetError naming the damaged files. under: check
+    only the files in these folders (what `build --only` keeps), every file when empty."""
+    hint = rebuild_hint(root)
     root = Path(root or ASSETS_DIR)
-    expected = read_manifest(root)["files"]
+    expected = {k: v for k, v in read_manifest(root)["files"].items() if not under or k.startswith(under)}
     actual = file_hashes(root)
     missing = sorted(set(expected) - set(actual))
     damaged = sorted(k for k in expected if k in actual and actual[k] != expected[k])
     if missing or damaged:
         parts = ([f"missing: {', '.join(missing)}"] if missing else []) + \
                 ([f"hash mismatch: {', '.join(damaged)}"] if damaged else [])
-        raise ToyAssetError(f"toy assets in {root} are damaged ({'; '.join(parts)}). {REBUILD_HINT}")
+        raise ToyAssetError(f"toy assets in {root} are damaged ({'; '.join(parts)}). {hint}")
     return expected
