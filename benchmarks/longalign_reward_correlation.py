@@ -4,8 +4,8 @@ S_ω) with the judge score and with each attribute's correctness.
 
     python benchmarks/longalign_reward_correlation.py runs/longalign-eval/base_clip77_long.json [more.json ...]
 """
+import argparse
 import json
-import sys
 
 import numpy as np
 
@@ -18,4 +18,7 @@ def correlations(record: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({path: correlations(json.load(open(path))) for path in sys.argv[1:]}, indent=1))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("records", nargs="+", help="`longalign_toy.py judge --reward` JSON records")
+    paths = parser.parse_args().records
+    print(json.dumps({path: correlations(json.load(open(path))) for path in paths}, indent=1))

@@ -7,6 +7,7 @@ check does not set up: a kl_weight override is refused).
 
     python benchmarks/reward_backprop_overfit.py strided 1e-3 runs/longalign-s1-1200/merged [key=value ...]
 """
+import argparse
 import sys
 from types import SimpleNamespace
 
@@ -51,5 +52,16 @@ def main(mode: str, lr: float, model: str, overrides, steps: int = 15) -> None:
               round(float(norm), 4), flush=True)
 
 
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", help="reward_backprop.grad_mode: strided, stratified, last or all")
+    p.add_argument("lr", type=float, help="the LoRA's AdamW learning rate, e.g. 1e-3")
+    p.add_argument("model", help="the model folder to tune (e.g. a merged LongAlign run, or toy)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/toy/longalign_reward.yaml")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    args = parse_args(sys.argv[1:])
+    main(args.mode, args.lr, args.model, args.overrides)

@@ -5,6 +5,7 @@ judge score such a model gets (the mean of the five shares). No sampling; second
 
     python benchmarks/toy_constant_guess.py
 """
+import argparse
 import json
 from collections import Counter
 
@@ -23,4 +24,5 @@ def constant_guess(name: str = "heldout") -> dict:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(json.dumps(constant_guess(), indent=1))

@@ -3,6 +3,7 @@ default 50 steps (and a batch of 16), on this machine's CPU. Prints JSON.
 
     python benchmarks/toy_pipeline_speed.py
 """
+import argparse
 import json
 import os
 import platform
@@ -30,4 +31,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
