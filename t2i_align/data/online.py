@@ -373,6 +373,7 @@ class OnlineSource:
 
     def _empty_message(self, rnd: int, scores: torch.Tensor, selection: Selection) -> str:
         what = f"no pair with a reward gap > {self.rc.min_gap}" if self.pairs else "no image with a finite score"
+        more = ", or lower raft.min_gap" if self.pairs and self.rc.min_gap else ""
         return (f"RAFT round {rnd}: {what} among {scores.shape[0]} prompts x {scores.shape[1]} images "
                 f"({selection.dropped_nonfinite} non-finite scores). Check the reward {self.rc.reward!r} on a few "
-                "generated images (t2i-score), or raise raft.k / raft.prompts_per_round.")
+                f"generated images (t2i-score), or raise raft.k / raft.prompts_per_round{more}.")
