@@ -83,6 +83,23 @@ def test_pair_export_reports_every_image_it_samples(toy_pipe, tmp_path):
     assert counts["pairs"] == 3
 
 
+def test_best_worst_pairing_of_equal_scores_is_a_tie_of_two_images():
+    """All k images scoring the same gave one image twice: pairs.json counted a tie, training a 'same image'."""
+    import random
+
+    import numpy as np
+
+    from t2i_align.toy.pairs import _pair_rows, jpeg_bytes
+
+    images = [np.full((4, 4, 3), v, dtype=np.uint8) for v in (0, 80, 160, 240)]
+    for seed in range(20):
+        (row,) = _pair_rows("c", images, [0.6] * 4, random.Random(seed), "m", 0, pairing="best-worst")
+        assert row["label_0"] == 0.5 and row["are_different"] and row["jpg_0"] != row["jpg_1"]
+    (row,) = _pair_rows("c", images, [0.2, 0.9, 0.5, 0.3], random.Random(0), "m", 0, pairing="best-worst")
+    assert row["label_0"] in (0.0, 1.0) and {row["jpg_0"], row["jpg_1"]} == {jpeg_bytes(images[1]),
+                                                                           jpeg_bytes(images[0])}
+
+
 def test_evaluate_reports_every_image_it_judges(toy_pipe):
     done = []
     result = evaluate(toy_pipe, prompt_set("heldout")[:5], seeds_per_prompt=2, steps=2, batch_size=4,

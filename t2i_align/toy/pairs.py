@@ -45,6 +45,8 @@ def _pairs(scores: List[float], rng: random.Random, pairing: str) -> List[tuple]
         return list(zip(order[0::2], order[1::2]))
     best = max(order, key=lambda i: scores[i])
     worst = min(order, key=lambda i: scores[i])
+    if best == worst:  # every image scores the same: a tie of two images (counted as one), not one image twice
+        worst = next(i for i in order if i != best)
     return [(best, worst) if rng.random() < 0.5 else (worst, best)]
 
 
