@@ -98,9 +98,9 @@ def test_invalid_labels_are_counted_as_such_and_relabelling_nothing_fails(tmp_pa
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith("error: no pair was relabelled: of 4 rows read, skipped human_tie 1, unlabelled 1, "
                                 "invalid_label 1, not_scored 1; the first not scored: ")
-    assert "toy-judge" in errors[0] and errors[0].endswith(f"(its files in {out} removed); add --all-pairs to "
-                                                         "relabel the pairs people did not decide (ties, unlabelled, "
-                                                         "invalid labels)")
+    assert "toy-judge" in errors[0] and errors[0].endswith(f"(its files in {out} removed); --all-pairs would add "
+                                                         "the 3 pairs people did not decide, if the reward scores "
+                                                         "them")  # it said "add --all-pairs" as if that were why
     assert not out.exists()  # the row-less files are gone: a rerun needs no --overwrite
     # the caption toy-judge cannot read stays unscored
     code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", out, "--all-pairs")

@@ -92,8 +92,10 @@ def _relabel(args) -> int:
         skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items() if v)
         why = f"; the first not scored: {summary['first_problem']}" if "first_problem" in summary else ""
         undecided = sum(summary["skipped"][k] for k in ("human_tie", "unlabelled", "invalid_label"))
-        hint = ("; add --all-pairs to relabel the pairs people did not decide (ties, unlabelled, invalid labels)"
-                if undecided and not args.all_pairs else "")
+        hint = "" if not undecided or args.all_pairs else (
+            "; add --all-pairs to relabel the pairs people did not decide (ties, unlabelled, invalid labels)"
+            if undecided == summary["rows"] else  # else the reward's failures on the others come first
+            f"; --all-pairs would add the {undecided} pairs people did not decide, if the reward scores them")
         raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'}{why} "
                          f"(its files in {out} removed){hint}")
     return 0
