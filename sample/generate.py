@@ -1,4 +1,4 @@
-"""Generate images for a prompts file at fixed seeds: PNGs plus metadata.jsonl (what `t2i-score FOLDER` reads).
+"""Generate images for a prompts file at fixed seeds: PNGs plus metadata.jsonl (what `t2i-score --images OUT` reads).
 
     python sample/generate.py --model toy --prompts toy:heldout --seeds-per-prompt 2 --out runs/samples
     python sample/generate.py --model /data/sd15 --lora runs/sd15-dpo-lora/final --prompts prompts.txt \\
