@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -125,15 +126,25 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (),
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
-        except OSError as err:  # the machine's, not ours: one line (a write failing on a full disk was a traceback)
-            if err.errno not in DISK_ERRORS or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        except Exception as err:  # a full disk is the machine's, not ours: one line (a failed write was a traceback)
+            if not is_disk_error(err) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            print(f"error: {one_line(err)}: free space or write elsewhere, then run again", file=sys.stderr)
+            print(f"error: {one_line(err)}: {DISK_HINT}", file=sys.stderr)
             return EXIT_USER_ERROR
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 """A full disk, a quota reached, a read-only file system: `run_cli` says so in one line."""
+DISK_HINT = "free space or write elsewhere, then run again"
+
+
+def is_disk_error(err: BaseException) -> bool:
+    """An OSError of DISK_ERRORS, or safetensors' error for one, which is not an OSError ("Error while serializing:
+    I/O error: No space left on device (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno in DISK_ERRORS
+    code = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return code is not None and int(code.group(1)) in DISK_ERRORS
 
 
 def describe(err: Optional[BaseException]) -> Optional[Tuple[bool, str]]:
@@ -143,8 +154,8 @@ def describe(err: Optional[BaseException]) -> Optional[Tuple[bool, str]]:
         return None
     if isinstance(err, user_error_types()):
         return True, one_line(err)
-    if isinstance(err, OSError) and err.errno in DISK_ERRORS:  # one line on every process, as `run_cli` says it
-        return True, f"{one_line(err)}: free space or write elsewhere, then run again"
+    if is_disk_error(err):  # one line on every process, as `run_cli` says it
+        return True, f"{one_line(err)}: {DISK_HINT}"
     return False, f"{type(err).__name__}: {one_line(err)}"
 
 

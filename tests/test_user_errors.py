@@ -61,6 +61,48 @@ def test_a_full_or_read_only_disk_is_one_line_and_other_os_errors_keep_their_tra
     assert describe(OSError(28, "No space left on device"))[0] and not describe(OSError(5, "I/O error"))[0]
 
 
+def test_safetensors_full_disk_error_is_one_line_too(capsys, monkeypatch):
+    """safetensors' error for a full disk is not an OSError: an export, a cache or a merge filling it was a
+    traceback."""
+    from safetensors import SafetensorError
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert run_cli(_raise(full)) == 2
+    assert capsys.readouterr().err == ("error: Error while serializing: I/O error: No space left on device (os error "
+                                       "28): free space or write elsewhere, then run again\n")
+    with pytest.raises(SafetensorError):  # another safetensors error: ours to see
+        run_cli(_raise(SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)")))
+
+
+def test_training_on_a_full_disk_says_where_to_resume(tmp_path, capsys, monkeypatch):
+    """An export or gallery filling the disk said "free space ... then run again": the same command again started
+    a fresh run (setting the finished one aside), where train.resume=latest finishes it."""
+    import t2i_align.loop as loop
+    from safetensors import SafetensorError
+
+    from t2i_align.checkpoints import MARKER
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    step = tmp_path / "run" / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    (step / MARKER).write_text(json.dumps({"step": 4}))
+    base = ["--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), f"output_dir={tmp_path / 'run'}"]
+    for failure, said in ((SafetensorError("Error while serializing: I/O error: No space left on device (os error "
+                                           "28)"), "No space left on device (os error 28)"),
+                          (UserError("the main process could not log metrics: No space left on device: m.jsonl: "
+                                     "free space or write elsewhere, then run again"),  # another process's view
+                           "could not log metrics: No space left on device: m.jsonl")):
+        monkeypatch.setattr(loop, "train", lambda cfg, failure=failure: _raise(failure)())
+        assert _train_script().main(base) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and said in err and len(err.splitlines()) == 1
+        assert err.endswith(f": free space or write elsewhere. The newest complete checkpoint is {step}: continue "
+                            "with train.resume=latest and this output_dir.") and "run again" not in err
+    monkeypatch.setattr(loop, "train", lambda cfg: _raise(UserError("a mistake"))())
+    assert _train_script().main(base) == 2 and capsys.readouterr().err == "error: a mistake\n"
+
+
 def test_our_bugs_keep_their_traceback_and_debug_re_raises_user_errors(monkeypatch):
     with pytest.raises(KeyError):
         run_cli(_raise(KeyError("a bug")))

@@ -52,6 +52,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Ctrl-C: run_cli says where to resume once per launch; the process dies by SIGINT (a shell loop stops)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(where_to_resume(cfg)) from None
+        except Exception as err:
+            told = disk_full(err, cfg)
+            if told is None:
+                raise
+            raise told from err
         state = PartialState()
         if state.is_main_process:
             print(f"final model: {final}")
@@ -104,6 +109,18 @@ def dry_run(cfg) -> int:
     print(f"dry run: the config, its data, rewards and files, and the model ({model}) pass the checks made before "
           "weights load (the launcher and output_dir are checked when the run starts)", file=sys.stderr)
     return 0
+
+
+def disk_full(err: Exception, cfg):
+    """A full disk (an export, a gallery, a cache) as a UserError saying where to resume: "run again" started a
+    fresh run that set this one aside. None for any other error."""
+    from t2i_align.errors import DISK_HINT, UserError, is_disk_error, one_line
+
+    text = one_line(err)
+    if not (is_disk_error(err) or text.endswith(DISK_HINT)):  # other processes get the main one's as text
+        return None
+    text = text[:-len(DISK_HINT)].rstrip(": ") if text.endswith(DISK_HINT) else text
+    return UserError(f"{text}: free space or write elsewhere. {where_to_resume(cfg)}")
 
 
 def where_to_resume(cfg) -> str:
