@@ -140,6 +140,8 @@ def test_a_table_of_every_layer_is_cut_to_the_layers_the_branch_took(model, ppd_
     # --user-table as the folder holding the table, as --lora takes a run's final/ ("no user table at" it before)
     folder = user_tokens_for(pipe, UserChoice(ids=["1"], table=str(ppd_final)), 2, [model])
     assert torch.equal(folder, trained.repeat(2, 1, 1))
+    with pytest.raises(FileNotFoundError, match="set --user-table to the"):  # not training's ppd.table
+        user_tokens_for(pipe, UserChoice(ids=["1"], table=str(tmp_path / "none.safetensors")), 2, [model])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -678,7 +678,7 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
             (["objective.name=sft", "raft.enabled=true", f"raft.prompts={tmp_path / 'none.txt'}"], ConfigError,
              "none.txt not found"),
             ([f"data.path={pairs}", "ppd.enabled=true", f"ppd.table={tmp_path / 'users.safetensors'}"],
-             FileNotFoundError, "no user table at"),
+             FileNotFoundError, "no user table at .*: set ppd.table to the"),  # it offered --user-table too
             (["objective.name=reward_backprop", "data.kind=prompts", "data.path=toy:train",
               "reward_backprop.reward=toy-judge"], ConfigError, "'toy-judge' is not a differentiable reward"),
             ([f"data.path={no_users}", "ppd.enabled=true", f"ppd.table={tmp_path / 'u.safetensors'}"], ConfigError,

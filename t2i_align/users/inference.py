@@ -72,13 +72,13 @@ def attach_user_branch(pipe, *folders) -> Optional[Path]:
 def _table(choice: UserChoice, folders: Sequence) -> UserTable:
     if choice.table:  # the file, or the folder holding it (a PPD run's final/, as --lora takes it)
         given = Path(choice.table)
-        return UserTable.load(given / USER_TABLE_NAME if given.is_dir() else given)
+        return UserTable.load(given / USER_TABLE_NAME if given.is_dir() else given, setting="--user-table")
     for folder in folders:
         if folder is not None:
             folder = Path(folder)
             path = (folder.parent if folder.is_file() else folder) / USER_TABLE_NAME
             if path.is_file():
-                return UserTable.load(path)
+                return UserTable.load(path, setting="--user-table")
     raise UserChoiceError(f"no {USER_TABLE_NAME} next to the weights; pass --user-table FILE")
 
 

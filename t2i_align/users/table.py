@@ -155,13 +155,14 @@ class UserTable:
                                         _IDS_KEY: json.dumps(list(self.ids))})
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], dim: Optional[int] = None) -> "UserTable":
-        """Read a table written by `save`; with `dim`, also check the embedding width."""
+    def load(cls, path: Union[str, os.PathLike], dim: Optional[int] = None, setting: str = "ppd.table") -> "UserTable":
+        """Read a table written by `save`; with `dim`, also check the embedding width. `setting`: what set the path
+        (training's ppd.table, the sample scripts' --user-table), for the error."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no user table at {path}: set ppd.table (or --user-table) to the "
+            raise FileNotFoundError(f"no user table at {path}: set {setting} to the "
                                     "user_table.safetensors that `python -m t2i_align.users embed` writes")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
