@@ -83,6 +83,21 @@ def test_pair_export_reports_every_image_it_samples(toy_pipe, tmp_path):
     assert counts["pairs"] == 3
 
 
+def test_a_pair_export_killed_before_its_counts_leaves_no_stale_counts(toy_pipe, tmp_path, monkeypatch):
+    """A kill between the parquet and pairs.json left the new pairs beside the earlier export's counts."""
+    import t2i_align.toy.pairs as pairs
+
+    export_pairs(toy_pipe, prompt_set("train")[:2], tmp_path, images_per_prompt=2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairs, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_pairs(toy_pipe, prompt_set("train")[:3], tmp_path, images_per_prompt=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.parquet"]
+
+
 def test_best_worst_pairing_of_equal_scores_is_a_tie_of_two_images():
     """All k images scoring the same gave one image twice: pairs.json counted a tie, training a 'same image'."""
     import random

@@ -95,6 +95,7 @@ def export_pairs(pipe, scenes: Sequence[Scene], out_dir: str | os.PathLike, imag
         for i, scene in enumerate(chunk):
             sl = slice(i * images_per_prompt, (i + 1) * images_per_prompt)
             rows += _pair_rows(short_caption(scene), images[sl], scores[sl], rng, model_name, len(rows), pairing)
+    (out / "pairs.json").unlink(missing_ok=True)  # a kill between the two writes: no counts of an earlier export
     write_parquet(rows, out / "pairs.parquet")
     counts = {"pairs": len(rows), "ties": sum(r["label_0"] == 0.5 for r in rows), "prompts": len(scenes),
               "images_per_prompt": images_per_prompt, "pairing": pairing, "base_seed": base_seed,
