@@ -1,5 +1,6 @@
 """python -m t2i_align.data relabel: pairs labelled by a reward (AI feedback), on toy renders judged by toy-judge."""
 import json
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -187,6 +188,35 @@ def test_a_run_stopped_after_replacing_a_file_leaves_no_record_and_resume_redoes
     code, summary, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
     assert code == 0 and "already relabelled" not in err and (summary["files_kept"], summary["written"]) == (0, 4)
     assert json.loads(record.read_text())["counts"]["written"] == 4
+
+
+def test_a_stopped_relabelling_points_at_resume(pairs, tmp_path, capsys, monkeypatch):
+    """Ctrl-C said only "stopped (Ctrl-C)", and the same command again said "exists ... pass --overwrite", which
+    redoes the finished files; --resume keeps them."""
+    import t2i_align.data.relabel as relabel_module
+
+    write_parquet(_rows()[:4], pairs / "part-1.parquet")
+    real, calls = relabel_module.relabel_file, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(relabel_module, "relabel_file", stopped_at_the_second)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # run_cli quiets the interrupt's traceback
+    out = tmp_path / "ai"
+    with pytest.raises(KeyboardInterrupt):
+        main(["relabel", "--pairs", str(pairs), "--reward", "toy-judge", "--out", str(out)])
+    assert f"stopped (Ctrl-C). The same command with --resume keeps the files finished in {out}" in \
+        capsys.readouterr().err
+    code, _, err = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out)
+    assert code == 2 and err.strip() == (f"error: {out} holds a stopped relabelling (1 of 2 files finished): pass "
+                                         "--resume to finish it (the finished files are kept), or --overwrite to "
+                                         "start over")
+    code, summary, _ = _relabel(capsys, "--pairs", pairs, "--reward", "toy-judge", "--out", out, "--resume")
+    assert code == 0 and summary["files_kept"] == 1 and len(calls) == 3
 
 
 @pytest.mark.parametrize("case, told", [

@@ -76,6 +76,7 @@ def _relabel(args) -> int:
         raise UsageError(f"--pairs {args.pairs}: {err}") from None
     out = given_path(args.out, "--out")
     earlier = [out / name for name, _ in files] + [out / "relabel.json"]
+    _check_unfinished(out, [name for name, _ in files], args)
     check_output_path(out, "--out", folder=True, inputs={"--pairs": args.pairs},
                       replaces=[] if args.resume else earlier, overwrite=args.overwrite)
     check_no_strays(out, [name for name, _ in files])
@@ -83,9 +84,12 @@ def _relabel(args) -> int:
     options = parse_options(args.option or [], [name])
     reward = load_rewards([name], options, args.device)[name]
     made = not out.exists()
-    summary = relabel(Path(args.pairs), out, name, reward, {"reward": name, "options": options[name]},
-                      resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
-                      log=lambda message: print(message, file=sys.stderr))
+    try:
+        summary = relabel(Path(args.pairs), out, name, reward, {"reward": name, "options": options[name]},
+                          resume=args.resume, rows_per_read=args.batch_size, all_pairs=args.all_pairs,
+                          log=lambda message: print(message, file=sys.stderr))
+    except KeyboardInterrupt:  # run_cli prints it after "stopped (Ctrl-C)"
+        raise KeyboardInterrupt(f"The same command with --resume keeps the files finished in {out}") from None
     print(json.dumps(summary, indent=2))
     if not summary["written"]:  # empty files: a run given OUT would find no pairs; removed, so a rerun may write
         remove_outputs(out, [name for name, _ in files], made)
@@ -99,6 +103,19 @@ def _relabel(args) -> int:
         raise UsageError(f"no pair was relabelled: of {summary['rows']} rows read, skipped {skipped or 'none'}{why} "
                          f"(its files in {out} removed){hint}")
     return 0
+
+
+def _check_unfinished(out: Path, names: List[str], args) -> None:
+    """A stopped relabelling (files finished, no relabel.json) is finished by --resume: the "exists ... pass
+    --overwrite" that check_output_path says would redo the finished files (GPU-hours at Pick-a-Pic's size)."""
+    from reward_models.cli import UsageError
+
+    from .relabel import record_path
+
+    done = sum(record_path(out / name).is_file() for name in names)
+    if done and not (out / "relabel.json").is_file() and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} holds a stopped relabelling ({done} of {len(names)} files finished): pass --resume "
+                         "to finish it (the finished files are kept), or --overwrite to start over")
 
 
 def _import(args) -> int:

@@ -187,9 +187,9 @@ def relabel(pairs: Path, out: Path, reward_name: str, reward, setup: Dict[str, A
               desc="relabel") as bar:
         for name, src, record in todo:
             counts = new_counts()
-            _record_path(out / name).unlink(missing_ok=True)  # before the file: a stopped run leaves no record
+            record_path(out / name).unlink(missing_ok=True)  # before the file: a stopped run leaves no record
             relabel_file(src, out / name, reward_name, reward, counts, progress=bar.update, **options)
-            write_json_atomic(_record_path(out / name), {**record, "counts": counts})  # after: marks it finished
+            write_json_atomic(record_path(out / name), {**record, "counts": counts})  # after: marks it finished
             _add(total, counts)
     summary = {**setup, "files": len(files), "files_kept": len(files) - len(todo), **total}
     summary["agreement_with_human"] = _agreement(total)
@@ -202,7 +202,7 @@ def remove_outputs(out: Path, names: List[str], made: bool) -> None:
     asked for --overwrite), and the folder if this run `made` it and that leaves it empty."""
     for name in names:
         (out / name).unlink(missing_ok=True)
-        _record_path(out / name).unlink(missing_ok=True)
+        record_path(out / name).unlink(missing_ok=True)
     (out / "relabel.json").unlink(missing_ok=True)
     if made and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -222,7 +222,7 @@ def _source(src: Path) -> Dict[str, Any]:
     return {"source": str(src), "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
 
 
-def _record_path(parquet: Path) -> Path:
+def record_path(parquet: Path) -> Path:
     return parquet.with_name(parquet.name + ".relabel.json")
 
 
@@ -231,7 +231,7 @@ def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]
     the run stopped between the two); UserError when it was made from another source or with another reward, or
     is not relabelling's at all (the user's own file of that name: --resume would have replaced it)."""
     try:
-        kept = json.loads(_record_path(parquet).read_text(encoding="utf-8")) if parquet.is_file() else None
+        kept = json.loads(record_path(parquet).read_text(encoding="utf-8")) if parquet.is_file() else None
     except (OSError, ValueError):
         kept = None
     if kept is None:
@@ -242,14 +242,14 @@ def _finished(parquet: Path, record: Dict[str, Any]) -> Optional[Dict[str, Any]]
     wanted = json.loads(json.dumps(record, default=str))
     differs = sorted(k for k in wanted if kept.get(k) != wanted[k])
     if differs:
-        raise UserError(f"{parquet} was made with other {', '.join(differs)} ({_record_path(parquet).name}): "
+        raise UserError(f"{parquet} was made with other {', '.join(differs)} ({record_path(parquet).name}): "
                         "give another --out, or --overwrite to relabel it again")
     return kept["counts"]
 
 
 def _check_ours(parquet: Path) -> None:
     """UserError for a file of an output's name that relabelling did not write: --overwrite replaced it."""
-    if parquet.is_file() and not _record_path(parquet).is_file() and not _ours(parquet):
+    if parquet.is_file() and not record_path(parquet).is_file() and not _ours(parquet):
         raise UserError(f"{parquet} was not written by relabelling (no record, no reward_0 column), and --overwrite "
                         "replaces only relabelling's files: give another --out")
 
