@@ -35,8 +35,10 @@ def merge_lora(model: str | Path, lora: Optional[str | Path], out: str | Path, t
     from .sampling import check_weights, load_pipeline, pipeline_components
     from .users.table import USER_TABLE_NAME
 
-    if lora is None and unet is None:
-        raise ModelLoadError("nothing to merge: give --lora, --unet or both")
+    if lora is None and unet is None:  # a full fine-tune's final/, given as --lora, is told to come as --model
+        whole = f"--model {model} is a whole pipeline, used as it is (sample/generate.py --model {model}); " \
+            if (Path(str(model)) / "model_index.json").is_file() else ""
+        raise ModelLoadError(f"nothing to merge: {whole}give --lora, --unet or both to merge weights into a base")
     out = given_path(out, "--out")  # "" is no folder to replace, not the working directory
     check_replaceable_folder(out, "--out", "merge_lora.py")
     check_output_path(out, "--out", folder=True, inputs=_inputs(model, lora, unet, vae), replaces=[out],
