@@ -108,6 +108,8 @@ def warn_other_base(given: str, model_dir: Path, lora: Path, unet: Optional[str 
         same = given == name and not Path(given).exists() or Path(trained_on).resolve() == Path(model_dir).resolve()
     if not same:
         applied = f"{model_dir} with --unet {unet}" if unet is not None else str(model_dir)
+        tuned = _record(Path(trained_on)) is not None  # a merge or export of ours: LongAlign's stage-1 merge
+        hint = " (it trained on a tuned folder: give that one, as stage 1's merge for LongAlign stage 2)" if tuned \
+            else ""
         warnings.warn(f"{lora} was trained on {name or trained_on}, and is applied to {applied}: unless that is the "
-                      "same model, the samples are not what trained (LongAlign stage 2: give stage 1's merged "
-                      "folder)", stacklevel=2)
+                      f"same model, the samples are not what trained{hint}", stacklevel=2)

@@ -84,7 +84,11 @@ def test_the_base_model_record_matches_by_folder_or_by_a_name_that_is_no_folder(
         warn_other_base("x", tmp_path / "a", lora)
     assert not caught
     write_base_model(lora, tmp_path / "a", str(tmp_path / "a"))
-    with pytest.warns(UserWarning, match="was trained on .*a, and is applied to"):
+    with pytest.warns(UserWarning, match="was trained on .*a, and is applied to") as told:
+        warn_other_base(str(tmp_path), tmp_path, lora)
+    assert "tuned folder" not in str(told[0].message)  # said for any model once, LongAlign's hint with it
+    write_base_model(tmp_path / "a", tmp_path / "base", "base")  # "a" a merge of ours: LongAlign stage 1's
+    with pytest.warns(UserWarning, match="not what trained \\(it trained on a tuned folder: give that one"):
         warn_other_base(str(tmp_path), tmp_path, lora)
 
 
