@@ -36,13 +36,16 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _single_file_hint(name: str, key: str) -> str:
-    """How to convert a single-file checkpoint; `config=` a local folder of its kind, as diffusers otherwise
-    fetches the config from the hub."""
+    """How to convert a single-file checkpoint (`config=` a local folder of its kind, else fetched from the hub)."""
     if not name.lower().endswith(_WEIGHT_SUFFIXES):
         return ""
-    vae = key in ("model.vae", "--vae")
-    cls, kind = ("AutoencoderKL", "VAE") if vae else ("StableDiffusionPipeline", "SD1.5 pipeline")
-    more = "" if vae else " (StableDiffusionXLPipeline and an SDXL folder for SDXL)"
+    owner = next((p for p in Path(name).parents[:2] if (p / "model_index.json").is_file()), None)  # pipe/unet/x
+    if owner is not None:
+        return f" It is a file of the pipeline folder {owner}: give that folder."
+    vae, xl = key in ("model.vae", "--vae"), "xl" in Path(name).name.lower()  # sd_xl_base_1.0.safetensors
+    cls, kind = ("AutoencoderKL", "VAE") if vae else ("StableDiffusionXLPipeline", "SDXL pipeline") if xl else \
+        ("StableDiffusionPipeline", "SD1.5 pipeline")
+    more = "" if vae or xl else " (StableDiffusionXLPipeline and an SDXL folder for SDXL)"
     return (" It names a single-file checkpoint; convert it to a diffusers folder once: `python -c \"from diffusers "
             f"import {cls} as P; P.from_single_file('{name}', config='A_LOCAL_{kind.split()[0]}_FOLDER')"
             f".save_pretrained('DIR')\"` with config a local diffusers {kind} folder{more}, then give DIR.")
@@ -68,7 +71,9 @@ def read_index(path: Path, key: str = "model.pretrained") -> dict:
         lora = (Path(path) / "pytorch_lora_weights.safetensors").is_file()
         hint = " (it holds LoRA weights: give it as the LoRA, and the base model here)" if lora else ""
         others = any((Path(path) / part).is_dir() for part in ("vae", "text_encoder", "text_encoder_2"))
-        if not others and (_is_unet_folder(Path(path)) or _is_unet_folder(Path(path) / "unet")):  # DPO's releases
+        if (Path(path).parent / "model_index.json").is_file():  # its unet/ (or other part) given for the pipeline
+            hint = f" (it is the {Path(path).name}/ of the pipeline folder {Path(path).parent}: give that folder)"
+        elif not others and (_is_unet_folder(Path(path)) or _is_unet_folder(Path(path) / "unet")):  # DPO's
             hint = (" (it holds a UNet only: merge it into its base model first, python train/merge_lora.py --model "
                     f"BASE --unet {path} --out DIR, and give DIR)")
         raise ModelLoadError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder{hint}; "
@@ -89,8 +94,7 @@ def _check_parts(path: Path, index: dict, skip: Sequence[str] = (), variant: Opt
         entry = index.get(name)
         if not isinstance(entry, list) or not entry or entry[0] is None:
             continue
-        missing = missing_files(path / name, name, variant)
-        if missing is None:
+        if (missing := missing_files(path / name, name, variant)) is None:
             continue
         other = ", or decode with another VAE (model.vae=DIR; sample/ and merge_lora.py: --vae DIR)" * (name == "vae")
         raise ModelLoadError(f"{path}/model_index.json lists the {name} component but {missing}: the folder is "
@@ -110,8 +114,7 @@ def missing_files(sub: Path, name: str, variant: Optional[str] = None) -> Option
     if name in _WEIGHTED_PARTS and all(_lfs_pointer(sub / f) for f in weights):
         return (f"{sub / weights[0]} is a git-lfs pointer, not the weights (cloned without git-lfs): install "
                 "git-lfs and run `git lfs pull` in the model's repository")
-    shard = missing_shard(sub, variant, name.startswith("text_encoder")) if name in _WEIGHTED_PARTS else None
-    if shard:
+    if name in _WEIGHTED_PARTS and (shard := missing_shard(sub, variant, name.startswith("text_encoder"))):
         return shard
     if name in _WEIGHTED_PARTS and "config.json" not in has:
         return f"{sub} has no config.json"

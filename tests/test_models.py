@@ -194,6 +194,15 @@ def test_local_looking_names_are_not_hub_ids(tmp_path, monkeypatch):
         models.resolve_pretrained("sd15.safetensors", pipeline=False, key="model.vae")
     with pytest.raises(ModelLoadError, match=r"AutoencoderKL as P"):  # sample/'s and merge_lora's flag alike
         models.resolve_pretrained("sd15.safetensors", pipeline=False, key="--vae")
+    (tmp_path / "sd_xl_base_1.0.safetensors").write_bytes(b"x")  # it gave SD1.5's command, SDXL's in brackets
+    with pytest.raises(ModelLoadError, match=r"StableDiffusionXLPipeline as P; .*config='A_LOCAL_SDXL_FOLDER'"):
+        models.resolve_pretrained("sd_xl_base_1.0.safetensors")
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)  # a diffusers folder's weights file: that folder is meant
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"is a file, not a folder.* It is a file of the pipeline folder pipe: "
+                                             "give that folder"):
+        models.resolve_pretrained("pipe/unet/diffusion_pytorch_model.safetensors")
     assert model_folders._is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 

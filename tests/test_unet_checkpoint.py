@@ -165,3 +165,6 @@ def test_a_unet_only_checkpoint_given_as_a_model_names_the_merge(folders, tmp_pa
         with pytest.raises(ModelLoadError, match=f"holds a UNet only: merge it into its base model first, python "
                                                  f"train/merge_lora.py --model BASE --unet {given} --out DIR"):
             read_index(given)
+    # a whole pipeline's unet/ (or its weights file): the pipeline is meant, not a merge of it into itself
+    with pytest.raises(ModelLoadError, match=f"it is the unet/ of the pipeline folder {folders[1]}: give that"):
+        read_index(folders[1] / "unet")
