@@ -16,11 +16,14 @@ from .models import load_components, torch_dtype
 from .optim import effective_lr, make_lr_scheduler, make_optimizer
 
 
-def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = True, data_files: bool = True) -> None:
+def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = True, data_files: bool = True,
+                         devices: bool = False) -> None:
     """Mistakes found before the model loads (a minute for SDXL): data that cannot feed the objective, pair data
     that is not there (with `data_files`; the toy demo's are yet to be made), a reward named that does not exist,
     takes other options or whose weights are not there (the gallery's with `gallery_weights`: the main process
-    alone loads them, `check_gallery_weights`), a DDIM chain longer than a local model folder's schedule."""
+    alone loads them, `check_gallery_weights`), a DDIM chain longer than a local model folder's schedule; with
+    `devices` (the run, not the dry run, which may be made on another machine), a reward's device option naming a
+    GPU this machine lacks (it failed once the model had loaded, naming no setting)."""
     from .data.sources import check_data_files, check_data_kind
     from .validation import check_gallery_direction
 
@@ -29,12 +32,13 @@ def check_before_loading(cfg: Config, batch_kind: str, gallery_weights: bool = T
         check_data_files(cfg)
     _check_method_settings(cfg, batch_kind)
     _check_reward("tracking.validation_reward", cfg.tracking.validation_reward, cfg.tracking.validation_reward_options,
-                  gallery_weights)
+                  gallery_weights, devices)
     check_gallery_direction(cfg)
     if cfg.raft.enabled:
-        _check_reward("raft.reward", cfg.raft.reward, cfg.raft.reward_options)
+        _check_reward("raft.reward", cfg.raft.reward, cfg.raft.reward_options, devices=devices)
     if cfg.objective.name == "reward_backprop":
-        _check_reward("reward_backprop.reward", cfg.reward_backprop.reward, cfg.reward_backprop.reward_options)
+        _check_reward("reward_backprop.reward", cfg.reward_backprop.reward, cfg.reward_backprop.reward_options,
+                      devices=devices)
     _check_chain_steps_in_folder(cfg)
 
 
@@ -48,7 +52,8 @@ def check_gallery_weights(accelerator, cfg: Config) -> None:
             "the main process could not find tracking.validation_reward's weights")
 
 
-def _check_reward(setting: str, name, options, paths: bool = True) -> None:
+def _check_reward(setting: str, name, options, paths: bool = True, devices: bool = False) -> None:
+    from reward_models.base import resolve_device
     from reward_models.options import check_reward
 
     if name:
@@ -56,6 +61,11 @@ def _check_reward(setting: str, name, options, paths: bool = True) -> None:
             check_reward(name, dict(options), paths=paths)
         except (ValueError, OSError) as err:  # RewardSetupError, WeightsNotFoundError
             raise ConfigError(f"{setting}: {err}") from None
+    if name and devices and dict(options).get("device") is not None:
+        try:
+            resolve_device(str(options["device"]))
+        except ValueError as err:
+            raise ConfigError(f"{setting}_options.device: {err}") from None
 
 
 def _check_method_settings(cfg: Config, batch_kind: str) -> None:

@@ -129,7 +129,7 @@ def train(cfg: Config) -> TrainResult:
                               dynamo_backend="inductor" if cfg.train.compile else None, kwargs_handlers=[timeout])
     objective = get_objective(cfg.objective.name).configure(cfg)
     configure_engine(accelerator, cfg, objective.runs_sharded)
-    on_every(accelerator, lambda: check_before_loading(cfg, objective.batch_kind, gallery_weights=False),
+    on_every(accelerator, lambda: check_before_loading(cfg, objective.batch_kind, gallery_weights=False, devices=True),
              "another process found a mistake in the settings (a file missing on its machine?)")
     check_gallery_weights(accelerator, cfg)
     out = Path(cfg.output_dir)

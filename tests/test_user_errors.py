@@ -665,6 +665,9 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
             ([*raft, "data.both_models_contain=dream"], ConfigError, "this run reads none"),
             ([f"data.path={pairs}", "tracking.validation_reward=pickscore"], ConfigError,
              "tracking.validation_reward: reward 'pickscore': no model_dir was given"),
+            ([f"data.path={pairs}", "tracking.validation_reward=toy-clip",  # it failed after the model loaded
+              "tracking.validation_reward_options.device=cuda:9"], ConfigError,
+             r"tracking.validation_reward_options.device: device 'cuda:9': this machine has \d+ CUDA GPU"),
             (["objective.name=dpo", "raft.enabled=true", "raft.prompts=toy:train", "raft.k=1"], ConfigError,
              "raft.k = 1: online DPO"),
             ([*raft, "raft.min_gap=0.1"], ConfigError, "raft.min_gap = 0.1: only online DPO"),
