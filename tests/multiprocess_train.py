@@ -97,4 +97,7 @@ Path(cfg.output_dir, f"rank{PartialState().process_index}.txt").write_text(repr(
 # The collective timeout the run set (train.ddp_timeout), as the process group holds it
 backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
 Path(cfg.output_dir, f"timeout{PartialState().process_index}.txt").write_text(str(backend.options._timeout.seconds))
+rank, world = PartialState().process_index, PartialState().num_processes
 PartialState().destroy_process_group()  # as train/train.py: a finished process could abort at Python's teardown
+if os.environ.get("T2I_TEST_DONE"):  # every line ran: a gloo abort after this is teardown's (test_multiprocess.py)
+    Path(os.environ["T2I_TEST_DONE"], f"{rank}-of-{world}").write_text("")

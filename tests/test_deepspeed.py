@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from test_fsdp import (assert_resumed_run_takes_the_ddp_steps, assert_same_gallery, assert_takes_the_ddp_steps,
                        metrics, relative_distance, tiny_run_args)
-from test_multiprocess import ENV, SCRIPT, launch
+from test_multiprocess import ENV, SCRIPT, launch, run_launch
 
 pytest.importorskip("deepspeed")  # the dev extra installs it
 
@@ -22,8 +22,7 @@ DS_ENV = {**{k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}, "DS_ACC
 
 
 def launch_deepspeed(*overrides: str) -> None:
-    proc = subprocess.run([*DS_LAUNCH, *overrides], capture_output=True, text=True, timeout=600, env=DS_ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_launch([*DS_LAUNCH, *overrides], DS_ENV)
 
 
 def test_deepspeed_installed_logs_to_stderr_not_to_a_commands_output():

@@ -3,7 +3,6 @@ launched with the shipped configs/accelerate/fsdp.yaml. accelerate enables FSDP 
 script lifts that one gate (multiprocess_train.allow_fsdp_on_cpu). Sharded training must take the steps DDP takes."""
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from helpers import save_tiny_pipeline
 from test_loop import write_rendered_pairs
-from test_multiprocess import ENV, SCRIPT, launch
+from test_multiprocess import ENV, SCRIPT, launch, run_launch
 
 CONFIG = SCRIPT.parents[1] / "configs" / "accelerate" / "fsdp.yaml"
 FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes",
@@ -22,9 +21,7 @@ FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_fil
 
 
 def launch_fsdp(*overrides: str) -> None:
-    proc = subprocess.run([*FSDP_LAUNCH, *overrides], capture_output=True, text=True, timeout=600,
-                          env={**ENV, "T2I_TEST_FSDP_ON_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_launch([*FSDP_LAUNCH, *overrides], {**ENV, "T2I_TEST_FSDP_ON_CPU": "1"})
 
 
 def tiny_run_args(tmp_path, *extra: str, family: str = "sd15"):
