@@ -205,9 +205,10 @@ def pipeline_components(pipe, text_encoding: Optional[TextEncodingConfig] = None
                                  "StableDiffusionXLPipeline")
         tokenizers = [getattr(pipe, tok, None) for tok, _ in spec.text_components]
         encoders = [getattr(pipe, enc, None) for _, enc in spec.text_components]
-        if any(part is None for part in tokenizers + encoders):
-            raise ModelLoadError(f"this {name} has no tokenizer or text encoder; t2i-align encodes the prompts "
-                                 "itself and needs them")
+        lacking = [part for pair in spec.text_components for part in pair if getattr(pipe, part, None) is None]
+        if lacking:  # it said "no tokenizer or text encoder" when only SDXL's text_encoder_2 was missing
+            raise ModelLoadError(f"this {name} has no {' or '.join(lacking)}; t2i-align encodes the prompts itself "
+                                 "and needs every tokenizer and text encoder of the model")
         view = Components(spec, tokenizers, encoders, pipe.vae, pipe.unet, pipe.scheduler,
                           Path(pipe.config.get("_name_or_path") or "."), encoders[0].dtype,
                           truncation=TruncationStats(totals=""), text_encoding=text_encoding or TextEncodingConfig())

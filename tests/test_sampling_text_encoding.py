@@ -225,3 +225,12 @@ def test_toy_compare_samples_each_side_in_its_own_encoding(tmp_path, monkeypatch
         sides.clear()
         toy.cmd_compare(toy._parser().parse_args(["compare", "--model", "tuned", *flags]))
         assert sides == expected
+
+
+def test_a_pipeline_without_one_text_encoder_names_it():
+    """A plain SDXL pipeline lacking text_encoder_2 (model_index.json listing it as [null, null]) was said to have
+    "no tokenizer or text encoder", though its first ones were there."""
+    pipe = tiny_sdxl_pipeline()
+    pipe.text_encoder_2 = None
+    with pytest.raises(ModelLoadError, match=r"this StableDiffusionXLPipeline has no text_encoder_2; t2i-align "):
+        pipeline_components(pipe)
