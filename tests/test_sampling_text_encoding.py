@@ -155,7 +155,7 @@ def test_pipeline_components_rejects_a_pipeline_without_text_encoder():
     bare = StableDiffusionPipeline(vae=full.vae, text_encoder=None, tokenizer=None, unet=full.unet,
                                    scheduler=full.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    with pytest.raises(ModelLoadError, match="no tokenizer or text encoder"):
+    with pytest.raises(ModelLoadError, match="this StableDiffusionPipeline has no tokenizer or text_encoder;"):
         pipeline_components(bare)
 
 
