@@ -61,9 +61,10 @@ def _check_reward(setting: str, name, options, paths: bool = True, devices: bool
             check_reward(name, dict(options), paths=paths)
         except (ValueError, OSError) as err:  # RewardSetupError, WeightsNotFoundError
             raise ConfigError(f"{setting}: {err}") from None
-    if name and devices and dict(options).get("device") is not None:
+    device = dict(options).get("device") if name and devices else None
+    if device is not None:
         try:
-            resolve_device(str(options["device"]))
+            resolve_device(str(device))
         except ValueError as err:
             raise ConfigError(f"{setting}_options.device: {err}") from None
 

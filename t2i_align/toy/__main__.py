@@ -41,8 +41,9 @@ def _check_build_out(out: Path, tiny: bool, only: Optional[str]) -> None:
             raise UserError(f"--out {out} holds files that are not toy assets ({', '.join(others[:3])}), which the "
                             "build would delete with the folder: move them out or give another --out")
     if only:
-        kept = {"denoiser": ("pipeline/vae/", "toy_clip/", "toy_denscore/"), "denscore": ("pipeline/", "toy_clip/")}
-        verify_assets(out, under=kept[only])  # a damaged file it keeps would pass into the new manifest
+        from .build import KEPT
+
+        verify_assets(out, under=KEPT[only])  # a damaged file it keeps would pass into the new manifest
 
 
 def cmd_build(args) -> dict:

@@ -11,14 +11,15 @@ from ..errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
-REBUILD_HINT = "Rebuild them with `python -m t2i_align.toy build` (about an hour on 2 CPU cores)."
 
 
 def rebuild_hint(root: Optional[Path] = None) -> str:
     """How to rebuild the assets in root (the shipped folder when None)."""
-    if root is None or Path(root).resolve() == ASSETS_DIR.resolve():
-        return REBUILD_HINT
-    return f"Rebuild them with `python -m t2i_align.toy build --out {root}` (about an hour on 2 CPU cores)."
+    out = "" if root is None or Path(root).resolve() == ASSETS_DIR.resolve() else f" --out {root}"
+    return f"Rebuild them with `python -m t2i_align.toy build{out}` (about an hour on 2 CPU cores)."
+
+
+REBUILD_HINT = rebuild_hint()
 
 
 class ToyAssetError(UserError, RuntimeError):

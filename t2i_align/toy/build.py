@@ -219,6 +219,8 @@ def _stage_random(seed: int, stage: str) -> Tuple[random.Random, torch.Generator
 
 
 ONLY = ("denoiser", "denscore")
+KEPT = {"denoiser": ("pipeline/vae/", "toy_clip/", "toy_denscore/"), "denscore": ("pipeline/", "toy_clip/")}
+"""The asset folders `build --only X` keeps from the earlier build (the rest it writes anew)."""
 
 
 def _reuse(previous: Path, log: Callable, only: str):
