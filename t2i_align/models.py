@@ -25,7 +25,7 @@ from t2i_align.diffusion import latent_scheduler
 from t2i_align.errors import one_line
 from t2i_align.model_folders import (ModelLoadError, check_tuned_folder, check_vae_scale,  # noqa: F401
                                      local_model_folder, part_class, read_index, resolve_pretrained)
-from t2i_align.pipeline_checks import check_tokenizer
+from t2i_align.pipeline_checks import check_listed_parts, check_tokenizer
 from t2i_align.weight_files import weights_variant
 
 
@@ -280,6 +280,7 @@ def load_components(cfg: ModelConfig, device: Optional[Union[str, torch.device]]
     check_tuned_folder(path, cfg.text_encoding)
     index, variant = read_index(path), weights_variant(path, cfg.variant)
     spec = model_family(cfg, path)
+    check_listed_parts(path, spec, vae_given=bool(cfg.vae))
     dtype = torch_dtype(cfg.weight_dtype)
     tokenizers = [_load_part(path, index, tok) for tok, _ in spec.text_components]
     encoders = [_freeze(_load_part(path, index, enc, variant=variant), dtype) for _, enc in spec.text_components]

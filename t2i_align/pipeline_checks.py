@@ -40,3 +40,18 @@ def given_parts(path: Path, vae=None) -> dict:
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return parts
 
+
+
+def check_listed_parts(path: Path, spec, vae_given: bool = False) -> None:
+    """Each part family `spec` trains with is listed in model_index.json: an SDXL folder saved with
+    text_encoder_2=None passed the dry run and failed after the first text encoder had loaded."""
+    index = read_index(path)
+    needed = [name for pair in spec.text_components for name in pair] + ["unet", "scheduler"]
+    needed += [] if vae_given else ["vae"]
+    for name in needed:
+        entry = index.get(name)
+        if not isinstance(entry, list) or not entry or entry[0] is None:
+            other = " (or decode with another VAE: model.vae=DIR)" if name == "vae" else ""
+            raise ModelLoadError(f"{path}/model_index.json lists no {name} ({'null' if name in index else 'absent'})"
+                                 f", which the {spec.name} family needs: the folder was saved without it or is "
+                                 f"incomplete; give a complete {spec.name} pipeline folder{other}")

@@ -85,3 +85,33 @@ def test_the_dry_run_offline_refuses_a_hub_id_not_in_the_cache(tmp_path, capsys,
     monkeypatch.setattr(model_folders, "_download", lambda *a: pytest.fail("the dry run downloaded"))
     code, last = _dry_run(args, tmp_path, capsys)
     assert code == 0 and "a hub id, fetched when the run starts" in last, last
+
+
+def test_a_folder_saved_without_a_part_its_family_needs_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """An SDXL folder saved with text_encoder_2=None passed the dry run; the run failed after text_encoder loaded."""
+    import json
+    import shutil
+
+    import t2i_align.models as models
+    from t2i_align.config import ModelConfig
+    from t2i_align.toy.assets import pipeline_dir
+
+    from helpers import save_tiny_pipeline
+
+    sdxl = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
+    monkeypatch.setattr(models, "_load_part", lambda *a, **k: pytest.fail("loaded a part first"))
+    with pytest.raises(models.ModelLoadError, match=r"lists no text_encoder_2 \(null\), which the sdxl family needs"):
+        models.load_components(ModelConfig(pretrained=str(sdxl)))
+    monkeypatch.undo()
+    toy = shutil.copytree(pipeline_dir(), tmp_path / "toy")
+    index = json.loads((toy / "model_index.json").read_text())
+    (toy / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "vae"}))
+    config = [*LONGALIGN[:2], f"model.pretrained={toy}"]
+    code, last = _dry_run(config, tmp_path, capsys)
+    assert code == 2 and "lists no vae (absent), which the sd15 family needs" in last, last
+    assert "model.vae=DIR" in last
+    toy_vae = pipeline_dir() / "vae"  # another VAE given: the folder's own is not needed
+    code, last = _dry_run([*config, f"model.vae={toy_vae}"], tmp_path, capsys)
+    assert code == 0, last

@@ -78,6 +78,7 @@ def dry_run(cfg) -> int:
     from t2i_align.data.sources import check_pair_rows
     from t2i_align.models import check_tuned_folder, local_model_folder, model_family
     from t2i_align.objectives import get_objective
+    from t2i_align.pipeline_checks import check_listed_parts
     from t2i_align.resume import check_resume_settings
     from t2i_align.weight_files import weights_variant
 
@@ -93,7 +94,7 @@ def dry_run(cfg) -> int:
         local_model_folder(cfg.model.vae, pipeline=False, key="model.vae")
     if folder is not None:
         check_tuned_folder(folder, cfg.model.text_encoding)
-        model_family(cfg.model, folder)
+        check_listed_parts(folder, model_family(cfg.model, folder), vae_given=bool(cfg.model.vae))
         weights_variant(folder, cfg.model.variant)  # file names only
         if cfg.lora.enabled:  # the UNet's layer names, built from its config without weights
             check_targets_in_folder(folder, cfg.lora.target_modules)
