@@ -132,6 +132,17 @@ PREVIOUS_RUN = ("metrics.jsonl", "raft_rounds.jsonl", "reference_pool", "reward_
 four (LongAlign's direction, fitted by another run, perhaps with another reward) and replace the others."""
 
 
+SETTING_ASIDE = ".setting-aside"
+"""In a previous-* folder while files are moved into it: a set-aside a kill stopped is finished there."""
+
+
+def _unfinished_aside(out: Path, old: list) -> Optional[Path]:
+    """The previous-* folder a killed set-aside left unfinished, when none of `old` would replace a file in it
+    (the relaunch moved the rest into a second folder, splitting one run in two)."""
+    return next((f for f in sorted(out.glob("previous-*")) if (f / SETTING_ASIDE).exists()
+                 and not any((f / p.name).exists() for p in old)), None)
+
+
 def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = "",
                            resume: Optional[Path] = None) -> Optional[Path]:
     """A fresh start in an output_dir holding an earlier run's checkpoints or logs: move them into
@@ -150,9 +161,11 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = 
         return None
     import time
 
-    aside = _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = _unfinished_aside(out, old) or _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    (aside / SETTING_ASIDE).touch()
     for path in old:
         move(path, aside / path.name, copy_across=False)
+    (aside / SETTING_ASIDE).unlink()
     steps = [int(m.group(1)) for m in (STEP_DIR.match(p.name) for p in old) if m]
     log(f"{why or f'a fresh start in {out}'}: moved the earlier run's {', '.join(p.name for p in old)} to {aside}"
         + (f" (to continue that run instead: train.resume={aside}/step-{max(steps)})" if steps else ""))

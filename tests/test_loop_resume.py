@@ -984,3 +984,30 @@ def test_find_damaged_reads_what_accelerate_loads_as_it_loads_it(tmp_path):
     assert "its file optimizer.bin holds a pickle that weights_only loading refuses (Unsupported global" in told
     assert "argparse.Namespace was not an allowed global by default): not written by accelerate" in told
     assert "weights_only=False" not in told and "add_safe_globals" not in told and "\x1b" not in told
+
+
+def test_a_set_aside_stopped_by_a_kill_is_finished_in_the_same_folder(tmp_path, monkeypatch):
+    """A kill while a fresh start moved the earlier run aside: the relaunch moved the rest into a second folder."""
+    from t2i_align import run_dir
+
+    for name in ("metrics.jsonl", "config.yaml"):
+        (tmp_path / name).write_text(name)
+    move = run_dir.move
+
+    def killed(src, dst, **kwargs):
+        move(src, dst, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_dir, "move", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.set_aside_previous_run(tmp_path, log=lambda message: None)
+    monkeypatch.undo()
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261201-120001")  # another second than the first folder's
+    aside = run_dir.set_aside_previous_run(tmp_path, log=lambda message: None)
+    assert [p.name for p in tmp_path.iterdir()] == [aside.name]
+    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "metrics.jsonl"]  # the marker is gone
+    # a marker folder that already holds a file of the same name is not reused (it would be replaced)
+    (aside / run_dir.SETTING_ASIDE).touch()
+    (tmp_path / "metrics.jsonl").write_text("later")
+    second = run_dir.set_aside_previous_run(tmp_path, log=lambda message: None)
+    assert second != aside and (second / "metrics.jsonl").read_text() == "later"
+    assert (aside / "metrics.jsonl").read_text() == "metrics.jsonl"
