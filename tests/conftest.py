@@ -12,6 +12,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import torch  # noqa: E402
 
+from helpers import save_tiny_pipeline, write_rendered_pairs  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -39,3 +41,15 @@ def ddp_full_run(tmp_path_factory):
     args = tiny_run_args(root, *FULL_LINEAR)
     launch(*args, f"output_dir={root / 'ddp'}")
     return args, root / "ddp"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random SD1.5 pipeline folder, one per test module."""
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """8 rendered toy pairs (winner: the captioned scene), one file per test module."""
+    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")

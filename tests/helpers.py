@@ -7,12 +7,17 @@ trip takes well under a second on CPU. `save_tiny_pipeline(family, folder)` writ
 from __future__ import annotations
 
 import json
+import random
 import string
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from t2i_align.config import load_config
+from t2i_align.toy.pairs import jpeg_bytes, write_parquet
+from t2i_align.toy.scenes import noisy_scene, render, short_caption, split_scenes
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
@@ -177,3 +182,34 @@ def plain_lora_kwargs() -> dict:
 
     old = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) < (0, 40)
     return {"weight_name": "pytorch_lora_weights.safetensors"} if old else {}
+
+
+def write_rendered_pairs(path, n=8, size=16, seed=0, tie_every=0):
+    """Winner = the captioned scene, loser = the scene with attributes changed (ground-truth preferences)."""
+    rng = random.Random(seed)
+    train_scenes, _ = split_scenes()
+    rows = []
+    for i in range(n):
+        scene = rng.choice(train_scenes)
+        wrong = noisy_scene(scene, rng, 1.0, keep=())
+        label = 0.5 if tie_every and i % tie_every == 0 else float(i % 2)
+        win, lose = jpeg_bytes(render(scene, rng, size)), jpeg_bytes(render(wrong, rng, size))
+        a, b = (win, lose) if label != 0.0 else (lose, win)
+        rows.append({"caption": short_caption(scene), "jpg_0": a, "jpg_1": b, "label_0": label,
+                     "label_1": 1 - label, "user_id": 0, "are_different": True, "has_label": True,
+                     "model_0": "render", "model_1": "render", "ranking_id": i})
+    write_parquet(rows, path)
+    return path
+
+
+def loop_cfg(model, data, out, *extra):
+    """The loop's config for a 16 px run of tiny `model` on pair file `data` into `out`, `extra` overrides."""
+    return load_config(None, [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}",
+                              "data.resolution=16", "train.batch_size=2", "train.learning_rate=1e-3",
+                              "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
+                              *extra])
+
+
+def logged_losses(out):
+    """The losses metrics.jsonl in `out` logged, one per line."""
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -59,7 +59,7 @@ def test_a_run_refuses_them_before_its_model_loads(config, overrides, message, t
         raise AssertionError("loaded the model first")
     monkeypatch.setattr(build, "load_components", loaded)
     if config == "seppo":  # its pair data, made here (the config's runs/ folder is not in a fresh clone)
-        from test_loop import write_rendered_pairs
+        from helpers import write_rendered_pairs
 
         overrides = [*overrides, f"data.path={write_rendered_pairs(tmp_path / 'pairs.parquet')}"]
     cfg = load_config(REPO_ROOT / f"configs/toy/{config}.yaml",
@@ -72,7 +72,7 @@ def test_the_dry_run_offline_refuses_a_hub_id_not_in_the_cache(tmp_path, capsys,
     """Under HF_HUB_OFFLINE the dry run passed a hub id it could not have (`a hub id, resolved when the run
     starts`), and the run failed seconds later; online it still passes one without downloading anything."""
     import t2i_align.model_folders as model_folders
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet")
     args = ["--config", str(REPO_ROOT / "configs/sd15/dpo_lora.yaml"), "model.pretrained=t2i-align-tests/not-cached",

@@ -69,12 +69,12 @@ def test_exports_and_checkpoints_are_readable_like_any_file(tmp_path, umask):
     checkpoints must still be readable by whoever may read the run's other files."""
     from helpers import save_tiny_pipeline
     from t2i_align.loop import train
-    from test_loop import _cfg, write_rendered_pairs
+    from helpers import loop_cfg, write_rendered_pairs
 
     model = save_tiny_pipeline("sd15", tmp_path / "sd15")
     data = write_rendered_pairs(tmp_path / "pairs.parquet")
     out = tmp_path / "run"
-    train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1",
+    train(loop_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1",
                "data.cache=true"))
     written = sorted(out.rglob("*.safetensors")) + sorted((tmp_path / "cache").rglob("*.safetensors"))
     assert {p.parent.name for p in written} >= {"final", "step-1"} and len(written) > 3

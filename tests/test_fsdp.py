@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import save_tiny_pipeline
-from test_loop import write_rendered_pairs
+from helpers import write_rendered_pairs
 from test_multiprocess import ENV, SCRIPT, launch, run_launch
 
 CONFIG = SCRIPT.parents[1] / "configs" / "accelerate" / "fsdp.yaml"

@@ -1,7 +1,6 @@
 """The shared training loop end to end on tiny random SD1.5 / SDXL pipelines and rendered toy pairs."""
 import json
 import math
-import random
 import re
 from pathlib import Path
 
@@ -10,57 +9,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import one_torch_thread, plain_lora_kwargs, save_tiny_pipeline  # noqa: F401
+from helpers import (logged_losses, loop_cfg, one_torch_thread, plain_lora_kwargs, save_tiny_pipeline,  # noqa: F401
+                     write_rendered_pairs)
 from t2i_align.checkpoints import CheckpointMismatch
-from t2i_align.config import load_config
 from t2i_align.errors import UserError
 from t2i_align.loop import NonFiniteError, train
-from t2i_align.toy.pairs import jpeg_bytes, write_parquet
-from t2i_align.toy.scenes import noisy_scene, render, short_caption, split_scenes
-
-
-def write_rendered_pairs(path, n=8, size=16, seed=0, tie_every=0):
-    """Winner = the captioned scene, loser = the scene with attributes changed (ground-truth preferences)."""
-    rng = random.Random(seed)
-    train_scenes, _ = split_scenes()
-    rows = []
-    for i in range(n):
-        scene = rng.choice(train_scenes)
-        wrong = noisy_scene(scene, rng, 1.0, keep=())
-        label = 0.5 if tie_every and i % tie_every == 0 else float(i % 2)
-        win, lose = jpeg_bytes(render(scene, rng, size)), jpeg_bytes(render(wrong, rng, size))
-        a, b = (win, lose) if label != 0.0 else (lose, win)
-        rows.append({"caption": short_caption(scene), "jpg_0": a, "jpg_1": b, "label_0": label,
-                     "label_1": 1 - label, "user_id": 0, "are_different": True, "has_label": True,
-                     "model_0": "render", "model_1": "render", "ranking_id": i})
-    write_parquet(rows, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
-
-
-def _cfg(model, data, out, *extra):
-    return load_config(None, [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}",
-                              "data.resolution=16", "train.batch_size=2", "train.learning_rate=1e-3",
-                              "tracking.wandb=off", "tracking.sample_steps=2", "tracking.validation_seeds=1",
-                              *extra])
-
-
-def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_lora_dpo_runs_logs_and_exports(tiny_model, pairs, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=3",
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=3",
                        "train.log_every=1", "objective.beta=100"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -79,7 +37,7 @@ def test_exported_lora_reloads_exactly_with_conv_and_attention_targets(tiny_mode
     from diffusers import StableDiffusionPipeline
 
     targets = "lora.target_modules=[to_q,to_k,to_v,to_out.0,conv1,conv2,proj_in,proj_out]"
-    result = train(_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", targets, "train.max_steps=2",
+    result = train(loop_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", targets, "train.max_steps=2",
                         "objective.beta=100", "lora.init=default"))
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
     pipe.load_lora_weights(str(result.final), **plain_lora_kwargs())
@@ -111,12 +69,12 @@ def test_lora_on_a_bf16_base_unet_trains_and_exports(tiny_model, pairs, tmp_path
     adapters alone, which reload onto the plain fp32 base."""
     from diffusers import StableDiffusionPipeline
 
-    result = train(_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", "train.max_steps=2",
+    result = train(loop_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=true", "train.max_steps=2",
                         "lora.init=default", "train.mixed_precision=bf16", "model.weight_dtype=bf16",
                         "model.cast_base_unet=true", "train.log_every=1"))
     dtypes = {(p.requires_grad, p.dtype) for p in result.unet.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
-    losses = _losses(tmp_path / "run")
+    losses = logged_losses(tmp_path / "run")
     assert len(losses) == 2 and all(np.isfinite(losses)) and abs(losses[0] - np.log(2)) < 1e-3
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
     pipe.load_lora_weights(str(result.final), **plain_lora_kwargs())
@@ -136,13 +94,13 @@ def test_the_official_sdxl_full_recipe_settings_train(tiny_model, pairs, tmp_pat
 
     from t2i_align.optim import make_optimizer
 
-    cfg = _cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=false", "train.optimizer=adafactor",
+    cfg = loop_cfg(tiny_model, pairs, tmp_path / "run", "lora.enabled=false", "train.optimizer=adafactor",
                "train.max_grad_norm=1.0", "train.offload_reference=true", "train.max_steps=2", "train.log_every=1")
     adafactor = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train, lr=1e-3).defaults
     assert (adafactor["lr"], adafactor["scale_parameter"], adafactor["relative_step"], adafactor["clip_threshold"],
             adafactor["weight_decay"]) == (1e-3, False, False, 1.0, cfg.train.weight_decay)
     final = train(cfg).final
-    assert abs(_losses(tmp_path / "run")[0] - np.log(2)) < 1e-4
+    assert abs(logged_losses(tmp_path / "run")[0] - np.log(2)) < 1e-4
     before = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet.state_dict()
     after = StableDiffusionPipeline.from_pretrained(str(final)).unet.state_dict()
     assert any(not torch.equal(v, before[k]) for k, v in after.items())
@@ -152,7 +110,7 @@ def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    final = train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=2")).final
+    final = train(loop_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=2")).final
     pipe = StableDiffusionPipeline.from_pretrained(str(final))
     before = StableDiffusionPipeline.from_pretrained(str(tiny_model)).unet.state_dict()
     changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])]
@@ -161,7 +119,7 @@ def test_full_sft_exports_a_pipeline_folder(tiny_model, pairs, tmp_path):
 
 def test_sft_with_min_snr_weights_logs_a_weighted_loss_below_its_mse(tiny_model, pairs, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, "objective.name=sft", "objective.snr_gamma=0.01", "lora.enabled=true",
+    train(loop_cfg(tiny_model, pairs, out, "objective.name=sft", "objective.snr_gamma=0.01", "lora.enabled=true",
                "train.max_steps=2", "train.log_every=1"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < row["loss"] < row["mse"] for row in rows)  # weights <= 1, mostly << 1
@@ -170,38 +128,38 @@ def test_sft_with_min_snr_weights_logs_a_weighted_loss_below_its_mse(tiny_model,
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, pairs, tmp_path):
     common = ("lora.enabled=true", "train.log_every=1", "train.checkpoint_every=2", "objective.beta=100")
     full = tmp_path / "full"
-    train(_cfg(tiny_model, pairs, full, *common, "train.max_steps=4"))
+    train(loop_cfg(tiny_model, pairs, full, *common, "train.max_steps=4"))
     part = tmp_path / "part"
-    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=2"))
-    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=4", "train.resume=latest"))
-    assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+    train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=4", "train.resume=latest"))
+    assert logged_losses(part) == pytest.approx(logged_losses(full), abs=1e-6)
     assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["step-2", "step-4"]
     from safetensors import safe_open
 
     with safe_open(str(part / "checkpoints" / "step-2" / "model.safetensors"), framework="pt") as f:
         assert f.keys() and all(".lora_" in k for k in f.keys())  # adapters only, not the frozen UNet
     with pytest.raises(RuntimeError, match="other LoRA or PPD settings"):
-        train(_cfg(tiny_model, pairs, part, *common, "lora.rank=2", "train.max_steps=6", "train.resume=latest"))
+        train(loop_cfg(tiny_model, pairs, part, *common, "lora.rank=2", "train.max_steps=6", "train.resume=latest"))
     # narrower targets were a subset, loaded with strict=False: the optimizer's ValueError came as a traceback
     with pytest.raises(CheckpointMismatch, match=r"holds \d+ weights this run does not train.*other LoRA or PPD"):
-        train(_cfg(tiny_model, pairs, part, *common, "lora.target_modules=[to_q]", "train.max_steps=6",
+        train(loop_cfg(tiny_model, pairs, part, *common, "lora.target_modules=[to_q]", "train.max_steps=6",
                    "train.resume=latest"))
     with pytest.raises(CheckpointMismatch, match=r"does not hold \d+ weights this run trains.*full fine-tune"):
-        train(_cfg(tiny_model, pairs, part, "train.checkpoint_every=2", "train.max_steps=6", "train.resume=latest"))
+        train(loop_cfg(tiny_model, pairs, part, "train.checkpoint_every=2", "train.max_steps=6", "train.resume=latest"))
     # a checkpoint past max_steps exported its step-4 weights labelled step 3
     with pytest.raises(UserError, match="at step 4, past train.max_steps=3"):
-        train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=3", "train.resume=latest"))
+        train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=3", "train.resume=latest"))
 
 
 def test_the_last_step_is_checkpointed_so_a_run_can_be_continued(tiny_model, pairs, tmp_path):
     """With checkpoint_every=2 a 3-step run kept only step-2: training on to step 5 redid step 3."""
     common = ("lora.enabled=true", "train.log_every=1", "train.checkpoint_every=2", "objective.beta=100")
     full, part = tmp_path / "full", tmp_path / "part"
-    train(_cfg(tiny_model, pairs, full, *common, "train.max_steps=5"))
-    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=3"))
+    train(loop_cfg(tiny_model, pairs, full, *common, "train.max_steps=5"))
+    train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=3"))
     assert [p.name for p in sorted((part / "checkpoints").iterdir())] == ["step-2", "step-3"]
-    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=5", "train.resume=latest"))
-    assert len(_losses(part)) == 5 and _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+    train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=5", "train.resume=latest"))
+    assert len(logged_losses(part)) == 5 and logged_losses(part) == pytest.approx(logged_losses(full), abs=1e-6)
 
 
 def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, monkeypatch):
@@ -216,7 +174,7 @@ def test_non_finite_loss_skips_steps_then_stops(tiny_model, pairs, tmp_path, mon
     monkeypatch.setattr(SFT, "compute_loss", nan_loss)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
-        train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=10",
+        train(loop_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=10",
                    "train.max_nonfinite_steps=3", "train.checkpoint_every=1"))
     # Skipped steps never touched the weights, so the checkpoints written meanwhile hold the initial UNet.
     from safetensors.torch import load_file
@@ -241,7 +199,7 @@ def test_one_skipped_step_leaves_its_windows_other_metrics_readable(tiny_model, 
 
     monkeypatch.setattr(SFT, "compute_loss", second_nan)
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=4", "train.log_every=4"))
+    train(loop_cfg(tiny_model, pairs, out, "objective.name=sft", "train.max_steps=4", "train.log_every=4"))
     (line,) = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert line["steps_skipped_nonfinite"] == 1 and math.isfinite(line["loss"]) and math.isfinite(line["mse"])
 
@@ -267,7 +225,7 @@ def test_sdxl_lora_dpo_step(tmp_path, monkeypatch, time_ids, first):
     model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4, size=24)
     out = tmp_path / "run"
-    train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.log_every=1",
+    train(loop_cfg(model, data, out, "lora.enabled=true", "train.max_steps=1", "train.log_every=1",
                "model.weight_dtype=fp32", "data.flip=joint", f"data.time_ids={time_ids}"))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(record["loss"])
@@ -280,7 +238,7 @@ def test_a_kill_during_checkpoint_save_leaves_no_checkpoint(tiny_model, pairs, t
     from t2i_align.checkpoints import list_checkpoints, resolve_resume
 
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
 
     def killed(self, output_dir, **kwargs):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -289,7 +247,7 @@ def test_a_kill_during_checkpoint_save_leaves_no_checkpoint(tiny_model, pairs, t
 
     monkeypatch.setattr(Accelerator, "save_state", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2",
+        train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2",
                    "train.resume=latest"))
     assert [step for step, _ in list_checkpoints(out)] == [2]
     assert resolve_resume(out, "latest").name == "step-2"
@@ -323,7 +281,7 @@ def test_corrupt_rows_are_skipped_and_counted(tiny_model, tmp_path):
     rows[5]["jpg_1"] = b""
     write(rows, data)
     out = tmp_path / "run"
-    train(_cfg(tiny_model, data, out, "lora.enabled=true", "train.max_steps=4", "train.log_every=4"))
+    train(loop_cfg(tiny_model, data, out, "lora.enabled=true", "train.max_steps=4", "train.log_every=4"))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     # 4 steps of 2 rows read the 8 rows once: both corrupt rows met, each in a batch with a usable row
     assert record["data_rows_skipped"] == 2 and record["data_batches_skipped"] == 0 and np.isfinite(record["loss"])
@@ -343,26 +301,26 @@ def test_data_whose_every_image_is_corrupt_stops_with_a_message(tiny_model, tmp_
         row["jpg_0"] = b"not a jpeg"
     write(rows, data)
     with pytest.raises(UserError, match="no usable row in 5 batches in a row.*Check data.path"):
-        train(_cfg(tiny_model, data, tmp_path / "run", "lora.enabled=true", "train.max_steps=2"))
+        train(loop_cfg(tiny_model, data, tmp_path / "run", "lora.enabled=true", "train.max_steps=2"))
 
 
 def test_wandb_offline_run_contains_the_gallery_images(tiny_model, pairs, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1", "tracking.wandb=offline"))
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1", "tracking.wandb=offline"))
     media = list((out / "wandb").glob("offline-run-*/files/media/images/gallery/*.png"))
     assert media, sorted(str(p) for p in (out / "wandb").rglob("*"))[:20]
 
 
 def test_a_resume_continues_its_w_and_b_run_and_a_fresh_start_begins_another(tiny_model, pairs, tmp_path):
     out, common = tmp_path / "run", ("lora.enabled=true", "train.checkpoint_every=2", "tracking.wandb=offline")
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
     first = (out / "wandb_run_id").read_text().strip()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     # W&B names a run's folder offline-run-DATE_TIME-ID, with -1 added when both start in the same second
     named = rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?"
     assert len(runs) == 2 and all(re.fullmatch(named, name) for name in runs), runs
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start: a new W&B run
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start: a new W&B run
     again = (out / "wandb_run_id").read_text().strip()
     assert again != first and any((out / "wandb").glob(f"offline-run-*-{again}"))
     assert [p.read_text().strip() for p in out.glob("previous-*/wandb_run_id")] == [first]
@@ -371,9 +329,10 @@ def test_a_resume_continues_its_w_and_b_run_and_a_fresh_start_begins_another(tin
 def test_a_resume_from_an_earlier_checkpoint_keeps_the_abandoned_runs_w_and_b_id(tiny_model, pairs, tmp_path):
     """The new run's id was written over the old one's before the abandoned timeline was set aside with it."""
     out, common = tmp_path / "run", ("lora.enabled=true", "train.checkpoint_every=1", "tracking.wandb=offline")
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
     first = (out / "wandb_run_id").read_text().strip()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", f"train.resume={out / 'checkpoints' / 'step-1'}"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2",
+                   f"train.resume={out / 'checkpoints' / 'step-1'}"))
     aside = next((out / "checkpoints").glob("abandoned-*"))
     assert (aside / "wandb_run_id").read_text().strip() == first
     assert (out / "wandb_run_id").read_text().strip() not in ("", first)
@@ -445,12 +404,12 @@ def test_logged_counts_of_each_processs_data_are_summed_over_processes():
 def test_cached_runs_reuse_the_cache_and_are_reproducible(tiny_model, pairs, tmp_path):
     cache = tmp_path / "cache"
     common = ("lora.enabled=true", "train.max_steps=2", "train.log_every=1", f"data.cache_dir={cache}")
-    train(_cfg(tiny_model, pairs, tmp_path / "a", *common, "data.cache=true"))
+    train(loop_cfg(tiny_model, pairs, tmp_path / "a", *common, "data.cache=true"))
     built = sorted(p.name for p in cache.iterdir())
-    train(_cfg(tiny_model, pairs, tmp_path / "b", *common, "data.cache=true"))
+    train(loop_cfg(tiny_model, pairs, tmp_path / "b", *common, "data.cache=true"))
     assert sorted(p.name for p in cache.iterdir()) == built and len(built) == 1  # reused, not rebuilt
-    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-6)
-    assert abs(_losses(tmp_path / "a")[0] - np.log(2)) < 1e-4
+    assert logged_losses(tmp_path / "a") == pytest.approx(logged_losses(tmp_path / "b"), abs=1e-6)
+    assert abs(logged_losses(tmp_path / "a")[0] - np.log(2)) < 1e-4
 
 
 def test_image_caption_data_trains_read_every_step_or_cached(tiny_model, pairs, tmp_path):
@@ -467,8 +426,8 @@ def test_image_caption_data_trains_read_every_step_or_cached(tiny_model, pairs, 
               "train.log_every=1", f"data.cache_dir={tmp_path / 'cache'}")
     losses = {}
     for run, cache in (("plain", "false"), ("cached", "true"), ("again", "true")):
-        train(_cfg(tiny_model, captions, tmp_path / run, *common, f"data.cache={cache}"))
-        losses[run] = _losses(tmp_path / run)
+        train(loop_cfg(tiny_model, captions, tmp_path / run, *common, f"data.cache={cache}"))
+        losses[run] = logged_losses(tmp_path / run)
     (folder,) = (tmp_path / "cache").iterdir()  # built once, then reused
     marker = json.loads((folder / "complete.json").read_text())
     assert marker["stats_kind"] == "CaptionStats" and marker["pairs"] == len(table)
@@ -497,7 +456,7 @@ def test_two_micro_batches_give_the_gradient_of_one_batch_twice_their_size(tiny_
     monkeypatch.setattr(diffusion, "noised", noised)
     monkeypatch.setattr(loop, "_optimizer_step", recording_step)
     for batch, accum in ((4, 1), (2, 2)):
-        train(_cfg(tiny_model, pairs, tmp_path / f"b{batch}", "objective.name=sft", "train.max_steps=1",
+        train(loop_cfg(tiny_model, pairs, tmp_path / f"b{batch}", "objective.name=sft", "train.max_steps=1",
                    f"train.batch_size={batch}", f"train.grad_accum={accum}", "data.prompt_dropout=0"))
     whole, split = grads  # one step each
     assert any(g.abs().sum() > 0 for g in whole)

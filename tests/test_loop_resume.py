@@ -16,17 +16,7 @@ from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401
 from t2i_align.checkpoints import list_checkpoints, read_marker, resolve_resume
 from t2i_align.errors import UserError
 from t2i_align.loop import train
-from test_loop import _cfg, _losses, write_rendered_pairs
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
+from helpers import logged_losses, loop_cfg, write_rendered_pairs
 
 
 def test_the_unet_trains_in_train_mode_even_after_a_gallery(tiny_model, pairs, tmp_path, monkeypatch):
@@ -40,7 +30,7 @@ def test_the_unet_trains_in_train_mode_even_after_a_gallery(tiny_model, pairs, t
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SFT, "compute_loss", record)
-    train(_cfg(tiny_model, pairs, tmp_path / "run", "objective.name=sft", "lora.enabled=true",
+    train(loop_cfg(tiny_model, pairs, tmp_path / "run", "objective.name=sft", "lora.enabled=true",
                "lora.dropout=0.5", "train.max_steps=3", "tracking.validate_every=1"))
     assert modes == [True, True, True]
 
@@ -48,11 +38,11 @@ def test_the_unet_trains_in_train_mode_even_after_a_gallery(tiny_model, pairs, t
 def test_resuming_from_an_older_checkpoint_sets_the_newer_timeline_aside(tiny_model, pairs, tmp_path):
     common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1")
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.keep_checkpoints=3"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.keep_checkpoints=3"))
     old_step2 = read_marker(out / "checkpoints" / "step-2")
     first_metrics, first_final = (out / "metrics.jsonl").read_text(), (out / "final").stat().st_ino
     assert [s for s, _ in list_checkpoints(out)] == [1, 2, 3]
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.keep_checkpoints=2",
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.keep_checkpoints=2",
                f"train.resume={out / 'checkpoints' / 'step-1'}"))
     assert [s for s, _ in list_checkpoints(out)] == [1, 2], "keep=2 must keep the checkpoint just written"
     aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
@@ -65,7 +55,7 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_timeline_aside(tiny_mo
     assert (aside[0] / "metrics.jsonl").read_text() == first_metrics
     assert "max_steps: 3" in (aside[0] / "step-3" / "config.yaml").read_text()  # each checkpoint holds its config
     assert resolve_resume(out, "latest") == out / "checkpoints" / "step-2"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start takes the abandoned along
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))  # a fresh start takes the abandoned along
     assert not list((out / "checkpoints").glob("abandoned-*"))
     assert (next(out.glob("previous-*")) / aside[0].name / "step-3").is_dir()
 
@@ -75,9 +65,9 @@ def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(tiny_mode
     appended to metrics.jsonl, and resume=latest could later pick an earlier run's newer checkpoint)."""
     common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1", "train.log_every=1")
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3"))
     first = (out / "metrics.jsonl").read_text()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=1"))
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert [s for s, _ in list_checkpoints(out)] == [1]
     aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
@@ -86,7 +76,7 @@ def test_a_fresh_start_in_a_used_output_dir_sets_the_earlier_run_aside(tiny_mode
                                                           "step-2", "step-3"]  # the last three were replaced
     assert "max_steps: 3" in (aside[0] / "config.yaml").read_text()
     assert (aside[0] / "final" / "pytorch_lora_weights.safetensors").is_file()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.resume=latest"))  # resumes this run
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2", "train.resume=latest"))  # resumes this run
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 1
 
@@ -101,21 +91,21 @@ def test_a_relaunch_with_a_mistake_leaves_the_earlier_run_where_it_was(tiny_mode
 
     common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1", "train.log_every=1")
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
     before = sorted(p.name for p in out.iterdir())
     for mistake, error in ((["lora.target_modules=[nothing_like_this]"], UserError),
                            (["train.batch_size=64"], ConfigError),
                            (["tracking.validation_reward=toy-judge", "tracking.validation_prompts=[a cat]"],
                             ConfigError)):
         with pytest.raises(error):
-            train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", *mistake))
+            train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", *mistake))
         assert sorted(p.name for p in out.iterdir()) == before, mistake
     capsys.readouterr()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", "objective.beta=50"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", "objective.beta=50"))
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert "settings that differ from the checkpoint's run" in capsys.readouterr().err  # beta 100 -> 50
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.checkpoint_every=0"))  # fresh
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.resume=latest"))  # finds none
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.checkpoint_every=0"))  # fresh
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "train.resume=latest"))  # finds none
     (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-") and (p / "step-3").is_dir()]
     told = capsys.readouterr().err
     assert f"(to continue that run instead: train.resume={aside}/step-3)" in told
@@ -129,12 +119,12 @@ def test_a_resume_from_a_checkpoint_set_aside_keeps_both_runs(tiny_model, pairs,
     the current run's final/ and gallery/ and appended to its metrics.jsonl."""
     common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1", "train.log_every=1")
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3"))
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "lora.rank=2"))  # sets the first aside
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=1", "lora.rank=2"))  # sets the first aside
     (aside,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
     second = (out / "final" / "pytorch_lora_weights.safetensors").read_bytes()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={aside / 'step-2'}"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={aside / 'step-2'}"))
     folders = sorted(p for p in out.iterdir() if p.name.startswith("previous-"))
     assert len(folders) == 2 and (folders[1] / "final" / "pytorch_lora_weights.safetensors").read_bytes() == second
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -157,14 +147,14 @@ def test_resume_is_exact_when_whole_micro_batches_are_corrupt(tiny_model, tmp_pa
     common = ("lora.enabled=true", "objective.beta=100", "train.batch_size=1", "train.log_every=1",
               "train.checkpoint_every=2")
     full, part = tmp_path / "full", tmp_path / "part"
-    train(_cfg(tiny_model, data, full, *common, "train.max_steps=4"))
-    train(_cfg(tiny_model, data, part, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, data, full, *common, "train.max_steps=4"))
+    train(loop_cfg(tiny_model, data, part, *common, "train.max_steps=2"))
     (raw,) = read_marker(part / "checkpoints" / "step-2")["raw_batches"]  # one count per process
     marker = read_marker(part / "checkpoints" / "step-2")
     assert (marker["engine"], marker["optimizer"], marker["batch_size"]) == ("plain", "adamw", 1)
     assert raw > 2, "this seed must put a corrupt batch among the first two, or the test tests nothing"
-    train(_cfg(tiny_model, data, part, *common, "train.max_steps=4", "train.resume=latest"))
-    assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+    train(loop_cfg(tiny_model, data, part, *common, "train.max_steps=4", "train.resume=latest"))
+    assert logged_losses(part) == pytest.approx(logged_losses(full), abs=1e-6)
     last = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["data_batches_skipped"] >= 1
     # 4 of 8 rows are corrupt; after 4 steps every corrupt row read was counted, in whole batches too
@@ -187,11 +177,11 @@ def test_a_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(tiny_mod
 
     common = ("objective.name=sft", "lora.enabled=true", "train.log_every=3", "train.checkpoint_every=2")
     full, part = tmp_path / "full", tmp_path / "part"
-    train(_cfg(tiny_model, pairs, full, *common, "train.max_steps=6"))
-    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=4"))
-    train(_cfg(tiny_model, pairs, part, *common, "train.max_steps=6",
+    train(loop_cfg(tiny_model, pairs, full, *common, "train.max_steps=6"))
+    train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=4"))
+    train(loop_cfg(tiny_model, pairs, part, *common, "train.max_steps=6",
                f"train.resume={part / 'checkpoints' / 'step-2'}"))
-    assert len(_losses(full)) == 2 and _losses(part) == pytest.approx(_losses(full), rel=1e-6)
+    assert len(logged_losses(full)) == 2 and logged_losses(part) == pytest.approx(logged_losses(full), rel=1e-6)
     original = SFT.compute_loss
 
     def nan_loss(self, *args, **kwargs):
@@ -202,12 +192,12 @@ def test_a_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(tiny_mod
     failing = tmp_path / "failing"
     nan = (*common, "train.max_nonfinite_steps=3", "train.checkpoint_every=1", "train.max_steps=10")
     with pytest.raises(NonFiniteError, match=r"last at step 3\)"):
-        train(_cfg(tiny_model, pairs, failing, *nan))
+        train(loop_cfg(tiny_model, pairs, failing, *nan))
     marker = read_marker(failing / "checkpoints" / "step-2")
     assert marker["streak"] == 2 and marker["unlogged"][0]["counts"]["loss"] == 0  # no finite loss to average
     assert "NaN" not in json.dumps(marker)
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps .*last at step 3\)"):  # not at step 5
-        train(_cfg(tiny_model, pairs, failing, *nan, "train.resume=latest"))
+        train(loop_cfg(tiny_model, pairs, failing, *nan, "train.resume=latest"))
 
 
 def test_unlogged_metrics_come_back_per_process_or_not_at_all():
@@ -355,8 +345,8 @@ def test_a_setting_a_resume_does_not_apply_keeps_the_checkpoints_value_in_the_re
     import yaml
 
     out, common = tmp_path / "run", ("lora.enabled=true", "train.checkpoint_every=2")
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=4", "train.resume=latest",
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=4", "train.resume=latest",
                "train.learning_rate=5e-2", "train.weight_decay=0.5", "data.prompt_dropout=0.2"))
     for record in (out / "config.yaml", out / "checkpoints" / "step-4" / "config.yaml"):
         saved = yaml.safe_load(record.read_text())
@@ -409,7 +399,7 @@ def test_a_checkpoint_given_as_lora_says_how_to_export_it_and_that_works(tiny_mo
     from t2i_align.sampling import check_weights, load_pipeline
 
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2"))
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2"))
     step = out / "checkpoints" / "step-2"
     with pytest.raises(ModelLoadError, match=r"step-2 is a training checkpoint .*export it first with `python "
                                              r"train/train.py --config .*step-2/config.yaml train.resume=.*step-2 "
@@ -759,12 +749,12 @@ def test_a_resume_on_data_of_another_size_is_warned(tiny_model, tmp_path):
     """The marker counts batches, and the order is drawn from the rows: with rows added or removed since (a
     download still under way at the first start) the resumed epoch repeated or skipped rows without a word."""
     data, out = write_rendered_pairs(tmp_path / "pairs.parquet", n=8), tmp_path / "run"
-    train(_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=1"))
+    train(loop_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=1"))
     assert read_marker(out / "checkpoints" / "step-1")["data_rows"] == 8
     write_rendered_pairs(data, n=6)
     with pytest.warns(UserWarning, match="step-1 was written with 8 usable data rows and this run has 6: the data "
                                          "changed since"):
-        train(_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=2", "train.resume=latest"))
+        train(loop_cfg(tiny_model, data, out, "train.checkpoint_every=1", "train.max_steps=2", "train.resume=latest"))
     assert read_marker(out / "checkpoints" / "step-2")["data_rows"] == 6
 
 
@@ -775,14 +765,14 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_the_earlier_run_is_set
 
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
-        train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=2",
+        train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "lora.rank=4", "train.max_steps=2",
                    "train.checkpoint_every=2"))
     before = sorted(p.name for p in a.iterdir()), (a / "config.yaml").read_text()
     step = b / "checkpoints" / "step-2"
     for extra, told in ((("lora.enabled=true", "lora.rank=2"), "weights this run trains, as shaped here"),
                         (("lora.enabled=false",), "weights this run trains, as shaped here")):
         with pytest.raises(CheckpointMismatch, match=told):
-            train(_cfg(tiny_model, pairs, a, *extra, "train.max_steps=4", f"train.resume={step}"))
+            train(loop_cfg(tiny_model, pairs, a, *extra, "train.max_steps=4", f"train.resume={step}"))
         assert (sorted(p.name for p in a.iterdir()), (a / "config.yaml").read_text()) == before
 
 
@@ -793,7 +783,7 @@ def test_a_checkpoint_whose_deletion_was_killed_halfway_is_removed_at_the_next_c
     half = out / "checkpoints" / "step-1"
     half.mkdir(parents=True)
     (half / "optimizer.bin").write_bytes(b"left by a killed deletion")
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.checkpoint_every=2"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
 
 
@@ -805,7 +795,7 @@ def test_a_resume_that_changes_the_model_is_refused_and_a_linked_checkpoint_resu
 
     common = ("lora.enabled=true", "objective.beta=100", "train.checkpoint_every=1")
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
     archive = tmp_path / "archive" / "step-2"
     shutil.move(out / "checkpoints" / "step-2", archive)
     (out / "checkpoints" / "step-2").symlink_to(archive)
@@ -814,13 +804,14 @@ def test_a_resume_that_changes_the_model_is_refused_and_a_linked_checkpoint_resu
     for change, named in (("seed=7", "seed=0 (now 7)"), ("lora.alpha=16", "lora.alpha / lora.rank = 1 (now 2)"),
                           (f"model.pretrained={other}", "model.pretrained=")):
         with pytest.raises(CheckpointMismatch, match=re.escape(named)):
-            train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", change))
+            train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest", change))
     assert not list(out.glob("previous-*"))
     logged = (out / "metrics.jsonl").read_text()
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))
     assert not list(out.glob("previous-*")) and (out / "checkpoints" / "step-2").is_symlink()
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]
-    assert (out / "metrics.jsonl").read_text().startswith(logged) and len(_losses(out)) == len(logged.splitlines()) + 1
+    assert (out / "metrics.jsonl").read_text().startswith(logged)
+    assert len(logged_losses(out)) == len(logged.splitlines()) + 1
 
 
 def test_a_moved_base_folder_may_be_named_anew_on_a_resume(tmp_path):
@@ -853,12 +844,12 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused_and_the_lock_goes_with_
     try:
         with pytest.raises(UserError, match=r"output_dir .*run is in use by another run \(process \d+ on .*since "
                                             r".*\): wait for it"):
-            train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
+            train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
         assert sorted(p.name for p in out.iterdir()) == [".t2i-align.lock"]
     finally:
         os.close(held)
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
-    train(_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.resume=latest"))
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=1"))
+    train(loop_cfg(tiny_model, pairs, out, "lora.enabled=true", "train.max_steps=2", "train.resume=latest"))
     os.close(take_output_lock(out))  # each run let it go at its end
 
 
@@ -933,16 +924,16 @@ def test_a_damaged_checkpoint_file_is_named_before_anything_is_set_aside(tiny_mo
 
     common = ("lora.enabled=true", "train.checkpoint_every=1")
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=2"))
     bad = tmp_path / "copied-step-2"
     shutil.copytree(out / "checkpoints" / "step-2", bad)
     damage(bad / name)
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(CheckpointDamaged, match=f"{bad}: its file {re.escape(name)} cannot be read .*: cut short "
                                                 r"or overwritten\? resume from another checkpoint"):
-        train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={bad}"))
+        train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", f"train.resume={bad}"))
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is where it was
-    train(_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))  # a sound one resumes
+    train(loop_cfg(tiny_model, pairs, out, *common, "train.max_steps=3", "train.resume=latest"))  # a sound one resumes
     assert [s for s, _ in list_checkpoints(out)][-1] == 3
 
 

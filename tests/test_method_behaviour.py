@@ -18,12 +18,7 @@ import torch
 from helpers import one_torch_thread, save_tiny_pipeline  # noqa: F401  (fixture)
 from t2i_align.config import load_config
 from t2i_align.loop import train
-from test_loop import write_rendered_pairs
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
+from helpers import write_rendered_pairs
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import save_tiny_pipeline
-from test_loop import write_rendered_pairs
+from helpers import write_rendered_pairs
 
 SCRIPT = Path(__file__).with_name("multiprocess_train.py")
 # accelerate's `--cpu --num_processes 2` only spawns several processes through mpirun; torchrun-style

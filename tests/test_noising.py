@@ -131,7 +131,7 @@ def test_a_turbo_looking_model_on_the_base_recipe_gets_a_note(capsys):
 def test_the_turbo_recipe_trains_on_four_steps_of_a_zero_terminal_snr_schedule(tmp_path, monkeypatch):
     """The loop hands the objective the rescaled schedule (ᾱ_T = 0, so a quarter of the draws see pure noise)
     while galleries sample with the folder's."""
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     from t2i_align.config import load_config
     from t2i_align.loop import train

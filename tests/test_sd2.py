@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from helpers import _sd_betas, _tiny_unet, one_torch_thread, tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae  # noqa: F401
-from test_loop import write_rendered_pairs
+from helpers import write_rendered_pairs
 from t2i_align.config import load_config
 from t2i_align.loop import train
 

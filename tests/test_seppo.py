@@ -12,7 +12,7 @@ from t2i_align.config import ConfigError, ObjectiveConfig, load_config
 from t2i_align.loop import train
 from t2i_align.objectives.seppo import aaf_sign, seppo_loss
 from t2i_align.references import draw_index
-from test_loop import _cfg, _losses, write_rendered_pairs
+from helpers import logged_losses, loop_cfg, write_rendered_pairs
 
 # Two samples, β = 10 (official: z = 5·margin). Sample 0: the policy beats the reference on the anchor
 # (d = 0.6 - 0.5 = 0.1 > 0); sample 1 does not (d = 0.4 - 0.5 = -0.1).
@@ -488,16 +488,6 @@ def test_settings_that_never_draw_a_later_snapshot_are_warned():
         load_config(None, base + ["seppo.reference=initial"])
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("sd15") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_rendered_pairs(tmp_path_factory.mktemp("data") / "pairs.parquet")
-
-
 SEPPO = ("objective.name=seppo", "objective.beta=100", "train.log_every=1", "train.checkpoint_every=2",
          "seppo.snapshot_every=1", "seppo.pool_size=3", "seppo.sample_steps=2", "seppo.guidance_scale=2.0")
 
@@ -505,16 +495,16 @@ SEPPO = ("objective.name=seppo", "objective.beta=100", "train.log_every=1", "tra
 @pytest.mark.parametrize("lora", ["true", "false"])
 def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, lora):
     full, part = tmp_path / "full", tmp_path / "part"
-    train(_cfg(tiny_model, pairs, full, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4"))
-    train(_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, full, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4"))
+    train(loop_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=2"))
     pool = json.loads((part / "checkpoints" / "step-2" / "reference_pool.json").read_text())
     assert pool == {"steps": [0, 1, 2], "last_applied": 2}
-    train(_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4",
+    train(loop_cfg(tiny_model, pairs, part, *SEPPO, f"lora.enabled={lora}", "train.max_steps=4",
                "train.resume=latest"))
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["reference_step"] for r in resumed] == [r["reference_step"] for r in records]
-    assert _losses(part) == pytest.approx(_losses(full), abs=1e-6)
+    assert logged_losses(part) == pytest.approx(logged_losses(full), abs=1e-6)
     assert records[0]["flip_rate"] == 1.0  # step 0: the reference is the policy, a tie for every sample
     assert records[-1]["reference_pool_size"] == 3  # the initial model and the two newest snapshots
     if lora == "true":
@@ -523,7 +513,7 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
     # go aside with it, untouched, while this run writes its own under those names and takes the same steps again
     pool = part / "reference_pool"
     abandoned = {name: (pool / name).read_bytes() for name in ("step-3.safetensors", "step-4.safetensors")}
-    train(_cfg(tiny_model, pairs, part, *SEPPO, "lora.enabled=false", "train.max_steps=4",
+    train(loop_cfg(tiny_model, pairs, part, *SEPPO, "lora.enabled=false", "train.max_steps=4",
                f"train.resume={part / 'checkpoints' / 'step-2'}"))
     aside = next((part / "checkpoints").glob("abandoned-*"))
     assert sorted(p.name for p in aside.iterdir()) == ["final", "gallery", "metrics.jsonl", "reference_pool",
@@ -532,12 +522,12 @@ def test_seppo_resume_continues_with_the_same_pool(tiny_model, pairs, tmp_path, 
     assert {name: kept[name] for name in abandoned} == abandoned
     assert json.loads((aside / "step-4" / "reference_pool.json").read_text())["steps"] == [0, 3, 4]
     assert {"step-0.safetensors", *abandoned} <= {p.name for p in pool.iterdir()}  # this run's own
-    assert _losses(part)[-2:] == pytest.approx(_losses(full)[-2:], abs=1e-6)
+    assert logged_losses(part)[-2:] == pytest.approx(logged_losses(full)[-2:], abs=1e-6)
     # the abandoned folder is self-contained: its step 0 snapshot is linked there, so it resumes elsewhere (without
     # it the resume stopped on "reference snapshots ... are missing")
     linked = (aside / "reference_pool" / "step-0.safetensors").stat().st_ino
     assert linked == (pool / "step-0.safetensors").stat().st_ino
-    train(_cfg(tiny_model, pairs, tmp_path / "again", *SEPPO, "lora.enabled=false", "train.max_steps=5",
+    train(loop_cfg(tiny_model, pairs, tmp_path / "again", *SEPPO, "lora.enabled=false", "train.max_steps=5",
                f"train.resume={aside / 'step-4'}"))
     assert [json.loads(line)["step"] for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 3, 4, 5]
@@ -548,14 +538,14 @@ def test_seppo_full_finetune_resumes_from_a_checkpoint_set_aside(tiny_model, pai
     fine-tune that needs the earlier run's snapshots, which went aside with it: the resume copies them back (it
     stopped on "reference snapshots ... are missing")."""
     full, out = tmp_path / "full", tmp_path / "run"
-    train(_cfg(tiny_model, pairs, full, *SEPPO, "lora.enabled=false", "train.max_steps=4"))
-    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=2"))
-    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=1",
+    train(loop_cfg(tiny_model, pairs, full, *SEPPO, "lora.enabled=false", "train.max_steps=4"))
+    train(loop_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=1",
                "train.checkpoint_every=0"))  # a fresh start: the first run goes aside
     (aside,) = out.glob("previous-*")
-    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=4",
+    train(loop_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=false", "train.max_steps=4",
                f"train.resume={aside / 'step-2'}"))
-    assert _losses(out) == pytest.approx(_losses(full), abs=1e-6)  # steps 1-2 carried over, 3-4 taken again
+    assert logged_losses(out) == pytest.approx(logged_losses(full), abs=1e-6)  # steps 1-2 carried over, 3-4 taken again
     assert len(list(out.glob("previous-*"))) == 2  # the one-step run went aside in turn
 
 
@@ -588,7 +578,7 @@ def test_seppo_step_on_tiny_sdxl_with_generated_time_ids(tmp_path, monkeypatch):
     model = save_tiny_pipeline("sdxl", tmp_path / "sdxl")
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4, size=24)
     out = tmp_path / "run"
-    train(_cfg(model, data, out, *SEPPO, "lora.enabled=true", "train.max_steps=2", "model.weight_dtype=fp32",
+    train(loop_cfg(model, data, out, *SEPPO, "lora.enabled=true", "train.max_steps=2", "model.weight_dtype=fp32",
                "data.time_ids=per_image"))
     assert len(seen) == 2 and all(ids.tolist() == [[24, 24, 0, 0, 16, 16]] * 2 + [[16, 16, 0, 0, 16, 16]] * 2
                                   for ids in seen)
@@ -694,7 +684,7 @@ def test_rows_blanked_by_prompt_dropout_sample_their_reference_image_for_their_c
     model = save_tiny_pipeline(family, tmp_path / family)
     data = write_rendered_pairs(tmp_path / "pairs.parquet", n=4)
     for dropout in (0.5, 0.0):
-        train(_cfg(model, data, tmp_path / f"run{dropout}", *SEPPO, "lora.enabled=true", "train.max_steps=4",
+        train(loop_cfg(model, data, tmp_path / f"run{dropout}", *SEPPO, "lora.enabled=true", "train.max_steps=4",
                    f"data.prompt_dropout={dropout}", f"data.cache={cache}",
                    f"data.cache_dir={tmp_path / 'cache'}", "model.weight_dtype=fp32"))
     dropped, kept = calls[:4], calls[4:]
@@ -717,33 +707,33 @@ def test_seppo_resume_checks_fit_the_pool_to_the_settings_and_refuse_what_it_can
     from t2i_align.checkpoints import CheckpointMismatch
 
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=2"))
+    train(loop_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=2"))
     step2 = out / "checkpoints" / "step-2"
     assert json.loads((step2 / "reference_pool.json").read_text())["steps"] == [0, 1, 2]
-    train(_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest",
+    train(loop_cfg(tiny_model, pairs, out, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest",
                "seppo.pool_size=2"))
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["reference_pool_size"] == 2
     tensors = load_file(str(step2 / "reference_pool.safetensors"))
     save_file({k: v for k, v in tensors.items() if not k.startswith("1/")}, str(step2 / "reference_pool.safetensors"))
     with pytest.raises(CheckpointMismatch, match="the snapshot of step 1 does not fit this run's adapters"):
-        train(_cfg(tiny_model, pairs, tmp_path / "damaged", *SEPPO, "lora.enabled=true", "train.max_steps=3",
+        train(loop_cfg(tiny_model, pairs, tmp_path / "damaged", *SEPPO, "lora.enabled=true", "train.max_steps=3",
                    f"train.resume={step2}"))
     dpo = tmp_path / "dpo"
-    train(_cfg(tiny_model, pairs, dpo, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1"))
+    train(loop_cfg(tiny_model, pairs, dpo, "lora.enabled=true", "train.max_steps=1", "train.checkpoint_every=1"))
     with pytest.raises(CheckpointMismatch, match="holds no SePPO reference pool .*written by objective 'dpo'"):
-        train(_cfg(tiny_model, pairs, dpo, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest"))
+        train(loop_cfg(tiny_model, pairs, dpo, *SEPPO, "lora.enabled=true", "train.max_steps=3", "train.resume=latest"))
     assert "name: dpo" in (dpo / "config.yaml").read_text()  # refused before the run claimed its folder
     with pytest.raises(ConfigError, match="seppo.sample_steps=2000 is more DDIM steps than this model's schedule"):
-        train(_cfg(tiny_model, pairs, tmp_path / "steps", *SEPPO, "seppo.sample_steps=2000", "train.max_steps=1"))
+        train(loop_cfg(tiny_model, pairs, tmp_path / "steps", *SEPPO, "seppo.sample_steps=2000", "train.max_steps=1"))
     with pytest.warns(UserWarning, match="seppo.snapshots_in_memory is set on the command line, but only a full"):
-        _cfg(tiny_model, pairs, tmp_path / "x", *SEPPO, "lora.enabled=true", "seppo.snapshots_in_memory=true")
+        loop_cfg(tiny_model, pairs, tmp_path / "x", *SEPPO, "lora.enabled=true", "seppo.snapshots_in_memory=true")
 
 
 def test_a_step_at_learning_rate_zero_does_not_count_as_applied(tiny_model, pairs, tmp_path):
     """Warmup's first step has rate 0 and leaves the weights as they were, yet counted as applied: at the next step
     snapshot 0, the policy itself, was not treated as a tie (s read from rounding noise)."""
     out = tmp_path / "run"
-    train(_cfg(tiny_model, pairs, out, *[s for s in SEPPO if "checkpoint_every" not in s], "lora.enabled=true",
+    train(loop_cfg(tiny_model, pairs, out, *[s for s in SEPPO if "checkpoint_every" not in s], "lora.enabled=true",
                "train.lr_warmup_steps=3", "train.max_steps=2", "train.checkpoint_every=1"))
     applied = [json.loads((out / "checkpoints" / f"step-{s}" / "reference_pool.json").read_text())["last_applied"]
                for s in (1, 2)]

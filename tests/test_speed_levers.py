@@ -14,7 +14,7 @@ from t2i_align.attention import AttentionKernelError, PinnedSDPAProcessor
 from t2i_align.config import ModelConfig, TrainConfig, load_config
 from t2i_align.loop import train
 from t2i_align.optim import make_optimizer
-from test_loop import _cfg as loop_cfg, write_rendered_pairs
+from helpers import loop_cfg, write_rendered_pairs
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,7 @@ def test_a_dry_run_checks_the_rewards_weights_and_the_gallery_reward_takes_optio
 def test_a_dry_run_counts_the_usable_pairs_as_the_run_would(tmp_path, capsys):
     """All ties, no pair of the wanted models, fewer pairs than a batch: the dry run passed each, the run refused it
     after the model loaded (minutes on SDXL)."""
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     base = ["--dry-run", "--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), f"output_dir={tmp_path / 'run'}"]
     ties = write_rendered_pairs(tmp_path / "ties.parquet", n=2, tie_every=1)
@@ -239,7 +239,7 @@ def test_a_second_config_is_refused_and_an_empty_one_warned(tmp_path, capsys, mo
 def test_a_cache_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
     """data.cache_dir naming a file (or a path under one) passed the dry run; the run failed after loading the
     model, as "File exists: PATH", naming no setting."""
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)
     (tmp_path / "afile").write_text("x")
@@ -258,7 +258,7 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
     import yaml
 
     import t2i_align.build as build
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model")))
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=16)
@@ -311,7 +311,7 @@ def test_a_dry_run_prints_the_resolved_config_and_checks_the_data_without_loadin
 
 def test_a_validation_reward_that_cannot_read_the_prompts_stops_the_run_before_training(tmp_path):
     """Used to fail with `not a toy short caption` in the final gallery, after the whole run."""
-    from test_loop import _cfg, write_rendered_pairs
+    from helpers import loop_cfg, write_rendered_pairs
 
     from t2i_align.config import ConfigError
     from t2i_align.loop import train
@@ -320,8 +320,8 @@ def test_a_validation_reward_that_cannot_read_the_prompts_stops_the_run_before_t
     data = write_rendered_pairs(tmp_path / "pairs.parquet")
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="tracking.validation_reward = 'toy-judge' cannot score"):
-        train(_cfg(model, data, out, "lora.enabled=true", "train.max_steps=2", "tracking.validation_reward=toy-judge",
-                   "tracking.validation_prompts=[a photo of a cat]"))
+        train(loop_cfg(model, data, out, "lora.enabled=true", "train.max_steps=2",
+                       "tracking.validation_reward=toy-judge", "tracking.validation_prompts=[a photo of a cat]"))
     assert not (out / "metrics.jsonl").exists() and not (out / "final").exists()
 
 
@@ -335,7 +335,7 @@ def test_toy_cli_with_a_missing_model_folder_prints_one_error_line(tmp_path, cap
 
 def _bad_inputs(tmp_path):
     """(overrides, message) of mistakes that used to end in a traceback (found by a CLI audit, session 13)."""
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     not_parquet = tmp_path / "pairs.yaml"
     not_parquet.write_text("a: 1\n")
@@ -644,7 +644,7 @@ def test_data_and_reward_mistakes_stop_a_run_before_its_model_loads(tmp_path, mo
     import t2i_align.build as build
     import t2i_align.loop as loop
     from t2i_align.config import ConfigError, load_config
-    from test_loop import write_rendered_pairs
+    from helpers import write_rendered_pairs
 
     monkeypatch.setattr(build, "load_components", _raise(AssertionError("loaded the model first")))
     pairs = write_rendered_pairs(tmp_path / "pairs.parquet", n=2)

@@ -129,7 +129,7 @@ def test_visiting_brings_the_module_home_after_an_error():
 
 # ---------------------------------------------------------------- bug 4: "base" after a resume
 def test_base_column_after_resuming_a_full_fine_tune_is_the_original_model(tmp_path, monkeypatch):
-    from test_loop import _cfg, write_rendered_pairs
+    from helpers import loop_cfg, write_rendered_pairs
 
     from t2i_align.loop import train
 
@@ -145,8 +145,8 @@ def test_base_column_after_resuming_a_full_fine_tune_is_the_original_model(tmp_p
     model = save_tiny_pipeline("sd15", tmp_path / "pipe")
     data = write_rendered_pairs(tmp_path / "pairs.parquet")
     common = ("objective.name=sft", "train.checkpoint_every=2", "tracking.validation_prompts=[a cat]")
-    train(_cfg(model, data, tmp_path / "run", *common, "train.max_steps=2"))
-    train(_cfg(model, data, tmp_path / "run", *common, "train.max_steps=4", "train.resume=latest"))
+    train(loop_cfg(model, data, tmp_path / "run", *common, "train.max_steps=2"))
+    train(loop_cfg(model, data, tmp_path / "run", *common, "train.max_steps=4", "train.resume=latest"))
     assert len(bases) == 2
     torch.testing.assert_close(bases[1], bases[0], rtol=0, atol=1e-6)  # both runs' base: the untrained UNet
 
