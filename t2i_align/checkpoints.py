@@ -255,6 +255,10 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         else:
             on_every(accelerator, save_state, f"another process could not write checkpoint {final}")
         on_main(accelerator, complete, f"the main process could not complete checkpoint {final}")
+    except KeyboardInterrupt:  # Ctrl-C mid-write: its half-written state (GBs) is not left for the next checkpoint
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except Exception as err:
         _failed_write(accelerator, err, root, tmp, final)
         raise

@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple, Type
@@ -76,6 +77,46 @@ def _sigterm_as_exit(enabled: bool) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+STOP_ECHO_S = 5.0
+"""After a Ctrl-C, how long another stop signal is taken for the launcher's echo of it and ignored: accelerate's
+one-process launcher sends SIGTERM at once (SIGKILL 5 s later), torchrun's agent SIGINT again. The SIGTERM killed a
+training process mid-clean-up, before it said where to resume (2 of 4 Ctrl-Cs of a toy run here)."""
+
+
+@contextmanager
+def _stop_once() -> Iterator[None]:
+    """The first SIGINT raises KeyboardInterrupt; a SIGINT or SIGTERM within STOP_ECHO_S of it is ignored (the
+    clean-up finishes and the process ends by SIGINT), one later stops it as it would have."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    on_term, since = signal.getsignal(signal.SIGTERM), []
+
+    def echo(signum, frame):
+        if time.monotonic() - since[0] < STOP_ECHO_S:
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, on_term)
+        if callable(on_term):
+            on_term(signum, frame)
+        os.kill(os.getpid(), signum)  # the default action, as before
+
+    def first(signum, frame):
+        since.append(time.monotonic())
+        signal.signal(signal.SIGINT, echo)
+        signal.signal(signal.SIGTERM, echo)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        if not since:  # once stopping, the echo handlers stay until the process has ended
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextmanager
 def _one_line_warnings() -> Iterator[None]:
     """Warnings as `warning: <text>` lines, each text once (a file:line and a source line, twice over, before)."""
@@ -101,11 +142,11 @@ def _one_line_warnings() -> Iterator[None]:
 def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (), sigterm: bool = True) -> int:
     """`main()`'s exit code; a user error (see `user_error_types`; `also` adds classes) prints `error: ...` to
     stderr and gives 2; Ctrl-C prints one line (with the interrupt's text, if `main` gave it one) and ends the
-    process by SIGINT, without a traceback; warnings are
+    process by SIGINT, without a traceback (a launcher's echo of it is ignored, `_stop_once`); warnings are
     one line each (`_one_line_warnings`). Anything else propagates with its traceback: a bug for us to fix.
     `sigterm`: a kill cleans up as an exception does (`_sigterm_as_exit`); not for training, whose processes the
     launcher stops together."""
-    with _sigterm_as_exit(sigterm), _one_line_warnings():
+    with _sigterm_as_exit(sigterm), _stop_once(), _one_line_warnings():
         try:
             return main()
         except KeyboardInterrupt as stop:  # Ctrl-C: what the user did, not a bug (a 35-frame traceback said so)

@@ -251,6 +251,7 @@ def test_a_kill_during_checkpoint_save_leaves_no_checkpoint(tiny_model, pairs, t
                    "train.resume=latest"))
     assert [step for step, _ in list_checkpoints(out)] == [2]
     assert resolve_resume(out, "latest").name == "step-2"
+    assert not list((out / "checkpoints").glob(".step-*"))  # Ctrl-C mid-write: its half-written state is removed
 
 
 def test_resuming_from_a_named_folder_without_its_marker_is_refused(tmp_path):

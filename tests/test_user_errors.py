@@ -867,6 +867,35 @@ def test_ctrl_c_in_a_command_is_one_line_and_the_process_dies_by_sigint():
     assert proc.returncode == -signal.SIGINT and proc.stderr == "\nstopped (Ctrl-C)\n"
 
 
+@pytest.mark.parametrize("echo_s, sigterm, returncode", [(5.0, False, -2), (5.0, True, -2), (0.0, False, -15)])
+def test_a_launchers_echo_of_ctrl_c_does_not_cut_the_clean_up_short(echo_s, sigterm, returncode):
+    """Under a one-process `accelerate launch`, Ctrl-C reaches train.py, then the launcher's SIGTERM a moment
+    later: it killed the process before it said where to resume (torchrun's agent sends SIGINT again). An echo is
+    ignored; a stop after STOP_ECHO_S (0 here) stops the process as before."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        import t2i_align.errors as errors
+        errors.STOP_ECHO_S = {echo_s}
+        def main():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGTERM)  # accelerate's echo
+                os.kill(os.getpid(), signal.SIGINT)  # torchrun's
+                time.sleep(0.2)  # the clean-up
+                raise KeyboardInterrupt("continue with train.resume=latest")
+        errors.run_cli(main, sigterm={sigterm})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == returncode, proc.stderr
+    said = proc.stderr == "\nstopped (Ctrl-C). continue with train.resume=latest\n"
+    assert said == (returncode == -2), proc.stderr
+
+
 def test_a_kill_cleans_up_as_an_exception_does_but_not_in_training():
     """SIGTERM ended Python without its clean-up (a hidden staged folder stayed); train.py leaves the signal to the
     launcher, which stops every process together."""
