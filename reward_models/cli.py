@@ -8,10 +8,10 @@ PARQUET (Pick-a-Pic; a file or a folder of *.parquet): jpg_0 and jpg_1 of each r
   row per image (parquet, row, side, label_0, label_problem). --pairwise: each reward's preference accuracy vs
   label_0 with a 95% Wilson interval; label ties (0.5), unlabelled pairs, invalid labels (outside [0, 1], NaN: as
   training skips them) and pairs with an unscored side are excluded and counted; equal reward scores count half.
-OUTPUT: .jsonl or .csv, written atomically. An unreadable image, a bad row of the .jsonl / .csv (no file, not JSON,
-  a prompt that is not text, a torn CSV row) or a prompt a reward rejects gets null scores and an `error`, the rest
-  are scored. stdout: summary JSON (per reward mean, std, n, summed info counts such as
-  `truncated` prompts; `pairwise`). Progress on stderr (terminals only).
+OUTPUT: .jsonl or .csv, written atomically. An unreadable image (or parquet row group), a bad row of the .jsonl /
+  .csv (no file, not JSON, a prompt that is not text, a torn CSV row) or a prompt a reward rejects gets null
+  scores and an `error`, the rest are scored. stdout: summary JSON (per reward mean, std, n, summed info counts
+  such as `truncated` prompts; `pairwise`). Progress on stderr (terminals only).
 --option NAME.KEY=VALUE (repeatable; int/float/true/false/none parsed, not for text or path options), e.g.
   --option clip.arch=ViT-B-32 --option hpsv2.checkpoint=/w/HPS_v2.1_compressed.pt --option clip.dtype=bf16
   --option clip.batch_size=8 (a reward may split each batch further). --device goes to every reward that takes one.
@@ -223,7 +223,8 @@ def write_rows(rows: List[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: a file name that is not UTF-8 (read as surrogates) is written as its bytes, not an error
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             if path.suffix.lower() == ".csv":
                 writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
                 writer.writeheader()

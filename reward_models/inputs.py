@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from t2i_align.data.images import check_aspect, decode_image
 from t2i_align.data.images import find_parquet_files
 from t2i_align.data.pairs import label_problem
-from t2i_align.errors import UserError
+from t2i_align.errors import UserError, one_line
 from t2i_align.prompts import csv_records, json_value, numbered_lines, text_lines
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -173,10 +173,39 @@ def _parquet_rows(files: List[Path]) -> Iterator[Item]:
     for f in files:
         pf = pq.ParquetFile(f)
         cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "has_label") if c in pf.schema_arrow.names]
-        records = (r for batch in pf.iter_batches(batch_size=64, columns=cols) for r in batch.to_pylist())
-        for row, r in enumerate(records):
-            problem = label_problem(r.get("label_0"), r.get("has_label"))  # 3.0 or NaN: invalid, as in training
-            label = None if problem else float(r["label_0"])
-            for side in (0, 1):
-                yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label, "label_problem": problem},
-                           "" if r["caption"] is None else str(r["caption"]), r[f"jpg_{side}"])
+        row = 0
+        for group in range(pf.metadata.num_row_groups):
+            end = row + pf.metadata.row_group(group).num_rows
+            for r in _group_records(pf, group, cols, end - row):
+                yield from _row_items(f, row, r)
+                row += 1
+
+
+def _group_records(pf, group: int, cols: List[str], n: int) -> Iterator[Any]:
+    """The `n` records of row group `group`, 64 at a time; once it fails to read (a damaged download: "Couldn't
+    deserialize thrift" stopped the run, the later files unscored), its rest as the error's text."""
+    done = 0
+    try:
+        for batch in pf.iter_batches(batch_size=64, row_groups=[group], columns=cols):
+            for r in batch.to_pylist():
+                done += 1
+                yield r
+    except (OSError, ValueError) as err:
+        why = f"unreadable row group {group} of the file ({type(err).__name__}: {one_line(err)[:200]})"
+        yield from [why] * (n - done)
+
+
+def _row_items(f: Path, row: int, r: Any) -> Iterator[Item]:
+    """The two images of record `r` (a dict, or the text of why it could not be read)."""
+    if isinstance(r, str):
+        for side in (0, 1):
+            yield Item({"parquet": f.name, "row": row, "side": side, "label_0": None, "label_problem": None}, "",
+                       None, r)
+        return
+    problem = label_problem(r.get("label_0"), r.get("has_label"))  # 3.0 or NaN: invalid, as in training
+    label = None if problem else float(r["label_0"])
+    for side in (0, 1):
+        data = r[f"jpg_{side}"]
+        yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label, "label_problem": problem},
+                   "" if r["caption"] is None else str(r["caption"]), data,
+                   f"jpg_{side} is null: no image in this row" if data is None else None)

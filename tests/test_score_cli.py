@@ -591,3 +591,37 @@ def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
         assert code == 2 and f"error: no row of {prompts} can be scored (first: {prompts.name} line {line}: expected " \
             "fields 'file' and 'prompt', found [" in err
         assert not (tmp_path / "all-bad.jsonl").exists()
+
+
+def test_a_damaged_row_group_flags_its_rows_and_the_rest_is_scored(tmp_path, capsys):
+    """A damaged download (bytes of one row group's page changed) stopped the run with a thrift traceback, the
+    later files unscored; a null jpg_1 was said to resolve outside the image folder."""
+    rows = _pair_rows()
+    rows[1]["jpg_1"] = None
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=3)
+    pq.write_table(table, tmp_path / "b.parquet")
+    column = pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(1).column(table.schema.names.index("jpg_0"))
+    data = bytearray((tmp_path / "a.parquet").read_bytes())
+    start = column.data_page_offset
+    data[start:start + 40] = bytes(b ^ 0x5A for b in data[start:start + 40])  # the page header
+    (tmp_path / "a.parquet").write_bytes(bytes(data))
+    code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", tmp_path, "--out", tmp_path / "s.csv")
+    assert code == 0 and summary["images"] == 24 and summary["rewards"]["toy-judge"]["n"] == 24 - 6 - 2
+    written = list(csv.DictReader((tmp_path / "s.csv").open()))
+    errors = {(r["parquet"], r["row"], r["side"]): r["error"] for r in written if r["error"]}
+    assert all(errors[("a.parquet", str(row), str(side))].startswith("unreadable row group 1 of the file")
+               for row in (3, 4, 5) for side in (0, 1))
+    assert errors[("a.parquet", "1", "1")] == errors[("b.parquet", "1", "1")] == "jpg_1 is null: no image in this row"
+
+
+def test_a_file_name_that_is_not_utf8_is_written_to_csv_as_its_bytes(tmp_path, capsys):
+    """The whole run was scored, then its CSV (and the .partial kept instead) failed on the name: nothing written."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    odd = os.fsdecode(b"\xff.png")
+    Image.fromarray(render(SCENES[0])).save(folder / odd)
+    (tmp_path / "p.txt").write_text(short_caption(SCENES[0]) + "\n")
+    code, _, _ = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / "p.txt",
+                      "--out", tmp_path / "s.csv")
+    assert code == 0 and b"\xff.png" in (tmp_path / "s.csv").read_bytes()
