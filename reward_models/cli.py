@@ -1,9 +1,10 @@
 """`t2i-score`: score images with rewards, decoded once per batch for every reward (`score_items`, also timed).
 
 FOLDER: image files (png/jpg/jpeg/webp/bmp, not recursive; all must resolve inside FOLDER) with prompts from
-  --prompts FILE.txt (one per line, empty = empty prompt, matched to the files in sorted name order: counts must
-  match; zero-pad numbers), --prompts FILE.jsonl|FILE.csv (`file` relative to FOLDER, `prompt`: those files are
-  scored), or without --prompts FOLDER/metadata.jsonl ({"file": ..., "prompt": ...} lines, as sample/generate.py).
+  --prompts FILE.txt (one per line, empty = empty prompt; or FILE.json, a list) matched to the files in name order,
+  numbers by value (2.png before 10.png): counts must match; --prompts FILE.jsonl|FILE.csv (`file` relative to
+  FOLDER, `prompt`: those files are scored); or without --prompts FOLDER/metadata.jsonl ({"file": ..., "prompt":
+  ...} lines, as sample/generate.py and a gallery's images/ hold).
 PARQUET (Pick-a-Pic; a file or a folder of *.parquet): jpg_0 and jpg_1 of each row with its `caption`, one output
   row per image (parquet, row, side, label_0, label_problem). --pairwise: each reward's preference accuracy vs
   label_0 with a 95% Wilson interval; label ties (0.5), unlabelled pairs, invalid labels (outside [0, 1], NaN: as

@@ -2,6 +2,8 @@
 (`folder_items`, `parquet_items`), as `Item`s decoded only when scored."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -108,21 +110,46 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
     if prompts.suffix.lower() in (".jsonl", ".csv"):
         table = _read_table(prompts)
     else:
-        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-        try:
-            lines = text_lines(prompts.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError as err:
-            raise UsageError(f"{prompts} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        files = sorted((p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()),
+                       key=natural_key)
+        lines = _prompt_lines(prompts)
         if len(lines) != len(files):
             blank = f", {lines.count('')} of them blank (each an empty prompt here)" if "" in lines else ""
             meta = (f"; {folder / 'metadata.jsonl'} names each image's prompt (sample/generate.py writes it): drop "
                     "--prompts to use it") if (folder / "metadata.jsonl").is_file() else ""
             raise UsageError(f"{prompts} has {len(lines)} prompt lines{blank} but {folder} has {len(files)} image "
-                             f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in sorted name order{meta}")
+                             f"files ({'/'.join(IMAGE_SUFFIXES)}); give one line per image, in name order{meta}")
         table = [(name, line, None) for name, line in zip(files, lines)]
     root = folder.resolve()
     return [Item({"file": name}, p, folder / name if _inside(folder, root, name) else None, problem)
             for name, p, problem in table]
+
+
+def natural_key(name: str) -> list:
+    """Name order with numbers by value: 2_0.png before 10_0.png (sorted as text, 10_0 took the second prompt)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _prompt_lines(path: Path) -> List[str]:
+    """The prompts of a text file (one per line, blank = empty prompt) or a .json list of them; a .tsv or .yaml
+    file is refused (its lines, a header among them, became prompts without a word)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    if path.suffix.lower() in (".tsv", ".yaml", ".yml"):
+        raise UsageError(f"--prompts {path} is a {path.suffix} file, which is not read here (its lines would become "
+                         "prompts): give a text file (one prompt per line), a .json list, or a .jsonl / .csv of "
+                         "file and prompt")
+    if path.suffix.lower() != ".json":
+        return text_lines(text)
+    try:
+        prompts = json.loads(text)
+    except ValueError as err:
+        raise UsageError(f"--prompts {path} is not JSON ({err}): give a JSON list of prompts") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise UsageError(f"--prompts {path} is not a JSON list of prompts (text): give one, in the images' name order")
+    return prompts
 
 
 def parquet_items(path: Path, pairwise: bool) -> Tuple[int, Iterator[Item]]:

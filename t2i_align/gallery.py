@@ -7,6 +7,7 @@ the old gallery or the new one, never a mix (between the two renames `out_dir` i
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -122,7 +123,8 @@ def _html(rows: Sequence[Dict[str, Any]], files: List[List[str]], sizes: List[Li
 
 def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], title: str = "Gallery",
                   columns: Optional[Sequence[str]] = None, pad: int = 2) -> Path:
-    """Write `out_dir/{images/<row>_<col>.png, grid.png, index.html}`, replacing any old gallery whole.
+    """Write `out_dir/{images/<row>_<col>.png, grid.png, index.html}`, replacing any old gallery whole, with
+    images/metadata.jsonl naming each image's prompt (and column): what `t2i-score --images OUT/images` reads.
 
     `rows`: dicts with "prompt" (str), "images" (PIL or uint8 HWC arrays, equal size), optional "captions"
     (one str per image, e.g. "judge 0.80") and "meta" (dict shown under the prompt). `columns`: optional
@@ -132,14 +134,18 @@ def write_gallery(out_dir: Union[str, Path], rows: Sequence[Dict[str, Any]], tit
     width = _check_rows(rows, columns)
     with staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
-        files, sizes, cells = [], [], []
+        files, sizes, cells, listing = [], [], [], []
         for r, row in enumerate(rows):
             pil = [to_pil(im) for im in row["images"]]
             for c, im in enumerate(pil):
                 im.save(tmp / "images" / f"{r}_{c}.png")
+                listing.append({"file": f"{r}_{c}.png", "prompt": str(row["prompt"]),
+                                **({"column": columns[c]} if columns and c < len(columns) else {})})
             files.append([f"images/{r}_{c}.png" for c in range(len(pil))])
             sizes.append([im.width for im in pil])
             cells += pil + [None] * (width - len(pil))
         save_grid(cells, tmp / "grid.png", ncols=width, pad=pad)
+        (tmp / "images" / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in listing),
+                                                       encoding="utf-8")
         (tmp / "index.html").write_text(_html(rows, files, sizes, title, columns), encoding="utf-8")
     return out_dir

@@ -1,4 +1,6 @@
 """t2i_align.gallery: files and sizes, escaping, whole replacement, and no half-written gallery on failure."""
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,7 +26,12 @@ def _siblings(out_dir):
 
 def test_gallery_files_grid_size_and_escaped_html(tmp_path):
     out = write_gallery(tmp_path / "gallery", _rows("red"), title="toy", columns=["base", "tuned"])
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png",
+                                                                  "metadata.jsonl"]
+    # what `t2i-score --images gallery/images` reads: sorted as text, 10_0.png came before 2_0.png (a wrong prompt)
+    listing = [json.loads(line) for line in (out / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert listing[1] == {"file": "0_1.png", "prompt": PROMPT, "column": "tuned"}
+    assert [(x["file"], x["prompt"]) for x in listing[2:]] == [("1_0.png", "two cats"), ("1_1.png", "two cats")]
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (2 * (32 + 2) + 2, 2 * (24 + 2) + 2)
         assert grid.getpixel((2, 2)) == (255, 0, 0) and grid.getpixel((0, 0)) == (255, 255, 255)

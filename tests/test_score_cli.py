@@ -625,3 +625,25 @@ def test_a_file_name_that_is_not_utf8_is_written_to_csv_as_its_bytes(tmp_path, c
     code, _, _ = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / "p.txt",
                       "--out", tmp_path / "s.csv")
     assert code == 0 and b"\xff.png" in (tmp_path / "s.csv").read_bytes()
+
+
+def test_text_prompts_follow_the_images_numbers_and_a_json_list_is_read_as_prompts(tmp_path, capsys):
+    """Sorted as text, 10.png took the second prompt of 11 (a gallery's names); a .json list's lines, brackets and
+    quotes included, became the prompts; a .tsv's header became the first."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    prompts = [short_caption(SCENES[i % len(SCENES)]) for i in range(11)]
+    for i in range(11):
+        Image.fromarray(render(SCENES[i % len(SCENES)])).save(folder / f"{i}.png")
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    for given in ("p.txt", "p.json"):
+        out = tmp_path / f"{given}.jsonl"
+        code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / given,
+                                "--out", out)
+        assert code == 0 and summary["rewards"]["toy-judge"]["mean"] == 1.0  # every image with its own caption
+        assert [json.loads(line)["file"] for line in out.read_text().splitlines()][:3] == ["0.png", "1.png", "2.png"]
+    (tmp_path / "p.tsv").write_text("file\tprompt\n" + "".join(f"{i}.png\t{p}\n" for i, p in enumerate(prompts)))
+    code, _, err = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / "p.tsv",
+                        "--out", tmp_path / "t.jsonl")
+    assert code == 2 and "p.tsv is a .tsv file, which is not read here" in err
