@@ -301,16 +301,28 @@ def _run(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="img", file=sys.stderr, disable=None, desc="t2i-score") as bar:
             _, counts = score_items(rewards, items, args.batch_size, lambda batch: bar.update(len(batch)), rows)
         write_rows(rows, args.out)
-    except BaseException:  # out of memory, Ctrl-C, --out gone unwritable ...: the images scored so far are kept
+    except BaseException as stop:  # out of memory, Ctrl-C, --out gone unwritable ...: the images scored so far are kept
         try:
             _keep_partial(rows, args.out)
         except Exception as err:  # a full disk: the first error is the one to see
             print(f"t2i-score could not keep the {len(rows)} rows scored so far: {err}", file=sys.stderr)
+        if _out_of_memory(stop):  # a traceback before, for what README's remedy fixes
+            first = (str(stop).splitlines() or [""])[0][:120]
+            raise UsageError(f"out of memory scoring {args.batch_size} images at a time ({first}): lower --batch-size "
+                             "(and a reward's own NAME.batch_size option)") from stop
         raise
     summary = {**summarize(rows, names, counts), "out": str(args.out)}
     summary.update({"pairwise": pairwise_accuracy(rows, names)} if args.pairwise else {})
     print(json.dumps(summary, indent=2))
     return _none_scored(rows, summary["rewards"])
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                            and "can't allocate memory" in str(err))
 
 
 def _keep_partial(rows: List[dict], out: Path) -> None:

@@ -239,6 +239,13 @@ def test_toy_clip_missing_assets_say_how_to_build(tmp_path, monkeypatch):
         get_reward("toy-clip", device="cpu")
 
 
+def _computes_on(device: str) -> bool:
+    try:
+        return torch.empty(1, device=device).numel() == 1
+    except (RuntimeError, AssertionError):
+        return False
+
+
 def test_a_device_or_dtype_that_cannot_be_used_is_a_setup_error():
     """Told when the reward is built, not at the first tensor moved to a GPU this machine lacks."""
     from reward_models.base import RewardSetupError, resolve_device, resolve_dtype
@@ -248,6 +255,11 @@ def test_a_device_or_dtype_that_cannot_be_used_is_a_setup_error():
         resolve_device("gpu")
     with pytest.raises(RewardSetupError, match=f"this machine has {torch.cuda.device_count()} CUDA GPU"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+    # mps on a machine without it failed after the weights loaded (a RuntimeError traceback); meta holds no values
+    unusable = ["meta"] + [name for name in ("mps", "xla") if not _computes_on(name)]
+    for name in unusable:
+        with pytest.raises(RewardSetupError, match=f"cannot compute on {name}; use cpu"):
+            resolve_device(name)
     assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype(None) == torch.float32
     with pytest.raises(RewardSetupError, match="unknown dtype 'int8'; use fp32, fp16 or bf16"):
         resolve_dtype("int8")
