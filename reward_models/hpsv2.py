@@ -9,6 +9,7 @@ crop), OpenAI mean/std, as torch ops (differentiable).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -62,6 +63,11 @@ class HPSv2(Reward):
         source = (f"{_FILES[version]} from https://huggingface.co/xswu/HPSv2 (`hf download xswu/HPSv2 "
                   f"{_FILES[version]} --local-dir DIR`), passed as checkpoint=DIR/{_FILES[version]}")
         self.version = version
+        if checkpoint is not None and Path(checkpoint).is_dir():  # PickScore's or CLIP's weights scored as HPSv2
+            raise RewardSetupError(f"hpsv2 checkpoint {checkpoint} is a folder, but HPSv2's weights ship as one file: "
+                                   f"a folder holds other CLIP weights (PickScore's, CLIP's), which would be scored "
+                                   f"under HPSv2's name; give {source.split(', passed as')[0]} (for a plain CLIP "
+                                   "folder, use the clip reward)")
         self.encoder = load_open_clip(arch, checkpoint, f"hpsv2 ({version}) weights", source, pretrained_tags=False,
                                       device=device, dtype=dtype, batch_size=batch_size, resize=resize_longest_pad)
 

@@ -374,6 +374,13 @@ def test_hpsv2_errors(hps_ckpt, tmp_path):
     # an open_clip tag holds plain CLIP-H, which was fetched (online) and scored under the name hpsv2
     with pytest.raises(WeightsNotFoundError, match="laion2b_s32b_b79k does not exist.*HPS_v2.1_compressed"):
         get_reward("hpsv2", checkpoint="laion2b_s32b_b79k", device="cpu")
+    # so was a folder of other CLIP weights (PickScore's transformers folder, an open_clip folder): HPSv2 is one file
+    from reward_models.base import RewardSetupError
+
+    (tmp_path / "pickscore").mkdir()
+    (tmp_path / "pickscore" / "config.json").write_text("{}")
+    with pytest.raises(RewardSetupError, match="is a folder, but HPSv2's weights ship as one file"):
+        get_reward("hpsv2", checkpoint=str(tmp_path / "pickscore"), arch=TINY, device="cpu")
 
 
 @pytest.fixture(scope="module")
