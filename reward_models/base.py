@@ -60,7 +60,13 @@ class Reward:
     def __call__(self, images, prompts: Sequence[str]) -> RewardOutput:
         if isinstance(images, torch.Tensor) and images.dim() == 3:
             images = images.unsqueeze(0)
+        if hasattr(images, "convert") or isinstance(prompts, str):  # a str was scored one character per image
+            raise TypeError(f"reward {self.name!r} takes a list of images and a list of prompts, one per image: "
+                            "wrap a single image and prompt in lists")
         n = len(images)
+        empty = [i for i, im in enumerate(images) if 0 in (getattr(im, "width", 1), getattr(im, "height", 1))]
+        if empty:  # a PIL image of 0 x 0 pixels: a ZeroDivisionError in the resize
+            raise ValueError(f"reward {self.name!r}: image {empty[0]} has no pixels ({images[empty[0]].size})")
         if n != len(prompts):
             raise ValueError(f"reward {self.name!r} got {n} images but {len(prompts)} prompts")
         if any(not isinstance(p, str) for p in prompts):

@@ -183,6 +183,12 @@ def test_bad_inputs_and_empty_batch(tiny_ckpt):
         reward(torch.rand(2, 3, 32, 32), ["x"])
     with pytest.raises(TypeError, match="strings"):
         reward(torch.rand(1, 3, 32, 32), [3])
+    # one image and a prompt as a str: "has no len()", or a 3-letter prompt scored one letter per image
+    for images, prompts in ((Image.new("RGB", (32, 32)), ["x"]), (torch.rand(3, 3, 32, 32), "abc")):
+        with pytest.raises(TypeError, match="takes a list of images and a list of prompts"):
+            reward(images, prompts)
+    with pytest.raises(ValueError, match=r"image 1 has no pixels \(\(0, 0\)\)"):  # a ZeroDivisionError
+        reward([Image.new("RGB", (8, 8)), Image.new("RGB", (0, 0))], ["x", "y"])
     scores, _ = reward(torch.rand(0, 3, 32, 32), [])
     assert scores.shape == (0,)
 
