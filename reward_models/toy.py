@@ -39,7 +39,9 @@ class ToyJudge(Reward):
             except ValueError:
                 bad.append(prompt)
         if bad:
-            shown = ", ".join(repr(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            # a 500-word caption was shown whole: an error line of 2.9 kB
+            shown = ", ".join(repr(p if len(p) <= 80 else p[:77] + "...") for p in bad[:3]) + \
+                (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise PromptsRejected(f"toy-judge scores only toy captions such as 'a small red circle at the top left "
                                   f"on a white background' (or their long form, toy:heldout-long); {len(bad)} of "
                                   f"{len(prompts)} prompts are not: {shown}")

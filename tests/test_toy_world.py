@@ -159,3 +159,16 @@ def test_toy_table_refuses_a_model_name_given_twice(tmp_path, capsys):
             toy_table.main([arg for m in models for arg in ("--model", m)] + ["--out", str(tmp_path / "t.json")])
         assert exit_.value.code == 2 and "is taken" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_toy_judge_names_the_captions_it_cannot_read_shortened():
+    """A 500-word caption was printed whole in the error: a 2.9 kB line."""
+    import pytest
+
+    from reward_models import get_reward
+    from reward_models.base import PromptsRejected
+
+    long = "a photo of " + "a very detailed thing " * 100
+    with pytest.raises(PromptsRejected) as err:
+        get_reward("toy-judge").check_prompts([long, "a cat"])
+    assert f"are not: '{long[:77]}...', 'a cat'" in str(err.value) and len(str(err.value)) < 400
