@@ -341,7 +341,8 @@ def _keep_partial(rows: List[dict], out: Path) -> None:
         except OSError:
             if folder == Path.cwd():
                 raise
-    print(f"t2i-score did not finish after scoring {len(rows)} images; their scores are in {path}", file=sys.stderr)
+    print(f"t2i-score did not finish after scoring {len(rows)} images; their scores are in {path} (the same command "
+          "again scores every image anew)", file=sys.stderr)
 
 
 def _none_scored(rows: List[dict], rewards: Dict[str, dict]) -> int:
