@@ -209,7 +209,14 @@ def test_a_dry_run_counts_the_usable_pairs_as_the_run_would(tmp_path, capsys):
         assert _train_script().main([*base, *extra]) == 2
         assert re.search(told, capsys.readouterr().err.splitlines()[-1]), told
     assert _train_script().main([*base, f"data.path={three}", "train.batch_size=3"]) == 0
-    assert re.search(r"data .*three.parquet: .*used=3", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(r"data .*three.parquet: .*used=3", err) and "decode" not in err.replace("are decoded when", "")
+    # images that are not image files: the run stopped after an epoch, the dry run said nothing
+    junk = pq.read_table(three).to_pylist()
+    pq.write_table(pa.Table.from_pylist([{**row, "jpg_0": b"junk", "jpg_1": b"junk"} for row in junk]),
+                   tmp_path / "junk.parquet")
+    assert _train_script().main([*base, f"data.path={tmp_path / 'junk.parquet'}", "train.batch_size=3"]) == 0
+    assert "note: none of the first 3 pairs' images decode" in capsys.readouterr().err
     # a misspelt LoRA target: found on the UNet built from its config, no weights loaded
     assert _train_script().main([*base, f"data.path={three}", "train.batch_size=3", "lora.enabled=true",
                                  "lora.target_modules=[to_q,to_qq]"]) == 2

@@ -205,6 +205,11 @@ def check_pair_rows(cfg) -> str:
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"{len(dataset)} usable pairs in {cfg.data.path} are too few for train.batch_size="
                           f"{cfg.train.batch_size} on one process ({dataset.stats.summary()}); lower it or add data")
+    tried = range(min(len(dataset), 8))  # a few, not every image: a note, the run decides
+    if all(dataset.decode(i) is None for i in tried):  # the run stopped after an epoch: only then was it said
+        return (f"data {cfg.data.path}: {dataset.stats.summary()}; note: none of the first {len(tried)} pairs' images "
+                "decode (see the warnings above): the run skips such pairs and stops after an epoch if none "
+                "decodes; check that jpg_0 / jpg_1 hold image files' bytes")
     return f"data {cfg.data.path}: {dataset.stats.summary()} (images are decoded when the run reads them)"
 
 
