@@ -434,3 +434,25 @@ def test_odd_image_paths_and_leftover_files_are_bad_rows_not_crashes(tmp_path, m
     monkeypatch.setattr(pq.ParquetFile, "close", lambda self, force=False: closed.append(self))
     assert all(shards[i] is not None for i in (0, 1, 2, 3, 4, 0)) and len(shards._handles) == 2
     assert len(closed) == 4  # opened 6 times (file 0 twice), at most 2 open
+
+
+def test_image_paths_relative_to_another_folder_need_data_image_root(tmp_path):
+    """Metadata kept apart from its images: the dry run passed, then the run read an epoch of skipped rows and
+    blamed the images' decoding; there was no setting for the folder the paths are relative to."""
+    from t2i_align.data.captions import caption_files, load_captions
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "meta").mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "images" / "0.png")
+    pq.write_table(pa.table({"caption": ["blue", "blue"], "path": ["images/0.png", str(tmp_path / "images/0.png")]}),
+                   tmp_path / "meta" / "c.parquet")
+    cfg = load_config(None, ["data.kind=captions", f"data.path={tmp_path / 'meta'}", "data.resolution=8"]).data
+    with pytest.raises(ConfigError, match=r"none of the first 2 image paths of c.parquet is a file inside the image "
+                                          r"root .*meta \(e.g. 'images/0.png'\).*set data.image_root"):
+        caption_files(cfg, check_columns=True)
+    cfg.image_root = str(tmp_path)
+    dataset = load_captions(cfg, seed=0)
+    assert [dataset[i] is not None for i in range(2)] == [True, True]
+    cfg.image_root = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="data.image_root=.*nowhere is not a folder"):
+        load_captions(cfg, seed=0)

@@ -237,7 +237,8 @@ def _check_finite(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name} = {value}: expected a finite number")
 
 
-PATH_KEYS = ("output_dir", "data.path", "data.cache_dir", "train.resume", "raft.prompts", "ppd.table")
+PATH_KEYS = ("output_dir", "data.path", "data.cache_dir", "data.image_root", "train.resume", "raft.prompts",
+             "ppd.table")
 """Settings that name a file or folder, where a leading ~ means the home folder as in a shell (or a run made a
 folder named ~). model.pretrained and model.vae are expanded where they load, which tells paths from hub ids."""
 
@@ -265,10 +266,10 @@ PAIR_DATA_KEYS = ("data.path", "data.ties", "data.max_pairs", "data.both_models_
                   "data.cache_dir")
 """Read from a data set, which RAFT (its own samples) has none of."""
 RAFT_IGNORED_KEYS = PAIR_DATA_KEYS + ("data.kind", "data.resolution", "data.crop", "data.flip", "data.time_ids",
-                                      "data.num_workers")
+                                      "data.num_workers", "data.image_root")
 """Neither are these: RAFT's samples are generated at raft.resolution, uncropped, and served from memory."""
 KIND_KEYS = {"data.ties": ("pairs",), "data.shuffle_window": ("pairs",), "data.cache": ("pairs", "captions"),
-             "data.cache_dir": ("pairs", "captions")}
+             "data.cache_dir": ("pairs", "captions"), "data.image_root": ("captions",)}
 """Data settings read only for these data.kind values (prompts are read as text, captions served in order)."""
 
 

@@ -169,6 +169,9 @@ class DataConfig:
     "" is encoded, as the official code and diffusers' SDXL scripts do; SDXL's pipelines guide against zero
     embeddings instead (force_zeros_for_empty_prompt), so on SDXL this trains an unconditional branch that
     sampling does not query."""
+    image_root: Optional[str] = None
+    """data.kind=captions with a `path` column: the folder the image paths are relative to, which they must stay
+    inside (default: each parquet file's own folder); for metadata kept apart from its images."""
     max_pairs: int = 0
     """Use only the first N usable pairs (image-caption rows, prompts with data.kind=prompts; 0: all)."""
     both_models_contain: str = ""

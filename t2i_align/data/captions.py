@@ -255,7 +255,29 @@ def caption_files(cfg: Any, root: Optional[str | Path] = None, check_columns: bo
     files = find_parquet_files(cfg.path, root, kind="captions")
     for path in files if check_columns else []:
         caption_columns(open_parquet(path).schema_arrow.names, path)
+    if cfg.image_root and not Path(cfg.image_root).is_dir():
+        raise ConfigError(f"data.image_root={shown(cfg.image_root)} is not a folder: give the folder the image paths "
+                          "of data.path are relative to")
+    _check_image_paths(cfg, files)
     return files
+
+
+def _check_image_paths(cfg: Any, files: List[Path], n: int = 8) -> None:
+    """ConfigError when none of the first `n` paths of the first file with a `path` column names a file inside
+    its image root (metadata kept apart from its images): the run read an epoch of skipped rows, then blamed the
+    images' decoding."""
+    first = next((f for f in files if caption_columns(open_parquet(f).schema_arrow.names, f) == "path"), None)
+    pf = None if first is None else open_parquet(first)
+    if pf is None or pf.metadata.num_row_groups == 0:
+        return
+    root = Path(cfg.image_root or first.parent).resolve()
+    paths = [p for p in text_column(read_group(pf, first, 0, ["path"]), "path")[:n] if isinstance(p, str) and p]
+    found = [p for p in paths if (root / p).resolve().is_relative_to(root) and (root / p).is_file()]  # as the run
+    if paths and not found:
+        raise ConfigError(f"data.path: none of the first {len(paths)} image paths of {first.name} is a file inside "
+                          f"the image root {root} (e.g. {paths[0]!r}), so the rows would be skipped: set "
+                          "data.image_root to the folder they are relative to, or write them relative to the parquet "
+                          "file's folder")
 
 
 def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> CaptionDataset:
@@ -263,7 +285,8 @@ def load_captions(cfg: Any, seed: int, root: Optional[str | Path] = None) -> Cap
     caption_files(cfg, root)
     try:
         return CaptionDataset(cfg.path, resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip,
-                              prompt_dropout=cfg.prompt_dropout, max_items=cfg.max_pairs, seed=seed, root=root)
+                              prompt_dropout=cfg.prompt_dropout, max_items=cfg.max_pairs, seed=seed, root=root,
+                              image_root=cfg.image_root)
     except FileNotFoundError as err:
         raise ConfigError(f"data.path: {err}; give a parquet file or folder of image-caption data") from None
 
