@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t2i_align.errors import UserError
+from t2i_align.errors import UserError, load_refusal
 
 RewardOutput = Tuple[torch.Tensor, Dict[str, Any]]
 PathLike = Union[str, Path]
@@ -323,7 +323,7 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickled code objects, TorchScript archives, ...
             raise CheckpointMismatchError(
-                f"{path} cannot be read as plain tensors with torch.load(weights_only=True): {e}. "
+                f"{path} cannot be read as plain tensors with torch.load(weights_only=True) ({load_refusal(e)}). "
                 "Re-save it as a state_dict (or .safetensors) of tensors.") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

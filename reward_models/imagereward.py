@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from t2i_align.data.images import grey_to_8bit
+from t2i_align.errors import load_refusal
 
 from .base import (PathLike, Reward, RewardOutput, WeightsNotFoundError, check_tokenizer_vocabulary, one_image,
                    register, resolve_device, resolve_dtype, to_image_tensors, to_unit_float)
@@ -192,7 +193,7 @@ class BlipPreferenceReward(Reward):
             else:
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt file, pickled objects refused by weights_only, ...
-            raise ValueError(f"could not read the {self.name} checkpoint {path} ({type(err).__name__}: {err}); "
+            raise ValueError(f"could not read the {self.name} checkpoint {path} ({load_refusal(err)}); "
                              f"expected {self.release}") from err
         state_dict = _unwrap(state_dict)
         if not isinstance(state_dict, dict):

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .errors import UserError, one_line
+from .errors import UserError, load_refusal, one_line
 from .files import browser_leftover, fsync_path, plain_modes, staged_dir, sync_tree
 from .full_export import save_full_pipeline
 
@@ -43,11 +43,8 @@ _LOADED = ("model*.safetensors", "optimizer*.bin", "scheduler*.bin", "scaler.pt"
 
 def damaged(path: Path, name: str, err: BaseException) -> CheckpointDamaged:
     if isinstance(err, pickle.UnpicklingError):  # torch's text advises weights_only=False first: not for this
-        found = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|Check the documentation|$)", str(err), re.S)
-        what = " ".join(found.group(1).split()).split(". ")[0][:200] if found else "refused"  # not its advice
-        return CheckpointDamaged(f"checkpoint {path}: its file {name} holds a pickle that weights_only loading "
-                                 f"refuses ({what}): not written by accelerate, or by another torch or numpy "
-                                 f"version; {DAMAGED_HINT}")
+        return CheckpointDamaged(f"checkpoint {path}: its file {name} holds {load_refusal(err)}: not written by "
+                                 f"accelerate, or by another torch or numpy version; {DAMAGED_HINT}")
     return CheckpointDamaged(f"checkpoint {path}: its file {name} cannot be read ({type(err).__name__}: "
                              f"{one_line(err)[:200]}): cut short or overwritten? {DAMAGED_HINT}")
 

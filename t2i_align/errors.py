@@ -174,6 +174,16 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (),
             return EXIT_USER_ERROR
 
 
+def load_refusal(err: BaseException) -> str:
+    """torch.load(weights_only=True)'s error in a few words: for a refused pickle its reason, without torch's
+    advice to load with weights_only=False (never for a file from elsewhere) and its terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|Check the documentation|$)", text, re.S)
+    if found:
+        return f"a pickle that weights_only loading refuses ({' '.join(found.group(1).split()).split('. ')[0][:200]})"
+    return f"{type(err).__name__}: {' '.join(text.split())[:200]}"
+
+
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 """A full disk, a quota reached, a read-only file system: `run_cli` says so in one line."""
 DISK_HINT = "free space or write elsewhere, then run again"
