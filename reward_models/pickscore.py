@@ -196,16 +196,16 @@ def load_hf_clip(model_dir: Optional[PathLike], processor_dir: Optional[PathLike
     if not (folder / "config.json").is_file():
         raise WeightsNotFoundError(f"{what}: {folder} has no config.json. Expected: {source}")
     config = hf_clip_config(read_json_file(folder / "config.json"))  # not JSON: one line naming it, read once
-    with without_random_init():
-        model = CLIPModel(config)
-    load_checked(model, load_state_dict_file(folder), str(folder))
-    proc = _processor_folder(processor_dir, folder, what, source)
+    proc = _processor_folder(processor_dir, folder, what, source)  # before the weights: minutes for PickScore's
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(proc))
     except (OSError, ValueError, TypeError) as e:
         raise WeightsNotFoundError(f"{what}: no CLIP tokenizer in {proc} ({e}). Expected: {source}") from e
     check_tokenizer_vocabulary(tokenizer, f"{what} ({proc})", f"expected: {source}")
     pre = hf_preprocess_cfg(proc, config)
+    with without_random_init():
+        model = CLIPModel(config)
+    load_checked(model, load_state_dict_file(folder), str(folder))
     return HFClipEncoder(model, tokenizer, pre, **encoder_options)
 
 

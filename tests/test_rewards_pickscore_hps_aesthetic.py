@@ -168,6 +168,10 @@ def test_a_processor_hub_name_is_read_as_its_cached_folder(hf_folder, tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reward = get_reward("pickscore", model_dir=str(hf_folder[1]), processor_dir="org/proc", device="cpu")
     assert reward.encoder.image_size == 24
+    # found before the weights load (minutes for PickScore's), not after them
+    import reward_models.pickscore as pickscore
+
+    monkeypatch.setattr(pickscore, "load_state_dict_file", lambda folder: pytest.fail("loaded the weights first"))
     with pytest.raises(WeightsNotFoundError, match="processor_dir org/other is neither a folder nor a hub name in"):
         get_reward("pickscore", model_dir=str(hf_folder[1]), processor_dir="org/other", device="cpu")
 
