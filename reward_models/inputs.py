@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -16,6 +17,8 @@ from t2i_align.errors import UserError, one_line
 from t2i_align.prompts import csv_records, json_value, numbered_lines, text_lines
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OTHER_IMAGES = (".tif", ".tiff", ".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2")
+"""Image files a folder may hold that a --prompts text file is not matched to: said, not skipped silently."""
 
 
 class UsageError(UserError):
@@ -112,6 +115,11 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
     else:
         files = sorted((p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()),
                        key=natural_key)
+        others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGES)
+        if others:
+            warnings.warn(f"{folder}: {len(others)} image file(s) of other formats are not scored (only "
+                          f"{'/'.join(IMAGE_SUFFIXES)}), e.g. {others[:3]}; list them in a .jsonl or .csv --prompts "
+                          "file to score them")
         lines = _prompt_lines(prompts)
         if len(lines) != len(files):
             blank = f", {lines.count('')} of them blank (each an empty prompt here)" if "" in lines else ""

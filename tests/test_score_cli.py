@@ -644,6 +644,12 @@ def test_text_prompts_follow_the_images_numbers_and_a_json_list_is_read_as_promp
         Image.fromarray(render(SCENES[i % len(SCENES)])).save(folder / f"{i}.png")
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     (tmp_path / "p.json").write_text(json.dumps(prompts))
+    Image.fromarray(render(SCENES[0])).save(folder / "extra.tif")  # skipped without a word before
+    with pytest.warns(UserWarning, match=r"1 image file\(s\) of other formats are not scored .*\['extra.tif'\]"):
+        main(["--reward", "toy-judge", "--images", str(folder), "--prompts", str(tmp_path / "p.txt"),
+              "--out", str(tmp_path / "tif.jsonl")])
+    (folder / "extra.tif").unlink()
+    capsys.readouterr()
     for given in ("p.txt", "p.json"):
         out = tmp_path / f"{given}.jsonl"
         code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", folder, "--prompts", tmp_path / given,
