@@ -66,7 +66,7 @@ class Reward:
         n = len(images)
         empty = [i for i, im in enumerate(images) if 0 in (getattr(im, "width", 1), getattr(im, "height", 1))]
         if empty:  # a PIL image of 0 x 0 pixels: a ZeroDivisionError in the resize
-            raise ValueError(f"reward {self.name!r}: image {empty[0]} has no pixels ({images[empty[0]].size})")
+            raise ValueError(f"reward {self.name!r}: image {empty[0]} is an empty image (size {images[empty[0]].size})")
         if n != len(prompts):
             raise ValueError(f"reward {self.name!r} got {n} images but {len(prompts)} prompts")
         if any(not isinstance(p, str) for p in prompts):

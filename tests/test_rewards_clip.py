@@ -190,7 +190,7 @@ def test_bad_inputs_and_empty_batch(tiny_ckpt):
     for images, prompts in ((Image.new("RGB", (32, 32)), ["x"]), (torch.rand(3, 3, 32, 32), "abc")):
         with pytest.raises(TypeError, match="takes a list of images and a list of prompts"):
             reward(images, prompts)
-    with pytest.raises(ValueError, match=r"image 1 has no pixels \(\(0, 0\)\)"):  # a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"image 1 is an empty image \(size \(0, 0\)\)"):  # a ZeroDivisionError
         reward([Image.new("RGB", (8, 8)), Image.new("RGB", (0, 0))], ["x", "y"])
     scores, _ = reward(torch.rand(0, 3, 32, 32), [])
     assert scores.shape == (0,)
