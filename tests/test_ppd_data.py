@@ -70,6 +70,30 @@ def test_unknown_users_are_left_out_before_the_rows_are_shared_out(tmp_path, cap
         9, generator=torch.Generator().manual_seed(0)).tolist()  # no rows given: the order as before
 
 
+def test_int_pair_ids_and_a_text_id_table_are_refused_in_the_dry_run(tmp_path, capsys):
+    """Pairs' user_id 1000 and a table's '1000' (ids from JSON keys) never match: the dry run passed and the run
+    failed after the model and the cache, saying the users were ['1000'] and ['1000']. Now the dry run refuses,
+    naming both types."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_script", root / "train" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    (tmp_path / "data").mkdir()
+    write_user_pairs(tmp_path / "data" / "p.parquet", users=[1000], n=4)
+    table = UserTable(["1000"], torch.zeros(1, 4, 64)).save(tmp_path / "t.safetensors")
+    args = ["--dry-run", "--config", str(root / "configs/toy/ppd.yaml"), "model.pretrained=toy",
+            f"output_dir={tmp_path / 'run'}", "train.batch_size=2", f"data.path={tmp_path / 'data'}",
+            f"ppd.table={table}"]
+    assert train.main(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "user ids in the training data are int but the user table's are str (e.g. 1000 vs '1000')" in last
+    UserTable([1000], torch.zeros(1, 4, 64)).save(table)
+    assert train.main(args) == 0
+
+
 def test_user_tokens_and_embedding_dropout_by_hand():
     emb = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3) + 1
     lookup = UserLookup(UserTable(["a", "b"], emb), dropout=0.0)

@@ -24,7 +24,7 @@ from .images import open_parquet
 from .images import find_parquet_files
 from .pairs import check_pair_columns, load_pairs, model_columns
 from .stream import StreamingPairSource
-from ..users.training import known_rows
+from ..users.training import count_known, known_rows, load_training_table
 
 
 class OfflineSource:
@@ -197,13 +197,17 @@ def _check_pair_files(cfg) -> None:
 def check_pair_rows(cfg) -> str:
     """The dry run's count of usable pairs, from the label, caption and model columns (no image decoded): none, or
     fewer than one process's batch, fail as the run would after its model loaded (several processes need a batch
-    each, and PPD drops pairs of users its table lacks: the launcher's count is checked when the run starts).
+    each: the launcher's count is checked when the run starts). With PPD, only pairs of the table's users count.
     Returns the count's summary."""
     if cfg.raft.enabled or cfg.data.kind != "pairs":
         return ""
     dataset = load_pairs(cfg.data, cfg.seed)
-    if len(dataset) < cfg.train.batch_size:
-        raise ConfigError(f"{len(dataset)} usable pairs in {cfg.data.path} are too few for train.batch_size="
+    usable, whose = len(dataset), ""
+    if cfg.ppd.enabled:  # no pair of the table's users (7 vs "7") failed only after the model and the cache
+        table = load_training_table(cfg.ppd.table, cfg.ppd.layers)
+        usable, whose = count_known(dataset.user_ids, table, "the training data")[0], " of the user table's users"
+    if usable < cfg.train.batch_size:
+        raise ConfigError(f"{usable} usable pairs{whose} in {cfg.data.path} are too few for train.batch_size="
                           f"{cfg.train.batch_size} on one process ({dataset.stats.summary()}); lower it or add data")
     tried = range(min(len(dataset), 8))  # a few, not every image: a note, the run decides
     if all(dataset.decode(i) is None for i in tried):  # the run stopped after an epoch: only then was it said

@@ -35,7 +35,7 @@ from ..errors import UserError, one_line
 from ..files import save_safetensors_atomic, write_json_atomic
 from .llava import LabelledPair
 from .table import UserTable
-from .training import check_shots_disjoint, pair_fingerprint
+from .training import check_shots_disjoint, id_types, pair_fingerprint
 
 PARTS = "parts"
 USERS_JSON = "users.json"
@@ -254,18 +254,12 @@ def check_shots(shots_json: str, pairs: str) -> int:
     ids = tqdm(enumerate(dataset.user_ids), total=len(dataset), desc="check shots against training pairs")
     rows = ((user, pair_fingerprint(dataset.caption(i), *dataset.image_bytes(i))) for i, user in ids if user in shots)
     checked = check_shots_disjoint(shots, rows)
-    if checked == 0 and _id_types(shots) != _id_types(dataset.user_ids):  # 7 vs "7": nothing could match
+    if checked == 0 and id_types(shots) != id_types(dataset.user_ids):  # 7 vs "7": nothing could match
         raise UserError(f"no pair of {pairs} belongs to a user of {shots_json}: their ids are "
-                        f"{'/'.join(_id_types(dataset.user_ids))}, the embedded users' "
-                        f"{'/'.join(_id_types(shots))} (e.g. {', '.join(repr(u) for u in list(shots)[:3])}), so "
+                        f"{'/'.join(id_types(dataset.user_ids))}, the embedded users' "
+                        f"{'/'.join(id_types(shots))} (e.g. {', '.join(repr(u) for u in list(shots)[:3])}), so "
                         "nothing was checked; write both with one id type")
     return checked
-
-
-def _id_types(ids) -> List[str]:
-    """The ids' types, a whole float counted as the int `embed` writes it as (pandas writes 7.0 beside a NaN)."""
-    whole = (lambda u: int if isinstance(u, float) and u.is_integer() else type(u))  # noqa: E731
-    return sorted({whole(u).__name__ for u in ids if u is not None and not (isinstance(u, float) and u != u)})
 
 
 PARTS_SETTINGS = "settings.json"

@@ -124,11 +124,28 @@ def count_known(user_ids: Optional[Sequence[Any]], table: UserTable, what: str) 
                         "ids were cached: delete that cache folder to rebuild it)")
     known = sum(u in table for u in user_ids)
     if known == 0:
-        seen = sorted({repr(u) for u in user_ids})[:5]
+        pairs_types, table_types = "/".join(id_types(user_ids)), "/".join(id_types(table.ids))
+        if pairs_types != table_types:  # 1000 vs "1000": print alike, never equal
+            raise NoMatchingUsersError(
+                f"the pairs' user ids in {what} are {pairs_types} but the user table's are {table_types} (e.g. "
+                f"{_some(user_ids)} vs {_some(table.ids)}), so no pair matches a user: rebuild the table "
+                "(ppd.table) or the pairs' user_id column with the other's id type")
         raise NoMatchingUsersError(f"none of the {len(user_ids)} pairs of {what} belongs to a user of the user "
-                                   f"table ({len(table)} users, e.g. {list(table.ids[:5])}); the pairs' users are "
-                                   f"e.g. {seen}. Use the table built for this data (ppd.table)")
+                                   f"table ({len(table)} users, e.g. {_some(table.ids)}); the pairs' users are "
+                                   f"e.g. {_some(user_ids)}. Use the table built for this data (ppd.table)")
     return known, len(user_ids) - known
+
+
+def id_types(ids: Iterable[Any]) -> List[str]:
+    """The ids' type names, a whole float counted as the int `embed` writes it as (pandas writes 7.0 beside a NaN);
+    missing ids (None, NaN) left out."""
+    whole = (lambda u: int if isinstance(u, float) and u.is_integer() else type(u))  # noqa: E731
+    return sorted({whole(u).__name__ for u in ids if u is not None and not (isinstance(u, float) and u != u)})
+
+
+def _some(ids: Iterable[Any]) -> str:
+    """Up to 5 distinct ids as their reprs, so 7 and '7' read differently."""
+    return ", ".join(sorted({repr(u) for u in ids})[:5])
 
 
 def known_rows(user_ids: Optional[Sequence[Any]], table: UserTable, what: str, tell=logger.warning) -> List[int]:
@@ -177,5 +194,5 @@ def check_shots_disjoint(shots: Mapping[Hashable, Iterable[str]], pairs: Iterabl
 
 
 __all__ = ["NoMatchingUsersError", "ShotOverlapError", "UserLookup", "UserTableError", "add_ppd_branch",
-           "batch_user_ids", "check_shots_disjoint", "count_known", "known_rows", "load_training_table",
+           "batch_user_ids", "check_shots_disjoint", "count_known", "id_types", "known_rows", "load_training_table",
            "pair_fingerprint", "parse_layers"]
