@@ -38,7 +38,7 @@ LISTING = [  # (row, why it is skipped or None)
     ({"caption": "x", "image_w": "images/none.png", "image_l": "images/blue.png"}, "missing_image"),
     ({"caption": "x", "image_w": "../outside.png", "image_l": "images/blue.png"}, "outside_root"),
     ({"caption": "x", "image_w": "images/bad.png", "image_l": "images/blue.png"}, "undecodable_image"),
-    ({"caption": "x", "image_w": "images/red.png", "image_l": "images/blue.png", "user_id": "bob"}, "bad_user_id"),
+    ({"caption": "x", "image_w": "images/red.png", "image_l": "images/blue.png", "user_id": 1.5}, "bad_user_id"),
     ({"caption": "x", "image_w": "images/red.png", "image_l": "images/red.png"}, "same_image"),
 ]
 
@@ -284,6 +284,19 @@ def test_excel_csv_big_ids_and_links_out_of_the_root(folder, tmp_path, capsys):
     assert counts["pairs"] == 1 and counts["skipped"] == {"bad_user_id": 1, "outside_root": 1}
     (row,) = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
     assert (row["caption"], row["user_id"]) == ("big id", 2**53 + 1)
+
+
+def test_text_user_ids_are_kept_as_text_and_then_every_id_is_text(folder, tmp_path, capsys):
+    """user_id "alice" was skipped as not an integer, though the parquet reader and the user table take text ids.
+    Now text ids are kept; a listing with any makes the column text, 12 written "12" (one column, one type)."""
+    good = LISTING[0][0]
+    listing = write_jsonl(folder / "pairs.jsonl", [{**good, "user_id": "alice"}, {**good, "user_id": 12},
+                                                   {**good, "user_id": "12.5"}, good])
+    code, counts, err = run(capsys, "--from", listing, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert counts["pairs"] == 3 and counts["skipped"] == {"bad_user_id": 1}  # "12.5": a number, not an id
+    assert pq.read_schema(tmp_path / "out" / "pairs.parquet").field("user_id").type == "string"
+    assert PairDataset(tmp_path / "out" / "pairs.parquet", resolution=8).user_ids == ["alice", "12", None]
 
 
 def test_an_earlier_summary_is_kept_without_overwrite(folder, capsys):

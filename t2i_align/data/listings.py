@@ -2,19 +2,21 @@
 
 Pairs (Pick-a-Pic format): each row names a caption (`caption` or `prompt`) and two image files, either as
 winner and loser (`image_w`, `image_l`) or as `image_0`, `image_1` with `label_0` (1: image_0 preferred, 0:
-image_1, 0.5: a tie, kept in the file and dropped in training unless `data.ties=first`). Optional: `user_id` (an
-integer: the rater, for PPD), `model_0` / `model_1`. Captions (LongAlign's stage 1, data.kind=captions): a caption
-and one `image`. Paths are relative to the image root (default: the listing's folder) and must stay inside it.
+image_1, 0.5: a tie, kept in the file and dropped in training unless `data.ties=first`). Optional: `user_id` (the
+rater, for PPD: an integer, or text, and then every id of the file is written as text), `model_0` / `model_1`.
+Captions (LongAlign's stage 1, data.kind=captions): a caption and one `image`. Paths are relative to the image
+root (default: the listing's folder) and must stay inside it.
 A row that cannot be used (a field missing, a caption that is not text, a label outside [0, 1], an image missing,
-outside the root or not decodable, a pair whose two images are the same bytes, a user_id that is not an integer; a
-JSONL line that is not UTF-8 JSON; a CSV record over several lines, as a quote left open makes, or with more fields
-than the header) is skipped and counted by reason; the first few are named.
+outside the root or not decodable, a pair whose two images are the same bytes, a user_id that is a number but not
+an integer of 64 bits; a JSONL line that is not UTF-8 JSON; a CSV record over several lines, as a quote left open
+makes, or with more fields than the header) is skipped and counted by reason; the first few are named.
 The image bytes are copied as they are (no re-encoding); the parquet is written in row groups of
 `row_group_size` rows (the streaming reader's unit) to a temporary file and renamed when complete.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +43,7 @@ PICKAPIC_SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), (
                              ("model_1", pa.string()), ("ranking_id", pa.int64())])
 PICKAPIC_COLUMNS = tuple(PICKAPIC_SCHEMA.names)
 CAPTION_SCHEMA = pa.schema([("caption", pa.string()), ("jpg", pa.binary())])
+UserId = Union[int, str]
 _NAMED = 5  # skipped rows named one by one; the rest only counted
 _GROUP_BYTES = 256 * 2**20  # a row group is written early once its images hold this much (large PNGs)
 
@@ -225,23 +228,47 @@ def _image_bytes(root: Path, name: Any) -> bytes:
     return data
 
 
-def _user_id(row: Dict[str, Any]) -> Optional[int]:
+def _user_id(row: Dict[str, Any], text: bool = False) -> Optional[UserId]:
+    """The row's user id: an int (JSON's 12, CSV's "12"), else its text ("alice", as a user table's JSON keys
+    are); with `text` (the listing has text ids: one parquet column, one type), an int as its text too."""
     raw = row.get("user_id")
     if raw in (None, ""):
         return None
+    if isinstance(raw, str) and not _is_number(raw):
+        return _utf8(raw, "user_id")
     try:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise ValueError
-        value = int(raw)  # a str must spell an integer: "12", not "12.0" or "1e3"
+        value = int(raw)  # a str must spell an integer: "12", not "12.0" or "1e3" (a float's id, digits lost)
         if not -2**63 <= value < 2**63:
             raise OverflowError
-        return value
+        return str(value) if text else value
     except (TypeError, ValueError, OverflowError):
-        raise SkippedRow("bad_user_id", f"user_id {raw!r} is not an integer of at most 64 bits") from None
+        raise SkippedRow("bad_user_id", f"user_id {raw!r} is not text nor an integer of at most 64 bits") from None
 
 
-def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
-    """One listing row as a Pick-a-Pic row; SkippedRow if it cannot be used."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _text_user_ids(listing: Path) -> bool:
+    """Whether some row's user_id is text (not an integer): read ahead, as the parquet's column type is fixed
+    when it is opened. Then every id is written as text, so 12 and "12" stay one user."""
+    for _, row in read_listing(listing):
+        try:
+            if isinstance(row, dict) and isinstance(_user_id(row), str):
+                return True
+        except SkippedRow:  # counted when the row is imported
+            continue
+    return False
+
+
+def pair_row(row: Any, root: Path, ranking_id: int, text_ids: bool = False) -> Dict[str, Any]:
+    """One listing row as a Pick-a-Pic row (`text_ids`: its user_id as text); SkippedRow if it cannot be used."""
     if isinstance(row, SkippedRow):
         raise row
     caption = _caption(row)
@@ -250,7 +277,7 @@ def pair_row(row: Any, root: Path, ranking_id: int) -> Dict[str, Any]:
     if jpg_0 == jpg_1:  # the same file twice, or two copies: DPO's two errors are equal, nothing is learnt
         raise SkippedRow("same_image", f"images {first!r} and {second!r} are the same image: no preference")
     return {"caption": caption, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label, "label_1": 1.0 - label,
-            "user_id": _user_id(row), "are_different": True, "has_label": True,
+            "user_id": _user_id(row, text_ids), "are_different": True, "has_label": True,
             "model_0": _utf8(str(row.get("model_0") or ""), "model_0"),
             "model_1": _utf8(str(row.get("model_1") or ""), "model_1"),
             "ranking_id": ranking_id}
@@ -274,6 +301,9 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
     """Write out_dir/<kind>.parquet and out_dir/<kind>.json (the counts) from `listing`; returns the counts. With no
     usable row nothing is written (an earlier parquet there stays). `log` tells the first skipped rows."""
     schema, make_row, needs = KINDS[kind]
+    if kind == "pairs" and _text_user_ids(listing):  # PPD's tables take text ids; the parquet reader does too
+        schema = schema.set(schema.get_field_index("user_id"), pa.field("user_id", pa.string()))
+        make_row = functools.partial(pair_row, text_ids=True)
     root = Path(image_root or listing.parent).resolve()
     skipped: Counter = Counter()
     ties: Counter = Counter()
