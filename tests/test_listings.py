@@ -299,6 +299,19 @@ def test_text_user_ids_are_kept_as_text_and_then_every_id_is_text(folder, tmp_pa
     assert PairDataset(tmp_path / "out" / "pairs.parquet", resolution=8).user_ids == ["alice", "12", None]
 
 
+def test_image_paths_that_all_leave_the_listings_folder_name_the_image_root_option(folder, tmp_path, capsys):
+    """A listing in meta/ naming ../images/... (or absolute paths) skipped every row as outside_root, and the error
+    then listed the fields a row needs, which were all there."""
+    (folder / "meta").mkdir()
+    rows = [{"caption": "x", "image_w": "../images/red.png", "image_l": "../images/blue.png"},
+            {"caption": "y", "image_w": str(folder / "images/green.png"), "image_l": "../images/blue.png"}]
+    code, _, err = run(capsys, "--from", write_jsonl(folder / "meta" / "pairs.jsonl", rows), "--out", tmp_path / "o")
+    last = err.splitlines()[-1]
+    assert code == 2 and last.startswith("error: no usable row in ")
+    assert "the image paths of 2 of 2 rows leave" in last and "pass --image-root FOLDER" in last
+    assert "each row needs" not in last and not (tmp_path / "o" / "pairs.parquet").exists()
+
+
 def test_an_earlier_summary_is_kept_without_overwrite(folder, capsys):
     (folder / "pairs.json").write_text("my notes")
     code, _, err = run(capsys, "--from", write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]]), "--out", folder)

@@ -296,6 +296,22 @@ KINDS = {  # kind: (schema, row maker, what a row needs)
 }
 
 
+def _no_usable_row(listing: Path, skipped: Counter, columns: List[str], needs: str, root: Path,
+                   given_root: bool) -> UserError:
+    """Why no row was usable: image paths that leave the root (a listing in meta/ naming ../images/...) are
+    said as such, not as the fields a row needs, which were all there."""
+    if skipped["outside_root"] * 2 > sum(skipped.values()):
+        where = "--image-root" if given_root else "the listing's folder, the default image root"
+        return UserError(f"no usable row in {listing}: the image paths of {skipped['outside_root']} of "
+                         f"{sum(skipped.values())} rows leave {root} ({where}; skipped: {dict(skipped)}); pass "
+                         "--image-root FOLDER, the folder that holds every image, which the paths are relative to")
+    found = f"; its first row's fields: {', '.join(columns)}" if columns else ""
+    one_field = len(columns) == 1 and any(mark in columns[0] for mark in ";\t")
+    found += " (a CSV is comma-separated)" if one_field and listing.suffix.lower() == ".csv" else ""
+    return UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
+                     f"{needs}{found}")
+
+
 def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional[Path] = None,
                    row_group_size: int = 500, log: Callable[[str], object] = logger.warning) -> Dict[str, Any]:
     """Write out_dir/<kind>.parquet and out_dir/<kind>.json (the counts) from `listing`; returns the counts. With no
@@ -331,11 +347,7 @@ def import_listing(kind: str, listing: Path, out_dir: Path, image_root: Optional
     written = write_rows_parquet(rows(), staged, row_group_size, schema)
     if not written:
         staged.unlink()
-        found = f"; its first row's fields: {', '.join(columns)}" if columns else ""
-        one_field = len(columns) == 1 and any(mark in columns[0] for mark in ";\t")
-        found += " (a CSV is comma-separated)" if one_field and listing.suffix.lower() == ".csv" else ""
-        raise UserError(f"no usable row in {listing} (skipped: {dict(skipped) or 'no rows'}); each row needs "
-                        f"{needs}{found}")
+        raise _no_usable_row(listing, skipped, columns, needs, root, given_root=image_root is not None)
     counts = {kind: written, **({"ties": ties["ties"]} if kind == "pairs" else {}),
               "skipped": dict(sorted(skipped.items())), "image_root": str(root), "out": str(final)}
     (out_dir / f"{kind}.json").unlink(missing_ok=True)  # a kill between the two writes: no counts of another import
