@@ -414,6 +414,17 @@ def test_a_caption_that_is_not_utf8_is_a_missing_caption_not_a_failed_file(tmp_p
     assert ds.captions == ["a cat", "a dog"] and ds.stats.no_caption == 1
 
 
+def test_a_binary_caption_column_is_decoded_as_text(tmp_path):
+    """Captions written as bytes (pa.binary()) were all "no caption": no usable pairs. Now UTF-8 bytes are text,
+    others a missing caption."""
+    rows = [row() for _ in range(3)]
+    captions = pa.array([b"a cat", b"caf\xff", b"a dog"], pa.binary())
+    table = pa.Table.from_pylist(rows).set_column(0, "caption", captions)
+    pq.write_table(table, tmp_path / "p.parquet")
+    ds = PairDataset(tmp_path / "p.parquet")
+    assert ds.captions == ["a cat", "a dog"] and ds.stats.no_caption == 1
+
+
 def test_a_link_to_another_file_of_the_folder_is_read_once(tmp_path, caplog):
     write_pairs(tmp_path / "part-0.parquet", [row(caption=f"r{j}") for j in range(3)])
     (tmp_path / "latest.parquet").symlink_to(tmp_path / "part-0.parquet")

@@ -295,3 +295,20 @@ def test_text_that_is_not_utf8_is_a_skipped_row_in_relabelling_and_in_training(t
     assert code == 0 and summary["rows"] == 4 and summary["skipped"]["not_text"] == 2 and summary["written"] == 2
     trained = load_pairs(DataConfig(path=str(folder), resolution=8, both_models_contain="a"), seed=0)
     assert (trained.stats.used, trained.stats.other_models, trained.stats.no_caption) == (2, 1, 1)
+
+
+def test_a_binary_caption_column_is_scored_as_its_text(tmp_path, capsys):
+    """Bytes captions were scored as str(b'...'), "b'a red circle'"; now as their UTF-8 text, and bytes that are
+    not UTF-8 are skipped as not_text."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(_rows()[:4])
+    captions = [c.encode() for c in table.column("caption").to_pylist()[:3]] + [b"caf\xe9"]
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions, pa.binary()))
+    folder = tmp_path / "bytes"
+    folder.mkdir()
+    pq.write_table(table, folder / "part-0.parquet")
+    code, summary, _ = _relabel(capsys, "--pairs", folder, "--reward", "toy-judge", "--out", tmp_path / "ai")
+    assert code == 0 and summary["skipped"]["not_text"] == 1 and summary["skipped"]["not_scored"] == 0
+    assert summary["written"] == 3
+    assert [r["label_0"] for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist()] == [1.0, 0.0, 1.0]

@@ -36,6 +36,14 @@ def scalar_value(scalar):
         return None
 
 
+def as_text(value: Any) -> Any:
+    """Bytes (text a tool wrote as binary) as UTF-8 text, None if they are not UTF-8; anything else as it is."""
+    try:
+        return bytes(value).decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+    except UnicodeDecodeError:
+        return None
+
+
 PIXEL_READING = 2
 """How image bytes become pixels (`decode_rgb`), in every latent cache's key: raise it with any change there. 1:
 until session 37 (float images in [0, 1] then read black, too-thin ones were kept); 2: since."""

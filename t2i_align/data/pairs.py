@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError
-from .images import (DECODE_ERRORS, PIXEL_READING, decode_rgb, find_parquet_files, open_parquet, prepare_image,
-                     read_group, read_row_group)
+from .images import (DECODE_ERRORS, PIXEL_READING, as_text, decode_rgb, find_parquet_files, open_parquet,
+                     prepare_image, read_group, read_row_group)
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +78,16 @@ def model_columns(part: str, names: Sequence[str], path: Path) -> List[str]:
     return ["model_0", "model_1"]
 
 
-def text_column(table, name: str) -> List[Any]:
-    """A string column's values; a value that is not UTF-8 (written by a tool that does not check) is None, as a
-    missing caption, instead of failing the whole column."""
+def text_column(table, name: str, decode_binary: bool = False) -> List[Any]:
+    """A string column's values, None for one that is not UTF-8 (a tool that does not check) instead of failing the
+    column; `decode_binary`: bytes decoded so too (pair captions as bytes were all "no caption"), else kept."""
     column = table.column(name)
+    if decode_binary and _is_bytes(_values(column.type)):
+        return [as_text(raw) for raw in column.to_pylist()]
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
-        def text(raw: Optional[bytes]) -> Optional[str]:
-            try:
-                return None if raw is None else raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-        return [text(raw) for raw in column.cast(pa.binary()).to_pylist()]
+        return [as_text(raw) for raw in column.cast(pa.binary()).to_pylist()]
 
 
 def _values(kind: pa.DataType) -> pa.DataType:
@@ -98,8 +95,9 @@ def _values(kind: pa.DataType) -> pa.DataType:
     return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
-def _is_binary_view(kind: pa.DataType) -> bool:
-    return bool(getattr(pa.types, "is_binary_view", lambda _: False)(kind))  # pyarrow >= 16
+def _is_bytes(kind: pa.DataType) -> bool:
+    view = getattr(pa.types, "is_binary_view", lambda _: False)(kind)  # pyarrow >= 16
+    return bool(pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or view)
 
 
 def check_pair_columns(schema: pa.Schema, path: Path) -> None:
@@ -113,8 +111,7 @@ def check_pair_columns(schema: pa.Schema, path: Path) -> None:
                          f" (label_1 etc. optional), found {list(names)}")
     for name in ("jpg_0", "jpg_1"):
         kind = _values(schema.field(name).type)
-        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or _is_binary_view(kind)
-                or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+        if not (_is_bytes(kind) or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
             raise ConfigError(f"{path}: column {name} holds {kind}, not image bytes (file paths?): build the pairs "
                               "from a listing with `python -m t2i_align.data pairs --from LISTING --out DIR`, which "
                               "reads the images into the file")
@@ -208,7 +205,7 @@ class PairDataset(torch.utils.data.Dataset):
                 table = read_group(pf, path, g, cols)
                 has, differ = (table.column(name).to_pylist() if name in names else [True] * len(table)
                                for name in ("has_label", "are_different"))
-                rows = zip(text_column(table, "caption"), table.column("label_0").to_pylist(), has,
+                rows = zip(text_column(table, "caption", decode_binary=True), table.column("label_0").to_pylist(), has,
                            self._models_wanted(table), differ)
                 for off, (caption, label, ok, wanted, different) in enumerate(rows):
                     if not wanted:

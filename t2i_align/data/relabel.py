@@ -26,7 +26,7 @@ from ..files import write_json_atomic
 from ..stats import wilson_interval
 from .images import checked_batches, open_parquet
 from .listings import write_rows_parquet
-from .images import find_parquet_files
+from .images import as_text, find_parquet_files
 from .pairs import label_problem
 
 ADDED = (("human_label_0", pa.float64()), ("reward_0", pa.float64()), ("reward_1", pa.float64()))
@@ -76,7 +76,8 @@ def _scored(reward_name: str, reward, rows: List[Dict[str, Any]], counts: Dict[s
     """The relabelled rows of one record batch (both images of every row scored in one call of score_items)."""
     from reward_models.cli import Item, score_items
 
-    items = [Item({"i": i, "side": side}, "" if r["caption"] is None else str(r["caption"]), r[f"jpg_{side}"])
+    items = [Item({"i": i, "side": side}, "" if r["caption"] is None else str(as_text(r["caption"])),
+                  r[f"jpg_{side}"])
              for i, r in enumerate(rows) for side in (0, 1)]
     scores, _ = score_items({reward_name: reward}, items, batch_size=len(items))
     for i, row in enumerate(rows):
@@ -110,15 +111,20 @@ def _batch_rows(batch) -> List[Optional[Dict[str, Any]]]:
     """A record batch's rows; a row holding text that is not UTF-8 (written by a tool that does not check) is None,
     skipped and counted (it stopped the relabelling, where training counts it as a pair without caption)."""
     try:
-        return batch.to_pylist()
+        rows: List[Optional[Dict[str, Any]]] = batch.to_pylist()
     except UnicodeDecodeError:
-        rows: List[Optional[Dict[str, Any]]] = []
+        rows = []
         for i in range(batch.num_rows):
             try:
                 rows.append(batch.slice(i, 1).to_pylist()[0])
             except UnicodeDecodeError:
                 rows.append(None)
-        return rows
+    # a binary caption column: bytes that are not UTF-8 are no text either (scored, they were str(b'...'))
+    return [None if r is None or _undecodable(r.get("caption")) else r for r in rows]
+
+
+def _undecodable(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray)) and as_text(value) is None
 
 
 def relabel_file(src: Path, dst: Path, reward_name: str, reward, counts: Dict[str, Any], rows_per_read: int = 32,
