@@ -318,6 +318,21 @@ def test_an_earlier_summary_is_kept_without_overwrite(folder, capsys):
     assert code == 2 and "pairs.json exists and --out" in err and (folder / "pairs.json").read_text() == "my notes"
 
 
+def test_an_out_folder_holding_another_data_sets_parquet_is_refused_without_overwrite(folder, tmp_path, capsys):
+    """`--out` a folder that held another data set's parquet wrote pairs.parquet beside it, and training read the
+    two merged."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theirs.parquet").write_bytes(b"another data set")
+    listing = write_jsonl(folder / "pairs.jsonl", [LISTING[0][0]])
+    code, _, err = run(capsys, "--from", listing, "--out", out)
+    assert code == 2 and not (out / "pairs.parquet").exists()
+    last = err.splitlines()[-1]
+    assert "already holds 1 other parquet file(s) (theirs.parquet)" in last and "--overwrite" in last
+    code, counts, err = run(capsys, "--from", listing, "--out", out, "--overwrite")
+    assert code == 0 and counts["pairs"] == 1 and (out / "theirs.parquet").read_bytes() == b"another data set"
+
+
 def test_a_csv_line_that_is_not_utf8_skips_its_row_only(folder, capsys):
     """A Latin-1 byte stopped the whole CSV import (images read so far lost) and named a wrong line (the decoder's
     8 KB chunk, not the record); now its row is skipped and counted, as in JSONL, and the rows around it read."""

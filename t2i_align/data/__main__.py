@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                                                           "listing's folder); no image may resolve outside it")
         s.add_argument("--row-group-size", type=int, default=500,
                        help="rows per parquet row group (the streaming reader's unit; 100-1,000 suit large data)")
-        s.add_argument("--overwrite", action="store_true", help=f"replace an existing OUT/{kind}.parquet")
+        s.add_argument("--overwrite", action="store_true", help=f"replace an existing OUT/{kind}.parquet, or write "
+                       "beside other parquet files in OUT (training reads them all as one data set)")
     _relabel_parser(sub)
     return p
 
@@ -134,10 +135,24 @@ def _import(args) -> int:
         raise UserError(f"--row-group-size must be >= 1, got {args.row_group_size}")
     earlier = [out / f"{args.command}.{ext}" for ext in ("parquet", "json")]
     check_output_path(out, "--out", folder=True, replaces=earlier, overwrite=args.overwrite)
+    _check_no_other_data(out, args.command, args.overwrite)
     counts = import_listing(args.command, listing, out, args.image_root and Path(args.image_root),
                             args.row_group_size, log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(counts, indent=2))
     return 0
+
+
+def _check_no_other_data(out: Path, kind: str, overwrite: bool) -> None:
+    """Training reads every parquet file of a folder as one data set: OUT/pairs.parquet written beside another
+    data set's files was trained on merged with them, unasked."""
+    from ..files import browser_leftover
+
+    others = sorted(f.name for f in out.glob("*.parquet") if f.name != f"{kind}.parquet"
+                    and not browser_leftover(f.name)) if out.is_dir() else []
+    if others and not overwrite:
+        raise UserError(f"--out {out} already holds {len(others)} other parquet file(s) ({', '.join(others[:3])}), "
+                        f"which training would read merged with {kind}.parquet as one data set: choose an empty "
+                        "--out folder, or pass --overwrite to write beside them anyway")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
