@@ -207,7 +207,8 @@ def parquet_captions(path: Path, what: str = "prompts") -> List[str]:
     except (OSError, ValueError, KeyError) as err:  # not parquet (ArrowInvalid is a ValueError), no such column
         raise ConfigError(f"{what}: {path} has no readable caption column ({err}); give a parquet file with a "
                           "`caption` column, or a text file with one prompt per line") from None
-    # not text (None, bytes, a list): skipped, as caption data sets skip them (str() would make "b'...'" a prompt)
+    # not text (None, bytes that are not UTF-8, a list): skipped, as caption data sets skip them (str() would make
+    # "b'...'" a prompt); UTF-8 bytes are text (text_column)
     texts = [" ".join(c.split()) for c in column if isinstance(c, str) and c.strip()]
     prompts = list(dict.fromkeys(texts))
     if not prompts:

@@ -139,18 +139,19 @@ def test_uncached_image_bytes_in_large_row_groups_get_a_note(tmp_path):
 
 
 def test_caption_rows_without_caption_text_are_skipped_and_counted(tmp_path):
-    """A None caption was trained on as "" without a count, and bytes b'a cat' became the text "b'a cat'"."""
+    """A None caption was trained on as "" without a count, and bytes b'a cat' became the text "b'a cat'" (now
+    decoded: "a cat", as pair captions; bytes that are not UTF-8 are no caption)."""
     from t2i_align.data.captions import CaptionStats
 
     pq.write_table(pa.Table.from_pylist([{"caption": "red", "jpg": png((255, 0, 0))},
                                          {"caption": None, "jpg": png((0, 255, 0))},
                                          {"caption": "", "jpg": png((0, 0, 255))}]), tmp_path / "a.parquet")
-    pq.write_table(pa.table({"caption": pa.array([b"a cat"], pa.binary()), "jpg": [png((1, 2, 3))]}),
+    pq.write_table(pa.table({"caption": pa.array([b"a cat", b"caf\xff"], pa.binary()), "jpg": [png((1, 2, 3))] * 2}),
                    tmp_path / "b.parquet")
     ds = CaptionDataset(tmp_path, resolution=8)
-    assert ds.captions == ["red", ""] and [ds[i]["caption"] for i in range(2)] == ["red", ""]
+    assert ds.captions == ["red", "", "a cat"] and [ds[i]["caption"] for i in range(3)] == ["red", "", "a cat"]
     assert ds[1]["pixels"][2].min() == 1.0  # the empty caption's row is the blue image, used
-    assert ds.stats.summary() == "rows=4, used=2, bad images=0, no caption=2"
+    assert ds.stats.summary() == "rows=5, used=3, bad images=0, no caption=2"
     assert CaptionStats(rows=3, used=3, bad_images=0).no_caption == 0  # as a cache built before the count loads
     pq.write_table(pa.Table.from_pylist([{"caption": None, "jpg": png((1, 2, 3))}]), tmp_path / "none.parquet")
     with pytest.raises(ConfigError, match=r"no rows in .*none.parquet.*\(rows=1, used=0, bad images=0, no caption=1"):
@@ -386,9 +387,12 @@ def test_stage_two_reads_the_captions_of_a_parquet_whole(tmp_path):
                              "jpg": [b"x"] * 5}), path)
     # each once: a pair set repeats a prompt per pair (it was sampled, and counted by compare.py, that many times)
     assert read_prompts(str(path), "data.path") == ["A red cube. On a gray floor.", "a cat"]
-    pq.write_table(pa.table({"caption": [b"bytes", b"a dog"]}), tmp_path / "bytes.parquet")  # not text: skipped
+    # bytes (text some tools write as binary) decoded, as pair and caption data do; not UTF-8: skipped
+    pq.write_table(pa.table({"caption": [b"bytes", b"a dog", b"caf\xff"]}), tmp_path / "bytes.parquet")
+    assert read_prompts(str(tmp_path / "bytes.parquet"), "data.path") == ["bytes", "a dog"]
+    pq.write_table(pa.table({"caption": [b"caf\xff", b" "]}), tmp_path / "bad.parquet")
     with pytest.raises(ConfigError, match="every caption empty or not text"):
-        read_prompts(str(tmp_path / "bytes.parquet"), "data.path")
+        read_prompts(str(tmp_path / "bad.parquet"), "data.path")
     pq.write_table(pa.table({"text": ["a cat"]}), tmp_path / "other.parquet")
     with pytest.raises(ConfigError, match="data.path: .*other.parquet has no readable caption column"):
         read_prompts(str(tmp_path / "other.parquet"), "data.path")

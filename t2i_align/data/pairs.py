@@ -78,11 +78,11 @@ def model_columns(part: str, names: Sequence[str], path: Path) -> List[str]:
     return ["model_0", "model_1"]
 
 
-def text_column(table, name: str, decode_binary: bool = False) -> List[Any]:
+def text_column(table, name: str) -> List[Any]:
     """A string column's values, None for one that is not UTF-8 (a tool that does not check) instead of failing the
-    column; `decode_binary`: bytes decoded so too (pair captions as bytes were all "no caption"), else kept."""
+    column; a binary column (text some tools write as bytes) decoded so too: its captions were all "no caption"."""
     column = table.column(name)
-    if decode_binary and _is_bytes(_values(column.type)):
+    if _is_bytes(_values(column.type)):
         return [as_text(raw) for raw in column.to_pylist()]
     try:
         return column.to_pylist()
@@ -205,7 +205,7 @@ class PairDataset(torch.utils.data.Dataset):
                 table = read_group(pf, path, g, cols)
                 has, differ = (table.column(name).to_pylist() if name in names else [True] * len(table)
                                for name in ("has_label", "are_different"))
-                rows = zip(text_column(table, "caption", decode_binary=True), table.column("label_0").to_pylist(), has,
+                rows = zip(text_column(table, "caption"), table.column("label_0").to_pylist(), has,
                            self._models_wanted(table), differ)
                 for off, (caption, label, ok, wanted, different) in enumerate(rows):
                     if not wanted:
