@@ -312,3 +312,19 @@ def test_a_binary_caption_column_is_scored_as_its_text(tmp_path, capsys):
     assert code == 0 and summary["skipped"]["not_text"] == 1 and summary["skipped"]["not_scored"] == 0
     assert summary["written"] == 3
     assert [r["label_0"] for r in pq.read_table(tmp_path / "ai" / "part-0.parquet").to_pylist()] == [1.0, 0.0, 1.0]
+
+
+def test_a_fractional_human_label_has_a_winner_and_a_null_caption_is_no_text(tmp_path, capsys):
+    """label_0 = 0.7 trains as "jpg_0 preferred" but relabel skipped it as a human tie; a null caption (a pair
+    training skips) was scored as "" and counted in the agreement."""
+    rows = _rows()[:2]
+    rows[0]["label_0"], rows[0]["label_1"] = 0.7, 0.3  # jpg_0, the caption's render, preferred
+    rows[1]["label_0"], rows[1]["label_1"] = 0.8, 0.2  # jpg_0, the wrong render: the judge disagrees
+    rows.append({**rows[0], "caption": None, "ranking_id": 9})
+    (tmp_path / "pairs").mkdir()
+    write_parquet(rows, tmp_path / "pairs" / "p.parquet")
+    code, summary, _ = _relabel(capsys, "--pairs", tmp_path / "pairs", "--reward", "toy-judge", "--out",
+                                tmp_path / "ai")
+    assert code == 0 and summary["written"] == 2 and summary["skipped"]["human_tie"] == 0
+    assert summary["skipped"]["not_text"] == 1
+    assert summary["agreement_with_human"]["n"] == 2 and summary["agreement_with_human"]["rate"] == 0.5

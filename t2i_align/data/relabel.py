@@ -1,16 +1,17 @@
 """AI feedback: Pick-a-Pic-format pairs relabelled by a reward model (Diffusion-DPO's `--choice_model`, Wallace et
 al. 2023, "Learning from AI feedback": PickScore's labels beat the human ones on SD1.5).
 
-The official train.py keeps the pairs people decided (label_0 0 or 1), then at every step scores the pair's two
-images with the caption (batch size 1) and trains on the higher-scored one as the winner. The same verdicts are
-computed once here and written as a new data set, so a run reads it as any pair data (`data.path=OUT`) and the
-reward runs once, not every epoch: label_0 = 1 if reward(jpg_0) > reward(jpg_1), 0 if lower, 0.5 if equal (a
+The official train.py keeps the pairs people decided (label_0 0 or 1; here also a fraction other than 0.5, which
+Pick-a-Pic lacks, decided by its side as training reads it: 0.7 is jpg_0 preferred), then at every step scores the
+pair's two images with the caption (batch size 1) and trains on the higher-scored one as the winner. The same
+verdicts are computed once here and written as a new data set, so a run reads it as any pair data (`data.path=OUT`)
+and the reward runs once, not every epoch: label_0 = 1 if reward(jpg_0) > reward(jpg_1), 0 if lower, 0.5 if equal (a
 tie, which training drops by default; the official code would keep jpg_0 first). Every input column is kept; the
 human label moves to `human_label_0` (kept from the input when it is already a relabelled file), the scores are
-added as `reward_0` and `reward_1`. One output file per input file, of the same name, each written whole
-(temporary file, then rename) and then recorded beside it (`<name>.relabel.json`: reward, options, source file,
-counts; an older record is removed before the file is replaced), so `resume` keeps the finished ones made the same
-way. A row whose image does not decode, or that the reward cannot score, is skipped and counted.
+added as `reward_0` and `reward_1`. One output file per input file, of the same name, each written whole (temporary
+file, then rename) and then recorded beside it (`<name>.relabel.json`: reward, options, source file, counts; an
+older record is removed before the file is replaced), so `resume` keeps the finished ones made the same way. A row
+whose image does not decode, or that the reward cannot score, is skipped and counted.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _skip_reason(row: Dict[str, Any]) -> Optional[str]:
     if human is None:
         problem = None if "human_label_0" in row else label_problem(row.get("label_0"), row.get("has_label"))
         return "invalid_label" if problem == "invalid_labels" else "unlabelled"
-    return None if human in (0.0, 1.0) else "human_tie"  # a tie: 0.5 (or another fraction, no winner either)
+    return "human_tie" if human == 0.5 else None  # 0.7: jpg_0 preferred, as training reads it (it was a "tie")
 
 
 def _scored(reward_name: str, reward, rows: List[Dict[str, Any]], counts: Dict[str, Any]) -> Iterator[Dict]:
@@ -98,9 +99,9 @@ def _scored(reward_name: str, reward, rows: List[Dict[str, Any]], counts: Dict[s
 def _relabelled(row: Dict[str, Any], s0: float, s1: float, counts: Dict[str, Any]) -> Dict[str, Any]:
     human, label = _human_label(row), verdict(s0, s1)
     counts["reward_ties"] += label == 0.5
-    if human in (0.0, 1.0) and label != 0.5:
+    if human is not None and human != 0.5 and label != 0.5:
         counts["human_labelled"] += 1
-        counts["agree_with_human"] += human == label
+        counts["agree_with_human"] += (human > 0.5) == (label == 1.0)
     out = {**row, "human_label_0": human, "reward_0": s0, "reward_1": s1, "label_0": label}
     out.update({"label_1": 1.0 - label} if "label_1" in row else {})
     out.update({"has_label": True} if "has_label" in row else {})
@@ -119,8 +120,9 @@ def _batch_rows(batch) -> List[Optional[Dict[str, Any]]]:
                 rows.append(batch.slice(i, 1).to_pylist()[0])
             except UnicodeDecodeError:
                 rows.append(None)
-    # a binary caption column: bytes that are not UTF-8 are no text either (scored, they were str(b'...'))
-    return [None if r is None or _undecodable(r.get("caption")) else r for r in rows]
+    # a binary caption column: bytes that are not UTF-8 are no text either (scored, they were str(b'...')); nor is
+    # a null caption, which training skips (it was scored as "" and counted in the agreement)
+    return [None if r is None or r.get("caption") is None or _undecodable(r.get("caption")) else r for r in rows]
 
 
 def _undecodable(value: Any) -> bool:
