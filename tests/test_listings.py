@@ -347,3 +347,14 @@ def test_a_csv_line_that_is_not_utf8_skips_its_row_only(folder, capsys):
     listing.write_bytes(b"capti\xf3n,image_w,image_l\nred wins,images/red.png,images/blue.png\n")
     code, _, err = run(capsys, "--from", listing, "--out", folder, "--overwrite")
     assert code == 2 and "cannot be read as CSV (UTF-8) text" in err and "header line is not UTF-8" in err
+
+
+def test_a_failed_import_leaves_no_empty_out_folder(folder, capsys, tmp_path):
+    """A listing with no usable row left the --out folder it had made, empty."""
+    listing = write_jsonl(folder / "bad.jsonl", [{"caption": "x", "image_w": "images/none.png",
+                                                  "image_l": "images/red.png"}])
+    code, _, err = run(capsys, "--from", listing, "--out", tmp_path / "new" / "pairs")
+    assert code == 2 and "no usable row" in err and not (tmp_path / "new" / "pairs").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is left as it was
+    code, _, _ = run(capsys, "--from", listing, "--out", tmp_path / "kept")
+    assert code == 2 and (tmp_path / "kept").is_dir()

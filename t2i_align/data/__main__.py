@@ -136,8 +136,14 @@ def _import(args) -> int:
     earlier = [out / f"{args.command}.{ext}" for ext in ("parquet", "json")]
     check_output_path(out, "--out", folder=True, replaces=earlier, overwrite=args.overwrite)
     _check_no_other_data(out, args.command, args.overwrite)
-    counts = import_listing(args.command, listing, out, args.image_root and Path(args.image_root),
-                            args.row_group_size, log=lambda message: print(message, file=sys.stderr))
+    made = not out.exists()
+    try:
+        counts = import_listing(args.command, listing, out, args.image_root and Path(args.image_root),
+                                args.row_group_size, log=lambda message: print(message, file=sys.stderr))
+    except BaseException:  # no usable row, Ctrl-C ...: the folder this import made is not left behind empty
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     print(json.dumps(counts, indent=2))
     return 0
 
