@@ -157,8 +157,9 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = 
     old = [path for _, path in list_checkpoints(out)] + abandoned + [out / name for name in PREVIOUS_RUN
                                                                      if (out / name).exists()]
     old += sorted(out.glob("final-kept-*"))  # earlier exports holding files added to them (`_keep_added`)
-    if not old:
-        return None
+    if not old or [p.name for p in old] == ["config.yaml"]:  # a run stopped before its first step (its model did
+        return None  # not load ...): nothing to keep, and a previous-* folder of one config.yaml each time
+
     import time
 
     aside = _unfinished_aside(out, old) or _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")

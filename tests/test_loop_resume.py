@@ -1002,3 +1002,16 @@ def test_a_set_aside_stopped_by_a_kill_is_finished_in_the_same_folder(tmp_path, 
     second = run_dir.set_aside_previous_run(tmp_path, log=lambda message: None)
     assert second != aside and (second / "metrics.jsonl").read_text() == "later"
     assert (aside / "metrics.jsonl").read_text() == "metrics.jsonl"
+
+
+def test_the_config_of_a_run_that_stopped_before_training_is_not_set_aside(tmp_path):
+    """A run refused after writing config.yaml (its model did not load) left it, and each later start moved it into
+    a previous-* folder of its own."""
+    from t2i_align.run_dir import set_aside_previous_run
+
+    (tmp_path / "config.yaml").write_text("a run that never trained")
+    assert set_aside_previous_run(tmp_path, log=lambda message: None) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # one that trained: both set aside, as before
+    aside = set_aside_previous_run(tmp_path, log=lambda message: None)
+    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "metrics.jsonl"]
