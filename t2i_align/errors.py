@@ -85,36 +85,37 @@ training process mid-clean-up, before it said where to resume (2 of 4 Ctrl-Cs of
 
 @contextmanager
 def _stop_once() -> Iterator[None]:
-    """The first SIGINT raises KeyboardInterrupt; a SIGINT or SIGTERM within STOP_ECHO_S of it is ignored (the
-    clean-up finishes and the process ends by SIGINT), one later stops it as it would have."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    """A SIGINT raises KeyboardInterrupt; a SIGINT or SIGTERM within STOP_ECHO_S of it is ignored (the clean-up
+    finishes and the process ends by SIGINT), one later stops it as it would have. The SIGTERM handler is there from
+    the start: installed by the SIGINT's, it came too late when both arrived during one C call (a checkpoint
+    write), and SIGTERM's default action killed the process (1 of 6 Ctrl-Cs). A lone SIGTERM still ends the
+    process as before, at the next Python instruction rather than inside a C call (a launcher's SIGKILL follows)."""
+    on_term = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or on_term is None or on_term is signal.SIG_IGN \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-    on_term, since = signal.getsignal(signal.SIGTERM), []
+    since: list = []
 
-    def echo(signum, frame):
-        if time.monotonic() - since[0] < STOP_ECHO_S:
-            return
+    def stop(signum, frame):
+        if since and time.monotonic() - since[0] < STOP_ECHO_S:
+            return  # the launcher's echo of the Ctrl-C being handled
         if signum == signal.SIGINT:
+            since[:] = [time.monotonic()]
             raise KeyboardInterrupt
-        signal.signal(signum, on_term)
+        signal.signal(signum, on_term)  # a kill: as before
         if callable(on_term):
             on_term(signum, frame)
-        os.kill(os.getpid(), signum)  # the default action, as before
+        os.kill(os.getpid(), signum)  # the default action
 
-    def first(signum, frame):
-        since.append(time.monotonic())
-        signal.signal(signal.SIGINT, echo)
-        signal.signal(signal.SIGTERM, echo)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
-        if not since:  # once stopping, the echo handlers stay until the process has ended
+        if not since:  # once stopping, the handlers stay until the process has ended
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, on_term)
 
 
 @contextmanager

@@ -914,8 +914,14 @@ def test_a_kill_cleans_up_as_an_exception_does_but_not_in_training():
     assert run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 0) == 0
     assert callable(seen[0]) and seen[0] is not signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
-    assert run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 0, sigterm=False) == 0
-    assert seen[1] is signal.SIG_DFL
+    import subprocess  # training: a lone kill ends it at once, without clean-up, as SIGTERM's default does
+    code = ("import os, signal, time\nfrom t2i_align.errors import run_cli\ndef main():\n    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(5)\n    finally:\n"
+            "        print('cleaned up')\nrun_cli(main, sigterm=TERM)\n")
+    for sigterm, returncode, out in ((False, -signal.SIGTERM, ""), (True, 143, "cleaned up\n")):
+        proc = subprocess.run([sys.executable, "-c", code.replace("=TERM", f"={sigterm}")],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+        assert (proc.returncode, proc.stdout) == (returncode, out), proc.stderr
 
 
 def test_w_and_b_refusing_the_key_or_unreachable_is_one_line(tmp_path, monkeypatch):
@@ -1097,3 +1103,26 @@ def test_generate_and_merge_refuse_an_empty_out(tmp_path, monkeypatch):
     spec.loader.exec_module(generate)
     with pytest.raises(UserError, match="^--out is empty: give a path"):
         generate._check_out(argparse.Namespace(out=""))
+
+
+def test_a_ctrl_c_and_its_echo_during_one_c_call_still_end_with_the_resume_line():
+    """Both signals arriving while the main thread was in one C call (a checkpoint write): SIGTERM's handler was
+    installed only by SIGINT's, which had not run yet, and the default action killed the process (1 of 6)."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import hashlib, os, signal, threading
+        from t2i_align.errors import run_cli
+        def main():
+            pid = os.getpid()
+            threading.Timer(0.1, lambda: (os.kill(pid, signal.SIGINT), os.kill(pid, signal.SIGTERM))).start()
+            try:
+                hashlib.pbkdf2_hmac("sha256", b"x", b"y", 3_000_000)  # one C call of about a second
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt("continue with train.resume=latest")
+        run_cli(main, sigterm=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == -2 and proc.stderr == "\nstopped (Ctrl-C). continue with train.resume=latest\n", \
+        (proc.returncode, proc.stderr)
