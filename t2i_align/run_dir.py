@@ -157,12 +157,13 @@ def set_aside_previous_run(output_dir: str | os.PathLike, log=print, why: str = 
     old = [path for _, path in list_checkpoints(out)] + abandoned + [out / name for name in PREVIOUS_RUN
                                                                      if (out / name).exists()]
     old += sorted(out.glob("final-kept-*"))  # earlier exports holding files added to them (`_keep_added`)
-    if not old or [p.name for p in old] == ["config.yaml"]:  # a run stopped before its first step (its model did
-        return None  # not load ...): nothing to keep, and a previous-* folder of one config.yaml each time
+    unfinished = _unfinished_aside(out, old) if old else None
+    if not old or (unfinished is None and [p.name for p in old] == ["config.yaml"]):  # a run stopped before its
+        return None  # first step (its model did not load ...): nothing to keep, a previous-* folder each time
 
     import time
 
-    aside = _unfinished_aside(out, old) or _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = unfinished or _new_folder(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
     (aside / SETTING_ASIDE).touch()
     for path in old:
         move(path, aside / path.name, copy_across=False)
