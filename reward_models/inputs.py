@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import pyarrow.parquet as pq
 
-from t2i_align.data.images import check_aspect, decode_image
+from t2i_align.data.images import as_text, check_aspect, decode_image
 from t2i_align.data.images import find_parquet_files
 from t2i_align.data.pairs import label_problem
 from t2i_align.errors import UserError, one_line
@@ -210,8 +210,7 @@ def _parquet_rows(files: List[Path]) -> Iterator[Item]:
         cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "has_label") if c in pf.schema_arrow.names]
         row = 0
         for group in range(pf.metadata.num_row_groups):
-            end = row + pf.metadata.row_group(group).num_rows
-            for r in _group_records(pf, group, cols, end - row):
+            for r in _group_records(pf, group, cols, pf.metadata.row_group(group).num_rows):
                 yield from _row_items(f, row, r)
                 row += 1
 
@@ -239,8 +238,9 @@ def _row_items(f: Path, row: int, r: Any) -> Iterator[Item]:
         return
     problem = label_problem(r.get("label_0"), r.get("has_label"))  # 3.0 or NaN: invalid, as in training
     label = None if problem else float(r["label_0"])
+    caption = as_text(r["caption"])  # a binary column's bytes were scored as the text "b'...'"
     for side in (0, 1):
         data = r[f"jpg_{side}"]
         yield Item({"parquet": f.name, "row": row, "side": side, "label_0": label, "label_problem": problem},
-                   "" if r["caption"] is None else str(r["caption"]), data,
+                   "" if caption is None else str(caption), data,
                    f"jpg_{side} is null: no image in this row" if data is None else None)

@@ -88,7 +88,7 @@ def _stop_once() -> Iterator[None]:
     """A SIGINT raises KeyboardInterrupt; a SIGINT or SIGTERM within STOP_ECHO_S of it is ignored (the clean-up
     finishes and the process ends by SIGINT), one later stops it as it would have. The SIGTERM handler is there from
     the start: installed by the SIGINT's, it came too late when both arrived during one C call (a checkpoint
-    write), and SIGTERM's default action killed the process (1 of 6 Ctrl-Cs). A lone SIGTERM still ends the
+    write), and SIGTERM's default action killed the process (2 of 6 Ctrl-Cs). A lone SIGTERM still ends the
     process as before, at the next Python instruction rather than inside a C call (a launcher's SIGKILL follows)."""
     on_term = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or on_term is None or on_term is signal.SIG_IGN \

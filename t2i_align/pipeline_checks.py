@@ -41,7 +41,6 @@ def given_parts(path: Path, vae=None) -> dict:
     return parts
 
 
-
 def check_listed_parts(path: Path, spec, vae_given: bool = False) -> None:
     """Each part family `spec` trains with is listed in model_index.json: an SDXL folder saved with
     text_encoder_2=None passed the dry run and failed after the first text encoder had loaded."""

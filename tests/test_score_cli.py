@@ -600,6 +600,18 @@ def test_bad_metadata_rows_are_skipped_counted_and_reported(tmp_path, capsys):
         assert not (tmp_path / "all-bad.jsonl").exists()
 
 
+def test_a_binary_caption_column_is_scored_as_its_text(tmp_path, capsys):
+    """Captions some tools write as bytes were scored as the text "b'a cat'", as training now reads them."""
+    image = jpeg_bytes(render(SCENES[0]))
+    pq.write_table(pa.table({"caption": pa.array([short_caption(SCENES[0]).encode()], pa.binary()),
+                             "jpg_0": [image], "jpg_1": [image]}), tmp_path / "b.parquet")
+    code, summary, _ = _run(capsys, "--reward", "toy-judge", "--images", tmp_path / "b.parquet", "--out",
+                            tmp_path / "s.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["prompt"] for r in rows] == [short_caption(SCENES[0])] * 2
+    assert summary["rewards"]["toy-judge"]["mean"] == 1.0
+
+
 def test_a_damaged_row_group_flags_its_rows_and_the_rest_is_scored(tmp_path, capsys):
     """A damaged download (bytes of one row group's page changed) stopped the run with a thrift traceback, the
     later files unscored; a null jpg_1 was said to resolve outside the image folder."""
