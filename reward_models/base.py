@@ -133,14 +133,13 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
         raise RewardSetupError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use "
                                "cpu, or cuda:N with N below that")
-    if found.type not in ("cpu", "cuda"):  # mps, xla ... failed after the weights had loaded (a traceback)
-        try:
-            usable = found.type != "meta" and torch.empty(1, device=found).numel() == 1  # meta: no values at all
-        except (RuntimeError, AssertionError):
-            usable = False
-        if not usable:
-            raise RewardSetupError(f"device {device!r}: this machine (or this torch build) cannot compute on "
-                                   f"{found.type}; use cpu, or cuda where there is a GPU")
+    try:  # mps, xla ... failed after the weights had loaded (a traceback); meta holds no values at all
+        usable = found.type in ("cpu", "cuda") or (found.type != "meta" and torch.empty(1, device=found).numel())
+    except (RuntimeError, AssertionError):
+        usable = False
+    if not usable:
+        raise RewardSetupError(f"device {device!r}: this machine (or this torch build) cannot compute on "
+                               f"{found.type}; use cpu, or cuda where there is a GPU")
     return found
 
 

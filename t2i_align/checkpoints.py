@@ -233,13 +233,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         shutil.rmtree(final, ignore_errors=True)  # only an unmarked leftover can have this name
         tmp.rename(final)
         fsync_path(root)
-        older = [path for s, path in list_checkpoints(output_dir) if s < step]
-        for old in older[:max(0, len(older) - (keep - 1))]:
-            if old.is_symlink():  # a link to a checkpoint kept elsewhere (an archive): only the link goes
-                old.unlink()
-                continue
-            (old / MARKER).unlink(missing_ok=True)  # first: a deletion stopped halfway leaves no "complete" one
-            shutil.rmtree(old, ignore_errors=True)
+        _keep_last(output_dir, step, keep)
 
     save_state = functools.partial(accelerator.save_state, str(tmp), safe_serialization=True)
     on_main(accelerator, begin, f"the main process could not start checkpoint {final}")
@@ -260,6 +254,17 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
         _failed_write(accelerator, err, root, tmp, final)
         raise
     return final
+
+
+def _keep_last(output_dir, step: int, keep: int) -> None:
+    """Checkpoints older than `step` removed but the newest `keep - 1` (with `step`'s, `keep` are left)."""
+    older = [path for s, path in list_checkpoints(output_dir) if s < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        if old.is_symlink():  # a link to a checkpoint kept elsewhere (an archive): only the link goes
+            old.unlink()
+            continue
+        (old / MARKER).unlink(missing_ok=True)  # first: a deletion stopped halfway leaves no "complete" one
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _sync_logs(output_dir: Path) -> None:
