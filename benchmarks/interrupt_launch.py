@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         pairs = _pairs(Path(tmp))
-        trials = [trial(d, args.processes, pairs, Path(tmp) / f"run-{i}") for i, d in enumerate(args.delays)]
+        trials = [trial(d, args.processes, pairs, Path(tmp) / f"run-{i}")
+                  for i, d in enumerate(tqdm(args.delays, desc="Ctrl-C trials", file=sys.stderr))]
     result = {"processes": args.processes, "trials": trials,
               "resume_lines": f"{sum(t['resume_line'] for t in trials)} of {len(trials)}"}
     print(json.dumps(result, indent=2))

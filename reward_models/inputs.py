@@ -113,9 +113,10 @@ def folder_items(folder: Path, prompts: Optional[Path]) -> List[Item]:
     if prompts.suffix.lower() in (".jsonl", ".csv"):
         table = _read_table(prompts)
     else:
-        files = sorted((p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()),
+        entries = list(folder.iterdir())
+        files = sorted((p.name for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()),
                        key=natural_key)
-        others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGES)
+        others = sorted(p.name for p in entries if p.suffix.lower() in OTHER_IMAGES)
         if others:
             warnings.warn(f"{folder}: {len(others)} image file(s) of other formats are not scored (only "
                           f"{'/'.join(IMAGE_SUFFIXES)}), e.g. {others[:3]}; list them in a .jsonl or .csv --prompts "
