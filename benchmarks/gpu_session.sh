@@ -3,33 +3,35 @@
 # machine's 1-2 minute start included), at most 600 s per command, at most 8 files back from $OUT per command.
 #
 #   here, once:    benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
-#                                                       # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf, peft
-#   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~2 min)
-#   on the device, what is still unmeasured first (TOTAL_S 480 s by default; ~9 minutes of the 15 with the start):
-#     run(command="bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=540)
-#   then AT ONCE, while the machine is warm (it goes back after ~30 s idle: no status call, no reading first; a
-#   fresh start costs 1-2 minutes and none starts under 4 minutes left), and
-#   only the parts whose reserves fit TOTAL_S (a part past the deadline is skipped, and so is every one after it):
-#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run compile score-bf16",
-#       carry=[".whl"], timeout_s=<TOTAL_S + 50>)                 # e.g. TOTAL_S=340, timeout_s=390
-#   In session 38 the second command was refused ("no device machine could be started", then "paused") although
+#                  # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf, peft; .whl/ds/: DeepSpeed and its imports
+#   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~3 min)
+#   on the device, what is still unmeasured (after session 42: the engines part alone, ~2 minutes with the
+#   wheels' install; the machine's start cost ~40 s of device time in session 42):
+#     run(command="TOTAL_S=200 bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=240)
+#   then, AT ONCE while the machine is warm (it goes back after ~30 s idle: no status call, no reading first; a
+#   fresh start costs device time and none starts under 4 minutes left), any part to measure again, e.g.
+#     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run compile",
+#       carry=[".whl"], timeout_s=<TOTAL_S + 50>)
+#   In session 38 a second command was refused ("no device machine could be started", then "paused") although
 #   the first had just returned with the machine warm: put what matters most in the first command.
 #   Copy $OUT's JSON to benchmarks/results/; $OUT/session.log holds every part's full log. A part that failed
 #   alone is rerun by naming it: `run rest`.
 #
-# Parts, each one process, with the seconds it is given (its reserve) and its time on an H200: MEASURED in
-# session 38 for lora, e2e and rest (the part's line in session.log to the next, imports and data included; the
-# first part also paid ~20 s for the wheels' install before it), estimated for the rest (from those steps and
-# ~10 s a row for loading, cache and gallery). Default (`run` alone): profile levers gen score.
+# Parts, each one process, with the seconds it is given (its reserve) and its time on an H200, MEASURED (the
+# part's line in session.log to the next, imports and data included; sessions 38 and 42); before the first part
+# the wheels' install and the import check took 20-26 s. Default (`run` alone): engines.
 #   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  took 75
 #   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  took 99
 #   rest        gpu_throughput.py sdxl-lora (ckpt x1, x4) + sd15-full (x8)                 reserve 160  took 98
-#   profile     step_profile.py: SD1.5 LoRA step x1, x8: GPU busy time, launches, syncs    reserve  60  est. 40
-#   levers      gpu_throughput.py sd15-lever: each speed lever at x8, sdpa-cudnn last      reserve 180  est. 150
-#   gen         gpu_sd15.py --only gen: generate() vs a plain pipeline() call              reserve  60  est. 40
-#   score       reward_throughput.py fp32: t2i-score batched vs one at a time              reserve 120  est. 90
-#   score-bf16  the same in bf16                                                            reserve  90  est. 70
-#   compile     gpu_throughput.py sd15-compile: LoRA x8 under inductor (compiles 1-3 min)  reserve 300  est. 240
+#   profile     step_profile.py: SD1.5 LoRA step x1, x8: GPU busy time, launches, syncs    reserve  80  took 72
+#   levers      gpu_throughput.py sd15-lever: each speed lever at x8, sdpa-cudnn last      reserve 180  took 83
+#   gen         gpu_sd15.py --only gen: generate() vs a plain pipeline() call              reserve  60  took 41
+#   score       reward_throughput.py fp32: t2i-score batched vs one at a time              reserve 120  took 51
+#   score-bf16  the same in bf16                                                            reserve  90  took 57
+#   compile     gpu_throughput.py sd15-compile: LoRA x8 under inductor (compiles ~2 min)   reserve 300  took 154
+#   full-levers gpu_throughput.py sd15-full-lever: full FT x8 baseline, fused AdamW, fp32  reserve  80  took 65
+#   engines     gpu_engines.py: plain, FSDP2, DeepSpeed ZeRO-2 launches, each resumed      reserve 150  est. 120
+#               (its failed try took 71 s: DeepSpeed's launch alone 38 s before its import error)
 # One deadline for the command (TOTAL_S, default 480). In the order given, a part may run its reserve, or longer
 # by what the parts after it do not need of what is left; never past the deadline (each under `timeout -k 15`, so
 # the kill's grace is counted too). Parts late in a short command are skipped; the throughput parts skip rows
@@ -39,9 +41,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # peft: the version tested here, whatever the device image holds (pure Python, 0.5 MB)
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 omegaconf==2.4.0 peft==0.21.2)
-PARTS=(lora e2e rest profile levers gen score score-bf16 compile)
-declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [profile]=60 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90 [compile]=300)
-MUST=(profile levers gen score)  # unmeasured in session 38 (lora e2e rest: results/gpu_*_h200.*); then compile
+# DeepSpeed (the engines part): the version tested here, built as a pure-Python wheel (PyPI has its source only),
+# and what it imports that the device image may lack
+ENGINE_WHEELS=(hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 ninja==1.13.2 pydantic==2.14.4
+               pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 psutil==7.2.2
+               typing_extensions==4.16.0)
+PARTS=(lora e2e rest profile levers gen score score-bf16 compile full-levers engines)
+declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [profile]=80 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90
+                    [compile]=300 [full-levers]=80 [engines]=150)
+MUST=(engines)  # unmeasured after session 42 (results/*_h200.*)
 REWARDS=(--device cuda --models vit-h-14,pickscore,imagereward --images 256 --batch-size 64)
 
 wheels() {
@@ -49,6 +57,15 @@ wheels() {
   mkdir -p .whl  # git-ignored (.gitignore), so it travels to the device only when `carry` names it
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
+  # DeepSpeed apart (.whl/ds/, installed apart and seen by the engines part's DeepSpeed runs only): accelerate
+  # imports an installed DeepSpeed in every run, so a DeepSpeed that fails there must not fail the other parts
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl/ds "${ENGINE_WHEELS[@]}"
+  # built with the project's Python, which has torch (DeepSpeed's setup imports it); no ops compiled
+  local py=python3
+  if [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
+  DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w .whl/ds deepspeed==0.19.8 \
+    || echo "no DeepSpeed wheel: the engines part will skip DeepSpeed"
 }
 
 versions() {  # imports every part needs, in seconds before any part runs (score's open_clip: its own part's),
@@ -94,6 +111,8 @@ command_of() {  # command_of NAME LIMIT: sets CMD, part NAME's command when it m
     # warm-up 3: the first steps compile (the median of the timed ones must not see it)
     compile) CMD=(python3 benchmarks/gpu_throughput.py --steps 5 --warmup 3 --budget-s "$budget" \
                     --parts sd15-compile --json "$OUT/throughput_compile.json") ;;
+    full-levers) CMD=("${throughput[@]}" --parts sd15-full-lever --json "$OUT/throughput_full_levers.json") ;;
+    engines) CMD=(python3 benchmarks/gpu_engines.py --json "$OUT/gpu_engines.json") ;;
   esac
 }
 
@@ -125,6 +144,10 @@ run() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
+  fi
+  if [ -d .whl/ds ]; then  # gpu_engines.py puts it on the DeepSpeed runs' path only
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-ds \
+      .whl/ds/*.whl && export T2I_DEEPSPEED_SITE=/tmp/site-ds
   fi
   say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
   versions 2>&1 | tee -a "$OUT/session.log"

@@ -11,12 +11,13 @@ gradient accumulation 1, a log line every step. The parts (--parts, in the order
   sdxl-lora     1024 px, LoRA r8, gradient checkpointing on (configs/sdxl/base.yaml): micro-batch 1, 4
   sd15-lever    micro-batch 8, ONE change each. LoRA r8: the baseline, model.channels_last, the LoRA's base UNet
                 in bf16 (model.cast_base_unet), model.attention=sdpa-flash / sdpa-efficient / sdpa-math, gradient
-                checkpointing. Full fine-tuning (its baseline: sd15-full's row): train.optimizer=adamw_fused and
+                checkpointing. Full fine-tuning (its own baseline row): train.optimizer=adamw_fused and
                 frozen parts fp32 (with LoRA both measure nothing: AdamW over 1.6 M LoRA parameters is a sliver
                 of the step, and with cached latents the frozen parts' dtype changes only the cache key; a full
                 fine-tune steps 860 M parameters and its reference copy takes the frozen dtype). Last, LoRA with
                 model.attention=sdpa-cudnn: a hard CUDA error there would poison the process's CUDA context for
                 every later row.
+  sd15-full-lever  the lever part's full fine-tuning rows alone (its baseline, fused AdamW, frozen fp32)
   sd15-compile  LoRA r8 x8 with train.compile (inductor): its own part, for its first steps compile for 1-3
                 minutes (--warmup must cover them, or the median shows compile time). Only the policy's forward
                 and backward are compiled; the reference forward (the same UNet with adapters off) runs eager.
@@ -75,7 +76,8 @@ LORA_LEVERS = [("baseline", []), ("channels_last", ["model.channels_last=true"])
                                    "model.cast_base_unet=true"]),
                ("sdpa-flash", ["model.attention=sdpa-flash"]), ("sdpa-efficient", ["model.attention=sdpa-efficient"]),
                ("sdpa-math", ["model.attention=sdpa-math"]), ("grad ckpt", ["model.gradient_checkpointing=true"])]
-FULL_LEVERS = [("full: adamw_fused", ["train.optimizer=adamw_fused"]),
+# with its own baseline: in session 42 the full rows were read against session 38's sd15-full row
+FULL_LEVERS = [("full: baseline", []), ("full: adamw_fused", ["train.optimizer=adamw_fused"]),
                ("full: frozen fp32", ["model.weight_dtype=fp32"])]
 COMPILE_NOTE = "inductor compiles the policy's forward and backward only; the reference forward runs eager"
 FIRST_ROW_S = 30.0  # a part's first row: load, cache build, steps, export, gallery (SDXL's is the longest)
@@ -279,6 +281,7 @@ def plans(smoke: bool) -> dict:
         "sd15-lever": [(label, LORA, extra, x8) for label, extra in LORA_LEVERS]
                       + [(label, FULL, NO_CKPT + extra, x8) for label, extra in FULL_LEVERS]
                       + [("sdpa-cudnn", LORA, ["model.attention=sdpa-cudnn"], x8)],
+        "sd15-full-lever": [(label, FULL, NO_CKPT + extra, x8) for label, extra in FULL_LEVERS],
         "sd15-compile": [("compile", LORA, ["train.compile=true"], x8)],
     }
 
@@ -288,7 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=str(Path(out_dir or ".") / "gpu_throughput.json"))
     parser.add_argument("--parts", default="sd15-lora,sd15-full,sdxl-lora",
-                        help="comma-separated: sd15-lora, sd15-full, sdxl-lora, sd15-lever, sd15-compile")
+                        help="comma-separated: sd15-lora, sd15-full, sdxl-lora, sd15-lever, sd15-full-lever, "
+                        "sd15-compile")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip rows that would end after this")

@@ -21,9 +21,9 @@ Models (`--models`, comma-separated):
 Random weights are initialised on `--device` (fast on a GPU) and saved as fp16 safetensors (half the bytes): the
 loaders upcast them into the fp32 model (`load_state_dict` copies into fp32 parameters; ImageReward's loader
 assigns, then `.to(dtype)`); the loaders also run under `torch.device(--device)`, so their fresh models are
-built there. `--dtype` is the rewards' compute dtype (t2i-score's default: fp32). `--smoke` builds the same code
-paths with 2-layer, 64-wide models (a CPU check of the script in well under a minute). A model that fails is
-reported as an error row and the rest still run.
+built there. `--dtype` is the rewards' compute dtype (t2i-score's default: fp32); `--tf32` as t2i-score's (fp32
+matrix products in TF32 on CUDA). `--smoke` builds the same code paths with 2-layer, 64-wide models (a CPU check of
+the script in well under a minute). A model that fails is reported as an error row and the rest still run.
 
     python benchmarks/reward_throughput.py [--images 256] [--batch-size 32] [--threads N] [--device cpu]
     python benchmarks/reward_throughput.py --device cuda --models vit-h-14,pickscore,imagereward --images 512 \\
@@ -31,10 +31,9 @@ reported as an error row and the rest still run.
     OMP_NUM_THREADS=1 python benchmarks/reward_throughput.py --smoke --models vit-h-14,pickscore,imagereward \\
         --images 8 --batch-size 4                                              # CPU check of those code paths
 
-GPU runtime, an ESTIMATE (not measured yet) for the issue-14 line on an H200: ~15 s of imports, CUDA start and
-512 PNGs; per ViT-H model (vit-h-14, pickscore) ~10 s to build, save 2 GB and load, and ~20-30 s to measure in
-fp32 (TF32 is off by default; ~0.4 TFLOP per image-prompt pair); imagereward about half that - about 1.5-2.5
-minutes in all (bf16 less). If time is tight, --images 256 roughly halves the measuring part.
+GPU runtime, MEASURED in session 42 on an H200 (benchmarks/gpu_session.sh's score parts: the three models,
+--images 256 --batch-size 64): 51-57 s in all, in fp32, bf16 or fp32 with --tf32 alike (imports, builds, saves
+and loads included; results/reward_throughput_*_h200.json).
 
 Prints a Markdown table (paste it into README) with the machine it ran on, one row as each model finishes.
 JSON: `--json PATH` (default $OUT/reward_throughput.json when OUT is set, else none) is rewritten after every
@@ -61,7 +60,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from reward_models import get_reward  # noqa: E402
-from reward_models.cli import Item, folder_items, score_items  # noqa: E402
+from reward_models.cli import Item, folder_items, score_items, use_tf32  # noqa: E402
 from t2i_align.files import write_json_atomic  # noqa: E402
 from t2i_align.toy.scenes import all_scenes, render, short_caption  # noqa: E402
 
@@ -243,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", help="the rewards' dtype: fp32 (t2i-score's default), bf16, fp16")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tf32", action="store_true", help="as t2i-score --tf32: fp32 matrix products in TF32 (CUDA)")
     p.add_argument("--models", default="toy-clip,vit-b-32", help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--smoke", action="store_true", help="2-layer, 64-wide versions of the models (CPU check)")
     p.add_argument("--json", type=Path, default=None,
@@ -260,13 +260,16 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]  # before this benchmark adds its own
     if args.threads:
         torch.set_num_threads(args.threads)
+    tf32 = args.tf32 and use_tf32(args.device)  # what t2i-score --tf32 does (a note on a CPU)
     cuda = args.device.startswith("cuda")
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if cuda else cpu_name()
     base = {"images": args.images, "batch": args.batch_size, "repeats": args.repeats, "dtype": args.dtype,
-            "device": args.device, "device_name": device_name, "torch": torch.__version__, "smoke": args.smoke}
+            "tf32": tf32, "device": args.device, "device_name": device_name, "torch": torch.__version__,
+            "smoke": args.smoke}
     print(f"Machine: {cpu_name()} ({os.cpu_count()} CPUs, 1-min load average {load:.1f} at start)"
           f"{', ' + device_name if cuda else ''}; torch {torch.__version__} with {torch.get_num_threads()} intra-op "
-          f"thread(s); device {args.device}, {args.dtype}{'; --smoke: tiny models' if args.smoke else ''}\n")
+          f"thread(s); device {args.device}, {args.dtype}{' (TF32 matmuls)' if tf32 else ''}"
+          f"{'; --smoke: tiny models' if args.smoke else ''}\n")
     print("| reward | images | batch | batched img/s | one-at-a-time img/s | speed-up |")
     print("|---|---:|---:|---:|---:|---:|", flush=True)
     rows: List[dict] = []

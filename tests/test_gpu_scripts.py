@@ -1,7 +1,7 @@
 """The GPU benchmark scripts' --smoke modes: every code path on tiny models on this CPU.
 
 A GPU is lent rarely and for 15 minutes (benchmarks/gpu_session.sh); a script that broke since it was written
-would waste that time, so each runs here (under `-m slow`, about 2 minutes: the scripts are for GPU sessions;
+would waste that time, so each runs here (under `-m slow`, about 3 minutes: the scripts are for GPU sessions;
 run `pytest -m slow tests/test_gpu_scripts.py` before one). Their numbers are not checked, only that every row ran.
 """
 from __future__ import annotations
@@ -44,9 +44,10 @@ def test_throughput_smoke_counts_flops_and_fills_every_row(tmp_path):
     setting; sdpa-cudnn is the lever part's last row (a hard CUDA error there would poison later rows)."""
     results = run_script(tmp_path, "gpu_throughput.py", "--parts", "sd15-lora,sd15-full,sdxl-lora,sd15-lever")
     rows = results["train"]
-    assert [r["part"] for r in rows] == ["sd15-lora"] * 2 + ["sd15-full"] + ["sdxl-lora"] * 2 + ["sd15-lever"] * 10
+    assert [r["part"] for r in rows] == ["sd15-lora"] * 2 + ["sd15-full"] + ["sdxl-lora"] * 2 + ["sd15-lever"] * 11
     assert rows[-1]["row"] == "sdpa-cudnn"
-    assert [r["row"] for r in rows if r["row"].startswith("full:")] == ["full: adamw_fused", "full: frozen fp32"]
+    assert [r["row"] for r in rows if r["row"].startswith("full:")] == ["full: baseline", "full: adamw_fused",
+                                                                           "full: frozen fp32"]
     for row in rows:
         if row["row"] in ("sdpa-efficient", "sdpa-cudnn"):
             assert "model.attention=" + row["row"] in row["error"], row
@@ -109,3 +110,16 @@ def test_step_host_times_every_switch(tmp_path):
     lora, ppd = result["switches"]["lora"], result["switches"]["lora+user_branch"]
     assert result["meta"]["step_ms"] > 0 and lora["lora_layers"] == ppd["lora_layers"] == 128
     assert "user_branch_off_ms" in ppd and "user_branch_off_ms" not in lora and ppd["modules"] > lora["modules"]
+
+
+def test_engines_smoke_trains_resumes_and_compares_every_engine(tmp_path):
+    """FSDP and DeepSpeed on two CPU processes (about 2.5 minutes), each against DDP, each resumed from step 2."""
+    rows = run_script(tmp_path, "gpu_engines.py")["rows"]
+    assert [r["engine"] for r in rows] == ["plain", "fsdp", "deepspeed"]
+    for row in rows:
+        if row.get("skipped"):  # deepspeed: the dev extra installs it
+            continue
+        assert row["ok"], row
+        assert sorted(row["losses"]) == ["1", "2", "3", "4"] and sorted(row["resumed_losses"]) == ["3", "4"], row
+        assert row["resume_vs_uninterrupted"] <= 1e-3
+    assert rows[1]["loss_vs_plain"] <= 5e-2 and rows[1]["export_vs_plain"] is not None

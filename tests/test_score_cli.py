@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from reward_models.cli import main, parse_options, parse_value
@@ -57,6 +58,30 @@ def test_folder_scores_every_image_and_flags_the_unreadable_one(tmp_path, capsys
     assert summary["rewards"]["toy-judge"] == {"mean": 1.0, "std": 0.0, "n": 5}
     assert summary["rewards"]["toy-clip"]["n"] == 5 and summary["rewards"]["toy-clip"]["truncated"] == 0
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tf32_on_cpu_says_it_does_nothing_and_scores_as_without(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    args = ["--reward", "toy-clip", "--images", folder, "--prompts", tmp_path / "prompts.txt", "--device", "cpu"]
+    code, plain, _ = _run(capsys, *args, "--out", tmp_path / "a.jsonl")
+    code_tf32, with_flag, err = _run(capsys, *args, "--out", tmp_path / "b.jsonl", "--tf32")
+    assert code == code_tf32 == 0
+    assert "--tf32 acts on CUDA only; scoring on cpu in full fp32" in err
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_tf32_on_cuda_sets_tf32_matmuls(monkeypatch):
+    import reward_models.base as base
+    from reward_models.cli import use_tf32
+
+    monkeypatch.setattr(base, "resolve_device", lambda device: torch.device("cuda"))
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert use_tf32(None)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_a_too_thin_image_is_a_row_error_not_a_huge_resize(tmp_path, capsys):
