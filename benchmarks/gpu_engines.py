@@ -120,7 +120,7 @@ def engine_row(engine: str, tmp: Path, common: list, processes: int, smoke: bool
         row["export_vs_plain"] = distance(run, plain, base)
     row["ok"] = (row["exit"] == 0 and row.get("resume_exit") == 0 and len(row["losses"]) == 4
                  and sorted(row["resumed_losses"]) == [3, 4] and row["resume_vs_uninterrupted"] <= RESUME_LIMIT
-                 and (engine == "plain" or (row["loss_vs_plain"] or 1.0) <= LOSS_LIMIT))
+                 and (engine == "plain" or (row["loss_vs_plain"] is not None and row["loss_vs_plain"] <= LOSS_LIMIT)))
     if not row["ok"]:
         row["output_tail"] = tail
     return row
