@@ -3,17 +3,21 @@
 Each engine trains the same run: full Diffusion-DPO of an SD1.5-layout pipeline at tiny widths (gpu_sd15.py's
 --smoke model: the engines' code paths do not depend on the widths) in bf16, 2 pairs per process, 4 steps, a
 checkpoint every 2; then that run again, resumed from its step-2 checkpoint in a new folder. The engines:
-`plain` (no engine: one process, or DDP over the processes), `fsdp` (configs/accelerate/fsdp.yaml: FSDP2, sharded
-checkpoints) and `deepspeed` (configs/accelerate/deepspeed_zero2.yaml; skipped when deepspeed is not installed).
+`plain` (no engine: one process, or configs/accelerate/ddp.yaml over several), `fsdp` (configs/accelerate/fsdp.yaml:
+FSDP2, sharded checkpoints) and `deepspeed` (configs/accelerate/deepspeed_zero2.yaml; skipped when deepspeed is not
+installed). On one GPU the engines run as one process: their preparation, mixed precision, checkpoint files and
+resume run, but nothing is sharded across processes.
 
-Checks, per engine: every launch exits 0; the losses against `plain`'s, step by step (the largest relative
-difference; bf16 engines cast at other places than autocast does, so this is read, with 5e-2 as the limit); the
-resumed run's steps 3 and 4 against the uninterrupted run's (limit 1e-3); the exported UNet against `plain`'s:
-||engine - plain|| / ||plain - base|| (how far they ended apart, against how far training moved the weights; read,
-not checked). In this random model, whose gradient norms are in the hundreds (clipped to 1), a difference in
-rounding grows about tenfold a step: fp32 FSDP against DDP on two CPU processes (session 42) ended 6.5e-4 apart
-after one step (3e-5 with train.adam_epsilon=1e-2, where the update follows the clipped gradient's size: the same
-clipping), 6.6e-3 after two and 0.29 after four, their losses 1.7e-2 apart at the fourth.
+Checked, per engine: every launch exits 0, 4 finite losses are logged, and the resumed run's first step (3: the
+checkpoint's weights, optimizer, data position and random state) logs the uninterrupted run's loss (to 1e-3).
+Read, not checked (bf16 engines cast at other places than autocast does, GPU kernels sum in varying order): the
+resumed step 4 against the uninterrupted one, the losses against `plain`'s step by step (the largest relative
+difference), and the exported UNet against `plain`'s: ||engine - plain|| / ||plain - base|| (how far they ended
+apart, against how far training moved the weights). In this random model, whose gradient norms are in the hundreds
+(clipped to 1), a difference in rounding grows about tenfold a step: fp32 FSDP against DDP on two CPU processes
+(session 42) ended 6.5e-4 apart after one step (3e-5 with train.adam_epsilon=1e-2, where the update follows the
+clipped gradient's size: the same clipping), 6.6e-3 after two and 0.29 after four, their losses 1.7e-2 apart at the
+fourth.
 
     python benchmarks/gpu_engines.py [--processes N] [--json out.json]   # on GPUs; N: default all visible
     OMP_NUM_THREADS=1 python benchmarks/gpu_engines.py --smoke             # CPU: 2 gloo processes
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpu_loop_e2e import write_pairs  # noqa: E402  (this folder is sys.path[0] when run as a script)
+from gpu_loop_e2e import write_pairs  # noqa: E402  (this folder is on sys.path when run as a script)
 from gpu_sd15 import build_folder  # noqa: E402
 from t2i_align.files import write_json_atomic  # noqa: E402
 
@@ -47,7 +52,7 @@ CONFIGS = {"plain": None, "fsdp": ROOT / "configs/accelerate/fsdp.yaml",
            "deepspeed": ROOT / "configs/accelerate/deepspeed_zero2.yaml"}
 CPU_ENV = {"plain": {"ACCELERATE_USE_CPU": "1"}, "fsdp": {"ACCELERATE_USE_CPU": "1", "T2I_TEST_FSDP_ON_CPU": "1"},
            "deepspeed": {"DS_ACCELERATOR": "cpu", "T2I_TEST_DEEPSPEED_ON_CPU": "1"}}
-LOSS_LIMIT, RESUME_LIMIT = 5e-2, 1e-3
+RESUME_LIMIT = 1e-3
 DS_SITE = os.environ.get("T2I_DEEPSPEED_SITE")  # a folder holding deepspeed, for its runs only
 
 
@@ -66,17 +71,19 @@ def launch(engine: str, processes: int, smoke: bool, args: list) -> tuple:
     script = ROOT / ("tests/multiprocess_train.py" if smoke else "train/train.py")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if CONFIGS[engine] is not None:
-        command += ["--config_file", str(CONFIGS[engine])]
-    elif processes > 1:
-        command.append("--multi_gpu")
+    config = CONFIGS[engine] or (ROOT / "configs/accelerate/ddp.yaml" if processes > 1 else None)
+    if config is not None:
+        command += ["--config_file", str(config)]
     env = {**os.environ, **(CPU_ENV[engine] if smoke else {})}
     # the checkout, which the device machine does not install (session 42's first try: every launch failed on
     # `import t2i_align`), and DeepSpeed installed apart by gpu_session.sh, so that no other run imports it
     paths = [str(ROOT), DS_SITE if engine == "deepspeed" else None, env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     start = time.perf_counter()
-    done = subprocess.run([*command, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+    try:
+        done = subprocess.run([*command, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        return "timeout", round(time.perf_counter() - start, 1), str(err.stderr or err.stdout or "")[-1500:]
     return done.returncode, round(time.perf_counter() - start, 1), (done.stdout + done.stderr)[-1500:]
 
 
@@ -114,13 +121,15 @@ def engine_row(engine: str, tmp: Path, common: list, processes: int, smoke: bool
         # a run resumed from another folder copies the checkpoint's logged steps: only its own are compared
         row["resume_exit"], row["resumed_losses"] = code, {s: v for s, v in losses(resumed).items() if s > 2}
         row["resume_vs_uninterrupted"] = largest_relative(row["resumed_losses"], row["losses"])
+        row["resumed_step3_vs_uninterrupted"] = largest_relative({3: row["resumed_losses"].get(3, math.nan)},
+                                                                 row["losses"])
     plain = tmp / "plain"
     if engine != "plain":
         row["loss_vs_plain"] = largest_relative(row["losses"], losses(plain))
         row["export_vs_plain"] = distance(run, plain, base)
     row["ok"] = (row["exit"] == 0 and row.get("resume_exit") == 0 and len(row["losses"]) == 4
-                 and sorted(row["resumed_losses"]) == [3, 4] and row["resume_vs_uninterrupted"] <= RESUME_LIMIT
-                 and (engine == "plain" or (row["loss_vs_plain"] is not None and row["loss_vs_plain"] <= LOSS_LIMIT)))
+                 and all(map(math.isfinite, row["losses"].values())) and sorted(row["resumed_losses"]) == [3, 4]
+                 and row["resumed_step3_vs_uninterrupted"] <= RESUME_LIMIT)
     if not row["ok"]:
         row["output_tail"] = tail
     return row

@@ -27,7 +27,7 @@ load_lora_weights) with the trained UNet's outputs (max |loaded - trained| / max
 forward with TF32 off, so that cuDNN's and cuBLAS's TF32 kernels cannot make a faithful export look wrong) and
 differs from the base model's (max |loaded - base| > 0: training moved the weights).
 
-    python benchmarks/gpu_loop_e2e.py [--json out.json]          # one CUDA GPU: about 2-3 minutes (estimated)
+    python benchmarks/gpu_loop_e2e.py [--json out.json]          # one CUDA GPU: 99 s on an H200 (session 38)
     OMP_NUM_THREADS=1 python benchmarks/gpu_loop_e2e.py --smoke  # CPU: tiny pipeline, 64 px, 2 steps, fp32 only
 
 --smoke maps fp16/bf16 to fp32 (accelerate does not autocast fp16 on CPU). A Markdown table is printed; JSON goes

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 14's GPU measurements, prepared for a session that is lent the H200: 15 minutes of device time in all (the
-# machine's 1-2 minute start included), at most 600 s per command, at most 8 files back from $OUT per command.
+# machine's start included: ~40 s in session 42, 1-2 minutes before), at most 600 s per command, at most 8 files
+# back from $OUT per command.
 #
 #   here, once:    benchmarks/gpu_session.sh wheels     # .whl/ (git-ignored): what the device image lacks,
 #                  # diffusers, open_clip_torch, ftfy, wcwidth, omegaconf, peft; .whl/ds/: DeepSpeed and its imports
 #   here, before:  OMP_NUM_THREADS=1 pytest -q -m slow tests/test_gpu_scripts.py   # every --smoke mode (~3 min)
 #   on the device, what is still unmeasured (after session 42: the engines part alone, ~2 minutes with the
 #   wheels' install; the machine's start cost ~40 s of device time in session 42):
-#     run(command="TOTAL_S=200 bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=240)
+#     run(command="TOTAL_S=250 bash benchmarks/gpu_session.sh run", carry=[".whl"], timeout_s=290)
 #   then, AT ONCE while the machine is warm (it goes back after ~30 s idle: no status call, no reading first; a
 #   fresh start costs device time and none starts under 4 minutes left), any part to measure again, e.g.
 #     run(command="TOTAL_S=<budget_left_s - 60> bash benchmarks/gpu_session.sh run compile",
@@ -19,7 +20,7 @@
 #
 # Parts, each one process, with the seconds it is given (its reserve) and its time on an H200, MEASURED (the
 # part's line in session.log to the next, imports and data included; sessions 38 and 42); before the first part
-# the wheels' install and the import check took 20-26 s. Default (`run` alone): engines.
+# the wheels' install and the import check took 13-26 s. Default (`run` alone): engines.
 #   lora        gpu_throughput.py sd15-lora: LoRA DPO 512 px x1-x32, pairs/s, peak, MFU     reserve 130  took 75
 #   e2e         gpu_loop_e2e.py: every loop path, exports reloaded in plain diffusers      reserve 170  took 99
 #   rest        gpu_throughput.py sdxl-lora (ckpt x1, x4) + sd15-full (x8)                 reserve 160  took 98
@@ -30,7 +31,7 @@
 #   score-bf16  the same in bf16                                                            reserve  90  took 57
 #   compile     gpu_throughput.py sd15-compile: LoRA x8 under inductor (compiles ~2 min)   reserve 300  took 154
 #   full-levers gpu_throughput.py sd15-full-lever: full FT x8 baseline, fused AdamW, fp32  reserve  80  took 65
-#   engines     gpu_engines.py: plain, FSDP2, DeepSpeed ZeRO-2 launches, each resumed      reserve 150  est. 120
+#   engines     gpu_engines.py: plain, FSDP2, DeepSpeed ZeRO-2 launches, each resumed      reserve 200  est. 150
 #               (its failed try took 71 s: DeepSpeed's launch alone 38 s before its import error)
 # One deadline for the command (TOTAL_S, default 480). In the order given, a part may run its reserve, or longer
 # by what the parts after it do not need of what is left; never past the deadline (each under `timeout -k 15`, so
@@ -48,7 +49,7 @@ ENGINE_WHEELS=(hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 ninja
                typing_extensions==4.16.0)
 PARTS=(lora e2e rest profile levers gen score score-bf16 compile full-levers engines)
 declare -A RESERVE=([lora]=130 [e2e]=170 [rest]=160 [profile]=80 [levers]=180 [gen]=60 [score]=120 [score-bf16]=90
-                    [compile]=300 [full-levers]=80 [engines]=150)
+                    [compile]=300 [full-levers]=80 [engines]=200)
 MUST=(engines)  # unmeasured after session 42 (results/*_h200.*)
 REWARDS=(--device cuda --models vit-h-14,pickscore,imagereward --images 256 --batch-size 64)
 
@@ -56,11 +57,12 @@ wheels() {
   rm -rf .whl  # only the pinned versions, none left from an earlier pin
   mkdir -p .whl  # git-ignored (.gitignore), so it travels to the device only when `carry` names it
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}" || return 1
   # DeepSpeed apart (.whl/ds/, installed apart and seen by the engines part's DeepSpeed runs only): accelerate
   # imports an installed DeepSpeed in every run, so a DeepSpeed that fails there must not fail the other parts
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl/ds "${ENGINE_WHEELS[@]}"
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl/ds "${ENGINE_WHEELS[@]}" \
+    || return 1
   # built with the project's Python, which has torch (DeepSpeed's setup imports it); no ops compiled
   local py=python3
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; fi

@@ -37,8 +37,8 @@ DPO; a value near 4 would mean the backward was not counted.
     python benchmarks/gpu_throughput.py [--parts sd15-lora,sd15-full,sdxl-lora] [--budget-s 540]
     OMP_NUM_THREADS=1 python benchmarks/gpu_throughput.py --smoke     # CPU: tiny models, every code path
 
-On an H200 (estimated, not measured; imports and the random SD1.5 built on the GPU take ~15 s per process):
-sd15-lora ~1.5 min, sd15-full ~0.5, sdxl-lora ~1.5-2 (its build ~20 s), sd15-lever ~2.5, sd15-compile 2-4.
+On an H200 (measured, sessions 38 and 42, imports and the random models' builds included): sd15-lora 75 s,
+sdxl-lora + sd15-full 98 s, sd15-lever 83 s, sd15-full-lever 65 s, sd15-compile 154 s.
 --budget-s stops before a row that would not finish in time (a row's estimate: the part's previous row, 30 s
 for a part's first, 240 s for the compile row); skipped rows are listed. JSON (default $OUT/gpu_throughput.json,
 else ./gpu_throughput.json) is rewritten after every row; one Markdown table per part is printed. --smoke maps

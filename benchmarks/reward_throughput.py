@@ -32,7 +32,8 @@ the script in well under a minute). A model that fails is reported as an error r
         --images 8 --batch-size 4                                              # CPU check of those code paths
 
 GPU runtime, MEASURED in session 42 on an H200 (benchmarks/gpu_session.sh's score parts: the three models,
---images 256 --batch-size 64): 51-57 s in all, in fp32, bf16 or fp32 with --tf32 alike (imports, builds, saves
+--images 256 --batch-size 64): 51-57 s in all, in fp32, bf16 or fp32 with TF32 alike (the environment variable
+TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, before --tf32 existed) (imports, builds, saves
 and loads included; results/reward_throughput_*_h200.json).
 
 Prints a Markdown table (paste it into README) with the machine it ran on, one row as each model finishes.

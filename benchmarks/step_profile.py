@@ -1,8 +1,8 @@
 """Where the time of a small DPO step goes on a GPU: host or device (issue 14's levers).
 
 On an H200 the loop's SD1.5 LoRA step took the same ~0.25 s at 1, 4 and 8 pairs (results/
-gpu_throughput_sd15_lora_h200.json); benchmarks/step_ops.py counts ~4,000 kernel-launching ATen operations in it,
-which would be ~60 us of host time each if the host were all of it. This script measures instead of inferring:
+gpu_throughput_sd15_lora_h200.json); benchmarks/step_ops.py counts 3,442 kernel-launching ATen operations in it.
+This script measures where the time goes (session 42 on the H200: results/step_profile_h200.json, README):
 the SD1.5 random-weight pipeline (gpu_sd15.build_folder), configs/sd15/dpo_lora.yaml's step (compute_loss,
 backward, AdamW; step_flops.prepared_step, the model loaded as the loop loads it) at micro-batch 1 and 8, bf16
 autocast. Per row: wall time per step (median of --steps after 3 warm-ups, synchronised around each); then

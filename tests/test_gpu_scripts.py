@@ -113,7 +113,7 @@ def test_step_host_times_every_switch(tmp_path):
 
 
 def test_engines_smoke_trains_resumes_and_compares_every_engine(tmp_path):
-    """FSDP and DeepSpeed on two CPU processes (about 2.5 minutes), each against DDP, each resumed from step 2."""
+    """FSDP and DeepSpeed on two CPU processes (about 1.5 minutes), each against DDP, each resumed from step 2."""
     rows = run_script(tmp_path, "gpu_engines.py")["rows"]
     assert [r["engine"] for r in rows] == ["plain", "fsdp", "deepspeed"]
     for row in rows:
