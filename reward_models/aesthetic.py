@@ -57,14 +57,15 @@ class Aesthetic(Reward):
     open_clip_checkpoint = True
 
     def __init__(self, head: Optional[PathLike] = None, checkpoint: Optional[PathLike] = None,
-                 arch: Arch = "ViT-L-14-quickgelu", device=None, dtype=None, batch_size: int = 32):
+                 arch: Optional[Arch] = None, device=None, dtype=None, batch_size: int = 32):
         state = load_state_dict_file(require_path(head, "aesthetic head weights", HEAD_SOURCE))
         self.head = _head_for(state, head)
         load_checked(self.head, state, str(head))
         # the official predictor crops as OpenAI CLIP's torchvision CenterCrop (its offset rounded), also on a
         # transformers folder, whose processor's crop starts at (n - 224) // 2; the rest as the checkpoint says
         self.encoder = load_open_clip(arch, checkpoint, "aesthetic CLIP weights", CLIP_SOURCE, device=device,
-                                      dtype=dtype, batch_size=batch_size, floor_offset=False)
+                                      dtype=dtype, batch_size=batch_size, floor_offset=False,
+                                      default_arch="ViT-L-14-quickgelu")  # a file's or tag's; a folder names its own
         embed_dim = self.encoder.encode_texts([""])[0].shape[-1]
         wanted = next(self.head.parameters()).shape[1]
         if embed_dim != wanted:

@@ -13,6 +13,7 @@ tag such as "openai" (downloaded by open_clip, so online only).
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -201,12 +202,13 @@ def _read_local(arch: Optional[Arch], path: Path, what: str, source: str):
 
 def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: str, source: str,
                    pretrained_tags: bool = True, floor_offset: Optional[bool] = None,
-                   **encoder_options) -> OpenClipEncoder:
+                   default_arch: Optional[str] = None, **encoder_options) -> OpenClipEncoder:
     """Build the architecture, load the checkpoint (see the module docstring for what it may be), wrap it.
     `pretrained_tags`: whether an open_clip tag (laion2b_s32b_b79k) may name the weights; not for a reward whose
     weights no tag holds (HPSv2: the tag's plain CLIP would be scored under its name). `floor_offset`: where the
     centre crop starts whatever the checkpoint says (False: torchvision's rounded offset, also for a transformers
-    folder, whose processor floors it)."""
+    folder, whose processor floors it). `default_arch`: the architecture of a file or tag when `arch` is None; a
+    folder names its own, so an `arch` given with one is unused, and a warning says so."""
     import open_clip
 
     if checkpoint in ("toy", "toy-denscore"):
@@ -214,6 +216,11 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
         checkpoint, source = ((clip_dir(), f"the shipped toy CLIP. {REBUILD_HINT}") if checkpoint == "toy" else
                               (denscore_dir(), "the shipped toy Denscore; build it alone with `python -m "
                                "t2i_align.toy build --only denscore` (about 20 minutes on one core)"))
+    if arch is not None and checkpoint is not None and Path(checkpoint).is_dir():
+        given = arch if isinstance(arch, str) else "a config dict"
+        warnings.warn(f"{what}: arch={given} is not used: the folder {checkpoint} names its own architecture in its "
+                      "config file (drop arch, or give a weights file)", stacklevel=2)
+    arch = default_arch if arch is None else arch
     if checkpoint is not None and Path(checkpoint).exists():
         cfg, state, pre, name = _read_local(arch, Path(checkpoint), what, source)
         with without_random_init():
@@ -251,11 +258,13 @@ class ClipScore(Reward):
               "or checkpoint='openai' to let open_clip download it (needs network)")
     paths = {"checkpoint": source}
 
-    def __init__(self, arch: Optional[Arch] = "ViT-L-14-quickgelu", checkpoint: Optional[PathLike] = None,
+    def __init__(self, arch: Optional[Arch] = None, checkpoint: Optional[PathLike] = None,
                  scale: float = 100.0, device=None, dtype=None, batch_size: int = 32):
+        """`arch`: a weights file's or tag's open_clip architecture (default ViT-L-14-quickgelu); a folder
+        names its own."""
         checkpoint = checkpoint if checkpoint is not None else self.default_checkpoint
         self.encoder = load_open_clip(arch, checkpoint, f"{self.name} weights", self.source, device=device,
-                                      dtype=dtype, batch_size=batch_size)
+                                      dtype=dtype, batch_size=batch_size, default_arch="ViT-L-14-quickgelu")
         self.scale = float(scale)
 
     def score(self, images, prompts: List[str]) -> RewardOutput:

@@ -332,3 +332,24 @@ def test_resize_mode_squash_is_followed_and_longest_refused(tiny_ckpt, tmp_path)
     folder = _open_clip_folder(tmp_path / "longest", model, {"resize_mode": "longest"})
     with pytest.raises(RewardSetupError, match="resize_mode 'longest'.*shortest.*squash"):
         get_reward("clip", arch=None, checkpoint=str(folder), device="cpu")
+
+
+def test_an_arch_given_with_a_folder_is_reported_unused(tiny_ckpt, tmp_path):
+    """A folder names its own architecture: clip.arch beside it was ignored without a word (the default arch, now
+    None, could not be told from one the user gave). The folder's own is still what loads."""
+    import warnings
+
+    model, _ = tiny_ckpt
+    folder = _open_clip_folder(tmp_path / "clip", model, {})
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none without arch
+        plain = get_reward("clip", checkpoint=str(folder), device="cpu")(images, PROMPTS[:2])[0]
+    with pytest.warns(UserWarning, match=r"arch=ViT-B-32 is not used: the folder .*clip names its own"):
+        named = get_reward("clip", arch="ViT-B-32", checkpoint=str(folder), device="cpu")
+    torch.testing.assert_close(named(images, PROMPTS[:2])[0], plain)
+    from reward_models.aesthetic import AestheticHead
+
+    torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")
+    with pytest.warns(UserWarning, match="arch=a config dict is not used"):
+        get_reward("aesthetic", arch=TINY, checkpoint=str(folder), head=str(tmp_path / "head.pth"), device="cpu")
