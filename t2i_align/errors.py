@@ -166,7 +166,9 @@ def run_cli(main: Callable[[], int], also: Tuple[Type[BaseException], ...] = (),
         except user_error_types(also) as err:  # evaluated when an exception arrives, after main's imports
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            print(f"error: {one_line(err)}", file=sys.stderr)
+            # a config mistake every process of a launch meets alike: said by each machine's first process only
+            if not getattr(err, "once_per_machine", False) or os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
         except Exception as err:  # a full disk is the machine's, not ours: one line (a failed write was a traceback)
             if not is_disk_error(err) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):

@@ -1126,3 +1126,18 @@ def test_a_ctrl_c_and_its_echo_during_one_c_call_still_end_with_the_resume_line(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == -2 and proc.stderr == "\nstopped (Ctrl-C). continue with train.resume=latest\n", \
         (proc.returncode, proc.stderr)
+
+
+def test_a_config_mistake_is_said_once_per_machine_under_a_launch(capsys, monkeypatch):
+    """Every process of `accelerate launch` read the config and printed the same `error:` line; now each
+    machine's first process (LOCAL_RANK 0) prints it, and every process still exits with 2."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    argv = ["--config", str(REPO_ROOT / "configs/toy/dpo.yaml"), "train.max_stepz=3"]
+    for local_rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert _train_script().main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("error: " in err and "max_stepz" in err) == said, (local_rank, err)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a mistake found later, maybe one process's own, is said by each
+    assert run_cli(_raise(UserError("only this process's GPU is gone"))) == 2
+    assert capsys.readouterr().err == "error: only this process's GPU is gone\n"

@@ -30,7 +30,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "builds on another with `base: other.yaml` in its YAML, and key=value overrides go after it")
     args.config = args.config[0] if args.config else None
 
-    from t2i_align.errors import run_cli
+    from t2i_align.errors import UserError, run_cli
 
     def run() -> int:
         from accelerate import PartialState
@@ -41,7 +41,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         with warnings.catch_warnings():
             if os.environ.get("RANK", "0") != "0":  # every process reads the config: its warnings once, by rank 0
                 warnings.simplefilter("ignore")
-            cfg = load_config(args.config, args.overrides)
+            try:
+                cfg = load_config(args.config, args.overrides)
+            except UserError as err:  # every process of a machine reads the same files: one line per machine
+                err.once_per_machine = True
+                raise
         if args.config is None and os.environ.get("RANK", "0") == "0":
             print("note: no --config: the built-in defaults (t2i_align/config/sections.py: the toy model, a full "
                   "fine-tune) plus the overrides; pass --config configs/...yaml for a recipe", file=sys.stderr)
