@@ -13,7 +13,9 @@ tag such as "openai" (downloaded by open_clip, so online only).
 """
 from __future__ import annotations
 
+import logging
 import warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -200,6 +202,17 @@ def _read_local(arch: Optional[Arch], path: Path, what: str, source: str):
     return _cfg_for(arch), state, {}, None  # not open_clip's name lookup: it would fetch a hub tokenizer
 
 
+@contextmanager
+def _no_root_errors():
+    """open_clip logs a failed download as an `ERROR:root:` line; the error raised after it says the same."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: str, source: str,
                    pretrained_tags: bool = True, floor_offset: Optional[bool] = None,
                    default_arch: Optional[str] = None, **encoder_options) -> OpenClipEncoder:
@@ -229,7 +242,8 @@ def load_open_clip(arch: Optional[Arch], checkpoint: Optional[PathLike], what: s
     elif pretrained_tags and isinstance(arch, str) and checkpoint is not None and str(checkpoint) in \
             open_clip.list_pretrained_tags_by_model(arch):
         try:
-            model = open_clip.create_model(arch, pretrained=str(checkpoint))  # downloads: online only
+            with _no_root_errors():
+                model = open_clip.create_model(arch, pretrained=str(checkpoint))  # downloads: online only
         except Exception as e:
             raise WeightsNotFoundError(f"{what}: open_clip could not fetch {checkpoint!r} ({e}). "
                                        f"Offline, pass a local file instead: {source}") from e

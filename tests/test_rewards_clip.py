@@ -353,3 +353,25 @@ def test_an_arch_given_with_a_folder_is_reported_unused(tiny_ckpt, tmp_path):
     torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")
     with pytest.warns(UserWarning, match="arch=a config dict is not used"):
         get_reward("aesthetic", arch=TINY, checkpoint=str(folder), head=str(tmp_path / "head.pth"), device="cpu")
+
+
+def test_a_failed_tag_download_is_one_error_not_a_logged_line_too(monkeypatch, caplog):
+    """Offline, `checkpoint=openai` printed open_clip's `ERROR:root:Failed to download ...` and then our error with
+    the same text; now only the error, and logging works as before afterwards."""
+    import logging
+
+    import open_clip
+
+    from reward_models.base import WeightsNotFoundError
+
+    def offline(arch, pretrained=None):
+        logging.error("Failed to download weights for tag %r", pretrained)
+        raise RuntimeError(f"Failed to download weights for tag {pretrained!r}")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(WeightsNotFoundError, match="could not fetch 'openai'.*Failed to download"):
+            get_reward("clip", arch="ViT-B-32", checkpoint="openai", device="cpu")
+        assert not caplog.records
+        logging.error("later")
+    assert [r.getMessage() for r in caplog.records] == ["later"]
