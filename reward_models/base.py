@@ -10,8 +10,6 @@ options, and checkpoint loading that only unpickles with `weights_only=True` and
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import warnings
 from contextlib import contextmanager
@@ -23,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from t2i_align.errors import UserError, load_refusal
+
+# the registry lives in registry.py; rewards and callers import it from here
+from .registry import (_REGISTRY, _load_builtin, available_rewards, differentiable_rewards,  # noqa: F401
+                       get_reward, register)
 
 RewardOutput = Tuple[torch.Tensor, Dict[str, Any]]
 PathLike = Union[str, Path]
@@ -81,45 +83,6 @@ class Reward:
 
     def score(self, images, prompts: List[str]) -> RewardOutput:
         raise NotImplementedError
-
-
-_REGISTRY: Dict[str, Callable[..., Reward]] = {}
-_BUILTIN = ("toy", "clip", "decomposed_clip", "pickscore", "hpsv2", "aesthetic", "imagereward")
-
-
-def register(name: str):
-    """Class decorator: make a Reward constructible as `get_reward(name, **options)`."""
-    def wrap(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
-
-
-def available_rewards() -> List[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def differentiable_rewards() -> List[str]:
-    """Names of the rewards whose scores keep the graph to tensor images (for reward-gradient fine-tuning)."""
-    _load_builtin()
-    return sorted(name for name, cls in _REGISTRY.items() if getattr(cls, "differentiable", False))
-
-
-def get_reward(name: str, **options) -> Reward:
-    from .options import check_reward, expand_paths
-
-    options = expand_paths(name, options)
-    check_reward(name, options)
-    return _REGISTRY[name](**options)
-
-
-def _load_builtin() -> None:
-    """Import every built-in reward module that exists (each registers itself); import errors propagate."""
-    for module in _BUILTIN:
-        if importlib.util.find_spec(f"{__package__}.{module}") is not None:
-            importlib.import_module(f"{__package__}.{module}")
 
 
 # ---------------------------------------------------------------- device, dtype, batching
