@@ -121,8 +121,8 @@ def engine_row(engine: str, tmp: Path, common: list, processes: int, smoke: bool
         # a run resumed from another folder copies the checkpoint's logged steps: only its own are compared
         row["resume_exit"], row["resumed_losses"] = code, {s: v for s, v in losses(resumed).items() if s > 2}
         row["resume_vs_uninterrupted"] = largest_relative(row["resumed_losses"], row["losses"])
-        row["resumed_step3_vs_uninterrupted"] = largest_relative({3: row["resumed_losses"].get(3, math.nan)},
-                                                                 row["losses"])
+        step3 = row["resumed_losses"].get(3)
+        row["resumed_step3_vs_uninterrupted"] = None if step3 is None else largest_relative({3: step3}, row["losses"])
     plain = tmp / "plain"
     if engine != "plain":
         row["loss_vs_plain"] = largest_relative(row["losses"], losses(plain))
